@@ -1,0 +1,130 @@
+"""The app factory. Nothing is created at import: clients, the writer and the key cache are opened in
+the lifespan and closed (the writer drained) when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from taskproxy.errors import ApiError, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
+from taskproxy.guard.attribution import Attribution
+from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
+from taskproxy.metering.pricing import prices_for
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.routes import admin, me, openai
+from taskproxy.routes.common import JSON
+from taskproxy.services import Services, services
+from taskproxy.settings import Settings
+from taskproxy.storage.db import create_schema, make_engine, ping
+from taskproxy.storage.writer import BatchWriter
+from taskproxy.upstream.passthrough import Upstream
+from taskproxy.workitems import WorkItemIds
+
+log = logging.getLogger("taskproxy")
+
+
+def default_transport() -> httpx.AsyncBaseTransport:
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+
+
+async def healthz(request: Request) -> Response:
+    return JSON({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    try:
+        await anyio.to_thread.run_sync(ping, svc.engine)
+    except SQLAlchemyError as exc:
+        raise ServiceUnavailable(f"The database does not answer ({exc.__class__.__name__}).") from None
+    return JSON({"status": "ready", "writer_queue": svc.writer.queue_depth})
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc, request.url.path)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        error: ApiError = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+    elif exc.status_code == 404:
+        error = NotFound(f"There is no route {request.url.path[:200]!r}. The proxy serves /v1/* (OpenAI and Anthropic APIs) and the admin API under /api/.")
+    else:
+        error = ApiError(str(exc.detail))
+        error.status = exc.status_code  # type: ignore[misc]
+    return error_response(error, request.url.path)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), request.url.path)
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, engine: Engine | None = None) -> Starlette:
+    """Build the ASGI app. `transport` replaces the upstream HTTP transport (tests inject a mock);
+    `engine` replaces the database engine made from `settings.database_url`."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = engine if engine is not None else make_engine(settings.database_url)
+        await anyio.to_thread.run_sync(create_schema, db)
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        if admin_key:
+            await anyio.to_thread.run_sync(ensure_bootstrap_admin, db, admin_key)
+        keys = KeyStore(db, admin_key=admin_key, refresh_seconds=settings.auth.key_refresh_seconds)
+        await anyio.to_thread.run_sync(keys.load)
+        counter = TokenCounter()
+        # Loading the encodings takes a moment; do it beside startup, not in front of it.
+        threading.Thread(target=counter.warm, name="taskproxy-encodings", daemon=True).start()
+        prices = await anyio.to_thread.run_sync(prices_for, settings.models)
+        recording = settings.recording
+        writer = BatchWriter(db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path)
+        writer.start()
+        client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
+        app.state.services = Services(
+            settings=settings,
+            engine=db,
+            keys=keys,
+            attribution=Attribution(WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)),
+            upstream=Upstream(client),
+            writer=writer,
+            counter=counter,
+            prices=prices,
+        )
+        refresher = asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh")
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            await client.aclose()
+            await anyio.to_thread.run_sync(writer.close)
+            if engine is None:
+                db.dispose()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *openai.routes,
+        *me.routes,
+        *admin.routes,
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_exception, Exception: _unexpected},
+    )

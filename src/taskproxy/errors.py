@@ -1,0 +1,158 @@
+"""The one exception tree of taskproxy, and how an error is rendered for its route.
+
+    TaskproxyError
+    ├── ConfigError                 bad configuration, raised at start (one line: key and problem)
+    └── ApiError                    anything a client is answered with (status + code)
+        ├── InvalidApiKey           401 invalid_api_key
+        ├── Forbidden               403 forbidden
+        ├── NotFound                404 not_found          (admin API: unknown key, item, route)
+        ├── MethodNotAllowed        405 method_not_allowed
+        ├── WorkItemRequired        400 work_item_required
+        ├── WorkItemInvalid         400 work_item_invalid
+        ├── WorkItemUnknown         403 work_item_unknown
+        ├── WorkItemClosed          403 work_item_closed
+        ├── BudgetExceeded          429 budget_exceeded
+        ├── ModelNotFound           404 model_not_found
+        ├── InvalidRequest          400 invalid_request
+        ├── RequestTooLarge         413 request_too_large
+        ├── UpstreamError           502 upstream_error
+        ├── UpstreamTimeout         504 upstream_timeout
+        ├── ServiceUnavailable      503 service_unavailable (/readyz: the database does not answer)
+        └── InternalError           500 internal_error     (a bug; logged with its traceback)
+
+Errors of other libraries are translated at exactly one boundary each: httpx's in
+`upstream.passthrough.map_transport_errors`, the database's in the storage writer (which spools
+instead of failing a request). `error_response` is the only place an error becomes JSON.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from starlette.responses import Response
+
+
+class TaskproxyError(Exception):
+    """Root of every error taskproxy raises on purpose."""
+
+
+class ConfigError(TaskproxyError):
+    """The configuration cannot be used. The message names the key and the problem."""
+
+
+class ApiError(TaskproxyError):
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "invalid_request"
+    # OpenAI's `type` field: what family of error this is.
+    openai_type: ClassVar[str] = "invalid_request_error"
+    # Anthropic's error `type` for the same status.
+    anthropic_type: ClassVar[str] = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidApiKey(ApiError):
+    status, code = 401, "invalid_api_key"
+    openai_type = "authentication_error"
+    anthropic_type = "authentication_error"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+    openai_type = "permission_error"
+    anthropic_type = "permission_error"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+    openai_type = "not_found_error"
+    anthropic_type = "not_found_error"
+
+
+class MethodNotAllowed(ApiError):
+    status, code = 405, "method_not_allowed"
+
+
+class WorkItemRequired(ApiError):
+    status, code = 400, "work_item_required"
+
+
+class WorkItemInvalid(ApiError):
+    status, code = 400, "work_item_invalid"
+
+
+class WorkItemUnknown(ApiError):
+    status, code = 403, "work_item_unknown"
+    openai_type = anthropic_type = "permission_error"
+
+
+class WorkItemClosed(ApiError):
+    status, code = 403, "work_item_closed"
+    openai_type = anthropic_type = "permission_error"
+
+
+class BudgetExceeded(ApiError):
+    status, code = 429, "budget_exceeded"
+    openai_type = "insufficient_quota"
+    anthropic_type = "rate_limit_error"
+
+
+class ModelNotFound(ApiError):
+    status, code = 404, "model_not_found"
+    openai_type = anthropic_type = "not_found_error"
+
+
+class InvalidRequest(ApiError):
+    status, code = 400, "invalid_request"
+
+
+class RequestTooLarge(ApiError):
+    status, code = 413, "request_too_large"
+    anthropic_type = "request_too_large"
+
+
+class UpstreamError(ApiError):
+    status, code = 502, "upstream_error"
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+
+
+class UpstreamTimeout(ApiError):
+    status, code = 504, "upstream_timeout"
+    openai_type = "timeout_error"
+    anthropic_type = "timeout_error"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "service_unavailable"
+    openai_type = "api_error"
+    anthropic_type = "overloaded_error"
+
+
+class InternalError(ApiError):
+    status, code = 500, "internal_error"
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+
+
+def openai_error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": error.openai_type, "param": error.param, "code": error.code}}
+
+
+def anthropic_error_body(error: ApiError) -> dict:
+    return {"type": "error", "error": {"type": error.anthropic_type, "message": error.message}}
+
+
+def uses_anthropic_shape(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_response(error: ApiError, path: str) -> Response:
+    """Render `error` in the shape of the route at `path` (Anthropic's on /v1/messages*, else OpenAI's)."""
+    body = anthropic_error_body(error) if uses_anthropic_shape(path) else openai_error_body(error)
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return Response(orjson.dumps(body), status_code=error.status, media_type="application/json", headers=headers)

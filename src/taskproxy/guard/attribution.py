@@ -1,0 +1,66 @@
+"""Which work item a request belongs to (DESIGN §2): the first source present wins.
+
+header `X-Work-Item` → body `metadata.work_item` → branch `X-Git-Branch` → the key's binding.
+A source that is present but malformed is an error, not a reason to look further: a typo in a
+header must not silently bill the key's binding instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from taskproxy.errors import WorkItemRequired
+from taskproxy.guard.auth import Principal
+from taskproxy.workitems import HOW_TO_ATTACH, WorkItemIds
+
+
+@dataclass(frozen=True)
+class Attributed:
+    work_item: str
+    source: str  # header | body | branch | binding
+
+
+def body_work_item(body: Any) -> Any:
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    return metadata.get("work_item") if isinstance(metadata, dict) else None
+
+
+def strip_work_item(body: dict) -> bool:
+    """Remove `metadata.work_item` (and `metadata` if it is left empty). True if the body changed."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or "work_item" not in metadata:
+        return False
+    rest = {k: v for k, v in metadata.items() if k != "work_item"}
+    if rest:
+        body["metadata"] = rest
+    else:
+        del body["metadata"]
+    return True
+
+
+@dataclass(frozen=True)
+class Attribution:
+    ids: WorkItemIds
+
+    def resolve(self, headers: Headers, body: Any, principal: Principal, now: datetime) -> Attributed:
+        header = headers.get("x-work-item")
+        if header is not None:
+            return Attributed(self.ids.normalize(header), "header")
+        from_body = body_work_item(body)
+        if from_body is not None:
+            return Attributed(self.ids.normalize(from_body), "body")
+        branch = headers.get("x-git-branch")
+        if branch:
+            found = self.ids.from_branch(branch)
+            if found is not None:
+                return Attributed(found, "branch")
+        bound = principal.binding(now)
+        if bound is not None:
+            return Attributed(bound, "binding")
+        if branch:
+            raise WorkItemRequired(f"The branch {branch[:100]!r} names no work item. " + HOW_TO_ATTACH)
+        raise WorkItemRequired("This request is not linked to a work item. " + HOW_TO_ATTACH)

@@ -1,0 +1,118 @@
+"""Offline token counting with tiktoken.
+
+tiktoken downloads its encodings on first use, which fails on locked-down servers. litellm's
+package ships `cl100k_base`, `o200k_base` and `p50k_base` under tiktoken's cache file names, so the
+cache directory is pointed there (found through the installed package) before the first load.
+Counting is CPU work: it runs in the writer thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4", "codex-", "gpt-oss")
+TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|>
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
+
+
+class EncodingsUnavailable(RuntimeError):
+    pass
+
+
+def bundled_encodings_dir() -> Path | None:
+    """litellm's folder of tiktoken files, located without importing litellm."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
+    return folder if folder.is_dir() else None
+
+
+def encoding_name_for(model: str) -> str:
+    name = model.rsplit("/", 1)[-1].lower()
+    return "o200k_base" if name.startswith(_O200K_PREFIXES) else "cl100k_base"
+
+
+class TokenCounter:
+    """Loads each encoding once, on first use (thread-safe), from files on disk only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._encodings: dict[str, Any] = {}
+
+    def _encoding(self, name: str) -> Any:
+        encoding = self._encodings.get(name)
+        if encoding is not None:
+            return encoding
+        with self._lock:
+            if name not in self._encodings:
+                folder = bundled_encodings_dir()
+                if folder is None:
+                    raise EncodingsUnavailable("litellm's bundled tiktoken files were not found; is litellm installed?")
+                os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder))
+                import tiktoken
+
+                self._encodings[name] = tiktoken.get_encoding(name)
+            return self._encodings[name]
+
+    def warm(self) -> None:
+        for name in ("o200k_base", "cl100k_base"):
+            self._encoding(name)
+
+    def count(self, model: str, text: str) -> int:
+        if not text:
+            return 0
+        return len(self._encoding(encoding_name_for(model)).encode_ordinary(text))
+
+    def count_chat(self, model: str, messages: Iterable[Any], tools: Any = None) -> int:
+        """Prompt tokens of a chat request by OpenAI's per-message rules."""
+        total = REPLY_PRIMING
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            total += TOKENS_PER_MESSAGE
+            for key, value in message.items():
+                total += self.count(model, _text_of(value))
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        if tools:
+            total += self.count(model, orjson.dumps(tools).decode())
+        return total
+
+    def count_inputs(self, model: str, value: Any) -> int:
+        """Tokens of a completion prompt or embedding input: text, list of texts, or token arrays."""
+        if isinstance(value, str):
+            return self.count(model, value)
+        if isinstance(value, list):
+            if value and all(isinstance(v, int) for v in value):
+                return len(value)
+            return sum(self.count_inputs(model, v) for v in value)
+        return 0
+
+
+def _text_of(value: Any) -> str:
+    """The text a message field carries: strings, text parts of content lists, tool calls as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, dict):
+                if isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif part.get("type") not in {"image_url", "input_image", "image", "input_audio"}:
+                    parts.append(orjson.dumps(part).decode())
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(parts)
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    return ""

@@ -1,0 +1,65 @@
+"""What any key may do about itself: bind a work item, and read its own usage (DESIGN §8)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from taskproxy.errors import InvalidRequest
+from taskproxy.reports import usage as usage_reports
+from taskproxy.routes.common import JSON, caller, event_json, in_thread, int_param, json_object
+from taskproxy.services import services
+from taskproxy.storage import repo
+from taskproxy.timeutil import iso, utcnow
+
+
+async def get_binding(request: Request) -> Response:
+    principal = await caller(request)
+    current = principal.binding(utcnow())
+    return JSON({"work_item": current, "expires_at": iso(principal.bound_until) if current else None})
+
+
+async def put_binding(request: Request) -> Response:
+    principal = await caller(request)
+    body = await json_object(request)
+    if "work_item" not in body:
+        raise InvalidRequest("'work_item' is required, for example {\"work_item\": \"PROJ-123\"}.", param="work_item")
+    svc = services(request)
+    work_item = svc.attribution.ids.normalize(body["work_item"])
+    until = await svc.keys.bind(principal, work_item, svc.settings.work_items.binding_ttl_hours)
+    return JSON({"work_item": work_item, "expires_at": iso(until)})
+
+
+async def delete_binding(request: Request) -> Response:
+    principal = await caller(request)
+    svc = services(request)
+    await svc.keys.bind(principal, None, svc.settings.work_items.binding_ttl_hours)
+    return JSON({"work_item": None, "expires_at": None})
+
+
+async def my_usage(request: Request) -> Response:
+    principal = await caller(request)
+    engine = services(request).engine
+    events = await in_thread(repo.list_events, engine, key_id=principal.key_id, limit=int_param(request, "limit", 20, 1000))
+    per_item = await in_thread(usage_reports.usage_for_key, engine, principal.key_id)
+    rejected = await in_thread(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)
+    return JSON(
+        {
+            "key_id": principal.key_id,
+            "owner": principal.owner,
+            "team": principal.team,
+            "work_item": principal.binding(utcnow()),
+            "work_items": per_item,
+            "rejected_requests": rejected,
+            "recent_events": [event_json(e) for e in events],
+        }
+    )
+
+
+routes = [
+    Route("/api/me/work-item", get_binding, methods=["GET"]),
+    Route("/api/me/work-item", put_binding, methods=["PUT"]),
+    Route("/api/me/work-item", delete_binding, methods=["DELETE"]),
+    Route("/api/me/usage", my_usage, methods=["GET"]),
+]

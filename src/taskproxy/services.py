@@ -1,0 +1,32 @@
+"""What one running app holds: built in the app's lifespan, reached by routes via `request.app.state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from starlette.requests import Request
+
+from taskproxy.guard.attribution import Attribution
+from taskproxy.guard.auth import KeyStore
+from taskproxy.metering.pricing import Price
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.settings import Settings
+from taskproxy.storage.writer import BatchWriter
+from taskproxy.upstream.passthrough import Upstream
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    keys: KeyStore
+    attribution: Attribution
+    upstream: Upstream
+    writer: BatchWriter
+    counter: TokenCounter
+    prices: dict[str, Price | None]
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]

@@ -1,0 +1,188 @@
+"""The one settings object: read from a YAML file and the environment once, at the edge, then frozen.
+
+Everything the process needs to know about its configuration is in `Settings`; nothing else reads
+the environment. `load_settings` turns every problem into a `ConfigError` whose message is one line
+naming the key and what is wrong with it (`models[0].base_url: field required`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from taskproxy.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/taskproxy.yaml")
+
+DEFAULT_ID_PATTERNS = (
+    r"[A-Z][A-Z0-9_]*-[0-9]+",  # Jira and Linear keys: PROJ-123, ENG-7
+    r"[a-z0-9_.-]+/[a-z0-9_.-]+#[0-9]+",  # GitHub issues and PRs: owner/repo#123
+)
+DEFAULT_BRANCH_PATTERNS = (r"(?i)(?:^|[/_.-])([a-z][a-z0-9_]*-[0-9]+)(?![0-9])",)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Pricing(_Frozen):
+    """Prices in USD per million tokens; overrides the bundled price table for one model."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)
+
+
+class ModelSettings(_Frozen):
+    name: str = Field(min_length=1)
+    provider: str = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Longest silence allowed between two reads from the provider (first byte included).
+    read_timeout_seconds: float = Field(default=600.0, gt=0)
+    pricing: Pricing | None = None
+    # Filled from the environment variable named by api_key_env; never written in the file.
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+
+    @property
+    def target_model(self) -> str:
+        return self.upstream_model or self.name
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class WorkItemSettings(_Frozen):
+    mode: Literal["open", "known", "active"] = "open"
+    patterns: tuple[str, ...] = DEFAULT_ID_PATTERNS
+    branch_patterns: tuple[str, ...] = DEFAULT_BRANCH_PATTERNS
+    binding_ttl_hours: float = Field(default=12.0, gt=0)
+
+    @field_validator("patterns", "branch_patterns")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return value
+
+
+class LimitSettings(_Frozen):
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+
+
+class RecordingSettings(_Frozen):
+    store_prompts: bool = False
+    flush_interval_seconds: float = Field(default=0.25, gt=0, le=1.0)
+    batch_size: int = Field(default=500, gt=0)
+    queue_max: int = Field(default=100_000, gt=0)
+    spool_path: str = "taskproxy-spool.jsonl"
+
+
+class AuthSettings(_Frozen):
+    # How often each process reloads keys and bindings from the database.
+    key_refresh_seconds: float = Field(default=5.0, gt=0)
+
+
+class ServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+
+
+class Settings(_Frozen):
+    database_url: str = "sqlite:///taskproxy.db"
+    admin_key: SecretStr | None = Field(default=None, exclude=True)
+    models: tuple[ModelSettings, ...] = ()
+    work_items: WorkItemSettings = WorkItemSettings()
+    limits: LimitSettings = LimitSettings()
+    recording: RecordingSettings = RecordingSettings()
+    auth: AuthSettings = AuthSettings()
+    server: ServerSettings = ServerSettings()
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        seen: set[str] = set()
+        for index, model in enumerate(self.models):
+            if model.name in seen:
+                raise ValueError(f"models[{index}].name: {model.name!r} is configured twice")
+            seen.add(model.name)
+        return self
+
+    def model(self, name: str) -> ModelSettings | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    parts: list[str] = []
+    for part in first["loc"]:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+        else:
+            parts.append(str(part))
+    where = ".".join(parts)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}" if where else message
+
+
+def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    """Validate `data` (the YAML document) and apply the environment's overrides and secrets."""
+    data = dict(data)
+    if env.get("TASKPROXY_DATABASE_URL"):
+        data["database_url"] = env["TASKPROXY_DATABASE_URL"]
+    if env.get("TASKPROXY_ADMIN_KEY"):
+        data["admin_key"] = env["TASKPROXY_ADMIN_KEY"]
+    models = data.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError("config error: models: must be a list")
+    resolved = []
+    for index, model in enumerate(models):
+        if isinstance(model, dict) and model.get("api_key_env"):
+            name = model["api_key_env"]
+            if not env.get(name):
+                raise ConfigError(f"config error: models[{index}].api_key_env: environment variable {name} is not set")
+            model = {**model, "api_key": env[name]}
+        resolved.append(model)
+    data["models"] = resolved
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {_describe(exc)}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file (`path`, else $TASKPROXY_CONFIG, else config/taskproxy.yaml if present)."""
+    env = os.environ if env is None else env
+    explicit = path or env.get("TASKPROXY_CONFIG")
+    config_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    if not config_path.exists():
+        if explicit:
+            raise ConfigError(f"config error: {config_path}: no such file")
+        return settings_from_mapping({}, env)
+    try:
+        document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config error: {config_path}: {first_line}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"config error: {config_path}: the top level must be a mapping of keys")
+    return settings_from_mapping(document, env)

@@ -1,0 +1,87 @@
+"""The tables. Times are naive UTC datetimes (SQLite keeps no zone); the API renders them with `Z`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, DateTime, Index, Text
+from sqlmodel import Field, SQLModel
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=32)
+    key_hash: str = Field(index=True, unique=True, max_length=64)
+    prefix: str = Field(max_length=16)  # first characters of the key, to recognise it in lists
+    owner: str = Field(max_length=200)
+    team: str | None = Field(default=None, max_length=200)
+    role: str = Field(max_length=16)  # developer | service | admin
+    created_at: datetime = Field(sa_type=DateTime())
+    revoked_at: datetime | None = Field(default=None, sa_type=DateTime())
+    bound_work_item: str | None = Field(default=None, max_length=200)
+    bound_until: datetime | None = Field(default=None, sa_type=DateTime())
+
+
+class WorkItem(SQLModel, table=True):
+    __tablename__ = "work_items"
+
+    id: str = Field(primary_key=True, max_length=200)
+    source: str = Field(max_length=16)  # jira | github | linear | manual | auto
+    title: str | None = Field(default=None, sa_column=Column(Text))
+    url: str | None = Field(default=None, sa_column=Column(Text))
+    team: str | None = Field(default=None, max_length=200)
+    status: str = Field(max_length=16)  # open | in_progress | done | closed | unverified
+    created_at: datetime = Field(sa_type=DateTime())
+    completed_at: datetime | None = Field(default=None, sa_type=DateTime())
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+
+
+class UsageEvent(SQLModel, table=True):
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        Index("ix_usage_events_work_item_ts", "work_item", "ts"),
+        Index("ix_usage_events_team_ts", "team", "ts"),
+    )
+
+    id: str = Field(primary_key=True, max_length=32)  # made on the request path: replays are idempotent
+    ts: datetime = Field(index=True, sa_type=DateTime())  # when the request arrived
+    key_id: str = Field(index=True, max_length=32)
+    owner: str = Field(max_length=200)
+    team: str | None = Field(default=None, max_length=200)
+    work_item: str = Field(max_length=200)
+    attribution_source: str = Field(max_length=16)  # header | body | branch | binding
+    route: str = Field(max_length=64)
+    model: str = Field(max_length=200)  # as the client asked
+    upstream_model: str = Field(max_length=200)
+    provider: str = Field(max_length=64)
+    status: int  # HTTP status the client got
+    error: str | None = Field(default=None, max_length=64)  # upstream_error | upstream_timeout | client_disconnected
+    stream: bool
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    est_prompt_tokens: int = 0
+    usage_source: str = Field(max_length=16)  # provider | estimated
+    cost_usd: float | None = None
+    latency_ms: float
+    ttfb_ms: float | None = None
+    prompt_hash: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=400)
+    prompt_text: str | None = Field(default=None, sa_column=Column(Text))  # only with recording.store_prompts
+    completion_text: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Rejection(SQLModel, table=True):
+    """A request refused before anything went upstream: counted, never forwarded."""
+
+    __tablename__ = "rejections"
+
+    id: str = Field(primary_key=True, max_length=32)
+    ts: datetime = Field(index=True, sa_type=DateTime())
+    key_id: str | None = Field(default=None, max_length=32)  # None when the key itself was refused
+    reason: str = Field(max_length=32)  # the error code the client got
+    route: str = Field(max_length=64)

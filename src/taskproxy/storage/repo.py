@@ -1,0 +1,130 @@
+"""Reads and writes of single records: keys, work items, raw events. Aggregates live in `reports/`.
+
+Every function here is blocking; async callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql.expression import Executable
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem
+
+
+def insert_key(engine: Engine, key: ApiKey) -> ApiKey:
+    with Session(engine, expire_on_commit=False) as session:
+        session.add(key)
+        session.commit()
+        return key
+
+
+def list_keys(engine: Engine) -> list[ApiKey]:
+    with Session(engine) as session:
+        return list(session.exec(select(ApiKey).order_by(ApiKey.created_at)).scalars())
+
+
+def get_key(engine: Engine, key_id: str) -> ApiKey | None:
+    with Session(engine) as session:
+        return session.get(ApiKey, key_id)
+
+
+def find_key_by_hash(engine: Engine, key_hash: str) -> ApiKey | None:
+    with Session(engine) as session:
+        return session.exec(select(ApiKey).where(ApiKey.key_hash == key_hash)).scalars().first()
+
+
+def revoke_key(engine: Engine, key_id: str, when: datetime) -> ApiKey | None:
+    with Session(engine, expire_on_commit=False) as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            return None
+        if key.revoked_at is None:
+            key.revoked_at = when
+            session.commit()
+        return key
+
+
+def set_binding(engine: Engine, key_id: str, work_item: str | None, until: datetime | None) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(ApiKey).where(ApiKey.id == key_id).values(bound_work_item=work_item, bound_until=until)
+        )
+
+
+def get_work_item(engine: Engine, item_id: str) -> WorkItem | None:
+    with Session(engine) as session:
+        return session.get(WorkItem, item_id)
+
+
+def add_work_item(engine: Engine, item: WorkItem) -> bool:
+    """Insert `item`; False if an item with that id exists already."""
+    try:
+        with Session(engine) as session:
+            session.add(item)
+            session.commit()
+        return True
+    except IntegrityError:
+        return False
+
+
+def list_work_items(engine: Engine, *, status: str | None = None, team: str | None = None, limit: int = 1000) -> list[WorkItem]:
+    query = select(WorkItem).order_by(WorkItem.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(WorkItem.status == status)
+    if team:
+        query = query.where(WorkItem.team == team)
+    with Session(engine) as session:
+        return list(session.exec(query).scalars())
+
+
+def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | None = None, limit: int = 100) -> list[UsageEvent]:
+    query = select(UsageEvent).order_by(UsageEvent.ts.desc(), UsageEvent.id).limit(limit)
+    if work_item:
+        query = query.where(UsageEvent.work_item == work_item)
+    if key_id:
+        query = query.where(UsageEvent.key_id == key_id)
+    with Session(engine) as session:
+        return list(session.exec(query).scalars())
+
+
+def _insert_ignoring_duplicates(dialect: str, table: Table) -> Executable:
+    """INSERT that skips rows whose primary key exists (executed with a list of rows: executemany)."""
+    if dialect == "postgresql":
+        return postgresql_insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing()
+    raise NotImplementedError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
+
+def write_batch(
+    engine: Engine,
+    *,
+    events: list[dict],
+    rejections: list[dict],
+    new_items: Iterable[dict],
+) -> None:
+    """Commit one batch atomically. Re-writing a batch (a replay) changes nothing: ids are primary keys."""
+    dialect = engine.dialect.name
+    items = list(new_items)
+    with engine.begin() as connection:
+        if items:
+            connection.execute(_insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
+        if events:
+            connection.execute(_insert_ignoring_duplicates(dialect, UsageEvent.__table__), events)
+        if rejections:
+            connection.execute(_insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
+
+
+def replace_key_hash(engine: Engine, key_id: str, key_hash: str, prefix: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(ApiKey).where(ApiKey.id == key_id).values(key_hash=key_hash, prefix=prefix, revoked_at=None)
+        )

@@ -1,0 +1,30 @@
+"""Time helpers: naive UTC datetimes inside, ISO 8601 with `Z` outside, `7d`-style periods."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+_PERIOD = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat(timespec="milliseconds") + "Z"
+
+
+def parse_time(value: str, *, now: datetime | None = None) -> datetime:
+    """`2026-11-01`, `2026-11-01T10:00:00Z`, `...+02:00`, or a period back from now: `30m`, `12h`, `7d`, `2w`."""
+    value = value.strip()
+    if match := _PERIOD.match(value):
+        return (now or utcnow()) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed

@@ -1,0 +1,80 @@
+"""Sending a request to an OpenAI-compatible provider over one pooled client.
+
+`map_transport_errors` is the one place where httpx's exceptions become taskproxy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+from starlette.datastructures import Headers
+
+from taskproxy.errors import UpstreamError, UpstreamTimeout
+from taskproxy.settings import ModelSettings
+
+# Never forwarded upstream: hop-by-hop headers, the client's proxy credentials, taskproxy's own headers.
+_DROP_REQUEST_HEADERS = frozenset(
+    {
+        "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+        "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "cookie", "accept-encoding",
+        "x-work-item", "x-git-branch", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+        "x-real-ip",
+    }
+)  # fmt: skip
+# Not relayed to the client: hop-by-hop headers and those the proxy's own server sets.
+_DROP_RESPONSE_HEADERS = frozenset(
+    {
+        "content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive", "set-cookie",
+        "server", "date", "alt-svc", "trailer", "upgrade",
+    }
+)  # fmt: skip
+
+
+@contextmanager
+def map_transport_errors(provider: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout) else "waiting for"
+        raise UpstreamTimeout(f"Timed out {phase} the provider '{provider}'. Try again; if it persists, the provider is down or slow.") from None
+    except httpx.TransportError as exc:
+        detail = exc.__class__.__name__
+        raise UpstreamError(f"Could not reach the provider '{provider}' ({detail}). Try again; if it persists, the provider is down.") from None
+
+
+def upstream_headers(client_headers: Headers, api_key: str | None, auth_header: str = "authorization") -> dict[str, str]:
+    headers = {k: v for k, v in client_headers.items() if k not in _DROP_REQUEST_HEADERS}
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"  # relay bytes as they are; no decompress/recompress
+    if api_key:
+        headers[auth_header] = f"Bearer {api_key}" if auth_header == "authorization" else api_key
+    return headers
+
+
+def client_headers(upstream: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+
+
+class Upstream:
+    """The pooled client to every provider. Its transport is injected by the app factory."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def send(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        """Send and return once the response headers are in; the body is read by the caller (streamed)."""
+        timeout = httpx.Timeout(
+            connect=model.connect_timeout_seconds,
+            read=model.read_timeout_seconds,
+            write=model.read_timeout_seconds,
+            pool=model.connect_timeout_seconds,
+        )
+        request = self.client.build_request("POST", model.base_url + path, content=content, headers=headers, timeout=timeout)
+        with map_transport_errors(model.name):
+            return await self.client.send(request, stream=True)
+
+    async def read(self, model: ModelSettings, response: httpx.Response) -> bytes:
+        with map_transport_errors(model.name):
+            return await response.aread()

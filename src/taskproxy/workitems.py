@@ -1,0 +1,99 @@
+"""Work-item ids: turning what a client sends into one canonical id, or refusing it.
+
+Accepted forms (DESIGN §2): Jira/Linear keys (`proj-123` → `PROJ-123`), GitHub `Owner/Repo#12`
+(→ `owner/repo#12`), and the trackers' URLs for them. The canonical id must then fully match one of
+the configured patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from urllib.parse import unquote, urlsplit
+
+from taskproxy.errors import WorkItemInvalid
+
+MAX_ID_LENGTH = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_GITHUB_PATH = re.compile(r"^/([^/]+)/([^/]+)/(?:pull|issues)/(\d+)(?:/.*)?$")
+_JIRA_PATH = re.compile(r"^/browse/([A-Za-z][A-Za-z0-9_]*-\d+)/?$")
+_LINEAR_PATH = re.compile(r"^/[^/]+/issue/([A-Za-z][A-Za-z0-9_]*-\d+)(?:/.*)?$")
+_GITHUB_REF = re.compile(r"^([^/#\s]+)/([^/#\s]+)#(\d+)$")
+
+HOW_TO_ATTACH = (
+    "Attach a work item: send the header 'X-Work-Item: PROJ-123' (or owner/repo#123, or a tracker URL), "
+    'or put "metadata": {"work_item": "PROJ-123"} in the body, or send X-Git-Branch with a branch '
+    "named after the item, or bind one to your key with 'taskproxy use PROJ-123'."
+)
+
+
+def _from_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    host = (parts.hostname or "").lower()
+    path = unquote(parts.path)
+    if host in {"github.com", "www.github.com"} and (match := _GITHUB_PATH.match(path)):
+        return f"{match[1]}/{match[2]}#{match[3]}"
+    if host == "linear.app" and (match := _LINEAR_PATH.match(path)):
+        return match[1]
+    if match := _JIRA_PATH.match(path):  # Jira Cloud and self-hosted Jira share /browse/KEY
+        return match[1]
+    return None
+
+
+@dataclass(frozen=True)
+class WorkItemIds:
+    """Normalizes and validates ids against the configured patterns."""
+
+    patterns: Sequence[str]
+    branch_patterns: Sequence[str] = ()
+
+    @cached_property
+    def _compiled(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(p) for p in self.patterns)
+
+    @cached_property
+    def _compiled_branch(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(p) for p in self.branch_patterns)
+
+    def normalize(self, raw: object) -> str:
+        """The canonical id for `raw`, or `WorkItemInvalid` saying what is wrong."""
+        if not isinstance(raw, str):
+            raise WorkItemInvalid("The work item must be a string such as 'PROJ-123'.")
+        if len(raw) > MAX_ID_LENGTH:
+            raise WorkItemInvalid(f"The work item is longer than {MAX_ID_LENGTH} characters.")
+        if _CONTROL.search(raw):
+            raise WorkItemInvalid("The work item contains control characters.")
+        value = raw.strip()
+        if not value:
+            raise WorkItemInvalid("The work item is empty. " + HOW_TO_ATTACH)
+        if value.lower().startswith(("http://", "https://")):
+            from_url = _from_url(value)
+            if from_url is None:
+                raise WorkItemInvalid(
+                    "The work item URL is not a GitHub issue or pull request, a Jira /browse/ link "
+                    "or a Linear issue link."
+                )
+            value = from_url
+        if match := _GITHUB_REF.match(value):
+            canonical = f"{match[1].lower()}/{match[2].lower()}#{match[3]}"
+        else:
+            canonical = value.upper()
+        if not any(p.fullmatch(canonical) for p in self._compiled):
+            shown = raw.strip() if len(raw.strip()) <= 60 else raw.strip()[:57] + "..."
+            raise WorkItemInvalid(
+                f"'{shown}' is not a work item id this proxy accepts: use a tracker key such as PROJ-123, "
+                "a GitHub reference such as owner/repo#123, or a link to either."
+            )
+        return canonical
+
+    def from_branch(self, branch: str) -> str | None:
+        """The id named in a git branch (`feature/PROJ-123-retry` → `PROJ-123`), if any pattern finds one."""
+        if len(branch) > 255 or _CONTROL.search(branch):
+            raise WorkItemInvalid("The X-Git-Branch header is longer than 255 characters or has control characters.")
+        for pattern in self._compiled_branch:
+            if match := pattern.search(branch):
+                found = match.groupdict().get("id") or (match.group(1) if pattern.groups else match.group(0))
+                return self.normalize(found)
+        return None
