@@ -1,0 +1,5 @@
+import sys
+
+from taskproxy.cli import main
+
+sys.exit(main())

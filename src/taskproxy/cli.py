@@ -1,0 +1,348 @@
+"""The `taskproxy` command: a thin shell over the functions the API uses.
+
+Admin commands (keys, items, report, db) work on the configured database directly. Developer
+commands (use, me) talk to a running proxy over HTTP with the developer's own key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from taskproxy import __version__
+from taskproxy.errors import ApiError, ConfigError
+from taskproxy.settings import Settings, load_settings
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from taskproxy.storage.db import create_schema, make_engine
+
+    engine = make_engine(_settings(args).database_url)
+    create_schema(engine)
+    return engine
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# -- serve / demo / db ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings(args)
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    workers = args.workers or settings.server.workers
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log}
+    if workers > 1:
+        # Worker processes import the app themselves; they read the same file through TASKPROXY_CONFIG.
+        if args.config:
+            os.environ["TASKPROXY_CONFIG"] = os.path.abspath(args.config)
+        uvicorn.run("taskproxy.cli:app_from_environment", factory=True, workers=workers, **options)
+    else:
+        from taskproxy.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+    return 0
+
+
+def app_from_environment():  # type: ignore[no-untyped-def]
+    """The app factory uvicorn's worker processes call (`serve --workers N`)."""
+    from taskproxy.app import create_app
+
+    return create_app(load_settings())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from taskproxy.demo import run_demo
+
+    return run_demo()
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _engine(args)
+    print(f"database ready: {settings.database_url.split('@')[-1]}")
+    return 0
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from taskproxy.guard.auth import issue_key
+    from taskproxy.routes.common import key_json
+
+    key, token = issue_key(_engine(args), owner=args.owner, team=args.team, role=args.role)
+    if args.json:
+        _print_json({**key_json(key), "key": token})
+    else:
+        print(f"created {key.id} for {key.owner} (team {key.team or '-'}, role {key.role})")
+        print(f"key: {token}")
+        print("It is shown once; taskproxy stores only its hash.")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from taskproxy.render import table
+    from taskproxy.routes.common import key_json
+    from taskproxy.storage import repo
+
+    keys = [key_json(k) for k in repo.list_keys(_engine(args))]
+    if args.json:
+        _print_json(keys)
+    else:
+        columns = [("id", "id"), ("prefix", "key"), ("owner", "owner"), ("team", "team"), ("role", "role"), ("created_at", "created"), ("revoked_at", "revoked")]
+        print(table(keys, columns))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from taskproxy.storage import repo
+    from taskproxy.timeutil import utcnow
+
+    key = repo.revoke_key(_engine(args), args.key_id, utcnow())
+    if key is None:
+        print(f"taskproxy: no key with id {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {key.id} ({key.owner}); running proxies refuse it within auth.key_refresh_seconds")
+    return 0
+
+
+# -- items ----------------------------------------------------------------------------------------
+
+
+def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from taskproxy.workitems import WorkItemIds
+
+    settings = _settings(args)
+    return WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
+
+
+def cmd_items_add(args: argparse.Namespace) -> int:
+    from taskproxy.routes.common import item_json
+    from taskproxy.storage import repo
+    from taskproxy.storage.models import WorkItem
+    from taskproxy.timeutil import utcnow
+
+    item = WorkItem(id=_ids(args).normalize(args.id), source="manual", title=args.title, url=args.url, team=args.team, status=args.status, created_at=utcnow())
+    if not repo.add_work_item(_engine(args), item):
+        print(f"taskproxy: work item {item.id} exists already", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(item_json(item))
+    else:
+        print(f"added {item.id} ({item.status})")
+    return 0
+
+
+def cmd_items_list(args: argparse.Namespace) -> int:
+    from taskproxy.render import table
+    from taskproxy.routes.common import item_json
+    from taskproxy.storage import repo
+
+    items = [item_json(i) for i in repo.list_work_items(_engine(args), status=args.status, team=args.team)]
+    if args.json:
+        _print_json(items)
+    else:
+        print(table(items, [("id", "id"), ("status", "status"), ("source", "source"), ("team", "team"), ("title", "title"), ("created_at", "created")]))
+    return 0
+
+
+def cmd_items_show(args: argparse.Namespace) -> int:
+    from taskproxy.render import money
+    from taskproxy.reports.usage import work_item_summary
+
+    item_id = _ids(args).normalize(args.id)
+    summary = work_item_summary(_engine(args), item_id)
+    if summary is None:
+        print(f"taskproxy: no work item {item_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(summary)
+        return 0
+    for label, key in [("id", "id"), ("status", "status"), ("title", "title"), ("team", "team"), ("requests", "requests"),
+                       ("prompt tokens", "prompt_tokens"), ("completion tokens", "completion_tokens"), ("cached tokens", "cached_tokens"),
+                       ("total tokens", "total_tokens"), ("models", "models"), ("people", "people"), ("first used", "first_used"), ("last used", "last_used")]:  # fmt: skip
+        value = summary[key]
+        print(f"{label:>18}: {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
+    print(f"{'cost':>18}: {money(summary['cost_usd'])}" + (f" ({summary['unpriced_requests']} requests without a known price)" if summary["unpriced_requests"] else ""))
+    return 0
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def cmd_report_tasks(args: argparse.Namespace) -> int:
+    from taskproxy.render import tasks_table
+    from taskproxy.reports.usage import rejections_by_reason, tasks_report
+    from taskproxy.timeutil import iso, parse_time
+
+    since = parse_time(args.since) if args.since else None
+    engine = _engine(args)
+    tasks = tasks_report(engine, since, None, args.limit)
+    rejected = rejections_by_reason(engine, since)
+    if args.json:
+        _print_json({"since": iso(since), "until": None, "tasks": tasks, "rejected_requests": rejected})
+        return 0
+    print(tasks_table(tasks))
+    if rejected:
+        print("\nrefused requests: " + ", ".join(f"{reason} × {count}" for reason, count in sorted(rejected.items())))
+    return 0
+
+
+# -- developer commands, over HTTP ----------------------------------------------------------------
+
+
+def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    import httpx
+
+    key = args.key or os.environ.get("TASKPROXY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key")
+    url = (args.url or os.environ.get("TASKPROXY_URL") or DEFAULT_URL).rstrip("/")
+    try:
+        response = httpx.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"taskproxy: could not reach the proxy at {url} ({exc.__class__.__name__}); set --url or TASKPROXY_URL") from None
+    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code >= 400:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', response.text[:200])}")
+    return data
+
+
+def cmd_use(args: argparse.Namespace) -> int:
+    if args.clear:
+        _developer_call(args, "DELETE", "/api/me/work-item")
+        print("cleared: requests without a work item are refused again")
+        return 0
+    if not args.work_item:
+        data = _developer_call(args, "GET", "/api/me/work-item")
+        print(f"bound to {data['work_item']} until {data['expires_at']}" if data["work_item"] else "no work item bound")
+        return 0
+    data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": args.work_item})
+    print(f"requests with no other work item now count for {data['work_item']} until {data['expires_at']}")
+    return 0
+
+
+def cmd_me(args: argparse.Namespace) -> int:
+    from taskproxy.render import money, table
+
+    data = _developer_call(args, "GET", "/api/me/usage")
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{data['owner']} (team {data['team'] or '-'}), key {data['key_id']}; bound work item: {data['work_item'] or 'none'}\n")
+    rows = [{**r, "cost": money(r["cost_usd"])} for r in data["work_items"]]
+    print(table(rows, [("work_item", "work item"), ("requests", "requests"), ("total_tokens", "tokens"), ("cost", "cost (USD)"), ("last_used", "last used")]))
+    if data["rejected_requests"]:
+        print("\nrefused: " + ", ".join(f"{k} × {v}" for k, v in data["rejected_requests"].items()))
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskproxy",
+        description="OpenAI-compatible proxy that only forwards AI requests linked to a work item, "
+        "and reports token spend per work item.",
+        epilog="Start with `taskproxy demo`. Config: --config PATH, else $TASKPROXY_CONFIG, else config/taskproxy.yaml.",
+    )
+    parser.add_argument("--version", action="version", version=f"taskproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(parent: Any, name: str, handler: Callable[[argparse.Namespace], int], help: str, config: bool = True) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help, description=help)
+        if config:
+            sub.add_argument("--config", metavar="PATH", help="YAML config file (default: $TASKPROXY_CONFIG or config/taskproxy.yaml)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = command(commands, "serve", cmd_serve, "run the proxy")
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true", help="log every request line (off by default)")
+
+    command(commands, "demo", cmd_demo, "run the whole loop offline on a built-in fake provider and print the per-task report", config=False)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
+
+    keys = commands.add_parser("keys", help="proxy keys (admin)").add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = command(keys, "create", cmd_keys_create, "create a key; it is printed once")
+    create.add_argument("--owner", required=True, help="the person or service the key belongs to")
+    create.add_argument("--team", help="the owner's team (reports group by team)")
+    create.add_argument("--role", default="developer", choices=["developer", "service", "admin"])
+    create.add_argument("--json", action="store_true", help="print the key as JSON")
+    command(keys, "list", cmd_keys_list, "list keys (never their secrets)").add_argument("--json", action="store_true")
+    command(keys, "revoke", cmd_keys_revoke, "revoke a key by id").add_argument("key_id")
+
+    items = commands.add_parser("items", help="work items (admin)").add_subparsers(dest="items_command", metavar="ACTION", required=True)
+    add = command(items, "add", cmd_items_add, "register a work item")
+    add.add_argument("id", help="PROJ-123, owner/repo#12 or a tracker URL")
+    add.add_argument("--title")
+    add.add_argument("--url")
+    add.add_argument("--team")
+    add.add_argument("--status", default="open", choices=["open", "in_progress", "done", "closed"])
+    add.add_argument("--json", action="store_true")
+    listing = command(items, "list", cmd_items_list, "list work items")
+    listing.add_argument("--status")
+    listing.add_argument("--team")
+    listing.add_argument("--json", action="store_true")
+    show = command(items, "show", cmd_items_show, "what one work item cost")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+
+    report = commands.add_parser("report", help="reports (admin)").add_subparsers(dest="report_command", metavar="REPORT", required=True)
+    tasks = command(report, "tasks", cmd_report_tasks, "work items by cost")
+    tasks.add_argument("--since", help="a time (2026-11-01) or a period back from now (7d, 12h)")
+    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--json", action="store_true")
+
+    for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),
+                                     ("me", cmd_me, "your own usage, as the proxy recorded it")]:  # fmt: skip
+        sub = command(commands, name, handler, help_text, config=False)
+        sub.add_argument("--url", help=f"the proxy (default: $TASKPROXY_URL or {DEFAULT_URL})")
+        sub.add_argument("--key", help="your proxy key (default: $TASKPROXY_API_KEY, then $OPENAI_API_KEY)")
+        if name == "use":
+            sub.add_argument("work_item", nargs="?", help="PROJ-123, owner/repo#12 or a tracker URL; omit to show the binding")
+            sub.add_argument("--clear", action="store_true", help="remove the binding")
+        else:
+            sub.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"taskproxy: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"taskproxy: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
