@@ -24,7 +24,7 @@ DEFAULT_ID_PATTERNS = (
     r"[A-Z][A-Z0-9_]*-[0-9]+",  # Jira and Linear keys: PROJ-123, ENG-7
     r"[a-z0-9_.-]+/[a-z0-9_.-]+#[0-9]+",  # GitHub issues and PRs: owner/repo#123
 )
-DEFAULT_BRANCH_PATTERNS = (r"(?i)(?:^|[/_.-])([a-z][a-z0-9_]*-[0-9]+)(?![0-9])",)
+DEFAULT_BRANCH_PATTERNS = (r"(?i)(?:^|[/_.-])([a-z][a-z0-9_]*-[0-9]+)(?=$|[-_/])",)
 
 
 class _Frozen(BaseModel):
@@ -89,7 +89,6 @@ class RecordingSettings(_Frozen):
     store_prompts: bool = False
     flush_interval_seconds: float = Field(default=0.25, gt=0, le=1.0)
     batch_size: int = Field(default=500, gt=0)
-    queue_max: int = Field(default=100_000, gt=0)
     spool_path: str = "taskproxy-spool.jsonl"
 
 

@@ -67,7 +67,7 @@ def get_work_item(engine: Engine, item_id: str) -> WorkItem | None:
 def add_work_item(engine: Engine, item: WorkItem) -> bool:
     """Insert `item`; False if an item with that id exists already."""
     try:
-        with Session(engine) as session:
+        with Session(engine, expire_on_commit=False) as session:
             session.add(item)
             session.commit()
         return True

@@ -1,0 +1,121 @@
+"""Shared fixtures: the proxy app in-process (httpx ASGI transport) on a fake provider.
+
+The provider is the only thing faked: either `FakeProvider` (an OpenAI-compatible ASGI app served
+through httpx's ASGI transport) or a respx router, injected through `create_app(transport=...)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import openai
+import pytest
+
+from taskproxy.app import create_app
+from taskproxy.fake_provider import FakeProvider
+from taskproxy.settings import Settings, settings_from_mapping
+
+ADMIN_KEY = "tp-test-admin-key-0123456789"
+PROVIDER_KEY = "sk-provider-secret"
+PROVIDER_URL = "http://provider.test/v1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(tmp_path: Path, provider_url: str = PROVIDER_URL, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path / 'taskproxy.db'}",
+        "models": [
+            {"name": "gpt-4o-mini", "base_url": provider_url, "api_key_env": "TEST_PROVIDER_KEY"},
+            {"name": "team-model", "base_url": provider_url, "api_key_env": "TEST_PROVIDER_KEY", "upstream_model": "gpt-4.1"},
+            {"name": "unpriced", "base_url": provider_url, "upstream_model": "some-local-model"},
+            {"name": "fake-500", "base_url": provider_url},
+            {"name": "fake-cut", "base_url": provider_url},
+            {"name": "fake-slow", "base_url": provider_url, "read_timeout_seconds": 0.3},
+        ],
+        "recording": {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05},
+    }
+    data.update(overrides)
+    return settings_from_mapping(data, {"TEST_PROVIDER_KEY": PROVIDER_KEY, "TASKPROXY_ADMIN_KEY": ADMIN_KEY})
+
+
+@dataclass
+class Proxy:
+    """A running app and clients for it."""
+
+    app: Any
+    http: httpx.AsyncClient
+    fake: FakeProvider | None
+    admin_headers: dict[str, str] = field(default_factory=lambda: {"authorization": f"Bearer {ADMIN_KEY}"})
+
+    async def new_key(self, owner: str = "dana", team: str | None = "payments", role: str = "developer") -> str:
+        response = await self.http.post("/api/keys", json={"owner": owner, "team": team, "role": role}, headers=self.admin_headers)
+        assert response.status_code == 201, response.text
+        return response.json()["key"]
+
+    def openai(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url="http://proxy.test/v1", http_client=self.http, max_retries=0, **kwargs)
+
+    async def get(self, path: str, **params: Any) -> Any:
+        response = await self.http.get(path, params=params, headers=self.admin_headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def events(self, expected: int, timeout: float = 3.0, **params: Any) -> list[dict]:
+        """Poll the events API until `expected` events are visible (the writer commits in the background)."""
+        return await wait_until(lambda: self.get("/api/usage/events", **params), lambda events: len(events) >= expected, timeout)
+
+    async def item(self, item_id: str, requests: int, timeout: float = 3.0) -> dict:
+        """Poll `GET /api/work-items/{id}` until it counts `requests` requests."""
+        path = "/api/work-items/" + quote(item_id, safe="")
+
+        async def fetch() -> dict:
+            response = await self.http.get(path, headers=self.admin_headers)
+            return response.json() if response.status_code == 200 else {"requests": 0}
+
+        found = await wait_until(fetch, lambda i: i["requests"] >= requests, timeout)
+        assert found["requests"] == requests, found
+        return found
+
+    @property
+    def received(self) -> list[dict]:
+        assert self.fake is not None
+        return self.fake.received
+
+
+async def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 3.0) -> Any:
+    import anyio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        await anyio.sleep(0.02)
+
+
+async def start_proxy(settings: Settings, transport: httpx.AsyncBaseTransport, fake: FakeProvider | None = None) -> AsyncIterator[Proxy]:
+    app = create_app(settings, transport=transport)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=10) as http:
+            yield Proxy(app=app, http=http, fake=fake)
+
+
+@pytest.fixture
+def fake() -> FakeProvider:
+    return FakeProvider(slow_seconds=2.0)
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[Proxy]:
+    async for running in start_proxy(make_settings(tmp_path), httpx.ASGITransport(fake.app()), fake):
+        yield running

@@ -1,0 +1,104 @@
+"""The admin and self-service API: roles, key lifecycle, work items, grouped usage, one error shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Proxy
+
+pytestmark = pytest.mark.anyio
+
+ASK = [{"role": "user", "content": "hello"}]
+
+
+async def test_a_developer_key_cannot_use_admin_routes(proxy: Proxy) -> None:
+    developer = {"authorization": f"Bearer {await proxy.new_key()}"}
+    for method, path in [("POST", "/api/keys"), ("GET", "/api/keys"), ("GET", "/api/usage"), ("GET", "/api/usage/events"),
+                         ("GET", "/api/work-items/PROJ-1"), ("POST", "/api/work-items"), ("GET", "/api/reports/tasks"), ("DELETE", "/api/keys/admin")]:  # fmt: skip
+        response = await proxy.http.request(method, path, headers=developer, json={"owner": "x"})
+        assert response.status_code == 403, (method, path)
+        assert response.json()["error"]["code"] == "forbidden"
+
+
+async def test_keys_are_shown_once_listed_without_secret_and_revoked_at_once(proxy: Proxy) -> None:
+    created = await proxy.http.post("/api/keys", json={"owner": "eve", "team": "core", "role": "service"}, headers=proxy.admin_headers)
+    assert created.status_code == 201
+    body = created.json()
+    assert {"id", "key", "owner", "team", "role"} <= set(body) and body["key"].startswith("tp-") and len(body["key"]) >= 40
+    listed = await proxy.get("/api/keys")
+    assert body["id"] in {k["id"] for k in listed}
+    assert body["key"] not in created.text.replace(body["key"], "", 1)  # the secret appears once
+    assert all("key" not in k and "key_hash" not in k for k in listed)
+
+    client = proxy.openai(body["key"])
+    await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-1"})
+    revoked = await proxy.http.delete(f"/api/keys/{body['id']}", headers=proxy.admin_headers)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    refused = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK},
+                                    headers={"authorization": f"Bearer {body['key']}", "X-Work-Item": "PROJ-1"})  # fmt: skip
+    assert refused.status_code == 401
+    missing = await proxy.http.delete("/api/keys/key_nope", headers=proxy.admin_headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({}, "owner"), ({"owner": 5}, "owner"), ({"owner": "a", "role": "root"}, "role"), ({"owner": "a\nb"}, "owner")],
+)
+async def test_bad_key_requests_are_400(proxy: Proxy, body: dict, param: str) -> None:
+    response = await proxy.http.post("/api/keys", json=body, headers=proxy.admin_headers)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+async def test_work_items_registry_and_lookup_by_encoded_id(proxy: Proxy) -> None:
+    created = await proxy.http.post("/api/work-items", json={"id": "https://github.com/Acme/Web/pull/5", "title": "Retry", "team": "web"}, headers=proxy.admin_headers)
+    assert created.status_code == 201 and created.json()["id"] == "acme/web#5"
+    again = await proxy.http.post("/api/work-items", json={"id": "acme/web#5"}, headers=proxy.admin_headers)
+    assert again.status_code == 400
+    item = await proxy.get("/api/work-items/acme%2Fweb%235")
+    assert (item["id"], item["status"], item["requests"], item["cost_usd"], item["title"]) == ("acme/web#5", "open", 0, None, "Retry")
+    assert [i["id"] for i in await proxy.get("/api/work-items", status="open")] == ["acme/web#5"]
+    missing = await proxy.http.get("/api/work-items/PROJ-404", headers=proxy.admin_headers)
+    assert missing.status_code == 404
+
+
+async def test_usage_grouped_by_team_and_model_and_own_usage_only(proxy: Proxy) -> None:
+    ann, bob = await proxy.new_key("ann", "web"), await proxy.new_key("bob", "data")
+    await proxy.openai(ann).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "WEB-1"})
+    await proxy.openai(bob).chat.completions.create(model="team-model", messages=ASK, extra_headers={"X-Work-Item": "DATA-1"})
+    await proxy.events(2)
+    by_team = await proxy.get("/api/usage", group_by="team", since="1h")
+    assert sorted(g["team"] for g in by_team["groups"]) == ["data", "web"]
+    by_model = await proxy.get("/api/usage", group_by="model")
+    assert sorted(g["model"] for g in by_model["groups"]) == ["gpt-4o-mini", "team-model"]
+    future = await proxy.get("/api/usage", group_by="team", since="2999-01-01")
+    assert future["groups"] == []
+
+    mine = (await proxy.http.get("/api/me/usage", headers={"authorization": f"Bearer {ann}"})).json()
+    assert mine["owner"] == "ann" and [w["work_item"] for w in mine["work_items"]] == ["WEB-1"]
+    assert {e["work_item"] for e in mine["recent_events"]} == {"WEB-1"}
+
+    for params in ({"group_by": "owner"}, {"since": "yesterday"}):
+        bad = await proxy.http.get("/api/usage", params=params, headers=proxy.admin_headers)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+
+
+async def test_one_error_shape_per_route_family(proxy: Proxy) -> None:
+    openai_shaped = [
+        await proxy.http.post("/v1/chat/completions", json={}),
+        await proxy.http.get("/api/keys"),
+        await proxy.http.get("/no/such/route"),
+        await proxy.http.get("/v1/chat/completions"),
+    ]
+    assert [r.status_code for r in openai_shaped] == [401, 401, 404, 405]
+    for response in openai_shaped:
+        assert set(response.json()) == {"error"} and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    anthropic_shaped = await proxy.http.post("/v1/messages/unknown", json={})
+    body = anthropic_shaped.json()
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+
+
+async def test_health_and_readiness(proxy: Proxy) -> None:
+    assert (await proxy.http.get("/healthz")).json() == {"status": "ok"}
+    ready = await proxy.http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"

@@ -1,0 +1,307 @@
+"""The OpenAI routes through the app in-process, with the official `openai` SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+import respx
+
+from conftest import PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
+from taskproxy.fake_provider import prompt_tokens_of
+from taskproxy.metering.pricing import bundled_price_table
+
+pytestmark = pytest.mark.anyio
+
+ASK = [{"role": "user", "content": "Add retries with jitter to the webhook client."}]
+
+
+async def test_non_streaming_usage_is_recorded_exactly_against_the_work_item(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    first = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "proj-7"})
+    second = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK * 3, extra_headers={"X-Work-Item": "PROJ-7"})
+
+    await proxy.events(2, work_item="PROJ-7")
+    item = await proxy.get("/api/work-items/PROJ-7")
+    assert item["requests"] == 2
+    assert item["prompt_tokens"] == first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert item["completion_tokens"] == first.usage.completion_tokens + second.usage.completion_tokens
+    assert item["total_tokens"] == first.usage.total_tokens + second.usage.total_tokens
+    assert item["models"] == ["gpt-4o-mini"]
+    assert item["status"] == "unverified"  # open mode registers unknown ids
+
+    price = bundled_price_table()["gpt-4o-mini"]
+    expected_cost = item["prompt_tokens"] * price["input_cost_per_token"] + item["completion_tokens"] * price["output_cost_per_token"]
+    assert item["cost_usd"] == pytest.approx(expected_cost, rel=1e-9)
+
+    events = await proxy.get("/api/usage/events", work_item="PROJ-7")
+    assert {e["attribution_source"] for e in events} == {"header"}
+    assert all(e["usage_source"] == "provider" and e["status"] == 200 and e["est_prompt_tokens"] > 0 for e in events)
+    assert all(e["prompt_hash"] and "prompt_text" not in e for e in events)
+
+
+async def test_stream_without_include_usage_withholds_the_usage_chunk_but_records_it(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, stream=True, extra_headers={"X-Work-Item": "PROJ-8"})
+    chunks = [chunk async for chunk in stream]
+
+    assert chunks and all(chunk.choices for chunk in chunks), "a usage-only chunk reached a client that did not ask for it"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    sent = proxy.received[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}
+    event = (await proxy.events(1, work_item="PROJ-8"))[0]
+    assert event["stream"] is True and event["usage_source"] == "provider"
+    assert event["prompt_tokens"] == prompt_tokens_of(sent)
+    assert event["completion_tokens"] == len(text.split())
+
+
+async def test_stream_with_include_usage_passes_the_usage_chunk(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=ASK, stream=True, stream_options={"include_usage": True}, extra_headers={"X-Work-Item": "PROJ-9"}
+    )
+    chunks = [chunk async for chunk in stream]
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    item = await proxy.item("PROJ-9", requests=1)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+async def test_metadata_is_stripped_keys_swapped_and_model_rewritten(proxy: Proxy) -> None:
+    key = await proxy.new_key()
+    client = proxy.openai(key)
+    await client.chat.completions.create(model="team-model", messages=ASK, extra_body={"metadata": {"work_item": "acme/Web#12"}})
+    await client.chat.completions.create(
+        model="gpt-4o-mini", messages=ASK, extra_body={"metadata": {"work_item": "ENG-1", "purpose": "review"}},
+        extra_headers={"X-Git-Branch": "feature/ENG-99-x"},
+    )  # fmt: skip
+
+    first, second = proxy.received[-2:]
+    assert "metadata" not in first["body"]
+    assert first["body"]["model"] == "gpt-4.1"
+    assert second["body"]["metadata"] == {"purpose": "review"}
+    for request in (first, second):
+        headers = request["headers"]
+        assert headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+        assert key not in orjson.dumps(headers).decode()
+        assert "x-work-item" not in headers and "x-git-branch" not in headers
+    events = await proxy.events(2)
+    assert {(e["work_item"], e["attribution_source"]) for e in events} == {("acme/web#12", "body"), ("ENG-1", "body")}
+    assert {e["upstream_model"] for e in events} == {"gpt-4.1", "gpt-4o-mini"}
+
+
+async def test_branch_header_and_key_binding_attribute_requests(proxy: Proxy) -> None:
+    key = await proxy.new_key()
+    client = proxy.openai(key)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Git-Branch": "feature/pay-117-refunds"})
+    bound = await proxy.http.put("/api/me/work-item", json={"work_item": "https://linear.app/acme/issue/ENG-7/retry"}, headers={"authorization": f"Bearer {key}"})
+    assert bound.status_code == 200 and bound.json()["work_item"] == "ENG-7"
+    await client.chat.completions.create(model="gpt-4o-mini", messages=ASK)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PAY-1"})  # header wins
+
+    events = await proxy.events(3)
+    assert sorted((e["work_item"], e["attribution_source"]) for e in events) == [("ENG-7", "binding"), ("PAY-1", "header"), ("PAY-117", "branch")]
+
+    cleared = await proxy.http.delete("/api/me/work-item", headers={"authorization": f"Bearer {key}"})
+    assert cleared.json()["work_item"] is None
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=ASK)
+    assert refused.value.body["code"] == "work_item_required"
+
+
+async def test_binding_expires(tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, work_items={"binding_ttl_hours": 0.2 / 3600})
+    async for proxy in start_proxy(settings, httpx.ASGITransport(fake.app()), fake):
+        key = await proxy.new_key()
+        await proxy.http.put("/api/me/work-item", json={"work_item": "PROJ-1"}, headers={"authorization": f"Bearer {key}"})
+        await asyncio.sleep(0.3)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await proxy.openai(key).chat.completions.create(model="gpt-4o-mini", messages=ASK)
+        assert refused.value.body["code"] == "work_item_required"
+
+
+REJECTIONS = [
+    # (headers, body, status, code)
+    ({}, {"model": "gpt-4o-mini", "messages": ASK}, 400, "work_item_required"),
+    ({"X-Work-Item": "not a ticket"}, {"model": "gpt-4o-mini", "messages": ASK}, 400, "work_item_invalid"),
+    ({"X-Work-Item": "1; DROP TABLE usage_events;--"}, {"model": "gpt-4o-mini", "messages": ASK}, 400, "work_item_invalid"),
+    ({"X-Work-Item": "../../etc/passwd"}, {"model": "gpt-4o-mini", "messages": ASK}, 400, "work_item_invalid"),
+    ({}, {"model": "gpt-4o-mini", "messages": ASK, "metadata": {"work_item": "PROJ-1\u0000"}}, 400, "work_item_invalid"),
+    ({}, {"model": "gpt-4o-mini", "messages": ASK, "metadata": {"work_item": "P" * 201 + "-1"}}, 400, "work_item_invalid"),
+    ({}, {"model": "gpt-4o-mini", "messages": ASK, "metadata": {"work_item": 123}}, 400, "work_item_invalid"),
+    ({"X-Git-Branch": "main"}, {"model": "gpt-4o-mini", "messages": ASK}, 400, "work_item_required"),
+    ({"X-Work-Item": "PROJ-1"}, {"model": "gpt-9-unknown", "messages": ASK}, 404, "model_not_found"),
+    ({"X-Work-Item": "PROJ-1"}, {"model": "gpt-4o-mini", "messages": "hello"}, 400, "invalid_request"),
+    ({"X-Work-Item": "PROJ-1"}, {"model": "gpt-4o-mini"}, 400, "invalid_request"),
+    ({"X-Work-Item": "PROJ-1"}, {"model": 5, "messages": ASK}, 400, "invalid_request"),
+    ({"X-Work-Item": "PROJ-1"}, {"model": "gpt-4o-mini", "messages": ASK, "stream": "yes"}, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("headers", "body", "status", "code"), REJECTIONS)
+async def test_rejections_are_clear_counted_and_never_forwarded(proxy: Proxy, headers, body, status, code) -> None:  # type: ignore[no-untyped-def]
+    key = await proxy.new_key()
+    response = await proxy.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}", **headers})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
+    assert proxy.received == []
+    report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"])
+    assert report["rejected_requests"] == {code: 1}
+    assert report["tasks"] == []
+
+
+async def test_malformed_json_is_invalid_request_after_key_and_work_item(proxy: Proxy) -> None:
+    key = await proxy.new_key()
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe{}", b"[" * 100_000, b""):
+        response = await proxy.http.post("/v1/chat/completions", content=raw, headers={"authorization": f"Bearer {key}", "X-Work-Item": "PROJ-1"})
+        assert response.status_code == 400, raw[:10]
+        assert response.json()["error"]["code"] == "invalid_request"
+    no_key = await proxy.http.post("/v1/chat/completions", content=b"{not json")
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    assert proxy.received == []
+
+
+async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:
+    with pytest.raises(openai.AuthenticationError) as bad:
+        await proxy.openai("tp-not-a-real-key").chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-1"})
+    assert bad.value.body["code"] == "invalid_api_key"
+    missing = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK})
+    assert missing.status_code == 401 and "Bearer" in missing.json()["error"]["message"]
+    assert proxy.received == []
+
+
+async def test_oversized_bodies_are_refused_without_reading_them(proxy: Proxy) -> None:
+    key = await proxy.new_key()
+    headers = {"authorization": f"Bearer {key}", "X-Work-Item": "PROJ-1"}
+    declared = await proxy.http.post("/v1/chat/completions", content=b"x" * (64 * 1024 * 1024), headers=headers)
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+
+    async def chunks():  # no Content-Length: counted while reading
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+
+    streamed = await proxy.http.post("/v1/chat/completions", content=chunks(), headers=headers)
+    assert streamed.status_code == 413
+    assert proxy.received == []
+    assert (await proxy.http.get("/healthz")).status_code == 200
+
+
+async def test_concurrent_requests_on_several_items_give_exact_totals(proxy: Proxy) -> None:
+    keys = [await proxy.new_key(owner=f"dev{i}") for i in range(3)]
+    items = ["PROJ-1", "PROJ-2", "acme/api#3"]
+
+    async def one(i: int) -> tuple[str, int]:
+        client = proxy.openai(keys[i % 3])
+        item = items[i % len(items)]
+        messages = [{"role": "user", "content": "word " * (i + 1)}]
+        if i % 2:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True}, max_tokens=i % 7 + 1,
+                extra_headers={"X-Work-Item": item},
+            )  # fmt: skip
+            usage = [c async for c in stream][-1].usage
+        else:
+            usage = (await client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=i % 5 + 1, extra_headers={"X-Work-Item": item})).usage
+        return item, usage.total_tokens
+
+    results = await asyncio.gather(*(one(i) for i in range(60)))
+    await proxy.events(60, limit=1000)
+    for item in items:
+        expected = [tokens for name, tokens in results if name == item]
+        summary = await proxy.item(item, requests=len(expected))
+        assert summary["total_tokens"] == sum(expected)
+
+
+async def test_provider_errors_pass_through_and_are_recorded(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.chat.completions.create(model="fake-500", messages=ASK, extra_headers={"X-Work-Item": "PROJ-5"})
+    assert failed.value.status_code == 500
+    assert failed.value.body["message"] == "fake provider failure"  # the provider's own body, unchanged
+    event = (await proxy.events(1, work_item="PROJ-5"))[0]
+    assert (event["status"], event["total_tokens"], event["usage_source"]) == (500, 0, "estimated")
+
+
+async def _with_router(tmp_path: Path, router: respx.Router):  # type: ignore[no-untyped-def]
+    return start_proxy(make_settings(tmp_path), httpx.MockTransport(router.async_handler))
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(httpx.ConnectError("refused"), 502, "upstream_error"), (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
+     (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"), (httpx.RemoteProtocolError("reset"), 502, "upstream_error")],
+)  # fmt: skip
+async def test_transport_failures_become_502_and_504(tmp_path: Path, failure: Exception, status: int, code: str) -> None:
+    router = respx.Router(assert_all_called=False)
+    router.post(f"{PROVIDER_URL}/chat/completions").mock(side_effect=failure)
+    async for proxy in await _with_router(tmp_path, router):
+        response = await proxy.http.post(
+            "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK},
+            headers={"authorization": f"Bearer {await proxy.new_key()}", "X-Work-Item": "PROJ-6"},
+        )  # fmt: skip
+        assert response.status_code == status
+        assert response.json()["error"]["code"] == code
+        event = (await proxy.events(1, work_item="PROJ-6"))[0]
+        assert (event["status"], event["error"]) == (status, code)
+
+
+async def test_refused_connection_on_loopback_is_502(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = make_settings(tmp_path, provider_url=f"http://127.0.0.1:{port}/v1")
+    async for proxy in start_proxy(settings, transport=None):  # type: ignore[arg-type]  # the real transport
+        with pytest.raises(openai.APIStatusError) as failed:
+            await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-2"})
+        assert failed.value.status_code == 502 and failed.value.body["code"] == "upstream_error"
+
+
+async def test_usage_is_estimated_when_the_provider_reports_none(tmp_path: Path) -> None:
+    router = respx.Router(assert_all_called=False)
+    reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world, twice: hello world."}, "finish_reason": "stop"}]}  # fmt: skip
+    router.post(f"{PROVIDER_URL}/chat/completions").mock(return_value=httpx.Response(200, json=reply))
+    async for proxy in await _with_router(tmp_path, router):
+        await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-3"})
+        event = (await proxy.events(1, work_item="PROJ-3"))[0]
+        import tiktoken
+
+        encoding = tiktoken.get_encoding("o200k_base")
+        assert event["usage_source"] == "estimated"
+        assert event["completion_tokens"] == len(encoding.encode("Hello world, twice: hello world."))
+        # OpenAI's chat rule: 3 tokens per message + the role and content, + 3 to prime the reply
+        assert event["prompt_tokens"] == event["est_prompt_tokens"] == 3 + 1 + len(encoding.encode(ASK[0]["content"])) + 3
+
+
+async def test_completions_embeddings_and_models(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    completion = await client.completions.create(model="gpt-4o-mini", prompt="Say hi", extra_headers={"X-Work-Item": "PROJ-4"})
+    embedding = await client.embeddings.create(model="gpt-4o-mini", input=["one two", "three"], extra_headers={"X-Work-Item": "PROJ-4"})
+    assert len(embedding.data) == 2
+    item = await proxy.item("PROJ-4", requests=2)
+    assert item["prompt_tokens"] == completion.usage.prompt_tokens + embedding.usage.prompt_tokens
+    assert item["completion_tokens"] == completion.usage.completion_tokens
+    models = await client.models.list()
+    assert [m.id for m in models.data][:2] == ["gpt-4o-mini", "team-model"]
+
+
+async def test_unknown_price_is_null_never_zero(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    await client.chat.completions.create(model="unpriced", messages=ASK, extra_headers={"X-Work-Item": "PROJ-10"})
+    item = await proxy.item("PROJ-10", requests=1)
+    assert item["cost_usd"] is None and item["unpriced_requests"] == 1 and item["total_tokens"] > 0
+
+
+async def test_config_price_override_is_used(tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]
+    models = [{"name": "gpt-4o-mini", "base_url": PROVIDER_URL, "pricing": {"input_per_million": 1.0, "output_per_million": 2.0}}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), httpx.ASGITransport(fake.app()), fake):
+        reply = await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-11"})
+        item = await proxy.item("PROJ-11", requests=1)
+        assert item["cost_usd"] == pytest.approx(reply.usage.prompt_tokens * 1e-6 + reply.usage.completion_tokens * 2e-6)

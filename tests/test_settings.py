@@ -1,0 +1,106 @@
+"""Configuration: the example file documents every setting, and bad input fails with one clear line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from taskproxy.errors import ConfigError
+from taskproxy.settings import Settings, load_settings, settings_from_mapping
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "taskproxy.example.yaml"
+
+
+def _documented_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        if field.exclude:  # secrets filled from the environment, never written in the file
+            continue
+        keys.add(prefix + name)
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        for candidate in (annotation, *inner):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                keys |= _documented_keys(candidate, prefix + name + ".")
+            for nested in getattr(candidate, "__args__", ()):
+                if isinstance(nested, type) and issubclass(nested, BaseModel):
+                    keys |= _documented_keys(nested, prefix + name + ".")
+    return keys
+
+
+def _keys_in(text: str) -> set[str]:
+    """Every key path mentioned in the example, commented-out ones included."""
+    uncommented = re.sub(r"(?m)^(\s+)# (\s*[a-z_]+:.*)$", r"\1\2", text)  # indented, commented-out keys
+    document = yaml.safe_load(uncommented)
+    found: set[str] = set()
+
+    def walk(value: object, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                found.add(prefix + key)
+                walk(child, prefix + key + ".")
+        elif isinstance(value, list):
+            for child in value:
+                walk(child, prefix)
+
+    walk(document, "")
+    return found
+
+
+def test_example_config_documents_every_setting() -> None:
+    missing = _documented_keys(Settings) - _keys_in(EXAMPLE.read_text())
+    assert not missing, f"settings missing from {EXAMPLE.name}: {sorted(missing)}"
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(EXAMPLE, env={"OPENAI_API_KEY": "sk-x"})
+    assert settings.models[0].api_key.get_secret_value() == "sk-x"
+    assert settings.work_items.mode == "open" and settings.limits.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_environment_overrides_database_and_admin_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("database_url: sqlite:///file.db\n")
+    settings = load_settings(path, env={"TASKPROXY_DATABASE_URL": "sqlite:///other.db", "TASKPROXY_ADMIN_KEY": "tp-admin"})
+    assert settings.database_url == "sqlite:///other.db"
+    assert settings.admin_key.get_secret_value() == "tp-admin"
+    assert "tp-admin" not in repr(settings)  # secrets never printed
+
+
+def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("work_items: {mode: known}\n")
+    assert load_settings(env={"TASKPROXY_CONFIG": str(path)}).work_items.mode == "known"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"models": [{"name": "a"}]}, "config error: models[0].base_url: Field required"),
+        ({"modles": []}, "config error: modles: unknown key"),
+        ({"models": [{"name": "a", "base_url": "ftp://x"}]}, "config error: models[0].base_url: must be an http:// or https:// URL"),
+        ({"work_items": {"mode": "strict"}}, "config error: work_items.mode: Input should be 'open', 'known' or 'active'"),
+        ({"models": [{"name": "a", "base_url": "http://x", "api_key_env": "NOT_SET_ANYWHERE"}]},
+         "config error: models[0].api_key_env: environment variable NOT_SET_ANYWHERE is not set"),
+        ({"limits": {"max_body_bytes": -1}}, "config error: limits.max_body_bytes: Input should be greater than 0"),
+        ({"models": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]}, "models[1].name: 'a' is configured twice"),
+    ],
+)  # fmt: skip
+def test_bad_config_fails_with_one_line_naming_the_key(document: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        settings_from_mapping(document, {})
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "missing.yaml", env={})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_settings(broken, env={})
