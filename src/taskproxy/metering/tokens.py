@@ -8,6 +8,7 @@ Counting is CPU work: it runs in the writer thread, never on the event loop.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import threading
@@ -36,6 +37,25 @@ def bundled_encodings_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+_ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+
+def _cache_file(folder: str | Path, name: str) -> Path:
+    """tiktoken names a cached encoding by the SHA-1 of the URL it would download it from."""
+    return Path(folder) / hashlib.sha1(_ENCODING_URL.format(name).encode()).hexdigest()
+
+
+def _point_tiktoken_at_local_files(name: str) -> None:
+    """Make tiktoken read `name` from disk: keep a cache dir that has it, else use litellm's files."""
+    current = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if current and _cache_file(current, name).exists():
+        return
+    folder = bundled_encodings_dir()
+    if folder is None or not _cache_file(folder, name).exists():
+        raise EncodingsUnavailable(f"no local copy of the tiktoken encoding {name}; is litellm installed?")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+
+
 def encoding_name_for(model: str) -> str:
     name = model.rsplit("/", 1)[-1].lower()
     return "o200k_base" if name.startswith(_O200K_PREFIXES) else "cl100k_base"
@@ -54,10 +74,7 @@ class TokenCounter:
             return encoding
         with self._lock:
             if name not in self._encodings:
-                folder = bundled_encodings_dir()
-                if folder is None:
-                    raise EncodingsUnavailable("litellm's bundled tiktoken files were not found; is litellm installed?")
-                os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(folder))
+                _point_tiktoken_at_local_files(name)
                 import tiktoken
 
                 self._encodings[name] = tiktoken.get_encoding(name)

@@ -9,6 +9,7 @@ storage writer calls on its own thread.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,8 @@ import orjson
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.storage.writer import Record
+
+log = logging.getLogger("taskproxy.metering")
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,23 @@ class Exchange:
     ttfb_ms: float | None = None
     observe: Callable[[], Observed] = field(default=lambda: NOTHING_OBSERVED)
 
+    def _count(self, count: Callable[[], int]) -> int:
+        """A token estimate; if counting fails the event is still recorded, with the estimate 0."""
+        try:
+            return count()
+        except Exception:
+            log.exception("token counting failed for event %s; recorded without the estimate", self.id)
+            return 0
+
     def to_record(self) -> Record:
         observed = self.observe()
-        est_prompt = estimate_prompt_tokens(self.counter, self.upstream_model, self.body)
+        est_prompt = self._count(lambda: estimate_prompt_tokens(self.counter, self.upstream_model, self.body))
         usage = observed.usage
         if usage is not None:
             prompt, completion = usage.prompt_tokens + usage.cache_creation_tokens, usage.completion_tokens
             cached, reasoning, source = usage.cached_tokens, usage.reasoning_tokens, "provider"
         else:
-            completion = self.counter.count(self.upstream_model, observed.completion_text)
+            completion = self._count(lambda: self.counter.count(self.upstream_model, observed.completion_text))
             prompt, cached, reasoning, source = est_prompt, 0, 0, "estimated"
             if self.status >= 400:  # refused or never answered: nothing to bill, the estimate stays
                 prompt = completion = 0

@@ -1,0 +1,89 @@
+"""Counting, pricing and stream parsing: offline, exact where the provider is exact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from taskproxy.metering.pricing import Price, bundled_price_table, prices_for
+from taskproxy.metering.tokens import encoding_name_for
+from taskproxy.settings import ModelSettings
+from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, openai_stream_observation
+
+COUNT_OFFLINE = """
+import socket
+def no_network(*args, **kwargs):
+    raise OSError("network disabled in this test")
+socket.socket.connect = no_network
+socket.create_connection = no_network
+from taskproxy.metering.tokens import TokenCounter
+counter = TokenCounter()
+print(counter.count("gpt-4o", "hello world"), counter.count("gpt-3.5-turbo", "hello world"))
+"""
+
+
+def test_encodings_load_from_local_files_with_no_network(tmp_path: Path) -> None:
+    # An empty TIKTOKEN_CACHE_DIR (as on a locked-down server) must not make tiktoken download.
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", COUNT_OFFLINE], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "2"]
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [("gpt-4o-mini", "o200k_base"), ("gpt-4.1", "o200k_base"), ("gpt-5", "o200k_base"), ("o3-mini", "o200k_base"),
+     ("openai/gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"), ("llama3", "cl100k_base")],
+)  # fmt: skip
+def test_encoding_per_model_family(model: str, encoding: str) -> None:
+    assert encoding_name_for(model) == encoding
+
+
+def test_prices_come_from_the_bundled_table_or_config_and_unknown_is_none() -> None:
+    table = bundled_price_table()
+    models = [
+        ModelSettings(name="gpt-4o-mini", base_url="http://x"),
+        ModelSettings(name="mine", base_url="http://x", upstream_model="gpt-4o"),
+        ModelSettings(name="local", base_url="http://x", upstream_model="my-finetune-7b"),
+    ]
+    prices = prices_for(models, table)
+    assert prices["gpt-4o-mini"] == Price(table["gpt-4o-mini"]["input_cost_per_token"], table["gpt-4o-mini"]["output_cost_per_token"], table["gpt-4o-mini"]["cache_read_input_token_cost"])
+    assert prices["mine"].input == table["gpt-4o"]["input_cost_per_token"]
+    assert prices["local"] is None
+
+
+def test_cached_tokens_are_billed_at_the_cached_rate() -> None:
+    price = Price(input=2e-6, output=8e-6, cached_input=0.5e-6)
+    assert price.cost(prompt_tokens=1000, completion_tokens=100, cached_tokens=400) == pytest.approx(600 * 2e-6 + 400 * 0.5e-6 + 100 * 8e-6)
+
+
+def _event(data: dict | str) -> bytes:
+    return b"data: " + (data.encode() if isinstance(data, str) else orjson.dumps(data)) + b"\n\n"
+
+
+def test_splitter_reassembles_events_cut_anywhere_and_drops_only_the_usage_chunk() -> None:
+    content = {"choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+    stream = _event(content) + _event(content) + _event(usage) + _event("[DONE]")
+    for cut in range(1, len(stream)):
+        splitter = SseSplitter()
+        events = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
+        assert b"".join(events) + splitter.rest() == stream
+        kept = [e for e in events if not is_usage_only_chunk(e)]
+        assert kept == [_event(content), _event(content), _event("[DONE]")]
+
+
+def test_stream_observation_reads_usage_and_text() -> None:
+    chunks = [_event({"choices": [{"index": 0, "delta": {"content": "Hel"}}]}), _event({"choices": [{"index": 0, "delta": {"content": "lo"}}]}),
+              _event({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4},
+                                                "completion_tokens_details": {"reasoning_tokens": 1}}}), _event("[DONE]")]  # fmt: skip
+    joined = b"".join(chunks)
+    observed = openai_stream_observation([joined[:7], joined[7:]])
+    assert observed.completion_text == "Hello"
+    assert (observed.usage.prompt_tokens, observed.usage.completion_tokens, observed.usage.cached_tokens, observed.usage.reasoning_tokens) == (9, 2, 4, 1)
+    cut_short = openai_stream_observation([chunks[0], chunks[1][:10]])
+    assert cut_short.usage is None and cut_short.completion_text == "Hel"
