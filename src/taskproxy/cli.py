@@ -48,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers or settings.server.workers
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log}
     if workers > 1:
+        # Create the schema once here rather than racing in every worker's lifespan.
+        _engine(args).dispose()
         # Worker processes import the app themselves; they read the same file through TASKPROXY_CONFIG.
         if args.config:
             os.environ["TASKPROXY_CONFIG"] = os.path.abspath(args.config)
@@ -111,13 +113,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from taskproxy.storage import repo
-    from taskproxy.timeutil import utcnow
+    from taskproxy.guard.auth import revoke
 
-    key = repo.revoke_key(_engine(args), args.key_id, utcnow())
-    if key is None:
-        print(f"taskproxy: no key with id {args.key_id}", file=sys.stderr)
-        return 1
+    key = revoke(_engine(args), args.key_id)
     print(f"revoked {key.id} ({key.owner}); running proxies refuse it within auth.key_refresh_seconds")
     return 0
 
@@ -133,15 +131,11 @@ def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_items_add(args: argparse.Namespace) -> int:
+    from taskproxy.registry import register_work_item
     from taskproxy.routes.common import item_json
-    from taskproxy.storage import repo
-    from taskproxy.storage.models import WorkItem
-    from taskproxy.timeutil import utcnow
 
-    item = WorkItem(id=_ids(args).normalize(args.id), source="manual", title=args.title, url=args.url, team=args.team, status=args.status, created_at=utcnow())
-    if not repo.add_work_item(_engine(args), item):
-        print(f"taskproxy: work item {item.id} exists already", file=sys.stderr)
-        return 1
+    fields = {"id": args.id, "title": args.title, "url": args.url, "team": args.team, "status": args.status}
+    item = register_work_item(_engine(args), _ids(args), fields)
     if args.json:
         _print_json(item_json(item))
     else:
@@ -189,9 +183,9 @@ def cmd_items_show(args: argparse.Namespace) -> int:
 def cmd_report_tasks(args: argparse.Namespace) -> int:
     from taskproxy.render import tasks_table
     from taskproxy.reports.usage import rejections_by_reason, tasks_report
-    from taskproxy.timeutil import iso, parse_time
+    from taskproxy.timeutil import iso
 
-    since = parse_time(args.since) if args.since else None
+    since = args.since
     engine = _engine(args)
     tasks = tasks_report(engine, since, None, args.limit)
     rejected = rejections_by_reason(engine, since)
@@ -257,6 +251,15 @@ def cmd_me(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------------------
 
 
+def _time_argument(value: str) -> Any:
+    from taskproxy.timeutil import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time (2026-11-01, 2026-11-01T09:00:00Z) or a period (30m, 12h, 7d, 2w)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskproxy",
@@ -313,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="reports (admin)").add_subparsers(dest="report_command", metavar="REPORT", required=True)
     tasks = command(report, "tasks", cmd_report_tasks, "work items by cost")
-    tasks.add_argument("--since", help="a time (2026-11-01) or a period back from now (7d, 12h)")
+    tasks.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (7d, 12h)")
     tasks.add_argument("--limit", type=int, default=50)
     tasks.add_argument("--json", action="store_true")
 

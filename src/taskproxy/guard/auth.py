@@ -24,10 +24,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
-from taskproxy.errors import Forbidden, InvalidApiKey
+from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
 from taskproxy.timeutil import utcnow
+from taskproxy.validation import one_of, printable
 
 log = logging.getLogger("taskproxy.auth")
 
@@ -71,8 +72,11 @@ def _principal(row: ApiKey) -> Principal:
     return Principal(row.id, row.owner, row.team, row.role, row.bound_work_item, row.bound_until)
 
 
-def issue_key(engine: Engine, *, owner: str, team: str | None, role: str = "developer") -> tuple[ApiKey, str]:
+def issue_key(engine: Engine, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
     """Create a key; the plaintext is returned once and never stored. Used by the API and the CLI."""
+    owner = printable(owner, "owner", required=True)
+    team = printable(team, "team")
+    role = one_of(role, "role", ROLES)
     token = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         id="key_" + uuid.uuid4().hex[:12],
@@ -84,6 +88,16 @@ def issue_key(engine: Engine, *, owner: str, team: str | None, role: str = "deve
         created_at=utcnow(),
     )
     return repo.insert_key(engine, row), token
+
+
+def revoke(engine: Engine, key_id: str) -> ApiKey:
+    """Revoke a key by id. Used by the API and the CLI."""
+    if key_id == BOOTSTRAP_ADMIN_ID:
+        raise InvalidRequest("The bootstrap admin key comes from TASKPROXY_ADMIN_KEY; change that variable to replace it.")
+    key = repo.revoke_key(engine, key_id, utcnow())
+    if key is None:
+        raise NotFound(f"No key with id {key_id[:64]!r}.")
+    return key
 
 
 def ensure_bootstrap_admin(engine: Engine, admin_key: str) -> None:

@@ -7,30 +7,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest, NotFound
-from taskproxy.guard.auth import BOOTSTRAP_ADMIN_ID, ROLES, issue_key
+from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.reports import usage as usage_reports
-from taskproxy.routes.common import JSON, admin, event_json, in_thread, int_param, item_json, json_object, key_json, optional_str, time_param
+from taskproxy.registry import ITEM_STATUSES, register_work_item
+from taskproxy.routes.common import JSON, admin, event_json, in_thread, int_param, item_json, json_object, key_json, time_param
 from taskproxy.services import services
 from taskproxy.storage import repo
-from taskproxy.storage.models import WorkItem
-from taskproxy.timeutil import iso, utcnow
+from taskproxy.timeutil import iso
 from taskproxy.workitems import WorkItemIds
 
-ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
-ITEM_SOURCES = ("jira", "github", "linear", "manual")
 
 
 async def create_key(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    owner = optional_str(body, "owner")
-    if not owner:
-        raise InvalidRequest("'owner' is required: the person or service the key belongs to.", param="owner")
-    team = optional_str(body, "team")
-    role = body.get("role", "developer")
-    if role not in ROLES:
-        raise InvalidRequest(f"'role' must be one of {', '.join(ROLES)}.", param="role")
-    key, token = await in_thread(issue_key, services(request).engine, owner=owner, team=team, role=role)
+    key, token = await in_thread(issue_key, services(request).engine, owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
     return JSON({**key_json(key), "key": token}, status_code=201)
 
 
@@ -43,12 +34,8 @@ async def list_keys(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     await admin(request)
     key_id = request.path_params["key_id"]
-    if key_id == BOOTSTRAP_ADMIN_ID:
-        raise InvalidRequest("The bootstrap admin key comes from TASKPROXY_ADMIN_KEY; change that variable to replace it.")
     svc = services(request)
-    key = await in_thread(repo.revoke_key, svc.engine, key_id, utcnow())
-    if key is None:
-        raise NotFound(f"No key with id {key_id[:64]!r}.")
+    key = await in_thread(revoke, svc.engine, key_id)
     svc.keys.forget(key_id)
     return JSON(key_json(key))
 
@@ -81,32 +68,7 @@ async def list_work_items(request: Request) -> Response:
 async def create_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    if "id" not in body:
-        raise InvalidRequest("'id' is required.", param="id")
-    status = body.get("status", "open")
-    if status not in ITEM_STATUSES:
-        raise InvalidRequest(f"'status' must be one of {', '.join(ITEM_STATUSES)}.", param="status")
-    source = body.get("source", "manual")
-    if source not in ITEM_SOURCES:
-        raise InvalidRequest(f"'source' must be one of {', '.join(ITEM_SOURCES)}.", param="source")
-    for name in ("budget_tokens", "budget_usd"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
-            raise InvalidRequest(f"'{name}' must be a non-negative number.", param=name)
-    item = WorkItem(
-        id=_ids(request).normalize(body["id"]),
-        source=source,
-        title=optional_str(body, "title", max_length=500),
-        url=optional_str(body, "url", max_length=2000),
-        team=optional_str(body, "team"),
-        status=status,
-        created_at=utcnow(),
-        completed_at=utcnow() if status == "done" else None,
-        budget_tokens=body.get("budget_tokens"),
-        budget_usd=body.get("budget_usd"),
-    )
-    if not await in_thread(repo.add_work_item, services(request).engine, item):
-        raise InvalidRequest(f"The work item {item.id!r} exists already.", param="id")
+    item = await in_thread(register_work_item, services(request).engine, _ids(request), body)
     return JSON(item_json(item), status_code=201)
 
 

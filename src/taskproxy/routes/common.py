@@ -40,15 +40,6 @@ async def json_object(request: Request) -> dict[str, Any]:
     return value
 
 
-def optional_str(body: dict[str, Any], name: str, *, max_length: int = 200) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > max_length or any(ord(c) < 32 for c in value):
-        raise InvalidRequest(f"'{name}' must be a string of at most {max_length} printable characters.", param=name)
-    return value
-
-
 def time_param(request: Request, name: str) -> Any:
     value = request.query_params.get(name)
     if not value:

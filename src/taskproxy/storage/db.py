@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel, create_engine
 
 from taskproxy.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -30,7 +31,15 @@ def make_engine(database_url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    """Create missing tables. Several workers may do this at once on a fresh database: create_all
+    checks, then creates, so another process can create a table in between; try again then."""
+    for attempt in range(5):
+        try:
+            SQLModel.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            if "already exists" not in str(exc).lower() and "duplicate" not in str(exc).lower() or attempt == 4:
+                raise
 
 
 def ping(engine: Engine) -> None:

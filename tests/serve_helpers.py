@@ -1,0 +1,248 @@
+"""Helpers for tests that drive a real `taskproxy serve` process on 127.0.0.1.
+
+The server runs as a subprocess (`python -m taskproxy serve`); the fake provider runs in the test
+process (`serve_in_thread`) so a test can read what it received. Every wait here is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import yaml
+
+from taskproxy.fake_provider import FakeProvider
+from taskproxy.localserver import serve_in_thread
+
+ADMIN_KEY = "tp-process-test-admin-key-0123456789"
+STARTUP_TIMEOUT = 15.0
+# Variables that would change which config or database the subprocess uses, or route loopback traffic.
+_SCRUBBED_ENV = ("TASKPROXY_CONFIG", "TASKPROXY_DATABASE_URL", "TASKPROXY_ADMIN_KEY", "TASKPROXY_URL", "TASKPROXY_API_KEY",
+                 "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound then released: connections are refused)."""
+    return free_port()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def write_config(folder: Path, fake_url: str, *, models: list[dict] | None = None, name: str = "taskproxy.yaml", **extra: Any) -> Path:
+    """A config with the fake provider's models; `extra` adds or replaces top-level keys."""
+    base = f"{fake_url}/v1"
+    data: dict[str, Any] = {
+        "database_url": f"sqlite:///{folder / 't.db'}",
+        "models": models
+        if models is not None
+        else [
+            {"name": "gpt-4o-mini", "base_url": base},
+            {"name": "fake-500", "base_url": base},
+            {"name": "fake-429", "base_url": base},
+            {"name": "fake-slow", "base_url": base, "read_timeout_seconds": 0.5},
+            {"name": "fake-cut", "base_url": base},
+            {"name": "fake-hang", "base_url": base},
+            # The fake's behaviour follows the model it receives: this one hangs, and the proxy gives up after 0.5 s.
+            {"name": "hang-short", "base_url": base, "upstream_model": "fake-hang", "read_timeout_seconds": 0.5},
+            {"name": "dead", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "connect_timeout_seconds": 2},
+        ],
+        "recording": {"spool_path": str(folder / "spool.jsonl"), "flush_interval_seconds": 0.05},
+    }
+    data.update(extra)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, config: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "taskproxy", *args]
+    if config is not None:
+        command += ["--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or child_env())
+
+
+def cli_json(*args: str, config: Path | None = None) -> Any:
+    result = run_cli(*args, config=config)
+    assert result.returncode == 0, f"taskproxy {' '.join(args)} exited {result.returncode}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Call `fetch` until `done(value)` or the timeout; return the last value (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def quoted(item_id: str) -> str:
+    return urllib.parse.quote(item_id, safe="")
+
+
+@dataclass
+class FakeUpstream:
+    fake: FakeProvider
+    url: str
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return self.fake.received
+
+
+@contextmanager
+def fake_upstream() -> Iterator[FakeUpstream]:
+    fake = FakeProvider(slow_seconds=2.0)
+    with serve_in_thread(fake.app()) as url:
+        yield FakeUpstream(fake, url)
+
+
+@dataclass
+class ServerProcess:
+    """A `taskproxy serve` subprocess and clients for it."""
+
+    config: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    admin_key: str = ADMIN_KEY
+    http: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_key}"}
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def openai(self, key: str, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(api_key=key, base_url=f"{self.url}/v1", max_retries=0, timeout=15, http_client=httpx.Client(trust_env=False), **kwargs)
+
+    def admin_get(self, path: str, **params: Any) -> httpx.Response:
+        return self.http.get(path, params=params, headers=self.admin_headers)
+
+    def new_key(self, owner: str = "dana", team: str | None = "payments", role: str = "developer") -> str:
+        response = self.http.post("/api/keys", json={"owner": owner, "team": team, "role": role}, headers=self.admin_headers)
+        assert response.status_code == 201, response.text
+        return response.json()["key"]
+
+    def events(self, work_item: str, expected: int, timeout: float = 5.0) -> list[dict]:
+        """Poll the events API until `expected` events of `work_item` are visible."""
+
+        def fetch() -> list[dict]:
+            response = self.admin_get("/api/usage/events", work_item=work_item)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        return wait_until(fetch, lambda events: len(events) >= expected, timeout)
+
+    def work_item(self, item_id: str, expected_requests: int, timeout: float = 5.0) -> dict:
+        """Poll `GET /api/work-items/{id}` until it shows `expected_requests` requests."""
+
+        def fetch() -> dict:
+            response = self.admin_get(f"/api/work-items/{quoted(item_id)}")
+            assert response.status_code in (200, 404), response.text
+            return response.json() if response.status_code == 200 else {}
+
+        return wait_until(fetch, lambda item: item.get("requests", 0) >= expected_requests, timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        self.http.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def sigterm(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+
+def start_server(config: Path, log_path: Path, *, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> ServerProcess:
+    """Start `taskproxy serve` on a free port and wait (≤ 15 s) until /healthz answers."""
+    port = free_port()
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskproxy", "serve", "--config", str(config), "--port", str(port), *extra_args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env or child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY),
+    )
+    log_file.close()
+    server = ServerProcess(config=config, port=port, process=process, log_path=log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"taskproxy serve exited with {process.returncode} at start:\n{server.log()}")
+        try:
+            if server.http.get("/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"taskproxy serve did not answer /healthz within {STARTUP_TIMEOUT}s:\n{server.log()}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running_server(config: Path, log_path: Path, **kwargs: Any) -> Iterator[ServerProcess]:
+    server = start_server(config, log_path, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str) -> dict:
+    """The response is `status` with OpenAI's error shape and `code`; returns the error object."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    return error

@@ -1,0 +1,320 @@
+"""The `taskproxy` command as a user runs it: subprocesses of `python -m taskproxy`, against the same
+SQLite database as a real `taskproxy serve` process on 127.0.0.1 (DESIGN §6, §10)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve_helpers import (
+    FakeUpstream,
+    ServerProcess,
+    cli_json,
+    fake_upstream,
+    free_port,
+    quoted,
+    run_cli,
+    running_server,
+    wait_until,
+    write_config,
+)
+
+ASK = [{"role": "user", "content": "Refactor the refund handler."}]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with fake_upstream() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("cli")
+    # Keys revoked through the CLI (another process) reach the server within key_refresh_seconds.
+    config = write_config(folder, upstream.url, auth={"key_refresh_seconds": 0.5})
+    with running_server(config, folder / "server.log") as running:
+        yield running
+
+
+def post_chat(server: ServerProcess, key: str, work_item: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"}
+    if work_item is not None:
+        headers["x-work-item"] = work_item
+    return server.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK}, headers=headers)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+def test_demo_runs_offline_and_prints_the_per_task_report() -> None:
+    started = time.monotonic()
+    result = run_cli("demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60
+    out = result.stdout
+    assert "work_item_required" in out
+    # The report table has one row per work item: PAY-101 got the header and the streamed request.
+    assert re.search(r"^PAY-101\s+\S+\s+2\s", out, re.MULTILINE), out
+    assert re.search(r"^acme/web#42\s+\S+\s+1\s", out, re.MULTILINE), out
+    assert "the provider received 0 requests for it" in out
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+def test_keys_create_list_revoke_against_a_running_server(server: ServerProcess) -> None:
+    created = cli_json("keys", "create", "--owner", "fay", "--team", "web", "--json", config=server.config)
+    assert {"id", "key", "owner", "team", "role"} <= set(created)
+    assert created["key"].startswith("tp-") and len(created["key"]) > 20
+    assert (created["owner"], created["team"], created["role"]) == ("fay", "web", "developer")
+
+    listing = run_cli("keys", "list", "--json", config=server.config)
+    assert listing.returncode == 0, listing.stderr
+    assert created["key"] not in listing.stdout, "keys list must never print a secret"
+    listed = [k for k in json.loads(listing.stdout) if k["id"] == created["id"]]
+    assert len(listed) == 1
+    assert "key" not in listed[0]
+    assert (listed[0]["owner"], listed[0]["team"], listed[0]["revoked_at"]) == ("fay", "web", None)
+
+    # The running server knows a key the CLI created a moment ago (one lookup on a cache miss).
+    assert post_chat(server, created["key"], "KEY-1").status_code == 200
+
+    revoked = run_cli("keys", "revoke", created["id"], config=server.config)
+    assert revoked.returncode == 0, revoked.stderr
+    assert created["id"] in revoked.stdout
+
+    statuses = wait_until(lambda: post_chat(server, created["key"], "KEY-1"), lambda r: r.status_code == 401, timeout=5)
+    assert statuses.status_code == 401
+    assert statuses.json()["error"]["code"] == "invalid_api_key"
+    after = [k for k in cli_json("keys", "list", "--json", config=server.config) if k["id"] == created["id"]]
+    assert after[0]["revoked_at"] is not None
+
+
+def test_keys_revoke_of_an_unknown_id_fails(server: ServerProcess) -> None:
+    result = run_cli("keys", "revoke", "key_doesnotexist", config=server.config)
+    assert result.returncode == 1
+    assert "key_doesnotexist" in result.stderr
+
+
+def test_keys_create_json_key_works_through_the_api(server: ServerProcess) -> None:
+    created = cli_json("keys", "create", "--owner", "svc-bot", "--role", "service", "--json", config=server.config)
+    assert created["role"] == "service" and created["team"] is None
+    response = server.http.get("/v1/models", headers={"authorization": f"Bearer {created['key']}"})
+    assert response.status_code == 200
+    assert "gpt-4o-mini" in [m["id"] for m in response.json()["data"]]
+
+
+# -- use / me -------------------------------------------------------------------------------------------
+
+
+def test_use_binds_a_work_item_and_me_shows_own_usage(server: ServerProcess) -> None:
+    key = cli_json("keys", "create", "--owner", "gus", "--team", "payments", "--json", config=server.config)["key"]
+    over_http = ("--url", server.url, "--key", key)
+
+    bound = run_cli("use", "PAY-9", *over_http)
+    assert bound.returncode == 0, bound.stderr
+    assert "PAY-9" in bound.stdout
+    shown = run_cli("use", *over_http)
+    assert shown.returncode == 0 and "bound to PAY-9" in shown.stdout
+
+    client = server.openai(key)
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=ASK)  # no work item anywhere in the request
+    events = server.events("PAY-9", expected=1)
+    assert len(events) == 1
+    assert events[0]["attribution_source"] == "binding"
+    assert events[0]["total_tokens"] == reply.usage.total_tokens
+
+    cleared = run_cli("use", "--clear", *over_http)
+    assert cleared.returncode == 0, cleared.stderr
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK)
+    assert refused.value.body["code"] == "work_item_required"
+
+    # Wait until the refusal is recorded, then read it back through the CLI.
+    wait_until(
+        lambda: server.http.get("/api/me/usage", headers={"authorization": f"Bearer {key}"}).json(),
+        lambda data: data["rejected_requests"].get("work_item_required") == 1,
+    )
+    me = run_cli("me", "--json", *over_http)
+    assert me.returncode == 0, me.stderr
+    data = json.loads(me.stdout)
+    assert (data["owner"], data["team"], data["work_item"]) == ("gus", "payments", None)
+    assert [(w["work_item"], w["requests"], w["total_tokens"]) for w in data["work_items"]] == [("PAY-9", 1, reply.usage.total_tokens)]
+    assert data["rejected_requests"] == {"work_item_required": 1}
+
+    table = run_cli("me", *over_http)
+    assert table.returncode == 0 and "PAY-9" in table.stdout and "work_item_required" in table.stdout
+
+
+def test_use_refuses_a_malformed_work_item(server: ServerProcess) -> None:
+    key = cli_json("keys", "create", "--owner", "hal", "--json", config=server.config)["key"]
+    result = run_cli("use", "1; DROP TABLE usage_events;--", "--url", server.url, "--key", key)
+    assert result.returncode != 0
+    assert "work_item_invalid" in result.stderr
+    assert run_cli("use", "--url", server.url, "--key", key).stdout.strip() == "no work item bound"
+
+
+def test_developer_commands_explain_a_missing_key_or_proxy() -> None:
+    no_key = run_cli("me", "--url", "http://127.0.0.1:9")
+    assert no_key.returncode != 0 and "--key" in no_key.stderr
+    unreachable = run_cli("me", "--url", f"http://127.0.0.1:{free_port()}", "--key", "tp-whatever")
+    assert unreachable.returncode != 0 and "could not reach the proxy" in unreachable.stderr
+
+
+def test_revoked_or_unknown_key_is_refused_by_me(server: ServerProcess) -> None:
+    result = run_cli("me", "--url", server.url, "--key", "tp-not-a-key")
+    assert result.returncode != 0
+    assert "401" in result.stderr and "invalid_api_key" in result.stderr
+
+
+# -- report tasks ---------------------------------------------------------------------------------------
+
+
+def test_report_tasks_json_matches_the_api(server: ServerProcess) -> None:
+    key = server.new_key(owner="ivy", team="web")
+    for item in ("REP-1", "REP-1", "Org/Repo#3"):
+        assert post_chat(server, key, item).status_code == 200
+    server.work_item("REP-1", expected_requests=2)
+    server.work_item("org/repo#3", expected_requests=1)
+
+    result = run_cli("report", "tasks", "--json", config=server.config)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    tasks = {t["work_item"]: t for t in report["tasks"]}
+    for item_id, requests in (("REP-1", 2), ("org/repo#3", 1)):
+        api = server.admin_get(f"/api/work-items/{quoted(item_id)}").json()
+        assert tasks[item_id]["requests"] == api["requests"] == requests
+        for field in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cost_usd", "models", "status"):
+            assert tasks[item_id][field] == api[field], field
+    # The CLI and the API call the same function: the whole report is identical.
+    api_report = server.admin_get("/api/reports/tasks").json()
+    assert report["tasks"] == api_report["tasks"]
+    assert report["rejected_requests"] == api_report["rejected_requests"]
+
+    table = run_cli("report", "tasks", config=server.config)
+    assert table.returncode == 0 and "REP-1" in table.stdout and "org/repo#3" in table.stdout
+
+
+def test_report_tasks_since_a_period(server: ServerProcess) -> None:
+    key = server.new_key(owner="jo", team="web")
+    assert post_chat(server, key, "REP-7").status_code == 200
+    server.work_item("REP-7", expected_requests=1)
+    recent = cli_json("report", "tasks", "--since", "1h", "--json", config=server.config)
+    assert "REP-7" in [t["work_item"] for t in recent["tasks"]]
+    assert recent["since"] is not None
+    future = cli_json("report", "tasks", "--since", "2999-01-01", "--json", config=server.config)
+    assert future["tasks"] == []
+
+
+def test_report_tasks_with_a_bad_since_says_what_is_wrong(server: ServerProcess) -> None:
+    result = run_cli("report", "tasks", "--since", "last tuesday", config=server.config)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "--since" in result.stderr or "since" in result.stderr
+
+
+# -- items ----------------------------------------------------------------------------------------------
+
+
+def test_items_add_list_show_agree_with_the_api(server: ServerProcess) -> None:
+    added = cli_json("items", "add", "proj-77", "--title", "Refund retries", "--team", "payments", "--json", config=server.config)
+    assert (added["id"], added["status"], added["source"], added["title"]) == ("PROJ-77", "open", "manual", "Refund retries")
+    again = run_cli("items", "add", "PROJ-77", config=server.config)
+    assert again.returncode == 1 and "exists" in again.stderr
+
+    assert "PROJ-77" in [i["id"] for i in cli_json("items", "list", "--team", "payments", "--json", config=server.config)]
+    key = server.new_key(owner="kai", team="payments")
+    assert post_chat(server, key, "PROJ-77").status_code == 200
+    api = server.work_item("PROJ-77", expected_requests=1)
+    shown = cli_json("items", "show", "PROJ-77", "--json", config=server.config)
+    assert shown == api
+    assert (shown["status"], shown["requests"], shown["title"]) == ("open", 1, "Refund retries")  # usage kept the registered status
+
+    missing = run_cli("items", "show", "PROJ-78", config=server.config)
+    assert missing.returncode == 1 and "PROJ-78" in missing.stderr
+
+
+# -- consistency with the API ------------------------------------------------------------------------
+
+
+def test_keys_create_refuses_what_the_api_refuses(server: ServerProcess) -> None:
+    refused = server.http.post("/api/keys", json={"owner": ""}, headers=server.admin_headers)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "owner"
+    result = run_cli("keys", "create", "--owner", "", "--json", config=server.config)
+    assert result.returncode != 0, result.stdout
+
+
+def test_keys_revoke_of_the_bootstrap_admin_is_refused_like_the_api(server: ServerProcess) -> None:
+    refused = server.http.delete("/api/keys/admin", headers=server.admin_headers)
+    assert refused.status_code == 400
+    result = run_cli("keys", "revoke", "admin", config=server.config)
+    assert result.returncode != 0, result.stdout
+    admin_row = [k for k in cli_json("keys", "list", "--json", config=server.config) if k["id"] == "admin"]
+    assert admin_row and admin_row[0]["revoked_at"] is None
+
+
+# -- configuration errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("document", "where"),
+    [
+        pytest.param("models: [{name: a}]\n", "models[0].base_url", id="missing-base-url"),
+        pytest.param("models: [{name: a, base_url: 'ftp://x'}]\n", "models[0].base_url", id="bad-base-url"),
+        pytest.param("models: [{name: a, base_url: 'http://x', read_timeout_seconds: 0}]\n", "models[0].read_timeout_seconds", id="zero-timeout"),
+        pytest.param("limits: {max_body_bytes: -1}\n", "limits.max_body_bytes", id="negative-limit"),
+        pytest.param("databse_url: sqlite:///x.db\n", "databse_url", id="misspelt-key"),
+        pytest.param("models: [{name: a, base_url: 'http://x'}, {name: a, base_url: 'http://y'}]\n", "models[1].name", id="duplicate-model"),
+        pytest.param("models: [\n", "bad.yaml", id="unparseable-yaml"),
+    ],
+)
+def test_bad_config_makes_serve_exit_2_with_one_line(tmp_path: Path, document: str, where: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(document, encoding="utf-8")
+    result = run_cli("serve", "--port", str(free_port()), config=bad, timeout=30)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert where in lines[0]
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("keys", "list", config=tmp_path / "nope.yaml")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "nope.yaml" in result.stderr
+
+
+# -- help -------------------------------------------------------------------------------------------------
+
+
+def test_help_names_every_verb_and_serve_option() -> None:
+    top = run_cli("--help")
+    assert top.returncode == 0, top.stderr
+    for verb in ("serve", "demo", "keys", "items", "use", "me", "report", "db"):
+        assert re.search(rf"^\s+{verb}\s", top.stdout, re.MULTILINE), (verb, top.stdout)
+
+    serve = run_cli("serve", "--help")
+    assert serve.returncode == 0, serve.stderr
+    for option in ("--config", "--host", "--port", "--workers", "--log-level", "--access-log"):
+        assert option in serve.stdout, (option, serve.stdout)
+
+    for group, actions in (("keys", ("create", "list", "revoke")), ("items", ("add", "list", "show")), ("report", ("tasks",)), ("db", ("upgrade",))):
+        result = run_cli(group, "--help")
+        assert result.returncode == 0, result.stderr
+        for action in actions:
+            assert action in result.stdout, (group, action)
+
+
+def test_version_and_unknown_verb() -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("taskproxy ")
+    unknown = run_cli("frobnicate")
+    assert unknown.returncode == 2 and "frobnicate" in unknown.stderr
