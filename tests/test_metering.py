@@ -12,7 +12,8 @@ import pytest
 from taskproxy.metering.pricing import Price, bundled_price_table, prices_for
 from taskproxy.metering.tokens import encoding_name_for
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, openai_stream_observation
+from taskproxy.upstream.observe import openai_stream as openai_stream_observation
+from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk
 
 COUNT_OFFLINE = """
 import socket
@@ -51,7 +52,8 @@ def test_prices_come_from_the_bundled_table_or_config_and_unknown_is_none() -> N
         ModelSettings(name="local", base_url="http://x", upstream_model="my-finetune-7b"),
     ]
     prices = prices_for(models, table)
-    assert prices["gpt-4o-mini"] == Price(table["gpt-4o-mini"]["input_cost_per_token"], table["gpt-4o-mini"]["output_cost_per_token"], table["gpt-4o-mini"]["cache_read_input_token_cost"])
+    entry = table["gpt-4o-mini"]
+    assert prices["gpt-4o-mini"] == Price(entry["input_cost_per_token"], entry["output_cost_per_token"], entry["cache_read_input_token_cost"], entry.get("cache_creation_input_token_cost"))
     assert prices["mine"].input == table["gpt-4o"]["input_cost_per_token"]
     assert prices["local"] is None
 

@@ -57,7 +57,7 @@ def test_example_config_documents_every_setting() -> None:
 
 
 def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = load_settings(EXAMPLE, env={"OPENAI_API_KEY": "sk-x"})
+    settings = load_settings(EXAMPLE, env={"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant"})
     assert settings.models[0].api_key.get_secret_value() == "sk-x"
     assert settings.work_items.mode == "open" and settings.limits.max_body_bytes == 32 * 1024 * 1024
 

@@ -24,16 +24,19 @@ from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.routes import admin, me, openai
+from taskproxy.routes import admin, anthropic, me, openai
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
-from taskproxy.settings import Settings
+from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import create_schema, make_engine, ping
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.upstream.passthrough import Upstream
+from taskproxy.upstream.translate import Translator
 from taskproxy.workitems import WorkItemIds
 
 log = logging.getLogger("taskproxy")
+
+NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 
 
 def default_transport() -> httpx.AsyncBaseTransport:
@@ -96,12 +99,17 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         writer = BatchWriter(db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path)
         writer.start()
         client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
+        translator = Translator()
+        if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
+            # litellm takes seconds to import: do it beside startup, not in front of the first request.
+            threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
         app.state.services = Services(
             settings=settings,
             engine=db,
             keys=keys,
             attribution=Attribution(WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)),
             upstream=Upstream(client),
+            translator=translator,
             writer=writer,
             counter=counter,
             prices=prices,
@@ -120,6 +128,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *openai.routes,
+        *anthropic.routes,
         *me.routes,
         *admin.routes,
     ]

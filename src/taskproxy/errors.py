@@ -16,6 +16,7 @@
         ├── InvalidRequest          400 invalid_request
         ├── RequestTooLarge         413 request_too_large
         ├── UpstreamError           502 upstream_error
+        ├── ProviderError           the provider's status, provider_error (a translated provider refused)
         ├── UpstreamTimeout         504 upstream_timeout
         ├── ServiceUnavailable      503 service_unavailable (/readyz: the database does not answer)
         └── InternalError           500 internal_error     (a bug; logged with its traceback)
@@ -125,6 +126,18 @@ class UpstreamTimeout(ApiError):
     status, code = 504, "upstream_timeout"
     openai_type = "timeout_error"
     anthropic_type = "timeout_error"
+
+
+class ProviderError(ApiError):
+    """A provider reached through litellm answered with an error: its status, our shape."""
+
+    code = "provider_error"
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]  # per instance: whatever the provider said
 
 
 class ServiceUnavailable(ApiError):

@@ -1,6 +1,8 @@
-"""A fake OpenAI-compatible provider for the demo, the tests and the benchmark: no network, no model.
+"""A fake model provider for the demo, the tests and the benchmark: no network, no model.
 
-It answers deterministically and reports usage like OpenAI does. Model names choose behaviours, so a
+It speaks OpenAI's chat, completions, embeddings and Responses APIs under /v1, and Anthropic's
+Messages API (and count_tokens) at /v1/messages, answering deterministically with usage reported
+the way each provider reports it. Model names choose behaviours, so a
 real `taskproxy serve` can be driven through faults on loopback:
 
     fake-500      answers 500 with OpenAI's error shape
@@ -62,6 +64,9 @@ class FakeProvider:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/_fake/requests", self.requests, methods=["GET"]),
             ]
         )
@@ -94,8 +99,7 @@ class FakeProvider:
         model = str(body.get("model", ""))
         if (fault := await self._fault(model)) is not None:
             return fault
-        count = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else 12
-        words = [WORDS[i % len(WORDS)] for i in range(max(1, count))]
+        words = _reply_words(body.get("max_tokens"))
         prompt = prompt_tokens_of(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words), "total_tokens": prompt + len(words),
                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
@@ -135,3 +139,82 @@ class FakeProvider:
         data = [{"object": "embedding", "index": i, "embedding": [0.125 * (j + 1) for j in range(8)]} for i in range(len(inputs))]
         prompt = prompt_tokens_of(body)
         return _json({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+
+    # -- OpenAI Responses API -------------------------------------------------------------------------
+
+    async def responses(self, request: Request) -> Response:
+        body = await self._receive(request)
+        model = str(body.get("model", ""))
+        if (fault := await self._fault(model)) is not None:
+            return fault
+        words = _reply_words(body.get("max_output_tokens"))
+        prompt = prompt_tokens_of(body)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + len(words)}  # fmt: skip
+        text = " ".join(words)
+        message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
+        done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "model": model,
+                "status": "completed", "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        if body.get("stream") is not True:
+            return _json(done)
+        return StreamingResponse(self._responses_stream(done, words, model), media_type="text/event-stream")
+
+    async def _responses_stream(self, done: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        yield _named("response.created", {"type": "response.created", "sequence_number": 0, "response": started})
+        for i, word in enumerate(words):
+            delta = word if i == 0 else " " + word
+            yield _named("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+                                                        "content_index": 0, "delta": delta, "sequence_number": i + 1})  # fmt: skip
+            if model == "fake-cut" and i == len(words) // 2:
+                raise ConnectionResetError("fake provider cut the stream")
+        yield _named("response.completed", {"type": "response.completed", "sequence_number": len(words) + 1, "response": done})
+
+    # -- Anthropic Messages API ----------------------------------------------------------------------
+
+    async def count_tokens(self, request: Request) -> Response:
+        body = await self._receive(request)
+        return _json({"input_tokens": prompt_tokens_of(body)})
+
+    async def messages(self, request: Request) -> Response:
+        body = await self._receive(request)
+        model = str(body.get("model", ""))
+        if model == "fake-500":
+            return _json({"type": "error", "error": {"type": "api_error", "message": "fake provider failure"}}, 500)
+        if model == "fake-429":
+            return _json({"type": "error", "error": {"type": "rate_limit_error", "message": "rate limited"}}, 429)
+        words = _reply_words(body.get("max_tokens"))
+        usage = {"input_tokens": prompt_tokens_of(body), "output_tokens": len(words), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        message = {"id": f"msg_fake_{len(self.received)}", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": " ".join(words)}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
+        if body.get("stream") is not True:
+            return _json(message)
+        return StreamingResponse(self._messages_stream(message, words, model), media_type="text/event-stream")
+
+    async def _messages_stream(self, message: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
+        usage = message["usage"]
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        yield _named("message_start", {"type": "message_start", "message": start})
+        yield _named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        yield _named("ping", {"type": "ping"})
+        for i, word in enumerate(words):
+            text = word if i == 0 else " " + word
+            yield _named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+            if model == "fake-cut" and i == len(words) // 2:
+                raise ConnectionResetError("fake provider cut the stream")
+            if model == "fake-hang":
+                await asyncio.sleep(3600)
+        yield _named("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                       "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
+        yield _named("message_stop", {"type": "message_stop"})
+
+
+def _reply_words(count: object) -> list[str]:
+    n = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 12
+    return [WORDS[i % len(WORDS)] for i in range(n)]
+
+
+def _named(event: str, data: dict) -> bytes:
+    return b"event: " + event.encode() + b"\n" + _sse(data)

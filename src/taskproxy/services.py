@@ -14,6 +14,7 @@ from taskproxy.metering.tokens import TokenCounter
 from taskproxy.settings import Settings
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.upstream.passthrough import Upstream
+from taskproxy.upstream.translate import Translator
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Services:
     keys: KeyStore
     attribution: Attribution
     upstream: Upstream
+    translator: Translator
     writer: BatchWriter
     counter: TokenCounter
     prices: dict[str, Price | None]

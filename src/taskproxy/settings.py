@@ -39,9 +39,15 @@ class Pricing(_Frozen):
     cached_input_per_million: float | None = Field(default=None, ge=0)
 
 
+# Providers whose API taskproxy relays byte for byte. Any other `provider` is one of litellm's
+# provider names (azure, bedrock, vertex_ai, ollama, ...) and requests to it are translated.
+OPENAI_COMPATIBLE = "openai"
+ANTHROPIC = "anthropic"
+
+
 class ModelSettings(_Frozen):
     name: str = Field(min_length=1)
-    provider: str = "openai"
+    provider: str = OPENAI_COMPATIBLE
     base_url: str
     api_key_env: str | None = None
     upstream_model: str | None = None
@@ -49,6 +55,11 @@ class ModelSettings(_Frozen):
     # Longest silence allowed between two reads from the provider (first byte included).
     read_timeout_seconds: float = Field(default=600.0, gt=0)
     pricing: Pricing | None = None
+    # Other configured models to try, in order, when this one fails before the first byte is sent
+    # (connection error, timeout, 429, 5xx).
+    fallbacks: tuple[str, ...] = ()
+    # Extra keyword arguments for litellm when the request is translated (api_version, aws_region_name, ...).
+    extra: dict[str, Any] = Field(default_factory=dict)
     # Filled from the environment variable named by api_key_env; never written in the file.
     api_key: SecretStr | None = Field(default=None, exclude=True)
 
@@ -120,6 +131,10 @@ class Settings(_Frozen):
             if model.name in seen:
                 raise ValueError(f"models[{index}].name: {model.name!r} is configured twice")
             seen.add(model.name)
+        for index, model in enumerate(self.models):
+            for fallback in model.fallbacks:
+                if fallback == model.name or fallback not in seen:
+                    raise ValueError(f"models[{index}].fallbacks: {fallback!r} is not another configured model")
         return self
 
     def model(self, name: str) -> ModelSettings | None:

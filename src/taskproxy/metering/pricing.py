@@ -19,12 +19,16 @@ PRICE_TABLE_FILE = "model_prices_and_context_window_backup.json"
 class Price:
     input: float  # USD per prompt token
     output: float  # USD per completion token
-    cached_input: float | None = None  # USD per cached prompt token; None: billed as input
+    cached_input: float | None = None  # USD per cached prompt token (cache read); None: billed as input
+    cache_write: float | None = None  # USD per prompt token written to the cache (Anthropic); None: as input
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0) -> float:
+        """`prompt_tokens` include the cached and cache-write tokens, which are billed at their own rates."""
         cached = min(cached_tokens, prompt_tokens)
+        written = min(cache_write_tokens, prompt_tokens - cached)
         cached_rate = self.input if self.cached_input is None else self.cached_input
-        return (prompt_tokens - cached) * self.input + cached * cached_rate + completion_tokens * self.output
+        write_rate = self.input if self.cache_write is None else self.cache_write
+        return (prompt_tokens - cached - written) * self.input + cached * cached_rate + written * write_rate + completion_tokens * self.output
 
 
 def bundled_price_table() -> dict:
@@ -35,12 +39,17 @@ def bundled_price_table() -> dict:
     return orjson.loads(path.read_bytes()) if path.exists() else {}
 
 
+def _optional(entry: dict, key: str) -> float | None:
+    return float(entry[key]) if entry.get(key) is not None else None
+
+
 def _from_table(entry: dict) -> Price | None:
     try:
         return Price(
             input=float(entry["input_cost_per_token"]),
             output=float(entry.get("output_cost_per_token", 0.0)),
-            cached_input=float(entry["cache_read_input_token_cost"]) if entry.get("cache_read_input_token_cost") is not None else None,
+            cached_input=_optional(entry, "cache_read_input_token_cost"),
+            cache_write=_optional(entry, "cache_creation_input_token_cost"),
         )
     except (KeyError, TypeError, ValueError):
         return None

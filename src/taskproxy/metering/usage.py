@@ -117,13 +117,13 @@ class Exchange:
         usage = observed.usage
         if usage is not None:
             prompt, completion = usage.prompt_tokens + usage.cache_creation_tokens, usage.completion_tokens
-            cached, reasoning, source = usage.cached_tokens, usage.reasoning_tokens, "provider"
+            cached, written, reasoning, source = usage.cached_tokens, usage.cache_creation_tokens, usage.reasoning_tokens, "provider"
         else:
             completion = self._count(lambda: self.counter.count(self.upstream_model, observed.completion_text))
-            prompt, cached, reasoning, source = est_prompt, 0, 0, "estimated"
+            prompt, cached, written, reasoning, source = est_prompt, 0, 0, 0, "estimated"
             if self.status >= 400:  # refused or never answered: nothing to bill, the estimate stays
                 prompt = completion = 0
-        cost = self.price.cost(prompt, completion, cached) if self.price is not None else None
+        cost = self.price.cost(prompt, completion, cached, written) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,
             "ts": self.ts,
@@ -143,6 +143,7 @@ class Exchange:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "cached_tokens": cached,
+            "cache_write_tokens": written,
             "reasoning_tokens": reasoning,
             "est_prompt_tokens": est_prompt,
             "usage_source": source,

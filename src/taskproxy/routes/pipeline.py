@@ -1,28 +1,74 @@
-"""The part every proxy route shares: admit a request, then record what happened to it.
+"""The flow every proxy route shares: admit, forward (with fallbacks), relay, record.
 
 Admission runs in the order the contract fixes (DESIGN §3): the key, the body size, the work item,
-then the body's JSON, then the model. A refusal at any step is counted (per key and reason) and
-nothing is sent upstream.
+the body's JSON and field types, then the model. A refusal at any step is counted (per key and
+reason) and nothing is sent upstream. Each attempt at a provider — the model, then its fallbacks —
+is recorded as one usage event.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
+import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 
 from taskproxy.errors import ApiError, InvalidRequest, ModelNotFound
-from taskproxy.guard.attribution import Attributed
+from taskproxy.guard.attribution import Attributed, strip_work_item
 from taskproxy.guard.auth import Principal
 from taskproxy.guard.body import Undecodable, decode_json_object, read_body
-from taskproxy.metering.usage import Exchange, Rejected
-from taskproxy.services import Services
+from taskproxy.metering.usage import Exchange, Observed, Rejected
+from taskproxy.services import Services, services
 from taskproxy.settings import ModelSettings
 from taskproxy.timeutil import utcnow
+from taskproxy.upstream.passthrough import UpstreamReply, upstream_headers
+from taskproxy.upstream.relay import RelayResponse, openai_error_event
+from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk
+
+# Reaches a model whose provider does not speak the endpoint's API: (services, model, body, stream).
+Translate = Callable[[Services, ModelSettings, dict, bool], Awaitable[UpstreamReply]]
+
+_JSON_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean", int: "an integer", float: "a number"}
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One proxied route and the API format it speaks."""
+
+    path: str
+    upstream_path: str  # appended to the model's base_url when relaying
+    native_provider: str  # the provider kind that takes the body as it is
+    observe_body: Callable[[bytes], Observed]
+    observe_stream: Callable[[list[bytes]], Observed]
+    required: tuple[str, ...] = ()
+    types: dict[str, tuple[type, ...]] = field(default_factory=dict)
+    streams: bool = True
+    usage_chunk_opt_in: bool = False  # OpenAI's stream_options.include_usage
+    auth_header: str = "authorization"
+    default_headers: tuple[tuple[str, str], ...] = ()
+    error_event: Callable[[ApiError], bytes] = openai_error_event
+    translate: Translate | None = None
+
+    def validate(self, body: dict) -> None:
+        """Refuse missing fields and fields of the wrong JSON type (the provider would, later and less clearly)."""
+        for name in ("model", *self.required):
+            if name not in body:
+                raise InvalidRequest(f"'{name}' is required.", param=name)
+        expected = {"model": (str,), "stream": (bool,), "metadata": (dict,), **self.types}
+        for name, types in expected.items():
+            if name in body and body[name] is not None and not isinstance(body[name], types):
+                wanted = " or ".join(_JSON_NAMES.get(t, t.__name__) for t in types)
+                raise InvalidRequest(f"'{name}' must be {wanted}.", param=name)
+
+    def reaches(self, model: ModelSettings) -> bool:
+        return model.provider == self.native_provider or self.translate is not None
 
 
 @dataclass
@@ -36,18 +82,22 @@ class Admitted:
     started: float  # perf_counter at arrival
 
 
-def _model_of(body: dict, svc: Services) -> ModelSettings:
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest("'model' is required and must be a string.", param="model")
+def _model_of(body: dict, svc: Services, endpoint: Endpoint) -> ModelSettings:
+    name = body["model"]
     model = svc.settings.model(name)
     if model is None:
         known = ", ".join(m.name for m in svc.settings.models) or "none"
         raise ModelNotFound(f"The model '{name[:100]}' is not configured on this proxy. Configured models: {known}.", param="model")
+    if not endpoint.reaches(model):
+        raise InvalidRequest(
+            f"The model '{name}' is served by the provider '{model.provider}', which {endpoint.path} cannot reach; "
+            f"use a model whose provider is '{endpoint.native_provider}', or /v1/chat/completions.",
+            param="model",
+        )
     return model
 
 
-async def admit(request: Request, svc: Services, route: str, validate: Callable[[dict], None]) -> Admitted:
+async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted:
     started, ts = time.perf_counter(), utcnow()
     principal: Principal | None = None
     try:
@@ -57,28 +107,14 @@ async def admit(request: Request, svc: Services, route: str, validate: Callable[
         attributed = svc.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
         if isinstance(body, Undecodable):
             raise InvalidRequest(body.reason)
-        validate(body)
-        return Admitted(principal, attributed, body, raw, _model_of(body, svc), ts, started)
+        endpoint.validate(body)
+        return Admitted(principal, attributed, body, raw, _model_of(body, svc, endpoint), ts, started)
     except ApiError as exc:
-        svc.writer.submit(Rejected(uuid.uuid4().hex, ts, principal.key_id if principal else None, exc.code, route))
+        svc.writer.submit(Rejected(uuid.uuid4().hex, ts, principal.key_id if principal else None, exc.code, endpoint.path))
         raise
 
 
-def check_types(body: dict, expected: dict[str, tuple[type, ...]], required: tuple[str, ...] = ()) -> None:
-    """Refuse fields of the wrong JSON type (the provider would, later and less clearly)."""
-    for name in required:
-        if name not in body:
-            raise InvalidRequest(f"'{name}' is required.", param=name)
-    for name, types in expected.items():
-        if name in body and body[name] is not None and not isinstance(body[name], types):
-            wanted = " or ".join(_JSON_NAMES.get(t, t.__name__) for t in types)
-            raise InvalidRequest(f"'{name}' must be {wanted}.", param=name)
-
-
-_JSON_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean", int: "an integer", float: "a number"}
-
-
-def new_exchange(request: Request, svc: Services, admitted: Admitted, route: str, *, stream: bool) -> Exchange:
+def _exchange(request: Request, svc: Services, admitted: Admitted, model: ModelSettings, route: str, stream: bool) -> Exchange:
     principal, item = admitted.principal, admitted.attributed
     register = None
     if svc.settings.work_items.mode == "open":
@@ -92,23 +128,92 @@ def new_exchange(request: Request, svc: Services, admitted: Admitted, route: str
         work_item=item.work_item,
         attribution_source=item.source,
         route=route,
-        model=admitted.model.name,
-        upstream_model=admitted.model.target_model,
-        provider=admitted.model.provider,
+        model=model.name,
+        upstream_model=model.target_model,
+        provider=model.provider,
         stream=stream,
         body=admitted.body,
         user_agent=request.headers.get("user-agent"),
         counter=svc.counter,
-        price=svc.prices.get(admitted.model.name),
+        price=svc.prices.get(model.name),
         register_work_item=register,
         store_prompts=svc.settings.recording.store_prompts,
     )
 
 
-def finish(svc: Services, exchange: Exchange, started: float, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
-    now = time.perf_counter()
+def _finish(svc: Services, exchange: Exchange, started: float, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
     exchange.status = status
     exchange.error = error
-    exchange.latency_ms = (now - started) * 1000
+    exchange.latency_ms = (time.perf_counter() - started) * 1000
     exchange.ttfb_ms = (first_byte - started) * 1000 if first_byte is not None else None
     svc.writer.submit(exchange)
+
+
+async def _attempt(request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> UpstreamReply:
+    body = admitted.body
+    if model.provider != endpoint.native_provider:
+        assert endpoint.translate is not None
+        return await endpoint.translate(svc, model, body, stream)
+    if body["model"] != model.target_model:
+        body["model"] = model.target_model
+        changed = True
+    content = orjson.dumps(body) if changed else admitted.raw
+    headers = upstream_headers(request.headers, model.api_key.get_secret_value() if model.api_key else None, endpoint.auth_header)
+    for name, value in endpoint.default_headers:
+        headers.setdefault(name, value)
+    return await svc.upstream.forward(model, endpoint.upstream_path, content, headers, stream=stream)
+
+
+async def proxy(request: Request, endpoint: Endpoint) -> Response:
+    svc = services(request)
+    admitted = await admit(request, svc, endpoint)
+    body = admitted.body
+    changed = strip_work_item(body)
+    stream = endpoint.streams and body.get("stream") is True
+    client_wants_usage = True
+    if stream and endpoint.usage_chunk_opt_in:
+        options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        client_wants_usage = options.get("include_usage") is True
+        if not client_wants_usage:  # always ask: it is how the usage of a stream is known
+            body["stream_options"] = {**options, "include_usage": True}
+            changed = True
+    fallbacks = (svc.settings.model(name) for name in admitted.model.fallbacks)
+    chain = [admitted.model, *(m for m in fallbacks if m is not None and endpoint.reaches(m))]
+    for index, model in enumerate(chain):
+        more = index + 1 < len(chain)
+        exchange = _exchange(request, svc, admitted, model, endpoint.path, stream)
+        try:
+            reply = await _attempt(request, svc, endpoint, admitted, model, stream, changed)
+        except ApiError as exc:
+            _finish(svc, exchange, admitted.started, status=exc.status, error=exc.code)
+            if more and exc.status in RETRIED_STATUSES:
+                continue
+            raise
+        if more and reply.status in RETRIED_STATUSES:  # never a stream: those are 200
+            _finish(svc, exchange, admitted.started, status=reply.status)
+            continue
+        return _respond(svc, endpoint, admitted, exchange, reply, client_wants_usage)
+    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _respond(svc: Services, endpoint: Endpoint, admitted: Admitted, exchange: Exchange, reply: UpstreamReply, client_wants_usage: bool) -> Response:
+    if not reply.streaming:
+        if reply.status < 400:
+            exchange.observe = partial(endpoint.observe_body, reply.body)
+        _finish(svc, exchange, admitted.started, status=reply.status, first_byte=time.perf_counter())
+        return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+    chunks: list[bytes] = []
+    splitter = None if client_wants_usage else SseSplitter()
+
+    def on_chunk(chunk: bytes) -> bytes:
+        chunks.append(chunk)
+        if splitter is None:
+            return chunk
+        return b"".join(event for event in splitter.feed(chunk) if not is_usage_only_chunk(event))
+
+    def on_done(error: str | None, first_byte: float | None) -> None:
+        _finish(svc, exchange, admitted.started, status=reply.status, error=error, first_byte=first_byte)
+
+    exchange.observe = partial(endpoint.observe_stream, chunks)
+    return RelayResponse(reply, on_chunk=on_chunk, on_done=on_done, finish=splitter.rest if splitter else None, error_event=endpoint.error_event)

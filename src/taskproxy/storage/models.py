@@ -62,7 +62,8 @@ class UsageEvent(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = 0  # prompt tokens written to it (Anthropic)
     reasoning_tokens: int = 0
     est_prompt_tokens: int = 0
     usage_source: str = Field(max_length=16)  # provider | estimated

@@ -1,12 +1,13 @@
-"""Sending a request to an OpenAI-compatible provider over one pooled client.
+"""Relaying a request byte for byte to a provider that speaks the client's API, over one pooled client.
 
 `map_transport_errors` is the one place where httpx's exceptions become taskproxy's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 from starlette.datastructures import Headers
@@ -30,6 +31,25 @@ _DROP_RESPONSE_HEADERS = frozenset(
         "server", "date", "alt-svc", "trailer", "upgrade",
     }
 )  # fmt: skip
+
+
+async def _nothing_to_close() -> None:
+    return None
+
+
+@dataclass
+class UpstreamReply:
+    """What a provider answered, however it was reached: a complete body, or a stream of bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None  # set only for a successful stream; errors already mapped
+    close: Callable[[], Awaitable[None]] = _nothing_to_close
+
+    @property
+    def streaming(self) -> bool:
+        return self.chunks is not None
 
 
 @contextmanager
@@ -63,8 +83,26 @@ class Upstream:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def send(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
-        """Send and return once the response headers are in; the body is read by the caller (streamed)."""
+    async def forward(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str], *, stream: bool) -> UpstreamReply:
+        """Send; a successful event stream is returned unread, anything else read whole."""
+        response = await self._send(model, path, content, headers)
+        if stream and response.status_code == 200 and "text/event-stream" in response.headers.get("content-type", ""):
+            return UpstreamReply(response.status_code, client_headers(response), chunks=self._chunks(model, response), close=response.aclose)
+        try:
+            with map_transport_errors(model.name):
+                body = await response.aread()
+        finally:
+            await response.aclose()
+        return UpstreamReply(response.status_code, client_headers(response), body=body)
+
+    @staticmethod
+    async def _chunks(model: ModelSettings, response: httpx.Response) -> AsyncIterator[bytes]:
+        with map_transport_errors(model.name):
+            async for chunk in response.aiter_bytes():
+                yield chunk
+
+    async def _send(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        """Send and return once the response headers are in."""
         timeout = httpx.Timeout(
             connect=model.connect_timeout_seconds,
             read=model.read_timeout_seconds,
@@ -74,7 +112,3 @@ class Upstream:
         request = self.client.build_request("POST", model.base_url + path, content=content, headers=headers, timeout=timeout)
         with map_transport_errors(model.name):
             return await self.client.send(request, stream=True)
-
-    async def read(self, model: ModelSettings, response: httpx.Response) -> bytes:
-        with map_transport_errors(model.name):
-            return await response.aread()

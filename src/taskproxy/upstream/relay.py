@@ -1,4 +1,4 @@
-"""Relaying a provider's streamed body to the client, byte for byte, as it arrives.
+"""Relaying a provider's stream to the client, chunk by chunk, as it arrives.
 
 While the body streams, the client connection is watched: if the client hangs up, the upstream
 request is cancelled at once (not at the provider's next chunk) and the provider's connection is
@@ -12,12 +12,11 @@ import time
 from collections.abc import Callable
 
 import anyio
-import httpx
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from taskproxy.errors import ApiError, openai_error_body
-from taskproxy.upstream.passthrough import map_transport_errors
+from taskproxy.errors import ApiError, anthropic_error_body, openai_error_body
+from taskproxy.upstream.passthrough import UpstreamReply
 
 CLIENT_DISCONNECTED = "client_disconnected"
 
@@ -26,21 +25,24 @@ def openai_error_event(error: ApiError) -> bytes:
     return b"data: " + orjson.dumps(openai_error_body(error)) + b"\n\n"
 
 
+def anthropic_error_event(error: ApiError) -> bytes:
+    return b"event: error\ndata: " + orjson.dumps(anthropic_error_body(error)) + b"\n\n"
+
+
 class RelayResponse:
     def __init__(
         self,
-        upstream: httpx.Response,
+        reply: UpstreamReply,
         *,
-        provider: str,
-        headers: dict[str, str],
         on_chunk: Callable[[bytes], bytes],
         on_done: Callable[[str | None, float | None], None],
         finish: Callable[[], bytes] | None = None,
         error_event: Callable[[ApiError], bytes] | None = None,
     ) -> None:
-        self.upstream = upstream
-        self.provider = provider
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        assert reply.chunks is not None
+        self.reply = reply
+        self.chunks = reply.chunks
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
         self.on_chunk = on_chunk  # sees every upstream chunk, returns what the client gets
         self.finish = finish  # what is left to send when upstream ends (a partial event)
         self.on_done = on_done  # (error code or None, time of the first byte or None)
@@ -62,15 +64,14 @@ class RelayResponse:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch_disconnect, tasks.cancel_scope)
-                await send({"type": "http.response.start", "status": self.upstream.status_code, "headers": self.headers})
+                await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
                 try:
-                    with map_transport_errors(self.provider):
-                        async for chunk in self.upstream.aiter_bytes():
-                            if first_byte is None:
-                                first_byte = time.perf_counter()
-                            out = self.on_chunk(chunk)
-                            if out:
-                                await send({"type": "http.response.body", "body": out, "more_body": True})
+                    async for chunk in self.chunks:
+                        if first_byte is None:
+                            first_byte = time.perf_counter()
+                        out = self.on_chunk(chunk)
+                        if out:
+                            await send({"type": "http.response.body", "body": out, "more_body": True})
                     tail = self.finish() if self.finish else b""
                 except ApiError as exc:  # the provider failed mid-stream: tell the client in-band
                     error = exc.code
@@ -82,5 +83,6 @@ class RelayResponse:
             error = CLIENT_DISCONNECTED
         finally:
             with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+                await self.chunks.aclose()  # type: ignore[attr-defined]
+                await self.reply.close()
             self.on_done(error, first_byte)
