@@ -89,3 +89,40 @@ def test_stream_observation_reads_usage_and_text() -> None:
     assert (observed.usage.prompt_tokens, observed.usage.completion_tokens, observed.usage.cached_tokens, observed.usage.reasoning_tokens) == (9, 2, 4, 1)
     cut_short = openai_stream_observation([chunks[0], chunks[1][:10]])
     assert cut_short.usage is None and cut_short.completion_text == "Hel"
+
+
+def test_anthropic_stream_usage_combines_message_start_and_the_last_message_delta() -> None:
+    from taskproxy.upstream.observe import anthropic_stream
+
+    def named(name: str, data: dict) -> bytes:
+        return b"event: " + name.encode() + b"\n" + _event(data)
+
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20}}}
+    deltas = [named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}) for t in ("Hel", "lo")]
+    end = named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 42}})
+    observed = anthropic_stream([named("message_start", start), *deltas, end])
+    usage = observed.usage
+    assert observed.completion_text == "Hello"
+    # input_tokens exclude the cache: taskproxy's prompt = input + cache reads (+ writes, added when recorded)
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.completion_tokens) == (110, 100, 20, 42)
+    cut = anthropic_stream([named("message_start", start), *deltas])
+    assert cut.usage is None and cut.completion_text == "Hello"
+
+
+def test_responses_stream_usage_comes_from_response_completed() -> None:
+    from taskproxy.upstream.observe import responses_stream
+
+    completed = {"type": "response.completed", "response": {"usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 10},
+                                                                      "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3}}}}  # fmt: skip
+    delta = {"type": "response.output_text.delta", "delta": "hi"}
+    observed = responses_stream([_event(delta), _event(completed)])
+    assert (observed.usage.prompt_tokens, observed.usage.cached_tokens, observed.usage.completion_tokens, observed.usage.reasoning_tokens) == (30, 10, 7, 3)
+    assert responses_stream([_event(delta)]).usage is None
+
+
+def test_cache_reads_and_writes_are_priced_at_their_own_rates() -> None:
+    price = Price(input=3e-6, output=15e-6, cached_input=0.3e-6, cache_write=3.75e-6)
+    # 110 prompt tokens recorded = 10 plain + 100 read from cache, plus 20 written to it
+    assert price.cost(prompt_tokens=130, completion_tokens=42, cached_tokens=100, cache_write_tokens=20) == pytest.approx(
+        10 * 3e-6 + 100 * 0.3e-6 + 20 * 3.75e-6 + 42 * 15e-6
+    )

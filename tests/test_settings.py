@@ -104,3 +104,9 @@ def test_unreadable_files(tmp_path: Path) -> None:
     broken.write_text("models: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_settings(broken, env={})
+
+
+@pytest.mark.parametrize("fallbacks", [["missing"], ["a"]])
+def test_fallbacks_must_name_another_configured_model(fallbacks: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"models\[0\]\.fallbacks"):
+        settings_from_mapping({"models": [{"name": "a", "base_url": "http://x", "fallbacks": fallbacks}]}, {})

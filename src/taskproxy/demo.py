@@ -1,8 +1,8 @@
 """`taskproxy demo`: the whole loop in one command, offline.
 
 A fake provider and the real proxy are served on 127.0.0.1; the official `openai` SDK sends
-attributed requests (by header, body metadata, git branch and key binding, streaming too) and one
-unattributed request, which is refused. Then the per-task report is read back from the proxy's API.
+attributed requests (by header, body metadata, git branch and key binding, streaming too), an
+Anthropic Messages request follows, and one unattributed request is refused. Then the per-task report is read back from the proxy's API.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def demo_settings(folder: Path, provider_url: str, admin_key: str) -> Settings:
             "models": [
                 {"name": "gpt-4o-mini", "base_url": f"{provider_url}/v1"},
                 {"name": "gpt-4.1", "base_url": f"{provider_url}/v1"},
+                {"name": "claude-sonnet", "provider": "anthropic", "base_url": provider_url, "upstream_model": "claude-sonnet-4-5"},
             ],
             "recording": {"spool_path": str(folder / "spool.jsonl")},
         },
@@ -72,6 +73,13 @@ def _script(proxy_url: str, admin_key: str, fake: FakeProvider, say: Callable[[s
     reply = client.chat.completions.create(model="gpt-4o-mini", messages=ask)
     say(f"   `taskproxy use PAY-120` binding → {reply.usage.total_tokens} tokens (binding expires {bound['expires_at']})")
     httpx.delete(f"{proxy_url}/api/me/work-item", headers={"authorization": f"Bearer {key}"})
+    message = httpx.post(  # what Claude Code sends: Anthropic's Messages API, the key as x-api-key
+        f"{proxy_url}/v1/messages",
+        json={"model": "claude-sonnet", "max_tokens": 16, "messages": ask},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01", "X-Work-Item": "PAY-117"},
+    ).json()
+    usage = message["usage"]
+    say(f"   Anthropic /v1/messages, PAY-117 → {usage['input_tokens']} in + {usage['output_tokens']} out tokens")
     forwarded = len(fake.received)
 
     say("\n3. A request linked to nothing:")
@@ -85,7 +93,7 @@ def _script(proxy_url: str, admin_key: str, fake: FakeProvider, say: Callable[[s
         say(f"   “{error.get('message')}”")
     say(f"   the provider received {len(fake.received) - forwarded} requests for it.\n")
 
-    report = _wait_for_report(admin, expected_requests=5)
+    report = _wait_for_report(admin, expected_requests=6)
     say("4. The per-task report (taskproxy report tasks):\n")
     say(tasks_table(report["tasks"]))
     total = sum(t["cost_usd"] or 0 for t in report["tasks"])
