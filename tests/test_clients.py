@@ -37,6 +37,8 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
         {"name": "claude-broken", "provider": "anthropic", "base_url": upstream.url, "api_key_env": "T_ANTHROPIC_KEY", "upstream_model": "fake-500"},
         {"name": "primary-down", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "fallbacks": ["gpt-4o-mini"]},
         {"name": "flaky", "base_url": v1, "upstream_model": "fake-500", "fallbacks": ["claude"]},
+        {"name": "backup", "base_url": v1, "upstream_model": "gpt-4.1"},
+        {"name": "same-target-down", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "upstream_model": "gpt-4.1", "fallbacks": ["backup"]},
     ]
     config = write_config(folder, upstream.url, models=models)
     env = child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY, T_OPENAI_KEY=OPENAI_KEY, T_ANTHROPIC_KEY=ANTHROPIC_KEY)
@@ -147,6 +149,9 @@ def test_translated_provider_errors_keep_their_status_in_openai_shape(server: Se
 
 
 def test_litellm_sdk_as_a_client(server: ServerProcess) -> None:
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-table download at import
     import litellm
 
     key = server.new_key()
@@ -178,3 +183,57 @@ def test_proxy_key_is_accepted_as_x_api_key_on_openai_routes_too(server: ServerP
     response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK},
                           headers={"x-api-key": server.new_key(), "X-Work-Item": "KEY-1"}, trust_env=False)  # fmt: skip
     assert response.status_code == 200
+
+
+def test_fallback_sends_its_own_upstream_model_name(server: ServerProcess, upstream: FakeUpstream) -> None:
+    client = server.openai(server.new_key(), default_headers={"X-Work-Item": "FALL-3"})
+    client.chat.completions.create(model="same-target-down", messages=ASK)
+    assert upstream.received[-1]["body"]["model"] == "gpt-4.1"
+    assert [e["attempt"] for e in sorted(server.events("FALL-3", 2), key=lambda e: e["attempt"])] == [1, 2]
+    item = server.work_item("FALL-3", expected_requests=1)
+    assert (item["requests"], item["attempts"]) == (1, 2)  # one client request, two attempts
+
+
+def test_client_fields_never_steer_litellm(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """litellm takes any keyword: a body field must not redirect the provider key or fake a reply."""
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.localserver import serve_in_thread
+
+    attacker = FakeProvider()
+    with serve_in_thread(attacker.app()) as elsewhere:
+        client = server.openai(server.new_key(), default_headers={"X-Work-Item": "SEC-1"})
+        reply = client.chat.completions.create(
+            model="claude", messages=ASK, max_tokens=2,
+            extra_body={"api_base": elsewhere, "base_url": elsewhere, "mock_response": "pwned", "api_key": "sk-client",
+                        "fallbacks": [{"model": "openai/gpt-4o", "api_base": f"{elsewhere}/v1"}], "extra_headers": {"x-evil": "1"}},
+        )  # fmt: skip
+    assert attacker.received == []
+    assert reply.choices[0].message.content != "pwned"
+    assert upstream.received[-1]["headers"]["x-api-key"] == ANTHROPIC_KEY and "x-evil" not in upstream.received[-1]["headers"]
+
+
+def test_unusual_but_valid_input_is_relayed_and_recorded(server: ServerProcess, upstream: FakeUpstream) -> None:
+    key = server.new_key()
+    headers = {"authorization": f"Bearer {key}", "X-Work-Item": "ODD-1", "content-type": "application/json"}
+    latin = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}',
+                       headers=[*headers.items(), ("x-title", "caf\xe9".encode("latin-1"))], trust_env=False)  # fmt: skip
+    assert latin.status_code == 200
+    assert upstream.received[-1]["headers"]["x-title"] == "caf\xe9"
+    assert server.work_item("ODD-1", expected_requests=1)["requests"] == 1
+
+    deep: dict = {}
+    node = deep
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]
+    before = len(upstream.received)
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK, "tools": [deep]}, headers=headers, trust_env=False)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_request"
+    assert len(upstream.received) == before
+
+    bound = httpx.put(f"{server.url}/api/me/work-item", json={"work_item": "ODD-2"}, headers={"authorization": f"Bearer {key}"}, trust_env=False)
+    assert bound.status_code == 200
+    blank = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK},
+                       headers={"authorization": f"Bearer {key}", "X-Work-Item": ""}, trust_env=False)  # fmt: skip
+    assert blank.status_code == 200
+    assert server.events("ODD-2", 1)[0]["attribution_source"] == "binding"

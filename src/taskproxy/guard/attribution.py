@@ -47,8 +47,8 @@ class Attribution:
     ids: WorkItemIds
 
     def resolve(self, headers: Headers, body: Any, principal: Principal, now: datetime) -> Attributed:
-        header = headers.get("x-work-item")
-        if header is not None:
+        header = headers.get("x-work-item", "").strip()
+        if header:  # an empty header is as good as none (clients often send a template left blank)
             return Attributed(self.ids.normalize(header), "header")
         from_body = body_work_item(body)
         if from_body is not None:

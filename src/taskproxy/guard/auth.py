@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
-from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound
+from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
 from taskproxy.timeutil import utcnow
@@ -35,6 +36,8 @@ log = logging.getLogger("taskproxy.auth")
 ROLES = ("developer", "service", "admin")
 BOOTSTRAP_ADMIN_ID = "admin"
 KEY_PREFIX = "tp-"
+# What issue_key makes; anything else cannot be a key in the table, so it is refused without a lookup.
+_KEY_SHAPE = re.compile(r"tp-[A-Za-z0-9_-]{43}")
 MISSING_KEY_MESSAGE = (
     "No proxy key was sent. Send your taskproxy key as 'Authorization: Bearer tp-...' "
     "(the SDK's api_key) or as 'x-api-key'. An admin creates keys with 'taskproxy keys create'."
@@ -130,6 +133,9 @@ class KeyStore:
         self._refresh_seconds = refresh_seconds
         self._by_hash: dict[str, Principal] = {}
         self._unknown: dict[str, float] = {}
+        # Lookups of keys not in memory get their own few threads: a flood of made-up keys cannot
+        # take the threads the rest of the app needs.
+        self._lookups = anyio.CapacityLimiter(4)
 
     def load(self) -> None:
         """Reload every key from the database (blocking; run it in a thread)."""
@@ -155,12 +161,12 @@ class KeyStore:
             return principal
         if self._admin_key is not None and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._admin_key.encode()):
             return self._by_hash.setdefault(digest, Principal(BOOTSTRAP_ADMIN_ID, "admin", None, "admin"))
-        if self._unknown.get(digest, 0.0) > time.monotonic():
+        if not _KEY_SHAPE.fullmatch(token) or self._unknown.get(digest, 0.0) > time.monotonic():
             raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
         try:
-            row = await anyio.to_thread.run_sync(repo.find_key_by_hash, self._engine, digest)
+            row = await anyio.to_thread.run_sync(repo.find_key_by_hash, self._engine, digest, limiter=self._lookups)
         except SQLAlchemyError:
-            row = None
+            raise ServiceUnavailable("The key could not be checked: the database does not answer. Try again shortly.") from None
         if row is None or row.revoked_at is not None:
             if len(self._unknown) > 10_000:
                 self._unknown.clear()

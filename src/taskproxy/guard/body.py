@@ -12,6 +12,8 @@ from taskproxy.errors import InvalidRequest, RequestTooLarge
 
 # Bodies above this are decoded in a worker thread so a huge prompt cannot stall the event loop.
 DECODE_IN_THREAD_BYTES = 256 * 1024
+# Deeper JSON is refused: no real request needs it, and the proxy must re-encode what it accepts.
+MAX_JSON_DEPTH = 100
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -50,7 +52,18 @@ def _decode(raw: bytes) -> Any:
         return Undecodable(f"The request body is not valid JSON ({str(exc).splitlines()[0]}).")
     if not isinstance(value, dict):
         return Undecodable("The request body must be a JSON object.")
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        return Undecodable(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, dict | list)]
+        if not level:
+            return False
+    return True
 
 
 async def decode_json_object(raw: bytes) -> dict | Undecodable:

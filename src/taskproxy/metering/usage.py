@@ -48,10 +48,17 @@ NOTHING_OBSERVED = Observed()
 PROMPT_FIELDS = ("system", "instructions", "messages", "prompt", "input", "tools")
 
 
+MAX_TOKEN_COUNT = 2**62  # what a provider reports is clamped to this: a column must hold it
+
+
 def prompt_hash(body: dict) -> str:
     """A stable hash of what was asked (for spotting identical prompts), never the prompt itself."""
     prompt = {k: body[k] for k in PROMPT_FIELDS if k in body}
     return hashlib.sha256(orjson.dumps(prompt, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _clamp(value: int) -> int:
+    return min(max(int(value), 0), MAX_TOKEN_COUNT)
 
 
 def estimate_prompt_tokens(counter: TokenCounter, model: str, body: dict) -> int:
@@ -97,6 +104,7 @@ class Exchange:
     price: Price | None
     register_work_item: dict | None = None
     store_prompts: bool = False
+    attempt: int = 1  # 2, 3, ... for fallbacks after a failed attempt
     status: int = 0
     error: str | None = None
     latency_ms: float = 0.0
@@ -111,13 +119,28 @@ class Exchange:
             log.exception("token counting failed for event %s; recorded without the estimate", self.id)
             return 0
 
+    def _observe(self) -> Observed:
+        try:
+            return self.observe()
+        except Exception:  # an odd response must not cost the event: record what the request says
+            log.exception("could not read usage from the response of event %s; it is estimated", self.id)
+            return NOTHING_OBSERVED
+
+    def _prompt_hash(self) -> str | None:
+        try:
+            return prompt_hash(self.body)
+        except Exception:
+            return None
+
     def to_record(self) -> Record:
-        observed = self.observe()
+        """The event's row. Never raises: whatever fails, the request is still recorded."""
+        observed = self._observe()
         est_prompt = self._count(lambda: estimate_prompt_tokens(self.counter, self.upstream_model, self.body))
         usage = observed.usage
         if usage is not None:
-            prompt, completion = usage.prompt_tokens + usage.cache_creation_tokens, usage.completion_tokens
-            cached, written, reasoning, source = usage.cached_tokens, usage.cache_creation_tokens, usage.reasoning_tokens, "provider"
+            prompt, completion = _clamp(usage.prompt_tokens + usage.cache_creation_tokens), _clamp(usage.completion_tokens)
+            cached, written, reasoning = _clamp(usage.cached_tokens), _clamp(usage.cache_creation_tokens), _clamp(usage.reasoning_tokens)
+            source = "provider"
         else:
             completion = self._count(lambda: self.counter.count(self.upstream_model, observed.completion_text))
             prompt, cached, written, reasoning, source = est_prompt, 0, 0, 0, "estimated"
@@ -138,6 +161,7 @@ class Exchange:
             "provider": self.provider,
             "status": self.status,
             "error": self.error,
+            "attempt": self.attempt,
             "stream": self.stream,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -150,12 +174,19 @@ class Exchange:
             "cost_usd": cost,
             "latency_ms": round(self.latency_ms, 3),
             "ttfb_ms": None if self.ttfb_ms is None else round(self.ttfb_ms, 3),
-            "prompt_hash": prompt_hash(self.body),
+            "prompt_hash": self._prompt_hash(),
             "user_agent": self.user_agent[:400] if self.user_agent else None,
-            "prompt_text": orjson.dumps({k: self.body[k] for k in PROMPT_FIELDS if k in self.body}).decode() if self.store_prompts else None,
+            "prompt_text": self._prompt_text() if self.store_prompts else None,
             "completion_text": observed.completion_text if self.store_prompts else None,
         }
         return Record("event", row, self.register_work_item)
+
+
+    def _prompt_text(self) -> str | None:
+        try:
+            return orjson.dumps({k: self.body[k] for k in PROMPT_FIELDS if k in self.body}).decode()
+        except Exception:
+            return None
 
 
 @dataclass

@@ -17,7 +17,9 @@ GROUP_COLUMNS = {"work_item": UsageEvent.work_item, "team": UsageEvent.team, "mo
 _E = UsageEvent.__table__.c
 
 _TOTALS = (
-    func.count().label("requests"),
+    # One client request = one first attempt; fallback attempts are events but not more requests.
+    func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
+    func.count().label("attempts"),
     func.coalesce(func.sum(_E.prompt_tokens), 0).label("prompt_tokens"),
     func.coalesce(func.sum(_E.completion_tokens), 0).label("completion_tokens"),
     func.coalesce(func.sum(_E.total_tokens), 0).label("total_tokens"),
@@ -32,7 +34,8 @@ _TOTALS = (
 
 def _totals(row: Any) -> dict[str, Any]:
     return {
-        "requests": int(row.requests),
+        "requests": int(row.requests or 0),
+        "attempts": int(row.attempts),
         "prompt_tokens": int(row.prompt_tokens),
         "completion_tokens": int(row.completion_tokens),
         "total_tokens": int(row.total_tokens),
@@ -60,7 +63,7 @@ def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
         totals = connection.execute(select(*_TOTALS).where(_E.work_item == item_id)).one()
         models = connection.execute(select(_E.model).where(_E.work_item == item_id).distinct().order_by(_E.model)).scalars().all()
         people = connection.execute(select(func.count(distinct(_E.owner))).where(_E.work_item == item_id)).scalar_one()
-    if item is None and totals.requests == 0:
+    if item is None and not totals.attempts:
         return None
     return {
         "id": item_id,

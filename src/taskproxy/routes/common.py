@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from taskproxy.errors import Forbidden, InvalidRequest
+from taskproxy.errors import InvalidRequest
 from taskproxy.guard.auth import Principal
 from taskproxy.services import services
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
@@ -54,7 +54,7 @@ def int_param(request: Request, name: str, default: int, maximum: int) -> int:
     value = request.query_params.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
         raise InvalidRequest(f"'{name}' must be a whole number from 1 to {maximum}.", param=name)
     return int(value)
 
@@ -67,11 +67,6 @@ async def admin(request: Request) -> Principal:
     principal = await caller(request)
     principal.require_admin()
     return principal
-
-
-def forbid_unless_admin(principal: Principal) -> None:
-    if not principal.is_admin:
-        raise Forbidden("Only an admin key may do this.")
 
 
 async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from taskproxy.errors import ApiError, InvalidRequest, ModelNotFound
 from taskproxy.guard.attribution import Attributed, strip_work_item
 from taskproxy.guard.auth import Principal
-from taskproxy.guard.body import Undecodable, decode_json_object, read_body
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object, read_body
 from taskproxy.metering.usage import Exchange, Observed, Rejected
 from taskproxy.services import Services, services
 from taskproxy.settings import ModelSettings
@@ -78,6 +79,7 @@ class Admitted:
     body: dict
     raw: bytes  # the body as received, forwarded as is when nothing in it changes
     model: ModelSettings
+    client_model: str  # the model name as the client sent it (in `raw`)
     ts: datetime
     started: float  # perf_counter at arrival
 
@@ -108,7 +110,7 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
         if isinstance(body, Undecodable):
             raise InvalidRequest(body.reason)
         endpoint.validate(body)
-        return Admitted(principal, attributed, body, raw, _model_of(body, svc, endpoint), ts, started)
+        return Admitted(principal, attributed, body, raw, _model_of(body, svc, endpoint), body["model"], ts, started)
     except ApiError as exc:
         svc.writer.submit(Rejected(uuid.uuid4().hex, ts, principal.key_id if principal else None, exc.code, endpoint.path))
         raise
@@ -149,19 +151,28 @@ def _finish(svc: Services, exchange: Exchange, started: float, *, status: int, e
     svc.writer.submit(exchange)
 
 
-async def _attempt(request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> UpstreamReply:
+async def _attempt(
+    request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool
+) -> UpstreamReply:
     body = admitted.body
     if model.provider != endpoint.native_provider:
         assert endpoint.translate is not None
         return await endpoint.translate(svc, model, body, stream)
-    if body["model"] != model.target_model:
-        body["model"] = model.target_model
-        changed = True
-    content = orjson.dumps(body) if changed else admitted.raw
-    headers = upstream_headers(request.headers, model.api_key.get_secret_value() if model.api_key else None, endpoint.auth_header)
-    for name, value in endpoint.default_headers:
-        headers.setdefault(name, value)
+    body["model"] = model.target_model
+    if changed or model.target_model != admitted.client_model:
+        content = await _encode(body, len(admitted.raw))
+    else:
+        content = admitted.raw
+    api_key = model.api_key.get_secret_value() if model.api_key else None
+    headers = upstream_headers(request.headers, api_key, endpoint.auth_header, endpoint.default_headers)
     return await svc.upstream.forward(model, endpoint.upstream_path, content, headers, stream=stream)
+
+
+async def _encode(body: dict, size: int) -> bytes:
+    """JSON for the provider; a large body is encoded in a worker thread, off the event loop."""
+    if size > DECODE_IN_THREAD_BYTES:
+        return await anyio.to_thread.run_sync(orjson.dumps, body)
+    return orjson.dumps(body)
 
 
 async def proxy(request: Request, endpoint: Endpoint) -> Response:
@@ -182,12 +193,16 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
     for index, model in enumerate(chain):
         more = index + 1 < len(chain)
         exchange = _exchange(request, svc, admitted, model, endpoint.path, stream)
+        exchange.attempt = index + 1
         try:
             reply = await _attempt(request, svc, endpoint, admitted, model, stream, changed)
         except ApiError as exc:
             _finish(svc, exchange, admitted.started, status=exc.status, error=exc.code)
             if more and exc.status in RETRIED_STATUSES:
                 continue
+            raise
+        except Exception:  # a bug: the request may have been forwarded, so it is recorded before the 500
+            _finish(svc, exchange, admitted.started, status=500, error="internal_error")
             raise
         if more and reply.status in RETRIED_STATUSES:  # never a stream: those are 200
             _finish(svc, exchange, admitted.started, status=reply.status)

@@ -31,11 +31,63 @@ class WorkItem(SQLModel, table=True):
     title: str | None = Field(default=None, sa_column=Column(Text))
     url: str | None = Field(default=None, sa_column=Column(Text))
     team: str | None = Field(default=None, max_length=200)
-    status: str = Field(max_length=16)  # open | in_progress | done | closed | unverified
-    created_at: datetime = Field(sa_type=DateTime())
-    completed_at: datetime | None = Field(default=None, sa_type=DateTime())
+    status: str = Field(max_length=16, index=True)  # open | in_progress | done | closed | unverified
+    created_at: datetime = Field(sa_type=DateTime())  # when the work was opened (the tracker's time if known)
+    # When the item reached done or closed (cleared if it is reopened); cycle time = completed_at - created_at.
+    completed_at: datetime | None = Field(default=None, sa_type=DateTime(), index=True)
     budget_tokens: int | None = None
     budget_usd: float | None = None
+    updated_at: datetime | None = Field(default=None, sa_type=DateTime())
+
+
+class WorkItemChange(SQLModel, table=True):
+    """The status history of a work item: one row per change, whoever made it."""
+
+    __tablename__ = "work_item_changes"
+
+    id: str = Field(primary_key=True, max_length=32)
+    work_item: str = Field(index=True, max_length=200)
+    ts: datetime = Field(sa_type=DateTime())
+    from_status: str | None = Field(default=None, max_length=16)
+    to_status: str = Field(max_length=16)
+    source: str = Field(max_length=16)  # api | cli | github | jira | linear
+    delivery_id: str | None = Field(default=None, max_length=200)
+
+
+class WorkItemLink(SQLModel, table=True):
+    """A merged PR that names a ticket in its branch or title: the ticket's spend led to that PR."""
+
+    __tablename__ = "work_item_links"
+
+    work_item: str = Field(primary_key=True, max_length=200)  # the ticket, e.g. PROJ-123
+    linked: str = Field(primary_key=True, max_length=200)  # the PR, e.g. acme/web#12
+    kind: str = Field(max_length=16)  # merged_pr
+    ts: datetime = Field(sa_type=DateTime())
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """Deliveries already applied, by the tracker's delivery id: a redelivery changes nothing."""
+
+    __tablename__ = "webhook_deliveries"
+
+    tracker: str = Field(primary_key=True, max_length=16)
+    delivery_id: str = Field(primary_key=True, max_length=200)
+    received_at: datetime = Field(sa_type=DateTime())
+    event: str = Field(max_length=64)
+    outcome: str = Field(max_length=16)  # applied | ignored
+
+
+class AuditEntry(SQLModel, table=True):
+    """An admin read of per-key data (DESIGN §8)."""
+
+    __tablename__ = "audit_log"
+
+    id: str = Field(primary_key=True, max_length=32)
+    ts: datetime = Field(index=True, sa_type=DateTime())
+    actor_key_id: str = Field(max_length=32)
+    actor_owner: str = Field(max_length=200)
+    action: str = Field(max_length=64)  # e.g. "GET /api/usage/events"
+    target: str | None = Field(default=None, max_length=400)  # the query: which key, item, period
 
 
 class UsageEvent(SQLModel, table=True):
@@ -56,7 +108,8 @@ class UsageEvent(SQLModel, table=True):
     model: str = Field(max_length=200)  # as the client asked
     upstream_model: str = Field(max_length=200)
     provider: str = Field(max_length=64)
-    status: int  # HTTP status the client got
+    status: int  # HTTP status of this attempt (the client's, for the last attempt)
+    attempt: int = 1  # 1 for every client request; 2, 3, ... for the fallbacks tried after it
     error: str | None = Field(default=None, max_length=64)  # upstream_error | upstream_timeout | client_disconnected
     stream: bool
     prompt_tokens: int = 0

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem
+from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem
 
 
 def insert_key(engine: Engine, key: ApiKey) -> ApiKey:
@@ -110,11 +110,14 @@ def write_batch(
     events: list[dict],
     rejections: list[dict],
     new_items: Iterable[dict],
+    audit: list[dict] = (),  # type: ignore[assignment]
 ) -> None:
     """Commit one batch atomically. Re-writing a batch (a replay) changes nothing: ids are primary keys."""
     dialect = engine.dialect.name
     items = list(new_items)
     with engine.begin() as connection:
+        if audit:
+            connection.execute(_insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
         if items:
             connection.execute(_insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
         if events:

@@ -2,9 +2,10 @@
 
 The request path calls `submit()`, which never blocks and never touches the database. A thread
 collects what was submitted, turns each item into rows (`to_record()`: token counting and pricing
-happen here, off the event loop), and commits them in batches. When a commit fails (database down)
-the batch is appended to a local spool file and replayed, in order, once the database answers again.
-Rows carry their own primary keys, so a replay never duplicates anything. `close()` drains the queue.
+happen here, off the event loop), and commits them in batches. While the database cannot be reached
+the batches go to a local spool (see `spool.py`) and are replayed, once, when it answers again. Rows
+carry their own primary keys, so a replay never duplicates anything. A row the database refuses for
+itself is set aside in a file rather than blocking the rows behind it. `close()` drains the queue.
 """
 
 from __future__ import annotations
@@ -19,22 +20,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
-import orjson
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from taskproxy.storage import repo
+from taskproxy.storage.spool import Spool
 
 log = logging.getLogger("taskproxy.writer")
 
 _DATETIME_FIELDS = {"ts", "created_at", "completed_at"}
+REPLAY_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
 class Record:
-    """Rows for one usage event or rejection, and the work item to register if it is new."""
+    """Rows for one usage event, rejection or audit entry, and the work item to register if it is new."""
 
-    kind: Literal["event", "rejection"]
+    kind: Literal["event", "rejection", "audit"]
     row: dict
     new_work_item: dict | None = None
 
@@ -53,15 +55,19 @@ class UsageSink(Protocol):
 class _Batch:
     events: list[dict] = field(default_factory=list)
     rejections: list[dict] = field(default_factory=list)
+    audit: list[dict] = field(default_factory=list)
     items: dict[str, dict] = field(default_factory=dict)
 
     def add(self, record: Record) -> None:
-        (self.events if record.kind == "event" else self.rejections).append(record.row)
+        {"event": self.events, "rejection": self.rejections, "audit": self.audit}[record.kind].append(record.row)
         if record.new_work_item is not None:
             self.items.setdefault(record.new_work_item["id"], record.new_work_item)
 
     def __len__(self) -> int:
-        return len(self.events) + len(self.rejections)
+        return len(self.events) + len(self.rejections) + len(self.audit)
+
+    def as_dict(self) -> dict:
+        return {"events": self.events, "rejections": self.rejections, "audit": self.audit, "items": list(self.items.values())}
 
 
 class _Marker:
@@ -74,6 +80,22 @@ class _Marker:
 _STOP = object()
 
 
+def database_down(exc: Exception) -> bool:
+    """The database could not be reached (spool and retry), as opposed to refusing a row."""
+    return isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def write_spooled(engine: Engine, batch: dict) -> None:
+    revive = _revive
+    repo.write_batch(
+        engine,
+        events=[revive(r) for r in batch.get("events", ())],
+        rejections=[revive(r) for r in batch.get("rejections", ())],
+        audit=[revive(r) for r in batch.get("audit", ())],
+        new_items=[revive(r) for r in batch.get("items", ())],
+    )
+
+
 class BatchWriter:
     def __init__(
         self,
@@ -82,18 +104,19 @@ class BatchWriter:
         flush_interval: float = 0.25,
         batch_size: int = 500,
         spool_path: str | Path = "taskproxy-spool.jsonl",
-        on_commit: Callable[[list[dict]], None] | None = None,
+        on_record: Callable[[Record], None] | None = None,
     ) -> None:
         self._engine = engine
         self._flush_interval = flush_interval
         self._batch_size = batch_size
-        self._spool_path = Path(spool_path)
-        self._on_commit = on_commit
+        self._spool = Spool(spool_path)
+        self._on_record = on_record  # sees each record as soon as it is built (budgets count spend here)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._last_replay_attempt = 0.0
+        self._last_replay = 0.0
         self.committed = 0
         self.spooled = 0
+        self.set_aside = 0
 
     # -- called from the request path -------------------------------------------------------------
 
@@ -103,6 +126,10 @@ class BatchWriter:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -129,16 +156,20 @@ class BatchWriter:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._replay_spool()
+        self._replay(force=True)
         stopping = False
         while not stopping:
             batch, markers, stopping = self._collect()
-            if len(batch):
-                self._write(batch)
-            elif self._spool_path.exists():
-                self._replay_spool()
+            try:
+                if len(batch):
+                    self._write(batch)
+                else:
+                    self._replay()
+            except Exception:  # never let one failure stop recording for good
+                log.exception("the writer failed on a batch of %d records", len(batch))
             for marker in markers:
                 marker.done.set()
+        self._replay(force=True)
 
     def _collect(self) -> tuple[_Batch, list[_Marker], bool]:
         """Take items until the batch is full, the interval since the first item has passed, or stop."""
@@ -174,63 +205,77 @@ class BatchWriter:
             elif item is not _STOP:
                 self._add(batch, item)
 
-    @staticmethod
-    def _add(batch: _Batch, item: object) -> None:
+    def _add(self, batch: _Batch, item: object) -> None:
         try:
-            batch.add(item.to_record())  # type: ignore[attr-defined]
-        except Exception:  # a bug in building one record must not lose the others
+            record = item.to_record()  # type: ignore[attr-defined]
+        except Exception:  # to_record is written never to raise; this is the last line of defence
             log.exception("could not build a usage record; it was skipped")
+            return
+        batch.add(record)
+        if self._on_record is not None:
+            try:
+                self._on_record(record)
+            except Exception:
+                log.exception("a record listener failed")
 
     def _write(self, batch: _Batch) -> None:
-        if self._spool_path.exists():
-            self._replay_spool()
-        if self._spool_path.exists():  # still unreachable: keep the order, spool behind the rest
-            self._spool(batch)
+        if not self._replay(force=True):  # the database is still away: keep the order, spool behind the rest
+            self._spool_batch(batch)
             return
         try:
-            repo.write_batch(self._engine, events=batch.events, rejections=batch.rejections, new_items=batch.items.values())
+            repo.write_batch(self._engine, events=batch.events, rejections=batch.rejections, audit=batch.audit, new_items=batch.items.values())
         except SQLAlchemyError as exc:
-            log.warning("database unavailable (%s); spooling %d records to %s", exc.__class__.__name__, len(batch), self._spool_path)
-            self._spool(batch)
+            if database_down(exc):
+                log.warning("database unavailable (%s); spooling %d records", exc.__class__.__name__, len(batch))
+                self._spool_batch(batch)
+            else:
+                self._write_one_by_one(batch, exc)
             return
         self.committed += len(batch)
-        if self._on_commit is not None:
-            self._on_commit(batch.events)
 
-    def _spool(self, batch: _Batch) -> None:
-        line = orjson.dumps({"events": batch.events, "rejections": batch.rejections, "items": list(batch.items.values())})
-        with self._spool_path.open("ab") as spool:
-            spool.write(line + b"\n")
-            spool.flush()
-        self.spooled += len(batch)
+    def _write_one_by_one(self, batch: _Batch, first_error: SQLAlchemyError) -> None:
+        """The database refused the batch itself: write row by row and set aside the rows it refuses."""
+        log.error("the database refused a batch (%s); writing its rows one by one", first_error.__class__.__name__)
+        items = list(batch.items.values())
+        for kind, rows in (("events", batch.events), ("rejections", batch.rejections), ("audit", batch.audit)):
+            for row in rows:
+                try:
+                    repo.write_batch(self._engine, new_items=items, **{"events": [], "rejections": [], "audit": [], kind: [row]})
+                    self.committed += 1
+                except SQLAlchemyError as exc:
+                    if database_down(exc):
+                        self._spool.append({"events": [], "rejections": [], "audit": [], kind: [row], "items": items})
+                        self.spooled += 1
+                    else:
+                        self._spool.set_aside_rows([row], f"{exc.__class__.__name__}: {str(exc)[:300]}")
+                        self.set_aside += 1
 
-    def _replay_spool(self) -> None:
-        """Write the spooled batches back, then remove the file. Stops at the first failure."""
-        now = time.monotonic()
-        if not self._spool_path.exists() or now - self._last_replay_attempt < 1.0:
-            return
-        self._last_replay_attempt = now
+    def _spool_batch(self, batch: _Batch) -> None:
         try:
-            lines = self._spool_path.read_bytes().splitlines()
-            for line in lines:
-                if not line.strip():
-                    continue
-                data = orjson.loads(line)
-                repo.write_batch(
-                    self._engine,
-                    events=[_revive(r) for r in data["events"]],
-                    rejections=[_revive(r) for r in data["rejections"]],
-                    new_items=[_revive(r) for r in data["items"]],
-                )
+            self._spool.append(batch.as_dict())
+            self.spooled += len(batch)
+        except OSError:
+            log.exception("could not spool %d records: the database is down and the spool is not writable", len(batch))
+
+    def _replay(self, *, force: bool = False) -> bool:
+        """Replay what is spooled (at most once a second unless forced). True if nothing is left."""
+        if not self._spool.pending():
+            return True
+        now = time.monotonic()
+        if not force and now - self._last_replay < REPLAY_INTERVAL_SECONDS:
+            return False
+        if force and now - self._last_replay < REPLAY_INTERVAL_SECONDS / 4:
+            return False  # the database failed a moment ago: don't hammer it on every batch
+        self._last_replay = now
+        try:
+            return self._spool.replay(lambda batch: write_spooled(self._engine, batch), database_down)
         except SQLAlchemyError:
-            return
-        except orjson.JSONDecodeError:
-            log.error("spool file %s has a damaged line; it is kept for inspection", self._spool_path)
-            self._spool_path.rename(self._spool_path.with_suffix(f".damaged-{int(time.time())}"))
-            return
-        replayed = sum(1 for line in lines if line.strip())
-        self._spool_path.unlink()
-        log.info("replayed %d spooled batches from %s", replayed, self._spool_path)
+            log.exception("a spooled batch was refused by the database; it is kept")
+            return False
+
+    @property
+    def spool_pending(self) -> bool:
+        return self._spool.pending()
 
 
 def _revive(row: dict) -> dict:

@@ -22,8 +22,11 @@ _DROP_REQUEST_HEADERS = frozenset(
         "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "cookie", "accept-encoding",
         "x-work-item", "x-git-branch", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
         "x-real-ip",
+        # The developer's own OpenAI organization and project would not match the configured key.
+        "openai-organization", "openai-project",
     }
 )  # fmt: skip
+_DROP_REQUEST_HEADERS_BYTES = frozenset(name.encode() for name in _DROP_REQUEST_HEADERS | {"content-type"})
 # Not relayed to the client: hop-by-hop headers and those the proxy's own server sets.
 _DROP_RESPONSE_HEADERS = frozenset(
     {
@@ -53,23 +56,31 @@ class UpstreamReply:
 
 
 @contextmanager
-def map_transport_errors(provider: str) -> Iterator[None]:
+def map_transport_errors(model: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
         phase = "connecting to" if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout) else "waiting for"
-        raise UpstreamTimeout(f"Timed out {phase} the provider '{provider}'. Try again; if it persists, the provider is down or slow.") from None
+        raise UpstreamTimeout(f"Timed out {phase} the provider of the model '{model}'. Try again; if it persists, the provider is down or slow.") from None
     except httpx.TransportError as exc:
         detail = exc.__class__.__name__
-        raise UpstreamError(f"Could not reach the provider '{provider}' ({detail}). Try again; if it persists, the provider is down.") from None
+        raise UpstreamError(f"Could not reach the provider of the model '{model}' ({detail}). Try again; if it persists, the provider is down.") from None
 
 
-def upstream_headers(client_headers: Headers, api_key: str | None, auth_header: str = "authorization") -> dict[str, str]:
-    headers = {k: v for k, v in client_headers.items() if k not in _DROP_REQUEST_HEADERS}
-    headers["content-type"] = "application/json"
-    headers["accept-encoding"] = "identity"  # relay bytes as they are; no decompress/recompress
+Header = tuple[bytes, bytes]
+
+
+def upstream_headers(client_headers: Headers, api_key: str | None, auth_header: str = "authorization", defaults: tuple[tuple[str, str], ...] = ()) -> list[Header]:
+    """The client's headers as raw bytes (any byte a client may send is relayed, not re-encoded),
+    minus hop-by-hop and credential headers, plus the configured provider key."""
+    connection_named = {t.strip().lower().encode() for t in client_headers.get("connection", "").split(",") if t.strip()}
+    drop = _DROP_REQUEST_HEADERS_BYTES | connection_named
+    headers = [(name, value) for name, value in client_headers.raw if name.lower() not in drop]
+    present = {name.lower() for name, _ in headers}
+    headers += [(name.encode(), value.encode()) for name, value in defaults if name.encode() not in present]
+    headers += [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]  # relay bytes as they are
     if api_key:
-        headers[auth_header] = f"Bearer {api_key}" if auth_header == "authorization" else api_key
+        headers.append((auth_header.encode(), (f"Bearer {api_key}" if auth_header == "authorization" else api_key).encode()))
     return headers
 
 
@@ -83,7 +94,7 @@ class Upstream:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def forward(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str], *, stream: bool) -> UpstreamReply:
+    async def forward(self, model: ModelSettings, path: str, content: bytes, headers: list[Header], *, stream: bool) -> UpstreamReply:
         """Send; a successful event stream is returned unread, anything else read whole."""
         response = await self._send(model, path, content, headers)
         if stream and response.status_code == 200 and "text/event-stream" in response.headers.get("content-type", ""):
@@ -101,7 +112,7 @@ class Upstream:
             async for chunk in response.aiter_bytes():
                 yield chunk
 
-    async def _send(self, model: ModelSettings, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    async def _send(self, model: ModelSettings, path: str, content: bytes, headers: list[Header]) -> httpx.Response:
         """Send and return once the response headers are in."""
         timeout = httpx.Timeout(
             connect=model.connect_timeout_seconds,

@@ -64,23 +64,24 @@ class RelayResponse:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch_disconnect, tasks.cancel_scope)
-                await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
                 try:
-                    async for chunk in self.chunks:
-                        if first_byte is None:
-                            first_byte = time.perf_counter()
-                        out = self.on_chunk(chunk)
-                        if out:
-                            await send({"type": "http.response.body", "body": out, "more_body": True})
-                    tail = self.finish() if self.finish else b""
-                except ApiError as exc:  # the provider failed mid-stream: tell the client in-band
-                    error = exc.code
-                    tail = self.error_event(exc)
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
-                completed = True
+                    await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
+                    try:
+                        async for chunk in self.chunks:
+                            if first_byte is None:
+                                first_byte = time.perf_counter()
+                            out = self.on_chunk(chunk)
+                            if out:
+                                await send({"type": "http.response.body", "body": out, "more_body": True})
+                        tail = self.finish() if self.finish else b""
+                    except ApiError as exc:  # the provider failed mid-stream: tell the client in-band
+                        error = exc.code
+                        tail = self.error_event(exc)
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+                    completed = True
+                except OSError:  # the server could not write: the client is gone
+                    error = CLIENT_DISCONNECTED
                 tasks.cancel_scope.cancel()
-        except OSError:  # the server could not write: the client is gone
-            error = CLIENT_DISCONNECTED
         finally:
             with anyio.CancelScope(shield=True):
                 await self.chunks.aclose()  # type: ignore[attr-defined]

@@ -25,8 +25,15 @@ from taskproxy.upstream.passthrough import UpstreamReply
 
 JSON_HEADERS = {"content-type": "application/json"}
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
-# Request fields litellm must not receive as provider parameters.
-_NOT_PARAMETERS = frozenset({"model", "messages", "input", "stream", "stream_options", "metadata"})
+# The only request fields passed on to litellm. litellm takes any keyword (api_base, fallbacks,
+# extra_headers, mock_response, ...), so an unknown field from a client must never reach it: it could
+# send the configured provider key elsewhere.
+CHAT_PARAMETERS = frozenset({
+    "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty",
+    "logit_bias", "logprobs", "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "seed", "reasoning_effort", "modalities", "audio", "prediction", "service_tier", "web_search_options",
+})  # fmt: skip
+EMBEDDING_PARAMETERS = frozenset({"dimensions", "encoding_format", "user"})
 
 
 def _caused_by_connection_failure(exc: BaseException) -> bool:
@@ -38,6 +45,10 @@ def _caused_by_connection_failure(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+async def _nothing() -> None:
+    return None
 
 
 class Translator:
@@ -80,8 +91,8 @@ class Translator:
                 raise ProviderError(f"{where[4:].capitalize()} answered {status}: {str(exc)[:600]}", status=status) from None
             raise UpstreamError(f"{where[4:].capitalize()} failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
 
-    def _common(self, model: ModelSettings, body: dict) -> dict[str, Any]:
-        params = {k: v for k, v in body.items() if k not in _NOT_PARAMETERS}
+    def _common(self, model: ModelSettings, body: dict, allowed: frozenset[str]) -> dict[str, Any]:
+        params = {k: v for k, v in body.items() if k in allowed}
         return {
             **params,
             "model": f"{model.provider}/{model.target_model}",
@@ -94,13 +105,14 @@ class Translator:
 
     async def chat(self, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
         litellm = await self.litellm()
-        kwargs = self._common(model, body)
+        kwargs = self._common(model, body, CHAT_PARAMETERS)
         with self.map_litellm_errors(model):
             if not stream:
                 result = await litellm.acompletion(messages=body["messages"], **kwargs)
                 return UpstreamReply(200, dict(JSON_HEADERS), body=result.model_dump_json(exclude_none=True).encode())
             result = await litellm.acompletion(messages=body["messages"], stream=True, stream_options={"include_usage": True}, **kwargs)
-        return UpstreamReply(200, dict(SSE_HEADERS), chunks=self._openai_stream(model, result))
+        close = getattr(result, "aclose", None)  # a client hanging up must stop the provider's generation too
+        return UpstreamReply(200, dict(SSE_HEADERS), chunks=self._openai_stream(model, result), close=close or _nothing)
 
     async def _openai_stream(self, model: ModelSettings, result: Any) -> AsyncIterator[bytes]:
         """litellm's chunks as OpenAI's SSE, usage in its own chunk with empty choices (as OpenAI sends it)."""
@@ -122,7 +134,7 @@ class Translator:
     async def embeddings(self, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
         litellm = await self.litellm()
         with self.map_litellm_errors(model):
-            result = await litellm.aembedding(input=body["input"], **self._common(model, body))
+            result = await litellm.aembedding(input=body["input"], **self._common(model, body, EMBEDDING_PARAMETERS))
         data = result.model_dump(exclude_none=True)
         data.setdefault("created", int(time.time()))
         return UpstreamReply(200, dict(JSON_HEADERS), body=orjson.dumps(data))
