@@ -1,41 +1,159 @@
-"""The work-item registry's rules, shared by the API and the CLI."""
+"""The work-item registry's rules, shared by the API, the CLI and the tracker webhooks.
+
+Every status change goes through `transition`, which keeps the history (`work_item_changes`),
+`completed_at` (set on done or closed, cleared on reopening) and the item's fields consistent.
+"""
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection, Engine
 
-from taskproxy.errors import InvalidRequest
+from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.storage import repo
-from taskproxy.storage.models import WorkItem
+from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
 from taskproxy.timeutil import utcnow
 from taskproxy.validation import non_negative_number, one_of, printable
 from taskproxy.workitems import WorkItemIds
 
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
+SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")
 ITEM_SOURCES = ("jira", "github", "linear", "manual")
+RESOLVED = ("done", "closed")
+_ITEMS = WorkItem.__table__
 
 
-def register_work_item(engine: Engine, ids: WorkItemIds, fields: dict[str, Any]) -> WorkItem:
+def register_work_item(engine: Engine, ids: WorkItemIds, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
     """Validate `fields` (the body of POST /api/work-items) and insert the item."""
     if "id" not in fields:
         raise InvalidRequest("'id' is required.", param="id")
-    status = one_of(fields.get("status", "open"), "status", ITEM_STATUSES)
-    budget_tokens = non_negative_number(fields.get("budget_tokens"), "budget_tokens")
-    now = utcnow()
-    item = WorkItem(
-        id=ids.normalize(fields["id"]),
-        source=one_of(fields.get("source", "manual"), "source", ITEM_SOURCES),
-        title=printable(fields.get("title"), "title", max_length=500),
-        url=printable(fields.get("url"), "url", max_length=2000),
-        team=printable(fields.get("team"), "team"),
-        status=status,
-        created_at=now,
-        completed_at=now if status == "done" else None,
-        budget_tokens=int(budget_tokens) if budget_tokens is not None else None,
-        budget_usd=non_negative_number(fields.get("budget_usd"), "budget_usd"),
-    )
-    if not repo.add_work_item(engine, item):
-        raise InvalidRequest(f"The work item {item.id!r} exists already.", param="id")
+    item_id = ids.normalize(fields["id"])
+    status = one_of(fields.get("status", "open"), "status", SETTABLE_STATUSES)
+    values = _checked_fields(fields)
+    values["source"] = one_of(fields.get("source", "manual"), "source", ITEM_SOURCES)
+    with engine.begin() as connection:
+        if connection.execute(select(_ITEMS.c.id).where(_ITEMS.c.id == item_id)).first() is not None:
+            raise InvalidRequest(f"The work item {item_id!r} exists already.", param="id")
+        _apply(connection, item_id, status, source=source, at=utcnow(), fields=values)
+    item = repo.get_work_item(engine, item_id)
+    assert item is not None
     return item
+
+
+def _checked_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, limit in (("title", 500), ("url", 2000), ("team", 200)):
+        if name in fields:
+            values[name] = printable(fields[name], name, max_length=limit)
+    if "budget_tokens" in fields:
+        tokens = non_negative_number(fields["budget_tokens"], "budget_tokens")
+        values["budget_tokens"] = int(tokens) if tokens is not None else None
+    if "budget_usd" in fields:
+        values["budget_usd"] = non_negative_number(fields["budget_usd"], "budget_usd")
+    return values
+
+
+def update_work_item(engine: Engine, item_id: str, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
+    """PATCH: change any of title, url, team, budgets and status of an existing item."""
+    unknown = set(fields) - {"title", "url", "team", "budget_tokens", "budget_usd", "status"}
+    if unknown:
+        raise InvalidRequest(f"These fields cannot be changed: {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
+    values = _checked_fields(fields)
+    status = one_of(fields["status"], "status", SETTABLE_STATUSES) if "status" in fields else None
+    with engine.begin() as connection:
+        current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
+        if current is None:
+            raise NotFound(f"No work item {item_id!r} is registered.")
+        _apply(connection, item_id, status or current.status, source=source, at=utcnow(), fields=values)
+    item = repo.get_work_item(engine, item_id)
+    assert item is not None
+    return item
+
+
+def transition(
+    engine: Engine,
+    item_id: str,
+    status: str,
+    *,
+    source: str,
+    at: datetime | None = None,
+    delivery_id: str | None = None,
+    fields: dict[str, Any] | None = None,
+    created_at: datetime | None = None,
+) -> WorkItem:
+    """Move an item to `status` (creating it if it is new), recording the change once."""
+    with engine.begin() as connection:
+        _apply(connection, item_id, status, source=source, at=at or utcnow(), fields=fields or {}, delivery_id=delivery_id, created_at=created_at)
+    item = repo.get_work_item(engine, item_id)
+    assert item is not None
+    return item
+
+
+def _apply(
+    connection: Connection,
+    item_id: str,
+    status: str,
+    *,
+    source: str,
+    at: datetime,
+    fields: dict[str, Any],
+    delivery_id: str | None = None,
+    created_at: datetime | None = None,
+) -> None:
+    current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
+    tracker_source = source if source in ITEM_SOURCES else "manual"
+    if current is None:
+        row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)
+        connection.execute(
+            _ITEMS.insert().values(
+                id=item_id, status=status, created_at=created_at or at, completed_at=at if status in RESOLVED else None, updated_at=at, **row
+            )
+        )
+        _record_change(connection, item_id, None, status, source, at, delivery_id)
+        return
+    values: dict[str, Any] = {**{k: v for k, v in fields.items() if k != "source"}, "updated_at": at}
+    if current.source == "auto":  # a tracker or an admin confirms an item first seen in a request
+        values["source"] = tracker_source
+    if created_at is not None and created_at < current.created_at:  # the tracker knows when the work began
+        values["created_at"] = created_at
+    if status != current.status:
+        values["status"] = status
+        values["completed_at"] = at if status in RESOLVED else None
+        _record_change(connection, item_id, current.status, status, source, at, delivery_id)
+    connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
+
+
+def _record_change(connection: Connection, item_id: str, before: str | None, after: str, source: str, at: datetime, delivery_id: str | None) -> None:
+    connection.execute(
+        WorkItemChange.__table__.insert().values(
+            id=uuid.uuid4().hex, work_item=item_id, ts=at, from_status=before, to_status=after, source=source, delivery_id=delivery_id
+        )
+    )
+
+
+def link(engine: Engine, ticket: str, linked: str, *, kind: str = "merged_pr", at: datetime | None = None) -> None:
+    """Record that `linked` (a merged PR) came out of the work on `ticket`; recording it twice is harmless."""
+    with engine.begin() as connection:
+        exists = connection.execute(
+            select(WorkItemLink.__table__.c.work_item).where(WorkItemLink.__table__.c.work_item == ticket, WorkItemLink.__table__.c.linked == linked)
+        ).first()
+        if exists is None:
+            connection.execute(WorkItemLink.__table__.insert().values(work_item=ticket, linked=linked, kind=kind, ts=at or utcnow()))
+
+
+def history(engine: Engine, item_id: str) -> list[WorkItemChange]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(WorkItemChange.__table__).where(WorkItemChange.__table__.c.work_item == item_id).order_by(WorkItemChange.__table__.c.ts)
+        ).all()
+    return [WorkItemChange(**row._mapping) for row in rows]
+
+
+def links_of(engine: Engine, item_id: str) -> list[str]:
+    table = WorkItemLink.__table__
+    with engine.connect() as connection:
+        return list(connection.execute(select(table.c.linked).where(table.c.work_item == item_id).order_by(table.c.linked)).scalars())

@@ -108,6 +108,49 @@ class AuthSettings(_Frozen):
     key_refresh_seconds: float = Field(default=5.0, gt=0)
 
 
+class TrackerSettings(_Frozen):
+    # The name of the environment variable holding the webhook secret. Unset: the webhook is off (404).
+    secret_env: str | None = None
+    secret: SecretStr | None = Field(default=None, exclude=True)
+
+
+class LinearSettings(TrackerSettings):
+    # Deliveries whose webhookTimestamp is further than this from now are refused (replays).
+    timestamp_tolerance_seconds: float = Field(default=60.0, gt=0)
+
+
+class TrackersSettings(_Frozen):
+    github: TrackerSettings = TrackerSettings()
+    jira: TrackerSettings = TrackerSettings()
+    linear: LinearSettings = LinearSettings()
+
+
+class TeamBudget(_Frozen):
+    """A team's budget per calendar month (UTC)."""
+
+    tokens: int | None = Field(default=None, ge=0)
+    usd: float | None = Field(default=None, ge=0)
+
+
+class BudgetSettings(_Frozen):
+    # Defaults for every work item without a budget of its own (set per item through the API).
+    work_item_tokens: int | None = Field(default=None, ge=0)
+    work_item_usd: float | None = Field(default=None, ge=0)
+    teams: dict[str, TeamBudget] = Field(default_factory=dict)
+    # How often each process re-reads spend from the database (spend by other replicas).
+    refresh_seconds: float = Field(default=10.0, gt=0)
+
+
+class PrivacySettings(_Frozen):
+    # Team figures are shown only for teams of at least this many people.
+    min_group_size: int = Field(default=5, ge=1)
+
+
+class ReportSettings(_Frozen):
+    # An item still open this many days after it was created counts as spend without outcome.
+    stale_after_days: float = Field(default=14.0, gt=0)
+
+
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -122,6 +165,10 @@ class Settings(_Frozen):
     limits: LimitSettings = LimitSettings()
     recording: RecordingSettings = RecordingSettings()
     auth: AuthSettings = AuthSettings()
+    trackers: TrackersSettings = TrackersSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    reports: ReportSettings = ReportSettings()
     server: ServerSettings = ServerSettings()
 
     @model_validator(mode="after")
@@ -156,6 +203,15 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
+def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
+    if not isinstance(conf, dict) or not conf.get("secret_env"):
+        return conf
+    name = conf["secret_env"]
+    if not env.get(name):
+        raise ConfigError(f"config error: {where}.secret_env: environment variable {name} is not set")
+    return {**conf, "secret": env[name]}
+
+
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate `data` (the YAML document) and apply the environment's overrides and secrets."""
     data = dict(data)
@@ -175,6 +231,9 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
             model = {**model, "api_key": env[name]}
         resolved.append(model)
     data["models"] = resolved
+    trackers = data.get("trackers")
+    if isinstance(trackers, dict):
+        data["trackers"] = {name: _with_secret(f"trackers.{name}", conf, env) for name, conf in trackers.items()}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
