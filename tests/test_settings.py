@@ -26,9 +26,9 @@ def _documented_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
         for candidate in (annotation, *inner):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 keys |= _documented_keys(candidate, prefix + name + ".")
-            for nested in getattr(candidate, "__args__", ()):
+            for nested in getattr(candidate, "__args__", ()):  # dict[str, Model]: keys named by the user
                 if isinstance(nested, type) and issubclass(nested, BaseModel):
-                    keys |= _documented_keys(nested, prefix + name + ".")
+                    keys |= _documented_keys(nested, prefix + name + ".*.")
     return keys
 
 
@@ -48,6 +48,11 @@ def _keys_in(text: str) -> set[str]:
                 walk(child, prefix)
 
     walk(document, "")
+    # A name the user chooses (a team under budgets.teams) stands for any name: also record it as "*".
+    for path in list(found):
+        parts = path.split(".")
+        for index in range(1, len(parts) - 1):
+            found.add(".".join([*parts[:index], "*", *parts[index + 1 :]]))
     return found
 
 
