@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,11 @@ def _documented_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
         for candidate in (annotation, *inner):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 keys |= _documented_keys(candidate, prefix + name + ".")
-            for nested in getattr(candidate, "__args__", ()):  # dict[str, Model]: keys named by the user
+            for nested in getattr(candidate, "__args__", ()):
                 if isinstance(nested, type) and issubclass(nested, BaseModel):
-                    keys |= _documented_keys(nested, prefix + name + ".*.")
+                    # dict[str, Model]: the keys are names the user chooses (teams), written as "*"
+                    step = ".*." if typing.get_origin(candidate) is dict else "."
+                    keys |= _documented_keys(nested, prefix + name + step)
     return keys
 
 
