@@ -16,22 +16,23 @@ from taskproxy.settings import Settings, load_settings, settings_from_mapping
 EXAMPLE = Path(__file__).parent.parent / "config" / "taskproxy.example.yaml"
 
 
+def _models_in(annotation: object) -> list[tuple[type[BaseModel], str]]:
+    """The settings models inside a field's type, with how their keys are reached ("." or ".*.")."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [(annotation, ".")]
+    if typing.get_origin(annotation) is dict:  # dict[str, Model]: the keys are names the user chooses
+        return [(model, ".*.") for model, _ in _models_in(typing.get_args(annotation)[1])]
+    return [pair for arg in typing.get_args(annotation) for pair in _models_in(arg)]
+
+
 def _documented_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():
         if field.exclude:  # secrets filled from the environment, never written in the file
             continue
         keys.add(prefix + name)
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", (annotation,))
-        for candidate in (annotation, *inner):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                keys |= _documented_keys(candidate, prefix + name + ".")
-            for nested in getattr(candidate, "__args__", ()):
-                if isinstance(nested, type) and issubclass(nested, BaseModel):
-                    # dict[str, Model]: the keys are names the user chooses (teams), written as "*"
-                    step = ".*." if typing.get_origin(candidate) is dict else "."
-                    keys |= _documented_keys(nested, prefix + name + step)
+        for nested, step in _models_in(field.annotation):
+            keys |= _documented_keys(nested, prefix + name + step)
     return keys
 
 
