@@ -22,14 +22,21 @@ from starlette.routing import Route
 from taskproxy.errors import ApiError, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
+from taskproxy.guard.budgets import Budgets
+from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.routes import admin, anthropic, me, openai
+from taskproxy.routes import admin, anthropic, me, openai, webhooks
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import create_schema, make_engine, ping
 from taskproxy.storage.writer import BatchWriter
+from taskproxy.timeutil import utcnow
+from taskproxy.trackers.base import Tracker
+from taskproxy.trackers.github import GitHub
+from taskproxy.trackers.jira import Jira
+from taskproxy.trackers.linear import Linear
 from taskproxy.upstream.passthrough import Upstream
 from taskproxy.upstream.translate import Translator
 from taskproxy.workitems import WorkItemIds
@@ -78,6 +85,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), request.url.path)
 
 
+def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Tracker]:
+    """The trackers whose webhook secret is configured; the others' webhooks answer 404."""
+    config = settings.trackers
+    trackers: dict[str, Tracker] = {}
+    if config.github.secret:
+        trackers["github"] = GitHub(config.github.secret.get_secret_value(), ids)
+    if config.jira.secret:
+        trackers["jira"] = Jira(config.jira.secret.get_secret_value())
+    if config.linear.secret:
+        trackers["linear"] = Linear(config.linear.secret.get_secret_value(), config.linear.timestamp_tolerance_seconds)
+    return trackers
+
+
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, engine: Engine | None = None) -> Starlette:
     """Build the ASGI app. `transport` replaces the upstream HTTP transport (tests inject a mock);
     `engine` replaces the database engine made from `settings.database_url`."""
@@ -95,9 +115,17 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         # Loading the encodings takes a moment; do it beside startup, not in front of it.
         threading.Thread(target=counter.warm, name="taskproxy-encodings", daemon=True).start()
         prices = await anyio.to_thread.run_sync(prices_for, settings.models)
+        items = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
+        await anyio.to_thread.run_sync(items.load)
+        budgets = Budgets(db, settings.budgets, items)
+        await anyio.to_thread.run_sync(budgets.load, utcnow())
         recording = settings.recording
-        writer = BatchWriter(db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path)
+        writer = BatchWriter(
+            db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
+            on_record=budgets.record,
+        )  # fmt: skip
         writer.start()
+        ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
         client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
         translator = Translator()
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
@@ -107,18 +135,27 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             settings=settings,
             engine=db,
             keys=keys,
-            attribution=Attribution(WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)),
+            attribution=Attribution(ids),
             upstream=Upstream(client),
             translator=translator,
             writer=writer,
             counter=counter,
             prices=prices,
+            items=items,
+            policy=Policy(settings.work_items.mode, items),
+            budgets=budgets,
+            trackers=configured_trackers(settings, ids),
         )
-        refresher = asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh")
+        refreshers = [
+            asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),
+            asyncio.create_task(items.refresh_forever(), name="taskproxy-item-refresh"),
+            asyncio.create_task(budgets.refresh_forever(), name="taskproxy-budget-refresh"),
+        ]
         try:
             yield
         finally:
-            refresher.cancel()
+            for task in refreshers:
+                task.cancel()
             await client.aclose()
             await anyio.to_thread.run_sync(writer.close)
             if engine is None:
@@ -131,6 +168,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *anthropic.routes,
         *me.routes,
         *admin.routes,
+        *webhooks.routes,
     ]
     return Starlette(
         routes=routes,

@@ -4,6 +4,7 @@
     ├── ConfigError                 bad configuration, raised at start (one line: key and problem)
     └── ApiError                    anything a client is answered with (status + code)
         ├── InvalidApiKey           401 invalid_api_key
+        ├── InvalidSignature        401 invalid_signature  (a webhook delivery not signed with the secret)
         ├── Forbidden               403 forbidden
         ├── NotFound                404 not_found          (admin API: unknown key, item, route)
         ├── MethodNotAllowed        405 method_not_allowed
@@ -60,6 +61,11 @@ class InvalidApiKey(ApiError):
     status, code = 401, "invalid_api_key"
     openai_type = "authentication_error"
     anthropic_type = "authentication_error"
+
+
+class InvalidSignature(ApiError):
+    status, code = 401, "invalid_signature"
+    openai_type = anthropic_type = "authentication_error"
 
 
 class Forbidden(ApiError):

@@ -12,10 +12,12 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
-from taskproxy.errors import InvalidRequest, NotFound
+from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
 from taskproxy.storage import repo
-from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.trackers.base import Delivery
 from taskproxy.timeutil import utcnow
 from taskproxy.validation import non_negative_number, one_of, printable
 from taskproxy.workitems import WorkItemIds
@@ -135,14 +137,61 @@ def _record_change(connection: Connection, item_id: str, before: str | None, aft
     )
 
 
+def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: datetime) -> dict[str, Any]:
+    """Apply a verified tracker delivery once: a delivery id seen before changes nothing."""
+    applied: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    try:
+        with engine.begin() as connection:
+            if delivery.delivery_id:
+                # Inserted first, in the same transaction: a concurrent redelivery fails here and changes nothing.
+                connection.execute(
+                    WebhookDelivery.__table__.insert().values(
+                        tracker=delivery.tracker, delivery_id=delivery.delivery_id[:200], received_at=now, event=delivery.event[:64],
+                        outcome="applied" if delivery.updates else "ignored",
+                    )
+                )  # fmt: skip
+            for update in delivery.updates:
+                try:
+                    item_id = ids.normalize(update.item_id)
+                except WorkItemInvalid:  # an id the configured patterns do not accept is not tracked
+                    skipped.append(update.item_id[:200])
+                    continue
+                fields = {k: v for k, v in (("title", update.title), ("url", update.url), ("team", update.team)) if v is not None}
+                current = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar()
+                status = update.status or current or "open"
+                _apply(connection, item_id, status, source=delivery.tracker, at=update.at or now, fields=fields,
+                       delivery_id=delivery.delivery_id, created_at=update.created_at)  # fmt: skip
+                for ticket in update.links:
+                    _link(connection, ticket, item_id, "merged_pr", update.at or now)
+                applied.append({"id": item_id, "status": status, "linked": list(update.links)})
+    except IntegrityError:
+        if delivery.delivery_id and _seen(engine, delivery):
+            return {"status": "duplicate", "delivery": delivery.delivery_id}
+        raise
+    return {"status": "applied" if applied else "ignored", "event": delivery.event, "items": applied, "skipped": skipped}
+
+
+def _seen(engine: Engine, delivery: Delivery) -> bool:
+    table = WebhookDelivery.__table__
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(table.c.delivery_id).where(table.c.tracker == delivery.tracker, table.c.delivery_id == (delivery.delivery_id or "")[:200])
+        ).first()
+    return row is not None
+
+
 def link(engine: Engine, ticket: str, linked: str, *, kind: str = "merged_pr", at: datetime | None = None) -> None:
     """Record that `linked` (a merged PR) came out of the work on `ticket`; recording it twice is harmless."""
     with engine.begin() as connection:
-        exists = connection.execute(
-            select(WorkItemLink.__table__.c.work_item).where(WorkItemLink.__table__.c.work_item == ticket, WorkItemLink.__table__.c.linked == linked)
-        ).first()
-        if exists is None:
-            connection.execute(WorkItemLink.__table__.insert().values(work_item=ticket, linked=linked, kind=kind, ts=at or utcnow()))
+        _link(connection, ticket, linked, kind, at or utcnow())
+
+
+def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datetime) -> None:
+    table = WorkItemLink.__table__
+    exists = connection.execute(select(table.c.work_item).where(table.c.work_item == ticket, table.c.linked == linked)).first()
+    if exists is None:
+        connection.execute(table.insert().values(work_item=ticket, linked=linked, kind=kind, ts=at))
 
 
 def history(engine: Engine, item_id: str) -> list[WorkItemChange]:

@@ -9,10 +9,13 @@ from starlette.requests import Request
 
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore
+from taskproxy.guard.budgets import Budgets
+from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.settings import Settings
 from taskproxy.storage.writer import BatchWriter
+from taskproxy.trackers.base import Tracker
 from taskproxy.upstream.passthrough import Upstream
 from taskproxy.upstream.translate import Translator
 
@@ -28,6 +31,10 @@ class Services:
     writer: BatchWriter
     counter: TokenCounter
     prices: dict[str, Price | None]
+    items: ItemCache
+    policy: Policy
+    budgets: Budgets
+    trackers: dict[str, Tracker]
 
 
 def services(request: Request) -> Services:

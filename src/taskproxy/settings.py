@@ -80,6 +80,8 @@ class WorkItemSettings(_Frozen):
     patterns: tuple[str, ...] = DEFAULT_ID_PATTERNS
     branch_patterns: tuple[str, ...] = DEFAULT_BRANCH_PATTERNS
     binding_ttl_hours: float = Field(default=12.0, gt=0)
+    # How often each process reloads the registry (statuses, budgets) changed by other processes.
+    refresh_seconds: float = Field(default=5.0, gt=0)
 
     @field_validator("patterns", "branch_patterns")
     @classmethod

@@ -107,10 +107,13 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
         raw = await read_body(request, svc.settings.limits.max_body_bytes)
         body = await decode_json_object(raw)
         attributed = svc.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
+        known = await svc.policy.check(attributed.work_item)
         if isinstance(body, Undecodable):
             raise InvalidRequest(body.reason)
         endpoint.validate(body)
-        return Admitted(principal, attributed, body, raw, _model_of(body, svc, endpoint), body["model"], ts, started)
+        model = _model_of(body, svc, endpoint)
+        svc.budgets.check(attributed.work_item, known, principal.team, ts)
+        return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
     except ApiError as exc:
         svc.writer.submit(Rejected(uuid.uuid4().hex, ts, principal.key_id if principal else None, exc.code, endpoint.path))
         raise

@@ -1,0 +1,108 @@
+"""Budgets per work item and per team (tokens and USD), checked before anything goes upstream.
+
+Spend is counted in memory: each process adds every event's tokens and cost as soon as the writer
+builds its record (milliseconds after the response ends) and re-reads the totals from the database
+every `budgets.refresh_seconds` (spend through other replicas). A request is refused once the spend
+has reached the limit, so the overshoot is bounded by the requests already admitted and still in
+flight when the limit is crossed (plus, across replicas, the spend of the others since the last
+re-read). Team budgets run per calendar month, UTC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+
+import anyio
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from taskproxy.errors import BudgetExceeded
+from taskproxy.guard.items import ItemCache, KnownItem
+from taskproxy.settings import BudgetSettings
+from taskproxy.storage.models import UsageEvent
+from taskproxy.storage.writer import Record
+from taskproxy.timeutil import utcnow
+
+log = logging.getLogger("taskproxy.budgets")
+_E = UsageEvent.__table__.c
+
+
+def _month(ts: datetime) -> str:
+    return ts.strftime("%Y-%m")
+
+
+class Budgets:
+    def __init__(self, engine: Engine, settings: BudgetSettings, items: ItemCache) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._items = items
+        self._lock = threading.Lock()
+        self._item_spent: dict[str, list[float]] = {}  # item → [tokens, usd]
+        self._team_spent: dict[tuple[str, str], list[float]] = {}  # (team, "YYYY-MM") → [tokens, usd]
+
+    @property
+    def _item_defaults(self) -> bool:
+        return self._settings.work_item_tokens is not None or self._settings.work_item_usd is not None
+
+    def load(self, now: datetime) -> None:
+        """Re-read spend from the database (blocking; run it in a thread)."""
+        item_query = select(_E.work_item, func.sum(_E.total_tokens), func.sum(_E.cost_usd)).group_by(_E.work_item)
+        if not self._item_defaults:
+            wanted = self._items.items_with_budgets()
+            item_query = item_query.where(_E.work_item.in_(wanted)) if wanted else None
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        teams = list(self._settings.teams)
+        with self._engine.connect() as connection:
+            items = connection.execute(item_query).all() if item_query is not None else []
+            team_rows = connection.execute(
+                select(_E.team, func.sum(_E.total_tokens), func.sum(_E.cost_usd)).where(_E.team.in_(teams), _E.ts >= month_start).group_by(_E.team)
+            ).all() if teams else []  # fmt: skip
+        with self._lock:
+            self._item_spent = {row[0]: [float(row[1] or 0), float(row[2] or 0)] for row in items}
+            self._team_spent = {(row[0], _month(now)): [float(row[1] or 0), float(row[2] or 0)] for row in team_rows}
+
+    async def refresh_forever(self) -> None:
+        while True:
+            await anyio.sleep(self._settings.refresh_seconds)
+            try:
+                await anyio.to_thread.run_sync(self.load, utcnow())
+            except SQLAlchemyError as exc:
+                log.warning("could not re-read spend for budgets: %s", exc.__class__.__name__)
+
+    def record(self, record: Record) -> None:
+        """Count an event's spend (called by the writer thread as each record is built)."""
+        if record.kind != "event":
+            return
+        row = record.row
+        tokens, cost = float(row["total_tokens"] or 0), float(row["cost_usd"] or 0)
+        if not tokens and not cost:
+            return
+        with self._lock:
+            spent = self._item_spent.setdefault(row["work_item"], [0.0, 0.0])
+            spent[0] += tokens
+            spent[1] += cost
+            if row["team"] in self._settings.teams:
+                team = self._team_spent.setdefault((row["team"], _month(row["ts"])), [0.0, 0.0])
+                team[0] += tokens
+                team[1] += cost
+
+    def check(self, item_id: str, known: KnownItem | None, team: str | None, now: datetime) -> None:
+        tokens_limit = known.budget_tokens if known and known.budget_tokens is not None else self._settings.work_item_tokens
+        usd_limit = known.budget_usd if known and known.budget_usd is not None else self._settings.work_item_usd
+        spent_tokens, spent_usd = self._item_spent.get(item_id, (0.0, 0.0))
+        where = f"The work item {item_id}"
+        _refuse_if_spent(where, spent_tokens, tokens_limit, spent_usd, usd_limit)
+        team_budget = self._settings.teams.get(team) if team else None
+        if team_budget is not None:
+            spent_tokens, spent_usd = self._team_spent.get((team, _month(now)), (0.0, 0.0))  # type: ignore[arg-type]
+            _refuse_if_spent(f"The team {team} this month", spent_tokens, team_budget.tokens, spent_usd, team_budget.usd)
+
+
+def _refuse_if_spent(where: str, tokens: float, tokens_limit: int | None, usd: float, usd_limit: float | None) -> None:
+    if tokens_limit is not None and tokens >= tokens_limit:
+        raise BudgetExceeded(f"{where} has used {int(tokens):,} tokens of its budget of {tokens_limit:,} tokens. Ask an admin to raise it.")
+    if usd_limit is not None and usd >= usd_limit:
+        raise BudgetExceeded(f"{where} has spent ${usd:,.4f} of its budget of ${usd_limit:,.2f}. Ask an admin to raise it.")

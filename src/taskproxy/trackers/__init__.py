@@ -1,0 +1,1 @@
+"""Tracker webhooks: each tracker verifies its deliveries and maps them to work-item updates."""

@@ -1,0 +1,85 @@
+"""What every tracker provides, and the pieces they share."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from starlette.datastructures import Headers
+
+from taskproxy.errors import InvalidRequest, InvalidSignature
+
+
+@dataclass(frozen=True)
+class ItemUpdate:
+    """What a delivery says about one work item."""
+
+    item_id: str  # as the tracker names it; normalized before use
+    status: str | None  # open | in_progress | done | closed; None: fields only
+    at: datetime | None = None  # when the change happened, if the tracker says
+    created_at: datetime | None = None
+    title: str | None = None
+    url: str | None = None
+    team: str | None = None
+    # Tickets this item (a merged pull request) came out of, named in its branch or title.
+    links: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    tracker: str
+    delivery_id: str | None
+    event: str
+    updates: list[ItemUpdate] = field(default_factory=list)
+
+
+class Tracker(Protocol):
+    name: str
+
+    def verify(self, headers: Headers, raw: bytes) -> None:
+        """Raise InvalidSignature unless `raw` was signed with the configured secret."""
+
+    def parse(self, headers: Headers, payload: dict[str, Any], now: datetime) -> Delivery:
+        """Map a verified delivery to updates; unknown events give none. Raise InvalidRequest if malformed."""
+
+
+def check_hmac_sha256(secret: str, raw: bytes, presented: str | None, *, prefix: str = "") -> None:
+    """Constant-time check of a hex HMAC-SHA256 of the raw body, optionally written `sha256=<hex>`."""
+    if not presented:
+        raise InvalidSignature("The delivery is not signed. Configure the webhook with the secret taskproxy was given.")
+    expected = prefix + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), presented.strip().encode("utf-8", "replace")):
+        raise InvalidSignature("The delivery's signature does not match: it was not signed with the configured secret.")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    if len(text) > 5 and text[-5] in "+-" and text[-3] != ":":  # Jira's +0000
+        text = text[:-2] + ":" + text[-2:]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+
+
+def need(payload: dict[str, Any], *path: str) -> Any:
+    """payload[path[0]][path[1]]..., or InvalidRequest naming what is missing."""
+    value: Any = payload
+    for depth, key in enumerate(path):
+        if not isinstance(value, dict) or key not in value or value[key] is None:
+            raise InvalidRequest(f"The delivery has no '{'.'.join(path[: depth + 1])}'.")
+        value = value[key]
+    return value
+
+
+def text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,80 @@
+"""GitHub: `pull_request` and `issues` events, signed in X-Hub-Signature-256, identified by X-GitHub-Delivery.
+
+A PR or issue is the item `owner/repo#N`. Merged → done, closed unmerged → closed; an issue closed
+as `not_planned` → closed, otherwise → done. A merged PR whose branch or title names a ticket
+(`feature/PROJ-123-x`) is linked to it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, parse_time, text
+from taskproxy.workitems import WorkItemIds
+
+_OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
+
+
+class GitHub:
+    name = "github"
+
+    def __init__(self, secret: str, ids: WorkItemIds) -> None:
+        self._secret = secret
+        self._ids = ids
+
+    def verify(self, headers: Headers, raw: bytes) -> None:
+        check_hmac_sha256(self._secret, raw, headers.get("x-hub-signature-256"), prefix="sha256=")
+
+    def parse(self, headers: Headers, payload: dict[str, Any], now: datetime) -> Delivery:
+        event = headers.get("x-github-event", "")
+        delivery = headers.get("x-github-delivery")
+        action = payload.get("action")
+        if event == "pull_request" and (action in _OPENED or action == "closed"):
+            return Delivery(self.name, delivery, f"{event}.{action}", [self._pull_request(payload, action)])
+        if event == "issues" and (action in _OPENED or action == "closed"):
+            return Delivery(self.name, delivery, f"{event}.{action}", [self._issue(payload, action)])
+        return Delivery(self.name, delivery, f"{event}.{action}" if action else event)
+
+    @staticmethod
+    def _item_id(payload: dict[str, Any], number: Any) -> str:
+        return f"{need(payload, 'repository', 'full_name')}#{number}"
+
+    def _pull_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
+        pr = need(payload, "pull_request")
+        if action == "closed":
+            merged = pr.get("merged") is True
+            status, at = ("done", parse_time(pr.get("merged_at"))) if merged else ("closed", parse_time(pr.get("closed_at")))
+        else:
+            status, at = "open", parse_time(pr.get("updated_at"))
+        links: tuple[str, ...] = ()
+        if status == "done":
+            branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
+            links = tuple(dict.fromkeys(found for found in (self._ticket_in(branch), self._ticket_in(pr.get("title"))) if found))
+        return ItemUpdate(
+            item_id=self._item_id(payload, need(payload, "pull_request", "number")), status=status, at=at,
+            created_at=parse_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
+        )  # fmt: skip
+
+    def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
+        issue = need(payload, "issue")
+        if action == "closed":
+            status = "closed" if issue.get("state_reason") == "not_planned" else "done"
+            at = parse_time(issue.get("closed_at"))
+        else:
+            status, at = "open", parse_time(issue.get("updated_at"))
+        return ItemUpdate(
+            item_id=self._item_id(payload, need(payload, "issue", "number")), status=status, at=at,
+            created_at=parse_time(issue.get("created_at")), title=text(issue.get("title")), url=text(issue.get("html_url")),
+        )  # fmt: skip
+
+    def _ticket_in(self, value: Any) -> str | None:
+        """A Jira/Linear key named in a branch or a title (not the PR itself)."""
+        if not isinstance(value, str):
+            return None
+        try:
+            return self._ids.from_branch(value.replace(" ", "/").replace(":", "/")[:255])
+        except Exception:  # a malformed key in a title is no link, not an error
+            return None
