@@ -119,3 +119,25 @@ def test_unreadable_files(tmp_path: Path) -> None:
 def test_fallbacks_must_name_another_configured_model(fallbacks: list[str]) -> None:
     with pytest.raises(ConfigError, match=r"models\[0\]\.fallbacks"):
         settings_from_mapping({"models": [{"name": "a", "base_url": "http://x", "fallbacks": fallbacks}]}, {})
+
+
+def test_a_database_from_an_older_version_is_refused_until_db_upgrade(tmp_path: Path) -> None:
+    import sqlite3
+
+    from taskproxy.cli import main
+    from taskproxy.errors import SchemaBehind
+    from taskproxy.storage.db import make_engine, prepare_schema
+
+    database = tmp_path / "old.db"
+    prepare_schema(make_engine(f"sqlite:///{database}"))
+    with sqlite3.connect(database) as old:  # as an older version left it: a table and a column fewer
+        old.execute("DROP TABLE audit_log")
+        old.execute("ALTER TABLE usage_events DROP COLUMN attempt")
+    with pytest.raises(SchemaBehind, match=r"audit_log.*usage_events\.attempt.*taskproxy db upgrade"):
+        prepare_schema(make_engine(f"sqlite:///{database}"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database_url: sqlite:///{database}\n")
+    assert main(["db", "upgrade", "--config", str(config)]) == 0
+    prepare_schema(make_engine(f"sqlite:///{database}"))  # now accepted
+    with sqlite3.connect(database) as upgraded:
+        assert "attempt" in [row[1] for row in upgraded.execute("PRAGMA table_info(usage_events)")]

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from taskproxy import __version__
 from taskproxy.errors import ApiError, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
@@ -30,7 +31,7 @@ from taskproxy.routes import admin, anthropic, me, openai, webhooks
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
-from taskproxy.storage.db import create_schema, make_engine, ping
+from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -48,6 +49,10 @@ NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 
 def default_transport() -> httpx.AsyncBaseTransport:
     return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+
+
+async def root(request: Request) -> Response:
+    return JSON({"service": "taskproxy", "version": __version__, "openai": "/v1", "anthropic": "/v1/messages", "admin": "/api"})
 
 
 async def healthz(request: Request) -> Response:
@@ -105,7 +110,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = engine if engine is not None else make_engine(settings.database_url)
-        await anyio.to_thread.run_sync(create_schema, db)
+        await anyio.to_thread.run_sync(prepare_schema, db)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         if admin_key:
             await anyio.to_thread.run_sync(ensure_bootstrap_admin, db, admin_key)
@@ -162,6 +167,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 db.dispose()
 
     routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *openai.routes,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskproxy import __version__
-from taskproxy.errors import ApiError, ConfigError
+from taskproxy.errors import ApiError, ConfigError, SchemaBehind
 from taskproxy.settings import Settings, load_settings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -25,10 +25,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from taskproxy.storage.db import create_schema, make_engine
+    from taskproxy.storage.db import make_engine, prepare_schema
 
     engine = make_engine(_settings(args).database_url)
-    create_schema(engine)
+    prepare_schema(engine)
     return engine
 
 
@@ -75,9 +75,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from taskproxy.storage.db import make_engine, upgrade_schema
+
     settings = _settings(args)
-    _engine(args)
-    print(f"database ready: {settings.database_url.split('@')[-1]}")
+    engine = make_engine(settings.database_url)
+    added = upgrade_schema(engine)
+    where = settings.database_url.split("@")[-1]
+    print(f"upgraded {where}: added {', '.join(added)}" if added else f"database up to date: {where}")
     return 0
 
 
@@ -337,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, SchemaBehind) as exc:
         print(f"taskproxy: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:

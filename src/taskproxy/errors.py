@@ -2,6 +2,7 @@
 
     TaskproxyError
     ├── ConfigError                 bad configuration, raised at start (one line: key and problem)
+    ├── SchemaBehind                the database was made by an older version: run `taskproxy db upgrade`
     └── ApiError                    anything a client is answered with (status + code)
         ├── InvalidApiKey           401 invalid_api_key
         ├── InvalidSignature        401 invalid_signature  (a webhook delivery not signed with the secret)
@@ -41,6 +42,10 @@ class TaskproxyError(Exception):
 
 class ConfigError(TaskproxyError):
     """The configuration cannot be used. The message names the key and the problem."""
+
+
+class SchemaBehind(TaskproxyError):
+    """The database lacks tables or columns this version needs."""
 
 
 class ApiError(TaskproxyError):

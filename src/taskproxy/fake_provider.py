@@ -161,15 +161,29 @@ class FakeProvider:
         return StreamingResponse(self._responses_stream(done, words, model), media_type="text/event-stream")
 
     async def _responses_stream(self, done: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
+        """The whole event sequence OpenAI sends (Codex CLI needs the item and part events around the deltas)."""
+        message = done["output"][0]
         started = {**done, "status": "in_progress", "output": [], "usage": None}
-        yield _named("response.created", {"type": "response.created", "sequence_number": 0, "response": started})
+        where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+        sequence = 0
+
+        def event(name: str, data: dict) -> bytes:
+            nonlocal sequence
+            sequence += 1
+            return _named(name, {"type": name, "sequence_number": sequence, **data})
+
+        yield event("response.created", {"response": started})
+        yield event("response.in_progress", {"response": started})
+        yield event("response.output_item.added", {"output_index": 0, "item": {**message, "status": "in_progress", "content": []}})
+        yield event("response.content_part.added", {**where, "part": {"type": "output_text", "text": "", "annotations": []}})
         for i, word in enumerate(words):
-            delta = word if i == 0 else " " + word
-            yield _named("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
-                                                        "content_index": 0, "delta": delta, "sequence_number": i + 1})  # fmt: skip
+            yield event("response.output_text.delta", {**where, "delta": word if i == 0 else " " + word})
             if model == "fake-cut" and i == len(words) // 2:
                 raise ConnectionResetError("fake provider cut the stream")
-        yield _named("response.completed", {"type": "response.completed", "sequence_number": len(words) + 1, "response": done})
+        yield event("response.output_text.done", {**where, "text": message["content"][0]["text"]})
+        yield event("response.content_part.done", {**where, "part": message["content"][0]})
+        yield event("response.output_item.done", {"output_index": 0, "item": message})
+        yield event("response.completed", {"response": done})
 
     # -- Anthropic Messages API ----------------------------------------------------------------------
 

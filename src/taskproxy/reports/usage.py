@@ -15,10 +15,12 @@ GroupBy = Literal["work_item", "team", "model"]
 GROUP_COLUMNS = {"work_item": UsageEvent.work_item, "team": UsageEvent.team, "model": UsageEvent.model}
 
 _E = UsageEvent.__table__.c
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 
 _TOTALS = (
-    # One client request = one first attempt; fallback attempts are events but not more requests.
-    func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
+    # One client request = one first attempt; fallback attempts are events but not more requests, and
+    # token counting (Claude Code calls count_tokens often) generates nothing.
+    func.sum(case(((_E.attempt == 1) & (_E.route != COUNT_TOKENS_ROUTE), 1), else_=0)).label("requests"),
     func.count().label("attempts"),
     func.coalesce(func.sum(_E.prompt_tokens), 0).label("prompt_tokens"),
     func.coalesce(func.sum(_E.completion_tokens), 0).label("completion_tokens"),

@@ -8,6 +8,7 @@ is recorded as one usage event.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,8 @@ from taskproxy.timeutil import utcnow
 from taskproxy.upstream.passthrough import UpstreamReply, upstream_headers
 from taskproxy.upstream.relay import RelayResponse, openai_error_event
 from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk
+
+log = logging.getLogger("taskproxy.proxy")
 
 # Reaches a model whose provider does not speak the endpoint's API: (services, model, body, stream).
 Translate = Callable[[Services, ModelSettings, dict, bool], Awaitable[UpstreamReply]]
@@ -115,7 +118,9 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
         svc.budgets.check(attributed.work_item, known, principal.team, ts)
         return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
     except ApiError as exc:
-        svc.writer.submit(Rejected(uuid.uuid4().hex, ts, principal.key_id if principal else None, exc.code, endpoint.path))
+        key_id = principal.key_id if principal else None
+        svc.writer.submit(Rejected(uuid.uuid4().hex, ts, key_id, exc.code, endpoint.path))
+        log.info("refused %s for key %s: %s %s", endpoint.path, key_id or "-", exc.code, exc.message)
         raise
 
 

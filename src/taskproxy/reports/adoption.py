@@ -1,0 +1,508 @@
+"""The adoption report (DESIGN §8): AI spend measured against completed work. Pure queries and arithmetic.
+
+Definitions (the period is [since, until); times are naive UTC in the database, ISO 8601 with `Z` out):
+
+- **Item team**: `work_items.team` if set; otherwise the team that spent the most on the item over all
+  time (sum of `usage_events.cost_usd`, unknown prices counting 0, then sum of `total_tokens`; ties go
+  to the team name that sorts first; events without a team are not counted); otherwise none, and the
+  item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
+- **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
+  not completed). It counts with all the spend it ever had (all its events, whenever they happened).
+- **AI-assisted**: a completed item with at least one usage event whose status is below 400.
+- `ai_assisted_share` = ai_assisted_items / completed_items (null when nothing was completed).
+- `cost_per_completed_item`, `tokens_per_completed_item`: over the AI-assisted completed items, the
+  per-item total (sum of `cost_usd` / of `total_tokens` over all the item's events) as
+  `{"median", "p90", "total", "by_model"}`. Percentiles interpolate linearly between closest ranks
+  (numpy's default, `statistics.quantiles(method="inclusive")`); one item: median = p90 = its value;
+  none: null, total 0. An item none of whose events has a known price has no cost: it is left out of
+  the cost median and p90 and counted in `cost_per_completed_item.unpriced_items`. `by_model` sums
+  the same items' events per model (the model the client asked for); a model none of whose events on
+  those items has a known price shows null.
+- `spend_without_outcome_usd`: spend (events with `ts` in the period) on items whose status *as of
+  `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
+  `stale_after_days` before `until` — except tickets with a `work_item_links` row whose linked item (the
+  merged PR) was `done` as of `until`. Split in `spend_without_outcome_breakdown`
+  (`closed`, `unverified`, `stale_open`). The status as of `until` is the target of the last recorded
+  change before `until`; when no change was recorded before `until`, the origin of the first change
+  after it, or — if there is none (the item was registered later, or never changed) — the current status.
+- `spend_after_completion_usd`: spend (events with `ts` in the period) on items whose current status
+  is `done` or `closed`, on events later than the item's `completed_at`.
+- `cycle_time_hours`: `{"ai_assisted", "other"}` medians of completed_at − created_at, in hours, over
+  the AI-assisted and the other completed items of the period (null where there are none). Context,
+  not cause.
+- `rejected_requests`: `{reason: count}` of rejections with `ts` in the period; for a team, those made
+  with a key (revoked or not) of that team.
+- Spend sums count events with a known price only (0 when none is known).
+
+Privacy: a team's figures are shown only if at least `min_group_size` people have a non-revoked key of
+that team (distinct owners); otherwise the team appears as `{"team", "withheld": true, "reason"}` with
+no figure at all, and with a `team=` filter on such a team `overall` is withheld too. The report never
+names owners or keys and has no per-person figure. Teams listed: every team of a non-revoked key, plus
+the team of every item with usage in the period or completed in it, sorted by name.
+
+Queries aggregate in SQL (per work item, per model); only those aggregates, the work items and their
+status changes are loaded into Python for the arithmetic.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, distinct, func, or_, select, union
+from sqlalchemy.engine import Connection, Engine
+
+from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.timeutil import iso
+
+_E = UsageEvent.__table__.c
+_W = WorkItem.__table__.c
+_C = WorkItemChange.__table__.c
+_L = WorkItemLink.__table__.c
+_K = ApiKey.__table__.c
+_R = Rejection.__table__.c
+
+WITHOUT_OUTCOME = ("closed", "unverified", "stale_open")
+OPEN_STATUSES = ("open", "in_progress")
+RESOLVED = ("done", "closed")
+
+CSV_COLUMNS = (
+    "scope",
+    "team",
+    "completed_items",
+    "ai_assisted_items",
+    "ai_assisted_share",
+    "cost_per_item_median",
+    "cost_per_item_p90",
+    "cost_total",
+    "tokens_per_item_median",
+    "tokens_per_item_p90",
+    "tokens_total",
+    "spend_without_outcome_usd",
+    "spend_after_completion_usd",
+    "cycle_time_ai_assisted_hours",
+    "cycle_time_other_hours",
+    "rejected_requests_total",
+    "withheld",
+)
+
+
+# -- arithmetic -----------------------------------------------------------------------------------
+
+
+def quantile(values: Iterable[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
+
+
+def _money(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 9)
+
+
+def _hours(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+# -- what the queries load ------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    id: str
+    team: str | None = None  # the item's team after the fallback to the spending team
+    status: str = "unverified"  # current
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    status_at_until: str = "unverified"
+    # All-time, per model: (events, events below 400, cost or None, total tokens) — completed items only.
+    by_model: dict[str, tuple[int, int, float | None, int]] = field(default_factory=dict)
+    period_events: int = 0  # events in the period
+    spend: float = 0.0  # their known cost
+    spend_after_completion: float = 0.0  # of which after completed_at (done or closed items)
+    merged_pr: bool = False  # a linked item was done as of `until`
+
+
+def _load_items(connection: Connection) -> dict[str, _Item]:
+    rows = connection.execute(select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at)).all()
+    return {r.id: _Item(r.id, r.team, r.status, r.created_at, r.completed_at, r.status) for r in rows}
+
+
+def _in_period(column: Any, since: datetime, until: datetime) -> Any:
+    return and_(column >= since, column < until)
+
+
+def _load_completed(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
+    completed_ids = select(_W.id).where(_W.status == "done", _in_period(_W.completed_at, since, until))
+    query = (
+        select(
+            _E.work_item,
+            _E.model,
+            func.count().label("events"),
+            func.sum(case((_E.status < 400, 1), else_=0)).label("ok"),
+            func.sum(_E.cost_usd).label("cost"),
+            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
+        )
+        .where(_E.work_item.in_(completed_ids))
+        .group_by(_E.work_item, _E.model)
+    )
+    for row in connection.execute(query):
+        item = items.get(row.work_item)
+        if item is not None:
+            item.by_model[row.model] = (int(row.events), int(row.ok or 0), None if row.cost is None else float(row.cost), int(row.tokens))
+
+
+def _load_period_spend(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
+    after = and_(_W.status.in_(RESOLVED), _E.ts > _W.completed_at)
+    query = (
+        select(
+            _E.work_item,
+            func.count().label("events"),
+            func.sum(_E.cost_usd).label("spend"),
+            func.sum(case((after, _E.cost_usd), else_=None)).label("after"),
+        )
+        .select_from(UsageEvent.__table__.outerjoin(WorkItem.__table__, _W.id == _E.work_item))
+        .where(_in_period(_E.ts, since, until))
+        .group_by(_E.work_item)
+    )
+    for row in connection.execute(query):
+        item = items.get(row.work_item)
+        if item is None:  # usage on an item never registered: unverified
+            item = items[row.work_item] = _Item(row.work_item)
+        item.period_events = int(row.events)
+        item.spend = float(row.spend or 0.0)
+        item.spend_after_completion = float(row.after or 0.0)
+
+
+def _load_statuses_at(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
+    """Set `status_at_until` of the items with spend in the period and of linked items, from the history."""
+    spent = select(_E.work_item).where(_in_period(_E.ts, since, until))
+    query = (
+        select(_C.work_item, _C.ts, _C.from_status, _C.to_status)
+        .where(or_(_C.work_item.in_(spent), _C.work_item.in_(select(_L.linked))))
+        .order_by(_C.work_item, _C.ts)
+    )
+    before: dict[str, str] = {}
+    first_after: dict[str, str | None] = {}
+    for row in connection.execute(query):
+        if row.ts < until:
+            before[row.work_item] = row.to_status
+        elif row.work_item not in first_after:
+            first_after[row.work_item] = row.from_status
+    for item_id, item in items.items():
+        if item_id in before:
+            item.status_at_until = before[item_id]
+        elif first_after.get(item_id) is not None:
+            item.status_at_until = first_after[item_id]  # type: ignore[assignment]
+        else:
+            item.status_at_until = item.status
+
+
+def _load_links(connection: Connection, items: dict[str, _Item]) -> None:
+    for ticket, linked in connection.execute(select(_L.work_item, _L.linked)):
+        target = items.get(linked)
+        if ticket in items and target is not None and target.status_at_until == "done":
+            items[ticket].merged_pr = True
+
+
+def _assign_teams(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
+    """Items without a team take the team that spent the most on them (see the module docstring)."""
+    relevant = union(
+        select(_E.work_item.label("id")).where(_in_period(_E.ts, since, until)),
+        select(_W.id.label("id")).where(_W.status == "done", _in_period(_W.completed_at, since, until)),
+    ).subquery()
+    teamed = select(_W.id).where(_W.team.is_not(None))
+    query = (
+        select(_E.work_item, _E.team, func.sum(_E.cost_usd).label("cost"), func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"))
+        .where(_E.team.is_not(None), _E.work_item.in_(select(relevant.c.id)), _E.work_item.not_in(teamed))
+        .group_by(_E.work_item, _E.team)
+    )
+    candidates: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    for row in connection.execute(query):
+        candidates[row.work_item].append((-float(row.cost or 0.0), -int(row.tokens), row.team))
+    for item_id, spenders in candidates.items():
+        if item_id in items and items[item_id].team is None:
+            items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
+
+
+def _people_by_team(connection: Connection) -> dict[str, int]:
+    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_not(None)).group_by(_K.team)
+    return {team: int(count) for team, count in connection.execute(query)}
+
+
+def _rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, str, int]]:
+    query = (
+        select(_K.team, _R.reason, func.count().label("n"))
+        .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _R.key_id))
+        .where(_in_period(_R.ts, since, until))
+        .group_by(_K.team, _R.reason)
+    )
+    return [(row.team, row.reason, int(row.n)) for row in connection.execute(query)]
+
+
+# -- the figures of one scope ---------------------------------------------------------------------
+
+
+def _completed_in(item: _Item, since: datetime, until: datetime) -> bool:
+    return item.status == "done" and item.completed_at is not None and since <= item.completed_at < until
+
+
+def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) -> str | None:
+    if item.merged_pr:
+        return None
+    status = item.status_at_until
+    if status in ("closed", "unverified"):
+        return status
+    if status in OPEN_STATUSES and item.created_at is not None and item.created_at < until - stale_after:
+        return "stale_open"
+    return None
+
+
+def _per_item(values: list[float]) -> dict[str, Any]:
+    return {"median": quantile(values, 0.5), "p90": quantile(values, 0.9)}
+
+
+def _figures(
+    items: list[_Item], rejected: dict[str, int], *, since: datetime, until: datetime, stale_after: timedelta
+) -> dict[str, Any]:
+    completed = [i for i in items if _completed_in(i, since, until)]
+    assisted = [i for i in completed if any(ok for _, ok, _, _ in i.by_model.values())]
+    assisted_ids = {i.id for i in assisted}
+    other = [i for i in completed if i.id not in assisted_ids]
+
+    costs: list[float] = []
+    unpriced = 0
+    tokens: list[float] = []
+    cost_by_model: dict[str, float | None] = {}
+    tokens_by_model: dict[str, int] = defaultdict(int)
+    for item in assisted:
+        item_cost: float | None = None
+        for model, (_, _, cost, model_tokens) in item.by_model.items():
+            tokens_by_model[model] += model_tokens
+            if cost is not None:
+                item_cost = (item_cost or 0.0) + cost
+                cost_by_model[model] = (cost_by_model.get(model) or 0.0) + cost
+            else:
+                cost_by_model.setdefault(model, None)
+        tokens.append(float(sum(t for _, _, _, t in item.by_model.values())))
+        if item_cost is None:
+            unpriced += 1
+        else:
+            costs.append(item_cost)
+    cost_figures = _per_item(costs)
+
+    without = dict.fromkeys(WITHOUT_OUTCOME, 0.0)
+    after = 0.0
+    for item in items:
+        if item.spend:
+            kind = _without_outcome_kind(item, until, stale_after)
+            if kind is not None:
+                without[kind] += item.spend
+        after += item.spend_after_completion
+
+    def cycle(group: list[_Item]) -> float | None:
+        hours = [(i.completed_at - i.created_at).total_seconds() / 3600 for i in group if i.completed_at and i.created_at]
+        return _hours(statistics.median(hours)) if hours else None
+
+    return {
+        "completed_items": len(completed),
+        "ai_assisted_items": len(assisted),
+        "ai_assisted_share": len(assisted) / len(completed) if completed else None,
+        "cost_per_completed_item": {
+            "median": _money(cost_figures["median"]),
+            "p90": _money(cost_figures["p90"]),
+            "total": _money(sum(costs)),
+            "by_model": {m: _money(v) for m, v in sorted(cost_by_model.items())},
+            "unpriced_items": unpriced,
+        },
+        "tokens_per_completed_item": {
+            **_per_item(tokens),
+            "total": int(sum(tokens)),
+            "by_model": dict(sorted(tokens_by_model.items())),
+        },
+        "spend_without_outcome_usd": _money(sum(without.values())),
+        "spend_without_outcome_breakdown": {k: _money(v) for k, v in without.items()},
+        "spend_after_completion_usd": _money(after),
+        "cycle_time_hours": {"ai_assisted": cycle(assisted), "other": cycle(other)},
+        "rejected_requests": dict(sorted(rejected.items())),
+    }
+
+
+def _withheld(team: str | None, min_group_size: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"team": team} if team is not None else {}
+    return {**entry, "withheld": True, "reason": f"fewer than {min_group_size} people"}
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def adoption_report(
+    engine: Engine,
+    *,
+    since: datetime,
+    until: datetime,
+    team: str | None = None,
+    min_group_size: int = 5,
+    stale_after_days: float = 14.0,
+) -> dict[str, Any]:
+    """The adoption report for [since, until), overall and per team (see the module docstring)."""
+    if since >= until:
+        raise ValueError("'since' must be before 'until'")
+    with engine.connect() as connection:
+        items = _load_items(connection)
+        _load_completed(connection, items, since, until)
+        _load_period_spend(connection, items, since, until)
+        _load_statuses_at(connection, items, since, until)
+        _load_links(connection, items)
+        _assign_teams(connection, items, since, until)
+        people = _people_by_team(connection)
+        rejections = _rejections(connection, since, until)
+
+    stale_after = timedelta(days=stale_after_days)
+    relevant = [i for i in items.values() if i.period_events or _completed_in(i, since, until)]
+    by_team: dict[str | None, list[_Item]] = defaultdict(list)
+    for item in relevant:
+        by_team[item.team].append(item)
+    rejected_by_team: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    rejected_all: dict[str, int] = defaultdict(int)
+    for key_team, reason, count in rejections:
+        rejected_by_team[key_team][reason] += count
+        rejected_all[reason] += count
+
+    def figures_of(name: str) -> dict[str, Any]:
+        if people.get(name, 0) < min_group_size:
+            return _withheld(name, min_group_size)
+        return {"team": name, **_figures(by_team.get(name, []), dict(rejected_by_team.get(name, {})), since=since, until=until, stale_after=stale_after)}
+
+    if team is not None:
+        entry = figures_of(team)
+        overall = {k: v for k, v in entry.items() if k != "team"}
+        teams = [entry]
+    else:
+        overall = _figures(relevant, dict(rejected_all), since=since, until=until, stale_after=stale_after)
+        names = set(people) | {t for t in by_team if t is not None}
+        teams = [figures_of(name) for name in sorted(names)]
+    return {
+        "since": iso(since),
+        "until": iso(until),
+        "team": team,
+        "min_group_size": min_group_size,
+        "stale_after_days": stale_after_days,
+        "overall": overall,
+        "teams": teams,
+    }
+
+
+# -- CSV ------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _text(value: str | None) -> str:
+    """A name as a CSV cell that a spreadsheet will not run as a formula."""
+    if value and value[0] in "=+-@\t\r":
+        return "'" + value
+    return value or ""
+
+
+def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]:
+    if figures.get("withheld"):
+        return [scope, _text(team), *([""] * (len(CSV_COLUMNS) - 3)), "true"]
+    cost, tokens, cycle = figures["cost_per_completed_item"], figures["tokens_per_completed_item"], figures["cycle_time_hours"]
+    values = [
+        figures["completed_items"],
+        figures["ai_assisted_items"],
+        figures["ai_assisted_share"],
+        cost["median"],
+        cost["p90"],
+        cost["total"],
+        tokens["median"],
+        tokens["p90"],
+        tokens["total"],
+        figures["spend_without_outcome_usd"],
+        figures["spend_after_completion_usd"],
+        cycle["ai_assisted"],
+        cycle["other"],
+        sum(figures["rejected_requests"].values()),
+        False,
+    ]
+    return [scope, _text(team), *(_cell(v) for v in values)]
+
+
+def adoption_csv(report: dict[str, Any]) -> str:
+    """The report as CSV: a header, one row for `overall`, one per team."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerow(_csv_row("overall", report.get("team"), report["overall"]))
+    for entry in report["teams"]:
+        writer.writerow(_csv_row("team", entry["team"], entry))
+    return out.getvalue()
+
+
+# -- one work item --------------------------------------------------------------------------------
+
+
+def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
+    """Extras of `GET /api/work-items/{id}`: cycle time, usage per day, status history, links.
+
+    `cycle_time_hours` is completed_at − created_at for a `done` item, else null. `usage_by_day` has one
+    entry per UTC day with usage (`requests` counts first attempts, as elsewhere; `cost_usd` is null when
+    no event of that day has a known price). `linked` are the items (merged PRs) recorded as coming out
+    of this one; `linked_from` the items this one came out of.
+    """
+    day = func.date(_E.ts)
+    usage_query = (
+        select(
+            day.label("day"),
+            func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
+            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
+            func.sum(_E.cost_usd).label("cost"),
+        )
+        .where(_E.work_item == item_id)
+        .group_by(day)
+        .order_by(day)
+    )
+    with engine.connect() as connection:
+        item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
+        usage = connection.execute(usage_query).all()
+        changes = connection.execute(
+            select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
+        ).all()
+        status = select(_W.status).where(_W.id == _L.linked).scalar_subquery()
+        linked = connection.execute(select(_L.linked, _L.kind, _L.ts, status).where(_L.work_item == item_id).order_by(_L.linked)).all()
+        status_from = select(_W.status).where(_W.id == _L.work_item).scalar_subquery()
+        linked_from = connection.execute(
+            select(_L.work_item, _L.kind, _L.ts, status_from).where(_L.linked == item_id).order_by(_L.work_item)
+        ).all()
+    cycle = None
+    if item is not None and item.status == "done" and item.completed_at is not None:
+        cycle = _hours((item.completed_at - item.created_at).total_seconds() / 3600)
+    return {
+        "cycle_time_hours": cycle,
+        "usage_by_day": [
+            {"day": str(row.day)[:10], "requests": int(row.requests or 0), "total_tokens": int(row.tokens), "cost_usd": _money(row.cost)}
+            for row in usage
+        ],
+        "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source} for row in changes],
+        "linked": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked],
+        "linked_from": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked_from],
+    }

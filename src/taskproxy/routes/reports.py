@@ -1,0 +1,58 @@
+"""Report routes under /api/reports/ (admin only): the adoption report as JSON and as CSV (DESIGN §8)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from taskproxy.errors import InvalidRequest
+from taskproxy.reports.adoption import adoption_csv, adoption_report
+from taskproxy.routes.common import JSON, admin, in_thread, time_param
+from taskproxy.services import services
+from taskproxy.timeutil import utcnow
+
+DEFAULT_PERIOD = timedelta(days=30)
+
+
+def period(request: Request) -> tuple[datetime, datetime]:
+    """`since` and `until` from the query: `until` defaults to now, `since` to 30 days before `until`."""
+    until = time_param(request, "until") or utcnow()
+    since = time_param(request, "since") or until - DEFAULT_PERIOD
+    if since >= until:
+        raise InvalidRequest("'since' must be before 'until'.", param="since")
+    return since, until
+
+
+async def _report(request: Request) -> dict[str, Any]:
+    await admin(request)
+    since, until = period(request)
+    team = request.query_params.get("team") or None
+    svc = services(request)
+    return await in_thread(  # type: ignore[no-any-return]
+        adoption_report,
+        svc.engine,
+        since=since,
+        until=until,
+        team=team,
+        min_group_size=svc.settings.privacy.min_group_size,
+        stale_after_days=svc.settings.reports.stale_after_days,
+    )
+
+
+async def adoption(request: Request) -> Response:
+    return JSON(await _report(request))
+
+
+async def adoption_as_csv(request: Request) -> Response:
+    report = await _report(request)
+    return Response(adoption_csv(report), media_type="text/csv", headers={"content-disposition": 'attachment; filename="adoption.csv"'})
+
+
+routes = [
+    Route("/api/reports/adoption", adoption, methods=["GET"]),
+    Route("/api/reports/adoption.csv", adoption_as_csv, methods=["GET"]),
+]

@@ -1,0 +1,366 @@
+"""A generated organisation for the adoption report's tests.
+
+Teams and their people's keys, a few hundred work items whose lifecycles span six weeks (done, closed,
+reopened, left open, auto-registered as unverified, tickets whose merged PR is linked), tens of
+thousands of usage events and some hundreds of rejections — all written through the real paths:
+`issue_key`, `registry.transition` / `registry.link`, and the `BatchWriter` fed with `Exchange` and
+`Rejected` items. Deterministic (a seeded `random.Random`).
+
+Everything written is also kept here as plain records (`Org`), from which the tests compute the
+expected figures on their own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from taskproxy import registry
+from taskproxy.guard.auth import issue_key, revoke
+from taskproxy.metering.pricing import Price
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.metering.usage import Exchange, Observed, ProviderUsage, Rejected
+from taskproxy.storage.writer import BatchWriter
+
+T0 = datetime(2026, 1, 5)
+END = T0 + timedelta(days=42)
+SINCE = T0 + timedelta(days=14)
+UNTIL = T0 + timedelta(days=35)
+STALE_DAYS = 10.0
+MIN_GROUP = 5
+
+# People per team (one developer key each); "mobile" is below MIN_GROUP, "platform" exactly at it.
+TEAM_SIZES = {"web": 8, "data": 6, "platform": 5, "mobile": 3}
+PRICES: dict[str, Price | None] = {
+    "gpt-4o-mini": Price(input=0.15e-6, output=0.6e-6),
+    "claude-sonnet": Price(input=3e-6, output=15e-6),
+    "local-llama": None,  # no known price
+}
+REASONS = ("work_item_required", "rate_limited", "budget_exceeded", "forbidden")
+
+
+@dataclass
+class Key:
+    id: str
+    owner: str
+    team: str | None
+    revoked: bool = False
+
+
+@dataclass
+class Change:
+    at: datetime
+    before: str | None
+    after: str
+    source: str
+
+
+@dataclass
+class Item:
+    id: str
+    team: str | None  # the registered team
+    kind: str
+    home: str | None  # whose people mostly work on it
+    created_at: datetime
+    registered: str = "transition"  # transition | auto (by the writer, unverified) | none
+    changes: list[Change] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)  # merged PRs that came out of it
+
+    @property
+    def status(self) -> str:
+        if self.changes:
+            return self.changes[-1].after
+        return "unverified"
+
+    @property
+    def completed_at(self) -> datetime | None:
+        if self.changes and self.changes[-1].after in ("done", "closed"):
+            return self.changes[-1].at
+        return None
+
+
+@dataclass
+class Event:
+    id: str
+    ts: datetime
+    item: str
+    key: Key
+    model: str
+    status: int
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion if self.status < 400 else 0
+
+    @property
+    def cost(self) -> float | None:
+        price = PRICES[self.model]
+        if price is None:
+            return None
+        if self.status >= 400:
+            return 0.0
+        return self.prompt * price.input + self.completion * price.output
+
+
+@dataclass
+class Rejection:
+    id: str
+    ts: datetime
+    key: Key | None
+    reason: str
+
+
+@dataclass
+class Org:
+    keys: list[Key]
+    items: dict[str, Item]
+    events: list[Event]
+    rejections: list[Rejection]
+    events_by_item: dict[str, list[Event]]
+
+
+class _Builder:
+    def __init__(self, engine: Engine, rng: random.Random) -> None:
+        self.engine, self.rng = engine, rng
+        self.keys: list[Key] = []
+        self.members: dict[str, list[Key]] = defaultdict(list)
+        self.items: dict[str, Item] = {}
+        self.events: list[Event] = []
+        self.later: list[tuple[Item, datetime, str]] = []  # transitions of auto items, after the writer
+
+    def uid(self) -> str:
+        return f"{self.rng.getrandbits(128):032x}"
+
+    # -- people -----------------------------------------------------------------------------------
+
+    def key(self, owner: str, team: str | None, role: str = "developer", *, revoked: bool = False, member: bool = True) -> Key:
+        row, _ = issue_key(self.engine, owner=owner, team=team, role=role)
+        if revoked:
+            revoke(self.engine, row.id)
+        key = Key(row.id, owner, team, revoked)
+        self.keys.append(key)
+        if member and team is not None:
+            self.members[team].append(key)
+        return key
+
+    def people(self) -> None:
+        for team, size in TEAM_SIZES.items():
+            for n in range(size):
+                self.key(f"person-{team}-{n:02d}", team)
+        first = self.members["platform"][0]
+        self.key(first.owner, "platform")  # a second key of the same person: still one person
+        self.key("person-mobile-left", "mobile", revoked=True, member=False)  # revoked: not counted
+        self.key("person-research-left", "research", revoked=True, member=False)
+        self.key("ci-bot-web", "web", role="service")  # a service key is one more "owner" of the team
+        self.admin = self.key("org-admin", None, role="admin", member=False)
+
+    # -- work items -------------------------------------------------------------------------------
+
+    def lifecycle(self, item: Item, steps: list[tuple[datetime, str]], *, source: str = "jira") -> None:
+        self.items[item.id] = item
+        for n, (at, status) in enumerate(steps):
+            fields = {"team": item.team} if n == 0 and item.team else None
+            registry.transition(self.engine, item.id, status, source=source, at=at, fields=fields, created_at=item.created_at if n == 0 else None)
+            item.changes.append(Change(at, item.changes[-1].after if item.changes else None, status, source))
+
+    def when(self, start: datetime, low_hours: float, high_hours: float) -> datetime:
+        moment = start + timedelta(seconds=round(self.rng.uniform(low_hours, high_hours) * 3600))
+        return min(moment, END)
+
+    def work_items(self, count: int) -> None:
+        rng = self.rng
+        kinds = ["done"] * 42 + ["closed"] * 9 + ["open"] * 13 + ["reopened"] * 5 + ["auto"] * 9 + ["ghost"] * 2 + ["ticket"] * 8 + ["noteam"] * 12
+        teams = sorted(TEAM_SIZES)
+        for n in range(count):
+            kind = rng.choice(kinds)
+            home = rng.choice(teams)
+            created = T0 + timedelta(seconds=rng.randint(0, 38 * 86400))
+            item_id = f"{home.upper()}-{n + 1}"
+            if kind == "auto":
+                self.items[item_id] = item = Item(item_id, None, kind, home, created, registered="auto")
+                if rng.random() < 0.4:  # an admin picks it up later
+                    self.later.append((item, self.when(created, 24, 24 * 20), "in_progress"))
+                continue
+            if kind == "ghost":
+                self.items[item_id] = Item(item_id, None, kind, home, created, registered="none")
+                continue
+            team = None if kind == "noteam" else home
+            item = Item(item_id, team, kind, home, created)
+            started = self.when(created, 1, 72)
+            if kind in ("done", "noteam"):
+                steps = [(created, "open"), (started, "in_progress"), (self.when(started, 2, 24 * 9), "done")]
+                if rng.random() < 0.15:
+                    steps = [(created, "open"), (self.when(created, 2, 24 * 6), "done")]
+            elif kind == "closed":
+                steps = [(created, "open"), (started, "in_progress"), (self.when(started, 2, 24 * 9), "closed")]
+            elif kind == "open":
+                steps = [(created, "open")] + ([(started, "in_progress")] if rng.random() < 0.6 else [])
+            elif kind == "reopened":
+                done = self.when(started, 2, 24 * 5)
+                again = self.when(done, 2, 24 * 4)
+                steps = [(created, "open"), (started, "in_progress"), (done, "done"), (again, "in_progress")]
+                if rng.random() < 0.7:
+                    steps.append((self.when(again, 2, 24 * 5), "done"))
+            else:  # a ticket, worked on, whose PR is merged (or not yet, or closed unmerged)
+                steps = [(created, "open"), (started, "in_progress")]
+                self.ticket_with_pr(item, started)
+                continue
+            steps = [s for i, s in enumerate(steps) if i == 0 or s[0] > steps[i - 1][0]]  # END clips: keep order strict
+            self.lifecycle(item, steps)
+
+    def ticket_with_pr(self, ticket: Item, started: datetime) -> None:
+        self.lifecycle(ticket, [(ticket.created_at, "open"), (started, "in_progress")])
+        pr_opened = self.when(started, 1, 48)
+        pr = Item(f"acme/{ticket.home}#{len(self.items)}", ticket.home, "pr", ticket.home, pr_opened)
+        outcome = self.rng.choice(["done", "done", "done", "closed", "open"])
+        steps = [(pr_opened, "open")]
+        end = self.when(pr_opened, 2, 24 * 8)
+        if outcome != "open" and end > pr_opened:
+            steps.append((end, outcome))
+        self.lifecycle(pr, steps, source="github")
+        registry.link(self.engine, ticket.id, pr.id, at=end)
+        ticket.linked.append(pr.id)
+
+    def edges(self) -> None:
+        """Items on the period's boundaries."""
+        stale = timedelta(days=STALE_DAYS)
+        plan = [
+            ("EDGE-1", SINCE - timedelta(days=3), SINCE, "done"),  # completed at since: in
+            ("EDGE-2", SINCE - timedelta(days=3), SINCE - timedelta(seconds=1), "done"),  # just before: out
+            ("EDGE-3", UNTIL - timedelta(days=3), UNTIL, "done"),  # completed at until: out
+            ("EDGE-4", UNTIL - timedelta(days=3), UNTIL - timedelta(seconds=1), "done"),  # just before until: in
+            ("EDGE-5", UNTIL - stale, None, "open"),  # created exactly stale_after_days before until: not stale
+            ("EDGE-6", UNTIL - stale - timedelta(seconds=1), None, "open"),  # one second earlier: stale
+        ]
+        for item_id, created, done, status in plan:
+            item = Item(item_id, "web", "edge", "web", created)
+            self.lifecycle(item, [(created, "open")] + ([(done, status)] if done else []))
+        # An item nobody with a team used: its spend counts only overall.
+        orphan = Item("ORPHAN-1", None, "orphan", None, SINCE + timedelta(days=1))
+        self.lifecycle(orphan, [(orphan.created_at, "open"), (orphan.created_at + timedelta(days=2), "done")])
+        # A team with items but no people.
+        for n, status in enumerate(["done", "open"]):
+            item = Item(f"LEGAL-{n + 1}", "legal", "legal", "web", SINCE + timedelta(days=2))
+            self.lifecycle(item, [(item.created_at, "open")] + ([(item.created_at + timedelta(days=1), status)] if status == "done" else []))
+
+    # -- usage ------------------------------------------------------------------------------------
+
+    def event(self, item: Item, ts: datetime, key: Key, model: str, status: int = 200) -> None:
+        rng = self.rng
+        self.events.append(Event(self.uid(), ts, item.id, key, model, status, rng.randint(50, 4000), rng.randint(10, 1500)))
+
+    def usage(self) -> None:
+        rng = self.rng
+        for item in list(self.items.values()):
+            if item.kind == "orphan":
+                for _ in range(12):
+                    self.event(item, self.when(item.created_at, 0, 40), self.admin, "gpt-4o-mini")
+                continue
+            profile = rng.choices(["mixed", "none", "failed", "unpriced", "single"], weights=[80, 6, 4, 6, 4])[0]
+            if item.kind == "edge":
+                profile = "mixed"
+            if profile == "none":
+                continue
+            start = item.created_at
+            stop = item.completed_at or min(item.created_at + timedelta(days=rng.uniform(2, 25)), END)
+            count = 1 if profile == "single" else rng.randint(20, 140)
+            people = self.members[item.home] if item.home else []
+            outsiders = [k for k in self.keys if k.team is not None and k.team != item.home and not k.revoked]
+            for _ in range(count):
+                ts = start + (stop - start) * rng.random()
+                key = rng.choice(outsiders) if rng.random() < (0.3 if item.team is None else 0.05) else rng.choice(people)
+                if rng.random() < 0.02:
+                    key = self.admin
+                model = "local-llama" if profile == "unpriced" else rng.choices(list(PRICES), weights=[60, 30, 10])[0]
+                status = 200 if profile != "failed" and rng.random() > 0.06 else rng.choice([429, 500, 503])
+                self.event(item, ts.replace(microsecond=0), key, model, status)
+            if item.completed_at is not None and rng.random() < 0.35:  # usage after the item was completed
+                for _ in range(rng.randint(1, 6)):
+                    self.event(item, self.when(item.completed_at, 0.01, 24 * 6), rng.choice(people), "gpt-4o-mini")
+        edge6 = self.items["EDGE-6"]
+        for ts in (SINCE, UNTIL):  # on the boundaries: the first counts, the second does not
+            self.event(edge6, ts, self.members["web"][0], "claude-sonnet")
+
+    def rejections(self, count: int) -> list[Rejection]:
+        rng = self.rng
+        found = []
+        for _ in range(count):
+            ts = T0 + timedelta(seconds=rng.randint(0, 42 * 86400))
+            if rng.random() < 0.1:
+                found.append(Rejection(self.uid(), ts, None, "invalid_api_key"))
+            else:
+                found.append(Rejection(self.uid(), ts, rng.choice(self.keys), rng.choice(REASONS)))
+        web = self.members["web"][1]
+        found += [Rejection(self.uid(), SINCE, web, "rate_limited"), Rejection(self.uid(), UNTIL, web, "rate_limited")]
+        return found
+
+
+def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: int = 320, rejections: int = 700) -> Org:
+    """Write the organisation into `engine` (schema already created) and return its records."""
+    builder = _Builder(engine, random.Random(seed))
+    builder.people()
+    builder.work_items(items)
+    builder.edges()
+    builder.usage()
+    refused = builder.rejections(rejections)
+
+    counter = TokenCounter()
+    writer = BatchWriter(engine, flush_interval=0.05, batch_size=2000, spool_path=spool_path)
+    writer.start()
+    for event in builder.events:
+        item = builder.items[event.item]
+        register = None
+        if item.registered == "auto":
+            register = {"id": item.id, "source": "auto", "status": "unverified", "created_at": item.created_at}
+        usage = ProviderUsage(prompt_tokens=event.prompt, completion_tokens=event.completion)
+        observed = Observed(usage) if event.status < 400 else Observed()
+        writer.submit(
+            Exchange(
+                id=event.id,
+                ts=event.ts,
+                key_id=event.key.id,
+                owner=event.key.owner,
+                team=event.key.team,
+                work_item=event.item,
+                attribution_source="header",
+                route="/v1/chat/completions",
+                model=event.model,
+                upstream_model=event.model,
+                provider="openai",
+                stream=False,
+                body={"model": event.model, "messages": [{"role": "user", "content": "make the tests pass"}]},
+                user_agent="org-generator",
+                counter=counter,
+                price=PRICES[event.model],
+                register_work_item=register,
+                status=event.status,
+                error=None if event.status < 400 else "upstream_error",
+                latency_ms=120.0,
+                observe=lambda observed=observed: observed,
+            )
+        )
+    for rejection in refused:
+        writer.submit(Rejected(rejection.id, rejection.ts, rejection.key.id if rejection.key else None, rejection.reason, "/v1/chat/completions"))
+    writer.close(timeout=120)
+    assert writer.committed == len(builder.events) + len(refused), (writer.committed, writer.spooled, writer.set_aside)
+
+    # Auto-registered items that an admin moved on later (after their usage was recorded).
+    for item, at, status in builder.later:
+        if item.id in {e.item for e in builder.events[:0]} or at <= item.created_at:
+            continue
+        if not any(e.item == item.id for e in builder.events):
+            continue  # never registered: nothing used it
+        registry.transition(engine, item.id, status, source="api", at=at)
+        item.changes.append(Change(at, "unverified", status, "api"))
+
+    by_item: dict[str, list[Event]] = defaultdict(list)
+    for event in builder.events:
+        by_item[event.item].append(event)
+    return Org(builder.keys, builder.items, builder.events, refused, dict(by_item))
