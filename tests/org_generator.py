@@ -209,7 +209,6 @@ class _Builder:
                 if rng.random() < 0.7:
                     steps.append((self.when(again, 2, 24 * 5), "done"))
             else:  # a ticket, worked on, whose PR is merged (or not yet, or closed unmerged)
-                steps = [(created, "open"), (started, "in_progress")]
                 self.ticket_with_pr(item, started)
                 continue
             steps = [s for i, s in enumerate(steps) if i == 0 or s[0] > steps[i - 1][0]]  # END clips: keep order strict
@@ -352,11 +351,10 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
     assert writer.committed == len(builder.events) + len(refused), (writer.committed, writer.spooled, writer.set_aside)
 
     # Auto-registered items that an admin moved on later (after their usage was recorded).
+    used = {e.item for e in builder.events}
     for item, at, status in builder.later:
-        if item.id in {e.item for e in builder.events[:0]} or at <= item.created_at:
-            continue
-        if not any(e.item == item.id for e in builder.events):
-            continue  # never registered: nothing used it
+        if item.id not in used or at <= item.created_at:
+            continue  # never registered (nothing used it), or no time left to move it
         registry.transition(engine, item.id, status, source="api", at=at)
         item.changes.append(Change(at, "unverified", status, "api"))
 

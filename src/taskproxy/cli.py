@@ -181,6 +181,28 @@ def cmd_items_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(args: argparse.Namespace, status: str) -> int:
+    from taskproxy.registry import transition
+    from taskproxy.storage import repo
+
+    engine = _engine(args)
+    item_id = _ids(args).normalize(args.id)
+    if repo.get_work_item(engine, item_id) is None:
+        print(f"taskproxy: no work item {item_id}; register it with `taskproxy items add {item_id}`", file=sys.stderr)
+        return 1
+    item = transition(engine, item_id, status, source="cli")
+    print(f"{item.id} is {item.status}; running proxies see it within work_items.refresh_seconds")
+    return 0
+
+
+def cmd_items_complete(args: argparse.Namespace) -> int:
+    return _resolve(args, "done")
+
+
+def cmd_items_close(args: argparse.Namespace) -> int:
+    return _resolve(args, "closed")
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -314,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status")
     listing.add_argument("--team")
     listing.add_argument("--json", action="store_true")
+    command(items, "complete", cmd_items_complete, "mark a work item done (as a tracker webhook would)").add_argument("id")
+    command(items, "close", cmd_items_close, "mark a work item closed without completion").add_argument("id")
     show = command(items, "show", cmd_items_show, "what one work item cost")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")

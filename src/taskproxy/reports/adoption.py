@@ -238,7 +238,7 @@ def _assign_teams(connection: Connection, items: dict[str, _Item], since: dateti
 
 
 def _people_by_team(connection: Connection) -> dict[str, int]:
-    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_not(None)).group_by(_K.team)
+    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.team.is_not(None)).group_by(_K.team)
     return {team: int(count) for team, count in connection.execute(query)}
 
 

@@ -9,7 +9,8 @@ from starlette.routing import Route
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.reports import usage as usage_reports
-from taskproxy.registry import ITEM_STATUSES, register_work_item
+from taskproxy.audit import audit_read
+from taskproxy.registry import ITEM_STATUSES, register_work_item, transition, update_work_item
 from taskproxy.routes.common import JSON, admin, event_json, in_thread, int_param, item_json, json_object, key_json, time_param
 from taskproxy.services import services
 from taskproxy.storage import repo
@@ -26,7 +27,8 @@ async def create_key(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
-    await admin(request)
+    principal = await admin(request)
+    audit_read(services(request).writer, request, principal)
     keys = await in_thread(repo.list_keys, services(request).engine)
     return JSON([key_json(k) for k in keys])
 
@@ -68,8 +70,47 @@ async def list_work_items(request: Request) -> Response:
 async def create_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    item = await in_thread(register_work_item, services(request).engine, _ids(request), body)
+    svc = services(request)
+    item = await in_thread(register_work_item, svc.engine, _ids(request), body)
+    svc.items.note(item)
     return JSON(item_json(item), status_code=201)
+
+
+async def patch_work_item(request: Request) -> Response:
+    await admin(request)
+    body = await json_object(request)
+    svc = services(request)
+    item = await in_thread(update_work_item, svc.engine, _ids(request).normalize(request.path_params["item_id"]), body)
+    svc.items.note(item)
+    return JSON(item_json(item))
+
+
+async def _resolve(request: Request, status: str) -> Response:
+    await admin(request)
+    svc = services(request)
+    item_id = _ids(request).normalize(request.path_params["item_id"])
+    if await in_thread(repo.get_work_item, svc.engine, item_id) is None:
+        raise NotFound(f"No work item {item_id!r} is registered.")
+    item = await in_thread(transition, svc.engine, item_id, status, source="api")
+    svc.items.note(item)
+    return JSON(item_json(item))
+
+
+async def complete_work_item(request: Request) -> Response:
+    return await _resolve(request, "done")
+
+
+async def close_work_item(request: Request) -> Response:
+    return await _resolve(request, "closed")
+
+
+async def audit_log(request: Request) -> Response:
+    principal = await admin(request)
+    svc = services(request)
+    audit_read(svc.writer, request, principal)
+    since, until = time_param(request, "since"), time_param(request, "until")
+    entries = await in_thread(repo.list_audit, svc.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
+    return JSON([{"ts": iso(e.ts), "actor_key_id": e.actor_key_id, "actor_owner": e.actor_owner, "action": e.action, "target": e.target} for e in entries])
 
 
 async def usage(request: Request) -> Response:
@@ -83,7 +124,8 @@ async def usage(request: Request) -> Response:
 
 
 async def usage_events(request: Request) -> Response:
-    await admin(request)
+    principal = await admin(request)
+    audit_read(services(request).writer, request, principal)
     item = request.query_params.get("work_item")
     work_item = _ids(request).normalize(item) if item else None
     limit = int_param(request, "limit", 100, 10_000)
@@ -107,7 +149,11 @@ routes = [
     Route("/api/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/api/work-items", list_work_items, methods=["GET"]),
     Route("/api/work-items", create_work_item, methods=["POST"]),
+    Route("/api/work-items/{item_id:path}/complete", complete_work_item, methods=["POST"]),
+    Route("/api/work-items/{item_id:path}/close", close_work_item, methods=["POST"]),
     Route("/api/work-items/{item_id:path}", get_work_item, methods=["GET"]),
+    Route("/api/work-items/{item_id:path}", patch_work_item, methods=["PATCH"]),
+    Route("/api/audit", audit_log, methods=["GET"]),
     Route("/api/usage", usage, methods=["GET"]),
     Route("/api/usage/events", usage_events, methods=["GET"]),
     Route("/api/reports/tasks", tasks_report, methods=["GET"]),

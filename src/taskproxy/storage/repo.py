@@ -85,6 +85,16 @@ def list_work_items(engine: Engine, *, status: str | None = None, team: str | No
         return list(session.exec(query).scalars())
 
 
+def list_audit(engine: Engine, *, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[AuditEntry]:
+    query = select(AuditEntry).order_by(AuditEntry.ts.desc()).limit(limit)
+    if since is not None:
+        query = query.where(AuditEntry.ts >= since)
+    if until is not None:
+        query = query.where(AuditEntry.ts < until)
+    with Session(engine) as session:
+        return list(session.exec(query).scalars())
+
+
 def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | None = None, limit: int = 100) -> list[UsageEvent]:
     query = select(UsageEvent).order_by(UsageEvent.ts.desc(), UsageEvent.id).limit(limit)
     if work_item:

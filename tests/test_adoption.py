@@ -1,0 +1,452 @@
+"""The adoption report (DESIGN §8) on a generated organisation.
+
+The organisation (tests/org_generator.py) is written through the real paths — keys by `issue_key`,
+lifecycles by `registry.transition`, usage and rejections by the `BatchWriter` — and kept as plain
+records too. Every expected figure here is computed from those records in plain Python (`Expected`),
+never with the report module's helpers or SQL, and compared with what the report answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from conftest import ADMIN_KEY, make_settings
+from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, Item, Org, generate
+from taskproxy.app import create_app
+from taskproxy.guard.auth import issue_key
+from taskproxy.reports.adoption import CSV_COLUMNS, adoption_csv, adoption_report, item_detail, quantile
+from taskproxy.routes import reports
+from taskproxy.storage.db import create_schema, make_engine
+from taskproxy.timeutil import iso, parse_time, utcnow
+
+SECOND = timedelta(seconds=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Org, Path]]:
+    folder = tmp_path_factory.mktemp("org")
+    engine = make_engine(f"sqlite:///{folder / 'taskproxy.db'}")
+    create_schema(engine)
+    org = generate(engine, folder / "spool.jsonl")
+    yield engine, org, folder
+    engine.dispose()
+
+
+# -- the expected report, from the generator's records ----------------------------------------------
+
+
+class Expected:
+    """The report's definitions, applied to the generator's records with plain loops."""
+
+    def __init__(self, org: Org, since: datetime, until: datetime, *, min_group: int = MIN_GROUP, stale_days: float = STALE_DAYS) -> None:
+        self.org, self.since, self.until, self.min_group = org, since, until, min_group
+        self.stale_before = until - timedelta(days=stale_days)
+        self.stale_days = stale_days
+
+    def in_period(self, moment: datetime | None) -> bool:
+        return moment is not None and self.since <= moment < self.until
+
+    def events(self, item: Item) -> list[Event]:
+        return self.org.events_by_item.get(item.id, [])
+
+    def exists(self, item: Item) -> bool:
+        """In the database: registered by a transition, or by the writer / used at all."""
+        return item.registered == "transition" or bool(self.events(item))
+
+    def team_of(self, item: Item) -> str | None:
+        if item.team is not None:
+            return item.team
+        spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for event in self.events(item):
+            if event.key.team is not None:
+                spent[event.key.team][0] += event.cost or 0.0
+                spent[event.key.team][1] += event.total
+        if not spent:
+            return None
+        return sorted(spent, key=lambda team: (-spent[team][0], -spent[team][1], team))[0]
+
+    def status_at_until(self, item: Item) -> str:
+        if item.registered != "transition" and not item.changes:
+            return "unverified"
+        earlier = [c for c in item.changes if c.at < self.until]
+        if earlier:
+            return earlier[-1].after
+        if item.changes and item.changes[0].before is not None:
+            return item.changes[0].before
+        return item.status
+
+    def completed(self, item: Item) -> bool:
+        return item.status == "done" and self.in_period(item.completed_at)
+
+    def assisted(self, item: Item) -> bool:
+        return any(e.status < 400 for e in self.events(item))
+
+    def without_outcome(self, item: Item) -> str | None:
+        for pr_id in item.linked:
+            if self.status_at_until(self.org.items[pr_id]) == "done":
+                return None
+        status = self.status_at_until(item)
+        if status in ("closed", "unverified"):
+            return status
+        if status in ("open", "in_progress") and item.created_at < self.stale_before:
+            return "stale_open"
+        return None
+
+    def relevant(self) -> list[Item]:
+        return [
+            i for i in self.org.items.values()
+            if self.exists(i) and (self.completed(i) or any(self.in_period(e.ts) for e in self.events(i)))
+        ]  # fmt: skip
+
+    def people(self) -> dict[str, int]:
+        owners: dict[str, set[str]] = defaultdict(set)
+        for key in self.org.keys:
+            if not key.revoked and key.team is not None:
+                owners[key.team].add(key.owner)
+        return {team: len(names) for team, names in owners.items()}
+
+    def figures(self, items: list[Item], team: str | None) -> dict[str, Any]:
+        completed = [i for i in items if self.completed(i)]
+        assisted = [i for i in completed if self.assisted(i)]
+        others = [i for i in completed if not self.assisted(i)]
+        costs, tokens, unpriced = [], [], 0
+        cost_by_model: dict[str, float | None] = {}
+        tokens_by_model: Counter[str] = Counter()
+        for item in assisted:
+            known = [e.cost for e in self.events(item) if e.cost is not None]
+            if known:
+                costs.append(sum(known))
+            else:
+                unpriced += 1
+            tokens.append(sum(e.total for e in self.events(item)))
+            for event in self.events(item):
+                tokens_by_model[event.model] += event.total
+                if event.cost is None:
+                    cost_by_model.setdefault(event.model, None)
+                else:
+                    cost_by_model[event.model] = (cost_by_model.get(event.model) or 0.0) + event.cost
+        without = {"closed": 0.0, "unverified": 0.0, "stale_open": 0.0}
+        after = 0.0
+        for item in items:
+            kind = self.without_outcome(item)
+            for event in self.events(item):
+                if not self.in_period(event.ts) or event.cost is None:
+                    continue
+                if kind is not None:
+                    without[kind] += event.cost
+                if item.status in ("done", "closed") and event.ts > item.completed_at:  # type: ignore[operator]
+                    after += event.cost
+        rejected = Counter(
+            r.reason for r in self.org.rejections
+            if self.in_period(r.ts) and (team is None or (r.key is not None and r.key.team == team))
+        )  # fmt: skip
+
+        def cycle(group: list[Item]) -> float | None:
+            hours = [(i.completed_at - i.created_at).total_seconds() / 3600 for i in group]  # type: ignore[operator]
+            return statistics.median(hours) if hours else None
+
+        return {
+            "completed_items": len(completed),
+            "ai_assisted_items": len(assisted),
+            "ai_assisted_share": len(assisted) / len(completed) if completed else None,
+            "cost_per_completed_item": {**spread(costs), "total": sum(costs), "by_model": cost_by_model, "unpriced_items": unpriced},
+            "tokens_per_completed_item": {**spread(tokens), "total": sum(tokens), "by_model": dict(tokens_by_model)},
+            "spend_without_outcome_usd": sum(without.values()),
+            "spend_without_outcome_breakdown": without,
+            "spend_after_completion_usd": after,
+            "cycle_time_hours": {"ai_assisted": cycle(assisted), "other": cycle(others)},
+            "rejected_requests": dict(rejected),
+        }
+
+    def report(self, team: str | None = None) -> dict[str, Any]:
+        items = self.relevant()
+        people = self.people()
+        withheld = {"withheld": True, "reason": f"fewer than {self.min_group} people"}
+
+        def entry(name: str) -> dict[str, Any]:
+            if people.get(name, 0) < self.min_group:
+                return {"team": name, **withheld}
+            return {"team": name, **self.figures([i for i in items if self.team_of(i) == name], name)}
+
+        if team is not None:
+            only = entry(team)
+            overall = {k: v for k, v in only.items() if k != "team"}
+            teams = [only]
+        else:
+            overall = self.figures(items, None)
+            names = set(people) | {t for t in map(self.team_of, items) if t is not None}
+            teams = [entry(name) for name in sorted(names)]
+        return {
+            "since": iso(self.since),
+            "until": iso(self.until),
+            "team": team,
+            "min_group_size": self.min_group,
+            "stale_after_days": self.stale_days,
+            "overall": overall,
+            "teams": teams,
+        }
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "p90": None}
+    if len(values) == 1:
+        return {"median": values[0], "p90": values[0]}
+    return {"median": statistics.median(values), "p90": statistics.quantiles(values, n=10, method="inclusive")[-1]}
+
+
+def assert_close(actual: Any, expected: Any, path: str = "report") -> None:
+    """Equal, with floats compared approximately (pytest.approx does not nest)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), (path, sorted(actual), sorted(expected))
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for n, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, f"{path}[{n}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-7, abs=1e-8), (path, actual, expected)
+    else:
+        assert actual == expected, (path, actual, expected)
+
+
+def figures_of(report: dict[str, Any], team: str) -> dict[str, Any]:
+    return next(t for t in report["teams"] if t["team"] == team)
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org, Path]) -> None:
+    _, org, _ = world
+    expect = Expected(org, SINCE, UNTIL)
+    assert len(org.events) >= 20_000 and len(org.items) >= 300 and len(org.rejections) >= 500
+    kinds = {expect.without_outcome(i) for i in expect.relevant()}
+    assert {"closed", "unverified", "stale_open", None} <= kinds
+    completed = [i for i in expect.relevant() if expect.completed(i)]
+    assert any(not expect.assisted(i) for i in completed) and any(expect.assisted(i) for i in completed)
+    assert any(all(e.cost is None for e in expect.events(i)) for i in completed if expect.assisted(i))  # unpriced items
+    assert any(e.ts > i.completed_at for i in completed for e in expect.events(i))  # usage after completion
+    assert any(expect.team_of(i) != i.team for i in expect.relevant())  # teams found from the spending
+    assert any(i.linked and expect.without_outcome(i) is None and expect.status_at_until(i) == "in_progress" for i in org.items.values())
+    assert any(i.registered == "auto" and i.changes for i in org.items.values())  # unverified at until, moved on later
+
+
+def test_report_equals_the_independent_computation(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    report = adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=MIN_GROUP, stale_after_days=STALE_DAYS)
+    assert_close(report, Expected(org, SINCE, UNTIL).report())
+
+    # Privacy: the small team, and a team with items but nobody, are withheld with no figures at all.
+    assert [t["team"] for t in report["teams"]] == ["data", "legal", "mobile", "platform", "web"]
+    for small in ("mobile", "legal"):
+        assert figures_of(report, small) == {"team": small, "withheld": True, "reason": "fewer than 5 people"}
+    assert "completed_items" in figures_of(report, "platform")  # exactly min_group_size people
+    text = orjson.dumps(report).decode()
+    for key in org.keys:
+        assert key.id not in text and key.owner not in text
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "stale_days", "min_group"),
+    [
+        (T0, END + timedelta(days=1), 14.0, 5),  # everything
+        (T0 + timedelta(days=21), T0 + timedelta(days=28), 3.0, 6),  # one week; platform becomes too small
+        (SINCE - SECOND, UNTIL + SECOND, STALE_DAYS, MIN_GROUP),  # the boundary items come in
+        (SINCE + SECOND, UNTIL - SECOND, STALE_DAYS, MIN_GROUP),  # ... and go out
+    ],
+)
+def test_other_periods_and_settings(world: tuple[Any, Org, Path], since: datetime, until: datetime, stale_days: float, min_group: int) -> None:
+    engine, org, _ = world
+    report = adoption_report(engine, since=since, until=until, min_group_size=min_group, stale_after_days=stale_days)
+    assert_close(report, Expected(org, since, until, min_group=min_group, stale_days=stale_days).report())
+    if min_group == 6:
+        assert figures_of(report, "platform")["withheld"] is True
+
+
+def test_period_boundaries_are_half_open(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    expect = Expected(org, SINCE, UNTIL)
+    items = org.items
+    assert [expect.completed(items[f"EDGE-{n}"]) for n in (1, 2, 3, 4)] == [True, False, False, True]
+    assert expect.without_outcome(items["EDGE-5"]) is None and expect.without_outcome(items["EDGE-6"]) == "stale_open"
+
+    def web(since: datetime, until: datetime) -> dict[str, Any]:
+        return adoption_report(engine, since=since, until=until, team="web", stale_after_days=STALE_DAYS)["overall"]
+
+    base = web(SINCE, UNTIL)
+    wider = web(SINCE - SECOND, UNTIL + SECOND)
+    narrower = web(SINCE + SECOND, UNTIL - SECOND)
+    assert wider["completed_items"] - base["completed_items"] == 2  # EDGE-2 at since-1s, EDGE-3 at until
+    assert base["completed_items"] - narrower["completed_items"] == 2  # EDGE-1 at since, EDGE-4 at until-1s
+    # EDGE-6 has an event at since (counted) and one at until (not); the wider period has both.
+    edge6 = [e for e in org.events_by_item["EDGE-6"] if e.ts in (SINCE, UNTIL)]
+    assert len(edge6) == 2
+
+
+def test_team_filter_covers_only_that_team(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    full = adoption_report(engine, since=SINCE, until=UNTIL, stale_after_days=STALE_DAYS)
+    for team in ("web", "platform", "mobile", "nobody"):
+        report = adoption_report(engine, since=SINCE, until=UNTIL, team=team, stale_after_days=STALE_DAYS)
+        assert_close(report, Expected(org, SINCE, UNTIL).report(team))
+        assert report["team"] == team and [t["team"] for t in report["teams"]] == [team]
+        if team in ("mobile", "nobody"):
+            assert report["overall"] == {"withheld": True, "reason": "fewer than 5 people"}
+        else:
+            assert report["teams"][0] == figures_of(full, team)
+            assert report["overall"] == {k: v for k, v in figures_of(full, team).items() if k != "team"}
+
+
+def test_csv_parses_back_to_the_json_figures(world: tuple[Any, Org, Path]) -> None:
+    engine, _, _ = world
+    report = adoption_report(engine, since=SINCE, until=UNTIL, stale_after_days=STALE_DAYS)
+    rows = list(csv.DictReader(io.StringIO(adoption_csv(report))))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [(r["scope"], r["team"]) for r in rows] == [("overall", "")] + [("team", t["team"]) for t in report["teams"]]
+    for row, figures in zip(rows, [report["overall"], *report["teams"]], strict=True):
+        if figures.get("withheld"):
+            assert row["withheld"] == "true" and all(row[c] == "" for c in CSV_COLUMNS[2:-1])
+            continue
+        expected = {
+            "completed_items": figures["completed_items"],
+            "ai_assisted_items": figures["ai_assisted_items"],
+            "ai_assisted_share": figures["ai_assisted_share"],
+            "cost_per_item_median": figures["cost_per_completed_item"]["median"],
+            "cost_per_item_p90": figures["cost_per_completed_item"]["p90"],
+            "cost_total": figures["cost_per_completed_item"]["total"],
+            "tokens_per_item_median": figures["tokens_per_completed_item"]["median"],
+            "tokens_per_item_p90": figures["tokens_per_completed_item"]["p90"],
+            "tokens_total": figures["tokens_per_completed_item"]["total"],
+            "spend_without_outcome_usd": figures["spend_without_outcome_usd"],
+            "spend_after_completion_usd": figures["spend_after_completion_usd"],
+            "cycle_time_ai_assisted_hours": figures["cycle_time_hours"]["ai_assisted"],
+            "cycle_time_other_hours": figures["cycle_time_hours"]["other"],
+            "rejected_requests_total": sum(figures["rejected_requests"].values()),
+        }
+        assert row["withheld"] == "false"
+        for column, value in expected.items():
+            assert (float(row[column]) if row[column] != "" else None) == (None if value is None else pytest.approx(value, rel=1e-12)), column
+
+
+def test_csv_of_a_filtered_report_and_of_awkward_names() -> None:
+    figures = {"withheld": True, "reason": "fewer than 5 people"}
+    report = {"team": "=cmd", "overall": figures, "teams": [{"team": "=cmd", **figures}]}
+    rows = list(csv.reader(io.StringIO(adoption_csv(report))))
+    assert rows[1][:2] == ["overall", "'=cmd"] and rows[2][:2] == ["team", "'=cmd"]  # not a spreadsheet formula
+
+
+def test_percentiles_interpolate_like_numpy_linear() -> None:
+    import random
+
+    rng = random.Random(3)
+    for n in range(2, 40):
+        values = [rng.uniform(0, 100) for _ in range(n)]
+        assert quantile(values, 0.9) == pytest.approx(statistics.quantiles(values, n=10, method="inclusive")[-1])
+        assert quantile(values, 0.5) == pytest.approx(statistics.median(values))
+    assert quantile([7.0], 0.9) == 7.0 and quantile([], 0.5) is None
+    assert quantile([1, 2, 3, 4], 0.9) == pytest.approx(3.7)  # numpy.percentile([1, 2, 3, 4], 90)
+
+
+def test_item_detail(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    reopened = next(i for i in org.items.values() if i.kind == "reopened" and i.status == "done" and org.events_by_item.get(i.id))
+    ticket = next(i for i in org.items.values() if i.linked and org.events_by_item.get(i.id))
+    for item in (reopened, ticket, org.items["EDGE-6"]):
+        detail = item_detail(engine, item.id)
+        days: dict[str, list] = defaultdict(lambda: [0, 0, []])
+        for event in org.events_by_item[item.id]:
+            day = days[event.ts.date().isoformat()]
+            day[0] += 1
+            day[1] += event.total
+            day[2].append(event.cost)
+        expected_days = [
+            {"day": d, "requests": n, "total_tokens": t, "cost_usd": sum(c for c in cs if c is not None) if any(c is not None for c in cs) else None}
+            for d, (n, t, cs) in sorted(days.items())
+        ]
+        assert_close(detail["usage_by_day"], expected_days)
+        assert detail["history"] == [{"ts": iso(c.at), "from": c.before, "to": c.after, "source": c.source} for c in item.changes]
+        if item.status == "done":
+            assert detail["cycle_time_hours"] == pytest.approx((item.completed_at - item.created_at).total_seconds() / 3600)  # type: ignore[operator]
+        else:
+            assert detail["cycle_time_hours"] is None
+    linked = item_detail(engine, ticket.id)["linked"]
+    assert [entry["id"] for entry in linked] == ticket.linked
+    assert linked[0]["status"] == org.items[ticket.linked[0]].status and linked[0]["kind"] == "merged_pr"
+    assert item_detail(engine, ticket.linked[0])["linked_from"][0]["id"] == ticket.id
+    nothing = item_detail(engine, "NOPE-1")
+    assert nothing == {"cycle_time_hours": None, "usage_by_day": [], "history": [], "linked": [], "linked_from": []}
+
+
+# -- the routes ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(world: tuple[Any, Org, Path], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    engine, _, folder = world
+    settings = make_settings(
+        tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}", privacy={"min_group_size": MIN_GROUP}, reports={"stale_after_days": STALE_DAYS}
+    )
+    app = create_app(settings, engine=engine)
+    app.router.routes.extend(reports.routes)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30) as http:
+            yield http
+
+
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.mark.anyio
+async def test_routes_answer_the_report_as_json_and_csv(world: tuple[Any, Org, Path], api: httpx.AsyncClient) -> None:
+    engine, org, _ = world
+    params = {"since": iso(SINCE), "until": iso(UNTIL)}
+    response = await api.get("/api/reports/adoption", params=params, headers=ADMIN)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    direct = adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=MIN_GROUP, stale_after_days=STALE_DAYS)
+    assert response.json() == orjson.loads(orjson.dumps(direct))
+    assert_close(response.json(), Expected(org, SINCE, UNTIL).report())
+
+    filtered = await api.get("/api/reports/adoption", params={**params, "team": "data"}, headers=ADMIN)
+    assert_close(filtered.json(), Expected(org, SINCE, UNTIL).report("data"))
+    small = await api.get("/api/reports/adoption", params={**params, "team": "mobile"}, headers=ADMIN)
+    assert small.json()["overall"] == {"withheld": True, "reason": "fewer than 5 people"}
+
+    as_csv = await api.get("/api/reports/adoption.csv", params=params, headers=ADMIN)
+    assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
+    assert as_csv.text == adoption_csv(direct)
+
+
+@pytest.mark.anyio
+async def test_routes_default_period_errors_and_admin_only(world: tuple[Any, Org, Path], api: httpx.AsyncClient) -> None:
+    engine, _, _ = world
+    before = utcnow()
+    default = (await api.get("/api/reports/adoption", headers=ADMIN)).json()
+    until, since = parse_time(default["until"]), parse_time(default["since"])
+    assert before - timedelta(seconds=1) <= until <= utcnow() + timedelta(seconds=1)
+    assert until - since == timedelta(days=30)
+    relative = (await api.get("/api/reports/adoption", params={"until": iso(UNTIL)}, headers=ADMIN)).json()
+    assert relative["since"] == iso(UNTIL - timedelta(days=30))
+
+    for params in ({"since": iso(UNTIL), "until": iso(SINCE)}, {"since": "yesterday"}, {"until": "soon"}):
+        for path in ("/api/reports/adoption", "/api/reports/adoption.csv"):
+            bad = await api.get(path, params=params, headers=ADMIN)
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request", (path, params)
+
+    _, token = issue_key(engine, owner="route-tester", team=None, role="developer")  # no team: the figures stay as they are
+    for path in ("/api/reports/adoption", "/api/reports/adoption.csv"):
+        refused = await api.get(path, headers={"authorization": f"Bearer {token}"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        assert (await api.get(path)).status_code == 401

@@ -1,0 +1,136 @@
+"""Tracker webhooks: signatures, idempotency, malformed payloads, and the lifecycle they drive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import webhook_payloads as hooks
+from conftest import ADMIN_KEY, PROVIDER_KEY, Proxy, make_settings, start_proxy
+from taskproxy.registry import links_of
+from taskproxy.settings import settings_from_mapping
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def tracked(tmp_path: Path, fake) -> AsyncIterator[Proxy]:  # type: ignore[no-untyped-def]
+    base = make_settings(tmp_path).model_dump(mode="json", exclude={"admin_key"})
+    for model in base["models"]:
+        model.pop("api_key", None)
+    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60}}
+    env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "TASKPROXY_ADMIN_KEY": ADMIN_KEY, "TEST_PROVIDER_KEY": PROVIDER_KEY}
+    async for proxy in start_proxy(settings_from_mapping(base, env), httpx.ASGITransport(fake.app()), fake):
+        yield proxy
+
+
+async def _post(proxy: Proxy, tracker: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    return await proxy.http.post(f"/webhooks/{tracker}", content=body, headers=headers)
+
+
+async def test_github_pull_request_lifecycle_and_ticket_link(tracked: Proxy) -> None:
+    opened = hooks.dumps(hooks.github_pull_request("opened", 12, branch="feature/PAY-7-retries"))
+    response = await _post(tracked, "github", opened, hooks.github_headers(opened, "pull_request"))
+    assert response.status_code == 200 and response.json()["items"] == [{"id": "acme/web-app#12", "status": "open", "linked": []}]
+    merged = hooks.dumps(hooks.github_pull_request("closed", 12, merged=True, branch="feature/PAY-7-retries"))
+    assert (await _post(tracked, "github", merged, hooks.github_headers(merged, "pull_request"))).status_code == 200
+
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2312")
+    assert (item["status"], item["source"], item["title"]) == ("done", "github", "Add retries")
+    assert item["created_at"] == "2026-11-02T09:00:00.000Z" and item["completed_at"] == "2026-11-05T10:00:00.000Z"
+    assert [i["id"] for i in await tracked.get("/api/work-items", status="done")] == ["acme/web-app#12"]
+    # The ticket named in the branch is linked to the merged PR: its spend led to finished work.
+    assert links_of(tracked.app.state.services.engine, "PAY-7") == ["acme/web-app#12"]
+
+    unmerged = hooks.dumps(hooks.github_pull_request("closed", 13))
+    await _post(tracked, "github", unmerged, hooks.github_headers(unmerged, "pull_request"))
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2313"))["status"] == "closed"
+
+
+async def test_github_issues_completed_and_not_planned(tracked: Proxy) -> None:
+    for number, reason, expected in ((3, "completed", "done"), (4, "not_planned", "closed")):
+        body = hooks.dumps(hooks.github_issue("closed", number, state_reason=reason))
+        assert (await _post(tracked, "github", body, hooks.github_headers(body, "issues"))).status_code == 200
+        assert (await tracked.get(f"/api/work-items/acme%2Fweb-app%23{number}"))["status"] == expected
+
+
+async def test_an_unverified_item_is_confirmed_by_the_tracker(tracked: Proxy) -> None:
+    client = tracked.openai(await tracked.new_key())
+    await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "PAY-8"})
+    assert (await tracked.item("PAY-8", requests=1))["status"] == "unverified"
+    body = hooks.dumps(hooks.jira_issue("jira:issue_updated", "PAY-8", category="indeterminate"))
+    assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+    item = await tracked.get("/api/work-items/PAY-8")
+    assert (item["status"], item["source"], item["requests"]) == ("in_progress", "jira", 1)
+    assert item["created_at"] == "2026-11-01T09:15:00.000Z"  # the tracker's creation time, earlier than the first use
+
+
+async def test_jira_done_and_wont_do(tracked: Proxy) -> None:
+    done = hooks.dumps(hooks.jira_issue("jira:issue_updated", "PAY-9", category="done", resolution="Done"))
+    wont = hooks.dumps(hooks.jira_issue("jira:issue_updated", "PAY-10", category="done", resolution="Won't Do"))
+    for body in (done, wont):
+        assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+    first, second = await tracked.get("/api/work-items/PAY-9"), await tracked.get("/api/work-items/PAY-10")
+    assert (first["status"], first["completed_at"], first["url"]) == ("done", "2026-11-06T12:30:00.000Z", "https://acme.atlassian.net/browse/PAY-9")
+    assert second["status"] == "closed"
+
+
+async def test_linear_completed_canceled_and_stale_timestamps(tracked: Proxy) -> None:
+    for identifier, state, expected in (("ENG-7", "completed", "done"), ("ENG-8", "canceled", "closed"), ("ENG-9", "started", "in_progress")):
+        body = hooks.dumps(hooks.linear_issue("update", identifier, state_type=state))
+        assert (await _post(tracked, "linear", body, hooks.linear_headers(body))).status_code == 200
+        assert (await tracked.get(f"/api/work-items/{identifier}"))["status"] == expected
+    replayed = hooks.dumps(hooks.linear_issue("update", "ENG-10", state_type="completed", timestamp_ms=1_700_000_000_000))
+    response = await _post(tracked, "linear", replayed, hooks.linear_headers(replayed))
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_signature"
+    assert (await tracked.http.get("/api/work-items/ENG-10", headers=tracked.admin_headers)).status_code == 404
+
+
+@pytest.mark.parametrize("tracker", ["github", "jira", "linear"])
+async def test_bad_or_missing_signatures_get_401_and_change_nothing(tracked: Proxy, tracker: str) -> None:
+    body = {
+        "github": hooks.dumps(hooks.github_issue("closed", 5, state_reason="completed")),
+        "jira": hooks.dumps(hooks.jira_issue("jira:issue_updated", "PAY-11", category="done")),
+        "linear": hooks.dumps(hooks.linear_issue("update", "ENG-11", state_type="completed")),
+    }[tracker]
+    signed = {"github": lambda b, **k: hooks.github_headers(b, "issues", **k), "jira": hooks.jira_headers, "linear": hooks.linear_headers}[tracker]
+    wrong = signed(body, secret="not-the-secret")
+    unsigned = {k: v for k, v in signed(body).items() if "signature" not in k.lower()}
+    tampered = signed(body)
+    for headers, content in ((wrong, body), (unsigned, body), (tampered, body.replace(b"Acme", b"Evil").replace(b"PAY-11", b"PAY-12").replace(b"ENG-11", b"ENG-12"))):
+        response = await _post(tracked, tracker, content, headers)
+        assert response.status_code == 401, (tracker, response.text)
+        assert response.json()["error"]["code"] == "invalid_signature"
+    assert await tracked.get("/api/work-items") == []
+
+
+async def test_redelivery_changes_nothing(tracked: Proxy) -> None:
+    body = hooks.dumps(hooks.github_issue("closed", 6, state_reason="completed"))
+    headers = hooks.github_headers(body, "issues", delivery="72d3162e-cc78-11e3-81ab-4c9367dc0958")
+    first = await _post(tracked, "github", body, headers)
+    reopened = hooks.dumps(hooks.github_issue("reopened", 6))
+    await _post(tracked, "github", reopened, hooks.github_headers(reopened, "issues"))
+    again = await _post(tracked, "github", body, headers)  # the old "closed" delivery, redelivered
+    assert first.json()["status"] == "applied" and again.json()["status"] == "duplicate"
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%236"))["status"] == "open"
+
+
+async def test_malformed_unknown_and_unconfigured(tracked: Proxy, tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]
+    for raw in (b"{not json", b"[1,2]", hooks.dumps({"action": "closed", "issue": {"number": 1}})):
+        response = await _post(tracked, "github", raw, hooks.github_headers(raw, "issues"))
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request", raw
+    ping = hooks.dumps({"zen": "Keep it logically awesome.", "hook_id": 1, "repository": {"full_name": "acme/web"}})
+    response = await _post(tracked, "github", ping, hooks.github_headers(ping, "ping"))
+    assert response.status_code == 200 and response.json()["status"] == "ignored"
+    comment = hooks.dumps({"webhookEvent": "comment_created", "comment": {"id": "1"}})
+    assert (await _post(tracked, "jira", comment, hooks.jira_headers(comment))).json()["status"] == "ignored"
+    assert await tracked.get("/api/work-items") == []
+
+    (tmp_path / "plain").mkdir()
+    async for plain in start_proxy(make_settings(tmp_path / "plain"), httpx.ASGITransport(fake.app()), fake):
+        body = hooks.dumps(hooks.github_issue("closed", 1))
+        off = await _post(plain, "github", body, hooks.github_headers(body, "issues"))
+        assert off.status_code == 404 and "secret_env" in off.json()["error"]["message"]
