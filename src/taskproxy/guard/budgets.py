@@ -105,4 +105,8 @@ def _refuse_if_spent(where: str, tokens: float, tokens_limit: int | None, usd: f
     if tokens_limit is not None and tokens >= tokens_limit:
         raise BudgetExceeded(f"{where} has used {int(tokens):,} tokens of its budget of {tokens_limit:,} tokens. Ask an admin to raise it.")
     if usd_limit is not None and usd >= usd_limit:
-        raise BudgetExceeded(f"{where} has spent ${usd:,.4f} of its budget of ${usd_limit:,.2f}. Ask an admin to raise it.")
+        raise BudgetExceeded(f"{where} has spent {_usd(usd)} of its budget of {_usd(usd_limit)}. Ask an admin to raise it.")
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.2f}" if value >= 1 else f"${value:.6f}"
