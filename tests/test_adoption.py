@@ -25,7 +25,9 @@ from conftest import ADMIN_KEY, make_settings
 from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, Item, Org, generate
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
-from taskproxy.reports.adoption import CSV_COLUMNS, adoption_csv, adoption_report, item_detail, quantile
+from taskproxy.reports.adoption import adoption_report, quantile
+from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
+from taskproxy.reports.items import item_detail
 from taskproxy.routes import reports
 from taskproxy.storage.db import create_schema, make_engine
 from taskproxy.timeutil import iso, parse_time, utcnow
@@ -346,6 +348,19 @@ def test_csv_of_a_filtered_report_and_of_awkward_names() -> None:
     report = {"team": "=cmd", "overall": figures, "teams": [{"team": "=cmd", **figures}]}
     rows = list(csv.reader(io.StringIO(adoption_csv(report))))
     assert rows[1][:2] == ["overall", "'=cmd"] and rows[2][:2] == ["team", "'=cmd"]  # not a spreadsheet formula
+
+
+def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    report = adoption_report(engine, since=SINCE, until=UNTIL, stale_after_days=STALE_DAYS)
+    lines = adoption_text(report).splitlines()
+    assert lines[0].startswith(f"adoption {iso(SINCE)} .. {iso(UNTIL)}")
+    by_scope = {line.split()[0]: line for line in lines[4:]}
+    assert set(by_scope) == {"overall", "data", "legal", "mobile", "platform", "web"}
+    assert "fewer than 5 people" in by_scope["mobile"] and str(report["overall"]["completed_items"]) in by_scope["overall"]
+    assert not any(key.owner in line for line in lines for key in org.keys)
+    filtered = adoption_text(adoption_report(engine, since=SINCE, until=UNTIL, team="web")).splitlines()
+    assert len(filtered) == 5 and filtered[4].startswith("team web")
 
 
 def test_percentiles_interpolate_like_numpy_linear() -> None:

@@ -318,3 +318,26 @@ def test_version_and_unknown_verb() -> None:
     assert version.returncode == 0 and version.stdout.startswith("taskproxy ")
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "frobnicate" in unknown.stderr
+
+
+def test_report_adoption_cli_matches_the_api(server: ServerProcess) -> None:
+    key = server.new_key(owner="ada", team="payments")
+    assert post_chat(server, key, "ADOPT-1").status_code == 200
+    server.work_item("ADOPT-1", expected_requests=1)
+    missing = run_cli("items", "complete", "ADOPT-404", config=server.config)
+    assert missing.returncode == 1 and "taskproxy items add ADOPT-404" in missing.stderr
+    cli_json("items", "add", "ADOPT-2", "--json", config=server.config)
+    assert post_chat(server, key, "ADOPT-2").status_code == 200
+    server.work_item("ADOPT-2", expected_requests=1)
+    done = run_cli("items", "complete", "ADOPT-2", config=server.config)
+    assert done.returncode == 0 and "done" in done.stdout
+
+    since, until = "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"
+    cli = cli_json("report", "adoption", "--since", since, "--until", until, "--json", config=server.config)
+    api = server.admin_get("/api/reports/adoption", since=since, until=until).json()
+    assert cli == api
+    assert cli["overall"]["completed_items"] >= 1 and cli["overall"]["ai_assisted_items"] >= 1
+    csv_text = run_cli("report", "adoption", "--since", since, "--until", until, "--csv", config=server.config).stdout
+    assert csv_text.splitlines()[0].startswith("scope,team,completed_items")
+    shown = run_cli("items", "show", "ADOPT-2", config=server.config).stdout
+    assert "cycle time" in shown and "→ done (cli)" in shown

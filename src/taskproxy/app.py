@@ -27,7 +27,7 @@ from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.routes import admin, anthropic, me, openai, webhooks
+from taskproxy.routes import admin, anthropic, me, openai, reports, webhooks
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
@@ -174,6 +174,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *anthropic.routes,
         *me.routes,
         *admin.routes,
+        *reports.routes,
         *webhooks.routes,
     ]
     return Starlette(

@@ -162,10 +162,10 @@ def cmd_items_list(args: argparse.Namespace) -> int:
 
 def cmd_items_show(args: argparse.Namespace) -> int:
     from taskproxy.render import money
-    from taskproxy.reports.usage import work_item_summary
+    from taskproxy.reports.items import work_item_view
 
     item_id = _ids(args).normalize(args.id)
-    summary = work_item_summary(_engine(args), item_id)
+    summary = work_item_view(_engine(args), item_id)
     if summary is None:
         print(f"taskproxy: no work item {item_id}", file=sys.stderr)
         return 1
@@ -178,6 +178,10 @@ def cmd_items_show(args: argparse.Namespace) -> int:
         value = summary[key]
         print(f"{label:>18}: {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
     print(f"{'cost':>18}: {money(summary['cost_usd'])}" + (f" ({summary['unpriced_requests']} requests without a known price)" if summary["unpriced_requests"] else ""))
+    if summary["cycle_time_hours"] is not None:
+        print(f"{'cycle time':>18}: {summary['cycle_time_hours']:.1f} h")
+    for change in summary["history"]:
+        print(f"{'':>18}  {change['ts']}  {change['from'] or '-'} → {change['to']} ({change['source']})")
     return 0
 
 
@@ -221,6 +225,31 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
     print(tasks_table(tasks))
     if rejected:
         print("\nrefused requests: " + ", ".join(f"{reason} × {count}" for reason, count in sorted(rejected.items())))
+    return 0
+
+
+def cmd_report_adoption(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from taskproxy.reports.adoption import adoption_report
+    from taskproxy.reports.adoption_export import adoption_csv, adoption_text
+    from taskproxy.timeutil import utcnow
+
+    settings = _settings(args)
+    until = args.until or utcnow()
+    since = args.since or until - timedelta(days=30)
+    if since >= until:
+        raise SystemExit("taskproxy: --since must be before --until")
+    report = adoption_report(
+        _engine(args), since=since, until=until, team=args.team,
+        min_group_size=settings.privacy.min_group_size, stale_after_days=settings.reports.stale_after_days,
+    )  # fmt: skip
+    if args.json:
+        _print_json(report)
+    elif args.csv:
+        sys.stdout.write(adoption_csv(report))
+    else:
+        print(adoption_text(report))
     return 0
 
 
@@ -347,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (7d, 12h)")
     tasks.add_argument("--limit", type=int, default=50)
     tasks.add_argument("--json", action="store_true")
+    adoption = command(report, "adoption", cmd_report_adoption, "AI spend against completed work, overall and per team")
+    adoption.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
+    adoption.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
+    adoption.add_argument("--team", help="only this team")
+    output = adoption.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--csv", action="store_true")
 
     for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),
                                      ("me", cmd_me, "your own usage, as the proxy recorded it")]:  # fmt: skip

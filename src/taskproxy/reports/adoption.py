@@ -46,8 +46,6 @@ status changes are loaded into Python for the arithmetic.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections import defaultdict
@@ -72,30 +70,6 @@ _R = Rejection.__table__.c
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open")
 OPEN_STATUSES = ("open", "in_progress")
 RESOLVED = ("done", "closed")
-
-CSV_COLUMNS = (
-    "scope",
-    "team",
-    "completed_items",
-    "ai_assisted_items",
-    "ai_assisted_share",
-    "cost_per_item_median",
-    "cost_per_item_p90",
-    "cost_total",
-    "tokens_per_item_median",
-    "tokens_per_item_p90",
-    "tokens_total",
-    "spend_without_outcome_usd",
-    "spend_after_completion_usd",
-    "cycle_time_ai_assisted_hours",
-    "cycle_time_other_hours",
-    "rejected_requests_total",
-    "withheld",
-)
-
-
-# -- arithmetic -----------------------------------------------------------------------------------
-
 
 def quantile(values: Iterable[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None for no values."""
@@ -161,7 +135,8 @@ def _load_completed(connection: Connection, items: dict[str, _Item], since: date
     for row in connection.execute(query):
         item = items.get(row.work_item)
         if item is not None:
-            item.by_model[row.model] = (int(row.events), int(row.ok or 0), None if row.cost is None else float(row.cost), int(row.tokens))
+            cost = None if row.cost is None else float(row.cost)
+            item.by_model[row.model] = (int(row.events), int(row.ok or 0), cost, int(row.tokens))
 
 
 def _load_period_spend(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
@@ -225,7 +200,9 @@ def _assign_teams(connection: Connection, items: dict[str, _Item], since: dateti
     ).subquery()
     teamed = select(_W.id).where(_W.team.is_not(None))
     query = (
-        select(_E.work_item, _E.team, func.sum(_E.cost_usd).label("cost"), func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"))
+        select(
+            _E.work_item, _E.team, func.sum(_E.cost_usd).label("cost"), func.coalesce(func.sum(_E.total_tokens), 0).label("tokens")
+        )
         .where(_E.team.is_not(None), _E.work_item.in_(select(relevant.c.id)), _E.work_item.not_in(teamed))
         .group_by(_E.work_item, _E.team)
     )
@@ -238,7 +215,7 @@ def _assign_teams(connection: Connection, items: dict[str, _Item], since: dateti
 
 
 def _people_by_team(connection: Connection) -> dict[str, int]:
-    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.team.is_not(None)).group_by(_K.team)
+    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_not(None)).group_by(_K.team)
     return {team: int(count) for team, count in connection.execute(query)}
 
 
@@ -384,7 +361,8 @@ def adoption_report(
     def figures_of(name: str) -> dict[str, Any]:
         if people.get(name, 0) < min_group_size:
             return _withheld(name, min_group_size)
-        return {"team": name, **_figures(by_team.get(name, []), dict(rejected_by_team.get(name, {})), since=since, until=until, stale_after=stale_after)}
+        rejected = dict(rejected_by_team.get(name, {}))
+        return {"team": name, **_figures(by_team.get(name, []), rejected, since=since, until=until, stale_after=stale_after)}
 
     if team is not None:
         entry = figures_of(team)
@@ -406,103 +384,3 @@ def adoption_report(
 
 
 # -- CSV ------------------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
-
-
-def _text(value: str | None) -> str:
-    """A name as a CSV cell that a spreadsheet will not run as a formula."""
-    if value and value[0] in "=+-@\t\r":
-        return "'" + value
-    return value or ""
-
-
-def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]:
-    if figures.get("withheld"):
-        return [scope, _text(team), *([""] * (len(CSV_COLUMNS) - 3)), "true"]
-    cost, tokens, cycle = figures["cost_per_completed_item"], figures["tokens_per_completed_item"], figures["cycle_time_hours"]
-    values = [
-        figures["completed_items"],
-        figures["ai_assisted_items"],
-        figures["ai_assisted_share"],
-        cost["median"],
-        cost["p90"],
-        cost["total"],
-        tokens["median"],
-        tokens["p90"],
-        tokens["total"],
-        figures["spend_without_outcome_usd"],
-        figures["spend_after_completion_usd"],
-        cycle["ai_assisted"],
-        cycle["other"],
-        sum(figures["rejected_requests"].values()),
-        False,
-    ]
-    return [scope, _text(team), *(_cell(v) for v in values)]
-
-
-def adoption_csv(report: dict[str, Any]) -> str:
-    """The report as CSV: a header, one row for `overall`, one per team."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerow(_csv_row("overall", report.get("team"), report["overall"]))
-    for entry in report["teams"]:
-        writer.writerow(_csv_row("team", entry["team"], entry))
-    return out.getvalue()
-
-
-# -- one work item --------------------------------------------------------------------------------
-
-
-def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
-    """Extras of `GET /api/work-items/{id}`: cycle time, usage per day, status history, links.
-
-    `cycle_time_hours` is completed_at − created_at for a `done` item, else null. `usage_by_day` has one
-    entry per UTC day with usage (`requests` counts first attempts, as elsewhere; `cost_usd` is null when
-    no event of that day has a known price). `linked` are the items (merged PRs) recorded as coming out
-    of this one; `linked_from` the items this one came out of.
-    """
-    day = func.date(_E.ts)
-    usage_query = (
-        select(
-            day.label("day"),
-            func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
-            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
-            func.sum(_E.cost_usd).label("cost"),
-        )
-        .where(_E.work_item == item_id)
-        .group_by(day)
-        .order_by(day)
-    )
-    with engine.connect() as connection:
-        item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
-        usage = connection.execute(usage_query).all()
-        changes = connection.execute(
-            select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
-        ).all()
-        status = select(_W.status).where(_W.id == _L.linked).scalar_subquery()
-        linked = connection.execute(select(_L.linked, _L.kind, _L.ts, status).where(_L.work_item == item_id).order_by(_L.linked)).all()
-        status_from = select(_W.status).where(_W.id == _L.work_item).scalar_subquery()
-        linked_from = connection.execute(
-            select(_L.work_item, _L.kind, _L.ts, status_from).where(_L.linked == item_id).order_by(_L.work_item)
-        ).all()
-    cycle = None
-    if item is not None and item.status == "done" and item.completed_at is not None:
-        cycle = _hours((item.completed_at - item.created_at).total_seconds() / 3600)
-    return {
-        "cycle_time_hours": cycle,
-        "usage_by_day": [
-            {"day": str(row.day)[:10], "requests": int(row.requests or 0), "total_tokens": int(row.tokens), "cost_usd": _money(row.cost)}
-            for row in usage
-        ],
-        "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source} for row in changes],
-        "linked": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked],
-        "linked_from": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked_from],
-    }

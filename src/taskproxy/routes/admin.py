@@ -9,6 +9,7 @@ from starlette.routing import Route
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.reports import usage as usage_reports
+from taskproxy.reports.items import work_item_view
 from taskproxy.audit import audit_read
 from taskproxy.registry import ITEM_STATUSES, register_work_item, transition, update_work_item
 from taskproxy.routes.common import JSON, admin, event_json, in_thread, int_param, item_json, json_object, key_json, time_param
@@ -49,10 +50,10 @@ def _ids(request: Request) -> WorkItemIds:
 async def get_work_item(request: Request) -> Response:
     await admin(request)
     item_id = _ids(request).normalize(request.path_params["item_id"])
-    summary = await in_thread(usage_reports.work_item_summary, services(request).engine, item_id)
-    if summary is None:
+    view = await in_thread(work_item_view, services(request).engine, item_id)
+    if view is None:
         raise NotFound(f"No work item {item_id!r} is registered or has usage.")
-    return JSON(summary)
+    return JSON(view)
 
 
 async def list_work_items(request: Request) -> Response:

@@ -10,7 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest
-from taskproxy.reports.adoption import adoption_csv, adoption_report
+from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.routes.common import JSON, admin, in_thread, time_param
 from taskproxy.services import services
 from taskproxy.timeutil import utcnow
@@ -49,7 +50,8 @@ async def adoption(request: Request) -> Response:
 
 async def adoption_as_csv(request: Request) -> Response:
     report = await _report(request)
-    return Response(adoption_csv(report), media_type="text/csv", headers={"content-disposition": 'attachment; filename="adoption.csv"'})
+    headers = {"content-disposition": 'attachment; filename="adoption.csv"'}
+    return Response(adoption_csv(report), media_type="text/csv", headers=headers)
 
 
 routes = [

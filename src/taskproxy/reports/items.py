@@ -1,0 +1,84 @@
+"""One work item as the API and `taskproxy items show` present it: totals, status history, cycle time,
+usage by day and links."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.engine import Engine
+
+from taskproxy.reports.adoption import _hours, _money
+from taskproxy.reports.usage import work_item_summary
+from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.timeutil import iso
+
+_E = UsageEvent.__table__.c
+_W = WorkItem.__table__.c
+_C = WorkItemChange.__table__.c
+_L = WorkItemLink.__table__.c
+
+
+def work_item_view(engine: Engine, item_id: str) -> dict[str, Any] | None:
+    """`GET /api/work-items/{id}`: None if the item is neither registered nor used."""
+    summary = work_item_summary(engine, item_id)
+    if summary is None:
+        return None
+    return {**summary, **item_detail(engine, item_id)}
+
+
+def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
+    """Extras of `GET /api/work-items/{id}`: cycle time, usage per day, status history, links.
+
+    `cycle_time_hours` is completed_at − created_at for a `done` item, else null. `usage_by_day` has one
+    entry per UTC day with usage (`requests` counts first attempts, as elsewhere; `cost_usd` is null when
+    no event of that day has a known price). `linked` are the items (merged PRs) recorded as coming out
+    of this one; `linked_from` the items this one came out of.
+    """
+    day = func.date(_E.ts)
+    usage_query = (
+        select(
+            day.label("day"),
+            func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
+            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
+            func.sum(_E.cost_usd).label("cost"),
+        )
+        .where(_E.work_item == item_id)
+        .group_by(day)
+        .order_by(day)
+    )
+    with engine.connect() as connection:
+        item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
+        usage = connection.execute(usage_query).all()
+        changes = connection.execute(
+            select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
+        ).all()
+        status = select(_W.status).where(_W.id == _L.linked).scalar_subquery()
+        linked = connection.execute(
+            select(_L.linked, _L.kind, _L.ts, status).where(_L.work_item == item_id).order_by(_L.linked)
+        ).all()
+        status_from = select(_W.status).where(_W.id == _L.work_item).scalar_subquery()
+        linked_from = connection.execute(
+            select(_L.work_item, _L.kind, _L.ts, status_from).where(_L.linked == item_id).order_by(_L.work_item)
+        ).all()
+    cycle = None
+    if item is not None and item.status == "done" and item.completed_at is not None:
+        cycle = _hours((item.completed_at - item.created_at).total_seconds() / 3600)
+    return {
+        "cycle_time_hours": cycle,
+        "usage_by_day": [
+            {
+                "day": str(row.day)[:10],  # SQLite answers text, PostgreSQL a date
+                "requests": int(row.requests or 0),
+                "total_tokens": int(row.tokens),
+                "cost_usd": _money(row.cost),
+            }
+            for row in usage
+        ],
+        "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source} for row in changes],
+        "linked": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked],
+        "linked_from": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked_from],
+    }
+
+
+# -- plain text (the CLI) -------------------------------------------------------------------------
