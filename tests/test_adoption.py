@@ -29,7 +29,7 @@ from taskproxy.reports.adoption import adoption_report, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
 from taskproxy.routes import reports
-from taskproxy.storage.db import create_schema, make_engine
+from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso, parse_time, utcnow
 
 SECOND = timedelta(seconds=1)
@@ -39,7 +39,7 @@ SECOND = timedelta(seconds=1)
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Org, Path]]:
     folder = tmp_path_factory.mktemp("org")
     engine = make_engine(f"sqlite:///{folder / 'taskproxy.db'}")
-    create_schema(engine)
+    upgrade_schema(engine)
     org = generate(engine, folder / "spool.jsonl")
     yield engine, org, folder
     engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from taskproxy.metering.usage import Rejected
-from taskproxy.storage.db import create_schema
+from taskproxy.storage.db import upgrade_schema
 from taskproxy.storage.models import Rejection
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
@@ -23,7 +23,7 @@ class FlakyDatabase:
     def __init__(self, path: Path) -> None:
         self.path, self.down = path, False
         self.engine = create_engine("sqlite://", creator=self._connect, poolclass=NullPool)
-        create_schema(self.engine)
+        upgrade_schema(self.engine)
 
     def _connect(self) -> sqlite3.Connection:
         if self.down:

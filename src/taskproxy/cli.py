@@ -79,9 +79,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
-    added = upgrade_schema(engine)
+    before, after = upgrade_schema(engine)
     where = settings.database_url.split("@")[-1]
-    print(f"upgraded {where}: added {', '.join(added)}" if added else f"database up to date: {where}")
+    print(f"database at revision {after}: {where}" if before == after else f"upgraded {where} from {before or 'nothing'} to {after}")
     return 0
 
 

@@ -1,15 +1,22 @@
-"""Engines: one per process, made from the configured URL."""
+"""Engines (one per process, made from the configured URL) and the schema's migrations (alembic,
+in `migrations/`): an empty database is migrated at start, one that is behind is refused with the
+command that upgrades it."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Table, event, inspect, text
-from sqlalchemy.engine import Engine, make_url
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel, create_engine
 
 from taskproxy.errors import SchemaBehind
-
 from taskproxy.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
@@ -33,46 +40,76 @@ def make_engine(database_url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def _missing(engine: Engine) -> tuple[list[Table], list[tuple[Table, Column]]]:
-    inspector = inspect(engine)
-    present = set(inspector.get_table_names())
-    tables = [t for t in SQLModel.metadata.sorted_tables if t.name not in present]
-    columns = [
-        (table, column)
-        for table in SQLModel.metadata.sorted_tables
-        if table.name in present
-        for column in table.columns
-        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
-    ]
-    return tables, columns
+MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 7_242_001  # a PostgreSQL advisory lock id: replicas starting together migrate one at a time
+
+
+def _alembic(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic(None)).get_current_head()  # type: ignore[arg-type]
+    assert head is not None
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _our_tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names()) & set(SQLModel.metadata.tables)
 
 
 def prepare_schema(engine: Engine) -> None:
-    """At start: create the schema in an empty database; refuse one made by an older version."""
-    tables, columns = _missing(engine)
-    if len(tables) == len(SQLModel.metadata.sorted_tables):
-        create_schema(engine)
+    """At start: migrate an empty database; refuse one whose schema is behind this version."""
+    with engine.connect() as connection:
+        current, tables = current_revision(connection), _our_tables(connection)
+    head = head_revision()
+    if current == head:
         return
-    if tables or columns:
-        names = [t.name for t in tables] + [f"{t.name}.{c.name}" for t, c in columns]
-        raise SchemaBehind(f"the database schema is behind this version of taskproxy (missing: {', '.join(names[:6])}); run `taskproxy db upgrade`")
+    if current is None and not tables:
+        upgrade_schema(engine)
+        return
+    raise SchemaBehind(
+        f"the database schema is at revision {current or 'none (made before migrations)'}, this version of taskproxy needs {head}; "
+        "run `taskproxy db upgrade`"
+    )
 
 
-def upgrade_schema(engine: Engine) -> list[str]:
-    """Add the tables and columns this version needs; returns what was added."""
-    tables, columns = _missing(engine)
-    create_schema(engine)
-    added = [t.name for t in tables]
+def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
+    """Run the migrations up to this version's head; returns (revision before, revision after)."""
+    head = head_revision()
     with engine.begin() as connection:
-        for table, column in columns:
-            ddl = CreateColumn(column).compile(dialect=engine.dialect)
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
+        before = current_revision(connection)
+        if before is None and _our_tables(connection):
+            # Made by a build from before migrations existed: add what it lacks, then adopt the history.
+            _add_missing(connection)
+            command.stamp(_alembic(connection), head)
+        elif before != head:
+            command.upgrade(_alembic(connection), "head")
+    return before, head
+
+
+def _add_missing(connection: Connection) -> None:
+    SQLModel.metadata.create_all(connection)
+    present = {t: {c["name"] for c in inspect(connection).get_columns(t)} for t in _our_tables(connection)}
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            if column.name in present.get(table.name, set(column.name for column in table.columns)):
+                continue
             default = column.default.arg if column.default is not None and not callable(column.default.arg) else None
             if not column.nullable and default is None:
                 raise SchemaBehind(f"cannot add {table.name}.{column.name}: it has no default")
             suffix = f" DEFAULT {int(default) if isinstance(default, bool) else default!r}" if default is not None else ""
+            ddl = CreateColumn(column).compile(dialect=connection.dialect)
             connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}{suffix}"))
-            added.append(f"{table.name}.{column.name}")
-    return added
 
 
 def create_schema(engine: Engine) -> None:
