@@ -6,8 +6,11 @@ through httpx's ASGI transport) or a respx router, injected through `create_app(
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +113,63 @@ async def start_proxy(settings: Settings, transport: httpx.AsyncBaseTransport, f
             yield Proxy(app=app, http=http, fake=fake)
 
 
+POSTGRES_URL = os.environ.get("TASKPROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+HOW_TO_RUN_POSTGRES = (
+    f"PostgreSQL is not reachable at {POSTGRES_URL}. Start a server there (trust auth, database 'test') or set "
+    "TASKPROXY_TEST_POSTGRES_URL; `bash .ci/run` starts or installs one."
+)
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose connections see a schema of their own, dropped afterwards.
+    Skips (fails under CI, which promises the PostgreSQL suite runs) when no server answers."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1), connect_args={"connect_timeout": 3})
+    schema = "tp_" + uuid.uuid4().hex[:12]
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
+    except OperationalError:
+        admin.dispose()
+        if os.environ.get("CI"):
+            pytest.fail(HOW_TO_RUN_POSTGRES)
+        pytest.skip(HOW_TO_RUN_POSTGRES)
+    try:
+        yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite by default; `postgres` through indirect parametrization (see BOTH_DATABASES)."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'taskproxy.db'}"
+
+
+# Runs a test on SQLite and on PostgreSQL.
+BOTH_DATABASES = pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+
+
 @pytest.fixture
 def fake() -> FakeProvider:
     return FakeProvider(slow_seconds=2.0)
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, fake: FakeProvider) -> AsyncIterator[Proxy]:
-    async for running in start_proxy(make_settings(tmp_path), httpx.ASGITransport(fake.app()), fake):
+async def proxy(tmp_path: Path, fake: FakeProvider, database_url: str) -> AsyncIterator[Proxy]:
+    settings = make_settings(tmp_path, database_url=database_url)
+    async for running in start_proxy(settings, httpx.ASGITransport(fake.app()), fake):
         yield running

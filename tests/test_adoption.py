@@ -8,6 +8,8 @@ never with the report module's helpers or SQL, and compared with what the report
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import io
 import statistics
@@ -25,6 +27,7 @@ from conftest import ADMIN_KEY, make_settings
 from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, Item, Org, generate
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
+from conftest import postgres_schema
 from taskproxy.reports.adoption import adoption_report, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
@@ -35,14 +38,20 @@ from taskproxy.timeutil import iso, parse_time, utcnow
 SECOND = timedelta(seconds=1)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Org, Path]]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Org, Path]]:
+    """The generated organisation, written to SQLite and (a second time) to PostgreSQL."""
     folder = tmp_path_factory.mktemp("org")
-    engine = make_engine(f"sqlite:///{folder / 'taskproxy.db'}")
-    upgrade_schema(engine)
-    org = generate(engine, folder / "spool.jsonl")
-    yield engine, org, folder
-    engine.dispose()
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            url = stack.enter_context(postgres_schema())
+        else:
+            url = f"sqlite:///{folder / 'taskproxy.db'}"
+        engine = make_engine(url)
+        upgrade_schema(engine)
+        org = generate(engine, folder / "spool.jsonl")
+        yield engine, org, folder
+        engine.dispose()
 
 
 # -- the expected report, from the generator's records ----------------------------------------------

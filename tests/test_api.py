@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import Proxy
+from conftest import BOTH_DATABASES, Proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -20,6 +20,7 @@ async def test_a_developer_key_cannot_use_admin_routes(proxy: Proxy) -> None:
         assert response.json()["error"]["code"] == "forbidden"
 
 
+@BOTH_DATABASES
 async def test_keys_are_shown_once_listed_without_secret_and_revoked_at_once(proxy: Proxy) -> None:
     created = await proxy.http.post("/api/keys", json={"owner": "eve", "team": "core", "role": "service"}, headers=proxy.admin_headers)
     assert created.status_code == 201
@@ -50,6 +51,7 @@ async def test_bad_key_requests_are_400(proxy: Proxy, body: dict, param: str) ->
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
+@BOTH_DATABASES
 async def test_work_items_registry_and_lookup_by_encoded_id(proxy: Proxy) -> None:
     created = await proxy.http.post("/api/work-items", json={"id": "https://github.com/Acme/Web/pull/5", "title": "Retry", "team": "web"}, headers=proxy.admin_headers)
     assert created.status_code == 201 and created.json()["id"] == "acme/web#5"
@@ -62,6 +64,7 @@ async def test_work_items_registry_and_lookup_by_encoded_id(proxy: Proxy) -> Non
     assert missing.status_code == 404
 
 
+@BOTH_DATABASES
 async def test_usage_grouped_by_team_and_model_and_own_usage_only(proxy: Proxy) -> None:
     ann, bob = await proxy.new_key("ann", "web"), await proxy.new_key("bob", "data")
     await proxy.openai(ann).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "WEB-1"})

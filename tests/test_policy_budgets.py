@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Proxy, make_settings, start_proxy
+from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
 from taskproxy.registry import register_work_item
 
 pytestmark = pytest.mark.anyio
@@ -60,6 +60,7 @@ async def test_active_mode_refuses_completed_and_closed_items(tmp_path: Path, fa
         assert (await _ask(proxy, key, "PAY-3")).status_code == 200
 
 
+@BOTH_DATABASES
 async def test_item_budget_refuses_once_spent_and_the_overshoot_is_bounded_by_requests_in_flight(proxy: Proxy) -> None:
     limit = 1000
     created = await proxy.http.post("/api/work-items", json={"id": "PAY-5", "budget_tokens": limit}, headers=proxy.admin_headers)
@@ -117,6 +118,7 @@ async def test_openai_sdk_raises_rate_limit_on_budget(proxy: Proxy) -> None:
     assert proxy.received == []
 
 
+@BOTH_DATABASES
 async def test_admin_reads_of_per_key_data_are_audited_and_developers_see_only_their_own(proxy: Proxy) -> None:
     ann, bob = await proxy.new_key("ann", "web"), await proxy.new_key("bob", "web")
     await _ask(proxy, ann, "WEB-1")

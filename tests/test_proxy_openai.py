@@ -11,7 +11,7 @@ import orjson
 import pytest
 import respx
 
-from conftest import PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
+from conftest import BOTH_DATABASES, PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.fake_provider import prompt_tokens_of
 from taskproxy.metering.pricing import bundled_price_table
 
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.anyio
 ASK = [{"role": "user", "content": "Add retries with jitter to the webhook client."}]
 
 
+@BOTH_DATABASES
 async def test_non_streaming_usage_is_recorded_exactly_against_the_work_item(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     first = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "proj-7"})
@@ -44,6 +45,7 @@ async def test_non_streaming_usage_is_recorded_exactly_against_the_work_item(pro
     assert all(e["prompt_hash"] and "prompt_text" not in e for e in events)
 
 
+@BOTH_DATABASES
 async def test_stream_without_include_usage_withholds_the_usage_chunk_but_records_it(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     stream = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, stream=True, extra_headers={"X-Work-Item": "PROJ-8"})
@@ -143,6 +145,7 @@ REJECTIONS = [
 
 
 @pytest.mark.parametrize(("headers", "body", "status", "code"), REJECTIONS)
+@BOTH_DATABASES
 async def test_rejections_are_clear_counted_and_never_forwarded(proxy: Proxy, headers, body, status, code) -> None:  # type: ignore[no-untyped-def]
     key = await proxy.new_key()
     response = await proxy.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}", **headers})
@@ -191,6 +194,7 @@ async def test_oversized_bodies_are_refused_without_reading_them(proxy: Proxy) -
     assert (await proxy.http.get("/healthz")).status_code == 200
 
 
+@BOTH_DATABASES
 async def test_concurrent_requests_on_several_items_give_exact_totals(proxy: Proxy) -> None:
     keys = [await proxy.new_key(owner=f"dev{i}") for i in range(3)]
     items = ["PROJ-1", "PROJ-2", "acme/api#3"]
