@@ -57,6 +57,7 @@ def prompt_tokens_of(body: dict) -> int:
 class FakeProvider:
     slow_seconds: float = 2.0
     received: list[dict[str, Any]] = field(default_factory=list)
+    failing: bool = False  # while set, every model behaves like fake-500 (a provider outage)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -80,7 +81,7 @@ class FakeProvider:
         return _json(self.received)
 
     async def _fault(self, model: str) -> Response | None:
-        if model == "fake-500":
+        if model == "fake-500" or self.failing:
             return _json({"error": {"message": "fake provider failure", "type": "server_error", "param": None, "code": None}}, 500)
         if model == "fake-429":
             return _json({"error": {"message": "rate limited", "type": "rate_limit_error", "param": None, "code": "rate_limit"}}, 429)
