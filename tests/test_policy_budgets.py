@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
+from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.registry import register_work_item
 
 pytestmark = pytest.mark.anyio
@@ -135,3 +135,16 @@ async def test_admin_reads_of_per_key_data_are_audited_and_developers_see_only_t
         assert (await proxy.http.get(path, headers={"authorization": f"Bearer {bob}"})).status_code == 403
     mine = (await proxy.http.get("/api/me/usage", headers={"authorization": f"Bearer {bob}"})).json()
     assert [w["work_item"] for w in mine["work_items"]] == ["WEB-2"] and {e["owner"] for e in mine["recent_events"]} == {"bob"}
+
+
+async def test_rate_limit_per_key(tmp_path: Path, fake: Any) -> None:
+    async for proxy in await _running(tmp_path, fake, limits={"requests_per_minute": 3}):
+        ann, bob = await proxy.new_key("ann"), await proxy.new_key("bob")
+        assert [(await _ask(proxy, ann, "PAY-1")).status_code for _ in range(3)] == [200, 200, 200]
+        limited = await _ask(proxy, ann, "PAY-1")
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 61
+        assert (await _ask(proxy, bob, "PAY-1")).status_code == 200  # per key
+        assert len(proxy.received) == 4
+        report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"])
+        assert report["rejected_requests"] == {"rate_limited": 1}

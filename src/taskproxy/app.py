@@ -25,6 +25,7 @@ from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
+from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.routes import admin, anthropic, me, openai, reports, webhooks
@@ -150,6 +151,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             policy=Policy(settings.work_items.mode, items),
             budgets=budgets,
             trackers=configured_trackers(settings, ids),
+            rate_limiter=RateLimiter(settings.limits.requests_per_minute),
         )
         refreshers = [
             asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),

@@ -14,6 +14,7 @@
         ├── WorkItemUnknown         403 work_item_unknown
         ├── WorkItemClosed          403 work_item_closed
         ├── BudgetExceeded          429 budget_exceeded
+        ├── RateLimited             429 rate_limited       (limits.requests_per_minute; Retry-After)
         ├── ModelNotFound           404 model_not_found
         ├── InvalidRequest          400 invalid_request
         ├── RequestTooLarge         413 request_too_large
@@ -113,6 +114,15 @@ class BudgetExceeded(ApiError):
     anthropic_type = "rate_limit_error"
 
 
+class RateLimited(ApiError):
+    status, code = 429, "rate_limited"
+    openai_type = anthropic_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelNotFound(ApiError):
     status, code = 404, "model_not_found"
     openai_type = anthropic_type = "not_found_error"
@@ -179,4 +189,6 @@ def error_response(error: ApiError, path: str) -> Response:
     """Render `error` in the shape of the route at `path` (Anthropic's on /v1/messages*, else OpenAI's)."""
     body = anthropic_error_body(error) if uses_anthropic_shape(path) else openai_error_body(error)
     headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    if isinstance(error, RateLimited):
+        headers = {"retry-after": str(error.retry_after)}
     return Response(orjson.dumps(body), status_code=error.status, media_type="application/json", headers=headers)

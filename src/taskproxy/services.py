@@ -11,6 +11,7 @@ from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
+from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.settings import Settings
@@ -35,6 +36,7 @@ class Services:
     policy: Policy
     budgets: Budgets
     trackers: dict[str, Tracker]
+    rate_limiter: RateLimiter
 
 
 def services(request: Request) -> Services:

@@ -96,6 +96,8 @@ class WorkItemSettings(_Frozen):
 
 class LimitSettings(_Frozen):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # Proxied requests per key and minute, per process; None: no limit.
+    requests_per_minute: int | None = Field(default=None, gt=0)
 
 
 class RecordingSettings(_Frozen):

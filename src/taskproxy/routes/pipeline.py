@@ -107,6 +107,7 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
     principal: Principal | None = None
     try:
         principal = await svc.keys.authenticate(request.headers)
+        svc.rate_limiter.check(principal.key_id)
         raw = await read_body(request, svc.settings.limits.max_body_bytes)
         body = await decode_json_object(raw)
         attributed = svc.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
