@@ -10,6 +10,7 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-slow     waits `FakeProvider.slow_seconds` before answering
     fake-cut      streams half the reply, then drops the connection
     fake-hang     streams one chunk, then sends nothing more
+    fake-trickle  streams a chunk every 0.1 s, forever
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
 Every request received is kept in `FakeProvider.received` (and served at GET /_fake/requests).
@@ -125,6 +126,9 @@ class FakeProvider:
                 raise ConnectionResetError("fake provider cut the stream")
             if model == "fake-hang":
                 await asyncio.sleep(3600)
+        while model == "fake-trickle":
+            await asyncio.sleep(0.1)
+            yield _sse({**base, "object": kind, "choices": [{"index": 0, "delta": {"content": " more"}, "finish_reason": None}], **extra})
         last = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else {"index": 0, "text": "", "finish_reason": "stop"}
         yield _sse({**base, "object": kind, "choices": [last], **extra})
         if include_usage:

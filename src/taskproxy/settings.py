@@ -54,6 +54,8 @@ class ModelSettings(_Frozen):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Longest silence allowed between two reads from the provider (first byte included).
     read_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Longest a stream may last in all, however steadily it trickles: then it ends with upstream_timeout.
+    max_stream_seconds: float = Field(default=1800.0, gt=0)
     pricing: Pricing | None = None
     # Other configured models to try, in order, when this one fails before the first byte is sent
     # (connection error, timeout, 429, 5xx).

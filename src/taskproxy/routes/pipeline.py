@@ -216,11 +216,14 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
         if more and reply.status in RETRIED_STATUSES:  # never a stream: those are 200
             _finish(svc, exchange, admitted.started, status=reply.status)
             continue
-        return _respond(svc, endpoint, admitted, exchange, reply, client_wants_usage)
+        return _respond(svc, endpoint, admitted, exchange, reply, client_wants_usage, model)
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
 
-def _respond(svc: Services, endpoint: Endpoint, admitted: Admitted, exchange: Exchange, reply: UpstreamReply, client_wants_usage: bool) -> Response:
+def _respond(
+    svc: Services, endpoint: Endpoint, admitted: Admitted, exchange: Exchange, reply: UpstreamReply, client_wants_usage: bool,
+    exchange_model: ModelSettings,
+) -> Response:
     if not reply.streaming:
         if reply.status < 400:
             exchange.observe = partial(endpoint.observe_body, reply.body)
@@ -240,4 +243,7 @@ def _respond(svc: Services, endpoint: Endpoint, admitted: Admitted, exchange: Ex
         _finish(svc, exchange, admitted.started, status=reply.status, error=error, first_byte=first_byte)
 
     exchange.observe = partial(endpoint.observe_stream, chunks)
-    return RelayResponse(reply, on_chunk=on_chunk, on_done=on_done, finish=splitter.rest if splitter else None, error_event=endpoint.error_event)
+    return RelayResponse(
+        reply, on_chunk=on_chunk, on_done=on_done, finish=splitter.rest if splitter else None, error_event=endpoint.error_event,
+        max_seconds=exchange_model.max_stream_seconds,
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import anyio
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from taskproxy.errors import ApiError, anthropic_error_body, openai_error_body
+from taskproxy.errors import ApiError, UpstreamTimeout, anthropic_error_body, openai_error_body
 from taskproxy.upstream.passthrough import UpstreamReply
 
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -38,6 +38,7 @@ class RelayResponse:
         on_done: Callable[[str | None, float | None], None],
         finish: Callable[[], bytes] | None = None,
         error_event: Callable[[ApiError], bytes] | None = None,
+        max_seconds: float = 1800.0,
     ) -> None:
         assert reply.chunks is not None
         self.reply = reply
@@ -47,6 +48,7 @@ class RelayResponse:
         self.finish = finish  # what is left to send when upstream ends (a partial event)
         self.on_done = on_done  # (error code or None, time of the first byte or None)
         self.error_event = error_event or openai_error_event
+        self.max_seconds = max_seconds  # a stream that never ends is cut here
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         error: str | None = None
@@ -67,13 +69,17 @@ class RelayResponse:
                 try:
                     await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
                     try:
-                        async for chunk in self.chunks:
-                            if first_byte is None:
-                                first_byte = time.perf_counter()
-                            out = self.on_chunk(chunk)
-                            if out:
-                                await send({"type": "http.response.body", "body": out, "more_body": True})
+                        with anyio.fail_after(self.max_seconds):
+                            async for chunk in self.chunks:
+                                if first_byte is None:
+                                    first_byte = time.perf_counter()
+                                out = self.on_chunk(chunk)
+                                if out:
+                                    await send({"type": "http.response.body", "body": out, "more_body": True})
                         tail = self.finish() if self.finish else b""
+                    except TimeoutError:
+                        timeout = UpstreamTimeout(f"The stream ran longer than {self.max_seconds:.0f} s (max_stream_seconds) and was ended.")
+                        error, tail = timeout.code, self.error_event(timeout)
                     except ApiError as exc:  # the provider failed mid-stream: tell the client in-band
                         error = exc.code
                         tail = self.error_event(exc)
