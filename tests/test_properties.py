@@ -1,0 +1,92 @@
+"""Property tests: work-item ids and SSE framing hold for any input, not only the examples."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskproxy.errors import WorkItemInvalid
+from taskproxy.settings import DEFAULT_BRANCH_PATTERNS, DEFAULT_ID_PATTERNS
+from taskproxy.upstream.observe import openai_stream
+from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, iter_data
+from taskproxy.workitems import MAX_ID_LENGTH, WorkItemIds
+
+IDS = WorkItemIds(DEFAULT_ID_PATTERNS, DEFAULT_BRANCH_PATTERNS)
+keys = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,9}-[0-9]{1,6}", fullmatch=True)
+github = st.from_regex(r"[A-Za-z0-9_.-]{1,20}/[A-Za-z0-9_.-]{1,20}#[0-9]{1,6}", fullmatch=True)
+
+
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=50).map(lambda b: b.decode("latin-1"))))
+@settings(max_examples=400)
+def test_normalize_accepts_only_safe_canonical_ids(raw: str) -> None:
+    try:
+        canonical = IDS.normalize(raw)
+    except WorkItemInvalid:
+        return
+    assert len(canonical) <= MAX_ID_LENGTH
+    assert all(32 < ord(c) < 127 for c in canonical)  # printable ASCII, no spaces: safe in logs, URLs and SQL params
+    assert IDS.normalize(canonical) == canonical  # canonical forms are fixed points
+
+
+@given(keys)
+def test_tracker_keys_normalize_to_upper_case(key: str) -> None:
+    assert IDS.normalize(key.lower()) == IDS.normalize(key) == key.upper()
+
+
+@given(github)
+def test_github_refs_normalize_and_match_their_urls(ref: str) -> None:
+    owner_repo, number = ref.split("#")
+    if owner_repo.split("/")[0] in {".", ".."} or owner_repo.split("/")[1] in {".", ".."}:
+        return
+    canonical = IDS.normalize(ref)
+    assert canonical == ref.lower() == canonical.lower()
+    assert IDS.normalize(f"https://github.com/{owner_repo}/pull/{number}") == canonical
+
+
+@given(st.text(max_size=120))
+def test_branch_parsing_never_raises_unexpectedly(branch: str) -> None:
+    try:
+        found = IDS.from_branch(branch)
+    except WorkItemInvalid:
+        return
+    assert found is None or IDS.normalize(found) == found
+
+
+events = st.lists(
+    st.dictionaries(st.sampled_from(["choices", "usage", "id", "text"]), st.one_of(st.none(), st.text(max_size=20), st.integers(-(2**62), 2**62), st.lists(st.integers(0, 10**6), max_size=3)), max_size=4),
+    max_size=8,
+)
+
+
+@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+@settings(max_examples=300)
+def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: list[dict], cuts: list[int], terminator: bytes) -> None:
+    stream = b"".join(b"data: " + orjson.dumps(p) + terminator for p in payloads) + b"data: [DONE]" + terminator
+    splitter, out, position = SseSplitter(), [], 0
+    for size in cuts:
+        out += splitter.feed(stream[position : position + size])
+        position += size
+    out += splitter.feed(stream[position:])
+    assert b"".join(out) + splitter.rest() == stream
+    assert [orjson.loads(d) for d in iter_data(b"".join(out)) if d != b"[DONE]"] == payloads
+
+
+@given(st.text(max_size=50))
+def test_a_usage_lookalike_inside_content_is_not_withheld(content: str) -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"content": content + '"usage": {} "choices": []'}}], "usage": None}
+    assert not is_usage_only_chunk(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=300)
+def test_stream_observation_never_raises_on_garbage(garbage: bytes) -> None:
+    observed = openai_stream([garbage])
+    assert observed.usage is None or observed.usage.prompt_tokens >= 0
+
+
+@pytest.mark.parametrize("bad", ["PROJ-1\n", "PROJ-1\x00", "\u202eproj-1", "PROJ-１"])
+def test_invisible_and_lookalike_characters_are_refused(bad: str) -> None:
+    with pytest.raises(WorkItemInvalid):
+        IDS.normalize(bad)
