@@ -105,3 +105,12 @@ async def test_health_and_readiness(proxy: Proxy) -> None:
     assert (await proxy.http.get("/healthz")).json() == {"status": "ok"}
     ready = await proxy.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_oversized_headers_get_431_in_the_routes_shape(proxy: Proxy) -> None:
+    big = {"x-filler": "y" * (70 * 1024)}
+    openai_route = await proxy.http.post("/v1/chat/completions", json={}, headers=big)
+    assert openai_route.status_code == 431 and openai_route.json()["error"]["code"] == "request_header_too_large"
+    anthropic_route = await proxy.http.post("/v1/messages", json={}, headers=big)
+    assert anthropic_route.status_code == 431 and anthropic_route.json()["type"] == "error"
+    assert (await proxy.http.get("/healthz")).status_code == 200

@@ -15,12 +15,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskproxy import __version__
-from taskproxy.errors import ApiError, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
+from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.budgets import Budgets
@@ -28,7 +30,7 @@ from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.routes import admin, anthropic, me, openai, reports, webhooks
+from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
@@ -104,6 +106,20 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
     return trackers
 
 
+class HeaderLimit:
+    """Refuse requests whose headers together exceed `limits.max_header_bytes`, in the route's error shape."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_bytes:
+            error = HeadersTooLarge(f"The request headers are larger than {self.max_bytes} bytes (limits.max_header_bytes).")
+            await error_response(error, scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, engine: Engine | None = None) -> Starlette:
     """Build the ASGI app. `transport` replaces the upstream HTTP transport (tests inject a mock);
     `engine` replaces the database engine made from `settings.database_url`."""
@@ -175,6 +191,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *openai.routes,
         *anthropic.routes,
         *me.routes,
+        *openapi.routes,
         *admin.routes,
         *reports.routes,
         *webhooks.routes,
@@ -182,5 +199,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(HeaderLimit, max_bytes=settings.limits.max_header_bytes)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_exception, Exception: _unexpected},
     )

@@ -18,6 +18,7 @@
         ├── ModelNotFound           404 model_not_found
         ├── InvalidRequest          400 invalid_request
         ├── RequestTooLarge         413 request_too_large
+        ├── HeadersTooLarge         431 request_header_too_large
         ├── UpstreamError           502 upstream_error
         ├── ProviderError           the provider's status, provider_error (a translated provider refused)
         ├── UpstreamTimeout         504 upstream_timeout
@@ -135,6 +136,10 @@ class InvalidRequest(ApiError):
 class RequestTooLarge(ApiError):
     status, code = 413, "request_too_large"
     anthropic_type = "request_too_large"
+
+
+class HeadersTooLarge(ApiError):
+    status, code = 431, "request_header_too_large"
 
 
 class UpstreamError(ApiError):

@@ -98,6 +98,8 @@ class WorkItemSettings(_Frozen):
 
 class LimitSettings(_Frozen):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # All request headers together (names and values); larger gets 431 request_header_too_large.
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
     # Proxied requests per key and minute, per process; None: no limit.
     requests_per_minute: int | None = Field(default=None, gt=0)
 
