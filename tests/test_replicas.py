@@ -106,3 +106,51 @@ def test_two_replicas_lose_nothing_through_a_database_and_a_provider_outage(tmp_
         assert set(recorded) == set(expected)
         print(f"\n{REQUESTS} requests in {duration:.1f} s over 2 replicas (8 concurrent): {dict(statuses)}; "
               f"database cut for {OUTAGE_SECONDS:.0f} s, provider failing for 0.6 s; all recorded exactly once")
+
+
+def test_a_budget_holds_across_two_replicas(tmp_path: Path) -> None:
+    """Each replica refuses once its view of the spend reaches the limit; it learns the other's spend at each
+    re-read (budgets.refresh_seconds) once the other's writer has committed it. The overshoot is bounded by
+    the requests in flight plus what was answered within one re-read interval and one commit interval."""
+    limit, refresh, flush, concurrency = 600, 0.3, 0.05, 6
+    with postgres_schema() as url, fake_upstream() as upstream:
+        config = write_config(tmp_path, upstream.url, database_url=url, budgets={"refresh_seconds": refresh}, work_items={"refresh_seconds": refresh},
+                              recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": flush})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        with running_server(config, tmp_path / "a.log") as first, running_server(config, tmp_path / "b.log") as second:
+            created = first.http.post("/api/work-items", json={"id": "BUDGET-1", "budget_tokens": limit}, headers=first.admin_headers)
+            assert created.status_code == 201
+            key = first.new_key(owner="sam", team="platform")
+            time.sleep(refresh + 0.3)  # the second replica has loaded the item's budget
+            replicas = [first.openai(key), second.openai(key)]
+            answered: list[tuple[float, int]] = []
+            lock = threading.Lock()
+
+            def one(n: int) -> None:
+                try:
+                    reply = replicas[n % 2].chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_headers={"X-Work-Item": "BUDGET-1"}
+                    )
+                    with lock:
+                        answered.append((time.monotonic(), reply.usage.total_tokens))
+                except openai.RateLimitError:
+                    pass
+                time.sleep(0.01)
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                list(pool.map(one, range(200)))
+            time.sleep(refresh + 0.3)
+            for client in replicas:  # both replicas now know the budget is spent
+                with pytest.raises(openai.RateLimitError):
+                    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "BUDGET-1"})
+            item = first.work_item("BUDGET-1", expected_requests=len(answered))
+        per_request = answered[0][1]
+        spent = item["total_tokens"]
+        assert spent == sum(tokens for _, tokens in answered)
+        rate = len(answered) / (max(t for t, _ in answered) - started)  # answers a second, both replicas, until the last
+        # In flight, plus what was answered during one re-read interval and one commit interval of the writer.
+        bound = (concurrency + rate * (refresh + flush)) * per_request
+        assert 0 <= spent - limit <= bound, (spent, limit, bound)
+        print(f"\nbudget {limit} tokens over 2 replicas: spent {spent} ({len(answered)} answered at {rate:.0f}/s); "
+              f"overshoot {spent - limit} tokens, bound {bound:.0f}")
