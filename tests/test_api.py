@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BOTH_DATABASES, Proxy
+from conftest import BOTH_DATABASES, Proxy, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -114,3 +114,27 @@ async def test_oversized_headers_get_431_in_the_routes_shape(proxy: Proxy) -> No
     anthropic_route = await proxy.http.post("/v1/messages", json={}, headers=big)
     assert anthropic_route.status_code == 431 and anthropic_route.json()["type"] == "error"
     assert (await proxy.http.get("/healthz")).status_code == 200
+
+
+async def test_prometheus_metrics_count_by_model_and_team_never_by_person(proxy: Proxy) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ann = await proxy.new_key("ann-the-person", "web")
+    reply = await proxy.openai(ann).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "WEB-9"})
+    await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK}, headers={"authorization": f"Bearer {ann}"})
+    await proxy.events(1)
+    text = await wait_until(lambda: _metrics(proxy), lambda t: "taskproxy_rejections_total" in t)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("taskproxy_requests_total", (("model", "gpt-4o-mini"), ("route", "/v1/chat/completions"), ("status", "200")))] == 1
+    assert samples[("taskproxy_tokens_total", (("kind", "prompt"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.prompt_tokens
+    assert samples[("taskproxy_tokens_total", (("kind", "completion"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.completion_tokens
+    assert samples[("taskproxy_rejections_total", (("reason", "work_item_required"),))] == 1
+    assert samples[("taskproxy_upstream_latency_seconds_count", (("route", "/v1/chat/completions"),))] == 1
+    assert ("taskproxy_writer_queue_depth", ()) in samples and ("taskproxy_spool_bytes", ()) in samples
+    assert "ann-the-person" not in text and "key_" not in text  # no person, no key
+
+
+async def _metrics(proxy: Proxy) -> str:
+    response = await proxy.http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return response.text

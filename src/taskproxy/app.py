@@ -35,6 +35,8 @@ from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import make_engine, ping, prepare_schema
+from taskproxy.metrics import Metrics
+from taskproxy.metrics import routes as metrics_routes
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -144,8 +146,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         recording = settings.recording
         writer = BatchWriter(
             db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
-            on_record=budgets.record,
+            on_record=[budgets.record],
         )  # fmt: skip
+        metrics = Metrics(writer)
+        writer.listen(metrics.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
         client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
@@ -168,6 +172,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             budgets=budgets,
             trackers=configured_trackers(settings, ids),
             rate_limiter=RateLimiter(settings.limits.requests_per_minute),
+            metrics=metrics,
         )
         refreshers = [
             asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),
@@ -192,6 +197,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *anthropic.routes,
         *me.routes,
         *openapi.routes,
+        *metrics_routes,
         *admin.routes,
         *reports.routes,
         *webhooks.routes,

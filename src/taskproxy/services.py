@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
@@ -20,6 +22,9 @@ from taskproxy.trackers.base import Tracker
 from taskproxy.upstream.passthrough import Upstream
 from taskproxy.upstream.translate import Translator
 
+if TYPE_CHECKING:  # metrics.py imports this module for its route
+    from taskproxy.metrics import Metrics
+
 
 @dataclass
 class Services:
@@ -37,6 +42,7 @@ class Services:
     budgets: Budgets
     trackers: dict[str, Tracker]
     rate_limiter: RateLimiter
+    metrics: Metrics
 
 
 def services(request: Request) -> Services:

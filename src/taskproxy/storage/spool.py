@@ -65,6 +65,16 @@ class Spool:
             elif name == self.base.name or (name.startswith(self.base.stem + ".") and name.endswith(self.base.suffix)):
                 yield path
 
+    def size(self) -> int:
+        """Bytes waiting in every spool file (this process's and any left by others)."""
+        total = 0
+        for path in self._candidates():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
     def pending(self) -> bool:
         return next(self._candidates(), None) is not None
 

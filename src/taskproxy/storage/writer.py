@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -104,19 +104,23 @@ class BatchWriter:
         flush_interval: float = 0.25,
         batch_size: int = 500,
         spool_path: str | Path = "taskproxy-spool.jsonl",
-        on_record: Callable[[Record], None] | None = None,
+        on_record: Sequence[Callable[[Record], None]] = (),
     ) -> None:
         self._engine = engine
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._spool = Spool(spool_path)
-        self._on_record = on_record  # sees each record as soon as it is built (budgets count spend here)
+        self._on_record = list(on_record)  # see each record as soon as it is built (budgets, metrics)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._last_replay = 0.0
         self.committed = 0
         self.spooled = 0
         self.set_aside = 0
+
+    def listen(self, listener: Callable[[Record], None]) -> None:
+        """Also call `listener` with each record as it is built (before start)."""
+        self._on_record.append(listener)
 
     # -- called from the request path -------------------------------------------------------------
 
@@ -212,9 +216,9 @@ class BatchWriter:
             log.exception("could not build a usage record; it was skipped")
             return
         batch.add(record)
-        if self._on_record is not None:
+        for listener in self._on_record:
             try:
-                self._on_record(record)
+                listener(record)
             except Exception:
                 log.exception("a record listener failed")
 
@@ -276,6 +280,10 @@ class BatchWriter:
     @property
     def spool_pending(self) -> bool:
         return self._spool.pending()
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool.size()
 
 
 def _revive(row: dict) -> dict:

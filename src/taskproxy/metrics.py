@@ -1,0 +1,65 @@
+"""Prometheus metrics at /metrics: requests, tokens and cost by model and team (never by person),
+refusals by reason, upstream latency and time to first byte, the writer's queue and spool.
+
+Everything is counted from the records the writer builds, in the writer thread, so metrics cost the
+request path nothing. Each process keeps its own registry: with `serve --workers N`, a scrape sees
+the worker that answered it (run one scrape target per process, or one worker per replica).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from taskproxy.services import services
+from taskproxy.storage.writer import BatchWriter, Record
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, writer: BatchWriter) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("taskproxy_requests", "Proxied requests (attempts) by route, model and status", ["route", "model", "status"], registry=r)
+        self.tokens = Counter("taskproxy_tokens", "Tokens by model, team and kind (prompt, completion, cached)", ["model", "team", "kind"], registry=r)
+        self.cost = Counter("taskproxy_cost_usd", "Cost in USD by model and team (priced events only)", ["model", "team"], registry=r)
+        self.unpriced = Counter("taskproxy_unpriced_requests", "Requests whose model has no known price", ["model"], registry=r)
+        self.rejections = Counter("taskproxy_rejections", "Requests refused before forwarding, by reason", ["reason"], registry=r)
+        self.latency = Histogram("taskproxy_upstream_latency_seconds", "Time from arrival to the end of the response", ["route"], buckets=_SECONDS, registry=r)
+        self.ttfb = Histogram("taskproxy_time_to_first_byte_seconds", "Time from arrival to the provider's first byte", ["route"], buckets=_SECONDS, registry=r)
+        Gauge("taskproxy_writer_queue_depth", "Usage records waiting for the writer", registry=r).set_function(lambda: writer.queue_depth)
+        Gauge("taskproxy_spool_bytes", "Bytes of usage waiting in spool files for the database", registry=r).set_function(lambda: writer.spool_bytes)
+
+    def record(self, record: Record) -> None:
+        """Count one record (called by the writer thread)."""
+        row = record.row
+        if record.kind == "rejection":
+            self.rejections.labels(row["reason"]).inc()
+            return
+        if record.kind != "event":
+            return
+        route, model, team = row["route"], row["model"], row["team"] or ""
+        self.requests.labels(route, model, str(row["status"])).inc()
+        for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens"), ("cached", "cached_tokens")):
+            if row[field]:
+                self.tokens.labels(model, team, kind).inc(row[field])
+        if row["cost_usd"] is None:
+            self.unpriced.labels(model).inc()
+        elif row["cost_usd"]:
+            self.cost.labels(model, team).inc(row["cost_usd"])
+        self.latency.labels(route).observe(row["latency_ms"] / 1000)
+        if row["ttfb_ms"] is not None:
+            self.ttfb.labels(route).observe(row["ttfb_ms"] / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+routes = [Route("/metrics", metrics, methods=["GET"])]
