@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -23,6 +23,9 @@ import pytest
 from taskproxy.app import create_app
 from taskproxy.fake_provider import FakeProvider
 from taskproxy.settings import Settings, settings_from_mapping
+
+if TYPE_CHECKING:
+    from serve_helpers import FakeUpstream
 
 ADMIN_KEY = "tp-test-admin-key-0123456789"
 PROVIDER_KEY = "sk-provider-secret"
@@ -161,6 +164,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 # Runs a test on SQLite and on PostgreSQL.
 BOTH_DATABASES = pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """The fake provider served on 127.0.0.1, for tests that start real `taskproxy serve` processes."""
+    from serve_helpers import fake_upstream
+
+    with fake_upstream() as running:
+        yield running
 
 
 @pytest.fixture

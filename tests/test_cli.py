@@ -17,7 +17,6 @@ from serve_helpers import (
     FakeUpstream,
     ServerProcess,
     cli_json,
-    fake_upstream,
     free_port,
     quoted,
     run_cli,
@@ -27,12 +26,6 @@ from serve_helpers import (
 )
 
 ASK = [{"role": "user", "content": "Refactor the refund handler."}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,13 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, closed_port, fake_upstream, running_server, write_config
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, closed_port, running_server, write_config
 from taskproxy.fake_provider import prompt_tokens_of
 
 pytestmark = pytest.mark.serve
 
 OPENAI_KEY, ANTHROPIC_KEY = "sk-openai-provider", "sk-ant-provider"
 ASK = [{"role": "user", "content": "Explain the retry policy of the refund worker."}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

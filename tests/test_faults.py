@@ -16,16 +16,10 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, fake_upstream, running_server, start_server, write_config
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, start_server, write_config
 
 pytestmark = pytest.mark.serve
 PROVIDER_SECRET = "sk-provider-SECRET-do-not-log-0042"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

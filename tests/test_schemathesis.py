@@ -9,17 +9,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, fake_upstream, running_server, write_config
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, running_server, write_config
 from taskproxy.routes.openapi import openapi_document
 
 pytestmark = pytest.mark.serve
 schema = schemathesis.openapi.from_dict(openapi_document())
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

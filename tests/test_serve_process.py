@@ -25,7 +25,6 @@ from serve_helpers import (
     ServerProcess,
     assert_openai_error,
     child_env,
-    fake_upstream,
     quoted,
     running_server,
     wait_until,
@@ -38,12 +37,6 @@ from taskproxy.storage.models import ApiKey
 pytestmark = pytest.mark.serve
 
 ASK = [{"role": "user", "content": "Add retries with jitter to the payment webhook client."}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with fake_upstream() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
