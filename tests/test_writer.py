@@ -139,3 +139,34 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(tmp_pat
     writer.close()
     assert sorted(db.rejection_ids()) == sorted(i.id for i in good)
     assert writer.set_aside == 1 and (tmp_path / "spool.rejected.jsonl").exists()
+
+
+def test_a_refused_row_in_a_spool_is_set_aside_and_the_rest_replayed(tmp_path: Path) -> None:
+    import orjson
+
+    db = FlakyDatabase(tmp_path / "t.db")
+    good = rejections(30)
+    lines = [orjson.dumps({"events": [], "rejections": [r.to_record().row], "items": []}) for r in good]
+    poisoned = {"events": [], "rejections": [{**good[0].to_record().row, "id": "poison", "reason": None}], "items": []}  # NOT NULL column
+    lines.insert(5, orjson.dumps(poisoned))
+    (tmp_path / "spool.deadhost-1-abc.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    writer.close()
+    assert sorted(db.rejection_ids()) == sorted(r.id for r in good)
+    assert writer.set_aside == 1 and b"poison" in (tmp_path / "spool.rejected.jsonl").read_bytes()
+    assert [p.name for p in tmp_path.glob("spool*")] == ["spool.rejected.jsonl"]
+
+
+def test_a_live_process_spool_is_never_taken_over(tmp_path: Path) -> None:
+    from taskproxy.storage.spool import Spool
+
+    owner, other = Spool(tmp_path / "spool.jsonl"), Spool(tmp_path / "spool.jsonl")
+    owner.append({"events": [], "rejections": [], "items": []})
+    assert not other.pending()  # the owner holds its file's lock
+    written: list[dict] = []
+    assert other.replay(written.append, lambda exc: False) and written == []
+    owner.close()  # as when the owner exits (or dies: the lock goes with the process)
+    assert other.pending()
+    assert other.replay(written.append, lambda exc: False) and written == [{"events": [], "rejections": [], "items": []}]
+    assert not other.pending() and list(tmp_path.glob("spool.*")) == []

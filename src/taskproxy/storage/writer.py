@@ -156,6 +156,7 @@ class BatchWriter:
         if self._thread.is_alive():  # pragma: no cover - database hung beyond the timeout
             log.error("writer did not drain within %.0fs; %d items still queued", timeout, self.queue_depth)
         self._thread = None
+        self._spool.close()
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -232,8 +233,11 @@ class BatchWriter:
             if database_down(exc):
                 log.warning("database unavailable (%s); spooling %d records", exc.__class__.__name__, len(batch))
                 self._spool_batch(batch)
-            else:
+                return
+            try:
                 self._write_one_by_one(batch, exc)
+            except SQLAlchemyError:  # went down half-way: the rows written are skipped on replay (ids)
+                self._spool_batch(batch)
             return
         self.committed += len(batch)
 
@@ -248,8 +252,7 @@ class BatchWriter:
                     self.committed += 1
                 except SQLAlchemyError as exc:
                     if database_down(exc):
-                        self._spool.append({"events": [], "rejections": [], "audit": [], kind: [row], "items": items})
-                        self.spooled += 1
+                        raise  # the caller spools (or, replaying, keeps) what is left
                     else:
                         self._spool.set_aside_rows([row], f"{exc.__class__.__name__}: {str(exc)[:300]}")
                         self.set_aside += 1
@@ -271,11 +274,21 @@ class BatchWriter:
         if force and now - self._last_replay < REPLAY_INTERVAL_SECONDS / 4:
             return False  # the database failed a moment ago: don't hammer it on every batch
         self._last_replay = now
+        return self._spool.replay(self._write_spooled, database_down)
+
+    def _write_spooled(self, data: dict) -> None:
+        """Write one spooled batch; rows the database refuses for themselves are set aside. Raises only if it is down."""
         try:
-            return self._spool.replay(lambda batch: write_spooled(self._engine, batch), database_down)
-        except SQLAlchemyError:
-            log.exception("a spooled batch was refused by the database; it is kept")
-            return False
+            write_spooled(self._engine, data)
+            self.committed += sum(len(data.get(kind, ())) for kind in ("events", "rejections", "audit"))
+        except SQLAlchemyError as exc:
+            if database_down(exc):
+                raise
+            batch = _Batch(
+                events=[_revive(r) for r in data.get("events", ())], rejections=[_revive(r) for r in data.get("rejections", ())],
+                audit=[_revive(r) for r in data.get("audit", ())], items={r["id"]: _revive(r) for r in data.get("items", ())},
+            )  # fmt: skip
+            self._write_one_by_one(batch, exc)
 
     @property
     def spool_pending(self) -> bool:
