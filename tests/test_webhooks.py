@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 import webhook_payloads as hooks
-from conftest import ADMIN_KEY, PROVIDER_KEY, Proxy, make_settings, start_proxy
+from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
 from taskproxy.registry import links_of
 from taskproxy.settings import settings_from_mapping
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def tracked(tmp_path: Path, fake) -> AsyncIterator[Proxy]:  # type: ignore[no-untyped-def]
-    base = make_settings(tmp_path).model_dump(mode="json", exclude={"admin_key"})
+async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Proxy]:  # type: ignore[no-untyped-def]
+    base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
     for model in base["models"]:
         model.pop("api_key", None)
     base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60}}
@@ -107,6 +107,7 @@ async def test_bad_or_missing_signatures_get_401_and_change_nothing(tracked: Pro
     assert await tracked.get("/api/work-items") == []
 
 
+@BOTH_DATABASES
 async def test_redelivery_changes_nothing(tracked: Proxy) -> None:
     body = hooks.dumps(hooks.github_issue("closed", 6, state_reason="completed"))
     headers = hooks.github_headers(body, "issues", delivery="72d3162e-cc78-11e3-81ab-4c9367dc0958")
@@ -134,3 +135,47 @@ async def test_malformed_unknown_and_unconfigured(tracked: Proxy, tmp_path: Path
         body = hooks.dumps(hooks.github_issue("closed", 1))
         off = await _post(plain, "github", body, hooks.github_headers(body, "issues"))
         assert off.status_code == 404 and "secret_env" in off.json()["error"]["message"]
+
+
+async def test_out_of_order_deliveries_never_move_an_item_back(tracked: Proxy) -> None:
+    done = hooks.jira_issue("jira:issue_updated", "PAY-20", category="done")  # resolved 2026-11-06T12:30
+    late = hooks.jira_issue("jira:issue_updated", "PAY-20", category="indeterminate")
+    late["issue"]["fields"]["updated"] = "2026-11-06T12:00:00.000+0000"  # happened before, arrives after
+    late["issue"]["fields"]["summary"] = "Refund retries (renamed)"
+    for payload in (done, late):
+        body = hooks.dumps(payload)
+        assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+    item = await tracked.get("/api/work-items/PAY-20")
+    assert (item["status"], item["completed_at"], item["title"]) == ("done", "2026-11-06T12:30:00.000Z", "Refund retries (renamed)")
+    assert [change["to"] for change in item["history"]] == ["done"]
+
+
+@BOTH_DATABASES
+async def test_concurrent_deliveries_for_a_new_item_all_apply(tracked: Proxy) -> None:
+    import asyncio
+
+    bodies = [hooks.dumps(hooks.github_issue("closed" if n % 2 else "opened", 30, state_reason="completed")) for n in range(6)]
+    responses = await asyncio.gather(*(_post(tracked, "github", b, hooks.github_headers(b, "issues")) for b in bodies))
+    assert [r.status_code for r in responses] == [200] * 6
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2330"))["status"] in ("open", "done")
+
+
+async def test_duplicate_issues_are_closed_and_bracketed_ticket_titles_link(tracked: Proxy) -> None:
+    body = hooks.dumps(hooks.github_issue("closed", 31, state_reason="duplicate"))
+    await _post(tracked, "github", body, hooks.github_headers(body, "issues"))
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2331"))["status"] == "closed"
+    merged = hooks.dumps(hooks.github_pull_request("closed", 32, merged=True, branch="main-fix", title="[PAY-21] Fix refunds"))
+    await _post(tracked, "github", merged, hooks.github_headers(merged, "pull_request"))
+    assert links_of(tracked.app.state.services.engine, "PAY-21") == ["acme/web-app#32"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"action": "closed", "pull_request": [1], "repository": {"full_name": "a/b"}}, {"action": "closed", "issue": "x", "repository": {"full_name": "a/b"}},
+     {"action": "closed", "issue": {"number": "7"}, "repository": {"full_name": "a/b"}}],
+)  # fmt: skip
+async def test_signed_but_malformed_deliveries_get_400(tracked: Proxy, payload: dict) -> None:
+    event = "pull_request" if "pull_request" in payload else "issues"
+    body = hooks.dumps(payload)
+    response = await _post(tracked, "github", body, hooks.github_headers(body, event))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"

@@ -6,6 +6,7 @@ Every status change goes through `transition`, which keeps the history (`work_it
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
 from taskproxy.storage import repo
+from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink
 from taskproxy.trackers.base import Delivery
 from taskproxy.timeutil import utcnow
@@ -25,8 +27,10 @@ from taskproxy.workitems import WorkItemIds
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")
 ITEM_SOURCES = ("jira", "github", "linear", "manual")
+TRACKERS = ("jira", "github", "linear")
 RESOLVED = ("done", "closed")
 _ITEMS = WorkItem.__table__
+log = logging.getLogger("taskproxy.registry")
 
 
 def register_work_item(engine: Engine, ids: WorkItemIds, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
@@ -106,23 +110,27 @@ def _apply(
     delivery_id: str | None = None,
     created_at: datetime | None = None,
 ) -> None:
-    current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
     tracker_source = source if source in ITEM_SOURCES else "manual"
-    if current is None:
-        row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)
-        connection.execute(
-            _ITEMS.insert().values(
-                id=item_id, status=status, created_at=created_at or at, completed_at=at if status in RESOLVED else None, updated_at=at, **row
-            )
-        )
+    row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)
+    values_new = {"id": item_id, "status": status, "created_at": created_at or at, "completed_at": at if status in RESOLVED else None,
+                  "updated_at": at, **row}  # fmt: skip
+    created = connection.execute(insert_ignoring_duplicates(connection.dialect.name, _ITEMS).values(**values_new).returning(_ITEMS.c.id)).first()
+    if created is not None:  # new: concurrent creators (a webhook, the writer's registration) lose the insert, not the request
         _record_change(connection, item_id, None, status, source, at, delivery_id)
         return
+    # Locked until commit on PostgreSQL: two deliveries for one item apply one after the other.
+    current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id).with_for_update()).first()
+    assert current is not None
     values: dict[str, Any] = {**{k: v for k, v in fields.items() if k != "source"}, "updated_at": at}
     if current.source == "auto":  # a tracker or an admin confirms an item first seen in a request
         values["source"] = tracker_source
     if created_at is not None and created_at < current.created_at:  # the tracker knows when the work began
         values["created_at"] = created_at
-    if status != current.status:
+    stale = source in TRACKERS and current.updated_at is not None and at < current.updated_at
+    if stale:  # trackers deliver out of order: an older change must not undo a newer one
+        log.info("ignored an out-of-order %s status for %s (%s, older than %s)", source, item_id, at, current.updated_at)
+        values["updated_at"] = current.updated_at
+    if status != current.status and not stale:
         values["status"] = status
         values["completed_at"] = at if status in RESOLVED else None
         _record_change(connection, item_id, current.status, status, source, at, delivery_id)
@@ -189,9 +197,7 @@ def link(engine: Engine, ticket: str, linked: str, *, kind: str = "merged_pr", a
 
 def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datetime) -> None:
     table = WorkItemLink.__table__
-    exists = connection.execute(select(table.c.work_item).where(table.c.work_item == ticket, table.c.linked == linked)).first()
-    if exists is None:
-        connection.execute(table.insert().values(work_item=ticket, linked=linked, kind=kind, ts=at))
+    connection.execute(insert_ignoring_duplicates(connection.dialect.name, table), [{"work_item": ticket, "linked": linked, "kind": kind, "ts": at}])
 
 
 def history(engine: Engine, item_id: str) -> list[WorkItemChange]:

@@ -2,10 +2,12 @@
 
 Spend is counted in memory: each process adds every event's tokens and cost as soon as the writer
 builds its record (milliseconds after the response ends) and re-reads the totals from the database
-every `budgets.refresh_seconds` (spend through other replicas). A request is refused once the spend
-has reached the limit, so the overshoot is bounded by the requests already admitted and still in
-flight when the limit is crossed (plus, across replicas, the spend of the others since the last
-re-read). Team budgets run per calendar month, UTC.
+every `budgets.refresh_seconds` (spend through other replicas), keeping the larger of its own count
+and the database's. A request is refused once the spend has reached the limit, so on one process the
+overshoot is bounded by the requests already admitted and still in flight when the limit is crossed.
+Across replicas add what the others answered within one re-read interval and one commit interval of
+their writers (and, when one replica's uncommitted spend and another's new spend meet in a re-read,
+the smaller of the two). Team budgets run per calendar month, UTC.
 """
 
 from __future__ import annotations
@@ -61,8 +63,12 @@ class Budgets:
                 select(_E.team, func.sum(_E.total_tokens), func.sum(_E.cost_usd)).where(_E.team.in_(teams), _E.ts >= month_start).group_by(_E.team)
             ).all() if teams else []  # fmt: skip
         with self._lock:
-            self._item_spent = {row[0]: [float(row[1] or 0), float(row[2] or 0)] for row in items}
-            self._team_spent = {(row[0], _month(now)): [float(row[1] or 0), float(row[2] or 0)] for row in team_rows}
+            # Spend only grows. Counted here but not committed yet, it is missing from the database's totals:
+            # keep the larger of the two, so a re-read never forgets this process's latest spend.
+            for row in items:
+                _raise_to(self._item_spent.setdefault(row[0], [0.0, 0.0]), row[1], row[2])
+            for row in team_rows:
+                _raise_to(self._team_spent.setdefault((row[0], _month(now)), [0.0, 0.0]), row[1], row[2])
 
     async def refresh_forever(self) -> None:
         while True:
@@ -99,6 +105,11 @@ class Budgets:
         if team_budget is not None:
             spent_tokens, spent_usd = self._team_spent.get((team, _month(now)), (0.0, 0.0))  # type: ignore[arg-type]
             _refuse_if_spent(f"The team {team} this month", spent_tokens, team_budget.tokens, spent_usd, team_budget.usd)
+
+
+def _raise_to(spent: list[float], tokens: object, usd: object) -> None:
+    spent[0] = max(spent[0], float(tokens or 0))  # type: ignore[arg-type]
+    spent[1] = max(spent[1], float(usd or 0))  # type: ignore[arg-type]
 
 
 def _refuse_if_spent(where: str, tokens: float, tokens_limit: int | None, usd: float, usd_limit: float | None) -> None:

@@ -105,7 +105,7 @@ def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | N
         return list(session.exec(query).scalars())
 
 
-def _insert_ignoring_duplicates(dialect: str, table: Table) -> Executable:
+def insert_ignoring_duplicates(dialect: str, table: Table) -> Executable:
     """INSERT that skips rows whose primary key exists (executed with a list of rows: executemany)."""
     if dialect == "postgresql":
         return postgresql_insert(table).on_conflict_do_nothing()
@@ -127,13 +127,13 @@ def write_batch(
     items = list(new_items)
     with engine.begin() as connection:
         if audit:
-            connection.execute(_insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
+            connection.execute(insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
         if items:
-            connection.execute(_insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
+            connection.execute(insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
         if events:
-            connection.execute(_insert_ignoring_duplicates(dialect, UsageEvent.__table__), events)
+            connection.execute(insert_ignoring_duplicates(dialect, UsageEvent.__table__), events)
         if rejections:
-            connection.execute(_insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
+            connection.execute(insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
 
 
 def replace_key_hash(engine: Engine, key_id: str, key_hash: str, prefix: str) -> None:

@@ -58,7 +58,10 @@ def check_hmac_sha256(secret: str, raw: bytes, presented: str | None, *, prefix:
 def parse_time(value: Any) -> datetime | None:
     """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
+        try:
+            return datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
+        except (OverflowError, ValueError, OSError):
+            return None
     if not isinstance(value, str) or not value:
         return None
     text = value.replace("Z", "+00:00")
@@ -71,13 +74,16 @@ def parse_time(value: Any) -> datetime | None:
     return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
-def need(payload: dict[str, Any], *path: str) -> Any:
-    """payload[path[0]][path[1]]..., or InvalidRequest naming what is missing."""
+def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (dict, str, int)) -> Any:
+    """payload[path[0]][path[1]]... of the given JSON type, or InvalidRequest naming what is missing."""
     value: Any = payload
     for depth, key in enumerate(path):
         if not isinstance(value, dict) or key not in value or value[key] is None:
             raise InvalidRequest(f"The delivery has no '{'.'.join(path[: depth + 1])}'.")
         value = value[key]
+        expected = dict if depth < len(path) - 1 else kind
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise InvalidRequest(f"The delivery's '{'.'.join(path[: depth + 1])}' has the wrong type.")
     return value
 
 

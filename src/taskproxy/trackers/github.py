@@ -1,7 +1,7 @@
 """GitHub: `pull_request` and `issues` events, signed in X-Hub-Signature-256, identified by X-GitHub-Delivery.
 
 A PR or issue is the item `owner/repo#N`. Merged → done, closed unmerged → closed; an issue closed
-as `not_planned` → closed, otherwise → done. A merged PR whose branch or title names a ticket
+as `completed` (or with no reason) → done, as `not_planned` or `duplicate` → closed. A merged PR whose branch or title names a ticket
 (`feature/PROJ-123-x`) is linked to it.
 """
 
@@ -16,6 +16,7 @@ from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, nee
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
+_SEPARATORS = str.maketrans({c: "/" for c in " :[](){},;"})  # "[PAY-7] Fix refunds" → "/PAY-7//Fix/refunds"
 
 
 class GitHub:
@@ -40,10 +41,10 @@ class GitHub:
 
     @staticmethod
     def _item_id(payload: dict[str, Any], number: Any) -> str:
-        return f"{need(payload, 'repository', 'full_name')}#{number}"
+        return f"{need(payload, 'repository', 'full_name', kind=str)}#{number}"
 
     def _pull_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
-        pr = need(payload, "pull_request")
+        pr = need(payload, "pull_request", kind=dict)
         if action == "closed":
             merged = pr.get("merged") is True
             status, at = ("done", parse_time(pr.get("merged_at"))) if merged else ("closed", parse_time(pr.get("closed_at")))
@@ -54,19 +55,19 @@ class GitHub:
             branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
             links = tuple(dict.fromkeys(found for found in (self._ticket_in(branch), self._ticket_in(pr.get("title"))) if found))
         return ItemUpdate(
-            item_id=self._item_id(payload, need(payload, "pull_request", "number")), status=status, at=at,
+            item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=parse_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
-        issue = need(payload, "issue")
+        issue = need(payload, "issue", kind=dict)
         if action == "closed":
-            status = "closed" if issue.get("state_reason") == "not_planned" else "done"
+            status = "done" if issue.get("state_reason") in (None, "completed") else "closed"  # not_planned, duplicate
             at = parse_time(issue.get("closed_at"))
         else:
             status, at = "open", parse_time(issue.get("updated_at"))
         return ItemUpdate(
-            item_id=self._item_id(payload, need(payload, "issue", "number")), status=status, at=at,
+            item_id=self._item_id(payload, need(payload, "issue", "number", kind=int)), status=status, at=at,
             created_at=parse_time(issue.get("created_at")), title=text(issue.get("title")), url=text(issue.get("html_url")),
         )  # fmt: skip
 
@@ -75,6 +76,6 @@ class GitHub:
         if not isinstance(value, str):
             return None
         try:
-            return self._ids.from_branch(value.replace(" ", "/").replace(":", "/")[:255])
+            return self._ids.from_branch(value.translate(_SEPARATORS)[:255])
         except Exception:  # a malformed key in a title is no link, not an error
             return None

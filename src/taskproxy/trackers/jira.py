@@ -31,8 +31,8 @@ class Jira:
         delivery = headers.get("x-atlassian-webhook-identifier")
         if event not in _EVENTS:
             return Delivery(self.name, delivery, event)
-        key = need(payload, "issue", "key")
-        fields = need(payload, "issue", "fields")
+        key = need(payload, "issue", "key", kind=str)
+        fields = need(payload, "issue", "fields", kind=dict)
         category = ((fields.get("status") or {}).get("statusCategory") or {}).get("key") if isinstance(fields.get("status"), dict) else None
         status = _CATEGORY.get(category) if isinstance(category, str) else None
         resolution = fields.get("resolution")

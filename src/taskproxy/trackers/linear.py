@@ -34,8 +34,8 @@ class Linear:
         event = f"{kind}.{action}"
         if kind != "Issue" or action not in {"create", "update"}:
             return Delivery(self.name, delivery, event)
-        data = need(payload, "data")
-        identifier = need(payload, "data", "identifier")
+        data = need(payload, "data", kind=dict)
+        identifier = need(payload, "data", "identifier", kind=str)
         state_type = (data.get("state") or {}).get("type") if isinstance(data.get("state"), dict) else None
         status = _STATE.get(state_type) if isinstance(state_type, str) else None
         at = parse_time(data.get("completedAt") or data.get("canceledAt") or data.get("updatedAt"))
