@@ -72,6 +72,7 @@ async def test_usage_grouped_by_team_and_model_and_own_usage_only(proxy: Proxy) 
     await proxy.events(2)
     by_team = await proxy.get("/api/usage", group_by="team", since="1h")
     assert sorted(g["team"] for g in by_team["groups"]) == ["data", "web"]
+    assert all(g.get("withheld") and "requests" not in g for g in by_team["groups"])  # one person each: below the floor
     by_model = await proxy.get("/api/usage", group_by="model")
     assert sorted(g["model"] for g in by_model["groups"]) == ["gpt-4o-mini", "team-model"]
     future = await proxy.get("/api/usage", group_by="team", since="2999-01-01")
@@ -120,21 +121,28 @@ async def test_prometheus_metrics_count_by_model_and_team_never_by_person(proxy:
     from prometheus_client.parser import text_string_to_metric_families
 
     ann = await proxy.new_key("ann-the-person", "web")
+    for person in ("bo", "cy", "di", "ed"):  # web has five people: its figures may be shown
+        await proxy.new_key(person, "web")
+    loner = await proxy.new_key("lone-wolf", "tiny")  # a one-person team is never shown by name
+    await proxy.openai(loner).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "TINY-1"})
     reply = await proxy.openai(ann).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "WEB-9"})
     await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK}, headers={"authorization": f"Bearer {ann}"})
-    await proxy.events(1)
+    await proxy.events(2)
     text = await wait_until(lambda: _metrics(proxy), lambda t: "taskproxy_rejections_total" in t)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("taskproxy_requests_total", (("model", "gpt-4o-mini"), ("route", "/v1/chat/completions"), ("status", "200")))] == 1
+    assert samples[("taskproxy_requests_total", (("model", "gpt-4o-mini"), ("route", "/v1/chat/completions"), ("status", "200")))] == 2
     assert samples[("taskproxy_tokens_total", (("kind", "prompt"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.prompt_tokens
     assert samples[("taskproxy_tokens_total", (("kind", "completion"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.completion_tokens
     assert samples[("taskproxy_rejections_total", (("reason", "work_item_required"),))] == 1
-    assert samples[("taskproxy_upstream_latency_seconds_count", (("route", "/v1/chat/completions"),))] == 1
+    assert samples[("taskproxy_upstream_latency_seconds_count", (("route", "/v1/chat/completions"),))] == 2
     assert ("taskproxy_writer_queue_depth", ()) in samples and ("taskproxy_spool_bytes", ()) in samples
-    assert "ann-the-person" not in text and "key_" not in text  # no person, no key
+    assert "ann-the-person" not in text and "key_" not in text and 'team="tiny"' not in text  # no person, no key, no small team
+    assert 'team="(teams below the privacy floor)"' in text
+    assert (await proxy.http.get("/metrics", headers={"authorization": f"Bearer {ann}"})).status_code == 403
+    assert (await proxy.http.get("/metrics")).status_code == 401
 
 
 async def _metrics(proxy: Proxy) -> str:
-    response = await proxy.http.get("/metrics")
+    response = await proxy.http.get("/metrics", headers=proxy.admin_headers)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     return response.text

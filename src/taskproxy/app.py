@@ -35,7 +35,7 @@ from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import make_engine, ping, prepare_schema
-from taskproxy.metrics import Metrics
+from taskproxy.metrics import SMALL_TEAMS, Metrics
 from taskproxy.metrics import routes as metrics_routes
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
@@ -148,7 +148,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
             on_record=[budgets.record],
         )  # fmt: skip
-        metrics = Metrics(writer)
+        floor = settings.privacy.min_group_size
+        metrics = Metrics(writer, lambda team: "" if not team else team if keys.team_size(team) >= floor else SMALL_TEAMS)
         writer.listen(metrics.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)

@@ -2,11 +2,14 @@
 refusals by reason, upstream latency and time to first byte, the writer's queue and spool.
 
 Everything is counted from the records the writer builds, in the writer thread, so metrics cost the
-request path nothing. Each process keeps its own registry: with `serve --workers N`, a scrape sees
+request path nothing. Teams with fewer people than `privacy.min_group_size` are counted together
+under one label, and the endpoint needs an admin key. Each process keeps its own registry: with `serve --workers N`, a scrape sees
 the worker that answered it (run one scrape target per process, or one worker per replica).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -19,8 +22,12 @@ from taskproxy.storage.writer import BatchWriter, Record
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+SMALL_TEAMS = "(teams below the privacy floor)"
+
+
 class Metrics:
-    def __init__(self, writer: BatchWriter) -> None:
+    def __init__(self, writer: BatchWriter, team_label: Callable[[str | None], str] = lambda team: team or "") -> None:
+        self._team_label = team_label
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("taskproxy_requests", "Proxied requests (attempts) by route, model and status", ["route", "model", "status"], registry=r)
@@ -41,7 +48,7 @@ class Metrics:
             return
         if record.kind != "event":
             return
-        route, model, team = row["route"], row["model"], row["team"] or ""
+        route, model, team = row["route"], row["model"], self._team_label(row["team"])
         self.requests.labels(route, model, str(row["status"])).inc()
         for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens"), ("cached", "cached_tokens")):
             if row[field]:
@@ -59,7 +66,10 @@ class Metrics:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    """Needs an admin key (Prometheus: `authorization: {credentials: <key>}` in the scrape config)."""
+    svc = services(request)
+    (await svc.keys.authenticate(request.headers)).require_admin()
+    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 routes = [Route("/metrics", metrics, methods=["GET"])]

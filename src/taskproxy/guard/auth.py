@@ -136,12 +136,16 @@ class KeyStore:
         # Lookups of keys not in memory get their own few threads: a flood of made-up keys cannot
         # take the threads the rest of the app needs.
         self._lookups = anyio.CapacityLimiter(4)
+        self._team_owners: dict[str, set[str]] = {}  # people with a live key, per team (the privacy floor uses it)
 
     def load(self) -> None:
         """Reload every key from the database (blocking; run it in a thread)."""
         by_hash = {row.key_hash: _principal(row) for row in repo.list_keys(self._engine) if row.revoked_at is None}
         self._by_hash = by_hash
         self._unknown.clear()
+        self._team_owners = {}
+        for principal in by_hash.values():
+            self._count_person(principal)
 
     async def refresh_forever(self) -> None:
         while True:
@@ -174,7 +178,19 @@ class KeyStore:
             raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
         principal = _principal(row)
         self._by_hash[digest] = principal
+        self._count_person(principal)
         return principal
+
+    def _count_person(self, principal: Principal) -> None:
+        if principal.team and principal.role != "admin":
+            self._team_owners.setdefault(principal.team, set()).add(principal.owner)
+
+    def team_size(self, team: str | None) -> int:
+        return len(self._team_owners.get(team or "", ()))
+
+    def note_issued(self, key: ApiKey) -> None:
+        """A key created through this process: its owner counts for the team at once."""
+        self._count_person(_principal(key))
 
     def forget(self, key_id: str) -> None:
         """Drop a revoked key from memory at once."""

@@ -23,7 +23,9 @@ from taskproxy.workitems import WorkItemIds
 async def create_key(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    key, token = await in_thread(issue_key, services(request).engine, owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
+    svc = services(request)
+    key, token = await in_thread(issue_key, svc.engine, owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
+    svc.keys.note_issued(key)
     return JSON({**key_json(key), "key": token}, status_code=201)
 
 
@@ -120,7 +122,12 @@ async def usage(request: Request) -> Response:
     if group_by not in usage_reports.GROUP_COLUMNS:
         raise InvalidRequest("'group_by' must be work_item, team or model.", param="group_by")
     since, until = time_param(request, "since"), time_param(request, "until")
-    rows = await in_thread(usage_reports.usage_grouped, services(request).engine, group_by, since, until)
+    svc = services(request)
+    rows = await in_thread(usage_reports.usage_grouped, svc.engine, group_by, since, until)
+    if group_by == "team":  # the privacy floor, as in the adoption report
+        floor = svc.settings.privacy.min_group_size
+        rows = [row if svc.keys.team_size(row["team"]) >= floor or row["team"] is None
+                else {"team": row["team"], "withheld": True, "reason": f"fewer than {floor} people"} for row in rows]  # fmt: skip
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
 
