@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import sqlalchemy
 
 from serve_helpers import (
     FakeUpstream,
@@ -31,8 +30,7 @@ from serve_helpers import (
     write_config,
 )
 from taskproxy.fake_provider import prompt_tokens_of
-from taskproxy.storage.db import create_schema, make_engine
-from taskproxy.storage.models import ApiKey
+from taskproxy.storage.db import current_revision, head_revision, make_engine
 
 pytestmark = pytest.mark.serve
 
@@ -446,27 +444,17 @@ def test_several_workers_share_one_database(upstream: FakeUpstream, tmp_path: Pa
         assert "Application startup failed" not in server.log()
 
 
-def test_schema_creation_tolerates_a_concurrent_worker(tmp_path: Path) -> None:
-    # `serve --workers N` on a fresh database: every worker runs create_schema in its lifespan at the same time.
-    # This replays, deterministically, the interleaving that makes one of them fail at start: the other worker
-    # creates the tables after this one checked they were missing and before it creates them.
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    this_worker, other_worker = make_engine(url), make_engine(url)
-    table = ApiKey.__table__
-
-    raced: list[bool] = []
-
-    def other_worker_creates_the_schema(target: object, connection: object, **kwargs: object) -> None:
-        if not raced:  # once: the other worker's own create_schema fires this listener too
-            raced.append(True)
-            create_schema(other_worker)
-
-    sqlalchemy.event.listen(table, "before_create", other_worker_creates_the_schema)
-    try:
-        create_schema(this_worker)
-        assert raced and set(sqlalchemy.inspect(this_worker).get_table_names()) >= {"api_keys", "work_items", "usage_events", "rejections"}
-    finally:
-        if sqlalchemy.event.contains(table, "before_create", other_worker_creates_the_schema):
-            sqlalchemy.event.remove(table, "before_create", other_worker_creates_the_schema)
-        this_worker.dispose()
-        other_worker.dispose()
+def test_processes_starting_together_on_a_fresh_database_all_start(tmp_path: Path) -> None:
+    # Separate processes (replicas, a CLI command while the server starts) preparing one new SQLite file
+    # at the same moment: the migration runs once, the others wait for it and find the schema ready.
+    script = (
+        "import sys; from taskproxy.storage.db import make_engine, prepare_schema; "
+        f"prepare_schema(make_engine('sqlite:///{tmp_path / 'race.db'}')); print('ready')"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()) for _ in range(4)]
+    results = [p.communicate(timeout=60) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], [err[-400:] for _, err in results]
+    engine = make_engine(f"sqlite:///{tmp_path / 'race.db'}")
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    engine.dispose()

@@ -67,7 +67,8 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/api/keys": {
                 "get": _operation("List keys (never their secrets)", 200, {"type": "array", "items": _KEY}),
-                "post": _operation("Create a key; the secret is in the answer once", 201, {**_KEY, "required": ["id", "key", "owner", "team", "role"]},
+                "post": _operation("Create a key; the secret is in the answer once", 201,
+                                   {**_KEY, "properties": {**_KEY["properties"], "key": _STRING}, "required": ["id", "key", "owner", "team", "role"]},
                                    request={"type": "object", "required": ["owner"], "properties": {
                                        "owner": {"type": "string", "minLength": 1, "maxLength": 200}, "team": {"type": ["string", "null"], "maxLength": 200},
                                        "role": {"enum": ["developer", "service", "admin"]}}}),
@@ -91,6 +92,11 @@ def openapi_document() -> dict[str, Any]:
                                                     params=[_query("work_item", _ITEM_ID), _query("key_id", _STRING), limit])},
             "/api/reports/tasks": {"get": _operation("Work items by cost", 200, _OBJECT, params=[*period, limit])},
             "/api/reports/adoption": {"get": _operation("Adoption against completed work", 200, _OBJECT, params=[*period, _query("team", _STRING)])},
+            "/api/reports/adoption.csv": {"get": {**_operation("The adoption report as CSV", 200, _STRING, params=[*period, _query("team", _STRING)]),
+                                                  "responses": {"200": {"description": "OK", "content": {"text/csv": {"schema": _STRING}}},
+                                                                "400": {"description": "bad input", "content": {"application/json": {"schema": _ERROR}}},
+                                                                "401": {"description": "no or unknown key", "content": {"application/json": {"schema": _ERROR}}},
+                                                                "403": {"description": "not an admin key", "content": {"application/json": {"schema": _ERROR}}}}}},
             "/api/audit": {"get": _operation("Admin reads of per-key data", 200, _ARRAY, params=[*period, limit])},
             "/api/me/work-item": {
                 "get": _operation("The caller's bound work item", 200, _OBJECT),
@@ -98,7 +104,8 @@ def openapi_document() -> dict[str, Any]:
                                   request={"type": "object", "required": ["work_item"], "properties": {"work_item": _ITEM_ID}}),
                 "delete": _operation("Remove the binding", 200, _OBJECT),
             },
-            "/api/me/usage": {"get": _operation("The caller's own usage", 200, _OBJECT, params=[limit])},
+            "/api/me/usage": {"get": _operation("The caller's own usage", 200, _OBJECT,
+                                                params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})])},
         },
     }  # fmt: skip
 

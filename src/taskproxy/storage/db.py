@@ -4,6 +4,9 @@ command that upgrades it."""
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -12,7 +15,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel, create_engine
 
@@ -65,16 +67,32 @@ def _our_tables(connection: Connection) -> set[str]:
     return set(inspect(connection).get_table_names()) & set(SQLModel.metadata.tables)
 
 
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """Processes starting together on one fresh SQLite file migrate it one at a time."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_schema(engine: Engine) -> None:
     """At start: migrate an empty database; refuse one whose schema is behind this version."""
-    with engine.connect() as connection:
-        current, tables = current_revision(connection), _our_tables(connection)
     head = head_revision()
-    if current == head:
-        return
-    if current is None and not tables:
-        upgrade_schema(engine)
-        return
+    with _sqlite_migration_lock(engine):
+        with engine.connect() as connection:
+            current, tables = current_revision(connection), _our_tables(connection)
+        if current == head:
+            return
+        if current is None and not tables:
+            _upgrade(engine, head)
+            return
     raise SchemaBehind(
         f"the database schema is at revision {current or 'none (made before migrations)'}, this version of taskproxy needs {head}; "
         "run `taskproxy db upgrade`"
@@ -84,6 +102,11 @@ def prepare_schema(engine: Engine) -> None:
 def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
     """Run the migrations up to this version's head; returns (revision before, revision after)."""
     head = head_revision()
+    with _sqlite_migration_lock(engine):
+        return _upgrade(engine, head), head
+
+
+def _upgrade(engine: Engine, head: str) -> str | None:
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
@@ -94,7 +117,7 @@ def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
             command.stamp(_alembic(connection), head)
         elif before != head:
             command.upgrade(_alembic(connection), "head")
-    return before, head
+    return before
 
 
 def _add_missing(connection: Connection) -> None:
@@ -110,18 +133,6 @@ def _add_missing(connection: Connection) -> None:
             suffix = f" DEFAULT {int(default) if isinstance(default, bool) else default!r}" if default is not None else ""
             ddl = CreateColumn(column).compile(dialect=connection.dialect)
             connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}{suffix}"))
-
-
-def create_schema(engine: Engine) -> None:
-    """Create missing tables. Several workers may do this at once on a fresh database: create_all
-    checks, then creates, so another process can create a table in between; try again then."""
-    for attempt in range(5):
-        try:
-            SQLModel.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            if "already exists" not in str(exc).lower() and "duplicate" not in str(exc).lower() or attempt == 4:
-                raise
 
 
 def ping(engine: Engine) -> None:
