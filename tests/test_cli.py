@@ -334,3 +334,11 @@ def test_report_adoption_cli_matches_the_api(server: ServerProcess) -> None:
     assert csv_text.splitlines()[0].startswith("scope,team,completed_items")
     shown = run_cli("items", "show", "ADOPT-2", config=server.config).stdout
     assert "cycle time" in shown and "→ done (cli)" in shown
+
+
+def test_report_signals_cli_matches_the_api(server: ServerProcess) -> None:
+    since, until = "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"
+    cli = cli_json("report", "signals", "--since", since, "--until", until, "--json", config=server.config)
+    api = server.admin_get("/api/reports/signals", since=since, until=until).json()
+    assert cli == api and isinstance(cli["signals"], list) and cli["thresholds"]["repeated_prompt_min_requests"] == 20
+    assert run_cli("report", "signals", "--since", "2030-01-01", "--until", "2029-01-01", config=server.config).returncode != 0

@@ -31,6 +31,7 @@ from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
+from taskproxy.routes import signals as signal_routes
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
@@ -201,6 +202,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *metrics_routes,
         *admin.routes,
         *reports.routes,
+        *signal_routes.routes,
         *webhooks.routes,
     ]
     return Starlette(

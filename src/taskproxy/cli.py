@@ -253,6 +253,25 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_signals(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from taskproxy.reports.signals import gaming_signals, signals_text, thresholds_from
+    from taskproxy.timeutil import utcnow
+
+    settings = _settings(args)
+    until = args.until or utcnow()
+    since = args.since or until - timedelta(days=30)
+    if since >= until:
+        raise SystemExit("taskproxy: --since must be before --until")
+    report = gaming_signals(_engine(args), since=since, until=until, thresholds=thresholds_from(settings.signals))
+    if args.json:
+        _print_json(report)
+    else:
+        print(signals_text(report))
+    return 0
+
+
 # -- developer commands, over HTTP ----------------------------------------------------------------
 
 
@@ -383,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     output = adoption.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--csv", action="store_true")
+    signals = command(report, "signals", cmd_report_signals, "gaming signals: advisory flags about keys, with their evidence")
+    signals.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
+    signals.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
+    signals.add_argument("--json", action="store_true")
 
     for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),
                                      ("me", cmd_me, "your own usage, as the proxy recorded it")]:  # fmt: skip

@@ -159,6 +159,27 @@ class ReportSettings(_Frozen):
     stale_after_days: float = Field(default=14.0, gt=0)
 
 
+class SignalSettings(_Frozen):
+    """Gaming-signal thresholds (docs/signals.md)."""
+
+    repeated_prompt_min_requests: int = Field(default=20, ge=1)
+    after_completion_grace_hours: float = Field(default=1.0, ge=0)
+    after_completion_min_requests: int = Field(default=10, ge=1)
+    heavy_spend_min_usd: float = Field(default=50.0, ge=0)
+    cadence_min_requests: int = Field(default=50, ge=3)
+    cadence_max_cv: float = Field(default=0.2, ge=0)
+    around_clock_min_hours: int = Field(default=20, ge=1, le=24)
+    around_clock_min_days: int = Field(default=3, ge=1)
+    cost_min_items: int = Field(default=5, ge=3)
+    cost_min_z: float = Field(default=3.5, ge=0)
+    cost_min_ratio: float = Field(default=3.0, ge=0)
+    cost_min_key_share: float = Field(default=0.25, gt=0, le=1)
+    unverified_min_share: float = Field(default=0.6, gt=0, le=1)
+    unverified_min_usd: float = Field(default=10.0, ge=0)
+    flag_service_keys: bool = False
+    max_examples: int = Field(default=5, ge=1)
+
+
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -177,6 +198,7 @@ class Settings(_Frozen):
     budgets: BudgetSettings = BudgetSettings()
     privacy: PrivacySettings = PrivacySettings()
     reports: ReportSettings = ReportSettings()
+    signals: SignalSettings = SignalSettings()
     server: ServerSettings = ServerSettings()
 
     @model_validator(mode="after")

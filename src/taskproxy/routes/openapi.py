@@ -97,6 +97,7 @@ def openapi_document() -> dict[str, Any]:
                                                                 "400": {"description": "bad input", "content": {"application/json": {"schema": _ERROR}}},
                                                                 "401": {"description": "no or unknown key", "content": {"application/json": {"schema": _ERROR}}},
                                                                 "403": {"description": "not an admin key", "content": {"application/json": {"schema": _ERROR}}}}}},
+            "/api/reports/signals": {"get": _operation("Gaming signals: advisory flags about keys, with evidence (audited)", 200, _OBJECT, params=period)},
             "/api/audit": {"get": _operation("Admin reads of per-key data", 200, _ARRAY, params=[*period, limit])},
             "/api/me/work-item": {
                 "get": _operation("The caller's bound work item", 200, _OBJECT),

@@ -1,0 +1,487 @@
+"""Gaming signals (DESIGN §9) on a generated organisation with planted patterns and honest people.
+
+The organisation (tests/signals_org.py) is written through the real paths and kept as plain records.
+Every planted pattern must be flagged — the right kind, the right key, evidence equal to what was
+planted (computed here from the records, never with the report module's helpers or SQL) — and no
+honest person may be flagged: heavy but productive users, people who retry a prompt, ask a question
+after an item was done, work late or at night, or spend a little on an unverified item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from conftest import ADMIN_KEY, make_settings, postgres_schema, wait_until
+from signals_org import (
+    AFTER_REQUESTS,
+    CRON_DAYS,
+    END,
+    LOOP_REQUESTS,
+    OUTLIER_FACTOR,
+    PLANTED,
+    SINCE,
+    T0,
+    UNTIL,
+    Event,
+    Org,
+    generate,
+)
+
+from taskproxy.app import create_app
+from taskproxy.guard.auth import issue_key
+from taskproxy.reports.signals import KINDS, SignalThresholds, gaming_signals, signals_text, thresholds_from
+from taskproxy.routes import signals as signal_routes
+from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.timeutil import iso
+
+DEFAULTS = SignalThresholds()
+GRACE = timedelta(hours=DEFAULTS.after_completion_grace_hours)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Org, Path]]:
+    folder = tmp_path_factory.mktemp("signals")
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_schema()) if request.param == "postgres" else f"sqlite:///{folder / 'taskproxy.db'}"
+        engine = make_engine(url)
+        upgrade_schema(engine)
+        org = generate(engine, folder / "spool.jsonl")
+        yield engine, org, folder
+        engine.dispose()
+
+
+# -- plain computations on the records ----------------------------------------------------------------
+
+
+def in_period(ts: datetime | None, since: datetime = SINCE, until: datetime = UNTIL) -> bool:
+    return ts is not None and since <= ts < until
+
+
+def window(org: Org, name: str) -> list[Event]:
+    return [e for e in org.events_of(name) if in_period(e.ts)]
+
+
+def spend(events: list[Event]) -> float:
+    return sum(e.cost for e in events)
+
+
+def hash_of(event: Event) -> str:
+    """The prompt hash, computed here: sha256 of the prompt fields as compact JSON with sorted keys."""
+    prompt = {"messages": event.body["messages"]}
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+def after_completion(org: Org, name: str, grace: timedelta = GRACE) -> list[Event]:
+    found = []
+    for event in window(org, name):
+        item = org.items[event.item]
+        if item.completed_at is not None and event.ts > item.completed_at + grace:
+            found.append(event)
+    return found
+
+
+def hours_per_day(events: list[Event]) -> dict[Any, set[int]]:
+    days: dict[Any, set[int]] = defaultdict(set)
+    for event in events:
+        days[event.ts.date()].add(event.ts.hour)
+    return days
+
+
+def item_costs(org: Org, team: str) -> dict[str, float]:
+    """Cost per completed item (all its spend ever) of the team's items completed in the period."""
+    costs: dict[str, float] = defaultdict(float)
+    done = {i.id for i in org.items.values() if i.team == team and i.status == "done" and in_period(i.completed_at)}
+    for event in org.events:
+        if event.item in done:
+            costs[event.item] += event.cost
+    return dict(costs)
+
+
+def flagged(report: dict[str, Any], org: Org) -> list[tuple[str, str]]:
+    names = {k.id: n for n, k in org.keys.items()}
+    return [(s["kind"], names.get(s["key_id"], s["key_id"])) for s in report["signals"]]
+
+
+def signal(report: dict[str, Any], org: Org, kind: str, name: str) -> dict[str, Any]:
+    key_id = org.keys[name].id
+    return next(s for s in report["signals"] if s["kind"] == kind and s["key_id"] == key_id)
+
+
+def expected_order(org: Org, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return sorted(pairs, key=lambda pair: (KINDS.index(pair[0]), org.keys[pair[1]].id))
+
+
+def span(events: list[Event]) -> dict[str, str | None]:
+    return {"first": iso(min(e.ts for e in events)), "last": iso(max(e.ts for e in events))}
+
+
+# -- the organisation -----------------------------------------------------------------------------------
+
+
+def test_the_organisation_is_what_the_tests_need(world: tuple[Any, Org, Path]) -> None:
+    _, org, _ = world
+    honest = [n for n in org.keys if n not in PLANTED]
+    assert len(org.events) > 8000 and len(honest) >= 9
+    # Honest heavy users: well over the heavy-spend threshold, with items that complete.
+    heavy = [n for n in honest if spend(window(org, n)) >= 2 * DEFAULTS.heavy_spend_min_usd]
+    assert {"honest-web-0", "honest-web-4"} <= set(heavy)
+    for name in heavy:
+        assert any(org.items[e.item].status == "done" and in_period(org.items[e.item].completed_at) for e in window(org, name))
+    # ... and one whose only item in the period completes after it.
+    epic = org.items["DATA-EPIC-1"]
+    assert spend(window(org, "honest-data-5")) >= DEFAULTS.heavy_spend_min_usd
+    assert epic.completed_at is not None and epic.completed_at >= UNTIL
+    # Human cadence: business hours, late evenings, nights — never around the clock.
+    most_hours = {n: max(len(h) for h in hours_per_day(window(org, n)).values()) for n in honest if n != "ci-bot"}
+    assert 16 <= max(most_hours.values()) < DEFAULTS.around_clock_min_hours, most_hours
+    assert {e.ts.hour for e in window(org, "honest-data-1")} >= {23, 0, 5}  # works at night, UTC
+    # A few retries of one prompt, a few questions after an item was done (some within the grace period).
+    repeats: dict[str, int] = defaultdict(int)
+    for event in window(org, "honest-web-1"):
+        repeats[hash_of(event)] += 1
+    assert max(repeats.values()) == 5
+    for name in honest:
+        assert len(after_completion(org, name)) < DEFAULTS.after_completion_min_requests
+    assert (
+        sum(len(after_completion(org, n, timedelta(0))) for n in honest) > sum(len(after_completion(org, n)) for n in honest) > 0
+    )
+    # A little spend on an unverified item.
+    data2 = window(org, "honest-data-2")
+    assert 0 < spend([e for e in data2 if org.items[e.item].status == "unverified"]) < 0.3 * spend(data2)
+    # The service key: one prompt every 30 minutes around the clock.
+    bot = window(org, "ci-bot")
+    assert len(bot) == 21 * 48 and len({hash_of(e) for e in bot}) == 1
+    # Honest items stay well within their team's costs.
+    for team in ("web", "data"):
+        costs = item_costs(org, team)
+        median = statistics.median(costs.values())
+        assert sum(1 for c in costs.values() if c >= DEFAULTS.cost_min_ratio * median) == (1 if team == "web" else 0)
+
+
+# -- the signals ----------------------------------------------------------------------------------------
+
+
+def test_every_planted_pattern_is_flagged_and_no_honest_person_is(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    report = gaming_signals(engine, since=SINCE, until=UNTIL)
+    assert flagged(report, org) == expected_order(org, [(kind, name) for name, kind in PLANTED.items()])
+    assert report["since"] == iso(SINCE) and report["until"] == iso(UNTIL)
+    assert report["thresholds"] == {name: getattr(DEFAULTS, name) for name in report["thresholds"]}
+    for entry in report["signals"]:
+        key = next(k for k in org.keys.values() if k.id == entry["key_id"])
+        assert (entry["owner"], entry["team"], entry["role"]) == (key.owner, key.team, "developer")
+
+
+def test_repeated_prompt_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "repeated_prompt", "looper")
+    events = window(org, "looper")
+    loop = [e for e in events if e.content == "write more unit tests for utils.py"]
+    assert len(loop) == LOOP_REQUESTS and len({hash_of(e) for e in loop}) == 1
+    evidence = found["evidence"]
+    assert evidence == {
+        "requests": len(events),
+        "repeated_prompts": 1,
+        "repeated_requests": LOOP_REQUESTS,
+        "cost_usd": pytest.approx(spend(loop)),
+        "items": 1,
+        **span(loop),
+        "prompts": [
+            {"prompt_hash": hash_of(loop[0]), "requests": LOOP_REQUESTS, "cost_usd": pytest.approx(spend(loop)), **span(loop)}
+        ],
+    }
+    assert found["work_items"] == [
+        {"id": "WEB-LOOP-1", "status": "done", "requests": LOOP_REQUESTS, "cost_usd": pytest.approx(spend(loop))}
+    ]
+
+
+def test_spend_after_completion_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "spend_after_completion", "closer")
+    after = after_completion(org, "closer")
+    assert len(after) == 3 * AFTER_REQUESTS and {e.item for e in after} == {"WEB-CLOSE-1", "WEB-CLOSE-2", "WEB-CLOSE-3"}
+    assert found["evidence"] == {
+        "requests": 3 * AFTER_REQUESTS, "cost_usd": pytest.approx(spend(after)), "tokens": sum(e.prompt + e.completion for e in after),
+        "items": 3, **span(after),
+    }  # fmt: skip
+    expected = []
+    for n, status in enumerate(["done", "done", "closed"], start=1):
+        item = org.items[f"WEB-CLOSE-{n}"]
+        mine = [e for e in after if e.item == item.id]
+        expected.append({"id": item.id, "status": status, "requests": AFTER_REQUESTS, "cost_usd": pytest.approx(spend(mine)),
+                         "completed_at": iso(item.completed_at), **span(mine)})  # fmt: skip
+    assert found["work_items"] == expected
+
+
+def test_spend_without_completion_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "spend_without_completion", "spinner")
+    events = window(org, "spinner")
+    assert {e.item for e in events} == {"WEB-SPIN-1", "WEB-SPIN-2"} and spend(events) >= DEFAULTS.heavy_spend_min_usd
+    assert found["evidence"] == {
+        "requests": len(events), "cost_usd": pytest.approx(spend(events)), "tokens": sum(e.prompt + e.completion for e in events),
+        "items": 2, **span(events), "items_by_status": {"closed": 1, "in_progress": 1},
+    }  # fmt: skip
+    assert [(w["id"], w["status"], w["requests"]) for w in found["work_items"]] == [
+        ("WEB-SPIN-1", "in_progress", sum(e.item == "WEB-SPIN-1" for e in events)),
+        ("WEB-SPIN-2", "closed", sum(e.item == "WEB-SPIN-2" for e in events)),
+    ]
+
+
+def test_machine_cadence_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "machine_cadence", "cron")
+    events = sorted(window(org, "cron"), key=lambda e: e.ts)
+    gaps = [(b.ts - a.ts).total_seconds() for a, b in itertools.pairwise(events)]
+    assert len(events) == CRON_DAYS * 96
+    evidence = found["evidence"]
+    assert evidence == {
+        "requests": CRON_DAYS * 96,
+        **span(events),
+        "interval_mean_seconds": pytest.approx(statistics.fmean(gaps), abs=1e-3),
+        "interval_median_seconds": pytest.approx(statistics.median(gaps), abs=1e-3),
+        "interval_cv": pytest.approx(statistics.pstdev(gaps) / statistics.fmean(gaps), abs=1e-6),
+        "distinct_hours": 24,
+        "around_the_clock_days": CRON_DAYS,
+        "reasons": ["regular_intervals", "around_the_clock"],
+    }
+    assert evidence["interval_cv"] < 0.01
+    assert [w["id"] for w in found["work_items"]] == ["DATA-NIGHTLY-1"]
+
+
+def test_cost_outlier_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "cost_outlier", "outlier")
+    costs = item_costs(org, "web")
+    median = statistics.median(costs.values())
+    mad = statistics.median(abs(c - median) for c in costs.values())
+    cost = costs["WEB-HUGE-1"]
+    mine = [e for e in org.events if e.item == "WEB-HUGE-1"]
+    assert all(e.key is org.keys["outlier"] for e in mine)
+    assert cost / median == pytest.approx(OUTLIER_FACTOR, rel=1e-4)
+    assert found["evidence"] == {"items": 1, "requests": len(mine), "cost_usd": pytest.approx(cost), **span(mine)}
+    item = org.items["WEB-HUGE-1"]
+    assert found["work_items"] == [{
+        "id": "WEB-HUGE-1", "status": "done", "requests": len(mine), "cost_usd": pytest.approx(cost),
+        "completed_at": iso(item.completed_at), "item_cost_usd": pytest.approx(cost), "team": "web", "team_items": len(costs),
+        "team_median_usd": pytest.approx(median), "team_mad_usd": pytest.approx(mad),
+        "robust_z": pytest.approx(0.6745 * (cost - median) / mad, abs=1e-3), "ratio_to_median": pytest.approx(OUTLIER_FACTOR, rel=1e-4),
+        "key_cost_usd": pytest.approx(cost), "key_share": 1.0, **span(mine),
+    }]  # fmt: skip
+
+
+def test_unverified_spend_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "unverified_spend", "unverif")
+    events = window(org, "unverif")
+    unverified = [e for e in events if org.items[e.item].status in ("unverified", "unknown")]
+    share = spend(unverified) / spend(events)
+    assert share >= DEFAULTS.unverified_min_share
+    assert found["evidence"] == {
+        "cost_usd": pytest.approx(spend(events)), "unverified_cost_usd": pytest.approx(spend(unverified)), "share": pytest.approx(share, abs=1e-6),
+        "requests": len(unverified), "items": 4, **span(unverified),
+    }  # fmt: skip
+    assert [(w["id"], w["status"]) for w in found["work_items"]] == [
+        ("DATA-701", "unverified"), ("DATA-702", "unverified"), ("DATA-703", "unverified"), ("DATA-704", "unknown")
+    ]  # fmt: skip
+
+
+# -- thresholds, periods, order -------------------------------------------------------------------------
+
+
+def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+
+    def kinds_of(**changes: Any) -> list[tuple[str, str]]:
+        return flagged(gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, **changes)), org)
+
+    planted = [(kind, name) for name, kind in PLANTED.items()]
+
+    def without(kind: str) -> list[tuple[str, str]]:
+        return expected_order(org, [p for p in planted if p[0] != kind])
+
+    assert kinds_of(repeated_prompt_min_requests=LOOP_REQUESTS + 1) == without("repeated_prompt")
+    # Lowered to 5, the honest retry is flagged too: a false positive the docs warn about.
+    assert kinds_of(repeated_prompt_min_requests=5) == expected_order(org, [*planted, ("repeated_prompt", "honest-web-1")])
+    assert kinds_of(after_completion_min_requests=3 * AFTER_REQUESTS + 1) == without("spend_after_completion")
+    assert kinds_of(heavy_spend_min_usd=spend(window(org, "spinner")) + 0.01) == without("spend_without_completion")
+    assert kinds_of(cadence_max_cv=0.001, around_clock_min_days=CRON_DAYS + 1) == without("machine_cadence")
+    assert kinds_of(cost_min_ratio=OUTLIER_FACTOR + 1) == without("cost_outlier")
+    assert kinds_of(cost_min_items=len(item_costs(org, "web")) + 1) == without("cost_outlier")
+    share = spend([e for e in window(org, "unverif") if org.items[e.item].status in ("unverified", "unknown")]) / spend(
+        window(org, "unverif")
+    )
+    assert kinds_of(unverified_min_share=share + 0.001) == without("unverified_spend")
+
+    # Either cadence reason alone flags the cron key.
+    regular = signal(
+        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, around_clock_min_days=CRON_DAYS + 1)),
+        org,
+        "machine_cadence",
+        "cron",
+    )
+    assert regular["evidence"]["reasons"] == ["regular_intervals"]
+    clock = signal(
+        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, cadence_max_cv=0.001)),
+        org,
+        "machine_cadence",
+        "cron",
+    )
+    assert clock["evidence"]["reasons"] == ["around_the_clock"]
+
+    # The service key is declared automation: flagged only when asked for.
+    assert kinds_of(flag_service_keys=True) == expected_order(
+        org, [*planted, ("repeated_prompt", "ci-bot"), ("machine_cadence", "ci-bot")]
+    )
+
+
+def test_the_grace_period_after_completion(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    honest = [n for n in org.keys if n not in PLANTED]
+    for grace_hours in (DEFAULTS.after_completion_grace_hours, 0.0):
+        t = replace(DEFAULTS, after_completion_min_requests=1, after_completion_grace_hours=grace_hours)
+        report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=t)
+        counted = {name: len(after_completion(org, name, timedelta(hours=grace_hours))) for name in honest}
+        expected = {name: n for name, n in counted.items() if n}
+        found = {name: signal(report, org, "spend_after_completion", name)["evidence"]["requests"] for name in expected}
+        assert found == expected and len(expected) >= 3
+        assert {n for k, n in flagged(report, org) if k == "spend_after_completion"} == {*expected, "closer"}
+
+
+def test_periods_are_half_open(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    assert gaming_signals(engine, since=T0, until=SINCE)["signals"] == []  # before anything was planted
+    cron = sorted(e.ts for e in window(org, "cron"))
+    cut = cron[240]
+    report = gaming_signals(engine, since=SINCE, until=cut)
+    assert signal(report, org, "machine_cadence", "cron")["evidence"]["requests"] == 240
+    assert signal(report, org, "machine_cadence", "cron")["evidence"]["last"] == iso(cron[239])
+    later = gaming_signals(engine, since=cut, until=END)
+    assert signal(later, org, "machine_cadence", "cron")["evidence"]["requests"] == 240
+    with pytest.raises(ValueError):
+        gaming_signals(engine, since=UNTIL, until=SINCE)
+
+
+def test_signals_are_ordered_by_kind_and_key_never_by_spend(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    lax = SignalThresholds(
+        repeated_prompt_min_requests=2, after_completion_min_requests=1, heavy_spend_min_usd=0.01, cadence_max_cv=100.0,
+        around_clock_min_hours=1, around_clock_min_days=1, cost_min_z=0.0, cost_min_ratio=0.0, cost_min_key_share=0.01,
+        unverified_min_share=0.01, unverified_min_usd=0.01, flag_service_keys=True,
+    )  # fmt: skip
+    report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=lax)
+    order = [(KINDS.index(s["kind"]), s["key_id"]) for s in report["signals"]]
+    assert order == sorted(order) and len(order) > 20
+    cadence = [s for s in report["signals"] if s["kind"] == "machine_cadence"]
+    spends = [spend(window(org, next(n for n, k in org.keys.items() if k.id == s["key_id"]))) for s in cadence]
+    assert spends != sorted(spends) and spends != sorted(spends, reverse=True)  # the order says nothing about spend
+    assert set(report) == {"since", "until", "thresholds", "signals"}
+    for entry in report["signals"]:
+        assert set(entry) == {"kind", "key_id", "owner", "team", "role", "evidence", "work_items"}
+        assert [w["id"] for w in entry["work_items"]] == sorted(w["id"] for w in entry["work_items"])
+
+
+def test_thresholds_from_config() -> None:
+    assert thresholds_from(None) == SignalThresholds()
+    assert thresholds_from({"heavy_spend_min_usd": 10}) == SignalThresholds(heavy_spend_min_usd=10)
+
+    class Section:  # what settings.signals will be: a pydantic model
+        def model_dump(self) -> dict[str, Any]:
+            return {"repeated_prompt_min_requests": 50, "flag_service_keys": True}
+
+    assert thresholds_from(Section()) == SignalThresholds(repeated_prompt_min_requests=50, flag_service_keys=True)
+    with pytest.raises(ValueError, match="unknown signal thresholds: nope"):
+        thresholds_from({"nope": 1})
+    for bad in ({"cadence_min_requests": 2}, {"around_clock_min_hours": 25}, {"unverified_min_share": 0}, {"cost_min_key_share": 1.5},
+                {"heavy_spend_min_usd": -1}, {"cost_min_items": 2}, {"repeated_prompt_min_requests": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SignalThresholds(**bad)
+
+
+def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    report = gaming_signals(engine, since=SINCE, until=UNTIL)
+    text = signals_text(report)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"gaming signals {iso(SINCE)} .. {iso(UNTIL)}") and "advisory" in lines[0]
+    headlines = [line for line in lines[1:] if not line.startswith(" ")]
+    assert [line.split()[0] for line in headlines] == [s["kind"] for s in report["signals"]]
+    assert org.keys["cron"].id in text and "around_the_clock" in text and "WEB-HUGE-1" in text
+    assert signals_text(gaming_signals(engine, since=T0, until=SINCE)).splitlines()[1] == "no signals"
+
+
+# -- the route ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(world: tuple[Any, Org, Path], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    engine, _, folder = world
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}")
+    app = create_app(settings, engine=engine)
+    app.router.routes.extend(signal_routes.routes)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30)
+    async with app.router.lifespan_context(app), client as http:
+        yield http
+
+
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.mark.anyio
+async def test_route_answers_admins_and_audits_the_read(world: tuple[Any, Org, Path], api: httpx.AsyncClient) -> None:
+    engine, org, _ = world
+    params = {"since": iso(SINCE), "until": iso(UNTIL)}
+    response = await api.get("/api/reports/signals", params=params, headers=ADMIN)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.json() == orjson.loads(orjson.dumps(gaming_signals(engine, since=SINCE, until=UNTIL)))
+    assert flagged(response.json(), org) == expected_order(org, [(kind, name) for name, kind in PLANTED.items()])
+
+    async def audit() -> list[dict]:
+        return (await api.get("/api/audit", headers=ADMIN)).json()
+
+    entries = await wait_until(audit, lambda rows: any(r["action"] == "GET /api/reports/signals" for r in rows))
+    read = next(r for r in entries if r["action"] == "GET /api/reports/signals")
+    assert "since=" in read["target"] and read["actor_key_id"]
+
+    default = (await api.get("/api/reports/signals", headers=ADMIN)).json()
+    assert default["thresholds"] == orjson.loads(orjson.dumps(gaming_signals(engine, since=SINCE, until=UNTIL)))["thresholds"]
+
+
+@pytest.mark.anyio
+async def test_route_refuses_other_keys_and_bad_periods(world: tuple[Any, Org, Path], api: httpx.AsyncClient) -> None:
+    engine, _, _ = world
+    _, token = issue_key(engine, owner="signals-route-tester", team=None, role="developer")
+    refused = await api.get("/api/reports/signals", headers={"authorization": f"Bearer {token}"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    assert (await api.get("/api/reports/signals")).status_code == 401
+    for params in ({"since": iso(UNTIL), "until": iso(SINCE)}, {"since": "yesterday"}, {"until": "soon"}):
+        bad = await api.get("/api/reports/signals", params=params, headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request", params
+
+
+@pytest.mark.anyio
+async def test_route_reads_the_thresholds_from_the_config(world: tuple[Any, Org, Path], tmp_path: Path) -> None:
+    engine, org, folder = world
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}")
+    # The `signals:` section (a mapping here; a pydantic model once settings.py declares it).
+    settings = settings.model_copy(update={"signals": {"repeated_prompt_min_requests": LOOP_REQUESTS + 1}})
+    app = create_app(settings, engine=engine)
+    app.router.routes.extend(signal_routes.routes)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30)
+    async with app.router.lifespan_context(app), client as http:
+        report = (await http.get("/api/reports/signals", params={"since": iso(SINCE), "until": iso(UNTIL)}, headers=ADMIN)).json()
+    assert report["thresholds"]["repeated_prompt_min_requests"] == LOOP_REQUESTS + 1
+    assert "repeated_prompt" not in {kind for kind, _ in flagged(report, org)}
