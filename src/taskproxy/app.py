@@ -32,6 +32,7 @@ from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
 from taskproxy.routes import signals as signal_routes
+from taskproxy.dashboard import routes as dashboard_routes
 from taskproxy.routes.common import JSON
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
@@ -204,6 +205,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         *reports.routes,
         *signal_routes.routes,
         *webhooks.routes,
+        *dashboard_routes,
     ]
     return Starlette(
         routes=routes,

@@ -1,0 +1,120 @@
+"""What each dashboard page shows, gathered from the reports (blocking: the views run these in a
+worker thread). The figures come from the same functions as the API's, with the same settings, so
+a page and `GET /api/...` agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.items import work_item_view
+from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
+from taskproxy.routes.common import event_json
+from taskproxy.settings import Settings
+from taskproxy.storage import repo
+from taskproxy.storage.models import WorkItem
+
+WEEKS = 12  # weeks in the cost-per-completed-item chart
+TOP_ITEMS = 10  # rows of "most expensive work items"
+RECENT_EVENTS = 20  # rows of "your recent requests"
+MAX_CHART_DAYS = 90  # days in a work item's usage chart (its table lists them all)
+
+
+def report_options(settings: Settings) -> dict[str, Any]:
+    """The adoption report's options exactly as `GET /api/reports/adoption` passes them."""
+    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": settings.reports.stale_after_days}
+
+
+def week_windows(until: datetime, weeks: int = WEEKS) -> list[tuple[datetime, datetime]]:
+    """The last `weeks` calendar weeks (Monday 00:00 UTC) up to `until`, oldest first; the last is cut at `until`."""
+    start = datetime.combine(until.date() - timedelta(days=until.weekday()), datetime.min.time())
+    if start >= until:  # `until` is a Monday midnight: that week has not begun
+        start -= timedelta(days=7)
+    windows = []
+    end = until
+    for _ in range(weeks):
+        windows.append((start, end))
+        end, start = start, start - timedelta(days=7)
+    return windows[::-1]
+
+
+def weekly_figures(engine: Engine, settings: Settings, until: datetime, weeks: int = WEEKS) -> list[dict[str, Any]]:
+    """Per week: the adoption report's overall completed items and cost per completed item."""
+    rows = []
+    for since, end in week_windows(until, weeks):
+        overall = adoption_report(engine, since=since, until=end, **report_options(settings))["overall"]
+        cost = overall["cost_per_completed_item"]
+        rows.append(
+            {
+                "since": since,
+                "until": end,
+                "completed_items": overall["completed_items"],
+                "ai_assisted_items": overall["ai_assisted_items"],
+                "median": cost["median"],
+                "p90": cost["p90"],
+                "total": cost["total"],
+            }
+        )
+    return rows
+
+
+def titles(engine: Engine, ids: list[str]) -> dict[str, str | None]:
+    if not ids:
+        return {}
+    w = WorkItem.__table__.c
+    with engine.connect() as connection:
+        return dict(connection.execute(select(w.id, w.title).where(w.id.in_(ids))).all())  # type: ignore[arg-type]
+
+
+@dataclass
+class Overview:
+    report: dict[str, Any]
+    weeks: list[dict[str, Any]]
+    top_items: list[dict[str, Any]]
+
+
+def overview(engine: Engine, settings: Settings, since: datetime, until: datetime) -> Overview:
+    report = adoption_report(engine, since=since, until=until, **report_options(settings))
+    weeks = weekly_figures(engine, settings, until)
+    top = tasks_report(engine, since, until, TOP_ITEMS)
+    names = titles(engine, [t["work_item"] for t in top])
+    return Overview(report, weeks, [{**t, "title": names.get(t["work_item"])} for t in top])
+
+
+def usage_days(usage_by_day: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`usage_by_day` with the days between its first and last filled in with zeros (for the chart),
+    the last `MAX_CHART_DAYS` of them."""
+    if not usage_by_day:
+        return []
+    known = {row["day"]: row for row in usage_by_day}
+    first, last = date.fromisoformat(usage_by_day[0]["day"]), date.fromisoformat(usage_by_day[-1]["day"])
+    first = max(first, last - timedelta(days=MAX_CHART_DAYS - 1))
+    days = []
+    current = first
+    while current <= last:
+        key = current.isoformat()
+        days.append(known.get(key, {"day": key, "requests": 0, "total_tokens": 0, "cost_usd": None}))
+        current += timedelta(days=1)
+    return days
+
+
+def work_item(engine: Engine, item_id: str) -> dict[str, Any] | None:
+    return work_item_view(engine, item_id)
+
+
+def my_data(engine: Engine, key_id: str, team: str | None) -> dict[str, Any]:
+    """What "My data" shows a key's owner: its events, its usage per item, its refusals, who administers."""
+    events = [event_json(e) for e in repo.list_events(engine, key_id=key_id, limit=RECENT_EVENTS)]
+    keys = [k for k in repo.list_keys(engine) if k.revoked_at is None]
+    return {
+        "events": events,
+        "per_item": usage_for_key(engine, key_id),
+        "rejected": rejections_by_reason(engine, key_id=key_id),
+        "team_people": len({k.owner for k in keys if k.team == team}) if team else None,
+        "admins": sorted({k.owner for k in keys if k.role == "admin"}),
+    }
