@@ -229,17 +229,12 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     from taskproxy.reports.adoption import adoption_report
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
-    from taskproxy.timeutil import utcnow
+    from taskproxy.timeutil import report_period
 
     settings = _settings(args)
-    until = args.until or utcnow()
-    since = args.since or until - timedelta(days=30)
-    if since >= until:
-        raise SystemExit("taskproxy: --since must be before --until")
+    since, until = report_period(args.since, args.until)
     report = adoption_report(
         _engine(args), since=since, until=until, team=args.team,
         min_group_size=settings.privacy.min_group_size, stale_after_days=settings.reports.stale_after_days,
@@ -254,16 +249,11 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
 
 
 def cmd_report_signals(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     from taskproxy.reports.signals import gaming_signals, signals_text, thresholds_from
-    from taskproxy.timeutil import utcnow
+    from taskproxy.timeutil import report_period
 
     settings = _settings(args)
-    until = args.until or utcnow()
-    since = args.since or until - timedelta(days=30)
-    if since >= until:
-        raise SystemExit("taskproxy: --since must be before --until")
+    since, until = report_period(args.since, args.until)
     report = gaming_signals(_engine(args), since=since, until=until, thresholds=thresholds_from(settings.signals))
     if args.json:
         _print_json(report)

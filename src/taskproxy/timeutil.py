@@ -28,3 +28,17 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
+
+
+DEFAULT_REPORT_DAYS = 30
+
+
+def report_period(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
+    """A report's period: `until` defaults to now, `since` to 30 days before `until`; since < until."""
+    from taskproxy.errors import InvalidRequest
+
+    until = until or utcnow()
+    since = since or until - timedelta(days=DEFAULT_REPORT_DAYS)
+    if since >= until:
+        raise InvalidRequest("'since' must be before 'until'.", param="since")
+    return since, until

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskproxy.errors import InvalidRequest
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.routes.common import JSON, admin, in_thread, time_param
 from taskproxy.services import services
-from taskproxy.timeutil import utcnow
-
-DEFAULT_PERIOD = timedelta(days=30)
-
+from taskproxy.timeutil import report_period
 
 def period(request: Request) -> tuple[datetime, datetime]:
     """`since` and `until` from the query: `until` defaults to now, `since` to 30 days before `until`."""
-    until = time_param(request, "until") or utcnow()
-    since = time_param(request, "since") or until - DEFAULT_PERIOD
-    if since >= until:
-        raise InvalidRequest("'since' must be before 'until'.", param="since")
-    return since, until
+    return report_period(time_param(request, "since"), time_param(request, "until"))
 
 
 async def _report(request: Request) -> dict[str, Any]:
