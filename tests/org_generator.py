@@ -24,7 +24,8 @@ from taskproxy import registry
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.metering.usage import Exchange, Observed, ProviderUsage, Rejected
+from write_path import past_request
+from taskproxy.metering.usage import Rejected
 from taskproxy.storage.writer import BatchWriter
 
 T0 = datetime(2026, 1, 5)
@@ -315,36 +316,14 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
     writer.start()
     for event in builder.events:
         item = builder.items[event.item]
-        register = None
-        if item.registered == "auto":
-            register = {"id": item.id, "source": "auto", "status": "unverified", "created_at": item.created_at}
-        usage = ProviderUsage(prompt_tokens=event.prompt, completion_tokens=event.completion)
-        observed = Observed(usage) if event.status < 400 else Observed()
         writer.submit(
-            Exchange(
-                id=event.id,
-                ts=event.ts,
-                key_id=event.key.id,
-                owner=event.key.owner,
-                team=event.key.team,
-                work_item=event.item,
-                attribution_source="header",
-                route="/v1/chat/completions",
-                model=event.model,
-                upstream_model=event.model,
-                provider="openai",
-                stream=False,
+            past_request(
+                id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=event.model,
                 body={"model": event.model, "messages": [{"role": "user", "content": "make the tests pass"}]},
-                user_agent="org-generator",
-                counter=counter,
-                price=PRICES[event.model],
-                register_work_item=register,
-                status=event.status,
-                error=None if event.status < 400 else "upstream_error",
-                latency_ms=120.0,
-                observe=lambda observed=observed: observed,
+                prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICES[event.model],
+                status=event.status, auto_registered_at=item.created_at if item.registered == "auto" else None, user_agent="org-generator",
             )
-        )
+        )  # fmt: skip
     for rejection in refused:
         writer.submit(Rejected(rejection.id, rejection.ts, rejection.key.id if rejection.key else None, rejection.reason, "/v1/chat/completions"))
     writer.close(timeout=120)

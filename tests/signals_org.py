@@ -39,7 +39,7 @@ from taskproxy import registry
 from taskproxy.guard.auth import issue_key
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.metering.usage import Exchange, Observed, ProviderUsage
+from write_path import past_request
 from taskproxy.storage.writer import BatchWriter
 
 T0 = datetime(2026, 3, 2)  # a Monday
@@ -424,34 +424,13 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     writer.start()
     for event in builder.events:
         item = builder.items[event.item]
-        register = None
-        if item.registered == "auto":
-            register = {"id": item.id, "source": "auto", "status": "unverified", "created_at": item.created_at}
-        observed = Observed(ProviderUsage(prompt_tokens=event.prompt, completion_tokens=event.completion))
         writer.submit(
-            Exchange(
-                id=event.id,
-                ts=event.ts,
-                key_id=event.key.id,
-                owner=event.key.owner,
-                team=event.key.team,
-                work_item=event.item,
-                attribution_source="header",
-                route="/v1/chat/completions",
-                model=MODEL,
-                upstream_model=MODEL,
-                provider="openai",
-                stream=False,
-                body=event.body,
-                user_agent="signals-org",
-                counter=counter,
-                price=PRICE,
-                register_work_item=register,
-                status=200,
-                latency_ms=900.0,
-                observe=lambda observed=observed: observed,
+            past_request(
+                id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=MODEL, body=event.body,
+                prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICE,
+                auto_registered_at=item.created_at if item.registered == "auto" else None, user_agent="signals-org", latency_ms=900.0,
             )
-        )
+        )  # fmt: skip
     writer.close(timeout=120)
     assert writer.committed == len(builder.events), (writer.committed, writer.spooled, writer.set_aside)
     return Org(builder.keys, builder.items, builder.events)

@@ -1,0 +1,40 @@
+"""Writing usage of the past through the real write path (BatchWriter + Exchange), for generated data."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from taskproxy.metering.pricing import Price
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.metering.usage import Exchange, Observed, ProviderUsage
+
+
+def past_request(
+    *,
+    id: str,
+    ts: datetime,
+    key: Any,  # anything with .id, .owner and .team
+    work_item: str,
+    model: str,
+    body: dict,
+    prompt_tokens: int,
+    completion_tokens: int,
+    counter: TokenCounter,
+    price: Price | None,
+    status: int = 200,
+    auto_registered_at: datetime | None = None,
+    user_agent: str = "generator",
+    latency_ms: float = 120.0,
+) -> Exchange:
+    """A request answered at `ts`, as the proxy would have recorded it (usage from the provider if it succeeded)."""
+    observed = Observed(ProviderUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)) if status < 400 else Observed()
+    register = None
+    if auto_registered_at is not None:
+        register = {"id": work_item, "source": "auto", "status": "unverified", "created_at": auto_registered_at}
+    return Exchange(
+        id=id, ts=ts, key_id=key.id, owner=key.owner, team=key.team, work_item=work_item, attribution_source="header",
+        route="/v1/chat/completions", model=model, upstream_model=model, provider="openai", stream=False, body=body,
+        user_agent=user_agent, counter=counter, price=price, register_work_item=register, status=status,
+        error=None if status < 400 else "upstream_error", latency_ms=latency_ms, observe=lambda: observed,
+    )  # fmt: skip
