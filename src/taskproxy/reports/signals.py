@@ -77,19 +77,21 @@ from sqlalchemy.engine import Engine
 
 from taskproxy.reports.signal_checks import (
     Found,
-    KINDS,
-    KeyInfo,
-    SignalThresholds,
     after_completion,
     cadence,
     cost_outliers,
+    repeated_prompts,
+    unverified,
+    without_completion,
+)
+from taskproxy.reports.signal_data import (
+    KINDS,
+    KeyInfo,
+    SignalThresholds,
     load_items,
     load_keys,
     load_spend,
-    repeated_prompts,
     thresholds_from,
-    unverified,
-    without_completion,
 )
 from taskproxy.timeutil import iso
 
