@@ -8,9 +8,9 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -45,17 +45,17 @@ from taskproxy.trackers.base import Tracker
 from taskproxy.trackers.github import GitHub
 from taskproxy.trackers.jira import Jira
 from taskproxy.trackers.linear import Linear
-from taskproxy.upstream.passthrough import Upstream
+from taskproxy.upstream.aiohttp_client import AiohttpClient
+from taskproxy.upstream.passthrough import ProviderClient, Upstream
 from taskproxy.upstream.translate import Translator
 from taskproxy.workitems import WorkItemIds
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("taskproxy")
 
 NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
-
-
-def default_transport() -> httpx.AsyncBaseTransport:
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
 
 
 async def root(request: Request) -> Response:
@@ -124,8 +124,15 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+def _httpx_client(transport: httpx.AsyncBaseTransport) -> ProviderClient:
+    from taskproxy.upstream.httpx_client import HttpxClient  # httpx is only needed when a transport is injected
+
+    return HttpxClient(transport)
+
+
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, engine: Engine | None = None) -> Starlette:
-    """Build the ASGI app. `transport` replaces the upstream HTTP transport (tests inject a mock);
+    """Build the ASGI app. `transport`, an httpx transport, replaces the default upstream client
+    (aiohttp's) — tests inject httpx.MockTransport or an ASGITransport around a fake provider;
     `engine` replaces the database engine made from `settings.database_url`."""
 
     @asynccontextmanager
@@ -139,7 +146,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         await anyio.to_thread.run_sync(keys.load)
         counter = TokenCounter()
         # Loading the encodings takes a moment; do it beside startup, not in front of it.
-        threading.Thread(target=counter.warm, name="taskproxy-encodings", daemon=True).start()
+        threading.Thread(target=counter.warm, args=([m.target_model for m in settings.models],), name="taskproxy-encodings", daemon=True).start()
         prices = await anyio.to_thread.run_sync(prices_for, settings.models)
         items = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
         await anyio.to_thread.run_sync(items.load)
@@ -155,7 +162,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         writer.listen(metrics.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
-        client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
+        upstream = Upstream(AiohttpClient() if transport is None else _httpx_client(transport))
         translator = Translator()
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
@@ -165,7 +172,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             engine=db,
             keys=keys,
             attribution=Attribution(ids),
-            upstream=Upstream(client),
+            upstream=upstream,
             translator=translator,
             writer=writer,
             counter=counter,
@@ -187,7 +194,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         finally:
             for task in refreshers:
                 task.cancel()
-            await client.aclose()
+            await upstream.aclose()
             await anyio.to_thread.run_sync(writer.close)
             if engine is None:
                 db.dispose()

@@ -25,8 +25,9 @@
         ├── ServiceUnavailable      503 service_unavailable (/readyz: the database does not answer)
         └── InternalError           500 internal_error     (a bug; logged with its traceback)
 
-Errors of other libraries are translated at exactly one boundary each: httpx's in
-`upstream.passthrough.map_transport_errors`, the database's in the storage writer (which spools
+Errors of other libraries are translated at exactly one boundary each: aiohttp's in
+`upstream.aiohttp_client.map_aiohttp_errors`, httpx's in `upstream.httpx_client.map_httpx_errors`,
+litellm's in `upstream.translate.Translator.map_litellm_errors`, the database's in the storage writer (which spools
 instead of failing a request). `error_response` is the only place an error becomes JSON.
 """
 
