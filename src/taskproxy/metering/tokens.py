@@ -77,11 +77,16 @@ class TokenCounter:
                 _point_tiktoken_at_local_files(name)
                 import tiktoken
 
-                self._encodings[name] = tiktoken.get_encoding(name)
+                encoding = tiktoken.get_encoding(name)
+                # tiktoken keeps the ranks as a Python dict only to pickle the encoding; its Rust core
+                # holds its own copy. Dropping the dict saves ~27 MiB for o200k_base (measured).
+                encoding._mergeable_ranks = None
+                self._encodings[name] = encoding
             return self._encodings[name]
 
-    def warm(self) -> None:
-        for name in ("o200k_base", "cl100k_base"):
+    def warm(self, models: Iterable[str]) -> None:
+        """Load the encodings these models use now (each ~50 MiB: only those needed)."""
+        for name in sorted({encoding_name_for(model) for model in models}):
             self._encoding(name)
 
     def count(self, model: str, text: str) -> int:
