@@ -112,6 +112,7 @@ class BatchWriter:
         self._spool = Spool(spool_path)
         self._on_record = list(on_record)  # see each record as soon as it is built (budgets, metrics)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # set by flush() and close(): write now
         self._thread: threading.Thread | None = None
         self._last_replay = 0.0
         self.committed = 0
@@ -145,6 +146,7 @@ class BatchWriter:
         """Block until everything submitted so far is committed (or spooled). For CLI and tests."""
         marker = _Marker()
         self._queue.put(marker)
+        self._urgent.set()
         return marker.done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -152,6 +154,7 @@ class BatchWriter:
         if self._thread is None:
             return
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout)
         if self._thread.is_alive():  # pragma: no cover - database hung beyond the timeout
             log.error("writer did not drain within %.0fs; %d items still queued", timeout, self.queue_depth)
@@ -177,27 +180,32 @@ class BatchWriter:
         self._replay(force=True)
 
     def _collect(self) -> tuple[_Batch, list[_Marker], bool]:
-        """Take items until the batch is full, the interval since the first item has passed, or stop."""
+        """Wait for the first item, then let the interval pass and take what has arrived meanwhile
+        (up to a full batch). The thread wakes once per interval, not once per request: each wake-up
+        would take the GIL from the event loop. `flush()` and `close()` cut the wait short."""
         batch, markers = _Batch(), []
-        deadline: float | None = None
-        while len(batch) < self._batch_size:
-            timeout = self._flush_interval if deadline is None else deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                break
+        try:
+            first = self._queue.get(timeout=self._flush_interval)
+        except queue.Empty:
+            return batch, markers, False
+        if first is not _STOP and not isinstance(first, _Marker):
+            self._urgent.wait(self._flush_interval)
+        self._urgent.clear()
+        item: object = first
+        while True:
             if item is _STOP:
                 self._drain_into(batch, markers)
                 return batch, markers, True
             if isinstance(item, _Marker):
                 markers.append(item)
-                break
+                return batch, markers, False
             self._add(batch, item)
-            if deadline is None:
-                deadline = time.monotonic() + self._flush_interval
-        return batch, markers, False
+            if len(batch) >= self._batch_size:
+                return batch, markers, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, markers, False
 
     def _drain_into(self, batch: _Batch, markers: list[_Marker]) -> None:
         while True:
