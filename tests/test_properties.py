@@ -73,6 +73,22 @@ def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: lis
     assert [orjson.loads(d) for d in iter_data(b"".join(out)) if d != b"[DONE]"] == payloads
 
 
+@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+@settings(max_examples=300)
+def test_what_the_client_gets_is_the_stream_without_the_usage_chunk_whatever_the_chunking(
+    payloads: list[dict], cuts: list[int], terminator: bytes
+) -> None:
+    usage_only = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    event = lambda p: b"data: " + orjson.dumps(p) + terminator  # noqa: E731
+    stream = b"".join(map(event, payloads)) + event(usage_only) + b"data: [DONE]" + terminator
+    splitter, out, position = SseSplitter(), b"", 0
+    for size in [*cuts, len(stream)]:
+        out += splitter.without_usage_only(stream[position : position + size])
+        position += size
+    out += splitter.rest()
+    assert out == b"".join(event(p) for p in payloads if not is_usage_only_chunk(event(p))) + b"data: [DONE]" + terminator
+
+
 @given(st.text(max_size=50))
 def test_a_usage_lookalike_inside_content_is_not_withheld(content: str) -> None:
     chunk = {"choices": [{"index": 0, "delta": {"content": content + '"usage": {} "choices": []'}}], "usage": None}

@@ -31,7 +31,7 @@ from taskproxy.settings import ModelSettings
 from taskproxy.timeutil import utcnow
 from taskproxy.upstream.passthrough import UpstreamReply, upstream_headers
 from taskproxy.upstream.relay import RelayResponse, openai_error_event
-from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk
+from taskproxy.upstream.sse import SseSplitter
 
 log = logging.getLogger("taskproxy.proxy")
 
@@ -235,9 +235,7 @@ def _respond(
 
     def on_chunk(chunk: bytes) -> bytes:
         chunks.append(chunk)
-        if splitter is None:
-            return chunk
-        return b"".join(event for event in splitter.feed(chunk) if not is_usage_only_chunk(event))
+        return chunk if splitter is None else splitter.without_usage_only(chunk)
 
     def on_done(error: str | None, first_byte: float | None) -> None:
         _finish(svc, exchange, admitted.started, status=reply.status, error=error, first_byte=first_byte)

@@ -19,6 +19,12 @@ class SseSplitter:
     def __init__(self) -> None:
         self._buffer = b""
 
+    def without_usage_only(self, chunk: bytes) -> bytes:
+        """The complete events in the bytes so far, minus any usage-only chunk; a partial event waits."""
+        if not self._buffer and b'"usage"' not in chunk and chunk.endswith((b"\n\n", b"\r\r")):
+            return chunk  # whole events, none of them the usage chunk: as they came, without splitting
+        return b"".join(event for event in self.feed(chunk) if not is_usage_only_chunk(event))
+
     def feed(self, chunk: bytes) -> list[bytes]:
         self._buffer += chunk
         events = []
