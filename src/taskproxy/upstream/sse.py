@@ -20,10 +20,25 @@ class SseSplitter:
         self._buffer = b""
 
     def without_usage_only(self, chunk: bytes) -> bytes:
-        """The complete events in the bytes so far, minus any usage-only chunk; a partial event waits."""
-        if not self._buffer and b'"usage"' not in chunk and chunk.endswith((b"\n\n", b"\r\r")):
-            return chunk  # whole events, none of them the usage chunk: as they came, without splitting
-        return b"".join(event for event in self.feed(chunk) if not is_usage_only_chunk(event))
+        """The complete events so far, minus any usage-only chunk; a partial event waits for the rest.
+        Events are not split apart unless a usage-only chunk is among them (once per stream)."""
+        data = self._buffer + chunk if self._buffer else chunk
+        cut = _end_of_last_event(data)
+        complete, self._buffer = data[:cut], data[cut:]
+        match = _USAGE_ONLY.search(complete)
+        if match is None:
+            return complete
+        kept, position = [], 0
+        while match is not None:
+            start = _end_of_last_event(complete, match.start())
+            end = _EVENT_END.search(complete, match.end())
+            stop = end.end() if end is not None else len(complete)
+            if is_usage_only_chunk(complete[start:stop]):
+                kept.append(complete[position:start])
+                position = stop
+            match = _USAGE_ONLY.search(complete, stop)
+        kept.append(complete[position:])
+        return b"".join(kept)
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self._buffer += chunk
@@ -38,6 +53,13 @@ class SseSplitter:
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+def _end_of_last_event(data: bytes, before: int | None = None) -> int:
+    """Where the last complete event in `data[:before]` ends (0: none)."""
+    limit = len(data) if before is None else before
+    ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.rfind(t, 0, limit)) >= 0]
+    return max(ends, default=0)
 
 
 def is_usage_only_chunk(event: bytes) -> bool:
