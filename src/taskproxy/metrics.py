@@ -28,6 +28,7 @@ SMALL_TEAMS = "(teams below the privacy floor)"
 class Metrics:
     def __init__(self, writer: BatchWriter, team_label: Callable[[str | None], str] = lambda team: team or "") -> None:
         self._team_label = team_label
+        self._children: dict[tuple, object] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("taskproxy_requests", "Proxied requests (attempts) by route, model and status", ["route", "model", "status"], registry=r)
@@ -40,26 +41,35 @@ class Metrics:
         Gauge("taskproxy_writer_queue_depth", "Usage records waiting for the writer", registry=r).set_function(lambda: writer.queue_depth)
         Gauge("taskproxy_spool_bytes", "Bytes of usage waiting in spool files for the database", registry=r).set_function(lambda: writer.spool_bytes)
 
+    def _child(self, metric: Counter | Histogram, *labels: str):  # type: ignore[no-untyped-def]
+        """`metric.labels(*labels)`, looked up once: labels() validates and locks on every call, and
+        this runs for every request in the writer thread, which shares the GIL with the event loop."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def record(self, record: Record) -> None:
         """Count one record (called by the writer thread)."""
         row = record.row
         if record.kind == "rejection":
-            self.rejections.labels(row["reason"]).inc()
+            self._child(self.rejections, row["reason"]).inc()
             return
         if record.kind != "event":
             return
         route, model, team = row["route"], row["model"], self._team_label(row["team"])
-        self.requests.labels(route, model, str(row["status"])).inc()
+        self._child(self.requests, route, model, str(row["status"])).inc()
         for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens"), ("cached", "cached_tokens")):
             if row[field]:
-                self.tokens.labels(model, team, kind).inc(row[field])
+                self._child(self.tokens, model, team, kind).inc(row[field])
         if row["cost_usd"] is None:
-            self.unpriced.labels(model).inc()
+            self._child(self.unpriced, model).inc()
         elif row["cost_usd"]:
-            self.cost.labels(model, team).inc(row["cost_usd"])
-        self.latency.labels(route).observe(row["latency_ms"] / 1000)
+            self._child(self.cost, model, team).inc(row["cost_usd"])
+        self._child(self.latency, route).observe(row["latency_ms"] / 1000)
         if row["ttfb_ms"] is not None:
-            self.ttfb.labels(route).observe(row["ttfb_ms"] / 1000)
+            self._child(self.ttfb, route).observe(row["ttfb_ms"] / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
