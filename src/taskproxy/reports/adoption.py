@@ -40,8 +40,9 @@ no figure at all, and with a `team=` filter on such a team `overall` is withheld
 names owners or keys and has no per-person figure. Teams listed: every team of a non-revoked key, plus
 the team of every item with usage in the period or completed in it, sorted by name.
 
-Queries aggregate in SQL (per work item, per model); only those aggregates, the work items and their
-status changes are loaded into Python for the arithmetic.
+Queries aggregate in SQL (per work item, per model), reading spend from the usage rollups
+(`adoption_data.py`, `storage/rollup.py`); only those aggregates, the work items and their status
+changes are loaded into Python for the arithmetic.
 """
 
 from __future__ import annotations
@@ -50,26 +51,18 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, distinct, func, or_, select, union
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.reports import adoption_data as data
+from taskproxy.reports.adoption_data import Item as _Item
 from taskproxy.timeutil import iso
-
-_E = UsageEvent.__table__.c
-_W = WorkItem.__table__.c
-_C = WorkItemChange.__table__.c
-_L = WorkItemLink.__table__.c
-_K = ApiKey.__table__.c
-_R = Rejection.__table__.c
 
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open")
 OPEN_STATUSES = ("open", "in_progress")
-RESOLVED = ("done", "closed")
+
 
 def quantile(values: Iterable[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None for no values."""
@@ -88,145 +81,6 @@ def _money(value: float | None) -> float | None:
 
 def _hours(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
-
-
-# -- what the queries load ------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    id: str
-    team: str | None = None  # the item's team after the fallback to the spending team
-    status: str = "unverified"  # current
-    created_at: datetime | None = None
-    completed_at: datetime | None = None
-    status_at_until: str = "unverified"
-    # All-time, per model: (events, events below 400, cost or None, total tokens) — completed items only.
-    by_model: dict[str, tuple[int, int, float | None, int]] = field(default_factory=dict)
-    period_events: int = 0  # events in the period
-    spend: float = 0.0  # their known cost
-    spend_after_completion: float = 0.0  # of which after completed_at (done or closed items)
-    merged_pr: bool = False  # a linked item was done as of `until`
-
-
-def _load_items(connection: Connection) -> dict[str, _Item]:
-    rows = connection.execute(select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at)).all()
-    return {r.id: _Item(r.id, r.team, r.status, r.created_at, r.completed_at, r.status) for r in rows}
-
-
-def _in_period(column: Any, since: datetime, until: datetime) -> Any:
-    return and_(column >= since, column < until)
-
-
-def _load_completed(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
-    completed_ids = select(_W.id).where(_W.status == "done", _in_period(_W.completed_at, since, until))
-    query = (
-        select(
-            _E.work_item,
-            _E.model,
-            func.count().label("events"),
-            func.sum(case((_E.status < 400, 1), else_=0)).label("ok"),
-            func.sum(_E.cost_usd).label("cost"),
-            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
-        )
-        .where(_E.work_item.in_(completed_ids))
-        .group_by(_E.work_item, _E.model)
-    )
-    for row in connection.execute(query):
-        item = items.get(row.work_item)
-        if item is not None:
-            cost = None if row.cost is None else float(row.cost)
-            item.by_model[row.model] = (int(row.events), int(row.ok or 0), cost, int(row.tokens))
-
-
-def _load_period_spend(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
-    after = and_(_W.status.in_(RESOLVED), _E.ts > _W.completed_at)
-    query = (
-        select(
-            _E.work_item,
-            func.count().label("events"),
-            func.sum(_E.cost_usd).label("spend"),
-            func.sum(case((after, _E.cost_usd), else_=None)).label("after"),
-        )
-        .select_from(UsageEvent.__table__.outerjoin(WorkItem.__table__, _W.id == _E.work_item))
-        .where(_in_period(_E.ts, since, until))
-        .group_by(_E.work_item)
-    )
-    for row in connection.execute(query):
-        item = items.get(row.work_item)
-        if item is None:  # usage on an item never registered: unverified
-            item = items[row.work_item] = _Item(row.work_item)
-        item.period_events = int(row.events)
-        item.spend = float(row.spend or 0.0)
-        item.spend_after_completion = float(row.after or 0.0)
-
-
-def _load_statuses_at(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
-    """Set `status_at_until` of the items with spend in the period and of linked items, from the history."""
-    spent = select(_E.work_item).where(_in_period(_E.ts, since, until))
-    query = (
-        select(_C.work_item, _C.ts, _C.from_status, _C.to_status)
-        .where(or_(_C.work_item.in_(spent), _C.work_item.in_(select(_L.linked))))
-        .order_by(_C.work_item, _C.ts)
-    )
-    before: dict[str, str] = {}
-    first_after: dict[str, str | None] = {}
-    for row in connection.execute(query):
-        if row.ts < until:
-            before[row.work_item] = row.to_status
-        elif row.work_item not in first_after:
-            first_after[row.work_item] = row.from_status
-    for item_id, item in items.items():
-        if item_id in before:
-            item.status_at_until = before[item_id]
-        elif first_after.get(item_id) is not None:
-            item.status_at_until = first_after[item_id]  # type: ignore[assignment]
-        else:
-            item.status_at_until = item.status
-
-
-def _load_links(connection: Connection, items: dict[str, _Item]) -> None:
-    for ticket, linked in connection.execute(select(_L.work_item, _L.linked)):
-        target = items.get(linked)
-        if ticket in items and target is not None and target.status_at_until == "done":
-            items[ticket].merged_pr = True
-
-
-def _assign_teams(connection: Connection, items: dict[str, _Item], since: datetime, until: datetime) -> None:
-    """Items without a team take the team that spent the most on them (see the module docstring)."""
-    relevant = union(
-        select(_E.work_item.label("id")).where(_in_period(_E.ts, since, until)),
-        select(_W.id.label("id")).where(_W.status == "done", _in_period(_W.completed_at, since, until)),
-    ).subquery()
-    teamed = select(_W.id).where(_W.team.is_not(None))
-    query = (
-        select(
-            _E.work_item, _E.team, func.sum(_E.cost_usd).label("cost"), func.coalesce(func.sum(_E.total_tokens), 0).label("tokens")
-        )
-        .where(_E.team.is_not(None), _E.work_item.in_(select(relevant.c.id)), _E.work_item.not_in(teamed))
-        .group_by(_E.work_item, _E.team)
-    )
-    candidates: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
-    for row in connection.execute(query):
-        candidates[row.work_item].append((-float(row.cost or 0.0), -int(row.tokens), row.team))
-    for item_id, spenders in candidates.items():
-        if item_id in items and items[item_id].team is None:
-            items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
-
-
-def _people_by_team(connection: Connection) -> dict[str, int]:
-    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_not(None)).group_by(_K.team)
-    return {team: int(count) for team, count in connection.execute(query)}
-
-
-def _rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, str, int]]:
-    query = (
-        select(_K.team, _R.reason, func.count().label("n"))
-        .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _R.key_id))
-        .where(_in_period(_R.ts, since, until))
-        .group_by(_K.team, _R.reason)
-    )
-    return [(row.team, row.reason, int(row.n)) for row in connection.execute(query)]
 
 
 # -- the figures of one scope ---------------------------------------------------------------------
@@ -338,14 +192,14 @@ def adoption_report(
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     with engine.connect() as connection:
-        items = _load_items(connection)
-        _load_completed(connection, items, since, until)
-        _load_period_spend(connection, items, since, until)
-        _load_statuses_at(connection, items, since, until)
-        _load_links(connection, items)
-        _assign_teams(connection, items, since, until)
-        people = _people_by_team(connection)
-        rejections = _rejections(connection, since, until)
+        items = data.load_items(connection)
+        data.load_completed(connection, items, since, until)
+        data.load_period_spend(connection, items, since, until)
+        data.load_statuses_at(connection, items, since, until)
+        data.load_links(connection, items)
+        data.assign_teams(connection, items, since, until)
+        people = data.people_by_team(connection)
+        rejections = data.rejections(connection, since, until)
 
     stale_after = timedelta(days=stale_after_days)
     relevant = [i for i in items.values() if i.period_events or _completed_in(i, since, until)]

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy.reports.adoption import _hours, _money
 from taskproxy.reports.usage import work_item_summary
-from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.storage import rollup
+from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
 from taskproxy.timeutil import iso
 
-_E = UsageEvent.__table__.c
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
 _L = WorkItemLink.__table__.c
@@ -35,21 +35,11 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
     no event of that day has a known price). `linked` are the items (merged PRs) recorded as coming out
     of this one; `linked_from` the items this one came out of.
     """
-    day = func.date(_E.ts)
-    usage_query = (
-        select(
-            day.label("day"),
-            func.sum(case((_E.attempt == 1, 1), else_=0)).label("requests"),
-            func.coalesce(func.sum(_E.total_tokens), 0).label("tokens"),
-            func.sum(_E.cost_usd).label("cost"),
-        )
-        .where(_E.work_item == item_id)
-        .group_by(day)
-        .order_by(day)
-    )
     with engine.connect() as connection:
         item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
-        usage = connection.execute(usage_query).all()
+        usage = rollup.totals(  # all time, by UTC day: the daily rollup alone answers
+            connection, by=("day",), fields=("first_attempts", "total_tokens", "cost_usd"), where=lambda c: [c.work_item == item_id]
+        )
         changes = connection.execute(
             select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
         ).all()
@@ -68,12 +58,12 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
         "cycle_time_hours": cycle,
         "usage_by_day": [
             {
-                "day": str(row.day)[:10],  # SQLite answers text, PostgreSQL a date
-                "requests": int(row.requests or 0),
-                "total_tokens": int(row.tokens),
-                "cost_usd": _money(row.cost),
+                "day": str(day)[:10],  # SQLite answers text, PostgreSQL a date
+                "requests": int(row["first_attempts"] or 0),
+                "total_tokens": int(row["total_tokens"] or 0),
+                "cost_usd": _money(row["cost_usd"]),
             }
-            for row in usage
+            for (day,), row in sorted(usage.items())
         ],
         "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source} for row in changes],
         "linked": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked],

@@ -1,13 +1,19 @@
-"""Usage figures: per work item, grouped, and the per-task report. Pure queries and arithmetic."""
+"""Usage figures: per work item, grouped, and the per-task report. Pure queries and arithmetic.
+
+Totals come from the usage rollups (whole days, whole hours) and the raw events (the partial hours at a
+period's edges): see storage/rollup.py. They equal a scan of the raw events.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import case, distinct, func, select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Engine
 
+from taskproxy.storage import rollup
 from taskproxy.storage.models import Rejection, UsageEvent, WorkItem
 from taskproxy.timeutil import iso
 
@@ -15,57 +21,39 @@ GroupBy = Literal["work_item", "team", "model"]
 GROUP_COLUMNS = {"work_item": UsageEvent.work_item, "team": UsageEvent.team, "model": UsageEvent.model}
 
 _E = UsageEvent.__table__.c
-COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
-
-_TOTALS = (
-    # One client request = one first attempt; fallback attempts are events but not more requests, and
-    # token counting (Claude Code calls count_tokens often) generates nothing.
-    func.sum(case(((_E.attempt == 1) & (_E.route != COUNT_TOKENS_ROUTE), 1), else_=0)).label("requests"),
-    func.count().label("attempts"),
-    func.coalesce(func.sum(_E.prompt_tokens), 0).label("prompt_tokens"),
-    func.coalesce(func.sum(_E.completion_tokens), 0).label("completion_tokens"),
-    func.coalesce(func.sum(_E.total_tokens), 0).label("total_tokens"),
-    func.coalesce(func.sum(_E.cached_tokens), 0).label("cached_tokens"),
-    func.coalesce(func.sum(_E.reasoning_tokens), 0).label("reasoning_tokens"),
-    func.sum(_E.cost_usd).label("cost_usd"),  # NULL when no event has a known price
-    func.sum(case((_E.cost_usd.is_(None), 1), else_=0)).label("unpriced_requests"),
-    func.min(_E.ts).label("first_used"),
-    func.max(_E.ts).label("last_used"),
-)
+_D = rollup.DAILY.table.c  # all time, per item: the daily rollup answers alone
+COUNT_TOKENS_ROUTE = rollup.COUNT_TOKENS_ROUTE
+# What each figure of `_totals` is made of (storage/rollup.py: over raw events or the rollup alike).
+_FIELDS = (
+    "requests", "attempts", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+    "cost_usd", "unpriced", "first_used", "last_used",
+)  # fmt: skip
 
 
-def _totals(row: Any) -> dict[str, Any]:
+def _totals(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "requests": int(row.requests or 0),
-        "attempts": int(row.attempts),
-        "prompt_tokens": int(row.prompt_tokens),
-        "completion_tokens": int(row.completion_tokens),
-        "total_tokens": int(row.total_tokens),
-        "cached_tokens": int(row.cached_tokens),
-        "reasoning_tokens": int(row.reasoning_tokens),
-        "cost_usd": None if row.cost_usd is None else round(float(row.cost_usd), 8),
-        "unpriced_requests": int(row.unpriced_requests or 0),
-        "first_used": iso(row.first_used),
-        "last_used": iso(row.last_used),
+        "requests": int(row["requests"] or 0),
+        "attempts": int(row["attempts"] or 0),
+        "prompt_tokens": int(row["prompt_tokens"] or 0),
+        "completion_tokens": int(row["completion_tokens"] or 0),
+        "total_tokens": int(row["total_tokens"] or 0),
+        "cached_tokens": int(row["cached_tokens"] or 0),
+        "reasoning_tokens": int(row["reasoning_tokens"] or 0),
+        "cost_usd": None if row["cost_usd"] is None else round(float(row["cost_usd"]), 8),
+        "unpriced_requests": int(row["unpriced"] or 0),
+        "first_used": iso(row["first_used"]),
+        "last_used": iso(row["last_used"]),
     }
-
-
-def _window(query, since: datetime | None, until: datetime | None):  # type: ignore[no-untyped-def]
-    if since is not None:
-        query = query.where(_E.ts >= since)
-    if until is not None:
-        query = query.where(_E.ts < until)
-    return query
 
 
 def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
     """Totals of one work item (DESIGN §6), or None if it is neither registered nor used."""
     with engine.connect() as connection:
         item = connection.execute(select(WorkItem.__table__).where(WorkItem.__table__.c.id == item_id)).first()
-        totals = connection.execute(select(*_TOTALS).where(_E.work_item == item_id)).one()
-        models = connection.execute(select(_E.model).where(_E.work_item == item_id).distinct().order_by(_E.model)).scalars().all()
-        people = connection.execute(select(func.count(distinct(_E.owner))).where(_E.work_item == item_id)).scalar_one()
-    if item is None and not totals.attempts:
+        totals = rollup.totals(connection, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))
+        models = connection.execute(select(_D.model).where(_D.work_item == item_id).distinct().order_by(_D.model)).scalars().all()
+        people = connection.execute(select(func.count(distinct(_D.owner))).where(_D.work_item == item_id)).scalar_one()
+    if item is None and not totals["attempts"]:
         return None
     return {
         "id": item_id,
@@ -83,11 +71,11 @@ def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
 
 
 def usage_grouped(engine: Engine, group_by: GroupBy, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
-    column = GROUP_COLUMNS[group_by]
-    query = _window(select(column.label("key"), *_TOTALS).group_by(column), since, until)
+    if group_by not in GROUP_COLUMNS:
+        raise KeyError(group_by)
     with engine.connect() as connection:
-        rows = connection.execute(query).all()
-    result = [{group_by: row.key, **_totals(row)} for row in rows]
+        found = rollup.totals(connection, by=(group_by,), period=rollup.Period(since, until), fields=_FIELDS)
+    result = [{group_by: key, **_totals(row)} for (key,), row in found.items()]
     return sorted(result, key=lambda r: (-(r["cost_usd"] or 0.0), -r["total_tokens"]))
 
 
@@ -99,7 +87,7 @@ def tasks_report(engine: Engine, since: datetime | None = None, until: datetime 
         statuses = dict(connection.execute(select(WorkItem.__table__.c.id, WorkItem.__table__.c.status).where(WorkItem.__table__.c.id.in_(ids))).all()) if ids else {}
         models: dict[str, list[str]] = {}
         if ids:
-            for item_id, model in connection.execute(select(_E.work_item, _E.model).where(_E.work_item.in_(ids)).distinct()):
+            for item_id, model in connection.execute(select(_D.work_item, _D.model).where(_D.work_item.in_(ids)).distinct()):
                 models.setdefault(item_id, []).append(model)
     return [{**r, "status": statuses.get(r["work_item"], "unverified"), "models": sorted(models.get(r["work_item"], []))} for r in rows]
 
@@ -119,7 +107,8 @@ def rejections_by_reason(engine: Engine, since: datetime | None = None, until: d
 
 def usage_for_key(engine: Engine, key_id: str) -> list[dict[str, Any]]:
     """One key's own usage per work item: what `taskproxy me` shows its owner."""
-    query = select(_E.work_item.label("key"), *_TOTALS).where(_E.key_id == key_id).group_by(_E.work_item)
+    # Per key: the rollup has no key column, so this reads the key's raw events (by its index).
+    query = select(_E.work_item.label("key"), *rollup.raw_columns(_FIELDS)).where(_E.key_id == key_id).group_by(_E.work_item)
     with engine.connect() as connection:
         rows = connection.execute(query).all()
-    return sorted(({"work_item": row.key, **_totals(row)} for row in rows), key=lambda r: r["last_used"] or "", reverse=True)
+    return sorted(({"work_item": row.key, **_totals(row._mapping)} for row in rows), key=lambda r: r["last_used"] or "", reverse=True)

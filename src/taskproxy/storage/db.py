@@ -20,6 +20,7 @@ from sqlmodel import SQLModel, create_engine
 
 from taskproxy.errors import SchemaBehind
 from taskproxy.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from taskproxy.storage import rollup
 
 
 def make_engine(database_url: str) -> Engine:
@@ -111,9 +112,11 @@ def _upgrade(engine: Engine, head: str) -> str | None:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
         before = current_revision(connection)
-        if before is None and _our_tables(connection):
+        if before is None and (tables := _our_tables(connection)):
             # Made by a build from before migrations existed: add what it lacks, then adopt the history.
             _add_missing(connection)
+            if not {"usage_daily", "usage_hourly"} & tables:
+                rollup.backfill(connection)  # what migration 0002 does for a database that had no rollups
             command.stamp(_alembic(connection), head)
         elif before != head:
             command.upgrade(_alembic(connection), "head")

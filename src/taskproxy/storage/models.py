@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, Index, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, PrimaryKeyConstraint, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -127,6 +127,51 @@ class UsageEvent(SQLModel, table=True):
     user_agent: str | None = Field(default=None, max_length=400)
     prompt_text: str | None = Field(default=None, sa_column=Column(Text))  # only with recording.store_prompts
     completion_text: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class _UsageSums(SQLModel):
+    """The sums both usage rollups hold: usage_events per time bucket, work item, team and model, kept by
+    the writer in the transaction that inserts the events (see storage/rollup.py, docs/reports.md)."""
+
+    bucket: datetime = Field(sa_type=DateTime())  # the hour's or the day's start, naive UTC
+    work_item: str = Field(max_length=200)
+    team: str = Field(max_length=200)  # '' for events without a team: a key column cannot be NULL
+    model: str = Field(max_length=200)
+    events: int  # attempts, as rows of usage_events
+    ok_events: int  # of which status < 400
+    requests: int  # first attempts, not counting count_tokens calls (what /api/usage calls requests)
+    first_attempts: int  # first attempts, count_tokens included (what usage_by_day calls requests)
+    prompt_tokens: int = Field(sa_type=BigInteger())
+    completion_tokens: int = Field(sa_type=BigInteger())
+    total_tokens: int = Field(sa_type=BigInteger())
+    cached_tokens: int = Field(sa_type=BigInteger())
+    reasoning_tokens: int = Field(sa_type=BigInteger())
+    cost_usd: float | None = None  # sum of the known prices; NULL when no event of the row has one, as SUM() answers
+    unpriced_events: int  # events whose price is unknown
+    first_ts: datetime = Field(sa_type=DateTime())  # the earliest and latest event: first/last use stay exact
+    last_ts: datetime = Field(sa_type=DateTime())
+
+
+class UsageHourly(_UsageSums, table=True):
+    """Per UTC hour: the whole hours of a period that does not start or end on a day."""
+
+    __tablename__ = "usage_hourly"
+    __table_args__ = (
+        PrimaryKeyConstraint("bucket", "work_item", "team", "model"),
+        Index("ix_usage_hourly_work_item_bucket", "work_item", "bucket"),
+    )
+
+
+class UsageDaily(_UsageSums, table=True):
+    """Per UTC day, and per person too, so that an item's people are counted from it."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("bucket", "work_item", "team", "model", "owner"),
+        Index("ix_usage_daily_work_item_bucket", "work_item", "bucket"),
+    )
+
+    owner: str = Field(max_length=200)
 
 
 class Rejection(SQLModel, table=True):

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from taskproxy.storage import bulk, rollup
 from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem
 
 
@@ -122,16 +123,17 @@ def write_batch(
     new_items: Iterable[dict],
     audit: list[dict] = (),  # type: ignore[assignment]
 ) -> None:
-    """Commit one batch atomically. Re-writing a batch (a replay) changes nothing: ids are primary keys."""
+    """Commit one batch atomically. Re-writing a batch (a replay) changes nothing: ids are primary keys,
+    and the rollup counts only the events this insert wrote (RETURNING names them)."""
     dialect = engine.dialect.name
-    items = list(new_items)
+    items = sorted(new_items, key=lambda item: item["id"])  # replicas registering the same items lock them in one order
     with engine.begin() as connection:
         if audit:
             connection.execute(insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
         if items:
             connection.execute(insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
         if events:
-            connection.execute(insert_ignoring_duplicates(dialect, UsageEvent.__table__), events)
+            rollup.add(connection, bulk.insert_new(connection, UsageEvent.__table__, events))
         if rejections:
             connection.execute(insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
 

@@ -1,0 +1,326 @@
+"""The usage rollups (`usage_daily`, `usage_hourly`; see models._UsageSums): usage_events summed per UTC
+day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions.
+
+They are exact, never an estimate:
+
+- The writer adds to them in the transaction that inserts the events (`add`), counting only the
+  events that insert actually wrote: a replayed batch, whose ids exist already, adds nothing.
+- Deltas are upserted in key order (hourly rows, then daily rows), so two replicas writing the same
+  rows lock them in the same order and cannot deadlock.
+- A reader asking about [since, until) takes the whole days inside it from `usage_daily`, the whole
+  hours left at its ends from `usage_hourly` and the partial hours at its edges from the raw events
+  (`Period`, `totals`): any boundary, to the microsecond, gives the figures a scan of the raw events
+  would, while at most 46 hourly buckets and two partial hours are read below the days.
+- `backfill` builds them from the raw events (migration 0002, a database adopted from before
+  migrations, the scale benchmark).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+import operator
+from typing import Any, NamedTuple
+
+from sqlalchemy import Table, and_, case, func, insert, literal_column, or_, select, true
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+
+from taskproxy.storage import bulk
+from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly
+
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
+EVENTS = UsageEvent.__table__
+_E = EVENTS.c
+COUNTS = (
+    "events", "ok_events", "requests", "first_attempts", "prompt_tokens", "completion_tokens", "total_tokens",
+    "cached_tokens", "reasoning_tokens", "unpriced_events",
+)  # fmt: skip
+TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One rollup table: its bucket (a UTC day or hour) and its key columns (`bucket` first)."""
+
+    unit: str  # 'day' | 'hour' (also the unit's name in SQL)
+    table: Table
+    key: tuple[str, ...]
+
+    @property
+    def size(self) -> timedelta:
+        return timedelta(days=1) if self.unit == "day" else timedelta(hours=1)
+
+    def floor(self, ts: datetime) -> datetime:
+        hour = ts.replace(minute=0, second=0, microsecond=0)
+        return hour.replace(hour=0) if self.unit == "day" else hour
+
+    def ceil(self, ts: datetime) -> datetime:
+        start = self.floor(ts)
+        return start if start == ts else start + self.size
+
+    def floor_sql(self, column: Any, dialect: str) -> ColumnElement:
+        """The bucket of a timestamp column, in the form the column stores (constants inlined: the same
+        expression appears in SELECT and GROUP BY)."""
+        if dialect == "postgresql":
+            return func.date_trunc(literal_column(f"'{self.unit}'"), column)
+        # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff'.
+        length, rest = (10, "' 00:00:00.000000'") if self.unit == "day" else (13, "':00:00.000000'")
+        return func.substr(column, literal_column("1"), literal_column(str(length))).concat(literal_column(rest))
+
+    def next_sql(self, column: Any, dialect: str) -> ColumnElement:
+        """The start of the bucket after the one a timestamp column falls in."""
+        if dialect == "postgresql":
+            return self.floor_sql(column, dialect) + literal_column(f"interval '1 {self.unit}'")
+        form = "'%Y-%m-%d 00:00:00.000000'" if self.unit == "day" else "'%Y-%m-%d %H:00:00.000000'"
+        return func.strftime(literal_column(form), column, literal_column(f"'+1 {self.unit}'"))
+
+
+DAILY = Level("day", UsageDaily.__table__, ("bucket", "work_item", "team", "model", "owner"))
+HOURLY = Level("hour", UsageHourly.__table__, ("bucket", "work_item", "team", "model"))
+LEVELS = (DAILY, HOURLY)  # coarsest first
+
+
+# -- the write path -------------------------------------------------------------------------------
+
+
+def _accumulate(sums: dict[tuple, list], key: tuple, counts: tuple[int, ...], cost: float | None, ts: datetime) -> None:
+    row = sums.get(key)
+    if row is None:
+        sums[key] = [counts, cost, ts, ts]
+        return
+    row[0] = tuple(map(operator.add, row[0], counts))
+    if cost is not None:
+        row[1] = cost if row[1] is None else row[1] + cost
+    if ts < row[2]:
+        row[2] = ts
+    elif ts > row[3]:
+        row[3] = ts
+
+
+def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
+    """What `events` (rows as inserted into usage_events) add to each rollup: one row per key, in key order."""
+    hourly: dict[tuple, list] = {}
+    daily: dict[tuple, list] = {}
+    for event in events:
+        ts = event["ts"]
+        hour = ts.replace(minute=0, second=0, microsecond=0)
+        first = event.get("attempt", 1) == 1
+        cost = event["cost_usd"]
+        counts = (
+            1, 1 if event["status"] < 400 else 0, 1 if first and event["route"] != COUNT_TOKENS_ROUTE else 0, 1 if first else 0,
+            event.get("prompt_tokens", 0), event.get("completion_tokens", 0), event.get("total_tokens", 0),
+            event.get("cached_tokens", 0), event.get("reasoning_tokens", 0), 1 if cost is None else 0,
+        )  # fmt: skip  (in the order of COUNTS)
+        item, team, model = event["work_item"], event["team"] or "", event["model"]
+        _accumulate(hourly, (hour, item, team, model), counts, cost, ts)
+        _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
+    found = {}
+    for level, sums in ((HOURLY, hourly), (DAILY, daily)):
+        columns = (*level.key, *COUNTS, "cost_usd", "first_ts", "last_ts")
+        found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
+    return found
+
+
+def add(connection: Connection, events: Iterable[dict]) -> None:
+    """Add `events` (rows the caller has just inserted, in this transaction) to the rollups."""
+    least, greatest = ("least", "greatest") if connection.dialect.name == "postgresql" else ("min", "max")  # SQLite's of two values
+    for level, rows in deltas(events).items():  # hourly, then daily, each in key order: concurrent writers lock alike
+        name = level.table.name
+        updates = {column: f"{name}.{column} + excluded.{column}" for column in COUNTS}
+        updates["cost_usd"] = (
+            f"CASE WHEN excluded.cost_usd IS NULL THEN {name}.cost_usd ELSE COALESCE({name}.cost_usd, 0) + excluded.cost_usd END"
+        )
+        updates["first_ts"] = f"{least}({name}.first_ts, excluded.first_ts)"
+        updates["last_ts"] = f"{greatest}({name}.last_ts, excluded.last_ts)"
+        bulk.upsert(connection, level.table, rows, level.key, updates)
+
+
+def backfill(connection: Connection) -> None:
+    """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each."""
+    aggregates = _aggregates()
+    for level in LEVELS:
+        keys = [level.floor_sql(_E.ts, connection.dialect.name), _E.work_item, func.coalesce(_E.team, literal_column("''")), _E.model]
+        if "owner" in level.key:
+            keys.append(_E.owner)
+        query = select(*keys, *(aggregates[name].raw for name in _STORED)).group_by(*keys)
+        connection.execute(insert(level.table).from_select([*level.key, *_STORED.values()], query))
+
+
+# -- reading: whole days and hours from the rollups, the edges from the raw events -----------------
+
+Range = tuple[datetime | None, datetime | None]  # [low, high); None: unbounded
+
+
+def within(column: Any, low: datetime | None, high: datetime | None) -> list[Any]:
+    """Conditions for low <= column < high (None: unbounded)."""
+    clauses = [] if low is None else [column >= low]
+    return clauses if high is None else [*clauses, column < high]
+
+
+def any_within(column: Any, ranges: Sequence[Range]) -> ColumnElement:
+    return or_(*(and_(true(), *within(column, low, high)) for low, high in ranges))
+
+
+def _cover(low: datetime | None, high: datetime | None, depth: int) -> list[tuple[Level | None, datetime | None, datetime | None]]:
+    if low is not None and high is not None and low >= high:
+        return []
+    if depth == len(LEVELS):
+        return [(None, low, high)]
+    level = LEVELS[depth]
+    start = None if low is None else level.ceil(low)
+    end = None if high is None else level.floor(high)
+    if start is not None and end is not None and start >= end:
+        return _cover(low, high, depth + 1)  # no whole bucket of this size inside
+    left = [] if low is None else _cover(low, start, depth + 1)
+    right = [] if high is None else _cover(end, high, depth + 1)
+    return [*left, (level, start, end), *right]
+
+
+@dataclass(frozen=True)
+class Period:
+    """[since, until), either end open, as the ranges each source answers for: whole days (`DAILY`), the
+    whole hours left at the ends (`HOURLY`) and the partial hours at the edges (None: raw events)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def ranges(self, level: Level | None) -> list[Range]:
+        return [(low, high) for part, low, high in _cover(self.since, self.until, 0) if part is level]
+
+    def sources(self) -> list[tuple[Level | None, list[Range]]]:
+        return [(level, found) for level in (*LEVELS, None) if (found := self.ranges(level))]
+
+
+ALL_TIME = Period()
+
+
+def _add(a: Any, b: Any) -> Any:
+    return (a or 0) + (b or 0)
+
+
+def _add_known(a: float | None, b: float | None) -> float | None:
+    """Sum of known prices: NULL only when neither side knew one, as SUM() over the raw rows."""
+    return b if a is None else a if b is None else a + b
+
+
+def _least(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _greatest(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else max(a, b)
+
+
+class _Aggregate(NamedTuple):
+    raw: Any  # over usage_events
+    rollup: Callable[[Any], Any]  # the same over a rollup table's columns
+    combine: Callable[[Any, Any], Any]  # two partial results into one
+
+
+def _sum_of(column: str) -> Callable[[Any], Any]:
+    return lambda c: func.sum(c[column])
+
+
+def _aggregates() -> dict[str, _Aggregate]:
+    first = _E.attempt == 1
+    found = {
+        "attempts": _Aggregate(func.count(), _sum_of("events"), _add),
+        "ok": _Aggregate(func.sum(case((_E.status < 400, 1), else_=0)), _sum_of("ok_events"), _add),
+        # One client request = one first attempt; fallback attempts are events but not more requests, and
+        # token counting (Claude Code calls count_tokens often) generates nothing.
+        "requests": _Aggregate(func.sum(case((first & (_E.route != COUNT_TOKENS_ROUTE), 1), else_=0)), _sum_of("requests"), _add),
+        "first_attempts": _Aggregate(func.sum(case((first, 1), else_=0)), _sum_of("first_attempts"), _add),
+    }
+    for name in TOKENS:
+        found[name] = _Aggregate(func.sum(_E[name]), _sum_of(name), _add)
+    found["cost_usd"] = _Aggregate(func.sum(_E.cost_usd), _sum_of("cost_usd"), _add_known)  # NULL when no price is known
+    found["unpriced"] = _Aggregate(func.sum(case((_E.cost_usd.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
+    found["first_used"] = _Aggregate(func.min(_E.ts), lambda c: func.min(c.first_ts), _least)
+    found["last_used"] = _Aggregate(func.max(_E.ts), lambda c: func.max(c.last_ts), _greatest)
+    return found
+
+
+# aggregate name -> rollup column, for the backfill
+_STORED = {
+    "attempts": "events", "ok": "ok_events", "requests": "requests", "first_attempts": "first_attempts",
+    **{name: name for name in TOKENS}, "cost_usd": "cost_usd", "unpriced": "unpriced_events",
+    "first_used": "first_ts", "last_used": "last_ts",
+}  # fmt: skip
+FIELDS = tuple(_STORED)
+
+
+def raw_columns(fields: Sequence[str]) -> list[Any]:
+    """The named aggregates over usage_events, labelled (for queries the rollups cannot answer, e.g. per key)."""
+    aggregates = _aggregates()
+    return [aggregates[name].raw.label(name) for name in fields]
+
+
+def totals(
+    connection: Connection,
+    *,
+    by: Sequence[str] = (),
+    period: Period = ALL_TIME,
+    fields: Sequence[str] = FIELDS,
+    where: Callable[[Any], list[Any]] = lambda columns: [],
+) -> dict[tuple, dict[str, Any]]:
+    """The named aggregates of the events in `period`, per group: {group values: {field: value}}.
+
+    `by` names columns every source has (work_item, team, model) or "day" (the UTC date); `where` is
+    given each source's columns (`.c`) and returns conditions on them. A team is None for events
+    without one, from any source. Groups with no event are absent.
+    """
+    aggregates = _aggregates()
+    found: dict[tuple, dict[str, Any]] = {}
+    for level, ranges in period.sources():
+        table = EVENTS if level is None else level.table
+        stamp = table.c.ts if level is None else table.c.bucket
+        groups = [func.date(stamp) if name == "day" else table.c[name] for name in by]
+        columns = [(aggregates[name].raw if level is None else aggregates[name].rollup(table.c)).label(name) for name in fields]
+        query = select(*groups, *columns).where(any_within(stamp, ranges), *where(table.c))
+        for row in connection.execute(query.group_by(*groups) if groups else query):
+            values = row._mapping
+            if not by and not any(values[name] for name in fields):
+                continue  # an aggregate over no row at all
+            key = tuple(None if name == "team" and row[i] == "" else row[i] for i, name in enumerate(by))
+            numbers = {name: values[name] for name in fields}
+            previous = found.get(key)
+            found[key] = numbers if previous is None else {n: aggregates[n].combine(previous[n], numbers[n]) for n in fields}
+    return found
+
+
+def cost_after(connection: Connection, period: Period, items: Table, moment: Any, condition: Any) -> dict[str, float]:
+    """Per item of `items` (id column `id`) meeting `condition`: the known cost of its events in `period`
+    later than `moment` (a column of `items`).
+
+    A bucket that starts after the moment holds only later events; the bucket containing the moment
+    is read at the next finer level (the hours of that day after it), down to the raw events of the
+    hour containing it (one range of the (work_item, ts) index per item, as a correlated subquery).
+    """
+    dialect = connection.dialect.name
+    queries = []
+    for level, ranges in period.sources():
+        if level is None:
+            joined = EVENTS.join(items, items.c.id == _E.work_item)
+            later = [condition, any_within(_E.ts, ranges), _E.ts > moment]
+            queries.append(select(_E.work_item, func.sum(_E.cost_usd)).select_from(joined).where(*later).group_by(_E.work_item))
+            continue
+        c = level.table.c
+        joined = level.table.join(items, items.c.id == c.work_item)
+        later = [condition, any_within(c.bucket, ranges), c.bucket > moment]
+        queries.append(select(c.work_item, func.sum(c.cost_usd)).select_from(joined).where(*later).group_by(c.work_item))
+        end = level.next_sql(moment, dialect)  # the end of the moment's bucket, then of its finer buckets
+        for finer in LEVELS[LEVELS.index(level) + 1 :]:
+            f = finer.table.c
+            cost = select(func.sum(f.cost_usd)).where(f.work_item == items.c.id, f.bucket > moment, f.bucket < end).scalar_subquery()
+            queries.append(select(items.c.id, cost).where(condition, any_within(moment, ranges)))
+            end = finer.next_sql(moment, dialect)
+        cost = select(func.sum(_E.cost_usd)).where(_E.work_item == items.c.id, _E.ts > moment, _E.ts < end).scalar_subquery()
+        queries.append(select(items.c.id, cost).where(condition, any_within(moment, ranges)))
+    spend: dict[str, float] = {}
+    for query in queries:
+        for item, cost in connection.execute(query):
+            if cost:
+                spend[item] = spend.get(item, 0.0) + float(cost)
+    return spend

@@ -1,0 +1,269 @@
+"""The usage rollups (storage/rollup.py) against the raw events they sum, on SQLite and PostgreSQL.
+
+The expected figures are computed here in plain Python from the rows of usage_events (or, for the
+spend after completion, by the raw-events query the report used before the rollup existed), never
+with the rollup module's helpers.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import and_, case, func, insert, select
+from sqlalchemy.engine import Engine
+
+from conftest import BOTH_DATABASES
+from taskproxy import registry
+from taskproxy.reports import adoption_data
+from taskproxy.reports.usage import usage_grouped
+from taskproxy.storage import repo, rollup
+from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
+from taskproxy.storage.models import UsageEvent, WorkItem
+from taskproxy.storage.writer import BatchWriter, Record
+from taskproxy.timeutil import iso
+
+T0 = datetime(2026, 3, 2, 8)
+COUNT_TOKENS = "/v1/messages/count_tokens"
+
+
+@dataclass
+class Row:
+    """A recorded event as the writer takes it (anything with to_record())."""
+
+    row: dict
+
+    def to_record(self) -> Record:
+        return Record("event", self.row)
+
+
+def event(rng: random.Random, ts: datetime, **fields: Any) -> dict:
+    prompt, completion = rng.randint(0, 3000), rng.randint(0, 900)
+    model = rng.choice(["gpt-4o-mini", "claude-sonnet", "local-llama"])
+    row = {
+        "id": uuid.uuid4().hex, "ts": ts, "key_id": f"k{rng.randrange(6)}", "owner": f"p{rng.randrange(6)}",
+        "team": rng.choice([None, "web", "data"]), "work_item": rng.choice(["A-1", "A-2", "B-7", "acme/web#3"]),
+        "attribution_source": "header", "route": rng.choice(["/v1/chat/completions"] * 4 + [COUNT_TOKENS]),
+        "model": model, "upstream_model": model, "provider": "openai", "status": rng.choice([200] * 8 + [429, 500]),
+        "error": None, "attempt": rng.choice([1, 1, 1, 2]), "stream": rng.random() < 0.5, "prompt_tokens": prompt,
+        "completion_tokens": completion, "total_tokens": prompt + completion, "cached_tokens": rng.randint(0, 50),
+        "cache_write_tokens": 0, "reasoning_tokens": rng.randint(0, 30), "est_prompt_tokens": prompt, "usage_source": "provider",
+        "cost_usd": None if model == "local-llama" else rng.choice([0.0, prompt * 3e-6 + completion * 1.5e-5]),
+        "latency_ms": 12.5, "ttfb_ms": None, "prompt_hash": None, "user_agent": "test", "prompt_text": None, "completion_text": None,
+    }  # fmt: skip
+    return {**row, **fields}
+
+
+def events(rng: random.Random, count: int) -> list[dict]:
+    """Over three days, some on exact hours and some a microsecond either side of one."""
+    found = []
+    for _ in range(count):
+        ts = T0 + timedelta(seconds=rng.randint(0, 3 * 86400), microseconds=rng.choice([0, rng.randrange(10**6)]))
+        if rng.random() < 0.1:
+            ts = ts.replace(minute=0, second=0, microsecond=0) + rng.choice([timedelta(0), timedelta(microseconds=-1), timedelta(microseconds=1)])
+        found.append(event(rng, ts))
+    return found
+
+
+def raw_rows(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return connection.execute(select(UsageEvent.__table__)).all()
+
+
+def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
+    """What a rollup must hold, summed here in Python from the raw rows (the daily one per person too)."""
+    found: dict[tuple, dict[str, Any]] = {}
+    for e in rows:
+        hour = e.ts.replace(minute=0, second=0, microsecond=0)
+        key: tuple = (hour.replace(hour=0) if unit == "day" else hour, e.work_item, e.team or "", e.model)
+        if unit == "day":
+            key += (e.owner,)
+        s = found.setdefault(key, defaultdict(int, cost_usd=None, first_ts=e.ts, last_ts=e.ts))
+        s["events"] += 1
+        s["ok_events"] += e.status < 400
+        s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
+        s["first_attempts"] += e.attempt == 1
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"):
+            s[name] += getattr(e, name)
+        s["unpriced_events"] += e.cost_usd is None
+        if e.cost_usd is not None:
+            s["cost_usd"] = (s["cost_usd"] or 0.0) + e.cost_usd
+        s["first_ts"], s["last_ts"] = min(s["first_ts"], e.ts), max(s["last_ts"], e.ts)
+    return {k: dict(v) for k, v in found.items()}
+
+
+def stored(engine: Engine, level: rollup.Level) -> dict[tuple, dict[str, Any]]:
+    with engine.connect() as connection:
+        rows = connection.execute(select(level.table)).all()
+    return {tuple(r._mapping[k] for k in level.key): {k: v for k, v in r._mapping.items() if k not in level.key} for r in rows}
+
+
+def assert_rollups_match(engine: Engine) -> None:
+    rows = raw_rows(engine)
+    for level in rollup.LEVELS:
+        expected, actual = group_by(rows, level.unit), stored(engine, level)
+        assert set(actual) == set(expected), level.unit
+        for key, sums in expected.items():
+            cost = None if sums["cost_usd"] is None else pytest.approx(sums["cost_usd"], rel=1e-12)
+            assert actual[key] == {**sums, "cost_usd": cost}, (level.unit, key)
+
+
+@BOTH_DATABASES
+def test_the_rollup_is_the_raw_events_grouped_after_writes_and_replays(database_url: str, tmp_path: Path) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    rng = random.Random(11)
+    first = events(rng, 1500)
+    writer = BatchWriter(engine, flush_interval=0.02, batch_size=97, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    for row in first:
+        writer.submit(Row(row))
+    writer.close()
+    assert writer.committed == len(first)
+    assert_rollups_match(engine)
+    before = [stored(engine, level) for level in rollup.LEVELS]
+
+    # A replayed batch (the spool writes a batch again after an ambiguous failure) adds nothing ...
+    repo.write_batch(engine, events=first[:300], rejections=[], new_items=[])
+    assert [stored(engine, level) for level in rollup.LEVELS] == before
+    # ... and one that mixes written and new events, one of them twice, adds the new ones once.
+    fresh = events(rng, 40)
+    repo.write_batch(engine, events=first[300:340] + fresh + [fresh[0]], rejections=[], new_items=[])
+    assert len(raw_rows(engine)) == len(first) + len(fresh)
+    assert_rollups_match(engine)
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_the_migration_fills_the_rollup_from_the_events_already_recorded(database_url: str) -> None:
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")  # a database of the version before the rollup ...
+        connection.execute(insert(UsageEvent.__table__), events(random.Random(5), 800))  # ... with usage in it
+    assert upgrade_schema(engine) == ("0001", "0002")
+    assert_rollups_match(engine)
+    engine.dispose()
+
+
+def test_a_database_from_before_migrations_gets_its_rollup_filled(tmp_path: Path) -> None:
+    import sqlite3
+
+    database = tmp_path / "old.db"
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade_schema(engine)
+    repo.write_batch(engine, events=events(random.Random(3), 300), rejections=[], new_items=[])
+    engine.dispose()
+    with sqlite3.connect(database) as old:  # as a build from before migrations (and the rollup) left it
+        old.execute("DROP TABLE alembic_version")
+        old.execute("DROP TABLE usage_daily")
+        old.execute("DROP TABLE usage_hourly")
+    engine = make_engine(f"sqlite:///{database}")
+    upgrade_schema(engine)
+    assert_rollups_match(engine)
+    engine.dispose()
+
+
+def raw_totals(rows: list[Any], since: datetime | None, until: datetime | None, by: str) -> dict[Any, dict[str, Any]]:
+    found: dict[Any, dict[str, Any]] = {}
+    for e in rows:
+        if (since is not None and e.ts < since) or (until is not None and e.ts >= until):
+            continue
+        s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_usd": None, "unpriced": 0, "first_used": e.ts, "last_used": e.ts})
+        s["attempts"] += 1
+        s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
+        s["total_tokens"] += e.total_tokens
+        s["unpriced"] += e.cost_usd is None
+        s["cost_usd"] = s["cost_usd"] if e.cost_usd is None else (s["cost_usd"] or 0.0) + e.cost_usd
+        s["first_used"], s["last_used"] = min(s["first_used"], e.ts), max(s["last_used"], e.ts)
+    return found
+
+
+def boundaries(rng: random.Random) -> list[tuple[datetime | None, datetime | None]]:
+    hour = timedelta(hours=1)
+    found: list[tuple[datetime | None, datetime | None]] = [
+        (None, None), (T0, None), (None, T0 + 30 * hour), (T0 + 5 * hour, T0 + 6 * hour),  # open ends, one whole hour
+        (T0 + 5 * hour + timedelta(minutes=10), T0 + 5 * hour + timedelta(minutes=50)),  # inside one hour
+        (T0 + 5 * hour + timedelta(minutes=10), T0 + 6 * hour + timedelta(minutes=5)),  # two partial hours, no whole one
+    ]  # fmt: skip
+    for _ in range(12):
+        since = T0 + timedelta(seconds=rng.randint(-3600, 3 * 86400), microseconds=rng.randrange(10**6))
+        found.append((since, since + timedelta(seconds=rng.randint(1, 2 * 86400), microseconds=rng.randrange(10**6))))
+    return found
+
+
+@BOTH_DATABASES
+def test_period_totals_equal_a_scan_of_the_raw_events_at_any_boundary(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    rng = random.Random(23)
+    repo.write_batch(engine, events=events(rng, 2000), rejections=[], new_items=[])
+    rows = raw_rows(engine)
+    for since, until in boundaries(rng):
+        for by in ("work_item", "team", "model"):
+            expected = raw_totals(rows, since, until, by)
+            actual = {row[by]: row for row in usage_grouped(engine, by, since, until)}  # type: ignore[arg-type]
+            assert set(actual) == set(expected), (since, until, by)
+            for key, figures in expected.items():
+                got = actual[key]
+                assert (got["attempts"], got["requests"], got["total_tokens"], got["unpriced_requests"]) == (
+                    figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced"]
+                ), (since, until, key)  # fmt: skip
+                assert got["cost_usd"] == (None if figures["cost_usd"] is None else pytest.approx(round(figures["cost_usd"], 8), abs=2e-8))
+                assert (got["first_used"], got["last_used"]) == (iso(figures["first_used"]), iso(figures["last_used"]))
+    engine.dispose()
+
+
+def spend_after_completion_by_raw_scan(engine: Engine, since: datetime, until: datetime) -> dict[str, float]:
+    """The report's query before the rollup: events in the period later than a done/closed item's completed_at."""
+    e, w = UsageEvent.__table__.c, WorkItem.__table__.c
+    after = and_(w.status.in_(("done", "closed")), e.ts > w.completed_at)
+    query = (
+        select(e.work_item, func.sum(case((after, e.cost_usd), else_=None)))
+        .select_from(UsageEvent.__table__.join(WorkItem.__table__, w.id == e.work_item))
+        .where(e.ts >= since, e.ts < until)
+        .group_by(e.work_item)
+    )
+    with engine.connect() as connection:
+        return {item: float(cost) for item, cost in connection.execute(query) if cost}
+
+
+@BOTH_DATABASES
+def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    rng = random.Random(31)
+    completed = {  # done or closed in the middle of an hour, at midnight, and a microsecond after an hour
+        "A-1": T0 + timedelta(hours=30, minutes=25, seconds=7), "A-2": T0 + timedelta(hours=16),
+        "B-7": T0 + timedelta(hours=44, microseconds=1),
+    }  # fmt: skip
+    rows = events(rng, 1500)
+    for item, at in completed.items():  # events around the moment of completion, and on it
+        rows += [event(rng, at + timedelta(seconds=s), work_item=item, cost_usd=0.01 * (n + 1)) for n, s in enumerate((-1, 0, 1, 59, 1800, -1800))]
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    for item, at in completed.items():
+        registry.transition(engine, item, "open", source="api", at=T0 - timedelta(days=1), created_at=T0 - timedelta(days=1))
+        registry.transition(engine, item, "done" if item != "A-2" else "closed", source="api", at=at)
+    registry.transition(engine, "acme/web#3", "in_progress", source="api", at=T0)  # registered, never completed
+    hour = timedelta(hours=1)
+    periods = [(T0 - hour, T0 + 4 * 24 * hour), (T0 + 30 * hour + timedelta(minutes=26), T0 + 50 * hour)] + [
+        (since, until) for since, until in boundaries(rng) if since is not None and until is not None
+    ]  # fmt: skip
+    for since, until in periods:
+        with engine.connect() as connection:
+            items = adoption_data.load_items(connection)
+            adoption_data.load_period_spend(connection, items, since, until)
+        actual = {i.id: i.spend_after_completion for i in items.values() if i.spend_after_completion}
+        expected = spend_after_completion_by_raw_scan(engine, since, until)
+        assert actual == pytest.approx(expected, rel=1e-12), (since, until)
+    engine.dispose()
