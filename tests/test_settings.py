@@ -157,3 +157,19 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
     with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
     assert differences == [], "models changed without a migration: add one under storage/migrations/versions"
+
+
+def test_the_revisions_read_without_alembic_are_alembics(tmp_path: Path) -> None:
+    """Start-up reads the head and the database's revision without importing alembic (10 MiB)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from taskproxy.storage.db import _alembic, current_revision, head_revision, make_engine, upgrade_schema
+
+    assert head_revision() == ScriptDirectory.from_config(_alembic(None)).get_current_head()
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    with engine.connect() as connection:
+        assert current_revision(connection) is None == MigrationContext.configure(connection).get_current_revision()
+    upgrade_schema(engine)
+    with engine.connect() as connection:
+        assert current_revision(connection) == MigrationContext.configure(connection).get_current_revision() == head_revision()
