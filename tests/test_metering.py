@@ -126,3 +126,17 @@ def test_cache_reads_and_writes_are_priced_at_their_own_rates() -> None:
     assert price.cost(prompt_tokens=130, completion_tokens=42, cached_tokens=100, cache_write_tokens=20) == pytest.approx(
         10 * 3e-6 + 100 * 0.3e-6 + 20 * 3.75e-6 + 42 * 15e-6
     )
+
+
+def test_remembered_token_counts_are_the_counts_and_stay_bounded() -> None:
+    from taskproxy.metering import tokens
+
+    counter = tokens.TokenCounter()
+    encoding = counter._encoding("o200k_base")
+    texts = [f"Refactor the payment module, step {n}: keep the retries idempotent." for n in range(50)]
+    for text in texts + texts:  # the second pass is answered from memory
+        assert counter.count("gpt-4o", text) == len(encoding.encode_ordinary(text))
+    assert len(counter._counts) == 50
+    for n in range(tokens.REMEMBERED_COUNTS + 10):
+        counter.count("gpt-4o", f"text {n}")
+    assert len(counter._counts) <= tokens.REMEMBERED_COUNTS

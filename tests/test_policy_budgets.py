@@ -41,7 +41,12 @@ async def test_known_mode_refuses_unregistered_items_until_they_are_registered(t
         register_work_item(proxy.app.state.services.engine, proxy.app.state.services.attribution.ids, {"id": "PAY-2"}, source="cli")
         await asyncio.sleep(0.3)
         assert (await _ask(proxy, key, "PAY-2")).status_code == 200
-        report = await proxy.get("/api/reports/tasks")
+        # Recorded in the background: within the writer's interval, or once tiktoken's encoding is loaded.
+        for _ in range(100):
+            report = await proxy.get("/api/reports/tasks")
+            if report["rejected_requests"]:
+                break
+            await asyncio.sleep(0.05)
         assert report["rejected_requests"] == {"work_item_unknown": 1}
 
 

@@ -170,3 +170,20 @@ def test_a_live_process_spool_is_never_taken_over(tmp_path: Path) -> None:
     assert other.pending()
     assert other.replay(written.append, lambda exc: False) and written == [{"events": [], "rejections": [], "items": []}]
     assert not other.pending() and list(tmp_path.glob("spool.*")) == []
+
+
+def test_a_backlog_is_reported_to_the_request_path_and_written_without_waiting_out_the_interval(tmp_path: Path) -> None:
+    db = FlakyDatabase(tmp_path / "t.db")
+    writer = BatchWriter(db.engine, flush_interval=1.0, batch_size=20, spool_path=tmp_path / "spool.jsonl")
+    items = rejections(20 * 10 + 1)  # more than BACKLOG_BATCHES full batches, before the thread runs
+    for item in items:
+        writer.submit(item)
+    assert writer.backlogged  # the request path now slows down (routes/pipeline.py)
+    writer.start()
+    try:
+        # A full batch waiting is written at once: draining 11 batches does not take 11 intervals.
+        assert writer.flush(timeout=5.0)
+        assert not writer.backlogged and writer.queue_depth == 0
+    finally:
+        writer.close()
+    assert sorted(db.rejection_ids()) == sorted(i.id for i in items)

@@ -22,6 +22,7 @@ _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", 
 TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|>
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
+REMEMBERED_COUNTS = 8192  # texts whose token count is kept (a few hundred KiB); forgotten all at once when full
 
 
 class EncodingsUnavailable(RuntimeError):
@@ -67,6 +68,7 @@ class TokenCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._encodings: dict[str, Any] = {}
+        self._counts: dict[tuple[str, int, int], int] = {}
 
     def _encoding(self, name: str) -> Any:
         encoding = self._encodings.get(name)
@@ -90,9 +92,21 @@ class TokenCounter:
             self._encoding(name)
 
     def count(self, model: str, text: str) -> int:
+        """Tokens of `text`. Counts are remembered: agents resend the same system prompt and history
+        with every request, and each tiktoken call releases and retakes the GIL, which under load
+        waits behind the event loop (measured: the recording thread fell behind at ~1,700 req/s)."""
         if not text:
             return 0
-        return len(self._encoding(encoding_name_for(model)).encode_ordinary(text))
+        name = encoding_name_for(model)
+        # The text itself is not kept: its length and (per-process randomized) hash identify it.
+        key = (name, len(text), hash(text))
+        tokens = self._counts.get(key)
+        if tokens is None:
+            tokens = len(self._encoding(name).encode_ordinary(text))
+            if len(self._counts) >= REMEMBERED_COUNTS:
+                self._counts.clear()
+            self._counts[key] = tokens
+        return tokens
 
     def count_chat(self, model: str, messages: Iterable[Any], tools: Any = None) -> int:
         """Prompt tokens of a chat request by OpenAI's per-message rules."""

@@ -8,6 +8,7 @@ is recorded as one usage event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -102,7 +103,21 @@ def _model_of(body: dict, svc: Services, endpoint: Endpoint) -> ModelSettings:
     return model
 
 
+BACKPRESSURE_MAX_SECONDS = 1.0
+
+
+async def _wait_for_the_writer(svc: Services) -> None:
+    """Under overload the recording thread can fall behind the requests (it shares the GIL with the
+    event loop). New requests then wait, briefly, so that it catches up: recording stays complete and
+    memory bounded, at the cost of throughput. Bounded: a stuck writer never stops the proxy."""
+    deadline = time.perf_counter() + BACKPRESSURE_MAX_SECONDS
+    while svc.writer.backlogged and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+
+
 async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted:
+    if svc.writer.backlogged:
+        await _wait_for_the_writer(svc)
     started, ts = time.perf_counter(), utcnow()
     principal: Principal | None = None
     try:

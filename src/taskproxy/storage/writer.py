@@ -30,6 +30,7 @@ log = logging.getLogger("taskproxy.writer")
 
 _DATETIME_FIELDS = {"ts", "created_at", "completed_at"}
 REPLAY_INTERVAL_SECONDS = 1.0
+BACKLOG_BATCHES = 10
 
 
 @dataclass
@@ -127,10 +128,18 @@ class BatchWriter:
 
     def submit(self, item: Recordable) -> None:
         self._queue.put(item)
+        if self._queue.qsize() == self._batch_size:  # a full batch: write it now, not at the interval
+            self._urgent.set()
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def backlogged(self) -> bool:
+        """More than `BACKLOG_BATCHES` full batches wait: the request path should slow down (it would
+        otherwise queue records faster than they are written, and memory would grow without end)."""
+        return self._queue.qsize() > self._batch_size * BACKLOG_BATCHES
 
     @property
     def alive(self) -> bool:
@@ -188,8 +197,8 @@ class BatchWriter:
             first = self._queue.get(timeout=self._flush_interval)
         except queue.Empty:
             return batch, markers, False
-        if first is not _STOP and not isinstance(first, _Marker):
-            self._urgent.wait(self._flush_interval)
+        if first is not _STOP and not isinstance(first, _Marker) and self._queue.qsize() < self._batch_size:
+            self._urgent.wait(self._flush_interval)  # with a backlog (a full batch waiting), no pause
         self._urgent.clear()
         item: object = first
         while True:
