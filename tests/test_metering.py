@@ -140,3 +140,17 @@ def test_remembered_token_counts_are_the_counts_and_stay_bounded() -> None:
     for n in range(tokens.REMEMBERED_COUNTS + 10):
         counter.count("gpt-4o", f"text {n}")
     assert len(counter._counts) <= tokens.REMEMBERED_COUNTS
+
+
+def test_price_entries_read_one_by_one_equal_the_whole_tables() -> None:
+    from taskproxy.metering.pricing import _bundled_price_file, table_entries
+
+    path = _bundled_price_file()
+    assert path is not None, "litellm's price table is part of the install"
+    raw = path.read_bytes()
+    table = orjson.loads(raw)
+    names = [name for name, entry in table.items() if isinstance(entry, dict)][::7] + ["gpt-4o-mini", "claude-sonnet-4-5", "no-such-model"]
+    entries = table_entries(raw, names)
+    assert "no-such-model" not in entries
+    assert entries == {name: table[name] for name in names if name in table and name in entries}
+    assert len(entries) >= len(names) - 3  # every real model found (a name absent from the table is not)

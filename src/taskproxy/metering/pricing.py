@@ -4,6 +4,7 @@ imported), with per-model overrides from config. An unknown price is None, never
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,58 @@ class Price:
         return (prompt_tokens - cached - written) * self.input + cached * cached_rate + written * write_rate + completion_tokens * self.output
 
 
-def bundled_price_table() -> dict:
+def _bundled_price_file() -> Path | None:
     spec = importlib.util.find_spec("litellm")
     if spec is None or spec.origin is None:
-        return {}
+        return None
     path = Path(spec.origin).parent / PRICE_TABLE_FILE
-    return orjson.loads(path.read_bytes()) if path.exists() else {}
+    return path if path.exists() else None
+
+
+def bundled_price_table() -> dict:
+    path = _bundled_price_file()
+    return orjson.loads(path.read_bytes()) if path else {}
+
+
+def _object_end(raw: bytes, start: int) -> int:
+    """The index after the JSON object that opens at `raw[start]` (strings and escapes respected)."""
+    depth, in_string, escaped = 0, False, False
+    for index in range(start, len(raw)):
+        byte = raw[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte == 0x7B:  # {
+            depth += 1
+        elif byte == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    raise ValueError("unterminated JSON object")
+
+
+def table_entries(raw: bytes, names: Iterable[str]) -> dict[str, dict]:
+    """The price table's entries for `names`, each parsed on its own. Parsing the whole table
+    (~2,500 models) to keep a handful left ~5 MiB of fragmented memory in the server for good."""
+    found: dict[str, dict] = {}
+    for name in set(names):
+        key = re.compile(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*\{')
+        for match in key.finditer(raw):
+            start = match.end() - 1
+            try:
+                entry = orjson.loads(raw[start : _object_end(raw, start)])
+            except (ValueError, orjson.JSONDecodeError):
+                continue
+            if isinstance(entry, dict) and ("input_cost_per_token" in entry or "litellm_provider" in entry):
+                found[name] = entry
+                break
+    return found
 
 
 def _optional(entry: dict, key: str) -> float | None:
@@ -59,7 +106,9 @@ def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> di
     """The price of each configured model (by client-facing name)."""
     models = list(models)
     if table is None and any(m.pricing is None for m in models):
-        table = bundled_price_table()
+        path = _bundled_price_file()
+        wanted = [c for m in models for c in (m.target_model, f"{m.provider}/{m.target_model}", m.name)]
+        table = table_entries(path.read_bytes(), wanted) if path else {}
     prices: dict[str, Price | None] = {}
     for model in models:
         if model.pricing is not None:
