@@ -73,10 +73,10 @@ def test_splitter_reassembles_events_cut_anywhere_and_drops_only_the_usage_chunk
     stream = _event(content) + _event(content) + _event(usage) + _event("[DONE]")
     for cut in range(1, len(stream)):
         splitter = SseSplitter()
-        events = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
-        assert b"".join(events) + splitter.rest() == stream
-        kept = [e for e in events if not is_usage_only_chunk(e)]
-        assert kept == [_event(content), _event(content), _event("[DONE]")]
+        relayed = splitter.without_usage_only(stream[:cut]) + splitter.without_usage_only(stream[cut:])
+        assert splitter.rest() == b""
+        assert relayed == _event(content) + _event(content) + _event("[DONE]")
+        assert not is_usage_only_chunk(relayed) and is_usage_only_chunk(_event(usage))
 
 
 def test_stream_observation_reads_usage_and_text() -> None:

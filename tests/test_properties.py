@@ -66,11 +66,12 @@ def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: lis
     stream = b"".join(b"data: " + orjson.dumps(p) + terminator for p in payloads) + b"data: [DONE]" + terminator
     splitter, out, position = SseSplitter(), [], 0
     for size in cuts:
-        out += splitter.feed(stream[position : position + size])
+        out.append(splitter.without_usage_only(stream[position : position + size]))
         position += size
-    out += splitter.feed(stream[position:])
-    assert b"".join(out) + splitter.rest() == stream
-    assert [orjson.loads(d) for d in iter_data(b"".join(out)) if d != b"[DONE]"] == payloads
+    out.append(splitter.without_usage_only(stream[position:]))
+    kept = [p for p in payloads if not is_usage_only_chunk(b"data: " + orjson.dumps(p) + terminator)]
+    assert b"".join(out) + splitter.rest() == b"".join(b"data: " + orjson.dumps(p) + terminator for p in kept) + b"data: [DONE]" + terminator
+    assert [orjson.loads(d) for d in iter_data(b"".join(out)) if d != b"[DONE]"] == kept
 
 
 @given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))

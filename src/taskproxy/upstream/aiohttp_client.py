@@ -19,7 +19,7 @@ import aiohttp
 import certifi
 
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.passthrough import DROP_RESPONSE_HEADERS, Header, UpstreamReply, is_event_stream, timed_out, unreachable
+from taskproxy.upstream.passthrough import Header, UpstreamReply, client_headers, is_event_stream, timed_out, unreachable
 
 log = logging.getLogger("taskproxy.upstream")
 
@@ -78,7 +78,7 @@ class AiohttpClient:
     async def post(self, model: ModelSettings, url: str, content: bytes, headers: list[Header], *, stream: bool) -> UpstreamReply:
         with map_aiohttp_errors(model.name):
             response = await self.session.post(url, data=content, headers=_text_headers(headers), timeout=self._timeout(model), allow_redirects=False)
-        reply_headers = {k: v for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+        reply_headers = client_headers(response.headers.items())
         if stream and is_event_stream(response.status, response.headers.get("content-type", "")):
             return UpstreamReply(response.status, reply_headers, chunks=self._chunks(model, response), close=self._closer(response))
         try:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import httpx
 
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.passthrough import DROP_RESPONSE_HEADERS, Header, UpstreamReply, is_event_stream, timed_out, unreachable
+from taskproxy.upstream.passthrough import Header, UpstreamReply, client_headers, is_event_stream, timed_out, unreachable
 
 
 @contextmanager
@@ -23,10 +23,6 @@ def map_httpx_errors(model: str) -> Iterator[None]:
         raise timed_out(model, connecting=isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)) from None
     except httpx.TransportError as exc:
         raise unreachable(model, exc.__class__.__name__) from None
-
-
-def _client_headers(upstream: httpx.Response) -> dict[str, str]:
-    return {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
 
 
 class HttpxClient:
@@ -44,13 +40,13 @@ class HttpxClient:
         with map_httpx_errors(model.name):
             response = await self.client.send(request, stream=True)
         if stream and is_event_stream(response.status_code, response.headers.get("content-type", "")):
-            return UpstreamReply(response.status_code, _client_headers(response), chunks=self._chunks(model, response), close=response.aclose)
+            return UpstreamReply(response.status_code, client_headers(response.headers.items()), chunks=self._chunks(model, response), close=response.aclose)
         try:
             with map_httpx_errors(model.name):
                 body = await response.aread()
         finally:
             await response.aclose()
-        return UpstreamReply(response.status_code, _client_headers(response), body=body)
+        return UpstreamReply(response.status_code, client_headers(response.headers.items()), body=body)
 
     @staticmethod
     async def _chunks(model: ModelSettings, response: httpx.Response) -> AsyncIterator[bytes]:

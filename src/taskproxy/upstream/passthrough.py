@@ -9,7 +9,7 @@ Each client translates its library's errors into taskproxy's at exactly one plac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +58,11 @@ class UpstreamReply:
     @property
     def streaming(self) -> bool:
         return self.chunks is not None
+
+
+def client_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The provider's response headers the client gets."""
+    return {k: v for k, v in headers if k.lower() not in DROP_RESPONSE_HEADERS}
 
 
 def is_event_stream(status: int, content_type: str) -> bool:

@@ -57,13 +57,14 @@ class RelayResponse:
         first_byte: float | None = None
         relay = asyncio.current_task()
         assert relay is not None
-        state = {"completed": False, "disconnected": False}
+        completed = disconnected = False
 
         async def watch_disconnect() -> None:
+            nonlocal disconnected
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if not state["completed"]:
-                state["disconnected"] = True
+            if not completed:
+                disconnected = True
                 relay.cancel()  # stop waiting for the provider at once, not at its next chunk
 
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
@@ -85,11 +86,11 @@ class RelayResponse:
                 error = exc.code
                 tail = self.error_event(exc)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-            state["completed"] = True
+            completed = True
         except OSError:  # the server could not write: the client is gone
             error = CLIENT_DISCONNECTED
         except asyncio.CancelledError:
-            if not state["disconnected"]:
+            if not disconnected:
                 raise  # cancelled from outside (the server shutting down): let it propagate
             relay.uncancel()
             error = CLIENT_DISCONNECTED

@@ -1,7 +1,7 @@
 """Server-sent events framing.
 
-`SseSplitter` cuts a byte stream into whole events on the request path (only where an event must be
-withheld from the client); `iter_data` reads the payloads of a finished stream, off the request path.
+`SseSplitter` passes a byte stream on in whole events on the request path (only where an event must
+be withheld from the client); `iter_data` reads the payloads of a finished stream, off the request path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 class SseSplitter:
-    """Incrementally split bytes into complete SSE events (each returned with its terminator)."""
+    """Passes a byte stream on event by event, withholding the usage-only chunk (stream_options)."""
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -39,16 +39,6 @@ class SseSplitter:
             match = _USAGE_ONLY.search(complete, stop)
         kept.append(complete[position:])
         return b"".join(kept)
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
-        events = []
-        start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            events.append(self._buffer[start : match.end()])
-            start = match.end()
-        self._buffer = self._buffer[start:]
-        return events
 
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""
