@@ -49,6 +49,9 @@ def test_two_replicas_lose_nothing_through_a_database_and_a_provider_outage(tmp_
             def one(n: int) -> None:
                 item = ITEMS[n % len(ITEMS)]
                 client = replicas[n % 2]
+                # Spread the requests over the outages' whole schedule: a fast proxy would otherwise
+                # answer all of them before the provider's outage begins.
+                time.sleep(max(0.0, started + n * (OUTAGE_SECONDS + 1.0) / REQUESTS - time.monotonic()))
                 try:
                     reply = client.chat.completions.create(
                         model="gpt-4o-mini", messages=[{"role": "user", "content": "word " * (n % 9 + 1)}], max_tokens=n % 5 + 1,
@@ -59,7 +62,6 @@ def test_two_replicas_lose_nothing_through_a_database_and_a_provider_outage(tmp_
                     result = (item, exc.status_code, 0)
                 with lock:
                     outcomes.append(result)
-                time.sleep(0.02)
 
             def outages() -> None:
                 time.sleep(0.5)
