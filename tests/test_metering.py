@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from taskproxy.metering.pricing import Price, bundled_price_table, prices_for
+from taskproxy.metering.pricing import Price, bundled_price_table, prices_for, table_entries
 from taskproxy.metering.tokens import encoding_name_for
 from taskproxy.settings import ModelSettings
 from taskproxy.upstream.observe import openai_stream as openai_stream_observation
@@ -143,7 +143,7 @@ def test_remembered_token_counts_are_the_counts_and_stay_bounded() -> None:
 
 
 def test_price_entries_read_one_by_one_equal_the_whole_tables() -> None:
-    from taskproxy.metering.pricing import _bundled_price_file, table_entries
+    from taskproxy.metering.pricing import _bundled_price_file, follow_aliases, table_entries
 
     path = _bundled_price_file()
     assert path is not None, "litellm's price table is part of the install"
@@ -152,5 +152,23 @@ def test_price_entries_read_one_by_one_equal_the_whole_tables() -> None:
     names = [name for name, entry in table.items() if isinstance(entry, dict)][::7] + ["gpt-4o-mini", "claude-sonnet-4-5", "no-such-model"]
     entries = table_entries(raw, names)
     assert "no-such-model" not in entries
-    assert entries == {name: table[name] for name in names if name in table and name in entries}
+    resolved = {name: follow_aliases(table.get(name), table.get) for name in names}
+    assert entries == {name: entry for name, entry in resolved.items() if entry is not None}
     assert len(entries) >= len(names) - 3  # every real model found (a name absent from the table is not)
+
+
+def test_an_aliased_model_is_priced_as_the_model_it_names() -> None:
+    raw = orjson.dumps({
+        "gpt-6-luna": {"input_cost_per_token": 2e-6, "output_cost_per_token": 8e-6, "litellm_provider": "openai"},
+        "gpt-luna-latest": {"alias_of": "gpt-6-luna"},
+        "gpt-luna-stable": {"alias_of": "gpt-luna-latest"},
+        "dangling-latest": {"alias_of": "gpt-0"},
+        "loop-a": {"alias_of": "loop-b"}, "loop-b": {"alias_of": "loop-a"},
+    })  # fmt: skip
+    names = ["gpt-luna-latest", "gpt-luna-stable", "dangling-latest", "loop-a"]
+    entries = table_entries(raw, names)
+    assert entries == {"gpt-luna-latest": orjson.loads(raw)["gpt-6-luna"], "gpt-luna-stable": orjson.loads(raw)["gpt-6-luna"]}
+    models = [ModelSettings(name=name, provider="openai", base_url="http://127.0.0.1:9/v1") for name in names]
+    prices = prices_for(models, table=orjson.loads(raw))
+    assert prices["gpt-luna-stable"] == Price(input=2e-6, output=8e-6)
+    assert prices["dangling-latest"] is None and prices["loop-a"] is None  # unknown, never a silent 0

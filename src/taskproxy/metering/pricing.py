@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,8 @@ import orjson
 from taskproxy.settings import ModelSettings
 
 PRICE_TABLE_FILE = "model_prices_and_context_window_backup.json"
+ALIAS = "alias_of"
+MAX_ALIAS_HOPS = 4
 
 
 @dataclass(frozen=True)
@@ -68,21 +70,39 @@ def _object_end(raw: bytes, start: int) -> int:
     raise ValueError("unterminated JSON object")
 
 
+def _read_entry(raw: bytes, name: str) -> dict | None:
+    key = re.compile(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*\{')
+    for match in key.finditer(raw):
+        start = match.end() - 1
+        try:
+            entry = orjson.loads(raw[start : _object_end(raw, start)])
+        except (ValueError, orjson.JSONDecodeError):
+            continue
+        if isinstance(entry, dict) and ({"input_cost_per_token", "litellm_provider", ALIAS} & entry.keys()):
+            return entry
+    return None
+
+
+def follow_aliases(entry: object, lookup: Callable[[str], object]) -> dict | None:
+    """The entry an alias (`{"alias_of": "gpt-6-luna"}`, as newer tables name their `-latest`
+    models) stands for; any other entry as it is. None for a dangling or circular alias."""
+    for _ in range(MAX_ALIAS_HOPS):
+        if not isinstance(entry, dict):
+            return None
+        if ALIAS not in entry:
+            return entry
+        entry = lookup(str(entry[ALIAS]))
+    return None
+
+
 def table_entries(raw: bytes, names: Iterable[str]) -> dict[str, dict]:
-    """The price table's entries for `names`, each parsed on its own. Parsing the whole table
-    (~2,500 models) to keep a handful left ~5 MiB of fragmented memory in the server for good."""
+    """The price table's entries for `names`, each parsed on its own (aliases followed). Parsing the
+    whole table (~2,500 models) to keep a handful left ~5 MiB of fragmented memory in the server for good."""
     found: dict[str, dict] = {}
     for name in set(names):
-        key = re.compile(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*\{')
-        for match in key.finditer(raw):
-            start = match.end() - 1
-            try:
-                entry = orjson.loads(raw[start : _object_end(raw, start)])
-            except (ValueError, orjson.JSONDecodeError):
-                continue
-            if isinstance(entry, dict) and ("input_cost_per_token" in entry or "litellm_provider" in entry):
-                found[name] = entry
-                break
+        entry = follow_aliases(_read_entry(raw, name), lambda target: _read_entry(raw, target))
+        if entry is not None:
+            found[name] = entry
     return found
 
 
@@ -120,6 +140,6 @@ def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> di
             )
             continue
         candidates = (model.target_model, f"{model.provider}/{model.target_model}", model.name)
-        entry = next((table[c] for c in candidates if table and isinstance(table.get(c), dict)), None)
+        entry = next((e for c in candidates if table and (e := follow_aliases(table.get(c), table.get)) is not None), None)
         prices[model.name] = _from_table(entry) if entry else None
     return prices
