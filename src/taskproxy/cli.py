@@ -56,16 +56,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run("taskproxy.cli:app_from_environment", factory=True, workers=workers, **options)
     else:
         from taskproxy.app import create_app
+        from taskproxy.process import prepare_serving
 
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(prepare_serving(create_app(settings)), **options)
     return 0
 
 
 def app_from_environment():  # type: ignore[no-untyped-def]
     """The app factory uvicorn's worker processes call (`serve --workers N`)."""
     from taskproxy.app import create_app
+    from taskproxy.process import prepare_serving
 
-    return create_app(load_settings())
+    return prepare_serving(create_app(load_settings()))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
