@@ -137,6 +137,11 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        counter = TokenCounter()
+        # The encodings load first, alone, not beside the rest of startup: their parsing leaves ~30 MiB
+        # of short-lived objects, and startup's long-lived ones allocated among them kept that memory
+        # from going back (measured: 145-152 MiB resident at start when loaded beside it, 132 alone).
+        await anyio.to_thread.run_sync(counter.warm, [m.target_model for m in settings.models])
         db = engine if engine is not None else make_engine(settings.database_url)
         await anyio.to_thread.run_sync(prepare_schema, db)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
@@ -144,9 +149,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await anyio.to_thread.run_sync(ensure_bootstrap_admin, db, admin_key)
         keys = KeyStore(db, admin_key=admin_key, refresh_seconds=settings.auth.key_refresh_seconds)
         await anyio.to_thread.run_sync(keys.load)
-        counter = TokenCounter()
-        # Loading the encodings takes a moment; do it beside startup, not in front of it.
-        threading.Thread(target=counter.warm, args=([m.target_model for m in settings.models],), name="taskproxy-encodings", daemon=True).start()
         prices = await anyio.to_thread.run_sync(prices_for, settings.models)
         items = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
         await anyio.to_thread.run_sync(items.load)
