@@ -5,14 +5,14 @@ process, and these settings are process-wide.
 Both were chosen by measurement (bench/, docs/performance.md):
 
 - **Two malloc arenas instead of eight per core.** glibc gives each thread that contends for the
-  heap an arena of its own. The proxy's threads (the event loop, the recording thread, the encodings
-  loader, worker threads) each left freed memory stranded in theirs: after 30,000 requests the
-  process kept 4–14 MiB more resident with the default. The threads spend little time in malloc,
-  so two arenas cost no measurable speed.
+  heap an arena of its own. The proxy's threads (the event loop, the recording thread, the periodic
+  reloads in worker threads) each left freed memory stranded in theirs: after 2 × 30,000 requests
+  the process kept 3–14 MiB more resident with the default (three runs each). The threads spend
+  little of their time in malloc, so sharing two arenas costs no measurable speed.
 - **Startup's objects frozen out of the garbage collector.** Once the app has started, the modules,
   settings, encodings and caches it built live as long as the process. Left in the collector's
   oldest generation, each full collection walked all of them again: 85–185 ms with the event loop
-  stopped, every few thousand requests. `gc.freeze()` moves them to a permanent generation that
+  stopped (measured with gc.callbacks). `gc.freeze()` moves them to a permanent generation that
   collections skip; objects made afterwards are collected as before.
 """
 

@@ -126,6 +126,11 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
+def _count_person(team_owners: dict[str, set[str]], principal: Principal) -> None:
+    if principal.team and principal.role != "admin":
+        team_owners.setdefault(principal.team, set()).add(principal.owner)
+
+
 class KeyStore:
     def __init__(self, engine: Engine, *, admin_key: str | None, refresh_seconds: float = 5.0) -> None:
         self._engine = engine
@@ -141,11 +146,16 @@ class KeyStore:
     def load(self) -> None:
         """Reload every key from the database (blocking; run it in a thread)."""
         by_hash = {row.key_hash: _principal(row) for row in repo.list_keys(self._engine) if row.revoked_at is None}
-        self._by_hash = by_hash
-        self._unknown.clear()
-        self._team_owners = {}
+        team_owners: dict[str, set[str]] = {}
         for principal in by_hash.values():
-            self._count_person(principal)
+            _count_person(team_owners, principal)
+        # Swapped in only when changed: an unchanged copy is freed at once, rather than replacing
+        # long-lived objects every few seconds among the requests' short-lived ones (heap churn).
+        if by_hash != self._by_hash:
+            self._by_hash = by_hash
+        if team_owners != self._team_owners:
+            self._team_owners = team_owners
+        self._unknown.clear()
 
     async def refresh_forever(self) -> None:
         while True:
@@ -182,8 +192,7 @@ class KeyStore:
         return principal
 
     def _count_person(self, principal: Principal) -> None:
-        if principal.team and principal.role != "admin":
-            self._team_owners.setdefault(principal.team, set()).add(principal.owner)
+        _count_person(self._team_owners, principal)
 
     def team_size(self, team: str | None) -> int:
         return len(self._team_owners.get(team or "", ()))

@@ -43,7 +43,9 @@ class ItemCache:
         """Reload every item (blocking; run it in a thread)."""
         with self._engine.connect() as connection:
             rows = connection.execute(select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd)).all()
-        self._items = {row.id: KnownItem(row.status, row.budget_tokens, row.budget_usd) for row in rows}
+        items = {row.id: KnownItem(row.status, row.budget_tokens, row.budget_usd) for row in rows}
+        if items != self._items:  # unchanged: keep the long-lived copy (see KeyStore.load)
+            self._items = items
         self._missing.clear()
 
     async def refresh_forever(self) -> None:
