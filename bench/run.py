@@ -313,7 +313,7 @@ def count_instructions(folder: Path, proxies: list[Served], quick: bool) -> dict
         started = time.perf_counter()
         proxy.start(wrapper=counter.wrapper(), timeout=900)
         load(proxy, stream=False, concurrency=1, duration=3600, warmup=0, max_requests=3, timeout=600)
-        wait_quiet(proxy.pid)  # start-up work in background threads (tiktoken's encodings) is not a request's
+        wait_quiet(proxy.pid)  # start-up work (tiktoken's encodings, the first garbage collection) is not a request's
         counter.attach(proxy.pid)
         per: dict[str, Any] = {"startup_under_valgrind_seconds": round(time.perf_counter() - started, 1)}
         try:
