@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import platform
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import httpx
@@ -22,7 +22,7 @@ from taskproxy.process import FreezeAfterStartup, limit_malloc_arenas
 
 
 @pytest.fixture
-def unfrozen() -> AsyncIterator[None]:
+def unfrozen() -> Iterator[None]:
     gc.unfreeze()
     yield
     gc.unfreeze()  # the test process must not keep its objects out of the collector
