@@ -131,14 +131,14 @@ def generate(connection: Connection, events: int, items: int, start: Any, shape:
         connection.execute(text(f"""
             INSERT INTO usage_events (id, ts, key_id, owner, team, work_item, attribution_source, route, model, upstream_model,
                 provider, status, attempt, error, stream, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
-                cache_write_tokens, reasoning_tokens, est_prompt_tokens, usage_source, cost_usd, latency_ms, ttfb_ms, prompt_hash, user_agent)
+                cache_write_tokens, reasoning_tokens, est_prompt_tokens, usage_source, cost_nanos, latency_ms, ttfb_ms, prompt_hash, user_agent)
             SELECT md5('event' || i), ts, 'key_' || lpad(k::text, 5, '0'), 'person-' || (k % {PEOPLE}),
                    CASE WHEN k >= {TEAMLESS_FROM} THEN NULL ELSE 'team-' || lpad((k % {TEAMS})::text, 2, '0') END,
                    CASE WHEN epic THEN 'EPIC-' || (k % 3 + 1)
                         ELSE 'PROJ-' || greatest(0, least(:items - 1, floor(floor(hours / 24) * 24 / :spacing)::int - (k * 37 + floor(hours / 24)::int * 11) % 60)) END,
                    'header', route, {model}, {model}, CASE WHEN m IN (2, 3) THEN 'anthropic' ELSE 'openai' END,
                    status, attempt, CASE WHEN status >= 400 THEN 'upstream_error' END, stream, p, c, p + c, p / 4, 0, 0, p,
-                   'provider', CASE WHEN {price_in} IS NULL THEN NULL ELSE p * {price_in} + c * {price_out} END,
+                   'provider', CASE WHEN {price_in} IS NULL THEN NULL ELSE round((p * {price_in} + c * {price_out}) * 1000000000)::bigint END,
                    latency, latency / 3, md5('prompt' || (i % 100000)), 'claude-cli/1.0'
             FROM (
                 SELECT i, ts, k, m, epic, route, status, attempt, stream, latency,

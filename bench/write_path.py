@@ -56,7 +56,7 @@ def make_rows(count: int, rng: random.Random, keys: int = 50) -> list[dict]:
             "model": model, "upstream_model": model, "provider": "openai", "status": 200 if rng.random() > 0.03 else 500,
             "error": None, "attempt": 1, "stream": rng.random() < 0.5, "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "cached_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0,
-            "est_prompt_tokens": prompt, "usage_source": "provider", "cost_usd": None if model == "local-llama" else prompt * 1.5e-7 + completion * 6e-7,
+            "est_prompt_tokens": prompt, "usage_source": "provider", "cost_nanos": None if model == "local-llama" else prompt * 150 + completion * 600,
             "latency_ms": round(rng.uniform(50, 900), 3), "ttfb_ms": round(rng.uniform(20, 200), 3), "prompt_hash": uuid.uuid4().hex,
             "user_agent": "openai-python/1.0", "prompt_text": None, "completion_text": None,
         })  # fmt: skip

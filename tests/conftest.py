@@ -1,7 +1,8 @@
 """Shared fixtures: the proxy app in-process (httpx ASGI transport) on a fake provider.
 
-The provider is the only thing faked: either `FakeProvider` (an OpenAI-compatible ASGI app served
-through httpx's ASGI transport) or a respx router, injected through `create_app(transport=...)`.
+The provider is the only thing faked: either `FakeProvider` (an OpenAI- and Anthropic-compatible ASGI
+app, reached in-process through `MockProvider.asgi`) or a `MockProvider` handler, injected through
+`create_app(provider=...)`; the relay code is the one production runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import pytest
 from taskproxy.app import create_app
 from taskproxy.fake_provider import FakeProvider
 from taskproxy.settings import Settings, settings_from_mapping
+from taskproxy.upstream.mock import MockProvider
+from taskproxy.upstream.provider import ProviderClient
 
 if TYPE_CHECKING:
     from serve_helpers import FakeUpstream
@@ -109,8 +112,8 @@ async def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], time
         await anyio.sleep(0.02)
 
 
-async def start_proxy(settings: Settings, transport: httpx.AsyncBaseTransport, fake: FakeProvider | None = None) -> AsyncIterator[Proxy]:
-    app = create_app(settings, transport=transport)
+async def start_proxy(settings: Settings, provider: ProviderClient | None, fake: FakeProvider | None = None) -> AsyncIterator[Proxy]:
+    app = create_app(settings, provider=provider)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=10) as http:
             yield Proxy(app=app, http=http, fake=fake)
@@ -183,5 +186,5 @@ def fake() -> FakeProvider:
 @pytest.fixture
 async def proxy(tmp_path: Path, fake: FakeProvider, database_url: str) -> AsyncIterator[Proxy]:
     settings = make_settings(tmp_path, database_url=database_url)
-    async for running in start_proxy(settings, httpx.ASGITransport(fake.app()), fake):
+    async for running in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         yield running

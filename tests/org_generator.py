@@ -26,6 +26,7 @@ from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from write_path import past_request
 from taskproxy.metering.usage import Rejected
+from taskproxy.money import usd
 from taskproxy.storage.writer import BatchWriter
 
 T0 = datetime(2026, 1, 5)
@@ -107,7 +108,7 @@ class Event:
             return None
         if self.status >= 400:
             return 0.0
-        return self.prompt * price.input + self.completion * price.output
+        return usd(price.nanos(self.prompt, self.completion))  # each event's cost is exact to the nano-dollar
 
 
 @dataclass
@@ -325,7 +326,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
             )
         )  # fmt: skip
     for rejection in refused:
-        writer.submit(Rejected(rejection.id, rejection.ts, rejection.key.id if rejection.key else None, rejection.reason, "/v1/chat/completions"))
+        writer.submit(Rejected(rejection.ts, rejection.key.id if rejection.key else None, rejection.reason, "/v1/chat/completions"))
     writer.close(timeout=120)
     assert writer.committed == len(builder.events) + len(refused), (writer.committed, writer.spooled, writer.set_aside)
 

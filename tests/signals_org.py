@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from taskproxy import registry
 from taskproxy.guard.auth import issue_key
 from taskproxy.metering.pricing import Price
+from taskproxy.money import usd
 from taskproxy.metering.tokens import TokenCounter
 from write_path import past_request
 from taskproxy.storage.writer import BatchWriter
@@ -101,7 +102,7 @@ class Event:
 
     @property
     def cost(self) -> float:
-        return PRICE.cost(self.prompt, self.completion)
+        return usd(PRICE.nanos(self.prompt, self.completion))  # exact to the nano-dollar, as recorded
 
     @property
     def body(self) -> dict:

@@ -42,6 +42,7 @@ from taskproxy.dashboard.views import _safe_next
 from taskproxy.fake_provider import FakeProvider
 from taskproxy.settings import settings_from_mapping
 from taskproxy.timeutil import parse_time
+from taskproxy.upstream.mock import MockProvider
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -128,7 +129,7 @@ def test_charts_escape_their_text_and_mark_missing_values() -> None:
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     fake = FakeProvider()
-    app = create_app(make_settings(tmp_path), transport=httpx.ASGITransport(fake.app()))
+    app = create_app(make_settings(tmp_path), provider=MockProvider.asgi(fake.app()))
     with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
 
@@ -175,7 +176,7 @@ def test_user_text_is_escaped_and_links_only_to_the_web(client: TestClient) -> N
 
 def test_my_page_says_whether_prompt_texts_are_stored(tmp_path: Path) -> None:
     recording = {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05, "store_prompts": True}
-    app = create_app(make_settings(tmp_path, recording=recording), transport=httpx.ASGITransport(FakeProvider().app()))
+    app = create_app(make_settings(tmp_path, recording=recording), provider=MockProvider.asgi(FakeProvider().app()))
     with TestClient(app, base_url="http://127.0.0.1") as client:
         assert _login(client, INPROCESS_ADMIN_KEY).headers["location"] == "/dashboard"
         page = client.get("/dashboard/me")

@@ -12,6 +12,7 @@ import pytest
 from taskproxy.metering.pricing import Price, bundled_price_table, prices_for, table_entries
 from taskproxy.metering.tokens import encoding_name_for
 from taskproxy.settings import ModelSettings
+from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.observe import openai_stream as openai_stream_observation
 from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk
 
@@ -60,7 +61,14 @@ def test_prices_come_from_the_bundled_table_or_config_and_unknown_is_none() -> N
 
 def test_cached_tokens_are_billed_at_the_cached_rate() -> None:
     price = Price(input=2e-6, output=8e-6, cached_input=0.5e-6)
-    assert price.cost(prompt_tokens=1000, completion_tokens=100, cached_tokens=400) == pytest.approx(600 * 2e-6 + 400 * 0.5e-6 + 100 * 8e-6)
+    assert price.nanos(prompt_tokens=1000, completion_tokens=100, cached_tokens=400) == round((600 * 2e-6 + 400 * 0.5e-6 + 100 * 8e-6) * 1e9)
+
+
+def captured(*chunks: bytes) -> Capture:
+    capture = Capture()
+    for chunk in chunks:
+        capture.add(chunk)
+    return capture
 
 
 def _event(data: dict | str) -> bytes:
@@ -84,10 +92,10 @@ def test_stream_observation_reads_usage_and_text() -> None:
               _event({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4},
                                                 "completion_tokens_details": {"reasoning_tokens": 1}}}), _event("[DONE]")]  # fmt: skip
     joined = b"".join(chunks)
-    observed = openai_stream_observation([joined[:7], joined[7:]])
+    observed = openai_stream_observation(captured(joined[:7], joined[7:]))
     assert observed.completion_text == "Hello"
     assert (observed.usage.prompt_tokens, observed.usage.completion_tokens, observed.usage.cached_tokens, observed.usage.reasoning_tokens) == (9, 2, 4, 1)
-    cut_short = openai_stream_observation([chunks[0], chunks[1][:10]])
+    cut_short = openai_stream_observation(captured(chunks[0], chunks[1][:10]))
     assert cut_short.usage is None and cut_short.completion_text == "Hel"
 
 
@@ -100,13 +108,15 @@ def test_anthropic_stream_usage_combines_message_start_and_the_last_message_delt
     start = {"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20}}}
     deltas = [named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}) for t in ("Hel", "lo")]
     end = named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 42}})
-    observed = anthropic_stream([named("message_start", start), *deltas, end])
+    observed = anthropic_stream(captured(named("message_start", start), *deltas, end))
     usage = observed.usage
-    assert observed.completion_text == "Hello"
-    # input_tokens exclude the cache: taskproxy's prompt = input + cache reads (+ writes, added when recorded)
-    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.completion_tokens) == (110, 100, 20, 42)
-    cut = anthropic_stream([named("message_start", start), *deltas])
-    assert cut.usage is None and cut.completion_text == "Hello"
+    assert observed.completion_text == "Hello" and not observed.missing
+    # input_tokens exclude the cache: taskproxy's prompt = input + cache reads + cache writes
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.completion_tokens) == (130, 100, 20, 42)
+    cut = anthropic_stream(captured(named("message_start", start), *deltas))
+    # Cut before message_delta: what message_start reported stays; only the output is missing.
+    assert (cut.usage.prompt_tokens, cut.usage.cached_tokens, cut.usage.cache_creation_tokens) == (130, 100, 20)
+    assert cut.missing == {"completion_tokens"} and cut.completion_text == "Hello"
 
 
 def test_responses_stream_usage_comes_from_response_completed() -> None:
@@ -115,16 +125,16 @@ def test_responses_stream_usage_comes_from_response_completed() -> None:
     completed = {"type": "response.completed", "response": {"usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 10},
                                                                       "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 3}}}}  # fmt: skip
     delta = {"type": "response.output_text.delta", "delta": "hi"}
-    observed = responses_stream([_event(delta), _event(completed)])
+    observed = responses_stream(captured(_event(delta), _event(completed)))
     assert (observed.usage.prompt_tokens, observed.usage.cached_tokens, observed.usage.completion_tokens, observed.usage.reasoning_tokens) == (30, 10, 7, 3)
-    assert responses_stream([_event(delta)]).usage is None
+    assert responses_stream(captured(_event(delta))).usage is None
 
 
 def test_cache_reads_and_writes_are_priced_at_their_own_rates() -> None:
     price = Price(input=3e-6, output=15e-6, cached_input=0.3e-6, cache_write=3.75e-6)
     # 110 prompt tokens recorded = 10 plain + 100 read from cache, plus 20 written to it
-    assert price.cost(prompt_tokens=130, completion_tokens=42, cached_tokens=100, cache_write_tokens=20) == pytest.approx(
-        10 * 3e-6 + 100 * 0.3e-6 + 20 * 3.75e-6 + 42 * 15e-6
+    assert price.nanos(prompt_tokens=130, completion_tokens=42, cached_tokens=100, cache_write_tokens=20) == round(
+        (10 * 3e-6 + 100 * 0.3e-6 + 20 * 3.75e-6 + 42 * 15e-6) * 1e9
     )
 
 

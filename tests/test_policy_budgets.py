@@ -12,6 +12,7 @@ import pytest
 
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.registry import register_work_item
+from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
 HI = [{"role": "user", "content": "hi"}]
@@ -19,7 +20,7 @@ TOKENS_PER_REQUEST = (7 + 2) + 2  # the fake bills 7 + a token per word ("user",
 
 
 async def _running(tmp_path: Path, fake: Any, **overrides: Any):  # type: ignore[no-untyped-def]
-    return start_proxy(make_settings(tmp_path, **overrides), httpx.ASGITransport(fake.app()), fake)
+    return start_proxy(make_settings(tmp_path, **overrides), MockProvider.asgi(fake.app()), fake)
 
 
 async def _ask(proxy: Proxy, key: str, item: str) -> httpx.Response:

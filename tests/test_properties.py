@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from taskproxy.errors import WorkItemInvalid
 from taskproxy.settings import DEFAULT_BRANCH_PATTERNS, DEFAULT_ID_PATTERNS
 from taskproxy.upstream.observe import openai_stream
-from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, iter_data
+from taskproxy.upstream.capture import Capture
+from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, iter_events
 from taskproxy.workitems import MAX_ID_LENGTH, WorkItemIds
 
 IDS = WorkItemIds(DEFAULT_ID_PATTERNS, DEFAULT_BRANCH_PATTERNS)
@@ -71,7 +72,7 @@ def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: lis
     out.append(splitter.without_usage_only(stream[position:]))
     kept = [p for p in payloads if not is_usage_only_chunk(b"data: " + orjson.dumps(p) + terminator)]
     assert b"".join(out) + splitter.rest() == b"".join(b"data: " + orjson.dumps(p) + terminator for p in kept) + b"data: [DONE]" + terminator
-    assert [orjson.loads(d) for d in iter_data(b"".join(out)) if d != b"[DONE]"] == kept
+    assert [orjson.loads(d) for _, d in iter_events(b"".join(out)) if d != b"[DONE]"] == kept
 
 
 @given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))
@@ -99,7 +100,9 @@ def test_a_usage_lookalike_inside_content_is_not_withheld(content: str) -> None:
 @given(st.binary(max_size=400))
 @settings(max_examples=300)
 def test_stream_observation_never_raises_on_garbage(garbage: bytes) -> None:
-    observed = openai_stream([garbage])
+    capture = Capture()
+    capture.add(garbage)
+    observed = openai_stream(capture)
     assert observed.usage is None or observed.usage.prompt_tokens >= 0
 
 

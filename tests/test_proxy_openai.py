@@ -9,11 +9,13 @@ import httpx
 import openai
 import orjson
 import pytest
-import respx
 
 from conftest import BOTH_DATABASES, PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.fake_provider import prompt_tokens_of
 from taskproxy.metering.pricing import bundled_price_table
+from taskproxy.errors import UpstreamError, UpstreamTimeout
+from taskproxy.upstream.mock import MockProvider, MockResponse
+from taskproxy.upstream.provider import ProviderRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -117,7 +119,7 @@ async def test_branch_header_and_key_binding_attribute_requests(proxy: Proxy) ->
 
 async def test_binding_expires(tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, work_items={"binding_ttl_hours": 0.2 / 3600})
-    async for proxy in start_proxy(settings, httpx.ASGITransport(fake.app()), fake):
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         key = await proxy.new_key()
         await proxy.http.put("/api/me/work-item", json={"work_item": "PROJ-1"}, headers={"authorization": f"Bearer {key}"})
         await asyncio.sleep(0.3)
@@ -231,19 +233,15 @@ async def test_provider_errors_pass_through_and_are_recorded(proxy: Proxy) -> No
     assert (event["status"], event["total_tokens"], event["usage_source"]) == (500, 0, "estimated")
 
 
-async def _with_router(tmp_path: Path, router: respx.Router):  # type: ignore[no-untyped-def]
-    return start_proxy(make_settings(tmp_path), httpx.MockTransport(router.async_handler))
-
-
 @pytest.mark.parametrize(
     ("failure", "status", "code"),
-    [(httpx.ConnectError("refused"), 502, "upstream_error"), (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
-     (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"), (httpx.RemoteProtocolError("reset"), 502, "upstream_error")],
+    [(UpstreamError("refused"), 502, "upstream_error"), (UpstreamTimeout("slow"), 504, "upstream_timeout")],
 )  # fmt: skip
 async def test_transport_failures_become_502_and_504(tmp_path: Path, failure: Exception, status: int, code: str) -> None:
-    router = respx.Router(assert_all_called=False)
-    router.post(f"{PROVIDER_URL}/chat/completions").mock(side_effect=failure)
-    async for proxy in await _with_router(tmp_path, router):
+    def fail(request: ProviderRequest) -> MockResponse:
+        raise failure
+
+    async for proxy in start_proxy(make_settings(tmp_path), MockProvider(fail)):
         response = await proxy.http.post(
             "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK},
             headers={"authorization": f"Bearer {await proxy.new_key()}", "X-Work-Item": "PROJ-6"},
@@ -261,18 +259,16 @@ async def test_refused_connection_on_loopback_is_502(tmp_path: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = make_settings(tmp_path, provider_url=f"http://127.0.0.1:{port}/v1")
-    async for proxy in start_proxy(settings, transport=None):  # type: ignore[arg-type]  # the real transport
+    async for proxy in start_proxy(settings, provider=None):  # the production client
         with pytest.raises(openai.APIStatusError) as failed:
             await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-2"})
         assert failed.value.status_code == 502 and failed.value.body["code"] == "upstream_error"
 
 
 async def test_usage_is_estimated_when_the_provider_reports_none(tmp_path: Path) -> None:
-    router = respx.Router(assert_all_called=False)
     reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world, twice: hello world."}, "finish_reason": "stop"}]}  # fmt: skip
-    router.post(f"{PROVIDER_URL}/chat/completions").mock(return_value=httpx.Response(200, json=reply))
-    async for proxy in await _with_router(tmp_path, router):
+    async for proxy in start_proxy(make_settings(tmp_path), MockProvider(lambda request: MockResponse.json(reply))):
         await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-3"})
         event = (await proxy.events(1, work_item="PROJ-3"))[0]
         import tiktoken
@@ -305,7 +301,7 @@ async def test_unknown_price_is_null_never_zero(proxy: Proxy) -> None:
 
 async def test_config_price_override_is_used(tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]
     models = [{"name": "gpt-4o-mini", "base_url": PROVIDER_URL, "pricing": {"input_per_million": 1.0, "output_per_million": 2.0}}]
-    async for proxy in start_proxy(make_settings(tmp_path, models=models), httpx.ASGITransport(fake.app()), fake):
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider.asgi(fake.app()), fake):
         reply = await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-11"})
         item = await proxy.item("PROJ-11", requests=1)
         assert item["cost_usd"] == pytest.approx(reply.usage.prompt_tokens * 1e-6 + reply.usage.completion_tokens * 2e-6)

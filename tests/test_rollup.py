@@ -18,15 +18,17 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, case, func, insert, select
+from sqlalchemy import and_, case, column, func, insert, select
+from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Engine
 
 from conftest import BOTH_DATABASES
 from taskproxy import registry
 from taskproxy.reports import adoption_data
 from taskproxy.reports.usage import usage_grouped
+from taskproxy.money import usd
 from taskproxy.storage import repo, rollup
-from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
+from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
 from taskproxy.storage.models import UsageEvent, WorkItem
 from taskproxy.storage.writer import BatchWriter, Record
 from taskproxy.timeutil import iso
@@ -56,7 +58,7 @@ def event(rng: random.Random, ts: datetime, **fields: Any) -> dict:
         "error": None, "attempt": rng.choice([1, 1, 1, 2]), "stream": rng.random() < 0.5, "prompt_tokens": prompt,
         "completion_tokens": completion, "total_tokens": prompt + completion, "cached_tokens": rng.randint(0, 50),
         "cache_write_tokens": 0, "reasoning_tokens": rng.randint(0, 30), "est_prompt_tokens": prompt, "usage_source": "provider",
-        "cost_usd": None if model == "local-llama" else rng.choice([0.0, prompt * 3e-6 + completion * 1.5e-5]),
+        "cost_nanos": None if model == "local-llama" else rng.choice([0, prompt * 3000 + completion * 15000]),
         "latency_ms": 12.5, "ttfb_ms": None, "prompt_hash": None, "user_agent": "test", "prompt_text": None, "completion_text": None,
     }  # fmt: skip
     return {**row, **fields}
@@ -86,16 +88,16 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         key: tuple = (hour.replace(hour=0) if unit == "day" else hour, e.work_item, e.team or "", e.model)
         if unit == "day":
             key += (e.owner,)
-        s = found.setdefault(key, defaultdict(int, cost_usd=None, first_ts=e.ts, last_ts=e.ts))
+        s = found.setdefault(key, defaultdict(int, cost_nanos=None, first_ts=e.ts, last_ts=e.ts))
         s["events"] += 1
         s["ok_events"] += e.status < 400
         s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
         s["first_attempts"] += e.attempt == 1
         for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"):
             s[name] += getattr(e, name)
-        s["unpriced_events"] += e.cost_usd is None
-        if e.cost_usd is not None:
-            s["cost_usd"] = (s["cost_usd"] or 0.0) + e.cost_usd
+        s["unpriced_events"] += e.cost_nanos is None
+        if e.cost_nanos is not None:
+            s["cost_nanos"] = (s["cost_nanos"] or 0) + e.cost_nanos
         s["first_ts"], s["last_ts"] = min(s["first_ts"], e.ts), max(s["last_ts"], e.ts)
     return {k: dict(v) for k, v in found.items()}
 
@@ -112,8 +114,7 @@ def assert_rollups_match(engine: Engine) -> None:
         expected, actual = group_by(rows, level.unit), stored(engine, level)
         assert set(actual) == set(expected), level.unit
         for key, sums in expected.items():
-            cost = None if sums["cost_usd"] is None else pytest.approx(sums["cost_usd"], rel=1e-12)
-            assert actual[key] == {**sums, "cost_usd": cost}, (level.unit, key)
+            assert actual[key] == sums, (level.unit, key)  # exact: money is whole nano-dollars
 
 
 @BOTH_DATABASES
@@ -142,34 +143,27 @@ def test_the_rollup_is_the_raw_events_grouped_after_writes_and_replays(database_
     engine.dispose()
 
 
+def as_recorded_by_0001(row: dict) -> dict:
+    """An event row as revision 0001 stored it: cost in USD as a float, no estimated fields."""
+    old = {k: v for k, v in row.items() if k not in ("cost_nanos", "estimated_fields", "provider_error")}
+    return {**old, "cost_usd": None if row["cost_nanos"] is None else row["cost_nanos"] / 1e9}
+
+
 @BOTH_DATABASES
-def test_the_migration_fills_the_rollup_from_the_events_already_recorded(database_url: str) -> None:
+def test_the_migrations_fill_the_rollup_and_carry_money_over_exactly(database_url: str) -> None:
     engine = make_engine(database_url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    rows = events(random.Random(5), 800)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")  # a database of the version before the rollup ...
-        connection.execute(insert(UsageEvent.__table__), events(random.Random(5), 800))  # ... with usage in it
-    assert upgrade_schema(engine) == ("0001", "0002")
-    assert_rollups_match(engine)
-    engine.dispose()
-
-
-def test_a_database_from_before_migrations_gets_its_rollup_filled(tmp_path: Path) -> None:
-    import sqlite3
-
-    database = tmp_path / "old.db"
-    engine = make_engine(f"sqlite:///{database}")
-    upgrade_schema(engine)
-    repo.write_batch(engine, events=events(random.Random(3), 300), rejections=[], new_items=[])
-    engine.dispose()
-    with sqlite3.connect(database) as old:  # as a build from before migrations (and the rollup) left it
-        old.execute("DROP TABLE alembic_version")
-        old.execute("DROP TABLE usage_daily")
-        old.execute("DROP TABLE usage_hourly")
-    engine = make_engine(f"sqlite:///{database}")
-    upgrade_schema(engine)
+        old_events = sa_table("usage_events", *(column(name) for name in as_recorded_by_0001(rows[0])))
+        connection.execute(insert(old_events), [as_recorded_by_0001(row) for row in rows])  # ... with usage in it
+    assert upgrade_schema(engine) == ("0001", head_revision())
+    with engine.connect() as connection:
+        migrated = dict(connection.execute(select(UsageEvent.id, UsageEvent.cost_nanos)).all())
+    assert migrated == {row["id"]: row["cost_nanos"] for row in rows}  # USD floats became the same whole nano-dollars
     assert_rollups_match(engine)
     engine.dispose()
 
@@ -179,12 +173,12 @@ def raw_totals(rows: list[Any], since: datetime | None, until: datetime | None, 
     for e in rows:
         if (since is not None and e.ts < since) or (until is not None and e.ts >= until):
             continue
-        s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_usd": None, "unpriced": 0, "first_used": e.ts, "last_used": e.ts})
+        s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_nanos": None, "unpriced": 0, "first_used": e.ts, "last_used": e.ts})
         s["attempts"] += 1
         s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
         s["total_tokens"] += e.total_tokens
-        s["unpriced"] += e.cost_usd is None
-        s["cost_usd"] = s["cost_usd"] if e.cost_usd is None else (s["cost_usd"] or 0.0) + e.cost_usd
+        s["unpriced"] += e.cost_nanos is None
+        s["cost_nanos"] = s["cost_nanos"] if e.cost_nanos is None else (s["cost_nanos"] or 0) + e.cost_nanos
         s["first_used"], s["last_used"] = min(s["first_used"], e.ts), max(s["last_used"], e.ts)
     return found
 
@@ -219,23 +213,23 @@ def test_period_totals_equal_a_scan_of_the_raw_events_at_any_boundary(database_u
                 assert (got["attempts"], got["requests"], got["total_tokens"], got["unpriced_requests"]) == (
                     figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced"]
                 ), (since, until, key)  # fmt: skip
-                assert got["cost_usd"] == (None if figures["cost_usd"] is None else pytest.approx(round(figures["cost_usd"], 8), abs=2e-8))
+                assert got["cost_usd"] == usd(figures["cost_nanos"])  # exact, at any boundary
                 assert (got["first_used"], got["last_used"]) == (iso(figures["first_used"]), iso(figures["last_used"]))
     engine.dispose()
 
 
-def spend_after_completion_by_raw_scan(engine: Engine, since: datetime, until: datetime) -> dict[str, float]:
+def spend_after_completion_by_raw_scan(engine: Engine, since: datetime, until: datetime) -> dict[str, int]:
     """The report's query before the rollup: events in the period later than a done/closed item's completed_at."""
     e, w = UsageEvent.__table__.c, WorkItem.__table__.c
     after = and_(w.status.in_(("done", "closed")), e.ts > w.completed_at)
     query = (
-        select(e.work_item, func.sum(case((after, e.cost_usd), else_=None)))
+        select(e.work_item, func.sum(case((after, e.cost_nanos), else_=None)))
         .select_from(UsageEvent.__table__.join(WorkItem.__table__, w.id == e.work_item))
         .where(e.ts >= since, e.ts < until)
         .group_by(e.work_item)
     )
     with engine.connect() as connection:
-        return {item: float(cost) for item, cost in connection.execute(query) if cost}
+        return {item: int(cost) for item, cost in connection.execute(query) if cost}
 
 
 @BOTH_DATABASES
@@ -249,7 +243,7 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
     }  # fmt: skip
     rows = events(rng, 1500)
     for item, at in completed.items():  # events around the moment of completion, and on it
-        rows += [event(rng, at + timedelta(seconds=s), work_item=item, cost_usd=0.01 * (n + 1)) for n, s in enumerate((-1, 0, 1, 59, 1800, -1800))]
+        rows += [event(rng, at + timedelta(seconds=s), work_item=item, cost_nanos=10_000_000 * (n + 1)) for n, s in enumerate((-1, 0, 1, 59, 1800, -1800))]
     repo.write_batch(engine, events=rows, rejections=[], new_items=[])
     for item, at in completed.items():
         registry.transition(engine, item, "open", source="api", at=T0 - timedelta(days=1), created_at=T0 - timedelta(days=1))
@@ -265,5 +259,5 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
             adoption_data.load_period_spend(connection, items, since, until)
         actual = {i.id: i.spend_after_completion for i in items.values() if i.spend_after_completion}
         expected = spend_after_completion_by_raw_scan(engine, since, until)
-        assert actual == pytest.approx(expected, rel=1e-12), (since, until)
+        assert actual == expected, (since, until)
     engine.dispose()

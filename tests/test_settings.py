@@ -121,28 +121,24 @@ def test_fallbacks_must_name_another_configured_model(fallbacks: list[str]) -> N
         settings_from_mapping({"models": [{"name": "a", "base_url": "http://x", "fallbacks": fallbacks}]}, {})
 
 
-def test_a_database_from_before_migrations_is_refused_until_db_upgrade(tmp_path: Path) -> None:
+def test_a_database_without_a_schema_revision_is_refused_with_what_to_do(tmp_path: Path) -> None:
     import sqlite3
 
     from taskproxy.cli import main
     from taskproxy.errors import SchemaBehind
-    from taskproxy.storage.db import head_revision, make_engine, prepare_schema
+    from taskproxy.storage.db import make_engine, prepare_schema
 
     database = tmp_path / "old.db"
     prepare_schema(make_engine(f"sqlite:///{database}"))
     with sqlite3.connect(database) as old:  # as a build from before migrations left it
         old.execute("DROP TABLE alembic_version")
-        old.execute("DROP TABLE audit_log")
-        old.execute("ALTER TABLE usage_events DROP COLUMN attempt")
-    with pytest.raises(SchemaBehind, match=r"made before migrations.*taskproxy db upgrade"):
+    with pytest.raises(SchemaBehind, match=r"no schema revision.*new database"):
         prepare_schema(make_engine(f"sqlite:///{database}"))
     config = tmp_path / "c.yaml"
     config.write_text(f"database_url: sqlite:///{database}\n")
-    assert main(["db", "upgrade", "--config", str(config)]) == 0
-    prepare_schema(make_engine(f"sqlite:///{database}"))  # now accepted
-    with sqlite3.connect(database) as upgraded:
-        assert "attempt" in [row[1] for row in upgraded.execute("PRAGMA table_info(usage_events)")]
-        assert upgraded.execute("SELECT version_num FROM alembic_version").fetchone()[0] == head_revision()
+    assert main(["db", "upgrade", "--config", str(config)]) == 2  # refused the same way, changing nothing
+    with sqlite3.connect(database) as still:
+        assert still.execute("SELECT count(*) FROM sqlite_master WHERE name = 'alembic_version'").fetchone()[0] == 0
 
 
 def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:

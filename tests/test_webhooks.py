@@ -12,6 +12,7 @@ import webhook_payloads as hooks
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
 from taskproxy.registry import links_of
 from taskproxy.settings import settings_from_mapping
+from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
 
@@ -23,7 +24,7 @@ async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Prox
         model.pop("api_key", None)
     base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60}}
     env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "TASKPROXY_ADMIN_KEY": ADMIN_KEY, "TEST_PROVIDER_KEY": PROVIDER_KEY}
-    async for proxy in start_proxy(settings_from_mapping(base, env), httpx.ASGITransport(fake.app()), fake):
+    async for proxy in start_proxy(settings_from_mapping(base, env), MockProvider.asgi(fake.app()), fake):
         yield proxy
 
 
@@ -131,7 +132,7 @@ async def test_malformed_unknown_and_unconfigured(tracked: Proxy, tmp_path: Path
     assert await tracked.get("/api/work-items") == []
 
     (tmp_path / "plain").mkdir()
-    async for plain in start_proxy(make_settings(tmp_path / "plain"), httpx.ASGITransport(fake.app()), fake):
+    async for plain in start_proxy(make_settings(tmp_path / "plain"), MockProvider.asgi(fake.app()), fake):
         body = hooks.dumps(hooks.github_issue("closed", 1))
         off = await _post(plain, "github", body, hooks.github_headers(body, "issues"))
         assert off.status_code == 404 and "secret_env" in off.json()["error"]["message"]

@@ -1,19 +1,29 @@
-"""The background writer: batches, drains on close, spools while the database is down, replays once."""
+"""The background writer: batches, drains on close, spools while the database is down, replays once,
+holds what neither the database nor the spool takes, and sets aside only the rows the database refuses."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import orjson
+import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
+from conftest import BOTH_DATABASES
+from taskproxy.audit import AuditRead
 from taskproxy.metering.usage import Rejected
 from taskproxy.storage.db import upgrade_schema
-from taskproxy.storage.models import Rejection
-from taskproxy.storage.writer import BatchWriter
+from taskproxy.storage.models import AuditEntry, Rejection
+from taskproxy.storage.writer import DOWN_PAUSE_SECONDS, BatchWriter, Record, replay_set_aside
 from taskproxy.timeutil import utcnow
 
 
@@ -30,24 +40,36 @@ class FlakyDatabase:
             raise sqlite3.OperationalError("database is down")
         return sqlite3.connect(self.path, check_same_thread=False)
 
-    def rejection_ids(self) -> list[str]:
+    def ids(self) -> list[str]:
         with self.engine.connect() as connection:
-            return list(connection.execute(select(Rejection.id)).scalars())
+            return list(connection.execute(select(AuditEntry.id)).scalars())
 
 
-def rejections(n: int) -> list[Rejected]:
-    return [Rejected(uuid.uuid4().hex, utcnow(), "key_1", "work_item_required", "/v1/chat/completions") for _ in range(n)]
+class Entry:
+    """One row for the writer: an audit entry (the simplest record with an id of its own)."""
+
+    def __init__(self, **override: object) -> None:
+        self.record = AuditRead(utcnow(), "key_1", "dana", "GET /api/keys", None).to_record()
+        self.record.row.update(override)
+        self.id = self.record.row["id"]
+
+    def to_record(self) -> Record:
+        return Record(self.record.kind, dict(self.record.row))
+
+
+def entries(n: int) -> list[Entry]:
+    return [Entry() for _ in range(n)]
 
 
 def test_close_drains_everything_submitted(tmp_path: Path) -> None:
     db = FlakyDatabase(tmp_path / "t.db")
     writer = BatchWriter(db.engine, flush_interval=0.5, batch_size=7, spool_path=tmp_path / "spool.jsonl")
     writer.start()
-    items = rejections(100)
+    items = entries(100)
     for item in items:
         writer.submit(item)
     writer.close()
-    assert sorted(db.rejection_ids()) == sorted(i.id for i in items)
+    assert sorted(db.ids()) == sorted(i.id for i in items)
 
 
 def test_outage_spools_then_replays_exactly_once(tmp_path: Path) -> None:
@@ -57,29 +79,34 @@ def test_outage_spools_then_replays_exactly_once(tmp_path: Path) -> None:
     writer.start()
     try:
         db.down = True
-        during = rejections(25)
+        during = entries(25)
         for item in during:
             writer.submit(item)
         assert writer.flush()
         assert writer.spool_pending and writer.spooled == 25
 
         db.down = False
-        time.sleep(1.1)  # the writer retries the spool at most once a second
-        after = rejections(5)
+        time.sleep(DOWN_PAUSE_SECONDS)  # the writer gives a database that just failed this long before trying it again
+        after = entries(5)
         for item in after:
             writer.submit(item)
         assert writer.flush()
+        # New batches go straight to a database that answers, whatever waits in the spool ...
+        assert set(i.id for i in after) <= set(db.ids())
+        time.sleep(1.1)  # ... which is retried at most once a second
+        writer.submit(Entry())
+        assert writer.flush()
     finally:
         writer.close()
-    ids = db.rejection_ids()
-    assert sorted(ids) == sorted(i.id for i in during + after)  # all of them, none twice
+    ids = db.ids()
+    assert len(ids) == len(set(ids)) == 31 and set(i.id for i in during + after) <= set(ids)  # all of them, none twice
     assert list(tmp_path.glob("spool*")) == []
 
 
 def test_replaying_a_spool_already_written_adds_nothing(tmp_path: Path) -> None:
     db = FlakyDatabase(tmp_path / "t.db")
     spool = tmp_path / "spool.jsonl"
-    items = rejections(3)
+    items = entries(3)
     writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=spool)
     writer.start()
     db.down = True
@@ -88,7 +115,7 @@ def test_replaying_a_spool_already_written_adds_nothing(tmp_path: Path) -> None:
     writer.flush()
     db.down = False
     writer.close()  # drains: replays the spool
-    assert list(tmp_path.glob("spool*")) == [] and len(db.rejection_ids()) == 3
+    assert list(tmp_path.glob("spool*")) == [] and len(db.ids()) == 3
 
     # A crash between commit and removing the file would leave the spool behind: replay it again.
     writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=spool)
@@ -100,60 +127,79 @@ def test_replaying_a_spool_already_written_adds_nothing(tmp_path: Path) -> None:
     db.down = False
     writer.close()
     with db.engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(Rejection)).scalar_one() == 3
+        assert connection.execute(select(func.count()).select_from(AuditEntry)).scalar_one() == 3
 
 
 def test_a_spool_left_by_a_dead_worker_is_replayed_by_the_next_process(tmp_path: Path) -> None:
-    import orjson
-
     db = FlakyDatabase(tmp_path / "t.db")
-    items = rejections(4)
+    items = entries(4)
     rows = [i.to_record().row for i in items]
     # What a worker that died while the database was down leaves behind: its own spool file.
-    (tmp_path / "spool.424242.jsonl").write_bytes(orjson.dumps({"events": [], "rejections": rows, "items": []}) + b"\n")
+    (tmp_path / "spool.424242.jsonl").write_bytes(orjson.dumps({"events": [], "audit": rows, "items": []}) + b"\n")
     writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
     writer.start()
     writer.close()
-    assert sorted(db.rejection_ids()) == sorted(i.id for i in items)
+    assert sorted(db.ids()) == sorted(i.id for i in items)
     assert list(tmp_path.glob("spool*")) == []
 
 
-def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(tmp_path: Path) -> None:
+class Poison:
+    """A row the database refuses for itself (a NOT NULL column left empty), whatever else is in its batch."""
+
+    def __init__(self) -> None:
+        self.inner = Entry(actor_owner=None)
+        self.id = self.inner.id
+
+    def to_record(self) -> Record:
+        return self.inner.to_record()
+
+
+def test_one_refused_row_never_takes_its_batch_with_it(tmp_path: Path) -> None:
     db = FlakyDatabase(tmp_path / "t.db")
-    good = rejections(3)
-    bad = Rejected("x" * 40, utcnow(), "key_1", "r" * 5000, "/v1/chat/completions")  # fine for SQLite's types...
-
-    class Poison:
-        def to_record(self):  # type: ignore[no-untyped-def]
-            record = bad.to_record()
-            record.row["reason"] = object()  # ...this is not: the driver refuses it
-            return record
-
-    writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer = BatchWriter(db.engine, flush_interval=0.2, batch_size=500, spool_path=tmp_path / "spool.jsonl")
+    good = entries(60)
+    poison = Poison()
+    for item in [*good[:37], poison, *good[37:]]:  # all of them in one batch
+        writer.submit(item)
     writer.start()
-    writer.submit(good[0])
-    writer.submit(Poison())
-    writer.submit(good[1])
     writer.flush()
-    writer.submit(good[2])  # the writer is still alive and nothing is stuck behind the bad row
+    writer.submit(Entry())  # the writer is alive and nothing is stuck behind the bad row
     writer.close()
-    assert sorted(db.rejection_ids()) == sorted(i.id for i in good)
-    assert writer.set_aside == 1 and (tmp_path / "spool.rejected.jsonl").exists()
+    ids = set(db.ids())
+    assert {i.id for i in good} <= ids and poison.id not in ids and len(ids) == 61
+    assert writer.set_aside == 1
+    (line,) = (tmp_path / "spool.rejected.jsonl").read_bytes().splitlines()
+    kept = orjson.loads(line)
+    assert "NOT NULL" in kept["reason"] and [row["id"] for row in kept["batch"]["audit"]] == [poison.id]
+
+
+def test_rows_set_aside_are_written_by_a_replay_once_their_cause_is_fixed(tmp_path: Path) -> None:
+    db = FlakyDatabase(tmp_path / "t.db")
+    writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    poison = Poison()
+    writer.start()
+    writer.submit(poison)
+    writer.close()
+    set_aside = tmp_path / "spool.rejected.jsonl"
+    assert writer.set_aside == 1 and replay_set_aside(db.engine, tmp_path / "spool.jsonl") == (0, 1)  # still refused: kept
+    fixed = [orjson.loads(line) for line in set_aside.read_bytes().splitlines()]
+    fixed[0]["batch"]["audit"][0]["actor_owner"] = "dana"  # the cause, mended
+    set_aside.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in fixed))
+    assert replay_set_aside(db.engine, tmp_path / "spool.jsonl") == (1, 0)
+    assert db.ids() == [poison.id] and not set_aside.exists()
 
 
 def test_a_refused_row_in_a_spool_is_set_aside_and_the_rest_replayed(tmp_path: Path) -> None:
-    import orjson
-
     db = FlakyDatabase(tmp_path / "t.db")
-    good = rejections(30)
-    lines = [orjson.dumps({"events": [], "rejections": [r.to_record().row], "items": []}) for r in good]
-    poisoned = {"events": [], "rejections": [{**good[0].to_record().row, "id": "poison", "reason": None}], "items": []}  # NOT NULL column
-    lines.insert(5, orjson.dumps(poisoned))
+    good = entries(30)
+    lines = [orjson.dumps({"audit": [r.to_record().row], "items": []}) for r in good]
+    poisoned = {"audit": [{**good[0].to_record().row, "id": "poison", "actor_owner": None}], "items": []}
+    lines.insert(5, orjson.dumps({"audit": [*poisoned["audit"], good[1].to_record().row]}))  # a good row beside it
     (tmp_path / "spool.deadhost-1-abc.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
     writer.start()
     writer.close()
-    assert sorted(db.rejection_ids()) == sorted(r.id for r in good)
+    assert sorted(db.ids()) == sorted(r.id for r in good)
     assert writer.set_aside == 1 and b"poison" in (tmp_path / "spool.rejected.jsonl").read_bytes()
     assert [p.name for p in tmp_path.glob("spool*")] == ["spool.rejected.jsonl"]
 
@@ -175,7 +221,7 @@ def test_a_live_process_spool_is_never_taken_over(tmp_path: Path) -> None:
 def test_a_backlog_is_reported_to_the_request_path_and_written_without_waiting_out_the_interval(tmp_path: Path) -> None:
     db = FlakyDatabase(tmp_path / "t.db")
     writer = BatchWriter(db.engine, flush_interval=1.0, batch_size=20, spool_path=tmp_path / "spool.jsonl")
-    items = rejections(20 * 10 + 1)  # more than BACKLOG_BATCHES full batches, before the thread runs
+    items = entries(20 * 10 + 1)  # more than BACKLOG_BATCHES full batches, before the thread runs
     for item in items:
         writer.submit(item)
     assert writer.backlogged  # the request path now slows down (routes/pipeline.py)
@@ -186,4 +232,126 @@ def test_a_backlog_is_reported_to_the_request_path_and_written_without_waiting_o
         assert not writer.backlogged and writer.queue_depth == 0
     finally:
         writer.close()
-    assert sorted(db.rejection_ids()) == sorted(i.id for i in items)
+    assert sorted(db.ids()) == sorted(i.id for i in items)
+
+
+def test_a_flood_of_refusals_is_counted_by_the_minute_not_written_row_by_row(tmp_path: Path) -> None:
+    db = FlakyDatabase(tmp_path / "t.db")
+    writer = BatchWriter(db.engine, flush_interval=0.01, batch_size=50, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    started = utcnow()
+    for n in range(20_000):  # no key, or a made-up one: the request never reached a key
+        writer.submit(Rejected(utcnow(), None, "invalid_api_key", "/v1/chat/completions"))
+        if n % 5000 == 0:
+            time.sleep(0.05)  # several flushes of the writer happen meanwhile
+    writer.submit(Rejected(utcnow(), "key_1", "work_item_required", "/v1/messages"))
+    writer.close()
+    with db.engine.connect() as connection:
+        rows = connection.execute(select(Rejection.reason, Rejection.key_id, Rejection.count, Rejection.ts)).all()
+    counted = {}
+    for reason, key_id, count, ts in rows:
+        counted[(reason, key_id)] = counted.get((reason, key_id), 0) + count
+        assert ts.second == 0 and ts.microsecond == 0 and ts >= started.replace(second=0, microsecond=0)
+    assert counted == {("invalid_api_key", None): 20_000, ("work_item_required", "key_1"): 1}
+    assert len(rows) <= 2 * 10  # a row per (minute, key, reason, route) and flush of at most once a second, not 20,001
+
+
+# -- a full disk under the spool ------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a tiny filesystem of its own (tmpfs, 256 KiB), mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root: the full-disk behaviour is tested where tests run as root (CI)")
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"could not mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_with_the_database_down_and_the_disk_full_usage_is_held_then_written(tmp_path: Path, full_disk: Path) -> None:
+    db = FlakyDatabase(tmp_path / "t.db")
+    writer = BatchWriter(db.engine, flush_interval=0.01, batch_size=40, spool_path=full_disk / "spool.jsonl", max_held_records=500)
+    writer.start()
+    db.down = True
+    submitted: list[Entry] = []
+    while writer.problem is None:  # the spool fills the disk, then cannot be written
+        batch = [Entry(target="x" * 300) for _ in range(40)]
+        submitted += batch
+        for item in batch:
+            writer.submit(item)
+        writer.flush()
+        assert len(submitted) < 5000, "the tiny disk never filled"
+    assert "No space left" in writer.problem and writer.held_rows > 0
+    for line in Path(next(full_disk.glob("spool.*.jsonl"))).read_bytes().splitlines():
+        orjson.loads(line)  # every line whole: a failed write was cut back, no torn line is left
+    while not writer.refusing:  # the bound: the request path refuses rather than answer unrecorded
+        batch = entries(40)
+        submitted += batch
+        for item in batch:
+            writer.submit(item)
+        writer.flush()
+    db.down = False  # the database is back: what was held and what was spooled are written
+    deadline = time.monotonic() + 10
+    while (writer.problem is not None or writer.spool_pending) and time.monotonic() < deadline:
+        submitted.append(Entry())
+        writer.submit(submitted[-1])
+        writer.flush()
+        time.sleep(0.1)
+    writer.close()
+    ids = set(db.ids())
+    assert {item.id for item in submitted} <= ids and writer.problem is None and not writer.refusing
+
+
+def test_a_spool_line_torn_by_a_crash_is_kept_aside_and_the_rest_replayed(tmp_path: Path) -> None:
+    db = FlakyDatabase(tmp_path / "t.db")
+    good = entries(3)
+    body = b"".join(orjson.dumps({"audit": [e.to_record().row]}) + b"\n" for e in good)
+    (tmp_path / "spool.deadhost-2-xyz.jsonl").write_bytes(body + b'{"audit": [{"id": "torn", "ts": "2026-')  # no newline: cut mid-write
+    writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    writer.close()
+    assert sorted(db.ids()) == sorted(e.id for e in good)
+    assert [p.name.startswith("spool.damaged-") for p in tmp_path.glob("spool*")] == [True]
+
+
+
+@BOTH_DATABASES
+def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_path: Path) -> None:
+    """Events register the items they name; one item row the database refuses (here a status left
+    empty) must not take the other events of its batch with it, nor its own event."""
+    from taskproxy.metering.tokens import TokenCounter
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import UsageEvent
+    from write_path import past_request
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    counter = TokenCounter()
+    dana, rae = SimpleNamespace(id="key_dana", owner="dana", team="payments"), SimpleNamespace(id="key_rae", owner="rae", team="web")
+
+    def request(key: SimpleNamespace, item: str) -> Any:
+        return past_request(id=uuid.uuid4().hex, ts=utcnow(), key=key, work_item=item, model="gpt-4o-mini", body={"messages": []},
+                            prompt_tokens=10, completion_tokens=5, counter=counter, price=None, auto_registered_at=utcnow())
+
+    others = [request(dana, f"PAY-{n % 7}") for n in range(60)]
+    odd = request(rae, "WEB-1")
+    odd.register_work_item = {**odd.register_work_item, "status": None}  # NOT NULL: the database refuses the item row
+    writer = BatchWriter(engine, flush_interval=0.2, batch_size=500, spool_path=tmp_path / "spool.jsonl")
+    for item in [*others[:20], odd, *others[20:]]:
+        writer.submit(item)
+    writer.start()
+    writer.close()
+    with engine.connect() as connection:
+        recorded = set(connection.execute(select(UsageEvent.id)).scalars())
+    engine.dispose()
+    assert recorded == {e.id for e in [*others, odd]}  # every event, the odd one's included
+    assert writer.set_aside == 1  # only the item row
+    (line,) = (tmp_path / "spool.rejected.jsonl").read_bytes().splitlines()
+    assert [item["id"] for item in orjson.loads(line)["batch"]["items"]] == ["WEB-1"]

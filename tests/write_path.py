@@ -7,7 +7,8 @@ from typing import Any
 
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.metering.usage import Exchange, Observed, ProviderUsage
+from taskproxy.metering.observed import Observed, ProviderUsage
+from taskproxy.metering.usage import Exchange
 
 
 def past_request(
@@ -36,5 +37,5 @@ def past_request(
         id=id, ts=ts, key_id=key.id, owner=key.owner, team=key.team, work_item=work_item, attribution_source="header",
         route="/v1/chat/completions", model=model, upstream_model=model, provider="openai", stream=False, body=body,
         user_agent=user_agent, counter=counter, price=price, register_work_item=register, status=status,
-        error=None if status < 400 else "upstream_error", latency_ms=latency_ms, observe=lambda: observed,
+        error=None if status < 400 else "upstream_error", latency_ms=latency_ms, observe=lambda: observed, answered=status < 400,
     )  # fmt: skip

@@ -8,7 +8,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.engine import Engine
@@ -18,11 +17,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskproxy import __version__
-from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response
+from taskproxy.error_shapes import api_format_before_routing, api_format_of, error_response
+from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.budgets import Budgets
@@ -34,6 +34,7 @@ from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, web
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard import routes as dashboard_routes
 from taskproxy.routes.common import JSON
+from taskproxy.routes.pipeline import OpenAttempts
 from taskproxy.services import Services, services
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import make_engine, ping, prepare_schema
@@ -46,12 +47,9 @@ from taskproxy.trackers.github import GitHub
 from taskproxy.trackers.jira import Jira
 from taskproxy.trackers.linear import Linear
 from taskproxy.upstream.aiohttp_client import AiohttpClient
-from taskproxy.upstream.passthrough import ProviderClient, Upstream
+from taskproxy.upstream.provider import ProviderClient
 from taskproxy.upstream.translate import Translator
 from taskproxy.workitems import WorkItemIds
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger("taskproxy")
 
@@ -67,7 +65,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready: the database answers, and usage can be recorded (written, or at least spooled)."""
     svc = services(request)
+    if (problem := svc.writer.problem) is not None:
+        raise ServiceUnavailable(f"Not ready: {problem}.")
     try:
         await anyio.to_thread.run_sync(ping, svc.engine)
     except SQLAlchemyError as exc:
@@ -77,7 +78,7 @@ async def readyz(request: Request) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc, request.url.path)
+    return error_response(exc, api_format_of(request.scope))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -87,14 +88,13 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     elif exc.status_code == 404:
         error = NotFound(f"There is no route {request.url.path[:200]!r}. The proxy serves /v1/* (OpenAI and Anthropic APIs) and the admin API under /api/.")
     else:
-        error = ApiError(str(exc.detail))
-        error.status = exc.status_code  # type: ignore[misc]
-    return error_response(error, request.url.path)
+        error = ApiError(str(exc.detail), status=exc.status_code)
+    return error_response(error, api_format_of(request.scope))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), request.url.path)
+    return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), api_format_of(request.scope))
 
 
 def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Tracker]:
@@ -113,27 +113,21 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
 class HeaderLimit:
     """Refuse requests whose headers together exceed `limits.max_header_bytes`, in the route's error shape."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, routes: list[BaseRoute]) -> None:
+        self.app, self.max_bytes, self.routes = app, max_bytes, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_bytes:
             error = HeadersTooLarge(f"The request headers are larger than {self.max_bytes} bytes (limits.max_header_bytes).")
-            await error_response(error, scope["path"])(scope, receive, send)
+            await error_response(error, api_format_before_routing(scope, self.routes))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _httpx_client(transport: httpx.AsyncBaseTransport) -> ProviderClient:
-    from taskproxy.upstream.httpx_client import HttpxClient  # httpx is only needed when a transport is injected
-
-    return HttpxClient(transport)
-
-
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, engine: Engine | None = None) -> Starlette:
-    """Build the ASGI app. `transport`, an httpx transport, replaces the default upstream client
-    (aiohttp's) — tests inject httpx.MockTransport or an ASGITransport around a fake provider;
-    `engine` replaces the database engine made from `settings.database_url`."""
+def create_app(settings: Settings, *, provider: ProviderClient | None = None, engine: Engine | None = None) -> Starlette:
+    """Build the ASGI app. `provider` replaces the client that reaches the model providers (aiohttp's
+    pool, opened in the lifespan): tests inject `MockProvider` (upstream/mock.py); `engine` replaces
+    the database engine made from `settings.database_url`."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -160,14 +154,14 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         recording = settings.recording
         writer = BatchWriter(
             db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
-            on_record=[budgets.record],
+            max_held_records=recording.max_held_records, on_record=[budgets.record],
         )  # fmt: skip
         floor = settings.privacy.min_group_size
         metrics = Metrics(writer, lambda team: "" if not team else team if keys.team_size(team) >= floor else SMALL_TEAMS)
         writer.listen(metrics.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
-        upstream = Upstream(AiohttpClient() if transport is None else _httpx_client(transport))
+        upstream = provider if provider is not None else AiohttpClient()
         translator = Translator()
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
@@ -177,7 +171,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             engine=db,
             keys=keys,
             attribution=Attribution(ids),
-            upstream=upstream,
+            provider=upstream,
             translator=translator,
             writer=writer,
             counter=counter,
@@ -188,6 +182,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             trackers=configured_trackers(settings, ids),
             rate_limiter=RateLimiter(settings.limits.requests_per_minute),
             metrics=metrics,
+            open_attempts=(open_attempts := OpenAttempts()),
         )
         refreshers = [
             asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),
@@ -199,6 +194,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         finally:
             for task in refreshers:
                 task.cancel()
+            if left := await open_attempts.wait_until_recorded(timeout=5.0):
+                log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()
             await anyio.to_thread.run_sync(writer.close)
             if engine is None:
@@ -222,6 +219,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(HeaderLimit, max_bytes=settings.limits.max_header_bytes)],
+        middleware=[Middleware(HeaderLimit, max_bytes=settings.limits.max_header_bytes, routes=routes)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_exception, Exception: _unexpected},
     )

@@ -93,7 +93,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from taskproxy.guard.auth import issue_key
-    from taskproxy.routes.common import key_json
+    from taskproxy.records import key_json
 
     key, token = issue_key(_engine(args), owner=args.owner, team=args.team, role=args.role)
     if args.json:
@@ -107,7 +107,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from taskproxy.render import table
-    from taskproxy.routes.common import key_json
+    from taskproxy.records import key_json
     from taskproxy.storage import repo
 
     keys = [key_json(k) for k in repo.list_keys(_engine(args))]
@@ -139,7 +139,7 @@ def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_items_add(args: argparse.Namespace) -> int:
     from taskproxy.registry import register_work_item
-    from taskproxy.routes.common import item_json
+    from taskproxy.records import item_json
 
     fields = {"id": args.id, "title": args.title, "url": args.url, "team": args.team, "status": args.status}
     item = register_work_item(_engine(args), _ids(args), fields)
@@ -152,7 +152,7 @@ def cmd_items_add(args: argparse.Namespace) -> int:
 
 def cmd_items_list(args: argparse.Namespace) -> int:
     from taskproxy.render import table
-    from taskproxy.routes.common import item_json
+    from taskproxy.records import item_json
     from taskproxy.storage import repo
 
     items = [item_json(i) for i in repo.list_work_items(_engine(args), status=args.status, team=args.team)]
@@ -164,7 +164,7 @@ def cmd_items_list(args: argparse.Namespace) -> int:
 
 
 def cmd_items_show(args: argparse.Namespace) -> int:
-    from taskproxy.render import money
+    from taskproxy.money import format_usd as money
     from taskproxy.reports.items import work_item_view
 
     item_id = _ids(args).normalize(args.id)
@@ -301,7 +301,8 @@ def cmd_use(args: argparse.Namespace) -> int:
 
 
 def cmd_me(args: argparse.Namespace) -> int:
-    from taskproxy.render import money, table
+    from taskproxy.money import format_usd as money
+    from taskproxy.render import table
 
     data = _developer_call(args, "GET", "/api/me/usage")
     if args.json:

@@ -19,7 +19,8 @@ import openai
 from taskproxy.app import create_app
 from taskproxy.fake_provider import FakeProvider
 from taskproxy.localserver import serve_in_thread
-from taskproxy.render import money, tasks_table
+from taskproxy.money import format_usd as money
+from taskproxy.render import tasks_table
 from taskproxy.settings import Settings, settings_from_mapping
 
 

@@ -22,21 +22,20 @@
         ├── UpstreamError           502 upstream_error
         ├── ProviderError           the provider's status, provider_error (a translated provider refused)
         ├── UpstreamTimeout         504 upstream_timeout
-        ├── ServiceUnavailable      503 service_unavailable (/readyz: the database does not answer)
+        ├── ServiceUnavailable      503 service_unavailable (usage cannot be recorded; the proxy is stopping; /readyz)
+        ├── ClientGone              499 client_disconnected (the client hung up first: recorded, never sent)
         └── InternalError           500 internal_error     (a bug; logged with its traceback)
 
 Errors of other libraries are translated at exactly one boundary each: aiohttp's in
-`upstream.aiohttp_client.map_aiohttp_errors`, httpx's in `upstream.httpx_client.map_httpx_errors`,
-litellm's in `upstream.translate.Translator.map_litellm_errors`, the database's in the storage writer (which spools
-instead of failing a request). `error_response` is the only place an error becomes JSON.
+`upstream.aiohttp_client.map_aiohttp_errors`, litellm's in `upstream.translate.Translator.map_litellm_errors`,
+the database's in the storage writer (which spools instead of failing a request). This module is the
+tree and its data only; `error_shapes.py` is the one place an error becomes a route's JSON body or
+stream event.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
-
-import orjson
-from starlette.responses import Response
 
 
 class TaskproxyError(Exception):
@@ -52,72 +51,73 @@ class SchemaBehind(TaskproxyError):
 
 
 class ApiError(TaskproxyError):
-    status: ClassVar[int] = 400
+    default_status: ClassVar[int] = 400
     code: ClassVar[str] = "invalid_request"
     # OpenAI's `type` field: what family of error this is.
     openai_type: ClassVar[str] = "invalid_request_error"
     # Anthropic's error `type` for the same status.
     anthropic_type: ClassVar[str] = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status or self.default_status
 
 
 class InvalidApiKey(ApiError):
-    status, code = 401, "invalid_api_key"
+    default_status, code = 401, "invalid_api_key"
     openai_type = "authentication_error"
     anthropic_type = "authentication_error"
 
 
 class InvalidSignature(ApiError):
-    status, code = 401, "invalid_signature"
+    default_status, code = 401, "invalid_signature"
     openai_type = anthropic_type = "authentication_error"
 
 
 class Forbidden(ApiError):
-    status, code = 403, "forbidden"
+    default_status, code = 403, "forbidden"
     openai_type = "permission_error"
     anthropic_type = "permission_error"
 
 
 class NotFound(ApiError):
-    status, code = 404, "not_found"
+    default_status, code = 404, "not_found"
     openai_type = "not_found_error"
     anthropic_type = "not_found_error"
 
 
 class MethodNotAllowed(ApiError):
-    status, code = 405, "method_not_allowed"
+    default_status, code = 405, "method_not_allowed"
 
 
 class WorkItemRequired(ApiError):
-    status, code = 400, "work_item_required"
+    default_status, code = 400, "work_item_required"
 
 
 class WorkItemInvalid(ApiError):
-    status, code = 400, "work_item_invalid"
+    default_status, code = 400, "work_item_invalid"
 
 
 class WorkItemUnknown(ApiError):
-    status, code = 403, "work_item_unknown"
+    default_status, code = 403, "work_item_unknown"
     openai_type = anthropic_type = "permission_error"
 
 
 class WorkItemClosed(ApiError):
-    status, code = 403, "work_item_closed"
+    default_status, code = 403, "work_item_closed"
     openai_type = anthropic_type = "permission_error"
 
 
 class BudgetExceeded(ApiError):
-    status, code = 429, "budget_exceeded"
+    default_status, code = 429, "budget_exceeded"
     openai_type = "insufficient_quota"
     anthropic_type = "rate_limit_error"
 
 
 class RateLimited(ApiError):
-    status, code = 429, "rate_limited"
+    default_status, code = 429, "rate_limited"
     openai_type = anthropic_type = "rate_limit_error"
 
     def __init__(self, message: str, *, retry_after: int) -> None:
@@ -126,31 +126,31 @@ class RateLimited(ApiError):
 
 
 class ModelNotFound(ApiError):
-    status, code = 404, "model_not_found"
+    default_status, code = 404, "model_not_found"
     openai_type = anthropic_type = "not_found_error"
 
 
 class InvalidRequest(ApiError):
-    status, code = 400, "invalid_request"
+    default_status, code = 400, "invalid_request"
 
 
 class RequestTooLarge(ApiError):
-    status, code = 413, "request_too_large"
+    default_status, code = 413, "request_too_large"
     anthropic_type = "request_too_large"
 
 
 class HeadersTooLarge(ApiError):
-    status, code = 431, "request_header_too_large"
+    default_status, code = 431, "request_header_too_large"
 
 
 class UpstreamError(ApiError):
-    status, code = 502, "upstream_error"
+    default_status, code = 502, "upstream_error"
     openai_type = "api_error"
     anthropic_type = "api_error"
 
 
 class UpstreamTimeout(ApiError):
-    status, code = 504, "upstream_timeout"
+    default_status, code = 504, "upstream_timeout"
     openai_type = "timeout_error"
     anthropic_type = "timeout_error"
 
@@ -163,38 +163,20 @@ class ProviderError(ApiError):
     anthropic_type = "api_error"
 
     def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
-        self.status = status  # type: ignore[misc]  # per instance: whatever the provider said
+        super().__init__(message, status=status)  # whatever the provider said
 
 
 class ServiceUnavailable(ApiError):
-    status, code = 503, "service_unavailable"
+    default_status, code = 503, "service_unavailable"
     openai_type = "api_error"
     anthropic_type = "overloaded_error"
 
 
+class ClientGone(ApiError):
+    default_status, code = 499, "client_disconnected"
+
+
 class InternalError(ApiError):
-    status, code = 500, "internal_error"
+    default_status, code = 500, "internal_error"
     openai_type = "api_error"
     anthropic_type = "api_error"
-
-
-def openai_error_body(error: ApiError) -> dict:
-    return {"error": {"message": error.message, "type": error.openai_type, "param": error.param, "code": error.code}}
-
-
-def anthropic_error_body(error: ApiError) -> dict:
-    return {"type": "error", "error": {"type": error.anthropic_type, "message": error.message}}
-
-
-def uses_anthropic_shape(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
-
-
-def error_response(error: ApiError, path: str) -> Response:
-    """Render `error` in the shape of the route at `path` (Anthropic's on /v1/messages*, else OpenAI's)."""
-    body = anthropic_error_body(error) if uses_anthropic_shape(path) else openai_error_body(error)
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-    if isinstance(error, RateLimited):
-        headers = {"retry-after": str(error.retry_after)}
-    return Response(orjson.dumps(body), status_code=error.status, media_type="application/json", headers=headers)

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.services import services
+from taskproxy.money import usd
 from taskproxy.storage.writer import BatchWriter, Record
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -40,6 +41,10 @@ class Metrics:
         self.ttfb = Histogram("taskproxy_time_to_first_byte_seconds", "Time from arrival to the provider's first byte", ["route"], buckets=_SECONDS, registry=r)
         Gauge("taskproxy_writer_queue_depth", "Usage records waiting for the writer", registry=r).set_function(lambda: writer.queue_depth)
         Gauge("taskproxy_spool_bytes", "Bytes of usage waiting in spool files for the database", registry=r).set_function(lambda: writer.spool_bytes)
+        Gauge("taskproxy_set_aside_rows", "Rows the database refused for themselves, kept in the set-aside file (since start)",
+              registry=r).set_function(lambda: writer.set_aside)  # fmt: skip
+        Gauge("taskproxy_unrecorded_held", "Usage records held in memory because neither the database nor the spool takes them",
+              registry=r).set_function(lambda: writer.held_rows)  # fmt: skip
 
     def _child(self, metric: Counter | Histogram, *labels: str):  # type: ignore[no-untyped-def]
         """`metric.labels(*labels)`, looked up once: labels() validates and locks on every call, and
@@ -54,7 +59,7 @@ class Metrics:
         """Count one record (called by the writer thread)."""
         row = record.row
         if record.kind == "rejection":
-            self._child(self.rejections, row["reason"]).inc()
+            self._child(self.rejections, row["reason"]).inc(row.get("count", 1))
             return
         if record.kind != "event":
             return
@@ -63,10 +68,10 @@ class Metrics:
         for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens"), ("cached", "cached_tokens")):
             if row[field]:
                 self._child(self.tokens, model, team, kind).inc(row[field])
-        if row["cost_usd"] is None:
+        if row["cost_nanos"] is None:
             self._child(self.unpriced, model).inc()
-        elif row["cost_usd"]:
-            self._child(self.cost, model, team).inc(row["cost_usd"])
+        elif row["cost_nanos"]:
+            self._child(self.cost, model, team).inc(usd(row["cost_nanos"]))
         self._child(self.latency, route).observe(row["latency_ms"] / 1000)
         if row["ttfb_ms"] is not None:
             self._child(self.ttfb, route).observe(row["ttfb_ms"] / 1000)

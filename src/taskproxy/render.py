@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-
-def money(value: float | None) -> str:
-    if value is None:
-        return "unpriced"
-    return f"${value:,.6f}" if value < 1 else f"${value:,.2f}"
+from taskproxy.money import format_usd
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -61,4 +57,4 @@ TASK_COLUMNS = [
 
 
 def tasks_table(tasks: Sequence[dict[str, Any]]) -> str:
-    return table([{**t, "cost": money(t["cost_usd"])} for t in tasks], TASK_COLUMNS)
+    return table([{**t, "cost": format_usd(t["cost_usd"])} for t in tasks], TASK_COLUMNS)

@@ -19,11 +19,12 @@ from taskproxy.metering.tokens import TokenCounter
 from taskproxy.settings import Settings
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.trackers.base import Tracker
-from taskproxy.upstream.passthrough import Upstream
+from taskproxy.upstream.provider import ProviderClient
 from taskproxy.upstream.translate import Translator
 
-if TYPE_CHECKING:  # metrics.py imports this module for its route
+if TYPE_CHECKING:  # metrics.py and routes/pipeline.py import this module
     from taskproxy.metrics import Metrics
+    from taskproxy.routes.pipeline import OpenAttempts
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Services:
     engine: Engine
     keys: KeyStore
     attribution: Attribution
-    upstream: Upstream
+    provider: ProviderClient
     translator: Translator
     writer: BatchWriter
     counter: TokenCounter
@@ -43,6 +44,7 @@ class Services:
     trackers: dict[str, Tracker]
     rate_limiter: RateLimiter
     metrics: Metrics
+    open_attempts: OpenAttempts
 
 
 def services(request: Request) -> Services:

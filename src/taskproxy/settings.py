@@ -56,6 +56,8 @@ class ModelSettings(_Frozen):
     read_timeout_seconds: float = Field(default=600.0, gt=0)
     # Longest a stream may last in all, however steadily it trickles: then it ends with upstream_timeout.
     max_stream_seconds: float = Field(default=1800.0, gt=0)
+    # Longest a non-streamed answer may take in all, from sending the request to its last byte.
+    max_response_seconds: float = Field(default=600.0, gt=0)
     pricing: Pricing | None = None
     # Other configured models to try, in order, when this one fails before the first byte is sent
     # (connection error, timeout, 429, 5xx).
@@ -102,6 +104,9 @@ class LimitSettings(_Frozen):
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
     # Proxied requests per key and minute, per process; None: no limit.
     requests_per_minute: int | None = Field(default=None, gt=0)
+    # A provider's non-streamed answer up to this size is kept whole (and sent with its length); a larger
+    # one is relayed as it arrives, keeping only its ends for accounting, so no answer costs more memory.
+    max_buffered_response_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
 
 
 class RecordingSettings(_Frozen):
@@ -109,6 +114,9 @@ class RecordingSettings(_Frozen):
     flush_interval_seconds: float = Field(default=0.25, gt=0, le=1.0)
     batch_size: int = Field(default=500, gt=0)
     spool_path: str = "taskproxy-spool.jsonl"
+    # While neither the database nor the spool takes usage (a full disk during an outage), records are
+    # held in memory; beyond this many, new requests are refused (503) rather than answered unrecorded.
+    max_held_records: int = Field(default=100_000, gt=0)
 
 
 class AuthSettings(_Frozen):

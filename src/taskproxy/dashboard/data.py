@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
-from taskproxy.routes.common import event_json
+from taskproxy.records import event_json
 from taskproxy.settings import Settings
 from taskproxy.storage import repo
 from taskproxy.storage.models import WorkItem

@@ -6,11 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskproxy.dashboard import format as fmt
-from taskproxy.storage.models import UsageEvent
-
-# Every column of `usage_events`, in table order, except the texts (they have their own statement).
-TEXT_FIELDS = ("prompt_text", "completion_text")
-EVENT_FIELDS = tuple(c.name for c in UsageEvent.__table__.columns if c.name not in TEXT_FIELDS)
+from taskproxy.records import EVENT_FIELDS, TEXT_FIELDS  # noqa: F401  (the fields the page explains)
 
 EVENT_FIELD_MEANINGS = {
     "id": "an id for the record",
@@ -26,7 +22,8 @@ EVENT_FIELD_MEANINGS = {
     "provider": "the provider kind (openai, anthropic, ...)",
     "status": "the HTTP status of the answer",
     "attempt": "1 for your request; 2, 3, ... for fallback models tried after it",
-    "error": "what went wrong upstream, if anything (upstream_error, upstream_timeout, client_disconnected)",
+    "error": "what went wrong, if anything (upstream_error, upstream_timeout, client_disconnected, proxy_shutdown)",
+    "provider_error": "the provider's own error type, when it failed in the middle of a streamed answer",
     "stream": "whether the answer was streamed",
     "prompt_tokens": "tokens in the prompt",
     "completion_tokens": "tokens in the answer",
@@ -35,7 +32,8 @@ EVENT_FIELD_MEANINGS = {
     "cache_write_tokens": "prompt tokens written to the provider's cache",
     "reasoning_tokens": "reasoning tokens the provider reported",
     "est_prompt_tokens": "the proxy's own estimate of the prompt's tokens",
-    "usage_source": "provider (exact) or estimated",
+    "usage_source": "provider (exact) or estimated (some figure the provider did not report)",
+    "estimated_fields": "which figures were estimated by the proxy, when the provider did not report them",
     "cost_usd": "the cost from the provider's list prices (empty when the price is unknown)",
     "latency_ms": "how long the request took, in milliseconds",
     "ttfb_ms": "time to the first byte of the answer, in milliseconds",

@@ -3,10 +3,10 @@ used by the tests to check that a page shows exactly what the API answers."""
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any
 
+from taskproxy.money import format_usd
 from taskproxy.timeutil import iso, parse_time
 
 NONE = "—"  # shown for a figure that has no value (nothing completed, no known price)
@@ -21,16 +21,8 @@ def number(value: Any) -> str:
 
 
 def money(value: float | None, *, none: str = NONE) -> str:
-    """US dollars: cents from $1 up; three significant digits below (tokens can cost $0.0000123)."""
-    if value is None:
-        return none
-    value = float(value)
-    if value == 0:
-        return "$0.00"
-    if abs(value) >= 1:
-        return f"${value:,.2f}"
-    decimals = min(10, max(2, 2 - math.floor(math.log10(abs(value)))))
-    return f"${value:.{decimals}f}"
+    """US dollars, as everywhere a person reads them (money.format_usd); `none` for an unknown price."""
+    return format_usd(value, unknown=none)
 
 
 def share(value: float | None) -> str:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import orjson
 
+from taskproxy.jsonbytes import object_at
+from taskproxy.metering.observed import ProviderUsage
+from taskproxy.money import to_nanos
 from taskproxy.settings import ModelSettings
 
 PRICE_TABLE_FILE = "model_prices_and_context_window_backup.json"
@@ -25,13 +28,17 @@ class Price:
     cached_input: float | None = None  # USD per cached prompt token (cache read); None: billed as input
     cache_write: float | None = None  # USD per prompt token written to the cache (Anthropic); None: as input
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0) -> float:
-        """`prompt_tokens` include the cached and cache-write tokens, which are billed at their own rates."""
+    def nanos(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0) -> int:
+        """The cost in nano-USD. `prompt_tokens` include the cached and cache-write tokens, which are
+        billed at their own rates."""
         cached = min(cached_tokens, prompt_tokens)
         written = min(cache_write_tokens, prompt_tokens - cached)
         cached_rate = self.input if self.cached_input is None else self.cached_input
         write_rate = self.input if self.cache_write is None else self.cache_write
-        return (prompt_tokens - cached - written) * self.input + cached * cached_rate + written * write_rate + completion_tokens * self.output
+        return to_nanos((prompt_tokens - cached - written) * self.input + cached * cached_rate + written * write_rate + completion_tokens * self.output)
+
+    def cost_nanos(self, usage: ProviderUsage) -> int:
+        return self.nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens)
 
 
 def _bundled_price_file() -> Path | None:
@@ -47,37 +54,10 @@ def bundled_price_table() -> dict:
     return orjson.loads(path.read_bytes()) if path else {}
 
 
-def _object_end(raw: bytes, start: int) -> int:
-    """The index after the JSON object that opens at `raw[start]` (strings and escapes respected)."""
-    depth, in_string, escaped = 0, False, False
-    for index in range(start, len(raw)):
-        byte = raw[index]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte == 0x7B:  # {
-            depth += 1
-        elif byte == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return index + 1
-    raise ValueError("unterminated JSON object")
-
-
 def _read_entry(raw: bytes, name: str) -> dict | None:
     key = re.compile(rb'"' + re.escape(name.encode()) + rb'"\s*:\s*\{')
     for match in key.finditer(raw):
-        start = match.end() - 1
-        try:
-            entry = orjson.loads(raw[start : _object_end(raw, start)])
-        except (ValueError, orjson.JSONDecodeError):
-            continue
+        entry = object_at(raw, match.end() - 1)
         if isinstance(entry, dict) and ({"input_cost_per_token", "litellm_provider", ALIAS} & entry.keys()):
             return entry
     return None

@@ -1,9 +1,21 @@
 """Building usage records from what the request path observed.
 
-The request path fills an `Exchange` with cheap facts (times, ids, status) and a callable that can
-read the provider's usage out of the bytes it relayed. The expensive part — parsing the response,
+The request path fills an `Exchange` with cheap facts (times, ids, status) and a callable that reads
+the provider's usage out of what was kept of its answer. The expensive part — parsing the answer,
 counting tokens with tiktoken, hashing the prompt, pricing — happens in `to_record()`, which the
 storage writer calls on its own thread.
+
+Which figures are the provider's and which are estimated:
+
+- every figure the provider reported is kept, even when the answer ended early (an Anthropic stream
+  cut after `message_start` keeps its input and cache tokens);
+- what the provider had not reported is estimated with tiktoken: the prompt from the request, the
+  completion from the text relayed (scaled up for the middle of a long stream that was not kept);
+  `estimated_fields` names those fields and `usage_source` is then `estimated`;
+- an attempt the provider refused (an error status) or never answered bills nothing: its tokens are
+  estimated as 0 (its prompt estimate is still recorded in `est_prompt_tokens`);
+- an error the provider sent inside a stream it had begun is recorded as `upstream_error` with the
+  provider's error type in `provider_error`, and the attempt's status as 502.
 """
 
 from __future__ import annotations
@@ -17,38 +29,19 @@ from typing import Any
 
 import orjson
 
+from taskproxy.errors import UpstreamError
+from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.storage.writer import Record
 
 log = logging.getLogger("taskproxy.metering")
 
-
-@dataclass(frozen=True)
-class ProviderUsage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    # Anthropic reports cache writes separately; they are part of the prompt.
-    cache_creation_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What the response told us: the provider's usage if it reported any, and the completion text."""
-
-    usage: ProviderUsage | None = None
-    completion_text: str = ""
-
-
-NOTHING_OBSERVED = Observed()
-
 # Which request fields make up the prompt, per route family; used for estimates and the hash.
 PROMPT_FIELDS = ("system", "instructions", "messages", "prompt", "input", "tools")
-
-
-MAX_TOKEN_COUNT = 2**62  # what a provider reports is clamped to this: a column must hold it
+# What a provider reports is clamped to this: far above any real request (a trillion tokens), and
+# a year of such events per rollup row still fits the BIGINT sums.
+MAX_TOKEN_COUNT = 2**40
 
 
 def prompt_hash(body: dict) -> str:
@@ -84,7 +77,7 @@ def estimate_prompt_tokens(counter: TokenCounter, model: str, body: dict) -> int
 
 @dataclass
 class Exchange:
-    """One forwarded request, as observed by the request path. Implements the writer's `Recordable`."""
+    """One attempt at a provider, as observed by the request path. Implements the writer's `Recordable`."""
 
     id: str
     ts: datetime
@@ -105,11 +98,14 @@ class Exchange:
     register_work_item: dict | None = None
     store_prompts: bool = False
     attempt: int = 1  # 2, 3, ... for fallbacks after a failed attempt
+    # How it ended, set once by the request path when the attempt is over.
     status: int = 0
     error: str | None = None
     latency_ms: float = 0.0
     ttfb_ms: float | None = None
+    answered: bool = False  # the provider accepted the request: its successful answer began
     observe: Callable[[], Observed] = field(default=lambda: NOTHING_OBSERVED)
+    charged: tuple[int, int] = (0, 0)  # (tokens, nano-USD) already counted against budgets on the request path
 
     def _count(self, count: Callable[[], int]) -> int:
         """A token estimate; if counting fails the event is still recorded, with the estimate 0."""
@@ -132,21 +128,31 @@ class Exchange:
         except Exception:
             return None
 
+    def _completion_estimate(self, observed: Observed) -> int:
+        counted = self._count(lambda: self.counter.count(self.upstream_model, observed.completion_text))
+        return round(counted * observed.text_scale)
+
     def to_record(self) -> Record:
         """The event's row. Never raises: whatever fails, the request is still recorded."""
         observed = self._observe()
         est_prompt = self._count(lambda: estimate_prompt_tokens(self.counter, self.upstream_model, self.body))
         usage = observed.usage
+        estimated: set[str] = set()
+        prompt = completion = cached = written = reasoning = 0
         if usage is not None:
-            prompt, completion = _clamp(usage.prompt_tokens + usage.cache_creation_tokens), _clamp(usage.completion_tokens)
+            prompt, completion = _clamp(usage.prompt_tokens), _clamp(usage.completion_tokens)
             cached, written, reasoning = _clamp(usage.cached_tokens), _clamp(usage.cache_creation_tokens), _clamp(usage.reasoning_tokens)
-            source = "provider"
+            if COMPLETION in observed.missing:  # the stream ended before the provider's count: what was relayed
+                completion = max(completion, _clamp(self._completion_estimate(observed)))
+                estimated.add(COMPLETION)
         else:
-            completion = self._count(lambda: self.counter.count(self.upstream_model, observed.completion_text))
-            prompt, cached, written, reasoning, source = est_prompt, 0, 0, 0, "estimated"
-            if self.status >= 400:  # refused or never answered: nothing to bill, the estimate stays
-                prompt = completion = 0
-        cost = self.price.cost(prompt, completion, cached, written) if self.price is not None else None
+            estimated |= {PROMPT, COMPLETION}
+            if self.answered:  # answered but no usage reported (cut short, or a provider without usage)
+                prompt, completion = est_prompt, _clamp(self._completion_estimate(observed))
+        status, error, provider_error = self.status, self.error, None
+        if observed.error is not None and error is None:
+            status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
+        cost = self.price.nanos(prompt, completion, cached, written) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,
             "ts": self.ts,
@@ -159,8 +165,9 @@ class Exchange:
             "model": self.model,
             "upstream_model": self.upstream_model,
             "provider": self.provider,
-            "status": self.status,
-            "error": self.error,
+            "status": status,
+            "error": error,
+            "provider_error": provider_error,
             "attempt": self.attempt,
             "stream": self.stream,
             "prompt_tokens": prompt,
@@ -170,8 +177,9 @@ class Exchange:
             "cache_write_tokens": written,
             "reasoning_tokens": reasoning,
             "est_prompt_tokens": est_prompt,
-            "usage_source": source,
-            "cost_usd": cost,
+            "usage_source": "estimated" if estimated else "provider",
+            "estimated_fields": ",".join(sorted(estimated, key=(PROMPT, COMPLETION).index)) or None,
+            "cost_nanos": cost,
             "latency_ms": round(self.latency_ms, 3),
             "ttfb_ms": None if self.ttfb_ms is None else round(self.ttfb_ms, 3),
             "prompt_hash": self._prompt_hash(),
@@ -179,8 +187,7 @@ class Exchange:
             "prompt_text": self._prompt_text() if self.store_prompts else None,
             "completion_text": observed.completion_text if self.store_prompts else None,
         }
-        return Record("event", row, self.register_work_item)
-
+        return Record("event", row, self.register_work_item, charged=self.charged)
 
     def _prompt_text(self) -> str | None:
         try:
@@ -193,11 +200,10 @@ class Exchange:
 class Rejected:
     """A request refused before anything went upstream."""
 
-    id: str
     ts: datetime
     key_id: str | None
     reason: str
     route: str
 
     def to_record(self) -> Record:
-        return Record("rejection", {"id": self.id, "ts": self.ts, "key_id": self.key_id, "reason": self.reason, "route": self.route})
+        return Record("rejection", {"ts": self.ts, "key_id": self.key_id, "reason": self.reason, "route": self.route, "count": 1})

@@ -56,6 +56,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
 from taskproxy.timeutil import iso
@@ -73,10 +74,6 @@ def quantile(values: Iterable[float], q: float) -> float | None:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
-
-
-def _money(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 9)
 
 
 def _hours(value: float | None) -> float | None:
@@ -113,18 +110,18 @@ def _figures(
     assisted_ids = {i.id for i in assisted}
     other = [i for i in completed if i.id not in assisted_ids]
 
-    costs: list[float] = []
+    costs: list[int] = []  # nano-USD
     unpriced = 0
     tokens: list[float] = []
-    cost_by_model: dict[str, float | None] = {}
+    cost_by_model: dict[str, int | None] = {}
     tokens_by_model: dict[str, int] = defaultdict(int)
     for item in assisted:
-        item_cost: float | None = None
+        item_cost: int | None = None
         for model, (_, _, cost, model_tokens) in item.by_model.items():
             tokens_by_model[model] += model_tokens
             if cost is not None:
-                item_cost = (item_cost or 0.0) + cost
-                cost_by_model[model] = (cost_by_model.get(model) or 0.0) + cost
+                item_cost = (item_cost or 0) + cost
+                cost_by_model[model] = (cost_by_model.get(model) or 0) + cost
             else:
                 cost_by_model.setdefault(model, None)
         tokens.append(float(sum(t for _, _, _, t in item.by_model.values())))
@@ -134,8 +131,8 @@ def _figures(
             costs.append(item_cost)
     cost_figures = _per_item(costs)
 
-    without = dict.fromkeys(WITHOUT_OUTCOME, 0.0)
-    after = 0.0
+    without = dict.fromkeys(WITHOUT_OUTCOME, 0)
+    after = 0
     for item in items:
         if item.spend:
             kind = _without_outcome_kind(item, until, stale_after)
@@ -152,10 +149,10 @@ def _figures(
         "ai_assisted_items": len(assisted),
         "ai_assisted_share": len(assisted) / len(completed) if completed else None,
         "cost_per_completed_item": {
-            "median": _money(cost_figures["median"]),
-            "p90": _money(cost_figures["p90"]),
-            "total": _money(sum(costs)),
-            "by_model": {m: _money(v) for m, v in sorted(cost_by_model.items())},
+            "median": usd(cost_figures["median"]),
+            "p90": usd(cost_figures["p90"]),
+            "total": usd(sum(costs)),
+            "by_model": {m: usd(v) for m, v in sorted(cost_by_model.items())},
             "unpriced_items": unpriced,
         },
         "tokens_per_completed_item": {
@@ -163,9 +160,9 @@ def _figures(
             "total": int(sum(tokens)),
             "by_model": dict(sorted(tokens_by_model.items())),
         },
-        "spend_without_outcome_usd": _money(sum(without.values())),
-        "spend_without_outcome_breakdown": {k: _money(v) for k, v in without.items()},
-        "spend_after_completion_usd": _money(after),
+        "spend_without_outcome_usd": usd(sum(without.values())),
+        "spend_without_outcome_breakdown": {k: usd(v) for k, v in without.items()},
+        "spend_after_completion_usd": usd(after),
         "cycle_time_hours": {"ai_assisted": cycle(assisted), "other": cycle(other)},
         "rejected_requests": dict(sorted(rejected.items())),
     }

@@ -40,11 +40,11 @@ class Item:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     status_at_until: str = "unverified"
-    # All-time, per model: (events, events below 400, cost or None, total tokens) — completed items only.
-    by_model: dict[str, tuple[int, int, float | None, int]] = field(default_factory=dict)
+    # All-time, per model: (events, events below 400, cost in nano-USD or None, total tokens) — completed items only.
+    by_model: dict[str, tuple[int, int, int | None, int]] = field(default_factory=dict)
     period_events: int = 0  # events in the period
-    spend: float = 0.0  # their known cost
-    spend_after_completion: float = 0.0  # of which after completed_at (done or closed items)
+    spend: int = 0  # their known cost, nano-USD
+    spend_after_completion: int = 0  # of which after completed_at (done or closed items)
     merged_pr: bool = False  # a linked item was done as of `until`
 
 
@@ -61,24 +61,24 @@ def load_completed(connection: Connection, items: dict[str, Item], since: dateti
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
     completed_ids = select(_W.id).where(_W.status == "done", in_period(_W.completed_at, since, until))
     found = rollup.totals(
-        connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_usd", "total_tokens"),
+        connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"),
         where=lambda c: [c.work_item.in_(completed_ids)],
     )  # fmt: skip
     for (work_item, model), row in found.items():
         item = items.get(work_item)
         if item is not None:
-            cost = None if row["cost_usd"] is None else float(row["cost_usd"])
+            cost = None if row["cost_nanos"] is None else int(row["cost_nanos"])
             item.by_model[model] = (int(row["attempts"]), int(row["ok"] or 0), cost, int(row["total_tokens"] or 0))
 
 
 def load_period_spend(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     period = rollup.Period(since, until)
-    for (work_item,), row in rollup.totals(connection, by=("work_item",), period=period, fields=("attempts", "cost_usd")).items():
+    for (work_item,), row in rollup.totals(connection, by=("work_item",), period=period, fields=("attempts", "cost_nanos")).items():
         item = items.get(work_item)
         if item is None:  # usage on an item never registered: unverified
             item = items[work_item] = Item(work_item)
         item.period_events = int(row["attempts"])
-        item.spend = float(row["cost_usd"] or 0.0)
+        item.spend = int(row["cost_nanos"] or 0)
     resolved = _W.status.in_(RESOLVED)
     for work_item, spend in rollup.cost_after(connection, period, WorkItem.__table__, _W.completed_at, resolved).items():
         items[work_item].spend_after_completion = spend
@@ -126,11 +126,11 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
     found: dict[tuple, dict[str, Any]] = {}
     for start in range(0, len(teamless), _IDS_PER_QUERY):
         chunk = teamless[start : start + _IDS_PER_QUERY]
-        found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_usd", "total_tokens"), where=lambda c, ids=chunk: [c.work_item.in_(ids)])
-    candidates: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+        found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_nanos", "total_tokens"), where=lambda c, ids=chunk: [c.work_item.in_(ids)])
+    candidates: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for (work_item, team), row in found.items():
         if team is not None:  # events without a team are not counted
-            candidates[work_item].append((-float(row["cost_usd"] or 0.0), -int(row["total_tokens"] or 0), team))
+            candidates[work_item].append((-int(row["cost_nanos"] or 0), -int(row["total_tokens"] or 0), team))
     for item_id, spenders in candidates.items():
         if item_id in items and items[item_id].team is None:
             items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
@@ -143,7 +143,7 @@ def people_by_team(connection: Connection) -> dict[str, int]:
 
 def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, str, int]]:
     query = (
-        select(_K.team, _J.reason, func.count().label("n"))
+        select(_K.team, _J.reason, func.sum(_J.count).label("n"))
         .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _J.key_id))
         .where(in_period(_J.ts, since, until))
         .group_by(_K.team, _J.reason)

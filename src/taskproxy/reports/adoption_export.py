@@ -86,7 +86,8 @@ def adoption_csv(report: dict[str, Any]) -> str:
 
 def adoption_text(report: dict[str, Any]) -> str:
     """The report as a plain-text table, one line for `overall` and one per team."""
-    from taskproxy.render import money, table
+    from taskproxy.money import format_usd as money
+    from taskproxy.render import table
 
     def row(scope: str, figures: dict[str, Any]) -> dict[str, Any]:
         if figures.get("withheld"):

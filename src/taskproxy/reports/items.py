@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from taskproxy.reports.adoption import _hours, _money
+from taskproxy.money import usd
+from taskproxy.reports.adoption import _hours
 from taskproxy.reports.usage import work_item_summary
 from taskproxy.storage import rollup
 from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
@@ -38,7 +39,7 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
     with engine.connect() as connection:
         item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
         usage = rollup.totals(  # all time, by UTC day: the daily rollup alone answers
-            connection, by=("day",), fields=("first_attempts", "total_tokens", "cost_usd"), where=lambda c: [c.work_item == item_id]
+            connection, by=("day",), fields=("first_attempts", "total_tokens", "cost_nanos"), where=lambda c: [c.work_item == item_id]
         )
         changes = connection.execute(
             select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
@@ -61,7 +62,7 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
                 "day": str(day)[:10],  # SQLite answers text, PostgreSQL a date
                 "requests": int(row["first_attempts"] or 0),
                 "total_tokens": int(row["total_tokens"] or 0),
-                "cost_usd": _money(row["cost_usd"]),
+                "cost_usd": usd(row["cost_nanos"]),
             }
             for (day,), row in sorted(usage.items())
         ],

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Connection
 
+from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import UsageEvent, WorkItem
 from taskproxy.timeutil import iso
 
@@ -28,7 +29,6 @@ from taskproxy.reports.signal_data import (
     in_period,
     item_entry,
     listed,
-    money,
     requests_column,
     rounded,
     span,
@@ -58,7 +58,7 @@ def repeated_prompts(
             EVENTS.prompt_hash,
             EVENTS.work_item,
             func.count().label("requests"),
-            func.sum(EVENTS.cost_usd).label("cost"),
+            func.sum(EVENTS.cost_nanos).label("cost"),
             func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
             func.min(EVENTS.ts).label("first"),
             func.max(EVENTS.ts).label("last"),
@@ -70,7 +70,7 @@ def repeated_prompts(
     by_key: dict[str, dict[str, list[Spend]]] = defaultdict(lambda: defaultdict(list))
     for row in connection.execute(query):
         by_key[row.key_id][row.prompt_hash].append(
-            Spend(row.work_item, int(row.requests), float(row.cost or 0.0), int(row.tokens), row.first, row.last)
+            Spend(row.work_item, int(row.requests), int(row.cost or 0), int(row.tokens), row.first, row.last)
         )
     found = []
     for key_id, hashes in by_key.items():
@@ -83,7 +83,7 @@ def repeated_prompts(
                 {
                     "prompt_hash": prompt,
                     "requests": sum(s.requests for s in spends),
-                    "cost_usd": money(sum(s.cost for s in spends)),
+                    "cost_usd": usd(sum(s.cost for s in spends)),
                     **span(spends),
                 }
             )
@@ -100,7 +100,7 @@ def repeated_prompts(
             "requests": sum(s.requests for s in spend.get(key_id, {}).values()),
             "repeated_prompts": len(prompts),
             "repeated_requests": sum(p["requests"] for p in prompts),
-            "cost_usd": money(sum(s.cost for s in everything)),
+            "cost_usd": usd(sum(s.cost for s in everything)),
             "items": len(everything),
             **span(everything),
             "prompts": prompts[: t.max_examples],
@@ -113,7 +113,7 @@ def after_completion(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalThresholds
 ) -> list[Found]:
     query = (
-        select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.cost_usd, EVENTS.total_tokens, ITEMS.completed_at)
+        select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.cost_nanos, EVENTS.total_tokens, ITEMS.completed_at)
         .select_from(UsageEvent.__table__.join(WorkItem.__table__, ITEMS.id == EVENTS.work_item))
         .where(in_period(EVENTS.ts, since, until), ITEMS.status.in_(RESOLVED), EVENTS.ts > ITEMS.completed_at)
     )
@@ -124,7 +124,7 @@ def after_completion(
             continue
         s = by_key[row.key_id].setdefault(row.work_item, Spend(row.work_item))
         s.requests += 1 if row.attempt == 1 else 0
-        s.cost += float(row.cost_usd or 0.0)
+        s.cost += int(row.cost_nanos or 0)
         s.tokens += int(row.total_tokens or 0)
         s.first = row.ts if s.first is None or row.ts < s.first else s.first
         s.last = row.ts if s.last is None or row.ts > s.last else s.last
@@ -148,7 +148,7 @@ def without_completion(
     for key_id, per_item in spend.items():
         spends = list(per_item.values())
         total = sum(s.cost for s in spends)
-        if total < t.heavy_spend_min_usd or total <= 0:
+        if total < to_nanos(t.heavy_spend_min_usd) or total <= 0:
             continue
         if any(_completed_since(items.get(s.item), since) for s in spends):
             continue
@@ -243,7 +243,7 @@ def cost_outliers(
             EVENTS.key_id,
             EVENTS.team,
             requests_column().label("requests"),
-            func.sum(EVENTS.cost_usd).label("cost"),
+            func.sum(EVENTS.cost_nanos).label("cost"),
             func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
             func.min(EVENTS.ts).label("first"),
             func.max(EVENTS.ts).label("last"),
@@ -252,12 +252,12 @@ def cost_outliers(
         .group_by(EVENTS.work_item, EVENTS.key_id, EVENTS.team)
     )
     by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # item -> key -> all-time spend
-    team_spend: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+    team_spend: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     priced: set[str] = set()
     for row in connection.execute(query):
         s = by_item[row.work_item].setdefault(row.key_id, Spend(row.work_item))
         s.requests += int(row.requests or 0)
-        s.cost += float(row.cost or 0.0)
+        s.cost += int(row.cost or 0)
         s.tokens += int(row.tokens)
         s.first = row.first if s.first is None or row.first < s.first else s.first
         s.last = row.last if s.last is None or row.last > s.last else s.last
@@ -265,10 +265,10 @@ def cost_outliers(
             priced.add(row.work_item)
         if row.team is not None:
             totals = team_spend[row.work_item][row.team]
-            totals[0] += float(row.cost or 0.0)
+            totals[0] += int(row.cost or 0)
             totals[1] += int(row.tokens)
 
-    costs_by_team: dict[str, dict[str, float]] = defaultdict(dict)
+    costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
     for item_id in priced:
         team = items[item_id].team
         if team is None and team_spend.get(item_id):
@@ -300,14 +300,14 @@ def cost_outliers(
                     continue
                 figures = {
                     "completed_at": iso(items[item_id].completed_at),
-                    "item_cost_usd": money(cost),
+                    "item_cost_usd": usd(cost),
                     "team": team,
                     "team_items": len(values),
-                    "team_median_usd": money(median),
-                    "team_mad_usd": money(mad),
+                    "team_median_usd": usd(median),
+                    "team_mad_usd": usd(mad),
                     "robust_z": rounded(z, 3),
                     "ratio_to_median": rounded(cost / median, 3) if median > 0 else None,
-                    "key_cost_usd": money(s.cost),
+                    "key_cost_usd": usd(s.cost),
                     "key_share": rounded(share, 6),
                     "first": iso(s.first),
                     "last": iso(s.last),
@@ -319,7 +319,7 @@ def cost_outliers(
         evidence = {
             "items": len(entries),
             "requests": sum(s.requests for s in spends),
-            "cost_usd": money(sum(s.cost for s in spends)),
+            "cost_usd": usd(sum(s.cost for s in spends)),
             **span(spends),
         }
         found.append((key_id, evidence, listed([item_entry(items, s, **figures) for s, figures in entries])))
@@ -332,11 +332,11 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
         total = sum(s.cost for s in per_item.values())
         spends = [s for s in per_item.values() if status_of(items, s.item) in WITHOUT_VERIFICATION]
         unverified = sum(s.cost for s in spends)
-        if total <= 0 or unverified < t.unverified_min_usd or unverified / total < t.unverified_min_share:
+        if total <= 0 or unverified < to_nanos(t.unverified_min_usd) or unverified / total < t.unverified_min_share:
             continue
         evidence = {
-            "cost_usd": money(total),
-            "unverified_cost_usd": money(unverified),
+            "cost_usd": usd(total),
+            "unverified_cost_usd": usd(unverified),
             "share": rounded(unverified / total),
             "requests": sum(s.requests for s in spends),
             "items": len(spends),

@@ -14,6 +14,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
+from taskproxy.money import usd
 from taskproxy.timeutil import iso
 
 EVENTS = UsageEvent.__table__.c
@@ -100,10 +101,6 @@ def thresholds_from(config: Any = None) -> SignalThresholds:
     return SignalThresholds(**values)
 
 
-def money(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 9)
-
-
 def rounded(value: float | None, digits: int = 6) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
@@ -125,7 +122,7 @@ class Spend:
 
     item: str
     requests: int = 0
-    cost: float = 0.0
+    cost: int = 0  # nano-USD
     tokens: int = 0
     first: datetime | None = None
     last: datetime | None = None
@@ -172,7 +169,7 @@ def load_spend(connection: Connection, keys: dict[str, KeyInfo], since: datetime
             EVENTS.key_id,
             EVENTS.work_item,
             requests_column().label("requests"),
-            func.sum(EVENTS.cost_usd).label("cost"),
+            func.sum(EVENTS.cost_nanos).label("cost"),
             func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
             func.min(EVENTS.ts).label("first"),
             func.max(EVENTS.ts).label("last"),
@@ -185,7 +182,7 @@ def load_spend(connection: Connection, keys: dict[str, KeyInfo], since: datetime
     spend: dict[str, dict[str, Spend]] = defaultdict(dict)
     for row in connection.execute(query):
         spend[row.key_id][row.work_item] = Spend(
-            row.work_item, int(row.requests or 0), float(row.cost or 0.0), int(row.tokens), row.first, row.last
+            row.work_item, int(row.requests or 0), int(row.cost or 0), int(row.tokens), row.first, row.last
         )
         if row.key_id not in keys:  # a key with events but no row: what its events say
             keys[row.key_id] = KeyInfo(row.key_id, row.owner, row.team, None)
@@ -202,7 +199,7 @@ def item_entry(items: dict[str, ItemRow], spend: Spend, **extra: Any) -> dict[st
         "id": spend.item,
         "status": status_of(items, spend.item),
         "requests": spend.requests,
-        "cost_usd": money(spend.cost),
+        "cost_usd": usd(spend.cost),
         **extra,
     }
 
@@ -220,7 +217,7 @@ def span(spends: list[Spend]) -> dict[str, Any]:
 def totals(spends: list[Spend]) -> dict[str, Any]:
     return {
         "requests": sum(s.requests for s in spends),
-        "cost_usd": money(sum(s.cost for s in spends)),
+        "cost_usd": usd(sum(s.cost for s in spends)),
         "tokens": sum(s.tokens for s in spends),
         "items": len(spends),
         **span(spends),

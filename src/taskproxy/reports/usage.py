@@ -13,6 +13,7 @@ from typing import Any, Literal
 from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Engine
 
+from taskproxy.money import usd
 from taskproxy.storage import rollup
 from taskproxy.storage.models import Rejection, UsageEvent, WorkItem
 from taskproxy.timeutil import iso
@@ -26,7 +27,7 @@ COUNT_TOKENS_ROUTE = rollup.COUNT_TOKENS_ROUTE
 # What each figure of `_totals` is made of (storage/rollup.py: over raw events or the rollup alike).
 _FIELDS = (
     "requests", "attempts", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-    "cost_usd", "unpriced", "first_used", "last_used",
+    "cost_nanos", "unpriced", "first_used", "last_used",
 )  # fmt: skip
 
 
@@ -39,7 +40,7 @@ def _totals(row: Mapping[str, Any]) -> dict[str, Any]:
         "total_tokens": int(row["total_tokens"] or 0),
         "cached_tokens": int(row["cached_tokens"] or 0),
         "reasoning_tokens": int(row["reasoning_tokens"] or 0),
-        "cost_usd": None if row["cost_usd"] is None else round(float(row["cost_usd"]), 8),
+        "cost_usd": usd(row["cost_nanos"]),
         "unpriced_requests": int(row["unpriced"] or 0),
         "first_used": iso(row["first_used"]),
         "last_used": iso(row["last_used"]),
@@ -94,7 +95,7 @@ def tasks_report(engine: Engine, since: datetime | None = None, until: datetime 
 
 def rejections_by_reason(engine: Engine, since: datetime | None = None, until: datetime | None = None, key_id: str | None = None) -> dict[str, int]:
     r = Rejection.__table__.c
-    query = select(r.reason, func.count()).group_by(r.reason)
+    query = select(r.reason, func.sum(r.count)).group_by(r.reason)
     if since is not None:
         query = query.where(r.ts >= since)
     if until is not None:

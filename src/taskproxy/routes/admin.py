@@ -12,7 +12,8 @@ from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
 from taskproxy.audit import audit_read
 from taskproxy.registry import ITEM_STATUSES, register_work_item, transition, update_work_item
-from taskproxy.routes.common import JSON, admin, event_json, in_thread, int_param, item_json, json_object, key_json, time_param
+from taskproxy.records import event_json, item_json, key_json
+from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param
 from taskproxy.services import services
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso

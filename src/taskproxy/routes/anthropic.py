@@ -12,35 +12,37 @@ import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
+from taskproxy.error_shapes import ApiFormat
+from taskproxy.errors import NotFound
+from taskproxy.routes.common import ApiRoute
+from taskproxy.metering.observed import NOT_BILLED
 from taskproxy.metering.usage import estimate_prompt_tokens
 from taskproxy.routes.pipeline import Endpoint, proxy
 from taskproxy.services import Services
 from taskproxy.settings import ANTHROPIC, ModelSettings
 from taskproxy.upstream import observe
-from taskproxy.upstream.passthrough import UpstreamReply
-from taskproxy.upstream.relay import anthropic_error_event
+from taskproxy.upstream.provider import ProviderReply
 
 ANTHROPIC_VERSION = (("anthropic-version", "2023-06-01"),)  # sent when the client sent none
 MESSAGE_TYPES: dict[str, tuple[type, ...]] = {"messages": (list,), "system": (str, list), "tools": (list,), "max_tokens": (int,)}
 
 
-async def _count_locally(svc: Services, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
+async def _count_locally(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
     """count_tokens for a model Anthropic does not serve: tiktoken's estimate, counted off the event loop."""
     tokens = await anyio.to_thread.run_sync(estimate_prompt_tokens, svc.counter, model.target_model, body)
-    return UpstreamReply(200, {"content-type": "application/json"}, body=orjson.dumps({"input_tokens": tokens}))
+    return ProviderReply.of_body(200, [(b"content-type", b"application/json")], orjson.dumps({"input_tokens": tokens}))
 
 
 MESSAGES = Endpoint(
-    "/v1/messages", "/v1/messages", ANTHROPIC, observe.anthropic_body, observe.anthropic_stream,
+    "/v1/messages", "/v1/messages", ANTHROPIC, ApiFormat.ANTHROPIC, observe.anthropic_body, observe.anthropic_stream, observe.anthropic_usage,
     required=("messages",), types=MESSAGE_TYPES, auth_header="x-api-key", default_headers=ANTHROPIC_VERSION,
-    error_event=anthropic_error_event,
 )  # fmt: skip
 COUNT_TOKENS = Endpoint(
-    "/v1/messages/count_tokens", "/v1/messages/count_tokens", ANTHROPIC, lambda body: observe.NOT_BILLED, lambda chunks: observe.NOT_BILLED,
+    "/v1/messages/count_tokens", "/v1/messages/count_tokens", ANTHROPIC, ApiFormat.ANTHROPIC, lambda capture: NOT_BILLED,
+    lambda capture: NOT_BILLED, lambda usage: None,
     required=("messages",), types=MESSAGE_TYPES, streams=False, auth_header="x-api-key", default_headers=ANTHROPIC_VERSION,
-    error_event=anthropic_error_event, translate=_count_locally,
+    translate=_count_locally,
 )  # fmt: skip
 
 
@@ -52,7 +54,13 @@ async def count_tokens(request: Request) -> Response:
     return await proxy(request, COUNT_TOKENS)
 
 
+async def unknown(request: Request) -> Response:
+    raise NotFound(f"There is no route {request.url.path[:200]!r} in Anthropic's Messages API; taskproxy serves /v1/messages and /v1/messages/count_tokens.")
+
+
 routes = [
-    Route(MESSAGES.path, messages, methods=["POST"]),
-    Route(COUNT_TOKENS.path, count_tokens, methods=["POST"]),
+    MESSAGES.route(messages),
+    COUNT_TOKENS.route(count_tokens),
+    # Everything else under /v1/messages is Anthropic's too: a wrong path gets Anthropic's error shape.
+    ApiRoute("/v1/messages/{rest:path}", unknown, api_format=MESSAGES.api),
 ]

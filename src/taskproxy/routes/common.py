@@ -8,14 +8,24 @@ import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
+
+from taskproxy.error_shapes import ApiFormat
 
 from taskproxy.errors import InvalidRequest
 from taskproxy.guard.auth import Principal
 from taskproxy.services import services
-from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
-from taskproxy.timeutil import iso, parse_time
+from taskproxy.timeutil import parse_time
 
 MAX_API_BODY = 1024 * 1024
+
+
+class ApiRoute(Route):
+    """A route and the API whose shape its errors take (error_shapes.py)."""
+
+    def __init__(self, path: str, endpoint: Any, *, methods: list[str] | None = None, api_format: ApiFormat = ApiFormat.OPENAI) -> None:
+        super().__init__(path, endpoint, methods=methods)
+        self.api_format = api_format
 
 
 class JSON(Response):
@@ -72,41 +82,3 @@ async def admin(request: Request) -> Principal:
 async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a blocking database call off the event loop."""
     return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs))
-
-
-def key_json(key: ApiKey) -> dict[str, Any]:
-    return {
-        "id": key.id,
-        "owner": key.owner,
-        "team": key.team,
-        "role": key.role,
-        "prefix": key.prefix,
-        "created_at": iso(key.created_at),
-        "revoked_at": iso(key.revoked_at),
-    }
-
-
-def item_json(item: WorkItem) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "source": item.source,
-        "title": item.title,
-        "url": item.url,
-        "team": item.team,
-        "status": item.status,
-        "created_at": iso(item.created_at),
-        "completed_at": iso(item.completed_at),
-        "budget_tokens": item.budget_tokens,
-        "budget_usd": item.budget_usd,
-    }
-
-
-_EVENT_FIELDS = [c.name for c in UsageEvent.__table__.columns if c.name not in {"prompt_text", "completion_text"}]
-
-
-def event_json(event: UsageEvent, *, with_texts: bool = False) -> dict[str, Any]:
-    data = {name: getattr(event, name) for name in _EVENT_FIELDS}
-    data["ts"] = iso(event.ts)
-    if with_texts:
-        data["prompt_text"], data["completion_text"] = event.prompt_text, event.completion_text
-    return data

@@ -8,7 +8,8 @@ from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest
 from taskproxy.reports import usage as usage_reports
-from taskproxy.routes.common import JSON, caller, event_json, in_thread, int_param, json_object
+from taskproxy.records import event_json
+from taskproxy.routes.common import JSON, caller, in_thread, int_param, json_object
 from taskproxy.services import services
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso, utcnow

@@ -12,36 +12,37 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from taskproxy.error_shapes import ApiFormat
 from taskproxy.routes.pipeline import Endpoint, proxy
 from taskproxy.services import Services, services
 from taskproxy.settings import OPENAI_COMPATIBLE, ModelSettings
 from taskproxy.upstream import observe
-from taskproxy.upstream.passthrough import UpstreamReply
+from taskproxy.upstream.provider import ProviderReply
 
 
-async def _translate_chat(svc: Services, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
+async def _translate_chat(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
     return await svc.translator.chat(model, body, stream)
 
 
-async def _translate_embeddings(svc: Services, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
+async def _translate_embeddings(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
     return await svc.translator.embeddings(model, body, stream)
 
 
 CHAT = Endpoint(
-    "/v1/chat/completions", "/chat/completions", OPENAI_COMPATIBLE, observe.openai_body, observe.openai_stream,
+    "/v1/chat/completions", "/chat/completions", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.openai_body, observe.openai_stream, observe.openai_usage,
     required=("messages",), types={"messages": (list,), "tools": (list,), "stream_options": (dict,)},
     usage_chunk_opt_in=True, translate=_translate_chat,
 )  # fmt: skip
 COMPLETIONS = Endpoint(
-    "/v1/completions", "/completions", OPENAI_COMPATIBLE, observe.openai_body, observe.openai_stream,
+    "/v1/completions", "/completions", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.openai_body, observe.openai_stream, observe.openai_usage,
     required=("prompt",), types={"prompt": (str, list), "stream_options": (dict,)}, usage_chunk_opt_in=True,
 )  # fmt: skip
 EMBEDDINGS = Endpoint(
-    "/v1/embeddings", "/embeddings", OPENAI_COMPATIBLE, observe.openai_body, observe.openai_stream,
+    "/v1/embeddings", "/embeddings", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.openai_body, observe.openai_stream, observe.openai_usage,
     required=("input",), types={"input": (str, list)}, streams=False, translate=_translate_embeddings,
 )  # fmt: skip
 RESPONSES = Endpoint(
-    "/v1/responses", "/responses", OPENAI_COMPATIBLE, observe.responses_body, observe.responses_stream,
+    "/v1/responses", "/responses", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.responses_body, observe.responses_stream, observe.openai_usage,
     types={"input": (str, list), "instructions": (str,), "tools": (list,)},
 )  # fmt: skip
 
@@ -70,9 +71,9 @@ async def list_models(request: Request) -> Response:
 
 
 routes = [
-    Route(CHAT.path, chat_completions, methods=["POST"]),
-    Route(COMPLETIONS.path, completions, methods=["POST"]),
-    Route(EMBEDDINGS.path, embeddings, methods=["POST"]),
-    Route(RESPONSES.path, responses, methods=["POST"]),
+    CHAT.route(chat_completions),
+    COMPLETIONS.route(completions),
+    EMBEDDINGS.route(embeddings),
+    RESPONSES.route(responses),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

@@ -1,9 +1,10 @@
 """The flow every proxy route shares: admit, forward (with fallbacks), relay, record.
 
-Admission runs in the order the contract fixes (DESIGN §3): the key, the body size, the work item,
-the body's JSON and field types, then the model. A refusal at any step is counted (per key and
-reason) and nothing is sent upstream. Each attempt at a provider — the model, then its fallbacks —
-is recorded as one usage event.
+Admission runs in the order the contract fixes (docs/api.md): the key, the body size, the work item,
+the body's JSON and field types, then the model and the budget. A refusal at any step is counted
+(per key and reason) and nothing is sent upstream. Each attempt at a provider — the model, then its
+fallbacks — is recorded exactly once, as one usage event (`_record_attempt`), however it ends:
+answered, refused by the provider, failed, cut short by the client, or ended by a shutdown.
 """
 
 from __future__ import annotations
@@ -16,49 +17,58 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import anyio
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from taskproxy.errors import ApiError, InvalidRequest, ModelNotFound
+from taskproxy.error_shapes import ApiFormat, error_event
+from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamTimeout
 from taskproxy.guard.attribution import Attributed, strip_work_item
 from taskproxy.guard.auth import Principal
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object, read_body
-from taskproxy.metering.usage import Exchange, Observed, Rejected
+from taskproxy.metering.meter import Meter
+from taskproxy.metering.observed import ProviderUsage
+from taskproxy.metering.usage import Exchange, Rejected
+from taskproxy.routes.common import ApiRoute
 from taskproxy.services import Services, services
 from taskproxy.settings import ModelSettings
 from taskproxy.timeutil import utcnow
-from taskproxy.upstream.passthrough import UpstreamReply, upstream_headers
-from taskproxy.upstream.relay import RelayResponse, openai_error_event
+from taskproxy.upstream.capture import Capture
+from taskproxy.upstream.observe import Observer
+from taskproxy.upstream.provider import ProviderReply, ProviderRequest, upstream_headers
+from taskproxy.upstream.relay import CLIENT_DISCONNECTED, SHUTDOWN, SHUTTING_DOWN, BodyResponse, ClientWatch, RelayResponse
 from taskproxy.upstream.sse import SseSplitter
 
 log = logging.getLogger("taskproxy.proxy")
 
 # Reaches a model whose provider does not speak the endpoint's API: (services, model, body, stream).
-Translate = Callable[[Services, ModelSettings, dict, bool], Awaitable[UpstreamReply]]
+Translate = Callable[[Services, ModelSettings, dict, bool], Awaitable[ProviderReply]]
 
 _JSON_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean", int: "an integer", float: "a number"}
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKPRESSURE_MAX_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One proxied route and the API format it speaks."""
+    """One proxied route and the API it speaks."""
 
     path: str
     upstream_path: str  # appended to the model's base_url when relaying
     native_provider: str  # the provider kind that takes the body as it is
-    observe_body: Callable[[bytes], Observed]
-    observe_stream: Callable[[list[bytes]], Observed]
+    api: ApiFormat  # the shape of its errors and stream error events
+    observe_body: Observer
+    observe_stream: Observer
+    usage_of: Callable[[Any], ProviderUsage | None]  # the provider's usage object, normalized
     required: tuple[str, ...] = ()
     types: dict[str, tuple[type, ...]] = field(default_factory=dict)
     streams: bool = True
     usage_chunk_opt_in: bool = False  # OpenAI's stream_options.include_usage
     auth_header: str = "authorization"
     default_headers: tuple[tuple[str, str], ...] = ()
-    error_event: Callable[[ApiError], bytes] = openai_error_event
     translate: Translate | None = None
 
     def validate(self, body: dict) -> None:
@@ -74,6 +84,12 @@ class Endpoint:
 
     def reaches(self, model: ModelSettings) -> bool:
         return model.provider == self.native_provider or self.translate is not None
+
+    def error_event(self, error: ApiError) -> bytes:
+        return error_event(error, self.api)
+
+    def route(self, handler: Callable[[Request], Awaitable[Response]]) -> ApiRoute:
+        return ApiRoute(self.path, handler, methods=["POST"], api_format=self.api)
 
 
 @dataclass
@@ -103,9 +119,6 @@ def _model_of(body: dict, svc: Services, endpoint: Endpoint) -> ModelSettings:
     return model
 
 
-BACKPRESSURE_MAX_SECONDS = 1.0
-
-
 async def _wait_for_the_writer(svc: Services) -> None:
     """Under overload the recording thread can fall behind the requests (it shares the GIL with the
     event loop). New requests then wait, briefly, so that it catches up: recording stays complete and
@@ -123,7 +136,13 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
     try:
         principal = await svc.keys.authenticate(request.headers)
         svc.rate_limiter.check(principal.key_id)
-        raw = await read_body(request, svc.settings.limits.max_body_bytes)
+        if svc.writer.refusing:
+            raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
+                                     "the request was not forwarded. Try again shortly.")  # fmt: skip
+        try:
+            raw = await read_body(request, svc.settings.limits.max_body_bytes)
+        except ClientDisconnect:
+            raise ClientGone("The client hung up before its request body arrived.") from None
         body = await decode_json_object(raw)
         attributed = svc.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
         known = await svc.policy.check(attributed.work_item)
@@ -135,49 +154,65 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
         return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
     except ApiError as exc:
         key_id = principal.key_id if principal else None
-        svc.writer.submit(Rejected(uuid.uuid4().hex, ts, key_id, exc.code, endpoint.path))
+        svc.writer.submit(Rejected(ts, key_id, exc.code, endpoint.path))
         log.info("refused %s for key %s: %s %s", endpoint.path, key_id or "-", exc.code, exc.message)
         raise
 
 
-def _exchange(request: Request, svc: Services, admitted: Admitted, model: ModelSettings, route: str, stream: bool) -> Exchange:
+class OpenAttempts:
+    """Attempts begun and not yet recorded. At shutdown the app waits for them (bounded) before it
+    drains the writer, so an answer ended by the shutdown is recorded too."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def wait_until_recorded(self, timeout: float) -> int:
+        """Wait for the open attempts; answers how many were still open when the time ran out."""
+        deadline = time.monotonic() + timeout
+        while self.count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.count
+
+
+@dataclass
+class _Attempt:
+    """One try at one model: its usage event and what it has counted against the budgets so far."""
+
+    exchange: Exchange
+    meter: Meter
+    started: float
+
+    def finish(self, svc: Services, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
+        """Record the attempt: called exactly once, however it ended."""
+        exchange = self.exchange
+        exchange.status = status
+        exchange.error = error
+        exchange.latency_ms = (time.perf_counter() - self.started) * 1000
+        exchange.ttfb_ms = (first_byte - self.started) * 1000 if first_byte is not None else None
+        exchange.charged = (self.meter.tokens, self.meter.nanos)
+        svc.writer.submit(exchange)
+        svc.open_attempts.count -= 1
+
+
+def _attempt(request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, number: int) -> _Attempt:
     principal, item = admitted.principal, admitted.attributed
     register = None
     if svc.settings.work_items.mode == "open":
         register = {"id": item.work_item, "source": "auto", "status": "unverified", "created_at": admitted.ts}
-    return Exchange(
-        id=uuid.uuid4().hex,
-        ts=admitted.ts,
-        key_id=principal.key_id,
-        owner=principal.owner,
-        team=principal.team,
-        work_item=item.work_item,
-        attribution_source=item.source,
-        route=route,
-        model=model.name,
-        upstream_model=model.target_model,
-        provider=model.provider,
-        stream=stream,
-        body=admitted.body,
-        user_agent=request.headers.get("user-agent"),
-        counter=svc.counter,
-        price=svc.prices.get(model.name),
-        register_work_item=register,
-        store_prompts=svc.settings.recording.store_prompts,
-    )
+    price = svc.prices.get(model.name)
+    exchange = Exchange(
+        id=uuid.uuid4().hex, ts=admitted.ts, key_id=principal.key_id, owner=principal.owner, team=principal.team,
+        work_item=item.work_item, attribution_source=item.source, route=endpoint.path, model=model.name,
+        upstream_model=model.target_model, provider=model.provider, stream=stream, body=admitted.body,
+        user_agent=request.headers.get("user-agent"), counter=svc.counter, price=price, register_work_item=register,
+        store_prompts=svc.settings.recording.store_prompts, attempt=number,
+    )  # fmt: skip
+    charge = partial(svc.budgets.charge, item.work_item, principal.team, admitted.ts)
+    svc.open_attempts.count += 1
+    return _Attempt(exchange, Meter(endpoint.usage_of, price, charge), admitted.started)
 
 
-def _finish(svc: Services, exchange: Exchange, started: float, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
-    exchange.status = status
-    exchange.error = error
-    exchange.latency_ms = (time.perf_counter() - started) * 1000
-    exchange.ttfb_ms = (first_byte - started) * 1000 if first_byte is not None else None
-    svc.writer.submit(exchange)
-
-
-async def _attempt(
-    request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool
-) -> UpstreamReply:
+async def _send(request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> ProviderReply:
     body = admitted.body
     if model.provider != endpoint.native_provider:
         assert endpoint.translate is not None
@@ -189,7 +224,9 @@ async def _attempt(
         content = admitted.raw
     api_key = model.api_key.get_secret_value() if model.api_key else None
     headers = upstream_headers(request.headers, api_key, endpoint.auth_header, endpoint.default_headers)
-    return await svc.upstream.forward(model, endpoint.upstream_path, content, headers, stream=stream)
+    query = request.url.query
+    url = model.base_url + endpoint.upstream_path + (f"?{query}" if query else "")
+    return await svc.provider.send(ProviderRequest(model, url, headers, content, stream))
 
 
 async def _encode(body: dict, size: int) -> bytes:
@@ -214,49 +251,115 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
             changed = True
     fallbacks = (svc.settings.model(name) for name in admitted.model.fallbacks)
     chain = [admitted.model, *(m for m in fallbacks if m is not None and endpoint.reaches(m))]
-    for index, model in enumerate(chain):
-        more = index + 1 < len(chain)
-        exchange = _exchange(request, svc, admitted, model, endpoint.path, stream)
-        exchange.attempt = index + 1
-        try:
-            reply = await _attempt(request, svc, endpoint, admitted, model, stream, changed)
-        except ApiError as exc:
-            _finish(svc, exchange, admitted.started, status=exc.status, error=exc.code)
-            if more and exc.status in RETRIED_STATUSES:
+    watch = ClientWatch(request.receive)
+    handed_over = False
+    try:
+        for number, model in enumerate(chain, start=1):
+            attempt = _attempt(request, svc, endpoint, admitted, model, stream, number)
+            more = number < len(chain)
+            try:
+                reply = await _answer(request, svc, endpoint, admitted, model, stream, changed)
+            except ApiError as exc:
+                attempt.finish(svc, status=exc.status, error=exc.code)
+                if more and exc.status in RETRIED_STATUSES:
+                    continue
+                raise
+            except asyncio.CancelledError:
+                return _ended_early(svc, attempt, watch)
+            except Exception:  # a bug: the request may have been forwarded, so it is recorded before the 500
+                attempt.finish(svc, status=500, error="internal_error")
+                raise
+            if more and reply.status in RETRIED_STATUSES:
+                await reply.close()
+                attempt.finish(svc, status=reply.status)
                 continue
-            raise
-        except Exception:  # a bug: the request may have been forwarded, so it is recorded before the 500
-            _finish(svc, exchange, admitted.started, status=500, error="internal_error")
-            raise
-        if more and reply.status in RETRIED_STATUSES:  # never a stream: those are 200
-            _finish(svc, exchange, admitted.started, status=reply.status)
-            continue
-        return _respond(svc, endpoint, admitted, exchange, reply, client_wants_usage, model)
-    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+            response = await _respond(svc, endpoint, model, attempt, reply, stream, client_wants_usage, watch)
+            handed_over = isinstance(response, RelayResponse)
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+    finally:
+        if not handed_over:
+            watch.stop()
 
 
-def _respond(
-    svc: Services, endpoint: Endpoint, admitted: Admitted, exchange: Exchange, reply: UpstreamReply, client_wants_usage: bool,
-    exchange_model: ModelSettings,
+async def _answer(request: Request, svc: Services, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> ProviderReply:
+    """The provider's reply, status and headers in (a non-streamed answer has `max_response_seconds` in all)."""
+    if stream:
+        return await _send(request, svc, endpoint, admitted, model, stream, changed)
+    try:
+        async with asyncio.timeout(model.max_response_seconds):
+            return await _send(request, svc, endpoint, admitted, model, stream, changed)
+    except TimeoutError:
+        raise UpstreamTimeout(f"The provider of '{model.name}' did not answer within {model.max_response_seconds:.0f} s (max_response_seconds).") from None
+
+
+def _ended_early(svc: Services, attempt: _Attempt, watch: ClientWatch) -> Response:
+    """The client hung up, or the server is shutting down, before the provider answered."""
+    why = watch.ended_by()
+    if why == CLIENT_DISCONNECTED:
+        attempt.finish(svc, status=ClientGone.default_status, error=CLIENT_DISCONNECTED)
+        return Response(status_code=ClientGone.default_status)  # nobody reads it
+    attempt.finish(svc, status=ServiceUnavailable.default_status, error=SHUTDOWN)
+    raise ServiceUnavailable(SHUTTING_DOWN)
+
+
+async def _respond(
+    svc: Services, endpoint: Endpoint, model: ModelSettings, attempt: _Attempt, reply: ProviderReply, stream: bool,
+    client_wants_usage: bool, watch: ClientWatch,
+) -> Response:  # fmt: skip
+    exchange, capture = attempt.exchange, Capture()
+    if stream and reply.is_event_stream:
+        exchange.answered = True
+        exchange.observe = partial(endpoint.observe_stream, capture)
+        splitter = None if client_wants_usage else SseSplitter()
+
+        def on_done(error: str | None, first_byte: float | None) -> None:
+            attempt.finish(svc, status=reply.status, error=error, first_byte=first_byte)
+
+        return RelayResponse(
+            reply, capture=capture, watch=watch, on_done=on_done, error_event=endpoint.error_event,
+            max_seconds=model.max_stream_seconds, meter=attempt.meter if reply.status < 400 else None,
+            transform=splitter.without_usage_only if splitter else None, finish=splitter.rest if splitter else None,
+        )  # fmt: skip
+    return await _respond_body(svc, endpoint, model, attempt, reply, capture, watch)
+
+
+async def _respond_body(
+    svc: Services, endpoint: Endpoint, model: ModelSettings, attempt: _Attempt, reply: ProviderReply, capture: Capture, watch: ClientWatch
 ) -> Response:
-    if not reply.streaming:
-        if reply.status < 400:
-            exchange.observe = partial(endpoint.observe_body, reply.body)
-        _finish(svc, exchange, admitted.started, status=reply.status, first_byte=time.perf_counter())
-        return Response(reply.body, status_code=reply.status, headers=reply.headers)
-
-    chunks: list[bytes] = []
-    splitter = None if client_wants_usage else SseSplitter()
-
-    def on_chunk(chunk: bytes) -> bytes:
-        chunks.append(chunk)
-        return chunk if splitter is None else splitter.without_usage_only(chunk)
-
-    def on_done(error: str | None, first_byte: float | None) -> None:
-        _finish(svc, exchange, admitted.started, status=reply.status, error=error, first_byte=first_byte)
-
-    exchange.observe = partial(endpoint.observe_stream, chunks)
-    return RelayResponse(
-        reply, on_chunk=on_chunk, on_done=on_done, finish=splitter.rest if splitter else None, error_event=endpoint.error_event,
-        max_seconds=exchange_model.max_stream_seconds,
-    )  # fmt: skip
+    """A non-streamed answer: kept whole when it is small enough, else relayed as it arrives."""
+    exchange = attempt.exchange
+    exchange.answered = reply.status < 400
+    exchange.observe = partial(endpoint.observe_body, capture) if exchange.answered else exchange.observe
+    limit = svc.settings.limits.max_buffered_response_bytes
+    deadline = attempt.started + model.max_response_seconds
+    parts: list[bytes] = []
+    first_byte: float | None = None
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+            async for chunk in reply.chunks:
+                first_byte = first_byte or time.perf_counter()
+                capture.add(chunk)
+                parts.append(chunk)
+                if capture.total > limit:
+                    break
+    except (ApiError, TimeoutError) as exc:
+        await reply.close()
+        error = exc if isinstance(exc, ApiError) else UpstreamTimeout(
+            f"The provider of '{model.name}' did not finish its answer within {model.max_response_seconds:.0f} s (max_response_seconds).")
+        attempt.finish(svc, status=error.status, error=error.code, first_byte=first_byte)
+        raise error from None
+    except asyncio.CancelledError:
+        await reply.close()
+        return _ended_early(svc, attempt, watch)
+    if exchange.answered:
+        attempt.meter.saw(capture.recent())
+    if capture.total > limit:  # too large to keep: the rest is relayed as it arrives, only its ends kept
+        return RelayResponse(
+            reply, capture=capture, watch=watch, prefix=b"".join(parts), first_byte=first_byte, error_event=endpoint.error_event,
+            max_seconds=max(0.0, deadline - time.perf_counter()), meter=attempt.meter if exchange.answered else None,
+            on_done=lambda error, _: attempt.finish(svc, status=reply.status, error=error, first_byte=first_byte),
+        )  # fmt: skip
+    await reply.close()
+    attempt.finish(svc, status=reply.status, first_byte=first_byte)
+    return BodyResponse(reply.status, reply.headers, b"".join(parts))  # type: ignore[return-value]

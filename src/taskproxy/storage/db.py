@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel, create_engine
 
 from taskproxy.errors import SchemaBehind
 from taskproxy.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from taskproxy.storage import rollup
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -105,6 +103,12 @@ def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+UNVERSIONED = (
+    "the database has taskproxy's tables but no schema revision (a build from before migrations made it, which no "
+    "version since can upgrade); point database_url at a new database"
+)
+
+
 def prepare_schema(engine: Engine) -> None:
     """At start: migrate an empty database; refuse one whose schema is behind this version."""
     head = head_revision()
@@ -116,10 +120,9 @@ def prepare_schema(engine: Engine) -> None:
         if current is None and not tables:
             _upgrade(engine, head)
             return
-    raise SchemaBehind(
-        f"the database schema is at revision {current or 'none (made before migrations)'}, this version of taskproxy needs {head}; "
-        "run `taskproxy db upgrade`"
-    )
+    if current is None:
+        raise SchemaBehind(UNVERSIONED)
+    raise SchemaBehind(f"the database schema is at revision {current}, this version of taskproxy needs {head}; run `taskproxy db upgrade`")
 
 
 def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
@@ -136,30 +139,11 @@ def _upgrade(engine: Engine, head: str) -> str | None:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
         before = current_revision(connection)
-        if before is None and (tables := _our_tables(connection)):
-            # Made by a build from before migrations existed: add what it lacks, then adopt the history.
-            _add_missing(connection)
-            if not {"usage_daily", "usage_hourly"} & tables:
-                rollup.backfill(connection)  # what migration 0002 does for a database that had no rollups
-            command.stamp(_alembic(connection), head)
-        elif before != head:
+        if before is None and _our_tables(connection):
+            raise SchemaBehind(UNVERSIONED)
+        if before != head:
             command.upgrade(_alembic(connection), "head")
     return before
-
-
-def _add_missing(connection: Connection) -> None:
-    SQLModel.metadata.create_all(connection)
-    present = {t: {c["name"] for c in inspect(connection).get_columns(t)} for t in _our_tables(connection)}
-    for table in SQLModel.metadata.sorted_tables:
-        for column in table.columns:
-            if column.name in present.get(table.name, set(column.name for column in table.columns)):
-                continue
-            default = column.default.arg if column.default is not None and not callable(column.default.arg) else None
-            if not column.nullable and default is None:
-                raise SchemaBehind(f"cannot add {table.name}.{column.name}: it has no default")
-            suffix = f" DEFAULT {int(default) if isinstance(default, bool) else default!r}" if default is not None else ""
-            ddl = CreateColumn(column).compile(dialect=connection.dialect)
-            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}{suffix}"))
 
 
 def ping(engine: Engine) -> None:

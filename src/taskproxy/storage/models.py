@@ -35,9 +35,14 @@ class WorkItem(SQLModel, table=True):
     created_at: datetime = Field(sa_type=DateTime())  # when the work was opened (the tracker's time if known)
     # When the item reached done or closed (cleared if it is reopened); cycle time = completed_at - created_at.
     completed_at: datetime | None = Field(default=None, sa_type=DateTime(), index=True)
-    budget_tokens: int | None = None
+    budget_tokens: int | None = Field(default=None, sa_type=BigInteger())
     budget_usd: float | None = None
-    updated_at: datetime | None = Field(default=None, sa_type=DateTime())
+    updated_at: datetime | None = Field(default=None, sa_type=DateTime())  # the last change, by anyone
+    # The tracker that last changed the item and the time its event carried: a tracker's events are
+    # ordered only against that same tracker's earlier events (a local edit never makes one stale).
+    tracker: str | None = Field(default=None, max_length=16)
+    tracker_event_at: datetime | None = Field(default=None, sa_type=DateTime())
+    merged_at: datetime | None = Field(default=None, sa_type=DateTime())  # a merged PR: its status is final
 
 
 class WorkItemChange(SQLModel, table=True):
@@ -52,6 +57,7 @@ class WorkItemChange(SQLModel, table=True):
     to_status: str = Field(max_length=16)
     source: str = Field(max_length=16)  # api | cli | github | jira | linear
     delivery_id: str | None = Field(default=None, max_length=200)
+    note: str | None = Field(default=None, sa_column=Column(Text))  # e.g. a tracker time in the future, clamped
 
 
 class WorkItemLink(SQLModel, table=True):
@@ -110,17 +116,19 @@ class UsageEvent(SQLModel, table=True):
     provider: str = Field(max_length=64)
     status: int  # HTTP status of this attempt (the client's, for the last attempt)
     attempt: int = 1  # 1 for every client request; 2, 3, ... for the fallbacks tried after it
-    error: str | None = Field(default=None, max_length=64)  # upstream_error | upstream_timeout | client_disconnected
+    error: str | None = Field(default=None, max_length=64)  # upstream_error | upstream_timeout | client_disconnected | proxy_shutdown
     stream: bool
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens read from the provider's cache
-    cache_write_tokens: int = 0  # prompt tokens written to it (Anthropic)
-    reasoning_tokens: int = 0
-    est_prompt_tokens: int = 0
-    usage_source: str = Field(max_length=16)  # provider | estimated
-    cost_usd: float | None = None
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger())  # cache reads and writes included
+    completion_tokens: int = Field(default=0, sa_type=BigInteger())
+    total_tokens: int = Field(default=0, sa_type=BigInteger())
+    cached_tokens: int = Field(default=0, sa_type=BigInteger())  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = Field(default=0, sa_type=BigInteger())  # prompt tokens written to it (Anthropic)
+    reasoning_tokens: int = Field(default=0, sa_type=BigInteger())
+    est_prompt_tokens: int = Field(default=0, sa_type=BigInteger())
+    usage_source: str = Field(max_length=16)  # provider | estimated (some field was not reported)
+    estimated_fields: str | None = Field(default=None, max_length=64)  # which: "completion_tokens", "prompt_tokens,completion_tokens"
+    provider_error: str | None = Field(default=None, max_length=64)  # the provider's error type, sent inside a stream
+    cost_nanos: int | None = Field(default=None, sa_type=BigInteger())  # nano-USD (money.py); None: unknown price
     latency_ms: float
     ttfb_ms: float | None = None
     prompt_hash: str | None = Field(default=None, max_length=64)
@@ -146,7 +154,7 @@ class _UsageSums(SQLModel):
     total_tokens: int = Field(sa_type=BigInteger())
     cached_tokens: int = Field(sa_type=BigInteger())
     reasoning_tokens: int = Field(sa_type=BigInteger())
-    cost_usd: float | None = None  # sum of the known prices; NULL when no event of the row has one, as SUM() answers
+    cost_nanos: int | None = Field(default=None, sa_type=BigInteger())  # sum of the known prices; NULL when none is known, as SUM() answers
     unpriced_events: int  # events whose price is unknown
     first_ts: datetime = Field(sa_type=DateTime())  # the earliest and latest event: first/last use stay exact
     last_ts: datetime = Field(sa_type=DateTime())
@@ -175,7 +183,9 @@ class UsageDaily(_UsageSums, table=True):
 
 
 class Rejection(SQLModel, table=True):
-    """A request refused before anything went upstream: counted, never forwarded."""
+    """Requests refused before anything went upstream: counted, never forwarded. One row stands for
+    `count` refusals of one reason, route and key within one minute (`ts`, the minute's start), so a
+    flood of refusals writes a row a minute, not a row each."""
 
     __tablename__ = "rejections"
 
@@ -184,3 +194,4 @@ class Rejection(SQLModel, table=True):
     key_id: str | None = Field(default=None, max_length=32)  # None when the key itself was refused
     reason: str = Field(max_length=32)  # the error code the client got
     route: str = Field(max_length=64)
+    count: int = 1

@@ -85,7 +85,7 @@ LEVELS = (DAILY, HOURLY)  # coarsest first
 # -- the write path -------------------------------------------------------------------------------
 
 
-def _accumulate(sums: dict[tuple, list], key: tuple, counts: tuple[int, ...], cost: float | None, ts: datetime) -> None:
+def _accumulate(sums: dict[tuple, list], key: tuple, counts: tuple[int, ...], cost: int | None, ts: datetime) -> None:
     row = sums.get(key)
     if row is None:
         sums[key] = [counts, cost, ts, ts]
@@ -107,7 +107,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         ts = event["ts"]
         hour = ts.replace(minute=0, second=0, microsecond=0)
         first = event.get("attempt", 1) == 1
-        cost = event["cost_usd"]
+        cost = event["cost_nanos"]
         counts = (
             1, 1 if event["status"] < 400 else 0, 1 if first and event["route"] != COUNT_TOKENS_ROUTE else 0, 1 if first else 0,
             event.get("prompt_tokens", 0), event.get("completion_tokens", 0), event.get("total_tokens", 0),
@@ -118,7 +118,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
     found = {}
     for level, sums in ((HOURLY, hourly), (DAILY, daily)):
-        columns = (*level.key, *COUNTS, "cost_usd", "first_ts", "last_ts")
+        columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
     return found
 
@@ -129,8 +129,8 @@ def add(connection: Connection, events: Iterable[dict]) -> None:
     for level, rows in deltas(events).items():  # hourly, then daily, each in key order: concurrent writers lock alike
         name = level.table.name
         updates = {column: f"{name}.{column} + excluded.{column}" for column in COUNTS}
-        updates["cost_usd"] = (
-            f"CASE WHEN excluded.cost_usd IS NULL THEN {name}.cost_usd ELSE COALESCE({name}.cost_usd, 0) + excluded.cost_usd END"
+        updates["cost_nanos"] = (
+            f"CASE WHEN excluded.cost_nanos IS NULL THEN {name}.cost_nanos ELSE COALESCE({name}.cost_nanos, 0) + excluded.cost_nanos END"
         )
         updates["first_ts"] = f"{least}({name}.first_ts, excluded.first_ts)"
         updates["last_ts"] = f"{greatest}({name}.last_ts, excluded.last_ts)"
@@ -200,7 +200,7 @@ def _add(a: Any, b: Any) -> Any:
     return (a or 0) + (b or 0)
 
 
-def _add_known(a: float | None, b: float | None) -> float | None:
+def _add_known(a: int | None, b: int | None) -> int | None:
     """Sum of known prices: NULL only when neither side knew one, as SUM() over the raw rows."""
     return b if a is None else a if b is None else a + b
 
@@ -235,8 +235,8 @@ def _aggregates() -> dict[str, _Aggregate]:
     }
     for name in TOKENS:
         found[name] = _Aggregate(func.sum(_E[name]), _sum_of(name), _add)
-    found["cost_usd"] = _Aggregate(func.sum(_E.cost_usd), _sum_of("cost_usd"), _add_known)  # NULL when no price is known
-    found["unpriced"] = _Aggregate(func.sum(case((_E.cost_usd.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
+    found["cost_nanos"] = _Aggregate(func.sum(_E.cost_nanos), _sum_of("cost_nanos"), _add_known)  # NULL when no price is known
+    found["unpriced"] = _Aggregate(func.sum(case((_E.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
     found["first_used"] = _Aggregate(func.min(_E.ts), lambda c: func.min(c.first_ts), _least)
     found["last_used"] = _Aggregate(func.max(_E.ts), lambda c: func.max(c.last_ts), _greatest)
     return found
@@ -245,7 +245,7 @@ def _aggregates() -> dict[str, _Aggregate]:
 # aggregate name -> rollup column, for the backfill
 _STORED = {
     "attempts": "events", "ok": "ok_events", "requests": "requests", "first_attempts": "first_attempts",
-    **{name: name for name in TOKENS}, "cost_usd": "cost_usd", "unpriced": "unpriced_events",
+    **{name: name for name in TOKENS}, "cost_nanos": "cost_nanos", "unpriced": "unpriced_events",
     "first_used": "first_ts", "last_used": "last_ts",
 }  # fmt: skip
 FIELDS = tuple(_STORED)
@@ -290,7 +290,7 @@ def totals(
     return found
 
 
-def cost_after(connection: Connection, period: Period, items: Table, moment: Any, condition: Any) -> dict[str, float]:
+def cost_after(connection: Connection, period: Period, items: Table, moment: Any, condition: Any) -> dict[str, int]:
     """Per item of `items` (id column `id`) meeting `condition`: the known cost of its events in `period`
     later than `moment` (a column of `items`).
 
@@ -304,23 +304,23 @@ def cost_after(connection: Connection, period: Period, items: Table, moment: Any
         if level is None:
             joined = EVENTS.join(items, items.c.id == _E.work_item)
             later = [condition, any_within(_E.ts, ranges), _E.ts > moment]
-            queries.append(select(_E.work_item, func.sum(_E.cost_usd)).select_from(joined).where(*later).group_by(_E.work_item))
+            queries.append(select(_E.work_item, func.sum(_E.cost_nanos)).select_from(joined).where(*later).group_by(_E.work_item))
             continue
         c = level.table.c
         joined = level.table.join(items, items.c.id == c.work_item)
         later = [condition, any_within(c.bucket, ranges), c.bucket > moment]
-        queries.append(select(c.work_item, func.sum(c.cost_usd)).select_from(joined).where(*later).group_by(c.work_item))
+        queries.append(select(c.work_item, func.sum(c.cost_nanos)).select_from(joined).where(*later).group_by(c.work_item))
         end = level.next_sql(moment, dialect)  # the end of the moment's bucket, then of its finer buckets
         for finer in LEVELS[LEVELS.index(level) + 1 :]:
             f = finer.table.c
-            cost = select(func.sum(f.cost_usd)).where(f.work_item == items.c.id, f.bucket > moment, f.bucket < end).scalar_subquery()
+            cost = select(func.sum(f.cost_nanos)).where(f.work_item == items.c.id, f.bucket > moment, f.bucket < end).scalar_subquery()
             queries.append(select(items.c.id, cost).where(condition, any_within(moment, ranges)))
             end = finer.next_sql(moment, dialect)
-        cost = select(func.sum(_E.cost_usd)).where(_E.work_item == items.c.id, _E.ts > moment, _E.ts < end).scalar_subquery()
+        cost = select(func.sum(_E.cost_nanos)).where(_E.work_item == items.c.id, _E.ts > moment, _E.ts < end).scalar_subquery()
         queries.append(select(items.c.id, cost).where(condition, any_within(moment, ranges)))
-    spend: dict[str, float] = {}
+    spend: dict[str, int] = {}
     for query in queries:
         for item, cost in connection.execute(query):
             if cost:
-                spend[item] = spend.get(item, 0.0) + float(cost)
+                spend[item] = spend.get(item, 0) + int(cost)
     return spend

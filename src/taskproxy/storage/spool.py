@@ -34,20 +34,38 @@ class Spool:
 
     def _own_file(self) -> IO[bytes]:
         if self._file is None:
-            self._file = self.own.open("ab")
+            # Unbuffered: a write that fails reaches the disk in part or not at all, never later.
+            self._file = self.own.open("ab", buffering=0)
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
         return self._file
 
     def append(self, batch: dict) -> None:
-        file = self._own_file()
-        file.write(orjson.dumps(batch) + b"\n")
-        file.flush()
+        """Add one batch as one line. A write that fails (a full disk) is cut back to where it began,
+        so no torn line is left behind the batches before it; the OSError is the caller's."""
+        _append_line(self._own_file(), orjson.dumps(batch) + b"\n")
 
-    def set_aside_rows(self, rows: list[dict], reason: str) -> None:
-        """Rows the database refuses for themselves (not because it is down): kept for inspection."""
-        with self.set_aside.open("ab") as file:
-            for row in rows:
-                file.write(orjson.dumps({"reason": reason, "row": row}, default=repr) + b"\n")
+    def set_aside_batch(self, batch: dict, reason: str) -> None:
+        """Rows the database refuses for themselves (not because it is down), with the reason."""
+        with self.set_aside.open("ab", buffering=0) as file:
+            _append_line(file, orjson.dumps({"reason": reason, "batch": batch}, default=repr) + b"\n")
+
+    def take_set_aside(self) -> list[tuple[str, dict]]:
+        """The set-aside batches, (reason, batch) each; the file is emptied (the caller keeps what it must)."""
+        try:
+            raw = self.set_aside.read_bytes()
+        except FileNotFoundError:
+            return []
+        self.set_aside.unlink()
+        entries = []
+        for line in raw.splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            batch = entry.get("batch") if "batch" in entry else {"events": [entry.get("row")]}  # older files: one event row
+            if isinstance(batch, dict) and all(isinstance(row, dict) for rows in batch.values() for row in rows):
+                entries.append((str(entry.get("reason", "")), batch))
+        return entries
 
     def _files(self) -> Iterator[Path]:
         folder = self.base.parent if str(self.base.parent) else Path(".")
@@ -99,41 +117,52 @@ class Spool:
                 if not self._replay_own(write, is_down):
                     return False
                 continue
-            claimed = path.with_name(f"{path.name}.claimed-{uuid.uuid4().hex}")
+            claimed = path if ".claimed-" in path.name else path.with_name(f"{path.name}.claimed-{uuid.uuid4().hex}")
             try:
-                path.rename(claimed)  # a unique name: never onto another file
-            except FileNotFoundError:
+                if claimed != path:
+                    path.rename(claimed)  # a unique name: never onto another file
+                with claimed.open("rb") as file:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process replaying it: leave it to them
+                    if not self._replay_claimed(claimed, file.read(), write, is_down):
+                        return False
+            except (FileNotFoundError, BlockingIOError):
                 continue  # another process claimed it first
-            rest = self._replay_lines(claimed.read_bytes().splitlines(), write, is_down)
-            if rest:  # the database went away again: keep the rest, in order, in this process's file
-                file = self._own_file()
-                file.write(b"\n".join(rest) + b"\n")
-                file.flush()
-            claimed.unlink()
-            if rest:
-                return False
             log.info("replayed the spool left in %s", path.name)
         return True
+
+    def _replay_claimed(self, claimed: Path, raw: bytes, write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> bool:
+        rest = self._replay_lines(raw.splitlines(), write, is_down)
+        if rest:  # the database went away again: keep the rest in this process's file, else where it is
+            try:
+                _append_line(self._own_file(), b"\n".join(rest) + b"\n")
+            except OSError:
+                return False  # the claimed file stays; replaying it again writes nothing twice (ids)
+        claimed.unlink()
+        return not rest
 
     def _replay_own(self, write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> bool:
         file = self._own_file()  # only this process's writer thread appends or replays it
         rest = self._replay_lines(self.own.read_bytes().splitlines(), write, is_down)
-        file.truncate(0)
         if rest:
-            file.write(b"\n".join(rest) + b"\n")
-        file.flush()
-        return not rest
+            # Left whole: the batches already written are skipped when it is replayed again (their ids
+            # exist), and rewriting the file could fail on the disk that made us spool in the first place.
+            return False
+        file.truncate(0)
+        return True
 
     def _replay_lines(self, lines: list[bytes], write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> list[bytes]:
         lines = [line for line in lines if line.strip()]
         for index, line in enumerate(lines):
             try:
                 batch = orjson.loads(line)
-            except orjson.JSONDecodeError:
+            except orjson.JSONDecodeError:  # torn by a crash in mid-write: nothing in it can be read back
                 damaged = self.base.with_name(f"{self.base.stem}.damaged-{int(time.time() * 1000)}{self.base.suffix}")
-                with damaged.open("ab") as out:
-                    out.write(line + b"\n")
-                log.error("a damaged spool line was kept in %s", damaged)
+                try:
+                    with damaged.open("ab") as out:
+                        out.write(line + b"\n")
+                    log.error("a damaged spool line was kept in %s", damaged)
+                except OSError as exc:
+                    log.error("a damaged spool line of %d bytes could not be kept (%s) and was dropped", len(line), exc)
                 continue
             try:
                 write(batch)
@@ -149,3 +178,21 @@ class Spool:
             self._file = None
             if self.own.exists() and self.own.stat().st_size == 0:
                 self.own.unlink()
+
+
+def _append_line(file: IO[bytes], line: bytes) -> None:
+    """Write `line` at the end of `file` whole, or cut the file back to where it was and raise."""
+    start = file.seek(0, 2)
+    try:
+        written = file.write(line)
+        while written is not None and written < len(line):  # a short write: the disk is (nearly) full
+            more = file.write(line[written:])
+            if not more:
+                raise OSError(28, "No space left on device")
+            written += more
+    except OSError:
+        try:
+            file.truncate(start)
+        except OSError:  # pragma: no cover - truncating frees space; it does not need any
+            log.exception("could not cut a torn spool line back")
+        raise

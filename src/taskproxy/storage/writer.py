@@ -2,10 +2,23 @@
 
 The request path calls `submit()`, which never blocks and never touches the database. A thread
 collects what was submitted, turns each item into rows (`to_record()`: token counting and pricing
-happen here, off the event loop), and commits them in batches. While the database cannot be reached
-the batches go to a local spool (see `spool.py`) and are replayed, once, when it answers again. Rows
-carry their own primary keys, so a replay never duplicates anything. A row the database refuses for
-itself is set aside in a file rather than blocking the rows behind it. `close()` drains the queue.
+happen here, off the event loop), and commits them in batches. Rows carry their own primary keys
+and the rollups count only rows an insert wrote, so writing a batch twice changes nothing; that is
+what lets every path below retry freely.
+
+- **The database is down**: the batch goes to a local spool (spool.py) and is replayed when the
+  database answers again. New batches go straight to a database that answers, whatever is still
+  waiting in the spool, so a spool that cannot be replayed never holds back the rest.
+- **The spool cannot be written either** (a full disk): the batch is held in memory and retried;
+  `problem` says so (`/readyz` answers 503 with it), and once more than `max_held_records` are held
+  the request path refuses new requests (`refusing`) rather than answer requests it cannot record.
+- **The database refuses a row for itself** (not because it is down): the batch is split in halves
+  until the refused rows are alone; they are set aside in a file (with the reason, for replay after
+  a fix: `taskproxy db replay-set-aside`), counted (`set_aside`) and logged; every other row is written.
+- **Refusals** are counted in memory per minute, key, reason and route, and written as one row per
+  group at most once a second: a flood of refused requests writes rows by the minute, not by the request.
+
+`close()` drains the queue.
 """
 
 from __future__ import annotations
@@ -14,7 +27,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,17 +43,21 @@ from taskproxy.storage.spool import Spool
 log = logging.getLogger("taskproxy.writer")
 
 _DATETIME_FIELDS = {"ts", "created_at", "completed_at"}
-REPLAY_INTERVAL_SECONDS = 1.0
+RETRY_INTERVAL_SECONDS = 1.0  # how often the spool (and what is held in memory) is retried
+DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once for this long instead of trying it
+REFUSALS_FLUSH_SECONDS = 1.0
 BACKLOG_BATCHES = 10
+KINDS = ("events", "rejections", "audit")
 
 
 @dataclass
 class Record:
-    """Rows for one usage event, rejection or audit entry, and the work item to register if it is new."""
+    """Rows for one usage event, refusal or audit entry, and the work item to register if it is new."""
 
     kind: Literal["event", "rejection", "audit"]
     row: dict
     new_work_item: dict | None = None
+    charged: tuple[int, int] = (0, 0)  # (tokens, nano-USD) the request path already counted against budgets
 
 
 class Recordable(Protocol):
@@ -70,9 +88,38 @@ class _Batch:
     def as_dict(self) -> dict:
         return {"events": self.events, "rejections": self.rejections, "audit": self.audit, "items": list(self.items.values())}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> _Batch:
+        return cls(
+            events=[_revive(r) for r in data.get("events", ())], rejections=[_revive(r) for r in data.get("rejections", ())],
+            audit=[_revive(r) for r in data.get("audit", ())], items={r["id"]: _revive(r) for r in data.get("items", ())},
+        )  # fmt: skip
+
+    def units(self) -> list[_Batch]:
+        """One batch per row; an event carries the work item it registers."""
+        found = [_Batch(events=[row], items={row["work_item"]: self.items[row["work_item"]]} if row["work_item"] in self.items else {})
+                 for row in self.events]  # fmt: skip
+        found += [_Batch(rejections=[row]) for row in self.rejections] + [_Batch(audit=[row]) for row in self.audit]
+        registered = {row["work_item"] for row in self.events}
+        found += [_Batch(items={item_id: item}) for item_id, item in self.items.items() if item_id not in registered]
+        return found
+
+    @classmethod
+    def merged(cls, parts: Iterable[_Batch]) -> _Batch:
+        batch = cls()
+        for part in parts:
+            batch.events += part.events
+            batch.rejections += part.rejections
+            batch.audit += part.audit
+            batch.items.update(part.items)
+        return batch
+
+    def rows(self) -> int:
+        return len(self) or len(self.items)
+
 
 class _Marker:
-    """Queued by flush(): set once everything queued before it is committed or spooled."""
+    """Queued by flush(): set once everything queued before it is committed, spooled or held."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -81,20 +128,35 @@ class _Marker:
 _STOP = object()
 
 
-def database_down(exc: Exception) -> bool:
+def database_down(exc: BaseException) -> bool:
     """The database could not be reached (spool and retry), as opposed to refusing a row."""
     return isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
-def write_spooled(engine: Engine, batch: dict) -> None:
-    revive = _revive
-    repo.write_batch(
-        engine,
-        events=[revive(r) for r in batch.get("events", ())],
-        rejections=[revive(r) for r in batch.get("rejections", ())],
-        audit=[revive(r) for r in batch.get("audit", ())],
-        new_items=[revive(r) for r in batch.get("items", ())],
-    )
+def write(engine: Engine, batch: _Batch) -> None:
+    repo.write_batch(engine, events=batch.events, rejections=batch.rejections, audit=batch.audit, new_items=batch.items.values())
+
+
+class _Refusals:
+    """Refusals counted per (minute, key, reason, route) until they are written."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[datetime, str | None, str, str], int] = {}
+        self._last_flush = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        key = (row["ts"].replace(second=0, microsecond=0), row["key_id"], row["reason"], row["route"])
+        self._counts[key] = self._counts.get(key, 0) + row.get("count", 1)
+
+    def due(self, force: bool) -> bool:
+        return bool(self._counts) and (force or time.monotonic() - self._last_flush >= REFUSALS_FLUSH_SECONDS)
+
+    def take(self) -> list[dict]:
+        rows = [{"id": uuid.uuid4().hex, "ts": ts, "key_id": key_id, "reason": reason, "route": route, "count": count}
+                for (ts, key_id, reason, route), count in self._counts.items()]  # fmt: skip
+        self._counts.clear()
+        self._last_flush = time.monotonic()
+        return rows
 
 
 class BatchWriter:
@@ -105,17 +167,24 @@ class BatchWriter:
         flush_interval: float = 0.25,
         batch_size: int = 500,
         spool_path: str | Path = "taskproxy-spool.jsonl",
+        max_held_records: int = 100_000,
         on_record: Sequence[Callable[[Record], None]] = (),
     ) -> None:
         self._engine = engine
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._spool = Spool(spool_path)
+        self._max_held = max_held_records
         self._on_record = list(on_record)  # see each record as soon as it is built (budgets, metrics)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._urgent = threading.Event()  # set by flush() and close(): write now
         self._thread: threading.Thread | None = None
-        self._last_replay = 0.0
+        self._refusals = _Refusals()
+        self._held: list[_Batch] = []  # neither written nor spooled: retried from memory
+        self._held_rows = 0
+        self._down_since: float | None = None  # the database failed at this time, and has not answered since
+        self._spool_error: str | None = None  # the last spool write failed with this
+        self._last_retry = 0.0
         self.committed = 0
         self.spooled = 0
         self.set_aside = 0
@@ -142,6 +211,24 @@ class BatchWriter:
         return self._queue.qsize() > self._batch_size * BACKLOG_BATCHES
 
     @property
+    def refusing(self) -> bool:
+        """So many records are held in memory (neither the database nor the spool takes them) that
+        new requests must be refused: their usage could not be recorded."""
+        return self._held_rows >= self._max_held
+
+    @property
+    def held_rows(self) -> int:
+        return self._held_rows
+
+    @property
+    def problem(self) -> str | None:
+        """Why usage cannot be recorded right now, or None."""
+        if not self._held:
+            return None
+        return (f"usage can be neither written nor spooled ({self._spool_error or 'spool unavailable'}); "
+                f"{self._held_rows} records are held in memory")  # fmt: skip
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -152,7 +239,7 @@ class BatchWriter:
         self._thread.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything submitted so far is committed (or spooled). For CLI and tests."""
+        """Block until everything submitted so far is committed (or spooled, or held). For the CLI and tests."""
         marker = _Marker()
         self._queue.put(marker)
         self._urgent.set()
@@ -168,25 +255,31 @@ class BatchWriter:
         if self._thread.is_alive():  # pragma: no cover - database hung beyond the timeout
             log.error("writer did not drain within %.0fs; %d items still queued", timeout, self.queue_depth)
         self._thread = None
+        if self._held:
+            log.error("%d usage records could be neither written nor spooled and are lost at exit: %s", self._held_rows, self._spool_error)
         self._spool.close()
 
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._replay(force=True)
+        self._retry(force=True)
         stopping = False
         while not stopping:
             batch, markers, stopping = self._collect()
+            if self._refusals.due(force=bool(markers) or stopping):
+                batch.rejections += self._refusals.take()
             try:
                 if len(batch):
                     self._write(batch)
-                else:
-                    self._replay()
-            except Exception:  # never let one failure stop recording for good
-                log.exception("the writer failed on a batch of %d records", len(batch))
+            except Exception:  # a bug: never let it stop recording, nor lose the batch (a replay writes nothing twice)
+                log.exception("the writer failed on a batch of %d records; it is spooled and retried", len(batch))
+                self._park(batch)
+            try:
+                self._retry(force=stopping)
+            except Exception:
+                log.exception("the writer failed retrying what waits in the spool")
             for marker in markers:
                 marker.done.set()
-        self._replay(force=True)
 
     def _collect(self) -> tuple[_Batch, list[_Marker], bool]:
         """Wait for the first item, then let the interval pass and take what has arrived meanwhile
@@ -233,79 +326,145 @@ class BatchWriter:
         except Exception:  # to_record is written never to raise; this is the last line of defence
             log.exception("could not build a usage record; it was skipped")
             return
-        batch.add(record)
+        if record.kind == "rejection":
+            self._refusals.add(record.row)
+        else:
+            batch.add(record)
         for listener in self._on_record:
             try:
                 listener(record)
             except Exception:
                 log.exception("a record listener failed")
 
+    # -- writing ----------------------------------------------------------------------------------
+
+    def _database_resting(self) -> bool:
+        return self._down_since is not None and time.monotonic() - self._down_since < DOWN_PAUSE_SECONDS
+
     def _write(self, batch: _Batch) -> None:
-        if not self._replay(force=True):  # the database is still away: keep the order, spool behind the rest
-            self._spool_batch(batch)
+        if self._database_resting():  # it failed a moment ago: don't make every batch wait on it
+            self._park(batch)
             return
+        if not self._commit(batch):
+            self._park(batch)
+
+    def _commit(self, batch: _Batch) -> bool:
+        """Write `batch`, setting aside the rows the database refuses for themselves. False: it is down."""
         try:
-            repo.write_batch(self._engine, events=batch.events, rejections=batch.rejections, audit=batch.audit, new_items=batch.items.values())
+            write(self._engine, batch)
         except SQLAlchemyError as exc:
             if database_down(exc):
-                log.warning("database unavailable (%s); spooling %d records", exc.__class__.__name__, len(batch))
-                self._spool_batch(batch)
-                return
-            try:
-                self._write_one_by_one(batch, exc)
-            except SQLAlchemyError:  # went down half-way: the rows written are skipped on replay (ids)
-                self._spool_batch(batch)
-            return
+                if self._down_since is None:
+                    log.warning("database unavailable (%s); usage is spooled until it answers", exc.__class__.__name__)
+                self._down_since = time.monotonic()
+                return False
+            log.error("the database refused a batch of %d rows (%s); writing around the rows it refuses", batch.rows(), _reason(exc))
+            return self._isolate(batch.units())
+        self._down_since = None
         self.committed += len(batch)
+        return True
 
-    def _write_one_by_one(self, batch: _Batch, first_error: SQLAlchemyError) -> None:
-        """The database refused the batch itself: write row by row and set aside the rows it refuses."""
-        log.error("the database refused a batch (%s); writing its rows one by one", first_error.__class__.__name__)
-        items = list(batch.items.values())
-        for kind, rows in (("events", batch.events), ("rejections", batch.rejections), ("audit", batch.audit)):
-            for row in rows:
-                try:
-                    repo.write_batch(self._engine, new_items=items, **{"events": [], "rejections": [], "audit": [], kind: [row]})
-                    self.committed += 1
-                except SQLAlchemyError as exc:
-                    if database_down(exc):
-                        raise  # the caller spools (or, replaying, keeps) what is left
-                    else:
-                        self._spool.set_aside_rows([row], f"{exc.__class__.__name__}: {str(exc)[:300]}")
-                        self.set_aside += 1
+    def _isolate(self, units: list[_Batch]) -> bool:
+        """Write `units` in halves until each row the database refuses stands alone; set those aside."""
+        if len(units) == 1:
+            return self._write_alone(units[0])
+        middle = len(units) // 2
+        for part in (units[:middle], units[middle:]):
+            try:
+                write(self._engine, _Batch.merged(part))
+                self.committed += sum(len(unit) for unit in part)
+            except SQLAlchemyError as exc:
+                if database_down(exc):
+                    self._down_since = time.monotonic()
+                    return False  # what is left is spooled whole: rows already written are skipped on replay (ids)
+                if not self._isolate(part):
+                    return False
+        return True
 
-    def _spool_batch(self, batch: _Batch) -> None:
+    def _write_alone(self, unit: _Batch) -> bool:
+        try:
+            write(self._engine, unit)
+            self.committed += len(unit)
+            return True
+        except SQLAlchemyError as exc:
+            if database_down(exc):
+                self._down_since = time.monotonic()
+                return False
+            if unit.events and unit.items:  # perhaps only the item it registers is refused: keep the event
+                item = _Batch(items=unit.items)
+                return self._write_alone(_Batch(events=unit.events)) and self._write_alone(item)
+            self._set_aside(unit, _reason(exc))
+            return True
+
+    def _set_aside(self, unit: _Batch, reason: str) -> None:
+        rows = unit.rows()
+        self.set_aside += rows
+        log.error("set aside %d row(s) the database refused (%s); kept in %s for replay", rows, reason, self._spool.set_aside)
+        try:
+            self._spool.set_aside_batch(unit.as_dict(), reason)
+        except OSError as exc:
+            log.error("could not keep the set-aside row(s) on disk (%s): %s", exc, unit.as_dict())
+
+    def _park(self, batch: _Batch) -> None:
+        """The database is down: spool the batch, or hold it in memory if the spool cannot be written."""
         try:
             self._spool.append(batch.as_dict())
-            self.spooled += len(batch)
-        except OSError:
-            log.exception("could not spool %d records: the database is down and the spool is not writable", len(batch))
+        except OSError as exc:
+            if self._spool_error is None:
+                log.error("could not spool %d records (%s); holding them in memory until the database or the disk recovers", len(batch), exc)
+            self._spool_error = f"{exc.__class__.__name__}: {exc.strerror or exc}"
+            self._held.append(batch)
+            self._held_rows += len(batch)
+            return
+        self._spool_error = None
+        self.spooled += len(batch)
 
-    def _replay(self, *, force: bool = False) -> bool:
-        """Replay what is spooled (at most once a second unless forced). True if nothing is left."""
-        if not self._spool.pending():
-            return True
+    def _retry(self, *, force: bool = False) -> None:
+        """Write what is held in memory, then what is spooled (at most once a second unless forced)."""
+        if not self._held and not self._spool.pending():
+            return
         now = time.monotonic()
-        if not force and now - self._last_replay < REPLAY_INTERVAL_SECONDS:
-            return False
-        if force and now - self._last_replay < REPLAY_INTERVAL_SECONDS / 4:
-            return False  # the database failed a moment ago: don't hammer it on every batch
-        self._last_replay = now
-        return self._spool.replay(self._write_spooled, database_down)
+        if self._database_resting() and not force or not force and now - self._last_retry < RETRY_INTERVAL_SECONDS:
+            return
+        self._last_retry = now
+        while self._held:
+            batch = self._held[0]
+            if not self._commit(batch):
+                self._move_held_to_spool()
+                return
+            self._held.pop(0)
+            self._held_rows -= len(batch)
+        try:
+            if not self._spool.replay(self._write_spooled, database_down):
+                self._down_since = time.monotonic()
+        except OSError as exc:  # reading or claiming a spool file failed: new batches still go to the database
+            log.error("could not replay the spool (%s); it is retried later", exc)
+
+    def _move_held_to_spool(self) -> None:
+        """The database is down again: what is held goes to the spool if the disk takes it now."""
+        while self._held:
+            try:
+                self._spool.append(self._held[0].as_dict())
+            except OSError:
+                return
+            batch = self._held.pop(0)
+            self._held_rows -= len(batch)
+            self.spooled += len(batch)
+            self._spool_error = None
 
     def _write_spooled(self, data: dict) -> None:
         """Write one spooled batch; rows the database refuses for themselves are set aside. Raises only if it is down."""
+        batch = _Batch.from_dict(data)
         try:
-            write_spooled(self._engine, data)
-            self.committed += sum(len(data.get(kind, ())) for kind in ("events", "rejections", "audit"))
+            write(self._engine, batch)
         except SQLAlchemyError as exc:
             if database_down(exc):
                 raise
-            batch = _Batch(
-                events=[_revive(r) for r in data.get("events", ())], rejections=[_revive(r) for r in data.get("rejections", ())],
-                audit=[_revive(r) for r in data.get("audit", ())], items={r["id"]: _revive(r) for r in data.get("items", ())},
-            )  # fmt: skip
-            self._write_one_by_one(batch, exc)
+            if not self._isolate(batch.units()):
+                raise OperationalError("replaying the spool", {}, ConnectionError("the database went away")) from exc
+            return
+        self._down_since = None
+        self.committed += len(batch)
 
     @property
     def spool_pending(self) -> bool:
@@ -314,6 +473,31 @@ class BatchWriter:
     @property
     def spool_bytes(self) -> int:
         return self._spool.size()
+
+
+def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
+    """Write the rows set aside beside the spool at `spool_path` (once their cause is fixed); keep
+    those the database still refuses. Returns (rows written, rows still set aside)."""
+    spool = Spool(spool_path)
+    entries = spool.take_set_aside()
+    written = kept = 0
+    for reason, data in entries:
+        batch = _Batch.from_dict(data)
+        try:
+            write(engine, batch)
+            written += batch.rows()
+        except SQLAlchemyError as exc:
+            if database_down(exc):
+                spool.set_aside_batch(data, reason)
+                raise
+            spool.set_aside_batch(data, _reason(exc))
+            kept += batch.rows()
+    return written, kept
+
+
+def _reason(exc: BaseException) -> str:
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {detail[0][:300] if detail else ''}"
 
 
 def _revive(row: dict) -> dict:

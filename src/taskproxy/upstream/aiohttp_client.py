@@ -19,7 +19,7 @@ import aiohttp
 import certifi
 
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.passthrough import Header, UpstreamReply, client_headers, is_event_stream, timed_out, unreachable
+from taskproxy.upstream.provider import Header, ProviderReply, ProviderRequest, client_headers, timed_out, unreachable
 
 log = logging.getLogger("taskproxy.upstream")
 
@@ -75,18 +75,13 @@ class AiohttpClient:
             )  # fmt: skip
         return timeout
 
-    async def post(self, model: ModelSettings, url: str, content: bytes, headers: list[Header], *, stream: bool) -> UpstreamReply:
+    async def send(self, request: ProviderRequest) -> ProviderReply:
+        model = request.model
         with map_aiohttp_errors(model.name):
-            response = await self.session.post(url, data=content, headers=_text_headers(headers), timeout=self._timeout(model), allow_redirects=False)
-        reply_headers = client_headers(response.headers.items())
-        if stream and is_event_stream(response.status, response.headers.get("content-type", "")):
-            return UpstreamReply(response.status, reply_headers, chunks=self._chunks(model, response), close=self._closer(response))
-        try:
-            with map_aiohttp_errors(model.name):
-                body = await response.read()
-        finally:
-            response.release()
-        return UpstreamReply(response.status, reply_headers, body=body)
+            response = await self.session.post(
+                request.url, data=request.content, headers=_text_headers(request.headers), timeout=self._timeout(model), allow_redirects=False
+            )
+        return ProviderReply(response.status, client_headers(response.raw_headers), self._chunks(model, response), self._closer(response))
 
     @staticmethod
     async def _chunks(model: ModelSettings, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -97,7 +92,7 @@ class AiohttpClient:
     @staticmethod
     def _closer(response: aiohttp.ClientResponse):  # type: ignore[no-untyped-def]
         async def close() -> None:
-            # A stream read to its end returns its connection to the pool; one cut short closes it.
+            # A body read to its end returns its connection to the pool; one cut short closes it.
             if response.content.at_eof():
                 response.release()
             else:

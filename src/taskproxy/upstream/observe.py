@@ -1,19 +1,26 @@
-"""Reading usage and completion text out of finished responses, per API format.
+"""Reading usage, completion text and in-band errors out of what was kept of an answer, per API format.
 
-These run in the writer thread (via `Exchange.observe`), never on the event loop.
+These run in the writer thread (via `Exchange.to_record`), never on the event loop. Each reads a
+`Capture`: the whole answer when it was small, else its head and tail (upstream/capture.py).
+
+Usage the provider reported is kept field by field even when the answer ended early: an Anthropic
+stream cut after `message_start` still has its input and cache tokens, and only the output is then
+missing (`Observed.missing`) and estimated by the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
 
-from taskproxy.metering.usage import Observed, ProviderUsage
-from taskproxy.upstream.sse import iter_events
+from taskproxy.jsonbytes import last_usage_object
+from taskproxy.metering.observed import COMPLETION, Observed, ProviderUsage
+from taskproxy.upstream.capture import Capture
+from taskproxy.upstream.sse import end_of_last_event, iter_events
 
-NOT_BILLED = Observed(ProviderUsage())  # e.g. Anthropic's count_tokens: answered, nothing generated
+Observer = Callable[[Capture], Observed]
 
 
 def _loads(data: bytes) -> Any:
@@ -27,6 +34,44 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _text_scale(capture: Capture) -> float:
+    kept = capture.total - capture.skipped
+    return capture.total / kept if capture.skipped and kept else 1.0
+
+
+def stream_events(capture: Capture) -> Iterator[dict]:
+    """The JSON payloads of the events kept: all of them, or those wholly inside the head and the tail."""
+    if capture.complete:
+        blocks: Iterable[bytes] = (capture.whole(),)
+    else:
+        head, tail = capture.head, capture.tail
+        first_end = end_of_first_event(tail)
+        blocks = (head[: end_of_last_event(head)], tail[first_end:])
+    for block in blocks:
+        for _, data in iter_events(block):
+            if data != b"[DONE]" and isinstance(event := _loads(data), dict):
+                yield event
+
+
+def end_of_first_event(data: bytes) -> int:
+    ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.find(t)) >= 0]
+    return min(ends, default=len(data))
+
+
+def _body(capture: Capture) -> dict | None:
+    """A non-streamed answer's JSON, when it was kept whole."""
+    data = _loads(capture.whole()) if capture.complete else None
+    return data if isinstance(data, dict) else None
+
+
+def _error_type(error: Any) -> str:
+    if isinstance(error, dict):
+        for key in ("type", "code"):
+            if isinstance(error.get(key), str) and error[key]:
+                return error[key][:64]
+    return "error"
+
+
 # -- OpenAI chat, completions, embeddings -----------------------------------------------------------
 
 
@@ -35,15 +80,15 @@ def openai_usage(usage: Any) -> ProviderUsage | None:
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    if not isinstance(prompt, int):
+    if not isinstance(prompt, int) or isinstance(prompt, bool):
         return None
     prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
     return ProviderUsage(
         prompt_tokens=prompt,
         completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
-        cached_tokens=_int(prompt_details.get("cached_tokens")),
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        cached_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
     )
 
 
@@ -68,25 +113,29 @@ def _choices_text(data: dict, *, delta: bool) -> Iterable[str]:
             yield from _choice_text(choice, delta=delta)
 
 
-def openai_body(body: bytes) -> Observed:
-    data = _loads(body)
-    if not isinstance(data, dict):
-        return Observed()
+def openai_body(capture: Capture) -> Observed:
+    data = _body(capture)
+    if data is None:
+        return Observed(openai_usage(last_usage_object(capture.tail or capture.head)))
     return Observed(openai_usage(data.get("usage")), "".join(_choices_text(data, delta=False)))
 
 
-def openai_stream(chunks: Iterable[bytes]) -> Observed:
+def openai_stream(capture: Capture) -> Observed:
     usage: ProviderUsage | None = None
+    error: str | None = None
     text: list[str] = []
-    for _, data in iter_events(b"".join(chunks)):
-        event = _loads(data) if data != b"[DONE]" else None
-        if isinstance(event, dict):
-            usage = openai_usage(event.get("usage")) or usage
-            text.extend(_choices_text(event, delta=True))
-    return Observed(usage, "".join(text))
+    for event in stream_events(capture):
+        usage = openai_usage(event.get("usage")) or usage
+        if "error" in event:
+            error = _error_type(event["error"])
+        text.extend(_choices_text(event, delta=True))
+    return Observed(usage, "".join(text), _text_scale(capture), error)
 
 
 # -- OpenAI Responses API ---------------------------------------------------------------------------
+
+_TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+_DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta", "response.refusal.delta"}
 
 
 def _output_text(response: dict) -> str:
@@ -102,28 +151,30 @@ def _output_text(response: dict) -> str:
     return "".join(parts)
 
 
-def responses_body(body: bytes) -> Observed:
-    data = _loads(body)
-    if not isinstance(data, dict):
-        return Observed()
+def responses_body(capture: Capture) -> Observed:
+    data = _body(capture)
+    if data is None:
+        return Observed(openai_usage(last_usage_object(capture.tail or capture.head)))
     return Observed(openai_usage(data.get("usage")), _output_text(data))
 
 
-def responses_stream(chunks: Iterable[bytes]) -> Observed:
-    """Usage from `response.completed` (or `.incomplete`/`.failed`); text from the deltas as a fallback."""
+def responses_stream(capture: Capture) -> Observed:
+    """Usage from `response.completed` (or `.incomplete`/`.failed`); `response.created` and
+    `.in_progress` carry none. Text from the deltas, for an estimate when the usage never came."""
     usage: ProviderUsage | None = None
+    error: str | None = None
     deltas: list[str] = []
-    for _, data in iter_events(b"".join(chunks)):
-        event = _loads(data)
-        if not isinstance(event, dict):
-            continue
+    for event in stream_events(capture):
         kind = event.get("type")
-        if kind in {"response.completed", "response.incomplete", "response.failed"} and isinstance(event.get("response"), dict):
+        if kind in _TERMINAL and isinstance(event.get("response"), dict):
             usage = openai_usage(event["response"].get("usage")) or usage
-        elif kind in {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta"}:
-            if isinstance(event.get("delta"), str):
-                deltas.append(event["delta"])
-    return Observed(usage, "".join(deltas))
+            if kind == "response.failed":
+                error = _error_type(event["response"].get("error"))
+        elif kind == "error":
+            error = _error_type(event.get("error") if isinstance(event.get("error"), dict) else event)
+        elif kind in _DELTAS and isinstance(event.get("delta"), str):
+            deltas.append(event["delta"])
+    return Observed(usage, "".join(deltas), _text_scale(capture), error)
 
 
 # -- Anthropic Messages API -------------------------------------------------------------------------
@@ -134,11 +185,12 @@ def anthropic_usage(usage: Any) -> ProviderUsage | None:
     if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
         return None
     cache_read = _int(usage.get("cache_read_input_tokens"))
+    written = _int(usage.get("cache_creation_input_tokens"))
     return ProviderUsage(
-        prompt_tokens=usage["input_tokens"] + cache_read,
+        prompt_tokens=usage["input_tokens"] + cache_read + written,
         completion_tokens=_int(usage.get("output_tokens")),
         cached_tokens=cache_read,
-        cache_creation_tokens=_int(usage.get("cache_creation_input_tokens")),
+        cache_creation_tokens=written,
     )
 
 
@@ -153,31 +205,33 @@ def _block_text(block: Any) -> str:
     return ""
 
 
-def anthropic_body(body: bytes) -> Observed:
-    data = _loads(body)
-    if not isinstance(data, dict):
-        return Observed()
+def anthropic_body(capture: Capture) -> Observed:
+    data = _body(capture)
+    if data is None:
+        return Observed(anthropic_usage(last_usage_object(capture.tail or capture.head)))
     return Observed(anthropic_usage(data.get("usage")), "".join(_block_text(b) for b in data.get("content") or ()))
 
 
-def anthropic_stream(chunks: Iterable[bytes]) -> Observed:
-    """Input and cache tokens from `message_start`; output tokens (cumulative) from the last `message_delta`."""
-    start: dict = {}
+def anthropic_stream(capture: Capture) -> Observed:
+    """Input and cache tokens from `message_start`; output tokens (cumulative) from the last
+    `message_delta`. A stream that ended before any `message_delta` keeps what `message_start`
+    reported and misses only the output; an `error` event is the provider's failure."""
+    reported: dict = {}
     output: int | None = None
+    error: str | None = None
     text: list[str] = []
-    for _, data in iter_events(b"".join(chunks)):
-        event = _loads(data)
-        if not isinstance(event, dict):
-            continue
+    for event in stream_events(capture):
         kind = event.get("type")
         if kind == "message_start" and isinstance(event.get("message"), dict):
-            start = dict(event["message"].get("usage") or {})
+            reported = dict(event["message"].get("usage") or {})
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
             delta_usage = event["usage"]
             output = _int(delta_usage.get("output_tokens"))
-            start.update({k: v for k, v in delta_usage.items() if k != "output_tokens" and isinstance(v, int)})
+            reported.update({k: v for k, v in delta_usage.items() if k != "output_tokens" and isinstance(v, int)})
         elif kind == "content_block_delta":
             text.append(_block_text(event.get("delta")))
-    if output is None:  # the stream ended before message_delta: the provider's count is incomplete
-        return Observed(None, "".join(text))
-    return Observed(anthropic_usage({**start, "output_tokens": output}), "".join(text))
+        elif kind == "error":
+            error = _error_type(event.get("error"))
+    missing = frozenset() if output is not None else frozenset({COMPLETION})
+    usage = anthropic_usage({**reported, "output_tokens": output or 0})
+    return Observed(usage, "".join(text), _text_scale(capture), error, missing if usage is not None else frozenset())

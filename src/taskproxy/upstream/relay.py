@@ -1,9 +1,13 @@
-"""Relaying a provider's stream to the client, chunk by chunk, as it arrives.
+"""Relaying a provider's answer to the client as it arrives: every stream, and any body too large to
+keep whole.
 
-While the body streams, the client connection is watched: if the client hangs up, the upstream
-request is cancelled at once (not at the provider's next chunk) and the provider's connection is
-released. A failure of the provider mid-stream ends the stream with an error event the SDKs raise.
-`on_done` is called exactly once with how the relay ended.
+The client's connection is watched for the whole exchange (`ClientWatch`): when the client hangs
+up, the task serving it is cancelled at once, so the provider's request is cancelled too (not at its
+next chunk). What is kept of the answer for accounting is bounded (`Capture`), and the spend the
+provider reports is counted the moment its usage passes by (`Meter`), before the client has the
+end of the answer. A provider failure mid-stream, the stream's time limit, or the server shutting
+down ends the stream with the route's error event. `on_done` is called exactly once, with how the
+relay ended, before the provider's connection is released.
 """
 
 from __future__ import annotations
@@ -11,93 +15,140 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
-from taskproxy.errors import ApiError, UpstreamTimeout, anthropic_error_body, openai_error_body
-from taskproxy.upstream.passthrough import UpstreamReply
+from taskproxy.errors import ApiError, ServiceUnavailable, UpstreamTimeout
+from taskproxy.jsonbytes import has_usage_object
+from taskproxy.upstream.capture import Capture
+from taskproxy.upstream.provider import Header, ProviderReply
 
 CLIENT_DISCONNECTED = "client_disconnected"
+SHUTDOWN = "proxy_shutdown"
+SHUTTING_DOWN = "The proxy is shutting down; the answer was ended here. Retry the request."
 
 
-def openai_error_event(error: ApiError) -> bytes:
-    return b"data: " + orjson.dumps(openai_error_body(error)) + b"\n\n"
+class UsageMeter(Protocol):
+    pending: bool
+
+    def saw(self, recent: bytes) -> None: ...
 
 
-def anthropic_error_event(error: ApiError) -> bytes:
-    return b"event: error\ndata: " + orjson.dumps(anthropic_error_body(error)) + b"\n\n"
+class ClientWatch:
+    """Cancels the task serving a request when its client hangs up (once the request body is read,
+    the server's `receive` answers only that)."""
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.gone = False
+        self._stopped = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._stopped:
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watcher.cancel()
+
+    def ended_by(self) -> str:
+        """After the serving task was cancelled: why, and the cancellation is taken back so the
+        task can record the exchange (and, shutting down, answer with the route's error)."""
+        self._task.uncancel()
+        return CLIENT_DISCONNECTED if self.gone else SHUTDOWN
 
 
 class RelayResponse:
     def __init__(
         self,
-        reply: UpstreamReply,
+        reply: ProviderReply,
         *,
-        on_chunk: Callable[[bytes], bytes],
+        capture: Capture,
+        watch: ClientWatch,
         on_done: Callable[[str | None, float | None], None],
+        error_event: Callable[[ApiError], bytes],
+        max_seconds: float,
+        meter: UsageMeter | None = None,
+        transform: Callable[[bytes], bytes] | None = None,
         finish: Callable[[], bytes] | None = None,
-        error_event: Callable[[ApiError], bytes] | None = None,
-        max_seconds: float = 1800.0,
+        prefix: bytes = b"",
+        first_byte: float | None = None,
     ) -> None:
-        assert reply.chunks is not None
         self.reply = reply
-        self.chunks = reply.chunks
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
-        self.on_chunk = on_chunk  # sees every upstream chunk, returns what the client gets
-        self.finish = finish  # what is left to send when upstream ends (a partial event)
+        self.headers: list[Header] = reply.headers
+        self.capture = capture
+        self.watch = watch
         self.on_done = on_done  # (error code or None, time of the first byte or None)
-        self.error_event = error_event or openai_error_event
-        self.max_seconds = max_seconds  # a stream that never ends is cut here
+        self.error_event = error_event
+        self.max_seconds = max_seconds  # an answer that never ends is cut here
+        self.meter = meter
+        self.transform = transform  # sees every upstream chunk, returns what the client gets
+        self.finish = finish  # what is left to send when upstream ends (a partial event)
+        self.prefix = prefix  # already read from upstream (and captured), not yet sent
+        self.first_byte = first_byte
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Plain asyncio rather than anyio's task group and cancel scopes: this runs once per stream,
-        # and the lighter form measurably costs fewer instructions (bench/, docs/performance.md).
         error: str | None = None
-        first_byte: float | None = None
-        relay = asyncio.current_task()
-        assert relay is not None
-        completed = disconnected = False
-
-        async def watch_disconnect() -> None:
-            nonlocal disconnected
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not completed:
-                disconnected = True
-                relay.cancel()  # stop waiting for the provider at once, not at its next chunk
-
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        first_byte = self.first_byte
+        capture, meter, transform = self.capture, self.meter, self.transform
         try:
             await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
             try:
                 async with asyncio.timeout(self.max_seconds):
-                    async for chunk in self.chunks:
+                    if self.prefix:
+                        await send({"type": "http.response.body", "body": self.prefix, "more_body": True})
+                    async for chunk in self.reply.chunks:
                         if first_byte is None:
                             first_byte = time.perf_counter()
-                        out = self.on_chunk(chunk)
+                        capture.add(chunk)
+                        if meter is not None and (meter.pending or has_usage_object(chunk)):
+                            meter.saw(capture.recent())
+                        out = transform(chunk) if transform is not None else chunk
                         if out:
                             await send({"type": "http.response.body", "body": out, "more_body": True})
                 tail = self.finish() if self.finish else b""
             except TimeoutError:
-                timeout = UpstreamTimeout(f"The stream ran longer than {self.max_seconds:.0f} s (max_stream_seconds) and was ended.")
+                timeout = UpstreamTimeout(f"The answer took longer than {self.max_seconds:.0f} s and was ended (max_stream_seconds).")
                 error, tail = timeout.code, self.error_event(timeout)
-            except ApiError as exc:  # the provider failed mid-stream: tell the client in-band
-                error = exc.code
-                tail = self.error_event(exc)
+            except ApiError as exc:  # the provider failed mid-answer: tell the client in-band
+                error, tail = exc.code, self.error_event(exc)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-            completed = True
         except OSError:  # the server could not write: the client is gone
             error = CLIENT_DISCONNECTED
         except asyncio.CancelledError:
-            if not disconnected:
-                raise  # cancelled from outside (the server shutting down): let it propagate
-            relay.uncancel()
-            error = CLIENT_DISCONNECTED
+            error = self.watch.ended_by()
+            if error == SHUTDOWN:
+                await _send_quietly(send, self.error_event(ServiceUnavailable(SHUTTING_DOWN)))
         finally:
-            watcher.cancel()
-            try:
-                await self.chunks.aclose()  # type: ignore[attr-defined]
-                await self.reply.close()
-            finally:
-                self.on_done(error, first_byte)
+            self.watch.stop()
+            self.on_done(error, first_byte)
+            chunks = self.reply.chunks
+            if hasattr(chunks, "aclose"):
+                await chunks.aclose()
+            await self.reply.close()
+
+
+async def _send_quietly(send: Send, body: bytes) -> None:
+    try:
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except (OSError, RuntimeError):
+        pass
+
+
+class BodyResponse:
+    """A provider's complete answer, its headers as the provider sent them (repeated ones kept)."""
+
+    def __init__(self, status: int, headers: list[Header], body: bytes) -> None:
+        self.status, self.body = status, body
+        self.headers = [*headers, (b"content-length", str(len(body)).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})

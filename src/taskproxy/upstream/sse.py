@@ -1,7 +1,7 @@
 """Server-sent events framing.
 
 `SseSplitter` passes a byte stream on in whole events on the request path (only where an event must
-be withheld from the client); `iter_data` reads the payloads of a finished stream, off the request path.
+be withheld from the client); `iter_events` reads the events of a finished stream, off the request path.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ class SseSplitter:
         """The complete events so far, minus any usage-only chunk; a partial event waits for the rest.
         Events are not split apart unless a usage-only chunk is among them (once per stream)."""
         data = self._buffer + chunk if self._buffer else chunk
-        cut = _end_of_last_event(data)
+        cut = end_of_last_event(data)
         complete, self._buffer = data[:cut], data[cut:]
         match = _USAGE_ONLY.search(complete)
         if match is None:
             return complete
         kept, position = [], 0
         while match is not None:
-            start = _end_of_last_event(complete, match.start())
+            start = end_of_last_event(complete, match.start())
             end = _EVENT_END.search(complete, match.end())
             stop = end.end() if end is not None else len(complete)
             if is_usage_only_chunk(complete[start:stop]):
@@ -45,7 +45,7 @@ class SseSplitter:
         return rest
 
 
-def _end_of_last_event(data: bytes, before: int | None = None) -> int:
+def end_of_last_event(data: bytes, before: int | None = None) -> int:
     """Where the last complete event in `data[:before]` ends (0: none)."""
     limit = len(data) if before is None else before
     ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.rfind(t, 0, limit)) >= 0]
@@ -55,12 +55,6 @@ def _end_of_last_event(data: bytes, before: int | None = None) -> int:
 def is_usage_only_chunk(event: bytes) -> bool:
     """The extra chunk `stream_options.include_usage` adds: empty `choices` and a usage object."""
     return b'"usage"' in event and _USAGE_ONLY.search(event) is not None
-
-
-def iter_data(raw: bytes) -> Iterator[bytes]:
-    """The `data:` payloads of a complete SSE body, multi-line data joined by newlines."""
-    for _, data in iter_events(raw):
-        yield data
 
 
 def iter_events(raw: bytes) -> Iterator[tuple[bytes, bytes]]:
@@ -74,7 +68,3 @@ def iter_events(raw: bytes) -> Iterator[tuple[bytes, bytes]]:
                 data.append(line[5:].removeprefix(b" "))
         if data:
             yield name, b"\n".join(data)
-
-
-def sse_event(data: bytes, name: bytes = b"") -> bytes:
-    return (b"event: " + name + b"\n" if name else b"") + b"data: " + data + b"\n\n"

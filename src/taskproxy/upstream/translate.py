@@ -21,10 +21,10 @@ import orjson
 
 from taskproxy.errors import ApiError, ProviderError, UpstreamError, UpstreamTimeout
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.passthrough import UpstreamReply
+from taskproxy.upstream.provider import ProviderReply
 
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+JSON_HEADERS = ((b"content-type", b"application/json"),)
+SSE_HEADERS = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
 # The only request fields passed on to litellm. litellm takes any keyword (api_base, fallbacks,
 # extra_headers, mock_response, ...), so an unknown field from a client must never reach it: it could
 # send the configured provider key elsewhere.
@@ -103,16 +103,16 @@ class Translator:
             **model.extra,
         }
 
-    async def chat(self, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
+    async def chat(self, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
         litellm = await self.litellm()
         kwargs = self._common(model, body, CHAT_PARAMETERS)
         with self.map_litellm_errors(model):
             if not stream:
                 result = await litellm.acompletion(messages=body["messages"], **kwargs)
-                return UpstreamReply(200, dict(JSON_HEADERS), body=result.model_dump_json(exclude_none=True).encode())
+                return ProviderReply.of_body(200, JSON_HEADERS, result.model_dump_json(exclude_none=True).encode())
             result = await litellm.acompletion(messages=body["messages"], stream=True, stream_options={"include_usage": True}, **kwargs)
         close = getattr(result, "aclose", None)  # a client hanging up must stop the provider's generation too
-        return UpstreamReply(200, dict(SSE_HEADERS), chunks=self._openai_stream(model, result), close=close or _nothing)
+        return ProviderReply(200, list(SSE_HEADERS), self._openai_stream(model, result), close or _nothing)
 
     async def _openai_stream(self, model: ModelSettings, result: Any) -> AsyncIterator[bytes]:
         """litellm's chunks as OpenAI's SSE, usage in its own chunk with empty choices (as OpenAI sends it)."""
@@ -131,10 +131,10 @@ class Translator:
             yield b"data: " + orjson.dumps({**envelope, "choices": [], "usage": usage}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    async def embeddings(self, model: ModelSettings, body: dict, stream: bool) -> UpstreamReply:
+    async def embeddings(self, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
         litellm = await self.litellm()
         with self.map_litellm_errors(model):
             result = await litellm.aembedding(input=body["input"], **self._common(model, body, EMBEDDING_PARAMETERS))
         data = result.model_dump(exclude_none=True)
         data.setdefault("created", int(time.time()))
-        return UpstreamReply(200, dict(JSON_HEADERS), body=orjson.dumps(data))
+        return ProviderReply.of_body(200, JSON_HEADERS, orjson.dumps(data))

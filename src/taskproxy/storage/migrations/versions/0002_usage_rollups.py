@@ -12,7 +12,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-from taskproxy.storage import rollup
 
 revision: str = '0002'
 down_revision: str | None = '0001'
@@ -68,10 +67,25 @@ def upgrade() -> None:
     with op.batch_alter_table('usage_hourly', schema=None) as batch_op:
         batch_op.create_index('ix_usage_hourly_work_item_bucket', ['work_item', 'bucket'], unique=False)
 
-    # The events recorded so far, summed as the writer would have. This uses the rollup module of the
-    # version being installed; a later migration that changes the rollups' columns must first copy
-    # this statement here, as it is then.
-    rollup.backfill(op.get_bind())
+    # The events recorded so far, summed as the writer of this revision did (the statement is frozen
+    # here: later revisions change the rollups' columns).
+    bind = op.get_bind()
+    for table, unit, owner in (('usage_daily', 'day', True), ('usage_hourly', 'hour', False)):
+        if bind.dialect.name == 'postgresql':
+            bucket = f"date_trunc('{unit}', ts)"
+        else:
+            bucket = "substr(ts, 1, 10) || ' 00:00:00.000000'" if unit == 'day' else "substr(ts, 1, 13) || ':00:00.000000'"
+        keys = f"{bucket}, work_item, COALESCE(team, ''), model" + (", owner" if owner else "")
+        op.execute(
+            f"INSERT INTO {table} (bucket, work_item, team, model{', owner' if owner else ''}, events, ok_events, requests, "
+            "first_attempts, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_usd, "
+            f"unpriced_events, first_ts, last_ts) SELECT {keys}, count(*), "
+            "sum(CASE WHEN status < 400 THEN 1 ELSE 0 END), "
+            "sum(CASE WHEN attempt = 1 AND route != '/v1/messages/count_tokens' THEN 1 ELSE 0 END), "
+            "sum(CASE WHEN attempt = 1 THEN 1 ELSE 0 END), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), "
+            "sum(cached_tokens), sum(reasoning_tokens), sum(cost_usd), sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END), "
+            f"min(ts), max(ts) FROM usage_events GROUP BY {keys}"
+        )
 
 
 def downgrade() -> None:

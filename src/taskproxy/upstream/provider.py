@@ -1,22 +1,25 @@
-"""Relaying a request byte for byte to a provider that speaks the client's API.
+"""The seam between taskproxy and the model providers: what is sent, what comes back, and the small
+interface every provider client implements.
 
-`Upstream.forward` is what the routes call. Underneath it is a `ProviderClient`, chosen by the app
-factory: `AiohttpClient` (upstream/aiohttp_client.py) by default — the cheapest in CPU per request
-of the clients measured in bench/ — or `HttpxClient` (upstream/httpx_client.py) around an injected
-httpx transport, which is how tests fake a provider (httpx.MockTransport, ASGITransport, respx).
-Each client translates its library's errors into taskproxy's at exactly one place.
+`ProviderClient` is taskproxy's own: `AiohttpClient` (upstream/aiohttp_client.py) is the one
+production uses, `MockProvider` (upstream/mock.py) the one tests inject through
+`create_app(settings, provider=...)`. Both hand the relay the same `ProviderReply`, so tests and
+production run the same relay code. Each client translates its library's errors into taskproxy's
+(`UpstreamError`, `UpstreamTimeout`) at exactly one place.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.datastructures import Headers
 
 from taskproxy.errors import UpstreamError, UpstreamTimeout
 from taskproxy.settings import ModelSettings
+
+Header = tuple[bytes, bytes]
 
 # Never forwarded upstream: hop-by-hop headers, the client's proxy credentials, taskproxy's own headers.
 _DROP_REQUEST_HEADERS = frozenset(
@@ -33,40 +36,72 @@ _DROP_REQUEST_HEADERS_BYTES = frozenset(name.encode() for name in _DROP_REQUEST_
 # Not relayed to the client: hop-by-hop headers and those the proxy's own server sets.
 DROP_RESPONSE_HEADERS = frozenset(
     {
-        "content-length", "content-encoding", "transfer-encoding", "connection", "keep-alive", "set-cookie",
-        "server", "date", "alt-svc", "trailer", "upgrade",
+        b"content-length", b"content-encoding", b"transfer-encoding", b"connection", b"keep-alive", b"set-cookie",
+        b"server", b"date", b"alt-svc", b"trailer", b"upgrade",
     }
 )  # fmt: skip
 
-Header = tuple[bytes, bytes]
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """One POST to a provider. `url` is complete (the client's query string included)."""
+
+    model: ModelSettings  # whose timeouts apply
+    url: str
+    headers: list[Header]
+    content: bytes
+    stream: bool  # the client asked for a stream
 
 
 async def _nothing_to_close() -> None:
     return None
 
 
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover  (makes this an async generator)
+
+
 @dataclass
-class UpstreamReply:
-    """What a provider answered, however it was reached: a complete body, or a stream of bytes."""
+class ProviderReply:
+    """What a provider answered, however it was reached. The body is always an iterator of chunks,
+    read as it arrives; `close` releases the connection (a body not read to its end closes it)."""
 
     status: int
-    headers: dict[str, str]
-    body: bytes = b""
-    chunks: AsyncIterator[bytes] | None = None  # set only for a successful stream; errors already mapped
+    headers: list[Header]  # as the client gets them: names lower-cased, repeated headers kept, values as sent
+    chunks: AsyncIterator[bytes] = field(default_factory=_no_chunks)
     close: Callable[[], Awaitable[None]] = _nothing_to_close
 
+    @classmethod
+    def of_body(cls, status: int, headers: Iterable[Header], body: bytes) -> ProviderReply:
+        async def one() -> AsyncIterator[bytes]:
+            if body:
+                yield body
+
+        return cls(status, list(headers), one())
+
+    def header(self, name: bytes) -> bytes:
+        return next((v for k, v in self.headers if k == name), b"")
+
     @property
-    def streaming(self) -> bool:
-        return self.chunks is not None
+    def is_event_stream(self) -> bool:
+        return self.status == 200 and b"text/event-stream" in self.header(b"content-type")
 
 
-def client_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The provider's response headers the client gets."""
-    return {k: v for k, v in headers if k.lower() not in DROP_RESPONSE_HEADERS}
+class ProviderClient(Protocol):
+    """One pooled client to every provider."""
+
+    async def send(self, request: ProviderRequest) -> ProviderReply:
+        """Send and answer once the status and headers are in; the body is read from `chunks`.
+        Transport failures raise UpstreamError or UpstreamTimeout, before or while the body is read."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
-def is_event_stream(status: int, content_type: str) -> bool:
-    return status == 200 and "text/event-stream" in content_type
+def client_headers(headers: Iterable[Header]) -> list[Header]:
+    """The provider's response headers the client gets, in order, repeated ones kept, names lower-cased."""
+    return [(name, value) for name, value in ((k.lower(), v) for k, v in headers) if name not in DROP_RESPONSE_HEADERS]
 
 
 def timed_out(model: str, connecting: bool) -> UpstreamTimeout:
@@ -91,27 +126,3 @@ def upstream_headers(client_headers: Headers, api_key: str | None, auth_header: 
     if api_key:
         headers.append((auth_header.encode(), (f"Bearer {api_key}" if auth_header == "authorization" else api_key).encode()))
     return headers
-
-
-class ProviderClient(Protocol):
-    """One pooled HTTP client to every provider."""
-
-    async def post(self, model: ModelSettings, url: str, content: bytes, headers: list[Header], *, stream: bool) -> UpstreamReply:
-        """POST and answer; a successful event stream (when `stream`) is returned unread, anything
-        else read whole. Transport failures raise UpstreamError or UpstreamTimeout."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class Upstream:
-    """The routes' way to a provider that speaks their API."""
-
-    def __init__(self, client: ProviderClient) -> None:
-        self.client = client
-
-    async def forward(self, model: ModelSettings, path: str, content: bytes, headers: list[Header], *, stream: bool) -> UpstreamReply:
-        return await self.client.post(model, model.base_url + path, content, headers, stream=stream)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()

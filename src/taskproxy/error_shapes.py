@@ -1,0 +1,55 @@
+"""The one place an error becomes what a client reads: a route's JSON error body, or the event that
+ends a stream, in the shape of the API the route speaks. Each proxy `Endpoint` declares its API, and
+its routes carry it (`api_format` on the route); every other route speaks OpenAI's shape, as the
+admin API does."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import orjson
+from collections.abc import Iterable
+
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
+
+from taskproxy.errors import ApiError, RateLimited
+
+
+class ApiFormat(Enum):
+    OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}; streams: `data: {"error": ...}`
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}}; streams: `event: error`
+
+
+def error_body(error: ApiError, api: ApiFormat) -> dict:
+    if api is ApiFormat.ANTHROPIC:
+        return {"type": "error", "error": {"type": error.anthropic_type, "message": error.message}}
+    return {"error": {"message": error.message, "type": error.openai_type, "param": error.param, "code": error.code}}
+
+
+def error_response(error: ApiError, api: ApiFormat = ApiFormat.OPENAI) -> Response:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    if isinstance(error, RateLimited):
+        headers = {"retry-after": str(error.retry_after)}
+    return Response(orjson.dumps(error_body(error, api)), status_code=error.status, media_type="application/json", headers=headers)
+
+
+def error_event(error: ApiError, api: ApiFormat) -> bytes:
+    """The server-sent event that ends a stream with `error`, as the SDKs of `api` raise it."""
+    data = orjson.dumps(error_body(error, api))
+    return (b"event: error\ndata: " if api is ApiFormat.ANTHROPIC else b"data: ") + data + b"\n\n"
+
+
+def api_format_of(scope: Scope) -> ApiFormat:
+    """The format the route that took the request declared, else OpenAI's."""
+    return getattr(scope.get("route"), "api_format", ApiFormat.OPENAI)
+
+
+def api_format_before_routing(scope: Scope, routes: Iterable[BaseRoute]) -> ApiFormat:
+    """For an error found before the router ran (headers too large): the route the request was for."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return getattr(route, "api_format", ApiFormat.OPENAI)
+    return ApiFormat.OPENAI

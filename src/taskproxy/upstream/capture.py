@@ -1,0 +1,62 @@
+"""What is kept of a provider's answer for usage accounting: the whole of a small answer, and of a
+long one its head and its tail, so that a long stream costs the proxy constant memory.
+
+What accounting needs sits at the two ends: Anthropic reports input and cache tokens in
+`message_start` (the head), every provider reports the final usage or its error in the last events
+(the tail). The middle is counted (`skipped`), not kept; an estimate of the completion scales the
+text that was kept by the bytes that were not (metering/usage.py).
+"""
+
+from __future__ import annotations
+
+HEAD_BYTES = 64 * 1024
+TAIL_BYTES = 64 * 1024
+
+
+class Capture:
+    __slots__ = ("_head", "_tail", "_head_limit", "_tail_limit", "skipped", "total")
+
+    def __init__(self, head_limit: int = HEAD_BYTES, tail_limit: int = TAIL_BYTES) -> None:
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._head_limit = head_limit
+        self._tail_limit = tail_limit
+        self.skipped = 0  # bytes between head and tail that were not kept
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self._head_limit - len(self._head)
+        if room > 0:
+            self._head += chunk[:room]
+            chunk = chunk[room:]
+            if not chunk:
+                return
+        self._tail += chunk
+        # Trimmed in steps of at least the tail's size: the copying stays proportional to the bytes added.
+        if len(self._tail) >= 2 * self._tail_limit:
+            cut = len(self._tail) - self._tail_limit
+            del self._tail[:cut]
+            self.skipped += cut
+
+    @property
+    def complete(self) -> bool:
+        """Every byte was kept."""
+        return self.skipped == 0
+
+    @property
+    def head(self) -> bytes:
+        return bytes(self._head)
+
+    @property
+    def tail(self) -> bytes:
+        """The last bytes kept after the head (at least the last `tail_limit` bytes of the answer)."""
+        return bytes(self._tail)
+
+    def whole(self) -> bytes:
+        """The answer as received; only meaningful when `complete`."""
+        return bytes(self._head + self._tail)
+
+    def recent(self) -> bytes:
+        """The end of what has arrived so far (where a usage object just sent is)."""
+        return bytes(self._tail[-self._tail_limit :]) if self._tail else bytes(self._head[-self._tail_limit :])
