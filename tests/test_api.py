@@ -146,3 +146,34 @@ async def _metrics(proxy: Proxy) -> str:
     response = await proxy.http.get("/metrics", headers=proxy.admin_headers)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     return response.text
+
+
+async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
+    """People are counted once, one way (privacy.py: owners of live keys, service keys not counted), so a
+    team is shown or withheld alike in the adoption report, /api/usage?group_by=team, /metrics and "My data"."""
+    ops = await proxy.new_key("ops-1", "ops")
+    for person in ("ops-2", "ops-3", "ops-4"):
+        await proxy.new_key(person, "ops")
+    await proxy.new_key("ops-lead", "ops", role="admin")  # an admin of the team is a person: ops has 5
+    for person in ("bot-1", "bot-2", "bot-3", "bot-4"):
+        await proxy.new_key(person, "bots")
+    for robot in ("ci", "nightly", "scanner"):
+        await proxy.new_key(robot, "bots", role="service")  # automation is not people: bots has 4
+    bots = await proxy.new_key("bot-5", "bots", role="service")
+    for key, item in ((ops, "OPS-1"), (bots, "BOT-1")):
+        await proxy.openai(key).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": item})
+    await proxy.events(2)
+
+    adoption = {t["team"]: t for t in (await proxy.get("/api/reports/adoption"))["teams"]}
+    usage = {g["team"]: g for g in (await proxy.get("/api/usage", group_by="team"))["groups"]}
+    metrics = await _metrics(proxy)
+    for team, shown in (("ops", True), ("bots", False)):
+        assert ("withheld" not in adoption[team]) is shown, (team, adoption[team])
+        assert ("withheld" not in usage[team]) is shown, (team, usage[team])
+        assert (f'team="{team}"' in metrics) is shown, team
+    for key, says in ((ops, "has 5 people with keys, so its figures are shown"), (bots, "has 4 people with keys, so its figures are withheld")):
+        signed_in = await proxy.http.post("/dashboard/login", data={"key": key}, headers={"origin": "http://proxy.test"})
+        assert signed_in.status_code == 303, signed_in.text
+        page = await proxy.http.get("/dashboard/me")  # the client keeps the session cookie
+        assert says in " ".join(page.text.split()), page.text
+        proxy.http.cookies.clear()

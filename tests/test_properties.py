@@ -106,7 +106,19 @@ def test_stream_observation_never_raises_on_garbage(garbage: bytes) -> None:
     assert observed.usage is None or observed.usage.prompt_tokens >= 0
 
 
-@pytest.mark.parametrize("bad", ["PROJ-1\n", "PROJ-1\x00", "\u202eproj-1", "PROJ-１"])
+@pytest.mark.parametrize("bad", ["PROJ-1\n", "PROJ-1\x00", "\u202eproj-1", "PROJ-１", "ﬃ" * 70 + "-1", "ﬃ-1", "straße-1"])
 def test_invisible_and_lookalike_characters_are_refused(bad: str) -> None:
     with pytest.raises(WorkItemInvalid):
         IDS.normalize(bad)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=200))
+@settings(max_examples=400)
+def test_an_id_within_the_limit_never_normalizes_past_it(raw: str) -> None:
+    """Whatever a client sends that passes the length check must still fit once normalized (the
+    database's column is 200 characters: a longer id would be refused there, with its batch)."""
+    try:
+        canonical = IDS.normalize(raw + "-1")
+    except WorkItemInvalid:
+        return
+    assert len(canonical) <= MAX_ID_LENGTH

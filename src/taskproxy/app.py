@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from taskproxy import __version__
+from taskproxy import __version__, privacy
 from taskproxy.error_shapes import api_format_before_routing, api_format_of, error_response
 from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
@@ -157,7 +157,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             max_held_records=recording.max_held_records, on_record=[budgets.record],
         )  # fmt: skip
         floor = settings.privacy.min_group_size
-        metrics = Metrics(writer, lambda team: "" if not team else team if keys.team_size(team) >= floor else SMALL_TEAMS)
+        metrics = Metrics(writer, lambda team: "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS)
         writer.listen(metrics.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)

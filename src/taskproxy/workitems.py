@@ -42,6 +42,10 @@ def _from_url(value: str) -> str | None:
     return None
 
 
+def _non_ascii(text: str) -> list[str]:
+    return [c for c in text if not c.isascii()]
+
+
 @dataclass(frozen=True)
 class WorkItemIds:
     """Normalizes and validates ids against the configured patterns."""
@@ -80,6 +84,11 @@ class WorkItemIds:
             canonical = f"{match[1].lower()}/{match[2].lower()}#{match[3]}"
         else:
             canonical = value.upper()
+        if not value.isascii() and _non_ascii(canonical) != _non_ascii(value):
+            # 'ﬃ'.upper() is 'FFI': such a form would bill an id the client never wrote (and grow past the limit).
+            raise WorkItemInvalid("The work item has characters that change when it is normalized (such as ligatures); write it in plain ASCII.")
+        if len(canonical) > MAX_ID_LENGTH:  # checked again: normalizing can lengthen an id
+            raise WorkItemInvalid(f"The work item is longer than {MAX_ID_LENGTH} characters once normalized.")
         if not any(p.fullmatch(canonical) for p in self._compiled):
             shown = raw.strip() if len(raw.strip()) <= 60 else raw.strip()[:57] + "..."
             raise WorkItemInvalid(

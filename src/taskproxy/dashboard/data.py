@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from taskproxy import privacy
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
@@ -111,10 +112,12 @@ def my_data(engine: Engine, key_id: str, team: str | None) -> dict[str, Any]:
     """What "My data" shows a key's owner: its events, its usage per item, its refusals, who administers."""
     events = [event_json(e) for e in repo.list_events(engine, key_id=key_id, limit=RECENT_EVENTS)]
     keys = [k for k in repo.list_keys(engine) if k.revoked_at is None]
+    with engine.connect() as connection:
+        sizes = privacy.team_sizes(connection)
     return {
         "events": events,
         "per_item": usage_for_key(engine, key_id),
         "rejected": rejections_by_reason(engine, key_id=key_id),
-        "team_people": len({k.owner for k in keys if k.team == team}) if team else None,
+        "team_people": sizes.get(team, 0) if team else None,
         "admins": sorted({k.owner for k in keys if k.role == "admin"}),
     }

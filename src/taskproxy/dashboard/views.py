@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from taskproxy import privacy
 from taskproxy.audit import audit_read
 from taskproxy.dashboard import data
 from taskproxy.dashboard import format as fmt
@@ -264,6 +265,7 @@ async def me(request: Request, session: Session) -> Response:
         "fields": [(name, EVENT_FIELD_MEANINGS.get(name, "")) for name in EVENT_FIELDS],
         "store_prompts": svc.settings.recording.store_prompts,
         "min_group_size": svc.settings.privacy.min_group_size,
+        "team_shown": mine["team_people"] is not None and privacy.shown(mine["team_people"], svc.settings.privacy.min_group_size),
         **mine,
     }
     return render(request, "me.html", context, session=session)

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
+from taskproxy.privacy import counts_as_person
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
@@ -127,8 +128,8 @@ def presented_key(headers: Headers) -> str | None:
 
 
 def _count_person(team_owners: dict[str, set[str]], principal: Principal) -> None:
-    if principal.team and principal.role != "admin":
-        team_owners.setdefault(principal.team, set()).add(principal.owner)
+    if counts_as_person(principal.role, principal.team):
+        team_owners.setdefault(principal.team, set()).add(principal.owner)  # type: ignore[arg-type]
 
 
 class KeyStore:

@@ -34,8 +34,8 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   with a key (revoked or not) of that team.
 - Spend sums count events with a known price only (0 when none is known).
 
-Privacy: a team's figures are shown only if at least `min_group_size` people have a non-revoked key of
-that team (distinct owners); otherwise the team appears as `{"team", "withheld": true, "reason"}` with
+Privacy: a team's figures are shown only if it has at least `min_group_size` people (privacy.py: distinct
+owners of its non-revoked keys, service keys not counted); otherwise the team appears as `{"team", "withheld": true, "reason"}` with
 no figure at all, and with a `team=` filter on such a team `overall` is withheld too. The report never
 names owners or keys and has no per-person figure. Teams listed: every team of a non-revoked key, plus
 the team of every item with usage in the period or completed in it, sorted by name.
@@ -56,6 +56,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
@@ -168,11 +169,6 @@ def _figures(
     }
 
 
-def _withheld(team: str | None, min_group_size: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {"team": team} if team is not None else {}
-    return {**entry, "withheld": True, "reason": f"fewer than {min_group_size} people"}
-
-
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -195,7 +191,7 @@ def adoption_report(
         data.load_statuses_at(connection, items, since, until)
         data.load_links(connection, items)
         data.assign_teams(connection, items, since, until)
-        people = data.people_by_team(connection)
+        people = privacy.team_sizes(connection)
         rejections = data.rejections(connection, since, until)
 
     stale_after = timedelta(days=stale_after_days)
@@ -210,8 +206,8 @@ def adoption_report(
         rejected_all[reason] += count
 
     def figures_of(name: str) -> dict[str, Any]:
-        if people.get(name, 0) < min_group_size:
-            return _withheld(name, min_group_size)
+        if not privacy.shown(people.get(name, 0), min_group_size):
+            return privacy.withheld(name, min_group_size)
         rejected = dict(rejected_by_team.get(name, {}))
         return {"team": name, **_figures(by_team.get(name, []), rejected, since=since, until=until, stale_after=stale_after)}
 

@@ -136,11 +136,6 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
             items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
 
 
-def people_by_team(connection: Connection) -> dict[str, int]:
-    query = select(_K.team, func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_not(None)).group_by(_K.team)
-    return {team: int(count) for team, count in connection.execute(query)}
-
-
 def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, str, int]]:
     query = (
         select(_K.team, _J.reason, func.sum(_J.count).label("n"))

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from taskproxy import privacy
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.reports import usage as usage_reports
@@ -127,8 +128,8 @@ async def usage(request: Request) -> Response:
     rows = await in_thread(usage_reports.usage_grouped, svc.engine, group_by, since, until)
     if group_by == "team":  # the privacy floor, as in the adoption report
         floor = svc.settings.privacy.min_group_size
-        rows = [row if svc.keys.team_size(row["team"]) >= floor or row["team"] is None
-                else {"team": row["team"], "withheld": True, "reason": f"fewer than {floor} people"} for row in rows]  # fmt: skip
+        rows = [row if row["team"] is None or privacy.shown(svc.keys.team_size(row["team"]), floor) else privacy.withheld(row["team"], floor)
+                for row in rows]  # fmt: skip
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
 

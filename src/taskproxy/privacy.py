@@ -1,0 +1,43 @@
+"""The privacy floor, defined once: team figures are shown only for teams of at least
+`privacy.min_group_size` people (DESIGN: never a per-person figure through a small team).
+
+A team's **people** are the distinct owners of its keys that are not revoked and belong to a person:
+every role but `service` (a service key is automation, not a person). The adoption report, `GET
+/api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import distinct, func, select
+from sqlalchemy.engine import Connection
+
+from taskproxy.storage.models import ApiKey
+
+NOT_PEOPLE = ("service",)
+_K = ApiKey.__table__.c
+
+
+def counts_as_person(role: str | None, team: str | None, revoked: bool = False) -> bool:
+    return team is not None and not revoked and role not in NOT_PEOPLE
+
+
+def team_sizes(connection: Connection) -> dict[str, int]:
+    """People per team (see the module docstring)."""
+    query = (
+        select(_K.team, func.count(distinct(_K.owner)))
+        .where(_K.revoked_at.is_(None), _K.team.is_not(None), _K.role.not_in(NOT_PEOPLE))
+        .group_by(_K.team)
+    )
+    return {team: int(count) for team, count in connection.execute(query)}
+
+
+def shown(team_size: int, min_group_size: int) -> bool:
+    return team_size >= min_group_size
+
+
+def withheld(team: str | None, min_group_size: int) -> dict[str, Any]:
+    """What stands in for a team's figures below the floor."""
+    entry: dict[str, Any] = {"team": team} if team is not None else {}
+    return {**entry, "withheld": True, "reason": f"fewer than {min_group_size} people"}
