@@ -180,3 +180,59 @@ async def test_signed_but_malformed_deliveries_get_400(tracked: Proxy, payload: 
     body = hooks.dumps(payload)
     response = await _post(tracked, "github", body, hooks.github_headers(body, event))
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+
+
+async def _deliver_github(proxy: Proxy, payload: dict, event: str = "pull_request") -> None:
+    body = hooks.dumps(payload)
+    response = await _post(proxy, "github", body, hooks.github_headers(body, event))
+    assert response.status_code == 200, response.text
+
+
+async def test_a_merge_delivered_late_completes_the_pr_whatever_was_edited_locally(tracked: Proxy) -> None:
+    """GitHub redelivers a failed delivery with its original merged_at: an admin's edit, or the proxy
+    registering the item from a request, since then must not make the merge stale."""
+    await _deliver_github(tracked, hooks.github_pull_request("opened", 40))  # updated 2026-11-05T10:00 in the payload
+    patched = await tracked.http.patch("/api/work-items/acme%2Fweb-app%2340", json={"title": "Renamed by an admin", "team": "web"},
+                                       headers=tracked.admin_headers)  # now, long after the merge below
+    assert patched.status_code == 200
+    key = await tracked.new_key()
+    await tracked.openai(key).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+                                                      extra_headers={"X-Work-Item": "acme/web-app#41"})  # registered by a request, now
+    await tracked.item("acme/web-app#41", requests=1)
+    for number in (40, 41):
+        merged = hooks.github_pull_request("closed", number, merged=True)
+        merged["pull_request"]["merged_at"] = merged["pull_request"]["closed_at"] = "2026-11-06T08:00:00Z"
+        await _deliver_github(tracked, merged)
+        item = await tracked.get(f"/api/work-items/acme%2Fweb-app%23{number}")
+        assert (item["status"], item["completed_at"]) == ("done", "2026-11-06T08:00:00.000Z"), item
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2340"))["title"] == "Add retries"  # the tracker's fields apply too
+
+
+async def test_a_merged_pull_request_is_final(tracked: Proxy) -> None:
+    await _deliver_github(tracked, hooks.github_pull_request("closed", 42, merged=True))  # merged 2026-11-05T10:00
+    later = hooks.github_pull_request("ready_for_review", 42)
+    later["pull_request"]["updated_at"] = "2026-11-07T10:00:00Z"  # newer than the merge, from the same tracker
+    await _deliver_github(tracked, later)
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2342")
+    assert (item["status"], item["completed_at"]) == ("done", "2026-11-05T10:00:00.000Z")
+    assert [change["to"] for change in item["history"]] == ["done"]
+
+
+async def test_a_tracker_time_in_the_future_is_clamped_to_when_it_arrived(tracked: Proxy) -> None:
+    from datetime import datetime, timedelta
+
+    future = hooks.jira_issue("jira:issue_updated", "PAY-30", category="done")
+    future["issue"]["fields"]["resolutiondate"] = "2096-01-01T00:00:00.000+0000"
+    before = datetime.utcnow()
+    body = hooks.dumps(future)
+    assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+    item = await tracked.get("/api/work-items/PAY-30")
+    completed = datetime.fromisoformat(item["completed_at"].removesuffix("Z"))
+    assert before - timedelta(seconds=1) <= completed <= datetime.utcnow() + timedelta(seconds=1)
+    assert item["cycle_time_hours"] < 24 * 365 and "2096-01-01" in item["history"][-1]["note"]
+    # A genuine change after it is not ignored as "older" than 2096.
+    reopened = hooks.jira_issue("jira:issue_updated", "PAY-30", category="indeterminate")
+    reopened["issue"]["fields"]["updated"] = (datetime.utcnow() + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+    body = hooks.dumps(reopened)
+    assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+    assert (await tracked.get("/api/work-items/PAY-30"))["status"] == "in_progress"

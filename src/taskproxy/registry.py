@@ -1,7 +1,15 @@
 """The work-item registry's rules, shared by the API, the CLI and the tracker webhooks.
 
-Every status change goes through `transition`, which keeps the history (`work_item_changes`),
+Every status change goes through `_apply`, which keeps the history (`work_item_changes`),
 `completed_at` (set on done or closed, cleared on reopening) and the item's fields consistent.
+
+Ordering: trackers deliver late and out of order (GitHub redelivers a failed delivery with its
+original times). A tracker's event is compared only with that same tracker's earlier events for the
+item (`tracker`, `tracker_event_at`): an older one does not undo a newer one, and nothing done locally
+(an admin's edit, a registration) ever makes a tracker's event stale. A status set by an admin or the
+CLI takes effect at the time it is made. A merged pull request is final: no later tracker event
+changes its status. A tracker time in the future is taken as the time the delivery was received, and
+the history row says so.
 """
 
 from __future__ import annotations
@@ -90,10 +98,12 @@ def transition(
     delivery_id: str | None = None,
     fields: dict[str, Any] | None = None,
     created_at: datetime | None = None,
+    merged: bool = False,
 ) -> WorkItem:
     """Move an item to `status` (creating it if it is new), recording the change once."""
     with engine.begin() as connection:
-        _apply(connection, item_id, status, source=source, at=at or utcnow(), fields=fields or {}, delivery_id=delivery_id, created_at=created_at)
+        _apply(connection, item_id, status, source=source, at=at or utcnow(), fields=fields or {}, delivery_id=delivery_id,
+               created_at=created_at, merged=merged)  # fmt: skip
     item = repo.get_work_item(engine, item_id)
     assert item is not None
     return item
@@ -109,40 +119,62 @@ def _apply(
     fields: dict[str, Any],
     delivery_id: str | None = None,
     created_at: datetime | None = None,
+    merged: bool = False,
+    note: str | None = None,
 ) -> None:
     tracker_source = source if source in ITEM_SOURCES else "manual"
+    by_tracker = source in TRACKERS
     row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)
     values_new = {"id": item_id, "status": status, "created_at": created_at or at, "completed_at": at if status in RESOLVED else None,
-                  "updated_at": at, **row}  # fmt: skip
+                  "updated_at": at, "tracker": source if by_tracker else None, "tracker_event_at": at if by_tracker else None,
+                  "merged_at": at if merged else None, **row}  # fmt: skip
     created = connection.execute(insert_ignoring_duplicates(connection.dialect.name, _ITEMS).values(**values_new).returning(_ITEMS.c.id)).first()
     if created is not None:  # new: concurrent creators (a webhook, the writer's registration) lose the insert, not the request
-        _record_change(connection, item_id, None, status, source, at, delivery_id)
+        _record_change(connection, item_id, None, status, source, at, delivery_id, note)
         return
     # Locked until commit on PostgreSQL: two deliveries for one item apply one after the other.
     current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id).with_for_update()).first()
     assert current is not None
-    values: dict[str, Any] = {**{k: v for k, v in fields.items() if k != "source"}, "updated_at": at}
+    values: dict[str, Any] = {**{k: v for k, v in fields.items() if k != "source"}, "updated_at": max(at, current.updated_at or at)}
     if current.source == "auto":  # a tracker or an admin confirms an item first seen in a request
         values["source"] = tracker_source
     if created_at is not None and created_at < current.created_at:  # the tracker knows when the work began
         values["created_at"] = created_at
-    stale = source in TRACKERS and current.updated_at is not None and at < current.updated_at
-    if stale:  # trackers deliver out of order: an older change must not undo a newer one
-        log.info("ignored an out-of-order %s status for %s (%s, older than %s)", source, item_id, at, current.updated_at)
-        values["updated_at"] = current.updated_at
-    if status != current.status and not stale:
+    stale = final = False
+    if by_tracker:
+        stale = current.tracker == source and current.tracker_event_at is not None and at < current.tracker_event_at
+        final = current.merged_at is not None
+        if stale or final:  # an older event must not undo a newer one; a merge is never undone
+            why = "a merged pull request is final" if final else f"older than its last {source} event at {current.tracker_event_at}"
+            log.info("kept the status of %s against a %s event of %s (%s)", item_id, source, at, why)
+        else:
+            values["tracker"], values["tracker_event_at"] = source, at
+    if merged and current.merged_at is None:
+        values["merged_at"] = at
+    if status != current.status and not stale and not final:
         values["status"] = status
         values["completed_at"] = at if status in RESOLVED else None
-        _record_change(connection, item_id, current.status, status, source, at, delivery_id)
+        _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
     connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
 
 
-def _record_change(connection: Connection, item_id: str, before: str | None, after: str, source: str, at: datetime, delivery_id: str | None) -> None:
+def _record_change(
+    connection: Connection, item_id: str, before: str | None, after: str, source: str, at: datetime, delivery_id: str | None, note: str | None = None
+) -> None:
     connection.execute(
         WorkItemChange.__table__.insert().values(
-            id=uuid.uuid4().hex, work_item=item_id, ts=at, from_status=before, to_status=after, source=source, delivery_id=delivery_id
+            id=uuid.uuid4().hex, work_item=item_id, ts=at, from_status=before, to_status=after, source=source, delivery_id=delivery_id, note=note
         )
     )
+
+
+def _clamped(at: datetime | None, now: datetime) -> tuple[datetime, str | None]:
+    """A tracker's time, or the time received when it gave none or one in the future (noted)."""
+    if at is None:
+        return now, None
+    if at > now:
+        return now, f"the tracker's time {at.isoformat()}Z is in the future: recorded at the time the delivery was received"
+    return at, None
 
 
 def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: datetime) -> dict[str, Any]:
@@ -168,10 +200,12 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 fields = {k: v for k, v in (("title", update.title), ("url", update.url), ("team", update.team)) if v is not None}
                 current = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar()
                 status = update.status or current or "open"
-                _apply(connection, item_id, status, source=delivery.tracker, at=update.at or now, fields=fields,
-                       delivery_id=delivery.delivery_id, created_at=update.created_at)  # fmt: skip
+                at, note = _clamped(update.at, now)
+                created_at = min(update.created_at, now) if update.created_at is not None else None
+                _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
+                       delivery_id=delivery.delivery_id, created_at=created_at, merged=update.merged, note=note)  # fmt: skip
                 for ticket in update.links:
-                    _link(connection, ticket, item_id, "merged_pr", update.at or now)
+                    _link(connection, ticket, item_id, "merged_pr", at)
                 applied.append({"id": item_id, "status": status, "linked": list(update.links)})
     except IntegrityError:
         if delivery.delivery_id and _seen(engine, delivery):

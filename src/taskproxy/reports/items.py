@@ -42,7 +42,7 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
             connection, by=("day",), fields=("first_attempts", "total_tokens", "cost_nanos"), where=lambda c: [c.work_item == item_id]
         )
         changes = connection.execute(
-            select(_C.ts, _C.from_status, _C.to_status, _C.source).where(_C.work_item == item_id).order_by(_C.ts)
+            select(_C.ts, _C.from_status, _C.to_status, _C.source, _C.note).where(_C.work_item == item_id).order_by(_C.ts)
         ).all()
         status = select(_W.status).where(_W.id == _L.linked).scalar_subquery()
         linked = connection.execute(
@@ -66,7 +66,7 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
             }
             for (day,), row in sorted(usage.items())
         ],
-        "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source} for row in changes],
+        "history": [{"ts": iso(row.ts), "from": row.from_status, "to": row.to_status, "source": row.source, "note": row.note} for row in changes],
         "linked": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked],
         "linked_from": [{"id": r[0], "kind": r[1], "ts": iso(r[2]), "status": r[3] or "unverified"} for r in linked_from],
     }

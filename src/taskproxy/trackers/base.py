@@ -26,6 +26,7 @@ class ItemUpdate:
     team: str | None = None
     # Tickets this item (a merged pull request) came out of, named in its branch or title.
     links: tuple[str, ...] = ()
+    merged: bool = False  # a pull request merged: its status is final
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class GitHub:
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=parse_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
+            merged=status == "done",
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
