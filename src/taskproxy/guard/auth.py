@@ -15,6 +15,7 @@ import hmac
 import logging
 import re
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -143,20 +144,28 @@ class KeyStore:
         # take the threads the rest of the app needs.
         self._lookups = anyio.CapacityLimiter(4)
         self._team_owners: dict[str, set[str]] = {}  # people with a live key, per team (the privacy floor uses it)
+        # Bumped by every change made through this process (a revocation, a binding): a reload that
+        # read the table before such a change is dropped, never swapped in over it.
+        self._changes = 0
+        self._swap = threading.Lock()
 
     def load(self) -> None:
         """Reload every key from the database (blocking; run it in a thread)."""
+        changes = self._changes
         by_hash = {row.key_hash: _principal(row) for row in repo.list_keys(self._engine) if row.revoked_at is None}
         team_owners: dict[str, set[str]] = {}
         for principal in by_hash.values():
             _count_person(team_owners, principal)
-        # Swapped in only when changed: an unchanged copy is freed at once, rather than replacing
-        # long-lived objects every few seconds among the requests' short-lived ones (heap churn).
-        if by_hash != self._by_hash:
-            self._by_hash = by_hash
-        if team_owners != self._team_owners:
-            self._team_owners = team_owners
-        self._unknown.clear()
+        with self._swap:
+            if changes != self._changes:  # read before a local change committed: stale, the next reload is not
+                return
+            # Swapped in only when changed: an unchanged copy is freed at once, rather than replacing
+            # long-lived objects every few seconds among the requests' short-lived ones (heap churn).
+            if by_hash != self._by_hash:
+                self._by_hash = by_hash
+            if team_owners != self._team_owners:
+                self._team_owners = team_owners
+            self._unknown.clear()
 
     async def refresh_forever(self) -> None:
         while True:
@@ -203,14 +212,18 @@ class KeyStore:
         self._count_person(_principal(key))
 
     def forget(self, key_id: str) -> None:
-        """Drop a revoked key from memory at once."""
-        self._by_hash = {h: p for h, p in self._by_hash.items() if p.key_id != key_id}
+        """Drop a revoked key from memory at once (call it once the revocation is committed)."""
+        with self._swap:
+            self._changes += 1
+            self._by_hash = {h: p for h, p in self._by_hash.items() if p.key_id != key_id}
 
     async def bind(self, principal: Principal, work_item: str | None, ttl_hours: float) -> datetime | None:
         until = utcnow() + timedelta(hours=ttl_hours) if work_item else None
         await anyio.to_thread.run_sync(repo.set_binding, self._engine, principal.key_id, work_item, until)
         updated = replace(principal, bound_work_item=work_item, bound_until=until)
-        for digest, known in list(self._by_hash.items()):
-            if known.key_id == principal.key_id:
-                self._by_hash[digest] = updated
+        with self._swap:
+            self._changes += 1
+            for digest, known in list(self._by_hash.items()):
+                if known.key_id == principal.key_id:
+                    self._by_hash[digest] = updated
         return until
