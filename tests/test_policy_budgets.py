@@ -12,7 +12,11 @@ import pytest
 
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.registry import register_work_item
+from taskproxy.settings import DEFAULT_ID_PATTERNS
+from taskproxy.storage.db import make_engine
 from taskproxy.upstream.mock import MockProvider
+from taskproxy.upstream.provider import ProviderRequest
+from taskproxy.workitems import WorkItemIds
 
 pytestmark = pytest.mark.anyio
 HI = [{"role": "user", "content": "hi"}]
@@ -23,13 +27,14 @@ async def _running(tmp_path: Path, fake: Any, **overrides: Any):  # type: ignore
     return start_proxy(make_settings(tmp_path, **overrides), MockProvider.asgi(fake.app()), fake)
 
 
-async def _ask(proxy: Proxy, key: str, item: str) -> httpx.Response:
-    return await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 2},
+async def _ask(proxy: Proxy, key: str, item: str, user: str = "dana") -> httpx.Response:
+    return await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 2, "user": user},
                                  headers={"authorization": f"Bearer {key}", "X-Work-Item": item})  # fmt: skip
 
 
 async def test_known_mode_refuses_unregistered_items_until_they_are_registered(tmp_path: Path, fake: Any) -> None:
-    async for proxy in await _running(tmp_path, fake, work_items={"mode": "known", "refresh_seconds": 0.2}):
+    settings = make_settings(tmp_path, work_items={"mode": "known", "refresh_seconds": 60})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         key = await proxy.new_key()
         refused = await _ask(proxy, key, "PAY-1")
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "work_item_unknown"
@@ -38,9 +43,11 @@ async def test_known_mode_refuses_unregistered_items_until_they_are_registered(t
         assert created.status_code == 201
         assert (await _ask(proxy, key, "PAY-1")).status_code == 200  # at once: this process registered it
 
-        # Registered by another process (the CLI): known after at most work_items.refresh_seconds.
-        register_work_item(proxy.app.state.services.engine, proxy.app.state.services.attribution.ids, {"id": "PAY-2"}, source="cli")
-        await asyncio.sleep(0.3)
+        # Registered by another process (the CLI), long before this one reloads: an id not in memory
+        # costs one lookup, so it is known at once.
+        other_process = make_engine(settings.database_url)
+        register_work_item(other_process, WorkItemIds(DEFAULT_ID_PATTERNS), {"id": "PAY-2"}, source="cli")
+        other_process.dispose()
         assert (await _ask(proxy, key, "PAY-2")).status_code == 200
         # Recorded in the background: within the writer's interval, or once tiktoken's encoding is loaded.
         for _ in range(100):
@@ -67,32 +74,50 @@ async def test_active_mode_refuses_completed_and_closed_items(tmp_path: Path, fa
 
 
 @BOTH_DATABASES
-async def test_item_budget_refuses_once_spent_and_the_overshoot_is_bounded_by_requests_in_flight(proxy: Proxy) -> None:
-    limit = 1000
-    created = await proxy.http.post("/api/work-items", json={"id": "PAY-5", "budget_tokens": limit}, headers=proxy.admin_headers)
-    assert created.status_code == 201
-    key = await proxy.new_key()
-    before = (limit - 10) // TOKENS_PER_REQUEST  # spend all but a few tokens of the 1,000
-    for _ in range(before):
-        assert (await _ask(proxy, key, "PAY-5")).status_code == 200
-    await proxy.item("PAY-5", requests=before)
+async def test_a_budget_is_overshot_only_by_the_requests_in_flight_when_it_was_reached(tmp_path: Path, fake: Any, database_url: str) -> None:
+    limit, in_flight = 1000, 6
+    held = asyncio.Event()
+    answer = MockProvider.asgi(fake.app())
 
-    burst = await asyncio.gather(*(_ask(proxy, key, "PAY-5") for _ in range(50)))
-    admitted = sum(r.status_code == 200 for r in burst)
-    refused = [r for r in burst if r.status_code == 429]
-    assert admitted + len(refused) == 50 and admitted >= 1
-    print(f"burst of 50 at {before * TOKENS_PER_REQUEST} of {limit} tokens: {admitted} admitted")
-    assert all(r.json()["error"]["code"] == "budget_exceeded" for r in refused)
+    async def provider(request: ProviderRequest) -> Any:
+        if b'"burst"' in request.content:
+            await held.wait()  # the burst's requests stay in flight until all of them were admitted
+        return await answer.send(request)
 
-    item = await proxy.item("PAY-5", requests=before + admitted)
-    spent = item["total_tokens"]
-    assert spent == (before + admitted) * TOKENS_PER_REQUEST
-    # The bound: only requests admitted before the spend reached the limit, all in flight at once, go over it.
-    assert spent - limit <= admitted * TOKENS_PER_REQUEST
-    after = await _ask(proxy, key, "PAY-5")
-    assert after.status_code == 429
-    message = after.json()["error"]["message"]
-    assert f"{spent:,} tokens" in message and "1,000 tokens" in message
+    async for proxy in start_proxy(make_settings(tmp_path, database_url=database_url), MockProvider(provider), fake):
+        created = await proxy.http.post("/api/work-items", json={"id": "PAY-5", "budget_tokens": limit}, headers=proxy.admin_headers)
+        assert created.status_code == 201
+        key = await proxy.new_key()
+        before = (limit - 10) // TOKENS_PER_REQUEST  # spend all but a few tokens of the 1,000
+        for _ in range(before):
+            assert (await _ask(proxy, key, "PAY-5")).status_code == 200
+        burst = [asyncio.create_task(_ask(proxy, key, "PAY-5", user="burst")) for _ in range(in_flight)]
+        await wait_until(lambda: asyncio.sleep(0, len(proxy.received)), lambda n: n == before + in_flight)
+        late = await _ask(proxy, key, "PAY-5")  # admitted too: the spend is still below the limit while they run
+        held.set()
+        answers = await asyncio.gather(*burst)
+        assert late.status_code == 200 and [r.status_code for r in answers] == [200] * in_flight
+
+        after = await _ask(proxy, key, "PAY-5")  # the first request after the spend reached the limit
+        assert after.status_code == 429 and after.json()["error"]["code"] == "budget_exceeded"
+        item = await proxy.item("PAY-5", requests=before + in_flight + 1)
+        spent = item["total_tokens"]
+        assert spent == (before + in_flight + 1) * TOKENS_PER_REQUEST
+        # The bound: over the limit by at most the requests admitted while the spend was below it and in flight.
+        assert limit <= spent <= (limit - 1) + (in_flight + 1) * TOKENS_PER_REQUEST
+        message = after.json()["error"]["message"]
+        assert f"{spent:,} tokens" in message and "1,000 tokens" in message
+
+
+async def test_a_client_sending_one_request_after_another_is_refused_on_the_first_after_the_limit(tmp_path: Path, fake: Any) -> None:
+    # The writer records only once a second here: the budget must not wait for it.
+    settings = make_settings(tmp_path, recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 1.0})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        await proxy.http.post("/api/work-items", json={"id": "PAY-10", "budget_tokens": 100}, headers=proxy.admin_headers)
+        key = await proxy.new_key()
+        statuses = [(await _ask(proxy, key, "PAY-10")).status_code for _ in range(12)]
+        within = -(-100 // TOKENS_PER_REQUEST)  # 10 requests of 11 tokens: the 10th reaches 110, the 11th is refused
+        assert statuses == [200] * within + [429] * (12 - within)
 
 
 async def test_usd_and_team_budgets_and_config_defaults(tmp_path: Path, fake: Any) -> None:
@@ -154,3 +179,24 @@ async def test_rate_limit_per_key(tmp_path: Path, fake: Any) -> None:
         assert len(proxy.received) == 4
         report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"])
         assert report["rejected_requests"] == {"rate_limited": 1}
+
+
+@pytest.mark.postgres
+async def test_more_budgeted_items_than_a_statement_can_bind_still_start_and_hold(tmp_path: Path, fake: Any, postgres_url: str) -> None:
+    """PostgreSQL binds at most 65,535 parameters a statement: spend is read for budgeted items in chunks."""
+    from sqlalchemy import insert
+
+    from taskproxy.storage.db import prepare_schema
+    from taskproxy.storage.models import WorkItem
+    from taskproxy.timeutil import utcnow
+
+    engine = make_engine(postgres_url)
+    prepare_schema(engine)
+    now = utcnow()
+    rows = [{"id": f"BIG-{n}", "source": "manual", "status": "open", "created_at": now, "budget_tokens": 20} for n in range(70_000)]
+    with engine.begin() as connection:
+        connection.execute(insert(WorkItem.__table__), rows)
+    engine.dispose()
+    async for proxy in start_proxy(make_settings(tmp_path, database_url=postgres_url), MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        assert [(await _ask(proxy, key, "BIG-69999")).status_code for _ in range(3)] == [200, 200, 429]
