@@ -142,6 +142,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def database_url(self) -> str:
+        return str(yaml.safe_load(self.config.read_text())["database_url"])
+
+    @property
     def admin_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.admin_key}"}
 

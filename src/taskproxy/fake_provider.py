@@ -11,9 +11,15 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-cut      streams half the reply, then drops the connection
     fake-hang     streams one chunk, then sends nothing more
     fake-trickle  streams a chunk every 0.1 s, forever
+    fake-overloaded  (/v1/messages) streams message_start (with cache reads), two deltas, then
+                  `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
+    fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
+    fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
-Every request received is kept in `FakeProvider.received` (and served at GET /_fake/requests).
+Every answer carries the header `vary` twice (providers do: `Vary: Origin`, `Vary: Accept-Encoding`),
+to show it reaches the client as sent. Every request received is kept in `FakeProvider.received`
+(path, query string, headers, body; also served at GET /_fake/requests).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WORDS = "the proxy counted these tokens against a real work item so the spend can be read as value".split()
 
@@ -60,8 +67,8 @@ class FakeProvider:
     received: list[dict[str, Any]] = field(default_factory=list)
     failing: bool = False  # while set, every model behaves like fake-500 (a provider outage)
 
-    def app(self) -> Starlette:
-        return Starlette(
+    def app(self) -> ASGIApp:
+        return _RepeatedVary(Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -71,11 +78,11 @@ class FakeProvider:
                 Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/_fake/requests", self.requests, methods=["GET"]),
             ]
-        )
+        ))
 
     async def _receive(self, request: Request) -> dict:
         body = orjson.loads(await request.body())
-        self.received.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
+        self.received.append({"path": request.url.path, "query": request.url.query, "headers": dict(request.headers), "body": body})
         return body
 
     async def requests(self, request: Request) -> Response:
@@ -102,7 +109,7 @@ class FakeProvider:
         if (fault := await self._fault(model)) is not None:
             return fault
         words = _reply_words(body.get("max_tokens"))
-        prompt = prompt_tokens_of(body)
+        prompt = HUGE_PROMPT if model == "fake-huge" else prompt_tokens_of(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words), "total_tokens": prompt + len(words),
                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
         base = {"id": f"fake-{len(self.received)}", "created": int(time.time()), "model": model}
@@ -185,6 +192,10 @@ class FakeProvider:
             yield event("response.output_text.delta", {**where, "delta": word if i == 0 else " " + word})
             if model == "fake-cut" and i == len(words) // 2:
                 raise ConnectionResetError("fake provider cut the stream")
+            if model == "fake-failed" and i == 1:
+                error = {"code": "server_error", "message": "The model failed."}
+                yield event("response.failed", {"response": {**done, "status": "failed", "error": error, "output": []}})
+                return
         yield event("response.output_text.done", {**where, "text": message["content"][0]["text"]})
         yield event("response.content_part.done", {**where, "part": message["content"][0]})
         yield event("response.output_item.done", {"output_index": 0, "item": message})
@@ -204,7 +215,8 @@ class FakeProvider:
         if model == "fake-429":
             return _json({"type": "error", "error": {"type": "rate_limit_error", "message": "rate limited"}}, 429)
         words = _reply_words(body.get("max_tokens"))
-        usage = {"input_tokens": prompt_tokens_of(body), "output_tokens": len(words), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        cache_read = OVERLOADED_CACHE_READ if model == "fake-overloaded" else 0
+        usage = {"input_tokens": prompt_tokens_of(body), "output_tokens": len(words), "cache_creation_input_tokens": 0, "cache_read_input_tokens": cache_read}
         message = {"id": f"msg_fake_{len(self.received)}", "type": "message", "role": "assistant", "model": model,
                    "content": [{"type": "text", "text": " ".join(words)}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
         if body.get("stream") is not True:
@@ -224,10 +236,32 @@ class FakeProvider:
                 raise ConnectionResetError("fake provider cut the stream")
             if model == "fake-hang":
                 await asyncio.sleep(3600)
+            if model == "fake-overloaded" and i == 1:
+                yield _named("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+                return
         yield _named("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield _named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                        "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
         yield _named("message_stop", {"type": "message_stop"})
+
+
+HUGE_PROMPT = 3_000_000_000
+OVERLOADED_CACHE_READ = 20_143
+
+
+class _RepeatedVary:
+    """Adds `vary: Origin` and `vary: Accept-Encoding` to every answer, as two headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_vary(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"vary", b"Origin"), (b"vary", b"Accept-Encoding")]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_vary)
 
 
 def _reply_words(count: object) -> list[str]:
