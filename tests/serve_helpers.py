@@ -123,6 +123,31 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield FakeUpstream(fake, url)
 
 
+@contextmanager
+def quiet_upstream() -> Iterator[str]:
+    """The fake provider in a process of its own (its URL), for a client whose timings must not depend
+    on what the test process is doing meanwhile (a flood served by the in-process fake, say)."""
+    port = free_port()
+    code = ("import uvicorn; from taskproxy.fake_provider import FakeProvider; "
+            f"uvicorn.run(FakeProvider().app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False, lifespan='off')")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", code], env=child_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                httpx.get(f"{url}/_fake/requests", timeout=1, trust_env=False)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the fake provider's process did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 @dataclass
 class ServerProcess:
     """A `taskproxy serve` subprocess and clients for it."""
@@ -200,9 +225,26 @@ class ServerProcess:
     def sigterm(self) -> None:
         self.process.send_signal(signal.SIGTERM)
 
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
-def start_server(config: Path, log_path: Path, *, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> ServerProcess:
-    """Start `taskproxy serve` on a free port and wait (≤ 15 s) until /healthz answers."""
+    def memory_mib(self) -> tuple[float, float]:
+        """(resident now, peak resident since start), MiB."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def start_server(
+    config: Path, log_path: Path, *, env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (), open_files: int | None = None
+) -> ServerProcess:
+    """Start `taskproxy serve` on a free port and wait (≤ 15 s) until /healthz answers. `open_files`
+    sets the process's open-file limit, soft and hard (as on many servers: 1,024)."""
+    import resource
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     port = free_port()
     log_file = log_path.open("wb")
     process = subprocess.Popen(
@@ -210,6 +252,7 @@ def start_server(config: Path, log_path: Path, *, env: dict[str, str] | None = N
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=env or child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY),
+        preexec_fn=limit_open_files,
     )
     log_file.close()
     server = ServerProcess(config=config, port=port, process=process, log_path=log_path)

@@ -401,7 +401,7 @@ def test_item_detail(world: tuple[Any, Org, Path]) -> None:
             for d, (n, t, cs) in sorted(days.items())
         ]
         assert_close(detail["usage_by_day"], expected_days)
-        assert detail["history"] == [{"ts": iso(c.at), "from": c.before, "to": c.after, "source": c.source} for c in item.changes]
+        assert detail["history"] == [{"ts": iso(c.at), "from": c.before, "to": c.after, "source": c.source, "note": None} for c in item.changes]
         if item.status == "done":
             assert detail["cycle_time_hours"] == pytest.approx((item.completed_at - item.created_at).total_seconds() / 3600)  # type: ignore[operator]
         else:

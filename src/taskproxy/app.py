@@ -25,6 +25,7 @@ from taskproxy.error_shapes import api_format_before_routing, api_format_of, err
 from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
+from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
@@ -183,6 +184,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             rate_limiter=RateLimiter(settings.limits.requests_per_minute),
             metrics=metrics,
             open_attempts=(open_attempts := OpenAttempts()),
+            body_gate=BodyGate(settings.limits.max_concurrent_large_bodies),
         )
         refreshers = [
             asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),

@@ -40,26 +40,24 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from taskproxy.process import prepare_serving, serve
 
     settings = _settings(args)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
-    # No WebSocket routes: ws="none" keeps uvicorn from importing its WebSocket stack (~1.7 MiB resident).
-    options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log, "ws": "none"}
+    options: dict[str, Any] = {"host": host, "port": port, "workers": workers, "log_level": args.log_level, "access_log": args.access_log}
     if workers > 1:
         # Create the schema once here rather than racing in every worker's lifespan.
         _engine(args).dispose()
         # Worker processes import the app themselves; they read the same file through TASKPROXY_CONFIG.
         if args.config:
             os.environ["TASKPROXY_CONFIG"] = os.path.abspath(args.config)
-        uvicorn.run("taskproxy.cli:app_from_environment", factory=True, workers=workers, **options)
+        serve("taskproxy.cli:app_from_environment", settings.server, **options)
     else:
         from taskproxy.app import create_app
-        from taskproxy.process import prepare_serving
 
-        uvicorn.run(prepare_serving(create_app(settings)), **options)
+        serve(prepare_serving(create_app(settings)), settings.server, **options)
     return 0
 
 

@@ -15,9 +15,12 @@ real `taskproxy serve` can be driven through faults on loopback:
                   `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
     fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
+    fake-dribble  (chat, not streamed) sends its JSON answer a few bytes every 0.1 s, forever
+    fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
-Every answer carries the header `vary` twice (providers do: `Vary: Origin`, `Vary: Accept-Encoding`),
+`FakeProvider.active` counts the requests being answered right now (a request whose client hung up
+stops counting at once, fake-slow's too). Every answer carries the header `vary` twice (providers do: `Vary: Origin`, `Vary: Accept-Encoding`),
 to show it reaches the client as sent. Every request received is kept in `FakeProvider.received`
 (path, query string, headers, body; also served at GET /_fake/requests).
 """
@@ -66,9 +69,11 @@ class FakeProvider:
     slow_seconds: float = 2.0
     received: list[dict[str, Any]] = field(default_factory=list)
     failing: bool = False  # while set, every model behaves like fake-500 (a provider outage)
+    flood_bytes: int = 300 * 1024 * 1024
+    active: int = 0
 
     def app(self) -> ASGIApp:
-        return _RepeatedVary(Starlette(
+        return _Instrumented(self, Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -88,13 +93,17 @@ class FakeProvider:
     async def requests(self, request: Request) -> Response:
         return _json(self.received)
 
-    async def _fault(self, model: str) -> Response | None:
+    async def _fault(self, model: str, request: Request) -> Response | None:
         if model == "fake-500" or self.failing:
             return _json({"error": {"message": "fake provider failure", "type": "server_error", "param": None, "code": None}}, 500)
         if model == "fake-429":
             return _json({"error": {"message": "rate limited", "type": "rate_limit_error", "param": None, "code": "rate_limit"}}, 429)
         if model == "fake-slow":
-            await asyncio.sleep(self.slow_seconds)
+            deadline = time.monotonic() + self.slow_seconds
+            while time.monotonic() < deadline:  # a real provider stops generating when its client leaves
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                await asyncio.sleep(0.05)
         return None
 
     async def chat(self, request: Request) -> Response:
@@ -106,13 +115,18 @@ class FakeProvider:
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         body = await self._receive(request)
         model = str(body.get("model", ""))
-        if (fault := await self._fault(model)) is not None:
+        if (fault := await self._fault(model, request)) is not None:
             return fault
         words = _reply_words(body.get("max_tokens"))
         prompt = HUGE_PROMPT if model == "fake-huge" else prompt_tokens_of(body)
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words), "total_tokens": prompt + len(words),
                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
         base = {"id": f"fake-{len(self.received)}", "created": int(time.time()), "model": model}
+        if model == "fake-dribble" and body.get("stream") is not True:
+            return StreamingResponse(self._dribble(), media_type="application/json")
+        if model == "fake-flood":
+            flood = self._flood(request, base, usage, body.get("stream") is True)
+            return StreamingResponse(flood, media_type="text/event-stream" if body.get("stream") else "application/json")
         if body.get("stream") is not True:
             text = " ".join(words)
             if chat:
@@ -142,9 +156,35 @@ class FakeProvider:
             yield _sse({**base, "object": kind, "choices": [], "usage": usage})
         yield _sse(b"[DONE]")
 
+    async def _dribble(self):  # type: ignore[no-untyped-def]
+        yield b'{"id": "dribble", "choices": ['
+        while True:
+            await asyncio.sleep(0.1)
+            yield b" "
+
+    async def _flood(self, request: Request, base: dict, usage: dict, stream: bool):  # type: ignore[no-untyped-def]
+        piece = "x" * (256 * 1024)  # made once: the fake should cost little next to the proxy it floods
+        pieces = self.flood_bytes // len(piece)
+        if stream:
+            chunk = _sse({**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            for n in range(pieces):
+                if n % 16 == 0 and await request.is_disconnected():
+                    return  # the proxy hung up: stop generating, as a provider does
+                yield chunk
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            yield _sse(b"[DONE]")
+            return
+        yield orjson.dumps({**base, "object": "chat.completion"})[:-1] + b', "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "'
+        chunk = piece.encode()
+        for n in range(pieces):
+            if n % 16 == 0 and await request.is_disconnected():
+                return
+            yield chunk
+        yield b'"}}], "usage": ' + orjson.dumps(usage) + b"}"
+
     async def embeddings(self, request: Request) -> Response:
         body = await self._receive(request)
-        if (fault := await self._fault(str(body.get("model", "")))) is not None:
+        if (fault := await self._fault(str(body.get("model", "")), request)) is not None:
             return fault
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
@@ -157,7 +197,7 @@ class FakeProvider:
     async def responses(self, request: Request) -> Response:
         body = await self._receive(request)
         model = str(body.get("model", ""))
-        if (fault := await self._fault(model)) is not None:
+        if (fault := await self._fault(model, request)) is not None:
             return fault
         words = _reply_words(body.get("max_output_tokens"))
         prompt = prompt_tokens_of(body)
@@ -249,11 +289,12 @@ HUGE_PROMPT = 3_000_000_000
 OVERLOADED_CACHE_READ = 20_143
 
 
-class _RepeatedVary:
-    """Adds `vary: Origin` and `vary: Accept-Encoding` to every answer, as two headers."""
+class _Instrumented:
+    """Counts the requests being answered, and adds `vary: Origin` and `vary: Accept-Encoding` to every
+    answer as two headers."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, fake: FakeProvider, app: ASGIApp) -> None:
+        self.fake, self.app = fake, app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_vary(message: Message) -> None:
@@ -261,7 +302,14 @@ class _RepeatedVary:
                 message = {**message, "headers": [*message.get("headers", []), (b"vary", b"Origin"), (b"vary", b"Accept-Encoding")]}
             await send(message)
 
-        await self.app(scope, receive, send_with_vary)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.fake.active += 1
+        try:
+            await self.app(scope, receive, send_with_vary)
+        finally:
+            self.fake.active -= 1
 
 
 def _reply_words(count: object) -> list[str]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-# `"usage": {` as a key, not inside a string (a quote inside a JSON string is escaped).
-_USAGE_KEY = re.compile(rb'(?<!\\)"usage"\s*:\s*\{')
+_USAGE = b'"usage"'
+_AFTER_KEY = re.compile(rb"\s*:\s*\{")
 
 
 def object_end(raw: bytes, start: int) -> int:
@@ -47,14 +47,32 @@ def object_at(raw: bytes, start: int) -> Any:
         return None
 
 
+def _usage_object_start(data: bytes, key: int) -> int:
+    """Where the object opens if `"usage"` at `key` is a key followed by an object (not text inside a
+    string, where its quote would be escaped); else -1."""
+    if key > 0 and data[key - 1] == 0x5C:  # backslash
+        return -1
+    after = _AFTER_KEY.match(data, key + len(_USAGE))
+    return after.end() - 1 if after else -1
+
+
 def has_usage_object(data: bytes) -> bool:
-    return _USAGE_KEY.search(data) is not None
+    """`"usage": {` in `data`. On the request path, for every chunk: found with bytes.find (memchr
+    speed), the pattern checked only where the word is (a regex scan cost 4.7 ms per 256 KiB chunk)."""
+    key = data.find(_USAGE)
+    while key >= 0:
+        if _usage_object_start(data, key) >= 0:
+            return True
+        key = data.find(_USAGE, key + 1)
+    return False
 
 
 def last_usage_object(data: bytes) -> dict | None:
     """The last complete `"usage": {...}` object in `data` (providers send usage last), or None."""
-    for match in reversed(list(_USAGE_KEY.finditer(data))):
-        found = object_at(data, match.end() - 1)
-        if isinstance(found, dict):
+    key = data.rfind(_USAGE)
+    while key >= 0:
+        start = _usage_object_start(data, key)
+        if start >= 0 and isinstance(found := object_at(data, start), dict):
             return found
+        key = data.rfind(_USAGE, 0, key)
     return None

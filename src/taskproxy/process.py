@@ -1,6 +1,9 @@
-"""Tuning of the server process, applied once by `taskproxy serve` (and by each of its worker
-processes), never at import and never by `create_app`: tests and the demo build many apps in one
-process, and these settings are process-wide.
+"""The server process: how `taskproxy serve` runs the app, and the process-wide tuning it applies
+once (in each of its worker processes too), never at import and never by `create_app`: tests and the
+demo build many apps in one process, and these settings are process-wide.
+
+`serve` runs uvicorn with taskproxy's bounded connections (connections.py), the graceful shutdown
+the settings give, and the open-file limit raised to its hard limit.
 
 Both were chosen by measurement (bench/, docs/performance.md):
 
@@ -21,8 +24,14 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import socket
+
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from taskproxy.connections import BoundedHttpProtocol, ConnectionLimits, default_max_connections, raise_open_file_limit
+from taskproxy.settings import ServerSettings
 
 log = logging.getLogger("taskproxy")
 
@@ -65,3 +74,28 @@ def prepare_serving(app: ASGIApp) -> ASGIApp:
     """The app as `taskproxy serve` runs it, in a process tuned for serving."""
     limit_malloc_arenas()
     return FreezeAfterStartup(app)
+
+
+def serve(app: ASGIApp | str, server: ServerSettings, *, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
+    """Run uvicorn on `app` (or, with several workers, the app factory named by `app`) until stopped."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    raise_open_file_limit()
+    config = uvicorn.Config(
+        app, host=host, port=port, workers=workers, factory=isinstance(app, str), log_level=log_level, access_log=access_log,
+        http=BoundedHttpProtocol, ws="none", timeout_keep_alive=server.keep_alive_seconds,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=server.shutdown_grace_seconds,  # type: ignore[arg-type]
+    )  # fmt: skip
+    config.connection_limits = ConnectionLimits(  # type: ignore[attr-defined]  (carried to worker processes with the config)
+        header_timeout=server.header_timeout_seconds, body_timeout=server.body_timeout_seconds,
+        max_connections=server.max_connections or default_max_connections(),
+    )  # fmt: skip
+    if workers > 1:
+        sock = config.bind_socket()
+        # Inherited by the connections the workers accept: asyncio sets it only on servers it binds itself,
+        # and without it each answer on a kept-alive connection waited ~40 ms (Nagle against delayed ACKs).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        uvicorn.Server(config).run()

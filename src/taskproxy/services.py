@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore
+from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
@@ -45,6 +46,7 @@ class Services:
     rate_limiter: RateLimiter
     metrics: Metrics
     open_attempts: OpenAttempts
+    body_gate: BodyGate
 
 
 def services(request: Request) -> Services:

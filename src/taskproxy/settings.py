@@ -107,6 +107,11 @@ class LimitSettings(_Frozen):
     # A provider's non-streamed answer up to this size is kept whole (and sent with its length); a larger
     # one is relayed as it arrives, keeping only its ends for accounting, so no answer costs more memory.
     max_buffered_response_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # JSON values (objects, arrays, strings, numbers...) one request body may hold; more: 413. Decoding costs
+    # memory per value, not per byte: 29 MiB of empty arrays took 1 GiB.
+    max_json_nodes: int = Field(default=1_000_000, gt=0)
+    # Bodies over 1 MiB are read and decoded at most this many at a time (the others wait their turn).
+    max_concurrent_large_bodies: int = Field(default=2, gt=0)
 
 
 class RecordingSettings(_Frozen):
@@ -192,6 +197,18 @@ class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
+    # A connection must deliver a request's headers within this (from opening, or from starting its next
+    # request), and the whole body within body_timeout_seconds after them; else 408 and it is closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A kept-alive connection idle this long after a response is closed.
+    keep_alive_seconds: float = Field(default=5.0, gt=0)
+    # Open client connections per process; past it a new one gets 503 and is closed. None: half the
+    # open-file limit (raised to its hard limit at start) after 128 kept for the proxy's own use.
+    max_connections: int | None = Field(default=None, gt=0)
+    # On SIGTERM: stop accepting, give answers in flight this long, then end the streams still open with
+    # the route's error event, record them, drain the writer and exit.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
 
 class Settings(_Frozen):

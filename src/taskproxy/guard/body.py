@@ -1,7 +1,16 @@
-"""Reading and decoding request bodies within the configured limit."""
+"""Reading and decoding request bodies within what one request may cost.
+
+The size limit alone does not bound the work: 29 MiB of `[[],[],...]` (ten million empty arrays, well
+inside 32 MiB and the depth limit) took 1.08 GiB and 9 s of CPU to decode, and four at once stalled
+everyone else. So a body is also held to a number of JSON values (`limits.max_json_nodes`), counted
+before it is decoded, and large bodies are read and decoded a few at a time (`BodyGate`).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -10,18 +19,40 @@ from starlette.requests import Request
 
 from taskproxy.errors import InvalidRequest, RequestTooLarge
 
-# Bodies above this are decoded in a worker thread so a huge prompt cannot stall the event loop.
+# Bodies above this are decoded in a worker thread so a huge prompt cannot stall the event loop, and
+# are read and decoded at most `limits.max_concurrent_large_bodies` at a time.
 DECODE_IN_THREAD_BYTES = 256 * 1024
+LARGE_BODY_BYTES = 1024 * 1024
 # Deeper JSON is refused: no real request needs it, and the proxy must re-encode what it accepts.
 MAX_JSON_DEPTH = 100
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"The request body is larger than the limit of {limit} bytes (limits.max_body_bytes).")
 
 
+class BodyGate:
+    """Large bodies are read and decoded a few at a time: memory and CPU for them stay bounded."""
+
+    def __init__(self, concurrent: int) -> None:
+        self._limiter = anyio.Semaphore(concurrent)
+
+    @asynccontextmanager
+    async def large(self) -> AsyncIterator[None]:
+        async with self._limiter:
+            yield
+
+
+def declared_large(request: Request) -> bool:
+    """The client announced a body large enough to be read and decoded under the `BodyGate`."""
+    declared = request.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it is known to exceed `limit` (without reading the rest)."""
+    """The whole body, refused as soon as it is known to exceed `limit` (without reading the rest).
+    A large one is joined in a worker thread: copying megabytes would hold up the event loop."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -35,6 +66,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
+    if size > DECODE_IN_THREAD_BYTES:
+        return await anyio.to_thread.run_sync(b"".join, chunks)
     return b"".join(chunks)
 
 
@@ -45,7 +78,51 @@ class Undecodable:
         self.reason = reason
 
 
-def _decode(raw: bytes) -> Any:
+SLICE = 1024 * 1024  # bytes counted per C call: short, so the event loop's thread gets the interpreter in between
+
+
+def json_values_at_most(raw: bytes) -> int:
+    """An upper bound of the number of JSON values in `raw` (every value but the first follows a comma
+    or opens a container); brackets and commas inside strings make it larger, never smaller."""
+    return _structural(raw, 0, len(raw)) + 1
+
+
+def _structural(raw: bytes, start: int, end: int) -> int:
+    count = 0
+    for low in range(start, end, SLICE):
+        high = min(low + SLICE, end)
+        count += raw.count(b",", low, high) + raw.count(b"[", low, high) + raw.count(b"{", low, high)
+    return count
+
+
+def _next_string(raw: bytes, position: int) -> re.Match[bytes] | None:
+    """The next string from `position`, its opening quote found a slice at a time."""
+    while position < len(raw):
+        quote = raw.find(b'"', position, position + SLICE)
+        if quote >= 0:
+            return _STRING.match(raw, quote)
+        position += SLICE
+    return None
+
+
+def more_json_values_than(raw: bytes, limit: int) -> bool:
+    """True if `raw` holds more than `limit` values, counting commas and openings outside strings only
+    (for a body whose upper bound is over the limit). Runs in a worker thread: string by string, so the
+    event loop gets the interpreter back between them, and it stops as soon as the limit is passed."""
+    count, position = 1, 0
+    while count <= limit:
+        string = _next_string(raw, position)
+        end = string.start() if string else len(raw)
+        count += _structural(raw, position, end)
+        if string is None:
+            break
+        position = string.end()
+    return count > limit
+
+
+def _decode(raw: bytes, max_values: int) -> Any:
+    if json_values_at_most(raw) > max_values and more_json_values_than(raw, max_values):
+        raise RequestTooLarge(f"The request body holds more than {max_values:,} JSON values (limits.max_json_nodes).")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -66,9 +143,10 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
-async def decode_json_object(raw: bytes) -> dict | Undecodable:
+async def decode_json_object(raw: bytes, max_values: int) -> dict | Undecodable:
+    """The body as a JSON object, or `Undecodable` saying why not; RequestTooLarge past `max_values`."""
     if not raw:
         return Undecodable("The request body is empty; a JSON object is expected.")
-    if len(raw) > DECODE_IN_THREAD_BYTES:
-        return await anyio.to_thread.run_sync(_decode, raw)
-    return _decode(raw)
+    if len(raw) <= DECODE_IN_THREAD_BYTES:
+        return _decode(raw, max_values)
+    return await anyio.to_thread.run_sync(_decode, raw, max_values)

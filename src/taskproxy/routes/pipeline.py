@@ -28,7 +28,7 @@ from taskproxy.error_shapes import ApiFormat, error_event
 from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamTimeout
 from taskproxy.guard.attribution import Attributed, strip_work_item
 from taskproxy.guard.auth import Principal
-from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object, read_body
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, declared_large, decode_json_object, read_body
 from taskproxy.metering.meter import Meter
 from taskproxy.metering.observed import ProviderUsage
 from taskproxy.metering.usage import Exchange, Rejected
@@ -128,6 +128,19 @@ async def _wait_for_the_writer(svc: Services) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _read_and_decode(request: Request, svc: Services) -> tuple[bytes, dict | Undecodable]:
+    limits = svc.settings.limits
+    try:
+        if declared_large(request):  # a few at a time: what large bodies cost in memory and CPU stays bounded
+            async with svc.body_gate.large():
+                raw = await read_body(request, limits.max_body_bytes)
+                return raw, await decode_json_object(raw, limits.max_json_nodes)
+        raw = await read_body(request, limits.max_body_bytes)
+        return raw, await decode_json_object(raw, limits.max_json_nodes)
+    except ClientDisconnect:
+        raise ClientGone("The client hung up before its request body arrived.") from None
+
+
 async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted:
     if svc.writer.backlogged:
         await _wait_for_the_writer(svc)
@@ -139,11 +152,7 @@ async def admit(request: Request, svc: Services, endpoint: Endpoint) -> Admitted
         if svc.writer.refusing:
             raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
                                      "the request was not forwarded. Try again shortly.")  # fmt: skip
-        try:
-            raw = await read_body(request, svc.settings.limits.max_body_bytes)
-        except ClientDisconnect:
-            raise ClientGone("The client hung up before its request body arrived.") from None
-        body = await decode_json_object(raw)
+        raw, body = await _read_and_decode(request, svc)
         attributed = svc.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
         known = await svc.policy.check(attributed.work_item)
         if isinstance(body, Undecodable):

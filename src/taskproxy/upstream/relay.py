@@ -25,6 +25,9 @@ from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import Header, ProviderReply
 
 CLIENT_DISCONNECTED = "client_disconnected"
+# A provider that sends as fast as the client reads never makes the relay wait (its awaits return at
+# once), so it would hold the event loop until the answer ended: it steps aside after this long.
+YIELD_EVERY_SECONDS = 0.002
 SHUTDOWN = "proxy_shutdown"
 SHUTTING_DOWN = "The proxy is shutting down; the answer was ended here. Retry the request."
 
@@ -98,6 +101,7 @@ class RelayResponse:
         error: str | None = None
         first_byte = self.first_byte
         capture, meter, transform = self.capture, self.meter, self.transform
+        stepped_aside = time.perf_counter()
         try:
             await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
             try:
@@ -113,6 +117,9 @@ class RelayResponse:
                         out = transform(chunk) if transform is not None else chunk
                         if out:
                             await send({"type": "http.response.body", "body": out, "more_body": True})
+                        if (now := time.perf_counter()) - stepped_aside > YIELD_EVERY_SECONDS:
+                            await asyncio.sleep(0)  # let the other requests have the event loop
+                            stepped_aside = now
                 tail = self.finish() if self.finish else b""
             except TimeoutError:
                 timeout = UpstreamTimeout(f"The answer took longer than {self.max_seconds:.0f} s and was ended (max_stream_seconds).")

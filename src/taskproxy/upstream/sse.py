@@ -18,11 +18,16 @@ class SseSplitter:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._pending: list[bytes] = []  # chunks of an event not yet complete, joined once it is
 
     def without_usage_only(self, chunk: bytes) -> bytes:
         """The complete events so far, minus any usage-only chunk; a partial event waits for the rest.
         Events are not split apart unless a usage-only chunk is among them (once per stream)."""
-        data = self._buffer + chunk if self._buffer else chunk
+        if (self._buffer or self._pending) and not _ends_an_event(self._pending[-1] if self._pending else self._buffer, chunk):
+            self._pending.append(chunk)  # still inside one event: kept, not copied again with every chunk
+            return b""
+        data = b"".join((self._buffer, *self._pending, chunk)) if self._pending else (self._buffer + chunk if self._buffer else chunk)
+        self._pending = []
         cut = end_of_last_event(data)
         complete, self._buffer = data[:cut], data[cut:]
         match = _USAGE_ONLY.search(complete)
@@ -41,8 +46,19 @@ class SseSplitter:
         return b"".join(kept)
 
     def rest(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join((self._buffer, *self._pending))
+        self._buffer, self._pending = b"", []
         return rest
+
+
+_TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+def _ends_an_event(before: bytes, chunk: bytes) -> bool:
+    """`chunk` completes an event: a blank line in it, or across its start (bytes.find: a regex over
+    the chunk costs ~15 times as much, and this runs for every chunk of a stream)."""
+    seam = before[-3:] + chunk[:3]
+    return any(end in chunk or end in seam for end in _TERMINATORS)
 
 
 def end_of_last_event(data: bytes, before: int | None = None) -> int:

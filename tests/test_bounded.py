@@ -1,0 +1,269 @@
+"""No client, request or provider takes more than its share of a `taskproxy serve` process (one worker,
+1,024 open files where it matters). While each misbehaviour goes on, a well-behaved client keeps getting
+its answers (p99 under 100 ms) with its usage recorded exactly, and the process's memory and open files
+return to their baseline afterwards. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, quiet_upstream, start_server, write_config
+
+pytestmark = pytest.mark.serve
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(autouse=True)
+def enough_files_for_the_attacker() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8192 and hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+
+@pytest.fixture(scope="module")
+def quiet() -> Iterator[str]:
+    with quiet_upstream() as url:
+        yield url
+
+
+@contextmanager
+def server_with(tmp_path: Path, upstream: FakeUpstream, quiet: str, *, open_files: int | None = None, **extra: object) -> Iterator[ServerProcess]:
+    """The well-behaved client's model is served by the fake in its own process; the misbehaving ones by the fake in this one."""
+    v1 = f"{upstream.url}/v1"
+    models = [
+        {"name": "gpt-4o-mini", "base_url": f"{quiet}/v1"},
+        {"name": "dribble", "base_url": v1, "upstream_model": "fake-dribble", "max_response_seconds": 1.5},
+        {"name": "flood", "base_url": v1, "upstream_model": "fake-flood"},
+        {"name": "slow", "base_url": v1, "upstream_model": "fake-slow"},
+        {"name": "trickle", "base_url": v1, "upstream_model": "fake-trickle"},
+    ]
+    config = write_config(tmp_path, upstream.url, models=models, **extra)
+    server = start_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY), open_files=open_files)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class WellBehaved:
+    """A client sending one request after another (tests/well_behaved.py, in a process of its own)."""
+
+    def __init__(self, server: ServerProcess, item: str) -> None:
+        self.server, self.item = server, item
+        self.key = server.new_key("well-behaved", "platform")
+        self._stop = server.log_path.with_name(f"stop-{item}")
+        self._process: subprocess.Popen | None = None
+        self.latencies: list[float] = []
+        self.statuses: list[int] = []
+        self.tokens = 0
+
+    def __enter__(self) -> WellBehaved:
+        script = Path(__file__).with_name("well_behaved.py")
+        self._process = subprocess.Popen([sys.executable, str(script), self.server.url, self.key, self.item, str(self._stop)],
+                                         stdout=subprocess.PIPE, env=child_env())  # fmt: skip
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is None:
+            return
+        self._stop.touch()
+        out, _ = self._process.communicate(timeout=30)
+        self._process = None
+        found = json.loads(out)
+        self.latencies, self.statuses, self.tokens = found["latencies"], found["statuses"], found["tokens"]
+
+    def check(self) -> None:
+        """Every answer a 200 within p99 100 ms, and recorded exactly."""
+        assert len(self.statuses) >= 20 and set(self.statuses) == {200}, set(self.statuses)
+        p99 = statistics.quantiles(self.latencies, n=100)[98]
+        print(f"\n{self.item}: {len(self.latencies)} requests, p50 {statistics.median(self.latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+        assert p99 < 0.1, f"p99 {p99 * 1000:.0f} ms over {len(self.latencies)} requests"
+        item = self.server.work_item(self.item, expected_requests=len(self.statuses))
+        assert (item["requests"], item["total_tokens"]) == (len(self.statuses), self.tokens)
+
+
+def settle(measure: Callable[[], float], baseline: float, slack: float, timeout: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout
+    while (value := measure()) > baseline + slack and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def test_idle_and_slow_sockets_are_cut_off_and_cannot_exhaust_the_process(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    server_settings = {"header_timeout_seconds": 1.5, "body_timeout_seconds": 2.0, "keep_alive_seconds": 1.5}
+    with server_with(tmp_path, upstream, quiet, open_files=1024, server=server_settings) as server:
+        with WellBehaved(server, "GOOD-1") as good:
+            attack(server)
+        good.check()
+        log = server.log()
+    assert "Too many open files" not in log and "EMFILE" not in log
+
+
+def attack(server: ServerProcess) -> None:
+    if True:
+        time.sleep(0.3)
+        baseline_files = server.open_files()
+        idle: list[socket.socket] = []
+        for _ in range(1100):  # more than the process has descriptors for
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+            except OSError:
+                pass
+        slow_headers = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+        slow_bodies = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(100)]
+        for sock in slow_bodies:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{")
+        for round_ in range(8):  # a byte at a time, for 4 s: longer than either deadline
+            for sock in (*slow_headers, *slow_bodies):
+                try:
+                    sock.sendall(b"G" if round_ == 0 and sock in slow_headers else b" ")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        closed = 0
+        for sock in (*idle, *slow_headers, *slow_bodies):
+            sock.settimeout(3)
+            try:
+                while sock.recv(65536):  # a 408 or 503, then the server's close
+                    pass
+                closed += 1
+            except (TimeoutError, OSError):
+                pass
+            sock.close()
+        assert closed == len(idle) + len(slow_headers) + len(slow_bodies)  # every one of them cut off by the server
+        files = settle(server.open_files, baseline_files, 5)
+        assert files <= baseline_files + 5, (files, baseline_files)
+
+
+def test_a_json_bomb_within_the_size_limit_is_refused_without_taking_the_process(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    bomb = b'{"model": "gpt-4o-mini", "messages": [], "x": [' + b",".join([b"[]"] * 10_000_000) + b"]}"  # 29 MiB: 10 million empty arrays
+    assert len(bomb) < 32 * 1024 * 1024
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-2") as good:
+        checked = good
+        key = server.new_key("bomber", "platform")
+        time.sleep(0.5)
+        resident, _ = server.memory_mib()
+
+        # Thrown by other processes (curl): the well-behaved client's timings are the server's, not this process's.
+        payload = tmp_path / "bomb.json"
+        payload.write_bytes(bomb)
+        throwers = [
+            subprocess.Popen(["curl", "-s", "-o", str(tmp_path / f"answer-{n}.json"), "-w", "%{http_code}", "--data-binary", f"@{payload}",
+                              "-H", f"authorization: Bearer {key}", "-H", "X-Work-Item: BOMB-1", "-H", "content-type: application/json",
+                              f"{server.url}/v1/chat/completions"], stdout=subprocess.PIPE)
+            for n in range(4)
+        ]  # fmt: skip
+        statuses = [thrower.communicate(timeout=60)[0] for thrower in throwers]
+        answers = [orjson.loads((tmp_path / f"answer-{n}.json").read_bytes()) for n in range(4)]
+        _, peak = server.memory_mib()
+        time.sleep(0.5)
+        good.__exit__()
+        checked.check()
+    assert statuses == [b"413"] * 4
+    for answer in answers:
+        assert answer["error"]["code"] == "request_too_large" and "limits.max_json_nodes" in answer["error"]["message"]
+    assert peak - resident < 300, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # it took 3.5 GiB before
+
+
+def test_a_provider_that_dribbles_or_floods_takes_nothing_from_the_others(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    upstream.fake.flood_bytes = 300 * 1024 * 1024
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-3") as good:
+        key = server.new_key("dana", "platform")
+        headers = {"authorization": f"Bearer {key}", "X-Work-Item": "PROV-1"}
+        time.sleep(0.5)
+        resident, _ = server.memory_mib()
+        started = time.monotonic()
+        dribbled = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "dribble", "messages": ASK}, headers=headers, timeout=30)
+        assert dribbled.status_code == 504 and "max_response_seconds" in dribbled.json()["error"]["message"]
+        assert time.monotonic() - started < 5
+
+        # Read by other processes (curl): a 300 MiB answer, not streamed, relayed as it arrives and never held
+        # whole; then a 300 MiB stream whose client hangs up after a second.
+        def curl(body: str, *extra: str) -> subprocess.Popen:
+            return subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", *extra, "--data", body,
+                                     "-H", f"authorization: Bearer {key}", "-H", "X-Work-Item: PROV-1", "-H", "content-type: application/json",
+                                     f"{server.url}/v1/chat/completions"], stdout=subprocess.PIPE)  # fmt: skip
+
+        flood = curl('{"model": "flood", "messages": [{"role": "user", "content": "hi"}]}')
+        code, size = flood.communicate(timeout=60)[0].split()
+        assert code == b"200" and int(size) > upstream.fake.flood_bytes
+        cut = curl('{"model": "flood", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', "-m", "1")
+        cut.communicate(timeout=30)
+        _, peak = server.memory_mib()
+
+        def leave_early(_: int) -> None:  # 22 clients give up on a slow answer
+            try:
+                httpx.post(f"{server.url}/v1/chat/completions", json={"model": "slow", "messages": ASK}, headers=headers, timeout=0.3)
+            except httpx.TimeoutException:
+                pass
+
+        with ThreadPoolExecutor(max_workers=22) as pool:
+            list(pool.map(leave_early, range(22)))
+        deadline = time.monotonic() + 3
+        while upstream.fake.active > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstream.fake.active == 0  # their requests to the provider were cancelled as they left
+        good.__exit__()
+        good.check()
+        events = server.events("PROV-1", 25)
+    assert peak - resident < 100, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # 1.08-1.25 GiB before
+    assert sum(e["error"] == "client_disconnected" for e in events) == 23 and sum(e["error"] == "upstream_timeout" for e in events) == 1
+
+
+def test_sigterm_gives_answers_in_flight_a_grace_period_then_ends_and_records_the_rest(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    with server_with(tmp_path, upstream, quiet, server={"shutdown_grace_seconds": 1.5}) as server:
+        key = server.new_key("dana", "platform")
+        headers = {"authorization": f"Bearer {key}", "X-Work-Item": "TERM-1"}
+        outcome: dict[str, object] = {}
+
+        def endless() -> None:
+            body = b""
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={"model": "trickle", "messages": ASK, "stream": True},
+                              headers=headers, timeout=30) as stream:  # fmt: skip
+                for chunk in stream.iter_raw():
+                    body += chunk
+            outcome["stream"] = body
+
+        def slow() -> None:  # answered within the grace period
+            outcome["slow"] = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "slow", "messages": ASK}, headers=headers, timeout=30)
+
+        upstream.fake.slow_seconds = 1.0
+        clients = [threading.Thread(target=endless), threading.Thread(target=slow)]
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        server.sigterm()
+        assert server.process.wait(15) in (0, -15)
+        took = time.monotonic() - stopped
+        for client in clients:
+            client.join(10)
+        log = server.log()
+    assert took < 1.5 + 5, took  # the grace period, then the stream is ended: not bounded by max_stream_seconds
+    assert outcome["slow"].status_code == 200  # type: ignore[attr-defined]
+    assert b"shutting down" in outcome["stream"]  # type: ignore[operator]  # the route's error event, in the stream
+    from sqlalchemy import select
+
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import UsageEvent
+
+    engine = make_engine(server.database_url)
+    with engine.connect() as connection:
+        recorded = {row.model: (row.status, row.error) for row in connection.execute(select(UsageEvent).where(UsageEvent.work_item == "TERM-1"))}
+    engine.dispose()
+    assert recorded == {"slow": (200, None), "trickle": (200, "proxy_shutdown")}, (recorded, log[-2000:])

@@ -1,0 +1,32 @@
+"""A well-behaved client, run as its own process (`python well_behaved.py URL KEY ITEM STOPFILE`): one
+request after another on a kept-alive connection, each timed, until STOPFILE exists; then it prints
+{"latencies", "statuses", "tokens"} as JSON. Its own process, so that what the test process does
+(attackers, the fake provider) does not take its interpreter, and its timings are the server's."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def main(url: str, key: str, item: str, stop: str) -> None:
+    latencies, statuses, tokens = [], [], 0
+    headers = {"authorization": f"Bearer {key}", "X-Work-Item": item}
+    with httpx.Client(base_url=url, timeout=10, headers=headers, trust_env=False) as client:
+        while not Path(stop).exists():
+            started = time.perf_counter()
+            response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            latencies.append(time.perf_counter() - started)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                tokens += response.json()["usage"]["total_tokens"]
+            time.sleep(0.02)
+    print(json.dumps({"latencies": latencies, "statuses": statuses, "tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
