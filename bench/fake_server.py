@@ -26,8 +26,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--flood-bytes", type=int, default=300 * 1024 * 1024, help="the size of a fake-flood answer")
+    parser.add_argument("--flood-piece-bytes", type=int, default=256 * 1024, help="the size of each of its pieces")
+    parser.add_argument("--flood-delay", type=float, default=0.0, help="seconds between its pieces")
     args = parser.parse_args()
-    fake = FakeProvider(received=_Forgetful())
+    fake = FakeProvider(received=_Forgetful(), flood_bytes=args.flood_bytes, flood_piece_bytes=args.flood_piece_bytes, flood_delay=args.flood_delay)
     uvicorn.run(fake.app(), host=args.host, port=args.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", lifespan="off")
 

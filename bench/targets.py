@@ -112,8 +112,12 @@ class FakeProvider(Served):
     name = "fake"
     health_path = ""
 
+    def __init__(self, folder: Path, *options: str) -> None:
+        super().__init__(folder)
+        self.options = options  # extra fake_server.py arguments (--flood-bytes, ...)
+
     def command(self, port: int) -> list[str]:
-        return [sys.executable, str(BENCH / "fake_server.py"), "--port", str(port)]
+        return [sys.executable, str(BENCH / "fake_server.py"), "--port", str(port), *self.options]
 
     def headers(self) -> dict[str, str]:
         return {"authorization": "Bearer sk-fake"}
@@ -122,9 +126,10 @@ class FakeProvider(Served):
 class Taskproxy(Served):
     """`taskproxy serve`, one worker, recording on, a key and `X-Work-Item` on every request."""
 
-    def __init__(self, folder: Path, provider_url: str, database_url: str, name: str) -> None:
+    def __init__(self, folder: Path, provider_url: str, database_url: str, name: str, extra_models: tuple[dict, ...] = ()) -> None:
         super().__init__(folder)
         self.name = name
+        self.extra_models = extra_models
         self.database_url = database_url
         self.admin_key = "tp-bench-admin-" + secrets.token_urlsafe(16)
         self.provider_url = provider_url
@@ -139,7 +144,8 @@ class Taskproxy(Served):
         rather than 50× more."""
         config: dict = {
             "database_url": self.database_url,
-            "models": [{"name": MODEL, "provider": "openai", "base_url": f"{self.provider_url}/v1"}],
+            "models": [{"name": MODEL, "provider": "openai", "base_url": f"{self.provider_url}/v1"},
+                       *({**m, "base_url": f"{self.provider_url}/v1"} for m in self.extra_models)],
             "recording": {"spool_path": str(self.folder / f"{self.name}-spool.jsonl")},
         }
         if slowed_down:

@@ -1,11 +1,14 @@
-"""The tuning `taskproxy serve` applies to its process (process.py): startup's objects frozen out of
-the garbage collector once the lifespan has started, and glibc's malloc arenas capped."""
+"""The tuning `taskproxy serve` applies to its process (process.py, memory.py): startup's objects frozen
+out of the garbage collector once the lifespan has started, glibc's allocator tuned, and freed memory
+handed back once requests were served and none is in progress."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import platform
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +21,8 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from taskproxy.localserver import serve_in_thread
-from taskproxy.process import FreezeAfterStartup, limit_malloc_arenas
+from taskproxy import process
+from taskproxy.process import ProcessTuning
 
 
 @pytest.fixture
@@ -45,14 +49,14 @@ def frozen_count_app(seen: dict[str, int], *, fail_startup: bool = False) -> Sta
 @pytest.mark.usefixtures("unfrozen")
 def test_objects_made_at_startup_are_frozen_once_startup_completes() -> None:
     seen: dict[str, int] = {}
-    with serve_in_thread(FreezeAfterStartup(frozen_count_app(seen))) as url:
+    with serve_in_thread(ProcessTuning(frozen_count_app(seen))) as url:
         answer = httpx.get(f"{url}/frozen", timeout=10)
     assert answer.status_code == 200
     assert seen["during_startup"] == 0  # nothing is frozen while the app is still starting
     assert int(answer.text) > 1000  # by the first request, what startup left is out of the collector's way
 
 
-async def lifespan_startup(app: FreezeAfterStartup) -> list[Message]:
+async def lifespan_startup(app: ProcessTuning) -> list[Message]:
     """Drive the ASGI lifespan protocol's startup as a server does; the messages the app sent."""
     incoming = [{"type": "lifespan.startup"}]
     sent: list[Message] = []
@@ -73,13 +77,78 @@ async def lifespan_startup(app: FreezeAfterStartup) -> list[Message]:
 @pytest.mark.usefixtures("unfrozen")
 def test_a_failed_startup_is_reported_and_nothing_is_frozen() -> None:
     seen: dict[str, int] = {}
-    sent = asyncio.run(lifespan_startup(FreezeAfterStartup(frozen_count_app(seen, fail_startup=True))))
+    sent = asyncio.run(lifespan_startup(ProcessTuning(frozen_count_app(seen, fail_startup=True))))
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "the database is away" in sent[0]["message"]
     assert seen["during_startup"] == 0
     assert gc.get_freeze_count() == 0
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
-def test_malloc_arenas_are_capped_on_glibc() -> None:
-    assert limit_malloc_arenas() is True
+FRAGMENTED_HEAP = """
+import sys
+from taskproxy.memory import release_freed_memory, tune_allocator
+
+def resident() -> float:
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+
+if sys.argv[1] == "tuned":
+    tune_allocator()
+blocks, keep = [], []
+for _ in range(2000):  # 100 KiB blocks, each followed by a small object that stays: the heap cannot shrink
+    blocks.append(bytearray(100 * 1024))
+    keep.append(bytearray(600))
+full = resident()
+del blocks
+freed = resident()
+release_freed_memory()
+print(round(full - freed), round(full - resident()))
+"""
+
+
+def _freed(mode: str) -> tuple[int, int]:
+    """MiB handed back to the system by freeing 200 MiB of 100 KiB blocks (then after malloc_trim)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP, mode], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the allocator's tuning is glibc's")
+def test_large_blocks_go_back_to_the_system_when_freed_and_the_rest_when_trimmed() -> None:
+    tuned_at_once, _ = _freed("tuned")
+    default_at_once, default_trimmed = _freed("default")
+    assert tuned_at_once > 150  # in mappings of their own: unmapped when freed
+    assert default_at_once < 50  # stranded in the heap between the small objects ...
+    assert default_trimmed > 150  # ... until malloc_trim hands the free pages back
+
+
+def test_freed_memory_is_handed_back_once_requests_were_served_and_none_is_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(process, "IDLE_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(process, "release_freed_memory", lambda: trims.append(1))
+    gate = threading.Event()
+
+    async def slow(request: Request) -> PlainTextResponse:
+        while not gate.is_set():
+            await asyncio.sleep(0.01)
+        return PlainTextResponse("done")
+
+    tuned = ProcessTuning(Starlette(routes=[Route("/slow", slow)]))
+    try:
+        with serve_in_thread(tuned) as url:
+            time.sleep(0.3)
+            assert trims == []  # nothing served yet: nothing to hand back
+            answer: list[httpx.Response] = []
+            client = threading.Thread(target=lambda: answer.append(httpx.get(f"{url}/slow", timeout=10)))
+            client.start()
+            time.sleep(0.3)
+            assert trims == [] and tuned.active == 1  # a request in progress: not now
+            gate.set()
+            client.join(10)
+            time.sleep(0.3)
+            assert answer[0].status_code == 200 and trims == [1]  # served, and idle: once
+            time.sleep(0.2)
+            assert trims == [1]  # nothing new served since: not again
+    finally:
+        gc.unfreeze()

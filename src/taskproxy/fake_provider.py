@@ -70,6 +70,8 @@ class FakeProvider:
     received: list[dict[str, Any]] = field(default_factory=list)
     failing: bool = False  # while set, every model behaves like fake-500 (a provider outage)
     flood_bytes: int = 300 * 1024 * 1024
+    flood_piece_bytes: int = 256 * 1024
+    flood_delay: float = 0.0  # seconds between the pieces of a flood (0: as fast as the reader takes them)
     active: int = 0
 
     def app(self) -> ASGIApp:
@@ -163,13 +165,15 @@ class FakeProvider:
             yield b" "
 
     async def _flood(self, request: Request, base: dict, usage: dict, stream: bool):  # type: ignore[no-untyped-def]
-        piece = "x" * (256 * 1024)  # made once: the fake should cost little next to the proxy it floods
+        piece = "x" * self.flood_piece_bytes  # made once: the fake should cost little next to the proxy it floods
         pieces = self.flood_bytes // len(piece)
         if stream:
             chunk = _sse({**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
             for n in range(pieces):
                 if n % 16 == 0 and await request.is_disconnected():
                     return  # the proxy hung up: stop generating, as a provider does
+                if self.flood_delay:
+                    await asyncio.sleep(self.flood_delay)
                 yield chunk
             yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
             yield _sse(b"[DONE]")

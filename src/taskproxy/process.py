@@ -12,6 +12,9 @@ Both were chosen by measurement (bench/, docs/performance.md):
   reloads in worker threads) each left freed memory stranded in theirs: after 2 × 30,000 requests
   the process kept 3–14 MiB more resident with the default (three runs each). Instructions
   per request did not change (1.28 M against 1.29 M for a non-streaming request).
+- **Blocks of 64 KiB and more in mappings of their own, and freed memory handed back when idle.**
+  After 500 streams of 1 MiB in flight at once, the heap kept tens of MiB it no longer used
+  (bench/streams_memory.py); `malloc_trim` runs when requests were served and none is in progress.
 - **Startup's objects frozen out of the garbage collector.** Once the app has started, the modules,
   settings, encodings and caches it built live as long as the process. Left in the collector's
   oldest generation, each full collection walked all of them again: 85–185 ms with the event loop
@@ -21,7 +24,7 @@ Both were chosen by measurement (bench/, docs/performance.md):
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import gc
 import logging
 import socket
@@ -30,50 +33,63 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from taskproxy.memory import release_freed_memory, tune_allocator
 from taskproxy.connections import BoundedHttpProtocol, ConnectionLimits, default_max_connections, raise_open_file_limit
 from taskproxy.settings import ServerSettings
 
 log = logging.getLogger("taskproxy")
 
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+IDLE_CHECK_SECONDS = 5.0
 
 
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas; call before the process starts threads. False where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left as it is
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas))
-
-
-class FreezeAfterStartup:
+class ProcessTuning:
     """ASGI wrapper: once the wrapped app reports its lifespan startup complete, collect the garbage
-    startup left and freeze what remains (see the module's docstring)."""
+    startup left and freeze what remains; afterwards, whenever requests were served since the last
+    look and none is in progress, hand freed memory back to the system (see the module's docstring)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.active = 0
+        self.served = 0
+        self._trimmer: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._on_lifespan(send))
             return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            self.served += 1
 
-        async def send_and_freeze(message: Message) -> None:
+    def _on_lifespan(self, send: Send) -> Send:
+        async def send_and_tune(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 gc.collect()
                 gc.freeze()
                 log.debug("%d objects made at startup frozen out of the garbage collector", gc.get_freeze_count())
+                self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
+            elif message["type"].startswith("lifespan.shutdown") and self._trimmer is not None:
+                self._trimmer.cancel()
             await send(message)
 
-        await self.app(scope, receive, send_and_freeze)
+        return send_and_tune
+
+    async def _trim_when_idle(self) -> None:
+        trimmed_at = 0
+        while True:
+            await asyncio.sleep(IDLE_CHECK_SECONDS)
+            if self.served != trimmed_at and self.active == 0:
+                trimmed_at = self.served
+                await asyncio.to_thread(release_freed_memory)
 
 
 def prepare_serving(app: ASGIApp) -> ASGIApp:
     """The app as `taskproxy serve` runs it, in a process tuned for serving."""
-    limit_malloc_arenas()
-    return FreezeAfterStartup(app)
+    tune_allocator()
+    return ProcessTuning(app)
 
 
 def serve(app: ASGIApp | str, server: ServerSettings, *, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:

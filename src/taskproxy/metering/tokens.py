@@ -8,7 +8,6 @@ Counting is CPU work: it runs in the writer thread, never on the event loop.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from taskproxy.memory import release_freed_memory
 
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4", "codex-", "gpt-oss")
 TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|>
@@ -91,7 +92,7 @@ class TokenCounter:
         """Load the encodings these models use now (each ~50 MiB: only those needed)."""
         for name in sorted({encoding_name_for(model) for model in models}):
             self._encoding(name)
-        _release_freed_memory()
+        release_freed_memory()
 
     def count(self, model: str, text: str) -> int:
         """Tokens of `text`. Counts are remembered: agents resend the same system prompt and history
@@ -154,12 +155,3 @@ def _text_of(value: Any) -> str:
     if isinstance(value, dict):
         return orjson.dumps(value).decode()
     return ""
-
-
-def _release_freed_memory() -> None:
-    """Loading an encoding parses a 3.6 MB file into objects that are then freed; glibc keeps freed
-    heap pages unless asked to give them back."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -22,6 +22,7 @@ from taskproxy.settings import ModelSettings
 from taskproxy.upstream.provider import Header, ProviderReply, ProviderRequest, client_headers, timed_out, unreachable
 
 log = logging.getLogger("taskproxy.upstream")
+READ_BUFFER_BYTES = 32 * 1024
 
 
 @contextmanager
@@ -60,6 +61,9 @@ class AiohttpClient:
             auto_decompress=False,  # bytes are relayed as the provider sent them
             trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None),
+            # What one answer may wait in memory before reading from the provider pauses (twice this). aiohttp's
+            # 256 KiB let 500 streams in flight hold ~250 MiB of the provider's bytes (bench/streams_memory.py).
+            read_bufsize=READ_BUFFER_BYTES,
         )
         self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
