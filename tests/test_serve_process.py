@@ -8,7 +8,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -441,14 +440,6 @@ def test_several_workers_share_one_database(upstream: FakeUpstream, tmp_path: Pa
             totals = list(pool.map(lambda i: client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"n {i}"}]).usage.total_tokens, range(12)))
         item = server.work_item("WORKERS-1", expected_requests=12)
         assert item["requests"] == 12 and item["total_tokens"] == sum(totals)
-        # One after another on a kept-alive connection, no answer waits on Nagle's algorithm (it did: ~40 ms each).
-        with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}", "X-Work-Item": "WORKERS-1"}, trust_env=False) as http:
-            took = []
-            for _ in range(15):
-                started = time.perf_counter()
-                assert http.get("/v1/models").status_code == 200
-                took.append(time.perf_counter() - started)
-        assert statistics.median(took) < 0.02, took
         assert server.process.poll() is None
         assert "Application startup failed" not in server.log()
 

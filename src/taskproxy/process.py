@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import socket
 
 from typing import Any
 
@@ -108,10 +107,6 @@ def serve(app: ASGIApp | str, server: ServerSettings, *, host: str, port: int, w
         max_connections=server.max_connections or default_max_connections(),
     )  # fmt: skip
     if workers > 1:
-        sock = config.bind_socket()
-        # Inherited by the connections the workers accept: asyncio sets it only on servers it binds itself,
-        # and without it each answer on a kept-alive connection waited ~40 ms (Nagle against delayed ACKs).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Multiprocess(config, sockets=[sock]).run()
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         uvicorn.Server(config).run()
