@@ -147,6 +147,7 @@ def attack(server: ServerProcess) -> None:
             sock.close()
         assert closed == len(idle) + len(slow_headers) + len(slow_bodies)  # every one of them cut off by the server
         files = settle(server.open_files, baseline_files, 5)
+        print(f"\nopen files: {baseline_files} before, {files} after; {closed} sockets cut off by the server")
         assert files <= baseline_files + 5, (files, baseline_files)
 
 
@@ -177,6 +178,7 @@ def test_a_json_bomb_within_the_size_limit_is_refused_without_taking_the_process
     assert statuses == [b"413"] * 4
     for answer in answers:
         assert answer["error"]["code"] == "request_too_large" and "limits.max_json_nodes" in answer["error"]["message"]
+    print(f"\nfour 29 MiB bombs: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
     assert peak - resident < 300, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # it took 3.5 GiB before
 
 
@@ -221,6 +223,7 @@ def test_a_provider_that_dribbles_or_floods_takes_nothing_from_the_others(tmp_pa
         good.__exit__()
         good.check()
         events = server.events("PROV-1", 25)
+    print(f"\n300 MiB answers: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
     assert peak - resident < 100, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # 1.08-1.25 GiB before
     assert sum(e["error"] == "client_disconnected" for e in events) == 23 and sum(e["error"] == "upstream_timeout" for e in events) == 1
 

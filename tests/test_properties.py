@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskproxy.errors import WorkItemInvalid
+from taskproxy.guard.body import more_json_values_than
 from taskproxy.settings import DEFAULT_BRANCH_PATTERNS, DEFAULT_ID_PATTERNS
 from taskproxy.upstream.observe import openai_stream
 from taskproxy.upstream.capture import Capture
@@ -122,3 +123,27 @@ def test_an_id_within_the_limit_never_normalizes_past_it(raw: str) -> None:
     except WorkItemInvalid:
         return
     assert len(canonical) <= MAX_ID_LENGTH
+
+
+json_documents = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(alphabet=st.sampled_from(list('ab,[]{}"\\: x')), max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(alphabet=st.sampled_from(list('k,[{"\\')), max_size=4), children, max_size=4),
+    max_leaves=30,
+)
+
+
+def _values(document: object) -> int:
+    if isinstance(document, dict):
+        return 1 + sum(_values(v) for v in document.values())
+    if isinstance(document, list):
+        return 1 + sum(_values(v) for v in document)
+    return 1
+
+
+@given(json_documents)
+@settings(max_examples=400)
+def test_the_json_value_budget_counts_exactly_what_decoding_would_build(document: object) -> None:
+    """Commas, brackets and quotes inside strings (escaped quotes too) never miscount a body (compact
+    JSON, as every SDK sends it; a spaced-out `[ ]` only ever counts more, never less)."""
+    raw, exact = orjson.dumps(document), _values(document)
+    assert not more_json_values_than(raw, exact) and more_json_values_than(raw, exact - 1)

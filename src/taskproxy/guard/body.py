@@ -81,17 +81,16 @@ class Undecodable:
 SLICE = 1024 * 1024  # bytes counted per C call: short, so the event loop's thread gets the interpreter in between
 
 
-def json_values_at_most(raw: bytes) -> int:
-    """An upper bound of the number of JSON values in `raw` (every value but the first follows a comma
-    or opens a container); brackets and commas inside strings make it larger, never smaller."""
-    return _structural(raw, 0, len(raw)) + 1
-
-
-def _structural(raw: bytes, start: int, end: int) -> int:
+def _structural(raw: bytes, start: int, end: int, stop_above: int) -> int:
+    """Values after the first in raw[start:end]: commas, and openings of containers that are not empty
+    (`[]` and `{}` hold none), counted a slice at a time; stops once over `stop_above`."""
     count = 0
     for low in range(start, end, SLICE):
         high = min(low + SLICE, end)
         count += raw.count(b",", low, high) + raw.count(b"[", low, high) + raw.count(b"{", low, high)
+        count -= raw.count(b"[]", low, high) + raw.count(b"{}", low, high)
+        if count > stop_above:
+            break
     return count
 
 
@@ -106,14 +105,19 @@ def _next_string(raw: bytes, position: int) -> re.Match[bytes] | None:
 
 
 def more_json_values_than(raw: bytes, limit: int) -> bool:
-    """True if `raw` holds more than `limit` values, counting commas and openings outside strings only
-    (for a body whose upper bound is over the limit). Runs in a worker thread: string by string, so the
-    event loop gets the interpreter back between them, and it stops as soon as the limit is passed."""
+    """True if `raw` holds more than `limit` JSON values: every value but the first follows a comma or
+    opens a container (compact JSON counts exactly; `[ ]` counts one more). First an upper bound
+    (brackets and commas inside strings counted too), which
+    settles it for nearly every body; only a body over it is counted again outside its strings. Runs
+    in a worker thread, a slice or a string at a time, so the event loop gets the interpreter back in
+    between, and stops as soon as the limit is passed."""
+    if _structural(raw, 0, len(raw), limit) + 1 <= limit:
+        return False
     count, position = 1, 0
     while count <= limit:
         string = _next_string(raw, position)
         end = string.start() if string else len(raw)
-        count += _structural(raw, position, end)
+        count += _structural(raw, position, end, limit - count)
         if string is None:
             break
         position = string.end()
@@ -121,7 +125,7 @@ def more_json_values_than(raw: bytes, limit: int) -> bool:
 
 
 def _decode(raw: bytes, max_values: int) -> Any:
-    if json_values_at_most(raw) > max_values and more_json_values_than(raw, max_values):
+    if more_json_values_than(raw, max_values):
         raise RequestTooLarge(f"The request body holds more than {max_values:,} JSON values (limits.max_json_nodes).")
     try:
         value = orjson.loads(raw)
