@@ -299,7 +299,7 @@ def test_help_names_every_verb_and_serve_option() -> None:
     for option in ("--config", "--host", "--port", "--workers", "--log-level", "--access-log"):
         assert option in serve.stdout, (option, serve.stdout)
 
-    for group, actions in (("keys", ("create", "list", "revoke")), ("items", ("add", "list", "show")), ("report", ("tasks",)), ("db", ("upgrade",))):
+    for group, actions in (("keys", ("create", "list", "revoke")), ("items", ("add", "list", "show")), ("report", ("tasks",)), ("db", ("upgrade", "replay-set-aside"))):
         result = run_cli(group, "--help")
         assert result.returncode == 0, result.stderr
         for action in actions:
@@ -342,3 +342,28 @@ def test_report_signals_cli_matches_the_api(server: ServerProcess) -> None:
     api = server.admin_get("/api/reports/signals", since=since, until=until).json()
     assert cli == api and isinstance(cli["signals"], list) and cli["thresholds"]["repeated_prompt_min_requests"] == 20
     assert run_cli("report", "signals", "--since", "2030-01-01", "--until", "2029-01-01", config=server.config).returncode != 0
+
+
+def test_db_replay_set_aside_writes_what_was_set_aside_once_its_cause_is_fixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows the database refused are kept beside the spool with the reason; once the cause is fixed
+    (here: a row mended by hand), `taskproxy db replay-set-aside` writes them, and says what it did."""
+    import orjson
+
+    from taskproxy.cli import main
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import AuditEntry
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database_url: sqlite:///{tmp_path / 't.db'}\nrecording: {{spool_path: {tmp_path / 'spool.jsonl'}}}\n")
+    assert main(["db", "replay-set-aside", "--config", str(config)]) == 0
+    assert "nothing is set aside" in capsys.readouterr().out
+    row = {"id": "a1", "ts": "2026-12-01T10:00:00", "actor_key_id": "admin", "actor_owner": "admin", "action": "GET /api/keys", "target": None}
+    kept = [{"reason": "IntegrityError: NOT NULL constraint failed: audit_log.actor_owner", "batch": {"audit": [row]}}]
+    (tmp_path / "spool.rejected.jsonl").write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in kept))
+    assert main(["db", "replay-set-aside", "--config", str(config)]) == 0
+    assert "wrote 1 set-aside row(s); 0 still refused" in capsys.readouterr().out
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    with engine.connect() as connection:
+        assert connection.execute(AuditEntry.__table__.select()).first().id == "a1"
+    engine.dispose()
+    assert not (tmp_path / "spool.rejected.jsonl").exists()

@@ -86,6 +86,16 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_replay_set_aside(args: argparse.Namespace) -> int:
+    from taskproxy.storage.writer import replay_set_aside
+
+    settings = _settings(args)
+    written, kept = replay_set_aside(_engine(args), settings.recording.spool_path)
+    print(f"wrote {written} set-aside row(s); {kept} still refused by the database, kept for another try" if written or kept
+          else "nothing is set aside")  # fmt: skip
+    return 0 if not kept else 1
+
+
 # -- keys -----------------------------------------------------------------------------------------
 
 
@@ -354,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
     command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
+    command(db, "replay-set-aside", cmd_db_replay_set_aside,
+            "write the usage rows the database once refused (kept beside recording.spool_path), once their cause is fixed")  # fmt: skip
 
     keys = commands.add_parser("keys", help="proxy keys (admin)").add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = command(keys, "create", cmd_keys_create, "create a key; it is printed once")
