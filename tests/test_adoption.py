@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 import httpx
@@ -451,6 +452,29 @@ async def test_routes_answer_the_report_as_json_and_csv(world: tuple[Any, Org, P
     as_csv = await api.get("/api/reports/adoption.csv", params=params, headers=ADMIN)
     assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
     assert as_csv.text == adoption_csv(direct)
+
+
+@pytest.mark.anyio
+async def test_the_reports_money_is_the_exact_sum_of_the_items_money(world: tuple[Any, Org, Path], api: httpx.AsyncClient) -> None:
+    """One precision everywhere: the report's total cost is the sum of its items' costs as each item's
+    own page gives them, to the nano-dollar, and an item's cost the sum of its days'."""
+    _, org, _ = world
+    expect = Expected(org, SINCE, UNTIL)
+    report = (await api.get("/api/reports/adoption", params={"since": iso(SINCE), "until": iso(UNTIL)}, headers=ADMIN)).json()
+    assisted = [i for i in expect.relevant() if expect.completed(i) and expect.assisted(i)]
+    items = [(await api.get(f"/api/work-items/{quote(i.id, safe='')}", headers=ADMIN)).json() for i in assisted]
+    priced = [item for item in items if item["cost_usd"] is not None]
+    assert len(priced) > 20
+
+    def nanos(usd: float) -> int:
+        exact = round(usd * 1e9)
+        assert abs(usd * 1e9 - exact) < 1e-3, usd  # every figure is a whole number of nano-dollars
+        return exact
+
+    assert sum(nanos(item["cost_usd"]) for item in priced) == nanos(report["overall"]["cost_per_completed_item"]["total"])
+    for item in priced:
+        days = [day["cost_usd"] for day in item["usage_by_day"] if day["cost_usd"] is not None]
+        assert sum(map(nanos, days)) == nanos(item["cost_usd"]), item["id"]
 
 
 @pytest.mark.anyio

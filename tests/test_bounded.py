@@ -175,6 +175,8 @@ def test_a_json_bomb_within_the_size_limit_is_refused_without_taking_the_process
         time.sleep(0.5)
         good.__exit__()
         checked.check()
+        after = settle(lambda: server.memory_mib()[0], resident, 20)
+        assert after < resident + 20, (after, resident)
     assert statuses == [b"413"] * 4
     for answer in answers:
         assert answer["error"]["code"] == "request_too_large" and "limits.max_json_nodes" in answer["error"]["message"]
@@ -223,6 +225,8 @@ def test_a_provider_that_dribbles_or_floods_takes_nothing_from_the_others(tmp_pa
         good.__exit__()
         good.check()
         events = server.events("PROV-1", 25)
+        after = settle(lambda: server.memory_mib()[0], resident, 20)  # freed memory is handed back once idle
+        assert after < resident + 20, (after, resident)
     print(f"\n300 MiB answers: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
     assert peak - resident < 100, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # 1.08-1.25 GiB before
     assert sum(e["error"] == "client_disconnected" for e in events) == 23 and sum(e["error"] == "upstream_timeout" for e in events) == 1
