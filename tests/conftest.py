@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
 
 from taskproxy.app import create_app
 from taskproxy.fake_provider import FakeProvider
@@ -64,6 +65,7 @@ class Proxy:
     app: Any
     http: httpx.AsyncClient
     fake: FakeProvider | None
+    settings: Settings
     admin_headers: dict[str, str] = field(default_factory=lambda: {"authorization": f"Bearer {ADMIN_KEY}"})
 
     async def new_key(self, owner: str = "dana", team: str | None = "payments", role: str = "developer") -> str:
@@ -101,22 +103,37 @@ class Proxy:
         return self.fake.received
 
 
-async def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 3.0) -> Any:
+async def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool] = bool, timeout: float = 3.0, what: str = "") -> Any:
+    """Await `fetch()` until `done(value)`, and return that value; fail the test when `timeout` runs out first."""
     import anyio
 
     deadline = time.monotonic() + timeout
     while True:
         value = await fetch()
-        if done(value) or time.monotonic() > deadline:
+        if done(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or 'the awaited condition'} not reached within {timeout} s; last value: {value!r:.1000}")
         await anyio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def in_process(app: Starlette, timeout: float = 10) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for `app` with its lifespan run as a server runs it: each request sees (a copy of) the
+    state the lifespan yielded, as uvicorn gives it."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Any, receive: Any, send: Any) -> None:
+            await app({**scope, "state": dict(state or {})}, receive, send)
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(with_state), base_url="http://proxy.test", timeout=timeout) as http:
+            yield http
 
 
 async def start_proxy(settings: Settings, provider: ProviderClient | None, fake: FakeProvider | None = None) -> AsyncIterator[Proxy]:
     app = create_app(settings, provider=provider)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=10) as http:
-            yield Proxy(app=app, http=http, fake=fake)
+    async with in_process(app) as http:
+        yield Proxy(app=app, http=http, fake=fake, settings=settings)
 
 
 POSTGRES_URL = os.environ.get("TASKPROXY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -92,13 +92,15 @@ def cli_json(*args: str, config: Path | None = None) -> Any:
     return json.loads(result.stdout)
 
 
-def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    """Call `fetch` until `done(value)` or the timeout; return the last value (the caller asserts on it)."""
+def wait_until(fetch: Callable[[], Any], done: Callable[[Any], bool] = bool, timeout: float = 5.0, interval: float = 0.05, what: str = "") -> Any:
+    """Call `fetch` until `done(value)`, and return that value; fail the test when `timeout` runs out first."""
     deadline = time.monotonic() + timeout
     while True:
         value = fetch()
-        if done(value) or time.monotonic() > deadline:
+        if done(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or 'the awaited condition'} not reached within {timeout} s; last value: {value!r:.1000}")
         time.sleep(interval)
 
 

@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ADMIN_KEY, make_settings
+from conftest import ADMIN_KEY, in_process, make_settings
 from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, Item, Org, generate
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
@@ -32,7 +32,6 @@ from conftest import postgres_schema
 from taskproxy.reports.adoption import adoption_report, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
-from taskproxy.routes import reports
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso, parse_time, utcnow
 
@@ -424,11 +423,8 @@ async def api(world: tuple[Any, Org, Path], tmp_path: Path) -> AsyncIterator[htt
     settings = make_settings(
         tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}", privacy={"min_group_size": MIN_GROUP}, reports={"stale_after_days": STALE_DAYS}
     )
-    app = create_app(settings, engine=engine)
-    app.router.routes.extend(reports.routes)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30) as http:
-            yield http
+    async with in_process(create_app(settings, engine=engine), timeout=30) as http:
+        yield http
 
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, quiet_upstream, start_server, write_config
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, quiet_upstream, start_server, wait_until, write_config
 
 pytestmark = pytest.mark.serve
 ASK = [{"role": "user", "content": "hi"}]
@@ -67,6 +67,7 @@ class WellBehaved:
         self.server, self.item = server, item
         self.key = server.new_key("well-behaved", "platform")
         self._stop = server.log_path.with_name(f"stop-{item}")
+        self._ready = server.log_path.with_name(f"ready-{item}")
         self._process: subprocess.Popen | None = None
         self.latencies: list[float] = []
         self.statuses: list[int] = []
@@ -74,8 +75,10 @@ class WellBehaved:
 
     def __enter__(self) -> WellBehaved:
         script = Path(__file__).with_name("well_behaved.py")
-        self._process = subprocess.Popen([sys.executable, str(script), self.server.url, self.key, self.item, str(self._stop)],
+        self._process = subprocess.Popen([sys.executable, str(script), self.server.url, self.key, self.item, str(self._stop), str(self._ready)],
                                          stdout=subprocess.PIPE, env=child_env())  # fmt: skip
+        # Its connection is open before the attack starts (else the attack could take every slot first).
+        wait_until(self._ready.exists, timeout=15, what="the well-behaved client's first answer")
         return self
 
     def __exit__(self, *exc: object) -> None:

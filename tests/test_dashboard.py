@@ -56,27 +56,33 @@ HOSTILE_TITLE = '<img src=x onerror="alert(1)"> & <script>alert(2)</script>'
 
 
 def test_session_cookie_holds_key_id_and_expiry_and_refuses_tampering() -> None:
-    secret = b"s" * 32
-    value = session.sign(secret, "key_abc", now=1000.0, lifetime=60)
-    assert session.verify(secret, value, now=1030.0) == "key_abc"
-    assert session.verify(secret, value, now=1060.0) is None  # expired
-    assert session.verify(b"t" * 32, value, now=1030.0) is None  # another secret
-    _, mac = value.split(".")
-    forged = session._b64(b'{"k":"admin","e":99999}')
-    assert session.verify(secret, f"{forged}.{mac}", now=1030.0) is None
-    assert session.verify(secret, value[:-2] + ("AA" if not value.endswith("AA") else "BB"), now=1030.0) is None
-    for junk in ("", ".", "a.b.c", "%%%.***", "x" * 600):
-        assert session.verify(secret, junk, now=1030.0) is None
+    now = [1000.0]
+    signer = session.SessionSigner(b"s" * 32, lifetime=60, clock=lambda: now[0])
+    value = signer.sign("key_abc")
+    now[0] = 1030.0
+    assert signer.verify(value) == "key_abc"
+    now[0] = 1061.0
+    assert signer.verify(value) is None  # expired
+    now[0] = 1030.0
+    assert session.SessionSigner(b"t" * 32, lifetime=60, clock=lambda: now[0]).verify(value) is None  # another secret
+    key_id, stamp, mac = value.split(".")
+    assert key_id == "key_abc"
+    assert signer.verify(f"key_admin.{stamp}.{mac}") is None  # another key id under the same signature
+    assert signer.verify(value[:-2] + ("AA" if not value.endswith("AA") else "BB")) is None
+    for junk in ("", ".", "a.b.c", "%%%.***", "x" * 600, "ké.y.z"):
+        assert signer.verify(junk) is None
     assert "tp-" not in value
 
 
 def test_session_secret_comes_from_the_admin_key_so_replicas_share_it() -> None:
-    one = settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-one"})
-    again = settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-one"})
-    other = settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-two"})
-    assert session.derive_secret(one) == session.derive_secret(again) != session.derive_secret(other)
-    assert session.derive_secret(one) != b"tp-one"
-    assert session.derive_secret(settings_from_mapping({}, {})) is None
+    one = session.SessionSigner.for_settings(settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-one"}))
+    again = session.SessionSigner.for_settings(settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-one"}))
+    other = session.SessionSigner.for_settings(settings_from_mapping({}, {"TASKPROXY_ADMIN_KEY": "tp-two"}))
+    value = one.sign("key_abc")
+    assert again.verify(value) == "key_abc"  # another replica with the same admin key
+    assert other.verify(value) is None  # the admin key changed: every session ends
+    no_admin = settings_from_mapping({}, {})
+    assert session.SessionSigner.for_settings(no_admin).verify(session.SessionSigner.for_settings(no_admin).sign("key_abc")) is None
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ADMIN_KEY, make_settings, postgres_schema, wait_until
+from conftest import ADMIN_KEY, in_process, make_settings, postgres_schema, wait_until
 from signals_org import (
     AFTER_REQUESTS,
     CRON_DAYS,
@@ -43,7 +43,6 @@ from signals_org import (
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from taskproxy.reports.signals import KINDS, SignalThresholds, gaming_signals, signals_text, thresholds_from
-from taskproxy.routes import signals as signal_routes
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso
 
@@ -430,10 +429,7 @@ def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
 async def api(world: tuple[Any, Org, Path], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     engine, _, folder = world
     settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}")
-    app = create_app(settings, engine=engine)
-    app.router.routes.extend(signal_routes.routes)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30)
-    async with app.router.lifespan_context(app), client as http:
+    async with in_process(create_app(settings, engine=engine), timeout=30) as http:
         yield http
 
 
@@ -478,10 +474,7 @@ async def test_route_reads_the_thresholds_from_the_config(world: tuple[Any, Org,
     settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}")
     # The `signals:` section (a mapping here; a pydantic model once settings.py declares it).
     settings = settings.model_copy(update={"signals": {"repeated_prompt_min_requests": LOOP_REQUESTS + 1}})
-    app = create_app(settings, engine=engine)
-    app.router.routes.extend(signal_routes.routes)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test", timeout=30)
-    async with app.router.lifespan_context(app), client as http:
+    async with in_process(create_app(settings, engine=engine), timeout=30) as http:
         report = (await http.get("/api/reports/signals", params={"since": iso(SINCE), "until": iso(UNTIL)}, headers=ADMIN)).json()
     assert report["thresholds"]["repeated_prompt_min_requests"] == LOOP_REQUESTS + 1
     assert "repeated_prompt" not in {kind for kind, _ in flagged(report, org)}

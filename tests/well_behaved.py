@@ -1,5 +1,6 @@
-"""A well-behaved client, run as its own process (`python well_behaved.py URL KEY ITEM STOPFILE`): one
-request after another on a kept-alive connection, each timed, until STOPFILE exists; then it prints
+"""A well-behaved client, run as its own process (`python well_behaved.py URL KEY ITEM STOPFILE READYFILE`):
+one request after another on a kept-alive connection, each timed, until STOPFILE exists (READYFILE
+appears once the first is answered); then it prints
 {"latencies", "statuses", "tokens"} as JSON. Its own process, so that what the test process does
 (attackers, the fake provider) does not take its interpreter, and its timings are the server's."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 
 
-def main(url: str, key: str, item: str, stop: str) -> None:
+def main(url: str, key: str, item: str, stop: str, ready: str) -> None:
     latencies, statuses, tokens = [], [], 0
     headers = {"authorization": f"Bearer {key}", "X-Work-Item": item}
     with httpx.Client(base_url=url, timeout=10, headers=headers, trust_env=False) as client:
@@ -24,9 +25,11 @@ def main(url: str, key: str, item: str, stop: str) -> None:
             statuses.append(response.status_code)
             if response.status_code == 200:
                 tokens += response.json()["usage"]["total_tokens"]
+            if len(statuses) == 1:  # connected and answered: the test may start its attack
+                Path(ready).touch()
             time.sleep(0.02)
     print(json.dumps({"latencies": latencies, "statuses": statuses, "tokens": tokens}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

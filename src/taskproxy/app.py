@@ -1,5 +1,6 @@
-"""The app factory. Nothing is created at import: clients, the writer and the key cache are opened in
-the lifespan and closed (the writer drained) when it ends."""
+"""The app factory. Nothing is created at import: clients, the writer and the caches are opened in the
+lifespan, handed to the routes as the lifespan's state (each route reads what it uses from
+`request.state`), and closed (the writer drained) when it ends."""
 
 from __future__ import annotations
 
@@ -31,16 +32,20 @@ from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
+from taskproxy.metering.attempts import Attempts
+from taskproxy.registry import WorkItems
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
+from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard import routes as dashboard_routes
+from taskproxy.dashboard.session import SessionSigner
+from taskproxy.routes.admission import Admission
 from taskproxy.routes.common import JSON
-from taskproxy.routes.pipeline import OpenAttempts
-from taskproxy.services import Services, services
+from taskproxy.routes.endpoint import Translation
+from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.metrics import SMALL_TEAMS, Metrics
-from taskproxy.metrics import routes as metrics_routes
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -67,14 +72,14 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready: the database answers, and usage can be recorded (written, or at least spooled)."""
-    svc = services(request)
-    if (problem := svc.writer.problem) is not None:
+    writer: BatchWriter = request.state.writer
+    if (problem := writer.problem) is not None:
         raise ServiceUnavailable(f"Not ready: {problem}.")
     try:
-        await anyio.to_thread.run_sync(ping, svc.engine)
+        await anyio.to_thread.run_sync(ping, request.state.engine)
     except SQLAlchemyError as exc:
         raise ServiceUnavailable(f"The database does not answer ({exc.__class__.__name__}).") from None
-    return JSON({"status": "ready", "writer_queue": svc.writer.queue_depth})
+    return JSON({"status": "ready", "writer_queue": writer.queue_depth})
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -131,7 +136,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
     the database engine made from `settings.database_url`."""
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, object]]:
         counter = TokenCounter()
         # The encodings load first, alone, not beside the rest of startup: their parsing leaves ~30 MiB
         # of short-lived objects, and startup's long-lived ones allocated among them kept that memory
@@ -148,9 +153,9 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         keys = KeyStore(db, admin_key=admin_key, refresh_seconds=settings.auth.key_refresh_seconds)
         await anyio.to_thread.run_sync(keys.load)
         prices = await anyio.to_thread.run_sync(prices_for, settings.models)
-        items = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
-        await anyio.to_thread.run_sync(items.load)
-        budgets = Budgets(db, settings.budgets, items)
+        item_cache = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
+        await anyio.to_thread.run_sync(item_cache.load)
+        budgets = Budgets(db, settings.budgets, item_cache)
         await anyio.to_thread.run_sync(budgets.load, utcnow())
         recording = settings.recording
         writer = BatchWriter(
@@ -167,36 +172,38 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
             threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
-        app.state.services = Services(
-            settings=settings,
-            engine=db,
-            keys=keys,
-            attribution=Attribution(ids),
-            provider=upstream,
-            translator=translator,
-            writer=writer,
-            counter=counter,
-            prices=prices,
-            items=items,
-            policy=Policy(settings.work_items.mode, items),
-            budgets=budgets,
-            trackers=configured_trackers(settings, ids),
-            rate_limiter=RateLimiter(settings.limits.requests_per_minute),
-            metrics=metrics,
-            open_attempts=(open_attempts := OpenAttempts()),
-            body_gate=BodyGate(settings.limits.max_concurrent_large_bodies),
-        )
+        admission = Admission(
+            settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute),
+            body_gate=BodyGate(settings.limits.max_concurrent_large_bodies), attribution=Attribution(ids),
+            policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer,
+        )  # fmt: skip
+        attempts = Attempts(
+            sink=writer, counter=counter, prices=prices, charge=budgets.charge,
+            register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
+        )  # fmt: skip
         refreshers = [
             asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),
-            asyncio.create_task(items.refresh_forever(), name="taskproxy-item-refresh"),
+            asyncio.create_task(item_cache.refresh_forever(), name="taskproxy-item-refresh"),
             asyncio.create_task(budgets.refresh_forever(), name="taskproxy-budget-refresh"),
         ]
         try:
-            yield
+            # Each request sees these as `request.state.<name>`; a route reads only what it uses.
+            yield {
+                "settings": settings,
+                "engine": db,
+                "keys": keys,
+                "items": WorkItems(db, ids, item_cache),
+                "writer": writer,
+                "audit": writer,
+                "metrics": metrics,
+                "trackers": configured_trackers(settings, ids),
+                "sessions": SessionSigner.for_settings(settings),
+                "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter)),
+            }
         finally:
             for task in refreshers:
                 task.cancel()
-            if left := await open_attempts.wait_until_recorded(timeout=5.0):
+            if left := await attempts.wait_until_recorded(timeout=5.0):
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()
             await anyio.to_thread.run_sync(writer.close)
@@ -211,7 +218,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         *anthropic.routes,
         *me.routes,
         *openapi.routes,
-        *metrics_routes,
+        *metrics_routes.routes,
         *admin.routes,
         *reports.routes,
         *signal_routes.routes,

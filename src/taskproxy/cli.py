@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskproxy import __version__
 from taskproxy.errors import ApiError, ConfigError, SchemaBehind
-from taskproxy.settings import Settings, load_settings
+from taskproxy.settings import DEFAULT_PROXY_URL, ClientSettings, Settings, load_settings
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -40,33 +38,17 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from taskproxy.process import prepare_serving, serve
+    from taskproxy.process import serve
 
     settings = _settings(args)
-    host = args.host or settings.server.host
-    port = args.port if args.port is not None else settings.server.port
     workers = args.workers or settings.server.workers
-    options: dict[str, Any] = {"host": host, "port": port, "workers": workers, "log_level": args.log_level, "access_log": args.access_log}
-    if workers > 1:
-        # Create the schema once here rather than racing in every worker's lifespan.
+    if workers > 1:  # create the schema once here rather than racing in every worker's lifespan
         _engine(args).dispose()
-        # Worker processes import the app themselves; they read the same file through TASKPROXY_CONFIG.
-        if args.config:
-            os.environ["TASKPROXY_CONFIG"] = os.path.abspath(args.config)
-        serve("taskproxy.cli:app_from_environment", settings.server, **options)
-    else:
-        from taskproxy.app import create_app
-
-        serve(prepare_serving(create_app(settings)), settings.server, **options)
+    serve(
+        settings, host=args.host or settings.server.host, port=args.port if args.port is not None else settings.server.port,
+        workers=workers, log_level=args.log_level, access_log=args.access_log,
+    )  # fmt: skip
     return 0
-
-
-def app_from_environment():  # type: ignore[no-untyped-def]
-    """The app factory uvicorn's worker processes call (`serve --workers N`)."""
-    from taskproxy.app import create_app
-    from taskproxy.process import prepare_serving
-
-    return prepare_serving(create_app(load_settings()))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -145,12 +127,17 @@ def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
 
 
+def _work_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from taskproxy.registry import WorkItems
+
+    return WorkItems(_engine(args), _ids(args))
+
+
 def cmd_items_add(args: argparse.Namespace) -> int:
-    from taskproxy.registry import register_work_item
     from taskproxy.records import item_json
 
     fields = {"id": args.id, "title": args.title, "url": args.url, "team": args.team, "status": args.status}
-    item = register_work_item(_engine(args), _ids(args), fields)
+    item = _work_items(args).register(fields, source="cli")
     if args.json:
         _print_json(item_json(item))
     else:
@@ -197,15 +184,7 @@ def cmd_items_show(args: argparse.Namespace) -> int:
 
 
 def _resolve(args: argparse.Namespace, status: str) -> int:
-    from taskproxy.registry import transition
-    from taskproxy.storage import repo
-
-    engine = _engine(args)
-    item_id = _ids(args).normalize(args.id)
-    if repo.get_work_item(engine, item_id) is None:
-        print(f"taskproxy: no work item {item_id}; register it with `taskproxy items add {item_id}`", file=sys.stderr)
-        return 1
-    item = transition(engine, item_id, status, source="cli")
+    item = _work_items(args).resolve(args.id, status, source="cli")
     print(f"{item.id} is {item.status}; running proxies see it within work_items.refresh_seconds")
     return 0
 
@@ -223,18 +202,14 @@ def cmd_items_close(args: argparse.Namespace) -> int:
 
 def cmd_report_tasks(args: argparse.Namespace) -> int:
     from taskproxy.render import tasks_table
-    from taskproxy.reports.usage import rejections_by_reason, tasks_report
-    from taskproxy.timeutil import iso
+    from taskproxy.reports.usage import tasks_view
 
-    since = args.since
-    engine = _engine(args)
-    tasks = tasks_report(engine, since, None, args.limit)
-    rejected = rejections_by_reason(engine, since)
+    view = tasks_view(_engine(args), args.since, None, args.limit)
     if args.json:
-        _print_json({"since": iso(since), "until": None, "tasks": tasks, "rejected_requests": rejected})
+        _print_json(view)
         return 0
-    print(tasks_table(tasks))
-    if rejected:
+    print(tasks_table(view["tasks"]))
+    if rejected := view["rejected_requests"]:
         print("\nrefused requests: " + ", ".join(f"{reason} × {count}" for reason, count in sorted(rejected.items())))
     return 0
 
@@ -279,10 +254,10 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
 def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
     import httpx
 
-    key = args.key or os.environ.get("TASKPROXY_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    client = ClientSettings.load(url=args.url, key=args.key)
+    key, url = client.key, client.url
     if not key:
         raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key")
-    url = (args.url or os.environ.get("TASKPROXY_URL") or DEFAULT_URL).rstrip("/")
     try:
         response = httpx.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
     except httpx.HTTPError as exc:
@@ -414,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),
                                      ("me", cmd_me, "your own usage, as the proxy recorded it")]:  # fmt: skip
         sub = command(commands, name, handler, help_text, config=False)
-        sub.add_argument("--url", help=f"the proxy (default: $TASKPROXY_URL or {DEFAULT_URL})")
+        sub.add_argument("--url", help=f"the proxy (default: $TASKPROXY_URL or {DEFAULT_PROXY_URL})")
         sub.add_argument("--key", help="your proxy key (default: $TASKPROXY_API_KEY, then $OPENAI_API_KEY)")
         if name == "use":
             sub.add_argument("work_item", nargs="?", help="PROJ-123, owner/repo#12 or a tracker URL; omit to show the binding")

@@ -3,7 +3,7 @@ refusals by reason, upstream latency and time to first byte, the writer's queue 
 
 Everything is counted from the records the writer builds, in the writer thread, so metrics cost the
 request path nothing. Teams with fewer people than `privacy.min_group_size` are counted together
-under one label, and the endpoint needs an admin key. Each process keeps its own registry: with `serve --workers N`, a scrape sees
+under one label, and the endpoint (routes/metrics.py) needs an admin key. Each process keeps its own registry: with `serve --workers N`, a scrape sees
 the worker that answered it (run one scrape target per process, or one worker per replica).
 """
 
@@ -12,11 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
-from taskproxy.services import services
 from taskproxy.money import usd
 from taskproxy.storage.writer import BatchWriter, Record
 
@@ -78,13 +74,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-async def metrics(request: Request) -> Response:
-    """Needs an admin key (Prometheus: `authorization: {credentials: <key>}` in the scrape config)."""
-    svc = services(request)
-    (await svc.keys.authenticate(request.headers)).require_admin()
-    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-routes = [Route("/metrics", metrics, methods=["GET"])]

@@ -28,13 +28,13 @@ import asyncio
 import gc
 import logging
 
-from typing import Any
+from functools import partial
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskproxy.memory import release_freed_memory, tune_allocator
 from taskproxy.connections import BoundedHttpProtocol, ConnectionLimits, default_max_connections, raise_open_file_limit
-from taskproxy.settings import ServerSettings
+from taskproxy.settings import Settings
 
 log = logging.getLogger("taskproxy")
 
@@ -91,14 +91,23 @@ def prepare_serving(app: ASGIApp) -> ASGIApp:
     return ProcessTuning(app)
 
 
-def serve(app: ASGIApp | str, server: ServerSettings, *, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
-    """Run uvicorn on `app` (or, with several workers, the app factory named by `app`) until stopped."""
+def serving_app(settings: Settings) -> ASGIApp:
+    """The app factory uvicorn calls in the serving process (in each worker with `--workers N`: the
+    settings travel to them with uvicorn's config, so every worker serves the same configuration)."""
+    from taskproxy.app import create_app  # the routes and their dependencies load in the serving process only
+
+    return prepare_serving(create_app(settings))
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
+    """Run uvicorn on the app `settings` describe, in `workers` processes, until stopped."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    server = settings.server
     raise_open_file_limit()
     config = uvicorn.Config(
-        app, host=host, port=port, workers=workers, factory=isinstance(app, str), log_level=log_level, access_log=access_log,
+        partial(serving_app, settings), host=host, port=port, workers=workers, factory=True, log_level=log_level, access_log=access_log,
         http=BoundedHttpProtocol, ws="none", timeout_keep_alive=server.keep_alive_seconds,  # type: ignore[arg-type]
         timeout_graceful_shutdown=server.shutdown_grace_seconds,  # type: ignore[arg-type]
     )  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
@@ -81,7 +81,7 @@ def update_work_item(engine: Engine, item_id: str, fields: dict[str, Any], *, so
     with engine.begin() as connection:
         current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
         if current is None:
-            raise NotFound(f"No work item {item_id!r} is registered.")
+            raise NotFound(f"No work item {item_id!r} is registered; register it first (POST /api/work-items, or `taskproxy items add {item_id}`).")
         _apply(connection, item_id, status or current.status, source=source, at=utcnow(), fields=values)
     item = repo.get_work_item(engine, item_id)
     assert item is not None
@@ -234,15 +234,47 @@ def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datet
     connection.execute(insert_ignoring_duplicates(connection.dialect.name, table), [{"work_item": ticket, "linked": linked, "kind": kind, "ts": at}])
 
 
-def history(engine: Engine, item_id: str) -> list[WorkItemChange]:
-    with engine.connect() as connection:
-        rows = connection.execute(
-            select(WorkItemChange.__table__).where(WorkItemChange.__table__.c.work_item == item_id).order_by(WorkItemChange.__table__.c.ts)
-        ).all()
-    return [WorkItemChange(**row._mapping) for row in rows]
-
-
 def links_of(engine: Engine, item_id: str) -> list[str]:
     table = WorkItemLink.__table__
     with engine.connect() as connection:
         return list(connection.execute(select(table.c.linked).where(table.c.work_item == item_id).order_by(table.c.linked)).scalars())
+
+
+class ItemNotes(Protocol):
+    """A running proxy's view of the registry, told of each change made through it."""
+
+    def note(self, item: WorkItem) -> None: ...
+
+    def note_changes(self, statuses: dict[str, str]) -> None: ...
+
+
+class WorkItems:
+    """The registry as the API, the CLI and the webhooks use it: each change is written to the database
+    and, in a running proxy, noted in its view of the items, so no caller has to remember to."""
+
+    def __init__(self, engine: Engine, ids: WorkItemIds, view: ItemNotes | None = None) -> None:
+        self.engine, self.ids, self._view = engine, ids, view
+
+    def _noted(self, item: WorkItem) -> WorkItem:
+        if self._view is not None:
+            self._view.note(item)
+        return item
+
+    def register(self, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
+        return self._noted(register_work_item(self.engine, self.ids, fields, source=source))
+
+    def update(self, raw_id: str, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
+        return self._noted(update_work_item(self.engine, self.ids.normalize(raw_id), fields, source=source))
+
+    def resolve(self, raw_id: str, status: str, *, source: str) -> WorkItem:
+        """Mark a registered item done or closed (POST /api/work-items/{id}/complete and /close, `taskproxy items complete|close`)."""
+        item_id = self.ids.normalize(raw_id)
+        if repo.get_work_item(self.engine, item_id) is None:
+            raise NotFound(f"No work item {item_id!r} is registered; register it first (POST /api/work-items, or `taskproxy items add {item_id}`).")
+        return self._noted(transition(self.engine, item_id, one_of(status, "status", RESOLVED), source=source))
+
+    def apply_delivery(self, delivery: Delivery, now: datetime) -> dict[str, Any]:
+        result = apply_delivery(self.engine, self.ids, delivery, now)
+        if self._view is not None and result["status"] == "applied":
+            self._view.note_changes({item["id"]: item["status"] for item in result["items"]})
+        return result

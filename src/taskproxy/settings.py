@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from taskproxy.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/taskproxy.yaml")
+DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
 
 DEFAULT_ID_PATTERNS = (
     r"[A-Z][A-Z0-9_]*-[0-9]+",  # Jira and Linear keys: PROJ-123, ENG-7
@@ -314,3 +316,21 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     if not isinstance(document, dict):
         raise ConfigError(f"config error: {config_path}: the top level must be a mapping of keys")
     return settings_from_mapping(document, env)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the developer commands (`taskproxy use`, `taskproxy me`) find the proxy, and the key they
+    send: their flags, else $TASKPROXY_URL and $TASKPROXY_API_KEY (then $OPENAI_API_KEY, which a
+    developer pointed at the proxy already holds)."""
+
+    url: str
+    key: str | None
+
+    @classmethod
+    def load(cls, *, url: str | None, key: str | None, env: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if env is None else env
+        return cls(
+            url=(url or env.get("TASKPROXY_URL") or DEFAULT_PROXY_URL).rstrip("/"),
+            key=key or env.get("TASKPROXY_API_KEY") or env.get("OPENAI_API_KEY") or None,
+        )

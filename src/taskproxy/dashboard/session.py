@@ -1,10 +1,10 @@
-"""Dashboard sessions: a signed cookie holding a key id and an expiry — never the key.
+"""Dashboard sessions: a signed cookie holding a key id and when it was signed — never the key.
 
-Signing is HMAC-SHA256 (stdlib). The secret is derived from the bootstrap admin key
-(`TASKPROXY_ADMIN_KEY`) when it is set, so every replica and worker accepts the others' cookies and a
-change of the admin key ends every session; without it, each process draws a random secret at its
-first dashboard request, and a session only works on the process that issued it (and ends when
-it restarts).
+The cookie is signed by itsdangerous (HMAC-SHA256, with a timestamp checked against the session's
+lifetime). The secret is derived from the bootstrap admin key (`TASKPROXY_ADMIN_KEY`) when it is set,
+so every replica and worker accepts the others' cookies and a change of the admin key ends every
+session; without it, each process draws a random secret when it starts, and a session only works on
+the process that issued it (and ends when it restarts).
 
 The cookie is HttpOnly, SameSite=Lax, scoped to /dashboard, and Secure when the request came over
 https. On every page the key id is looked up again, so a revoked key's session ends at once.
@@ -12,16 +12,13 @@ https. On every page the key id is looked up again, so a revoked key's session e
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
 import secrets
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import orjson
+from itsdangerous import BadSignature, TimestampSigner
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -32,62 +29,43 @@ from taskproxy.storage import repo
 COOKIE = "taskproxy_session"
 COOKIE_PATH = "/dashboard"
 LIFETIME_SECONDS = 8 * 3600
-_CONTEXT = b"taskproxy dashboard session v1"
-_lock = threading.Lock()
+_SALT = b"taskproxy dashboard session v1"
+MAX_COOKIE_CHARS = 512
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+class _Signer(TimestampSigner):
+    def __init__(self, secret: bytes, clock: Callable[[], float]) -> None:
+        super().__init__(secret, salt=_SALT, digest_method=hashlib.sha256)
+        self._clock = clock
+
+    def get_timestamp(self) -> int:
+        return int(self._clock())
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+class SessionSigner:
+    """Signs a key id into a cookie value and reads it back while it is fresh; one per app."""
 
+    def __init__(self, secret: bytes, *, lifetime: float = LIFETIME_SECONDS, clock: Callable[[], float] = time.time) -> None:
+        self._signer = _Signer(secret, clock)
+        self.lifetime = lifetime
 
-def derive_secret(settings: Settings) -> bytes | None:
-    """The signing secret derived from the admin key, or None when no admin key is configured."""
-    if settings.admin_key is None:
-        return None
-    return hmac.new(settings.admin_key.get_secret_value().encode("utf-8", "surrogatepass"), _CONTEXT, hashlib.sha256).digest()
+    @classmethod
+    def for_settings(cls, settings: Settings) -> SessionSigner:
+        """Signed with the admin key when there is one (shared by replicas), else a random secret."""
+        secret = settings.admin_key.get_secret_value().encode("utf-8", "surrogatepass") if settings.admin_key else secrets.token_bytes(32)
+        return cls(secret)
 
+    def sign(self, key_id: str) -> str:
+        return self._signer.sign(key_id).decode("ascii")
 
-def secret_for(request: Request, settings: Settings) -> bytes:
-    state = request.app.state
-    secret: bytes | None = getattr(state, "dashboard_secret", None)
-    if secret is None:
-        with _lock:
-            secret = getattr(state, "dashboard_secret", None)
-            if secret is None:
-                secret = derive_secret(settings) or secrets.token_bytes(32)
-                state.dashboard_secret = secret
-    return secret
-
-
-def sign(secret: bytes, key_id: str, *, now: float | None = None, lifetime: float = LIFETIME_SECONDS) -> str:
-    """The cookie value: base64url(JSON {k: key id, e: expiry as Unix seconds}) "." base64url(HMAC)."""
-    expires = int((time.time() if now is None else now) + lifetime)
-    payload = _b64(orjson.dumps({"k": key_id, "e": expires}))
-    mac = hmac.new(secret, payload.encode("ascii"), hashlib.sha256).digest()
-    return f"{payload}.{_b64(mac)}"
-
-
-def verify(secret: bytes, value: str | None, *, now: float | None = None) -> str | None:
-    """The key id of a valid, unexpired cookie value; None for anything else."""
-    if not value or len(value) > 512 or value.count(".") != 1:
-        return None
-    payload, _, mac = value.partition(".")
-    expected = hmac.new(secret, payload.encode("ascii", "replace"), hashlib.sha256).digest()
-    try:
-        if not hmac.compare_digest(_unb64(mac), expected):
+    def verify(self, value: str | None) -> str | None:
+        """The key id of a valid, unexpired cookie value; None for anything else."""
+        if not value or len(value) > MAX_COOKIE_CHARS or not value.isascii():
             return None
-        data = orjson.loads(_unb64(payload))
-    except (binascii.Error, ValueError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("k"), str) or not isinstance(data.get("e"), int):
-        return None
-    if data["e"] <= (time.time() if now is None else now):
-        return None
-    return data["k"]  # type: ignore[no-any-return]
+        try:
+            return self._signer.unsign(value, max_age=self.lifetime).decode("utf-8")
+        except (BadSignature, UnicodeDecodeError):  # SignatureExpired is a BadSignature
+            return None
 
 
 @dataclass(frozen=True)

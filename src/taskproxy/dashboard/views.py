@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,13 +33,12 @@ from taskproxy.dashboard.templating import HERE, render
 from taskproxy.errors import ApiError, WorkItemInvalid
 from taskproxy.routes.common import in_thread
 from taskproxy.routes.reports import period
-from taskproxy.services import services
+from taskproxy.reports.signals import gaming_signals, thresholds_from
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.dashboard")
 
 MAX_FORM_BYTES = 8 * 1024
-SIGNALS_MODULE = "taskproxy.reports.signals"
 PERIODS = (("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"))
 View = Callable[[Request, Session], Awaitable[Response]]
 
@@ -49,11 +47,10 @@ View = Callable[[Request, Session], Awaitable[Response]]
 
 
 async def current_session(request: Request) -> Session | None:
-    svc = services(request)
-    key_id = sessions.verify(sessions.secret_for(request, svc.settings), request.cookies.get(sessions.COOKIE))
+    key_id = request.state.sessions.verify(request.cookies.get(sessions.COOKIE))
     if key_id is None:
         return None
-    return await in_thread(sessions.load_principal, svc.engine, key_id)  # type: ignore[no-any-return]
+    return await in_thread(sessions.load_principal, request.state.engine, key_id)  # type: ignore[no-any-return]
 
 
 def _safe_next(value: str | None) -> str | None:
@@ -146,14 +143,13 @@ async def login(request: Request) -> Response:
     form = await _form(request)
     key = form.get("key", "").strip()
     next_path = _safe_next(form.get("next"))
-    svc = services(request)
     error, status = None, 400
     principal = None
     if not key:
         error = "Enter your proxy key (it starts with tp-)."
     else:
         try:
-            principal = await svc.keys.authenticate(Headers({"authorization": f"Bearer {key}"}))
+            principal = await request.state.keys.authenticate(Headers({"authorization": f"Bearer {key}"}))
         except ApiError as exc:
             error = "That key was not accepted: it is unknown or revoked." if exc.status == 401 else exc.message
             status = exc.status
@@ -165,7 +161,7 @@ async def login(request: Request) -> Response:
     else:  # the other pages would only answer 403
         target = next_path if next_path and urlsplit(next_path).path == "/dashboard/me" else "/dashboard/me"
     response = RedirectResponse(target, status_code=303)
-    sessions.set_cookie(response, request, sessions.sign(sessions.secret_for(request, svc.settings), principal.key_id))
+    sessions.set_cookie(response, request, request.state.sessions.sign(principal.key_id))
     log.info("dashboard: %s (%s) signed in", principal.key_id, principal.role)
     return response
 
@@ -190,9 +186,9 @@ def _week_points(weeks: list[dict[str, Any]]) -> list[Point]:
 
 @page(admin_only=True)
 async def overview(request: Request, session: Session) -> Response:
-    svc = services(request)
+    settings = request.state.settings
     since, until = period(request)
-    view = await in_thread(data.overview, svc.engine, svc.settings, since, until)
+    view = await in_thread(data.overview, request.state.engine, settings, since, until)
     chart = bar_chart(
         _week_points(view.weeks),
         chart_id="weekly-cost",
@@ -202,19 +198,18 @@ async def overview(request: Request, session: Session) -> Response:
         fmt=fmt.money,
     )
     context = {"nav": "overview", "report": view.report, "weeks": view.weeks, "top_items": view.top_items, "chart": chart,
-               "since": since, "until": until, "periods": PERIODS, "min_group_size": svc.settings.privacy.min_group_size}  # fmt: skip
+               "since": since, "until": until, "periods": PERIODS, "min_group_size": settings.privacy.min_group_size}  # fmt: skip
     return render(request, "overview.html", context, session=session)
 
 
 @page(admin_only=True)
 async def work_item(request: Request, session: Session) -> Response:
-    svc = services(request)
     raw = request.path_params["item_id"]
     try:
-        item_id = svc.attribution.ids.normalize(raw)
+        item_id = request.state.items.ids.normalize(raw)
     except WorkItemInvalid:
         item_id = raw  # an id recorded under other patterns can still be looked up as it is
-    view = await in_thread(data.work_item, svc.engine, item_id)
+    view = await in_thread(data.work_item, request.state.engine, item_id)
     if view is None:
         return _error_page(request, 404, "No such work item", f"No work item {item_id!r} is registered or has usage.", session)
     days = data.usage_days(view["usage_by_day"])
@@ -230,19 +225,11 @@ async def work_item(request: Request, session: Session) -> Response:
 
 @page(admin_only=True)
 async def signals(request: Request, session: Session) -> Response:
-    svc = services(request)
     since, until = period(request)
-    try:
-        report_module = importlib.import_module(SIGNALS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != SIGNALS_MODULE:
-            raise
-        report = None  # the signals report is not part of this build yet
-    else:
-        audit_read(svc.writer, request, session.principal)  # signals name keys and owners: per-key data
-        # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
-        options = {"thresholds": report_module.thresholds_from(getattr(svc.settings, "signals", None))} if hasattr(report_module, "thresholds_from") else {}
-        report = await in_thread(report_module.gaming_signals, svc.engine, since=since, until=until, **options)
+    audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
+    # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
+    thresholds = thresholds_from(request.state.settings.signals)
+    report = await in_thread(gaming_signals, request.state.engine, since=since, until=until, thresholds=thresholds)
     context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS}
     return render(request, "signals.html", context, session=session)
 
@@ -252,9 +239,9 @@ async def signals(request: Request, session: Session) -> Response:
 
 @page(admin_only=False)
 async def me(request: Request, session: Session) -> Response:
-    svc = services(request)
+    settings = request.state.settings
     principal = session.principal
-    mine = await in_thread(data.my_data, svc.engine, principal.key_id, principal.team)
+    mine = await in_thread(data.my_data, request.state.engine, principal.key_id, principal.team)
     now = utcnow()
     context = {
         "nav": "me",
@@ -263,9 +250,9 @@ async def me(request: Request, session: Session) -> Response:
         "binding": principal.binding(now),
         "bound_until": principal.bound_until if principal.binding(now) else None,
         "fields": [(name, EVENT_FIELD_MEANINGS.get(name, "")) for name in EVENT_FIELDS],
-        "store_prompts": svc.settings.recording.store_prompts,
-        "min_group_size": svc.settings.privacy.min_group_size,
-        "team_shown": mine["team_people"] is not None and privacy.shown(mine["team_people"], svc.settings.privacy.min_group_size),
+        "store_prompts": settings.recording.store_prompts,
+        "min_group_size": settings.privacy.min_group_size,
+        "team_shown": mine["team_people"] is not None and privacy.shown(mine["team_people"], settings.privacy.min_group_size),
         **mine,
     }
     return render(request, "me.html", context, session=session)

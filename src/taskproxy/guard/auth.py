@@ -207,9 +207,17 @@ class KeyStore:
     def team_size(self, team: str | None) -> int:
         return len(self._team_owners.get(team or "", ()))
 
-    def note_issued(self, key: ApiKey) -> None:
-        """A key created through this process: its owner counts for the team at once."""
+    async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
+        """Create a key (as `issue_key`); its owner counts for the team in this process at once."""
+        key, token = await anyio.to_thread.run_sync(lambda: issue_key(self._engine, owner=owner, team=team, role=role))
         self._count_person(_principal(key))
+        return key, token
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key (as `revoke`); this process refuses it at once, and no reload brings it back."""
+        key = await anyio.to_thread.run_sync(revoke, self._engine, key_id)
+        self.forget(key_id)
+        return key
 
     def forget(self, key_id: str) -> None:
         """Drop a revoked key from memory at once (call it once the revocation is committed)."""

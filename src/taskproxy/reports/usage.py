@@ -113,3 +113,9 @@ def usage_for_key(engine: Engine, key_id: str) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         rows = connection.execute(query).all()
     return sorted(({"work_item": row.key, **_totals(row._mapping)} for row in rows), key=lambda r: r["last_used"] or "", reverse=True)
+
+
+def tasks_view(engine: Engine, since: datetime | None = None, until: datetime | None = None, limit: int = 50) -> dict[str, Any]:
+    """The per-task report as `GET /api/reports/tasks` and `taskproxy report tasks --json` give it."""
+    return {"since": iso(since), "until": iso(until), "tasks": tasks_report(engine, since, until, limit),
+            "rejected_requests": rejections_by_reason(engine, since, until)}  # fmt: skip

@@ -1,4 +1,8 @@
-"""The admin API under /api/: keys, work items, usage. Every route needs an admin key."""
+"""The admin API under /api/: keys, work items, usage. Every route needs an admin key.
+
+Reads the app's lifespan state: `keys` (KeyStore), `items` (WorkItems), `engine`, `settings`,
+`audit` (where reads of per-key data are written down).
+"""
 
 from __future__ import annotations
 
@@ -7,54 +11,41 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy import privacy
+from taskproxy.audit import audit_read
 from taskproxy.errors import InvalidRequest, NotFound
-from taskproxy.guard.auth import issue_key, revoke
+from taskproxy.records import event_json, item_json, key_json
+from taskproxy.registry import ITEM_STATUSES, WorkItems
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
-from taskproxy.audit import audit_read
-from taskproxy.registry import ITEM_STATUSES, register_work_item, transition, update_work_item
-from taskproxy.records import event_json, item_json, key_json
 from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param
-from taskproxy.services import services
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso
-from taskproxy.workitems import WorkItemIds
-
 
 
 async def create_key(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    svc = services(request)
-    key, token = await in_thread(issue_key, svc.engine, owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
-    svc.keys.note_issued(key)
+    key, token = await request.state.keys.issue(owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
     return JSON({**key_json(key), "key": token}, status_code=201)
 
 
 async def list_keys(request: Request) -> Response:
     principal = await admin(request)
-    audit_read(services(request).writer, request, principal)
-    keys = await in_thread(repo.list_keys, services(request).engine)
+    audit_read(request.state.audit, request, principal)
+    keys = await in_thread(repo.list_keys, request.state.engine)
     return JSON([key_json(k) for k in keys])
 
 
 async def revoke_key(request: Request) -> Response:
     await admin(request)
-    key_id = request.path_params["key_id"]
-    svc = services(request)
-    key = await in_thread(revoke, svc.engine, key_id)
-    svc.keys.forget(key_id)
-    return JSON(key_json(key))
-
-
-def _ids(request: Request) -> WorkItemIds:
-    return services(request).attribution.ids
+    return JSON(key_json(await request.state.keys.revoke(request.path_params["key_id"])))
 
 
 async def get_work_item(request: Request) -> Response:
     await admin(request)
-    item_id = _ids(request).normalize(request.path_params["item_id"])
-    view = await in_thread(work_item_view, services(request).engine, item_id)
+    items: WorkItems = request.state.items
+    item_id = items.ids.normalize(request.path_params["item_id"])
+    view = await in_thread(work_item_view, request.state.engine, item_id)
     if view is None:
         raise NotFound(f"No work item {item_id!r} is registered or has usage.")
     return JSON(view)
@@ -66,7 +57,7 @@ async def list_work_items(request: Request) -> Response:
     if status and status not in ITEM_STATUSES:
         raise InvalidRequest(f"'status' must be one of {', '.join(ITEM_STATUSES)}.", param="status")
     items = await in_thread(
-        repo.list_work_items, services(request).engine, status=status, team=request.query_params.get("team"),
+        repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
         limit=int_param(request, "limit", 1000, 10_000),
     )  # fmt: skip
     return JSON([item_json(i) for i in items])
@@ -75,46 +66,30 @@ async def list_work_items(request: Request) -> Response:
 async def create_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    svc = services(request)
-    item = await in_thread(register_work_item, svc.engine, _ids(request), body)
-    svc.items.note(item)
-    return JSON(item_json(item), status_code=201)
+    return JSON(item_json(await in_thread(request.state.items.register, body)), status_code=201)
 
 
 async def patch_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    svc = services(request)
-    item = await in_thread(update_work_item, svc.engine, _ids(request).normalize(request.path_params["item_id"]), body)
-    svc.items.note(item)
-    return JSON(item_json(item))
-
-
-async def _resolve(request: Request, status: str) -> Response:
-    await admin(request)
-    svc = services(request)
-    item_id = _ids(request).normalize(request.path_params["item_id"])
-    if await in_thread(repo.get_work_item, svc.engine, item_id) is None:
-        raise NotFound(f"No work item {item_id!r} is registered.")
-    item = await in_thread(transition, svc.engine, item_id, status, source="api")
-    svc.items.note(item)
-    return JSON(item_json(item))
+    return JSON(item_json(await in_thread(request.state.items.update, request.path_params["item_id"], body)))
 
 
 async def complete_work_item(request: Request) -> Response:
-    return await _resolve(request, "done")
+    await admin(request)
+    return JSON(item_json(await in_thread(request.state.items.resolve, request.path_params["item_id"], "done", source="api")))
 
 
 async def close_work_item(request: Request) -> Response:
-    return await _resolve(request, "closed")
+    await admin(request)
+    return JSON(item_json(await in_thread(request.state.items.resolve, request.path_params["item_id"], "closed", source="api")))
 
 
 async def audit_log(request: Request) -> Response:
     principal = await admin(request)
-    svc = services(request)
-    audit_read(svc.writer, request, principal)
+    audit_read(request.state.audit, request, principal)
     since, until = time_param(request, "since"), time_param(request, "until")
-    entries = await in_thread(repo.list_audit, svc.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
+    entries = await in_thread(repo.list_audit, request.state.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
     return JSON([{"ts": iso(e.ts), "actor_key_id": e.actor_key_id, "actor_owner": e.actor_owner, "action": e.action, "target": e.target} for e in entries])
 
 
@@ -124,33 +99,28 @@ async def usage(request: Request) -> Response:
     if group_by not in usage_reports.GROUP_COLUMNS:
         raise InvalidRequest("'group_by' must be work_item, team or model.", param="group_by")
     since, until = time_param(request, "since"), time_param(request, "until")
-    svc = services(request)
-    rows = await in_thread(usage_reports.usage_grouped, svc.engine, group_by, since, until)
+    rows = await in_thread(usage_reports.usage_grouped, request.state.engine, group_by, since, until)
     if group_by == "team":  # the privacy floor, as in the adoption report
-        floor = svc.settings.privacy.min_group_size
-        rows = [row if row["team"] is None or privacy.shown(svc.keys.team_size(row["team"]), floor) else privacy.withheld(row["team"], floor)
+        floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
+        rows = [row if row["team"] is None or privacy.shown(keys.team_size(row["team"]), floor) else privacy.withheld(row["team"], floor)
                 for row in rows]  # fmt: skip
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
 
 async def usage_events(request: Request) -> Response:
     principal = await admin(request)
-    audit_read(services(request).writer, request, principal)
+    audit_read(request.state.audit, request, principal)
     item = request.query_params.get("work_item")
-    work_item = _ids(request).normalize(item) if item else None
+    work_item = request.state.items.ids.normalize(item) if item else None
     limit = int_param(request, "limit", 100, 10_000)
-    events = await in_thread(repo.list_events, services(request).engine, work_item=work_item, key_id=request.query_params.get("key_id"), limit=limit)
+    events = await in_thread(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), limit=limit)
     return JSON([event_json(e) for e in events])
 
 
 async def tasks_report(request: Request) -> Response:
     await admin(request)
     since, until = time_param(request, "since"), time_param(request, "until")
-    limit = int_param(request, "limit", 50, 10_000)
-    engine = services(request).engine
-    rows = await in_thread(usage_reports.tasks_report, engine, since, until, limit)
-    rejected = await in_thread(usage_reports.rejections_by_reason, engine, since, until)
-    return JSON({"since": iso(since), "until": iso(until), "tasks": rows, "rejected_requests": rejected})
+    return JSON(await in_thread(usage_reports.tasks_view, request.state.engine, since, until, int_param(request, "limit", 50, 10_000)))
 
 
 routes = [

@@ -18,8 +18,8 @@ from taskproxy.errors import NotFound
 from taskproxy.routes.common import ApiRoute
 from taskproxy.metering.observed import NOT_BILLED
 from taskproxy.metering.usage import estimate_prompt_tokens
-from taskproxy.routes.pipeline import Endpoint, proxy
-from taskproxy.services import Services
+from taskproxy.routes.endpoint import Endpoint, Translation
+from taskproxy.routes.proxy import proxy
 from taskproxy.settings import ANTHROPIC, ModelSettings
 from taskproxy.upstream import observe
 from taskproxy.upstream.provider import ProviderReply
@@ -28,9 +28,9 @@ ANTHROPIC_VERSION = (("anthropic-version", "2023-06-01"),)  # sent when the clie
 MESSAGE_TYPES: dict[str, tuple[type, ...]] = {"messages": (list,), "system": (str, list), "tools": (list,), "max_tokens": (int,)}
 
 
-async def _count_locally(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
+async def _count_locally(translation: Translation, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
     """count_tokens for a model Anthropic does not serve: tiktoken's estimate, counted off the event loop."""
-    tokens = await anyio.to_thread.run_sync(estimate_prompt_tokens, svc.counter, model.target_model, body)
+    tokens = await anyio.to_thread.run_sync(estimate_prompt_tokens, translation.counter, model.target_model, body)
     return ProviderReply.of_body(200, [(b"content-type", b"application/json")], orjson.dumps({"input_tokens": tokens}))
 
 

@@ -1,4 +1,5 @@
-"""What any key may do about itself: bind a work item, and read its own usage (DESIGN §8)."""
+"""What any key may do about itself: bind a work item, and read its own usage. Reads the lifespan
+state's `keys`, `items` (for id normalization), `engine` and `settings`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from taskproxy.errors import InvalidRequest
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
 from taskproxy.routes.common import JSON, caller, in_thread, int_param, json_object
-from taskproxy.services import services
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso, utcnow
 
@@ -26,22 +26,20 @@ async def put_binding(request: Request) -> Response:
     body = await json_object(request)
     if "work_item" not in body:
         raise InvalidRequest("'work_item' is required, for example {\"work_item\": \"PROJ-123\"}.", param="work_item")
-    svc = services(request)
-    work_item = svc.attribution.ids.normalize(body["work_item"])
-    until = await svc.keys.bind(principal, work_item, svc.settings.work_items.binding_ttl_hours)
+    work_item = request.state.items.ids.normalize(body["work_item"])
+    until = await request.state.keys.bind(principal, work_item, request.state.settings.work_items.binding_ttl_hours)
     return JSON({"work_item": work_item, "expires_at": iso(until)})
 
 
 async def delete_binding(request: Request) -> Response:
     principal = await caller(request)
-    svc = services(request)
-    await svc.keys.bind(principal, None, svc.settings.work_items.binding_ttl_hours)
+    await request.state.keys.bind(principal, None, request.state.settings.work_items.binding_ttl_hours)
     return JSON({"work_item": None, "expires_at": None})
 
 
 async def my_usage(request: Request) -> Response:
     principal = await caller(request)
-    engine = services(request).engine
+    engine = request.state.engine
     events = await in_thread(repo.list_events, engine, key_id=principal.key_id, limit=int_param(request, "limit", 20, 1000))
     per_item = await in_thread(usage_reports.usage_for_key, engine, principal.key_id)
     rejected = await in_thread(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)

@@ -13,19 +13,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from taskproxy.error_shapes import ApiFormat
-from taskproxy.routes.pipeline import Endpoint, proxy
-from taskproxy.services import Services, services
-from taskproxy.settings import OPENAI_COMPATIBLE, ModelSettings
+from taskproxy.guard.auth import KeyStore
+from taskproxy.routes.endpoint import Endpoint, Translation
+from taskproxy.routes.proxy import proxy
+from taskproxy.settings import OPENAI_COMPATIBLE, ModelSettings, Settings
 from taskproxy.upstream import observe
 from taskproxy.upstream.provider import ProviderReply
 
 
-async def _translate_chat(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
-    return await svc.translator.chat(model, body, stream)
+async def _translate_chat(translation: Translation, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
+    return await translation.translator.chat(model, body, stream)
 
 
-async def _translate_embeddings(svc: Services, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
-    return await svc.translator.embeddings(model, body, stream)
+async def _translate_embeddings(translation: Translation, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
+    return await translation.translator.embeddings(model, body, stream)
 
 
 CHAT = Endpoint(
@@ -64,9 +65,10 @@ async def responses(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    svc = services(request)
-    await svc.keys.authenticate(request.headers)
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider} for m in svc.settings.models]
+    keys: KeyStore = request.state.keys
+    settings: Settings = request.state.settings
+    await keys.authenticate(request.headers)
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider} for m in settings.models]
     return JSONResponse({"object": "list", "data": data})
 
 

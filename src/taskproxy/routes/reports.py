@@ -12,8 +12,9 @@ from starlette.routing import Route
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.routes.common import JSON, admin, in_thread, time_param
-from taskproxy.services import services
 from taskproxy.timeutil import report_period
+
+
 
 def period(request: Request) -> tuple[datetime, datetime]:
     """`since` and `until` from the query: `until` defaults to now, `since` to 30 days before `until`."""
@@ -24,15 +25,15 @@ async def _report(request: Request) -> dict[str, Any]:
     await admin(request)
     since, until = period(request)
     team = request.query_params.get("team") or None
-    svc = services(request)
+    settings = request.state.settings
     return await in_thread(  # type: ignore[no-any-return]
         adoption_report,
-        svc.engine,
+        request.state.engine,
         since=since,
         until=until,
         team=team,
-        min_group_size=svc.settings.privacy.min_group_size,
-        stale_after_days=svc.settings.reports.stale_after_days,
+        min_group_size=settings.privacy.min_group_size,
+        stale_after_days=settings.reports.stale_after_days,
     )
 
 

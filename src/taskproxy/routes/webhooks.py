@@ -2,7 +2,8 @@
 
 The signature is checked on the raw body before anything is parsed; a delivery that fails it gets
 401, changes nothing, and is logged. Deliveries are applied once per delivery id. Events that do not
-concern work items are acknowledged (200, "ignored") so the tracker does not retry them.
+concern work items are acknowledged (200, "ignored") so the tracker does not retry them. Reads the
+lifespan state's `trackers` and `items` (WorkItems).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from starlette.routing import Route
 
 from taskproxy.errors import ApiError, InvalidRequest, NotFound
 from taskproxy.guard.body import read_body
-from taskproxy.registry import apply_delivery
 from taskproxy.routes.common import JSON, in_thread
-from taskproxy.services import services
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.webhooks")
@@ -27,9 +26,8 @@ MAX_DELIVERY_BYTES = 5 * 1024 * 1024
 
 
 async def receive(request: Request) -> Response:
-    svc = services(request)
     name = request.path_params["tracker"]
-    tracker = svc.trackers.get(name)
+    tracker = request.state.trackers.get(name)
     if tracker is None:
         raise NotFound(f"No {name} webhook is configured: set trackers.{name}.secret_env in the config." if name in ("github", "jira", "linear")
                        else f"There is no webhook for {name[:40]!r}; taskproxy takes github, jira and linear.")  # fmt: skip
@@ -48,10 +46,7 @@ async def receive(request: Request) -> Response:
         client = request.client.host if request.client else "?"
         log.warning("refused a %s delivery from %s: %s %s", name, client, exc.code, exc.message)
         raise
-    result = await in_thread(apply_delivery, svc.engine, svc.attribution.ids, delivery, now)
-    if result["status"] == "applied":
-        svc.items.note_changes({item["id"]: item["status"] for item in result["items"]})
-    return JSON(result)
+    return JSON(await in_thread(request.state.items.apply_delivery, delivery, now))
 
 
 routes = [Route("/webhooks/{tracker}", receive, methods=["POST"])]

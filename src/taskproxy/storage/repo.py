@@ -13,7 +13,6 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from taskproxy.storage import bulk, rollup
@@ -63,17 +62,6 @@ def set_binding(engine: Engine, key_id: str, work_item: str | None, until: datet
 def get_work_item(engine: Engine, item_id: str) -> WorkItem | None:
     with Session(engine) as session:
         return session.get(WorkItem, item_id)
-
-
-def add_work_item(engine: Engine, item: WorkItem) -> bool:
-    """Insert `item`; False if an item with that id exists already."""
-    try:
-        with Session(engine, expire_on_commit=False) as session:
-            session.add(item)
-            session.commit()
-        return True
-    except IntegrityError:
-        return False
 
 
 def list_work_items(engine: Engine, *, status: str | None = None, team: str | None = None, limit: int = 1000) -> list[WorkItem]:

@@ -1,0 +1,113 @@
+"""Admitting a proxied request, in the order the contract fixes (docs/api.md): the key, the rate limit,
+the body's size and cost, the work item (and `work_items.mode`), the body's JSON and field types, the
+model, the budget. A refusal at any step is counted (per key and reason) and nothing is sent upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from starlette.requests import ClientDisconnect, Request
+
+from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, ServiceUnavailable
+from taskproxy.guard.attribution import Attributed, Attribution
+from taskproxy.guard.auth import KeyStore, Principal
+from taskproxy.guard.body import BodyGate, Undecodable, declared_large, decode_json_object, read_body
+from taskproxy.guard.budgets import Budgets
+from taskproxy.guard.items import Policy
+from taskproxy.guard.ratelimit import RateLimiter
+from taskproxy.metering.usage import Rejected
+from taskproxy.routes.endpoint import Endpoint
+from taskproxy.settings import LimitSettings, ModelSettings, Settings
+from taskproxy.storage.writer import BatchWriter
+from taskproxy.timeutil import utcnow
+
+log = logging.getLogger("taskproxy.proxy")
+BACKPRESSURE_MAX_SECONDS = 1.0
+
+
+@dataclass
+class Admitted:
+    principal: Principal
+    attributed: Attributed
+    body: dict
+    raw: bytes  # the body as received, forwarded as is when nothing in it changes
+    model: ModelSettings
+    client_model: str  # the model name as the client sent it (in `raw`)
+    ts: datetime
+    started: float  # perf_counter at arrival
+
+
+@dataclass(frozen=True)
+class Admission:
+    settings: Settings  # the models and the limits
+    keys: KeyStore
+    rate_limiter: RateLimiter
+    body_gate: BodyGate
+    attribution: Attribution
+    policy: Policy
+    budgets: Budgets
+    writer: BatchWriter  # refusals go to it; its backlog slows admission down
+
+    async def admit(self, request: Request, endpoint: Endpoint) -> Admitted:
+        if self.writer.backlogged:
+            await self._wait_for_the_writer()
+        started, ts = time.perf_counter(), utcnow()
+        principal: Principal | None = None
+        try:
+            principal = await self.keys.authenticate(request.headers)
+            self.rate_limiter.check(principal.key_id)
+            if self.writer.refusing:
+                raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
+                                         "the request was not forwarded. Try again shortly.")  # fmt: skip
+            raw, body = await self._read_and_decode(request, self.settings.limits)
+            attributed = self.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
+            known = await self.policy.check(attributed.work_item)
+            if isinstance(body, Undecodable):
+                raise InvalidRequest(body.reason)
+            endpoint.validate(body)
+            model = self._model_of(body, endpoint)
+            self.budgets.check(attributed.work_item, known, principal.team, ts)
+            return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
+        except ApiError as exc:
+            key_id = principal.key_id if principal else None
+            self.writer.submit(Rejected(ts, key_id, exc.code, endpoint.path))
+            log.info("refused %s for key %s: %s %s", endpoint.path, key_id or "-", exc.code, exc.message)
+            raise
+
+    async def _wait_for_the_writer(self) -> None:
+        """Under overload the recording thread can fall behind the requests (it shares the GIL with the
+        event loop). New requests then wait, briefly, so that it catches up: recording stays complete and
+        memory bounded, at the cost of throughput. Bounded: a stuck writer never stops the proxy."""
+        deadline = time.perf_counter() + BACKPRESSURE_MAX_SECONDS
+        while self.writer.backlogged and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def _read_and_decode(self, request: Request, limits: LimitSettings) -> tuple[bytes, dict | Undecodable]:
+        try:
+            if declared_large(request):  # a few at a time: what large bodies cost in memory and CPU stays bounded
+                async with self.body_gate.large():
+                    raw = await read_body(request, limits.max_body_bytes)
+                    return raw, await decode_json_object(raw, limits.max_json_nodes)
+            raw = await read_body(request, limits.max_body_bytes)
+            return raw, await decode_json_object(raw, limits.max_json_nodes)
+        except ClientDisconnect:
+            raise ClientGone("The client hung up before its request body arrived.") from None
+
+    def _model_of(self, body: dict, endpoint: Endpoint) -> ModelSettings:
+        name = body["model"]
+        model = self.settings.model(name)
+        if model is None:
+            known = ", ".join(m.name for m in self.settings.models) or "none"
+            raise ModelNotFound(f"The model '{name[:100]}' is not configured on this proxy. Configured models: {known}.", param="model")
+        if not endpoint.reaches(model):
+            raise InvalidRequest(
+                f"The model '{name}' is served by the provider '{model.provider}', which {endpoint.path} cannot reach; "
+                f"use a model whose provider is '{endpoint.native_provider}', or /v1/chat/completions.",
+                param="model",
+            )
+        return model
