@@ -442,7 +442,7 @@ def test_signals_page_lists_the_reports_signals(context: Any, site: Site) -> Non
     else:
         engine = make_engine(f"sqlite:///{site.database}")
         try:
-            report = signals.gaming_signals(engine, since=parse_time(since), until=parse_time(until), thresholds=signals.thresholds_from(None))
+            report = signals.gaming_signals(engine, since=parse_time(since), until=parse_time(until), thresholds=None)
         finally:
             engine.dispose()
     articles = page.locator("article.signal")

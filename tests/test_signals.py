@@ -16,7 +16,6 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ADMIN_KEY, in_process, make_settings, postgres_schema, wait_until
+from conftest import ADMIN_KEY, PROVIDER_URL, in_process, make_settings, postgres_schema, start_proxy, wait_until
+from taskproxy.upstream.mock import MockProvider
 from signals_org import (
     AFTER_REQUESTS,
     CRON_DAYS,
@@ -42,11 +42,13 @@ from signals_org import (
 
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
-from taskproxy.reports.signals import KINDS, SignalThresholds, gaming_signals, signals_text, thresholds_from
+from taskproxy.errors import ConfigError
+from taskproxy.settings import settings_from_mapping
+from taskproxy.reports.signals import KINDS, SignalSettings, gaming_signals, signals_text
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso
 
-DEFAULTS = SignalThresholds()
+DEFAULTS = SignalSettings()
 GRACE = timedelta(hours=DEFAULTS.after_completion_grace_hours)
 
 
@@ -305,7 +307,7 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     engine, org, _ = world
 
     def kinds_of(**changes: Any) -> list[tuple[str, str]]:
-        return flagged(gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, **changes)), org)
+        return flagged(gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=DEFAULTS.model_copy(update=changes)), org)
 
     planted = [(kind, name) for name, kind in PLANTED.items()]
 
@@ -327,14 +329,14 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
 
     # Either cadence reason alone flags the cron key.
     regular = signal(
-        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, around_clock_min_days=CRON_DAYS + 1)),
+        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=DEFAULTS.model_copy(update=dict(around_clock_min_days=CRON_DAYS + 1))),
         org,
         "machine_cadence",
         "cron",
     )
     assert regular["evidence"]["reasons"] == ["regular_intervals"]
     clock = signal(
-        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=replace(DEFAULTS, cadence_max_cv=0.001)),
+        gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=DEFAULTS.model_copy(update=dict(cadence_max_cv=0.001))),
         org,
         "machine_cadence",
         "cron",
@@ -351,7 +353,7 @@ def test_the_grace_period_after_completion(world: tuple[Any, Org, Path]) -> None
     engine, org, _ = world
     honest = [n for n in org.keys if n not in PLANTED]
     for grace_hours in (DEFAULTS.after_completion_grace_hours, 0.0):
-        t = replace(DEFAULTS, after_completion_min_requests=1, after_completion_grace_hours=grace_hours)
+        t = DEFAULTS.model_copy(update=dict(after_completion_min_requests=1, after_completion_grace_hours=grace_hours))
         report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=t)
         counted = {name: len(after_completion(org, name, timedelta(hours=grace_hours))) for name in honest}
         expected = {name: n for name, n in counted.items() if n}
@@ -376,7 +378,7 @@ def test_periods_are_half_open(world: tuple[Any, Org, Path]) -> None:
 
 def test_signals_are_ordered_by_kind_and_key_never_by_spend(world: tuple[Any, Org, Path]) -> None:
     engine, org, _ = world
-    lax = SignalThresholds(
+    lax = SignalSettings(
         repeated_prompt_min_requests=2, after_completion_min_requests=1, heavy_spend_min_usd=0.01, cadence_max_cv=100.0,
         around_clock_min_hours=1, around_clock_min_days=1, cost_min_z=0.0, cost_min_ratio=0.0, cost_min_key_share=0.01,
         unverified_min_share=0.01, unverified_min_usd=0.01, flag_service_keys=True,
@@ -393,21 +395,14 @@ def test_signals_are_ordered_by_kind_and_key_never_by_spend(world: tuple[Any, Or
         assert [w["id"] for w in entry["work_items"]] == sorted(w["id"] for w in entry["work_items"])
 
 
-def test_thresholds_from_config() -> None:
-    assert thresholds_from(None) == SignalThresholds()
-    assert thresholds_from({"heavy_spend_min_usd": 10}) == SignalThresholds(heavy_spend_min_usd=10)
-
-    class Section:  # what settings.signals will be: a pydantic model
-        def model_dump(self) -> dict[str, Any]:
-            return {"repeated_prompt_min_requests": 50, "flag_service_keys": True}
-
-    assert thresholds_from(Section()) == SignalThresholds(repeated_prompt_min_requests=50, flag_service_keys=True)
-    with pytest.raises(ValueError, match="unknown signal thresholds: nope"):
-        thresholds_from({"nope": 1})
+def test_thresholds_are_the_config_section_and_refuse_nonsense() -> None:
+    assert settings_from_mapping({"signals": {"heavy_spend_min_usd": 10}}, {}).signals == SignalSettings(heavy_spend_min_usd=10)
+    with pytest.raises(ConfigError, match="signals.nope"):
+        settings_from_mapping({"signals": {"nope": 1}}, {})
     for bad in ({"cadence_min_requests": 2}, {"around_clock_min_hours": 25}, {"unverified_min_share": 0}, {"cost_min_key_share": 1.5},
                 {"heavy_spend_min_usd": -1}, {"cost_min_items": 2}, {"repeated_prompt_min_requests": 0}):  # fmt: skip
-        with pytest.raises(ValueError):
-            SignalThresholds(**bad)
+        with pytest.raises(ConfigError, match="signals." + next(iter(bad))):
+            settings_from_mapping({"signals": bad}, {})
 
 
 def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
@@ -471,10 +466,34 @@ async def test_route_refuses_other_keys_and_bad_periods(world: tuple[Any, Org, P
 @pytest.mark.anyio
 async def test_route_reads_the_thresholds_from_the_config(world: tuple[Any, Org, Path], tmp_path: Path) -> None:
     engine, org, folder = world
-    settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}")
-    # The `signals:` section (a mapping here; a pydantic model once settings.py declares it).
-    settings = settings.model_copy(update={"signals": {"repeated_prompt_min_requests": LOOP_REQUESTS + 1}})
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{folder / 'taskproxy.db'}", signals={"repeated_prompt_min_requests": LOOP_REQUESTS + 1})
     async with in_process(create_app(settings, engine=engine), timeout=30) as http:
         report = (await http.get("/api/reports/signals", params={"since": iso(SINCE), "until": iso(UNTIL)}, headers=ADMIN)).json()
     assert report["thresholds"]["repeated_prompt_min_requests"] == LOOP_REQUESTS + 1
     assert "repeated_prompt" not in {kind for kind, _ in flagged(report, org)}
+
+
+@pytest.mark.anyio
+async def test_signals_and_reports_count_the_same_requests(tmp_path: Path, fake: Any) -> None:
+    """A request is one definition (storage/rollup.py `is_request`): a count_tokens call is recorded,
+    and counted by neither the reports nor the signals' evidence."""
+    provider_root = PROVIDER_URL.removesuffix("/v1")
+    settings = make_settings(
+        tmp_path, signals={"heavy_spend_min_usd": 0.0000001},
+        models=[{"name": "claude", "provider": "anthropic", "base_url": provider_root, "upstream_model": "claude-sonnet-4-5"}],
+    )  # fmt: skip
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key("sam", "payments")
+        headers = {"x-api-key": key, "x-work-item": "PAY-77", "anthropic-version": "2023-06-01"}
+        ask = {"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]}
+        for _ in range(3):
+            assert (await proxy.http.post("/v1/messages", json=ask, headers=headers)).status_code == 200
+        for _ in range(4):
+            assert (await proxy.http.post("/v1/messages/count_tokens", json=ask, headers=headers)).status_code == 200
+        assert len(await proxy.events(7)) == 7
+        item = await proxy.item("PAY-77", requests=3)
+        report = await proxy.get("/api/reports/signals", since="1d")
+    heavy = [s for s in report["signals"] if s["kind"] == "spend_without_completion"]
+    assert len(heavy) == 1, report
+    assert heavy[0]["evidence"]["requests"] == item["requests"] == 3
+    assert [w["requests"] for w in heavy[0]["work_items"]] == [3]

@@ -39,6 +39,7 @@ from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard import routes as dashboard_routes
 from taskproxy.dashboard.session import SessionSigner
+from taskproxy.dashboard.templating import Pages
 from taskproxy.routes.admission import Admission
 from taskproxy.routes.common import JSON
 from taskproxy.routes.endpoint import Translation
@@ -198,6 +199,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "metrics": metrics,
                 "trackers": configured_trackers(settings, ids),
                 "sessions": SessionSigner.for_settings(settings),
+                "pages": Pages(),
                 "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter)),
             }
         finally:

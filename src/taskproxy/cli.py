@@ -235,12 +235,12 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
 
 
 def cmd_report_signals(args: argparse.Namespace) -> int:
-    from taskproxy.reports.signals import gaming_signals, signals_text, thresholds_from
+    from taskproxy.reports.signals import gaming_signals, signals_text
     from taskproxy.timeutil import report_period
 
     settings = _settings(args)
     since, until = report_period(args.since, args.until)
-    report = gaming_signals(_engine(args), since=since, until=until, thresholds=thresholds_from(settings.signals))
+    report = gaming_signals(_engine(args), since=since, until=until, thresholds=settings.signals)
     if args.json:
         _print_json(report)
     else:

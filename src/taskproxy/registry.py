@@ -30,13 +30,9 @@ from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, 
 from taskproxy.trackers.base import Delivery
 from taskproxy.timeutil import utcnow
 from taskproxy.validation import non_negative_number, one_of, printable
-from taskproxy.workitems import WorkItemIds
+from taskproxy.workitems import ITEM_SOURCES, RESOLVED, SETTABLE_STATUSES, WorkItemIds
 
-ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
-SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")
-ITEM_SOURCES = ("jira", "github", "linear", "manual")
 TRACKERS = ("jira", "github", "linear")
-RESOLVED = ("done", "closed")
 _ITEMS = WorkItem.__table__
 log = logging.getLogger("taskproxy.registry")
 

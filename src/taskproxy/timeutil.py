@@ -19,15 +19,23 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="milliseconds") + "Z"
 
 
+def parse_iso(value: str) -> datetime:
+    """An ISO 8601 date or time with any offset (`Z`, `+02:00`, Jira's `+0000`), as naive UTC; ValueError otherwise."""
+    parsed = datetime.fromisoformat(value.strip())
+    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
+
+
 def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     """`2026-11-01`, `2026-11-01T10:00:00Z`, `...+02:00`, or a period back from now: `30m`, `12h`, `7d`, `2w`."""
     value = value.strip()
     if match := _PERIOD.match(value):
         return (now or utcnow()) - timedelta(**{_UNITS[match[2]]: int(match[1])})
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed
+    return parse_iso(value)
+
+
+def rounded_hours(value: float | None) -> float | None:
+    """A duration in hours as the reports give it (to 6 decimals: a few milliseconds)."""
+    return None if value is None else round(value, 6)
 
 
 DEFAULT_REPORT_DAYS = 30

@@ -16,6 +16,12 @@ from urllib.parse import unquote, urlsplit
 from taskproxy.errors import WorkItemInvalid
 
 MAX_ID_LENGTH = 200
+
+# A work item's status, as the registry and every report read it.
+ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
+SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
+RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
+ITEM_SOURCES = ("jira", "github", "linear", "manual")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GITHUB_PATH = re.compile(r"^/([^/]+)/([^/]+)/(?:pull|issues)/(\d+)(?:/.*)?$")
 _JIRA_PATH = re.compile(r"^/browse/([A-Za-z][A-Za-z0-9_]*-\d+)/?$")

@@ -1,5 +1,6 @@
-"""Jinja2 set up for the dashboard: autoescaping always on, undefined names are errors, the number
-and time filters of `format`, and the headers every dashboard page is sent with."""
+"""Jinja2 set up for the dashboard (`Pages`, one per app, in the lifespan's state): autoescaping always
+on, undefined names are errors, the number and time filters of `format`, and the headers every
+dashboard page is sent with."""
 
 from __future__ import annotations
 
@@ -43,24 +44,26 @@ def safe_link(url: str | None) -> str | None:
     return url if scheme in ("http", "https") else None
 
 
-def _environment() -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(HERE / "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=["jinja2.ext.do"],
-    )
-    env.filters.update(fmt.FILTERS)
-    env.filters["field"] = field_value
-    env.globals.update(item_url=item_url, safe_link=safe_link, NONE=fmt.NONE)
-    return env
+class Pages:
+    """The dashboard's templates and stylesheet, loaded once per app (in its lifespan, not at import)."""
 
-
-templates = _environment()
+    def __init__(self) -> None:
+        env = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.do"],
+        )
+        env.filters.update(fmt.FILTERS)
+        env.filters["field"] = field_value
+        env.globals.update(item_url=item_url, safe_link=safe_link, NONE=fmt.NONE)
+        self.templates = env
+        self.stylesheet = (HERE / "static" / "dashboard.css").read_bytes()
 
 
 def render(request: Request, name: str, context: dict[str, Any], *, status: int = 200, session: Any = None) -> HTMLResponse:
-    html = templates.get_template(name).render({"request_path": request.url.path, "session": session, **context})
+    pages: Pages = request.state.pages
+    html = pages.templates.get_template(name).render({"request_path": request.url.path, "session": session, **context})
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)

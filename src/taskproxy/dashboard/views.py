@@ -29,11 +29,11 @@ from taskproxy.dashboard import session as sessions
 from taskproxy.dashboard.charts import Point, bar_chart
 from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
-from taskproxy.dashboard.templating import HERE, render
+from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, WorkItemInvalid
 from taskproxy.routes.common import in_thread
 from taskproxy.routes.reports import period
-from taskproxy.reports.signals import gaming_signals, thresholds_from
+from taskproxy.reports.signals import gaming_signals
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.dashboard")
@@ -228,7 +228,7 @@ async def signals(request: Request, session: Session) -> Response:
     since, until = period(request)
     audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
     # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
-    thresholds = thresholds_from(request.state.settings.signals)
+    thresholds = request.state.settings.signals
     report = await in_thread(gaming_signals, request.state.engine, since=since, until=until, thresholds=thresholds)
     context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS}
     return render(request, "signals.html", context, session=session)
@@ -260,11 +260,8 @@ async def me(request: Request, session: Session) -> Response:
 
 # -- the stylesheet -------------------------------------------------------------------------------
 
-_CSS = (HERE / "static" / "dashboard.css").read_bytes()
-
-
 async def stylesheet(request: Request) -> Response:
-    return Response(_CSS, media_type="text/css", headers={"cache-control": "public, max-age=3600", "x-content-type-options": "nosniff"})
+    return Response(request.state.pages.stylesheet, media_type="text/css", headers={"cache-control": "public, max-age=3600", "x-content-type-options": "nosniff"})
 
 
 routes = [

@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
 from taskproxy.storage.models import WorkItem
+from taskproxy.workitems import RESOLVED
 
 log = logging.getLogger("taskproxy.items")
 _ITEMS = WorkItem.__table__
@@ -112,7 +113,7 @@ class Policy:
                 f"The work item {item_id} is not registered, and this proxy accepts only registered items (work_items.mode: "
                 f"{self.mode}). Register it (taskproxy items add {item_id}) or connect the tracker's webhook."
             )
-        if self.mode == "active" and item.status in ("done", "closed"):
+        if self.mode == "active" and item.status in RESOLVED:
             raise WorkItemClosed(
                 f"The work item {item_id} is {item.status}; this proxy refuses spend on completed or closed items "
                 "(work_items.mode: active). Reopen it in the tracker, or attach the item you are working on."

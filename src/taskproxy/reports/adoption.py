@@ -60,7 +60,7 @@ from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
-from taskproxy.timeutil import iso
+from taskproxy.timeutil import iso, rounded_hours
 
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open")
 OPEN_STATUSES = ("open", "in_progress")
@@ -75,10 +75,6 @@ def quantile(values: Iterable[float], q: float) -> float | None:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
-
-
-def _hours(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
 
 
 # -- the figures of one scope ---------------------------------------------------------------------
@@ -143,7 +139,7 @@ def _figures(
 
     def cycle(group: list[_Item]) -> float | None:
         hours = [(i.completed_at - i.created_at).total_seconds() / 3600 for i in group if i.completed_at and i.created_at]
-        return _hours(statistics.median(hours)) if hours else None
+        return rounded_hours(statistics.median(hours)) if hours else None
 
     return {
         "completed_items": len(completed),

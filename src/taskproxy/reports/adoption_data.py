@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import rollup
+from taskproxy.storage.rollup import within
+from taskproxy.workitems import RESOLVED
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
 _E = UsageEvent.__table__.c
@@ -28,7 +30,6 @@ _L = WorkItemLink.__table__.c
 _K = ApiKey.__table__.c
 _J = Rejection.__table__.c
 
-RESOLVED = ("done", "closed")
 _IDS_PER_QUERY = 5000  # ids bound in one IN (...): well under SQLite's limit on parameters
 
 
@@ -48,9 +49,6 @@ class Item:
     merged_pr: bool = False  # a linked item was done as of `until`
 
 
-def in_period(column: Any, since: datetime, until: datetime) -> Any:
-    return and_(column >= since, column < until)
-
 
 def load_items(connection: Connection) -> dict[str, Item]:
     rows = connection.execute(select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at)).all()
@@ -59,7 +57,7 @@ def load_items(connection: Connection) -> dict[str, Item]:
 
 def load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
-    completed_ids = select(_W.id).where(_W.status == "done", in_period(_W.completed_at, since, until))
+    completed_ids = select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
     found = rollup.totals(
         connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"),
         where=lambda c: [c.work_item.in_(completed_ids)],
@@ -140,7 +138,7 @@ def rejections(connection: Connection, since: datetime, until: datetime) -> list
     query = (
         select(_K.team, _J.reason, func.sum(_J.count).label("n"))
         .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _J.key_id))
-        .where(in_period(_J.ts, since, until))
+        .where(*within(_J.ts, since, until))
         .group_by(_K.team, _J.reason)
     )
     return [(row.team, row.reason, int(row.n)) for row in connection.execute(query)]

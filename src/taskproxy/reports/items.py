@@ -9,11 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy.money import usd
-from taskproxy.reports.adoption import _hours
 from taskproxy.reports.usage import work_item_summary
 from taskproxy.storage import rollup
 from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
-from taskproxy.timeutil import iso
+from taskproxy.timeutil import iso, rounded_hours
 
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
@@ -32,14 +31,14 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
     """Extras of `GET /api/work-items/{id}`: cycle time, usage per day, status history, links.
 
     `cycle_time_hours` is completed_at − created_at for a `done` item, else null. `usage_by_day` has one
-    entry per UTC day with usage (`requests` counts first attempts, as elsewhere; `cost_usd` is null when
+    entry per UTC day with usage (`requests` as every report counts them, storage/rollup.py `is_request`; `cost_usd` is null when
     no event of that day has a known price). `linked` are the items (merged PRs) recorded as coming out
     of this one; `linked_from` the items this one came out of.
     """
     with engine.connect() as connection:
         item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
         usage = rollup.totals(  # all time, by UTC day: the daily rollup alone answers
-            connection, by=("day",), fields=("first_attempts", "total_tokens", "cost_nanos"), where=lambda c: [c.work_item == item_id]
+            connection, by=("day",), fields=("requests", "total_tokens", "cost_nanos"), where=lambda c: [c.work_item == item_id]
         )
         changes = connection.execute(
             select(_C.ts, _C.from_status, _C.to_status, _C.source, _C.note).where(_C.work_item == item_id).order_by(_C.ts)
@@ -54,13 +53,13 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
         ).all()
     cycle = None
     if item is not None and item.status == "done" and item.completed_at is not None:
-        cycle = _hours((item.completed_at - item.created_at).total_seconds() / 3600)
+        cycle = rounded_hours((item.completed_at - item.created_at).total_seconds() / 3600)
     return {
         "cycle_time_hours": cycle,
         "usage_by_day": [
             {
                 "day": str(day)[:10],  # SQLite answers text, PostgreSQL a date
-                "requests": int(row["first_attempts"] or 0),
+                "requests": int(row["requests"] or 0),
                 "total_tokens": int(row["total_tokens"] or 0),
                 "cost_usd": usd(row["cost_nanos"]),
             }

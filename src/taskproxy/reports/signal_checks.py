@@ -12,8 +12,11 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import UsageEvent, WorkItem
+from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
+from taskproxy.workitems import RESOLVED
 
+from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_data import (
     EVENTS,
     ITEMS,
@@ -22,11 +25,8 @@ from taskproxy.reports.signal_data import (
     KeyInfo,
     MAD_SCALE,
     MEAN_AD_SCALE,
-    RESOLVED,
-    SignalThresholds,
     Spend,
     WITHOUT_VERIFICATION,
-    in_period,
     item_entry,
     listed,
     requests_column,
@@ -42,9 +42,9 @@ Found = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 def repeated_prompts(
     connection: Connection, keys: dict[str, KeyInfo], spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow],
-    since: datetime, until: datetime, t: SignalThresholds,
+    since: datetime, until: datetime, t: SignalSettings,
 ) -> list[Found]:  # fmt: skip
-    answered = and_(in_period(EVENTS.ts, since, until), EVENTS.attempt == 1, EVENTS.status < 400, EVENTS.prompt_hash.is_not(None))
+    answered = and_(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.status < 400, EVENTS.prompt_hash.is_not(None))
     repeated = (
         select(EVENTS.key_id, EVENTS.prompt_hash)
         .where(answered)
@@ -110,12 +110,12 @@ def repeated_prompts(
 
 
 def after_completion(
-    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalThresholds
+    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
     query = (
-        select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.cost_nanos, EVENTS.total_tokens, ITEMS.completed_at)
+        select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.route, EVENTS.cost_nanos, EVENTS.total_tokens, ITEMS.completed_at)
         .select_from(UsageEvent.__table__.join(WorkItem.__table__, ITEMS.id == EVENTS.work_item))
-        .where(in_period(EVENTS.ts, since, until), ITEMS.status.in_(RESOLVED), EVENTS.ts > ITEMS.completed_at)
+        .where(*within(EVENTS.ts, since, until), ITEMS.status.in_(RESOLVED), EVENTS.ts > ITEMS.completed_at)
     )
     grace = timedelta(hours=t.after_completion_grace_hours)
     by_key: dict[str, dict[str, Spend]] = defaultdict(dict)
@@ -123,7 +123,7 @@ def after_completion(
         if row.ts <= row.completed_at + grace:
             continue
         s = by_key[row.key_id].setdefault(row.work_item, Spend(row.work_item))
-        s.requests += 1 if row.attempt == 1 else 0
+        s.requests += 1 if is_request(row.attempt, row.route) else 0
         s.cost += int(row.cost_nanos or 0)
         s.tokens += int(row.total_tokens or 0)
         s.first = row.ts if s.first is None or row.ts < s.first else s.first
@@ -142,7 +142,7 @@ def after_completion(
 
 
 def without_completion(
-    spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, t: SignalThresholds
+    spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, t: SignalSettings
 ) -> list[Found]:
     found = []
     for key_id, per_item in spend.items():
@@ -166,7 +166,7 @@ def _completed_since(item: ItemRow | None, since: datetime) -> bool:
 
 def cadence(
     connection: Connection, keys: dict[str, KeyInfo], spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow],
-    since: datetime, until: datetime, t: SignalThresholds,
+    since: datetime, until: datetime, t: SignalSettings,
 ) -> list[Found]:  # fmt: skip
     counts: dict[str, int] = {k: sum(s.requests for s in per_item.values()) for k, per_item in spend.items()}
     wanted = sorted(
@@ -176,7 +176,7 @@ def cadence(
         return []
     query = (
         select(EVENTS.key_id, EVENTS.ts)
-        .where(in_period(EVENTS.ts, since, until), EVENTS.attempt == 1, EVENTS.key_id.in_(wanted))
+        .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.key_id.in_(wanted))
         .order_by(EVENTS.key_id, EVENTS.ts)
     )
     found: list[Found] = []
@@ -207,7 +207,7 @@ def cadence(
     return found
 
 
-def _cadence_evidence(run: Intervals, t: SignalThresholds) -> dict[str, Any] | None:
+def _cadence_evidence(run: Intervals, t: SignalSettings) -> dict[str, Any] | None:
     if run.requests < t.cadence_min_requests or not run.gaps:
         return None
     mean = statistics.fmean(run.gaps)
@@ -234,9 +234,9 @@ def _cadence_evidence(run: Intervals, t: SignalThresholds) -> dict[str, Any] | N
 
 
 def cost_outliers(
-    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalThresholds
+    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
-    completed = select(ITEMS.id).where(ITEMS.status == "done", in_period(ITEMS.completed_at, since, until))
+    completed = select(ITEMS.id).where(ITEMS.status == "done", *within(ITEMS.completed_at, since, until))
     query = (
         select(
             EVENTS.work_item,
@@ -326,7 +326,7 @@ def cost_outliers(
     return found
 
 
-def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalThresholds) -> list[Found]:
+def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalSettings) -> list[Found]:
     found = []
     for key_id, per_item in spend.items():
         total = sum(s.cost for s in per_item.values())

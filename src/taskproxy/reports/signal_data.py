@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.money import usd
+from taskproxy.storage.rollup import request_clause, within
 from taskproxy.timeutil import iso
 
 EVENTS = UsageEvent.__table__.c
@@ -29,76 +29,10 @@ KINDS = (
     "cost_outlier",
     "unverified_spend",
 )
-RESOLVED = ("done", "closed")
 WITHOUT_VERIFICATION = ("unverified", "unknown")
 MAX_LISTED = 50  # work items listed per signal
 MAD_SCALE = 0.6745  # Iglewicz and Hoaglin: 0.6745 × (x − median) / MAD ~ a z-score for normal data
 MEAN_AD_SCALE = 1.253314  # sqrt(pi / 2): the mean absolute deviation's scale, when MAD is 0
-
-
-@dataclass(frozen=True)
-class SignalThresholds:
-    """When each signal fires (see the module docstring). Every field has a sensible default."""
-
-    repeated_prompt_min_requests: int = 20
-    after_completion_grace_hours: float = 1.0
-    after_completion_min_requests: int = 10
-    heavy_spend_min_usd: float = 50.0
-    cadence_min_requests: int = 50
-    cadence_max_cv: float = 0.2
-    around_clock_min_hours: int = 20
-    around_clock_min_days: int = 3
-    cost_min_items: int = 5
-    cost_min_z: float = 3.5
-    cost_min_ratio: float = 3.0
-    cost_min_key_share: float = 0.25
-    unverified_min_share: float = 0.6
-    unverified_min_usd: float = 10.0
-    flag_service_keys: bool = False
-    max_examples: int = 5
-
-    def __post_init__(self) -> None:
-        for name in ("repeated_prompt_min_requests", "after_completion_min_requests", "cadence_min_requests", "max_examples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.cadence_min_requests < 3:
-            raise ValueError("cadence_min_requests must be at least 3 (two intervals)")
-        if not 1 <= self.around_clock_min_hours <= 24:
-            raise ValueError("around_clock_min_hours must be from 1 to 24")
-        if self.around_clock_min_days < 1:
-            raise ValueError("around_clock_min_days must be at least 1")
-        if self.cost_min_items < 3:
-            raise ValueError("cost_min_items must be at least 3")
-        for name in (
-            "after_completion_grace_hours",
-            "heavy_spend_min_usd",
-            "cadence_max_cv",
-            "cost_min_z",
-            "cost_min_ratio",
-            "unverified_min_usd",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        for name in ("cost_min_key_share", "unverified_min_share"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be above 0 and at most 1")
-
-
-def thresholds_from(config: Any = None) -> SignalThresholds:
-    """Thresholds from a settings section (a pydantic model), a mapping, or None (the defaults).
-    Names the section does not have keep their defaults; names this class does not have are refused."""
-    if config is None:
-        return SignalThresholds()
-    if isinstance(config, SignalThresholds):
-        return config
-    values = (
-        config.model_dump() if hasattr(config, "model_dump") else dict(config) if isinstance(config, Mapping) else vars(config)
-    )
-    known = {f.name for f in fields(SignalThresholds)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown signal thresholds: {', '.join(unknown)}")
-    return SignalThresholds(**values)
 
 
 def rounded(value: float | None, digits: int = 6) -> float | None:
@@ -145,9 +79,6 @@ class Intervals:
     day_hours: dict[Any, set[int]] = field(default_factory=lambda: defaultdict(set))
 
 
-def in_period(column: Any, since: datetime, until: datetime) -> Any:
-    return and_(column >= since, column < until)
-
 
 def load_keys(connection: Connection) -> dict[str, KeyInfo]:
     return {r.id: KeyInfo(r.id, r.owner, r.team, r.role) for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role))}
@@ -159,7 +90,7 @@ def load_items(connection: Connection) -> dict[str, ItemRow]:
 
 
 def requests_column() -> Any:
-    return func.sum(case((EVENTS.attempt == 1, 1), else_=0))
+    return func.sum(case((request_clause(EVENTS), 1), else_=0))
 
 
 def load_spend(connection: Connection, keys: dict[str, KeyInfo], since: datetime, until: datetime) -> dict[str, dict[str, Spend]]:
@@ -176,7 +107,7 @@ def load_spend(connection: Connection, keys: dict[str, KeyInfo], since: datetime
             func.max(EVENTS.owner).label("owner"),
             func.max(EVENTS.team).label("team"),
         )
-        .where(in_period(EVENTS.ts, since, until))
+        .where(*within(EVENTS.ts, since, until))
         .group_by(EVENTS.key_id, EVENTS.work_item)
     )
     spend: dict[str, dict[str, Spend]] = defaultdict(dict)

@@ -18,7 +18,7 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   from its events in the period and role null. Service keys (`role = service`) are declared automation:
   they are left out of `repeated_prompt` and `machine_cadence` unless `flag_service_keys`.
 
-The kinds, each with its thresholds (`SignalThresholds`; defaults in brackets):
+The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
 
 - `repeated_prompt`: the key sent the same `prompt_hash` in at least `repeated_prompt_min_requests` [20]
   answered requests. Evidence: `requests` (all the key's requests), `repeated_prompts` (how many such
@@ -69,12 +69,12 @@ request times (key, ts) are streamed into Python, for the intervals.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_checks import (
     Found,
     after_completion,
@@ -87,24 +87,23 @@ from taskproxy.reports.signal_checks import (
 from taskproxy.reports.signal_data import (
     KINDS,
     KeyInfo,
-    SignalThresholds,
     load_items,
     load_keys,
     load_spend,
-    thresholds_from,
 )
+from taskproxy.money import format_usd
 from taskproxy.timeutil import iso
 
-__all__ = ["KINDS", "SignalThresholds", "gaming_signals", "signals_text", "thresholds_from"]
+__all__ = ["KINDS", "SignalSettings", "gaming_signals", "signals_text"]
 
 
 def gaming_signals(
-    engine: Engine, *, since: datetime, until: datetime, thresholds: SignalThresholds | None = None
+    engine: Engine, *, since: datetime, until: datetime, thresholds: SignalSettings | None = None
 ) -> dict[str, Any]:
     """The gaming signals of [since, until) (see the module docstring): advisory, ordered by kind then key id."""
     if since >= until:
         raise ValueError("'since' must be before 'until'")
-    t = thresholds or SignalThresholds()
+    t = thresholds or SignalSettings()
     with engine.connect() as connection:
         keys = load_keys(connection)
         items = load_items(connection)
@@ -132,7 +131,7 @@ def gaming_signals(
                     "work_items": work_items,
                 }
             )
-    return {"since": iso(since), "until": iso(until), "thresholds": asdict(t), "signals": signals}
+    return {"since": iso(since), "until": iso(until), "thresholds": t.model_dump(), "signals": signals}
 
 
 # -- plain text, for the CLI ----------------------------------------------------------------------
@@ -143,10 +142,10 @@ _SUMMARY = {
         f"(of {e['requests']} requests); most repeated {e['prompts'][0]['prompt_hash'][:12]} x {e['prompts'][0]['requests']}"
     ),
     "spend_after_completion": lambda e: (
-        f"{e['requests']} requests, ${e['cost_usd']:.2f} on {e['items']} item(s) after they were done or closed"
+        f"{e['requests']} requests, {format_usd(e['cost_usd'])} on {e['items']} item(s) after they were done or closed"
     ),
     "spend_without_completion": lambda e: (
-        f"${e['cost_usd']:.2f} over {e['requests']} requests on {e['items']} item(s), none completed "
+        f"{format_usd(e['cost_usd'])} over {e['requests']} requests on {e['items']} item(s), none completed "
         f"({', '.join(f'{k} {v}' for k, v in e['items_by_status'].items())})"
     ),
     "machine_cadence": lambda e: (
@@ -154,9 +153,9 @@ _SUMMARY = {
         f"{e['distinct_hours']} distinct hours, {e['around_the_clock_days']} day(s) around the clock ({', '.join(e['reasons'])})"
     ),
     "cost_outlier": lambda e: (
-        f"{e['items']} completed item(s) far above their team's cost per item; ${e['cost_usd']:.2f} of it by this key"
+        f"{e['items']} completed item(s) far above their team's cost per item; {format_usd(e['cost_usd'])} of it by this key"
     ),
-    "unverified_spend": lambda e: f"{e['share']:.0%} of ${e['cost_usd']:.2f} on {e['items']} unverified or unknown item(s)",
+    "unverified_spend": lambda e: f"{e['share']:.0%} of {format_usd(e['cost_usd'])} on {e['items']} unverified or unknown item(s)",
 }
 
 

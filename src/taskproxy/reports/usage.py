@@ -23,7 +23,6 @@ GROUP_COLUMNS = {"work_item": UsageEvent.work_item, "team": UsageEvent.team, "mo
 
 _E = UsageEvent.__table__.c
 _D = rollup.DAILY.table.c  # all time, per item: the daily rollup answers alone
-COUNT_TOKENS_ROUTE = rollup.COUNT_TOKENS_ROUTE
 # What each figure of `_totals` is made of (storage/rollup.py: over raw events or the rollup alike).
 _FIELDS = (
     "requests", "attempts", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",

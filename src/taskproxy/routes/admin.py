@@ -14,7 +14,8 @@ from taskproxy import privacy
 from taskproxy.audit import audit_read
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.records import event_json, item_json, key_json
-from taskproxy.registry import ITEM_STATUSES, WorkItems
+from taskproxy.registry import WorkItems
+from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
 from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.audit import audit_read
-from taskproxy.reports.signals import gaming_signals, thresholds_from
+from taskproxy.reports.signals import gaming_signals
 from taskproxy.routes.common import JSON, admin, in_thread
 from taskproxy.routes.reports import period
 
@@ -17,7 +17,7 @@ async def signals(request: Request) -> Response:
     principal = await admin(request)
     since, until = period(request)
     audit_read(request.state.audit, request, principal)
-    thresholds = thresholds_from(request.state.settings.signals)
+    thresholds = request.state.settings.signals
     return JSON(await in_thread(gaming_signals, request.state.engine, since=since, until=until, thresholds=thresholds))
 
 

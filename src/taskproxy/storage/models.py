@@ -148,7 +148,7 @@ class _UsageSums(SQLModel):
     events: int  # attempts, as rows of usage_events
     ok_events: int  # of which status < 400
     requests: int  # first attempts, not counting count_tokens calls (what /api/usage calls requests)
-    first_attempts: int  # first attempts, count_tokens included (what usage_by_day calls requests)
+    first_attempts: int  # first attempts, count_tokens included (kept up to date; no report reads it now)
     prompt_tokens: int = Field(sa_type=BigInteger())
     completion_tokens: int = Field(sa_type=BigInteger())
     total_tokens: int = Field(sa_type=BigInteger())

@@ -31,6 +31,18 @@ from taskproxy.storage import bulk
 from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly
 
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
+
+
+def is_request(attempt: int, route: str) -> bool:
+    """What every report calls a request: one a client sent, counted once. Its first attempt (fallbacks
+    are more attempts of the same request), and not a token count (Claude Code calls count_tokens
+    often; it generates nothing). `request_clause` says the same in SQL."""
+    return attempt == 1 and route != COUNT_TOKENS_ROUTE
+
+
+def request_clause(events: Any) -> ColumnElement:
+    """`is_request` as a condition on the columns `events` of usage_events."""
+    return and_(events.attempt == 1, events.route != COUNT_TOKENS_ROUTE)
 EVENTS = UsageEvent.__table__
 _E = EVENTS.c
 COUNTS = (
@@ -109,7 +121,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         first = event.get("attempt", 1) == 1
         cost = event["cost_nanos"]
         counts = (
-            1, 1 if event["status"] < 400 else 0, 1 if first and event["route"] != COUNT_TOKENS_ROUTE else 0, 1 if first else 0,
+            1, 1 if event["status"] < 400 else 0, 1 if is_request(event.get("attempt", 1), event["route"]) else 0, 1 if first else 0,
             event.get("prompt_tokens", 0), event.get("completion_tokens", 0), event.get("total_tokens", 0),
             event.get("cached_tokens", 0), event.get("reasoning_tokens", 0), 1 if cost is None else 0,
         )  # fmt: skip  (in the order of COUNTS)
@@ -230,7 +242,7 @@ def _aggregates() -> dict[str, _Aggregate]:
         "ok": _Aggregate(func.sum(case((_E.status < 400, 1), else_=0)), _sum_of("ok_events"), _add),
         # One client request = one first attempt; fallback attempts are events but not more requests, and
         # token counting (Claude Code calls count_tokens often) generates nothing.
-        "requests": _Aggregate(func.sum(case((first & (_E.route != COUNT_TOKENS_ROUTE), 1), else_=0)), _sum_of("requests"), _add),
+        "requests": _Aggregate(func.sum(case((request_clause(_E), 1), else_=0)), _sum_of("requests"), _add),
         "first_attempts": _Aggregate(func.sum(case((first, 1), else_=0)), _sum_of("first_attempts"), _add),
     }
     for name in TOKENS:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 
+from taskproxy.timeutil import parse_iso
 from taskproxy.errors import InvalidRequest, InvalidSignature
 
 
@@ -56,8 +57,8 @@ def check_hmac_sha256(secret: str, raw: bytes, presented: str | None, *, prefix:
         raise InvalidSignature("The delivery's signature does not match: it was not signed with the configured secret.")
 
 
-def parse_time(value: Any) -> datetime | None:
-    """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC."""
+def tracker_time(value: Any) -> datetime | None:
+    """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC; None if it is neither."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             return datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
@@ -65,14 +66,10 @@ def parse_time(value: Any) -> datetime | None:
             return None
     if not isinstance(value, str) or not value:
         return None
-    text = value.replace("Z", "+00:00")
-    if len(text) > 5 and text[-5] in "+-" and text[-3] != ":":  # Jira's +0000
-        text = text[:-2] + ":" + text[-2:]
     try:
-        parsed = datetime.fromisoformat(text)
+        return parse_iso(value)
     except ValueError:
         return None
-    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (dict, str, int)) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, parse_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
@@ -47,16 +47,16 @@ class GitHub:
         pr = need(payload, "pull_request", kind=dict)
         if action == "closed":
             merged = pr.get("merged") is True
-            status, at = ("done", parse_time(pr.get("merged_at"))) if merged else ("closed", parse_time(pr.get("closed_at")))
+            status, at = ("done", tracker_time(pr.get("merged_at"))) if merged else ("closed", tracker_time(pr.get("closed_at")))
         else:
-            status, at = "open", parse_time(pr.get("updated_at"))
+            status, at = "open", tracker_time(pr.get("updated_at"))
         links: tuple[str, ...] = ()
         if status == "done":
             branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
             links = tuple(dict.fromkeys(found for found in (self._ticket_in(branch), self._ticket_in(pr.get("title"))) if found))
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
-            created_at=parse_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
+            created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
             merged=status == "done",
         )  # fmt: skip
 
@@ -64,12 +64,12 @@ class GitHub:
         issue = need(payload, "issue", kind=dict)
         if action == "closed":
             status = "done" if issue.get("state_reason") in (None, "completed") else "closed"  # not_planned, duplicate
-            at = parse_time(issue.get("closed_at"))
+            at = tracker_time(issue.get("closed_at"))
         else:
-            status, at = "open", parse_time(issue.get("updated_at"))
+            status, at = "open", tracker_time(issue.get("updated_at"))
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "issue", "number", kind=int)), status=status, at=at,
-            created_at=parse_time(issue.get("created_at")), title=text(issue.get("title")), url=text(issue.get("html_url")),
+            created_at=tracker_time(issue.get("created_at")), title=text(issue.get("title")), url=text(issue.get("html_url")),
         )  # fmt: skip
 
     def _ticket_in(self, value: Any) -> str | None:

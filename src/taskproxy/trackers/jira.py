@@ -10,7 +10,8 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, parse_time, text
+from taskproxy.workitems import RESOLVED
+from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
 
 _CATEGORY = {"new": "open", "indeterminate": "in_progress", "done": "done"}
 _NOT_DONE = {"won't do", "won't fix", "duplicate", "cannot reproduce", "declined", "obsolete", "incomplete", "abandoned"}
@@ -38,12 +39,12 @@ class Jira:
         resolution = fields.get("resolution")
         if status == "done" and isinstance(resolution, dict) and str(resolution.get("name", "")).lower() in _NOT_DONE:
             status = "closed"
-        at = parse_time(fields.get("resolutiondate")) if status in {"done", "closed"} else parse_time(fields.get("updated"))
+        at = tracker_time(fields.get("resolutiondate")) if status in RESOLVED else tracker_time(fields.get("updated"))
         url = None
         if isinstance(payload["issue"].get("self"), str) and "/rest/" in payload["issue"]["self"]:
             url = payload["issue"]["self"].split("/rest/")[0] + f"/browse/{key}"
         update = ItemUpdate(
-            item_id=str(key), status=status, at=at or parse_time(payload.get("timestamp")), created_at=parse_time(fields.get("created")),
+            item_id=str(key), status=status, at=at or tracker_time(payload.get("timestamp")), created_at=tracker_time(fields.get("created")),
             title=text(fields.get("summary")), url=url,
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])

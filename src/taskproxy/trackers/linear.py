@@ -10,7 +10,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.errors import InvalidSignature
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, parse_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
 
 _STATE = {"backlog": "open", "unstarted": "open", "triage": "open", "started": "in_progress", "completed": "done", "canceled": "closed"}
 
@@ -26,7 +26,7 @@ class Linear:
         check_hmac_sha256(self._secret, raw, headers.get("linear-signature"))
 
     def parse(self, headers: Headers, payload: dict[str, Any], now: datetime) -> Delivery:
-        sent = parse_time(payload.get("webhookTimestamp"))
+        sent = tracker_time(payload.get("webhookTimestamp"))
         if sent is None or abs((now - sent).total_seconds()) > self._tolerance:
             raise InvalidSignature(f"The delivery's webhookTimestamp is missing or more than {self._tolerance:.0f} s from now (a replay?).")
         delivery = headers.get("linear-delivery")
@@ -38,9 +38,9 @@ class Linear:
         identifier = need(payload, "data", "identifier", kind=str)
         state_type = (data.get("state") or {}).get("type") if isinstance(data.get("state"), dict) else None
         status = _STATE.get(state_type) if isinstance(state_type, str) else None
-        at = parse_time(data.get("completedAt") or data.get("canceledAt") or data.get("updatedAt"))
+        at = tracker_time(data.get("completedAt") or data.get("canceledAt") or data.get("updatedAt"))
         update = ItemUpdate(
-            item_id=str(identifier), status=status, at=at, created_at=parse_time(data.get("createdAt")), title=text(data.get("title")),
+            item_id=str(identifier), status=status, at=at, created_at=tracker_time(data.get("createdAt")), title=text(data.get("title")),
             url=text(payload.get("url")) or text(data.get("url")),
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])
