@@ -51,6 +51,42 @@ async def test_bad_key_requests_are_400(proxy: Proxy, body: dict, param: str) ->
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"id": "PAY-1", "budget_token": 5}, "budget_token", "not a field"),  # a typo is refused, not silently dropped
+        ({"id": "PAY-1", "budget_tokens": 1.5}, "budget_tokens", "integer"),  # not truncated to 1
+        ({"id": "PAY-1", "budget_tokens": True}, "budget_tokens", "integer"),
+        ({"id": "PAY-1", "budget_usd": -1}, "budget_usd", "greater than or equal to 0"),
+        ({"id": "PAY-1", "title": "x" * 501}, "title", "at most 500"),
+        ({"id": "PAY-1", "title": "bell\x07"}, "title", "control characters"),
+        ({"id": "PAY-1", "status": "unverified"}, "status", "open"),
+        ({"title": "no id"}, "id", "required"),
+    ],
+)
+async def test_bad_work_item_bodies_are_400_naming_the_field(proxy: Proxy, body: dict, param: str, says: str) -> None:
+    response = await proxy.http.post("/api/work-items", json=body, headers=proxy.admin_headers)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param and says in error["message"], error
+    assert (await proxy.http.get("/api/work-items/PAY-1", headers=proxy.admin_headers)).status_code == 404  # nothing stored
+    patched = await proxy.http.patch("/api/work-items/PAY-1", json={k: v for k, v in body.items() if k != "id"}, headers=proxy.admin_headers)
+    assert patched.status_code in (400, 404)
+
+
+async def test_the_openapi_document_states_the_limits_the_api_enforces(proxy: Proxy) -> None:
+    document = await proxy.get("/api/openapi.json")
+    schema = document["paths"]["/api/work-items"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    title = next(option for option in schema["properties"]["title"]["anyOf"] if option.get("type") == "string")
+    limit = title["maxLength"]
+    assert schema["additionalProperties"] is False and schema["required"] == ["id"]
+    fits = await proxy.http.post("/api/work-items", json={"id": "PAY-2", "title": "x" * limit}, headers=proxy.admin_headers)
+    over = await proxy.http.post("/api/work-items", json={"id": "PAY-3", "title": "x" * (limit + 1)}, headers=proxy.admin_headers)
+    assert (fits.status_code, over.status_code) == (201, 400)
+    roles = document["paths"]["/api/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["role"]["enum"]
+    for role in roles:
+        assert (await proxy.http.post("/api/keys", json={"owner": "o", "role": role}, headers=proxy.admin_headers)).status_code == 201
+
+
 @BOTH_DATABASES
 async def test_work_items_registry_and_lookup_by_encoded_id(proxy: Proxy) -> None:
     created = await proxy.http.post("/api/work-items", json={"id": "https://github.com/Acme/Web/pull/5", "title": "Retry", "team": "web"}, headers=proxy.admin_headers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from sqlalchemy import select, update
@@ -29,51 +30,32 @@ from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink
 from taskproxy.trackers.base import Delivery
 from taskproxy.timeutil import utcnow
-from taskproxy.validation import non_negative_number, one_of, printable
-from taskproxy.workitems import ITEM_SOURCES, RESOLVED, SETTABLE_STATUSES, WorkItemIds
+from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
+from taskproxy.workitems import ITEM_SOURCES, RESOLVED, WorkItemIds
 
 TRACKERS = ("jira", "github", "linear")
 _ITEMS = WorkItem.__table__
 log = logging.getLogger("taskproxy.registry")
 
 
-def register_work_item(engine: Engine, ids: WorkItemIds, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
-    """Validate `fields` (the body of POST /api/work-items) and insert the item."""
-    if "id" not in fields:
-        raise InvalidRequest("'id' is required.", param="id")
-    item_id = ids.normalize(fields["id"])
-    status = one_of(fields.get("status", "open"), "status", SETTABLE_STATUSES)
-    values = _checked_fields(fields)
-    values["source"] = one_of(fields.get("source", "manual"), "source", ITEM_SOURCES)
+def register_work_item(engine: Engine, ids: WorkItemIds, fields: Mapping[str, Any], *, source: str = "api") -> WorkItem:
+    """Validate `fields` (the body of POST /api/work-items, bodies.NewWorkItem) and insert the item."""
+    new = parse(NewWorkItem, fields)
+    item_id = ids.normalize(new.id)
+    values = new.model_dump(exclude={"id", "status"})
     with engine.begin() as connection:
         if connection.execute(select(_ITEMS.c.id).where(_ITEMS.c.id == item_id)).first() is not None:
             raise InvalidRequest(f"The work item {item_id!r} exists already.", param="id")
-        _apply(connection, item_id, status, source=source, at=utcnow(), fields=values)
+        _apply(connection, item_id, new.status, source=source, at=utcnow(), fields=values)
     item = repo.get_work_item(engine, item_id)
     assert item is not None
     return item
 
 
-def _checked_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name, limit in (("title", 500), ("url", 2000), ("team", 200)):
-        if name in fields:
-            values[name] = printable(fields[name], name, max_length=limit)
-    if "budget_tokens" in fields:
-        tokens = non_negative_number(fields["budget_tokens"], "budget_tokens")
-        values["budget_tokens"] = int(tokens) if tokens is not None else None
-    if "budget_usd" in fields:
-        values["budget_usd"] = non_negative_number(fields["budget_usd"], "budget_usd")
-    return values
-
-
-def update_work_item(engine: Engine, item_id: str, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
-    """PATCH: change any of title, url, team, budgets and status of an existing item."""
-    unknown = set(fields) - {"title", "url", "team", "budget_tokens", "budget_usd", "status"}
-    if unknown:
-        raise InvalidRequest(f"These fields cannot be changed: {', '.join(sorted(unknown))}.", param=sorted(unknown)[0])
-    values = _checked_fields(fields)
-    status = one_of(fields["status"], "status", SETTABLE_STATUSES) if "status" in fields else None
+def update_work_item(engine: Engine, item_id: str, fields: Mapping[str, Any], *, source: str = "api") -> WorkItem:
+    """PATCH: change any of title, url, team, budgets and status of an existing item (bodies.WorkItemChanges)."""
+    values = parse(WorkItemChanges, fields).changed()
+    status = values.pop("status", None)
     with engine.begin() as connection:
         current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
         if current is None:
@@ -267,7 +249,8 @@ class WorkItems:
         item_id = self.ids.normalize(raw_id)
         if repo.get_work_item(self.engine, item_id) is None:
             raise NotFound(f"No work item {item_id!r} is registered; register it first (POST /api/work-items, or `taskproxy items add {item_id}`).")
-        return self._noted(transition(self.engine, item_id, one_of(status, "status", RESOLVED), source=source))
+        assert status in RESOLVED, status
+        return self._noted(transition(self.engine, item_id, status, source=source))
 
     def apply_delivery(self, delivery: Delivery, now: datetime) -> dict[str, Any]:
         result = apply_delivery(self.engine, self.ids, delivery, now)

@@ -31,11 +31,10 @@ from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound,
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
 from taskproxy.timeutil import utcnow
-from taskproxy.validation import one_of, printable
+from taskproxy.bodies import NewKey, parse
 
 log = logging.getLogger("taskproxy.auth")
 
-ROLES = ("developer", "service", "admin")
 BOOTSTRAP_ADMIN_ID = "admin"
 KEY_PREFIX = "tp-"
 # What issue_key makes; anything else cannot be a key in the table, so it is refused without a lookup.
@@ -79,9 +78,8 @@ def _principal(row: ApiKey) -> Principal:
 
 def issue_key(engine: Engine, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
     """Create a key; the plaintext is returned once and never stored. Used by the API and the CLI."""
-    owner = printable(owner, "owner", required=True)
-    team = printable(team, "team")
-    role = one_of(role, "role", ROLES)
+    new = parse(NewKey, {"owner": owner, "team": team, "role": role})
+    owner, team, role = new.owner, new.team, new.role
     token = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         id="key_" + uuid.uuid4().hex[:12],

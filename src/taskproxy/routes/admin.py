@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from taskproxy import privacy
 from taskproxy.audit import audit_read
+from taskproxy.bodies import NewKey, parse
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.records import event_json, item_json, key_json
 from taskproxy.registry import WorkItems
@@ -25,8 +26,8 @@ from taskproxy.timeutil import iso
 
 async def create_key(request: Request) -> Response:
     await admin(request)
-    body = await json_object(request)
-    key, token = await request.state.keys.issue(owner=body.get("owner"), team=body.get("team"), role=body.get("role", "developer"))
+    new = parse(NewKey, await json_object(request))
+    key, token = await request.state.keys.issue(owner=new.owner, team=new.team, role=new.role)
     return JSON({**key_json(key), "key": token}, status_code=201)
 
 

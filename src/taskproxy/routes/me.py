@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskproxy.errors import InvalidRequest
+from taskproxy.bodies import Binding, parse
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
 from taskproxy.routes.common import JSON, caller, in_thread, int_param, json_object
@@ -23,10 +23,8 @@ async def get_binding(request: Request) -> Response:
 
 async def put_binding(request: Request) -> Response:
     principal = await caller(request)
-    body = await json_object(request)
-    if "work_item" not in body:
-        raise InvalidRequest("'work_item' is required, for example {\"work_item\": \"PROJ-123\"}.", param="work_item")
-    work_item = request.state.items.ids.normalize(body["work_item"])
+    binding = parse(Binding, await json_object(request))
+    work_item = request.state.items.ids.normalize(binding.work_item)
     until = await request.state.keys.bind(principal, work_item, request.state.settings.work_items.binding_ttl_hours)
     return JSON({"work_item": work_item, "expires_at": iso(until)})
 

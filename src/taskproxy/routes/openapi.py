@@ -1,4 +1,5 @@
 """GET /api/openapi.json: the admin and self-service API, described for clients and for schemathesis.
+The request bodies' schemas are generated from their pydantic models (bodies.py).
 
 The proxy routes (/v1/*) follow OpenAI's and Anthropic's own published specifications and are not
 repeated here.
@@ -13,6 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy import __version__
+from taskproxy.bodies import Binding, NewKey, NewWorkItem, WorkItemChanges, request_schema
+from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.routes.common import JSON
 
 _STRING, _INT, _NUMBER = {"type": "string"}, {"type": "integer"}, {"type": "number"}
@@ -29,11 +32,6 @@ _KEY = {"type": "object", "properties": {"id": _STRING, "owner": _STRING, "team"
                                          "created_at": _STRING, "revoked_at": _NULLABLE_STRING}}  # fmt: skip
 _ITEM = {"type": "object", "properties": {"id": _STRING, "status": _STRING, "source": _STRING, "title": _NULLABLE_STRING, "team": _NULLABLE_STRING}}
 _OBJECT, _ARRAY = {"type": "object"}, {"type": "array", "items": {"type": "object"}}
-_ITEM_FIELDS = {
-    "title": {"type": ["string", "null"], "maxLength": 500}, "url": {"type": ["string", "null"], "maxLength": 2000},
-    "team": {"type": ["string", "null"], "maxLength": 200}, "status": {"enum": ["open", "in_progress", "done", "closed"]},
-    "budget_tokens": {"type": ["integer", "null"], "minimum": 0}, "budget_usd": {"type": ["number", "null"], "minimum": 0},
-}  # fmt: skip
 
 
 def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -69,20 +67,17 @@ def openapi_document() -> dict[str, Any]:
                 "get": _operation("List keys (never their secrets)", 200, {"type": "array", "items": _KEY}),
                 "post": _operation("Create a key; the secret is in the answer once", 201,
                                    {**_KEY, "properties": {**_KEY["properties"], "key": _STRING}, "required": ["id", "key", "owner", "team", "role"]},
-                                   request={"type": "object", "required": ["owner"], "properties": {
-                                       "owner": {"type": "string", "minLength": 1, "maxLength": 200}, "team": {"type": ["string", "null"], "maxLength": 200},
-                                       "role": {"enum": ["developer", "service", "admin"]}}}),
+                                   request=request_schema(NewKey)),
             },
             "/api/keys/{key_id}": {"delete": _operation("Revoke a key", 200, _KEY, params=[_path("key_id")])},
             "/api/work-items": {
                 "get": _operation("List work items", 200, {"type": "array", "items": _ITEM},
-                                  params=[_query("status", {"enum": ["open", "in_progress", "done", "closed", "unverified"]}), _query("team", _STRING), limit]),
-                "post": _operation("Register a work item", 201, _ITEM, request={"type": "object", "required": ["id"], "properties": {
-                    "id": _ITEM_ID, "source": {"enum": ["jira", "github", "linear", "manual"]}, **_ITEM_FIELDS}}),
+                                  params=[_query("status", {"enum": list(ITEM_STATUSES)}), _query("team", _STRING), limit]),
+                "post": _operation("Register a work item", 201, _ITEM, request=request_schema(NewWorkItem)),
             },
             "/api/work-items/{item_id}": {
                 "get": _operation("One work item: totals, history, cycle time, usage by day", 200, _OBJECT, params=[item]),
-                "patch": _operation("Change a work item", 200, _ITEM, params=[item], request={"type": "object", "properties": _ITEM_FIELDS}),
+                "patch": _operation("Change a work item", 200, _ITEM, params=[item], request=request_schema(WorkItemChanges)),
             },
             "/api/work-items/{item_id}/complete": {"post": _operation("Mark done", 200, _ITEM, params=[item])},
             "/api/work-items/{item_id}/close": {"post": _operation("Mark closed without completion", 200, _ITEM, params=[item])},
@@ -102,7 +97,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/me/work-item": {
                 "get": _operation("The caller's bound work item", 200, _OBJECT),
                 "put": _operation("Bind a work item to the caller's key", 200, _OBJECT,
-                                  request={"type": "object", "required": ["work_item"], "properties": {"work_item": _ITEM_ID}}),
+                                  request=request_schema(Binding)),
                 "delete": _operation("Remove the binding", 200, _OBJECT),
             },
             "/api/me/usage": {"get": _operation("The caller's own usage", 200, _OBJECT,
