@@ -49,12 +49,8 @@ async def test_known_mode_refuses_unregistered_items_until_they_are_registered(t
         register_work_item(other_process, WorkItemIds(DEFAULT_ID_PATTERNS), {"id": "PAY-2"}, source="cli")
         other_process.dispose()
         assert (await _ask(proxy, key, "PAY-2")).status_code == 200
-        # Recorded in the background: within the writer's interval, or once tiktoken's encoding is loaded.
-        for _ in range(100):
-            report = await proxy.get("/api/reports/tasks")
-            if report["rejected_requests"]:
-                break
-            await asyncio.sleep(0.05)
+        # Recorded in the background, within the writer's interval.
+        report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"], what="the refusal recorded")
         assert report["rejected_requests"] == {"work_item_unknown": 1}
 
 
@@ -162,8 +158,7 @@ async def test_admin_reads_of_per_key_data_are_audited_and_developers_see_only_t
     reads = [(entry["action"], entry["actor_owner"]) for entry in audit]
     assert ("GET /api/usage/events", "admin") in reads and ("GET /api/keys", "admin") not in reads
     await proxy.get("/api/keys")
-    await asyncio.sleep(0.2)
-    assert "GET /api/keys" in [entry["action"] for entry in await proxy.get("/api/audit")]
+    await wait_until(lambda: proxy.get("/api/audit"), lambda audit: "GET /api/keys" in [entry["action"] for entry in audit], what="the read audited")
 
     for path in ("/api/audit", "/api/usage/events", "/api/usage", f"/api/usage/events?key_id={ann}"):
         assert (await proxy.http.get(path, headers={"authorization": f"Bearer {bob}"})).status_code == 403

@@ -182,15 +182,22 @@ async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:
 async def test_oversized_bodies_are_refused_without_reading_them(proxy: Proxy) -> None:
     key = await proxy.new_key()
     headers = {"authorization": f"Bearer {key}", "X-Work-Item": "PROJ-1"}
-    declared = await proxy.http.post("/v1/chat/completions", content=b"x" * (64 * 1024 * 1024), headers=headers)
-    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    limit = proxy.settings.limits.max_body_bytes
+    sent: list[int] = []
 
-    async def chunks():  # no Content-Length: counted while reading
-        for _ in range(40):
+    async def chunks(count: int):  # each MiB is handed over only when the proxy reads it
+        for _ in range(count):
+            sent.append(1)
             yield b"x" * (1024 * 1024)
 
-    streamed = await proxy.http.post("/v1/chat/completions", content=chunks(), headers=headers)
+    mib = limit // (1024 * 1024) + 8
+    declared = await proxy.http.post("/v1/chat/completions", content=chunks(mib), headers={**headers, "content-length": str(mib * 1024 * 1024)})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    assert len(sent) == 0  # refused on its Content-Length: not one byte of the body read
+
+    streamed = await proxy.http.post("/v1/chat/completions", content=chunks(mib), headers=headers)  # no Content-Length
     assert streamed.status_code == 413
+    assert len(sent) == limit // (1024 * 1024) + 1  # read up to the first MiB past the limit, and no further
     assert proxy.received == []
     assert (await proxy.http.get("/healthz")).status_code == 200
 

@@ -30,6 +30,7 @@ from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
+from taskproxy.guard.reload import reload_forever
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
@@ -183,9 +184,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
         refreshers = [
-            asyncio.create_task(keys.refresh_forever(), name="taskproxy-key-refresh"),
-            asyncio.create_task(item_cache.refresh_forever(), name="taskproxy-item-refresh"),
-            asyncio.create_task(budgets.refresh_forever(), name="taskproxy-budget-refresh"),
+            asyncio.create_task(reload_forever(keys.load, settings.auth.key_refresh_seconds, "keys"), name="taskproxy-key-refresh"),
+            asyncio.create_task(reload_forever(item_cache.load, settings.work_items.refresh_seconds, "work items"), name="taskproxy-item-refresh"),
+            asyncio.create_task(reload_forever(lambda: budgets.load(utcnow()), settings.budgets.refresh_seconds, "spend for budgets"),
+                                name="taskproxy-budget-refresh"),
         ]
         try:
             # Each request sees these as `request.state.<name>`; a route reads only what it uses.

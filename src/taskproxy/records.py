@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from taskproxy.money import usd
@@ -10,31 +11,21 @@ from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.timeutil import iso
 
 
+KEY_FIELDS = ("id", "owner", "team", "role", "prefix", "created_at", "revoked_at")
+ITEM_FIELDS = ("id", "source", "title", "url", "team", "status", "created_at", "completed_at", "budget_tokens", "budget_usd")
+
+
+def _as_json(row: object, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The named fields of `row`, times in ISO 8601 (UTC, `Z`)."""
+    return {name: iso(value) if isinstance(value := getattr(row, name), datetime) else value for name in fields}
+
+
 def key_json(key: ApiKey) -> dict[str, Any]:
-    return {
-        "id": key.id,
-        "owner": key.owner,
-        "team": key.team,
-        "role": key.role,
-        "prefix": key.prefix,
-        "created_at": iso(key.created_at),
-        "revoked_at": iso(key.revoked_at),
-    }
+    return _as_json(key, KEY_FIELDS)
 
 
 def item_json(item: WorkItem) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "source": item.source,
-        "title": item.title,
-        "url": item.url,
-        "team": item.team,
-        "status": item.status,
-        "created_at": iso(item.created_at),
-        "completed_at": iso(item.completed_at),
-        "budget_tokens": item.budget_tokens,
-        "budget_usd": item.budget_usd,
-    }
+    return _as_json(item, ITEM_FIELDS)
 
 
 TEXT_FIELDS = ("prompt_text", "completion_text")

@@ -47,9 +47,7 @@ def register_work_item(engine: Engine, ids: WorkItemIds, fields: Mapping[str, An
         if connection.execute(select(_ITEMS.c.id).where(_ITEMS.c.id == item_id)).first() is not None:
             raise InvalidRequest(f"The work item {item_id!r} exists already.", param="id")
         _apply(connection, item_id, new.status, source=source, at=utcnow(), fields=values)
-    item = repo.get_work_item(engine, item_id)
-    assert item is not None
-    return item
+    return _read_back(engine, item_id)
 
 
 def update_work_item(engine: Engine, item_id: str, fields: Mapping[str, Any], *, source: str = "api") -> WorkItem:
@@ -61,9 +59,7 @@ def update_work_item(engine: Engine, item_id: str, fields: Mapping[str, Any], *,
         if current is None:
             raise NotFound(f"No work item {item_id!r} is registered; register it first (POST /api/work-items, or `taskproxy items add {item_id}`).")
         _apply(connection, item_id, status or current.status, source=source, at=utcnow(), fields=values)
-    item = repo.get_work_item(engine, item_id)
-    assert item is not None
-    return item
+    return _read_back(engine, item_id)
 
 
 def transition(
@@ -82,8 +78,13 @@ def transition(
     with engine.begin() as connection:
         _apply(connection, item_id, status, source=source, at=at or utcnow(), fields=fields or {}, delivery_id=delivery_id,
                created_at=created_at, merged=merged)  # fmt: skip
+    return _read_back(engine, item_id)
+
+
+def _read_back(engine: Engine, item_id: str) -> WorkItem:
+    """The item as just committed."""
     item = repo.get_work_item(engine, item_id)
-    assert item is not None
+    assert item is not None, item_id
     return item
 
 

@@ -165,13 +165,6 @@ class KeyStore:
                 self._team_owners = team_owners
             self._unknown.clear()
 
-    async def refresh_forever(self) -> None:
-        while True:
-            await anyio.sleep(self._refresh_seconds)
-            try:
-                await anyio.to_thread.run_sync(self.load)
-            except SQLAlchemyError as exc:  # keep serving with the keys we know
-                log.warning("could not reload keys: %s", exc.__class__.__name__)
 
     async def authenticate(self, headers: Headers) -> Principal:
         token = presented_key(headers)

@@ -28,8 +28,8 @@ MAX_JSON_DEPTH = 100
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-def _too_large(limit: int) -> RequestTooLarge:
-    return RequestTooLarge(f"The request body is larger than the limit of {limit} bytes (limits.max_body_bytes).")
+def _too_large(limit: int, which: str) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than the limit of {limit} bytes ({which}).")
 
 
 class BodyGate:
@@ -50,7 +50,7 @@ def declared_large(request: Request) -> bool:
     return declared.isdigit() and int(declared) > LARGE_BODY_BYTES
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, which: str = "limits.max_body_bytes") -> bytes:
     """The whole body, refused as soon as it is known to exceed `limit` (without reading the rest).
     A large one is joined in a worker thread: copying megabytes would hold up the event loop."""
     declared = request.headers.get("content-length")
@@ -58,13 +58,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         if not declared.isdigit():
             raise InvalidRequest("The Content-Length header is not a number.")
         if int(declared) > limit:
-            raise _too_large(limit)
+            raise _too_large(limit, which)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise _too_large(limit, which)
         chunks.append(chunk)
     if size > DECODE_IN_THREAD_BYTES:
         return await anyio.to_thread.run_sync(b"".join, chunks)

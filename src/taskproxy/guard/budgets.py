@@ -19,10 +19,8 @@ import logging
 import threading
 from datetime import datetime
 
-import anyio
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
@@ -30,7 +28,6 @@ from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage.models import UsageEvent
 from taskproxy.storage.writer import Record
-from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.budgets")
 _E = UsageEvent.__table__.c
@@ -76,13 +73,6 @@ class Budgets:
             for row in team_rows:
                 _raise_to(self._team_spent.setdefault((row[0], _month(now)), [0, 0]), row[1], row[2])
 
-    async def refresh_forever(self) -> None:
-        while True:
-            await anyio.sleep(self._settings.refresh_seconds)
-            try:
-                await anyio.to_thread.run_sync(self.load, utcnow())
-            except SQLAlchemyError as exc:
-                log.warning("could not re-read spend for budgets: %s", exc.__class__.__name__)
 
     def charge(self, item_id: str, team: str | None, ts: datetime, tokens: int, nanos: int) -> None:
         """Count spend the provider just reported (the request path; cheap, no database)."""

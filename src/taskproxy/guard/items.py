@@ -49,13 +49,6 @@ class ItemCache:
             self._items = items
         self._missing.clear()
 
-    async def refresh_forever(self) -> None:
-        while True:
-            await anyio.sleep(self._refresh_seconds)
-            try:
-                await anyio.to_thread.run_sync(self.load)
-            except SQLAlchemyError as exc:
-                log.warning("could not reload work items: %s", exc.__class__.__name__)
 
     def cached(self, item_id: str) -> KnownItem | None:
         return self._items.get(item_id)

@@ -19,7 +19,7 @@ from taskproxy.routes.common import ApiRoute
 from taskproxy.metering.observed import NOT_BILLED
 from taskproxy.metering.usage import estimate_prompt_tokens
 from taskproxy.routes.endpoint import Endpoint, Translation
-from taskproxy.routes.proxy import proxy
+from taskproxy.routes.proxy import proxy_route
 from taskproxy.settings import ANTHROPIC, ModelSettings
 from taskproxy.upstream import observe
 from taskproxy.upstream.provider import ProviderReply
@@ -46,21 +46,13 @@ COUNT_TOKENS = Endpoint(
 )  # fmt: skip
 
 
-async def messages(request: Request) -> Response:
-    return await proxy(request, MESSAGES)
-
-
-async def count_tokens(request: Request) -> Response:
-    return await proxy(request, COUNT_TOKENS)
-
-
 async def unknown(request: Request) -> Response:
     raise NotFound(f"There is no route {request.url.path[:200]!r} in Anthropic's Messages API; taskproxy serves /v1/messages and /v1/messages/count_tokens.")
 
 
 routes = [
-    MESSAGES.route(messages),
-    COUNT_TOKENS.route(count_tokens),
+    proxy_route(MESSAGES),
+    proxy_route(COUNT_TOKENS),
     # Everything else under /v1/messages is Anthropic's too: a wrong path gets Anthropic's error shape.
     ApiRoute("/v1/messages/{rest:path}", unknown, api_format=MESSAGES.api),
 ]

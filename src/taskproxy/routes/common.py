@@ -13,6 +13,7 @@ from starlette.routing import Route
 from taskproxy.error_shapes import ApiFormat
 
 from taskproxy.errors import InvalidRequest
+from taskproxy.guard.body import read_body
 from taskproxy.guard.auth import Principal
 from taskproxy.timeutil import parse_time
 
@@ -34,19 +35,20 @@ class JSON(Response):
         return orjson.dumps(content)
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_API_BODY:
-            raise InvalidRequest("The request body is larger than 1 MiB.")
+def parse_json_object(raw: bytes, what: str = "The request body") -> dict[str, Any]:
+    """`raw` as a JSON object, or InvalidRequest saying what it is instead."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
+        raise InvalidRequest(f"{what} is not valid JSON.") from None
     if not isinstance(value, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
+        raise InvalidRequest(f"{what} must be a JSON object.")
     return value
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """An admin route's body: a JSON object of at most 1 MiB."""
+    return parse_json_object(await read_body(request, MAX_API_BODY, "the admin API's limit"))
 
 
 def time_param(request: Request, name: str) -> Any:

@@ -70,4 +70,5 @@ class Endpoint:
         return error_event(error, self.api)
 
     def route(self, handler: Callable[[Request], Awaitable[Response]]) -> ApiRoute:
+        """POST on the endpoint's path (routes/proxy.py `proxy_route` gives the handler)."""
         return ApiRoute(self.path, handler, methods=["POST"], api_format=self.api)

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from taskproxy.error_shapes import ApiFormat
 from taskproxy.guard.auth import KeyStore
 from taskproxy.routes.endpoint import Endpoint, Translation
-from taskproxy.routes.proxy import proxy
+from taskproxy.routes.proxy import proxy_route
 from taskproxy.settings import OPENAI_COMPATIBLE, ModelSettings, Settings
 from taskproxy.upstream import observe
 from taskproxy.upstream.provider import ProviderReply
@@ -48,22 +48,6 @@ RESPONSES = Endpoint(
 )  # fmt: skip
 
 
-async def chat_completions(request: Request) -> Response:
-    return await proxy(request, CHAT)
-
-
-async def completions(request: Request) -> Response:
-    return await proxy(request, COMPLETIONS)
-
-
-async def embeddings(request: Request) -> Response:
-    return await proxy(request, EMBEDDINGS)
-
-
-async def responses(request: Request) -> Response:
-    return await proxy(request, RESPONSES)
-
-
 async def list_models(request: Request) -> Response:
     keys: KeyStore = request.state.keys
     settings: Settings = request.state.settings
@@ -73,9 +57,6 @@ async def list_models(request: Request) -> Response:
 
 
 routes = [
-    CHAT.route(chat_completions),
-    COMPLETIONS.route(completions),
-    EMBEDDINGS.route(embeddings),
-    RESPONSES.route(responses),
+    *(proxy_route(endpoint) for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

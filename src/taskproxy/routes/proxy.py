@@ -22,6 +22,7 @@ from taskproxy.guard.attribution import strip_work_item
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES
 from taskproxy.metering.attempts import Attempt, Attempts, Caller
 from taskproxy.routes.admission import Admission, Admitted
+from taskproxy.routes.common import ApiRoute
 from taskproxy.routes.endpoint import Endpoint, Translation
 from taskproxy.settings import ModelSettings, Settings
 from taskproxy.upstream.capture import Capture
@@ -39,6 +40,16 @@ class ProxyFlow:
     attempts: Attempts
     provider: ProviderClient
     translation: Translation
+
+
+def proxy_route(endpoint: Endpoint) -> ApiRoute:
+    """The route of a proxied endpoint: POST on its path, errors in its API's shape."""
+
+    async def handler(request: Request) -> Response:
+        return await proxy(request, endpoint)
+
+    handler.__name__ = handler.__qualname__ = endpoint.path.strip("/").replace("/", "_")
+    return endpoint.route(handler)
 
 
 async def proxy(request: Request, endpoint: Endpoint) -> Response:

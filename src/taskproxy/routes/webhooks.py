@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskproxy.errors import ApiError, InvalidRequest, NotFound
+from taskproxy.errors import ApiError, NotFound
 from taskproxy.guard.body import read_body
-from taskproxy.routes.common import JSON, in_thread
+from taskproxy.routes.common import JSON, in_thread, parse_json_object
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.webhooks")
@@ -31,17 +30,11 @@ async def receive(request: Request) -> Response:
     if tracker is None:
         raise NotFound(f"No {name} webhook is configured: set trackers.{name}.secret_env in the config." if name in ("github", "jira", "linear")
                        else f"There is no webhook for {name[:40]!r}; taskproxy takes github, jira and linear.")  # fmt: skip
-    raw = await read_body(request, MAX_DELIVERY_BYTES)
+    raw = await read_body(request, MAX_DELIVERY_BYTES, "the webhooks' limit")
     now = utcnow()
     try:
         tracker.verify(request.headers, raw)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise InvalidRequest("The delivery is not valid JSON.") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("The delivery must be a JSON object.")
-        delivery = tracker.parse(request.headers, payload, now)
+        delivery = tracker.parse(request.headers, parse_json_object(raw, "The delivery"), now)
     except ApiError as exc:
         client = request.client.host if request.client else "?"
         log.warning("refused a %s delivery from %s: %s %s", name, client, exc.code, exc.message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Table, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -65,33 +66,27 @@ def get_work_item(engine: Engine, item_id: str) -> WorkItem | None:
 
 
 def list_work_items(engine: Engine, *, status: str | None = None, team: str | None = None, limit: int = 1000) -> list[WorkItem]:
-    query = select(WorkItem).order_by(WorkItem.created_at.desc()).limit(limit)
-    if status:
-        query = query.where(WorkItem.status == status)
-    if team:
-        query = query.where(WorkItem.team == team)
+    query = select(WorkItem).where(*_matching((WorkItem.status, status), (WorkItem.team, team))).order_by(WorkItem.created_at.desc()).limit(limit)
     with Session(engine) as session:
         return list(session.exec(query).scalars())
 
 
 def list_audit(engine: Engine, *, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[AuditEntry]:
-    query = select(AuditEntry).order_by(AuditEntry.ts.desc()).limit(limit)
-    if since is not None:
-        query = query.where(AuditEntry.ts >= since)
-    if until is not None:
-        query = query.where(AuditEntry.ts < until)
+    query = select(AuditEntry).where(*rollup.within(AuditEntry.ts, since, until)).order_by(AuditEntry.ts.desc()).limit(limit)
     with Session(engine) as session:
         return list(session.exec(query).scalars())
 
 
 def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | None = None, limit: int = 100) -> list[UsageEvent]:
-    query = select(UsageEvent).order_by(UsageEvent.ts.desc(), UsageEvent.id).limit(limit)
-    if work_item:
-        query = query.where(UsageEvent.work_item == work_item)
-    if key_id:
-        query = query.where(UsageEvent.key_id == key_id)
+    conditions = _matching((UsageEvent.work_item, work_item), (UsageEvent.key_id, key_id))
+    query = select(UsageEvent).where(*conditions).order_by(UsageEvent.ts.desc(), UsageEvent.id).limit(limit)
     with Session(engine) as session:
         return list(session.exec(query).scalars())
+
+
+def _matching(*pairs: tuple[Any, Any]) -> list[Any]:
+    """column == value for each pair whose value is given (a filter left empty matches everything)."""
+    return [column == value for column, value in pairs if value]
 
 
 def insert_ignoring_duplicates(dialect: str, table: Table) -> Executable:
