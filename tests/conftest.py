@@ -36,6 +36,17 @@ PROVIDER_KEY = "sk-provider-secret"
 PROVIDER_URL = "http://provider.test/v1"
 
 
+def bundled_price_table() -> dict:
+    """litellm's whole price table, parsed in full: the oracle for pricing.py's reader, which reads only the entries it needs."""
+    import orjson
+
+    from taskproxy.metering.pricing import bundled_price_file
+
+    path = bundled_price_file()
+    assert path is not None, "litellm's price table is not installed"
+    return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

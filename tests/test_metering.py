@@ -9,7 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from taskproxy.metering.pricing import Price, bundled_price_table, prices_for, table_entries
+from conftest import bundled_price_table
+from taskproxy.metering.pricing import Price, prices_for, table_entries
 from taskproxy.metering.tokens import encoding_name_for
 from taskproxy.settings import ModelSettings
 from taskproxy.upstream.capture import Capture
@@ -153,9 +154,9 @@ def test_remembered_token_counts_are_the_counts_and_stay_bounded() -> None:
 
 
 def test_price_entries_read_one_by_one_equal_the_whole_tables() -> None:
-    from taskproxy.metering.pricing import _bundled_price_file, follow_aliases, table_entries
+    from taskproxy.metering.pricing import bundled_price_file, follow_aliases, table_entries
 
-    path = _bundled_price_file()
+    path = bundled_price_file()
     assert path is not None, "litellm's price table is part of the install"
     raw = path.read_bytes()
     table = orjson.loads(raw)

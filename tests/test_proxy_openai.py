@@ -9,9 +9,8 @@ import openai
 import orjson
 import pytest
 
-from conftest import BOTH_DATABASES, PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
+from conftest import bundled_price_table, BOTH_DATABASES, PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.fake_provider import prompt_tokens_of
-from taskproxy.metering.pricing import bundled_price_table
 from taskproxy.errors import UpstreamError, UpstreamTimeout
 from taskproxy.upstream.mock import MockProvider, MockResponse
 from taskproxy.upstream.provider import ProviderRequest
@@ -302,7 +301,7 @@ async def test_unknown_price_is_null_never_zero(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     await client.chat.completions.create(model="unpriced", messages=ASK, extra_headers={"X-Work-Item": "PROJ-10"})
     item = await proxy.item("PROJ-10", requests=1)
-    assert item["cost_usd"] is None and item["unpriced_requests"] == 1 and item["total_tokens"] > 0
+    assert item["cost_usd"] is None and item["unpriced_attempts"] == 1 and item["total_tokens"] > 0
 
 
 async def test_config_price_override_is_used(tmp_path: Path, fake) -> None:  # type: ignore[no-untyped-def]

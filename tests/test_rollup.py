@@ -172,11 +172,11 @@ def raw_totals(rows: list[Any], since: datetime | None, until: datetime | None, 
     for e in rows:
         if (since is not None and e.ts < since) or (until is not None and e.ts >= until):
             continue
-        s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_nanos": None, "unpriced": 0, "first_used": e.ts, "last_used": e.ts})
+        s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_nanos": None, "unpriced_attempts": 0, "first_used": e.ts, "last_used": e.ts})
         s["attempts"] += 1
         s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
         s["total_tokens"] += e.total_tokens
-        s["unpriced"] += e.cost_nanos is None
+        s["unpriced_attempts"] += e.cost_nanos is None
         s["cost_nanos"] = s["cost_nanos"] if e.cost_nanos is None else (s["cost_nanos"] or 0) + e.cost_nanos
         s["first_used"], s["last_used"] = min(s["first_used"], e.ts), max(s["last_used"], e.ts)
     return found
@@ -209,8 +209,8 @@ def test_period_totals_equal_a_scan_of_the_raw_events_at_any_boundary(database_u
             assert set(actual) == set(expected), (since, until, by)
             for key, figures in expected.items():
                 got = actual[key]
-                assert (got["attempts"], got["requests"], got["total_tokens"], got["unpriced_requests"]) == (
-                    figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced"]
+                assert (got["attempts"], got["requests"], got["total_tokens"], got["unpriced_attempts"]) == (
+                    figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced_attempts"]
                 ), (since, until, key)  # fmt: skip
                 assert got["cost_usd"] == usd(figures["cost_nanos"])  # exact, at any boundary
                 assert (got["first_used"], got["last_used"]) == (iso(figures["first_used"]), iso(figures["last_used"]))

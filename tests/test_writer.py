@@ -83,7 +83,7 @@ def test_outage_spools_then_replays_exactly_once(tmp_path: Path) -> None:
         for item in during:
             writer.submit(item)
         assert writer.flush()
-        assert writer.spool_pending and writer.spooled == 25
+        assert writer.spool_bytes > 0 and writer.spooled == 25
 
         db.down = False
         time.sleep(DOWN_PAUSE_SECONDS)  # the writer gives a database that just failed this long before trying it again
@@ -299,7 +299,7 @@ def test_with_the_database_down_and_the_disk_full_usage_is_held_then_written(tmp
         writer.flush()
     db.down = False  # the database is back: what was held and what was spooled are written
     deadline = time.monotonic() + 10
-    while (writer.problem is not None or writer.spool_pending) and time.monotonic() < deadline:
+    while (writer.problem is not None or writer.spool_bytes > 0) and time.monotonic() < deadline:
         submitted.append(Entry())
         writer.submit(submitted[-1])
         writer.flush()

@@ -175,7 +175,7 @@ def cmd_items_show(args: argparse.Namespace) -> int:
                        ("total tokens", "total_tokens"), ("models", "models"), ("people", "people"), ("first used", "first_used"), ("last used", "last_used")]:  # fmt: skip
         value = summary[key]
         print(f"{label:>18}: {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
-    print(f"{'cost':>18}: {money(summary['cost_usd'])}" + (f" ({summary['unpriced_requests']} requests without a known price)" if summary["unpriced_requests"] else ""))
+    print(f"{'cost':>18}: {money(summary['cost_usd'])}" + (f" ({summary['unpriced_attempts']} attempts without a known price)" if summary["unpriced_attempts"] else ""))
     if summary["cycle_time_hours"] is not None:
         print(f"{'cycle time':>18}: {summary['cycle_time_hours']:.1f} h")
     for change in summary["history"]:

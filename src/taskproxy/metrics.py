@@ -28,10 +28,10 @@ class Metrics:
         self._children: dict[tuple, object] = {}
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("taskproxy_requests", "Proxied requests (attempts) by route, model and status", ["route", "model", "status"], registry=r)
+        self.requests = Counter("taskproxy_requests", "Proxied requests by route, model and status (each attempt: fallbacks count again)", ["route", "model", "status"], registry=r)
         self.tokens = Counter("taskproxy_tokens", "Tokens by model, team and kind (prompt, completion, cached)", ["model", "team", "kind"], registry=r)
         self.cost = Counter("taskproxy_cost_usd", "Cost in USD by model and team (priced events only)", ["model", "team"], registry=r)
-        self.unpriced = Counter("taskproxy_unpriced_requests", "Requests whose model has no known price", ["model"], registry=r)
+        self.unpriced = Counter("taskproxy_unpriced_attempts", "Attempts whose model has no known price", ["model"], registry=r)
         self.rejections = Counter("taskproxy_rejections", "Requests refused before forwarding, by reason", ["reason"], registry=r)
         self.latency = Histogram("taskproxy_upstream_latency_seconds", "Time from arrival to the end of the response", ["route"], buckets=_SECONDS, registry=r)
         self.ttfb = Histogram("taskproxy_time_to_first_byte_seconds", "Time from arrival to the provider's first byte", ["route"], buckets=_SECONDS, registry=r)

@@ -213,12 +213,6 @@ def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datet
     connection.execute(insert_ignoring_duplicates(connection.dialect.name, table), [{"work_item": ticket, "linked": linked, "kind": kind, "ts": at}])
 
 
-def links_of(engine: Engine, item_id: str) -> list[str]:
-    table = WorkItemLink.__table__
-    with engine.connect() as connection:
-        return list(connection.execute(select(table.c.linked).where(table.c.work_item == item_id).order_by(table.c.linked)).scalars())
-
-
 class ItemNotes(Protocol):
     """A running proxy's view of the registry, told of each change made through it."""
 

@@ -1,7 +1,7 @@
 """Each attempt at a provider, from its start to the one moment it is recorded.
 
 `Attempts.begin` opens an attempt: its usage event (`Exchange`) and its meter, which counts what the
-provider reports against the budgets as it arrives. `Attempt.finish` records it, exactly once,
+provider reports against the budgets as it arrives. `Attempt.record_once` records it, exactly once,
 however it ended: answered, refused by the provider, failed, cut short by the client, or ended by a
 shutdown. The attempts begun and not yet recorded are counted, so that a shutdown can wait for them
 before it drains the writer.
@@ -33,9 +33,14 @@ class Attempt:
     meter: Meter
     started: float  # perf_counter at the request's arrival
     _attempts: Attempts
+    recorded: bool = False
 
-    def finish(self, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
-        """Record the attempt: called exactly once, however it ended."""
+    def record_once(self, *, status: int, error: str | None = None, first_byte: float | None = None) -> None:
+        """Record the attempt, however it ended; the request path calls it exactly once per attempt
+        (a second call would count the attempt twice, and is refused)."""
+        if self.recorded:
+            raise RuntimeError("an attempt is recorded once")
+        self.recorded = True
         exchange = self.exchange
         exchange.status = status
         exchange.error = error

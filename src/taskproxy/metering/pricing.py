@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 
 from taskproxy.jsonbytes import object_at
 from taskproxy.metering.observed import ProviderUsage
@@ -41,17 +40,12 @@ class Price:
         return self.nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens)
 
 
-def _bundled_price_file() -> Path | None:
+def bundled_price_file() -> Path | None:
     spec = importlib.util.find_spec("litellm")
     if spec is None or spec.origin is None:
         return None
     path = Path(spec.origin).parent / PRICE_TABLE_FILE
     return path if path.exists() else None
-
-
-def bundled_price_table() -> dict:
-    path = _bundled_price_file()
-    return orjson.loads(path.read_bytes()) if path else {}
 
 
 def _read_entry(raw: bytes, name: str) -> dict | None:
@@ -106,7 +100,7 @@ def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> di
     """The price of each configured model (by client-facing name)."""
     models = list(models)
     if table is None and any(m.pricing is None for m in models):
-        path = _bundled_price_file()
+        path = bundled_price_file()
         wanted = [c for m in models for c in (m.target_model, f"{m.provider}/{m.target_model}", m.name)]
         table = table_entries(path.read_bytes(), wanted) if path else {}
     prices: dict[str, Price | None] = {}

@@ -26,7 +26,7 @@ _D = rollup.DAILY.table.c  # all time, per item: the daily rollup answers alone
 # What each figure of `_totals` is made of (storage/rollup.py: over raw events or the rollup alike).
 _FIELDS = (
     "requests", "attempts", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-    "cost_nanos", "unpriced", "first_used", "last_used",
+    "cost_nanos", "unpriced_attempts", "first_used", "last_used",
 )  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def _totals(row: Mapping[str, Any]) -> dict[str, Any]:
         "cached_tokens": int(row["cached_tokens"] or 0),
         "reasoning_tokens": int(row["reasoning_tokens"] or 0),
         "cost_usd": usd(row["cost_nanos"]),
-        "unpriced_requests": int(row["unpriced"] or 0),
+        "unpriced_attempts": int(row["unpriced_attempts"] or 0),
         "first_used": iso(row["first_used"]),
         "last_used": iso(row["last_used"]),
     }

@@ -81,18 +81,18 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
             try:
                 reply = await _answer(request, flow, endpoint, admitted, model, stream, changed)
             except ApiError as exc:
-                attempt.finish(status=exc.status, error=exc.code)
+                attempt.record_once(status=exc.status, error=exc.code)
                 if more and exc.status in RETRIED_STATUSES:
                     continue
                 raise
             except asyncio.CancelledError:
                 return _ended_early(attempt, watch)
             except Exception:  # a bug: the request may have been forwarded, so it is recorded before the 500
-                attempt.finish(status=500, error="internal_error")
+                attempt.record_once(status=500, error="internal_error")
                 raise
             if more and reply.status in RETRIED_STATUSES:
                 await reply.close()
-                attempt.finish(status=reply.status)
+                attempt.record_once(status=reply.status)
                 continue
             response = await _respond(flow, endpoint, model, attempt, reply, stream, client_wants_usage, watch)
             handed_over = isinstance(response, RelayResponse)
@@ -142,9 +142,9 @@ def _ended_early(attempt: Attempt, watch: ClientWatch) -> Response:
     """The client hung up, or the server is shutting down, before the provider answered."""
     why = watch.ended_by()
     if why == CLIENT_DISCONNECTED:
-        attempt.finish(status=ClientGone.default_status, error=CLIENT_DISCONNECTED)
+        attempt.record_once(status=ClientGone.default_status, error=CLIENT_DISCONNECTED)
         return Response(status_code=ClientGone.default_status)  # nobody reads it
-    attempt.finish(status=ServiceUnavailable.default_status, error=SHUTDOWN)
+    attempt.record_once(status=ServiceUnavailable.default_status, error=SHUTDOWN)
     raise ServiceUnavailable(SHUTTING_DOWN)
 
 
@@ -159,7 +159,7 @@ async def _respond(
         splitter = None if client_wants_usage else SseSplitter()
 
         def on_done(error: str | None, first_byte: float | None) -> None:
-            attempt.finish(status=reply.status, error=error, first_byte=first_byte)
+            attempt.record_once(status=reply.status, error=error, first_byte=first_byte)
 
         return RelayResponse(
             reply, capture=capture, watch=watch, on_done=on_done, error_event=endpoint.error_event,
@@ -192,7 +192,7 @@ async def _respond_body(
         await reply.close()
         error = exc if isinstance(exc, ApiError) else UpstreamTimeout(
             f"The provider of '{model.name}' did not finish its answer within {model.max_response_seconds:.0f} s (max_response_seconds).")
-        attempt.finish(status=error.status, error=error.code, first_byte=first_byte)
+        attempt.record_once(status=error.status, error=error.code, first_byte=first_byte)
         raise error from None
     except asyncio.CancelledError:
         await reply.close()
@@ -203,8 +203,8 @@ async def _respond_body(
         return RelayResponse(
             reply, capture=capture, watch=watch, prefix=b"".join(parts), first_byte=first_byte, error_event=endpoint.error_event,
             max_seconds=max(0.0, deadline - time.perf_counter()), meter=attempt.meter if exchange.answered else None,
-            on_done=lambda error, _: attempt.finish(status=reply.status, error=error, first_byte=first_byte),
+            on_done=lambda error, _: attempt.record_once(status=reply.status, error=error, first_byte=first_byte),
         )  # fmt: skip
     await reply.close()
-    attempt.finish(status=reply.status, first_byte=first_byte)
+    attempt.record_once(status=reply.status, first_byte=first_byte)
     return BodyResponse(reply.status, reply.headers, b"".join(parts))  # type: ignore[return-value]

@@ -248,7 +248,7 @@ def _aggregates() -> dict[str, _Aggregate]:
     for name in TOKENS:
         found[name] = _Aggregate(func.sum(_E[name]), _sum_of(name), _add)
     found["cost_nanos"] = _Aggregate(func.sum(_E.cost_nanos), _sum_of("cost_nanos"), _add_known)  # NULL when no price is known
-    found["unpriced"] = _Aggregate(func.sum(case((_E.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
+    found["unpriced_attempts"] = _Aggregate(func.sum(case((_E.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
     found["first_used"] = _Aggregate(func.min(_E.ts), lambda c: func.min(c.first_ts), _least)
     found["last_used"] = _Aggregate(func.max(_E.ts), lambda c: func.max(c.last_ts), _greatest)
     return found
@@ -257,7 +257,7 @@ def _aggregates() -> dict[str, _Aggregate]:
 # aggregate name -> rollup column, for the backfill
 _STORED = {
     "attempts": "events", "ok": "ok_events", "requests": "requests", "first_attempts": "first_attempts",
-    **{name: name for name in TOKENS}, "cost_nanos": "cost_nanos", "unpriced": "unpriced_events",
+    **{name: name for name in TOKENS}, "cost_nanos": "cost_nanos", "unpriced_attempts": "unpriced_events",
     "first_used": "first_ts", "last_used": "last_ts",
 }  # fmt: skip
 FIELDS = tuple(_STORED)

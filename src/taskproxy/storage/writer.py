@@ -467,10 +467,6 @@ class BatchWriter:
         self.committed += len(batch)
 
     @property
-    def spool_pending(self) -> bool:
-        return self._spool.pending()
-
-    @property
     def spool_bytes(self) -> int:
         return self._spool.size()
 
