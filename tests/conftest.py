@@ -63,7 +63,7 @@ def make_settings(tmp_path: Path, provider_url: str = PROVIDER_URL, **overrides:
             {"name": "fake-cut", "base_url": provider_url},
             {"name": "fake-slow", "base_url": provider_url, "read_timeout_seconds": 0.3},
         ],
-        "recording": {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05},
+        "recording": {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05, "refusals_interval_seconds": 0.05},
     }
     data.update(overrides)
     return settings_from_mapping(data, {"TEST_PROVIDER_KEY": PROVIDER_KEY, "TASKPROXY_ADMIN_KEY": ADMIN_KEY})

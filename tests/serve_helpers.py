@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,7 +80,31 @@ def write_config(folder: Path, fake_url: str, *, models: list[dict] | None = Non
     return path
 
 
-def run_cli(*args: str, config: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, config: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`taskproxy ARGS` run in this process, as the console script runs it (`cli.main`), with its
+    output, error output and exit code, in an environment of its own (`env`, else `child_env()`).
+    In-process: a new interpreter per call cost the suite over a minute. `run_cli_process` runs the
+    installed command itself."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    from unittest import mock
+
+    from taskproxy.cli import main
+
+    argv = [*args, *(["--config", str(config)] if config is not None else [])]
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env or child_env(), clear=True), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse, and the developer commands' messages, exit as the interpreter would
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args: str, config: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m taskproxy ARGS` in a process of its own."""
     command = [sys.executable, "-m", "taskproxy", *args]
     if config is not None:
         command += ["--config", str(config)]
@@ -129,10 +154,14 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 def quiet_upstream() -> Iterator[str]:
     """The fake provider in a process of its own (its URL), for a client whose timings must not depend
     on what the test process is doing meanwhile (a flood served by the in-process fake, say)."""
-    port = free_port()
+    # The socket is bound here and handed to the child: no other process can take the port meanwhile.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
     code = ("import uvicorn; from taskproxy.fake_provider import FakeProvider; "
-            f"uvicorn.run(FakeProvider().app(), host='127.0.0.1', port={port}, log_level='warning', access_log=False, lifespan='off')")  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-c", code], env=child_env())
+            f"uvicorn.run(FakeProvider().app(), fd={listener.fileno()}, log_level='warning', access_log=False, lifespan='off')")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", code], env=child_env(), pass_fds=(listener.fileno(),))
+    listener.close()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -247,18 +276,30 @@ def start_server(
         if open_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
-    port = free_port()
     log_file = log_path.open("wb")
+    # Port 0: the server binds a port of its own and says which in its log. A port picked here and
+    # released before the server binds it could be taken meanwhile (the suite runs in parallel), and
+    # a health check could then reach another test's server.
     process = subprocess.Popen(
-        [sys.executable, "-m", "taskproxy", "serve", "--config", str(config), "--port", str(port), *extra_args],
+        [sys.executable, "-m", "taskproxy", "serve", "--config", str(config), "--port", "0", *extra_args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=env or child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY),
         preexec_fn=limit_open_files,
     )
     log_file.close()
-    server = ServerProcess(config=config, port=port, process=process, log_path=log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT
+    port: int | None = None
+    while port is None:
+        if (found := _LISTENING.search(log_path.read_text(encoding="utf-8", errors="replace"))) is not None:
+            port = int(found[1])
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait(10)
+            raise RuntimeError(f"taskproxy serve did not start (exit {process.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.05)
+    server = ServerProcess(config=config, port=port, process=process, log_path=log_path)
     while True:
         if process.poll() is not None:
             server.stop()
@@ -272,6 +313,9 @@ def start_server(
             server.stop()
             raise RuntimeError(f"taskproxy serve did not answer /healthz within {STARTUP_TIMEOUT}s:\n{server.log()}")
         time.sleep(0.05)
+
+
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
 @contextmanager

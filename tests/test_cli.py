@@ -1,5 +1,6 @@
-"""The `taskproxy` command as a user runs it: subprocesses of `python -m taskproxy`, against the same
-SQLite database as a real `taskproxy serve` process on 127.0.0.1 (DESIGN §6, §10)."""
+"""The `taskproxy` command as a user runs it (`cli.main` with its output captured; the demo and
+`--version` as the installed command), against the same SQLite database as a real `taskproxy serve`
+process on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from serve_helpers import (
     free_port,
     quoted,
     run_cli,
+    run_cli_process,
     running_server,
     wait_until,
     write_config,
@@ -49,7 +51,7 @@ def post_chat(server: ServerProcess, key: str, work_item: str | None = None) -> 
 
 def test_demo_runs_offline_and_prints_the_per_task_report() -> None:
     started = time.monotonic()
-    result = run_cli("demo", timeout=60)
+    result = run_cli_process("demo", timeout=60)  # the installed command, end to end
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60
     out = result.stdout
@@ -272,7 +274,7 @@ def test_keys_revoke_of_the_bootstrap_admin_is_refused_like_the_api(server: Serv
 def test_bad_config_makes_serve_exit_2_with_one_line(tmp_path: Path, document: str, where: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(document, encoding="utf-8")
-    result = run_cli("serve", "--port", str(free_port()), config=bad, timeout=30)
+    result = run_cli("serve", "--port", str(free_port()), config=bad)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -307,7 +309,7 @@ def test_help_names_every_verb_and_serve_option() -> None:
 
 
 def test_version_and_unknown_verb() -> None:
-    version = run_cli("--version")
+    version = run_cli_process("--version")  # the installed command itself
     assert version.returncode == 0 and version.stdout.startswith("taskproxy ")
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "frobnicate" in unknown.stderr

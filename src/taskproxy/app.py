@@ -162,7 +162,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         recording = settings.recording
         writer = BatchWriter(
             db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
-            max_held_records=recording.max_held_records, on_record=[budgets.record],
+            max_held_records=recording.max_held_records, refusals_interval=recording.refusals_interval_seconds, on_record=[budgets.record],
         )  # fmt: skip
         floor = settings.privacy.min_group_size
         metrics = Metrics(writer, lambda team: "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS)

@@ -124,6 +124,9 @@ class RecordingSettings(_Frozen):
     # While neither the database nor the spool takes usage (a full disk during an outage), records are
     # held in memory; beyond this many, new requests are refused (503) rather than answered unrecorded.
     max_held_records: int = Field(default=100_000, gt=0)
+    # Refused requests are counted in memory per minute, key, reason and route, and written this often
+    # (one row per group each time): a flood of refusals costs the database a few rows a second.
+    refusals_interval_seconds: float = Field(default=1.0, gt=0, le=60)
 
 
 class AuthSettings(_Frozen):

@@ -1,4 +1,6 @@
-"""The dashboard (DESIGN §10): server-rendered pages at /dashboard; `routes` go into the app's route list."""
+"""The dashboard: server-rendered pages at /dashboard over the same report functions as the API
+(`views.py`, `data.py`), signed sessions (`session.py`), templates and inline SVG charts; `routes` go
+into the app's route list."""
 
 from taskproxy.dashboard.views import routes
 

@@ -45,7 +45,6 @@ log = logging.getLogger("taskproxy.writer")
 _DATETIME_FIELDS = {"ts", "created_at", "completed_at"}
 RETRY_INTERVAL_SECONDS = 1.0  # how often the spool (and what is held in memory) is retried
 DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once for this long instead of trying it
-REFUSALS_FLUSH_SECONDS = 1.0
 BACKLOG_BATCHES = 10
 KINDS = ("events", "rejections", "audit")
 
@@ -140,8 +139,9 @@ def write(engine: Engine, batch: _Batch) -> None:
 class _Refusals:
     """Refusals counted per (minute, key, reason, route) until they are written."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float) -> None:
         self._counts: dict[tuple[datetime, str | None, str, str], int] = {}
+        self._every = every
         self._last_flush = time.monotonic()
 
     def add(self, row: dict) -> None:
@@ -149,7 +149,7 @@ class _Refusals:
         self._counts[key] = self._counts.get(key, 0) + row.get("count", 1)
 
     def due(self, force: bool) -> bool:
-        return bool(self._counts) and (force or time.monotonic() - self._last_flush >= REFUSALS_FLUSH_SECONDS)
+        return bool(self._counts) and (force or time.monotonic() - self._last_flush >= self._every)
 
     def take(self) -> list[dict]:
         rows = [{"id": uuid.uuid4().hex, "ts": ts, "key_id": key_id, "reason": reason, "route": route, "count": count}
@@ -168,6 +168,7 @@ class BatchWriter:
         batch_size: int = 500,
         spool_path: str | Path = "taskproxy-spool.jsonl",
         max_held_records: int = 100_000,
+        refusals_interval: float = 1.0,
         on_record: Sequence[Callable[[Record], None]] = (),
     ) -> None:
         self._engine = engine
@@ -179,7 +180,7 @@ class BatchWriter:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._urgent = threading.Event()  # set by flush() and close(): write now
         self._thread: threading.Thread | None = None
-        self._refusals = _Refusals()
+        self._refusals = _Refusals(refusals_interval)  # a flood of refusals is a few rows a second, not one a request
         self._held: list[_Batch] = []  # neither written nor spooled: retried from memory
         self._held_rows = 0
         self._down_since: float | None = None  # the database failed at this time, and has not answered since

@@ -1,1 +1,3 @@
-"""Tracker webhooks: each tracker verifies its deliveries and maps them to work-item updates."""
+"""Tracker webhooks: each tracker (`github.py`, `jira.py`, `linear.py`) verifies its deliveries and
+maps them to work-item updates (`base.py`); `registry.py` applies them.
+"""
