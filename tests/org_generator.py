@@ -13,6 +13,7 @@ expected figures on their own.
 from __future__ import annotations
 
 import random
+from itertools import chain
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,10 +25,9 @@ from taskproxy import registry
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
-from write_path import past_request
+from write_path import past_request, write_all
 from taskproxy.metering.usage import Rejected
 from taskproxy.money import usd
-from taskproxy.storage.writer import BatchWriter
 
 T0 = datetime(2026, 1, 5)
 END = T0 + timedelta(days=42)
@@ -313,22 +313,18 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
     refused = builder.rejections(rejections)
 
     counter = TokenCounter()
-    writer = BatchWriter(engine, flush_interval=0.05, batch_size=2000, spool_path=spool_path)
-    writer.start()
-    for event in builder.events:
-        item = builder.items[event.item]
-        writer.submit(
-            past_request(
-                id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=event.model,
-                body={"model": event.model, "messages": [{"role": "user", "content": "make the tests pass"}]},
-                prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICES[event.model],
-                status=event.status, auto_registered_at=item.created_at if item.registered == "auto" else None, user_agent="org-generator",
-            )
-        )  # fmt: skip
-    for rejection in refused:
-        writer.submit(Rejected(rejection.ts, rejection.key.id if rejection.key else None, rejection.reason, "/v1/chat/completions"))
-    writer.close(timeout=120)
-    assert writer.committed == len(builder.events) + len(refused), (writer.committed, writer.spooled, writer.set_aside)
+    exchanges = (
+        past_request(
+            id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=event.model,
+            body={"model": event.model, "messages": [{"role": "user", "content": "make the tests pass"}]},
+            prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICES[event.model],
+            status=event.status, auto_registered_at=builder.items[event.item].created_at if builder.items[event.item].registered == "auto" else None,
+            user_agent="org-generator",
+        )
+        for event in builder.events
+    )  # fmt: skip
+    rejections = (Rejected(r.ts, r.key.id if r.key else None, r.reason, "/v1/chat/completions") for r in refused)
+    write_all(engine, spool_path, chain(exchanges, rejections), expected=len(builder.events) + len(refused))
 
     # Auto-registered items that an admin moved on later (after their usage was recorded).
     used = {e.item for e in builder.events}

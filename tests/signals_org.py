@@ -40,8 +40,7 @@ from taskproxy.guard.auth import issue_key
 from taskproxy.metering.pricing import Price
 from taskproxy.money import usd
 from taskproxy.metering.tokens import TokenCounter
-from write_path import past_request
-from taskproxy.storage.writer import BatchWriter
+from write_path import past_request, write_all
 
 T0 = datetime(2026, 3, 2)  # a Monday
 SINCE = T0 + timedelta(days=7)
@@ -421,17 +420,14 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     builder.outlier()  # last: it needs the team's other items
 
     counter = TokenCounter()
-    writer = BatchWriter(engine, flush_interval=0.05, batch_size=2000, spool_path=spool_path)
-    writer.start()
-    for event in builder.events:
-        item = builder.items[event.item]
-        writer.submit(
-            past_request(
-                id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=MODEL, body=event.body,
-                prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICE,
-                auto_registered_at=item.created_at if item.registered == "auto" else None, user_agent="signals-org", latency_ms=900.0,
-            )
-        )  # fmt: skip
-    writer.close(timeout=120)
-    assert writer.committed == len(builder.events), (writer.committed, writer.spooled, writer.set_aside)
+    exchanges = (
+        past_request(
+            id=event.id, ts=event.ts, key=event.key, work_item=event.item, model=MODEL, body=event.body,
+            prompt_tokens=event.prompt, completion_tokens=event.completion, counter=counter, price=PRICE,
+            auto_registered_at=builder.items[event.item].created_at if builder.items[event.item].registered == "auto" else None,
+            user_agent="signals-org", latency_ms=900.0,
+        )
+        for event in builder.events
+    )  # fmt: skip
+    write_all(engine, spool_path, exchanges, expected=len(builder.events))
     return Org(builder.keys, builder.items, builder.events)

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from refused_requests import REFUSED, Refused
 from serve_helpers import (
     FakeUpstream,
     ServerProcess,
@@ -322,31 +323,11 @@ def test_oversized_chunked_body_is_refused(server: ServerProcess, upstream: Fake
     assert server.http.get("/healthz").status_code == 200
 
 
-HOSTILE = [
-    pytest.param({"content": b'{"model": "gpt-4o-mini", "messages": [', "work_item": "BAD-1"}, 400, "invalid_request", id="malformed-json"),
-    pytest.param({"json": {"model": "gpt-4o-mini", "messages": "hello"}, "work_item": "BAD-2"}, 400, "invalid_request", id="messages-as-string"),
-    pytest.param({"json": {"model": 42, "messages": ASK}, "work_item": "BAD-3"}, 400, "invalid_request", id="model-as-number"),
-    pytest.param({"json": ["not", "an", "object"], "work_item": "BAD-4"}, 400, "invalid_request", id="array-body"),
-    pytest.param({"json": chat_body(metadata={"work_item": "PROJ-1\u0000"})}, 400, "work_item_invalid", id="control-char-in-body-item"),
-    pytest.param({"json": chat_body(metadata={"work_item": "1; DROP TABLE usage_events;--"})}, 400, "work_item_invalid", id="sql-ish-item"),
-    pytest.param({"json": chat_body(), "work_item": "../../etc/passwd"}, 400, "work_item_invalid", id="path-traversal-header"),
-    pytest.param({"json": chat_body(metadata={"work_item": "x" * 5000})}, 400, "work_item_invalid", id="overlong-item"),
-    pytest.param({"json": chat_body()}, 400, "work_item_required", id="no-work-item"),
-    pytest.param({"content": b"", "work_item": "BAD-6"}, 400, "invalid_request", id="empty-body"),
-    pytest.param({"json": chat_body(stream="yes"), "work_item": "BAD-7"}, 400, "invalid_request", id="stream-as-string"),
-    pytest.param({"json": chat_body(model="no-such-model"), "work_item": "BAD-5"}, 404, "model_not_found", id="unknown-model"),
-]
-
-
-@pytest.mark.parametrize(("request_args", "status", "code"), HOSTILE)
-def test_hostile_proxy_requests_are_refused_before_the_provider(
-    server: ServerProcess, upstream: FakeUpstream, key: str, request_args: dict, status: int, code: str
-) -> None:
-    args = dict(request_args)
-    headers = auth(key, args.pop("work_item", None))
+@pytest.mark.parametrize("refused", REFUSED)
+def test_hostile_proxy_requests_are_refused_before_the_provider(server: ServerProcess, upstream: FakeUpstream, key: str, refused: Refused) -> None:
     before = len(upstream.received)
-    response = server.http.post("/v1/chat/completions", headers=headers, **args)
-    assert_openai_error(response, status, code)
+    response = server.http.post("/v1/chat/completions", headers={**auth(key), **refused.headers}, **refused.request())
+    assert_openai_error(response, refused.status, refused.code)
     assert len(upstream.received) == before
 
 
@@ -371,10 +352,9 @@ def test_hostile_paths_and_methods(server: ServerProcess, upstream: FakeUpstream
 
 
 def test_server_still_works_after_hostile_input(server: ServerProcess, upstream: FakeUpstream, key: str) -> None:
-    for hostile in HOSTILE:  # all of it, here, whatever ran before: nothing it sends breaks the process
-        args, status, _ = hostile.values
-        args = dict(args)
-        assert server.http.post("/v1/chat/completions", headers=auth(key, args.pop("work_item", None)), **args).status_code == status
+    for param in REFUSED:  # all of it, here, whatever ran before: nothing it sends breaks the process
+        (refused,) = param.values
+        assert server.http.post("/v1/chat/completions", headers={**auth(key), **refused.headers}, **refused.request()).status_code == refused.status
     status, _ = raw_request(server.port, _post_head(key, "BIG-4", f"Content-Length: {64 * 1024 * 1024}"), timeout=5)
     assert status == 413
     assert server.process.poll() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -9,6 +10,7 @@ from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.metering.observed import Observed, ProviderUsage
 from taskproxy.metering.usage import Exchange
+from taskproxy.storage.writer import BatchWriter
 
 
 def past_request(
@@ -39,3 +41,14 @@ def past_request(
         user_agent=user_agent, counter=counter, price=price, register_work_item=register, status=status,
         error=None if status < 400 else "upstream_error", latency_ms=latency_ms, observe=lambda: observed, answered=status < 400,
     )  # fmt: skip
+
+
+def write_all(engine: Any, spool_path: Any, records: Iterable[Any], expected: int) -> None:
+    """Write `records` (exchanges, refusals) through a BatchWriter of their own, as the proxy would,
+    and check that all `expected` rows were committed."""
+    writer = BatchWriter(engine, flush_interval=0.05, batch_size=2000, spool_path=spool_path)
+    writer.start()
+    for record in records:
+        writer.submit(record)
+    writer.close(timeout=120)
+    assert writer.committed == expected, (writer.committed, writer.spooled, writer.set_aside)

@@ -38,7 +38,7 @@ from taskproxy.registry import WorkItems
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
-from taskproxy.dashboard import routes as dashboard_routes
+from taskproxy.dashboard.views import routes as dashboard_routes
 from taskproxy.dashboard.session import SessionSigner
 from taskproxy.dashboard.templating import Pages
 from taskproxy.routes.admission import Admission

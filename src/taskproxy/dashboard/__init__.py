@@ -1,7 +1,3 @@
 """The dashboard: server-rendered pages at /dashboard over the same report functions as the API
-(`views.py`, `data.py`), signed sessions (`session.py`), templates and inline SVG charts; `routes` go
-into the app's route list."""
-
-from taskproxy.dashboard.views import routes
-
-__all__ = ["routes"]
+(`views.py`, `data.py`), signed sessions (`session.py`), templates and inline SVG charts; `views.routes`
+go into the app's route list."""
