@@ -1,4 +1,4 @@
-"""The audit log: every admin read of per-key data is written down (DESIGN §8), through the writer."""
+"""The audit log: every admin read of per-key data is written down, through the writer."""
 
 from __future__ import annotations
 

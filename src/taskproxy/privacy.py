@@ -1,5 +1,5 @@
 """The privacy floor, defined once: team figures are shown only for teams of at least
-`privacy.min_group_size` people (DESIGN: never a per-person figure through a small team).
+`privacy.min_group_size` people (never a per-person figure through a small team: README, Privacy).
 
 A team's **people** are the distinct owners of its keys that are not revoked and belong to a person:
 every role but `service` (a service key is automation, not a person). The adoption report, `GET

@@ -1,6 +1,6 @@
 """Work-item ids: turning what a client sends into one canonical id, or refusing it.
 
-Accepted forms (DESIGN §2): Jira/Linear keys (`proj-123` → `PROJ-123`), GitHub `Owner/Repo#12`
+Accepted forms: Jira/Linear keys (`proj-123` → `PROJ-123`), GitHub `Owner/Repo#12`
 (→ `owner/repo#12`), and the trackers' URLs for them. The canonical id must then fully match one of
 the configured patterns.
 """

@@ -1,4 +1,4 @@
-"""The dashboard's pages (DESIGN §10): server-rendered HTML, inline SVG, nothing from the internet.
+"""The dashboard's pages: server-rendered HTML, inline SVG, nothing from the internet.
 
     /dashboard                 admin: adoption against completed work, per team (privacy floor), top items
     /dashboard/items/{id}      admin: one work item's usage over time, models, status history, cycle time

@@ -1,4 +1,4 @@
-"""Which work item a request belongs to (DESIGN §2): the first source present wins.
+"""Which work item a request belongs to: the first source present wins.
 
 header `X-Work-Item` → body `metadata.work_item` → branch `X-Git-Branch` → the key's binding.
 A source that is present but malformed is an error, not a reason to look further: a typo in a

@@ -1,4 +1,4 @@
-"""Each process's view of the work-item registry, and the policy modes that use it (DESIGN §2).
+"""Each process's view of the work-item registry, and the policy modes that use it.
 
 Statuses and budgets of every registered item are held in memory and reloaded every
 `work_items.refresh_seconds`, so the request path does not ask the database. In `known` and `active`

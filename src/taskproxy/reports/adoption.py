@@ -1,4 +1,4 @@
-"""The adoption report (DESIGN §8): AI spend measured against completed work. Pure queries and arithmetic.
+"""The adoption report: AI spend measured against completed work. Pure queries and arithmetic.
 
 Definitions (the period is [since, until); times are naive UTC in the database, ISO 8601 with `Z` out):
 

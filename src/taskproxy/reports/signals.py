@@ -1,4 +1,4 @@
-"""Gaming signals (DESIGN §9): advisory flags about a key, each with its evidence. Pure queries and arithmetic.
+"""Gaming signals: advisory flags about a key, each with its evidence. Pure queries and arithmetic.
 
 A signal says "this key's usage in the period looks like X; here are the numbers". It is never a score,
 never a verdict, and never a ranking: signals are ordered by kind (in the order of `KINDS`) and then by

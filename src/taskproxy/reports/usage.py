@@ -47,7 +47,7 @@ def _totals(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
-    """Totals of one work item (DESIGN §6), or None if it is neither registered nor used."""
+    """Totals of one work item, or None if it is neither registered nor used."""
     with engine.connect() as connection:
         item = connection.execute(select(WorkItem.__table__).where(WorkItem.__table__.c.id == item_id)).first()
         totals = rollup.totals(connection, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))

@@ -1,4 +1,4 @@
-"""Report routes under /api/reports/ (admin only): the adoption report as JSON and as CSV (DESIGN §8)."""
+"""Report routes under /api/reports/ (admin only): the adoption report as JSON and as CSV."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET /api/reports/signals (admin only): the gaming signals (DESIGN §9). The answer names keys and
+"""GET /api/reports/signals (admin only): the gaming signals. The answer names keys and
 owners, so every read is audit-logged, like the other reads of per-key data."""
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class WebhookDelivery(SQLModel, table=True):
 
 
 class AuditEntry(SQLModel, table=True):
-    """An admin read of per-key data (DESIGN §8)."""
+    """An admin read of per-key data."""
 
     __tablename__ = "audit_log"
 
