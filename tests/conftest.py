@@ -47,6 +47,34 @@ def bundled_price_table() -> dict:
     return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="session")
+def _locks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder all of a run's test processes share (pytest-xdist gives each a base folder below one root)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(autouse=True)
+def _exclusive_or_shared(request: pytest.FixtureRequest, _locks: Path) -> Iterator[None]:
+    """Tests marked `exclusive` (they measure latency) run with no other test beside them in the run's
+    other processes; the rest share. A turnstile lets an exclusive test in before new shared ones."""
+    import fcntl
+
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with (_locks / "turnstile.lock").open("a") as turnstile, (_locks / "room.lock").open("a") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(room, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(room, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -24,7 +24,7 @@ import pytest
 
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, quiet_upstream, start_server, wait_until, write_config
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.exclusive]  # they measure a client's latency: nothing else runs meanwhile
 ASK = [{"role": "user", "content": "hi"}]
 
 
