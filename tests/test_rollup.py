@@ -28,7 +28,7 @@ from taskproxy.reports.usage import usage_grouped
 from taskproxy.money import usd
 from taskproxy.storage import repo, rollup
 from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
-from taskproxy.storage.models import UsageEvent, WorkItem
+from taskproxy.storage.models import SpendCounter, UsageEvent, WorkItem
 from taskproxy.storage.writer import BatchWriter, Record
 from taskproxy.timeutil import iso
 
@@ -114,6 +114,24 @@ def assert_rollups_match(engine: Engine) -> None:
         assert set(actual) == set(expected), level.unit
         for key, sums in expected.items():
             assert actual[key] == sums, (level.unit, key)  # exact: money is whole nano-dollars
+    assert stored_spend(engine) == spend_of(rows)
+
+
+def spend_of(rows: list[Any]) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """The spend counters budgets read, computed from the raw events: per item, and per team and month."""
+    found: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for e in rows:
+        scopes = [("item", e.work_item, "")] + ([("team", e.team, e.ts.strftime("%Y-%m"))] if e.team else [])
+        for scope in scopes:
+            tokens, nanos = found.get(scope, (0, 0))
+            found[scope] = (tokens + e.total_tokens, nanos + (e.cost_nanos or 0))
+    return found
+
+
+def stored_spend(engine: Engine) -> dict[tuple[str, str, str], tuple[int, int]]:
+    with engine.connect() as connection:
+        rows = connection.execute(select(SpendCounter.scope, SpendCounter.ref, SpendCounter.period, SpendCounter.tokens, SpendCounter.cost_nanos))
+        return {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
 
 
 @BOTH_DATABASES

@@ -30,7 +30,8 @@ from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
-from taskproxy.guard.reload import reload_forever
+from taskproxy.guard.reload import follow_changes, reload_forever
+from taskproxy.storage.changes import ChangeFeed
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
@@ -152,13 +153,15 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         if admin_key:
             await anyio.to_thread.run_sync(ensure_bootstrap_admin, db, admin_key)
-        keys = KeyStore(db, admin_key=admin_key, refresh_seconds=settings.auth.key_refresh_seconds)
-        await anyio.to_thread.run_sync(keys.load)
+        feed = ChangeFeed(db)
+        await anyio.to_thread.run_sync(feed.start)  # before the caches fill: no change falls between
+        keys = KeyStore(db, admin_key=admin_key, refresh_seconds=settings.auth.key_refresh_seconds, capacity=settings.auth.key_cache_size)
+        await anyio.to_thread.run_sync(keys.warm)
         prices = await anyio.to_thread.run_sync(prices_for, settings.models)
-        item_cache = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds)
-        await anyio.to_thread.run_sync(item_cache.load)
+        item_cache = ItemCache(db, refresh_seconds=settings.work_items.refresh_seconds, capacity=settings.work_items.cache_size)
+        await anyio.to_thread.run_sync(item_cache.warm)
         budgets = Budgets(db, settings.budgets, item_cache)
-        await anyio.to_thread.run_sync(budgets.load, utcnow())
+        await anyio.to_thread.run_sync(budgets.warm, utcnow())
         recording = settings.recording
         writer = BatchWriter(
             db, flush_interval=recording.flush_interval_seconds, batch_size=recording.batch_size, spool_path=recording.spool_path,
@@ -184,8 +187,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
         refreshers = [
-            asyncio.create_task(reload_forever(keys.load, settings.auth.key_refresh_seconds, "keys"), name="taskproxy-key-refresh"),
-            asyncio.create_task(reload_forever(item_cache.load, settings.work_items.refresh_seconds, "work items"), name="taskproxy-item-refresh"),
+            asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
+                                settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),
             asyncio.create_task(reload_forever(lambda: budgets.load(utcnow()), settings.budgets.refresh_seconds, "spend for budgets"),
                                 name="taskproxy-budget-refresh"),
         ]

@@ -19,18 +19,18 @@ NOT_PEOPLE = ("service",)
 _K = ApiKey.__table__.c
 
 
-def counts_as_person(role: str | None, team: str | None, revoked: bool = False) -> bool:
-    return team is not None and not revoked and role not in NOT_PEOPLE
+_PEOPLE = (_K.revoked_at.is_(None), _K.team.is_not(None), _K.role.not_in(NOT_PEOPLE))
 
 
 def team_sizes(connection: Connection) -> dict[str, int]:
     """People per team (see the module docstring)."""
-    query = (
-        select(_K.team, func.count(distinct(_K.owner)))
-        .where(_K.revoked_at.is_(None), _K.team.is_not(None), _K.role.not_in(NOT_PEOPLE))
-        .group_by(_K.team)
-    )
+    query = select(_K.team, func.count(distinct(_K.owner))).where(*_PEOPLE).group_by(_K.team)
     return {team: int(count) for team, count in connection.execute(query)}
+
+
+def team_size(connection: Connection, team: str) -> int:
+    """One team's people (by the index on the key's team)."""
+    return int(connection.execute(select(func.count(distinct(_K.owner))).where(_K.team == team, *_PEOPLE)).scalar_one())
 
 
 def shown(team_size: int, min_group_size: int) -> bool:

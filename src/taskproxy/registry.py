@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
-from taskproxy.storage import repo
+from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink
 from taskproxy.trackers.base import Delivery
@@ -101,6 +101,7 @@ def _apply(
     merged: bool = False,
     note: str | None = None,
 ) -> None:
+    changes.note(connection, changes.ITEM, [item_id], utcnow())  # every process refreshes its copy of the item
     tracker_source = source if source in ITEM_SOURCES else "manual"
     by_tracker = source in TRACKERS
     row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)

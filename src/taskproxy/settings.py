@@ -86,8 +86,10 @@ class WorkItemSettings(_Frozen):
     patterns: tuple[str, ...] = DEFAULT_ID_PATTERNS
     branch_patterns: tuple[str, ...] = DEFAULT_BRANCH_PATTERNS
     binding_ttl_hours: float = Field(default=12.0, gt=0)
-    # How often each process reloads the registry (statuses, budgets) changed by other processes.
+    # How often each process reads the change feed for items changed by other processes (statuses, budgets).
     refresh_seconds: float = Field(default=5.0, gt=0)
+    # Work items each process holds in memory (the most recently used); others are looked up by id.
+    cache_size: int = Field(default=20_000, gt=0)
 
     @field_validator("patterns", "branch_patterns")
     @classmethod
@@ -130,8 +132,10 @@ class RecordingSettings(_Frozen):
 
 
 class AuthSettings(_Frozen):
-    # How often each process reloads keys and bindings from the database.
+    # How often each process reads the change feed for keys revoked or bound by other processes.
     key_refresh_seconds: float = Field(default=5.0, gt=0)
+    # Keys each process holds in memory (the most recently used); others are looked up by their hash.
+    key_cache_size: int = Field(default=20_000, gt=0)
 
 
 class TrackerSettings(_Frozen):
@@ -163,7 +167,7 @@ class BudgetSettings(_Frozen):
     work_item_tokens: int | None = Field(default=None, ge=0)
     work_item_usd: float | None = Field(default=None, ge=0)
     teams: dict[str, TeamBudget] = Field(default_factory=dict)
-    # How often each process re-reads spend from the database (spend by other replicas).
+    # How often each process reads the spend counters changed since its last read (spend by other replicas).
     refresh_seconds: float = Field(default=10.0, gt=0)
 
 

@@ -2,10 +2,13 @@
 
 Keys look like `tp-<43 url-safe characters>` (256 bits). Only their SHA-256 is stored: the keys are
 random, so a fast hash is enough and lookups stay cheap. Each process keeps every key's hash in
-memory and reloads the table every `auth.key_refresh_seconds`; a key not in memory (created a moment
-ago by another process or the CLI) costs one lookup in a worker thread, and an unknown one is
-remembered as unknown for the same interval. Revocations and bindings made through another process
-therefore take effect within that interval; those made through this process, at once.
+memory the keys it has seen lately, at most `auth.key_cache_size` (least recently used dropped
+first); a key not held (new, or dropped) costs one lookup by its hash in a worker thread, and an
+unknown one is remembered as unknown for a refresh interval (bounded too). Every
+`auth.key_refresh_seconds` the process reads the change feed (storage/changes.py) and re-reads just the
+keys that changed, so revocations and bindings made through another process take effect within that
+interval, and those made through this process at once. A team's size for the privacy floor is
+counted once at start and recounted for a team when one of its keys changes.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ import logging
 import re
 import secrets
 import threading
-import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import anyio
+from cachetools import LRUCache, TTLCache
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
-from taskproxy.privacy import counts_as_person
+from taskproxy import privacy
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
@@ -126,103 +129,102 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-def _count_person(team_owners: dict[str, set[str]], principal: Principal) -> None:
-    if counts_as_person(principal.role, principal.team):
-        team_owners.setdefault(principal.team, set()).add(principal.owner)  # type: ignore[arg-type]
-
-
 class KeyStore:
-    def __init__(self, engine: Engine, *, admin_key: str | None, refresh_seconds: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, admin_key: str | None, refresh_seconds: float = 5.0, capacity: int = 20_000) -> None:
         self._engine = engine
         self._admin_key = admin_key
-        self._refresh_seconds = refresh_seconds
-        self._by_hash: dict[str, Principal] = {}
-        self._unknown: dict[str, float] = {}
+        self._by_hash: LRUCache[str, Principal] = LRUCache(capacity)
+        self._unknown: TTLCache[str, bool] = TTLCache(max(1, capacity // 4), ttl=refresh_seconds)
+        self._lock = threading.Lock()  # used from the event loop and from worker threads
         # Lookups of keys not in memory get their own few threads: a flood of made-up keys cannot
         # take the threads the rest of the app needs.
         self._lookups = anyio.CapacityLimiter(4)
-        self._team_owners: dict[str, set[str]] = {}  # people with a live key, per team (the privacy floor uses it)
-        # Bumped by every change made through this process (a revocation, a binding): a reload that
-        # read the table before such a change is dropped, never swapped in over it.
-        self._changes = 0
-        self._swap = threading.Lock()
+        self._team_sizes: dict[str, int] = {}  # people with a live key, per team (the privacy floor uses it)
 
-    def load(self) -> None:
-        """Reload every key from the database (blocking; run it in a thread)."""
-        changes = self._changes
-        by_hash = {row.key_hash: _principal(row) for row in repo.list_keys(self._engine) if row.revoked_at is None}
-        team_owners: dict[str, set[str]] = {}
-        for principal in by_hash.values():
-            _count_person(team_owners, principal)
-        with self._swap:
-            if changes != self._changes:  # read before a local change committed: stale, the next reload is not
-                return
-            # Swapped in only when changed: an unchanged copy is freed at once, rather than replacing
-            # long-lived objects every few seconds among the requests' short-lived ones (heap churn).
-            if by_hash != self._by_hash:
-                self._by_hash = by_hash
-            if team_owners != self._team_owners:
-                self._team_owners = team_owners
+    def __len__(self) -> int:
+        return len(self._by_hash) + len(self._unknown)
+
+    def warm(self) -> None:
+        """Count each team's people, and hold the newest keys (blocking; run it in a thread)."""
+        with self._engine.connect() as connection:
+            sizes = privacy.team_sizes(connection)
+        rows = repo.newest_live_keys(self._engine, int(self._by_hash.maxsize))
+        with self._lock:
+            self._team_sizes = sizes
+            for row in reversed(rows):
+                self._by_hash[row.key_hash] = _principal(row)
+
+    def refresh(self, changed: set[str]) -> int:
+        """Re-read the keys the change feed names (blocking): revoked ones are dropped, bindings updated,
+        the teams they belong to recounted. Returns how many keys were re-read."""
+        if not changed:
+            return 0
+        rows = repo.keys_by_id(self._engine, changed)
+        teams = {row.team for row in rows if row.team is not None}
+        with self._engine.connect() as connection:
+            sizes = {team: privacy.team_size(connection, team) for team in teams}
+        with self._lock:
+            for row in rows:
+                self._unknown.pop(row.key_hash, None)
+                if row.key_hash in self._by_hash:
+                    if row.revoked_at is None:
+                        self._by_hash[row.key_hash] = _principal(row)
+                    else:
+                        del self._by_hash[row.key_hash]
+            self._team_sizes.update(sizes)
+        return len(rows)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._by_hash.clear()
             self._unknown.clear()
-
 
     async def authenticate(self, headers: Headers) -> Principal:
         token = presented_key(headers)
         if token is None:
             raise InvalidApiKey(MISSING_KEY_MESSAGE)
         digest = hash_key(token)
-        principal = self._by_hash.get(digest)
+        with self._lock:
+            principal = self._by_hash.get(digest)
+            unknown = digest in self._unknown
         if principal is not None:
             return principal
         if self._admin_key is not None and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._admin_key.encode()):
-            return self._by_hash.setdefault(digest, Principal(BOOTSTRAP_ADMIN_ID, "admin", None, "admin"))
-        if not _KEY_SHAPE.fullmatch(token) or self._unknown.get(digest, 0.0) > time.monotonic():
+            return Principal(BOOTSTRAP_ADMIN_ID, "admin", None, "admin")
+        if not _KEY_SHAPE.fullmatch(token) or unknown:
             raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
         try:
             row = await anyio.to_thread.run_sync(repo.find_key_by_hash, self._engine, digest, limiter=self._lookups)
         except SQLAlchemyError:
             raise ServiceUnavailable("The key could not be checked: the database does not answer. Try again shortly.") from None
-        if row is None or row.revoked_at is not None:
-            if len(self._unknown) > 10_000:
-                self._unknown.clear()
-            self._unknown[digest] = time.monotonic() + self._refresh_seconds
-            raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
-        principal = _principal(row)
-        self._by_hash[digest] = principal
-        self._count_person(principal)
+        with self._lock:
+            if row is None or row.revoked_at is not None:
+                self._unknown[digest] = True
+                raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
+            principal = self._by_hash[digest] = _principal(row)
         return principal
 
-    def _count_person(self, principal: Principal) -> None:
-        _count_person(self._team_owners, principal)
-
     def team_size(self, team: str | None) -> int:
-        return len(self._team_owners.get(team or "", ()))
+        return self._team_sizes.get(team or "", 0)
 
     async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
         """Create a key (as `issue_key`); its owner counts for the team in this process at once."""
         key, token = await anyio.to_thread.run_sync(lambda: issue_key(self._engine, owner=owner, team=team, role=role))
-        self._count_person(_principal(key))
+        await anyio.to_thread.run_sync(self.refresh, {key.id})  # its team's size counts it at once
         return key, token
 
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key (as `revoke`); this process refuses it at once, and no reload brings it back."""
         key = await anyio.to_thread.run_sync(revoke, self._engine, key_id)
-        self.forget(key_id)
+        await anyio.to_thread.run_sync(self.forget, key_id)
         return key
 
     def forget(self, key_id: str) -> None:
         """Drop a revoked key from memory at once (call it once the revocation is committed)."""
-        with self._swap:
-            self._changes += 1
-            self._by_hash = {h: p for h, p in self._by_hash.items() if p.key_id != key_id}
+        self.refresh({key_id})
 
     async def bind(self, principal: Principal, work_item: str | None, ttl_hours: float) -> datetime | None:
         until = utcnow() + timedelta(hours=ttl_hours) if work_item else None
         await anyio.to_thread.run_sync(repo.set_binding, self._engine, principal.key_id, work_item, until)
-        updated = replace(principal, bound_work_item=work_item, bound_until=until)
-        with self._swap:
-            self._changes += 1
-            for digest, known in list(self._by_hash.items()):
-                if known.key_id == principal.key_id:
-                    self._by_hash[digest] = updated
+        await anyio.to_thread.run_sync(self.refresh, {principal.key_id})
         return until

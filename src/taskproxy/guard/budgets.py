@@ -3,39 +3,48 @@
 Spend is counted in memory: each process counts what the provider reports the moment it passes by
 on the request path (metering/meter.py), before the client has the end of the answer, and adds what
 only the writer thread learns (an estimate, when the provider reported nothing) as it builds the
-record. It re-reads the totals from the database every `budgets.refresh_seconds` (spend through
-other replicas), keeping the larger of its own count and the database's. A request is refused once
-the spend has reached the limit, so on one process the overshoot is bounded by the requests already
-admitted and still in flight when the limit is crossed: a client sending one request after another
-is refused on the first request after its budget is spent.
+record. The writer keeps spend counters per item and per team-month in the database
+(storage/spend.py); every `budgets.refresh_seconds` each process reads the counters changed since
+its last read (spend through other replicas), keeping the larger of its own count and the
+database's. A registered, budgeted item whose spend this process has not read yet (first seen, or
+dropped from the bounded working set) costs its first request one read of its counter, by primary
+key. An id not registered (open mode; registered by the writer with its first event) has only the
+spend this process counted until the change feed tells it of the registration.
+
+A request is refused once the spend has reached the limit, so on one process the overshoot is
+bounded by the requests already admitted and still in flight when the limit is crossed: a client
+sending one request after another is refused on the first request after its budget is spent.
 Across replicas add what the others answered within one re-read interval and one commit interval of
-their writers (and, when one replica's uncommitted spend and another's new spend meet in a re-read,
-the smaller of the two). Team budgets run per calendar month, UTC.
+their writers. Team budgets run per calendar month, UTC.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+import anyio
+from cachetools import LRUCache
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
 from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
-from taskproxy.storage.models import UsageEvent
+from taskproxy.storage import spend
 from taskproxy.storage.writer import Record
 
 log = logging.getLogger("taskproxy.budgets")
-_E = UsageEvent.__table__.c
-_IDS_PER_QUERY = 5000  # ids bound in one IN (...): PostgreSQL takes at most 65,535 parameters a statement
 
 
-def _month(ts: datetime) -> str:
-    return ts.strftime("%Y-%m")
+@dataclass(slots=True)
+class _Spent:
+    tokens: int = 0
+    nanos: int = 0
+    read: bool = False  # the database's counter has been read into it
 
 
 class Budgets:
@@ -44,48 +53,81 @@ class Budgets:
         self._settings = settings
         self._items = items
         self._lock = threading.Lock()
-        self._item_spent: dict[str, list[int]] = {}  # item → [tokens, nano-USD]
-        self._team_spent: dict[tuple[str, str], list[int]] = {}  # (team, "YYYY-MM") → [tokens, nano-USD]
+        self._item_spent: LRUCache[str, _Spent] = LRUCache(items.capacity)
+        self._team_spent: dict[tuple[str, str], _Spent] = {}  # (team, "YYYY-MM")
+        self._since: datetime | None = None
+        self._lookups = anyio.CapacityLimiter(4)
 
     @property
     def _item_defaults(self) -> bool:
         return self._settings.work_item_tokens is not None or self._settings.work_item_usd is not None
 
-    def load(self, now: datetime) -> None:
-        """Re-read spend from the database (blocking; run it in a thread)."""
-        item_query = select(_E.work_item, func.sum(_E.total_tokens), func.sum(_E.cost_nanos)).group_by(_E.work_item)
-        queries = [item_query]
+    def warm(self, now: datetime) -> None:
+        """Read the spend of the configured teams this month and of the budgeted items held (blocking)."""
+        scopes: list[spend.Scope] = [(spend.TEAM, team, spend.month(now)) for team in self._settings.teams]
+        held = self._items.cached_ids()
         if not self._item_defaults:
-            wanted = self._items.items_with_budgets()
-            queries = [item_query.where(_E.work_item.in_(wanted[i : i + _IDS_PER_QUERY])) for i in range(0, len(wanted), _IDS_PER_QUERY)]
-        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        teams = list(self._settings.teams)
+            held = [item_id for item_id in held if (known := self._items.cached(item_id)) is not None and known.has_budget]
+        scopes += [(spend.ITEM, item_id, spend.LIFETIME) for item_id in held]
         with self._engine.connect() as connection:
-            items = [row for query in queries for row in connection.execute(query)]
-            team_rows = connection.execute(
-                select(_E.team, func.sum(_E.total_tokens), func.sum(_E.cost_nanos)).where(_E.team.in_(teams), _E.ts >= month_start).group_by(_E.team)
-            ).all() if teams else []  # fmt: skip
+            found = spend.read(connection, scopes)
+        self._since = now
         with self._lock:
-            # Spend only grows. Counted here but not committed yet, it is missing from the database's totals:
-            # keep the larger of the two, so a re-read never forgets this process's latest spend.
-            for row in items:
-                _raise_to(self._item_spent.setdefault(row[0], [0, 0]), row[1], row[2])
-            for row in team_rows:
-                _raise_to(self._team_spent.setdefault((row[0], _month(now)), [0, 0]), row[1], row[2])
+            for item_id in held:
+                self._raise(self._item_entry(item_id), found.get((spend.ITEM, item_id, spend.LIFETIME)))
+            for team in self._settings.teams:
+                self._raise(self._team_entry(team, spend.month(now)), found.get((spend.TEAM, team, spend.month(now))))
 
+    def load(self, now: datetime) -> int:
+        """Read the counters changed since the last read (blocking; run it in a thread). Returns how many."""
+        if self._since is None:
+            self.warm(now)
+            return 0
+        with self._engine.connect() as connection:
+            changed = spend.changed_since(connection, self._since)
+        self._since = now
+        with self._lock:
+            for (scope, ref, period), figures in changed.items():
+                if scope == spend.ITEM:
+                    entry = self._item_spent.get(ref)
+                    if entry is not None and entry.read:  # not yet read: its whole counter is read on its next request
+                        self._raise(entry, figures)
+                elif ref in self._settings.teams:
+                    self._raise(self._team_entry(ref, period), figures)
+        return len(changed)
+
+    @staticmethod
+    def _raise(entry: _Spent, figures: tuple[int, int] | None) -> None:
+        # Spend only grows. Counted here but not committed yet, it is missing from the database's totals:
+        # keep the larger of the two, so a re-read never forgets this process's latest spend.
+        if figures is not None:
+            _raise_to(entry, figures[0], figures[1])
+        entry.read = True
+
+    def _item_entry(self, item_id: str) -> _Spent:
+        entry = self._item_spent.get(item_id)
+        if entry is None:
+            entry = self._item_spent[item_id] = _Spent()
+        return entry
+
+    def _team_entry(self, team: str, month: str) -> _Spent:
+        entry = self._team_spent.get((team, month))
+        if entry is None:
+            entry = self._team_spent[(team, month)] = _Spent(read=True)  # a new month starts at zero
+        return entry
 
     def charge(self, item_id: str, team: str | None, ts: datetime, tokens: int, nanos: int) -> None:
         """Count spend the provider just reported (the request path; cheap, no database)."""
         if not tokens and not nanos:
             return
         with self._lock:
-            spent = self._item_spent.setdefault(item_id, [0, 0])
-            spent[0] += tokens
-            spent[1] += nanos
+            spent = self._item_entry(item_id)
+            spent.tokens += tokens
+            spent.nanos += nanos
             if team in self._settings.teams:
-                team_spent = self._team_spent.setdefault((team, _month(ts)), [0, 0])  # type: ignore[arg-type]
-                team_spent[0] += tokens
-                team_spent[1] += nanos
+                team_spent = self._team_entry(team, spend.month(ts))  # type: ignore[arg-type]
+                team_spent.tokens += tokens
+                team_spent.nanos += nanos
 
     def record(self, record: Record) -> None:
         """Count what an event's record adds to what the request path counted (the writer thread)."""
@@ -95,21 +137,43 @@ class Budgets:
         self.charge(row["work_item"], row["team"], row["ts"], int(row["total_tokens"] or 0) - record.charged[0],
                     int(row["cost_nanos"] or 0) - record.charged[1])  # fmt: skip
 
-    def check(self, item_id: str, known: KnownItem | None, team: str | None, now: datetime) -> None:
+    async def check(self, item_id: str, known: KnownItem | None, team: str | None, now: datetime) -> None:
         tokens_limit = known.budget_tokens if known and known.budget_tokens is not None else self._settings.work_item_tokens
         usd_limit = known.budget_usd if known and known.budget_usd is not None else self._settings.work_item_usd
-        spent_tokens, spent_nanos = self._item_spent.get(item_id, (0, 0))
-        where = f"The work item {item_id}"
-        _refuse_if_spent(where, spent_tokens, tokens_limit, spent_nanos, usd_limit)
+        if tokens_limit is not None or usd_limit is not None:
+            with self._lock:
+                entry = self._item_spent.get(item_id)
+            if known is not None and (entry is None or not entry.read):  # registered, first seen here: read its spend once
+                await self._read_item(item_id)
+            with self._lock:
+                entry = self._item_spent.get(item_id)
+                spent = (entry.tokens, entry.nanos) if entry is not None else (0, 0)
+            _refuse_if_spent(f"The work item {item_id}", spent[0], tokens_limit, spent[1], usd_limit)
         team_budget = self._settings.teams.get(team) if team else None
         if team_budget is not None:
-            spent_tokens, spent_nanos = self._team_spent.get((team, _month(now)), (0, 0))  # type: ignore[arg-type]
-            _refuse_if_spent(f"The team {team} this month", spent_tokens, team_budget.tokens, spent_nanos, team_budget.usd)
+            with self._lock:
+                entry = self._team_spent.get((team, spend.month(now)))  # type: ignore[arg-type]
+                spent = (entry.tokens, entry.nanos) if entry is not None else (0, 0)
+            _refuse_if_spent(f"The team {team} this month", spent[0], team_budget.tokens, spent[1], team_budget.usd)
+
+    async def _read_item(self, item_id: str) -> None:
+        try:
+            found = await anyio.to_thread.run_sync(self._read_counter, item_id, limiter=self._lookups)
+        except SQLAlchemyError:  # the database is down: usage is spooled, so serve on what this process counted
+            log.warning("could not read the spend of %s; checked against this process's count until the database answers", item_id)
+            return
+        with self._lock:
+            self._raise(self._item_entry(item_id), found)
+
+    def _read_counter(self, item_id: str) -> tuple[int, int] | None:
+        scope = (spend.ITEM, item_id, spend.LIFETIME)
+        with self._engine.connect() as connection:
+            return spend.read(connection, [scope]).get(scope)
 
 
-def _raise_to(spent: list[int], tokens: object, nanos: object) -> None:
-    spent[0] = max(spent[0], int(tokens or 0))  # type: ignore[call-overload]
-    spent[1] = max(spent[1], int(nanos or 0))  # type: ignore[call-overload]
+def _raise_to(spent: _Spent, tokens: int, nanos: int) -> None:
+    spent.tokens = max(spent.tokens, tokens)
+    spent.nanos = max(spent.nanos, nanos)
 
 
 def _refuse_if_spent(where: str, tokens: int, tokens_limit: int | None, nanos: int, usd_limit: float | None) -> None:

@@ -1,19 +1,25 @@
 """Each process's view of the work-item registry, and the policy modes that use it.
 
-Statuses and budgets of every registered item are held in memory and reloaded every
-`work_items.refresh_seconds`, so the request path does not ask the database. In `known` and `active`
-mode an id not in memory (registered a moment ago elsewhere) costs one lookup in a worker thread;
-in `open` mode, none.
+The view is a bounded working set, not the registry: the items this process has used lately, at most
+`work_items.cache_size` of them (least recently used dropped first), plus ids looked up and not found
+(remembered for a refresh interval, bounded too). It starts with the most recently changed items and
+is kept fresh from the change feed (storage/changes.py): every `work_items.refresh_seconds` the
+process reads which items changed anywhere and re-reads just those it holds. An id not held costs
+its request one lookup by primary key in a worker thread (in every mode: the item's own budget
+applies from its first request; in open mode a database that does not answer lets it through). Inventing ids therefore costs a bounded amount of memory, however
+many are sent, and at most four lookups at a time.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import anyio
-from sqlalchemy import select
+from cachetools import LRUCache, TTLCache
+from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,71 +29,133 @@ from taskproxy.workitems import RESOLVED
 
 log = logging.getLogger("taskproxy.items")
 _ITEMS = WorkItem.__table__
+_IDS_PER_QUERY = 5000  # PostgreSQL binds at most 65,535 parameters a statement
+# Built once: the statement is compiled once too (SQLAlchemy caches it by its shape).
+_BY_IDS = select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd).where(
+    _ITEMS.c.id.in_(bindparam("ids", expanding=True))
+)
+MISSING_SHARE = 4  # ids remembered as missing: at most a quarter of the cache's size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownItem:
     status: str
     budget_tokens: int | None = None
     budget_usd: float | None = None
 
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_tokens is not None or self.budget_usd is not None
+
+
+def _known(row: object) -> KnownItem:
+    return KnownItem(row.status, row.budget_tokens, row.budget_usd)  # type: ignore[attr-defined]
+
 
 class ItemCache:
-    def __init__(self, engine: Engine, *, refresh_seconds: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, refresh_seconds: float = 5.0, capacity: int = 20_000) -> None:
         self._engine = engine
-        self._refresh_seconds = refresh_seconds
-        self._items: dict[str, KnownItem] = {}
-        self._missing: dict[str, float] = {}
+        self._items: LRUCache[str, KnownItem] = LRUCache(capacity)
+        self._missing: TTLCache[str, bool] = TTLCache(max(1, capacity // MISSING_SHARE), ttl=refresh_seconds)
+        self._lock = threading.Lock()  # the cache is used from the event loop and from worker threads
         self._lookups = anyio.CapacityLimiter(4)
 
-    def load(self) -> None:
-        """Reload every item (blocking; run it in a thread)."""
-        with self._engine.connect() as connection:
-            rows = connection.execute(select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd)).all()
-        items = {row.id: KnownItem(row.status, row.budget_tokens, row.budget_usd) for row in rows}
-        if items != self._items:  # unchanged: keep the long-lived copy (see KeyStore.load)
-            self._items = items
-        self._missing.clear()
+    @property
+    def capacity(self) -> int:
+        return int(self._items.maxsize)
 
+    def __len__(self) -> int:
+        return len(self._items) + len(self._missing)
+
+    def warm(self) -> None:
+        """Fill the cache with the most recently changed items (blocking; run it in a thread)."""
+        query = select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd)
+        query = query.order_by(_ITEMS.c.updated_at.desc().nulls_last()).limit(self.capacity)
+        with self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        with self._lock:
+            for row in reversed(rows):  # the most recent used last: dropped last
+                self._items[row.id] = _known(row)
+
+    def fetch(self, ids: Iterable[str]) -> dict[str, KnownItem]:
+        """These items as the database has them now (blocking); an id not registered is absent."""
+        wanted = list(ids)
+        found: dict[str, KnownItem] = {}
+        with self._engine.connect() as connection:
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                rows = connection.execute(_BY_IDS, {"ids": wanted[start : start + _IDS_PER_QUERY]})
+                found.update({row.id: _known(row) for row in rows})
+        return found
+
+    def held(self, ids: Iterable[str]) -> list[str]:
+        """Of `ids`, those this process holds (as items or as missing): the ones a change concerns."""
+        with self._lock:
+            return [item_id for item_id in ids if item_id in self._items or item_id in self._missing]
+
+    def refresh(self, changed: Iterable[str]) -> int:
+        """Re-read the items the change feed names that this process holds (blocking). Returns how many."""
+        held = self.held(changed)
+        if not held:
+            return 0
+        current = self.fetch(held)
+        with self._lock:
+            for item_id in held:
+                self._missing.pop(item_id, None)
+                if item_id in current:
+                    if item_id in self._items:
+                        self._items[item_id] = current[item_id]
+                else:
+                    self._items.pop(item_id, None)
+        return len(held)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._missing.clear()
 
     def cached(self, item_id: str) -> KnownItem | None:
-        return self._items.get(item_id)
+        with self._lock:
+            return self._items.get(item_id)
 
-    def items_with_budgets(self) -> list[str]:
-        return [item_id for item_id, item in self._items.items() if item.budget_tokens is not None or item.budget_usd is not None]
+    def cached_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._items.keys())
 
-    async def lookup(self, item_id: str) -> KnownItem | None:
-        """The item from memory, else from the database (remembered as missing for a refresh interval)."""
-        known = self._items.get(item_id)
-        if known is not None or self._missing.get(item_id, 0.0) > time.monotonic():
-            return known
+    async def lookup(self, item_id: str, *, required: bool = True) -> KnownItem | None:
+        """The item from memory, else from the database (remembered as missing for a refresh interval).
+        With the database down: 503 if the item is `required` to be known, else None."""
+        with self._lock:
+            known = self._items.get(item_id)
+            if known is not None or item_id in self._missing:
+                return known
         try:
-            row = await anyio.to_thread.run_sync(self._fetch, item_id, limiter=self._lookups)
+            found = await anyio.to_thread.run_sync(self.fetch, (item_id,), limiter=self._lookups)
         except SQLAlchemyError:
+            if not required:
+                return None
             raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.") from None
-        if row is None:
-            if len(self._missing) > 10_000:
-                self._missing.clear()
-            self._missing[item_id] = time.monotonic() + self._refresh_seconds
-            return None
-        self._items[item_id] = row
-        return row
+        self._remember(item_id, found.get(item_id))
+        return found.get(item_id)
 
-    def _fetch(self, item_id: str) -> KnownItem | None:
-        with self._engine.connect() as connection:
-            row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd).where(_ITEMS.c.id == item_id)).first()
-        return KnownItem(row.status, row.budget_tokens, row.budget_usd) if row else None
+    def _remember(self, item_id: str, known: KnownItem | None) -> None:
+        with self._lock:
+            if known is None:
+                self._missing[item_id] = True
+            else:
+                self._items[item_id] = known
 
     def note(self, item: WorkItem) -> None:
-        """An item changed through this process: known at once, without waiting for the next reload."""
-        self._items[item.id] = KnownItem(item.status, item.budget_tokens, item.budget_usd)
-        self._missing.pop(item.id, None)
+        """An item changed through this process: known at once, without waiting for the change feed."""
+        self._remember(item.id, KnownItem(item.status, item.budget_tokens, item.budget_usd))
+        with self._lock:
+            self._missing.pop(item.id, None)
 
     def note_changes(self, statuses: dict[str, str]) -> None:
-        for item_id, status in statuses.items():
-            current = self._items.get(item_id) or KnownItem(status)
-            self._items[item_id] = KnownItem(status, current.budget_tokens, current.budget_usd)
-            self._missing.pop(item_id, None)
+        with self._lock:
+            for item_id, status in statuses.items():
+                current = self._items.get(item_id) or KnownItem(status)
+                self._items[item_id] = KnownItem(status, current.budget_tokens, current.budget_usd)
+                self._missing.pop(item_id, None)
 
 
 @dataclass(frozen=True)
@@ -98,9 +166,10 @@ class Policy:
     items: ItemCache
 
     async def check(self, item_id: str) -> KnownItem | None:
-        if self.mode == "open":
-            return self.items.cached(item_id)
-        item = await self.items.lookup(item_id)
+        # In open mode any well-formed id is served, the database down or not (usage is spooled meanwhile).
+        item = await self.items.lookup(item_id, required=self.mode != "open")
+        if item is None and self.mode == "open":
+            return None
         if item is None:
             raise WorkItemUnknown(
                 f"The work item {item_id} is not registered, and this proxy accepts only registered items (work_items.mode: "

@@ -71,7 +71,7 @@ class Admission:
                 raise InvalidRequest(body.reason)
             endpoint.validate(body)
             model = self._model_of(body, endpoint)
-            self.budgets.check(attributed.work_item, known, principal.team, ts)
+            await self.budgets.check(attributed.work_item, known, principal.team, ts)
             return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
         except ApiError as exc:
             key_id = principal.key_id if principal else None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, PrimaryKeyConstraint, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, PrimaryKeyConstraint, Text
 from sqlmodel import Field, SQLModel
 
 
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_team", "team"),)  # a team's people are recounted when one of its keys changes
 
     id: str = Field(primary_key=True, max_length=32)
     key_hash: str = Field(index=True, unique=True, max_length=64)
@@ -195,3 +196,33 @@ class Rejection(SQLModel, table=True):
     reason: str = Field(max_length=32)  # the error code the client got
     route: str = Field(max_length=64)
     count: int = 1
+
+
+class Change(SQLModel, table=True):
+    """The change feed: one row per key or work item changed, written in the change's own transaction.
+    Every process reads the rows after the last it has seen (by `seq`) and refreshes just those
+    entries of its caches (storage/changes.py); old rows are pruned."""
+
+    __tablename__ = "changes"
+    __table_args__ = {"sqlite_autoincrement": True}  # never reuse a number, even once old rows are pruned
+
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True))
+    kind: str = Field(max_length=8)  # key | item
+    ref: str = Field(max_length=200)  # the key's id or the work item's id
+    ts: datetime = Field(index=True, sa_type=DateTime())
+
+
+class SpendCounter(SQLModel, table=True):
+    """Spend per work item (lifetime, `period` '') and per team and calendar month (`period` 'YYYY-MM'),
+    kept by the writer in the transaction that inserts the events: budgets read these by index, never
+    the events. `updated_at` (the writer's clock) lets each process read only what changed."""
+
+    __tablename__ = "spend_counters"
+    __table_args__ = (PrimaryKeyConstraint("scope", "ref", "period"), Index("ix_spend_counters_updated_at", "updated_at"))
+
+    scope: str = Field(max_length=8)  # item | team
+    ref: str = Field(max_length=200)
+    period: str = Field(max_length=7)
+    tokens: int = Field(default=0, sa_type=BigInteger())
+    cost_nanos: int = Field(default=0, sa_type=BigInteger())
+    updated_at: datetime = Field(sa_type=DateTime())

@@ -16,13 +16,19 @@ from sqlalchemy.sql.expression import Executable
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from taskproxy.storage import bulk, rollup
+from taskproxy.storage import bulk, changes, rollup, spend
+from taskproxy.timeutil import utcnow
 from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem
+
+
+# Every change to a key notes it in the change feed, in its own transaction (storage/changes.py).
 
 
 def insert_key(engine: Engine, key: ApiKey) -> ApiKey:
     with Session(engine, expire_on_commit=False) as session:
         session.add(key)
+        session.flush()
+        changes.note(session.connection(), changes.KEY, [key.id], utcnow())
         session.commit()
         return key
 
@@ -30,6 +36,19 @@ def insert_key(engine: Engine, key: ApiKey) -> ApiKey:
 def list_keys(engine: Engine) -> list[ApiKey]:
     with Session(engine) as session:
         return list(session.exec(select(ApiKey).order_by(ApiKey.created_at)).scalars())
+
+
+def newest_live_keys(engine: Engine, limit: int) -> list[ApiKey]:
+    query = select(ApiKey).where(ApiKey.revoked_at.is_(None)).order_by(ApiKey.created_at.desc()).limit(limit)
+    with Session(engine) as session:
+        return list(session.exec(query).scalars())
+
+
+def keys_by_id(engine: Engine, key_ids: Iterable[str]) -> list[ApiKey]:
+    wanted = sorted(key_ids)
+    with Session(engine) as session:
+        return [key for start in range(0, len(wanted), 5000)
+                for key in session.exec(select(ApiKey).where(ApiKey.id.in_(wanted[start : start + 5000]))).scalars()]  # fmt: skip
 
 
 def get_key(engine: Engine, key_id: str) -> ApiKey | None:
@@ -49,6 +68,8 @@ def revoke_key(engine: Engine, key_id: str, when: datetime) -> ApiKey | None:
             return None
         if key.revoked_at is None:
             key.revoked_at = when
+            session.flush()
+            changes.note(session.connection(), changes.KEY, [key_id], when)
             session.commit()
         return key
 
@@ -58,6 +79,7 @@ def set_binding(engine: Engine, key_id: str, work_item: str | None, until: datet
         connection.execute(
             update(ApiKey).where(ApiKey.id == key_id).values(bound_work_item=work_item, bound_until=until)
         )
+        changes.note(connection, changes.KEY, [key_id], utcnow())
 
 
 def get_work_item(engine: Engine, item_id: str) -> WorkItem | None:
@@ -107,16 +129,20 @@ def write_batch(
     audit: list[dict] = (),  # type: ignore[assignment]
 ) -> None:
     """Commit one batch atomically. Re-writing a batch (a replay) changes nothing: ids are primary keys,
-    and the rollup counts only the events this insert wrote (RETURNING names them)."""
+    and the rollups and spend counters count only the events this insert wrote (RETURNING names them)."""
     dialect = engine.dialect.name
+    now = utcnow()
     items = sorted(new_items, key=lambda item: item["id"])  # replicas registering the same items lock them in one order
     with engine.begin() as connection:
         if audit:
             connection.execute(insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
         if items:
             connection.execute(insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
+            changes.note(connection, changes.ITEM, (item["id"] for item in items), now)
         if events:
-            rollup.add(connection, bulk.insert_new(connection, UsageEvent.__table__, events))
+            inserted = bulk.insert_new(connection, UsageEvent.__table__, events)
+            rollup.add(connection, inserted)
+            spend.add(connection, inserted, now)
         if rejections:
             connection.execute(insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
 
@@ -126,3 +152,4 @@ def replace_key_hash(engine: Engine, key_id: str, key_hash: str, prefix: str) ->
         connection.execute(
             update(ApiKey).where(ApiKey.id == key_id).values(key_hash=key_hash, prefix=prefix, revoked_at=None)
         )
+        changes.note(connection, changes.KEY, [key_id], utcnow())

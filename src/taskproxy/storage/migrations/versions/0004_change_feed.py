@@ -1,0 +1,65 @@
+"""the working set, not the history: a change feed (keys and work items), spend counters per work item
+and per team-month kept by the writer (filled here from the daily rollup), an index on api_keys.team
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-03
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+import sqlmodel
+from alembic import op
+
+revision: str = '0004'
+down_revision: str | None = '0003'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table('changes',
+    sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
+    sa.Column('ref', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('ts', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('seq'),
+    sqlite_autoincrement=True,
+    )
+    with op.batch_alter_table('changes', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_changes_ts'), ['ts'], unique=False)
+
+    op.create_table('spend_counters',
+    sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
+    sa.Column('ref', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('period', sqlmodel.sql.sqltypes.AutoString(length=7), nullable=False),
+    sa.Column('tokens', sa.BigInteger(), nullable=False),
+    sa.Column('cost_nanos', sa.BigInteger(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('scope', 'ref', 'period'),
+    )
+    with op.batch_alter_table('spend_counters', schema=None) as batch_op:
+        batch_op.create_index('ix_spend_counters_updated_at', ['updated_at'], unique=False)
+
+    with op.batch_alter_table('api_keys', schema=None) as batch_op:
+        batch_op.create_index('ix_api_keys_team', ['team'], unique=False)
+
+    # What has been spent so far, from the daily rollup (which holds every event's tokens and cost).
+    month = "to_char(bucket, 'YYYY-MM')" if op.get_bind().dialect.name == 'postgresql' else 'substr(bucket, 1, 7)'
+    op.execute(
+        "INSERT INTO spend_counters (scope, ref, period, tokens, cost_nanos, updated_at) "
+        "SELECT 'item', work_item, '', SUM(total_tokens), COALESCE(SUM(cost_nanos), 0), MAX(last_ts) FROM usage_daily GROUP BY work_item"
+    )
+    op.execute(
+        "INSERT INTO spend_counters (scope, ref, period, tokens, cost_nanos, updated_at) "
+        f"SELECT 'team', team, {month}, SUM(total_tokens), COALESCE(SUM(cost_nanos), 0), MAX(last_ts) FROM usage_daily "
+        f"WHERE team <> '' GROUP BY team, {month}"
+    )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('api_keys', schema=None) as batch_op:
+        batch_op.drop_index('ix_api_keys_team')
+    op.drop_table('spend_counters')
+    op.drop_table('changes')

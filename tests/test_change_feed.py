@@ -1,0 +1,204 @@
+"""Each process holds a bounded working set of keys, work items and spend, kept fresh from the change
+feed: a change made through one replica is seen by another within the refresh interval, a refresh
+reads only what changed, and inventing ids costs a bounded amount of memory."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import insert, update
+from starlette.datastructures import Headers
+
+from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
+from taskproxy.errors import InvalidApiKey
+from taskproxy.guard import auth
+from taskproxy.guard.auth import KeyStore, issue_key, revoke
+from taskproxy.guard.budgets import Budgets
+from taskproxy.guard.items import ItemCache, Policy
+from taskproxy.settings import BudgetSettings
+from taskproxy.storage import changes, spend
+from taskproxy.storage.changes import ChangeFeed
+from taskproxy.storage.db import make_engine, prepare_schema
+from taskproxy.storage.models import Change, SpendCounter
+from taskproxy.timeutil import utcnow
+from taskproxy.upstream.mock import MockProvider
+
+pytestmark = pytest.mark.anyio
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def _ask(proxy: Proxy, key: str, item: str) -> Any:
+    return await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI, "max_tokens": 2},
+                                 headers={"authorization": f"Bearer {key}", "X-Work-Item": item})  # fmt: skip
+
+
+def _replica_settings(tmp_path: Path, database_url: str, name: str, **overrides: Any) -> Any:
+    folder = tmp_path / name
+    folder.mkdir()
+    return make_settings(folder, database_url=database_url, auth={"key_refresh_seconds": 0.1}, **overrides)
+
+
+@BOTH_DATABASES
+async def test_a_change_made_through_one_replica_is_seen_by_another(tmp_path: Path, fake: Any, database_url: str) -> None:
+    """Two apps on one database: a revocation, a completion and a new budget made through A reach B
+    from the change feed (B holds the key and the item; nothing tells it but the feed)."""
+    work_items = {"mode": "active", "refresh_seconds": 0.1}
+    provider = MockProvider.asgi(fake.app())
+    async for a in start_proxy(_replica_settings(tmp_path, database_url, "a", work_items=work_items), provider, fake):
+        async for b in start_proxy(_replica_settings(tmp_path, database_url, "b", work_items=work_items), provider, fake):
+            (key_id, key), (_, other) = await _new_key(a, "dana"), await _new_key(a, "eve")
+            for item in ("FEED-1", "FEED-2"):
+                assert (await a.http.post("/api/work-items", json={"id": item}, headers=a.admin_headers)).status_code == 201
+            assert (await _ask(b, key, "FEED-1")).status_code == 200  # B now holds the key and the item
+            assert (await _ask(b, other, "FEED-2")).status_code == 200
+
+            assert (await a.http.delete(f"/api/keys/{key_id}", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda: _status(b, key, "FEED-1"), lambda s: s == 401, what="B refusing the key revoked through A")
+
+            assert (await a.http.post("/api/work-items/FEED-2/complete", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda: _status(b, other, "FEED-2"), lambda s: s == 403, what="B refusing the item completed through A")
+
+            assert (await a.http.post("/api/work-items", json={"id": "FEED-3"}, headers=a.admin_headers)).status_code == 201
+            assert (await _ask(b, other, "FEED-3")).status_code == 200
+            patch = await a.http.patch("/api/work-items/FEED-3", json={"budget_tokens": 1}, headers=a.admin_headers)
+            assert patch.status_code == 200
+            await wait_until(lambda: _status(b, other, "FEED-3"), lambda s: s == 429, what="B refusing the item whose budget A lowered")
+
+
+async def _status(proxy: Proxy, key: str, item: str) -> int:
+    return int((await _ask(proxy, key, item)).status_code)
+
+
+async def _new_key(proxy: Proxy, owner: str) -> tuple[str, str]:
+    response = await proxy.http.post("/api/keys", json={"owner": owner, "team": "payments"}, headers=proxy.admin_headers)
+    assert response.status_code == 201, response.text
+    return response.json()["id"], response.json()["key"]
+
+
+def test_the_feed_reads_each_change_once_even_when_numbers_commit_out_of_order(tmp_path: Path) -> None:
+    """On PostgreSQL a change numbered 2 can commit after 3: the feed still reads 2, and 3 only once."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'feed.db'}")
+    prepare_schema(engine)
+    feed = ChangeFeed(engine, hole_seconds=3600)
+    feed.start()
+    now = utcnow()
+
+    def commit(seq: int, ref: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(insert(Change.__table__).values(seq=seq, kind=changes.ITEM, ref=ref, ts=now))
+
+    commit(1, "A-1")
+    commit(3, "A-3")
+    assert feed.read(now).of(changes.ITEM) == {"A-1", "A-3"}
+    assert feed.position == 1  # 2 is still open somewhere
+    commit(2, "A-2")
+    assert feed.read(now).of(changes.ITEM) == {"A-2"}  # 3 is not read twice
+    assert feed.position == 3
+    assert feed.read(now).refs == {}
+
+    commit(5, "A-5")  # 4 never commits (rolled back): the feed gives up on it after hole_seconds
+    stuck = ChangeFeed(engine, hole_seconds=0)
+    stuck._low = 3
+    assert stuck.read(now).of(changes.ITEM) == {"A-5"}
+    assert stuck.read(now).refs == {} and stuck.position == 5
+    engine.dispose()
+
+
+async def test_a_refresh_that_read_a_key_before_its_revocation_never_brings_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    prepare_schema(engine)
+    key, token = issue_key(engine, owner="dana", team="payments")
+    keys = KeyStore(engine, admin_key=None)
+    keys.warm()
+    bearer = Headers({"authorization": f"Bearer {token}"})
+    assert (await keys.authenticate(bearer)).key_id == key.id
+
+    read, resume = threading.Event(), threading.Event()
+    keys_by_id = auth.repo.keys_by_id
+
+    def slow_read(engine, ids):  # type: ignore[no-untyped-def]
+        rows = keys_by_id(engine, ids)  # the key as it is before the revocation commits ...
+        if threading.current_thread().name == "stale-refresh":
+            read.set()
+            resume.wait(5)  # ... and the refresh is slow to apply it
+        return rows
+
+    monkeypatch.setattr(auth.repo, "keys_by_id", slow_read)
+    refresh = threading.Thread(target=keys.refresh, args=({key.id},), name="stale-refresh")
+    refresh.start()
+    assert read.wait(5)
+    revoke(engine, key.id)  # what DELETE /api/keys/{id} does: commit, then drop it from memory
+    keys.forget(key.id)
+    resume.set()
+    refresh.join(5)
+    with pytest.raises(InvalidApiKey):
+        await keys.authenticate(bearer)
+    engine.dispose()
+
+
+async def test_inventing_100000_ids_leaves_memory_within_the_bound(tmp_path: Path) -> None:
+    """One key sending 100,000 made-up ids in open mode, each with a default budget: the process holds
+    at most its cache sizes of them, and its memory stays within what those entries cost."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ids.db'}")
+    prepare_schema(engine)
+    capacity = 2_000
+    items = ItemCache(engine, capacity=capacity)
+    policy = Policy("open", items)
+    budgets = Budgets(engine, BudgetSettings(work_item_tokens=1_000_000), items)
+    budgets.warm(utcnow())
+    now = utcnow()
+
+    async def invent(first: int, count: int) -> None:
+        async def one_client(start: int) -> None:  # several at once, as requests arrive
+            for n in range(start, first + count, 8):
+                item_id = f"MADE-{n}"
+                known = await policy.check(item_id)
+                await budgets.check(item_id, known, "payments", now)
+                budgets.charge(item_id, "payments", now, 30, 4_500)
+
+        async with anyio.create_task_group() as group:
+            for start in range(first, first + 8):
+                group.start_soon(one_client, start)
+
+    await invent(0, 5_000)  # fill the caches: from here on each new id displaces an old one
+    gc.collect()
+    objects, resident = len(gc.get_objects()), _resident_bytes()
+    await invent(5_000, 95_000)
+    gc.collect()
+    assert len(items) <= capacity + capacity // 4
+    assert len(budgets._item_spent) <= capacity
+    # Unbounded, each id would keep an entry: objects by the hundred thousand, and ~20 MiB.
+    assert len(gc.get_objects()) - objects < 5_000
+    grown = _resident_bytes() - resident
+    assert grown < 8 * 1024 * 1024, f"resident memory grew by {grown / 2**20:.1f} MiB over 95,000 new ids"
+    engine.dispose()
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@BOTH_DATABASES
+def test_a_spend_refresh_reads_the_counters_that_changed_not_the_history(database_url: str) -> None:
+    engine = make_engine(database_url)
+    prepare_schema(engine)
+    items = ItemCache(engine)
+    budgets = Budgets(engine, BudgetSettings(work_item_tokens=100), items)
+    now = utcnow()
+    old = now - timedelta(days=30)
+    history = [{"scope": spend.ITEM, "ref": f"OLD-{n}", "period": "", "tokens": 5, "cost_nanos": 9, "updated_at": old} for n in range(3000)]
+    with engine.begin() as connection:
+        connection.execute(insert(SpendCounter.__table__), history)
+    budgets.warm(now)
+    assert budgets.load(now + timedelta(seconds=10)) == 0  # three thousand old counters, none read
+    with engine.begin() as connection:
+        connection.execute(update(SpendCounter.__table__).where(SpendCounter.ref == "OLD-7").values(tokens=500, updated_at=now + timedelta(seconds=11)))
+    assert budgets.load(now + timedelta(seconds=20)) == 1
+    engine.dispose()
