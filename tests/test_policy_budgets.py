@@ -169,14 +169,27 @@ async def test_admin_reads_of_per_key_data_are_audited_and_developers_see_only_t
 async def test_rate_limit_per_key(tmp_path: Path, fake: Any) -> None:
     async for proxy in await _running(tmp_path, fake, limits={"requests_per_minute": 3}):
         ann, bob = await proxy.new_key("ann"), await proxy.new_key("bob")
-        assert [(await _ask(proxy, ann, "PAY-1")).status_code for _ in range(3)] == [200, 200, 200]
+        await _start_of_a_minute()
+        replies = [await _ask(proxy, ann, "PAY-1") for _ in range(6)]
+        statuses = [reply.status_code for reply in replies]
+        # The limit, plus at most one slice (here 1 request) admitted on credit before the process learns it is spent.
+        answered = statuses.count(200)
+        assert 3 <= answered <= 4 and statuses == [200] * answered + [429] * (6 - answered), [r.text for r in replies]
         limited = await _ask(proxy, ann, "PAY-1")
         assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
-        assert 1 <= int(limited.headers["retry-after"]) <= 61
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
         assert (await _ask(proxy, bob, "PAY-1")).status_code == 200  # per key
-        assert len(proxy.received) == 4
-        report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"])
-        assert report["rejected_requests"] == {"rate_limited": 1}
+        assert len(proxy.received) == answered + 1
+        report = await wait_until(lambda: proxy.get("/api/reports/tasks"), lambda r: r["rejected_requests"].get("rate_limited") == 7 - answered)
+        assert report["rejected_requests"] == {"rate_limited": 7 - answered}
+
+
+async def _start_of_a_minute() -> None:
+    """Counting is per calendar minute: start where the minute has time left, so the test stays in one."""
+    from datetime import UTC, datetime
+
+    if datetime.now(UTC).second >= 45:
+        await asyncio.sleep(61 - datetime.now(UTC).second)
 
 
 @pytest.mark.postgres

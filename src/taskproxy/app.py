@@ -178,7 +178,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
             threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
         admission = Admission(
-            settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute),
+            settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute, db),
             body_gate=BodyGate(settings.limits.max_concurrent_large_bodies), attribution=Attribution(ids),
             policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer,
         )  # fmt: skip

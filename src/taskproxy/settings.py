@@ -106,7 +106,8 @@ class LimitSettings(_Frozen):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     # All request headers together (names and values); larger gets 431 request_header_too_large.
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
-    # Proxied requests per key and minute, per process; None: no limit.
+    # Proxied requests per key and calendar minute, across every process and replica (guard/ratelimit.py:
+    # at most one tenth more per process); None: no limit.
     requests_per_minute: int | None = Field(default=None, gt=0)
     # A provider's non-streamed answer up to this size is kept whole (and sent with its length); a larger
     # one is relayed as it arrives, keeping only its ends for accounting, so no answer costs more memory.

@@ -60,7 +60,7 @@ class Admission:
         principal: Principal | None = None
         try:
             principal = await self.keys.authenticate(request.headers)
-            self.rate_limiter.check(principal.key_id)
+            await self.rate_limiter.check(principal.key_id)
             if self.writer.refusing:
                 raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
                                          "the request was not forwarded. Try again shortly.")  # fmt: skip

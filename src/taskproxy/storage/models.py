@@ -226,3 +226,16 @@ class SpendCounter(SQLModel, table=True):
     tokens: int = Field(default=0, sa_type=BigInteger())
     cost_nanos: int = Field(default=0, sa_type=BigInteger())
     updated_at: datetime = Field(sa_type=DateTime())
+
+
+class Lease(SQLModel, table=True):
+    """What the replicas together have taken of a shared allowance in one window: a key's requests in
+    one minute (`scope` 'rate:<key id>', `window` the minute). A replica takes a slice at a time
+    (guard/ratelimit.py), so the sum of the slices never exceeds the allowance."""
+
+    __tablename__ = "leases"
+    __table_args__ = (PrimaryKeyConstraint("scope", "window"), Index("ix_leases_window", "window"))
+
+    scope: str = Field(max_length=240)
+    window: str = Field(max_length=32)  # e.g. 2026-12-03T09:41
+    granted: int = Field(default=0, sa_type=BigInteger())

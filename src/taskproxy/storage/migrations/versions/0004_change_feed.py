@@ -1,5 +1,6 @@
 """the working set, not the history: a change feed (keys and work items), spend counters per work item
-and per team-month kept by the writer (filled here from the daily rollup), an index on api_keys.team
+and per team-month kept by the writer (filled here from the daily rollup), an index on api_keys.team,
+leases of shared allowances (a key's requests per minute across replicas)
 
 Revision ID: 0004
 Revises: 0003
@@ -45,6 +46,15 @@ def upgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.create_index('ix_api_keys_team', ['team'], unique=False)
 
+    op.create_table('leases',
+    sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=240), nullable=False),
+    sa.Column('window', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('granted', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('scope', 'window'),
+    )
+    with op.batch_alter_table('leases', schema=None) as batch_op:
+        batch_op.create_index('ix_leases_window', ['window'], unique=False)
+
     # What has been spent so far, from the daily rollup (which holds every event's tokens and cost).
     month = "to_char(bucket, 'YYYY-MM')" if op.get_bind().dialect.name == 'postgresql' else 'substr(bucket, 1, 7)'
     op.execute(
@@ -61,5 +71,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index('ix_api_keys_team')
+    op.drop_table('leases')
     op.drop_table('spend_counters')
     op.drop_table('changes')

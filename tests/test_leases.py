@@ -1,0 +1,55 @@
+"""Limits shared by replicas: three `taskproxy serve` processes on one PostgreSQL, one key sending to
+all three at once. Each replica leases slices of the key's minute from the database, so together
+they admit at most the limit plus one slice per replica (per process, they would admit three times
+the limit)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import postgres_schema
+from serve_helpers import fake_upstream, run_cli, running_server, write_config
+
+pytestmark = [pytest.mark.serve, pytest.mark.postgres]
+LIMIT = 30
+SLICE = 3  # a tenth of the limit (guard/ratelimit.py)
+REPLICAS = 3
+
+
+def _wait_for_a_fresh_minute() -> None:
+    """The allowance is per calendar minute: start early in one, so the load stays inside it."""
+    if datetime.now(UTC).second >= 40:
+        time.sleep(61 - datetime.now(UTC).second)
+
+
+def test_three_replicas_admit_a_key_at_most_its_rate_plus_one_slice_each(tmp_path: Path) -> None:
+    with postgres_schema() as url, fake_upstream() as upstream, ExitStack() as stack:
+        config = write_config(tmp_path, upstream.url, database_url=url, limits={"requests_per_minute": LIMIT},
+                              recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.1})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        servers = [stack.enter_context(running_server(config, tmp_path / f"replica-{n}.log")) for n in range(REPLICAS)]
+        key = servers[0].new_key(owner="rae", team="platform")
+        clients = [stack.enter_context(httpx.Client(base_url=server.url, timeout=15, trust_env=False)) for server in servers]
+        headers = {"authorization": f"Bearer {key}", "X-Work-Item": "RATE-1"}
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        _wait_for_a_fresh_minute()
+        minute = datetime.now(UTC).strftime("%H:%M")
+
+        def send(n: int) -> tuple[int, str]:
+            reply = clients[n % REPLICAS].post("/v1/chat/completions", json=body, headers=headers)
+            return reply.status_code, reply.json()["error"]["code"] if reply.status_code != 200 else ""
+
+        with ThreadPoolExecutor(max_workers=2 * REPLICAS) as pool:  # two at a time on each replica
+            outcomes = list(pool.map(send, range(4 * LIMIT)))
+        assert datetime.now(UTC).strftime("%H:%M") == minute, "the load crossed a minute: the allowance started again"
+
+    answered = sum(1 for status, _ in outcomes if status == 200)
+    assert {code for status, code in outcomes if status != 200} == {"rate_limited"}
+    assert LIMIT <= answered <= LIMIT + REPLICAS * SLICE, f"{answered} requests answered in one minute for a limit of {LIMIT}"
