@@ -53,3 +53,36 @@ def test_three_replicas_admit_a_key_at_most_its_rate_plus_one_slice_each(tmp_pat
     answered = sum(1 for status, _ in outcomes if status == 200)
     assert {code for status, code in outcomes if status != 200} == {"rate_limited"}
     assert LIMIT <= answered <= LIMIT + REPLICAS * SLICE, f"{answered} requests answered in one minute for a limit of {LIMIT}"
+
+
+def test_three_replicas_spend_an_items_budget_with_at_most_the_requests_in_flight_over_it(tmp_path: Path) -> None:
+    """A 600-token budget spent by one key through three replicas at once (two requests at a time on
+    each), the spend counters re-read only every 10 s (the default): each replica spends only what it
+    was granted, so the overshoot is at most the requests in flight when the grants ran out."""
+    limit, concurrency = 600, 2 * REPLICAS
+    with postgres_schema() as url, fake_upstream() as upstream, ExitStack() as stack:
+        config = write_config(tmp_path, upstream.url, database_url=url,
+                              recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.1})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        servers = [stack.enter_context(running_server(config, tmp_path / f"replica-{n}.log")) for n in range(REPLICAS)]
+        created = servers[0].http.post("/api/work-items", json={"id": "BUDGET-3", "budget_tokens": limit}, headers=servers[0].admin_headers)
+        assert created.status_code == 201
+        key = servers[0].new_key(owner="sam", team="platform")
+        clients = [stack.enter_context(httpx.Client(base_url=server.url, timeout=15, trust_env=False)) for server in servers]
+        headers = {"authorization": f"Bearer {key}", "X-Work-Item": "BUDGET-3"}
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+        def send(n: int) -> tuple[int, int]:
+            reply = clients[n % REPLICAS].post("/v1/chat/completions", json=body, headers=headers)
+            return reply.status_code, reply.json()["usage"]["total_tokens"] if reply.status_code == 200 else 0
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            outcomes = list(pool.map(send, range(200)))
+        assert {status for status, _ in outcomes} == {200, 429}
+        for client in clients:  # every replica refuses now
+            assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 429
+        answered = [tokens for status, tokens in outcomes if status == 200]
+        item = servers[0].work_item("BUDGET-3", expected_requests=len(answered))
+    spent, per_request = item["total_tokens"], max(answered)
+    assert spent == sum(answered)
+    assert limit <= spent <= limit + concurrency * per_request, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each)"

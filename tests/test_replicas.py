@@ -111,9 +111,10 @@ def test_two_replicas_lose_nothing_through_a_database_and_a_provider_outage(tmp_
 
 
 def test_a_budget_holds_across_two_replicas(tmp_path: Path) -> None:
-    """Each replica refuses once its view of the spend reaches the limit; it learns the other's spend at each
-    re-read (budgets.refresh_seconds) once the other's writer has committed it. The overshoot is bounded by
-    the requests in flight plus what was answered within one re-read interval and one commit interval."""
+    """Each replica spends only what it leased of the budget (guard/shares.py), and refuses once its view of the
+    spend reaches the limit. The overshoot is bounded by the requests in flight (tests/test_leases.py holds
+    three replicas to that); here, the looser bound of the re-read design still holds: in flight plus what
+    was answered within one re-read interval and one commit interval."""
     limit, refresh, flush, concurrency = 600, 0.3, 0.05, 6
     with postgres_schema() as url, fake_upstream() as upstream:
         config = write_config(tmp_path, upstream.url, database_url=url, budgets={"refresh_seconds": refresh}, work_items={"refresh_seconds": refresh},

@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 from sqlalchemy.engine import Engine
@@ -47,6 +48,7 @@ from taskproxy.routes.common import JSON
 from taskproxy.routes.endpoint import Translation
 from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
+from taskproxy.storage import partitions
 from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.metrics import SMALL_TEAMS, Metrics
 from taskproxy.storage.writer import BatchWriter
@@ -63,6 +65,7 @@ from taskproxy.workitems import WorkItemIds
 log = logging.getLogger("taskproxy")
 
 NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
+PARTITIONS_EVERY_SECONDS = 3600.0
 
 
 async def root(request: Request) -> Response:
@@ -150,6 +153,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             log.error("tiktoken's encodings could not be loaded (%s): prompts will not be counted", exc)
         db = engine if engine is not None else make_engine(settings.database_url)
         await anyio.to_thread.run_sync(prepare_schema, db)
+        maintain_partitions = partial(partitions.maintain, db, retention_months=settings.recording.retention_months)
+        await anyio.to_thread.run_sync(lambda: maintain_partitions(utcnow()))
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         if admin_key:
             await anyio.to_thread.run_sync(ensure_bootstrap_admin, db, admin_key)
@@ -189,8 +194,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
                                 settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),
-            asyncio.create_task(reload_forever(lambda: budgets.load(utcnow()), settings.budgets.refresh_seconds, "spend for budgets"),
+            asyncio.create_task(reload_forever(lambda: budgets.refresh(utcnow()), settings.budgets.refresh_seconds, "spend for budgets"),
                                 name="taskproxy-budget-refresh"),
+            asyncio.create_task(reload_forever(lambda: maintain_partitions(utcnow()), PARTITIONS_EVERY_SECONDS, "partitions"),
+                                name="taskproxy-partitions"),
         ]
         try:
             # Each request sees these as `request.state.<name>`; a route reads only what it uses.
@@ -214,6 +221,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()
             await anyio.to_thread.run_sync(writer.close)
+            try:
+                await anyio.to_thread.run_sync(budgets.shares.close)  # what this process was granted and did not spend goes back
+            except SQLAlchemyError as exc:
+                log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
             if engine is None:
                 db.dispose()
 

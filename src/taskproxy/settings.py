@@ -130,6 +130,9 @@ class RecordingSettings(_Frozen):
     # Refused requests are counted in memory per minute, key, reason and route, and written this often
     # (one row per group each time): a flood of refusals costs the database a few rows a second.
     refusals_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    # PostgreSQL: raw events (usage_events' monthly partitions) older than this many full months are
+    # dropped; the rollups keep every report's sums. None: keep them all. SQLite keeps everything.
+    retention_months: int | None = Field(default=None, ge=1)
 
 
 class AuthSettings(_Frozen):

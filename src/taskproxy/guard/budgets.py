@@ -14,8 +14,9 @@ spend this process counted until the change feed tells it of the registration.
 A request is refused once the spend has reached the limit, so on one process the overshoot is
 bounded by the requests already admitted and still in flight when the limit is crossed: a client
 sending one request after another is refused on the first request after its budget is spent.
-Across replicas add what the others answered within one re-read interval and one commit interval of
-their writers. Team budgets run per calendar month, UTC.
+Replicas share a budget through leases (guard/shares.py): each spends only the slices it was granted,
+so across replicas too the overshoot is bounded by the requests in flight. Team budgets run per
+calendar month, UTC.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
+from taskproxy.guard.shares import BudgetShares
 from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage import spend
@@ -57,6 +59,7 @@ class Budgets:
         self._team_spent: dict[tuple[str, str], _Spent] = {}  # (team, "YYYY-MM")
         self._since: datetime | None = None
         self._lookups = anyio.CapacityLimiter(4)
+        self.shares = BudgetShares(engine, items.capacity)
 
     @property
     def _item_defaults(self) -> bool:
@@ -96,6 +99,11 @@ class Budgets:
                     self._raise(self._team_entry(ref, period), figures)
         return len(changed)
 
+    def refresh(self, now: datetime) -> None:
+        """One refresh (blocking): the counters that changed; the unused slices of evicted shares go back."""
+        self.load(now)
+        self.shares.flush_returns()
+
     @staticmethod
     def _raise(entry: _Spent, figures: tuple[int, int] | None) -> None:
         # Spend only grows. Counted here but not committed yet, it is missing from the database's totals:
@@ -128,6 +136,9 @@ class Budgets:
                 team_spent = self._team_entry(team, spend.month(ts))  # type: ignore[arg-type]
                 team_spent.tokens += tokens
                 team_spent.nanos += nanos
+        self.shares.use(f"item:{item_id}", "", tokens, nanos)
+        if team in self._settings.teams:
+            self.shares.use(f"team:{team}", spend.month(ts), tokens, nanos)
 
     def record(self, record: Record) -> None:
         """Count what an event's record adds to what the request path counted (the writer thread)."""
@@ -148,13 +159,27 @@ class Budgets:
             with self._lock:
                 entry = self._item_spent.get(item_id)
                 spent = (entry.tokens, entry.nanos) if entry is not None else (0, 0)
-            _refuse_if_spent(f"The work item {item_id}", spent[0], tokens_limit, spent[1], usd_limit)
+            where = f"The work item {item_id}"
+            _refuse_if_spent(where, spent[0], tokens_limit, spent[1], usd_limit)
+            if known is not None:  # registered: shared by the replicas (an id not registered yet is this process's alone)
+                await self._leased(where, f"item:{item_id}", "", (tokens_limit, usd_limit), spent)
         team_budget = self._settings.teams.get(team) if team else None
         if team_budget is not None:
             with self._lock:
                 entry = self._team_spent.get((team, spend.month(now)))  # type: ignore[arg-type]
                 spent = (entry.tokens, entry.nanos) if entry is not None else (0, 0)
-            _refuse_if_spent(f"The team {team} this month", spent[0], team_budget.tokens, spent[1], team_budget.usd)
+            where = f"The team {team} this month"
+            _refuse_if_spent(where, spent[0], team_budget.tokens, spent[1], team_budget.usd)
+            await self._leased(where, f"team:{team}", spend.month(now), (team_budget.tokens, team_budget.usd), spent)
+
+    async def _leased(self, where: str, scope: str, window: str, limits: tuple[int | None, float | None], spent: tuple[int, int]) -> None:
+        """Refuse unless this process holds a share of the budget left to spend (guard/shares.py)."""
+        tokens_limit, usd_limit = limits
+        nanos_limit = to_nanos(usd_limit) if usd_limit is not None else None
+        if not await self.shares.admit(scope, window, (tokens_limit, nanos_limit), spent):
+            limit = f"{tokens_limit:,} tokens" if tokens_limit is not None else format_usd(usd_limit)
+            raise BudgetExceeded(f"{where} has no budget left: the proxy's replicas together have been granted all of its {limit}, "
+                                 "and the last of it is being spent. Ask an admin to raise it.")  # fmt: skip
 
     async def _read_item(self, item_id: str) -> None:
         try:

@@ -103,8 +103,8 @@ class RateLimiter:
 
     async def _take(self, key_id: str, state: _Minute) -> None:
         try:
-            granted, taken = await anyio.to_thread.run_sync(
-                leases.take, self._engine, f"rate:{key_id}", state.minute, self._slice, self._limit, limiter=self._lookups
+            grant = await anyio.to_thread.run_sync(
+                leases.take, self._engine, f"rate:{key_id}", state.minute, (self._slice, 0), (self._limit, None), limiter=self._lookups
             )
         except SQLAlchemyError as exc:
             log.warning("could not lease requests for key %s (%s): counting them in this process alone this minute", key_id,
@@ -112,8 +112,8 @@ class RateLimiter:
             state.alone = True
             return
         else:
-            state.granted += granted
-            state.exhausted = taken >= (self._limit or 0)
+            state.granted += grant.amount
+            state.exhausted = grant.taken >= (self._limit or 0)
         finally:
             state.asking = False
             if state.arrived is not None:

@@ -230,8 +230,10 @@ class SpendCounter(SQLModel, table=True):
 
 class Lease(SQLModel, table=True):
     """What the replicas together have taken of a shared allowance in one window: a key's requests in
-    one minute (`scope` 'rate:<key id>', `window` the minute). A replica takes a slice at a time
-    (guard/ratelimit.py), so the sum of the slices never exceeds the allowance."""
+    one minute (`scope` 'rate:<key id>', `window` the minute; guard/ratelimit.py), an item's budget
+    (`item:<id>`, window '') or a team's in one month (`team:<team>`, 'YYYY-MM'; guard/budgets.py), in
+    tokens (`granted`) and nano-USD (`granted_nanos`). A replica takes a slice at a time, so the sum of
+    the slices never exceeds the allowance; it gives back what it did not use when it stops."""
 
     __tablename__ = "leases"
     __table_args__ = (PrimaryKeyConstraint("scope", "window"), Index("ix_leases_window", "window"))
@@ -239,3 +241,4 @@ class Lease(SQLModel, table=True):
     scope: str = Field(max_length=240)
     window: str = Field(max_length=32)  # e.g. 2026-12-03T09:41
     granted: int = Field(default=0, sa_type=BigInteger())
+    granted_nanos: int = Field(default=0, sa_type=BigInteger())

@@ -1,6 +1,6 @@
 """the working set, not the history: a change feed (keys and work items), spend counters per work item
 and per team-month kept by the writer (filled here from the daily rollup), an index on api_keys.team,
-leases of shared allowances (a key's requests per minute across replicas)
+leases of shared allowances (a key's requests per minute, item and team budgets, across replicas)
 
 Revision ID: 0004
 Revises: 0003
@@ -50,6 +50,7 @@ def upgrade() -> None:
     sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=240), nullable=False),
     sa.Column('window', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
     sa.Column('granted', sa.BigInteger(), nullable=False),
+    sa.Column('granted_nanos', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('scope', 'window'),
     )
     with op.batch_alter_table('leases', schema=None) as batch_op:

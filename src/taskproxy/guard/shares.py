@@ -1,0 +1,173 @@
+"""This process's shares of budgets that several replicas spend from.
+
+A budget (a work item's, a team's in one month) is an allowance in the database (storage/leases.py).
+A process takes a slice of it at a time (a tenth of the budget, or twice the largest request it has
+seen on it, whichever is more) and admits requests while what it has spent of its slices is below
+what it was granted. The next slice is asked for in the background once half of the last one is
+spent; a request that finds the slices spent waits for the next (at most `LEASE_WAIT_SECONDS`), and is
+refused when the allowance is gone. What a process was granted and did not spend goes back when the
+item leaves its working set and when the process stops (a process that is killed keeps its slices:
+the budget is under-spent by them, never over-spent).
+
+The bound: the replicas together are granted at most the budget, and each admits only within its
+grant, so the spend exceeds the budget by at most the requests admitted and still in flight when
+the grants ran out (their size is known only once the provider answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import anyio
+from cachetools import LRUCache
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from taskproxy.storage import leases
+
+log = logging.getLogger("taskproxy.budgets")
+LEASE_WAIT_SECONDS = 1.0
+MAX_RETURNS = 10_000  # unused slices waiting to go back
+ALONE_SECONDS = 30.0  # after a failed lease, how long a share is checked without leases before trying again
+SLICES = 10
+Limits = tuple[int | None, int | None]  # tokens, nano-USD; None: not limited
+
+
+@dataclass(slots=True)
+class _Share:
+    scope: str
+    window: str
+    granted: int = 0
+    granted_nanos: int = 0
+    used: int = 0
+    used_nanos: int = 0
+    largest: int = 0  # the largest request charged to it, per measure: slices are at least twice that
+    largest_nanos: int = 0
+    exhausted: bool = False  # every replica together holds the whole budget
+    alone_until: float = 0.0  # the database did not answer: until then this process checks against its own count
+    arrived: asyncio.Event | None = None  # set when the slice asked for arrives
+
+    def room(self, limits: Limits) -> bool:
+        return (limits[0] is None or self.used < self.granted) and (limits[1] is None or self.used_nanos < self.granted_nanos)
+
+    def running_low(self, limits: Limits) -> bool:
+        tokens_slice, nanos_slice = self.slice(limits)
+        return (limits[0] is not None and self.granted - self.used <= tokens_slice // 2) or (
+            limits[1] is not None and self.granted_nanos - self.used_nanos <= nanos_slice // 2
+        )
+
+    def slice(self, limits: Limits) -> tuple[int, int]:
+        tokens = 0 if limits[0] is None else max(1, -(-limits[0] // SLICES), 2 * self.largest)
+        nanos = 0 if limits[1] is None else max(1, -(-limits[1] // SLICES), 2 * self.largest_nanos)
+        return tokens, nanos
+
+
+class _Returning(LRUCache):  # type: ignore[type-arg]
+    """An LRU of shares that hands the unused part of an evicted share back."""
+
+    def __init__(self, maxsize: int, on_evict: "BudgetShares") -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Hashable, _Share]:
+        key, share = super().popitem()
+        self._on_evict.give_back_later(share)
+        return key, share
+
+
+class BudgetShares:
+    def __init__(self, engine: Engine, capacity: int) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()  # charged from the writer thread too
+        self._shares: _Returning = _Returning(capacity, self)
+        self._returns: list[tuple[str, str, int, int]] = []
+        self._lookups = anyio.CapacityLimiter(4)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _share(self, scope: str, window: str) -> _Share:
+        share = self._shares.get((scope, window))
+        if share is None:
+            share = self._shares[(scope, window)] = _Share(scope, window)
+        return share
+
+    async def admit(self, scope: str, window: str, limits: Limits, spent: tuple[int, int]) -> bool:
+        """May one more request spend from this budget here? `spent`: what is known to be spent of it
+        (the counters), which counts as taken before the first lease."""
+        with self._lock:
+            share = self._share(scope, window)
+        if share.alone_until > time.monotonic():
+            return True  # checked against the process's own count of the spend (Budgets)
+        if not share.room(limits) and not share.exhausted:
+            if share.arrived is None:
+                self._ask(share, limits, spent)
+            with anyio.move_on_after(LEASE_WAIT_SECONDS) as waiting:
+                await share.arrived.wait()  # type: ignore[union-attr]
+            if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets)
+                return True
+        if share.alone_until > time.monotonic():
+            return True
+        admitted = share.room(limits)
+        if admitted and not share.exhausted and share.arrived is None and share.running_low(limits):
+            self._ask(share, limits, spent)
+        return admitted
+
+    def use(self, scope: str, window: str, tokens: int, nanos: int) -> None:
+        with self._lock:
+            share = self._share(scope, window)
+            share.used += tokens
+            share.used_nanos += nanos
+            share.largest = max(share.largest, tokens)
+            share.largest_nanos = max(share.largest_nanos, nanos)
+
+    def _ask(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
+        share.arrived = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._take(share, limits, spent))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _take(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
+        arrived = share.arrived
+        try:
+            grant = await anyio.to_thread.run_sync(
+                leases.take, self._engine, share.scope, share.window, share.slice(limits), limits, spent, limiter=self._lookups
+            )
+        except SQLAlchemyError as exc:
+            log.warning("could not lease from the budget of %s (%s): checked against this process's count meanwhile", share.scope,
+                        exc.__class__.__name__)  # fmt: skip
+            share.alone_until = time.monotonic() + ALONE_SECONDS
+        else:
+            with self._lock:
+                share.granted += grant.amount
+                share.granted_nanos += grant.nanos
+                share.exhausted = (limits[0] is not None and grant.taken >= limits[0]) or (limits[1] is not None and grant.taken_nanos >= limits[1])
+        finally:
+            share.arrived = None
+            if arrived is not None:
+                arrived.set()
+
+    def give_back_later(self, share: _Share) -> None:
+        unused = (max(0, share.granted - share.used), max(0, share.granted_nanos - share.used_nanos))
+        if unused != (0, 0) and len(self._returns) < MAX_RETURNS:  # past that, kept: the budgets are under-spent, never over
+            self._returns.append((share.scope, share.window, *unused))
+
+    def flush_returns(self) -> None:
+        """Give back what evicted shares did not use (blocking; the refresh loop calls it)."""
+        with self._lock:
+            returns, self._returns = self._returns, []
+        if returns:
+            try:
+                leases.give_back(self._engine, returns)
+            except SQLAlchemyError:
+                with self._lock:
+                    self._returns.extend(returns)
+
+    def close(self) -> None:
+        """Give back every unused slice (blocking; at shutdown)."""
+        with self._lock:
+            self._shares.clear()  # each share leaves through popitem: its unused part is queued
+        self.flush_returns()

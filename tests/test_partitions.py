@@ -1,0 +1,78 @@
+"""Raw events partitioned by month on PostgreSQL: migration 0005 moves an existing table's rows into
+monthly partitions, new events land in their month's, and `recording.retention_months` drops old raw
+partitions while every report over those months still adds up (from the rollups)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import func, select, text
+
+from taskproxy.reports.usage import usage_grouped
+from taskproxy.storage import partitions, repo
+from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
+from taskproxy.storage.models import UsageEvent
+from test_rollup import event
+
+pytestmark = pytest.mark.postgres
+MONTHS = [datetime(2026, 8, 1), datetime(2026, 9, 1), datetime(2026, 11, 1)]
+NOW = datetime(2026, 12, 15, 12)
+
+
+def _month_of_events(rng: random.Random, month: datetime, count: int) -> list[dict]:
+    return [event(rng, month + timedelta(seconds=rng.randrange(27 * 86400))) for _ in range(count)]
+
+
+def _raw_count(engine: object, since: datetime, until: datetime) -> int:
+    with engine.connect() as connection:  # type: ignore[attr-defined]
+        return int(connection.execute(select(func.count()).where(UsageEvent.ts >= since, UsageEvent.ts < until)).scalar_one())
+
+
+def test_the_migration_partitions_recorded_events_and_retention_keeps_the_reports(postgres_url: str) -> None:
+    engine = make_engine(postgres_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")  # a database of the version before partitioning ...
+    rng = random.Random(3)
+    recorded = {month: _month_of_events(rng, month, 300) for month in MONTHS}
+    for rows in recorded.values():  # ... with three months of usage in it
+        repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    august = (MONTHS[0], MONTHS[1])
+    before = usage_grouped(engine, "work_item", *august)
+
+    assert upgrade_schema(engine)[0] == "0004"
+    with engine.connect() as connection:
+        assert partitions.is_partitioned(connection)
+        assert set(MONTHS) <= set(partitions.months(connection))
+        placed = dict(connection.execute(text("SELECT tableoid::regclass::text, count(*) FROM usage_events GROUP BY 1")).all())
+    assert placed == {partitions.partition_name(month): 300 for month in MONTHS}  # every row moved, into its month
+    assert usage_grouped(engine, "work_item", *august) == before
+
+    late = [event(rng, NOW)]
+    repo.write_batch(engine, events=late + recorded[MONTHS[2]][:5], rejections=[], new_items=[])  # a new one, and a replay
+    partitions.maintain(engine, NOW, retention_months=None)
+    with engine.connect() as connection:
+        assert partitions.partition_name(datetime(2027, 2, 1)) in {partitions.partition_name(m) for m in partitions.months(connection)}
+        where = connection.execute(text("SELECT tableoid::regclass::text FROM usage_events WHERE id = :id"), {"id": late[0]["id"]}).scalar_one()
+    assert where == partitions.partition_name(datetime(2026, 12, 1))
+    assert _raw_count(engine, MONTHS[2], datetime(2026, 12, 1)) == 300  # the replayed rows are not written twice
+
+    dropped = partitions.maintain(engine, NOW, retention_months=2)  # keep October on: August and September go
+    assert sorted(dropped) == [partitions.partition_name(MONTHS[0]), partitions.partition_name(MONTHS[1])]
+    assert _raw_count(engine, *august) == 0
+    assert usage_grouped(engine, "work_item", *august) == before  # the report of August is whole, from the rollups
+    assert _raw_count(engine, MONTHS[2], datetime(2026, 12, 1)) == 300
+    engine.dispose()
+
+
+def test_sqlite_keeps_one_table(tmp_path: object) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/one.db")
+    upgrade_schema(engine)
+    assert partitions.maintain(engine, NOW, retention_months=1) == []
+    engine.dispose()
