@@ -53,6 +53,7 @@ def test_three_replicas_admit_a_key_at_most_its_rate_plus_one_slice_each(tmp_pat
     answered = sum(1 for status, _ in outcomes if status == 200)
     assert {code for status, code in outcomes if status != 200} == {"rate_limited"}
     assert LIMIT <= answered <= LIMIT + REPLICAS * SLICE, f"{answered} requests answered in one minute for a limit of {LIMIT}"
+    print(f"\nrate {LIMIT}/min over {REPLICAS} replicas: {answered} answered")
 
 
 def test_three_replicas_spend_an_items_budget_with_at_most_the_requests_in_flight_over_it(tmp_path: Path) -> None:
@@ -86,3 +87,4 @@ def test_three_replicas_spend_an_items_budget_with_at_most_the_requests_in_fligh
     spent, per_request = item["total_tokens"], max(answered)
     assert spent == sum(answered)
     assert limit <= spent <= limit + concurrency * per_request, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each)"
+    print(f"\nbudget {limit} tokens over {REPLICAS} replicas: spent {spent} ({len(answered)} answered); bound {limit + concurrency * per_request}")
