@@ -17,7 +17,7 @@ import pytest
 from conftest import postgres_schema
 from serve_helpers import fake_upstream, run_cli, running_server, write_config
 
-pytestmark = [pytest.mark.serve, pytest.mark.postgres]
+pytestmark = [pytest.mark.serve]
 LIMIT = 30
 SLICE = 3  # a tenth of the limit (guard/ratelimit.py)
 REPLICAS = 3
@@ -29,6 +29,7 @@ def _wait_for_a_fresh_minute() -> None:
         time.sleep(61 - datetime.now(UTC).second)
 
 
+@pytest.mark.postgres
 def test_three_replicas_admit_a_key_at_most_its_rate_plus_one_slice_each(tmp_path: Path) -> None:
     with postgres_schema() as url, fake_upstream() as upstream, ExitStack() as stack:
         config = write_config(tmp_path, upstream.url, database_url=url, limits={"requests_per_minute": LIMIT},
@@ -56,6 +57,7 @@ def test_three_replicas_admit_a_key_at_most_its_rate_plus_one_slice_each(tmp_pat
     print(f"\nrate {LIMIT}/min over {REPLICAS} replicas: {answered} answered")
 
 
+@pytest.mark.postgres
 def test_three_replicas_spend_an_items_budget_with_at_most_the_requests_in_flight_over_it(tmp_path: Path) -> None:
     """A 600-token budget spent by one key through three replicas at once (two requests at a time on
     each), the spend counters re-read only every 10 s (the default): each replica spends only what it
@@ -88,3 +90,30 @@ def test_three_replicas_spend_an_items_budget_with_at_most_the_requests_in_fligh
     assert spent == sum(answered)
     assert limit <= spent <= limit + concurrency * per_request, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each)"
     print(f"\nbudget {limit} tokens over {REPLICAS} replicas: spent {spent} ({len(answered)} answered); bound {limit + concurrency * per_request}")
+
+
+@pytest.mark.anyio
+async def test_a_replica_that_stops_gives_back_what_it_was_granted_and_did_not_spend(tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from conftest import make_settings, start_proxy
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import Lease
+    from taskproxy.upstream.mock import MockProvider
+
+    fake = FakeProvider()
+    settings = make_settings(tmp_path)
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        created = await proxy.http.post("/api/work-items", json={"id": "BACK-1", "budget_tokens": 10_000}, headers=proxy.admin_headers)
+        assert created.status_code == 201
+        key = await proxy.new_key()
+        reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                      headers={"authorization": f"Bearer {key}", "X-Work-Item": "BACK-1"})  # fmt: skip
+        assert reply.status_code == 200
+        spent = reply.json()["usage"]["total_tokens"]
+    engine = make_engine(settings.database_url)
+    with engine.connect() as connection:
+        held = connection.execute(select(Lease.granted).where(Lease.scope == "item:BACK-1")).scalar_one()
+    engine.dispose()
+    assert held == spent  # the slice it took (1,000 tokens) is back but for what it spent

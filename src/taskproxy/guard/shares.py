@@ -169,5 +169,7 @@ class BudgetShares:
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""
         with self._lock:
-            self._shares.clear()  # each share leaves through popitem: its unused part is queued
+            for share in self._shares.values():
+                self.give_back_later(share)
+            self._shares.clear()  # (clear() does not go through popitem)
         self.flush_returns()

@@ -38,7 +38,7 @@ class WorkItem(SQLModel, table=True):
     completed_at: datetime | None = Field(default=None, sa_type=DateTime(), index=True)
     budget_tokens: int | None = Field(default=None, sa_type=BigInteger())
     budget_usd: float | None = None
-    updated_at: datetime | None = Field(default=None, sa_type=DateTime())  # the last change, by anyone
+    updated_at: datetime | None = Field(default=None, sa_type=DateTime(), index=True)  # the last change, by anyone (a process starts with the latest)
     # The tracker that last changed the item and the time its event carried: a tracker's events are
     # ordered only against that same tracker's earlier events (a local edit never makes one stale).
     tracker: str | None = Field(default=None, max_length=16)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import bulk
@@ -61,10 +61,14 @@ def changed_since(connection: Connection, since: datetime) -> dict[Scope, tuple[
 
 
 def read(connection: Connection, scopes: Sequence[Scope]) -> dict[Scope, tuple[int, int]]:
-    """These counters (by primary key); a scope with no spend yet is absent."""
+    """These counters (by primary key: `ref IN (...)` per scope and period); a scope with no spend yet is absent."""
+    wanted: dict[tuple[str, str], list[str]] = {}
+    for scope, ref, period in scopes:
+        wanted.setdefault((scope, period), []).append(ref)
     found: dict[Scope, tuple[int, int]] = {}
-    for start in range(0, len(scopes), _KEYS_PER_QUERY):
-        chunk = scopes[start : start + _KEYS_PER_QUERY]
-        query = select(_S.scope, _S.ref, _S.period, _S.tokens, _S.cost_nanos).where(tuple_(_S.scope, _S.ref, _S.period).in_(chunk))
-        found.update({(row[0], row[1], row[2]): (int(row[3]), int(row[4])) for row in connection.execute(query)})
+    for (scope, period), refs in wanted.items():
+        for start in range(0, len(refs), _KEYS_PER_QUERY):
+            chunk = refs[start : start + _KEYS_PER_QUERY]
+            query = select(_S.ref, _S.tokens, _S.cost_nanos).where(_S.scope == scope, _S.period == period, _S.ref.in_(chunk))
+            found.update({(scope, row[0], period): (int(row[1]), int(row[2])) for row in connection.execute(query)})
     return found

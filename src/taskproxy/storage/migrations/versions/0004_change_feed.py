@@ -1,5 +1,5 @@
 """the working set, not the history: a change feed (keys and work items), spend counters per work item
-and per team-month kept by the writer (filled here from the daily rollup), an index on api_keys.team,
+and per team-month kept by the writer (filled here from the daily rollup), indexes on api_keys.team and work_items.updated_at,
 leases of shared allowances (a key's requests per minute, item and team budgets, across replicas)
 
 Revision ID: 0004
@@ -45,6 +45,8 @@ def upgrade() -> None:
 
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.create_index('ix_api_keys_team', ['team'], unique=False)
+    with op.batch_alter_table('work_items', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_work_items_updated_at'), ['updated_at'], unique=False)
 
     op.create_table('leases',
     sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=240), nullable=False),
@@ -70,6 +72,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('work_items', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_work_items_updated_at'))
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index('ix_api_keys_team')
     op.drop_table('leases')

@@ -1,0 +1,286 @@
+"""Seed scale: `python bench/scale.py [--postgres URL] [--schema NAME] [--events N] [--skip-seed] ...`
+
+Builds (or resumes building) the seed organisation in a PostgreSQL schema of its own with
+`bench/seed_org.py` (default: 85,000 keys, 5,000 teams, 2,000,000 work items, 100,000,000 usage
+events over 90 days; database `TASKPROXY_BENCH_POSTGRES_URL`, default
+`postgresql://postgres@127.0.0.1:5432/taskproxy_bench`, created if missing; never `test`), then, with
+three `taskproxy serve` replicas against it (mode `active`, a default per-item budget and team
+budgets, so every request looks up its key, its item and their spend), measures:
+
+- per replica: resident memory after the load (and its peak), and CPU used while idle for
+  `--idle-seconds` (the background refreshes: change feed, spend counters), as % of a core;
+- how long a revocation and an item's completion made through one replica take to reach the other
+  two (each replica had used the key and the item before);
+- added latency p50/p99 at concurrency 1 and 32 (bench/loadgen.py, the fake provider in its own
+  process), against the same replica configuration on an empty schema;
+- the writer's sustained insert rate into the seeded schema from one process (repo.write_batch,
+  batches of 500: events, rollups and spend counters in one transaction);
+- the adoption report, a work item's view, a team report and the signals over the last 30 days;
+- `serve --workers 2` against one worker: requests/s at concurrency 32.
+
+Prints a markdown table and writes bench/results/scale.json. The numbers in docs/scale.md come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from loadgen import run_load  # noqa: E402
+from seed_org import schema_url, seed  # noqa: E402
+from targets import FakeProvider, Taskproxy  # noqa: E402
+from write_path import make_rows  # noqa: E402
+
+from taskproxy.reports.adoption import adoption_report  # noqa: E402
+from taskproxy.reports.items import work_item_view  # noqa: E402
+from taskproxy.reports.signals import gaming_signals  # noqa: E402
+from taskproxy.reports.usage import usage_grouped  # noqa: E402
+from taskproxy.storage import repo  # noqa: E402
+from taskproxy.storage.db import make_engine, upgrade_schema  # noqa: E402
+from taskproxy.timeutil import utcnow  # noqa: E402
+
+RESULTS = BENCH / "results"
+DEFAULT_POSTGRES = os.environ.get("TASKPROXY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/taskproxy_bench")
+REPLICAS = 3
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss": int(status["VmRSS"].split()[0]) / 1024, "peak": int(status["VmHWM"].split()[0]) / 1024}
+
+
+class Replica(Taskproxy):
+    """`taskproxy serve` on the seeded schema, configured as a large company would run it."""
+
+    def __init__(self, folder: Path, provider_url: str, database_url: str, name: str, workers: int = 1) -> None:
+        self.workers = workers
+        self.startup_s = 0.0
+        super().__init__(folder, provider_url, database_url, name)
+
+    def configure(self, *, slowed_down: bool = False) -> None:
+        config = {
+            "database_url": self.database_url,
+            "models": [{"name": "gpt-4o-mini", "provider": "openai", "base_url": f"{self.provider_url}/v1"}],
+            "recording": {"spool_path": str(self.folder / f"{self.name}-spool.jsonl")},
+            "work_items": {"mode": "active"},
+            "budgets": {"work_item_tokens": 10**15, "teams": {f"team-{n}": {"tokens": 10**15} for n in range(20)}},
+        }
+        self.config.write_text(json.dumps(config, indent=2))
+
+    def command(self, port: int) -> list[str]:
+        return [*super().command(port), "--workers", str(self.workers)]
+
+    def admin(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_key}"}
+
+    def new_key(self, owner: str, team: str) -> tuple[str, str]:
+        reply = httpx.post(f"{self.url}/api/keys", json={"owner": owner, "team": team}, headers=self.admin(), timeout=30)
+        reply.raise_for_status()
+        return reply.json()["id"], reply.json()["key"]
+
+
+def ask(url: str, key: str, item: str, expect: int | None = None) -> int:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}", "X-Work-Item": item}, timeout=30)
+    if expect is not None and reply.status_code != expect:
+        raise RuntimeError(f"{url}: {item}: {reply.status_code} {reply.text[:300]}")
+    return reply.status_code
+
+
+def seconds_until(check: Callable[[], bool], since: float, timeout: float = 60.0) -> float:
+    """Seconds from `since` (perf_counter) until `check()` holds."""
+    while not check():
+        if time.perf_counter() - since > timeout:
+            raise RuntimeError(f"not reached within {timeout} s")
+        time.sleep(0.02)
+    return time.perf_counter() - since
+
+
+def open_items(url: str, count: int) -> list[str]:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id FROM work_items WHERE status IN ('open', 'in_progress') AND budget_tokens IS NULL ORDER BY id LIMIT :n"), {"n": count})
+        found = [row[0] for row in rows]
+    engine.dispose()
+    return found
+
+
+def latency(replica: Replica, key: str, item: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {key}", "X-Work-Item": item}
+    result = asyncio.run(run_load(f"{replica.url}/v1/chat/completions", concurrency=concurrency, duration=seconds, max_requests=200_000,
+                                  headers=headers, warmup=1.0))  # fmt: skip
+    return {k: result[k] for k in ("count", "rps", "p50_ms", "p99_ms", "errors", "error_examples")}
+
+
+def propagation(replicas: list[Replica], item: str) -> dict[str, float]:
+    """A key and an item used on every replica; revoked and completed through the first; the time until
+    each of the others refuses."""
+    key_id, key = replicas[0].new_key("propagation", "team-1")
+    for replica in replicas:
+        ask(replica.url, key, item, expect=200)
+    httpx.delete(f"{replicas[0].url}/api/keys/{key_id}", headers=replicas[0].admin(), timeout=30).raise_for_status()
+    committed = time.perf_counter()
+    revocation = max(seconds_until(lambda r=r: ask(r.url, key, item) == 401, committed) for r in replicas[1:])
+    _, other = replicas[0].new_key("propagation-2", "team-1")
+    for replica in replicas:
+        ask(replica.url, other, item, expect=200)
+    httpx.post(f"{replicas[0].url}/api/work-items/{item}/complete", headers=replicas[0].admin(), timeout=30).raise_for_status()
+    committed = time.perf_counter()
+    completion = max(seconds_until(lambda r=r: ask(r.url, other, item) == 403, committed) for r in replicas[1:])
+    return {"revocation_s": revocation, "completion_s": completion}
+
+
+def writer_rate(url: str, seconds: float) -> dict[str, float]:
+    engine = make_engine(url)
+    rng = random.Random(7)
+    written, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        rows = make_rows(500, rng, keys=2000)
+        repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+        written += len(rows)
+    took = time.perf_counter() - started
+    engine.dispose()
+    return {"events": written, "seconds": took, "events_per_s": written / took}
+
+
+def timed(call: Callable[[], Any], runs: int = 3) -> dict[str, float]:
+    call()  # warm-up
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def reports(url: str) -> dict[str, dict[str, float]]:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        busy = connection.execute(text("SELECT ref FROM spend_counters WHERE scope = 'item' ORDER BY tokens DESC LIMIT 1")).scalar_one()
+    since = utcnow() - timedelta(days=30)
+    found = {
+        "adoption report, 30 days": timed(lambda: adoption_report(engine, since=since, until=utcnow())),
+        f"work item view ({busy}, the busiest)": timed(lambda: work_item_view(engine, busy)),
+        "team report (usage by team), 30 days": timed(lambda: usage_grouped(engine, "team", since)),
+        "signals, 30 days": timed(lambda: gaming_signals(engine, since=since, until=utcnow()), runs=1),
+    }
+    engine.dispose()
+    return found
+
+
+@contextmanager
+def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: str, workers: int = 1) -> Iterator[list[Replica]]:
+    with ExitStack() as stack:
+        started: list[Replica] = []
+        for n in range(count):
+            replica = Replica(folder, provider_url, url, f"{prefix}-{n}", workers=workers)
+            replica.startup_s = replica.start(timeout=300)
+            stack.callback(replica.stop)
+            started.append(replica)
+        yield started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
+    parser.add_argument("--schema", default="bench_seed")
+    parser.add_argument("--keys", type=int, default=85_000)
+    parser.add_argument("--teams", type=int, default=5_000)
+    parser.add_argument("--items", type=int, default=2_000_000)
+    parser.add_argument("--events", type=int, default=100_000_000)
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--skip-seed", action="store_true", help="measure the schema as it is")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--load-seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    folder = BENCH / "results" / "scale-run"
+    folder.mkdir(parents=True, exist_ok=True)
+    seeded_url = schema_url(args.postgres, args.schema)
+    if not args.skip_seed:
+        seed(args.postgres, args.schema, keys=args.keys, teams=args.teams, items=args.items, events=args.events, days=args.days, log=log)
+    empty_url = schema_url(args.postgres, "bench_empty")
+    admin = create_engine(args.postgres.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS bench_empty CASCADE"))
+        connection.execute(text("CREATE SCHEMA bench_empty"))
+    admin.dispose()
+    upgrade_schema(make_engine(empty_url))
+    with make_engine(seeded_url).connect() as connection:
+        sizes = {t: connection.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("api_keys", "work_items", "usage_events")}
+    log(f"measuring on {sizes}")
+    results: dict[str, Any] = {"sizes": sizes, "machine": platform.platform(), "cpus": os.cpu_count()}
+
+    fake = FakeProvider(folder)
+    fake.start()
+    try:
+        items = open_items(seeded_url, 4000)
+        with replicas_on(folder, fake.url, seeded_url, REPLICAS, "seeded") as replicas:
+            results["startup_s"] = [r.startup_s for r in replicas]
+            results["startup_rss_mib"] = [memory_mib(r.proc.pid)["rss"] for r in replicas]
+            keys = [replicas[n % REPLICAS].new_key(f"load-{n}", f"team-{n % 50}") for n in range(60)]
+            log("spreading requests over 60 keys and 3,000 items on the three replicas")
+            for n in range(3000):
+                ask(replicas[n % REPLICAS].url, keys[n % len(keys)][1], items[n], expect=200)
+            results["seeded"] = {c: latency(replicas[0], keys[0][1], items[0], c, args.load_seconds) for c in (1, 32)}
+            log(f"latency on the seeded schema: {results['seeded']}")
+            results["propagation"] = propagation(replicas, items[-1])
+            log(f"propagation: {results['propagation']}")
+            cpu_before = [cpu_seconds(r.proc.pid) for r in replicas]
+            log(f"idle for {args.idle_seconds:.0f} s: the background refreshes alone")
+            time.sleep(args.idle_seconds)
+            results["idle_cpu_percent"] = [100 * (cpu_seconds(r.proc.pid) - b) / args.idle_seconds for r, b in zip(replicas, cpu_before, strict=True)]
+            results["memory_mib"] = [memory_mib(r.proc.pid) for r in replicas]
+            log(f"idle CPU {results['idle_cpu_percent']}, memory {results['memory_mib']}")
+        with replicas_on(folder, fake.url, empty_url, 1, "empty") as (empty,):
+            empty.new_key("load", "team-1")
+            httpx.post(f"{empty.url}/api/work-items", json={"id": "EMPTY-1"}, headers=empty.admin(), timeout=30).raise_for_status()
+            _, key = empty.new_key("load-2", "team-1")
+            results["empty"] = {c: latency(empty, key, "EMPTY-1", c, args.load_seconds) for c in (1, 32)}
+            log(f"latency on an empty schema: {results['empty']}")
+        for workers in (1, 2):
+            with replicas_on(folder, fake.url, seeded_url, 1, f"workers-{workers}", workers=workers) as (served,):
+                _, key = served.new_key(f"workers-{workers}", "team-1")
+                results[f"workers_{workers}"] = latency(served, key, items[1], 32, args.load_seconds)
+                log(f"--workers {workers}: {results[f'workers_{workers}']}")
+    finally:
+        fake.stop()
+    results["writer"] = writer_rate(seeded_url, 20.0)
+    log(f"writer: {results['writer']}")
+    results["reports"] = reports(seeded_url)
+    log(f"reports: {results['reports']}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
