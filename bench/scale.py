@@ -18,7 +18,7 @@ budgets, so every request looks up its key, its item and their spend), measures:
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
 - `serve --workers 2` against one worker: requests/s at concurrency 32.
 
-Prints a markdown table and writes bench/results/scale.json. The numbers in docs/scale.md come from it.
+Prints the results and writes them to bench/results/scale-<parts>.json. The numbers in docs/scale.md come from it.
 """
 
 from __future__ import annotations
@@ -207,6 +207,10 @@ def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: s
         yield started
 
 
+class _Skip(Exception):
+    """The replicas' measurements are not wanted (--parts)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
@@ -219,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-seed", action="store_true", help="measure the schema as it is")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--parts", default="replicas,writer,reports", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
 
     folder = BENCH / "results" / "scale-run"
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     fake = FakeProvider(folder)
     fake.start()
     try:
+        if "replicas" not in parts:
+            raise _Skip
         items = open_items(seeded_url, 4000)
         with replicas_on(folder, fake.url, seeded_url, REPLICAS, "seeded") as replicas:
             results["startup_s"] = [r.startup_s for r in replicas]
@@ -270,14 +278,18 @@ def main(argv: list[str] | None = None) -> int:
                 _, key = served.new_key(f"workers-{workers}", "team-1")
                 results[f"workers_{workers}"] = latency(served, key, items[1], 32, args.load_seconds)
                 log(f"--workers {workers}: {results[f'workers_{workers}']}")
+    except _Skip:
+        pass
     finally:
         fake.stop()
-    results["writer"] = writer_rate(seeded_url, 20.0)
-    log(f"writer: {results['writer']}")
-    results["reports"] = reports(seeded_url)
-    log(f"reports: {results['reports']}")
+    if "writer" in parts:
+        results["writer"] = writer_rate(seeded_url, 20.0)
+        log(f"writer: {results['writer']}")
+    if "reports" in parts:
+        results["reports"] = reports(seeded_url)
+        log(f"reports: {results['reports']}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(results, indent=2, default=str))
+    (RESULTS / f"scale-{'-'.join(sorted(parts))}.json").write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))
     return 0
 

@@ -497,3 +497,29 @@ async def test_signals_and_reports_count_the_same_requests(tmp_path: Path, fake:
     assert len(heavy) == 1, report
     assert heavy[0]["evidence"]["requests"] == item["requests"] == 3
     assert [w["requests"] for w in heavy[0]["work_items"]] == [3]
+
+
+@pytest.mark.postgres
+def test_the_signals_of_more_keys_than_a_statement_can_bind(postgres_url: str) -> None:
+    """An organisation has more keys than PostgreSQL binds parameters in one statement (65,535): 65,536
+    keys, each sending three requests a minute apart, are each flagged for their machine cadence."""
+    import random
+
+    from taskproxy.reports.signals import gaming_signals
+    from taskproxy.settings import SignalSettings
+    from taskproxy.storage import bulk
+    from taskproxy.storage.db import make_engine, upgrade_schema
+    from taskproxy.storage.models import UsageEvent
+    from test_rollup import event
+
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    rng, keys, start = random.Random(9), 65_536, SINCE + timedelta(hours=1)
+    rows = [event(rng, start + timedelta(minutes=n), key_id=f"k{k:05d}", owner=f"p{k}", attempt=1, status=200, route="/v1/chat/completions")
+            for k in range(keys) for n in range(3)]  # fmt: skip
+    with engine.begin() as connection:
+        bulk.insert_new(connection, UsageEvent.__table__, rows)
+    report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=SignalSettings(cadence_min_requests=3))
+    engine.dispose()
+    cadence = [s for s in report["signals"] if s["kind"] == "machine_cadence"]
+    assert len(cadence) == keys and {s["evidence"]["interval_cv"] for s in cadence} == {0.0}

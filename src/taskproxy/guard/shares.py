@@ -3,9 +3,10 @@
 A budget (a work item's, a team's in one month) is an allowance in the database (storage/leases.py).
 A process takes a slice of it at a time (a tenth of the budget, or twice the largest request it has
 seen on it, whichever is more) and admits requests while what it has spent of its slices is below
-what it was granted. The next slice is asked for in the background once half of the last one is
-spent; a request that finds the slices spent waits for the next (at most `LEASE_WAIT_SECONDS`), and is
-refused when the allowance is gone. What a process was granted and did not spend goes back when the
+what it was granted. The first request on a budget goes on credit while the first slice is fetched;
+the next slice is asked for in the background once half of the last one is spent; a request that finds
+the slices spent waits for the next (at most `LEASE_WAIT_SECONDS`), and is refused when the allowance
+is gone. What a process was granted and did not spend goes back when the
 item leaves its working set and when the process stops (a process that is killed keeps its slices:
 the budget is under-spent by them, never over-spent).
 
@@ -49,6 +50,7 @@ class _Share:
     largest: int = 0  # the largest request charged to it, per measure: slices are at least twice that
     largest_nanos: int = 0
     exhausted: bool = False  # every replica together holds the whole budget
+    credited: bool = False  # the first request was admitted before any slice arrived
     alone_until: float = 0.0  # the database did not answer: until then this process checks against its own count
     arrived: asyncio.Event | None = None  # set when the slice asked for arrives
 
@@ -103,6 +105,13 @@ class BudgetShares:
         if share.alone_until > time.monotonic():
             return True  # checked against the process's own count of the spend (Budgets)
         if not share.room(limits) and not share.exhausted:
+            if not share.credited and share.granted == 0 and share.granted_nanos == 0:
+                # The first request here on this budget goes on credit while its first slice is fetched:
+                # a new item costs its first request no database round trip.
+                share.credited = True
+                if share.arrived is None:
+                    self._ask(share, limits, spent)
+                return True
             if share.arrived is None:
                 self._ask(share, limits, spent)
             with anyio.move_on_after(LEASE_WAIT_SECONDS) as waiting:

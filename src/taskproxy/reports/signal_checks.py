@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,6 +36,8 @@ from taskproxy.reports.signal_data import (
     status_of,
     totals,
 )
+
+_KEYS_PER_QUERY = 5000
 
 
 Found = tuple[str, dict[str, Any], list[dict[str, Any]]]
@@ -174,11 +177,6 @@ def cadence(
     )
     if not wanted:
         return []
-    query = (
-        select(EVENTS.key_id, EVENTS.ts)
-        .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.key_id.in_(wanted))
-        .order_by(EVENTS.key_id, EVENTS.ts)
-    )
     found: list[Found] = []
     current: Intervals | None = None
     current_key: str | None = None
@@ -191,7 +189,7 @@ def cadence(
                     (current_key, result, listed([item_entry(items, s) for s in spend[current_key].values() if s.requests]))
                 )
 
-    for key_id, ts in connection.execute(query.execution_options(yield_per=20_000)):
+    for key_id, ts in _requests_by_key(connection, wanted, since, until):
         if key_id != current_key:
             finish()
             current, current_key = Intervals(), key_id
@@ -205,6 +203,18 @@ def cadence(
         current.day_hours[ts.date()].add(ts.hour)
     finish()
     return found
+
+
+def _requests_by_key(connection: Connection, keys: list[str], since: datetime, until: datetime) -> Iterator[tuple[str, datetime]]:
+    """(key, time) of the keys' requests in the period, by key then time. The keys are bound a few
+    thousand a statement (PostgreSQL takes at most 65,535 parameters; an organisation has more keys)."""
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        query = (
+            select(EVENTS.key_id, EVENTS.ts)
+            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.key_id.in_(keys[start : start + _KEYS_PER_QUERY]))
+            .order_by(EVENTS.key_id, EVENTS.ts)
+        )
+        yield from connection.execute(query.execution_options(yield_per=20_000))  # type: ignore[misc]
 
 
 def _cadence_evidence(run: Intervals, t: SignalSettings) -> dict[str, Any] | None:
