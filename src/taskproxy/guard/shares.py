@@ -112,10 +112,13 @@ class BudgetShares:
                 if share.arrived is None:
                     self._ask(share, limits, spent)
                 return True
-            if share.arrived is None:
-                self._ask(share, limits, spent)
+            # Wait for slices until there is room or the budget is gone (a slice asked for before the
+            # first answers were counted can be smaller than a request).
             with anyio.move_on_after(LEASE_WAIT_SECONDS) as waiting:
-                await share.arrived.wait()  # type: ignore[union-attr]
+                while not share.room(limits) and not share.exhausted and share.alone_until <= time.monotonic():
+                    if share.arrived is None:
+                        self._ask(share, limits, spent)
+                    await share.arrived.wait()  # type: ignore[union-attr]
             if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets)
                 return True
         if share.alone_until > time.monotonic():
