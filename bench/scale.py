@@ -142,19 +142,22 @@ def latency(replica: Replica, key: str, item: str, concurrency: int, seconds: fl
 def propagation(replicas: list[Replica], item: str) -> dict[str, float]:
     """A key and an item used on every replica; revoked and completed through the first; the time until
     each of the others refuses."""
-    key_id, key = replicas[0].new_key("propagation", "team-1")
-    for replica in replicas:
-        ask(replica.url, key, item, expect=200)
-    httpx.delete(f"{replicas[0].url}/api/keys/{key_id}", headers=replicas[0].admin(), timeout=30).raise_for_status()
-    committed = time.perf_counter()
-    revocation = max(seconds_until(lambda r=r: ask(r.url, key, item) == 401, committed) for r in replicas[1:])
-    _, other = replicas[0].new_key("propagation-2", "team-1")
-    for replica in replicas:
-        ask(replica.url, other, item, expect=200)
-    httpx.post(f"{replicas[0].url}/api/work-items/{item}/complete", headers=replicas[0].admin(), timeout=30).raise_for_status()
-    committed = time.perf_counter()
-    completion = max(seconds_until(lambda r=r: ask(r.url, other, item) == 403, committed) for r in replicas[1:])
-    return {"revocation_s": revocation, "completion_s": completion}
+    first = replicas[0]
+
+    def seconds_to_reach_the_others(owner: str, change: Callable[[str], httpx.Response], refused: int) -> float:
+        key_id, key = first.new_key(owner, "team-1")
+        for replica in replicas:
+            ask(replica.url, key, item, expect=200)
+        change(key_id).raise_for_status()
+        committed = time.perf_counter()
+        return max(seconds_until(lambda r=r: ask(r.url, key, item) == refused, committed) for r in replicas[1:])
+
+    return {
+        "revocation_s": seconds_to_reach_the_others(
+            "propagation", lambda key_id: httpx.delete(f"{first.url}/api/keys/{key_id}", headers=first.admin(), timeout=30), 401),
+        "completion_s": seconds_to_reach_the_others(
+            "propagation-2", lambda _: httpx.post(f"{first.url}/api/work-items/{item}/complete", headers=first.admin(), timeout=30), 403),
+    }  # fmt: skip
 
 
 def writer_rate(url: str, seconds: float) -> dict[str, float]:
