@@ -214,7 +214,7 @@ class KeyStore:
         return key, token
 
     async def revoke(self, key_id: str) -> ApiKey:
-        """Revoke a key (as `revoke`); this process refuses it at once, and no reload brings it back."""
+        """Revoke a key (as `revoke`); this process refuses it at once, and no refresh brings it back."""
         key = await anyio.to_thread.run_sync(revoke, self._engine, key_id)
         await anyio.to_thread.run_sync(self.forget, key_id)
         return key
