@@ -29,7 +29,8 @@ from taskproxy.money import usd
 from taskproxy.storage import repo, rollup
 from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
 from taskproxy.storage.models import SpendCounter, UsageEvent, WorkItem
-from taskproxy.storage.writer import BatchWriter, Record
+from taskproxy.storage.batch import Record
+from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import iso
 
 T0 = datetime(2026, 3, 2, 8)

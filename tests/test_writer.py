@@ -23,7 +23,8 @@ from taskproxy.audit import AuditRead
 from taskproxy.metering.usage import Rejected
 from taskproxy.storage.db import upgrade_schema
 from taskproxy.storage.models import AuditEntry, Rejection
-from taskproxy.storage.writer import DOWN_PAUSE_SECONDS, BatchWriter, Record, replay_set_aside
+from taskproxy.storage.batch import Record
+from taskproxy.storage.writer import DOWN_PAUSE_SECONDS, BatchWriter, replay_set_aside
 from taskproxy.timeutil import utcnow
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from starlette.requests import Request
 
 from taskproxy.guard.auth import Principal
-from taskproxy.storage.writer import Record, UsageSink
+from taskproxy.storage.batch import Record, UsageSink
 from taskproxy.timeutil import utcnow
 
 

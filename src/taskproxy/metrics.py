@@ -14,7 +14,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from taskproxy.money import usd
-from taskproxy.storage.writer import BatchWriter, Record
+from taskproxy.storage.batch import Record
+from taskproxy.storage.writer import BatchWriter
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

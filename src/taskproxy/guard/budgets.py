@@ -37,7 +37,7 @@ from taskproxy.guard.shares import BudgetShares
 from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage import spend
-from taskproxy.storage.writer import Record
+from taskproxy.storage.batch import Record
 
 log = logging.getLogger("taskproxy.budgets")
 

@@ -143,12 +143,11 @@ class ItemCache:
                 self._missing[item_id] = True
             else:
                 self._items[item_id] = known
+                self._missing.pop(item_id, None)
 
     def note(self, item: WorkItem) -> None:
         """An item changed through this process: known at once, without waiting for the change feed."""
         self._remember(item.id, KnownItem(item.status, item.budget_tokens, item.budget_usd))
-        with self._lock:
-            self._missing.pop(item.id, None)
 
     def note_changes(self, statuses: dict[str, str]) -> None:
         with self._lock:

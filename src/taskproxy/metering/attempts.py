@@ -24,7 +24,7 @@ from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.metering.usage import Exchange
 from taskproxy.settings import ModelSettings
-from taskproxy.storage.writer import UsageSink
+from taskproxy.storage.batch import UsageSink
 
 
 @dataclass

@@ -33,7 +33,7 @@ from taskproxy.errors import UpstreamError
 from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
-from taskproxy.storage.writer import Record
+from taskproxy.storage.batch import Record
 
 log = logging.getLogger("taskproxy.metering")
 

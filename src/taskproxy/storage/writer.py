@@ -28,93 +28,21 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Protocol
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from taskproxy.storage import repo
+from taskproxy.storage.batch import Batch, Record, Recordable, database_down, write
 from taskproxy.storage.spool import Spool
 
 log = logging.getLogger("taskproxy.writer")
 
-_DATETIME_FIELDS = {"ts", "created_at", "completed_at"}
 RETRY_INTERVAL_SECONDS = 1.0  # how often the spool (and what is held in memory) is retried
 DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once for this long instead of trying it
 BACKLOG_BATCHES = 10
-KINDS = ("events", "rejections", "audit")
-
-
-@dataclass
-class Record:
-    """Rows for one usage event, refusal or audit entry, and the work item to register if it is new."""
-
-    kind: Literal["event", "rejection", "audit"]
-    row: dict
-    new_work_item: dict | None = None
-    charged: tuple[int, int] = (0, 0)  # (tokens, nano-USD) the request path already counted against budgets
-
-
-class Recordable(Protocol):
-    def to_record(self) -> Record: ...
-
-
-class UsageSink(Protocol):
-    """Where the request path hands what it observed. Must return at once."""
-
-    def submit(self, item: Recordable) -> None: ...
-
-
-@dataclass
-class _Batch:
-    events: list[dict] = field(default_factory=list)
-    rejections: list[dict] = field(default_factory=list)
-    audit: list[dict] = field(default_factory=list)
-    items: dict[str, dict] = field(default_factory=dict)
-
-    def add(self, record: Record) -> None:
-        {"event": self.events, "rejection": self.rejections, "audit": self.audit}[record.kind].append(record.row)
-        if record.new_work_item is not None:
-            self.items.setdefault(record.new_work_item["id"], record.new_work_item)
-
-    def __len__(self) -> int:
-        return len(self.events) + len(self.rejections) + len(self.audit)
-
-    def as_dict(self) -> dict:
-        return {"events": self.events, "rejections": self.rejections, "audit": self.audit, "items": list(self.items.values())}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> _Batch:
-        return cls(
-            events=[_revive(r) for r in data.get("events", ())], rejections=[_revive(r) for r in data.get("rejections", ())],
-            audit=[_revive(r) for r in data.get("audit", ())], items={r["id"]: _revive(r) for r in data.get("items", ())},
-        )  # fmt: skip
-
-    def units(self) -> list[_Batch]:
-        """One batch per row; an event carries the work item it registers."""
-        found = [_Batch(events=[row], items={row["work_item"]: self.items[row["work_item"]]} if row["work_item"] in self.items else {})
-                 for row in self.events]  # fmt: skip
-        found += [_Batch(rejections=[row]) for row in self.rejections] + [_Batch(audit=[row]) for row in self.audit]
-        registered = {row["work_item"] for row in self.events}
-        found += [_Batch(items={item_id: item}) for item_id, item in self.items.items() if item_id not in registered]
-        return found
-
-    @classmethod
-    def merged(cls, parts: Iterable[_Batch]) -> _Batch:
-        batch = cls()
-        for part in parts:
-            batch.events += part.events
-            batch.rejections += part.rejections
-            batch.audit += part.audit
-            batch.items.update(part.items)
-        return batch
-
-    def rows(self) -> int:
-        return len(self) or len(self.items)
 
 
 class _Marker:
@@ -125,15 +53,6 @@ class _Marker:
 
 
 _STOP = object()
-
-
-def database_down(exc: BaseException) -> bool:
-    """The database could not be reached (spool and retry), as opposed to refusing a row."""
-    return isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
-
-
-def write(engine: Engine, batch: _Batch) -> None:
-    repo.write_batch(engine, events=batch.events, rejections=batch.rejections, audit=batch.audit, new_items=batch.items.values())
 
 
 class _Refusals:
@@ -181,7 +100,7 @@ class BatchWriter:
         self._urgent = threading.Event()  # set by flush() and close(): write now
         self._thread: threading.Thread | None = None
         self._refusals = _Refusals(refusals_interval)  # a flood of refusals is a few rows a second, not one a request
-        self._held: list[_Batch] = []  # neither written nor spooled: retried from memory
+        self._held: list[Batch] = []  # neither written nor spooled: retried from memory
         self._held_rows = 0
         self._down_since: float | None = None  # the database failed at this time, and has not answered since
         self._spool_error: str | None = None  # the last spool write failed with this
@@ -282,11 +201,11 @@ class BatchWriter:
             for marker in markers:
                 marker.done.set()
 
-    def _collect(self) -> tuple[_Batch, list[_Marker], bool]:
+    def _collect(self) -> tuple[Batch, list[_Marker], bool]:
         """Wait for the first item, then let the interval pass and take what has arrived meanwhile
         (up to a full batch). The thread wakes once per interval, not once per request: each wake-up
         would take the GIL from the event loop. `flush()` and `close()` cut the wait short."""
-        batch, markers = _Batch(), []
+        batch, markers = Batch(), []
         try:
             first = self._queue.get(timeout=self._flush_interval)
         except queue.Empty:
@@ -310,7 +229,7 @@ class BatchWriter:
             except queue.Empty:
                 return batch, markers, False
 
-    def _drain_into(self, batch: _Batch, markers: list[_Marker]) -> None:
+    def _drain_into(self, batch: Batch, markers: list[_Marker]) -> None:
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -321,7 +240,7 @@ class BatchWriter:
             elif item is not _STOP:
                 self._add(batch, item)
 
-    def _add(self, batch: _Batch, item: object) -> None:
+    def _add(self, batch: Batch, item: object) -> None:
         try:
             record = item.to_record()  # type: ignore[attr-defined]
         except Exception:  # to_record is written never to raise; this is the last line of defence
@@ -342,14 +261,14 @@ class BatchWriter:
     def _database_resting(self) -> bool:
         return self._down_since is not None and time.monotonic() - self._down_since < DOWN_PAUSE_SECONDS
 
-    def _write(self, batch: _Batch) -> None:
+    def _write(self, batch: Batch) -> None:
         if self._database_resting():  # it failed a moment ago: don't make every batch wait on it
             self._park(batch)
             return
         if not self._commit(batch):
             self._park(batch)
 
-    def _commit(self, batch: _Batch) -> bool:
+    def _commit(self, batch: Batch) -> bool:
         """Write `batch`, setting aside the rows the database refuses for themselves. False: it is down."""
         try:
             write(self._engine, batch)
@@ -365,14 +284,14 @@ class BatchWriter:
         self.committed += len(batch)
         return True
 
-    def _isolate(self, units: list[_Batch]) -> bool:
+    def _isolate(self, units: list[Batch]) -> bool:
         """Write `units` in halves until each row the database refuses stands alone; set those aside."""
         if len(units) == 1:
             return self._write_alone(units[0])
         middle = len(units) // 2
         for part in (units[:middle], units[middle:]):
             try:
-                write(self._engine, _Batch.merged(part))
+                write(self._engine, Batch.merged(part))
                 self.committed += sum(len(unit) for unit in part)
             except SQLAlchemyError as exc:
                 if database_down(exc):
@@ -382,7 +301,7 @@ class BatchWriter:
                     return False
         return True
 
-    def _write_alone(self, unit: _Batch) -> bool:
+    def _write_alone(self, unit: Batch) -> bool:
         try:
             write(self._engine, unit)
             self.committed += len(unit)
@@ -392,12 +311,12 @@ class BatchWriter:
                 self._down_since = time.monotonic()
                 return False
             if unit.events and unit.items:  # perhaps only the item it registers is refused: keep the event
-                item = _Batch(items=unit.items)
-                return self._write_alone(_Batch(events=unit.events)) and self._write_alone(item)
+                item = Batch(items=unit.items)
+                return self._write_alone(Batch(events=unit.events)) and self._write_alone(item)
             self._set_aside(unit, _reason(exc))
             return True
 
-    def _set_aside(self, unit: _Batch, reason: str) -> None:
+    def _set_aside(self, unit: Batch, reason: str) -> None:
         rows = unit.rows()
         self.set_aside += rows
         log.error("set aside %d row(s) the database refused (%s); kept in %s for replay", rows, reason, self._spool.set_aside)
@@ -406,7 +325,7 @@ class BatchWriter:
         except OSError as exc:
             log.error("could not keep the set-aside row(s) on disk (%s): %s", exc, unit.as_dict())
 
-    def _park(self, batch: _Batch) -> None:
+    def _park(self, batch: Batch) -> None:
         """The database is down: spool the batch, or hold it in memory if the spool cannot be written."""
         try:
             self._spool.append(batch.as_dict())
@@ -455,7 +374,7 @@ class BatchWriter:
 
     def _write_spooled(self, data: dict) -> None:
         """Write one spooled batch; rows the database refuses for themselves are set aside. Raises only if it is down."""
-        batch = _Batch.from_dict(data)
+        batch = Batch.from_dict(data)
         try:
             write(self._engine, batch)
         except SQLAlchemyError as exc:
@@ -479,7 +398,7 @@ def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
     entries = spool.take_set_aside()
     written = kept = 0
     for reason, data in entries:
-        batch = _Batch.from_dict(data)
+        batch = Batch.from_dict(data)
         try:
             write(engine, batch)
             written += batch.rows()
@@ -495,7 +414,3 @@ def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
 def _reason(exc: BaseException) -> str:
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{exc.__class__.__name__}: {detail[0][:300] if detail else ''}"
-
-
-def _revive(row: dict) -> dict:
-    return {k: datetime.fromisoformat(v) if k in _DATETIME_FIELDS and isinstance(v, str) else v for k, v in row.items()}
