@@ -41,8 +41,8 @@ names owners or keys and has no per-person figure. Teams listed: every team of a
 the team of every item with usage in the period or completed in it, sorted by name.
 
 Queries aggregate in SQL (per work item, per model), reading spend from the usage rollups
-(`adoption_data.py`, `storage/rollup.py`); only those aggregates, the work items and their status
-changes are loaded into Python for the arithmetic.
+(`adoption_data.py`, `storage/rollup.py`); only those aggregates and the work items the period touched,
+with their status changes and links, are loaded into Python for the arithmetic.
 """
 
 from __future__ import annotations
@@ -181,11 +181,7 @@ def adoption_report(
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     with engine.connect() as connection:
-        items = data.load_items(connection)
-        data.load_completed(connection, items, since, until)
-        data.load_period_spend(connection, items, since, until)
-        data.load_statuses_at(connection, items, since, until)
-        data.load_links(connection, items)
+        items = data.load(connection, since, until)
         data.assign_teams(connection, items, since, until)
         people = privacy.team_sizes(connection)
         rejections = data.rejections(connection, since, until)

@@ -1,5 +1,7 @@
-"""What the adoption report reads (the definitions are in `adoption.py`'s docstring): the work items, the
-spend aggregated per item and model, status history, links, people per team and rejections.
+"""What the adoption report reads (the definitions are in `adoption.py`'s docstring): the work items the
+period touched (used or completed in it, and the items they link to), their spend aggregated per item and
+model, their status history and links, people per team and rejections. Nothing is read for the rest of
+the organisation's history: each step reads by index, in chunks of ids.
 
 Spend comes from the usage rollups (`storage/rollup.py`): the whole days of the period from the daily
 rollup, the whole hours left at its ends from the hourly one, its partial hours from the raw events.
@@ -11,6 +13,7 @@ those a scan of usage_events would give.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,12 +53,43 @@ class Item:
 
 
 
-def load_items(connection: Connection) -> dict[str, Item]:
-    rows = connection.execute(select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at)).all()
-    return {r.id: Item(r.id, r.team, r.status, r.created_at, r.completed_at, r.status) for r in rows}
+def load(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
+    """The items the report reads, and only those: the items with usage in the period, the items
+    completed in it, and the items their links point to. Each step reads by index what those items
+    need, so the work grows with the period's activity, not with the organisation's history."""
+    items = _period_spend(connection, since, until)
+    completed = select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
+    for item_id in connection.execute(completed).scalars():
+        items.setdefault(item_id, Item(item_id))
+    _load_rows(connection, items, sorted(items))
+    _load_completed(connection, items, since, until)
+    targets = _load_links(connection, items)
+    linked_ids = {target for linked in targets.values() for target in linked}
+    _load_rows(connection, items, sorted(linked_ids - set(items)))
+    _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
+    for ticket, linked in targets.items():
+        for target in linked:
+            item = items.get(target)
+            if item is not None and item.status_at_until == "done":
+                items[ticket].merged_pr = True
+    return items
 
 
-def load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+def _chunks(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        yield ids[start : start + _IDS_PER_QUERY]
+
+
+def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
+    """Fill in the registered items among `ids`; an id without a row stays `unverified`."""
+    for chunk in _chunks(ids):
+        query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at).where(_W.id.in_(chunk))
+        for r in connection.execute(query):
+            item = items.setdefault(r.id, Item(r.id))
+            item.team, item.status, item.created_at, item.completed_at, item.status_at_until = r.team, r.status, r.created_at, r.completed_at, r.status
+
+
+def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
     completed_ids = select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
     found = rollup.totals(
@@ -69,54 +103,50 @@ def load_completed(connection: Connection, items: dict[str, Item], since: dateti
             item.by_model[model] = (int(row["attempts"]), int(row["ok"] or 0), cost, int(row["total_tokens"] or 0))
 
 
-def load_period_spend(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
+    """The items with usage in the period (registered or not, as yet unfilled), with their spend."""
     period = rollup.Period(since, until)
+    items: dict[str, Item] = {}
     for (work_item,), row in rollup.totals(connection, by=("work_item",), period=period, fields=("attempts", "cost_nanos")).items():
-        item = items.get(work_item)
-        if item is None:  # usage on an item never registered: unverified
-            item = items[work_item] = Item(work_item)
-        item.period_events = int(row["attempts"])
-        item.spend = int(row["cost_nanos"] or 0)
+        items[work_item] = Item(work_item, period_events=int(row["attempts"]), spend=int(row["cost_nanos"] or 0))
     resolved = _W.status.in_(RESOLVED)
     for work_item, spend in rollup.cost_after(connection, period, WorkItem.__table__, _W.completed_at, resolved).items():
         items[work_item].spend_after_completion = spend
+    return items
 
 
-def load_statuses_at(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
-    """Set `status_at_until` of the items with spend in the period and of linked items, from the history.
-    (Call after `load_period_spend`.) The history is small next to the usage: it is read whole, by item."""
-    wanted = {item_id for item_id, item in items.items() if item.period_events} | set(connection.execute(select(_L.linked)).scalars())
-    query = select(_C.work_item, _C.ts, _C.from_status, _C.to_status).order_by(_C.work_item, _C.ts)
+def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, list[str]]:
+    """The links of the items: {item: [the items it links to]}."""
+    targets: dict[str, list[str]] = defaultdict(list)
+    for chunk in _chunks(sorted(items)):
+        for ticket, linked in connection.execute(select(_L.work_item, _L.linked).where(_L.work_item.in_(chunk))):
+            targets[ticket].append(linked)
+    return targets
+
+
+def _load_statuses_at(connection: Connection, items: dict[str, Item], until: datetime, wanted: set[str]) -> None:
+    """Set `status_at_until` of the `wanted` items from their history: the status the last change before
+    `until` left, else the one the first change after it found, else the current status."""
     before: dict[str, str] = {}
     first_after: dict[str, str | None] = {}
-    for row in connection.execute(query):
-        if row.work_item not in wanted:
-            continue
-        if row.ts < until:
-            before[row.work_item] = row.to_status
-        elif row.work_item not in first_after:
-            first_after[row.work_item] = row.from_status
-    for item_id, item in items.items():
-        if item_id not in wanted:
-            item.status_at_until = item.status
-        elif item_id in before:
+    for chunk in _chunks(sorted(wanted & set(items))):
+        query = select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(_C.work_item.in_(chunk)).order_by(_C.work_item, _C.ts)
+        for row in connection.execute(query):
+            if row.ts < until:
+                before[row.work_item] = row.to_status
+            elif row.work_item not in first_after:
+                first_after[row.work_item] = row.from_status
+    for item_id in wanted & set(items):
+        item = items[item_id]
+        if item_id in before:
             item.status_at_until = before[item_id]
         elif first_after.get(item_id) is not None:
             item.status_at_until = first_after[item_id]  # type: ignore[assignment]
-        else:
-            item.status_at_until = item.status
-
-
-def load_links(connection: Connection, items: dict[str, Item]) -> None:
-    for ticket, linked in connection.execute(select(_L.work_item, _L.linked)):
-        target = items.get(linked)
-        if ticket in items and target is not None and target.status_at_until == "done":
-            items[ticket].merged_pr = True
 
 
 def assign_teams(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """Items without a team take the team that spent the most on them (all time; see adoption.py).
-    (Call after `load_period_spend`: the items concerned are those used or completed in the period.)"""
+    (Call after `load`: the items concerned are those used or completed in the period.)"""
     teamless = sorted(
         item.id for item in items.values() if item.team is None and (item.period_events or (
             item.status == "done" and item.completed_at is not None and since <= item.completed_at < until))
