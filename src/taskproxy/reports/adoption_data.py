@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import rollup
@@ -58,8 +58,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     completed in it, and the items their links point to. Each step reads by index what those items
     need, so the work grows with the period's activity, not with the organisation's history."""
     items = _period_spend(connection, since, until)
-    completed = select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
-    for item_id in connection.execute(completed).scalars():
+    for item_id in connection.execute(_completed_ids(since, until)).scalars():
         items.setdefault(item_id, Item(item_id))
     _load_rows(connection, items, sorted(items))
     _load_completed(connection, items, since, until)
@@ -73,6 +72,11 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
             if item is not None and item.status_at_until == "done":
                 items[ticket].merged_pr = True
     return items
+
+
+def _completed_ids(since: datetime, until: datetime) -> Select:
+    """The ids of the items completed in the period (`adoption.py`: status done, completed_at in it)."""
+    return select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
 
 
 def _chunks(ids: list[str]) -> Iterator[list[str]]:
@@ -91,10 +95,9 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
 
 def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
-    completed_ids = select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
     found = rollup.totals(
         connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"),
-        where=lambda c: [c.work_item.in_(completed_ids)],
+        where=lambda c: [c.work_item.in_(_completed_ids(since, until))],
     )  # fmt: skip
     for (work_item, model), row in found.items():
         item = items.get(work_item)
@@ -129,14 +132,15 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
     `until` left, else the one the first change after it found, else the current status."""
     before: dict[str, str] = {}
     first_after: dict[str, str | None] = {}
-    for chunk in _chunks(sorted(wanted & set(items))):
+    wanted = wanted & items.keys()
+    for chunk in _chunks(sorted(wanted)):
         query = select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(_C.work_item.in_(chunk)).order_by(_C.work_item, _C.ts)
         for row in connection.execute(query):
             if row.ts < until:
                 before[row.work_item] = row.to_status
             elif row.work_item not in first_after:
                 first_after[row.work_item] = row.from_status
-    for item_id in wanted & set(items):
+    for item_id in wanted:
         item = items[item_id]
         if item_id in before:
             item.status_at_until = before[item_id]
@@ -152,8 +156,7 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
             item.status == "done" and item.completed_at is not None and since <= item.completed_at < until))
     )  # fmt: skip
     found: dict[tuple, dict[str, Any]] = {}
-    for start in range(0, len(teamless), _IDS_PER_QUERY):
-        chunk = teamless[start : start + _IDS_PER_QUERY]
+    for chunk in _chunks(teamless):
         found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_nanos", "total_tokens"), where=lambda c, ids=chunk: [c.work_item.in_(ids)])
     candidates: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for (work_item, team), row in found.items():
