@@ -273,8 +273,7 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
     ]  # fmt: skip
     for since, until in periods:
         with engine.connect() as connection:
-            items = adoption_data.load_items(connection)
-            adoption_data.load_period_spend(connection, items, since, until)
+            items = adoption_data.load(connection, since, until)
         actual = {i.id: i.spend_after_completion for i in items.values() if i.spend_after_completion}
         expected = spend_after_completion_by_raw_scan(engine, since, until)
         assert actual == expected, (since, until)
