@@ -157,6 +157,7 @@ def quiet_upstream() -> Iterator[str]:
     # The socket is bound here and handed to the child: no other process can take the port meanwhile.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by each connection it accepts
     port = listener.getsockname()[1]
     code = ("import uvicorn; from taskproxy.fake_provider import FakeProvider; "
             f"uvicorn.run(FakeProvider().app(), fd={listener.fileno()}, log_level='warning', access_log=False, lifespan='off')")  # fmt: skip
