@@ -37,7 +37,9 @@ from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
-from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, webhooks
+from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
+from taskproxy.routes.stored import StoredResponses
+from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard.views import routes as dashboard_routes
@@ -187,6 +189,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             body_gate=BodyGate(settings.limits.max_concurrent_large_bodies), attribution=Attribution(ids),
             policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer,
         )  # fmt: skip
+        origins = ResponseOrigins(db)
+        writer.listen(origins.record)
         attempts = Attempts(
             sink=writer, counter=counter, prices=prices, charge=budgets.charge,
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
@@ -213,6 +217,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "sessions": SessionSigner.for_settings(settings),
                 "pages": Pages(),
                 "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter)),
+                "stored": StoredResponses(settings, keys, admission.rate_limiter, origins, upstream, attempts),
             }
         finally:
             for task in refreshers:
@@ -233,6 +238,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *openai.routes,
+        *stored.routes,
         *anthropic.routes,
         *me.routes,
         *openapi.routes,

@@ -42,6 +42,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 WORDS = "the proxy counted these tokens against a real work item so the spend can be read as value".split()
 
 
+STORED_RESPONSES = 1000
+
+
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
@@ -73,6 +76,7 @@ class FakeProvider:
     flood_piece_bytes: int = 256 * 1024
     flood_delay: float = 0.0  # seconds between the pieces of a flood (0: as fast as the reader takes them)
     active: int = 0
+    stored: dict[str, dict] = field(default_factory=dict)  # Responses by id; a background one finishes when first read
 
     def app(self) -> ASGIApp:
         return _Instrumented(self, Starlette(
@@ -81,6 +85,11 @@ class FakeProvider:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/responses/compact", self.compact, methods=["POST"]),
+                Route("/v1/responses/input_tokens", self.input_tokens, methods=["POST"]),
+                Route("/v1/responses/{response_id}", self.stored_response, methods=["GET", "DELETE"]),
+                Route("/v1/responses/{response_id}/cancel", self.stored_response, methods=["POST"]),
+                Route("/v1/responses/{response_id}/input_items", self.input_items, methods=["GET"]),
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/_fake/requests", self.requests, methods=["GET"]),
@@ -212,9 +221,48 @@ class FakeProvider:
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
         done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "model": model,
                 "status": "completed", "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        done["background"] = body.get("background") is True
+        self.stored[done["id"]] = {"response": done, "input": body.get("input")}
+        if len(self.stored) > STORED_RESPONSES:  # a benchmark's millions of answers are not all kept
+            del self.stored[next(iter(self.stored))]
         if body.get("stream") is not True:
+            if done["background"]:  # answered at once, generated "later": finished when first read back
+                return _json({**done, "status": "queued", "output": [], "usage": None})
             return _json(done)
         return StreamingResponse(self._responses_stream(done, words, model), media_type="text/event-stream")
+
+    async def compact(self, request: Request) -> Response:
+        body = await self._receive(request)
+        prompt = prompt_tokens_of(body)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + 5}  # fmt: skip
+        compaction = {"type": "compaction", "id": "cmp_fake", "encrypted_content": "c3VtbWFyeQ=="}
+        return _json({"id": f"resp_compact_{len(self.received)}", "object": "response.compaction", "created_at": int(time.time()),
+                      "output": [compaction], "usage": usage})  # fmt: skip
+
+    async def input_tokens(self, request: Request) -> Response:
+        body = await self._receive(request)
+        return _json({"object": "response.input_tokens", "input_tokens": prompt_tokens_of(body)})
+
+    async def stored_response(self, request: Request) -> Response:
+        self.received.append({"path": request.url.path, "query": request.url.query, "headers": dict(request.headers), "body": None})
+        found = self.stored.get(request.path_params["response_id"])
+        if found is None:
+            return _json({"error": {"message": "No response found.", "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        if request.method == "DELETE":
+            del self.stored[request.path_params["response_id"]]
+            return _json({"id": found["response"]["id"], "object": "response.deleted", "deleted": True})
+        if request.url.path.endswith("/cancel"):
+            found["response"] = {**found["response"], "status": "cancelled"}
+        return _json(found["response"])
+
+    async def input_items(self, request: Request) -> Response:
+        found = self.stored.get(request.path_params["response_id"])
+        if found is None:
+            return _json({"error": {"message": "No response found.", "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        text = found["input"] if isinstance(found["input"], str) else ""
+        item = {"id": "msg_in", "type": "message", "role": "user", "status": "completed", "content": [{"type": "input_text", "text": text}]}
+        return _json({"object": "list", "data": [item], "first_id": "msg_in", "last_id": "msg_in", "has_more": False})
 
     async def _responses_stream(self, done: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
         """The whole event sequence OpenAI sends (Codex CLI needs the item and part events around the deltas)."""

@@ -185,6 +185,12 @@ class ReportSettings(_Frozen):
     stale_after_days: float = Field(default=14.0, gt=0)
 
 
+class ResponsesSettings(_Frozen):
+    # The model a Responses API request without `model` goes to (the spec allows leaving it out, e.g.
+    # with a stored `prompt`); unset, such a request is refused with a message naming what to send.
+    default_model: str | None = None
+
+
 class SignalSettings(_Frozen):
     """Gaming-signal thresholds (docs/signals.md)."""
 
@@ -238,6 +244,7 @@ class Settings(_Frozen):
     reports: ReportSettings = ReportSettings()
     signals: SignalSettings = SignalSettings()
     server: ServerSettings = ServerSettings()
+    responses: ResponsesSettings = ResponsesSettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -250,6 +257,9 @@ class Settings(_Frozen):
             for fallback in model.fallbacks:
                 if fallback == model.name or fallback not in seen:
                     raise ValueError(f"models[{index}].fallbacks: {fallback!r} is not another configured model")
+        default = self.responses.default_model
+        if default is not None and (self.model(default) is None or self.model(default).provider != OPENAI_COMPATIBLE):  # type: ignore[union-attr]
+            raise ValueError(f"responses.default_model: {default!r} is not a configured model whose provider is {OPENAI_COMPATIBLE!r}")
         return self
 
     def model(self, name: str) -> ModelSettings | None:

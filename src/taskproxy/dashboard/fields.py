@@ -32,7 +32,7 @@ EVENT_FIELD_MEANINGS = {
     "cache_write_tokens": "prompt tokens written to the provider's cache",
     "reasoning_tokens": "reasoning tokens the provider reported",
     "est_prompt_tokens": "the proxy's own estimate of the prompt's tokens",
-    "usage_source": "provider (exact) or estimated (some figure the provider did not report)",
+    "usage_source": "provider (exact), estimated (some figure the provider did not report) or deferred (a background response, billed by a later event when read finished)",
     "estimated_fields": "which figures were estimated by the proxy, when the provider did not report them",
     "cost_usd": "the cost from the provider's list prices (empty when the price is unknown)",
     "latency_ms": "how long the request took, in milliseconds",

@@ -32,6 +32,10 @@ class Observed:
     text_scale: float = 1.0
     error: str | None = None  # the provider's error type, sent inside an answer that had begun (a stream)
     missing: frozenset[str] = field(default_factory=frozenset)  # usage fields the provider had not reported yet
+    response_id: str | None = None  # the Responses API's id of what the provider stored (read back by id)
+    # A background response (`background: true`) answers before it is generated: its usage is recorded
+    # later, once, when a read of it by id shows it finished (routes/stored.py).
+    deferred: bool = False
 
 
 NOTHING_OBSERVED = Observed()

@@ -177,7 +177,7 @@ class Exchange:
             "cache_write_tokens": written,
             "reasoning_tokens": reasoning,
             "est_prompt_tokens": est_prompt,
-            "usage_source": "estimated" if estimated else "provider",
+            "usage_source": "deferred" if observed.deferred else "estimated" if estimated else "provider",
             "estimated_fields": ",".join(sorted(estimated, key=(PROMPT, COMPLETION).index)) or None,
             "cost_nanos": cost,
             "latency_ms": round(self.latency_ms, 3),
@@ -186,6 +186,7 @@ class Exchange:
             "user_agent": self.user_agent[:400] if self.user_agent else None,
             "prompt_text": self._prompt_text() if self.store_prompts else None,
             "completion_text": observed.completion_text if self.store_prompts else None,
+            "response_id": observed.response_id,
         }
         return Record("event", row, self.register_work_item, charged=self.charged)
 

@@ -22,7 +22,7 @@ from taskproxy.guard.items import Policy
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.endpoint import Endpoint
-from taskproxy.settings import LimitSettings, ModelSettings, Settings
+from taskproxy.settings import OPENAI_COMPATIBLE, LimitSettings, ModelSettings, Settings
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 
@@ -37,7 +37,7 @@ class Admitted:
     body: dict
     raw: bytes  # the body as received, forwarded as is when nothing in it changes
     model: ModelSettings
-    client_model: str  # the model name as the client sent it (in `raw`)
+    client_model: str | None  # the model name as the client sent it (in `raw`); None: it sent none
     ts: datetime
     started: float  # perf_counter at arrival
 
@@ -69,10 +69,13 @@ class Admission:
             known = await self.policy.check(attributed.work_item)
             if isinstance(body, Undecodable):
                 raise InvalidRequest(body.reason)
+            client_model = body.get("model")
+            if client_model is None and endpoint.model_optional:
+                body["model"] = self._default_model()
             endpoint.validate(body)
             model = self._model_of(body, endpoint)
             await self.budgets.check(attributed.work_item, known, principal.team, ts)
-            return Admitted(principal, attributed, body, raw, model, body["model"], ts, started)
+            return Admitted(principal, attributed, body, raw, model, client_model, ts, started)
         except ApiError as exc:
             key_id = principal.key_id if principal else None
             self.writer.submit(Rejected(ts, key_id, exc.code, endpoint.path))
@@ -97,6 +100,15 @@ class Admission:
             return raw, await decode_json_object(raw, limits.max_json_nodes)
         except ClientDisconnect:
             raise ClientGone("The client hung up before its request body arrived.") from None
+
+    def _default_model(self) -> str:
+        """A Responses request may leave `model` out (the spec allows it); taskproxy routes by model."""
+        default = self.settings.responses.default_model
+        if default is None:
+            known = ", ".join(m.name for m in self.settings.models if m.provider == OPENAI_COMPATIBLE) or "none"
+            raise InvalidRequest(f"'model' is required: taskproxy sends each request to the provider of its model. Send one of the "
+                                 f"configured models ({known}), or ask the administrator to set responses.default_model.", param="model")  # fmt: skip
+        return default
 
     def _model_of(self, body: dict, endpoint: Endpoint) -> ModelSettings:
         name = body["model"]

@@ -51,6 +51,7 @@ class Endpoint:
     auth_header: str = "authorization"
     default_headers: tuple[tuple[str, str], ...] = ()
     translate: Translate | None = None
+    model_optional: bool = False  # the Responses API: without `model`, responses.default_model applies
 
     def validate(self, body: dict) -> None:
         """Refuse missing fields and fields of the wrong JSON type (the provider would, later and less clearly)."""

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: chat completions, completions, embeddings, the Responses API, models.
+"""OpenAI-compatible routes: chat completions, completions, embeddings, the Responses API (create,
+compact, input_tokens; reading a stored response back is routes/stored.py), models.
 
 To a model whose provider is OpenAI-compatible the body goes unchanged except for the model name,
 the work item in `metadata` (removed) and, for chat and completion streams,
@@ -13,6 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from taskproxy.error_shapes import ApiFormat
+from taskproxy.errors import MethodNotAllowed, ModelNotFound, NotFound
+from taskproxy.metering.observed import NOT_BILLED
+from taskproxy.routes.common import ApiRoute
 from taskproxy.guard.auth import KeyStore
 from taskproxy.routes.endpoint import Endpoint, Translation
 from taskproxy.routes.proxy import proxy_route
@@ -42,9 +46,20 @@ EMBEDDINGS = Endpoint(
     "/v1/embeddings", "/embeddings", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.openai_body, observe.openai_stream, observe.openai_usage,
     required=("input",), types={"input": (str, list)}, streams=False, translate=_translate_embeddings,
 )  # fmt: skip
+RESPONSE_TYPES: dict[str, tuple[type, ...]] = {"input": (str, list), "instructions": (str,), "tools": (list,)}
 RESPONSES = Endpoint(
     "/v1/responses", "/responses", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.responses_body, observe.responses_stream, observe.openai_usage,
-    types={"input": (str, list), "instructions": (str,), "tools": (list,)},
+    types=RESPONSE_TYPES, model_optional=True,
+)  # fmt: skip
+# Codex's remote compaction: the model reads the conversation and writes its summary, so it is billed.
+COMPACT = Endpoint(
+    "/v1/responses/compact", "/responses/compact", OPENAI_COMPATIBLE, ApiFormat.OPENAI, observe.responses_body, observe.responses_body,
+    observe.openai_usage, types=RESPONSE_TYPES, streams=False, model_optional=True,
+)  # fmt: skip
+# The counterpart of Anthropic's count_tokens: answered by the provider, nothing generated.
+INPUT_TOKENS = Endpoint(
+    "/v1/responses/input_tokens", "/responses/input_tokens", OPENAI_COMPATIBLE, ApiFormat.OPENAI, lambda capture: NOT_BILLED,
+    lambda capture: NOT_BILLED, lambda usage: None, types=RESPONSE_TYPES, streams=False, model_optional=True,
 )  # fmt: skip
 
 
@@ -52,11 +67,40 @@ async def list_models(request: Request) -> Response:
     keys: KeyStore = request.state.keys
     settings: Settings = request.state.settings
     await keys.authenticate(request.headers)
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider} for m in settings.models]
+    data = [_model_entry(m) for m in settings.models]
     return JSONResponse({"object": "list", "data": data})
 
 
+def _model_entry(model: ModelSettings) -> dict:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": model.provider}
+
+
+async def get_model(request: Request) -> Response:
+    keys: KeyStore = request.state.keys
+    settings: Settings = request.state.settings
+    await keys.authenticate(request.headers)
+    name = request.path_params["model"]
+    model = settings.model(name)
+    if model is None:
+        known = ", ".join(m.name for m in settings.models) or "none"
+        raise ModelNotFound(f"The model '{name[:100]}' is not configured on this proxy. Configured models: {known}.", param="model")
+    return JSONResponse(_model_entry(model))
+
+
+STORED_COMPLETIONS = ("taskproxy does not serve stored chat completions (listing, reading, updating or deleting them): read them "
+                      "from the provider directly. Create completions with POST /v1/chat/completions.")
+
+
+async def stored_completions(request: Request) -> Response:
+    if request.url.path.rstrip("/") == "/v1/chat/completions":
+        raise MethodNotAllowed(f"{request.method} is not allowed on /v1/chat/completions. {STORED_COMPLETIONS}")
+    raise NotFound(STORED_COMPLETIONS)
+
+
 routes = [
-    *(proxy_route(endpoint) for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)),
+    *(proxy_route(endpoint) for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, COMPACT, INPUT_TOKENS)),
     Route("/v1/models", list_models, methods=["GET"]),
+    ApiRoute("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ApiRoute("/v1/chat/completions", stored_completions, methods=["GET"]),
+    ApiRoute("/v1/chat/completions/{rest:path}", stored_completions, methods=["GET", "POST", "DELETE"]),
 ]

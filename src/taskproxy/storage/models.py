@@ -102,6 +102,7 @@ class UsageEvent(SQLModel, table=True):
     __table_args__ = (
         Index("ix_usage_events_work_item_ts", "work_item", "ts"),
         Index("ix_usage_events_team_ts", "team", "ts"),
+        Index("ix_usage_events_response_id", "response_id"),
     )
 
     id: str = Field(primary_key=True, max_length=32)  # made on the request path: replays are idempotent
@@ -126,7 +127,7 @@ class UsageEvent(SQLModel, table=True):
     cache_write_tokens: int = Field(default=0, sa_type=BigInteger())  # prompt tokens written to it (Anthropic)
     reasoning_tokens: int = Field(default=0, sa_type=BigInteger())
     est_prompt_tokens: int = Field(default=0, sa_type=BigInteger())
-    usage_source: str = Field(max_length=16)  # provider | estimated (some field was not reported)
+    usage_source: str = Field(max_length=16)  # provider | estimated (some field was not reported) | deferred (background: billed when read)
     estimated_fields: str | None = Field(default=None, max_length=64)  # which: "completion_tokens", "prompt_tokens,completion_tokens"
     provider_error: str | None = Field(default=None, max_length=64)  # the provider's error type, sent inside a stream
     cost_nanos: int | None = Field(default=None, sa_type=BigInteger())  # nano-USD (money.py); None: unknown price
@@ -136,6 +137,9 @@ class UsageEvent(SQLModel, table=True):
     user_agent: str | None = Field(default=None, max_length=400)
     prompt_text: str | None = Field(default=None, sa_column=Column(Text))  # only with recording.store_prompts
     completion_text: str | None = Field(default=None, sa_column=Column(Text))
+    # The Responses API's id of the response this attempt created: a read of it by id goes to the same
+    # model, for the same person (routes/stored.py).
+    response_id: str | None = Field(default=None, max_length=200)
 
 
 class _UsageSums(SQLModel):

@@ -82,9 +82,10 @@ class AiohttpClient:
     async def send(self, request: ProviderRequest) -> ProviderReply:
         model = request.model
         with map_aiohttp_errors(model.name):
-            response = await self.session.post(
-                request.url, data=request.content, headers=_text_headers(request.headers), timeout=self._timeout(model), allow_redirects=False
-            )
+            response = await self.session.request(
+                request.method, request.url, data=request.content or None, headers=_text_headers(request.headers),
+                timeout=self._timeout(model), allow_redirects=False,
+            )  # fmt: skip
         return ProviderReply(response.status, client_headers(response.raw_headers), self._chunks(model, response), self._closer(response))
 
     @staticmethod

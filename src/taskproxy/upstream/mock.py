@@ -90,7 +90,7 @@ async def asgi_reply(app: ASGIApp, request: ProviderRequest) -> ProviderReply:
     headers = [(name.lower(), value) for name, value in request.headers]
     headers += [(b"host", parts.netloc.encode()), (b"content-length", str(len(request.content)).encode())]
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": parts.scheme or "http",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method, "scheme": parts.scheme or "http",
         "path": unquote(parts.path), "raw_path": parts.path.encode(), "query_string": parts.query.encode(), "root_path": "",
         "headers": headers, "server": (host, port), "client": ("127.0.0.1", 0),
     }  # fmt: skip

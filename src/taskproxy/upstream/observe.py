@@ -10,6 +10,7 @@ missing (`Observed.missing`) and estimated by the caller.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -151,11 +152,39 @@ def _output_text(response: dict) -> str:
     return "".join(parts)
 
 
+UNFINISHED = frozenset({"queued", "in_progress"})
+FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
+def _response_id(response: Any) -> str | None:
+    rid = response.get("id") if isinstance(response, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None
+
+
+# A response too large to keep whole (it echoes the request's instructions and tools) is read from its
+# head: OpenAI writes `id`, `status` and `background` before the echoed fields.
+_HEAD_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\]{1,200})"')
+_HEAD_UNFINISHED = re.compile(rb'"status"\s*:\s*"(?:queued|in_progress)"')
+_HEAD_BACKGROUND = re.compile(rb'"background"\s*:\s*true')
+
+
+def _large_response(capture: Capture) -> Observed:
+    head = capture.head
+    found = _HEAD_ID.match(head)
+    response_id = found.group(1).decode() if found else None
+    usage = openai_usage(last_usage_object(capture.tail or head))
+    if usage is None and _HEAD_UNFINISHED.search(head) and _HEAD_BACKGROUND.search(head):
+        return Observed(ProviderUsage(), response_id=response_id, deferred=True)
+    return Observed(usage, response_id=response_id)
+
+
 def responses_body(capture: Capture) -> Observed:
     data = _body(capture)
     if data is None:
-        return Observed(openai_usage(last_usage_object(capture.tail or capture.head)))
-    return Observed(openai_usage(data.get("usage")), _output_text(data))
+        return _large_response(capture)
+    if data.get("background") is True and data.get("status") in UNFINISHED:
+        return Observed(ProviderUsage(), response_id=_response_id(data), deferred=True)
+    return Observed(openai_usage(data.get("usage")), _output_text(data), response_id=_response_id(data))
 
 
 def responses_stream(capture: Capture) -> Observed:
@@ -163,9 +192,11 @@ def responses_stream(capture: Capture) -> Observed:
     `.in_progress` carry none. Text from the deltas, for an estimate when the usage never came."""
     usage: ProviderUsage | None = None
     error: str | None = None
+    response_id: str | None = None
     deltas: list[str] = []
     for event in stream_events(capture):
         kind = event.get("type")
+        response_id = response_id or _response_id(event.get("response"))
         if kind in _TERMINAL and isinstance(event.get("response"), dict):
             usage = openai_usage(event["response"].get("usage")) or usage
             if kind == "response.failed":
@@ -174,7 +205,7 @@ def responses_stream(capture: Capture) -> Observed:
             error = _error_type(event.get("error") if isinstance(event.get("error"), dict) else event)
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
-    return Observed(usage, "".join(deltas), _text_scale(capture), error)
+    return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
 
 
 # -- Anthropic Messages API -------------------------------------------------------------------------

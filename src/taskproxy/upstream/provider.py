@@ -44,13 +44,14 @@ DROP_RESPONSE_HEADERS = frozenset(
 
 @dataclass(frozen=True)
 class ProviderRequest:
-    """One POST to a provider. `url` is complete (the client's query string included)."""
+    """One request to a provider. `url` is complete (the client's query string included)."""
 
     model: ModelSettings  # whose timeouts apply
     url: str
     headers: list[Header]
     content: bytes
     stream: bool  # the client asked for a stream
+    method: str = "POST"  # GET and DELETE read and remove what the provider stores (a response by id)
 
 
 async def _nothing_to_close() -> None:

@@ -1,0 +1,162 @@
+"""The Responses API's other routes, with the official `openai` SDK as the client: remote compaction
+(billed to the work item), input_tokens (counted, nothing billed), a stored response read back by id
+(the person who created it only, no work item needed), a background response billed once when it is
+read back finished, a request without `model`, and `GET /v1/models/{id}`. In-process on SQLite and
+PostgreSQL, then through a real `taskproxy serve` so the production HTTP client sends the GETs and
+DELETEs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, write_config
+from taskproxy.fake_provider import FakeProvider, prompt_tokens_of
+from taskproxy.upstream.mock import MockProvider
+
+pytestmark = pytest.mark.anyio
+
+INPUT = [{"role": "user", "content": "Summarise the retry policy of the refund worker."}]
+ITEM = {"X-Work-Item": "PROJ-31"}
+
+
+@BOTH_DATABASES
+async def test_compaction_is_billed_to_the_work_item_and_needs_one(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    compacted = await client.responses.compact(model="gpt-4o-mini", input=INPUT, extra_headers=ITEM)
+    assert compacted.object == "response.compaction" and compacted.output[0].type == "compaction"
+
+    event = (await proxy.events(1, work_item="PROJ-31"))[0]
+    assert event["route"] == "/v1/responses/compact" and event["usage_source"] == "provider"
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (compacted.usage.input_tokens, compacted.usage.output_tokens)
+    assert proxy.received[-1]["path"] == "/v1/responses/compact"
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.compact(model="gpt-4o-mini", input=INPUT)
+    assert refused.value.code == "work_item_required"
+
+
+async def test_input_tokens_are_the_providers_count_and_bill_nothing(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    counted = await client.responses.input_tokens.count(model="gpt-4o-mini", input=INPUT, extra_headers={"X-Work-Item": "PROJ-32"})
+    assert counted.input_tokens == prompt_tokens_of(proxy.received[-1]["body"])
+    event = (await proxy.events(1, work_item="PROJ-32"))[0]
+    assert event["route"] == "/v1/responses/input_tokens" and event["total_tokens"] == 0 and event["cost_usd"] in (0, None)
+
+
+@BOTH_DATABASES
+async def test_a_stored_response_is_read_back_by_its_creator_only(proxy: Proxy) -> None:
+    dana, lee = await proxy.new_key(owner="dana"), await proxy.new_key(owner="lee")
+    created = await proxy.openai(dana).responses.create(model="team-model", input="Plan the migration.", extra_headers={"X-Work-Item": "PROJ-33"})
+
+    again = await proxy.openai(dana).responses.retrieve(created.id)  # no work item: reading generates nothing
+    assert again.id == created.id and again.output_text == created.output_text
+    assert proxy.received[-1]["path"] == f"/v1/responses/{created.id}"
+    assert proxy.received[-1]["headers"]["authorization"] == "Bearer sk-provider-secret"  # the configured provider key
+    items = await proxy.openai(dana).responses.input_items.list(created.id)
+    assert items.data[0].content[0].text == "Plan the migration."
+
+    with pytest.raises(openai.NotFoundError) as hidden:
+        await proxy.openai(lee).responses.retrieve(created.id)
+    assert created.id in str(hidden.value) and hidden.value.code == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        await proxy.openai(dana).responses.retrieve("resp_never_made")
+
+    await proxy.openai(dana).responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):  # the provider's own 404, relayed
+        await proxy.openai(dana).responses.retrieve(created.id)
+    events = await proxy.events(1, work_item="PROJ-33")
+    assert len(events) == 1, "reading a stored response back was recorded as usage"
+
+
+@BOTH_DATABASES
+async def test_a_background_response_is_billed_once_when_read_back_finished(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-34"})
+    assert queued.status == "queued" and queued.usage is None
+    created = (await proxy.events(1, work_item="PROJ-34"))[0]
+    assert created["usage_source"] == "deferred" and created["total_tokens"] == 0
+
+    finished = await client.responses.retrieve(queued.id)
+    assert finished.status == "completed" and finished.usage is not None
+    for _ in range(3):  # polled again, and cancelled: billed once all the same
+        await client.responses.retrieve(queued.id)
+    await client.responses.cancel(queued.id)
+
+    item = await proxy.item("PROJ-34", requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+    events = await proxy.get("/api/usage/events", work_item="PROJ-34")
+    assert sorted(e["usage_source"] for e in events) == ["deferred", "provider"]
+
+
+async def test_a_request_without_model_is_refused_with_what_to_send(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(input="hello", extra_headers=ITEM)  # type: ignore[call-overload]
+    assert refused.value.code == "invalid_request" and refused.value.param == "model"
+    assert "gpt-4o-mini" in refused.value.message and "responses.default_model" in refused.value.message
+    assert not proxy.received
+
+
+async def test_responses_default_model_takes_a_request_without_model(tmp_path: Path, fake: FakeProvider) -> None:
+    settings = make_settings(tmp_path, responses={"default_model": "team-model"})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        response = await proxy.openai(await proxy.new_key()).responses.create(input="hello", extra_headers=ITEM)  # type: ignore[call-overload]
+        assert response.status == "completed"
+        assert proxy.received[-1]["body"]["model"] == "gpt-4.1"  # team-model's upstream name
+        assert (await proxy.events(1, work_item="PROJ-31"))[0]["model"] == "team-model"
+
+
+def test_default_model_must_be_a_configured_openai_compatible_model(tmp_path: Path) -> None:
+    from taskproxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="responses.default_model"):
+        make_settings(tmp_path, responses={"default_model": "nope"})
+
+
+async def test_models_are_listed_and_retrieved_by_id(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    model = await client.models.retrieve("team-model")
+    assert (model.id, model.object) == ("team-model", "model")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.models.retrieve("gpt-9")
+    assert unknown.value.code == "model_not_found" and "team-model" in unknown.value.message
+    with pytest.raises(openai.AuthenticationError):
+        await proxy.openai("tp-wrong").models.retrieve("team-model")
+
+
+async def test_stored_chat_completions_are_refused_with_a_reason(proxy: Proxy) -> None:
+    headers = {"authorization": f"Bearer {await proxy.new_key()}"}
+    listing = await proxy.http.get("/v1/chat/completions", headers=headers)
+    assert listing.status_code == 405 and "stored chat completions" in listing.json()["error"]["message"]
+    one = await proxy.http.get("/v1/chat/completions/chatcmpl-1/messages", headers=headers)
+    assert one.status_code == 404 and "stored chat completions" in one.json()["error"]["message"]
+
+
+# -- through a real `taskproxy serve`: the production client sends GET, POST and DELETE -------------
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("responses")
+    config = write_config(folder, upstream.url, models=[{"name": "gpt-4o-mini", "base_url": f"{upstream.url}/v1"}])
+    with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
+        yield running
+
+
+@pytest.mark.serve
+def test_stored_routes_through_a_real_server(server: ServerProcess, upstream: FakeUpstream) -> None:
+    client = server.openai(server.new_key(owner="ari"), default_headers={"X-Work-Item": "PROJ-35"})
+    queued = client.responses.create(model="gpt-4o-mini", input="Write the changelog.", background=True)
+    finished = client.responses.retrieve(queued.id)
+    assert finished.status == "completed" and finished.usage is not None
+    assert client.responses.cancel(queued.id).status == "cancelled"
+    assert client.responses.delete(queued.id) is None
+    assert [r["path"] for r in upstream.received[-3:]] == [f"/v1/responses/{queued.id}", f"/v1/responses/{queued.id}/cancel",
+                                                            f"/v1/responses/{queued.id}"]  # fmt: skip
+    item = server.work_item("PROJ-35", expected_requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
