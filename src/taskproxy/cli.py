@@ -1,7 +1,7 @@
 """The `taskproxy` command: a thin shell over the functions the API uses.
 
 Admin commands (keys, items, report, db) work on the configured database directly. Developer
-commands (use, me) talk to a running proxy over HTTP with the developer's own key.
+commands (use, me, run, env) talk to a running proxy over HTTP with the developer's own key.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from taskproxy import __version__
 from taskproxy.errors import ApiError, ConfigError, SchemaBehind
+from taskproxy.launch import SHELLS
 from taskproxy.settings import DEFAULT_PROXY_URL, ClientSettings, Settings, load_settings
 
 
@@ -299,6 +300,54 @@ def cmd_me(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The environment (and flags) that point `command` at the proxy with this run's work item."""
+    from urllib.parse import urlencode
+
+    from taskproxy import launch
+
+    client = ClientSettings.load(url=args.url, key=args.key)
+    if not client.key:
+        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key (an admin creates one with `taskproxy keys create`)")
+    branch = None if args.item else launch.current_branch()
+    query = urlencode({"item": args.item} if args.item else {"branch": branch or ""})
+    answer = _developer_call(args, "GET", f"/api/me/work-item?{query}")  # the proxy's patterns decide; also checks the key
+    choice = launch.choice_for_run(answer.get("run"), branch)
+    if choice is None:
+        on = f" (branch {branch!r} names none)" if branch else ""
+        raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
+    return launch.launch(command, client.url, client.key, choice), choice
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
+    if not command:
+        raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
+    started, choice = _agent_launch(args, command)
+    if started.needs_binding:
+        data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
+        print(f"taskproxy: {command[0]} cannot send a work item header; your key is bound to {data['work_item']} "
+              f"until {data['expires_at']} (`taskproxy use --clear` ends it)", file=sys.stderr)  # fmt: skip
+    print(f"taskproxy: {command[0]} → {started.env['TASKPROXY_URL']}, {choice.describe()}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        os.execvpe(started.args[0], started.args, {**os.environ, **started.env})
+    except OSError as exc:
+        raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: {exc.strerror}") from None
+    return 0  # pragma: no cover  (exec does not return)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from taskproxy.launch import exports
+
+    started, choice = _agent_launch(args, [])
+    print(f"# taskproxy: {choice.describe()}")
+    print(exports(started.env, args.shell), end="")
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------
 
 
@@ -396,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--clear", action="store_true", help="remove the binding")
         else:
             sub.add_argument("--json", action="store_true")
+    run = command(commands, "run", cmd_run, "run an agent or any command pointed at the proxy, with your key and the work item "
+                  "(from --item, else the git branch, else your key's binding)")  # fmt: skip
+    run.add_argument("agent_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="e.g. -- claude -p 'fix the flaky test'; -- codex exec ...")
+    env = command(commands, "env", cmd_env, "print the environment `run` would give, as export lines: eval \"$(taskproxy env)\"")
+    env.add_argument("--shell", choices=SHELLS, default="bash", help="the syntax of the lines (default: bash; zsh is the same)")
+    for sub in (run, env):
+        sub.add_argument("--item", help="the work item (PROJ-123, owner/repo#12 or a tracker URL); default: from the git branch, else your key's binding")
+        sub.add_argument("--url", help=f"the proxy (default: $TASKPROXY_URL or {DEFAULT_PROXY_URL})")
+        sub.add_argument("--key", help="your proxy key (default: $TASKPROXY_API_KEY, then $OPENAI_API_KEY)")
     return parser
 
 

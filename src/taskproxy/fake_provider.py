@@ -14,6 +14,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-overloaded  (/v1/messages) streams message_start (with cache reads), two deltas, then
                   `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
+    fake-tool     (/v1/messages) asks for the Bash tool (`echo taskproxy`) until the conversation's last
+                  message is a tool result, then answers three words: an agent's tool loop, two turns
     fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
     fake-dribble  (chat, not streamed) sends its JSON answer a few bytes every 0.1 s, forever
     fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
@@ -306,14 +308,34 @@ class FakeProvider:
             return _json({"type": "error", "error": {"type": "api_error", "message": "fake provider failure"}}, 500)
         if model == "fake-429":
             return _json({"type": "error", "error": {"type": "rate_limit_error", "message": "rate limited"}}, 429)
-        words = _reply_words(body.get("max_tokens"))
+        words = _reply_words(3 if model == "fake-tool" else body.get("max_tokens"))
         cache_read = OVERLOADED_CACHE_READ if model == "fake-overloaded" else 0
         usage = {"input_tokens": prompt_tokens_of(body), "output_tokens": len(words), "cache_creation_input_tokens": 0, "cache_read_input_tokens": cache_read}
         message = {"id": f"msg_fake_{len(self.received)}", "type": "message", "role": "assistant", "model": model,
                    "content": [{"type": "text", "text": " ".join(words)}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
+        if model == "fake-tool" and not _has_tool_result(body.get("messages")):
+            tool_use = {"type": "tool_use", "id": f"toolu_fake_{len(self.received)}", "name": "Bash",
+                        "input": {"command": "echo taskproxy", "description": "Print a word"}}  # fmt: skip
+            message = {**message, "content": [tool_use], "stop_reason": "tool_use", "usage": {**usage, "output_tokens": 20}}
+            if body.get("stream") is not True:
+                return _json(message)
+            return StreamingResponse(self._tool_use_stream(message), media_type="text/event-stream")
         if body.get("stream") is not True:
             return _json(message)
         return StreamingResponse(self._messages_stream(message, words, model), media_type="text/event-stream")
+
+    async def _tool_use_stream(self, message: dict):  # type: ignore[no-untyped-def]
+        tool_use, usage = message["content"][0], message["usage"]
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        yield _named("message_start", {"type": "message_start", "message": start})
+        yield _named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {**tool_use, "input": {}}})
+        arguments = orjson.dumps(tool_use["input"]).decode()
+        for piece in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+            yield _named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": piece}})
+        yield _named("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                       "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
+        yield _named("message_stop", {"type": "message_stop"})
 
     async def _messages_stream(self, message: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
         usage = message["usage"]
@@ -362,6 +384,16 @@ class _Instrumented:
             await self.app(scope, receive, send_with_vary)
         finally:
             self.fake.active -= 1
+
+
+def _has_tool_result(messages: object) -> bool:
+    """The conversation's last message answers a tool call (Anthropic's tool_result, OpenAI's function_call_output)."""
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return False
+    last = messages[-1]
+    content = last.get("content")
+    return last.get("type") == "function_call_output" or (
+        isinstance(content, list) and any(isinstance(block, dict) and block.get("type") == "tool_result" for block in content))
 
 
 def _reply_words(count: object) -> list[str]:

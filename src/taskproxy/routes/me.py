@@ -8,6 +8,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.bodies import Binding, parse
+from taskproxy.errors import WorkItemInvalid
+from taskproxy.workitems import WorkItemIds
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
 from taskproxy.routes.common import JSON, caller, in_thread, int_param, json_object
@@ -16,9 +18,30 @@ from taskproxy.timeutil import iso, utcnow
 
 
 async def get_binding(request: Request) -> Response:
+    """The key's binding; with `item` or `branch`, also which work item a run would bill (`taskproxy run`):
+    the item, else the one the branch names (by this proxy's patterns), else the binding."""
     principal = await caller(request)
     current = principal.binding(utcnow())
-    return JSON({"work_item": current, "expires_at": iso(principal.bound_until) if current else None})
+    found = {"work_item": current, "expires_at": iso(principal.bound_until) if current else None}
+    item, branch = request.query_params.get("item"), request.query_params.get("branch")
+    if item is None and branch is None:
+        return JSON(found)
+    ids = request.state.items.ids
+    run = None
+    if item:
+        run = {"work_item": ids.normalize(item), "source": "item"}
+    elif branch and (named := _named_by(ids, branch)):
+        run = {"work_item": named, "source": "branch"}
+    elif current:
+        run = {"work_item": current, "source": "binding"}
+    return JSON({**found, "run": run})
+
+
+def _named_by(ids: WorkItemIds, branch: str) -> str | None:
+    try:
+        return ids.from_branch(branch)
+    except WorkItemInvalid:  # a branch too long or odd to name one
+        return None
 
 
 async def put_binding(request: Request) -> Response:

@@ -95,7 +95,9 @@ def openapi_document() -> dict[str, Any]:
             "/api/reports/signals": {"get": _operation("Gaming signals: advisory flags about keys, with evidence (audited)", 200, _OBJECT, params=period)},
             "/api/audit": {"get": _operation("Admin reads of per-key data", 200, _ARRAY, params=[*period, limit])},
             "/api/me/work-item": {
-                "get": _operation("The caller's bound work item", 200, _OBJECT),
+                "get": _operation("The caller's bound work item; with item or branch, also which work item a run would bill (run: "
+                                  "{work_item, source: item|branch|binding} or null)", 200, _OBJECT,
+                                  params=[_query("item", {"type": "string"}), _query("branch", {"type": "string"})]),
                 "put": _operation("Bind a work item to the caller's key", 200, _OBJECT,
                                   request=request_schema(Binding)),
                 "delete": _operation("Remove the binding", 200, _OBJECT),

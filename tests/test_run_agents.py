@@ -1,0 +1,155 @@
+"""`taskproxy run` and `taskproxy env`: one command points an agent at the proxy with the developer's
+key and the work item, taken from `--item`, else the git branch (by the proxy's patterns), else the
+key's binding; with none, it says how to give one before anything starts. The real Claude Code and
+Codex CLI binaries (npm) run against a real `taskproxy serve` and the fake provider on loopback, in a
+temporary repository on branch `feature/PROJ-42-x`.
+
+The agents are looked for in $TASKPROXY_AGENTS_DIR (default ~/.cache/taskproxy-agents, where
+`.ci/run` installs them), then on PATH; without them those tests skip, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
+from taskproxy.launch import WorkItemChoice, agent_of, exports, launch
+
+pytestmark = pytest.mark.serve
+
+AGENTS_DIR = Path(os.environ.get("TASKPROXY_AGENTS_DIR", Path.home() / ".cache" / "taskproxy-agents")) / "node_modules" / ".bin"
+BRANCH = "feature/PROJ-42-x"
+
+
+def agent(name: str) -> str:
+    found = AGENTS_DIR / name if (AGENTS_DIR / name).exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed: `bash .ci/run` installs the agents into {AGENTS_DIR.parent.parent} "
+                    "(npm install @anthropic-ai/claude-code @openai/codex)")  # fmt: skip
+    return str(found)
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("agents")
+    models = [
+        {"name": "fake-tool", "provider": "anthropic", "base_url": upstream.url},
+        {"name": "gpt-4o-mini", "base_url": f"{upstream.url}/v1"},
+        {"name": "fake-tool-codex", "base_url": f"{upstream.url}/v1", "upstream_model": "fake-tool"},
+    ]
+    config = write_config(folder, upstream.url, models=models)
+    with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
+        yield running
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", BRANCH], cwd=folder, check=True)
+    return folder
+
+
+def developer_env(server: ServerProcess, key: str, home: Path, **extra: str) -> dict[str, str]:
+    home.mkdir(exist_ok=True)
+    env = child_env(TASKPROXY_URL=server.url, TASKPROXY_API_KEY=key, HOME=str(home), **extra)
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CODEX_HOME"):
+        env.pop(name, None)
+    env["PATH"] = f"{AGENTS_DIR}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def taskproxy(*args: str, cwd: Path, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "taskproxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- choosing the work item, and what each agent is given ------------------------------------------
+
+
+def test_env_prints_exports_a_shell_evaluates_with_the_branchs_item(server: ServerProcess, repo: Path, tmp_path: Path) -> None:
+    key = server.new_key(owner="kai")
+    env = developer_env(server, key, tmp_path / "home")
+    printed = taskproxy("env", cwd=repo, env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert "PROJ-42 (from branch feature/PROJ-42-x)" in printed.stdout
+    shell = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m taskproxy env)"; echo "$OPENAI_BASE_URL|$ANTHROPIC_BASE_URL|'
+                            '$ANTHROPIC_AUTH_TOKEN|$ANTHROPIC_CUSTOM_HEADERS"'], cwd=repo, env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    assert shell.stdout.strip() == f"{server.url}/v1|{server.url}|{key}|X-Git-Branch: {BRANCH}"
+
+    fish = taskproxy("env", "--shell", "fish", "--item", "acme/Web#12", cwd=repo, env=env)
+    assert "set -gx ANTHROPIC_CUSTOM_HEADERS 'X-Work-Item: acme/web#12';" in fish.stdout  # normalized by the proxy
+
+
+def test_with_no_item_anywhere_run_says_how_to_give_one_and_starts_nothing(server: ServerProcess, tmp_path: Path) -> None:
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    marker = tmp_path / "started"
+    env = developer_env(server, server.new_key(owner="kai"), tmp_path / "home")
+    done = taskproxy("run", "--", "touch", str(marker), cwd=outside, env=env)
+    assert done.returncode != 0 and not marker.exists()
+    assert "--item PROJ-123" in done.stderr and "taskproxy use PROJ-123" in done.stderr
+
+    on_main = tmp_path / "main-repo"
+    on_main.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=on_main, check=True)
+    done = taskproxy("run", "--", "touch", str(marker), cwd=on_main, env=env)
+    assert done.returncode != 0 and not marker.exists() and "branch 'main' names none" in done.stderr
+
+    bad = taskproxy("run", "--item", "not an id", "--", "touch", str(marker), cwd=outside, env=env)
+    assert bad.returncode != 0 and not marker.exists() and "work_item_invalid" in bad.stderr
+
+
+def test_a_command_that_cannot_send_headers_gets_the_item_as_its_keys_binding(server: ServerProcess, repo: Path, tmp_path: Path) -> None:
+    key = server.new_key(owner="kai")
+    env = developer_env(server, key, tmp_path / "home")
+    script = "import os, openai; c = openai.OpenAI(max_retries=0); print(c.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}]).id)"
+    done = taskproxy("run", "--", sys.executable, "-c", script, cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "bound to PROJ-42" in done.stderr
+    event = server.events("PROJ-42", 1)[0]
+    assert event["attribution_source"] == "binding" and event["model"] == "gpt-4o-mini"
+
+    in_binding = taskproxy("run", "--", sys.executable, "-c", "import os; print(os.environ['TASKPROXY_WORK_ITEM'])", cwd=tmp_path, env=env)
+    assert in_binding.stdout.strip() == "PROJ-42" and "your key's binding" in in_binding.stderr  # outside the repo: the binding
+
+
+def test_each_agent_is_given_its_own_way_to_send_the_item() -> None:
+    branch = WorkItemChoice("PROJ-42", "branch", ("X-Git-Branch", BRANCH))
+    claude = launch(["claude", "-p", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
+    assert claude.env["ANTHROPIC_CUSTOM_HEADERS"] == f"X-Git-Branch: {BRANCH}" and not claude.needs_binding
+    codex = launch(["/usr/bin/codex", "exec", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
+    assert codex.args[:3] == ["/usr/bin/codex", "-c", f'model_providers.openai.http_headers={{ "X-Git-Branch" = "{BRANCH}" }}']
+    assert codex.args[3:] == ["exec", "hi"] and codex.env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"
+    assert launch(["aider"], "http://h", "tp-k", branch).needs_binding
+    assert not launch(["aider"], "http://h", "tp-k", WorkItemChoice("PROJ-1", "binding", None)).needs_binding
+    assert [agent_of(c) for c in (["npx", "@openai/codex", "exec"], ["node", "/x/claude"], ["python"])] == ["codex", "claude", "other"]
+    assert exports({"A": "it's $HOME"}, "bash") == "export A='it'\"'\"'s $HOME'\n"
+
+
+# -- the real agents -------------------------------------------------------------------------------
+
+
+def test_claude_code_through_taskproxy_run_records_every_turn_on_the_branchs_ticket(
+    server: ServerProcess, upstream: FakeUpstream, repo: Path, tmp_path: Path
+) -> None:
+    claude = agent("claude")
+    key = server.new_key(owner="kai")
+    env = developer_env(server, key, tmp_path / "home", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
+    since = len(upstream.received)
+    done = taskproxy("run", "--", claude, "-p", "Print a word with the shell.", "--model", "fake-tool", cwd=repo, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    turns = [r for r in upstream.received[since:] if r["path"] == "/v1/messages" and r["body"]["model"] == "fake-tool"]
+    assert len(turns) >= 2, "Claude Code did not run the tool loop (a tool call, then the answer to its result)"
+    assert any(block.get("type") == "tool_result" for block in turns[-1]["body"]["messages"][-1]["content"])
+    claude_events = lambda: [e for e in server.events("PROJ-42", 1) if e["model"] == "fake-tool"]  # noqa: E731
+    mine = wait_until(claude_events, lambda found: len(found) >= len(turns), 10)
+    assert len(mine) == len(turns) and {e["attribution_source"] for e in mine} == {"branch"}
+    assert all(e["status"] == 200 and e["usage_source"] == "provider" for e in mine)
