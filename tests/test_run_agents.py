@@ -59,9 +59,12 @@ def repo(tmp_path: Path) -> Path:
 
 def developer_env(server: ServerProcess, key: str, home: Path, **extra: str) -> dict[str, str]:
     home.mkdir(exist_ok=True)
-    env = child_env(TASKPROXY_URL=server.url, TASKPROXY_API_KEY=key, HOME=str(home), **extra)
+    if "CODEX_HOME" in extra:
+        Path(extra["CODEX_HOME"]).mkdir(exist_ok=True)
+    env = child_env(TASKPROXY_URL=server.url, TASKPROXY_API_KEY=key, HOME=str(home))
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CODEX_HOME"):
-        env.pop(name, None)
+        env.pop(name, None)  # the developer's own, on this machine
+    env.update(extra)
     env["PATH"] = f"{AGENTS_DIR}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -125,8 +128,9 @@ def test_each_agent_is_given_its_own_way_to_send_the_item() -> None:
     claude = launch(["claude", "-p", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
     assert claude.env["ANTHROPIC_CUSTOM_HEADERS"] == f"X-Git-Branch: {BRANCH}" and not claude.needs_binding
     codex = launch(["/usr/bin/codex", "exec", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
-    assert codex.args[:3] == ["/usr/bin/codex", "-c", f'model_providers.openai.http_headers={{ "X-Git-Branch" = "{BRANCH}" }}']
-    assert codex.args[3:] == ["exec", "hi"] and codex.env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"
+    assert codex.args[:4] == ["/usr/bin/codex", "-c", 'model_provider="taskproxy"', "-c"] and codex.args[5:] == ["exec", "hi"]
+    assert codex.args[4].startswith('model_providers.taskproxy={ name = "taskproxy", base_url = "http://127.0.0.1:8080/v1"')
+    assert f'http_headers = {{ "X-Git-Branch" = "{BRANCH}" }}' in codex.args[4] and codex.env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"
     assert launch(["aider"], "http://h", "tp-k", branch).needs_binding
     assert not launch(["aider"], "http://h", "tp-k", WorkItemChoice("PROJ-1", "binding", None)).needs_binding
     assert [agent_of(c) for c in (["npx", "@openai/codex", "exec"], ["node", "/x/claude"], ["python"])] == ["codex", "claude", "other"]
@@ -153,3 +157,51 @@ def test_claude_code_through_taskproxy_run_records_every_turn_on_the_branchs_tic
     mine = wait_until(claude_events, lambda found: len(found) >= len(turns), 10)
     assert len(mine) == len(turns) and {e["attribution_source"] for e in mine} == {"branch"}
     assert all(e["status"] == 200 and e["usage_source"] == "provider" for e in mine)
+
+
+def codex_turns(upstream: FakeUpstream, since: int) -> list[dict]:
+    return [r for r in upstream.received[since:] if r["path"] == "/v1/responses" and r["body"]["model"] == "fake-tool"]
+
+
+def codex_events(server: ServerProcess, item: str, expected: int) -> list[dict]:
+    return wait_until(lambda: [e for e in server.events(item, 1) if e["model"] == "fake-tool-codex"], lambda found: len(found) >= expected, 10)
+
+
+def test_codex_through_taskproxy_run_records_every_turn_on_the_branchs_ticket_over_its_websocket(
+    server: ServerProcess, upstream: FakeUpstream, repo: Path, tmp_path: Path
+) -> None:
+    codex = agent("codex")
+    env = developer_env(server, server.new_key(owner="kai"), tmp_path / "home", CODEX_HOME=str(tmp_path / "codex"))
+    since = len(upstream.received)
+    done = taskproxy("run", "--", codex, "exec", "--skip-git-repo-check", "-m", "fake-tool-codex", "Print a word with the shell.",
+                     cwd=repo, env=env, timeout=180)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Falling back from WebSockets" not in output and "Reconnecting" not in output, output[-3000:]
+
+    turns = codex_turns(upstream, since)
+    assert len(turns) == 2 and turns[1]["body"]["input"][-1]["type"] == "function_call_output"  # the tool loop, sent whole
+    mine = codex_events(server, "PROJ-42", len(turns))
+    assert len(mine) == 2 and {e["attribution_source"] for e in mine} == {"branch"}
+    assert all(e["status"] == 200 and e["usage_source"] == "provider" and e["stream"] for e in mine)
+
+
+def test_codex_with_its_built_in_provider_and_the_keys_binding(server: ServerProcess, upstream: FakeUpstream, repo: Path, tmp_path: Path) -> None:
+    """No `taskproxy run`: Codex's own provider, pointed at the proxy as its docs say (`openai_base_url`, and
+    `codex login --with-api-key`), and the work item bound to the key with `taskproxy use`."""
+    codex = agent("codex")
+    key = server.new_key(owner="ari")
+    env = developer_env(server, key, tmp_path / "home", CODEX_HOME=str(tmp_path / "codex"))
+    assert taskproxy("use", "PROJ-61", cwd=repo, env=env).returncode == 0
+    subprocess.run([codex, "login", "--with-api-key"], input=key, env=env, cwd=repo, capture_output=True, text=True, check=True, timeout=60)
+    since = len(upstream.received)
+    done = subprocess.run([codex, "-c", f'openai_base_url="{server.url}/v1"', "exec", "--skip-git-repo-check", "-m", "fake-tool-codex",
+                           "Print a word with the shell."], env=env, cwd=repo, capture_output=True, text=True, timeout=180)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Falling back from WebSockets" not in output, output[-3000:]
+    turns = codex_turns(upstream, since)
+    mine = codex_events(server, "PROJ-61", len(turns))
+    assert len(turns) == 2 and len(mine) == 2 and {e["attribution_source"] for e in mine} == {"binding"}
+    provider_usage = [(t["body"]["model"], e["prompt_tokens"]) for t, e in zip(turns, sorted(mine, key=lambda e: e["ts"]), strict=True)]
+    assert all(tokens > 0 for _, tokens in provider_usage)

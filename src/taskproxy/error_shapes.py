@@ -41,6 +41,12 @@ def error_event(error: ApiError, api: ApiFormat) -> bytes:
     return (b"event: error\ndata: " if api is ApiFormat.ANTHROPIC else b"data: ") + data + b"\n\n"
 
 
+def socket_error(error: ApiError) -> bytes:
+    """The Responses WebSocket's error message: OpenAI's error object with the HTTP status it stands for
+    (what Codex and the openai SDK read on the socket)."""
+    return orjson.dumps({"type": "error", "status": error.status, **error_body(error, ApiFormat.OPENAI)})
+
+
 def api_format_of(scope: Scope) -> ApiFormat:
     """The format the route that took the request declared, else OpenAI's."""
     return getattr(scope.get("route"), "api_format", ApiFormat.OPENAI)

@@ -14,8 +14,9 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-overloaded  (/v1/messages) streams message_start (with cache reads), two deltas, then
                   `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
-    fake-tool     (/v1/messages) asks for the Bash tool (`echo taskproxy`) until the conversation's last
-                  message is a tool result, then answers three words: an agent's tool loop, two turns
+    fake-tool     asks for a shell tool (`echo taskproxy`: Bash on /v1/messages, Codex's exec_command on
+                  /v1/responses) until the conversation's last item is a tool result, then answers three
+                  words: an agent's tool loop, two turns
     fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
     fake-dribble  (chat, not streamed) sends its JSON answer a few bytes every 0.1 s, forever
     fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
@@ -214,7 +215,7 @@ class FakeProvider:
         model = str(body.get("model", ""))
         if (fault := await self._fault(model, request)) is not None:
             return fault
-        words = _reply_words(body.get("max_output_tokens"))
+        words = _reply_words(3 if model == "fake-tool" else body.get("max_output_tokens"))
         prompt = prompt_tokens_of(body)
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + len(words)}  # fmt: skip
@@ -223,6 +224,12 @@ class FakeProvider:
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
         done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "model": model,
                 "status": "completed", "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        if model == "fake-tool" and not _has_tool_result(body.get("input")):
+            call = _function_call(body.get("tools"), len(self.received))
+            done = {**done, "output": [call], "usage": {**usage, "output_tokens": 20, "total_tokens": prompt + 20}}
+            if body.get("stream") is not True:
+                return _json(done)
+            return StreamingResponse(self._function_call_stream(done), media_type="text/event-stream")
         done["background"] = body.get("background") is True
         self.stored[done["id"]] = {"response": done, "input": body.get("input")}
         if len(self.stored) > STORED_RESPONSES:  # a benchmark's millions of answers are not all kept
@@ -232,6 +239,20 @@ class FakeProvider:
                 return _json({**done, "status": "queued", "output": [], "usage": None})
             return _json(done)
         return StreamingResponse(self._responses_stream(done, words, model), media_type="text/event-stream")
+
+    async def _function_call_stream(self, done: dict):  # type: ignore[no-untyped-def]
+        call = done["output"][0]
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            ("response.created", {"response": started}),
+            ("response.output_item.added", {"output_index": 0, "item": {**call, "status": "in_progress", "arguments": ""}}),
+            ("response.function_call_arguments.delta", {"output_index": 0, "item_id": call["id"], "delta": call["arguments"]}),
+            ("response.function_call_arguments.done", {"output_index": 0, "item_id": call["id"], "arguments": call["arguments"]}),
+            ("response.output_item.done", {"output_index": 0, "item": call}),
+            ("response.completed", {"response": done}),
+        ]
+        for sequence, (name, data) in enumerate(events, start=1):
+            yield _named(name, {"type": name, "sequence_number": sequence, **data})
 
     async def compact(self, request: Request) -> Response:
         body = await self._receive(request)
@@ -384,6 +405,19 @@ class _Instrumented:
             await self.app(scope, receive, send_with_vary)
         finally:
             self.fake.active -= 1
+
+
+def _function_call(tools: object, number: int) -> dict:
+    """A call of the agent's shell tool (Codex's `exec_command`, else `shell`, else the first function)."""
+    names = [t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"] if isinstance(tools, list) else []
+    if "exec_command" in names:
+        name, arguments = "exec_command", {"cmd": "echo taskproxy"}
+    elif "shell" in names or not names:
+        name, arguments = "shell", {"command": ["echo", "taskproxy"]}
+    else:
+        name, arguments = names[0], {}
+    return {"type": "function_call", "id": f"fc_fake_{number}", "call_id": f"call_fake_{number}", "name": name,
+            "arguments": orjson.dumps(arguments).decode(), "status": "completed"}  # fmt: skip
 
 
 def _has_tool_result(messages: object) -> bool:

@@ -9,9 +9,8 @@ its patterns are the only ones. What each agent reads:
 - every command: `OPENAI_BASE_URL` (`OPENAI_API_BASE` for litellm-based tools such as Aider) and
   `OPENAI_API_KEY`; `ANTHROPIC_BASE_URL` (the host root) and `ANTHROPIC_AUTH_TOKEN`;
 - Claude Code: `ANTHROPIC_CUSTOM_HEADERS`, one `Name: value` per line, sent with every request;
-- Codex CLI: `-c` overrides of its built-in `openai` provider's headers, so the WebSocket it opens
-  first and the HTTP requests after carry the work item (its `OPENAI_BASE_URL` is read from the
-  environment);
+- Codex CLI: `-c` flags that give it a provider of its own (`codex_overrides`) sending the header,
+  on its WebSocket and on HTTP alike;
 - anything else that reads only a base URL and a key has no way to send a header: the work item then
   rides on the key's binding, which `run` sets for it (and says so).
 
@@ -124,12 +123,23 @@ def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice) -
     if agent == "claude":
         return Launch(env, args)  # ANTHROPIC_CUSTOM_HEADERS
     if agent == "codex":
-        name, value = choice.header
-        # Right after the program, before its subcommand (`codex exec ...`): `-c` is a global flag.
-        overrides = ["-c", f"model_providers.openai.http_headers={{ {_toml_string(name)} = {_toml_string(value)} }}"]
         position = next((i for i, word in enumerate(args) if agent_of([word]) == "codex"), 0) + 1
-        return Launch(env, args[:position] + overrides + args[position:])
+        # Right after the program, before its subcommand (`codex exec ...`): `-c` is a global flag.
+        return Launch(env, args[:position] + codex_overrides(url, choice.header) + args[position:])
     return Launch(env, args, needs_binding=True)
+
+
+CODEX_PROVIDER = "taskproxy"
+
+
+def codex_overrides(url: str, header: tuple[str, str]) -> list[str]:
+    """Codex's `-c` flags for a provider of its own that sends the header. Codex's built-in `openai`
+    provider takes `OPENAI_BASE_URL` but cannot be given headers (it refuses an override of a built-in
+    provider), so the run uses one named `taskproxy`, with the same Responses WebSocket transport."""
+    name, value = header
+    provider = (f"{{ name = {_toml_string(CODEX_PROVIDER)}, base_url = {_toml_string(url + '/v1')}, env_key = \"OPENAI_API_KEY\", "
+                f"wire_api = \"responses\", supports_websockets = true, http_headers = {{ {_toml_string(name)} = {_toml_string(value)} }} }}")  # fmt: skip
+    return ["-c", f"model_provider={_toml_string(CODEX_PROVIDER)}", "-c", f"model_providers.{CODEX_PROVIDER}={provider}"]
 
 
 def exports(env: Mapping[str, str], shell: str) -> str:

@@ -108,7 +108,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
     raise_open_file_limit()
     config = uvicorn.Config(
         partial(serving_app, settings), host=host, port=port, workers=workers, factory=True, log_level=log_level, access_log=access_log,
-        http=BoundedHttpProtocol, ws="none", timeout_keep_alive=server.keep_alive_seconds,  # type: ignore[arg-type]
+        http=BoundedHttpProtocol, ws="websockets-sansio", ws_max_size=settings.limits.max_body_bytes,  # the Responses WebSocket (Codex)
+        timeout_keep_alive=server.keep_alive_seconds,  # type: ignore[arg-type]
         timeout_graceful_shutdown=server.shutdown_grace_seconds,  # type: ignore[arg-type]
     )  # fmt: skip
     config.connection_limits = ConnectionLimits(  # type: ignore[attr-defined]  (carried to worker processes with the config)

@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from collections.abc import Awaitable, Callable
+
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
 from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, ServiceUnavailable
@@ -54,18 +57,29 @@ class Admission:
     writer: BatchWriter  # refusals go to it; its backlog slows admission down
 
     async def admit(self, request: Request, endpoint: Endpoint) -> Admitted:
+        return await self._admit(request.headers, endpoint, lambda: self._read_and_decode(request, self.settings.limits))
+
+    async def admit_message(self, headers: Headers, raw: bytes, body: dict, endpoint: Endpoint) -> Admitted:
+        """One request that came as a message on a WebSocket: `headers` are the upgrade request's."""
+
+        async def already_read() -> tuple[bytes, dict]:
+            return raw, body
+
+        return await self._admit(headers, endpoint, already_read)
+
+    async def _admit(self, headers: Headers, endpoint: Endpoint, read: Callable[[], Awaitable[tuple[bytes, dict | Undecodable]]]) -> Admitted:
         if self.writer.backlogged:
             await self._wait_for_the_writer()
         started, ts = time.perf_counter(), utcnow()
         principal: Principal | None = None
         try:
-            principal = await self.keys.authenticate(request.headers)
+            principal = await self.keys.authenticate(headers)
             await self.rate_limiter.check(principal.key_id)
             if self.writer.refusing:
                 raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
                                          "the request was not forwarded. Try again shortly.")  # fmt: skip
-            raw, body = await self._read_and_decode(request, self.settings.limits)
-            attributed = self.attribution.resolve(request.headers, body if isinstance(body, dict) else None, principal, ts)
+            raw, body = await read()
+            attributed = self.attribution.resolve(headers, body if isinstance(body, dict) else None, principal, ts)
             known = await self.policy.check(attributed.work_item)
             if isinstance(body, Undecodable):
                 raise InvalidRequest(body.reason)

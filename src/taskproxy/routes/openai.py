@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from taskproxy.error_shapes import ApiFormat
 from taskproxy.errors import MethodNotAllowed, ModelNotFound, NotFound
@@ -20,6 +21,7 @@ from taskproxy.routes.common import ApiRoute
 from taskproxy.guard.auth import KeyStore
 from taskproxy.routes.endpoint import Endpoint, Translation
 from taskproxy.routes.proxy import proxy_route
+from taskproxy.routes.responses_socket import responses_socket
 from taskproxy.settings import OPENAI_COMPATIBLE, ModelSettings, Settings
 from taskproxy.upstream import observe
 from taskproxy.upstream.provider import ProviderReply
@@ -97,8 +99,13 @@ async def stored_completions(request: Request) -> Response:
     raise NotFound(STORED_COMPLETIONS)
 
 
+async def responses_over_websocket(websocket: WebSocket) -> None:
+    await responses_socket(websocket, RESPONSES)
+
+
 routes = [
     *(proxy_route(endpoint) for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, COMPACT, INPUT_TOKENS)),
+    WebSocketRoute("/v1/responses", responses_over_websocket),
     Route("/v1/models", list_models, methods=["GET"]),
     ApiRoute("/v1/models/{model:path}", get_model, methods=["GET"]),
     ApiRoute("/v1/chat/completions", stored_completions, methods=["GET"]),

@@ -1,0 +1,286 @@
+"""The Responses API over a WebSocket on `/v1/responses`: Codex CLI's default transport, and the
+openai SDK's `responses.connect()`.
+
+Each `response.create` message is one request, admitted and recorded exactly like a POST: the key and
+the work item come from the upgrade request's headers (`X-Work-Item`, `X-Git-Branch`, the key's
+binding), and a message's own `metadata.work_item` wins for that message. It is sent to the provider
+as a streamed `POST /responses`, so any OpenAI-compatible provider serves it, and each event of the
+provider's stream goes back as one text message. `response.processed` (Codex's acknowledgement) needs
+no answer; `generate: false` (Codex's prewarm) is answered here without a provider (`_prewarm`). A refused or failed request is answered with an `error` message carrying the HTTP status it
+stands for, and the socket stays open for the next one.
+
+A request may continue the previous one by `previous_response_id` and send only the new input items
+(Codex does, with `store: false`): the socket keeps the last request's input and its response's
+output, and sends the provider the whole conversation, as OpenAI's own WebSocket server does. An id
+this socket did not answer goes to the provider as it is (a stored response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+import orjson
+from starlette.datastructures import Headers
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from taskproxy.error_shapes import error_response, socket_error
+from taskproxy.errors import ApiError, InvalidRequest, RequestTooLarge, UpstreamError, UpstreamTimeout
+from taskproxy.jsonbytes import has_usage_object
+from taskproxy.guard.attribution import strip_work_item
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object
+from taskproxy.metering.attempts import Attempt, Caller
+from taskproxy.metering.usage import Rejected
+from taskproxy.routes.admission import Admitted
+from taskproxy.routes.endpoint import Endpoint
+from taskproxy.routes.proxy import RETRIED_STATUSES, ProxyFlow
+from taskproxy.settings import ModelSettings
+from taskproxy.timeutil import utcnow
+from taskproxy.upstream import observe
+from taskproxy.upstream.capture import Capture
+from taskproxy.upstream.provider import ProviderReply, ProviderRequest, upstream_headers
+from taskproxy.upstream.relay import CLIENT_DISCONNECTED
+from taskproxy.upstream.sse import end_of_last_event, iter_events
+
+log = logging.getLogger("taskproxy.proxy")
+TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
+NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
+
+
+@dataclass
+class Conversation:
+    """The last request on this socket and what it produced, for a continuation by previous_response_id."""
+
+    response_id: str | None = None
+    items: list = field(default_factory=list)  # its whole input, then its output
+
+    def expand(self, body: dict) -> None:
+        """Send the provider the whole conversation when `body` continues the last response here."""
+        previous = body.get("previous_response_id")
+        if previous is None or previous != self.response_id:
+            return
+        new = body.get("input")
+        new_items = [{"role": "user", "content": new}] if isinstance(new, str) else list(new or [])
+        body["input"] = [*self.items, *new_items]
+        del body["previous_response_id"]
+
+    def remember(self, body: dict, response: dict) -> None:
+        sent = body.get("input")
+        sent_items = [{"role": "user", "content": sent}] if isinstance(sent, str) else list(sent or [])
+        output = response.get("output") if isinstance(response.get("output"), list) else []
+        self.response_id = response.get("id") if isinstance(response.get("id"), str) else None
+        self.items = [*sent_items, *output] if self.response_id else []
+
+
+async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
+    flow: ProxyFlow = websocket.state.proxy
+    headers = websocket.headers
+    try:
+        await flow.admission.keys.authenticate(headers)  # refused at the upgrade, in the HTTP route's shape
+    except ApiError as exc:
+        flow.admission.writer.submit(Rejected(utcnow(), None, exc.code, endpoint.path))
+        await websocket.send_denial_response(error_response(exc))
+        return
+    await websocket.accept()
+    conversation = Conversation()
+    # One request at a time, as the API serves a socket; while a turn runs, the next receive watches for
+    # the client leaving (which ends the turn at once) or holds its next message until the turn is over.
+    receiving = asyncio.create_task(websocket.receive())
+    try:
+        while (message := await receiving)["type"] != "websocket.disconnect":
+            receiving = asyncio.create_task(websocket.receive())
+            data = message.get("text") or message.get("bytes") or b""
+            turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, data))
+            await asyncio.wait({turn, receiving}, return_when=asyncio.FIRST_COMPLETED)
+            if not turn.done() and receiving.result()["type"] == "websocket.disconnect":
+                turn.cancel()
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if receiving.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    break  # the client left: the turn recorded it
+                raise
+    finally:
+        if not receiving.done():
+            receiving.cancel()
+        if websocket.application_state == WebSocketState.CONNECTED and websocket.client_state == WebSocketState.CONNECTED:
+            try:
+                await websocket.close()
+            except (RuntimeError, OSError):
+                pass
+
+
+async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, headers: Headers, conversation: Conversation, data: str | bytes) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if len(raw) > flow.settings.limits.max_body_bytes:
+            raise RequestTooLarge(f"The message is larger than {flow.settings.limits.max_body_bytes} bytes (limits.max_body_bytes).")
+        message = await decode_json_object(raw, flow.settings.limits.max_json_nodes)
+        if isinstance(message, Undecodable):
+            raise InvalidRequest(message.reason)
+        kind = message.get("type")
+        if kind == "response.processed":  # Codex's acknowledgement of a finished response
+            return
+        if kind != "response.create":
+            raise InvalidRequest(f"taskproxy's Responses WebSocket takes 'response.create' messages, not {str(kind)[:60]!r}.", param="type")
+        body = {k: v for k, v in message.items() if k not in NOT_FORWARDED}
+        conversation.expand(body)
+        body["stream"] = True
+        raw = await anyio.to_thread.run_sync(orjson.dumps, body) if len(raw) > DECODE_IN_THREAD_BYTES else orjson.dumps(body)
+        if len(raw) > flow.settings.limits.max_body_bytes:
+            raise RequestTooLarge(f"The conversation is larger than {flow.settings.limits.max_body_bytes} bytes (limits.max_body_bytes).")
+        admitted = await flow.admission.admit_message(_for_message(headers, body), raw, body, endpoint)
+    except ApiError as exc:
+        await _send(websocket, socket_error(exc))
+        return
+    strip_work_item(admitted.body)
+    if message.get("generate") is False:
+        await _prewarm(websocket, admitted, conversation)
+        return
+    await _forward(websocket, flow, endpoint, admitted, conversation)
+
+
+def _for_message(headers: Headers, body: dict) -> Headers:
+    """The upgrade's headers, as this message's: a message naming its own work item (metadata.work_item)
+    is billed to it, over the work item the connection was opened with."""
+    metadata = body.get("metadata")
+    if not (isinstance(metadata, dict) and "work_item" in metadata):
+        return headers
+    return Headers(raw=[(k, v) for k, v in headers.raw if k.lower() not in (b"x-work-item", b"x-git-branch")])
+
+
+async def _prewarm(websocket: WebSocket, admitted: Admitted, conversation: Conversation) -> None:
+    """`generate: false` (Codex's prewarm) asks the server to take the conversation in without generating.
+    A provider's HTTP API has no such request: it is answered here, nothing is sent or billed, and the
+    conversation is kept so that the request continuing it is sent whole."""
+    response = {"id": f"resp_taskproxy_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "status": "completed",
+                "model": admitted.client_model or admitted.model.name, "output": [],
+                "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}}  # fmt: skip
+    conversation.remember(admitted.body, response)
+    await _send(websocket, orjson.dumps({"type": "response.created", "sequence_number": 0, "response": {**response, "status": "in_progress"}}))
+    await _send(websocket, orjson.dumps({"type": "response.completed", "sequence_number": 1, "response": response}))
+
+
+async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, admitted: Admitted, conversation: Conversation) -> None:
+    """Each model of the chain in turn, as POST /v1/responses does, until one answers."""
+    body = admitted.body
+    fallbacks = (flow.settings.model(name) for name in admitted.model.fallbacks)
+    chain = [admitted.model, *(m for m in fallbacks if m is not None and endpoint.reaches(m))]
+    principal, attributed = admitted.principal, admitted.attributed
+    caller = Caller(principal.key_id, principal.owner, principal.team, attributed.work_item, attributed.source)
+    for number, model in enumerate(chain, start=1):
+        attempt = flow.attempts.begin(
+            caller, ts=admitted.ts, started=admitted.started, body=body, user_agent=websocket.headers.get("user-agent"),
+            route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=True, number=number,
+        )  # fmt: skip
+        more = number < len(chain)
+        try:
+            reply = await _post(flow, websocket.headers, body, model)
+        except ApiError as exc:
+            attempt.record_once(status=exc.status, error=exc.code)
+            if more and exc.status in RETRIED_STATUSES:
+                continue
+            await _send(websocket, socket_error(exc))
+            return
+        except asyncio.CancelledError:
+            attempt.record_once(status=499, error=CLIENT_DISCONNECTED)
+            raise
+        if not reply.is_event_stream:
+            await _refused(websocket, attempt, reply, more)
+            if more and reply.status in RETRIED_STATUSES:
+                continue
+            return
+        await _relay(websocket, attempt, reply, model, body, conversation)
+        return
+
+
+async def _post(flow: ProxyFlow, client_headers: Headers, body: dict, model: ModelSettings) -> ProviderReply:
+    body["model"] = model.target_model
+    content = await anyio.to_thread.run_sync(orjson.dumps, body)
+    api_key = model.api_key.get_secret_value() if model.api_key else None
+    headers = [(name, value) for name, value in upstream_headers(client_headers, api_key) if not name.startswith(b"sec-websocket-")
+               and not (name == b"openai-beta" and b"websocket" in value)]  # fmt: skip
+    return await flow.provider.send(ProviderRequest(model, f"{model.base_url}/responses", headers, content, stream=True))
+
+
+async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, more: bool) -> None:
+    """The provider answered with an error (or not with a stream): its error, with its status."""
+    parts, size = [], 0
+    async for chunk in reply.chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > 64 * 1024:
+            break
+    await reply.close()
+    attempt.record_once(status=reply.status if reply.status >= 400 else 502, error=None if reply.status >= 400 else UpstreamError.code)
+    if more and reply.status in RETRIED_STATUSES:
+        return
+    try:
+        error = orjson.loads(b"".join(parts)).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    if not isinstance(error, dict):
+        error = {"message": f"The provider answered {reply.status} without a stream.", "type": "upstream_error", "param": None, "code": "upstream_error"}
+    await _send(websocket, orjson.dumps({"type": "error", "status": reply.status if reply.status >= 400 else 502, "error": error}))
+
+
+async def _relay(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, model: ModelSettings, body: dict, conversation: Conversation) -> None:
+    """The provider's events, one message each; usage is metered as it passes and recorded once."""
+    capture, exchange, meter = Capture(), attempt.exchange, attempt.meter
+    exchange.answered = True
+    exchange.observe = partial(observe.responses_stream, capture)
+    pending, first_byte, error, last = b"", None, None, b""
+    try:
+        async with asyncio.timeout(model.max_stream_seconds):
+            async for chunk in reply.chunks:
+                first_byte = first_byte or time.perf_counter()
+                capture.add(chunk)
+                if meter.pending or has_usage_object(chunk):
+                    meter.saw(capture.recent())
+                pending += chunk
+                cut = end_of_last_event(pending)
+                if not cut:
+                    continue
+                complete, pending = pending[:cut], pending[cut:]
+                for _, data in iter_events(complete):
+                    if data == b"[DONE]":
+                        continue
+                    if any(marker in data[:200] for marker in TERMINAL):
+                        last = data
+                    await websocket.send_text(data.decode("utf-8", "replace"))
+    except TimeoutError:
+        timeout = UpstreamTimeout(f"The answer took longer than {model.max_stream_seconds:.0f} s and was ended (max_stream_seconds).")
+        error = timeout.code
+        await _send(websocket, socket_error(timeout))
+    except ApiError as exc:
+        error = exc.code
+        await _send(websocket, socket_error(exc))
+    except (asyncio.CancelledError, WebSocketDisconnect, OSError, RuntimeError) as exc:
+        attempt.record_once(status=200, error=CLIENT_DISCONNECTED, first_byte=first_byte)
+        await reply.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return
+    await reply.close()
+    attempt.record_once(status=200, error=error, first_byte=first_byte)
+    if last:
+        await _remember(conversation, body, last)
+
+
+async def _remember(conversation: Conversation, body: dict, terminal: bytes) -> None:
+    event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
+    if isinstance(event, dict) and isinstance(event.get("response"), dict):
+        conversation.remember(body, event["response"])
+
+
+async def _send(websocket: WebSocket, data: bytes) -> None:
+    try:
+        await websocket.send_text(data.decode())
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass

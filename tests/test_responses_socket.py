@@ -1,0 +1,149 @@
+"""The Responses API over a WebSocket on /v1/responses, through a real `taskproxy serve` and the fake
+provider: the openai SDK's `responses.connect()` as the client (and the `websockets` package for what
+the SDK will not send). Each `response.create` is admitted and recorded like a POST; a continuation by
+`previous_response_id` reaches the provider whole; refusals are `error` messages and the socket stays
+usable; a client that leaves mid-answer is recorded as such."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("socket")
+    base = f"{upstream.url}/v1"
+    models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base}]
+    config = write_config(folder, upstream.url, models=models)
+    with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
+        yield running
+
+
+def until_done(connection: Any) -> list[Any]:
+    """The events of one response, up to its terminal event or an error."""
+    events = []
+    while True:
+        event = connection.recv()
+        events.append(event)
+        if event.type in ("response.completed", "response.failed", "response.incomplete", "error"):
+            return events
+
+
+def sent_to_provider(upstream: FakeUpstream, since: int) -> list[dict]:
+    return [r for r in upstream.received[since:] if r["path"] == "/v1/responses"]
+
+
+def test_each_response_create_is_recorded_like_a_post_and_a_continuation_is_sent_whole(server: ServerProcess, upstream: FakeUpstream) -> None:
+    client = server.openai(server.new_key(owner="noa"))
+    since = len(upstream.received)
+    with client.responses.connect(extra_headers={"X-Work-Item": "PROJ-51"}, max_retries=0) as connection:
+        connection.response.create(model="gpt-4o-mini", input="Name the failing test.")
+        first = until_done(connection)
+        done = first[-1].response
+        assert [e.type for e in first][:2] == ["response.created", "response.in_progress"] and first[-1].type == "response.completed"
+
+        follow_up = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And fix it."}]}]
+        connection.response.create(model="gpt-4o-mini", input=follow_up, previous_response_id=done.id, store=False,
+                                   metadata={"work_item": "PROJ-52"})  # this message's own work item  # fmt: skip
+        second = until_done(connection)[-1].response
+
+    provider = sent_to_provider(upstream, since)
+    assert len(provider) == 2 and all(r["body"]["stream"] is True for r in provider)
+    whole = provider[1]["body"]
+    assert "previous_response_id" not in whole  # the socket knew it: the provider gets the conversation
+    assert whole["input"][0] == {"role": "user", "content": "Name the failing test."}
+    assert whole["input"][1]["type"] == "message" and whole["input"][1]["content"][0]["text"] == done.output_text
+    assert whole["input"][2:] == follow_up
+    assert "metadata" not in whole and "x-work-item" not in provider[0]["headers"]
+
+    [one] = server.events("PROJ-51", 1)
+    [two] = server.events("PROJ-52", 1)
+    assert (one["attribution_source"], two["attribution_source"]) == ("header", "body")
+    for event, response in ((one, done), (two, second)):
+        assert event["route"] == "/v1/responses" and event["stream"] is True and event["usage_source"] == "provider"
+        assert (event["prompt_tokens"], event["completion_tokens"]) == (response.usage.input_tokens, response.usage.output_tokens)
+
+
+def test_refusals_are_error_messages_and_the_socket_goes_on(server: ServerProcess, upstream: FakeUpstream) -> None:
+    client = server.openai(server.new_key(owner="noa"))
+    since = len(upstream.received)
+    with client.responses.connect(max_retries=0) as connection:
+        connection.response.create(model="gpt-4o-mini", input="hi")  # no work item anywhere
+        refused = connection.recv()
+        connection.response.create(model="gpt-9", input="hi", metadata={"work_item": "PROJ-53"})
+        unknown_model = connection.recv()
+        connection.response.create(model="fake-500", input="hi", metadata={"work_item": "PROJ-53"})
+        provider_failed = connection.recv()
+        connection.response.create(model="gpt-4o-mini", input="hi", metadata={"work_item": "PROJ-53"})
+        answered = until_done(connection)[-1]
+
+    assert refused.type == "error" and refused.status == 400 and refused.error.code == "work_item_required"
+    assert unknown_model.type == "error" and unknown_model.status == 404 and unknown_model.error.code == "model_not_found"
+    assert provider_failed.type == "error" and provider_failed.status == 500 and provider_failed.error.message == "fake provider failure"
+    assert answered.type == "response.completed"
+    assert len(sent_to_provider(upstream, since)) == 2  # the refused ones never left
+    statuses = sorted(e["status"] for e in server.events("PROJ-53", 2))
+    assert statuses == [200, 500]
+
+
+def test_a_bad_key_is_refused_at_the_upgrade_with_openais_error(server: ServerProcess) -> None:
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, additional_headers={"Authorization": "Bearer tp-wrong"}, open_timeout=5)
+    response = refused.value.response
+    assert response.status_code == 401 and json.loads(response.body)["error"]["code"] == "invalid_api_key"
+
+
+def test_prewarm_is_answered_without_the_provider_and_its_conversation_kept(server: ServerProcess, upstream: FakeUpstream) -> None:
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    since = len(upstream.received)
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-54"}, open_timeout=5) as socket:
+        socket.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "Context first.", "generate": False}))
+        created, completed = json.loads(socket.recv(5)), json.loads(socket.recv(5))
+        assert (created["type"], completed["type"]) == ("response.created", "response.completed")
+        assert not sent_to_provider(upstream, since)
+        socket.send(json.dumps({"type": "response.processed", "response_id": completed["response"]["id"]}))  # needs no answer
+        socket.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "Now answer.",
+                                "previous_response_id": completed["response"]["id"]}))  # fmt: skip
+        while json.loads(socket.recv(5))["type"] != "response.completed":
+            pass
+    [sent] = sent_to_provider(upstream, since)
+    assert sent["body"]["input"] == [{"role": "user", "content": "Context first."}, {"role": "user", "content": "Now answer."}]
+    assert len(server.events("PROJ-54", 1)) == 1
+
+
+def test_a_client_leaving_mid_answer_is_recorded_and_ends_the_providers_request(server: ServerProcess, upstream: FakeUpstream) -> None:
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-55"}, open_timeout=5) as socket:
+        socket.send(json.dumps({"type": "response.create", "model": "fake-slow", "input": "take your time"}))
+        wait_until(lambda: upstream.fake.active, bool, 5)
+    started = time.monotonic()
+    wait_until(lambda: upstream.fake.active, lambda active: active == 0, 5)
+    assert time.monotonic() - started < 1.5  # the fake waits 2 s: it was cancelled, not finished
+    [event] = server.events("PROJ-55", 1)
+    assert event["error"] == "client_disconnected" and event["status"] == 499
+
+
+def test_an_unknown_message_type_is_refused_by_name(server: ServerProcess) -> None:
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=5) as socket:
+        socket.send(json.dumps({"type": "response.steer", "input": "faster"}))
+        error = json.loads(socket.recv(5))
+        socket.send("not json")
+        garbled = json.loads(socket.recv(5))
+    assert error["type"] == "error" and error["status"] == 400 and "response.steer" in error["error"]["message"]
+    assert garbled["status"] == 400 and garbled["error"]["code"] == "invalid_request"
