@@ -24,7 +24,8 @@ pytestmark = pytest.mark.serve
 def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("socket")
     base = f"{upstream.url}/v1"
-    models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base}]
+    models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base},
+              {"name": "fake-cut", "base_url": base}]  # fmt: skip
     config = write_config(folder, upstream.url, models=models)
     with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
         yield running
@@ -147,3 +148,16 @@ def test_an_unknown_message_type_is_refused_by_name(server: ServerProcess) -> No
         garbled = json.loads(socket.recv(5))
     assert error["type"] == "error" and error["status"] == 400 and "response.steer" in error["error"]["message"]
     assert garbled["status"] == 400 and garbled["error"]["code"] == "invalid_request"
+
+
+def test_a_stream_the_provider_cuts_ends_with_an_error_message_not_a_stall(server: ServerProcess) -> None:
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-56"}, open_timeout=5) as socket:
+        socket.send(json.dumps({"type": "response.create", "model": "fake-cut", "input": "go"}))
+        events = []
+        while (event := json.loads(socket.recv(5)))["type"] != "error":
+            events.append(event["type"])
+    assert "response.output_text.delta" in events and event["status"] == 502 and event["error"]["code"] == "upstream_error"
+    [recorded] = server.events("PROJ-56", 1)
+    assert recorded["error"] == "upstream_error" and recorded["completion_tokens"] > 0  # what was relayed, estimated

@@ -268,6 +268,10 @@ async def _relay(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, m
             raise
         return
     await reply.close()
+    if not last and error is None:  # ended without its last event: the client would wait for it forever
+        cut = UpstreamError("The provider's stream ended before the response was complete.")
+        error = cut.code
+        await _send(websocket, socket_error(cut))
     attempt.record_once(status=200, error=error, first_byte=first_byte)
     if last:
         await _remember(conversation, body, last)
