@@ -32,7 +32,7 @@ ADMIN_KEY = "tp-process-test-admin-key-0123456789"
 STARTUP_TIMEOUT = 15.0
 # Variables that would change which config or database the subprocess uses, or route loopback traffic.
 _SCRUBBED_ENV = ("TASKPROXY_CONFIG", "TASKPROXY_DATABASE_URL", "TASKPROXY_ADMIN_KEY", "TASKPROXY_URL", "TASKPROXY_API_KEY",
-                 "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")  # fmt: skip
+                 "OPENAI_API_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")  # fmt: skip
 
 
 def free_port() -> int:

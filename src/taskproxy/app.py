@@ -175,8 +175,18 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             max_held_records=recording.max_held_records, refusals_interval=recording.refusals_interval_seconds, on_record=[budgets.record],
         )  # fmt: skip
         floor = settings.privacy.min_group_size
-        metrics = Metrics(writer, lambda team: "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS)
+
+        def team_label(team: str | None) -> str:
+            return "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS
+
+        metrics = Metrics(writer, team_label)
         writer.listen(metrics.record)
+        telemetry = None
+        if settings.telemetry.enabled:
+            from taskproxy.telemetry import Telemetry  # opentelemetry is imported only when it is configured
+
+            telemetry = Telemetry(settings.telemetry, team_label)
+            writer.listen(telemetry.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
         upstream = provider if provider is not None else AiohttpClient()
@@ -226,6 +236,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()
             await anyio.to_thread.run_sync(writer.close)
+            if telemetry is not None:
+                await anyio.to_thread.run_sync(telemetry.close)
             try:
                 await anyio.to_thread.run_sync(budgets.shares.close)  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:

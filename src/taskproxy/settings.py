@@ -185,6 +185,14 @@ class ReportSettings(_Frozen):
     stale_after_days: float = Field(default=14.0, gt=0)
 
 
+class TelemetrySettings(_Frozen):
+    # OpenTelemetry spans and GenAI metrics over OTLP/HTTP (README, "OpenTelemetry"). Also on when
+    # OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (and OTEL_SDK_DISABLED is not true).
+    enabled: bool = False
+    include_person: bool = False  # adds taskproxy.owner and taskproxy.key_id to spans
+    service_name: str = "taskproxy"  # OTEL_SERVICE_NAME overrides
+
+
 class ResponsesSettings(_Frozen):
     # The model a Responses API request without `model` goes to (the spec allows leaving it out, e.g.
     # with a stored `prompt`); unset, such a request is refused with a message naming what to send.
@@ -245,6 +253,7 @@ class Settings(_Frozen):
     signals: SignalSettings = SignalSettings()
     server: ServerSettings = ServerSettings()
     responses: ResponsesSettings = ResponsesSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -290,6 +299,20 @@ def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
     return {**conf, "secret": env[name]}
 
 
+def _telemetry(conf: Any, env: Mapping[str, str]) -> Any:
+    """The standard OpenTelemetry variables: an OTLP endpoint turns export on, OTEL_SDK_DISABLED off."""
+    conf = dict(conf) if isinstance(conf, dict) else ({} if conf is None else conf)
+    if not isinstance(conf, dict):
+        return conf
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        conf["enabled"] = False
+    elif "enabled" not in conf and (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        conf["enabled"] = True
+    if env.get("OTEL_SERVICE_NAME"):
+        conf["service_name"] = env["OTEL_SERVICE_NAME"]
+    return conf
+
+
 def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate `data` (the YAML document) and apply the environment's overrides and secrets."""
     data = dict(data)
@@ -309,6 +332,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
             model = {**model, "api_key": env[name]}
         resolved.append(model)
     data["models"] = resolved
+    data["telemetry"] = _telemetry(data.get("telemetry"), env)
     trackers = data.get("trackers")
     if isinstance(trackers, dict):
         data["trackers"] = {name: _with_secret(f"trackers.{name}", conf, env) for name, conf in trackers.items()}
