@@ -21,8 +21,10 @@ async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Prox
     base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
     for model in base["models"]:
         model.pop("api_key", None)
-    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60}}
-    env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "TASKPROXY_ADMIN_KEY": ADMIN_KEY, "TEST_PROVIDER_KEY": PROVIDER_KEY}
+    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60},
+                        "gitlab": {"secret_env": "GL"}}  # fmt: skip
+    env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "GL": hooks.GITLAB_TOKEN, "TASKPROXY_ADMIN_KEY": ADMIN_KEY,
+           "TEST_PROVIDER_KEY": PROVIDER_KEY}  # fmt: skip
     async for proxy in start_proxy(settings_from_mapping(base, env), MockProvider.asgi(fake.app()), fake):
         yield proxy
 
@@ -235,3 +237,47 @@ async def test_a_tracker_time_in_the_future_is_clamped_to_when_it_arrived(tracke
     body = hooks.dumps(reopened)
     assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
     assert (await tracked.get("/api/work-items/PAY-30"))["status"] == "in_progress"
+
+
+@BOTH_DATABASES
+async def test_gitlab_merge_request_and_issue_lifecycle(tracked: Proxy) -> None:
+    opened = hooks.dumps(hooks.gitlab_merge_request("open", 5, branch="feature/PAY-9-charges"))
+    response = await _post(tracked, "gitlab", opened, hooks.gitlab_headers("Merge Request Hook"))
+    assert response.status_code == 200 and response.json()["items"] == [{"id": "acme/platform/billing-api!5", "status": "open", "linked": []}]
+    merged = hooks.dumps(hooks.gitlab_merge_request("merge", 5, branch="feature/PAY-9-charges"))
+    assert (await _post(tracked, "gitlab", merged, hooks.gitlab_headers("Merge Request Hook"))).status_code == 200
+    item = await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%215")
+    assert (item["status"], item["source"], item["title"]) == ("done", "gitlab", "Retry failed charges")
+    assert item["created_at"] == "2026-11-02T09:00:00.000Z" and item["completed_at"] == "2026-11-05T10:00:00.000Z"  # "... UTC" times
+    assert [link["id"] for link in item["linked_from"]] == ["PAY-9"]
+
+    closed = hooks.dumps(hooks.gitlab_merge_request("close", 6))
+    await _post(tracked, "gitlab", closed, hooks.gitlab_headers("Merge Request Hook"))
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%216"))["status"] == "closed"
+    issue = hooks.dumps(hooks.gitlab_issue("close", 23))
+    assert (await _post(tracked, "gitlab", issue, hooks.gitlab_headers("Issue Hook"))).json()["status"] == "applied"
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2323"))["status"] == "done"
+
+
+async def test_gitlab_token_and_redelivery(tracked: Proxy) -> None:
+    body = hooks.dumps(hooks.gitlab_issue("close", 24))
+    for headers in (hooks.gitlab_headers("Issue Hook", token="gl-token-5"), {"content-type": "application/json", "x-gitlab-event": "Issue Hook"}):
+        refused = await _post(tracked, "gitlab", body, headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_signature"
+    assert await tracked.get("/api/work-items") == []
+    headers = hooks.gitlab_headers("Issue Hook", delivery="2f3c8f3e-7f6e-4a2b-9a63-1b2c3d4e5f60")
+    assert (await _post(tracked, "gitlab", body, headers)).json()["status"] == "applied"
+    reopened = hooks.dumps(hooks.gitlab_issue("reopen", 24))
+    await _post(tracked, "gitlab", reopened, hooks.gitlab_headers("Issue Hook"))
+    assert (await _post(tracked, "gitlab", body, headers)).json()["status"] == "duplicate"
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2324"))["status"] == "open"
+    note = hooks.dumps({"object_kind": "note", "project": {"path_with_namespace": "a/b"}, "object_attributes": {"note": "LGTM"}})
+    assert (await _post(tracked, "gitlab", note, hooks.gitlab_headers("Note Hook"))).json()["status"] == "ignored"
+
+
+async def test_gitlab_ids_and_links_are_work_items(tracked: Proxy) -> None:
+    client = tracked.openai(await tracked.new_key())
+    for sent in ("Acme/Platform/Billing-API!8", "https://gitlab.example.com/acme/platform/billing-api/-/merge_requests/8/diffs"):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": sent})
+    item = await tracked.item("acme/platform/billing-api!8", requests=2)
+    assert item["id"] == "acme/platform/billing-api!8"

@@ -25,6 +25,11 @@ IDS = WorkItemIds(DEFAULT_ID_PATTERNS, DEFAULT_BRANCH_PATTERNS)
         ("https://acme.atlassian.net/browse/PROJ-1", "PROJ-1"),
         ("https://jira.example.com/browse/ops-42", "OPS-42"),
         ("https://linear.app/acme/issue/ENG-7/retry-webhooks", "ENG-7"),
+        ("Acme/Platform/Billing-API!8", "acme/platform/billing-api!8"),
+        ("a/b/c#1", "a/b/c#1"),
+        ("group/project!3", "group/project!3"),
+        ("https://gitlab.example.com/Acme/Platform/billing-api/-/merge_requests/8", "acme/platform/billing-api!8"),
+        ("https://gitlab.com/group/project/-/issues/4/designs", "group/project#4"),
     ],
 )
 def test_accepted_forms_normalize(raw: str, canonical: str) -> None:
@@ -34,7 +39,7 @@ def test_accepted_forms_normalize(raw: str, canonical: str) -> None:
 @pytest.mark.parametrize(
     "raw",
     ["", "   ", "PROJ", "123", "PROJ-", "not a ticket", "'; DROP TABLE usage_events;--", "../../etc/passwd", "PROJ-1\n", "PROJ-1\x00",
-     "PROJ-1\x1b[31m", "https://example.com/whatever", "https://github.com/acme/web", "a/b/c#1", "P" * 199 + "-1", 7, None, ["PROJ-1"]],
+     "PROJ-1\x1b[31m", "https://example.com/whatever", "https://github.com/acme/web", "a!1", "/a/b#1", "a//b#1", "https://gitlab.com/group/-/issues", "P" * 199 + "-1", 7, None, ["PROJ-1"]],
 )  # fmt: skip
 def test_everything_else_is_refused(raw: object) -> None:
     with pytest.raises(WorkItemInvalid):

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-GITHUB_SECRET, JIRA_SECRET, LINEAR_SECRET = "gh-secret-1", "jira-secret-2", "linear-secret-3"
+GITHUB_SECRET, JIRA_SECRET, LINEAR_SECRET, GITLAB_TOKEN = "gh-secret-1", "jira-secret-2", "linear-secret-3", "gl-token-4"
 
 _REPO = {"id": 1296269, "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5", "name": "Web-App", "full_name": "Acme/Web-App", "private": True,
          "owner": {"login": "Acme", "id": 1, "type": "Organization"}, "html_url": "https://github.com/Acme/Web-App", "default_branch": "main"}  # fmt: skip
@@ -120,6 +120,38 @@ def linear_headers(body: bytes, *, delivery: str | None = None, secret: str = LI
         "Linear-Delivery": delivery or str(uuid.uuid4()), "Linear-Event": "Issue",
         "Linear-Signature": hmac.new(secret.encode(), body, hashlib.sha256).hexdigest(), "Content-Type": "application/json",
     }  # fmt: skip
+
+
+# GitLab's merge request and issue events (docs: user/project/integrations/webhook_events), in a subgroup.
+_GITLAB_PROJECT = {"id": 15, "name": "Billing API", "description": "", "web_url": "https://gitlab.example.com/Acme/Platform/billing-api",
+                   "git_ssh_url": "git@gitlab.example.com:Acme/Platform/billing-api.git", "namespace": "Platform", "visibility_level": 0,
+                   "path_with_namespace": "Acme/Platform/billing-api", "default_branch": "main"}  # fmt: skip
+_GITLAB_USER = {"id": 1, "name": "Administrator", "username": "root", "email": "admin@example.com"}
+
+
+def gitlab_merge_request(action: str, iid: int, *, branch: str = "feature/x", title: str = "Retry failed charges") -> dict[str, Any]:
+    state = {"open": "opened", "reopen": "opened", "update": "opened", "close": "closed", "merge": "merged"}[action]
+    url = f"https://gitlab.example.com/Acme/Platform/billing-api/-/merge_requests/{iid}"
+    attributes = {"id": 90 + iid, "iid": iid, "target_branch": "main", "source_branch": branch, "source_project_id": 15, "author_id": 1,
+                  "title": title, "created_at": "2026-11-02 09:00:00 UTC", "updated_at": "2026-11-05 10:00:00 UTC", "state": state,
+                  "merge_status": "can_be_merged", "target_project_id": 15, "description": "", "url": url, "action": action,
+                  "merge_commit_sha": "da1560886d4f094c3e6c9ef40349f7d38b5d27d7" if action == "merge" else None}  # fmt: skip
+    return {"object_kind": "merge_request", "event_type": "merge_request", "user": _GITLAB_USER, "project": _GITLAB_PROJECT,
+            "object_attributes": attributes, "labels": [], "changes": {}, "repository": {"name": "Billing API", "url": _GITLAB_PROJECT["git_ssh_url"]}}  # fmt: skip
+
+
+def gitlab_issue(action: str, iid: int) -> dict[str, Any]:
+    state = "closed" if action == "close" else "opened"
+    attributes = {"id": 300 + iid, "iid": iid, "title": "Refunds time out", "project_id": 15, "created_at": "2026-11-01T08:00:00Z",
+                  "updated_at": "2026-11-06T12:00:00Z", "closed_at": "2026-11-06T12:00:00Z" if state == "closed" else None, "state": state,
+                  "url": f"https://gitlab.example.com/Acme/Platform/billing-api/-/issues/{iid}", "action": action}  # fmt: skip
+    return {"object_kind": "issue", "event_type": "issue", "user": _GITLAB_USER, "project": _GITLAB_PROJECT, "object_attributes": attributes,
+            "labels": [], "changes": {}}  # fmt: skip
+
+
+def gitlab_headers(event: str, *, delivery: str | None = None, token: str = GITLAB_TOKEN) -> dict[str, str]:
+    return {"content-type": "application/json", "x-gitlab-event": event, "x-gitlab-token": token, "x-gitlab-instance": "https://gitlab.example.com",
+            "x-gitlab-event-uuid": delivery or str(uuid.uuid4()), "x-gitlab-webhook-uuid": "3a5b1e4c-9d84-4d6b-a8c0-2f6f1c7f3a10"}  # fmt: skip
 
 
 def dumps(payload: dict[str, Any]) -> bytes:

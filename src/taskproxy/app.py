@@ -57,6 +57,7 @@ from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
 from taskproxy.trackers.github import GitHub
+from taskproxy.trackers.gitlab import GitLab
 from taskproxy.trackers.jira import Jira
 from taskproxy.trackers.linear import Linear
 from taskproxy.upstream.aiohttp_client import AiohttpClient
@@ -117,6 +118,8 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
     trackers: dict[str, Tracker] = {}
     if config.github.secret:
         trackers["github"] = GitHub(config.github.secret.get_secret_value(), ids)
+    if config.gitlab.secret:
+        trackers["gitlab"] = GitLab(config.gitlab.secret.get_secret_value(), ids)
     if config.jira.secret:
         trackers["jira"] = Jira(config.jira.secret.get_secret_value())
     if config.linear.secret:

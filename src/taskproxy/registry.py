@@ -33,7 +33,7 @@ from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
 from taskproxy.workitems import ITEM_SOURCES, RESOLVED, WorkItemIds
 
-TRACKERS = ("jira", "github", "linear")
+TRACKERS = ("jira", "github", "gitlab", "linear")
 _ITEMS = WorkItem.__table__
 log = logging.getLogger("taskproxy.registry")
 

@@ -25,6 +25,7 @@ DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
 DEFAULT_ID_PATTERNS = (
     r"[A-Z][A-Z0-9_]*-[0-9]+",  # Jira and Linear keys: PROJ-123, ENG-7
     r"[a-z0-9_.-]+/[a-z0-9_.-]+#[0-9]+",  # GitHub issues and PRs: owner/repo#123
+    r"[a-z0-9_.-]+(?:/[a-z0-9_.-]+)+[#!][0-9]+",  # GitLab issues and merge requests: group/sub/project#7, !7
 )
 DEFAULT_BRANCH_PATTERNS = (r"(?i)(?:^|[/_.-])([a-z][a-z0-9_]*-[0-9]+)(?=$|[-_/])",)
 
@@ -155,6 +156,7 @@ class LinearSettings(TrackerSettings):
 
 class TrackersSettings(_Frozen):
     github: TrackerSettings = TrackerSettings()
+    gitlab: TrackerSettings = TrackerSettings()  # secret_env: the webhook's secret token
     jira: TrackerSettings = TrackerSettings()
     linear: LinearSettings = LinearSettings()
 

@@ -1,7 +1,8 @@
 """Work-item ids: turning what a client sends into one canonical id, or refusing it.
 
 Accepted forms: Jira/Linear keys (`proj-123` → `PROJ-123`), GitHub `Owner/Repo#12`
-(→ `owner/repo#12`), and the trackers' URLs for them. The canonical id must then fully match one of
+(→ `owner/repo#12`), GitLab `Group/Sub/Project!7` (merge request) and `group/sub/project#7` (issue),
+and the trackers' URLs for them. The canonical id must then fully match one of
 the configured patterns.
 """
 
@@ -21,12 +22,15 @@ MAX_ID_LENGTH = 200
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
 RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
-ITEM_SOURCES = ("jira", "github", "linear", "manual")
+ITEM_SOURCES = ("jira", "github", "gitlab", "linear", "manual")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GITHUB_PATH = re.compile(r"^/([^/]+)/([^/]+)/(?:pull|issues)/(\d+)(?:/.*)?$")
 _JIRA_PATH = re.compile(r"^/browse/([A-Za-z][A-Za-z0-9_]*-\d+)/?$")
 _LINEAR_PATH = re.compile(r"^/[^/]+/issue/([A-Za-z][A-Za-z0-9_]*-\d+)(?:/.*)?$")
 _GITHUB_REF = re.compile(r"^([^/#\s]+)/([^/#\s]+)#(\d+)$")
+# GitLab: a project's full path (group/subgroup/project), then #N for an issue or !N for a merge request.
+_GITLAB_REF = re.compile(r"^([^#!\s]+(?:/[^/#!\s]+)+)([#!])(\d+)$")
+_GITLAB_PATH = re.compile(r"^/(.+?)/-/(merge_requests|issues)/(\d+)(?:/.*)?$")
 
 HOW_TO_ATTACH = (
     "Attach a work item: send the header 'X-Work-Item: PROJ-123' (or owner/repo#123, or a tracker URL), "
@@ -41,6 +45,8 @@ def _from_url(value: str) -> str | None:
     path = unquote(parts.path)
     if host in {"github.com", "www.github.com"} and (match := _GITHUB_PATH.match(path)):
         return f"{match[1]}/{match[2]}#{match[3]}"
+    if match := _GITLAB_PATH.match(path):  # gitlab.com and self-hosted GitLab share /-/merge_requests/N
+        return f"{match[1]}{'!' if match[2] == 'merge_requests' else '#'}{match[3]}"
     if host == "linear.app" and (match := _LINEAR_PATH.match(path)):
         return match[1]
     if match := _JIRA_PATH.match(path):  # Jira Cloud and self-hosted Jira share /browse/KEY
@@ -88,6 +94,8 @@ class WorkItemIds:
             value = from_url
         if match := _GITHUB_REF.match(value):
             canonical = f"{match[1].lower()}/{match[2].lower()}#{match[3]}"
+        elif match := _GITLAB_REF.match(value):
+            canonical = f"{match[1].lower()}{match[2]}{match[3]}"
         else:
             canonical = value.upper()
         if not value.isascii() and _non_ascii(canonical) != _non_ascii(value):

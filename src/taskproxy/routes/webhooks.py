@@ -1,4 +1,4 @@
-"""POST /webhooks/{github,jira,linear}: tracker deliveries that open, complete and close work items.
+"""POST /webhooks/{github,gitlab,jira,linear}: tracker deliveries that open, complete and close work items.
 
 The signature is checked on the raw body before anything is parsed; a delivery that fails it gets
 401, changes nothing, and is logged. Deliveries are applied once per delivery id. Events that do not
@@ -28,8 +28,8 @@ async def receive(request: Request) -> Response:
     name = request.path_params["tracker"]
     tracker = request.state.trackers.get(name)
     if tracker is None:
-        raise NotFound(f"No {name} webhook is configured: set trackers.{name}.secret_env in the config." if name in ("github", "jira", "linear")
-                       else f"There is no webhook for {name[:40]!r}; taskproxy takes github, jira and linear.")  # fmt: skip
+        raise NotFound(f"No {name} webhook is configured: set trackers.{name}.secret_env in the config." if name in ("github", "gitlab", "jira", "linear")
+                       else f"There is no webhook for {name[:40]!r}; taskproxy takes github, gitlab, jira and linear.")  # fmt: skip
     raw = await read_body(request, MAX_DELIVERY_BYTES, "the webhooks' limit")
     now = utcnow()
     try:

@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 
 from taskproxy.timeutil import parse_iso
 from taskproxy.errors import InvalidRequest, InvalidSignature
+from taskproxy.workitems import WorkItemIds
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,24 @@ def tracker_time(value: Any) -> datetime | None:
             return None
     if not isinstance(value, str) or not value:
         return None
+    if value.endswith(" UTC"):  # GitLab's hooks: "2013-12-03 17:23:34 UTC"
+        value = value[:-4] + "+00:00"
     try:
         return parse_iso(value)
     except ValueError:
+        return None
+
+
+_SEPARATORS = str.maketrans({c: "/" for c in " :[](){},;"})  # "[PAY-7] Fix refunds" → "/PAY-7//Fix/refunds"
+
+
+def ticket_in(ids: WorkItemIds, value: Any) -> str | None:
+    """A Jira/Linear key named in a pull request's branch or title (not the pull request itself)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return ids.from_branch(value.translate(_SEPARATORS)[:255])
+    except Exception:  # a malformed key in a title is no link, not an error
         return None
 
 

@@ -12,11 +12,10 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
-_SEPARATORS = str.maketrans({c: "/" for c in " :[](){},;"})  # "[PAY-7] Fix refunds" → "/PAY-7//Fix/refunds"
 
 
 class GitHub:
@@ -53,7 +52,7 @@ class GitHub:
         links: tuple[str, ...] = ()
         if status == "done":
             branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
-            links = tuple(dict.fromkeys(found for found in (self._ticket_in(branch), self._ticket_in(pr.get("title"))) if found))
+            links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
@@ -71,12 +70,3 @@ class GitHub:
             item_id=self._item_id(payload, need(payload, "issue", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(issue.get("created_at")), title=text(issue.get("title")), url=text(issue.get("html_url")),
         )  # fmt: skip
-
-    def _ticket_in(self, value: Any) -> str | None:
-        """A Jira/Linear key named in a branch or a title (not the PR itself)."""
-        if not isinstance(value, str):
-            return None
-        try:
-            return self._ids.from_branch(value.translate(_SEPARATORS)[:255])
-        except Exception:  # a malformed key in a title is no link, not an error
-            return None
