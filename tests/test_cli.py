@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 
 from serve_helpers import (
     FakeUpstream,
+    child_env,
     ServerProcess,
     cli_json,
     free_port,
@@ -60,6 +64,32 @@ def test_demo_runs_offline_and_prints_the_per_task_report() -> None:
     assert re.search(r"^PAY-101\s+\S+\s+2\s", out, re.MULTILINE), out
     assert re.search(r"^acme/web#42\s+\S+\s+1\s", out, re.MULTILINE), out
     assert "the provider received 0 requests for it" in out
+    # Then the idea itself: spend read against completed work, and the gaming loop caught with its evidence.
+    assert "acme/web#42 done, linked to PAY-101" in out and "PAY-117 → closed" in out
+    overall = re.search(r"^overall\s+(\d+)\s+(\d+)\s+(\d+)%", out, re.MULTILINE)
+    assert overall and overall.groups() == ("1", "1", "100"), out
+    assert re.search(r"^repeated_prompt\s+key_\w+ \(sam, team payments\): 25 answered requests", out, re.MULTILINE), out
+    assert "items: PAY-130" in out and "dana" not in out.split("8. Gaming signals")[1]  # the honest user is not flagged
+
+
+def test_demo_serve_keeps_the_proxy_and_dashboard_up_with_the_demos_data() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "taskproxy", "demo", "--serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=child_env())  # fmt: skip
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("Sign in with the demo's admin key") for line in lines) and time.monotonic() < deadline:
+            lines.append(process.stdout.readline())  # type: ignore[union-attr]
+        url = next(line.split(": ", 1)[1].strip() for line in lines if "keep running with the demo's data" in line)
+        key = next(line.split(": ", 1)[1].strip() for line in lines if line.startswith("Sign in with"))
+        report = httpx.get(url.replace("/dashboard", "/api/reports/tasks"), headers={"authorization": f"Bearer {key}"}, timeout=10, trust_env=False)
+        assert report.status_code == 200 and {"PAY-101", "PAY-130"} <= {t["work_item"] for t in report.json()["tasks"]}
+        base = url.removesuffix("/dashboard")
+        page = httpx.post(f"{base}/dashboard/login", data={"key": key}, headers={"origin": base}, timeout=10, trust_env=False, follow_redirects=True)
+        assert page.status_code == 200 and "PAY-130" in page.text
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -293,7 +323,7 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
 def test_help_names_every_verb_and_serve_option() -> None:
     top = run_cli("--help")
     assert top.returncode == 0, top.stderr
-    for verb in ("serve", "demo", "keys", "items", "use", "me", "report", "db"):
+    for verb in ("serve", "demo", "keys", "items", "use", "me", "run", "env", "report", "db"):
         assert re.search(rf"^\s+{verb}\s", top.stdout, re.MULTILINE), (verb, top.stdout)
 
     serve = run_cli("serve", "--help")

@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from taskproxy.demo import run_demo
 
-    return run_demo()
+    return run_demo(serve=args.serve)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true", help="log every request line (off by default)")
 
-    command(commands, "demo", cmd_demo, "run the whole loop offline on a built-in fake provider and print the per-task report", config=False)
+    demo = command(commands, "demo", cmd_demo, "run the whole loop offline on a built-in fake provider: per-task usage, a refusal, completed "
+                   "work, the adoption report and a gaming signal", config=False)  # fmt: skip
+    demo.add_argument("--serve", action="store_true", help="then keep the proxy and its dashboard running with the demo's data, until Ctrl-C")
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
     command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")

@@ -2,15 +2,24 @@
 
 A fake provider and the real proxy are served on 127.0.0.1; the official `openai` SDK sends
 attributed requests (by header, body metadata, git branch and key binding, streaming too), an
-Anthropic Messages request follows, and one unattributed request is refused. Then the per-task report is read back from the proxy's API.
+Anthropic Messages request follows, and one unattributed request is refused. The per-task report is
+read back from the proxy's API. Then work completes (a signed GitHub webhook merges a pull request
+whose branch names a ticket; another ticket is closed without completion), a script sends the same
+prompt over and over, and the adoption report (spend read against completed work) and the gaming
+signal, with its evidence, are read back too. `--serve` keeps the proxy and its dashboard running.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import secrets
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -24,7 +33,10 @@ from taskproxy.render import tasks_table
 from taskproxy.settings import Settings, settings_from_mapping
 
 
-def demo_settings(folder: Path, provider_url: str, admin_key: str) -> Settings:
+REPEATS = 25  # the scripted loop: above signals.repeated_prompt_min_requests (20)
+
+
+def demo_settings(folder: Path, provider_url: str, admin_key: str, github_secret: str) -> Settings:
     return settings_from_mapping(
         {
             "database_url": f"sqlite:///{folder / 'demo.db'}",
@@ -34,20 +46,39 @@ def demo_settings(folder: Path, provider_url: str, admin_key: str) -> Settings:
                 {"name": "claude-sonnet", "provider": "anthropic", "base_url": provider_url, "upstream_model": "claude-sonnet-4-5"},
             ],
             "recording": {"spool_path": str(folder / "spool.jsonl")},
+            "trackers": {"github": {"secret_env": "DEMO_GITHUB_SECRET"}},
+            # The demo's one team has two people, below the default floor of 5 under which team figures are withheld.
+            "privacy": {"min_group_size": 1},
         },
-        {"TASKPROXY_ADMIN_KEY": admin_key},
+        {"TASKPROXY_ADMIN_KEY": admin_key, "DEMO_GITHUB_SECRET": github_secret},
     )
 
 
-def run_demo(say: Callable[[str], None] = print) -> int:
+def run_demo(say: Callable[[str], None] = print, *, serve: bool = False, wait: Callable[[], None] | None = None) -> int:
+    """The demo's script; with `serve`, the proxy and the dashboard stay up with its data until `wait` returns (Ctrl-C)."""
     admin_key = "tp-demo-admin-" + secrets.token_urlsafe(16)
+    github_secret = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="taskproxy-demo-") as tmp:
         fake = FakeProvider()
         with serve_in_thread(fake.app()) as provider_url:
-            settings = demo_settings(Path(tmp), provider_url, admin_key)
+            settings = demo_settings(Path(tmp), provider_url, admin_key, github_secret)
             with serve_in_thread(create_app(settings)) as proxy_url:
                 say(f"taskproxy demo: a fake provider on {provider_url}, the proxy on {proxy_url}, SQLite in {tmp}\n")
-                return _script(proxy_url, admin_key, fake, say)
+                status = _script(proxy_url, admin_key, fake, say) or _outcomes(proxy_url, admin_key, github_secret, say)
+                if serve and status == 0:
+                    say(f"\nThe proxy and its dashboard keep running with the demo's data: {proxy_url}/dashboard")
+                    say(f"Sign in with the demo's admin key: {admin_key}")
+                    say(f"Point an SDK at {proxy_url}/v1 with a key from `POST /api/keys`. Ctrl-C stops it (the data goes with it).")
+                    (wait or _until_interrupted)()
+                return status
+
+
+def _until_interrupted() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
 
 
 def _script(proxy_url: str, admin_key: str, fake: FakeProvider, say: Callable[[str], None]) -> int:
@@ -99,9 +130,60 @@ def _script(proxy_url: str, admin_key: str, fake: FakeProvider, say: Callable[[s
     say(tasks_table(report["tasks"]))
     total = sum(t["cost_usd"] or 0 for t in report["tasks"])
     say(f"\n   spend attributed to work items: {money(total)}; requests refused: " + (", ".join(f"{k} × {v}" for k, v in report["rejected_requests"].items()) or "none"))
-    say("\nTokens are recorded per work item and never ranked per person.")
-    say("Next: copy config/taskproxy.example.yaml, run `taskproxy serve --config ...`, point an SDK's base_url at it.")
     return 0
+
+
+def _outcomes(proxy_url: str, admin_key: str, github_secret: str, say: Callable[[str], None]) -> int:
+    """Work completes, a script games the count, and the reports read spend against outcomes."""
+    from taskproxy.reports.adoption_export import adoption_text
+    from taskproxy.reports.signals import signals_text
+
+    admin = httpx.Client(base_url=proxy_url, headers={"authorization": f"Bearer {admin_key}"}, timeout=30)
+    say("\n5. Work completes. GitHub delivers a signed webhook: pull request acme/web#42, from branch")
+    say("   feature/PAY-101-retries, is merged. An admin closes PAY-117 without completing it.")
+    merged = _github_merge(admin, github_secret, "acme/web", 42, branch="feature/PAY-101-retries", title="Retry payment webhooks")
+    say(f"   webhook → {merged['status']}: {merged['items'][0]['id']} done, linked to {', '.join(merged['items'][0]['linked'])}")
+    admin.post("/api/work-items/PAY-117/close")
+    say("   PAY-117 → closed (no outcome)")
+
+    sam = admin.post("/api/keys", json={"owner": "sam", "team": "payments", "role": "developer"}).json()["key"]
+    looping = openai.OpenAI(api_key=sam, base_url=f"{proxy_url}/v1", max_retries=0)
+    same = [{"role": "user", "content": "Summarise the repository again."}]
+    for _ in range(REPEATS):
+        looping.chat.completions.create(model="gpt-4o-mini", messages=same, extra_headers={"X-Work-Item": "PAY-130"})
+    say(f"\n6. A script on sam's key sends the same prompt {REPEATS} times, on PAY-130, to climb a token count.")
+
+    _wait_for_report(admin, expected_requests=6 + REPEATS)
+    adoption = admin.get("/api/reports/adoption").json()
+    say("\n7. The adoption report (taskproxy report adoption): spend read against completed work.\n")
+    say(adoption_text(adoption))
+    overall = adoption["overall"]
+    say(f"\n   cost per completed item (median): {money(overall['cost_per_completed_item']['median'] or 0)}; spend that produced "
+        f"nothing completed: {money(overall['spend_without_outcome_usd'])}")  # fmt: skip
+    signals = admin.get("/api/reports/signals").json()
+    say("\n8. Gaming signals (taskproxy report signals): evidence for a person to look at, not a verdict.\n")
+    say(signals_text(signals))
+    say("\nTokens are recorded per work item and read against finished work; never ranked per person.")
+    say("Next: copy config/taskproxy.example.yaml, run `taskproxy serve --config ...`, and start an agent with "
+        "`taskproxy run -- claude` (docs/clients.md).")  # fmt: skip
+    return 0 if any(s["kind"] == "repeated_prompt" for s in signals["signals"]) else 1
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _github_merge(admin: httpx.Client, secret: str, repo: str, number: int, *, branch: str, title: str) -> dict:
+    """A `pull_request` `closed` delivery with `merged: true`, signed as GitHub signs it."""
+    now = datetime.now(UTC)
+    pr = {"number": number, "title": title, "state": "closed", "merged": True, "html_url": f"https://github.com/{repo}/pull/{number}",
+          "created_at": _iso(now - timedelta(hours=26)), "merged_at": _iso(now),
+          "head": {"ref": branch}, "base": {"ref": "main"}}  # fmt: skip
+    body = json.dumps({"action": "closed", "number": number, "pull_request": pr, "repository": {"full_name": repo}}).encode()
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    headers = {"X-GitHub-Event": "pull_request", "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": signature,
+               "content-type": "application/json"}  # fmt: skip
+    return admin.post("/webhooks/github", content=body, headers=headers).json()  # type: ignore[no-any-return]
 
 
 def _wait_for_report(admin: httpx.Client, expected_requests: int, timeout: float = 5.0) -> dict:
