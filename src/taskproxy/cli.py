@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskproxy import __version__
-from taskproxy.errors import ApiError, ConfigError, SchemaBehind
+from taskproxy.errors import ApiError, ConfigError, SchemaBehind, TrackerUnavailable
 from taskproxy.launch import SHELLS
 from taskproxy.settings import DEFAULT_PROXY_URL, ClientSettings, Settings, load_settings
 
@@ -196,6 +196,27 @@ def cmd_items_complete(args: argparse.Namespace) -> int:
 
 def cmd_items_close(args: argparse.Namespace) -> int:
     return _resolve(args, "closed")
+
+
+def cmd_items_sync(args: argparse.Namespace) -> int:
+    from taskproxy.registry import apply_delivery
+    from taskproxy.timeutil import utcnow
+    from taskproxy.trackers.sync import sync_items
+
+    settings, now = _settings(args), utcnow()
+    engine, ids = _engine(args), _ids(args)
+    deliveries, notes = sync_items(engine, ids, settings.trackers, since=args.since, now=now, only=args.tracker)  # asks everything first
+    changed = [dict(item, tracker=d.tracker) for d in deliveries for item in apply_delivery(engine, ids, d, now)["items"]]
+    if args.json:
+        _print_json({"changed": changed, "notes": notes})
+        return 0
+    for item in changed:
+        linked = f", linked {', '.join(item['linked'])}" if item["linked"] else ""
+        print(f"{item['id']}: now {item['status']} ({item['tracker']}){linked}")
+    for note in notes:
+        print(f"skipped {note}")
+    print(f"{len(changed)} work item(s) changed" if changed else "nothing to change: every pending item is as its tracker says")
+    return 0
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -416,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     command(items, "complete", cmd_items_complete, "mark a work item done (as a tracker webhook would)").add_argument("id")
     command(items, "close", cmd_items_close, "mark a work item closed without completion").add_argument("id")
+    sync = command(items, "sync", cmd_items_sync, "ask the trackers' APIs for the status of items with spend and no final status "
+                   "(webhooks missed); apply what changed")  # fmt: skip
+    sync.add_argument("--tracker", choices=["github", "gitlab", "jira", "linear"], help="only this tracker (default: every one with a token_env)")
+    sync.add_argument("--since", type=_time_argument, default="30d", help="items with spend since (default 30d)")
+    sync.add_argument("--json", action="store_true")
     show = command(items, "show", cmd_items_show, "what one work item cost")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
@@ -463,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, SchemaBehind) as exc:
+    except (ConfigError, SchemaBehind, TrackerUnavailable) as exc:
         print(f"taskproxy: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:

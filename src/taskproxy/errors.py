@@ -3,6 +3,7 @@
     TaskproxyError
     ├── ConfigError                 bad configuration, raised at start (one line: key and problem)
     ├── SchemaBehind                the database was made by an older version: run `taskproxy db upgrade`
+    ├── TrackerUnavailable          a tracker's REST API cannot answer (`items sync`: nothing is changed)
     └── ApiError                    anything a client is answered with (status + code)
         ├── InvalidApiKey           401 invalid_api_key
         ├── InvalidSignature        401 invalid_signature  (a webhook delivery not signed with the secret)
@@ -28,6 +29,7 @@
 
 Errors of other libraries are translated at exactly one boundary each: aiohttp's in
 `upstream.aiohttp_client.map_aiohttp_errors`, litellm's in `upstream.translate.Translator.map_litellm_errors`,
+httpx's (a tracker's API) in `trackers.sync.Fetcher._answer`,
 the database's in the storage writer (which spools instead of failing a request). This module is the
 tree and its data only; `error_shapes.py` is the one place an error becomes a route's JSON body or
 stream event.
@@ -48,6 +50,10 @@ class ConfigError(TaskproxyError):
 
 class SchemaBehind(TaskproxyError):
     """The database lacks tables or columns this version needs."""
+
+
+class TrackerUnavailable(TaskproxyError):
+    """A tracker's REST API could not answer (rate limited, token refused, down). The message says which and why."""
 
 
 class ApiError(TaskproxyError):

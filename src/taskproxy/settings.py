@@ -147,6 +147,11 @@ class TrackerSettings(_Frozen):
     # The name of the environment variable holding the webhook secret. Unset: the webhook is off (404).
     secret_env: str | None = None
     secret: SecretStr | None = Field(default=None, exclude=True)
+    # `taskproxy items sync`: the environment variable holding an API token (Jira: `email:api_token`, or a
+    # personal access token), and the API's address (GitHub Enterprise, self-hosted GitLab; Jira: your site).
+    token_env: str | None = None
+    token: SecretStr | None = Field(default=None, exclude=True)
+    api_url: str | None = None
 
 
 class LinearSettings(TrackerSettings):
@@ -293,7 +298,11 @@ def _describe(error: ValidationError) -> str:
 
 
 def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
-    if not isinstance(conf, dict) or not conf.get("secret_env"):
+    if not isinstance(conf, dict):
+        return conf
+    if conf.get("token_env") and env.get(conf["token_env"]):  # only `items sync` needs it: it says so when it is missing
+        conf = {**conf, "token": env[conf["token_env"]]}
+    if not conf.get("secret_env"):
         return conf
     name = conf["secret_env"]
     if not env.get(name):

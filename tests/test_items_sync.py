@@ -1,0 +1,138 @@
+"""`taskproxy items sync`: webhooks that never arrived are caught up from the trackers' REST APIs
+(mocked with respx, answering in the documented shapes), through the webhooks' own transitions; a
+tracker that rate-limits or fails part-way changes nothing and says why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+import yaml
+
+from conftest import BOTH_DATABASES, Proxy
+from taskproxy import cli
+
+pytestmark = pytest.mark.anyio
+
+GITHUB, GITLAB, JIRA, LINEAR = "https://api.github.com", "https://gitlab.example.com", "https://acme.atlassian.net", "https://api.linear.app/graphql"
+
+
+async def spend_on(proxy: Proxy, *items: str) -> None:
+    client = proxy.openai(await proxy.new_key())
+    for item in items:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": item})
+    await proxy.events(len(items))
+
+
+def config(proxy: Proxy, folder: Path, trackers: dict) -> str:
+    path = folder / "sync.yaml"
+    path.write_text(yaml.safe_dump({"database_url": proxy.settings.database_url, "trackers": trackers}), encoding="utf-8")
+    return str(path)
+
+
+def github_pull(number: int, *, merged: bool, branch: str) -> dict:
+    return {"url": f"{GITHUB}/repos/acme/web/pulls/{number}", "id": 1, "number": number, "state": "closed", "title": "Retry refunds",
+            "html_url": f"https://github.com/acme/web/pull/{number}", "created_at": "2026-11-10T09:00:00Z", "updated_at": "2026-11-12T10:00:00Z",
+            "closed_at": "2026-11-12T10:00:00Z", "merged_at": "2026-11-12T10:00:00Z" if merged else None, "merged": merged,
+            "head": {"label": "acme:" + branch, "ref": branch, "sha": "6dcb09b5b57875f334f61aebed695e2e4193db5e"}, "base": {"ref": "main"}}  # fmt: skip
+
+
+def github_issue(number: int, *, state: str, reason: str | None = None, pull: bool = False) -> dict:
+    issue = {"url": f"{GITHUB}/repos/acme/web/issues/{number}", "number": number, "state": state, "state_reason": reason, "title": "Refunds time out",
+             "html_url": f"https://github.com/acme/web/issues/{number}", "created_at": "2026-11-01T08:00:00Z",
+             "closed_at": "2026-11-13T08:00:00Z" if state == "closed" else None, "updated_at": "2026-11-13T08:00:00Z"}  # fmt: skip
+    if pull:
+        issue["pull_request"] = {"url": f"{GITHUB}/repos/acme/web/pulls/{number}", "merged_at": "2026-11-12T10:00:00Z"}
+    return issue
+
+
+@BOTH_DATABASES
+async def test_missed_deliveries_are_caught_up_through_the_webhooks_transitions(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await spend_on(proxy, "acme/web#42", "acme/web#7", "acme/platform/api!3", "PAY-5", "acme/web#8")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    monkeypatch.setenv("T_GL", "glpat-test")
+    monkeypatch.setenv("T_JIRA", "dev@acme.example:jira-token")
+    path = config(proxy, tmp_path, {"github": {"token_env": "T_GH"}, "gitlab": {"token_env": "T_GL", "api_url": GITLAB},
+                                    "jira": {"token_env": "T_JIRA", "api_url": JIRA}})  # fmt: skip
+    with respx.mock(assert_all_called=True) as api:
+        api.get(f"{GITHUB}/repos/acme/web/issues/42").respond(json=github_issue(42, state="closed", pull=True))
+        pulls = api.get(f"{GITHUB}/repos/acme/web/pulls/42").respond(json=github_pull(42, merged=True, branch="feature/PAY-5-refunds"))
+        api.get(f"{GITHUB}/repos/acme/web/issues/7").respond(json=github_issue(7, state="closed", reason="not_planned"))
+        api.get(f"{GITHUB}/repos/acme/web/issues/8").respond(json=github_issue(8, state="open"))
+        gitlab = api.get(f"{GITLAB}/api/v4/projects/acme%2Fplatform%2Fapi/merge_requests/3").respond(json={
+            "id": 1, "iid": 3, "project_id": 15, "title": "Cache tokens", "state": "merged", "created_at": "2026-11-10T09:00:00.000Z",
+            "updated_at": "2026-11-14T09:00:00.000Z", "merged_at": "2026-11-14T09:00:00.000Z", "closed_at": None, "source_branch": "cache",
+            "web_url": "https://gitlab.example.com/acme/platform/api/-/merge_requests/3"})  # fmt: skip
+        jira = api.get(f"{JIRA}/rest/api/3/issue/PAY-5").respond(json={
+            "id": "10002", "key": "PAY-5", "self": f"{JIRA}/rest/api/3/issue/10002",
+            "fields": {"summary": "Refund retries", "status": {"name": "Done", "statusCategory": {"key": "done", "name": "Done"}},
+                       "resolution": {"name": "Done"}, "resolutiondate": "2026-11-15T10:00:00.000+0000", "created": "2026-11-01T10:00:00.000+0000",
+                       "updated": "2026-11-15T10:00:00.000+0000"}})  # fmt: skip
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert pulls.calls[0].request.headers["authorization"] == "Bearer ghp_test"
+    assert gitlab.calls[0].request.headers["private-token"] == "glpat-test"
+    assert jira.calls[0].request.headers["authorization"].startswith("Basic ")
+    statuses = {item: (await proxy.get(f"/api/work-items/{item.replace('/', '%2F').replace('#', '%23').replace('!', '%21')}"))["status"]
+                for item in ("acme/web#42", "acme/web#7", "acme/platform/api!3", "PAY-5", "acme/web#8")}  # fmt: skip
+    assert statuses == {"acme/web#42": "done", "acme/web#7": "closed", "acme/platform/api!3": "done", "PAY-5": "done", "acme/web#8": "open"}
+    assert [link["id"] for link in (await proxy.get("/api/work-items/acme%2Fweb%2342"))["linked_from"]] == ["PAY-5"]
+    assert "acme/web#42: now done (github), linked PAY-5" in out and "5 work item(s) changed" in out  # #8: confirmed open
+
+    with respx.mock() as api:  # nothing pending is left but the open issue, which is as its tracker says
+        api.get(f"{GITHUB}/repos/acme/web/issues/8").respond(json=github_issue(8, state="open"))
+        assert cli.main(["items", "sync", "--config", path, "--tracker", "github"]) == 0
+    assert "nothing to change" in capsys.readouterr().out
+
+
+async def test_a_rate_limited_tracker_changes_nothing_and_says_so(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await spend_on(proxy, "acme/platform/api!4", "acme/web#9")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    monkeypatch.setenv("T_GL", "glpat-test")
+    path = config(proxy, tmp_path, {"gitlab": {"token_env": "T_GL", "api_url": GITLAB}, "github": {"token_env": "T_GH"}})
+    with respx.mock() as api:
+        api.get(f"{GITLAB}/api/v4/projects/acme%2Fplatform%2Fapi/merge_requests/4").respond(json={
+            "iid": 4, "title": "x", "state": "merged", "merged_at": "2026-11-14T09:00:00Z", "created_at": "2026-11-10T09:00:00Z",
+            "web_url": "https://gitlab.example.com/acme/platform/api/-/merge_requests/4"})  # fmt: skip
+        api.get(f"{GITHUB}/repos/acme/web/issues/9").respond(403, json={"message": "API rate limit exceeded"},
+                                                              headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1764820000"})  # fmt: skip
+        assert cli.main(["items", "sync", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "github: rate limited" in err and "nothing was changed" in err
+    assert (await proxy.get("/api/work-items/acme%2Fplatform%2Fapi%214"))["status"] == "unverified"  # gitlab answered, and still nothing
+
+    with respx.mock() as api:
+        api.get(f"{GITLAB}/api/v4/projects/acme%2Fplatform%2Fapi/merge_requests/4").mock(side_effect=httpx.ConnectError("refused"))
+        assert cli.main(["items", "sync", "--config", path, "--tracker", "gitlab"]) == 2
+    assert "gitlab: could not reach" in capsys.readouterr().err
+    monkeypatch.delenv("T_GH")
+    assert cli.main(["items", "sync", "--config", path, "--tracker", "github"]) == 2
+    assert "trackers.github.token_env" in capsys.readouterr().err
+
+
+async def test_linear_by_its_graphql_api(proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await spend_on(proxy, "ENG-9", "ENG-10")
+    monkeypatch.setenv("T_LIN", "lin_api_test")
+    path = config(proxy, tmp_path, {"linear": {"token_env": "T_LIN"}})
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        identifier = json.loads(request.content)["variables"]["id"]
+        if identifier == "ENG-10":
+            return httpx.Response(200, json={"data": None, "errors": [{"message": "Entity not found: Issue", "extensions": {"code": "INVALID_INPUT"}}]})
+        issue = {"identifier": "ENG-9", "title": "Retry sync", "url": "https://linear.app/acme/issue/ENG-9/retry-sync", "createdAt": "2026-11-01T08:00:00.000Z",
+                 "updatedAt": "2026-11-16T08:00:00.000Z", "completedAt": None, "canceledAt": "2026-11-16T08:00:00.000Z", "state": {"type": "canceled"}}  # fmt: skip
+        return httpx.Response(200, json={"data": {"issue": issue}})
+
+    with respx.mock() as api:
+        graphql = api.post(LINEAR).mock(side_effect=answer)
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert graphql.calls[0].request.headers["authorization"] == "lin_api_test"
+    assert (await proxy.get("/api/work-items/ENG-9"))["status"] == "closed"
+    assert (await proxy.get("/api/work-items/ENG-10"))["status"] == "unverified"
