@@ -118,6 +118,7 @@ def main() -> int:
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind phase")
     parser.add_argument("--memory-requests", type=int, help="requests in each of the two memory runs (default 100,000; quick 10,000)")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    parser.add_argument("--only-instructions", action="store_true", help="only the callgrind phase (to compare two trees' instruction counts)")
     args = parser.parse_args()
     quick = args.quick
     duration, warmup, reps, startups = (1.5, 0.3, 2, 1) if quick else (4.0, 0.5, 3, 3)
@@ -149,6 +150,14 @@ def main() -> int:
     results: dict[str, Any] = {"quick": quick, "window_seconds": duration, "warmup_seconds": warmup, "repetitions": reps, "notes": notes}
     ok = True
     try:
+        if args.only_instructions:
+            for proxy in proxies:
+                if isinstance(proxy, Taskproxy):
+                    proxy.create_key()
+            why_not = callgrind_available()
+            results["instructions"] = {"skipped": why_not} if why_not else count_instructions(folder, proxies, quick)
+            print(json.dumps(results["instructions"], indent=2), flush=True)
+            return 0
         # 1. start-up
         startup: dict[str, list[float]] = {}
         served = {p.name: 0 for p in proxies if isinstance(p, Taskproxy)}  # successful answers, to check the recording
