@@ -411,7 +411,8 @@ def test_item_detail(world: tuple[Any, Org, Path]) -> None:
     assert linked[0]["status"] == org.items[ticket.linked[0]].status and linked[0]["kind"] == "merged_pr"
     assert item_detail(engine, ticket.linked[0])["linked_from"][0]["id"] == ticket.id
     nothing = item_detail(engine, "NOPE-1")
-    assert nothing == {"cycle_time_hours": None, "usage_by_day": [], "history": [], "linked": [], "linked_from": []}
+    assert nothing == {"cycle_time_hours": None, "size": None, "size_history": [], "rework": None, "usage_by_day": [], "history": [],
+                       "linked": [], "linked_from": []}  # fmt: skip
 
 
 # -- the routes ---------------------------------------------------------------------------------------

@@ -417,6 +417,8 @@ def test_work_item_page_shows_the_items_figures(context: Any, site: Site) -> Non
     assert days.first.locator("td").nth(1).inner_text() == fmt.number(item["usage_by_day"][0]["total_tokens"])
     assert page.locator("svg#item-usage rect.bar").count() >= 1
     assert page.get_by_role("link", name="open in the tracker").get_attribute("href") == "https://jira.example/browse/PAY-1"
+    assert item["size"]["points"] is None and page.locator('[data-figure="size_points"], [data-figure="rework"]').count() == 0
+    assert "Size, as its tracker says" in page.locator("main").inner_text()
     _shot(page, site, "item")
 
     # A GitHub id with / and #, a hostile title and a javascript: URL: shown as text, never run or linked.

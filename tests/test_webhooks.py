@@ -21,7 +21,7 @@ async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Prox
     base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
     for model in base["models"]:
         model.pop("api_key", None)
-    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60},
+    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA", "story_points_field": "customfield_10016"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60},
                         "gitlab": {"secret_env": "GL"}}  # fmt: skip
     env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "GL": hooks.GITLAB_TOKEN, "TASKPROXY_ADMIN_KEY": ADMIN_KEY,
            "TEST_PROVIDER_KEY": PROVIDER_KEY}  # fmt: skip
@@ -281,3 +281,39 @@ async def test_gitlab_ids_and_links_are_work_items(tracked: Proxy) -> None:
         await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": sent})
     item = await tracked.item("acme/platform/billing-api!8", requests=2)
     assert item["id"] == "acme/platform/billing-api!8"
+
+
+@BOTH_DATABASES
+async def test_size_and_rework_from_the_trackers(tracked: Proxy) -> None:
+    for number in (12, 14):  # two merged pull requests: +100 −3 lines, 5 files each (the payload's)
+        merged = hooks.dumps(hooks.github_pull_request("closed", number, merged=True))
+        await _post(tracked, "github", merged, hooks.github_headers(merged, "pull_request"))
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2312")
+    assert item["size"] == {"lines_added": 100, "lines_deleted": 3, "files_changed": 5, "points": None} and item["rework"] is None
+
+    for number, revert_of, merged_at in ((50, 12, "2026-11-08T10:00:00Z"), (51, 14, "2026-12-01T10:00:00Z")):  # 3 days, 26 days later
+        revert = hooks.github_pull_request("closed", number, merged=True, branch=f"revert-{revert_of}-feature/x", title='Revert "Add retries"')
+        revert["pull_request"].update(body=f"Reverts Acme/Web-App#{revert_of}", merged_at=merged_at, closed_at=merged_at)
+        body = hooks.dumps(revert)
+        await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))
+    reverted = await tracked.get("/api/work-items/acme%2Fweb-app%2312")
+    assert reverted["rework"] == {"at": "2026-11-08T10:00:00.000Z", "reason": "reverted", "by": "acme/web-app#50"}
+    assert reverted["status"] == "done"  # still merged: the revert is what is marked
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2314"))["rework"] is None  # outside reports.rework_days (14)
+
+    done = hooks.jira_issue("jira:issue_updated", "PAY-21", category="done", resolution="Done")
+    done["issue"]["fields"]["customfield_10016"] = 5
+    reopened = hooks.jira_issue("jira:issue_updated", "PAY-21", category="indeterminate")
+    reopened["issue"]["fields"].update(customfield_10016=8, updated="2026-11-09T09:00:00.000+0000")
+    headers = hooks.jira_headers(hooks.dumps(done), delivery="d-done")
+    await _post(tracked, "jira", hooks.dumps(done), headers)
+    await _post(tracked, "jira", hooks.dumps(reopened), hooks.jira_headers(hooks.dumps(reopened), delivery="d-reopen"))
+    ticket = await tracked.get("/api/work-items/PAY-21")
+    assert ticket["status"] == "in_progress" and ticket["rework"] == {"at": "2026-11-09T09:00:00.000Z", "reason": "reopened", "by": "d-reopen"}
+    assert ticket["size"]["points"] == 8 and [h["points"] for h in ticket["size_history"]] == [5, 8]
+
+    estimate = hooks.linear_issue("update", "ENG-31", state_type="started")
+    estimate["data"]["estimate"] = 3
+    body = hooks.dumps(estimate)
+    await _post(tracked, "linear", body, hooks.linear_headers(body))
+    assert (await tracked.get("/api/work-items/ENG-31"))["size"]["points"] == 3

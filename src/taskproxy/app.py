@@ -121,7 +121,7 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
     if config.gitlab.secret:
         trackers["gitlab"] = GitLab(config.gitlab.secret.get_secret_value(), ids)
     if config.jira.secret:
-        trackers["jira"] = Jira(config.jira.secret.get_secret_value())
+        trackers["jira"] = Jira(config.jira.secret.get_secret_value(), config.jira.story_points_field)
     if config.linear.secret:
         trackers["linear"] = Linear(config.linear.secret.get_secret_value(), config.linear.timestamp_tolerance_seconds)
     return trackers
@@ -222,7 +222,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "settings": settings,
                 "engine": db,
                 "keys": keys,
-                "items": WorkItems(db, ids, item_cache),
+                "items": WorkItems(db, ids, item_cache, rework_days=settings.reports.rework_days),
                 "writer": writer,
                 "audit": writer,
                 "metrics": metrics,

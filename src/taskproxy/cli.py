@@ -131,7 +131,7 @@ def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _work_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from taskproxy.registry import WorkItems
 
-    return WorkItems(_engine(args), _ids(args))
+    return WorkItems(_engine(args), _ids(args), rework_days=_settings(args).reports.rework_days)
 
 
 def cmd_items_add(args: argparse.Namespace) -> int:
@@ -206,7 +206,8 @@ def cmd_items_sync(args: argparse.Namespace) -> int:
     settings, now = _settings(args), utcnow()
     engine, ids = _engine(args), _ids(args)
     deliveries, notes = sync_items(engine, ids, settings.trackers, since=args.since, now=now, only=args.tracker)  # asks everything first
-    changed = [dict(item, tracker=d.tracker) for d in deliveries for item in apply_delivery(engine, ids, d, now)["items"]]
+    applied = (apply_delivery(engine, ids, d, now, rework_days=settings.reports.rework_days) for d in deliveries)
+    changed = [dict(item, tracker=d.tracker) for d, result in zip(deliveries, applied, strict=True) for item in result["items"]]
     if args.json:
         _print_json({"changed": changed, "notes": notes})
         return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
 from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
-from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink
-from taskproxy.trackers.base import Delivery
+from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
+from taskproxy.trackers.base import Delivery, Size
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
 from taskproxy.workitems import ITEM_SOURCES, RESOLVED, WorkItemIds
@@ -134,8 +134,40 @@ def _apply(
     if status != current.status and not stale and not final:
         values["status"] = status
         values["completed_at"] = at if status in RESOLVED else None
+        if current.status == "done" and status not in RESOLVED and current.reworked_at is None:  # reopened after done: rework
+            values.update(reworked_at=at, rework_reason="reopened", rework_by=(delivery_id or source)[:200])
         _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
     connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
+
+
+_SIZE_FIELDS = ("lines_added", "lines_deleted", "files_changed", "points")
+
+
+def _record_size(connection: Connection, item_id: str, size: Size, source: str, at: datetime, delivery_id: str | None) -> None:
+    """The item's size as the tracker now says (fields it did not send are kept); a change is kept as history."""
+    current = connection.execute(select(*(_ITEMS.c[name] for name in _SIZE_FIELDS)).where(_ITEMS.c.id == item_id)).first()
+    reported = {name: getattr(size, name) for name in _SIZE_FIELDS if getattr(size, name) is not None}
+    if current is None or all(getattr(current, name) == value for name, value in reported.items()):
+        return
+    connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**reported))
+    connection.execute(WorkItemSize.__table__.insert().values(id=uuid.uuid4().hex, work_item=item_id, ts=at, source=source,
+                                                              delivery_id=delivery_id, **reported))  # fmt: skip
+
+
+def _mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by: str, at: datetime, rework_days: float) -> None:
+    """A merged revert: the pull request it undoes is rework, if it was merged within `rework_days` before."""
+    try:
+        target = ids.normalize(raw_target)
+    except WorkItemInvalid:
+        return
+    row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at, _ITEMS.c.completed_at, _ITEMS.c.reworked_at)
+                             .where(_ITEMS.c.id == target)).first()  # fmt: skip
+    done_at = row and (row.merged_at or row.completed_at)
+    if row is None or row.status != "done" or done_at is None or row.reworked_at is not None:
+        return
+    if timedelta(0) <= at - done_at <= timedelta(days=rework_days):
+        connection.execute(update(_ITEMS).where(_ITEMS.c.id == target).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
+        changes.note(connection, changes.ITEM, [target], utcnow())
 
 
 def _record_change(
@@ -157,8 +189,9 @@ def _clamped(at: datetime | None, now: datetime) -> tuple[datetime, str | None]:
     return at, None
 
 
-def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: datetime) -> dict[str, Any]:
-    """Apply a verified tracker delivery once: a delivery id seen before changes nothing."""
+def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: datetime, *, rework_days: float = 14.0) -> dict[str, Any]:
+    """Apply a verified tracker delivery once: a delivery id seen before changes nothing. A merged revert
+    marks the pull request it undoes as rework, when that was merged within `rework_days`."""
     applied: list[dict[str, Any]] = []
     skipped: list[str] = []
     try:
@@ -171,22 +204,26 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                         outcome="applied" if delivery.updates else "ignored",
                     )
                 )  # fmt: skip
-            for update in delivery.updates:
+            for told in delivery.updates:
                 try:
-                    item_id = ids.normalize(update.item_id)
+                    item_id = ids.normalize(told.item_id)
                 except WorkItemInvalid:  # an id the configured patterns do not accept is not tracked
-                    skipped.append(update.item_id[:200])
+                    skipped.append(told.item_id[:200])
                     continue
-                fields = {k: v for k, v in (("title", update.title), ("url", update.url), ("team", update.team)) if v is not None}
+                fields = {k: v for k, v in (("title", told.title), ("url", told.url), ("team", told.team)) if v is not None}
                 current = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar()
-                status = update.status or current or "open"
-                at, note = _clamped(update.at, now)
-                created_at = min(update.created_at, now) if update.created_at is not None else None
+                status = told.status or current or "open"
+                at, note = _clamped(told.at, now)
+                created_at = min(told.created_at, now) if told.created_at is not None else None
                 _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
-                       delivery_id=delivery.delivery_id, created_at=created_at, merged=update.merged, note=note)  # fmt: skip
-                for ticket in update.links:
+                       delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
+                for ticket in told.links:
                     _link(connection, ticket, item_id, "merged_pr", at)
-                applied.append({"id": item_id, "status": status, "linked": list(update.links)})
+                if told.size is not None:
+                    _record_size(connection, item_id, told.size, delivery.tracker, at, delivery.delivery_id)
+                if told.reverts is not None and told.merged:
+                    _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
+                applied.append({"id": item_id, "status": status, "linked": list(told.links)})
     except IntegrityError:
         if delivery.delivery_id and _seen(engine, delivery):
             return {"status": "duplicate", "delivery": delivery.delivery_id}
@@ -226,8 +263,8 @@ class WorkItems:
     """The registry as the API, the CLI and the webhooks use it: each change is written to the database
     and, in a running proxy, noted in its view of the items, so no caller has to remember to."""
 
-    def __init__(self, engine: Engine, ids: WorkItemIds, view: ItemNotes | None = None) -> None:
-        self.engine, self.ids, self._view = engine, ids, view
+    def __init__(self, engine: Engine, ids: WorkItemIds, view: ItemNotes | None = None, *, rework_days: float = 14.0) -> None:
+        self.engine, self.ids, self._view, self.rework_days = engine, ids, view, rework_days
 
     def _noted(self, item: WorkItem) -> WorkItem:
         if self._view is not None:
@@ -249,7 +286,7 @@ class WorkItems:
         return self._noted(transition(self.engine, item_id, status, source=source))
 
     def apply_delivery(self, delivery: Delivery, now: datetime) -> dict[str, Any]:
-        result = apply_delivery(self.engine, self.ids, delivery, now)
+        result = apply_delivery(self.engine, self.ids, delivery, now, rework_days=self.rework_days)
         if self._view is not None and result["status"] == "applied":
             self._view.note_changes({item["id"]: item["status"] for item in result["items"]})
         return result

@@ -154,6 +154,11 @@ class TrackerSettings(_Frozen):
     api_url: str | None = None
 
 
+class JiraSettings(TrackerSettings):
+    # The issue field holding story points (Jira Cloud: often customfield_10016); unset: no size from Jira.
+    story_points_field: str | None = None
+
+
 class LinearSettings(TrackerSettings):
     # Deliveries whose webhookTimestamp is further than this from now are refused (replays).
     timestamp_tolerance_seconds: float = Field(default=60.0, gt=0)
@@ -162,7 +167,7 @@ class LinearSettings(TrackerSettings):
 class TrackersSettings(_Frozen):
     github: TrackerSettings = TrackerSettings()
     gitlab: TrackerSettings = TrackerSettings()  # secret_env: the webhook's secret token
-    jira: TrackerSettings = TrackerSettings()
+    jira: JiraSettings = JiraSettings()
     linear: LinearSettings = LinearSettings()
 
 
@@ -190,6 +195,8 @@ class PrivacySettings(_Frozen):
 class ReportSettings(_Frozen):
     # An item still open this many days after it was created counts as spend without outcome.
     stale_after_days: float = Field(default=14.0, gt=0)
+    # A merged PR reverted within this many days of its merge is rework (marked on the item).
+    rework_days: float = Field(default=14.0, gt=0)
 
 
 class TelemetrySettings(_Frozen):

@@ -11,12 +11,13 @@ from sqlalchemy.engine import Engine
 from taskproxy.money import usd
 from taskproxy.reports.usage import work_item_summary
 from taskproxy.storage import rollup
-from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 from taskproxy.timeutil import iso, rounded_hours
 
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
 _L = WorkItemLink.__table__.c
+_S = WorkItemSize.__table__.c
 
 
 def work_item_view(engine: Engine, item_id: str) -> dict[str, Any] | None:
@@ -28,7 +29,8 @@ def work_item_view(engine: Engine, item_id: str) -> dict[str, Any] | None:
 
 
 def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
-    """Extras of `GET /api/work-items/{id}`: cycle time, usage per day, status history, links.
+    """Extras of `GET /api/work-items/{id}`: cycle time, size (and its history), rework, usage per day,
+    status history, links.
 
     `cycle_time_hours` is completed_at − created_at for a `done` item, else null. `usage_by_day` has one
     entry per UTC day with usage (`requests` as every report counts them, storage/rollup.py `is_request`; `cost_usd` is null when
@@ -36,7 +38,11 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
     of this one; `linked_from` the items this one came out of.
     """
     with engine.connect() as connection:
-        item = connection.execute(select(_W.status, _W.created_at, _W.completed_at).where(_W.id == item_id)).first()
+        item = connection.execute(select(_W.status, _W.created_at, _W.completed_at, _W.lines_added, _W.lines_deleted, _W.files_changed,
+                                         _W.points, _W.reworked_at, _W.rework_reason, _W.rework_by).where(_W.id == item_id)).first()  # fmt: skip
+        sizes = connection.execute(
+            select(_S.ts, _S.source, _S.lines_added, _S.lines_deleted, _S.files_changed, _S.points).where(_S.work_item == item_id).order_by(_S.ts)
+        ).all()
         usage = rollup.totals(  # all time, by UTC day: the daily rollup alone answers
             connection, by=("day",), fields=("requests", "total_tokens", "cost_nanos"), where=lambda c: [c.work_item == item_id]
         )
@@ -54,8 +60,12 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
     cycle = None
     if item is not None and item.status == "done" and item.completed_at is not None:
         cycle = rounded_hours((item.completed_at - item.created_at).total_seconds() / 3600)
+    size_fields = ("lines_added", "lines_deleted", "files_changed", "points")
     return {
         "cycle_time_hours": cycle,
+        "size": {name: getattr(item, name) for name in size_fields} if item is not None else None,
+        "size_history": [{"ts": iso(r.ts), "source": r.source, **{name: getattr(r, name) for name in size_fields}} for r in sizes],
+        "rework": {"at": iso(item.reworked_at), "reason": item.rework_reason, "by": item.rework_by} if item is not None and item.reworked_at else None,
         "usage_by_day": [
             {
                 "day": str(day)[:10],  # SQLite answers text, PostgreSQL a date

@@ -44,6 +44,32 @@ class WorkItem(SQLModel, table=True):
     tracker: str | None = Field(default=None, max_length=16)
     tracker_event_at: datetime | None = Field(default=None, sa_type=DateTime())
     merged_at: datetime | None = Field(default=None, sa_type=DateTime())  # a merged PR: its status is final
+    # The size of the work, as its tracker last said (history in work_item_sizes): a PR's lines and files,
+    # a ticket's story points (Jira's configured field) or estimate (Linear).
+    lines_added: int | None = None
+    lines_deleted: int | None = None
+    files_changed: int | None = None
+    points: float | None = None
+    # Completed work that did not hold: a merged PR reverted within reports.rework_days, or an item reopened after done.
+    reworked_at: datetime | None = Field(default=None, sa_type=DateTime())
+    rework_reason: str | None = Field(default=None, max_length=16)  # reverted | reopened
+    rework_by: str | None = Field(default=None, max_length=200)  # the reverting PR, or the delivery that reopened it
+
+
+class WorkItemSize(SQLModel, table=True):
+    """Each size a tracker reported for a work item, in order (the item keeps the latest)."""
+
+    __tablename__ = "work_item_sizes"
+
+    id: str = Field(primary_key=True, max_length=32)
+    work_item: str = Field(index=True, max_length=200)
+    ts: datetime = Field(sa_type=DateTime())
+    source: str = Field(max_length=16)
+    delivery_id: str | None = Field(default=None, max_length=200)
+    lines_added: int | None = None
+    lines_deleted: int | None = None
+    files_changed: int | None = None
+    points: float | None = None
 
 
 class WorkItemChange(SQLModel, table=True):

@@ -29,6 +29,27 @@ class ItemUpdate:
     # Tickets this item (a merged pull request) came out of, named in its branch or title.
     links: tuple[str, ...] = ()
     merged: bool = False  # a pull request merged: its status is final
+    size: Size | None = None  # how big the work is, when the tracker says
+    reverts: str | None = None  # a merged revert: the pull request it undoes (rework)
+
+
+@dataclass(frozen=True)
+class Size:
+    """A work item's size: a pull request's lines and files, or a ticket's story points (estimate)."""
+
+    lines_added: int | None = None
+    lines_deleted: int | None = None
+    files_changed: int | None = None
+    points: float | None = None
+
+
+def count(value: Any) -> int | None:
+    """A non-negative whole number from a tracker, or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def points(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True)

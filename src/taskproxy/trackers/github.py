@@ -2,20 +2,35 @@
 
 A PR or issue is the item `owner/repo#N`. Merged → done, closed unmerged → closed; an issue closed
 as `completed` (or with no reason) → done, as `not_planned` or `duplicate` → closed. A merged PR whose branch or title names a ticket
-(`feature/PROJ-123-x`) is linked to it.
+(`feature/PROJ-123-x`) is linked to it. A PR's size is its `additions`, `deletions` and `changed_files`;
+a merged revert (`Reverts owner/repo#N`) names the PR it undoes.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
+# What GitHub's "Revert" button writes: branch `revert-<n>-<branch>`, title `Revert "<title>"`, body `Reverts owner/repo#<n>`.
+_REVERT_BODY = re.compile(r"^Reverts ([\w.-]+/[\w.-]+)#(\d+)\b", re.MULTILINE)
+_REVERT_BRANCH = re.compile(r"^revert-(\d+)-")
+
+
+def reverted_pull(repo: str, branch: Any, title: Any, body: Any) -> str | None:
+    """The pull request a merged revert undoes: named in the body (`Reverts owner/repo#N`), else by the
+    branch GitHub made for it (`revert-N-…`) when the title says it is a revert."""
+    if isinstance(body, str) and (match := _REVERT_BODY.search(body)):
+        return f"{match[1]}#{match[2]}"
+    if isinstance(branch, str) and isinstance(title, str) and title.startswith("Revert ") and (match := _REVERT_BRANCH.match(branch)):
+        return f"{repo}#{match[1]}"
+    return None
 
 
 class GitHub:
@@ -50,13 +65,16 @@ class GitHub:
         else:
             status, at = "open", tracker_time(pr.get("updated_at"))
         links: tuple[str, ...] = ()
+        branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
         if status == "done":
-            branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
+        size = Size(count(pr.get("additions")), count(pr.get("deletions")), count(pr.get("changed_files")))
+        repo = need(payload, "repository", "full_name", kind=str)
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
-            merged=status == "done",
+            merged=status == "done", size=size if size != Size() else None,
+            reverts=reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if status == "done" else None,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

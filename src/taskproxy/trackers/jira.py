@@ -11,7 +11,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.workitems import RESOLVED
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, need, points, tracker_time, text
 
 _CATEGORY = {"new": "open", "indeterminate": "in_progress", "done": "done"}
 _NOT_DONE = {"won't do", "won't fix", "duplicate", "cannot reproduce", "declined", "obsolete", "incomplete", "abandoned"}
@@ -21,8 +21,9 @@ _EVENTS = {"jira:issue_created", "jira:issue_updated"}
 class Jira:
     name = "jira"
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, points_field: str | None = None) -> None:
         self._secret = secret
+        self._points_field = points_field  # e.g. customfield_10016 (Story point estimate)
 
     def verify(self, headers: Headers, raw: bytes) -> None:
         check_hmac_sha256(self._secret, raw, headers.get("x-hub-signature"), prefix="sha256=")
@@ -46,5 +47,6 @@ class Jira:
         update = ItemUpdate(
             item_id=str(key), status=status, at=at or tracker_time(payload.get("timestamp")), created_at=tracker_time(fields.get("created")),
             title=text(fields.get("summary")), url=url,
+            size=Size(points=found) if self._points_field and (found := points(fields.get(self._points_field))) is not None else None,
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])

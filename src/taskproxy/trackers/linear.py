@@ -10,7 +10,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.errors import InvalidSignature
-from taskproxy.trackers.base import Delivery, ItemUpdate, check_hmac_sha256, need, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, need, points, tracker_time, text
 
 _STATE = {"backlog": "open", "unstarted": "open", "triage": "open", "started": "in_progress", "completed": "done", "canceled": "closed"}
 
@@ -42,5 +42,6 @@ class Linear:
         update = ItemUpdate(
             item_id=str(identifier), status=status, at=at, created_at=tracker_time(data.get("createdAt")), title=text(data.get("title")),
             url=text(payload.get("url")) or text(data.get("url")),
+            size=Size(points=estimate) if (estimate := points(data.get("estimate"))) is not None else None,
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])

@@ -41,7 +41,7 @@ _GITHUB_ID = re.compile(r"^([^/#!]+/[^/#!]+)#(\d+)$")
 _GITLAB_ID = re.compile(r"^(.+?)([#!])(\d+)$")
 _KEY = re.compile(r"^[A-Z][A-Z0-9_]*-\d+$")
 _LINEAR_QUERY = ("query($id: String!) { issue(id: $id) { identifier title url createdAt updatedAt completedAt canceledAt "
-                 "state { type } } }")  # fmt: skip
+                 "estimate state { type } } }")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,11 @@ def tracker_of(item: Pending, configured: Iterable[str]) -> str | None:
 class Fetcher:
     """Asks one tracker's REST API for an item's current state, as the update its webhook would give."""
 
-    def __init__(self, name: str, http: httpx.Client, api: str, token: str, ids: WorkItemIds, now: datetime) -> None:
+    def __init__(self, name: str, http: httpx.Client, api: str, token: str, ids: WorkItemIds, now: datetime, points_field: str | None = None) -> None:
         self.name, self._http, self._api, self._token, self._now = name, http, api.rstrip("/"), token, now
+        self._points_field = points_field
         # The webhook parsers; their signing secrets are not used to read an answer.
-        self._parsers: dict[str, Any] = {"github": GitHub("", ids), "gitlab": GitLab("", ids), "jira": Jira(""), "linear": Linear("", 60.0)}
+        self._parsers: dict[str, Any] = {"github": GitHub("", ids), "gitlab": GitLab("", ids), "jira": Jira("", points_field), "linear": Linear("", 60.0)}
 
     def fetch(self, item_id: str) -> ItemUpdate | None:
         """None when the tracker has no such item (it is left as it is)."""
@@ -144,7 +145,7 @@ class Fetcher:
     def _jira(self, item_id: str) -> ItemUpdate | None:
         token = self._token
         authorization = f"Basic {base64.b64encode(token.encode()).decode()}" if ":" in token else f"Bearer {token}"
-        fields = "status,resolution,resolutiondate,created,updated,summary"
+        fields = "status,resolution,resolutiondate,created,updated,summary" + (f",{self._points_field}" if self._points_field else "")
         issue = self._get(f"{self._api}/rest/api/3/issue/{quote(item_id)}?fields={fields}", {"authorization": authorization, "accept": "application/json"})
         return None if issue is None else self._parse("", {"webhookEvent": "jira:issue_updated", "issue": issue})
 
@@ -188,7 +189,7 @@ def sync_items(
                 api = settings.api_url or DEFAULT_API.get(name)
                 if not api:
                     raise TrackerUnavailable(f"{name}: set trackers.{name}.api_url (your site, e.g. https://acme.atlassian.net).")
-                fetchers[name] = Fetcher(name, client, api, settings.token.get_secret_value(), ids, now)
+                fetchers[name] = Fetcher(name, client, api, settings.token.get_secret_value(), ids, now, getattr(settings, "story_points_field", None))
             update = fetchers[name].fetch(item.item_id)
             if update is None:
                 notes.append(f"{item.item_id}: {name} has no such item")
