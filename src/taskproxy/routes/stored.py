@@ -26,10 +26,10 @@ from starlette.responses import Response
 from taskproxy.error_shapes import ApiFormat
 from taskproxy.errors import ApiError, NotFound
 from taskproxy.guard.auth import KeyStore
-from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object, read_body
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.attempts import Attempts, Caller
-from taskproxy.routes.common import ApiRoute
+from taskproxy.routes.common import MAX_API_BODY, ApiRoute
 from taskproxy.settings import ModelSettings, Settings
 from taskproxy.storage.response_origins import Origin, ResponseOrigins
 from taskproxy.upstream import observe
@@ -73,7 +73,7 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
     async def handler(request: Request) -> Response:
         stored: StoredResponses = request.state.stored
         origin, model = await _origin(request, stored)
-        content = await request.body() if method == "POST" else b""
+        content = await read_body(request, MAX_API_BODY, "the 1 MiB limit of a stored response's routes") if method == "POST" else b""
         api_key = model.api_key.get_secret_value() if model.api_key else None
         query = request.url.query
         url = f"{model.base_url}/responses/{origin.response_id}{suffix}" + (f"?{query}" if query else "")
