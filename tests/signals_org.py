@@ -14,7 +14,9 @@ Planted, one pattern per key, each kept clear of the other signals:
 - `spinner` (web): about $65 in the period on two items, neither completed (one closed, one open);
 - `cron`    (data): a developer key in a cron job: every 15 minutes (+0–6 s), around the clock, 5 days;
 - `outlier` (web): one completed item costing 20× the team's median cost per completed item;
-- `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered.
+- `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered;
+- `quick`   (ops): eight items, each opened, asked about three times and done within 4 minutes,
+  and one ordinary item (split work closed fast to make cost per completed item look good).
 
 And `ci-bot` (web, a service key): the same prompt every 30 minutes around the clock — declared
 automation, which the machine-behaviour signals leave out by default.
@@ -55,11 +57,13 @@ PLANTED = {
     "cron": "machine_cadence",
     "outlier": "cost_outlier",
     "unverif": "unverified_spend",
+    "quick": "trivial_completions",
 }
 OUTLIER_FACTOR = 20.0
 LOOP_REQUESTS = 120
 AFTER_REQUESTS = 15  # per closer item
 CRON_DAYS = 5
+QUICK_ITEMS = 8  # trivial ones, each done 4 minutes after it was opened
 
 
 @dataclass
@@ -404,6 +408,19 @@ class _Builder:
         self.step(item, completed, "done")
         self.outlier_median = median
 
+    def quick(self) -> None:
+        key = self.key("quick", "ops")
+        for n in range(QUICK_ITEMS):
+            opened = SINCE + timedelta(days=2 + n, hours=10, minutes=self.rng.uniform(0, 30))
+            item = self.item(f"OPS-QUICK-{n + 1}", "ops", key, opened)
+            for k in range(3):
+                self.event(item, opened + timedelta(seconds=20 + 40 * k), key)
+            self.step(item, opened + timedelta(minutes=4), "done")
+        ordinary = self.item("OPS-REAL-1", "ops", key, SINCE + timedelta(days=1))
+        for ts in self.sessions(ordinary.created_at + timedelta(hours=1), 3, HUMAN):  # costs as much as a quick one: no cost outlier
+            self.event(ordinary, ts, key)
+        self.step(ordinary, ordinary.created_at + timedelta(days=2), "done")
+
     def item_cost(self, item: Item) -> float:
         return sum(e.cost for e in self.events if e.item == item.id)
 
@@ -417,6 +434,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     builder.spinner()
     builder.cron()
     builder.unverif()
+    builder.quick()
     builder.outlier()  # last: it needs the team's other items
 
     counter = TokenCounter()

@@ -32,6 +32,7 @@ from signals_org import (
     LOOP_REQUESTS,
     OUTLIER_FACTOR,
     PLANTED,
+    QUICK_ITEMS,
     SINCE,
     T0,
     UNTIL,
@@ -303,6 +304,33 @@ def test_unverified_spend_evidence(world: tuple[Any, Org, Path]) -> None:
 # -- thresholds, periods, order -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seed", [7, 1234])
+def test_other_seeds_flag_the_planted_patterns_and_no_honest_person(seed: int, tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'taskproxy.db'}")
+    upgrade_schema(engine)
+    org = generate(engine, tmp_path / "spool.jsonl", seed=seed)
+    report = gaming_signals(engine, since=SINCE, until=UNTIL)
+    assert flagged(report, org) == expected_order(org, [(kind, name) for name, kind in PLANTED.items()])
+    engine.dispose()
+
+
+def test_trivial_completions_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "trivial_completions", "quick")
+    events = window(org, "quick")
+    completed = {e.item for e in events if org.items[e.item].status == "done" and in_period(org.items[e.item].completed_at)}
+    trivial = {i for i in completed if org.items[i].completed_at - org.items[i].created_at <= timedelta(minutes=10)}  # type: ignore[operator]
+    assert len(completed) == QUICK_ITEMS + 1 and len(trivial) == QUICK_ITEMS
+    evidence = found["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"], evidence["small_items"]) == (QUICK_ITEMS + 1, QUICK_ITEMS, QUICK_ITEMS, 0)
+    assert evidence["share"] == round(QUICK_ITEMS / (QUICK_ITEMS + 1), 3)
+    on_trivial = [e for e in events if e.item in trivial]
+    assert evidence["requests"] == len(on_trivial) == 3 * QUICK_ITEMS
+    assert evidence["cost_usd"] == pytest.approx(spend(on_trivial), abs=1e-9)
+    assert [w["id"] for w in found["work_items"]] == sorted(trivial)
+    assert all(w["minutes_to_complete"] == 4.0 and w["changed_lines"] is None for w in found["work_items"])
+
+
 def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     engine, org, _ = world
 
@@ -326,6 +354,9 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
         window(org, "unverif")
     )
     assert kinds_of(unverified_min_share=share + 0.001) == without("unverified_spend")
+    assert kinds_of(trivial_min_items=QUICK_ITEMS + 1) == without("trivial_completions")
+    assert kinds_of(trivial_max_minutes=3) == without("trivial_completions")  # the planted items took 4
+    assert kinds_of(trivial_min_share=QUICK_ITEMS / (QUICK_ITEMS + 1) + 0.001) == without("trivial_completions")
 
     # Either cadence reason alone flags the cron key.
     regular = signal(

@@ -364,3 +364,36 @@ def _is_service(keys: dict[str, KeyInfo], key_id: str) -> bool:
 # -- the report -----------------------------------------------------------------------------------
 
 
+def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
+    """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
+    being opened, or (where the tracker gave a size) a handful of changed lines."""
+    quick_limit = timedelta(minutes=t.trivial_max_minutes)
+    found = []
+    for key_id, per_item in spend.items():
+        completed = [s for s in per_item.values() if s.requests > 0 and _completed_in(items.get(s.item), since, until)]
+        trivial, quick, small = [], 0, 0
+        for s in completed:
+            row = items[s.item]
+            is_quick = row.created_at is not None and row.completed_at - row.created_at <= quick_limit  # type: ignore[operator]
+            is_small = row.changed_lines is not None and row.changed_lines <= t.trivial_max_lines
+            if is_quick or is_small:
+                trivial.append(s)
+                quick, small = quick + is_quick, small + is_small
+        if len(trivial) < t.trivial_min_items or len(trivial) < t.trivial_min_share * len(completed):
+            continue
+        evidence = {
+            **totals(trivial), "completed_items": len(completed), "trivial_items": len(trivial), "share": rounded(len(trivial) / len(completed), 3),
+            "quick_items": quick, "small_items": small,
+        }  # fmt: skip
+        entries = []
+        for s in trivial:
+            row = items[s.item]
+            minutes = None if row.created_at is None else rounded((row.completed_at - row.created_at).total_seconds() / 60, 1)  # type: ignore[operator]
+            entries.append(item_entry(items, s, completed_at=iso(row.completed_at), minutes_to_complete=minutes, changed_lines=row.changed_lines))
+        found.append((key_id, evidence, listed(entries)))
+    return found
+
+
+def _completed_in(item: ItemRow | None, since: datetime, until: datetime) -> bool:
+    return item is not None and item.status == "done" and item.completed_at is not None and since <= item.completed_at < until
+

@@ -28,6 +28,7 @@ KINDS = (
     "machine_cadence",
     "cost_outlier",
     "unverified_spend",
+    "trivial_completions",
 )
 WITHOUT_VERIFICATION = ("unverified", "unknown")
 MAX_LISTED = 50  # work items listed per signal
@@ -67,6 +68,8 @@ class ItemRow:
     status: str
     completed_at: datetime | None
     team: str | None
+    created_at: datetime | None = None
+    changed_lines: int | None = None  # lines added + deleted, when the tracker said
 
 
 @dataclass
@@ -85,8 +88,10 @@ def load_keys(connection: Connection) -> dict[str, KeyInfo]:
 
 
 def load_items(connection: Connection) -> dict[str, ItemRow]:
-    rows = connection.execute(select(ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team))
-    return {r.id: ItemRow(r.status, r.completed_at, r.team) for r in rows}
+    rows = connection.execute(select(ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted))
+    return {r.id: ItemRow(r.status, r.completed_at, r.team, r.created_at,
+                          None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0))
+            for r in rows}  # fmt: skip
 
 
 def requests_column() -> Any:

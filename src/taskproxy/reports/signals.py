@@ -53,6 +53,15 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   [0.25] of an outlier item's cost (all time). Evidence: `items`, and the key's `cost_usd` and
   `requests` on them; each work item has `item_cost_usd`, `team`, `team_items`, `team_median_usd`,
   `team_mad_usd`, `robust_z`, `ratio_to_median`, `key_cost_usd`, `key_share`.
+- `trivial_completions`: of the items completed in the period (status `done`, `completed_at` in the
+  period) on which the key made requests in the period, at least `trivial_min_items` [5], and at least
+  `trivial_min_share` [0.6] of them, are trivial: completed within `trivial_max_minutes` [10] of being
+  created, or with a known size of at most `trivial_max_lines` [10] changed lines (a pull request's
+  additions + deletions). Cost per completed item rewards splitting work into such items. Evidence:
+  `completed_items`, `trivial_items`, `share`, `quick_items`, `small_items`, and `requests`, `cost_usd`,
+  `tokens`, `items`, `first`, `last` over the trivial items; each work item has `completed_at`,
+  `minutes_to_complete`, `changed_lines`. A team that genuinely ships small changes can be flagged: it is
+  evidence to look at (docs/signals.md).
 - `unverified_spend`: items whose status is `unverified` or `unknown` carry at least
   `unverified_min_share` [0.6] of the key's spend in the period, and at least `unverified_min_usd` [10].
   Evidence: `cost_usd` (the key's spend), `unverified_cost_usd`, `share`, `requests`, `items`, `first`,
@@ -81,6 +90,7 @@ from taskproxy.reports.signal_checks import (
     cadence,
     cost_outliers,
     repeated_prompts,
+    trivial_completions,
     unverified,
     without_completion,
 )
@@ -115,6 +125,7 @@ def gaming_signals(
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
             "cost_outlier": cost_outliers(connection, items, since, until, t),
             "unverified_spend": unverified(spend, items, t),
+            "trivial_completions": trivial_completions(spend, items, since, until, t),
         }
     signals = []
     for kind in KINDS:
@@ -156,6 +167,10 @@ _SUMMARY = {
         f"{e['items']} completed item(s) far above their team's cost per item; {format_usd(e['cost_usd'])} of it by this key"
     ),
     "unverified_spend": lambda e: f"{e['share']:.0%} of {format_usd(e['cost_usd'])} on {e['items']} unverified or unknown item(s)",
+    "trivial_completions": lambda e: (
+        f"{e['trivial_items']} of {e['completed_items']} completed item(s) trivial ({e['quick_items']} done within minutes, "
+        f"{e['small_items']} tiny); {format_usd(e['cost_usd'])} on them"
+    ),
 }
 
 
