@@ -16,7 +16,9 @@ Planted, one pattern per key, each kept clear of the other signals:
 - `outlier` (web): one completed item costing 20× the team's median cost per completed item;
 - `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered;
 - `quick`   (ops): eight items, each opened, asked about three times and done within 4 minutes,
-  and one ordinary item (split work closed fast to make cost per completed item look good).
+  and one ordinary item (split work closed fast to make cost per completed item look good);
+- `splitter` (mobile): ordinary pull requests of 150–400 changed lines, like its honest teammate's,
+  and one burst of five of 30–50 lines completed within a few hours: one item's work, cut in five.
 
 And `ci-bot` (web, a service key): the same prompt every 30 minutes around the clock — declared
 automation, which the machine-behaviour signals leave out by default.
@@ -38,6 +40,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from taskproxy import registry
+from taskproxy.trackers.base import Size
 from taskproxy.guard.auth import issue_key
 from taskproxy.metering.pricing import Price
 from taskproxy.money import usd
@@ -58,12 +61,14 @@ PLANTED = {
     "outlier": "cost_outlier",
     "unverif": "unverified_spend",
     "quick": "trivial_completions",
+    "splitter": "split_work",
 }
 OUTLIER_FACTOR = 20.0
 LOOP_REQUESTS = 120
 AFTER_REQUESTS = 15  # per closer item
 CRON_DAYS = 5
 QUICK_ITEMS = 8  # trivial ones, each done 4 minutes after it was opened
+SPLIT_ITEMS = 5  # small pull requests done within hours of each other, about one ordinary item together
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Item:
     created_at: datetime
     registered: str = "transition"  # transition | auto (by the writer, unverified) | none
     steps: list[tuple[datetime, str]] = field(default_factory=list)
+    lines: int | None = None  # changed lines, as a tracker reported them (team mobile only)
 
     @property
     def status(self) -> str:
@@ -421,6 +427,28 @@ class _Builder:
             self.event(ordinary, ts, key)
         self.step(ordinary, ordinary.created_at + timedelta(days=2), "done")
 
+    def sized(self, item: Item, lines: int) -> None:
+        """The size a tracker would report for a pull request (added + deleted lines)."""
+        assert item.completed_at is not None
+        added = lines * 3 // 4
+        registry.record_size(self.engine, item.id, Size(lines_added=added, lines_deleted=lines - added), source="github", at=item.completed_at)
+        item.lines = lines
+
+    def mobile(self) -> None:
+        honest = self.key("honest-mobile-0", "mobile", helper=True)
+        splitter = self.key("splitter", "mobile")
+        for key in (honest, splitter):
+            for item in self.work(key, HUMAN, T0 + timedelta(hours=self.rng.uniform(8, 40)), END, follow_ups=0):
+                self.sized(item, self.rng.randint(150, 400))
+        finished = SINCE + timedelta(days=10, hours=10)
+        for n in range(SPLIT_ITEMS):
+            item = self.item(f"MOBILE-SPLIT-{n + 1}", "mobile", splitter, finished - timedelta(hours=1))
+            for k in range(3):
+                self.event(item, item.created_at + timedelta(minutes=5 + 10 * k), splitter)
+            self.step(item, finished, "done")
+            self.sized(item, self.rng.randint(30, 50))
+            finished += timedelta(minutes=self.rng.uniform(30, 70))
+
     def item_cost(self, item: Item) -> float:
         return sum(e.cost for e in self.events if e.item == item.id)
 
@@ -435,6 +463,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     builder.cron()
     builder.unverif()
     builder.quick()
+    builder.mobile()
     builder.outlier()  # last: it needs the team's other items
 
     counter = TokenCounter()

@@ -33,6 +33,7 @@ from signals_org import (
     OUTLIER_FACTOR,
     PLANTED,
     QUICK_ITEMS,
+    SPLIT_ITEMS,
     SINCE,
     T0,
     UNTIL,
@@ -304,6 +305,20 @@ def test_unverified_spend_evidence(world: tuple[Any, Org, Path]) -> None:
 # -- thresholds, periods, order -------------------------------------------------------------------------
 
 
+def test_split_work_evidence(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "split_work", "splitter")
+    sized = [i.lines for i in org.items.values() if i.team == "mobile" and i.lines is not None and i.status == "done" and in_period(i.completed_at)]
+    median = statistics.median(sized)
+    burst = sorted((i for i in org.items.values() if i.id.startswith("MOBILE-SPLIT-")), key=lambda i: i.completed_at)  # type: ignore[arg-type,return-value]
+    assert len(burst) == SPLIT_ITEMS and all(i.lines <= 0.5 * median for i in burst)  # type: ignore[operator]
+    [evidence] = found["evidence"]["bursts"]
+    assert evidence == {"team": "mobile", "items": SPLIT_ITEMS, "combined_lines": sum(i.lines for i in burst), "team_median_lines": round(median, 1),  # type: ignore[misc]
+                        "first_completed": iso(burst[0].completed_at), "last_completed": iso(burst[-1].completed_at)}  # fmt: skip
+    assert [w["id"] for w in found["work_items"]] == sorted(i.id for i in burst)
+    assert found["evidence"]["requests"] == 3 * SPLIT_ITEMS
+
+
 @pytest.mark.parametrize("seed", [7, 1234])
 def test_other_seeds_flag_the_planted_patterns_and_no_honest_person(seed: int, tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'taskproxy.db'}")
@@ -354,6 +369,8 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
         window(org, "unverif")
     )
     assert kinds_of(unverified_min_share=share + 0.001) == without("unverified_spend")
+    assert kinds_of(split_min_items=SPLIT_ITEMS + 1) == without("split_work")
+    assert kinds_of(split_window_hours=0.4) == without("split_work")  # the burst's completions are 30-70 minutes apart
     assert kinds_of(trivial_min_items=QUICK_ITEMS + 1) == without("trivial_completions")
     assert kinds_of(trivial_max_minutes=3) == without("trivial_completions")  # the planted items took 4
     assert kinds_of(trivial_min_share=QUICK_ITEMS / (QUICK_ITEMS + 1) + 0.001) == without("trivial_completions")

@@ -143,6 +143,12 @@ def _apply(
 _SIZE_FIELDS = ("lines_added", "lines_deleted", "files_changed", "points")
 
 
+def record_size(engine: Engine, item_id: str, size: Size, *, source: str, at: datetime, delivery_id: str | None = None) -> None:
+    """A tracker's size for an item, as a delivery would record it (kept as history when it changes)."""
+    with engine.begin() as connection:
+        _record_size(connection, item_id, size, source, at, delivery_id)
+
+
 def _record_size(connection: Connection, item_id: str, size: Size, source: str, at: datetime, delivery_id: str | None) -> None:
     """The item's size as the tracker now says (fields it did not send are kept); a change is kept as history."""
     current = connection.execute(select(*(_ITEMS.c[name] for name in _SIZE_FIELDS)).where(_ITEMS.c.id == item_id)).first()

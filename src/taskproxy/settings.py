@@ -234,6 +234,10 @@ class SignalSettings(_Frozen):
     trivial_max_lines: int = Field(default=10, ge=0)  # or a known size of at most this many changed lines
     trivial_min_items: int = Field(default=5, ge=1)
     trivial_min_share: float = Field(default=0.6, gt=0, le=1)
+    split_window_hours: float = Field(default=8.0, gt=0)  # small items completed this close together form a burst
+    split_min_items: int = Field(default=4, ge=2)
+    split_max_item_share: float = Field(default=0.5, gt=0, le=1)  # small: at most this share of the team's median size
+    split_min_team_items: int = Field(default=5, ge=3)  # sized items the team needs for a median
     flag_service_keys: bool = False
     max_examples: int = Field(default=5, ge=1)
 

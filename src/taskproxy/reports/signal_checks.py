@@ -397,3 +397,52 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
 def _completed_in(item: ItemRow | None, since: datetime, until: datetime) -> bool:
     return item is not None and item.status == "done" and item.completed_at is not None and since <= item.completed_at < until
 
+
+SPLIT_COMBINED = (0.5, 2.0)  # a burst's combined size, as a multiple of the team's median: about one ordinary item
+
+
+def split_work(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], keys: dict[str, KeyInfo], since: datetime, until: datetime,
+               t: SignalSettings) -> list[Found]:  # fmt: skip
+    """Keys that completed a burst of small items whose sizes add up to about one ordinary item of their team."""
+    sized: dict[str | None, list[int]] = defaultdict(list)  # the team's completed, sized items of the period
+    for row in items.values():
+        if _completed_in(row, since, until) and row.changed_lines is not None:
+            sized[row.team].append(row.changed_lines)
+    medians = {team: statistics.median(lines) for team, lines in sized.items() if team is not None and len(lines) >= t.split_min_team_items}
+    window = timedelta(hours=t.split_window_hours)
+    found = []
+    for key_id, per_item in spend.items():
+        mine = sorted(
+            (s for s in per_item.values() if s.requests > 0 and _completed_in(items.get(s.item), since, until) and items[s.item].changed_lines is not None),
+            key=lambda s: (items[s.item].completed_at, s.item),
+        )  # fmt: skip
+        bursts: list[list[Spend]] = []
+        for s in mine:
+            row = items[s.item]
+            median = medians.get(row.team or (keys[key_id].team if key_id in keys else None))
+            if median is None or row.changed_lines > t.split_max_item_share * median:  # type: ignore[operator]
+                continue
+            if bursts and row.completed_at - items[bursts[-1][-1].item].completed_at <= window:  # type: ignore[operator]
+                bursts[-1].append(s)
+            else:
+                bursts.append([s])
+        flagged = []
+        for burst in bursts:
+            team = items[burst[0].item].team or keys[key_id].team
+            combined = sum(items[s.item].changed_lines for s in burst)  # type: ignore[misc]
+            if len(burst) >= t.split_min_items and SPLIT_COMBINED[0] * medians[team] <= combined <= SPLIT_COMBINED[1] * medians[team]:
+                flagged.append((burst, team, combined))
+        if not flagged:
+            continue
+        spends = [s for burst, _, _ in flagged for s in burst]
+        evidence = {
+            **totals(spends), "bursts": [
+                {"team": team, "items": len(burst), "combined_lines": combined, "team_median_lines": rounded(medians[team], 1),
+                 "first_completed": iso(items[burst[0].item].completed_at), "last_completed": iso(items[burst[-1].item].completed_at)}
+                for burst, team, combined in flagged
+            ][: t.max_examples],
+        }  # fmt: skip
+        entries = [item_entry(items, s, completed_at=iso(items[s.item].completed_at), changed_lines=items[s.item].changed_lines) for s in spends]
+        found.append((key_id, evidence, listed(entries)))
+    return found
+

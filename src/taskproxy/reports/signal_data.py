@@ -29,6 +29,7 @@ KINDS = (
     "cost_outlier",
     "unverified_spend",
     "trivial_completions",
+    "split_work",
 )
 WITHOUT_VERIFICATION = ("unverified", "unknown")
 MAX_LISTED = 50  # work items listed per signal

@@ -62,6 +62,15 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `tokens`, `items`, `first`, `last` over the trivial items; each work item has `completed_at`,
   `minutes_to_complete`, `changed_lines`. A team that genuinely ships small changes can be flagged: it is
   evidence to look at (docs/signals.md).
+- `split_work`: a burst of small items completed by the key — at least `split_min_items` [4] items
+  it made requests on, completed in the period with consecutive completions at most
+  `split_window_hours` [8] apart, each with a known size of at most `split_max_item_share` [0.5] of its
+  team's median size — whose sizes add up to between 0.5 and 2 times that median: one ordinary item,
+  cut up. A team's median is over its items completed in the period with a known size (additions +
+  deletions), and needs `split_min_team_items` [5] of them. Evidence: `bursts` (team, items,
+  `combined_lines`, `team_median_lines`, first and last completion), and `requests`, `cost_usd`,
+  `tokens`, `items`, `first`, `last` over the burst items; each work item has `completed_at` and
+  `changed_lines`.
 - `unverified_spend`: items whose status is `unverified` or `unknown` carry at least
   `unverified_min_share` [0.6] of the key's spend in the period, and at least `unverified_min_usd` [10].
   Evidence: `cost_usd` (the key's spend), `unverified_cost_usd`, `share`, `requests`, `items`, `first`,
@@ -90,6 +99,7 @@ from taskproxy.reports.signal_checks import (
     cadence,
     cost_outliers,
     repeated_prompts,
+    split_work,
     trivial_completions,
     unverified,
     without_completion,
@@ -126,6 +136,7 @@ def gaming_signals(
             "cost_outlier": cost_outliers(connection, items, since, until, t),
             "unverified_spend": unverified(spend, items, t),
             "trivial_completions": trivial_completions(spend, items, since, until, t),
+            "split_work": split_work(spend, items, keys, since, until, t),
         }
     signals = []
     for kind in KINDS:
@@ -170,6 +181,10 @@ _SUMMARY = {
     "trivial_completions": lambda e: (
         f"{e['trivial_items']} of {e['completed_items']} completed item(s) trivial ({e['quick_items']} done within minutes, "
         f"{e['small_items']} tiny); {format_usd(e['cost_usd'])} on them"
+    ),
+    "split_work": lambda e: "; ".join(
+        f"{b['items']} small items done between {b['first_completed']} and {b['last_completed']}, {b['combined_lines']} lines together "
+        f"(team median item {b['team_median_lines']})" for b in e["bursts"]
     ),
 }
 
