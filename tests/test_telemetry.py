@@ -1,7 +1,7 @@
 """OpenTelemetry export, end to end: a real `taskproxy serve` configured only by the standard
 OTEL_EXPORTER_OTLP_* variables sends its spans and GenAI metrics to an OTLP/HTTP receiver on
-loopback, which decodes the protobuf it gets. Without an endpoint nothing is sent, and OpenTelemetry's
-SDK is not even imported."""
+loopback, which decodes the protobuf it gets. Without an endpoint nothing is sent, and nothing of
+OpenTelemetry is even imported; the environment rules that turn it on and off are checked on the settings."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
+from taskproxy.fake_provider import OVERLOADED_CACHE_READ
+from taskproxy.settings import ConfigError, settings_from_mapping
 
-pytestmark = pytest.mark.serve
+ENDPOINT = "http://collector.example:4318"
 
 
 @dataclass
@@ -78,7 +82,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 def start(upstream: FakeUpstream, folder: Path, **env: str) -> Any:
-    models = [{"name": "gpt-4o-mini", "base_url": f"{upstream.url}/v1"}, {"name": "fake-500", "base_url": f"{upstream.url}/v1"}]
+    models = [
+        {"name": "gpt-4o-mini", "base_url": f"{upstream.url}/v1"}, {"name": "fake-500", "base_url": f"{upstream.url}/v1"},
+        {"name": "claude-overloaded", "provider": "anthropic", "base_url": upstream.url, "upstream_model": "fake-overloaded"},
+    ]  # fmt: skip
     config = write_config(folder, upstream.url, models=models, privacy={"min_group_size": 1})
     return running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY, **env))
 
@@ -95,6 +102,7 @@ def spans_of(receiver: Receiver, work_item: str, count: int) -> list[Any]:
                       lambda found: len(found) >= count, 10)  # fmt: skip
 
 
+@pytest.mark.serve
 def test_each_attempt_is_a_span_with_the_genai_names_and_the_recorded_usage(server: ServerProcess, receiver: Receiver) -> None:
     client = server.openai(server.new_key(owner="dana", team="payments"), default_headers={"X-Work-Item": "PROJ-71"})
     answer = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}], max_tokens=5)
@@ -109,6 +117,8 @@ def test_each_attempt_is_a_span_with_the_genai_names_and_the_recorded_usage(serv
     assert found["gen_ai.usage.output_tokens"] == answer.usage.completion_tokens == event["completion_tokens"]
     assert found["gen_ai.usage.cache_read.input_tokens"] == 0 and found["http.response.status_code"] == 200
     assert (found["taskproxy.team"], found["taskproxy.attribution_source"]) == ("payments", "header")
+    assert found["taskproxy.cost_usd"] == event["cost_usd"] and found["taskproxy.route"] == "/v1/chat/completions"
+    assert "error.type" not in found and span.status.code != span.status.STATUS_CODE_ERROR
     assert not any("owner" in name or "key" in name or "user" in name for name in found), "the person left the proxy"
     assert (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6 == pytest.approx(event["latency_ms"], abs=0.01)
     assert {"service.name": "taskproxy"}.items() <= receiver.resources[-1].items()
@@ -120,6 +130,7 @@ def test_each_attempt_is_a_span_with_the_genai_names_and_the_recorded_usage(serv
     assert wait_until(lambda: receiver.metrics.get("gen_ai.client.operation.duration", []), bool, 10)[0].unit == "s"
 
 
+@pytest.mark.serve
 def test_a_failed_attempt_is_an_error_span(server: ServerProcess, receiver: Receiver) -> None:
     client = server.openai(server.new_key(), default_headers={"X-Work-Item": "PROJ-72"})
     with pytest.raises(Exception):
@@ -128,6 +139,43 @@ def test_a_failed_attempt_is_an_error_span(server: ServerProcess, receiver: Rece
     assert span.status.code == span.status.STATUS_CODE_ERROR and attributes(span)["error.type"] == "500"
 
 
+@pytest.mark.serve
+def test_an_anthropic_attempt_carries_its_cache_reads_inside_the_input_tokens(server: ServerProcess, receiver: Receiver) -> None:
+    key, ask = server.new_key(), [{"role": "user", "content": "hi"}]
+    client = anthropic.Anthropic(base_url=server.url, api_key=key, default_headers={"X-Work-Item": "PROJ-74"}, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError):  # the fake streams message_start (with cache reads), then overloaded_error
+        with client.messages.stream(model="claude-overloaded", max_tokens=20, messages=ask) as stream:
+            stream.get_final_message()
+    [span] = spans_of(receiver, "PROJ-74", 1)
+    [event] = server.events("PROJ-74", 1)
+
+    found = attributes(span)
+    assert span.name == "chat claude-overloaded" and found["gen_ai.operation.name"] == "chat"
+    assert found["gen_ai.provider.name"] == "anthropic" and found["gen_ai.response.model"] == "fake-overloaded"
+    assert found["gen_ai.usage.cache_read.input_tokens"] == event["cached_tokens"] == OVERLOADED_CACHE_READ
+    assert found["gen_ai.usage.input_tokens"] == event["prompt_tokens"] > OVERLOADED_CACHE_READ  # cache reads included
+    assert found["gen_ai.usage.cache_creation.input_tokens"] == 0 and found["gen_ai.request.stream"] is True
+    assert found["error.type"] == event["error"] == "upstream_error" and span.status.code == span.status.STATUS_CODE_ERROR
+
+
+@pytest.mark.serve
+def test_a_refusal_is_counted_and_has_no_span(server: ServerProcess, receiver: Receiver) -> None:
+    client = server.openai(server.new_key())
+    with pytest.raises(openai.BadRequestError) as refused_with:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "no ticket"}])
+    assert refused_with.value.code == "work_item_required"
+
+    expected = {"taskproxy.refusal.reason": "work_item_required", "taskproxy.route": "/v1/chat/completions"}
+
+    def refused() -> int:
+        points = [p for metric in receiver.metrics.get("taskproxy.refusals", []) for p in metric.sum.data_points]
+        return sum(p.as_int for p in points if attributes(p) == expected)
+
+    assert wait_until(refused, bool, 10) >= 1
+    assert receiver.metrics["taskproxy.refusals"][-1].unit == "{request}"
+
+
+@pytest.mark.serve
 def test_the_person_is_sent_only_when_an_admin_turns_it_on(upstream: FakeUpstream, receiver: Receiver, tmp_path: Path) -> None:
     folder = tmp_path / "person"
     folder.mkdir()
@@ -152,7 +200,35 @@ async def main():
     async with app.router.lifespan_context(app):
         pass
 asyncio.run(main())
-print(settings.telemetry.enabled, "opentelemetry.sdk" in sys.modules)
+print(settings.telemetry.enabled, any(name.startswith("opentelemetry") for name in sys.modules))
 """ % (tmp_path / "t.db")
     done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "False"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "enabled"),
+    [
+        ({}, {}, False),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT}, True),
+        ({}, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{ENDPOINT}/v1/traces"}, True),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, False),
+        ({"enabled": True}, {}, True),
+        ({"enabled": False}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT}, False),  # the config's explicit word wins
+        ({"enabled": True}, {"OTEL_SDK_DISABLED": "true"}, False),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_SDK_DISABLED": " TRUE "}, False),
+        ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_SDK_DISABLED": "false"}, True),
+    ],
+)
+def test_the_standard_variables_turn_export_on_and_off(config: dict, env: dict[str, str], enabled: bool) -> None:
+    document = {"telemetry": config} if config else {}
+    assert settings_from_mapping(document, env).telemetry.enabled is enabled
+
+
+def test_the_person_is_off_by_default_and_the_service_is_named_by_otel_service_name() -> None:
+    telemetry = settings_from_mapping({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT}).telemetry
+    assert (telemetry.include_person, telemetry.service_name) == (False, "taskproxy")
+    named = settings_from_mapping({"telemetry": {"service_name": "proxy-eu"}}, {"OTEL_SERVICE_NAME": "proxy-us"}).telemetry
+    assert named.service_name == "proxy-us"
+    with pytest.raises(ConfigError, match="telemetry.include_peron: unknown key"):
+        settings_from_mapping({"telemetry": {"include_peron": True}}, {})

@@ -3,7 +3,8 @@
 Platform teams watch AI traffic where they watch everything else. The names are the OpenTelemetry
 GenAI semantic conventions' (`gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.usage.*`,
 `gen_ai.client.token.usage`, `gen_ai.client.operation.duration`), plus taskproxy's own
-`taskproxy.work_item`, `taskproxy.team` and `taskproxy.attribution_source`. The person (owner, key)
+`taskproxy.work_item`, `taskproxy.team` and `taskproxy.attribution_source`; and `taskproxy.refusals`,
+the requests refused before they reached a provider (no span: nothing was called). The person (owner, key)
 is left out unless `telemetry.include_person` is set, and a team below `privacy.min_group_size` is
 named as the small-teams group, as on /metrics.
 
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from taskproxy import __version__
+from taskproxy.errors import ConfigError
 from taskproxy.money import usd
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, TelemetrySettings
 from taskproxy.storage.batch import Record
@@ -49,14 +51,20 @@ class Telemetry:
     """Spans and metrics for every recorded attempt (`record`, a writer listener)."""
 
     def __init__(self, settings: TelemetrySettings, team_label: Callable[[str | None], str]) -> None:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.trace import SpanKind, Status, StatusCode
+        except ImportError as exc:  # installed with --no-deps, or pruned from an image
+            raise ConfigError(
+                f"OpenTelemetry export is on (telemetry.enabled, or an OTLP endpoint is set) but {exc.name} is not installed: "
+                "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http, or set OTEL_SDK_DISABLED=true"
+            ) from None
 
         self._include_person = settings.include_person
         self._team_label = team_label
@@ -71,12 +79,19 @@ class Telemetry:
                                               explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)  # fmt: skip
         self._duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s", description="Duration of the attempt at the provider",
                                                 explicit_bucket_boundaries_advisory=SECOND_BUCKETS)  # fmt: skip
+        self._refusals = meter.create_counter(
+            "taskproxy.refusals", unit="{request}", description="Requests refused before reaching a provider, by reason and route"
+        )
 
     def record(self, record: Record) -> None:
-        """One span, and the metrics, for a recorded attempt (called by the writer thread)."""
+        """One span, and the metrics, for a recorded attempt; a refusal is counted (called by the writer thread)."""
+        row = record.row
+        if record.kind == "rejection":  # reasons are error codes and routes the proxy's own: both bounded
+            refusal = {"taskproxy.refusal.reason": row["reason"], "taskproxy.route": row["route"]}
+            self._refusals.add(row.get("count", 1), refusal)
+            return
         if record.kind != "event":
             return
-        row = record.row
         operation = OPERATIONS.get(row["route"])
         if operation is None:  # count_tokens, input_tokens: nothing generated
             return
