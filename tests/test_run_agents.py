@@ -70,7 +70,9 @@ def developer_env(server: ServerProcess, key: str, home: Path, **extra: str) -> 
 
 
 def taskproxy(*args: str, cwd: Path, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "taskproxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # stdin closed: `codex exec` otherwise waits on an open stdin and appends it to the prompt.
+    return subprocess.run([sys.executable, "-m", "taskproxy", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 # -- choosing the work item, and what each agent is given ------------------------------------------
@@ -196,7 +198,7 @@ def test_codex_with_its_built_in_provider_and_the_keys_binding(server: ServerPro
     subprocess.run([codex, "login", "--with-api-key"], input=key, env=env, cwd=repo, capture_output=True, text=True, check=True, timeout=60)
     since = len(upstream.received)
     done = subprocess.run([codex, "-c", f'openai_base_url="{server.url}/v1"', "exec", "--skip-git-repo-check", "-m", "fake-tool-codex",
-                           "Print a word with the shell."], env=env, cwd=repo, capture_output=True, text=True, timeout=180)  # fmt: skip
+                           "Print a word with the shell."], env=env, cwd=repo, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "Falling back from WebSockets" not in output, output[-3000:]

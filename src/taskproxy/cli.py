@@ -1,21 +1,22 @@
 """The `taskproxy` command: a thin shell over the functions the API uses.
 
 Admin commands (keys, items, report, db) work on the configured database directly. Developer
-commands (use, me, run, env) talk to a running proxy over HTTP with the developer's own key.
+commands (use, me, run, env: developer.py) talk to a running proxy over HTTP with the developer's own key.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskproxy import __version__
 from taskproxy.errors import ApiError, ConfigError, SchemaBehind, TrackerUnavailable
+from taskproxy.developer import cmd_env, cmd_me, cmd_run, cmd_use
 from taskproxy.launch import SHELLS
-from taskproxy.settings import DEFAULT_PROXY_URL, ClientSettings, Settings, load_settings
+from taskproxy.render import print_json
+from taskproxy.settings import DEFAULT_PROXY_URL, Settings, load_settings
 
 
 
@@ -29,10 +30,6 @@ def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     engine = make_engine(_settings(args).database_url)
     prepare_schema(engine)
     return engine
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
 
 
 # -- serve / demo / db ----------------------------------------------------------------------------
@@ -88,7 +85,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     key, token = issue_key(_engine(args), owner=args.owner, team=args.team, role=args.role)
     if args.json:
-        _print_json({**key_json(key), "key": token})
+        print_json({**key_json(key), "key": token})
     else:
         print(f"created {key.id} for {key.owner} (team {key.team or '-'}, role {key.role})")
         print(f"key: {token}")
@@ -103,7 +100,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
     keys = [key_json(k) for k in repo.list_keys(_engine(args))]
     if args.json:
-        _print_json(keys)
+        print_json(keys)
     else:
         columns = [("id", "id"), ("prefix", "key"), ("owner", "owner"), ("team", "team"), ("role", "role"), ("created_at", "created"), ("revoked_at", "revoked")]
         print(table(keys, columns))
@@ -140,7 +137,7 @@ def cmd_items_add(args: argparse.Namespace) -> int:
     fields = {"id": args.id, "title": args.title, "url": args.url, "team": args.team, "status": args.status}
     item = _work_items(args).register(fields, source="cli")
     if args.json:
-        _print_json(item_json(item))
+        print_json(item_json(item))
     else:
         print(f"added {item.id} ({item.status})")
     return 0
@@ -153,7 +150,7 @@ def cmd_items_list(args: argparse.Namespace) -> int:
 
     items = [item_json(i) for i in repo.list_work_items(_engine(args), status=args.status, team=args.team)]
     if args.json:
-        _print_json(items)
+        print_json(items)
     else:
         print(table(items, [("id", "id"), ("status", "status"), ("source", "source"), ("team", "team"), ("title", "title"), ("created_at", "created")]))
     return 0
@@ -169,7 +166,7 @@ def cmd_items_show(args: argparse.Namespace) -> int:
         print(f"taskproxy: no work item {item_id}", file=sys.stderr)
         return 1
     if args.json:
-        _print_json(summary)
+        print_json(summary)
         return 0
     for label, key in [("id", "id"), ("status", "status"), ("title", "title"), ("team", "team"), ("requests", "requests"),
                        ("prompt tokens", "prompt_tokens"), ("completion tokens", "completion_tokens"), ("cached tokens", "cached_tokens"),
@@ -209,7 +206,7 @@ def cmd_items_sync(args: argparse.Namespace) -> int:
     applied = (apply_delivery(engine, ids, d, now, rework_days=settings.reports.rework_days) for d in deliveries)
     changed = [dict(item, tracker=d.tracker) for d, result in zip(deliveries, applied, strict=True) for item in result["items"]]
     if args.json:
-        _print_json({"changed": changed, "notes": notes})
+        print_json({"changed": changed, "notes": notes})
         return 0
     for item in changed:
         linked = f", linked {', '.join(item['linked'])}" if item["linked"] else ""
@@ -229,7 +226,7 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
 
     view = tasks_view(_engine(args), args.since, None, args.limit)
     if args.json:
-        _print_json(view)
+        print_json(view)
         return 0
     print(tasks_table(view["tasks"]))
     if rejected := view["rejected_requests"]:
@@ -249,7 +246,7 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
         min_group_size=settings.privacy.min_group_size, stale_after_days=settings.reports.stale_after_days,
     )  # fmt: skip
     if args.json:
-        _print_json(report)
+        print_json(report)
     elif args.csv:
         sys.stdout.write(adoption_csv(report))
     else:
@@ -265,108 +262,9 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
     since, until = report_period(args.since, args.until)
     report = gaming_signals(_engine(args), since=since, until=until, thresholds=settings.signals)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         print(signals_text(report))
-    return 0
-
-
-# -- developer commands, over HTTP ----------------------------------------------------------------
-
-
-def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
-    import httpx
-
-    client = ClientSettings.load(url=args.url, key=args.key)
-    key, url = client.key, client.url
-    if not key:
-        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key")
-    try:
-        response = httpx.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"taskproxy: could not reach the proxy at {url} ({exc.__class__.__name__}); set --url or TASKPROXY_URL") from None
-    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-    if response.status_code >= 400:
-        error = data.get("error", {}) if isinstance(data, dict) else {}
-        raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', response.text[:200])}")
-    return data
-
-
-def cmd_use(args: argparse.Namespace) -> int:
-    if args.clear:
-        _developer_call(args, "DELETE", "/api/me/work-item")
-        print("cleared: requests without a work item are refused again")
-        return 0
-    if not args.work_item:
-        data = _developer_call(args, "GET", "/api/me/work-item")
-        print(f"bound to {data['work_item']} until {data['expires_at']}" if data["work_item"] else "no work item bound")
-        return 0
-    data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": args.work_item})
-    print(f"requests with no other work item now count for {data['work_item']} until {data['expires_at']}")
-    return 0
-
-
-def cmd_me(args: argparse.Namespace) -> int:
-    from taskproxy.money import format_usd as money
-    from taskproxy.render import table
-
-    data = _developer_call(args, "GET", "/api/me/usage")
-    if args.json:
-        _print_json(data)
-        return 0
-    print(f"{data['owner']} (team {data['team'] or '-'}), key {data['key_id']}; bound work item: {data['work_item'] or 'none'}\n")
-    rows = [{**r, "cost": money(r["cost_usd"])} for r in data["work_items"]]
-    print(table(rows, [("work_item", "work item"), ("requests", "requests"), ("total_tokens", "tokens"), ("cost", "cost (USD)"), ("last_used", "last used")]))
-    if data["rejected_requests"]:
-        print("\nrefused: " + ", ".join(f"{k} × {v}" for k, v in data["rejected_requests"].items()))
-    return 0
-
-
-def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ignore[no-untyped-def]
-    """The environment (and flags) that point `command` at the proxy with this run's work item."""
-    from urllib.parse import urlencode
-
-    from taskproxy import launch
-
-    client = ClientSettings.load(url=args.url, key=args.key)
-    if not client.key:
-        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key (an admin creates one with `taskproxy keys create`)")
-    branch = None if args.item else launch.current_branch()
-    query = urlencode({"item": args.item} if args.item else {"branch": branch or ""})
-    answer = _developer_call(args, "GET", f"/api/me/work-item?{query}")  # the proxy's patterns decide; also checks the key
-    choice = launch.choice_for_run(answer.get("run"), branch)
-    if choice is None:
-        on = f" (branch {branch!r} names none)" if branch else ""
-        raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
-    return launch.launch(command, client.url, client.key, choice), choice
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
-    command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
-    if not command:
-        raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
-    started, choice = _agent_launch(args, command)
-    if started.needs_binding:
-        data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
-        print(f"taskproxy: {command[0]} cannot send a work item header; your key is bound to {data['work_item']} "
-              f"until {data['expires_at']} (`taskproxy use --clear` ends it)", file=sys.stderr)  # fmt: skip
-    print(f"taskproxy: {command[0]} → {started.env['TASKPROXY_URL']}, {choice.describe()}", file=sys.stderr)
-    sys.stderr.flush()
-    try:
-        os.execvpe(started.args[0], started.args, {**os.environ, **started.env})
-    except OSError as exc:
-        raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: {exc.strerror}") from None
-    return 0  # pragma: no cover  (exec does not return)
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    from taskproxy.launch import exports
-
-    started, choice = _agent_launch(args, [])
-    print(f"# taskproxy: {choice.describe()}")
-    print(exports(started.env, args.shell), end="")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Plain-text tables and money for the CLI and the demo (no colours, safe to pipe)."""
+"""Plain-text tables, money and JSON for the CLI and the demo (no colours, safe to pipe)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,3 +59,9 @@ TASK_COLUMNS = [
 
 def tasks_table(tasks: Sequence[dict[str, Any]]) -> str:
     return table([{**t, "cost": format_usd(t["cost_usd"])} for t in tasks], TASK_COLUMNS)
+
+
+def print_json(value: Any) -> None:
+    """A command's `--json` output: indented, times and other values as their text."""
+    print(json.dumps(value, indent=2, default=str))
+

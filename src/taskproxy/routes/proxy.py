@@ -121,7 +121,7 @@ async def _send(request: Request, flow: ProxyFlow, endpoint: Endpoint, admitted:
         return await endpoint.translate(flow.translation, model, body, stream)
     body["model"] = model.target_model
     if changed or model.target_model != admitted.client_model:
-        content = await _encode(body, len(admitted.raw))
+        content = await encode_body(body, len(admitted.raw))
     else:
         content = admitted.raw
     api_key = model.api_key.get_secret_value() if model.api_key else None
@@ -131,7 +131,7 @@ async def _send(request: Request, flow: ProxyFlow, endpoint: Endpoint, admitted:
     return await flow.provider.send(ProviderRequest(model, url, headers, content, stream))
 
 
-async def _encode(body: dict, size: int) -> bytes:
+async def encode_body(body: dict, size: int) -> bytes:
     """JSON for the provider; a large body is encoded in a worker thread, off the event loop."""
     if size > DECODE_IN_THREAD_BYTES:
         return await anyio.to_thread.run_sync(orjson.dumps, body)

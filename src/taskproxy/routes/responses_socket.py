@@ -38,7 +38,7 @@ from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.admission import Admitted
 from taskproxy.routes.endpoint import Endpoint
-from taskproxy.routes.proxy import RETRIED_STATUSES, ProxyFlow
+from taskproxy.routes.proxy import RETRIED_STATUSES, ProxyFlow, encode_body
 from taskproxy.settings import ModelSettings
 from taskproxy.timeutil import utcnow
 from taskproxy.upstream import observe
@@ -52,29 +52,33 @@ TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplet
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
 
 
+def _as_items(value: object) -> list:
+    """A Responses `input` as a list of items (a string is one user message)."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else list(value or [])  # type: ignore[call-overload]
+
+
 @dataclass
 class Conversation:
     """The last request on this socket and what it produced, for a continuation by previous_response_id."""
 
     response_id: str | None = None
     items: list = field(default_factory=list)  # its whole input, then its output
+    size: int = 0  # about how many bytes `items` take as JSON: what an expanded request adds
 
-    def expand(self, body: dict) -> None:
-        """Send the provider the whole conversation when `body` continues the last response here."""
+    def expand(self, body: dict) -> int:
+        """Send the provider the whole conversation when `body` continues the last response here; the bytes it adds."""
         previous = body.get("previous_response_id")
         if previous is None or previous != self.response_id:
-            return
-        new = body.get("input")
-        new_items = [{"role": "user", "content": new}] if isinstance(new, str) else list(new or [])
-        body["input"] = [*self.items, *new_items]
+            return 0
+        body["input"] = [*self.items, *_as_items(body.get("input"))]
         del body["previous_response_id"]
+        return self.size
 
-    def remember(self, body: dict, response: dict) -> None:
-        sent = body.get("input")
-        sent_items = [{"role": "user", "content": sent}] if isinstance(sent, str) else list(sent or [])
+    def remember(self, body: dict, response: dict, size: int) -> None:
         output = response.get("output") if isinstance(response.get("output"), list) else []
         self.response_id = response.get("id") if isinstance(response.get("id"), str) else None
-        self.items = [*sent_items, *output] if self.response_id else []
+        self.items = [*_as_items(body.get("input")), *output] if self.response_id else []
+        self.size = size if self.response_id else 0
 
 
 async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
@@ -129,9 +133,9 @@ async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, he
         if kind != "response.create":
             raise InvalidRequest(f"taskproxy's Responses WebSocket takes 'response.create' messages, not {str(kind)[:60]!r}.", param="type")
         body = {k: v for k, v in message.items() if k not in NOT_FORWARDED}
-        conversation.expand(body)
+        added = conversation.expand(body)
         body["stream"] = True
-        raw = await anyio.to_thread.run_sync(orjson.dumps, body) if len(raw) > DECODE_IN_THREAD_BYTES else orjson.dumps(body)
+        raw = await encode_body(body, len(raw) + added)
         if len(raw) > flow.settings.limits.max_body_bytes:
             raise RequestTooLarge(f"The conversation is larger than {flow.settings.limits.max_body_bytes} bytes (limits.max_body_bytes).")
         admitted = await flow.admission.admit_message(_for_message(headers, body), raw, body, endpoint)
@@ -162,7 +166,7 @@ async def _prewarm(websocket: WebSocket, admitted: Admitted, conversation: Conve
                 "model": admitted.client_model or admitted.model.name, "output": [],
                 "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
                           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}}  # fmt: skip
-    conversation.remember(admitted.body, response)
+    conversation.remember(admitted.body, response, len(admitted.raw))
     await _send(websocket, orjson.dumps({"type": "response.created", "sequence_number": 0, "response": {**response, "status": "in_progress"}}))
     await _send(websocket, orjson.dumps({"type": "response.completed", "sequence_number": 1, "response": response}))
 
@@ -181,7 +185,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
         )  # fmt: skip
         more = number < len(chain)
         try:
-            reply = await _post(flow, websocket.headers, body, model)
+            reply = await _post(flow, websocket.headers, body, len(admitted.raw), model)
         except ApiError as exc:
             attempt.record_once(status=exc.status, error=exc.code)
             if more and exc.status in RETRIED_STATUSES:
@@ -196,13 +200,13 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
             if more and reply.status in RETRIED_STATUSES:
                 continue
             return
-        await _relay(websocket, attempt, reply, model, body, conversation)
+        await _relay(websocket, attempt, reply, model, body, len(admitted.raw), conversation)
         return
 
 
-async def _post(flow: ProxyFlow, client_headers: Headers, body: dict, model: ModelSettings) -> ProviderReply:
+async def _post(flow: ProxyFlow, client_headers: Headers, body: dict, size: int, model: ModelSettings) -> ProviderReply:
     body["model"] = model.target_model
-    content = await anyio.to_thread.run_sync(orjson.dumps, body)
+    content = await encode_body(body, size)
     api_key = model.api_key.get_secret_value() if model.api_key else None
     headers = [(name, value) for name, value in upstream_headers(client_headers, api_key) if not name.startswith(b"sec-websocket-")
                and not (name == b"openai-beta" and b"websocket" in value)]  # fmt: skip
@@ -230,7 +234,9 @@ async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply,
     await _send(websocket, orjson.dumps({"type": "error", "status": reply.status if reply.status >= 400 else 502, "error": error}))
 
 
-async def _relay(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, model: ModelSettings, body: dict, conversation: Conversation) -> None:
+async def _relay(
+    websocket: WebSocket, attempt: Attempt, reply: ProviderReply, model: ModelSettings, body: dict, size: int, conversation: Conversation
+) -> None:
     """The provider's events, one message each; usage is metered as it passes and recorded once."""
     capture, exchange, meter = Capture(), attempt.exchange, attempt.meter
     exchange.answered = True
@@ -274,13 +280,13 @@ async def _relay(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, m
         await _send(websocket, socket_error(cut))
     attempt.record_once(status=200, error=error, first_byte=first_byte)
     if last:
-        await _remember(conversation, body, last)
+        await _remember(conversation, body, last, size)
 
 
-async def _remember(conversation: Conversation, body: dict, terminal: bytes) -> None:
+async def _remember(conversation: Conversation, body: dict, terminal: bytes, sent: int) -> None:
     event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
     if isinstance(event, dict) and isinstance(event.get("response"), dict):
-        conversation.remember(body, event["response"])
+        conversation.remember(body, event["response"], sent + len(terminal))
 
 
 async def _send(websocket: WebSocket, data: bytes) -> None:

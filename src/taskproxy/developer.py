@@ -1,0 +1,110 @@
+"""The developer commands, over HTTP with the developer's own key: `use`, `me`, `run`, `env`.
+
+They talk to a running proxy (`--url`/$TASKPROXY_URL, `--key`/$TASKPROXY_API_KEY or $OPENAI_API_KEY),
+never to its database; cli.py builds their parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from taskproxy.render import print_json
+from taskproxy.settings import ClientSettings
+
+def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+    import httpx
+
+    client = ClientSettings.load(url=args.url, key=args.key)
+    key, url = client.key, client.url
+    if not key:
+        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key")
+    try:
+        response = httpx.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"taskproxy: could not reach the proxy at {url} ({exc.__class__.__name__}); set --url or TASKPROXY_URL") from None
+    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code >= 400:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', response.text[:200])}")
+    return data
+
+
+def cmd_use(args: argparse.Namespace) -> int:
+    if args.clear:
+        _developer_call(args, "DELETE", "/api/me/work-item")
+        print("cleared: requests without a work item are refused again")
+        return 0
+    if not args.work_item:
+        data = _developer_call(args, "GET", "/api/me/work-item")
+        print(f"bound to {data['work_item']} until {data['expires_at']}" if data["work_item"] else "no work item bound")
+        return 0
+    data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": args.work_item})
+    print(f"requests with no other work item now count for {data['work_item']} until {data['expires_at']}")
+    return 0
+
+
+def cmd_me(args: argparse.Namespace) -> int:
+    from taskproxy.money import format_usd as money
+    from taskproxy.render import table
+
+    data = _developer_call(args, "GET", "/api/me/usage")
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"{data['owner']} (team {data['team'] or '-'}), key {data['key_id']}; bound work item: {data['work_item'] or 'none'}\n")
+    rows = [{**r, "cost": money(r["cost_usd"])} for r in data["work_items"]]
+    print(table(rows, [("work_item", "work item"), ("requests", "requests"), ("total_tokens", "tokens"), ("cost", "cost (USD)"), ("last_used", "last used")]))
+    if data["rejected_requests"]:
+        print("\nrefused: " + ", ".join(f"{k} × {v}" for k, v in data["rejected_requests"].items()))
+    return 0
+
+
+def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ignore[no-untyped-def]
+    """The environment (and flags) that point `command` at the proxy with this run's work item."""
+    from urllib.parse import urlencode
+
+    from taskproxy import launch
+
+    client = ClientSettings.load(url=args.url, key=args.key)
+    if not client.key:
+        raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key (an admin creates one with `taskproxy keys create`)")
+    branch = None if args.item else launch.current_branch()
+    query = urlencode({"item": args.item} if args.item else {"branch": branch or ""})
+    answer = _developer_call(args, "GET", f"/api/me/work-item?{query}")  # the proxy's patterns decide; also checks the key
+    choice = launch.choice_for_run(answer.get("run"), branch)
+    if choice is None:
+        on = f" (branch {branch!r} names none)" if branch else ""
+        raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
+    return launch.launch(command, client.url, client.key, choice), choice
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
+    if not command:
+        raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
+    started, choice = _agent_launch(args, command)
+    if started.needs_binding:
+        data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
+        print(f"taskproxy: {command[0]} cannot send a work item header; your key is bound to {data['work_item']} "
+              f"until {data['expires_at']} (`taskproxy use --clear` ends it)", file=sys.stderr)  # fmt: skip
+    print(f"taskproxy: {command[0]} → {started.env['TASKPROXY_URL']}, {choice.describe()}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        os.execvpe(started.args[0], started.args, {**os.environ, **started.env})
+    except OSError as exc:
+        raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: {exc.strerror}") from None
+    return 0  # pragma: no cover  (exec does not return)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from taskproxy.launch import exports
+
+    started, choice = _agent_launch(args, [])
+    print(f"# taskproxy: {choice.describe()}")
+    print(exports(started.env, args.shell), end="")
+    return 0
