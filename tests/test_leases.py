@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import anyio
 import pytest
 
 from conftest import postgres_schema
@@ -112,6 +113,14 @@ async def test_a_replica_that_stops_gives_back_what_it_was_granted_and_did_not_s
                                       headers={"authorization": f"Bearer {key}", "X-Work-Item": "BACK-1"})  # fmt: skip
         assert reply.status_code == 200
         spent = reply.json()["usage"]["total_tokens"]
+        # The first request went on credit while the slice was fetched in the background: stop once it was granted.
+        engine = make_engine(settings.database_url)
+        for _ in range(100):
+            with engine.connect() as connection:
+                if connection.execute(select(Lease.granted).where(Lease.scope == "item:BACK-1")).scalar() is not None:
+                    break
+            await anyio.sleep(0.05)
+        engine.dispose()
     engine = make_engine(settings.database_url)
     with engine.connect() as connection:
         held = connection.execute(select(Lease.granted).where(Lease.scope == "item:BACK-1")).scalar_one()
