@@ -22,6 +22,9 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from taskproxy import registry
+from taskproxy.settings import DEFAULT_ID_PATTERNS
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size
+from taskproxy.workitems import WorkItemIds
 from taskproxy.guard.auth import issue_key, revoke
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
@@ -44,6 +47,10 @@ PRICES: dict[str, Price | None] = {
     "local-llama": None,  # no known price
 }
 REASONS = ("work_item_required", "rate_limited", "budget_exceeded", "forbidden")
+REWORK_DAYS = 14.0
+# Lines changed on and around the default size bands' bounds (50, 200, 1000), and story points.
+EDGE_LINES = (0, 1, 50, 51, 200, 201, 1000, 1001)
+POINTS = (0.5, 1, 2, 3, 5, 8, 13)
 
 
 @dataclass
@@ -72,6 +79,9 @@ class Item:
     registered: str = "transition"  # transition | auto (by the writer, unverified) | none
     changes: list[Change] = field(default_factory=list)
     linked: list[str] = field(default_factory=list)  # merged PRs that came out of it
+    sizes: list[Size] = field(default_factory=list)  # as the tracker reported them, in order
+    reverted_at: datetime | None = None  # a revert of this merged PR was merged then (within REWORK_DAYS)
+    reverts: str | None = None  # a revert: the pull request it undoes
 
     @property
     def status(self) -> str:
@@ -251,6 +261,53 @@ class _Builder:
             item = Item(f"LEGAL-{n + 1}", "legal", "legal", "web", SINCE + timedelta(days=2))
             self.lifecycle(item, [(item.created_at, "open")] + ([(item.created_at + timedelta(days=1), status)] if status == "done" else []))
 
+    # -- size and rework ----------------------------------------------------------------------------
+
+    def sizes_and_reverts(self, rng: random.Random) -> None:
+        """Sizes as trackers report them (some reported twice: the latest holds), and merged pull
+        requests reverted within `REWORK_DAYS` of their merge or later (not rework). Reopened items
+        are rework already: their lifecycles reopen them."""
+        for item in list(self.items.values()):
+            if item.registered != "transition" or not item.changes:
+                continue
+            first = item.changes[0].at
+            if item.kind == "pr":
+                self.size(item, Size(lines_added=rng.randint(0, 900), lines_deleted=rng.randint(0, 400), files_changed=rng.randint(1, 30)), first)
+                if rng.random() < 0.2:  # pushed again: the size changes
+                    self.size(item, Size(lines_added=rng.choice(EDGE_LINES), lines_deleted=0), first + timedelta(minutes=30))
+            elif item.kind in ("done", "noteam", "closed", "reopened", "ticket", "edge"):
+                roll = rng.random()
+                if roll < 0.45:
+                    self.size(item, Size(points=rng.choice(POINTS)), first, source="jira")
+                elif roll < 0.6:  # lines known for a ticket too (from its merge request): lines win over points
+                    self.size(item, Size(lines_added=rng.choice(EDGE_LINES), lines_deleted=rng.choice((0, 0, 7)), points=rng.choice(POINTS)), first)
+        ids = WorkItemIds(DEFAULT_ID_PATTERNS)
+        merged = [i for i in self.items.values() if i.kind == "pr" and i.status == "done"]
+        doubled = False
+        for n, pr in enumerate(merged):
+            if rng.random() >= 0.6:
+                continue
+            merged_at = pr.completed_at
+            assert merged_at is not None
+            late = rng.random() < 0.25
+            days = rng.uniform(REWORK_DAYS + 0.5, REWORK_DAYS + 10) if late else rng.uniform(0.05, REWORK_DAYS - 0.1)
+            at = (merged_at + timedelta(days=days)).replace(microsecond=0)
+            twice, doubled = not late and not doubled, doubled or not late
+            for again in range(2 if twice else 1):  # the first reverted in time is reverted twice: the first revert is the rework
+                revert = Item(f"acme/{pr.home}#{9000 + 10 * n + again}", None, "revert", None, at - timedelta(hours=1))
+                revert.reverts = pr.id
+                update = ItemUpdate(revert.id, "done", at=at, created_at=revert.created_at, merged=True, title=f"Revert {pr.id}", reverts=pr.id)
+                registry.apply_delivery(self.engine, ids, Delivery("github", self.uid(), "pull_request", [update]), at, rework_days=REWORK_DAYS)
+                revert.changes.append(Change(at, None, "done", "github"))
+                self.items[revert.id] = revert
+                if pr.reverted_at is None and not late:
+                    pr.reverted_at = at
+                at += timedelta(hours=2)
+
+    def size(self, item: Item, size: Size, at: datetime, *, source: str = "github") -> None:
+        registry.record_size(self.engine, item.id, size, source=source, at=at)
+        item.sizes.append(size)
+
     # -- usage ------------------------------------------------------------------------------------
 
     def event(self, item: Item, ts: datetime, key: Key, model: str, status: int = 200) -> None:
@@ -311,6 +368,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
     builder.edges()
     builder.usage()
     refused = builder.rejections(rejections)
+    builder.sizes_and_reverts(random.Random(seed + 1))  # a generator of its own: the rest stays as it was
 
     counter = TokenCounter()
     exchanges = (

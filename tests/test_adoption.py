@@ -9,6 +9,7 @@ never with the report module's helpers or SQL, and compared with what the report
 from __future__ import annotations
 
 import contextlib
+import re
 
 import csv
 import io
@@ -33,6 +34,7 @@ from taskproxy.reports.adoption import adoption_report, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
 from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.settings import SizeBands
 from taskproxy.timeutil import iso, parse_time, utcnow
 
 SECOND = timedelta(seconds=1)
@@ -60,8 +62,10 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 class Expected:
     """The report's definitions, applied to the generator's records with plain loops."""
 
-    def __init__(self, org: Org, since: datetime, until: datetime, *, min_group: int = MIN_GROUP, stale_days: float = STALE_DAYS) -> None:
-        self.org, self.since, self.until, self.min_group = org, since, until, min_group
+    def __init__(
+        self, org: Org, since: datetime, until: datetime, *, min_group: int = MIN_GROUP, stale_days: float = STALE_DAYS, size_bands: SizeBands | None = None
+    ) -> None:
+        self.org, self.since, self.until, self.min_group, self.size_bands = org, since, until, min_group, size_bands
         self.stale_before = until - timedelta(days=stale_days)
         self.stale_days = stale_days
 
@@ -100,12 +104,49 @@ class Expected:
     def completed(self, item: Item) -> bool:
         return item.status == "done" and self.in_period(item.completed_at)
 
+    # -- size and rework, from the records
+
+    @staticmethod
+    def rework(item: Item) -> tuple[datetime, str] | None:
+        """The first rework: a revert within REWORK_DAYS, or the first reopening after done."""
+        marks = [(item.reverted_at, "reverted")] if item.reverted_at else []
+        marks += [(c.at, "reopened") for c in item.changes if c.before == "done" and c.after not in ("done", "closed")][:1]
+        return min(marks) if marks else None
+
+    def reworked_before_until(self, item: Item) -> bool:
+        mark = self.rework(item)
+        return mark is not None and mark[0] < self.until
+
+    def delivered(self, item: Item) -> bool:
+        """Completed in the period, or completed in it and reopened since."""
+        mark = self.rework(item)
+        if mark is not None and mark[1] == "reopened":
+            undone = [c.at for c in item.changes if c.after == "done" and c.at <= mark[0]][-1]
+            if self.in_period(undone):
+                return True
+        return self.completed(item)
+
+    @staticmethod
+    def size(item: Item) -> tuple[str, float] | None:
+        """("lines", added + deleted) when a report said lines, else ("points", points), from the latest of each field."""
+        latest: dict[str, Any] = {}
+        for size in item.sizes:
+            latest |= {k: v for k, v in vars(size).items() if v is not None}
+        if "lines_added" in latest or "lines_deleted" in latest:
+            return "lines", latest.get("lines_added", 0) + latest.get("lines_deleted", 0)
+        if "points" in latest:
+            return "points", latest["points"]
+        return None
+
     def assisted(self, item: Item) -> bool:
         return any(e.status < 400 for e in self.events(item))
 
     def without_outcome(self, item: Item) -> str | None:
+        if self.reworked_before_until(item):
+            return "reworked"
         for pr_id in item.linked:
-            if self.status_at_until(self.org.items[pr_id]) == "done":
+            pr = self.org.items[pr_id]
+            if self.status_at_until(pr) == "done" and not self.reworked_before_until(pr):
                 return None
         status = self.status_at_until(item)
         if status in ("closed", "unverified"):
@@ -117,7 +158,7 @@ class Expected:
     def relevant(self) -> list[Item]:
         return [
             i for i in self.org.items.values()
-            if self.exists(i) and (self.completed(i) or any(self.in_period(e.ts) for e in self.events(i)))
+            if self.exists(i) and (self.delivered(i) or any(self.in_period(e.ts) for e in self.events(i)))
         ]  # fmt: skip
 
     def people(self) -> dict[str, int]:
@@ -147,7 +188,7 @@ class Expected:
                     cost_by_model.setdefault(event.model, None)
                 else:
                     cost_by_model[event.model] = (cost_by_model.get(event.model) or 0.0) + event.cost
-        without = {"closed": 0.0, "unverified": 0.0, "stale_open": 0.0}
+        without = {"closed": 0.0, "unverified": 0.0, "stale_open": 0.0, "reworked": 0.0}
         after = 0.0
         for item in items:
             kind = self.without_outcome(item)
@@ -171,7 +212,11 @@ class Expected:
             "completed_items": len(completed),
             "ai_assisted_items": len(assisted),
             "ai_assisted_share": len(assisted) / len(completed) if completed else None,
-            "cost_per_completed_item": {**spread(costs), "total": sum(costs), "by_model": cost_by_model, "unpriced_items": unpriced},
+            "cost_per_completed_item": {**spread(costs), "total": sum(costs), "by_model": cost_by_model, "unpriced_items": unpriced,
+                                        "excluding_reworked": self.excluding_reworked(assisted)},
+            "cost_by_size": self.by_size(assisted),
+            "cost_per_100_changed_lines": self.per_100_lines(assisted),
+            "rework": self.rework_figures([i for i in items if self.delivered(i)]),
             "tokens_per_completed_item": {**spread(tokens), "total": sum(tokens), "by_model": dict(tokens_by_model)},
             "spend_without_outcome_usd": sum(without.values()),
             "spend_without_outcome_breakdown": without,
@@ -179,6 +224,64 @@ class Expected:
             "cycle_time_hours": {"ai_assisted": cycle(assisted), "other": cycle(others)},
             "rejected_requests": dict(rejected),
         }
+
+    def cost(self, item: Item) -> float | None:
+        known = [e.cost for e in self.events(item) if e.cost is not None]
+        return sum(known) if known else None
+
+    def excluding_reworked(self, assisted: list[Item]) -> dict[str, Any]:
+        costs = [c for i in assisted if self.rework(i) is None and (c := self.cost(i)) is not None]
+        return {**spread(costs), "total": sum(costs), "items": len(costs)}
+
+    def bands(self) -> list[tuple[str, str, float | None, float | None]]:
+        if self.size_bands is None:  # the defaults, spelled out
+            return [("lines", "lines <=50", None, 50), ("lines", "lines 51-200", 50, 200), ("lines", "lines 201-1000", 200, 1000),
+                    ("lines", "lines >1000", 1000, None), ("points", "points <=1", None, 1), ("points", "points >1-3", 1, 3),
+                    ("points", "points >3-8", 3, 8), ("points", "points >8", 8, None), ("unsized", "unsized", None, None)]  # fmt: skip
+        found: list[tuple[str, str, float | None, float | None]] = []
+        for basis, bounds in (("lines", self.size_bands.lines), ("points", self.size_bands.points)):
+            if not bounds:
+                found.append((basis, f"{basis}: all", None, None))
+                continue
+            found.append((basis, f"{basis} <={bounds[0]:g}", None, bounds[0]))
+            for low, high in zip(bounds, bounds[1:]):
+                found.append((basis, f"lines {low + 1:g}-{high:g}" if basis == "lines" else f"points >{low:g}-{high:g}", low, high))
+            found.append((basis, f"{basis} >{bounds[-1]:g}", bounds[-1], None))
+        return found + [("unsized", "unsized", None, None)]
+
+    def by_size(self, assisted: list[Item]) -> list[dict[str, Any]]:
+        bands = self.bands()
+        found = []
+        for basis, label, above, up_to in bands:
+            members = []
+            for item in assisted:
+                size = self.size(item)
+                if basis == "unsized":
+                    if size is None:
+                        members.append(item)
+                elif size is not None and size[0] == basis and (above is None or size[1] > above) and (up_to is None or size[1] <= up_to):
+                    members.append(item)
+            costs = [c for c in map(self.cost, members) if c is not None]
+            found.append({"basis": basis, "label": label, "above": above, "up_to": up_to, "items": len(members), **spread(costs),
+                          "total": sum(costs), "unpriced_items": len(members) - len(costs)})  # fmt: skip
+        return found
+
+    def per_100_lines(self, assisted: list[Item]) -> dict[str, Any]:
+        cost = lines = items = 0
+        for item in assisted:
+            size, item_cost = self.size(item), self.cost(item)
+            if size is not None and size[0] == "lines" and size[1] > 0 and item_cost is not None:
+                cost, lines, items = cost + item_cost, lines + size[1], items + 1
+        return {"usd": 100 * cost / lines if lines else None, "items": items, "lines": lines}
+
+    def rework_figures(self, delivered: list[Item]) -> dict[str, Any]:
+        def rate(group: list[Item]) -> dict[str, Any]:
+            reworked = len([i for i in group if self.rework(i)])
+            return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
+
+        reasons = Counter(mark[1] for i in delivered if (mark := self.rework(i)))
+        return {"ai_assisted": rate([i for i in delivered if self.assisted(i)]), "other": rate([i for i in delivered if not self.assisted(i)]),
+                "by_reason": {"reverted": reasons["reverted"], "reopened": reasons["reopened"]}}  # fmt: skip
 
     def report(self, team: str | None = None) -> dict[str, Any]:
         items = self.relevant()
@@ -253,6 +356,21 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     assert any(expect.team_of(i) != i.team for i in expect.relevant())  # teams found from the spending
     assert any(i.linked and expect.without_outcome(i) is None and expect.status_at_until(i) == "in_progress" for i in org.items.values())
     assert any(i.registered == "auto" and i.changes for i in org.items.values())  # unverified at until, moved on later
+    # Size and rework: both reasons among the period's completions, AI-assisted or not; reopened items
+    # not done again; a ticket whose merged PR was reverted; reverts too late to be rework, or a second one.
+    delivered = [i for i in expect.relevant() if expect.delivered(i)]
+    marks = {(expect.rework(i) or (None, None))[1] for i in delivered}
+    assert {"reverted", "reopened", None} <= marks
+    assert any(expect.rework(i) and expect.assisted(i) for i in delivered) and any(expect.rework(i) and not expect.assisted(i) for i in delivered)
+    assert any(not expect.completed(i) for i in delivered)
+    assert any(any(expect.status_at_until(org.items[p]) == "done" and expect.reworked_before_until(org.items[p]) for p in i.linked)
+               for i in expect.relevant())  # fmt: skip
+    reverts = [i for i in org.items.values() if i.reverts]
+    assert any(r.changes[0].at - org.items[r.reverts].completed_at > timedelta(days=14) and not org.items[r.reverts].reverted_at for r in reverts)
+    assert 2 in Counter(r.reverts for r in reverts).values()
+    sizes = [expect.size(i) for i in completed if expect.assisted(i)]
+    assert {("lines", 50), ("lines", 51)} & set(sizes) and any(s and s[0] == "points" for s in sizes) and None in sizes
+    assert any(len(i.sizes) > 1 for i in org.items.values())  # reported twice: the latest holds
 
 
 def test_report_equals_the_independent_computation(world: tuple[Any, Org, Path]) -> None:
@@ -271,18 +389,22 @@ def test_report_equals_the_independent_computation(world: tuple[Any, Org, Path])
 
 
 @pytest.mark.parametrize(
-    ("since", "until", "stale_days", "min_group"),
+    ("since", "until", "stale_days", "min_group", "bands"),
     [
-        (T0, END + timedelta(days=1), 14.0, 5),  # everything
-        (T0 + timedelta(days=21), T0 + timedelta(days=28), 3.0, 6),  # one week; platform becomes too small
-        (SINCE - SECOND, UNTIL + SECOND, STALE_DAYS, MIN_GROUP),  # the boundary items come in
-        (SINCE + SECOND, UNTIL - SECOND, STALE_DAYS, MIN_GROUP),  # ... and go out
+        (T0, END + timedelta(days=1), 14.0, 5, None),  # everything
+        (T0 + timedelta(days=21), T0 + timedelta(days=28), 3.0, 6, None),  # one week; platform becomes too small
+        (SINCE - SECOND, UNTIL + SECOND, STALE_DAYS, MIN_GROUP, None),  # the boundary items come in
+        (SINCE + SECOND, UNTIL - SECOND, STALE_DAYS, MIN_GROUP, None),  # ... and go out
+        (SINCE, UNTIL, STALE_DAYS, MIN_GROUP, SizeBands(lines=(1, 500), points=())),  # other bands; one band for all points
+        (T0 + timedelta(days=30), END + timedelta(days=30), STALE_DAYS, MIN_GROUP, SizeBands(lines=(), points=(2.5,))),  # after most reworks
     ],
 )
-def test_other_periods_and_settings(world: tuple[Any, Org, Path], since: datetime, until: datetime, stale_days: float, min_group: int) -> None:
+def test_other_periods_and_settings(
+    world: tuple[Any, Org, Path], since: datetime, until: datetime, stale_days: float, min_group: int, bands: SizeBands | None
+) -> None:
     engine, org, _ = world
-    report = adoption_report(engine, since=since, until=until, min_group_size=min_group, stale_after_days=stale_days)
-    assert_close(report, Expected(org, since, until, min_group=min_group, stale_days=stale_days).report())
+    report = adoption_report(engine, since=since, until=until, min_group_size=min_group, stale_after_days=stale_days, size_bands=bands)
+    assert_close(report, Expected(org, since, until, min_group=min_group, stale_days=stale_days, size_bands=bands).report())
     if min_group == 6:
         assert figures_of(report, "platform")["withheld"] is True
 
@@ -321,16 +443,26 @@ def test_team_filter_covers_only_that_team(world: tuple[Any, Org, Path]) -> None
             assert report["overall"] == {k: v for k, v in figures_of(full, team).items() if k != "team"}
 
 
+FIRST_COLUMNS = (
+    "scope", "team", "completed_items", "ai_assisted_items", "ai_assisted_share", "cost_per_item_median", "cost_per_item_p90", "cost_total",
+    "tokens_per_item_median", "tokens_per_item_p90", "tokens_total", "spend_without_outcome_usd", "spend_after_completion_usd",
+    "cycle_time_ai_assisted_hours", "cycle_time_other_hours", "rejected_requests_total", "withheld",
+)  # fmt: skip
+
+
 def test_csv_parses_back_to_the_json_figures(world: tuple[Any, Org, Path]) -> None:
     engine, _, _ = world
     report = adoption_report(engine, since=SINCE, until=UNTIL, stale_after_days=STALE_DAYS)
-    rows = list(csv.DictReader(io.StringIO(adoption_csv(report))))
-    assert tuple(rows[0]) == CSV_COLUMNS
+    every = list(csv.DictReader(io.StringIO(adoption_csv(report))))
+    assert tuple(every[0]) == CSV_COLUMNS
+    assert CSV_COLUMNS[:CSV_COLUMNS.index("withheld") + 1] == FIRST_COLUMNS  # columns added later come after: positions hold
+    rows = [r for r in every if not r["scope"].endswith("_size_band")]
     assert [(r["scope"], r["team"]) for r in rows] == [("overall", "")] + [("team", t["team"]) for t in report["teams"]]
     for row, figures in zip(rows, [report["overall"], *report["teams"]], strict=True):
         if figures.get("withheld"):
-            assert row["withheld"] == "true" and all(row[c] == "" for c in CSV_COLUMNS[2:-1])
+            assert row["withheld"] == "true" and all(row[c] == "" for c in CSV_COLUMNS if c not in ("scope", "team", "withheld"))
             continue
+        rework = figures["rework"]
         expected = {
             "completed_items": figures["completed_items"],
             "ai_assisted_items": figures["ai_assisted_items"],
@@ -346,10 +478,29 @@ def test_csv_parses_back_to_the_json_figures(world: tuple[Any, Org, Path]) -> No
             "cycle_time_ai_assisted_hours": figures["cycle_time_hours"]["ai_assisted"],
             "cycle_time_other_hours": figures["cycle_time_hours"]["other"],
             "rejected_requests_total": sum(figures["rejected_requests"].values()),
+            "cost_per_item_median_excluding_reworked": figures["cost_per_completed_item"]["excluding_reworked"]["median"],
+            "cost_per_100_changed_lines": figures["cost_per_100_changed_lines"]["usd"],
+            "rework_rate_ai_assisted": rework["ai_assisted"]["rate"],
+            "rework_rate_other": rework["other"]["rate"],
+            "reworked_items": rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
+            "spend_without_outcome_reworked_usd": figures["spend_without_outcome_breakdown"]["reworked"],
         }
-        assert row["withheld"] == "false"
+        assert row["withheld"] == "false" and row["size_band"] == ""
+        assert set(expected) | {"scope", "team", "size_band", "withheld"} == set(CSV_COLUMNS)
         for column, value in expected.items():
             assert (float(row[column]) if row[column] != "" else None) == (None if value is None else pytest.approx(value, rel=1e-12)), column
+
+    # Then the size bands of every scope shown, in the report's order; withheld teams have none.
+    bands = [r for r in every if r["scope"].endswith("_size_band")]
+    shown = [("overall", "", report["overall"])] + [("team", t["team"], t) for t in report["teams"] if not t.get("withheld")]
+    expected_bands = [(f"{scope}_size_band", team, band) for scope, team, figures in shown for band in figures["cost_by_size"]]
+    assert len(bands) == len(expected_bands) == 9 * len(shown)
+    for row, (scope, team, band) in zip(bands, expected_bands, strict=True):
+        assert (row["scope"], row["team"], row["size_band"]) == (scope, team, band["label"])
+        assert int(row["ai_assisted_items"]) == band["items"]
+        for column, name in (("cost_per_item_median", "median"), ("cost_per_item_p90", "p90"), ("cost_total", "total")):
+            assert (float(row[column]) if row[column] else None) == (None if band[name] is None else pytest.approx(band[name], rel=1e-12))
+        assert row["completed_items"] == row["spend_without_outcome_usd"] == ""
 
 
 def test_csv_of_a_filtered_report_and_of_awkward_names() -> None:
@@ -364,12 +515,19 @@ def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
     report = adoption_report(engine, since=SINCE, until=UNTIL, stale_after_days=STALE_DAYS)
     lines = adoption_text(report).splitlines()
     assert lines[0].startswith(f"adoption {iso(SINCE)} .. {iso(UNTIL)}")
-    by_scope = {line.split()[0]: line for line in lines[4:]}
-    assert set(by_scope) == {"overall", "data", "legal", "mobile", "platform", "web"}
+    by_scope = {line.split()[0]: line for line in lines[4:10]}
+    assert set(by_scope) == {"overall", "data", "legal", "mobile", "platform", "web"} and lines[10] == ""
+    rework = report["overall"]["rework"]
+    assert lines[11].startswith(f"rework: {rework['ai_assisted']['reworked']} of {rework['ai_assisted']['items']} AI-assisted and ")
+    bands = lines[-9:]
+    assert [line.split("  ")[0] for line in bands] == [band["label"] for band in report["overall"]["cost_by_size"]]
+    assert [int(re.split(r"\s{2,}", line)[1]) for line in bands] == [band["items"] for band in report["overall"]["cost_by_size"]]
     assert "fewer than 5 people" in by_scope["mobile"] and str(report["overall"]["completed_items"]) in by_scope["overall"]
     assert not any(key.owner in line for line in lines for key in org.keys)
     filtered = adoption_text(adoption_report(engine, since=SINCE, until=UNTIL, team="web")).splitlines()
-    assert len(filtered) == 5 and filtered[4].startswith("team web")
+    assert filtered[4].startswith("team web") and filtered[5] == "" and filtered[6].startswith("rework: ")
+    small = adoption_text(adoption_report(engine, since=SINCE, until=UNTIL, team="mobile")).splitlines()
+    assert len(small) == 5 and "fewer than 5 people" in small[4]  # withheld: no rework, no bands
 
 
 def test_percentiles_interpolate_like_numpy_linear() -> None:

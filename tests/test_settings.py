@@ -97,6 +97,8 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
          "config error: models[0].api_key_env: environment variable NOT_SET_ANYWHERE is not set"),
         ({"limits": {"max_body_bytes": -1}}, "config error: limits.max_body_bytes: Input should be greater than 0"),
         ({"models": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]}, "models[1].name: 'a' is configured twice"),
+        ({"reports": {"size_bands": {"lines": [200, 50]}}}, "reports.size_bands.lines: the bounds must be non-negative and strictly increasing"),
+        ({"reports": {"size_bands": {"points": [-1]}}}, "reports.size_bands.points: the bounds must be"),
     ],
 )  # fmt: skip
 def test_bad_config_fails_with_one_line_naming_the_key(document: dict, message: str) -> None:

@@ -235,16 +235,13 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
-    from taskproxy.reports.adoption import adoption_report
+    from taskproxy.reports.adoption import adoption_options, adoption_report
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
     from taskproxy.timeutil import report_period
 
     settings = _settings(args)
     since, until = report_period(args.since, args.until)
-    report = adoption_report(
-        _engine(args), since=since, until=until, team=args.team,
-        min_group_size=settings.privacy.min_group_size, stale_after_days=settings.reports.stale_after_days,
-    )  # fmt: skip
+    report = adoption_report(_engine(args), since=since, until=until, team=args.team, **adoption_options(settings))
     if args.json:
         print_json(report)
     elif args.csv:

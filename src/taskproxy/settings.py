@@ -192,11 +192,28 @@ class PrivacySettings(_Frozen):
     min_group_size: int = Field(default=5, ge=1)
 
 
+class SizeBands(_Frozen):
+    """The adoption report's size bands: each list holds the bands' upper bounds (inclusive), in
+    increasing order; above the last bound is one more band. An empty list is one band for all."""
+
+    lines: tuple[int, ...] = (50, 200, 1000)  # lines changed (added + deleted) of a pull request
+    points: tuple[float, ...] = (1, 3, 8)  # story points (Jira) or estimate (Linear) of a ticket
+
+    @field_validator("lines", "points")
+    @classmethod
+    def _increasing(cls, bounds: tuple[float, ...]) -> tuple[float, ...]:
+        if any(b < 0 for b in bounds) or any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError("the bounds must be non-negative and strictly increasing, e.g. [50, 200, 1000]")
+        return bounds
+
+
 class ReportSettings(_Frozen):
     # An item still open this many days after it was created counts as spend without outcome.
     stale_after_days: float = Field(default=14.0, gt=0)
     # A merged PR reverted within this many days of its merge is rework (marked on the item).
     rework_days: float = Field(default=14.0, gt=0)
+    # Bands of the adoption report's cost per completed item by size.
+    size_bands: SizeBands = Field(default_factory=SizeBands)
 
 
 class TelemetrySettings(_Frozen):

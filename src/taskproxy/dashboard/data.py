@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy import privacy
-from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
 from taskproxy.records import event_json
@@ -24,11 +24,6 @@ WEEKS = 12  # weeks in the cost-per-completed-item chart
 TOP_ITEMS = 10  # rows of "most expensive work items"
 RECENT_EVENTS = 20  # rows of "your recent requests"
 MAX_CHART_DAYS = 90  # days in a work item's usage chart (its table lists them all)
-
-
-def report_options(settings: Settings) -> dict[str, Any]:
-    """The adoption report's options exactly as `GET /api/reports/adoption` passes them."""
-    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": settings.reports.stale_after_days}
 
 
 def week_windows(until: datetime, weeks: int = WEEKS) -> list[tuple[datetime, datetime]]:
@@ -48,7 +43,7 @@ def weekly_figures(engine: Engine, settings: Settings, until: datetime, weeks: i
     """Per week: the adoption report's overall completed items and cost per completed item."""
     rows = []
     for since, end in week_windows(until, weeks):
-        overall = adoption_report(engine, since=since, until=end, **report_options(settings))["overall"]
+        overall = adoption_report(engine, since=since, until=end, **adoption_options(settings))["overall"]
         cost = overall["cost_per_completed_item"]
         rows.append(
             {
@@ -80,7 +75,7 @@ class Overview:
 
 
 def overview(engine: Engine, settings: Settings, since: datetime, until: datetime) -> Overview:
-    report = adoption_report(engine, since=since, until=until, **report_options(settings))
+    report = adoption_report(engine, since=since, until=until, **adoption_options(settings))
     weeks = weekly_figures(engine, settings, until)
     top = tasks_report(engine, since, until, TOP_ITEMS)
     names = titles(engine, [t["work_item"] for t in top])

@@ -18,11 +18,31 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   the cost median and p90 and counted in `cost_per_completed_item.unpriced_items`. `by_model` sums
   the same items' events per model (the model the client asked for); a model none of whose events on
   those items has a known price shows null.
-- `spend_without_outcome_usd`: spend (events with `ts` in the period) on items whose status *as of
-  `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
-  `stale_after_days` before `until` — except tickets with a `work_item_links` row whose linked item (the
-  merged PR) was `done` as of `until`. Split in `spend_without_outcome_breakdown`
-  (`closed`, `unverified`, `stale_open`). The status as of `until` is the target of the last recorded
+- **Reworked**: an item with `reworked_at` set — a merged PR reverted within `reports.rework_days` of
+  its merge (`rework_reason` `reverted`), or an item reopened after done (`reopened`). Only the first
+  rework of an item is recorded. The marks are set when the deliveries arrive (registry.py).
+- `excluding_reworked` (in `cost_per_completed_item`): `{"median", "p90", "total", "items"}` over the
+  AI-assisted completed items that are not reworked (as known now) and have a known cost.
+- `cost_by_size`: the AI-assisted completed items by size band, each `{"basis", "label", "above",
+  "up_to", "items", "median", "p90", "total", "unpriced_items"}` (cost figures as above). An item's
+  size is its lines changed (`lines_added` + `lines_deleted`, either known) if the tracker sent lines,
+  else its `points` (story points, estimate), else it is `unsized`. Bands come from
+  `reports.size_bands` (`lines`, `points`: increasing upper bounds); a band holds sizes > `above`
+  and <= `up_to` (null: unbounded). Every band is listed, empty or not, lines first, `unsized` last.
+- `cost_per_100_changed_lines`: `{"usd", "items", "lines"}`: 100 × the summed cost / the summed lines
+  changed, over the AI-assisted completed items with more than 0 lines changed and a known cost (pull
+  requests, in practice). A ratio of sums, so a one-line PR cannot dominate it; null with no lines.
+- `rework`: `{"ai_assisted", "other"}` each `{"items", "reworked", "rate"}`, and `by_reason`
+  `{"reverted", "reopened"}`, over the items **completed in the period** plus the items reopened after
+  a completion in the period (their last change to `done` before `reworked_at` is in the period), whether
+  or not they were done again. AI-assisted as above. `rate` = reworked / items (null with no items).
+  Rework counts as known when the report is run: a past month's rate rises as its work is reverted.
+- `spend_without_outcome_usd`: spend (events with `ts` in the period) on items reworked before `until`
+  (`reworked`), and on the other items whose status *as of `until`* is `closed`, `unverified`, or
+  `open`/`in_progress` with `created_at` more than `stale_after_days` before `until` — except tickets
+  with a `work_item_links` row whose linked item (the merged PR) was `done`, and not reworked, as of
+  `until`. Split in `spend_without_outcome_breakdown`
+  (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the target of the last recorded
   change before `until`; when no change was recorded before `until`, the origin of the first change
   after it, or — if there is none (the item was registered later, or never changed) — the current status.
 - `spend_after_completion_usd`: spend (events with `ts` in the period) on items whose current status
@@ -38,7 +58,7 @@ Privacy: a team's figures are shown only if it has at least `min_group_size` peo
 owners of its non-revoked keys, service keys not counted); otherwise the team appears as `{"team", "withheld": true, "reason"}` with
 no figure at all, and with a `team=` filter on such a team `overall` is withheld too. The report never
 names owners or keys and has no per-person figure. Teams listed: every team of a non-revoked key, plus
-the team of every item with usage in the period or completed in it, sorted by name.
+the team of every item with usage in the period, or completed (or reopened after completion) in it, sorted by name.
 
 Queries aggregate in SQL (per work item, per model), reading spend from the usage rollups
 (`adoption_data.py`, `storage/rollup.py`); only those aggregates and the work items the period touched,
@@ -60,9 +80,11 @@ from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
+from taskproxy.settings import SizeBands, Settings
 from taskproxy.timeutil import iso, rounded_hours
 
-WITHOUT_OUTCOME = ("closed", "unverified", "stale_open")
+WITHOUT_OUTCOME = ("closed", "unverified", "stale_open", "reworked")
+REWORK_REASONS = ("reverted", "reopened")
 OPEN_STATUSES = ("open", "in_progress")
 
 
@@ -80,11 +102,9 @@ def quantile(values: Iterable[float], q: float) -> float | None:
 # -- the figures of one scope ---------------------------------------------------------------------
 
 
-def _completed_in(item: _Item, since: datetime, until: datetime) -> bool:
-    return item.status == "done" and item.completed_at is not None and since <= item.completed_at < until
-
-
 def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) -> str | None:
+    if item.reworked_before(until):
+        return "reworked"
     if item.merged_pr:
         return None
     status = item.status_at_until
@@ -95,38 +115,91 @@ def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) 
     return None
 
 
-def _per_item(values: list[float]) -> dict[str, Any]:
-    return {"median": quantile(values, 0.5), "p90": quantile(values, 0.9)}
+def _item_cost(item: _Item) -> int | None:
+    """All the item's known spend, nano-USD; None when none of its events has a known price."""
+    known = [cost for _, _, cost, _ in item.by_model.values() if cost is not None]
+    return sum(known) if known else None
+
+
+def _cost_figures(costs: list[int]) -> dict[str, Any]:
+    return {"median": usd(quantile(costs, 0.5)), "p90": usd(quantile(costs, 0.9)), "total": usd(sum(costs))}
+
+
+def _bands(bounds: tuple[float, ...], basis: str) -> list[tuple[str, float | None, float | None]]:
+    """(label, above, up_to) of each band: up to the first bound, between bounds, above the last."""
+    number = (lambda b: f"{b:g}") if basis == "points" else (lambda b: str(int(b)))
+    edges: list[float | None] = [None, *bounds, None]
+    found = []
+    for above, up_to in zip(edges, edges[1:]):
+        if above is None and up_to is None:
+            label = f"{basis}: all"
+        elif above is None:
+            label = f"{basis} <={number(up_to)}"  # type: ignore[arg-type]
+        elif up_to is None:
+            label = f"{basis} >{number(above)}"
+        elif basis == "lines":
+            label = f"lines {int(above) + 1}-{number(up_to)}"
+        else:
+            label = f"points >{number(above)}-{number(up_to)}"
+        found.append((label, above, up_to))
+    return found
+
+
+def _by_size(assisted: list[_Item], bands: SizeBands) -> list[dict[str, Any]]:
+    """Cost per completed item per size band, over the AI-assisted completed items."""
+    table = [("lines", *band) for band in _bands(bands.lines, "lines")] + [("points", *band) for band in _bands(bands.points, "points")]
+    members: dict[int, list[_Item]] = defaultdict(list)
+    for item in assisted:
+        basis, size = ("lines", item.lines) if item.lines is not None else ("points", item.points)
+        if size is None:
+            members[len(table)].append(item)
+            continue
+        members[next(n for n, (b, _, above, up_to) in enumerate(table)
+                     if b == basis and (above is None or size > above) and (up_to is None or size <= up_to))].append(item)  # fmt: skip
+    found = []
+    for n, (basis, label, above, up_to) in enumerate([*table, ("unsized", "unsized", None, None)]):
+        costs = [c for c in map(_item_cost, members[n]) if c is not None]
+        entry = {"basis": basis, "label": label, "above": above, "up_to": up_to, "items": len(members[n])}
+        found.append({**entry, **_cost_figures(costs), "unpriced_items": len(members[n]) - len(costs)})
+    return found
+
+
+def _per_100_lines(assisted: list[_Item]) -> dict[str, Any]:
+    sized = [(cost, item.lines) for item in assisted if item.lines and (cost := _item_cost(item)) is not None]
+    lines = sum(n for _, n in sized)
+    return {"usd": usd(100 * sum(c for c, _ in sized) / lines) if lines else None, "items": len(sized), "lines": lines}
+
+
+def _rework(delivered: list[_Item]) -> dict[str, Any]:
+    def rate(group: list[_Item]) -> dict[str, Any]:
+        reworked = sum(1 for i in group if i.reworked_at is not None)
+        return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
+
+    reasons = {reason: sum(1 for i in delivered if i.rework_reason == reason) for reason in REWORK_REASONS}
+    return {"ai_assisted": rate([i for i in delivered if i.ai_assisted]), "other": rate([i for i in delivered if not i.ai_assisted]),
+            "by_reason": reasons}  # fmt: skip
 
 
 def _figures(
-    items: list[_Item], rejected: dict[str, int], *, since: datetime, until: datetime, stale_after: timedelta
+    items: list[_Item], rejected: dict[str, int], *, since: datetime, until: datetime, stale_after: timedelta, bands: SizeBands
 ) -> dict[str, Any]:
-    completed = [i for i in items if _completed_in(i, since, until)]
-    assisted = [i for i in completed if any(ok for _, ok, _, _ in i.by_model.values())]
-    assisted_ids = {i.id for i in assisted}
-    other = [i for i in completed if i.id not in assisted_ids]
+    completed = [i for i in items if i.completed_in(since, until)]
+    assisted = [i for i in completed if i.ai_assisted]
+    other = [i for i in completed if not i.ai_assisted]
 
-    costs: list[int] = []  # nano-USD
-    unpriced = 0
     tokens: list[float] = []
     cost_by_model: dict[str, int | None] = {}
     tokens_by_model: dict[str, int] = defaultdict(int)
     for item in assisted:
-        item_cost: int | None = None
         for model, (_, _, cost, model_tokens) in item.by_model.items():
             tokens_by_model[model] += model_tokens
             if cost is not None:
-                item_cost = (item_cost or 0) + cost
                 cost_by_model[model] = (cost_by_model.get(model) or 0) + cost
             else:
                 cost_by_model.setdefault(model, None)
         tokens.append(float(sum(t for _, _, _, t in item.by_model.values())))
-        if item_cost is None:
-            unpriced += 1
-        else:
-            costs.append(item_cost)
-    cost_figures = _per_item(costs)
+    costs = [c for c in map(_item_cost, assisted) if c is not None]
+    held = [c for c in map(_item_cost, (i for i in assisted if i.reworked_at is None)) if c is not None]
 
     without = dict.fromkeys(WITHOUT_OUTCOME, 0)
     after = 0
@@ -146,17 +219,20 @@ def _figures(
         "ai_assisted_items": len(assisted),
         "ai_assisted_share": len(assisted) / len(completed) if completed else None,
         "cost_per_completed_item": {
-            "median": usd(cost_figures["median"]),
-            "p90": usd(cost_figures["p90"]),
-            "total": usd(sum(costs)),
+            **_cost_figures(costs),
             "by_model": {m: usd(v) for m, v in sorted(cost_by_model.items())},
-            "unpriced_items": unpriced,
+            "unpriced_items": len(assisted) - len(costs),
+            "excluding_reworked": {**_cost_figures(held), "items": len(held)},
         },
         "tokens_per_completed_item": {
-            **_per_item(tokens),
+            "median": quantile(tokens, 0.5),
+            "p90": quantile(tokens, 0.9),
             "total": int(sum(tokens)),
             "by_model": dict(sorted(tokens_by_model.items())),
         },
+        "cost_by_size": _by_size(assisted, bands),
+        "cost_per_100_changed_lines": _per_100_lines(assisted),
+        "rework": _rework([i for i in items if i.delivered_in(since, until)]),
         "spend_without_outcome_usd": usd(sum(without.values())),
         "spend_without_outcome_breakdown": {k: usd(v) for k, v in without.items()},
         "spend_after_completion_usd": usd(after),
@@ -168,6 +244,13 @@ def _figures(
 # -- the report -----------------------------------------------------------------------------------
 
 
+def adoption_options(settings: Settings) -> dict[str, Any]:
+    """The report's options from the settings: what the route, the CLI and the dashboard pass."""
+    reports = settings.reports
+    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": reports.stale_after_days, "size_bands": reports.size_bands}
+
+
+
 def adoption_report(
     engine: Engine,
     *,
@@ -176,6 +259,7 @@ def adoption_report(
     team: str | None = None,
     min_group_size: int = 5,
     stale_after_days: float = 14.0,
+    size_bands: SizeBands | None = None,
 ) -> dict[str, Any]:
     """The adoption report for [since, until), overall and per team (see the module docstring)."""
     if since >= until:
@@ -187,7 +271,8 @@ def adoption_report(
         rejections = data.rejections(connection, since, until)
 
     stale_after = timedelta(days=stale_after_days)
-    relevant = [i for i in items.values() if i.period_events or _completed_in(i, since, until)]
+    options = {"since": since, "until": until, "stale_after": stale_after, "bands": size_bands or SizeBands()}
+    relevant = [i for i in items.values() if i.period_events or i.delivered_in(since, until)]
     by_team: dict[str | None, list[_Item]] = defaultdict(list)
     for item in relevant:
         by_team[item.team].append(item)
@@ -201,14 +286,14 @@ def adoption_report(
         if not privacy.shown(people.get(name, 0), min_group_size):
             return privacy.withheld(name, min_group_size)
         rejected = dict(rejected_by_team.get(name, {}))
-        return {"team": name, **_figures(by_team.get(name, []), rejected, since=since, until=until, stale_after=stale_after)}
+        return {"team": name, **_figures(by_team.get(name, []), rejected, **options)}
 
     if team is not None:
         entry = figures_of(team)
         overall = {k: v for k, v in entry.items() if k != "team"}
         teams = [entry]
     else:
-        overall = _figures(relevant, dict(rejected_all), since=since, until=until, stale_after=stale_after)
+        overall = _figures(relevant, dict(rejected_all), **options)
         names = set(people) | {t for t in by_team if t is not None}
         teams = [figures_of(name) for name in sorted(names)]
     return {
@@ -220,6 +305,3 @@ def adoption_report(
         "overall": overall,
         "teams": teams,
     }
-
-
-# -- CSV ------------------------------------------------------------------------------------------

@@ -44,13 +44,35 @@ class Item:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     status_at_until: str = "unverified"
-    # All-time, per model: (events, events below 400, cost in nano-USD or None, total tokens) — completed items only.
+    # All-time, per model: (events, events below 400, cost in nano-USD or None, total tokens) — items
+    # completed in the period, or reopened after a completion in it, only.
     by_model: dict[str, tuple[int, int, int | None, int]] = field(default_factory=dict)
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
-    merged_pr: bool = False  # a linked item was done as of `until`
+    merged_pr: bool = False  # a linked item was done, and not reworked, as of `until`
+    lines: int | None = None  # lines changed (added + deleted), when the tracker said
+    points: float | None = None  # story points or estimate, when the tracker said
+    reworked_at: datetime | None = None  # the first rework: reverted after merge, or reopened after done
+    rework_reason: str | None = None
+    reopened_completion: datetime | None = None  # the completion a reopening undid (reopened items only)
 
+    def reworked_before(self, moment: datetime) -> bool:
+        return self.reworked_at is not None and self.reworked_at < moment
+
+    def completed_in(self, since: datetime, until: datetime) -> bool:
+        """Completed in the period (adoption.py): status done, completed_at in it."""
+        return self.status == "done" and self.completed_at is not None and since <= self.completed_at < until
+
+    def delivered_in(self, since: datetime, until: datetime) -> bool:
+        """Completed in the period, or completed in it and reopened since (adoption.py, rework)."""
+        reopened = self.reopened_completion
+        return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
+
+    @property
+    def ai_assisted(self) -> bool:
+        """At least one event of the item (all time) below status 400."""
+        return any(ok for _, ok, _, _ in self.by_model.values())
 
 
 def load(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
@@ -60,8 +82,14 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     items = _period_spend(connection, since, until)
     for item_id in connection.execute(_completed_ids(since, until)).scalars():
         items.setdefault(item_id, Item(item_id))
+    reopened = _reopened_completions(connection, since, until)
+    for item_id in reopened:
+        items.setdefault(item_id, Item(item_id))
     _load_rows(connection, items, sorted(items))
     _load_completed(connection, items, since, until)
+    _load_usage(connection, items, sorted(set(reopened) - {i for i, item in items.items() if item.by_model}))
+    for item_id, completion in reopened.items():
+        items[item_id].reopened_completion = completion
     targets = _load_links(connection, items)
     linked_ids = {target for linked in targets.values() for target in linked}
     _load_rows(connection, items, sorted(linked_ids - set(items)))
@@ -69,7 +97,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     for ticket, linked in targets.items():
         for target in linked:
             item = items.get(target)
-            if item is not None and item.status_at_until == "done":
+            if item is not None and item.status_at_until == "done" and not item.reworked_before(until):
                 items[ticket].merged_pr = True
     return items
 
@@ -87,18 +115,42 @@ def _chunks(ids: list[str]) -> Iterator[list[str]]:
 def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
     """Fill in the registered items among `ids`; an id without a row stays `unverified`."""
     for chunk in _chunks(ids):
-        query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at).where(_W.id.in_(chunk))
+        query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at, _W.lines_added, _W.lines_deleted, _W.points,
+                       _W.reworked_at, _W.rework_reason).where(_W.id.in_(chunk))  # fmt: skip
         for r in connection.execute(query):
             item = items.setdefault(r.id, Item(r.id))
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = r.team, r.status, r.created_at, r.completed_at, r.status
+            item.lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
+            item.points, item.reworked_at, item.rework_reason = r.points, r.reworked_at, r.rework_reason
+
+
+def _reopened_completions(connection: Connection, since: datetime, until: datetime) -> dict[str, datetime]:
+    """The items reopened after a completion in the period: {item: that completion} (the last change
+    to done before the reopening). Read by the index on `reworked_at`, which is never before it."""
+    reopened = select(_W.id, _W.reworked_at).where(_W.rework_reason == "reopened", _W.reworked_at >= since)
+    reopened_at = {row.id: row.reworked_at for row in connection.execute(reopened)}
+    found: dict[str, datetime] = {}
+    for chunk in _chunks(sorted(reopened_at)):
+        query = select(_C.work_item, _C.ts).where(_C.work_item.in_(chunk), _C.to_status == "done").order_by(_C.work_item, _C.ts)
+        for row in connection.execute(query):
+            if row.ts <= reopened_at[row.work_item]:
+                found[row.work_item] = row.ts
+    return {item_id: ts for item_id, ts in found.items() if since <= ts < until}
 
 
 def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
-    found = rollup.totals(
-        connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"),
-        where=lambda c: [c.work_item.in_(_completed_ids(since, until))],
-    )  # fmt: skip
+    _fill_usage(connection, items, lambda c: [c.work_item.in_(_completed_ids(since, until))])
+
+
+def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
+    """All-time usage per model of the items `ids`."""
+    for chunk in _chunks(ids):
+        _fill_usage(connection, items, lambda c, ids=chunk: [c.work_item.in_(ids)])
+
+
+def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
+    found = rollup.totals(connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"), where=where)
     for (work_item, model), row in found.items():
         item = items.get(work_item)
         if item is not None:
@@ -150,10 +202,9 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
 
 def assign_teams(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """Items without a team take the team that spent the most on them (all time; see adoption.py).
-    (Call after `load`: the items concerned are those used or completed in the period.)"""
+    (Call after `load`: the items concerned are those used, completed or reopened in the period.)"""
     teamless = sorted(
-        item.id for item in items.values() if item.team is None and (item.period_events or (
-            item.status == "done" and item.completed_at is not None and since <= item.completed_at < until))
+        item.id for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))
     )  # fmt: skip
     found: dict[tuple, dict[str, Any]] = {}
     for chunk in _chunks(teamless):

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 CSV_COLUMNS = (
-    "scope",
+    "scope",  # overall | team | overall_size_band | team_size_band
     "team",
     "completed_items",
     "ai_assisted_items",
@@ -24,11 +24,15 @@ CSV_COLUMNS = (
     "cycle_time_other_hours",
     "rejected_requests_total",
     "withheld",
+    # Added with size and rework: after the earlier columns, so that a sheet reading by position still works.
+    "size_band",  # size band rows: the band's label (their other figures: ai_assisted_items and the cost columns)
+    "cost_per_item_median_excluding_reworked",
+    "cost_per_100_changed_lines",
+    "rework_rate_ai_assisted",
+    "rework_rate_other",
+    "reworked_items",
+    "spend_without_outcome_reworked_usd",
 )
-
-
-# -- arithmetic -----------------------------------------------------------------------------------
-
 
 
 def _cell(value: Any) -> Any:
@@ -48,8 +52,9 @@ def _text(value: str | None) -> str:
 
 def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]:
     if figures.get("withheld"):
-        return [scope, _text(team), *([""] * (len(CSV_COLUMNS) - 3)), "true"]
+        return [{"scope": scope, "team": _text(team), "withheld": "true"}.get(column, "") for column in CSV_COLUMNS]
     cost, tokens, cycle = figures["cost_per_completed_item"], figures["tokens_per_completed_item"], figures["cycle_time_hours"]
+    rework = figures["rework"]
     values = [
         figures["completed_items"],
         figures["ai_assisted_items"],
@@ -66,28 +71,54 @@ def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]
         cycle["other"],
         sum(figures["rejected_requests"].values()),
         False,
+        None,
+        cost["excluding_reworked"]["median"],
+        figures["cost_per_100_changed_lines"]["usd"],
+        rework["ai_assisted"]["rate"],
+        rework["other"]["rate"],
+        rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
+        figures["spend_without_outcome_breakdown"]["reworked"],
     ]
     return [scope, _text(team), *(_cell(v) for v in values)]
 
 
+def _band_rows(scope: str, team: str | None, figures: dict[str, Any]) -> list[list[Any]]:
+    if figures.get("withheld"):
+        return []
+    filled = {"ai_assisted_items": "items", "cost_per_item_median": "median", "cost_per_item_p90": "p90", "cost_total": "total"}
+    rows = []
+    for band in figures["cost_by_size"]:
+        cells = {"scope": f"{scope}_size_band", "team": _text(team), "size_band": band["label"], "withheld": "false"}
+        cells |= {column: _cell(band[name]) for column, name in filled.items()}
+        rows.append([cells.get(column, "") for column in CSV_COLUMNS])
+    return rows
+
+
 def adoption_csv(report: dict[str, Any]) -> str:
-    """The report as CSV: a header, one row for `overall`, one per team."""
+    """The report as CSV: a header, one row for `overall`, one per team, then the size bands of each
+    (`overall_size_band`, `team_size_band` rows; withheld teams have none)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     writer.writerow(_csv_row("overall", report.get("team"), report["overall"]))
     for entry in report["teams"]:
         writer.writerow(_csv_row("team", entry["team"], entry))
+    writer.writerows(_band_rows("overall", report.get("team"), report["overall"]))
+    for entry in report["teams"]:
+        writer.writerows(_band_rows("team", entry["team"], entry))
     return out.getvalue()
-
-
-# -- one work item --------------------------------------------------------------------------------
 
 
 def adoption_text(report: dict[str, Any]) -> str:
     """The report as a plain-text table, one line for `overall` and one per team."""
     from taskproxy.money import format_usd as money
     from taskproxy.render import table
+
+    def price(value: float | None) -> str:
+        return "-" if value is None else money(value)
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
 
     def row(scope: str, figures: dict[str, Any]) -> dict[str, Any]:
         if figures.get("withheld"):
@@ -98,13 +129,14 @@ def adoption_text(report: dict[str, Any]) -> str:
             "scope": scope,
             "completed": figures["completed_items"],
             "assisted": figures["ai_assisted_items"],
-            "share": None if share is None else f"{share:.0%}",
-            "median": None if cost["median"] is None else money(cost["median"]),
-            "p90": None if cost["p90"] is None else money(cost["p90"]),
+            "share": None if share is None else percent(share),
+            "median": price(cost["median"]),
+            "p90": price(cost["p90"]),
             "total": money(cost["total"]),
             "without": money(figures["spend_without_outcome_usd"]),
             "after": money(figures["spend_after_completion_usd"]),
             "cycle": " / ".join("-" if h is None else f"{h:.1f}h" for h in (cycle["ai_assisted"], cycle["other"])),
+            "rework": " / ".join(percent(r["rate"]) for r in (figures["rework"]["ai_assisted"], figures["rework"]["other"])),
             "rejected": sum(figures["rejected_requests"].values()),
         }
 
@@ -122,8 +154,26 @@ def adoption_text(report: dict[str, Any]) -> str:
         ("total", "cost total"),
         ("without", "no outcome"),
         ("after", "after done"),
+        ("rework", "rework AI / other"),
         ("cycle", "cycle AI / other"),
         ("rejected", "rejected"),
     ]
     header = f"adoption {report['since']} .. {report['until']} (teams under {report['min_group_size']} people withheld)"
-    return header + "\n\n" + table(rows, columns)
+    text = header + "\n\n" + table(rows, columns)
+    figures = report["overall"]
+    if figures.get("withheld"):
+        return text
+    bands = [{"band": b["label"], "items": b["items"], "median": price(b["median"]), "p90": price(b["p90"]), "total": money(b["total"])}
+             for b in figures["cost_by_size"]]  # fmt: skip
+    band_columns = [("band", "size"), ("items", "AI-assisted items"), ("median", "cost/item median"), ("p90", "p90"), ("total", "cost total")]
+    rework, per_lines = figures["rework"], figures["cost_per_100_changed_lines"]
+    held = figures["cost_per_completed_item"]["excluding_reworked"]
+    notes = [
+        f"rework: {rework['ai_assisted']['reworked']} of {rework['ai_assisted']['items']} AI-assisted and {rework['other']['reworked']} of "
+        f"{rework['other']['items']} other items completed in the period (reopened ones included) did not hold: "
+        f"{rework['by_reason']['reverted']} reverted, {rework['by_reason']['reopened']} reopened",
+        f"spend on reworked items in the period, counted as no outcome: {money(figures['spend_without_outcome_breakdown']['reworked'])}",
+        f"cost/item median without the reworked items: {price(held['median'])} over {held['items']} items",
+        f"cost per 100 changed lines: {price(per_lines['usd'])} over {per_lines['items']} items with a line count ({per_lines['lines']} lines)",
+    ]
+    return text + "\n\n" + "\n".join(notes) + "\n\n" + table(bands, band_columns)

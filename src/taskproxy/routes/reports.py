@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.routes.common import JSON, admin, in_thread, time_param
 from taskproxy.timeutil import report_period
@@ -32,8 +32,7 @@ async def _report(request: Request) -> dict[str, Any]:
         since=since,
         until=until,
         team=team,
-        min_group_size=settings.privacy.min_group_size,
-        stale_after_days=settings.reports.stale_after_days,
+        **adoption_options(settings),
     )
 
 

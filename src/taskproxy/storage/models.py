@@ -51,7 +51,7 @@ class WorkItem(SQLModel, table=True):
     files_changed: int | None = None
     points: float | None = None
     # Completed work that did not hold: a merged PR reverted within reports.rework_days, or an item reopened after done.
-    reworked_at: datetime | None = Field(default=None, sa_type=DateTime())
+    reworked_at: datetime | None = Field(default=None, sa_type=DateTime(), index=True)
     rework_reason: str | None = Field(default=None, max_length=16)  # reverted | reopened
     rework_by: str | None = Field(default=None, max_length=200)  # the reverting PR, or the delivery that reopened it
 
