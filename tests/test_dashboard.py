@@ -534,7 +534,23 @@ def test_overview_of_a_generated_organisation(browser: Any, site: Site, tmp_path
             assert rows.last.get_attribute("data-until") == UNTIL.isoformat() + ".000Z"  # a Monday: the last week ends there
             assert page.locator("svg#weekly-cost rect.bar").count() == sum(m is not None for m in medians) >= 4
             assert "withheld: fewer than 5 people" in page.locator('#teams-table tr[data-team="mobile"]').inner_text()
-            assert page.locator('#teams-table tr[data-team="platform"] td').count() == 7  # exactly at the floor: shown
+            assert page.locator('#teams-table tr[data-team="platform"] td').count() == 8  # exactly at the floor: shown
+            # Size bands and rework: the report's figures for the page's period.
+            shown = adoption_report(engine, since=parse_time("2026-01-12T00:00:00Z"), until=UNTIL, min_group_size=MIN_GROUP,
+                                    stale_after_days=10.0)["overall"]  # fmt: skip
+            bands = page.locator("#size-table tbody tr")
+            assert bands.count() == len(shown["cost_by_size"]) == 9
+            for index, band in enumerate(shown["cost_by_size"]):
+                cells = [text.strip() for text in bands.nth(index).locator("td").all_text_contents()]
+                assert bands.nth(index).get_attribute("data-band") == band["label"]
+                assert cells == [fmt.number(band["items"]), fmt.money(band["median"]), fmt.money(band["p90"]), fmt.money(band["total"])]
+            assert sum(band["items"] for band in shown["cost_by_size"]) == shown["ai_assisted_items"]
+            rework = shown["rework"]
+            assert rework["ai_assisted"]["reworked"] + rework["other"]["reworked"] > 0
+            assert _figure(page, "rework_rate_ai") == fmt.share(rework["ai_assisted"]["rate"])
+            assert _figure(page, "rework_rate_other") == fmt.share(rework["other"]["rate"])
+            assert _figure(page, "cost_median_held") == fmt.money(shown["cost_per_completed_item"]["excluding_reworked"]["median"])
+            assert _figure(page, "cost_per_100_lines") == fmt.money(shown["cost_per_100_changed_lines"]["usd"])
             shutil.copyfile(_shot(page, site, "overview-generated-org"), OVERVIEW_ORG_COPY)
     finally:
         engine.dispose()

@@ -198,7 +198,8 @@ async def overview(request: Request, session: Session) -> Response:
         fmt=fmt.money,
     )
     context = {"nav": "overview", "report": view.report, "weeks": view.weeks, "top_items": view.top_items, "chart": chart,
-               "since": since, "until": until, "periods": PERIODS, "min_group_size": settings.privacy.min_group_size}  # fmt: skip
+               "since": since, "until": until, "periods": PERIODS, "min_group_size": settings.privacy.min_group_size,
+               "rework_days": settings.reports.rework_days}  # fmt: skip
     return render(request, "overview.html", context, session=session)
 
 
