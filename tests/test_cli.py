@@ -68,6 +68,11 @@ def test_demo_runs_offline_and_prints_the_per_task_report() -> None:
     assert "acme/web#42 done, linked to PAY-101" in out and "PAY-117 → closed" in out
     overall = re.search(r"^overall\s+(\d+)\s+(\d+)\s+(\d+)%", out, re.MULTILINE)
     assert overall and overall.groups() == ("1", "1", "100"), out
+    # Rework: PAY-120 was done and reopened; the merged PR's 150 changed lines put it in the 51-200 band.
+    assert "PAY-120 → done, then reopened by QA: rework (reopened)" in out
+    assert re.search(r"^overall\s.*\s50% / -\s", out, re.MULTILINE), out
+    assert "1 of 2 AI-assisted and 0 of 0 other items completed in the period (reopened ones included) did not hold: 0 reverted, 1 reopened" in out
+    assert re.search(r"^lines 51-200\s+1\s+\$", out, re.MULTILINE) and "over 1 items with a line count (150 lines)" in out, out
     assert re.search(r"^repeated_prompt\s+key_\w+ \(sam, team payments\): 25 answered requests", out, re.MULTILINE), out
     assert "items: PAY-130" in out and "dana" not in out.split("8. Gaming signals")[1]  # the honest user is not flagged
 

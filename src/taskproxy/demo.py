@@ -4,7 +4,8 @@ A fake provider and the real proxy are served on 127.0.0.1; the official `openai
 attributed requests (by header, body metadata, git branch and key binding, streaming too), an
 Anthropic Messages request follows, and one unattributed request is refused. The per-task report is
 read back from the proxy's API. Then work completes (a signed GitHub webhook merges a pull request
-whose branch names a ticket; another ticket is closed without completion), a script sends the same
+whose branch names a ticket; another ticket is closed without completion, a third is done and
+reopened), a script sends the same
 prompt over and over, and the adoption report (spend read against completed work) and the gaming
 signal, with its evidence, are read back too. `--serve` keeps the proxy and its dashboard running.
 """
@@ -145,6 +146,10 @@ def _outcomes(proxy_url: str, admin_key: str, github_secret: str, say: Callable[
     say(f"   webhook → {merged['status']}: {merged['items'][0]['id']} done, linked to {', '.join(merged['items'][0]['linked'])}")
     admin.post("/api/work-items/PAY-117/close")
     say("   PAY-117 → closed (no outcome)")
+    admin.post("/api/work-items/PAY-120/complete")
+    admin.patch("/api/work-items/PAY-120", json={"status": "in_progress"})
+    rework = admin.get("/api/work-items/PAY-120").json()["rework"]
+    say(f"   PAY-120 → done, then reopened by QA: rework ({rework['reason']}), its spend no longer counts as an outcome")
 
     sam = admin.post("/api/keys", json={"owner": "sam", "team": "payments", "role": "developer"}).json()["key"]
     looping = openai.OpenAI(api_key=sam, base_url=f"{proxy_url}/v1", max_retries=0)
@@ -159,7 +164,8 @@ def _outcomes(proxy_url: str, admin_key: str, github_secret: str, say: Callable[
     say(adoption_text(adoption))
     overall = adoption["overall"]
     say(f"\n   cost per completed item (median): {money(overall['cost_per_completed_item']['median'] or 0)}; spend that produced "
-        f"nothing completed: {money(overall['spend_without_outcome_usd'])}")  # fmt: skip
+        f"nothing completed: {money(overall['spend_without_outcome_usd'])}, of which on reworked work "
+        f"{money(overall['spend_without_outcome_breakdown']['reworked'])}")  # fmt: skip
     signals = admin.get("/api/reports/signals").json()
     say("\n8. Gaming signals (taskproxy report signals): evidence for a person to look at, not a verdict.\n")
     say(signals_text(signals))
@@ -174,10 +180,10 @@ def _iso(at: datetime) -> str:
 
 
 def _github_merge(admin: httpx.Client, secret: str, repo: str, number: int, *, branch: str, title: str) -> dict:
-    """A `pull_request` `closed` delivery with `merged: true`, signed as GitHub signs it."""
+    """A `pull_request` `closed` delivery with `merged: true` and its size, signed as GitHub signs it."""
     now = datetime.now(UTC)
     pr = {"number": number, "title": title, "state": "closed", "merged": True, "html_url": f"https://github.com/{repo}/pull/{number}",
-          "created_at": _iso(now - timedelta(hours=26)), "merged_at": _iso(now),
+          "created_at": _iso(now - timedelta(hours=26)), "merged_at": _iso(now), "additions": 120, "deletions": 30, "changed_files": 4,
           "head": {"ref": branch}, "base": {"ref": "main"}}  # fmt: skip
     body = json.dumps({"action": "closed", "number": number, "pull_request": pr, "repository": {"full_name": repo}}).encode()
     signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
