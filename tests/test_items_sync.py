@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import respx
 import yaml
@@ -68,6 +69,8 @@ async def test_missed_deliveries_are_caught_up_through_the_webhooks_transitions(
             "id": 1, "iid": 3, "project_id": 15, "title": "Cache tokens", "state": "merged", "created_at": "2026-11-10T09:00:00.000Z",
             "updated_at": "2026-11-14T09:00:00.000Z", "merged_at": "2026-11-14T09:00:00.000Z", "closed_at": None, "source_branch": "cache",
             "web_url": "https://gitlab.example.com/acme/platform/api/-/merge_requests/3"})  # fmt: skip
+        gitlab_size = api.post(f"{GITLAB}/api/graphql").respond(json={"data": {"project": {"mergeRequest": {
+            "diffStatsSummary": {"additions": 120, "deletions": 8, "changes": 128, "fileCount": 5}}}}})  # fmt: skip
         jira = api.get(f"{JIRA}/rest/api/3/issue/PAY-5").respond(json={
             "id": "10002", "key": "PAY-5", "self": f"{JIRA}/rest/api/3/issue/10002",
             "fields": {"summary": "Refund retries", "status": {"name": "Done", "statusCategory": {"key": "done", "name": "Done"}},
@@ -77,6 +80,11 @@ async def test_missed_deliveries_are_caught_up_through_the_webhooks_transitions(
     out = capsys.readouterr().out
     assert pulls.calls[0].request.headers["authorization"] == "Bearer ghp_test"
     assert gitlab.calls[0].request.headers["private-token"] == "glpat-test"
+    asked = orjson.loads(gitlab_size.calls[0].request.content)
+    assert gitlab_size.calls[0].request.headers["authorization"] == "Bearer glpat-test"
+    assert asked["variables"] == {"path": "acme/platform/api", "iid": "3"} and "diffStatsSummary" in asked["query"]
+    merge_request = await proxy.get("/api/work-items/acme%2Fplatform%2Fapi%213")
+    assert merge_request["size"] == {"lines_added": 120, "lines_deleted": 8, "files_changed": 5, "points": None}
     assert jira.calls[0].request.headers["authorization"].startswith("Basic ")
     statuses = {item: (await proxy.get(f"/api/work-items/{item.replace('/', '%2F').replace('#', '%23').replace('!', '%21')}"))["status"]
                 for item in ("acme/web#42", "acme/web#7", "acme/platform/api!3", "PAY-5", "acme/web#8")}  # fmt: skip
@@ -101,6 +109,7 @@ async def test_a_rate_limited_tracker_changes_nothing_and_says_so(
         api.get(f"{GITLAB}/api/v4/projects/acme%2Fplatform%2Fapi/merge_requests/4").respond(json={
             "iid": 4, "title": "x", "state": "merged", "merged_at": "2026-11-14T09:00:00Z", "created_at": "2026-11-10T09:00:00Z",
             "web_url": "https://gitlab.example.com/acme/platform/api/-/merge_requests/4"})  # fmt: skip
+        api.post(f"{GITLAB}/api/graphql").respond(json={"data": {"project": None}})  # a merge request this token cannot see the size of
         api.get(f"{GITHUB}/repos/acme/web/issues/9").respond(403, json={"message": "API rate limit exceeded"},
                                                               headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1764820000"})  # fmt: skip
         assert cli.main(["items", "sync", "--config", path]) == 2

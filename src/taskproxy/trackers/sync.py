@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 from taskproxy.errors import TrackerUnavailable
 from taskproxy.settings import TrackersSettings
 from taskproxy.storage.models import UsageDaily, WorkItem
-from taskproxy.trackers.base import Delivery, ItemUpdate
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, count
 from taskproxy.trackers.github import GitHub
 from taskproxy.trackers.gitlab import GitLab
 from taskproxy.trackers.jira import Jira
@@ -37,6 +37,10 @@ from taskproxy.workitems import RESOLVED, WorkItemIds
 
 TRACKERS = ("github", "gitlab", "jira", "linear")
 DEFAULT_API = {"github": "https://api.github.com", "gitlab": "https://gitlab.com", "linear": "https://api.linear.app/graphql"}
+_GITLAB_SIZE_QUERY = (
+    "query($path: ID!, $iid: String!) { project(fullPath: $path) { mergeRequest(iid: $iid) "
+    "{ diffStatsSummary { additions deletions fileCount } } } }"
+)
 _GITHUB_ID = re.compile(r"^([^/#!]+/[^/#!]+)#(\d+)$")
 _GITLAB_ID = re.compile(r"^(.+?)([#!])(\d+)$")
 _KEY = re.compile(r"^[A-Z][A-Z0-9_]*-\d+$")
@@ -139,8 +143,23 @@ class Fetcher:
         state = found.get("state")
         action = {"merged": "merge", "closed": "close"}.get(state, "open") if kind == "merge_requests" else ("close" if state == "closed" else "open")
         attributes = {**found, "url": found.get("web_url"), "action": action}
-        return self._parse("", {"object_kind": "merge_request" if mark == "!" else "issue", "object_attributes": attributes,
-                                "project": {"path_with_namespace": path}})  # fmt: skip
+        update = self._parse("", {"object_kind": "merge_request" if mark == "!" else "issue", "object_attributes": attributes,
+                                  "project": {"path_with_namespace": path}})  # fmt: skip
+        if update is not None and kind == "merge_requests":
+            update = replace(update, size=self._gitlab_size(path, iid))
+        return update
+
+    def _gitlab_size(self, path: str, iid: str) -> Size | None:
+        """A merge request's lines and files: only GitLab's GraphQL API has them (`diffStatsSummary`;
+        neither the REST API nor the merge request hook carries line counts)."""
+        url = f"{self._api}/api/graphql"
+        body = {"query": _GITLAB_SIZE_QUERY, "variables": {"path": path, "iid": iid}}
+        answer = self._answer(lambda: self._http.post(url, json=body, headers={"authorization": f"Bearer {self._token}"}), url)
+        summary = ((((answer or {}).get("data") or {}).get("project") or {}).get("mergeRequest") or {}).get("diffStatsSummary")
+        if not isinstance(summary, dict):
+            return None  # not shown to this token, or an older GitLab: the size stays unknown
+        size = Size(count(summary.get("additions")), count(summary.get("deletions")), count(summary.get("fileCount")))
+        return size if size != Size() else None
 
     def _jira(self, item_id: str) -> ItemUpdate | None:
         token = self._token
