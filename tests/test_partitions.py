@@ -12,8 +12,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import func, select, text
 
+from taskproxy.reports.signals import gaming_signals
 from taskproxy.reports.usage import usage_grouped
-from taskproxy.storage import partitions, repo
+from taskproxy.settings import SignalSettings
+from taskproxy.storage import bulk, partitions, repo, rollup
 from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
 from taskproxy.storage.models import UsageEvent
 from test_rollup import event
@@ -32,6 +34,27 @@ def _raw_count(engine: object, since: datetime, until: datetime) -> int:
         return int(connection.execute(select(func.count()).where(UsageEvent.ts >= since, UsageEvent.ts < until)).scalar_one())
 
 
+def _per_key_raw(engine: object, since: datetime, until: datetime) -> dict:
+    with engine.connect() as connection:  # type: ignore[attr-defined]
+        query = (select(UsageEvent.key_id, UsageEvent.work_item, func.count(), func.sum(UsageEvent.cost_nanos), func.sum(UsageEvent.total_tokens))
+                 .where(UsageEvent.ts >= since, UsageEvent.ts < until).group_by(UsageEvent.key_id, UsageEvent.work_item))  # fmt: skip
+        return {(k, i): (n, cost, tokens) for k, i, n, cost, tokens in connection.execute(query)}
+
+
+def _per_key(engine: object, since: datetime, until: datetime) -> dict:
+    with engine.connect() as connection:  # type: ignore[attr-defined]
+        found = rollup.totals(connection, by=("key_id", "work_item"), period=rollup.Period(since, until, levels=rollup.KEY_LEVELS),
+                              fields=("attempts", "cost_nanos", "total_tokens"))  # fmt: skip
+    return {key: (row["attempts"], row["cost_nanos"], row["total_tokens"]) for key, row in found.items()}
+
+
+def _spend_signals(engine: object, since: datetime, until: datetime) -> list[dict]:
+    """The signals read from per-key spend (not prompt hashes or request times), with their evidence."""
+    thresholds = SignalSettings(heavy_spend_min_usd=0.001, unverified_min_usd=0.001)
+    report = gaming_signals(engine, since=since, until=until, thresholds=thresholds)  # type: ignore[arg-type]
+    return [s for s in report["signals"] if s["kind"] in ("unverified_spend", "spend_without_completion", "cost_outlier")]
+
+
 def test_the_migration_partitions_recorded_events_and_retention_keeps_the_reports(postgres_url: str) -> None:
     engine = make_engine(postgres_url)
     config = Config()
@@ -41,10 +64,13 @@ def test_the_migration_partitions_recorded_events_and_retention_keeps_the_report
         command.upgrade(config, "0004")  # a database of the version before partitioning ...
     rng = random.Random(3)
     recorded = {month: _month_of_events(rng, month, 300) for month in MONTHS}
-    for rows in recorded.values():  # ... with three months of usage in it
-        repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    with engine.begin() as connection:  # ... with three months of usage in it, as the writer of that version left them
+        for rows in recorded.values():
+            bulk.insert_new(connection, UsageEvent.__table__, rows)
+        rollup.backfill(connection, rollup.LEVELS)
     august = (MONTHS[0], MONTHS[1])
     before = usage_grouped(engine, "work_item", *august)
+    per_key = _per_key_raw(engine, *august)
 
     assert upgrade_schema(engine)[0] == "0004"
     with engine.connect() as connection:
@@ -53,6 +79,9 @@ def test_the_migration_partitions_recorded_events_and_retention_keeps_the_report
         placed = dict(connection.execute(text("SELECT tableoid::regclass::text, count(*) FROM usage_events GROUP BY 1")).all())
     assert placed == {partitions.partition_name(month): 300 for month in MONTHS}  # every row moved, into its month
     assert usage_grouped(engine, "work_item", *august) == before
+    assert _per_key(engine, *august) == per_key  # migration 0009 filled the per-key rollup from the events
+    spend_signals = _spend_signals(engine, *august)
+    assert {s["kind"] for s in spend_signals} == {"unverified_spend", "spend_without_completion"}  # tracked items: none registered
 
     late = [event(rng, NOW)]
     repo.write_batch(engine, events=late + recorded[MONTHS[2]][:5], rejections=[], new_items=[])  # a new one, and a replay
@@ -67,6 +96,8 @@ def test_the_migration_partitions_recorded_events_and_retention_keeps_the_report
     assert sorted(dropped) == [partitions.partition_name(MONTHS[0]), partitions.partition_name(MONTHS[1])]
     assert _raw_count(engine, *august) == 0
     assert usage_grouped(engine, "work_item", *august) == before  # the report of August is whole, from the rollups
+    assert _per_key(engine, *august) == per_key  # and so is what the signals read per key
+    assert _spend_signals(engine, *august) == spend_signals  # the signals of August read from it, the same
     assert _raw_count(engine, MONTHS[2], datetime(2026, 12, 1)) == 300
     engine.dispose()
 

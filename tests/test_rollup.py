@@ -88,6 +88,8 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         key: tuple = (hour.replace(hour=0) if unit == "day" else hour, e.work_item, e.team or "", e.model)
         if unit == "day":
             key += (e.owner,)
+        elif unit == "key":
+            key = (hour.replace(hour=0), e.key_id, e.work_item, e.team or "")
         s = found.setdefault(key, defaultdict(int, cost_nanos=None, first_ts=e.ts, last_ts=e.ts))
         s["events"] += 1
         s["ok_events"] += e.status < 400
@@ -110,8 +112,8 @@ def stored(engine: Engine, level: rollup.Level) -> dict[tuple, dict[str, Any]]:
 
 def assert_rollups_match(engine: Engine) -> None:
     rows = raw_rows(engine)
-    for level in rollup.LEVELS:
-        expected, actual = group_by(rows, level.unit), stored(engine, level)
+    for level in rollup.WRITTEN:
+        expected, actual = group_by(rows, "key" if level is rollup.KEY_DAILY else level.unit), stored(engine, level)
         assert set(actual) == set(expected), level.unit
         for key, sums in expected.items():
             assert actual[key] == sums, (level.unit, key)  # exact: money is whole nano-dollars
@@ -148,11 +150,11 @@ def test_the_rollup_is_the_raw_events_grouped_after_writes_and_replays(database_
     writer.close()
     assert writer.committed == len(first)
     assert_rollups_match(engine)
-    before = [stored(engine, level) for level in rollup.LEVELS]
+    before = [stored(engine, level) for level in rollup.WRITTEN]
 
     # A replayed batch (the spool writes a batch again after an ambiguous failure) adds nothing ...
     repo.write_batch(engine, events=first[:300], rejections=[], new_items=[])
-    assert [stored(engine, level) for level in rollup.LEVELS] == before
+    assert [stored(engine, level) for level in rollup.WRITTEN] == before
     # ... and one that mixes written and new events, one of them twice, adds the new ones once.
     fresh = events(rng, 40)
     repo.write_batch(engine, events=first[300:340] + fresh + [fresh[0]], rejections=[], new_items=[])
@@ -233,6 +235,12 @@ def test_period_totals_equal_a_scan_of_the_raw_events_at_any_boundary(database_u
                 ), (since, until, key)  # fmt: skip
                 assert got["cost_usd"] == usd(figures["cost_nanos"])  # exact, at any boundary
                 assert (got["first_used"], got["last_used"]) == (iso(figures["first_used"]), iso(figures["last_used"]))
+        # Per key (what the signals read): whole days from usage_key_daily, the partial days from the raw events.
+        expected = raw_totals(rows, since, until, "key_id")
+        with engine.connect() as connection:
+            per_key = rollup.totals(connection, by=("key_id",), period=rollup.Period(since, until, levels=rollup.KEY_LEVELS),
+                                    fields=tuple(next(iter(expected.values()), {"attempts": 0})))  # fmt: skip
+        assert {key: figures for (key,), figures in per_key.items()} == expected, (since, until)
     engine.dispose()
 
 

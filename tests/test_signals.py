@@ -555,7 +555,7 @@ def test_the_signals_of_more_keys_than_a_statement_can_bind(postgres_url: str) -
 
     from taskproxy.reports.signals import gaming_signals
     from taskproxy.settings import SignalSettings
-    from taskproxy.storage import bulk
+    from taskproxy.storage import bulk, rollup
     from taskproxy.storage.db import make_engine, upgrade_schema
     from taskproxy.storage.models import UsageEvent
     from test_rollup import event
@@ -565,8 +565,9 @@ def test_the_signals_of_more_keys_than_a_statement_can_bind(postgres_url: str) -
     rng, keys, start = random.Random(9), 65_536, SINCE + timedelta(hours=1)
     rows = [event(rng, start + timedelta(minutes=n), key_id=f"k{k:05d}", owner=f"p{k}", attempt=1, status=200, route="/v1/chat/completions")
             for k in range(keys) for n in range(3)]  # fmt: skip
-    with engine.begin() as connection:
+    with engine.begin() as connection:  # the events, and their rollups as the backfill makes them (faster than the writer for 196,608)
         bulk.insert_new(connection, UsageEvent.__table__, rows)
+        rollup.backfill(connection)
     report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=SignalSettings(cadence_min_requests=3))
     engine.dispose()
     cadence = [s for s in report["signals"] if s["kind"] == "machine_cadence"]

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import UsageEvent, WorkItem
+from taskproxy.storage import rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
 from taskproxy.workitems import RESOLVED
@@ -26,11 +27,13 @@ from taskproxy.reports.signal_data import (
     KeyInfo,
     MAD_SCALE,
     MEAN_AD_SCALE,
+    SPEND_FIELDS,
     Spend,
     WITHOUT_VERIFICATION,
+    add_spend,
+    completed_ids,
     item_entry,
     listed,
-    requests_column,
     rounded,
     span,
     status_of,
@@ -246,37 +249,20 @@ def _cadence_evidence(run: Intervals, t: SignalSettings) -> dict[str, Any] | Non
 def cost_outliers(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
-    completed = select(ITEMS.id).where(ITEMS.status == "done", *within(ITEMS.completed_at, since, until))
-    query = (
-        select(
-            EVENTS.work_item,
-            EVENTS.key_id,
-            EVENTS.team,
-            requests_column().label("requests"),
-            func.sum(EVENTS.cost_nanos).label("cost"),
-            func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
-            func.min(EVENTS.ts).label("first"),
-            func.max(EVENTS.ts).label("last"),
-        )
-        .where(EVENTS.work_item.in_(completed))
-        .group_by(EVENTS.work_item, EVENTS.key_id, EVENTS.team)
-    )
+    all_time = rollup.Period(levels=rollup.KEY_LEVELS)  # every day of the per-key rollup: no raw event is read
+    found_spend = rollup.totals(connection, by=("work_item", "key_id", "team"), period=all_time, fields=SPEND_FIELDS,
+                                where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
     by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # item -> key -> all-time spend
     team_spend: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     priced: set[str] = set()
-    for row in connection.execute(query):
-        s = by_item[row.work_item].setdefault(row.key_id, Spend(row.work_item))
-        s.requests += int(row.requests or 0)
-        s.cost += int(row.cost or 0)
-        s.tokens += int(row.tokens)
-        s.first = row.first if s.first is None or row.first < s.first else s.first
-        s.last = row.last if s.last is None or row.last > s.last else s.last
-        if row.cost is not None:
-            priced.add(row.work_item)
-        if row.team is not None:
-            totals = team_spend[row.work_item][row.team]
-            totals[0] += int(row.cost or 0)
-            totals[1] += int(row.tokens)
+    for (work_item, key_id, team), row in found_spend.items():
+        add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), row)
+        if row["cost_nanos"] is not None:
+            priced.add(work_item)
+        if team is not None:
+            totals = team_spend[work_item][team]
+            totals[0] += int(row["cost_nanos"] or 0)
+            totals[1] += int(row["total_tokens"] or 0)
 
     costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
     for item_id in priced:

@@ -1,5 +1,10 @@
 """What the gaming signals read: their thresholds, the rows loaded per key and item, and the helpers
-that shape their evidence. Queries aggregate in SQL; only request times are streamed into Python."""
+that shape their evidence. Queries aggregate in SQL; only request times are streamed into Python.
+
+Per-key spend comes from `usage_key_daily` (whole days; storage/rollup.py) and the raw events of the
+partial days at the period's edges; the keys and work items loaded are those the period touched, by
+id. So the work grows with the period's activity, not with the organisation's history, and these
+figures survive the raw partitions that `recording.retention_months` drops."""
 
 from __future__ import annotations
 
@@ -9,11 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from collections.abc import Iterable, Iterator
+
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.money import usd
+from taskproxy.storage import rollup
 from taskproxy.storage.rollup import request_clause, within
 from taskproxy.timeutil import iso
 
@@ -84,46 +92,67 @@ class Intervals:
 
 
 
-def load_keys(connection: Connection) -> dict[str, KeyInfo]:
-    return {r.id: KeyInfo(r.id, r.owner, r.team, r.role) for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role))}
+_IDS_PER_QUERY = 5000  # ids bound in one IN (...): PostgreSQL takes at most 65,535 parameters
 
 
-def load_items(connection: Connection) -> dict[str, ItemRow]:
-    rows = connection.execute(select(ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted))
-    return {r.id: ItemRow(r.status, r.completed_at, r.team, r.created_at,
-                          None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0))
-            for r in rows}  # fmt: skip
+def chunks(ids: Iterable[str]) -> Iterator[list[str]]:
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), _IDS_PER_QUERY):
+        yield ordered[start : start + _IDS_PER_QUERY]
+
+
+def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInfo] | None = None) -> dict[str, KeyInfo]:
+    """The keys among `ids` not loaded yet (a key with events but no row stays as its events said)."""
+    keys = {} if into is None else into
+    for chunk in chunks(set(ids) - {k for k, info in keys.items() if info.role is not None}):
+        for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role).where(KEYS.id.in_(chunk))):
+            keys[r.id] = KeyInfo(r.id, r.owner, r.team, r.role)
+    return keys
+
+
+def completed_ids(since: datetime, until: datetime) -> Select:
+    """The items completed in the period: status done, completed_at in it (by the completed_at index)."""
+    return select(ITEMS.id).where(ITEMS.status == "done", *within(ITEMS.completed_at, since, until))
+
+
+def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]:
+    """The registered items among `ids`, by id."""
+    found = {}
+    columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted)
+    for chunk in chunks(ids):
+        for r in connection.execute(select(*columns).where(ITEMS.id.in_(chunk))):
+            lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
+            found[r.id] = ItemRow(r.status, r.completed_at, r.team, r.created_at, lines)
+    return found
 
 
 def requests_column() -> Any:
     return func.sum(case((request_clause(EVENTS), 1), else_=0))
 
 
-def load_spend(connection: Connection, keys: dict[str, KeyInfo], since: datetime, until: datetime) -> dict[str, dict[str, Spend]]:
-    """Per key and item: the key's requests, spend, tokens and first/last event in the period."""
-    query = (
-        select(
-            EVENTS.key_id,
-            EVENTS.work_item,
-            requests_column().label("requests"),
-            func.sum(EVENTS.cost_nanos).label("cost"),
-            func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
-            func.min(EVENTS.ts).label("first"),
-            func.max(EVENTS.ts).label("last"),
-            func.max(EVENTS.owner).label("owner"),
-            func.max(EVENTS.team).label("team"),
-        )
-        .where(*within(EVENTS.ts, since, until))
-        .group_by(EVENTS.key_id, EVENTS.work_item)
-    )
+SPEND_FIELDS = ("requests", "cost_nanos", "total_tokens", "first_used", "last_used")
+
+
+def add_spend(spend: Spend, row: dict[str, Any]) -> None:
+    """Add a rollup answer's figures (SPEND_FIELDS) to `spend`."""
+    spend.requests += int(row["requests"] or 0)
+    spend.cost += int(row["cost_nanos"] or 0)
+    spend.tokens += int(row["total_tokens"] or 0)
+    first, last = row["first_used"], row["last_used"]
+    spend.first = first if spend.first is None or (first is not None and first < spend.first) else spend.first
+    spend.last = last if spend.last is None or (last is not None and last > spend.last) else spend.last
+
+
+def load_spend(connection: Connection, since: datetime, until: datetime) -> tuple[dict[str, dict[str, Spend]], dict[str, str | None]]:
+    """Per key and item: the key's requests, spend, tokens and first/last event in the period; and
+    each key's team as its events recorded it (for a key that has no row)."""
+    period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
     spend: dict[str, dict[str, Spend]] = defaultdict(dict)
-    for row in connection.execute(query):
-        spend[row.key_id][row.work_item] = Spend(
-            row.work_item, int(row.requests or 0), int(row.cost or 0), int(row.tokens), row.first, row.last
-        )
-        if row.key_id not in keys:  # a key with events but no row: what its events say
-            keys[row.key_id] = KeyInfo(row.key_id, row.owner, row.team, None)
-    return spend
+    teams: dict[str, str | None] = {}
+    for (key_id, item, team), row in rollup.totals(connection, by=("key_id", "work_item", "team"), period=period, fields=SPEND_FIELDS).items():
+        add_spend(spend[key_id].setdefault(item, Spend(item)), row)
+        teams[key_id] = team if team is not None else teams.get(key_id)
+    return spend, teams
 
 
 def status_of(items: dict[str, ItemRow], item_id: str) -> str:

@@ -107,6 +107,7 @@ from taskproxy.reports.signal_checks import (
 from taskproxy.reports.signal_data import (
     KINDS,
     KeyInfo,
+    completed_ids,
     load_items,
     load_keys,
     load_spend,
@@ -125,9 +126,12 @@ def gaming_signals(
         raise ValueError("'since' must be before 'until'")
     t = thresholds or SignalSettings()
     with engine.connect() as connection:
-        keys = load_keys(connection)
-        items = load_items(connection)
-        spend = load_spend(connection, keys, since, until)
+        spend, teams = load_spend(connection, since, until)
+        keys = load_keys(connection, spend)
+        for key_id in spend.keys() - keys.keys():  # a key with events but no row: what its events say
+            keys[key_id] = KeyInfo(key_id, None, teams.get(key_id), None)
+        touched = {item for per_item in spend.values() for item in per_item}
+        items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()))
         by_kind: dict[str, list[Found]] = {
             "repeated_prompt": repeated_prompts(connection, keys, spend, items, since, until, t),
             "spend_after_completion": after_completion(connection, items, since, until, t),
@@ -138,6 +142,7 @@ def gaming_signals(
             "trivial_completions": trivial_completions(spend, items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }
+        load_keys(connection, {key_id for found in by_kind.values() for key_id, _, _ in found}, into=keys)
     signals = []
     for kind in KINDS:
         for key_id, evidence, work_items in sorted(by_kind[kind], key=lambda found: found[0]):

@@ -129,11 +129,12 @@ class UsageEvent(SQLModel, table=True):
         Index("ix_usage_events_work_item_ts", "work_item", "ts"),
         Index("ix_usage_events_team_ts", "team", "ts"),
         Index("ix_usage_events_response_id", "response_id"),
+        Index("ix_usage_events_key_id_ts", "key_id", "ts"),  # a key's events in a period (its page, the signals' cadence)
     )
 
     id: str = Field(primary_key=True, max_length=32)  # made on the request path: replays are idempotent
     ts: datetime = Field(index=True, sa_type=DateTime())  # when the request arrived
-    key_id: str = Field(index=True, max_length=32)
+    key_id: str = Field(max_length=32)
     owner: str = Field(max_length=200)
     team: str | None = Field(default=None, max_length=200)
     work_item: str = Field(max_length=200)
@@ -168,14 +169,11 @@ class UsageEvent(SQLModel, table=True):
     response_id: str | None = Field(default=None, max_length=200)
 
 
-class _UsageSums(SQLModel):
-    """The sums both usage rollups hold: usage_events per time bucket, work item, team and model, kept by
-    the writer in the transaction that inserts the events (see storage/rollup.py, docs/reports.md)."""
+class _Sums(SQLModel):
+    """The sums every usage rollup holds over the usage_events of its bucket and key columns, kept by the
+    writer in the transaction that inserts the events (see storage/rollup.py, docs/reports.md)."""
 
     bucket: datetime = Field(sa_type=DateTime())  # the hour's or the day's start, naive UTC
-    work_item: str = Field(max_length=200)
-    team: str = Field(max_length=200)  # '' for events without a team: a key column cannot be NULL
-    model: str = Field(max_length=200)
     events: int  # attempts, as rows of usage_events
     ok_events: int  # of which status < 400
     requests: int  # first attempts, not counting count_tokens calls (what /api/usage calls requests)
@@ -189,6 +187,14 @@ class _UsageSums(SQLModel):
     unpriced_events: int  # events whose price is unknown
     first_ts: datetime = Field(sa_type=DateTime())  # the earliest and latest event: first/last use stay exact
     last_ts: datetime = Field(sa_type=DateTime())
+
+
+class _UsageSums(_Sums):
+    """The reports' rollups: per time bucket, work item, team and model."""
+
+    work_item: str = Field(max_length=200)
+    team: str = Field(max_length=200)  # '' for events without a team: a key column cannot be NULL
+    model: str = Field(max_length=200)
 
 
 class UsageHourly(_UsageSums, table=True):
@@ -211,6 +217,21 @@ class UsageDaily(_UsageSums, table=True):
     )
 
     owner: str = Field(max_length=200)
+
+
+class UsageKeyDaily(_Sums, table=True):
+    """Per UTC day, key, work item and team: what the gaming signals read per key (spend per item, a
+    completed item's spenders), so that they keep working when raw partitions are dropped."""
+
+    __tablename__ = "usage_key_daily"
+    __table_args__ = (
+        PrimaryKeyConstraint("bucket", "key_id", "work_item", "team"),
+        Index("ix_usage_key_daily_work_item_bucket", "work_item", "bucket"),
+    )
+
+    key_id: str = Field(max_length=32)
+    work_item: str = Field(max_length=200)
+    team: str = Field(max_length=200)  # '' for events without a team
 
 
 class Rejection(SQLModel, table=True):

@@ -1,18 +1,21 @@
 """The usage rollups (`usage_daily`, `usage_hourly`; see models._UsageSums): usage_events summed per UTC
-day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions.
+day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions;
+and `usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures.
 
 They are exact, never an estimate:
 
 - The writer adds to them in the transaction that inserts the events (`add`), counting only the
   events that insert actually wrote: a replayed batch, whose ids exist already, adds nothing.
-- Deltas are upserted in key order (hourly rows, then daily rows), so two replicas writing the same
+- Deltas are upserted in key order (hourly rows, then daily rows, then per-key rows), so two replicas writing the same
   rows lock them in the same order and cannot deadlock.
 - A reader asking about [since, until) takes the whole days inside it from `usage_daily`, the whole
   hours left at its ends from `usage_hourly` and the partial hours at its edges from the raw events
   (`Period`, `totals`): any boundary, to the microsecond, gives the figures a scan of the raw events
   would, while at most 46 hourly buckets and two partial hours are read below the days.
-- `backfill` builds them from the raw events (migration 0002, a database adopted from before
-  migrations, the scale benchmark).
+- `backfill` builds them from the raw events (a database adopted from before migrations, the scale
+  benchmark; the migrations that created them froze the same statement).
+- A per-key period (`Period(..., levels=KEY_LEVELS)`) takes its whole days from `usage_key_daily` and
+  the partial days at its edges from the raw events.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from taskproxy.storage import bulk
-from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly
+from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageKeyDaily
 
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
 
@@ -92,6 +95,9 @@ class Level:
 DAILY = Level("day", UsageDaily.__table__, ("bucket", "work_item", "team", "model", "owner"))
 HOURLY = Level("hour", UsageHourly.__table__, ("bucket", "work_item", "team", "model"))
 LEVELS = (DAILY, HOURLY)  # coarsest first
+KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_item", "team"))
+KEY_LEVELS = (KEY_DAILY,)  # per key: whole days, then the raw events
+WRITTEN = (HOURLY, DAILY, KEY_DAILY)  # the order the writer upserts in
 
 
 # -- the write path -------------------------------------------------------------------------------
@@ -115,6 +121,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     """What `events` (rows as inserted into usage_events) add to each rollup: one row per key, in key order."""
     hourly: dict[tuple, list] = {}
     daily: dict[tuple, list] = {}
+    per_key: dict[tuple, list] = {}
     for event in events:
         ts = event["ts"]
         hour = ts.replace(minute=0, second=0, microsecond=0)
@@ -128,8 +135,9 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         item, team, model = event["work_item"], event["team"] or "", event["model"]
         _accumulate(hourly, (hour, item, team, model), counts, cost, ts)
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
+        _accumulate(per_key, (hour.replace(hour=0), event["key_id"], item, team), counts, cost, ts)
     found = {}
-    for level, sums in ((HOURLY, hourly), (DAILY, daily)):
+    for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key)):
         columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
     return found
@@ -138,7 +146,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
 def add(connection: Connection, events: Iterable[dict]) -> None:
     """Add `events` (rows the caller has just inserted, in this transaction) to the rollups."""
     least, greatest = ("least", "greatest") if connection.dialect.name == "postgresql" else ("min", "max")  # SQLite's of two values
-    for level, rows in deltas(events).items():  # hourly, then daily, each in key order: concurrent writers lock alike
+    for level, rows in deltas(events).items():  # hourly, daily, per key, each in key order: concurrent writers lock alike
         name = level.table.name
         updates = {column: f"{name}.{column} + excluded.{column}" for column in COUNTS}
         updates["cost_nanos"] = (
@@ -149,13 +157,13 @@ def add(connection: Connection, events: Iterable[dict]) -> None:
         bulk.upsert(connection, level.table, rows, level.key, updates)
 
 
-def backfill(connection: Connection) -> None:
+def backfill(connection: Connection, levels: Sequence[Level] = WRITTEN) -> None:
     """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each."""
     aggregates = _aggregates()
-    for level in LEVELS:
-        keys = [level.floor_sql(_E.ts, connection.dialect.name), _E.work_item, func.coalesce(_E.team, literal_column("''")), _E.model]
-        if "owner" in level.key:
-            keys.append(_E.owner)
+    for level in levels:
+        by = {"work_item": _E.work_item, "team": func.coalesce(_E.team, literal_column("''")), "model": _E.model, "owner": _E.owner,
+              "key_id": _E.key_id}  # fmt: skip
+        keys = [level.floor_sql(_E.ts, connection.dialect.name), *(by[name] for name in level.key[1:])]
         query = select(*keys, *(aggregates[name].raw for name in _STORED)).group_by(*keys)
         connection.execute(insert(level.table).from_select([*level.key, *_STORED.values()], query))
 
@@ -175,34 +183,38 @@ def any_within(column: Any, ranges: Sequence[Range]) -> ColumnElement:
     return or_(*(and_(true(), *within(column, low, high)) for low, high in ranges))
 
 
-def _cover(low: datetime | None, high: datetime | None, depth: int) -> list[tuple[Level | None, datetime | None, datetime | None]]:
+def _cover(
+    low: datetime | None, high: datetime | None, levels: Sequence[Level], depth: int = 0
+) -> list[tuple[Level | None, datetime | None, datetime | None]]:
     if low is not None and high is not None and low >= high:
         return []
-    if depth == len(LEVELS):
+    if depth == len(levels):
         return [(None, low, high)]
-    level = LEVELS[depth]
+    level = levels[depth]
     start = None if low is None else level.ceil(low)
     end = None if high is None else level.floor(high)
     if start is not None and end is not None and start >= end:
-        return _cover(low, high, depth + 1)  # no whole bucket of this size inside
-    left = [] if low is None else _cover(low, start, depth + 1)
-    right = [] if high is None else _cover(end, high, depth + 1)
+        return _cover(low, high, levels, depth + 1)  # no whole bucket of this size inside
+    left = [] if low is None else _cover(low, start, levels, depth + 1)
+    right = [] if high is None else _cover(end, high, levels, depth + 1)
     return [*left, (level, start, end), *right]
 
 
 @dataclass(frozen=True)
 class Period:
     """[since, until), either end open, as the ranges each source answers for: whole days (`DAILY`), the
-    whole hours left at the ends (`HOURLY`) and the partial hours at the edges (None: raw events)."""
+    whole hours left at the ends (`HOURLY`) and the partial hours at the edges (None: raw events).
+    With `levels=KEY_LEVELS`: whole days per key, and the partial days from the raw events."""
 
     since: datetime | None = None
     until: datetime | None = None
+    levels: tuple[Level, ...] = LEVELS
 
     def ranges(self, level: Level | None) -> list[Range]:
-        return [(low, high) for part, low, high in _cover(self.since, self.until, 0) if part is level]
+        return [(low, high) for part, low, high in _cover(self.since, self.until, self.levels) if part is level]
 
     def sources(self) -> list[tuple[Level | None, list[Range]]]:
-        return [(level, found) for level in (*LEVELS, None) if (found := self.ranges(level))]
+        return [(level, found) for level in (*self.levels, None) if (found := self.ranges(level))]
 
 
 ALL_TIME = Period()
