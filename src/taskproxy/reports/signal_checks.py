@@ -118,22 +118,47 @@ def repeated_prompts(
 def after_completion(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
-    query = (
-        select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.route, EVENTS.cost_nanos, EVENTS.total_tokens, ITEMS.completed_at)
-        .select_from(UsageEvent.__table__.join(WorkItem.__table__, ITEMS.id == EVENTS.work_item))
-        .where(*within(EVENTS.ts, since, until), ITEMS.status.in_(RESOLVED), EVENTS.ts > ITEMS.completed_at)
-    )
+    """Per key, its events on done or closed items later than `completed_at` + the grace: whole days
+    from the per-key rollup, the day the grace ends in and the period's partial days from the raw events."""
     grace = timedelta(hours=t.after_completion_grace_hours)
     by_key: dict[str, dict[str, Spend]] = defaultdict(dict)
-    for row in connection.execute(query):
-        if row.ts <= row.completed_at + grace:
-            continue
-        s = by_key[row.key_id].setdefault(row.work_item, Spend(row.work_item))
-        s.requests += 1 if is_request(row.attempt, row.route) else 0
-        s.cost += int(row.cost_nanos or 0)
-        s.tokens += int(row.total_tokens or 0)
-        s.first = row.ts if s.first is None or row.ts < s.first else s.first
-        s.last = row.ts if s.last is None or row.ts > s.last else s.last
+
+    def count(key_id: str, item: str, requests: int, cost: int, tokens: int, first: datetime, last: datetime) -> None:
+        add_spend(by_key[key_id].setdefault(item, Spend(item)),
+                  {"requests": requests, "cost_nanos": cost, "total_tokens": tokens, "first_used": first, "last_used": last})  # fmt: skip
+
+    def raw(where: list[Any]) -> None:
+        query = (
+            select(EVENTS.key_id, EVENTS.work_item, EVENTS.ts, EVENTS.attempt, EVENTS.route, EVENTS.cost_nanos, EVENTS.total_tokens, ITEMS.completed_at)
+            .select_from(UsageEvent.__table__.join(WorkItem.__table__, ITEMS.id == EVENTS.work_item))
+            .where(ITEMS.status.in_(RESOLVED), EVENTS.ts > ITEMS.completed_at, *where)
+        )  # fmt: skip
+        for row in connection.execute(query):
+            if row.ts > row.completed_at + grace:
+                count(row.key_id, row.work_item, is_request(row.attempt, row.route), int(row.cost_nanos or 0), int(row.total_tokens or 0), row.ts, row.ts)
+
+    period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
+    days = period.ranges(rollup.KEY_DAILY)
+    if days:
+        k = rollup.KEY_DAILY.table.c
+        day_of_completion = rollup.KEY_DAILY.floor_sql(ITEMS.completed_at, connection.dialect.name)
+        query = (
+            select(k.key_id, k.work_item, k.bucket, k.requests, k.cost_nanos, k.total_tokens, k.first_ts, k.last_ts, ITEMS.completed_at)
+            .select_from(rollup.KEY_DAILY.table.join(WorkItem.__table__, ITEMS.id == k.work_item))
+            .where(ITEMS.status.in_(RESOLVED), rollup.any_within(k.bucket, days), k.bucket >= day_of_completion)
+        )  # fmt: skip
+        edge_days: set[tuple[str, datetime, datetime]] = set()
+        for row in connection.execute(query):
+            threshold = row.completed_at + grace
+            if row.bucket > threshold:  # the whole day is later
+                count(row.key_id, row.work_item, int(row.requests), int(row.cost_nanos or 0), int(row.total_tokens), row.first_ts, row.last_ts)
+            elif row.bucket + timedelta(days=1) > threshold:  # the day the grace ends in: its events later than that
+                edge_days.add((row.work_item, threshold, row.bucket + timedelta(days=1)))
+        for item, threshold, day_end in sorted(edge_days):  # one range of the (work_item, ts) index each
+            raw([EVENTS.work_item == item, EVENTS.ts > threshold, EVENTS.ts < day_end])
+    edges = period.ranges(None)
+    if edges:
+        raw([rollup.any_within(EVENTS.ts, edges)])
     found = []
     for key_id, per_item in by_key.items():
         spends = list(per_item.values())
