@@ -253,6 +253,13 @@ class _Builder:
         for item_id, created, done, status in plan:
             item = Item(item_id, "web", "edge", "web", created)
             self.lifecycle(item, [(created, "open")] + ([(done, status)] if done else []))
+        # Done and reopened before the period, done again in it: a completion that held.
+        redone = Item("REDONE-1", "web", "edge", "web", SINCE - timedelta(days=6))
+        self.lifecycle(redone, [(redone.created_at, "open"), (SINCE - timedelta(days=4), "done"), (SINCE - timedelta(days=2), "in_progress"),
+                                (SINCE + timedelta(days=3), "done")])  # fmt: skip
+        # Done in the period without AI, then reopened: rework of other work.
+        quiet = Item("QUIET-1", "web", "quiet", "web", SINCE + timedelta(days=1))
+        self.lifecycle(quiet, [(quiet.created_at, "open"), (SINCE + timedelta(days=2), "done"), (SINCE + timedelta(days=4), "in_progress")])
         # An item nobody with a team used: its spend counts only overall.
         orphan = Item("ORPHAN-1", None, "orphan", None, SINCE + timedelta(days=1))
         self.lifecycle(orphan, [(orphan.created_at, "open"), (orphan.created_at + timedelta(days=2), "done")])
@@ -317,6 +324,8 @@ class _Builder:
     def usage(self) -> None:
         rng = self.rng
         for item in list(self.items.values()):
+            if item.kind == "quiet":
+                continue  # no AI usage at all
             if item.kind == "orphan":
                 for _ in range(12):
                     self.event(item, self.when(item.created_at, 0, 40), self.admin, "gpt-4o-mini")

@@ -113,18 +113,25 @@ class Expected:
         marks += [(c.at, "reopened") for c in item.changes if c.before == "done" and c.after not in ("done", "closed")][:1]
         return min(marks) if marks else None
 
-    def reworked_before_until(self, item: Item) -> bool:
+    def undone_by_reopening(self, item: Item) -> bool:
+        """Its reopening undid a completion in the period (the last `done` before it)."""
         mark = self.rework(item)
-        return mark is not None and mark[0] < self.until
+        return mark is not None and mark[1] == "reopened" and self.in_period([c.at for c in item.changes if c.after == "done" and c.at <= mark[0]][-1])
 
     def delivered(self, item: Item) -> bool:
         """Completed in the period, or completed in it and reopened since."""
+        return self.completed(item) or self.undone_by_reopening(item)
+
+    def reworked_in_period(self, item: Item) -> bool:
         mark = self.rework(item)
-        if mark is not None and mark[1] == "reopened":
-            undone = [c.at for c in item.changes if c.after == "done" and c.at <= mark[0]][-1]
-            if self.in_period(undone):
-                return True
-        return self.completed(item)
+        return mark is not None and (mark[1] == "reverted" or self.undone_by_reopening(item))
+
+    def undone_at_until(self, item: Item) -> bool:
+        """Reworked before until, and not done again after the rework as of until."""
+        mark = self.rework(item)
+        if mark is None or mark[0] >= self.until:
+            return False
+        return not (self.status_at_until(item) == "done" and item.completed_at is not None and item.completed_at > mark[0])
 
     @staticmethod
     def size(item: Item) -> tuple[str, float] | None:
@@ -142,11 +149,11 @@ class Expected:
         return any(e.status < 400 for e in self.events(item))
 
     def without_outcome(self, item: Item) -> str | None:
-        if self.reworked_before_until(item):
+        if self.undone_at_until(item):
             return "reworked"
         for pr_id in item.linked:
             pr = self.org.items[pr_id]
-            if self.status_at_until(pr) == "done" and not self.reworked_before_until(pr):
+            if self.status_at_until(pr) == "done" and not self.undone_at_until(pr):
                 return None
         status = self.status_at_until(item)
         if status in ("closed", "unverified"):
@@ -230,7 +237,7 @@ class Expected:
         return sum(known) if known else None
 
     def excluding_reworked(self, assisted: list[Item]) -> dict[str, Any]:
-        costs = [c for i in assisted if self.rework(i) is None and (c := self.cost(i)) is not None]
+        costs = [c for i in assisted if not self.reworked_in_period(i) and (c := self.cost(i)) is not None]
         return {**spread(costs), "total": sum(costs), "items": len(costs)}
 
     def bands(self) -> list[tuple[str, str, float | None, float | None]]:
@@ -276,10 +283,10 @@ class Expected:
 
     def rework_figures(self, delivered: list[Item]) -> dict[str, Any]:
         def rate(group: list[Item]) -> dict[str, Any]:
-            reworked = len([i for i in group if self.rework(i)])
+            reworked = len([i for i in group if self.reworked_in_period(i)])
             return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
 
-        reasons = Counter(mark[1] for i in delivered if (mark := self.rework(i)))
+        reasons = Counter(mark[1] for i in delivered if (mark := self.rework(i)) and self.reworked_in_period(i))
         return {"ai_assisted": rate([i for i in delivered if self.assisted(i)]), "other": rate([i for i in delivered if not self.assisted(i)]),
                 "by_reason": {"reverted": reasons["reverted"], "reopened": reasons["reopened"]}}  # fmt: skip
 
@@ -359,11 +366,14 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     # Size and rework: both reasons among the period's completions, AI-assisted or not; reopened items
     # not done again; a ticket whose merged PR was reverted; reverts too late to be rework, or a second one.
     delivered = [i for i in expect.relevant() if expect.delivered(i)]
-    marks = {(expect.rework(i) or (None, None))[1] for i in delivered}
+    marks = {(expect.rework(i) or (None, None))[1] for i in delivered if expect.reworked_in_period(i)} | {None}
     assert {"reverted", "reopened", None} <= marks
-    assert any(expect.rework(i) and expect.assisted(i) for i in delivered) and any(expect.rework(i) and not expect.assisted(i) for i in delivered)
+    assert any(expect.reworked_in_period(i) and expect.assisted(i) for i in delivered)
+    assert any(expect.reworked_in_period(i) and not expect.assisted(i) for i in delivered)
+    # A reopening before the period, done again in it: a completion that held, and its spend is an outcome.
+    assert any(expect.rework(i) and not expect.reworked_in_period(i) and expect.completed(i) for i in delivered)
     assert any(not expect.completed(i) for i in delivered)
-    assert any(any(expect.status_at_until(org.items[p]) == "done" and expect.reworked_before_until(org.items[p]) for p in i.linked)
+    assert any(any(expect.status_at_until(org.items[p]) == "done" and expect.undone_at_until(org.items[p]) for p in i.linked)
                for i in expect.relevant())  # fmt: skip
     reverts = [i for i in org.items.values() if i.reverts]
     assert any(r.changes[0].at - org.items[r.reverts].completed_at > timedelta(days=14) and not org.items[r.reverts].reverted_at for r in reverts)

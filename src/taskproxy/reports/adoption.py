@@ -18,11 +18,15 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   the cost median and p90 and counted in `cost_per_completed_item.unpriced_items`. `by_model` sums
   the same items' events per model (the model the client asked for); a model none of whose events on
   those items has a known price shows null.
-- **Reworked**: an item with `reworked_at` set — a merged PR reverted within `reports.rework_days` of
-  its merge (`rework_reason` `reverted`), or an item reopened after done (`reopened`). Only the first
-  rework of an item is recorded. The marks are set when the deliveries arrive (registry.py).
+- **Rework marks**: `reworked_at` — a merged PR reverted within `reports.rework_days` of its merge
+  (`rework_reason` `reverted`), or an item reopened after done (`reopened`). Only the first rework of
+  an item is recorded. The marks are set when the deliveries arrive (registry.py).
+- **Reworked in the period**: the completion that puts the item in the period did not hold — a
+  reverted PR, or an item whose reopening undid a completion in the period (the last change to `done`
+  before `reworked_at` is in the period). An item reopened before the period and done again in it is
+  a completion that held.
 - `excluding_reworked` (in `cost_per_completed_item`): `{"median", "p90", "total", "items"}` over the
-  AI-assisted completed items that are not reworked (as known now) and have a known cost.
+  AI-assisted completed items not reworked in the period, with a known cost.
 - `cost_by_size`: the AI-assisted completed items by size band, each `{"basis", "label", "above",
   "up_to", "items", "median", "p90", "total", "unpriced_items"}` (cost figures as above). An item's
   size is its lines changed (`lines_added` + `lines_deleted`, either known) if the tracker sent lines,
@@ -35,13 +39,15 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
 - `rework`: `{"ai_assisted", "other"}` each `{"items", "reworked", "rate"}`, and `by_reason`
   `{"reverted", "reopened"}`, over the items **completed in the period** plus the items reopened after
   a completion in the period (their last change to `done` before `reworked_at` is in the period), whether
-  or not they were done again. AI-assisted as above. `rate` = reworked / items (null with no items).
+  or not they were done again; `reworked` counts those reworked in the period. AI-assisted as above.
+  `rate` = reworked / items (null with no items).
   Rework counts as known when the report is run: a past month's rate rises as its work is reverted.
-- `spend_without_outcome_usd`: spend (events with `ts` in the period) on items reworked before `until`
-  (`reworked`), and on the other items whose status *as of `until`* is `closed`, `unverified`, or
-  `open`/`in_progress` with `created_at` more than `stale_after_days` before `until` — except tickets
-  with a `work_item_links` row whose linked item (the merged PR) was `done`, and not reworked, as of
-  `until`. Split in `spend_without_outcome_breakdown`
+- `spend_without_outcome_usd`: spend (events with `ts` in the period) on items **undone as of
+  `until`** (`reworked`: reworked before `until` and not done again since — status `done` as of `until`
+  with `completed_at` after the rework; a reverted PR never is), and on the other items whose status
+  *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
+  `stale_after_days` before `until` — except tickets with a `work_item_links` row whose linked item (the
+  merged PR) was `done`, and not undone, as of `until`. Split in `spend_without_outcome_breakdown`
   (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the target of the last recorded
   change before `until`; when no change was recorded before `until`, the origin of the first change
   after it, or — if there is none (the item was registered later, or never changed) — the current status.
@@ -103,7 +109,7 @@ def quantile(values: Iterable[float], q: float) -> float | None:
 
 
 def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) -> str | None:
-    if item.reworked_before(until):
+    if item.undone_as_of(until):
         return "reworked"
     if item.merged_pr:
         return None
@@ -170,12 +176,12 @@ def _per_100_lines(assisted: list[_Item]) -> dict[str, Any]:
     return {"usd": usd(100 * sum(c for c, _ in sized) / lines) if lines else None, "items": len(sized), "lines": lines}
 
 
-def _rework(delivered: list[_Item]) -> dict[str, Any]:
+def _rework(delivered: list[_Item], since: datetime, until: datetime) -> dict[str, Any]:
     def rate(group: list[_Item]) -> dict[str, Any]:
-        reworked = sum(1 for i in group if i.reworked_at is not None)
+        reworked = sum(1 for i in group if i.reworked_in(since, until))
         return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
 
-    reasons = {reason: sum(1 for i in delivered if i.rework_reason == reason) for reason in REWORK_REASONS}
+    reasons = {reason: sum(1 for i in delivered if i.rework_reason == reason and i.reworked_in(since, until)) for reason in REWORK_REASONS}
     return {"ai_assisted": rate([i for i in delivered if i.ai_assisted]), "other": rate([i for i in delivered if not i.ai_assisted]),
             "by_reason": reasons}  # fmt: skip
 
@@ -199,7 +205,7 @@ def _figures(
                 cost_by_model.setdefault(model, None)
         tokens.append(float(sum(t for _, _, _, t in item.by_model.values())))
     costs = [c for c in map(_item_cost, assisted) if c is not None]
-    held = [c for c in map(_item_cost, (i for i in assisted if i.reworked_at is None)) if c is not None]
+    held = [c for c in map(_item_cost, (i for i in assisted if not i.reworked_in(since, until))) if c is not None]
 
     without = dict.fromkeys(WITHOUT_OUTCOME, 0)
     after = 0
@@ -232,7 +238,7 @@ def _figures(
         },
         "cost_by_size": _by_size(assisted, bands),
         "cost_per_100_changed_lines": _per_100_lines(assisted),
-        "rework": _rework([i for i in items if i.delivered_in(since, until)]),
+        "rework": _rework([i for i in items if i.delivered_in(since, until)], since, until),
         "spend_without_outcome_usd": usd(sum(without.values())),
         "spend_without_outcome_breakdown": {k: usd(v) for k, v in without.items()},
         "spend_after_completion_usd": usd(after),

@@ -57,8 +57,20 @@ class Item:
     rework_reason: str | None = None
     reopened_completion: datetime | None = None  # the completion a reopening undid (reopened items only)
 
-    def reworked_before(self, moment: datetime) -> bool:
-        return self.reworked_at is not None and self.reworked_at < moment
+    def reworked_in(self, since: datetime, until: datetime) -> bool:
+        """The completion that puts the item in the period did not hold: a merged PR reverted (its one
+        completion), or the reopening of a completion in the period (adoption.py, rework)."""
+        if self.rework_reason == "reverted":
+            return self.reworked_at is not None
+        reopened = self.reopened_completion
+        return reopened is not None and since <= reopened < until
+
+    def undone_as_of(self, until: datetime) -> bool:
+        """Reworked before `until` and, as of `until`, not done again since (a reverted PR never is)."""
+        if self.reworked_at is None or self.reworked_at >= until:
+            return False
+        done_again = self.status_at_until == "done" and self.completed_at is not None and self.completed_at > self.reworked_at
+        return not done_again
 
     def completed_in(self, since: datetime, until: datetime) -> bool:
         """Completed in the period (adoption.py): status done, completed_at in it."""
@@ -97,7 +109,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     for ticket, linked in targets.items():
         for target in linked:
             item = items.get(target)
-            if item is not None and item.status_at_until == "done" and not item.reworked_before(until):
+            if item is not None and item.status_at_until == "done" and not item.undone_as_of(until):
                 items[ticket].merged_pr = True
     return items
 
