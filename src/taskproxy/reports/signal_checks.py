@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
@@ -41,6 +41,7 @@ from taskproxy.reports.signal_data import (
 )
 
 _KEYS_PER_QUERY = 5000
+_RANGES_PER_QUERY = 500  # three parameters each
 
 
 Found = tuple[str, dict[str, Any], list[dict[str, Any]]]
@@ -154,8 +155,10 @@ def after_completion(
                 count(row.key_id, row.work_item, int(row.requests), int(row.cost_nanos or 0), int(row.total_tokens), row.first_ts, row.last_ts)
             elif row.bucket + timedelta(days=1) > threshold:  # the day the grace ends in: its events later than that
                 edge_days.add((row.work_item, threshold, row.bucket + timedelta(days=1)))
-        for item, threshold, day_end in sorted(edge_days):  # one range of the (work_item, ts) index each
-            raw([EVENTS.work_item == item, EVENTS.ts > threshold, EVENTS.ts < day_end])
+        ranges = sorted(edge_days)  # one range of the (work_item, ts) index each, a few hundred to a statement
+        for start in range(0, len(ranges), _RANGES_PER_QUERY):
+            raw([or_(*(and_(EVENTS.work_item == item, EVENTS.ts > threshold, EVENTS.ts < day_end)
+                       for item, threshold, day_end in ranges[start : start + _RANGES_PER_QUERY]))])  # fmt: skip
     edges = period.ranges(None)
     if edges:
         raw([rollup.any_within(EVENTS.ts, edges)])

@@ -143,16 +143,23 @@ def add_spend(spend: Spend, row: dict[str, Any]) -> None:
     spend.last = last if spend.last is None or (last is not None and last > spend.last) else spend.last
 
 
-def load_spend(connection: Connection, since: datetime, until: datetime) -> tuple[dict[str, dict[str, Spend]], dict[str, str | None]]:
-    """Per key and item: the key's requests, spend, tokens and first/last event in the period; and
-    each key's team as its events recorded it (for a key that has no row)."""
+def load_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, dict[str, Spend]]:
+    """Per key and item: the key's requests, spend, tokens and first/last event in the period."""
     period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
     spend: dict[str, dict[str, Spend]] = defaultdict(dict)
-    teams: dict[str, str | None] = {}
-    for (key_id, item, team), row in rollup.totals(connection, by=("key_id", "work_item", "team"), period=period, fields=SPEND_FIELDS).items():
+    for (key_id, item), row in rollup.totals(connection, by=("key_id", "work_item"), period=period, fields=SPEND_FIELDS).items():
         add_spend(spend[key_id].setdefault(item, Spend(item)), row)
-        teams[key_id] = team if team is not None else teams.get(key_id)
-    return spend, teams
+    return spend
+
+
+def keys_from_events(connection: Connection, ids: Iterable[str], since: datetime, until: datetime) -> dict[str, KeyInfo]:
+    """Keys with events but no row: owner and team as their events in the period say (by the (key_id, ts) index)."""
+    found = {}
+    for chunk in chunks(ids):
+        query = (select(EVENTS.key_id, func.max(EVENTS.owner).label("owner"), func.max(EVENTS.team).label("team"))
+                 .where(EVENTS.key_id.in_(chunk), *within(EVENTS.ts, since, until)).group_by(EVENTS.key_id))  # fmt: skip
+        found |= {r.key_id: KeyInfo(r.key_id, r.owner, r.team, None) for r in connection.execute(query)}
+    return found
 
 
 def status_of(items: dict[str, ItemRow], item_id: str) -> str:

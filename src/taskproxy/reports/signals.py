@@ -108,6 +108,7 @@ from taskproxy.reports.signal_data import (
     KINDS,
     KeyInfo,
     completed_ids,
+    keys_from_events,
     load_items,
     load_keys,
     load_spend,
@@ -126,10 +127,9 @@ def gaming_signals(
         raise ValueError("'since' must be before 'until'")
     t = thresholds or SignalSettings()
     with engine.connect() as connection:
-        spend, teams = load_spend(connection, since, until)
+        spend = load_spend(connection, since, until)
         keys = load_keys(connection, spend)
-        for key_id in spend.keys() - keys.keys():  # a key with events but no row: what its events say
-            keys[key_id] = KeyInfo(key_id, None, teams.get(key_id), None)
+        keys |= keys_from_events(connection, spend.keys() - keys.keys(), since, until)  # a key with events but no row
         touched = {item for per_item in spend.values() for item in per_item}
         items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()))
         by_kind: dict[str, list[Found]] = {
