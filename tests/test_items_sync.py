@@ -145,3 +145,33 @@ async def test_linear_by_its_graphql_api(proxy: Proxy, tmp_path: Path, monkeypat
     assert graphql.calls[0].request.headers["authorization"] == "lin_api_test"
     assert (await proxy.get("/api/work-items/ENG-9"))["status"] == "closed"
     assert (await proxy.get("/api/work-items/ENG-10"))["status"] == "unverified"
+
+
+async def test_a_merged_gitlab_merge_request_gets_its_size_from_the_api(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GitLab's merge hook carries no line counts: a merge request already done (its hook arrived) is
+    asked for its size, once; a done GitHub pull request, which brought its size, is not asked at all."""
+    await spend_on(proxy, "acme/platform/api!8", "acme/web#50")
+    for item in ("acme/platform/api!8", "acme/web#50"):
+        done = await proxy.http.post(f"/api/work-items/{item.replace('/', '%2F').replace('#', '%23').replace('!', '%21')}/complete",
+                                     headers=proxy.admin_headers)  # fmt: skip
+        assert done.status_code == 200, done.text
+    monkeypatch.setenv("T_GL", "glpat-test")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    path = config(proxy, tmp_path, {"gitlab": {"token_env": "T_GL", "api_url": GITLAB}, "github": {"token_env": "T_GH"}})
+    with respx.mock(assert_all_called=True) as api:  # an unexpected request (GitHub's) fails the test
+        api.get(f"{GITLAB}/api/v4/projects/acme%2Fplatform%2Fapi/merge_requests/8").respond(json={
+            "iid": 8, "title": "x", "state": "merged", "merged_at": "2026-11-14T09:00:00Z", "created_at": "2026-11-10T09:00:00Z",
+            "web_url": "https://gitlab.example.com/acme/platform/api/-/merge_requests/8"})  # fmt: skip
+        api.post(f"{GITLAB}/api/graphql").respond(json={"data": {"project": {"mergeRequest": {
+            "diffStatsSummary": {"additions": 40, "deletions": 2, "fileCount": 3}}}}})  # fmt: skip
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert "acme/platform/api!8: now done (gitlab)" in capsys.readouterr().out
+    merged = await proxy.get("/api/work-items/acme%2Fplatform%2Fapi%218")
+    assert merged["status"] == "done" and merged["size"] == {"lines_added": 40, "lines_deleted": 2, "files_changed": 3, "points": None}
+
+    with respx.mock() as api:  # sized now: nothing is asked
+        assert cli.main(["items", "sync", "--config", path]) == 0
+        assert not api.calls
+    assert "nothing to change" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Engine
 from starlette.datastructures import Headers
 
@@ -53,14 +53,18 @@ class Pending:
     item_id: str
     status: str
     source: str  # who registered it: a tracker's name, auto, manual, api
+    sized: bool = True  # the item has lines (only asked of merged GitLab merge requests)
 
 
 def pending_items(engine: Engine, since: datetime) -> list[Pending]:
-    """Items with spend since `since` (the daily rollup, by its index) and no final status."""
+    """Items with spend since `since` (the daily rollup, by its index) and no final status; and merged
+    GitLab merge requests with spend and no lines yet (GitLab's hooks carry none: only its API has them)."""
     spent = select(UsageDaily.work_item).where(UsageDaily.bucket >= since.replace(hour=0, minute=0, second=0, microsecond=0)).distinct()
-    query = select(WorkItem.id, WorkItem.status, WorkItem.source).where(WorkItem.id.in_(spent), WorkItem.status.not_in(RESOLVED))  # type: ignore[attr-defined]
+    w = WorkItem.__table__.c
+    unsized_merge_request = and_(w.status == "done", w.id.contains("!"), w.lines_added.is_(None), w.lines_deleted.is_(None))
+    query = select(w.id, w.status, w.source, ~unsized_merge_request).where(w.id.in_(spent), or_(w.status.not_in(RESOLVED), unsized_merge_request))
     with engine.connect() as connection:
-        return [Pending(*row) for row in connection.execute(query.order_by(WorkItem.id))]
+        return [Pending(*row) for row in connection.execute(query.order_by(w.id))]
 
 
 def tracker_of(item: Pending, configured: Iterable[str]) -> str | None:
@@ -212,7 +216,7 @@ def sync_items(
             update = fetchers[name].fetch(item.item_id)
             if update is None:
                 notes.append(f"{item.item_id}: {name} has no such item")
-            elif update.status is not None and update.status != item.status:
+            elif (update.status is not None and update.status != item.status) or (update.size is not None and not item.sized):
                 updates.setdefault(name, []).append(update)
     finally:
         if http is None:
