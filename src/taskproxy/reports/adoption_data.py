@@ -1,7 +1,7 @@
 """What the adoption report reads (the definitions are in `adoption.py`'s docstring): the work items the
 period touched (used or completed in it, and the items they link to), their spend aggregated per item and
 model, their status history and links, people per team and rejections. Nothing is read for the rest of
-the organisation's history: each step reads by index, in chunks of ids.
+the organisation's history: each step reads by index, in batches of ids (storage/idsets.py).
 
 Spend comes from the usage rollups (`storage/rollup.py`): the whole days of the period from the daily
 rollup, the whole hours left at its ends from the hourly one, its partial hours from the raw events.
@@ -13,7 +13,6 @@ those a scan of usage_events would give.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.engine import Connection
 
-from taskproxy.storage import rollup
+from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
 from taskproxy.workitems import RESOLVED
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
@@ -33,7 +32,6 @@ _L = WorkItemLink.__table__.c
 _K = ApiKey.__table__.c
 _J = Rejection.__table__.c
 
-_IDS_PER_QUERY = 5000  # ids bound in one IN (...): well under SQLite's limit on parameters
 
 
 @dataclass
@@ -119,16 +117,11 @@ def _completed_ids(since: datetime, until: datetime) -> Select:
     return select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
 
 
-def _chunks(ids: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(ids), _IDS_PER_QUERY):
-        yield ids[start : start + _IDS_PER_QUERY]
-
-
 def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
     """Fill in the registered items among `ids`; an id without a row stays `unverified`."""
-    for chunk in _chunks(ids):
+    for chunk in idsets.batches(connection, ids):
         query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at, _W.lines_added, _W.lines_deleted, _W.points,
-                       _W.reworked_at, _W.rework_reason).where(_W.id.in_(chunk))  # fmt: skip
+                       _W.reworked_at, _W.rework_reason).where(idsets.among(connection, _W.id, chunk))  # fmt: skip
         for r in connection.execute(query):
             item = items.setdefault(r.id, Item(r.id))
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = r.team, r.status, r.created_at, r.completed_at, r.status
@@ -142,8 +135,9 @@ def _reopened_completions(connection: Connection, since: datetime, until: dateti
     reopened = select(_W.id, _W.reworked_at).where(_W.rework_reason == "reopened", _W.reworked_at >= since)
     reopened_at = {row.id: row.reworked_at for row in connection.execute(reopened)}
     found: dict[str, datetime] = {}
-    for chunk in _chunks(sorted(reopened_at)):
-        query = select(_C.work_item, _C.ts).where(_C.work_item.in_(chunk), _C.to_status == "done").order_by(_C.work_item, _C.ts)
+    for chunk in idsets.batches(connection, reopened_at):
+        query = (select(_C.work_item, _C.ts).where(idsets.among(connection, _C.work_item, chunk), _C.to_status == "done")
+                 .order_by(_C.work_item, _C.ts))  # fmt: skip
         for row in connection.execute(query):
             if row.ts <= reopened_at[row.work_item]:
                 found[row.work_item] = row.ts
@@ -157,8 +151,8 @@ def _load_completed(connection: Connection, items: dict[str, Item], since: datet
 
 def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
     """All-time usage per model of the items `ids`."""
-    for chunk in _chunks(ids):
-        _fill_usage(connection, items, lambda c, ids=chunk: [c.work_item.in_(ids)])
+    for chunk in idsets.batches(connection, ids):
+        _fill_usage(connection, items, lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])
 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
@@ -185,8 +179,8 @@ def _period_spend(connection: Connection, since: datetime, until: datetime) -> d
 def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, list[str]]:
     """The links of the items: {item: [the items it links to]}."""
     targets: dict[str, list[str]] = defaultdict(list)
-    for chunk in _chunks(sorted(items)):
-        for ticket, linked in connection.execute(select(_L.work_item, _L.linked).where(_L.work_item.in_(chunk))):
+    for chunk in idsets.batches(connection, items):
+        for ticket, linked in connection.execute(select(_L.work_item, _L.linked).where(idsets.among(connection, _L.work_item, chunk))):
             targets[ticket].append(linked)
     return targets
 
@@ -197,8 +191,9 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
     before: dict[str, str] = {}
     first_after: dict[str, str | None] = {}
     wanted = wanted & items.keys()
-    for chunk in _chunks(sorted(wanted)):
-        query = select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(_C.work_item.in_(chunk)).order_by(_C.work_item, _C.ts)
+    for chunk in idsets.batches(connection, wanted):
+        query = (select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(idsets.among(connection, _C.work_item, chunk))
+                 .order_by(_C.work_item, _C.ts))  # fmt: skip
         for row in connection.execute(query):
             if row.ts < until:
                 before[row.work_item] = row.to_status
@@ -219,8 +214,9 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
         item.id for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))
     )  # fmt: skip
     found: dict[tuple, dict[str, Any]] = {}
-    for chunk in _chunks(teamless):
-        found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_nanos", "total_tokens"), where=lambda c, ids=chunk: [c.work_item.in_(ids)])
+    for chunk in idsets.batches(connection, teamless):
+        found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_nanos", "total_tokens"),
+                               where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
     candidates: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for (work_item, team), row in found.items():
         if team is not None:  # events without a team are not counted

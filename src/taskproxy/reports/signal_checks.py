@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import UsageEvent, WorkItem
-from taskproxy.storage import rollup
+from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
 from taskproxy.workitems import RESOLVED
@@ -40,7 +40,6 @@ from taskproxy.reports.signal_data import (
     totals,
 )
 
-_KEYS_PER_QUERY = 5000
 _RANGES_PER_QUERY = 500  # three parameters each
 
 
@@ -237,12 +236,12 @@ def cadence(
 
 
 def _requests_by_key(connection: Connection, keys: list[str], since: datetime, until: datetime) -> Iterator[tuple[str, datetime]]:
-    """(key, time) of the keys' requests in the period, by key then time. The keys are bound a few
-    thousand a statement (PostgreSQL takes at most 65,535 parameters; an organisation has more keys)."""
-    for start in range(0, len(keys), _KEYS_PER_QUERY):
+    """(key, time) of the keys' requests in the period, by key then time. The keys are bound in batches
+    (storage/idsets.py: an organisation has more keys than a statement binds parameters)."""
+    for batch in idsets.batches(connection, keys):
         query = (
             select(EVENTS.key_id, EVENTS.ts)
-            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.key_id.in_(keys[start : start + _KEYS_PER_QUERY]))
+            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
             .order_by(EVENTS.key_id, EVENTS.ts)
         )
         yield from connection.execute(query.execution_options(yield_per=20_000))  # type: ignore[misc]

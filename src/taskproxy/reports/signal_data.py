@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.money import usd
-from taskproxy.storage import rollup
+from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import request_clause, within
 from taskproxy.timeutil import iso
 
@@ -92,20 +92,11 @@ class Intervals:
 
 
 
-_IDS_PER_QUERY = 5000  # ids bound in one IN (...): PostgreSQL takes at most 65,535 parameters
-
-
-def chunks(ids: Iterable[str]) -> Iterator[list[str]]:
-    ordered = sorted(ids)
-    for start in range(0, len(ordered), _IDS_PER_QUERY):
-        yield ordered[start : start + _IDS_PER_QUERY]
-
-
 def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInfo] | None = None) -> dict[str, KeyInfo]:
     """The keys among `ids` not loaded yet (a key with events but no row stays as its events said)."""
     keys = {} if into is None else into
-    for chunk in chunks(set(ids) - {k for k, info in keys.items() if info.role is not None}):
-        for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role).where(KEYS.id.in_(chunk))):
+    for chunk in idsets.batches(connection, set(ids) - {k for k, info in keys.items() if info.role is not None}):
+        for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role).where(idsets.among(connection, KEYS.id, chunk))):
             keys[r.id] = KeyInfo(r.id, r.owner, r.team, r.role)
     return keys
 
@@ -119,8 +110,8 @@ def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]
     """The registered items among `ids`, by id."""
     found = {}
     columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted)
-    for chunk in chunks(ids):
-        for r in connection.execute(select(*columns).where(ITEMS.id.in_(chunk))):
+    for chunk in idsets.batches(connection, ids):
+        for r in connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk))):
             lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
             found[r.id] = ItemRow(r.status, r.completed_at, r.team, r.created_at, lines)
     return found
@@ -155,9 +146,9 @@ def load_spend(connection: Connection, since: datetime, until: datetime) -> dict
 def keys_from_events(connection: Connection, ids: Iterable[str], since: datetime, until: datetime) -> dict[str, KeyInfo]:
     """Keys with events but no row: owner and team as their events in the period say (by the (key_id, ts) index)."""
     found = {}
-    for chunk in chunks(ids):
+    for chunk in idsets.batches(connection, ids):
         query = (select(EVENTS.key_id, func.max(EVENTS.owner).label("owner"), func.max(EVENTS.team).label("team"))
-                 .where(EVENTS.key_id.in_(chunk), *within(EVENTS.ts, since, until)).group_by(EVENTS.key_id))  # fmt: skip
+                 .where(idsets.among(connection, EVENTS.key_id, chunk), *within(EVENTS.ts, since, until)).group_by(EVENTS.key_id))  # fmt: skip
         found |= {r.key_id: KeyInfo(r.key_id, r.owner, r.team, None) for r in connection.execute(query)}
     return found
 
