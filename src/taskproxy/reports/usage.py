@@ -74,7 +74,8 @@ def usage_grouped(engine: Engine, group_by: GroupBy, since: datetime | None = No
     if group_by not in GROUP_COLUMNS:
         raise KeyError(group_by)
     with engine.connect() as connection:
-        found = rollup.totals(connection, by=(group_by,), period=rollup.Period(since, until), fields=_FIELDS)
+        levels = rollup.TEAM_LEVELS if group_by in ("team", "model") else rollup.LEVELS  # a team's days: a few rows, not one per item
+        found = rollup.totals(connection, by=(group_by,), period=rollup.Period(since, until, levels=levels), fields=_FIELDS)
     result = [{group_by: key, **_totals(row)} for (key,), row in found.items()]
     return sorted(result, key=lambda r: (-(r["cost_usd"] or 0.0), -r["total_tokens"]))
 

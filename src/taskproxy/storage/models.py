@@ -219,6 +219,17 @@ class UsageDaily(_UsageSums, table=True):
     owner: str = Field(max_length=200)
 
 
+class UsageTeamDaily(_Sums, table=True):
+    """Per UTC day, team and model: what `/api/usage?group_by=team|model` reads for whole days (a few
+    rows per team and day, where usage_daily has one per item and person)."""
+
+    __tablename__ = "usage_team_daily"
+    __table_args__ = (PrimaryKeyConstraint("bucket", "team", "model"),)
+
+    team: str = Field(max_length=200)  # '' for events without a team
+    model: str = Field(max_length=200)
+
+
 class UsageKeyDaily(_Sums, table=True):
     """Per UTC day, key, work item and team: what the gaming signals read per key (spend per item, a
     completed item's spenders), so that they keep working when raw partitions are dropped."""

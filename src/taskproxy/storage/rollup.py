@@ -1,12 +1,13 @@
 """The usage rollups (`usage_daily`, `usage_hourly`; see models._UsageSums): usage_events summed per UTC
 day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions;
-and `usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures.
+`usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures; and
+`usage_team_daily`, per UTC day, team and model, for usage by team or model.
 
 They are exact, never an estimate:
 
 - The writer adds to them in the transaction that inserts the events (`add`), counting only the
   events that insert actually wrote: a replayed batch, whose ids exist already, adds nothing.
-- Deltas are upserted in key order (hourly rows, then daily rows, then per-key rows), so two replicas writing the same
+- Deltas are upserted in key order (hourly, daily, per-key, then per-team rows), so two replicas writing the same
   rows lock them in the same order and cannot deadlock.
 - A reader asking about [since, until) takes the whole days inside it from `usage_daily`, the whole
   hours left at its ends from `usage_hourly` and the partial hours at its edges from the raw events
@@ -31,7 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from taskproxy.storage import bulk
-from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageKeyDaily
+from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageKeyDaily, UsageTeamDaily
 
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
 
@@ -97,7 +98,9 @@ HOURLY = Level("hour", UsageHourly.__table__, ("bucket", "work_item", "team", "m
 LEVELS = (DAILY, HOURLY)  # coarsest first
 KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_item", "team"))
 KEY_LEVELS = (KEY_DAILY,)  # per key: whole days, then the raw events
-WRITTEN = (HOURLY, DAILY, KEY_DAILY)  # the order the writer upserts in
+TEAM_DAILY = Level("day", UsageTeamDaily.__table__, ("bucket", "team", "model"))
+TEAM_LEVELS = (TEAM_DAILY, HOURLY)  # per team or model: whole days, whole hours, then the raw events
+WRITTEN = (HOURLY, DAILY, KEY_DAILY, TEAM_DAILY)  # the order the writer upserts in
 
 
 # -- the write path -------------------------------------------------------------------------------
@@ -122,6 +125,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     hourly: dict[tuple, list] = {}
     daily: dict[tuple, list] = {}
     per_key: dict[tuple, list] = {}
+    per_team: dict[tuple, list] = {}
     for event in events:
         ts = event["ts"]
         hour = ts.replace(minute=0, second=0, microsecond=0)
@@ -136,8 +140,9 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         _accumulate(hourly, (hour, item, team, model), counts, cost, ts)
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
         _accumulate(per_key, (hour.replace(hour=0), event["key_id"], item, team), counts, cost, ts)
+        _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
     found = {}
-    for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key)):
+    for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team)):
         columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
     return found
