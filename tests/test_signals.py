@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import ADMIN_KEY, PROVIDER_URL, in_process, make_settings, postgres_schema, start_proxy, wait_until
+from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_URL, in_process, make_settings, postgres_schema, start_proxy, wait_until
 from taskproxy.upstream.mock import MockProvider
 from signals_org import (
     AFTER_REQUESTS,
@@ -572,3 +572,40 @@ def test_the_signals_of_more_keys_than_a_statement_can_bind(postgres_url: str) -
     engine.dispose()
     cadence = [s for s in report["signals"] if s["kind"] == "machine_cadence"]
     assert len(cadence) == keys and {s["evidence"]["interval_cv"] for s in cadence} == {0.0}
+
+
+@BOTH_DATABASES
+def test_around_the_clock_counts_days_with_exactly_the_threshold_of_distinct_hours(database_url: str) -> None:
+    """The cadence figures, on either database (PostgreSQL computes them itself): a key active in exactly
+    `around_clock_min_hours` distinct hours on `around_clock_min_days` days is flagged; one hour fewer is
+    not. Irregular intervals, so only the hours can flag it; the interval figures are checked too."""
+    import random
+    import statistics
+
+    from taskproxy.reports.signals import gaming_signals
+    from taskproxy.settings import SignalSettings
+    from taskproxy.storage import repo
+    from taskproxy.storage.db import make_engine, upgrade_schema
+    from test_rollup import event
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    t = SignalSettings(cadence_min_requests=10, around_clock_min_hours=6, around_clock_min_days=2, cadence_max_cv=0.0)
+    rng, rows, times = random.Random(4), [], {}
+    for key, hours in (("k-six", 6), ("k-five", 5)):
+        stamps = sorted(SINCE + timedelta(days=day, hours=hour, minutes=rng.randrange(60), seconds=rng.randrange(60))
+                        for day in (1, 2) for hour in range(hours) for _ in range(2))  # fmt: skip
+        times[key] = stamps
+        rows += [event(rng, ts, key_id=key, owner=key, attempt=1, status=200, route="/v1/chat/completions") for ts in stamps]
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=t)
+    engine.dispose()
+    cadence = {s["key_id"]: s["evidence"] for s in report["signals"] if s["kind"] == "machine_cadence"}
+    assert set(cadence) == {"k-six"}
+    gaps = [(b - a).total_seconds() for a, b in zip(times["k-six"], times["k-six"][1:])]
+    assert cadence["k-six"] == {
+        "requests": 24, "first": iso(times["k-six"][0]), "last": iso(times["k-six"][-1]),
+        "interval_mean_seconds": round(statistics.fmean(gaps), 3), "interval_median_seconds": round(statistics.median(gaps), 3),
+        "interval_cv": round(statistics.pstdev(gaps) / statistics.fmean(gaps), 6), "distinct_hours": 6, "around_the_clock_days": 2,
+        "reasons": ["around_the_clock"],
+    }  # fmt: skip

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, distinct, func, or_, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
@@ -21,6 +21,7 @@ from taskproxy.workitems import RESOLVED
 from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_data import (
     EVENTS,
+    Cadence,
     ITEMS,
     Intervals,
     ItemRow,
@@ -207,21 +208,33 @@ def cadence(
     )
     if not wanted:
         return []
+    runs = _cadence_in_postgres if connection.dialect.name == "postgresql" else _cadence_from_times
     found: list[Found] = []
+    for key_id, run in runs(connection, wanted, since, until, t):
+        result = _cadence_evidence(run, t)
+        if result is not None:
+            found.append((key_id, result, listed([item_entry(items, s) for s in spend[key_id].values() if s.requests])))
+    return found
+
+
+def _cadence_from_times(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
+    """Each key's cadence from its request times, streamed in order (SQLite)."""
     current: Intervals | None = None
     current_key: str | None = None
 
-    def finish() -> None:
+    def finish() -> Iterator[tuple[str, Cadence]]:
         if current is not None and current_key is not None:
-            result = _cadence_evidence(current, t)
-            if result is not None:
-                found.append(
-                    (current_key, result, listed([item_entry(items, s) for s in spend[current_key].values() if s.requests]))
-                )
+            gaps = current.gaps
+            mean = statistics.fmean(gaps) if gaps else None
+            yield current_key, Cadence(
+                current.requests, current.first, current.last, len(gaps), mean, statistics.pstdev(gaps) if gaps else None,
+                statistics.median(gaps) if gaps else None, len(current.hours),
+                sum(1 for hours in current.day_hours.values() if len(hours) >= t.around_clock_min_hours),
+            )  # fmt: skip
 
-    for key_id, ts in _requests_by_key(connection, wanted, since, until):
+    for key_id, ts in _requests_by_key(connection, keys, since, until):
         if key_id != current_key:
-            finish()
+            yield from finish()
             current, current_key = Intervals(), key_id
         assert current is not None
         if current.last is not None:
@@ -231,8 +244,37 @@ def cadence(
         current.requests += 1
         current.hours.add(ts.hour)
         current.day_hours[ts.date()].add(ts.hour)
-    finish()
-    return found
+    yield from finish()
+
+
+def _cadence_in_postgres(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
+    """The same figures computed by PostgreSQL (the intervals by a window over each key's requests, in
+    the order of the (key_id, ts) index): only a row per key comes back, not every request's time."""
+    for batch in idsets.batches(connection, keys):
+        previous = func.lag(EVENTS.ts).over(partition_by=EVENTS.key_id, order_by=EVENTS.ts)
+        day = func.date_trunc("day", EVENTS.ts)
+        hour = func.extract("hour", EVENTS.ts)
+        # The rank of a request's hour among its day's distinct hours: a day reaches N distinct hours
+        # when one of its requests ranks N (so one pass over the requests, no join).
+        hour_rank = func.dense_rank().over(partition_by=(EVENTS.key_id, day), order_by=hour)
+        requests = (
+            select(EVENTS.key_id, EVENTS.ts, func.extract("epoch", EVENTS.ts - previous).label("gap"), day.label("day"), hour.label("hour"),
+                   hour_rank.label("hour_rank"))
+            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
+            .subquery()
+        )  # fmt: skip
+        r = requests.c
+        query = (
+            select(r.key_id, func.count().label("requests"), func.min(r.ts).label("first"), func.max(r.ts).label("last"),
+                   func.count(r.gap).label("gaps"), func.avg(r.gap).label("mean"), func.stddev_pop(r.gap).label("pstdev"),
+                   func.percentile_cont(0.5).within_group(r.gap).label("median"), func.count(distinct(r.hour)).label("hours"),
+                   func.count(distinct(r.day)).filter(r.hour_rank >= t.around_clock_min_hours).label("around"))
+            .group_by(r.key_id)
+        )  # fmt: skip
+        for row in connection.execute(query):
+            number = lambda value: None if value is None else float(value)  # noqa: E731 (numeric → float, as the times give)
+            yield row.key_id, Cadence(int(row.requests), row.first, row.last, int(row.gaps), number(row.mean), number(row.pstdev),
+                                      number(row.median), int(row.hours), int(row.around))  # fmt: skip
 
 
 def _requests_by_key(connection: Connection, keys: list[str], since: datetime, until: datetime) -> Iterator[tuple[str, datetime]]:
@@ -247,16 +289,14 @@ def _requests_by_key(connection: Connection, keys: list[str], since: datetime, u
         yield from connection.execute(query.execution_options(yield_per=20_000))  # type: ignore[misc]
 
 
-def _cadence_evidence(run: Intervals, t: SignalSettings) -> dict[str, Any] | None:
-    if run.requests < t.cadence_min_requests or not run.gaps:
+def _cadence_evidence(run: Cadence, t: SignalSettings) -> dict[str, Any] | None:
+    if run.requests < t.cadence_min_requests or not run.gaps or run.mean is None:
         return None
-    mean = statistics.fmean(run.gaps)
-    cv = statistics.pstdev(run.gaps) / mean if mean > 0 else None
-    around = sum(1 for hours in run.day_hours.values() if len(hours) >= t.around_clock_min_hours)
+    cv = run.pstdev / run.mean if run.mean > 0 and run.pstdev is not None else None
     reasons = []
     if cv is not None and cv <= t.cadence_max_cv:
         reasons.append("regular_intervals")
-    if around >= t.around_clock_min_days:
+    if run.around_days >= t.around_clock_min_days:
         reasons.append("around_the_clock")
     if not reasons:
         return None
@@ -264,11 +304,11 @@ def _cadence_evidence(run: Intervals, t: SignalSettings) -> dict[str, Any] | Non
         "requests": run.requests,
         "first": iso(run.first),
         "last": iso(run.last),
-        "interval_mean_seconds": rounded(mean, 3),
-        "interval_median_seconds": rounded(statistics.median(run.gaps), 3),
+        "interval_mean_seconds": rounded(run.mean, 3),
+        "interval_median_seconds": rounded(run.median, 3),
         "interval_cv": rounded(cv),
-        "distinct_hours": len(run.hours),
-        "around_the_clock_days": around,
+        "distinct_hours": run.distinct_hours,
+        "around_the_clock_days": run.around_days,
         "reasons": reasons,
     }
 

@@ -81,6 +81,21 @@ class ItemRow:
     changed_lines: int | None = None  # lines added + deleted, when the tracker said
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """One key's requests in the period, as the machine-cadence signal reads them."""
+
+    requests: int
+    first: datetime | None
+    last: datetime | None
+    gaps: int  # intervals between consecutive requests
+    mean: float | None  # of the intervals, in seconds
+    pstdev: float | None
+    median: float | None
+    distinct_hours: int  # hours of the day (UTC) with a request
+    around_days: int  # days with requests in at least `around_clock_min_hours` distinct hours
+
+
 @dataclass
 class Intervals:
     requests: int = 0
