@@ -48,9 +48,9 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
   `stale_after_days` before `until` — except tickets with a `work_item_links` row whose linked item (the
   merged PR) was `done`, and not undone, as of `until`. Split in `spend_without_outcome_breakdown`
-  (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the target of the last recorded
-  change before `until`; when no change was recorded before `until`, the origin of the first change
-  after it, or — if there is none (the item was registered later, or never changed) — the current status.
+  (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the current status when no change
+  was recorded at or after `until` (every status change records one); otherwise the target of the last
+  recorded change before `until`, or, when none was, the origin of the first change after it.
 - `spend_after_completion_usd`: spend (events with `ts` in the period) on items whose current status
   is `done` or `closed`, on events later than the item's `completed_at`.
 - `cycle_time_hours`: `{"ai_assisted", "other"}` medians of completed_at − created_at, in hours, over

@@ -186,11 +186,14 @@ def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, lis
 
 
 def _load_statuses_at(connection: Connection, items: dict[str, Item], until: datetime, wanted: set[str]) -> None:
-    """Set `status_at_until` of the `wanted` items from their history: the status the last change before
-    `until` left, else the one the first change after it found, else the current status."""
+    """Set `status_at_until` of the `wanted` items: the current status (set by `_load_rows`) unless a
+    change was recorded at or after `until`; then, from their history, the status the last change before
+    `until` left, else the one the first change after it found. Only the items changed since `until`
+    are read (by the index on `ts`): for a period that ends now, next to none."""
     before: dict[str, str] = {}
     first_after: dict[str, str | None] = {}
-    wanted = wanted & items.keys()
+    changed_since = connection.execute(select(_C.work_item).where(_C.ts >= until).distinct()).scalars()
+    wanted = wanted & items.keys() & set(changed_since)
     for chunk in idsets.batches(connection, wanted):
         query = (select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(idsets.among(connection, _C.work_item, chunk))
                  .order_by(_C.work_item, _C.ts))  # fmt: skip

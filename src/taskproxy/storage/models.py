@@ -79,7 +79,7 @@ class WorkItemChange(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=32)
     work_item: str = Field(index=True, max_length=200)
-    ts: datetime = Field(sa_type=DateTime())
+    ts: datetime = Field(sa_type=DateTime(), index=True)  # the items changed since a moment (the adoption report)
     from_status: str | None = Field(default=None, max_length=16)
     to_status: str = Field(max_length=16)
     source: str = Field(max_length=16)  # api | cli | github | jira | linear
