@@ -131,9 +131,16 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
 
 def _reopened_completions(connection: Connection, since: datetime, until: datetime) -> dict[str, datetime]:
     """The items reopened after a completion in the period: {item: that completion} (the last change
-    to done before the reopening). Read by the index on `reworked_at`, which is never before it."""
-    reopened = select(_W.id, _W.reworked_at).where(_W.rework_reason == "reopened", _W.reworked_at >= since)
-    reopened_at = {row.id: row.reworked_at for row in connection.execute(reopened)}
+    to done before the reopening). The candidates are the items with a change to done in the period
+    (by the index on `work_item_changes.ts`) that were reopened at or after it: the period's own
+    completions, however long ago it was."""
+    done_in_period = (
+        select(_W.id, _W.reworked_at)
+        .select_from(WorkItemChange.__table__.join(WorkItem.__table__, _W.id == _C.work_item))
+        .where(_C.to_status == "done", *within(_C.ts, since, until), _W.rework_reason == "reopened", _W.reworked_at >= _C.ts)
+        .distinct()
+    )
+    reopened_at = {row.id: row.reworked_at for row in connection.execute(done_in_period)}
     found: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, reopened_at):
         query = (select(_C.work_item, _C.ts).where(idsets.among(connection, _C.work_item, chunk), _C.to_status == "done")
