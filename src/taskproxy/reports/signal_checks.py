@@ -1,19 +1,19 @@
-"""The detectors behind the gaming signals (see `signals.py` for what each one means)."""
+"""The detectors behind the gaming signals (see `signals.py` for what each one means); the machine
+cadence has a module of its own (`signal_cadence.py`)."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, distinct, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import UsageEvent, WorkItem
-from taskproxy.storage import idsets, rollup
+from taskproxy.storage import rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
 from taskproxy.workitems import RESOLVED
@@ -21,9 +21,8 @@ from taskproxy.workitems import RESOLVED
 from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_data import (
     EVENTS,
-    Cadence,
+    Found,
     ITEMS,
-    Intervals,
     ItemRow,
     KeyInfo,
     MAD_SCALE,
@@ -33,6 +32,7 @@ from taskproxy.reports.signal_data import (
     WITHOUT_VERIFICATION,
     add_spend,
     completed_ids,
+    is_service,
     item_entry,
     listed,
     rounded,
@@ -43,8 +43,6 @@ from taskproxy.reports.signal_data import (
 
 _RANGES_PER_QUERY = 500  # three parameters each
 
-
-Found = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 
 def repeated_prompts(
@@ -81,7 +79,7 @@ def repeated_prompts(
         )
     found = []
     for key_id, hashes in by_key.items():
-        if _is_service(keys, key_id) and not t.flag_service_keys:
+        if is_service(keys, key_id) and not t.flag_service_keys:
             continue
         prompts = []
         per_item: dict[str, Spend] = {}
@@ -198,121 +196,6 @@ def _completed_since(item: ItemRow | None, since: datetime) -> bool:
     return item is not None and item.status == "done" and item.completed_at is not None and item.completed_at >= since
 
 
-def cadence(
-    connection: Connection, keys: dict[str, KeyInfo], spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow],
-    since: datetime, until: datetime, t: SignalSettings,
-) -> list[Found]:  # fmt: skip
-    counts: dict[str, int] = {k: sum(s.requests for s in per_item.values()) for k, per_item in spend.items()}
-    wanted = sorted(
-        k for k, n in counts.items() if n >= t.cadence_min_requests and (t.flag_service_keys or not _is_service(keys, k))
-    )
-    if not wanted:
-        return []
-    runs = _cadence_in_postgres if connection.dialect.name == "postgresql" else _cadence_from_times
-    found: list[Found] = []
-    for key_id, run in runs(connection, wanted, since, until, t):
-        result = _cadence_evidence(run, t)
-        if result is not None:
-            found.append((key_id, result, listed([item_entry(items, s) for s in spend[key_id].values() if s.requests])))
-    return found
-
-
-def _cadence_from_times(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
-    """Each key's cadence from its request times, streamed in order (SQLite)."""
-    current: Intervals | None = None
-    current_key: str | None = None
-
-    def finish() -> Iterator[tuple[str, Cadence]]:
-        if current is not None and current_key is not None:
-            gaps = current.gaps
-            mean = statistics.fmean(gaps) if gaps else None
-            yield current_key, Cadence(
-                current.requests, current.first, current.last, len(gaps), mean, statistics.pstdev(gaps) if gaps else None,
-                statistics.median(gaps) if gaps else None, len(current.hours),
-                sum(1 for hours in current.day_hours.values() if len(hours) >= t.around_clock_min_hours),
-            )  # fmt: skip
-
-    for key_id, ts in _requests_by_key(connection, keys, since, until):
-        if key_id != current_key:
-            yield from finish()
-            current, current_key = Intervals(), key_id
-        assert current is not None
-        if current.last is not None:
-            current.gaps.append((ts - current.last).total_seconds())
-        current.first = current.first or ts
-        current.last = ts
-        current.requests += 1
-        current.hours.add(ts.hour)
-        current.day_hours[ts.date()].add(ts.hour)
-    yield from finish()
-
-
-def _cadence_in_postgres(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
-    """The same figures computed by PostgreSQL (the intervals by a window over each key's requests, in
-    the order of the (key_id, ts) index): only a row per key comes back, not every request's time."""
-    for batch in idsets.batches(connection, keys):
-        previous = func.lag(EVENTS.ts).over(partition_by=EVENTS.key_id, order_by=EVENTS.ts)
-        day = func.date_trunc("day", EVENTS.ts)
-        hour = func.extract("hour", EVENTS.ts)
-        # The rank of a request's hour among its day's distinct hours: a day reaches N distinct hours
-        # when one of its requests ranks N (so one pass over the requests, no join).
-        hour_rank = func.dense_rank().over(partition_by=(EVENTS.key_id, day), order_by=hour)
-        requests = (
-            select(EVENTS.key_id, EVENTS.ts, func.extract("epoch", EVENTS.ts - previous).label("gap"), day.label("day"), hour.label("hour"),
-                   hour_rank.label("hour_rank"))
-            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
-            .subquery()
-        )  # fmt: skip
-        r = requests.c
-        query = (
-            select(r.key_id, func.count().label("requests"), func.min(r.ts).label("first"), func.max(r.ts).label("last"),
-                   func.count(r.gap).label("gaps"), func.avg(r.gap).label("mean"), func.stddev_pop(r.gap).label("pstdev"),
-                   func.percentile_cont(0.5).within_group(r.gap).label("median"), func.count(distinct(r.hour)).label("hours"),
-                   func.count(distinct(r.day)).filter(r.hour_rank >= t.around_clock_min_hours).label("around"))
-            .group_by(r.key_id)
-        )  # fmt: skip
-        for row in connection.execute(query):
-            number = lambda value: None if value is None else float(value)  # noqa: E731 (numeric → float, as the times give)
-            yield row.key_id, Cadence(int(row.requests), row.first, row.last, int(row.gaps), number(row.mean), number(row.pstdev),
-                                      number(row.median), int(row.hours), int(row.around))  # fmt: skip
-
-
-def _requests_by_key(connection: Connection, keys: list[str], since: datetime, until: datetime) -> Iterator[tuple[str, datetime]]:
-    """(key, time) of the keys' requests in the period, by key then time. The keys are bound in batches
-    (storage/idsets.py: an organisation has more keys than a statement binds parameters)."""
-    for batch in idsets.batches(connection, keys):
-        query = (
-            select(EVENTS.key_id, EVENTS.ts)
-            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
-            .order_by(EVENTS.key_id, EVENTS.ts)
-        )
-        yield from connection.execute(query.execution_options(yield_per=20_000))  # type: ignore[misc]
-
-
-def _cadence_evidence(run: Cadence, t: SignalSettings) -> dict[str, Any] | None:
-    if run.requests < t.cadence_min_requests or not run.gaps or run.mean is None:
-        return None
-    cv = run.pstdev / run.mean if run.mean > 0 and run.pstdev is not None else None
-    reasons = []
-    if cv is not None and cv <= t.cadence_max_cv:
-        reasons.append("regular_intervals")
-    if run.around_days >= t.around_clock_min_days:
-        reasons.append("around_the_clock")
-    if not reasons:
-        return None
-    return {
-        "requests": run.requests,
-        "first": iso(run.first),
-        "last": iso(run.last),
-        "interval_mean_seconds": rounded(run.mean, 3),
-        "interval_median_seconds": rounded(run.median, 3),
-        "interval_cv": rounded(cv),
-        "distinct_hours": run.distinct_hours,
-        "around_the_clock_days": run.around_days,
-        "reasons": reasons,
-    }
-
-
 def cost_outliers(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
@@ -407,14 +290,6 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
         }
         found.append((key_id, evidence, listed([item_entry(items, s) for s in spends])))
     return found
-
-
-def _is_service(keys: dict[str, KeyInfo], key_id: str) -> bool:
-    key = keys.get(key_id)
-    return key is not None and key.role == "service"
-
-
-# -- the report -----------------------------------------------------------------------------------
 
 
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from collections.abc import Iterable
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.money import usd
 from taskproxy.storage import idsets, rollup
-from taskproxy.storage.rollup import request_clause, within
+from taskproxy.storage.rollup import within
 from taskproxy.timeutil import iso
 
 EVENTS = UsageEvent.__table__.c
@@ -43,6 +43,9 @@ WITHOUT_VERIFICATION = ("unverified", "unknown")
 MAX_LISTED = 50  # work items listed per signal
 MAD_SCALE = 0.6745  # Iglewicz and Hoaglin: 0.6745 × (x − median) / MAD ~ a z-score for normal data
 MEAN_AD_SCALE = 1.253314  # sqrt(pi / 2): the mean absolute deviation's scale, when MAD is 0
+
+
+Found = tuple[str, dict[str, Any], list[dict[str, Any]]]  # a signal: key id, evidence, work items
 
 
 def rounded(value: float | None, digits: int = 6) -> float | None:
@@ -81,32 +84,6 @@ class ItemRow:
     changed_lines: int | None = None  # lines added + deleted, when the tracker said
 
 
-@dataclass(frozen=True)
-class Cadence:
-    """One key's requests in the period, as the machine-cadence signal reads them."""
-
-    requests: int
-    first: datetime | None
-    last: datetime | None
-    gaps: int  # intervals between consecutive requests
-    mean: float | None  # of the intervals, in seconds
-    pstdev: float | None
-    median: float | None
-    distinct_hours: int  # hours of the day (UTC) with a request
-    around_days: int  # days with requests in at least `around_clock_min_hours` distinct hours
-
-
-@dataclass
-class Intervals:
-    requests: int = 0
-    first: datetime | None = None
-    last: datetime | None = None
-    gaps: list[float] = field(default_factory=list)
-    hours: set[int] = field(default_factory=set)
-    day_hours: dict[Any, set[int]] = field(default_factory=lambda: defaultdict(set))
-
-
-
 def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInfo] | None = None) -> dict[str, KeyInfo]:
     """The keys among `ids` not loaded yet (a key with events but no row stays as its events said)."""
     keys = {} if into is None else into
@@ -130,10 +107,6 @@ def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]
             lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
             found[r.id] = ItemRow(r.status, r.completed_at, r.team, r.created_at, lines)
     return found
-
-
-def requests_column() -> Any:
-    return func.sum(case((request_clause(EVENTS), 1), else_=0))
 
 
 SPEND_FIELDS = ("requests", "cost_nanos", "total_tokens", "first_used", "last_used")
@@ -166,6 +139,12 @@ def keys_from_events(connection: Connection, ids: Iterable[str], since: datetime
                  .where(idsets.among(connection, EVENTS.key_id, chunk), *within(EVENTS.ts, since, until)).group_by(EVENTS.key_id))  # fmt: skip
         found |= {r.key_id: KeyInfo(r.key_id, r.owner, r.team, None) for r in connection.execute(query)}
     return found
+
+
+def is_service(keys: dict[str, KeyInfo], key_id: str) -> bool:
+    """A declared automation key (role `service`)."""
+    key = keys.get(key_id)
+    return key is not None and key.role == "service"
 
 
 def status_of(items: dict[str, ItemRow], item_id: str) -> str:

@@ -93,10 +93,9 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from taskproxy.settings import SignalSettings
+from taskproxy.reports.signal_cadence import cadence
 from taskproxy.reports.signal_checks import (
-    Found,
     after_completion,
-    cadence,
     cost_outliers,
     repeated_prompts,
     split_work,
@@ -106,6 +105,7 @@ from taskproxy.reports.signal_checks import (
 )
 from taskproxy.reports.signal_data import (
     KINDS,
+    Found,
     KeyInfo,
     completed_ids,
     keys_from_events,

@@ -1,0 +1,162 @@
+"""The machine-cadence signal: a key whose requests come at near-constant intervals, or around the
+clock (see `signals.py`). On PostgreSQL the database computes each key's figures (a window over its
+requests in the order of the (key_id, ts) index) and a row per key comes back; SQLite streams the
+request times. One evidence definition for both."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import distinct, func, select
+from sqlalchemy.engine import Connection
+
+from taskproxy.reports.signal_data import EVENTS, Found, ItemRow, KeyInfo, Spend, is_service, item_entry, listed, rounded
+from taskproxy.settings import SignalSettings
+from taskproxy.storage import idsets
+from taskproxy.storage.rollup import request_clause, within
+from taskproxy.timeutil import iso
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """One key's requests in the period, as the machine-cadence signal reads them."""
+
+    requests: int
+    first: datetime | None
+    last: datetime | None
+    gaps: int  # intervals between consecutive requests
+    mean: float | None  # of the intervals, in seconds
+    pstdev: float | None
+    median: float | None
+    distinct_hours: int  # hours of the day (UTC) with a request
+    around_days: int  # days with requests in at least `around_clock_min_hours` distinct hours
+
+
+@dataclass
+class Intervals:
+    requests: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    gaps: list[float] = field(default_factory=list)
+    hours: set[int] = field(default_factory=set)
+    day_hours: dict[Any, set[int]] = field(default_factory=lambda: defaultdict(set))
+
+
+def cadence(
+    connection: Connection, keys: dict[str, KeyInfo], spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow],
+    since: datetime, until: datetime, t: SignalSettings,
+) -> list[Found]:  # fmt: skip
+    counts: dict[str, int] = {k: sum(s.requests for s in per_item.values()) for k, per_item in spend.items()}
+    wanted = sorted(
+        k for k, n in counts.items() if n >= t.cadence_min_requests and (t.flag_service_keys or not is_service(keys, k))
+    )
+    if not wanted:
+        return []
+    runs = _cadence_in_postgres if connection.dialect.name == "postgresql" else _cadence_from_times
+    found: list[Found] = []
+    for key_id, run in runs(connection, wanted, since, until, t):
+        result = _cadence_evidence(run, t)
+        if result is not None:
+            found.append((key_id, result, listed([item_entry(items, s) for s in spend[key_id].values() if s.requests])))
+    return found
+
+
+def _cadence_from_times(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
+    """Each key's cadence from its request times, streamed in order (SQLite)."""
+    current: Intervals | None = None
+    current_key: str | None = None
+
+    def finish() -> Iterator[tuple[str, Cadence]]:
+        if current is not None and current_key is not None:
+            gaps = current.gaps
+            mean = statistics.fmean(gaps) if gaps else None
+            yield current_key, Cadence(
+                current.requests, current.first, current.last, len(gaps), mean, statistics.pstdev(gaps) if gaps else None,
+                statistics.median(gaps) if gaps else None, len(current.hours),
+                sum(1 for hours in current.day_hours.values() if len(hours) >= t.around_clock_min_hours),
+            )  # fmt: skip
+
+    for key_id, ts in _requests_by_key(connection, keys, since, until):
+        if key_id != current_key:
+            yield from finish()
+            current, current_key = Intervals(), key_id
+        assert current is not None
+        if current.last is not None:
+            current.gaps.append((ts - current.last).total_seconds())
+        current.first = current.first or ts
+        current.last = ts
+        current.requests += 1
+        current.hours.add(ts.hour)
+        current.day_hours[ts.date()].add(ts.hour)
+    yield from finish()
+
+
+def _cadence_in_postgres(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:
+    """The same figures computed by PostgreSQL (the intervals by a window over each key's requests, in
+    the order of the (key_id, ts) index): only a row per key comes back, not every request's time."""
+    for batch in idsets.batches(connection, keys):
+        previous = func.lag(EVENTS.ts).over(partition_by=EVENTS.key_id, order_by=EVENTS.ts)
+        day = func.date_trunc("day", EVENTS.ts)
+        hour = func.extract("hour", EVENTS.ts)
+        # The rank of a request's hour among its day's distinct hours: a day reaches N distinct hours
+        # when one of its requests ranks N (so one pass over the requests, no join).
+        hour_rank = func.dense_rank().over(partition_by=(EVENTS.key_id, day), order_by=hour)
+        requests = (
+            select(EVENTS.key_id, EVENTS.ts, func.extract("epoch", EVENTS.ts - previous).label("gap"), day.label("day"), hour.label("hour"),
+                   hour_rank.label("hour_rank"))
+            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
+            .subquery()
+        )  # fmt: skip
+        r = requests.c
+        query = (
+            select(r.key_id, func.count().label("requests"), func.min(r.ts).label("first"), func.max(r.ts).label("last"),
+                   func.count(r.gap).label("gaps"), func.avg(r.gap).label("mean"), func.stddev_pop(r.gap).label("pstdev"),
+                   func.percentile_cont(0.5).within_group(r.gap).label("median"), func.count(distinct(r.hour)).label("hours"),
+                   func.count(distinct(r.day)).filter(r.hour_rank >= t.around_clock_min_hours).label("around"))
+            .group_by(r.key_id)
+        )  # fmt: skip
+        for row in connection.execute(query):
+            number = lambda value: None if value is None else float(value)  # noqa: E731 (numeric → float, as the times give)
+            yield row.key_id, Cadence(int(row.requests), row.first, row.last, int(row.gaps), number(row.mean), number(row.pstdev),
+                                      number(row.median), int(row.hours), int(row.around))  # fmt: skip
+
+
+def _requests_by_key(connection: Connection, keys: list[str], since: datetime, until: datetime) -> Iterator[tuple[str, datetime]]:
+    """(key, time) of the keys' requests in the period, by key then time. The keys are bound in batches
+    (storage/idsets.py: an organisation has more keys than a statement binds parameters)."""
+    for batch in idsets.batches(connection, keys):
+        query = (
+            select(EVENTS.key_id, EVENTS.ts)
+            .where(*within(EVENTS.ts, since, until), request_clause(EVENTS), idsets.among(connection, EVENTS.key_id, batch))
+            .order_by(EVENTS.key_id, EVENTS.ts)
+        )
+        yield from connection.execute(query.execution_options(yield_per=20_000))  # type: ignore[misc]
+
+
+def _cadence_evidence(run: Cadence, t: SignalSettings) -> dict[str, Any] | None:
+    if run.requests < t.cadence_min_requests or not run.gaps or run.mean is None:
+        return None
+    cv = run.pstdev / run.mean if run.mean > 0 and run.pstdev is not None else None
+    reasons = []
+    if cv is not None and cv <= t.cadence_max_cv:
+        reasons.append("regular_intervals")
+    if run.around_days >= t.around_clock_min_days:
+        reasons.append("around_the_clock")
+    if not reasons:
+        return None
+    return {
+        "requests": run.requests,
+        "first": iso(run.first),
+        "last": iso(run.last),
+        "interval_mean_seconds": rounded(run.mean, 3),
+        "interval_median_seconds": rounded(run.median, 3),
+        "interval_cv": rounded(cv),
+        "distinct_hours": run.distinct_hours,
+        "around_the_clock_days": run.around_days,
+        "reasons": reasons,
+    }
