@@ -50,48 +50,52 @@ def _text(value: str | None) -> str:
     return value or ""
 
 
+def _row(cells: dict[str, Any]) -> list[Any]:
+    """A CSV row from named cells; columns not named are empty."""
+    return [_cell(cells[column]) if column in cells else "" for column in CSV_COLUMNS]
+
+
 def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]:
     if figures.get("withheld"):
-        return [{"scope": scope, "team": _text(team), "withheld": "true"}.get(column, "") for column in CSV_COLUMNS]
+        return _row({"scope": scope, "team": _text(team), "withheld": True})
     cost, tokens, cycle = figures["cost_per_completed_item"], figures["tokens_per_completed_item"], figures["cycle_time_hours"]
     rework = figures["rework"]
-    values = [
-        figures["completed_items"],
-        figures["ai_assisted_items"],
-        figures["ai_assisted_share"],
-        cost["median"],
-        cost["p90"],
-        cost["total"],
-        tokens["median"],
-        tokens["p90"],
-        tokens["total"],
-        figures["spend_without_outcome_usd"],
-        figures["spend_after_completion_usd"],
-        cycle["ai_assisted"],
-        cycle["other"],
-        sum(figures["rejected_requests"].values()),
-        False,
-        None,
-        cost["excluding_reworked"]["median"],
-        figures["cost_per_100_changed_lines"]["usd"],
-        rework["ai_assisted"]["rate"],
-        rework["other"]["rate"],
-        rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
-        figures["spend_without_outcome_breakdown"]["reworked"],
-    ]
-    return [scope, _text(team), *(_cell(v) for v in values)]
+    return _row({
+        "scope": scope,
+        "team": _text(team),
+        "completed_items": figures["completed_items"],
+        "ai_assisted_items": figures["ai_assisted_items"],
+        "ai_assisted_share": figures["ai_assisted_share"],
+        "cost_per_item_median": cost["median"],
+        "cost_per_item_p90": cost["p90"],
+        "cost_total": cost["total"],
+        "tokens_per_item_median": tokens["median"],
+        "tokens_per_item_p90": tokens["p90"],
+        "tokens_total": tokens["total"],
+        "spend_without_outcome_usd": figures["spend_without_outcome_usd"],
+        "spend_after_completion_usd": figures["spend_after_completion_usd"],
+        "cycle_time_ai_assisted_hours": cycle["ai_assisted"],
+        "cycle_time_other_hours": cycle["other"],
+        "rejected_requests_total": sum(figures["rejected_requests"].values()),
+        "withheld": False,
+        "cost_per_item_median_excluding_reworked": cost["excluding_reworked"]["median"],
+        "cost_per_100_changed_lines": figures["cost_per_100_changed_lines"]["usd"],
+        "rework_rate_ai_assisted": rework["ai_assisted"]["rate"],
+        "rework_rate_other": rework["other"]["rate"],
+        "reworked_items": rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
+        "spend_without_outcome_reworked_usd": figures["spend_without_outcome_breakdown"]["reworked"],
+    })  # fmt: skip
 
 
 def _band_rows(scope: str, team: str | None, figures: dict[str, Any]) -> list[list[Any]]:
     if figures.get("withheld"):
         return []
     filled = {"ai_assisted_items": "items", "cost_per_item_median": "median", "cost_per_item_p90": "p90", "cost_total": "total"}
-    rows = []
-    for band in figures["cost_by_size"]:
-        cells = {"scope": f"{scope}_size_band", "team": _text(team), "size_band": band["label"], "withheld": "false"}
-        cells |= {column: _cell(band[name]) for column, name in filled.items()}
-        rows.append([cells.get(column, "") for column in CSV_COLUMNS])
-    return rows
+    return [
+        _row({"scope": f"{scope}_size_band", "team": _text(team), "size_band": band["label"], "withheld": False,
+              **{column: band[name] for column, name in filled.items()}})
+        for band in figures["cost_by_size"]
+    ]  # fmt: skip
 
 
 def adoption_csv(report: dict[str, Any]) -> str:
