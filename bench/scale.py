@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +160,15 @@ def propagation(replicas: list[Replica], item: str) -> dict[str, float]:
     }  # fmt: skip
 
 
-def writer_rate(url: str, seconds: float) -> dict[str, float]:
+def writer_rate(url: str, seconds: float, ids: str = "time") -> dict[str, float]:
+    """Batches of 500 events, as the writer sends them, for `seconds`; the events' times advance at 20 a
+    second from the seeded period's last day, so the rollups' buckets move on as they do in service."""
     engine = make_engine(url)
     rng = random.Random(7)
     written, started = 0, time.perf_counter()
+    first = datetime.combine(utcnow().date() - timedelta(days=1), datetime.min.time()) + timedelta(hours=9)
     while time.perf_counter() - started < seconds:
-        rows = make_rows(500, rng, keys=2000)
+        rows = make_rows(500, rng, keys=2000, start=first + timedelta(seconds=written / 20), ids=ids)
         repo.write_batch(engine, events=rows, rejections=[], new_items=[])
         written += len(rows)
     took = time.perf_counter() - started
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-seed", action="store_true", help="measure the schema as it is")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--event-ids", choices=("time", "random"), default="time",
+                        help="the writer's event ids: time-ordered as the proxy makes them, or random (uuid4, as before 2026-12-04)")
     parser.add_argument("--parts", default="replicas,writer,reports", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         fake.stop()
     if "writer" in parts:
-        results["writer"] = writer_rate(seeded_url, 20.0)
+        results["writer"] = writer_rate(seeded_url, 20.0, ids=args.event_ids)
         log(f"writer: {results['writer']}")
     if "reports" in parts:
         results["reports"] = reports(seeded_url)

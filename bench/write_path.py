@@ -25,6 +25,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from taskproxy.ids import time_ordered_id
 from taskproxy.storage import repo
 from taskproxy.storage.db import make_engine, upgrade_schema
 
@@ -39,18 +40,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def make_rows(count: int, rng: random.Random, keys: int = 50) -> list[dict]:
+def make_rows(count: int, rng: random.Random, keys: int = 50, start: datetime = datetime(2026, 11, 1, 9, 30), ids: str = "time") -> list[dict]:
     """Events as the proxy records them under load: `keys` people at work at once (each on one item, mostly
-    with one model), 20 requests a second between them, four models, some unpriced and failed."""
-    start = datetime(2026, 11, 1, 9, 30)
+    with one model), 20 requests a second between them from `start`, four models, some unpriced and failed.
+    `ids`: "time" as the proxy makes them (taskproxy/ids.py), "random" (uuid4, as releases before 2026-12-04)."""
     models = ["gpt-4o-mini", "claude-sonnet", "gpt-4.1", "local-llama"]
     rows = []
     for n in range(count):
         key = rng.randrange(keys)
         prompt, completion = rng.randint(50, 4000), rng.randint(10, 1500)
         model = models[key % 4] if rng.random() < 0.9 else rng.choice(models)
+        ts = start + timedelta(seconds=n / 20, microseconds=rng.randrange(10**6))
         rows.append({
-            "id": uuid.uuid4().hex, "ts": start + timedelta(seconds=n / 20, microseconds=rng.randrange(10**6)),
+            "id": time_ordered_id(ts) if ids == "time" else uuid.uuid4().hex, "ts": ts,
             "key_id": f"key{key:05d}", "owner": f"person-{key}", "team": None if key % 17 == 0 else f"team-{key % 40}",
             "work_item": f"PROJ-{(key * 7 + n // 5000) % 900}", "attribution_source": "header", "route": "/v1/chat/completions",
             "model": model, "upstream_model": model, "provider": "openai", "status": 200 if rng.random() > 0.03 else 500,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import openai
@@ -12,6 +14,7 @@ import pytest
 from refused_requests import REFUSED, Refused
 from conftest import bundled_price_table, BOTH_DATABASES, PROVIDER_KEY, PROVIDER_URL, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.fake_provider import prompt_tokens_of
+from taskproxy.timeutil import parse_iso
 from taskproxy.errors import UpstreamError, UpstreamTimeout
 from taskproxy.upstream.mock import MockProvider, MockResponse
 from taskproxy.upstream.provider import ProviderRequest
@@ -209,6 +212,23 @@ async def test_concurrent_requests_on_several_items_give_exact_totals(proxy: Pro
         expected = [tokens for name, tokens in results if name == item]
         summary = await proxy.item(item, requests=len(expected))
         assert summary["total_tokens"] == sum(expected)
+
+
+@BOTH_DATABASES
+async def test_event_ids_are_unique_and_start_with_their_time(proxy: Proxy) -> None:
+    """Ids begin with their request's time in milliseconds (ids.py), so the primary key's index grows at
+    one edge instead of on a random page per insert."""
+    client = proxy.openai(await proxy.new_key())
+    for _ in range(5):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-9"})
+        await asyncio.sleep(0.002)
+    events = await proxy.events(5, work_item="PROJ-9")
+    ids = [e["id"] for e in events]
+    assert len(set(ids)) == 5 and all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    for event in events:
+        millis = (parse_iso(event["ts"]) - datetime(1970, 1, 1)) // timedelta(milliseconds=1)
+        assert int(event["id"][:12], 16) == millis
+    assert [e["id"] for e in sorted(events, key=lambda e: e["ts"])] == sorted(ids)
 
 
 async def test_provider_errors_pass_through_and_are_recorded(proxy: Proxy) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
 
+from taskproxy.ids import time_ordered_id
 from taskproxy.metering.meter import Meter
 from taskproxy.metering.observed import ProviderUsage
 from taskproxy.metering.pricing import Price
@@ -85,7 +85,7 @@ class Attempts:
             register = {"id": caller.work_item, "source": "auto", "status": "unverified", "created_at": ts}
         price = self.prices.get(model.name)
         exchange = Exchange(
-            id=uuid.uuid4().hex, ts=ts, key_id=caller.key_id, owner=caller.owner, team=caller.team, work_item=caller.work_item,
+            id=time_ordered_id(ts), ts=ts, key_id=caller.key_id, owner=caller.owner, team=caller.team, work_item=caller.work_item,
             attribution_source=caller.attribution_source, route=route, model=model.name, upstream_model=model.target_model,
             provider=model.provider, stream=stream, body=body, user_agent=user_agent, counter=self.counter, price=price,
             register_work_item=register, store_prompts=self.store_prompts, attempt=number,
