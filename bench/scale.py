@@ -161,19 +161,21 @@ def propagation(replicas: list[Replica], item: str) -> dict[str, float]:
 
 
 def writer_rate(url: str, seconds: float, ids: str = "time") -> dict[str, float]:
-    """Batches of 500 events, as the writer sends them, for `seconds`; the events' times advance at 20 a
-    second from the seeded period's last day, so the rollups' buckets move on as they do in service."""
+    """Batches of 500 events, as the writer sends them, for `seconds` of writing (making the rows is not
+    counted: the proxy has them already). The events' times advance at 20 a second from the seeded
+    period's last day, so the rollups' buckets move on as they do in service."""
     engine = make_engine(url)
     rng = random.Random(7)
-    written, started = 0, time.perf_counter()
+    written, writing = 0, 0.0
     first = datetime.combine(utcnow().date() - timedelta(days=1), datetime.min.time()) + timedelta(hours=9)
-    while time.perf_counter() - started < seconds:
+    while writing < seconds:
         rows = make_rows(500, rng, keys=2000, start=first + timedelta(seconds=written / 20), ids=ids)
+        started = time.perf_counter()
         repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+        writing += time.perf_counter() - started
         written += len(rows)
-    took = time.perf_counter() - started
     engine.dispose()
-    return {"events": written, "seconds": took, "events_per_s": written / took}
+    return {"events": written, "seconds": writing, "events_per_s": written / writing}
 
 
 def timed(call: Callable[[], Any], runs: int = 3) -> dict[str, float]:

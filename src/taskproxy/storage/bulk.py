@@ -115,6 +115,22 @@ def insert_new(connection: Connection, table: Table, rows: Sequence[Mapping[str,
     return found
 
 
+def insert_new_with(
+    connection: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, returning: Sequence[str], derived: Sequence[str], params: tuple = ()
+) -> int:
+    """PostgreSQL: `insert_new`, and in the same statement the `derived` statements, which read `new`:
+    the rows this insert wrote, with the `returning` columns (data-modifying CTEs: a row that existed
+    reaches none of them, and nothing crosses the network twice). `params` fill the placeholders of
+    `derived`, in order. Answers how many rows were written."""
+    if not rows:
+        return 0
+    columns = _columns(table, rows)
+    source, arrays = _postgresql_arrays(connection, table, columns, rows)
+    steps = [f"new AS ({_insert(table, columns)}{source} ON CONFLICT DO NOTHING RETURNING {', '.join(returning)})"]
+    steps += [f"derived_{n} AS ({sql})" for n, sql in enumerate(derived)]
+    return int(connection.exec_driver_sql(f"WITH {', '.join(steps)} SELECT count(*) FROM new", (*arrays, *params)).scalar_one())
+
+
 def upsert(connection: Connection, table: Table, rows: Sequence[Mapping[str, Any]], key: Sequence[str], updates: Mapping[str, str]) -> None:
     """Insert `rows`, or where a row with the same `key` exists, set its columns to `updates`
     (SQL over the table's and `excluded`'s columns). Rows are written in the order given."""

@@ -139,7 +139,10 @@ def write_batch(
         if items:
             connection.execute(insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
             changes.note(connection, changes.ITEM, (item["id"] for item in items), now)
-        if events:
+        if events and dialect == "postgresql":  # one statement: the events, their rollups and counters
+            derived = [*rollup.upserts_over("new"), spend.upsert_over("new")]
+            bulk.insert_new_with(connection, UsageEvent.__table__, events, returning=rollup.SOURCE_COLUMNS, derived=derived, params=(now,))
+        elif events:
             inserted = bulk.insert_new(connection, UsageEvent.__table__, events)
             rollup.add(connection, inserted)
             spend.add(connection, inserted, now)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from datetime import datetime, timedelta
 import operator
 from typing import Any, NamedTuple
 
-from sqlalchemy import Table, and_, case, func, insert, literal_column, or_, select, true
+from sqlalchemy import Select, Table, and_, case, column, func, insert, literal_column, or_, select, table, true
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -148,28 +150,59 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     return found
 
 
+def _merges(table: str, dialect: str) -> dict[str, str]:
+    """How an upsert folds a delta (`excluded`) into a rollup row: SQL per column."""
+    least, greatest = ("least", "greatest") if dialect == "postgresql" else ("min", "max")  # SQLite's of two values
+    merges = {column: f"{table}.{column} + excluded.{column}" for column in COUNTS}
+    merges["cost_nanos"] = f"CASE WHEN excluded.cost_nanos IS NULL THEN {table}.cost_nanos ELSE COALESCE({table}.cost_nanos, 0) + excluded.cost_nanos END"
+    merges["first_ts"] = f"{least}({table}.first_ts, excluded.first_ts)"
+    merges["last_ts"] = f"{greatest}({table}.last_ts, excluded.last_ts)"
+    return merges
+
+
 def add(connection: Connection, events: Iterable[dict]) -> None:
-    """Add `events` (rows the caller has just inserted, in this transaction) to the rollups."""
-    least, greatest = ("least", "greatest") if connection.dialect.name == "postgresql" else ("min", "max")  # SQLite's of two values
+    """Add `events` (rows the caller has just inserted, in this transaction) to the rollups, from Python
+    (SQLite; PostgreSQL adds them in the inserting statement itself: `upserts_over`)."""
     for level, rows in deltas(events).items():  # hourly, daily, per key, each in key order: concurrent writers lock alike
-        name = level.table.name
-        updates = {column: f"{name}.{column} + excluded.{column}" for column in COUNTS}
-        updates["cost_nanos"] = (
-            f"CASE WHEN excluded.cost_nanos IS NULL THEN {name}.cost_nanos ELSE COALESCE({name}.cost_nanos, 0) + excluded.cost_nanos END"
-        )
-        updates["first_ts"] = f"{least}({name}.first_ts, excluded.first_ts)"
-        updates["last_ts"] = f"{greatest}({name}.last_ts, excluded.last_ts)"
-        bulk.upsert(connection, level.table, rows, level.key, updates)
+        bulk.upsert(connection, level.table, rows, level.key, _merges(level.table.name, connection.dialect.name))
+
+
+def _summed(level: Level, events: Any, dialect: str) -> Select:
+    """The rows of `level` that the events `events` (columns of usage_events, or of a CTE of its rows) make."""
+    aggregates = _aggregates(events)
+    by = {"work_item": events.work_item, "team": func.coalesce(events.team, literal_column("''")), "model": events.model,
+          "owner": events.owner, "key_id": events.key_id}  # fmt: skip
+    keys = [level.floor_sql(events.ts, dialect), *(by[name] for name in level.key[1:])]
+    return select(*keys, *(aggregates[name].raw for name in _STORED)).group_by(*keys)
+
+
+SOURCE_COLUMNS = ("ts", "work_item", "team", "model", "owner", "key_id", "attempt", "route", "status", *TOKENS, "cost_nanos")
+
+
+@cache
+def upserts_over(source: str) -> tuple[str, ...]:
+    """PostgreSQL: the statements that add the events of `source` (the name of a CTE of the rows just
+    inserted, with SOURCE_COLUMNS) to each rollup, in WRITTEN order, each level's rows in key order
+    (so concurrent writers lock alike). The same sums as `backfill`'s, from the same definitions."""
+    dialect = postgresql.dialect()
+    events = table(source, *(column(name) for name in SOURCE_COLUMNS)).c
+    found = []
+    for level in WRITTEN:
+        summed = _summed(level, events, "postgresql")
+        query = summed.order_by(*(literal_column(str(n + 1)) for n in range(len(level.key))))
+        merges = ", ".join(f"{name} = {sql}" for name, sql in _merges(level.table.name, "postgresql").items())
+        found.append(
+            f"INSERT INTO {level.table.name} ({', '.join([*level.key, *_STORED.values()])}) "
+            f"{query.compile(dialect=dialect, compile_kwargs={'literal_binds': True})} "
+            f"ON CONFLICT ({', '.join(level.key)}) DO UPDATE SET {merges}"
+        )  # fmt: skip
+    return tuple(found)
 
 
 def backfill(connection: Connection, levels: Sequence[Level] = WRITTEN) -> None:
     """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each."""
-    aggregates = _aggregates()
     for level in levels:
-        by = {"work_item": _E.work_item, "team": func.coalesce(_E.team, literal_column("''")), "model": _E.model, "owner": _E.owner,
-              "key_id": _E.key_id}  # fmt: skip
-        keys = [level.floor_sql(_E.ts, connection.dialect.name), *(by[name] for name in level.key[1:])]
-        query = select(*keys, *(aggregates[name].raw for name in _STORED)).group_by(*keys)
+        query = _summed(level, _E, connection.dialect.name)
         connection.execute(insert(level.table).from_select([*level.key, *_STORED.values()], query))
 
 
@@ -252,22 +285,23 @@ def _sum_of(column: str) -> Callable[[Any], Any]:
     return lambda c: func.sum(c[column])
 
 
-def _aggregates() -> dict[str, _Aggregate]:
-    first = _E.attempt == 1
+def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
+    """The named aggregates, over the columns `events` (usage_events' by default) and over a rollup's."""
+    first = events.attempt == 1
     found = {
         "attempts": _Aggregate(func.count(), _sum_of("events"), _add),
-        "ok": _Aggregate(func.sum(case((_E.status < 400, 1), else_=0)), _sum_of("ok_events"), _add),
+        "ok": _Aggregate(func.sum(case((events.status < 400, 1), else_=0)), _sum_of("ok_events"), _add),
         # One client request = one first attempt; fallback attempts are events but not more requests, and
         # token counting (Claude Code calls count_tokens often) generates nothing.
-        "requests": _Aggregate(func.sum(case((request_clause(_E), 1), else_=0)), _sum_of("requests"), _add),
+        "requests": _Aggregate(func.sum(case((request_clause(events), 1), else_=0)), _sum_of("requests"), _add),
         "first_attempts": _Aggregate(func.sum(case((first, 1), else_=0)), _sum_of("first_attempts"), _add),
     }
     for name in TOKENS:
-        found[name] = _Aggregate(func.sum(_E[name]), _sum_of(name), _add)
-    found["cost_nanos"] = _Aggregate(func.sum(_E.cost_nanos), _sum_of("cost_nanos"), _add_known)  # NULL when no price is known
-    found["unpriced_attempts"] = _Aggregate(func.sum(case((_E.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
-    found["first_used"] = _Aggregate(func.min(_E.ts), lambda c: func.min(c.first_ts), _least)
-    found["last_used"] = _Aggregate(func.max(_E.ts), lambda c: func.max(c.last_ts), _greatest)
+        found[name] = _Aggregate(func.sum(events[name]), _sum_of(name), _add)
+    found["cost_nanos"] = _Aggregate(func.sum(events.cost_nanos), _sum_of("cost_nanos"), _add_known)  # NULL when no price is known
+    found["unpriced_attempts"] = _Aggregate(func.sum(case((events.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
+    found["first_used"] = _Aggregate(func.min(events.ts), lambda c: func.min(c.first_ts), _least)
+    found["last_used"] = _Aggregate(func.max(events.ts), lambda c: func.max(c.last_ts), _greatest)
     return found
 
 

@@ -40,7 +40,8 @@ def scopes_of(event: dict) -> list[Scope]:
 
 
 def add(connection: Connection, events: Iterable[dict], now: datetime) -> None:
-    """Add `events` (rows this transaction has just inserted) to their counters."""
+    """Add `events` (rows this transaction has just inserted) to their counters, from Python (SQLite;
+    PostgreSQL adds them in the inserting statement itself: `upsert_over`)."""
     sums: dict[Scope, list[int]] = {}
     for event in events:
         tokens, nanos = int(event.get("total_tokens") or 0), int(event.get("cost_nanos") or 0)
@@ -49,9 +50,26 @@ def add(connection: Connection, events: Iterable[dict], now: datetime) -> None:
             total[0] += tokens
             total[1] += nanos
     rows = [{"scope": s, "ref": r, "period": p, "tokens": t, "cost_nanos": n, "updated_at": now} for (s, r, p), (t, n) in sorted(sums.items())]
-    updates = {"tokens": "spend_counters.tokens + excluded.tokens", "cost_nanos": "spend_counters.cost_nanos + excluded.cost_nanos",
-               "updated_at": "excluded.updated_at"}  # fmt: skip
-    bulk.upsert(connection, _TABLE, rows, ("scope", "ref", "period"), updates)  # in key order: concurrent writers lock alike
+    bulk.upsert(connection, _TABLE, rows, ("scope", "ref", "period"), _MERGES)  # in key order: concurrent writers lock alike
+
+
+_MERGES = {"tokens": "spend_counters.tokens + excluded.tokens", "cost_nanos": "spend_counters.cost_nanos + excluded.cost_nanos",
+           "updated_at": "excluded.updated_at"}  # fmt: skip
+
+
+def upsert_over(source: str) -> str:
+    """PostgreSQL: the statement that adds the events of `source` (a CTE of the rows just inserted) to
+    their counters, as `add` does (`scopes_of`: the item's lifetime; the team's month, for an event with
+    a team), in key order. Its one placeholder is the writer's clock (`updated_at`)."""
+    return (
+        f"INSERT INTO spend_counters (scope, ref, period, tokens, cost_nanos, updated_at) "
+        f"SELECT scope, ref, period, tokens, cost_nanos, %s::timestamp FROM ("
+        f"SELECT '{ITEM}' AS scope, work_item AS ref, '{LIFETIME}' AS period, COALESCE(SUM(total_tokens), 0) AS tokens, "
+        f"COALESCE(SUM(cost_nanos), 0) AS cost_nanos FROM {source} GROUP BY work_item "
+        f"UNION ALL SELECT '{TEAM}', team, to_char(ts, 'YYYY-MM'), COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cost_nanos), 0) "
+        f"FROM {source} WHERE team <> '' GROUP BY team, to_char(ts, 'YYYY-MM')) AS sums ORDER BY scope, ref, period "
+        f"ON CONFLICT (scope, ref, period) DO UPDATE SET {', '.join(f'{name} = {sql}' for name, sql in _MERGES.items())}"
+    )
 
 
 def changed_since(connection: Connection, since: datetime) -> dict[Scope, tuple[int, int]]:
