@@ -400,7 +400,9 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
 def test_the_grace_period_after_completion(world: tuple[Any, Org, Path]) -> None:
     engine, org, _ = world
     honest = [n for n in org.keys if n not in PLANTED]
-    for grace_hours in (DEFAULTS.after_completion_grace_hours, 0.0):
+    # Graces that put the moment the grace ends inside days of work: a key's day on an item is then
+    # partly before it and partly after (read from the raw events), or wholly on one side (the rollup).
+    for grace_hours in (DEFAULTS.after_completion_grace_hours, 0.0, 0.25, 2.5, 7.0, 30.0):
         t = DEFAULTS.model_copy(update=dict(after_completion_min_requests=1, after_completion_grace_hours=grace_hours))
         report = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=t)
         counted = {name: len(after_completion(org, name, timedelta(hours=grace_hours))) for name in honest}
