@@ -48,7 +48,7 @@ MISSING_KEY_MESSAGE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
     key_id: str
     owner: str
