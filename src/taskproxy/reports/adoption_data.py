@@ -163,20 +163,19 @@ def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) 
 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
-    found = rollup.totals(connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"), where=where)
-    for (work_item, model), row in found.items():
+    found = rollup.grouped(connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"), where=where)
+    for work_item, model, attempts, ok, cost, tokens in found:
         item = items.get(work_item)
         if item is not None:
-            cost = None if row["cost_nanos"] is None else int(row["cost_nanos"])
-            item.by_model[model] = (int(row["attempts"]), int(row["ok"] or 0), cost, int(row["total_tokens"] or 0))
+            item.by_model[model] = (int(attempts), int(ok or 0), None if cost is None else int(cost), int(tokens or 0))
 
 
 def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
     """The items with usage in the period (registered or not, as yet unfilled), with their spend."""
     period = rollup.Period(since, until)
     items: dict[str, Item] = {}
-    for (work_item,), row in rollup.totals(connection, by=("work_item",), period=period, fields=("attempts", "cost_nanos")).items():
-        items[work_item] = Item(work_item, period_events=int(row["attempts"]), spend=int(row["cost_nanos"] or 0))
+    for work_item, attempts, cost in rollup.grouped(connection, by=("work_item",), period=period, fields=("attempts", "cost_nanos")):
+        items[work_item] = Item(work_item, period_events=int(attempts), spend=int(cost or 0))
     resolved = _W.status.in_(RESOLVED)
     for work_item, spend in rollup.cost_after(connection, period, WorkItem.__table__, _W.completed_at, resolved).items():
         items[work_item].spend_after_completion = spend

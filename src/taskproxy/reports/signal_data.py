@@ -126,8 +126,10 @@ def load_spend(connection: Connection, since: datetime, until: datetime) -> dict
     """Per key and item: the key's requests, spend, tokens and first/last event in the period."""
     period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
     spend: dict[str, dict[str, Spend]] = defaultdict(dict)
-    for (key_id, item), row in rollup.totals(connection, by=("key_id", "work_item"), period=period, fields=SPEND_FIELDS).items():
-        add_spend(spend[key_id].setdefault(item, Spend(item)), row)
+    # A row per key and item (the database adds up the rollup's days and the raw edges): built straight
+    # into Spend, for the 1.5 M pairs a month of an 85,000-person organisation makes.
+    for key_id, item, requests, cost, tokens, first, last in rollup.grouped(connection, by=("key_id", "work_item"), period=period, fields=SPEND_FIELDS):
+        spend[key_id][item] = Spend(item, int(requests or 0), int(cost or 0), int(tokens or 0), first, last)
     return spend
 
 

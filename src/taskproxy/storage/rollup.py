@@ -21,14 +21,14 @@ They are exact, never an estimate:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from datetime import datetime, timedelta
 import operator
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Table, and_, case, column, func, insert, literal_column, or_, select, table, true
+from sqlalchemy import Row, Select, Table, and_, case, column, func, insert, literal_column, or_, select, table, true, union_all
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -258,27 +258,10 @@ class Period:
 ALL_TIME = Period()
 
 
-def _add(a: Any, b: Any) -> Any:
-    return (a or 0) + (b or 0)
-
-
-def _add_known(a: int | None, b: int | None) -> int | None:
-    """Sum of known prices: NULL only when neither side knew one, as SUM() over the raw rows."""
-    return b if a is None else a if b is None else a + b
-
-
-def _least(a: Any, b: Any) -> Any:
-    return b if a is None else a if b is None else min(a, b)
-
-
-def _greatest(a: Any, b: Any) -> Any:
-    return b if a is None else a if b is None else max(a, b)
-
-
 class _Aggregate(NamedTuple):
     raw: Any  # over usage_events
     rollup: Callable[[Any], Any]  # the same over a rollup table's columns
-    combine: Callable[[Any, Any], Any]  # two partial results into one
+    merge: Callable[[Any], Any] = func.sum  # partial results (a source's each) into one; SUM keeps NULL for "no known price"
 
 
 def _sum_of(column: str) -> Callable[[Any], Any]:
@@ -289,19 +272,19 @@ def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
     """The named aggregates, over the columns `events` (usage_events' by default) and over a rollup's."""
     first = events.attempt == 1
     found = {
-        "attempts": _Aggregate(func.count(), _sum_of("events"), _add),
-        "ok": _Aggregate(func.sum(case((events.status < 400, 1), else_=0)), _sum_of("ok_events"), _add),
+        "attempts": _Aggregate(func.count(), _sum_of("events")),
+        "ok": _Aggregate(func.sum(case((events.status < 400, 1), else_=0)), _sum_of("ok_events")),
         # One client request = one first attempt; fallback attempts are events but not more requests, and
         # token counting (Claude Code calls count_tokens often) generates nothing.
-        "requests": _Aggregate(func.sum(case((request_clause(events), 1), else_=0)), _sum_of("requests"), _add),
-        "first_attempts": _Aggregate(func.sum(case((first, 1), else_=0)), _sum_of("first_attempts"), _add),
+        "requests": _Aggregate(func.sum(case((request_clause(events), 1), else_=0)), _sum_of("requests")),
+        "first_attempts": _Aggregate(func.sum(case((first, 1), else_=0)), _sum_of("first_attempts")),
     }
     for name in TOKENS:
-        found[name] = _Aggregate(func.sum(events[name]), _sum_of(name), _add)
-    found["cost_nanos"] = _Aggregate(func.sum(events.cost_nanos), _sum_of("cost_nanos"), _add_known)  # NULL when no price is known
-    found["unpriced_attempts"] = _Aggregate(func.sum(case((events.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"), _add)
-    found["first_used"] = _Aggregate(func.min(events.ts), lambda c: func.min(c.first_ts), _least)
-    found["last_used"] = _Aggregate(func.max(events.ts), lambda c: func.max(c.last_ts), _greatest)
+        found[name] = _Aggregate(func.sum(events[name]), _sum_of(name))
+    found["cost_nanos"] = _Aggregate(func.sum(events.cost_nanos), _sum_of("cost_nanos"))  # NULL when no price is known
+    found["unpriced_attempts"] = _Aggregate(func.sum(case((events.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"))
+    found["first_used"] = _Aggregate(func.min(events.ts), lambda c: func.min(c.first_ts), func.min)
+    found["last_used"] = _Aggregate(func.max(events.ts), lambda c: func.max(c.last_ts), func.max)
     return found
 
 
@@ -320,6 +303,35 @@ def raw_columns(fields: Sequence[str]) -> list[Any]:
     return [aggregates[name].raw.label(name) for name in fields]
 
 
+def grouped(
+    connection: Connection,
+    *,
+    by: Sequence[str] = (),
+    period: Period = ALL_TIME,
+    fields: Sequence[str] = FIELDS,
+    where: Callable[[Any], list[Any]] = lambda columns: [],
+) -> Iterator[Row]:
+    """The named aggregates of the events in `period`, a row per group: the `by` values, then the
+    `fields`, each labelled by its name. The sources (`Period.sources`) are added up by the database,
+    so a group comes back once, whatever it spans. The arguments are those of `totals`; a team is ''
+    for events without one, here (a rollup's key cannot be NULL)."""
+    aggregates = _aggregates()
+    parts = []
+    for level, ranges in period.sources():
+        table = EVENTS if level is None else level.table
+        stamp = table.c.ts if level is None else table.c.bucket
+        keys = [func.date(stamp) if name == "day" else func.coalesce(table.c.team, "") if name == "team" else table.c[name] for name in by]
+        columns = [(aggregates[name].raw if level is None else aggregates[name].rollup(table.c)).label(name) for name in fields]
+        query = select(*(key.label(name) for key, name in zip(keys, by, strict=True)), *columns).where(any_within(stamp, ranges), *where(table.c))
+        parts.append(query.group_by(*keys) if keys else query)
+    if len(parts) > 1:
+        sources = union_all(*parts).subquery()
+        keys = [sources.c[name] for name in by]
+        query = select(*keys, *(aggregates[name].merge(sources.c[name]).label(name) for name in fields))
+        parts = [query.group_by(*keys) if keys else query]
+    return iter(connection.execute(parts[0])) if parts else iter(())
+
+
 def totals(
     connection: Connection,
     *,
@@ -334,22 +346,13 @@ def totals(
     given each source's columns (`.c`) and returns conditions on them. A team is None for events
     without one, from any source. Groups with no event are absent.
     """
-    aggregates = _aggregates()
     found: dict[tuple, dict[str, Any]] = {}
-    for level, ranges in period.sources():
-        table = EVENTS if level is None else level.table
-        stamp = table.c.ts if level is None else table.c.bucket
-        groups = [func.date(stamp) if name == "day" else table.c[name] for name in by]
-        columns = [(aggregates[name].raw if level is None else aggregates[name].rollup(table.c)).label(name) for name in fields]
-        query = select(*groups, *columns).where(any_within(stamp, ranges), *where(table.c))
-        for row in connection.execute(query.group_by(*groups) if groups else query):
-            values = row._mapping
-            if not by and not any(values[name] for name in fields):
-                continue  # an aggregate over no row at all
-            key = tuple(None if name == "team" and row[i] == "" else row[i] for i, name in enumerate(by))
-            numbers = {name: values[name] for name in fields}
-            previous = found.get(key)
-            found[key] = numbers if previous is None else {n: aggregates[n].combine(previous[n], numbers[n]) for n in fields}
+    for row in grouped(connection, by=by, period=period, fields=fields, where=where):
+        values = row._mapping
+        if not by and not any(values[name] for name in fields):
+            continue  # an aggregate over no row at all
+        key = tuple(None if name == "team" and row[i] == "" else row[i] for i, name in enumerate(by))
+        found[key] = {name: values[name] for name in fields}
     return found
 
 
