@@ -16,7 +16,7 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,9 @@ def hash_of(event: Event) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
-def after_completion(org: Org, name: str, grace: timedelta = GRACE) -> list[Event]:
+def after_completion(org: Org, name: str, grace: timedelta = GRACE, since: datetime = SINCE, until: datetime = UNTIL) -> list[Event]:
     found = []
-    for event in window(org, name):
+    for event in (e for e in org.events_of(name) if in_period(e.ts, since, until)):
         item = org.items[event.item]
         if item.completed_at is not None and event.ts > item.completed_at + grace:
             found.append(event)
@@ -410,6 +410,28 @@ def test_the_grace_period_after_completion(world: tuple[Any, Org, Path]) -> None
         found = {name: signal(report, org, "spend_after_completion", name)["evidence"]["requests"] for name in expected}
         assert found == expected and len(expected) >= 3
         assert {n for k, n in flagged(report, org) if k == "spend_after_completion"} == {*expected, "closer"}
+
+
+def test_spend_after_completion_in_the_partial_days_at_a_periods_ends(world: tuple[Any, Org, Path]) -> None:
+    """Periods that start and end inside days: those hours have no rollup row of their own and are read
+    from the raw events, for any key, on the items done or closed before them."""
+    engine, org, _ = world
+    honest = [n for n in org.keys if n not in PLANTED]
+    t = DEFAULTS.model_copy(update=dict(after_completion_min_requests=1, after_completion_grace_hours=0.0))
+    late = next(e for name in honest for e in after_completion(org, name, timedelta(0)) if e.ts.time() != time())
+    checked = 0
+    for since, until in ((late.ts, late.ts + timedelta(hours=5)),  # the period starts on an event: it counts
+                         (SINCE + timedelta(hours=13, minutes=7), UNTIL - timedelta(hours=6, minutes=41)),
+                         (SINCE + timedelta(days=3, hours=9), SINCE + timedelta(days=3, hours=17)),  # inside one day
+                         (SINCE - timedelta(hours=2), UNTIL + timedelta(days=2, hours=11, seconds=1))):  # fmt: skip
+        report = gaming_signals(engine, since=since, until=until, thresholds=t)
+        counted = {name: len(after_completion(org, name, timedelta(0), since, until)) for name in [*honest, "closer"]}
+        expected = {name: n for name, n in counted.items() if n}
+        found = {name: signal(report, org, "spend_after_completion", name)["evidence"]["requests"] for name in expected}
+        assert found == expected
+        assert {n for k, n in flagged(report, org) if k == "spend_after_completion"} == set(expected)
+        checked += len(expected)
+    assert checked >= 5
 
 
 def test_periods_are_half_open(world: tuple[Any, Org, Path]) -> None:
