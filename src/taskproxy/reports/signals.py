@@ -81,8 +81,9 @@ lists the affected items (at most `MAX_LISTED`, by id; `evidence.items` counts t
 `{"id", "status", "requests", "cost_usd", ...}` — the key's own requests and spend on the item in the
 period, except for `cost_outlier`, whose figures are all time. Money is rounded to 9 decimals.
 
-Queries aggregate in SQL (per key and item, per key and prompt hash, per item and key); only the
-request times (key, ts) are streamed into Python, for the intervals.
+Queries aggregate in SQL (per key and item, per key and prompt hash, per item and key). The machine
+cadence's intervals are computed by PostgreSQL (a row per key comes back); on SQLite the request times
+(key, ts) are streamed into Python for them (`signal_cadence.py`).
 """
 
 from __future__ import annotations
