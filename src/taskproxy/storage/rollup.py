@@ -324,12 +324,14 @@ def grouped(
         columns = [(aggregates[name].raw if level is None else aggregates[name].rollup(table.c)).label(name) for name in fields]
         query = select(*(key.label(name) for key, name in zip(keys, by, strict=True)), *columns).where(any_within(stamp, ranges), *where(table.c))
         parts.append(query.group_by(*keys) if keys else query)
-    if len(parts) > 1:
-        sources = union_all(*parts).subquery()
-        keys = [sources.c[name] for name in by]
-        query = select(*keys, *(aggregates[name].merge(sources.c[name]).label(name) for name in fields))
-        parts = [query.group_by(*keys) if keys else query]
-    return iter(connection.execute(parts[0])) if parts else iter(())
+    if not parts:
+        return iter(())
+    if len(parts) == 1:
+        return iter(connection.execute(parts[0]))
+    sources = union_all(*parts).subquery()
+    keys = [sources.c[name] for name in by]
+    query = select(*keys, *(aggregates[name].merge(sources.c[name]).label(name) for name in fields))
+    return iter(connection.execute(query.group_by(*keys) if keys else query))
 
 
 def totals(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from functools import cache
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
@@ -39,6 +40,10 @@ def scopes_of(event: dict) -> list[Scope]:
     return found
 
 
+_MERGES = {"tokens": "spend_counters.tokens + excluded.tokens", "cost_nanos": "spend_counters.cost_nanos + excluded.cost_nanos",
+           "updated_at": "excluded.updated_at"}  # fmt: skip
+
+
 def add(connection: Connection, events: Iterable[dict], now: datetime) -> None:
     """Add `events` (rows this transaction has just inserted) to their counters, from Python (SQLite;
     PostgreSQL adds them in the inserting statement itself: `upsert_over`)."""
@@ -53,10 +58,7 @@ def add(connection: Connection, events: Iterable[dict], now: datetime) -> None:
     bulk.upsert(connection, _TABLE, rows, ("scope", "ref", "period"), _MERGES)  # in key order: concurrent writers lock alike
 
 
-_MERGES = {"tokens": "spend_counters.tokens + excluded.tokens", "cost_nanos": "spend_counters.cost_nanos + excluded.cost_nanos",
-           "updated_at": "excluded.updated_at"}  # fmt: skip
-
-
+@cache
 def upsert_over(source: str) -> str:
     """PostgreSQL: the statement that adds the events of `source` (a CTE of the rows just inserted) to
     their counters, as `add` does (`scopes_of`: the item's lifetime; the team's month, for an event with
