@@ -93,6 +93,52 @@ async def test_a_background_response_is_billed_once_when_read_back_finished(prox
     assert sorted(e["usage_source"] for e in events) == ["deferred", "provider"]
 
 
+@BOTH_DATABASES
+async def test_a_background_response_read_only_as_a_stream_is_billed_once(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-35"})
+    assert queued.status == "queued"
+
+    for _ in range(2):  # read twice, to the end: billed once all the same
+        async with await client.responses.retrieve(queued.id, stream=True) as stream:
+            events = [event async for event in stream]
+        assert proxy.received[-1]["query"] == "stream=true"
+    finished = events[-1].response
+    assert events[-1].type == "response.completed" and finished.usage is not None
+
+    item = await proxy.item("PROJ-35", requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+    events_stored = await proxy.get("/api/usage/events", work_item="PROJ-35")
+    assert sorted(e["usage_source"] for e in events_stored) == ["deferred", "provider"]
+
+
+@BOTH_DATABASES
+async def test_a_background_stream_cut_before_its_end_bills_nothing_until_a_read_sees_the_end(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    queued = await client.responses.create(model="fake-cut", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-36"})
+    with pytest.raises(openai.APIError):  # the provider cuts its stream halfway: the proxy says so in-band
+        async with await client.responses.retrieve(queued.id, stream=True) as stream:
+            async for _ in stream:
+                pass
+    await proxy.item("PROJ-36", requests=1)  # the deferred create alone
+    assert [e["usage_source"] for e in await proxy.get("/api/usage/events", work_item="PROJ-36")] == ["deferred"]
+
+    finished = await client.responses.retrieve(queued.id)
+    item = await proxy.item("PROJ-36", requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
+async def test_a_background_response_too_large_to_keep_is_billed_from_its_ends(tmp_path: Path, fake: FakeProvider) -> None:
+    settings = make_settings(tmp_path, limits={"max_buffered_response_bytes": 256})  # the finished response is relayed as it arrives
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        client = proxy.openai(await proxy.new_key())
+        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-37"})
+        finished = await client.responses.retrieve(queued.id)
+        assert finished.status == "completed" and len(finished.model_dump_json()) > 256
+        item = await proxy.item("PROJ-37", requests=2)
+        assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
 async def test_a_request_without_model_is_refused_with_what_to_send(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     with pytest.raises(openai.BadRequestError) as refused:
@@ -159,4 +205,16 @@ def test_stored_routes_through_a_real_server(server: ServerProcess, upstream: Fa
     assert [r["path"] for r in upstream.received[-3:]] == [f"/v1/responses/{queued.id}", f"/v1/responses/{queued.id}/cancel",
                                                             f"/v1/responses/{queued.id}"]  # fmt: skip
     item = server.work_item("PROJ-35", expected_requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
+@pytest.mark.serve
+def test_a_background_response_read_as_a_stream_through_a_real_server_is_billed(server: ServerProcess) -> None:
+    client = server.openai(server.new_key(owner="ari"), default_headers={"X-Work-Item": "PROJ-39"})
+    queued = client.responses.create(model="gpt-4o-mini", input="Write the release notes.", background=True)
+    with client.responses.retrieve(queued.id, stream=True) as stream:
+        events = list(stream)
+    finished = events[-1].response
+    assert events[-1].type == "response.completed" and finished.usage is not None
+    item = server.work_item("PROJ-39", expected_requests=2)
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)

@@ -277,6 +277,12 @@ class FakeProvider:
             return _json({"id": found["response"]["id"], "object": "response.deleted", "deleted": True})
         if request.url.path.endswith("/cancel"):
             found["response"] = {**found["response"], "status": "cancelled"}
+        elif request.query_params.get("stream") == "true":  # the response's events, from the first (starting_after: later)
+            done = found["response"]
+            words = done["output"][0]["content"][0]["text"].split() if done["output"] else []
+            after = int(request.query_params.get("starting_after", 0))
+            events = self._responses_stream(done, words, done["model"], starting_after=after)
+            return StreamingResponse(events, media_type="text/event-stream")
         return _json(found["response"])
 
     async def input_items(self, request: Request) -> Response:
@@ -287,8 +293,9 @@ class FakeProvider:
         item = {"id": "msg_in", "type": "message", "role": "user", "status": "completed", "content": [{"type": "input_text", "text": text}]}
         return _json({"object": "list", "data": [item], "first_id": "msg_in", "last_id": "msg_in", "has_more": False})
 
-    async def _responses_stream(self, done: dict, words: list[str], model: str):  # type: ignore[no-untyped-def]
-        """The whole event sequence OpenAI sends (Codex CLI needs the item and part events around the deltas)."""
+    async def _responses_stream(self, done: dict, words: list[str], model: str, starting_after: int = 0):  # type: ignore[no-untyped-def]
+        """The whole event sequence OpenAI sends (Codex CLI needs the item and part events around the deltas);
+        the events numbered up to `starting_after` are left out (a stored response's stream, resumed)."""
         message = done["output"][0]
         started = {**done, "status": "in_progress", "output": [], "usage": None}
         where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
@@ -297,7 +304,7 @@ class FakeProvider:
         def event(name: str, data: dict) -> bytes:
             nonlocal sequence
             sequence += 1
-            return _named(name, {"type": name, "sequence_number": sequence, **data})
+            return _named(name, {"type": name, "sequence_number": sequence, **data}) if sequence > starting_after else b""
 
         yield event("response.created", {"response": started})
         yield event("response.in_progress", {"response": started})

@@ -6,16 +6,18 @@ created the response (`ResponseOrigins`), and only for the person who created it
 told it does not exist, as the provider would say of another account's response.
 
 A background response (`background: true`) is answered before it is generated, and its usage comes
-only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first
-non-streamed read that shows it finished (`GET` or `cancel`) records its usage on the create's work
-item, at the create's time and under an id derived from the response id: however many reads and
-replicas see it finished, the event is written once (id and time are the events table's key).
+only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first read
+that shows it finished (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel`) records
+its usage on the create's work item, at the create's time and under an id derived from the response
+id: however many reads and replicas see it finished, the event is written once (id and time are the
+events table's key). A read cut short before the end bills nothing; the next one that sees it does.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,9 +34,12 @@ from taskproxy.metering.attempts import Attempts, Caller
 from taskproxy.routes.common import MAX_API_BODY, ApiRoute
 from taskproxy.settings import ModelSettings, Settings
 from taskproxy.storage.response_origins import Origin, ResponseOrigins
+from taskproxy.jsonbytes import last_usage_object
+from taskproxy.metering.observed import Observed
 from taskproxy.upstream import observe
+from taskproxy.upstream.observe import openai_usage
 from taskproxy.upstream.capture import Capture
-from taskproxy.upstream.provider import ProviderClient, ProviderRequest, upstream_headers
+from taskproxy.upstream.provider import ProviderClient, ProviderReply, ProviderRequest, upstream_headers
 from taskproxy.upstream.relay import BodyResponse, ClientWatch, RelayResponse
 from taskproxy.error_shapes import error_event
 
@@ -79,20 +84,22 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         url = f"{model.base_url}/responses/{origin.response_id}{suffix}" + (f"?{query}" if query else "")
         headers = upstream_headers(request.headers, api_key)
         reply = await stored.provider.send(ProviderRequest(model, url, headers, content, stream=False, method=method))
-        if reply.is_event_stream:  # GET ?stream=true: relayed as it comes (usage is billed by a non-streamed read)
-            return RelayResponse(reply, capture=Capture(), watch=ClientWatch(request.receive), on_done=lambda error, first_byte: None,
-                                 error_event=_error_event, max_seconds=model.max_stream_seconds)  # type: ignore[return-value]  # fmt: skip
+        billable = origin.deferred and reply.status == 200 and suffix != "/input_items"
+        if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
+            return _relayed(request, stored, origin, model, reply, billable, observe.responses_stream, model.max_stream_seconds)
         limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
         async for chunk in reply.chunks:
             parts.append(chunk)
             size += len(chunk)
-            if size > limit:  # too large to keep: the rest is relayed as it arrives
-                return RelayResponse(reply, capture=Capture(), watch=ClientWatch(request.receive), on_done=lambda error, first_byte: None,
-                                     error_event=_error_event, max_seconds=model.max_response_seconds, prefix=b"".join(parts))  # type: ignore[return-value]  # fmt: skip
+            if size > limit:  # too large to keep: the rest is relayed as it arrives, billed from its ends
+                return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, model.max_response_seconds,
+                                prefix=b"".join(parts))  # fmt: skip
         await reply.close()
         body = b"".join(parts)
-        if origin.deferred and reply.status == 200 and suffix != "/input_items":
-            await _bill_when_finished(request, stored, origin, model, body)
+        if billable and _is_finished(await _decoded(stored, body)):
+            capture = Capture()
+            capture.add(body)
+            _bill(request, stored, origin, model, partial(observe.responses_body, capture))
         return BodyResponse(reply.status, reply.headers, body)  # type: ignore[return-value]
 
     handler.__name__ = handler.__qualname__ = f"stored_response_{method.lower()}{suffix.replace('/', '_')}"
@@ -103,11 +110,35 @@ def _error_event(error: ApiError) -> bytes:
     return error_event(error, ApiFormat.OPENAI)
 
 
-async def _bill_when_finished(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, body: bytes) -> None:
-    """Record a background response's usage once it is finished, on the work item it was created for."""
-    decoded = await decode_json_object(body, stored.settings.limits.max_json_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
-    if not isinstance(decoded, dict) or decoded.get("status") not in observe.FINISHED:
-        return
+def _relayed(
+    request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, reply: ProviderReply, billable: bool,
+    observed: Callable[[Capture], Observed], max_seconds: float, prefix: bytes = b"",
+) -> Response:  # fmt: skip
+    """Relay a read as it arrives. A background response's usage is recorded when what passed ends with
+    it (the stream's `response.completed`, or the body's `usage`): a read cut short bills nothing, and
+    the next read that sees the end does."""
+    capture = Capture()
+    capture.add(prefix)
+
+    def on_done(error: str | None, first_byte: float | None) -> None:
+        if billable and openai_usage(last_usage_object(capture.recent())) is not None:
+            _bill(request, stored, origin, model, partial(observed, capture))
+
+    return RelayResponse(reply, capture=capture, watch=ClientWatch(request.receive), on_done=on_done, error_event=_error_event,
+                         max_seconds=max_seconds, prefix=prefix)  # type: ignore[return-value]  # fmt: skip
+
+
+async def _decoded(stored: StoredResponses, body: bytes) -> object:
+    return await decode_json_object(body, stored.settings.limits.max_json_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
+
+
+def _is_finished(decoded: object) -> bool:
+    return isinstance(decoded, dict) and decoded.get("status") in observe.FINISHED
+
+
+def _bill(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, observed: Callable[[], Observed]) -> None:
+    """Record a finished background response's usage on the work item it was created for, at its
+    create's time and under an id made from its own: written once, however many reads see it."""
     caller = Caller(origin.key_id, origin.owner, origin.team, origin.work_item, origin.attribution_source)
     attempt = stored.attempts.begin(
         caller, ts=origin.ts, started=time.perf_counter(), body={}, user_agent=request.headers.get("user-agent"), route="/v1/responses",
@@ -115,9 +146,7 @@ async def _bill_when_finished(request: Request, stored: StoredResponses, origin:
     )  # fmt: skip
     attempt.exchange.id = deferred_event_id(origin.response_id)
     attempt.exchange.answered = True
-    capture = Capture()
-    capture.add(body)
-    attempt.exchange.observe = partial(observe.responses_body, capture)
+    attempt.exchange.observe = observed
     attempt.record_once(status=200)
 
 
