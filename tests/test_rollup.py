@@ -103,6 +103,8 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         if e.cost_nanos is not None:
             s["cost_nanos"] = (s["cost_nanos"] or 0) + e.cost_nanos
         s["first_ts"], s["last_ts"] = min(s["first_ts"], e.ts), max(s["last_ts"], e.ts)
+        if unit == "key":  # the hours of the day with a request
+            s["request_hours"] |= (1 << e.ts.hour) if e.attempt == 1 and e.route != COUNT_TOKENS else 0
     return {k: dict(v) for k, v in found.items()}
 
 

@@ -1,13 +1,29 @@
 """The machine-cadence signal: a key whose requests come at near-constant intervals, or around the
 clock (see `signals.py`). On PostgreSQL the database computes each key's figures (a window over its
 requests in the order of the (key_id, ts) index) and a row per key comes back; SQLite streams the
-request times. One evidence definition for both."""
+request times. One evidence definition for both.
+
+Only the keys that could meet either test have their requests read (`could_be_flagged`). The hours of
+each whole day in which a key made requests (`usage_key_daily.request_hours`, kept by the writer) rule
+the others out without reading an event:
+
+- Around the clock: fewer days with `around_clock_min_hours` hours than `around_clock_min_days`, even
+  counting the period's partial days (at most two) as such days.
+- Regular intervals: a run of L hours without a request, between two hours with one, is an interval
+  longer than L hours. With n requests, the mean interval m is at most (last − first) / (n − 1) over
+  the key's events, and the intervals' squared deviations add up to at least Σ (L × 3600 − m)² over
+  the runs longer than m. Above (n − 1) × (cadence_max_cv × m)², the coefficient of variation cannot
+  be within `cadence_max_cv`. A person's nights and weekends are such runs.
+
+Each is a necessary condition, so a key the full test would flag is never ruled out; the evidence of
+every flagged key comes from its requests, as before."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
+from itertools import groupby
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +34,7 @@ from sqlalchemy.engine import Connection
 from taskproxy.reports.signal_data import EVENTS, Found, ItemRow, KeyInfo, Spend, is_service, item_entry, listed, rounded
 from taskproxy.settings import SignalSettings
 from taskproxy.storage import idsets
-from taskproxy.storage.rollup import request_clause, within
+from taskproxy.storage.rollup import KEY_DAILY, KEY_LEVELS, Period, any_within, request_clause, within
 from taskproxy.timeutil import iso
 
 
@@ -55,6 +71,7 @@ def cadence(
     wanted = sorted(
         k for k, n in counts.items() if n >= t.cadence_min_requests and (t.flag_service_keys or not is_service(keys, k))
     )
+    wanted = could_be_flagged(connection, wanted, spend, since, until, t)
     if not wanted:
         return []
     runs = _cadence_in_postgres if connection.dialect.name == "postgresql" else _cadence_from_times
@@ -64,6 +81,54 @@ def cadence(
         if result is not None:
             found.append((key_id, result, listed([item_entry(items, s) for s in spend[key_id].values() if s.requests])))
     return found
+
+
+def could_be_flagged(
+    connection: Connection, keys: list[str], spend: dict[str, dict[str, Spend]], since: datetime, until: datetime, t: SignalSettings
+) -> list[str]:  # fmt: skip
+    """The `keys` that the hours of their whole days with requests do not rule out (module docstring)."""
+    period = Period(since, until, levels=KEY_LEVELS)
+    days = period.ranges(KEY_DAILY)
+    if not days:
+        return keys
+    partial_days = len(period.ranges(None))
+    c = KEY_DAILY.table.c
+    found: list[str] = []
+    for batch in idsets.batches(connection, keys):
+        query = (select(c.key_id, c.bucket, c.request_hours)
+                 .where(any_within(c.bucket, days), idsets.among(connection, c.key_id, batch), c.request_hours != 0)
+                 .order_by(c.key_id, c.bucket))  # fmt: skip
+        rows = connection.execute(query.execution_options(yield_per=20_000))
+        ruled_out = set()
+        for key_id, day_rows in groupby(rows, key=lambda row: row.key_id):
+            hours = _hours_by_day(day_rows)
+            around = sum(1 for mask in hours.values() if mask.bit_count() >= t.around_clock_min_hours)
+            if around + partial_days < t.around_clock_min_days and not _may_be_regular(hours, spend[key_id].values(), t.cadence_max_cv):
+                ruled_out.add(key_id)
+        found.extend(key for key in batch if key not in ruled_out)  # a key with no whole day's hours is not ruled out
+    return found
+
+
+def _hours_by_day(rows: Iterable[Any]) -> dict[int, int]:
+    """{day's ordinal: its hours with a request}, OR-ed over the key's rows of the day (one per item)."""
+    hours: dict[int, int] = defaultdict(int)
+    for row in rows:
+        hours[row.bucket.toordinal()] |= row.request_hours
+    return hours
+
+
+def _may_be_regular(hours: dict[int, int], spend: Collection[Spend], max_cv: float) -> bool:
+    requests = sum(s.requests for s in spend)
+    first = min((s.first for s in spend if s.first is not None), default=None)
+    last = max((s.last for s in spend if s.last is not None), default=None)
+    if requests < 2 or first is None or last is None or last <= first:
+        return True
+    mean = (last - first).total_seconds() / (requests - 1)  # at least the mean interval between requests
+    start = min(hours)
+    timeline = sum(mask << (24 * (day - start)) for day, mask in hours.items())
+    quiet = (len(run) * 3600 for run in bin(timeline)[2:].strip("0").split("1"))  # runs of hours without a request
+    excess = sum((seconds - mean) ** 2 for seconds in quiet if seconds > mean)
+    return excess <= (requests - 1) * (max_cv * mean) ** 2 * (1 + 1e-9)  # the slack: rounding never rules a key out
 
 
 def _cadence_from_times(connection: Connection, keys: list[str], since: datetime, until: datetime, t: SignalSettings) -> Iterator[tuple[str, Cadence]]:

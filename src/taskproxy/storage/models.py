@@ -243,6 +243,9 @@ class UsageKeyDaily(_Sums, table=True):
     key_id: str = Field(max_length=32)
     work_item: str = Field(max_length=200)
     team: str = Field(max_length=200)  # '' for events without a team
+    # The UTC hours of the day with a request: bit h set for a request in hour h. Kept so that the
+    # machine-cadence signal knows a key's quiet hours without reading its events (OR merges it).
+    request_hours: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class Rejection(SQLModel, table=True):

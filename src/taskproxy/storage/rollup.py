@@ -1,6 +1,7 @@
 """The usage rollups (`usage_daily`, `usage_hourly`; see models._UsageSums): usage_events summed per UTC
 day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions;
-`usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures; and
+`usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures (with
+the hours of the day in which the key made requests, for the machine cadence); and
 `usage_team_daily`, per UTC day, team and model, for usage by team or model.
 
 They are exact, never an estimate:
@@ -21,6 +22,7 @@ They are exact, never an estimate:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -28,7 +30,7 @@ from datetime import datetime, timedelta
 import operator
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, Select, Table, and_, case, column, func, insert, literal_column, or_, select, table, true, union_all
+from sqlalchemy import Integer, Row, Select, Table, and_, case, cast, column, distinct, func, insert, literal_column, or_, select, table, true, union_all
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -65,6 +67,7 @@ class Level:
     unit: str  # 'day' | 'hour' (also the unit's name in SQL)
     table: Table
     key: tuple[str, ...]
+    extra: tuple[str, ...] = ()  # what this table keeps beyond the sums every rollup has (EXTRAS)
 
     @property
     def size(self) -> timedelta:
@@ -98,7 +101,7 @@ class Level:
 DAILY = Level("day", UsageDaily.__table__, ("bucket", "work_item", "team", "model", "owner"))
 HOURLY = Level("hour", UsageHourly.__table__, ("bucket", "work_item", "team", "model"))
 LEVELS = (DAILY, HOURLY)  # coarsest first
-KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_item", "team"))
+KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_item", "team"), extra=("request_hours",))
 KEY_LEVELS = (KEY_DAILY,)  # per key: whole days, then the raw events
 TEAM_DAILY = Level("day", UsageTeamDaily.__table__, ("bucket", "team", "model"))
 TEAM_LEVELS = (TEAM_DAILY, HOURLY)  # per team or model: whole days, whole hours, then the raw events
@@ -128,6 +131,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     daily: dict[tuple, list] = {}
     per_key: dict[tuple, list] = {}
     per_team: dict[tuple, list] = {}
+    hours_of: dict[tuple, int] = defaultdict(int)  # per key row: the hours with a request (`request_hours`)
     for event in events:
         ts = event["ts"]
         hour = ts.replace(minute=0, second=0, microsecond=0)
@@ -142,21 +146,27 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         _accumulate(hourly, (hour, item, team, model), counts, cost, ts)
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
         _accumulate(per_key, (hour.replace(hour=0), event["key_id"], item, team), counts, cost, ts)
+        hours_of[(hour.replace(hour=0), event["key_id"], item, team)] |= (1 << ts.hour) if counts[2] else 0
         _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
     found = {}
     for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team)):
         columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
+    for row in found[KEY_DAILY]:
+        row["request_hours"] = hours_of[tuple(row[name] for name in KEY_DAILY.key)]
     return found
 
 
-def _merges(table: str, dialect: str) -> dict[str, str]:
+def _merges(level: Level, dialect: str) -> dict[str, str]:
     """How an upsert folds a delta (`excluded`) into a rollup row: SQL per column."""
+    table = level.table.name
     least, greatest = ("least", "greatest") if dialect == "postgresql" else ("min", "max")  # SQLite's of two values
     merges = {column: f"{table}.{column} + excluded.{column}" for column in COUNTS}
     merges["cost_nanos"] = f"CASE WHEN excluded.cost_nanos IS NULL THEN {table}.cost_nanos ELSE COALESCE({table}.cost_nanos, 0) + excluded.cost_nanos END"
     merges["first_ts"] = f"{least}({table}.first_ts, excluded.first_ts)"
     merges["last_ts"] = f"{greatest}({table}.last_ts, excluded.last_ts)"
+    for name in level.extra:
+        merges[name] = f"{table}.{name} | excluded.{name}"  # both dialects' bitwise OR
     return merges
 
 
@@ -164,7 +174,7 @@ def add(connection: Connection, events: Iterable[dict]) -> None:
     """Add `events` (rows the caller has just inserted, in this transaction) to the rollups, from Python
     (SQLite; PostgreSQL adds them in the inserting statement itself: `upserts_over`)."""
     for level, rows in deltas(events).items():  # hourly, daily, per key, each in key order: concurrent writers lock alike
-        bulk.upsert(connection, level.table, rows, level.key, _merges(level.table.name, connection.dialect.name))
+        bulk.upsert(connection, level.table, rows, level.key, _merges(level, connection.dialect.name))
 
 
 def _summed(level: Level, events: Any, dialect: str) -> Select:
@@ -173,7 +183,22 @@ def _summed(level: Level, events: Any, dialect: str) -> Select:
     by = {"work_item": events.work_item, "team": func.coalesce(events.team, literal_column("''")), "model": events.model,
           "owner": events.owner, "key_id": events.key_id}  # fmt: skip
     keys = [level.floor_sql(events.ts, dialect), *(by[name] for name in level.key[1:])]
-    return select(*keys, *(aggregates[name].raw for name in _STORED)).group_by(*keys)
+    extras = [EXTRAS[name](events, dialect) for name in level.extra]
+    return select(*keys, *(aggregates[name].raw for name in _STORED), *extras).group_by(*keys)
+
+
+def request_hours(events: Any, dialect: str) -> ColumnElement:
+    """The hours of the day (bit h: hour h, UTC) in which `events` hold a request: over the events of
+    one day, what `usage_key_daily.request_hours` keeps. SQLite has no bitwise aggregate, but the sum of
+    distinct powers of two is their OR."""
+    if dialect == "postgresql":
+        hour = cast(func.extract("hour", events.ts), Integer)
+        return func.bit_or(case((request_clause(events), literal_column("1").op("<<")(hour)), else_=0))
+    hour = cast(func.strftime(literal_column("'%H'"), events.ts), Integer)
+    return func.sum(distinct(case((request_clause(events), literal_column("1").op("<<")(hour)), else_=0)))
+
+
+EXTRAS: dict[str, Callable[[Any, str], ColumnElement]] = {"request_hours": request_hours}  # Level.extra: column -> its aggregate
 
 
 SOURCE_COLUMNS = ("ts", "work_item", "team", "model", "owner", "key_id", "attempt", "route", "status", *TOKENS, "cost_nanos")
@@ -190,9 +215,9 @@ def upserts_over(source: str) -> tuple[str, ...]:
     for level in WRITTEN:
         summed = _summed(level, events, "postgresql")
         query = summed.order_by(*(literal_column(str(n + 1)) for n in range(len(level.key))))
-        merges = ", ".join(f"{name} = {sql}" for name, sql in _merges(level.table.name, "postgresql").items())
+        merges = ", ".join(f"{name} = {sql}" for name, sql in _merges(level, "postgresql").items())
         found.append(
-            f"INSERT INTO {level.table.name} ({', '.join([*level.key, *_STORED.values()])}) "
+            f"INSERT INTO {level.table.name} ({', '.join([*level.key, *_STORED.values(), *level.extra])}) "
             f"{query.compile(dialect=dialect, compile_kwargs={'literal_binds': True})} "
             f"ON CONFLICT ({', '.join(level.key)}) DO UPDATE SET {merges}"
         )  # fmt: skip
@@ -203,7 +228,7 @@ def backfill(connection: Connection, levels: Sequence[Level] = WRITTEN) -> None:
     """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each."""
     for level in levels:
         query = _summed(level, _E, connection.dialect.name)
-        connection.execute(insert(level.table).from_select([*level.key, *_STORED.values()], query))
+        connection.execute(insert(level.table).from_select([*level.key, *_STORED.values(), *level.extra], query))
 
 
 # -- reading: whole days and hours from the rollups, the edges from the raw events -----------------
