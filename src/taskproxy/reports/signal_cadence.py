@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from itertools import groupby
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import Integer, cast, distinct, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.reports.signal_data import EVENTS, Found, ItemRow, KeyInfo, Spend, is_service, item_entry, listed, rounded
 from taskproxy.settings import SignalSettings
 from taskproxy.storage import idsets
-from taskproxy.storage.rollup import KEY_DAILY, KEY_LEVELS, Period, any_within, request_clause, within
+from taskproxy.storage.rollup import KEY_DAILY, KEY_LEVELS, Period, Range, any_within, request_clause, within
 from taskproxy.timeutil import iso
 
 
@@ -92,16 +92,10 @@ def could_be_flagged(
     if not days:
         return keys
     partial_days = len(period.ranges(None))
-    c = KEY_DAILY.table.c
     found: list[str] = []
     for batch in idsets.batches(connection, keys):
-        query = (select(c.key_id, c.bucket, c.request_hours)
-                 .where(any_within(c.bucket, days), idsets.among(connection, c.key_id, batch), c.request_hours != 0)
-                 .order_by(c.key_id, c.bucket))  # fmt: skip
-        rows = connection.execute(query.execution_options(yield_per=20_000))
         ruled_out = set()
-        for key_id, day_rows in groupby(rows, key=lambda row: row.key_id):
-            hours = _hours_by_day(day_rows)
+        for key_id, hours in _hours_by_day(connection, batch, days):
             around = sum(1 for mask in hours.values() if mask.bit_count() >= t.around_clock_min_hours)
             if around + partial_days < t.around_clock_min_days and not _may_be_regular(hours, spend[key_id].values(), t.cadence_max_cv):
                 ruled_out.add(key_id)
@@ -109,12 +103,24 @@ def could_be_flagged(
     return found
 
 
-def _hours_by_day(rows: Iterable[Any]) -> dict[int, int]:
-    """{day's ordinal: its hours with a request}, OR-ed over the key's rows of the day (one per item)."""
-    hours: dict[int, int] = defaultdict(int)
-    for row in rows:
-        hours[row.bucket.toordinal()] |= row.request_hours
-    return hours
+def _hours_by_day(connection: Connection, keys: list[str], days: list[Range]) -> Iterator[tuple[str, dict[int, int]]]:
+    """Per key: {day number: its hours with a request}, OR-ed over the key's rows of the day (one per
+    item). PostgreSQL ORs them and sends a row per key; SQLite's rows are folded here."""
+    c = KEY_DAILY.table.c
+    where = (any_within(c.bucket, days), idsets.among(connection, c.key_id, keys), c.request_hours != 0)
+    if connection.dialect.name == "postgresql":
+        day = cast(func.extract("epoch", c.bucket) / 86400, Integer).label("day")
+        per_day = select(c.key_id, day, func.bit_or(c.request_hours).label("mask")).where(*where).group_by(c.key_id, day).subquery()
+        query = select(per_day.c.key_id, func.array_agg(per_day.c.day), func.array_agg(per_day.c.mask)).group_by(per_day.c.key_id)
+        for key_id, numbers, masks in connection.execute(query.execution_options(yield_per=5_000)):
+            yield key_id, dict(zip(numbers, masks))
+        return
+    rows = connection.execute(select(c.key_id, c.bucket, c.request_hours).where(*where).order_by(c.key_id))
+    for key_id, day_rows in groupby(rows, key=lambda row: row.key_id):
+        hours: dict[int, int] = defaultdict(int)
+        for row in day_rows:
+            hours[row.bucket.toordinal()] |= row.request_hours
+        yield key_id, hours
 
 
 def _may_be_regular(hours: dict[int, int], spend: Collection[Spend], max_cv: float) -> bool:
