@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
@@ -22,6 +23,13 @@ MAX_ID_LENGTH = 200
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
 RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
+COMPLETED = "done"  # the status of completed work: what every report counts as an outcome
+
+
+def completed_in(status: str, completed_at: datetime | None, since: datetime, until: datetime) -> bool:
+    """Completed in the period [since, until): status done and `completed_at` in it (a closed item is
+    not completed). `repo.completed_ids` says the same in SQL."""
+    return status == COMPLETED and completed_at is not None and since <= completed_at < until
 ITEM_SOURCES = ("jira", "github", "gitlab", "linear", "manual")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GITHUB_PATH = re.compile(r"^/([^/]+)/([^/]+)/(?:pull|issues)/(\d+)(?:/.*)?$")

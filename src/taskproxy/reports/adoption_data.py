@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
-from taskproxy.workitems import RESOLVED
+from taskproxy.storage.repo import completed_ids
+from taskproxy.workitems import RESOLVED, completed_in
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
 _E = UsageEvent.__table__.c
@@ -71,8 +72,8 @@ class Item:
         return not done_again
 
     def completed_in(self, since: datetime, until: datetime) -> bool:
-        """Completed in the period (adoption.py): status done, completed_at in it."""
-        return self.status == "done" and self.completed_at is not None and since <= self.completed_at < until
+        """Completed in the period (adoption.py; `workitems.completed_in`)."""
+        return completed_in(self.status, self.completed_at, since, until)
 
     def delivered_in(self, since: datetime, until: datetime) -> bool:
         """Completed in the period, or completed in it and reopened since (adoption.py, rework)."""
@@ -90,7 +91,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     completed in it, and the items their links point to. Each step reads by index what those items
     need, so the work grows with the period's activity, not with the organisation's history."""
     items = _period_spend(connection, since, until)
-    for item_id in connection.execute(_completed_ids(since, until)).scalars():
+    for item_id in connection.execute(completed_ids(since, until)).scalars():
         items.setdefault(item_id, Item(item_id))
     reopened = _reopened_completions(connection, since, until)
     for item_id in reopened:
@@ -110,11 +111,6 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
             if item is not None and item.status_at_until == "done" and not item.undone_as_of(until):
                 items[ticket].merged_pr = True
     return items
-
-
-def _completed_ids(since: datetime, until: datetime) -> Select:
-    """The ids of the items completed in the period (`adoption.py`: status done, completed_at in it)."""
-    return select(_W.id).where(_W.status == "done", *within(_W.completed_at, since, until))
 
 
 def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
@@ -153,7 +149,7 @@ def _reopened_completions(connection: Connection, since: datetime, until: dateti
 
 def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the rollup alone)."""
-    _fill_usage(connection, items, lambda c: [c.work_item.in_(_completed_ids(since, until))])
+    _fill_usage(connection, items, lambda c: [c.work_item.in_(completed_ids(since, until))])
 
 
 def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:

@@ -17,7 +17,8 @@ from taskproxy.storage.models import WorkItem
 from taskproxy.storage import rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
-from taskproxy.workitems import RESOLVED
+from taskproxy.storage.repo import completed_ids
+from taskproxy.workitems import RESOLVED, completed_in
 
 from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_data import (
@@ -33,7 +34,6 @@ from taskproxy.reports.signal_data import (
     WITHOUT_VERIFICATION,
     Span,
     add_spend,
-    completed_ids,
     events_within,
     is_service,
     item_entry,
@@ -205,7 +205,7 @@ def without_completion(
 
 
 def _completed_since(item: ItemRow | None, since: datetime) -> bool:
-    return item is not None and item.status == "done" and item.completed_at is not None and item.completed_at >= since
+    return item is not None and completed_in(item.status, item.completed_at, since, datetime.max)
 
 
 def cost_outliers(
@@ -335,7 +335,7 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
 
 
 def _completed_in(item: ItemRow | None, since: datetime, until: datetime) -> bool:
-    return item is not None and item.status == "done" and item.completed_at is not None and since <= item.completed_at < until
+    return item is not None and completed_in(item.status, item.completed_at, since, until)
 
 
 SPLIT_COMBINED = (0.5, 2.0)  # a burst's combined size, as a multiple of the team's median: about one ordinary item

@@ -16,7 +16,7 @@ from typing import Any
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import DateTime, Select, String, and_, bindparam, func, or_, select, true
+from sqlalchemy import DateTime, String, and_, bindparam, func, or_, select, true
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
@@ -92,11 +92,6 @@ def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInf
         for r in connection.execute(select(KEYS.id, KEYS.owner, KEYS.team, KEYS.role).where(idsets.among(connection, KEYS.id, chunk))):
             keys[r.id] = KeyInfo(r.id, r.owner, r.team, r.role)
     return keys
-
-
-def completed_ids(since: datetime, until: datetime) -> Select:
-    """The items completed in the period: status done, completed_at in it (by the completed_at index)."""
-    return select(ITEMS.id).where(ITEMS.status == "done", *within(ITEMS.completed_at, since, until))
 
 
 def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]:

@@ -104,11 +104,11 @@ from taskproxy.reports.signal_checks import (
     unverified,
     without_completion,
 )
+from taskproxy.storage.repo import completed_ids
 from taskproxy.reports.signal_data import (
     KINDS,
     Found,
     KeyInfo,
-    completed_ids,
     keys_from_events,
     load_items,
     load_keys,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Select, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.expression import Executable
@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from taskproxy.storage import bulk, changes, rollup, spend
 from taskproxy.timeutil import utcnow
+from taskproxy.workitems import COMPLETED
 from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem
 
 
@@ -91,6 +92,12 @@ def list_work_items(engine: Engine, *, status: str | None = None, team: str | No
     query = select(WorkItem).where(*_matching((WorkItem.status, status), (WorkItem.team, team))).order_by(WorkItem.created_at.desc()).limit(limit)
     with Session(engine) as session:
         return list(session.exec(query).scalars())
+
+
+def completed_ids(since: datetime, until: datetime) -> Select:
+    """The ids of the items completed in [since, until) (`workitems.completed_in`), by the completed_at index."""
+    w = WorkItem.__table__.c
+    return select(w.id).where(w.status == COMPLETED, *rollup.within(w.completed_at, since, until))
 
 
 def list_audit(engine: Engine, *, since: datetime | None = None, until: datetime | None = None, limit: int = 100) -> list[AuditEntry]:
