@@ -2,17 +2,20 @@
 provider: the openai SDK's `responses.connect()` as the client (and the `websockets` package for what
 the SDK will not send). Each `response.create` is admitted and recorded like a POST; a continuation by
 `previous_response_id` reaches the provider whole; refusals are `error` messages and the socket stays
-usable; a client that leaves mid-answer is recorded as such."""
+usable; a client that leaves mid-answer is recorded as such, and so is a turn the server's shutdown ends."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
@@ -136,6 +139,26 @@ def test_a_client_leaving_mid_answer_is_recorded_and_ends_the_providers_request(
     assert time.monotonic() - started < 1.5  # the fake waits 2 s: it was cancelled, not finished
     [event] = server.events("PROJ-55", 1)
     assert event["error"] == "client_disconnected" and event["status"] == 499
+
+
+def test_a_turn_ended_by_the_server_shutting_down_is_recorded_as_such(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """SIGTERM while a socket waits for the provider: uvicorn closes the socket (1012) and the turn is
+    recorded as ended by the proxy's shutdown, not as the client leaving."""
+    config = write_config(tmp_path, upstream.url, models=[{"name": "fake-slow", "base_url": f"{upstream.url}/v1"}])
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+        key = server.new_key(owner="ode")
+        url = server.url.replace("http://", "ws://") + "/v1/responses"
+        with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-58"}, open_timeout=5) as socket:
+            socket.send(json.dumps({"type": "response.create", "model": "fake-slow", "input": "take your time"}))
+            wait_until(lambda: upstream.fake.active, bool, 5)
+            server.sigterm()
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        server.process.wait(20)
+    with closing(sqlite3.connect(tmp_path / "t.db")) as db:
+        rows = db.execute("SELECT status, error FROM usage_events WHERE work_item = 'PROJ-58'").fetchall()
+    assert rows == [(503, "proxy_shutdown")]
 
 
 def test_an_unknown_message_type_is_refused_by_name(server: ServerProcess) -> None:

@@ -30,7 +30,7 @@ from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from taskproxy.error_shapes import error_response, socket_error
-from taskproxy.errors import ApiError, InvalidRequest, RequestTooLarge, UpstreamError, UpstreamTimeout
+from taskproxy.errors import ApiError, InvalidRequest, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import strip_work_item
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object
@@ -44,7 +44,7 @@ from taskproxy.timeutil import utcnow
 from taskproxy.upstream import observe
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import ProviderReply, ProviderRequest, upstream_headers
-from taskproxy.upstream.relay import CLIENT_DISCONNECTED
+from taskproxy.upstream.relay import CLIENT_DISCONNECTED, SHUTDOWN
 from taskproxy.upstream.sse import end_of_last_event, iter_events
 
 log = logging.getLogger("taskproxy.proxy")
@@ -102,7 +102,7 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
             turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, data))
             await asyncio.wait({turn, receiving}, return_when=asyncio.FIRST_COMPLETED)
             if not turn.done() and receiving.result()["type"] == "websocket.disconnect":
-                turn.cancel()
+                turn.cancel(_ended_by(receiving.result()))
             try:
                 await turn
             except asyncio.CancelledError:
@@ -192,8 +192,9 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
                 continue
             await _send(websocket, socket_error(exc))
             return
-        except asyncio.CancelledError:
-            attempt.record_once(status=499, error=CLIENT_DISCONNECTED)
+        except asyncio.CancelledError as exc:
+            why = _why(exc)
+            attempt.record_once(status=499 if why == CLIENT_DISCONNECTED else ServiceUnavailable.default_status, error=why)
             raise
         if not reply.is_event_stream:
             await _refused(websocket, attempt, reply, more)
@@ -268,7 +269,7 @@ async def _relay(
         error = exc.code
         await _send(websocket, socket_error(exc))
     except (asyncio.CancelledError, WebSocketDisconnect, OSError, RuntimeError) as exc:
-        attempt.record_once(status=200, error=CLIENT_DISCONNECTED, first_byte=first_byte)
+        attempt.record_once(status=200, error=_why(exc), first_byte=first_byte)
         await reply.close()
         if isinstance(exc, asyncio.CancelledError):
             raise
@@ -287,6 +288,22 @@ async def _remember(conversation: Conversation, body: dict, terminal: bytes, sen
     event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
     if isinstance(event, dict) and isinstance(event.get("response"), dict):
         conversation.remember(body, event["response"], sent + len(terminal))
+
+
+SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
+
+
+def _ended_by(disconnect: dict) -> str:
+    """Why a socket closed while a turn ran: the server shutting down (it closes every socket with 1012
+    first), else the client leaving. The turn is cancelled with it, and records it."""
+    return SHUTDOWN if disconnect.get("code") == SERVICE_RESTART else CLIENT_DISCONNECTED
+
+
+def _why(exc: BaseException) -> str:
+    """What ended a turn early, from the exception that ended it: a cancellation carries `_ended_by`'s
+    reason; anything else (a send that failed) means the client is gone."""
+    reason = exc.args[0] if isinstance(exc, asyncio.CancelledError) and exc.args else None
+    return SHUTDOWN if reason == SHUTDOWN else CLIENT_DISCONNECTED
 
 
 async def _send(websocket: WebSocket, data: bytes) -> None:
