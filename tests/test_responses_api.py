@@ -128,15 +128,37 @@ async def test_a_background_stream_cut_before_its_end_bills_nothing_until_a_read
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+LONG_INSTRUCTIONS = "Follow the repository's conventions. " * 3000  # ~110 KB, repeated in the response: more than a capture keeps
+
+
+@BOTH_DATABASES
+async def test_a_streamed_answer_whose_last_event_is_larger_than_the_kept_tail_is_billed_exactly(proxy: Proxy) -> None:
+    client = proxy.openai(await proxy.new_key())
+    stream = await client.responses.create(model="gpt-4o-mini", input=INPUT, instructions=LONG_INSTRUCTIONS, stream=True,
+                                           extra_headers={"X-Work-Item": "PROJ-38"})  # fmt: skip
+    events = [event async for event in stream]
+    finished = events[-1].response
+    assert events[-1].type == "response.completed" and len(finished.model_dump_json()) > 100_000
+    [event] = await proxy.events(1, work_item="PROJ-38")
+    assert event["usage_source"] == "provider"
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
 async def test_a_background_response_too_large_to_keep_is_billed_from_its_ends(tmp_path: Path, fake: FakeProvider) -> None:
-    settings = make_settings(tmp_path, limits={"max_buffered_response_bytes": 256})  # the finished response is relayed as it arrives
+    settings = make_settings(tmp_path, limits={"max_buffered_response_bytes": 4096})  # the finished response is relayed as it arrives
     async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         client = proxy.openai(await proxy.new_key())
-        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-37"})
-        finished = await client.responses.retrieve(queued.id)
-        assert finished.status == "completed" and len(finished.model_dump_json()) > 256
-        item = await proxy.item("PROJ-37", requests=2)
-        assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+        for item, streamed in (("PROJ-37", False), ("PROJ-40", True)):
+            queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, instructions=LONG_INSTRUCTIONS, background=True,
+                                                   extra_headers={"X-Work-Item": item})  # fmt: skip
+            if streamed:
+                async with await client.responses.retrieve(queued.id, stream=True) as stream:
+                    finished = [event async for event in stream][-1].response
+            else:
+                finished = await client.responses.retrieve(queued.id)
+            assert finished.status == "completed" and len(finished.model_dump_json()) > 100_000
+            billed = await proxy.item(item, requests=2)
+            assert (billed["prompt_tokens"], billed["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
 async def test_a_request_without_model_is_refused_with_what_to_send(proxy: Proxy) -> None:

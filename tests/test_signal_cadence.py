@@ -10,12 +10,15 @@ import statistics
 from collections import defaultdict
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
+
 from conftest import BOTH_DATABASES
 from taskproxy.reports.signal_cadence import could_be_flagged
 from taskproxy.reports.signal_data import load_spend
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.settings import SignalSettings
 from taskproxy.storage import repo
+from taskproxy.storage.rollup import KEY_DAILY
 from taskproxy.storage.db import make_engine, upgrade_schema
 from test_rollup import event
 
@@ -99,6 +102,15 @@ def test_keys_ruled_out_by_their_hours_are_never_ones_the_definition_flags(datab
             ruled_out_near += len(machines - kept)
         if t is DEFAULTS:  # people and office hours are ruled out without reading a request
             assert not {k for k in kept if k.startswith(("person", "office-bot"))} and "insomniac" in expected
+    # A replica older than migration 0012 (during an upgrade) writes rows without hours: such a key is
+    # no longer ruled out, since its quiet hours are not known.
+    table = KEY_DAILY.table
+    with engine.begin() as connection:
+        day = SINCE.replace(hour=0) + timedelta(days=2)  # a whole day of the period (as stored, within the hour: SQLite keeps text)
+        within_day = (table.c.bucket > day - timedelta(hours=1), table.c.bucket < day + timedelta(hours=1))
+        assert connection.execute(update(table).where(table.c.key_id == "person-00", *within_day).values(request_hours=0)).rowcount
+        kept = set(could_be_flagged(connection, sorted(spend), spend, SINCE, UNTIL, DEFAULTS))
+    assert "person-00" in kept and "person-01" not in kept
     engine.dispose()
     assert ruled_out_near >= 20  # and so are many of the machines that stop for a while, at each threshold
     assert "night-owl" in flagged_by_definition(times, EDGES) and "night-owl" not in flagged_by_definition(times, DEFAULTS)

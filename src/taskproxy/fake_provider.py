@@ -222,15 +222,18 @@ class FakeProvider:
         text = " ".join(words)
         message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
-        done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "model": model,
-                "status": "completed", "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        # In OpenAI's order: id, status and background first, then the request's instructions repeated, the
+        # output, and usage last.
+        done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "status": "completed",
+                "background": body.get("background") is True, "instructions": body.get("instructions"), "model": model,
+                "output": [message], "parallel_tool_calls": True,
+                "tool_choice": "auto", "tools": [], "usage": usage}  # fmt: skip
         if model == "fake-tool" and not _has_tool_result(body.get("input")):
             call = _function_call(body.get("tools"), len(self.received))
             done = {**done, "output": [call], "usage": {**usage, "output_tokens": 20, "total_tokens": prompt + 20}}
             if body.get("stream") is not True:
                 return _json(done)
             return StreamingResponse(self._function_call_stream(done), media_type="text/event-stream")
-        done["background"] = body.get("background") is True
         self.stored[done["id"]] = {"response": done, "input": body.get("input")}
         if len(self.stored) > STORED_RESPONSES:  # a benchmark's millions of answers are not all kept
             del self.stored[next(iter(self.stored))]

@@ -15,8 +15,11 @@ the others out without reading an event:
   the runs longer than m. Above (n − 1) × (cadence_max_cv × m)², the coefficient of variation cannot
   be within `cadence_max_cv`. A person's nights and weekends are such runs.
 
-Each is a necessary condition, so a key the full test would flag is never ruled out; the evidence of
-every flagged key comes from its requests, as before."""
+Each is a necessary condition, so a key the full test would flag is never ruled out, as long as the
+hours were kept for all its requests (a row that counts requests but no hour, written by a replica
+older than migration 0012 during an upgrade, rules nothing out for its key) and the period's raw
+events are all there (`recording.retention_months`; the check reads nothing in a dropped month). The
+evidence of every flagged key comes from its requests, as before."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, cast, distinct, func, select
+from sqlalchemy import Integer, and_, cast, distinct, func, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.reports.signal_data import EVENTS, Found, ItemRow, KeyInfo, Spend, is_service, item_entry, listed, rounded
@@ -96,6 +99,8 @@ def could_be_flagged(
     for batch in idsets.batches(connection, keys):
         ruled_out = set()
         for key_id, hours in _hours_by_day(connection, batch, days):
+            if hours is None:
+                continue  # hours not kept for some of its requests: nothing is ruled out
             around = sum(1 for mask in hours.values() if mask.bit_count() >= t.around_clock_min_hours)
             if around + partial_days < t.around_clock_min_days and not _may_be_regular(hours, spend[key_id].values(), t.cadence_max_cv):
                 ruled_out.add(key_id)
@@ -103,23 +108,30 @@ def could_be_flagged(
     return found
 
 
-def _hours_by_day(connection: Connection, keys: list[str], days: list[Range]) -> Iterator[tuple[str, dict[int, int]]]:
+def _hours_by_day(connection: Connection, keys: list[str], days: list[Range]) -> Iterator[tuple[str, dict[int, int] | None]]:
     """Per key: {day number: its hours with a request}, OR-ed over the key's rows of the day (one per
-    item). PostgreSQL ORs them and sends a row per key; SQLite's rows are folded here."""
+    item); None when a row counts requests but no hour (written by a replica older than migration
+    0012, during an upgrade). PostgreSQL ORs them and sends a row per key; SQLite's are folded here."""
     c = KEY_DAILY.table.c
-    where = (any_within(c.bucket, days), idsets.among(connection, c.key_id, keys), c.request_hours != 0)
+    where = (any_within(c.bucket, days), idsets.among(connection, c.key_id, keys), c.requests > 0)
+    unknown = and_(c.request_hours == 0, c.requests > 0)
     if connection.dialect.name == "postgresql":
         day = cast(func.extract("epoch", c.bucket) / 86400, Integer).label("day")
-        per_day = select(c.key_id, day, func.bit_or(c.request_hours).label("mask")).where(*where).group_by(c.key_id, day).subquery()
-        query = select(per_day.c.key_id, func.array_agg(per_day.c.day), func.array_agg(per_day.c.mask)).group_by(per_day.c.key_id)
-        for key_id, numbers, masks in connection.execute(query.execution_options(yield_per=5_000)):
-            yield key_id, dict(zip(numbers, masks))
+        per_day = (select(c.key_id, day, func.bit_or(c.request_hours).label("mask"), func.bool_or(unknown).label("unknown"))
+                   .where(*where).group_by(c.key_id, day).subquery())  # fmt: skip
+        d = per_day.c
+        query = select(d.key_id, func.array_agg(d.day), func.array_agg(d.mask), func.bool_or(d.unknown)).group_by(d.key_id)
+        for key_id, numbers, masks, missing in connection.execute(query.execution_options(yield_per=5_000)):
+            yield key_id, None if missing else dict(zip(numbers, masks))
         return
     rows = connection.execute(select(c.key_id, c.bucket, c.request_hours).where(*where).order_by(c.key_id))
     for key_id, day_rows in groupby(rows, key=lambda row: row.key_id):
-        hours: dict[int, int] = defaultdict(int)
+        hours: dict[int, int] | None = defaultdict(int)
         for row in day_rows:
-            hours[row.bucket.toordinal()] |= row.request_hours
+            if row.request_hours == 0:
+                hours = None
+            elif hours is not None:
+                hours[row.bucket.toordinal()] |= row.request_hours
         yield key_id, hours
 
 

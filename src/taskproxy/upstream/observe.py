@@ -189,7 +189,9 @@ def responses_body(capture: Capture) -> Observed:
 
 def responses_stream(capture: Capture) -> Observed:
     """Usage from `response.completed` (or `.incomplete`/`.failed`); `response.created` and
-    `.in_progress` carry none. Text from the deltas, for an estimate when the usage never came."""
+    `.in_progress` carry none. Text from the deltas, for an estimate when the usage never came.
+    The terminal event repeats the request's instructions and tools and the whole output, so it may
+    not fit in the tail kept; its `usage` comes near its end, and is read from there."""
     usage: ProviderUsage | None = None
     error: str | None = None
     response_id: str | None = None
@@ -205,6 +207,8 @@ def responses_stream(capture: Capture) -> Observed:
             error = _error_type(event.get("error") if isinstance(event.get("error"), dict) else event)
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
+    if usage is None and not capture.complete:
+        usage = openai_usage(last_usage_object(capture.tail))
     return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
 
 
