@@ -24,12 +24,6 @@ ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
 RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
 COMPLETED = "done"  # the status of completed work: what every report counts as an outcome
-
-
-def completed_in(status: str, completed_at: datetime | None, since: datetime, until: datetime) -> bool:
-    """Completed in the period [since, until): status done and `completed_at` in it (a closed item is
-    not completed). `repo.completed_ids` says the same in SQL."""
-    return status == COMPLETED and completed_at is not None and since <= completed_at < until
 ITEM_SOURCES = ("jira", "github", "gitlab", "linear", "manual")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _GITHUB_PATH = re.compile(r"^/([^/]+)/([^/]+)/(?:pull|issues)/(\d+)(?:/.*)?$")
@@ -45,6 +39,13 @@ HOW_TO_ATTACH = (
     'or put "metadata": {"work_item": "PROJ-123"} in the body, or send X-Git-Branch with a branch '
     "named after the item, or bind one to your key with 'taskproxy use PROJ-123'."
 )
+
+
+
+def completed_in(status: str, completed_at: datetime | None, since: datetime, until: datetime) -> bool:
+    """Completed in the period [since, until): status done and `completed_at` in it (a closed item is
+    not completed). `repo.completed_ids` says the same in SQL."""
+    return status == COMPLETED and completed_at is not None and since <= completed_at < until
 
 
 def _from_url(value: str) -> str | None:

@@ -25,7 +25,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from taskproxy.error_shapes import ApiFormat
+from taskproxy.error_shapes import ApiFormat, error_event
 from taskproxy.errors import ApiError, NotFound
 from taskproxy.guard.auth import KeyStore
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object, read_body
@@ -41,7 +41,6 @@ from taskproxy.upstream.observe import openai_usage
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import ProviderClient, ProviderReply, ProviderRequest, upstream_headers
 from taskproxy.upstream.relay import BodyResponse, ClientWatch, RelayResponse
-from taskproxy.error_shapes import error_event
 
 DEFERRED_USAGE = uuid.UUID("6f1e2c0a-4d7b-4f3e-9a51-2b8c7d0e9f13")  # namespace of the ids of deferred usage events
 

@@ -22,19 +22,23 @@ def upgrade() -> None:
     op.add_column('usage_key_daily', sa.Column('request_hours', sa.Integer(), server_default='0', nullable=False))
 
     # A request is a first attempt that is not a token count (frozen here, as the writer of this
-    # revision counts it); SQLite has no bitwise aggregate, and the sum of distinct powers of two is their OR.
-    bind = op.get_bind()
-    if bind.dialect.name == 'postgresql':
-        bucket, hours = "date_trunc('day', ts)", "bit_or(CASE WHEN {request} THEN 1 << CAST(extract(hour FROM ts) AS integer) ELSE 0 END)"
-    else:
-        bucket = "substr(ts, 1, 10) || ' 00:00:00.000000'"
-        hours = "sum(DISTINCT CASE WHEN {request} THEN 1 << CAST(strftime('%H', ts) AS INTEGER) ELSE 0 END)"
+    # revision counts it).
     request = "attempt = 1 AND route != '/v1/messages/count_tokens'"
+    if op.get_bind().dialect.name == 'postgresql':
+        op.execute(
+            "UPDATE usage_key_daily SET request_hours = found.hours FROM (SELECT date_trunc('day', ts) AS bucket, key_id, work_item, "
+            f"COALESCE(team, '') AS team, bit_or(1 << CAST(extract(hour FROM ts) AS integer)) AS hours FROM usage_events WHERE {request} "
+            "GROUP BY 1, 2, 3, 4) AS found WHERE usage_key_daily.bucket = found.bucket AND usage_key_daily.key_id = found.key_id "
+            "AND usage_key_daily.work_item = found.work_item AND usage_key_daily.team = found.team"
+        )
+        return
+    # SQLite (a correlated subquery: UPDATE ... FROM needs 3.33): no bitwise aggregate, but the sum of
+    # distinct powers of two is their OR. Times are text, 'YYYY-MM-DD HH:MM:SS.ffffff'.
     op.execute(
-        f"UPDATE usage_key_daily SET request_hours = found.hours FROM (SELECT {bucket} AS bucket, key_id, work_item, "
-        f"COALESCE(team, '') AS team, {hours.format(request=request)} AS hours FROM usage_events WHERE {request} "
-        "GROUP BY 1, 2, 3, 4) AS found WHERE usage_key_daily.bucket = found.bucket AND usage_key_daily.key_id = found.key_id "
-        "AND usage_key_daily.work_item = found.work_item AND usage_key_daily.team = found.team"
+        "UPDATE usage_key_daily SET request_hours = COALESCE((SELECT sum(DISTINCT 1 << CAST(strftime('%H', e.ts) AS INTEGER)) "
+        "FROM usage_events AS e WHERE e.key_id = usage_key_daily.key_id AND e.work_item = usage_key_daily.work_item "
+        "AND COALESCE(e.team, '') = usage_key_daily.team AND substr(e.ts, 1, 10) = substr(usage_key_daily.bucket, 1, 10) "
+        f"AND {request}), 0)"
     )
 
 
