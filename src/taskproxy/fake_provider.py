@@ -226,8 +226,7 @@ class FakeProvider:
         # output, and usage last.
         done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "status": "completed",
                 "background": body.get("background") is True, "instructions": body.get("instructions"), "model": model,
-                "output": [message], "parallel_tool_calls": True,
-                "tool_choice": "auto", "tools": [], "usage": usage}  # fmt: skip
+                "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}  # fmt: skip
         if model == "fake-tool" and not _has_tool_result(body.get("input")):
             call = _function_call(body.get("tools"), len(self.received))
             done = {**done, "output": [call], "usage": {**usage, "output_tokens": 20, "total_tokens": prompt + 20}}

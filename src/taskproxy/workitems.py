@@ -41,7 +41,6 @@ HOW_TO_ATTACH = (
 )
 
 
-
 def completed_in(status: str, completed_at: datetime | None, since: datetime, until: datetime) -> bool:
     """Completed in the period [since, until): status done and `completed_at` in it (a closed item is
     not completed). `repo.completed_ids` says the same in SQL."""

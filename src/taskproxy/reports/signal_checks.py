@@ -44,7 +44,7 @@ from taskproxy.reports.signal_data import (
     totals,
 )
 
-
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def repeated_prompts(
@@ -180,9 +180,6 @@ def after_completion(
         ]
         found.append((key_id, totals(spends), listed(entries)))
     return found
-
-
-_MICROSECOND = timedelta(microseconds=1)
 
 
 def without_completion(

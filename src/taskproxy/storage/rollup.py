@@ -145,8 +145,9 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         item, team, model = event["work_item"], event["team"] or "", event["model"]
         _accumulate(hourly, (hour, item, team, model), counts, cost, ts)
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
-        _accumulate(per_key, (hour.replace(hour=0), event["key_id"], item, team), counts, cost, ts)
-        hours_of[(hour.replace(hour=0), event["key_id"], item, team)] |= (1 << ts.hour) if counts[2] else 0
+        key_row = (hour.replace(hour=0), event["key_id"], item, team)
+        _accumulate(per_key, key_row, counts, cost, ts)
+        hours_of[key_row] |= (1 << ts.hour) if counts[2] else 0
         _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
     found = {}
     for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team)):
