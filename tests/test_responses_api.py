@@ -128,6 +128,27 @@ async def test_a_background_stream_cut_before_its_end_bills_nothing_until_a_read
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+@BOTH_DATABASES
+async def test_a_cancelled_background_response_is_billed_by_the_first_read_that_shows_its_usage(proxy: Proxy) -> None:
+    assert proxy.fake is not None
+    client = proxy.openai(await proxy.new_key())
+    stopped = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-37"})
+    cancelled = await client.responses.cancel(stopped.id)  # cancelled in time: the provider says nothing was made
+    assert cancelled.status == "cancelled" and cancelled.usage is None
+    assert (await client.responses.retrieve(stopped.id)).status == "cancelled"
+
+    proxy.fake.cancels_lose_race = True
+    raced = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-38"})
+    assert (await client.responses.cancel(raced.id)).usage is None
+    finished = await client.responses.retrieve(raced.id)  # the generation won the race: it finished after all
+    assert finished.status == "completed" and finished.usage is not None
+
+    item = await proxy.item("PROJ-38", requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+    # The writer records in order: PROJ-37's reads, made before, would be written by now.
+    assert [e["usage_source"] for e in await proxy.get("/api/usage/events", work_item="PROJ-37")] == ["deferred"]
+
+
 LONG_INSTRUCTIONS = "Follow the repository's conventions. " * 3000  # ~110 KB, repeated in the response: more than a capture keeps
 
 

@@ -80,6 +80,9 @@ class FakeProvider:
     flood_delay: float = 0.0  # seconds between the pieces of a flood (0: as fast as the reader takes them)
     active: int = 0
     stored: dict[str, dict] = field(default_factory=dict)  # Responses by id; a background one finishes when first read
+    # A cancel that comes while a background response is generating says `cancelled` with no usage; when
+    # set, the generation wins the race (as seen on Azure OpenAI) and later reads show it completed.
+    cancels_lose_race: bool = False
 
     def app(self) -> ASGIApp:
         return _Instrumented(self, Starlette(
@@ -233,7 +236,7 @@ class FakeProvider:
             if body.get("stream") is not True:
                 return _json(done)
             return StreamingResponse(self._function_call_stream(done), media_type="text/event-stream")
-        self.stored[done["id"]] = {"response": done, "input": body.get("input")}
+        self.stored[done["id"]] = {"response": done, "input": body.get("input"), "generating": done["background"]}
         if len(self.stored) > STORED_RESPONSES:  # a benchmark's millions of answers are not all kept
             del self.stored[next(iter(self.stored))]
         if body.get("stream") is not True:
@@ -278,8 +281,15 @@ class FakeProvider:
             del self.stored[request.path_params["response_id"]]
             return _json({"id": found["response"]["id"], "object": "response.deleted", "deleted": True})
         if request.url.path.endswith("/cancel"):
-            found["response"] = {**found["response"], "status": "cancelled"}
-        elif request.query_params.get("stream") == "true":  # the response's events, from the first (starting_after: later)
+            if not found["generating"]:
+                found["response"] = {**found["response"], "status": "cancelled"}
+                return _json(found["response"])
+            cancelled = {**found["response"], "status": "cancelled", "output": [], "usage": None}  # OpenAI says nothing of what was made
+            if not self.cancels_lose_race:
+                found.update(response=cancelled, generating=False)
+            return _json(cancelled)
+        found["generating"] = False
+        if request.query_params.get("stream") == "true":  # the response's events, from the first (starting_after: later)
             done = found["response"]
             words = done["output"][0]["content"][0]["text"].split() if done["output"] else []
             after = int(request.query_params.get("starting_after", 0))

@@ -7,10 +7,12 @@ told it does not exist, as the provider would say of another account's response.
 
 A background response (`background: true`) is answered before it is generated, and its usage comes
 only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first read
-that shows it finished (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel`) records
-its usage on the create's work item, at the create's time and under an id derived from the response
-id: however many reads and replicas see it finished, the event is written once (id and time are the
+that shows its usage (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel` of a finished
+one) records it on the create's work item, at the create's time and under an id derived from the
+response id: however many reads and replicas see it, the event is written once (id and time are the
 events table's key). A read cut short before the end bills nothing; the next one that sees it does.
+A response cancelled while generating shows no usage (the provider does not say what it made), so it
+stays deferred; if the generation won the race and a later read shows it completed, that read bills it.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
                                 prefix=b"".join(parts))  # fmt: skip
         await reply.close()
         body = b"".join(parts)
-        if billable and _is_finished(await _decoded(stored, body)):
+        if billable and _shows_usage(await _decoded(stored, body)):
             capture = Capture()
             capture.add(body)
             _bill(request, stored, origin, model, partial(observe.responses_body, capture))
@@ -131,8 +133,9 @@ async def _decoded(stored: StoredResponses, body: bytes) -> object:
     return await decode_json_object(body, stored.settings.limits.max_json_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
 
 
-def _is_finished(decoded: object) -> bool:
-    return isinstance(decoded, dict) and decoded.get("status") in observe.FINISHED
+def _shows_usage(decoded: object) -> bool:
+    """The rule every read bills by, buffered or relayed: the response's usage is in what it got."""
+    return isinstance(decoded, dict) and openai_usage(decoded.get("usage")) is not None
 
 
 def _bill(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, observed: Callable[[], Observed]) -> None:

@@ -153,7 +153,6 @@ def _output_text(response: dict) -> str:
 
 
 UNFINISHED = frozenset({"queued", "in_progress"})
-FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
 def _response_id(response: Any) -> str | None:
