@@ -18,6 +18,7 @@ import hmac
 import logging
 import re
 import secrets
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from datetime import datetime, timedelta
 
 import anyio
 from cachetools import LRUCache, TTLCache
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
@@ -75,8 +76,10 @@ def hash_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _principal(row: ApiKey) -> Principal:
-    return Principal(row.id, row.owner, row.team, row.role, row.bound_work_item, row.bound_until)
+def _principal(row: ApiKey | Row) -> Principal:
+    # A team's and a role's name are shared by many keys: held once, not once per cached key.
+    team = None if row.team is None else sys.intern(row.team)
+    return Principal(row.id, row.owner, team, sys.intern(row.role), row.bound_work_item, row.bound_until)
 
 
 def issue_key(engine: Engine, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
