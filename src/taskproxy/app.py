@@ -37,6 +37,7 @@ from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
+from taskproxy.reports.runner import ReportRunner
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
 from taskproxy.storage.response_origins import ResponseOrigins
@@ -208,6 +209,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             sink=writer, counter=counter, prices=prices, charge=budgets.charge,
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
+        reports_runner = ReportRunner(db)
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
                                 settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),
@@ -229,12 +231,14 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "trackers": configured_trackers(settings, ids),
                 "sessions": SessionSigner.for_settings(settings),
                 "pages": Pages(),
+                "reports": reports_runner,
                 "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter)),
                 "stored": StoredResponses(settings, keys, admission.rate_limiter, origins, upstream, attempts),
             }
         finally:
             for task in refreshers:
                 task.cancel()
+            reports_runner.close()
             if left := await attempts.wait_until_recorded(timeout=5.0):
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()

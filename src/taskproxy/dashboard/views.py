@@ -31,7 +31,7 @@ from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, WorkItemInvalid
-from taskproxy.routes.common import in_thread
+from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.timeutil import utcnow
@@ -188,7 +188,7 @@ def _week_points(weeks: list[dict[str, Any]]) -> list[Point]:
 async def overview(request: Request, session: Session) -> Response:
     settings = request.state.settings
     since, until = period(request)
-    view = await in_thread(data.overview, request.state.engine, settings, since, until)
+    view = await unless_client_leaves(request, request.state.reports.run(data.overview, settings=settings, since=since, until=until))
     chart = bar_chart(
         _week_points(view.weeks),
         chart_id="weekly-cost",
@@ -230,7 +230,7 @@ async def signals(request: Request, session: Session) -> Response:
     audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
     # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
     thresholds = request.state.settings.signals
-    report = await in_thread(gaming_signals, request.state.engine, since=since, until=until, thresholds=thresholds)
+    report = await unless_client_leaves(request, request.state.reports.run(gaming_signals, since=since, until=until, thresholds=thresholds))
     context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS}
     return render(request, "signals.html", context, session=session)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -12,12 +13,13 @@ from starlette.routing import Route
 
 from taskproxy.error_shapes import ApiFormat
 
-from taskproxy.errors import InvalidRequest
+from taskproxy.errors import ClientGone, InvalidRequest
 from taskproxy.guard.body import read_body
 from taskproxy.guard.auth import Principal
 from taskproxy.timeutil import parse_time
 
 MAX_API_BODY = 1024 * 1024
+T = TypeVar("T")
 
 
 class ApiRoute(Route):
@@ -83,3 +85,29 @@ async def admin(request: Request) -> Principal:
 async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a blocking database call off the event loop."""
     return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs))
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`, given up if the client hangs up first: a report's process is stopped rather than left
+    computing for nobody (the server would otherwise notice only when it sends the answer)."""
+    gone, failure = False, None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            answer = await work
+        except Exception as exc:  # raised from here, not wrapped in the task group's ExceptionGroup
+            failure = exc
+        group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if gone:
+        raise ClientGone("The client hung up before the report was ready.")
+    return answer

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.routes.common import JSON, admin, in_thread, time_param
+from taskproxy.routes.common import JSON, admin, time_param, unless_client_leaves
 from taskproxy.timeutil import report_period
 
 
@@ -21,29 +23,24 @@ def period(request: Request) -> tuple[datetime, datetime]:
     return report_period(time_param(request, "since"), time_param(request, "until"))
 
 
-async def _report(request: Request) -> dict[str, Any]:
+async def _report(request: Request, encode: Callable[[dict[str, Any]], Any]) -> Any:
+    """The adoption report, computed and encoded in a report process (reports/runner.py)."""
     await admin(request)
     since, until = period(request)
     team = request.query_params.get("team") or None
-    settings = request.state.settings
-    return await in_thread(  # type: ignore[no-any-return]
-        adoption_report,
-        request.state.engine,
-        since=since,
-        until=until,
-        team=team,
-        **adoption_options(settings),
+    options = adoption_options(request.state.settings)
+    return await unless_client_leaves(
+        request, request.state.reports.run(adoption_report, encode=encode, since=since, until=until, team=team, **options)
     )
 
 
 async def adoption(request: Request) -> Response:
-    return JSON(await _report(request))
+    return Response(await _report(request, orjson.dumps), media_type=JSON.media_type)
 
 
 async def adoption_as_csv(request: Request) -> Response:
-    report = await _report(request)
     headers = {"content-disposition": 'attachment; filename="adoption.csv"'}
-    return Response(adoption_csv(report), media_type="text/csv", headers=headers)
+    return Response(await _report(request, adoption_csv), media_type="text/csv", headers=headers)
 
 
 routes = [

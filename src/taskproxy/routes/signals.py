@@ -1,15 +1,17 @@
-"""GET /api/reports/signals (admin only): the gaming signals. The answer names keys and
-owners, so every read is audit-logged, like the other reads of per-key data."""
+"""GET /api/reports/signals (admin only): the gaming signals, computed in a report process
+(reports/runner.py). The answer names keys and owners, so every read is audit-logged, like the other
+reads of per-key data."""
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.audit import audit_read
 from taskproxy.reports.signals import gaming_signals
-from taskproxy.routes.common import JSON, admin, in_thread
+from taskproxy.routes.common import JSON, admin, unless_client_leaves
 from taskproxy.routes.reports import period
 
 
@@ -18,7 +20,9 @@ async def signals(request: Request) -> Response:
     since, until = period(request)
     audit_read(request.state.audit, request, principal)
     thresholds = request.state.settings.signals
-    return JSON(await in_thread(gaming_signals, request.state.engine, since=since, until=until, thresholds=thresholds))
+    report = request.state.reports.run(gaming_signals, encode=orjson.dumps, since=since, until=until, thresholds=thresholds)
+    answer = await unless_client_leaves(request, report)
+    return Response(answer, media_type=JSON.media_type)
 
 
 routes = [Route("/api/reports/signals", signals, methods=["GET"])]

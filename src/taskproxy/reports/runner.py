@@ -1,0 +1,137 @@
+"""Reports over a whole period run in a process of their own, not in the one that serves requests.
+
+On an organisation's scale a period is most of its work: the adoption report over 30 days of the seed
+organisation (bench/seed_org.py) holds 939 MiB at its peak and the signals 2.4 GiB, for 34 and 68 s,
+mostly Python. In the serving process that memory stays after the report (588 and 776 MiB were still
+held, glibc trimmed), and the report takes the GIL from the event loop while it runs. So each report
+runs in a child process forked from multiprocessing's fork server, which has the report modules
+imported: it starts in milliseconds, opens its own connection, hands back only what the route sends
+(the encoded answer, or the figures a page shows) and gives all its memory back when it exits. A
+child killed on its way (the kernel's OOM killer, an operator) fails that report alone, with a 503;
+a client that hangs up stops its child; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
+
+A database a child cannot open (SQLite in memory) runs the report in a worker thread, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import anyio
+from sqlalchemy.engine import Engine
+
+from taskproxy.errors import ServiceUnavailable
+
+log = logging.getLogger("taskproxy.reports")
+
+REPORTS_AT_ONCE = 2  # children computing at once, per serving process; more requests wait their turn
+# Imported once by the fork server, so a child starts with them.
+PRELOADED = ["taskproxy.reports.runner", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.dashboard.data"]
+
+
+def child_database_url(engine: Engine) -> str | None:
+    """The URL another process opens the same database with; None when it cannot (SQLite in memory)."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return None
+    return url.render_as_string(hide_password=False)
+
+
+def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None) -> None:
+    """In the child: run the report on an engine of its own and send back ("ok", answer) or ("error", exc)."""
+    from taskproxy.storage.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        answer = function(engine, **kwargs)
+        message: tuple[str, Any] = ("ok", answer if encode is None else encode(answer))
+    except Exception as exc:  # noqa: BLE001  (sent to the serving process, which answers the request with it)
+        exc.add_note(f"in the report's process:\n{traceback.format_exc()}")  # the serving process logs it
+        message = ("error", exc)
+    finally:
+        engine.dispose()
+    try:
+        pipe.send(message)
+    except Exception as exc:  # noqa: BLE001  (an exception that cannot be pickled: its text goes instead)
+        pipe.send(("error", RuntimeError(f"{message[1].__class__.__name__}: {message[1]} (and it could not be sent back: {exc})")))
+    finally:
+        pipe.close()
+
+
+def _ended_by(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class ReportRunner:
+    """Runs `function(engine, **kwargs)` in a child process and returns what it returned (or `encode`
+    of it, computed in the child)."""
+
+    def __init__(self, engine: Engine, *, at_once: int = REPORTS_AT_ONCE) -> None:
+        self._engine = engine
+        self._url = child_database_url(engine)
+        self._limiter = anyio.CapacityLimiter(at_once)
+        self._context: BaseContext | None = None
+        self._running: set[BaseProcess] = set()
+
+    def _start(self, *args: Any) -> tuple[BaseProcess, Connection]:
+        if self._context is None:
+            self._context = multiprocessing.get_context("forkserver")
+            self._context.set_forkserver_preload(PRELOADED)  # type: ignore[attr-defined]
+        receiving, sending = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_compute, args=(sending, *args), name="taskproxy-report", daemon=True)  # type: ignore[attr-defined]
+        process.start()
+        sending.close()  # the child holds the other end: its exit ends the parent's read
+        return process, receiving
+
+    async def run(self, function: Callable[..., Any], *, encode: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
+        if self._url is None:
+            answer = await anyio.to_thread.run_sync(lambda: function(self._engine, **kwargs))
+            return answer if encode is None else encode(answer)
+        async with self._limiter:
+            process, receiving = await anyio.to_thread.run_sync(self._start, self._url, function, kwargs, encode)
+            self._running.add(process)
+            try:
+                kind, payload = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
+            except EOFError:
+                await anyio.to_thread.run_sync(process.join)
+                log.error("a report's process ended before it answered (%s)", _ended_by(process))
+                raise ServiceUnavailable(
+                    f"The report's process ended before it finished ({_ended_by(process)}; out of memory, or stopped). "
+                    "Try again, or ask for a shorter period."
+                ) from None
+            finally:
+                if process.is_alive():  # the client hung up, or the server is stopping: the work is not wanted
+                    process.terminate()
+                self._running.discard(process)
+                # Closing the pipe while a thread may still read it would be unsafe: the read ends when the
+                # child does, and the pipe is closed with it.
+        if kind == "error":
+            raise payload
+        return payload
+
+    def close(self) -> None:
+        """Stop the children still computing (the server is stopping)."""
+        for process in list(self._running):
+            if process.is_alive():
+                process.terminate()
+
+
+def _receive(pipe: Connection) -> tuple[str, Any]:
+    try:
+        return pipe.recv()  # type: ignore[no-any-return]
+    finally:
+        pipe.close()
