@@ -35,7 +35,7 @@ _J = Rejection.__table__.c
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     id: str
     team: str | None = None  # the item's team after the fallback to the spending team
