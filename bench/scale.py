@@ -16,7 +16,9 @@ budgets, so every request looks up its key, its item and their spend), measures:
 - the writer's sustained insert rate into the seeded schema from one process (repo.write_batch,
   batches of 500: events, rollups and spend counters in one transaction);
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
-- `serve --workers 2` against one worker: requests/s at concurrency 32.
+- `serve --workers 2` against one worker: requests/s at concurrency 32;
+- with `--parts served-reports` (not in the default run): one replica's resident memory before and
+  after it serves the adoption report and the signals over HTTP, and at its peak.
 
 Prints the results and writes them to bench/results/scale-<parts>.json. The numbers in docs/scale.md come from it.
 """
@@ -214,6 +216,22 @@ def reports(url: str) -> dict[str, dict[str, float]]:
     return found
 
 
+def served_reports(replica: Replica, until: datetime) -> dict[str, Any]:
+    """The replica's own memory around the period reports it serves over HTTP (computed in a report
+    process of their own), with `until` fixed."""
+    found: dict[str, Any] = {"before": memory_mib(replica.proc.pid)}
+    stamp = until.strftime("%Y-%m-%dT%H:%M:%SZ")
+    for name in ("adoption", "signals"):
+        started = time.perf_counter()
+        reply = httpx.get(f"{replica.url}/api/reports/{name}", params={"until": stamp}, headers=replica.admin(), timeout=900)
+        reply.raise_for_status()
+        took = time.perf_counter() - started
+        time.sleep(1)
+        found[name] = {"seconds": took, "answer_mb": len(reply.content) / 1e6, "after": memory_mib(replica.proc.pid)}
+        log(f"served {name} report: {found[name]}")
+    return found
+
+
 @contextmanager
 def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: str, workers: int = 1) -> Iterator[list[Replica]]:
     with ExitStack() as stack:
@@ -303,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         fake.stop()
+    if "served-reports" in parts:  # not in the default run: the two reports take two minutes more
+        with replicas_on(folder, "http://127.0.0.1:9", seeded_url, 1, "reports") as (served,):
+            midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+            results["served_reports"] = served_reports(served, midnight)
     if "writer" in parts:
         results["writer"] = writer_rate(seeded_url, 20.0, ids=args.event_ids)
         log(f"writer: {results['writer']}")
