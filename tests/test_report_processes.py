@@ -18,9 +18,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from conftest import Proxy
 from serve_helpers import ADMIN_KEY, FakeUpstream, running_server, write_config
-
-pytestmark = pytest.mark.postgres
+from taskproxy.reports.runner import ReportRunner
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -71,6 +71,7 @@ def server(tmp_path: Path, upstream: FakeUpstream, postgres_url: str):  # type: 
         yield running
 
 
+@pytest.mark.postgres
 def test_a_report_whose_process_is_killed_answers_503_and_the_next_one_works(server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
     answers: list[httpx.Response] = []
     with _rollup_locked(postgres_url):
@@ -91,6 +92,7 @@ def test_a_report_whose_process_is_killed_answers_503_and_the_next_one_works(ser
     assert server.http.get("/healthz").status_code == 200
 
 
+@pytest.mark.postgres
 def test_a_client_that_hangs_up_stops_its_report(server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
     with _rollup_locked(postgres_url):  # the report cannot finish on its own while this lasts
         client = socket.create_connection(("127.0.0.1", server.port))
@@ -101,3 +103,21 @@ def test_a_client_that_hangs_up_stops_its_report(server, postgres_url: str) -> N
         client.close()
         _wait_for(lambda: report not in _report_processes(server.process.pid), "the report's process to stop", timeout=10)
     assert server.http.get("/api/reports/signals", headers=ADMIN, timeout=30).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_where_no_report_process_can_start_reports_run_in_a_thread(proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    def no_fork_server(*args: object) -> None:
+        raise PermissionError("no fork here")
+
+    monkeypatch.setattr(ReportRunner, "_start", no_fork_server)
+    await proxy.openai(await proxy.new_key()).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "PROJ-1"}
+    )
+    await proxy.item("PROJ-1", requests=1)
+    for _ in range(2):
+        report = await proxy.get("/api/reports/adoption")
+        assert report["overall"]["completed_items"] == 0 and report["teams"][0]["team"] == "payments"
+    warnings = [r.getMessage() for r in caplog.records if "worker thread" in r.getMessage()]
+    assert len(warnings) == 1 and "no fork here" in warnings[0], warnings

@@ -10,7 +10,9 @@ imported: it starts in milliseconds, opens its own connection, hands back only w
 child killed on its way (the kernel's OOM killer, an operator) fails that report alone, with a 503;
 a client that hangs up stops its child; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
 
-A database a child cannot open (SQLite in memory) runs the report in a worker thread, as before.
+A database a child cannot open (SQLite in memory), or a machine where the fork server cannot start
+(it needs a writable temporary directory for its socket), runs the reports in a worker thread, as
+before.
 """
 
 from __future__ import annotations
@@ -92,17 +94,30 @@ class ReportRunner:
             self._context = multiprocessing.get_context("forkserver")
             self._context.set_forkserver_preload(PRELOADED)  # type: ignore[attr-defined]
         receiving, sending = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_compute, args=(sending, *args), name="taskproxy-report", daemon=True)  # type: ignore[attr-defined]
-        process.start()
-        sending.close()  # the child holds the other end: its exit ends the parent's read
+        try:
+            process = self._context.Process(target=_compute, args=(sending, *args), name="taskproxy-report", daemon=True)  # type: ignore[attr-defined]
+            process.start()
+        except BaseException:
+            receiving.close()
+            raise
+        finally:
+            sending.close()  # the child holds the other end: its exit ends the parent's read
         return process, receiving
+
+    async def _in_thread(self, function: Callable[..., Any], encode: Callable[[Any], Any] | None, kwargs: dict[str, Any]) -> Any:
+        answer = await anyio.to_thread.run_sync(lambda: function(self._engine, **kwargs))
+        return answer if encode is None else encode(answer)
 
     async def run(self, function: Callable[..., Any], *, encode: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
         if self._url is None:
-            answer = await anyio.to_thread.run_sync(lambda: function(self._engine, **kwargs))
-            return answer if encode is None else encode(answer)
+            return await self._in_thread(function, encode, kwargs)
         async with self._limiter:
-            process, receiving = await anyio.to_thread.run_sync(self._start, self._url, function, kwargs, encode)
+            try:
+                process, receiving = await anyio.to_thread.run_sync(self._start, self._url, function, kwargs, encode)
+            except OSError as exc:  # no fork server here (no writable temporary directory for its socket, no fork)
+                log.warning("reports cannot run in a process of their own here (%s); they run in a worker thread", exc)
+                self._url = None
+                return await self._in_thread(function, encode, kwargs)
             self._running.add(process)
             try:
                 kind, payload = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
