@@ -62,8 +62,9 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
         engine.dispose()
     try:
         pipe.send(message)
-    except Exception as exc:  # noqa: BLE001  (an exception that cannot be pickled: its text goes instead)
-        pipe.send(("error", RuntimeError(f"{message[1].__class__.__name__}: {message[1]} (and it could not be sent back: {exc})")))
+    except Exception as exc:  # noqa: BLE001  (what cannot be pickled: a description goes instead)
+        what = f"the error {message[1].__class__.__name__}: {message[1]}" if message[0] == "error" else "its answer"
+        pipe.send(("error", RuntimeError(f"The report's process could not send back {what} ({exc.__class__.__name__}: {exc}).")))
     finally:
         pipe.close()
 
