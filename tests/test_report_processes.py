@@ -105,6 +105,23 @@ def test_a_client_that_hangs_up_stops_its_report(server, postgres_url: str) -> N
     assert server.http.get("/api/reports/signals", headers=ADMIN, timeout=30).status_code == 200
 
 
+@pytest.mark.postgres
+def test_a_report_cut_by_the_servers_shutdown_answers_503_and_its_process_stops(tmp_path: Path, upstream: FakeUpstream,
+                                                                                postgres_url: str) -> None:  # fmt: skip
+    config = write_config(tmp_path, upstream.url, database_url=postgres_url, server={"shutdown_grace_seconds": 1})
+    with running_server(config, tmp_path / "serve.log") as server, _rollup_locked(postgres_url):
+        answers: list[httpx.Response] = []
+        asking = threading.Thread(target=lambda: answers.append(server.http.get("/api/reports/adoption", headers=ADMIN, timeout=30)))
+        asking.start()
+        [report] = _wait_for(lambda: _report_processes(server.process.pid), "the report's process")
+        server.sigterm()
+        asking.join(timeout=20)
+        assert server.process.wait(20) is not None
+        assert not Path(f"/proc/{report}").exists() or Path(f"/proc/{report}/stat").read_text().split()[2] == "Z"
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].json()["error"]["code"] == "service_unavailable"
+
+
 @pytest.mark.anyio
 async def test_where_no_report_process_can_start_reports_run_in_a_thread(proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -13,10 +14,11 @@ from starlette.routing import Route
 
 from taskproxy.error_shapes import ApiFormat
 
-from taskproxy.errors import ClientGone, InvalidRequest
+from taskproxy.errors import ClientGone, InvalidRequest, ServiceUnavailable
 from taskproxy.guard.body import read_body
 from taskproxy.guard.auth import Principal
 from taskproxy.timeutil import parse_time
+from taskproxy.upstream.relay import CLIENT_DISCONNECTED, ClientWatch
 
 MAX_API_BODY = 1024 * 1024
 T = TypeVar("T")
@@ -88,26 +90,15 @@ async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """`work`, given up if the client hangs up first: a report's process is stopped rather than left
-    computing for nobody (the server would otherwise notice only when it sends the answer)."""
-    gone, failure = False, None
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        try:
-            answer = await work
-        except Exception as exc:  # raised from here, not wrapped in the task group's ExceptionGroup
-            failure = exc
-        group.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if gone:
-        raise ClientGone("The client hung up before the report was ready.")
-    return answer
+    """`work`, given up if the client hangs up first (a report's process is stopped rather than left
+    computing for nobody: the server would notice only when it sends the answer), or if the server
+    stops before it is done: then the answer is a 503 in the route's shape, not the server's bare 500."""
+    watch = ClientWatch(request.receive)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watch.ended_by() == CLIENT_DISCONNECTED:
+            raise ClientGone("The client hung up before the answer was ready.") from None
+        raise ServiceUnavailable("The proxy is shutting down; the report was stopped. Ask again.") from None
+    finally:
+        watch.stop()
