@@ -30,7 +30,8 @@ from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, I
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from conftest import postgres_schema
-from taskproxy.reports.adoption import adoption_report, quantile
+from taskproxy.dashboard.data import week_windows
+from taskproxy.reports.adoption import adoption_report, completions_by_period, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
 from taskproxy.storage.db import make_engine, upgrade_schema
@@ -663,3 +664,18 @@ async def test_routes_default_period_errors_and_admin_only(world: tuple[Any, Org
         refused = await api.get(path, headers={"authorization": f"Bearer {token}"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
         assert (await api.get(path)).status_code == 401
+
+
+def test_completions_by_period_are_the_reports_figures_for_each_period(world: tuple[Any, Org, Path]) -> None:
+    """The dashboard's weekly chart reads the completed items once for all its weeks; each week's
+    figures are those the adoption report gives for that week."""
+    engine, _, _ = world
+    windows = week_windows(UNTIL, 8)
+    for (since, until), figures in zip(windows, completions_by_period(engine, windows), strict=True):
+        overall = adoption_report(engine, since=since, until=until)["overall"]
+        cost = overall["cost_per_completed_item"]
+        expected = {"completed_items": overall["completed_items"], "ai_assisted_items": overall["ai_assisted_items"],
+                    "median": cost["median"], "p90": cost["p90"], "total": cost["total"]}  # fmt: skip
+        assert figures == expected, (since, until)
+    weeks = completions_by_period(engine, windows)
+    assert sum(1 for f in weeks if f["ai_assisted_items"] and f["median"] is not None) >= 4  # not a comparison of empty weeks

@@ -1,6 +1,6 @@
 """What each dashboard page shows, gathered from the reports (blocking: the views run these in a
-worker thread). The figures come from the same functions as the API's, with the same settings, so
-a page and `GET /api/...` agree."""
+worker thread, and the overview in a report process, reports/runner.py). The figures come from the
+same functions as the API's, with the same settings, so a page and `GET /api/...` agree."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy import privacy
-from taskproxy.reports.adoption import adoption_options, adoption_report
+from taskproxy.reports.adoption import adoption_options, adoption_report, completions_by_period
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
 from taskproxy.records import event_json
@@ -39,24 +39,10 @@ def week_windows(until: datetime, weeks: int = WEEKS) -> list[tuple[datetime, da
     return windows[::-1]
 
 
-def weekly_figures(engine: Engine, settings: Settings, until: datetime, weeks: int = WEEKS) -> list[dict[str, Any]]:
+def weekly_figures(engine: Engine, until: datetime, weeks: int = WEEKS) -> list[dict[str, Any]]:
     """Per week: the adoption report's overall completed items and cost per completed item."""
-    rows = []
-    for since, end in week_windows(until, weeks):
-        overall = adoption_report(engine, since=since, until=end, **adoption_options(settings))["overall"]
-        cost = overall["cost_per_completed_item"]
-        rows.append(
-            {
-                "since": since,
-                "until": end,
-                "completed_items": overall["completed_items"],
-                "ai_assisted_items": overall["ai_assisted_items"],
-                "median": cost["median"],
-                "p90": cost["p90"],
-                "total": cost["total"],
-            }
-        )
-    return rows
+    windows = week_windows(until, weeks)
+    return [{"since": since, "until": end, **figures} for (since, end), figures in zip(windows, completions_by_period(engine, windows), strict=True)]
 
 
 def titles(engine: Engine, ids: list[str]) -> dict[str, str | None]:
@@ -76,7 +62,7 @@ class Overview:
 
 def overview(engine: Engine, settings: Settings, since: datetime, until: datetime) -> Overview:
     report = adoption_report(engine, since=since, until=until, **adoption_options(settings))
-    weeks = weekly_figures(engine, settings, until)
+    weeks = weekly_figures(engine, until)
     top = tasks_report(engine, since, until, TOP_ITEMS)
     names = titles(engine, [t["work_item"] for t in top])
     return Overview(report, weeks, [{**t, "title": names.get(t["work_item"])} for t in top])

@@ -113,6 +113,15 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     return items
 
 
+def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
+    """The items completed in [since, until), with their rows and all-time usage per model, as `load`
+    reads them: what the completed-item figures of any period inside it need."""
+    items = {item_id: Item(item_id) for item_id in connection.execute(completed_ids(since, until)).scalars()}
+    _load_rows(connection, items, sorted(items))
+    _load_completed(connection, items, since, until)
+    return items
+
+
 def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
     """Fill in the registered items among `ids`; an id without a row stays `unverified`."""
     for chunk in idsets.batches(connection, ids):
