@@ -450,6 +450,8 @@ def test_signals_page_lists_the_reports_signals(context: Any, site: Site) -> Non
     articles = page.locator("article.signal")
     shown = [(articles.nth(i).get_attribute("data-kind"), articles.nth(i).get_attribute("data-key")) for i in range(articles.count())]
     assert shown == [(s["kind"], s["key_id"]) for s in report["signals"]]
+    kinds = [s["kind"] for s in report["signals"]]
+    assert {kind: int(page.locator(f'[data-count="{kind}"]').inner_text()) for kind in set(kinds)} == {kind: kinds.count(kind) for kind in kinds}
     assert ("repeated_prompt", site.keys["gus"]["id"]) in shown
     repeated = page.locator(f'article.signal[data-kind="repeated_prompt"][data-key="{site.keys["gus"]["id"]}"]')
     assert repeated.locator('[data-evidence="repeated_requests"]').inner_text() == "20"

@@ -633,3 +633,15 @@ def test_around_the_clock_counts_days_with_exactly_the_threshold_of_distinct_hou
         "interval_cv": round(statistics.pstdev(gaps) / statistics.fmean(gaps), 6), "distinct_hours": 6, "around_the_clock_days": 2,
         "reasons": ["around_the_clock"],
     }  # fmt: skip
+
+
+def test_the_dashboards_signals_page_counts_every_kind_and_shows_a_bounded_number_of_each(world: tuple[Any, Org, Path]) -> None:
+    from taskproxy.dashboard.data import signals_page
+
+    engine, _, _ = world
+    full = gaming_signals(engine, since=SINCE, until=UNTIL)
+    counts = {kind: [s["kind"] for s in full["signals"]].count(kind) for kind in KINDS if any(s["kind"] == kind for s in full["signals"])}
+    assert len(counts) >= 8  # every kind is planted once
+    for per_kind, shown in ((0, []), (1, full["signals"])):
+        page = signals_page(engine, SINCE, UNTIL, SignalSettings(), per_kind=per_kind)
+        assert page["counts"] == counts and page["signals"] == shown and page["per_kind"] == per_kind

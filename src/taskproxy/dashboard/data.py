@@ -4,6 +4,7 @@ same functions as the API's, with the same settings, so a page and `GET /api/...
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -16,7 +17,8 @@ from taskproxy.reports.adoption import adoption_options, adoption_report, comple
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
 from taskproxy.records import event_json
-from taskproxy.settings import Settings
+from taskproxy.reports.signals import gaming_signals
+from taskproxy.settings import Settings, SignalSettings
 from taskproxy.storage import repo
 from taskproxy.storage.models import WorkItem
 
@@ -66,6 +68,27 @@ def overview(engine: Engine, settings: Settings, since: datetime, until: datetim
     top = tasks_report(engine, since, until, TOP_ITEMS)
     names = titles(engine, [t["work_item"] for t in top])
     return Overview(report, weeks, [{**t, "title": names.get(t["work_item"])} for t in top])
+
+
+SIGNALS_PER_KIND = 50  # signals of one kind the page shows; the API and the CLI list them all
+
+
+def signals_page(
+    engine: Engine, since: datetime, until: datetime, thresholds: SignalSettings, per_kind: int = SIGNALS_PER_KIND
+) -> dict[str, Any]:
+    """The signals report as the page shows it: every kind's count, and at most `per_kind` signals of
+    each (in the report's order). A large organisation's period has tens of thousands of
+    signals (57,524 over 30 days of the seed organisation), more than a page can hold; computed in the
+    report process, so only what is shown comes back."""
+    report = gaming_signals(engine, since=since, until=until, thresholds=thresholds)
+    counts = Counter(s["kind"] for s in report["signals"])
+    shown: Counter[str] = Counter()
+    kept = []
+    for signal in report["signals"]:
+        if shown[signal["kind"]] < per_kind:
+            shown[signal["kind"]] += 1
+            kept.append(signal)
+    return {**report, "signals": kept, "counts": dict(counts), "per_kind": per_kind}
 
 
 def usage_days(usage_by_day: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,7 +33,6 @@ from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, WorkItemInvalid
 from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
-from taskproxy.reports.signals import gaming_signals
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.dashboard")
@@ -230,7 +229,7 @@ async def signals(request: Request, session: Session) -> Response:
     audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
     # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
     thresholds = request.state.settings.signals
-    report = await unless_client_leaves(request, request.state.reports.run(gaming_signals, since=since, until=until, thresholds=thresholds))
+    report = await unless_client_leaves(request, request.state.reports.run(data.signals_page, since=since, until=until, thresholds=thresholds))
     context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS}
     return render(request, "signals.html", context, session=session)
 
