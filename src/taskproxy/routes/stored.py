@@ -7,8 +7,8 @@ told it does not exist, as the provider would say of another account's response.
 
 A background response (`background: true`) is answered before it is generated, and its usage comes
 only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first read
-that shows its usage (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel` of a finished
-one) records it on the create's work item, at the create's time and under an id derived from the
+that shows it finished (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel` of a
+finished one; a cancelled response only with its usage) records it on the create's work item, at the create's time and under an id derived from the
 response id: however many reads and replicas see it, the event is written once (id and time are the
 events table's key). A read cut short before the end bills nothing; the next one that sees it does.
 A response cancelled while generating shows no usage (the provider does not say what it made), so it
@@ -133,9 +133,20 @@ async def _decoded(stored: StoredResponses, body: bytes) -> object:
     return await decode_json_object(body, stored.settings.limits.max_json_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
 
 
+_FINAL = frozenset({"completed", "incomplete", "failed"})  # never change again
+
+
 def _shows_usage(decoded: object) -> bool:
-    """The rule every read bills by, buffered or relayed: the response's usage is in what it got."""
-    return isinstance(decoded, dict) and openai_usage(decoded.get("usage")) is not None
+    """Whether a buffered read settles the response's usage: never while it is queued or generating
+    (a zero usage object then is not its usage); a final status bills (with an estimate if the
+    provider sent no usage); a cancelled one only with its usage, since a cancel can lose the race
+    with the generation and a later read show it completed."""
+    if not isinstance(decoded, dict):
+        return False
+    status = decoded.get("status")
+    if status in _FINAL:
+        return True
+    return status == "cancelled" and openai_usage(decoded.get("usage")) is not None
 
 
 def _bill(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, observed: Callable[[], Observed]) -> None:
