@@ -97,7 +97,7 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
                                 prefix=b"".join(parts))  # fmt: skip
         await reply.close()
         body = b"".join(parts)
-        if billable and _shows_usage(await _decoded(stored, body)):
+        if billable and _settles(await _decoded(stored, body)):
             capture = Capture()
             capture.add(body)
             _bill(request, stored, origin, model, partial(observe.responses_body, capture))
@@ -136,7 +136,7 @@ async def _decoded(stored: StoredResponses, body: bytes) -> object:
 _FINAL = frozenset({"completed", "incomplete", "failed"})  # never change again
 
 
-def _shows_usage(decoded: object) -> bool:
+def _settles(decoded: object) -> bool:
     """Whether a buffered read settles the response's usage: never while it is queued or generating
     (a zero usage object then is not its usage); a final status bills (with an estimate if the
     provider sent no usage); a cancelled one only with its usage, since a cancel can lose the race
