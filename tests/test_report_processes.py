@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
 
 from conftest import Proxy
 from serve_helpers import ADMIN_KEY, FakeUpstream, running_server, write_config
@@ -52,14 +53,25 @@ def _wait_for(condition, what: str, timeout: float = 15.0):  # type: ignore[no-u
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class _Lock:
+    def __init__(self, engine: Engine, holder: int) -> None:
+        self._engine, self._holder = engine, holder
+
+    def waiting(self) -> list[int]:
+        """The database sessions whose queries wait for the lock: a report's, while it is held."""
+        with self._engine.connect() as connection:
+            query = text("SELECT pid FROM pg_stat_activity WHERE :holder = ANY(pg_blocking_pids(pid))")
+            return list(connection.execute(query, {"holder": self._holder}).scalars())
+
+
 @contextmanager
-def _rollup_locked(database_url: str) -> Iterator[None]:
+def _rollup_locked(database_url: str) -> Iterator[_Lock]:
     """Reads of usage, raw or rolled up, wait until the block ends: a report stays held in its first query."""
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
         with engine.connect() as connection, connection.begin():
             connection.execute(text("LOCK TABLE usage_events, usage_daily, usage_hourly, usage_key_daily, usage_team_daily IN ACCESS EXCLUSIVE MODE"))
-            yield
+            yield _Lock(engine, connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
     finally:
         engine.dispose()
 
@@ -93,15 +105,18 @@ def test_a_report_whose_process_is_killed_answers_503_and_the_next_one_works(ser
 
 
 @pytest.mark.postgres
-def test_a_client_that_hangs_up_stops_its_report(server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
-    with _rollup_locked(postgres_url):  # the report cannot finish on its own while this lasts
+def test_a_client_that_hangs_up_stops_its_report_and_its_query(server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
+    with _rollup_locked(postgres_url) as lock:  # the report cannot finish on its own while this lasts
         client = socket.create_connection(("127.0.0.1", server.port))
         client.sendall(f"GET /api/reports/signals HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n".encode())
         [report] = _wait_for(lambda: _report_processes(server.process.pid), "the report's process")
-        time.sleep(1)
+        [query] = _wait_for(lock.waiting, "the report's query to wait for the lock")
+        time.sleep(0.5)
         assert _report_processes(server.process.pid) == [report], "the report was not held by the lock"
         client.close()
         _wait_for(lambda: report not in _report_processes(server.process.pid), "the report's process to stop", timeout=10)
+        # Its query is not left running in the database, outside the count of reports at once.
+        _wait_for(lambda: query not in lock.waiting(), "the report's query to be cancelled", timeout=5)
     assert server.http.get("/api/reports/signals", headers=ADMIN, timeout=30).status_code == 200
 
 
@@ -109,15 +124,18 @@ def test_a_client_that_hangs_up_stops_its_report(server, postgres_url: str) -> N
 def test_a_report_cut_by_the_servers_shutdown_answers_503_and_its_process_stops(tmp_path: Path, upstream: FakeUpstream,
                                                                                 postgres_url: str) -> None:  # fmt: skip
     config = write_config(tmp_path, upstream.url, database_url=postgres_url, server={"shutdown_grace_seconds": 1})
-    with running_server(config, tmp_path / "serve.log") as server, _rollup_locked(postgres_url):
+    with running_server(config, tmp_path / "serve.log") as server, _rollup_locked(postgres_url) as lock:
         answers: list[httpx.Response] = []
         asking = threading.Thread(target=lambda: answers.append(server.http.get("/api/reports/adoption", headers=ADMIN, timeout=30)))
         asking.start()
         [report] = _wait_for(lambda: _report_processes(server.process.pid), "the report's process")
+        _wait_for(lock.waiting, "the report's query to wait for the lock")
         server.sigterm()
         asking.join(timeout=20)
         assert server.process.wait(20) is not None
-        assert not Path(f"/proc/{report}").exists() or Path(f"/proc/{report}/stat").read_text().split()[2] == "Z"
+        gone = lambda: not Path(f"/proc/{report}").exists() or Path(f"/proc/{report}/stat").read_text().split()[2] == "Z"  # noqa: E731
+        _wait_for(gone, "the report's process to stop", timeout=10)
+        _wait_for(lambda: not lock.waiting(), "the report's query to be cancelled", timeout=5)
     assert answers and answers[0].status_code == 503, answers and answers[0].text
     assert answers[0].json()["error"]["code"] == "service_unavailable"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import traceback
 from collections.abc import Callable
@@ -48,10 +49,20 @@ def child_database_url(engine: Engine) -> str | None:
 
 
 def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None) -> None:
-    """In the child: run the report on an engine of its own and send back ("ok", answer) or ("error", exc)."""
-    from taskproxy.storage.db import make_engine
+    """In the child: run the report on an engine of its own and send back ("ok", answer) or ("error", exc).
+    Stopped by SIGTERM (the client hung up, the server is stopping, an operator), it first cancels its
+    query, which the database would otherwise run to the end for nobody, outside `REPORTS_AT_ONCE`."""
+    from taskproxy.storage.db import make_engine, query_canceller
 
     engine = make_engine(database_url)
+    cancel_queries = query_canceller(engine)
+
+    def stop(signum: int, _frame: object) -> None:
+        cancel_queries()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # ends as SIGTERM would have, which the serving process reports
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         answer = function(engine, **kwargs)
         message: tuple[str, Any] = ("ok", answer if encode is None else encode(answer))

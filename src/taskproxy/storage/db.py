@@ -5,12 +5,12 @@ command that upgrades it."""
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+import re
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -44,6 +44,29 @@ def make_engine(database_url: str) -> Engine:
     if url.drivername in {"postgresql", "postgres"}:
         url = url.set(drivername="postgresql+psycopg")
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def query_canceller(engine: Engine) -> Callable[[], None]:
+    """A function that cancels, in the database, the queries `engine`'s connections are running.
+
+    A process that is stopped mid-query leaves its query running on PostgreSQL until it finishes:
+    the server notices a client has gone only when it next writes to it. The function asks the
+    server to cancel instead (libpq's cancel request, on a connection of its own, so it may be
+    called from a signal handler while the query is waited for). SQLite's queries end with their
+    process: there is nothing to cancel."""
+    live: weakref.WeakSet[Any] = weakref.WeakSet()
+    event.listen(engine, "connect", lambda dbapi_connection, _record: live.add(dbapi_connection))
+
+    def cancel() -> None:
+        for connection in list(live):
+            cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg's; does nothing on an idle connection
+            if cancel_safe is not None:
+                try:
+                    cancel_safe(timeout=5)
+                except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends it in time)
+                    pass
+
+    return cancel
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"
