@@ -149,6 +149,37 @@ async def test_a_cancelled_background_response_is_billed_by_the_first_read_that_
     assert [e["usage_source"] for e in await proxy.get("/api/usage/events", work_item="PROJ-37")] == ["deferred"]
 
 
+ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
+              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}  # fmt: skip
+
+
+@BOTH_DATABASES
+async def test_a_read_bills_a_background_response_once_it_is_final_with_or_without_usage(proxy: Proxy) -> None:
+    assert proxy.fake is not None
+    client = proxy.openai(await proxy.new_key())
+    queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-41"})
+    stored = proxy.fake.stored[queued.id]
+    finished_body = stored["response"]
+    # A provider's body for a response still generating may carry a usage object of zeros: not its usage.
+    stored["response"] = {**finished_body, "status": "in_progress", "output": [], "usage": ZERO_USAGE}
+    assert (await client.responses.retrieve(queued.id)).status == "in_progress"
+    stored["response"] = finished_body
+    finished = await client.responses.retrieve(queued.id)
+    assert finished.status == "completed" and finished.usage is not None and finished.usage.output_tokens > 0
+    item = await proxy.item("PROJ-41", requests=2)
+    assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+    # A response that completed, read from a provider that sends no usage, is billed all the same: by estimate.
+    queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-42"})
+    proxy.fake.stored[queued.id]["response"] = {**proxy.fake.stored[queued.id]["response"], "usage": None}
+    finished = await client.responses.retrieve(queued.id)
+    assert finished.status == "completed" and finished.usage is None
+    item = await proxy.item("PROJ-42", requests=2)
+    events = await proxy.get("/api/usage/events", work_item="PROJ-42")
+    assert sorted(e["usage_source"] for e in events) == ["deferred", "estimated"]
+    assert item["completion_tokens"] == len(finished.output_text.split()) > 0, item
+
+
 LONG_INSTRUCTIONS = "Follow the repository's conventions. " * 3000  # ~110 KB, repeated in the response: more than a capture keeps
 
 
