@@ -18,10 +18,13 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from conftest import Proxy
 from serve_helpers import ADMIN_KEY, FakeUpstream, running_server, write_config
+from taskproxy.errors import ProviderError
 from taskproxy.reports.runner import ReportRunner
+from taskproxy.storage.db import make_engine
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -138,6 +141,39 @@ def test_a_report_cut_by_the_servers_shutdown_answers_503_and_its_process_stops(
         _wait_for(lambda: not lock.waiting(), "the report's query to be cancelled", timeout=5)
     assert answers and answers[0].status_code == 503, answers and answers[0].text
     assert answers[0].json()["error"]["code"] == "service_unavailable"
+
+
+def _provider_refuses(engine: Engine) -> None:
+    raise ProviderError("The provider refused.", status=418)  # a keyword-only argument, which pickling alone loses
+
+
+def _table_missing(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT * FROM no_such_table"))
+
+
+class _NeedsItsKeyword(Exception):
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _own_error(engine: Engine) -> None:
+    raise _NeedsItsKeyword("something of its own", code=7)
+
+
+@pytest.mark.anyio
+async def test_a_reports_error_reaches_the_serving_process_whole_with_the_childs_traceback(tmp_path: Path) -> None:
+    runner = ReportRunner(make_engine(f"sqlite:///{tmp_path / 'reports.db'}"))
+    with pytest.raises(ProviderError) as refused:
+        await runner.run(_provider_refuses)
+    assert refused.value.status == 418 and refused.value.message == "The provider refused."
+    with pytest.raises(OperationalError) as missing:
+        await runner.run(_table_missing)
+    notes = "\n".join(getattr(missing.value, "__notes__", []))
+    assert "in the report's process" in notes and "_table_missing" in notes, notes
+    with pytest.raises(RuntimeError, match="_NeedsItsKeyword: something of its own"):  # not a TypeError from unpickling it
+        await runner.run(_own_error)
 
 
 @pytest.mark.anyio

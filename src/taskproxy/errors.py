@@ -43,6 +43,19 @@ from typing import ClassVar
 class TaskproxyError(Exception):
     """Root of every error taskproxy raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its attributes, not by calling its constructor again with `args` alone: an error
+        # raised in a report's process is sent to the serving process (reports/runner.py), keyword-only
+        # arguments (a status, a parameter's name) and notes included.
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[TaskproxyError], args: tuple[object, ...], state: dict[str, object]) -> TaskproxyError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(TaskproxyError):
     """The configuration cannot be used. The message names the key and the problem."""

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import anyio
@@ -49,7 +51,8 @@ def child_database_url(engine: Engine) -> str | None:
 
 
 def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None) -> None:
-    """In the child: run the report on an engine of its own and send back ("ok", answer) or ("error", exc).
+    """In the child: run the report on an engine of its own and send back ("ok", answer, "") or ("error",
+    exc, its traceback).
     Stopped by SIGTERM (the client hung up, the server is stopping, an operator), it first cancels its
     query, which the database would otherwise run to the end for nobody, outside `REPORTS_AT_ONCE`."""
     from taskproxy.storage.db import make_engine, query_canceller
@@ -65,19 +68,28 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
     signal.signal(signal.SIGTERM, stop)
     try:
         answer = function(engine, **kwargs)
-        message: tuple[str, Any] = ("ok", answer if encode is None else encode(answer))
+        message: tuple[str, Any, str] = ("ok", answer if encode is None else encode(answer), "")
     except Exception as exc:  # noqa: BLE001  (sent to the serving process, which answers the request with it)
-        exc.add_note(f"in the report's process:\n{traceback.format_exc()}")  # the serving process logs it
-        message = ("error", exc)
+        message = ("error", _portable(exc), traceback.format_exc())  # the serving process logs the traceback
     finally:
         engine.dispose()
     try:
         pipe.send(message)
-    except Exception as exc:  # noqa: BLE001  (what cannot be pickled: a description goes instead)
-        what = f"the error {message[1].__class__.__name__}: {message[1]}" if message[0] == "error" else "its answer"
-        pipe.send(("error", RuntimeError(f"The report's process could not send back {what} ({exc.__class__.__name__}: {exc}).")))
+    except Exception as exc:  # noqa: BLE001  (an answer that cannot be pickled: a description goes instead)
+        pipe.send(("error", RuntimeError(f"The report's process could not send back its answer ({exc.__class__.__name__}: {exc})."), ""))
     finally:
         pipe.close()
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if the serving process can rebuild it, else a RuntimeError that says what it was. (An
+    exception is pickled as its class and `args`; one whose constructor wants more fails only when
+    unpickled, in the serving process, as a TypeError that would hide it.)"""
+    try:
+        pickle.loads(ForkingPickler.dumps(error))
+    except Exception as problem:  # noqa: BLE001
+        return RuntimeError(f"{error.__class__.__name__}: {error} (it could not be sent back as it was: {problem.__class__.__name__}: {problem})")
+    return error
 
 
 def _ended_by(process: BaseProcess) -> str:
@@ -132,7 +144,7 @@ class ReportRunner:
                 return await self._in_thread(function, encode, kwargs)
             self._running.add(process)
             try:
-                kind, payload = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
+                kind, payload, where = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
             except EOFError:
                 await anyio.to_thread.run_sync(process.join)
                 log.error("a report's process ended before it answered (%s)", _ended_by(process))
@@ -147,6 +159,8 @@ class ReportRunner:
                 # Closing the pipe while a thread may still read it would be unsafe: the read ends when the
                 # child does, and the pipe is closed with it.
         if kind == "error":
+            if where:  # added here: some libraries' errors (SQLAlchemy's) drop their notes when pickled
+                payload.add_note(f"in the report's process:\n{where}")
             raise payload
         return payload
 
@@ -157,7 +171,7 @@ class ReportRunner:
                 process.terminate()
 
 
-def _receive(pipe: Connection) -> tuple[str, Any]:
+def _receive(pipe: Connection) -> tuple[str, Any, str]:
     try:
         return pipe.recv()  # type: ignore[no-any-return]
     finally:

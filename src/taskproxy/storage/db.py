@@ -54,17 +54,17 @@ def query_canceller(engine: Engine) -> Callable[[], None]:
     server to cancel instead (libpq's cancel request, on a connection of its own, so it may be
     called from a signal handler while the query is waited for). SQLite's queries end with their
     process: there is nothing to cancel."""
+    if engine.dialect.name != "postgresql":
+        return lambda: None
     live: weakref.WeakSet[Any] = weakref.WeakSet()
     event.listen(engine, "connect", lambda dbapi_connection, _record: live.add(dbapi_connection))
 
     def cancel() -> None:
         for connection in list(live):
-            cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg's; does nothing on an idle connection
-            if cancel_safe is not None:
-                try:
-                    cancel_safe(timeout=5)
-                except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends it in time)
-                    pass
+            try:
+                connection.cancel_safe(timeout=5)  # psycopg's; does nothing on an idle connection
+            except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends it in time)
+                pass
 
     return cancel
 
