@@ -96,7 +96,10 @@ OPEN_STATUSES = ("open", "in_progress")
 
 def quantile(values: Iterable[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default); None for no values."""
-    ordered = sorted(values)
+    return _quantile_of_sorted(sorted(values), q)
+
+
+def _quantile_of_sorted(ordered: list[float] | list[int], q: float) -> float | None:
     if not ordered:
         return None
     position = (len(ordered) - 1) * q
@@ -121,14 +124,9 @@ def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) 
     return None
 
 
-def _item_cost(item: _Item) -> int | None:
-    """All the item's known spend, nano-USD; None when none of its events has a known price."""
-    known = [cost for _, _, cost, _ in item.by_model.values() if cost is not None]
-    return sum(known) if known else None
-
-
 def _cost_figures(costs: list[int]) -> dict[str, Any]:
-    return {"median": usd(quantile(costs, 0.5)), "p90": usd(quantile(costs, 0.9)), "total": usd(sum(costs))}
+    ordered = sorted(costs)  # once for both
+    return {"median": usd(_quantile_of_sorted(ordered, 0.5)), "p90": usd(_quantile_of_sorted(ordered, 0.9)), "total": usd(sum(costs))}
 
 
 def _bands(bounds: tuple[float, ...], basis: str) -> list[tuple[str, float | None, float | None]]:
@@ -164,14 +162,14 @@ def _by_size(assisted: list[_Item], bands: SizeBands) -> list[dict[str, Any]]:
                      if b == basis and (above is None or size > above) and (up_to is None or size <= up_to))].append(item)  # fmt: skip
     found = []
     for n, (basis, label, above, up_to) in enumerate([*table, ("unsized", "unsized", None, None)]):
-        costs = [c for c in map(_item_cost, members[n]) if c is not None]
+        costs = [i.cost for i in members[n] if i.cost is not None]
         entry = {"basis": basis, "label": label, "above": above, "up_to": up_to, "items": len(members[n])}
         found.append({**entry, **_cost_figures(costs), "unpriced_items": len(members[n]) - len(costs)})
     return found
 
 
 def _per_100_lines(assisted: list[_Item]) -> dict[str, Any]:
-    sized = [(cost, item.lines) for item in assisted if item.lines and (cost := _item_cost(item)) is not None]
+    sized = [(item.cost, item.lines) for item in assisted if item.lines and item.cost is not None]
     lines = sum(n for _, n in sized)
     return {"usd": usd(100 * sum(c for c, _ in sized) / lines) if lines else None, "items": len(sized), "lines": lines}
 
@@ -208,9 +206,10 @@ def _figures(
                 cost_by_model[model] = (cost_by_model.get(model) or 0) + cost
             else:
                 cost_by_model.setdefault(model, None)
-        tokens.append(float(sum(t for _, _, _, t in item.by_model.values())))
-    costs = [c for c in map(_item_cost, assisted) if c is not None]
-    held = [c for c in map(_item_cost, (i for i in assisted if not i.reworked_in(since, until))) if c is not None]
+        tokens.append(float(item.tokens))
+    tokens.sort()
+    costs = [i.cost for i in assisted if i.cost is not None]
+    held = [i.cost for i in assisted if i.cost is not None and not i.reworked_in(since, until)]
 
     without = dict.fromkeys(WITHOUT_OUTCOME, 0)
     after = 0
@@ -236,8 +235,8 @@ def _figures(
             "excluding_reworked": {**_cost_figures(held), "items": len(held)},
         },
         "tokens_per_completed_item": {
-            "median": quantile(tokens, 0.5),
-            "p90": quantile(tokens, 0.9),
+            "median": _quantile_of_sorted(tokens, 0.5),
+            "p90": _quantile_of_sorted(tokens, 0.9),
             "total": int(sum(tokens)),
             "by_model": dict(sorted(tokens_by_model.items())),
         },
@@ -266,7 +265,7 @@ def completions_by_period(engine: Engine, periods: list[tuple[datetime, datetime
     found = []
     for since, until in periods:
         completed, assisted = _completed(items, since, until)
-        costs = [c for c in map(_item_cost, assisted) if c is not None]
+        costs = [i.cost for i in assisted if i.cost is not None]
         found.append({"completed_items": len(completed), "ai_assisted_items": len(assisted), **_cost_figures(costs)})
     return found
 

@@ -46,6 +46,10 @@ class Item:
     # All-time, per model: (events, events below 400, cost in nano-USD or None, total tokens) — items
     # completed in the period, or reopened after a completion in it, only.
     by_model: dict[str, tuple[int, int, int | None, int]] = field(default_factory=dict)
+    # Their sums, kept as `add_usage` fills `by_model`: every scope's figures read them.
+    cost: int | None = None  # known cost, nano-USD; None when no event of the item has a known price
+    tokens: int = 0
+    ai_assisted: bool = False  # at least one event (all time) below status 400
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
@@ -80,10 +84,13 @@ class Item:
         reopened = self.reopened_completion
         return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
 
-    @property
-    def ai_assisted(self) -> bool:
-        """At least one event of the item (all time) below status 400."""
-        return any(ok for _, ok, _, _ in self.by_model.values())
+    def add_usage(self, model: str, attempts: int, ok: int, cost: int | None, tokens: int) -> None:
+        """The item's all-time usage of `model` (one call per model)."""
+        self.by_model[model] = (attempts, ok, cost, tokens)
+        self.ai_assisted = self.ai_assisted or ok > 0
+        if cost is not None:
+            self.cost = (self.cost or 0) + cost
+        self.tokens += tokens
 
 
 def load(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
@@ -172,7 +179,7 @@ def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> N
     for work_item, model, attempts, ok, cost, tokens in found:
         item = items.get(work_item)
         if item is not None:
-            item.by_model[model] = (int(attempts), int(ok or 0), None if cost is None else int(cost), int(tokens or 0))
+            item.add_usage(model, int(attempts), int(ok or 0), None if cost is None else int(cost), int(tokens or 0))
 
 
 def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
