@@ -56,7 +56,7 @@ def rounded(value: float | None, digits: int = 6) -> float | None:
 # -- what the queries load ------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyInfo:
     id: str
     owner: str | None = None
@@ -64,7 +64,7 @@ class KeyInfo:
     role: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Spend:
     """One key's events on one item in the period."""
 
@@ -76,7 +76,7 @@ class Spend:
     last: datetime | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ItemRow:
     status: str
     completed_at: datetime | None
