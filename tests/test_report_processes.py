@@ -177,11 +177,12 @@ async def test_a_reports_error_reaches_the_serving_process_whole_with_the_childs
 
 
 @pytest.mark.anyio
-async def test_where_no_report_process_can_start_reports_run_in_a_thread(proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+async def test_where_no_report_process_can_start_reports_run_in_a_thread_until_one_can(proxy: Proxy, monkeypatch: pytest.MonkeyPatch,
+                                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     def no_fork_server(*args: object) -> None:
         raise PermissionError("no fork here")
 
+    start = ReportRunner._start
     monkeypatch.setattr(ReportRunner, "_start", no_fork_server)
     await proxy.openai(await proxy.new_key()).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "PROJ-1"}
@@ -192,3 +193,8 @@ async def test_where_no_report_process_can_start_reports_run_in_a_thread(proxy: 
         assert report["overall"]["completed_items"] == 0 and report["teams"][0]["team"] == "payments"
     warnings = [r.getMessage() for r in caplog.records if "worker thread" in r.getMessage()]
     assert len(warnings) == 1 and "no fork here" in warnings[0], warnings
+
+    started: list[int] = []  # the cause has passed (a full temporary directory emptied, say): the next report tries again
+    monkeypatch.setattr(ReportRunner, "_start", lambda self, *args: started.append(1) or start(self, *args))
+    assert (await proxy.get("/api/reports/adoption"))["overall"]["completed_items"] == 0
+    assert started and any("in a process of their own again" in r.getMessage() for r in caplog.records)

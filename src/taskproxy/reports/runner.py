@@ -10,9 +10,10 @@ imported: it starts in milliseconds, opens its own connection, hands back only w
 child killed on its way (the kernel's OOM killer, an operator) fails that report alone, with a 503;
 a client that hangs up stops its child; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
 
-A database a child cannot open (SQLite in memory), or a machine where the fork server cannot start
-(it needs a writable temporary directory for its socket), runs the reports in a worker thread, as
-before.
+A database a child cannot open (SQLite in memory) runs the reports in a worker thread, as before. So
+does a report whose process cannot start (the fork server needs a writable temporary directory for
+its socket): the next report tries again, since a thread keeps the report's memory in the serving
+process; a warning says when reports fall back, and when they run in processes again.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class ReportRunner:
         self._limiter = anyio.CapacityLimiter(at_once)
         self._context: BaseContext | None = None
         self._running: set[BaseProcess] = set()
+        self._in_threads = False  # the last report could not start a process: said once, until one can
 
     def _start(self, *args: Any) -> tuple[BaseProcess, Connection]:
         if self._context is None:
@@ -138,10 +140,15 @@ class ReportRunner:
         async with self._limiter:
             try:
                 process, receiving = await anyio.to_thread.run_sync(self._start, self._url, function, kwargs, encode)
-            except OSError as exc:  # no fork server here (no writable temporary directory for its socket, no fork)
-                log.warning("reports cannot run in a process of their own here (%s); they run in a worker thread", exc)
-                self._url = None
+            except OSError as exc:  # no fork server (no writable temporary directory for its socket, no fork, a full disk)
+                if not self._in_threads:
+                    log.warning("a report cannot run in a process of its own (%s); reports run in a worker thread until one can", exc)
+                    self._in_threads = True
+                self._context = None  # the next report tries again: the cause may pass, and a thread holds on to the report's memory
                 return await self._in_thread(function, encode, kwargs)
+            if self._in_threads:
+                log.warning("reports run in a process of their own again")
+                self._in_threads = False
             self._running.add(process)
             try:
                 kind, payload, where = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
