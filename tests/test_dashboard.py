@@ -373,8 +373,17 @@ def test_overview_shows_the_adoption_reports_figures(context: Any, site: Site) -
 
     teams = {entry["team"]: entry for entry in report["teams"]}
     payments = page.locator('#teams-table tr[data-team="payments"] td').all_inner_texts()
-    assert payments[0] == fmt.number(teams["payments"]["completed_items"])
-    assert payments[2] == fmt.money(teams["payments"]["cost_per_completed_item"]["median"])
+    shown = teams["payments"]  # every cell of the row is the API's figure (the page gets only what its rows show)
+    assert payments == [
+        fmt.number(shown["completed_items"]),
+        f"{fmt.number(shown['ai_assisted_items'])} ({fmt.share(shown['ai_assisted_share'])})",
+        fmt.money(shown["cost_per_completed_item"]["median"]),
+        fmt.money(shown["cost_per_completed_item"]["p90"]),
+        fmt.money(shown["spend_without_outcome_usd"]),
+        fmt.money(shown["spend_after_completion_usd"]),
+        f"{fmt.share(shown['rework']['ai_assisted']['rate'])} / {fmt.share(shown['rework']['other']['rate'])}",
+        f"{fmt.hours(shown['cycle_time_hours']['ai_assisted'])} / {fmt.hours(shown['cycle_time_hours']['other'])}",
+    ]
     assert teams["mobile"]["withheld"] is True
     assert page.locator('#teams-table tr[data-team="mobile"] td').inner_text() == "withheld: fewer than 5 people"
 
