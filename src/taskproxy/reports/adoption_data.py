@@ -99,10 +99,10 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     need, so the work grows with the period's activity, not with the organisation's history."""
     items = _period_spend(connection, since, until)
     for item_id in connection.execute(completed_ids(since, until)).scalars():
-        items.setdefault(item_id, Item(item_id))
+        _item(items, item_id)
     reopened = _reopened_completions(connection, since, until)
     for item_id in reopened:
-        items.setdefault(item_id, Item(item_id))
+        _item(items, item_id)
     _load_rows(connection, items, sorted(items))
     _load_completed(connection, items, since, until)
     _load_usage(connection, items, sorted(set(reopened) - {i for i, item in items.items() if item.by_model}))
@@ -129,13 +129,22 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     return items
 
 
+def _item(items: dict[str, Item], item_id: str) -> Item:
+    """The item `item_id` of `items`, added if absent. (Not `setdefault`: it would build an Item, and
+    its dict, for each of the hundreds of thousands of ids already there.)"""
+    item = items.get(item_id)
+    if item is None:
+        item = items[item_id] = Item(item_id)
+    return item
+
+
 def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
     """Fill in the registered items among `ids`; an id without a row stays `unverified`."""
     for chunk in idsets.batches(connection, ids):
         query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at, _W.lines_added, _W.lines_deleted, _W.points,
                        _W.reworked_at, _W.rework_reason).where(idsets.among(connection, _W.id, chunk))  # fmt: skip
         for r in connection.execute(query):
-            item = items.setdefault(r.id, Item(r.id))
+            item = _item(items, r.id)
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = r.team, r.status, r.created_at, r.completed_at, r.status
             item.lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
             item.points, item.reworked_at, item.rework_reason = r.points, r.reworked_at, r.rework_reason
