@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
@@ -174,6 +175,28 @@ async def test_a_reports_error_reaches_the_serving_process_whole_with_the_childs
     assert "in the report's process" in notes and "_table_missing" in notes, notes
     with pytest.raises(RuntimeError, match="_NeedsItsKeyword: something of its own"):  # not a TypeError from unpickling it
         await runner.run(_own_error)
+
+
+def _long_sqlite_query(engine: Engine, pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    with engine.connect() as connection:  # about a minute of SQLite's own work, no Python in between
+        connection.execute(text("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 300000000) SELECT count(*) FROM n"))
+
+
+@pytest.mark.anyio
+async def test_a_report_on_sqlite_stops_at_once_when_its_client_leaves(tmp_path: Path) -> None:
+    runner = ReportRunner(make_engine(f"sqlite:///{tmp_path / 'reports.db'}"))
+    pid_file = tmp_path / "report.pid"
+    with anyio.move_on_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: runner.run(_long_sqlite_query, pid_file=str(pid_file)))
+            while not pid_file.exists() or not pid_file.read_text():
+                await anyio.sleep(0.05)
+            await anyio.sleep(0.5)  # in its query
+            group.cancel_scope.cancel()  # as when the client hangs up
+    report = int(pid_file.read_text())
+    gone = lambda: not Path(f"/proc/{report}").exists() or Path(f"/proc/{report}/stat").read_text().split()[2] == "Z"  # noqa: E731
+    _wait_for(gone, "the report's process to stop", timeout=2)  # not when SQLite's statement ends, a minute later
 
 
 @pytest.mark.anyio

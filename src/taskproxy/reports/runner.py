@@ -60,13 +60,15 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
 
     engine = make_engine(database_url)
     cancel_queries = query_canceller(engine)
+    if cancel_queries is not None:  # else SIGTERM's default: the process ends at once
 
-    def stop(signum: int, _frame: object) -> None:
-        cancel_queries()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)  # ends as SIGTERM would have, which the serving process reports
+        def stop(signum: int, _frame: object) -> None:
+            signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM (the server's shutdown sends two) waits for this one
+            cancel_queries()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # ends as SIGTERM would have, which the serving process reports
 
-    signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, stop)
     try:
         answer = function(engine, **kwargs)
         message: tuple[str, Any, str] = ("ok", answer if encode is None else encode(answer), "")
@@ -144,7 +146,8 @@ class ReportRunner:
                 if not self._in_threads:
                     log.warning("a report cannot run in a process of its own (%s); reports run in a worker thread until one can", exc)
                     self._in_threads = True
-                self._context = None  # the next report tries again: the cause may pass, and a thread holds on to the report's memory
+                # The next report tries again (multiprocessing restarts a fork server that is not running):
+                # the cause may pass, and a thread holds on to the report's memory in the serving process.
                 return await self._in_thread(function, encode, kwargs)
             if self._in_threads:
                 log.warning("reports run in a process of their own again")

@@ -46,24 +46,25 @@ def make_engine(database_url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def query_canceller(engine: Engine) -> Callable[[], None]:
-    """A function that cancels, in the database, the queries `engine`'s connections are running.
+def query_canceller(engine: Engine) -> Callable[[], None] | None:
+    """A function that cancels, in the database, the queries `engine`'s connections are running; None
+    where there is nothing to cancel that way.
 
     A process that is stopped mid-query leaves its query running on PostgreSQL until it finishes:
     the server notices a client has gone only when it next writes to it. The function asks the
     server to cancel instead (libpq's cancel request, on a connection of its own, so it may be
     called from a signal handler while the query is waited for). SQLite's queries end with their
-    process: there is nothing to cancel."""
+    process, and a signal handler would wait for the statement to end: None."""
     if engine.dialect.name != "postgresql":
-        return lambda: None
+        return None
     live: weakref.WeakSet[Any] = weakref.WeakSet()
     event.listen(engine, "connect", lambda dbapi_connection, _record: live.add(dbapi_connection))
 
     def cancel() -> None:
         for connection in list(live):
             try:
-                connection.cancel_safe(timeout=5)  # psycopg's; does nothing on an idle connection
-            except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends it in time)
+                connection.cancel_safe(timeout=2)  # psycopg's (3.2+); does nothing on an idle connection
+            except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends the query in time)
                 pass
 
     return cancel
