@@ -10,7 +10,14 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from taskproxy.fake_provider.wire import OVERLOADED_CACHE_READ, has_tool_result, json_response, named_event, prompt_tokens_of, reply_words
+from taskproxy.fake_provider.wire import (
+    OVERLOADED_CACHE_READ,
+    has_tool_result,
+    json_response,
+    named_event,
+    prompt_tokens_of,
+    reply_words,
+)
 
 
 class MessagesApi:

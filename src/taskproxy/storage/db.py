@@ -64,7 +64,7 @@ def query_canceller(engine: Engine) -> Callable[[], None] | None:
         for connection in list(live):
             try:
                 connection.cancel_safe(timeout=2)  # psycopg's (3.2+); does nothing on an idle connection
-            except Exception:  # noqa: BLE001  (the process is stopping either way; the server ends the query in time)
+            except Exception:  # noqa: BLE001, S110  (the process is stopping either way; the server ends the query in time)
                 pass
 
     return cancel
