@@ -8,9 +8,10 @@ told it does not exist, as the provider would say of another account's response.
 A background response (`background: true`) is answered before it is generated, and its usage comes
 only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first read
 that shows it finished (`GET`, `GET ?stream=true` to its `response.completed`, or `cancel` of a
-finished one; a cancelled response only with its usage) records it on the create's work item, at the create's time and under an id derived from the
-response id: however many reads and replicas see it, the event is written once (id and time are the
-events table's key). A read cut short before the end bills nothing; the next one that sees it does.
+finished one; a cancelled response only with its usage) records it on the create's work item, at the
+create's time and under an id derived from the response id: however many reads and replicas see it,
+the event is written once (id and time are the events table's key). A read cut short before the end
+bills nothing; the next one that sees it does.
 A response cancelled while generating shows no usage (the provider does not say what it made), so it
 stays deferred; if the generation won the race and a later read shows it completed, that read bills it.
 """
@@ -87,14 +88,14 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         reply = await stored.provider.send(ProviderRequest(model, url, headers, content, stream=False, method=method))
         billable = origin.deferred and reply.status == 200 and suffix != "/input_items"
         if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
-            return _relayed(request, stored, origin, model, reply, billable, observe.responses_stream, model.max_stream_seconds)
+            return _relayed(request, stored, origin, model, reply, billable, observe.responses_stream, model.max_stream_seconds, _usage_in_tail)
         limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
         async for chunk in reply.chunks:
             parts.append(chunk)
             size += len(chunk)
             if size > limit:  # too large to keep: the rest is relayed as it arrives, billed from its ends
                 return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, model.max_response_seconds,
-                                prefix=b"".join(parts))  # fmt: skip
+                                _body_settles, prefix=b"".join(parts))  # fmt: skip
         await reply.close()
         body = b"".join(parts)
         if billable and _settles(await _decoded(stored, body)):
@@ -113,16 +114,16 @@ def _error_event(error: ApiError) -> bytes:
 
 def _relayed(
     request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, reply: ProviderReply, billable: bool,
-    observed: Callable[[Capture], Observed], max_seconds: float, prefix: bytes = b"",
+    observed: Callable[[Capture], Observed], max_seconds: float, settles: Callable[[Capture], bool], prefix: bytes = b"",
 ) -> Response:  # fmt: skip
     """Relay a read as it arrives. A background response's usage is recorded when what passed ends with
-    it (the stream's `response.completed`, or the body's `usage`): a read cut short bills nothing, and
-    the next read that sees the end does."""
+    it (the stream's `response.completed`, or the body's `usage` once it is no longer generating): a
+    read cut short bills nothing, and the next read that sees the end does."""
     capture = Capture()
     capture.add(prefix)
 
     def on_done(error: str | None, first_byte: float | None) -> None:
-        if billable and openai_usage(last_usage_object(capture.recent())) is not None:
+        if billable and settles(capture):
             _bill(request, stored, origin, model, partial(observed, capture))
 
     return RelayResponse(reply, capture=capture, watch=ClientWatch(request.receive), on_done=on_done, error_event=_error_event,
@@ -133,7 +134,15 @@ async def _decoded(stored: StoredResponses, body: bytes) -> object:
     return await decode_json_object(body, stored.settings.limits.max_json_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
 
 
-_FINAL = frozenset({"completed", "incomplete", "failed"})  # never change again
+def _usage_in_tail(capture: Capture) -> bool:
+    return openai_usage(last_usage_object(capture.recent())) is not None
+
+
+def _body_settles(capture: Capture) -> bool:
+    """`_settles` for a body too large to keep whole, from its ends: its usage, and a head that does
+    not say it is still generating. (A finished body without usage is not billed this way: its
+    output, which an estimate would count, was not kept.)"""
+    return _usage_in_tail(capture) and not observe.still_generating(capture)
 
 
 def _settles(decoded: object) -> bool:
@@ -144,7 +153,7 @@ def _settles(decoded: object) -> bool:
     if not isinstance(decoded, dict):
         return False
     status = decoded.get("status")
-    if status in _FINAL:
+    if status in observe.FINISHED:
         return True
     return status == "cancelled" and openai_usage(decoded.get("usage")) is not None
 

@@ -135,7 +135,11 @@ def openai_stream(capture: Capture) -> Observed:
 
 # -- OpenAI Responses API ---------------------------------------------------------------------------
 
-_TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+UNFINISHED = frozenset({"queued", "in_progress"})
+# A response's final statuses: it never changes again. (`cancelled` may: a cancel can lose the race
+# with the generation, and a later read show the response completed.)
+FINISHED = frozenset({"completed", "incomplete", "failed"})
+_TERMINAL = {f"response.{status}" for status in FINISHED}
 _DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta", "response.refusal.delta"}
 
 
@@ -152,9 +156,6 @@ def _output_text(response: dict) -> str:
     return "".join(parts)
 
 
-UNFINISHED = frozenset({"queued", "in_progress"})
-
-
 def _response_id(response: Any) -> str | None:
     rid = response.get("id") if isinstance(response, dict) else None
     return rid if isinstance(rid, str) and 0 < len(rid) <= 200 else None
@@ -167,14 +168,19 @@ _HEAD_UNFINISHED = re.compile(rb'"status"\s*:\s*"(?:queued|in_progress)"')
 _HEAD_BACKGROUND = re.compile(rb'"background"\s*:\s*true')
 
 
-def _large_response(capture: Capture) -> Observed:
+def still_generating(capture: Capture) -> bool:
+    """A background response's body, too large to keep whole, whose head says it is queued or in
+    progress: whatever usage object it carries is not its usage yet."""
     head = capture.head
-    found = _HEAD_ID.match(head)
+    return bool(_HEAD_UNFINISHED.search(head) and _HEAD_BACKGROUND.search(head))
+
+
+def _large_response(capture: Capture) -> Observed:
+    found = _HEAD_ID.match(capture.head)
     response_id = found.group(1).decode() if found else None
-    usage = openai_usage(last_usage_object(capture.tail or head))
-    if usage is None and _HEAD_UNFINISHED.search(head) and _HEAD_BACKGROUND.search(head):
+    if still_generating(capture):
         return Observed(ProviderUsage(), response_id=response_id, deferred=True)
-    return Observed(usage, response_id=response_id)
+    return Observed(openai_usage(last_usage_object(capture.tail or capture.head)), response_id=response_id)
 
 
 def responses_body(capture: Capture) -> Observed:
