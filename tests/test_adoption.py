@@ -671,11 +671,11 @@ def test_completions_by_period_are_the_reports_figures_for_each_period(world: tu
     figures are those the adoption report gives for that week."""
     engine, _, _ = world
     windows = week_windows(UNTIL, 8)
-    for (since, until), figures in zip(windows, completions_by_period(engine, windows), strict=True):
+    weeks = completions_by_period(engine, windows)
+    for (since, until), figures in zip(windows, weeks, strict=True):
         overall = adoption_report(engine, since=since, until=until)["overall"]
         cost = overall["cost_per_completed_item"]
         expected = {"completed_items": overall["completed_items"], "ai_assisted_items": overall["ai_assisted_items"],
                     "median": cost["median"], "p90": cost["p90"], "total": cost["total"]}  # fmt: skip
         assert figures == expected, (since, until)
-    weeks = completions_by_period(engine, windows)
     assert sum(1 for f in weeks if f["ai_assisted_items"] and f["median"] is not None) >= 4  # not a comparison of empty weeks

@@ -270,7 +270,6 @@ def completions_by_period(engine: Engine, periods: list[tuple[datetime, datetime
     return found
 
 
-
 def adoption_options(settings: Settings) -> dict[str, Any]:
     """The report's options from the settings: what the route, the CLI and the dashboard pass."""
     reports = settings.reports
