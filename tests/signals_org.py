@@ -9,7 +9,8 @@ heavily on an item that completes only after the period.
 
 Planted, one pattern per key, each kept clear of the other signals:
 
-- `looper`  (web): a script sends the same prompt 120 times, in four bursts, on one of its items;
+- `looper`  (web): a script sends the same prompt 120 times, in four bursts, on one of its items (and
+  asks once the question an honest person retries);
 - `closer`  (web): 15 requests on each of three items after they were done (2) or closed (1);
 - `spinner` (web): about $65 in the period on two items, neither completed (one closed, one open);
 - `cron`    (data): a developer key in a cron job: every 15 minutes (+0–6 s), around the clock, 5 days;
@@ -65,6 +66,7 @@ PLANTED = {
 }
 OUTLIER_FACTOR = 20.0
 LOOP_REQUESTS = 120
+ARM64_QUESTION = "why does the build fail on arm64?"  # honest-web-1 retries it five times
 AFTER_REQUESTS = 15  # per closer item
 CRON_DAYS = 5
 QUICK_ITEMS = 8  # trivial ones, each done 4 minutes after it was opened
@@ -277,7 +279,7 @@ class _Builder:
         item = next(i for i in self.items.values() if i.owner is retrier and i.completed_at and SINCE < i.completed_at < UNTIL)
         first = next(e.ts for e in self.events if e.item == item.id and e.key is retrier)
         for n in range(5):
-            self.event(item, first + timedelta(seconds=20 + 15 * n), retrier, content="why does the build fail on arm64?")
+            self.event(item, first + timedelta(seconds=20 + 15 * n), retrier, content=ARM64_QUESTION)
         # Two crunch days: working from 07:00 until past 23:00 (17 hours of the day), then done.
         late = self.keys["honest-web-3"]
         crunch = self.item("WEB-CRUNCH-1", "web", late, SINCE + timedelta(days=8, hours=6))
@@ -336,6 +338,8 @@ class _Builder:
             for _ in range(LOOP_REQUESTS // len(runs)):
                 self.event(item, moment, key, prompt=500, completion=100, content="write more unit tests for utils.py")
                 moment += timedelta(seconds=self.rng.randint(2, 4))
+        # Once, the question honest-web-1 retries: another key's repeat is not the looper's.
+        self.event(item, runs[0] - timedelta(minutes=5), key, content=ARM64_QUESTION)
         self.step(item, max(times[-1], moment) + timedelta(hours=2), "done")
 
     def closer(self) -> None:

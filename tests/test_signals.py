@@ -26,6 +26,7 @@ import pytest
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_URL, in_process, make_settings, postgres_schema, start_proxy, wait_until
 from taskproxy.upstream.mock import MockProvider
 from signals_org import (
+    ARM64_QUESTION,
     AFTER_REQUESTS,
     CRON_DAYS,
     END,
@@ -209,6 +210,13 @@ def test_repeated_prompt_evidence(world: tuple[Any, Org, Path]) -> None:
     assert found["work_items"] == [
         {"id": "WEB-LOOP-1", "status": "done", "requests": LOOP_REQUESTS, "cost_usd": pytest.approx(spend(loop))}
     ]
+    # Down to five requests, the honest retry is a repeat too; the looper asked that question once,
+    # which is not a repeat of its own.
+    assert sum(e.content == ARM64_QUESTION for e in events) == 1
+    lowered = gaming_signals(engine, since=SINCE, until=UNTIL, thresholds=DEFAULTS.model_copy(update={"repeated_prompt_min_requests": 5}))
+    assert signal(lowered, org, "repeated_prompt", "looper") == found
+    retried = signal(lowered, org, "repeated_prompt", "honest-web-1")["evidence"]
+    assert (retried["repeated_prompts"], retried["repeated_requests"], retried["items"]) == (1, 5, 1)
 
 
 def test_spend_after_completion_evidence(world: tuple[Any, Org, Path]) -> None:

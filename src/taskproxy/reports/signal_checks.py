@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import WorkItem
-from taskproxy.storage import rollup
+from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.timeutil import iso
 from taskproxy.storage.repo import completed_ids
@@ -52,33 +52,39 @@ def repeated_prompts(
     since: datetime, until: datetime, t: SignalSettings,
 ) -> list[Found]:  # fmt: skip
     answered = and_(*within(EVENTS.ts, since, until), request_clause(EVENTS), EVENTS.status < 400, EVENTS.prompt_hash.is_not(None))
-    repeated = (
+    repeated = connection.execute(
         select(EVENTS.key_id, EVENTS.prompt_hash)
         .where(answered)
         .group_by(EVENTS.key_id, EVENTS.prompt_hash)
         .having(func.count() >= t.repeated_prompt_min_requests)
-        .subquery()
-    )
-    query = (
-        select(
-            EVENTS.key_id,
-            EVENTS.prompt_hash,
-            EVENTS.work_item,
-            func.count().label("requests"),
-            func.sum(EVENTS.cost_nanos).label("cost"),
-            func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
-            func.min(EVENTS.ts).label("first"),
-            func.max(EVENTS.ts).label("last"),
-        )
-        .join(repeated, and_(repeated.c.key_id == EVENTS.key_id, repeated.c.prompt_hash == EVENTS.prompt_hash))
-        .where(answered)
-        .group_by(EVENTS.key_id, EVENTS.prompt_hash, EVENTS.work_item)
-    )
+    ).all()
+    # The repeats' events, per item, read afterwards by the keys that sent them (the index on key_id
+    # and ts): a second pass over the whole period's events would cost as much as the first.
+    pairs = sorted((row.key_id, row.prompt_hash) for row in repeated)
     by_key: dict[str, dict[str, list[Spend]]] = defaultdict(lambda: defaultdict(list))
-    for row in connection.execute(query):
-        by_key[row.key_id][row.prompt_hash].append(
-            Spend(row.work_item, int(row.requests), int(row.cost or 0), int(row.tokens), row.first, row.last)
+    size = idsets.batch_size(connection)
+    for start in range(0, len(pairs), size):
+        batch = set(pairs[start : start + size])
+        senders, sent = sorted({key_id for key_id, _ in batch}), sorted({prompt for _, prompt in batch})
+        query = (
+            select(
+                EVENTS.key_id,
+                EVENTS.prompt_hash,
+                EVENTS.work_item,
+                func.count().label("requests"),
+                func.sum(EVENTS.cost_nanos).label("cost"),
+                func.coalesce(func.sum(EVENTS.total_tokens), 0).label("tokens"),
+                func.min(EVENTS.ts).label("first"),
+                func.max(EVENTS.ts).label("last"),
+            )
+            .where(answered, idsets.among(connection, EVENTS.key_id, senders), idsets.among(connection, EVENTS.prompt_hash, sent))
+            .group_by(EVENTS.key_id, EVENTS.prompt_hash, EVENTS.work_item)
         )
+        for row in connection.execute(query):
+            if (row.key_id, row.prompt_hash) in batch:
+                by_key[row.key_id][row.prompt_hash].append(
+                    Spend(row.work_item, int(row.requests), int(row.cost or 0), int(row.tokens), row.first, row.last)
+                )
     found = []
     for key_id, hashes in by_key.items():
         if is_service(keys, key_id) and not t.flag_service_keys:

@@ -21,10 +21,15 @@ _BATCH = {"postgresql": 100_000}
 _IN_LIST_BATCH = 5_000  # SQLite binds at most 32,766 parameters to a statement
 
 
+def batch_size(connection: Connection) -> int:
+    """How many ids this database takes to one statement."""
+    return _BATCH.get(connection.dialect.name, _IN_LIST_BATCH)
+
+
 def batches(connection: Connection, ids: Iterable[str]) -> Iterator[list[str]]:
     """`ids`, sorted, in batches of the size this database takes to one statement."""
     ordered = sorted(set(ids))
-    size = _BATCH.get(connection.dialect.name, _IN_LIST_BATCH)
+    size = batch_size(connection)
     for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
 
