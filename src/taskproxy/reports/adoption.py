@@ -174,12 +174,12 @@ def _per_100_lines(assisted: list[_Item]) -> dict[str, Any]:
     return {"usd": usd(100 * sum(c for c, _ in sized) / lines) if lines else None, "items": len(sized), "lines": lines}
 
 
-def _rework(delivered: list[_Item], since: datetime, until: datetime) -> dict[str, Any]:
+def _rework(delivered: list[_Item]) -> dict[str, Any]:
     def rate(group: list[_Item]) -> dict[str, Any]:
-        reworked = sum(1 for i in group if i.reworked_in(since, until))
+        reworked = sum(1 for i in group if i.reworked)
         return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
 
-    reasons = {reason: sum(1 for i in delivered if i.rework_reason == reason and i.reworked_in(since, until)) for reason in REWORK_REASONS}
+    reasons = {reason: sum(1 for i in delivered if i.reworked and i.rework_reason == reason) for reason in REWORK_REASONS}
     return {"ai_assisted": rate([i for i in delivered if i.ai_assisted]), "other": rate([i for i in delivered if not i.ai_assisted]),
             "by_reason": reasons}  # fmt: skip
 
@@ -190,10 +190,22 @@ def _completed(items: Iterable[_Item], since: datetime, until: datetime) -> tupl
     return completed, [i for i in completed if i.ai_assisted]
 
 
-def _figures(
-    items: list[_Item], rejected: dict[str, int], *, since: datetime, until: datetime, stale_after: timedelta, bands: SizeBands
-) -> dict[str, Any]:
-    completed, assisted = _completed(items, since, until)
+def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after: timedelta) -> None:
+    """Decide, once per item, what the period's figures ask of it (`_figures` reads the verdicts in
+    every scope the item counts in: overall and its team)."""
+    for item in items:
+        item.completed = item.completed_in(since, until)
+        item.delivered = item.completed or item.delivered_in(since, until)
+        item.reworked = item.delivered and item.reworked_in(since, until)
+        item.without_outcome = _without_outcome_kind(item, until, stale_after) if item.spend else None
+        if item.completed and item.completed_at and item.created_at:
+            item.cycle_hours = (item.completed_at - item.created_at).total_seconds() / 3600
+
+
+def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) -> dict[str, Any]:
+    """The figures of one scope, over `items` as `settle` decided them."""
+    completed = [i for i in items if i.completed]
+    assisted = [i for i in completed if i.ai_assisted]
     other = [i for i in completed if not i.ai_assisted]
 
     tokens: list[float] = []
@@ -209,19 +221,17 @@ def _figures(
         tokens.append(float(item.tokens))
     tokens.sort()
     costs = [i.cost for i in assisted if i.cost is not None]
-    held = [i.cost for i in assisted if i.cost is not None and not i.reworked_in(since, until)]
+    held = [i.cost for i in assisted if i.cost is not None and not i.reworked]
 
     without = dict.fromkeys(WITHOUT_OUTCOME, 0)
     after = 0
     for item in items:
-        if item.spend:
-            kind = _without_outcome_kind(item, until, stale_after)
-            if kind is not None:
-                without[kind] += item.spend
+        if item.without_outcome is not None:
+            without[item.without_outcome] += item.spend
         after += item.spend_after_completion
 
     def cycle(group: list[_Item]) -> float | None:
-        hours = [(i.completed_at - i.created_at).total_seconds() / 3600 for i in group if i.completed_at and i.created_at]
+        hours = [i.cycle_hours for i in group if i.cycle_hours is not None]
         return rounded_hours(statistics.median(hours)) if hours else None
 
     return {
@@ -242,7 +252,7 @@ def _figures(
         },
         "cost_by_size": _by_size(assisted, bands),
         "cost_per_100_changed_lines": _per_100_lines(assisted),
-        "rework": _rework([i for i in items if i.delivered_in(since, until)], since, until),
+        "rework": _rework([i for i in items if i.delivered]),
         "spend_without_outcome_usd": usd(sum(without.values())),
         "spend_without_outcome_breakdown": {k: usd(v) for k, v in without.items()},
         "spend_after_completion_usd": usd(after),
@@ -296,9 +306,9 @@ def adoption_report(
         people = privacy.team_sizes(connection)
         rejections = data.rejections(connection, since, until)
 
-    stale_after = timedelta(days=stale_after_days)
-    options = {"since": since, "until": until, "stale_after": stale_after, "bands": size_bands or SizeBands()}
+    bands = size_bands or SizeBands()
     relevant = [i for i in items.values() if i.period_events or i.delivered_in(since, until)]
+    settle(relevant, since, until, timedelta(days=stale_after_days))
     by_team: dict[str | None, list[_Item]] = defaultdict(list)
     for item in relevant:
         by_team[item.team].append(item)
@@ -312,14 +322,14 @@ def adoption_report(
         if not privacy.shown(people.get(name, 0), min_group_size):
             return privacy.withheld(name, min_group_size)
         rejected = dict(rejected_by_team.get(name, {}))
-        return {"team": name, **_figures(by_team.get(name, []), rejected, **options)}
+        return {"team": name, **_figures(by_team.get(name, []), rejected, bands=bands)}
 
     if team is not None:
         entry = figures_of(team)
         overall = {k: v for k, v in entry.items() if k != "team"}
         teams = [entry]
     else:
-        overall = _figures(relevant, dict(rejected_all), **options)
+        overall = _figures(relevant, dict(rejected_all), bands=bands)
         names = set(people) | {t for t in by_team if t is not None}
         teams = [figures_of(name) for name in sorted(names)]
     return {

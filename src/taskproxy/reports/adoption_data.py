@@ -59,6 +59,13 @@ class Item:
     reworked_at: datetime | None = None  # the first rework: reverted after merge, or reopened after done
     rework_reason: str | None = None
     reopened_completion: datetime | None = None  # the completion a reopening undid (reopened items only)
+    # The report's verdicts for its period, decided once per item (adoption.settle) and read by the
+    # overall figures and by those of the item's team.
+    completed: bool = False  # completed_in the period
+    delivered: bool = False  # delivered_in the period
+    reworked: bool = False  # reworked_in the period
+    without_outcome: str | None = None  # which spend without outcome its period spend is, if any
+    cycle_hours: float | None = None  # completed_at - created_at (completed items)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
         """The completion that puts the item in the period did not hold: a merged PR reverted (its one
