@@ -198,8 +198,8 @@ def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after
         item.delivered = item.completed or item.delivered_in(since, until)
         item.reworked = item.delivered and item.reworked_in(since, until)
         item.without_outcome = _without_outcome_kind(item, until, stale_after) if item.spend else None
-        if item.completed and item.completed_at and item.created_at:
-            item.cycle_hours = (item.completed_at - item.created_at).total_seconds() / 3600
+        timed = item.completed and item.completed_at is not None and item.created_at is not None
+        item.cycle_hours = (item.completed_at - item.created_at).total_seconds() / 3600 if timed else None  # type: ignore[operator]
 
 
 def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) -> dict[str, Any]:
