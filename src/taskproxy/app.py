@@ -38,6 +38,7 @@ from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
 from taskproxy.reports.runner import ReportRunner
+from taskproxy.reports.snapshots import SnapshotKeeper
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
 from taskproxy.storage.response_origins import ResponseOrigins
@@ -210,6 +211,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
         reports_runner = ReportRunner(db)
+        keeper = SnapshotKeeper(db, reports_runner, settings) if settings.reports.snapshot_minutes else None
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
                                 settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),
@@ -218,6 +220,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             asyncio.create_task(reload_forever(lambda: maintain_partitions(utcnow()), PARTITIONS_EVERY_SECONDS, "partitions"),
                                 name="taskproxy-partitions"),
         ]
+        if keeper is not None:
+            refreshers.append(asyncio.create_task(keeper.run(), name="taskproxy-report-snapshots"))
         try:
             # Each request sees these as `request.state.<name>`; a route reads only what it uses.
             yield {
@@ -239,6 +243,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             for task in refreshers:
                 task.cancel()
             reports_runner.close()
+            if keeper is not None:
+                await anyio.to_thread.run_sync(keeper.close)
             if left := await attempts.wait_until_recorded(timeout=5.0):
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()

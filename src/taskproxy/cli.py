@@ -234,14 +234,27 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or_team: dict[str, object]) -> dict[str, Any]:
+    """The report `name` as its latest snapshot holds it (`--latest`), as `?snapshot=latest` serves it."""
+    from taskproxy.reports.snapshots import check_asked_alone, latest, report_of
+
+    check_asked_alone(period_or_team)
+    snapshot = latest(_engine(args), settings, name)
+    print(f"(the snapshot computed at {snapshot.computed_at:%Y-%m-%d %H:%M} UTC, in {snapshot.seconds:.0f} s)", file=sys.stderr)
+    return report_of(snapshot)
+
+
 def cmd_report_adoption(args: argparse.Namespace) -> int:
     from taskproxy.reports.adoption import adoption_options, adoption_report
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
     from taskproxy.timeutil import report_period
 
     settings = _settings(args)
-    since, until = report_period(args.since, args.until)
-    report = adoption_report(_engine(args), since=since, until=until, team=args.team, **adoption_options(settings))
+    if args.latest:
+        report = _latest_report(args, settings, "adoption", {"--since": args.since, "--until": args.until, "--team": args.team})
+    else:
+        since, until = report_period(args.since, args.until)
+        report = adoption_report(_engine(args), since=since, until=until, team=args.team, **adoption_options(settings))
     if args.json:
         print_json(report)
     elif args.csv:
@@ -256,8 +269,11 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
     from taskproxy.timeutil import report_period
 
     settings = _settings(args)
-    since, until = report_period(args.since, args.until)
-    report = gaming_signals(_engine(args), since=since, until=until, thresholds=settings.signals)
+    if args.latest:
+        report = _latest_report(args, settings, "signals", {"--since": args.since, "--until": args.until})
+    else:
+        since, until = report_period(args.since, args.until)
+        report = gaming_signals(_engine(args), since=since, until=until, thresholds=settings.signals)
     if args.json:
         print_json(report)
     else:
@@ -351,12 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     adoption.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
     adoption.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
     adoption.add_argument("--team", help="only this team")
+    adoption.add_argument("--latest", action="store_true", help="the latest snapshot (last 30 days; reports.snapshot_minutes) instead of computing")
     output = adoption.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--csv", action="store_true")
     signals = command(report, "signals", cmd_report_signals, "gaming signals: advisory flags about keys, with their evidence")
     signals.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
     signals.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
+    signals.add_argument("--latest", action="store_true", help="the latest snapshot (last 30 days; reports.snapshot_minutes) instead of computing")
     signals.add_argument("--json", action="store_true")
 
     for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),

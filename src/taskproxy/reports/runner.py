@@ -40,7 +40,7 @@ log = logging.getLogger("taskproxy.reports")
 
 REPORTS_AT_ONCE = 2  # children computing at once, per serving process; more requests wait their turn
 # Imported once by the fork server, so a child starts with them.
-PRELOADED = ["taskproxy.reports.runner", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.dashboard.data"]
+PRELOADED = ["taskproxy.reports.runner", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.reports.snapshots", "taskproxy.dashboard.data"]
 
 
 def child_database_url(engine: Engine) -> str | None:

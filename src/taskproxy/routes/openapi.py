@@ -55,6 +55,8 @@ def _operation(summary: str, ok: int, body: dict[str, Any], *, params: list[dict
 def openapi_document() -> dict[str, Any]:
     limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000})
     period = [_query("since", _TIME), _query("until", _TIME)]
+    # The latest stored computation over the last 30 days instead (reports.snapshot_minutes); takes no period or team.
+    snapshot = _query("snapshot", {"enum": ["latest"]})
     item = _path("item_id", _ITEM_ID)
     return {
         "openapi": "3.1.0",
@@ -86,13 +88,14 @@ def openapi_document() -> dict[str, Any]:
             "/api/usage/events": {"get": _operation("Raw usage events, newest first (audited)", 200, _ARRAY,
                                                     params=[_query("work_item", _ITEM_ID), _query("key_id", _STRING), limit])},
             "/api/reports/tasks": {"get": _operation("Work items by cost", 200, _OBJECT, params=[*period, limit])},
-            "/api/reports/adoption": {"get": _operation("Adoption against completed work", 200, _OBJECT, params=[*period, _query("team", _STRING)])},
-            "/api/reports/adoption.csv": {"get": {**_operation("The adoption report as CSV", 200, _STRING, params=[*period, _query("team", _STRING)]),
+            "/api/reports/adoption": {"get": _operation("Adoption against completed work", 200, _OBJECT, params=[*period, _query("team", _STRING), snapshot])},
+            "/api/reports/adoption.csv": {"get": {**_operation("The adoption report as CSV", 200, _STRING, params=[*period, _query("team", _STRING), snapshot]),
                                                   "responses": {"200": {"description": "OK", "content": {"text/csv": {"schema": _STRING}}},
                                                                 "400": {"description": "bad input", "content": {"application/json": {"schema": _ERROR}}},
                                                                 "401": {"description": "no or unknown key", "content": {"application/json": {"schema": _ERROR}}},
-                                                                "403": {"description": "not an admin key", "content": {"application/json": {"schema": _ERROR}}}}}},
-            "/api/reports/signals": {"get": _operation("Gaming signals: advisory flags about keys, with evidence (audited)", 200, _OBJECT, params=period)},
+                                                                "403": {"description": "not an admin key", "content": {"application/json": {"schema": _ERROR}}},
+                                                                "404": {"description": "no snapshot", "content": {"application/json": {"schema": _ERROR}}}}}},
+            "/api/reports/signals": {"get": _operation("Gaming signals: advisory flags about keys, with evidence (audited)", 200, _OBJECT, params=[*period, snapshot])},
             "/api/audit": {"get": _operation("Admin reads of per-key data", 200, _ARRAY, params=[*period, limit])},
             "/api/me/work-item": {
                 "get": _operation("The caller's bound work item; with item or branch, also which work item a run would bill (run: "

@@ -1,21 +1,25 @@
-"""Report routes under /api/reports/ (admin only): the adoption report as JSON and as CSV."""
+"""Report routes under /api/reports/ (admin only): the adoption report as JSON and as CSV, computed for
+the period asked, or its latest snapshot (`?snapshot=latest`, reports/snapshots.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from taskproxy.errors import InvalidRequest
 from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.routes.common import JSON, admin, time_param, unless_client_leaves
-from taskproxy.timeutil import report_period
-
+from taskproxy.reports.snapshots import check_asked_alone, latest, report_of, unpacked
+from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
+from taskproxy.storage.snapshots import Snapshot
+from taskproxy.timeutil import report_period, utcnow
 
 
 def period(request: Request) -> tuple[datetime, datetime]:
@@ -23,9 +27,52 @@ def period(request: Request) -> tuple[datetime, datetime]:
     return report_period(time_param(request, "since"), time_param(request, "until"))
 
 
+def snapshot_wanted(request: Request) -> bool:
+    """`?snapshot=latest`: the latest snapshot is wanted, not a computation (which takes no period or team)."""
+    value = request.query_params.get("snapshot")
+    if value is None:
+        return False
+    if value != "latest":
+        raise InvalidRequest(f"'snapshot' takes one value, 'latest', not {value[:40]!r}.", param="snapshot")
+    check_asked_alone({name: request.query_params.get(name) for name in ("since", "until", "team")})
+    return True
+
+
+async def latest_snapshot(request: Request, name: str) -> Snapshot:
+    """The latest snapshot of the report `name`, or 404 saying why there is none."""
+    return await in_thread(latest, request.state.engine, request.state.settings, name)  # type: ignore[no-any-return]
+
+
+def snapshot_headers(snapshot: Snapshot) -> dict[str, str]:
+    """When the snapshot was computed: `Age` in seconds and `Last-Modified`, as HTTP caches say it."""
+    age = max(0, int((utcnow() - snapshot.computed_at).total_seconds()))
+    return {"age": str(age), "last-modified": format_datetime(snapshot.computed_at.replace(tzinfo=UTC), usegmt=True)}
+
+
+def _accepts_gzip(request: Request) -> bool:
+    """The client takes gzip: `gzip` (or else `*`) in Accept-Encoding, with a weight above 0."""
+    weights: dict[str, float] = {}
+    for coding in request.headers.get("accept-encoding", "").split(","):
+        name, _, parameters = coding.partition(";")
+        weight = parameters.strip().lower().removeprefix("q=")
+        try:
+            weights[name.strip().lower()] = float(weight) if weight else 1.0
+        except ValueError:
+            weights[name.strip().lower()] = 1.0
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
+
+def snapshot_response(request: Request, snapshot: Snapshot) -> Response:
+    """A snapshot's JSON: the stored gzip as it is to a client that takes it, else unpacked piece by
+    piece (in a worker thread: StreamingResponse iterates a plain iterator there)."""
+    headers = {**snapshot_headers(snapshot), "vary": "accept-encoding"}
+    if _accepts_gzip(request):
+        return Response(snapshot.body, media_type=JSON.media_type, headers={**headers, "content-encoding": "gzip"})
+    return StreamingResponse(unpacked(snapshot.body), media_type=JSON.media_type, headers=headers)
+
+
 async def _report(request: Request, encode: Callable[[dict[str, Any]], Any]) -> Any:
     """The adoption report, computed and encoded in a report process (reports/runner.py)."""
-    await admin(request)
     since, until = period(request)
     team = request.query_params.get("team") or None
     options = adoption_options(request.state.settings)
@@ -35,11 +82,19 @@ async def _report(request: Request, encode: Callable[[dict[str, Any]], Any]) -> 
 
 
 async def adoption(request: Request) -> Response:
+    await admin(request)
+    if snapshot_wanted(request):
+        return snapshot_response(request, await latest_snapshot(request, "adoption"))
     return Response(await _report(request, orjson.dumps), media_type=JSON.media_type)
 
 
 async def adoption_as_csv(request: Request) -> Response:
+    await admin(request)
     headers = {"content-disposition": 'attachment; filename="adoption.csv"'}
+    if snapshot_wanted(request):
+        snapshot = await latest_snapshot(request, "adoption")
+        csv = await in_thread(lambda: adoption_csv(report_of(snapshot)))
+        return Response(csv, media_type="text/csv", headers={**headers, **snapshot_headers(snapshot)})
     return Response(await _report(request, adoption_csv), media_type="text/csv", headers=headers)
 
 

@@ -1,5 +1,5 @@
 """GET /api/reports/signals (admin only): the gaming signals, computed in a report process
-(reports/runner.py). The answer names keys and owners, so every read is audit-logged, like the other
+(reports/runner.py), or their latest snapshot (`?snapshot=latest`, reports/snapshots.py). The answer names keys and owners, so every read is audit-logged, like the other
 reads of per-key data."""
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from starlette.routing import Route
 from taskproxy.audit import audit_read
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.routes.common import JSON, admin, unless_client_leaves
-from taskproxy.routes.reports import period
+from taskproxy.routes.reports import latest_snapshot, period, snapshot_response, snapshot_wanted
 
 
 async def signals(request: Request) -> Response:
     principal = await admin(request)
+    if snapshot_wanted(request):
+        snapshot = await latest_snapshot(request, "signals")
+        audit_read(request.state.audit, request, principal)
+        return snapshot_response(request, snapshot)
     since, until = period(request)
     audit_read(request.state.audit, request, principal)
     thresholds = request.state.settings.signals

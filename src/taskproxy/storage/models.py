@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, PrimaryKeyConstraint, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, PrimaryKeyConstraint, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -307,3 +307,20 @@ class Lease(SQLModel, table=True):
     window: str = Field(max_length=32)  # e.g. 2026-12-03T09:41
     granted: int = Field(default=0, sa_type=BigInteger())
     granted_nanos: int = Field(default=0, sa_type=BigInteger())
+
+
+class ReportSnapshot(SQLModel, table=True):
+    """The latest computation of a period report (`adoption`, `signals`) over the default period, kept
+    with `reports.snapshot_minutes` so that reading it costs one row, not the report (reports/snapshots.py).
+    One row per report; a replica claims it (`claimed_until`) before computing, so one computes at a time."""
+
+    __tablename__ = "report_snapshots"
+
+    name: str = Field(primary_key=True, max_length=32)
+    since: datetime | None = Field(default=None, sa_type=DateTime())  # the period the body covers; None until the first
+    until: datetime | None = Field(default=None, sa_type=DateTime())
+    computed_at: datetime | None = Field(default=None, sa_type=DateTime())  # when the computation ended
+    seconds: float | None = None  # how long it took
+    computed_by: str | None = Field(default=None, max_length=200)  # host and process id of the replica
+    claimed_until: datetime | None = Field(default=None, sa_type=DateTime())  # a replica is computing it until then, at most
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # the route's JSON answer, gzipped

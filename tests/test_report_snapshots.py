@@ -1,0 +1,165 @@
+"""Report snapshots (`reports.snapshot_minutes`, reports/snapshots.py): one replica at a time computes
+the adoption report and the signals over the last 30 days, and `?snapshot=latest` serves the stored
+answer, which is exactly the report of its own period, from any replica."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from conftest import BOTH_DATABASES
+from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
+
+from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.adoption_export import adoption_csv
+from taskproxy.reports.signals import gaming_signals
+from taskproxy.storage import snapshots
+from taskproxy.storage.db import make_engine, upgrade_schema
+
+T0 = datetime(2026, 12, 1, 9, 0)
+EVERY = timedelta(minutes=10)
+HOLD = timedelta(minutes=30)
+
+
+@BOTH_DATABASES
+def test_a_snapshot_is_read_back_whole_in_pieces(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    monkeypatch.setattr(snapshots, "READ_PIECE_BYTES", 7)
+    body = bytes(range(256)) * 3 + b"tail"  # every byte value; not a multiple of the piece
+    assert snapshots.claim(engine, "signals", T0, EVERY, HOLD)
+    snapshots.store(engine, "signals", since=T0 - timedelta(days=30), until=T0, computed_at=T0, seconds=1.5, computed_by="h:2", body=body)
+    assert snapshots.latest(engine, "signals").body == body  # type: ignore[union-attr]
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_one_claimant_at_a_time_and_only_when_the_snapshot_is_due(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    won: list[bool] = []
+    start = threading.Barrier(6)
+
+    def claim() -> None:
+        start.wait()
+        won.append(snapshots.claim(engine, "adoption", T0, EVERY, HOLD))
+
+    claimants = [threading.Thread(target=claim) for _ in range(6)]
+    for thread in claimants:
+        thread.start()
+    for thread in claimants:
+        thread.join()
+    assert sorted(won) == [False] * 5 + [True]  # six replicas at once: one computes
+    assert snapshots.latest(engine, "adoption") is None  # nothing is served before the first is stored
+
+    snapshots.store(engine, "adoption", since=T0 - timedelta(days=30), until=T0, computed_at=T0 + timedelta(minutes=1), seconds=60.0,
+                    computed_by="host:1", body=b'{"overall": {}}')  # fmt: skip
+    kept = snapshots.latest(engine, "adoption")
+    assert kept is not None and (kept.until, kept.seconds, kept.body) == (T0, 60.0, b'{"overall": {}}')
+    assert not snapshots.claim(engine, "adoption", T0 + timedelta(minutes=5), EVERY, HOLD)  # stored 4 minutes ago: not due
+    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=11), EVERY, HOLD)  # due again
+    assert not snapshots.claim(engine, "adoption", T0 + timedelta(minutes=12), EVERY, HOLD)  # held by that claim ...
+    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=42), EVERY, HOLD)  # ... until it runs out (its holder died)
+    snapshots.release(engine, "adoption")  # a computation that failed lets go at once
+    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=43), EVERY, HOLD)
+    assert snapshots.latest(engine, "adoption").body == b'{"overall": {}}'  # type: ignore[union-attr]  # the last stored is still served
+    assert snapshots.claim(engine, "signals", T0, EVERY, HOLD)  # each report on its own
+    engine.dispose()
+
+
+def _as_served(report: dict) -> dict:
+    return orjson.loads(orjson.dumps(report))
+
+
+def _period(body: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(body["since"].removesuffix("Z")), datetime.fromisoformat(body["until"].removesuffix("Z"))
+
+
+@pytest.mark.postgres
+def test_two_replicas_serve_the_snapshot_one_of_them_computed_and_it_is_the_report_of_its_period(
+    tmp_path: Path, upstream: FakeUpstream, postgres_url: str
+) -> None:
+    config = write_config(tmp_path, upstream.url, database_url=postgres_url, reports={"snapshot_minutes": 0.02})  # every 1.2 s
+    assert run_cli("db", "upgrade", config=config).returncode == 0
+    with running_server(config, tmp_path / "a.log") as first, running_server(config, tmp_path / "b.log") as second:
+        admin = first.admin_headers
+        keys = [first.new_key(owner=f"dev-{n}", team="payments") for n in range(5)]  # a team shown, not withheld
+        for n, key in enumerate(keys):
+            client = (first, second)[n % 2].openai(key)
+            for item in ("PAY-1", "PAY-2"):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": f"hi {n}"}],
+                                               extra_headers={"X-Work-Item": item})  # fmt: skip
+        first.work_item("PAY-1", 5)
+        first.work_item("PAY-2", 5)
+        completed = first.http.post(f"/api/work-items/{quoted('PAY-1')}/complete", headers=admin)
+        assert completed.status_code == 200, completed.text
+        recorded = datetime.fromisoformat(completed.json()["completed_at"].removesuffix("Z"))
+
+        def latest(server, path: str = "/api/reports/adoption") -> httpx.Response:  # type: ignore[no-untyped-def]
+            return server.http.get(path, params={"snapshot": "latest"}, headers=admin, timeout=30)
+
+        def after_completion(reply: httpx.Response) -> bool:
+            return reply.status_code == 200 and _period(reply.json())[1] > recorded
+
+        engine = make_engine(postgres_url)
+        for server in (first, second):  # each serves a snapshot computed after the completion (by either)
+            reply = wait_until(lambda server=server: latest(server), after_completion, timeout=30, what="a snapshot after the completion")
+            body = reply.json()
+            assert body["overall"]["completed_items"] == 1 and body["overall"]["ai_assisted_items"] == 1, body["overall"]
+            since, until = _period(body)
+            assert until - since == timedelta(days=30)
+            assert body == _as_served(adoption_report(engine, since=since, until=until, team=None))  # the report of its period, exactly
+            assert 0 <= int(reply.headers["age"]) < 30 and reply.headers["last-modified"].endswith("GMT")
+
+        signals = wait_until(lambda: latest(second, "/api/reports/signals"), after_completion, timeout=30, what="the signals' snapshot")
+        since, until = _period(signals.json())
+        assert signals.json() == _as_served(gaming_signals(engine, since=since, until=until))
+
+        as_csv = wait_until(lambda: latest(first, "/api/reports/adoption.csv"), lambda r: r.status_code == 200, timeout=30)
+        assert as_csv.headers["content-type"].startswith("text/csv") and "age" in as_csv.headers
+        assert "payments" in as_csv.text and as_csv.text.count("\n") > 2
+        engine.dispose()
+
+
+def test_a_snapshot_is_asked_for_plainly_and_says_why_there_is_none(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream.url)  # snapshots off (the default)
+    with running_server(config, tmp_path / "serve.log") as server:
+        admin = server.admin_headers
+        developer = {"authorization": f"Bearer {server.new_key()}"}
+        for path in ("/api/reports/adoption", "/api/reports/adoption.csv", "/api/reports/signals"):
+            off = server.http.get(path, params={"snapshot": "latest"}, headers=admin)
+            assert off.status_code == 404 and off.json()["error"]["code"] == "not_found", off.text
+            assert "reports.snapshot_minutes" in off.json()["error"]["message"]
+            assert server.http.get(path, params={"snapshot": "latest"}, headers=developer).status_code == 403  # admins only, first
+            wrong = server.http.get(path, params={"snapshot": "newest"}, headers=admin)
+            assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "snapshot", wrong.text
+            dated = server.http.get(path, params={"snapshot": "latest", "since": "7d"}, headers=admin)
+            assert dated.status_code == 400 and dated.json()["error"]["param"] == "since", dated.text
+            assert "its own period" in dated.json()["error"]["message"]
+            assert server.http.get(path, headers=admin).status_code == 200  # computed on demand, as before
+
+
+def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: FakeUpstream) -> None:
+    config = write_config(tmp_path, upstream.url, reports={"snapshot_minutes": 60})
+    with running_server(config, tmp_path / "serve.log") as server:
+        admin = server.admin_headers
+        first = server.http.get("/api/reports/adoption", params={"snapshot": "latest"}, headers=admin)
+        if first.status_code == 404:  # the replica computes the first at start, in a report process
+            assert "no snapshot yet" in first.json()["error"]["message"], first.text
+        served = wait_until(lambda: server.http.get("/api/reports/adoption", params={"snapshot": "latest"}, headers=admin),
+                            lambda r: r.status_code == 200, timeout=30, what="the first snapshot")  # fmt: skip
+        assert served.json()["overall"]["completed_items"] == 0
+        assert served.headers["content-encoding"] == "gzip"  # stored gzipped, sent as stored (httpx asks for gzip)
+        again = server.http.get("/api/reports/adoption", params={"snapshot": "latest"}, headers=admin)
+        assert again.content == served.content  # not computed again within the hour
+        plain = server.http.get("/api/reports/adoption", params={"snapshot": "latest"}, headers={**admin, "accept-encoding": "identity"})
+        assert "content-encoding" not in plain.headers and plain.content == served.content  # unpacked for a client without gzip
+        with_csv = server.http.get("/api/reports/adoption.csv", params={"snapshot": "latest"}, headers=admin)
+        assert with_csv.text == adoption_csv(served.json())
+        assert cli_json("report", "adoption", "--latest", "--json", config=config) == served.json()  # the CLI reads the same row
+        dated = run_cli("report", "adoption", "--latest", "--since", "7d", config=config)
+        assert dated.returncode != 0 and "its own period" in dated.stderr, dated
