@@ -18,7 +18,10 @@ budgets, so every request looks up its key, its item and their spend), measures:
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
 - `serve --workers 2` against one worker: requests/s at concurrency 32;
 - with `--parts served-reports` (not in the default run): one replica's resident memory before and
-  after it serves the adoption report and the signals over HTTP, and at its peak.
+  after it serves the adoption report and the signals over HTTP, and at its peak;
+- with `--parts snapshots` (not in the default run): three replicas with `reports.snapshot_minutes`
+  set; how long the first snapshot of each report took to compute, and reading it back from each
+  replica over HTTP (`?snapshot=latest`).
 
 Prints the results and writes them to bench/results/scale-<parts>.json. The numbers in docs/scale.md come from it.
 """
@@ -81,8 +84,9 @@ def memory_mib(pid: int) -> dict[str, float]:
 class Replica(Taskproxy):
     """`taskproxy serve` on the seeded schema, configured as a large company would run it."""
 
-    def __init__(self, folder: Path, provider_url: str, database_url: str, name: str, workers: int = 1) -> None:
+    def __init__(self, folder: Path, provider_url: str, database_url: str, name: str, workers: int = 1, snapshot_minutes: float = 0) -> None:
         self.workers = workers
+        self.snapshot_minutes = snapshot_minutes
         self.startup_s = 0.0
         super().__init__(folder, provider_url, database_url, name)
 
@@ -94,6 +98,8 @@ class Replica(Taskproxy):
             "work_items": {"mode": "active"},
             "budgets": {"work_item_tokens": 10**15, "teams": {f"team-{n}": {"tokens": 10**15} for n in range(20)}},
         }
+        if self.snapshot_minutes:
+            config["reports"] = {"snapshot_minutes": self.snapshot_minutes}
         self.config.write_text(json.dumps(config, indent=2))
 
     def command(self, port: int) -> list[str]:
@@ -232,12 +238,43 @@ def served_reports(replica: Replica, until: datetime) -> dict[str, Any]:
     return found
 
 
+def served_snapshots(replicas: list[Replica], url: str, reads: int = 10) -> dict[str, Any]:
+    """With snapshots on (every 60 minutes) in every replica: how long the first computation of each
+    report took (in whichever replica claimed it), and how long reading the stored answer takes, from
+    each replica, over HTTP."""
+    found: dict[str, Any] = {}
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    for name, path in (("adoption", "adoption"), ("signals", "signals")):
+        started = time.perf_counter()
+        while httpx.get(f"{replicas[0].url}/api/reports/{path}", params={"snapshot": "latest"}, headers=replicas[0].admin(), timeout=60).status_code != 200:
+            if time.perf_counter() - started > 1800:
+                raise RuntimeError(f"no {name} snapshot within 30 minutes")
+            time.sleep(1)
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name = :n"), {"n": name}).one()
+        times = []
+        for n in range(reads):
+            replica = replicas[n % len(replicas)]
+            began = time.perf_counter()
+            httpx.get(f"{replica.url}/api/reports/{path}", params={"snapshot": "latest"}, headers=replica.admin(), timeout=60).raise_for_status()
+            times.append(time.perf_counter() - began)
+        right_after = [memory_mib(r.proc.pid) for r in replicas]
+        time.sleep(12)  # a replica hands freed memory back when it has been idle a few seconds (process.py)
+        found[name] = {"computed_in_s": row[0], "computed_by": row[1], "stored_mb": row[2] / 1e6, "read_median_s": statistics.median(times),
+                       "read_max_s": max(times), "memory_mib_right_after": right_after,
+                       "memory_mib_idle": [memory_mib(r.proc.pid) for r in replicas]}  # fmt: skip
+        log(f"{name} snapshot: {found[name]}")
+    engine.dispose()
+    return found
+
+
 @contextmanager
-def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: str, workers: int = 1) -> Iterator[list[Replica]]:
+def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: str, workers: int = 1,
+                snapshot_minutes: float = 0) -> Iterator[list[Replica]]:  # fmt: skip
     with ExitStack() as stack:
         started: list[Replica] = []
         for n in range(count):
-            replica = Replica(folder, provider_url, url, f"{prefix}-{n}", workers=workers)
+            replica = Replica(folder, provider_url, url, f"{prefix}-{n}", workers=workers, snapshot_minutes=snapshot_minutes)
             replica.startup_s = replica.start(timeout=300)
             stack.callback(replica.stop)
             started.append(replica)
@@ -321,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         fake.stop()
+    if "snapshots" in parts:  # not in the default run: the first snapshots take two minutes or more
+        with create_engine(seeded_url.replace("postgresql://", "postgresql+psycopg://", 1)).begin() as connection:
+            if connection.execute(text("SELECT to_regclass('report_snapshots')")).scalar() is not None:
+                connection.execute(text("DELETE FROM report_snapshots"))  # so the first computation is measured
+        with replicas_on(folder, "http://127.0.0.1:9", seeded_url, REPLICAS, "snapshots", snapshot_minutes=60) as served:
+            results["snapshots"] = served_snapshots(served, seeded_url)
     if "served-reports" in parts:  # not in the default run: the two reports take two minutes more
         with replicas_on(folder, "http://127.0.0.1:9", seeded_url, 1, "reports") as (served,):
             midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
