@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from sqlalchemy import event
 from conftest import BOTH_DATABASES
 from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
 
@@ -19,21 +20,44 @@ from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.timeutil import utcnow
 
 T0 = datetime(2026, 12, 1, 9, 0)
 EVERY = timedelta(minutes=10)
 HOLD = timedelta(minutes=30)
 
 
+def _store(engine, name: str, me: str, until: datetime, body: bytes, computed_at: datetime | None = None) -> bool:  # type: ignore[no-untyped-def]
+    return snapshots.store(engine, name, me, since=until - timedelta(days=30), until=until, computed_at=computed_at or until, seconds=1.5, body=body)
+
+
 @BOTH_DATABASES
-def test_a_snapshot_is_read_back_whole_in_pieces(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_snapshot_is_read_back_whole_in_pieces_and_never_mixed_with_the_next(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(database_url)
     upgrade_schema(engine)
     monkeypatch.setattr(snapshots, "READ_PIECE_BYTES", 7)
     body = bytes(range(256)) * 3 + b"tail"  # every byte value; not a multiple of the piece
-    assert snapshots.claim(engine, "signals", T0, EVERY, HOLD)
-    snapshots.store(engine, "signals", since=T0 - timedelta(days=30), until=T0, computed_at=T0, seconds=1.5, computed_by="h:2", body=body)
+    assert snapshots.claim(engine, "signals", "a:1", T0, EVERY, HOLD)
+    assert _store(engine, "signals", "a:1", T0, body)
     assert snapshots.latest(engine, "signals").body == body  # type: ignore[union-attr]
+
+    # A new snapshot stored while the old one is being read: the reader starts again, on the new one.
+    newer = b"the next one, longer than a piece or two" * 5
+    pieces_read = 0
+
+    def store_after_the_second_piece(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        nonlocal pieces_read
+        if "substr" in statement.lower():
+            pieces_read += 1
+            if pieces_read == 2:
+                other = make_engine(database_url)
+                assert snapshots.claim(other, "signals", "b:2", T0 + EVERY, EVERY, HOLD)
+                assert _store(other, "signals", "b:2", T0 + EVERY, newer)
+                other.dispose()
+
+    event.listen(engine, "before_cursor_execute", store_after_the_second_piece)
+    assert snapshots.latest(engine, "signals").body == newer  # type: ignore[union-attr]
+    assert pieces_read > 3
     engine.dispose()
 
 
@@ -41,33 +65,49 @@ def test_a_snapshot_is_read_back_whole_in_pieces(database_url: str, monkeypatch:
 def test_one_claimant_at_a_time_and_only_when_the_snapshot_is_due(database_url: str) -> None:
     engine = make_engine(database_url)
     upgrade_schema(engine)
-    won: list[bool] = []
+    assert snapshots.is_due(engine, "adoption", T0, EVERY)
+    won: list[str] = []
     start = threading.Barrier(6)
 
-    def claim() -> None:
+    def claim(me: str) -> None:
         start.wait()
-        won.append(snapshots.claim(engine, "adoption", T0, EVERY, HOLD))
+        if snapshots.claim(engine, "adoption", me, T0, EVERY, HOLD):
+            won.append(me)
 
-    claimants = [threading.Thread(target=claim) for _ in range(6)]
+    claimants = [threading.Thread(target=claim, args=(f"host:{n}",)) for n in range(6)]
     for thread in claimants:
         thread.start()
     for thread in claimants:
         thread.join()
-    assert sorted(won) == [False] * 5 + [True]  # six replicas at once: one computes
+    assert len(won) == 1  # six processes at once: one computes
+    [holder] = won
+    assert not snapshots.is_due(engine, "adoption", T0, EVERY)  # held
     assert snapshots.latest(engine, "adoption") is None  # nothing is served before the first is stored
-
-    snapshots.store(engine, "adoption", since=T0 - timedelta(days=30), until=T0, computed_at=T0 + timedelta(minutes=1), seconds=60.0,
-                    computed_by="host:1", body=b'{"overall": {}}')  # fmt: skip
+    loser = "host:0" if holder != "host:0" else "host:1"
+    assert not _store(engine, "adoption", loser, T0, b"not mine")  # only the holder stores
+    assert _store(engine, "adoption", holder, T0, b'{"overall": {}}', computed_at=T0 + timedelta(minutes=1))
     kept = snapshots.latest(engine, "adoption")
-    assert kept is not None and (kept.until, kept.seconds, kept.body) == (T0, 60.0, b'{"overall": {}}')
-    assert not snapshots.claim(engine, "adoption", T0 + timedelta(minutes=5), EVERY, HOLD)  # stored 4 minutes ago: not due
-    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=11), EVERY, HOLD)  # due again
-    assert not snapshots.claim(engine, "adoption", T0 + timedelta(minutes=12), EVERY, HOLD)  # held by that claim ...
-    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=42), EVERY, HOLD)  # ... until it runs out (its holder died)
-    snapshots.release(engine, "adoption")  # a computation that failed lets go at once
-    assert snapshots.claim(engine, "adoption", T0 + timedelta(minutes=43), EVERY, HOLD)
-    assert snapshots.latest(engine, "adoption").body == b'{"overall": {}}'  # type: ignore[union-attr]  # the last stored is still served
-    assert snapshots.claim(engine, "signals", T0, EVERY, HOLD)  # each report on its own
+    assert kept is not None and (kept.until, kept.computed_by, kept.body) == (T0, holder, b'{"overall": {}}')
+
+    later = T0 + timedelta(minutes=5)
+    assert not snapshots.is_due(engine, "adoption", later, EVERY) and not snapshots.claim(engine, "adoption", "b:2", later, EVERY, HOLD)
+    due = T0 + timedelta(minutes=11)
+    assert snapshots.is_due(engine, "adoption", due, EVERY) and snapshots.claim(engine, "adoption", "b:2", due, EVERY, HOLD)
+    assert not snapshots.claim(engine, "adoption", "c:3", due + timedelta(minutes=1), EVERY, HOLD)  # held by b ...
+    assert snapshots.claim(engine, "adoption", "c:3", due + timedelta(minutes=31), EVERY, HOLD)  # ... until its claim runs out
+    assert not _store(engine, "adoption", "b:2", due, b"too late")  # b outlived its claim: it changes nothing
+    assert not _store(engine, "adoption", "c:3", T0 - timedelta(minutes=1), b"older")  # nor does an older period
+    assert snapshots.latest(engine, "adoption").body == b'{"overall": {}}'  # type: ignore[union-attr]
+
+    failed = due + timedelta(minutes=32)  # c's computation failed: nobody tries again before the back-off ends
+    snapshots.back_off(engine, "adoption", "c:3", failed + timedelta(minutes=10))
+    assert not snapshots.claim(engine, "adoption", "d:4", failed + timedelta(minutes=9), EVERY, HOLD)
+    assert snapshots.claim(engine, "adoption", "d:4", failed + timedelta(minutes=11), EVERY, HOLD)
+
+    assert snapshots.claim(engine, "signals", "d:4", failed, EVERY, HOLD)  # each report on its own
+    snapshots.release(engine, "d:4")  # d stops: both its claims go at once
+    now = failed + timedelta(minutes=12)
+    assert snapshots.claim(engine, "adoption", "e:5", now, EVERY, HOLD) and snapshots.claim(engine, "signals", "e:5", now, EVERY, HOLD)
     engine.dispose()
 
 
@@ -97,7 +137,7 @@ def test_two_replicas_serve_the_snapshot_one_of_them_computed_and_it_is_the_repo
         first.work_item("PAY-2", 5)
         completed = first.http.post(f"/api/work-items/{quoted('PAY-1')}/complete", headers=admin)
         assert completed.status_code == 200, completed.text
-        recorded = datetime.fromisoformat(completed.json()["completed_at"].removesuffix("Z"))
+        recorded = utcnow()  # after the completion's commit: a snapshot of a period that ends later includes it
 
         def latest(server, path: str = "/api/reports/adoption") -> httpx.Response:  # type: ignore[no-untyped-def]
             return server.http.get(path, params={"snapshot": "latest"}, headers=admin, timeout=30)

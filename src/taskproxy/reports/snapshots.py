@@ -2,11 +2,11 @@
 
 On an organisation's scale the adoption report and the signals over 30 days take a minute or more to
 compute (docs/scale.md), too long for a page someone waits for, and every reader would compute them
-again. With snapshots on, the replicas compute each over the default period (the last 30 days) every
-`snapshot_minutes`, one replica at a time (storage/snapshots.py claims the row), in a report process
-(reports/runner.py), which stores the route's JSON answer, gzipped, itself; `?snapshot=latest` then
-reads one row. The answer is the report of its own `since`/`until`, exactly: what the route computes for that
-period.
+again. With snapshots on, the serving processes compute each over the default period (the last 30
+days) every `snapshot_minutes`, one at a time, in a report process (reports/runner.py), which claims
+the snapshot's row (storage/snapshots.py) and stores the route's JSON answer, gzipped, itself;
+`?snapshot=latest` then reads one row. The answer is the report of its own `since`/`until`, exactly:
+what the route computes for that period. The CSV of a snapshot is made in a report process too.
 
 Gzipped, because the answers are large on that scale (the seed organisation's: 10.5 MB of adoption
 report and 46 MB of signals; 0.6 and 7.9 MB gzipped): the serving process reads and sends the
@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.reports.adoption import adoption_options, adoption_report
+from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.runner import ReportRunner
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.settings import Settings
@@ -42,7 +43,8 @@ from taskproxy.timeutil import report_period, utcnow
 
 log = logging.getLogger("taskproxy.reports")
 
-HOLD = timedelta(minutes=30)  # a claim outlasts a computation; a replica that died holding one is replaced after it
+HOLD = timedelta(minutes=30)  # a claim outlasts a computation; a process that died holding one is replaced after it
+BACK_OFF = timedelta(minutes=10)  # after a failed computation (or `snapshot_minutes`, if shorter), before the next try
 LONGEST_WAIT_SECONDS = 60.0  # between checks for a due snapshot, at most
 
 
@@ -77,15 +79,27 @@ def snapshot_options(settings: Settings) -> dict[str, dict[str, Any]]:
     return {"adoption": {"team": None, **adoption_options(settings)}, "signals": {"thresholds": settings.signals}}
 
 
-def compute_and_store(engine: Engine, *, name: str, since: datetime, until: datetime, computed_by: str, options: dict[str, Any]) -> float:
-    """In the report's process: compute the report `name`, store it as the snapshot and let the claim
-    go. The answer goes from this process to the database, never through the serving one. Returns
-    the seconds the computation took."""
+def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, options: dict[str, Any]) -> float | None:
+    """In the report's process, once it has its turn (`REPORTS_AT_ONCE`): claim the snapshot `name`
+    for the serving process `me`, compute the report over the last 30 days from now, and store it.
+    The answer goes from this process to the database, never through the serving one. Returns the
+    seconds the computation took, or None when the snapshot was not this process's to compute."""
+    if not snapshots.claim(engine, name, me, utcnow(), every, HOLD):
+        return None
+    since, until = report_period(None, None)
     started = time.perf_counter()
     body = gzipped_json(REPORTS[name](engine, since=since, until=until, **options))
     seconds = time.perf_counter() - started
-    snapshots.store(engine, name, since=since, until=until, computed_at=utcnow(), seconds=seconds, computed_by=computed_by, body=body)
+    if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=body):
+        return None  # the claim ran out and another process stored a newer one
     return seconds
+
+
+def snapshot_csv(engine: Engine) -> tuple[str, datetime]:
+    """In the report's process: the latest adoption snapshot as the CSV route answers it, and when it
+    was computed; or NotFound."""
+    snapshot = latest(engine, "adoption")
+    return adoption_csv(report_of(snapshot)), snapshot.computed_at
 
 
 def check_asked_alone(period_or_team: dict[str, object]) -> None:
@@ -100,10 +114,14 @@ def check_asked_alone(period_or_team: dict[str, object]) -> None:
             )  # fmt: skip
 
 
-def latest(engine: Engine, settings: Settings, name: str) -> Snapshot:
-    """The latest snapshot of the report `name` (blocking), or NotFound saying why there is none."""
+def check_on(settings: Settings) -> None:
+    """NotFound when this configuration keeps no snapshots (whatever other processes may have stored)."""
     if not settings.reports.snapshot_minutes:
-        raise NotFound("Report snapshots are off: set reports.snapshot_minutes, or compute the report for a period.")
+        raise NotFound("Report snapshots are off in this configuration: set reports.snapshot_minutes, or compute the report for a period.")
+
+
+def latest(engine: Engine, name: str) -> Snapshot:
+    """The latest snapshot of the report `name` (blocking), or NotFound saying there is none yet."""
     found = snapshots.latest(engine, name)
     if found is None:
         raise NotFound(f"The {name} report has no snapshot yet: the first is on its way. Ask again shortly, or compute the report.")
@@ -111,7 +129,7 @@ def latest(engine: Engine, settings: Settings, name: str) -> Snapshot:
 
 
 class SnapshotKeeper:
-    """Computes each report's snapshot when it is due and this replica wins the claim."""
+    """Computes each report's snapshot when it is due and this process wins the claim."""
 
     def __init__(self, engine: Engine, runner: ReportRunner, settings: Settings) -> None:
         self._engine = engine
@@ -119,7 +137,6 @@ class SnapshotKeeper:
         self._every = timedelta(minutes=settings.reports.snapshot_minutes)
         self._options = snapshot_options(settings)
         self._me = f"{socket.gethostname()}:{os.getpid()}"
-        self._holding: set[str] = set()
 
     async def run(self) -> None:
         """Until cancelled: compute every snapshot that is due, then wait a while."""
@@ -133,26 +150,22 @@ class SnapshotKeeper:
             await anyio.sleep(pause)
 
     async def _keep(self, name: str) -> None:
-        if not await anyio.to_thread.run_sync(snapshots.claim, self._engine, name, utcnow(), self._every, HOLD):
+        # A read first: a process starts for a snapshot only when one looks due; it claims the
+        # snapshot itself, once it has its turn, so that waiting for it does not eat into the claim.
+        if not await anyio.to_thread.run_sync(snapshots.is_due, self._engine, name, utcnow(), self._every):
             return
-        self._holding.add(name)
-        since, until = report_period(None, None)
         try:
-            seconds = await self._runner.run(compute_and_store, name=name, since=since, until=until, computed_by=self._me,
-                                             options=self._options[name])  # fmt: skip
+            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, options=self._options[name])
         except Exception:
-            log.exception("the %s snapshot could not be computed", name)
-            self._holding.discard(name)
-            await anyio.to_thread.run_sync(snapshots.release, self._engine, name)
+            log.exception("the %s snapshot could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
+            await anyio.to_thread.run_sync(snapshots.back_off, self._engine, name, self._me, utcnow() + min(self._every, BACK_OFF))
             return
-        self._holding.discard(name)  # (cancelled, it stays: `close` lets the claim go)
-        log.info("computed the %s snapshot of %s to %s in %.1f s", name, since.isoformat(), until.isoformat(), seconds)
+        if seconds is not None:
+            log.info("computed the %s snapshot in %.1f s", name, seconds)
 
     def close(self) -> None:
-        """Let go of the claims of computations cut short (blocking): another replica takes them at once."""
-        for name in list(self._holding):
-            try:
-                snapshots.release(self._engine, name)
-            except SQLAlchemyError as exc:
-                log.warning("could not let go of the %s snapshot's claim: %s", name, exc.__class__.__name__)
-        self._holding.clear()
+        """Let go of the claims of computations cut short (blocking): another process takes them at once."""
+        try:
+            snapshots.release(self._engine, self._me)
+        except SQLAlchemyError as exc:
+            log.warning("could not let go of the report snapshots' claims: %s", exc.__class__.__name__)

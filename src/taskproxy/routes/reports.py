@@ -16,7 +16,7 @@ from starlette.routing import Route
 from taskproxy.errors import InvalidRequest
 from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.reports.snapshots import check_asked_alone, latest, report_of, unpacked
+from taskproxy.reports.snapshots import check_asked_alone, check_on, latest, snapshot_csv, unpacked
 from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
 from taskproxy.storage.snapshots import Snapshot
 from taskproxy.timeutil import report_period, utcnow
@@ -27,26 +27,30 @@ def period(request: Request) -> tuple[datetime, datetime]:
     return report_period(time_param(request, "since"), time_param(request, "until"))
 
 
-def snapshot_wanted(request: Request) -> bool:
-    """`?snapshot=latest`: the latest snapshot is wanted, not a computation (which takes no period or team)."""
+def snapshot_wanted(request: Request, alone: tuple[str, ...] = ("since", "until", "team")) -> bool:
+    """`?snapshot=latest`: the latest snapshot is wanted, not a computation; it takes none of the
+    route's parameters `alone` (its period, its team)."""
     value = request.query_params.get("snapshot")
     if value is None:
         return False
     if value != "latest":
         raise InvalidRequest(f"'snapshot' takes one value, 'latest', not {value[:40]!r}.", param="snapshot")
-    check_asked_alone({name: request.query_params.get(name) for name in ("since", "until", "team")})
+    check_asked_alone({name: request.query_params.get(name) for name in alone})
     return True
 
 
 async def latest_snapshot(request: Request, name: str) -> Snapshot:
     """The latest snapshot of the report `name`, or 404 saying why there is none."""
-    return await in_thread(latest, request.state.engine, request.state.settings, name)  # type: ignore[no-any-return]
+    check_on(request.state.settings)
+    return await in_thread(latest, request.state.engine, name)  # type: ignore[no-any-return]
 
 
-def snapshot_headers(snapshot: Snapshot) -> dict[str, str]:
+def snapshot_headers(computed_at: datetime) -> dict[str, str]:
     """When the snapshot was computed: `Age` in seconds and `Last-Modified`, as HTTP caches say it."""
-    age = max(0, int((utcnow() - snapshot.computed_at).total_seconds()))
-    return {"age": str(age), "last-modified": format_datetime(snapshot.computed_at.replace(tzinfo=UTC), usegmt=True)}
+    age = max(0, int((utcnow() - computed_at).total_seconds()))
+    # private, no-cache: a cache may keep it, but asks each time (a read of the signals is audited)
+    return {"age": str(age), "last-modified": format_datetime(computed_at.replace(tzinfo=UTC), usegmt=True),
+            "cache-control": "private, no-cache"}  # fmt: skip
 
 
 def _accepts_gzip(request: Request) -> bool:
@@ -65,7 +69,7 @@ def _accepts_gzip(request: Request) -> bool:
 def snapshot_response(request: Request, snapshot: Snapshot) -> Response:
     """A snapshot's JSON: the stored gzip as it is to a client that takes it, else unpacked piece by
     piece (in a worker thread: StreamingResponse iterates a plain iterator there)."""
-    headers = {**snapshot_headers(snapshot), "vary": "accept-encoding"}
+    headers = {**snapshot_headers(snapshot.computed_at), "vary": "accept-encoding"}
     if _accepts_gzip(request):
         return Response(snapshot.body, media_type=JSON.media_type, headers={**headers, "content-encoding": "gzip"})
     return StreamingResponse(unpacked(snapshot.body), media_type=JSON.media_type, headers=headers)
@@ -92,9 +96,9 @@ async def adoption_as_csv(request: Request) -> Response:
     await admin(request)
     headers = {"content-disposition": 'attachment; filename="adoption.csv"'}
     if snapshot_wanted(request):
-        snapshot = await latest_snapshot(request, "adoption")
-        csv = await in_thread(lambda: adoption_csv(report_of(snapshot)))
-        return Response(csv, media_type="text/csv", headers={**headers, **snapshot_headers(snapshot)})
+        check_on(request.state.settings)
+        csv, computed_at = await unless_client_leaves(request, request.state.reports.run(snapshot_csv))  # made in a report process
+        return Response(csv, media_type="text/csv", headers={**headers, **snapshot_headers(computed_at)})
     return Response(await _report(request, adoption_csv), media_type="text/csv", headers=headers)
 
 

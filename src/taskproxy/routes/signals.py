@@ -17,7 +17,7 @@ from taskproxy.routes.reports import latest_snapshot, period, snapshot_response,
 
 async def signals(request: Request) -> Response:
     principal = await admin(request)
-    if snapshot_wanted(request):
+    if snapshot_wanted(request, alone=("since", "until")):
         snapshot = await latest_snapshot(request, "signals")
         audit_read(request.state.audit, request, principal)
         return snapshot_response(request, snapshot)

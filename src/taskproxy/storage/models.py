@@ -323,4 +323,5 @@ class ReportSnapshot(SQLModel, table=True):
     seconds: float | None = None  # how long it took
     computed_by: str | None = Field(default=None, max_length=200)  # host and process id of the replica
     claimed_until: datetime | None = Field(default=None, sa_type=DateTime())  # a replica is computing it until then, at most
+    claimed_by: str | None = Field(default=None, max_length=200)  # which (host and process id)
     body: bytes | None = Field(default=None, sa_column=Column(LargeBinary))  # the route's JSON answer, gzipped

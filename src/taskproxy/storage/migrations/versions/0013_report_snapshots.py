@@ -27,6 +27,7 @@ def upgrade() -> None:
     sa.Column('seconds', sa.Float(), nullable=True),
     sa.Column('computed_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('claimed_until', sa.DateTime(), nullable=True),
+    sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('body', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('name'),
     )
