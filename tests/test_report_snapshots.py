@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from sqlalchemy import event
 from conftest import BOTH_DATABASES
 from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
+from sqlalchemy import event
 
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
