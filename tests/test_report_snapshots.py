@@ -13,13 +13,17 @@ import orjson
 import pytest
 from conftest import BOTH_DATABASES
 from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
-from sqlalchemy import event
+from sqlalchemy import event, select
 
+from taskproxy.errors import ServiceUnavailable
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.signals import gaming_signals
+from taskproxy.reports.snapshots import SnapshotKeeper
+from taskproxy.settings import Settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.storage.models import ReportSnapshot
 from taskproxy.timeutil import utcnow
 
 T0 = datetime(2026, 12, 1, 9, 0)
@@ -203,3 +207,41 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         assert cli_json("report", "adoption", "--latest", "--json", config=config) == served.json()  # the CLI reads the same row
         dated = run_cli("report", "adoption", "--latest", "--since", "7d", config=config)
         assert dated.returncode != 0 and "its own period" in dated.stderr, dated
+
+
+class _KilledAfterClaiming:
+    """A report runner whose report process claims the snapshot and is then killed (the OOM killer)."""
+
+    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
+        self.engine, self.started = engine, 0
+
+    async def run(self, function, **kwargs):  # type: ignore[no-untyped-def]
+        self.started += 1
+        assert snapshots.claim(self.engine, kwargs["name"], kwargs["me"], utcnow(), kwargs["every"], HOLD)
+        raise ServiceUnavailable("The report's process ended before it finished (signal SIGKILL).")
+
+
+@pytest.mark.anyio
+async def test_a_computation_that_fails_backs_off_and_a_stopping_process_lets_go(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'snapshots.db'}")
+    upgrade_schema(engine)
+    settings = Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60})
+    runner = _KilledAfterClaiming(engine)
+    keeper = SnapshotKeeper(engine, runner, settings)  # type: ignore[arg-type]
+    await keeper._keep("signals")
+    assert runner.started == 1
+    row = _row(engine, "signals")
+    assert row.claimed_by is not None and timedelta(minutes=9) < row.claimed_until - utcnow() <= timedelta(minutes=10), row
+    await keeper._keep("signals")  # the next look: not tried again before the back-off ends
+    assert runner.started == 1 and not snapshots.is_due(engine, "signals", utcnow(), timedelta(minutes=60))
+
+    await keeper._keep("adoption")  # another report cut short as the process stops ...
+    keeper.close()  # ... which lets go of every claim it holds
+    assert _row(engine, "adoption").claimed_by is None and _row(engine, "signals").claimed_by is None
+    assert snapshots.is_due(engine, "adoption", utcnow(), timedelta(minutes=60))
+    engine.dispose()
+
+
+def _row(engine, name: str):  # type: ignore[no-untyped-def]
+    with engine.connect() as connection:
+        return connection.execute(select(ReportSnapshot.__table__).where(ReportSnapshot.__table__.c.name == name)).one()
