@@ -264,6 +264,30 @@ def served_snapshots(replicas: list[Replica], url: str, reads: int = 10) -> dict
                        "read_max_s": max(times), "memory_mib_right_after": right_after,
                        "memory_mib_idle": [memory_mib(r.proc.pid) for r in replicas]}  # fmt: skip
         log(f"{name} snapshot: {found[name]}")
+    # The dashboard's overview (the adoption report, twelve weeks of completions, the top items), from its snapshot.
+    started = time.perf_counter()
+    while True:
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name = 'overview' AND body IS NOT NULL")).first()
+        if row is not None:
+            break
+        if time.perf_counter() - started > 1800:
+            raise RuntimeError("no overview snapshot within 30 minutes")
+        time.sleep(1)
+    times = []
+    for n in range(reads):
+        replica = replicas[n % len(replicas)]
+        with httpx.Client(base_url=replica.url, timeout=120) as browser:
+            if browser.post("/dashboard/login", data={"key": replica.admin_key}).status_code != 303:
+                raise RuntimeError("could not sign in to the dashboard")
+            began = time.perf_counter()
+            page = browser.get("/dashboard")
+            times.append(time.perf_counter() - began)
+            if 'data-testid="snapshot"' not in page.text:
+                raise RuntimeError("the overview was not served from its snapshot")
+    found["overview"] = {"computed_in_s": row[0], "computed_by": row[1], "stored_mb": row[2] / 1e6, "page_median_s": statistics.median(times),
+                         "page_max_s": max(times), "memory_mib": [memory_mib(r.proc.pid) for r in replicas]}  # fmt: skip
+    log(f"overview snapshot: {found['overview']}")
     engine.dispose()
     return found
 

@@ -15,12 +15,14 @@ from conftest import BOTH_DATABASES
 from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
 from sqlalchemy import event, select
 
+from taskproxy.dashboard import data
+from taskproxy.dashboard.format import iso_attr
 from taskproxy.errors import ServiceUnavailable
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.signals import gaming_signals
-from taskproxy.reports.snapshots import SnapshotKeeper
-from taskproxy.settings import Settings
+from taskproxy.reports.snapshots import SnapshotKeeper, snapshot_reports
+from taskproxy.settings import Settings, load_settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.storage.models import ReportSnapshot
@@ -205,6 +207,24 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         with_csv = server.http.get("/api/reports/adoption.csv", params={"snapshot": "latest"}, headers=admin)
         assert with_csv.text == adoption_csv(served.json())
         assert cli_json("report", "adoption", "--latest", "--json", config=config) == served.json()  # the CLI reads the same row
+
+        # The dashboard's overview of the default period shows its own snapshot, which is the overview of its period.
+        dashboard = httpx.Client(base_url=server.url, trust_env=False, timeout=30)
+        assert dashboard.post("/dashboard/login", data={"key": server.admin_key}, follow_redirects=False).status_code == 303
+        page = wait_until(lambda: dashboard.get("/dashboard"), lambda r: 'data-testid="snapshot"' in r.text, timeout=30, what="the overview's snapshot")
+        engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+        kept = data.kept_overview(engine)
+        assert kept.view.weeks and isinstance(kept.view.weeks[0]["since"], datetime)
+        settings = load_settings(config, env={"TASKPROXY_ADMIN_KEY": server.admin_key})
+        assert _as_served(kept.view) == _as_served(data.overview(engine, settings, kept.since, kept.until))
+        assert f'datetime="{iso_attr(kept.until)}" data-testid="until"' in page.text  # the page says the period it shows: the snapshot's
+        assert 'data-testid="snapshot"' not in dashboard.get("/dashboard", params={"since": "30d"}).text  # a period asked for: computed
+        signals_page = dashboard.get("/dashboard/signals")  # the signals' snapshot was stored before the overview's
+        kept_signals = data.kept_signals_page(engine)
+        assert 'data-testid="snapshot"' in signals_page.text and f'datetime="{iso_attr(kept_signals.until)}" data-testid="until"' in signals_page.text
+        assert kept_signals.view == data.shown_signals(_as_served(gaming_signals(engine, since=kept_signals.since, until=kept_signals.until)))
+        assert 'data-testid="snapshot"' not in dashboard.get("/dashboard/signals", params={"since": "7d"}).text
+        engine.dispose()
         dated = run_cli("report", "adoption", "--latest", "--since", "7d", config=config)
         assert dated.returncode != 0 and "its own period" in dated.stderr, dated
 
@@ -227,7 +247,7 @@ async def test_a_computation_that_fails_backs_off_and_a_stopping_process_lets_go
     upgrade_schema(engine)
     settings = Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60})
     runner = _KilledAfterClaiming(engine)
-    keeper = SnapshotKeeper(engine, runner, settings)  # type: ignore[arg-type]
+    keeper = SnapshotKeeper(engine, runner, timedelta(minutes=60), snapshot_reports(settings))  # type: ignore[arg-type]
     await keeper._keep("signals")
     assert runner.started == 1
     row = _row(engine, "signals")

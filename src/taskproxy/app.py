@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -38,12 +39,14 @@ from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
 from taskproxy.reports.runner import ReportRunner
-from taskproxy.reports.snapshots import SnapshotKeeper
+from taskproxy.reports.snapshots import SnapshotKeeper, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
 from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
+from taskproxy.dashboard import data as dashboard_data
+from taskproxy.dashboard.data import OVERVIEW_SNAPSHOT
 from taskproxy.dashboard.views import routes as dashboard_routes
 from taskproxy.dashboard.session import SessionSigner
 from taskproxy.dashboard.templating import Pages
@@ -211,7 +214,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
         reports_runner = ReportRunner(db)
-        keeper = SnapshotKeeper(db, reports_runner, settings) if settings.reports.snapshot_minutes else None
+        keeper = None
+        if settings.reports.snapshot_minutes:
+            kept = {**snapshot_reports(settings), OVERVIEW_SNAPSHOT: (dashboard_data.overview, {"settings": settings})}
+            keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept)
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
                                 settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),

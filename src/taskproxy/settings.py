@@ -214,8 +214,9 @@ class ReportSettings(_Frozen):
     rework_days: float = Field(default=14.0, gt=0)
     # Bands of the adoption report's cost per completed item by size.
     size_bands: SizeBands = Field(default_factory=SizeBands)
-    # Every this many minutes the serving processes compute the adoption report and the signals over
-    # the last 30 days, one process at a time, and keep the answers for `?snapshot=latest` (0: off).
+    # Every this many minutes the serving processes compute the adoption report, the signals and the
+    # dashboard's overview over the last 30 days, one process at a time, and keep the answers for
+    # `?snapshot=latest` and the overview of the default period (0: off).
     snapshot_minutes: float = Field(default=0, ge=0)
 
 

@@ -18,13 +18,16 @@ from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
 from taskproxy.records import event_json
 from taskproxy.reports.signals import gaming_signals
+from taskproxy.reports.snapshots import latest, report_of
 from taskproxy.settings import Settings, SignalSettings
 from taskproxy.storage import repo
 from taskproxy.storage.models import WorkItem
 
+OVERVIEW_SNAPSHOT = "overview"  # the overview's snapshot, kept with the API's (reports/snapshots.py)
 WEEKS = 12  # weeks in the cost-per-completed-item chart
 TOP_ITEMS = 10  # rows of "most expensive work items"
 RECENT_EVENTS = 20  # rows of "your recent requests"
+SIGNALS_PER_KIND = 50  # signals of one kind the page shows; the API and the CLI list them all
 MAX_CHART_DAYS = 90  # days in a work item's usage chart (its table lists them all)
 
 
@@ -74,6 +77,32 @@ def overview(engine: Engine, settings: Settings, since: datetime, until: datetim
     return Overview(report, weeks, [{**t, "title": names.get(t["work_item"])} for t in top])
 
 
+@dataclass
+class Kept:
+    """A page's figures as their latest snapshot holds them, and the period and time of that snapshot."""
+
+    view: Any
+    since: datetime
+    until: datetime
+    computed_at: datetime
+    seconds: float
+
+
+def kept_overview(engine: Engine) -> Kept:
+    """In a report process: the overview's latest snapshot (NotFound before the first), decoded, its
+    weeks' times made datetimes again (JSON kept them as text)."""
+    snapshot = latest(engine, OVERVIEW_SNAPSHOT)
+    kept = report_of(snapshot)
+    weeks = [{**week, "since": datetime.fromisoformat(week["since"]), "until": datetime.fromisoformat(week["until"])} for week in kept["weeks"]]
+    return Kept(Overview(kept["report"], weeks, kept["top_items"]), snapshot.since, snapshot.until, snapshot.computed_at, snapshot.seconds)
+
+
+def kept_signals_page(engine: Engine, per_kind: int = SIGNALS_PER_KIND) -> Kept:
+    """In a report process: the signals page from the signals' latest snapshot (NotFound before the first)."""
+    snapshot = latest(engine, "signals")
+    return Kept(shown_signals(report_of(snapshot), per_kind), snapshot.since, snapshot.until, snapshot.computed_at, snapshot.seconds)
+
+
 def _team_row(team: dict[str, Any]) -> dict[str, Any]:
     """A team's figures as the overview's table shows them (templates/overview.html)."""
     if team.get("withheld"):
@@ -92,17 +121,17 @@ def _team_row(team: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-SIGNALS_PER_KIND = 50  # signals of one kind the page shows; the API and the CLI list them all
-
-
 def signals_page(
     engine: Engine, since: datetime, until: datetime, thresholds: SignalSettings, per_kind: int = SIGNALS_PER_KIND
 ) -> dict[str, Any]:
-    """The signals report as the page shows it: every kind's count, and at most `per_kind` signals of
-    each (in the report's order). A large organisation's period has tens of thousands of
-    signals (57,524 over 30 days of the seed organisation), more than a page can hold; computed in the
-    report process, so only what is shown comes back."""
-    report = gaming_signals(engine, since=since, until=until, thresholds=thresholds)
+    """The signals report as the page shows it (`shown_signals`). A large organisation's period has
+    tens of thousands of signals (57,524 over 30 days of the seed organisation), more than a page can
+    hold; computed in the report process, so only what is shown comes back."""
+    return shown_signals(gaming_signals(engine, since=since, until=until, thresholds=thresholds), per_kind)
+
+
+def shown_signals(report: dict[str, Any], per_kind: int = SIGNALS_PER_KIND) -> dict[str, Any]:
+    """Every kind's count, and at most `per_kind` signals of each (in the report's order)."""
     counts = Counter(s["kind"] for s in report["signals"])
     shown: Counter[str] = Counter()
     kept = []

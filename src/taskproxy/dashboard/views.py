@@ -30,7 +30,7 @@ from taskproxy.dashboard.charts import Point, bar_chart
 from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
-from taskproxy.errors import ApiError, WorkItemInvalid
+from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
 from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
 from taskproxy.timeutil import utcnow
@@ -183,11 +183,27 @@ def _week_points(weeks: list[dict[str, Any]]) -> list[Point]:
     ]
 
 
+async def _kept(request: Request, read: Callable[[Any], data.Kept]) -> data.Kept | None:
+    """The page's latest snapshot, for the default period (no period picked) when snapshots are on
+    (a computation takes minutes on a large organisation); None, to compute the page, otherwise and
+    before the first snapshot. Read in a report process, as a computation would be."""
+    if not request.state.settings.reports.snapshot_minutes or request.query_params.get("since") or request.query_params.get("until"):
+        return None
+    try:
+        return await unless_client_leaves(request, request.state.reports.run(read))  # type: ignore[no-any-return]
+    except NotFound:
+        return None
+
+
 @page(admin_only=True)
 async def overview(request: Request, session: Session) -> Response:
     settings = request.state.settings
-    since, until = period(request)
-    view = await unless_client_leaves(request, request.state.reports.run(data.overview, settings=settings, since=since, until=until))
+    kept = await _kept(request, data.kept_overview)
+    if kept is not None:
+        view, since, until = kept.view, kept.since, kept.until
+    else:
+        since, until = period(request)
+        view = await unless_client_leaves(request, request.state.reports.run(data.overview, settings=settings, since=since, until=until))
     chart = bar_chart(
         _week_points(view.weeks),
         chart_id="weekly-cost",
@@ -198,7 +214,7 @@ async def overview(request: Request, session: Session) -> Response:
     )
     context = {"nav": "overview", "report": view.report, "weeks": view.weeks, "top_items": view.top_items, "chart": chart,
                "since": since, "until": until, "periods": PERIODS, "min_group_size": settings.privacy.min_group_size,
-               "rework_days": settings.reports.rework_days}  # fmt: skip
+               "rework_days": settings.reports.rework_days, "kept": kept}  # fmt: skip
     return render(request, "overview.html", context, session=session)
 
 
@@ -225,12 +241,16 @@ async def work_item(request: Request, session: Session) -> Response:
 
 @page(admin_only=True)
 async def signals(request: Request, session: Session) -> Response:
-    since, until = period(request)
     audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
-    # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
-    thresholds = request.state.settings.signals
-    report = await unless_client_leaves(request, request.state.reports.run(data.signals_page, since=since, until=until, thresholds=thresholds))
-    context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS}
+    kept = await _kept(request, data.kept_signals_page)
+    if kept is not None:
+        report, since, until = kept.view, kept.since, kept.until
+    else:
+        since, until = period(request)
+        # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
+        thresholds = request.state.settings.signals
+        report = await unless_client_leaves(request, request.state.reports.run(data.signals_page, since=since, until=until, thresholds=thresholds))
+    context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS, "kept": kept}
     return render(request, "signals.html", context, session=session)
 
 

@@ -6,7 +6,8 @@ again. With snapshots on, the serving processes compute each over the default pe
 days) every `snapshot_minutes`, one at a time, in a report process (reports/runner.py), which claims
 the snapshot's row (storage/snapshots.py) and stores the route's JSON answer, gzipped, itself;
 `?snapshot=latest` then reads one row. The answer is the report of its own `since`/`until`, exactly:
-what the route computes for that period. The CSV of a snapshot is made in a report process too.
+what the route computes for that period. The CSV of a snapshot is made in a report process too. The
+dashboard's overview is kept the same way (app.py adds it; dashboard/data.py reads it).
 
 Gzipped, because the answers are large on that scale (the seed organisation's: 10.5 MB of adoption
 report and 46 MB of signals; 0.6 and 7.9 MB gzipped): the serving process reads and sends the
@@ -51,7 +52,7 @@ LONGEST_WAIT_SECONDS = 60.0  # between checks for a due snapshot, at most
 UNPACKED_PIECE_BYTES = 256 * 1024  # of gzipped input unpacked at a time, for a client that does not take gzip
 
 
-def gzipped_json(report: dict[str, Any]) -> bytes:
+def gzipped_json(report: Any) -> bytes:
     """What a snapshot stores: the route's JSON answer, gzipped (run in the report's process)."""
     return gzip.compress(orjson.dumps(report), compresslevel=6, mtime=0)
 
@@ -71,24 +72,29 @@ def unpacked(body: bytes) -> Iterator[bytes]:
         yield rest
 
 
-REPORTS: dict[str, Callable[..., dict[str, Any]]] = {"adoption": adoption_report, "signals": gaming_signals}  # snapshot: report
+Definitions = dict[str, tuple[Callable[..., Any], dict[str, Any]]]  # snapshot: (its report function, options)
 
 
-def snapshot_options(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Each snapshot's report options: those its route passes."""
-    return {"adoption": {"team": None, **adoption_options(settings)}, "signals": {"thresholds": settings.signals}}
+def snapshot_reports(settings: Settings) -> Definitions:
+    """The API's snapshots: each report function with the options its route passes. (The dashboard
+    adds its overview's: app.py.)"""
+    return {
+        "adoption": (adoption_report, {"team": None, **adoption_options(settings)}),
+        "signals": (gaming_signals, {"thresholds": settings.signals}),
+    }
 
 
-def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, options: dict[str, Any]) -> float | None:
+def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, report: Callable[..., Any], options: dict[str, Any]) -> float | None:
     """In the report's process, once it has its turn (`REPORTS_AT_ONCE`): claim the snapshot `name`
-    for the serving process `me`, compute the report over the last 30 days from now, and store it.
+    for the serving process `me`, compute `report` over the last 30 days from now, and store it as
+    gzipped JSON (`report` returns what orjson encodes: dicts, lists, dataclasses, datetimes).
     The answer goes from this process to the database, never through the serving one. Returns the
     seconds the computation took, or None when the snapshot was not this process's to compute."""
     if not snapshots.claim(engine, name, me, utcnow(), every, HOLD):
         return None
     since, until = report_period(None, None)
     started = time.perf_counter()
-    body = gzipped_json(REPORTS[name](engine, since=since, until=until, **options))
+    body = gzipped_json(report(engine, since=since, until=until, **options))
     seconds = time.perf_counter() - started
     if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=body):
         return None  # the claim ran out and another process stored a newer one
@@ -131,18 +137,18 @@ def latest(engine: Engine, name: str) -> Snapshot:
 class SnapshotKeeper:
     """Computes each report's snapshot when it is due and this process wins the claim."""
 
-    def __init__(self, engine: Engine, runner: ReportRunner, settings: Settings) -> None:
+    def __init__(self, engine: Engine, runner: ReportRunner, every: timedelta, reports: Definitions) -> None:
         self._engine = engine
         self._runner = runner
-        self._every = timedelta(minutes=settings.reports.snapshot_minutes)
-        self._options = snapshot_options(settings)
+        self._every = every
+        self._reports = reports
         self._me = f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self) -> None:
         """Until cancelled: compute every snapshot that is due, then wait a while."""
         pause = min(self._every.total_seconds() / 2, LONGEST_WAIT_SECONDS)
         while True:
-            for name in REPORTS:
+            for name in self._reports:
                 try:
                     await self._keep(name)
                 except SQLAlchemyError as exc:
@@ -155,7 +161,8 @@ class SnapshotKeeper:
         if not await anyio.to_thread.run_sync(snapshots.is_due, self._engine, name, utcnow(), self._every):
             return
         try:
-            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, options=self._options[name])
+            report, options = self._reports[name]
+            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, report=report, options=options)
         except Exception:
             log.exception("the %s snapshot could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
             await anyio.to_thread.run_sync(snapshots.back_off, self._engine, name, self._me, utcnow() + min(self._every, BACK_OFF))
