@@ -251,7 +251,8 @@ def served_snapshots(replicas: list[Replica], url: str, reads: int = 10) -> dict
                 raise RuntimeError(f"no {name} snapshot within 30 minutes")
             time.sleep(1)
         with engine.connect() as connection:
-            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name = :n"), {"n": name}).one()
+            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name LIKE :n AND body IS NOT NULL"),
+                                     {"n": f"{name}:%"}).one()  # fmt: skip
         times = []
         for n in range(reads):
             replica = replicas[n % len(replicas)]
@@ -268,7 +269,7 @@ def served_snapshots(replicas: list[Replica], url: str, reads: int = 10) -> dict
     started = time.perf_counter()
     while True:
         with engine.connect() as connection:
-            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name = 'overview' AND body IS NOT NULL")).first()
+            row = connection.execute(text("SELECT seconds, computed_by, length(body) FROM report_snapshots WHERE name LIKE 'overview:%' AND body IS NOT NULL")).first()
         if row is not None:
             break
         if time.perf_counter() - started > 1800:

@@ -21,7 +21,7 @@ from taskproxy.errors import ServiceUnavailable
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.signals import gaming_signals
-from taskproxy.reports.snapshots import SnapshotKeeper, snapshot_reports
+from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.settings import Settings, load_settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
@@ -213,14 +213,14 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         assert dashboard.post("/dashboard/login", data={"key": server.admin_key}, follow_redirects=False).status_code == 303
         page = wait_until(lambda: dashboard.get("/dashboard"), lambda r: 'data-testid="snapshot"' in r.text, timeout=30, what="the overview's snapshot")
         engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
-        kept = data.kept_overview(engine)
-        assert kept.view.weeks and isinstance(kept.view.weeks[0]["since"], datetime)
         settings = load_settings(config, env={"TASKPROXY_ADMIN_KEY": server.admin_key})
+        kept = data.kept_overview(engine, data.overview_snapshot_name(settings))
+        assert kept.view.weeks and isinstance(kept.view.weeks[0]["since"], datetime)
         assert _as_served(kept.view) == _as_served(data.overview(engine, settings, kept.since, kept.until))
         assert f'datetime="{iso_attr(kept.until)}" data-testid="until"' in page.text  # the page says the period it shows: the snapshot's
         assert 'data-testid="snapshot"' not in dashboard.get("/dashboard", params={"since": "30d"}).text  # a period asked for: computed
         signals_page = dashboard.get("/dashboard/signals")  # the signals' snapshot was stored before the overview's
-        kept_signals = data.kept_signals_page(engine)
+        kept_signals = data.kept_signals_page(engine, name=kept_name(settings, "signals"))
         assert 'data-testid="snapshot"' in signals_page.text and f'datetime="{iso_attr(kept_signals.until)}" data-testid="until"' in signals_page.text
         assert kept_signals.view == data.shown_signals(_as_served(gaming_signals(engine, since=kept_signals.since, until=kept_signals.until)))
         assert 'data-testid="snapshot"' not in dashboard.get("/dashboard/signals", params={"since": "7d"}).text
@@ -247,21 +247,34 @@ async def test_a_computation_that_fails_backs_off_and_a_stopping_process_lets_go
     upgrade_schema(engine)
     settings = Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60})
     runner = _KilledAfterClaiming(engine)
+    adoption, signals = kept_name(settings, "adoption"), kept_name(settings, "signals")
     keeper = SnapshotKeeper(engine, runner, timedelta(minutes=60), snapshot_reports(settings))  # type: ignore[arg-type]
-    await keeper._keep("signals")
+    await keeper._keep(signals)
     assert runner.started == 1
-    row = _row(engine, "signals")
+    row = _row(engine, signals)
     assert row.claimed_by is not None and timedelta(minutes=9) < row.claimed_until - utcnow() <= timedelta(minutes=10), row
-    await keeper._keep("signals")  # the next look: not tried again before the back-off ends
-    assert runner.started == 1 and not snapshots.is_due(engine, "signals", utcnow(), timedelta(minutes=60))
+    await keeper._keep(signals)  # the next look: not tried again before the back-off ends
+    assert runner.started == 1 and not snapshots.is_due(engine, signals, utcnow(), timedelta(minutes=60))
 
-    await keeper._keep("adoption")  # another report cut short as the process stops ...
+    await keeper._keep(adoption)  # another report cut short as the process stops ...
     keeper.close()  # ... which lets go of every claim it holds
-    assert _row(engine, "adoption").claimed_by is None and _row(engine, "signals").claimed_by is None
-    assert snapshots.is_due(engine, "adoption", utcnow(), timedelta(minutes=60))
+    assert _row(engine, adoption).claimed_by is None and _row(engine, signals).claimed_by is None
+    assert snapshots.is_due(engine, adoption, utcnow(), timedelta(minutes=60))
     engine.dispose()
 
 
 def _row(engine, name: str):  # type: ignore[no-untyped-def]
     with engine.connect() as connection:
         return connection.execute(select(ReportSnapshot.__table__).where(ReportSnapshot.__table__.c.name == name)).one()
+
+
+def test_a_snapshot_is_read_only_by_processes_that_would_compute_it_alike() -> None:
+    def settings(**reports: object) -> Settings:
+        return Settings(database_url="sqlite://", models=[], privacy=reports.pop("privacy", {}), reports={"snapshot_minutes": 60, **reports})
+
+    same = [kept_name(settings(), "adoption"), kept_name(settings(snapshot_minutes=5), "adoption")]
+    assert same[0] == same[1] and same[0].startswith("adoption:")  # how often is not how it is computed
+    assert kept_name(settings(privacy={"min_group_size": 8}), "adoption") != same[0]  # another privacy floor: not that snapshot
+    assert kept_name(settings(stale_after_days=30), "adoption") != same[0]
+    assert data.overview_snapshot_name(settings(privacy={"min_group_size": 8})) != data.overview_snapshot_name(settings())
+    assert set(snapshot_reports(settings())) == {kept_name(settings(), "adoption"), kept_name(settings(), "signals")}

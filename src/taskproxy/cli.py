@@ -236,11 +236,11 @@ def cmd_report_tasks(args: argparse.Namespace) -> int:
 
 def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or_team: dict[str, object]) -> dict[str, Any]:
     """The report `name` as its latest snapshot holds it (`--latest`), as `?snapshot=latest` serves it."""
-    from taskproxy.reports.snapshots import check_asked_alone, check_on, latest, report_of
+    from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, report_of
 
     check_asked_alone(period_or_team)
     check_on(settings)
-    snapshot = latest(_engine(args), name)
+    snapshot = latest(_engine(args), kept_name(settings, name))
     print(f"(the snapshot computed at {snapshot.computed_at:%Y-%m-%d %H:%M} UTC, in {snapshot.seconds:.0f} s)", file=sys.stderr)
     return report_of(snapshot)
 

@@ -32,6 +32,7 @@ from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
 from taskproxy.routes.common import in_thread, unless_client_leaves
+from taskproxy.reports.snapshots import kept_name
 from taskproxy.routes.reports import period
 from taskproxy.timeutil import utcnow
 
@@ -183,14 +184,14 @@ def _week_points(weeks: list[dict[str, Any]]) -> list[Point]:
     ]
 
 
-async def _kept(request: Request, read: Callable[[Any], data.Kept]) -> data.Kept | None:
+async def _kept(request: Request, read: Callable[[], Awaitable[data.Kept]]) -> data.Kept | None:
     """The page's latest snapshot, for the default period (no period picked) when snapshots are on
     (a computation takes minutes on a large organisation); None, to compute the page, otherwise and
-    before the first snapshot. Read in a report process, as a computation would be."""
+    before the first snapshot."""
     if not request.state.settings.reports.snapshot_minutes or request.query_params.get("since") or request.query_params.get("until"):
         return None
     try:
-        return await unless_client_leaves(request, request.state.reports.run(read))  # type: ignore[no-any-return]
+        return await read()
     except NotFound:
         return None
 
@@ -198,7 +199,8 @@ async def _kept(request: Request, read: Callable[[Any], data.Kept]) -> data.Kept
 @page(admin_only=True)
 async def overview(request: Request, session: Session) -> Response:
     settings = request.state.settings
-    kept = await _kept(request, data.kept_overview)
+    name = data.overview_snapshot_name(settings)
+    kept = await _kept(request, lambda: in_thread(data.kept_overview, request.state.engine, name))
     if kept is not None:
         view, since, until = kept.view, kept.since, kept.until
     else:
@@ -242,7 +244,8 @@ async def work_item(request: Request, session: Session) -> Response:
 @page(admin_only=True)
 async def signals(request: Request, session: Session) -> Response:
     audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
-    kept = await _kept(request, data.kept_signals_page)
+    name = kept_name(request.state.settings, "signals")
+    kept = await _kept(request, lambda: unless_client_leaves(request, request.state.reports.run(data.kept_signals_page, name=name)))
     if kept is not None:
         report, since, until = kept.view, kept.since, kept.until
     else:

@@ -18,6 +18,7 @@ does not, instead of holding the whole answer (serving the plain 46 MB left repl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ import orjson
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from taskproxy import __version__
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
@@ -72,16 +74,34 @@ def unpacked(body: bytes) -> Iterator[bytes]:
         yield rest
 
 
-Definitions = dict[str, tuple[Callable[..., Any], dict[str, Any]]]  # snapshot: (its report function, options)
+Definitions = dict[str, tuple[Callable[..., Any], dict[str, Any]]]  # stored name: (its report function, options)
+
+
+def snapshot_name(report: str, fingerprint: object) -> str:
+    """The row a snapshot of `report` is kept under: its name and a digest of what it is computed
+    with (taskproxy's version, the report's options). A process reads only a snapshot computed as it
+    would compute the report itself: after a change of the privacy floor or of a threshold, or while
+    two versions run side by side during an upgrade, it finds none of its own (and computes, or waits
+    for its own), instead of showing figures made under other rules."""
+    digest = hashlib.sha256(repr((__version__, fingerprint)).encode()).hexdigest()[:12]
+    return f"{report}:{digest}"
+
+
+def _api_options(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The API's snapshots' options: those their routes pass."""
+    return {"adoption": {"team": None, **adoption_options(settings)}, "signals": {"thresholds": settings.signals}}
+
+
+def kept_name(settings: Settings, report: str) -> str:
+    """The name the API's snapshot of `report` ('adoption', 'signals') is kept under, with `settings`."""
+    return snapshot_name(report, _api_options(settings)[report])
 
 
 def snapshot_reports(settings: Settings) -> Definitions:
-    """The API's snapshots: each report function with the options its route passes. (The dashboard
-    adds its overview's: app.py.)"""
-    return {
-        "adoption": (adoption_report, {"team": None, **adoption_options(settings)}),
-        "signals": (gaming_signals, {"thresholds": settings.signals}),
-    }
+    """The API's snapshots: each report function with the options its route passes, under its name.
+    (The dashboard adds its overview's: app.py.)"""
+    functions = {"adoption": adoption_report, "signals": gaming_signals}
+    return {snapshot_name(report, options): (functions[report], options) for report, options in _api_options(settings).items()}
 
 
 def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, report: Callable[..., Any], options: dict[str, Any]) -> float | None:
@@ -101,10 +121,10 @@ def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, r
     return seconds
 
 
-def snapshot_csv(engine: Engine) -> tuple[str, datetime]:
-    """In the report's process: the latest adoption snapshot as the CSV route answers it, and when it
+def snapshot_csv(engine: Engine, *, name: str) -> tuple[str, datetime]:
+    """In the report's process: the adoption snapshot `name` as the CSV route answers it, and when it
     was computed; or NotFound."""
-    snapshot = latest(engine, "adoption")
+    snapshot = latest(engine, name)
     return adoption_csv(report_of(snapshot)), snapshot.computed_at
 
 
@@ -127,10 +147,11 @@ def check_on(settings: Settings) -> None:
 
 
 def latest(engine: Engine, name: str) -> Snapshot:
-    """The latest snapshot of the report `name` (blocking), or NotFound saying there is none yet."""
+    """The latest snapshot kept under `name` (blocking), or NotFound saying there is none yet."""
     found = snapshots.latest(engine, name)
     if found is None:
-        raise NotFound(f"The {name} report has no snapshot yet: the first is on its way. Ask again shortly, or compute the report.")
+        report = name.partition(":")[0]
+        raise NotFound(f"The {report} report has no snapshot yet: the first is on its way. Ask again shortly, or compute the report.")
     return found
 
 
@@ -152,7 +173,7 @@ class SnapshotKeeper:
                 try:
                     await self._keep(name)
                 except SQLAlchemyError as exc:
-                    log.warning("could not keep the %s snapshot: %s", name, exc.__class__.__name__)
+                    log.warning("could not keep the snapshot %s: %s", name, exc.__class__.__name__)
             await anyio.sleep(pause)
 
     async def _keep(self, name: str) -> None:
@@ -164,11 +185,11 @@ class SnapshotKeeper:
             report, options = self._reports[name]
             seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, report=report, options=options)
         except Exception:
-            log.exception("the %s snapshot could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
+            log.exception("the snapshot %s could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
             await anyio.to_thread.run_sync(snapshots.back_off, self._engine, name, self._me, utcnow() + min(self._every, BACK_OFF))
             return
         if seconds is not None:
-            log.info("computed the %s snapshot in %.1f s", name, seconds)
+            log.info("computed the snapshot %s in %.1f s", name, seconds)
 
     def close(self) -> None:
         """Let go of the claims of computations cut short (blocking): another process takes them at once."""

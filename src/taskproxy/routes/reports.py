@@ -16,7 +16,7 @@ from starlette.routing import Route
 from taskproxy.errors import InvalidRequest
 from taskproxy.reports.adoption import adoption_options, adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.reports.snapshots import check_asked_alone, check_on, latest, snapshot_csv, unpacked
+from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, snapshot_csv, unpacked
 from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
 from taskproxy.storage.snapshots import Snapshot
 from taskproxy.timeutil import report_period, utcnow
@@ -41,8 +41,9 @@ def snapshot_wanted(request: Request, alone: tuple[str, ...] = ("since", "until"
 
 async def latest_snapshot(request: Request, name: str) -> Snapshot:
     """The latest snapshot of the report `name`, or 404 saying why there is none."""
-    check_on(request.state.settings)
-    return await in_thread(latest, request.state.engine, name)  # type: ignore[no-any-return]
+    settings = request.state.settings
+    check_on(settings)
+    return await in_thread(latest, request.state.engine, kept_name(settings, name))  # type: ignore[no-any-return]
 
 
 def snapshot_headers(computed_at: datetime) -> dict[str, str]:
@@ -97,7 +98,8 @@ async def adoption_as_csv(request: Request) -> Response:
     headers = {"content-disposition": 'attachment; filename="adoption.csv"'}
     if snapshot_wanted(request):
         check_on(request.state.settings)
-        csv, computed_at = await unless_client_leaves(request, request.state.reports.run(snapshot_csv))  # made in a report process
+        name = kept_name(request.state.settings, "adoption")
+        csv, computed_at = await unless_client_leaves(request, request.state.reports.run(snapshot_csv, name=name))  # made in a report process
         return Response(csv, media_type="text/csv", headers={**headers, **snapshot_headers(computed_at)})
     return Response(await _report(request, adoption_csv), media_type="text/csv", headers=headers)
 

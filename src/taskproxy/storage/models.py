@@ -310,9 +310,11 @@ class Lease(SQLModel, table=True):
 
 
 class ReportSnapshot(SQLModel, table=True):
-    """The latest computation of a period report (`adoption`, `signals`) over the default period, kept
-    with `reports.snapshot_minutes` so that reading it costs one row, not the report (reports/snapshots.py).
-    One row per report; a replica claims it (`claimed_until`) before computing, so one computes at a time."""
+    """The latest computation of a period report (the adoption report, the signals, the dashboard's
+    overview) over the default period, kept with `reports.snapshot_minutes` so that reading it costs
+    one row, not the report (reports/snapshots.py). One row per report and way of computing it (`name`:
+    'adoption:<digest of the version and options>'); a process claims it (`claimed_until`,
+    `claimed_by`) before computing, so one computes at a time."""
 
     __tablename__ = "report_snapshots"
 
