@@ -31,8 +31,8 @@ from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
-from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.reports.snapshots import kept_name
+from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
 from taskproxy.timeutil import utcnow
 
