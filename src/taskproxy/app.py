@@ -46,7 +46,6 @@ from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard import data as dashboard_data
-from taskproxy.dashboard.data import overview_snapshot_name
 from taskproxy.dashboard.views import routes as dashboard_routes
 from taskproxy.dashboard.session import SessionSigner
 from taskproxy.dashboard.templating import Pages
@@ -216,7 +215,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         reports_runner = ReportRunner(db)
         keeper = None
         if settings.reports.snapshot_minutes:
-            kept = {**snapshot_reports(settings), overview_snapshot_name(settings): (dashboard_data.overview, {"settings": settings})}
+            kept = {**snapshot_reports(settings), dashboard_data.overview_snapshot_name(settings): (dashboard_data.overview, {"settings": settings})}
             keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept)
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
