@@ -49,7 +49,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from taskproxy.storage import partitions, rollup
+from taskproxy.storage import distribution, partitions, rollup
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.storage.models import UsageEvent
 
@@ -372,7 +372,8 @@ def _prepare_load(connection: Connection, months: list[datetime]) -> None:
 
 def _primary_key_columns(connection: Connection) -> list[str]:
     """The model's primary key, plus the partition key's columns when usage_events is partitioned
-    (PostgreSQL's unique constraints on a partitioned table must hold them: (id, ts), migration 0005)."""
+    (PostgreSQL's unique constraints on a partitioned table must hold them: (id, ts), migration 0005),
+    plus the column a distributed PostgreSQL would spread it by (migration 0014)."""
     columns = [column.name for column in EVENTS.primary_key.columns]
     partition_key = connection.execute(text(
         "SELECT a.attname FROM pg_partitioned_table p "
@@ -380,7 +381,8 @@ def _primary_key_columns(connection: Connection) -> list[str]:
         "JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.attnum "
         "WHERE p.partrelid = CAST(:table AS regclass) ORDER BY k.n"
     ), {"table": EVENTS.name}).scalars()  # fmt: skip
-    return columns + [name for name in partition_key if name not in columns]
+    columns += [name for name in partition_key if name not in columns]
+    return columns + [distribution.DISTRIBUTED[EVENTS.name]]
 
 
 def _rebuild_keys(connection: Connection) -> None:
