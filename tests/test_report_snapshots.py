@@ -8,6 +8,7 @@ import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import orjson
 import pytest
@@ -278,3 +279,42 @@ def test_a_snapshot_is_read_only_by_processes_that_would_compute_it_alike() -> N
     assert kept_name(settings(stale_after_days=30), "adoption") != same[0]
     assert data.overview_snapshot_name(settings(privacy={"min_group_size": 8})) != data.overview_snapshot_name(settings())
     assert set(snapshot_reports(settings())) == {kept_name(settings(), "adoption"), kept_name(settings(), "signals")}
+
+
+class _Computes:
+    """A report runner whose report process stores a tiny snapshot, as compute_and_store would, except
+    for the signals (another replica's turn, say)."""
+
+    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
+        self.engine = engine
+
+    async def run(self, function, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["name"].startswith("signals:") or not snapshots.claim(self.engine, kwargs["name"], kwargs["me"], utcnow(), kwargs["every"], HOLD):
+            return None
+        _store(self.engine, kwargs["name"], kwargs["me"], utcnow(), b"{}")
+        return 0.1
+
+
+@pytest.mark.anyio
+async def test_snapshots_no_process_computes_any_more_are_deleted_after_a_week(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'snapshots.db'}")
+    upgrade_schema(engine)
+    now = utcnow()
+    mine = snapshot_reports(Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60}))
+    kept_long_ago = "adoption:0123456789ab"  # an earlier version's, or made under another privacy floor
+    for name, computed_at in [(kept_long_ago, now - timedelta(days=8)), ("adoption:recent000000", now - timedelta(days=6)),
+                              ("signals:computing000", now - timedelta(days=8)), *((name, now - timedelta(days=8)) for name in mine)]:  # fmt: skip
+        assert snapshots.claim(engine, name, "old-replica", computed_at, EVERY, HOLD)
+        assert _store(engine, name, "old-replica", computed_at, b"x" * 1000, computed_at=computed_at)
+    assert snapshots.claim(engine, "signals:computing000", "old-replica", now, EVERY, HOLD)  # held: being computed now
+
+    keeper = SnapshotKeeper(engine, _Computes(engine), timedelta(minutes=60), mine)  # type: ignore[arg-type]
+    with anyio.move_on_after(3):  # one round of the keeper's loop: it keeps its own, then prunes
+        await keeper.run()
+    with engine.connect() as connection:
+        left = set(connection.execute(select(ReportSnapshot.__table__.c.name)).scalars())
+    assert left == {"adoption:recent000000", "signals:computing000", *mine}
+    adoption, signals = kept_name(Settings(database_url="sqlite://", models=[]), "adoption"), kept_name(Settings(database_url="sqlite://", models=[]), "signals")
+    assert snapshots.latest(engine, adoption).computed_at > now  # its own: refreshed,
+    assert snapshots.latest(engine, signals).computed_at < now - timedelta(days=7)  # or not yet, but never deleted
+    engine.dispose()

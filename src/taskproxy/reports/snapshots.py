@@ -49,6 +49,8 @@ log = logging.getLogger("taskproxy.reports")
 HOLD = timedelta(minutes=30)  # a claim outlasts a computation; a process that died holding one is replaced after it
 BACK_OFF = timedelta(minutes=10)  # after a failed computation (or `snapshot_minutes`, if shorter), before the next try
 LONGEST_WAIT_SECONDS = 60.0  # between checks for a due snapshot, at most
+UNUSED_FOR = timedelta(days=7)  # a snapshot under a name no process here computes, left that long, is deleted
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 UNPACKED_PIECE_BYTES = 256 * 1024  # of gzipped input unpacked at a time, for a client that does not take gzip
@@ -168,13 +170,28 @@ class SnapshotKeeper:
     async def run(self) -> None:
         """Until cancelled: compute every snapshot that is due, then wait a while."""
         pause = min(self._every.total_seconds() / 2, LONGEST_WAIT_SECONDS)
+        pruned_at = -PRUNE_EVERY_SECONDS
         while True:
             for name in self._reports:
                 try:
                     await self._keep(name)
                 except SQLAlchemyError as exc:
                     log.warning("could not keep the snapshot %s: %s", name, exc.__class__.__name__)
+            if time.monotonic() - pruned_at >= PRUNE_EVERY_SECONDS:
+                pruned_at = time.monotonic()
+                await anyio.to_thread.run_sync(self.prune)
             await anyio.sleep(pause)
+
+    def prune(self) -> None:
+        """Delete the snapshots left under names no process computes any more (blocking): after a
+        change of options or an upgrade, the old names' rows (up to megabytes each) would stay for good."""
+        try:
+            gone = snapshots.prune(self._engine, list(self._reports), utcnow(), max(UNUSED_FOR, 3 * self._every))
+        except SQLAlchemyError as exc:
+            log.warning("could not prune the report snapshots: %s", exc.__class__.__name__)
+            return
+        if gone:
+            log.info("deleted %d report snapshots no process has refreshed for %s", gone, max(UNUSED_FOR, 3 * self._every))
 
     async def _keep(self, name: str) -> None:
         # A read first: a process starts for a snapshot only when one looks due; it claims the

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from collections.abc import Collection
+
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
 
 from taskproxy.storage.models import ReportSnapshot
@@ -81,6 +83,17 @@ def release(engine: Engine, me: str) -> None:
     """Let go of every claim `me` holds (a replica stopping): another replica takes them at once."""
     with engine.begin() as connection:
         connection.execute(update(ReportSnapshot.__table__).where(_S.claimed_by == me).values(claimed_until=None, claimed_by=None))
+
+
+def prune(engine: Engine, keep: Collection[str], now: datetime, unused_for: timedelta) -> int:
+    """Delete the snapshots under other names than `keep` (an earlier version's, or computed with other
+    options) that no process has stored for `unused_for` and none holds: a process that still
+    computes one refreshes it sooner, and one that finds its own gone computes it again. Returns how
+    many went."""
+    unused = and_(_S.name.not_in(list(keep)), or_(_S.computed_at.is_(None), _S.computed_at < now - unused_for),
+                  or_(_S.claimed_until.is_(None), _S.claimed_until < now))  # fmt: skip
+    with engine.begin() as connection:
+        return int(connection.execute(delete(ReportSnapshot.__table__).where(unused)).rowcount)
 
 
 def latest(engine: Engine, name: str) -> Snapshot | None:
