@@ -11,10 +11,9 @@ Blocking functions; the caller runs them in a worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from collections.abc import Collection
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Engine
