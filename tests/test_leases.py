@@ -130,3 +130,44 @@ async def test_a_replica_that_stops_gives_back_what_it_was_granted_and_did_not_s
         held = connection.execute(select(Lease.granted).where(Lease.scope == "item:BACK-1")).scalar_one()
     engine.dispose()
     assert held == spent  # the slice it took (1,000 tokens) is back but for what it spent
+
+
+@pytest.mark.anyio
+async def test_a_share_evicted_while_its_slice_is_on_its_way_gives_the_slice_back(tmp_path: Path) -> None:
+    """With a small working set, an item's or a team's share leaves it while the slice it asked for is
+    still being leased. That slice must go back, or the budget is eaten by slices nobody holds: a
+    team would be refused for the month while it has spent next to nothing of it."""
+    from conftest import make_settings, start_proxy
+    from sqlalchemy import func, select
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import Lease, UsageEvent
+    from taskproxy.upstream.mock import MockProvider
+
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, work_items={"cache_size": 1}, budgets={"work_item_tokens": 1_000_000, "teams": {"payments": {"tokens": 100_000}}})
+    answered = []
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        for n in range(3):  # registered: each item's budget is leased too
+            assert (await proxy.http.post("/api/work-items", json={"id": f"EVICT-{n}"}, headers=proxy.admin_headers)).status_code == 201
+        for n in range(60):  # ~20 tokens each: 1,200 of the team's 100,000, over items that take turns
+            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"EVICT-{n % 3}"})  # fmt: skip
+            answered.append(reply.status_code)
+        await anyio.sleep(0.5)  # the last slices arrive before the process stops
+    assert answered == [200] * 60, answered
+    engine = make_engine(settings.database_url)
+    with engine.connect() as connection:
+        granted = dict(connection.execute(select(Lease.scope, Lease.granted).where(Lease.scope.not_like("rate:%"))).all())
+        per_item = connection.execute(select(UsageEvent.work_item, func.sum(UsageEvent.total_tokens)).group_by(UsageEvent.work_item)).all()
+        spent = {f"item:{item}": tokens for item, tokens in per_item}
+        spent["team:payments"] = connection.execute(select(func.sum(UsageEvent.total_tokens))).scalar_one()
+        largest = connection.execute(select(func.max(UsageEvent.total_tokens))).scalar_one()
+    engine.dispose()
+    # Every slice granted and not spent went back, and every spend counted: the leases hold what was
+    # spent. (The first lease of a budget counts its spend so far as taken; a second share of it asking
+    # at the same moment can count the first request once more: under-spent by a request, never over.)
+    assert set(granted) == set(spent)
+    assert all(0 <= granted[scope] - spent[scope] <= 2 * largest for scope in spent), (granted, spent)

@@ -7,7 +7,8 @@ what it was granted. The first request on a budget goes on credit while the firs
 the next slice is asked for in the background once half of the last one is spent; a request that finds
 the slices spent waits for the next (at most `LEASE_WAIT_SECONDS`), and is refused when the allowance
 is gone. What a process was granted and did not spend goes back when the
-item leaves its working set and when the process stops (a process that is killed keeps its slices:
+item leaves its working set (a slice that arrives after it left, too; spend counted after it left
+is added) and when the process stops (a process that is killed keeps its slices:
 the budget is under-spent by them, never over-spent).
 
 The bound: the replicas together are granted at most the budget, and each admits only within its
@@ -33,7 +34,7 @@ from taskproxy.storage import leases
 
 log = logging.getLogger("taskproxy.budgets")
 LEASE_WAIT_SECONDS = 1.0
-MAX_RETURNS = 10_000  # unused slices waiting to go back
+MAX_RETURNS = 10_000  # budgets with unused slices (or spend outside them) waiting to be settled
 ALONE_SECONDS = 30.0  # after a failed lease, how long a share is checked without leases before trying again
 SLICES = 10
 Limits = tuple[int | None, int | None]  # tokens, nano-USD; None: not limited
@@ -53,6 +54,10 @@ class _Share:
     credited: bool = False  # the first request was admitted before any slice arrived
     alone_until: float = 0.0  # the database did not answer: until then this process checks against its own count
     arrived: asyncio.Event | None = None  # set when the slice asked for arrives
+    leased: bool = False  # a budget shared through leases: its row counts what this process spends of it
+    evicted: bool = False  # it left the working set: what it was granted, and what arrives later, goes back
+    returned: int = 0  # of what it was granted, what is on its way back
+    returned_nanos: int = 0
 
     def room(self, limits: Limits) -> bool:
         return (limits[0] is None or self.used < self.granted) and (limits[1] is None or self.used_nanos < self.granted_nanos)
@@ -78,7 +83,10 @@ class _Returning(LRUCache):  # type: ignore[type-arg]
 
     def popitem(self) -> tuple[Hashable, _Share]:
         key, share = super().popitem()
+        share.evicted = True
         self._on_evict.give_back_later(share)
+        if share.leased:
+            self._on_evict.left[key] = True
         return key, share
 
 
@@ -87,7 +95,8 @@ class BudgetShares:
         self._engine = engine
         self._lock = threading.Lock()  # charged from the writer thread too
         self._shares: _Returning = _Returning(capacity, self)
-        self._returns: list[tuple[str, str, int, int]] = []
+        self._returns: dict[tuple[str, str], list[int]] = {}  # (scope, window): [tokens, nanos] to give back (< 0: to add)
+        self.left: LRUCache[tuple[str, str], bool] = LRUCache(capacity)  # leased budgets whose shares left the working set
         self._lookups = anyio.CapacityLimiter(4)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -102,6 +111,7 @@ class BudgetShares:
         (the counters), which counts as taken before the first lease."""
         with self._lock:
             share = self._share(scope, window)
+            share.leased = True
         if share.alone_until > time.monotonic():
             return True  # checked against the process's own count of the spend (Budgets)
         if not share.room(limits) and not share.exhausted:
@@ -130,6 +140,11 @@ class BudgetShares:
 
     def use(self, scope: str, window: str, tokens: int, nanos: int) -> None:
         with self._lock:
+            if (scope, window) not in self._shares and (scope, window) in self.left:
+                # Spent after its share left the working set (the end of a long answer, the writer's
+                # estimate), when that share had settled what it held: added to the budget's row.
+                self._settle(scope, window, -tokens, -nanos)
+                return
             share = self._share(scope, window)
             share.used += tokens
             share.used_nanos += nanos
@@ -157,26 +172,46 @@ class BudgetShares:
                 share.granted += grant.amount
                 share.granted_nanos += grant.nanos
                 share.exhausted = (limits[0] is not None and grant.taken >= limits[0]) or (limits[1] is not None and grant.taken_nanos >= limits[1])
+                if share.evicted:  # it left the working set while the slice was on its way: nobody here spends it
+                    self.give_back_later(share)
         finally:
             share.arrived = None
             if arrived is not None:
                 arrived.set()
 
     def give_back_later(self, share: _Share) -> None:
-        unused = (max(0, share.granted - share.used), max(0, share.granted_nanos - share.used_nanos))
-        if unused != (0, 0) and len(self._returns) < MAX_RETURNS:  # past that, kept: the budgets are under-spent, never over
-            self._returns.append((share.scope, share.window, *unused))
+        """Settle a share leaving the working set (or a slice that reached it after it left): what it was
+        granted beyond what it spent goes back; what it spent beyond its grants (the first request, on
+        credit) is added. The budget's row then holds exactly what was spent through it."""
+        unused = (share.granted - share.returned - share.used, share.granted_nanos - share.returned_nanos - share.used_nanos)
+        if not share.leased:  # this process's alone: no row to settle with
+            return
+        if unused != (0, 0) and self._settle(share.scope, share.window, *unused):  # else kept (past MAX_RETURNS budgets waiting)
+            share.returned += unused[0]
+            share.returned_nanos += unused[1]
+
+    def _settle(self, scope: str, window: str, tokens: int, nanos: int) -> bool:
+        """Queue a change of what this process holds of a budget, for the next flush (under the lock)."""
+        pending = self._returns.get((scope, window))
+        if pending is None:
+            if len(self._returns) >= MAX_RETURNS:
+                return False
+            pending = self._returns[(scope, window)] = [0, 0]
+        pending[0] += tokens
+        pending[1] += nanos
+        return True
 
     def flush_returns(self) -> None:
         """Give back what evicted shares did not use (blocking; the refresh loop calls it)."""
         with self._lock:
-            returns, self._returns = self._returns, []
+            returns, self._returns = self._returns, {}
         if returns:
             try:
-                leases.give_back(self._engine, returns)
+                leases.give_back(self._engine, [(scope, window, tokens, nanos) for (scope, window), (tokens, nanos) in returns.items()])
             except SQLAlchemyError:
                 with self._lock:
-                    self._returns.extend(returns)
+                    for (scope, window), (tokens, nanos) in returns.items():
+                        self._settle(scope, window, tokens, nanos)
 
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""
