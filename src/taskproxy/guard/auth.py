@@ -151,11 +151,11 @@ class KeyStore:
         """Count each team's people, and hold the newest keys (blocking; run it in a thread)."""
         with self._engine.connect() as connection:
             sizes = privacy.team_sizes(connection)
-        rows = repo.newest_live_keys(self._engine, int(self._by_hash.maxsize))
+        held = [(row.key_hash, _principal(row)) for row in repo.newest_live_keys(self._engine, int(self._by_hash.maxsize))]
         with self._lock:
             self._team_sizes = sizes
-            for row in reversed(rows):
-                self._by_hash[row.key_hash] = _principal(row)
+            for key_hash, principal in reversed(held):
+                self._by_hash[key_hash] = principal
 
     def refresh(self, changed: set[str]) -> int:
         """Re-read the keys the change feed names (blocking): revoked ones are dropped, bindings updated,

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
 from taskproxy.storage.models import WorkItem
+from taskproxy.storage.repo import WARM_ROWS_PER_READ
 from taskproxy.workitems import RESOLVED
 
 log = logging.getLogger("taskproxy.items")
@@ -72,10 +73,10 @@ class ItemCache:
         query = select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd)
         query = query.order_by(_ITEMS.c.updated_at.desc().nulls_last()).limit(self.capacity)
         with self._engine.connect() as connection:
-            rows = connection.execute(query).all()
+            held = [(row.id, _known(row)) for row in connection.execution_options(yield_per=WARM_ROWS_PER_READ).execute(query)]
         with self._lock:
-            for row in reversed(rows):  # the most recent used last: dropped last
-                self._items[row.id] = _known(row)
+            for item_id, known in reversed(held):  # the most recent used last: dropped last
+                self._items[item_id] = known
 
     def fetch(self, ids: Iterable[str]) -> dict[str, KnownItem]:
         """These items as the database has them now (blocking); an id not registered is absent."""
