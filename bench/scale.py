@@ -286,8 +286,12 @@ def served_snapshots(replicas: list[Replica], url: str, reads: int = 10) -> dict
             times.append(time.perf_counter() - began)
             if 'data-testid="snapshot"' not in page.text:
                 raise RuntimeError("the overview was not served from its snapshot")
+    with engine.connect() as connection:  # made from the adoption report's computation, for its period
+        periods = connection.execute(text("SELECT count(DISTINCT (since, until)) FROM report_snapshots WHERE body IS NOT NULL "
+                                          "AND (name LIKE 'overview:%' OR name LIKE 'adoption:%')")).scalar_one()  # fmt: skip
     found["overview"] = {"computed_in_s": row[0], "computed_by": row[1], "stored_mb": row[2] / 1e6, "page_median_s": statistics.median(times),
-                         "page_max_s": max(times), "memory_mib": [memory_mib(r.proc.pid) for r in replicas]}  # fmt: skip
+                         "page_max_s": max(times), "memory_mib": [memory_mib(r.proc.pid) for r in replicas],
+                         "same_period_as_adoption": periods == 1}  # fmt: skip
     log(f"overview snapshot: {found['overview']}")
     engine.dispose()
     return found

@@ -5,7 +5,7 @@ answer, which is exactly the report of its own period, from any replica."""
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 from conftest import BOTH_DATABASES
+from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import FakeUpstream, cli_json, quoted, run_cli, running_server, wait_until, write_config
 from sqlalchemy import event, select
 
@@ -218,9 +219,19 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         kept = data.kept_overview(engine, data.overview_snapshot_name(settings))
         assert kept.view.weeks and isinstance(kept.view.weeks[0]["since"], datetime)
         assert _as_served(kept.view) == _as_served(data.overview(engine, settings, kept.since, kept.until))
+        kept_adoption = snapshots.latest(engine, kept_name(settings, "adoption"))
+        assert (kept.since, kept.until) == (kept_adoption.since, kept_adoption.until)  # made from the adoption report's computation
+        # /metrics says when each was computed, and how long it took: what a platform team alerts on.
+        scraped = {(sample.name, sample.labels.get("report")): sample.value
+                   for family in text_string_to_metric_families(server.http.get("/metrics", headers=admin).text) for sample in family.samples}
+        for report, snapshot in (("adoption", kept_adoption), ("overview", kept)):
+            computed = scraped[("taskproxy_report_snapshot_computed_timestamp_seconds", report)]
+            assert computed == pytest.approx(snapshot.computed_at.replace(tzinfo=UTC).timestamp(), abs=1e-3)
+        assert scraped[("taskproxy_report_snapshot_compute_seconds", "adoption")] == pytest.approx(kept_adoption.seconds)
         assert f'datetime="{iso_attr(kept.until)}" data-testid="until"' in page.text  # the page says the period it shows: the snapshot's
         assert 'data-testid="snapshot"' not in dashboard.get("/dashboard", params={"since": "30d"}).text  # a period asked for: computed
-        signals_page = dashboard.get("/dashboard/signals")  # the signals' snapshot was stored before the overview's
+        signals_page = wait_until(lambda: dashboard.get("/dashboard/signals"), lambda r: 'data-testid="snapshot"' in r.text, timeout=30,
+                                  what="the signals' snapshot")  # fmt: skip
         kept_signals = data.kept_signals_page(engine, name=kept_name(settings, "signals"))
         assert 'data-testid="snapshot"' in signals_page.text and f'datetime="{iso_attr(kept_signals.until)}" data-testid="until"' in signals_page.text
         assert kept_signals.view == data.shown_signals(_as_served(gaming_signals(engine, since=kept_signals.since, until=kept_signals.until)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import replace
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from contextlib import asynccontextmanager
@@ -39,7 +40,7 @@ from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
 from taskproxy.reports.runner import ReportRunner
-from taskproxy.reports.snapshots import SnapshotKeeper, snapshot_reports
+from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
 from taskproxy.storage.response_origins import ResponseOrigins
@@ -215,8 +216,11 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         reports_runner = ReportRunner(db)
         keeper = None
         if settings.reports.snapshot_minutes:
-            kept = {**snapshot_reports(settings), dashboard_data.overview_snapshot_name(settings): (dashboard_data.overview, {"settings": settings})}
-            keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept)
+            kept = snapshot_reports(settings)  # the dashboard's overview is made from the adoption report's:
+            adoption = kept_name(settings, "adoption")
+            kept[adoption] = replace(kept[adoption], then=((dashboard_data.overview_snapshot_name(settings), dashboard_data.overview, {"settings": settings}),))
+            keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept,
+                                    observe=lambda name, state: metrics.snapshot_seen(name, state.computed_at, state.seconds))  # fmt: skip
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
                                 settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),

@@ -10,6 +10,7 @@ the worker that answered it (run one scrape target per process, or one worker pe
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -42,6 +43,22 @@ class Metrics:
               registry=r).set_function(lambda: writer.set_aside)  # fmt: skip
         Gauge("taskproxy_unrecorded_held", "Usage records held in memory because neither the database nor the spool takes them",
               registry=r).set_function(lambda: writer.held_rows)  # fmt: skip
+
+        self.snapshot_computed = Gauge("taskproxy_report_snapshot_computed_timestamp_seconds",
+                                       "When the latest snapshot of each report was computed (reports.snapshot_minutes), as the last look found it",
+                                       ["report"], registry=r)  # fmt: skip
+        self.snapshot_seconds = Gauge("taskproxy_report_snapshot_compute_seconds", "How long the latest snapshot of each report took to compute",
+                                      ["report"], registry=r)  # fmt: skip
+
+    def snapshot_seen(self, name: str, computed_at: datetime | None, seconds: float | None) -> None:
+        """A report snapshot's state (the keeper's look, about once a minute): `name` is its stored
+        name ('adoption:<digest>'), labelled by the report's part. Nothing before the first is stored."""
+        if computed_at is None:
+            return
+        report = name.partition(":")[0]
+        self.snapshot_computed.labels(report).set(computed_at.replace(tzinfo=UTC).timestamp())
+        if seconds is not None:
+            self.snapshot_seconds.labels(report).set(seconds)
 
     def _child(self, metric: Counter | Histogram, *labels: str):  # type: ignore[no-untyped-def]
         """`metric.labels(*labels)`, looked up once: labels() validates and locks on every call, and

@@ -64,12 +64,13 @@ class Overview:
     top_items: list[dict[str, Any]]
 
 
-def overview(engine: Engine, settings: Settings, since: datetime, until: datetime) -> Overview:
-    """What the overview shows. Computed in a report process: only the figures of the teams' rows the
-    page shows go back to the serving process (5,000 teams' whole figures, unpickled there, left it
-    30 MiB larger on the seed organisation)."""
-    report = adoption_report(engine, since=since, until=until, **adoption_options(settings))
-    report["teams"] = [_team_row(team) for team in report["teams"]]
+def overview(engine: Engine, settings: Settings, since: datetime, until: datetime, answer: dict[str, Any] | None = None) -> Overview:
+    """What the overview shows: `answer`, the adoption report of this period if it is computed already
+    (its snapshot's, reports/snapshots.py), else computed here. Computed in a report process: only
+    the figures of the teams' rows the page shows go back to the serving process (5,000 teams' whole
+    figures, unpickled there, left it 30 MiB larger on the seed organisation)."""
+    report = answer if answer is not None else adoption_report(engine, since=since, until=until, **adoption_options(settings))
+    report = {**report, "teams": [_team_row(team) for team in report["teams"]]}
     weeks = weekly_figures(engine, until)
     top = tasks_report(engine, since, until, TOP_ITEMS)
     names = titles(engine, [t["work_item"] for t in top])

@@ -25,6 +25,7 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,7 +77,20 @@ def unpacked(body: bytes) -> Iterator[bytes]:
         yield rest
 
 
-Definitions = dict[str, tuple[Callable[..., Any], dict[str, Any]]]  # stored name: (its report function, options)
+@dataclass(frozen=True)
+class Definition:
+    """How a snapshot is computed: `report(engine, since=, until=, **options)`; then, from its answer
+    and for its period, each of `then` (name, function, options): `function(engine, since=, until=,
+    answer=the report, **options)`, kept under its own name by the same report process. The
+    dashboard's overview is made so from the adoption report (it shows that report's rows): one
+    computation of the report, where the overview computed alone took it again (~47 s on the seed)."""
+
+    report: Callable[..., Any]
+    options: dict[str, Any]
+    then: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = ()
+
+
+Definitions = dict[str, Definition]  # stored name: how it is computed
 
 
 def snapshot_name(report: str, fingerprint: object) -> str:
@@ -103,23 +117,37 @@ def snapshot_reports(settings: Settings) -> Definitions:
     """The API's snapshots: each report function with the options its route passes, under its name.
     (The dashboard adds its overview's: app.py.)"""
     functions = {"adoption": adoption_report, "signals": gaming_signals}
-    return {snapshot_name(report, options): (functions[report], options) for report, options in _api_options(settings).items()}
+    return {snapshot_name(report, options): Definition(functions[report], options) for report, options in _api_options(settings).items()}
 
 
-def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, report: Callable[..., Any], options: dict[str, Any]) -> float | None:
+def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, definition: Definition) -> float | None:
     """In the report's process, once it has its turn (`REPORTS_AT_ONCE`): claim the snapshot `name`
-    for the serving process `me`, compute `report` over the last 30 days from now, and store it as
-    gzipped JSON (`report` returns what orjson encodes: dicts, lists, dataclasses, datetimes).
-    The answer goes from this process to the database, never through the serving one. Returns the
-    seconds the computation took, or None when the snapshot was not this process's to compute."""
+    for the serving process `me`, compute its report over the last 30 days from now, and store it as
+    gzipped JSON (a report returns what orjson encodes: dicts, lists, dataclasses, datetimes); then
+    the snapshots made from it (`Definition.then`), each claimed and stored the same way. The answers
+    go from this process to the database, never through the serving one. Returns the seconds the
+    computation took, or None when the snapshot was not this process's to compute."""
     if not snapshots.claim(engine, name, me, utcnow(), every, HOLD):
         return None
     since, until = report_period(None, None)
     started = time.perf_counter()
-    body = gzipped_json(report(engine, since=since, until=until, **options))
+    answer = definition.report(engine, since=since, until=until, **definition.options)
     seconds = time.perf_counter() - started
-    if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=body):
+    if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=gzipped_json(answer)):
         return None  # the claim ran out and another process stored a newer one
+    for follower, function, options in definition.then:
+        # Due whenever the report is: made from this computation, whenever the last one was.
+        if not snapshots.claim(engine, follower, me, utcnow(), timedelta(0), HOLD):
+            continue
+        started = time.perf_counter()
+        try:
+            body = gzipped_json(function(engine, since=since, until=until, answer=answer, **options))
+        except Exception:  # the report itself is kept; this one is tried again with the next
+            log.exception("the snapshot %s could not be made from %s", follower, name)
+            snapshots.back_off(engine, follower, me, utcnow())  # free again: the next report's process tries it
+            continue
+        snapshots.store(engine, follower, me, since=since, until=until, computed_at=utcnow(),
+                        seconds=seconds + time.perf_counter() - started, body=body)  # fmt: skip
     return seconds
 
 
@@ -160,11 +188,14 @@ def latest(engine: Engine, name: str) -> Snapshot:
 class SnapshotKeeper:
     """Computes each report's snapshot when it is due and this process wins the claim."""
 
-    def __init__(self, engine: Engine, runner: ReportRunner, every: timedelta, reports: Definitions) -> None:
+    def __init__(self, engine: Engine, runner: ReportRunner, every: timedelta, reports: Definitions,
+                 observe: Callable[[str, snapshots.State], None] = lambda name, state: None) -> None:  # fmt: skip
+        """`observe(name, state)` is told of each snapshot's state as each look finds it (the metrics)."""
         self._engine = engine
         self._runner = runner
         self._every = every
         self._reports = reports
+        self._observe = observe
         self._me = f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self) -> None:
@@ -186,7 +217,8 @@ class SnapshotKeeper:
         """Delete the snapshots left under names no process computes any more (blocking): after a
         change of options or an upgrade, the old names' rows (up to megabytes each) would stay for good."""
         try:
-            gone = snapshots.prune(self._engine, list(self._reports), utcnow(), max(UNUSED_FOR, 3 * self._every))
+            kept = [*self._reports, *(follower for definition in self._reports.values() for follower, _, _ in definition.then)]
+            gone = snapshots.prune(self._engine, kept, utcnow(), max(UNUSED_FOR, 3 * self._every))
         except SQLAlchemyError as exc:
             log.warning("could not prune the report snapshots: %s", exc.__class__.__name__)
             return
@@ -196,17 +228,25 @@ class SnapshotKeeper:
     async def _keep(self, name: str) -> None:
         # A read first: a process starts for a snapshot only when one looks due; it claims the
         # snapshot itself, once it has its turn, so that waiting for it does not eat into the claim.
-        if not await anyio.to_thread.run_sync(snapshots.is_due, self._engine, name, utcnow(), self._every):
+        if not (await self._look(name)).is_due(utcnow(), self._every):
             return
         try:
-            report, options = self._reports[name]
-            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, report=report, options=options)
+            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, definition=self._reports[name])
         except Exception:
             log.exception("the snapshot %s could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
             await anyio.to_thread.run_sync(snapshots.back_off, self._engine, name, self._me, utcnow() + min(self._every, BACK_OFF))
             return
         if seconds is not None:
             log.info("computed the snapshot %s in %.1f s", name, seconds)
+            await self._look(name)
+
+    async def _look(self, name: str) -> snapshots.State:
+        """The state of `name`'s snapshot, and of those made from it, told to `observe`."""
+        found = await anyio.to_thread.run_sync(snapshots.state, self._engine, name)
+        self._observe(name, found)
+        for follower, _, _ in self._reports[name].then:
+            self._observe(follower, await anyio.to_thread.run_sync(snapshots.state, self._engine, follower))
+        return found
 
     def close(self) -> None:
         """Let go of the claims of computations cut short (blocking): another process takes them at once."""

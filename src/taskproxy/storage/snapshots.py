@@ -37,14 +37,29 @@ class Snapshot:
     body: bytes
 
 
-def is_due(engine: Engine, name: str, now: datetime, every: timedelta) -> bool:
-    """`name` has no snapshot, or one computed `every` ago or more, and no replica holds it (a read)."""
-    query = select(_S.computed_at, _S.claimed_until).where(_S.name == name)
+@dataclass(frozen=True)
+class State:
+    """A snapshot's row without its body."""
+
+    computed_at: datetime | None = None  # None: none stored yet
+    seconds: float | None = None
+    claimed_until: datetime | None = None
+
+    def is_due(self, now: datetime, every: timedelta) -> bool:
+        """None stored yet, or one computed `every` ago or more; and no replica holds it."""
+        return (self.computed_at is None or self.computed_at <= now - every) and (self.claimed_until is None or self.claimed_until < now)
+
+
+def state(engine: Engine, name: str) -> State:
+    query = select(_S.computed_at, _S.seconds, _S.claimed_until).where(_S.name == name)
     with engine.connect() as connection:
         row = connection.execute(query).first()
-    if row is None:
-        return True
-    return (row.computed_at is None or row.computed_at <= now - every) and (row.claimed_until is None or row.claimed_until < now)
+    return State() if row is None else State(row.computed_at, row.seconds, row.claimed_until)
+
+
+def is_due(engine: Engine, name: str, now: datetime, every: timedelta) -> bool:
+    """`name` has no snapshot, or one computed `every` ago or more, and no replica holds it (a read)."""
+    return state(engine, name).is_due(now, every)
 
 
 def claim(engine: Engine, name: str, me: str, now: datetime, every: timedelta, hold: timedelta) -> bool:
