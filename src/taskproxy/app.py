@@ -261,7 +261,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             if telemetry is not None:
                 await anyio.to_thread.run_sync(telemetry.close)
             try:
-                await anyio.to_thread.run_sync(budgets.shares.close)  # what this process was granted and did not spend goes back
+                await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
             if engine is None:

@@ -213,6 +213,14 @@ class BudgetShares:
                     for (scope, window), (tokens, nanos) in returns.items():
                         self._settle(scope, window, tokens, nanos)
 
+    async def aclose(self) -> None:
+        """At shutdown: wait a little for the slices on their way (a rolling restart under load would
+        otherwise leave them granted to nobody), then give back every unused slice."""
+        if self._background:
+            with anyio.move_on_after(2 * LEASE_WAIT_SECONDS):
+                await asyncio.gather(*self._background, return_exceptions=True)
+        await anyio.to_thread.run_sync(self.close)
+
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""
         with self._lock:
