@@ -202,3 +202,22 @@ def test_a_spend_refresh_reads_the_counters_that_changed_not_the_history(databas
         connection.execute(update(SpendCounter.__table__).where(SpendCounter.ref == "OLD-7").values(tokens=500, updated_at=now + timedelta(seconds=11)))
     assert budgets.load(now + timedelta(seconds=20)) == 1
     engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_on_postgresql_a_revocation_and_a_completion_reach_another_replica_at_once(tmp_path: Path, fake: Any, postgres_url: str) -> None:
+    """Their refresh timers at 30 s: only the notification of the committed change (LISTEN/NOTIFY,
+    storage/listen.py) can bring it to B within the few seconds waited here."""
+    slow = {"auth": {"key_refresh_seconds": 30}, "work_items": {"mode": "active", "refresh_seconds": 30}}
+    provider = MockProvider.asgi(fake.app())
+    async for a in start_proxy(make_settings(tmp_path / "a", database_url=postgres_url, **slow), provider, fake):
+        async for b in start_proxy(make_settings(tmp_path / "b", database_url=postgres_url, **slow), provider, fake):
+            (key_id, key), (_, other) = await _new_key(a, "dana"), await _new_key(a, "eve")
+            assert (await a.http.post("/api/work-items", json={"id": "NOTE-1"}, headers=a.admin_headers)).status_code == 201
+            assert (await _ask(b, key, "NOTE-1")).status_code == 200  # B holds the key and the item
+            assert (await _ask(b, other, "NOTE-1")).status_code == 200
+
+            assert (await a.http.delete(f"/api/keys/{key_id}", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda replica=b, revoked=key: _status(replica, revoked, "NOTE-1"), lambda s: s == 401, timeout=3, what="B refusing the key revoked through A")
+            assert (await a.http.post("/api/work-items/NOTE-1/complete", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda replica=b, held=other: _status(replica, held, "NOTE-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")

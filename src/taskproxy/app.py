@@ -33,7 +33,7 @@ from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.guard.ratelimit import RateLimiter
-from taskproxy.guard.reload import follow_changes, reload_forever
+from taskproxy.guard.reload import Wakeup, follow_changes, reload_forever
 from taskproxy.storage.changes import ChangeFeed
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
@@ -221,9 +221,16 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             kept[adoption] = replace(kept[adoption], then=((dashboard_data.overview_snapshot_name(settings), dashboard_data.overview, {"settings": settings}),))
             keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept,
                                     observe=lambda name, state: metrics.snapshot_seen(name, state.computed_at, state.seconds))  # fmt: skip
+        changed = Wakeup()
+        listener = None
+        if db.dialect.name == "postgresql":
+            from taskproxy.storage.listen import ChangeListener  # psycopg: not imported by SQLite deployments (9 MiB)
+
+            listener = ChangeListener(db, changed.set)
+            listener.start()
         refreshers = [
             asyncio.create_task(reload_forever(follow_changes(feed, keys, item_cache), min(settings.auth.key_refresh_seconds,
-                                settings.work_items.refresh_seconds), "changed keys and work items"), name="taskproxy-change-feed"),
+                                settings.work_items.refresh_seconds), "changed keys and work items", changed), name="taskproxy-change-feed"),
             asyncio.create_task(reload_forever(lambda: budgets.refresh(utcnow()), settings.budgets.refresh_seconds, "spend for budgets"),
                                 name="taskproxy-budget-refresh"),
             asyncio.create_task(reload_forever(lambda: maintain_partitions(utcnow()), PARTITIONS_EVERY_SECONDS, "partitions"),
@@ -251,6 +258,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         finally:
             for task in refreshers:
                 task.cancel()
+            if listener is not None:
+                await anyio.to_thread.run_sync(listener.close)
             reports_runner.close()
             if keeper is not None:
                 await anyio.to_thread.run_sync(keeper.close)

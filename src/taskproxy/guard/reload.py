@@ -1,9 +1,11 @@
 """The guard's views of the database (keys, work items, spend) are kept fresh on a timer, so the
 request path never waits for the database. One loop serves them all; what each pass reads is what
-changed since the last (the change feed, the spend counters), never the whole tables."""
+changed since the last (the change feed, the spend counters), never the whole tables. On PostgreSQL
+the change feed's loop is also woken when a change is committed (storage/listen.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -17,13 +19,37 @@ from taskproxy.storage.changes import ChangeFeed
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.guard")
+MIN_GAP_SECONDS = 0.05  # a woken reload waits this long, so the changes committed with it are read together
 
 
-async def reload_forever(load: Callable[[], None], every: float, what: str) -> None:
-    """Call `load` (blocking: in a worker thread) every `every` seconds until cancelled. A database
-    that does not answer is logged, and the view already in memory keeps serving."""
+class Wakeup:
+    """Ends a reload loop's wait early; `set` may be called from any thread (the change listener's).
+    Made inside the running event loop."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def set(self) -> None:
+        self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self, seconds: float) -> None:
+        """Until woken, or `seconds` at most."""
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+        self._event.clear()
+
+
+async def reload_forever(load: Callable[[], None], every: float, what: str, wakeup: Wakeup | None = None) -> None:
+    """Call `load` (blocking: in a worker thread) every `every` seconds until cancelled, and soon after
+    `wakeup` is set (at most every `MIN_GAP_SECONDS`: a burst of changes costs one read, not one
+    each). A database that does not answer is logged, and the view already in memory keeps serving."""
     while True:
-        await anyio.sleep(every)
+        if wakeup is None:
+            await anyio.sleep(every)
+        else:
+            await wakeup.wait(every)
+            await anyio.sleep(MIN_GAP_SECONDS)
         try:
             await anyio.to_thread.run_sync(load)
         except SQLAlchemyError as exc:

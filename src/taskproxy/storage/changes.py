@@ -8,7 +8,8 @@ when its transaction commits, so a number can appear after a larger one: the fee
 lowest number it has not seen yet, skips those it has, and gives up on a hole after `hole_seconds`
 (a transaction that rolled back leaves one for good). Rows older than `retention` are pruned; a
 process that could not read the feed for longer than that has missed changes, and is told to forget
-everything it holds (`Read.everything`).
+everything it holds (`Read.everything`). Processes read it on a timer, and on PostgreSQL also when a
+change that refuses requests is committed (storage/listen.py).
 """
 
 from __future__ import annotations
@@ -18,21 +19,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import Connection, Engine
 
 from taskproxy.storage.models import Change
 
 KEY, ITEM = "key", "item"
+CHANNEL = "taskproxy_changes"  # PostgreSQL's NOTIFY channel that wakes the readers (storage/listen.py)
 _C = Change.__table__.c
 _READ_LIMIT = 10_000  # rows per query; a longer backlog is read over the next refreshes
 
 
-def note(connection: Connection, kind: str, refs: Iterable[str], at: datetime) -> None:
-    """Note changes to `refs` (key ids or work-item ids) in the caller's transaction."""
+def note(connection: Connection, kind: str, refs: Iterable[str], at: datetime, *, wake: bool = True) -> None:
+    """Note changes to `refs` (key ids or work-item ids) in the caller's transaction. On PostgreSQL,
+    `wake` also notifies the processes listening (storage/listen.py) when it commits, so they read the
+    feed at once rather than at their next refresh."""
     rows = [{"kind": kind, "ref": ref, "ts": at} for ref in sorted(set(refs))]
     if rows:
         connection.execute(Change.__table__.insert(), rows)
+        if wake and connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
 
 
 @dataclass

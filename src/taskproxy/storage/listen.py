@@ -1,0 +1,61 @@
+"""Waking the change feed's readers early on PostgreSQL (LISTEN/NOTIFY).
+
+A change that refuses requests (a key revoked or bound, an item completed, closed or given a budget)
+is noted in the change feed with a NOTIFY on `changes.CHANNEL`, which PostgreSQL delivers when its
+transaction commits. Each serving process keeps one connection of its own listening on that
+channel, in a thread of its own, and reads the feed as soon as a notification arrives: the change
+reaches every replica in a moment instead of at its next timer (`auth.key_refresh_seconds`,
+`work_items.refresh_seconds`), which stays as the fallback. The ids the writer registers as it meets
+them in requests notify nobody: there are many of them and nothing is refused because of them.
+
+A notification carries nothing: what changed is read from the feed, so a notification lost while the
+listener reconnects costs only the wait for the timer (and the feed is read on every reconnection).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import psycopg
+from sqlalchemy.engine import Engine
+
+from taskproxy.storage.changes import CHANNEL
+
+log = logging.getLogger("taskproxy.changes")
+POLL_SECONDS = 0.5  # how often the listening thread looks up from the socket to see whether to stop
+RETRY_SECONDS = 5.0  # after the connection failed, before the next
+
+
+class ChangeListener:
+    """A thread with one PostgreSQL connection, LISTENing on the change feed's channel, that calls
+    `on_change` (from that thread) for every notification and after every (re)connection."""
+
+    def __init__(self, engine: Engine, on_change: Callable[[], None]) -> None:
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._on_change = on_change
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="taskproxy-change-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening (blocking, at most `POLL_SECONDS` or so)."""
+        self._stopping.set()
+        self._thread.join(timeout=POLL_SECONDS + 2)
+
+    def _listen(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self._on_change()  # whatever committed while nobody listened
+                    while not self._stopping.is_set():
+                        for _ in connection.notifies(timeout=POLL_SECONDS):
+                            self._on_change()
+            except psycopg.Error as exc:
+                log.warning("not listening for changes (%s); the timers keep the caches fresh; again in %.0f s",
+                            exc.__class__.__name__, RETRY_SECONDS)  # fmt: skip
+                self._stopping.wait(RETRY_SECONDS)
