@@ -15,6 +15,8 @@ listener reconnects costs only the wait for the timer (and the feed is read on e
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 from collections.abc import Callable
 
@@ -24,7 +26,7 @@ from sqlalchemy.engine import Engine
 from taskproxy.storage.changes import CHANNEL
 
 log = logging.getLogger("taskproxy.changes")
-POLL_SECONDS = 0.5  # how often the listening thread looks up from the socket to see whether to stop
+STOP_SECONDS = 3.0  # close() waits this long for the thread at most
 RETRY_SECONDS = 5.0  # after the connection failed, before the next
 
 
@@ -36,15 +38,20 @@ class ChangeListener:
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._on_change = on_change
         self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # close() writes to it: the thread waits on the socket and on this
         self._thread = threading.Thread(target=self._listen, name="taskproxy-change-listener", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop listening (blocking, at most `POLL_SECONDS` or so)."""
+        """Stop listening (blocking, a moment)."""
         self._stopping.set()
-        self._thread.join(timeout=POLL_SECONDS + 2)
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=STOP_SECONDS)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _listen(self) -> None:
         while not self._stopping.is_set():
@@ -52,8 +59,9 @@ class ChangeListener:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
                     self._on_change()  # whatever committed while nobody listened
-                    while not self._stopping.is_set():
-                        for _ in connection.notifies(timeout=POLL_SECONDS):
+                    # Idle, the thread sleeps in select(): no CPU until the server sends something.
+                    while select.select([connection.fileno(), self._wake_r], [], [])[0] and not self._stopping.is_set():
+                        for _ in connection.notifies(timeout=0):
                             self._on_change()
             except psycopg.Error as exc:
                 log.warning("not listening for changes (%s); the timers keep the caches fresh; again in %.0f s",
