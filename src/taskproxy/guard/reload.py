@@ -31,7 +31,10 @@ class Wakeup:
         self._loop = asyncio.get_running_loop()
 
     def set(self) -> None:
-        self._loop.call_soon_threadsafe(self._event.set)
+        try:
+            self._loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the loop has closed (a listener that outlived its app's stop): nobody waits
+            pass
 
     async def wait(self, seconds: float) -> None:
         """Until woken, or `seconds` at most."""
