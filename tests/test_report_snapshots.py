@@ -4,7 +4,9 @@ answer, which is exactly the report of its own period, from any replica."""
 
 from __future__ import annotations
 
+import gzip
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from taskproxy.errors import ServiceUnavailable
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.signals import gaming_signals
-from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
+from taskproxy.reports.snapshots import Definition, SnapshotKeeper, compute_and_store, kept_name, snapshot_reports
 from taskproxy.settings import Settings, load_settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
@@ -116,6 +118,53 @@ def test_one_claimant_at_a_time_and_only_when_the_snapshot_is_due(database_url: 
     snapshots.release(engine, "d:4")  # d stops: both its claims go at once
     now = failed + timedelta(minutes=12)
     assert snapshots.claim(engine, "adoption", "e:5", now, EVERY, HOLD) and snapshots.claim(engine, "signals", "e:5", now, EVERY, HOLD)
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_a_computation_longer_than_its_claim_keeps_it_and_nobody_starts_it_twice(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    hold = timedelta(seconds=0.6)  # renewed every 0.2 s; each step below outlasts it several times
+    running = {"report": threading.Event(), "overview": threading.Event()}
+    go_on = {"report": threading.Event(), "overview": threading.Event()}
+
+    def slow(step: str):  # type: ignore[no-untyped-def]
+        def compute(engine, *, since, until, **_):  # type: ignore[no-untyped-def]
+            running[step].set()
+            assert go_on[step].wait(30)
+            return {"step": step}
+
+        return compute
+
+    def broken(engine, **_):  # type: ignore[no-untyped-def]
+        raise RuntimeError("this follower fails")
+
+    definition = Definition(slow("report"), {}, then=(("broken", broken, {}), ("overview", slow("overview"), {})))
+    outcome: list[float | None] = []
+    computing = threading.Thread(target=lambda: outcome.append(
+        compute_and_store(engine, name="adoption", me="a:1", every=EVERY, definition=definition, hold=hold)))  # fmt: skip
+    computing.start()
+
+    def another_process_claims(name: str, every: timedelta) -> bool:
+        return snapshots.claim(engine, name, "b:2", utcnow(), every, hold)
+
+    assert running["report"].wait(30)
+    time.sleep(3 * hold.total_seconds())
+    assert not another_process_claims("adoption", timedelta(0))  # still computing: still held
+    go_on["report"].set()
+    assert running["overview"].wait(30)
+    time.sleep(3 * hold.total_seconds())
+    assert not another_process_claims("overview", timedelta(0))
+    # The follower that failed was let go at once and is not renewed: another process may take it.
+    assert another_process_claims("broken", timedelta(0))
+    go_on["overview"].set()
+    computing.join(30)
+    assert outcome and outcome[0] is not None
+    assert orjson.loads(gzip.decompress(snapshots.latest(engine, "overview").body)) == {"step": "overview"}  # type: ignore[union-attr]
+    # Once stored, nothing is renewed: a claim is taken as soon as the snapshot is due.
+    time.sleep(hold.total_seconds())
+    assert another_process_claims("adoption", timedelta(0))
     engine.dispose()
 
 

@@ -22,12 +22,13 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import orjson
@@ -47,7 +48,7 @@ from taskproxy.timeutil import report_period, utcnow
 
 log = logging.getLogger("taskproxy.reports")
 
-HOLD = timedelta(minutes=30)  # a claim outlasts a computation; a process that died holding one is replaced after it
+HOLD = timedelta(minutes=30)  # renewed every third of it while computing; a process that died holding one is replaced after it
 BACK_OFF = timedelta(minutes=10)  # after a failed computation (or `snapshot_minutes`, if shorter), before the next try
 LONGEST_WAIT_SECONDS = 60.0  # between checks for a due snapshot, at most
 UNUSED_FOR = timedelta(days=7)  # a snapshot under a name no process here computes, left that long, is deleted
@@ -120,30 +121,81 @@ def snapshot_reports(settings: Settings) -> Definitions:
     return {snapshot_name(report, options): Definition(functions[report], options) for report, options in _api_options(settings).items()}
 
 
-def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, definition: Definition) -> float | None:
+class ClaimRenewal:
+    """While a report process computes, renews its claims every third of `hold` from a thread of its
+    own: a computation that outlasts one claim (the seed organisation's adoption report takes minutes
+    on a slow day, and a busier one longer) is not started again by another process halfway through,
+    while a process that dies stops renewing and is replaced when its claim runs out."""
+
+    def __init__(self, engine: Engine, me: str, hold: timedelta) -> None:
+        self._engine = engine
+        self._me = me
+        self._hold = hold
+        self._names: set[str] = set()
+        self._lock = threading.Lock()  # a name let go is not renewed by a round already under way
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew_until_stopped, name="taskproxy-snapshot-claims", daemon=True)
+
+    def add(self, name: str) -> None:
+        """Renew the claim of `name` too, as long as `me` holds it."""
+        with self._lock:
+            self._names.add(name)
+
+    def discard(self, name: str) -> None:
+        """Stop renewing `name` (once this returns, no renewal of it is under way)."""
+        with self._lock:
+            self._names.discard(name)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stopped.wait(self._hold.total_seconds() / 3):
+            with self._lock:
+                for name in sorted(self._names):
+                    try:
+                        snapshots.renew(self._engine, name, self._me, utcnow() + self._hold)
+                    except SQLAlchemyError as exc:  # tried again a third of a claim later
+                        log.warning("could not renew the claim of the snapshot %s: %s", name, exc.__class__.__name__)
+
+
+def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, definition: Definition, hold: timedelta = HOLD) -> float | None:
     """In the report's process, once it has its turn (`REPORTS_AT_ONCE`): claim the snapshot `name`
     for the serving process `me`, compute its report over the last 30 days from now, and store it as
     gzipped JSON (a report returns what orjson encodes: dicts, lists, dataclasses, datetimes); then
     the snapshots made from it (`Definition.then`), each claimed and stored the same way. The answers
     go from this process to the database, never through the serving one. Returns the seconds the
     computation took, or None when the snapshot was not this process's to compute."""
-    if not snapshots.claim(engine, name, me, utcnow(), every, HOLD):
+    if not snapshots.claim(engine, name, me, utcnow(), every, hold):
         return None
+    with ClaimRenewal(engine, me, hold) as renewal:
+        renewal.add(name)
+        return _compute_and_store(engine, name, me, definition, hold, renewal)
+
+
+def _compute_and_store(engine: Engine, name: str, me: str, definition: Definition, hold: timedelta, renewal: ClaimRenewal) -> float | None:
     since, until = report_period(None, None)
     started = time.perf_counter()
     answer = definition.report(engine, since=since, until=until, **definition.options)
     seconds = time.perf_counter() - started
     if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=gzipped_json(answer)):
-        return None  # the claim ran out and another process stored a newer one
+        return None  # the claim was taken over (it ran out while renewing failed) and another process stored a newer one
     for follower, function, options in definition.then:
         # Due whenever the report is: made from this computation, whenever the last one was.
-        if not snapshots.claim(engine, follower, me, utcnow(), timedelta(0), HOLD):
+        if not snapshots.claim(engine, follower, me, utcnow(), timedelta(0), hold):
             continue
+        renewal.add(follower)
         started = time.perf_counter()
         try:
             body = gzipped_json(function(engine, since=since, until=until, answer=answer, **options))
         except Exception:  # the report itself is kept; this one is tried again with the next
             log.exception("the snapshot %s could not be made from %s", follower, name)
+            renewal.discard(follower)
             snapshots.back_off(engine, follower, me, utcnow())  # free again: the next report's process tries it
             continue
         snapshots.store(engine, follower, me, since=since, until=until, computed_at=utcnow(),

@@ -4,7 +4,8 @@ Every serving process may keep them (`reports.snapshot_minutes`), but one comput
 time: it first claims the row, atomically, for `hold` (an UPDATE that matches only a row nobody holds
 and whose snapshot is due, and names the claimant), computes, then stores the answer and lets the
 claim go, both only while it holds the claim. A process that dies while computing holds the row until
-its claim runs out; another then takes over.
+its claim runs out; another then takes over. One that lives renews its claim while it computes, so a
+computation longer than the claim is not started a second time beside it.
 
 Blocking functions; the caller runs them in a worker thread.
 """
@@ -84,6 +85,14 @@ def store(engine: Engine, name: str, me: str, *, since: datetime, until: datetim
     mine = and_(_S.name == name, _S.claimed_by == me, or_(_S.until.is_(None), _S.until < until))
     with engine.begin() as connection:
         return connection.execute(update(ReportSnapshot.__table__).where(mine).values(**values)).rowcount == 1
+
+
+def renew(engine: Engine, name: str, me: str, until: datetime) -> bool:
+    """Extend `me`'s claim of `name` to `until` (a computation still running). False: `me` does not
+    hold it (stored and let go, or taken over by another process after it ran out)."""
+    with engine.begin() as connection:
+        held = connection.execute(update(ReportSnapshot.__table__).where(_S.name == name, _S.claimed_by == me).values(claimed_until=until))
+        return held.rowcount == 1
 
 
 def back_off(engine: Engine, name: str, me: str, until: datetime) -> None:
