@@ -30,7 +30,7 @@ from taskproxy.settings import Settings, load_settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.storage.models import ReportSnapshot
-from taskproxy.timeutil import utcnow
+from taskproxy.timeutil import iso, utcnow
 
 T0 = datetime(2026, 12, 1, 9, 0)
 EVERY = timedelta(minutes=10)
@@ -285,6 +285,13 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         assert 'data-testid="snapshot"' in signals_page.text and f'datetime="{iso_attr(kept_signals.until)}" data-testid="until"' in signals_page.text
         assert kept_signals.view == data.shown_signals(_as_served(gaming_signals(engine, since=kept_signals.since, until=kept_signals.until)))
         assert 'data-testid="snapshot"' not in dashboard.get("/dashboard/signals", params={"since": "7d"}).text
+        # Every read of the signals is audited, and a read of their snapshot says of which period.
+        assert server.http.get("/api/reports/signals", params={"snapshot": "latest"}, headers=admin).status_code == 200
+        shown = f"snapshot_period={iso(kept_signals.since)}/{iso(kept_signals.until)}"
+        expected = {("GET /dashboard/signals", shown), ("GET /dashboard/signals", "since=7d"), ("GET /api/reports/signals", f"snapshot=latest&{shown}")}
+        audit = wait_until(lambda: {(e["action"], e["target"]) for e in server.http.get("/api/audit", params={"limit": 10_000}, headers=admin).json()},
+                           lambda found: expected <= found, timeout=30, what="the audit of the signals' reads")  # fmt: skip
+        assert {entry for entry in audit if entry[0] == "GET /dashboard/signals"} <= expected | {("GET /dashboard/signals", None)}
         engine.dispose()
         dated = run_cli("report", "adoption", "--latest", "--since", "7d", config=config)
         assert dated.returncode != 0 and "its own period" in dated.stderr, dated

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from taskproxy.guard.auth import Principal
 from taskproxy.storage.batch import Record, UsageSink
-from taskproxy.timeutil import utcnow
+from taskproxy.timeutil import iso, utcnow
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,10 @@ class AuditRead:
         return Record("audit", row)
 
 
-def audit_read(sink: UsageSink, request: Request, principal: Principal) -> None:
-    """Record that `principal` read per-key data with this request (the query says which)."""
-    query = str(request.url.query)[:400] or None
-    sink.submit(AuditRead(utcnow(), principal.key_id, principal.owner, f"{request.method} {request.url.path}"[:64], query))
+def audit_read(sink: UsageSink, request: Request, principal: Principal, snapshot: tuple[datetime, datetime] | None = None) -> None:
+    """Record that `principal` read per-key data with this request: the query says which, and
+    `snapshot` (since, until), when the answer was a stored snapshot, of which period (a page asked
+    for without a period shows the latest snapshot, whose period the request alone does not tell)."""
+    served = None if snapshot is None else f"snapshot_period={iso(snapshot[0])}/{iso(snapshot[1])}"
+    target = "&".join(part for part in (str(request.url.query)[:320], served) if part) or None
+    sink.submit(AuditRead(utcnow(), principal.key_id, principal.owner, f"{request.method} {request.url.path}"[:64], target))

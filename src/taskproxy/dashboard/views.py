@@ -243,9 +243,11 @@ async def work_item(request: Request, session: Session) -> Response:
 
 @page(admin_only=True)
 async def signals(request: Request, session: Session) -> Response:
-    audit_read(request.state.audit, request, session.principal)  # signals name keys and owners: per-key data
     name = kept_name(request.state.settings, "signals")
     kept = await _kept(request, lambda: unless_client_leaves(request, request.state.reports.run(data.kept_signals_page, name=name)))
+    # Signals name keys and owners: per-key data, audited before it is shown (with the period of
+    # the snapshot shown, which the request does not tell).
+    audit_read(request.state.audit, request, session.principal, snapshot=None if kept is None else (kept.since, kept.until))
     if kept is not None:
         report, since, until = kept.view, kept.since, kept.until
     else:

@@ -19,7 +19,7 @@ async def signals(request: Request) -> Response:
     principal = await admin(request)
     if snapshot_wanted(request, alone=("since", "until")):
         snapshot = await latest_snapshot(request, "signals")
-        audit_read(request.state.audit, request, principal)
+        audit_read(request.state.audit, request, principal, snapshot=(snapshot.since, snapshot.until))
         return snapshot_response(request, snapshot)
     since, until = period(request)
     audit_read(request.state.audit, request, principal)
