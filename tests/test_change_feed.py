@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert, text, update
 from starlette.datastructures import Headers
 
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
@@ -23,7 +23,7 @@ from taskproxy.guard.auth import KeyStore, issue_key, revoke
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.settings import BudgetSettings
-from taskproxy.storage import changes, spend
+from taskproxy.storage import changes, listen, spend
 from taskproxy.storage.changes import ChangeFeed
 from taskproxy.storage.db import make_engine, prepare_schema
 from taskproxy.storage.models import Change, SpendCounter
@@ -221,3 +221,38 @@ async def test_on_postgresql_a_revocation_and_a_completion_reach_another_replica
             await wait_until(lambda replica=b, revoked=key: _status(replica, revoked, "NOTE-1"), lambda s: s == 401, timeout=3, what="B refusing the key revoked through A")
             assert (await a.http.post("/api/work-items/NOTE-1/complete", headers=a.admin_headers)).status_code == 200
             await wait_until(lambda replica=b, held=other: _status(replica, held, "NOTE-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")
+
+
+@pytest.mark.postgres
+async def test_a_listener_cut_off_reconnects_reads_what_it_missed_and_listens_again(
+    tmp_path: Path, fake: Any, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """Both listeners' connections are ended by the server (as a failover or an administrator would):
+    a revocation made meanwhile reaches B when its listener reconnects, and the next change reaches it
+    through the notification again; the 30 s timers never get the chance."""
+    monkeypatch.setattr(listen, "RETRY_SECONDS", 0.5)
+    slow = {"auth": {"key_refresh_seconds": 30}, "work_items": {"mode": "active", "refresh_seconds": 30}}
+    provider = MockProvider.asgi(fake.app())
+    engine = make_engine(postgres_url)
+
+    def listeners(terminate: bool = False) -> int:
+        # Named after this process (both apps run in it): other tests' listeners are left alone.
+        chosen = "pg_terminate_backend(pid)" if terminate else "pid"
+        query = text(f"SELECT {chosen} FROM pg_stat_activity WHERE application_name = :name AND query = :listen")
+        with engine.connect() as connection:
+            return len(connection.execute(query, {"name": listen.application_name(), "listen": f"LISTEN {changes.CHANNEL}"}).all())
+
+    async for a in start_proxy(make_settings(tmp_path / "a", database_url=postgres_url, **slow), provider, fake):
+        async for b in start_proxy(make_settings(tmp_path / "b", database_url=postgres_url, **slow), provider, fake):
+            (key_id, key), (_, other) = await _new_key(a, "dana"), await _new_key(a, "eve")
+            assert (await a.http.post("/api/work-items", json={"id": "CUT-1"}, headers=a.admin_headers)).status_code == 201
+            assert (await _ask(b, key, "CUT-1")).status_code == 200 and (await _ask(b, other, "CUT-1")).status_code == 200
+            await wait_until(lambda: anyio.to_thread.run_sync(listeners), lambda n: n == 2, timeout=10, what="both listening")
+            assert await anyio.to_thread.run_sync(lambda: listeners(terminate=True)) == 2
+
+            assert (await a.http.delete(f"/api/keys/{key_id}", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda: _status(b, key, "CUT-1"), lambda s: s == 401, timeout=5, what="B refusing the key revoked while it was cut off")
+            await wait_until(lambda: anyio.to_thread.run_sync(listeners), lambda n: n == 2, timeout=10, what="both listening again")
+            assert (await a.http.post("/api/work-items/CUT-1/complete", headers=a.admin_headers)).status_code == 200
+            await wait_until(lambda: _status(b, other, "CUT-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")
+    engine.dispose()

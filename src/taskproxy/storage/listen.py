@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import threading
 from collections.abc import Callable
 
@@ -28,6 +29,16 @@ from taskproxy.storage.changes import CHANNEL
 log = logging.getLogger("taskproxy.changes")
 STOP_SECONDS = 3.0  # close() waits this long for the thread at most
 RETRY_SECONDS = 5.0  # after the connection failed, before the next
+# A connection that only listens sends nothing: without keepalives, a peer gone silently (a NAT or a
+# firewall forgetting an idle connection, a failover) would leave the listener waiting for good while
+# the timers alone keep the caches fresh. With these, such a connection fails within ~60 s and the
+# listener reconnects.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+def application_name() -> str:
+    """How this process's listening connection names itself in `pg_stat_activity`."""
+    return f"taskproxy-listener {socket.gethostname()}:{os.getpid()}"[:63]
 
 
 class ChangeListener:
@@ -56,7 +67,8 @@ class ChangeListener:
     def _listen(self) -> None:
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as connection:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, application_name=application_name(),
+                                     **KEEPALIVES) as connection:  # fmt: skip
                     connection.execute(f"LISTEN {CHANNEL}")
                     self._on_change()  # whatever committed while nobody listened
                     # Idle, the thread sleeps in select(): no CPU until the server sends something.
