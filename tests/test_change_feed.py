@@ -251,8 +251,8 @@ async def test_a_listener_cut_off_reconnects_reads_what_it_missed_and_listens_ag
             assert await anyio.to_thread.run_sync(lambda: listeners(terminate=True)) == 2
 
             assert (await a.http.delete(f"/api/keys/{key_id}", headers=a.admin_headers)).status_code == 200
-            await wait_until(lambda: _status(b, key, "CUT-1"), lambda s: s == 401, timeout=5, what="B refusing the key revoked while it was cut off")
+            await wait_until(lambda replica=b, revoked=key: _status(replica, revoked, "CUT-1"), lambda s: s == 401, timeout=5, what="B refusing the key revoked while it was cut off")
             await wait_until(lambda: anyio.to_thread.run_sync(listeners), lambda n: n == 2, timeout=10, what="both listening again")
             assert (await a.http.post("/api/work-items/CUT-1/complete", headers=a.admin_headers)).status_code == 200
-            await wait_until(lambda: _status(b, other, "CUT-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")
+            await wait_until(lambda replica=b, held=other: _status(replica, held, "CUT-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")
     engine.dispose()
