@@ -98,14 +98,17 @@ def server(tmp_path: Path, upstream: FakeUpstream, postgres_url: str):  # type: 
 @pytest.mark.postgres
 def test_a_report_whose_process_is_killed_answers_503_and_the_next_one_works(server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
     answers: list[httpx.Response] = []
-    with _rollup_locked(postgres_url):
+    with _rollup_locked(postgres_url) as lock:
         asking = threading.Thread(target=lambda: answers.append(server.http.get("/api/reports/adoption", headers=ADMIN, timeout=30)))
         asking.start()
         [report] = _wait_for(lambda: _report_processes(server.process.pid), "the report's process")
+        [query] = _wait_for(lock.waiting, "the report's query to wait for the lock")
         time.sleep(1)
         assert _report_processes(server.process.pid) == [report] and not answers, "the report was not held by the lock"
-        os.kill(report, signal.SIGKILL)
+        os.kill(report, signal.SIGKILL)  # as the OOM killer does: the process cannot cancel its query
         asking.join(timeout=20)
+        # The server sees the report's process gone and ends its query (the lock is still held).
+        _wait_for(lambda: query not in lock.waiting(), "the killed report's query to end", timeout=5)
     assert answers, "the request did not end when its report's process was killed"
     assert answers[0].status_code == 503, answers[0].text
     error = answers[0].json()["error"]

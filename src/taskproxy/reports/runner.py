@@ -8,7 +8,8 @@ runs in a child process forked from multiprocessing's fork server, which has the
 imported: it starts in milliseconds, opens its own connection, hands back only what the route sends
 (the encoded answer, or the figures a page shows) and gives all its memory back when it exits. A
 child killed on its way (the kernel's OOM killer, an operator) fails that report alone, with a 503;
-a client that hangs up stops its child; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
+a client that hangs up stops its child, which cancels its query; the query of a child killed outright
+is ended by PostgreSQL, which checks every second that the report's process is still there; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
 
 A database a child cannot open (SQLite in memory) runs the reports in a worker thread, as before. So
 does a report whose process cannot start (the fork server needs a writable temporary directory for
@@ -32,13 +33,14 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import anyio
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 from taskproxy.errors import ServiceUnavailable
 
 log = logging.getLogger("taskproxy.reports")
 
 REPORTS_AT_ONCE = 2  # children computing at once, per serving process; more requests wait their turn
+CLIENT_CHECK_MS = 1000  # PostgreSQL checks this often that a report's process is alive while its query runs
 # Imported once by the fork server, so a child starts with them.
 PRELOADED = ["taskproxy.reports.runner", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.reports.snapshots", "taskproxy.dashboard.data"]
 
@@ -58,7 +60,9 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
     query, which the database would otherwise run to the end for nobody, outside `REPORTS_AT_ONCE`."""
     from taskproxy.storage.db import make_engine, query_canceller
 
-    engine = make_engine(database_url)
+    # Killed outright (the OOM killer, SIGKILL), the child cannot cancel its query: the server then
+    # ends it within CLIENT_CHECK_MS of the child's death.
+    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS if make_url(database_url).get_backend_name() == "postgresql" else None)
     cancel_queries = query_canceller(engine)
     if cancel_queries is not None:  # else SIGTERM's default: the process ends at once
 

@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Engine:
+    """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
+    runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
+    `client_connection_check_interval`; elsewhere the setting is refused). For processes that may be
+    killed outright mid-query, such as the reports': otherwise the query runs to its end for nobody."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         # LIFO: the connection used last is handed out again, so the writer and the periodic reloads
@@ -43,6 +47,9 @@ def make_engine(database_url: str) -> Engine:
         return engine
     if url.drivername in {"postgresql", "postgres"}:
         url = url.set(drivername="postgresql+psycopg")
+    if client_check_ms is not None:  # added to the URL's own options (a search_path, say), not in their place
+        options = " ".join(filter(None, [url.query.get("options"), f"-c client_connection_check_interval={client_check_ms}"]))
+        url = url.update_query_dict({"options": options})
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
