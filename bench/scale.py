@@ -15,6 +15,8 @@ budgets, so every request looks up its key, its item and their spend), measures:
   process), against the same replica configuration on an empty schema;
 - the writer's sustained insert rate into the seeded schema from one process (repo.write_batch,
   batches of 500: events, rollups and spend counters in one transaction);
+- with `--parts writers` (not in the default run): 1, 2 and 4 writer processes at once, as several
+  replicas' writers are, for 20 s each: the events per second the database takes from all of them;
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
 - `serve --workers 2` against one worker: requests/s at concurrency 32;
 - with `--parts served-reports` (not in the default run): one replica's resident memory before and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -54,6 +57,7 @@ from seed_org import schema_url, seed  # noqa: E402
 from targets import FakeProvider, Taskproxy  # noqa: E402
 from write_path import make_rows  # noqa: E402
 
+from taskproxy.ids import time_ordered_id
 from taskproxy.reports.adoption import adoption_report  # noqa: E402
 from taskproxy.reports.items import work_item_view  # noqa: E402
 from taskproxy.reports.signals import gaming_signals  # noqa: E402
@@ -184,6 +188,53 @@ def writer_rate(url: str, seconds: float, ids: str = "time") -> dict[str, float]
         written += len(rows)
     engine.dispose()
     return {"events": written, "seconds": writing, "events_per_s": written / writing}
+
+
+def _writing_until(url: str, seed: int, ready: Any, seconds: float, results: Any) -> None:
+    """One of `writers_at_once`' processes: rows made before the window (their ids and times renewed for
+    each batch, which costs next to nothing), then batches of 500 for `seconds` from the common start."""
+    engine = make_engine(url)
+    rng = random.Random(seed)
+    day = datetime.combine(utcnow().date() - timedelta(days=1), datetime.min.time()) + timedelta(hours=9)
+    pool = [make_rows(500, rng, keys=2000, start=day + timedelta(minutes=n)) for n in range(20)]
+    ready.wait()  # every process has made its rows: they start together
+    began = time.perf_counter()
+    written = batches = 0
+    while time.perf_counter() - began < seconds:
+        rows = pool[batches % len(pool)]
+        for row in rows:
+            row["ts"] = row["ts"] + timedelta(seconds=1)
+            row["id"] = time_ordered_id(row["ts"])
+        repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+        written += len(rows)
+        batches += 1
+    took = time.perf_counter() - began
+    engine.dispose()
+    results.put({"events": written, "seconds": took})
+
+
+def writers_at_once(url: str, seconds: float, counts: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict[str, Any]]:
+    """`n` writer processes writing at once into the same schema (the same 2,000 people and 900 items:
+    their rollup rows are shared, as one person's requests spread over several replicas are): the
+    events per second the database took from all of them together, for each `n`."""
+    context = multiprocessing.get_context("fork")
+    found: dict[str, dict[str, Any]] = {}
+    for count in counts:
+        ready, results = context.Barrier(count), context.Queue()
+        processes = [context.Process(target=_writing_until, args=(url, 100 * count + n, ready, seconds, results)) for n in range(count)]
+        for process in processes:
+            process.start()
+        each = [results.get(timeout=seconds + 600) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+            if process.exitcode != 0:
+                raise RuntimeError(f"a writer process ended with {process.exitcode}")
+        events = sum(one["events"] for one in each)
+        window = max(one["seconds"] for one in each)
+        found[str(count)] = {"events": events, "seconds": window, "events_per_s": events / window,
+                             "per_process": [one["events"] / one["seconds"] for one in each]}  # fmt: skip
+        log(f"{count} writers at once: {found[str(count)]['events_per_s']:,.0f} events/s")
+    return found
 
 
 def timed(call: Callable[[], Any], runs: int = 3) -> dict[str, float]:
@@ -400,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     if "writer" in parts:
         results["writer"] = writer_rate(seeded_url, 20.0, ids=args.event_ids)
         log(f"writer: {results['writer']}")
+    if "writers" in parts:  # not in the default run
+        results["writers"] = writers_at_once(seeded_url, 20.0)
     if "reports" in parts:
         results["reports"] = reports(seeded_url)
         log(f"reports: {results['reports']}")
