@@ -9,7 +9,8 @@ imported: it starts in milliseconds, opens its own connection, hands back only w
 (the encoded answer, or the figures a page shows) and gives all its memory back when it exits. A
 child killed on its way (the kernel's OOM killer, an operator) fails that report alone, with a 503;
 a client that hangs up stops its child, which cancels its query; the query of a child killed outright
-is ended by PostgreSQL, which checks every second that the report's process is still there; at most `REPORTS_AT_ONCE` run at a time, the rest wait.
+is ended by PostgreSQL, which checks every second that the report's process is still there; at most
+`REPORTS_AT_ONCE` run at a time, the rest wait.
 
 A database a child cannot open (SQLite in memory) runs the reports in a worker thread, as before. So
 does a report whose process cannot start (the fork server needs a writable temporary directory for
@@ -33,7 +34,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import anyio
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from taskproxy.errors import ServiceUnavailable
 
@@ -62,7 +63,7 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
 
     # Killed outright (the OOM killer, SIGKILL), the child cannot cancel its query: the server then
     # ends it within CLIENT_CHECK_MS of the child's death.
-    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS if make_url(database_url).get_backend_name() == "postgresql" else None)
+    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS)
     cancel_queries = query_canceller(engine)
     if cancel_queries is not None:  # else SIGTERM's default: the process ends at once
 

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Engine:
     """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
     runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
-    `client_connection_check_interval`; elsewhere the setting is refused). For processes that may be
-    killed outright mid-query, such as the reports': otherwise the query runs to its end for nobody."""
+    `client_connection_check_interval`; SQLite's queries end with their process: ignored there). For
+    processes that may be killed outright mid-query, such as the reports': otherwise the query runs to
+    its end for nobody."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         # LIFO: the connection used last is handed out again, so the writer and the periodic reloads
