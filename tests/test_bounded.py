@@ -1,6 +1,7 @@
 """No client, request or provider takes more than its share of a `taskproxy serve` process (one worker,
 1,024 open files where it matters). While each misbehaviour goes on, a well-behaved client keeps getting
-its answers (p99 under 100 ms) with its usage recorded exactly, and the process's memory and open files
+its answers (p99 under 100 ms, or under four times its own p99 before the misbehaviour began on a
+machine too slow for that) with its usage recorded exactly, and the process's memory and open files
 return to their baseline afterwards. Every wait is bounded."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, qui
 
 pytestmark = [pytest.mark.serve, pytest.mark.exclusive]  # they measure a client's latency: nothing else runs meanwhile
 ASK = [{"role": "user", "content": "hi"}]
+BASELINE_SECONDS = 3.0  # the well-behaved client alone, before each attack
 
 
 @pytest.fixture(autouse=True)
@@ -68,17 +70,24 @@ class WellBehaved:
         self.key = server.new_key("well-behaved", "platform")
         self._stop = server.log_path.with_name(f"stop-{item}")
         self._ready = server.log_path.with_name(f"ready-{item}")
+        self._attack = server.log_path.with_name(f"attack-{item}")
         self._process: subprocess.Popen | None = None
         self.latencies: list[float] = []
         self.statuses: list[int] = []
         self.tokens = 0
+        self.attack_from: int | None = None
 
     def __enter__(self) -> WellBehaved:
         script = Path(__file__).with_name("well_behaved.py")
-        self._process = subprocess.Popen([sys.executable, str(script), self.server.url, self.key, self.item, str(self._stop), str(self._ready)],
+        self._process = subprocess.Popen([sys.executable, str(script), self.server.url, self.key, self.item, str(self._stop), str(self._ready),
+                                          str(self._attack)],
                                          stdout=subprocess.PIPE, env=child_env())  # fmt: skip
         # Its connection is open before the attack starts (else the attack could take every slot first).
         wait_until(self._ready.exists, timeout=15, what="the well-behaved client's first answer")
+        # Its latency with nothing else going on, on this machine, first: what the attack is held to
+        # where the machine itself is too slow for 100 ms (a throttled virtual machine).
+        time.sleep(BASELINE_SECONDS)
+        self._attack.touch()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -89,13 +98,20 @@ class WellBehaved:
         self._process = None
         found = json.loads(out)
         self.latencies, self.statuses, self.tokens = found["latencies"], found["statuses"], found["tokens"]
+        self.attack_from = found["attack_from"]
 
     def check(self) -> None:
-        """Every answer a 200 within p99 100 ms, and recorded exactly."""
+        """Every answer a 200, within p99 100 ms (or four times the p99 before the attack, on a machine
+        where that is more), and recorded exactly."""
         assert len(self.statuses) >= 20 and set(self.statuses) == {200}, set(self.statuses)
-        p99 = statistics.quantiles(self.latencies, n=100)[98]
-        print(f"\n{self.item}: {len(self.latencies)} requests, p50 {statistics.median(self.latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
-        assert p99 < 0.1, f"p99 {p99 * 1000:.0f} ms over {len(self.latencies)} requests"
+        assert self.attack_from is not None and self.attack_from >= 10, self.attack_from
+        before, during = self.latencies[1 : self.attack_from], self.latencies[self.attack_from :]  # the first opened the connection
+        quiet_p99 = statistics.quantiles(before, n=100)[98]
+        p99 = statistics.quantiles(during, n=100)[98]
+        print(f"\n{self.item}: {len(during)} requests, p50 {statistics.median(during) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
+              f"(before: {len(before)}, p99 {quiet_p99 * 1000:.1f} ms)")  # fmt: skip
+        bound = max(0.1, 4 * quiet_p99)
+        assert p99 < bound, f"p99 {p99 * 1000:.0f} ms over {len(during)} requests (bound {bound * 1000:.0f} ms; before: {quiet_p99 * 1000:.0f} ms)"
         item = self.server.work_item(self.item, expected_requests=len(self.statuses))
         assert (item["requests"], item["total_tokens"]) == (len(self.statuses), self.tokens)
 
