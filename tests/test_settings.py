@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from taskproxy.errors import ConfigError
-from taskproxy.settings import Settings, load_settings, settings_from_mapping
+from taskproxy.settings import Settings, WorkItemSettings, load_settings, settings_from_mapping
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "taskproxy.example.yaml"
 
@@ -69,6 +69,13 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(EXAMPLE, env={"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant"})
     assert settings.models[0].api_key.get_secret_value() == "sk-x"
     assert settings.work_items.mode == "open" and settings.limits.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_copying_the_example_accepts_the_same_work_item_ids_as_no_config() -> None:
+    """A user who starts from the example must not lose an id form (GitLab's `group/project!7`) the default accepts."""
+    example = load_settings(EXAMPLE, env={"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant"}).work_items
+    assert example.patterns == WorkItemSettings().patterns
+    assert example.branch_patterns == WorkItemSettings().branch_patterns
 
 
 def test_environment_overrides_database_and_admin_key(tmp_path: Path) -> None:
