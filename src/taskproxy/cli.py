@@ -389,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--json", action="store_true")
     run = command(commands, "run", cmd_run, "run an agent or any command pointed at the proxy, with your key and the work item "
-                  "(from --item, else the git branch, else your key's binding)")  # fmt: skip
+                  "(from --item, else the git branch, else your key's binding)", config=False)  # fmt: skip
     run.add_argument("agent_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="e.g. -- claude -p 'fix the flaky test'; -- codex exec ...")
-    env = command(commands, "env", cmd_env, "print the environment `run` would give, as export lines: eval \"$(taskproxy env)\"")
+    env = command(commands, "env", cmd_env, "print the environment `run` would give, as export lines: eval \"$(taskproxy env)\"", config=False)
     env.add_argument("--shell", choices=SHELLS, default="bash", help="the syntax of the lines (default: bash; zsh is the same)")
     for sub in (run, env):
         sub.add_argument("--item", help="the work item (PROJ-123, owner/repo#12 or a tracker URL); default: from the git branch, else your key's binding")
