@@ -1,4 +1,4 @@
-"""Admitting a proxied request, in the order the contract fixes (docs/api.md): the key, the rate limit,
+"""Admitting a proxied request, in the order the contract fixes (README, "Errors"): the key, the rate limit,
 the body's size and cost, the work item (and `work_items.mode`), the body's JSON and field types, the
 model, the budget. A refusal at any step is counted (per key and reason) and nothing is sent upstream.
 """
