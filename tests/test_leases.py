@@ -174,6 +174,48 @@ async def test_a_share_evicted_while_its_slice_is_on_its_way_gives_the_slice_bac
 
 
 @pytest.mark.anyio
+async def test_a_flood_of_new_budgets_between_refreshes_loses_no_settlement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client cycling through more items than the working set holds, faster than the refresh writes
+    what their shares hand back: every budget's row must still end at what was spent of it. (What
+    waits is bounded: here at 3 budgets, so 40 items overflow it many times over between two
+    refreshes an hour apart.)"""
+    from conftest import make_settings, start_proxy
+    from sqlalchemy import func, select
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.guard import shares
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import Lease, UsageEvent
+    from taskproxy.upstream.mock import MockProvider
+
+    monkeypatch.setattr(shares, "MAX_RETURNS", 3)
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, work_items={"cache_size": 1}, budgets={"work_item_tokens": 1_000_000, "refresh_seconds": 3600})
+    answered = []
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        for n in range(40):  # registered: each item's budget is leased
+            assert (await proxy.http.post("/api/work-items", json={"id": f"FLOOD-{n}"}, headers=proxy.admin_headers)).status_code == 201
+        for n in range(80):  # 40 items, each twice, in turn: its share has a slice by its second request
+            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"FLOOD-{n // 2}"})  # fmt: skip
+            answered.append(reply.status_code)
+            await anyio.sleep(0.02)  # the first request's slice (on credit) arrives
+    assert answered == [200] * 80, answered
+    engine = make_engine(settings.database_url)
+    with engine.connect() as connection:
+        granted = dict(connection.execute(select(Lease.scope, Lease.granted).where(Lease.scope.like("item:%"))).all())
+        per_item = connection.execute(select(UsageEvent.work_item, func.sum(UsageEvent.total_tokens)).group_by(UsageEvent.work_item)).all()
+        largest = connection.execute(select(func.max(UsageEvent.total_tokens))).scalar_one()
+    engine.dispose()
+    spent = {f"item:{item}": tokens for item, tokens in per_item}
+    assert set(granted) == set(spent)
+    # Each item leased a slice of 100,000 tokens and spent ~40: a lost settlement leaves the slice granted.
+    held_back = {scope: granted[scope] - spent[scope] for scope in spent if not 0 <= granted[scope] - spent[scope] <= 2 * largest}
+    assert not held_back, f"{len(held_back)} of {len(spent)} budgets hold slices nobody spends: {held_back}"
+
+
+@pytest.mark.anyio
 async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica stopping (a rolling restart) while a slice is being leased waits for it and gives it
     back: else each restart under load could leave a tenth of a budget granted to nobody."""

@@ -11,6 +11,12 @@ item leaves its working set (a slice that arrives after it left, too; spend coun
 is added) and when the process stops (a process that is killed keeps its slices:
 the budget is under-spent by them, never over-spent).
 
+What goes back waits in memory for the next refresh, per budget. Once `MAX_RETURNS` budgets wait, a
+new budget entering the working set first has them written (a flood of new items makes its own
+requests wait for that, not the settlement be lost); only when the database does not take them
+either (an outage) and `2 × MAX_RETURNS` wait are further ones dropped, and logged: a dropped slice
+leaves that budget under-spent by it, and dropped spend can let it be over-spent by as much.
+
 The bound: the replicas together are granted at most the budget, and each admits only within its
 grant, so the spend exceeds the budget by at most the requests admitted and still in flight when
 the grants ran out (their size is known only once the provider answers).
@@ -34,7 +40,7 @@ from taskproxy.storage import leases
 
 log = logging.getLogger("taskproxy.budgets")
 LEASE_WAIT_SECONDS = 1.0
-MAX_RETURNS = 10_000  # budgets with unused slices (or spend outside them) waiting to be settled
+MAX_RETURNS = 10_000  # budgets waiting to be settled before a new budget waits for them to be written
 ALONE_SECONDS = 30.0  # after a failed lease, how long a share is checked without leases before trying again
 SLICES = 10
 Limits = tuple[int | None, int | None]  # tokens, nano-USD; None: not limited
@@ -99,6 +105,7 @@ class BudgetShares:
         self.left: LRUCache[tuple[str, str], bool] = LRUCache(capacity)  # leased budgets whose shares left the working set
         self._lookups = anyio.CapacityLimiter(4)
         self._background: set[asyncio.Task[None]] = set()
+        self.dropped = 0  # settlements lost past 2 × MAX_RETURNS waiting (an outage and a flood of new budgets)
 
     def _share(self, scope: str, window: str) -> _Share:
         share = self._shares.get((scope, window))
@@ -106,9 +113,15 @@ class BudgetShares:
             share = self._shares[(scope, window)] = _Share(scope, window)
         return share
 
+    def _backlogged(self, scope: str, window: str) -> bool:
+        """Would a share entering the working set here evict one while `MAX_RETURNS` budgets wait to be settled?"""
+        return (scope, window) not in self._shares and len(self._returns) >= MAX_RETURNS
+
     async def admit(self, scope: str, window: str, limits: Limits, spent: tuple[int, int]) -> bool:
         """May one more request spend from this budget here? `spent`: what is known to be spent of it
         (the counters), which counts as taken before the first lease."""
+        if self._backlogged(scope, window):
+            await anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups)
         with self._lock:
             share = self._share(scope, window)
             share.leased = True
@@ -139,6 +152,8 @@ class BudgetShares:
         return admitted
 
     def use(self, scope: str, window: str, tokens: int, nanos: int) -> None:
+        if self._backlogged(scope, window):  # (the writer's thread: it may wait for the database)
+            self.flush_returns()
         with self._lock:
             if (scope, window) not in self._shares and (scope, window) in self.left:
                 # Spent after its share left the working set (the end of a long answer, the writer's
@@ -186,7 +201,7 @@ class BudgetShares:
         unused = (share.granted - share.returned - share.used, share.granted_nanos - share.returned_nanos - share.used_nanos)
         if not share.leased:  # this process's alone: no row to settle with
             return
-        if unused != (0, 0) and self._settle(share.scope, share.window, *unused):  # else kept (past MAX_RETURNS budgets waiting)
+        if unused != (0, 0) and self._settle(share.scope, share.window, *unused):  # else dropped (an outage: see _settle)
             share.returned += unused[0]
             share.returned_nanos += unused[1]
 
@@ -194,7 +209,11 @@ class BudgetShares:
         """Queue a change of what this process holds of a budget, for the next flush (under the lock)."""
         pending = self._returns.get((scope, window))
         if pending is None:
-            if len(self._returns) >= MAX_RETURNS:
+            if len(self._returns) >= 2 * MAX_RETURNS:  # the database did not take the first MAX_RETURNS either
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % MAX_RETURNS == 0:
+                    log.warning("%d budgets wait to be settled and the database takes none: %d settlements dropped "
+                                "(budget %s under- or over-spent by what this process held of it)", len(self._returns), self.dropped, scope)  # fmt: skip
                 return False
             pending = self._returns[(scope, window)] = [0, 0]
         pending[0] += tokens
