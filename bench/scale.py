@@ -19,6 +19,8 @@ budgets, so every request looks up its key, its item and their spend), measures:
   replicas' writers are, for 20 s each: the events per second the database takes from all of them;
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
 - `serve --workers 2` against one worker: requests/s at concurrency 32;
+- with `--parts workers` (not in the default run): the same ratio with lean neighbours (bench/lean.py:
+  nginx as the provider, wrk as the load), one worker and two taking turns, `--rounds` times;
 - with `--parts served-reports` (not in the default run): one replica's resident memory before and
   after it serves the adoption report and the signals over HTTP, and at its peak;
 - with `--parts snapshots` (not in the default run): three replicas with `reports.snapshot_minutes`
@@ -52,6 +54,7 @@ from sqlalchemy import create_engine, text
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import lean  # noqa: E402
 from loadgen import run_load  # noqa: E402
 from seed_org import schema_url, seed  # noqa: E402
 from targets import FakeProvider, Taskproxy  # noqa: E402
@@ -361,6 +364,36 @@ def replicas_on(folder: Path, provider_url: str, url: str, count: int, prefix: s
         yield started
 
 
+def workers_lean(folder: Path, url: str, seconds: float, rounds: int) -> dict[str, Any]:
+    """`serve --workers 2` against one, at concurrency 32, with nginx as the provider and wrk as the
+    load, so that the proxy has the cores to itself but for them and PostgreSQL; one and two workers
+    take turns, so a drift of the machine shows as a spread, not as a ratio."""
+    missing = lean.available()
+    if missing:
+        log(f"--parts workers skipped: {missing}")
+        return {"skipped": missing}
+    item = open_items(url, 2)[1]
+    provider = lean.StaticProvider(folder)
+    provider.start()
+    runs: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+    try:
+        for _ in range(rounds):
+            for workers in (1, 2):
+                with replicas_on(folder, provider.url, url, 1, f"lean-workers-{workers}", workers=workers) as (served,):
+                    _, key = served.new_key(f"lean-workers-{workers}", "team-1")
+                    ask(served.url, key, item, expect=200)
+                    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Add retries with jitter to the payment webhook client."}],
+                            "max_tokens": 20}  # fmt: skip
+                    result = lean.wrk_load(f"{served.url}/v1/chat/completions", {"Authorization": f"Bearer {key}", "X-Work-Item": item}, body,
+                                           32, seconds, folder)  # fmt: skip
+                    runs[str(workers)].append(result)
+                    log(f"lean --workers {workers}: {result}")
+    finally:
+        provider.stop()
+    ratios = [two["rps"] / one["rps"] for one, two in zip(runs["1"], runs["2"], strict=True)]
+    return {"runs": runs, "ratios": ratios, "ratio_median": statistics.median(ratios)}
+
+
 class _Skip(Exception):
     """The replicas' measurements are not wanted (--parts)."""
 
@@ -379,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-seconds", type=float, default=10.0)
     parser.add_argument("--event-ids", choices=("time", "random"), default="time",
                         help="the writer's event ids: time-ordered as the proxy makes them, or random (uuid4, as before 2026-12-04)")
+    parser.add_argument("--rounds", type=int, default=3, help="--parts workers: how many turns of one worker and two")
     parser.add_argument("--parts", default="replicas,writer,reports", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -448,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         with replicas_on(folder, "http://127.0.0.1:9", seeded_url, 1, "reports") as (served,):
             midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
             results["served_reports"] = served_reports(served, midnight)
+    if "workers" in parts:  # not in the default run
+        results["workers_lean"] = workers_lean(folder, seeded_url, args.load_seconds, args.rounds)
     if "writer" in parts:
         results["writer"] = writer_rate(seeded_url, 20.0, ids=args.event_ids)
         log(f"writer: {results['writer']}")
