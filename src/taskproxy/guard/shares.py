@@ -13,9 +13,10 @@ the budget is under-spent by them, never over-spent).
 
 What goes back waits in memory for the next refresh, per budget. Once `MAX_RETURNS` budgets wait, a
 new budget entering the working set first has them written (a flood of new items makes its own
-requests wait for that, not the settlement be lost); only when the database does not take them
-either (an outage) and `2 × MAX_RETURNS` wait are further ones dropped, and logged: a dropped slice
-leaves that budget under-spent by it, and dropped spend can let it be over-spent by as much.
+requests wait for that, up to `LEASE_WAIT_SECONDS`, rather than the settlements be lost); only when
+the database does not take them in time (an outage) and `2 × MAX_RETURNS` wait are further ones
+dropped, and logged: a dropped slice leaves that budget under-spent by it, and dropped spend can let
+it be over-spent by as much.
 
 The bound: the replicas together are granted at most the budget, and each admits only within its
 grant, so the spend exceeds the budget by at most the requests admitted and still in flight when
@@ -105,6 +106,7 @@ class BudgetShares:
         self.left: LRUCache[tuple[str, str], bool] = LRUCache(capacity)  # leased budgets whose shares left the working set
         self._lookups = anyio.CapacityLimiter(4)
         self._background: set[asyncio.Task[None]] = set()
+        self._flushing: asyncio.Task[None] | None = None
         self.dropped = 0  # settlements lost past 2 × MAX_RETURNS waiting (an outage and a flood of new budgets)
 
     def _share(self, scope: str, window: str) -> _Share:
@@ -121,7 +123,7 @@ class BudgetShares:
         """May one more request spend from this budget here? `spent`: what is known to be spent of it
         (the counters), which counts as taken before the first lease."""
         if self._backlogged(scope, window):
-            await anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups)
+            await self._drain_backlog()
         with self._lock:
             share = self._share(scope, window)
             share.leased = True
@@ -152,8 +154,8 @@ class BudgetShares:
         return admitted
 
     def use(self, scope: str, window: str, tokens: int, nanos: int) -> None:
-        if self._backlogged(scope, window):  # (the writer's thread: it may wait for the database)
-            self.flush_returns()
+        # Called on the request path too: it never waits for the database. It rarely brings a share into
+        # the working set (admit did, just before), so the backlog's room beyond MAX_RETURNS covers it.
         with self._lock:
             if (scope, window) not in self._shares and (scope, window) in self.left:
                 # Spent after its share left the working set (the end of a long answer, the writer's
@@ -165,6 +167,17 @@ class BudgetShares:
             share.used_nanos += nanos
             share.largest = max(share.largest, tokens)
             share.largest_nanos = max(share.largest_nanos, nanos)
+
+    async def _drain_backlog(self) -> None:
+        """Have the settlements waiting written before a new share evicts another: one write at a time,
+        which every request that finds the backlog full waits for, at most `LEASE_WAIT_SECONDS` (a
+        database that is slow to answer does not hold requests up longer than a slow lease does)."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups))
+            self._background.add(self._flushing)
+            self._flushing.add_done_callback(self._background.discard)
+        with anyio.move_on_after(LEASE_WAIT_SECONDS):
+            await asyncio.shield(self._flushing)
 
     def _ask(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
         share.arrived = asyncio.Event()
