@@ -18,9 +18,9 @@ budgets, so every request looks up its key, its item and their spend), measures:
 - with `--parts writers` (not in the default run): 1, 2 and 4 writer processes at once, as several
   replicas' writers are, for 20 s each: the events per second the database takes from all of them;
 - the adoption report, a work item's view, a team report and the signals over the last 30 days;
-- `serve --workers 2` against one worker: requests/s at concurrency 32;
-- with `--parts workers` (not in the default run): the same ratio with lean neighbours (bench/lean.py:
-  nginx as the provider, wrk as the load), one worker and two taking turns, `--rounds` times;
+- `serve --workers 2` against one worker: requests/s at concurrency 32, with lean neighbours
+  (bench/lean.py: nginx as the provider, wrk as the load; skipped, saying so, where they are not
+  installed), one worker and two taking turns, `--rounds` times;
 - with `--parts served-reports` (not in the default run): one replica's resident memory before and
   after it serves the adoption report and the signals over HTTP, and at its peak;
 - with `--parts snapshots` (not in the default run): three replicas with `reports.snapshot_minutes`
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-ids", choices=("time", "random"), default="time",
                         help="the writer's event ids: time-ordered as the proxy makes them, or random (uuid4, as before 2026-12-04)")
     parser.add_argument("--rounds", type=int, default=3, help="--parts workers: how many turns of one worker and two")
-    parser.add_argument("--parts", default="replicas,writer,reports", help="which measurements to make (comma-separated)")
+    parser.add_argument("--parts", default="replicas,workers,writer,reports", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
 
@@ -463,11 +463,6 @@ def main(argv: list[str] | None = None) -> int:
             _, key = empty.new_key("load-2", "team-1")
             results["empty"] = {c: latency(empty, key, "EMPTY-1", c, args.load_seconds) for c in (1, 32)}
             log(f"latency on an empty schema: {results['empty']}")
-        for workers in (1, 2):
-            with replicas_on(folder, fake.url, seeded_url, 1, f"workers-{workers}", workers=workers) as (served,):
-                _, key = served.new_key(f"workers-{workers}", "team-1")
-                results[f"workers_{workers}"] = latency(served, key, items[1], 32, args.load_seconds)
-                log(f"--workers {workers}: {results[f'workers_{workers}']}")
     except _Skip:
         pass
     finally:
@@ -482,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         with replicas_on(folder, "http://127.0.0.1:9", seeded_url, 1, "reports") as (served,):
             midnight = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
             results["served_reports"] = served_reports(served, midnight)
-    if "workers" in parts:  # not in the default run
+    if "workers" in parts:
         results["workers_lean"] = workers_lean(folder, seeded_url, args.load_seconds, args.rounds)
     if "writer" in parts:
         results["writer"] = writer_rate(seeded_url, 20.0, ids=args.event_ids)
