@@ -243,10 +243,12 @@ class BudgetShares:
         if returns:
             try:
                 leases.give_back(self._engine, [(scope, window, tokens, nanos) for (scope, window), (tokens, nanos) in returns.items()])
-            except SQLAlchemyError:
+            except BaseException as exc:  # not written: they wait for the next flush
                 with self._lock:
                     for (scope, window), (tokens, nanos) in returns.items():
                         self._settle(scope, window, tokens, nanos)
+                if not isinstance(exc, SQLAlchemyError):
+                    raise
 
     async def aclose(self) -> None:
         """At shutdown: wait a little for the slices on their way (a rolling restart under load would
