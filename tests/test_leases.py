@@ -216,6 +216,44 @@ async def test_a_flood_of_new_budgets_between_refreshes_loses_no_settlement(tmp_
 
 
 @pytest.mark.anyio
+async def test_settlements_the_database_cannot_take_are_dropped_past_the_bound_counted_and_requests_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The other side of the bound: while the database takes no settlement (here its leases table is
+    gone), a client cycling through new items still gets answers, memory holds at most twice the
+    threshold of waiting budgets, and what had to be dropped is counted on /metrics for an alert."""
+    from conftest import make_settings, start_proxy
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import text
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.guard import shares
+    from taskproxy.storage.db import make_engine
+    from taskproxy.upstream.mock import MockProvider
+
+    monkeypatch.setattr(shares, "MAX_RETURNS", 2)
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, work_items={"cache_size": 1}, budgets={"work_item_tokens": 1_000_000, "refresh_seconds": 3600})
+    answered = []
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        for n in range(12):
+            assert (await proxy.http.post("/api/work-items", json={"id": f"LOST-{n}"}, headers=proxy.admin_headers)).status_code == 201
+        engine = make_engine(settings.database_url)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE leases"))
+        engine.dispose()
+        for n in range(12):
+            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"LOST-{n}"})  # fmt: skip
+            answered.append(reply.status_code)
+        metrics = (await proxy.http.get("/metrics", headers=proxy.admin_headers)).text
+    assert answered == [200] * 12, answered
+    dropped = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}["taskproxy_budget_settlements_dropped"]
+    # Each item spent on credit (no lease could be taken): 12 settlements, at most 2 × 2 held, the rest dropped.
+    assert dropped >= 12 - 2 * 2 - 1, metrics
+
+
+@pytest.mark.anyio
 async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica stopping (a rolling restart) while a slice is being leased waits for it and gives it
     back: else each restart under load could leave a tenth of a budget granted to nobody."""

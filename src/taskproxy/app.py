@@ -187,7 +187,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         def team_label(team: str | None) -> str:
             return "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS
 
-        metrics = Metrics(writer, team_label)
+        metrics = Metrics(writer, team_label, settlements_dropped=lambda: budgets.shares.dropped)
         writer.listen(metrics.record)
         telemetry = None
         if settings.telemetry.enabled:

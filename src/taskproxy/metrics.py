@@ -25,7 +25,8 @@ SMALL_TEAMS = "(teams below the privacy floor)"
 
 
 class Metrics:
-    def __init__(self, writer: BatchWriter, team_label: Callable[[str | None], str] = lambda team: team or "") -> None:
+    def __init__(self, writer: BatchWriter, team_label: Callable[[str | None], str] = lambda team: team or "",
+                 settlements_dropped: Callable[[], int] = lambda: 0) -> None:  # fmt: skip
         self._team_label = team_label
         self._children: dict[tuple, object] = {}
         self.registry = CollectorRegistry()
@@ -43,6 +44,8 @@ class Metrics:
               registry=r).set_function(lambda: writer.set_aside)  # fmt: skip
         Gauge("taskproxy_unrecorded_held", "Usage records held in memory because neither the database nor the spool takes them",
               registry=r).set_function(lambda: writer.held_rows)  # fmt: skip
+        Gauge("taskproxy_budget_settlements_dropped", "Budget slices (or spend) this process could not settle with the database: "
+              "more than 20,000 budgets waited during an outage (since start)", registry=r).set_function(settlements_dropped)  # fmt: skip
 
         self.snapshot_computed = Gauge("taskproxy_report_snapshot_computed_timestamp_seconds",
                                        "When the latest snapshot of each report was computed (reports.snapshot_minutes), as the last look found it",
