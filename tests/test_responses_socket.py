@@ -161,6 +161,30 @@ def test_a_turn_ended_by_the_server_shutting_down_is_recorded_as_such(upstream: 
     assert rows == [(503, "proxy_shutdown")]
 
 
+@pytest.mark.parametrize("run", range(3))
+def test_a_turn_streaming_when_the_server_shuts_down_is_recorded_as_the_shutdown(upstream: FakeUpstream, tmp_path: Path, run: int) -> None:
+    """SIGTERM while events stream to the socket (a send can fail before the 1012 close is seen): the
+    turn is still the proxy's shutdown, not the client leaving; three runs, the race being a race."""
+    config = write_config(tmp_path, upstream.url, models=[{"name": "fake-trickle", "base_url": f"{upstream.url}/v1"}])
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+        key = server.new_key(owner="ode")
+        url = server.url.replace("http://", "ws://") + "/v1/responses"
+        with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-59"}, open_timeout=5) as socket:
+            socket.send(json.dumps({"type": "response.create", "model": "fake-trickle", "input": "go on"}))
+            while json.loads(socket.recv(5))["type"] != "response.output_text.delta":
+                pass
+            time.sleep(0.05 * run)
+            server.sigterm()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    socket.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        server.process.wait(20)
+    with closing(sqlite3.connect(tmp_path / "t.db")) as db:
+        rows = db.execute("SELECT status, error FROM usage_events WHERE work_item = 'PROJ-59'").fetchall()
+    assert rows == [(200, "proxy_shutdown")]
+
+
 def test_an_unknown_message_type_is_refused_by_name(server: ServerProcess) -> None:
     key = server.new_key(owner="noa")
     url = server.url.replace("http://", "ws://") + "/v1/responses"

@@ -10,7 +10,7 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-slow     waits `FakeProvider.slow_seconds` before answering
     fake-cut      streams half the reply, then drops the connection
     fake-hang     streams one chunk, then sends nothing more
-    fake-trickle  streams a chunk every 0.1 s, forever
+    fake-trickle  streams a chunk (a Responses delta) every 0.1 s, forever
     fake-overloaded  (/v1/messages) streams message_start (with cache reads), two deltas, then
                   `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage

@@ -3,6 +3,8 @@ input_tokens, and stored responses (read, streamed again from an event, cancelle
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from typing import Any
 
@@ -144,6 +146,9 @@ class ResponsesApi:
                 error = {"code": "server_error", "message": "The model failed."}
                 yield event("response.failed", {"response": {**done, "status": "failed", "error": error, "output": []}})
                 return
+        while model == "fake-trickle":
+            await asyncio.sleep(0.1)
+            yield event("response.output_text.delta", {**where, "delta": " more"})
         yield event("response.output_text.done", {**where, "text": message["content"][0]["text"]})
         yield event("response.content_part.done", {**where, "part": message["content"][0]})
         yield event("response.output_item.done", {"output_index": 0, "item": message})
