@@ -4,16 +4,19 @@ dashboard page is sent with."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from taskproxy.dashboard import format as fmt
 from taskproxy.dashboard.fields import field_value
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 HERE = Path(__file__).parent
 
@@ -45,9 +48,17 @@ def safe_link(url: str | None) -> str | None:
 
 
 class Pages:
-    """The dashboard's templates and stylesheet, loaded once per app (in its lifespan, not at import)."""
+    """The dashboard's templates and stylesheet, one per app (in its lifespan's state). Jinja2 is imported
+    and the templates set up at the first page: a replica that never serves the dashboard does not hold
+    them (4.5 MiB)."""
 
     def __init__(self) -> None:
+        self.stylesheet = (HERE / "static" / "dashboard.css").read_bytes()
+
+    @cached_property
+    def templates(self) -> Environment:
+        from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
         env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -59,8 +70,7 @@ class Pages:
         env.filters.update(fmt.FILTERS)
         env.filters["field"] = field_value
         env.globals.update(item_url=item_url, safe_link=safe_link, NONE=fmt.NONE)
-        self.templates = env
-        self.stylesheet = (HERE / "static" / "dashboard.css").read_bytes()
+        return env
 
 
 def render(request: Request, name: str, context: dict[str, Any], *, status: int = 200, session: Any = None) -> HTMLResponse:
