@@ -48,10 +48,25 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Eng
         return engine
     if url.drivername in {"postgresql", "postgres"}:
         url = url.set(drivername="postgresql+psycopg")
-    if client_check_ms is not None:  # added to the URL's own options (a search_path, say), not in their place
-        options = " ".join(filter(None, [url.query.get("options"), f"-c client_connection_check_interval={client_check_ms}"]))
-        url = url.update_query_dict({"options": options})
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    if client_check_ms is not None:
+        # SET after connecting rather than a startup option (`-c ...` in `options`): PgBouncer refuses
+        # connections whose startup packet carries options it does not know, and PostgreSQL 13 and older
+        # refuse the setting itself. Both should still get their reports, without this safeguard.
+        @event.listens_for(engine, "connect")
+        def _client_check(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            _set_client_check(dbapi_connection, client_check_ms)
+
+    return engine
+
+
+def _set_client_check(dbapi_connection: Any, interval_ms: int) -> None:
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET client_connection_check_interval = {int(interval_ms)}")
+        dbapi_connection.commit()
+    except Exception:  # noqa: BLE001  (an older server or a pooler without the setting: reports run without it)
+        dbapi_connection.rollback()
 
 
 def query_canceller(engine: Engine) -> Callable[[], None] | None:
