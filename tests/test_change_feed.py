@@ -256,3 +256,61 @@ async def test_a_listener_cut_off_reconnects_reads_what_it_missed_and_listens_ag
             assert (await a.http.post("/api/work-items/CUT-1/complete", headers=a.admin_headers)).status_code == 200
             await wait_until(lambda replica=b, held=other: _status(replica, held, "CUT-1"), lambda s: s == 403, timeout=3, what="B refusing the item completed through A")
     engine.dispose()
+
+
+def _notify(engine: Any) -> None:
+    with engine.begin() as connection:
+        connection.execute(text(f"NOTIFY {changes.CHANNEL}"))
+
+
+@pytest.mark.postgres
+def test_a_listener_whose_files_are_numbered_past_1024_still_hears_every_change(postgres_url: str) -> None:
+    """A busy server holds many sockets, so its listener's own get numbers that select() refuses."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} open files, fewer than the test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY else min(max(soft, 1200), hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    engine = make_engine(postgres_url)
+    heard = threading.Semaphore(0)
+    listener = listen.ChangeListener(engine, heard.release)
+    try:
+        listener.start()
+        assert heard.acquire(timeout=10), "the listener never connected"
+        for _ in range(3):
+            _notify(engine)
+            assert heard.acquire(timeout=5), "a notification was not heard"
+    finally:
+        listener.close()
+        listener.close()  # a second close does nothing
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_listener_survives_a_failure_of_its_own_and_listens_again(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listen, "RETRY_SECONDS", 0.1)
+    engine = make_engine(postgres_url)
+    calls: list[int] = []
+    heard = threading.Semaphore(0)
+
+    def on_change() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a reader")
+        heard.release()
+
+    listener = listen.ChangeListener(engine, on_change)
+    listen.ChangeListener(engine, on_change).close()  # closing one never started does nothing
+    try:
+        listener.start()
+        assert heard.acquire(timeout=10), "the listener did not come back after the failure"
+        _notify(engine)
+        assert heard.acquire(timeout=5), "a notification after the failure was not heard"
+    finally:
+        listener.close()
+        engine.dispose()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -49,33 +49,55 @@ class ChangeListener:
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._on_change = on_change
         self._stopping = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()  # close() writes to it: the thread waits on the socket and on this
-        self._thread = threading.Thread(target=self._listen, name="taskproxy-change-listener", daemon=True)
+        self._wake: tuple[int, int] | None = None  # close() writes to it: the thread waits on the socket and on this
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._listen, args=(self._wake[0],), name="taskproxy-change-listener", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop listening (blocking, a moment)."""
+        """Stop listening (blocking, a moment). Safe before `start` and a second time."""
         self._stopping.set()
-        os.write(self._wake_w, b"x")
+        if self._thread is None or self._wake is None:
+            return
+        os.write(self._wake[1], b"x")
         self._thread.join(timeout=STOP_SECONDS)
-        if not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+        if not self._thread.is_alive():  # else the thread may still select() on the pipe: leave it open
+            os.close(self._wake[0])
+            os.close(self._wake[1])
+            self._wake = None
 
-    def _listen(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, application_name=application_name(),
-                                     **KEEPALIVES) as connection:  # fmt: skip
-                    connection.execute(f"LISTEN {CHANNEL}")
-                    self._on_change()  # whatever committed while nobody listened
-                    # Idle, the thread sleeps in select(): no CPU until the server sends something.
-                    while select.select([connection.fileno(), self._wake_r], [], [])[0] and not self._stopping.is_set():
-                        for _ in connection.notifies(timeout=0):
-                            self._on_change()
-            except psycopg.Error as exc:
-                log.warning("not listening for changes (%s); the timers keep the caches fresh; again in %.0f s",
-                            exc.__class__.__name__, RETRY_SECONDS)  # fmt: skip
+    def _listen(self, wake: int) -> None:
+        # selectors (epoll here), not select.select(): a busy server's sockets pass 1,024, where
+        # select() raises ValueError.
+        with selectors.DefaultSelector() as selector:
+            selector.register(wake, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                try:
+                    self._serve(selector)
+                except psycopg.Error as exc:
+                    log.warning("not listening for changes (%s); the timers keep the caches fresh; again in %.0f s",
+                                exc.__class__.__name__, RETRY_SECONDS)  # fmt: skip
+                except Exception:
+                    # Whatever it is, a dead listener would leave every replica on its timers for good.
+                    log.exception("the change listener failed; the timers keep the caches fresh; again in %.0f s", RETRY_SECONDS)
                 self._stopping.wait(RETRY_SECONDS)
+
+    def _serve(self, selector: selectors.BaseSelector) -> None:
+        with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, application_name=application_name(),
+                             **KEEPALIVES) as connection:  # fmt: skip
+            connection.execute(f"LISTEN {CHANNEL}")
+            socket_fd = connection.fileno()  # kept: a lost connection no longer tells its socket
+            selector.register(socket_fd, selectors.EVENT_READ)
+            try:
+                self._on_change()  # whatever committed while nobody listened
+                # Idle, the thread sleeps in the selector: no CPU until the server sends something.
+                while selector.select() and not self._stopping.is_set():
+                    for _ in connection.notifies(timeout=0):
+                        self._on_change()
+            finally:
+                selector.unregister(socket_fd)
