@@ -254,9 +254,11 @@ async def test_settlements_the_database_cannot_take_are_dropped_past_the_bound_c
 
 
 @pytest.mark.anyio
-async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("grant_seconds", [0.5, 2.5], ids=["granted-while-waited-for", "granted-after-the-wait"])
+async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grant_seconds: float) -> None:
     """A replica stopping (a rolling restart) while a slice is being leased waits for it and gives it
-    back: else each restart under load could leave a tenth of a budget granted to nobody."""
+    back: else each restart under load could leave a tenth of a budget granted to nobody. A grant
+    slower than the shutdown waits for (2 s) goes back too, when it arrives."""
     from conftest import make_settings, start_proxy
     from sqlalchemy import select
 
@@ -269,7 +271,7 @@ async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path:
     taking = leases.take
 
     def slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
-        time.sleep(0.5)  # the database is slow to grant: the process is told to stop meanwhile
+        time.sleep(grant_seconds)  # the database is slow to grant: the process is told to stop meanwhile
         return taking(*args, **kwargs)
 
     monkeypatch.setattr(leases, "take", slow_take)

@@ -203,10 +203,11 @@ class BudgetShares:
                 share.granted += grant.amount
                 share.granted_nanos += grant.nanos
                 share.exhausted = (limits[0] is not None and grant.taken >= limits[0]) or (limits[1] is not None and grant.taken_nanos >= limits[1])
+        finally:
+            with self._lock:
+                share.arrived = None
                 if share.evicted:  # it left the working set while the slice was on its way: nobody here spends it
                     self.give_back_later(share)
-        finally:
-            share.arrived = None
             if arrived is not None:
                 arrived.set()
 
@@ -216,6 +217,10 @@ class BudgetShares:
         credit) is added. The budget's row then holds exactly what was spent through it."""
         unused = (share.granted - share.returned - share.used, share.granted_nanos - share.returned_nanos - share.used_nanos)
         if not share.leased:  # this process's alone: no row to settle with
+            return
+        if share.arrived is not None:
+            # A slice is on its way, and the first one makes the budget's row: settled when it arrives
+            # (_take), since a settlement written before the row exists would be lost.
             return
         if unused != (0, 0) and self._settle(share.scope, share.window, *unused):  # else dropped (an outage: see _settle)
             share.returned += unused[0]
@@ -253,15 +258,19 @@ class BudgetShares:
     async def aclose(self) -> None:
         """At shutdown: wait a little for the slices on their way (a rolling restart under load would
         otherwise leave them granted to nobody), then give back every unused slice."""
-        if self._background:
-            with anyio.move_on_after(2 * LEASE_WAIT_SECONDS):
-                await asyncio.gather(*self._background, return_exceptions=True)
-        await anyio.to_thread.run_sync(self.close)
+        # asyncio.wait, not a cancelled gather: a lease cancelled here would still be granted by its
+        # thread, and never given back. One that is still on its way after close() finds its share
+        # evicted, queues its slice, and the last flush writes it.
+        for _ in range(2):
+            if self._background:
+                await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
+            await anyio.to_thread.run_sync(self.close)
 
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""
         with self._lock:
             for share in self._shares.values():
+                share.evicted = True  # a slice still on its way goes back when it arrives
                 self.give_back_later(share)
             self._shares.clear()  # (clear() does not go through popitem)
         self.flush_returns()
