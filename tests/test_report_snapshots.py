@@ -385,3 +385,78 @@ async def test_snapshots_no_process_computes_any_more_are_deleted_after_a_week(t
     assert snapshots.latest(engine, adoption).computed_at > now  # its own: refreshed,
     assert snapshots.latest(engine, signals).computed_at < now - timedelta(days=7)  # or not yet, but never deleted
     engine.dispose()
+
+
+def _stuck(engine, *, since, until, pid_file: str, **_):  # type: ignore[no-untyped-def]
+    Path(pid_file).write_text(str(__import__("os").getpid()))
+    time.sleep(600)  # a lock never granted, say
+
+
+@pytest.mark.anyio
+async def test_a_stuck_snapshot_computation_is_stopped_and_its_claim_runs_out(tmp_path: Path) -> None:
+    """Not renewed for ever: another replica may compute the snapshot once the stuck one lets go."""
+    import os
+    import signal
+
+    from taskproxy.reports.runner import ReportRunner
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'snapshots.db'}")
+    upgrade_schema(engine)
+    pid_file = tmp_path / "report.pid"
+    keeper = SnapshotKeeper(engine, ReportRunner(engine), timedelta(minutes=60), {"stuck": Definition(_stuck, {"pid_file": str(pid_file)})},
+                            longest=timedelta(seconds=2))  # fmt: skip
+    with anyio.fail_after(30):
+        await keeper._keep("stuck")
+    report = int(pid_file.read_text())
+    for _ in range(100):  # stopped with the cut (SIGTERM), not left sleeping
+        try:
+            os.kill(report, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(report, signal.SIGKILL)
+        pytest.fail("the stuck report's process was left running")
+    row = _row(engine, "stuck")
+    assert row.computed_at is None and row.claimed_until - utcnow() <= timedelta(minutes=10), row  # backed off, not held on
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_claims_are_renewed_no_longer_than_the_longest_computation(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    hold, go_on, running = timedelta(seconds=0.6), threading.Event(), threading.Event()
+
+    def stuck(engine, **_):  # type: ignore[no-untyped-def]
+        running.set()
+        assert go_on.wait(30)
+        return {}
+
+    computing = threading.Thread(target=lambda: compute_and_store(engine, name="adoption", me="a:1", every=EVERY,
+                                                                  definition=Definition(stuck, {}), hold=hold, longest=timedelta(seconds=1)))  # fmt: skip
+    computing.start()
+    assert running.wait(30)
+    time.sleep(0.4)
+    assert not snapshots.claim(engine, "adoption", "b:2", utcnow(), timedelta(0), hold)  # renewed while young
+    time.sleep(1 + 3 * hold.total_seconds())
+    assert snapshots.claim(engine, "adoption", "b:2", utcnow(), timedelta(0), hold)  # then let run out
+    go_on.set()
+    computing.join(30)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_follower_snapshot_the_database_refuses_is_let_go_and_the_report_is_kept(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The database refusing a follower (here its name is longer than the table allows, which
+    PostgreSQL refuses and SQLite would not) is that follower's failure: the report it is made from
+    is stored and its computation counts as done."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    refused = "overview:" + "x" * 40
+    definition = Definition(lambda engine, **_: {"report": 1}, {}, then=((refused, lambda engine, **_: {"overview": 1}, {}),))
+    seconds = compute_and_store(engine, name="adoption", me="a:1", every=EVERY, definition=definition)
+    assert seconds is not None
+    assert orjson.loads(gzip.decompress(snapshots.latest(engine, "adoption").body)) == {"report": 1}  # type: ignore[union-attr]
+    assert f"the snapshot {refused} could not be made from adoption" in caplog.text
+    engine.dispose()

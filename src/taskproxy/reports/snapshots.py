@@ -49,6 +49,9 @@ from taskproxy.timeutil import report_period, utcnow
 log = logging.getLogger("taskproxy.reports")
 
 HOLD = timedelta(minutes=30)  # renewed every third of it while computing; a process that died holding one is replaced after it
+# A computation still running after this is stuck (a lock never granted, a query planned badly), not
+# slow: its process is stopped and its claims are no longer renewed, so that another process may try.
+LONGEST_COMPUTE = 4 * HOLD
 BACK_OFF = timedelta(minutes=10)  # after a failed computation (or `snapshot_minutes`, if shorter), before the next try
 LONGEST_WAIT_SECONDS = 60.0  # between checks for a due snapshot, at most
 UNUSED_FOR = timedelta(days=7)  # a snapshot under a name no process here computes, left that long, is deleted
@@ -127,10 +130,11 @@ class ClaimRenewal:
     on a slow day, and a busier one longer) is not started again by another process halfway through,
     while a process that dies stops renewing and is replaced when its claim runs out."""
 
-    def __init__(self, engine: Engine, me: str, hold: timedelta) -> None:
+    def __init__(self, engine: Engine, me: str, hold: timedelta, longest: timedelta = LONGEST_COMPUTE) -> None:
         self._engine = engine
         self._me = me
         self._hold = hold
+        self._longest = longest.total_seconds()  # renewed no longer than this: a stuck process lets go in time
         self._names: set[str] = set()
         self._lock = threading.Lock()  # a name let go is not renewed by a round already under way
         self._stopped = threading.Event()
@@ -155,7 +159,11 @@ class ClaimRenewal:
         self._thread.join()
 
     def _renew_until_stopped(self) -> None:
+        last = time.monotonic() + self._longest
         while not self._stopped.wait(self._hold.total_seconds() / 3):
+            if time.monotonic() > last:
+                log.error("a report snapshot has been computing for more than %.0f s: its claims are no longer renewed", self._longest)
+                return
             with self._lock:
                 for name in sorted(self._names):
                     try:
@@ -164,7 +172,8 @@ class ClaimRenewal:
                         log.warning("could not renew the claim of the snapshot %s: %s", name, exc.__class__.__name__)
 
 
-def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, definition: Definition, hold: timedelta = HOLD) -> float | None:
+def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, definition: Definition, hold: timedelta = HOLD,
+                      longest: timedelta = LONGEST_COMPUTE) -> float | None:  # fmt: skip
     """In the report's process, once it has its turn (`REPORTS_AT_ONCE`): claim the snapshot `name`
     for the serving process `me`, compute its report over the last 30 days from now, and store it as
     gzipped JSON (a report returns what orjson encodes: dicts, lists, dataclasses, datetimes); then
@@ -173,7 +182,7 @@ def compute_and_store(engine: Engine, *, name: str, me: str, every: timedelta, d
     computation took, or None when the snapshot was not this process's to compute."""
     if not snapshots.claim(engine, name, me, utcnow(), every, hold):
         return None
-    with ClaimRenewal(engine, me, hold) as renewal:
+    with ClaimRenewal(engine, me, hold, longest) as renewal:
         renewal.add(name)
         return _compute_and_store(engine, name, me, definition, hold, renewal)
 
@@ -186,21 +195,28 @@ def _compute_and_store(engine: Engine, name: str, me: str, definition: Definitio
     if not snapshots.store(engine, name, me, since=since, until=until, computed_at=utcnow(), seconds=seconds, body=gzipped_json(answer)):
         return None  # the claim was taken over (it ran out while renewing failed) and another process stored a newer one
     for follower, function, options in definition.then:
-        # Due whenever the report is: made from this computation, whenever the last one was.
-        if not snapshots.claim(engine, follower, me, utcnow(), timedelta(0), hold):
-            continue
-        renewal.add(follower)
         started = time.perf_counter()
         try:
+            # Due whenever the report is: made from this computation, whenever the last one was.
+            if not snapshots.claim(engine, follower, me, utcnow(), timedelta(0), hold):
+                continue
+            renewal.add(follower)
             body = gzipped_json(function(engine, since=since, until=until, answer=answer, **options))
-        except Exception:  # the report itself is kept; this one is tried again with the next
+            snapshots.store(engine, follower, me, since=since, until=until, computed_at=utcnow(),
+                            seconds=seconds + time.perf_counter() - started, body=body)  # fmt: skip
+        except Exception:  # the report itself is kept (stored above); this one is tried again with the next
             log.exception("the snapshot %s could not be made from %s", follower, name)
-            renewal.discard(follower)
-            snapshots.back_off(engine, follower, me, utcnow())  # free again: the next report's process tries it
-            continue
-        snapshots.store(engine, follower, me, since=since, until=until, computed_at=utcnow(),
-                        seconds=seconds + time.perf_counter() - started, body=body)  # fmt: skip
+            _let_go(engine, follower, me, renewal)
     return seconds
+
+
+def _let_go(engine: Engine, name: str, me: str, renewal: ClaimRenewal) -> None:
+    """Free the claim of a snapshot that could not be made, at once: the next report's process tries it."""
+    renewal.discard(name)
+    try:
+        snapshots.back_off(engine, name, me, utcnow())
+    except SQLAlchemyError as exc:  # the claim then runs out by itself
+        log.warning("could not let go of the snapshot %s: %s", name, exc.__class__.__name__)
 
 
 def snapshot_csv(engine: Engine, *, name: str) -> tuple[str, datetime]:
@@ -241,9 +257,12 @@ class SnapshotKeeper:
     """Computes each report's snapshot when it is due and this process wins the claim."""
 
     def __init__(self, engine: Engine, runner: ReportRunner, every: timedelta, reports: Definitions,
-                 observe: Callable[[str, snapshots.State], None] = lambda name, state: None) -> None:  # fmt: skip
-        """`observe(name, state)` is told of each snapshot's state as each look finds it (the metrics)."""
+                 observe: Callable[[str, snapshots.State], None] = lambda name, state: None,
+                 longest: timedelta = LONGEST_COMPUTE) -> None:  # fmt: skip
+        """`observe(name, state)` is told of each snapshot's state as each look finds it (the metrics);
+        `longest`: how long a computation may run before it is stopped as stuck."""
         self._engine = engine
+        self._longest = longest
         self._runner = runner
         self._every = every
         self._reports = reports
@@ -283,7 +302,11 @@ class SnapshotKeeper:
         if not (await self._look(name)).is_due(utcnow(), self._every):
             return
         try:
-            seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every, definition=self._reports[name])
+            # Past LONGEST_COMPUTE the report's process is stopped (and cancels its query) as for a client
+            # that hangs up; its claims are no longer renewed by then either.
+            with anyio.fail_after(self._longest.total_seconds()):
+                seconds = await self._runner.run(compute_and_store, name=name, me=self._me, every=self._every,
+                                                 definition=self._reports[name], longest=self._longest)  # fmt: skip
         except Exception:
             log.exception("the snapshot %s could not be computed; the next try in %s", name, min(self._every, BACK_OFF))
             await anyio.to_thread.run_sync(snapshots.back_off, self._engine, name, self._me, utcnow() + min(self._every, BACK_OFF))
