@@ -230,3 +230,29 @@ async def test_where_no_report_process_can_start_reports_run_in_a_thread_until_o
     monkeypatch.setattr(ReportRunner, "_start", lambda self, *args: started.append(1) or start(self, *args))
     assert (await proxy.get("/api/reports/adoption"))["overall"]["completed_items"] == 0
     assert started and any("in a process of their own again" in r.getMessage() for r in caplog.records)
+
+
+def _sleeping_query(engine: Engine, pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_sleep(60)"))
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_closing_the_runner_waits_for_the_reports_it_stops(tmp_path: Path, postgres_url: str) -> None:
+    """At shutdown the keeper lets go of its snapshots' claims after the runner is closed: a report's
+    process must have ended by then, or a claim it makes meanwhile is held by nobody until it runs out."""
+    engine = make_engine(postgres_url)
+    runner = ReportRunner(engine)
+    pid_file = tmp_path / "report.pid"
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: runner.run(_sleeping_query, pid_file=str(pid_file)))
+        while not pid_file.exists() or not pid_file.read_text():
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.3)  # in its query
+        group.cancel_scope.cancel()  # the server stopping cancels the keeper's task first
+    report = int(pid_file.read_text())
+    await anyio.to_thread.run_sync(runner.close)
+    assert _ended(report), "close() returned while the report's process was still running"
+    engine.dispose()

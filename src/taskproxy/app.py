@@ -260,7 +260,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 task.cancel()
             if listener is not None:
                 await anyio.to_thread.run_sync(listener.close)
-            reports_runner.close()
+            await anyio.to_thread.run_sync(reports_runner.close)  # its children end before the keeper lets go of their claims
             if keeper is not None:
                 await anyio.to_thread.run_sync(keeper.close)
             if left := await attempts.wait_until_recorded(timeout=5.0):

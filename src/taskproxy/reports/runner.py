@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -41,6 +42,7 @@ from taskproxy.errors import ServiceUnavailable
 log = logging.getLogger("taskproxy.reports")
 
 REPORTS_AT_ONCE = 2  # children computing at once, per serving process; more requests wait their turn
+STOP_WAIT_SECONDS = 5.0  # at shutdown, for the children stopped to cancel their queries and end
 CLIENT_CHECK_MS = 1000  # PostgreSQL checks this often that a report's process is alive while its query runs
 # Imported once by the fork server, so a child starts with them.
 PRELOADED = ["taskproxy.reports.runner", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.reports.snapshots", "taskproxy.dashboard.data"]
@@ -157,6 +159,7 @@ class ReportRunner:
             if self._in_threads:
                 log.warning("reports run in a process of their own again")
                 self._in_threads = False
+            self._running = {running for running in self._running if running.is_alive()}  # (is_alive reaps those stopped)
             self._running.add(process)
             try:
                 kind, payload, where = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
@@ -169,8 +172,9 @@ class ReportRunner:
                 ) from None
             finally:
                 if process.is_alive():  # the client hung up, or the server is stopping: the work is not wanted
-                    process.terminate()
-                self._running.discard(process)
+                    process.terminate()  # and it stays in _running until it has ended (close() waits for it)
+                else:
+                    self._running.discard(process)
                 # Closing the pipe while a thread may still read it would be unsafe: the read ends when the
                 # child does, and the pipe is closed with it.
         if kind == "error":
@@ -179,11 +183,20 @@ class ReportRunner:
             raise payload
         return payload
 
-    def close(self) -> None:
-        """Stop the children still computing (the server is stopping)."""
-        for process in list(self._running):
-            if process.is_alive():
-                process.terminate()
+    def close(self, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
+        """Stop the children still computing (the server is stopping), and wait for them to end (blocking):
+        a child that claimed a snapshot just before it was stopped must be gone before the process lets
+        go of its claims, or the claim it made would be held, by nobody, until it runs out."""
+        stopping = [process for process in self._running if process.is_alive()]
+        for process in stopping:
+            process.terminate()
+        deadline = time.monotonic() + wait_seconds
+        for process in stopping:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():  # its query would not cancel: the server ends it when the connection goes
+                process.kill()
+                process.join(1.0)
+        self._running.clear()
 
 
 def _receive(pipe: Connection) -> tuple[str, Any, str]:
