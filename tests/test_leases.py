@@ -24,6 +24,12 @@ SLICE = 3  # a tenth of the limit (guard/ratelimit.py)
 REPLICAS = 3
 
 
+async def _chat(proxy, key: str, item: str) -> httpx.Response:  # type: ignore[no-untyped-def]
+    """One small chat request by `key` for work item `item`, through an in-process proxy."""
+    return await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                 headers={"authorization": f"Bearer {key}", "X-Work-Item": item})  # fmt: skip
+
+
 def _wait_for_a_fresh_minute() -> None:
     """The allowance is per calendar minute: start early in one, so the load stays inside it."""
     if datetime.now(UTC).second >= 40:
@@ -113,8 +119,7 @@ async def test_a_replica_that_stops_gives_back_what_it_was_granted_and_did_not_s
         created = await proxy.http.post("/api/work-items", json={"id": "BACK-1", "budget_tokens": 10_000}, headers=proxy.admin_headers)
         assert created.status_code == 201
         key = await proxy.new_key()
-        reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                      headers={"authorization": f"Bearer {key}", "X-Work-Item": "BACK-1"})  # fmt: skip
+        reply = await _chat(proxy, key, "BACK-1")
         assert reply.status_code == 200
         spent = reply.json()["usage"]["total_tokens"]
         # The first request went on credit while the slice was fetched in the background: stop once it was granted.
@@ -153,8 +158,7 @@ async def test_a_share_evicted_while_its_slice_is_on_its_way_gives_the_slice_bac
         for n in range(3):  # registered: each item's budget is leased too
             assert (await proxy.http.post("/api/work-items", json={"id": f"EVICT-{n}"}, headers=proxy.admin_headers)).status_code == 201
         for n in range(60):  # ~20 tokens each: 1,200 of the team's 100,000, over items that take turns
-            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"EVICT-{n % 3}"})  # fmt: skip
+            reply = await _chat(proxy, key, f"EVICT-{n % 3}")
             answered.append(reply.status_code)
         await anyio.sleep(0.5)  # the last slices arrive before the process stops
     assert answered == [200] * 60, answered
@@ -197,8 +201,7 @@ async def test_a_flood_of_new_budgets_between_refreshes_loses_no_settlement(tmp_
         for n in range(40):  # registered: each item's budget is leased
             assert (await proxy.http.post("/api/work-items", json={"id": f"FLOOD-{n}"}, headers=proxy.admin_headers)).status_code == 201
         for n in range(80):  # 40 items, each twice, in turn: its share has a slice by its second request
-            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"FLOOD-{n // 2}"})  # fmt: skip
+            reply = await _chat(proxy, key, f"FLOOD-{n // 2}")
             answered.append(reply.status_code)
             await anyio.sleep(0.02)  # the first request's slice (on credit) arrives
     assert answered == [200] * 80, answered
@@ -243,12 +246,11 @@ async def test_settlements_the_database_cannot_take_are_dropped_past_the_bound_c
             connection.execute(text("DROP TABLE leases"))
         engine.dispose()
         for n in range(12):
-            reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                          headers={"authorization": f"Bearer {key}", "X-Work-Item": f"LOST-{n}"})  # fmt: skip
+            reply = await _chat(proxy, key, f"LOST-{n}")
             answered.append(reply.status_code)
         metrics = (await proxy.http.get("/metrics", headers=proxy.admin_headers)).text
     assert answered == [200] * 12, answered
-    dropped = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}["taskproxy_budget_settlements_dropped"]
+    dropped = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}["taskproxy_budget_settlements_dropped_total"]
     # Each item spent on credit (no lease could be taken): 12 settlements, at most 2 × 2 held, the rest dropped.
     assert dropped >= 12 - 2 * 2 - 1, metrics
 
@@ -279,8 +281,7 @@ async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path:
     settings = make_settings(tmp_path, budgets={"teams": {"payments": {"tokens": 100_000}}})
     async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         key = await proxy.new_key()
-        reply = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                      headers={"authorization": f"Bearer {key}", "X-Work-Item": "STOP-1"})  # fmt: skip
+        reply = await _chat(proxy, key, "STOP-1")
         assert reply.status_code == 200  # on credit: its slice is on its way as the process stops
         spent = reply.json()["usage"]["total_tokens"]
     engine = make_engine(settings.database_url)

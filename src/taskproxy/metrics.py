@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from taskproxy.money import usd
 from taskproxy.storage.batch import Record
@@ -22,6 +24,20 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 SMALL_TEAMS = "(teams below the privacy floor)"
+
+
+class _CountedElsewhere(Collector):
+    """A counter whose count another part keeps (read at each scrape): exposed as `<name>_total`, so
+    that rate() and increase() apply as to any counter."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation, value=self._read())]
 
 
 class Metrics:
@@ -44,8 +60,8 @@ class Metrics:
               registry=r).set_function(lambda: writer.set_aside)  # fmt: skip
         Gauge("taskproxy_unrecorded_held", "Usage records held in memory because neither the database nor the spool takes them",
               registry=r).set_function(lambda: writer.held_rows)  # fmt: skip
-        Gauge("taskproxy_budget_settlements_dropped", "Budget slices (or spend) this process could not settle with the database: "
-              "more than 20,000 budgets waited during an outage (since start)", registry=r).set_function(settlements_dropped)  # fmt: skip
+        r.register(_CountedElsewhere("taskproxy_budget_settlements_dropped", "Budget slices (or spend) this process could not settle "
+                                     "with the database: more than 20,000 budgets waited during an outage", settlements_dropped))  # fmt: skip
 
         self.snapshot_computed = Gauge("taskproxy_report_snapshot_computed_timestamp_seconds",
                                        "When the latest snapshot of each report was computed (reports.snapshot_minutes), as the last look found it",

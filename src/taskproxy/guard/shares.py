@@ -29,8 +29,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from cachetools import LRUCache
@@ -173,20 +174,24 @@ class BudgetShares:
         which every request that finds the backlog full waits for, at most `LEASE_WAIT_SECONDS` (a
         database that is slow to answer does not hold requests up longer than a slow lease does)."""
         if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups))
-            self._background.add(self._flushing)
-            self._flushing.add_done_callback(self._background.discard)
+            self._flushing = self._spawn(anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups))
         with anyio.move_on_after(LEASE_WAIT_SECONDS):
             try:
                 await asyncio.shield(self._flushing)
             except Exception:  # a bug in the write: the request still goes on (the settlements wait in memory)
                 log.exception("writing the budgets' settlements failed")
 
-    def _ask(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
-        share.arrived = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._take(share, limits, spent))
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` beside the requests, held until it ends (a task nobody holds may be collected
+        mid-run) and waited for at shutdown (aclose)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def _ask(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
+        share.arrived = asyncio.Event()
+        self._spawn(self._take(share, limits, spent))
 
     async def _take(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
         arrived = share.arrived
