@@ -1,7 +1,8 @@
-"""Behind PgBouncer: the report processes' engines connect through a real PgBouncer in session mode,
-the setup many companies put in front of PostgreSQL. PgBouncer refuses a connection whose startup
-packet carries an `options` parameter (unless told to ignore it), so nothing taskproxy sets per
-connection may travel there."""
+"""Behind PgBouncer, which many companies put in front of PostgreSQL: taskproxy's engines connect
+through a real PgBouncer. It refuses a connection whose startup packet carries an `options`
+parameter (unless told to ignore it), so nothing taskproxy sets per connection may travel there; and
+in transaction mode consecutive transactions of one client run on whichever server connection is
+free, so nothing may be left on a server connection for later (a prepared statement)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,9 +35,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def bouncer_url(postgres_url: str) -> Iterator[str]:
-    """A PgBouncer on loopback whose database `tp` is the test server's, in the test's own schema."""
+@contextmanager
+def _pgbouncer(postgres_url: str, pool_mode: str, pool_size: int = 20) -> Iterator[str]:
+    """A PgBouncer on loopback whose database `tp` is the test server's, in the test's own schema
+    (PgBouncer refuses the URL's `options`: the schema is set on each server connection it opens)."""
     if not os.path.exists(PGBOUNCER):
         if os.environ.get("CI"):
             pytest.fail("pgbouncer is not installed; `bash .ci/run` installs it")
@@ -43,20 +47,20 @@ def bouncer_url(postgres_url: str) -> Iterator[str]:
     schema = postgres_url.rsplit("search_path%3D", 1)[1]
     port = _free_port()
     # Not pytest's tmp_path: PgBouncer drops root for another user, who cannot enter root's private folders.
-    tmp_path = Path(tempfile.mkdtemp(prefix="tp-pgbouncer-"))
-    tmp_path.chmod(0o755)
-    (tmp_path / "users.txt").write_text('"postgres" ""\n')
-    (tmp_path / "pgbouncer.ini").write_text(
+    folder = Path(tempfile.mkdtemp(prefix="tp-pgbouncer-"))
+    folder.chmod(0o755)
+    (folder / "users.txt").write_text('"postgres" ""\n')
+    (folder / "pgbouncer.ini").write_text(
         "[databases]\n"
         f"tp = host={server.hostname} port={server.port or 5432} dbname={server.path.lstrip('/')} user=postgres "
         f"connect_query='SET search_path={schema}'\n"
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {tmp_path / 'users.txt'}\npool_mode = session\n"
+        f"auth_type = trust\nauth_file = {folder / 'users.txt'}\npool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\n"
         "logfile =\npidfile =\n"
     )
     # PgBouncer will not run as root; the machine's postgres user (or nobody) owns the files it writes.
-    command = [PGBOUNCER, str(tmp_path / "pgbouncer.ini")]
+    command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if os.geteuid() == 0:
         command.insert(1, "--user=postgres" if _user_exists("postgres") else "--user=nobody")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -75,7 +79,13 @@ def bouncer_url(postgres_url: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def bouncer_url(postgres_url: str) -> Iterator[str]:
+    with _pgbouncer(postgres_url, "session") as url:
+        yield url
 
 
 def _user_exists(name: str) -> bool:
@@ -99,3 +109,53 @@ def test_a_report_process_engine_connects_through_pgbouncer_and_still_asks_the_s
     finally:
         engine.dispose()
 
+
+
+def test_behind_pgbouncer_in_transaction_mode_two_connections_repeat_a_query_on_one_server_connection(postgres_url: str) -> None:
+    """psycopg prepares a query on the server once a connection has run it 5 times: through one
+    server connection shared in turn, the second client's prepare would find the first's."""
+    with _pgbouncer(postgres_url, "transaction", pool_size=1) as url:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as first, engine.connect() as second:
+                for n in range(10):
+                    for connection in (first, second):
+                        assert connection.execute(text("SELECT :n + 1"), {"n": n}).scalar() == n + 1
+                        connection.commit()  # the server connection goes back to PgBouncer's pool
+        finally:
+            engine.dispose()
+
+
+def test_a_proxy_behind_pgbouncer_in_transaction_mode_records_every_request(postgres_url: str, tmp_path: Path) -> None:
+    from serve_helpers import fake_upstream, run_cli, running_server, write_config
+
+    requests, clients = 240, 8
+    with _pgbouncer(postgres_url, "transaction", pool_size=2) as url, fake_upstream() as upstream:
+        config = write_config(tmp_path, upstream.url, database_url=url,
+                              recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        with running_server(config, tmp_path / "serve.log") as server:
+            keys = [server.new_key(owner=f"person-{n}") for n in range(clients)]
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+            def send(n: int) -> int:
+                headers = {"authorization": f"Bearer {keys[n % clients]}", "X-Work-Item": f"POOL-{n % 30}"}
+                return server.http.post("/v1/chat/completions", json=body, headers=headers).status_code
+
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                statuses = list(pool.map(send, range(requests)))
+            assert statuses == [200] * requests
+            engine = make_engine(postgres_url)
+            try:
+                def recorded() -> int:
+                    with engine.connect() as connection:
+                        return int(connection.execute(text("SELECT count(*) FROM usage_events")).scalar_one())
+
+                deadline = time.monotonic() + 15
+                while recorded() < requests and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert recorded() == requests
+            finally:
+                engine.dispose()
+        log = (tmp_path / "serve.log").read_text()
+        assert "refused a batch" not in log and "prepared statement" not in log, log[-3000:]

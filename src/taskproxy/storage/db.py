@@ -48,7 +48,12 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Eng
         return engine
     if url.drivername in {"postgresql", "postgres"}:
         url = url.set(drivername="postgresql+psycopg")
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # No server-side prepared statements (psycopg prepares a query it has run 5 times on a connection):
+    # behind a pooler in transaction mode (PgBouncer's default for large fleets) the next transaction
+    # may run on another server connection, where the statement is missing or another client's has
+    # the same name, and the query fails. taskproxy's repeated queries are lookups by key, whose
+    # planning costs little.
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"prepare_threshold": None})
     if client_check_ms is not None:
         # SET after connecting rather than a startup option (`-c ...` in `options`): PgBouncer refuses
         # connections whose startup packet carries options it does not know, and PostgreSQL 13 and older
