@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlmodel import SQLModel, create_engine
 
 from taskproxy.errors import SchemaBehind
@@ -21,6 +21,23 @@ from taskproxy.storage import models  # noqa: F401  (registers the tables on SQL
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+
+# How every PostgreSQL connection notices a server that vanished without closing it (a failover, a
+# host gone, a firewall forgetting the connection): without these a query waits for the kernel,
+# 15 minutes and more, and the writer with it, while usage piles up unrecorded. A connection attempt
+# gives up after `connect_timeout` s; an idle one (waiting for an answer) is probed after 10 s and
+# dropped after 3 unanswered probes 5 s apart; data unacknowledged for 30 s drops it too. Each is
+# libpq's parameter, and the URL's query overrides it (`...?keepalives_idle=60`).
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}  # fmt: skip
+
+
+def connection_defaults(url: URL) -> dict[str, int]:
+    """`CONNECTION_DEFAULTS` but those `url` sets itself."""
+    return {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in url.query}
 
 
 def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Engine:
@@ -53,7 +70,8 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Eng
     # may run on another server connection, where the statement is missing or another client's has
     # the same name, and the query fails. taskproxy's repeated queries are lookups by key, whose
     # planning costs little.
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"prepare_threshold": None})
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                           connect_args={"prepare_threshold": None, **connection_defaults(url)})  # fmt: skip
     if client_check_ms is not None:
         # SET after connecting rather than a startup option (`-c ...` in `options`): PgBouncer refuses
         # connections whose startup packet carries options it does not know, and PostgreSQL 13 and older

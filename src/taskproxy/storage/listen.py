@@ -25,15 +25,11 @@ import psycopg
 from sqlalchemy.engine import Engine
 
 from taskproxy.storage.changes import CHANNEL
+from taskproxy.storage.db import connection_defaults
 
 log = logging.getLogger("taskproxy.changes")
 STOP_SECONDS = 3.0  # close() waits this long for the thread at most
 RETRY_SECONDS = 5.0  # after the connection failed, before the next
-# A connection that only listens sends nothing: without keepalives, a peer gone silently (a NAT or a
-# firewall forgetting an idle connection, a failover) would leave the listener waiting for good while
-# the timers alone keep the caches fresh. With these, such a connection fails within ~60 s and the
-# listener reconnects.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 def application_name() -> str:
@@ -47,6 +43,9 @@ class ChangeListener:
 
     def __init__(self, engine: Engine, on_change: Callable[[], None]) -> None:
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # A connection that only listens sends nothing: without keepalives, a peer gone silently would
+        # leave the listener waiting for good while the timers alone keep the caches fresh.
+        self._tcp = connection_defaults(engine.url)
         self._on_change = on_change
         self._stopping = threading.Event()
         self._wake: tuple[int, int] | None = None  # close() writes to it: the thread waits on the socket and on this
@@ -88,8 +87,7 @@ class ChangeListener:
                 self._stopping.wait(RETRY_SECONDS)
 
     def _serve(self, selector: selectors.BaseSelector) -> None:
-        with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, application_name=application_name(),
-                             **KEEPALIVES) as connection:  # fmt: skip
+        with psycopg.connect(self._conninfo, autocommit=True, application_name=application_name(), **self._tcp) as connection:
             connection.execute(f"LISTEN {CHANNEL}")
             socket_fd = connection.fileno()  # kept: a lost connection no longer tells its socket
             selector.register(socket_fd, selectors.EVENT_READ)
