@@ -273,6 +273,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
+            for lookups in (keys, item_cache, budgets):
+                lookups.close()
             if engine is None:
                 db.dispose()
 

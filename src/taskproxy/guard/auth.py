@@ -32,6 +32,7 @@ from starlette.datastructures import Headers
 
 from taskproxy import privacy
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
+from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.storage import repo
 from taskproxy.storage.models import ApiKey
 from taskproxy.timeutil import utcnow
@@ -139,13 +140,14 @@ class KeyStore:
         self._by_hash: LRUCache[str, Principal] = LRUCache(capacity)
         self._unknown: TTLCache[str, bool] = TTLCache(max(1, capacity // 4), ttl=refresh_seconds)
         self._lock = threading.Lock()  # used from the event loop and from worker threads
-        # Lookups of keys not in memory get their own few threads: a flood of made-up keys cannot
-        # take the threads the rest of the app needs.
-        self._lookups = anyio.CapacityLimiter(4)
+        self._lookups = Lookups("key")  # keys not in memory (guard/lookups.py)
         self._team_sizes: dict[str, int] = {}  # people with a live key, per team (the privacy floor uses it)
 
     def __len__(self) -> int:
         return len(self._by_hash) + len(self._unknown)
+
+    def close(self) -> None:
+        self._lookups.close()
 
     def warm(self) -> None:
         """Count each team's people, and hold the newest keys (blocking; run it in a thread)."""
@@ -197,8 +199,8 @@ class KeyStore:
         if not _KEY_SHAPE.fullmatch(token) or unknown:
             raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
         try:
-            row = await anyio.to_thread.run_sync(repo.find_key_by_hash, self._engine, digest, limiter=self._lookups)
-        except SQLAlchemyError:
+            row = await self._lookups.run(repo.find_key_by_hash, self._engine, digest)
+        except (SQLAlchemyError, LookupTimeout):
             raise ServiceUnavailable("The key could not be checked: the database does not answer. Try again shortly.") from None
         with self._lock:
             if row is None or row.revoked_at is not None:

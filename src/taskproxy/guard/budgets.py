@@ -26,13 +26,13 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 
-import anyio
 from cachetools import LRUCache
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
+from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.guard.shares import BudgetShares
 from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
@@ -58,8 +58,11 @@ class Budgets:
         self._item_spent: LRUCache[str, _Spent] = LRUCache(items.capacity)
         self._team_spent: dict[tuple[str, str], _Spent] = {}  # (team, "YYYY-MM")
         self._since: datetime | None = None
-        self._lookups = anyio.CapacityLimiter(4)
+        self._lookups = Lookups("spend")  # the spend of items not in memory (guard/lookups.py)
         self.shares = BudgetShares(engine, items.capacity)
+
+    def close(self) -> None:
+        self._lookups.close()
 
     @property
     def _item_defaults(self) -> bool:
@@ -183,8 +186,8 @@ class Budgets:
 
     async def _read_item(self, item_id: str) -> None:
         try:
-            found = await anyio.to_thread.run_sync(self._read_counter, item_id, limiter=self._lookups)
-        except SQLAlchemyError:  # the database is down: usage is spooled, so serve on what this process counted
+            found = await self._lookups.run(self._read_counter, item_id)
+        except (SQLAlchemyError, LookupTimeout):  # the database is down: usage is spooled, so serve on what this process counted
             log.warning("could not read the spend of %s; checked against this process's count until the database answers", item_id)
             return
         with self._lock:

@@ -17,13 +17,13 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import anyio
 from cachetools import LRUCache, TTLCache
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
+from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.storage.models import WorkItem
 from taskproxy.storage.repo import WARM_ROWS_PER_READ
 from taskproxy.workitems import RESOLVED
@@ -59,7 +59,10 @@ class ItemCache:
         self._items: LRUCache[str, KnownItem] = LRUCache(capacity)
         self._missing: TTLCache[str, bool] = TTLCache(max(1, capacity // MISSING_SHARE), ttl=refresh_seconds)
         self._lock = threading.Lock()  # the cache is used from the event loop and from worker threads
-        self._lookups = anyio.CapacityLimiter(4)
+        self._lookups = Lookups("item")  # items not in memory (guard/lookups.py)
+
+    def close(self) -> None:
+        self._lookups.close()
 
     @property
     def capacity(self) -> int:
@@ -130,8 +133,8 @@ class ItemCache:
             if known is not None or item_id in self._missing:
                 return known
         try:
-            found = await anyio.to_thread.run_sync(self.fetch, (item_id,), limiter=self._lookups)
-        except SQLAlchemyError:
+            found = await self._lookups.run(self.fetch, (item_id,))
+        except (SQLAlchemyError, LookupTimeout):
             if not required:
                 return None
             raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.") from None

@@ -1,0 +1,117 @@
+"""A database that vanishes without closing its connections (a failover, a host powered off, a
+firewall forgetting them): packets to it are dropped, so nothing tells the proxy the connections are
+dead. The proxy must go on answering, notice within its TCP timeouts (storage/db.py,
+CONNECTION_DEFAULTS), spool what it cannot write, and write all of it once the database is back.
+
+The black hole is made with nftables on loopback (root only): a rule drops every packet to and from
+the port of a TCP relay that stands between the proxy and PostgreSQL, so only this test's connections
+fall into it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from serve_helpers import fake_upstream, run_cli, running_server, write_config
+from sqlalchemy import text
+from tcp_relay import TcpRelay
+
+from taskproxy.storage.db import make_engine
+
+pytestmark = [pytest.mark.postgres, pytest.mark.serve]
+NFT = shutil.which("nft") or "/usr/sbin/nft"
+
+
+@contextmanager
+def _black_hole(port: int) -> Iterator[None]:
+    table = f"taskproxy_test_{port}"
+    commands = [
+        ["add", "table", "inet", table],
+        ["add", "chain", "inet", table, "input", "{ type filter hook input priority 0 ; }"],
+        ["add", "rule", "inet", table, "input", "tcp", "dport", str(port), "drop"],
+        ["add", "rule", "inet", table, "input", "tcp", "sport", str(port), "drop"],
+    ]
+    try:
+        for command in commands:
+            subprocess.run([NFT, *command], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run([NFT, "delete", "table", "inet", table], check=False, capture_output=True)
+
+
+def _can_black_hole() -> str | None:
+    """Why a black hole cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "dropping packets needs root"
+    if not os.path.exists(NFT):
+        return "nft is not installed (apt-get install nftables, or `bash .ci/run`)"
+    probe = subprocess.run([NFT, "list", "tables"], check=False, capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"nftables does not work here: {probe.stderr.strip()}"
+
+
+def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it_is_back(postgres_url: str, tmp_path: Path) -> None:
+    if reason := _can_black_hole():
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    relay = TcpRelay(urlsplit(postgres_url).port or 5432)
+    relayed_url = postgres_url.replace(f":{relay.target[1]}/", f":{relay.port}/", 1)
+    spool = tmp_path / "spool.jsonl"
+    direct = make_engine(postgres_url)
+
+    def recorded() -> int:
+        with direct.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM usage_events")).scalar_one())
+
+    def spooled() -> int:
+        return sum(path.stat().st_size for path in tmp_path.glob("spool*"))
+
+    with fake_upstream() as upstream:
+        config = write_config(tmp_path, upstream.url, database_url=relayed_url,
+                              recording={"spool_path": str(spool), "flush_interval_seconds": 0.1})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        with running_server(config, tmp_path / "serve.log") as server:
+            key = server.new_key()
+            headers = {"authorization": f"Bearer {key}", "X-Work-Item": "HOLE-1"}
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+            answered: list[float] = []
+
+            def ask() -> float:
+                started = time.monotonic()
+                reply = server.http.post("/v1/chat/completions", json=body, headers=headers)
+                assert reply.status_code == 200, reply.text
+                answered.append(time.monotonic() - started)
+                return answered[-1]
+
+            for _ in range(10):
+                ask()
+            deadline = time.monotonic() + 10
+            while recorded() < 10 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert recorded() == 10
+
+            with _black_hole(relay.port):
+                # The request path reads no table: answered at once while the writer waits on the dead connection.
+                assert max(ask() for _ in range(20)) < 2.0, answered
+                # The writer gives up on the connection within the TCP timeouts (~30 s) and spools.
+                deadline = time.monotonic() + 60
+                while spooled() == 0 and time.monotonic() < deadline:
+                    ask()
+                    time.sleep(0.5)
+                assert spooled() > 0, "the writer was still waiting on a connection to a database that was gone"
+
+            # Back: every answered request is written exactly once, what was spooled included.
+            deadline = time.monotonic() + 60
+            while (recorded() < len(answered) or spooled()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert spooled() == 0
+            assert recorded() == len(answered)
+    direct.dispose()
