@@ -101,6 +101,9 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
             with _black_hole(relay.port):
                 # The request path reads no table: answered at once while the writer waits on the dead connection.
                 assert max(ask() for _ in range(20)) < 2.0, answered
+                started = time.monotonic()
+                ready = server.http.get("/readyz")
+                assert ready.status_code == 503 and time.monotonic() - started < 4.0, ready.text  # a probe answers in time
                 # The writer gives up on the connection within the TCP timeouts (~30 s) and spools.
                 deadline = time.monotonic() + 60
                 while spooled() == 0 and time.monotonic() < deadline:

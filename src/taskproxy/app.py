@@ -74,6 +74,7 @@ log = logging.getLogger("taskproxy")
 
 NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 PARTITIONS_EVERY_SECONDS = 3600.0
+READY_WAIT_SECONDS = 2.0  # /readyz waits this long for the database at most
 
 
 async def root(request: Request) -> Response:
@@ -90,7 +91,12 @@ async def readyz(request: Request) -> Response:
     if (problem := writer.problem) is not None:
         raise ServiceUnavailable(f"Not ready: {problem}.")
     try:
-        await anyio.to_thread.run_sync(ping, request.state.engine)
+        # A probe answers in time even when the database has gone silent: its ping is left to end in
+        # its thread (within the connections' TCP timeouts, storage/db.py).
+        with anyio.fail_after(READY_WAIT_SECONDS):
+            await anyio.to_thread.run_sync(ping, request.state.engine, abandon_on_cancel=True)
+    except TimeoutError:
+        raise ServiceUnavailable(f"The database did not answer within {READY_WAIT_SECONDS:g} s.") from None
     except SQLAlchemyError as exc:
         raise ServiceUnavailable(f"The database does not answer ({exc.__class__.__name__}).") from None
     return JSON({"status": "ready", "writer_queue": writer.queue_depth})
