@@ -135,7 +135,8 @@ class ItemCache:
         try:
             found = await self._lookups.run(self.fetch, (item_id,))
         except (SQLAlchemyError, LookupTimeout):
-            if not required:
+            if not required:  # taken as unknown until the next refresh, rather than asked again by every request
+                self._remember(item_id, None)
                 return None
             raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.") from None
         self._remember(item_id, found.get(item_id))

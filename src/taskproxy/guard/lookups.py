@@ -5,12 +5,15 @@ They run on a few threads of their own per kind, so a flood of made-up keys or i
 threads the rest of the app needs, and a request waits for one at most `LOOKUP_WAIT_SECONDS`: a
 database that has gone silent (a failover, a host gone; storage/db.py's TCP timeouts end such a
 connection only after tens of seconds) costs a request a second, as a slow lease does, and then the
-caller's answer for a database that does not answer (503, or this process's own count).
+caller's answer for a database that does not answer (503, or this process's own count). While
+every thread of a kind is taken by a lookup that outlived its wait, the next fails at once: the
+database has gone silent, and a request would only wait its second to be told so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -30,14 +33,28 @@ class Lookups:
 
     def __init__(self, name: str, at_once: int = LOOKUPS_AT_ONCE) -> None:
         self._threads = ThreadPoolExecutor(at_once, thread_name_prefix=f"taskproxy-{name}-lookup")
+        self._at_once = at_once
+        self._lock = threading.Lock()
+        self._overdue = 0  # lookups still running after their caller stopped waiting
+
+    def _done_late(self, _call: object) -> None:
+        with self._lock:
+            self._overdue -= 1
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)` in a lookup thread. Past the bound: LookupTimeout. A lookup that had not
         started is dropped; one under way ends in its thread (within the TCP timeouts) and is discarded."""
-        future = asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
+        with self._lock:
+            if self._overdue >= self._at_once:
+                raise LookupTimeout("the database has not answered the last lookups")
+        call = self._threads.submit(function, *args)
         try:
-            return await asyncio.wait_for(future, LOOKUP_WAIT_SECONDS)
+            return await asyncio.wait_for(asyncio.wrap_future(call), LOOKUP_WAIT_SECONDS)
         except TimeoutError:
+            if not call.cancel():  # under way (not just queued): counted until it ends
+                with self._lock:
+                    self._overdue += 1
+                call.add_done_callback(self._done_late)
             raise LookupTimeout(f"the database did not answer within {LOOKUP_WAIT_SECONDS:g} s") from None
 
     def close(self) -> None:

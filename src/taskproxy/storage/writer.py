@@ -7,7 +7,10 @@ and the rollups count only rows an insert wrote, so writing a batch twice change
 what lets every path below retry freely.
 
 - **The database is down**: the batch goes to a local spool (spool.py) and is replayed when the
-  database answers again. New batches go straight to a database that answers, whatever is still
+  database answers again. A database that does not answer at all (gone silent: a failover, a host
+  gone) counts as down after `WRITE_WAIT_SECONDS`: the write goes on in a thread of its own until the
+  connection's TCP timeouts end it, and the batches meanwhile are spooled without waiting for it.
+  The spooled copy of a batch whose write commits late changes nothing when it is replayed. New batches go straight to a database that answers, whatever is still
   waiting in the spool, so a spool that cannot be replayed never holds back the rest.
 - **The spool cannot be written either** (a full disk): the batch is held in memory and retried;
   `problem` says so (`/readyz` answers 503 with it), and once more than `max_held_records` are held
@@ -29,6 +32,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +47,10 @@ log = logging.getLogger("taskproxy.writer")
 
 RETRY_INTERVAL_SECONDS = 1.0  # how often the spool (and what is held in memory) is retried
 DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once for this long instead of trying it
+# How long the writer waits for the database to answer a batch (a healthy one takes tens of
+# milliseconds) before spooling instead; after a failure, while it is not known to be back, less.
+WRITE_WAIT_SECONDS = 2.0
+WRITE_WAIT_WHILE_DOWN_SECONDS = 0.5
 BACKLOG_BATCHES = 10
 
 
@@ -105,6 +114,8 @@ class BatchWriter:
         self._down_since: float | None = None  # the database failed at this time, and has not answered since
         self._spool_error: str | None = None  # the last spool write failed with this
         self._last_retry = 0.0
+        self._database = ThreadPoolExecutor(1, thread_name_prefix="taskproxy-writer-database")  # see _to_database
+        self._unanswered: Future[None] | None = None  # a write still waiting for the database
         self.committed = 0
         self.spooled = 0
         self.set_aside = 0
@@ -178,6 +189,7 @@ class BatchWriter:
         if self._held:
             log.error("%d usage records could be neither written nor spooled and are lost at exit: %s", self._held_rows, self._spool_error)
         self._spool.close()
+        self._database.shutdown(wait=False)
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -271,7 +283,7 @@ class BatchWriter:
     def _commit(self, batch: Batch) -> bool:
         """Write `batch`, setting aside the rows the database refuses for themselves. False: it is down."""
         try:
-            write(self._engine, batch)
+            self._to_database(batch)
         except SQLAlchemyError as exc:
             if database_down(exc):
                 if self._down_since is None:
@@ -284,6 +296,19 @@ class BatchWriter:
         self.committed += len(batch)
         return True
 
+    def _to_database(self, batch: Batch) -> None:
+        """`write` the batch, in the writer's database thread, waiting for it a bounded time: past it
+        (or while an earlier write still waits), an OperationalError, which counts as the database down."""
+        if self._unanswered is not None and not self._unanswered.done():
+            raise _no_answer()
+        self._unanswered = None
+        call = self._database.submit(write, self._engine, batch)
+        try:
+            call.result(timeout=WRITE_WAIT_SECONDS if self._down_since is None else WRITE_WAIT_WHILE_DOWN_SECONDS)
+        except FutureTimeout:
+            self._unanswered = call
+            raise _no_answer() from None
+
     def _isolate(self, units: list[Batch]) -> bool:
         """Write `units` in halves until each row the database refuses stands alone; set those aside."""
         if len(units) == 1:
@@ -291,7 +316,7 @@ class BatchWriter:
         middle = len(units) // 2
         for part in (units[:middle], units[middle:]):
             try:
-                write(self._engine, Batch.merged(part))
+                self._to_database(Batch.merged(part))
                 self.committed += sum(len(unit) for unit in part)
             except SQLAlchemyError as exc:
                 if database_down(exc):
@@ -303,7 +328,7 @@ class BatchWriter:
 
     def _write_alone(self, unit: Batch) -> bool:
         try:
-            write(self._engine, unit)
+            self._to_database(unit)
             self.committed += len(unit)
             return True
         except SQLAlchemyError as exc:
@@ -376,7 +401,7 @@ class BatchWriter:
         """Write one spooled batch; rows the database refuses for themselves are set aside. Raises only if it is down."""
         batch = Batch.from_dict(data)
         try:
-            write(self._engine, batch)
+            self._to_database(batch)
         except SQLAlchemyError as exc:
             if database_down(exc):
                 raise
@@ -409,6 +434,10 @@ def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
             spool.set_aside_batch(data, _reason(exc))
             kept += batch.rows()
     return written, kept
+
+
+def _no_answer() -> OperationalError:
+    return OperationalError("writing a batch", {}, TimeoutError("the database has not answered the last write"))
 
 
 def _reason(exc: BaseException) -> str:
