@@ -145,7 +145,8 @@ class BudgetShares:
                     if share.arrived is None:
                         self._ask(share, limits, spent)
                     await share.arrived.wait()  # type: ignore[union-attr]
-            if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets)
+            if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets),
+                share.alone_until = time.monotonic() + ALONE_SECONDS  # for a while, rather than a second's wait per request
                 return True
         if share.alone_until > time.monotonic():
             return True
