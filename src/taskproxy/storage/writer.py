@@ -10,8 +10,9 @@ what lets every path below retry freely.
   database answers again. A database that does not answer at all (gone silent: a failover, a host
   gone) counts as down after `WRITE_WAIT_SECONDS`: the write goes on in a thread of its own until the
   connection's TCP timeouts end it, and the batches meanwhile are spooled without waiting for it.
-  The spooled copy of a batch whose write commits late changes nothing when it is replayed. New batches go straight to a database that answers, whatever is still
-  waiting in the spool, so a spool that cannot be replayed never holds back the rest.
+  The spooled copy of a batch whose write commits late changes nothing when it is replayed. New
+  batches go straight to a database that answers, whatever is still waiting in the spool, so a
+  spool that cannot be replayed never holds back the rest.
 - **The spool cannot be written either** (a full disk): the batch is held in memory and retried;
   `problem` says so (`/readyz` answers 503 with it), and once more than `max_held_records` are held
   the request path refuses new requests (`refusing`) rather than answer requests it cannot record.
