@@ -426,7 +426,7 @@ async def test_a_stuck_snapshot_computation_is_stopped_and_its_claim_runs_out(tm
 def test_claims_are_renewed_no_longer_than_the_longest_computation(database_url: str) -> None:
     engine = make_engine(database_url)
     upgrade_schema(engine)
-    hold, go_on, running = timedelta(seconds=0.6), threading.Event(), threading.Event()
+    hold, go_on, running = timedelta(seconds=0.3), threading.Event(), threading.Event()
 
     def stuck(engine, **_):  # type: ignore[no-untyped-def]
         running.set()
@@ -437,7 +437,7 @@ def test_claims_are_renewed_no_longer_than_the_longest_computation(database_url:
                                                                   definition=Definition(stuck, {}), hold=hold, longest=timedelta(seconds=1)))  # fmt: skip
     computing.start()
     assert running.wait(30)
-    time.sleep(0.4)
+    time.sleep(0.6)  # longer than one hold: only a renewal keeps the claim
     assert not snapshots.claim(engine, "adoption", "b:2", utcnow(), timedelta(0), hold)  # renewed while young
     time.sleep(1 + 3 * hold.total_seconds())
     assert snapshots.claim(engine, "adoption", "b:2", utcnow(), timedelta(0), hold)  # then let run out

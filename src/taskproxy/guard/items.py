@@ -135,8 +135,7 @@ class ItemCache:
         try:
             found = await self._lookups.run(self.fetch, (item_id,))
         except (SQLAlchemyError, LookupTimeout):
-            if not required:  # taken as unknown until the next refresh, rather than asked again by every request
-                self._remember(item_id, None)
+            if not required:  # not remembered: the lookups fail at once while the database stays silent (guard/lookups.py)
                 return None
             raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.") from None
         self._remember(item_id, found.get(item_id))

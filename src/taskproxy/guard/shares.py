@@ -267,10 +267,12 @@ class BudgetShares:
         # asyncio.wait, not a cancelled gather: a lease cancelled here would still be granted by its
         # thread, and never given back. One that is still on its way after close() finds its share
         # evicted, queues its slice, and the last flush writes it.
-        for _ in range(2):
-            if self._background:
-                await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
-            await anyio.to_thread.run_sync(self.close)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
+        await anyio.to_thread.run_sync(self.close)
+        if self._background:  # slices still on their way: their shares are evicted, so they queue themselves
+            await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
+            await anyio.to_thread.run_sync(self.flush_returns)
 
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -122,6 +123,7 @@ class ReportRunner:
         self._limiter = anyio.CapacityLimiter(at_once)
         self._context: BaseContext | None = None
         self._running: set[BaseProcess] = set()
+        self._running_lock = threading.Lock()  # close() reads the set from a worker thread while runs end on the loop
         self._in_threads = False  # the last report could not start a process: said once, until one can
 
     def _start(self, *args: Any) -> tuple[BaseProcess, Connection]:
@@ -159,8 +161,9 @@ class ReportRunner:
             if self._in_threads:
                 log.warning("reports run in a process of their own again")
                 self._in_threads = False
-            self._running = {running for running in self._running if running.is_alive()}  # (is_alive reaps those stopped)
-            self._running.add(process)
+            with self._running_lock:
+                self._running = {running for running in self._running if running.is_alive()}  # (is_alive reaps those stopped)
+                self._running.add(process)
             try:
                 kind, payload, where = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
             except EOFError:
@@ -174,7 +177,8 @@ class ReportRunner:
                 if process.is_alive():  # the client hung up, or the server is stopping: the work is not wanted
                     process.terminate()  # and it stays in _running until it has ended (close() waits for it)
                 else:
-                    self._running.discard(process)
+                    with self._running_lock:
+                        self._running.discard(process)
                 # Closing the pipe while a thread may still read it would be unsafe: the read ends when the
                 # child does, and the pipe is closed with it.
         if kind == "error":
@@ -187,7 +191,8 @@ class ReportRunner:
         """Stop the children still computing (the server is stopping), and wait for them to end (blocking):
         a child that claimed a snapshot just before it was stopped must be gone before the process lets
         go of its claims, or the claim it made would be held, by nobody, until it runs out."""
-        stopping = [process for process in self._running if process.is_alive()]
+        with self._running_lock:
+            stopping = [process for process in self._running if process.is_alive()]
         for process in stopping:
             process.terminate()
         deadline = time.monotonic() + wait_seconds
@@ -196,7 +201,8 @@ class ReportRunner:
             if process.is_alive():  # its query would not cancel: the server ends it when the connection goes
                 process.kill()
                 process.join(1.0)
-        self._running.clear()
+        with self._running_lock:
+            self._running.clear()
 
 
 def _receive(pipe: Connection) -> tuple[str, Any, str]:
