@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from taskproxy.errors import UpstreamError
+from taskproxy.errors import ClientGone, UpstreamError
 from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
 from taskproxy.metering.pricing import Price
 from taskproxy.metering.tokens import TokenCounter
@@ -150,7 +150,9 @@ class Exchange:
             if self.answered:  # answered but no usage reported (cut short, or a provider without usage)
                 prompt, completion = est_prompt, _clamp(self._completion_estimate(observed))
         status, error, provider_error = self.status, self.error, None
-        if observed.error is not None and error is None:
+        # The provider's error was relayed before anything else ended the answer: a client that hangs up
+        # on reading it (the SDKs raise on it) does not make it the client's doing.
+        if observed.error is not None and error in (None, ClientGone.code):
             status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
         cost = self.price.nanos(prompt, completion, cached, written) if self.price is not None else None
         row: dict[str, Any] = {
