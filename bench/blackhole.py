@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,52 +30,10 @@ import httpx
 from sqlalchemy import create_engine, text
 from targets import FakeProvider, Taskproxy
 
-NFT = shutil.which("nft") or "/usr/sbin/nft"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tcp_relay import TcpRelay, black_hole_unavailable
+
 SCHEMA = "bench_blackhole"
-
-
-class Relay:
-    """Copies bytes between 127.0.0.1:<port> and the database, so that the drop rule matches only it."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            server = socket.create_connection(self.target)
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-@contextmanager
-def dropped(port: int) -> Iterator[None]:
-    table = f"taskproxy_bench_{port}"
-    for command in (["add", "table", "inet", table], ["add", "chain", "inet", table, "input", "{ type filter hook input priority 0 ; }"],
-                    ["add", "rule", "inet", table, "input", "tcp", "dport", str(port), "drop"],
-                    ["add", "rule", "inet", table, "input", "tcp", "sport", str(port), "drop"]):  # fmt: skip
-        subprocess.run([NFT, *command], check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run([NFT, "delete", "table", "inet", table], check=False, capture_output=True)
 
 
 def summary(latencies: list[tuple[float, int]]) -> dict[str, object]:
@@ -99,8 +53,8 @@ def main() -> int:
     parser.add_argument("--dark", type=float, default=40.0)
     parser.add_argument("--after", type=float, default=5.0)
     args = parser.parse_args()
-    if os.geteuid() != 0 or not os.path.exists(NFT):
-        print("needs root and nftables (apt-get install nftables)", file=sys.stderr)
+    if reason := black_hole_unavailable():
+        print(f"cannot drop packets: {reason}", file=sys.stderr)
         return 2
     url = args.postgres.replace("postgresql://", "postgresql+psycopg://", 1)
     admin = create_engine(url)
@@ -108,7 +62,7 @@ def main() -> int:
         connection.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
         connection.execute(text(f"CREATE SCHEMA {SCHEMA}"))
     parts = urlsplit(args.postgres)
-    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5432))
+    relay = TcpRelay(parts.port or 5432, parts.hostname or "127.0.0.1")
     relayed = args.postgres.replace(f":{parts.port or 5432}/", f":{relay.port}/", 1) + f"?options=-csearch_path%3D{SCHEMA}"
     folder = Path(tempfile.mkdtemp(prefix="taskproxy-blackhole-"))
     provider = FakeProvider(folder)
@@ -135,7 +89,7 @@ def main() -> int:
             thread.start()
         time.sleep(args.before)
         phase[0] = "dark"
-        with dropped(relay.port):
+        with relay.black_hole():
             time.sleep(args.dark)
         phase[0] = "after"
         for thread in threads:

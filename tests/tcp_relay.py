@@ -1,9 +1,28 @@
-"""A TCP relay on 127.0.0.1 that a test can cut and restore: a database outage, as clients see it."""
+"""A TCP relay on 127.0.0.1 that a test can cut and restore (a database outage, as clients see it), or
+black-hole (packets dropped and no connection closed: a database gone silent). Also used by
+bench/blackhole.py."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+NFT = shutil.which("nft") or "/usr/sbin/nft"
+
+
+def black_hole_unavailable() -> str | None:
+    """Why `TcpRelay.black_hole` cannot work here (it needs root and nftables), or None."""
+    if os.geteuid() != 0:
+        return "dropping packets needs root"
+    if not os.path.exists(NFT):
+        return "nft is not installed (apt-get install nftables, or `bash .ci/run`)"
+    probe = subprocess.run([NFT, "list", "tables"], check=False, capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"nftables does not work here: {probe.stderr.strip()}"
 
 
 class TcpRelay:
@@ -73,3 +92,21 @@ class TcpRelay:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    @contextmanager
+    def black_hole(self) -> Iterator[None]:
+        """Drop every packet to and from the relay's port (nftables, on loopback) while inside: its
+        connections stay open to nothing. Only this relay's traffic is touched."""
+        table = f"taskproxy_relay_{self.port}"
+        commands = [
+            ["add", "table", "inet", table],
+            ["add", "chain", "inet", table, "input", "{ type filter hook input priority 0 ; }"],
+            ["add", "rule", "inet", table, "input", "tcp", "dport", str(self.port), "drop"],
+            ["add", "rule", "inet", table, "input", "tcp", "sport", str(self.port), "drop"],
+        ]
+        try:
+            for command in commands:
+                subprocess.run([NFT, *command], check=True, capture_output=True)
+            yield
+        finally:
+            subprocess.run([NFT, "delete", "table", "inet", table], check=False, capture_output=True)

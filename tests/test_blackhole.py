@@ -11,56 +11,22 @@ fall into it."""
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from serve_helpers import fake_upstream, run_cli, running_server, write_config
 from sqlalchemy import text
-from tcp_relay import TcpRelay
+from tcp_relay import TcpRelay, black_hole_unavailable
 
 from taskproxy.storage.db import make_engine
 
 pytestmark = [pytest.mark.postgres, pytest.mark.serve]
-NFT = shutil.which("nft") or "/usr/sbin/nft"
-
-
-@contextmanager
-def _black_hole(port: int) -> Iterator[None]:
-    table = f"taskproxy_test_{port}"
-    commands = [
-        ["add", "table", "inet", table],
-        ["add", "chain", "inet", table, "input", "{ type filter hook input priority 0 ; }"],
-        ["add", "rule", "inet", table, "input", "tcp", "dport", str(port), "drop"],
-        ["add", "rule", "inet", table, "input", "tcp", "sport", str(port), "drop"],
-    ]
-    try:
-        for command in commands:
-            subprocess.run([NFT, *command], check=True, capture_output=True)
-        yield
-    finally:
-        subprocess.run([NFT, "delete", "table", "inet", table], check=False, capture_output=True)
-
-
-def _can_black_hole() -> str | None:
-    """Why a black hole cannot be made here, or None."""
-    if os.geteuid() != 0:
-        return "dropping packets needs root"
-    if not os.path.exists(NFT):
-        return "nft is not installed (apt-get install nftables, or `bash .ci/run`)"
-    probe = subprocess.run([NFT, "list", "tables"], check=False, capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"nftables does not work here: {probe.stderr.strip()}"
-
-
 def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it_is_back(postgres_url: str, tmp_path: Path) -> None:
-    if reason := _can_black_hole():
+    if reason := black_hole_unavailable():
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -104,7 +70,7 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
                 time.sleep(0.1)
             assert recorded() == 10
 
-            with _black_hole(relay.port):
+            with relay.black_hole():
                 # The request path reads no table: answered at once while the writer waits on the dead connection.
                 # HOLE-1's budget (2,000 tokens, ~20 a request) is leased in slices of 200: the first slice
                 # asked for in the dark is waited for 1 s, then this process's own count decides for a while.
