@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from taskproxy.storage import repo
 
@@ -89,8 +90,9 @@ class Batch:
 
 
 def database_down(exc: BaseException) -> bool:
-    """The database could not be reached (spool and retry), as opposed to refusing a row."""
-    return isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    """The database could not be reached (spool and retry), as opposed to refusing a row. A pool with
+    no connection to give within its timeout counts too: each of them waits on a database gone silent."""
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def write(engine: Engine, batch: Batch) -> None:

@@ -151,8 +151,10 @@ def write_batch(
         if audit:
             connection.execute(insert_ignoring_duplicates(dialect, AuditEntry.__table__), list(audit))
         if items:
-            connection.execute(insert_ignoring_duplicates(dialect, WorkItem.__table__), items)
-            changes.note(connection, changes.ITEM, (item["id"] for item in items), now, wake=False)  # ids met in requests: the timer will do
+            # Only the items this insert wrote are changes: a batch written twice (a late commit, then
+            # its replay) notes nothing the second time. Ids met in requests: the timer will do (no wake).
+            registered = bulk.insert_new(connection, WorkItem.__table__, items)
+            changes.note(connection, changes.ITEM, (item["id"] for item in registered), now, wake=False)
         if events and dialect == "postgresql":  # one statement: the events, their rollups and counters
             derived = [*rollup.upserts_over("new"), spend.upsert_over("new")]
             bulk.insert_new_with(connection, UsageEvent.__table__, events, returning=rollup.SOURCE_COLUMNS, derived=derived, params=(now,))
