@@ -11,6 +11,7 @@ fall into it."""
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from serve_helpers import fake_upstream, run_cli, running_server, write_config
+from serve_helpers import fake_upstream, run_cli, running_server, start_server, write_config
 from sqlalchemy import text
 from tcp_relay import TcpRelay, black_hole_unavailable
 
@@ -100,3 +101,69 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
             assert spooled() == 0
             assert recorded() == len(answered)
     direct.dispose()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_process_stopped_while_the_database_is_silent_exits_promptly_and_the_next_writes_its_spool(
+    postgres_url: str, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """A rolling restart during a failover: the stopping process must not wait out the TCP timeouts of
+    connections to a database that does not answer (its lookups, its writer, its budget slices, its
+    snapshots' claims), and what it could not write waits in its spool for the next process."""
+    if reason := black_hole_unavailable():
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    relay = TcpRelay(urlsplit(postgres_url).port or 5432)
+    relayed_url = postgres_url.replace(f":{relay.target[1]}/", f":{relay.port}/", 1)
+    spool = tmp_path / "spool.jsonl"
+    direct = make_engine(postgres_url)
+    try:
+        with fake_upstream() as upstream:
+            config = write_config(tmp_path, upstream.url, database_url=relayed_url, server={"shutdown_grace_seconds": 2},
+                                  recording={"spool_path": str(spool), "flush_interval_seconds": 0.1, "batch_size": 5},
+                                  budgets={"work_item_tokens": 2_000}, limits={"requests_per_minute": 400})  # fmt: skip
+            assert run_cli("db", "upgrade", config=config).returncode == 0
+            server = start_server(config, tmp_path / "serve.log")
+            try:
+                key = server.new_key()
+                assert server.http.post("/api/work-items", json={"id": "HOLE-1"}, headers=server.admin_headers).status_code == 201
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                answered = 0
+
+                def ask(item: str) -> None:
+                    nonlocal answered
+                    reply = server.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}", "X-Work-Item": item})
+                    assert reply.status_code == 200, reply.text
+                    answered += 1
+
+                for _ in range(5):
+                    ask("HOLE-1")
+                with relay.black_hole():
+                    # Lookups of items not in memory, a budget's slice and the writer's batches all wait on dead connections.
+                    with ThreadPoolExecutor(max_workers=4) as pool:
+                        list(pool.map(lambda n: [ask(f"HOLE-{200 + n}") for _ in range(5)], range(4)))
+                    for _ in range(20):
+                        ask("HOLE-1")
+                    time.sleep(3)  # the writer's batch has outlived its wait
+                    started = time.monotonic()
+                    server.process.send_signal(stop)
+                    server.process.wait(120)
+                    took = time.monotonic() - started
+                # uvicorn re-raises the signal once it has stopped: SIGTERM ends the process, SIGINT exits 130.
+                assert server.process.returncode in (0, -signal.SIGTERM, 130), server.log()[-3000:]
+                assert took < 10.0, f"exit took {took:.1f} s:\n{server.log()[-3000:]}"
+            finally:
+                server.stop()
+            assert spool.exists() or any(tmp_path.glob("spool*")), "nothing was spooled"
+            with running_server(config, tmp_path / "again.log"):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with direct.connect() as connection:
+                        if int(connection.execute(text("SELECT count(*) FROM usage_events")).scalar_one()) >= answered:
+                            break
+                    time.sleep(0.2)
+                with direct.connect() as connection:
+                    assert int(connection.execute(text("SELECT count(*) FROM usage_events")).scalar_one()) == answered
+    finally:
+        direct.dispose()

@@ -314,3 +314,17 @@ def test_a_listener_survives_a_failure_of_its_own_and_listens_again(postgres_url
     finally:
         listener.close()
         engine.dispose()
+
+
+async def test_a_key_looked_up_while_the_process_stops_is_told_to_try_again_not_a_server_error(tmp_path: Path) -> None:
+    """A request that arrives as the app shuts down, with a key not in memory: the lookup's threads are
+    gone, and the answer is the 503 of a database that cannot be asked (a retry reaches another replica)."""
+    from taskproxy.errors import ServiceUnavailable
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    prepare_schema(engine)
+    keys = KeyStore(engine, admin_key=None)
+    keys.close()
+    with pytest.raises(ServiceUnavailable):
+        await keys.authenticate(Headers({"authorization": "Bearer tp-" + "k" * 43}))
+    engine.dispose()

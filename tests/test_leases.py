@@ -289,3 +289,38 @@ async def test_a_slice_on_its_way_when_the_process_stops_goes_back_too(tmp_path:
         held = connection.execute(select(Lease.granted).where(Lease.scope == "team:payments")).scalar_one()
     engine.dispose()
     assert held == spent
+
+
+@pytest.mark.anyio
+async def test_a_slice_that_is_late_rather_than_lost_puts_the_replica_back_on_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease slower than the second a request waits for it lets the replica count alone, but only
+    until the slice arrives: a database that is slow is not gone, and the other replicas' spend must
+    keep counting against this one's as soon as it can."""
+    from conftest import make_settings, start_proxy
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.storage import leases
+    from taskproxy.upstream.mock import MockProvider
+
+    taking = leases.take
+    takes: list[float] = []
+
+    def first_slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
+        takes.append(time.monotonic())
+        if len(takes) == 1:
+            time.sleep(1.5)  # longer than a request waits for it (LEASE_WAIT_SECONDS)
+        return taking(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "take", first_slow_take)
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, budgets={"teams": {"payments": {"tokens": 2_000}}})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        assert (await _chat(proxy, key, "LATE-1")).status_code == 200  # on credit; its slice is slow to come
+        started = time.monotonic()
+        assert (await _chat(proxy, key, "LATE-1")).status_code == 200  # waited its second, then counted alone
+        assert 0.9 < time.monotonic() - started < 1.5
+        await anyio.sleep(1.0)  # the slice has arrived
+        for _ in range(30):  # a slice is a tenth of the budget: these spend it, and the next is asked for
+            assert (await _chat(proxy, key, "LATE-1")).status_code == 200
+        assert len(takes) >= 2, "the replica went on counting alone after its slice arrived"

@@ -15,15 +15,15 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import BOTH_DATABASES
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
-from conftest import BOTH_DATABASES
 from taskproxy.audit import AuditRead
 from taskproxy.metering.usage import Rejected
+from taskproxy.storage.batch import Record
 from taskproxy.storage.db import upgrade_schema
 from taskproxy.storage.models import AuditEntry, Rejection
-from taskproxy.storage.batch import Record
 from taskproxy.storage.writer import DOWN_PAUSE_SECONDS, BatchWriter, replay_set_aside
 from taskproxy.timeutil import utcnow
 
@@ -327,10 +327,11 @@ def test_a_spool_line_torn_by_a_crash_is_kept_aside_and_the_rest_replayed(tmp_pa
 def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_path: Path) -> None:
     """Events register the items they name; one item row the database refuses (here a status left
     empty) must not take the other events of its batch with it, nor its own event."""
+    from write_path import past_request
+
     from taskproxy.metering.tokens import TokenCounter
     from taskproxy.storage.db import make_engine
     from taskproxy.storage.models import UsageEvent
-    from write_path import past_request
 
     engine = make_engine(database_url)
     upgrade_schema(engine)
@@ -356,3 +357,180 @@ def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_pat
     assert writer.set_aside == 1  # only the item row
     (line,) = (tmp_path / "spool.rejected.jsonl").read_bytes().splitlines()
     assert [item["id"] for item in orjson.loads(line)["batch"]["items"]] == ["WEB-1"]
+
+
+def _past_request(item: str) -> Any:
+    from write_path import past_request
+
+    from taskproxy.metering.tokens import TokenCounter
+
+    dana = SimpleNamespace(id="key_dana", owner="dana", team="payments")
+    return past_request(id=uuid.uuid4().hex, ts=utcnow(), key=dana, work_item=item, model="gpt-4o-mini", body={"messages": []},
+                        prompt_tokens=10, completion_tokens=5, counter=TokenCounter(), price=None, auto_registered_at=utcnow())  # fmt: skip
+
+
+@BOTH_DATABASES
+def test_a_batch_written_twice_notes_its_new_items_in_the_change_feed_once(database_url: str) -> None:
+    """A write that commits late and is replayed from the spool: the item it registers is one change,
+    not one per write (each change makes every replica read the item again)."""
+    from taskproxy.storage import repo
+    from taskproxy.storage.db import make_engine
+    from taskproxy.storage.models import Change
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    item = _past_request("FEED-9").register_work_item
+    for _ in range(2):
+        repo.write_batch(engine, events=[], rejections=[], new_items=[item])
+    with engine.connect() as connection:
+        noted = connection.execute(select(func.count()).select_from(Change).where(Change.ref == "FEED-9")).scalar_one()
+    engine.dispose()
+    assert noted == 1
+
+
+def test_a_sqlite_lock_held_past_the_write_wait_is_waited_for_not_counted_as_an_outage(tmp_path: Path) -> None:
+    """Another process (a `taskproxy db` command, a backup) holds SQLite's write lock for 3 s: the
+    writer waits for it, as SQLite's busy timeout says, rather than spool as if the database were gone."""
+    from taskproxy.storage.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    upgrade_schema(engine)
+    holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    writer = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    try:
+        entry = Entry()
+        writer.submit(entry)
+        time.sleep(3.0)
+        holder.execute("COMMIT")
+        assert writer.flush(timeout=30)
+    finally:
+        writer.close()
+        holder.close()
+    assert writer.spooled == 0
+    with engine.connect() as connection:
+        assert list(connection.execute(select(AuditEntry.id)).scalars()) == [entry.id]
+    engine.dispose()
+
+
+def test_a_pool_with_no_connection_to_give_counts_as_the_database_down_not_as_refused_rows(tmp_path: Path) -> None:
+    """Every pooled connection waits on a silent database (lookups, leases): the writer's wait for a
+    connection times out. That is an outage (spool, replay), not rows the database refused (set aside)."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 't.db'}", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    upgrade_schema(engine)
+    taken = engine.connect()
+    writer = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    try:
+        entry = Entry()
+        writer.submit(entry)
+        assert writer.flush()
+        assert (writer.spooled, writer.set_aside) == (1, 0)
+        taken.close()
+        deadline = time.monotonic() + 10
+        while writer.spool_bytes and time.monotonic() < deadline:
+            writer.submit(Entry())
+            writer.flush()
+            time.sleep(0.2)
+    finally:
+        writer.close()
+    with engine.connect() as connection:
+        assert entry.id in set(connection.execute(select(AuditEntry.id)).scalars())
+    engine.dispose()
+
+
+class SlowWrites:
+    """The writer's `write`, made to fail (down), to take `seconds` longer, or to hang until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        from taskproxy.storage import writer as writer_module
+
+        self.down, self.seconds, self.hang = False, 0.0, 0
+        self.released = threading.Event()
+        real = writer_module.write
+
+        def write(engine: Any, batch: Any) -> None:
+            from sqlalchemy.exc import OperationalError
+
+            if self.down:
+                raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
+            if self.hang:
+                self.hang -= 1
+                self.released.wait(60)
+            time.sleep(self.seconds)
+            real(engine, batch)
+
+        monkeypatch.setattr(writer_module, "write", write)
+
+
+@pytest.mark.postgres
+def test_a_database_back_from_an_outage_gets_the_time_a_large_replay_needs(postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it is down, the writer asks the database briefly whether it answers; once it does, a
+    replayed batch slower than that brief wait (1 s here) is written, not cut short again and again."""
+    from taskproxy.storage.db import make_engine
+
+    writes = SlowWrites(monkeypatch)
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    writer = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    try:
+        writes.down = True
+        spooled = entries(5)
+        for entry in spooled:
+            writer.submit(entry)
+        assert writer.flush() and writer.spooled == 5
+        writes.down, writes.seconds = False, 1.0
+        deadline = time.monotonic() + 20
+        while writer.spool_bytes and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert writer.spool_bytes == 0, "the replay was cut short every time"
+    finally:
+        writes.released.set()
+        writer.close()
+    with engine.connect() as connection:
+        assert {e.id for e in spooled} <= set(connection.execute(select(AuditEntry.id)).scalars())
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_write_a_middleman_never_answers_is_left_behind_and_writing_goes_on(postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a PgBouncer without `query_timeout`, a write to a server gone silent may wait a quarter
+    of an hour: after `ABANDON_SECONDS` (1 s here) the writer leaves it to its thread and writes on."""
+    from taskproxy.storage import writer as writer_module
+    from taskproxy.storage.db import make_engine
+
+    monkeypatch.setattr(writer_module, "ABANDON_SECONDS", 1.0)
+    writes = SlowWrites(monkeypatch)
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    writer = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    try:
+        writes.hang = 1
+        stuck = Entry()
+        writer.submit(stuck)
+        assert writer.flush()  # waited WRITE_WAIT_SECONDS, then spooled
+        later = entries(3)
+        deadline = time.monotonic() + 20
+        for entry in later:
+            writer.submit(entry)
+        with engine.connect() as connection:
+            while time.monotonic() < deadline:
+                written = set(connection.execute(select(AuditEntry.id)).scalars())
+                connection.rollback()
+                if {e.id for e in [stuck, *later]} <= written:
+                    break
+                writer.submit(Entry())
+                time.sleep(0.3)
+        assert {e.id for e in [stuck, *later]} <= written, "the writer still waited for the write nobody answers"
+        assert not writes.released.is_set()
+    finally:
+        writes.released.set()
+        writer.close()
+    engine.dispose()

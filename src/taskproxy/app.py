@@ -57,6 +57,7 @@ from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage import partitions
 from taskproxy.storage.db import make_engine, ping, prepare_schema
+from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
@@ -75,6 +76,7 @@ log = logging.getLogger("taskproxy")
 NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 PARTITIONS_EVERY_SECONDS = 3600.0
 READY_WAIT_SECONDS = 2.0  # /readyz waits this long for the database at most
+STOP_STEP_SECONDS = 5.0  # at shutdown, a step that talks to the database is waited for this long at most
 
 
 async def root(request: Request) -> Response:
@@ -92,9 +94,9 @@ async def readyz(request: Request) -> Response:
         raise ServiceUnavailable(f"Not ready: {problem}.")
     try:
         # A probe answers in time even when the database has gone silent: its ping is left to end in
-        # its thread (within the connections' TCP timeouts, storage/db.py).
-        with anyio.fail_after(READY_WAIT_SECONDS):
-            await anyio.to_thread.run_sync(ping, request.state.engine, abandon_on_cancel=True)
+        # its thread (within the connections' TCP timeouts, storage/db.py), a daemon (threads.py).
+        if not await finish_within(READY_WAIT_SECONDS, ping, request.state.engine):
+            raise TimeoutError
     except TimeoutError:
         raise ServiceUnavailable(f"The database did not answer within {READY_WAIT_SECONDS:g} s.") from None
     except SQLAlchemyError as exc:
@@ -267,8 +269,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             if listener is not None:
                 await anyio.to_thread.run_sync(listener.close)
             await anyio.to_thread.run_sync(reports_runner.close)  # its children end before the keeper lets go of their claims
-            if keeper is not None:
-                await anyio.to_thread.run_sync(keeper.close)
+            if keeper is not None and not await finish_within(STOP_STEP_SECONDS, keeper.close):
+                log.warning("the report snapshots' claims were not let go within %g s; they run out on their own", STOP_STEP_SECONDS)
             if left := await attempts.wait_until_recorded(timeout=5.0):
                 log.error("%d answers were still open at shutdown and are not recorded", left)
             await upstream.aclose()
@@ -279,7 +281,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
-            for lookups in (keys, item_cache, budgets):
+            for lookups in (keys, item_cache, budgets, admission.rate_limiter):
                 lookups.close()
             if engine is None:
                 db.dispose()

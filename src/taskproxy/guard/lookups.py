@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from taskproxy.threads import DaemonThreads
 
 T = TypeVar("T")
 
@@ -32,7 +33,7 @@ class Lookups:
     """At most `at_once` lookups run at a time; the others wait their turn, within the same bound."""
 
     def __init__(self, name: str, at_once: int = LOOKUPS_AT_ONCE) -> None:
-        self._threads = ThreadPoolExecutor(at_once, thread_name_prefix=f"taskproxy-{name}-lookup")
+        self._threads = DaemonThreads(at_once, f"taskproxy-{name}-lookup")  # not joined at exit (threads.py)
         self._at_once = at_once
         self._lock = threading.Lock()
         self._overdue = 0  # lookups still running after their caller stopped waiting
@@ -47,7 +48,10 @@ class Lookups:
         with self._lock:
             if self._overdue >= self._at_once:
                 raise LookupTimeout("the database has not answered the last lookups")
-        call = self._threads.submit(function, *args)
+        try:
+            call = self._threads.submit(function, *args)
+        except RuntimeError:  # closed: the process is stopping, and a request still arriving is told so as for a silent database
+            raise LookupTimeout("this process is stopping") from None
         try:
             return await asyncio.wait_for(asyncio.wrap_future(call), LOOKUP_WAIT_SECONDS)
         except TimeoutError:
@@ -59,4 +63,4 @@ class Lookups:
 
     def close(self) -> None:
         """Drop the lookups waiting for a thread (at shutdown); those under way end on their own."""
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads.close()

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import RateLimited
 from taskproxy.storage import leases
+from taskproxy.threads import DaemonThreads
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.ratelimit")
@@ -52,8 +53,12 @@ class RateLimiter:
         self._slice = max(1, -(-(requests_per_minute or 0) // SLICES_PER_MINUTE))
         self._minutes: dict[str, _Minute] = {}
         self._current = ""
-        self._lookups = anyio.CapacityLimiter(2)
+        self._threads = DaemonThreads(2, "taskproxy-rate-lease")  # not joined at exit (threads.py)
         self._background: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        """At shutdown: leases not yet asked for are dropped; those under way end in their threads."""
+        self._threads.close()
 
     @property
     def slice(self) -> int:
@@ -105,9 +110,7 @@ class RateLimiter:
 
     async def _take(self, key_id: str, state: _Minute) -> None:
         try:
-            grant = await anyio.to_thread.run_sync(
-                leases.take, self._engine, f"rate:{key_id}", state.minute, (self._slice, 0), (self._limit, None), limiter=self._lookups
-            )
+            grant = await self._threads.run(leases.take, self._engine, f"rate:{key_id}", state.minute, (self._slice, 0), (self._limit, None))
         except SQLAlchemyError as exc:
             log.warning("could not lease requests for key %s (%s): counting them in this process alone this minute", key_id,
                         exc.__class__.__name__)  # fmt: skip
@@ -126,6 +129,6 @@ class RateLimiter:
     async def _prune(self, minute: str) -> None:
         before = leases.minute(datetime.strptime(minute, "%Y-%m-%dT%H:%M") - timedelta(minutes=5))
         try:
-            await anyio.to_thread.run_sync(leases.prune, self._engine, before, limiter=self._lookups)
+            await self._threads.run(leases.prune, self._engine, before)
         except SQLAlchemyError:
             pass  # the next minute prunes them

@@ -16,6 +16,7 @@ from taskproxy.guard.auth import KeyStore
 from taskproxy.guard.items import ItemCache
 from taskproxy.storage import changes
 from taskproxy.storage.changes import ChangeFeed
+from taskproxy.threads import DaemonThreads
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.guard")
@@ -46,7 +47,17 @@ class Wakeup:
 async def reload_forever(load: Callable[[], None], every: float, what: str, wakeup: Wakeup | None = None) -> None:
     """Call `load` (blocking: in a worker thread) every `every` seconds until cancelled, and soon after
     `wakeup` is set (at most every `MIN_GAP_SECONDS`: a burst of changes costs one read, not one
-    each). A database that does not answer is logged, and the view already in memory keeps serving."""
+    each). A database that does not answer is logged, and the view already in memory keeps serving.
+    `load` runs in a daemon thread of the loop's own: one still waiting on a silent database when the
+    loop is cancelled does not hold the process's exit (threads.py)."""
+    threads = DaemonThreads(1, f"taskproxy-reload-{what.replace(' ', '-')}")
+    try:
+        await _reload(threads, load, every, what, wakeup)
+    finally:
+        threads.close()
+
+
+async def _reload(threads: DaemonThreads, load: Callable[[], None], every: float, what: str, wakeup: Wakeup | None) -> None:
     while True:
         if wakeup is None:
             await anyio.sleep(every)
@@ -54,7 +65,7 @@ async def reload_forever(load: Callable[[], None], every: float, what: str, wake
             await wakeup.wait(every)
             await anyio.sleep(MIN_GAP_SECONDS)
         try:
-            await anyio.to_thread.run_sync(load)
+            await threads.run(load)
         except SQLAlchemyError as exc:
             log.warning("could not reload %s: %s", what, exc.__class__.__name__)
 

@@ -39,11 +39,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.storage import leases
+from taskproxy.threads import DaemonThreads, finish_within
 
 log = logging.getLogger("taskproxy.budgets")
 LEASE_WAIT_SECONDS = 1.0
 MAX_RETURNS = 10_000  # budgets waiting to be settled before a new budget waits for them to be written
 ALONE_SECONDS = 30.0  # after a failed lease, how long a share is checked without leases before trying again
+SETTLE_WAIT_SECONDS = 3.0  # at shutdown, how long the unused slices' write is waited for
 SLICES = 10
 Limits = tuple[int | None, int | None]  # tokens, nano-USD; None: not limited
 
@@ -77,8 +79,10 @@ class _Share:
         )
 
     def slice(self, limits: Limits) -> tuple[int, int]:
-        tokens = 0 if limits[0] is None else max(1, -(-limits[0] // SLICES), 2 * self.largest)
-        nanos = 0 if limits[1] is None else max(1, -(-limits[1] // SLICES), 2 * self.largest_nanos)
+        """The next slice to ask for; it also covers what was spent beyond the grants (the first request,
+        on credit; requests admitted on this process's own count while a slice was late)."""
+        tokens = 0 if limits[0] is None else max(1, -(-limits[0] // SLICES), 2 * self.largest) + max(0, self.used - self.granted)
+        nanos = 0 if limits[1] is None else max(1, -(-limits[1] // SLICES), 2 * self.largest_nanos) + max(0, self.used_nanos - self.granted_nanos)
         return tokens, nanos
 
 
@@ -105,7 +109,7 @@ class BudgetShares:
         self._shares: _Returning = _Returning(capacity, self)
         self._returns: dict[tuple[str, str], list[int]] = {}  # (scope, window): [tokens, nanos] to give back (< 0: to add)
         self.left: LRUCache[tuple[str, str], bool] = LRUCache(capacity)  # leased budgets whose shares left the working set
-        self._lookups = anyio.CapacityLimiter(4)
+        self._threads = DaemonThreads(4, "taskproxy-budget-lease")  # not joined at exit (threads.py)
         self._background: set[asyncio.Task[None]] = set()
         self._flushing: asyncio.Task[None] | None = None
         self.dropped = 0  # settlements lost past 2 × MAX_RETURNS waiting (an outage and a flood of new budgets)
@@ -146,7 +150,7 @@ class BudgetShares:
                         self._ask(share, limits, spent)
                     await share.arrived.wait()  # type: ignore[union-attr]
             if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets),
-                share.alone_until = time.monotonic() + ALONE_SECONDS  # for a while, rather than a second's wait per request
+                share.alone_until = time.monotonic() + ALONE_SECONDS  # until the slice arrives, rather than a second's wait per request
                 return True
         if share.alone_until > time.monotonic():
             return True
@@ -175,7 +179,7 @@ class BudgetShares:
         which every request that finds the backlog full waits for, at most `LEASE_WAIT_SECONDS` (a
         database that is slow to answer does not hold requests up longer than a slow lease does)."""
         if self._flushing is None or self._flushing.done():
-            self._flushing = self._spawn(anyio.to_thread.run_sync(self.flush_returns, limiter=self._lookups))
+            self._flushing = self._spawn(self._threads.run(self.flush_returns))
         with anyio.move_on_after(LEASE_WAIT_SECONDS):
             try:
                 await asyncio.shield(self._flushing)
@@ -197,14 +201,13 @@ class BudgetShares:
     async def _take(self, share: _Share, limits: Limits, spent: tuple[int, int]) -> None:
         arrived = share.arrived
         try:
-            grant = await anyio.to_thread.run_sync(
-                leases.take, self._engine, share.scope, share.window, share.slice(limits), limits, spent, limiter=self._lookups
-            )
+            grant = await self._threads.run(leases.take, self._engine, share.scope, share.window, share.slice(limits), limits, spent)
         except SQLAlchemyError as exc:
             log.warning("could not lease from the budget of %s (%s): checked against this process's count meanwhile", share.scope,
                         exc.__class__.__name__)  # fmt: skip
             share.alone_until = time.monotonic() + ALONE_SECONDS
         else:
+            share.alone_until = 0.0  # it was slow, not gone: back on slices (what was spent meanwhile is counted: use())
             with self._lock:
                 share.granted += grant.amount
                 share.granted_nanos += grant.nanos
@@ -267,12 +270,19 @@ class BudgetShares:
         # asyncio.wait, not a cancelled gather: a lease cancelled here would still be granted by its
         # thread, and never given back. One that is still on its way after close() finds its share
         # evicted, queues its slice, and the last flush writes it.
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
-        await anyio.to_thread.run_sync(self.close)
-        if self._background:  # slices still on their way: their shares are evicted, so they queue themselves
-            await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
-            await anyio.to_thread.run_sync(self.flush_returns)
+        # Each write is waited for at most SETTLE_WAIT_SECONDS: a database gone silent must not hold
+        # the process up (what is not given back leaves the budget under-spent, never over).
+        try:
+            if self._background:
+                await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
+            if not await finish_within(SETTLE_WAIT_SECONDS, self.close):
+                log.warning("the database did not take the unused budget slices within %g s; they stay granted", SETTLE_WAIT_SECONDS)
+                return
+            if self._background:  # slices still on their way: their shares are evicted, so they queue themselves
+                await asyncio.wait(set(self._background), timeout=2 * LEASE_WAIT_SECONDS)
+                await finish_within(SETTLE_WAIT_SECONDS, self.flush_returns)
+        finally:
+            self._threads.close()
 
     def close(self) -> None:
         """Give back every unused slice (blocking; at shutdown)."""
