@@ -25,6 +25,19 @@ def black_hole_unavailable() -> str | None:
     return None if probe.returncode == 0 else f"nftables does not work here: {probe.stderr.strip()}"
 
 
+_TABLE_PREFIX = "taskproxy_relay_"
+
+
+def _remove_stale_black_holes() -> None:
+    """Delete the tables left by a black hole whose process was killed inside it (named by its pid):
+    they would go on dropping packets for a port the kernel may give someone else."""
+    listed = subprocess.run([NFT, "list", "tables"], check=False, capture_output=True, text=True).stdout.split()
+    for name in listed:
+        if name.startswith(_TABLE_PREFIX) and (pid := name[len(_TABLE_PREFIX) :].split("_")[0]).isdigit():
+            if not os.path.exists(f"/proc/{pid}"):
+                subprocess.run([NFT, "delete", "table", "inet", name], check=False, capture_output=True)
+
+
 class TcpRelay:
     def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target = (host, target_port)
@@ -97,7 +110,8 @@ class TcpRelay:
     def black_hole(self) -> Iterator[None]:
         """Drop every packet to and from the relay's port (nftables, on loopback) while inside: its
         connections stay open to nothing. Only this relay's traffic is touched."""
-        table = f"taskproxy_relay_{self.port}"
+        _remove_stale_black_holes()
+        table = f"{_TABLE_PREFIX}{os.getpid()}_{self.port}"
         commands = [
             ["add", "table", "inet", table],
             ["add", "chain", "inet", table, "input", "{ type filter hook input priority 0 ; }"],

@@ -21,11 +21,25 @@ from urllib.parse import urlsplit
 import pytest
 from serve_helpers import fake_upstream, run_cli, running_server, start_server, write_config
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 from tcp_relay import TcpRelay, black_hole_unavailable
 
 from taskproxy.storage.db import make_engine
 
 pytestmark = [pytest.mark.postgres, pytest.mark.serve]
+
+
+def _assert_rollups_and_counters_match_the_events(engine: Engine) -> None:
+    """What the reports and the budgets read (the rollups, the spend counters) adds up to the events:
+    a batch committed late and replayed from the spool counted once in each."""
+    with engine.connect() as connection:
+        events = connection.execute(text("SELECT count(*), coalesce(sum(total_tokens), 0) FROM usage_events")).one()
+        for table in ("usage_hourly", "usage_daily"):
+            summed = connection.execute(text(f"SELECT coalesce(sum(requests), 0), coalesce(sum(total_tokens), 0) FROM {table}")).one()
+            assert tuple(summed) == tuple(events), f"{table}: {tuple(summed)} for the events' {tuple(events)}"
+        counted = connection.execute(text("SELECT coalesce(sum(tokens), 0) FROM spend_counters WHERE scope = 'item'")).scalar_one()
+        assert counted == events[1], f"spend counters: {counted} tokens for the events' {events[1]}"
+
 def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it_is_back(postgres_url: str, tmp_path: Path) -> None:
     if reason := black_hole_unavailable():
         if os.environ.get("CI"):
@@ -43,64 +57,68 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
     def spooled() -> int:
         return sum(path.stat().st_size for path in tmp_path.glob("spool*"))
 
-    with fake_upstream() as upstream:
-        config = write_config(tmp_path, upstream.url, database_url=relayed_url,
-                              recording={"spool_path": str(spool), "flush_interval_seconds": 0.1, "batch_size": 5},
-                              budgets={"work_item_tokens": 2_000}, limits={"requests_per_minute": 400})  # fmt: skip
-        assert run_cli("db", "upgrade", config=config).returncode == 0
-        with running_server(config, tmp_path / "serve.log") as server:
-            key = server.new_key()
-            # Registered: its budget is shared by leases (an id met first in a request is this process's alone).
-            assert server.http.post("/api/work-items", json={"id": "HOLE-1"}, headers=server.admin_headers).status_code == 201
-            headers = {"authorization": f"Bearer {key}", "X-Work-Item": "HOLE-1"}
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        with fake_upstream() as upstream:
+            config = write_config(tmp_path, upstream.url, database_url=relayed_url,
+                                  recording={"spool_path": str(spool), "flush_interval_seconds": 0.1, "batch_size": 5},
+                                  budgets={"work_item_tokens": 2_000}, limits={"requests_per_minute": 400})  # fmt: skip
+            assert run_cli("db", "upgrade", config=config).returncode == 0
+            with running_server(config, tmp_path / "serve.log") as server:
+                key = server.new_key()
+                # Registered: its budget is shared by leases (an id met first in a request is this process's alone).
+                assert server.http.post("/api/work-items", json={"id": "HOLE-1"}, headers=server.admin_headers).status_code == 201
+                headers = {"authorization": f"Bearer {key}", "X-Work-Item": "HOLE-1"}
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
-            answered: list[float] = []
+                answered: list[float] = []
 
-            def ask(item: str = "HOLE-1") -> float:
-                started = time.monotonic()
-                reply = server.http.post("/v1/chat/completions", json=body, headers={**headers, "X-Work-Item": item})
-                assert reply.status_code == 200, reply.text
-                answered.append(time.monotonic() - started)
-                return answered[-1]
+                def ask(item: str = "HOLE-1") -> float:
+                    started = time.monotonic()
+                    reply = server.http.post("/v1/chat/completions", json=body, headers={**headers, "X-Work-Item": item})
+                    assert reply.status_code == 200, reply.text
+                    answered.append(time.monotonic() - started)
+                    return answered[-1]
 
-            for _ in range(10):
-                ask()
-            deadline = time.monotonic() + 10
-            while recorded() < 10 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert recorded() == 10
-
-            with relay.black_hole():
-                # The request path reads no table: answered at once while the writer waits on the dead connection.
-                # HOLE-1's budget (2,000 tokens, ~20 a request) is leased in slices of 200: the first slice
-                # asked for in the dark is waited for 1 s, then this process's own count decides for a while.
-                dark = [ask() for _ in range(20)]
-                assert sum(dark) < 5.0, dark
-                # Under load too, on items started meanwhile (not in memory), and past the first slice of the
-                # key's rate (400 a minute, in slices of 40): neither the writer (its queue would fill and hold
-                # requests back), nor the items' lookups, nor the rate's lease wait on the dead connections.
-                loaded = len(answered)
-                with ThreadPoolExecutor(max_workers=8) as pool:
-                    list(pool.map(lambda n: [ask(f"HOLE-{100 + n}") for _ in range(40)], range(8)))
-                assert statistics.median(answered[loaded:]) < 0.25, sorted(answered[loaded:])[::20]
-                started = time.monotonic()
-                ready = server.http.get("/readyz")
-                assert ready.status_code == 503 and time.monotonic() - started < 4.0, ready.text  # a probe answers in time
-                # The writer spools what the database does not answer within 2 s.
-                deadline = time.monotonic() + 60
-                while spooled() == 0 and time.monotonic() < deadline:
+                for _ in range(10):
                     ask()
-                    time.sleep(0.5)
-                assert spooled() > 0, "the writer was still waiting on a connection to a database that was gone"
+                deadline = time.monotonic() + 10
+                while recorded() < 10 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert recorded() == 10
 
-            # Back: every answered request is written exactly once, what was spooled included.
-            deadline = time.monotonic() + 60
-            while (recorded() < len(answered) or spooled()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert spooled() == 0
-            assert recorded() == len(answered)
-    direct.dispose()
+                with relay.black_hole():
+                    # The request path reads no table: answered at once while the writer waits on the dead connection.
+                    # HOLE-1's budget (2,000 tokens, ~20 a request) is leased in slices of 200: the first slice
+                    # asked for in the dark is waited for 1 s, then this process's own count decides for a while.
+                    dark = [ask() for _ in range(20)]
+                    assert sum(dark) < 5.0, dark
+                    # Under load too, on items started meanwhile (not in memory), and past the first slice of the
+                    # key's rate (400 a minute, in slices of 40): neither the writer (its queue would fill and hold
+                    # requests back), nor the items' lookups, nor the rate's lease wait on the dead connections.
+                    loaded = len(answered)
+                    with ThreadPoolExecutor(max_workers=8) as pool:
+                        list(pool.map(lambda n: [ask(f"HOLE-{100 + n}") for _ in range(40)], range(8)))
+                    assert statistics.median(answered[loaded:]) < 0.25, sorted(answered[loaded:])[::20]
+                    started = time.monotonic()
+                    ready = server.http.get("/readyz")
+                    assert ready.status_code == 503 and time.monotonic() - started < 4.0, ready.text  # a probe answers in time
+                    assert "did not answer within" in ready.text or "does not answer" in ready.text, ready.text
+                    # The writer spools what the database does not answer within 2 s.
+                    deadline = time.monotonic() + 60
+                    while spooled() == 0 and time.monotonic() < deadline:
+                        ask()
+                        time.sleep(0.5)
+                    assert spooled() > 0, "the writer was still waiting on a connection to a database that was gone"
+
+                # Back: every answered request is written exactly once, what was spooled included.
+                deadline = time.monotonic() + 60
+                while (recorded() < len(answered) or spooled()) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert spooled() == 0
+                assert recorded() == len(answered)
+                _assert_rollups_and_counters_match_the_events(direct)
+    finally:
+        direct.dispose()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
@@ -165,5 +183,6 @@ def test_a_process_stopped_while_the_database_is_silent_exits_promptly_and_the_n
                     time.sleep(0.2)
                 with direct.connect() as connection:
                     assert int(connection.execute(text("SELECT count(*) FROM usage_events")).scalar_one()) == answered
+                _assert_rollups_and_counters_match_the_events(direct)
     finally:
         direct.dispose()

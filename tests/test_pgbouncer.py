@@ -36,9 +36,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _pgbouncer(postgres_url: str, pool_mode: str, pool_size: int = 20) -> Iterator[str]:
+def _pgbouncer(postgres_url: str, pool_mode: str, pool_size: int = 20, *, server_port: int | None = None, settings: str = "") -> Iterator[str]:
     """A PgBouncer on loopback whose database `tp` is the test server's, in the test's own schema
-    (PgBouncer refuses the URL's `options`: the schema is set on each server connection it opens)."""
+    (PgBouncer refuses the URL's `options`: the schema is set on each server connection it opens).
+    `server_port`: reach the server there instead (a relay); `settings`: more lines of pgbouncer.ini."""
     if not os.path.exists(PGBOUNCER):
         if os.environ.get("CI"):
             pytest.fail("pgbouncer is not installed; `bash .ci/run` installs it")
@@ -52,12 +53,12 @@ def _pgbouncer(postgres_url: str, pool_mode: str, pool_size: int = 20) -> Iterat
     (folder / "users.txt").write_text('"postgres" ""\n')
     (folder / "pgbouncer.ini").write_text(
         "[databases]\n"
-        f"tp = host={server.hostname} port={server.port or 5432} dbname={server.path.lstrip('/')} user=postgres "
+        f"tp = host={server.hostname} port={server_port or server.port or 5432} dbname={server.path.lstrip('/')} user=postgres "
         f"connect_query='SET search_path={schema}'\n"
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {folder / 'users.txt'}\npool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\n"
-        "logfile =\npidfile =\n"
+        "logfile =\npidfile =\n" + settings
     )
     # PgBouncer will not run as root; the machine's postgres user (or nobody) owns the files it writes.
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
@@ -159,3 +160,32 @@ def test_a_proxy_behind_pgbouncer_in_transaction_mode_records_every_request(post
                 engine.dispose()
         log = (tmp_path / "serve.log").read_text()
         assert "refused a batch" not in log and "prepared statement" not in log, log[-3000:]
+
+
+def test_behind_pgbouncer_with_a_query_timeout_a_silent_server_fails_a_query_in_time(postgres_url: str) -> None:
+    """PgBouncer answers its clients whatever the server does, so libpq's TCP timeouts (storage/db.py)
+    never fire: a query to a server gone silent waits on PgBouncer's own timeouts. With the settings
+    the README gives (`query_timeout` here 5 s) it fails after them, and taskproxy's waits end; PgBouncer's
+    defaults leave it hanging for the kernel's quarter of an hour."""
+    from tcp_relay import TcpRelay, black_hole_unavailable
+
+    if reason := black_hole_unavailable():
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    relay = TcpRelay(urlsplit(postgres_url).port or 5432)
+    settings = "query_timeout = 5\nserver_connect_timeout = 5\ntcp_user_timeout = 10000\ntcp_keepalive = 1\ntcp_keepidle = 5\n"
+    with _pgbouncer(postgres_url, "transaction", pool_size=2, server_port=relay.port, settings=settings) as url:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                assert connection.execute(text("SELECT 1")).scalar_one() == 1
+            with relay.black_hole():
+                started = time.monotonic()
+                with pytest.raises(Exception) as failed, engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+                took = time.monotonic() - started
+            assert "query_timeout" in str(failed.value) or "server" in str(failed.value), failed.value
+            assert took < 15, f"the query waited {took:.1f} s"
+        finally:
+            engine.dispose()
