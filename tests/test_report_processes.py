@@ -233,6 +233,11 @@ async def test_where_no_report_process_can_start_reports_run_in_a_thread_until_o
 
 
 def _sleeping_query(engine: Engine, pid_file: str) -> None:
+    def stop_slowly(*_: object) -> None:  # a process whose query takes a second to cancel: close() must wait for it
+        time.sleep(1.0)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop_slowly)
     Path(pid_file).write_text(str(os.getpid()))
     with engine.connect() as connection:
         connection.execute(text("SELECT pg_sleep(60)"))
