@@ -153,14 +153,14 @@ def test_a_database_without_a_schema_revision_is_refused_with_what_to_do(tmp_pat
 def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
-    from sqlmodel import SQLModel
 
     from taskproxy.storage.db import make_engine, upgrade_schema
+    from taskproxy.storage.models import metadata
 
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     upgrade_schema(engine)
     with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+        differences = compare_metadata(MigrationContext.configure(connection), metadata)
     assert differences == [], "models changed without a migration: add one under storage/migrations/versions"
 
 

@@ -7,7 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from taskproxy.money import usd
-from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
+from sqlalchemy.engine import Row
+
+from taskproxy.storage.models import UsageEvent
 from taskproxy.timeutil import iso
 
 
@@ -20,20 +22,20 @@ def _as_json(row: object, fields: tuple[str, ...]) -> dict[str, Any]:
     return {name: iso(value) if isinstance(value := getattr(row, name), datetime) else value for name in fields}
 
 
-def key_json(key: ApiKey) -> dict[str, Any]:
+def key_json(key: Row) -> dict[str, Any]:
     return _as_json(key, KEY_FIELDS)
 
 
-def item_json(item: WorkItem) -> dict[str, Any]:
+def item_json(item: Row) -> dict[str, Any]:
     return _as_json(item, ITEM_FIELDS)
 
 
 TEXT_FIELDS = ("prompt_text", "completion_text")
 # An event's fields as shown: its columns in table order, money in USD, the texts apart (they are off by default).
-EVENT_FIELDS = tuple("cost_usd" if c.name == "cost_nanos" else c.name for c in UsageEvent.__table__.columns if c.name not in TEXT_FIELDS)
+EVENT_FIELDS = tuple("cost_usd" if c.name == "cost_nanos" else str(c.name) for c in UsageEvent.__table__.columns if c.name not in TEXT_FIELDS)  # str: orjson takes no subclass as a key
 
 
-def event_json(event: UsageEvent, *, with_texts: bool = False) -> dict[str, Any]:
+def event_json(event: Row, *, with_texts: bool = False) -> dict[str, Any]:
     data = {name: usd(event.cost_nanos) if name == "cost_usd" else getattr(event, name) for name in EVENT_FIELDS}
     data["ts"] = iso(event.ts)
     if with_texts:

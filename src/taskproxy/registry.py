@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from sqlalchemy import select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
@@ -38,7 +38,7 @@ _ITEMS = WorkItem.__table__
 log = logging.getLogger("taskproxy.registry")
 
 
-def register_work_item(engine: Engine, ids: WorkItemIds, fields: Mapping[str, Any], *, source: str = "api") -> WorkItem:
+def register_work_item(engine: Engine, ids: WorkItemIds, fields: Mapping[str, Any], *, source: str = "api") -> Row:
     """Validate `fields` (the body of POST /api/work-items, bodies.NewWorkItem) and insert the item."""
     new = parse(NewWorkItem, fields)
     item_id = ids.normalize(new.id)
@@ -50,7 +50,7 @@ def register_work_item(engine: Engine, ids: WorkItemIds, fields: Mapping[str, An
     return _read_back(engine, item_id)
 
 
-def update_work_item(engine: Engine, item_id: str, fields: Mapping[str, Any], *, source: str = "api") -> WorkItem:
+def update_work_item(engine: Engine, item_id: str, fields: Mapping[str, Any], *, source: str = "api") -> Row:
     """PATCH: change any of title, url, team, budgets and status of an existing item (bodies.WorkItemChanges)."""
     values = parse(WorkItemChanges, fields).changed()
     status = values.pop("status", None)
@@ -73,7 +73,7 @@ def transition(
     fields: dict[str, Any] | None = None,
     created_at: datetime | None = None,
     merged: bool = False,
-) -> WorkItem:
+) -> Row:
     """Move an item to `status` (creating it if it is new), recording the change once."""
     with engine.begin() as connection:
         _apply(connection, item_id, status, source=source, at=at or utcnow(), fields=fields or {}, delivery_id=delivery_id,
@@ -81,7 +81,7 @@ def transition(
     return _read_back(engine, item_id)
 
 
-def _read_back(engine: Engine, item_id: str) -> WorkItem:
+def _read_back(engine: Engine, item_id: str) -> Row:
     """The item as just committed."""
     item = repo.get_work_item(engine, item_id)
     assert item is not None, item_id
@@ -260,7 +260,7 @@ def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datet
 class ItemNotes(Protocol):
     """A running proxy's view of the registry, told of each change made through it."""
 
-    def note(self, item: WorkItem) -> None: ...
+    def note(self, item: Row) -> None: ...
 
     def note_changes(self, statuses: dict[str, str]) -> None: ...
 
@@ -272,18 +272,18 @@ class WorkItems:
     def __init__(self, engine: Engine, ids: WorkItemIds, view: ItemNotes | None = None, *, rework_days: float = 14.0) -> None:
         self.engine, self.ids, self._view, self.rework_days = engine, ids, view, rework_days
 
-    def _noted(self, item: WorkItem) -> WorkItem:
+    def _noted(self, item: Row) -> Row:
         if self._view is not None:
             self._view.note(item)
         return item
 
-    def register(self, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
+    def register(self, fields: dict[str, Any], *, source: str = "api") -> Row:
         return self._noted(register_work_item(self.engine, self.ids, fields, source=source))
 
-    def update(self, raw_id: str, fields: dict[str, Any], *, source: str = "api") -> WorkItem:
+    def update(self, raw_id: str, fields: dict[str, Any], *, source: str = "api") -> Row:
         return self._noted(update_work_item(self.engine, self.ids.normalize(raw_id), fields, source=source))
 
-    def resolve(self, raw_id: str, status: str, *, source: str) -> WorkItem:
+    def resolve(self, raw_id: str, status: str, *, source: str) -> Row:
         """Mark a registered item done or closed (POST /api/work-items/{id}/complete and /close, `taskproxy items complete|close`)."""
         item_id = self.ids.normalize(raw_id)
         if repo.get_work_item(self.engine, item_id) is None:

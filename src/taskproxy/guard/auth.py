@@ -34,7 +34,6 @@ from taskproxy import privacy
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.storage import repo
-from taskproxy.storage.models import ApiKey
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewKey, parse
 
@@ -77,30 +76,23 @@ def hash_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _principal(row: ApiKey | Row) -> Principal:
+def _principal(row: Row) -> Principal:
     # A team's and a role's name are shared by many keys: held once, not once per cached key.
     team = None if row.team is None else sys.intern(row.team)
     return Principal(row.id, row.owner, team, sys.intern(row.role), row.bound_work_item, row.bound_until)
 
 
-def issue_key(engine: Engine, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
+def issue_key(engine: Engine, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:
     """Create a key; the plaintext is returned once and never stored. Used by the API and the CLI."""
     new = parse(NewKey, {"owner": owner, "team": team, "role": role})
     owner, team, role = new.owner, new.team, new.role
     token = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(
-        id="key_" + uuid.uuid4().hex[:12],
-        key_hash=hash_key(token),
-        prefix=token[:7],
-        owner=owner,
-        team=team,
-        role=role,
-        created_at=utcnow(),
-    )
+    row = {"id": "key_" + uuid.uuid4().hex[:12], "key_hash": hash_key(token), "prefix": token[:7], "owner": owner, "team": team,
+           "role": role, "created_at": utcnow()}  # fmt: skip
     return repo.insert_key(engine, row), token
 
 
-def revoke(engine: Engine, key_id: str) -> ApiKey:
+def revoke(engine: Engine, key_id: str) -> Row:
     """Revoke a key by id. Used by the API and the CLI."""
     if key_id == BOOTSTRAP_ADMIN_ID:
         raise InvalidRequest("The bootstrap admin key comes from TASKPROXY_ADMIN_KEY; change that variable to replace it.")
@@ -115,7 +107,8 @@ def ensure_bootstrap_admin(engine: Engine, admin_key: str) -> None:
     existing = repo.get_key(engine, BOOTSTRAP_ADMIN_ID)
     digest = hash_key(admin_key)
     if existing is None:
-        row = ApiKey(id=BOOTSTRAP_ADMIN_ID, key_hash=digest, prefix=admin_key[:7], owner="admin", team=None, role="admin", created_at=utcnow())
+        row = {"id": BOOTSTRAP_ADMIN_ID, "key_hash": digest, "prefix": admin_key[:7], "owner": "admin", "team": None, "role": "admin",
+               "created_at": utcnow()}  # fmt: skip
         try:
             repo.insert_key(engine, row)
         except SQLAlchemyError:  # another worker inserted it first
@@ -212,13 +205,13 @@ class KeyStore:
     def team_size(self, team: str | None) -> int:
         return self._team_sizes.get(team or "", 0)
 
-    async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[ApiKey, str]:
+    async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:
         """Create a key (as `issue_key`); its owner counts for the team in this process at once."""
         key, token = await anyio.to_thread.run_sync(lambda: issue_key(self._engine, owner=owner, team=team, role=role))
         await anyio.to_thread.run_sync(self.refresh, {key.id})  # its team's size counts it at once
         return key, token
 
-    async def revoke(self, key_id: str) -> ApiKey:
+    async def revoke(self, key_id: str) -> Row:
         """Revoke a key (as `revoke`); this process refuses it at once, and no refresh brings it back."""
         key = await anyio.to_thread.run_sync(revoke, self._engine, key_id)
         await anyio.to_thread.run_sync(self.forget, key_id)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache, TTLCache
 from sqlalchemy import bindparam, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
@@ -149,7 +149,7 @@ class ItemCache:
                 self._items[item_id] = known
                 self._missing.pop(item_id, None)
 
-    def note(self, item: WorkItem) -> None:
+    def note(self, item: Row) -> None:
         """An item changed through this process: known at once, without waiting for the change feed."""
         self._remember(item.id, KnownItem(item.status, item.budget_tokens, item.budget_usd))
 

@@ -12,12 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlmodel import SQLModel, create_engine
 
 from taskproxy.errors import SchemaBehind
-from taskproxy.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from taskproxy.storage import models
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -155,7 +154,7 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def _our_tables(connection: Connection) -> set[str]:
-    return set(inspect(connection).get_table_names()) & set(SQLModel.metadata.tables)
+    return set(inspect(connection).get_table_names()) & set(models.metadata.tables)
 
 
 @contextmanager

@@ -1,14 +1,13 @@
 """Alembic's environment: migrations run on the connection taskproxy hands over (see storage/db.py)."""
 
 from alembic import context
-from sqlmodel import SQLModel
 
-from taskproxy.storage import models  # noqa: F401  (registers the tables)
+from taskproxy.storage import models
 
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
-    target_metadata=SQLModel.metadata,
+    target_metadata=models.metadata,
     render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
     compare_type=True,
 )

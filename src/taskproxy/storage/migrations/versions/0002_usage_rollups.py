@@ -9,7 +9,6 @@ Create Date: 2026-11-23
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 
@@ -22,9 +21,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table('usage_daily',
     sa.Column('bucket', sa.DateTime(), nullable=False),
-    sa.Column('work_item', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('work_item', sa.String(length=200), nullable=False),
+    sa.Column('team', sa.String(length=200), nullable=False),
+    sa.Column('model', sa.String(length=200), nullable=False),
     sa.Column('events', sa.Integer(), nullable=False),
     sa.Column('ok_events', sa.Integer(), nullable=False),
     sa.Column('requests', sa.Integer(), nullable=False),
@@ -38,7 +37,7 @@ def upgrade() -> None:
     sa.Column('unpriced_events', sa.Integer(), nullable=False),
     sa.Column('first_ts', sa.DateTime(), nullable=False),
     sa.Column('last_ts', sa.DateTime(), nullable=False),
-    sa.Column('owner', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('owner', sa.String(length=200), nullable=False),
     sa.PrimaryKeyConstraint('bucket', 'work_item', 'team', 'model', 'owner')
     )
     with op.batch_alter_table('usage_daily', schema=None) as batch_op:
@@ -46,9 +45,9 @@ def upgrade() -> None:
 
     op.create_table('usage_hourly',
     sa.Column('bucket', sa.DateTime(), nullable=False),
-    sa.Column('work_item', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('work_item', sa.String(length=200), nullable=False),
+    sa.Column('team', sa.String(length=200), nullable=False),
+    sa.Column('model', sa.String(length=200), nullable=False),
     sa.Column('events', sa.Integer(), nullable=False),
     sa.Column('ok_events', sa.Integer(), nullable=False),
     sa.Column('requests', sa.Integer(), nullable=False),

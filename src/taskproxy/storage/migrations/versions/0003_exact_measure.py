@@ -10,7 +10,6 @@ Create Date: 2026-12-03
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0003'
@@ -35,8 +34,8 @@ def upgrade() -> None:
     with op.batch_alter_table('usage_events', schema=None) as batch_op:
         for column in TOKEN_COLUMNS:
             batch_op.alter_column(column, type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=False)
-        batch_op.add_column(sa.Column('estimated_fields', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
-        batch_op.add_column(sa.Column('provider_error', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
+        batch_op.add_column(sa.Column('estimated_fields', sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column('provider_error', sa.String(length=64), nullable=True))
     _cost_to_nanos('usage_events')
     op.execute("UPDATE usage_events SET estimated_fields = 'prompt_tokens,completion_tokens' WHERE usage_source = 'estimated'")
     for table in ROLLUPS:
@@ -47,7 +46,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('work_items', schema=None) as batch_op:
         batch_op.alter_column('budget_tokens', type_=sa.BigInteger(), existing_type=sa.Integer(), existing_nullable=True)
-        batch_op.add_column(sa.Column('tracker', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True))
+        batch_op.add_column(sa.Column('tracker', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('tracker_event_at', sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column('merged_at', sa.DateTime(), nullable=True))
     # What the old rule compared tracker events with, kept for the items a tracker changed last.

@@ -10,7 +10,6 @@ Create Date: 2026-12-03
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0004'
@@ -22,8 +21,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table('changes',
     sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
-    sa.Column('ref', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('kind', sa.String(length=8), nullable=False),
+    sa.Column('ref', sa.String(length=200), nullable=False),
     sa.Column('ts', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('seq'),
     sqlite_autoincrement=True,
@@ -32,9 +31,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_changes_ts'), ['ts'], unique=False)
 
     op.create_table('spend_counters',
-    sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
-    sa.Column('ref', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('period', sqlmodel.sql.sqltypes.AutoString(length=7), nullable=False),
+    sa.Column('scope', sa.String(length=8), nullable=False),
+    sa.Column('ref', sa.String(length=200), nullable=False),
+    sa.Column('period', sa.String(length=7), nullable=False),
     sa.Column('tokens', sa.BigInteger(), nullable=False),
     sa.Column('cost_nanos', sa.BigInteger(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
@@ -49,8 +48,8 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_work_items_updated_at'), ['updated_at'], unique=False)
 
     op.create_table('leases',
-    sa.Column('scope', sqlmodel.sql.sqltypes.AutoString(length=240), nullable=False),
-    sa.Column('window', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('scope', sa.String(length=240), nullable=False),
+    sa.Column('window', sa.String(length=32), nullable=False),
     sa.Column('granted', sa.BigInteger(), nullable=False),
     sa.Column('granted_nanos', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('scope', 'window'),

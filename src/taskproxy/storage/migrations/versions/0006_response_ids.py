@@ -9,7 +9,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0006'
@@ -20,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     # A nullable column without a default: no partition is rewritten on PostgreSQL.
-    op.add_column('usage_events', sa.Column('response_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True))
+    op.add_column('usage_events', sa.Column('response_id', sa.String(length=200), nullable=True))
     op.create_index('ix_usage_events_response_id', 'usage_events', ['response_id'])
 
 

@@ -9,7 +9,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0007'
@@ -24,8 +23,8 @@ def _item_columns() -> list[sa.Column]:
     sa.Column('files_changed', sa.Integer(), nullable=True),
     sa.Column('points', sa.Float(), nullable=True),
     sa.Column('reworked_at', sa.DateTime(), nullable=True),
-    sa.Column('rework_reason', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True),
-    sa.Column('rework_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+    sa.Column('rework_reason', sa.String(length=16), nullable=True),
+    sa.Column('rework_by', sa.String(length=200), nullable=True),
     ]
 
 
@@ -33,11 +32,11 @@ def upgrade() -> None:
     for column in _item_columns():
         op.add_column('work_items', column)
     op.create_table('work_item_sizes',
-    sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-    sa.Column('work_item', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('id', sa.String(length=32), nullable=False),
+    sa.Column('work_item', sa.String(length=200), nullable=False),
     sa.Column('ts', sa.DateTime(), nullable=False),
-    sa.Column('source', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
-    sa.Column('delivery_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+    sa.Column('source', sa.String(length=16), nullable=False),
+    sa.Column('delivery_id', sa.String(length=200), nullable=True),
     sa.Column('lines_added', sa.Integer(), nullable=True),
     sa.Column('lines_deleted', sa.Integer(), nullable=True),
     sa.Column('files_changed', sa.Integer(), nullable=True),

@@ -11,7 +11,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0009'
@@ -36,9 +35,9 @@ def upgrade() -> None:
     sa.Column('unpriced_events', sa.Integer(), nullable=False),
     sa.Column('first_ts', sa.DateTime(), nullable=False),
     sa.Column('last_ts', sa.DateTime(), nullable=False),
-    sa.Column('key_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-    sa.Column('work_item', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('key_id', sa.String(length=32), nullable=False),
+    sa.Column('work_item', sa.String(length=200), nullable=False),
+    sa.Column('team', sa.String(length=200), nullable=False),
     sa.PrimaryKeyConstraint('bucket', 'key_id', 'work_item', 'team'),
     )
     op.create_index('ix_usage_key_daily_work_item_bucket', 'usage_key_daily', ['work_item', 'bucket'])

@@ -10,7 +10,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0010'
@@ -35,8 +34,8 @@ def upgrade() -> None:
     sa.Column('unpriced_events', sa.Integer(), nullable=False),
     sa.Column('first_ts', sa.DateTime(), nullable=False),
     sa.Column('last_ts', sa.DateTime(), nullable=False),
-    sa.Column('team', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+    sa.Column('team', sa.String(length=200), nullable=False),
+    sa.Column('model', sa.String(length=200), nullable=False),
     sa.PrimaryKeyConstraint('bucket', 'team', 'model'),
     )
     # From the daily rollup, which holds every event's sums (frozen here, as in 0002): no event is read.

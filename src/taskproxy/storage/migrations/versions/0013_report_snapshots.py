@@ -9,7 +9,6 @@ Create Date: 2026-12-04
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = '0013'
@@ -20,14 +19,14 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.create_table('report_snapshots',
-    sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('name', sa.String(length=32), nullable=False),
     sa.Column('since', sa.DateTime(), nullable=True),
     sa.Column('until', sa.DateTime(), nullable=True),
     sa.Column('computed_at', sa.DateTime(), nullable=True),
     sa.Column('seconds', sa.Float(), nullable=True),
-    sa.Column('computed_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+    sa.Column('computed_by', sa.String(length=200), nullable=True),
     sa.Column('claimed_until', sa.DateTime(), nullable=True),
-    sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
+    sa.Column('claimed_by', sa.String(length=200), nullable=True),
     sa.Column('body', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('name'),
     )
