@@ -152,3 +152,35 @@ def test_freed_memory_is_handed_back_once_requests_were_served_and_none_is_runni
             assert trims == [1]  # nothing new served since: not again
     finally:
         gc.unfreeze()
+
+
+def test_a_started_app_holds_none_of_the_modules_only_reports_and_migrations_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A serving process's resident memory is mostly what it imports (docs/scale.md): the ORM (5.6 MiB,
+    which the tables do not need: they are Core), the report modules (computed in processes of their
+    own), Jinja2 (the dashboard's first page) and alembic (a migration) stay out of it until used."""
+    import subprocess
+    import sys
+
+    from serve_helpers import child_env
+
+    from taskproxy.storage.db import make_engine, upgrade_schema
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    upgrade_schema(engine)  # as `taskproxy db upgrade` does, in a process of its own
+    engine.dispose()
+    code = """
+import asyncio, sys
+from taskproxy.app import create_app
+from taskproxy.settings import settings_from_mapping
+settings = settings_from_mapping({"database_url": "sqlite:///%s"}, {})
+app = create_app(settings)
+async def main():
+    async with app.router.lifespan_context(app):
+        pass
+asyncio.run(main())
+unused = ("sqlalchemy.orm", "sqlmodel", "alembic", "jinja2", "taskproxy.reports.adoption", "taskproxy.reports.signals", "taskproxy.dashboard.data")
+print(sorted(name for name in sys.modules if name in unused or name.startswith(tuple(u + "." for u in unused))))
+""" % (tmp_path / "t.db")
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

@@ -24,6 +24,7 @@ from taskproxy.dashboard.format import iso_attr
 from taskproxy.errors import ServiceUnavailable
 from taskproxy.reports.adoption import adoption_report
 from taskproxy.reports.adoption_export import adoption_csv
+from taskproxy.reports.named import overview_snapshot_name
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.reports.snapshots import Definition, SnapshotKeeper, compute_and_store, kept_name, snapshot_reports
 from taskproxy.settings import Settings, load_settings
@@ -265,7 +266,7 @@ def test_the_first_snapshot_is_on_its_way_then_served(tmp_path: Path, upstream: 
         page = wait_until(lambda: dashboard.get("/dashboard"), lambda r: 'data-testid="snapshot"' in r.text, timeout=30, what="the overview's snapshot")
         engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
         settings = load_settings(config, env={"TASKPROXY_ADMIN_KEY": server.admin_key})
-        kept = data.kept_overview(engine, data.overview_snapshot_name(settings))
+        kept = data.kept_overview(engine, overview_snapshot_name(settings))
         assert kept.view.weeks and isinstance(kept.view.weeks[0]["since"], datetime)
         assert _as_served(kept.view) == _as_served(data.overview(engine, settings, kept.since, kept.until))
         kept_adoption = snapshots.latest(engine, kept_name(settings, "adoption"))
@@ -344,7 +345,7 @@ def test_a_snapshot_is_read_only_by_processes_that_would_compute_it_alike() -> N
     assert same[0] == same[1] and same[0].startswith("adoption:")  # how often is not how it is computed
     assert kept_name(settings(privacy={"min_group_size": 8}), "adoption") != same[0]  # another privacy floor: not that snapshot
     assert kept_name(settings(stale_after_days=30), "adoption") != same[0]
-    assert data.overview_snapshot_name(settings(privacy={"min_group_size": 8})) != data.overview_snapshot_name(settings())
+    assert overview_snapshot_name(settings(privacy={"min_group_size": 8})) != overview_snapshot_name(settings())
     assert set(snapshot_reports(settings())) == {kept_name(settings(), "adoption"), kept_name(settings(), "signals")}
 
 

@@ -39,6 +39,7 @@ from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
 from taskproxy.registry import WorkItems
+from taskproxy.reports.named import OVERVIEW, overview_snapshot_name
 from taskproxy.reports.runner import ReportRunner
 from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
@@ -46,7 +47,6 @@ from taskproxy.routes.stored import StoredResponses
 from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
-from taskproxy.dashboard import data as dashboard_data
 from taskproxy.dashboard.views import routes as dashboard_routes
 from taskproxy.dashboard.session import SessionSigner
 from taskproxy.dashboard.templating import Pages
@@ -226,7 +226,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         if settings.reports.snapshot_minutes:
             kept = snapshot_reports(settings)  # the dashboard's overview is made from the adoption report's:
             adoption = kept_name(settings, "adoption")
-            kept[adoption] = replace(kept[adoption], then=((dashboard_data.overview_snapshot_name(settings), dashboard_data.overview, {"settings": settings}),))
+            kept[adoption] = replace(kept[adoption], then=((overview_snapshot_name(settings), OVERVIEW, {"settings": settings}),))
             keeper = SnapshotKeeper(db, reports_runner, timedelta(minutes=settings.reports.snapshot_minutes), kept,
                                     observe=lambda name, state: metrics.snapshot_seen(name, state.computed_at, state.seconds))  # fmt: skip
         changed = Wakeup()

@@ -246,7 +246,8 @@ def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or
 
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
-    from taskproxy.reports.adoption import adoption_options, adoption_report
+    from taskproxy.reports.adoption import adoption_report
+    from taskproxy.reports.named import adoption_options
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
     from taskproxy.timeutil import report_period
 

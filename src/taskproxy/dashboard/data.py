@@ -13,12 +13,13 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy import privacy
-from taskproxy.reports.adoption import adoption_options, adoption_report, completions_by_period
+from taskproxy.reports.adoption import adoption_report, completions_by_period
+from taskproxy.reports.named import adoption_options
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.usage import rejections_by_reason, tasks_report, usage_for_key
 from taskproxy.records import event_json
 from taskproxy.reports.signals import gaming_signals
-from taskproxy.reports.snapshots import latest, report_of, snapshot_name
+from taskproxy.reports.snapshots import latest, report_of
 from taskproxy.settings import Settings, SignalSettings
 from taskproxy.storage import repo
 from taskproxy.storage.models import WorkItem
@@ -86,11 +87,6 @@ class Kept:
     until: datetime
     computed_at: datetime
     seconds: float
-
-
-def overview_snapshot_name(settings: Settings) -> str:
-    """The name the overview's snapshot is kept under (reports/snapshots.py), with `settings`."""
-    return snapshot_name("overview", adoption_options(settings))
 
 
 def kept_overview(engine: Engine, name: str) -> Kept:

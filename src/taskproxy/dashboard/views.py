@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,7 +23,6 @@ from starlette.routing import Route
 
 from taskproxy import privacy
 from taskproxy.audit import audit_read
-from taskproxy.dashboard import data
 from taskproxy.dashboard import format as fmt
 from taskproxy.dashboard import session as sessions
 from taskproxy.dashboard.charts import Point, bar_chart
@@ -31,10 +30,14 @@ from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
+from taskproxy.reports.named import overview_snapshot_name
 from taskproxy.reports.snapshots import kept_name
 from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
 from taskproxy.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from taskproxy.dashboard import data
 
 log = logging.getLogger("taskproxy.dashboard")
 
@@ -198,8 +201,10 @@ async def _kept(request: Request, read: Callable[[], Awaitable[data.Kept]]) -> d
 
 @page(admin_only=True)
 async def overview(request: Request, session: Session) -> Response:
+    from taskproxy.dashboard import data  # with the report modules, 3.5 MiB: imported at the first page that needs it
+
     settings = request.state.settings
-    name = data.overview_snapshot_name(settings)
+    name = overview_snapshot_name(settings)
     kept = await _kept(request, lambda: in_thread(data.kept_overview, request.state.engine, name))
     if kept is not None:
         view, since, until = kept.view, kept.since, kept.until
@@ -222,6 +227,8 @@ async def overview(request: Request, session: Session) -> Response:
 
 @page(admin_only=True)
 async def work_item(request: Request, session: Session) -> Response:
+    from taskproxy.dashboard import data  # with the report modules, 3.5 MiB: imported at the first page that needs it
+
     raw = request.path_params["item_id"]
     try:
         item_id = request.state.items.ids.normalize(raw)
@@ -243,6 +250,8 @@ async def work_item(request: Request, session: Session) -> Response:
 
 @page(admin_only=True)
 async def signals(request: Request, session: Session) -> Response:
+    from taskproxy.dashboard import data  # with the report modules, 3.5 MiB: imported at the first page that needs it
+
     name = kept_name(request.state.settings, "signals")
     kept = await _kept(request, lambda: unless_client_leaves(request, request.state.reports.run(data.kept_signals_page, name=name)))
     # Signals name keys and owners: per-key data, audited before it is shown (with the period of
@@ -264,6 +273,8 @@ async def signals(request: Request, session: Session) -> Response:
 
 @page(admin_only=False)
 async def me(request: Request, session: Session) -> Response:
+    from taskproxy.dashboard import data  # with the report modules, 3.5 MiB: imported at the first page that needs it
+
     settings = request.state.settings
     principal = session.principal
     mine = await in_thread(data.my_data, request.state.engine, principal.key_id, principal.team)

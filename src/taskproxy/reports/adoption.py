@@ -86,7 +86,7 @@ from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
-from taskproxy.settings import SizeBands, Settings
+from taskproxy.settings import SizeBands
 from taskproxy.timeutil import iso, rounded_hours
 
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open", "reworked")
@@ -280,10 +280,6 @@ def completions_by_period(engine: Engine, periods: list[tuple[datetime, datetime
     return found
 
 
-def adoption_options(settings: Settings) -> dict[str, Any]:
-    """The report's options from the settings: what the route, the CLI and the dashboard pass."""
-    reports = settings.reports
-    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": reports.stale_after_days, "size_bands": reports.size_bands}
 
 
 

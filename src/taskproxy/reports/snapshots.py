@@ -37,10 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy import __version__
 from taskproxy.errors import InvalidRequest, NotFound
-from taskproxy.reports.adoption import adoption_options, adoption_report
-from taskproxy.reports.adoption_export import adoption_csv
+from taskproxy.reports.named import ADOPTION, SIGNALS, adoption_options
 from taskproxy.reports.runner import ReportRunner
-from taskproxy.reports.signals import gaming_signals
 from taskproxy.settings import Settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.snapshots import Snapshot
@@ -120,7 +118,7 @@ def kept_name(settings: Settings, report: str) -> str:
 def snapshot_reports(settings: Settings) -> Definitions:
     """The API's snapshots: each report function with the options its route passes, under its name.
     (The dashboard adds its overview's: app.py.)"""
-    functions = {"adoption": adoption_report, "signals": gaming_signals}
+    functions = {"adoption": ADOPTION, "signals": SIGNALS}
     return {snapshot_name(report, options): Definition(functions[report], options) for report, options in _api_options(settings).items()}
 
 
@@ -223,6 +221,8 @@ def snapshot_csv(engine: Engine, *, name: str) -> tuple[str, datetime]:
     """In the report's process: the adoption snapshot `name` as the CSV route answers it, and when it
     was computed; or NotFound."""
     snapshot = latest(engine, name)
+    from taskproxy.reports.adoption_export import adoption_csv  # the CLI's: not imported by a serving process
+
     return adoption_csv(report_of(snapshot)), snapshot.computed_at
 
 

@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest
-from taskproxy.reports.adoption import adoption_options, adoption_report
+from taskproxy.reports.named import ADOPTION, adoption_options
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, snapshot_csv, unpacked
 from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
@@ -82,7 +82,7 @@ async def _report(request: Request, encode: Callable[[dict[str, Any]], Any]) -> 
     team = request.query_params.get("team") or None
     options = adoption_options(request.state.settings)
     return await unless_client_leaves(
-        request, request.state.reports.run(adoption_report, encode=encode, since=since, until=until, team=team, **options)
+        request, request.state.reports.run(ADOPTION, encode=encode, since=since, until=until, team=team, **options)
     )
 
 
