@@ -4,6 +4,7 @@ reads only what changed, and inventing ids costs a bounded amount of memory."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import threading
@@ -327,4 +328,36 @@ async def test_a_key_looked_up_while_the_process_stops_is_told_to_try_again_not_
     keys.close()
     with pytest.raises(ServiceUnavailable):
         await keys.authenticate(Headers({"authorization": "Bearer tp-" + "k" * 43}))
+    engine.dispose()
+
+
+async def test_a_lookup_waiting_for_a_thread_when_the_process_stops_is_told_so_too() -> None:
+    """A lookup queued behind a slow one when close() drops the queue: the same 503 answer as one that
+    arrives after close(), not a cancelled request."""
+    import time as clock
+
+    from taskproxy.guard.lookups import Lookups, LookupTimeout
+
+    lookups = Lookups("test", at_once=1)
+    slow = asyncio.ensure_future(lookups.run(clock.sleep, 0.3))
+    queued = asyncio.ensure_future(lookups.run(lambda: "found"))
+    await asyncio.sleep(0.05)
+    lookups.close()
+    with pytest.raises(LookupTimeout):
+        await queued
+    assert await slow is None
+
+
+async def test_a_rate_checked_after_the_leases_stopped_counts_alone_rather_than_refuse(tmp_path: Path) -> None:
+    """Leases cannot be taken once the process is stopping: a key below its limit is still admitted
+    (counted by this process alone), not told it sent too many."""
+    from taskproxy.guard.ratelimit import RateLimiter
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    prepare_schema(engine)
+    limiter = RateLimiter(30, engine)
+    limiter.close()
+    for _ in range(10):  # past the first slice (3)
+        await limiter.check("key_1")
+        await asyncio.sleep(0.01)
     engine.dispose()

@@ -324,3 +324,42 @@ async def test_a_slice_that_is_late_rather_than_lost_puts_the_replica_back_on_sl
         for _ in range(30):  # a slice is a tenth of the budget: these spend it, and the next is asked for
             assert (await _chat(proxy, key, "LATE-1")).status_code == 200
         assert len(takes) >= 2, "the replica went on counting alone after its slice arrived"
+
+
+@pytest.mark.anyio
+async def test_the_slice_after_a_late_one_covers_what_was_spent_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests admitted on the replica's own count while its first slice was late are spent beyond
+    its grants: the next slice it asks for covers them as well, so one lease puts it back within its
+    grant (a slice of the usual size would leave the next requests asking again and again)."""
+    from conftest import make_settings, start_proxy
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.storage import leases
+    from taskproxy.upstream.mock import MockProvider
+
+    taking = leases.take
+    takes: list[float] = []
+
+    def first_slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if args[1].startswith("team:"):  # the budget's leases (the key's rate has its own)
+            takes.append(time.monotonic())
+            if len(takes) == 1:
+                time.sleep(1.5)
+        return taking(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "take", first_slow_take)
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, budgets={"teams": {"payments": {"tokens": 2_000}}}, limits={"requests_per_minute": 100_000})  # slices of 200
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        key = await proxy.new_key()
+        assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200  # on credit; its slice is slow to come
+        assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200  # waited its second: counted alone until it comes
+        spent_alone = 0
+        while len(takes) == 1 and time.monotonic() - takes[0] < 1.4 and spent_alone < 600:  # more, on its own count
+            reply = await _chat(proxy, key, "TOPUP-1")
+            assert reply.status_code == 200
+            spent_alone += reply.json()["usage"]["total_tokens"]
+        assert spent_alone > 400, spent_alone  # well past what one ordinary slice would cover
+        await anyio.sleep(0.5)  # the late slice has arrived
+        assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200
+        assert len(takes) == 2, f"{len(takes) - 1} leases after the late slice, where one covering the deficit does"

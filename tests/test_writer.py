@@ -534,3 +534,33 @@ def test_a_write_a_middleman_never_answers_is_left_behind_and_writing_goes_on(po
         writes.released.set()
         writer.close()
     engine.dispose()
+
+
+def test_a_process_stopping_while_another_holds_the_sqlite_lock_spools_what_it_cannot_write(tmp_path: Path) -> None:
+    """Waiting for SQLite's lock is right while serving, not at shutdown: the process would stop
+    waiting before the lock came free and lose the batch. Stopping, the writer waits the usual 2 s
+    and spools; the next process writes it."""
+    from taskproxy.storage.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    upgrade_schema(engine)
+    holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    writer = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    entry = Entry()
+    try:
+        writer.submit(entry)
+        started = time.monotonic()
+        writer.close(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert writer.spooled == 1 and took < 8, (writer.spooled, took)
+    again = BatchWriter(engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    again.start()
+    again.close()
+    with engine.connect() as connection:
+        assert list(connection.execute(select(AuditEntry.id)).scalars()) == [entry.id]
+    engine.dispose()

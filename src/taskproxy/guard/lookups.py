@@ -54,6 +54,11 @@ class Lookups:
             raise LookupTimeout("this process is stopping") from None
         try:
             return await asyncio.wait_for(asyncio.wrap_future(call), LOOKUP_WAIT_SECONDS)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call.cancelled() and task is not None and not task.cancelling():  # dropped by close(), not this request cancelled
+                raise LookupTimeout("this process is stopping") from None
+            raise
         except TimeoutError:
             if not call.cancel():  # under way (not just queued): counted until it ends
                 with self._lock:

@@ -111,7 +111,7 @@ class RateLimiter:
     async def _take(self, key_id: str, state: _Minute) -> None:
         try:
             grant = await self._threads.run(leases.take, self._engine, f"rate:{key_id}", state.minute, (self._slice, 0), (self._limit, None))
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: the process is stopping (its lease threads are closed)
             log.warning("could not lease requests for key %s (%s): counting them in this process alone this minute", key_id,
                         exc.__class__.__name__)  # fmt: skip
             state.alone = True
@@ -130,5 +130,5 @@ class RateLimiter:
         before = leases.minute(datetime.strptime(minute, "%Y-%m-%dT%H:%M") - timedelta(minutes=5))
         try:
             await self._threads.run(leases.prune, self._engine, before)
-        except SQLAlchemyError:
+        except (SQLAlchemyError, RuntimeError):
             pass  # the next minute prunes them

@@ -149,8 +149,9 @@ class BudgetShares:
                     if share.arrived is None:
                         self._ask(share, limits, spent)
                     await share.arrived.wait()  # type: ignore[union-attr]
-            if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets),
-                share.alone_until = time.monotonic() + ALONE_SECONDS  # until the slice arrives, rather than a second's wait per request
+            if waiting.cancelled_caught:  # the database is slow to answer: the process's own count decides (Budgets)
+                if share.arrived is not None:  # until the slice arrives, rather than a second's wait per request
+                    share.alone_until = time.monotonic() + ALONE_SECONDS
                 return True
         if share.alone_until > time.monotonic():
             return True
@@ -202,7 +203,7 @@ class BudgetShares:
         arrived = share.arrived
         try:
             grant = await self._threads.run(leases.take, self._engine, share.scope, share.window, share.slice(limits), limits, spent)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: the process is stopping (its lease threads are closed)
             log.warning("could not lease from the budget of %s (%s): checked against this process's count meanwhile", share.scope,
                         exc.__class__.__name__)  # fmt: skip
             share.alone_until = time.monotonic() + ALONE_SECONDS

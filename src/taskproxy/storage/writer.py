@@ -61,6 +61,7 @@ WRITE_WAIT_SECONDS = 2.0
 WRITE_WAIT_WHILE_DOWN_SECONDS = 0.5
 ABANDON_SECONDS = 60.0  # an unanswered write is left to its thread after this, and writing goes on in a new one
 MAX_ABANDONED = 2  # writes left waiting at once (each holds a connection): past it, the writer waits for them
+STOPPING_CHECK_SECONDS = 0.25  # a SQLite write waited for without a bound looks this often whether the process is stopping
 BACKLOG_BATCHES = 10
 
 
@@ -129,6 +130,7 @@ class BatchWriter:
         self._unanswered_since = 0.0
         self._abandoned: list[Future[None]] = []  # writes left to their threads (ABANDON_SECONDS)
         self._bounded = engine.dialect.name != "sqlite"  # a local file does not go silent: wait for its lock
+        self._stopping = threading.Event()  # close() was called: no more waiting without a bound
         self.committed = 0
         self.spooled = 0
         self.set_aside = 0
@@ -193,6 +195,7 @@ class BatchWriter:
         """Drain the queue and stop the thread."""
         if self._thread is None:
             return
+        self._stopping.set()
         self._queue.put(_STOP)
         self._urgent.set()
         self._thread.join(timeout)
@@ -320,12 +323,19 @@ class BatchWriter:
         self._call(write, WRITE_WAIT_SECONDS, batch)
 
     def _call(self, function: Callable[..., None], wait: float, *args: object) -> None:
+        """Run `function(engine, *args)` in the database thread and wait for it: `wait` at most where the
+        database can go silent; on SQLite until it ends (its lock, up to its busy timeout), unless the
+        process is stopping: then `wait` too, and what was not written is spooled for the next process."""
+        started = time.monotonic()
         call = self._database.submit(function, self._engine, *args)
-        try:
-            call.result(timeout=wait if self._bounded else None)
-        except FutureTimeout:
-            self._unanswered, self._unanswered_since = call, time.monotonic()
-            raise _no_answer() from None
+        while True:
+            try:
+                call.result(timeout=max(0.0, started + wait - time.monotonic()) if self._bounded else STOPPING_CHECK_SECONDS)
+                return
+            except FutureTimeout:
+                if self._bounded or (self._stopping.is_set() and time.monotonic() - started >= wait):
+                    self._unanswered, self._unanswered_since = call, started
+                    raise _no_answer() from None
 
     def _abandon_unanswered(self) -> bool:
         """Leave a write unanswered for `ABANDON_SECONDS` to its thread, and go on in a new one (at most
