@@ -112,6 +112,19 @@ def test_a_report_process_engine_connects_through_pgbouncer_and_still_asks_the_s
 
 
 
+def test_a_server_that_refuses_the_client_check_still_gives_the_report_a_working_connection(postgres_url: str) -> None:
+    """PostgreSQL 13 and older do not know `client_connection_check_interval` and refuse the SET: the
+    report runs without the safeguard rather than fail. Here a value out of range is refused the same
+    way (PostgreSQL 15 on this machine knows the setting)."""
+    engine = make_engine(postgres_url, client_check_ms=-1)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar_one() == 1
+            assert connection.execute(text("SHOW client_connection_check_interval")).scalar_one() == "0"
+    finally:
+        engine.dispose()
+
+
 def test_behind_pgbouncer_in_transaction_mode_two_connections_repeat_a_query_on_one_server_connection(postgres_url: str) -> None:
     """psycopg prepares a query on the server once a connection has run it 5 times: through one
     server connection shared in turn, the second client's prepare would find the first's."""
