@@ -160,8 +160,12 @@ def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     upgrade_schema(engine)
     with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), metadata)
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_server_default": True}), metadata)
     assert differences == [], "models changed without a migration: add one under storage/migrations/versions"
+    from taskproxy.storage import models
+
+    elsewhere = [name for name, value in vars(models).items() if isinstance(value, models.Rows) and value.__table__.metadata is not metadata]
+    assert elsewhere == [], f"tables on another MetaData escape this comparison: {elsewhere}"
 
 
 def test_the_revisions_read_without_alembic_are_alembics(tmp_path: Path) -> None:

@@ -293,7 +293,7 @@ Rejection = Rows(Table(
     _text("key_id", 32, null=True),  # None when the key itself was refused
     _text("reason", 32),  # the error code the client got
     _text("route", 64),
-    _int("count", default=1),
+    Column("count", Integer(), nullable=False, default=1, server_default="1"),  # as migration 0003 made it
 ))  # fmt: skip
 
 # The change feed: one row per key or work item changed, written in the change's own transaction.
