@@ -502,10 +502,10 @@ def test_a_database_back_from_an_outage_gets_the_time_a_large_replay_needs(postg
 def test_a_write_a_middleman_never_answers_is_left_behind_and_writing_goes_on(postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Behind a PgBouncer without `query_timeout`, a write to a server gone silent may wait a quarter
     of an hour: after `ABANDON_SECONDS` (1 s here) the writer leaves it to its thread and writes on."""
-    from taskproxy.storage import writer as writer_module
+    from taskproxy.storage import answered
     from taskproxy.storage.db import make_engine
 
-    monkeypatch.setattr(writer_module, "ABANDON_SECONDS", 1.0)
+    monkeypatch.setattr(answered, "ABANDON_SECONDS", 1.0)
     writes = SlowWrites(monkeypatch)
     engine = make_engine(postgres_url)
     upgrade_schema(engine)

@@ -10,8 +10,7 @@ what lets every path below retry freely.
   database answers again. A database that does not answer at all (gone silent: a failover, a host
   gone) counts as down after `WRITE_WAIT_SECONDS`: the write goes on in a thread of its own until the
   connection's TCP timeouts end it, and the batches meanwhile are spooled without waiting for it
-  (one still unanswered after `ABANDON_SECONDS`, which only a PgBouncer without `query_timeout` can
-  hold that long, is left to its thread, and writing resumes on a new one). While the database is
+  (answered.py: how long each call is waited for, and when one is left behind). While the database is
   down, a `SELECT 1` bounded by `WRITE_WAIT_WHILE_DOWN_SECONDS` asks whether it answers again before a
   batch is sent, so a large batch replayed to a database just back is not cut short. SQLite is a
   local file that cannot go silent: its writes are waited for (its lock, up to its busy timeout).
@@ -38,18 +37,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from taskproxy.storage.answered import DatabaseCalls
 from taskproxy.storage.batch import Batch, Record, Recordable, database_down, write
 from taskproxy.storage.db import ping
 from taskproxy.storage.spool import Spool
-from taskproxy.threads import DaemonThreads
 
 log = logging.getLogger("taskproxy.writer")
 
@@ -59,9 +56,6 @@ DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once fo
 # milliseconds) before spooling instead; after a failure, while it is not known to be back, less.
 WRITE_WAIT_SECONDS = 2.0
 WRITE_WAIT_WHILE_DOWN_SECONDS = 0.5
-ABANDON_SECONDS = 60.0  # an unanswered write is left to its thread after this, and writing goes on in a new one
-MAX_ABANDONED = 2  # writes left waiting at once (each holds a connection): past it, the writer waits for them
-STOPPING_CHECK_SECONDS = 0.25  # a SQLite write waited for without a bound looks this often whether the process is stopping
 BACKLOG_BATCHES = 10
 
 
@@ -125,12 +119,7 @@ class BatchWriter:
         self._down_since: float | None = None  # the database failed at this time, and has not answered since
         self._spool_error: str | None = None  # the last spool write failed with this
         self._last_retry = 0.0
-        self._database = DaemonThreads(1, "taskproxy-writer-database")  # see _to_database
-        self._unanswered: Future[None] | None = None  # a write still waiting for the database
-        self._unanswered_since = 0.0
-        self._abandoned: list[Future[None]] = []  # writes left to their threads (ABANDON_SECONDS)
-        self._bounded = engine.dialect.name != "sqlite"  # a local file does not go silent: wait for its lock
-        self._stopping = threading.Event()  # close() was called: no more waiting without a bound
+        self._database = DatabaseCalls(engine)  # each call waited for a bounded time
         self.committed = 0
         self.spooled = 0
         self.set_aside = 0
@@ -195,7 +184,7 @@ class BatchWriter:
         """Drain the queue and stop the thread."""
         if self._thread is None:
             return
-        self._stopping.set()
+        self._database.stopping.set()  # no more waiting for SQLite's lock without a bound
         self._queue.put(_STOP)
         self._urgent.set()
         self._thread.join(timeout)
@@ -313,43 +302,11 @@ class BatchWriter:
         return True
 
     def _to_database(self, batch: Batch) -> None:
-        """`write` the batch, in the writer's database thread, waiting for it a bounded time: past it
-        (or while an earlier write still waits), an OperationalError, which counts as the database down."""
-        if self._unanswered is not None and not self._unanswered.done() and not self._abandon_unanswered():
-            raise _no_answer()
-        self._unanswered = None
+        """`write` the batch, waited for a bounded time (answered.py): past it (or while an earlier write
+        still waits), an OperationalError, which counts as the database down."""
         if self._down_since is not None:  # is it answering again? (a short wait: it may well not be)
-            self._call(ping, WRITE_WAIT_WHILE_DOWN_SECONDS)
-        self._call(write, WRITE_WAIT_SECONDS, batch)
-
-    def _call(self, function: Callable[..., None], wait: float, *args: object) -> None:
-        """Run `function(engine, *args)` in the database thread and wait for it: `wait` at most where the
-        database can go silent; on SQLite until it ends (its lock, up to its busy timeout), unless the
-        process is stopping: then `wait` too, and what was not written is spooled for the next process."""
-        started = time.monotonic()
-        call = self._database.submit(function, self._engine, *args)
-        while True:
-            try:
-                call.result(timeout=max(0.0, started + wait - time.monotonic()) if self._bounded else STOPPING_CHECK_SECONDS)
-                return
-            except FutureTimeout:
-                if self._bounded or (self._stopping.is_set() and time.monotonic() - started >= wait):
-                    self._unanswered, self._unanswered_since = call, started
-                    raise _no_answer() from None
-
-    def _abandon_unanswered(self) -> bool:
-        """Leave a write unanswered for `ABANDON_SECONDS` to its thread, and go on in a new one (at most
-        `MAX_ABANDONED` at once). Only a connection held open by a middleman that does not give up
-        (PgBouncer without `query_timeout`) waits that long: storage/db.py's TCP timeouts end the others."""
-        self._abandoned = [call for call in self._abandoned if not call.done()]
-        if time.monotonic() - self._unanswered_since < ABANDON_SECONDS or len(self._abandoned) >= MAX_ABANDONED:
-            return False
-        log.warning("a write has waited %.0f s for the database; it is left to its thread, and writing goes on in a new one",
-                    time.monotonic() - self._unanswered_since)  # fmt: skip
-        self._abandoned.append(self._unanswered)  # type: ignore[arg-type]
-        self._database.close()
-        self._database = DaemonThreads(1, "taskproxy-writer-database")
-        return True
+            self._database.call(ping, WRITE_WAIT_WHILE_DOWN_SECONDS)
+        self._database.call(write, WRITE_WAIT_SECONDS, batch)
 
     def _isolate(self, units: list[Batch]) -> bool:
         """Write `units` in halves until each row the database refuses stands alone; set those aside."""
@@ -476,10 +433,6 @@ def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
             spool.set_aside_batch(data, _reason(exc))
             kept += batch.rows()
     return written, kept
-
-
-def _no_answer() -> OperationalError:
-    return OperationalError("writing a batch", {}, TimeoutError("the database has not answered the last write"))
 
 
 def _reason(exc: BaseException) -> str:
