@@ -40,13 +40,20 @@ def _assert_rollups_and_counters_match_the_events(engine: Engine) -> None:
         counted = connection.execute(text("SELECT coalesce(sum(tokens), 0) FROM spend_counters WHERE scope = 'item'")).scalar_one()
         assert counted == events[1], f"spend counters: {counted} tokens for the events' {events[1]}"
 
-def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it_is_back(postgres_url: str, tmp_path: Path) -> None:
+
+def _relay_to(postgres_url: str) -> tuple[TcpRelay, str]:
+    """A relay to the test's PostgreSQL that can be black-holed, and the database URL through it
+    (skipped where nftables cannot run; a failure in CI, which installs it)."""
     if reason := black_hole_unavailable():
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
     relay = TcpRelay(urlsplit(postgres_url).port or 5432)
-    relayed_url = postgres_url.replace(f":{relay.target[1]}/", f":{relay.port}/", 1)
+    return relay, postgres_url.replace(f":{relay.target[1]}/", f":{relay.port}/", 1)
+
+
+def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it_is_back(postgres_url: str, tmp_path: Path) -> None:
+    relay, relayed_url = _relay_to(postgres_url)
     spool = tmp_path / "spool.jsonl"
     direct = make_engine(postgres_url)
 
@@ -128,12 +135,7 @@ def test_a_process_stopped_while_the_database_is_silent_exits_promptly_and_the_n
     """A rolling restart during a failover: the stopping process must not wait out the TCP timeouts of
     connections to a database that does not answer (its lookups, its writer, its budget slices, its
     snapshots' claims), and what it could not write waits in its spool for the next process."""
-    if reason := black_hole_unavailable():
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    relay = TcpRelay(urlsplit(postgres_url).port or 5432)
-    relayed_url = postgres_url.replace(f":{relay.target[1]}/", f":{relay.port}/", 1)
+    relay, relayed_url = _relay_to(postgres_url)
     spool = tmp_path / "spool.jsonl"
     direct = make_engine(postgres_url)
     try:
