@@ -9,6 +9,7 @@ import gc
 import platform
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -121,6 +122,34 @@ def test_large_blocks_go_back_to_the_system_when_freed_and_the_rest_when_trimmed
     assert tuned_at_once > 150  # in mappings of their own: unmapped when freed
     assert default_at_once < 50  # stranded in the heap between the small objects ...
     assert default_trimmed > 150  # ... until malloc_trim hands the free pages back
+
+
+class _Cyclic:
+    def __init__(self) -> None:
+        self.itself = self
+
+
+def test_garbage_cycles_requests_left_are_collected_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle process may not run a full collection for a long time; what cycles hold stays resident
+    until one runs, so the idle check runs it."""
+    monkeypatch.setattr(process, "IDLE_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(process, "release_freed_memory", lambda: None)
+    left: list[weakref.ref[_Cyclic]] = []
+
+    async def cyclic(request: Request) -> PlainTextResponse:
+        left.append(weakref.ref(_Cyclic()))
+        return PlainTextResponse("done")
+
+    gc.disable()  # as if no automatic collection came
+    try:
+        with serve_in_thread(ProcessTuning(Starlette(routes=[Route("/cyclic", cyclic)]))) as url:
+            assert httpx.get(f"{url}/cyclic", timeout=10).status_code == 200
+            assert left[0]() is not None  # the cycle outlives its request
+            time.sleep(0.3)
+            assert left[0]() is None  # idle: collected
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def test_freed_memory_is_handed_back_once_requests_were_served_and_none_is_running(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,9 @@ Both were chosen by measurement (bench/, docs/performance.md):
   per request did not change (1.28 M against 1.29 M for a non-streaming request).
 - **Blocks of 64 KiB and more in mappings of their own, and freed memory handed back when idle.**
   After 500 streams of 1 MiB in flight at once, the heap kept tens of MiB it no longer used
-  (bench/streams_memory.py); `malloc_trim` runs when requests were served and none is in progress.
+  (bench/streams_memory.py); `malloc_trim` runs when requests were served and none is in progress,
+  after a full garbage collection: an idle process runs none on its own, and what reference cycles
+  the requests left stays resident until one does.
 - **Startup's objects frozen out of the garbage collector.** Once the app has started, the modules,
   settings, encodings and caches it built live as long as the process. Left in the collector's
   oldest generation, each full collection walked all of them again: 85–185 ms with the event loop
@@ -44,7 +46,8 @@ IDLE_CHECK_SECONDS = 5.0
 class ProcessTuning:
     """ASGI wrapper: once the wrapped app reports its lifespan startup complete, collect the garbage
     startup left and freeze what remains; afterwards, whenever requests were served since the last
-    look and none is in progress, hand freed memory back to the system (see the module's docstring)."""
+    look and none is in progress, collect the garbage and hand freed memory back to the system (see
+    the module's docstring)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -82,6 +85,7 @@ class ProcessTuning:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
             if self.served != trimmed_at and self.active == 0:
                 trimmed_at = self.served
+                gc.collect()  # cyclic garbage the requests left, which an idle process may not collect for long
                 await asyncio.to_thread(release_freed_memory)
 
 

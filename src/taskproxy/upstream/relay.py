@@ -48,7 +48,7 @@ class ClientWatch:
         self._task = task
         self.gone = False
         self._stopped = False
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        self._watcher: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -59,7 +59,12 @@ class ClientWatch:
 
     def stop(self) -> None:
         self._stopped = True
-        self._watcher.cancel()
+        if self._watcher is not None:
+            # Dropped as it is cancelled: its cancellation's traceback holds this object, and a
+            # reference back to the task would make a cycle that outlives the request until a full
+            # collection, which an idle server may not run for a long time.
+            self._watcher.cancel()
+            self._watcher = None
 
     def ended_by(self) -> str:
         """After the serving task was cancelled: why, and the cancellation is taken back so the
