@@ -130,7 +130,8 @@ class KeyStore:
     def __init__(self, engine: Engine, *, admin_key: str | None, refresh_seconds: float = 5.0, capacity: int = 20_000) -> None:
         self._engine = engine
         self._admin_key = admin_key
-        self._by_hash: LRUCache[str, Principal] = LRUCache(capacity)
+        # By the key's sha256 as 32 bytes, not the 64-character hex the table keeps: 0.9 MiB less for 20,000 keys.
+        self._by_hash: LRUCache[bytes, Principal] = LRUCache(capacity)
         self._unknown: TTLCache[str, bool] = TTLCache(max(1, capacity // 4), ttl=refresh_seconds)
         self._lock = threading.Lock()  # used from the event loop and from worker threads
         self._lookups = Lookups("key")  # keys not in memory (guard/lookups.py)
@@ -150,7 +151,7 @@ class KeyStore:
         with self._lock:
             self._team_sizes = sizes
             for key_hash, principal in reversed(held):
-                self._by_hash[key_hash] = principal
+                self._by_hash[bytes.fromhex(key_hash)] = principal
 
     def refresh(self, changed: set[str]) -> int:
         """Re-read the keys the change feed names (blocking): revoked ones are dropped, bindings updated,
@@ -163,12 +164,13 @@ class KeyStore:
             sizes = {team: privacy.team_size(connection, team) for team in teams}
         with self._lock:
             for row in rows:
+                digest = bytes.fromhex(row.key_hash)
                 self._unknown.pop(row.key_hash, None)
-                if row.key_hash in self._by_hash:
+                if digest in self._by_hash:
                     if row.revoked_at is None:
-                        self._by_hash[row.key_hash] = _principal(row)
+                        self._by_hash[digest] = _principal(row)
                     else:
-                        del self._by_hash[row.key_hash]
+                        del self._by_hash[digest]
             self._team_sizes.update(sizes)
         return len(rows)
 
@@ -183,7 +185,7 @@ class KeyStore:
             raise InvalidApiKey(MISSING_KEY_MESSAGE)
         digest = hash_key(token)
         with self._lock:
-            principal = self._by_hash.get(digest)
+            principal = self._by_hash.get(bytes.fromhex(digest))
             unknown = digest in self._unknown
         if principal is not None:
             return principal
@@ -199,7 +201,7 @@ class KeyStore:
             if row is None or row.revoked_at is not None:
                 self._unknown[digest] = True
                 raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
-            principal = self._by_hash[digest] = _principal(row)
+            principal = self._by_hash[bytes.fromhex(digest)] = _principal(row)
         return principal
 
     def team_size(self, team: str | None) -> int:
