@@ -27,7 +27,7 @@ from taskproxy.settings import BudgetSettings
 from taskproxy.storage import changes, listen, spend
 from taskproxy.storage.changes import ChangeFeed
 from taskproxy.storage.db import make_engine, prepare_schema
-from taskproxy.storage.models import Change, SpendCounter
+from taskproxy.storage.models import ApiKey, Change, SpendCounter
 from taskproxy.timeutil import utcnow
 from taskproxy.upstream.mock import MockProvider
 
@@ -141,6 +141,22 @@ async def test_a_refresh_that_read_a_key_before_its_revocation_never_brings_it_b
     refresh.join(5)
     with pytest.raises(InvalidApiKey):
         await keys.authenticate(bearer)
+    engine.dispose()
+
+
+async def test_a_key_row_whose_hash_is_not_a_hash_is_passed_over_not_fatal(tmp_path: Path) -> None:
+    """The cache holds keys by their hash's bytes; a row imported by hand with a hash that is not hex
+    must not stop the process from starting or its keys from refreshing."""
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    prepare_schema(engine)
+    key, token = issue_key(engine, owner="dana", team="payments")
+    odd, _ = issue_key(engine, owner="erin", team="payments")
+    with engine.begin() as connection:
+        connection.execute(update(ApiKey.__table__).where(ApiKey.__table__.c.id == odd.id).values(key_hash="not-a-sha256"))
+    keys = KeyStore(engine, admin_key=None)
+    keys.warm()
+    assert keys.refresh({key.id, odd.id}) == 2
+    assert (await keys.authenticate(Headers({"authorization": f"Bearer {token}"}))).key_id == key.id
     engine.dispose()
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BOTH_DATABASES
 from pydantic import BaseModel
 
-from conftest import BOTH_DATABASES
 from taskproxy.errors import ConfigError
 from taskproxy.settings import Settings, WorkItemSettings, load_settings, settings_from_mapping
 
