@@ -24,10 +24,10 @@ import httpx
 from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).parent))
-import scale  # noqa: E402
-from seed_org import schema_url  # noqa: E402
+import scale
+from seed_org import schema_url
 
-from taskproxy.storage.db import make_engine, upgrade_schema  # noqa: E402
+from taskproxy.storage.db import make_engine, upgrade_schema
 
 SCHEMA = "load_leftover"
 
