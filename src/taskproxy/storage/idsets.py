@@ -1,10 +1,13 @@
 """Reading the rows of a set of ids (work items, keys) that the caller holds in Python.
 
-On PostgreSQL a batch of ids is bound as one array parameter (`id = ANY(:ids)`): one statement for up
-to 100,000 ids, which the planner joins by hash. A batch of `IN (...)` lists costs one bound parameter
-per id: 5,000 to a statement made a report over 690,000 items spend 17 s in round trips and binding
-where the arrays take 3 (bench/scale.py, docs/scale.md). SQLite has no arrays: `IN (...)` lists,
-under its limit on parameters.
+On PostgreSQL a batch of ids is bound as one string, the ids joined by the ASCII unit separator, that
+the database splits into an array (`id = ANY(string_to_array(:ids, chr(31)))`): one statement for up to
+a million ids, which the planner matches by hash in one pass over the table. A batch of `IN (...)`
+lists costs one bound parameter per id: 5,000 to a statement made a report over 690,000 items spend
+17 s in round trips and binding. Arrays of 100,000 ids took 3 s, but psycopg dumps a list element by
+element in Python, and each batch of a large set scanned the table again (docs/scale.md). No id holds
+a control character (workitems.py refuses them; keys and hashes are hex): a batch that would is bound
+as an array instead. SQLite has no arrays: `IN (...)` lists, under its limit on parameters.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlalchemy import String, any_, bindparam
+from sqlalchemy import String, Text, any_, bindparam, func, literal_column
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-_BATCH = {"postgresql": 100_000}
+_BATCH = {"postgresql": 1_000_000}
+_SEPARATOR = "\x1f"  # chr(31), the ASCII unit separator
 _IN_LIST_BATCH = 5_000  # SQLite binds at most 32,766 parameters to a statement
 
 
@@ -37,5 +41,8 @@ def batches(connection: Connection, ids: Iterable[str]) -> Iterator[list[str]]:
 def among(connection: Connection, column: Any, batch: list[str]) -> ColumnElement:
     """`column` is one of `batch` (a batch from `batches`)."""
     if connection.dialect.name == "postgresql":
+        joined = _SEPARATOR.join(batch)
+        if joined.count(_SEPARATOR) == len(batch) - 1 and "" not in batch:  # else the split would not give `batch` back
+            return column == any_(func.string_to_array(bindparam(None, joined, type_=Text()), literal_column("chr(31)")))
         return column == any_(bindparam(None, batch, type_=ARRAY(String())))
     return column.in_(batch)  # type: ignore[no-any-return]
