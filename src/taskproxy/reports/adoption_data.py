@@ -150,11 +150,13 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
     for chunk in idsets.batches(connection, ids):
         query = select(_W.id, _W.team, _W.status, _W.created_at, _W.completed_at, _W.lines_added, _W.lines_deleted, _W.points,
                        _W.reworked_at, _W.rework_reason).where(idsets.among(connection, _W.id, chunk))  # fmt: skip
-        for r in connection.execute(query):
-            item = _item(items, r.id)
-            item.team, item.status, item.created_at, item.completed_at, item.status_at_until = r.team, r.status, r.created_at, r.completed_at, r.status
-            item.lines = None if r.lines_added is None and r.lines_deleted is None else (r.lines_added or 0) + (r.lines_deleted or 0)
-            item.points, item.reworked_at, item.rework_reason = r.points, r.reworked_at, r.rework_reason
+        # Unpacked, not read by name: a row's attribute costs about a microsecond, eleven of them a
+        # second per 100,000 items.
+        for item_id, team, status, created_at, completed_at, added, deleted, points, reworked_at, rework_reason in connection.execute(query):
+            item = _item(items, item_id)
+            item.team, item.status, item.created_at, item.completed_at, item.status_at_until = team, status, created_at, completed_at, status
+            item.lines = None if added is None and deleted is None else (added or 0) + (deleted or 0)
+            item.points, item.reworked_at, item.rework_reason = points, reworked_at, rework_reason
 
 
 def _reopened_completions(connection: Connection, since: datetime, until: datetime) -> dict[str, datetime]:

@@ -133,12 +133,11 @@ def after_completion(
     by_key: dict[str, dict[str, Spend]] = defaultdict(dict)
 
     def count(key_id: str, item: str, requests: int, cost: int, tokens: int, first: datetime, last: datetime) -> None:
-        add_spend(by_key[key_id].setdefault(item, Spend(item)),
-                  {"requests": requests, "cost_nanos": cost, "total_tokens": tokens, "first_used": first, "last_used": last})  # fmt: skip
+        add_spend(by_key[key_id].setdefault(item, Spend(item)), requests, cost, tokens, first, last)
 
     def count_events(rows: Iterable[Any]) -> None:
-        for row in rows:
-            count(row.key_id, row.work_item, is_request(row.attempt, row.route), int(row.cost_nanos or 0), int(row.total_tokens or 0), row.ts, row.ts)
+        for key_id, work_item, ts, attempt, route, cost, tokens in rows:  # _EVENT_FIGURES
+            count(key_id, work_item, is_request(attempt, route), int(cost or 0), int(tokens or 0), ts, ts)
 
     period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
     days = period.ranges(rollup.KEY_DAILY)
@@ -151,12 +150,12 @@ def after_completion(
             .where(ITEMS.status.in_(RESOLVED), rollup.any_within(k.bucket, days), k.bucket >= day_of_completion)
         )  # fmt: skip
         spans: list[Span] = []
-        for row in connection.execute(query):
-            threshold = row.completed_at + grace
-            if row.bucket > threshold or row.first_ts > threshold:  # every event of the row is later
-                count(row.key_id, row.work_item, int(row.requests), int(row.cost_nanos or 0), int(row.total_tokens), row.first_ts, row.last_ts)
-            elif row.bucket + timedelta(days=1) > threshold and row.last_ts > threshold:  # some are: read them
-                spans.append((row.work_item, row.key_id, threshold, row.bucket + timedelta(days=1)))
+        for key_id, work_item, bucket, requests, cost, tokens, first_ts, last_ts, completed_at in connection.execute(query):
+            threshold = completed_at + grace
+            if bucket > threshold or first_ts > threshold:  # every event of the row is later
+                count(key_id, work_item, int(requests), int(cost or 0), int(tokens), first_ts, last_ts)
+            elif bucket + timedelta(days=1) > threshold and last_ts > threshold:  # some are: read them
+                spans.append((work_item, key_id, threshold, bucket + timedelta(days=1)))
         count_events(events_within(connection, sorted(spans)))
     edges = period.ranges(None)
     if edges:
@@ -215,19 +214,20 @@ def cost_outliers(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
     all_time = rollup.Period(levels=rollup.KEY_LEVELS)  # every day of the per-key rollup: no raw event is read
-    found_spend = rollup.totals(connection, by=("work_item", "key_id", "team"), period=all_time, fields=SPEND_FIELDS,
-                                where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
+    found_spend = rollup.grouped(connection, by=("work_item", "key_id", "team"), period=all_time, fields=SPEND_FIELDS,
+                                 where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
     by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # item -> key -> all-time spend
     team_spend: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     priced: set[str] = set()
-    for (work_item, key_id, team), row in found_spend.items():
-        add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), row)
-        if row["cost_nanos"] is not None:
+    # A row per item, key and team (SPEND_FIELDS unpacked: read by name, they cost a microsecond each).
+    for work_item, key_id, team, requests, cost, tokens, first, last in found_spend:
+        add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), requests, cost, tokens, first, last)
+        if cost is not None:
             priced.add(work_item)
-        if team is not None:
+        if team != "":  # '' stands for events without a team: not a team that spent
             totals = team_spend[work_item][team]
-            totals[0] += int(row["cost_nanos"] or 0)
-            totals[1] += int(row["total_tokens"] or 0)
+            totals[0] += int(cost or 0)
+            totals[1] += int(tokens or 0)
 
     costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
     for item_id in priced:
