@@ -65,6 +65,7 @@ from taskproxy.reports.adoption import adoption_report  # noqa: E402
 from taskproxy.reports.items import work_item_view  # noqa: E402
 from taskproxy.reports.signals import gaming_signals  # noqa: E402
 from taskproxy.reports.usage import usage_grouped  # noqa: E402
+from taskproxy.settings import ReportSettings
 from taskproxy.storage import repo  # noqa: E402
 from taskproxy.storage.db import make_engine, upgrade_schema  # noqa: E402
 from taskproxy.timeutil import utcnow  # noqa: E402
@@ -258,7 +259,7 @@ def once(call: Callable[[], Any]) -> dict[str, float]:
 
 
 def reports(url: str) -> dict[str, dict[str, float]]:
-    engine = make_engine(url)
+    engine = make_engine(url, work_mem_mb=ReportSettings().work_mem_mb)  # as a report's process makes it (reports/runner.py)
     with engine.connect() as connection:
         busy = connection.execute(text("SELECT ref FROM spend_counters WHERE scope = 'item' ORDER BY tokens DESC LIMIT 1")).scalar_one()
     since = utcnow() - timedelta(days=30)

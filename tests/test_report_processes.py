@@ -261,3 +261,37 @@ async def test_closing_the_runner_waits_for_the_reports_it_stops(tmp_path: Path,
     await anyio.to_thread.run_sync(runner.close)
     assert _ended(report), "close() returned while the report's process was still running"
     engine.dispose()
+
+
+def _work_mem_seen(engine: Engine) -> tuple[str, str, str]:
+    """work_mem in two of the report's transactions, and on the same connection outside them."""
+    with engine.connect() as connection:
+        first = connection.execute(text("SHOW work_mem")).scalar_one()
+        connection.commit()
+        second = connection.execute(text("SHOW work_mem")).scalar_one()
+        connection.rollback()
+        raw = connection.connection.dbapi_connection
+        with raw.cursor() as cursor:  # no transaction of SQLAlchemy's: the server's own setting shows
+            cursor.execute("SHOW work_mem")
+            outside = cursor.fetchone()[0]
+        raw.rollback()
+    return first, second, outside
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_a_reports_queries_get_the_configured_work_mem_and_only_inside_their_transactions(postgres_url: str) -> None:
+    """`reports.work_mem_mb`: at PostgreSQL's default 4 MB the period reports' groupings spill to disk.
+    It is set for the report's transactions only (SET LOCAL), so that behind a pooler in transaction
+    mode no other client's transaction inherits it, and the serving engine never has it."""
+    serving = make_engine(postgres_url)
+    with serving.connect() as connection:
+        server_default = connection.execute(text("SHOW work_mem")).scalar_one()
+    assert server_default != "96MB"
+    runner = ReportRunner(serving, work_mem_mb=96)
+    assert await runner.run(_work_mem_seen) == ("96MB", "96MB", server_default)
+    assert await ReportRunner(serving).run(_work_mem_seen) == (server_default, server_default, server_default)
+    with serving.connect() as connection:  # the serving engine's are untouched
+        assert connection.execute(text("SHOW work_mem")).scalar_one() == server_default
+    runner.close()
+    serving.dispose()

@@ -221,7 +221,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             sink=writer, counter=counter, prices=prices, charge=budgets.charge,
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
-        reports_runner = ReportRunner(db)
+        reports_runner = ReportRunner(db, work_mem_mb=settings.reports.work_mem_mb)
         keeper = None
         if settings.reports.snapshot_minutes:
             kept = snapshot_reports(settings)  # the dashboard's overview is made from the adoption report's:

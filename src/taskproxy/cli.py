@@ -24,10 +24,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[no-untyped-def]
+    """The database's engine; `report`: one that computes a period report (`reports.work_mem_mb`)."""
     from taskproxy.storage.db import make_engine, prepare_schema
 
-    engine = make_engine(_settings(args).database_url)
+    settings = _settings(args)
+    engine = make_engine(settings.database_url, work_mem_mb=settings.reports.work_mem_mb if report else 0)
     prepare_schema(engine)
     return engine
 
@@ -256,7 +258,7 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
         report = _latest_report(args, settings, "adoption", {"--since": args.since, "--until": args.until, "--team": args.team})
     else:
         since, until = report_period(args.since, args.until)
-        report = adoption_report(_engine(args), since=since, until=until, team=args.team, **adoption_options(settings))
+        report = adoption_report(_engine(args, report=True), since=since, until=until, team=args.team, **adoption_options(settings))
     if args.json:
         print_json(report)
     elif args.csv:
@@ -275,7 +277,7 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
         report = _latest_report(args, settings, "signals", {"--since": args.since, "--until": args.until})
     else:
         since, until = report_period(args.since, args.until)
-        report = gaming_signals(_engine(args), since=since, until=until, thresholds=settings.signals)
+        report = gaming_signals(_engine(args, report=True), since=since, until=until, thresholds=settings.signals)
     if args.json:
         print_json(report)
     else:

@@ -218,6 +218,10 @@ class ReportSettings(_Frozen):
     # dashboard's overview over the last 30 days, one process at a time, and keep the answers for
     # `?snapshot=latest` and the overview of the default period (0: off).
     snapshot_minutes: float = Field(default=0, ge=0)
+    # PostgreSQL: the memory each sort or hash of a report's query may use before it spills to disk
+    # (`SET LOCAL work_mem` in the report's own transaction; 0: the server's setting). The period
+    # reports group millions of rollup rows; at the server's default 4 MB they spill.
+    work_mem_mb: int = Field(default=256, ge=0)
 
 
 class TelemetrySettings(_Frozen):

@@ -57,7 +57,9 @@ def child_database_url(engine: Engine) -> str | None:
     return url.render_as_string(hide_password=False)
 
 
-def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None) -> None:
+def _compute(
+    pipe: Connection, database_url: str, work_mem_mb: int, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None
+) -> None:
     """In the child: run the report on an engine of its own and send back ("ok", answer, "") or ("error",
     exc, its traceback).
     Stopped by SIGTERM (the client hung up, the server is stopping, an operator), it first cancels its
@@ -66,7 +68,7 @@ def _compute(pipe: Connection, database_url: str, function: Callable[..., Any], 
 
     # Killed outright (the OOM killer, SIGKILL), the child cannot cancel its query: the server then
     # ends it within CLIENT_CHECK_MS of the child's death.
-    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS)
+    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS, work_mem_mb=work_mem_mb)
     cancel_queries = query_canceller(engine)
     if cancel_queries is not None:  # else SIGTERM's default: the process ends at once
 
@@ -115,11 +117,13 @@ def _ended_by(process: BaseProcess) -> str:
 
 class ReportRunner:
     """Runs `function(engine, **kwargs)` in a child process and returns what it returned (or `encode`
-    of it, computed in the child)."""
+    of it, computed in the child). `work_mem_mb`: the child's engine's (storage/db.make_engine); a report
+    run in a worker thread uses the serving engine as it is."""
 
-    def __init__(self, engine: Engine, *, at_once: int = REPORTS_AT_ONCE) -> None:
+    def __init__(self, engine: Engine, *, at_once: int = REPORTS_AT_ONCE, work_mem_mb: int = 0) -> None:
         self._engine = engine
         self._url = child_database_url(engine)
+        self._work_mem_mb = work_mem_mb
         self._limiter = anyio.CapacityLimiter(at_once)
         self._context: BaseContext | None = None
         self._running: set[BaseProcess] = set()
@@ -150,7 +154,7 @@ class ReportRunner:
             return await self._in_thread(function, encode, kwargs)
         async with self._limiter:
             try:
-                process, receiving = await anyio.to_thread.run_sync(self._start, self._url, function, kwargs, encode)
+                process, receiving = await anyio.to_thread.run_sync(self._start, self._url, self._work_mem_mb, function, kwargs, encode)
             except OSError as exc:  # no fork server (no writable temporary directory for its socket, no fork, a full disk)
                 if not self._in_threads:
                     log.warning("a report cannot run in a process of its own (%s); reports run in a worker thread until one can", exc)

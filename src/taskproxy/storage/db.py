@@ -39,12 +39,15 @@ def connection_defaults(url: URL) -> dict[str, int]:
     return {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in url.query}
 
 
-def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Engine:
+def make_engine(database_url: str, *, client_check_ms: int | None = None, work_mem_mb: int = 0) -> Engine:
     """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
     runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
     `client_connection_check_interval`; SQLite's queries end with their process: ignored there). For
     processes that may be killed outright mid-query, such as the reports': otherwise the query runs to
-    its end for nobody."""
+    its end for nobody.
+    `work_mem_mb` (PostgreSQL; 0: the server's): each transaction of this engine's lets a sort or hash
+    use that much memory before spilling to disk (`reports.work_mem_mb`, for the engines that compute
+    period reports, never the serving one's)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         # LIFO: the connection used last is handed out again, so the writer and the periodic reloads
@@ -78,6 +81,13 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None) -> Eng
         @event.listens_for(engine, "connect")
         def _client_check(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
             _set_client_check(dbapi_connection, client_check_ms)
+
+    if work_mem_mb:
+        # LOCAL, in each transaction: behind a pooler in transaction mode a session's SET would stay on a
+        # server connection that other clients use next.
+        @event.listens_for(engine, "begin")
+        def _work_mem(connection: Connection) -> None:
+            connection.exec_driver_sql(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
 
     return engine
 
