@@ -107,6 +107,7 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"models": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]}, "models[1].name: 'a' is configured twice"),
         ({"reports": {"size_bands": {"lines": [200, 50]}}}, "reports.size_bands.lines: the bounds must be non-negative and strictly increasing"),
         ({"reports": {"size_bands": {"points": [-1]}}}, "reports.size_bands.points: the bounds must be"),
+        ({"reports": {"work_mem_mb": 3_000_000}}, "reports.work_mem_mb: Input should be less than or equal to 2097151"),
     ],
 )  # fmt: skip
 def test_bad_config_fails_with_one_line_naming_the_key(document: dict, message: str) -> None:

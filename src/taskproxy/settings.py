@@ -220,8 +220,10 @@ class ReportSettings(_Frozen):
     snapshot_minutes: float = Field(default=0, ge=0)
     # PostgreSQL: the memory each sort or hash of a report's query may use before it spills to disk
     # (`SET LOCAL work_mem` in the report's own transaction; 0: the server's setting). The period
-    # reports group millions of rollup rows; at the server's default 4 MB they spill.
-    work_mem_mb: int = Field(default=256, ge=0)
+    # reports group millions of rollup rows; at the server's default 4 MB they spill. A hash may take
+    # `hash_mem_multiplier` (2) times it, per step of a query, per report running (at most two per
+    # process): the database server needs that room. PostgreSQL's own bound is 2,097,151 MB.
+    work_mem_mb: int = Field(default=256, ge=0, le=2_097_151)
 
 
 class TelemetrySettings(_Frozen):
