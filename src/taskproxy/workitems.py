@@ -47,6 +47,11 @@ def completed_in(status: str, completed_at: datetime | None, since: datetime, un
     return status == COMPLETED and completed_at is not None and since <= completed_at < until
 
 
+def changed_lines(added: int | None, deleted: int | None) -> int | None:
+    """An item's size in lines: added + deleted, either known; None when the tracker said neither."""
+    return None if added is None and deleted is None else (added or 0) + (deleted or 0)
+
+
 def _from_url(value: str) -> str | None:
     parts = urlsplit(value)
     host = (parts.hostname or "").lower()

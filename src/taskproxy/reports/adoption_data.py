@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import RESOLVED, completed_in
+from taskproxy.workitems import RESOLVED, changed_lines, completed_in
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
 _E = UsageEvent.__table__.c
@@ -155,7 +155,7 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
         for item_id, team, status, created_at, completed_at, added, deleted, points, reworked_at, rework_reason in connection.execute(query):
             item = _item(items, item_id)
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = team, status, created_at, completed_at, status
-            item.lines = None if added is None and deleted is None else (added or 0) + (deleted or 0)
+            item.lines = changed_lines(added, deleted)
             item.points, item.reworked_at, item.rework_reason = points, reworked_at, rework_reason
 
 
