@@ -77,13 +77,17 @@ class ItemCache:
             return self._without_budget.get(status) or self._without_budget.setdefault(status, KnownItem(sys.intern(status)))
         return KnownItem(sys.intern(status), budget_tokens, budget_usd)
 
+    def _known_row(self, row: Row) -> KnownItem:
+        """`_known` of a work_items row (its status and budgets)."""
+        return self._known(row.status, row.budget_tokens, row.budget_usd)
+
     def warm(self) -> None:
         """Fill the cache with the most recently changed items (blocking; run it in a thread)."""
         query = select(_ITEMS.c.id, _ITEMS.c.status, _ITEMS.c.budget_tokens, _ITEMS.c.budget_usd)
         query = query.order_by(_ITEMS.c.updated_at.desc().nulls_last()).limit(self.capacity)
         with self._engine.connect() as connection:
             rows = connection.execution_options(yield_per=WARM_ROWS_PER_READ).execute(query)
-            held = [(row.id, self._known(row.status, row.budget_tokens, row.budget_usd)) for row in rows]
+            held = [(row.id, self._known_row(row)) for row in rows]
         with self._lock:
             for item_id, known in reversed(held):  # the most recent used last: dropped last
                 self._items[item_id] = known
@@ -95,7 +99,7 @@ class ItemCache:
         with self._engine.connect() as connection:
             for start in range(0, len(wanted), _IDS_PER_QUERY):
                 rows = connection.execute(_BY_IDS, {"ids": wanted[start : start + _IDS_PER_QUERY]})
-                found.update({row.id: self._known(row.status, row.budget_tokens, row.budget_usd) for row in rows})
+                found.update({row.id: self._known_row(row) for row in rows})
         return found
 
     def held(self, ids: Iterable[str]) -> list[str]:
@@ -158,7 +162,7 @@ class ItemCache:
 
     def note(self, item: Row) -> None:
         """An item changed through this process: known at once, without waiting for the change feed."""
-        self._remember(item.id, self._known(item.status, item.budget_tokens, item.budget_usd))
+        self._remember(item.id, self._known_row(item))
 
     def note_changes(self, statuses: dict[str, str]) -> None:
         with self._lock:
