@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -105,6 +106,9 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
                 turn.cancel(_ended_by(receiving.result()))
             try:
                 await turn
+            except _SocketClosed as closed:
+                await _record_close(closed, receiving)
+                break
             except asyncio.CancelledError:
                 if receiving.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     break  # the client left: the turn recorded it
@@ -268,12 +272,16 @@ async def _relay(
     except ApiError as exc:
         error = exc.code
         await _send(websocket, socket_error(exc))
-    except (asyncio.CancelledError, WebSocketDisconnect, OSError, RuntimeError) as exc:
+    except asyncio.CancelledError as exc:
         attempt.record_once(status=200, error=_why(exc), first_byte=first_byte)
         await reply.close()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        return
+        raise
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        # The socket closed under a send. Whether the server is shutting down or the client left, only
+        # the receive watching the socket learns (its close code), maybe a moment later: the loop that
+        # owns it records the turn then.
+        await reply.close()
+        raise _SocketClosed(partial(attempt.record_once, status=200, first_byte=first_byte)) from None
     await reply.close()
     if not last and error is None:  # ended without its last event: the client would wait for it forever
         cut = UpstreamError("The provider's stream ended before the response was complete.")
@@ -291,6 +299,30 @@ async def _remember(conversation: Conversation, body: dict, terminal: bytes, sen
 
 
 SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
+CLOSE_WAIT_SECONDS = 2.0  # after a failed send, how long the receive may take to say why the socket closed
+
+
+class _SocketClosed(Exception):  # noqa: N818  (control flow inside this module, never rendered)
+    """A turn's send found the socket closed; `record(error=...)` records the turn once the reason is known."""
+
+    def __init__(self, record: Callable[..., object]) -> None:
+        super().__init__("the socket closed under a send")
+        self.record = record
+
+
+async def _record_close(closed: _SocketClosed, receiving: asyncio.Task[dict]) -> None:
+    """Record a turn whose send failed, with what the socket's disconnect says (`_ended_by`): a send can
+    fail on a socket the server is closing for its shutdown before the receive sees the 1012 close."""
+    reason = CLIENT_DISCONNECTED
+    try:
+        done, _ = await asyncio.wait({receiving}, timeout=CLOSE_WAIT_SECONDS)
+        if done and not receiving.cancelled() and receiving.exception() is None and receiving.result()["type"] == "websocket.disconnect":
+            reason = _ended_by(receiving.result())
+    except asyncio.CancelledError:
+        reason = SHUTDOWN  # the server stopped waiting for this handler
+        raise
+    finally:
+        closed.record(error=reason)
 
 
 def _ended_by(disconnect: dict) -> str:
@@ -299,11 +331,9 @@ def _ended_by(disconnect: dict) -> str:
     return SHUTDOWN if disconnect.get("code") == SERVICE_RESTART else CLIENT_DISCONNECTED
 
 
-def _why(exc: BaseException) -> str:
-    """What ended a turn early, from the exception that ended it: a cancellation carries `_ended_by`'s
-    reason; anything else (a send that failed) means the client is gone."""
-    reason = exc.args[0] if isinstance(exc, asyncio.CancelledError) and exc.args else None
-    return SHUTDOWN if reason == SHUTDOWN else CLIENT_DISCONNECTED
+def _why(exc: asyncio.CancelledError) -> str:
+    """What cancelled a turn: the reason `_ended_by` gave it, else the client is gone."""
+    return SHUTDOWN if exc.args and exc.args[0] == SHUTDOWN else CLIENT_DISCONNECTED
 
 
 async def _send(websocket: WebSocket, data: bytes) -> None:
