@@ -302,7 +302,7 @@ SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the ser
 CLOSE_WAIT_SECONDS = 2.0  # after a failed send, how long the receive may take to say why the socket closed
 
 
-class _SocketClosed(Exception):  # noqa: N818  (control flow inside this module, never rendered)
+class _SocketClosed(Exception):  # control flow inside this module, never rendered
     """A turn's send found the socket closed; `record(error=...)` records the turn once the reason is known."""
 
     def __init__(self, record: Callable[..., object]) -> None:
