@@ -92,6 +92,8 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
             key = (hour.replace(hour=0), e.key_id, e.work_item, e.team or "")
         elif unit == "team":
             key = (hour.replace(hour=0), e.team or "", e.model)
+        elif unit == "item":  # all time
+            key = (e.work_item, e.team or "", e.model)
         s = found.setdefault(key, defaultdict(int, cost_nanos=None, first_ts=e.ts, last_ts=e.ts))
         s["events"] += 1
         s["ok_events"] += e.status < 400
@@ -117,7 +119,7 @@ def stored(engine: Engine, level: rollup.Level) -> dict[tuple, dict[str, Any]]:
 def assert_rollups_match(engine: Engine) -> None:
     rows = raw_rows(engine)
     for level in rollup.WRITTEN:
-        unit = {rollup.KEY_DAILY: "key", rollup.TEAM_DAILY: "team"}.get(level, level.unit)
+        unit = {rollup.KEY_DAILY: "key", rollup.TEAM_DAILY: "team", rollup.ITEM_TOTALS: "item"}.get(level, level.unit)
         expected, actual = group_by(rows, unit), stored(engine, level)
         assert set(actual) == set(expected), level.unit
         for key, sums in expected.items():

@@ -182,7 +182,7 @@ def _reopened_completions(connection: Connection, since: datetime, until: dateti
 
 
 def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
-    """All-time usage per model of the items completed in the period (from the rollup alone)."""
+    """All-time usage per model of the items completed in the period (from the per-item totals alone)."""
     _fill_usage(connection, items, lambda c: [c.work_item.in_(completed_ids(since, until))])
 
 
@@ -193,7 +193,8 @@ def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) 
 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
-    found = rollup.grouped(connection, by=("work_item", "model"), fields=("attempts", "ok", "cost_nanos", "total_tokens"), where=where)
+    found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME, fields=("attempts", "ok", "cost_nanos", "total_tokens"),
+                           where=where)  # fmt: skip
     for work_item, model, attempts, ok, cost, tokens in found:
         item = items.get(work_item)
         if item is not None:
@@ -254,7 +255,7 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
     )  # fmt: skip
     found: dict[tuple, dict[str, Any]] = {}
     for chunk in idsets.batches(connection, teamless):
-        found |= rollup.totals(connection, by=("work_item", "team"), fields=("cost_nanos", "total_tokens"),
+        found |= rollup.totals(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
                                where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
     candidates: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for (work_item, team), row in found.items():

@@ -50,7 +50,7 @@ def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
     """Totals of one work item, or None if it is neither registered nor used."""
     with engine.connect() as connection:
         item = connection.execute(select(WorkItem.__table__).where(WorkItem.__table__.c.id == item_id)).first()
-        totals = rollup.totals(connection, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))
+        totals = rollup.totals(connection, period=rollup.LIFETIME, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))
         models = connection.execute(select(_D.model).where(_D.work_item == item_id).distinct().order_by(_D.model)).scalars().all()
         people = connection.execute(select(func.count(distinct(_D.owner))).where(_D.work_item == item_id)).scalar_one()
     if item is None and not totals["attempts"]:

@@ -24,6 +24,7 @@ DISTRIBUTED: dict[str, str] = {
     "usage_hourly": "work_item",
     "usage_daily": "work_item",
     "usage_key_daily": "work_item",
+    "usage_item_totals": "work_item",
     "spend_counters": "ref",  # an item's lifetime spend by its id; a team's month by the team's name
 }
 BY_TEAM: dict[str, str] = {"usage_team_daily": "team"}

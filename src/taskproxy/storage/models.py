@@ -211,11 +211,11 @@ UsageEvent = Rows(Table(
 ))  # fmt: skip
 
 
-def _sums() -> list[Column[Any]]:
+def _sums(*, bucket: bool = True) -> list[Column[Any]]:
     """The sums every usage rollup holds over the usage_events of its bucket and key columns, kept by the
     writer in the transaction that inserts the events (see storage/rollup.py, docs/reports.md)."""
     return [
-        _time("bucket"),  # the hour's or the day's start, naive UTC
+        *([_time("bucket")] if bucket else []),  # the hour's or the day's start, naive UTC
         _int("events"),  # attempts, as rows of usage_events
         _int("ok_events"),  # of which status < 400
         _int("requests"),  # first attempts, not counting count_tokens calls (what /api/usage calls requests)
@@ -266,6 +266,14 @@ UsageTeamDaily = Rows(Table(
     _text("team", 200),  # '' for events without a team
     _text("model", 200),
     PrimaryKeyConstraint("bucket", "team", "model"),
+))  # fmt: skip
+
+# All time, per work item, team and model: an item's lifetime usage, read by index (the adoption report's
+# completed items, an item's spending team) where the daily rollup would be scanned across its history.
+UsageItemTotals = Rows(Table(
+    "usage_item_totals", metadata,
+    *_sums(bucket=False), *_usage_keys(),
+    PrimaryKeyConstraint("work_item", "team", "model"),
 ))  # fmt: skip
 
 # Per UTC day, key, work item and team: what the gaming signals read per key (spend per item, a

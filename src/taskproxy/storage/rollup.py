@@ -2,7 +2,8 @@
 day (and person) and per UTC hour, so that reports read thousands of rows where they would scan millions;
 `usage_key_daily`, per UTC day, key, work item and team, for the gaming signals' per-key figures (with
 the hours of the day in which the key made requests, for the machine cadence); and
-`usage_team_daily`, per UTC day, team and model, for usage by team or model.
+`usage_team_daily`, per UTC day, team and model, for usage by team or model; and `usage_item_totals`,
+all time per work item, team and model, for an item's lifetime usage (`LIFETIME`).
 
 They are exact, never an estimate:
 
@@ -36,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from taskproxy.storage import bulk, idsets
-from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageKeyDaily, UsageTeamDaily
+from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageItemTotals, UsageKeyDaily, UsageTeamDaily
 
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
 
@@ -62,9 +63,10 @@ TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
 
 @dataclass(frozen=True)
 class Level:
-    """One rollup table: its bucket (a UTC day or hour) and its key columns (`bucket` first)."""
+    """One rollup table: its bucket (a UTC day or hour) and its key columns (`bucket` first), or no
+    bucket at all (unit None: all time)."""
 
-    unit: str  # 'day' | 'hour' (also the unit's name in SQL)
+    unit: str | None  # 'day' | 'hour' (also the unit's name in SQL) | None
     table: Table
     key: tuple[str, ...]
     extra: tuple[str, ...] = ()  # what this table keeps beyond the sums every rollup has (EXTRAS)
@@ -105,7 +107,8 @@ KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_ite
 KEY_LEVELS = (KEY_DAILY,)  # per key: whole days, then the raw events
 TEAM_DAILY = Level("day", UsageTeamDaily.__table__, ("bucket", "team", "model"))
 TEAM_LEVELS = (TEAM_DAILY, HOURLY)  # per team or model: whole days, whole hours, then the raw events
-WRITTEN = (HOURLY, DAILY, KEY_DAILY, TEAM_DAILY)  # the order the writer upserts in
+ITEM_TOTALS = Level(None, UsageItemTotals.__table__, ("work_item", "team", "model"))
+WRITTEN = (HOURLY, DAILY, KEY_DAILY, TEAM_DAILY, ITEM_TOTALS)  # the order the writer upserts in
 
 
 # -- the write path -------------------------------------------------------------------------------
@@ -131,6 +134,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     daily: dict[tuple, list] = {}
     per_key: dict[tuple, list] = {}
     per_team: dict[tuple, list] = {}
+    lifetime: dict[tuple, list] = {}
     hours_of: dict[tuple, int] = defaultdict(int)  # per key row: the hours with a request (`request_hours`)
     for event in events:
         ts = event["ts"]
@@ -149,8 +153,9 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         _accumulate(per_key, key_row, counts, cost, ts)
         hours_of[key_row] |= (1 << ts.hour) if counts[2] else 0
         _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
+        _accumulate(lifetime, (item, team, model), counts, cost, ts)
     found = {}
-    for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team)):
+    for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team), (ITEM_TOTALS, lifetime)):
         columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
     for row in found[KEY_DAILY]:
@@ -183,7 +188,8 @@ def _summed(level: Level, events: Any, dialect: str) -> Select:
     aggregates = _aggregates(events)
     by = {"work_item": events.work_item, "team": func.coalesce(events.team, literal_column("''")), "model": events.model,
           "owner": events.owner, "key_id": events.key_id}  # fmt: skip
-    keys = [level.floor_sql(events.ts, dialect), *(by[name] for name in level.key[1:])]
+    buckets = [] if level.unit is None else [level.floor_sql(events.ts, dialect)]
+    keys = [*buckets, *(by[name] for name in level.key if name != "bucket")]
     extras = [EXTRAS[name](events, dialect) for name in level.extra]
     return select(*keys, *(aggregates[name].raw for name in _STORED), *extras).group_by(*keys)
 
@@ -282,6 +288,9 @@ class Period:
 
 
 ALL_TIME = Period()
+# All time from the per-item totals, a row per work item, team and model: for reads `by` and `where`
+# those columns alone (an item's lifetime usage), which it answers by index, not across the history.
+LIFETIME = Period(levels=(ITEM_TOTALS,))
 
 
 class _Aggregate(NamedTuple):
@@ -345,7 +354,7 @@ def grouped(
     parts = []
     for level, ranges in period.sources():
         table = EVENTS if level is None else level.table
-        stamp = table.c.ts if level is None else table.c.bucket
+        stamp = table.c.ts if level is None else table.c.get("bucket")  # None for LIFETIME, which has no range to check
         keys = [func.date(stamp) if name == "day" else func.coalesce(table.c.team, "") if name == "team" else table.c[name] for name in by]
         columns = [(aggregates[name].raw if level is None else aggregates[name].rollup(table.c)).label(name) for name in fields]
         query = select(*(key.label(name) for key, name in zip(keys, by, strict=True)), *columns).where(any_within(stamp, ranges), *where(table.c))
