@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             generate(connection, args.events, args.items, utcnow() - timedelta(days=DAYS), args.shape)
         log("ANALYZE")
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text("VACUUM ANALYZE usage_events, usage_daily, usage_hourly, work_items, work_item_changes, api_keys, rejections"))
+            connection.execute(text("VACUUM ANALYZE usage_events, usage_daily, usage_hourly, usage_key_daily, usage_team_daily, usage_item_totals, work_items, work_item_changes, api_keys, rejections"))
         generated = time.perf_counter() - began
         log(f"generated in {generated:.0f} s")
         results, sizes = measure(engine)

@@ -82,6 +82,9 @@ def measure(engine: Engine, rows: list[dict], batch: int, write: Callable[..., N
         connection.execute(text("DELETE FROM usage_events"))
         connection.execute(text("DELETE FROM usage_hourly"))
         connection.execute(text("DELETE FROM usage_daily"))
+        connection.execute(text("DELETE FROM usage_key_daily"))
+        connection.execute(text("DELETE FROM usage_team_daily"))
+        connection.execute(text("DELETE FROM usage_item_totals"))
     server = backend_pid(engine)  # one thread: the pool holds one connection, every batch goes through this backend
     server_before = cpu_seconds(server) if server else 0.0
     wall, cpu = time.perf_counter(), time.process_time()

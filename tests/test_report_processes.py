@@ -82,7 +82,7 @@ def _rollup_locked(database_url: str) -> Iterator[_Lock]:
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
         with engine.connect() as connection, connection.begin():
-            connection.execute(text("LOCK TABLE usage_events, usage_daily, usage_hourly, usage_key_daily, usage_team_daily IN ACCESS EXCLUSIVE MODE"))
+            connection.execute(text("LOCK TABLE usage_events, usage_daily, usage_hourly, usage_key_daily, usage_team_daily, usage_item_totals IN ACCESS EXCLUSIVE MODE"))
             yield _Lock(engine, connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
     finally:
         engine.dispose()

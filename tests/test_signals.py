@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import random
 import statistics
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ import orjson
 import pytest
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_URL, in_process, make_settings, postgres_schema, start_proxy, wait_until
 from taskproxy.upstream.mock import MockProvider
+from test_rollup import event as raw_event
 from signals_org import (
     ARM64_QUESTION,
     AFTER_REQUESTS,
@@ -43,11 +45,13 @@ from signals_org import (
     generate,
 )
 
+from taskproxy import registry
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from taskproxy.errors import ConfigError
 from taskproxy.settings import settings_from_mapping
 from taskproxy.reports.signals import KINDS, SignalSettings, gaming_signals, signals_text
+from taskproxy.storage import repo
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso
 
@@ -583,7 +587,6 @@ async def test_signals_and_reports_count_the_same_requests(tmp_path: Path, fake:
 def test_the_signals_of_more_keys_than_a_statement_can_bind(postgres_url: str) -> None:
     """An organisation has more keys than PostgreSQL binds parameters in one statement (65,535): 65,536
     keys, each sending three requests a minute apart, are each flagged for their machine cadence."""
-    import random
 
     from taskproxy.reports.signals import gaming_signals
     from taskproxy.settings import SignalSettings
@@ -611,7 +614,7 @@ def test_around_the_clock_counts_days_with_exactly_the_threshold_of_distinct_hou
     """The cadence figures, on either database (PostgreSQL computes them itself): a key active in exactly
     `around_clock_min_hours` distinct hours on `around_clock_min_days` days is flagged; one hour fewer is
     not. Irregular intervals, so only the hours can flag it; the interval figures are checked too."""
-    import random
+
     import statistics
 
     from taskproxy.reports.signals import gaming_signals
@@ -653,3 +656,36 @@ def test_the_dashboards_signals_page_counts_every_kind_and_shows_a_bounded_numbe
     for per_kind, shown in ((0, []), (1, full["signals"])):
         page = signals_page(engine, SINCE, UNTIL, SignalSettings(), per_kind=per_kind)
         assert page["counts"] == counts and page["signals"] == shown and page["per_kind"] == per_kind
+
+
+@BOTH_DATABASES
+def test_a_cost_outliers_cost_is_its_spend_in_every_model_and_team(database_url: str) -> None:
+    """An item's cost, against its team's median, is its whole spend: every model and every team that
+    spent on it (the per-item totals hold a row for each), and each key's share is of that whole."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    rng = random.Random(3)
+    web, _ = issue_key(engine, owner="big@example.com", team="web")
+    data, _ = issue_key(engine, owner="helper@example.com", team="data")
+    since, until = datetime(2026, 3, 1), datetime(2026, 3, 31)
+    rows = []
+
+    def spent(item_id: str, key: Any, team: str, model: str, nanos: int, day: int) -> None:
+        rows.append(raw_event(rng, since + timedelta(days=day, hours=9), key_id=key.id, owner=key.owner, team=team, work_item=item_id,
+                          model=model, cost_nanos=nanos, status=200, attempt=1, route="/v1/chat/completions"))  # fmt: skip
+
+    for n in range(6):  # the team's ordinary completed items: $1.00 to $1.05
+        spent(f"WEB-{n}", web, "web", "gpt-4o-mini", 10**9 + n * 10**7, n + 1)
+    spent("WEB-BIG", web, "web", "gpt-4o-mini", 9 * 10**9, 8)  # $9 + $9 + $3: $21, in two models and two teams
+    spent("WEB-BIG", web, "web", "claude-sonnet", 9 * 10**9, 9)
+    spent("WEB-BIG", data, "data", "gpt-4o-mini", 3 * 10**9, 10)
+    for n, item_id in enumerate([*(f"WEB-{n}" for n in range(6)), "WEB-BIG"]):
+        registry.transition(engine, item_id, "open", source="jira", at=since + timedelta(days=n), fields={"team": "web"})
+        registry.transition(engine, item_id, "done", source="jira", at=since + timedelta(days=n + 12))
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+
+    found = [s for s in gaming_signals(engine, since=since, until=until)["signals"] if s["kind"] == "cost_outlier"]
+    assert [(s["key_id"], [(w["id"], w["item_cost_usd"], w["key_cost_usd"], w["key_share"]) for w in s["work_items"]]) for s in found] == [
+        (web.id, [("WEB-BIG", pytest.approx(21.0), pytest.approx(18.0), pytest.approx(18 / 21))])
+    ]  # the helper's $3 is a seventh of it: below the 25 % a key needs
+    engine.dispose()

@@ -213,21 +213,21 @@ def _completed_since(item: ItemRow | None, since: datetime) -> bool:
 def cost_outliers(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
 ) -> list[Found]:
-    all_time = rollup.Period(levels=rollup.KEY_LEVELS)  # every day of the per-key rollup: no raw event is read
-    found_spend = rollup.grouped(connection, by=("work_item", "key_id", "team"), period=all_time, fields=SPEND_FIELDS,
-                                 where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
-    by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # item -> key -> all-time spend
-    team_spend: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    """Keys with a large share of a completed item whose all-time cost is an outlier in its team. The
+    items' costs and their teams' spend come from the per-item totals (`rollup.LIFETIME`, by the
+    items' ids); only the outliers' spend per key is read, from the per-key rollup (all time: no raw
+    event is read)."""
+    found_cost = rollup.grouped(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
+                                where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
+    item_cost: dict[str, int] = defaultdict(int)  # item -> its all-time known cost
+    team_spend: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)  # item -> team -> (cost, tokens)
     priced: set[str] = set()
-    # A row per item, key and team (SPEND_FIELDS unpacked: read by name, they cost a microsecond each).
-    for work_item, key_id, team, requests, cost, tokens, first, last in found_spend:
-        add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), requests, cost, tokens, first, last)
+    for work_item, team, cost, tokens in found_cost:
         if cost is not None:
             priced.add(work_item)
+        item_cost[work_item] += int(cost or 0)
         if team != "":  # '' stands for events without a team: not a team that spent
-            totals = team_spend[work_item][team]
-            totals[0] += int(cost or 0)
-            totals[1] += int(tokens or 0)
+            team_spend[work_item][team] = (int(cost or 0), int(tokens or 0))
 
     costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
     for item_id in priced:
@@ -235,9 +235,9 @@ def cost_outliers(
         if team is None and team_spend.get(item_id):
             team = min(team_spend[item_id].items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[0]
         if team is not None:
-            costs_by_team[team][item_id] = sum(s.cost for s in by_item[item_id].values())
+            costs_by_team[team][item_id] = item_cost[item_id]
 
-    flagged: dict[str, list[tuple[Spend, dict[str, Any]]]] = defaultdict(list)
+    outliers: list[tuple[str, str, int, float, float, float, int]] = []  # team, item, cost, z, median, MAD, team items
     for team, costs in costs_by_team.items():
         if len(costs) < t.cost_min_items:
             continue
@@ -253,27 +253,38 @@ def cost_outliers(
             continue
         for item_id, cost in costs.items():
             z = (cost - median) / scale
-            if z < t.cost_min_z or cost < t.cost_min_ratio * median:
+            if z >= t.cost_min_z and cost >= t.cost_min_ratio * median:
+                outliers.append((team, item_id, cost, z, median, mad, len(values)))
+
+    by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # outlier item -> key -> all-time spend
+    all_time = rollup.Period(levels=rollup.KEY_LEVELS)  # every day of the per-key rollup
+    for chunk in idsets.batches(connection, sorted({item_id for _, item_id, *_ in outliers})):
+        found_spend = rollup.grouped(connection, by=("work_item", "key_id"), period=all_time, fields=SPEND_FIELDS,
+                                     where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
+        for work_item, key_id, requests, cost, tokens, first, last in found_spend:  # SPEND_FIELDS, unpacked
+            add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), requests, cost, tokens, first, last)
+
+    flagged: dict[str, list[tuple[Spend, dict[str, Any]]]] = defaultdict(list)
+    for team, item_id, cost, z, median, mad, team_items in outliers:
+        for key_id, s in by_item[item_id].items():
+            share = s.cost / cost if cost > 0 else 0.0
+            if share < t.cost_min_key_share:
                 continue
-            for key_id, s in by_item[item_id].items():
-                share = s.cost / cost if cost > 0 else 0.0
-                if share < t.cost_min_key_share:
-                    continue
-                figures = {
-                    "completed_at": iso(items[item_id].completed_at),
-                    "item_cost_usd": usd(cost),
-                    "team": team,
-                    "team_items": len(values),
-                    "team_median_usd": usd(median),
-                    "team_mad_usd": usd(mad),
-                    "robust_z": rounded(z, 3),
-                    "ratio_to_median": rounded(cost / median, 3) if median > 0 else None,
-                    "key_cost_usd": usd(s.cost),
-                    "key_share": rounded(share, 6),
-                    "first": iso(s.first),
-                    "last": iso(s.last),
-                }
-                flagged[key_id].append((s, figures))
+            figures = {
+                "completed_at": iso(items[item_id].completed_at),
+                "item_cost_usd": usd(cost),
+                "team": team,
+                "team_items": team_items,
+                "team_median_usd": usd(median),
+                "team_mad_usd": usd(mad),
+                "robust_z": rounded(z, 3),
+                "ratio_to_median": rounded(cost / median, 3) if median > 0 else None,
+                "key_cost_usd": usd(s.cost),
+                "key_share": rounded(share, 6),
+                "first": iso(s.first),
+                "last": iso(s.last),
+            }
+            flagged[key_id].append((s, figures))
     found = []
     for key_id, entries in flagged.items():
         spends = [s for s, _ in entries]

@@ -9,7 +9,7 @@ They are exact, never an estimate:
 
 - The writer adds to them in the transaction that inserts the events (`add`), counting only the
   events that insert actually wrote: a replayed batch, whose ids exist already, adds nothing.
-- Deltas are upserted in key order (hourly, daily, per-key, then per-team rows), so two replicas writing the same
+- Deltas are upserted in key order (hourly, daily, per-key, per-team, then per-item rows), so two replicas writing the same
   rows lock them in the same order and cannot deadlock.
 - A reader asking about [since, until) takes the whole days inside it from `usage_daily`, the whole
   hours left at its ends from `usage_hourly` and the partial hours at its edges from the raw events
@@ -179,7 +179,7 @@ def _merges(level: Level, dialect: str) -> dict[str, str]:
 def add(connection: Connection, events: Iterable[dict]) -> None:
     """Add `events` (rows the caller has just inserted, in this transaction) to the rollups, from Python
     (SQLite; PostgreSQL adds them in the inserting statement itself: `upserts_over`)."""
-    for level, rows in deltas(events).items():  # hourly, daily, per key, each in key order: concurrent writers lock alike
+    for level, rows in deltas(events).items():  # in WRITTEN order, each in key order: concurrent writers lock alike
         bulk.upsert(connection, level.table, rows, level.key, _merges(level, connection.dialect.name))
 
 
@@ -350,6 +350,8 @@ def grouped(
     `fields`, each labelled by its name. The sources (`Period.sources`) are added up by the database,
     so a group comes back once, whatever it spans. The arguments are those of `totals`; a team is ''
     for events without one, here (a rollup's key cannot be NULL)."""
+    if "day" in by and any(level.unit is None for level in period.levels):
+        raise ValueError("the per-item totals (LIFETIME) have no days")
     aggregates = _aggregates()
     parts = []
     for level, ranges in period.sources():

@@ -39,7 +39,10 @@ def upgrade() -> None:
     sa.Column('model', sa.String(length=200), nullable=False),
     sa.PrimaryKeyConstraint('work_item', 'team', 'model'),
     )
-    # Frozen here, as in 0010: sums of the daily rollup's sums; no event is read.
+    # Frozen here, as in 0010: sums of the daily rollup's sums; no event is read. On PostgreSQL, writers
+    # wait while it runs (a batch committed meanwhile would be in one table and not the other).
+    if op.get_bind().dialect.name == 'postgresql':
+        op.execute('LOCK TABLE usage_daily IN SHARE MODE')
     op.execute(
         "INSERT INTO usage_item_totals (work_item, team, model, events, ok_events, requests, first_attempts, prompt_tokens, "
         "completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_nanos, unpriced_events, first_ts, last_ts) "
