@@ -5,6 +5,7 @@ on serving. The report is held in its first query by a lock on the usage tables.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -295,3 +296,19 @@ async def test_a_reports_queries_get_the_configured_work_mem_and_only_inside_the
         assert connection.execute(text("SHOW work_mem")).scalar_one() == server_default
     runner.close()
     serving.dispose()
+
+
+def _collector_enabled(engine: Engine) -> bool:
+    return gc.isenabled()
+
+
+@pytest.mark.anyio
+async def test_a_report_is_built_with_the_cyclic_collector_paused_in_its_process_only(tmp_path: Path) -> None:
+    """A report's process builds it without the cyclic collector's passes over its millions of objects
+    (memory.collector_paused); the serving process keeps its collector."""
+    runner = ReportRunner(make_engine(f"sqlite:///{tmp_path / 'reports.db'}"))
+    try:
+        assert await runner.run(_collector_enabled) is False
+        assert gc.isenabled()
+    finally:
+        await anyio.to_thread.run_sync(runner.close)

@@ -248,6 +248,7 @@ def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or
 
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
+    from taskproxy.memory import collector_paused
     from taskproxy.reports.adoption import adoption_report
     from taskproxy.reports.named import adoption_options
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
@@ -258,7 +259,8 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
         report = _latest_report(args, settings, "adoption", {"--since": args.since, "--until": args.until, "--team": args.team})
     else:
         since, until = report_period(args.since, args.until)
-        report = adoption_report(_engine(args, report=True), since=since, until=until, team=args.team, **adoption_options(settings))
+        with collector_paused():  # as in a report's process (reports/runner.py)
+            report = adoption_report(_engine(args, report=True), since=since, until=until, team=args.team, **adoption_options(settings))
     if args.json:
         print_json(report)
     elif args.csv:
@@ -269,6 +271,7 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
 
 
 def cmd_report_signals(args: argparse.Namespace) -> int:
+    from taskproxy.memory import collector_paused
     from taskproxy.reports.signals import gaming_signals, signals_text
     from taskproxy.timeutil import report_period
 
@@ -277,7 +280,8 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
         report = _latest_report(args, settings, "signals", {"--since": args.since, "--until": args.until})
     else:
         since, until = report_period(args.since, args.until)
-        report = gaming_signals(_engine(args, report=True), since=since, until=until, thresholds=settings.signals)
+        with collector_paused():  # as in a report's process (reports/runner.py)
+            report = gaming_signals(_engine(args, report=True), since=since, until=until, thresholds=settings.signals)
     if args.json:
         print_json(report)
     else:

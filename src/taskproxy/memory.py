@@ -1,9 +1,13 @@
 """glibc's allocator, tuned and asked to give memory back (no-ops where the C library is not glibc).
-Process-wide: only `taskproxy serve` (process.py) and the encodings' loading use it."""
+Process-wide: only `taskproxy serve` (process.py) and the encodings' loading use it. And Python's
+cyclic collector, paused where a report is built."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 MALLOC_ARENAS = 2
 MMAP_THRESHOLD = 64 * 1024
@@ -35,3 +39,20 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block: for building a report, in a process that
+    does nothing else meanwhile (a report's own process, the CLI), never in the serving process.
+    A report holds millions of objects until it is done, and each of the collector's passes walks
+    them all again: on the seed organisation that was a quarter of the adoption report's time and a
+    fifth of the signals' (docs/scale.md), for nothing to collect. What the block leaves in
+    reference cycles is collected after it (or when the process ends)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

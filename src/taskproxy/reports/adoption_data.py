@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
+from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import RESOLVED, changed_lines, completed_in
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
@@ -105,7 +106,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     completed in it, and the items their links point to. Each step reads by index what those items
     need, so the work grows with the period's activity, not with the organisation's history."""
     items = _period_spend(connection, since, until)
-    for item_id in connection.execute(completed_ids(since, until)).scalars():
+    for item_id in rows(connection.execute(completed_ids(since, until)).scalars()):
         _item(items, item_id)
     reopened = _reopened_completions(connection, since, until)
     for item_id in reopened:
@@ -130,7 +131,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
     """The items completed in [since, until), with their rows and all-time usage per model, as `load`
     reads them: what the completed-item figures of any period inside it need."""
-    items = {item_id: Item(item_id) for item_id in connection.execute(completed_ids(since, until)).scalars()}
+    items = {item_id: Item(item_id) for item_id in rows(connection.execute(completed_ids(since, until)).scalars())}
     _load_rows(connection, items, sorted(items))
     _load_completed(connection, items, since, until)
     return items
@@ -152,7 +153,7 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
                        _W.reworked_at, _W.rework_reason).where(idsets.among(connection, _W.id, chunk))  # fmt: skip
         # Unpacked, not read by name: a row's attribute costs about a microsecond, eleven of them a
         # second per 100,000 items.
-        for item_id, team, status, created_at, completed_at, added, deleted, points, reworked_at, rework_reason in connection.execute(query):
+        for item_id, team, status, created_at, completed_at, added, deleted, points, reworked_at, rework_reason in rows(connection.execute(query)):
             item = _item(items, item_id)
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = team, status, created_at, completed_at, status
             item.lines = changed_lines(added, deleted)
@@ -217,7 +218,7 @@ def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, lis
     """The links of the items: {item: [the items it links to]}."""
     targets: dict[str, list[str]] = defaultdict(list)
     for chunk in idsets.batches(connection, items):
-        for ticket, linked in connection.execute(select(_L.work_item, _L.linked).where(idsets.among(connection, _L.work_item, chunk))):
+        for ticket, linked in rows(connection.execute(select(_L.work_item, _L.linked).where(idsets.among(connection, _L.work_item, chunk)))):
             targets[ticket].append(linked)
     return targets
 

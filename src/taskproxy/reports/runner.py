@@ -39,6 +39,7 @@ import anyio
 from sqlalchemy.engine import Engine
 
 from taskproxy.errors import ServiceUnavailable
+from taskproxy.memory import collector_paused
 
 log = logging.getLogger("taskproxy.reports")
 
@@ -80,7 +81,8 @@ def _compute(
 
         signal.signal(signal.SIGTERM, stop)
     try:
-        answer = function(engine, **kwargs)
+        with collector_paused():  # this process builds the report and ends
+            answer = function(engine, **kwargs)
         message: tuple[str, Any, str] = ("ok", answer if encode is None else encode(answer), "")
     except Exception as exc:  # noqa: BLE001  (sent to the serving process, which answers the request with it)
         message = ("error", _portable(exc), traceback.format_exc())  # the serving process logs the traceback

@@ -16,6 +16,7 @@ from taskproxy.money import to_nanos, usd
 from taskproxy.storage.models import WorkItem
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
+from taskproxy.storage.rows import rows
 from taskproxy.timeutil import iso
 from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import RESOLVED, completed_in
@@ -80,7 +81,7 @@ def repeated_prompts(
             .where(answered, idsets.among(connection, EVENTS.key_id, senders), idsets.among(connection, EVENTS.prompt_hash, sent))
             .group_by(EVENTS.key_id, EVENTS.prompt_hash, EVENTS.work_item)
         )
-        for row in connection.execute(query):
+        for row in rows(connection.execute(query)):
             if (row.key_id, row.prompt_hash) in batch:
                 by_key[row.key_id][row.prompt_hash].append(
                     Spend(row.work_item, int(row.requests), int(row.cost or 0), int(row.tokens), row.first, row.last)
@@ -135,8 +136,8 @@ def after_completion(
     def count(key_id: str, item: str, requests: int, cost: int, tokens: int, first: datetime, last: datetime) -> None:
         add_spend(by_key[key_id].setdefault(item, Spend(item)), requests, cost, tokens, first, last)
 
-    def count_events(rows: Iterable[Any]) -> None:
-        for key_id, work_item, ts, attempt, route, cost, tokens in rows:  # _EVENT_FIGURES
+    def count_events(events: Iterable[Any]) -> None:
+        for key_id, work_item, ts, attempt, route, cost, tokens in events:  # _EVENT_FIGURES
             count(key_id, work_item, is_request(attempt, route), int(cost or 0), int(tokens or 0), ts, ts)
 
     period = rollup.Period(since, until, levels=rollup.KEY_LEVELS)
@@ -150,7 +151,7 @@ def after_completion(
             .where(ITEMS.status.in_(RESOLVED), rollup.any_within(k.bucket, days), k.bucket >= day_of_completion)
         )  # fmt: skip
         spans: list[Span] = []
-        for key_id, work_item, bucket, requests, cost, tokens, first_ts, last_ts, completed_at in connection.execute(query):
+        for key_id, work_item, bucket, requests, cost, tokens, first_ts, last_ts, completed_at in rows(connection.execute(query)):
             threshold = completed_at + grace
             if bucket > threshold or first_ts > threshold:  # every event of the row is later
                 count(key_id, work_item, int(requests), int(cost or 0), int(tokens), first_ts, last_ts)

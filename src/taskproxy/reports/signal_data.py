@@ -24,6 +24,7 @@ from taskproxy.storage.models import ApiKey, UsageEvent, WorkItem
 from taskproxy.money import usd
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
+from taskproxy.storage.rows import rows
 from taskproxy.timeutil import iso
 from taskproxy.workitems import changed_lines
 
@@ -101,7 +102,7 @@ def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]
     columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted)
     for chunk in idsets.batches(connection, ids):
         # Unpacked, not read by name: a row's attribute costs about a microsecond.
-        for item_id, status, completed_at, team, created_at, added, deleted in connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk))):
+        for item_id, status, completed_at, team, created_at, added, deleted in rows(connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk)))):
             found[item_id] = ItemRow(status, completed_at, team, created_at, changed_lines(added, deleted))
     return found
 

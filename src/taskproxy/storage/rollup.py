@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from taskproxy.storage import bulk, idsets
+from taskproxy.storage.rows import rows
 from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageItemTotals, UsageKeyDaily, UsageTeamDaily
 
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
@@ -179,8 +180,8 @@ def _merges(level: Level, dialect: str) -> dict[str, str]:
 def add(connection: Connection, events: Iterable[dict]) -> None:
     """Add `events` (rows the caller has just inserted, in this transaction) to the rollups, from Python
     (SQLite; PostgreSQL adds them in the inserting statement itself: `upserts_over`)."""
-    for level, rows in deltas(events).items():  # in WRITTEN order, each in key order: concurrent writers lock alike
-        bulk.upsert(connection, level.table, rows, level.key, _merges(level, connection.dialect.name))
+    for level, summed in deltas(events).items():  # in WRITTEN order, each in key order: concurrent writers lock alike
+        bulk.upsert(connection, level.table, summed, level.key, _merges(level, connection.dialect.name))
 
 
 def _summed(level: Level, events: Any, dialect: str) -> Select:
@@ -364,11 +365,11 @@ def grouped(
     if not parts:
         return iter(())
     if len(parts) == 1:
-        return iter(connection.execute(parts[0]))
+        return rows(connection.execute(parts[0]))
     sources = union_all(*parts).subquery()
     keys = [sources.c[name] for name in by]
     query = select(*keys, *(aggregates[name].merge(sources.c[name]).label(name) for name in fields))
-    return iter(connection.execute(query.group_by(*keys) if keys else query))
+    return rows(connection.execute(query.group_by(*keys) if keys else query))
 
 
 def totals(
@@ -431,7 +432,7 @@ def cost_after(connection: Connection, period: Period, items: Table, moment: Any
             .group_by(c.work_item)
         )  # fmt: skip
         straddling = []
-        for item, after, in_moments_bucket, straddled in connection.execute(query):
+        for item, after, in_moments_bucket, straddled in rows(connection.execute(query)):
             cost = int(after or 0) + (0 if straddled else int(in_moments_bucket or 0))
             if straddled:
                 straddling.append(item)
@@ -448,7 +449,7 @@ def cost_after(connection: Connection, period: Period, items: Table, moment: Any
             cost = select(func.sum(_E.cost_nanos)).where(_E.work_item == items.c.id, _E.ts > moment, _E.ts < end).scalar_subquery()
             queries.append(select(items.c.id, cost).where(*mine))
     for query in queries:
-        for item, cost in connection.execute(query):
+        for item, cost in rows(connection.execute(query)):
             if cost:
                 spend[item] = spend.get(item, 0) + int(cost)
     return spend
