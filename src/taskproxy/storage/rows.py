@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import chain
-
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Result, ScalarResult
