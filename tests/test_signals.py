@@ -51,7 +51,7 @@ from taskproxy.guard.auth import issue_key
 from taskproxy.errors import ConfigError
 from taskproxy.settings import settings_from_mapping
 from taskproxy.reports.signals import KINDS, SignalSettings, gaming_signals, signals_text
-from taskproxy.storage import repo
+from taskproxy.storage import repo, rollup
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.timeutil import iso
 
@@ -658,34 +658,72 @@ def test_the_dashboards_signals_page_counts_every_kind_and_shows_a_bounded_numbe
         assert page["counts"] == counts and page["signals"] == shown and page["per_kind"] == per_kind
 
 
+OUTLIER_SINCE, OUTLIER_UNTIL = datetime(2026, 3, 1), datetime(2026, 3, 31)
+
+
+def _team_with_an_outlier(engine: Any) -> tuple[Any, Any]:
+    """Six ordinary completed items of the team web, and WEB-BIG, completed too, costing $21: $9 + $9
+    from the key `web` in two models, $3 from a key of the team data. Returns the two keys."""
+    rng = random.Random(3)
+    web, _ = issue_key(engine, owner="big@example.com", team="web")
+    data, _ = issue_key(engine, owner="helper@example.com", team="data")
+    rows = []
+
+    def spent(item_id: str, key: Any, team: str, model: str, nanos: int, day: int) -> None:
+        rows.append(raw_event(rng, OUTLIER_SINCE + timedelta(days=day, hours=9), key_id=key.id, owner=key.owner, team=team,
+                              work_item=item_id, model=model, cost_nanos=nanos, status=200, attempt=1, route="/v1/chat/completions"))  # fmt: skip
+
+    for n in range(6):  # the team's ordinary completed items: $1.00 to $1.05
+        spent(f"WEB-{n}", web, "web", "gpt-4o-mini", 10**9 + n * 10**7, n + 1)
+    spent("WEB-BIG", web, "web", "gpt-4o-mini", 9 * 10**9, 8)
+    spent("WEB-BIG", web, "web", "claude-sonnet", 9 * 10**9, 9)
+    spent("WEB-BIG", data, "data", "gpt-4o-mini", 3 * 10**9, 10)
+    for n, item_id in enumerate([*(f"WEB-{n}" for n in range(6)), "WEB-BIG"]):
+        registry.transition(engine, item_id, "open", source="jira", at=OUTLIER_SINCE + timedelta(days=n), fields={"team": "web"})
+        registry.transition(engine, item_id, "done", source="jira", at=OUTLIER_SINCE + timedelta(days=n + 12))
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    return web, data
+
+
+def _outliers(engine: Any) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
+    found = gaming_signals(engine, since=OUTLIER_SINCE, until=OUTLIER_UNTIL)["signals"]
+    return [(s["key_id"], [(w["id"], w["item_cost_usd"], w["key_cost_usd"], w["key_share"]) for w in s["work_items"]])
+            for s in found if s["kind"] == "cost_outlier"]  # fmt: skip
+
+
 @BOTH_DATABASES
 def test_a_cost_outliers_cost_is_its_spend_in_every_model_and_team(database_url: str) -> None:
     """An item's cost, against its team's median, is its whole spend: every model and every team that
     spent on it (the per-item totals hold a row for each), and each key's share is of that whole."""
     engine = make_engine(database_url)
     upgrade_schema(engine)
-    rng = random.Random(3)
-    web, _ = issue_key(engine, owner="big@example.com", team="web")
-    data, _ = issue_key(engine, owner="helper@example.com", team="data")
-    since, until = datetime(2026, 3, 1), datetime(2026, 3, 31)
-    rows = []
-
-    def spent(item_id: str, key: Any, team: str, model: str, nanos: int, day: int) -> None:
-        rows.append(raw_event(rng, since + timedelta(days=day, hours=9), key_id=key.id, owner=key.owner, team=team, work_item=item_id,
-                          model=model, cost_nanos=nanos, status=200, attempt=1, route="/v1/chat/completions"))  # fmt: skip
-
-    for n in range(6):  # the team's ordinary completed items: $1.00 to $1.05
-        spent(f"WEB-{n}", web, "web", "gpt-4o-mini", 10**9 + n * 10**7, n + 1)
-    spent("WEB-BIG", web, "web", "gpt-4o-mini", 9 * 10**9, 8)  # $9 + $9 + $3: $21, in two models and two teams
-    spent("WEB-BIG", web, "web", "claude-sonnet", 9 * 10**9, 9)
-    spent("WEB-BIG", data, "data", "gpt-4o-mini", 3 * 10**9, 10)
-    for n, item_id in enumerate([*(f"WEB-{n}" for n in range(6)), "WEB-BIG"]):
-        registry.transition(engine, item_id, "open", source="jira", at=since + timedelta(days=n), fields={"team": "web"})
-        registry.transition(engine, item_id, "done", source="jira", at=since + timedelta(days=n + 12))
-    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
-
-    found = [s for s in gaming_signals(engine, since=since, until=until)["signals"] if s["kind"] == "cost_outlier"]
-    assert [(s["key_id"], [(w["id"], w["item_cost_usd"], w["key_cost_usd"], w["key_share"]) for w in s["work_items"]]) for s in found] == [
+    web, _ = _team_with_an_outlier(engine)
+    assert _outliers(engine) == [
         (web.id, [("WEB-BIG", pytest.approx(21.0), pytest.approx(18.0), pytest.approx(18 / 21))])
     ]  # the helper's $3 is a seventh of it: below the 25 % a key needs
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_signals_read_one_snapshot_while_writers_commit(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch committed while the signals are being read (here: between the cost outliers' read of
+    the items' costs and of their keys' spend) is in neither: a key's spend never exceeds the item's
+    cost it is a share of."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    web, _ = _team_with_an_outlier(engine)
+    late = raw_event(random.Random(4), OUTLIER_SINCE + timedelta(days=20), key_id=web.id, owner=web.owner, team="web", work_item="WEB-BIG",
+                     model="gpt-4o-mini", cost_nanos=30 * 10**9, status=200, attempt=1, route="/v1/chat/completions")  # fmt: skip
+    grouped = rollup.grouped
+
+    def committing_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        found = grouped(*args, **kwargs)
+        if kwargs.get("period") is rollup.LIFETIME:  # the items' costs are read: a writer commits
+            repo.write_batch(engine, events=[late], rejections=[], new_items=[])
+        return found
+
+    monkeypatch.setattr(rollup, "grouped", committing_meanwhile)
+    assert _outliers(engine) == [(web.id, [("WEB-BIG", pytest.approx(21.0), pytest.approx(18.0), pytest.approx(18 / 21))])]
+    monkeypatch.undo()
+    assert _outliers(engine) == [(web.id, [("WEB-BIG", pytest.approx(51.0), pytest.approx(48.0), pytest.approx(48 / 51))])]
     engine.dispose()

@@ -87,6 +87,7 @@ from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports.adoption_data import Item as _Item
 from taskproxy.settings import SizeBands
+from taskproxy.storage.db import one_snapshot
 from taskproxy.timeutil import iso, rounded_hours
 
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open", "reworked")
@@ -296,7 +297,7 @@ def adoption_report(
     """The adoption report for [since, until), overall and per team (see the module docstring)."""
     if since >= until:
         raise ValueError("'since' must be before 'until'")
-    with engine.connect() as connection:
+    with one_snapshot(engine) as connection:
         items = data.load(connection, since, until)
         data.assign_teams(connection, items, since, until)
         people = privacy.team_sizes(connection)

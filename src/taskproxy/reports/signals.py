@@ -104,6 +104,7 @@ from taskproxy.reports.signal_checks import (
     unverified,
     without_completion,
 )
+from taskproxy.storage.db import one_snapshot
 from taskproxy.storage.repo import completed_ids
 from taskproxy.reports.signal_data import (
     KINDS,
@@ -127,7 +128,7 @@ def gaming_signals(
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     t = thresholds or SignalSettings()
-    with engine.connect() as connection:
+    with one_snapshot(engine) as connection:
         spend = load_spend(connection, since, until)
         keys = load_keys(connection, spend)
         keys |= keys_from_events(connection, spend.keys() - keys.keys(), since, until)  # a key with events but no row

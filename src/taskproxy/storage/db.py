@@ -92,6 +92,18 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, work_m
     return engine
 
 
+@contextmanager
+def one_snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose statements all see the database as it was at the first: a report that reads
+    in several statements while writers commit (a completed item's cost in one, its keys' spend in the
+    next) adds up. PostgreSQL's REPEATABLE READ, which cannot fail to serialize a transaction that only
+    reads; SQLite's connections keep their default."""
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+        yield connection
+
+
 def _set_client_check(dbapi_connection: Any, interval_ms: int) -> None:
     try:
         with dbapi_connection.cursor() as cursor:

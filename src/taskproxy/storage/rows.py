@@ -3,7 +3,7 @@
 Iterating a SQLAlchemy result asks the driver for one row at a time, and psycopg checks its cursor's
 state on each call (about a microsecond a row); `fetchmany` converts a batch in one call. The reports
 read a million rows and more per query (`bench/scale.py`), so their large reads go through `rows`.
-The whole result is in the client's memory either way (no server-side cursor is opened).
+On PostgreSQL the whole result is in the client's memory either way (no server-side cursor is opened).
 """
 
 from __future__ import annotations
