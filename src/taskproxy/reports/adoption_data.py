@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from taskproxy.storage import idsets, rollup
+from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
@@ -209,7 +209,7 @@ def _period_spend(connection: Connection, since: datetime, until: datetime) -> d
     for work_item, attempts, cost in rollup.grouped(connection, by=("work_item",), period=period, fields=("attempts", "cost_nanos")):
         items[work_item] = Item(work_item, period_events=int(attempts), spend=int(cost or 0))
     resolved = _W.status.in_(RESOLVED)
-    for work_item, spend in rollup.cost_after(connection, period, WorkItem.__table__, _W.completed_at, resolved).items():
+    for work_item, spend in spend_after.cost_after(connection, period, WorkItem.__table__, _W.completed_at, resolved).items():
         items[work_item].spend_after_completion = spend
     return items
 

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from taskproxy.storage import bulk, idsets
+from taskproxy.storage import bulk
 from taskproxy.storage.rows import rows
 from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageItemTotals, UsageKeyDaily, UsageTeamDaily
 
@@ -394,62 +394,3 @@ def totals(
         key = tuple(None if name == "team" and row[i] == "" else row[i] for i, name in enumerate(by))
         found[key] = {name: values[name] for name in fields}
     return found
-
-
-def cost_after(connection: Connection, period: Period, items: Table, moment: Any, condition: Any) -> dict[str, int]:
-    """Per item of `items` (id column `id`) meeting `condition`: the known cost of its events in `period`
-    later than `moment` (a column of `items`).
-
-    A bucket that starts after the moment holds only later events. In the bucket containing the
-    moment, a row whose first event is later than the moment counts whole and one whose last event is
-    not later counts nothing (`first_ts`, `last_ts`); only an item with a row that straddles the
-    moment is read at the next finer level (the hours of that day after it), down to the raw events
-    of the hour containing it (one range of the (work_item, ts) index per such item, as a correlated
-    subquery, for those items alone). Of the 494,659 items completed in 30 days of the seed
-    organisation, 26,546 have a row that straddles it.
-    """
-    dialect = connection.dialect.name
-    spend: dict[str, int] = {}
-    queries = []
-    for level, ranges in period.sources():
-        if level is None:
-            joined = EVENTS.join(items, items.c.id == _E.work_item)
-            later = [condition, any_within(_E.ts, ranges), _E.ts > moment]
-            queries.append(select(_E.work_item, func.sum(_E.cost_nanos)).select_from(joined).where(*later).group_by(_E.work_item))
-            continue
-        c = level.table.c
-        # One pass over the buckets from the moment's on: those that start after it hold only later
-        # events; in the moment's own, rows wholly on one side of it are settled here, and the items
-        # with a row that straddles it are read at the finer levels, by id.
-        moments_bucket = level.floor_sql(moment, dialect)
-        in_it = c.bucket == moments_bucket
-        straddles = and_(in_it, c.first_ts <= moment, c.last_ts > moment)
-        query = (
-            select(c.work_item, func.sum(case((c.bucket > moment, c.cost_nanos))), func.sum(case((and_(in_it, c.first_ts > moment), c.cost_nanos))),
-                   func.max(case((straddles, 1), else_=0)))
-            .select_from(level.table.join(items, items.c.id == c.work_item))
-            .where(condition, any_within(c.bucket, ranges), c.bucket >= moments_bucket)
-            .group_by(c.work_item)
-        )  # fmt: skip
-        straddling = []
-        for item, after, in_moments_bucket, straddled in rows(connection.execute(query)):
-            cost = int(after or 0) + (0 if straddled else int(in_moments_bucket or 0))
-            if straddled:
-                straddling.append(item)
-            if cost:
-                spend[item] = spend.get(item, 0) + cost
-        for chunk in idsets.batches(connection, straddling):
-            mine = [condition, idsets.among(connection, items.c.id, chunk)]
-            end = level.next_sql(moment, dialect)  # the end of the moment's bucket, then of its finer buckets
-            for finer in LEVELS[LEVELS.index(level) + 1 :]:
-                f = finer.table.c
-                cost = select(func.sum(f.cost_nanos)).where(f.work_item == items.c.id, f.bucket > moment, f.bucket < end).scalar_subquery()
-                queries.append(select(items.c.id, cost).where(*mine))
-                end = finer.next_sql(moment, dialect)
-            cost = select(func.sum(_E.cost_nanos)).where(_E.work_item == items.c.id, _E.ts > moment, _E.ts < end).scalar_subquery()
-            queries.append(select(items.c.id, cost).where(*mine))
-    for query in queries:
-        for item, cost in rows(connection.execute(query)):
-            if cost:
-                spend[item] = spend.get(item, 0) + int(cost)
-    return spend

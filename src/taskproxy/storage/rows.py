@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.engine import Result, ScalarResult
 
 BATCH = 10_000
-T = TypeVar("T")
 
 
-def rows(result: Result[Any] | ScalarResult[T]) -> Iterator[Any]:
+def rows(result: Result[Any] | ScalarResult[Any]) -> Iterator[Any]:
     """The rows (or scalars) of `result`, fetched BATCH at a time."""
     return chain.from_iterable(result.partitions(BATCH))
