@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -205,8 +206,9 @@ UsageEvent = Rows(Table(
     # model, for the same person (routes/stored.py).
     _text("response_id", 200, null=True),
     Index("ix_usage_events_work_item_ts", "work_item", "ts"),
-    Index("ix_usage_events_team_ts", "team", "ts"),
-    Index("ix_usage_events_response_id", "response_id"),
+    # Only the events with a response id: the one query on it asks for an id (migration 0016).
+    Index("ix_usage_events_response_id", "response_id", postgresql_where=text("response_id IS NOT NULL"),
+          sqlite_where=text("response_id IS NOT NULL")),
     Index("ix_usage_events_key_id_ts", "key_id", "ts"),  # a key's events in a period (its page, the signals' cadence)
 ))  # fmt: skip
 
