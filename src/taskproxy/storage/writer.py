@@ -51,6 +51,10 @@ from taskproxy.storage.spool import Spool
 log = logging.getLogger("taskproxy.writer")
 
 RETRY_INTERVAL_SECONDS = 1.0  # how often the spool (and what is held in memory) is retried
+# How long an idle writer sleeps between looks at the spool and what is held: a wake-up costs a
+# replica CPU even with nothing to do, and neither is retried more often than RETRY_INTERVAL_SECONDS.
+# A request wakes the writer at once; refusals counted and not yet written keep the flush interval.
+IDLE_WAKE_SECONDS = RETRY_INTERVAL_SECONDS
 DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once for this long instead of trying it
 # How long the writer waits for the database to answer a batch (a healthy one takes tens of
 # milliseconds) before spooling instead; after a failure, while it is not known to be back, less.
@@ -80,6 +84,10 @@ class _Refusals:
     def add(self, row: dict) -> None:
         key = (row["ts"].replace(second=0, microsecond=0), row["key_id"], row["reason"], row["route"])
         self._counts[key] = self._counts.get(key, 0) + row.get("count", 1)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._counts)
 
     def due(self, force: bool) -> bool:
         return bool(self._counts) and (force or time.monotonic() - self._last_flush >= self._every)
@@ -224,7 +232,7 @@ class BatchWriter:
         would take the GIL from the event loop. `flush()` and `close()` cut the wait short."""
         batch, markers = Batch(), []
         try:
-            first = self._queue.get(timeout=self._flush_interval)
+            first = self._queue.get(timeout=self._flush_interval if self._refusals.waiting else IDLE_WAKE_SECONDS)
         except queue.Empty:
             return batch, markers, False
         if first is not _STOP and not isinstance(first, _Marker) and self._queue.qsize() < self._batch_size:
