@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -417,6 +419,30 @@ def test_sigterm_drains_every_accepted_requests_usage(upstream: FakeUpstream, tm
         rows = db.execute("SELECT count(*), sum(total_tokens) FROM usage_events WHERE work_item = 'DRAIN-1'").fetchone()
     assert rows == (count, sum(totals))
     assert list(tmp_path.glob("spool*")) == []  # nothing left waiting in any spool file
+
+
+def test_an_idle_server_dates_each_answer_and_stops_as_soon_as_it_is_told(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The server's main loop wakes once a second (process.QuietServer): the Date header still moves on
+    with the clock, and SIGTERM is acted on at once, not at the next wake-up."""
+    config = write_config(tmp_path, upstream.url, recording={"spool_path": str(tmp_path / "spool.jsonl")})
+    with running_server(config, tmp_path / "server.log") as server:
+        dates = []
+        for _ in range(3):
+            reply = server.http.get("/healthz")
+            dates.append(parsedate_to_datetime(reply.headers["date"]))
+            time.sleep(1.3)
+        assert dates == sorted(set(dates)), dates  # a new second in each answer
+        assert abs((datetime.now(UTC) - dates[-1]).total_seconds()) < 3.5
+        # Right after a wake-up (the header just changed), the loop has most of a second left to sleep.
+        seen = server.http.get("/healthz").headers["date"]
+        while server.http.get("/healthz").headers["date"] == seen:
+            time.sleep(0.01)
+        told = time.monotonic()
+        server.sigterm()
+        while "Shutting down" not in server.log():
+            assert time.monotonic() - told < 0.6, "the server went on sleeping after SIGTERM:\n" + server.log()
+            time.sleep(0.01)
+        assert server.process.wait(20) in (0, -signal.SIGTERM), server.log()
 
 
 # -- several workers ------------------------------------------------------------------------------------------
