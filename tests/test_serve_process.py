@@ -426,6 +426,17 @@ def test_an_idle_server_dates_each_answer_and_stops_as_soon_as_it_is_told(upstre
     with the clock, and SIGTERM is acted on at once, not at the next wake-up."""
     config = write_config(tmp_path, upstream.url, recording={"spool_path": str(tmp_path / "spool.jsonl")})
     with running_server(config, tmp_path / "server.log") as server:
+        # Idle, the event loop sleeps: its thread gives up the CPU a few times in 3 s, not thirty
+        # (uvicorn's own loop wakes every 100 ms).
+        loop_thread = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/status")
+
+        def sleeps() -> int:
+            return int(next(line for line in loop_thread.read_text().splitlines() if line.startswith("voluntary_ctxt_switches")).split()[1])
+
+        time.sleep(1.0)
+        before = sleeps()
+        time.sleep(3.0)
+        assert sleeps() - before < 15, f"the idle event loop woke {sleeps() - before} times in 3 s"
         dates = []
         for _ in range(3):
             reply = server.http.get("/healthz")

@@ -228,8 +228,9 @@ class BatchWriter:
 
     def _collect(self) -> tuple[Batch, list[_Marker], bool]:
         """Wait for the first item, then let the interval pass and take what has arrived meanwhile
-        (up to a full batch). The thread wakes once per interval, not once per request: each wake-up
-        would take the GIL from the event loop. `flush()` and `close()` cut the wait short."""
+        (up to a full batch). Under load the thread wakes once per interval, not once per request: each
+        wake-up would take the GIL from the event loop; idle, once per `IDLE_WAKE_SECONDS`. `flush()`
+        and `close()` cut the wait short."""
         batch, markers = Batch(), []
         try:
             first = self._queue.get(timeout=self._flush_interval if self._refusals.waiting else IDLE_WAKE_SECONDS)
