@@ -168,6 +168,8 @@ AuditEntry = Rows(Table(
     _text("target", 400, null=True),  # the query: which key, item, period
 ))  # fmt: skip
 
+_HAS_RESPONSE_ID = text("response_id IS NOT NULL")
+
 UsageEvent = Rows(Table(
     "usage_events", metadata,
     _text("id", 32, primary_key=True),  # made on the request path: replays are idempotent
@@ -207,8 +209,7 @@ UsageEvent = Rows(Table(
     _text("response_id", 200, null=True),
     Index("ix_usage_events_work_item_ts", "work_item", "ts"),
     # Only the events with a response id: the one query on it asks for an id (migration 0016).
-    Index("ix_usage_events_response_id", "response_id", postgresql_where=text("response_id IS NOT NULL"),
-          sqlite_where=text("response_id IS NOT NULL")),
+    Index("ix_usage_events_response_id", "response_id", postgresql_where=_HAS_RESPONSE_ID, sqlite_where=_HAS_RESPONSE_ID),
     Index("ix_usage_events_key_id_ts", "key_id", "ts"),  # a key's events in a period (its page, the signals' cadence)
 ))  # fmt: skip
 
