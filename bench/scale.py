@@ -12,7 +12,9 @@ budgets, so every request looks up its key, its item and their spend), measures:
 - how long a revocation and an item's completion made through one replica take to reach the other
   two (each replica had used the key and the item before);
 - added latency p50/p99 at concurrency 1 and 32 (bench/loadgen.py, the fake provider in its own
-  process), against the same replica configuration on an empty schema;
+  process), against three replicas of the same configuration on an empty schema, running at the same
+  time: the two sets take turns (`--latency-rounds`, medians reported), and each turn records the CPU
+  of the loaded replica, of its two siblings and of PostgreSQL;
 - the writer's sustained insert rate into the seeded schema from one process (repo.write_batch,
   batches of 500: events, rollups and spend counters in one transaction);
 - with `--parts writers` (not in the default run): 1, 2 and 4 writer processes at once, as several
@@ -44,6 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -154,6 +157,54 @@ def latency(replica: Replica, key: str, item: str, concurrency: int, seconds: fl
     result = asyncio.run(run_load(f"{replica.url}/v1/chat/completions", concurrency=concurrency, duration=seconds, max_requests=200_000,
                                   headers=headers, warmup=1.0))  # fmt: skip
     return {k: result[k] for k in ("count", "rps", "p50_ms", "p99_ms", "errors", "error_examples")}
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used so far by the machine's PostgreSQL processes that are still running (its backends included)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                total += cpu_seconds(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return total
+
+
+@dataclass
+class Setup:
+    """A set of replicas ready for the latency load: the loaded one, its siblings, its key and item."""
+
+    name: str
+    replicas: list[Replica]
+    key: str
+    item: str
+
+
+def latency_turns(setups: list[Setup], seconds: float, rounds: int) -> dict[str, Any]:
+    """Concurrency 1 and 32 on each setup's first replica, the setups taking turns (their order swapped
+    every round), so that a drift of the machine shows as a spread in both, not as a difference between
+    them. Each turn also records the CPU (% of a core) of the replica under load, of its idle siblings
+    together, and of PostgreSQL."""
+    turns: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {1: [], 32: []} for s in setups}
+    for round_ in range(rounds):
+        for concurrency in (1, 32):
+            for setup in setups if round_ % 2 == 0 else setups[::-1]:
+                loaded, siblings = setup.replicas[0], setup.replicas[1:]
+                before = (cpu_seconds(loaded.proc.pid), sum(cpu_seconds(r.proc.pid) for r in siblings), postgres_cpu_seconds())
+                started = time.perf_counter()
+                result = latency(loaded, setup.key, setup.item, concurrency, seconds)
+                took = time.perf_counter() - started
+                after = (cpu_seconds(loaded.proc.pid), sum(cpu_seconds(r.proc.pid) for r in siblings), postgres_cpu_seconds())
+                result["cpu_percent"] = dict(zip(("replica", "siblings", "postgres"), (round(100 * (a - b) / took, 1) for a, b in zip(after, before))))
+                turns[setup.name][concurrency].append(result)
+                log(f"{setup.name}, concurrency {concurrency}: {result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} ms, "
+                    f"CPU {result['cpu_percent']}")  # fmt: skip
+    medians = {
+        name: {c: {f: statistics.median(t[f] for t in runs) for f in ("rps", "p50_ms", "p99_ms")} for c, runs in by_concurrency.items()}
+        for name, by_concurrency in turns.items()
+    }  # fmt: skip
+    return {"turns": turns, "medians": medians}
 
 
 def propagation(replicas: list[Replica], item: str) -> dict[str, float]:
@@ -421,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-ids", choices=("time", "random"), default="time",
                         help="the writer's event ids: time-ordered as the proxy makes them, or random (uuid4, as before 2026-12-04)")
     parser.add_argument("--rounds", type=int, default=3, help="--parts workers: how many turns of one worker and two")
+    parser.add_argument("--latency-rounds", type=int, default=3, help="how many turns the seeded and the empty replicas take at each concurrency")
     parser.add_argument("--parts", default="replicas,workers,writer,reports", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -455,8 +507,15 @@ def main(argv: list[str] | None = None) -> int:
             log("spreading requests over 60 keys and 3,000 items on the three replicas")
             for n in range(3000):
                 ask(replicas[n % REPLICAS].url, keys[n % len(keys)][1], items[n], expect=200)
-            results["seeded"] = {c: latency(replicas[0], keys[0][1], items[0], c, args.load_seconds) for c in (1, 32)}
-            log(f"latency on the seeded schema: {results['seeded']}")
+            # The same three replicas on an empty schema, idle but for the turns they take with the seeded ones.
+            with replicas_on(folder, fake.url, empty_url, REPLICAS, "empty") as empties:
+                empties[0].new_key("load", "team-1")
+                httpx.post(f"{empties[0].url}/api/work-items", json={"id": "EMPTY-1"}, headers=empties[0].admin(), timeout=30).raise_for_status()
+                _, empty_key = empties[0].new_key("load-2", "team-1")
+                setups = [Setup("seeded", replicas, keys[0][1], items[0]), Setup("empty", empties, empty_key, "EMPTY-1")]
+                results["latency"] = latency_turns(setups, args.load_seconds, args.latency_rounds)
+            results["seeded"], results["empty"] = results["latency"]["medians"]["seeded"], results["latency"]["medians"]["empty"]
+            log(f"latency medians: seeded {results['seeded']}, empty {results['empty']}")
             results["propagation"] = propagation(replicas, items[-1])
             log(f"propagation: {results['propagation']}")
             cpu_before = [cpu_seconds(r.proc.pid) for r in replicas]
@@ -465,12 +524,6 @@ def main(argv: list[str] | None = None) -> int:
             results["idle_cpu_percent"] = [100 * (cpu_seconds(r.proc.pid) - b) / args.idle_seconds for r, b in zip(replicas, cpu_before, strict=True)]
             results["memory_mib"] = [memory_mib(r.proc.pid) for r in replicas]
             log(f"idle CPU {results['idle_cpu_percent']}, memory {results['memory_mib']}")
-        with replicas_on(folder, fake.url, empty_url, 1, "empty") as (empty,):
-            empty.new_key("load", "team-1")
-            httpx.post(f"{empty.url}/api/work-items", json={"id": "EMPTY-1"}, headers=empty.admin(), timeout=30).raise_for_status()
-            _, key = empty.new_key("load-2", "team-1")
-            results["empty"] = {c: latency(empty, key, "EMPTY-1", c, args.load_seconds) for c in (1, 32)}
-            log(f"latency on an empty schema: {results['empty']}")
     except _Skip:
         pass
     finally:
