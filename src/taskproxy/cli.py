@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from taskproxy import __version__
-from taskproxy.errors import ApiError, ConfigError, SchemaBehind, TrackerUnavailable
+from taskproxy.errors import ApiError, ConfigError, MigrationBlocked, SchemaBehind, TrackerUnavailable
 from taskproxy.developer import cmd_env, cmd_me, cmd_run, cmd_use
 from taskproxy.launch import SHELLS
 from taskproxy.render import print_json
 from taskproxy.settings import DEFAULT_PROXY_URL, Settings, load_settings
 
+DEFAULT_LOCK_WAIT_SECONDS = 10.0  # `db upgrade --lock-wait`: how long a migration may hold up the queries behind its wait
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -62,7 +63,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
-    before, after = upgrade_schema(engine)
+    before, after = upgrade_schema(engine, lock_wait_seconds=args.lock_wait or None)
     where = settings.database_url.split("@")[-1]
     print(f"database at revision {after}: {where}" if before == after else f"upgraded {where} from {before or 'nothing'} to {after}")
     return 0
@@ -330,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="then keep the proxy and its dashboard running with the demo's data, until Ctrl-C")
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
+    upgrade = command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
+    upgrade.add_argument("--lock-wait", type=float, default=DEFAULT_LOCK_WAIT_SECONDS, metavar="SECONDS",
+                         help="PostgreSQL: give up, rolling everything back, when a migration waits longer than this for a "
+                              f"table another session is using, instead of holding up every query behind it (default {DEFAULT_LOCK_WAIT_SECONDS:g}; "
+                              "0: wait as long as it takes)")  # fmt: skip
     command(db, "replay-set-aside", cmd_db_replay_set_aside,
             "write the usage rows the database once refused (kept beside recording.spool_path), once their cause is fixed")  # fmt: skip
 
@@ -411,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, SchemaBehind, TrackerUnavailable) as exc:
+    except (ConfigError, SchemaBehind, MigrationBlocked, TrackerUnavailable) as exc:
         print(f"taskproxy: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:

@@ -3,6 +3,7 @@
     TaskproxyError
     ├── ConfigError                 bad configuration, raised at start (one line: key and problem)
     ├── SchemaBehind                the database was made by an older version: run `taskproxy db upgrade`
+    ├── MigrationBlocked            `db upgrade` waited too long for a lock (a long report on the table): rolled back
     ├── TrackerUnavailable          a tracker's REST API cannot answer (`items sync`: nothing is changed)
     └── ApiError                    anything a client is answered with (status + code)
         ├── InvalidApiKey           401 invalid_api_key
@@ -63,6 +64,10 @@ class ConfigError(TaskproxyError):
 
 class SchemaBehind(TaskproxyError):
     """The database lacks tables or columns this version needs."""
+
+
+class MigrationBlocked(TaskproxyError):
+    """A migration waited longer than allowed for a lock another session held; the upgrade was rolled back."""
 
 
 class TrackerUnavailable(TaskproxyError):

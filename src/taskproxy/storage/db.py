@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 
-from taskproxy.errors import SchemaBehind
+from taskproxy.errors import MigrationBlocked, SchemaBehind
 from taskproxy.storage import models
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ def query_canceller(engine: Engine) -> Callable[[], None] | None:
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_242_001  # a PostgreSQL advisory lock id: replicas starting together migrate one at a time
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock not granted within lock_timeout
 
 
 # alembic (~10 MiB and a tenth of a second to import) is loaded only to migrate. Starting on a
@@ -216,24 +218,45 @@ def prepare_schema(engine: Engine) -> None:
     raise SchemaBehind(f"the database schema is at revision {current}, this version of taskproxy needs {head}; run `taskproxy db upgrade`")
 
 
-def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
-    """Run the migrations up to this version's head; returns (revision before, revision after)."""
+def upgrade_schema(engine: Engine, *, lock_wait_seconds: float | None = None) -> tuple[str | None, str]:
+    """Run the migrations up to this version's head; returns (revision before, revision after).
+
+    Some migrations lock a table against readers (dropping an index, rebuilding a key) for a moment,
+    but must first wait for the sessions already reading it: a report's transaction can last minutes,
+    and meanwhile every new query on that table queues behind the migration's wait. With
+    `lock_wait_seconds` (PostgreSQL), a migration that waits longer than that for any one lock gives
+    up instead: the whole upgrade is rolled back, the queue behind it is released, and MigrationBlocked
+    says which statement waited."""
     head = head_revision()
     with _sqlite_migration_lock(engine):
-        return _upgrade(engine, head), head
+        return _upgrade(engine, head, lock_wait_seconds), head
 
 
-def _upgrade(engine: Engine, head: str) -> str | None:
+def _upgrade(engine: Engine, head: str, lock_wait_seconds: float | None = None) -> str | None:
     from alembic import command
 
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
-        before = current_revision(connection)
-        if before is None and _our_tables(connection):
-            raise SchemaBehind(UNVERSIONED)
-        if before != head:
-            command.upgrade(_alembic(connection), "head")
+    before = None
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
+                if lock_wait_seconds:  # after the advisory lock: replicas starting together wait their turn for it
+                    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, round(lock_wait_seconds * 1000))}"))
+            before = current_revision(connection)
+            if before is None and _our_tables(connection):
+                raise SchemaBehind(UNVERSIONED)
+            if before != head:
+                command.upgrade(_alembic(connection), "head")
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        statement = " ".join(str(exc.statement or "").split())[:160]
+        raise MigrationBlocked(
+            f"the upgrade waited more than {lock_wait_seconds:g} s for a lock on a table another session is using (a long "
+            f"report, most likely), at `{statement}`, and was rolled back: the schema is still at revision {before}. "
+            "Run it again once that session ends (pg_stat_activity lists them), or let it wait longer with --lock-wait "
+            "SECONDS (0: as long as it takes; new queries on that table queue behind it meanwhile)"
+        ) from None
     return before
 
 
