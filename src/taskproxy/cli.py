@@ -63,7 +63,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
-    before, after = upgrade_schema(engine, lock_wait_seconds=args.lock_wait or None)
+    before, after = upgrade_schema(engine, lock_wait_seconds=args.lock_wait)
     where = settings.database_url.split("@")[-1]
     print(f"database at revision {after}: {where}" if before == after else f"upgraded {where} from {before or 'nothing'} to {after}")
     return 0
@@ -302,6 +302,17 @@ def _time_argument(value: str) -> Any:
         raise argparse.ArgumentTypeError(f"{value!r} is not a time (2026-11-01, 2026-11-01T09:00:00Z) or a period (30m, 12h, 7d, 2w)") from None
 
 
+def _lock_wait(value: str) -> float:
+    """`db upgrade --lock-wait`: seconds, from 0 (no limit) to PostgreSQL's largest `lock_timeout`."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 2_147_483:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds from 0 (no limit) to 2147483")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskproxy",
@@ -332,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
     upgrade = command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
-    upgrade.add_argument("--lock-wait", type=float, default=DEFAULT_LOCK_WAIT_SECONDS, metavar="SECONDS",
+    upgrade.add_argument("--lock-wait", type=_lock_wait, default=DEFAULT_LOCK_WAIT_SECONDS, metavar="SECONDS",
                          help="PostgreSQL: give up, rolling everything back, when a migration waits longer than this for a "
                               f"table another session is using, instead of holding up every query behind it (default {DEFAULT_LOCK_WAIT_SECONDS:g}; "
                               "0: wait as long as it takes)")  # fmt: skip

@@ -224,9 +224,10 @@ def upgrade_schema(engine: Engine, *, lock_wait_seconds: float | None = None) ->
     Some migrations lock a table against readers (dropping an index, rebuilding a key) for a moment,
     but must first wait for the sessions already reading it: a report's transaction can last minutes,
     and meanwhile every new query on that table queues behind the migration's wait. With
-    `lock_wait_seconds` (PostgreSQL), a migration that waits longer than that for any one lock gives
-    up instead: the whole upgrade is rolled back, the queue behind it is released, and MigrationBlocked
-    says which statement waited."""
+    `lock_wait_seconds` (PostgreSQL's `lock_timeout` for the upgrade; 0: no limit; None: the server's
+    own setting), a migration that waits longer than that for any one lock gives up instead: the whole
+    upgrade is rolled back, the queue behind it is released, and MigrationBlocked says which statement
+    waited."""
     head = head_revision()
     with _sqlite_migration_lock(engine):
         return _upgrade(engine, head, lock_wait_seconds), head
@@ -240,22 +241,24 @@ def _upgrade(engine: Engine, head: str, lock_wait_seconds: float | None = None) 
         with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK})
-                if lock_wait_seconds:  # after the advisory lock: replicas starting together wait their turn for it
-                    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, round(lock_wait_seconds * 1000))}"))
+                if lock_wait_seconds is not None:  # after the advisory lock: replicas starting together wait their turn for it
+                    limit_ms = max(1, round(lock_wait_seconds * 1000)) if lock_wait_seconds > 0 else 0  # 0: no limit
+                    connection.execute(text(f"SET LOCAL lock_timeout = {limit_ms}"))
             before = current_revision(connection)
             if before is None and _our_tables(connection):
                 raise SchemaBehind(UNVERSIONED)
             if before != head:
                 command.upgrade(_alembic(connection), "head")
     except OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+        if _LOCK_NOT_AVAILABLE not in (getattr(exc.orig, "sqlstate", None), getattr(exc.orig, "pgcode", None)):  # psycopg 3, psycopg2
             raise
         statement = " ".join(str(exc.statement or "").split())[:160]
+        waited = f"more than {lock_wait_seconds:g} s" if lock_wait_seconds else "longer than the server's lock_timeout"
         raise MigrationBlocked(
-            f"the upgrade waited more than {lock_wait_seconds:g} s for a lock on a table another session is using (a long "
-            f"report, most likely), at `{statement}`, and was rolled back: the schema is still at revision {before}. "
-            "Run it again once that session ends (pg_stat_activity lists them), or let it wait longer with --lock-wait "
-            "SECONDS (0: as long as it takes; new queries on that table queue behind it meanwhile)"
+            f"the upgrade waited {waited} for a lock on a table another session is using (a long report, most likely), "
+            f"at `{statement}`, and was rolled back: the schema is still at revision {before or 'nothing'}. Run it again "
+            "once that session ends (pg_stat_activity lists them), or let it wait longer with --lock-wait SECONDS (0: as "
+            "long as it takes; new queries on that table queue behind it meanwhile)"
         ) from None
     return before
 
