@@ -1,4 +1,4 @@
-"""What a load leaves resident in one `taskproxy serve` replica (docs/scale.md, "Memory").
+"""What a load leaves resident in one `taskproxy serve` replica (docs/scale-runs.md, "Memory").
 
 One replica, configured as `bench/scale.py` configures them, on an empty schema of its own
 (`load_leftover`) in the benchmark database: 300 items, 1,000 requests spread over them, 12 s idle,

@@ -184,7 +184,7 @@ def test_freed_memory_is_handed_back_once_requests_were_served_and_none_is_runni
 
 
 def test_a_started_app_holds_none_of_the_modules_only_reports_and_migrations_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A serving process's resident memory is mostly what it imports (docs/scale.md): the ORM (5.6 MiB,
+    """A serving process's resident memory is mostly what it imports (docs/scale-runs.md): the ORM (5.6 MiB,
     which the tables do not need: they are Core), the report modules (computed in processes of their
     own), Jinja2 (the dashboard's first page) and alembic (a migration) stay out of it until used."""
     import subprocess

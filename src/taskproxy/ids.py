@@ -5,7 +5,7 @@ many millions of rows reads and dirties a page of its own, and after each checkp
 the WAL. An id that starts with its time lands where the previous ones did: the index grows at one
 edge, as for a sequence, while the ids are still made on the request path with no database round trip
 (a replayed event keeps its id, so a replay is still written once). bench/scale.py measures the writer
-with these ids into the seeded organisation (docs/scale.md).
+with these ids into the seeded organisation (docs/scale-runs.md).
 
 The layout is UUIDv7's (RFC 9562) without the version bits, in the 32 hex digits the `id` columns
 hold: 48 bits of milliseconds since the Unix epoch, then 80 random bits.

@@ -47,7 +47,7 @@ def collector_paused() -> Iterator[None]:
     does nothing else meanwhile (a report's own process, the CLI), never in the serving process.
     A report holds millions of objects until it is done, and each of the collector's passes walks
     them all again: on the seed organisation that was a quarter of the adoption report's time and a
-    fifth of the signals' (docs/scale.md), for nothing to collect. What the block leaves in
+    fifth of the signals' (docs/scale-runs.md), for nothing to collect. What the block leaves in
     reference cycles is collected after it (or when the process ends)."""
     enabled = gc.isenabled()
     gc.disable()

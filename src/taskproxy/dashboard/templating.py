@@ -50,7 +50,7 @@ def safe_link(url: str | None) -> str | None:
 class Pages:
     """The dashboard's templates and stylesheet, one per app (in its lifespan's state). Jinja2 is imported
     and the templates set up at the first page: a replica that never serves the dashboard does not hold
-    them (about 2 MiB less resident after load, docs/scale.md; Jinja2's import alone allocates 4.5 MiB)."""
+    them (about 2 MiB less resident after load, docs/scale-runs.md; Jinja2's import alone allocates 4.5 MiB)."""
 
     def __init__(self) -> None:
         self.stylesheet = (HERE / "static" / "dashboard.css").read_bytes()

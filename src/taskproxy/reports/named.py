@@ -3,7 +3,7 @@
 A report is computed in a process of its own (reports/runner.py), which imports the report's module
 (the fork server has it preloaded). The serving process only passes the function along, and the
 API's and the dashboard's report modules would cost it 3.5 MiB of resident memory for nothing
-(measured: docs/scale.md). A `NamedReport` is passed instead: it pickles as two strings, and it
+(measured: docs/scale-runs.md). A `NamedReport` is passed instead: it pickles as two strings, and it
 imports its module when it is called (in the report's process, or, where reports run in a worker
 thread, at the first report).
 """

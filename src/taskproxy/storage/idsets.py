@@ -5,7 +5,7 @@ the database splits into an array (`id = ANY(string_to_array(:ids, chr(31)))`): 
 a million ids, which the planner matches by hash in one pass over the table. A batch of `IN (...)`
 lists costs one bound parameter per id: 5,000 to a statement made a report over 690,000 items spend
 17 s in round trips and binding. Arrays of 100,000 ids took 3 s, but psycopg dumps a list element by
-element in Python, and each batch of a large set scanned the table again (docs/scale.md). No id holds
+element in Python, and each batch of a large set scanned the table again (docs/scale-runs.md). No id holds
 a control character (workitems.py refuses them; keys and hashes are hex): a batch that would is bound
 as an array instead. SQLite has no arrays: `IN (...)` lists, under its limit on parameters.
 """

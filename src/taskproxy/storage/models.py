@@ -1,7 +1,7 @@
 """The tables. Times are naive UTC datetimes (SQLite keeps no zone); the API renders them with `Z`.
 
 They are SQLAlchemy Core tables, and every query is Core: the ORM and SQLModel cost a serving
-process 8.7 MiB of resident memory for mapping rows to objects nothing needed (docs/scale.md). Each
+process 8.7 MiB of resident memory for mapping rows to objects nothing needed (docs/scale-runs.md). Each
 table is also reachable by a name that reads as its rows (`ApiKey`), whose attributes are its columns
 (`ApiKey.id == key_id`) and whose `__table__` is the table.
 """
