@@ -39,7 +39,8 @@ def test_an_upgrade_blocked_by_a_long_reader_gives_up_and_holds_nobody_up(postgr
     def another_reader() -> None:  # a query arriving while the upgrade waits: it queues behind the upgrade
         with engine.connect() as connection:
             deadline = time.monotonic() + 30
-            waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation::regclass::text LIKE 'usage_events%'")
+            waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE "
+                           "datname = current_database()) AND relation::regclass::text LIKE 'usage_events%'")  # this schema's (search_path)
             while not connection.execute(waiting).scalar_one():
                 assert time.monotonic() < deadline, "the upgrade never waited for a lock"
                 connection.rollback()
