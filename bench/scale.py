@@ -13,8 +13,9 @@ budgets, so every request looks up its key, its item and their spend), measures:
   two (each replica had used the key and the item before);
 - added latency p50/p99 at concurrency 1 and 32 (bench/loadgen.py, the fake provider in its own
   process), against three replicas of the same configuration on an empty schema, running at the same
-  time: the two sets take turns (`--latency-rounds`, medians reported), and each turn records the CPU
-  of the loaded replica, of its two siblings and of PostgreSQL;
+  time: the two sets take turns (`--latency-rounds`, 4: each set goes first in half of them; medians
+  reported), and each turn records the CPU of the loaded replica, of its two siblings and of
+  PostgreSQL;
 - the writer's sustained insert rate into the seeded schema from one process (repo.write_batch,
   batches of 500: events, rollups and spend counters in one transaction);
 - with `--parts writers` (not in the default run): 1, 2 and 4 writer processes at once, as several
@@ -25,11 +26,12 @@ budgets, so every request looks up its key, its item and their spend), measures:
   installed), one worker and two taking turns, `--rounds` times;
 - with `--parts served-reports` (not in the default run): one replica's resident memory before and
   after it serves the adoption report and the signals over HTTP, and at its peak;
-- with `--parts snapshots` (not in the default run): three replicas with `reports.snapshot_minutes`
-  set; how long the first snapshot of each report took to compute, and reading it back from each
-  replica over HTTP (`?snapshot=latest`).
+- three replicas with `reports.snapshot_minutes` set (`--parts snapshots`): how long the first
+  snapshot of each report took to compute, and reading it back from each replica over HTTP
+  (`?snapshot=latest`).
 
-Prints the results and writes them to bench/results/scale-<parts>.json. The numbers in docs/scale.md come from it.
+Prints the results, writes them to bench/results/scale-<parts>.json, and ends with a table of the
+targets against what the run measured, each met or missed. The numbers in docs/scale.md come from it.
 """
 
 from __future__ import annotations
@@ -160,12 +162,19 @@ def latency(replica: Replica, key: str, item: str, concurrency: int, seconds: fl
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU used so far by the machine's PostgreSQL processes that are still running (its backends included)."""
+    """CPU used so far by the machine's PostgreSQL: its running processes (backends included), and
+    the processes that ended (a backend of a closed connection, an autovacuum worker), which the
+    kernel adds to their parent's `cutime`/`cstime` once the postmaster has reaped them."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
-                total += cpu_seconds(int(entry.name))
+            if not entry.name.isdigit() or (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            parent = Path(f"/proc/{fields[1]}/comm")
+            if not parent.exists() or parent.read_text().strip() != "postgres":  # the postmaster
+                total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
         except OSError:  # gone meanwhile
             continue
     return total
@@ -201,7 +210,8 @@ def latency_turns(setups: list[Setup], seconds: float, rounds: int) -> dict[str,
                 log(f"{setup.name}, concurrency {concurrency}: {result['rps']:,.0f} req/s, p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} ms, "
                     f"CPU {result['cpu_percent']}")  # fmt: skip
     medians = {
-        name: {c: {f: statistics.median(t[f] for t in runs) for f in ("rps", "p50_ms", "p99_ms")} for c, runs in by_concurrency.items()}
+        name: {c: {**{f: statistics.median(t[f] for t in runs) for f in ("rps", "p50_ms", "p99_ms")},
+                   "count": sum(t["count"] for t in runs), "errors": sum(t["errors"] for t in runs)} for c, runs in by_concurrency.items()}
         for name, by_concurrency in turns.items()
     }  # fmt: skip
     return {"turns": turns, "medians": medians}
@@ -453,6 +463,54 @@ def workers_lean(folder: Path, url: str, seconds: float, rounds: int) -> dict[st
     return {"runs": runs, "ratios": ratios, "ratio_median": statistics.median(ratios)}
 
 
+def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The issue's targets against what this run measured: (measure, target, measured, verdict), for the
+    parts that ran. "No worse than empty" is taken strictly: the seeded medians against the empty ones."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(measure: str, target: str, measured: str, met: bool, missed: str = "missed") -> None:
+        rows.append((measure, target, measured, "met" if met else missed))
+
+    if "memory_mib" in results:
+        rss = [m["rss"] for m in results["memory_mib"]]
+        add("resident memory per replica after the load", "<= 150 MiB", f"{min(rss):.1f}-{max(rss):.1f} MiB (peak {max(m['peak'] for m in results['memory_mib']):.1f})",
+            max(rss) <= 150)  # fmt: skip
+        idle = results["idle_cpu_percent"]
+        add("CPU while idle, per replica", "<= 1 % of a core", f"{min(idle):.2f}-{max(idle):.2f} %", max(idle) <= 1)
+        for what, key in (("a revocation reaching the other replicas", "revocation_s"), ("a completion reaching the other replicas", "completion_s")):
+            add(what, "<= 5 s", f"{results['propagation'][key]:.3f} s", results["propagation"][key] <= 5)
+    if "latency" in results:
+        seeded, empty = results["seeded"], results["empty"]
+        for c in (1, 32):
+            s_, e_ = seeded[c], empty[c]
+            worse = max(s_["p50_ms"] / e_["p50_ms"], s_["p99_ms"] / e_["p99_ms"], e_["rps"] / s_["rps"]) - 1
+            add(f"concurrency {c}, seeded (empty): req/s, p50 / p99", "no worse than empty",
+                f"{s_['rps']:,.0f}, {s_['p50_ms']:.2f} / {s_['p99_ms']:.2f} ms ({e_['rps']:,.0f}, {e_['p50_ms']:.2f} / {e_['p99_ms']:.2f})",
+                worse <= 0, f"missed by {100 * worse:.0f} %")  # fmt: skip
+    if "workers_lean" in results and "ratio_median" in results["workers_lean"]:
+        ratios = results["workers_lean"]["ratios"]
+        add("serve --workers 2 / one worker, concurrency 32", ">= 1.6x",
+            f"{results['workers_lean']['ratio_median']:.2f}x (turns {', '.join(f'{r:.2f}' for r in ratios)})", results["workers_lean"]["ratio_median"] >= 1.6)
+    if "writer" in results:
+        rate = results["writer"]["events_per_s"]
+        add("the writer, one process", ">= 10,000 events/s", f"{rate:,.0f} events/s", rate >= 10_000)
+    for name, measured in results.get("reports", {}).items():
+        target = 5.0 if name.startswith("signals") else 1.0
+        add(f"{name}, computed", f"< {target:g} s", f"{measured['median_s']:.2f} s", measured["median_s"] < target)
+    for name, target in (("adoption", 1.0), ("signals", 5.0)):
+        if name in results.get("snapshots", {}):
+            read = results["snapshots"][name]
+            add(f"{name} report, its latest snapshot read over HTTP", f"< {target:g} s",
+                f"{read['read_median_s']:.2f} s (computed in {read['computed_in_s']:.1f} s)", read["read_median_s"] < target)  # fmt: skip
+    return rows
+
+
+def print_verdicts(rows: list[tuple[str, str, str, str]]) -> None:
+    widths = [max(len(row[n]) for row in rows) for n in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=sys.stderr)
+
+
 class _Skip(Exception):
     """The replicas' measurements are not wanted (--parts)."""
 
@@ -472,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-ids", choices=("time", "random"), default="time",
                         help="the writer's event ids: time-ordered as the proxy makes them, or random (uuid4, as before 2026-12-04)")
     parser.add_argument("--rounds", type=int, default=3, help="--parts workers: how many turns of one worker and two")
-    parser.add_argument("--latency-rounds", type=int, default=3, help="how many turns the seeded and the empty replicas take at each concurrency")
-    parser.add_argument("--parts", default="replicas,workers,writer,reports", help="which measurements to make (comma-separated)")
+    parser.add_argument("--latency-rounds", type=int, default=4, choices=range(1, 101), metavar="N",
+                        help="how many turns the seeded and the empty replicas take at each concurrency (even: each goes first as often)")
+    parser.add_argument("--parts", default="replicas,workers,writer,reports,snapshots", help="which measurements to make (comma-separated)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
 
@@ -528,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         fake.stop()
-    if "snapshots" in parts:  # not in the default run: the first snapshots take two minutes or more
+    if "snapshots" in parts:  # the first snapshots take two minutes or more
         with create_engine(seeded_url.replace("postgresql://", "postgresql+psycopg://", 1)).begin() as connection:
             if connection.execute(text("SELECT to_regclass('report_snapshots')")).scalar() is not None:
                 connection.execute(text("DELETE FROM report_snapshots"))  # so the first computation is measured
@@ -548,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     if "reports" in parts:
         results["reports"] = reports(seeded_url)
         log(f"reports: {results['reports']}")
+    results["verdicts"] = verdicts(results)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"scale-{'-'.join(sorted(parts))}.json").write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))
+    log("targets:")
+    print_verdicts(results["verdicts"])
     return 0
 
 
