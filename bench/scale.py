@@ -85,9 +85,17 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command's name: [0] state, [1] ppid, [11:13] utime, stime, [13:15] cutime, cstime."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _seconds(ticks: list[str]) -> float:
+    return sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _seconds(_stat_fields(pid)[11:13])
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -170,11 +178,11 @@ def postgres_cpu_seconds() -> float:
         try:
             if not entry.name.isdigit() or (entry / "comm").read_text().strip() != "postgres":
                 continue
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            fields = _stat_fields(entry.name)
+            total += _seconds(fields[11:13])
             parent = Path(f"/proc/{fields[1]}/comm")
             if not parent.exists() or parent.read_text().strip() != "postgres":  # the postmaster
-                total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+                total += _seconds(fields[13:15])
         except OSError:  # gone meanwhile
             continue
     return total

@@ -20,9 +20,9 @@ Both were chosen by measurement (bench/, docs/performance.md):
 - **The server's loop looks at its exit flag once a second, not ten times.** uvicorn's main loop wakes
   every 100 ms to see whether a signal asked it to stop (and, every tenth time, to renew the `Date`
   header): on an idle replica those wake-ups were the event loop's only work, and a third to a half
-  of the process's CPU while idle (docs/scale.md). `QuietServer` renews the header on every one of
-  its wake-ups, once a second, and a stop signal wakes it at once. (`--workers N` runs uvicorn's own
-  server in each worker.)
+  of the process's CPU while idle (docs/scale-runs.md, "Idle CPU"). `QuietServer` renews the header
+  on every one of its wake-ups, once a second, and a stop signal wakes it at once. (`--workers N`
+  runs uvicorn's own server in each worker.)
 - **Startup's objects frozen out of the garbage collector.** Once the app has started, the modules,
   settings, encodings and caches it built live as long as the process. Left in the collector's
   oldest generation, each full collection walked all of them again: 85–185 ms with the event loop
