@@ -353,6 +353,22 @@ def test_hostile_paths_and_methods(server: ServerProcess, upstream: FakeUpstream
     assert len(upstream.received) == before
 
 
+def test_requests_the_http_parser_refuses_get_the_error_shape(server: ServerProcess, upstream: FakeUpstream, key: str) -> None:
+    """A request uvicorn's parser cannot read (bytes HTTP forbids in a header, a broken request line) is
+    answered before any route sees it: in the API's error shape too, not as a line of plain text."""
+    before = len(upstream.received)
+    for head in (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nX-Work-Item: PAY\x01-1\r\n\r\n",
+        "DELETE /api/me/work-item HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad\x7f: 1\r\n\r\n",
+        "GET /api/keys HTTP/9\r\nHost: 127.0.0.1\r\n\r\n",
+    ):
+        status, body = raw_request(server.port, head)
+        assert status == 400, (head, status, body)
+        assert set(body) == {"error"} and body["error"]["code"] == "invalid_request", body
+        assert {"message", "type", "param", "code"} == set(body["error"]) and body["error"]["message"], body
+    assert len(upstream.received) == before
+
+
 def test_server_still_works_after_hostile_input(server: ServerProcess, upstream: FakeUpstream, key: str) -> None:
     for param in REFUSED:  # all of it, here, whatever ran before: nothing it sends breaks the process
         (refused,) = param.values

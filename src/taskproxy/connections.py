@@ -11,7 +11,10 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
 - a **body deadline**: the whole body within `body_timeout` of the headers, else 408 and closed
   (the request handler sees the client gone and records nothing but a refusal);
 - a **connection limit**: past `max_connections` open connections, a new one is answered 503 and
-  closed at once, so idle sockets can never take the descriptors the proxy needs for its own work.
+  closed at once, so idle sockets can never take the descriptors the proxy needs for its own work;
+- **a request its parser cannot read** (bytes HTTP forbids in a header, a broken request line)
+  answered 400 `invalid_request` in the API's error shape, where uvicorn answers a line of plain
+  text: no route sees such a request, and this is the only answer its client gets.
 
 The limits travel on uvicorn's `Config` (`connection_limits`), so worker processes have them too.
 """
@@ -24,7 +27,11 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from taskproxy.error_shapes import ApiFormat, error_body
+from taskproxy.errors import InvalidRequest
 
 log = logging.getLogger("taskproxy.connections")
 
@@ -82,6 +89,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         if self.cycle is None or not self.cycle.response_started:
             self.transport.write(_TOO_SLOW)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # No route matched (none was looked for), so the shape is the one every other route speaks.
+        body = orjson.dumps(error_body(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1"), ApiFormat.OPENAI))
+        head = [b"HTTP/1.1 400 Bad Request\r\n", *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
