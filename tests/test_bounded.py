@@ -170,6 +170,69 @@ def attack(server: ServerProcess) -> None:
         assert files <= baseline_files + 5, (files, baseline_files)
 
 
+def _answer_and_close(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """What the server wrote before closing the connection: status, headers, JSON body."""
+    data = b""
+    while piece := sock.recv(65536):
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body), (headers, body)
+    return int(status_line.split()[1]), headers, orjson.loads(body)
+
+
+def test_connections_cut_before_the_app_answers_get_the_routes_error_shape(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """The 408s and the 503 the server writes itself (no route handled the request) are JSON an SDK
+    reads as an error: the OpenAI shape while no route is known, the route's own once the headers are in."""
+    server_settings = {"header_timeout_seconds": 1.0, "body_timeout_seconds": 1.0, "max_connections": 6}
+    with server_with(tmp_path, upstream, quiet, server=server_settings) as server:
+        key = server.new_key("slow-client", "platform")
+        server.http.close()  # its kept-alive connection would count against the limit below
+
+        def sent(data: bytes) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(data)
+            return sock
+
+        head = f"Host: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nX-Work-Item: SLOW-1\r\nContent-Type: application/json\r\n"
+        slow_headers = sent(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow_body_messages = sent(f"POST /v1/messages HTTP/1.1\r\n{head}Content-Length: 100\r\n\r\n{{".encode())
+        slow_body_chat = sent(f"POST /v1/chat/completions HTTP/1.1\r\n{head}Content-Length: 100\r\n\r\n{{".encode())
+
+        held = [sent(b"") for _ in range(3)]  # six open with the three above: the limit
+        status, headers, body = _answer_and_close(sent(b""))
+        assert status == 503 and headers["retry-after"] == "1", (status, headers)
+        assert body["error"]["code"] == "service_unavailable" and "server.max_connections" in body["error"]["message"], body
+
+        status, _, body = _answer_and_close(slow_headers)
+        assert status == 408 and set(body) == {"error"}, body  # OpenAI's shape: the route is not known yet
+        assert body["error"]["code"] == "request_timeout" and "server.header_timeout_seconds" in body["error"]["message"], body
+        status, _, body = _answer_and_close(slow_body_messages)
+        assert status == 408 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body  # Anthropic's
+        assert "server.body_timeout_seconds" in body["error"]["message"], body
+        status, _, body = _answer_and_close(slow_body_chat)
+        assert status == 408 and body["error"]["code"] == "request_timeout" and "server.body_timeout_seconds" in body["error"]["message"], body
+        for sock in (*held, slow_headers, slow_body_messages, slow_body_chat):
+            sock.close()
+
+        # A client that pipelines: the next request's headers begin while a slow answer (2 s) is on its
+        # way. The deadline of the next request starts once that answer is out; it does not cut it.
+        ask = orjson.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]})
+        pipelined = sent(f"POST /v1/chat/completions HTTP/1.1\r\n{head}Content-Length: {len(ask)}\r\n\r\n".encode() + ask
+                         + b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # fmt: skip
+        data = b""
+        while piece := pipelined.recv(65536):
+            data += piece
+        pipelined.close()
+        first_head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in first_head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        assert first_head.startswith(b"HTTP/1.1 200 "), data[:300]
+        assert orjson.loads(rest[:length])["choices"][0]["message"]["content"]
+        assert rest[length:].startswith(b"HTTP/1.1 408 ") and b"server.header_timeout_seconds" in rest[length:], rest[length:]
+        assert server.process.poll() is None
+
+
 def test_a_json_bomb_within_the_size_limit_is_refused_without_taking_the_process(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     bomb = b'{"model": "gpt-4o-mini", "messages": [], "x": [' + b",".join([b"[]"] * 10_000_000) + b"]}"  # 29 MiB: 10 million empty arrays
     assert len(bomb) < 32 * 1024 * 1024

@@ -7,14 +7,20 @@ descriptors (its recording thread too). Its `limit_concurrency` answers 503 only
 headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptools protocol with:
 
 - a **header deadline**: a connection must deliver a request's headers within `header_timeout` of
-  being opened (or of starting that request, on a kept-alive connection), else it gets 408 and is closed;
+  being opened (or of starting that request, on a kept-alive connection), else it gets 408
+  `request_timeout` and is closed;
 - a **body deadline**: the whole body within `body_timeout` of the headers, else 408 and closed
   (the request handler sees the client gone and records nothing but a refusal);
-- a **connection limit**: past `max_connections` open connections, a new one is answered 503 and
-  closed at once, so idle sockets can never take the descriptors the proxy needs for its own work;
+- a **connection limit**: past `max_connections` open connections, a new one is answered 503
+  `service_unavailable` (with `Retry-After`) and closed at once, so idle sockets can never take the
+  descriptors the proxy needs for its own work;
 - **a request its parser cannot read** (bytes HTTP forbids in a header, a broken request line)
-  answered 400 `invalid_request` in the API's error shape, where uvicorn answers a line of plain
-  text: no route sees such a request, and this is the only answer its client gets.
+  answered 400 `invalid_request`, where uvicorn answers a line of plain text: no route sees such a
+  request, and this is the only answer its client gets.
+
+Each of these answers is JSON in the API's error shape (an SDK raises it like any other error): the
+shape of the route the request was for once its headers are in (a body too slow for `/v1/messages`
+gets Anthropic's), else OpenAI's, which the admin API speaks too.
 
 The limits travel on uvicorn's `Config` (`connection_limits`), so worker processes have them too.
 """
@@ -25,21 +31,20 @@ import asyncio
 import logging
 import resource
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from taskproxy.error_shapes import ApiFormat, error_body
-from taskproxy.errors import InvalidRequest
+from taskproxy.error_shapes import ApiFormat, api_format_of, error_body
+from taskproxy.errors import ApiError, InvalidRequest, RequestTimeout, ServiceUnavailable
 
 log = logging.getLogger("taskproxy.connections")
 
 # Descriptors kept for the proxy's own use (database pool, spool files, logs, encodings): what the
 # connection limit leaves aside when it is derived from the open-file limit.
 RESERVED_DESCRIPTORS = 128
-_REFUSED = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 31\r\nconnection: close\r\n\r\nToo many connections; retry.\r\n\r\n"
-_TOO_SLOW = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 47\r\nconnection: close\r\n\r\nThe request did not arrive in time; it is cut.\r\n"
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits()
         self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for = "headers"  # or "body": what the armed deadline is for
 
-    def _arm(self, seconds: float) -> None:
+    def _arm(self, waiting_for: str) -> None:
         self._disarm()
+        self._waiting_for = waiting_for
+        seconds = self.limits.header_timeout if waiting_for == "headers" else self.limits.body_timeout
         self._deadline = self.loop.call_later(seconds, self._too_slow)
 
     def _disarm(self) -> None:
@@ -87,25 +95,41 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(_TOO_SLOW)
+        if self._waiting_for == "headers" and self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request began while the one before it is still being answered (a long
+            # stream, say): uvicorn reads on once that answer ends, so its deadline starts then.
+            self._arm("headers")
+            return
+        if self._waiting_for == "headers":  # no route is known yet
+            self._answer(RequestTimeout(f"The request's headers did not arrive within {self.limits.header_timeout:g} s "
+                                        "(server.header_timeout_seconds); the connection is closed."), ApiFormat.OPENAI)  # fmt: skip
+        elif self.cycle is not None and not self.cycle.response_started:
+            # The router has run on the request's scope (in place): the error speaks its route's shape.
+            self._answer(RequestTimeout(f"The request's body did not arrive within {self.limits.body_timeout:g} s "
+                                        "(server.body_timeout_seconds); the connection is closed."), api_format_of(self.cycle.scope))  # fmt: skip
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # No route matched (none was looked for), so the shape is the one every other route speaks.
-        body = orjson.dumps(error_body(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1"), ApiFormat.OPENAI))
-        head = [b"HTTP/1.1 400 Bad Request\r\n", *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)]
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
-        self.transport.write(b"".join(head) + body)
+        self._answer(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1"), ApiFormat.OPENAI)
         self.transport.close()
+
+    def _answer(self, error: ApiError, api: ApiFormat, extra_headers: bytes = b"") -> None:
+        """Write `error` as a whole response that closes the connection (no app is there to answer it)."""
+        body = orjson.dumps(error_body(error, api))
+        head = [b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode()),
+                *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)]  # fmt: skip
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n" % (len(body), extra_headers))
+        self.transport.write(b"".join(head) + body)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            transport.write(_REFUSED)
+            message = f"The server holds its limit of {self.limits.max_connections} open connections (server.max_connections); retry shortly."
+            self._answer(ServiceUnavailable(message), ApiFormat.OPENAI, b"retry-after: 1\r\n")
             transport.close()
             return
-        self._arm(self.limits.header_timeout)  # a request's headers, from the connection's first moment
+        self._arm("headers")  # a request's headers, from the connection's first moment
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -114,10 +138,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:  # a kept-alive connection starting its next request
-            self._arm(self.limits.header_timeout)
+            self._arm("headers")
 
     def on_headers_complete(self) -> None:
-        self._arm(self.limits.body_timeout)  # until its body is complete
+        self._arm("body")  # until its body is complete
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

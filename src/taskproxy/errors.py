@@ -19,6 +19,7 @@
         ├── RateLimited             429 rate_limited       (limits.requests_per_minute; Retry-After)
         ├── ModelNotFound           404 model_not_found
         ├── InvalidRequest          400 invalid_request
+        ├── RequestTimeout          408 request_timeout    (headers or body not delivered in time: the connection is closed)
         ├── RequestTooLarge         413 request_too_large
         ├── HeadersTooLarge         431 request_header_too_large
         ├── UpstreamError           502 upstream_error
@@ -156,6 +157,10 @@ class ModelNotFound(ApiError):
 
 class InvalidRequest(ApiError):
     default_status, code = 400, "invalid_request"
+
+
+class RequestTimeout(ApiError):
+    default_status, code = 408, "request_timeout"
 
 
 class RequestTooLarge(ApiError):
