@@ -81,7 +81,7 @@ def write_config(folder: Path, fake_url: str, *, models: list[dict] | None = Non
 
 
 def run_cli(*args: str, config: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`taskproxy ARGS` run in this process, as the console script runs it (`cli.main`), with its
+    """`taskproxy ARGS` run in this process, as the console script runs it (`cli.main`; the script, `cli.run`, then exits), with its
     output, error output and exit code, in an environment of its own (`env`, else `child_env()`).
     In-process: a new interpreter per call cost the suite over a minute. `run_cli_process` runs the
     installed command itself."""

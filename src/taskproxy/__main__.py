@@ -1,5 +1,3 @@
-import sys
+from taskproxy.cli import run
 
-from taskproxy.cli import main
-
-sys.exit(main())
+run()
