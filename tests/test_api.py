@@ -58,6 +58,10 @@ async def test_bad_key_requests_are_400(proxy: Proxy, body: dict, param: str) ->
         ({"id": "PAY-1", "budget_tokens": 1.5}, "budget_tokens", "integer"),  # not truncated to 1
         ({"id": "PAY-1", "budget_tokens": True}, "budget_tokens", "integer"),
         ({"id": "PAY-1", "budget_usd": -1}, "budget_usd", "greater than or equal to 0"),
+        # Past what the database's 64-bit counts hold: refused, where they were a 500 (tokens from 2^63)
+        # or stored and then a 500 on every request on the item (1e300 USD).
+        ({"id": "PAY-1", "budget_tokens": 2**63}, "budget_tokens", "less than or equal to 1000000000000000000"),
+        ({"id": "PAY-1", "budget_usd": 1e300}, "budget_usd", "less than or equal to 1000000000"),
         ({"id": "PAY-1", "title": "x" * 501}, "title", "at most 500"),
         ({"id": "PAY-1", "title": "bell\x07"}, "title", "control characters"),
         ({"id": "PAY-1", "status": "unverified"}, "status", "open"),

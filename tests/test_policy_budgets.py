@@ -9,10 +9,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from sqlalchemy import text
 
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy, wait_until
 from taskproxy.registry import register_work_item
 from taskproxy.settings import DEFAULT_ID_PATTERNS
+from taskproxy.storage import leases
 from taskproxy.storage.db import make_engine
 from taskproxy.upstream.mock import MockProvider
 from taskproxy.upstream.provider import ProviderRequest
@@ -138,6 +140,46 @@ async def test_usd_and_team_budgets_and_config_defaults(tmp_path: Path, fake: An
         assert team_over.status_code == 429 and "team payments" in team_over.json()["error"]["message"]
         other_team = await proxy.new_key(owner="ola", team="data")
         assert (await _ask(proxy, other_team, "PAY-8")).status_code == 200
+
+
+async def test_a_budget_stored_past_the_largest_is_read_as_the_largest(tmp_path: Path, fake: Any) -> None:
+    """Budgets too large to count (stored before the API refused them) do not break the item's requests."""
+    async for proxy in await _running(tmp_path, fake, work_items={"mode": "known"}):
+        key = await proxy.new_key()
+        engine = make_engine(proxy.settings.database_url)
+        register_work_item(engine, WorkItemIds(DEFAULT_ID_PATTERNS), {"id": "PAY-20"}, source="cli")
+        register_work_item(engine, WorkItemIds(DEFAULT_ID_PATTERNS), {"id": "PAY-21"}, source="cli")
+        with engine.begin() as connection:  # as an older version let them be stored
+            connection.execute(text("UPDATE work_items SET budget_usd = 1e300 WHERE id = 'PAY-20'"))
+            connection.execute(text("UPDATE work_items SET budget_usd = 1e20, budget_tokens = 9000000000000000000 WHERE id = 'PAY-21'"))
+        engine.dispose()
+        for item in ("PAY-20", "PAY-21"):
+            for _ in range(3):  # the first on credit, then on leased slices
+                answer = await _ask(proxy, key, item)
+                assert answer.status_code == 200, answer.text
+        await proxy.item("PAY-21", requests=3)
+
+
+async def test_a_lease_failing_on_a_bug_is_not_asked_again_in_a_loop(tmp_path: Path, fake: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A lease that fails with an error no one expected falls back to the process's own count, as a
+    database error does: before, each request asked again at once, in a loop, for its whole second's wait."""
+    calls = 0
+
+    def broken(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(leases, "take", broken)
+    async for proxy in await _running(tmp_path, fake, budgets={"teams": {"payments": {"tokens": 1_000_000}}}):  # shared: leased
+        key = await proxy.new_key()
+        for _ in range(3):
+            started = asyncio.get_running_loop().time()
+            assert (await _ask(proxy, key, "PAY-22")).status_code == 200
+            assert asyncio.get_running_loop().time() - started < 0.9  # not the second's wait for a slice
+        assert 1 <= calls <= 2, calls
+        assert sum("leasing from the budget" in record.getMessage() for record in caplog.records) == calls
 
 
 async def test_openai_sdk_raises_rate_limit_on_budget(proxy: Proxy) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from taskproxy.errors import InvalidRequest
+from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 from taskproxy.workitems import ITEM_SOURCES, MAX_ID_LENGTH, SETTABLE_STATUSES
 
 ROLES = ("developer", "service", "admin")
@@ -46,8 +47,8 @@ class _ItemFields(_Body):
     title: _text(500) = None
     url: _text(2000) = None
     team: _text(200) = None
-    budget_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    budget_usd: Annotated[StrictFloat, Field(ge=0)] | None = None
+    budget_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET_TOKENS)] | None = None
+    budget_usd: Annotated[StrictFloat, Field(ge=0, le=MAX_BUDGET_USD)] | None = None
 
 
 class NewWorkItem(_ItemFields):

@@ -9,6 +9,12 @@ from typing import Any
 
 NANOS_PER_USD = 1_000_000_000
 
+# The largest budgets taskproxy accepts. A budget, and what is spent and leased against it, are kept in
+# the database's 64-bit integers (tokens, nano-dollars: at most ~9.2 x 10^18); these leave room for the
+# slices and overshoot counted on top of a budget. Larger ones mean "no limit": leave the budget unset.
+MAX_BUDGET_TOKENS = 10**18
+MAX_BUDGET_USD = 1_000_000_000.0  # 10^18 nano-dollars
+
 
 def to_nanos(usd: float) -> int:
     return round(usd * NANOS_PER_USD)

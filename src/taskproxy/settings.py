@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from taskproxy.errors import ConfigError
+from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 
 DEFAULT_CONFIG_PATH = Path("config/taskproxy.yaml")
 DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
@@ -174,14 +175,14 @@ class TrackersSettings(_Frozen):
 class TeamBudget(_Frozen):
     """A team's budget per calendar month (UTC)."""
 
-    tokens: int | None = Field(default=None, ge=0)
-    usd: float | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0, le=MAX_BUDGET_TOKENS)
+    usd: float | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
 
 
 class BudgetSettings(_Frozen):
     # Defaults for every work item without a budget of its own (set per item through the API).
-    work_item_tokens: int | None = Field(default=None, ge=0)
-    work_item_usd: float | None = Field(default=None, ge=0)
+    work_item_tokens: int | None = Field(default=None, ge=0, le=MAX_BUDGET_TOKENS)
+    work_item_usd: float | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
     teams: dict[str, TeamBudget] = Field(default_factory=dict)
     # How often each process reads the spend counters changed since its last read (spend by other replicas).
     refresh_seconds: float = Field(default=10.0, gt=0)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
 from taskproxy.guard.lookups import Lookups, LookupTimeout
+from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 from taskproxy.storage.models import WorkItem
 from taskproxy.storage.repo import WARM_ROWS_PER_READ
 from taskproxy.workitems import RESOLVED
@@ -75,6 +76,11 @@ class ItemCache:
         2.9 MiB instead of 5.0 (measured on the seed)."""
         if budget_tokens is None and budget_usd is None:
             return self._without_budget.get(status) or self._without_budget.setdefault(status, KnownItem(sys.intern(status)))
+        # A budget stored before the API refused ones this large (money.py) counts as the largest.
+        if budget_tokens is not None and budget_tokens > MAX_BUDGET_TOKENS:
+            budget_tokens = MAX_BUDGET_TOKENS
+        if budget_usd is not None and not budget_usd <= MAX_BUDGET_USD:  # NaN too
+            budget_usd = MAX_BUDGET_USD
         return KnownItem(sys.intern(status), budget_tokens, budget_usd)
 
     def _known_row(self, row: Row) -> KnownItem:

@@ -207,6 +207,9 @@ class BudgetShares:
             log.warning("could not lease from the budget of %s (%s): checked against this process's count meanwhile", share.scope,
                         exc.__class__.__name__)  # fmt: skip
             share.alone_until = time.monotonic() + ALONE_SECONDS
+        except Exception:  # a bug: the same fallback, or every request on the budget would ask again at once, in a loop
+            log.exception("leasing from the budget of %s failed: checked against this process's count meanwhile", share.scope)
+            share.alone_until = time.monotonic() + ALONE_SECONDS
         else:
             share.alone_until = 0.0  # it was slow, not gone: back on slices (what was spent meanwhile is counted: use())
             with self._lock:
