@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BOTH_DATABASES, Proxy, wait_until
+from conftest import ADMIN_KEY, BOTH_DATABASES, Proxy, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -140,6 +140,30 @@ async def test_one_error_shape_per_route_family(proxy: Proxy) -> None:
     anthropic_shaped = await proxy.http.post("/v1/messages/unknown", json={})
     body = anthropic_shaped.json()
     assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
+    assert openai_shaped[3].headers["allow"] == "POST"  # a 405 says which methods the route takes (RFC 9110)
+    assert (await proxy.http.put("/v1/messages", json={})).headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"since": "999999d"},  # before year 1: past what a date holds
+        {"since": "99999999999w"},  # past what a duration holds
+        {"until": "999999d"},
+        {"until": "0001-01-01T00:00:00Z"},  # 30 days before it, the default `since`, is before year 1
+        {"since": "9999-12-31T23:59:59Z"},  # rounded up to the next hour or day: year 10000
+    ],
+)
+async def test_times_at_the_calendars_ends_are_400_not_500(proxy: Proxy, params: dict[str, str]) -> None:
+    for path in ("/api/usage", "/api/reports/tasks", "/api/reports/adoption", "/api/reports/adoption.csv", "/api/reports/signals", "/api/audit"):
+        answer = await proxy.http.get(path, params=params, headers=proxy.admin_headers)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["code"] == "invalid_request" and error["param"] in params, (path, answer.text)
+        assert "from 1970 to 9998" in error["message"], error
+    signed_in = await proxy.http.post("/dashboard/login", data={"key": ADMIN_KEY}, headers={"origin": "http://proxy.test"})
+    assert signed_in.status_code == 303, signed_in.text
+    page = await proxy.http.get("/dashboard", params=params)
+    assert page.status_code == 400 and "from 1970 to 9998" in page.text
 
 
 async def test_health_and_readiness(proxy: Proxy) -> None:

@@ -112,7 +112,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        error: ApiError = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+        allow = (exc.headers or {}).get("Allow", "")
+        error: ApiError = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; {allow or 'no method'} is.", allow=allow)
     elif exc.status_code == 404:
         error = NotFound(f"There is no route {request.url.path[:200]!r}. The proxy serves /v1/* (OpenAI and Anthropic APIs) and the admin API under /api/.")
     else:

@@ -300,7 +300,8 @@ def _time_argument(value: str) -> Any:
     try:
         return parse_time(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a time (2026-11-01, 2026-11-01T09:00:00Z) or a period (30m, 12h, 7d, 2w)") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time (2026-11-01, 2026-11-01T09:00:00Z) or a period (30m, 12h, 7d, 2w) "
+                                         "from 1970 to 9998") from None  # fmt: skip
 
 
 def _lock_wait(value: str) -> float:

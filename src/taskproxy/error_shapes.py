@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
-from taskproxy.errors import ApiError, RateLimited
+from taskproxy.errors import ApiError, MethodNotAllowed, RateLimited
 
 
 class ApiFormat(Enum):
@@ -32,6 +32,8 @@ def error_response(error: ApiError, api: ApiFormat = ApiFormat.OPENAI) -> Respon
     headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
     if isinstance(error, RateLimited):
         headers = {"retry-after": str(error.retry_after)}
+    elif isinstance(error, MethodNotAllowed):
+        headers = {"allow": error.allow}
     return Response(orjson.dumps(error_body(error, api)), status_code=error.status, media_type="application/json", headers=headers)
 
 

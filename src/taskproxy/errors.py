@@ -116,6 +116,10 @@ class NotFound(ApiError):
 class MethodNotAllowed(ApiError):
     default_status, code = 405, "method_not_allowed"
 
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow  # the methods the route takes, for the `Allow` header a 405 must carry (RFC 9110)
+
 
 class WorkItemRequired(ApiError):
     default_status, code = 400, "work_item_required"

@@ -25,12 +25,26 @@ def parse_iso(value: str) -> datetime:
     return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
 
 
+# The times a query may name. Reports round their periods out to whole hours and days and count back
+# 30 days from `until`: a time at the calendar's very ends would overflow there (a 500), not be refused.
+EARLIEST = datetime(1970, 1, 1)
+LATEST = datetime(9999, 1, 1)  # excluded
+
+
 def parse_time(value: str, *, now: datetime | None = None) -> datetime:
-    """`2026-11-01`, `2026-11-01T10:00:00Z`, `...+02:00`, or a period back from now: `30m`, `12h`, `7d`, `2w`."""
+    """`2026-11-01`, `2026-11-01T10:00:00Z`, `...+02:00`, or a period back from now: `30m`, `12h`, `7d`,
+    `2w`; from `EARLIEST` to before `LATEST`. ValueError otherwise."""
     value = value.strip()
-    if match := _PERIOD.match(value):
-        return (now or utcnow()) - timedelta(**{_UNITS[match[2]]: int(match[1])})
-    return parse_iso(value)
+    try:
+        if match := _PERIOD.match(value):
+            parsed = (now or utcnow()) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        else:
+            parsed = parse_iso(value)
+    except OverflowError:  # a period reaching before year 1, or larger than a timedelta holds
+        raise ValueError(f"{value!r} reaches outside the calendar") from None
+    if not EARLIEST <= parsed < LATEST:
+        raise ValueError(f"{value!r} is not from {EARLIEST.year} to {LATEST.year - 1}")
+    return parsed
 
 
 def rounded_hours(value: float | None) -> float | None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from taskproxy.money import format_usd
-from taskproxy.timeutil import iso, parse_time
+from taskproxy.timeutil import iso, parse_iso
 
 NONE = "—"  # shown for a figure that has no value (nothing completed, no known price)
 
@@ -48,7 +48,7 @@ def _as_datetime(value: datetime | str | None) -> datetime | None:
         return None
     if isinstance(value, datetime):
         return value
-    return parse_time(value)
+    return parse_iso(value)  # a report's field, written by `iso`
 
 
 def when(value: datetime | str | None) -> str:

@@ -17,7 +17,7 @@ from taskproxy.error_shapes import ApiFormat
 from taskproxy.errors import ClientGone, InvalidRequest, ServiceUnavailable
 from taskproxy.guard.body import read_body
 from taskproxy.guard.auth import Principal
-from taskproxy.timeutil import parse_time
+from taskproxy.timeutil import EARLIEST, LATEST, parse_time
 from taskproxy.upstream.relay import CLIENT_DISCONNECTED, ClientWatch
 
 MAX_API_BODY = 1024 * 1024
@@ -62,7 +62,8 @@ def time_param(request: Request, name: str) -> Any:
     try:
         return parse_time(value)
     except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 time (2026-11-01T00:00:00Z) or a period such as 7d.", param=name) from None
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 time (2026-11-01T00:00:00Z) or a period such as 7d, "
+                             f"from {EARLIEST.year} to {LATEST.year - 1}.", param=name) from None  # fmt: skip
 
 
 def int_param(request: Request, name: str, default: int, maximum: int) -> int:

@@ -95,7 +95,7 @@ STORED_COMPLETIONS = ("taskproxy does not serve stored chat completions (listing
 
 async def stored_completions(request: Request) -> Response:
     if request.url.path.rstrip("/") == "/v1/chat/completions":
-        raise MethodNotAllowed(f"{request.method} is not allowed on /v1/chat/completions. {STORED_COMPLETIONS}")
+        raise MethodNotAllowed(f"{request.method} is not allowed on /v1/chat/completions. {STORED_COMPLETIONS}", allow="POST")
     raise NotFound(STORED_COMPLETIONS)
 
 
