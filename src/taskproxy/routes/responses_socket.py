@@ -31,7 +31,7 @@ from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from taskproxy.error_shapes import error_response, socket_error
-from taskproxy.errors import ApiError, InvalidRequest, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from taskproxy.errors import ApiError, InternalError, InvalidRequest, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import strip_work_item
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object
@@ -71,6 +71,8 @@ class Conversation:
         previous = body.get("previous_response_id")
         if previous is None or previous != self.response_id:
             return 0
+        if not isinstance(body.get("input"), str | list | None):
+            return 0  # left as sent: admission refuses its `input` as it would on any message
         body["input"] = [*self.items, *_as_items(body.get("input"))]
         del body["previous_response_id"]
         return self.size
@@ -145,6 +147,10 @@ async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, he
         admitted = await flow.admission.admit_message(_for_message(headers, body), raw, body, endpoint)
     except ApiError as exc:
         await _send(websocket, socket_error(exc))
+        return
+    except Exception:  # a bug: this message gets a 500, as an HTTP request would, and the socket stays open
+        log.exception("unexpected error on a Responses WebSocket message")
+        await _send(websocket, socket_error(InternalError("The proxy failed unexpectedly; the error is logged.")))
         return
     strip_work_item(admitted.body)
     if message.get("generate") is False:
