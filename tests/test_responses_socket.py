@@ -107,21 +107,21 @@ def test_a_continuation_with_a_bad_input_is_refused_and_the_socket_goes_on(serve
     client = server.openai(server.new_key(owner="ivo"))
     since = len(upstream.received)
     with client.responses.connect(max_retries=0) as connection:
-        connection.response.create(model="gpt-4o-mini", input="hi", metadata={"work_item": "PROJ-54"})
+        connection.response.create(model="gpt-4o-mini", input="hi", metadata={"work_item": "PROJ-70"})
         first = until_done(connection)[-1]
         refused = []
         for bad in (5, {"role": "user", "content": "hi"}):
             connection.response.create(model="gpt-4o-mini", input=bad, previous_response_id=first.response.id,  # type: ignore[arg-type]
-                                       metadata={"work_item": "PROJ-54"})  # fmt: skip
+                                       metadata={"work_item": "PROJ-70"})  # fmt: skip
             refused.append(connection.recv())
-        connection.response.create(model="gpt-4o-mini", input="and then?", previous_response_id=first.response.id, metadata={"work_item": "PROJ-54"})
+        connection.response.create(model="gpt-4o-mini", input="and then?", previous_response_id=first.response.id, metadata={"work_item": "PROJ-70"})
         answered = until_done(connection)[-1]
     for error in refused:
         assert error.type == "error" and error.status == 400 and error.error.code == "invalid_request" and "input" in error.error.message, error
     assert answered.type == "response.completed"
     sent = sent_to_provider(upstream, since)
     assert len(sent) == 2 and sent[1]["body"]["input"][-1] == {"role": "user", "content": "and then?"}
-    assert len(server.events("PROJ-54", 2)) == 2
+    assert len(server.events("PROJ-70", 2)) == 2
 
 
 def test_a_bad_key_is_refused_at_the_upgrade_with_openais_error(server: ServerProcess) -> None:
