@@ -108,6 +108,14 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"reports": {"size_bands": {"lines": [200, 50]}}}, "reports.size_bands.lines: the bounds must be non-negative and strictly increasing"),
         ({"reports": {"size_bands": {"points": [-1]}}}, "reports.size_bands.points: the bounds must be"),
         ({"reports": {"work_mem_mb": 3_000_000}}, "reports.work_mem_mb: Input should be less than or equal to 2097151"),
+        # Each of these was a traceback (or, the last two, a 500 on requests or deliveries later).
+        ({"trackers": {"github": {"secret_env": ["GH"]}}}, "trackers.github.secret_env: must be the name of an environment variable, not list"),
+        ({"trackers": {"jira": {"token_env": {"a": 1}}}}, "trackers.jira.token_env: must be the name of an environment variable, not dict"),
+        ({"models": [{"name": "a", "base_url": "http://x", "api_key_env": 5}]}, "models[0].api_key_env: must be the name of an environment variable"),
+        ({"database_url": "nosuch://x"}, "config error: database_url: taskproxy runs on SQLite"),
+        ({"work_items": {"cache_size": 10**30}}, "work_items.cache_size: Input should be less than or equal to 10000000"),
+        ({"reports": {"rework_days": 1e12}}, "reports.rework_days: Input should be less than or equal to 36500"),
+        ({"budgets": {"work_item_usd": float("inf")}}, "budgets.work_item_usd: Input should be less than or equal to 1000000000"),
     ],
 )  # fmt: skip
 def test_bad_config_fails_with_one_line_naming_the_key(document: dict, message: str) -> None:

@@ -143,12 +143,13 @@ async def test_out_of_order_deliveries_never_move_an_item_back(tracked: Proxy) -
     done = hooks.jira_issue("jira:issue_updated", "PAY-20", category="done")  # resolved 2026-11-06T12:30
     late = hooks.jira_issue("jira:issue_updated", "PAY-20", category="indeterminate")
     late["issue"]["fields"]["updated"] = "2026-11-06T12:00:00.000+0000"  # happened before, arrives after
-    late["issue"]["fields"]["summary"] = "Refund retries (renamed)"
+    late["issue"]["fields"]["summary"] = "Refund retries (old name)"
     for payload in (done, late):
         body = hooks.dumps(payload)
         assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
     item = await tracked.get("/api/work-items/PAY-20")
-    assert (item["status"], item["completed_at"], item["title"]) == ("done", "2026-11-06T12:30:00.000Z", "Refund retries (renamed)")
+    # Neither its status nor its title: the newer event's stand.
+    assert (item["status"], item["completed_at"], item["title"]) == ("done", "2026-11-06T12:30:00.000Z", "Refund retries")
     assert [change["to"] for change in item["history"]] == ["done"]
 
 
@@ -181,6 +182,92 @@ async def test_signed_but_malformed_deliveries_get_400(tracked: Proxy, payload: 
     body = hooks.dumps(payload)
     response = await _post(tracked, "github", body, hooks.github_headers(body, event))
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+
+
+def _pr_with(**changes: object) -> dict:
+    payload = hooks.github_pull_request("opened", 50)
+    payload["pull_request"].update(changes)
+    return payload
+
+
+def _gitlab_action(action: object) -> dict:
+    payload = hooks.gitlab_merge_request("open", 50)
+    payload["object_attributes"]["action"] = action
+    return payload
+
+
+def _jira_status_category(category: object) -> dict:
+    payload = hooks.jira_issue("jira:issue_updated", "PAY-50", category="done")
+    payload["issue"]["fields"]["status"]["statusCategory"] = category
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("tracker", "payload", "event"),
+    [
+        ("github", {**hooks.github_pull_request("opened", 50), "action": ["opened"]}, "pull_request"),  # a list where a string goes
+        ("github", {**hooks.github_issue("opened", 50), "action": {"a": 1}}, "issues"),
+        ("gitlab", _gitlab_action(["open"]), "Merge Request Hook"),
+        ("jira", _jira_status_category("done"), None),  # a string where an object goes
+        ("jira", _jira_status_category(["done"]), None),
+    ],
+)
+async def test_deliveries_with_fields_of_the_wrong_type_get_400_not_500(tracked: Proxy, tracker: str, payload: dict, event: str | None) -> None:
+    body = hooks.dumps(payload)
+    headers = {"github": lambda: hooks.github_headers(body, event), "gitlab": lambda: hooks.gitlab_headers(event),  # type: ignore[arg-type]
+               "jira": lambda: hooks.jira_headers(body)}[tracker]()  # fmt: skip
+    response = await _post(tracked, tracker, body, headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request", response.text
+    assert (await tracked.http.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1969-12-31T23:59:59Z"])
+async def test_tracker_times_outside_the_calendar_are_ignored_not_a_500(tracked: Proxy, when: str) -> None:
+    """A time that is before year 1 or after 9999 in UTC (or before 1970) is no time: the delivery
+    applies, with the time it was received."""
+    await _deliver_github(tracked, _pr_with(created_at=when, updated_at=when))
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2350")
+    assert item["status"] == "open" and item["created_at"] >= "2026"
+
+
+@BOTH_DATABASES
+async def test_a_long_delivery_id_and_control_characters_in_a_title_are_stored(tracked: Proxy) -> None:
+    """PostgreSQL refuses NUL in text and a delivery id over its column: both were a 500 on every retry."""
+    payload = _pr_with(title="Fix\x00 the\x07 thing")
+    body = hooks.dumps(payload)
+    response = await _post(tracked, "github", body, hooks.github_headers(body, "pull_request", delivery="d" * 300))
+    assert response.status_code == 200, response.text
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2350"))["title"] == "Fix  the  thing"
+    again = await _post(tracked, "github", body, hooks.github_headers(body, "pull_request", delivery="d" * 300))
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+
+
+async def test_a_revert_links_no_ticket_so_the_reverted_work_is_not_an_outcome(tracked: Proxy) -> None:
+    """GitHub's Revert button names the reverted PR's branch and title, and so its ticket: linked, the
+    revert counted as the ticket's merged PR that held, and the ticket's spend as an outcome."""
+    await _deliver_github(tracked, hooks.github_pull_request("closed", 60, merged=True, branch="feature/PAY-60-x", title="[PAY-60] Add retries"))
+    revert = hooks.github_pull_request("closed", 61, merged=True, branch="revert-60-feature/PAY-60-x", title='Revert "[PAY-60] Add retries"')
+    revert["pull_request"]["body"] = "Reverts Acme/Web-App#60"
+    revert["pull_request"]["merged_at"] = "2026-11-06T10:00:00Z"
+    body = hooks.dumps(revert)
+    answer = await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))
+    assert answer.status_code == 200 and answer.json()["items"][0]["linked"] == [], answer.text
+    assert [link["id"] for link in (await tracked.get("/api/work-items/acme%2Fweb-app%2360"))["linked_from"]] == ["PAY-60"]
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2361"))["linked_from"] == []
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2360"))["rework"]["reason"] == "reverted"
+    merged = hooks.dumps(hooks.gitlab_merge_request("merge", 62, branch="revert-1a2b3c4d", title='Revert "PAY-60 Add retries"'))
+    answer = await _post(tracked, "gitlab", merged, hooks.gitlab_headers("Merge Request Hook"))
+    assert answer.status_code == 200 and answer.json()["items"][0]["linked"] == [], answer.text
+
+
+async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:
+    newer = _pr_with(updated_at="2026-11-05T10:00:00Z", additions=500)
+    older = _pr_with(updated_at="2026-11-02T10:00:00Z", additions=5)
+    for payload in (newer, older):
+        await _deliver_github(tracked, payload)
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2350")
+    assert item["size"]["lines_added"] == 500, item["size"]
+    assert [entry["lines_added"] for entry in item["size_history"]] == [5, 500], item["size_history"]
 
 
 async def _deliver_github(proxy: Proxy, payload: dict, event: str = "pull_request") -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -129,6 +130,8 @@ def _apply(
             log.info("kept the status of %s against a %s event of %s (%s)", item_id, source, at, why)
         else:
             values["tracker"], values["tracker_event_at"] = source, at
+        if stale:  # nor its title, link or team
+            values = {k: v for k, v in values.items() if k not in fields}
     if merged and current.merged_at is None:
         values["merged_at"] = at
     if status != current.status and not stale and not final:
@@ -150,12 +153,16 @@ def record_size(engine: Engine, item_id: str, size: Size, *, source: str, at: da
 
 
 def _record_size(connection: Connection, item_id: str, size: Size, source: str, at: datetime, delivery_id: str | None) -> None:
-    """The item's size as the tracker now says (fields it did not send are kept); a change is kept as history."""
+    """The item's size as the tracker says at `at` (fields it did not send are kept); a change is kept as
+    history, and the item holds the latest: a report older than the last one recorded only joins the history."""
     current = connection.execute(select(*(_ITEMS.c[name] for name in _SIZE_FIELDS)).where(_ITEMS.c.id == item_id)).first()
     reported = {name: getattr(size, name) for name in _SIZE_FIELDS if getattr(size, name) is not None}
     if current is None or all(getattr(current, name) == value for name, value in reported.items()):
         return
-    connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**reported))
+    sizes = WorkItemSize.__table__.c
+    latest = connection.execute(select(func.max(sizes.ts)).where(sizes.work_item == item_id)).scalar()
+    if latest is None or at >= latest:
+        connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**reported))
     connection.execute(WorkItemSize.__table__.insert().values(id=uuid.uuid4().hex, work_item=item_id, ts=at, source=source,
                                                               delivery_id=delivery_id, **reported))  # fmt: skip
 
@@ -200,13 +207,15 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
     marks the pull request it undoes as rework, when that was merged within `rework_days`."""
     applied: list[dict[str, Any]] = []
     skipped: list[str] = []
+    if delivery.delivery_id is not None:  # kept with every row it writes, each column 200 characters
+        delivery = replace(delivery, delivery_id=delivery.delivery_id[:200])
     try:
         with engine.begin() as connection:
             if delivery.delivery_id:
                 # Inserted first, in the same transaction: a concurrent redelivery fails here and changes nothing.
                 connection.execute(
                     WebhookDelivery.__table__.insert().values(
-                        tracker=delivery.tracker, delivery_id=delivery.delivery_id[:200], received_at=now, event=delivery.event[:64],
+                        tracker=delivery.tracker, delivery_id=delivery.delivery_id, received_at=now, event=delivery.event[:64],
                         outcome="applied" if delivery.updates else "ignored",
                     )
                 )  # fmt: skip

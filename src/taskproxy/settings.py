@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from taskproxy.errors import ConfigError
 from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 
+# Held in memory, each entry a few hundred bytes: ten million is already gigabytes per process.
+MAX_CACHE_SIZE = 10_000_000
+
 DEFAULT_CONFIG_PATH = Path("config/taskproxy.yaml")
 DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
 
@@ -91,7 +94,7 @@ class WorkItemSettings(_Frozen):
     # How often each process reads the change feed for items changed by other processes (statuses, budgets).
     refresh_seconds: float = Field(default=5.0, gt=0)
     # Work items each process holds in memory (the most recently used); others are looked up by id.
-    cache_size: int = Field(default=20_000, gt=0)
+    cache_size: int = Field(default=20_000, gt=0, le=MAX_CACHE_SIZE)
 
     @field_validator("patterns", "branch_patterns")
     @classmethod
@@ -141,7 +144,7 @@ class AuthSettings(_Frozen):
     # How often each process reads the change feed for keys revoked or bound by other processes.
     key_refresh_seconds: float = Field(default=5.0, gt=0)
     # Keys each process holds in memory (the most recently used); others are looked up by their hash.
-    key_cache_size: int = Field(default=20_000, gt=0)
+    key_cache_size: int = Field(default=20_000, gt=0, le=MAX_CACHE_SIZE)
 
 
 class TrackerSettings(_Frozen):
@@ -212,7 +215,7 @@ class ReportSettings(_Frozen):
     # An item still open this many days after it was created counts as spend without outcome.
     stale_after_days: float = Field(default=14.0, gt=0)
     # A merged PR reverted within this many days of its merge is rework (marked on the item).
-    rework_days: float = Field(default=14.0, gt=0)
+    rework_days: float = Field(default=14.0, gt=0, le=36_500)  # a century: a longer one is a date past the calendar
     # Bands of the adoption report's cost per completed item by size.
     size_bands: SizeBands = Field(default_factory=SizeBands)
     # Every this many minutes the serving processes compute the adoption report, the signals and the
@@ -290,6 +293,14 @@ class ServerSettings(_Frozen):
 
 class Settings(_Frozen):
     database_url: str = "sqlite:///taskproxy.db"
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("taskproxy runs on SQLite (sqlite:///path.db) or PostgreSQL (postgresql://user@host:5432/name)")
+        return value
+
     admin_key: SecretStr | None = Field(default=None, exclude=True)
     models: tuple[ModelSettings, ...] = ()
     work_items: WorkItemSettings = WorkItemSettings()
@@ -340,14 +351,21 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
+def _env_name(where: str, value: Any) -> str:
+    """The name of an environment variable a setting points to (it is read before the settings are checked)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"config error: {where}: must be the name of an environment variable, not {type(value).__name__}")
+    return value
+
+
 def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
     if not isinstance(conf, dict):
         return conf
-    if conf.get("token_env") and env.get(conf["token_env"]):  # only `items sync` needs it: it says so when it is missing
+    if conf.get("token_env") and env.get(_env_name(f"{where}.token_env", conf["token_env"])):  # only `items sync` needs it: it says so when it is missing
         conf = {**conf, "token": env[conf["token_env"]]}
     if not conf.get("secret_env"):
         return conf
-    name = conf["secret_env"]
+    name = _env_name(f"{where}.secret_env", conf["secret_env"])
     if not env.get(name):
         raise ConfigError(f"config error: {where}.secret_env: environment variable {name} is not set")
     return {**conf, "secret": env[name]}
@@ -380,7 +398,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
     resolved = []
     for index, model in enumerate(models):
         if isinstance(model, dict) and model.get("api_key_env"):
-            name = model["api_key_env"]
+            name = _env_name(f"models[{index}].api_key_env", model["api_key_env"])
             if not env.get(name):
                 raise ConfigError(f"config error: models[{index}].api_key_env: environment variable {name} is not set")
             model = {**model, "api_key": env[name]}

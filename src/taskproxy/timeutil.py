@@ -22,7 +22,10 @@ def iso(value: datetime | None) -> str | None:
 def parse_iso(value: str) -> datetime:
     """An ISO 8601 date or time with any offset (`Z`, `+02:00`, Jira's `+0000`), as naive UTC; ValueError otherwise."""
     parsed = datetime.fromisoformat(value.strip())
-    return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
+    try:
+        return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else parsed
+    except OverflowError:  # 0001-01-01T00:00:00+01:00: in UTC, before year 1
+        raise ValueError(f"{value!r} is outside the calendar in UTC") from None
 
 
 # The times a query may name. Reports round their periods out to whole hours and days and count back

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from taskproxy.errors import ApiError, NotFound
+from taskproxy.errors import ApiError, InvalidRequest, NotFound
 from taskproxy.guard.body import read_body
 from taskproxy.routes.common import JSON, in_thread, parse_json_object
 from taskproxy.timeutil import utcnow
@@ -34,7 +34,11 @@ async def receive(request: Request) -> Response:
     now = utcnow()
     try:
         tracker.verify(request.headers, raw)
-        delivery = tracker.parse(request.headers, parse_json_object(raw, "The delivery"), now)
+        payload = parse_json_object(raw, "The delivery")
+        try:
+            delivery = tracker.parse(request.headers, payload, now)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a field of a type the tracker never sends
+            raise InvalidRequest(f"The delivery is not shaped as {name} sends it ({exc.__class__.__name__}: {str(exc)[:200]}).") from None
     except ApiError as exc:
         client = request.client.host if request.client else "?"
         log.warning("refused a %s delivery from %s: %s %s", name, client, exc.code, exc.message)

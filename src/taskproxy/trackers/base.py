@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 
-from taskproxy.timeutil import parse_iso
+from taskproxy.timeutil import EARLIEST, LATEST, parse_iso
 from taskproxy.errors import InvalidRequest, InvalidSignature
 from taskproxy.workitems import WorkItemIds
 
@@ -80,20 +80,22 @@ def check_hmac_sha256(secret: str, raw: bytes, presented: str | None, *, prefix:
 
 
 def tracker_time(value: Any) -> datetime | None:
-    """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC; None if it is neither."""
+    """A tracker's timestamp (ISO 8601 with any offset, or epoch milliseconds) as naive UTC; None if it is
+    neither, or not from 1970 to 9998 (`timeutil.EARLIEST`, `LATEST`: the reports' arithmetic on it must not overflow)."""
+    found: datetime | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
-            return datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
+            found = datetime.fromtimestamp(value / 1000, UTC).replace(tzinfo=None)
         except (OverflowError, ValueError, OSError):
             return None
-    if not isinstance(value, str) or not value:
-        return None
-    if value.endswith(" UTC"):  # GitLab's hooks: "2013-12-03 17:23:34 UTC"
-        value = value[:-4] + "+00:00"
-    try:
-        return parse_iso(value)
-    except ValueError:
-        return None
+    elif isinstance(value, str) and value:
+        if value.endswith(" UTC"):  # GitLab's hooks: "2013-12-03 17:23:34 UTC"
+            value = value[:-4] + "+00:00"
+        try:
+            found = parse_iso(value)
+        except ValueError:
+            return None
+    return found if found is not None and EARLIEST <= found < LATEST else None
 
 
 _SEPARATORS = str.maketrans({c: "/" for c in " :[](){},;"})  # "[PAY-7] Fix refunds" → "/PAY-7//Fix/refunds"
@@ -109,6 +111,11 @@ def ticket_in(ids: WorkItemIds, value: Any) -> str | None:
         return None
 
 
+def is_revert_title(title: Any) -> bool:
+    """The title GitHub's and GitLab's revert buttons give: `Revert "<the reverted title>"`."""
+    return isinstance(title, str) and title.startswith('Revert "')
+
+
 def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (dict, str, int)) -> Any:
     """payload[path[0]][path[1]]... of the given JSON type, or InvalidRequest naming what is missing."""
     value: Any = payload
@@ -122,5 +129,11 @@ def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (d
     return value
 
 
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F], " ")  # the API refuses these in titles (bodies.PRINTABLE); PostgreSQL refuses NUL
+
+
 def text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A tracker's title or URL: a non-empty string, its control characters made spaces; else None."""
+    if not isinstance(value, str):
+        return None
+    return value.translate(_CONTROL).strip() or None

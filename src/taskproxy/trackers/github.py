@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, is_revert_title, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
@@ -66,15 +66,16 @@ class GitHub:
             status, at = "open", tracker_time(pr.get("updated_at"))
         links: tuple[str, ...] = ()
         branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
-        if status == "done":
+        repo = need(payload, "repository", "full_name", kind=str)
+        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if status == "done" else None
+        if status == "done" and reverts is None and not is_revert_title(pr.get("title")):
+            # A revert names the ticket of what it undoes: linked, it would count as that ticket's merged PR.
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
         size = Size(count(pr.get("additions")), count(pr.get("deletions")), count(pr.get("changed_files")))
-        repo = need(payload, "repository", "full_name", kind=str)
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
-            merged=status == "done", size=size if size != Size() else None,
-            reverts=reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if status == "done" else None,
+            merged=status == "done", size=size if size != Size() else None, reverts=reverts,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

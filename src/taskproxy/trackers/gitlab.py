@@ -17,7 +17,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.errors import InvalidSignature
-from taskproxy.trackers.base import Delivery, ItemUpdate, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, is_revert_title, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"open", "reopen"}
@@ -62,7 +62,7 @@ class GitLab:
         else:
             status, at = "open", tracker_time(request.get("updated_at"))
         links: tuple[str, ...] = ()
-        if status == "done":
+        if status == "done" and not is_revert_title(request.get("title")):  # a revert links no ticket (github.py)
             found = (ticket_in(self._ids, request.get("source_branch")), ticket_in(self._ids, request.get("title")))
             links = tuple(dict.fromkeys(ticket for ticket in found if ticket))
         return ItemUpdate(
