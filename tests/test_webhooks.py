@@ -260,6 +260,23 @@ async def test_a_revert_links_no_ticket_so_the_reverted_work_is_not_an_outcome(t
     assert answer.status_code == 200 and answer.json()["items"][0]["linked"] == [], answer.text
 
 
+@BOTH_DATABASES
+async def test_a_revert_delivered_before_the_merge_it_undoes_marks_it_when_the_merge_arrives(tracked: Proxy) -> None:
+    """Deliveries come late and out of order (GitHub redelivers a failed one with its first times): a
+    revert that arrives before its merge is rework once the merge arrives, as in the other order."""
+    for number, revert_of, merged_at in ((71, 70, "2026-11-08T10:00:00Z"), (73, 72, "2026-12-01T10:00:00Z")):  # 3 and 26 days after
+        revert = hooks.github_pull_request("closed", number, merged=True, branch=f"revert-{revert_of}-feature/x", title='Revert "Add retries"')
+        revert["pull_request"].update(body=f"Reverts Acme/Web-App#{revert_of}", merged_at=merged_at, closed_at=merged_at)
+        await _deliver_github(tracked, revert)
+    for number in (70, 72):  # merged 2026-11-05T10:00 (the payload's)
+        await _deliver_github(tracked, hooks.github_pull_request("closed", number, merged=True))
+    reverted = await tracked.get("/api/work-items/acme%2Fweb-app%2370")
+    assert reverted["status"] == "done" and reverted["rework"] == {"at": "2026-11-08T10:00:00.000Z", "reason": "reverted", "by": "acme/web-app#71"}
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2372"))["rework"] is None  # outside reports.rework_days (14)
+    report = await tracked.get("/api/reports/adoption", since="2026-11-01T00:00:00Z", until="2026-11-15T00:00:00Z")
+    assert report["overall"]["rework"]["by_reason"]["reverted"] == 1, report["overall"]["rework"]
+
+
 async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:
     newer = _pr_with(updated_at="2026-11-05T10:00:00Z", additions=500)
     older = _pr_with(updated_at="2026-11-02T10:00:00Z", additions=5)

@@ -32,7 +32,7 @@ from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, 
 from taskproxy.trackers.base import Delivery, Size
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
-from taskproxy.workitems import ITEM_SOURCES, RESOLVED, WorkItemIds
+from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, REVERTED_BY, WorkItemIds
 
 TRACKERS = ("jira", "github", "gitlab", "linear")
 _ITEMS = WorkItem.__table__
@@ -168,11 +168,30 @@ def _record_size(connection: Connection, item_id: str, size: Size, source: str, 
 
 
 def _mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by: str, at: datetime, rework_days: float) -> None:
-    """A merged revert: the pull request it undoes is rework, if it was merged within `rework_days` before."""
+    """A merged revert: the pull request it undoes is rework, if it was merged within `rework_days` before.
+    A revert that arrives before the merge it undoes (deliveries come late and out of order) is kept as
+    a `reverted_by` link, and applied when the merge arrives (`_revert_waiting`)."""
     try:
         target = ids.normalize(raw_target)
     except WorkItemInvalid:
         return
+    row = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == target)).first()
+    if row is None or row.status != "done":
+        _link(connection, target, by, REVERTED_BY, at)
+        return
+    _rework_if_recent(connection, target, by, at, rework_days)
+
+
+def _revert_waiting(connection: Connection, item_id: str, rework_days: float) -> None:
+    """A pull request just merged: a revert of it that arrived before is applied now."""
+    links = WorkItemLink.__table__.c
+    waiting = connection.execute(select(links.linked, links.ts).where(links.work_item == item_id, links.kind == REVERTED_BY)
+                                 .order_by(links.ts).limit(1)).first()  # fmt: skip
+    if waiting is not None:
+        _rework_if_recent(connection, item_id, waiting.linked, waiting.ts, rework_days)
+
+
+def _rework_if_recent(connection: Connection, target: str, by: str, at: datetime, rework_days: float) -> None:
     row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at, _ITEMS.c.completed_at, _ITEMS.c.reworked_at)
                              .where(_ITEMS.c.id == target)).first()  # fmt: skip
     done_at = row and (row.merged_at or row.completed_at)
@@ -233,11 +252,13 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
                        delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
                 for ticket in told.links:
-                    _link(connection, ticket, item_id, "merged_pr", at)
+                    _link(connection, ticket, item_id, MERGED_PR, at)
                 if told.size is not None:
                     _record_size(connection, item_id, told.size, delivery.tracker, at, delivery.delivery_id)
                 if told.reverts is not None and told.merged:
                     _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
+                if told.merged:
+                    _revert_waiting(connection, item_id, rework_days)
                 applied.append({"id": item_id, "status": status, "linked": list(told.links)})
     except IntegrityError:
         if delivery.delivery_id and _seen(engine, delivery):
@@ -255,7 +276,7 @@ def _seen(engine: Engine, delivery: Delivery) -> bool:
     return row is not None
 
 
-def link(engine: Engine, ticket: str, linked: str, *, kind: str = "merged_pr", at: datetime | None = None) -> None:
+def link(engine: Engine, ticket: str, linked: str, *, kind: str = MERGED_PR, at: datetime | None = None) -> None:
     """Record that `linked` (a merged PR) came out of the work on `ticket`; recording it twice is harmless."""
     with engine.begin() as connection:
         _link(connection, ticket, linked, kind, at or utcnow())

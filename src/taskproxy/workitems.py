@@ -23,6 +23,10 @@ MAX_ID_LENGTH = 200
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
 RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
+# How a work item is linked to another (`work_item_links.kind`): a ticket to the pull request merged for
+# it (its spend led to finished work), and a pull request to the merged revert of it that arrived first.
+MERGED_PR = "merged_pr"
+REVERTED_BY = "reverted_by"
 COMPLETED = "done"  # the status of completed work: what every report counts as an outcome
 ITEM_SOURCES = ("jira", "github", "gitlab", "linear", "manual")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

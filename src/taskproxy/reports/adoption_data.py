@@ -24,7 +24,7 @@ from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import RESOLVED, changed_lines, completed_in
+from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
 _E = UsageEvent.__table__.c
@@ -218,7 +218,8 @@ def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, lis
     """The links of the items: {item: [the items it links to]}."""
     targets: dict[str, list[str]] = defaultdict(list)
     for chunk in idsets.batches(connection, items):
-        for ticket, linked in rows(connection.execute(select(_L.work_item, _L.linked).where(idsets.among(connection, _L.work_item, chunk)))):
+        query = select(_L.work_item, _L.linked).where(idsets.among(connection, _L.work_item, chunk), _L.kind == MERGED_PR)
+        for ticket, linked in rows(connection.execute(query)):
             targets[ticket].append(linked)
     return targets
 

@@ -143,7 +143,7 @@ WorkItemLink = Rows(Table(
     "work_item_links", metadata,
     _text("work_item", 200, primary_key=True),  # the ticket, e.g. PROJ-123
     _text("linked", 200, primary_key=True),  # the PR, e.g. acme/web#12
-    _text("kind", 16),  # merged_pr
+    _text("kind", 16),  # merged_pr; reverted_by (the PR, its revert: a revert that arrived before the merge)
     _time("ts"),
 ))  # fmt: skip
 
