@@ -277,6 +277,20 @@ async def test_a_revert_delivered_before_the_merge_it_undoes_marks_it_when_the_m
     assert report["overall"]["rework"]["by_reason"]["reverted"] == 1, report["overall"]["rework"]
 
 
+async def test_a_completion_before_the_creation_gives_no_negative_cycle_time(tracked: Proxy) -> None:
+    merged = hooks.github_pull_request("closed", 80, merged=True)  # merged 2026-11-05T10:00
+    merged["pull_request"]["created_at"] = "2026-11-06T10:00:00Z"  # a day after
+    await _deliver_github(tracked, merged)
+    in_1970 = hooks.github_pull_request("closed", 81, merged=True)  # created 2026-11-02T09:00, merged "in 1970"
+    in_1970["pull_request"]["merged_at"] = "1970-01-02T00:00:00Z"
+    await _deliver_github(tracked, in_1970)
+    for number in (80, 81):
+        item = await tracked.get(f"/api/work-items/acme%2Fweb-app%23{number}")
+        assert item["status"] == "done" and item["cycle_time_hours"] == 0, item
+    report = await tracked.get("/api/reports/adoption", since="1970-01-01T00:00:00Z", until="2026-11-15T00:00:00Z")
+    assert report["overall"]["completed_items"] == 2
+
+
 async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:
     newer = _pr_with(updated_at="2026-11-05T10:00:00Z", additions=500)
     older = _pr_with(updated_at="2026-11-02T10:00:00Z", additions=5)

@@ -106,7 +106,10 @@ def _apply(
     tracker_source = source if source in ITEM_SOURCES else "manual"
     by_tracker = source in TRACKERS
     row = {"source": tracker_source, **fields}  # fields may name the item's source (POST /api/work-items)
-    values_new = {"id": item_id, "status": status, "created_at": created_at or at, "completed_at": at if status in RESOLVED else None,
+    # Nothing is completed before it was created: a tracker saying so (hostile or broken data) would give
+    # negative cycle times. The earliest time known is then the item's creation.
+    created = min(created_at, at) if created_at is not None else at
+    values_new = {"id": item_id, "status": status, "created_at": created, "completed_at": at if status in RESOLVED else None,
                   "updated_at": at, "tracker": source if by_tracker else None, "tracker_event_at": at if by_tracker else None,
                   "merged_at": at if merged else None, **row}  # fmt: skip
     created = connection.execute(insert_ignoring_duplicates(connection.dialect.name, _ITEMS).values(**values_new).returning(_ITEMS.c.id)).first()
@@ -140,6 +143,8 @@ def _apply(
         if current.status == "done" and status not in RESOLVED and current.reworked_at is None:  # reopened after done: rework
             values.update(reworked_at=at, rework_reason="reopened", rework_by=(delivery_id or source)[:200])
         _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
+    if values.get("completed_at") is not None and values["completed_at"] < values.get("created_at", current.created_at):
+        values["created_at"] = values["completed_at"]
     connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
 
 
