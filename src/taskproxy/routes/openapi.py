@@ -20,7 +20,7 @@ from taskproxy.routes.common import JSON
 
 _STRING, _INT, _NUMBER = {"type": "string"}, {"type": "integer"}, {"type": "number"}
 _NULLABLE_STRING = {"type": ["string", "null"]}
-_TIME = {"type": "string", "description": "ISO 8601 (2026-11-01T00:00:00Z) or a period back from now (30m, 12h, 7d, 2w)"}
+_TIME = {"type": "string", "description": "ISO 8601 (2026-11-01T00:00:00Z) or a period back from now (30m, 12h, 7d, 2w), from 1970 to 9998"}
 _ITEM_ID = {"type": "string", "maxLength": 200, "description": "PROJ-123, owner/repo#12 or a tracker URL; URL-encoded in paths"}
 _ERROR = {
     "type": "object",
