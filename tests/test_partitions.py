@@ -104,6 +104,21 @@ def test_the_migration_partitions_recorded_events_and_retention_keeps_the_report
     engine.dispose()
 
 
+def test_maintenance_in_another_schema_of_the_database_does_not_skip_this_ones(postgres_url: str) -> None:
+    """Advisory locks are per database: a deployment (or a test) maintaining its partitions in another
+    schema made this one skip its own, leaving months without a partition and retention undone."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    with engine.connect() as other, other.begin():
+        other.execute(text("SET LOCAL search_path TO public"))
+        assert partitions.try_lock(other)
+        partitions.maintain(engine, datetime(2031, 1, 15), retention_months=None)
+    with engine.connect() as connection:
+        made = set(partitions.months(connection))
+    assert {datetime(2030, 12, 1), datetime(2031, 1, 1), datetime(2031, 3, 1)} <= made, sorted(made)
+    engine.dispose()
+
+
 def test_sqlite_keeps_one_table(tmp_path: object) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/one.db")
     upgrade_schema(engine)

@@ -21,7 +21,15 @@ from sqlalchemy.exc import DBAPIError
 log = logging.getLogger("taskproxy.storage")
 PARENT = "usage_events"
 _NAME = re.compile(rf"^{PARENT}_p(\d{{4}})(\d{{2}})$")
-_LOCK = 0x7461736B70617274  # "taskpart": one process at a time maintains the partitions
+# One process at a time maintains a schema's partitions. Advisory locks are per database, so the lock is
+# the schema's: deployments in two schemas of one database (or tests side by side) must not skip each
+# other's maintenance, which left a month without its partition and retention undone.
+_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('taskproxy-partitions:' || current_schema()))")
+
+
+def try_lock(connection: Connection) -> bool:
+    """Take the maintenance lock of the connection's schema for its transaction, if no one holds it."""
+    return bool(connection.execute(_LOCK).scalar())
 
 
 def month_start(at: datetime, add: int = 0) -> datetime:
@@ -65,7 +73,7 @@ def maintain(engine: Engine, now: datetime, retention_months: int | None) -> lis
     with engine.begin() as connection:
         if not is_partitioned(connection):
             return []
-        if not connection.execute(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": _LOCK}).scalar():
+        if not try_lock(connection):
             return []  # another process is at it
         for ahead in range(-1, 3):
             try:
