@@ -6,7 +6,9 @@ return to their baseline afterwards. Every wait is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import resource
 import socket
 import statistics
@@ -230,6 +232,26 @@ def test_connections_cut_before_the_app_answers_get_the_routes_error_shape(tmp_p
         assert first_head.startswith(b"HTTP/1.1 200 "), data[:300]
         assert orjson.loads(rest[:length])["choices"][0]["message"]["content"]
         assert rest[length:].startswith(b"HTTP/1.1 408 ") and b"server.header_timeout_seconds" in rest[length:], rest[length:]
+
+        # The next request's headers whole and its body on its way while the answer before it streams:
+        # its body's deadline starts when it is started, once that answer is out. It was armed at once,
+        # and after 1 s cut the stream with a 408 in its middle.
+        stream = orjson.dumps({"model": "trickle", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        quick = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        pipelined = sent(f"POST /v1/chat/completions HTTP/1.1\r\n{head}Content-Length: {len(stream)}\r\n\r\n".encode() + stream
+                         + f"POST /v1/chat/completions HTTP/1.1\r\n{head}Content-Length: {len(quick)}\r\n\r\n".encode() + quick[:5])  # fmt: skip
+        time.sleep(0.3)
+        pipelined.sendall(quick[5:])
+        pipelined.settimeout(0.2)
+        data = b""
+        until = time.monotonic() + 2.5  # past the body's deadline of 1 s
+        while time.monotonic() < until:
+            with contextlib.suppress(TimeoutError):
+                if not (piece := pipelined.recv(65536)):
+                    break
+                data += piece
+        pipelined.close()
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"200"] and data.count(b"data: ") >= 15, data[-400:]
         assert server.process.poll() is None
 
 

@@ -31,13 +31,11 @@ import asyncio
 import logging
 import resource
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from taskproxy.error_shapes import ApiFormat, api_format_of, error_body
+from taskproxy.error_shapes import ApiFormat, api_format_of, raw_error_response
 from taskproxy.errors import ApiError, InvalidRequest, RequestTimeout, ServiceUnavailable
 
 log = logging.getLogger("taskproxy.connections")
@@ -78,35 +76,41 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits()
         self._deadline: asyncio.TimerHandle | None = None
-        self._waiting_for = "headers"  # or "body": what the armed deadline is for
+        self._awaited: Any = None  # the request cycle whose body the deadline waits for; None: headers
+        # A pipelined request began while the answer before it is still going out (a long stream):
+        # its headers' deadline starts once that answer is out (uvicorn reads on then, not before).
+        self._headers_after_answer = False
 
-    def _arm(self, waiting_for: str) -> None:
+    def _arm_headers(self) -> None:
         self._disarm()
-        self._waiting_for = waiting_for
-        seconds = self.limits.header_timeout if waiting_for == "headers" else self.limits.body_timeout
-        self._deadline = self.loop.call_later(seconds, self._too_slow)
+        self._awaited = None
+        self._deadline = self.loop.call_later(self.limits.header_timeout, self._too_slow)
+
+    def _arm_body(self, cycle: Any) -> None:
+        self._disarm()
+        self._awaited = cycle
+        self._deadline = self.loop.call_later(self.limits.body_timeout, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _too_slow(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self._waiting_for == "headers" and self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request began while the one before it is still being answered (a long
-            # stream, say): uvicorn reads on once that answer ends, so its deadline starts then.
-            self._arm("headers")
-            return
-        if self._waiting_for == "headers":  # no route is known yet
+        cycle = self._awaited
+        if cycle is None:  # the headers: no route is known yet
             self._answer(RequestTimeout(f"The request's headers did not arrive within {self.limits.header_timeout:g} s "
                                         "(server.header_timeout_seconds); the connection is closed."), ApiFormat.OPENAI)  # fmt: skip
-        elif self.cycle is not None and not self.cycle.response_started:
+        elif not cycle.response_started:
             # The router has run on the request's scope (in place): the error speaks its route's shape.
             self._answer(RequestTimeout(f"The request's body did not arrive within {self.limits.body_timeout:g} s "
-                                        "(server.body_timeout_seconds); the connection is closed."), api_format_of(self.cycle.scope))  # fmt: skip
+                                        "(server.body_timeout_seconds); the connection is closed."), api_format_of(cycle.scope))  # fmt: skip
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
@@ -114,22 +118,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._answer(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1"), ApiFormat.OPENAI)
         self.transport.close()
 
-    def _answer(self, error: ApiError, api: ApiFormat, extra_headers: bytes = b"") -> None:
+    def _answer(self, error: ApiError, api: ApiFormat) -> None:
         """Write `error` as a whole response that closes the connection (no app is there to answer it)."""
-        body = orjson.dumps(error_body(error, api))
-        head = [b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode()),
-                *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)]  # fmt: skip
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n" % (len(body), extra_headers))
-        self.transport.write(b"".join(head) + body)
+        self.transport.write(raw_error_response(error, api, self.server_state.default_headers))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             message = f"The server holds its limit of {self.limits.max_connections} open connections (server.max_connections); retry shortly."
-            self._answer(ServiceUnavailable(message), ApiFormat.OPENAI, b"retry-after: 1\r\n")
+            self._answer(ServiceUnavailable(message, retry_after=1), ApiFormat.OPENAI)
             transport.close()
             return
-        self._arm("headers")  # a request's headers, from the connection's first moment
+        self._arm_headers()  # a request's headers, from the connection's first moment
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -138,15 +138,31 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:  # a kept-alive connection starting its next request
-            self._arm("headers")
+            if self._answering():
+                self._headers_after_answer = True
+            else:
+                self._arm_headers()
 
     def on_headers_complete(self) -> None:
-        self._arm("body")  # until its body is complete
-        super().on_headers_complete()
+        self._disarm()
+        self._headers_after_answer = False
+        super().on_headers_complete()  # starts the request (`_start_asgi_task`), or queues it behind the answer going out
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        super()._start_asgi_task(cycle, app)
+        if cycle.more_body:  # its body, from the moment the app can read it
+            self._arm_body(cycle)
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        if self._awaited is self.cycle:
+            self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._headers_after_answer and not self.transport.is_closing():
+            self._headers_after_answer = False
+            self._arm_headers()
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # a WebSocket has its own pings and limits

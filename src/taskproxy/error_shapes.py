@@ -6,6 +6,7 @@ admin API does."""
 from __future__ import annotations
 
 from enum import Enum
+from http import HTTPStatus
 
 import orjson
 from collections.abc import Iterable
@@ -14,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
-from taskproxy.errors import ApiError, MethodNotAllowed, RateLimited
+from taskproxy.errors import ApiError, MethodNotAllowed, RateLimited, ServiceUnavailable
 
 
 class ApiFormat(Enum):
@@ -28,13 +29,29 @@ def error_body(error: ApiError, api: ApiFormat) -> dict:
     return {"error": {"message": error.message, "type": error.openai_type, "param": error.param, "code": error.code}}
 
 
+def error_headers(error: ApiError) -> dict[str, str]:
+    """The headers that go with `error`'s status."""
+    if error.status == 401:
+        return {"www-authenticate": "Bearer"}
+    if isinstance(error, RateLimited | ServiceUnavailable) and error.retry_after is not None:
+        return {"retry-after": str(error.retry_after)}
+    if isinstance(error, MethodNotAllowed):
+        return {"allow": error.allow}
+    return {}
+
+
 def error_response(error: ApiError, api: ApiFormat = ApiFormat.OPENAI) -> Response:
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-    if isinstance(error, RateLimited):
-        headers = {"retry-after": str(error.retry_after)}
-    elif isinstance(error, MethodNotAllowed):
-        headers = {"allow": error.allow}
-    return Response(orjson.dumps(error_body(error, api)), status_code=error.status, media_type="application/json", headers=headers)
+    return Response(orjson.dumps(error_body(error, api)), status_code=error.status, media_type="application/json", headers=error_headers(error))
+
+
+def raw_error_response(error: ApiError, api: ApiFormat, server_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`error` as the bytes of a whole HTTP/1.1 response that closes its connection, for the server to
+    write where no app answers (connections.py): the same body and headers as `error_response`."""
+    body = orjson.dumps(error_body(error, api))
+    lines = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode()), *(name + b": " + value for name, value in server_headers),
+             *(f"{name}: {value}".encode("latin-1") for name, value in error_headers(error).items()),
+             b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]  # fmt: skip
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def error_event(error: ApiError, api: ApiFormat) -> bytes:

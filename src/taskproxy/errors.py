@@ -204,6 +204,10 @@ class ServiceUnavailable(ApiError):
     openai_type = "api_error"
     anthropic_type = "overloaded_error"
 
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, when it is known to pass soon (Retry-After)
+
 
 class ClientGone(ApiError):
     default_status, code = 499, "client_disconnected"
