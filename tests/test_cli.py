@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -101,6 +102,20 @@ def test_demo_serve_keeps_the_proxy_and_dashboard_up_with_the_demos_data() -> No
     # Stopping costs little CPU: at exit the interpreter does not walk everything the demo made (~0.5 s
     # of CPU, 3-10 s on a busy machine). Counted in CPU, not in wall time, so a loaded host cannot fail it.
     assert cpu_after - cpu_before < 0.3, f"{cpu_after - cpu_before:.2f} s of CPU to stop"
+
+
+def test_a_command_leaves_its_sqlite_database_whole_in_its_file(tmp_path: Path) -> None:
+    """The command closes its database connections at exit, so SQLite folds its write-ahead log into the
+    file: copying the .db alone copies the data. (Exiting without the last collection left it all in
+    the -wal file.)"""
+    env = child_env(TASKPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}", TASKPROXY_ADMIN_KEY="tp-" + "x" * 43)
+    for command in (("db", "upgrade"), ("items", "add", "PROJ-1")):
+        result = run_cli_process(*command, env=env)
+        assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "a.db-wal").exists(), sorted(p.name for p in tmp_path.iterdir())
+    connection = sqlite3.connect(tmp_path / "a.db")
+    assert connection.execute("SELECT id FROM work_items").fetchall() == [("PROJ-1",)]
+    connection.close()
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -445,6 +445,9 @@ def run() -> NoReturn:
     which a busy machine stretched to 3-10 s between Ctrl-C and the prompt. What is left goes with the
     process. (Tests call `main`, in their own process, which this must not freeze.)"""
     status = main()
+    # One collection first: what the command left in reference cycles (a database engine and its pool)
+    # is finalized now, so connections close cleanly and SQLite folds its write-ahead log into the file.
+    gc.collect()
     gc.freeze()
     sys.exit(status)
 
