@@ -115,6 +115,7 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"database_url": "nosuch://x"}, "config error: database_url: taskproxy runs on SQLite"),
         ({"work_items": {"cache_size": 10**30}}, "work_items.cache_size: Input should be less than or equal to 10000000"),
         ({"reports": {"rework_days": 1e12}}, "reports.rework_days: Input should be less than or equal to 36500"),
+        ({"reports": {"stale_after_days": 1e6}}, "reports.stale_after_days: Input should be less than or equal to 36500"),
         ({"budgets": {"work_item_usd": float("inf")}}, "budgets.work_item_usd: Input should be less than or equal to 1000000000"),
     ],
 )  # fmt: skip

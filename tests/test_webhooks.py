@@ -272,6 +272,9 @@ async def test_a_revert_delivered_before_the_merge_it_undoes_marks_it_when_the_m
         await _deliver_github(tracked, hooks.github_pull_request("closed", number, merged=True))
     reverted = await tracked.get("/api/work-items/acme%2Fweb-app%2370")
     assert reverted["status"] == "done" and reverted["rework"] == {"at": "2026-11-08T10:00:00.000Z", "reason": "reverted", "by": "acme/web-app#71"}
+    # As in the other order: the revert is no merged PR of the reverted one, nor it one of the revert.
+    assert reverted["linked_from"] == [] and reverted["linked"] == [], reverted
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2371"))["linked_from"] == []
     assert (await tracked.get("/api/work-items/acme%2Fweb-app%2372"))["rework"] is None  # outside reports.rework_days (14)
     report = await tracked.get("/api/reports/adoption", since="2026-11-01T00:00:00Z", until="2026-11-15T00:00:00Z")
     assert report["overall"]["rework"]["by_reason"]["reverted"] == 1, report["overall"]["rework"]
@@ -284,11 +287,17 @@ async def test_a_completion_before_the_creation_gives_no_negative_cycle_time(tra
     in_1970 = hooks.github_pull_request("closed", 81, merged=True)  # created 2026-11-02T09:00, merged "in 1970"
     in_1970["pull_request"]["merged_at"] = "1970-01-02T00:00:00Z"
     await _deliver_github(tracked, in_1970)
-    for number in (80, 81):
+    # Registered now (an admin, or the proxy meeting it in a request), then a merge from November
+    # delivered late, without its creation time.
+    assert (await tracked.http.post("/api/work-items", json={"id": "acme/web-app#82"}, headers=tracked.admin_headers)).status_code == 201
+    late = hooks.github_pull_request("closed", 82, merged=True)
+    del late["pull_request"]["created_at"]
+    await _deliver_github(tracked, late)
+    for number in (80, 81, 82):
         item = await tracked.get(f"/api/work-items/acme%2Fweb-app%23{number}")
         assert item["status"] == "done" and item["cycle_time_hours"] == 0, item
     report = await tracked.get("/api/reports/adoption", since="1970-01-01T00:00:00Z", until="2026-11-15T00:00:00Z")
-    assert report["overall"]["completed_items"] == 2
+    assert report["overall"]["completed_items"] == 3
 
 
 async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:

@@ -295,13 +295,13 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
 
 
 def _time_argument(value: str) -> Any:
-    from taskproxy.timeutil import parse_time
+    from taskproxy.timeutil import EARLIEST, LATEST, parse_time
 
     try:
         return parse_time(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a time (2026-11-01, 2026-11-01T09:00:00Z) or a period (30m, 12h, 7d, 2w) "
-                                         "from 1970 to 9998") from None  # fmt: skip
+                                         f"from {EARLIEST.year} to {LATEST.year - 1}") from None  # fmt: skip
 
 
 def _lock_wait(value: str) -> float:

@@ -22,6 +22,8 @@ from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 
 # Held in memory, each entry a few hundred bytes: ten million is already gigabytes per process.
 MAX_CACHE_SIZE = 10_000_000
+# A span of days the reports count back or forward with: a century; a longer one reaches past the calendar.
+MAX_DAYS = 36_500
 
 DEFAULT_CONFIG_PATH = Path("config/taskproxy.yaml")
 DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
@@ -213,9 +215,9 @@ class SizeBands(_Frozen):
 
 class ReportSettings(_Frozen):
     # An item still open this many days after it was created counts as spend without outcome.
-    stale_after_days: float = Field(default=14.0, gt=0)
+    stale_after_days: float = Field(default=14.0, gt=0, le=MAX_DAYS)
     # A merged PR reverted within this many days of its merge is rework (marked on the item).
-    rework_days: float = Field(default=14.0, gt=0, le=36_500)  # a century: a longer one is a date past the calendar
+    rework_days: float = Field(default=14.0, gt=0, le=MAX_DAYS)
     # Bands of the adoption report's cost per completed item by size.
     size_bands: SizeBands = Field(default_factory=SizeBands)
     # Every this many minutes the serving processes compute the adoption report, the signals and the
@@ -297,7 +299,14 @@ class Settings(_Frozen):
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:
-        if not value.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
+        from sqlalchemy.engine import make_url  # the parser `make_engine` reads it with
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            backend = None
+        if backend not in ("sqlite", "postgresql", "postgres"):
             raise ValueError("taskproxy runs on SQLite (sqlite:///path.db) or PostgreSQL (postgresql://user@host:5432/name)")
         return value
 

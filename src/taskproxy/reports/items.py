@@ -13,6 +13,7 @@ from taskproxy.reports.usage import work_item_summary
 from taskproxy.storage import rollup
 from taskproxy.storage.models import WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 from taskproxy.timeutil import iso, rounded_hours
+from taskproxy.workitems import MERGED_PR
 
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
@@ -51,11 +52,11 @@ def item_detail(engine: Engine, item_id: str) -> dict[str, Any]:
         ).all()
         status = select(_W.status).where(_W.id == _L.linked).scalar_subquery()
         linked = connection.execute(
-            select(_L.linked, _L.kind, _L.ts, status).where(_L.work_item == item_id).order_by(_L.linked)
+            select(_L.linked, _L.kind, _L.ts, status).where(_L.work_item == item_id, _L.kind == MERGED_PR).order_by(_L.linked)
         ).all()
         status_from = select(_W.status).where(_W.id == _L.work_item).scalar_subquery()
         linked_from = connection.execute(
-            select(_L.work_item, _L.kind, _L.ts, status_from).where(_L.linked == item_id).order_by(_L.work_item)
+            select(_L.work_item, _L.kind, _L.ts, status_from).where(_L.linked == item_id, _L.kind == MERGED_PR).order_by(_L.work_item)
         ).all()
     cycle = None
     if item is not None and item.status == "done" and item.completed_at is not None:

@@ -38,6 +38,7 @@ async def receive(request: Request) -> Response:
         try:
             delivery = tracker.parse(request.headers, payload, now)
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a field of a type the tracker never sends
+            log.warning("a %s delivery not shaped as %s sends them (or a parser's bug):", name, name, exc_info=True)
             raise InvalidRequest(f"The delivery is not shaped as {name} sends it ({exc.__class__.__name__}: {str(exc)[:200]}).") from None
     except ApiError as exc:
         client = request.client.host if request.client else "?"
