@@ -189,6 +189,15 @@ def test_my_page_says_whether_prompt_texts_are_stored(tmp_path: Path) -> None:
     assert page.status_code == 200 and "The text of your prompts and of the answers is stored" in page.text
 
 
+@pytest.mark.parametrize("form", [{"key": "tp-abc\u2014def"}, {"key": "tp-\U0001f4a9"}, {"key": "tp-x", **{f"f{n}": "1" for n in range(20)}}])
+def test_a_key_no_header_can_carry_or_a_crowded_form_is_refused_on_the_form(client: TestClient, form: dict) -> None:
+    """An em dash pasted from a chat into the key, or a form with more fields than ours: the sign-in
+    form again with a message, not a 500."""
+    response = client.post("/dashboard/login", data=form, follow_redirects=False)
+    assert response.status_code == 400 and "set-cookie" not in response.headers, response.text[:300]
+    assert "<form" in response.text
+
+
 def test_sign_in_from_another_site_is_refused(client: TestClient) -> None:
     response = client.post("/dashboard/login", data={"key": INPROCESS_ADMIN_KEY}, headers={"origin": "https://evil.example"}, follow_redirects=False)
     assert response.status_code == 403 and "set-cookie" not in response.headers

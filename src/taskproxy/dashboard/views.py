@@ -126,7 +126,10 @@ async def _form(request: Request) -> dict[str, str]:
         raw += chunk
         if len(raw) > MAX_FORM_BYTES:
             return {}
-    fields = parse_qs(raw.decode("utf-8", "replace"), max_num_fields=10)
+    try:
+        fields = parse_qs(raw.decode("utf-8", "replace"), max_num_fields=10)
+    except ValueError:  # more fields than the forms have: none of ours
+        return {}
     return {name: values[0] for name, values in fields.items()}
 
 
@@ -150,6 +153,8 @@ async def login(request: Request) -> Response:
     principal = None
     if not key:
         error = "Enter your proxy key (it starts with tp-)."
+    elif not key.isascii():  # a header cannot carry it; no key has such characters (a dash or quote pasted from a chat, say)
+        error = "That key was not accepted: a proxy key has only letters, digits, '-' and '_'."
     else:
         try:
             principal = await request.state.keys.authenticate(Headers({"authorization": f"Bearer {key}"}))
