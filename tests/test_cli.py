@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -32,6 +33,7 @@ from serve_helpers import (
     wait_until,
     write_config,
 )
+from taskproxy.localserver import serve_in_thread
 
 ASK = [{"role": "user", "content": "Refactor the refund handler."}]
 
@@ -239,6 +241,35 @@ def test_developer_commands_explain_a_missing_key_or_proxy() -> None:
     assert no_key.returncode != 0 and "--key" in no_key.stderr
     unreachable = run_cli("me", "--url", f"http://127.0.0.1:{free_port()}", "--key", "tp-whatever")
     assert unreachable.returncode != 0 and "could not reach the proxy" in unreachable.stderr
+
+
+def test_a_url_that_is_not_the_proxy_or_a_key_no_header_carries_is_one_line(tmp_path: Path) -> None:
+    """A web page, a load balancer's redirect, broken JSON, an error of another shape at --url, or a
+    key with a character a header cannot carry: one line, and `use --clear` does not claim it cleared."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, RedirectResponse, Response
+    from starlette.routing import Route
+
+    answers = {
+        "html": HTMLResponse("<html>welcome</html>"),
+        "redirect": RedirectResponse("https://proxy.example/api/me/work-item", status_code=301),
+        "broken": Response(b"{not json", media_type="application/json"),
+        "other-error": Response(b'{"error": "x"}', status_code=500, media_type="application/json"),
+    }
+
+    async def answer(request: Any) -> Response:
+        return answers[request.path_params["kind"]]
+
+    app = Starlette(routes=[Route("/{kind}/api/me/{rest:path}", answer, methods=["GET", "PUT", "DELETE"])])
+    with serve_in_thread(app) as url:
+        for kind in answers:
+            for verb in (("use", "--clear"), ("use", "PROJ-1"), ("me",)):
+                result = run_cli(*verb, "--url", f"{url}/{kind}", "--key", "tp-x")
+                assert result.returncode != 0 and "Traceback" not in result.stderr and "cleared" not in result.stdout, (kind, verb, result)
+                assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for key in ("tp-\u20ac", "tp-a\nb"):
+        result = run_cli("me", "--url", "http://127.0.0.1:9", "--key", key)
+        assert result.returncode != 0 and "not a proxy key" in result.stderr, result.stderr
 
 
 def test_revoked_or_unknown_key_is_refused_by_me(server: ServerProcess) -> None:

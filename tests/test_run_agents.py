@@ -111,6 +111,19 @@ def test_with_no_item_anywhere_run_says_how_to_give_one_and_starts_nothing(serve
     assert bad.returncode != 0 and not marker.exists() and "work_item_invalid" in bad.stderr
 
 
+def test_a_command_that_cannot_start_is_said_before_anything_is_bound(server: ServerProcess, tmp_path: Path) -> None:
+    """`run -- /nonexistent` (or an empty command) bound the key for 12 h, then failed to start (or
+    crashed with a traceback)."""
+    key = server.new_key(owner="lou")
+    env = developer_env(server, key, tmp_path / "home")
+    for command in ("/nonexistent/agent", ""):
+        done = taskproxy("run", "--item", "PROJ-77", "--", command, cwd=tmp_path, env=env)
+        assert done.returncode != 0 and "could not run" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "bound" not in done.stderr
+    bound = taskproxy("use", cwd=tmp_path, env=env)
+    assert bound.returncode == 0 and "no work item bound" in bound.stdout, bound.stdout
+
+
 def test_a_command_that_cannot_send_headers_gets_the_item_as_its_keys_binding(server: ServerProcess, repo: Path, tmp_path: Path) -> None:
     key = server.new_key(owner="kai")
     env = developer_env(server, key, tmp_path / "home")

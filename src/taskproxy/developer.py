@@ -14,21 +14,33 @@ from typing import Any
 from taskproxy.render import print_json
 from taskproxy.settings import ClientSettings
 
-def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
+def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None, *, expect: str = "work_item") -> dict:
+    """The proxy's JSON answer, which holds `expect`; anything else ends the command with one line."""
     import httpx
 
     client = ClientSettings.load(url=args.url, key=args.key)
     key, url = client.key, client.url
     if not key:
         raise SystemExit("taskproxy: no key: pass --key or set TASKPROXY_API_KEY to your proxy key")
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise SystemExit("taskproxy: that is not a proxy key: it starts with tp- and has only letters, digits, '-' and '_'")
     try:
         response = httpx.request(method, url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
     except httpx.HTTPError as exc:
         raise SystemExit(f"taskproxy: could not reach the proxy at {url} ({exc.__class__.__name__}); set --url or TASKPROXY_URL") from None
-    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    try:
+        data = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+    except ValueError:
+        data = None
     if response.status_code >= 400:
-        error = data.get("error", {}) if isinstance(data, dict) else {}
-        raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', response.text[:200])}")
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', '')}")
+        raise SystemExit(f"taskproxy: {response.status_code} from {url}: {response.text[:200]}")
+    if not isinstance(data, dict) or expect not in data:  # a web server, a login page, a load balancer's redirect
+        redirect = f", a redirect to {response.headers.get('location')}" if response.is_redirect else ""
+        raise SystemExit(f"taskproxy: {url} did not answer as taskproxy does (HTTP {response.status_code}{redirect}): "
+                         "set --url or TASKPROXY_URL to the proxy's address")  # fmt: skip
     return data
 
 
@@ -50,7 +62,7 @@ def cmd_me(args: argparse.Namespace) -> int:
     from taskproxy.money import format_usd as money
     from taskproxy.render import table
 
-    data = _developer_call(args, "GET", "/api/me/usage")
+    data = _developer_call(args, "GET", "/api/me/usage", expect="owner")
     if args.json:
         print_json(data)
         return 0
@@ -83,11 +95,14 @@ def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ig
 
 def cmd_run(args: argparse.Namespace) -> int:
     import os
+    import shutil
 
     command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
     if not command:
         raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
     started, choice = _agent_launch(args, command)
+    if not shutil.which(started.args[0]):  # said before the key is bound for it
+        raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: no such command")
     if started.needs_binding:
         data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
         print(f"taskproxy: {command[0]} cannot send a work item header; your key is bound to {data['work_item']} "
