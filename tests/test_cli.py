@@ -272,6 +272,19 @@ def test_a_url_that_is_not_the_proxy_or_a_key_no_header_carries_is_one_line(tmp_
         assert result.returncode != 0 and "not a proxy key" in result.stderr, result.stderr
 
 
+def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("hello")
+    cases = [
+        (f"sqlite:///{tmp_path}/missing/dir/x.db", "No such file or directory"),
+        (f"sqlite:///{not_a_database}", "file is not a database"),
+        (f"postgresql://nobody@127.0.0.1:{free_port()}/db", "the database failed (OperationalError)"),
+    ]
+    for url, says in cases:
+        result = run_cli("keys", "list", env=child_env(TASKPROXY_DATABASE_URL=url, TASKPROXY_ADMIN_KEY="tp-" + "x" * 43))
+        assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1, (url, result.stderr)
+
+
 def test_revoked_or_unknown_key_is_refused_by_me(server: ServerProcess) -> None:
     result = run_cli("me", "--url", server.url, "--key", "tp-not-a-key")
     assert result.returncode != 0

@@ -437,6 +437,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a database file in a folder that is not there, say
+        print(f"taskproxy: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"taskproxy: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError  # the CLI's boundary for the database's errors (imported only here)
+
+        if not isinstance(exc, SQLAlchemyError):
+            raise
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        print(f"taskproxy: the database failed ({exc.__class__.__name__}): {reason}", file=sys.stderr)
+        return 2
 
 
 def run() -> NoReturn:
