@@ -272,6 +272,18 @@ def test_a_url_that_is_not_the_proxy_or_a_key_no_header_carries_is_one_line(tmp_
         assert result.returncode != 0 and "not a proxy key" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("report", "tasks", "--limit", "-1"), ("report", "tasks", "--limit", "0"), ("items", "list", "--status", "bogus"),
+     ("items", "list", "--limit", "10001")],
+)  # fmt: skip
+def test_the_cli_refuses_what_the_api_refuses(args: tuple[str, ...], tmp_path: Path) -> None:
+    """`--limit -1` dropped the last row, `--limit 0` printed nothing, `--status bogus` listed nothing:
+    where the API answers 400, argparse says what it takes."""
+    result = run_cli(*args, env=child_env(TASKPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}"))
+    assert result.returncode == 2 and "error: argument" in result.stderr, result
+
+
 def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -> None:
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("hello")

@@ -18,6 +18,7 @@ from taskproxy.developer import cmd_env, cmd_me, cmd_run, cmd_use
 from taskproxy.launch import SHELLS
 from taskproxy.render import print_json
 from taskproxy.settings import DEFAULT_PROXY_URL, Settings, load_settings
+from taskproxy.workitems import ITEM_STATUSES, SETTABLE_STATUSES
 
 DEFAULT_LOCK_WAIT_SECONDS = 10.0  # `db upgrade --lock-wait`: how long a migration may hold up the queries behind its wait
 
@@ -152,7 +153,7 @@ def cmd_items_list(args: argparse.Namespace) -> int:
     from taskproxy.records import item_json
     from taskproxy.storage import repo
 
-    items = [item_json(i) for i in repo.list_work_items(_engine(args), status=args.status, team=args.team)]
+    items = [item_json(i) for i in repo.list_work_items(_engine(args), status=args.status, team=args.team, limit=args.limit)]
     if args.json:
         print_json(items)
     else:
@@ -304,6 +305,21 @@ def _time_argument(value: str) -> Any:
                                          f"from {EARLIEST.year} to {LATEST.year - 1}") from None  # fmt: skip
 
 
+def _count(maximum: int) -> Callable[[str], int]:
+    """An argument from 1 to `maximum`, as the API's `limit` parameters take."""
+
+    def parse(value: str) -> int:
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to {maximum:,}")
+        return int(value)
+
+    return parse
+
+
+def _team(value: str) -> str | None:
+    return value or None  # `--team ""`: every team, as the API's `team=`
+
+
 def _lock_wait(value: str) -> float:
     """`db upgrade --lock-wait`: seconds, from 0 (no limit) to PostgreSQL's largest `lock_timeout`."""
     try:
@@ -336,14 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: info)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (off by default)")
 
     demo = command(commands, "demo", cmd_demo, "run the whole loop offline on a built-in fake provider: per-task usage, a refusal, completed "
                    "work, the adoption report and a gaming signal", config=False)  # fmt: skip
     demo.add_argument("--serve", action="store_true", help="then keep the proxy and its dashboard running with the demo's data, until Ctrl-C")
 
-    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db = commands.add_parser("db", help="database schema", description="The database's schema: create or upgrade it, replay what was set aside."
+                             ).add_subparsers(dest="db_command", metavar="ACTION", required=True)  # fmt: skip
     upgrade = command(db, "upgrade", cmd_db_upgrade, "create or upgrade the database schema")
     upgrade.add_argument("--lock-wait", type=_lock_wait, default=DEFAULT_LOCK_WAIT_SECONDS, metavar="SECONDS",
                          help="PostgreSQL: give up, rolling everything back, when a migration waits longer than this for a "
@@ -352,56 +369,60 @@ def build_parser() -> argparse.ArgumentParser:
     command(db, "replay-set-aside", cmd_db_replay_set_aside,
             "write the usage rows the database once refused (kept beside recording.spool_path), once their cause is fixed")  # fmt: skip
 
-    keys = commands.add_parser("keys", help="proxy keys (admin)").add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    keys = commands.add_parser("keys", help="proxy keys (admin)", description="Proxy keys: one per person or service, each in a team. "
+                               "Works on the database the config names.").add_subparsers(dest="keys_command", metavar="ACTION", required=True)  # fmt: skip
     create = command(keys, "create", cmd_keys_create, "create a key; it is printed once")
     create.add_argument("--owner", required=True, help="the person or service the key belongs to")
     create.add_argument("--team", help="the owner's team (reports group by team)")
     create.add_argument("--role", default="developer", choices=["developer", "service", "admin"])
     create.add_argument("--json", action="store_true", help="print the key as JSON")
-    command(keys, "list", cmd_keys_list, "list keys (never their secrets)").add_argument("--json", action="store_true")
-    command(keys, "revoke", cmd_keys_revoke, "revoke a key by id").add_argument("key_id")
+    command(keys, "list", cmd_keys_list, "list keys (never their secrets)").add_argument("--json", action="store_true", help="print JSON")
+    command(keys, "revoke", cmd_keys_revoke, "revoke a key by id").add_argument("key_id", help="the key's id (key_…), as `taskproxy keys list` shows it")
 
-    items = commands.add_parser("items", help="work items (admin)").add_subparsers(dest="items_command", metavar="ACTION", required=True)
+    items = commands.add_parser("items", help="work items (admin)", description="Work items: register, complete, close, list and show them; "
+                                "sync them from the trackers' APIs.").add_subparsers(dest="items_command", metavar="ACTION", required=True)  # fmt: skip
     add = command(items, "add", cmd_items_add, "register a work item")
     add.add_argument("id", help="PROJ-123, owner/repo#12 or a tracker URL")
-    add.add_argument("--title")
-    add.add_argument("--url")
-    add.add_argument("--team")
-    add.add_argument("--status", default="open", choices=["open", "in_progress", "done", "closed"])
-    add.add_argument("--json", action="store_true")
+    add.add_argument("--title", help="what the work is")
+    add.add_argument("--url", help="the item in its tracker")
+    add.add_argument("--team", help="the team doing it (else the team that spends most on it)")
+    add.add_argument("--status", default="open", choices=SETTABLE_STATUSES, help="(default: open)")
+    add.add_argument("--json", action="store_true", help="print JSON")
     listing = command(items, "list", cmd_items_list, "list work items")
-    listing.add_argument("--status")
-    listing.add_argument("--team")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--status", choices=ITEM_STATUSES, help="only items in this status")
+    listing.add_argument("--team", help="only this team's items")
+    listing.add_argument("--limit", type=_count(10_000), default=1000, help="at most this many, the newest first (default: 1,000)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     command(items, "complete", cmd_items_complete, "mark a work item done (as a tracker webhook would)").add_argument("id")
     command(items, "close", cmd_items_close, "mark a work item closed without completion").add_argument("id")
     sync = command(items, "sync", cmd_items_sync, "ask the trackers' APIs for the status of items with spend and no final status "
                    "(webhooks missed); apply what changed")  # fmt: skip
     sync.add_argument("--tracker", choices=["github", "gitlab", "jira", "linear"], help="only this tracker (default: every one with a token_env)")
     sync.add_argument("--since", type=_time_argument, default="30d", help="items with spend since (default 30d)")
-    sync.add_argument("--json", action="store_true")
+    sync.add_argument("--json", action="store_true", help="print JSON")
     show = command(items, "show", cmd_items_show, "what one work item cost")
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", help="PROJ-123, owner/repo#12 or a tracker URL")
+    show.add_argument("--json", action="store_true", help="print JSON")
 
-    report = commands.add_parser("report", help="reports (admin)").add_subparsers(dest="report_command", metavar="REPORT", required=True)
+    report = commands.add_parser("report", help="reports (admin)", description="Reports: usage per task, AI adoption against completed work, "
+                                 "gaming signals. Read from the database the config names.").add_subparsers(dest="report_command", metavar="REPORT", required=True)  # fmt: skip
     tasks = command(report, "tasks", cmd_report_tasks, "work items by cost")
-    tasks.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (7d, 12h)")
-    tasks.add_argument("--limit", type=int, default=50)
-    tasks.add_argument("--json", action="store_true")
+    tasks.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (7d, 12h); default: all time")
+    tasks.add_argument("--limit", type=_count(10_000), default=50, help="the most expensive tasks first, at most this many (default: 50)")
+    tasks.add_argument("--json", action="store_true", help="print JSON")
     adoption = command(report, "adoption", cmd_report_adoption, "AI spend against completed work, overall and per team")
     adoption.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
     adoption.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
-    adoption.add_argument("--team", help="only this team")
+    adoption.add_argument("--team", type=_team, help="only this team")
     adoption.add_argument("--latest", action="store_true", help="the latest snapshot (last 30 days; reports.snapshot_minutes) instead of computing")
     output = adoption.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true")
-    output.add_argument("--csv", action="store_true")
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV, as GET /api/reports/adoption.csv")
     signals = command(report, "signals", cmd_report_signals, "gaming signals: advisory flags about keys, with their evidence")
     signals.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
     signals.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
     signals.add_argument("--latest", action="store_true", help="the latest snapshot (last 30 days; reports.snapshot_minutes) instead of computing")
-    signals.add_argument("--json", action="store_true")
+    signals.add_argument("--json", action="store_true", help="print JSON")
 
     for name, handler, help_text in [("use", cmd_use, "bind a work item to your key, for clients that cannot send headers"),
                                      ("me", cmd_me, "your own usage, as the proxy recorded it")]:  # fmt: skip
@@ -409,10 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--url", help=f"the proxy (default: $TASKPROXY_URL or {DEFAULT_PROXY_URL})")
         sub.add_argument("--key", help="your proxy key (default: $TASKPROXY_API_KEY, then $OPENAI_API_KEY)")
         if name == "use":
-            sub.add_argument("work_item", nargs="?", help="PROJ-123, owner/repo#12 or a tracker URL; omit to show the binding")
+            sub.add_argument("work_item", nargs="?", help="PROJ-123, owner/repo#12 or a tracker URL; omit to show the binding. "
+                             "The binding lasts work_items.binding_ttl_hours (12 by default)")  # fmt: skip
             sub.add_argument("--clear", action="store_true", help="remove the binding")
         else:
-            sub.add_argument("--json", action="store_true")
+            sub.add_argument("--json", action="store_true", help="print JSON")
     run = command(commands, "run", cmd_run, "run an agent or any command pointed at the proxy, with your key and the work item "
                   "(from --item, else the git branch, else your key's binding)", config=False)  # fmt: skip
     run.add_argument("agent_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="e.g. -- claude -p 'fix the flaky test'; -- codex exec ...")
