@@ -88,6 +88,11 @@ def test_environment_overrides_database_and_admin_key(tmp_path: Path) -> None:
     assert "tp-admin" not in repr(settings)  # secrets never printed
 
 
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite+pysqlite:///x.db", "postgresql://u@h/db", "postgresql+psycopg://u@h/db", "postgres://u@h/db"])
+def test_every_database_url_sqlalchemy_reads_as_sqlite_or_postgresql_is_taken(url: str) -> None:
+    assert settings_from_mapping({"database_url": url}, {}).database_url == url
+
+
 def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("work_items: {mode: known}\n")
