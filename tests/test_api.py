@@ -144,6 +144,11 @@ async def test_one_error_shape_per_route_family(proxy: Proxy) -> None:
     assert (await proxy.http.put("/v1/messages", json={})).headers["allow"] == "POST"
 
 
+async def test_a_default_period_starts_no_earlier_than_1970(proxy: Proxy) -> None:
+    report = await proxy.get("/api/reports/adoption", until="1970-01-10T00:00:00Z")
+    assert (report["since"], report["until"]) == ("1970-01-01T00:00:00.000Z", "1970-01-10T00:00:00.000Z")
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -95,6 +95,8 @@ def test_session_secret_comes_from_the_admin_key_so_replicas_share_it() -> None:
         ("/\\evil.example", None),
         ("/api/keys", None),
         ("/dashboard/logout", None),
+        ("/dashboard/../api/keys", None),  # out of the dashboard once resolved
+        ("/dashboard/items/a/../../../evil", None),
         (None, None),
     ],
 )

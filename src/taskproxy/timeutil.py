@@ -63,7 +63,7 @@ def report_period(since: datetime | None, until: datetime | None) -> tuple[datet
     from taskproxy.errors import InvalidRequest
 
     until = until or utcnow()
-    since = since or until - timedelta(days=DEFAULT_REPORT_DAYS)
+    since = since or max(until - timedelta(days=DEFAULT_REPORT_DAYS), EARLIEST)  # a period inside the times a query may name
     if since >= until:
         raise InvalidRequest("'since' must be before 'until'.", param="since")
     return since, until

@@ -63,6 +63,8 @@ def _safe_next(value: str | None) -> str | None:
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or not value.startswith("/dashboard") or value.startswith("//"):
         return None
+    if ".." in parts.path.split("/"):  # /dashboard/../api/keys: out of the dashboard once the browser resolves it
+        return None
     if parts.path.startswith(("/dashboard/login", "/dashboard/logout")):
         return None
     return value
