@@ -147,6 +147,8 @@ async def test_one_error_shape_per_route_family(proxy: Proxy) -> None:
 async def test_a_default_period_starts_no_earlier_than_1970(proxy: Proxy) -> None:
     report = await proxy.get("/api/reports/adoption", until="1970-01-10T00:00:00Z")
     assert (report["since"], report["until"]) == ("1970-01-01T00:00:00.000Z", "1970-01-10T00:00:00.000Z")
+    at_the_start = await proxy.http.get("/api/reports/adoption", params={"until": "1970-01-01T00:00:00Z"}, headers=proxy.admin_headers)
+    assert at_the_start.status_code == 400 and at_the_start.json()["error"]["param"] == "until"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -255,6 +256,7 @@ def test_a_url_that_is_not_the_proxy_or_a_key_no_header_carries_is_one_line(tmp_
         "redirect": RedirectResponse("https://proxy.example/api/me/work-item", status_code=301),
         "broken": Response(b"{not json", media_type="application/json"),
         "other-error": Response(b'{"error": "x"}', status_code=500, media_type="application/json"),
+        "error-page": HTMLResponse("<html>\n<body>\n<h1>Not Found</h1>\n</body>\n</html>", status_code=404),
     }
 
     async def answer(request: Any) -> Response:
@@ -282,6 +284,15 @@ def test_the_cli_refuses_what_the_api_refuses(args: tuple[str, ...], tmp_path: P
     where the API answers 400, argparse says what it takes."""
     result = run_cli(*args, env=child_env(TASKPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}"))
     assert result.returncode == 2 and "error: argument" in result.stderr, result
+
+
+def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path: Path) -> None:
+    """`taskproxy items list | head -1`: no traceback and no error line when the reader has had enough."""
+    env = child_env(TASKPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}", TASKPROXY_ADMIN_KEY="tp-" + "x" * 43)
+    for n in range(300):
+        assert run_cli("items", "add", f"PROJ-{n + 1}", env=env).returncode == 0
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m taskproxy items list --json | head -1", shell=True, capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.startswith("[") and done.stderr == "", done.stderr  # 300 items as JSON: more than a pipe holds
 
 
 def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -97,6 +97,8 @@ def test_session_secret_comes_from_the_admin_key_so_replicas_share_it() -> None:
         ("/dashboard/logout", None),
         ("/dashboard/../api/keys", None),  # out of the dashboard once resolved
         ("/dashboard/items/a/../../../evil", None),
+        ("/dashboard/%2e%2e/api/keys", None),
+        ("/dashboard/.%2E/api/keys", None),
         (None, None),
     ],
 )

@@ -118,6 +118,8 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"trackers": {"jira": {"token_env": {"a": 1}}}}, "trackers.jira.token_env: must be the name of an environment variable, not dict"),
         ({"models": [{"name": "a", "base_url": "http://x", "api_key_env": 5}]}, "models[0].api_key_env: must be the name of an environment variable"),
         ({"database_url": "nosuch://x"}, "config error: database_url: taskproxy runs on SQLite"),
+        ({"database_url": "postgresql+psycopg2://u@h/db"}, "config error: database_url: taskproxy runs on SQLite"),  # a driver not installed
+        ({"work_items": {"binding_ttl_hours": 1e12}}, "work_items.binding_ttl_hours: Input should be less than or equal to 876000"),
         ({"work_items": {"cache_size": 10**30}}, "work_items.cache_size: Input should be less than or equal to 10000000"),
         ({"reports": {"rework_days": 1e12}}, "reports.rework_days: Input should be less than or equal to 36500"),
         ({"reports": {"stale_after_days": 1e6}}, "reports.stale_after_days: Input should be less than or equal to 36500"),

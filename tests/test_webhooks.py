@@ -255,6 +255,10 @@ async def test_a_revert_links_no_ticket_so_the_reverted_work_is_not_an_outcome(t
     assert [link["id"] for link in (await tracked.get("/api/work-items/acme%2Fweb-app%2360"))["linked_from"]] == ["PAY-60"]
     assert (await tracked.get("/api/work-items/acme%2Fweb-app%2361"))["linked_from"] == []
     assert (await tracked.get("/api/work-items/acme%2Fweb-app%2360"))["rework"]["reason"] == "reverted"
+    edited = hooks.github_pull_request("closed", 63, merged=True, branch="revert-60-feature/PAY-60-x", title="Revert PAY-60 retries")
+    body = hooks.dumps(edited)  # GitHub's revert branch, its title edited, no body naming the PR
+    answer = await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))
+    assert answer.status_code == 200 and answer.json()["items"][0]["linked"] == [], answer.text
     merged = hooks.dumps(hooks.gitlab_merge_request("merge", 62, branch="revert-1a2b3c4d", title='Revert "PAY-60 Add retries"'))
     answer = await _post(tracked, "gitlab", merged, hooks.gitlab_headers("Merge Request Hook"))
     assert answer.status_code == 200 and answer.json()["items"][0]["linked"] == [], answer.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -459,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `taskproxy items list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush does not fail again
+        return 141
     except OSError as exc:  # a database file in a folder that is not there, say
         print(f"taskproxy: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"taskproxy: {exc}", file=sys.stderr)
         return 2
@@ -467,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(exc, SQLAlchemyError):
             raise
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0][:300]
         print(f"taskproxy: the database failed ({exc.__class__.__name__}): {reason}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,7 @@ def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
             raise SystemExit(f"taskproxy: {response.status_code} {error.get('code', '')}: {error.get('message', '')}")
-        raise SystemExit(f"taskproxy: {response.status_code} from {url}: {response.text[:200]}")
+        raise SystemExit(f"taskproxy: {response.status_code} from {url}: {' '.join(response.text[:200].split())}")
     if not isinstance(data, dict) or expect not in data:  # a web server, a login page, a load balancer's redirect
         redirect = f", a redirect to {response.headers.get('location')}" if response.is_redirect else ""
         raise SystemExit(f"taskproxy: {url} did not answer as taskproxy does (HTTP {response.status_code}{redirect}): "

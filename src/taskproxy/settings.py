@@ -92,7 +92,7 @@ class WorkItemSettings(_Frozen):
     mode: Literal["open", "known", "active"] = "open"
     patterns: tuple[str, ...] = DEFAULT_ID_PATTERNS
     branch_patterns: tuple[str, ...] = DEFAULT_BRANCH_PATTERNS
-    binding_ttl_hours: float = Field(default=12.0, gt=0)
+    binding_ttl_hours: float = Field(default=12.0, gt=0, le=MAX_DAYS * 24)
     # How often each process reads the change feed for items changed by other processes (statuses, budgets).
     refresh_seconds: float = Field(default=5.0, gt=0)
     # Work items each process holds in memory (the most recently used); others are looked up by id.
@@ -250,7 +250,7 @@ class SignalSettings(_Frozen):
     """Gaming-signal thresholds (docs/signals.md)."""
 
     repeated_prompt_min_requests: int = Field(default=20, ge=1)
-    after_completion_grace_hours: float = Field(default=1.0, ge=0)
+    after_completion_grace_hours: float = Field(default=1.0, ge=0, le=MAX_DAYS * 24)
     after_completion_min_requests: int = Field(default=10, ge=1)
     heavy_spend_min_usd: float = Field(default=50.0, ge=0)
     cadence_min_requests: int = Field(default=50, ge=3)
@@ -267,7 +267,7 @@ class SignalSettings(_Frozen):
     trivial_max_lines: int = Field(default=10, ge=0)  # or a known size of at most this many changed lines
     trivial_min_items: int = Field(default=5, ge=1)
     trivial_min_share: float = Field(default=0.6, gt=0, le=1)
-    split_window_hours: float = Field(default=8.0, gt=0)  # small items completed this close together form a burst
+    split_window_hours: float = Field(default=8.0, gt=0, le=MAX_DAYS * 24)  # small items completed this close together form a burst
     split_min_items: int = Field(default=4, ge=2)
     split_max_item_share: float = Field(default=0.5, gt=0, le=1)  # small: at most this share of the team's median size
     split_min_team_items: int = Field(default=5, ge=3)  # sized items the team needs for a median
@@ -303,10 +303,10 @@ class Settings(_Frozen):
         from sqlalchemy.exc import ArgumentError
 
         try:
-            backend = make_url(value).get_backend_name()
+            driver = make_url(value).drivername
         except ArgumentError:
-            backend = None
-        if backend not in ("sqlite", "postgresql", "postgres"):
+            driver = None
+        if driver not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg"):  # the drivers installed
             raise ValueError("taskproxy runs on SQLite (sqlite:///path.db) or PostgreSQL (postgresql://user@host:5432/name)")
         return value
 

@@ -63,6 +63,8 @@ def report_period(since: datetime | None, until: datetime | None) -> tuple[datet
     from taskproxy.errors import InvalidRequest
 
     until = until or utcnow()
+    if since is None and until <= EARLIEST:
+        raise InvalidRequest(f"'until' must be after {EARLIEST.year}-01-01.", param="until")
     since = since or max(until - timedelta(days=DEFAULT_REPORT_DAYS), EARLIEST)  # a period inside the times a query may name
     if since >= until:
         raise InvalidRequest("'since' must be before 'until'.", param="since")

@@ -13,7 +13,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
@@ -63,7 +63,7 @@ def _safe_next(value: str | None) -> str | None:
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or not value.startswith("/dashboard") or value.startswith("//"):
         return None
-    if ".." in parts.path.split("/"):  # /dashboard/../api/keys: out of the dashboard once the browser resolves it
+    if ".." in unquote(parts.path).split("/"):  # /dashboard/../api/keys (or %2e%2e): out of the dashboard once resolved
         return None
     if parts.path.startswith(("/dashboard/login", "/dashboard/logout")):
         return None

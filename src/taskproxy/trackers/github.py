@@ -28,7 +28,8 @@ def reverted_pull(repo: str, branch: Any, title: Any, body: Any) -> str | None:
     branch GitHub made for it (`revert-N-…`) when the title says it is a revert."""
     if isinstance(body, str) and (match := _REVERT_BODY.search(body)):
         return f"{match[1]}#{match[2]}"
-    if isinstance(branch, str) and is_revert_title(title) and (match := _REVERT_BRANCH.match(branch)):
+    # The branch is GitHub's own evidence; its title may have been edited ("Revert PAY-60 retries").
+    if isinstance(branch, str) and isinstance(title, str) and title.startswith("Revert") and (match := _REVERT_BRANCH.match(branch)):
         return f"{repo}#{match[1]}"
     return None
 
