@@ -295,6 +295,15 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path: Path) -> N
     assert done.stdout.startswith("[") and done.stderr == "", done.stderr  # 300 items as JSON: more than a pipe holds
 
 
+def test_an_admin_command_without_any_config_says_which_database_it_uses(tmp_path: Path) -> None:
+    """No config and no $TASKPROXY_DATABASE_URL: a key created here is in ./taskproxy.db, which no running
+    proxy may read. The command says so, on stderr (its output stays as it is)."""
+    done = subprocess.run([sys.executable, "-m", "taskproxy", "keys", "list", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                          env=child_env(TASKPROXY_ADMIN_KEY="tp-" + "x" * 43), timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0 and json.loads(done.stdout) == [], done
+    assert "no config" in done.stderr and "sqlite:///taskproxy.db" in done.stderr and str(tmp_path) in done.stderr, done.stderr
+
+
 def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -> None:
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("hello")

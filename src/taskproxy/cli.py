@@ -18,7 +18,7 @@ from taskproxy.errors import ApiError, ConfigError, MigrationBlocked, SchemaBehi
 from taskproxy.developer import cmd_env, cmd_me, cmd_run, cmd_use
 from taskproxy.launch import SHELLS
 from taskproxy.render import print_json
-from taskproxy.settings import DEFAULT_PROXY_URL, Settings, load_settings
+from taskproxy.settings import DEFAULT_CONFIG_PATH, DEFAULT_PROXY_URL, Settings, load_settings
 from taskproxy.workitems import ITEM_STATUSES, SETTABLE_STATUSES
 
 DEFAULT_LOCK_WAIT_SECONDS = 10.0  # `db upgrade --lock-wait`: how long a migration may hold up the queries behind its wait
@@ -33,6 +33,10 @@ def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[
     from taskproxy.storage.db import make_engine, prepare_schema
 
     settings = _settings(args)
+    if not (args.config or os.environ.get("TASKPROXY_CONFIG") or os.environ.get("TASKPROXY_DATABASE_URL") or DEFAULT_CONFIG_PATH.exists()):
+        # Keys created here would be in a database no running proxy reads: say which one it is.
+        print(f"taskproxy: no config (--config, $TASKPROXY_CONFIG, {DEFAULT_CONFIG_PATH}) and no $TASKPROXY_DATABASE_URL: "
+              f"using {settings.database_url} in {os.getcwd()}", file=sys.stderr)  # fmt: skip
     engine = make_engine(settings.database_url, work_mem_mb=settings.reports.work_mem_mb if report else 0)
     prepare_schema(engine)
     return engine
