@@ -231,3 +231,40 @@ def test_a_stream_the_provider_cuts_ends_with_an_error_message_not_a_stall(serve
     assert "response.output_text.delta" in events and event["status"] == 502 and event["error"]["code"] == "upstream_error"
     [recorded] = server.events("PROJ-56", 1)
     assert recorded["error"] == "upstream_error" and recorded["completion_tokens"] > 0  # what was relayed, estimated
+
+
+def test_an_unexpected_error_on_a_message_is_a_500_on_the_socket_which_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug met while taking a message in (here: admission raising what it never should) answers that
+    message with a 500 in the socket's error shape, as an HTTP request gets, and the socket stays open."""
+    from starlette.testclient import TestClient
+
+    from conftest import ADMIN_KEY as INPROCESS_ADMIN_KEY
+    from conftest import make_settings
+    from taskproxy.app import create_app
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.upstream.mock import MockProvider
+
+    app = create_app(make_settings(tmp_path), provider=MockProvider.asgi(FakeProvider().app()))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        admission = type(client.app_state["proxy"].admission)
+        admit = admission.admit_message
+        calls = 0
+
+        async def broken_once(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            return await admit(self, *args, **kwargs)
+
+        monkeypatch.setattr(admission, "admit_message", broken_once)
+        headers = {"authorization": f"Bearer {INPROCESS_ADMIN_KEY}", "x-work-item": "PROJ-90"}
+        with client.websocket_connect("/v1/responses", headers=headers) as socket:
+            socket.send_json({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+            failed = socket.receive_json()
+            socket.send_json({"type": "response.create", "model": "gpt-4o-mini", "input": "hi again"})
+            events = []
+            while not events or events[-1]["type"] not in ("response.completed", "error"):
+                events.append(socket.receive_json())
+    assert failed["type"] == "error" and failed["status"] == 500 and failed["error"]["code"] == "internal_error", failed
+    assert events[-1]["type"] == "response.completed", events[-1]
