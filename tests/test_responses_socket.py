@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
-
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
 
 pytestmark = pytest.mark.serve
 
@@ -236,10 +235,10 @@ def test_a_stream_the_provider_cuts_ends_with_an_error_message_not_a_stall(serve
 def test_an_unexpected_error_on_a_message_is_a_500_on_the_socket_which_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug met while taking a message in (here: admission raising what it never should) answers that
     message with a 500 in the socket's error shape, as an HTTP request gets, and the socket stays open."""
-    from starlette.testclient import TestClient
-
     from conftest import ADMIN_KEY as INPROCESS_ADMIN_KEY
     from conftest import make_settings
+    from starlette.testclient import TestClient
+
     from taskproxy.app import create_app
     from taskproxy.fake_provider import FakeProvider
     from taskproxy.upstream.mock import MockProvider
