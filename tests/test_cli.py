@@ -434,6 +434,20 @@ def test_bad_config_makes_serve_exit_2_with_one_line(tmp_path: Path, document: s
     assert where in lines[0]
 
 
+def test_admin_commands_run_without_the_provider_keys_and_webhook_secrets_serve_needs(tmp_path: Path) -> None:
+    """A report from a laptop or a job: the config names provider keys and webhook secrets that only the
+    server uses. The admin commands run without them; `serve` still refuses to start without them."""
+    config = tmp_path / "taskproxy.yaml"
+    config.write_text(f"database_url: sqlite:///{tmp_path / 't.db'}\nmodels: [{{name: gpt-4o-mini, base_url: 'http://127.0.0.1:9/v1', "
+                      "api_key_env: NOT_SET_PROVIDER_KEY}]\ntrackers: {github: {secret_env: NOT_SET_GH_SECRET}}\n", encoding="utf-8")  # fmt: skip
+    env = child_env(TASKPROXY_ADMIN_KEY="tp-" + "x" * 43)
+    for command in (("keys", "list", "--json"), ("report", "tasks", "--json"), ("items", "list", "--json")):
+        result = run_cli(*command, config=config, env=env)
+        assert result.returncode == 0, (command, result.stderr)
+    served = run_cli("serve", "--port", str(free_port()), config=config, env=env)
+    assert served.returncode == 2 and "NOT_SET_PROVIDER_KEY is not set" in served.stderr, served.stderr
+
+
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     result = run_cli("keys", "list", config=tmp_path / "nope.yaml")
     assert result.returncode == 2

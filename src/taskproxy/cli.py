@@ -25,7 +25,8 @@ DEFAULT_LOCK_WAIT_SECONDS = 10.0  # `db upgrade --lock-wait`: how long a migrati
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    # Only the server reaches providers and takes webhooks: the admin commands run without their secrets.
+    return load_settings(args.config, secrets_required=args.command == "serve")
 
 
 def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[no-untyped-def]

@@ -367,7 +367,7 @@ def _env_name(where: str, value: Any) -> str:
     return value
 
 
-def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
+def _with_secret(where: str, conf: Any, env: Mapping[str, str], required: bool) -> Any:
     if not isinstance(conf, dict):
         return conf
     if conf.get("token_env") and env.get(_env_name(f"{where}.token_env", conf["token_env"])):  # only `items sync` needs it: it says so when it is missing
@@ -376,6 +376,8 @@ def _with_secret(where: str, conf: Any, env: Mapping[str, str]) -> Any:
         return conf
     name = _env_name(f"{where}.secret_env", conf["secret_env"])
     if not env.get(name):
+        if not required:
+            return conf
         raise ConfigError(f"config error: {where}.secret_env: environment variable {name} is not set")
     return {**conf, "secret": env[name]}
 
@@ -394,8 +396,10 @@ def _telemetry(conf: Any, env: Mapping[str, str]) -> Any:
     return conf
 
 
-def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
-    """Validate `data` (the YAML document) and apply the environment's overrides and secrets."""
+def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], *, secrets_required: bool = True) -> Settings:
+    """Validate `data` (the YAML document) and apply the environment's overrides and secrets. A secret
+    whose variable is not set is an error, unless not `secrets_required` (the admin commands, which
+    neither reach a provider nor take a webhook: a report run without the provider keys)."""
     data = dict(data)
     if env.get("TASKPROXY_DATABASE_URL"):
         data["database_url"] = env["TASKPROXY_DATABASE_URL"]
@@ -408,30 +412,32 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
     for index, model in enumerate(models):
         if isinstance(model, dict) and model.get("api_key_env"):
             name = _env_name(f"models[{index}].api_key_env", model["api_key_env"])
-            if not env.get(name):
+            if env.get(name):
+                model = {**model, "api_key": env[name]}
+            elif secrets_required:
                 raise ConfigError(f"config error: models[{index}].api_key_env: environment variable {name} is not set")
-            model = {**model, "api_key": env[name]}
         resolved.append(model)
     data["models"] = resolved
     data["telemetry"] = _telemetry(data.get("telemetry"), env)
     trackers = data.get("trackers")
     if isinstance(trackers, dict):
-        data["trackers"] = {name: _with_secret(f"trackers.{name}", conf, env) for name, conf in trackers.items()}
+        data["trackers"] = {name: _with_secret(f"trackers.{name}", conf, env, secrets_required) for name, conf in trackers.items()}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"config error: {_describe(exc)}") from None
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Read the config file (`path`, else $TASKPROXY_CONFIG, else config/taskproxy.yaml if present)."""
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, *, secrets_required: bool = True) -> Settings:
+    """Read the config file (`path`, else $TASKPROXY_CONFIG, else config/taskproxy.yaml if present);
+    `secrets_required` as `settings_from_mapping`'s."""
     env = os.environ if env is None else env
     explicit = path or env.get("TASKPROXY_CONFIG")
     config_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     if not config_path.exists():
         if explicit:
             raise ConfigError(f"config error: {config_path}: no such file")
-        return settings_from_mapping({}, env)
+        return settings_from_mapping({}, env, secrets_required=secrets_required)
     try:
         document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -441,7 +447,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         document = {}
     if not isinstance(document, dict):
         raise ConfigError(f"config error: {config_path}: the top level must be a mapping of keys")
-    return settings_from_mapping(document, env)
+    return settings_from_mapping(document, env, secrets_required=secrets_required)
 
 
 @dataclass(frozen=True)
