@@ -31,7 +31,7 @@ from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from conftest import postgres_schema
 from taskproxy.dashboard.data import week_windows
-from taskproxy.reports.adoption import adoption_report, completions_by_period, quantile
+from taskproxy.reports.adoption import adoption_report, completions_by_period, for_team, quantile
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
 from taskproxy.storage.db import make_engine, upgrade_schema
@@ -664,6 +664,18 @@ async def test_routes_default_period_errors_and_admin_only(world: tuple[Any, Org
         refused = await api.get(path, headers={"authorization": f"Bearer {token}"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
         assert (await api.get(path)).status_code == 401
+
+
+def test_one_teams_part_of_the_whole_report_is_that_teams_report(world: tuple[Any, Org, Path]) -> None:
+    """`?snapshot=latest&team=` answers from the snapshot computed for every team: for each team (shown,
+    withheld, unknown) it is what computing with `team` gives."""
+    engine, org, _ = world
+    options = {"min_group_size": MIN_GROUP, "stale_after_days": STALE_DAYS}
+    whole = adoption_report(engine, since=SINCE, until=UNTIL, **options)
+    teams = [entry["team"] for entry in whole["teams"]]
+    assert any(entry.get("withheld") for entry in whole["teams"]) and any(not entry.get("withheld") for entry in whole["teams"])
+    for team in [*teams, "no-such-team"]:
+        assert for_team(whole, team) == adoption_report(engine, since=SINCE, until=UNTIL, team=team, **options), team
 
 
 def test_completions_by_period_are_the_reports_figures_for_each_period(world: tuple[Any, Org, Path]) -> None:

@@ -212,6 +212,11 @@ def test_two_replicas_serve_the_snapshot_one_of_them_computed_and_it_is_the_repo
             assert until - since == timedelta(days=30)
             assert body == _as_served(adoption_report(engine, since=since, until=until, team=None))  # the report of its period, exactly
             assert 0 <= int(reply.headers["age"]) < 30 and reply.headers["last-modified"].endswith("GMT")
+            # One team's part of it: what computing with `team` gives, for a team shown and one below the floor.
+            for team in ("payments", "nobody-here"):
+                part = server.http.get("/api/reports/adoption", params={"snapshot": "latest", "team": team}, headers=admin, timeout=30)
+                assert part.status_code == 200 and "age" in part.headers, part.text
+                assert part.json() == _as_served(adoption_report(engine, since=since, until=until, team=team))
 
         signals = wait_until(lambda: latest(second, "/api/reports/signals"), after_completion, timeout=30, what="the signals' snapshot")
         since, until = _period(signals.json())
@@ -235,6 +240,9 @@ def test_a_snapshot_is_asked_for_plainly_and_says_why_there_is_none(tmp_path: Pa
             assert server.http.get(path, params={"snapshot": "latest"}, headers=developer).status_code == 403  # admins only, first
             wrong = server.http.get(path, params={"snapshot": "newest"}, headers=admin)
             assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "snapshot", wrong.text
+            if path == "/api/reports/adoption.csv":  # the JSON snapshot answers for one team; the CSV stays whole
+                teamed = server.http.get(path, params={"snapshot": "latest", "team": "payments"}, headers=admin)
+                assert teamed.status_code == 400 and teamed.json()["error"]["param"] == "team", teamed.text
             dated = server.http.get(path, params={"snapshot": "latest", "since": "7d"}, headers=admin)
             assert dated.status_code == 400 and dated.json()["error"]["param"] == "since", dated.text
             assert "its own period" in dated.json()["error"]["message"]

@@ -258,14 +258,16 @@ def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
     from taskproxy.memory import collector_paused
-    from taskproxy.reports.adoption import adoption_report
+    from taskproxy.reports.adoption import adoption_report, for_team
     from taskproxy.reports.named import adoption_options
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
     from taskproxy.timeutil import report_period
 
     settings = _settings(args)
     if args.latest:
-        report = _latest_report(args, settings, "adoption", {"--since": args.since, "--until": args.until, "--team": args.team})
+        report = _latest_report(args, settings, "adoption", {"--since": args.since, "--until": args.until})
+        if args.team:
+            report = for_team(report, args.team)
     else:
         since, until = report_period(args.since, args.until)
         with collector_paused():  # as in a report's process (reports/runner.py)
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     adoption = command(report, "adoption", cmd_report_adoption, "AI spend against completed work, overall and per team")
     adoption.add_argument("--since", type=_time_argument, help="a time (2026-11-01) or a period back from now (30d); default: 30 days before --until")
     adoption.add_argument("--until", type=_time_argument, help="end of the period (default: now)")
-    adoption.add_argument("--team", type=_team, help="only this team")
+    adoption.add_argument("--team", type=_team, help="only this team (with --latest: its part of the latest snapshot)")
     adoption.add_argument("--latest", action="store_true", help="the latest snapshot (last 30 days; reports.snapshot_minutes) instead of computing")
     output = adoption.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")

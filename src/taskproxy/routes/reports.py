@@ -15,8 +15,9 @@ from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest
 from taskproxy.reports.named import ADOPTION, adoption_options
+from taskproxy.reports.adoption import for_team
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, snapshot_csv, unpacked
+from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, report_of, snapshot_csv, unpacked
 from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
 from taskproxy.storage.snapshots import Snapshot
 from taskproxy.timeutil import report_period, utcnow
@@ -88,8 +89,12 @@ async def _report(request: Request, encode: Callable[[dict[str, Any]], Any]) -> 
 
 async def adoption(request: Request) -> Response:
     await admin(request)
-    if snapshot_wanted(request):
-        return snapshot_response(request, await latest_snapshot(request, "adoption"))
+    if snapshot_wanted(request, alone=("since", "until")):
+        snapshot = await latest_snapshot(request, "adoption")
+        if team := request.query_params.get("team"):  # one team's part of it, as computing with `team` gives
+            body = await in_thread(lambda: orjson.dumps(for_team(report_of(snapshot), team)))
+            return Response(body, media_type=JSON.media_type, headers=snapshot_headers(snapshot.computed_at))
+        return snapshot_response(request, snapshot)
     return Response(await _report(request, orjson.dumps), media_type=JSON.media_type)
 
 
