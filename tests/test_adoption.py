@@ -31,7 +31,8 @@ from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from conftest import postgres_schema
 from taskproxy.dashboard.data import week_windows
-from taskproxy.reports.adoption import adoption_report, completions_by_period, for_team, quantile
+from taskproxy.reports.adoption import adoption_report, completions_by_period, quantile
+from taskproxy.reports.snapshots import for_team
 from taskproxy.reports.adoption_export import CSV_COLUMNS, adoption_csv, adoption_text
 from taskproxy.reports.items import item_detail
 from taskproxy.storage.db import make_engine, upgrade_schema

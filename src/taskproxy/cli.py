@@ -258,7 +258,8 @@ def _latest_report(args: argparse.Namespace, settings: Any, name: str, period_or
 
 def cmd_report_adoption(args: argparse.Namespace) -> int:
     from taskproxy.memory import collector_paused
-    from taskproxy.reports.adoption import adoption_report, for_team
+    from taskproxy.reports.adoption import adoption_report
+    from taskproxy.reports.snapshots import for_team
     from taskproxy.reports.named import adoption_options
     from taskproxy.reports.adoption_export import adoption_csv, adoption_text
     from taskproxy.timeutil import report_period

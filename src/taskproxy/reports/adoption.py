@@ -284,13 +284,6 @@ def completions_by_period(engine: Engine, periods: list[tuple[datetime, datetime
 
 
 
-def for_team(report: dict[str, Any], team: str) -> dict[str, Any]:
-    """The report as `adoption_report(..., team=team)` gives it, taken from one computed for every team
-    (a snapshot): a team lead's answer without computing the organisation's again."""
-    entry = next((t for t in report["teams"] if t.get("team") == team), None) or privacy.withheld(team, report["min_group_size"])
-    return {**report, "team": team, "overall": {k: v for k, v in entry.items() if k != "team"}, "teams": [entry]}
-
-
 def adoption_report(
     engine: Engine,
     *,

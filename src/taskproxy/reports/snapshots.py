@@ -35,7 +35,7 @@ import orjson
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from taskproxy import __version__
+from taskproxy import __version__, privacy
 from taskproxy.errors import InvalidRequest, NotFound
 from taskproxy.reports.named import ADOPTION, SIGNALS, adoption_options
 from taskproxy.reports.runner import ReportRunner
@@ -62,6 +62,14 @@ UNPACKED_PIECE_BYTES = 256 * 1024  # of gzipped input unpacked at a time, for a 
 def gzipped_json(report: Any) -> bytes:
     """What a snapshot stores: the route's JSON answer, gzipped (run in the report's process)."""
     return gzip.compress(orjson.dumps(report), compresslevel=6, mtime=0)
+
+
+def for_team(report: dict[str, Any], team: str) -> dict[str, Any]:
+    """The adoption report as `adoption_report(..., team=team)` gives it, taken from one computed for
+    every team (a snapshot): a team lead's answer without computing the organisation's again. (Here, not
+    in adoption.py: a serving process does not load the reports' modules, tests/test_process.py.)"""
+    entry = next((t for t in report["teams"] if t.get("team") == team), None) or privacy.withheld(team, report["min_group_size"])
+    return {**report, "team": team, "overall": {k: v for k, v in entry.items() if k != "team"}, "teams": [entry]}
 
 
 def report_of(snapshot: Snapshot) -> dict[str, Any]:

@@ -15,9 +15,8 @@ from starlette.routing import Route
 
 from taskproxy.errors import InvalidRequest
 from taskproxy.reports.named import ADOPTION, adoption_options
-from taskproxy.reports.adoption import for_team
 from taskproxy.reports.adoption_export import adoption_csv
-from taskproxy.reports.snapshots import check_asked_alone, check_on, kept_name, latest, report_of, snapshot_csv, unpacked
+from taskproxy.reports.snapshots import check_asked_alone, check_on, for_team, kept_name, latest, report_of, snapshot_csv, unpacked
 from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
 from taskproxy.storage.snapshots import Snapshot
 from taskproxy.timeutil import report_period, utcnow
