@@ -24,7 +24,8 @@ from starlette.applications import Starlette
 
 from taskproxy.app import create_app
 from taskproxy.fake_provider import FakeProvider
-from taskproxy.settings import Settings, settings_from_mapping
+from taskproxy.config import settings_from_mapping
+from taskproxy.settings import Settings
 from taskproxy.upstream.mock import MockProvider
 from taskproxy.upstream.provider import ProviderClient
 

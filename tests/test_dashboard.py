@@ -40,7 +40,7 @@ from taskproxy.dashboard import format as fmt
 from taskproxy.dashboard.data import week_windows
 from taskproxy.dashboard.views import _safe_next
 from taskproxy.fake_provider import FakeProvider
-from taskproxy.settings import settings_from_mapping
+from taskproxy.config import settings_from_mapping
 from taskproxy.timeutil import parse_time
 from taskproxy.upstream.mock import MockProvider
 

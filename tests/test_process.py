@@ -200,7 +200,7 @@ def test_a_started_app_holds_none_of_the_modules_only_reports_and_migrations_use
     code = """
 import asyncio, sys
 from taskproxy.app import create_app
-from taskproxy.settings import settings_from_mapping
+from taskproxy.config import settings_from_mapping
 settings = settings_from_mapping({"database_url": "sqlite:///%s"}, {})
 app = create_app(settings)
 async def main():

@@ -27,7 +27,8 @@ from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.named import overview_snapshot_name
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.reports.snapshots import Definition, SnapshotKeeper, compute_and_store, kept_name, snapshot_reports
-from taskproxy.settings import Settings, load_settings
+from taskproxy.config import load_settings
+from taskproxy.settings import Settings
 from taskproxy.storage import snapshots
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.storage.models import ReportSnapshot

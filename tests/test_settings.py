@@ -12,7 +12,8 @@ from conftest import BOTH_DATABASES
 from pydantic import BaseModel
 
 from taskproxy.errors import ConfigError
-from taskproxy.settings import Settings, WorkItemSettings, load_settings, settings_from_mapping
+from taskproxy.config import load_settings, settings_from_mapping
+from taskproxy.settings import Settings, WorkItemSettings
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "taskproxy.example.yaml"
 

@@ -49,7 +49,7 @@ from taskproxy import registry
 from taskproxy.app import create_app
 from taskproxy.guard.auth import issue_key
 from taskproxy.errors import ConfigError
-from taskproxy.settings import settings_from_mapping
+from taskproxy.config import settings_from_mapping
 from taskproxy.reports.signals import KINDS, SignalSettings, gaming_signals, signals_text
 from taskproxy.storage import repo, rollup
 from taskproxy.storage.db import make_engine, upgrade_schema

@@ -23,7 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
 from taskproxy.fake_provider import OVERLOADED_CACHE_READ
-from taskproxy.settings import ConfigError, settings_from_mapping
+from taskproxy.config import settings_from_mapping
+from taskproxy.errors import ConfigError
 
 ENDPOINT = "http://collector.example:4318"
 
@@ -193,7 +194,7 @@ def test_without_an_endpoint_nothing_is_sent_and_the_sdk_is_not_loaded(tmp_path:
     code = """
 import asyncio, sys
 from taskproxy.app import create_app
-from taskproxy.settings import settings_from_mapping
+from taskproxy.config import settings_from_mapping
 settings = settings_from_mapping({"database_url": "sqlite:///%s"}, {})
 app = create_app(settings)
 async def main():

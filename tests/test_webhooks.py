@@ -10,7 +10,7 @@ import pytest
 
 import webhook_payloads as hooks
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
-from taskproxy.settings import settings_from_mapping
+from taskproxy.config import settings_from_mapping
 from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,8 @@ import sys
 from typing import Any
 
 from taskproxy.render import print_json
-from taskproxy.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from taskproxy.config import DEFAULT_CONFIG_PATH, database_named, load_settings
+from taskproxy.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -24,7 +25,7 @@ def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[
     from taskproxy.storage.db import make_engine, prepare_schema
 
     settings = _settings(args)
-    if not (args.config or os.environ.get("TASKPROXY_CONFIG") or os.environ.get("TASKPROXY_DATABASE_URL") or DEFAULT_CONFIG_PATH.exists()):
+    if not database_named(args.config):
         # Keys created here would be in a database no running proxy reads: say which one it is.
         print(f"taskproxy: no config (--config, $TASKPROXY_CONFIG, {DEFAULT_CONFIG_PATH}) and no $TASKPROXY_DATABASE_URL: "
               f"using {settings.database_url} in {os.getcwd()}", file=sys.stderr)  # fmt: skip

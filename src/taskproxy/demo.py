@@ -31,7 +31,8 @@ from taskproxy.fake_provider import FakeProvider
 from taskproxy.localserver import serve_in_thread
 from taskproxy.money import format_usd as money
 from taskproxy.render import tasks_table
-from taskproxy.settings import Settings, settings_from_mapping
+from taskproxy.config import settings_from_mapping
+from taskproxy.settings import Settings
 
 
 REPEATS = 25  # the scripted loop: above signals.repeated_prompt_min_requests (20)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from taskproxy.render import print_json
-from taskproxy.settings import ClientSettings
+from taskproxy.config import ClientSettings
 
 def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None, *, expect: str = "work_item") -> dict:
     """The proxy's JSON answer, which holds `expect`; anything else ends the command with one line."""
