@@ -34,6 +34,11 @@ EARLIEST = datetime(1970, 1, 1)
 LATEST = datetime(9999, 1, 1)  # excluded
 
 
+def nameable(moment: datetime) -> bool:
+    """From `EARLIEST` to before `LATEST`: a time taskproxy takes from a query or a tracker."""
+    return EARLIEST <= moment < LATEST
+
+
 def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     """`2026-11-01`, `2026-11-01T10:00:00Z`, `...+02:00`, or a period back from now: `30m`, `12h`, `7d`,
     `2w`; from `EARLIEST` to before `LATEST`. ValueError otherwise."""
@@ -45,7 +50,7 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
             parsed = parse_iso(value)
     except OverflowError:  # a period reaching before year 1, or larger than a timedelta holds
         raise ValueError(f"{value!r} reaches outside the calendar") from None
-    if not EARLIEST <= parsed < LATEST:
+    if not nameable(parsed):
         raise ValueError(f"{value!r} is not from {EARLIEST.year} to {LATEST.year - 1}")
     return parsed
 

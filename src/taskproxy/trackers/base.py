@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 
-from taskproxy.timeutil import EARLIEST, LATEST, parse_iso
+from taskproxy.timeutil import nameable, parse_iso
 from taskproxy.errors import InvalidRequest, InvalidSignature
 from taskproxy.workitems import WorkItemIds
 
@@ -95,7 +95,7 @@ def tracker_time(value: Any) -> datetime | None:
             found = parse_iso(value)
         except ValueError:
             return None
-    return found if found is not None and EARLIEST <= found < LATEST else None
+    return found if found is not None and nameable(found) else None
 
 
 _SEPARATORS = str.maketrans({c: "/" for c in " :[](){},;"})  # "[PAY-7] Fix refunds" → "/PAY-7//Fix/refunds"
