@@ -121,3 +121,38 @@ def test_kill_9_loses_at_most_the_last_batch_interval(upstream: FakeUpstream, tm
     answered_last_interval = sum(1 for t in late if killed_at - t <= flush + 0.1)
     assert lost <= answered_last_interval + 8  # at most the last interval (and the requests in flight)
     print(f"\nkill -9 right after 40 answers: {lost} of {len(late)} lost (answered in the last {flush} s: {answered_last_interval})")
+
+
+def test_kill_9_while_another_process_holds_sqlites_write_lock_loses_nothing_answered_before_the_write_wait(
+        upstream: FakeUpstream, tmp_path: Path) -> None:  # fmt: skip
+    """A backup or a `taskproxy db` command holds SQLite's write lock while the proxy answers; the proxy
+    is then killed. What it answered more than the write wait (2 s) before is in its spool, and the
+    next process writes it once the lock is free (before: the writer waited out the 30 s busy timeout
+    with every answer in memory, and the kill lost them all)."""
+    config = write_config(tmp_path, upstream.url, recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.1})
+    server = start_server(config, tmp_path / "server.log")
+    holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    try:
+        client = server.openai(server.new_key(), default_headers={"X-Work-Item": "LOCKED-1"})
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "before"}])
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process takes it
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda _: client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]), range(30)))
+        time.sleep(5.0)  # well past the write wait: everything answered is on disk by now
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(10)
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+        server.stop()
+    with running_server(config, tmp_path / "after.log") as after:  # it replays the spool the killed process left
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with sqlite3.connect(tmp_path / "t.db") as db:
+                recorded = db.execute("SELECT count(*) FROM usage_events WHERE work_item = 'LOCKED-1'").fetchone()[0]
+            if recorded >= 31:
+                break
+            time.sleep(0.2)
+        assert after.process.poll() is None
+    assert recorded == 31, f"{31 - recorded} of 31 answered requests were lost"

@@ -5,14 +5,15 @@ timeouts end it. The writer does not wait that long: past the bound, the call go
 and `DatabaseCalls` raises an OperationalError, which the writer treats as the database down (it
 spools). While that call is unanswered, the next fail at once. One still unanswered
 `ABANDON_SECONDS` after it was sent, which only a PgBouncer without `query_timeout` holds that long,
-is left to its thread, and calls go on in a new one. SQLite is a local file that cannot go silent:
-its calls are waited for (its lock, up to its busy timeout), except once the process is stopping.
+is left to its thread, and calls go on in a new one. SQLite's calls are bounded the same way: a local
+file does not go silent, but another process can hold its write lock (a backup, a `taskproxy db`
+command) up to the busy timeout, and what the writer has answered meanwhile must reach the spool on
+disk rather than wait in memory for a lock that a kill -9 would lose with it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,7 +28,6 @@ log = logging.getLogger("taskproxy.writer")
 
 ABANDON_SECONDS = 60.0  # an unanswered call is left to its thread after this, and calls go on in a new one
 MAX_ABANDONED = 2  # calls left waiting at once (each holds a connection): past it, they are waited for
-STOPPING_CHECK_SECONDS = 0.25  # a SQLite call waited for without a bound looks this often whether the process is stopping
 
 
 class DatabaseCalls:
@@ -37,26 +37,20 @@ class DatabaseCalls:
         self._unanswered: Future[None] | None = None  # a call still waiting for the database
         self._unanswered_since = 0.0
         self._abandoned: list[Future[None]] = []  # calls left to their threads (ABANDON_SECONDS)
-        self._bounded = engine.dialect.name != "sqlite"  # a local file does not go silent: wait for its lock
-        self.stopping = threading.Event()  # set: no more waiting without a bound
 
     def call(self, function: Callable[..., None], wait: float, *args: object) -> None:
-        """Run `function(engine, *args)` in the database thread and wait for it: `wait` at most where the
-        database can go silent; on SQLite until it ends, unless stopping: then `wait` too. Past the
+        """Run `function(engine, *args)` in the database thread and wait for it, `wait` at most. Past the
         wait, or while an earlier call is unanswered: an OperationalError (the database is down)."""
         if self._unanswered is not None and not self._unanswered.done() and not self._abandon_unanswered():
             raise _no_answer()
         self._unanswered = None
         started = time.monotonic()
         call = self._threads.submit(function, self._engine, *args)
-        while True:
-            try:
-                call.result(timeout=max(0.0, started + wait - time.monotonic()) if self._bounded else STOPPING_CHECK_SECONDS)
-                return
-            except FutureTimeout:
-                if self._bounded or (self.stopping.is_set() and time.monotonic() - started >= wait):
-                    self._unanswered, self._unanswered_since = call, started
-                    raise _no_answer() from None
+        try:
+            call.result(timeout=wait)
+        except FutureTimeout:
+            self._unanswered, self._unanswered_since = call, started
+            raise _no_answer() from None
 
     def _abandon_unanswered(self) -> bool:
         """Leave a call unanswered for `ABANDON_SECONDS` to its thread, and go on in a new one (at most

@@ -12,9 +12,9 @@ what lets every path below retry freely.
   connection's TCP timeouts end it, and the batches meanwhile are spooled without waiting for it
   (answered.py: how long each call is waited for, and when one is left behind). While the database is
   down, a `SELECT 1` bounded by `WRITE_WAIT_WHILE_DOWN_SECONDS` asks whether it answers again before a
-  batch is sent, so a large batch replayed to a database just back is not cut short. SQLite is a
-  local file that cannot go silent: its writes are waited for (its lock, up to its busy timeout).
-  The spooled copy of a batch whose write commits late changes nothing when it is replayed. New
+  batch is sent, so a large batch replayed to a database just back is not cut short. On SQLite, a
+  write lock another process holds past `WRITE_WAIT_SECONDS` is met the same way: spooled to disk,
+  where a kill cannot take it, rather than held in memory for the busy timeout. The spooled copy of a batch whose write commits late changes nothing when it is replayed. New
   batches go straight to a database that answers, whatever is still waiting in the spool, so a
   spool that cannot be replayed never holds back the rest.
 - **The spool cannot be written either** (a full disk): the batch is held in memory and retried;
@@ -192,7 +192,6 @@ class BatchWriter:
         """Drain the queue and stop the thread."""
         if self._thread is None:
             return
-        self._database.stopping.set()  # no more waiting for SQLite's lock without a bound
         self._queue.put(_STOP)
         self._urgent.set()
         self._thread.join(timeout)
