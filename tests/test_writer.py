@@ -568,3 +568,34 @@ def test_a_process_stopping_while_another_holds_the_sqlite_lock_spools_what_it_c
     with engine.connect() as connection:
         assert list(connection.execute(select(AuditEntry.id)).scalars()) == [entry.id]
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_database_that_answers_read_only_is_an_outage_not_rows_it_refuses(postgres_url: str, tmp_path: Path) -> None:
+    """A failover that leaves the proxy on a standby (or `default_transaction_read_only` set for
+    maintenance) refuses every write as read-only. That is the database unable to take writes: the
+    batches are spooled and replayed by the next process on a writable one, not set aside row by
+    row as if each row were wrong (before: every row in the set-aside file, for an operator to replay)."""
+    from taskproxy.storage.db import make_engine
+
+    writable = make_engine(postgres_url)
+    upgrade_schema(writable)
+    read_only = make_engine(postgres_url + "%20-cdefault_transaction_read_only%3Don")
+    writer = BatchWriter(read_only, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    sent = entries(3)
+    try:
+        for entry in sent:
+            writer.submit(entry)
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert (writer.set_aside, writer.spooled) == (0, 3)
+    assert not (tmp_path / "spool.rejected.jsonl").exists()
+    after = BatchWriter(writable, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    after.start()  # replays what the first left
+    after.close()
+    with writable.connect() as connection:
+        assert set(connection.execute(select(AuditEntry.id)).scalars()) == {e.id for e in sent}
+    read_only.dispose()
+    writable.dispose()

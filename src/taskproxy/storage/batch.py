@@ -89,10 +89,17 @@ class Batch:
         return len(self) or len(self.items)
 
 
+# SQLSTATE of a write refused because the server takes none (a standby after a failover, or
+# `default_transaction_read_only`): psycopg makes it an InternalError, but no row is at fault.
+READ_ONLY_TRANSACTION = "25006"
+
+
 def database_down(exc: BaseException) -> bool:
-    """The database could not be reached (spool and retry), as opposed to refusing a row. A pool with
+    """The database cannot take the batch (spool and retry), as opposed to refusing a row. A pool with
     no connection to give within its timeout counts too: each of them waits on a database gone silent."""
-    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) == READ_ONLY_TRANSACTION)
 
 
 def write(engine: Engine, batch: Batch) -> None:
