@@ -59,6 +59,7 @@ from taskproxy.storage import partitions
 from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
+from taskproxy.storage.batch import database_down, why_down
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -77,6 +78,7 @@ NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 PARTITIONS_EVERY_SECONDS = 3600.0
 READY_WAIT_SECONDS = 2.0  # /readyz waits this long for the database at most
 STOP_STEP_SECONDS = 5.0  # at shutdown, a step that talks to the database is waited for this long at most
+DATABASE_RETRY_SECONDS = 5  # Retry-After on a 503 for a database that cannot take a request now
 
 
 async def root(request: Request) -> Response:
@@ -122,6 +124,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if database_down(exc):  # not a bug: the database cannot take it now (an outage, a standby), and a retry may succeed
+        log.warning("%s %s: the database cannot answer (%s: %s)", request.method, request.url.path, exc.__class__.__name__, str(exc).splitlines()[0])
+        return error_response(ServiceUnavailable(why_down(exc), retry_after=DATABASE_RETRY_SECONDS), api_format_of(request.scope))
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), api_format_of(request.scope))
 

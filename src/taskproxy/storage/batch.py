@@ -99,7 +99,18 @@ def database_down(exc: BaseException) -> bool:
     no connection to give within its timeout counts too: each of them waits on a database gone silent."""
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
-    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or getattr(exc.orig, "sqlstate", None) == READ_ONLY_TRANSACTION)
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or _read_only(exc))
+
+
+def _read_only(exc: BaseException) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == READ_ONLY_TRANSACTION
+
+
+def why_down(exc: BaseException) -> str:
+    """What a client is told when the database cannot take what it asked for (`database_down`)."""
+    if _read_only(exc):
+        return "The database takes no writes right now: it answers read-only (a standby after a failover?). Try again shortly."
+    return f"The database cannot be reached right now ({exc.__class__.__name__}). Try again shortly."
 
 
 def write(engine: Engine, batch: Batch) -> None:

@@ -1,0 +1,55 @@
+"""A failover that leaves the proxy on a standby: the database answers reads and refuses every write
+(read-only). Requests are answered and their usage waits in the spool; writes a client asked for get
+a 503 it can retry, not a 500 that calls it a bug; a writable database gets everything."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from conftest import postgres_schema
+from serve_helpers import fake_upstream, run_cli, running_server, write_config
+from taskproxy.storage.db import make_engine
+from taskproxy.storage.models import UsageEvent
+from webhook_payloads import GITHUB_SECRET, github_headers, github_issue
+
+pytestmark = [pytest.mark.serve, pytest.mark.postgres]
+
+
+def test_on_a_read_only_database_requests_are_answered_and_spooled_and_writes_asked_for_get_503(tmp_path: Path) -> None:
+    with postgres_schema() as writable_url, fake_upstream() as upstream:
+        recording = {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05}
+        trackers = {"github": {"secret": GITHUB_SECRET}}
+        writable = write_config(tmp_path, upstream.url, database_url=writable_url, recording=recording, trackers=trackers)
+        standby = write_config(tmp_path, upstream.url, name="standby.yaml", recording=recording, trackers=trackers,
+                               database_url=writable_url + "%20-cdefault_transaction_read_only%3Don")  # fmt: skip
+        assert run_cli("db", "upgrade", config=writable).returncode == 0
+        with running_server(writable, tmp_path / "before.log") as server:
+            key = server.new_key()
+        with running_server(standby, tmp_path / "standby.log") as server:
+            client = server.openai(key)
+            for _ in range(3):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "RO-1"})
+            refused = server.http.post("/api/keys", json={"owner": "eli", "team": "payments"}, headers=server.admin_headers)
+            body = json.dumps(github_issue("closed", 7)).encode()
+            delivery = httpx.post(f"{server.url}/webhooks/github", content=body, headers=github_headers(body, "issues"))
+        for answer in (refused, delivery):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "service_unavailable"
+            assert "read-only" in answer.json()["error"]["message"]
+        engine = make_engine(writable_url)
+        try:
+            with running_server(writable, tmp_path / "after.log"):  # replays the standby's spool
+                deadline, recorded = time.monotonic() + 10, 0
+                while recorded < 3 and time.monotonic() < deadline:
+                    with engine.connect() as connection:
+                        recorded = connection.execute(select(func.count()).select_from(UsageEvent).where(UsageEvent.work_item == "RO-1")).scalar_one()
+                    time.sleep(0.1)
+            assert recorded == 3
+        finally:
+            engine.dispose()
