@@ -97,6 +97,7 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         s = found.setdefault(key, defaultdict(int, cost_nanos=None, first_ts=e.ts, last_ts=e.ts))
         s["events"] += 1
         s["ok_events"] += e.status < 400
+        s["ok_token_counts"] += e.status < 400 and e.route == COUNT_TOKENS
         s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
         s["first_attempts"] += e.attempt == 1
         for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"):

@@ -8,7 +8,8 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
 - **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
   not completed). It counts with all the spend it ever had (all its events, whenever they happened).
-- **AI-assisted**: a completed item with at least one usage event whose status is below 400.
+- **AI-assisted**: a completed item with at least one usage event whose status is below 400 and that
+  is not a token count (`/v1/messages/count_tokens`: it generates nothing, and costs nothing).
 - `ai_assisted_share` = ai_assisted_items / completed_items (null when nothing was completed).
 - `cost_per_completed_item`, `tokens_per_completed_item`: over the AI-assisted completed items, the
   per-item total (sum of `cost_usd` / of `total_tokens` over all the item's events) as

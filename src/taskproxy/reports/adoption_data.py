@@ -44,13 +44,14 @@ class Item:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     status_at_until: str = "unverified"
-    # All-time, per model: (events, events below 400, cost in nano-USD or None, total tokens) — items
+    # All-time, per model: (events, answered events that are not token counts, cost in nano-USD or None,
+    # total tokens) — items
     # completed in the period, or reopened after a completion in it, only.
     by_model: dict[str, tuple[int, int, int | None, int]] = field(default_factory=dict)
     # Their sums, kept as `add_usage` fills `by_model`: every scope's figures read them.
     cost: int | None = None  # known cost, nano-USD; None when no event of the item has a known price
     tokens: int = 0
-    ai_assisted: bool = False  # at least one event (all time) below status 400
+    ai_assisted: bool = False  # at least one event (all time) below status 400 that is not a token count
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
@@ -92,10 +93,10 @@ class Item:
         reopened = self.reopened_completion
         return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
 
-    def add_usage(self, model: str, attempts: int, ok: int, cost: int | None, tokens: int) -> None:
+    def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int) -> None:
         """The item's all-time usage of `model` (one call per model)."""
-        self.by_model[model] = (attempts, ok, cost, tokens)
-        self.ai_assisted = self.ai_assisted or ok > 0
+        self.by_model[model] = (attempts, answered, cost, tokens)
+        self.ai_assisted = self.ai_assisted or answered > 0
         if cost is not None:
             self.cost = (self.cost or 0) + cost
         self.tokens += tokens
@@ -194,12 +195,12 @@ def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) 
 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
-    found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME, fields=("attempts", "ok", "cost_nanos", "total_tokens"),
+    found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
                            where=where)  # fmt: skip
-    for work_item, model, attempts, ok, cost, tokens in found:
+    for work_item, model, attempts, answered, cost, tokens in found:
         item = items.get(work_item)
         if item is not None:
-            item.add_usage(model, int(attempts), int(ok or 0), None if cost is None else int(cost), int(tokens or 0))
+            item.add_usage(model, int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
 
 
 def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:

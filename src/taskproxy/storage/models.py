@@ -221,6 +221,9 @@ def _sums(*, bucket: bool = True) -> list[Column[Any]]:
         *([_time("bucket")] if bucket else []),  # the hour's or the day's start, naive UTC
         _int("events"),  # attempts, as rows of usage_events
         _int("ok_events"),  # of which status < 400
+        # Of those, token counts (count_tokens calls: nothing generated), so that an item is AI-assisted by
+        # an answer, not by counting tokens (reports/adoption.py); filled from the raw events by 0017.
+        Column("ok_token_counts", Integer(), nullable=False, server_default="0"),
         _int("requests"),  # first attempts, not counting count_tokens calls (what /api/usage calls requests)
         _int("first_attempts"),  # first attempts, count_tokens included (kept up to date; no report reads it now)
         _big("prompt_tokens"),

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 import operator
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, Row, Select, Table, and_, case, cast, column, distinct, func, insert, literal_column, or_, select, table, true, union_all
+from sqlalchemy import Integer, Row, Select, Table, and_, case, cast, column, distinct, func, insert, inspect, literal_column, or_, select, table, true, union_all
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -56,7 +56,7 @@ def request_clause(events: Any) -> ColumnElement:
 EVENTS = UsageEvent.__table__
 _E = EVENTS.c
 COUNTS = (
-    "events", "ok_events", "requests", "first_attempts", "prompt_tokens", "completion_tokens", "total_tokens",
+    "events", "ok_events", "ok_token_counts", "requests", "first_attempts", "prompt_tokens", "completion_tokens", "total_tokens",
     "cached_tokens", "reasoning_tokens", "unpriced_events",
 )  # fmt: skip
 TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
@@ -142,8 +142,10 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         hour = ts.replace(minute=0, second=0, microsecond=0)
         first = event.get("attempt", 1) == 1
         cost = event["cost_nanos"]
+        ok = 1 if event["status"] < 400 else 0
         counts = (
-            1, 1 if event["status"] < 400 else 0, 1 if is_request(event.get("attempt", 1), event["route"]) else 0, 1 if first else 0,
+            1, ok, 1 if ok and event["route"] == COUNT_TOKENS_ROUTE else 0, 1 if is_request(event.get("attempt", 1), event["route"]) else 0,
+            1 if first else 0,
             event.get("prompt_tokens", 0), event.get("completion_tokens", 0), event.get("total_tokens", 0),
             event.get("cached_tokens", 0), event.get("reasoning_tokens", 0), 1 if cost is None else 0,
         )  # fmt: skip  (in the order of COUNTS)
@@ -152,7 +154,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         _accumulate(daily, (hour.replace(hour=0), item, team, model, event["owner"]), counts, cost, ts)
         key_row = (hour.replace(hour=0), event["key_id"], item, team)
         _accumulate(per_key, key_row, counts, cost, ts)
-        hours_of[key_row] |= (1 << ts.hour) if counts[2] else 0
+        hours_of[key_row] |= (1 << ts.hour) if counts[3] else 0  # a request
         _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
         _accumulate(lifetime, (item, team, model), counts, cost, ts)
     found = {}
@@ -184,15 +186,17 @@ def add(connection: Connection, events: Iterable[dict]) -> None:
         bulk.upsert(connection, level.table, summed, level.key, _merges(level, connection.dialect.name))
 
 
-def _summed(level: Level, events: Any, dialect: str) -> Select:
-    """The rows of `level` that the events `events` (columns of usage_events, or of a CTE of its rows) make."""
+def _summed(level: Level, events: Any, dialect: str, stored: dict[str, str] | None = None) -> Select:
+    """The rows of `level` that the events `events` (columns of usage_events, or of a CTE of its rows)
+    make: the sums of `stored` (aggregate name -> column; all of them by default), then the level's extras."""
+    stored = _STORED if stored is None else stored
     aggregates = _aggregates(events)
     by = {"work_item": events.work_item, "team": func.coalesce(events.team, literal_column("''")), "model": events.model,
           "owner": events.owner, "key_id": events.key_id}  # fmt: skip
     buckets = [] if level.unit is None else [level.floor_sql(events.ts, dialect)]
     keys = [*buckets, *(by[name] for name in level.key if name != "bucket")]
     extras = [EXTRAS[name](events, dialect) for name in level.extra]
-    return select(*keys, *(aggregates[name].raw for name in _STORED), *extras).group_by(*keys)
+    return select(*keys, *(aggregates[name].raw for name in stored), *extras).group_by(*keys)
 
 
 def request_hours(events: Any, dialect: str) -> ColumnElement:
@@ -233,10 +237,13 @@ def upserts_over(source: str) -> tuple[str, ...]:
 
 
 def backfill(connection: Connection, levels: Sequence[Level] = WRITTEN) -> None:
-    """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each."""
+    """Fill empty rollups from usage_events, by one INSERT ... SELECT ... GROUP BY each: the sums the
+    table has, so that a database at an earlier revision is filled as its writer would have."""
     for level in levels:
-        query = _summed(level, _E, connection.dialect.name)
-        connection.execute(insert(level.table).from_select([*level.key, *_STORED.values(), *level.extra], query))
+        present = {found["name"] for found in inspect(connection).get_columns(level.table.name)}
+        stored = {name: column for name, column in _STORED.items() if column in present}
+        query = _summed(level, _E, connection.dialect.name, stored)
+        connection.execute(insert(level.table).from_select([*level.key, *stored.values(), *level.extra], query))
 
 
 # -- reading: whole days and hours from the rollups, the edges from the raw events -----------------
@@ -310,6 +317,11 @@ def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
     found = {
         "attempts": _Aggregate(func.count(), _sum_of("events")),
         "ok": _Aggregate(func.sum(case((events.status < 400, 1), else_=0)), _sum_of("ok_events")),
+        "ok_token_counts": _Aggregate(func.sum(case((and_(events.status < 400, events.route == COUNT_TOKENS_ROUTE), 1), else_=0)),
+                                      _sum_of("ok_token_counts")),
+        # Answered events that generated something: what makes an item AI-assisted (not a token count).
+        "answered": _Aggregate(func.sum(case((and_(events.status < 400, events.route != COUNT_TOKENS_ROUTE), 1), else_=0)),
+                               lambda c: func.sum(c.ok_events - c.ok_token_counts)),
         # One client request = one first attempt; fallback attempts are events but not more requests, and
         # token counting (Claude Code calls count_tokens often) generates nothing.
         "requests": _Aggregate(func.sum(case((request_clause(events), 1), else_=0)), _sum_of("requests")),
@@ -326,7 +338,7 @@ def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
 
 # aggregate name -> rollup column, for the backfill
 _STORED = {
-    "attempts": "events", "ok": "ok_events", "requests": "requests", "first_attempts": "first_attempts",
+    "attempts": "events", "ok": "ok_events", "ok_token_counts": "ok_token_counts", "requests": "requests", "first_attempts": "first_attempts",
     **{name: name for name in TOKENS}, "cost_nanos": "cost_nanos", "unpriced_attempts": "unpriced_events",
     "first_used": "first_ts", "last_used": "last_ts",
 }  # fmt: skip
