@@ -1,4 +1,4 @@
-"""A generated organisation for the gaming signals' tests: honest people, and six planted patterns.
+"""A generated organisation for the gaming signals' tests: honest people, and nine planted patterns.
 
 Honest people work like people: items one after another, requests in sessions during their working
 hours on weekdays with jittered (log-normal) intervals, a different prompt every time, items that
@@ -18,6 +18,8 @@ Planted, one pattern per key, each kept clear of the other signals:
 - `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered;
 - `quick`   (ops): eight items, each opened, asked about three times and done within 4 minutes,
   and one ordinary item (split work closed fast to make cost per completed item look good);
+- `tagger`  (ops): six tickets worked on by hand for a day or more, each tagged with one request a
+  few minutes before it was done (AI-assisted share bought for pennies), and one ordinary item;
 - `splitter` (mobile): ordinary pull requests of 150–400 changed lines, like its honest teammate's,
   and one burst of five of 30–50 lines completed within a few hours: one item's work, cut in five.
 
@@ -62,6 +64,7 @@ PLANTED = {
     "outlier": "cost_outlier",
     "unverif": "unverified_spend",
     "quick": "trivial_completions",
+    "tagger": "trivial_completions",
     "splitter": "split_work",
 }
 OUTLIER_FACTOR = 20.0
@@ -70,6 +73,7 @@ ARM64_QUESTION = "why does the build fail on arm64?"  # honest-web-1 retries it 
 AFTER_REQUESTS = 15  # per closer item
 CRON_DAYS = 5
 QUICK_ITEMS = 8  # trivial ones, each done 4 minutes after it was opened
+TAGGED_ITEMS = 6  # done by hand, each with one request 3 minutes before it was done
 SPLIT_ITEMS = 5  # small pull requests done within hours of each other, about one ordinary item together
 
 
@@ -431,6 +435,19 @@ class _Builder:
             self.event(ordinary, ts, key)
         self.step(ordinary, ordinary.created_at + timedelta(days=2), "done")
 
+    def tagger(self) -> None:
+        key = self.key("tagger", "ops")
+        for n in range(TAGGED_ITEMS):
+            opened = SINCE + timedelta(days=1 + 2 * n, hours=9, minutes=self.rng.uniform(0, 30))
+            item = self.item(f"OPS-TAGGED-{n + 1}", "ops", key, opened)
+            done = opened + timedelta(days=1, hours=self.rng.uniform(2, 6))
+            self.event(item, done - timedelta(minutes=3), key, prompt=self.rng.randint(20, 60), completion=self.rng.randint(10, 40))
+            self.step(item, done, "done")
+        ordinary = self.item("OPS-TAGGER-REAL-1", "ops", key, SINCE + timedelta(days=3))
+        for ts in self.sessions(ordinary.created_at + timedelta(hours=1), 3, HUMAN):
+            self.event(ordinary, ts, key)
+        self.step(ordinary, ordinary.created_at + timedelta(days=2), "done")
+
     def sized(self, item: Item, lines: int) -> None:
         """The size a tracker would report for a pull request (added + deleted lines)."""
         assert item.completed_at is not None
@@ -467,6 +484,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     builder.cron()
     builder.unverif()
     builder.quick()
+    builder.tagger()
     builder.mobile()
     builder.outlier()  # last: it needs the team's other items
 

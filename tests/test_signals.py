@@ -28,6 +28,7 @@ from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_URL, in_process, make_s
 from taskproxy.upstream.mock import MockProvider
 from test_rollup import event as raw_event
 from signals_org import (
+    TAGGED_ITEMS,
     ARM64_QUESTION,
     AFTER_REQUESTS,
     CRON_DAYS,
@@ -358,6 +359,17 @@ def test_trivial_completions_evidence(world: tuple[Any, Org, Path]) -> None:
     assert all(w["minutes_to_complete"] == 4.0 and w["changed_lines"] is None for w in found["work_items"])
 
 
+def test_trivial_completions_see_tickets_done_by_hand_and_tagged_with_one_request(world: tuple[Any, Org, Path]) -> None:
+    """Opened a day or more before they were done, so quick only from the key's first request on them."""
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "trivial_completions", "tagger")
+    evidence = found["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"]) == (TAGGED_ITEMS + 1, TAGGED_ITEMS, TAGGED_ITEMS)
+    assert evidence["requests"] == TAGGED_ITEMS
+    assert [w["id"] for w in found["work_items"]] == [f"OPS-TAGGED-{n + 1}" for n in range(TAGGED_ITEMS)]
+    assert all(w["minutes_from_first_request"] == 3.0 and w["minutes_to_complete"] > 24 * 60 for w in found["work_items"])
+
+
 def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     engine, org, _ = world
 
@@ -652,8 +664,10 @@ def test_the_dashboards_signals_page_counts_every_kind_and_shows_a_bounded_numbe
     engine, _, _ = world
     full = gaming_signals(engine, since=SINCE, until=UNTIL)
     counts = {kind: [s["kind"] for s in full["signals"]].count(kind) for kind in KINDS if any(s["kind"] == kind for s in full["signals"])}
-    assert len(counts) >= 8  # every kind is planted once
-    for per_kind, shown in ((0, []), (1, full["signals"])):
+    assert len(counts) >= 8  # every kind is planted, trivial_completions twice
+    first_of_each = [s for n, s in enumerate(full["signals"]) if all(other["kind"] != s["kind"] for other in full["signals"][:n])]
+    assert len(first_of_each) < len(full["signals"])
+    for per_kind, shown in ((0, []), (1, first_of_each)):
         page = signals_page(engine, SINCE, UNTIL, SignalSettings(), per_kind=per_kind)
         assert page["counts"] == counts and page["signals"] == shown and page["per_kind"] == per_kind
 

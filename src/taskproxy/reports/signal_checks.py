@@ -321,7 +321,8 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
 
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
     """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
-    being opened, or (where the tracker gave a size) a handful of changed lines."""
+    being opened or of the key's first request on them (a ticket done by hand, tagged with one request
+    to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines."""
     quick_limit = timedelta(minutes=t.trivial_max_minutes)
     found = []
     for key_id, per_item in spend.items():
@@ -329,7 +330,8 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
         trivial, quick, small = [], 0, 0
         for s in completed:
             row = items[s.item]
-            is_quick = row.created_at is not None and row.completed_at - row.created_at <= quick_limit  # type: ignore[operator]
+            is_quick = any(start is not None and timedelta(0) <= row.completed_at - start <= quick_limit  # type: ignore[operator]
+                           for start in (row.created_at, s.first))  # fmt: skip
             is_small = row.changed_lines is not None and row.changed_lines <= t.trivial_max_lines
             if is_quick or is_small:
                 trivial.append(s)
@@ -343,10 +345,14 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
         entries = []
         for s in trivial:
             row = items[s.item]
-            minutes = None if row.created_at is None else rounded((row.completed_at - row.created_at).total_seconds() / 60, 1)  # type: ignore[operator]
-            entries.append(item_entry(items, s, completed_at=iso(row.completed_at), minutes_to_complete=minutes, changed_lines=row.changed_lines))
+            entries.append(item_entry(items, s, completed_at=iso(row.completed_at), minutes_to_complete=_minutes(row.created_at, row.completed_at),
+                                      minutes_from_first_request=_minutes(s.first, row.completed_at), changed_lines=row.changed_lines))  # fmt: skip
         found.append((key_id, evidence, listed(entries)))
     return found
+
+
+def _minutes(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else rounded((end - start).total_seconds() / 60, 1)
 
 
 def _completed_in(item: ItemRow | None, since: datetime, until: datetime) -> bool:
