@@ -27,7 +27,7 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("socket")
     base = f"{upstream.url}/v1"
     models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base},
-              {"name": "fake-cut", "base_url": base}]  # fmt: skip
+              {"name": "fake-cut", "base_url": base}, {"name": "fake-trickle", "base_url": base}]  # fmt: skip
     config = write_config(folder, upstream.url, models=models)
     with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
         yield running
@@ -161,6 +161,48 @@ def test_a_client_leaving_mid_answer_is_recorded_and_ends_the_providers_request(
     assert time.monotonic() - started < 1.5  # the fake waits 2 s: it was cancelled, not finished
     [event] = server.events("PROJ-55", 1)
     assert event["error"] == "client_disconnected" and event["status"] == 499
+
+
+def test_a_client_closing_with_messages_waiting_behind_a_long_turn_has_its_close_answered(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """Messages sent while a turn runs wait for it; the socket is still read meanwhile, so the client's
+    close frame is answered at once and ends the turn (uvicorn reads no further while a message it
+    received waits for the app: the close went unanswered and the provider streamed on)."""
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-60"}, open_timeout=5, close_timeout=5) as socket:
+        socket.send(json.dumps({"type": "response.create", "model": "fake-trickle", "input": "go on"}))
+        while json.loads(socket.recv(5))["type"] != "response.output_text.delta":
+            pass
+        for _ in range(2):
+            socket.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "next"}))
+        time.sleep(0.2)
+        started = time.monotonic()
+    assert socket.protocol.close_rcvd is not None and socket.protocol.close_rcvd.code == 1000  # answered, not given up on
+    assert time.monotonic() - started < 2
+    wait_until(lambda: upstream.fake.active, lambda active: active == 0, 2)
+    [event] = server.events("PROJ-60", 1)
+    assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
+
+
+def test_messages_sent_ahead_of_a_turn_wait_for_it_up_to_a_bound_and_the_rest_get_429(server: ServerProcess) -> None:
+    """A client that sends faster than the turns run cannot make the proxy hold its messages without end."""
+    from taskproxy.routes.responses_socket import MAX_WAITING_MESSAGES
+
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-61"}, open_timeout=5, close_timeout=5,
+                 max_queue=None) as socket:  # fmt: skip
+        socket.send(json.dumps({"type": "response.create", "model": "fake-trickle", "input": "go on"}))
+        while json.loads(socket.recv(5))["type"] != "response.output_text.delta":
+            pass
+        for _ in range(MAX_WAITING_MESSAGES + 3):
+            socket.send(json.dumps({"type": "response.processed"}))  # answered by nothing once its turn comes
+        refused = []
+        while len(refused) < 3:
+            message = json.loads(socket.recv(5))
+            if message["type"] == "error":
+                refused.append(message)
+    assert all(m["status"] == 429 and m["error"]["code"] == "rate_limited" for m in refused), refused
 
 
 def test_a_turn_ended_by_the_server_shutting_down_is_recorded_as_such(upstream: FakeUpstream, tmp_path: Path) -> None:

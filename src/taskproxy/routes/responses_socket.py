@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from taskproxy.error_shapes import error_response, socket_error
-from taskproxy.errors import ApiError, InternalError, InvalidRequest, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import strip_work_item
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object
@@ -51,6 +52,7 @@ from taskproxy.upstream.sse import end_of_last_event, iter_events
 log = logging.getLogger("taskproxy.proxy")
 TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
+MAX_WAITING_MESSAGES = 16  # messages a client may send ahead of the response in progress; more get a 429
 
 
 def _as_items(value: object) -> list:
@@ -95,29 +97,40 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
         return
     await websocket.accept()
     conversation = Conversation()
-    # One request at a time, as the API serves a socket; while a turn runs, the next receive watches for
-    # the client leaving (which ends the turn at once) or holds its next message until the turn is over.
+    # One request at a time, as the API serves a socket, and the socket read all along: uvicorn reads no
+    # further frame (a close included) while a message it has received waits for the app, so a message
+    # sent during a turn is taken at once and waits here, and the client leaving ends the turn at once.
+    waiting: deque[str | bytes] = deque()
+    turn: asyncio.Task[None] | None = None
     receiving = asyncio.create_task(websocket.receive())
     try:
-        while (message := await receiving)["type"] != "websocket.disconnect":
-            receiving = asyncio.create_task(websocket.receive())
-            data = message.get("text") or message.get("bytes") or b""
-            turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, data))
-            await asyncio.wait({turn, receiving}, return_when=asyncio.FIRST_COMPLETED)
-            if not turn.done() and receiving.result()["type"] == "websocket.disconnect":
-                turn.cancel(_ended_by(receiving.result()))
-            try:
-                await turn
-            except _SocketClosed as closed:
-                await _record_close(closed, receiving)
+        while True:
+            if turn is None and waiting:
+                turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, waiting.popleft()))
+            await asyncio.wait({receiving} if turn is None else {receiving, turn}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done() and (message := receiving.result())["type"] == "websocket.disconnect":
+                if turn is not None:
+                    await _end_turn(turn, _ended_by(message))
                 break
-            except asyncio.CancelledError:
-                if receiving.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    break  # the client left: the turn recorded it
-                raise
+            if receiving.done():
+                receiving = asyncio.create_task(websocket.receive())
+                if len(waiting) < MAX_WAITING_MESSAGES:
+                    waiting.append(message.get("text") or message.get("bytes") or b"")
+                else:
+                    await _send(websocket, socket_error(RateLimited(
+                        f"More than {MAX_WAITING_MESSAGES} messages wait for the response in progress; this one is refused.", retry_after=1)))
+            if turn is not None and turn.done():
+                try:
+                    turn.result()
+                except _SocketClosed as closed:
+                    await _record_close(closed, receiving)
+                    break
+                turn = None
     finally:
         if not receiving.done():
             receiving.cancel()
+        if turn is not None and not turn.done():  # this handler was cancelled (the server stopped waiting for it)
+            await _end_turn(turn, SHUTDOWN)
         if websocket.application_state == WebSocketState.CONNECTED and websocket.client_state == WebSocketState.CONNECTED:
             try:
                 await websocket.close()
@@ -306,6 +319,20 @@ async def _remember(conversation: Conversation, body: dict, terminal: bytes, sen
 
 SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
 CLOSE_WAIT_SECONDS = 2.0  # after a failed send, how long the receive may take to say why the socket closed
+
+
+async def _end_turn(turn: asyncio.Task[None], reason: str) -> None:
+    """The client left (or the server is closing the socket): the turn, if it still runs, is cancelled
+    with `reason`, and it is recorded with it whichever way it ends."""
+    if not turn.done():
+        turn.cancel(reason)
+    await asyncio.wait({turn})
+    if turn.cancelled():
+        return  # it recorded itself (`_why`)
+    if isinstance(error := turn.exception(), _SocketClosed):
+        error.record(error=reason)
+    elif error is not None:
+        log.error("a Responses WebSocket turn failed as its socket closed", exc_info=error)
 
 
 class _SocketClosed(Exception):  # control flow inside this module, never rendered
