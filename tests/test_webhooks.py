@@ -448,3 +448,24 @@ async def test_size_and_rework_from_the_trackers(tracked: Proxy) -> None:
     body = hooks.dumps(estimate)
     await _post(tracked, "linear", body, hooks.linear_headers(body))
     assert (await tracked.get("/api/work-items/ENG-31"))["size"]["points"] == 3
+
+
+@BOTH_DATABASES
+async def test_a_completion_withdrawn_through_closed_is_rework_and_a_later_done_does_not_hide_it(tracked: Proxy) -> None:
+    """Done, then Won't Do (closed), then Done again: the first completion did not hold, as if the ticket
+    had been reopened (before: no rework, and the completion moved to whichever period the second
+    Done fell in, which re-completed old tickets into the period being judged)."""
+    steps = [("done", "Done", "2026-11-06T12:30:00.000+0000", "d-1"), ("done", "Won't Do", "2026-11-20T09:00:00.000+0000", "d-2"),
+             ("done", "Done", "2026-11-20T09:05:00.000+0000", "d-3")]  # fmt: skip
+    statuses = []
+    for category, resolution, at, delivery in steps:
+        payload = hooks.jira_issue("jira:issue_updated", "PAY-44", category=category, resolution=resolution)
+        payload["issue"]["fields"].update(updated=at, resolutiondate=at)
+        body = hooks.dumps(payload)
+        assert (await _post(tracked, "jira", body, hooks.jira_headers(body, delivery=delivery))).status_code == 200
+        statuses.append((await tracked.get("/api/work-items/PAY-44"))["status"])
+    assert statuses == ["done", "closed", "done"]
+    ticket = await tracked.get("/api/work-items/PAY-44")
+    assert ticket["rework"] == {"at": "2026-11-20T09:00:00.000Z", "reason": "reopened", "by": "d-2"}
+    october = await tracked.get("/api/reports/adoption", since="2026-11-01T00:00:00Z", until="2026-11-10T00:00:00Z")
+    assert october["overall"]["rework"]["other"] == {"items": 1, "reworked": 1, "rate": 1.0}

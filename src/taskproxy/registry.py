@@ -140,7 +140,9 @@ def _apply(
     if status != current.status and not stale and not final:
         values["status"] = status
         values["completed_at"] = at if status in RESOLVED else None
-        if current.status == "done" and status not in RESOLVED and current.reworked_at is None:  # reopened after done: rework
+        # Done, then anything else (closed included: a Done changed to Won't Do) is a completion that did
+        # not hold: rework, as a reopening is. Only the first is kept.
+        if current.status == "done" and status != "done" and current.reworked_at is None:
             values.update(reworked_at=at, rework_reason="reopened", rework_by=(delivery_id or source)[:200])
         _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
     if values.get("completed_at") is not None and values["completed_at"] < values.get("created_at", current.created_at):
