@@ -1,4 +1,4 @@
-"""A generated organisation for the gaming signals' tests: honest people, and nine planted patterns.
+"""A generated organisation for the gaming signals' tests: honest people, and ten planted patterns.
 
 Honest people work like people: items one after another, requests in sessions during their working
 hours on weekdays with jittered (log-normal) intervals, a different prompt every time, items that
@@ -13,6 +13,8 @@ Planted, one pattern per key, each kept clear of the other signals:
   asks once the question an honest person retries);
 - `closer`  (web): 15 requests on each of three items after they were done (2) or closed (1);
 - `spinner` (web): about $65 in the period on two items, neither completed (one closed, one open);
+- `shielder` (web): about $60 in the period on an item that stays open, and one tiny item done with
+  a single request, as if that outcome covered the rest;
 - `cron`    (data): a developer key in a cron job: every 15 minutes (+0–6 s), around the clock, 5 days;
 - `outlier` (web): one completed item costing 20× the team's median cost per completed item;
 - `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered;
@@ -60,6 +62,7 @@ PLANTED = {
     "looper": "repeated_prompt",
     "closer": "spend_after_completion",
     "spinner": "spend_without_completion",
+    "shielder": "spend_without_completion",
     "cron": "machine_cadence",
     "outlier": "cost_outlier",
     "unverif": "unverified_spend",
@@ -371,6 +374,16 @@ class _Builder:
             if closed is not None:
                 self.step(item, closed, "closed")
 
+    def shielder(self) -> None:
+        key = self.key("shielder", "web")
+        item = self.item("WEB-SHIELD-1", "web", key, SINCE + timedelta(days=1))
+        self.step(item, item.created_at + timedelta(hours=1), "in_progress")
+        for ts in self.sessions(item.created_at + timedelta(hours=2), 600, HUMAN):
+            self.event(item, ts, key)
+        tiny = self.item("WEB-SHIELD-2", "web", key, SINCE + timedelta(days=9, hours=10))
+        self.event(tiny, tiny.created_at + timedelta(hours=2), key, prompt=40, completion=20)
+        self.step(tiny, tiny.created_at + timedelta(hours=5), "done")
+
     def cron(self) -> None:
         key = self.key("cron", "data")
         item = self.item("DATA-NIGHTLY-1", "data", key, SINCE)
@@ -481,6 +494,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260302) -> Org:
     builder.looper()
     builder.closer()
     builder.spinner()
+    builder.shielder()
     builder.cron()
     builder.unverif()
     builder.quick()

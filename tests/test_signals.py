@@ -249,12 +249,23 @@ def test_spend_without_completion_evidence(world: tuple[Any, Org, Path]) -> None
     assert {e.item for e in events} == {"WEB-SPIN-1", "WEB-SPIN-2"} and spend(events) >= DEFAULTS.heavy_spend_min_usd
     assert found["evidence"] == {
         "requests": len(events), "cost_usd": pytest.approx(spend(events)), "tokens": sum(e.prompt + e.completion for e in events),
-        "items": 2, **span(events), "items_by_status": {"closed": 1, "in_progress": 1},
+        "items": 2, **span(events), "items_by_status": {"closed": 1, "in_progress": 1}, "completed_items": 0, "completed_cost_usd": 0.0,
     }  # fmt: skip
     assert [(w["id"], w["status"], w["requests"]) for w in found["work_items"]] == [
         ("WEB-SPIN-1", "in_progress", sum(e.item == "WEB-SPIN-1" for e in events)),
         ("WEB-SPIN-2", "closed", sum(e.item == "WEB-SPIN-2" for e in events)),
     ]
+
+
+def test_spend_without_completion_is_not_shielded_by_one_cheap_completed_item(world: tuple[Any, Org, Path]) -> None:
+    engine, org, _ = world
+    found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "spend_without_completion", "shielder")
+    events = window(org, "shielder")
+    tiny = [e for e in events if e.item == "WEB-SHIELD-2"]
+    assert len(tiny) == 1 and spend(events) >= DEFAULTS.heavy_spend_min_usd
+    evidence = found["evidence"]
+    assert (evidence["completed_items"], evidence["items_by_status"]) == (1, {"done": 1, "in_progress": 1})
+    assert evidence["completed_cost_usd"] == pytest.approx(spend(tiny)) and spend(tiny) < 0.01 * spend(events)
 
 
 def test_machine_cadence_evidence(world: tuple[Any, Org, Path]) -> None:
@@ -378,14 +389,16 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
 
     planted = [(kind, name) for name, kind in PLANTED.items()]
 
-    def without(kind: str) -> list[tuple[str, str]]:
-        return expected_order(org, [p for p in planted if p[0] != kind])
+    def without(kind: str, name: str | None = None) -> list[tuple[str, str]]:
+        return expected_order(org, [p for p in planted if p[0] != kind or name is not None and p[1] != name])
 
     assert kinds_of(repeated_prompt_min_requests=LOOP_REQUESTS + 1) == without("repeated_prompt")
     # Lowered to 5, the honest retry is flagged too: a false positive the docs warn about.
     assert kinds_of(repeated_prompt_min_requests=5) == expected_order(org, [*planted, ("repeated_prompt", "honest-web-1")])
     assert kinds_of(after_completion_min_requests=3 * AFTER_REQUESTS + 1) == without("spend_after_completion")
-    assert kinds_of(heavy_spend_min_usd=spend(window(org, "spinner")) + 0.01) == without("spend_without_completion")
+    heavy = max(spend(window(org, "spinner")), spend(window(org, "shielder")))
+    assert kinds_of(heavy_spend_min_usd=heavy + 0.01) == without("spend_without_completion")
+    assert kinds_of(heavy_spend_max_completed_share=0.0) == without("spend_without_completion", "shielder")  # any completion shields
     assert kinds_of(cadence_max_cv=0.001, around_clock_min_days=CRON_DAYS + 1) == without("machine_cadence")
     assert kinds_of(cost_min_ratio=OUTLIER_FACTOR + 1) == without("cost_outlier")
     assert kinds_of(cost_min_items=len(item_costs(org, "web")) + 1) == without("cost_outlier")
@@ -396,7 +409,8 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     assert kinds_of(split_min_items=SPLIT_ITEMS + 1) == without("split_work")
     assert kinds_of(split_window_hours=0.4) == without("split_work")  # the burst's completions are 30-70 minutes apart
     assert kinds_of(trivial_min_items=QUICK_ITEMS + 1) == without("trivial_completions")
-    assert kinds_of(trivial_max_minutes=3) == without("trivial_completions")  # the planted items took 4
+    assert kinds_of(trivial_max_minutes=3.5) == without("trivial_completions", "quick")  # its items took 4 minutes; the tagger's 3 from its request
+    assert kinds_of(trivial_max_minutes=2) == without("trivial_completions")
     assert kinds_of(trivial_min_share=QUICK_ITEMS / (QUICK_ITEMS + 1) + 0.001) == without("trivial_completions")
 
     # Either cadence reason alone flags the cron key.

@@ -245,6 +245,7 @@ class SignalSettings(_Frozen):
     after_completion_grace_hours: float = Field(default=1.0, ge=0, le=MAX_DAYS * 24)
     after_completion_min_requests: int = Field(default=10, ge=1)
     heavy_spend_min_usd: float = Field(default=50.0, ge=0)
+    heavy_spend_max_completed_share: float = Field(default=0.1, ge=0, le=1)
     cadence_min_requests: int = Field(default=50, ge=3)
     cadence_max_cv: float = Field(default=0.2, ge=0)
     around_clock_min_hours: int = Field(default=20, ge=1, le=24)

@@ -197,12 +197,16 @@ def without_completion(
         total = sum(s.cost for s in spends)
         if total < to_nanos(t.heavy_spend_min_usd) or total <= 0:
             continue
-        if any(_completed_since(items.get(s.item), since) for s in spends):
+        # One cheap completed item must not shield the rest: what completed has to carry a share of the spend.
+        completed = [s for s in spends if _completed_since(items.get(s.item), since)]
+        completed_cost = sum(s.cost for s in completed)
+        if completed and completed_cost >= t.heavy_spend_max_completed_share * total:
             continue
         statuses: dict[str, int] = defaultdict(int)
         for s in spends:
             statuses[status_of(items, s.item)] += 1
-        evidence = {**totals(spends), "items_by_status": dict(sorted(statuses.items()))}
+        evidence = {**totals(spends), "items_by_status": dict(sorted(statuses.items())), "completed_items": len(completed),
+                    "completed_cost_usd": usd(completed_cost)}  # fmt: skip
         found.append((key_id, evidence, listed([item_entry(items, s) for s in spends])))
     return found
 

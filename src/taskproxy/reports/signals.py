@@ -30,10 +30,11 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `after_completion_min_requests` [10] of them. Evidence: `requests`, `cost_usd`, `tokens`, `items`,
   `first`, `last` of those requests; each work item also has its `completed_at`.
 - `spend_without_completion`: the key's spend in the period is at least `heavy_spend_min_usd` [50] and
-  none of the items it spent on (any event in the period) counts as completed: status `done` with
+  the items it spent on (any event in the period) that count as completed — status `done` with
   `completed_at` at or after `since` (completed in the period or since; an item done before the period
-  is no outcome of this period's spend). Evidence: `cost_usd`, `requests`, `tokens`, `items`,
-  `items_by_status`, `first`, `last`.
+  is no outcome of this period's spend) — took less than `heavy_spend_max_completed_share` [0.1] of
+  it, or there are none (so one cheap completed item does not shield the rest). Evidence: `cost_usd`,
+  `requests`, `tokens`, `items`, `items_by_status`, `completed_items`, `completed_cost_usd`, `first`, `last`.
 - `machine_cadence`: a key with at least `cadence_min_requests` [50] requests whose intervals are near
   constant — coefficient of variation (population standard deviation / mean of the seconds between
   consecutive requests) at most `cadence_max_cv` [0.2] — and/or that is active around the clock: on at
