@@ -198,12 +198,13 @@ class Expected:
                 else:
                     cost_by_model[event.model] = (cost_by_model.get(event.model) or 0.0) + event.cost
         without = {"closed": 0.0, "unverified": 0.0, "stale_open": 0.0, "reworked": 0.0}
-        after = 0.0
+        after = spent = 0.0
         for item in items:
             kind = self.without_outcome(item)
             for event in self.events(item):
                 if not self.in_period(event.ts) or event.cost is None:
                     continue
+                spent += event.cost
                 if kind is not None:
                     without[kind] += event.cost
                 if item.status in ("done", "closed") and event.ts > item.completed_at:  # type: ignore[operator]
@@ -227,6 +228,7 @@ class Expected:
             "cost_per_100_changed_lines": self.per_100_lines(assisted),
             "rework": self.rework_figures([i for i in items if self.delivered(i)]),
             "tokens_per_completed_item": {**spread(tokens), "total": sum(tokens), "by_model": dict(tokens_by_model)},
+            "spend_usd": spent,
             "spend_without_outcome_usd": sum(without.values()),
             "spend_without_outcome_breakdown": without,
             "spend_after_completion_usd": after,
@@ -496,6 +498,7 @@ def test_csv_parses_back_to_the_json_figures(world: tuple[Any, Org, Path]) -> No
             "rework_rate_other": rework["other"]["rate"],
             "reworked_items": rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
             "spend_without_outcome_reworked_usd": figures["spend_without_outcome_breakdown"]["reworked"],
+            "spend_usd": figures["spend_usd"],
         }
         assert row["withheld"] == "false" and row["size_band"] == ""
         assert set(expected) | {"scope", "team", "size_band", "withheld"} == set(CSV_COLUMNS)

@@ -43,6 +43,8 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   or not they were done again; `reworked` counts those reworked in the period. AI-assisted as above.
   `rate` = reworked / items (null with no items).
   Rework counts as known when the report is run: a past month's rate rises as its work is reverted.
+- `spend_usd`: all the spend in the period (events with `ts` in it) on the scope's items, whatever
+  became of them: what the spend without outcome and after completion are parts of.
 - `spend_without_outcome_usd`: spend (events with `ts` in the period) on items **undone as of
   `until`** (`reworked`: reworked before `until` and not done again since — status `done` as of `until`
   with `completed_at` after the rework; a reverted PR never is), and on the other items whose status
@@ -226,11 +228,12 @@ def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) 
     held = [i.cost for i in assisted if i.cost is not None and not i.reworked]
 
     without = dict.fromkeys(WITHOUT_OUTCOME, 0)
-    after = 0
+    after = spend = 0
     for item in items:
         if item.without_outcome is not None:
             without[item.without_outcome] += item.spend
         after += item.spend_after_completion
+        spend += item.spend
 
     def cycle(group: list[_Item]) -> float | None:
         hours = [i.cycle_hours for i in group if i.cycle_hours is not None]
@@ -255,6 +258,7 @@ def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) 
         "cost_by_size": _by_size(assisted, bands),
         "cost_per_100_changed_lines": _per_100_lines(assisted),
         "rework": _rework([i for i in items if i.delivered]),
+        "spend_usd": usd(spend),
         "spend_without_outcome_usd": usd(sum(without.values())),
         "spend_without_outcome_breakdown": {k: usd(v) for k, v in without.items()},
         "spend_after_completion_usd": usd(after),

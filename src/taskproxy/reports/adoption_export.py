@@ -32,6 +32,7 @@ CSV_COLUMNS = (
     "rework_rate_other",
     "reworked_items",
     "spend_without_outcome_reworked_usd",
+    "spend_usd",  # all the period's spend on the scope's items
 )
 
 
@@ -84,6 +85,7 @@ def _csv_row(scope: str, team: str | None, figures: dict[str, Any]) -> list[Any]
         "rework_rate_other": rework["other"]["rate"],
         "reworked_items": rework["ai_assisted"]["reworked"] + rework["other"]["reworked"],
         "spend_without_outcome_reworked_usd": figures["spend_without_outcome_breakdown"]["reworked"],
+        "spend_usd": figures.get("spend_usd"),  # absent from a snapshot stored before it was added
     })  # fmt: skip
 
 
@@ -137,6 +139,7 @@ def adoption_text(report: dict[str, Any]) -> str:
             "median": price(cost["median"]),
             "p90": price(cost["p90"]),
             "total": money(cost["total"]),
+            "spend": price(figures.get("spend_usd")),  # absent from a snapshot stored before it was added
             "without": money(figures["spend_without_outcome_usd"]),
             "after": money(figures["spend_after_completion_usd"]),
             "cycle": " / ".join("-" if h is None else f"{h:.1f}h" for h in (cycle["ai_assisted"], cycle["other"])),
@@ -156,6 +159,7 @@ def adoption_text(report: dict[str, Any]) -> str:
         ("median", "cost/item median"),
         ("p90", "p90"),
         ("total", "cost total"),
+        ("spend", "spend"),
         ("without", "no outcome"),
         ("after", "after done"),
         ("rework", "rework AI / other"),
