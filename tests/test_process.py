@@ -135,16 +135,29 @@ def test_garbage_cycles_requests_left_are_collected_once_idle(monkeypatch: pytes
     monkeypatch.setattr(process, "IDLE_CHECK_SECONDS", 0.05)
     monkeypatch.setattr(process, "release_freed_memory", lambda: None)
     left: list[weakref.ref[_Cyclic]] = []
+    entered, release = threading.Event(), threading.Event()
 
     async def cyclic(request: Request) -> PlainTextResponse:
         left.append(weakref.ref(_Cyclic()))
         return PlainTextResponse("done")
 
+    async def hold(request: Request) -> PlainTextResponse:  # a request in progress: the process is not idle
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return PlainTextResponse("held")
+
     gc.disable()  # as if no automatic collection came
     try:
-        with serve_in_thread(ProcessTuning(Starlette(routes=[Route("/cyclic", cyclic)]))) as url:
+        with serve_in_thread(ProcessTuning(Starlette(routes=[Route("/cyclic", cyclic), Route("/hold", hold)]))) as url:
+            holding = threading.Thread(target=httpx.get, args=(f"{url}/hold",), kwargs={"timeout": 10})
+            holding.start()
+            assert entered.wait(5)
             assert httpx.get(f"{url}/cyclic", timeout=10).status_code == 200
+            time.sleep(0.3)  # six idle checks, each with a request still in progress
             assert left[0]() is not None  # the cycle outlives its request
+            release.set()
+            holding.join(10)
             time.sleep(0.3)
             assert left[0]() is None  # idle: collected
     finally:
