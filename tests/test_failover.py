@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
-
 from conftest import postgres_schema
 from serve_helpers import fake_upstream, run_cli, running_server, write_config
+from sqlalchemy import func, select
+from webhook_payloads import GITHUB_SECRET, github_headers, github_issue
+
 from taskproxy.storage.db import make_engine
 from taskproxy.storage.models import UsageEvent
-from webhook_payloads import GITHUB_SECRET, github_headers, github_issue
 
 pytestmark = [pytest.mark.serve, pytest.mark.postgres]
 
@@ -53,3 +54,41 @@ def test_on_a_read_only_database_requests_are_answered_and_spooled_and_writes_as
             assert recorded == 3
         finally:
             engine.dispose()
+
+
+def test_only_the_databases_own_state_is_a_503_a_bug_keeps_its_500(tmp_path: Path) -> None:
+    """`unavailable` reads real errors of both databases: what a retry may cure gets a reason, what is
+    the request's own or a bug (a missing table) gets None, and stays a 500 with its traceback."""
+    import sqlite3
+
+    from serve_helpers import closed_port
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    from taskproxy.storage.failures import unavailable
+
+    def error_of(engine: Any, statement: str) -> DBAPIError:
+        with pytest.raises(DBAPIError) as caught, engine.connect() as connection:
+            connection.execute(text(statement))
+        return caught.value
+
+    lite = create_engine(f"sqlite:///{tmp_path / 'f.db'}", connect_args={"timeout": 0.1})
+    assert unavailable(error_of(lite, "SELECT * FROM missing")) is None
+    with lite.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x int)"))
+    holder = sqlite3.connect(tmp_path / "f.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert "cannot be reached" in (unavailable(error_of(lite, "INSERT INTO t VALUES (1)")) or "")
+    finally:
+        holder.close()
+        lite.dispose()
+    gone = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/test")
+    assert "cannot be reached" in (unavailable(error_of(gone, "SELECT 1")) or "")
+    with postgres_schema() as url:
+        read_only = make_engine(url + "%20-cdefault_transaction_read_only%3Don")
+        try:
+            assert "read-only" in (unavailable(error_of(read_only, "CREATE TABLE t (x int)")) or "")
+            assert unavailable(error_of(read_only, "SELECT * FROM missing")) is None
+        finally:
+            read_only.dispose()

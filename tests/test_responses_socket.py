@@ -184,8 +184,10 @@ def test_a_client_closing_with_messages_waiting_behind_a_long_turn_has_its_close
     assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
 
 
-def test_messages_sent_ahead_of_a_turn_wait_for_it_up_to_a_bound_and_the_rest_get_429(server: ServerProcess) -> None:
-    """A client that sends faster than the turns run cannot make the proxy hold its messages without end."""
+def test_a_client_that_sends_far_ahead_of_the_answers_has_its_socket_ended(server: ServerProcess) -> None:
+    """Messages sent while a turn runs wait for it, up to a bound: a client that sends faster than the
+    turns run cannot make the proxy hold its messages without end. One more ends the socket (1008), and
+    the turn it was waiting on is recorded."""
     from taskproxy.routes.responses_socket import MAX_WAITING_MESSAGES
 
     key = server.new_key(owner="noa")
@@ -195,14 +197,14 @@ def test_messages_sent_ahead_of_a_turn_wait_for_it_up_to_a_bound_and_the_rest_ge
         socket.send(json.dumps({"type": "response.create", "model": "fake-trickle", "input": "go on"}))
         while json.loads(socket.recv(5))["type"] != "response.output_text.delta":
             pass
-        for _ in range(MAX_WAITING_MESSAGES + 3):
-            socket.send(json.dumps({"type": "response.processed"}))  # answered by nothing once its turn comes
-        refused = []
-        while len(refused) < 3:
-            message = json.loads(socket.recv(5))
-            if message["type"] == "error":
-                refused.append(message)
-    assert all(m["status"] == 429 and m["error"]["code"] == "rate_limited" for m in refused), refused
+        for _ in range(MAX_WAITING_MESSAGES + 1):
+            socket.send(json.dumps({"type": "response.processed"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                socket.recv(5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008 and "ahead" in closed.value.rcvd.reason
+    [event] = server.events("PROJ-61", 1)
+    assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
 
 
 def test_a_turn_ended_by_the_server_shutting_down_is_recorded_as_such(upstream: FakeUpstream, tmp_path: Path) -> None:

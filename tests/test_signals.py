@@ -524,6 +524,8 @@ def test_plain_text_for_the_cli(world: tuple[Any, Org, Path]) -> None:
     headlines = [line for line in lines[1:] if not line.startswith(" ")]
     assert [line.split()[0] for line in headlines] == [s["kind"] for s in report["signals"]]
     assert org.keys["cron"].id in text and "around_the_clock" in text and "WEB-HUGE-1" in text
+    shielder, spinner = (next(line for line in headlines if org.keys[name].id in line) for name in ("shielder", "spinner"))
+    assert "1 completed, carrying $0.0" in shielder and "none completed" in spinner
     assert signals_text(gaming_signals(engine, since=T0, until=SINCE)).splitlines()[1] == "no signals"
 
 

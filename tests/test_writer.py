@@ -541,9 +541,8 @@ def test_a_write_a_middleman_never_answers_is_left_behind_and_writing_goes_on(po
 
 
 def test_a_process_stopping_while_another_holds_the_sqlite_lock_spools_what_it_cannot_write(tmp_path: Path) -> None:
-    """Waiting for SQLite's lock is right while serving, not at shutdown: the process would stop
-    waiting before the lock came free and lose the batch. Stopping, the writer waits the usual 2 s
-    and spools; the next process writes it."""
+    """At shutdown too: the process would stop waiting before the lock came free and lose the batch.
+    The writer waits the usual 2 s and spools; the next process writes it."""
     from taskproxy.storage.db import make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")

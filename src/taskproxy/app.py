@@ -59,7 +59,7 @@ from taskproxy.storage import partitions
 from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
-from taskproxy.storage.batch import database_down, why_down
+from taskproxy.storage.failures import unavailable
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -124,9 +124,10 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    if database_down(exc):  # not a bug: the database cannot take it now (an outage, a standby), and a retry may succeed
-        log.warning("%s %s: the database cannot answer (%s: %s)", request.method, request.url.path, exc.__class__.__name__, str(exc).splitlines()[0])
-        return error_response(ServiceUnavailable(why_down(exc), retry_after=DATABASE_RETRY_SECONDS), api_format_of(request.scope))
+    if (why := unavailable(exc)) is not None:  # not a bug: the database cannot serve now (an outage, a standby); a retry may succeed
+        log.warning("%s %s: the database cannot serve it (%s: %s)", request.method, request.url.path, exc.__class__.__name__,
+                    (str(exc).splitlines() or [""])[0][:300])  # fmt: skip
+        return error_response(ServiceUnavailable(why, retry_after=DATABASE_RETRY_SECONDS), api_format_of(request.scope))
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), api_format_of(request.scope))
 

@@ -32,7 +32,8 @@
 Errors of other libraries are translated at exactly one boundary each: aiohttp's in
 `upstream.aiohttp_client.map_aiohttp_errors`, litellm's in `upstream.translate.Translator.map_litellm_errors`,
 httpx's (a tracker's API) in `trackers.sync.Fetcher._answer`,
-the database's in the storage writer (which spools instead of failing a request). This module is the
+the database's in `storage.failures` (the writer spools what the database cannot take; a route answers
+503 for what a retry may cure, and 500 for the rest). This module is the
 tree and its data only; `error_shapes.py` is the one place an error becomes a route's JSON body or
 stream event.
 """

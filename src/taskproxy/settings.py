@@ -256,7 +256,7 @@ class SignalSettings(_Frozen):
     cost_min_key_share: float = Field(default=0.25, gt=0, le=1)
     unverified_min_share: float = Field(default=0.6, gt=0, le=1)
     unverified_min_usd: float = Field(default=10.0, ge=0)
-    trivial_max_minutes: float = Field(default=10.0, ge=0)  # created to completed within this: a trivial completion
+    trivial_max_minutes: float = Field(default=10.0, ge=0)  # created (or first used by the key) to done within this: trivial
     trivial_max_lines: int = Field(default=10, ge=0)  # or a known size of at most this many changed lines
     trivial_min_items: int = Field(default=5, ge=1)
     trivial_min_share: float = Field(default=0.6, gt=0, le=1)

@@ -58,7 +58,7 @@ class Item:
     merged_pr: bool = False  # a linked item was done, and not reworked, as of `until`
     lines: int | None = None  # lines changed (added + deleted), when the tracker said
     points: float | None = None  # story points or estimate, when the tracker said
-    reworked_at: datetime | None = None  # the first rework: reverted after merge, or reopened after done
+    reworked_at: datetime | None = None  # the first rework: reverted after merge, or reopened or closed after done
     rework_reason: str | None = None
     reopened_completion: datetime | None = None  # the completion a reopening undid (reopened items only)
     # The report's verdicts for its period, decided once per item (adoption.settle) and read by the

@@ -325,7 +325,7 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
 
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
     """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
-    being opened or of the key's first request on them (a ticket done by hand, tagged with one request
+    being opened or of the key's first event on them in the period (a ticket done by hand, tagged with one request
     to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines."""
     quick_limit = timedelta(minutes=t.trivial_max_minutes)
     found = []

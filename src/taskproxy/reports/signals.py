@@ -57,7 +57,7 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
 - `trivial_completions`: of the items completed in the period (status `done`, `completed_at` in the
   period) on which the key made requests in the period, at least `trivial_min_items` [5], and at least
   `trivial_min_share` [0.6] of them, are trivial: completed within `trivial_max_minutes` [10] of being
-  created or of the key's first request on it in the period (a ticket done by hand, tagged with one
+  created or of the key's first event on it in the period (a ticket done by hand, tagged with one
   request to count as AI-assisted), or with a known size of at most `trivial_max_lines` [10] changed
   lines (a pull request's additions + deletions). Cost per completed item and the AI-assisted share
   reward such items. Evidence: `completed_items`, `trivial_items`, `share`, `quick_items`,
@@ -176,8 +176,9 @@ _SUMMARY = {
         f"{e['requests']} requests, {format_usd(e['cost_usd'])} on {e['items']} item(s) after they were done or closed"
     ),
     "spend_without_completion": lambda e: (
-        f"{format_usd(e['cost_usd'])} over {e['requests']} requests on {e['items']} item(s), none completed "
-        f"({', '.join(f'{k} {v}' for k, v in e['items_by_status'].items())})"
+        f"{format_usd(e['cost_usd'])} over {e['requests']} requests on {e['items']} item(s), "
+        + (f"{e['completed_items']} completed, carrying {format_usd(e['completed_cost_usd'])} of it " if e.get("completed_items") else "none completed ")
+        + f"({', '.join(f'{k} {v}' for k, v in e['items_by_status'].items())})"
     ),
     "machine_cadence": lambda e: (
         f"{e['requests']} requests, interval mean {e['interval_mean_seconds']}s cv {e['interval_cv']}, "

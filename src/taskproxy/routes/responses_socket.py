@@ -52,7 +52,8 @@ from taskproxy.upstream.sse import end_of_last_event, iter_events
 log = logging.getLogger("taskproxy.proxy")
 TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
-MAX_WAITING_MESSAGES = 16  # messages a client may send ahead of the response in progress; more get a 429
+MAX_WAITING_MESSAGES = 16  # messages a client may send ahead of the response in progress; one more ends the socket
+POLICY_VIOLATION = 1008  # the close code for it (RFC 6455)
 
 
 def _as_items(value: object) -> list:
@@ -90,7 +91,7 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
     flow: ProxyFlow = websocket.state.proxy
     headers = websocket.headers
     try:
-        await flow.admission.keys.authenticate(headers)  # refused at the upgrade, in the HTTP route's shape
+        principal = await flow.admission.keys.authenticate(headers)  # refused at the upgrade, in the HTTP route's shape
     except ApiError as exc:
         flow.admission.writer.submit(Rejected(utcnow(), None, exc.code, endpoint.path))
         await websocket.send_denial_response(error_response(exc))
@@ -111,25 +112,29 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
             if receiving.done() and (message := receiving.result())["type"] == "websocket.disconnect":
                 if turn is not None:
                     await _end_turn(turn, _ended_by(message))
+                    turn = None
                 break
             if receiving.done():
                 receiving = asyncio.create_task(websocket.receive())
-                if len(waiting) < MAX_WAITING_MESSAGES:
-                    waiting.append(message.get("text") or message.get("bytes") or b"")
-                else:
-                    await _send(websocket, socket_error(RateLimited(
-                        f"More than {MAX_WAITING_MESSAGES} messages wait for the response in progress; this one is refused.", retry_after=1)))
+                if len(waiting) == MAX_WAITING_MESSAGES:  # a client that does not wait for answers: the socket is ended
+                    flow.admission.writer.submit(Rejected(utcnow(), principal.key_id, RateLimited.code, endpoint.path))
+                    if turn is not None:
+                        await _end_turn(turn, CLIENT_DISCONNECTED)
+                        turn = None
+                    await websocket.close(POLICY_VIOLATION, f"more than {MAX_WAITING_MESSAGES} messages sent ahead of the answers")
+                    break
+                waiting.append(message.get("text") or message.get("bytes") or b"")
             if turn is not None and turn.done():
+                finished, turn = turn, None
                 try:
-                    turn.result()
+                    finished.result()
                 except _SocketClosed as closed:
                     await _record_close(closed, receiving)
                     break
-                turn = None
     finally:
         if not receiving.done():
             receiving.cancel()
-        if turn is not None and not turn.done():  # this handler was cancelled (the server stopped waiting for it)
+        if turn is not None:  # this handler was cancelled (the server stopped waiting for it): the turn too, recorded
             await _end_turn(turn, SHUTDOWN)
         if websocket.application_state == WebSocketState.CONNECTED and websocket.client_state == WebSocketState.CONNECTED:
             try:

@@ -42,7 +42,7 @@ class DatabaseCalls:
         """Run `function(engine, *args)` in the database thread and wait for it, `wait` at most. Past the
         wait, or while an earlier call is unanswered: an OperationalError (the database is down)."""
         if self._unanswered is not None and not self._unanswered.done() and not self._abandon_unanswered():
-            raise _no_answer()
+            raise self._no_answer()
         self._unanswered = None
         started = time.monotonic()
         call = self._threads.submit(function, self._engine, *args)
@@ -50,7 +50,7 @@ class DatabaseCalls:
             call.result(timeout=wait)
         except FutureTimeout:
             self._unanswered, self._unanswered_since = call, started
-            raise _no_answer() from None
+            raise self._no_answer() from None
 
     def _abandon_unanswered(self) -> bool:
         """Leave a call unanswered for `ABANDON_SECONDS` to its thread, and go on in a new one (at most
@@ -69,6 +69,7 @@ class DatabaseCalls:
     def close(self) -> None:
         self._threads.close()
 
-
-def _no_answer() -> OperationalError:
-    return OperationalError("writing a batch", {}, TimeoutError("the database has not answered the last write"))
+    def _no_answer(self) -> OperationalError:
+        why = ("SQLite's write lock is held by another process" if self._engine.dialect.name == "sqlite"
+               else "the database has not answered the last write")  # fmt: skip
+        return OperationalError("writing a batch", {}, TimeoutError(why))

@@ -12,8 +12,6 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from taskproxy.storage import repo
 
@@ -87,30 +85,6 @@ class Batch:
 
     def rows(self) -> int:
         return len(self) or len(self.items)
-
-
-# SQLSTATE of a write refused because the server takes none (a standby after a failover, or
-# `default_transaction_read_only`): psycopg makes it an InternalError, but no row is at fault.
-READ_ONLY_TRANSACTION = "25006"
-
-
-def database_down(exc: BaseException) -> bool:
-    """The database cannot take the batch (spool and retry), as opposed to refusing a row. A pool with
-    no connection to give within its timeout counts too: each of them waits on a database gone silent."""
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
-        return True
-    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or _read_only(exc))
-
-
-def _read_only(exc: BaseException) -> bool:
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) == READ_ONLY_TRANSACTION
-
-
-def why_down(exc: BaseException) -> str:
-    """What a client is told when the database cannot take what it asked for (`database_down`)."""
-    if _read_only(exc):
-        return "The database takes no writes right now: it answers read-only (a standby after a failover?). Try again shortly."
-    return f"The database cannot be reached right now ({exc.__class__.__name__}). Try again shortly."
 
 
 def write(engine: Engine, batch: Batch) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from taskproxy.errors import MigrationBlocked, SchemaBehind
 from taskproxy.storage import models
+from taskproxy.storage.failures import LOCK_NOT_AVAILABLE, sqlstate
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -140,7 +141,6 @@ def query_canceller(engine: Engine) -> Callable[[], None] | None:
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 7_242_001  # a PostgreSQL advisory lock id: replicas starting together migrate one at a time
-_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock not granted within lock_timeout
 
 
 # alembic (~10 MiB and a tenth of a second to import) is loaded only to migrate. Starting on a
@@ -250,7 +250,7 @@ def _upgrade(engine: Engine, head: str, lock_wait_seconds: float | None = None) 
             if before != head:
                 command.upgrade(_alembic(connection), "head")
     except OperationalError as exc:
-        if _LOCK_NOT_AVAILABLE not in (getattr(exc.orig, "sqlstate", None), getattr(exc.orig, "pgcode", None)):  # psycopg 3, psycopg2
+        if sqlstate(exc) != LOCK_NOT_AVAILABLE:
             raise
         statement = " ".join(str(exc.statement or "").split())[:160]
         waited = f"more than {lock_wait_seconds:g} s" if lock_wait_seconds else "longer than the server's lock_timeout"

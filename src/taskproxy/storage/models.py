@@ -105,7 +105,7 @@ WorkItem = Rows(Table(
     _int("lines_deleted", null=True),
     _int("files_changed", null=True),
     _float("points", null=True),
-    # Completed work that did not hold: a merged PR reverted within reports.rework_days, or an item reopened after done.
+    # Completed work that did not hold: a merged PR reverted within reports.rework_days, or an item reopened or closed after done.
     _time("reworked_at", null=True, index=True),
     _text("rework_reason", 16, null=True),  # reverted | reopened
     _text("rework_by", 200, null=True),  # the reverting PR, or the delivery that reopened it

@@ -186,16 +186,17 @@ def add(connection: Connection, events: Iterable[dict]) -> None:
         bulk.upsert(connection, level.table, summed, level.key, _merges(level, connection.dialect.name))
 
 
-def _summed(level: Level, events: Any, dialect: str, stored: dict[str, str] | None = None) -> Select:
+def _summed(level: Level, events: Any, dialect: str, stored: dict[str, str] | None = None, extra: tuple[str, ...] | None = None) -> Select:
     """The rows of `level` that the events `events` (columns of usage_events, or of a CTE of its rows)
     make: the sums of `stored` (aggregate name -> column; all of them by default), then the level's extras."""
     stored = _STORED if stored is None else stored
+    extra = level.extra if extra is None else extra
     aggregates = _aggregates(events)
     by = {"work_item": events.work_item, "team": func.coalesce(events.team, literal_column("''")), "model": events.model,
           "owner": events.owner, "key_id": events.key_id}  # fmt: skip
     buckets = [] if level.unit is None else [level.floor_sql(events.ts, dialect)]
     keys = [*buckets, *(by[name] for name in level.key if name != "bucket")]
-    extras = [EXTRAS[name](events, dialect) for name in level.extra]
+    extras = [EXTRAS[name](events, dialect) for name in extra]
     return select(*keys, *(aggregates[name].raw for name in stored), *extras).group_by(*keys)
 
 
@@ -242,8 +243,9 @@ def backfill(connection: Connection, levels: Sequence[Level] = WRITTEN) -> None:
     for level in levels:
         present = {found["name"] for found in inspect(connection).get_columns(level.table.name)}
         stored = {name: column for name, column in _STORED.items() if column in present}
-        query = _summed(level, _E, connection.dialect.name, stored)
-        connection.execute(insert(level.table).from_select([*level.key, *stored.values(), *level.extra], query))
+        extra = tuple(name for name in level.extra if name in present)
+        query = _summed(level, _E, connection.dialect.name, stored, extra)
+        connection.execute(insert(level.table).from_select([*level.key, *stored.values(), *extra], query))
 
 
 # -- reading: whole days and hours from the rollups, the edges from the raw events -----------------
@@ -314,14 +316,13 @@ def _sum_of(column: str) -> Callable[[Any], Any]:
 def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
     """The named aggregates, over the columns `events` (usage_events' by default) and over a rollup's."""
     first = events.attempt == 1
+    ok, token_count = events.status < 400, events.route == COUNT_TOKENS_ROUTE
     found = {
         "attempts": _Aggregate(func.count(), _sum_of("events")),
-        "ok": _Aggregate(func.sum(case((events.status < 400, 1), else_=0)), _sum_of("ok_events")),
-        "ok_token_counts": _Aggregate(func.sum(case((and_(events.status < 400, events.route == COUNT_TOKENS_ROUTE), 1), else_=0)),
-                                      _sum_of("ok_token_counts")),
+        "ok": _Aggregate(func.sum(case((ok, 1), else_=0)), _sum_of("ok_events")),
+        "ok_token_counts": _Aggregate(func.sum(case((and_(ok, token_count), 1), else_=0)), _sum_of("ok_token_counts")),
         # Answered events that generated something: what makes an item AI-assisted (not a token count).
-        "answered": _Aggregate(func.sum(case((and_(events.status < 400, events.route != COUNT_TOKENS_ROUTE), 1), else_=0)),
-                               lambda c: func.sum(c.ok_events - c.ok_token_counts)),
+        "answered": _Aggregate(func.sum(case((and_(ok, ~token_count), 1), else_=0)), lambda c: func.sum(c.ok_events - c.ok_token_counts)),
         # One client request = one first attempt; fallback attempts are events but not more requests, and
         # token counting (Claude Code calls count_tokens often) generates nothing.
         "requests": _Aggregate(func.sum(case((request_clause(events), 1), else_=0)), _sum_of("requests")),

@@ -14,9 +14,10 @@ what lets every path below retry freely.
   down, a `SELECT 1` bounded by `WRITE_WAIT_WHILE_DOWN_SECONDS` asks whether it answers again before a
   batch is sent, so a large batch replayed to a database just back is not cut short. On SQLite, a
   write lock another process holds past `WRITE_WAIT_SECONDS` is met the same way: spooled to disk,
-  where a kill cannot take it, rather than held in memory for the busy timeout. The spooled copy of a batch whose write commits late changes nothing when it is replayed. New
-  batches go straight to a database that answers, whatever is still waiting in the spool, so a
-  spool that cannot be replayed never holds back the rest.
+  where a kill cannot take it, rather than held in memory for the busy timeout. The spooled copy of
+  a batch whose write commits late changes nothing when it is replayed. New batches go straight to
+  a database that answers, whatever is still waiting in the spool, so a spool that cannot be
+  replayed never holds back the rest.
 - **The spool cannot be written either** (a full disk): the batch is held in memory and retried;
   `problem` says so (`/readyz` answers 503 with it), and once more than `max_held_records` are held
   the request path refuses new requests (`refusing`) rather than answer requests it cannot record.
@@ -44,8 +45,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from taskproxy.storage.answered import DatabaseCalls
-from taskproxy.storage.batch import Batch, Record, Recordable, database_down, write
+from taskproxy.storage.batch import Batch, Record, Recordable, write
 from taskproxy.storage.db import ping
+from taskproxy.storage.failures import database_down
 from taskproxy.storage.spool import Spool
 
 log = logging.getLogger("taskproxy.writer")
@@ -300,7 +302,7 @@ class BatchWriter:
         except SQLAlchemyError as exc:
             if database_down(exc):
                 if self._down_since is None:
-                    log.warning("database unavailable (%s); usage is spooled until it answers", exc.__class__.__name__)
+                    log.warning("database unavailable (%s); usage is spooled until it answers", _reason(exc))
                 self._down_since = time.monotonic()
                 return False
             log.error("the database refused a batch of %d rows (%s); writing around the rows it refuses", batch.rows(), _reason(exc))

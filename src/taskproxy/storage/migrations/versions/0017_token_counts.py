@@ -2,8 +2,9 @@
 (`/v1/messages/count_tokens` calls), so that an item is AI-assisted by an answer that generated
 something, not by counting tokens, which costs nothing (reports/adoption.py).
 
-The column is added with 0 for every row, which on both databases rewrites none; then the rows whose
-bucket holds answered token counts are corrected from the raw events, in one pass over them. Token
+The raw events are read once for their answered token counts (writers wait meanwhile, readers do not);
+then the column is added with 0 for every row, which on both databases rewrites none, and the rows
+whose bucket holds token counts are set (readers of the rollups wait for that part only). Token
 counts in raw partitions dropped before this migration (`recording.retention_months`) are not known:
 their rows keep 0, as answers.
 
@@ -34,18 +35,18 @@ KEYS = {
 
 
 def upgrade() -> None:
-    for name in ROLLUPS:
-        op.add_column(name, sa.Column('ok_token_counts', sa.Integer(), nullable=False, server_default='0'))
     postgres = op.get_bind().dialect.name == 'postgresql'
-    if postgres:  # writers wait (a batch committed meanwhile would be counted in the events and not here)
-        op.execute('LOCK TABLE usage_hourly IN SHARE MODE')
+    if postgres:  # writers wait from here (an event committed meanwhile would be missed); readers do not
+        op.execute('LOCK TABLE usage_events IN SHARE MODE')
     hour = "date_trunc('hour', ts)" if postgres else "substr(ts, 1, 13) || ':00:00.000000'"
     day = "date_trunc('day', ts)" if postgres else "substr(ts, 1, 10) || ' 00:00:00.000000'"
-    op.execute(
+    op.execute(  # the one pass over the events, before any rollup is locked
         f"CREATE TEMPORARY TABLE token_counts_0017 AS SELECT {hour} AS hour, {day} AS day, work_item, coalesce(team, '') AS team, "
         "model, owner, key_id, count(*) AS n FROM usage_events WHERE route = '/v1/messages/count_tokens' AND status < 400 "
         f"GROUP BY {hour}, {day}, work_item, coalesce(team, ''), model, owner, key_id"
     )
+    for name in ROLLUPS:  # readers of the rollups wait from here to the commit: a column added, a few rows updated
+        op.add_column(name, sa.Column('ok_token_counts', sa.Integer(), nullable=False, server_default='0'))
     for name in ROLLUPS:
         keys = KEYS[name]
         stored = ['bucket' if key in ('hour', 'day') else key for key in keys]
