@@ -208,6 +208,15 @@ def postgres_schema() -> Iterator[str]:
         admin.dispose()
 
 
+def read_only(url: str) -> str:
+    """A PostgreSQL `url` whose every transaction is read-only, as on a standby after a failover."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    options = " ".join(filter(None, [parsed.query.get("options"), "-cdefault_transaction_read_only=on"]))  # type: ignore[list-item]
+    return parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     with postgres_schema() as url:

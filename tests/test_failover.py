@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import postgres_schema
+from conftest import postgres_schema, read_only
 from serve_helpers import fake_upstream, run_cli, running_server, write_config
 from sqlalchemy import func, select
 from webhook_payloads import GITHUB_SECRET, github_headers, github_issue
@@ -28,7 +28,7 @@ def test_on_a_read_only_database_requests_are_answered_and_spooled_and_writes_as
         trackers = {"github": {"secret": GITHUB_SECRET}}
         writable = write_config(tmp_path, upstream.url, database_url=writable_url, recording=recording, trackers=trackers)
         standby = write_config(tmp_path, upstream.url, name="standby.yaml", recording=recording, trackers=trackers,
-                               database_url=writable_url + "%20-cdefault_transaction_read_only%3Don")  # fmt: skip
+                               database_url=read_only(writable_url))  # fmt: skip
         assert run_cli("db", "upgrade", config=writable).returncode == 0
         with running_server(writable, tmp_path / "before.log") as server:
             key = server.new_key()
@@ -86,9 +86,9 @@ def test_only_the_databases_own_state_is_a_503_a_bug_keeps_its_500(tmp_path: Pat
     gone = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/test")
     assert "cannot be reached" in (unavailable(error_of(gone, "SELECT 1")) or "")
     with postgres_schema() as url:
-        read_only = make_engine(url + "%20-cdefault_transaction_read_only%3Don")
+        standby = make_engine(read_only(url))
         try:
-            assert "read-only" in (unavailable(error_of(read_only, "CREATE TABLE t (x int)")) or "")
-            assert unavailable(error_of(read_only, "SELECT * FROM missing")) is None
+            assert "read-only" in (unavailable(error_of(standby, "CREATE TABLE t (x int)")) or "")
+            assert unavailable(error_of(standby, "SELECT * FROM missing")) is None
         finally:
-            read_only.dispose()
+            standby.dispose()

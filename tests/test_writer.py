@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import BOTH_DATABASES
+from conftest import BOTH_DATABASES, read_only
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
@@ -579,8 +579,8 @@ def test_a_database_that_answers_read_only_is_an_outage_not_rows_it_refuses(post
 
     writable = make_engine(postgres_url)
     upgrade_schema(writable)
-    read_only = make_engine(postgres_url + "%20-cdefault_transaction_read_only%3Don")
-    writer = BatchWriter(read_only, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    standby = make_engine(read_only(postgres_url))
+    writer = BatchWriter(standby, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
     writer.start()
     sent = entries(3)
     try:
@@ -596,5 +596,5 @@ def test_a_database_that_answers_read_only_is_an_outage_not_rows_it_refuses(post
     after.close()
     with writable.connect() as connection:
         assert set(connection.execute(select(AuditEntry.id)).scalars()) == {e.id for e in sent}
-    read_only.dispose()
+    standby.dispose()
     writable.dispose()

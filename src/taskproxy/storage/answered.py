@@ -70,6 +70,6 @@ class DatabaseCalls:
         self._threads.close()
 
     def _no_answer(self) -> OperationalError:
-        why = ("SQLite's write lock is held by another process" if self._engine.dialect.name == "sqlite"
+        why = ("SQLite's write lock was not granted in time (another process holds it)" if self._engine.dialect.name == "sqlite"
                else "the database has not answered the last write")  # fmt: skip
         return OperationalError("writing a batch", {}, TimeoutError(why))
