@@ -150,19 +150,20 @@ class Expected:
     def assisted(self, item: Item) -> bool:
         return any(e.status < 400 for e in self.events(item))
 
-    def without_outcome(self, item: Item) -> str | None:
+    def without_outcome(self, item: Item) -> tuple[str | None, datetime | None]:
+        """Which spend without outcome the item's period spend is, and the moment (its last merged PR's
+        merge) after which alone it counts, if any."""
         if self.undone_at_until(item):
-            return "reworked"
-        for pr_id in item.linked:
-            pr = self.org.items[pr_id]
-            if self.status_at_until(pr) == "done" and not self.undone_at_until(pr):
-                return None
+            return "reworked", None
+        merges = [pr.completed_at for pr_id in item.linked
+                  if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr)]  # fmt: skip
+        after = max(merges) if merges else None  # type: ignore[type-var]
         status = self.status_at_until(item)
         if status in ("closed", "unverified"):
-            return status
+            return status, after
         if status in ("open", "in_progress") and item.created_at < self.stale_before:
-            return "stale_open"
-        return None
+            return "stale_open", after
+        return None, None
 
     def relevant(self) -> list[Item]:
         return [
@@ -200,12 +201,12 @@ class Expected:
         without = {"closed": 0.0, "unverified": 0.0, "stale_open": 0.0, "reworked": 0.0}
         after = spent = 0.0
         for item in items:
-            kind = self.without_outcome(item)
+            kind, after_merge = self.without_outcome(item)
             for event in self.events(item):
                 if not self.in_period(event.ts) or event.cost is None:
                     continue
                 spent += event.cost
-                if kind is not None:
+                if kind is not None and (after_merge is None or event.ts > after_merge):
                     without[kind] += event.cost
                 if item.status in ("done", "closed") and event.ts > item.completed_at:  # type: ignore[operator]
                     after += event.cost
@@ -358,14 +359,18 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     _, org, _ = world
     expect = Expected(org, SINCE, UNTIL)
     assert len(org.events) >= 20_000 and len(org.items) >= 300 and len(org.rejections) >= 500
-    kinds = {expect.without_outcome(i) for i in expect.relevant()}
+    kinds = {expect.without_outcome(i)[0] for i in expect.relevant()}
     assert {"closed", "unverified", "stale_open", None} <= kinds
     completed = [i for i in expect.relevant() if expect.completed(i)]
     assert any(not expect.assisted(i) for i in completed) and any(expect.assisted(i) for i in completed)
     assert any(all(e.cost is None for e in expect.events(i)) for i in completed if expect.assisted(i))  # unpriced items
     assert any(e.ts > i.completed_at for i in completed for e in expect.events(i))  # usage after completion
     assert any(expect.team_of(i) != i.team for i in expect.relevant())  # teams found from the spending
-    assert any(i.linked and expect.without_outcome(i) is None and expect.status_at_until(i) == "in_progress" for i in org.items.values())
+    assert any(i.linked and expect.without_outcome(i) == (None, None) and expect.status_at_until(i) == "in_progress" for i in org.items.values())
+    # Tickets whose merged PR covers their spend up to the merge, and some of it after the merge that counts.
+    covered = [(i, after) for i in expect.relevant() if (after := expect.without_outcome(i)[1]) is not None]
+    assert any(expect.in_period(e.ts) and e.ts <= after for i, after in covered for e in expect.events(i))
+    assert any(expect.in_period(e.ts) and e.ts > after for i, after in covered for e in expect.events(i))
     assert any(i.registered == "auto" and i.changes for i in org.items.values())  # unverified at until, moved on later
     # Size and rework: both reasons among the period's completions, AI-assisted or not; reopened items
     # not done again; a ticket whose merged PR was reverted; reverts too late to be rework, or a second one.
@@ -428,7 +433,7 @@ def test_period_boundaries_are_half_open(world: tuple[Any, Org, Path]) -> None:
     expect = Expected(org, SINCE, UNTIL)
     items = org.items
     assert [expect.completed(items[f"EDGE-{n}"]) for n in (1, 2, 3, 4)] == [True, False, False, True]
-    assert expect.without_outcome(items["EDGE-5"]) is None and expect.without_outcome(items["EDGE-6"]) == "stale_open"
+    assert expect.without_outcome(items["EDGE-5"])[0] is None and expect.without_outcome(items["EDGE-6"])[0] == "stale_open"
 
     def web(since: datetime, until: datetime) -> dict[str, Any]:
         return adoption_report(engine, since=since, until=until, team="web", stale_after_days=STALE_DAYS)["overall"]

@@ -49,8 +49,9 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   `until`** (`reworked`: reworked before `until` and not done again since — status `done` as of `until`
   with `completed_at` after the rework; a reverted PR never is), and on the other items whose status
   *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
-  `stale_after_days` before `until` — except tickets with a `work_item_links` row whose linked item (the
-  merged PR) was `done`, and not undone, as of `until`. Split in `spend_without_outcome_breakdown`
+  `stale_after_days` before `until` — except, on tickets with a `work_item_links` row whose linked item
+  (the merged PR) was `done`, and not undone, as of `until`, the spend up to the last such merge (the
+  merged PR is its outcome; what the ticket spends after it is not). Split in `spend_without_outcome_breakdown`
   (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the current status when no change
   was recorded at or after `until` (every status change records one); otherwise the target of the last
   recorded change before `until`, or, when none was, the origin of the first change after it.
@@ -115,17 +116,22 @@ def _quantile_of_sorted(ordered: list[float] | list[int], q: float) -> float | N
 # -- the figures of one scope ---------------------------------------------------------------------
 
 
-def _without_outcome_kind(item: _Item, until: datetime, stale_after: timedelta) -> str | None:
+def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tuple[str | None, int]:
+    """Which spend without outcome the item's period spend is, and how much of it: a ticket's merged PR
+    covers the spend up to its merge, not what the ticket spends after it."""
+    if not item.spend:
+        return None, 0
     if item.undone_as_of(until):
-        return "reworked"
-    if item.merged_pr:
-        return None
+        return "reworked", item.spend
     status = item.status_at_until
     if status in ("closed", "unverified"):
-        return status
-    if status in OPEN_STATUSES and item.created_at is not None and item.created_at < until - stale_after:
-        return "stale_open"
-    return None
+        kind = status
+    elif status in OPEN_STATUSES and item.created_at is not None and item.created_at < until - stale_after:
+        kind = "stale_open"
+    else:
+        return None, 0
+    spend = item.spend_after_merge if item.merged_pr else item.spend
+    return (kind, spend) if spend else (None, 0)
 
 
 def _cost_figures(costs: list[int]) -> dict[str, Any]:
@@ -201,7 +207,7 @@ def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after
         item.completed = item.completed_in(since, until)
         item.delivered = item.completed or item.delivered_in(since, until)
         item.reworked = item.delivered and item.reworked_in(since, until)
-        item.without_outcome = _without_outcome_kind(item, until, stale_after) if item.spend else None
+        item.without_outcome, item.without_outcome_spend = _without_outcome(item, until, stale_after)
         timed = item.completed and item.completed_at is not None and item.created_at is not None
         item.cycle_hours = (item.completed_at - item.created_at).total_seconds() / 3600 if timed else None  # type: ignore[operator]
 
@@ -231,7 +237,7 @@ def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) 
     after = spend = 0
     for item in items:
         if item.without_outcome is not None:
-            without[item.without_outcome] += item.spend
+            without[item.without_outcome] += item.without_outcome_spend
         after += item.spend_after_completion
         spend += item.spend
 

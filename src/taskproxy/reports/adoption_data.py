@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Column, DateTime, MetaData, String, Table, func, select, true
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
@@ -67,6 +67,8 @@ class Item:
     delivered: bool = False  # delivered_in the period
     reworked: bool = False  # reworked_in the period
     without_outcome: str | None = None  # which spend without outcome its period spend is, if any
+    without_outcome_spend: int = 0  # how much of it: all its period spend, or what came after its merged PRs
+    spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
@@ -121,12 +123,36 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     linked_ids = {target for linked in targets.values() for target in linked}
     _load_rows(connection, items, sorted(linked_ids - set(items)))
     _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
+    merges: dict[str, datetime] = {}  # ticket -> its last merged PR's merge, as of until
     for ticket, linked in targets.items():
         for target in linked:
             item = items.get(target)
             if item is not None and item.status_at_until == "done" and not item.undone_as_of(until):
                 items[ticket].merged_pr = True
+                if item.completed_at is not None:
+                    merges[ticket] = max(merges.get(ticket, item.completed_at), item.completed_at)
+    _load_spend_after_merges(connection, items, {t: m for t, m in merges.items() if items[t].spend}, since, until)
     return items
+
+
+def _load_spend_after_merges(connection: Connection, items: dict[str, Item], merges: dict[str, datetime], since: datetime,
+                             until: datetime) -> None:  # fmt: skip
+    """Each ticket's spend in the period after its last merged PR (`merges`), read as the spend after
+    completion is (storage/spend_after.py), against a table of the moments made for this report."""
+    if not merges:
+        return
+    moments = Table("adoption_merges", MetaData(), Column("id", String(200), primary_key=True), Column("moment", DateTime()),
+                    prefixes=["TEMPORARY"])  # fmt: skip
+    # Kept (emptied) rather than dropped: SQLite creates it outside the report's transaction, whose
+    # rollback would undo a DROP; on PostgreSQL the rollback drops it.
+    moments.create(connection, checkfirst=True)
+    connection.execute(moments.delete())
+    try:
+        connection.execute(moments.insert(), [{"id": ticket, "moment": moment} for ticket, moment in merges.items()])
+        for ticket, spend in spend_after.cost_after(connection, rollup.Period(since, until), moments, moments.c.moment, true()).items():
+            items[ticket].spend_after_merge = spend
+    finally:
+        connection.execute(moments.delete())
 
 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
