@@ -4,17 +4,29 @@ the signals make of it, through the proxy as a client sends it."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from conftest import BOTH_DATABASES, Proxy, read_only
+from signals_org import PRICE
+from sqlalchemy import select
+from write_path import past_request, write_all
 
-from conftest import Proxy
+from taskproxy import registry
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.money import usd
+from taskproxy.reports.adoption import adoption_report
+from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.storage.models import UsageEvent
 from taskproxy.timeutil import iso, utcnow
 
-pytestmark = pytest.mark.anyio
 ASK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
 
+@pytest.mark.anyio
 async def test_token_counting_alone_does_not_make_a_completed_item_ai_assisted(proxy: Proxy) -> None:
     """count_tokens generates nothing and costs nothing: calls of it on a ticket done by hand once made
     it AI-assisted at $0, raising the share and pulling the cost per item down."""
@@ -35,3 +47,60 @@ async def test_token_counting_alone_does_not_make_a_completed_item_ai_assisted(p
     report = await proxy.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
     overall = report["overall"]
     assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 1), overall
+
+
+SINCE, UNTIL = datetime(2026, 3, 2), datetime(2026, 3, 16)
+
+
+def _merged_pr_world(engine: Any, tmp_path: Path) -> dict[str, int]:
+    """Tickets with merged PRs and spend on both sides of the merge; returns, per ticket, the spend
+    (nano-USD) the report must count as without outcome."""
+    day = timedelta(days=1)
+    key = SimpleNamespace(id="key_merges", owner="dana@example.com", team="web")
+    plan = {  # ticket: (its status after work, the PRs' merges, request times)
+        "T-1": ("in_progress", [SINCE + 5 * day], [SINCE + day, SINCE + 6 * day]),  # stale: after the merge counts
+        "T-2": ("closed", [SINCE + 2 * day], [SINCE + day, SINCE + 3 * day]),  # closed after it: after the merge counts
+        "T-3": ("in_progress", [SINCE + 2 * day, SINCE + 6 * day], [SINCE + 4 * day, SINCE + 7 * day]),  # the last merge
+        "T-4": ("in_progress", [SINCE - 3 * day], [SINCE + day]),  # merged before the period: all of it counts
+        "T-5": ("in_progress", [SINCE + 9 * day], [SINCE + day, SINCE + 8 * day]),  # all before the merge: nothing counts
+    }
+    counter, exchanges, after = TokenCounter(), [], {}
+    for ticket, (status, merges, times) in plan.items():
+        registry.transition(engine, ticket, "open", source="jira", at=SINCE - 30 * day, fields={"team": "web"}, created_at=SINCE - 30 * day)
+        registry.transition(engine, ticket, "in_progress", source="jira", at=SINCE - 29 * day)
+        for n, merged in enumerate(merges):
+            pr = f"acme/web#{ticket[2:]}{n}"
+            registry.transition(engine, pr, "open", source="github", at=merged - day, fields={"team": "web"}, created_at=merged - day)
+            registry.transition(engine, pr, "done", source="github", at=merged, merged=True)
+            registry.link(engine, ticket, pr, at=merged)
+        if status == "closed":
+            registry.transition(engine, ticket, "closed", source="jira", at=SINCE + 8 * day)
+        for n, ts in enumerate(times):
+            exchanges.append(past_request(id=f"{ticket}-{n}", ts=ts, key=key, work_item=ticket, model="big-model", body={"n": f"{ticket}{n}"},
+                                          prompt_tokens=1000 * (n + 1), completion_tokens=100, counter=counter, price=PRICE))  # fmt: skip
+        after[ticket] = max(merges)
+    write_all(engine, tmp_path / "spool.jsonl", exchanges, len(exchanges))
+    with engine.connect() as connection:
+        events = connection.execute(select(UsageEvent.work_item, UsageEvent.ts, UsageEvent.cost_nanos)).all()
+    return {t: sum(e.cost_nanos for e in events if e.work_item == t and e.ts > after[t]) for t in plan}
+
+
+@BOTH_DATABASES
+def test_a_merged_pr_covers_its_tickets_spend_up_to_its_merge_and_no_further(database_url: str, tmp_path: Path) -> None:
+    """$60 parked on a ticket after a two-line PR merged counted nowhere: the merge exempted the ticket
+    for good. It now covers the spend up to the last merge; after it, the ticket's status decides."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    expected = _merged_pr_world(engine, tmp_path)
+    assert expected["T-5"] == 0 and all(expected[t] > 0 for t in ("T-1", "T-2", "T-3", "T-4"))
+    report = adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=1, stale_after_days=14)
+    breakdown = report["overall"]["spend_without_outcome_breakdown"]
+    assert breakdown["closed"] == usd(expected["T-2"])
+    assert breakdown["stale_open"] == usd(expected["T-1"] + expected["T-3"] + expected["T-4"])
+    if engine.dialect.name == "postgresql":  # a standby or a replica: the report writes nothing, so it runs there too
+        standby = make_engine(read_only(database_url))
+        try:
+            assert adoption_report(standby, since=SINCE, until=UNTIL, min_group_size=1, stale_after_days=14) == report
+        finally:
+            standby.dispose()
+    engine.dispose()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, func, select, true
+from sqlalchemy import DateTime, String, column, func, select, true, values
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
@@ -27,6 +27,7 @@ from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
+MERGES_PER_QUERY = 10_000  # (ticket, moment) pairs bound in one VALUES list: two parameters each, PostgreSQL takes 65,535
 _E = UsageEvent.__table__.c
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
@@ -131,28 +132,24 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
                 items[ticket].merged_pr = True
                 if item.completed_at is not None:
                     merges[ticket] = max(merges.get(ticket, item.completed_at), item.completed_at)
-    _load_spend_after_merges(connection, items, {t: m for t, m in merges.items() if items[t].spend}, since, until)
+    # Only where the figure is read: a ticket with spend in the period, not done as of until, not undone.
+    counted = {t: m for t, m in merges.items() if items[t].spend and items[t].status_at_until != "done" and not items[t].undone_as_of(until)}
+    _load_spend_after_merges(connection, items, counted, since, until)
     return items
 
 
 def _load_spend_after_merges(connection: Connection, items: dict[str, Item], merges: dict[str, datetime], since: datetime,
                              until: datetime) -> None:  # fmt: skip
     """Each ticket's spend in the period after its last merged PR (`merges`), read as the spend after
-    completion is (storage/spend_after.py), against a table of the moments made for this report."""
-    if not merges:
-        return
-    moments = Table("adoption_merges", MetaData(), Column("id", String(200), primary_key=True), Column("moment", DateTime()),
-                    prefixes=["TEMPORARY"])  # fmt: skip
-    # Kept (emptied) rather than dropped: SQLite creates it outside the report's transaction, whose
-    # rollback would undo a DROP; on PostgreSQL the rollback drops it.
-    moments.create(connection, checkfirst=True)
-    connection.execute(moments.delete())
-    try:
-        connection.execute(moments.insert(), [{"id": ticket, "moment": moment} for ticket, moment in merges.items()])
+    completion is (storage/spend_after.py), against the moments given as a VALUES list: nothing is
+    written, so a report runs on a read-only database (a standby, a replica) as before."""
+    for start in range(0, len(merges), MERGES_PER_QUERY):
+        chunk = list(merges.items())[start : start + MERGES_PER_QUERY]
+        moments: Any = values(column("id", String(200)), column("moment", DateTime()), name="adoption_merges").data(chunk)
+        if connection.dialect.name == "sqlite":  # SQLite names no VALUES columns in FROM: a CTE does
+            moments = moments.cte("adoption_merges")
         for ticket, spend in spend_after.cost_after(connection, rollup.Period(since, until), moments, moments.c.moment, true()).items():
             items[ticket].spend_after_merge = spend
-    finally:
-        connection.execute(moments.delete())
 
 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
