@@ -143,8 +143,9 @@ def _load_spend_after_merges(connection: Connection, items: dict[str, Item], mer
     """Each ticket's spend in the period after its last merged PR (`merges`), read as the spend after
     completion is (storage/spend_after.py), against the moments given as a VALUES list: nothing is
     written, so a report runs on a read-only database (a standby, a replica) as before."""
-    for start in range(0, len(merges), MERGES_PER_QUERY):
-        chunk = list(merges.items())[start : start + MERGES_PER_QUERY]
+    pairs = list(merges.items())
+    for start in range(0, len(pairs), MERGES_PER_QUERY):
+        chunk = pairs[start : start + MERGES_PER_QUERY]
         moments: Any = values(column("id", String(200)), column("moment", DateTime()), name="adoption_merges").data(chunk)
         if connection.dialect.name == "sqlite":  # SQLite names no VALUES columns in FROM: a CTE does
             moments = moments.cte("adoption_merges")
