@@ -110,6 +110,11 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
                     ready = server.http.get("/readyz")
                     assert ready.status_code == 503 and time.monotonic() - started < 4.0, ready.text  # a probe answers in time
                     assert "did not answer within" in ready.text or "does not answer" in ready.text, ready.text
+                    # A key this process does not hold cannot be checked: a 503 an SDK retries after the time it says.
+                    stranger = {"authorization": "Bearer tp-" + "s" * 43, "x-api-key": "tp-" + "s" * 43, "X-Work-Item": "HOLE-1"}
+                    for path in ("/v1/chat/completions", "/v1/messages"):
+                        refused = server.http.post(path, json=body, headers=stranger)
+                        assert refused.status_code == 503 and refused.headers.get("retry-after") == "5", (path, refused.headers, refused.text)
                     # The writer spools what the database does not answer within 2 s.
                     deadline = time.monotonic() + 60
                     while spooled() == 0 and time.monotonic() < deadline:

@@ -59,7 +59,7 @@ from taskproxy.storage import partitions
 from taskproxy.storage.db import make_engine, ping, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
-from taskproxy.storage.failures import unavailable
+from taskproxy.storage.failures import RETRY_SECONDS, unavailable
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -78,7 +78,6 @@ NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 PARTITIONS_EVERY_SECONDS = 3600.0
 READY_WAIT_SECONDS = 2.0  # /readyz waits this long for the database at most
 STOP_STEP_SECONDS = 5.0  # at shutdown, a step that talks to the database is waited for this long at most
-DATABASE_RETRY_SECONDS = 5  # Retry-After on a 503 for a database that cannot take a request now
 
 
 async def root(request: Request) -> Response:
@@ -127,7 +126,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     if (why := unavailable(exc)) is not None:  # not a bug: the database cannot serve now (an outage, a standby); a retry may succeed
         log.warning("%s %s: the database cannot serve it (%s: %s)", request.method, request.url.path, exc.__class__.__name__,
                     (str(exc).splitlines() or [""])[0][:300])  # fmt: skip
-        return error_response(ServiceUnavailable(why, retry_after=DATABASE_RETRY_SECONDS), api_format_of(request.scope))
+        return error_response(ServiceUnavailable(why, retry_after=RETRY_SECONDS), api_format_of(request.scope))
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), api_format_of(request.scope))
 

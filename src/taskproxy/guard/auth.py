@@ -34,6 +34,7 @@ from taskproxy import privacy
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.storage import repo
+from taskproxy.storage.failures import RETRY_SECONDS
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewKey, parse
 
@@ -213,7 +214,7 @@ class KeyStore:
         try:
             row = await self._lookups.run(repo.find_key_by_hash, self._engine, digest.hex())
         except (SQLAlchemyError, LookupTimeout):
-            raise ServiceUnavailable("The key could not be checked: the database does not answer. Try again shortly.") from None
+            raise ServiceUnavailable("The key could not be checked: the database does not answer. Try again shortly.", retry_after=RETRY_SECONDS) from None
         with self._lock:
             if row is None or row.revoked_at is not None:
                 self._unknown[digest] = True

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
+from taskproxy.storage.failures import RETRY_SECONDS
 from taskproxy.storage.models import WorkItem
 from taskproxy.storage.repo import WARM_ROWS_PER_READ
 from taskproxy.workitems import RESOLVED
@@ -154,7 +155,7 @@ class ItemCache:
         except (SQLAlchemyError, LookupTimeout):
             if not required:  # not remembered: the lookups fail at once while the database stays silent (guard/lookups.py)
                 return None
-            raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.") from None
+            raise ServiceUnavailable("The work item could not be checked: the database does not answer. Try again shortly.", retry_after=RETRY_SECONDS) from None
         self._remember(item_id, found.get(item_id))
         return found.get(item_id)
 

@@ -26,6 +26,7 @@ from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.endpoint import Endpoint
 from taskproxy.settings import OPENAI_COMPATIBLE, LimitSettings, ModelSettings, Settings
+from taskproxy.storage.failures import RETRY_SECONDS
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 
@@ -77,7 +78,7 @@ class Admission:
             await self.rate_limiter.check(principal.key_id)
             if self.writer.refusing:
                 raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
-                                         "the request was not forwarded. Try again shortly.")  # fmt: skip
+                                         "the request was not forwarded. Try again shortly.", retry_after=RETRY_SECONDS)  # fmt: skip
             raw, body = await read()
             attributed = self.attribution.resolve(headers, body if isinstance(body, dict) else None, principal, ts)
             known = await self.policy.check(attributed.work_item)

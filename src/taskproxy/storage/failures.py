@@ -17,6 +17,9 @@ from __future__ import annotations
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+# Retry-After on a 503 for a database that cannot serve now: every such refusal says it, on the model
+# routes (a key or an item that could not be checked, usage that cannot be recorded) as on the admin API.
+RETRY_SECONDS = 5
 READ_ONLY_TRANSACTION = "25006"  # PostgreSQL's SQLSTATE for a write to a server that takes none
 LOCK_NOT_AVAILABLE = "55P03"  # a lock not granted within lock_timeout
 # Connection exceptions (class 08), the server shutting down or starting (57P01-57P03), too many
