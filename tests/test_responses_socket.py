@@ -27,7 +27,7 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("socket")
     base = f"{upstream.url}/v1"
     models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base},
-              {"name": "fake-cut", "base_url": base}, {"name": "fake-trickle", "base_url": base}]  # fmt: skip
+              {"name": "fake-cut", "base_url": base}, {"name": "fake-trickle", "base_url": base}, {"name": "fake-unending", "base_url": base}]  # fmt: skip
     config = write_config(folder, upstream.url, models=models)
     with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
         yield running
@@ -206,6 +206,33 @@ def test_a_client_that_sends_far_ahead_of_the_answers_has_its_socket_ended(serve
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008 and "ahead" in closed.value.rcvd.reason
     [event] = server.events("PROJ-61", 1)
     assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
+
+
+def test_a_provider_event_without_end_ends_the_turn_past_its_bound_not_the_process(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """Each provider event is one message, so the socket waits for an event's end; a provider that never
+    sends one (64 MiB without a blank line) gets its answer ended past MAX_EVENT_BYTES, at once, rather
+    than held whole (each chunk copied and searched again with all before it: 99 % of a core, and the
+    client got nothing for 20 s and more)."""
+    from taskproxy.upstream.sse import MAX_EVENT_BYTES
+
+    upstream.fake.flood_bytes = 4 * MAX_EVENT_BYTES
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    try:
+        with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-62"}, open_timeout=5) as socket:
+            started = time.monotonic()
+            socket.send(json.dumps({"type": "response.create", "model": "fake-unending", "input": "go on"}))
+            message = json.loads(socket.recv(15))
+            elapsed = time.monotonic() - started
+            assert message["type"] == "error" and message["error"]["code"] == "upstream_error" and "MiB" in message["error"]["message"], message
+            socket.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "and now?"}))  # the socket serves on
+            while (answer := json.loads(socket.recv(5)))["type"] != "response.completed":
+                assert answer["type"] != "error", answer
+    finally:
+        upstream.fake.flood_bytes = 300 * 1024 * 1024
+    assert elapsed < 5, elapsed
+    events = server.events("PROJ-62", 2)
+    assert [(e["model"], e["error"]) for e in sorted(events, key=lambda e: e["ts"])] == [("fake-unending", "upstream_error"), ("gpt-4o-mini", None)]
 
 
 def test_a_turn_ended_by_the_server_shutting_down_is_recorded_as_such(upstream: FakeUpstream, tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
     fake-dribble  (chat, not streamed) sends its JSON answer a few bytes every 0.1 s, forever
     fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
+    fake-unending (chat, Responses; streamed) sends one event of `FakeProvider.flood_bytes` that never ends
+                  (no blank line), then closes the stream
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
 `FakeProvider.active` counts the requests being answered right now (a request whose client hung up
@@ -97,6 +99,8 @@ class FakeProvider(ResponsesApi, MessagesApi):
             return json_response({"error": {"message": "fake provider failure", "type": "server_error", "param": None, "code": None}}, 500)
         if model == "fake-429":
             return json_response({"error": {"message": "rate limited", "type": "rate_limit_error", "param": None, "code": "rate_limit"}}, 429)
+        if model == "fake-unending":
+            return StreamingResponse(self._unending(request), media_type="text/event-stream")
         if model == "fake-slow":
             deadline = time.monotonic() + self.slow_seconds
             while time.monotonic() < deadline:  # a real provider stops generating when its client leaves
@@ -182,6 +186,16 @@ class FakeProvider(ResponsesApi, MessagesApi):
                 return
             yield chunk
         yield b'"}}], "usage": ' + orjson.dumps(usage) + b"}"
+
+    async def _unending(self, request: Request):  # type: ignore[no-untyped-def]
+        yield b'data: {"type": "response.output_text.delta", "choices": [{"index": 0, "delta": {"content": "'
+        piece = b"x" * self.flood_piece_bytes
+        for n in range(self.flood_bytes // len(piece)):
+            if n % 16 == 0 and await request.is_disconnected():
+                return
+            if self.flood_delay:
+                await asyncio.sleep(self.flood_delay)
+            yield piece
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._receive(request)

@@ -47,7 +47,7 @@ from taskproxy.upstream import observe
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import ProviderReply, ProviderRequest, upstream_headers
 from taskproxy.upstream.relay import CLIENT_DISCONNECTED, SHUTDOWN
-from taskproxy.upstream.sse import end_of_last_event, iter_events
+from taskproxy.upstream.sse import MAX_EVENT_BYTES, EventBuffer, iter_events
 
 log = logging.getLogger("taskproxy.proxy")
 TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
@@ -270,7 +270,7 @@ async def _relay(
     capture, exchange, meter = Capture(), attempt.exchange, attempt.meter
     exchange.answered = True
     exchange.observe = partial(observe.responses_stream, capture)
-    pending, first_byte, error, last = b"", None, None, b""
+    events, first_byte, error, last = EventBuffer(), None, None, b""
     try:
         async with asyncio.timeout(model.max_stream_seconds):
             async for chunk in reply.chunks:
@@ -278,11 +278,11 @@ async def _relay(
                 capture.add(chunk)
                 if meter.pending or has_usage_object(chunk):
                     meter.saw(capture.recent())
-                pending += chunk
-                cut = end_of_last_event(pending)
-                if not cut:
+                complete = events.feed(chunk)
+                if events.held > MAX_EVENT_BYTES:  # each event is one message: one without end cannot be sent
+                    raise UpstreamError(f"The provider sent an event of more than {MAX_EVENT_BYTES >> 20} MiB without its end; the answer was ended.")
+                if not complete:
                     continue
-                complete, pending = pending[:cut], pending[cut:]
                 for _, data in iter_events(complete):
                     if data == b"[DONE]":
                         continue

@@ -19,7 +19,7 @@ import orjson
 from taskproxy.jsonbytes import last_usage_object
 from taskproxy.metering.observed import COMPLETION, Observed, ProviderUsage
 from taskproxy.upstream.capture import Capture
-from taskproxy.upstream.sse import end_of_last_event, iter_events
+from taskproxy.upstream.sse import end_of_first_event, end_of_last_event, iter_events
 
 Observer = Callable[[Capture], Observed]
 
@@ -52,11 +52,6 @@ def stream_events(capture: Capture) -> Iterator[dict]:
         for _, data in iter_events(block):
             if data != b"[DONE]" and isinstance(event := _loads(data), dict):
                 yield event
-
-
-def end_of_first_event(data: bytes) -> int:
-    ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.find(t)) >= 0]
-    return min(ends, default=len(data))
 
 
 def _body(capture: Capture) -> dict | None:

@@ -1,7 +1,16 @@
 """Server-sent events framing.
 
+`EventBuffer` holds a stream's bytes until the event they belong to ends, in time linear in the stream.
 `SseSplitter` passes a byte stream on in whole events on the request path (only where an event must
 be withheld from the client); `iter_events` reads the events of a finished stream, off the request path.
+
+A provider decides how long an event is, so neither holds one without bound: the splitter passes on
+an event it has held `PASS_ON_BYTES` of as it comes (so large, it cannot be the usage-only chunk it
+looks for), and a route that must have whole events (the Responses WebSocket sends one message per
+event) ends the answer past `MAX_EVENT_BYTES`. Measured before (2026-12-06): a provider sending 400 MiB
+without a blank line took a chat stream's process to 1 GiB and held the event loop for the search,
+and on the WebSocket every chunk copied and searched all it held (99 % of a core, other clients at
+p50 ~450 ms).
 """
 
 from __future__ import annotations
@@ -13,42 +22,87 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
+PASS_ON_BYTES = 1 << 20  # an event the splitter holds this much of is passed on as it comes
+MAX_EVENT_BYTES = 16 << 20  # the largest event a route that needs whole events waits for (a `response.completed` carries the whole answer)
+
+
+class EventBuffer:
+    """A stream's bytes, held until the event they are in ends. Each chunk is checked for an event's end
+    with the three bytes before it, and what is held is joined once, when its event ends."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self.held = 0  # bytes of an event not yet ended
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events the stream holds now (b"" while the event in progress goes on)."""
+        if self._pieces and not _ends_an_event(self._last_bytes(), chunk):
+            self._pieces.append(chunk)
+            self.held += len(chunk)
+            return b""
+        data = b"".join((*self._pieces, chunk)) if self._pieces else chunk
+        cut = end_of_last_event(data)
+        rest = data[cut:]
+        self._pieces, self.held = ([rest] if rest else []), len(rest)
+        return data[:cut]
+
+    def take(self, keep: int = 0) -> bytes:
+        """What is held but its last `keep` bytes, which stay held."""
+        data = b"".join(self._pieces)
+        kept = data[len(data) - keep :] if keep else b""
+        self._pieces, self.held = ([kept] if kept else []), len(kept)
+        return data[: len(data) - len(kept)]
+
+    def _last_bytes(self) -> bytes:
+        tail = b""
+        for piece in reversed(self._pieces):
+            tail = piece[-3:] + tail
+            if len(tail) >= 3:
+                break
+        return tail[-3:]
+
+
 class SseSplitter:
     """Passes a byte stream on event by event, withholding the usage-only chunk (stream_options)."""
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._pending: list[bytes] = []  # chunks of an event not yet complete, joined once it is
+        self._events = EventBuffer()
+        self._passing = False  # inside an event already passed on in part: its end passes as it is
 
     def without_usage_only(self, chunk: bytes) -> bytes:
-        """The complete events so far, minus any usage-only chunk; a partial event waits for the rest.
-        Events are not split apart unless a usage-only chunk is among them (once per stream)."""
-        if (self._buffer or self._pending) and not _ends_an_event(self._pending[-1] if self._pending else self._buffer, chunk):
-            self._pending.append(chunk)  # still inside one event: kept, not copied again with every chunk
-            return b""
-        data = b"".join((self._buffer, *self._pending, chunk)) if self._pending else (self._buffer + chunk if self._buffer else chunk)
-        self._pending = []
-        cut = end_of_last_event(data)
-        complete, self._buffer = data[:cut], data[cut:]
-        match = _USAGE_ONLY.search(complete)
-        if match is None:
-            return complete
-        kept, position = [], 0
-        while match is not None:
-            start = end_of_last_event(complete, match.start())
-            end = _EVENT_END.search(complete, match.end())
-            stop = end.end() if end is not None else len(complete)
-            if is_usage_only_chunk(complete[start:stop]):
-                kept.append(complete[position:start])
-                position = stop
-            match = _USAGE_ONLY.search(complete, stop)
-        kept.append(complete[position:])
-        return b"".join(kept)
+        """The complete events so far, minus any usage-only chunk; a partial event waits for the rest,
+        up to PASS_ON_BYTES. Events are not split apart unless a usage-only chunk is among them (once per stream)."""
+        complete = self._events.feed(chunk)
+        head = b""
+        if self._passing and complete:
+            end = end_of_first_event(complete)
+            head, complete = complete[:end], complete[end:]
+            self._passing = False
+        out = head + _without_usage_only(complete) if head else _without_usage_only(complete)
+        if self._events.held > PASS_ON_BYTES:  # the last 3 bytes stay: an event's end may begin in them
+            out += self._events.take(keep=3)
+            self._passing = True
+        return out
 
     def rest(self) -> bytes:
-        rest = b"".join((self._buffer, *self._pending))
-        self._buffer, self._pending = b"", []
-        return rest
+        return self._events.take()
+
+
+def _without_usage_only(complete: bytes) -> bytes:
+    match = _USAGE_ONLY.search(complete)
+    if match is None:
+        return complete
+    kept, position = [], 0
+    while match is not None:
+        start = end_of_last_event(complete, match.start())
+        end = _EVENT_END.search(complete, match.end())
+        stop = end.end() if end is not None else len(complete)
+        if is_usage_only_chunk(complete[start:stop]):
+            kept.append(complete[position:start])
+            position = stop
+        match = _USAGE_ONLY.search(complete, stop)
+    kept.append(complete[position:])
+    return b"".join(kept)
 
 
 _TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")
@@ -59,6 +113,12 @@ def _ends_an_event(before: bytes, chunk: bytes) -> bool:
     the chunk costs ~15 times as much, and this runs for every chunk of a stream)."""
     seam = before[-3:] + chunk[:3]
     return any(end in chunk or end in seam for end in _TERMINATORS)
+
+
+def end_of_first_event(data: bytes) -> int:
+    """Where the first complete event in `data` ends (len(data): none ends)."""
+    ends = [i + len(t) for t in _TERMINATORS if (i := data.find(t)) >= 0]
+    return min(ends, default=len(data))
 
 
 def end_of_last_event(data: bytes, before: int | None = None) -> int:
