@@ -364,6 +364,35 @@ def test_a_provider_event_without_end_is_passed_on_as_it_comes_not_held(tmp_path
     assert float(first_byte) < 2.0, first_byte  # passed on as it came, not once the provider was done
 
 
+def test_a_websocket_client_flooding_pings_is_closed_and_takes_nothing_from_the_others(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """Pings sent as fast as a client can, their pongs never read: every ping cost the event loop a pong
+    written whether or not it was read (the others at p50 1-2.6 s, the process growing with what was
+    sent). Past MAX_CONTROL_FRAMES_PER_SECOND in a second the socket is closed (1008)."""
+    from websockets.sync.client import connect
+
+    from taskproxy.connections import MAX_CONTROL_FRAMES_PER_SECOND
+
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-6") as good:
+        key = server.new_key("dana", "platform")
+        url = server.url.replace("http://", "ws://") + "/v1/responses"
+        pings = b"\x89\x80\x00\x00\x00\x00" * 8192  # empty masked pings (a client's frames are masked), written raw
+        started, sent, open_for = time.monotonic(), 0, []
+        while time.monotonic() - started < 5:  # one flood after another, each on a new socket, for 5 s
+            with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROV-6"}, open_timeout=5) as socket:
+                raw, opened = socket.socket, time.monotonic()
+                raw.settimeout(1.0)
+                with contextlib.suppress(OSError):  # the server closing the socket ends this flood
+                    while time.monotonic() - opened < 5:
+                        raw.sendall(pings)
+                        sent += len(pings)
+                open_for.append(time.monotonic() - opened)
+        good.__exit__()
+        good.check()
+    print(f"\nping floods: {len(open_for)} sockets, {sent // 6:,} pings sent, each open at most {max(open_for):.2f} s")
+    assert max(open_for) < 2, f"a flooding socket stayed open {max(open_for):.1f} s ({sent // 6:,} pings)"
+    assert f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second" in server.log_path.read_text()  # said, with the client
+
+
 def test_sigterm_gives_answers_in_flight_a_grace_period_then_ends_and_records_the_rest(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     with server_with(tmp_path, upstream, quiet, server={"shutdown_grace_seconds": 1.5}) as server:
         key = server.new_key("dana", "platform")

@@ -208,6 +208,30 @@ def test_a_client_that_sends_far_ahead_of_the_answers_has_its_socket_ended(serve
     assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
 
 
+def test_messages_sent_ahead_are_bounded_in_bytes_too_and_not_compressed(server: ServerProcess) -> None:
+    """Sixteen messages may wait behind a turn, but not sixteen of 32 MiB: beyond the first, those waiting
+    take at most limits.max_body_bytes together (three sockets of 16 × 32 MiB took a process to 1.8 GiB).
+    Nor does the socket negotiate permessage-deflate, with which each of them was 32 KiB on the wire."""
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-63"}, open_timeout=5, close_timeout=5,
+                 max_queue=None) as socket:  # fmt: skip
+        assert socket.response.headers.get("Sec-WebSocket-Extensions") is None  # offered by the client, not taken
+        socket.send(json.dumps({"type": "response.create", "model": "fake-trickle", "input": "go on"}))
+        while json.loads(socket.recv(5))["type"] != "response.output_text.delta":
+            pass
+        big = json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "x" * (20 << 20)})
+        for _ in range(2):  # 40 MiB waiting: more than the 32 MiB of max_body_bytes, in 2 messages of the 16 allowed
+            socket.send(big)
+        deadline = time.monotonic() + 10  # the trickle streams on: without the bound, nothing would end it
+        with pytest.raises(ConnectionClosed) as closed:
+            while time.monotonic() < deadline:
+                socket.recv(5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008 and "bytes" in closed.value.rcvd.reason
+    [event] = server.events("PROJ-63", 1)
+    assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
+
+
 def test_a_provider_event_without_end_ends_the_turn_past_its_bound_not_the_process(server: ServerProcess, upstream: FakeUpstream) -> None:
     """Each provider event is one message, so the socket waits for an event's end; a provider that never
     sends one (64 MiB without a blank line) gets its answer ended past MAX_EVENT_BYTES, at once, rather

@@ -18,6 +18,19 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
   answered 400 `invalid_request`, where uvicorn answers a line of plain text: no route sees such a
   request, and this is the only answer its client gets.
 
+`BoundedWebSocketProtocol` is uvicorn's websockets-sansio protocol (the Responses WebSocket) with:
+
+- **control frames bounded**: uvicorn answers every ping on the event loop (~6 µs each) and writes its
+  pong whether or not the client reads; one client sending pings as fast as it could (over 100,000
+  a second) starved every other client (p50 1–2.6 s) and, not reading its pongs, grew the process by
+  what it sent. Past `MAX_CONTROL_FRAMES_PER_SECOND` pings and pongs in a second the socket is closed
+  with 1008 (policy violation); a client's keep-alive pings are one every few seconds;
+- **no reading while the client does not read**: while the socket's write buffer is full (its
+  client reads nothing), no more of what it sends is read, so pongs and answers cannot pile up;
+- no permessage-deflate (`serve` turns it off): a 32 MiB message compresses to 32 KiB, and inflating
+  it took ~120 ms of the event loop; 16 of them waiting on each of three sockets took a process to
+  1.8 GiB for 1.5 MiB sent.
+
 Each of these answers is JSON in the API's error shape (an SDK raises it like any other error): the
 shape of the route the request was for once its headers are in (a body too slow for `/v1/messages`
 gets Anthropic's), else OpenAI's, which the admin API speaks too.
@@ -34,6 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from taskproxy.error_shapes import ApiFormat, api_format_of, raw_error_response
 from taskproxy.errors import ApiError, InvalidRequest, RequestTimeout, ServiceUnavailable
@@ -43,6 +58,9 @@ log = logging.getLogger("taskproxy.connections")
 # Descriptors kept for the proxy's own use (database pool, spool files, logs, encodings): what the
 # connection limit leaves aside when it is derived from the open-file limit.
 RESERVED_DESCRIPTORS = 128
+MAX_CONTROL_FRAMES_PER_SECOND = 50  # pings and pongs a WebSocket client may send in a second
+PARSE_SLICE_BYTES = 16 * 1024  # what a WebSocket's frames are parsed in, at most, between checks that it is still open
+POLICY_VIOLATION = 1008  # RFC 6455's close code for a peer that broke the rules
 
 
 @dataclass(frozen=True)
@@ -167,3 +185,67 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # a WebSocket has its own pings and limits
         super().handle_websocket_upgrade()
+
+
+class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._second = 0.0  # when the second being counted began
+        self._control_frames = 0
+        self._reading_held = False  # reading paused because the client does not read what is written
+
+    def data_received(self, data: bytes) -> None:
+        # Parsed a slice at a time: a read of 256 KiB of empty pings is ~43,000 frames, parsed in one go
+        # before any handler sees the first (~130 ms of the event loop); sliced, the flood is closed
+        # after the first slice. What this costs a 32 MiB message: ~2,000 calls, ~20 ms.
+        for start in range(0, len(data), PARSE_SLICE_BYTES):
+            if self.transport.is_closing():
+                return
+            super().data_received(data[start : start + PARSE_SLICE_BYTES] if len(data) > PARSE_SLICE_BYTES else data)
+
+    def handle_ping(self) -> None:
+        if self._too_many_control_frames():
+            return
+        super().handle_ping()
+
+    def handle_pong(self, event: Any) -> None:
+        if self._too_many_control_frames():
+            return
+        super().handle_pong(event)
+
+    def _too_many_control_frames(self) -> bool:
+        if self.close_sent or self.transport.is_closing():
+            return True
+        now = self.loop.time()
+        if now - self._second >= 1.0:
+            self._second, self._control_frames = now, 0
+        self._control_frames += 1
+        if self._control_frames <= MAX_CONTROL_FRAMES_PER_SECOND:
+            return False
+        log.warning("closed a WebSocket from %s: more than %d pings and pongs in a second", self.client, MAX_CONTROL_FRAMES_PER_SECOND)
+        self.conn.data_to_send()  # the pongs queued for this flood are not sent
+        if self.conn.state is not State.OPEN:  # closing already: no second close frame
+            self.transport.close()
+            return True
+        self.conn.send_close(POLICY_VIOLATION, f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second")
+        self.handle_parser_exception()  # tells the app (websocket.disconnect, 1008), writes the close frame, closes
+        return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if not self.transport.is_closing():
+            self._reading_held = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._reading_held:
+            self._reading_held = False
+            if not self.read_paused:  # uvicorn's own pause (a message waiting for the app) lifts in receive()
+                self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        message = await super().receive()  # may resume reading: not while the client does not read
+        if self._reading_held and not self.read_paused and not self.transport.is_closing():
+            self.transport.pause_reading()
+        return message

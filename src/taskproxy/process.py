@@ -44,7 +44,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskproxy.memory import release_freed_memory, tune_allocator
-from taskproxy.connections import BoundedHttpProtocol, ConnectionLimits, default_max_connections, raise_open_file_limit
+from taskproxy.connections import BoundedHttpProtocol, BoundedWebSocketProtocol, ConnectionLimits, default_max_connections, raise_open_file_limit
 from taskproxy.settings import Settings
 
 log = logging.getLogger("taskproxy")
@@ -147,7 +147,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
     raise_open_file_limit()
     config = uvicorn.Config(
         partial(serving_app, settings), host=host, port=port, workers=workers, factory=True, log_level=log_level, access_log=access_log,
-        http=BoundedHttpProtocol, ws="websockets-sansio", ws_max_size=settings.limits.max_body_bytes,  # the Responses WebSocket (Codex)
+        http=BoundedHttpProtocol, ws=BoundedWebSocketProtocol, ws_max_size=settings.limits.max_body_bytes,  # the Responses WebSocket (Codex)
+        ws_per_message_deflate=False,  # connections.py: inflating costs the event loop, and 1,000 bytes inflate to 1 MB
         timeout_keep_alive=server.keep_alive_seconds,  # type: ignore[arg-type]
         timeout_graceful_shutdown=server.shutdown_grace_seconds,  # type: ignore[arg-type]
     )  # fmt: skip

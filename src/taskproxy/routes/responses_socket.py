@@ -35,7 +35,7 @@ from taskproxy.error_shapes import error_response, socket_error
 from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import strip_work_item
-from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, Undecodable, decode_json_object
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, LARGE_BODY_BYTES, Undecodable, decode_json_object
 from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.admission import Admitted
@@ -52,7 +52,10 @@ from taskproxy.upstream.sse import MAX_EVENT_BYTES, EventBuffer, iter_events
 log = logging.getLogger("taskproxy.proxy")
 TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
-MAX_WAITING_MESSAGES = 16  # messages a client may send ahead of the response in progress; one more ends the socket
+# Messages a client may send ahead of the response in progress: at most 16, and beyond the first (which
+# uvicorn's ws_max_size bounds) together at most one body's worth (limits.max_body_bytes); past either
+# the socket is ended.
+MAX_WAITING_MESSAGES = 16
 POLICY_VIOLATION = 1008  # the close code for it (RFC 6455)
 
 
@@ -102,12 +105,15 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
     # further frame (a close included) while a message it has received waits for the app, so a message
     # sent during a turn is taken at once and waits here, and the client leaving ends the turn at once.
     waiting: deque[str | bytes] = deque()
+    waiting_bytes, most_waiting_bytes = 0, flow.settings.limits.max_body_bytes  # as len() counts them: a text's characters
     turn: asyncio.Task[None] | None = None
     receiving = asyncio.create_task(websocket.receive())
     try:
         while True:
             if turn is None and waiting:
-                turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, waiting.popleft()))
+                next_message = waiting.popleft()
+                waiting_bytes -= len(next_message)
+                turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, next_message))
             await asyncio.wait({receiving} if turn is None else {receiving, turn}, return_when=asyncio.FIRST_COMPLETED)
             if receiving.done() and (message := receiving.result())["type"] == "websocket.disconnect":
                 if turn is not None:
@@ -116,14 +122,18 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
                 break
             if receiving.done():
                 receiving = asyncio.create_task(websocket.receive())
-                if len(waiting) == MAX_WAITING_MESSAGES:  # a client that does not wait for answers: the socket is ended
+                payload = message.get("text") or message.get("bytes") or b""
+                if len(waiting) == MAX_WAITING_MESSAGES or (waiting and waiting_bytes + len(payload) > most_waiting_bytes):
+                    # A client that does not wait for its answers: the socket is ended.
                     flow.admission.writer.submit(Rejected(utcnow(), principal.key_id, RateLimited.code, endpoint.path))
                     if turn is not None:
                         await _end_turn(turn, CLIENT_DISCONNECTED)
                         turn = None
-                    await websocket.close(POLICY_VIOLATION, f"more than {MAX_WAITING_MESSAGES} messages sent ahead of the answers")
+                    await websocket.close(POLICY_VIOLATION, f"more than {MAX_WAITING_MESSAGES} messages or {most_waiting_bytes} bytes "
+                                                            "sent ahead of the answers")  # fmt: skip
                     break
-                waiting.append(message.get("text") or message.get("bytes") or b"")
+                waiting.append(payload)
+                waiting_bytes += len(payload)
             if turn is not None and turn.done():
                 finished, turn = turn, None
                 try:
@@ -148,7 +158,11 @@ async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, he
     try:
         if len(raw) > flow.settings.limits.max_body_bytes:
             raise RequestTooLarge(f"The message is larger than {flow.settings.limits.max_body_bytes} bytes (limits.max_body_bytes).")
-        message = await decode_json_object(raw, flow.settings.limits.max_json_nodes)
+        if len(raw) > LARGE_BODY_BYTES:  # as a large HTTP body is: a few decoded at a time in the process
+            async with flow.admission.body_gate.large():
+                message = await decode_json_object(raw, flow.settings.limits.max_json_nodes)
+        else:
+            message = await decode_json_object(raw, flow.settings.limits.max_json_nodes)
         if isinstance(message, Undecodable):
             raise InvalidRequest(message.reason)
         kind = message.get("type")
