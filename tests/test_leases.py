@@ -103,6 +103,37 @@ def test_three_replicas_spend_an_items_budget_with_at_most_their_requests_in_fli
     print(f"\nbudget {limit} tokens over {REPLICAS} replicas: spent {spent} ({len(answered)} answered); bound {bound}")
 
 
+@pytest.mark.postgres
+def test_three_replicas_share_the_default_budget_of_an_item_not_registered_yet(tmp_path: Path) -> None:
+    """Open mode, a default per-item budget, an id first met in requests: the writer registers it, and
+    the other replicas learn of it only from the change feed, so each counted it alone and spent the
+    whole budget (900 tokens of 300 over three replicas, one request after another). Each replica now
+    leases it too once it has spent a slice (a tenth) alone: at most a slice each over the budget."""
+    limit = 300
+    with postgres_schema() as url, fake_upstream() as upstream, ExitStack() as stack:
+        config = write_config(tmp_path, upstream.url, database_url=url, budgets={"work_item_tokens": limit},
+                              recording={"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.1})  # fmt: skip
+        assert run_cli("db", "upgrade", config=config).returncode == 0
+        servers = [stack.enter_context(running_server(config, tmp_path / f"replica-{n}.log")) for n in range(REPLICAS)]
+        key = servers[0].new_key(owner="uma", team="platform")
+        clients = [stack.enter_context(httpx.Client(base_url=server.url, timeout=15, trust_env=False)) for server in servers]
+        headers = {"authorization": f"Bearer {key}", "X-Work-Item": "NEW-1"}
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        answered: list[int] = []
+        for n in range(100):  # one request after another, round robin, until refused
+            reply = clients[n % REPLICAS].post("/v1/chat/completions", json=body, headers=headers)
+            if reply.status_code != 200:
+                assert reply.status_code == 429 and reply.json()["error"]["code"] == "budget_exceeded", reply.text
+                break
+            answered.append(reply.json()["usage"]["total_tokens"])
+        item = servers[0].work_item("NEW-1", expected_requests=len(answered))
+    spent, per_request = item["total_tokens"], max(answered)
+    assert spent == sum(answered)
+    bound = limit + REPLICAS * (limit // 10 + per_request)
+    assert limit <= spent <= bound, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each; bound {bound})"
+    print(f"\ndefault budget {limit} tokens on an item not registered, {REPLICAS} replicas: spent {spent}; bound {bound}")
+
+
 @pytest.mark.anyio
 async def test_a_replica_that_stops_gives_back_what_it_was_granted_and_did_not_spend(tmp_path: Path) -> None:
     from sqlalchemy import select

@@ -8,15 +8,16 @@ record. The writer keeps spend counters per item and per team-month in the datab
 its last read (spend through other replicas), keeping the larger of its own count and the
 database's. A registered, budgeted item whose spend this process has not read yet (first seen, or
 dropped from the bounded working set) costs its first request one read of its counter, by primary
-key. An id not registered (open mode; registered by the writer with its first event) has only the
-spend this process counted until the change feed tells it of the registration.
+key. An id not registered (open mode; registered by the writer with its first event) has no counter
+to read yet: each process spends at most a slice of its budget (a tenth) alone, then through the
+leases below, as for any item.
 
 A request is refused once the spend has reached the limit, so on one process the overshoot is
 bounded by the requests already admitted and still in flight when the limit is crossed: a client
 sending one request after another is refused on the first request after its budget is spent.
 Replicas share a budget through leases (guard/shares.py): each spends only the slices it was granted,
-so across replicas too the overshoot is bounded by the requests in flight. Team budgets run per
-calendar month, UTC.
+so across replicas too the overshoot is bounded by the requests in flight (plus, on an item not yet
+registered, a tenth of its budget per replica). Team budgets run per calendar month, UTC.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
 from taskproxy.guard.lookups import Lookups, LookupTimeout
-from taskproxy.guard.shares import BudgetShares
+from taskproxy.guard.shares import SLICES, BudgetShares
 from taskproxy.money import format_usd, to_nanos, usd
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage import spend
@@ -164,8 +165,14 @@ class Budgets:
                 spent = (entry.tokens, entry.nanos) if entry is not None else (0, 0)
             where = f"The work item {item_id}"
             _refuse_if_spent(where, spent[0], tokens_limit, spent[1], usd_limit)
-            if known is not None:  # registered: shared by the replicas (an id not registered yet is this process's alone)
+            # Shared by the replicas through leases. An id met first in requests (open mode) is known to the
+            # others only once the writer has registered it (each could spend the whole budget meanwhile),
+            # so it leases too once this process has spent a slice of it: ids invented by the thousand,
+            # spending little each, take no lease rows.
+            if known is not None:
                 await self._leased(where, f"item:{item_id}", "", (tokens_limit, usd_limit), spent)
+            elif _past_a_slice(spent, tokens_limit, usd_limit):  # what it spent here is its share's own use, not history
+                await self._leased(where, f"item:{item_id}", "", (tokens_limit, usd_limit), (0, 0))
         team_budget = self._settings.teams.get(team) if team else None
         if team_budget is not None:
             with self._lock:
@@ -197,6 +204,11 @@ class Budgets:
         scope = (spend.ITEM, item_id, spend.LIFETIME)
         with self._engine.connect() as connection:
             return spend.read(connection, [scope]).get(scope)
+
+
+def _past_a_slice(spent: tuple[int, int], tokens_limit: int | None, usd_limit: float | None) -> bool:
+    """This process has spent a slice (a tenth, guard/shares.py) of a budget."""
+    return (tokens_limit is not None and spent[0] * SLICES >= tokens_limit) or (usd_limit is not None and spent[1] * SLICES >= to_nanos(usd_limit))
 
 
 def _raise_to(spent: _Spent, tokens: int, nanos: int) -> None:
