@@ -9,7 +9,7 @@ before it is decoded, and large bodies are read and decoded a few at a time (`Bo
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,9 +50,12 @@ def declared_large(request: Request) -> bool:
     return declared.isdigit() and int(declared) > LARGE_BODY_BYTES
 
 
-async def read_body(request: Request, limit: int, which: str = "limits.max_body_bytes") -> bytes:
+async def read_body(request: Request, limit: int, which: str = "limits.max_body_bytes",
+                    on_large: Callable[[], Awaitable[object]] | None = None) -> bytes:  # fmt: skip
     """The whole body, refused as soon as it is known to exceed `limit` (without reading the rest).
-    A large one is joined in a worker thread: copying megabytes would hold up the event loop."""
+    A large one is joined in a worker thread: copying megabytes would hold up the event loop.
+    `on_large` is awaited once a body that declared no length (chunked) passes LARGE_BODY_BYTES: a
+    body that did not say it was large takes the gate there, before the rest is read."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -61,11 +64,15 @@ async def read_body(request: Request, limit: int, which: str = "limits.max_body_
             raise _too_large(limit, which)
     chunks: list[bytes] = []
     size = 0
+    large = on_large is None or declared is not None
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(limit, which)
         chunks.append(chunk)
+        if not large and size > LARGE_BODY_BYTES:
+            large = True
+            await on_large()  # type: ignore[misc]
     if size > DECODE_IN_THREAD_BYTES:
         return await anyio.to_thread.run_sync(b"".join, chunks)
     return b"".join(chunks)

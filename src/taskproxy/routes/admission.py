@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -111,8 +112,9 @@ class Admission:
                 async with self.body_gate.large():
                     raw = await read_body(request, limits.max_body_bytes)
                     return raw, await decode_json_object(raw, limits.max_json_nodes)
-            raw = await read_body(request, limits.max_body_bytes)
-            return raw, await decode_json_object(raw, limits.max_json_nodes)
+            async with AsyncExitStack() as gate:  # a body that declared no length takes the gate once it is large
+                raw = await read_body(request, limits.max_body_bytes, on_large=lambda: gate.enter_async_context(self.body_gate.large()))
+                return raw, await decode_json_object(raw, limits.max_json_nodes)
         except ClientDisconnect:
             raise ClientGone("The client hung up before its request body arrived.") from None
 
