@@ -313,6 +313,95 @@ def test_large_bodies_sent_without_a_length_take_the_gate_too(tmp_path: Path, up
     assert peak - resident < 300, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # +509 before
 
 
+SLOW_TO_COUNT = """
+import os, sys, threading, time
+import httpx
+url, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+text = os.urandom(8 << 20).translate(bytes(97 + b % 26 for b in range(256)))  # 8 MiB of letters, no space: slow to count
+answered = []
+
+def send(n):
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        end, i = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            i += 1
+            body = b'{"model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": "%d %d ' % (n, i) + text + b'"}]}'
+            reply = client.post("/v1/chat/completions", content=body, headers={"authorization": f"Bearer {key}", "X-Work-Item": "SLOW-1",
+                                                                                "content-type": "application/json"})
+            answered.append(reply.status_code)
+
+threads = [threading.Thread(target=send, args=(n,)) for n in range(1)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(sum(1 for status in answered if status == 200))
+"""
+
+
+def test_prompts_slow_to_count_hold_up_neither_the_others_usage_nor_memory(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """8 MiB prompts of random letters (tiktoken took ~6 s for each): the recording thread fell behind
+    by hundreds of them, holding each body (2 GiB), and everyone's usage waited behind them. An estimate
+    now counts a bounded amount of new text, and a key whose bodies wait to be recorded past
+    KEY_BACKLOG_BYTES waits itself (then gets 429): the others' usage is recorded at once."""
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-7") as good:
+        key = server.new_key("mallory", "platform")
+        time.sleep(0.5)
+        resident, _ = server.memory_mib()
+        sender = subprocess.run([sys.executable, "-c", SLOW_TO_COUNT, server.url, key, "8"], stdout=subprocess.PIPE, env=child_env(),
+                                timeout=120, check=True)  # fmt: skip
+        _, peak = server.memory_mib()
+        answered = int(sender.stdout)
+        good.__exit__()
+        good.check()  # its requests all recorded too, and within its p99 bound
+        recorded = server.work_item("SLOW-1", expected_requests=answered, timeout=10)["requests"]
+    print(f"\n8 MiB prompts slow to count: {answered} answered, {recorded} recorded; resident {resident:.0f} MiB, peak {peak:.0f} MiB")
+    assert answered >= 10 and recorded == answered
+    assert peak - resident < 300, f"peak {peak:.0f} MiB from {resident:.0f} MiB"
+
+
+COUNT_AND_LEAVE = """
+import os, sys, threading
+import httpx
+url, key = sys.argv[1], sys.argv[2]
+text = os.urandom(3 << 20).translate(bytes(97 + b % 26 for b in range(256)))  # 3 MiB of letters, no space: slow to count
+
+def ask(n):
+    body = b'{"model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": "%d ' % n + text + b'"}]}'
+    try:  # hangs up after a second: the count goes on without anyone to read it
+        httpx.post(url + "/v1/messages/count_tokens", content=body, timeout=1.0, trust_env=False,
+                   headers={"x-api-key": key, "X-Work-Item": "COUNT-1", "content-type": "application/json"})
+    except httpx.TimeoutException:
+        pass
+
+threads = [threading.Thread(target=ask, args=(n,)) for n in range(40)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+"""
+
+
+def test_count_tokens_counted_locally_keeps_to_threads_of_its_own(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """count_tokens for a model Anthropic does not serve is counted here: 40 of 3 MiB each, their client
+    gone after a second, took every thread of the pool the admin API's database calls and large
+    bodies' decoding share (admin calls 240-370 ms, a 1.5 MiB request 4-19 s). They now count in two
+    threads of their own, a bounded amount of text each."""
+    with server_with(tmp_path, upstream, quiet) as server:
+        key = server.new_key("mallory", "platform")
+        subprocess.run([sys.executable, "-c", COUNT_AND_LEAVE, server.url, key], env=child_env(), timeout=60, check=True)
+        admin = []
+        for _ in range(20):
+            started = time.perf_counter()
+            assert server.http.get("/api/work-items", headers=server.admin_headers).status_code == 200
+            admin.append(time.perf_counter() - started)
+            time.sleep(0.05)
+        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
+        started = time.perf_counter()
+        reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {server.new_key('dana', 'platform')}",
+                                                                                 "X-Work-Item": "COUNT-2", "content-type": "application/json"})
+        large_seconds = time.perf_counter() - started
+    print(f"\nafter 40 local counts of 3 MiB: admin p50 {statistics.median(admin) * 1000:.1f} ms, a 1.5 MiB request {large_seconds * 1000:.0f} ms")
+    assert reply.status_code == 200
+    assert large_seconds < 1.0 and statistics.median(admin) < 0.1, (sorted(admin)[-5:], large_seconds)  # 2-19 s before; admin 90-370 ms
+
+
 def test_a_provider_that_dribbles_or_floods_takes_nothing_from_the_others(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     upstream.fake.flood_bytes = 300 * 1024 * 1024
     # Made before the well-behaved client is timed: an httpx client costs this process ~30 ms of CPU (its

@@ -77,6 +77,7 @@ log = logging.getLogger("taskproxy")
 NATIVE_PROVIDERS = frozenset({OPENAI_COMPATIBLE, ANTHROPIC})
 PARTITIONS_EVERY_SECONDS = 3600.0
 READY_WAIT_SECONDS = 2.0  # /readyz waits this long for the database at most
+COUNTING_THREADS = 2  # count_tokens answered locally (tiktoken) at once: threads of their own
 STOP_STEP_SECONDS = 5.0  # at shutdown, a step that talks to the database is waited for this long at most
 
 
@@ -266,7 +267,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "sessions": SessionSigner.for_settings(settings),
                 "pages": Pages(),
                 "reports": reports_runner,
-                "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter)),
+                "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter, anyio.CapacityLimiter(COUNTING_THREADS))),
                 "stored": StoredResponses(settings, keys, admission.rate_limiter, origins, upstream, attempts),
             }
         finally:

@@ -78,7 +78,7 @@ class Attempts:
 
     def begin(
         self, caller: Caller, *, ts: datetime, started: float, body: dict, user_agent: str | None, route: str,
-        usage_of: Callable[[Any], ProviderUsage | None], model: ModelSettings, stream: bool, number: int,
+        usage_of: Callable[[Any], ProviderUsage | None], model: ModelSettings, stream: bool, number: int, weight: int = 0,
     ) -> Attempt:  # fmt: skip
         register = None
         if self.register_unknown_items:
@@ -88,7 +88,7 @@ class Attempts:
             id=time_ordered_id(ts), ts=ts, key_id=caller.key_id, owner=caller.owner, team=caller.team, work_item=caller.work_item,
             attribution_source=caller.attribution_source, route=route, model=model.name, upstream_model=model.target_model,
             provider=model.provider, stream=stream, body=body, user_agent=user_agent, counter=self.counter, price=price,
-            register_work_item=register, store_prompts=self.store_prompts, attempt=number,
+            register_work_item=register, store_prompts=self.store_prompts, attempt=number, weight=weight,
         )  # fmt: skip
         self.open += 1
         return Attempt(exchange, Meter(usage_of, price, partial(self.charge, caller.work_item, caller.team, ts)), started, self)

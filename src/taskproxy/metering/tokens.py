@@ -25,6 +25,30 @@ TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 REMEMBERED_COUNTS = 8192  # texts whose token count is kept (a few hundred KiB); forgotten all at once when full
+# New text one estimate counts exactly; past it, the rest is extrapolated at the rate counted. What
+# counting costs depends on the text's shape, not only its size: 2 million random letters without a
+# space took tiktoken 1.47 s, so 8 MiB prompts (well under the body limit) kept the recording thread
+# ~6 s each, and everyone's usage waited behind them. 256 KiB is 12 ms of prose, 0.2 s at worst.
+COUNT_EXACT_CHARS = 256 * 1024
+CHARS_PER_TOKEN = 4  # the rate assumed before anything was counted (English prose in OpenAI's encodings)
+
+
+class CountBudget:
+    """How much new text one estimate counts exactly, and at what rate it counted (for the rest)."""
+
+    __slots__ = ("chars", "left", "tokens")
+
+    def __init__(self, chars: int = COUNT_EXACT_CHARS) -> None:
+        self.left = chars
+        self.chars = self.tokens = 0  # counted so far
+
+    def spend(self, chars: int, tokens: int) -> None:
+        self.left -= chars
+        self.chars += chars
+        self.tokens += tokens
+
+    def extrapolate(self, chars: int) -> int:
+        return round(chars * self.tokens / self.chars) if self.chars else -(-chars // CHARS_PER_TOKEN)
 
 
 class EncodingsUnavailable(RuntimeError):
@@ -94,24 +118,33 @@ class TokenCounter:
             self._encoding(name)
         release_freed_memory()
 
-    def count(self, model: str, text: str) -> int:
+    def count(self, model: str, text: str, budget: CountBudget | None = None) -> int:
         """Tokens of `text`. Counts are remembered: agents resend the same system prompt and history
         with every request, and each tiktoken call releases and retakes the GIL, which under load
-        waits behind the event loop (measured: the recording thread fell behind at ~1,700 req/s)."""
+        waits behind the event loop (measured: the recording thread fell behind at ~1,700 req/s).
+        With a `budget`, new text past what is left of it is extrapolated, not counted."""
         if not text:
             return 0
         name = encoding_name_for(model)
         # The text itself is not kept: its length and (per-process randomized) hash identify it.
         key = (name, len(text), hash(text))
         tokens = self._counts.get(key)
-        if tokens is None:
-            tokens = len(self._encoding(name).encode_ordinary(text))
-            if len(self._counts) >= REMEMBERED_COUNTS:
-                self._counts.clear()
-            self._counts[key] = tokens
+        if tokens is not None:
+            return tokens
+        if budget is not None and len(text) > budget.left:
+            counted = max(budget.left, 0)
+            sample = len(self._encoding(name).encode_ordinary(text[:counted])) if counted else 0
+            budget.spend(counted, sample)
+            return sample + budget.extrapolate(len(text) - counted)
+        tokens = len(self._encoding(name).encode_ordinary(text))
+        if budget is not None:
+            budget.spend(len(text), tokens)
+        if len(self._counts) >= REMEMBERED_COUNTS:
+            self._counts.clear()
+        self._counts[key] = tokens
         return tokens
 
-    def count_chat(self, model: str, messages: Iterable[Any], tools: Any = None) -> int:
+    def count_chat(self, model: str, messages: Iterable[Any], tools: Any = None, budget: CountBudget | None = None) -> int:
         """Prompt tokens of a chat request by OpenAI's per-message rules."""
         total = REPLY_PRIMING
         for message in messages:
@@ -119,21 +152,21 @@ class TokenCounter:
                 continue
             total += TOKENS_PER_MESSAGE
             for key, value in message.items():
-                total += self.count(model, _text_of(value))
+                total += self.count(model, _text_of(value), budget)
                 if key == "name":
                     total += TOKENS_PER_NAME
         if tools:
-            total += self.count(model, orjson.dumps(tools).decode())
+            total += self.count(model, orjson.dumps(tools).decode(), budget)
         return total
 
-    def count_inputs(self, model: str, value: Any) -> int:
+    def count_inputs(self, model: str, value: Any, budget: CountBudget | None = None) -> int:
         """Tokens of a completion prompt or embedding input: text, list of texts, or token arrays."""
         if isinstance(value, str):
-            return self.count(model, value)
+            return self.count(model, value, budget)
         if isinstance(value, list):
             if value and all(isinstance(v, int) for v in value):
                 return len(value)
-            return sum(self.count_inputs(model, v) for v in value)
+            return sum(self.count_inputs(model, v, budget) for v in value)
         return 0
 
 

@@ -32,7 +32,7 @@ import orjson
 from taskproxy.errors import ClientGone, UpstreamError
 from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
 from taskproxy.metering.pricing import Price
-from taskproxy.metering.tokens import TokenCounter
+from taskproxy.metering.tokens import CountBudget, TokenCounter
 from taskproxy.storage.batch import Record
 
 log = logging.getLogger("taskproxy.metering")
@@ -55,23 +55,27 @@ def _clamp(value: int) -> int:
 
 
 def estimate_prompt_tokens(counter: TokenCounter, model: str, body: dict) -> int:
+    """The prompt's tokens by tiktoken: new text counted exactly up to COUNT_EXACT_CHARS (256 KiB) a
+    request, the rest extrapolated at the rate counted (tokens.py), so one request costs the
+    recording thread a bounded time whatever text it sends."""
+    budget = CountBudget()
     total = 0
     if isinstance(body.get("messages"), list):
-        total += counter.count_chat(model, body["messages"], body.get("tools"))
+        total += counter.count_chat(model, body["messages"], body.get("tools"), budget)
     elif body.get("tools"):
-        total += counter.count_inputs(model, orjson.dumps(body["tools"]).decode())
+        total += counter.count_inputs(model, orjson.dumps(body["tools"]).decode(), budget)
     for key in ("prompt", "input"):
         value = body.get(key)
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            total += counter.count_chat(model, value) - 3  # Responses API input items
+            total += counter.count_chat(model, value, budget=budget) - 3  # Responses API input items
         elif value is not None:
-            total += counter.count_inputs(model, value)
+            total += counter.count_inputs(model, value, budget)
     for key in ("system", "instructions"):
         value = body.get(key)
         if isinstance(value, str):
-            total += counter.count(model, value)
+            total += counter.count(model, value, budget)
         elif isinstance(value, list):
-            total += counter.count_chat(model, [{"content": value}]) - 6
+            total += counter.count_chat(model, [{"content": value}], budget=budget) - 6
     return total
 
 
@@ -98,6 +102,7 @@ class Exchange:
     register_work_item: dict | None = None
     store_prompts: bool = False
     attempt: int = 1  # 2, 3, ... for fallbacks after a failed attempt
+    weight: int = 0  # the request body's bytes: what this holds until its record is built (the writer's backlog)
     # How it ended, set once by the request path when the attempt is over.
     status: int = 0
     error: str | None = None

@@ -29,8 +29,10 @@ MESSAGE_TYPES: dict[str, tuple[type, ...]] = {"messages": (list,), "system": (st
 
 
 async def _count_locally(translation: Translation, model: ModelSettings, body: dict, stream: bool) -> ProviderReply:
-    """count_tokens for a model Anthropic does not serve: tiktoken's estimate, counted off the event loop."""
-    tokens = await anyio.to_thread.run_sync(estimate_prompt_tokens, translation.counter, model.target_model, body)
+    """count_tokens for a model Anthropic does not serve: tiktoken's estimate, counted off the event loop
+    in threads of its own (40 requests of 3 MiB each took the shared pool: admin calls and large bodies
+    waited seconds), as much text as a usage record counts (metering/tokens.py, COUNT_EXACT_CHARS)."""
+    tokens = await anyio.to_thread.run_sync(estimate_prompt_tokens, translation.counter, model.target_model, body, limiter=translation.counting)
     return ProviderReply.of_body(200, [(b"content-type", b"application/json")], orjson.dumps({"input_tokens": tokens}))
 
 

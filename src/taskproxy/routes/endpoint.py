@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from anyio import CapacityLimiter
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,10 +26,12 @@ _JSON_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a bo
 
 
 class Translation(NamedTuple):
-    """What answering for a provider of another kind takes: litellm, or tiktoken for count_tokens."""
+    """What answering for a provider of another kind takes: litellm, or tiktoken for count_tokens
+    (`counting`: the few threads local counts take, not the pool every other worker-thread task shares)."""
 
     translator: Translator
     counter: TokenCounter
+    counting: CapacityLimiter
 
 
 # Reaches a model whose provider does not speak the endpoint's API: (translation, model, body, stream).

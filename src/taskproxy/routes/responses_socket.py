@@ -223,7 +223,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
     for number, model in enumerate(chain, start=1):
         attempt = flow.attempts.begin(
             caller, ts=admitted.ts, started=admitted.started, body=body, user_agent=websocket.headers.get("user-agent"),
-            route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=True, number=number,
+            route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=True, number=number, weight=len(admitted.raw),
         )  # fmt: skip
         more = number < len(chain)
         try:
