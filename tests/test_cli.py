@@ -315,6 +315,12 @@ def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -
     for url, says in cases:
         result = run_cli("keys", "list", env=child_env(TASKPROXY_DATABASE_URL=url, TASKPROXY_ADMIN_KEY="tp-" + "x" * 43))
         assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1, (url, result.stderr)
+    # `serve` too, with one worker as with several: a replica started while its database does not answer
+    # says why in one line and exits 2, for its supervisor to start it again (it was a traceback, exit 3).
+    for workers in ("1", "2"):
+        result = run_cli("serve", "--port", str(free_port()), "--workers", workers,
+                         env=child_env(TASKPROXY_DATABASE_URL=cases[2][0], TASKPROXY_ADMIN_KEY="tp-" + "x" * 43))  # fmt: skip
+        assert result.returncode == 2 and cases[2][1] in result.stderr and len(result.stderr.strip().splitlines()) == 1, (workers, result.stderr)
 
 
 def test_revoked_or_unknown_key_is_refused_by_me(server: ServerProcess) -> None:

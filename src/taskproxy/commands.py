@@ -42,8 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     workers = args.workers or settings.server.workers
-    if workers > 1:  # create the schema once here rather than racing in every worker's lifespan
-        _engine(args).dispose()
+    # The schema, checked (created on SQLite) once here rather than racing in every worker's lifespan;
+    # and a database that does not answer stops the start with one line and exit 2, not a traceback.
+    _engine(args).dispose()
     serve(
         settings, host=args.host or settings.server.host, port=args.port if args.port is not None else settings.server.port,
         workers=workers, log_level=args.log_level, access_log=args.access_log,
