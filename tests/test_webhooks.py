@@ -304,6 +304,33 @@ async def test_a_completion_before_the_creation_gives_no_negative_cycle_time(tra
     assert report["overall"]["completed_items"] == 3
 
 
+@BOTH_DATABASES
+async def test_a_size_no_column_holds_is_left_out_and_the_merge_still_counts(tracked: Proxy) -> None:
+    """A merged pull request whose additions no 32-bit column holds (5,000,000,000) was a 500: the
+    delivery rolled back, the merge and its ticket's link lost, and every redelivery failing again.
+    The size is left out as unknown; the merge is applied."""
+    merged = hooks.github_pull_request("closed", 90, merged=True, branch="feature/PAY-90-x")
+    merged["pull_request"].update(additions=5_000_000_000, deletions=2**64 - 1, changed_files=3)
+    await _deliver_github(tracked, merged)
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%2390")
+    assert item["status"] == "done" and [link["id"] for link in item["linked_from"]] == ["PAY-90"], item
+    assert (item["size"]["lines_added"], item["size"]["lines_deleted"], item["size"]["files_changed"]) == (None, None, 3), item["size"]
+
+
+async def test_a_revert_naming_another_repository_marks_nothing(tracked: Proxy) -> None:
+    """GitHub's Revert button names a pull request of the same repository. A merged PR whose body names
+    another repository's (`Reverts other-org/lib#3`) marked that one as reverted: anyone could raise
+    another team's rework rate. It is not taken as a revert."""
+    other = hooks.github_pull_request("closed", 3, merged=True)
+    other["repository"] = {**other["repository"], "full_name": "other-org/lib", "name": "lib"}
+    other["pull_request"]["html_url"] = "https://github.com/other-org/lib/pull/3"
+    await _deliver_github(tracked, other)
+    tidy = hooks.github_pull_request("closed", 91, merged=True, title="Tidy up")
+    tidy["pull_request"].update(body="Reverts other-org/lib#3", merged_at="2026-11-06T10:00:00Z")
+    await _deliver_github(tracked, tidy)
+    assert (await tracked.get("/api/work-items/other-org%2Flib%233"))["rework"] is None
+
+
 async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:
     newer = _pr_with(updated_at="2026-11-05T10:00:00Z", additions=500)
     older = _pr_with(updated_at="2026-11-02T10:00:00Z", additions=5)

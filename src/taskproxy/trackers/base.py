@@ -43,13 +43,20 @@ class Size:
     points: float | None = None
 
 
+# The size columns are 32-bit integers: a count beyond is no real pull request's, and written it made
+# the whole delivery fail (500, the merge lost, and every redelivery failing again).
+MAX_COUNT = 2**31 - 1
+MAX_POINTS = 1e6  # story points or an estimate: far above any real one
+
+
 def count(value: Any) -> int | None:
-    """A non-negative whole number from a tracker, or None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A non-negative whole number from a tracker that a size column holds, or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
 
 
 def points(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
+    """A finite, non-negative estimate up to MAX_POINTS, or None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_POINTS else None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ _REVERT_BRANCH = re.compile(r"^revert-(\d+)-")
 def reverted_pull(repo: str, branch: Any, title: Any, body: Any) -> str | None:
     """The pull request a merged revert undoes: named in the body (`Reverts owner/repo#N`), else by the
     branch GitHub made for it (`revert-N-…`) when the title says it is a revert."""
-    if isinstance(body, str) and (match := _REVERT_BODY.search(body)):
+    if isinstance(body, str) and (match := _REVERT_BODY.search(body)) and match[1].lower() == repo.lower():
+        # GitHub's button names the same repository: a body naming another one marks nothing (it would let
+        # anyone mark another team's pull request as reverted, rework against its spend).
         return f"{match[1]}#{match[2]}"
     # The branch is GitHub's own evidence; its title may have been edited ("Revert PAY-60 retries").
     if isinstance(branch, str) and isinstance(title, str) and title.startswith("Revert") and (match := _REVERT_BRANCH.match(branch)):
