@@ -331,6 +331,20 @@ async def test_a_revert_naming_another_repository_marks_nothing(tracked: Proxy) 
     assert (await tracked.get("/api/work-items/other-org%2Flib%233"))["rework"] is None
 
 
+async def test_an_item_of_one_tracker_is_not_changed_by_another_under_the_same_id(tracked: Proxy) -> None:
+    """A GitLab project named as a GitHub repository gives its issues the same ids (`acme/web-app#5`):
+    a GitLab reopen moved the done GitHub issue back to open and marked it as rework. The tracker whose
+    events an item follows decides it; another tracker's event for it is skipped, saying so."""
+    body = hooks.dumps(hooks.github_issue("closed", 5, state_reason="completed"))
+    assert (await _post(tracked, "github", body, hooks.github_headers(body, "issues"))).status_code == 200
+    reopened = hooks.gitlab_issue("reopen", 5)
+    reopened["project"] = {**reopened["project"], "path_with_namespace": "Acme/Web-App"}
+    answer = await _post(tracked, "gitlab", hooks.dumps(reopened), hooks.gitlab_headers("Issue Hook"))
+    assert answer.status_code == 200 and answer.json()["skipped"] == ["acme/web-app#5: an item of github"], answer.text
+    item = await tracked.get("/api/work-items/acme%2Fweb-app%235")
+    assert item["status"] == "done" and item["rework"] is None and "github.com" in item["url"], item
+
+
 async def test_an_older_size_report_does_not_replace_the_newer(tracked: Proxy) -> None:
     newer = _pr_with(updated_at="2026-11-05T10:00:00Z", additions=500)
     older = _pr_with(updated_at="2026-11-02T10:00:00Z", additions=5)

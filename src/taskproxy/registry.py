@@ -252,7 +252,14 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     skipped.append(told.item_id[:200])
                     continue
                 fields = {k: v for k, v in (("title", told.title), ("url", told.url), ("team", told.team)) if v is not None}
-                current = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar()
+                found = connection.execute(select(_ITEMS.c.status, _ITEMS.c.tracker).where(_ITEMS.c.id == item_id)).first()
+                if found is not None and found.tracker not in (None, delivery.tracker):
+                    # Another tracker's item under the same id (a GitLab project named as a GitHub repository,
+                    # a Jira key that is also a Linear id): its own tracker decides it, not this one.
+                    log.warning("ignored a %s event for %s, an item of %s", delivery.tracker, item_id, found.tracker)
+                    skipped.append(f"{item_id[:200]}: an item of {found.tracker}")
+                    continue
+                current = found.status if found is not None else None
                 status = told.status or current or "open"
                 at, note = _clamped(told.at, now)
                 created_at = min(told.created_at, now) if told.created_at is not None else None
