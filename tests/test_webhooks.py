@@ -304,6 +304,29 @@ async def test_a_completion_before_the_creation_gives_no_negative_cycle_time(tra
     assert report["overall"]["completed_items"] == 3
 
 
+async def test_a_flood_of_bad_signatures_is_logged_a_line_a_minute_not_a_line_each(tracked: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone can post to a webhook: each refusal wrote a WARNING line (~150 bytes), ~170 KiB of log a
+    second from one client. Refusals are counted and logged at most once a minute per tracker and reason."""
+    body = hooks.dumps(hooks.github_issue("closed", 5, state_reason="completed"))
+    with caplog.at_level("WARNING", logger="taskproxy.webhooks"):
+        for _ in range(200):
+            answer = await _post(tracked, "github", body, hooks.github_headers(body, "issues", secret="not-the-secret"))
+            assert answer.status_code == 401
+    lines = [record.getMessage() for record in caplog.records if record.name == "taskproxy.webhooks"]
+    assert len(lines) == 1 and "refused 1 github deliveries (invalid_signature)" in lines[0], lines
+
+
+async def test_a_signed_delivery_of_too_many_values_is_refused_off_the_event_loop(tracked: Proxy) -> None:
+    """A delivery is decoded like a request body: in a worker thread once large, and refused past
+    limits.max_json_nodes (5 MiB of `[[],...]`, validly signed, held the event loop ~1 s each)."""
+    payload = hooks.github_issue("closed", 5, state_reason="completed")
+    payload["padding"] = [[]] * 1_600_000  # 4.6 MiB, 1.6 million values
+    body = hooks.dumps(payload)
+    answer = await _post(tracked, "github", body, hooks.github_headers(body, "issues"))
+    assert answer.status_code == 413 and "limits.max_json_nodes" in answer.json()["error"]["message"], answer.text
+    assert (await tracked.http.get("/api/work-items/acme%2Fweb-app%235", headers=tracked.admin_headers)).status_code == 404
+
+
 @BOTH_DATABASES
 async def test_a_size_no_column_holds_is_left_out_and_the_merge_still_counts(tracked: Proxy) -> None:
     """A merged pull request whose additions no 32-bit column holds (5,000,000,000) was a 500: the

@@ -44,6 +44,7 @@ from taskproxy.reports.runner import ReportRunner
 from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
+from taskproxy.routes.webhooks import RefusalLog
 from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
@@ -217,9 +218,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
             threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
+        body_gate = BodyGate(settings.limits.max_concurrent_large_bodies)  # the proxy's routes and the webhooks share it
         admission = Admission(
             settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute, db),
-            body_gate=BodyGate(settings.limits.max_concurrent_large_bodies), attribution=Attribution(ids),
+            body_gate=body_gate, attribution=Attribution(ids),
             policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer,
         )  # fmt: skip
         origins = ResponseOrigins(db)
@@ -264,6 +266,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "audit": writer,
                 "metrics": metrics,
                 "trackers": configured_trackers(settings, ids),
+                "body_gate": body_gate,
+                "webhook_refusals": RefusalLog(),
                 "sessions": SessionSigner.for_settings(settings),
                 "pages": Pages(),
                 "reports": reports_runner,
