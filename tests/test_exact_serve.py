@@ -194,3 +194,56 @@ def test_a_client_that_hangs_up_before_a_non_streamed_answer_cancels_the_provide
     started = time.monotonic()
     event = server.events("GONE-1", 1, timeout=1.5)[0]  # recorded when the client left, not when the provider would have answered
     assert (event["status"], event["error"]) == (499, "client_disconnected") and time.monotonic() - started < 1.5
+
+
+def test_a_provider_sending_its_headers_a_byte_at_a_time_is_timed_out_streamed_or_not(upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each byte within the read timeout, the headers never done: a non-streamed request got its 504 at
+    max_response_seconds, a streamed one (HTTP or the WebSocket) waited as long as the provider went
+    on. The wait for a stream's status and headers is bounded by max_stream_seconds."""
+    from websockets.sync.client import connect
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.5):
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    return
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=dribble, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    slow = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    models = [{"name": "dribble", "base_url": slow, "read_timeout_seconds": 5, "max_response_seconds": 2, "max_stream_seconds": 2}]
+    config = write_config(tmp_path, upstream.url, models=models)
+    try:
+        with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+            key = server.new_key()
+            headers = {"authorization": f"Bearer {key}", "X-Work-Item": "SLOW-1"}
+            for stream in (False, True):
+                started = time.monotonic()
+                reply = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=15,
+                                   json={"model": "dribble", "messages": [{"role": "user", "content": "hi"}], "stream": stream})  # fmt: skip
+                assert reply.status_code == 504 and reply.json()["error"]["code"] == "upstream_timeout", (stream, reply.text)
+                assert time.monotonic() - started < 5, stream
+            with connect(server.url.replace("http://", "ws://") + "/v1/responses", additional_headers=headers, open_timeout=5) as socket_:
+                socket_.send('{"type": "response.create", "model": "dribble", "input": "hi"}')
+                error = httpx.Response(200, content=socket_.recv(10)).json()
+            assert error["type"] == "error" and error["error"]["code"] == "upstream_timeout", error
+            events = server.events("SLOW-1", 3)
+            assert sorted(e["error"] for e in events) == ["upstream_timeout"] * 3
+    finally:
+        stop.set()
+        listener.close()

@@ -104,14 +104,15 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
 
 
 async def _answer(request: Request, flow: ProxyFlow, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> ProviderReply:
-    """The provider's reply, status and headers in (a non-streamed answer has `max_response_seconds` in all)."""
-    if stream:
-        return await _send(request, flow, endpoint, admitted, model, stream, changed)
+    """The provider's reply, status and headers in (a non-streamed answer has `max_response_seconds` in all;
+    a stream's status and headers `max_stream_seconds`: a provider sending its headers a byte at a time,
+    each within the read timeout, held a stream's request for as long as it went on)."""
+    limit, setting = (model.max_stream_seconds, "max_stream_seconds") if stream else (model.max_response_seconds, "max_response_seconds")
     try:
-        async with asyncio.timeout(model.max_response_seconds):
+        async with asyncio.timeout(limit):
             return await _send(request, flow, endpoint, admitted, model, stream, changed)
     except TimeoutError:
-        raise UpstreamTimeout(f"The provider of '{model.name}' did not answer within {model.max_response_seconds:.0f} s (max_response_seconds).") from None
+        raise UpstreamTimeout(f"The provider of '{model.name}' did not answer within {limit:.0f} s ({setting}).") from None
 
 
 async def _send(request: Request, flow: ProxyFlow, endpoint: Endpoint, admitted: Admitted, model: ModelSettings, stream: bool, changed: bool) -> ProviderReply:

@@ -253,7 +253,11 @@ async def _post(flow: ProxyFlow, client_headers: Headers, body: dict, size: int,
     api_key = model.api_key.get_secret_value() if model.api_key else None
     headers = [(name, value) for name, value in upstream_headers(client_headers, api_key) if not name.startswith(b"sec-websocket-")
                and not (name == b"openai-beta" and b"websocket" in value)]  # fmt: skip
-    return await flow.provider.send(ProviderRequest(model, f"{model.base_url}/responses", headers, content, stream=True))
+    try:  # its status and headers within max_stream_seconds, as on HTTP (routes/proxy.py)
+        async with asyncio.timeout(model.max_stream_seconds):
+            return await flow.provider.send(ProviderRequest(model, f"{model.base_url}/responses", headers, content, stream=True))
+    except TimeoutError:
+        raise UpstreamTimeout(f"The provider of '{model.name}' did not answer within {model.max_stream_seconds:.0f} s (max_stream_seconds).") from None
 
 
 async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, more: bool) -> None:

@@ -62,7 +62,7 @@ async def receive(request: Request) -> Response:
     now = utcnow()
     try:
         async with AsyncExitStack() as held:
-            take_gate = lambda: held.enter_async_context(gate.large())  # noqa: E731
+            take_gate = lambda: held.enter_async_context(gate.large())
             if declared_large(request):
                 await take_gate()
             raw = await read_body(request, MAX_DELIVERY_BYTES, "the webhooks' limit", on_large=take_gate)
