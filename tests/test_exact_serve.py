@@ -247,3 +247,20 @@ def test_a_provider_sending_its_headers_a_byte_at_a_time_is_timed_out_streamed_o
     finally:
         stop.set()
         listener.close()
+
+
+def test_an_answer_the_proxy_cannot_relay_as_the_apis_is_a_502_not_an_answered_request(upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through the production client: a provider answering gzip-compressed though none was asked for
+    reached the client as binary without its Content-Encoding (the SDK failed decoding it), and a 200
+    HTML page passed as an answer; both were recorded as answered, making the item AI-assisted with
+    nothing generated. Both are now the provider's error (502 upstream_error), recorded as such."""
+    base = f"{upstream.url}/v1"
+    config = write_config(tmp_path, upstream.url, models=[{"name": "fake-gzip", "base_url": base}, {"name": "fake-html", "base_url": base}])
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+        client = server.openai(server.new_key())
+        for model in ("fake-gzip", "fake-html"):
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Work-Item": "ENC-1"})
+            assert caught.value.status_code == 502 and caught.value.code == "upstream_error", (model, caught.value)
+        events = server.events("ENC-1", 2)
+    assert sorted((e["model"], e["status"], e["error"]) for e in events) == [("fake-gzip", 502, "upstream_error"), ("fake-html", 502, "upstream_error")]

@@ -22,6 +22,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
     fake-unending (chat, Responses; streamed) sends one event of `FakeProvider.flood_bytes` that never ends
                   (no blank line), then closes the stream
+    fake-gzip     answers its JSON gzip-compressed (`Content-Encoding: gzip`), though none was asked for
+    fake-html     answers 200 with an HTML page (a load balancer's, say)
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
 `FakeProvider.active` counts the requests being answered right now (a request whose client hung up
@@ -36,6 +38,7 @@ This module holds the provider's state and OpenAI's chat, completions and embedd
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +102,11 @@ class FakeProvider(ResponsesApi, MessagesApi):
             return json_response({"error": {"message": "fake provider failure", "type": "server_error", "param": None, "code": None}}, 500)
         if model == "fake-429":
             return json_response({"error": {"message": "rate limited", "type": "rate_limit_error", "param": None, "code": "rate_limit"}}, 429)
+        if model == "fake-gzip":
+            body = gzip.compress(orjson.dumps({"id": "gz", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 1}}))
+            return Response(body, media_type="application/json", headers={"content-encoding": "gzip"})
+        if model == "fake-html":
+            return Response(b"<html><body><h1>Welcome to nginx!</h1></body></html>", media_type="text/html")
         if model == "fake-unending":
             return StreamingResponse(self._unending(request), media_type="text/event-stream")
         if model == "fake-slow":

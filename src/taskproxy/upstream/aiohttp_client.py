@@ -19,7 +19,8 @@ import aiohttp
 import certifi
 
 from taskproxy.settings import ModelSettings
-from taskproxy.upstream.provider import Header, ProviderReply, ProviderRequest, client_headers, timed_out, unreachable
+from taskproxy.errors import UpstreamError
+from taskproxy.upstream.provider import Header, ProviderReply, ProviderRequest, relayed_headers, timed_out, unreachable
 
 log = logging.getLogger("taskproxy.upstream")
 READ_BUFFER_BYTES = 32 * 1024
@@ -86,7 +87,12 @@ class AiohttpClient:
                 request.method, request.url, data=request.content or None, headers=_text_headers(request.headers),
                 timeout=self._timeout(model), allow_redirects=False,
             )  # fmt: skip
-        return ProviderReply(response.status, client_headers(response.raw_headers), self._chunks(model, response), self._closer(response))
+        try:
+            headers = relayed_headers(model.name, response.status, response.raw_headers)
+        except UpstreamError:
+            response.close()
+            raise
+        return ProviderReply(response.status, headers, self._chunks(model, response), self._closer(response))
 
     @staticmethod
     async def _chunks(model: ModelSettings, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from starlette.types import ASGIApp, Message
 
-from taskproxy.upstream.provider import ProviderReply, ProviderRequest, client_headers, unreachable
+from taskproxy.errors import UpstreamError
+from taskproxy.upstream.provider import ProviderReply, ProviderRequest, client_headers, relayed_headers, unreachable
 
 
 @dataclass
@@ -139,4 +140,9 @@ async def asgi_reply(app: ASGIApp, request: ProviderRequest) -> ProviderReply:
         if not task.done():
             task.cancel()
 
-    return ProviderReply(start["status"], client_headers(start.get("headers", [])), chunks(), close)
+    try:
+        headers = relayed_headers(request.model.name, start["status"], start.get("headers", []))
+    except UpstreamError:
+        await close()
+        raise
+    return ProviderReply(start["status"], headers, chunks(), close)

@@ -105,6 +105,23 @@ def client_headers(headers: Iterable[Header]) -> list[Header]:
     return [(name, value) for name, value in ((k.lower(), v) for k, v in headers) if name not in DROP_RESPONSE_HEADERS]
 
 
+def relayed_headers(model: str, status: int, headers: Iterable[Header]) -> list[Header]:
+    """`client_headers`, for an answer the proxy can relay and meter as one of the API's; else UpstreamError.
+    A body encoded although none was asked for (`Content-Encoding: gzip`) reached the client as binary
+    without the header that says so; a 2xx HTML page (a wrong base_url, a load balancer's page) passed
+    as an answer, and made the work item AI-assisted with nothing generated."""
+    headers = list(headers)
+    encoding = next((v for k, v in headers if k.lower() == b"content-encoding"), b"identity").strip().lower()
+    if encoding not in (b"", b"identity"):
+        raise UpstreamError(f"The provider of the model '{model}' answered with Content-Encoding: {encoding[:40].decode('latin-1')}, "
+                            "although the proxy asks for none: it relays and meters answers as they are sent.")  # fmt: skip
+    kind = next((v for k, v in headers if k.lower() == b"content-type"), b"").strip().lower()
+    if 200 <= status < 300 and kind.startswith(b"text/html"):
+        raise UpstreamError(f"The provider of the model '{model}' answered {status} with an HTML page, not an API answer "
+                            "(a wrong base_url, or a load balancer's page?).")  # fmt: skip
+    return client_headers(headers)
+
+
 def timed_out(model: str, connecting: bool) -> UpstreamTimeout:
     phase = "connecting to" if connecting else "waiting for"
     return UpstreamTimeout(f"Timed out {phase} the provider of the model '{model}'. Try again; if it persists, the provider is down or slow.")
