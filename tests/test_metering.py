@@ -185,14 +185,16 @@ def test_an_aliased_model_is_priced_as_the_model_it_names() -> None:
     assert prices["dangling-latest"] is None and prices["loop-a"] is None  # unknown, never a silent 0
 
 
-def test_an_estimate_counts_a_bounded_amount_of_new_text_and_extrapolates_the_rest_closely() -> None:
+def test_an_estimate_counts_a_bounded_amount_of_new_text_and_cannot_be_steered() -> None:
     """What tiktoken costs depends on the text's shape: 8 MiB of random letters took it ~6 s, and every
     usage record waited behind it. An estimate counts at most COUNT_EXACT_CHARS of new text exactly and
-    extrapolates the rest at the rate it counted; text it has counted before costs nothing."""
+    SAMPLE_CHARS more in windows of each longer text, taken at random, at that text's own rate: a
+    prompt that opens with 256 KiB of spaces no longer has the letters after it estimated at the
+    spaces' rate (1.4 % of their tokens), and text counted before costs nothing."""
     import random
     import string
 
-    from taskproxy.metering.tokens import COUNT_EXACT_CHARS, TokenCounter
+    from taskproxy.metering.tokens import COUNT_EXACT_CHARS, SAMPLE_CHARS, TokenCounter
     from taskproxy.metering.usage import estimate_prompt_tokens
 
     counter = TokenCounter()
@@ -205,15 +207,16 @@ def test_an_estimate_counts_a_bounded_amount_of_new_text_and_extrapolates_the_re
             return encoding.encode_ordinary(text)
 
     counter._encodings["o200k_base"] = Watched()
+    counter._random.seed(1)  # where the windows fall: the same in every run
     rng = random.Random(7)
     letters = "".join(rng.choice(string.ascii_letters) for _ in range(4 << 20))
     prose = ("Counting is CPU work, and it runs in the writer thread. " * 80_000)[: 4 << 20]
-    for text in (letters, prose):
-        exact = len(encoding.encode_ordinary(text))
+    for texts in ([letters], [prose], [" " * (256 << 10), letters[: 2 << 20]]):
+        exact = sum(len(encoding.encode_ordinary(text)) for text in texts)
         given.clear()
-        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}, {"role": "user", "content": text[:1000]}]}
-        estimate = estimate_prompt_tokens(counter, "gpt-4o-mini", body)
-        assert sum(given) <= COUNT_EXACT_CHARS, given
+        body = {"messages": [{"role": "user", "content": text} for text in texts]}
+        estimate = estimate_prompt_tokens(counter, "gpt-4o-mini", body) - estimate_prompt_tokens(TokenCounter(), "gpt-4o-mini", {"messages": [{"role": "user", "content": ""}] * len(texts)})
+        assert sum(given) <= COUNT_EXACT_CHARS + SAMPLE_CHARS, given
         assert abs(estimate - exact) < 0.01 * exact, (estimate, exact)
     small = {"messages": [{"role": "user", "content": "hello there"}]}
     assert estimate_prompt_tokens(counter, "gpt-4o-mini", small) == estimate_prompt_tokens(TokenCounter(), "gpt-4o-mini", small)  # exact below the bound

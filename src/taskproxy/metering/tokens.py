@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import random
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,30 +26,33 @@ TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 REMEMBERED_COUNTS = 8192  # texts whose token count is kept (a few hundred KiB); forgotten all at once when full
-# New text one estimate counts exactly; past it, the rest is extrapolated at the rate counted. What
-# counting costs depends on the text's shape, not only its size: 2 million random letters without a
-# space took tiktoken 1.47 s, so 8 MiB prompts (well under the body limit) kept the recording thread
-# ~6 s each, and everyone's usage waited behind them. 256 KiB is 12 ms of prose, 0.2 s at worst.
-COUNT_EXACT_CHARS = 256 * 1024
-CHARS_PER_TOKEN = 4  # the rate assumed before anything was counted (English prose in OpenAI's encodings)
+# New text one estimate counts exactly; past it, each text's rest is estimated from windows of that
+# text taken at random. What counting costs depends on the text's shape, not only its size: 2 million
+# random letters without a space took tiktoken 1.47 s, so 8 MiB prompts (well under the body limit)
+# kept the recording thread ~6 s each, and everyone's usage waited behind them; 256 KiB of one letter
+# still takes 0.28 s, 64 KiB 10-20 ms whatever the text. The windows are random, and each text is
+# estimated at its own rate, so a prompt cannot steer the estimate (billed when the provider reports no
+# usage): when the rest was estimated at the rate counted so far, a prompt that began with 256 KiB of
+# spaces had 2 MiB of letters after them estimated at 1.4 % of their tokens.
+COUNT_EXACT_CHARS = 64 * 1024
+SAMPLE_CHARS = 256 * 1024  # of windows, at most, one estimate counts beyond COUNT_EXACT_CHARS; then the highest rate seen
+WINDOWS, WINDOW_CHARS = 16, 4096  # per text estimated
 
 
 class CountBudget:
-    """How much new text one estimate counts exactly, and at what rate it counted (for the rest)."""
+    """How much new text one estimate counts: exactly, then in windows; and the highest rate it saw
+    (tokens per character), the rate of the rest once the windows are spent too."""
 
-    __slots__ = ("chars", "left", "tokens")
+    __slots__ = ("left", "rate", "samples_left")
 
-    def __init__(self, chars: int = COUNT_EXACT_CHARS) -> None:
-        self.left = chars
-        self.chars = self.tokens = 0  # counted so far
+    def __init__(self, chars: int = COUNT_EXACT_CHARS, samples: int = SAMPLE_CHARS) -> None:
+        self.left, self.samples_left = chars, samples
+        self.rate = 0.0
 
     def spend(self, chars: int, tokens: int) -> None:
         self.left -= chars
-        self.chars += chars
-        self.tokens += tokens
-
-    def extrapolate(self, chars: int) -> int:
-        return round(chars * self.tokens / self.chars) if self.chars else -(-chars // CHARS_PER_TOKEN)
+        if chars:
+            self.rate = max(self.rate, tokens / chars)
 
 
 class EncodingsUnavailable(RuntimeError):
@@ -95,6 +99,7 @@ class TokenCounter:
         self._lock = threading.Lock()
         self._encodings: dict[str, Any] = {}
         self._counts: dict[tuple[str, int, int], int] = {}
+        self._random = random.Random()  # where estimates sample long texts: not predictable by who sends them
 
     def _encoding(self, name: str) -> Any:
         encoding = self._encodings.get(name)
@@ -122,7 +127,7 @@ class TokenCounter:
         """Tokens of `text`. Counts are remembered: agents resend the same system prompt and history
         with every request, and each tiktoken call releases and retakes the GIL, which under load
         waits behind the event loop (measured: the recording thread fell behind at ~1,700 req/s).
-        With a `budget`, new text past what is left of it is extrapolated, not counted."""
+        With a `budget`, new text past what is left of it is estimated (`_estimate`), not counted."""
         if not text:
             return 0
         name = encoding_name_for(model)
@@ -132,17 +137,41 @@ class TokenCounter:
         if tokens is not None:
             return tokens
         if budget is not None and len(text) > budget.left:
-            counted = max(budget.left, 0)
-            sample = len(self._encoding(name).encode_ordinary(text[:counted])) if counted else 0
-            budget.spend(counted, sample)
-            return sample + budget.extrapolate(len(text) - counted)
-        tokens = len(self._encoding(name).encode_ordinary(text))
-        if budget is not None:
-            budget.spend(len(text), tokens)
+            tokens = self._estimate(self._encoding(name), text, budget)
+        else:
+            tokens = len(self._encoding(name).encode_ordinary(text))
+            if budget is not None:
+                budget.spend(len(text), tokens)
         if len(self._counts) >= REMEMBERED_COUNTS:
             self._counts.clear()
         self._counts[key] = tokens
         return tokens
+
+    def _estimate(self, encoding: Any, text: str, budget: CountBudget) -> int:
+        """`text` past the budget: what is left of it counted exactly, the rest from random windows of
+        the rest (at this text's own rate), or, once the windows are spent, at the highest rate seen."""
+        counted = max(budget.left, 0)
+        tokens = len(encoding.encode_ordinary(text[:counted])) if counted else 0
+        budget.spend(counted, tokens)
+        rest = len(text) - counted
+        if rest <= min(WINDOWS * WINDOW_CHARS, budget.samples_left):  # no longer than its windows: counted
+            budget.samples_left -= rest
+            whole = len(encoding.encode_ordinary(text[counted:]))
+            budget.rate = max(budget.rate, whole / rest)
+            return tokens + whole
+        windows = min(WINDOWS, budget.samples_left // WINDOW_CHARS)
+        if windows == 0:
+            rate = budget.rate if budget.rate else 1.0  # nothing counted yet: a token a character, the most text holds
+            return tokens + round(rest * rate)
+        # One window in each of `windows` equal stretches of the rest, at random within it: unbiased, and
+        # a text made of long runs of one kind or another is read in every part of it.
+        stretch = rest // windows
+        starts = [counted + n * stretch + self._random.randrange(max(stretch - WINDOW_CHARS, 0) + 1) for n in range(windows)]
+        sampled = sum(len(encoding.encode_ordinary(text[start : start + WINDOW_CHARS])) for start in starts)
+        budget.samples_left -= windows * WINDOW_CHARS
+        rate = sampled / (windows * WINDOW_CHARS)
+        budget.rate = max(budget.rate, rate)
+        return tokens + round(rest * rate)
 
     def count_chat(self, model: str, messages: Iterable[Any], tools: Any = None, budget: CountBudget | None = None) -> int:
         """Prompt tokens of a chat request by OpenAI's per-message rules."""

@@ -55,8 +55,8 @@ def _clamp(value: int) -> int:
 
 
 def estimate_prompt_tokens(counter: TokenCounter, model: str, body: dict) -> int:
-    """The prompt's tokens by tiktoken: new text counted exactly up to COUNT_EXACT_CHARS (256 KiB) a
-    request, the rest extrapolated at the rate counted (tokens.py), so one request costs the
+    """The prompt's tokens by tiktoken: new text counted exactly up to COUNT_EXACT_CHARS (64 KiB) a
+    request, the rest estimated from random windows of each text (tokens.py), so one request costs the
     recording thread a bounded time whatever text it sends."""
     budget = CountBudget()
     total = 0
