@@ -227,7 +227,7 @@ def test_messages_sent_ahead_are_bounded_in_bytes_too_and_not_compressed(server:
         with pytest.raises(ConnectionClosed) as closed:
             while time.monotonic() < deadline:
                 socket.recv(5)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008 and "bytes" in closed.value.rcvd.reason
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008 and "MiB (limits.max_body_bytes)" in closed.value.rcvd.reason
     [event] = server.events("PROJ-63", 1)
     assert event["model"] == "fake-trickle" and event["error"] == "client_disconnected"
 

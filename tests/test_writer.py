@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import anyio
 import pytest
 from conftest import BOTH_DATABASES, read_only
 from sqlalchemy import create_engine, func, select
@@ -234,6 +235,61 @@ def test_a_backlog_is_reported_to_the_request_path_and_written_without_waiting_o
     finally:
         writer.close()
     assert sorted(db.ids()) == sorted(i.id for i in items)
+
+
+def test_the_bodies_waiting_to_be_recorded_are_held_against_their_key_and_in_all(tmp_path: Path) -> None:
+    """Each record holds its request's body until it is built: past KEY_BACKLOG_BYTES of one key's, that
+    key is held back (routes/admission.py answers it 429), not the others; past BACKLOG_BYTES in all,
+    everyone slows down. Built, they weigh nothing: nothing is left counted against anyone."""
+    from taskproxy.storage.writer import BACKLOG_BYTES, KEY_BACKLOG_BYTES
+
+    class Heavy(Entry):
+        def __init__(self, key_id: str, weight: int) -> None:
+            super().__init__()
+            self.key_id, self.weight = key_id, weight
+
+    db = FlakyDatabase(tmp_path / "t.db")
+    writer = BatchWriter(db.engine, flush_interval=0.01, batch_size=50, spool_path=tmp_path / "spool.jsonl")
+    heavy = [Heavy("key_big", KEY_BACKLOG_BYTES // 3) for _ in range(4)] + [Heavy("key_small", 1 << 20)]
+    for item in heavy:  # before the thread runs: all of them wait
+        writer.submit(item)
+    assert writer.holding("key_big") == 4 * (KEY_BACKLOG_BYTES // 3) and writer.holding("key_small") == 0
+    assert not writer.backlogged
+    for n in range(BACKLOG_BYTES // KEY_BACKLOG_BYTES):
+        writer.submit(Heavy(f"key_{n}", KEY_BACKLOG_BYTES - 1))  # under each key's bound, past the bound of all
+    assert writer.backlogged
+    writer.start()
+    try:
+        assert writer.flush(timeout=5.0)
+        assert writer.holding("key_big") == 0 and not writer.backlogged
+    finally:
+        writer.close()
+
+
+@pytest.mark.anyio
+async def test_a_key_whose_bodies_wait_to_be_recorded_is_answered_429_and_the_others_are_served(
+    tmp_path: Path, fake, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The request path's side: a key past KEY_BACKLOG_BYTES (here 0, its one request's record held for
+    the 1 s flush interval) gets 429 with Retry-After at once; another key is served."""
+    from conftest import make_settings, start_proxy
+
+    from taskproxy.storage import writer as writer_module
+    from taskproxy.upstream.mock import MockProvider
+
+    monkeypatch.setattr(writer_module, "KEY_BACKLOG_BYTES", 0)
+    recording = {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 1.0}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async for proxy in start_proxy(make_settings(tmp_path, recording=recording), MockProvider.asgi(fake.app()), fake):
+        heavy, light = await proxy.new_key("mallory"), await proxy.new_key("dana")
+        await anyio.sleep(1.5)  # the writer idle: the next record starts its wait
+        first = await proxy.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {heavy}", "X-Work-Item": "BIG-1"})
+        assert first.status_code == 200
+        refused = await proxy.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {heavy}", "X-Work-Item": "BIG-1"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited", refused.text
+        assert refused.headers["retry-after"] == "1" and "wait to be recorded" in refused.json()["error"]["message"]
+        served = await proxy.http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {light}", "X-Work-Item": "BIG-2"})
+        assert served.status_code == 200
 
 
 def test_a_flood_of_refusals_is_counted_by_the_minute_not_written_row_by_row(tmp_path: Path) -> None:

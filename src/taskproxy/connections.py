@@ -25,8 +25,8 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
   a second) starved every other client (p50 1–2.6 s) and, not reading its pongs, grew the process by
   what it sent. Past `MAX_CONTROL_FRAMES_PER_SECOND` pings and pongs in a second the socket is closed
   with 1008 (policy violation); a client's keep-alive pings are one every few seconds;
-- **no pong piled up**: while the socket's write buffer is full (its client reads nothing), a ping
-  gets no pong (RFC 6455 lets an endpoint answer only the latest), so pongs cannot pile up;
+- **no pong piled up**: while the socket's write buffer is full (its client reads nothing), a ping's
+  pong waits until it drains (up to 64 KiB of them; then the socket is closed), so pongs cannot pile up;
 - no permessage-deflate (`serve` turns it off): a 32 MiB message compresses to 32 KiB, and inflating
   it took ~120 ms of the event loop; 16 of them waiting on each of three sockets took a process to
   1.8 GiB for 1.5 MiB sent.
@@ -59,6 +59,7 @@ log = logging.getLogger("taskproxy.connections")
 # connection limit leaves aside when it is derived from the open-file limit.
 RESERVED_DESCRIPTORS = 128
 MAX_CONTROL_FRAMES_PER_SECOND = 50  # pings and pongs a WebSocket client may send in a second
+MAX_DEFERRED_BYTES = 64 * 1024  # pongs waiting for a client that reads nothing; past it the socket is closed
 PARSE_SLICE_BYTES = 4 * 1024  # what a WebSocket's frames are parsed in, at most, between checks that it is still open
 POLICY_VIOLATION = 1008  # RFC 6455's close code for a peer that broke the rules
 
@@ -192,6 +193,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._second = 0.0  # when the second being counted began
         self._control_frames = 0
+        self._deferred = b""  # frames written once the client reads again
 
     def data_received(self, data: bytes) -> None:
         # Parsed a slice at a time: a read of 256 KiB of empty pings is ~43,000 frames, parsed in one go
@@ -205,10 +207,21 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_ping(self) -> None:
         if self._too_many_control_frames():
             return
-        if not self.writable.is_set():  # the client reads nothing: its pong would only pile up (RFC 6455 5.5.3 lets it go)
-            self.conn.data_to_send()
+        if not self.writable.is_set():
+            # The client reads nothing just now: what the ping queued (its pong; a close reply from the same
+            # read) waits for the write buffer to drain, up to a bound, rather than pile up in it.
+            self._deferred += b"".join(self.conn.data_to_send())
+            if len(self._deferred) > MAX_DEFERRED_BYTES:
+                log.warning("closed a WebSocket from %s: it sends pings and reads nothing", self.client)
+                self.transport.close()
             return
         super().handle_ping()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._deferred and not self.transport.is_closing():
+            deferred, self._deferred = self._deferred, b""
+            self.transport.write(deferred)
 
     def handle_pong(self, event: Any) -> None:
         if self._too_many_control_frames():

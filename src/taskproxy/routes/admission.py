@@ -33,6 +33,7 @@ from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.proxy")
 BACKPRESSURE_MAX_SECONDS = 1.0
+KEY_BACKLOG_RETRY_SECONDS = 1  # Retry-After for a key whose bodies wait to be recorded past writer.KEY_BACKLOG_BYTES
 
 
 @dataclass
@@ -77,8 +78,9 @@ class Admission:
         try:
             principal = await self.keys.authenticate(headers)
             await self.rate_limiter.check(principal.key_id)
-            if self.writer.holding(principal.key_id):
-                await self._wait_for_the_writer(principal.key_id)
+            if held := self.writer.holding(principal.key_id):  # refused at once: many such requests waiting would cost everyone
+                raise RateLimited(f"This key's requests wait to be recorded ({held >> 20} MiB of request bodies): the proxy takes no more "
+                                  "from it until they are. Retry shortly.", retry_after=KEY_BACKLOG_RETRY_SECONDS)  # fmt: skip
             if self.writer.refusing:
                 raise ServiceUnavailable("Usage cannot be recorded right now (the database and the local spool are both unavailable); "
                                          "the request was not forwarded. Try again shortly.", retry_after=RETRY_SECONDS)  # fmt: skip
@@ -100,19 +102,13 @@ class Admission:
             log.info("refused %s for key %s: %s %s", endpoint.path, key_id or "-", exc.code, exc.message)
             raise
 
-    async def _wait_for_the_writer(self, key_id: str | None = None) -> None:
+    async def _wait_for_the_writer(self) -> None:
         """Under overload the recording thread can fall behind the requests (it shares the GIL with the
         event loop). New requests then wait, briefly, so that it catches up: recording stays complete and
-        memory bounded, at the cost of throughput. Bounded: a stuck writer never stops the proxy. With a
-        `key_id`: this key's own bodies wait to be recorded in excess (writer.KEY_BACKLOG_BYTES); its
-        request waits for them, and is refused if they still wait, so one key's large prompts slow that
-        key down, not everyone."""
+        memory bounded, at the cost of throughput. Bounded: a stuck writer never stops the proxy."""
         deadline = time.perf_counter() + BACKPRESSURE_MAX_SECONDS
-        while (self.writer.holding(key_id) if key_id else self.writer.backlogged) and time.perf_counter() < deadline:
+        while self.writer.backlogged and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
-        if key_id and (held := self.writer.holding(key_id)):
-            raise RateLimited(f"This key's requests wait to be recorded ({held >> 20} MiB of request bodies): the proxy takes no more "
-                              "from it until they are. Retry shortly.", retry_after=1)  # fmt: skip
 
     async def _read_and_decode(self, request: Request, limits: LimitSettings) -> tuple[bytes, dict | Undecodable]:
         try:

@@ -75,7 +75,8 @@ async def proxy(request: Request, endpoint: Endpoint) -> Response:
         for number, model in enumerate(chain, start=1):
             attempt = flow.attempts.begin(
                 caller, ts=admitted.ts, started=admitted.started, body=admitted.body, user_agent=request.headers.get("user-agent"),
-                route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=stream, number=number, weight=len(admitted.raw),
+                route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=stream, number=number,
+                weight=len(admitted.raw) if number == 1 else 0,  # a fallback's attempt holds the same body
             )  # fmt: skip
             more = number < len(chain)
             try:

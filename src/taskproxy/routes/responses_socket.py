@@ -31,6 +31,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from taskproxy.connections import POLICY_VIOLATION
 from taskproxy.error_shapes import error_response, socket_error
 from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
@@ -52,11 +53,9 @@ from taskproxy.upstream.sse import MAX_EVENT_BYTES, EventBuffer, iter_events
 log = logging.getLogger("taskproxy.proxy")
 TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
-# Messages a client may send ahead of the response in progress: at most 16, and beyond the first (which
-# uvicorn's ws_max_size bounds) together at most one body's worth (limits.max_body_bytes); past either
-# the socket is ended.
+# Messages a client may send ahead of the response in progress: at most 16, together at most one body's
+# worth (limits.max_body_bytes; a single one may be that large); past either the socket is ended.
 MAX_WAITING_MESSAGES = 16
-POLICY_VIOLATION = 1008  # the close code for it (RFC 6455)
 
 
 def _as_items(value: object) -> list:
@@ -129,8 +128,8 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
                     if turn is not None:
                         await _end_turn(turn, CLIENT_DISCONNECTED)
                         turn = None
-                    await websocket.close(POLICY_VIOLATION, f"more than {MAX_WAITING_MESSAGES} messages or {most_waiting_bytes} bytes "
-                                                            "sent ahead of the answers")  # fmt: skip
+                    over = f"{MAX_WAITING_MESSAGES} messages" if len(waiting) == MAX_WAITING_MESSAGES else f"{most_waiting_bytes >> 20} MiB (limits.max_body_bytes)"
+                    await websocket.close(POLICY_VIOLATION, f"more than {over} sent ahead of the answers")
                     break
                 waiting.append(payload)
                 waiting_bytes += len(payload)
@@ -223,7 +222,8 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
     for number, model in enumerate(chain, start=1):
         attempt = flow.attempts.begin(
             caller, ts=admitted.ts, started=admitted.started, body=body, user_agent=websocket.headers.get("user-agent"),
-            route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=True, number=number, weight=len(admitted.raw),
+            route=endpoint.path, usage_of=endpoint.usage_of, model=model, stream=True, number=number,
+            weight=len(admitted.raw) if number == 1 else 0,  # a fallback's attempt holds the same body
         )  # fmt: skip
         more = number < len(chain)
         try:

@@ -49,7 +49,7 @@ class EventBuffer:
     def take(self, keep: int = 0) -> bytes:
         """What is held but its last `keep` bytes, which stay held."""
         data = b"".join(self._pieces)
-        kept = data[len(data) - keep :] if keep else b""
+        kept = data[max(0, len(data) - keep) :] if keep else b""
         self._pieces, self.held = ([kept] if kept else []), len(kept)
         return data[: len(data) - len(kept)]
 
