@@ -26,7 +26,8 @@ def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[
 
     settings = _settings(args)
     if not database_named(args.config):
-        # Keys created here would be in a database no running proxy reads: say which one it is.
+        # Keys created here would be in a database no running proxy reads, and a proxy started so serves
+        # one that no admin command finds from elsewhere: say which one it is.
         print(f"taskproxy: no config (--config, $TASKPROXY_CONFIG, {DEFAULT_CONFIG_PATH}) and no $TASKPROXY_DATABASE_URL: "
               f"using {settings.database_url} in {os.getcwd()}", file=sys.stderr)  # fmt: skip
     engine = make_engine(settings.database_url, work_mem_mb=settings.reports.work_mem_mb if report else 0)
