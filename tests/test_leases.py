@@ -130,7 +130,8 @@ def test_three_replicas_share_the_default_budget_of_an_item_not_registered_yet(t
     spent, per_request = item["total_tokens"], max(answered)
     assert spent == sum(answered)
     bound = limit + REPLICAS * (limit // 10 + per_request)
-    assert limit <= spent <= bound, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each; bound {bound})"
+    # Refused once the replicas together hold the whole budget: what the others hold unspent may be left over.
+    assert limit - REPLICAS * (limit // 10) <= spent <= bound, f"spent {spent} of {limit} ({len(answered)} answered, {per_request} tokens each; bound {bound})"
     print(f"\ndefault budget {limit} tokens on an item not registered, {REPLICAS} replicas: spent {spent}; bound {bound}")
 
 
