@@ -341,7 +341,7 @@ def test_prompts_slow_to_count_hold_up_neither_the_others_usage_nor_memory(tmp_p
     """8 MiB prompts of random letters (tiktoken took ~6 s for each): the recording thread fell behind
     by hundreds of them, holding each body (2 GiB), and everyone's usage waited behind them. An estimate
     now counts a bounded amount of new text, and a key whose bodies wait to be recorded past
-    KEY_BACKLOG_BYTES waits itself (then gets 429): the others' usage is recorded at once."""
+    KEY_BACKLOG_BYTES is refused (429): the others' usage is recorded at once."""
     with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-7") as good:
         key = server.new_key("mallory", "platform")
         time.sleep(0.5)

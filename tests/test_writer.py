@@ -241,7 +241,7 @@ def test_the_bodies_waiting_to_be_recorded_are_held_against_their_key_and_in_all
     """Each record holds its request's body until it is built: past KEY_BACKLOG_BYTES of one key's, that
     key is held back (routes/admission.py answers it 429), not the others; past BACKLOG_BYTES in all,
     everyone slows down. Built, they weigh nothing: nothing is left counted against anyone."""
-    from taskproxy.storage.writer import BACKLOG_BYTES, KEY_BACKLOG_BYTES
+    from taskproxy.storage.backlog import BACKLOG_BYTES, KEY_BACKLOG_BYTES
 
     class Heavy(Entry):
         def __init__(self, key_id: str, weight: int) -> None:
@@ -274,10 +274,10 @@ async def test_a_key_whose_bodies_wait_to_be_recorded_is_answered_429_and_the_ot
     the 1 s flush interval) gets 429 with Retry-After at once; another key is served."""
     from conftest import make_settings, start_proxy
 
-    from taskproxy.storage import writer as writer_module
+    from taskproxy.storage import backlog
     from taskproxy.upstream.mock import MockProvider
 
-    monkeypatch.setattr(writer_module, "KEY_BACKLOG_BYTES", 0)
+    monkeypatch.setattr(backlog, "KEY_BACKLOG_BYTES", 0)
     recording = {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 1.0}
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     async for proxy in start_proxy(make_settings(tmp_path, recording=recording), MockProvider.asgi(fake.app()), fake):

@@ -33,7 +33,7 @@ from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.proxy")
 BACKPRESSURE_MAX_SECONDS = 1.0
-KEY_BACKLOG_RETRY_SECONDS = 1  # Retry-After for a key whose bodies wait to be recorded past writer.KEY_BACKLOG_BYTES
+KEY_BACKLOG_RETRY_SECONDS = 1  # Retry-After for a key whose bodies wait to be recorded past storage/backlog.py's KEY_BACKLOG_BYTES
 
 
 @dataclass

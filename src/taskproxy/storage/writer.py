@@ -36,18 +36,18 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from taskproxy.storage.answered import DatabaseCalls
+from taskproxy.storage.backlog import BodyWeights
 from taskproxy.storage.batch import Batch, Record, Recordable, write
 from taskproxy.storage.db import ping
 from taskproxy.storage.failures import database_down
+from taskproxy.storage.refusals import Refusals
 from taskproxy.storage.spool import Spool
 
 log = logging.getLogger("taskproxy.writer")
@@ -63,12 +63,6 @@ DOWN_PAUSE_SECONDS = 0.25  # after the database failed, batches spool at once fo
 WRITE_WAIT_SECONDS = 2.0
 WRITE_WAIT_WHILE_DOWN_SECONDS = 0.5
 BACKLOG_BATCHES = 10
-# Bytes of request bodies the records waiting to be built may hold (each keeps its request's body
-# until then): past it the request path slows down as for a backlog of batches. Large bodies are
-# built more slowly than a client sends them (8 MiB prompts: ~20 a second against ~11 sent), and
-# counted by number alone 300 of them had taken a process to 900 MiB with no brake.
-BACKLOG_BYTES = 256 * 1024 * 1024
-KEY_BACKLOG_BYTES = 64 * 1024 * 1024  # of them, one key's: past it that key's requests wait, then are refused
 
 
 class _Marker:
@@ -79,33 +73,6 @@ class _Marker:
 
 
 _STOP = object()
-
-
-class _Refusals:
-    """Refusals counted per (minute, key, reason, route) until they are written."""
-
-    def __init__(self, every: float) -> None:
-        self._counts: dict[tuple[datetime, str | None, str, str], int] = {}
-        self._every = every
-        self._last_flush = time.monotonic()
-
-    def add(self, row: dict) -> None:
-        key = (row["ts"].replace(second=0, microsecond=0), row["key_id"], row["reason"], row["route"])
-        self._counts[key] = self._counts.get(key, 0) + row.get("count", 1)
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self._counts)
-
-    def due(self, force: bool) -> bool:
-        return bool(self._counts) and (force or time.monotonic() - self._last_flush >= self._every)
-
-    def take(self) -> list[dict]:
-        rows = [{"id": uuid.uuid4().hex, "ts": ts, "key_id": key_id, "reason": reason, "route": route, "count": count}
-                for (ts, key_id, reason, route), count in self._counts.items()]  # fmt: skip
-        self._counts.clear()
-        self._last_flush = time.monotonic()
-        return rows
 
 
 class BatchWriter:
@@ -127,12 +94,10 @@ class BatchWriter:
         self._max_held = max_held_records
         self._on_record = list(on_record)  # see each record as soon as it is built (budgets, metrics)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._weight_lock = threading.Lock()
-        self._queued_bytes = 0  # of the request bodies the queued records hold (BACKLOG_BYTES)
-        self._bytes_by_key: dict[str | None, int] = {}  # the same, per key (KEY_BACKLOG_BYTES)
+        self._bodies = BodyWeights()  # what the queued records hold of their requests' bodies
         self._urgent = threading.Event()  # set by flush() and close(): write now
         self._thread: threading.Thread | None = None
-        self._refusals = _Refusals(refusals_interval)  # a flood of refusals is a few rows a second, not one a request
+        self._refusals = Refusals(refusals_interval)  # a flood of refusals is a few rows a second, not one a request
         self._held: list[Batch] = []  # neither written nor spooled: retried from memory
         self._held_rows = 0
         self._down_since: float | None = None  # the database failed at this time, and has not answered since
@@ -151,24 +116,14 @@ class BatchWriter:
 
     def submit(self, item: Recordable) -> None:
         if weight := getattr(item, "weight", 0):
-            self._weigh(getattr(item, "key_id", None), weight)
+            self._bodies.add(getattr(item, "key_id", None), weight)
         self._queue.put(item)
         if self._queue.qsize() == self._batch_size:  # a full batch: write it now, not at the interval
             self._urgent.set()
 
-    def _weigh(self, key_id: str | None, weight: int) -> None:
-        with self._weight_lock:
-            self._queued_bytes += weight
-            held = self._bytes_by_key.get(key_id, 0) + weight
-            if held > 0:
-                self._bytes_by_key[key_id] = held
-            else:
-                self._bytes_by_key.pop(key_id, None)
-
     def holding(self, key_id: str) -> int:
         """Bytes of this key's request bodies that wait for their records to be built, past KEY_BACKLOG_BYTES (else 0)."""
-        held = self._bytes_by_key.get(key_id, 0)
-        return held if held > KEY_BACKLOG_BYTES else 0
+        return self._bodies.holding(key_id)
 
     @property
     def queue_depth(self) -> int:
@@ -179,7 +134,7 @@ class BatchWriter:
         """More than `BACKLOG_BATCHES` full batches wait, or records holding more than `BACKLOG_BYTES` of
         bodies: the request path should slow down (it would otherwise queue records faster than they are
         written, and memory would grow without end)."""
-        return self._queue.qsize() > self._batch_size * BACKLOG_BATCHES or self._queued_bytes > BACKLOG_BYTES
+        return self._queue.qsize() > self._batch_size * BACKLOG_BATCHES or self._bodies.over
 
     @property
     def refusing(self) -> bool:
@@ -301,7 +256,7 @@ class BatchWriter:
             return
         finally:
             if weight := getattr(item, "weight", 0):
-                self._weigh(getattr(item, "key_id", None), -weight)
+                self._bodies.add(getattr(item, "key_id", None), -weight)
         if record.kind == "rejection":
             self._refusals.add(record.row)
         else:
