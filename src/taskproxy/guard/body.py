@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -42,6 +42,16 @@ class BodyGate:
     async def large(self) -> AsyncIterator[None]:
         async with self._limiter:
             yield
+
+    @asynccontextmanager
+    async def reading(self, request: Request, limit: int, which: str = "limits.max_body_bytes") -> AsyncIterator[bytes]:
+        """The body (`read_body`), read under the gate when it is large: said so (Content-Length), or
+        once it passes LARGE_BODY_BYTES (sent chunked); held until the block ends, its decoding included."""
+        async with AsyncExitStack() as held:
+            take = lambda: held.enter_async_context(self.large())
+            if declared_large(request):
+                await take()
+            yield await read_body(request, limit, which, on_large=take)
 
 
 def declared_large(request: Request) -> bool:

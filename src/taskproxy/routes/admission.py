@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, RateLimited, ServiceUnavailable
 from taskproxy.guard.attribution import Attributed, Attribution
 from taskproxy.guard.auth import KeyStore, Principal
-from taskproxy.guard.body import BodyGate, Undecodable, declared_large, decode_json_object, read_body
+from taskproxy.guard.body import BodyGate, Undecodable, decode_json_object
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import Policy
 from taskproxy.guard.ratelimit import RateLimiter
@@ -112,12 +111,7 @@ class Admission:
 
     async def _read_and_decode(self, request: Request, limits: LimitSettings) -> tuple[bytes, dict | Undecodable]:
         try:
-            if declared_large(request):  # a few at a time: what large bodies cost in memory and CPU stays bounded
-                async with self.body_gate.large():
-                    raw = await read_body(request, limits.max_body_bytes)
-                    return raw, await decode_json_object(raw, limits.max_json_nodes)
-            async with AsyncExitStack() as gate:  # a body that declared no length takes the gate once it is large
-                raw = await read_body(request, limits.max_body_bytes, on_large=lambda: gate.enter_async_context(self.body_gate.large()))
+            async with self.body_gate.reading(request, limits.max_body_bytes) as raw:  # large ones a few at a time
                 return raw, await decode_json_object(raw, limits.max_json_nodes)
         except ClientDisconnect:
             raise ClientGone("The client hung up before its request body arrived.") from None

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from contextlib import AsyncExitStack
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.errors import ApiError, InvalidRequest, NotFound
-from taskproxy.guard.body import BodyGate, Undecodable, declared_large, decode_json_object, read_body
+from taskproxy.guard.body import BodyGate, Undecodable, decode_json_object
 from taskproxy.routes.common import JSON, in_thread
 from taskproxy.timeutil import utcnow
 
@@ -61,11 +60,7 @@ async def receive(request: Request) -> Response:
     gate: BodyGate = request.state.body_gate
     now = utcnow()
     try:
-        async with AsyncExitStack() as held:
-            take_gate = lambda: held.enter_async_context(gate.large())
-            if declared_large(request):
-                await take_gate()
-            raw = await read_body(request, MAX_DELIVERY_BYTES, "the webhooks' limit", on_large=take_gate)
+        async with gate.reading(request, MAX_DELIVERY_BYTES, "the webhooks' limit") as raw:
             tracker.verify(request.headers, raw)
             payload = await decode_json_object(raw, request.state.settings.limits.max_json_nodes)
         if isinstance(payload, Undecodable):
