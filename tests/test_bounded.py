@@ -25,6 +25,7 @@ import httpx
 import orjson
 import pytest
 
+from taskproxy.fake_provider import prompt_tokens_of
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, quiet_upstream, start_server, wait_until, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.exclusive]  # they measure a client's latency: nothing else runs meanwhile
@@ -56,6 +57,7 @@ def server_with(tmp_path: Path, upstream: FakeUpstream, quiet: str, *, open_file
         {"name": "slow", "base_url": v1, "upstream_model": "fake-slow"},
         {"name": "trickle", "base_url": v1, "upstream_model": "fake-trickle"},
         {"name": "unending", "base_url": v1, "upstream_model": "fake-unending"},
+        {"name": "usage-junk", "base_url": v1, "upstream_model": "fake-usage-junk"},
     ]
     config = write_config(tmp_path, upstream.url, models=models, **extra)
     server = start_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY), open_files=open_files)
@@ -475,6 +477,27 @@ def test_a_provider_event_without_end_is_passed_on_as_it_comes_not_held(tmp_path
     assert code == b"200" and int(size) > upstream.fake.flood_bytes
     assert peak - resident < 100, f"peak {peak:.0f} MiB from {resident:.0f} MiB"
     assert float(first_byte) < 2.0, first_byte  # passed on as it came, not once the provider was done
+
+
+def test_usage_objects_that_never_end_take_nothing_from_the_others_nor_from_the_count(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """A provider whose every event opens a `"usage": {` and never closes it (128 MiB of them), then sends
+    its real usage. The meter reads the usage object a chunk holds as it passes; each of these was read
+    to the end of all that was kept, every earlier one again (~94 ms of the event loop per chunk: the
+    others stalled). Now each chunk costs a bounded read, and the real usage is what is recorded."""
+    upstream.fake.flood_bytes = 128 * 1024 * 1024
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-8") as good:
+        key = server.new_key("dana", "platform")
+        body = {"model": "usage-junk", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        curl = subprocess.run(["curl", "-s", "-o", "/dev/null", "-m", "30", "-w", "%{http_code} %{size_download}", "--data", json.dumps(body),
+                               "-H", f"authorization: Bearer {key}", "-H", "X-Work-Item: PROV-8", "-H", "content-type: application/json",
+                               f"{server.url}/v1/chat/completions"], stdout=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+        good.__exit__()
+        good.check()
+        [event] = server.events("PROV-8", 1)
+    code, size = curl.stdout.split()
+    assert code == b"200" and int(size) > 0.99 * upstream.fake.flood_bytes, curl.stdout  # the whole answer reached the client
+    prompt = prompt_tokens_of(body)
+    assert (event["error"], event["prompt_tokens"], event["completion_tokens"]) == (None, prompt, 12), event
 
 
 def test_a_websocket_client_flooding_pings_is_closed_and_takes_nothing_from_the_others(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from taskproxy.errors import WorkItemInvalid
 from taskproxy.guard.body import more_json_values_than
+from taskproxy.jsonbytes import MAX_USAGE_KEYS_READ, last_usage_object, object_at, object_end
 from taskproxy.settings import DEFAULT_BRANCH_PATTERNS, DEFAULT_ID_PATTERNS
 from taskproxy.upstream.observe import openai_stream
 from taskproxy.upstream.capture import Capture
@@ -176,3 +177,27 @@ def test_the_json_value_budget_counts_exactly_what_decoding_would_build(document
     JSON, as every SDK sends it; a spaced-out `[ ]` only ever counts more, never less)."""
     raw, exact = orjson.dumps(document), _values(document)
     assert not more_json_values_than(raw, exact) and more_json_values_than(raw, exact - 1)
+
+
+@given(st.dictionaries(st.text(max_size=8), json_documents, max_size=4), st.binary(max_size=40))
+@settings(max_examples=400)
+def test_an_object_ends_where_its_json_ends_whatever_its_strings_hold(document: dict, after: bytes) -> None:
+    """Braces, quotes and backslashes inside strings never move where an object is read to end (the
+    meter reads a provider's usage object this way, as it passes)."""
+    raw = orjson.dumps(document)
+    for spaced in (raw, orjson.dumps(document, option=orjson.OPT_INDENT_2)):
+        assert object_end(b"x" + spaced + after, 1) == 1 + len(spaced)
+        assert object_end(spaced[:-1], 0) == -1  # cut off: no end
+        assert object_at(spaced + after, 0, max_bytes=len(spaced)) == document
+        assert object_at(spaced + after, 0, max_bytes=len(spaced) - 1) is None  # longer than allowed
+
+
+def test_the_last_usage_object_is_read_and_an_earlier_one_when_the_last_is_cut_off() -> None:
+    first, last = {"prompt_tokens": 3, "completion_tokens": 1}, {"prompt_tokens": 3, "completion_tokens": 9, "note": "}{\\\"usage\": {"}
+    events = [b'data: {"choices": [], "usage": ' + orjson.dumps(usage) + b"}\n\n" for usage in (first, last)]
+    assert last_usage_object(b"".join(events)) == last
+    assert last_usage_object(events[0] + events[1][:-8]) == first
+    assert last_usage_object(b'{"usage": {"x": "\\"usage\\": {}"}}') == {"x": '"usage": {}'}  # the quoted one is text
+    junk = b'data: {"choices": [{}], "usage": {"note": "uuuu\n\n'
+    assert last_usage_object(events[0] + junk * 3) == first  # three keys that never end, then the real one
+    assert last_usage_object(events[0] + junk * MAX_USAGE_KEYS_READ) is None  # past a few, not read further back

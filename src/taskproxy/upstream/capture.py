@@ -60,6 +60,8 @@ class Capture:
         """The answer as received; only meaningful when `complete`."""
         return bytes(self._head + self._tail)
 
-    def recent(self) -> bytes:
-        """The end of what has arrived so far (where a usage object just sent is)."""
-        return bytes(self._tail[-self._tail_limit :]) if self._tail else bytes(self._head[-self._tail_limit :])
+    def recent(self, size: int | None = None) -> bytes:
+        """The last `size` bytes (at most the tail's size) of what has arrived so far: where a usage
+        object just sent is."""
+        size = self._tail_limit if size is None else min(size, self._tail_limit)
+        return bytes(self._tail[-size:]) if self._tail else bytes(self._head[-size:])
