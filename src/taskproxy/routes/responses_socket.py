@@ -295,7 +295,7 @@ async def _relay(
                 first_byte = first_byte or time.perf_counter()
                 capture.add(chunk)
                 if meter.pending or has_usage_object(chunk):
-                    meter.saw(capture.recent())
+                    meter.saw(capture.around(chunk))
                 complete = events.feed(chunk)
                 if events.held > MAX_EVENT_BYTES:  # each event is one message: one without end cannot be sent
                     raise UpstreamError(f"The provider sent an event of more than {MAX_EVENT_BYTES >> 20} MiB without its end; the answer was ended.")

@@ -9,6 +9,8 @@ text that was kept by the bytes that were not (metering/usage.py).
 
 from __future__ import annotations
 
+from taskproxy.jsonbytes import MAX_USAGE_OBJECT_BYTES
+
 # Anthropic's message_start is a few hundred bytes; the usage object sits in the last few hundred. What
 # more is kept only helps an estimate of a stream cut short. Measured (bench/streams_memory.py): with
 # 64 KiB each, 500 streams in flight took the process to 776 MiB.
@@ -65,3 +67,8 @@ class Capture:
         object just sent is."""
         size = self._tail_limit if size is None else min(size, self._tail_limit)
         return bytes(self._tail[-size:]) if self._tail else bytes(self._head[-size:])
+
+    def around(self, chunk: bytes) -> bytes:
+        """The chunk just added, with as much before it as a usage object that began earlier can span:
+        what the meter reads as a stream passes (not the whole tail again for every chunk)."""
+        return self.recent(len(chunk) + MAX_USAGE_OBJECT_BYTES)

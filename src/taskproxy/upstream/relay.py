@@ -20,7 +20,7 @@ from typing import Protocol
 from starlette.types import Receive, Scope, Send
 
 from taskproxy.errors import ApiError, ServiceUnavailable, UpstreamTimeout
-from taskproxy.jsonbytes import MAX_USAGE_OBJECT_BYTES, has_usage_object
+from taskproxy.jsonbytes import has_usage_object
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import Header, ProviderReply
 
@@ -118,7 +118,7 @@ class RelayResponse:
                             first_byte = time.perf_counter()
                         capture.add(chunk)
                         if meter is not None and (meter.pending or has_usage_object(chunk)):
-                            meter.saw(capture.recent(len(chunk) + MAX_USAGE_OBJECT_BYTES))  # a usage object that began before this chunk fits
+                            meter.saw(capture.around(chunk))
                         out = transform(chunk) if transform is not None else chunk
                         if out:
                             await send({"type": "http.response.body", "body": out, "more_body": True})
