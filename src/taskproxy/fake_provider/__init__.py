@@ -26,6 +26,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-html     answers 200 with an HTML page (a load balancer's, say)
     fake-usage-junk  (chat, streamed) sends `FakeProvider.flood_bytes` of events, each with a `"usage": {`
                   that never ends (not JSON), then its real usage: a provider's bug the meter must not choke on
+    fake-usage-flood (chat, streamed) sends `FakeProvider.flood_bytes` of usage-only chunks (`"choices": []`,
+                  its usage), as a provider sending usage with every chunk might, whether or not it was asked
     anything else answers normally; `max_tokens` sets the number of streamed chunks (default 12)
 
 `FakeProvider.active` counts the requests being answered right now (a request whose client hung up
@@ -137,8 +139,8 @@ class FakeProvider(ResponsesApi, MessagesApi):
         base = {"id": f"fake-{len(self.received)}", "created": int(time.time()), "model": model}
         if model == "fake-dribble" and body.get("stream") is not True:
             return StreamingResponse(self._dribble(), media_type="application/json")
-        if model == "fake-usage-junk":
-            return StreamingResponse(self._usage_junk(request, base, usage), media_type="text/event-stream")
+        if model in ("fake-usage-junk", "fake-usage-flood"):
+            return StreamingResponse(self._usage_flood(request, base, usage, junk=model == "fake-usage-junk"), media_type="text/event-stream")
         if model == "fake-flood":
             flood = self._flood(request, base, usage, body.get("stream") is True)
             return StreamingResponse(flood, media_type="text/event-stream" if body.get("stream") else "application/json")
@@ -199,9 +201,12 @@ class FakeProvider(ResponsesApi, MessagesApi):
             yield chunk
         yield b'"}}], "usage": ' + orjson.dumps(usage) + b"}"
 
-    async def _usage_junk(self, request: Request, base: dict, usage: dict):  # type: ignore[no-untyped-def]
-        head = orjson.dumps({**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
-        event = b"data: " + head[:-1] + b', "usage": {"note": "' + b"u" * 160 + b"\n\n"
+    async def _usage_flood(self, request: Request, base: dict, usage: dict, junk: bool):  # type: ignore[no-untyped-def]
+        if junk:
+            head = orjson.dumps({**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]})
+            event = b"data: " + head[:-1] + b', "usage": {"note": "' + b"u" * 160 + b"\n\n"
+        else:
+            event = sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
         block = event * 256  # made once: the fake should cost little next to the proxy it floods
         for n in range(self.flood_bytes // len(block)):
             if n % 16 == 0 and await request.is_disconnected():
