@@ -47,7 +47,8 @@ def quiet() -> Iterator[str]:
 
 
 @contextmanager
-def server_with(tmp_path: Path, upstream: FakeUpstream, quiet: str, *, open_files: int | None = None, **extra: object) -> Iterator[ServerProcess]:
+def server_with(tmp_path: Path, upstream: FakeUpstream, quiet: str, *, open_files: int | None = None, environment: dict[str, str] | None = None,
+                **extra: object) -> Iterator[ServerProcess]:  # fmt: skip
     """The well-behaved client's model is served by the fake in its own process; the misbehaving ones by the fake in this one."""
     v1 = f"{upstream.url}/v1"
     models = [
@@ -61,7 +62,7 @@ def server_with(tmp_path: Path, upstream: FakeUpstream, quiet: str, *, open_file
         {"name": "usage-flood", "base_url": v1, "upstream_model": "fake-usage-flood"},
     ]
     config = write_config(tmp_path, upstream.url, models=models, **extra)
-    server = start_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY), open_files=open_files)
+    server = start_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY, **(environment or {})), open_files=open_files)
     try:
         yield server
     finally:
@@ -314,6 +315,28 @@ def test_large_bodies_sent_without_a_length_take_the_gate_too(tmp_path: Path, up
     assert statuses == [b"404"] * 12  # decoded, then refused for the model: nothing forwarded
     print(f"\ntwelve chunked 30 MiB bodies: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
     assert peak - resident < 300, f"peak {peak:.0f} MiB from {resident:.0f} MiB"  # +509 before
+
+
+def test_large_webhook_deliveries_are_read_a_few_at_a_time(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """40 deliveries of 5 MiB at once, their signature wrong: each was read whole before the signature
+    was checked (300 of them took 1.7 GiB). A delivery past 1 MiB takes the large-body gate, as a
+    model request's body does."""
+    delivery = tmp_path / "delivery.json"
+    delivery.write_bytes(b'{"action": "opened", "padding": "' + b"x" * (5 * 1024 * 1024 - 100) + b'"}')
+    with server_with(tmp_path, upstream, quiet, environment={"GH_SECRET": "s3cret"}, trackers={"github": {"secret_env": "GH_SECRET"}}) as server:
+        time.sleep(0.5)
+        resident, _ = server.memory_mib()
+        senders = [
+            subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{delivery}", "-H", "X-GitHub-Event: issues",
+                              "-H", "X-Hub-Signature-256: sha256=" + "0" * 64, "-H", "content-type: application/json", f"{server.url}/webhooks/github"],
+                             stdout=subprocess.PIPE)
+            for _ in range(40)
+        ]  # fmt: skip
+        statuses = [sender.communicate(timeout=120)[0] for sender in senders]
+        _, peak = server.memory_mib()
+    print(f"\nforty 5 MiB deliveries: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
+    assert statuses == [b"401"] * 40, statuses
+    assert peak - resident < 60, f"peak {peak:.0f} MiB from {resident:.0f} MiB"
 
 
 SLOW_TO_COUNT = """
