@@ -575,6 +575,59 @@ def test_a_websocket_client_flooding_pings_is_closed_and_takes_nothing_from_the_
     assert f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second" in server.log_path.read_text()  # said, with the client
 
 
+@pytest.mark.parametrize(("per_second", "said"), [(40, "it sends pings and reads nothing"), (2000, "pings and pongs in a second")])
+def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_path: Path, upstream: FakeUpstream, quiet: str, per_second: int,
+                                                                             said: str) -> None:  # fmt: skip
+    """A client asks for a long answer, reads none of it, and sends pings. Within the rate (40 a second,
+    125 bytes each), while its socket's write buffer is full each pong waits for it to drain instead of
+    piling up behind the answer, and past MAX_DEFERRED_BYTES of them the socket is closed; past the rate
+    it is closed at once. Either way the server lets go of it: a close waited to send what was
+    buffered, which this client never reads, and held the connection and its buffers for good."""
+    from taskproxy.connections import MAX_DEFERRED_BYTES
+
+    with server_with(tmp_path, upstream, quiet) as server:
+        key = server.new_key("dana", "platform")
+        host, port = server.url.removeprefix("http://").split(":")
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connecting: the window stays small
+        raw.connect((host, int(port)))
+        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
+                    "X-Work-Item: PROV-10\r\n\r\n".encode())  # fmt: skip
+        handshake = b""
+        while b"\r\n\r\n" not in handshake:
+            handshake += raw.recv(1)
+        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+
+        def frame(opcode: int, payload: bytes) -> bytes:  # a client's frame: masked (with a zero mask, the payload as it is)
+            length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+            return bytes([0x80 | opcode]) + length + b"\0\0\0\0" + payload
+
+        raw.sendall(frame(1, json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 400_000}).encode()))
+        time.sleep(3)  # the answer fills what the kernel buffers between the two, then the server's own write buffer
+        started, pings, closed_after = time.monotonic(), 0, None
+        raw.settimeout(1.0)
+        while time.monotonic() - started < 25:
+            try:
+                raw.sendall(frame(9, b"p" * 125))
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            pings += 1
+            time.sleep(1 / per_second)
+        time.sleep(2.5)  # the grace a closed socket is given to send what it had
+        held = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
+        raw.close()
+        log = server.log_path.read_text()
+        [event] = server.events("PROV-10", 1)
+    print(f"\n{pings} pings sent, not read; closed after {closed_after} s")
+    assert closed_after is not None, f"still open after 25 s and {pings} pings"
+    assert per_second > 50 or pings * 127 > MAX_DEFERRED_BYTES  # closed for its pongs, not for its rate
+    assert said in log
+    assert held == "", held  # the server let go of the connection and what it had buffered for it (a close waited to send it: forever)
+    assert event["error"] == "client_disconnected", event  # the turn it asked for is recorded, ended with the socket
+
+
 def test_sigterm_gives_answers_in_flight_a_grace_period_then_ends_and_records_the_rest(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     with server_with(tmp_path, upstream, quiet, server={"shutdown_grace_seconds": 1.5}) as server:
         key = server.new_key("dana", "platform")

@@ -27,6 +27,8 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
   with 1008 (policy violation); a client's keep-alive pings are one every few seconds;
 - **no pong piled up**: while the socket's write buffer is full (its client reads nothing), a ping's
   pong waits until it drains (up to 64 KiB of them; then the socket is closed), so pongs cannot pile up;
+  a socket closed for either of these is let go of within `CLOSE_GRACE_SECONDS`, whether or not what
+  was buffered for it was sent (a close waits to send it: for a client that reads nothing, forever);
 - no permessage-deflate (`serve` turns it off): a 32 MiB message compresses to 32 KiB, and inflating
   it took ~120 ms of the event loop; 16 of them waiting on each of three sockets took a process to
   1.8 GiB for 1.5 MiB sent.
@@ -60,6 +62,7 @@ log = logging.getLogger("taskproxy.connections")
 RESERVED_DESCRIPTORS = 128
 MAX_CONTROL_FRAMES_PER_SECOND = 50  # pings and pongs a WebSocket client may send in a second
 MAX_DEFERRED_BYTES = 64 * 1024  # pongs waiting for a client that reads nothing; past it the socket is closed
+CLOSE_GRACE_SECONDS = 2.0  # a socket closed for its client's conduct is let go of after this, sent what was buffered or not
 PARSE_SLICE_BYTES = 4 * 1024  # what a WebSocket's frames are parsed in, at most, between checks that it is still open
 POLICY_VIOLATION = 1008  # RFC 6455's close code for a peer that broke the rules
 
@@ -213,7 +216,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self._deferred += b"".join(self.conn.data_to_send())
             if len(self._deferred) > MAX_DEFERRED_BYTES:
                 log.warning("closed a WebSocket from %s: it sends pings and reads nothing", self.client)
-                self.transport.close()
+                # Aborted, not closed: a close waits to send what is buffered, which this client never reads.
+                self.transport.abort()
             return
         super().handle_ping()
 
@@ -241,7 +245,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.data_to_send()  # the pongs queued for this flood are not sent
         if self.conn.state is not State.OPEN:  # closing already: no second close frame
             self.transport.close()
-            return True
-        self.conn.send_close(POLICY_VIOLATION, f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second")
-        self.handle_parser_exception()  # tells the app (websocket.disconnect, 1008), writes the close frame, closes
+        else:
+            self.conn.send_close(POLICY_VIOLATION, f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second")
+            self.handle_parser_exception()  # tells the app (websocket.disconnect, 1008), writes the close frame, closes
+        # A close waits to send what is buffered: for a client that reads nothing, forever.
+        self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
         return True
