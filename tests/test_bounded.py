@@ -628,6 +628,34 @@ def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_
     assert event["error"] == "client_disconnected", event  # the turn it asked for is recorded, ended with the socket
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_reads_nothing_of_its_answer_is_cut_and_the_answer_recorded(tmp_path: Path, upstream: FakeUpstream, quiet: str,
+                                                                                    stream: bool) -> None:  # fmt: skip
+    """A client asks for a long answer (64 MiB) and reads none of it: the answer waited on it, holding
+    the provider's connection, and was neither ended nor recorded, then held for good (closing waits to
+    send what is buffered). Past `server.send_timeout_seconds` without reading, the connection is cut,
+    and the answer recorded as the client's leaving."""
+    upstream.fake.flood_bytes = 64 * 1024 * 1024
+    with server_with(tmp_path, upstream, quiet, server={"send_timeout_seconds": 2}) as server:
+        key = server.new_key("dana", "platform")
+        host, port = server.url.removeprefix("http://").split(":")
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connecting: the window stays small
+        raw.connect((host, int(port)))
+        body = json.dumps({"model": "flood", "stream": stream, "messages": ASK}).encode()
+        raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\nauthorization: Bearer {key}\r\n"
+                    f"X-Work-Item: NOREAD-1\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        [event] = server.events("NOREAD-1", 1, timeout=15)
+        held = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} and dport = :{raw.getsockname()[1]} )"], capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+        raw.close()
+        log = server.log_path.read_text()
+    assert event["error"] == "client_disconnected", event
+    assert held == "", held
+    assert "it read nothing of its answer for 2 s" in log
+    assert upstream.fake.active == 0  # the provider's answer was let go of too
+
+
 def test_sigterm_gives_answers_in_flight_a_grace_period_then_ends_and_records_the_rest(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     with server_with(tmp_path, upstream, quiet, server={"shutdown_grace_seconds": 1.5}) as server:
         key = server.new_key("dana", "platform")

@@ -72,6 +72,45 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     max_connections: int = 1000
+    send_timeout: float = 60.0
+
+
+class StalledWritesCut:
+    """A connection whose client has read nothing of what was written to it for `send_timeout` is
+    aborted (nginx's `send_timeout`). The answer waits for a client that is slow to read, as it should,
+    but one that reads nothing held the answer, its provider's connection and its record (written when
+    the answer ends) until `max_stream_seconds` and then for good: closing a connection waits to send
+    what is buffered. Mixed into both protocols: the transport says when its buffer fills and drains."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    limits: ConnectionLimits
+    client: Any
+    _stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.send_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        self._no_stall()
+        super().resume_writing()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._no_stall()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _no_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        log.warning("cut a connection from %s: it read nothing of its answer for %g s (server.send_timeout_seconds)",
+                    self.client, self.limits.send_timeout)  # fmt: skip
+        self.transport.abort()
 
 
 def default_max_connections() -> int:
@@ -93,7 +132,7 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class BoundedHttpProtocol(HttpToolsProtocol):
+class BoundedHttpProtocol(StalledWritesCut, HttpToolsProtocol):
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits()
@@ -191,9 +230,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
 
-class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self.limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits()
         self._second = 0.0  # when the second being counted began
         self._control_frames = 0
         self._deferred = b""  # frames written once the client reads again

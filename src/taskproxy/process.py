@@ -154,7 +154,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
     )  # fmt: skip
     config.connection_limits = ConnectionLimits(  # type: ignore[attr-defined]  (carried to worker processes with the config)
         header_timeout=server.header_timeout_seconds, body_timeout=server.body_timeout_seconds,
-        max_connections=server.max_connections or default_max_connections(),
+        max_connections=server.max_connections or default_max_connections(), send_timeout=server.send_timeout_seconds,
     )  # fmt: skip
     if workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -278,6 +278,9 @@ class ServerSettings(_Frozen):
     body_timeout_seconds: float = Field(default=60.0, gt=0)
     # A kept-alive connection idle this long after a response is closed.
     keep_alive_seconds: float = Field(default=5.0, gt=0)
+    # A connection whose client reads nothing of its answer for this long (what was written stays
+    # unsent) is cut, and the answer recorded as client_disconnected; a slow reader is waited for.
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
     # Open client connections per process; past it a new one gets 503 and is closed. None: half the
     # open-file limit (raised to its hard limit at start) after 128 kept for the proxy's own use.
     max_connections: int | None = Field(default=None, gt=0)
