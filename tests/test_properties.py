@@ -11,7 +11,7 @@ from taskproxy.errors import WorkItemInvalid
 from taskproxy.guard.body import more_json_values_than
 from taskproxy.jsonbytes import MAX_USAGE_KEYS_READ, last_usage_object, object_at, object_end
 from taskproxy.settings import DEFAULT_BRANCH_PATTERNS, DEFAULT_ID_PATTERNS
-from taskproxy.upstream.observe import openai_stream
+from taskproxy.upstream.observe import anthropic_stream, openai_stream
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.sse import SseSplitter, is_usage_only_chunk, iter_events
 from taskproxy.workitems import MAX_ID_LENGTH, WorkItemIds
@@ -57,13 +57,15 @@ def test_branch_parsing_never_raises_unexpectedly(branch: str) -> None:
     assert found is None or IDS.normalize(found) == found
 
 
+# Every way SSE lets a blank line end an event: two line ends in a row, each CRLF, LF or CR.
+EVENT_ENDS = [b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n", b"\r\r\n", b"\n\r", b"\r\n\r"]
 events = st.lists(
     st.dictionaries(st.sampled_from(["choices", "usage", "id", "text"]), st.one_of(st.none(), st.text(max_size=20), st.integers(-(2**62), 2**62), st.lists(st.integers(0, 10**6), max_size=3)), max_size=4),
     max_size=8,
 )
 
 
-@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from(EVENT_ENDS))
 @settings(max_examples=300)
 def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: list[dict], cuts: list[int], terminator: bytes) -> None:
     stream = b"".join(b"data: " + orjson.dumps(p) + terminator for p in payloads) + b"data: [DONE]" + terminator
@@ -77,7 +79,7 @@ def test_splitter_returns_exactly_the_events_whatever_the_chunking(payloads: lis
     assert [orjson.loads(d) for _, d in iter_events(b"".join(out)) if d != b"[DONE]"] == kept
 
 
-@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+@given(events, st.lists(st.integers(min_value=1, max_value=40), max_size=20), st.sampled_from(EVENT_ENDS))
 @settings(max_examples=300)
 def test_what_the_client_gets_is_the_stream_without_the_usage_chunk_whatever_the_chunking(
     payloads: list[dict], cuts: list[int], terminator: bytes
@@ -93,7 +95,7 @@ def test_what_the_client_gets_is_the_stream_without_the_usage_chunk_whatever_the
     assert out == b"".join(event(p) for p in payloads if not is_usage_only_chunk(event(p))) + b"data: [DONE]" + terminator
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(len(EVENT_ENDS)))
 def test_an_event_larger_than_the_splitter_holds_is_passed_on_as_it_comes_and_the_usage_chunk_still_withheld(seed: int) -> None:
     """Past PASS_ON_BYTES of one event the splitter passes it on as it comes (it cannot be the usage-only
     chunk): the client never waits for more than that of what the provider sent, and what it gets is
@@ -104,7 +106,7 @@ def test_an_event_larger_than_the_splitter_holds_is_passed_on_as_it_comes_and_th
     from taskproxy.upstream.sse import PASS_ON_BYTES
 
     rng = random.Random(seed)
-    end = (b"\n\n", b"\r\n\r\n", b"\r\r")[seed % 3]
+    end = EVENT_ENDS[seed % len(EVENT_ENDS)]
     event = lambda p: b"data: " + orjson.dumps(p) + end
     big = {"choices": [{"index": 0, "delta": {"content": "x" * (3 * PASS_ON_BYTES + rng.randrange(1000))}}]}
     usage_only = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
@@ -120,6 +122,35 @@ def test_an_event_larger_than_the_splitter_holds_is_passed_on_as_it_comes_and_th
             assert position - emitted <= PASS_ON_BYTES + 3, (position, emitted)
     out.append(splitter.rest())
     assert b"".join(out) == b"".join(kept) + b"data: [DONE]" + end
+
+
+@pytest.mark.parametrize("end", EVENT_ENDS)
+def test_the_providers_usage_is_read_whatever_line_ends_its_events_have(end: bytes) -> None:
+    """A stream whose events end with `\n\r\n` (a line's LF, then a CRLF blank line) ran together as
+    one event, its JSON unreadable: the usage the provider reported was lost, an estimate recorded."""
+    chat = [{"choices": [{"index": 0, "delta": {"content": "hi"}}]}, {"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 50}}]
+    capture = Capture()
+    capture.add(b"".join(b"data: " + orjson.dumps(e) + end for e in chat) + b"data: [DONE]" + end)
+    usage = openai_stream(capture).usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (100, 50)
+    messages = [("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 1}}}),
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+                ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 50}}),
+                ("message_stop", {"type": "message_stop"})]  # fmt: skip
+    capture = Capture()
+    capture.add(b"".join(b"event: " + name.encode() + end[: len(end) // 2] + b"data: " + orjson.dumps(e) + end for name, e in messages))
+    usage = anthropic_stream(capture).usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (1100, 50)
+
+
+def test_azures_content_filter_chunk_reaches_the_client() -> None:
+    """Azure OpenAI's first chunk has empty `choices`, its prompt's filter results and `"usage": null`: it
+    was withheld as the usage-only chunk from a client that had not asked for usage."""
+    filters = {"id": "", "choices": [], "created": 0, "model": "", "object": "", "usage": None,
+               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False, "severity": "safe"}}}]}  # fmt: skip
+    stream = b"data: " + orjson.dumps(filters) + b"\n\ndata: " + orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1}}) + b"\n\ndata: [DONE]\n\n"
+    splitter = SseSplitter()
+    assert splitter.without_usage_only(stream) + splitter.rest() == b"data: " + orjson.dumps(filters) + b"\n\ndata: [DONE]\n\n"
 
 
 @given(st.text(max_size=50))

@@ -18,8 +18,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_EVENT_END_KEPT = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")  # split on, the ends kept
+from taskproxy.jsonbytes import has_usage_object
+
+# An event ends at a blank line; a line ends with CRLF, LF or CR (the SSE spec), so a blank line is
+# two line ends in a row: LF LF, LF CR, CR CR, each CR taking the LF after it (CRLF). `\r\n\r\n`,
+# `\n\r\n`, `\r\n\n`, `\r\r\n` all hold one of the three; a lone CRLF holds none. (`\n\r\n` was not
+# read as an end: the events it ended ran together, and their usage was lost.)
+_BLANK_LINES = (b"\n\n", b"\n\r", b"\r\r")
+_EVENT_END = re.compile(rb"\n\n|\n\r\n?|\r\r\n?")
+_EVENT_END_KEPT = re.compile(rb"(\n\n|\n\r\n?|\r\r\n?)")  # split on, the ends kept
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
@@ -42,7 +49,8 @@ class EventBuffer:
             self.held += len(chunk)
             return b""
         data = b"".join((*self._pieces, chunk)) if self._pieces else chunk
-        cut = end_of_last_event(data)
+        # A CR last may be the first half of a blank line's CRLF: the event it ends waits for the next byte.
+        cut = end_of_last_event(data[:-1] if data.endswith(b"\r") else data)
         rest = data[cut:]
         self._pieces, self.held = ([rest] if rest else []), len(rest)
         return data[:cut]
@@ -101,32 +109,32 @@ def _without_usage_only(complete: bytes) -> bytes:
     return b"".join(kept)
 
 
-_TERMINATORS = (b"\n\n", b"\r\r", b"\r\n\r\n")
-
-
 def _ends_an_event(before: bytes, chunk: bytes) -> bool:
     """`chunk` completes an event: a blank line in it, or across its start (bytes.find: a regex over
     the chunk costs ~15 times as much, and this runs for every chunk of a stream)."""
-    seam = before[-3:] + chunk[:3]
-    return any(end in chunk or end in seam for end in _TERMINATORS)
+    seam = before[-1:] + chunk[:1]
+    return any(end in chunk or end == seam for end in _BLANK_LINES)
 
 
 def end_of_first_event(data: bytes) -> int:
     """Where the first complete event in `data` ends (len(data): none ends)."""
-    ends = [i + len(t) for t in _TERMINATORS if (i := data.find(t)) >= 0]
-    return min(ends, default=len(data))
+    end = _EVENT_END.search(data)
+    return end.end() if end is not None else len(data)
 
 
-def end_of_last_event(data: bytes, before: int | None = None) -> int:
-    """Where the last complete event in `data[:before]` ends (0: none)."""
-    limit = len(data) if before is None else before
-    ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n", b"\r\r") if (i := data.rfind(t, 0, limit)) >= 0]
-    return max(ends, default=0)
+def end_of_last_event(data: bytes) -> int:
+    """Where the last complete event in `data` ends (0: none)."""
+    ends = [i + 2 for t in _BLANK_LINES if (i := data.rfind(t)) >= 0]
+    if not ends:
+        return 0
+    end = max(ends)
+    return end + 1 if data[end - 1 : end + 1] == b"\r\n" else end  # a blank line's CR takes its LF
 
 
 def is_usage_only_chunk(event: bytes) -> bool:
-    """The extra chunk `stream_options.include_usage` adds: empty `choices` and a usage object."""
-    return b'"usage"' in event and _USAGE_ONLY.search(event) is not None
+    """The extra chunk `stream_options.include_usage` adds: empty `choices` and a usage object (not
+    `"usage": null`: Azure's first chunk, its prompt's content-filter results, has empty choices too)."""
+    return has_usage_object(event) and _USAGE_ONLY.search(event) is not None
 
 
 def iter_events(raw: bytes) -> Iterator[tuple[bytes, bytes]]:
