@@ -379,6 +379,28 @@ def test_a_spool_line_torn_by_a_crash_is_kept_aside_and_the_rest_replayed(tmp_pa
 
 
 
+@pytest.mark.parametrize("damage", [b"123", b'{"events": 5}', b'{"audit": [{"id": "changed", "ts": "2026-12-0\\u00e9T10:00:00"}]}'])
+def test_a_spool_line_that_is_json_but_not_a_batch_is_kept_aside_and_recording_goes_on(tmp_path: Path, damage: bytes,
+                                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A line a byte changed on disk (still JSON, no longer a batch) stopped the replay and the writer
+    thread with it, on every start: nothing more was recorded, /readyz still ready."""
+    db = FlakyDatabase(tmp_path / "t.db")
+    before, after = entries(3), entries(2)
+    lines = [orjson.dumps({"audit": [e.to_record().row]}) for e in before]
+    (tmp_path / "spool.deadhost-2-xyz.jsonl").write_bytes(b"\n".join([lines[0], damage, *lines[1:]]) + b"\n")
+    writer = BatchWriter(db.engine, flush_interval=0.02, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    for entry in after:
+        writer.submit(entry)
+    writer.flush()
+    assert writer.alive
+    writer.close()
+    assert sorted(db.ids()) == sorted(e.id for e in before + after)
+    [kept] = [p for p in tmp_path.glob("spool*") if p.name.startswith("spool.damaged-")]
+    assert kept.read_bytes() == damage + b"\n"
+    assert "a damaged spool line" in caplog.text
+
+
 @BOTH_DATABASES
 def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_path: Path) -> None:
     """Events register the items they name; one item row the database refuses (here a status left

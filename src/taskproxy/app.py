@@ -95,6 +95,8 @@ async def readyz(request: Request) -> Response:
     writer: BatchWriter = request.state.writer
     if (problem := writer.problem) is not None:
         raise ServiceUnavailable(f"Not ready: {problem}.")
+    if not writer.alive:
+        raise ServiceUnavailable("Not ready: the recording thread has stopped; usage is not recorded (see the log).")
     try:
         # A probe answers in time even when the database has gone silent: its ping is left to end in
         # its thread (within the connections' TCP timeouts, storage/db.py), a daemon (threads.py).

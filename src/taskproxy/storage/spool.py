@@ -156,21 +156,28 @@ class Spool:
             try:
                 batch = orjson.loads(line)
             except orjson.JSONDecodeError:  # torn by a crash in mid-write: nothing in it can be read back
-                damaged = self.base.with_name(f"{self.base.stem}.damaged-{int(time.time() * 1000)}{self.base.suffix}")
-                try:
-                    with damaged.open("ab") as out:
-                        out.write(line + b"\n")
-                    log.error("a damaged spool line was kept in %s", damaged)
-                except OSError as exc:
-                    log.error("a damaged spool line of %d bytes could not be kept (%s) and was dropped", len(line), exc)
+                self._keep_damaged(line, "it is not JSON")
                 continue
             try:
                 write(batch)
             except Exception as exc:
-                if not is_down(exc):
-                    raise
-                return lines[index:]
+                if is_down(exc):
+                    return lines[index:]
+                # Read back, but not as a batch (a byte changed on disk, a line written by hand): kept
+                # aside whole, and the rest replayed. Raised, it stopped the replay on every start, and
+                # before 2026-12-06 the writer thread with it: nothing more was recorded.
+                self._keep_damaged(line, f"{exc.__class__.__name__}: {str(exc)[:200]}", _records(batch))
         return []
+
+    def _keep_damaged(self, line: bytes, why: str, records: int | None = None) -> None:
+        damaged = self.base.with_name(f"{self.base.stem}.damaged-{int(time.time() * 1000)}{self.base.suffix}")
+        holding = f"{records} usage records" if records is not None else f"{len(line)} bytes"
+        try:
+            with damaged.open("ab") as out:
+                out.write(line + b"\n")
+            log.error("a damaged spool line (%s; %s) was kept in %s", holding, why, damaged)
+        except OSError as exc:
+            log.error("a damaged spool line (%s; %s) could not be kept (%s) and was dropped", holding, why, exc)
 
     def close(self) -> None:
         if self._file is not None:
@@ -196,3 +203,10 @@ def _append_line(file: IO[bytes], line: bytes) -> None:
         except OSError:  # pragma: no cover - truncating frees space; it does not need any
             log.exception("could not cut a torn spool line back")
         raise
+
+
+def _records(batch: object) -> int | None:
+    """How many rows a spooled batch says it holds, when it is shaped like one."""
+    if not isinstance(batch, dict):
+        return None
+    return sum(len(rows) for key in ("events", "rejections", "audit") if isinstance(rows := batch.get(key), list))

@@ -189,7 +189,10 @@ class BatchWriter:
     # -- the thread -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._retry(force=True)
+        try:
+            self._retry(force=True)
+        except Exception:  # a bug: never let it stop recording
+            log.exception("the writer failed replaying the spool at start")
         stopping = False
         while not stopping:
             batch, markers, stopping = self._collect()
