@@ -157,6 +157,23 @@ async def test_malformed_json_is_invalid_request_after_key_and_work_item(proxy: 
     assert proxy.received == []
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": None, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": None}),
+    ("/v1/embeddings", {"model": None, "input": "hi"}),
+    ("/v1/messages", {"model": None, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages/count_tokens", {"model": None, "messages": [{"role": "user", "content": "hi"}]}),
+])  # fmt: skip
+async def test_a_required_field_sent_as_null_is_invalid_request_in_the_routes_shape(proxy: Proxy, path: str, body: dict) -> None:
+    """`"model": null` reached the model lookup and was answered 500 `internal_error`."""
+    key = await proxy.new_key()
+    response = await proxy.http.post(path, json=body, headers={"authorization": f"Bearer {key}", "X-Work-Item": "PROJ-1"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error.get("code", error.get("type")) in ("invalid_request", "invalid_request_error") and "null" in error["message"], error
+    assert proxy.received == []
+
+
 async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError) as bad:
         await proxy.openai("tp-not-a-real-key").chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-1"})

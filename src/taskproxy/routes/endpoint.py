@@ -59,8 +59,8 @@ class Endpoint:
     def validate(self, body: dict) -> None:
         """Refuse missing fields and fields of the wrong JSON type (the provider would, later and less clearly)."""
         for name in ("model", *self.required):
-            if name not in body:
-                raise InvalidRequest(f"'{name}' is required.", param=name)
+            if body.get(name) is None:  # null is no value: `"model": null` reached the lookup and was a 500
+                raise InvalidRequest(f"'{name}' is required." if name not in body else f"'{name}' is required; it was null.", param=name)
         expected = {"model": (str,), "stream": (bool,), "metadata": (dict,), **self.types}
         for name, types in expected.items():
             if name in body and body[name] is not None and not isinstance(body[name], types):
