@@ -220,3 +220,29 @@ def test_an_estimate_counts_a_bounded_amount_of_new_text_and_cannot_be_steered()
         assert abs(estimate - exact) < 0.01 * exact, (estimate, exact)
     small = {"messages": [{"role": "user", "content": "hello there"}]}
     assert estimate_prompt_tokens(counter, "gpt-4o-mini", small) == estimate_prompt_tokens(TokenCounter(), "gpt-4o-mini", small)  # exact below the bound
+
+
+@pytest.mark.parametrize("bad", ["50", 50.0, -50, 1e30, True, [50]])
+def test_a_token_count_that_is_not_a_whole_number_is_not_taken_as_reported(bad: object) -> None:
+    """A provider's usage with a count that is not a whole, non-negative number was read as 0 (or,
+    negative, subtracted) and recorded as the provider's: now it is not believed, and the answer is
+    estimated as one without usage (Anthropic's output alone, when its input was reported)."""
+    from taskproxy.metering.observed import COMPLETION
+    from taskproxy.upstream.observe import anthropic_stream, anthropic_usage, openai_usage
+
+    assert openai_usage({"prompt_tokens": 10, "completion_tokens": 5}) is not None
+    assert openai_usage({"prompt_tokens": 10, "completion_tokens": bad}) is None
+    assert openai_usage({"prompt_tokens": bad, "completion_tokens": 5}) is None
+    assert anthropic_usage({"input_tokens": bad, "output_tokens": 5}) is None
+    assert anthropic_usage({"input_tokens": 10, "output_tokens": bad}) is None
+    events = [("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 100, "output_tokens": 1}}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello there"}}),
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": bad}})]  # fmt: skip
+    capture = Capture()
+    capture.add(b"".join(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n" for name, event in events))
+    observed = anthropic_stream(capture)
+    assert observed.usage is not None and observed.usage.prompt_tokens == 100 and observed.missing == {COMPLETION}
+    events[0][1]["message"]["usage"]["input_tokens"] = bad
+    capture = Capture()
+    capture.add(b"".join(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n" for name, event in events))
+    assert anthropic_stream(capture).usage is None

@@ -31,8 +31,24 @@ def _loads(data: bytes) -> Any:
         return None
 
 
+def _count(value: Any) -> int | None:
+    """A token count as a provider reports it: a whole number, not negative. Anything else (`"50"`,
+    `50.0`, `-50`, `1e30`, `true`) is no count: before 2026-12-06 it was read as 0 (or, negative,
+    subtracted), and recorded as reported."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A count where one is optional (cache and reasoning details): 0 when absent or not a count."""
+    return _count(value) or 0
+
+
+_ABSENT = object()
+
+
+def _counts(*values: Any) -> bool:
+    """Every value given is a count, or absent."""
+    return all(value is _ABSENT or value is None or _count(value) is not None for value in values)
 
 
 def _text_scale(capture: Capture) -> float:
@@ -75,9 +91,9 @@ def openai_usage(usage: Any) -> ProviderUsage | None:
     """Normalize OpenAI's usage object (chat, completions, embeddings and the Responses API)."""
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    if not isinstance(prompt, int) or isinstance(prompt, bool):
-        return None
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    if prompt is None or not _counts(usage.get("completion_tokens", usage.get("output_tokens", _ABSENT))):
+        return None  # not believed: the answer is estimated, as one without usage
     prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
     return ProviderUsage(
@@ -217,8 +233,8 @@ def responses_stream(capture: Capture) -> Observed:
 
 def anthropic_usage(usage: Any) -> ProviderUsage | None:
     """Anthropic's input_tokens exclude cache reads and writes; taskproxy's prompt tokens include both."""
-    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
-        return None
+    if not isinstance(usage, dict) or _count(usage.get("input_tokens")) is None or not _counts(usage.get("output_tokens", _ABSENT)):
+        return None  # not believed: the answer is estimated, as one without usage
     cache_read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
     return ProviderUsage(
@@ -261,8 +277,8 @@ def anthropic_stream(capture: Capture) -> Observed:
             reported = dict(event["message"].get("usage") or {})
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
             delta_usage = event["usage"]
-            output = _int(delta_usage.get("output_tokens"))
-            reported.update({k: v for k, v in delta_usage.items() if k != "output_tokens" and isinstance(v, int)})
+            output = _count(delta_usage.get("output_tokens"))  # not a count: missing, and estimated
+            reported.update({k: v for k, v in delta_usage.items() if k != "output_tokens" and _count(v) is not None})
         elif kind == "content_block_delta":
             text.append(_block_text(event.get("delta")))
         elif kind == "error":
