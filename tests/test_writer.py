@@ -401,6 +401,38 @@ def test_a_spool_line_that_is_json_but_not_a_batch_is_kept_aside_and_recording_g
     assert "a damaged spool line" in caplog.text
 
 
+@pytest.mark.parametrize("removed", ["file", "folder"])
+def test_a_spool_removed_while_in_use_is_written_again_and_replayed(tmp_path: Path, removed: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A cleanup job removes the spool (its file, or its folder) while the database is down: what was
+    spooled went with it, unseen (the replay reads the files the folder lists), and so did what was
+    spooled after, into the removed file."""
+    import shutil
+
+    db = FlakyDatabase(tmp_path / "t.db")
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    writer = BatchWriter(db.engine, flush_interval=0.01, spool_path=folder / "spool.jsonl")
+    writer.start()
+    db.down = True
+    before, after = entries(30), entries(20)
+    for entry in before:
+        writer.submit(entry)
+    writer.flush()
+    [spooled] = folder.glob("spool.*.jsonl")
+    assert spooled.stat().st_size > 0
+    shutil.rmtree(folder) if removed == "folder" else spooled.unlink()
+    for entry in after:
+        writer.submit(entry)
+    writer.flush()
+    db.down = False
+    deadline = time.monotonic() + 10
+    while len(db.ids()) < len(before + after) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    writer.close()
+    assert sorted(db.ids()) == sorted(e.id for e in before + after)
+    assert "was removed while in use" in caplog.text
+
+
 @BOTH_DATABASES
 def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_path: Path) -> None:
     """Events register the items they name; one item row the database refuses (here a status left

@@ -35,13 +35,44 @@ class Spool:
     def _own_file(self) -> IO[bytes]:
         if self._file is None:
             # Unbuffered: a write that fails reaches the disk in part or not at all, never later.
-            self._file = self.own.open("ab", buffering=0)
+            self._file = self.own.open("a+b", buffering=0)  # readable: a file removed while in use is written again from it
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process lives
         return self._file
+
+    def _restore_if_removed(self) -> None:
+        """This process's spool file removed while in use (a cleanup job, a hand; its folder too) is
+        written again from the handle still open on it. What was spooled into it was lost with it,
+        silently, before 2026-12-06: the replay reads the files the folder lists. The OSError of a
+        write that fails is the caller's; the old handle stays, and with it what it holds."""
+        if self._file is None:
+            return
+        held = os.fstat(self._file.fileno())
+        try:
+            there = os.stat(self.own)
+            if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        old = self._file
+        self.own.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None
+        try:
+            new = self._own_file()
+            old.seek(0)
+            if content := old.read():
+                _append_line(new, content)
+        except OSError:
+            if self._file is not None:
+                self._file.close()
+            self._file = old
+            raise
+        old.close()
+        log.warning("the spool file %s was removed while in use: its %d bytes were written to it again", self.own, len(content))
 
     def append(self, batch: dict) -> None:
         """Add one batch as one line. A write that fails (a full disk) is cut back to where it began,
         so no torn line is left behind the batches before it; the OSError is the caller's."""
+        self._restore_if_removed()
         _append_line(self._own_file(), orjson.dumps(batch) + b"\n")
 
     def set_aside_batch(self, batch: dict, reason: str) -> None:
@@ -97,6 +128,10 @@ class Spool:
                 yield path
 
     def pending(self) -> bool:
+        try:
+            self._restore_if_removed()
+        except OSError as exc:  # the disk takes nothing now: what is spooled stays in the handle, retried
+            log.error("could not write the spool file %s again (%s)", self.own, exc)
         return next(self._waiting(), None) is not None
 
     def size(self) -> int:
