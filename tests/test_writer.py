@@ -433,6 +433,44 @@ def test_a_spool_removed_while_in_use_is_written_again_and_replayed(tmp_path: Pa
     assert "was removed while in use" in caplog.text
 
 
+@pytest.mark.parametrize("how", ["restored", "removed"])
+def test_a_sqlite_file_put_in_place_under_a_running_writer_is_the_one_written(tmp_path: Path, how: str) -> None:
+    """A backup restored over the database file (its -wal and -shm removed), or the file removed:
+    pooled connections kept the old file, and everything recorded after went into it, unseen. Now
+    the records after go to the file there now (restored), or are spooled until there is a schema
+    to take them (removed: a new empty file), and replayed into it once there is (a restart)."""
+    from contextlib import closing
+
+    from taskproxy.storage.db import make_engine
+
+    path = tmp_path / "t.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade_schema(engine)
+    writer = BatchWriter(engine, flush_interval=0.01, spool_path=tmp_path / "spool.jsonl")
+    writer.start()
+    before, after = entries(3), entries(4)
+    for entry in before:
+        writer.submit(entry)
+    writer.flush()
+    with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(tmp_path / "backup.db")) as backup:
+        source.backup(backup)  # the three rows, and the schema
+    for leftover in (path.with_name("t.db-wal"), path.with_name("t.db-shm")):
+        leftover.unlink(missing_ok=True)
+    os.replace(tmp_path / "backup.db", path) if how == "restored" else path.unlink()
+    for entry in after:
+        writer.submit(entry)
+    writer.flush()
+    writer.close()
+    if how == "removed":  # a restart: the schema made, the spool replayed
+        upgrade_schema(engine)
+        replaying = BatchWriter(engine, flush_interval=0.01, spool_path=tmp_path / "spool.jsonl")
+        replaying.start()
+        replaying.close()
+    with closing(sqlite3.connect(path)) as db:
+        found = {row[0] for row in db.execute("SELECT id FROM audit_log")}
+    assert {e.id for e in after} <= found, (len(found), how)
+
+
 @BOTH_DATABASES
 def test_a_refused_work_item_costs_no_one_elses_usage(database_url: str, tmp_path: Path) -> None:
     """Events register the items they name; one item row the database refuses (here a status left

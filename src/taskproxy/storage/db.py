@@ -5,6 +5,7 @@ command that upgrades it."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import re
 import weakref
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
 from taskproxy.errors import MigrationBlocked, SchemaBehind
 from taskproxy.storage import models
@@ -36,9 +37,36 @@ CONNECTION_DEFAULTS: dict[str, int] = {
 }  # fmt: skip
 
 
+log = logging.getLogger("taskproxy.db")
+
 def connection_defaults(url: URL) -> dict[str, int]:
     """`CONNECTION_DEFAULTS` but those `url` sets itself."""
     return {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in url.query}
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _follow_the_file(engine: Engine, path: Path) -> None:
+    """A pooled SQLite connection keeps the file it opened, even once another is put in its place (a
+    backup restored, the file removed): before 2026-12-06 every record went on into the old one,
+    unseen, `/readyz` ready. A connection whose file is no longer the one at the path is discarded
+    when it is next taken from the pool, and a new one opens what is there now."""
+
+    @event.listens_for(engine, "connect")
+    def _note_the_file(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+        record.info["file"] = _file_identity(path)
+
+    @event.listens_for(engine, "checkout")
+    def _same_file(_dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        if record.info.get("file") != _file_identity(path):
+            log.warning("the database file %s was replaced or removed: connecting to the one there now", path)
+            raise DisconnectionError("the SQLite file at the path is not the one this connection opened")
 
 
 def make_engine(database_url: str, *, client_check_ms: int | None = None, work_mem_mb: int = 0) -> Engine:
@@ -66,6 +94,8 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, work_m
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+        if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+            _follow_the_file(engine, Path(url.database))
         return engine
     if url.drivername in {"postgresql", "postgres"}:
         url = url.set(drivername="postgresql+psycopg")
