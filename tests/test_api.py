@@ -173,6 +173,20 @@ async def test_times_at_the_calendars_ends_are_400_not_500(proxy: Proxy, params:
     assert page.status_code == 400 and "from 1970 to 9998" in page.text
 
 
+@BOTH_DATABASES
+async def test_a_nul_or_a_number_too_long_for_int_is_a_400_not_a_500(proxy: Proxy) -> None:
+    """A NUL in a parameter reached PostgreSQL, which refuses it in text (500); a `limit` of more than
+    4,300 digits reached int(), which refuses it (500), a developer's own routes included."""
+    key = await proxy.new_key()
+    asked = [("GET", "/api/work-items", {"team": "\x00"}, proxy.admin_headers), ("GET", "/api/usage/events", {"key_id": "a\x00b"}, proxy.admin_headers),
+             ("DELETE", "/api/keys/%00", {}, proxy.admin_headers), ("GET", "/api/usage/events", {"limit": "9" * 5000}, proxy.admin_headers),
+             ("GET", "/api/me/usage", {"limit": "1" * 5000}, {"authorization": f"Bearer {key}"})]  # fmt: skip
+    for method, path, params, headers in asked:
+        answer = await proxy.http.request(method, path, params=params, headers=headers)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request", (path, params, answer.text[:300])
+    assert (await proxy.http.get("/api/work-items", headers=proxy.admin_headers)).status_code == 200
+
+
 async def test_health_and_readiness(proxy: Proxy) -> None:
     assert (await proxy.http.get("/healthz")).json() == {"status": "ok"}
     ready = await proxy.http.get("/readyz")

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskproxy import __version__, privacy
 from taskproxy.error_shapes import api_format_before_routing, api_format_of, error_response
-from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, ServiceUnavailable
+from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, InvalidRequest, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.body import BodyGate
@@ -151,14 +151,20 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
 
 
 class HeaderLimit:
-    """Refuse requests whose headers together exceed `limits.max_header_bytes`, in the route's error shape."""
+    """Refuse requests whose headers together exceed `limits.max_header_bytes`, and those with a NUL in
+    their path or query (no id, name or time holds one; PostgreSQL refuses it in text, which was a 500
+    on the admin API), in the route's error shape."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, routes: list[BaseRoute]) -> None:
         self.app, self.max_bytes, self.routes = app, max_bytes, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: ApiError | None = None
         if scope["type"] == "http" and sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_bytes:
             error = HeadersTooLarge(f"The request headers are larger than {self.max_bytes} bytes (limits.max_header_bytes).")
+        elif scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]):
+            error = InvalidRequest("The request's path or query holds a NUL character (%00), which no parameter takes.")
+        if error is not None:
             await error_response(error, api_format_before_routing(scope, self.routes))(scope, receive, send)
             return
         await self.app(scope, receive, send)
