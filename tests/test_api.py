@@ -227,6 +227,32 @@ async def test_prometheus_metrics_count_by_model_and_team_never_by_person(proxy:
     assert (await proxy.http.get("/metrics")).status_code == 401
 
 
+async def test_people_without_a_team_are_a_group_under_the_privacy_floor(proxy: Proxy) -> None:
+    """One person whose key has no team: their exact figures were the row of no team in the usage by
+    team, and the series of team "" on /metrics. Withheld below the floor, shown at it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loner = await proxy.new_key("lone-wolf", None)
+    reply = await proxy.openai(loner).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "SOLO-1"})
+    await proxy.events(1)
+
+    async def no_team() -> tuple[dict, dict]:
+        groups = (await proxy.get("/api/usage", group_by="team"))["groups"]
+        families = text_string_to_metric_families(await _metrics(proxy))
+        tokens = {s.labels["team"]: s.value for f in families for s in f.samples if s.name == "taskproxy_tokens_total" and s.labels["kind"] == "prompt"}
+        return next(g for g in groups if g["team"] is None), tokens
+
+    row, tokens = await no_team()
+    assert row == {"team": None, "withheld": True, "reason": f"fewer than {proxy.settings.privacy.min_group_size} people"}, row
+    assert "" not in tokens and tokens["(teams below the privacy floor)"] == reply.usage.prompt_tokens
+    for person in ("bo", "cy", "di", "ed")[: proxy.settings.privacy.min_group_size - 1]:
+        await proxy.new_key(person, None)
+    again = await proxy.openai(loner).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "SOLO-1"})
+    await proxy.events(2)
+    row, tokens = await no_team()  # /metrics counts from then on under team ""
+    assert row["prompt_tokens"] == reply.usage.prompt_tokens + again.usage.prompt_tokens and tokens[""] == again.usage.prompt_tokens
+
+
 async def _metrics(proxy: Proxy) -> str:
     response = await proxy.http.get("/metrics", headers=proxy.admin_headers)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")

@@ -209,7 +209,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         floor = settings.privacy.min_group_size
 
         def team_label(team: str | None) -> str:
-            return "" if not team else team if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS
+            return (team or "") if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS  # no team: a group under the floor too
 
         metrics = Metrics(writer, team_label, settlements_dropped=lambda: budgets.shares.dropped)
         writer.listen(metrics.record)

@@ -3,7 +3,9 @@
 
 A team's **people** are the distinct owners of its keys that are not revoked and belong to a person:
 every role but `service` (a service key is automation, not a person). The adoption report, `GET
-/api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions.
+/api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions. The
+people without a team are a group under the floor too (`GET /api/usage?group_by=team`'s row of no
+team, `/metrics`' team ""): one such person's figures would be theirs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ def team_sizes(connection: Connection) -> dict[str, int]:
 def team_size(connection: Connection, team: str) -> int:
     """One team's people (by the index on the key's team)."""
     return int(connection.execute(select(func.count(distinct(_K.owner))).where(_K.team == team, *_PEOPLE)).scalar_one())
+
+
+def people_without_team(connection: Connection) -> int:
+    """The people whose keys have no team: a group of their own under the floor, as a team is (their
+    figures were shown whatever their number, one person's included)."""
+    query = select(func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_(None), _K.role.not_in(NOT_PEOPLE))
+    return int(connection.execute(query).scalar_one())
 
 
 def shown(team_size: int, min_group_size: int) -> bool:

@@ -49,6 +49,8 @@ MISSING_KEY_MESSAGE = (
     "(the SDK's api_key) or as 'x-api-key'. An admin creates keys with 'taskproxy keys create'."
 )
 
+NO_TEAM = ""  # where the people without a team are counted (no team is named "")
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -162,6 +164,7 @@ class KeyStore:
         """Count each team's people, and hold the newest keys (blocking; run it in a thread)."""
         with self._engine.connect() as connection:
             sizes = privacy.team_sizes(connection)
+            sizes[NO_TEAM] = privacy.people_without_team(connection)
         held = [(row.key_hash, _principal(row)) for row in repo.newest_live_keys(self._engine, int(self._by_hash.maxsize))]
         with self._lock:
             self._team_sizes = sizes
@@ -178,6 +181,8 @@ class KeyStore:
         teams = {row.team for row in rows if row.team is not None}
         with self._engine.connect() as connection:
             sizes = {team: privacy.team_size(connection, team) for team in teams}
+            if any(row.team is None for row in rows):
+                sizes[NO_TEAM] = privacy.people_without_team(connection)
         with self._lock:
             for row in rows:
                 digest = _held_as(row.key_hash)
@@ -223,7 +228,8 @@ class KeyStore:
         return principal
 
     def team_size(self, team: str | None) -> int:
-        return self._team_sizes.get(team or "", 0)
+        """People in `team`; None: the people without a team."""
+        return self._team_sizes.get(team or NO_TEAM, 0)
 
     async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:
         """Create a key (as `issue_key`); its owner counts for the team in this process at once."""

@@ -104,7 +104,7 @@ async def usage(request: Request) -> Response:
     rows = await in_thread(usage_reports.usage_grouped, request.state.engine, group_by, since, until)
     if group_by == "team":  # the privacy floor, as in the adoption report
         floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
-        rows = [row if row["team"] is None or privacy.shown(keys.team_size(row["team"]), floor) else privacy.withheld(row["team"], floor)
+        rows = [row if privacy.shown(keys.team_size(row["team"]), floor) else {"team": row["team"], **privacy.withheld(row["team"], floor)}
                 for row in rows]  # fmt: skip
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
