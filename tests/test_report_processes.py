@@ -312,3 +312,41 @@ async def test_a_report_is_built_with_the_cyclic_collector_paused_in_its_process
         assert gc.isenabled()
     finally:
         await anyio.to_thread.run_sync(runner.close)
+
+
+def _sleeping(engine: Engine, pid_folder: str) -> None:
+    (Path(pid_folder) / str(os.getpid())).touch()
+    time.sleep(30)
+
+
+@pytest.mark.anyio
+async def test_reports_whose_clients_leave_while_their_process_starts_leave_no_process_behind(tmp_path: Path) -> None:
+    """A client leaving while its report's process was being started: the process went on, counted by
+    nothing and stopped by nothing (10 abandoned adoption reports left 3 computing; 20 signals, 8)."""
+    import asyncio
+    import random
+
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    runner = ReportRunner(engine, at_once=4)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    await runner.run(_touch, pid_folder=str(pids))  # the fork server up: starts take milliseconds from here
+    rng = random.Random(7)
+    for _ in range(30):
+        task = asyncio.ensure_future(runner.run(_sleeping, pid_folder=str(pids)))
+        await asyncio.sleep(rng.uniform(0, 0.02))  # now in the limiter, now starting the process, now waiting for its answer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await anyio.sleep(8)  # a report process left behind has imported its module and begun by then
+    started = [int(p.name) for p in pids.iterdir() if p.name.isdigit()]
+    left = [pid for pid in started if not _ended(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    await anyio.to_thread.run_sync(runner.close)
+    engine.dispose()
+    assert not left, f"{len(left)} report processes still running after their clients left"
+
+
+def _touch(engine: Engine, pid_folder: str) -> None:
+    (Path(pid_folder) / "ready").touch()

@@ -20,6 +20,8 @@ process; a warning says when reports fall back, and when they run in processes a
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import multiprocessing
 import os
@@ -132,7 +134,7 @@ class ReportRunner:
         self._running_lock = threading.Lock()  # close() reads the set from a worker thread while runs end on the loop
         self._in_threads = False  # the last report could not start a process: said once, until one can
 
-    def _start(self, *args: Any) -> tuple[BaseProcess, Connection]:
+    def _start(self, starting: _Starting, *args: Any) -> tuple[BaseProcess, Connection]:
         if self._context is None:
             self._context = multiprocessing.get_context("forkserver")
             self._context.set_forkserver_preload(PRELOADED)  # type: ignore[attr-defined]
@@ -140,6 +142,7 @@ class ReportRunner:
         try:
             process = self._context.Process(target=_compute, args=(sending, *args), name="taskproxy-report", daemon=True)  # type: ignore[attr-defined]
             process.start()
+            starting.started(process)
         except BaseException:
             receiving.close()
             raise
@@ -155,8 +158,12 @@ class ReportRunner:
         if self._url is None:
             return await self._in_thread(function, encode, kwargs)
         async with self._limiter:
+            starting = _Starting()
             try:
-                process, receiving = await anyio.to_thread.run_sync(self._start, self._url, self._work_mem_mb, function, kwargs, encode)
+                process, receiving = await anyio.to_thread.run_sync(self._start, starting, self._url, self._work_mem_mb, function, kwargs, encode)
+            except asyncio.CancelledError:  # the client left while the process was starting: it is stopped once it has
+                starting.abandon()
+                raise
             except OSError as exc:  # no fork server (no writable temporary directory for its socket, no fork, a full disk)
                 if not self._in_threads:
                     log.warning("a report cannot run in a process of its own (%s); reports run in a worker thread until one can", exc)
@@ -209,6 +216,28 @@ class ReportRunner:
                 process.join(1.0)
         with self._running_lock:
             self._running.clear()
+
+
+class _Starting:
+    """A report process being started in a worker thread, for a request that may be cancelled meanwhile:
+    a process started for a request already gone was never stopped nor counted (abandoned requests left
+    report processes computing for nobody, more at once than `REPORTS_AT_ONCE`). Whichever of the
+    two sides comes second stops it: the thread notes the process then looks for the abandonment, the
+    request notes the abandonment then looks for the process (under the GIL, one sees the other)."""
+
+    def __init__(self) -> None:
+        self.process: BaseProcess | None = None
+        self.abandoned = False
+
+    def started(self, process: BaseProcess) -> None:
+        self.process = process
+        if self.abandoned:
+            process.terminate()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.process is not None:
+            self.process.terminate()
 
 
 def _receive(pipe: Connection) -> tuple[str, Any, str]:

@@ -19,7 +19,8 @@ from taskproxy.registry import WorkItems
 from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
-from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param
+from taskproxy.reports.named import TASKS, USAGE
+from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param, unless_client_leaves
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso
 
@@ -101,7 +102,7 @@ async def usage(request: Request) -> Response:
     if group_by not in usage_reports.GROUP_COLUMNS:
         raise InvalidRequest("'group_by' must be work_item, team or model.", param="group_by")
     since, until = time_param(request, "since"), time_param(request, "until")
-    rows = await in_thread(usage_reports.usage_grouped, request.state.engine, group_by, since, until)
+    rows = await unless_client_leaves(request, request.state.reports.run(USAGE, group_by=group_by, since=since, until=until))
     if group_by == "team":  # the privacy floor, as in the adoption report
         floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
         rows = [row if privacy.shown(keys.team_size(row["team"]), floor) else {"team": row["team"], **privacy.withheld(row["team"], floor)}
@@ -122,7 +123,8 @@ async def usage_events(request: Request) -> Response:
 async def tasks_report(request: Request) -> Response:
     await admin(request)
     since, until = time_param(request, "since"), time_param(request, "until")
-    return JSON(await in_thread(usage_reports.tasks_view, request.state.engine, since, until, int_param(request, "limit", 50, 10_000)))
+    limit = int_param(request, "limit", 50, 10_000)
+    return JSON(await unless_client_leaves(request, request.state.reports.run(TASKS, since=since, until=until, limit=limit)))
 
 
 routes = [
