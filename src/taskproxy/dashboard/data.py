@@ -169,13 +169,15 @@ def work_item(engine: Engine, item_id: str) -> dict[str, Any] | None:
 def my_data(engine: Engine, key_id: str, team: str | None) -> dict[str, Any]:
     """What "My data" shows a key's owner: its events, its usage per item, its refusals, who administers."""
     events = [event_json(e) for e in repo.list_events(engine, key_id=key_id, limit=RECENT_EVENTS)]
-    keys = [k for k in repo.list_keys(engine) if k.revoked_at is None]
+    # The one team's people and the admins alone: every key and every team's size were read for each
+    # view (~95 ms of 135 at 20,000 keys), and 40 developers reloading their page at once made the
+    # database too busy for /readyz.
     with engine.connect() as connection:
-        sizes = privacy.team_sizes(connection)
+        team_people = privacy.team_size(connection, team) if team else None
     return {
         "events": events,
         "per_item": usage_for_key(engine, key_id),
         "rejected": rejections_by_reason(engine, key_id=key_id),
-        "team_people": sizes.get(team, 0) if team else None,
-        "admins": sorted({k.owner for k in keys if k.role == "admin"}),
+        "team_people": team_people,
+        "admins": repo.admin_owners(engine),
     }

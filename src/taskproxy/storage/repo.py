@@ -43,6 +43,13 @@ def list_keys(engine: Engine) -> list[Row]:
         return list(connection.execute(select(_KEYS).order_by(_KEYS.c.created_at)))
 
 
+def admin_owners(engine: Engine) -> list[str]:
+    """Who administers this proxy: the owners of its live admin keys (what a developer is shown)."""
+    keys = _KEYS.c
+    with engine.connect() as connection:
+        return sorted(connection.execute(select(keys.owner).where(keys.role == "admin", keys.revoked_at.is_(None)).distinct()).scalars())
+
+
 def newest_live_keys(engine: Engine, limit: int) -> Iterator[Row]:
     """What a process holds of its newest keys, read a thousand at a time. Read in parts, the 20,000
     keys and 20,000 items a process starts with take 15.9 MiB, against 17.4 read whole (measured)."""
