@@ -208,6 +208,19 @@ async def test_admin_reads_of_per_key_data_are_audited_and_developers_see_only_t
     assert [w["work_item"] for w in mine["work_items"]] == ["WEB-2"] and {e["owner"] for e in mine["recent_events"]} == {"bob"}
 
 
+async def test_the_audit_log_names_the_key_read_however_the_query_is_padded(proxy: Proxy) -> None:
+    """The query was kept as sent, cut at 320 characters: a padding parameter in front hid the key whose
+    events were read, and of a repeated `key_id` the log showed the first while the route read the last."""
+    ann, bob = await proxy.new_key("ann", "web"), await proxy.new_key("bob", "web")
+    ann_id, bob_id = [k["id"] for k in await proxy.get("/api/keys") if k["owner"] in ("ann", "bob")]
+    padded = await proxy.http.get("/api/usage/events", params=[("x", "y" * 330), ("key_id", ann_id)], headers=proxy.admin_headers)
+    repeated = await proxy.http.get("/api/usage/events", params=[("key_id", bob_id), ("key_id", ann_id)], headers=proxy.admin_headers)
+    assert padded.status_code == repeated.status_code == 200
+    audit = await wait_until(lambda: proxy.get("/api/audit"), lambda a: sum(e["action"] == "GET /api/usage/events" for e in a) >= 2, what="the reads audited")
+    targets = [e["target"] for e in audit if e["action"] == "GET /api/usage/events"]
+    assert all(t.startswith(f"key_id={ann_id}&") or t == f"key_id={ann_id}" for t in targets), targets
+
+
 async def test_rate_limit_per_key(tmp_path: Path, fake: Any) -> None:
     async for proxy in await _running(tmp_path, fake, limits={"requests_per_minute": 3}):
         ann, bob = await proxy.new_key("ann"), await proxy.new_key("bob")
