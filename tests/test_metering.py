@@ -246,3 +246,33 @@ def test_a_token_count_that_is_not_a_whole_number_is_not_taken_as_reported(bad: 
     capture = Capture()
     capture.add(b"".join(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n" for name, event in events))
     assert anthropic_stream(capture).usage is None
+
+
+def test_a_files_bytes_are_not_counted_as_prompt_text() -> None:
+    """A 1.5 MB PDF sent as a file part was counted as 1.4 million prompt tokens of text (and recorded so
+    whenever the provider reported no usage); the same for a document, a tool result's screenshot and a
+    reasoning item's encrypted content. Their text around them still counts."""
+    import base64
+    import os
+
+    from taskproxy.metering.tokens import TokenCounter
+    from taskproxy.metering.usage import estimate_prompt_tokens
+
+    blob = base64.b64encode(os.urandom(1_100_000)).decode()
+    question = "Summarise the attached report in three sentences, please."
+    bodies = {
+        "chat file": {"messages": [{"role": "user", "content": [{"type": "text", "text": question},
+                                                                {"type": "file", "file": {"filename": "r.pdf", "file_data": f"data:application/pdf;base64,{blob}"}}]}]},
+        "responses input_file": {"input": [{"role": "user", "content": [{"type": "input_text", "text": question},
+                                                                         {"type": "input_file", "filename": "r.pdf", "file_data": f"data:application/pdf;base64,{blob}"}]}]},
+        "anthropic document": {"messages": [{"role": "user", "content": [{"type": "text", "text": question},
+                                                                         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": blob}}]}]},
+        "tool result screenshot": {"messages": [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "tool_result", "tool_use_id": "t1",
+                                                 "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": blob}}]}]}]},
+        "reasoning item": {"input": [{"role": "user", "content": question}, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": blob}]},
+    }  # fmt: skip
+    counter = TokenCounter()
+    alone = estimate_prompt_tokens(counter, "gpt-4o-mini", {"messages": [{"role": "user", "content": question}]})
+    for name, body in bodies.items():
+        tokens = estimate_prompt_tokens(counter, "gpt-4o-mini", body)
+        assert alone <= tokens < alone + 80, (name, tokens, alone)

@@ -181,6 +181,8 @@ class TokenCounter:
                 continue
             total += TOKENS_PER_MESSAGE
             for key, value in message.items():
+                if key in BINARY_KEYS:  # a Responses API reasoning item's encrypted_content
+                    continue
                 total += self.count(model, _text_of(value), budget)
                 if key == "name":
                     total += TOKENS_PER_NAME
@@ -199,8 +201,17 @@ class TokenCounter:
         return 0
 
 
+# What a request carries that is not text to count: a file's or an image's bytes (base64, in a data
+# URL or a `data`/`file_data` field, however deep: a tool result's screenshot), a reasoning item's
+# encrypted content. Counted as text, a 1.5 MB PDF was 1.4 million prompt tokens, recorded whenever
+# the provider reported no usage (2026-12-06); a model's provider counts them by its own rules.
+BINARY_KEYS = frozenset({"data", "file_data", "encrypted_content"})
+NOT_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "input_audio"})
+
+
 def _text_of(value: Any) -> str:
-    """The text a message field carries: strings, text parts of content lists, tool calls as JSON."""
+    """The text a message field carries: strings, text parts of content lists, tool calls and other
+    parts as JSON without their binary payloads."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -209,11 +220,21 @@ def _text_of(value: Any) -> str:
             if isinstance(part, dict):
                 if isinstance(part.get("text"), str):
                     parts.append(part["text"])
-                elif part.get("type") not in {"image_url", "input_image", "image", "input_audio"}:
-                    parts.append(orjson.dumps(part).decode())
+                elif part.get("type") not in NOT_TEXT_PARTS:
+                    parts.append(orjson.dumps(_without_binary(part)).decode())
             elif isinstance(part, str):
                 parts.append(part)
         return "\n".join(parts)
     if isinstance(value, dict):
-        return orjson.dumps(value).decode()
+        return orjson.dumps(_without_binary(value)).decode()
     return ""
+
+
+def _without_binary(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "" if k in BINARY_KEYS and isinstance(v, str) else _without_binary(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_binary(v) for v in value]
+    if isinstance(value, str) and value.startswith("data:") and ";base64," in value[:200]:
+        return ""
+    return value
