@@ -187,6 +187,13 @@ async def test_a_nul_or_a_number_too_long_for_int_is_a_400_not_a_500(proxy: Prox
     assert (await proxy.http.get("/api/work-items", headers=proxy.admin_headers)).status_code == 200
 
 
+async def test_a_period_that_ends_before_it_begins_is_refused_on_every_route(proxy: Proxy) -> None:
+    """The reports refused it; the usage, the audit log and the per-task report answered an empty 200."""
+    for path in ("/api/usage", "/api/audit", "/api/reports/tasks", "/api/reports/adoption"):
+        answer = await proxy.http.get(path, params={"since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, headers=proxy.admin_headers)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "since", (path, answer.text[:200])
+
+
 async def test_health_and_readiness(proxy: Proxy) -> None:
     assert (await proxy.http.get("/healthz")).json() == {"status": "ok"}
     ready = await proxy.http.get("/readyz")

@@ -20,7 +20,7 @@ from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.named import TASKS, USAGE
-from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, time_param, unless_client_leaves
+from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, open_period, unless_client_leaves
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso
 
@@ -91,7 +91,7 @@ async def close_work_item(request: Request) -> Response:
 async def audit_log(request: Request) -> Response:
     principal = await admin(request)
     audit_read(request.state.audit, request, principal)
-    since, until = time_param(request, "since"), time_param(request, "until")
+    since, until = open_period(request)
     entries = await in_thread(repo.list_audit, request.state.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
     return JSON([{"ts": iso(e.ts), "actor_key_id": e.actor_key_id, "actor_owner": e.actor_owner, "action": e.action, "target": e.target} for e in entries])
 
@@ -101,7 +101,7 @@ async def usage(request: Request) -> Response:
     group_by = request.query_params.get("group_by", "work_item")
     if group_by not in usage_reports.GROUP_COLUMNS:
         raise InvalidRequest("'group_by' must be work_item, team or model.", param="group_by")
-    since, until = time_param(request, "since"), time_param(request, "until")
+    since, until = open_period(request)
     rows = await unless_client_leaves(request, request.state.reports.run(USAGE, group_by=group_by, since=since, until=until))
     if group_by == "team":  # the privacy floor, as in the adoption report
         floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
@@ -122,7 +122,7 @@ async def usage_events(request: Request) -> Response:
 
 async def tasks_report(request: Request) -> Response:
     await admin(request)
-    since, until = time_param(request, "since"), time_param(request, "until")
+    since, until = open_period(request)
     limit = int_param(request, "limit", 50, 10_000)
     return JSON(await unless_client_leaves(request, request.state.reports.run(TASKS, since=since, until=until, limit=limit)))
 

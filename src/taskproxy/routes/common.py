@@ -66,6 +66,16 @@ def time_param(request: Request, name: str) -> Any:
                              f"from {EARLIEST.year} to {LATEST.year - 1}.", param=name) from None  # fmt: skip
 
 
+def open_period(request: Request) -> tuple[Any, Any]:
+    """`since` and `until` from the query, either or both left open (None); when both are given, since
+    before until, as a report's period is (an empty answer to a period that ends before it begins
+    looked like a quiet one)."""
+    since, until = time_param(request, "since"), time_param(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise InvalidRequest("'since' must be before 'until'.", param="since")
+    return since, until
+
+
 def int_param(request: Request, name: str, default: int, maximum: int) -> int:
     value = request.query_params.get(name)
     if value is None:
