@@ -174,6 +174,19 @@ async def test_a_required_field_sent_as_null_is_invalid_request_in_the_routes_sh
     assert proxy.received == []
 
 
+async def test_two_work_item_headers_naming_different_items_are_refused(proxy: Proxy) -> None:
+    """The first of two X-Work-Item headers was taken, silently; the same item twice is one."""
+    key = await proxy.new_key()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    two = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-work-item", "PROJ-1"),
+                                                                            ("x-work-item", "PROJ-2")])  # fmt: skip
+    assert two.status_code == 400 and two.json()["error"]["code"] == "work_item_invalid" and "PROJ-1, PROJ-2" in two.json()["error"]["message"]
+    assert proxy.received == []
+    same = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-work-item", "PROJ-1"),
+                                                                             ("x-work-item", "proj-1")])  # fmt: skip
+    assert same.status_code == 200, same.text
+
+
 async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError) as bad:
         await proxy.openai("tp-not-a-real-key").chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-1"})

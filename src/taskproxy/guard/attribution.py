@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.errors import WorkItemRequired
+from taskproxy.errors import WorkItemInvalid, WorkItemRequired
 from taskproxy.guard.auth import Principal
 from taskproxy.workitems import HOW_TO_ATTACH, WorkItemIds
 
@@ -47,9 +47,12 @@ class Attribution:
     ids: WorkItemIds
 
     def resolve(self, headers: Headers, body: Any, principal: Principal, now: datetime) -> Attributed:
-        header = headers.get("x-work-item", "").strip()
-        if header:  # an empty header is as good as none (clients often send a template left blank)
-            return Attributed(self.ids.normalize(header), "header")
+        named = {self.ids.normalize(value.strip()) for value in headers.getlist("x-work-item") if value.strip()}
+        if len(named) > 1:  # the first was taken, silently: which item a request is for must not be a guess
+            raise WorkItemInvalid(f"The request has {len(named)} X-Work-Item headers naming different work items "
+                                  f"({', '.join(sorted(named))[:200]}); send one.")  # fmt: skip
+        if named:  # an empty header is as good as none (clients often send a template left blank)
+            return Attributed(named.pop(), "header")
         from_body = body_work_item(body)
         if from_body is not None:
             return Attributed(self.ids.normalize(from_body), "body")
