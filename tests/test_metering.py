@@ -276,3 +276,16 @@ def test_a_files_bytes_are_not_counted_as_prompt_text() -> None:
     for name, body in bodies.items():
         tokens = estimate_prompt_tokens(counter, "gpt-4o-mini", body)
         assert alone <= tokens < alone + 80, (name, tokens, alone)
+
+
+def test_a_text_documents_data_is_counted_as_text() -> None:
+    """`data` is left out only beside `"type": "base64"`: a plain-text document's `data` is its text."""
+    from taskproxy.metering.tokens import TokenCounter
+    from taskproxy.metering.usage import estimate_prompt_tokens
+
+    text = "The quarterly report says revenue grew in every region. " * 40
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": text}}
+    counter = TokenCounter()
+    with_it = estimate_prompt_tokens(counter, "gpt-4o-mini", {"messages": [{"role": "user", "content": [document]}]})
+    without = estimate_prompt_tokens(counter, "gpt-4o-mini", {"messages": [{"role": "user", "content": [{**document, "source": {"type": "text"}}]}]})
+    assert with_it - without > 400, (with_it, without)

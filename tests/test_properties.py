@@ -232,3 +232,13 @@ def test_the_last_usage_object_is_read_and_an_earlier_one_when_the_last_is_cut_o
     junk = b'data: {"choices": [{}], "usage": {"note": "uuuu\n\n'
     assert last_usage_object(events[0] + junk * 3) == first  # three keys that never end, then the real one
     assert last_usage_object(events[0] + junk * MAX_USAGE_KEYS_READ) is None  # past a few, not read further back
+
+
+@pytest.mark.parametrize("end", [b"\r\n\r\n", b"\n\r\n", b"\r\r\n"])
+def test_an_event_whose_blank_lines_cr_and_lf_come_apart_is_passed_on_when_the_lf_comes(end: bytes) -> None:
+    """A CR last in a read may be the first half of a blank line's CRLF, so the event waits for the next
+    byte; once that byte came, the event was still held (until the next event ended)."""
+    event = b'data: {"a": 1}' + end
+    splitter = SseSplitter()
+    assert splitter.without_usage_only(event[:-1]) == b""
+    assert splitter.without_usage_only(event[-1:]) == event

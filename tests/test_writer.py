@@ -469,6 +469,8 @@ def test_a_sqlite_file_put_in_place_under_a_running_writer_is_the_one_written(tm
     with closing(sqlite3.connect(path)) as db:
         found = {row[0] for row in db.execute("SELECT id FROM audit_log")}
     assert {e.id for e in after} <= found, (len(found), how)
+    if how == "restored":
+        assert {e.id for e in before} <= found  # the backup's
 
 
 @BOTH_DATABASES

@@ -42,6 +42,7 @@ def audit_read(sink: UsageSink, request: Request, principal: Principal, snapshot
 # value while the route read its last).
 _CHOOSING = ("key_id", "work_item", "team", "since", "until", "snapshot")
 _TARGET_CHARS = 320
+_PARAM_CHARS = 100
 
 
 def _what_was_read(request: Request) -> str:
@@ -49,4 +50,5 @@ def _what_was_read(request: Request) -> str:
     choose what was read first, each value cut to what fits."""
     params = request.query_params  # one value a name, the last: what `.get` gives the route
     names = [n for n in _CHOOSING if n in params] + sorted(n for n in params if n not in _CHOOSING)
-    return urlencode([(name, params[name][:100]) for name in names])[:_TARGET_CHARS]
+    # Each cut once encoded (a character can take nine): one cannot crowd out the next.
+    return "&".join(urlencode([(name, params[name])])[:_PARAM_CHARS] for name in names)[:_TARGET_CHARS]

@@ -87,11 +87,16 @@ class StalledWritesCut:
     limits: ConnectionLimits
     client: Any
     _stall: asyncio.TimerHandle | None = None
+    _stall_buffered = 0  # what was waiting to be sent when the timer was armed
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
         if self._stall is None:
-            self._stall = self.loop.call_later(self.limits.send_timeout, self._stalled)
+            self._arm_stall()
+
+    def _arm_stall(self) -> None:
+        self._stall_buffered = self.transport.get_write_buffer_size()
+        self._stall = self.loop.call_later(self.limits.send_timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self._no_stall()
@@ -108,6 +113,9 @@ class StalledWritesCut:
 
     def _stalled(self) -> None:
         self._stall = None
+        if self.transport.get_write_buffer_size() < self._stall_buffered:  # read from, slowly: waited for
+            self._arm_stall()
+            return
         log.warning("cut a connection from %s: it read nothing of its answer for %g s (server.send_timeout_seconds)",
                     self.client, self.limits.send_timeout)  # fmt: skip
         self.transport.abort()

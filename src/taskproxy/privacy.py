@@ -21,7 +21,8 @@ NOT_PEOPLE = ("service",)
 _K = ApiKey.__table__.c
 
 
-_PEOPLE = (_K.revoked_at.is_(None), _K.team.is_not(None), _K.role.not_in(NOT_PEOPLE))
+_PERSONS_KEYS = (_K.revoked_at.is_(None), _K.role.not_in(NOT_PEOPLE))
+_PEOPLE = (*_PERSONS_KEYS, _K.team.is_not(None))
 
 
 def team_sizes(connection: Connection) -> dict[str, int]:
@@ -38,7 +39,7 @@ def team_size(connection: Connection, team: str) -> int:
 def people_without_team(connection: Connection) -> int:
     """The people whose keys have no team: a group of their own under the floor, as a team is (their
     figures were shown whatever their number, one person's included)."""
-    query = select(func.count(distinct(_K.owner))).where(_K.revoked_at.is_(None), _K.team.is_(None), _K.role.not_in(NOT_PEOPLE))
+    query = select(func.count(distinct(_K.owner))).where(*_PERSONS_KEYS, _K.team.is_(None))
     return int(connection.execute(query).scalar_one())
 
 

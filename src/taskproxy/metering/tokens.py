@@ -205,7 +205,7 @@ class TokenCounter:
 # URL or a `data`/`file_data` field, however deep: a tool result's screenshot), a reasoning item's
 # encrypted content. Counted as text, a 1.5 MB PDF was 1.4 million prompt tokens, recorded whenever
 # the provider reported no usage (2026-12-06); a model's provider counts them by its own rules.
-BINARY_KEYS = frozenset({"data", "file_data", "encrypted_content"})
+BINARY_KEYS = frozenset({"file_data", "encrypted_content"})  # and `data` beside `"type": "base64"` (a text document's `data` is text)
 NOT_TEXT_PARTS = frozenset({"image_url", "input_image", "image", "input_audio"})
 
 
@@ -231,8 +231,11 @@ def _text_of(value: Any) -> str:
 
 
 def _without_binary(value: Any) -> Any:
+    """(A body nested too deep for this fails its count, as for orjson: the event is recorded without
+    the estimate, metering/usage.py.)"""
     if isinstance(value, dict):
-        return {k: "" if k in BINARY_KEYS and isinstance(v, str) else _without_binary(v) for k, v in value.items()}
+        base64 = value.get("type") == "base64"
+        return {k: "" if isinstance(v, str) and (k in BINARY_KEYS or k == "data" and base64) else _without_binary(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_without_binary(v) for v in value]
     if isinstance(value, str) and value.startswith("data:") and ";base64," in value[:200]:

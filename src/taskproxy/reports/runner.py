@@ -142,7 +142,9 @@ class ReportRunner:
         try:
             process = self._context.Process(target=_compute, args=(sending, *args), name="taskproxy-report", daemon=True)  # type: ignore[attr-defined]
             process.start()
-            starting.started(process)
+            with self._running_lock:  # counted at once: close() waits for it, abandoned or not
+                self._running.add(process)
+            starting.started(process, receiving)
         except BaseException:
             receiving.close()
             raise
@@ -175,8 +177,7 @@ class ReportRunner:
                 log.warning("reports run in a process of their own again")
                 self._in_threads = False
             with self._running_lock:
-                self._running = {running for running in self._running if running.is_alive()}  # (is_alive reaps those stopped)
-                self._running.add(process)
+                self._running = {running for running in self._running if running is process or running.is_alive()}  # (is_alive reaps those stopped)
             try:
                 kind, payload, where = await anyio.to_thread.run_sync(_receive, receiving, abandon_on_cancel=True)
             except EOFError:
@@ -227,17 +228,23 @@ class _Starting:
 
     def __init__(self) -> None:
         self.process: BaseProcess | None = None
+        self.receiving: Connection | None = None
         self.abandoned = False
 
-    def started(self, process: BaseProcess) -> None:
-        self.process = process
+    def started(self, process: BaseProcess, receiving: Connection) -> None:
+        self.process, self.receiving = process, receiving
         if self.abandoned:
-            process.terminate()
+            self._stop()
 
     def abandon(self) -> None:
         self.abandoned = True
         if self.process is not None:
-            self.process.terminate()
+            self._stop()
+
+    def _stop(self) -> None:
+        assert self.process is not None and self.receiving is not None
+        self.process.terminate()
+        self.receiving.close()  # nobody will read its answer
 
 
 def _receive(pipe: Connection) -> tuple[str, Any, str]:

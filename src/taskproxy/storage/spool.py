@@ -22,6 +22,7 @@ from typing import IO
 import orjson
 
 log = logging.getLogger("taskproxy.spool")
+COPY_PIECE_BYTES = 1 << 20
 
 
 class Spool:
@@ -56,18 +57,25 @@ class Spool:
         old = self._file
         self.own.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
+        copied = 0
         try:
             new = self._own_file()
+            start = new.seek(0, 2)
             old.seek(0)
-            if content := old.read():
-                _append_line(new, content)
+            try:
+                while piece := old.read(COPY_PIECE_BYTES):  # a long outage's spool: not read whole into memory
+                    new.write(piece)
+                    copied += len(piece)
+            except OSError:
+                new.truncate(start)  # no torn line left behind
+                raise
         except OSError:
             if self._file is not None:
                 self._file.close()
             self._file = old
             raise
         old.close()
-        log.warning("the spool file %s was removed while in use: its %d bytes were written to it again", self.own, len(content))
+        log.warning("the spool file %s was removed while in use: its %d bytes were written to it again", self.own, copied)
 
     def append(self, batch: dict) -> None:
         """Add one batch as one line. A write that fails (a full disk) is cut back to where it began,

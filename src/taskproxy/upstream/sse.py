@@ -112,6 +112,8 @@ def _without_usage_only(complete: bytes) -> bytes:
 def _ends_an_event(before: bytes, chunk: bytes) -> bool:
     """`chunk` completes an event: a blank line in it, or across its start (bytes.find: a regex over
     the chunk costs ~15 times as much, and this runs for every chunk of a stream)."""
+    if before.endswith(b"\r"):  # an event held back for the LF its blank line's CR may take: decided now
+        return True
     seam = before[-1:] + chunk[:1]
     return any(end in chunk or end == seam for end in _BLANK_LINES)
 
