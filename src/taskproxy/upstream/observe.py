@@ -43,12 +43,8 @@ def _int(value: Any) -> int:
     return _count(value) or 0
 
 
-_ABSENT = object()
-
-
-def _counts(*values: Any) -> bool:
-    """Every value given is a count, or absent."""
-    return all(value is _ABSENT or value is None or _count(value) is not None for value in values)
+def _count_or_absent(value: Any) -> bool:
+    return value is None or _count(value) is not None
 
 
 def _text_scale(capture: Capture) -> float:
@@ -92,7 +88,7 @@ def openai_usage(usage: Any) -> ProviderUsage | None:
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-    if prompt is None or not _counts(usage.get("completion_tokens", usage.get("output_tokens", _ABSENT))):
+    if prompt is None or not _count_or_absent(usage.get("completion_tokens", usage.get("output_tokens"))):
         return None  # not believed: the answer is estimated, as one without usage
     prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
@@ -233,7 +229,7 @@ def responses_stream(capture: Capture) -> Observed:
 
 def anthropic_usage(usage: Any) -> ProviderUsage | None:
     """Anthropic's input_tokens exclude cache reads and writes; taskproxy's prompt tokens include both."""
-    if not isinstance(usage, dict) or _count(usage.get("input_tokens")) is None or not _counts(usage.get("output_tokens", _ABSENT)):
+    if not isinstance(usage, dict) or _count(usage.get("input_tokens")) is None or not _count_or_absent(usage.get("output_tokens")):
         return None  # not believed: the answer is estimated, as one without usage
     cache_read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))

@@ -26,7 +26,7 @@ from taskproxy.jsonbytes import has_usage_object
 # read as an end: the events it ended ran together, and their usage was lost.)
 _BLANK_LINES = (b"\n\n", b"\n\r", b"\r\r")
 _EVENT_END = re.compile(rb"\n\n|\n\r\n?|\r\r\n?")
-_EVENT_END_KEPT = re.compile(rb"(\n\n|\n\r\n?|\r\r\n?)")  # split on, the ends kept
+_EVENT_END_KEPT = re.compile(b"(" + _EVENT_END.pattern + b")")  # split on, the ends kept
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
@@ -50,7 +50,7 @@ class EventBuffer:
             return b""
         data = b"".join((*self._pieces, chunk)) if self._pieces else chunk
         # A CR last may be the first half of a blank line's CRLF: the event it ends waits for the next byte.
-        cut = end_of_last_event(data[:-1] if data.endswith(b"\r") else data)
+        cut = end_of_last_event(data, len(data) - 1 if data.endswith(b"\r") else len(data))
         rest = data[cut:]
         self._pieces, self.held = ([rest] if rest else []), len(rest)
         return data[:cut]
@@ -124,13 +124,14 @@ def end_of_first_event(data: bytes) -> int:
     return end.end() if end is not None else len(data)
 
 
-def end_of_last_event(data: bytes) -> int:
-    """Where the last complete event in `data` ends (0: none)."""
-    ends = [i + 2 for t in _BLANK_LINES if (i := data.rfind(t)) >= 0]
+def end_of_last_event(data: bytes, before: int | None = None) -> int:
+    """Where the last complete event in `data[:before]` ends (0: none)."""
+    ends = [i + 2 for t in _BLANK_LINES if (i := data.rfind(t, 0, before)) >= 0]
     if not ends:
         return 0
     end = max(ends)
-    return end + 1 if data[end - 1 : end + 1] == b"\r\n" else end  # a blank line's CR takes its LF
+    limit = len(data) if before is None else before
+    return end + 1 if end < limit and data[end - 1 : end + 1] == b"\r\n" else end  # a blank line's CR takes its LF
 
 
 def is_usage_only_chunk(event: bytes) -> bool:
