@@ -5,12 +5,16 @@ partitions while every report over those months still adds up (from the rollups)
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from datetime import datetime, timedelta
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import func, select, text
+from test_rollup import event
 
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.reports.usage import usage_grouped
@@ -18,7 +22,6 @@ from taskproxy.settings import SignalSettings
 from taskproxy.storage import bulk, partitions, repo, rollup
 from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
 from taskproxy.storage.models import UsageEvent
-from test_rollup import event
 
 pytestmark = pytest.mark.postgres
 MONTHS = [datetime(2026, 8, 1), datetime(2026, 9, 1), datetime(2026, 11, 1)]
@@ -123,4 +126,54 @@ def test_sqlite_keeps_one_table(tmp_path: object) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/one.db")
     upgrade_schema(engine)
     assert partitions.maintain(engine, NOW, retention_months=1) == []
+    engine.dispose()
+
+
+def _lock_waits(engine: object) -> int:
+    """Statements of this database waiting for a lock right now."""
+    with engine.connect() as connection:  # type: ignore[attr-defined]
+        return int(connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).scalar_one())
+
+
+def test_maintenance_never_holds_the_writers_behind_a_long_report(postgres_url: str) -> None:
+    """A report reads in one snapshot for minutes (hours at an organisation's size). Creating a month's
+    partition, or dropping one past retention, wanted the table's exclusive lock: it queued behind
+    the report, and every replica's writes queued behind it until the report ended."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    rng = random.Random(5)
+    old = datetime(2031, 1, 1)
+    partitions.maintain(engine, datetime(2031, 2, 15), retention_months=None)  # January 2031 to April
+    repo.write_batch(engine, events=_month_of_events(rng, old, 3), rejections=[], new_items=[])
+    report = engine.connect()
+    report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))  # as a report reads, holding its locks until it ends
+    reading = (UsageEvent.ts >= old, UsageEvent.ts < datetime(2031, 5, 1))  # its months have their partitions, as they do up to now
+    assert report.execute(select(func.count()).where(*reading)).scalar_one() == 3
+    writes: list[str] = []
+    try:
+        for now, retention in ((datetime(2031, 5, 10), None), (datetime(2031, 5, 10), 2)):  # July's partition is new; January goes
+            pool = ThreadPoolExecutor(2)
+            maintenance = pool.submit(partitions.maintain, engine, now, retention_months=retention)
+            for _ in range(50):  # until it waits for a lock, or is done
+                if maintenance.done() or _lock_waits(engine):
+                    break
+                time.sleep(0.05)
+            write = pool.submit(repo.write_batch, engine, events=_month_of_events(rng, datetime(2031, 5, 1), 2), rejections=[], new_items=[])
+            try:
+                write.result(timeout=10)  # the report is still reading
+                writes.append("written")
+                maintenance.result(timeout=10)
+            except FuturesTimeout:
+                writes.append("held")
+            pool.shutdown(wait=False)
+        with engine.connect() as connection:
+            made = set(partitions.months(connection))
+        assert writes == ["written", "written"]
+        assert datetime(2031, 7, 1) in made  # created while the report read
+        assert old in made  # the report still reads January: its drop waits for the next round
+    finally:
+        report.execute(text("COMMIT"))
+        report.close()
+    assert partitions.partition_name(old) in partitions.maintain(engine, datetime(2031, 5, 10), retention_months=2)  # the report is done
+    assert _raw_count(engine, old, datetime(2031, 2, 1)) == 0
     engine.dispose()

@@ -6,6 +6,14 @@ named `usage_events_pYYYYMM`, plus a default partition for anything outside them
 the partitions of the last, this and the next two months exist (at start and every hour), and, with
 `recording.retention_months`, drops the raw partitions older than that many months. The rollups and
 the spend counters are kept: reports of any period still add up, from whole days and hours.
+
+Maintenance never holds the writers behind a long report. A report reads in one snapshot for minutes
+(hours at an organisation's size), holding its share lock on the table until it ends; a statement
+wanting the table's exclusive lock waits for it, and every insert queues behind that statement. So a
+month's partition is made as a table of its own and attached, which locks the parent only against
+other schema changes (PostgreSQL's SHARE UPDATE EXCLUSIVE: reads and inserts go on), and dropping a
+partition, which must have the exclusive lock, waits at most `LOCK_WAIT_SECONDS`, or is left for the
+next round: retention can wait an hour, the writers cannot.
 """
 
 from __future__ import annotations
@@ -18,12 +26,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from taskproxy.storage.failures import LOCK_NOT_AVAILABLE, sqlstate
+
 log = logging.getLogger("taskproxy.storage")
 PARENT = "usage_events"
 _NAME = re.compile(rf"^{PARENT}_p(\d{{4}})(\d{{2}})$")
 # One process at a time maintains a schema's partitions. Advisory locks are per database, so the lock is
 # the schema's: deployments in two schemas of one database (or tests side by side) must not skip each
 # other's maintenance, which left a month without its partition and retention undone.
+# How long a statement of the maintenance waits for a lock: the inserts queued behind it wait as long.
+LOCK_WAIT_SECONDS = 1.0
 _LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('taskproxy-partitions:' || current_schema()))")
 
 
@@ -42,11 +54,12 @@ def partition_name(month: datetime) -> str:
 
 
 def create_month(connection: Connection, month: datetime) -> None:
+    """Make `month`'s partition: a table like the parent, then attached (its indexes are made as it is,
+    on an empty table). `CREATE TABLE ... PARTITION OF` would take the parent's exclusive lock."""
     start, end = month_start(month), month_start(month, 1)
-    connection.execute(text(
-        f"CREATE TABLE IF NOT EXISTS {partition_name(start)} PARTITION OF {PARENT} "
-        f"FOR VALUES FROM ('{start:%Y-%m-%d}') TO ('{end:%Y-%m-%d}')"
-    ))  # fmt: skip
+    name = partition_name(start)
+    connection.execute(text(f"CREATE TABLE IF NOT EXISTS {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    connection.execute(text(f"ALTER TABLE {PARENT} ATTACH PARTITION {name} FOR VALUES FROM ('{start:%Y-%m-%d}') TO ('{end:%Y-%m-%d}')"))
 
 
 def is_partitioned(connection: Connection) -> bool:
@@ -75,19 +88,38 @@ def maintain(engine: Engine, now: datetime, retention_months: int | None) -> lis
             return []
         if not try_lock(connection):
             return []  # another process is at it
-        for ahead in range(-1, 3):
+        connection.execute(text(f"SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)}"))
+        made = set(months(connection))
+        for month in (month_start(now, ahead) for ahead in range(-1, 3)):
+            if month in made:
+                continue
             try:
                 with connection.begin_nested():
-                    create_month(connection, month_start(now, ahead))
-            except DBAPIError as exc:  # rows of that month wait in the default partition: it stays there
-                log.warning("could not create the partition of %s: %s", f"{month_start(now, ahead):%Y-%m}", exc.__class__.__name__)
+                    create_month(connection, month)
+            except DBAPIError as exc:  # rows of that month wait in the default partition until a later round
+                log.warning("could not create the partition of %s (tried again in an hour): %s", f"{month:%Y-%m}", _why(exc))
         dropped: list[str] = []
         if retention_months is not None:
             oldest_kept = month_start(now, -retention_months)
-            for month in months(connection):
-                if month < oldest_kept:
-                    connection.execute(text(f"DROP TABLE {partition_name(month)}"))
-                    dropped.append(partition_name(month))
+            for month in sorted(made):
+                if month >= oldest_kept:
+                    break
+                try:
+                    with connection.begin_nested():
+                        connection.execute(text(f"DROP TABLE {partition_name(month)}"))
+                except DBAPIError as exc:
+                    if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                        raise
+                    log.warning("%s is past recording.retention_months but a long report is reading it: dropped in a later round",
+                                partition_name(month))  # fmt: skip
+                    break  # the older ones first: the same report reads the rest, most likely
+                dropped.append(partition_name(month))
     for name in dropped:
         log.info("dropped %s: its raw events are past recording.retention_months (the rollups keep their sums)", name)
     return dropped
+
+
+def _why(exc: DBAPIError) -> str:
+    if sqlstate(exc) == LOCK_NOT_AVAILABLE:
+        return f"a lock not granted within {LOCK_WAIT_SECONDS:g} s"
+    return exc.__class__.__name__
