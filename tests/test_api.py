@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import random
+from datetime import datetime, timedelta
 
+import pytest
 from conftest import ADMIN_KEY, BOTH_DATABASES, Proxy, wait_until
+from test_rollup import event
+
+from taskproxy.storage import repo
+from taskproxy.storage.db import make_engine
 
 pytestmark = pytest.mark.anyio
 
@@ -295,3 +301,39 @@ async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
         page = await proxy.http.get("/dashboard/me")  # the client keeps the session cookie
         assert says in " ".join(page.text.split()), page.text
         proxy.http.cookies.clear()
+
+
+@BOTH_DATABASES
+async def test_raw_events_are_read_page_after_page_to_the_oldest(proxy: Proxy) -> None:
+    """An organisation's events past the newest 10,000 were out of reach: a full page now links to the
+    next, read after its last event, so an export reads every event once, however deep."""
+    rng, moment = random.Random(9), datetime(2026, 11, 20, 10, 0, 0, 123456)
+    rows = ([event(rng, moment, key_id="k1") for _ in range(10)]  # one moment: the ids decide the order
+            + [event(rng, moment + timedelta(microseconds=n), key_id="k1") for n in range(1, 11)]  # a microsecond apart
+            + [event(rng, moment - timedelta(days=3), key_id="k2") for _ in range(5)])  # fmt: skip
+    engine = make_engine(proxy.settings.database_url)
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    engine.dispose()
+    newest_first = [r["id"] for r in sorted(sorted(rows, key=lambda r: r["id"]), key=lambda r: r["ts"], reverse=True)]
+
+    async def every_page(path: str) -> tuple[list[str], int]:
+        read, pages = [], 0
+        while path:
+            response = await proxy.http.get(path, headers=proxy.admin_headers)
+            assert response.status_code == 200, response.text
+            read += [e["id"] for e in response.json()]
+            pages += 1
+            link = response.headers.get("link")
+            path = link[1 : link.index(">")] if link else ""
+            assert not link or link.endswith('; rel="next"')
+        return read, pages
+
+    read, pages = await every_page("/api/usage/events?limit=7")
+    assert read == newest_first and pages == 4  # 7, 7, 7, 4: every event once, in order
+    read, _ = await every_page("/api/usage/events?limit=3&key_id=k1&since=2026-11-19T00:00:00Z")
+    assert read == newest_first[:20]  # the filters ride along to every page
+    read, pages = await every_page("/api/usage/events?limit=5&until=2026-11-20T00:00:00Z")
+    assert read == newest_first[20:] and pages == 2  # a full last page links to an empty one
+    for cursor in ("nope", "MjAyNi0xMS0yMA", "%00", "x" * 2000):
+        refused = await proxy.http.get("/api/usage/events", params={"after": cursor}, headers=proxy.admin_headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "after", cursor

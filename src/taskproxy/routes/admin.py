@@ -20,7 +20,7 @@ from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.named import TASKS, USAGE
-from taskproxy.routes.common import JSON, admin, in_thread, int_param, json_object, open_period, unless_client_leaves
+from taskproxy.routes.common import JSON, admin, after_param, in_thread, int_param, json_object, next_page, open_period, unless_client_leaves
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso
 
@@ -116,8 +116,10 @@ async def usage_events(request: Request) -> Response:
     item = request.query_params.get("work_item")
     work_item = request.state.items.ids.normalize(item) if item else None
     limit = int_param(request, "limit", 100, 10_000)
-    events = await in_thread(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), limit=limit)
-    return JSON([event_json(e) for e in events])
+    since, until = open_period(request)
+    events = await in_thread(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), since=since,
+                             until=until, after=after_param(request), limit=limit)  # fmt: skip
+    return next_page(JSON([event_json(e) for e in events]), request, events, limit, (events[-1].ts, events[-1].id) if events else None)
 
 
 async def tasks_report(request: Request) -> Response:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import Awaitable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -84,6 +87,37 @@ def int_param(request: Request, name: str, default: int, maximum: int) -> int:
     if not (value.isascii() and value.isdigit()) or len(value) > len(str(maximum)) or not 1 <= int(value) <= maximum:
         raise InvalidRequest(f"'{name}' must be a whole number from 1 to {maximum}.", param=name)
     return int(value)
+
+
+# -- pages: a list read newest first, a page at a time ---------------------------------------------
+# A page's last row is named by its (time, id): the next page is the rows after it in that order, read
+# by index however deep (an offset would read and skip every row before). The cursor is opaque to
+# clients; they follow the `Link: <...>; rel="next"` header (RFC 8288) a full page carries.
+
+
+def after_param(request: Request) -> tuple[datetime, str] | None:
+    """The `after` cursor of the query: the (time, id) of the last row of the page before."""
+    value = request.query_params.get("after")
+    if not value:
+        return None
+    try:
+        moment, _, row_id = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode().partition("|")
+        found = datetime.fromisoformat(moment)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        found, row_id = None, ""
+    if found is None or found.tzinfo is not None or not row_id or len(value) > 1024:
+        raise InvalidRequest("'after' must be the cursor of a page's Link header (rel=\"next\").", param="after") from None
+    return found, row_id
+
+
+def next_page(response: Response, request: Request, rows: list[Any], limit: int, last: tuple[datetime, str] | None) -> Response:
+    """Add the next page's link when this page is full (a relative reference: right behind any proxy)."""
+    if last is not None and len(rows) >= limit:
+        # Every digit of the time: rows a microsecond apart must not fall between two pages.
+        cursor = base64.urlsafe_b64encode(f"{last[0].isoformat()}|{last[1]}".encode()).decode().rstrip("=")
+        url = request.url.include_query_params(after=cursor)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return response
 
 
 async def caller(request: Request) -> Principal:

@@ -85,8 +85,10 @@ def openapi_document() -> dict[str, Any]:
             "/api/work-items/{item_id}/close": {"post": _operation("Mark closed without completion", 200, _ITEM, params=[item])},
             "/api/usage": {"get": _operation("Usage grouped by work item, team or model", 200, _OBJECT,
                                              params=[_query("group_by", {"enum": ["work_item", "team", "model"]}), *period])},
-            "/api/usage/events": {"get": _operation("Raw usage events, newest first (audited)", 200, _ARRAY,
-                                                    params=[_query("work_item", _ITEM_ID), _query("key_id", _STRING), limit])},
+            "/api/usage/events": {"get": _operation("Raw usage events, newest first, a page at a time: a full page's Link header "
+                                                    "(rel=next) names the next (audited)", 200, _ARRAY,
+                                                    params=[_query("work_item", _ITEM_ID), _query("key_id", _STRING), *period,
+                                                            _query("after", _STRING), limit])},
             "/api/reports/tasks": {"get": _operation("Work items by cost", 200, _OBJECT, params=[*period, limit])},
             "/api/reports/adoption": {"get": _operation("Adoption against completed work", 200, _OBJECT, params=[*period, _query("team", _STRING), snapshot])},
             "/api/reports/adoption.csv": {"get": {**_operation("The adoption report as CSV", 200, _STRING, params=[*period, _query("team", _STRING), snapshot]),

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, Table, select, update
+from sqlalchemy import Row, Select, Table, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.expression import Executable
@@ -116,9 +116,15 @@ def list_audit(engine: Engine, *, since: datetime | None = None, until: datetime
         return list(connection.execute(query))
 
 
-def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | None = None, limit: int = 100) -> list[Row]:
-    conditions = _matching((UsageEvent.work_item, work_item), (UsageEvent.key_id, key_id))
-    query = select(UsageEvent.__table__).where(*conditions).order_by(UsageEvent.ts.desc(), UsageEvent.id).limit(limit)
+def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | None = None, since: datetime | None = None,
+                until: datetime | None = None, after: tuple[datetime, str] | None = None, limit: int = 100) -> list[Row]:  # fmt: skip
+    """The events matching the filters, newest first (time, then id), from after the event `after` (the
+    (ts, id) of the last one of a page before): each page is read by index, however deep."""
+    e = UsageEvent.__table__.c
+    conditions = [*_matching((e.work_item, work_item), (e.key_id, key_id)), *rollup.within(e.ts, since, until)]
+    if after is not None:  # ts <= first, so the index on ts (or key or item and ts) bounds the scan
+        conditions += [e.ts <= after[0], or_(e.ts < after[0], e.id > after[1])]
+    query = select(UsageEvent.__table__).where(*conditions).order_by(e.ts.desc(), e.id).limit(limit)
     with engine.connect() as connection:
         return list(connection.execute(query))
 
