@@ -112,6 +112,41 @@ def test_the_feed_reads_each_change_once_even_when_numbers_commit_out_of_order(t
     engine.dispose()
 
 
+def test_a_hole_is_given_up_on_after_its_own_time_not_the_first_holes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a hole below what was read is routine, one after another. The feed timed them as
+    one: once holes had followed each other for `hole_seconds`, the newest was given up on however
+    young, and the change committed in it (a revocation) was never read by that process."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'feed.db'}")
+    prepare_schema(engine)
+    clock = [100.0]
+    monkeypatch.setattr(changes.time, "monotonic", lambda: clock[0])
+    feed = ChangeFeed(engine, hole_seconds=1.0)
+    feed.start()
+    now = utcnow()
+
+    def commit(seq: int, ref: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(insert(Change.__table__).values(seq=seq, kind=changes.KEY, ref=ref, ts=now))
+
+    read: set[str] = set()
+    commit(2, "k2")  # 1 is open: a hole
+    read |= feed.read(now).of(changes.KEY)
+    clock[0] += 0.8
+    commit(1, "k1")
+    commit(4, "k4")  # 1 filled; 3 is open: a hole of its own, from now
+    read |= feed.read(now).of(changes.KEY)
+    clock[0] += 0.7  # 1.5 s of holes, but 3's is 0.7 s old
+    read |= feed.read(now).of(changes.KEY)
+    commit(3, "revoked")
+    read |= feed.read(now).of(changes.KEY)
+    assert read == {"k1", "k2", "k4", "revoked"} and feed.position == 4
+    commit(6, "k6")  # 5 never commits: given up on after its second
+    read |= feed.read(now).of(changes.KEY)
+    clock[0] += 1.1
+    assert feed.read(now).refs == {} and feed.position == 6
+    engine.dispose()
+
+
 async def test_a_refresh_that_read_a_key_before_its_revocation_never_brings_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
     prepare_schema(engine)

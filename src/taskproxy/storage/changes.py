@@ -5,8 +5,10 @@ A change is noted (`note`) in the transaction that makes it: a row of `changes` 
 the database (`seq`, increasing). Each process keeps a cursor and reads the rows after it with one
 indexed query (`ChangeFeed.read`). On PostgreSQL numbers are handed out when a row is inserted, not
 when its transaction commits, so a number can appear after a larger one: the feed reads from the
-lowest number it has not seen yet, skips those it has, and gives up on a hole after `hole_seconds`
-(a transaction that rolled back leaves one for good). Rows older than `retention` are pruned; a
+lowest number it has not seen yet, skips those it has, and gives up on a hole once it has been one for
+`hole_seconds` (a transaction that rolled back leaves one for good). Each number is timed from when a
+read first passed over it: under load holes follow one another, and a young one given up on with its
+elders would be a change (a revocation) that process never reads. Rows older than `retention` are pruned; a
 process that could not read the feed for longer than that has missed changes, and is told to forget
 everything it holds (`Read.everything`). Processes read it on a timer, and on PostgreSQL also when a
 change that refuses requests is committed (storage/listen.py).
@@ -61,14 +63,15 @@ class ChangeFeed:
         self._retention = retention
         self._low = 0  # every change numbered up to here has been read (or given up on)
         self._seen: set[int] = set()  # read, above `_low`
-        self._hole_since: float | None = None
+        self._missing: dict[int, float] = {}  # numbers above `_low` a read passed over unread: since when
+        self._passed = 0  # the highest number read so far (numbers below it not read are holes)
         self._last_read: float | None = None
         self._last_prune = 0.0
 
     def start(self) -> None:
         """Begin after the newest change: call it before the caches are filled, so nothing falls between."""
         with self._engine.connect() as connection:
-            self._low = int(connection.execute(select(func.coalesce(func.max(_C.seq), 0))).scalar_one())
+            self._low = self._passed = int(connection.execute(select(func.coalesce(func.max(_C.seq), 0))).scalar_one())
         self._last_read = time.monotonic()
 
     def read(self, now: datetime) -> Read:
@@ -82,6 +85,7 @@ class ChangeFeed:
         for seq, kind, ref in rows:
             if seq not in self._seen:
                 self._seen.add(seq)
+                self._missing.pop(seq, None)
                 found.refs.setdefault(kind, set()).add(ref)
         self._advance(monotonic)
         if monotonic - self._last_prune > 3600:
@@ -91,19 +95,22 @@ class ChangeFeed:
         return found
 
     def _advance(self, monotonic: float) -> None:
-        while self._low + 1 in self._seen:
-            self._low += 1
-            self._seen.discard(self._low)
-        if not self._seen:
-            self._hole_since = None
-            return
-        # A hole below what was read: a transaction still open, or one rolled back.
-        if self._hole_since is None:
-            self._hole_since = monotonic
-        elif monotonic - self._hole_since > self._hole_seconds:
-            self._low = min(self._seen) - 1
-            self._hole_since = None
-            self._advance(monotonic)
+        # Holes below what was read: transactions still open, or rolled back. Each is timed from the
+        # read that first passed over it (numbers are only ever passed once, so this is per number).
+        top = max(self._seen, default=self._low)
+        for seq in range(max(self._low, self._passed) + 1, top):
+            if seq not in self._seen:
+                self._missing[seq] = monotonic
+        self._passed = max(self._passed, top)
+        while True:
+            following = self._low + 1
+            if following in self._seen:
+                self._seen.discard(following)
+            elif following in self._missing and monotonic - self._missing[following] > self._hole_seconds:
+                del self._missing[following]  # given up on
+            else:
+                return
+            self._low = following
 
     @property
     def position(self) -> int:
