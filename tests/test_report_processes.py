@@ -26,7 +26,8 @@ from conftest import Proxy
 from serve_helpers import ADMIN_KEY, FakeUpstream, running_server, write_config
 from taskproxy.errors import ProviderError
 from taskproxy.reports.runner import ReportRunner
-from taskproxy.storage.db import make_engine
+from taskproxy.storage.db import ReportSession, make_engine, one_snapshot
+from taskproxy.storage.failures import unavailable
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -289,7 +290,7 @@ async def test_a_reports_queries_get_the_configured_work_mem_and_only_inside_the
     with serving.connect() as connection:
         server_default = connection.execute(text("SHOW work_mem")).scalar_one()
     assert server_default != "96MB"
-    runner = ReportRunner(serving, work_mem_mb=96)
+    runner = ReportRunner(serving, session=ReportSession(work_mem_mb=96))
     assert await runner.run(_work_mem_seen) == ("96MB", "96MB", server_default)
     assert await ReportRunner(serving).run(_work_mem_seen) == (server_default, server_default, server_default)
     with serving.connect() as connection:  # the serving engine's are untouched
@@ -350,3 +351,32 @@ async def test_reports_whose_clients_leave_while_their_process_starts_leave_no_p
 
 def _touch(engine: Engine, pid_folder: str) -> None:
     (Path(pid_folder) / "ready").touch()
+
+
+def _slow_report(engine: Engine) -> str:
+    """A report's shape: a long query, then arithmetic with its snapshot open, then another query."""
+    with one_snapshot(engine) as connection:
+        connection.execute(text("SELECT pg_sleep(0.6)"))
+        time.sleep(0.5)
+        return str(connection.execute(text("SHOW statement_timeout")).scalar_one())
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_a_report_outlives_the_servers_query_and_idle_timeouts_and_keeps_its_own(postgres_url: str) -> None:
+    """A DBA's `statement_timeout` or `idle_in_transaction_session_timeout` (or a pooler's advice) ended
+    every signals report at an organisation's size: a 500, every time. A report's transactions set their
+    own limit (`reports.statement_timeout_seconds`, none by default); the serving engine keeps the server's."""
+    guarded = f"{postgres_url}%20-cstatement_timeout%3D300%20-cidle_in_transaction_session_timeout%3D200"
+    serving = make_engine(guarded)
+    with pytest.raises(OperationalError), serving.connect() as connection:  # the server's guard, as the serving engine meets it
+        connection.execute(text("SELECT pg_sleep(0.6)"))
+    runner = ReportRunner(serving)
+    assert await runner.run(_slow_report) == "0"
+    limited = ReportRunner(serving, session=ReportSession(statement_timeout_seconds=0.4))
+    with pytest.raises(OperationalError) as cancelled:
+        await limited.run(_slow_report)
+    assert "ran past a statement_timeout" in (unavailable(cancelled.value) or "")  # what the client is told, not a 500
+    runner.close()
+    limited.close()
+    serving.dispose()

@@ -57,7 +57,7 @@ from taskproxy.routes.endpoint import Translation
 from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage import partitions
-from taskproxy.storage.db import make_engine, ping, prepare_schema
+from taskproxy.storage.db import ReportSession, make_engine, ping, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
 from taskproxy.storage.failures import RETRY_SECONDS, unavailable
@@ -238,7 +238,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             sink=writer, counter=counter, prices=prices, charge=budgets.charge,
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,
         )  # fmt: skip
-        reports_runner = ReportRunner(db, work_mem_mb=settings.reports.work_mem_mb)
+        reports_runner = ReportRunner(db, session=ReportSession.of(settings.reports))
         keeper = None
         if settings.reports.snapshot_minutes:
             kept = snapshot_reports(settings)  # the dashboard's overview is made from the adoption report's:

@@ -21,8 +21,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[no-untyped-def]
-    """The database's engine; `report`: one that computes a period report (`reports.work_mem_mb`)."""
-    from taskproxy.storage.db import make_engine, prepare_schema
+    """The database's engine; `report`: one that computes a period report (`reports.work_mem_mb`,
+    `reports.statement_timeout_seconds`)."""
+    from taskproxy.storage.db import ReportSession, make_engine, prepare_schema
 
     settings = _settings(args)
     if not database_named(args.config):
@@ -30,7 +31,7 @@ def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[
         # one that no admin command finds from elsewhere: say which one it is.
         print(f"taskproxy: no config (--config, $TASKPROXY_CONFIG, {DEFAULT_CONFIG_PATH}) and no $TASKPROXY_DATABASE_URL: "
               f"using {settings.database_url} in {os.getcwd()}", file=sys.stderr)  # fmt: skip
-    engine = make_engine(settings.database_url, work_mem_mb=settings.reports.work_mem_mb if report else 0)
+    engine = make_engine(settings.database_url, report=ReportSession.of(settings.reports) if report else None)
     prepare_schema(engine)
     return engine
 

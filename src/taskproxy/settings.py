@@ -222,6 +222,11 @@ class ReportSettings(_Frozen):
     # `hash_mem_multiplier` (2) times it, per step of a query, per report running (at most two per
     # process): the database server needs that room. PostgreSQL's own bound is 2,097,151 MB.
     work_mem_mb: int = Field(default=256, ge=0, le=2_097_151)
+    # PostgreSQL: how long one query of a report may run (0: no limit). A report's transactions set
+    # their own, whatever the server's or the role's `statement_timeout` (a DBA's guard for the serving
+    # connections would end every report at an organisation's size), and are exempt from
+    # `idle_in_transaction_session_timeout`: a report does its arithmetic between its queries.
+    statement_timeout_seconds: float = Field(default=0, ge=0, le=MAX_DAYS * 86400)
 
 
 class TelemetrySettings(_Frozen):

@@ -41,6 +41,7 @@ import anyio
 from sqlalchemy.engine import Engine
 
 from taskproxy.errors import ServiceUnavailable
+from taskproxy.storage.db import ReportSession
 from taskproxy.memory import collector_paused
 
 log = logging.getLogger("taskproxy.reports")
@@ -61,7 +62,7 @@ def child_database_url(engine: Engine) -> str | None:
 
 
 def _compute(
-    pipe: Connection, database_url: str, work_mem_mb: int, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None
+    pipe: Connection, database_url: str, session: ReportSession, function: Callable[..., Any], kwargs: dict[str, Any], encode: Callable[[Any], Any] | None
 ) -> None:
     """In the child: run the report on an engine of its own and send back ("ok", answer, "") or ("error",
     exc, its traceback).
@@ -71,7 +72,7 @@ def _compute(
 
     # Killed outright (the OOM killer, SIGKILL), the child cannot cancel its query: the server then
     # ends it within CLIENT_CHECK_MS of the child's death.
-    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS, work_mem_mb=work_mem_mb)
+    engine = make_engine(database_url, client_check_ms=CLIENT_CHECK_MS, report=session)
     cancel_queries = query_canceller(engine)
     if cancel_queries is not None:  # else SIGTERM's default: the process ends at once
 
@@ -121,13 +122,13 @@ def _ended_by(process: BaseProcess) -> str:
 
 class ReportRunner:
     """Runs `function(engine, **kwargs)` in a child process and returns what it returned (or `encode`
-    of it, computed in the child). `work_mem_mb`: the child's engine's (storage/db.make_engine); a report
-    run in a worker thread uses the serving engine as it is."""
+    of it, computed in the child). `session`: what the child's transactions set for themselves
+    (storage/db.ReportSession); a report run in a worker thread uses the serving engine as it is."""
 
-    def __init__(self, engine: Engine, *, at_once: int = REPORTS_AT_ONCE, work_mem_mb: int = 0) -> None:
+    def __init__(self, engine: Engine, *, at_once: int = REPORTS_AT_ONCE, session: ReportSession = ReportSession()) -> None:  # noqa: B008  (frozen)
         self._engine = engine
         self._url = child_database_url(engine)
-        self._work_mem_mb = work_mem_mb
+        self._session = session
         self._limiter = anyio.CapacityLimiter(at_once)
         self._context: BaseContext | None = None
         self._running: set[BaseProcess] = set()
@@ -162,7 +163,7 @@ class ReportRunner:
         async with self._limiter:
             starting = _Starting()
             try:
-                process, receiving = await anyio.to_thread.run_sync(self._start, starting, self._url, self._work_mem_mb, function, kwargs, encode)
+                process, receiving = await anyio.to_thread.run_sync(self._start, starting, self._url, self._session, function, kwargs, encode)
             except asyncio.CancelledError:  # the client left while the process was starting: it is stopped once it has
                 starting.abandon()
                 raise

@@ -10,6 +10,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from taskproxy.storage.failures import LOCK_NOT_AVAILABLE, sqlstate
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+    from taskproxy.settings import ReportSettings
 
 
 # How every PostgreSQL connection notices a server that vanished without closing it (a failover, a
@@ -69,15 +72,38 @@ def _follow_the_file(engine: Engine, path: Path) -> None:
             raise DisconnectionError("the SQLite file at the path is not the one this connection opened")
 
 
-def make_engine(database_url: str, *, client_check_ms: int | None = None, work_mem_mb: int = 0) -> Engine:
+@dataclass(frozen=True)
+class ReportSession:
+    """What a period report's transactions set for themselves on PostgreSQL (`reports.*`), each with SET
+    LOCAL: behind a pooler in transaction mode a session's SET would stay on a server connection that
+    other clients use next.
+
+    A report reads in one snapshot for minutes (hours at an organisation's size) and does its
+    arithmetic between its queries, by design: a server's or role's `statement_timeout` or
+    `idle_in_transaction_session_timeout` (a DBA's guard for the serving connections, or a pooler's
+    advice) would end every one of them, every time. A report has its own limit instead; one nobody
+    waits for any more is stopped by its process, which cancels its query."""
+
+    work_mem_mb: int = 0  # each sort or hash may use this much before it spills to disk (0: the server's)
+    statement_timeout_seconds: float = 0  # how long one of its queries may run (0: no limit)
+
+    @classmethod
+    def of(cls, reports: ReportSettings) -> ReportSession:
+        return cls(work_mem_mb=reports.work_mem_mb, statement_timeout_seconds=reports.statement_timeout_seconds)
+
+    def statements(self) -> list[str]:
+        found = [f"SET LOCAL statement_timeout = {int(self.statement_timeout_seconds * 1000)}", "SET LOCAL idle_in_transaction_session_timeout = 0"]
+        return [*found, f"SET LOCAL work_mem = '{int(self.work_mem_mb)}MB'"] if self.work_mem_mb else found
+
+
+def make_engine(database_url: str, *, client_check_ms: int | None = None, report: ReportSession | None = None) -> Engine:
     """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
     runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
     `client_connection_check_interval`; SQLite's queries end with their process: ignored there). For
     processes that may be killed outright mid-query, such as the reports': otherwise the query runs to
     its end for nobody.
-    `work_mem_mb` (PostgreSQL; 0: the server's): each transaction of this engine's lets a sort or hash
-    use that much memory before spilling to disk (`reports.work_mem_mb`, for the engines that compute
-    period reports, never the serving one's)."""
+    `report` (PostgreSQL): an engine that computes period reports, never the serving one: what each of
+    its transactions sets for itself (`ReportSession`)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         # LIFO: the connection used last is handed out again, so the writer and the periodic reloads
@@ -114,12 +140,13 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, work_m
         def _client_check(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
             _set_client_check(dbapi_connection, client_check_ms)
 
-    if work_mem_mb:
-        # LOCAL, in each transaction: behind a pooler in transaction mode a session's SET would stay on a
-        # server connection that other clients use next.
+    if report is not None:
+        statements = report.statements()
+
         @event.listens_for(engine, "begin")
-        def _work_mem(connection: Connection) -> None:
-            connection.exec_driver_sql(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
+        def _report_session(connection: Connection) -> None:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
 
     return engine
 

@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 RETRY_SECONDS = 5
 READ_ONLY_TRANSACTION = "25006"  # PostgreSQL's SQLSTATE for a write to a server that takes none
 LOCK_NOT_AVAILABLE = "55P03"  # a lock not granted within lock_timeout
+QUERY_CANCELED = "57014"  # statement_timeout, or an operator's pg_cancel_backend
 # Connection exceptions (class 08), the server shutting down or starting (57P01-57P03), too many
 # connections (53300), read-only.
 _UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "53300", READ_ONLY_TRANSACTION)
@@ -48,6 +49,9 @@ def unavailable(exc: BaseException) -> str | None:
     state = sqlstate(exc)
     if state == READ_ONLY_TRANSACTION:
         return "The database takes no writes right now: it answers read-only (a standby after a failover?). Try again shortly."
+    if state == QUERY_CANCELED:  # not a bug either, but a retry meets the same timeout: say which it was
+        return ("The database cancelled the query: it ran past a statement_timeout (a report's is reports.statement_timeout_seconds), "
+                "or an operator cancelled it.")  # fmt: skip
     if not _unavailable(exc, state):
         return None
     return f"The database cannot be reached right now ({exc.__class__.__name__}). Try again shortly."
