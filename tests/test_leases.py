@@ -376,7 +376,7 @@ async def test_the_slice_after_a_late_one_covers_what_was_spent_meanwhile(tmp_pa
         if args[1].startswith("team:"):  # the budget's leases (the key's rate has its own)
             takes.append(time.monotonic())
             if len(takes) == 1:
-                time.sleep(1.5)
+                time.sleep(3.0)  # long enough for 400 tokens of requests on a loaded machine
         return taking(*args, **kwargs)
 
     monkeypatch.setattr(leases, "take", first_slow_take)
@@ -387,11 +387,11 @@ async def test_the_slice_after_a_late_one_covers_what_was_spent_meanwhile(tmp_pa
         assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200  # on credit; its slice is slow to come
         assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200  # waited its second: counted alone until it comes
         spent_alone = 0
-        while len(takes) == 1 and time.monotonic() - takes[0] < 1.4 and spent_alone < 600:  # more, on its own count
+        while len(takes) == 1 and time.monotonic() - takes[0] < 2.9 and spent_alone < 600:  # more, on its own count
             reply = await _chat(proxy, key, "TOPUP-1")
             assert reply.status_code == 200
             spent_alone += reply.json()["usage"]["total_tokens"]
         assert spent_alone > 400, spent_alone  # well past what one ordinary slice would cover
-        await anyio.sleep(0.5)  # the late slice has arrived
+        await anyio.sleep(1.0)  # the late slice has arrived
         assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200
         assert len(takes) == 2, f"{len(takes) - 1} leases after the late slice, where one covering the deficit does"
