@@ -336,6 +336,7 @@ async def test_a_slice_that_is_late_rather_than_lost_puts_the_replica_back_on_sl
 
     taking = leases.take
     takes: list[float] = []
+    returned: list[float] = []
 
     def first_slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
         takes.append(time.monotonic())
@@ -371,13 +372,18 @@ async def test_the_slice_after_a_late_one_covers_what_was_spent_meanwhile(tmp_pa
 
     taking = leases.take
     takes: list[float] = []
+    returned: list[float] = []
 
     def first_slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if args[1].startswith("team:"):  # the budget's leases (the key's rate has its own)
-            takes.append(time.monotonic())
-            if len(takes) == 1:
-                time.sleep(3.0)  # long enough for 400 tokens of requests on a loaded machine
-        return taking(*args, **kwargs)
+        if not args[1].startswith("team:"):  # the budget's leases (the key's rate has its own)
+            return taking(*args, **kwargs)
+        takes.append(time.monotonic())
+        if len(takes) == 1:
+            time.sleep(3.0)  # long enough for 400 tokens of requests on a loaded machine
+        try:
+            return taking(*args, **kwargs)
+        finally:
+            returned.append(time.monotonic())
 
     monkeypatch.setattr(leases, "take", first_slow_take)
     fake = FakeProvider()
@@ -392,6 +398,10 @@ async def test_the_slice_after_a_late_one_covers_what_was_spent_meanwhile(tmp_pa
             assert reply.status_code == 200
             spent_alone += reply.json()["usage"]["total_tokens"]
         assert spent_alone > 400, spent_alone  # well past what one ordinary slice would cover
-        await anyio.sleep(1.0)  # the late slice has arrived
+        for _ in range(100):  # until the late slice has arrived
+            if returned:
+                break
+            await anyio.sleep(0.1)
+        await anyio.sleep(0.3)
         assert (await _chat(proxy, key, "TOPUP-1")).status_code == 200
         assert len(takes) == 2, f"{len(takes) - 1} leases after the late slice, where one covering the deficit does"
