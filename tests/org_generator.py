@@ -323,6 +323,7 @@ class _Builder:
 
     def usage(self) -> None:
         rng = self.rng
+        done_by_hand: list[Item] = []
         for item in list(self.items.values()):
             if item.kind == "quiet":
                 continue  # no AI usage at all
@@ -334,6 +335,8 @@ class _Builder:
             if item.kind == "edge":
                 profile = "mixed"
             if profile == "none":
+                if item.completed_at is not None:
+                    done_by_hand.append(item)
                 continue
             start = item.created_at
             stop = item.completed_at or min(item.created_at + timedelta(days=rng.uniform(2, 25)), END)
@@ -351,6 +354,16 @@ class _Builder:
             if item.completed_at is not None and rng.random() < 0.35:  # usage after the item was completed
                 for _ in range(rng.randint(1, 6)):
                     self.event(item, self.when(item.completed_at, 0.01, 24 * 6), rng.choice(people), "gpt-4o-mini")
+        # Some work done by hand, tagged with a request or two after it was done (not AI-assisted). Their
+        # own generator: the rest of the organisation stays as it was.
+        tagging = random.Random(len(done_by_hand))
+        for item in done_by_hand[::2]:
+            for _ in range(tagging.randint(1, 2)):
+                ts = item.completed_at + timedelta(minutes=tagging.randint(2, 600))  # type: ignore[operator]
+                if ts < END:
+                    key = tagging.choice(self.members[item.home] or self.keys)
+                    self.events.append(Event(f"{tagging.getrandbits(128):032x}", ts, item.id, key, "gpt-4o-mini", 200, tagging.randint(50, 4000),
+                                             tagging.randint(10, 1500)))  # fmt: skip
         edge6 = self.items["EDGE-6"]
         for ts in (SINCE, UNTIL):  # on the boundaries: the first counts, the second does not
             self.event(edge6, ts, self.members["web"][0], "claude-sonnet")

@@ -148,7 +148,16 @@ class Expected:
         return None
 
     def assisted(self, item: Item) -> bool:
-        return any(e.status < 400 for e in self.events(item))
+        """Answered once at least, and used before the completion that counts (not only after it)."""
+        events = self.events(item)
+        mark = self.rework(item)
+        if item.status == "done":
+            done = item.completed_at
+        elif mark is not None and mark[1] == "reopened":
+            done = [c.at for c in item.changes if c.after == "done" and c.at <= mark[0]][-1]
+        else:
+            done = None
+        return any(e.status < 400 for e in events) and (done is None or min(e.ts for e in events) <= done)
 
     def without_outcome(self, item: Item) -> tuple[str | None, datetime | None]:
         """Which spend without outcome the item's period spend is, and the moment (its last merged PR's

@@ -49,6 +49,34 @@ async def test_token_counting_alone_does_not_make_a_completed_item_ai_assisted(p
     assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 1), overall
 
 
+@BOTH_DATABASES
+@pytest.mark.anyio
+async def test_a_request_sent_only_after_the_item_was_done_does_not_make_it_ai_assisted(proxy: Proxy) -> None:
+    """Tagging after the fact: one cheap request on tickets done by hand, minutes after they were done,
+    made each AI-assisted (any answered event, any time), moving the share to 1.0 and the median cost
+    per item to a fraction of a cent. The item's usage must begin before it was done."""
+    since = utcnow() - timedelta(minutes=1)
+    key = await proxy.new_key()
+    headers = {"authorization": f"Bearer {key}"}
+    worked = await proxy.http.post("/v1/chat/completions", json=ASK, headers={**headers, "x-work-item": "WORK-1"})
+    assert worked.status_code == 200, worked.text
+    await proxy.events(1)
+    for item in ("WORK-1", "HAND-1", "HAND-2"):
+        done = await proxy.http.patch(f"/api/work-items/{item}", json={"status": "done"}, headers=proxy.admin_headers)
+        assert done.status_code in (200, 404), done.text
+        if done.status_code == 404:  # not met in a request yet: registered as done
+            made = await proxy.http.post("/api/work-items", json={"id": item, "status": "done"}, headers=proxy.admin_headers)
+            assert made.status_code == 201, made.text
+    for item in ("HAND-1", "HAND-2", "WORK-1"):  # after the fact
+        tagged = await proxy.http.post("/v1/chat/completions", json=ASK, headers={**headers, "x-work-item": item})
+        assert tagged.status_code == 200, tagged.text
+    await proxy.events(4)
+    report = await proxy.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
+    overall = report["overall"]
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (3, 1), overall
+    assert overall["spend_after_completion_usd"] > 0  # what came after is still spend, counted as such
+
+
 SINCE, UNTIL = datetime(2026, 3, 2), datetime(2026, 3, 16)
 
 

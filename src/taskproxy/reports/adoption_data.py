@@ -52,7 +52,8 @@ class Item:
     # Their sums, kept as `add_usage` fills `by_model`: every scope's figures read them.
     cost: int | None = None  # known cost, nano-USD; None when no event of the item has a known price
     tokens: int = 0
-    ai_assisted: bool = False  # at least one event (all time) below status 400 that is not a token count
+    answered: bool = False  # at least one event (all time) below status 400 that is not a token count
+    first_used: datetime | None = None  # its first event (all time, any status)
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
@@ -71,6 +72,14 @@ class Item:
     without_outcome_spend: int = 0  # how much of it: all its period spend, or what came after its merged PRs
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
+
+    @property
+    def ai_assisted(self) -> bool:
+        """Answered at least once (not a token count), and used before the completion that counts: its
+        first event no later than its `completed_at` (done), or than the completion its reopening undid.
+        A request sent only after the work was done (tagging after the fact) does not make it assisted."""
+        done = self.completed_at if self.status == "done" else self.reopened_completion
+        return self.answered and self.first_used is not None and (done is None or self.first_used <= done)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
         """The completion that puts the item in the period did not hold: a merged PR reverted (its one
@@ -96,10 +105,12 @@ class Item:
         reopened = self.reopened_completion
         return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
 
-    def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int) -> None:
+    def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None) -> None:
         """The item's all-time usage of `model` (one call per model)."""
         self.by_model[model] = (attempts, answered, cost, tokens)
-        self.ai_assisted = self.ai_assisted or answered > 0
+        self.answered = self.answered or answered > 0
+        if first_used is not None and (self.first_used is None or first_used < self.first_used):
+            self.first_used = first_used
         if cost is not None:
             self.cost = (self.cost or 0) + cost
         self.tokens += tokens
@@ -219,12 +230,12 @@ def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) 
 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
-    found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
-                           where=where)  # fmt: skip
-    for work_item, model, attempts, answered, cost, tokens in found:
+    found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME,
+                           fields=("attempts", "answered", "cost_nanos", "total_tokens", "first_used"), where=where)  # fmt: skip
+    for work_item, model, attempts, answered, cost, tokens, first_used in found:
         item = items.get(work_item)
         if item is not None:
-            item.add_usage(model, int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
+            item.add_usage(model, int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0), first_used)
 
 
 def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
