@@ -77,6 +77,39 @@ async def test_a_request_sent_only_after_the_item_was_done_does_not_make_it_ai_a
     assert overall["spend_after_completion_usd"] > 0  # what came after is still spend, counted as such
 
 
+@pytest.mark.anyio
+async def test_a_projects_team_owns_its_items_not_whoever_spent_most(tmp_path: Path) -> None:
+    """Trackers give items no team, so an item took the team that spent most on it: work done by hand
+    (no spend) counted in no team, making every team's AI-assisted share read 1.0, and one key could
+    move another team's ticket, and its waste, to its own team by outspending on it. With
+    `work_items.teams` an item belongs to its project's team."""
+    from conftest import make_settings, start_proxy
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.upstream.mock import MockProvider
+
+    fake = FakeProvider()
+    settings = make_settings(tmp_path, privacy={"min_group_size": 1}, work_items={"teams": {"pay": "payments"}})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        since = utcnow() - timedelta(minutes=1)
+        payer, grower = await proxy.new_key("pat", "payments"), await proxy.new_key("gil", "growth")
+        for key, item, times in ((payer, "PAY-1", 1), (payer, "PAY-3", 1), (grower, "PAY-3", 3), (grower, "GRO-1", 1)):
+            for _ in range(times):
+                sent = await proxy.http.post("/v1/chat/completions", json=ASK, headers={"authorization": f"Bearer {key}", "x-work-item": item})
+                assert sent.status_code == 200, sent.text
+        await proxy.events(6)
+        made = await proxy.http.post("/api/work-items", json={"id": "PAY-2", "status": "open"}, headers=proxy.admin_headers)  # by hand
+        assert made.status_code == 201, made.text
+        for item in ("PAY-1", "PAY-2", "GRO-1"):
+            done = await proxy.http.patch(f"/api/work-items/{item}", json={"status": "done"}, headers=proxy.admin_headers)
+            assert done.status_code == 200, done.text
+        report = await proxy.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
+        teams = {t["team"]: t for t in report["teams"]}
+        assert (teams["payments"]["completed_items"], teams["payments"]["ai_assisted_items"]) == (2, 1)  # the hand-done ticket counts
+        assert (teams["growth"]["completed_items"], teams["growth"]["ai_assisted_items"]) == (1, 1)  # GRO: no project team, its spender's
+        assert teams["payments"]["spend_usd"] > teams["growth"]["spend_usd"]  # PAY-3, growth's spend on it too, stays with payments
+
+
 SINCE, UNTIL = datetime(2026, 3, 2), datetime(2026, 3, 16)
 
 

@@ -326,6 +326,32 @@ def test_unverified_spend_evidence(world: tuple[Any, Org, Path]) -> None:
     ]  # fmt: skip
 
 
+def test_split_work_sees_items_whose_tracker_gave_no_team_through_their_projects_team(world: tuple[Any, Org, Path]) -> None:
+    """Trackers give items no team; the signal took its team medians from the items' own teams and
+    so never fired on items that came from a tracker. `work_items.teams` gives them their project's."""
+    from sqlalchemy import update
+
+    from taskproxy.storage.models import WorkItem
+    from taskproxy.workitems import project_of
+
+    engine, org, _ = world
+    items = WorkItem.__table__
+    mobile = items.c.id.like("MOBILE-%")
+    assert {i.team for i in org.items.values() if i.id.startswith("MOBILE-")} == {"mobile"}
+    with engine.begin() as connection:  # as a tracker delivers them: no team
+        assert connection.execute(update(items).where(mobile).values(team=None)).rowcount > 0
+    try:
+        def splitters(**options: Any) -> set[str]:
+            return {s["key_id"] for s in gaming_signals(engine, since=SINCE, until=UNTIL, **options)["signals"] if s["kind"] == "split_work"}
+
+        assert splitters() == set()  # no team, no median to be small against
+        projects = {project_of(i.id): "mobile" for i in org.items.values() if i.id.startswith("MOBILE-")}  # (this world's ids: MOBILE-<KEY>-n)
+        assert splitters(item_teams=projects) == {org.keys["splitter"].id}
+    finally:
+        with engine.begin() as connection:
+            connection.execute(update(items).where(mobile).values(team="mobile"))
+
+
 # -- thresholds, periods, order -------------------------------------------------------------------------
 
 

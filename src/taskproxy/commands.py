@@ -278,6 +278,7 @@ def cmd_report_adoption(args: argparse.Namespace) -> int:
 
 def cmd_report_signals(args: argparse.Namespace) -> int:
     from taskproxy.memory import collector_paused
+    from taskproxy.reports.named import signal_options
     from taskproxy.reports.signals import gaming_signals, signals_text
     from taskproxy.timeutil import report_period
 
@@ -287,7 +288,7 @@ def cmd_report_signals(args: argparse.Namespace) -> int:
     else:
         since, until = report_period(args.since, args.until)
         with collector_paused():  # as in a report's process (reports/runner.py)
-            report = gaming_signals(_engine(args, report=True), since=since, until=until, thresholds=settings.signals)
+            report = gaming_signals(_engine(args, report=True), since=since, until=until, **signal_options(settings))
     if args.json:
         print_json(report)
     else:

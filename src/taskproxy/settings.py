@@ -89,6 +89,18 @@ class WorkItemSettings(_Frozen):
     refresh_seconds: float = Field(default=5.0, gt=0)
     # Work items each process holds in memory (the most recently used); others are looked up by id.
     cache_size: int = Field(default=20_000, gt=0, le=MAX_CACHE_SIZE)
+    # The team of each tracker project's items, for the reports and signals: a Jira or Linear project
+    # key (`PROJ`), a GitHub or GitLab repository (`acme/web`), case-insensitive. An item's team is the
+    # one its tracker or an admin set, else its project's here, else the team that spent most on it.
+    teams: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("teams")
+    @classmethod
+    def _projects(cls, value: dict[str, str]) -> dict[str, str]:
+        for project, team in value.items():
+            if not project.strip() or not team.strip():
+                raise ValueError("each project and its team must be named")
+        return {project.strip().casefold(): team.strip() for project, team in value.items()}
 
     @field_validator("patterns", "branch_patterns")
     @classmethod

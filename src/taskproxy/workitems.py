@@ -9,7 +9,7 @@ the configured patterns.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -43,6 +43,23 @@ HOW_TO_ATTACH = (
     'or put "metadata": {"work_item": "PROJ-123"} in the body, or send X-Git-Branch with a branch '
     "named after the item, or bind one to your key with 'taskproxy use PROJ-123'."
 )
+
+
+_PROJECT = re.compile(r"^(.+?)[-#!]\d+$")
+
+
+def project_of(item_id: str) -> str | None:
+    """The tracker project an item id names, casefolded: a Jira or Linear key's project (`PROJ` of
+    `PROJ-12`), a GitHub or GitLab repository (`acme/web` of `acme/web#12`, `group/app!3`); None for
+    an id of another shape."""
+    found = _PROJECT.match(item_id)
+    return None if found is None else found.group(1).casefold()
+
+
+def team_of_project(item_id: str, teams: Mapping[str, str]) -> str | None:
+    """The team `work_items.teams` gives the item's project (keys casefolded by the settings), or None."""
+    project = project_of(item_id) if teams else None
+    return None if project is None else teams.get(project)
 
 
 def completed_in(status: str, completed_at: datetime | None, since: datetime, until: datetime) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -125,12 +126,13 @@ def _team_row(team: dict[str, Any]) -> dict[str, Any]:
 
 
 def signals_page(
-    engine: Engine, since: datetime, until: datetime, thresholds: SignalSettings, per_kind: int = SIGNALS_PER_KIND
+    engine: Engine, since: datetime, until: datetime, thresholds: SignalSettings, item_teams: Mapping[str, str] | None = None,
+    per_kind: int = SIGNALS_PER_KIND,
 ) -> dict[str, Any]:
     """The signals report as the page shows it (`shown_signals`). A large organisation's period has
     tens of thousands of signals (57,524 over 30 days of the seed organisation), more than a page can
     hold; computed in the report process, so only what is shown comes back."""
-    return shown_signals(gaming_signals(engine, since=since, until=until, thresholds=thresholds), per_kind)
+    return shown_signals(gaming_signals(engine, since=since, until=until, thresholds=thresholds, item_teams=item_teams), per_kind)
 
 
 def shown_signals(report: dict[str, Any], per_kind: int = SIGNALS_PER_KIND) -> dict[str, Any]:

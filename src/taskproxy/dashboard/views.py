@@ -30,7 +30,7 @@ from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
-from taskproxy.reports.named import overview_snapshot_name
+from taskproxy.reports.named import overview_snapshot_name, signal_options
 from taskproxy.reports.snapshots import kept_name
 from taskproxy.routes.common import in_thread, unless_client_leaves
 from taskproxy.routes.reports import period
@@ -268,9 +268,9 @@ async def signals(request: Request, session: Session) -> Response:
         report, since, until = kept.view, kept.since, kept.until
     else:
         since, until = period(request)
-        # The thresholds of the config's `signals:` section, as GET /api/reports/signals uses them.
-        thresholds = request.state.settings.signals
-        report = await unless_client_leaves(request, request.state.reports.run(data.signals_page, since=since, until=until, thresholds=thresholds))
+        # The options GET /api/reports/signals uses (the config's `signals:` thresholds, the projects' teams).
+        options = signal_options(request.state.settings)
+        report = await unless_client_leaves(request, request.state.reports.run(data.signals_page, since=since, until=until, **options))
     context = {"nav": "signals", "report": report, "since": since, "until": until, "periods": PERIODS, "kept": kept}
     return render(request, "signals.html", context, session=session)
 

@@ -2,7 +2,8 @@
 
 Definitions (the period is [since, until); times are naive UTC in the database, ISO 8601 with `Z` out):
 
-- **Item team**: `work_items.team` if set; otherwise the team that spent the most on the item over all
+- **Item team**: `work_items.team` if set; otherwise its tracker project's team in `work_items.teams`
+  (the id's project: `PROJ` of `PROJ-12`, `acme/web` of `acme/web#12`); otherwise the team that spent the most on the item over all
   time (sum of `usage_events.cost_usd`, unknown prices counting 0, then sum of `total_tokens`; ties go
   to the team name that sorts first; events without a team are not counted); otherwise none, and the
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
@@ -83,7 +84,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -307,13 +308,15 @@ def adoption_report(
     min_group_size: int = 5,
     stale_after_days: float = 14.0,
     size_bands: SizeBands | None = None,
+    item_teams: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The adoption report for [since, until), overall and per team (see the module docstring)."""
+    """The adoption report for [since, until), overall and per team (see the module docstring).
+    `item_teams`: the team of each tracker project's items (`work_items.teams`)."""
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     with one_snapshot(engine) as connection:
         items = data.load(connection, since, until)
-        data.assign_teams(connection, items, since, until)
+        data.assign_teams(connection, items, since, until, item_teams or {})
         people = privacy.team_sizes(connection)
         rejections = data.rejections(connection, since, until)
 

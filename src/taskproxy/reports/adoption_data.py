@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import DateTime, String, column, func, select, true, values
@@ -24,7 +25,7 @@ from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
+from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in, team_of_project
 from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
 
 MERGES_PER_QUERY = 10_000  # (ticket, moment) pairs bound in one VALUES list: two parameters each, PostgreSQL takes 65,535
@@ -285,9 +286,13 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
             item.status_at_until = first_after[item_id]  # type: ignore[assignment]
 
 
-def assign_teams(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
-    """Items without a team take the team that spent the most on them (all time; see adoption.py).
-    (Call after `load`: the items concerned are those used, completed or reopened in the period.)"""
+def assign_teams(connection: Connection, items: dict[str, Item], since: datetime, until: datetime, item_teams: Mapping[str, str]) -> None:
+    """Items without a team take their project's (`item_teams`), else the team that spent the most on
+    them (all time; see adoption.py). (Call after `load`: the items concerned are those used, completed
+    or reopened in the period.)"""
+    for item in items.values():
+        if item.team is None:
+            item.team = team_of_project(item.id, item_teams)
     teamless = sorted(
         item.id for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))
     )  # fmt: skip

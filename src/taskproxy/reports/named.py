@@ -38,7 +38,13 @@ OVERVIEW = NamedReport("taskproxy.dashboard.data", "overview")  # the dashboard'
 def adoption_options(settings: Settings) -> dict[str, Any]:
     """The adoption report's options from the settings: what the route, the CLI and the dashboard pass."""
     reports = settings.reports
-    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": reports.stale_after_days, "size_bands": reports.size_bands}
+    return {"min_group_size": settings.privacy.min_group_size, "stale_after_days": reports.stale_after_days, "size_bands": reports.size_bands,
+            "item_teams": settings.work_items.teams}  # fmt: skip
+
+
+def signal_options(settings: Settings) -> dict[str, Any]:
+    """The signals' options from the settings: what the route, the CLI, the dashboard and the snapshots pass."""
+    return {"thresholds": settings.signals, "item_teams": settings.work_items.teams}
 
 
 def overview_snapshot_name(settings: Settings) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from sqlalchemy import DateTime, String, and_, bindparam, func, or_, select, true
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -26,7 +26,7 @@ from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.timeutil import iso
-from taskproxy.workitems import changed_lines
+from taskproxy.workitems import changed_lines, team_of_project
 
 EVENTS = UsageEvent.__table__.c
 ITEMS = WorkItem.__table__.c
@@ -96,14 +96,14 @@ def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInf
     return keys
 
 
-def load_items(connection: Connection, ids: Iterable[str]) -> dict[str, ItemRow]:
-    """The registered items among `ids`, by id."""
+def load_items(connection: Connection, ids: Iterable[str], item_teams: Mapping[str, str]) -> dict[str, ItemRow]:
+    """The registered items among `ids`, by id; an item no one gave a team takes its project's (`item_teams`)."""
     found = {}
     columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted)
     for chunk in idsets.batches(connection, ids):
         # Unpacked, not read by name: a row's attribute costs about a microsecond.
         for item_id, status, completed_at, team, created_at, added, deleted in rows(connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk)))):
-            found[item_id] = ItemRow(status, completed_at, team, created_at, changed_lines(added, deleted))
+            found[item_id] = ItemRow(status, completed_at, team or team_of_project(item_id, item_teams), created_at, changed_lines(added, deleted))
     return found
 
 

@@ -91,6 +91,7 @@ cadence's intervals are computed by PostgreSQL (a row per key comes back); on SQ
 from __future__ import annotations
 
 from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -124,9 +125,10 @@ __all__ = ["KINDS", "SignalSettings", "gaming_signals", "signals_text"]
 
 
 def gaming_signals(
-    engine: Engine, *, since: datetime, until: datetime, thresholds: SignalSettings | None = None
+    engine: Engine, *, since: datetime, until: datetime, thresholds: SignalSettings | None = None, item_teams: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """The gaming signals of [since, until) (see the module docstring): advisory, ordered by kind then key id."""
+    """The gaming signals of [since, until) (see the module docstring): advisory, ordered by kind then key id.
+    `item_teams`: the team of each tracker project's items (`work_items.teams`), for an item no one gave one."""
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     t = thresholds or SignalSettings()
@@ -135,7 +137,7 @@ def gaming_signals(
         keys = load_keys(connection, spend)
         keys |= keys_from_events(connection, spend.keys() - keys.keys(), since, until)  # a key with events but no row
         touched = {item for per_item in spend.values() for item in per_item}
-        items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()))
+        items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()), item_teams or {})
         by_kind: dict[str, list[Found]] = {
             "repeated_prompt": repeated_prompts(connection, keys, spend, items, since, until, t),
             "spend_after_completion": after_completion(connection, items, since, until, t),

@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy import __version__, privacy
 from taskproxy.errors import InvalidRequest, NotFound
-from taskproxy.reports.named import ADOPTION, SIGNALS, adoption_options
+from taskproxy.reports.named import ADOPTION, SIGNALS, adoption_options, signal_options
 from taskproxy.reports.runner import ReportRunner
 from taskproxy.settings import Settings
 from taskproxy.storage import snapshots
@@ -115,7 +115,7 @@ def snapshot_name(report: str, fingerprint: object) -> str:
 
 def _api_options(settings: Settings) -> dict[str, dict[str, Any]]:
     """The API's snapshots' options: those their routes pass."""
-    return {"adoption": {"team": None, **adoption_options(settings)}, "signals": {"thresholds": settings.signals}}
+    return {"adoption": {"team": None, **adoption_options(settings)}, "signals": signal_options(settings)}
 
 
 def kept_name(settings: Settings, report: str) -> str:

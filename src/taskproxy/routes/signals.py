@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.audit import audit_read
-from taskproxy.reports.named import SIGNALS
+from taskproxy.reports.named import SIGNALS, signal_options
 from taskproxy.routes.common import JSON, admin, unless_client_leaves
 from taskproxy.routes.reports import latest_snapshot, period, snapshot_response, snapshot_wanted
 
@@ -23,8 +23,7 @@ async def signals(request: Request) -> Response:
         return snapshot_response(request, snapshot)
     since, until = period(request)
     audit_read(request.state.audit, request, principal)
-    thresholds = request.state.settings.signals
-    report = request.state.reports.run(SIGNALS, encode=orjson.dumps, since=since, until=until, thresholds=thresholds)
+    report = request.state.reports.run(SIGNALS, encode=orjson.dumps, since=since, until=until, **signal_options(request.state.settings))
     answer = await unless_client_leaves(request, report)
     return Response(answer, media_type=JSON.media_type)
 
