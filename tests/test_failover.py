@@ -43,6 +43,9 @@ def test_on_a_read_only_database_requests_are_answered_and_spooled_and_writes_as
             assert answer.status_code == 503, answer.text
             assert answer.json()["error"]["code"] == "service_unavailable"
             assert "read-only" in answer.json()["error"]["message"]
+        log = (tmp_path / "standby.log").read_text()
+        assert "the database cannot serve it" in log  # a warning line says so ...
+        assert "Traceback" not in log and "Exception in ASGI application" not in log  # ... not a bug's traceback, once per request
         engine = make_engine(writable_url)
         try:
             with running_server(writable, tmp_path / "after.log"):  # replays the standby's spool

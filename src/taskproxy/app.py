@@ -126,6 +126,13 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error, api_format_of(request.scope))
 
 
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """A database's error, answered here rather than by the catch-all below, whose response Starlette
+    sends and whose exception it then raises again for the server to log with its traceback: for a
+    database that cannot serve now (an outage, a standby), the warning line is the whole story."""
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     if (why := unavailable(exc)) is not None:  # not a bug: the database cannot serve now (an outage, a standby); a retry may succeed
         log.warning("%s %s: the database cannot serve it (%s: %s)", request.method, request.url.path, exc.__class__.__name__,
@@ -325,5 +332,5 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(HeaderLimit, max_bytes=settings.limits.max_header_bytes, routes=routes)],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_exception, Exception: _unexpected},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_exception, SQLAlchemyError: _database_error, Exception: _unexpected},
     )
