@@ -26,7 +26,7 @@ from taskproxy.guard.items import ItemCache, Policy
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage import changes, listen, spend
 from taskproxy.storage.changes import ChangeFeed
-from taskproxy.storage.db import make_engine, prepare_schema
+from taskproxy.storage.db import application_name, make_engine, prepare_schema
 from taskproxy.storage.models import ApiKey, Change, SpendCounter
 from taskproxy.timeutil import utcnow
 from taskproxy.upstream.mock import MockProvider
@@ -292,7 +292,7 @@ async def test_a_listener_cut_off_reconnects_reads_what_it_missed_and_listens_ag
         chosen = "pg_terminate_backend(pid)" if terminate else "pid"
         query = text(f"SELECT {chosen} FROM pg_stat_activity WHERE application_name = :name AND query = :listen")
         with engine.connect() as connection:
-            return len(connection.execute(query, {"name": listen.application_name(), "listen": f"LISTEN {changes.CHANNEL}"}).all())
+            return len(connection.execute(query, {"name": application_name("listener"), "listen": f"LISTEN {changes.CHANNEL}"}).all())
 
     async for a in start_proxy(make_settings(tmp_path / "a", database_url=postgres_url, **slow), provider, fake):
         async for b in start_proxy(make_settings(tmp_path / "b", database_url=postgres_url, **slow), provider, fake):

@@ -353,6 +353,11 @@ def _touch(engine: Engine, pid_folder: str) -> None:
     (Path(pid_folder) / "ready").touch()
 
 
+def _application_name(engine: Engine) -> str:
+    with engine.connect() as connection:
+        return str(connection.execute(text("SHOW application_name")).scalar_one())
+
+
 def _slow_report(engine: Engine) -> str:
     """A report's shape: a long query, then arithmetic with its snapshot open, then another query."""
     with one_snapshot(engine) as connection:
@@ -373,6 +378,9 @@ async def test_a_report_outlives_the_servers_query_and_idle_timeouts_and_keeps_i
         connection.execute(text("SELECT pg_sleep(0.6)"))
     runner = ReportRunner(serving)
     assert await runner.run(_slow_report) == "0"
+    with serving.connect() as connection:  # and a DBA tells them apart in pg_stat_activity
+        assert connection.execute(text("SHOW application_name")).scalar_one().startswith("taskproxy-proxy ")
+    assert (await runner.run(_application_name)).startswith("taskproxy-report ")
     limited = ReportRunner(serving, session=ReportSession(statement_timeout_seconds=0.4))
     with pytest.raises(OperationalError) as cancelled:
         await limited.run(_slow_report)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import re
+import socket
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +43,12 @@ CONNECTION_DEFAULTS: dict[str, int] = {
 
 
 log = logging.getLogger("taskproxy.db")
+
+def application_name(role: str) -> str:
+    """How a connection names itself in `pg_stat_activity`: its role (`proxy`, `report`, `listener`),
+    host and process, so that a DBA can tell whose connections fill the server (63 bytes at most)."""
+    return f"taskproxy-{role} {socket.gethostname()}:{os.getpid()}"[:63]
+
 
 def connection_defaults(url: URL) -> dict[str, int]:
     """`CONNECTION_DEFAULTS` but those `url` sets itself."""
@@ -130,8 +138,9 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, report
     # may run on another server connection, where the statement is missing or another client's has
     # the same name, and the query fails. taskproxy's repeated queries are lookups by key, whose
     # planning costs little.
+    named = {} if "application_name" in url.query else {"application_name": application_name("report" if report is not None else "proxy")}
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                           connect_args={"prepare_threshold": None, **connection_defaults(url)})  # fmt: skip
+                           connect_args={"prepare_threshold": None, **connection_defaults(url), **named})  # fmt: skip
     if client_check_ms is not None:
         # SET after connecting rather than a startup option (`-c ...` in `options`): PgBouncer refuses
         # connections whose startup packet carries options it does not know, and PostgreSQL 13 and older

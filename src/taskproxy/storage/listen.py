@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import socket
 import threading
 from collections.abc import Callable
 
@@ -25,16 +24,11 @@ import psycopg
 from sqlalchemy.engine import Engine
 
 from taskproxy.storage.changes import CHANNEL
-from taskproxy.storage.db import connection_defaults
+from taskproxy.storage.db import application_name, connection_defaults
 
 log = logging.getLogger("taskproxy.changes")
 STOP_SECONDS = 3.0  # close() waits this long for the thread at most
 RETRY_SECONDS = 5.0  # after the connection failed, before the next
-
-
-def application_name() -> str:
-    """How this process's listening connection names itself in `pg_stat_activity`."""
-    return f"taskproxy-listener {socket.gethostname()}:{os.getpid()}"[:63]
 
 
 class ChangeListener:
@@ -87,7 +81,7 @@ class ChangeListener:
                 self._stopping.wait(RETRY_SECONDS)
 
     def _serve(self, selector: selectors.BaseSelector) -> None:
-        with psycopg.connect(self._conninfo, autocommit=True, application_name=application_name(), **self._tcp) as connection:
+        with psycopg.connect(self._conninfo, autocommit=True, application_name=application_name("listener"), **self._tcp) as connection:
             connection.execute(f"LISTEN {CHANNEL}")
             socket_fd = connection.fileno()  # kept: a lost connection no longer tells its socket
             selector.register(socket_fd, selectors.EVENT_READ)
