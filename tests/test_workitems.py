@@ -49,10 +49,21 @@ def test_everything_else_is_refused(raw: object) -> None:
 @pytest.mark.parametrize(
     ("branch", "found"),
     [("feature/PROJ-123-retry", "PROJ-123"), ("fix/eng-7", "ENG-7"), ("eng-7-login", "ENG-7"), ("main", None), ("release", None),
-     ("dependabot/npm_and_yarn/lodash-4.17.21", None)],
+     ("dependabot/npm_and_yarn/lodash-4.17.21", None),
+     # GitHub's revert button names its branch revert-<pull request>-<the reverted branch>: the item is the branch's
+     ("revert-12-feature/PROJ-8-retry", "PROJ-8"), ("revert-3-fix/eng-7", "ENG-7"), ("revert-12-main", None)],
 )  # fmt: skip
 def test_branch_names(branch: str, found: str | None) -> None:
     assert IDS.from_branch(branch) == found
+
+
+def test_a_branch_names_the_first_id_of_a_known_project_where_it_names_several() -> None:
+    """`fix/py-3-compat-PROJ-8` took `PY-3`, an item nobody tracks; with `work_items.teams` naming the
+    projects, a branch's id of a known project wins over one found earlier. None known: the first."""
+    known = WorkItemIds(IDS.patterns, IDS.branch_patterns, projects=frozenset({"proj", "acme/web"}))
+    assert known.from_branch("fix/py-3-compat-PROJ-8") == "PROJ-8"
+    assert known.from_branch("fix/py-3-compat") == "PY-3"  # as before: no known project named
+    assert IDS.from_branch("fix/py-3-compat-PROJ-8") == "PY-3"  # no projects configured: the first, as before
 
 
 def test_configured_patterns_replace_the_defaults() -> None:

@@ -227,7 +227,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             telemetry = Telemetry(settings.telemetry, team_label)
             writer.listen(telemetry.record)
         writer.start()
-        ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
+        ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns, frozenset(settings.work_items.teams))
         upstream = provider if provider is not None else AiohttpClient()
         translator = Translator()
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):

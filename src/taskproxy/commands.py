@@ -127,7 +127,7 @@ def _ids(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from taskproxy.workitems import WorkItemIds
 
     settings = _settings(args)
-    return WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns)
+    return WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns, frozenset(settings.work_items.teams))
 
 
 def _work_items(args: argparse.Namespace):  # type: ignore[no-untyped-def]

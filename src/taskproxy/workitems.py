@@ -92,12 +92,17 @@ def _non_ascii(text: str) -> list[str]:
     return [c for c in text if not c.isascii()]
 
 
+_GITHUB_REVERT_BRANCH = re.compile(r"^revert-\d+-(?=.)")  # GitHub's revert button: revert-<pull request>-<the reverted branch>
+
+
 @dataclass(frozen=True)
 class WorkItemIds:
-    """Normalizes and validates ids against the configured patterns."""
+    """Normalizes and validates ids against the configured patterns. `projects`: the tracker projects
+    the config names (`work_items.teams`' keys, casefolded), whose ids a branch naming several prefers."""
 
     patterns: Sequence[str]
     branch_patterns: Sequence[str] = ()
+    projects: frozenset[str] = frozenset()
 
     @cached_property
     def _compiled(self) -> tuple[re.Pattern[str], ...]:
@@ -146,11 +151,23 @@ class WorkItemIds:
         return canonical
 
     def from_branch(self, branch: str) -> str | None:
-        """The id named in a git branch (`feature/PROJ-123-retry` → `PROJ-123`), if any pattern finds one."""
+        """The id named in a git branch (`feature/PROJ-123-retry` → `PROJ-123`), if any pattern finds one:
+        of those it names, the first of a known project (`projects`), else the first. A GitHub revert
+        branch (`revert-12-feature/PROJ-8-retry`) names the reverted branch's item, not `REVERT-12`."""
         if len(branch) > 255 or _CONTROL.search(branch):
             raise WorkItemInvalid("The X-Git-Branch header is longer than 255 characters or has control characters.")
+        branch = _GITHUB_REVERT_BRANCH.sub("", branch, count=1)
+        first: str | None = None
         for pattern in self._compiled_branch:
-            if match := pattern.search(branch):
-                found = match.groupdict().get("id") or (match.group(1) if pattern.groups else match.group(0))
-                return self.normalize(found)
-        return None
+            for match in pattern.finditer(branch):
+                raw = match.groupdict().get("id") or (match.group(1) if pattern.groups else match.group(0))
+                if first is not None:  # only looking for a known project's now: a later id that is not one is passed over
+                    try:
+                        found = self.normalize(raw)
+                    except WorkItemInvalid:
+                        continue
+                else:
+                    found = first = self.normalize(raw)
+                if not self.projects or project_of(found) in self.projects:
+                    return found
+        return first
