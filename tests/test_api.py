@@ -9,6 +9,7 @@ import pytest
 from conftest import ADMIN_KEY, BOTH_DATABASES, Proxy, wait_until
 from test_rollup import event
 
+from taskproxy import registry
 from taskproxy.storage import repo
 from taskproxy.storage.db import make_engine
 
@@ -337,3 +338,24 @@ async def test_raw_events_are_read_page_after_page_to_the_oldest(proxy: Proxy) -
     for cursor in ("nope", "MjAyNi0xMS0yMA", "%00", "x" * 2000):
         refused = await proxy.http.get("/api/usage/events", params={"after": cursor}, headers=proxy.admin_headers)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "after", cursor
+
+
+@BOTH_DATABASES
+async def test_work_items_are_listed_page_after_page(proxy: Proxy) -> None:
+    """Past the newest 10,000 items nothing could be listed; a full page now links to the next, read by
+    the index on (created_at, id) where the last page ended."""
+    created = datetime(2026, 11, 1, 9, 30, 0, 250000)
+    engine = make_engine(proxy.settings.database_url)
+    for n in range(8):  # four opened at one moment, four a microsecond apart, as a tracker's times may be
+        moment = created if n < 4 else created + timedelta(microseconds=n)
+        registry.transition(engine, f"PAGE-{n}", "open", source="jira", at=moment, fields={"team": "web"}, created_at=moment)
+    engine.dispose()
+    expected = [f"PAGE-{n}" for n in (7, 6, 5, 4)] + [f"PAGE-{n}" for n in (0, 1, 2, 3)]
+    path, read = "/api/work-items?team=web&limit=3", []
+    while path:
+        response = await proxy.http.get(path, headers=proxy.admin_headers)
+        assert response.status_code == 200, response.text
+        read += [item["id"] for item in response.json()]
+        link = response.headers.get("link")
+        path = link[1 : link.index(">")] if link else ""
+    assert read == expected

@@ -59,11 +59,10 @@ async def list_work_items(request: Request) -> Response:
     status = request.query_params.get("status")
     if status and status not in ITEM_STATUSES:
         raise InvalidRequest(f"'status' must be one of {', '.join(ITEM_STATUSES)}.", param="status")
-    items = await in_thread(
-        repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
-        limit=int_param(request, "limit", 1000, 10_000),
-    )  # fmt: skip
-    return JSON([item_json(i) for i in items])
+    limit = int_param(request, "limit", 1000, 10_000)
+    items = await in_thread(repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
+                            after=after_param(request), limit=limit)  # fmt: skip
+    return next_page(JSON([item_json(i) for i in items]), request, items, limit, (items[-1].created_at, items[-1].id) if items else None)
 
 
 async def create_work_item(request: Request) -> Response:

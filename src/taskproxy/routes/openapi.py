@@ -73,8 +73,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/keys/{key_id}": {"delete": _operation("Revoke a key", 200, _KEY, params=[_path("key_id")])},
             "/api/work-items": {
-                "get": _operation("List work items", 200, {"type": "array", "items": _ITEM},
-                                  params=[_query("status", {"enum": list(ITEM_STATUSES)}), _query("team", _STRING), limit]),
+                "get": _operation("List work items, newest first, a page at a time: a full page's Link header (rel=next) names the next",
+                                  200, {"type": "array", "items": _ITEM},
+                                  params=[_query("status", {"enum": list(ITEM_STATUSES)}), _query("team", _STRING), _query("after", _STRING), limit]),
                 "post": _operation("Register a work item", 201, _ITEM, request=request_schema(NewWorkItem)),
             },
             "/api/work-items/{item_id}": {

@@ -109,6 +109,7 @@ WorkItem = Rows(Table(
     _time("reworked_at", null=True, index=True),
     _text("rework_reason", 16, null=True),  # reverted | reopened
     _text("rework_by", 200, null=True),  # the reverting PR, or the delivery that reopened it
+    Index("ix_work_items_created_at_id", "created_at", "id"),  # GET /api/work-items: newest first, a page at a time (0018)
 ))  # fmt: skip
 
 # Each size a tracker reported for a work item, in order (the item keeps the latest).

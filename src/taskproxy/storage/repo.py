@@ -98,8 +98,11 @@ def get_work_item(engine: Engine, item_id: str) -> Row | None:
         return connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id)).first()
 
 
-def list_work_items(engine: Engine, *, status: str | None = None, team: str | None = None, limit: int = 1000) -> list[Row]:
-    query = select(_ITEMS).where(*_matching((_ITEMS.c.status, status), (_ITEMS.c.team, team))).order_by(_ITEMS.c.created_at.desc()).limit(limit)
+def list_work_items(engine: Engine, *, status: str | None = None, team: str | None = None, after: tuple[datetime, str] | None = None,
+                    limit: int = 1000) -> list[Row]:  # fmt: skip
+    """The items matching the filters, newest first (creation, then id), from after the item `after`."""
+    conditions = [*_matching((_ITEMS.c.status, status), (_ITEMS.c.team, team)), *_after(_ITEMS.c.created_at, _ITEMS.c.id, after)]
+    query = select(_ITEMS).where(*conditions).order_by(_ITEMS.c.created_at.desc(), _ITEMS.c.id).limit(limit)
     with engine.connect() as connection:
         return list(connection.execute(query))
 
@@ -121,12 +124,18 @@ def list_events(engine: Engine, *, work_item: str | None = None, key_id: str | N
     """The events matching the filters, newest first (time, then id), from after the event `after` (the
     (ts, id) of the last one of a page before): each page is read by index, however deep."""
     e = UsageEvent.__table__.c
-    conditions = [*_matching((e.work_item, work_item), (e.key_id, key_id)), *rollup.within(e.ts, since, until)]
-    if after is not None:  # ts <= first, so the index on ts (or key or item and ts) bounds the scan
-        conditions += [e.ts <= after[0], or_(e.ts < after[0], e.id > after[1])]
+    conditions = [*_matching((e.work_item, work_item), (e.key_id, key_id)), *rollup.within(e.ts, since, until), *_after(e.ts, e.id, after)]
     query = select(UsageEvent.__table__).where(*conditions).order_by(e.ts.desc(), e.id).limit(limit)
     with engine.connect() as connection:
         return list(connection.execute(query))
+
+
+def _after(moment: Any, row_id: Any, after: tuple[datetime, str] | None) -> list[Any]:
+    """Rows after `after` in the order newest first, then by id: a page's next. `moment <= ...` first,
+    so that an index on the moment (alone or after a filter's column) bounds the scan."""
+    if after is None:
+        return []
+    return [moment <= after[0], or_(moment < after[0], row_id > after[1])]
 
 
 def _matching(*pairs: tuple[Any, Any]) -> list[Any]:
