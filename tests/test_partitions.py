@@ -177,3 +177,47 @@ def test_maintenance_never_holds_the_writers_behind_a_long_report(postgres_url: 
     assert partitions.partition_name(old) in partitions.maintain(engine, datetime(2031, 5, 10), retention_months=2)  # the report is done
     assert _raw_count(engine, old, datetime(2031, 2, 1)) == 0
     engine.dispose()
+
+
+def test_a_month_made_late_takes_its_waiting_rows_and_retention_empties_what_no_report_reads(postgres_url: str) -> None:
+    """A report whose query has no time bound holds the default partition too, so attaching a month can
+    wait past its round; that month's rows then land in the default partition, where they stopped
+    every later attach for good. And a drop needs the table's exclusive lock, which any open report
+    holds off: the month past retention is emptied meanwhile, which only its own readers hold off."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    rng = random.Random(6)
+    partitions.maintain(engine, datetime(2031, 2, 15), retention_months=None)  # January 2031 to April
+    repo.write_batch(engine, events=_month_of_events(rng, datetime(2031, 1, 1), 4), rejections=[], new_items=[])
+    report = engine.connect()
+    report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    report.execute(select(func.count()).where(UsageEvent.key_id == "k1")).scalar_one()  # every partition, the default's too
+    try:
+        assert partitions.maintain(engine, datetime(2031, 4, 10), retention_months=None) == []  # May: not within the wait
+        with engine.connect() as connection:
+            assert datetime(2031, 5, 1) not in partitions.months(connection)
+        late = _month_of_events(rng, datetime(2031, 5, 1), 3)
+        repo.write_batch(engine, events=late, rejections=[], new_items=[])  # into the default partition
+    finally:
+        report.execute(text("COMMIT"))
+        report.close()
+    partitions.maintain(engine, datetime(2031, 4, 10), retention_months=None)
+    with engine.connect() as connection:
+        places = set(connection.execute(text("SELECT tableoid::regclass::text FROM usage_events WHERE id = ANY(:ids)"),
+                                        {"ids": [e["id"] for e in late]}).scalars())  # fmt: skip
+    assert places == {partitions.partition_name(datetime(2031, 5, 1))}  # moved in as the month was made
+    assert _raw_count(engine, datetime(2031, 5, 1), datetime(2031, 6, 1)) == 3
+
+    other_month = engine.connect()
+    other_month.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    other_month.execute(select(func.count()).where(UsageEvent.ts >= datetime(2031, 5, 1), UsageEvent.ts < datetime(2031, 6, 1))).scalar_one()
+    try:
+        kept_from = datetime(2031, 3, 1)
+        assert partitions.maintain(engine, datetime(2031, 5, 10), retention_months=2) == []  # the drops wait for the report ...
+        assert _raw_count(engine, datetime(2026, 1, 1), kept_from) == 0  # ... but January's events are gone already
+    finally:
+        other_month.execute(text("COMMIT"))
+        other_month.close()
+    dropped = partitions.maintain(engine, datetime(2031, 5, 10), retention_months=2)
+    assert partitions.partition_name(datetime(2031, 1, 1)) in dropped
+    engine.dispose()

@@ -201,7 +201,11 @@ def events_within(connection: Connection, spans: Sequence[Span]) -> Iterator[Any
             wanted = func.unnest(*arrays).table_valued("item", "key_id", "later_than", "earlier_than").render_derived(name="spans")
             on = and_(EVENTS.work_item == wanted.c.item, or_(wanted.c.key_id.is_(None), EVENTS.key_id == wanted.c.key_id),
                       EVENTS.ts > wanted.c.later_than, EVENTS.ts < wanted.c.earlier_than)  # fmt: skip
-            yield from connection.execute(select(*_EVENT_FIGURES).select_from(wanted.join(UsageEvent.__table__, on)))
+            # The spans' outer bounds as values too: the planner leaves out the months (partitions) none
+            # reaches, so the report's transaction holds no lock on them (nor on the default partition,
+            # which a month being made must lock: storage/partitions.py).
+            bounds = (EVENTS.ts > min(span[2] for span in chunk), EVENTS.ts < max(span[3] for span in chunk))
+            yield from connection.execute(select(*_EVENT_FIGURES).select_from(wanted.join(UsageEvent.__table__, on)).where(*bounds))
         return
     for start in range(0, len(spans), _RANGES_PER_QUERY):
         chunk = spans[start : start + _RANGES_PER_QUERY]

@@ -8,12 +8,15 @@ the partitions of the last, this and the next two months exist (at start and eve
 the spend counters are kept: reports of any period still add up, from whole days and hours.
 
 Maintenance never holds the writers behind a long report. A report reads in one snapshot for minutes
-(hours at an organisation's size), holding its share lock on the table until it ends; a statement
-wanting the table's exclusive lock waits for it, and every insert queues behind that statement. So a
-month's partition is made as a table of its own and attached, which locks the parent only against
-other schema changes (PostgreSQL's SHARE UPDATE EXCLUSIVE: reads and inserts go on), and dropping a
-partition, which must have the exclusive lock, waits at most `LOCK_WAIT_SECONDS`, or is left for the
-next round: retention can wait an hour, the writers cannot.
+(hours at an organisation's size), holding its share locks until it ends; a statement wanting an
+exclusive lock waits for it, and every insert queues behind that statement. So every statement here
+waits at most `LOCK_WAIT_SECONDS` for a lock, or is left for the next round (hourly):
+- a month's partition is made as a table of its own and attached, which locks the parent only
+  against other schema changes (SHARE UPDATE EXCLUSIVE: reads and inserts go on), and the default
+  partition (where that month's rows would wait if it came late: they are moved in first);
+- a month past retention is emptied first (TRUNCATE locks that partition alone, so only a report
+  reading that month holds it up), then dropped, which needs the parent's exclusive lock: with any
+  report open on the events that waits for a quiet moment, its space already given back.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from taskproxy.storage.failures import LOCK_NOT_AVAILABLE, sqlstate
+from taskproxy.storage.models import UsageEvent
 
 log = logging.getLogger("taskproxy.storage")
 PARENT = "usage_events"
+DEFAULT = f"{PARENT}_default"  # rows of a month without its partition (migration 0005)
 _NAME = re.compile(rf"^{PARENT}_p(\d{{4}})(\d{{2}})$")
 # One process at a time maintains a schema's partitions. Advisory locks are per database, so the lock is
 # the schema's: deployments in two schemas of one database (or tests side by side) must not skip each
@@ -54,12 +59,50 @@ def partition_name(month: datetime) -> str:
 
 
 def create_month(connection: Connection, month: datetime) -> None:
-    """Make `month`'s partition: a table like the parent, then attached (its indexes are made as it is,
-    on an empty table). `CREATE TABLE ... PARTITION OF` would take the parent's exclusive lock."""
+    """Make `month`'s partition: a table like the parent, the month's rows that waited in the default
+    partition moved into it, then attached (its indexes are made as it is). `CREATE TABLE ... PARTITION
+    OF` would take the parent's exclusive lock, and either would fail for good with rows of the month
+    left in the default partition (a month made late)."""
     start, end = month_start(month), month_start(month, 1)
     name = partition_name(start)
+    columns = ", ".join(c.name for c in UsageEvent.__table__.columns)  # named: the default partition's order may differ
     connection.execute(text(f"CREATE TABLE IF NOT EXISTS {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    connection.execute(text(
+        f"WITH waiting AS (DELETE FROM {DEFAULT} WHERE ts >= :start AND ts < :end RETURNING {columns}) "
+        f"INSERT INTO {name} ({columns}) SELECT {columns} FROM waiting"
+    ), {"start": start, "end": end})  # fmt: skip
     connection.execute(text(f"ALTER TABLE {PARENT} ATTACH PARTITION {name} FOR VALUES FROM ('{start:%Y-%m-%d}') TO ('{end:%Y-%m-%d}')"))
+
+
+def _within_wait(connection: Connection, statement: str) -> bool:
+    """Run `statement` in a savepoint; False if a lock it needs was not granted within the wait."""
+    try:
+        with connection.begin_nested():
+            connection.execute(text(statement))
+    except DBAPIError as exc:
+        if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            raise
+        return False
+    return True
+
+
+def retire(connection: Connection, past: list[datetime]) -> list[str]:
+    """Empty the partitions of the months `past` retention, then drop them; answers those dropped.
+    Emptying one waits only for the reports reading that month (those that do are emptied in a later
+    round); dropping waits for every report on the events, and the writers behind it: after the first
+    that cannot, the rest wait for a later round too."""
+    emptied = [month for month in past if _within_wait(connection, f"TRUNCATE {partition_name(month)}")]
+    for month in sorted(set(past) - set(emptied)):
+        log.warning("%s is past recording.retention_months, but a report is reading that month: it is emptied in a later round",
+                    partition_name(month))  # fmt: skip
+    dropped = []
+    for month in emptied:
+        if not _within_wait(connection, f"DROP TABLE {partition_name(month)}"):
+            log.info("%s is past recording.retention_months: its events are deleted, its empty table dropped in a later round "
+                     "(a report is reading the events)", partition_name(month))  # fmt: skip
+            break
+        dropped.append(partition_name(month))
+    return dropped
 
 
 def is_partitioned(connection: Connection) -> bool:
@@ -96,24 +139,14 @@ def maintain(engine: Engine, now: datetime, retention_months: int | None) -> lis
             try:
                 with connection.begin_nested():
                     create_month(connection, month)
-            except DBAPIError as exc:  # rows of that month wait in the default partition until a later round
-                log.warning("could not create the partition of %s (tried again in an hour): %s", f"{month:%Y-%m}", _why(exc))
+                made.add(month)
+            except DBAPIError as exc:
+                due = month <= month_start(now, 1)  # this month's or next month's rows would land in the default partition
+                (log.error if due else log.warning)("could not create the partition of %s (tried again in an hour): %s", f"{month:%Y-%m}", _why(exc))
         dropped: list[str] = []
         if retention_months is not None:
             oldest_kept = month_start(now, -retention_months)
-            for month in sorted(made):
-                if month >= oldest_kept:
-                    break
-                try:
-                    with connection.begin_nested():
-                        connection.execute(text(f"DROP TABLE {partition_name(month)}"))
-                except DBAPIError as exc:
-                    if sqlstate(exc) != LOCK_NOT_AVAILABLE:
-                        raise
-                    log.warning("%s is past recording.retention_months but a long report is reading it: dropped in a later round",
-                                partition_name(month))  # fmt: skip
-                    break  # the older ones first: the same report reads the rest, most likely
-                dropped.append(partition_name(month))
+            dropped = retire(connection, sorted(m for m in made if m < oldest_kept))
     for name in dropped:
         log.info("dropped %s: its raw events are past recording.retention_months (the rollups keep their sums)", name)
     return dropped
