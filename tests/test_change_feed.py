@@ -8,6 +8,7 @@ import asyncio
 import gc
 import os
 import threading
+import tracemalloc
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,15 @@ def test_a_hole_is_given_up_on_after_its_own_time_not_the_first_holes(tmp_path: 
     read |= feed.read(now).of(changes.KEY)
     clock[0] += 1.1
     assert feed.read(now).refs == {} and feed.position == 6
+
+    commit(3_000_007, "far")  # numbers that jump by millions (a sequence moved on by hand): a run, not a hole each
+    tracemalloc.start()
+    assert feed.read(now).of(changes.KEY) == {"far"}
+    clock[0] += 1.1
+    feed.read(now)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert feed.position == 3_000_007 and peak < 1024 * 1024, peak
     engine.dispose()
 
 

@@ -114,6 +114,9 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"reports": {"size_bands": {"lines": [200, 50]}}}, "reports.size_bands.lines: the bounds must be non-negative and strictly increasing"),
         ({"reports": {"size_bands": {"points": [-1]}}}, "reports.size_bands.points: the bounds must be"),
         ({"reports": {"work_mem_mb": 3_000_000}}, "reports.work_mem_mb: Input should be less than or equal to 2097151"),
+        ({"reports": {"statement_timeout_seconds": 2_592_000}}, "reports.statement_timeout_seconds: Input should be less than or equal to 2147483"),
+        ({"work_items": {"teams": {"PAY": "payments", " pay": "growth"}}}, "work_items.teams: the project 'pay' is named twice"),
+        ({"work_items": {"teams": {"PAY": " "}}}, "work_items.teams: each project and its team must be named"),
         # Each of these was a traceback (or, the last two, a 500 on requests or deliveries later).
         ({"trackers": {"github": {"secret_env": ["GH"]}}}, "trackers.github.secret_env: must be the name of an environment variable, not list"),
         ({"trackers": {"jira": {"token_env": {"a": 1}}}}, "trackers.jira.token_env: must be the name of an environment variable, not dict"),

@@ -60,7 +60,7 @@ from taskproxy.storage import partitions
 from taskproxy.storage.db import ReportSession, make_engine, ping, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
-from taskproxy.storage.failures import RETRY_SECONDS, unavailable
+from taskproxy.storage.failures import QUERY_CANCELED, RETRY_SECONDS, sqlstate, unavailable
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 from taskproxy.trackers.base import Tracker
@@ -137,7 +137,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     if (why := unavailable(exc)) is not None:  # not a bug: the database cannot serve now (an outage, a standby); a retry may succeed
         log.warning("%s %s: the database cannot serve it (%s: %s)", request.method, request.url.path, exc.__class__.__name__,
                     (str(exc).splitlines() or [""])[0][:300])  # fmt: skip
-        return error_response(ServiceUnavailable(why, retry_after=RETRY_SECONDS), api_format_of(request.scope))
+        # No Retry-After for a query cancelled by its timeout: a retry meets the same timeout.
+        retry_after = None if sqlstate(exc) == QUERY_CANCELED else RETRY_SECONDS
+        return error_response(ServiceUnavailable(why, retry_after=retry_after), api_format_of(request.scope))
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(InternalError("The proxy failed unexpectedly; the error is logged."), api_format_of(request.scope))
 

@@ -31,7 +31,7 @@ def _engine(args: argparse.Namespace, *, report: bool = False):  # type: ignore[
         # one that no admin command finds from elsewhere: say which one it is.
         print(f"taskproxy: no config (--config, $TASKPROXY_CONFIG, {DEFAULT_CONFIG_PATH}) and no $TASKPROXY_DATABASE_URL: "
               f"using {settings.database_url} in {os.getcwd()}", file=sys.stderr)  # fmt: skip
-    engine = make_engine(settings.database_url, report=ReportSession.of(settings.reports) if report else None)
+    engine = make_engine(settings.database_url, report=ReportSession.of(settings.reports) if report else None, role="cli")
     prepare_schema(engine)
     return engine
 

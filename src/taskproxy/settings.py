@@ -97,10 +97,15 @@ class WorkItemSettings(_Frozen):
     @field_validator("teams")
     @classmethod
     def _projects(cls, value: dict[str, str]) -> dict[str, str]:
+        found: dict[str, str] = {}
         for project, team in value.items():
-            if not project.strip() or not team.strip():
+            key = project.strip().casefold()
+            if not key or not team.strip():
                 raise ValueError("each project and its team must be named")
-        return {project.strip().casefold(): team.strip() for project, team in value.items()}
+            if key in found:  # PAY and pay are one project: which team would it be?
+                raise ValueError(f"the project {project.strip()!r} is named twice (names are case-insensitive)")
+            found[key] = team.strip()
+        return dict(sorted(found.items()))  # in one order: the reports' snapshots are named after their options
 
     @field_validator("patterns", "branch_patterns")
     @classmethod
@@ -238,7 +243,7 @@ class ReportSettings(_Frozen):
     # their own, whatever the server's or the role's `statement_timeout` (a DBA's guard for the serving
     # connections would end every report at an organisation's size), and are exempt from
     # `idle_in_transaction_session_timeout`: a report does its arithmetic between its queries.
-    statement_timeout_seconds: float = Field(default=0, ge=0, le=MAX_DAYS * 86400)
+    statement_timeout_seconds: float = Field(default=0, ge=0, le=2_147_483)  # PostgreSQL's bound (milliseconds in an int)
 
 
 class TelemetrySettings(_Frozen):

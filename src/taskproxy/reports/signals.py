@@ -45,7 +45,8 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
 - `cost_outlier`: items completed in the period (status `done`, `completed_at` in the period) are
   compared within their team. An item's cost is all the spend it ever had (as in the adoption report);
   items none of whose events has a known price are left out. An item's team is `work_items.team`, else
-  the team that spent the most on it over all time (cost, then tokens, then name); items with neither
+  its project's in the config's `work_items.teams`, else the team that spent the most on it over all
+  time (cost, then tokens, then name); items with none
   are not compared. In a team with at least `cost_min_items` [5] such items, with m the median and MAD
   the median absolute deviation of their costs, an item's robust z-score is 0.6745 × (cost − m) / MAD
   (when MAD is 0: (cost − m) / (1.253314 × mean absolute deviation from m); when that is 0 too, nothing

@@ -17,6 +17,7 @@ change that refuses requests is committed (storage/listen.py).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -63,8 +64,11 @@ class ChangeFeed:
         self._retention = retention
         self._low = 0  # every change numbered up to here has been read (or given up on)
         self._seen: set[int] = set()  # read, above `_low`
-        self._missing: dict[int, float] = {}  # numbers above `_low` a read passed over unread: since when
-        self._passed = 0  # the highest number read so far (numbers below it not read are holes)
+        # Runs of numbers a read passed over (first, last, when), oldest first: those not read since
+        # (not in `_seen`) are holes. A run, not a number each: numbers can jump by millions (a sequence
+        # moved on by hand), and a hole is timed from the read that first passed it.
+        self._passed_over: deque[tuple[int, int, float]] = deque()
+        self._passed = 0  # the highest number read so far
         self._last_read: float | None = None
         self._last_prune = 0.0
 
@@ -85,7 +89,6 @@ class ChangeFeed:
         for seq, kind, ref in rows:
             if seq not in self._seen:
                 self._seen.add(seq)
-                self._missing.pop(seq, None)
                 found.refs.setdefault(kind, set()).add(ref)
         self._advance(monotonic)
         if monotonic - self._last_prune > 3600:
@@ -96,21 +99,25 @@ class ChangeFeed:
 
     def _advance(self, monotonic: float) -> None:
         # Holes below what was read: transactions still open, or rolled back. Each is timed from the
-        # read that first passed over it (numbers are only ever passed once, so this is per number).
+        # read that first passed over it, not from the oldest hole: under load holes follow one another.
         top = max(self._seen, default=self._low)
-        for seq in range(max(self._low, self._passed) + 1, top):
-            if seq not in self._seen:
-                self._missing[seq] = monotonic
+        first = max(self._low, self._passed) + 1
+        if first < top:
+            self._passed_over.append((first, top - 1, monotonic))
         self._passed = max(self._passed, top)
         while True:
             following = self._low + 1
             if following in self._seen:
                 self._seen.discard(following)
-            elif following in self._missing and monotonic - self._missing[following] > self._hole_seconds:
-                del self._missing[following]  # given up on
-            else:
+                self._low = following
+                continue
+            while self._passed_over and self._passed_over[0][1] < following:
+                self._passed_over.popleft()
+            if not self._passed_over or self._passed_over[0][0] > following or monotonic - self._passed_over[0][2] <= self._hole_seconds:
                 return
-            self._low = following
+            # Given up on: the unread numbers from here to the next one read, within this run.
+            later = [seq for seq in self._seen if seq > following]
+            self._low = min(self._passed_over[0][1], min(later) - 1) if later else self._passed_over[0][1]
 
     @property
     def position(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import re
 import socket
@@ -100,18 +101,20 @@ class ReportSession:
         return cls(work_mem_mb=reports.work_mem_mb, statement_timeout_seconds=reports.statement_timeout_seconds)
 
     def statements(self) -> list[str]:
-        found = [f"SET LOCAL statement_timeout = {int(self.statement_timeout_seconds * 1000)}", "SET LOCAL idle_in_transaction_session_timeout = 0"]
+        limit_ms = math.ceil(self.statement_timeout_seconds * 1000)  # up: a limit under a millisecond is not "none" (0)
+        found = [f"SET LOCAL statement_timeout = {limit_ms}", "SET LOCAL idle_in_transaction_session_timeout = 0"]
         return [*found, f"SET LOCAL work_mem = '{int(self.work_mem_mb)}MB'"] if self.work_mem_mb else found
 
 
-def make_engine(database_url: str, *, client_check_ms: int | None = None, report: ReportSession | None = None) -> Engine:
+def make_engine(database_url: str, *, client_check_ms: int | None = None, report: ReportSession | None = None, role: str = "proxy") -> Engine:
     """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
     runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
     `client_connection_check_interval`; SQLite's queries end with their process: ignored there). For
     processes that may be killed outright mid-query, such as the reports': otherwise the query runs to
     its end for nobody.
     `report` (PostgreSQL): an engine that computes period reports, never the serving one: what each of
-    its transactions sets for itself (`ReportSession`)."""
+    its transactions sets for itself (`ReportSession`). `role`: how its connections name themselves
+    otherwise (`application_name`: `proxy`, `cli`)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         # LIFO: the connection used last is handed out again, so the writer and the periodic reloads
@@ -138,7 +141,7 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, report
     # may run on another server connection, where the statement is missing or another client's has
     # the same name, and the query fails. taskproxy's repeated queries are lookups by key, whose
     # planning costs little.
-    named = {} if "application_name" in url.query else {"application_name": application_name("report" if report is not None else "proxy")}
+    named = {} if "application_name" in url.query else {"application_name": application_name("report" if report is not None else role)}
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
                            connect_args={"prepare_threshold": None, **connection_defaults(url), **named})  # fmt: skip
     if client_check_ms is not None:

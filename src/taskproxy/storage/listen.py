@@ -40,6 +40,7 @@ class ChangeListener:
         # A connection that only listens sends nothing: without keepalives, a peer gone silently would
         # leave the listener waiting for good while the timers alone keep the caches fresh.
         self._tcp = connection_defaults(engine.url)
+        self._named = {} if "application_name" in engine.url.query else {"application_name": application_name("listener")}
         self._on_change = on_change
         self._stopping = threading.Event()
         self._wake: tuple[int, int] | None = None  # close() writes to it: the thread waits on the socket and on this
@@ -81,7 +82,7 @@ class ChangeListener:
                 self._stopping.wait(RETRY_SECONDS)
 
     def _serve(self, selector: selectors.BaseSelector) -> None:
-        with psycopg.connect(self._conninfo, autocommit=True, application_name=application_name("listener"), **self._tcp) as connection:
+        with psycopg.connect(self._conninfo, autocommit=True, **self._named, **self._tcp) as connection:
             connection.execute(f"LISTEN {CHANNEL}")
             socket_fd = connection.fileno()  # kept: a lost connection no longer tells its socket
             selector.register(socket_fd, selectors.EVENT_READ)
