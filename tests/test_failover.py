@@ -4,6 +4,7 @@ a 503 it can retry, not a 500 that calls it a bug; a writable database gets ever
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -14,8 +15,10 @@ import pytest
 from conftest import postgres_schema, read_only
 from serve_helpers import fake_upstream, run_cli, running_server, write_config
 from sqlalchemy import func, select
+from starlette.requests import Request
 from webhook_payloads import GITHUB_SECRET, github_headers, github_issue
 
+from taskproxy.app import _database_error
 from taskproxy.storage.db import make_engine
 from taskproxy.storage.models import UsageEvent
 
@@ -93,5 +96,10 @@ def test_only_the_databases_own_state_is_a_503_a_bug_keeps_its_500(tmp_path: Pat
         try:
             assert "read-only" in (unavailable(error_of(standby, "CREATE TABLE t (x int)")) or "")
             assert unavailable(error_of(standby, "SELECT * FROM missing")) is None
+            # A query past its timeout: a 503 that says so, and no Retry-After (a retry meets the same timeout).
+            timed_out = error_of(standby, "SET LOCAL statement_timeout = 1; SELECT pg_sleep(0.2)")
+            answer = asyncio.run(_database_error(Request({"type": "http", "method": "GET", "path": "/api/reports/signals", "headers": []}), timed_out))
+            assert answer.status_code == 503 and "retry-after" not in answer.headers
+            assert "statement_timeout" in json.loads(answer.body)["error"]["message"]
         finally:
             standby.dispose()
