@@ -157,7 +157,8 @@ class Expected:
             done = [c.at for c in item.changes if c.after == "done" and c.at <= mark[0]][-1]
         else:
             done = None
-        return any(e.status < 400 for e in events) and (done is None or min(e.ts for e in events) <= done)
+        answers = [e.ts for e in events if e.status < 400]  # (this organisation counts no tokens)
+        return bool(answers) and (done is None or min(answers) <= done)
 
     def without_outcome(self, item: Item) -> tuple[str | None, datetime | None]:
         """Which spend without outcome the item's period spend is, and the moment (its last merged PR's

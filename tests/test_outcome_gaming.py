@@ -67,13 +67,18 @@ async def test_a_request_sent_only_after_the_item_was_done_does_not_make_it_ai_a
         if done.status_code == 404:  # not met in a request yet: registered as done
             made = await proxy.http.post("/api/work-items", json={"id": item, "status": "done"}, headers=proxy.admin_headers)
             assert made.status_code == 201, made.text
-    for item in ("HAND-1", "HAND-2", "WORK-1"):  # after the fact
+    counted = await proxy.http.post("/v1/messages/count_tokens", json=ASK, headers={**headers, "x-work-item": "HAND-3"})
+    assert counted.status_code == 200, counted.text  # a free token count before it is done is no AI use (review)
+    await proxy.events(2)
+    done = await proxy.http.patch("/api/work-items/HAND-3", json={"status": "done"}, headers=proxy.admin_headers)
+    assert done.status_code == 200, done.text
+    for item in ("HAND-1", "HAND-2", "HAND-3", "WORK-1"):  # after the fact
         tagged = await proxy.http.post("/v1/chat/completions", json=ASK, headers={**headers, "x-work-item": item})
         assert tagged.status_code == 200, tagged.text
-    await proxy.events(4)
+    await proxy.events(6)
     report = await proxy.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
     overall = report["overall"]
-    assert (overall["completed_items"], overall["ai_assisted_items"]) == (3, 1), overall
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (4, 1), overall
     assert overall["spend_after_completion_usd"] > 0  # what came after is still spend, counted as such
 
 

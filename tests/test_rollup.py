@@ -108,6 +108,11 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         s["first_ts"], s["last_ts"] = min(s["first_ts"], e.ts), max(s["last_ts"], e.ts)
         if unit == "key":  # the hours of the day with a request
             s["request_hours"] |= (1 << e.ts.hour) if e.attempt == 1 and e.route != COUNT_TOKENS else 0
+        if unit == "item":  # the first answer that generated something
+            answered = e.status < 400 and e.route != COUNT_TOKENS
+            s.setdefault("first_answered_ts", None)
+            if answered and (s["first_answered_ts"] is None or e.ts < s["first_answered_ts"]):
+                s["first_answered_ts"] = e.ts
     return {k: dict(v) for k, v in found.items()}
 
 

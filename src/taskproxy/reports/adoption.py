@@ -10,10 +10,10 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
 - **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
   not completed). It counts with all the spend it ever had (all its events, whenever they happened).
 - **AI-assisted**: a completed item with at least one usage event whose status is below 400 and that
-  is not a token count (`/v1/messages/count_tokens`: it generates nothing, and costs nothing), and
-  whose first event (any status, all time) is no later than its `completed_at` (for an item reopened
-  since, than the completion the reopening undid): requests sent only after the work was done do not
-  make it assisted (they are spend after completion).
+  is not a token count (`/v1/messages/count_tokens`: it generates nothing, and costs nothing), the
+  first of them (`usage_item_totals.first_answered_ts`, all time) no later than its `completed_at` (for
+  an item not done now, than the completion its reopening undid): requests sent only after the work
+  was done do not make it assisted (they are spend after completion).
 - `ai_assisted_share` = ai_assisted_items / completed_items (null when nothing was completed).
 - `cost_per_completed_item`, `tokens_per_completed_item`: over the AI-assisted completed items, the
   per-item total (sum of `cost_usd` / of `total_tokens` over all the item's events) as

@@ -55,6 +55,7 @@ class Item:
     tokens: int = 0
     answered: bool = False  # at least one event (all time) below status 400 that is not a token count
     first_used: datetime | None = None  # its first event (all time, any status)
+    first_answered: datetime | None = None  # its first answer that generated something (None: unknown, see 0019)
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
@@ -76,11 +77,14 @@ class Item:
 
     @property
     def ai_assisted(self) -> bool:
-        """Answered at least once (not a token count), and used before the completion that counts: its
-        first event no later than its `completed_at` (done), or than the completion its reopening undid.
-        A request sent only after the work was done (tagging after the fact) does not make it assisted."""
+        """Answered (not a token count) before the completion that counts: its first such answer no later
+        than its `completed_at` (done), or than the completion its reopening undid. A request sent only
+        after the work was done (tagging after the fact) does not make it assisted, nor does a free token
+        count or a failed request before it. (Answers only in raw partitions dropped before migration
+        0019 are not dated: then its first event of any kind stands in.)"""
         done = self.completed_at if self.status == "done" else self.reopened_completion
-        return self.answered and self.first_used is not None and (done is None or self.first_used <= done)
+        began = self.first_answered or self.first_used
+        return self.answered and began is not None and (done is None or began <= done)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
         """The completion that puts the item in the period did not hold: a merged PR reverted (its one
@@ -106,12 +110,15 @@ class Item:
         reopened = self.reopened_completion
         return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
 
-    def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None) -> None:
+    def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None,
+                  first_answered: datetime | None) -> None:  # fmt: skip
         """The item's all-time usage of `model` (one call per model)."""
         self.by_model[model] = (attempts, answered, cost, tokens)
         self.answered = self.answered or answered > 0
         if first_used is not None and (self.first_used is None or first_used < self.first_used):
             self.first_used = first_used
+        if first_answered is not None and (self.first_answered is None or first_answered < self.first_answered):
+            self.first_answered = first_answered
         if cost is not None:
             self.cost = (self.cost or 0) + cost
         self.tokens += tokens
@@ -232,11 +239,11 @@ def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) 
 
 def _fill_usage(connection: Connection, items: dict[str, Item], where: Any) -> None:
     found = rollup.grouped(connection, by=("work_item", "model"), period=rollup.LIFETIME,
-                           fields=("attempts", "answered", "cost_nanos", "total_tokens", "first_used"), where=where)  # fmt: skip
-    for work_item, model, attempts, answered, cost, tokens, first_used in found:
+                           fields=("attempts", "answered", "cost_nanos", "total_tokens", "first_used", "first_answered"), where=where)  # fmt: skip
+    for work_item, model, attempts, answered, cost, tokens, first_used, first_answered in found:
         item = items.get(work_item)
         if item is not None:
-            item.add_usage(model, int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0), first_used)
+            item.add_usage(model, int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0), first_used, first_answered)
 
 
 def _period_spend(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:

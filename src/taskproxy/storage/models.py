@@ -280,6 +280,10 @@ UsageTeamDaily = Rows(Table(
 UsageItemTotals = Rows(Table(
     "usage_item_totals", metadata,
     *_sums(bucket=False), *_usage_keys(),
+    # The first answer that generated something (status < 400, not a token count): when AI use on the
+    # item began, which the adoption report compares with its completion (0019; NULL: none, or only in
+    # raw partitions dropped before 0019).
+    _time("first_answered_ts", null=True),
     PrimaryKeyConstraint("work_item", "team", "model"),
 ))  # fmt: skip
 

@@ -108,7 +108,7 @@ KEY_DAILY = Level("day", UsageKeyDaily.__table__, ("bucket", "key_id", "work_ite
 KEY_LEVELS = (KEY_DAILY,)  # per key: whole days, then the raw events
 TEAM_DAILY = Level("day", UsageTeamDaily.__table__, ("bucket", "team", "model"))
 TEAM_LEVELS = (TEAM_DAILY, HOURLY)  # per team or model: whole days, whole hours, then the raw events
-ITEM_TOTALS = Level(None, UsageItemTotals.__table__, ("work_item", "team", "model"))
+ITEM_TOTALS = Level(None, UsageItemTotals.__table__, ("work_item", "team", "model"), extra=("first_answered_ts",))
 WRITTEN = (HOURLY, DAILY, KEY_DAILY, TEAM_DAILY, ITEM_TOTALS)  # the order the writer upserts in
 
 
@@ -137,6 +137,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
     per_team: dict[tuple, list] = {}
     lifetime: dict[tuple, list] = {}
     hours_of: dict[tuple, int] = defaultdict(int)  # per key row: the hours with a request (`request_hours`)
+    answered_from: dict[tuple, datetime] = {}  # per lifetime row: the first answer (`first_answered_ts`)
     for event in events:
         ts = event["ts"]
         hour = ts.replace(minute=0, second=0, microsecond=0)
@@ -157,12 +158,18 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         hours_of[key_row] |= (1 << ts.hour) if counts[3] else 0  # a request
         _accumulate(per_team, (hour.replace(hour=0), team, model), counts, cost, ts)
         _accumulate(lifetime, (item, team, model), counts, cost, ts)
+        if ok and not counts[2]:  # answered, not a token count
+            known = answered_from.get((item, team, model))
+            if known is None or ts < known:
+                answered_from[(item, team, model)] = ts
     found = {}
     for level, sums in ((HOURLY, hourly), (DAILY, daily), (KEY_DAILY, per_key), (TEAM_DAILY, per_team), (ITEM_TOTALS, lifetime)):
         columns = (*level.key, *COUNTS, "cost_nanos", "first_ts", "last_ts")
         found[level] = [dict(zip(columns, (*key, *counts, cost, first, last))) for key, (counts, cost, first, last) in sorted(sums.items())]
     for row in found[KEY_DAILY]:
         row["request_hours"] = hours_of[tuple(row[name] for name in KEY_DAILY.key)]
+    for row in found[ITEM_TOTALS]:
+        row["first_answered_ts"] = answered_from.get((row["work_item"], row["team"], row["model"]))
     return found
 
 
@@ -175,7 +182,7 @@ def _merges(level: Level, dialect: str) -> dict[str, str]:
     merges["first_ts"] = f"{least}({table}.first_ts, excluded.first_ts)"
     merges["last_ts"] = f"{greatest}({table}.last_ts, excluded.last_ts)"
     for name in level.extra:
-        merges[name] = f"{table}.{name} | excluded.{name}"  # both dialects' bitwise OR
+        merges[name] = EXTRA_MERGES[name].format(table=table, name=name, least=least)
     return merges
 
 
@@ -211,7 +218,18 @@ def request_hours(events: Any, dialect: str) -> ColumnElement:
     return func.sum(distinct(case((request_clause(events), literal_column("1").op("<<")(hour)), else_=0)))
 
 
-EXTRAS: dict[str, Callable[[Any, str], ColumnElement]] = {"request_hours": request_hours}  # Level.extra: column -> its aggregate
+def first_answered(events: Any, dialect: str) -> ColumnElement:
+    """The earliest of `events` answered with something generated (status < 400, not a token count)."""
+    return func.min(case((and_(events.status < 400, events.route != COUNT_TOKENS_ROUTE), events.ts)))
+
+
+EXTRAS: dict[str, Callable[[Any, str], ColumnElement]] = {"request_hours": request_hours, "first_answered_ts": first_answered}  # Level.extra: column -> its aggregate
+# How an upsert folds an extra's delta into the row: the hours' bits OR-ed (both dialects' `|`); the
+# earliest answer kept (LEAST/MIN of two ignore a NULL on PostgreSQL; SQLite's min() answers NULL, hence COALESCE).
+EXTRA_MERGES = {
+    "request_hours": "{table}.{name} | excluded.{name}",
+    "first_answered_ts": "COALESCE({least}({table}.{name}, excluded.{name}), {table}.{name}, excluded.{name})",
+}
 
 
 SOURCE_COLUMNS = ("ts", "work_item", "team", "model", "owner", "key_id", "attempt", "route", "status", *TOKENS, "cost_nanos")
@@ -333,6 +351,8 @@ def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
     found["cost_nanos"] = _Aggregate(func.sum(events.cost_nanos), _sum_of("cost_nanos"))  # NULL when no price is known
     found["unpriced_attempts"] = _Aggregate(func.sum(case((events.cost_nanos.is_(None), 1), else_=0)), _sum_of("unpriced_events"))
     found["first_used"] = _Aggregate(func.min(events.ts), lambda c: func.min(c.first_ts), func.min)
+    # The per-item totals alone keep it (`first_answered_ts`): read it over LIFETIME.
+    found["first_answered"] = _Aggregate(func.min(case((and_(ok, ~token_count), events.ts))), lambda c: func.min(c.first_answered_ts), func.min)
     found["last_used"] = _Aggregate(func.max(events.ts), lambda c: func.max(c.last_ts), func.max)
     return found
 
