@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import ADMIN_KEY, BOTH_DATABASES, Proxy, wait_until
@@ -359,3 +360,29 @@ async def test_work_items_are_listed_page_after_page(proxy: Proxy) -> None:
         link = response.headers.get("link")
         path = link[1 : link.index(">")] if link else ""
     assert read == expected
+
+
+@pytest.mark.anyio
+async def test_a_run_the_proxy_would_refuse_is_refused_before_its_agent_starts(tmp_path: Path) -> None:
+    """`taskproxy run --item` and `use` asked only whether the id was well formed: in `known` or `active`
+    mode the agent then started and met 403 on its first request (Codex reconnecting five times). And a
+    word in the branch that is no item here (fix/utf-8-names) beat a valid binding."""
+    from conftest import make_settings, start_proxy
+
+    from taskproxy.fake_provider import FakeProvider
+    from taskproxy.upstream.mock import MockProvider
+
+    fake = FakeProvider()
+    async for proxy in start_proxy(make_settings(tmp_path, work_items={"mode": "active"}), MockProvider.asgi(fake.app()), fake):
+        for item, status in (("PROJ-42", "in_progress"), ("PROJ-50", "closed")):
+            made = await proxy.http.post("/api/work-items", json={"id": item, "status": status}, headers=proxy.admin_headers)
+            assert made.status_code == 201, made.text
+        me = {"authorization": f"Bearer {await proxy.new_key()}"}
+        for query, code in (({"item": "PROJ-77"}, "work_item_unknown"), ({"item": "PROJ-50"}, "work_item_closed")):
+            refused = await proxy.http.get("/api/me/work-item", params=query, headers=me)
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == code, refused.text
+        bind = await proxy.http.put("/api/me/work-item", json={"work_item": "PROJ-77"}, headers=me)
+        assert bind.status_code == 403 and bind.json()["error"]["code"] == "work_item_unknown"
+        assert (await proxy.http.put("/api/me/work-item", json={"work_item": "PROJ-42"}, headers=me)).status_code == 200
+        run = (await proxy.http.get("/api/me/work-item", params={"branch": "fix/utf-8-names"}, headers=me)).json()["run"]
+        assert run == {"work_item": "PROJ-42", "source": "binding"}  # UTF-8 is no item here: the binding

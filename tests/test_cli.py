@@ -542,3 +542,12 @@ def test_db_replay_set_aside_writes_what_was_set_aside_once_its_cause_is_fixed(t
         assert connection.execute(AuditEntry.__table__.select()).first().id == "a1"
     engine.dispose()
     assert not (tmp_path / "spool.rejected.jsonl").exists()
+
+
+def test_a_providers_own_key_in_openai_api_key_is_not_sent_to_the_proxy() -> None:
+    """With no TASKPROXY_API_KEY the developer commands fell back to OPENAI_API_KEY whatever it held: a
+    developer's own `sk-proj-...` went to the proxy (and was refused as "not valid")."""
+    from taskproxy.config import ClientSettings
+
+    assert ClientSettings.load(url=None, key=None, env={"OPENAI_API_KEY": "sk-proj-mine"}).key is None
+    assert ClientSettings.load(url=None, key=None, env={"OPENAI_API_KEY": "tp-abc"}).key == "tp-abc"

@@ -10,6 +10,7 @@ The agents are looked for in $TASKPROXY_AGENTS_DIR (default ~/.cache/taskproxy-a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
-from taskproxy.launch import WorkItemChoice, agent_of, exports, launch
+from taskproxy.launch import WorkItemChoice, agent_of, choice_for_run, exports, launch
 
 pytestmark = pytest.mark.serve
 
@@ -140,16 +141,42 @@ def test_a_command_that_cannot_send_headers_gets_the_item_as_its_keys_binding(se
 
 def test_each_agent_is_given_its_own_way_to_send_the_item() -> None:
     branch = WorkItemChoice("PROJ-42", "branch", ("X-Git-Branch", BRANCH))
+    binding = WorkItemChoice("PROJ-1", "binding", None)
     claude = launch(["claude", "-p", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
     assert claude.env["ANTHROPIC_CUSTOM_HEADERS"] == f"X-Git-Branch: {BRANCH}" and not claude.needs_binding
+    assert claude.args[:2] == ["claude", "--settings"] and claude.args[3:] == ["-p", "hi"]  # beats a settings file's env
+    assert json.loads(claude.args[2])["env"]["ANTHROPIC_CUSTOM_HEADERS"] == f"X-Git-Branch: {BRANCH}"
     codex = launch(["/usr/bin/codex", "exec", "hi"], "http://127.0.0.1:8080", "tp-k", branch)
-    assert codex.args[:4] == ["/usr/bin/codex", "-c", 'model_provider="taskproxy"', "-c"] and codex.args[5:] == ["exec", "hi"]
-    assert codex.args[4].startswith('model_providers.taskproxy={ name = "taskproxy", base_url = "http://127.0.0.1:8080/v1"')
+    assert codex.args[:4] == ["/usr/bin/codex", "-c", 'model_provider="taskproxy_run"', "-c"] and codex.args[5:] == ["exec", "hi"]
+    assert codex.args[4].startswith('model_providers.taskproxy_run={ name = "taskproxy_run", base_url = "http://127.0.0.1:8080/v1"')
     assert f'http_headers = {{ "X-Git-Branch" = "{BRANCH}" }}' in codex.args[4] and codex.env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"
+    bound_codex = launch(["codex", "exec", "hi"], "http://h", "tp-k", binding)  # its built-in provider would go to OpenAI
+    assert bound_codex.args[1:3] == ["-c", 'model_provider="taskproxy_run"'] and "http_headers" not in bound_codex.args[4]
     assert launch(["aider"], "http://h", "tp-k", branch).needs_binding
-    assert not launch(["aider"], "http://h", "tp-k", WorkItemChoice("PROJ-1", "binding", None)).needs_binding
-    assert [agent_of(c) for c in (["npx", "@openai/codex", "exec"], ["node", "/x/claude"], ["python"])] == ["codex", "claude", "other"]
+    assert not launch(["aider"], "http://h", "tp-k", binding).needs_binding
+    programs = (["npx", "@openai/codex", "exec"], ["node", "/x/claude"], ["python"], ["node", "/x/@openai/codex/bin/codex.js", "exec"],
+                ["llm", "-m", "claude"], ["aider", "--model", "openai/codex"], ["npx", "-y", "@anthropic-ai/claude-code@2", "-p", "x"])  # fmt: skip
+    assert [agent_of(c) for c in programs] == ["codex", "claude", "other", "codex", "other", "other", "claude"]
     assert exports({"A": "it's $HOME"}, "bash") == "export A='it'\"'\"'s $HOME'\n"
+
+
+def test_what_a_developer_already_set_does_not_send_the_run_elsewhere() -> None:
+    """A work-item header left from a setup by hand billed another item; Claude Code's Bedrock switch
+    sent it past the proxy; the developer's own provider key travelled to the proxy with each request."""
+    inherited = {"ANTHROPIC_CUSTOM_HEADERS": "X-Work-Item: PROJ-5\nX-Team-Tag: web", "CLAUDE_CODE_USE_BEDROCK": "1",
+                 "ANTHROPIC_API_KEY": "sk-ant-mine", "OPENAI_API_KEY": "sk-proj-mine", "PATH": "/bin"}  # fmt: skip
+    claude = launch(["claude", "-p", "hi"], "http://h", "tp-k", WorkItemChoice("PROJ-43", "item", ("X-Work-Item", "PROJ-43")), inherited)
+    environ = claude.environ(inherited)
+    assert environ["ANTHROPIC_CUSTOM_HEADERS"] == "X-Team-Tag: web\nX-Work-Item: PROJ-43"
+    assert "CLAUDE_CODE_USE_BEDROCK" not in environ and "ANTHROPIC_API_KEY" not in environ and environ["OPENAI_API_KEY"] == "tp-k"
+    settings = json.loads(claude.args[2])["env"]
+    assert settings["CLAUDE_CODE_USE_BEDROCK"] == "" and settings["ANTHROPIC_API_KEY"] == "" and settings["ANTHROPIC_AUTH_TOKEN"] == "tp-k"
+    bound = launch(["claude"], "http://h", "tp-k", WorkItemChoice("PROJ-61", "binding", None), inherited).environ(inherited)
+    assert bound["ANTHROPIC_CUSTOM_HEADERS"] == "X-Team-Tag: web"  # the binding applies: no leftover item
+    other = launch(["aider"], "http://h", "tp-k", WorkItemChoice("PROJ-61", "binding", None), inherited).environ(inherited)
+    assert other["ANTHROPIC_API_KEY"] == "tp-k" and other["OPENAI_API_KEY"] == "tp-k"
+    non_ascii = choice_for_run({"work_item": "PROJ-42", "source": "branch"}, "feature/PROJ-42-naïve")
+    assert non_ascii is not None and non_ascii.header == ("X-Work-Item", "PROJ-42")  # a header cannot carry the branch
 
 
 # -- the real agents -------------------------------------------------------------------------------
@@ -220,3 +247,46 @@ def test_codex_with_its_built_in_provider_and_the_keys_binding(server: ServerPro
     assert len(turns) == 2 and len(mine) == 2 and {e["attribution_source"] for e in mine} == {"binding"}
     provider_usage = [(t["body"]["model"], e["prompt_tokens"]) for t, e in zip(turns, sorted(mine, key=lambda e: e["ts"]), strict=True)]
     assert all(tokens > 0 for _, tokens in provider_usage)
+
+
+def test_codex_through_taskproxy_run_on_the_keys_binding_still_goes_through_the_proxy(
+    server: ServerProcess, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """With the key's binding as the run's item, `run` gave Codex nothing but OPENAI_BASE_URL, which its
+    built-in provider does not read when logged in: every request went to OpenAI, unrecorded."""
+    codex = agent("codex")
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    env = developer_env(server, server.new_key(owner="bo"), tmp_path / "home", CODEX_HOME=str(tmp_path / "codex"))
+    assert taskproxy("use", "PROJ-62", cwd=outside, env=env).returncode == 0
+    since = len(upstream.received)
+    done = taskproxy("run", "--", codex, "exec", "--skip-git-repo-check", "-m", "fake-tool-codex", "Print a word with the shell.",
+                     cwd=outside, env=env, timeout=180)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "your key's binding" in done.stderr
+    turns = codex_turns(upstream, since)
+    mine = codex_events(server, "PROJ-62", len(turns))
+    assert len(turns) == 2 and len(mine) == 2 and {e["attribution_source"] for e in mine} == {"binding"}
+
+
+def test_claude_code_through_taskproxy_run_beats_a_setup_by_hand_pointing_elsewhere(
+    server: ServerProcess, upstream: FakeUpstream, repo: Path, tmp_path: Path
+) -> None:
+    """The docs' setup by hand left in place (a work-item header in the shell and in ~/.claude/settings.json,
+    whose env beats the process's), and Claude Code's Bedrock switch: each sent the run's requests to
+    another item, or past the proxy."""
+    claude = agent("claude")
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / "settings.json").write_text(json.dumps({"env": {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9", "ANTHROPIC_CUSTOM_HEADERS": "X-Work-Item: PROJ-5", "CLAUDE_CODE_USE_BEDROCK": "1"}}))
+    env = developer_env(server, server.new_key(owner="cy"), home, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1",
+                        ANTHROPIC_CUSTOM_HEADERS="X-Work-Item: PROJ-5", CLAUDE_CODE_USE_BEDROCK="1", ANTHROPIC_API_KEY="sk-ant-mine")  # fmt: skip
+    since = len(upstream.received)
+    done = taskproxy("run", "--item", "PROJ-43", "--", claude, "-p", "Print a word with the shell.", "--model", "fake-tool",
+                     cwd=repo, env=env, timeout=180)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    turns = [r for r in upstream.received[since:] if r["path"] == "/v1/messages" and r["body"]["model"] == "fake-tool"]
+    mine = wait_until(lambda: [e for e in server.events("PROJ-43", 1) if e["model"] == "fake-tool"], lambda found: len(found) >= len(turns), 10)
+    assert len(turns) >= 2 and len(mine) == len(turns) and {e["attribution_source"] for e in mine} == {"header"}
+    assert server.events("PROJ-5", 0) == []

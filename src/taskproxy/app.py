@@ -279,6 +279,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "engine": db,
                 "keys": keys,
                 "items": WorkItems(db, ids, item_cache, rework_days=settings.reports.rework_days),
+                "policy": admission.policy,  # work_items.mode, as the model routes apply it: `taskproxy run` and `use` ask it first
                 "writer": writer,
                 "audit": writer,
                 "metrics": metrics,

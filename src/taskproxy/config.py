@@ -132,11 +132,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
     return settings_from_mapping(document, env, secrets_required=secrets_required)
 
 
+PROXY_KEY_PREFIX = "tp-"  # every key the proxy issues begins so (guard/auth.py)
+
+
+def _proxy_key(value: str | None) -> str | None:
+    return value if value and value.startswith(PROXY_KEY_PREFIX) else None
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """Where the developer commands (`taskproxy use`, `taskproxy me`) find the proxy, and the key they
     send: their flags, else $TASKPROXY_URL and $TASKPROXY_API_KEY (then $OPENAI_API_KEY, which a
-    developer pointed at the proxy already holds)."""
+    developer pointed at the proxy already holds, if it is a proxy key: a provider's own key is not
+    sent to the proxy)."""
 
     url: str
     key: str | None
@@ -146,5 +154,5 @@ class ClientSettings:
         env = os.environ if env is None else env
         return cls(
             url=(url or env.get("TASKPROXY_URL") or DEFAULT_PROXY_URL).rstrip("/"),
-            key=key or env.get("TASKPROXY_API_KEY") or env.get("OPENAI_API_KEY") or None,
+            key=key or env.get("TASKPROXY_API_KEY") or _proxy_key(env.get("OPENAI_API_KEY")),
         )

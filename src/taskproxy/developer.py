@@ -89,7 +89,9 @@ def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ig
     if choice is None:
         on = f" (branch {branch!r} names none)" if branch else ""
         raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
-    return launch.launch(command, client.url, client.key, choice), choice
+    import os
+
+    return launch.launch(command, client.url, client.key, choice, os.environ), choice
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"taskproxy: {command[0]} → {started.env['TASKPROXY_URL']}, {choice.describe()}", file=sys.stderr)
     sys.stderr.flush()
     try:
-        os.execvpe(started.args[0], started.args, {**os.environ, **started.env})
+        os.execvpe(started.args[0], started.args, started.environ(os.environ))
     except OSError as exc:
         raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: {exc.strerror}") from None
     return 0  # pragma: no cover  (exec does not return)
@@ -120,5 +122,9 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     started, choice = _agent_launch(args, [])
     print(f"# taskproxy: {choice.describe()}")
+    if choice.header is not None:  # only Claude Code reads a header from the environment: the others go by the binding
+        data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
+        print(f"# your key is bound to {data['work_item']} until {data['expires_at']}, for the tools that cannot send a header "
+              "(`taskproxy use --clear` ends it)")  # fmt: skip
     print(exports(started.env, args.shell), end="")
     return 0

@@ -7,10 +7,15 @@ is sent; the proxy applies it). The proxy answers which (`GET /api/me/work-item?
 its patterns are the only ones. What each agent reads:
 
 - every command: `OPENAI_BASE_URL` (`OPENAI_API_BASE` for litellm-based tools such as Aider) and
-  `OPENAI_API_KEY`; `ANTHROPIC_BASE_URL` (the host root) and `ANTHROPIC_AUTH_TOKEN`;
-- Claude Code: `ANTHROPIC_CUSTOM_HEADERS`, one `Name: value` per line, sent with every request;
-- Codex CLI: `-c` flags that give it a provider of its own (`codex_overrides`) sending the header,
-  on its WebSocket and on HTTP alike;
+  `OPENAI_API_KEY`; `ANTHROPIC_BASE_URL` (the host root) and `ANTHROPIC_AUTH_TOKEN` (and, but for
+  Claude Code, `ANTHROPIC_API_KEY`): the proxy key, never the developer's own provider key;
+- Claude Code: `ANTHROPIC_CUSTOM_HEADERS`, one `Name: value` per line, sent with every request (the
+  developer's own lines kept, but a work item's left over from an earlier setup), and the same
+  variables again in `--settings`, which beats a `~/.claude/settings.json` `env` pointing elsewhere;
+  its Bedrock, Vertex and Foundry switches are taken away (each sends it past the proxy);
+- Codex CLI: `-c` flags that give it a provider of its own (`codex_overrides`, under a name no config
+  file uses) sending the header, on its WebSocket and on HTTP alike; always, a binding too: its
+  built-in provider would go to OpenAI (it reads no `OPENAI_BASE_URL` when logged in with ChatGPT);
 - anything else that reads only a base URL and a key has no way to send a header: the work item then
   rides on the key's binding, which `run` sets for it (and says so).
 
@@ -19,6 +24,7 @@ Pure: the CLI (cli.py) finds the branch, the key and the binding, and runs the c
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -60,26 +66,45 @@ def current_branch(cwd: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def choice_for_run(run: Mapping[str, str] | None, branch: str | None) -> WorkItemChoice | None:
-    """The proxy's answer to `GET /api/me/work-item?item=&branch=` as this run's choice (None: no item)."""
+    """The proxy's answer to `GET /api/me/work-item?item=&branch=` as this run's choice (None: no item).
+    A branch is sent as it is (the proxy records the source `branch`) unless a header cannot carry it
+    (non-ASCII: Claude Code refuses to start); then the item it names is sent."""
     if not run:
         return None
     work_item, source = run["work_item"], run["source"]
     if source == "item":
         return WorkItemChoice(work_item, source, ("X-Work-Item", work_item))
     if source == "branch" and branch:
-        return WorkItemChoice(work_item, source, ("X-Git-Branch", branch))
+        sendable = branch.isascii() and branch.isprintable()
+        return WorkItemChoice(work_item, source, ("X-Git-Branch", branch) if sendable else ("X-Work-Item", work_item))
     return WorkItemChoice(work_item, "binding", None)
 
 
+_RUNNERS = ("npx", "bunx", "pnpm", "npm", "yarn", "node", "bun", "deno")  # programs that run the next word
+_RUNNER_WORDS = ("exec", "dlx", "x", "run")
+
+
+def _agent_at(command: Sequence[str]) -> tuple[str, int]:
+    """The agent (`claude`, `codex`, `other`) and where its program is in `command`: the first word, or
+    the script or package a runner (`npx`, `node`, ...) is given. Words after it are its arguments: `llm
+    -m claude` is not Claude Code."""
+    if not command:
+        return "other", 0
+    position = 0
+    if Path(command[0]).name in _RUNNERS:
+        position = next((n for n, word in enumerate(command) if n and not word.startswith("-") and word not in _RUNNER_WORDS), 0)
+    word = command[position]
+    name = Path(word).name
+    if name in ("claude", "claude-code") or "@anthropic-ai/claude-code" in word:
+        return "claude", position
+    if name == "codex" or name.startswith(("codex-", "codex.")) or "@openai/codex" in word:
+        return "codex", position
+    return "other", position
+
+
 def agent_of(command: Sequence[str]) -> str:
-    """`claude`, `codex` or `other`, by the program's name (a path or a wrapper such as `npx` is looked through)."""
-    words = [Path(word).name for word in command if not word.startswith("-")]
-    for word in words[:3]:
-        if word in ("claude", "claude-code") or word.startswith("@anthropic-ai/claude-code"):
-            return "claude"
-        if word == "codex" or word.startswith("@openai/codex"):
-            return "codex"
-    return "other"
+    """`claude`, `codex` or `other`, by the program's name (a path or a runner such as `npx` is looked through)."""
+    return _agent_at(command)[0]
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,23 @@ class Launch:
     args: list[str]  # the command, with the agent's own flags added where it takes them
     # The command cannot send the work item's header: the item must be the key's binding for it to count.
     needs_binding: bool = False
+    unset: tuple[str, ...] = ()  # taken from the command's environment
+
+    def environ(self, inherited: Mapping[str, str]) -> dict[str, str]:
+        """The command's environment: the developer's, less `unset`, with `env`."""
+        return {**{name: value for name, value in inherited.items() if name not in self.unset}, **self.env}
+
+
+# Claude Code's switches to other clouds: each sends it past the proxy, to a provider of its own.
+CLAUDE_ELSEWHERE = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "CLAUDE_CODE_USE_FOUNDRY")
+_ITEM_HEADERS = ("x-work-item", "x-git-branch")
+
+
+def custom_headers(inherited: str | None, header: tuple[str, str] | None) -> str:
+    """Claude Code's `ANTHROPIC_CUSTOM_HEADERS`: the developer's own lines, but a work item's (a
+    leftover from a setup by hand would bill another item), then this run's."""
+    lines = [line for line in (inherited or "").splitlines() if line.strip() and line.split(":", 1)[0].strip().lower() not in _ITEM_HEADERS]
+    return "\n".join([*lines, *([f"{header[0]}: {header[1]}"] if header else [])])
 
 
 def _toml_string(value: str) -> str:
@@ -96,49 +138,53 @@ def _toml_string(value: str) -> str:
     return f'"{escaped}"'
 
 
-def environment(url: str, key: str, choice: WorkItemChoice) -> dict[str, str]:
-    """What every command gets: both APIs' base URLs and the key, and the work item for tools that read it."""
+def environment(url: str, key: str, choice: WorkItemChoice, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every command gets: both APIs' base URLs and the proxy key (in every variable a tool may read
+    a key from: never the developer's own provider key, which would travel to the proxy), Claude Code's
+    headers, and the work item for tools that read it. `inherited`: the developer's environment."""
     env = {
         "OPENAI_BASE_URL": f"{url}/v1",
         "OPENAI_API_BASE": f"{url}/v1",
         "OPENAI_API_KEY": key,
         "ANTHROPIC_BASE_URL": url,
         "ANTHROPIC_AUTH_TOKEN": key,
+        "ANTHROPIC_API_KEY": key,
+        "ANTHROPIC_CUSTOM_HEADERS": custom_headers((inherited or {}).get("ANTHROPIC_CUSTOM_HEADERS"), choice.header),
         "TASKPROXY_URL": url,
         "TASKPROXY_API_KEY": key,
     }
-    if choice.header is not None:
-        env["ANTHROPIC_CUSTOM_HEADERS"] = f"{choice.header[0]}: {choice.header[1]}"
     if choice.work_item:
         env["TASKPROXY_WORK_ITEM"] = choice.work_item
     return env
 
 
-def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice) -> Launch:
-    env = environment(url, key, choice)
+def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice, inherited: Mapping[str, str] | None = None) -> Launch:
+    env = environment(url, key, choice, inherited)
     args = list(command)
-    if choice.header is None:  # the key's binding applies: nothing to send
-        return Launch(env, args)
-    agent = agent_of(command)
+    agent, position = _agent_at(command)
+    after = position + 1  # the agent's own flags go right after its program, before a subcommand (`codex exec ...`)
     if agent == "claude":
-        return Launch(env, args)  # ANTHROPIC_CUSTOM_HEADERS
-    if agent == "codex":
-        position = next((i for i, word in enumerate(args) if agent_of([word]) == "codex"), 0) + 1
-        # Right after the program, before its subcommand (`codex exec ...`): `-c` is a global flag.
-        return Launch(env, args[:position] + codex_overrides(url, choice.header) + args[position:])
-    return Launch(env, args, needs_binding=True)
+        # Its settings file's `env` beats the process's: the same variables again, as settings of this run.
+        # No ANTHROPIC_API_KEY: Claude Code asks whether to use one it finds, and sends both.
+        names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS")
+        settings = {"env": {**{name: env[name] for name in names}, "ANTHROPIC_API_KEY": "", **dict.fromkeys(CLAUDE_ELSEWHERE, "")}}
+        del env["ANTHROPIC_API_KEY"]
+        return Launch(env, args[:after] + ["--settings", json.dumps(settings)] + args[after:], unset=("ANTHROPIC_API_KEY", *CLAUDE_ELSEWHERE))
+    if agent == "codex":  # a binding too: Codex's built-in provider would go to OpenAI
+        return Launch(env, args[:after] + codex_overrides(url, choice.header) + args[after:])
+    return Launch(env, args, needs_binding=choice.header is not None)
 
 
-CODEX_PROVIDER = "taskproxy"
+CODEX_PROVIDER = "taskproxy_run"  # not `taskproxy`, which a developer's config.toml may define (Codex would merge the two)
 
 
-def codex_overrides(url: str, header: tuple[str, str]) -> list[str]:
-    """Codex's `-c` flags for a provider of its own that sends the header. Codex's built-in `openai`
-    provider takes `OPENAI_BASE_URL` but cannot be given headers (it refuses an override of a built-in
-    provider), so the run uses one named `taskproxy`, with the same Responses WebSocket transport."""
-    name, value = header
+def codex_overrides(url: str, header: tuple[str, str] | None) -> list[str]:
+    """Codex's `-c` flags for a provider of its own that sends the header, if any. Codex's built-in
+    `openai` provider takes `OPENAI_BASE_URL` but cannot be given headers (it refuses an override of a
+    built-in provider), so the run uses one of its own, with the same Responses WebSocket transport."""
+    headers = f", http_headers = {{ {_toml_string(header[0])} = {_toml_string(header[1])} }}" if header else ""
     provider = (f"{{ name = {_toml_string(CODEX_PROVIDER)}, base_url = {_toml_string(url + '/v1')}, env_key = \"OPENAI_API_KEY\", "
-                f"wire_api = \"responses\", supports_websockets = true, http_headers = {{ {_toml_string(name)} = {_toml_string(value)} }} }}")  # fmt: skip
+                f"wire_api = \"responses\", supports_websockets = true{headers} }}")  # fmt: skip
     return ["-c", f"model_provider={_toml_string(CODEX_PROVIDER)}", "-c", f"model_providers.{CODEX_PROVIDER}={provider}"]
 
 

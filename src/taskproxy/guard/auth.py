@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
 from taskproxy import privacy
+from taskproxy.config import PROXY_KEY_PREFIX
 from taskproxy.errors import Forbidden, InvalidApiKey, InvalidRequest, NotFound, ServiceUnavailable
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.storage import repo
@@ -41,7 +42,7 @@ from taskproxy.bodies import NewKey, parse
 log = logging.getLogger("taskproxy.auth")
 
 BOOTSTRAP_ADMIN_ID = "admin"
-KEY_PREFIX = "tp-"
+KEY_PREFIX = PROXY_KEY_PREFIX
 # What issue_key makes; anything else cannot be a key in the table, so it is refused without a lookup.
 _KEY_SHAPE = re.compile(r"tp-[A-Za-z0-9_-]{43}")
 MISSING_KEY_MESSAGE = (

@@ -1,5 +1,5 @@
 """What any key may do about itself: bind a work item, and read its own usage. Reads the lifespan
-state's `keys`, `items` (for id normalization), `engine` and `settings`."""
+state's `keys`, `items` (for id normalization), `policy` (work_items.mode), `engine` and `settings`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.bodies import Binding, parse
-from taskproxy.errors import WorkItemInvalid
+from taskproxy.errors import WorkItemClosed, WorkItemInvalid, WorkItemUnknown
 from taskproxy.workitems import WorkItemIds
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
@@ -19,21 +19,30 @@ from taskproxy.timeutil import iso, utcnow
 
 async def get_binding(request: Request) -> Response:
     """The key's binding; with `item` or `branch`, also which work item a run would bill (`taskproxy run`):
-    the item, else the one the branch names (by this proxy's patterns), else the binding."""
+    the item, else the one the branch names (by this proxy's patterns), else the binding; each as the
+    model routes would take it (`work_items.mode`), so that a run the proxy would refuse is refused
+    before its agent starts. A branch naming an item the mode refuses gives way to the binding."""
     principal = await caller(request)
     current = principal.binding(utcnow())
     found = {"work_item": current, "expires_at": iso(principal.bound_until) if current else None}
     item, branch = request.query_params.get("item"), request.query_params.get("branch")
     if item is None and branch is None:
         return JSON(found)
-    ids = request.state.items.ids
+    ids, policy = request.state.items.ids, request.state.policy
     run = None
     if item:
         run = {"work_item": ids.normalize(item), "source": "item"}
     elif branch and (named := _named_by(ids, branch)):
         run = {"work_item": named, "source": "branch"}
+        if current:
+            try:
+                await policy.check(named)
+            except (WorkItemUnknown, WorkItemClosed):  # a word in the branch that is no item here (fix/utf-8-names)
+                run = {"work_item": current, "source": "binding"}
     elif current:
         run = {"work_item": current, "source": "binding"}
+    if run is not None:
+        await policy.check(run["work_item"])
     return JSON({**found, "run": run})
 
 
@@ -48,6 +57,7 @@ async def put_binding(request: Request) -> Response:
     principal = await caller(request)
     binding = parse(Binding, await json_object(request))
     work_item = request.state.items.ids.normalize(binding.work_item)
+    await request.state.policy.check(work_item)  # a binding the model routes would refuse binds nothing
     until = await request.state.keys.bind(principal, work_item, request.state.settings.work_items.binding_ttl_hours)
     return JSON({"work_item": work_item, "expires_at": iso(until)})
 
