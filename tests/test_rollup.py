@@ -17,19 +17,19 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from conftest import BOTH_DATABASES
 from sqlalchemy import and_, case, column, func, insert, select
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Engine
 
-from conftest import BOTH_DATABASES
 from taskproxy import registry
+from taskproxy.money import usd
 from taskproxy.reports import adoption_data
 from taskproxy.reports.usage import usage_grouped
-from taskproxy.money import usd
 from taskproxy.storage import repo, rollup
-from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
-from taskproxy.storage.models import SpendCounter, UsageEvent, WorkItem
 from taskproxy.storage.batch import Record
+from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
+from taskproxy.storage.models import SpendCounter, UsageEvent, UsageItemTotals, WorkItem
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import iso
 
@@ -198,6 +198,31 @@ def test_the_migrations_fill_the_rollup_and_carry_money_over_exactly(database_ur
         migrated = dict(connection.execute(select(UsageEvent.id, UsageEvent.cost_nanos)).all())
     assert migrated == {row["id"]: row["cost_nanos"] for row in rows}  # USD floats became the same whole nano-dollars
     assert_rollups_match(engine)
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_migration_0019_dates_each_items_first_answer_and_never_later_than_it_was(database_url: str) -> None:
+    """Answers in raw events dropped before 0019 (retention) cannot be dated: the row's first event stands
+    in, the earliest its first answer can have been; NULL is left for "never answered", so that a later
+    answer cannot make AI use that began long ago look as if it began after the item was done."""
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    day = timedelta(days=1)
+    rows = [event(random.Random(n), T0 + n * day, work_item=item, team="web", model="m", status=status, route="/v1/chat/completions", attempt=1)
+            for n, (item, status) in enumerate([("KEPT-1", 500), ("KEPT-1", 200), ("KEPT-1", 200), ("GONE-1", 200), ("GONE-1", 200),
+                                                 ("NONE-1", 500)])]  # fmt: skip
+    upgrade_schema(engine)
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    with engine.begin() as connection:  # the database as 0019 finds it, GONE-1's first answer in a month retention dropped
+        connection.execute(UsageEvent.__table__.delete().where(UsageEvent.id == rows[3]["id"]))
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0018")
+    assert upgrade_schema(engine) == ("0018", head_revision())
+    with engine.connect() as connection:
+        found = dict(connection.execute(select(UsageItemTotals.work_item, UsageItemTotals.first_answered_ts)).all())
+    assert found == {"KEPT-1": rows[1]["ts"], "GONE-1": rows[3]["ts"], "NONE-1": None}
     engine.dispose()
 
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
-from taskproxy.launch import WorkItemChoice, agent_of, choice_for_run, exports, launch
+
+from taskproxy.launch import WorkItemChoice, agent_of, choice_for_run, conflict, exports, launch
 
 pytestmark = pytest.mark.serve
 
@@ -157,6 +157,10 @@ def test_each_agent_is_given_its_own_way_to_send_the_item() -> None:
     programs = (["npx", "@openai/codex", "exec"], ["node", "/x/claude"], ["python"], ["node", "/x/@openai/codex/bin/codex.js", "exec"],
                 ["llm", "-m", "claude"], ["aider", "--model", "openai/codex"], ["npx", "-y", "@anthropic-ai/claude-code@2", "-p", "x"])  # fmt: skip
     assert [agent_of(c) for c in programs] == ["codex", "claude", "other", "codex", "other", "other", "claude"]
+    assert agent_of(["node", "-r", "dotenv/config", "/x/codex.js"]) == "codex"
+    npx = launch(["npx", "-p", "@openai/codex", "codex", "exec"], "http://h", "tp-k", branch)
+    assert npx.args[:6] == ["npx", "-p", "@openai/codex", "codex", "-c", 'model_provider="taskproxy_run"']  # after the program, not npx's -p
+    assert conflict(["claude", "--settings", "mine.json"]) is not None and conflict(["claude", "-p", "x"]) is None
     assert exports({"A": "it's $HOME"}, "bash") == "export A='it'\"'\"'s $HOME'\n"
 
 
@@ -170,7 +174,7 @@ def test_what_a_developer_already_set_does_not_send_the_run_elsewhere() -> None:
     assert environ["ANTHROPIC_CUSTOM_HEADERS"] == "X-Team-Tag: web\nX-Work-Item: PROJ-43"
     assert "CLAUDE_CODE_USE_BEDROCK" not in environ and "ANTHROPIC_API_KEY" not in environ and environ["OPENAI_API_KEY"] == "tp-k"
     settings = json.loads(claude.args[2])["env"]
-    assert settings["CLAUDE_CODE_USE_BEDROCK"] == "" and settings["ANTHROPIC_API_KEY"] == "" and settings["ANTHROPIC_AUTH_TOKEN"] == "tp-k"
+    assert settings["CLAUDE_CODE_USE_BEDROCK"] == "" and settings["ANTHROPIC_API_KEY"] == "" and "tp-k" not in claude.args[2]  # (ps shows it)
     bound = launch(["claude"], "http://h", "tp-k", WorkItemChoice("PROJ-61", "binding", None), inherited).environ(inherited)
     assert bound["ANTHROPIC_CUSTOM_HEADERS"] == "X-Team-Tag: web"  # the binding applies: no leftover item
     other = launch(["aider"], "http://h", "tp-k", WorkItemChoice("PROJ-61", "binding", None), inherited).environ(inherited)
@@ -195,7 +199,7 @@ def test_claude_code_through_taskproxy_run_records_every_turn_on_the_branchs_tic
     turns = [r for r in upstream.received[since:] if r["path"] == "/v1/messages" and r["body"]["model"] == "fake-tool"]
     assert len(turns) >= 2, "Claude Code did not run the tool loop (a tool call, then the answer to its result)"
     assert any(block.get("type") == "tool_result" for block in turns[-1]["body"]["messages"][-1]["content"])
-    claude_events = lambda: [e for e in server.events("PROJ-42", 1) if e["model"] == "fake-tool"]  # noqa: E731
+    claude_events = lambda: [e for e in server.events("PROJ-42", 1) if e["model"] == "fake-tool"]
     mine = wait_until(claude_events, lambda found: len(found) >= len(turns), 10)
     assert len(mine) == len(turns) and {e["attribution_source"] for e in mine} == {"branch"}
     assert all(e["status"] == 200 and e["usage_source"] == "provider" for e in mine)

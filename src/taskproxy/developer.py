@@ -1,7 +1,7 @@
 """The developer commands, over HTTP with the developer's own key: `use`, `me`, `run`, `env`.
 
-They talk to a running proxy (`--url`/$TASKPROXY_URL, `--key`/$TASKPROXY_API_KEY or $OPENAI_API_KEY),
-never to its database; cli.py builds their parser.
+They talk to a running proxy (`--url`/$TASKPROXY_URL, `--key`/$TASKPROXY_API_KEY, or $OPENAI_API_KEY when
+it holds a proxy key), never to its database; cli.py builds their parser.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
     if not command:
         raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
+    from taskproxy.launch import conflict
+
+    if (why := conflict(command)) is not None:
+        raise SystemExit(f"taskproxy: {why}")
     started, choice = _agent_launch(args, command)
     if not shutil.which(started.args[0]):  # said before the key is bound for it
         raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: no such command")

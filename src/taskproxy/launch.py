@@ -82,6 +82,7 @@ def choice_for_run(run: Mapping[str, str] | None, branch: str | None) -> WorkIte
 
 _RUNNERS = ("npx", "bunx", "pnpm", "npm", "yarn", "node", "bun", "deno")  # programs that run the next word
 _RUNNER_WORDS = ("exec", "dlx", "x", "run")
+_RUNNER_VALUE_FLAGS = ("-p", "--package", "-c", "--call", "-r", "--require", "--max-old-space-size")  # the next word is theirs
 
 
 def _agent_at(command: Sequence[str]) -> tuple[str, int]:
@@ -92,7 +93,8 @@ def _agent_at(command: Sequence[str]) -> tuple[str, int]:
         return "other", 0
     position = 0
     if Path(command[0]).name in _RUNNERS:
-        position = next((n for n, word in enumerate(command) if n and not word.startswith("-") and word not in _RUNNER_WORDS), 0)
+        position = next((n for n, word in enumerate(command) if n and not word.startswith("-") and word not in _RUNNER_WORDS
+                         and command[n - 1] not in _RUNNER_VALUE_FLAGS), 0)  # fmt: skip
     word = command[position]
     name = Path(word).name
     if name in ("claude", "claude-code") or "@anthropic-ai/claude-code" in word:
@@ -158,6 +160,14 @@ def environment(url: str, key: str, choice: WorkItemChoice, inherited: Mapping[s
     return env
 
 
+def conflict(command: Sequence[str]) -> str | None:
+    """Why `run` cannot point `command` at the proxy as given, or None."""
+    if agent_of(command) == "claude" and any(word == "--settings" or word.startswith("--settings=") for word in command):
+        return ("Claude Code takes one --settings, and run gives it its own (the proxy's address and headers): "
+                "put yours in ~/.claude/settings.json or .claude/settings.json instead")  # fmt: skip
+    return None
+
+
 def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice, inherited: Mapping[str, str] | None = None) -> Launch:
     env = environment(url, key, choice, inherited)
     args = list(command)
@@ -166,7 +176,9 @@ def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice, i
     if agent == "claude":
         # Its settings file's `env` beats the process's: the same variables again, as settings of this run.
         # No ANTHROPIC_API_KEY: Claude Code asks whether to use one it finds, and sends both.
-        names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_CUSTOM_HEADERS")
+        # Not the key: a command line is readable by every user of the machine (a settings file's token
+        # left in place fails loudly, 401, at the proxy).
+        names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_CUSTOM_HEADERS")
         settings = {"env": {**{name: env[name] for name in names}, "ANTHROPIC_API_KEY": "", **dict.fromkeys(CLAUDE_ELSEWHERE, "")}}
         del env["ANTHROPIC_API_KEY"]
         return Launch(env, args[:after] + ["--settings", json.dumps(settings)] + args[after:], unset=("ANTHROPIC_API_KEY", *CLAUDE_ELSEWHERE))

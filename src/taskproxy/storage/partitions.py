@@ -41,6 +41,7 @@ _NAME = re.compile(rf"^{PARENT}_p(\d{{4}})(\d{{2}})$")
 # other's maintenance, which left a month without its partition and retention undone.
 # How long a statement of the maintenance waits for a lock: the inserts queued behind it wait as long.
 LOCK_WAIT_SECONDS = 1.0
+STATEMENT_SECONDS = 600.0  # and runs at most (moving a late month's rows in from the default partition)
 _LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('taskproxy-partitions:' || current_schema()))")
 
 
@@ -75,13 +76,14 @@ def create_month(connection: Connection, month: datetime) -> None:
 
 
 def _within_wait(connection: Connection, statement: str) -> bool:
-    """Run `statement` in a savepoint; False if a lock it needs was not granted within the wait."""
+    """Run `statement` in a savepoint; False if it could not (a lock not granted within the wait, or any
+    other refusal, logged): retention is tried again next round, and the months made in this one stay."""
     try:
         with connection.begin_nested():
             connection.execute(text(statement))
     except DBAPIError as exc:
         if sqlstate(exc) != LOCK_NOT_AVAILABLE:
-            raise
+            log.warning("%s failed (tried again in an hour): %s", statement, exc.__class__.__name__)
         return False
     return True
 
@@ -132,6 +134,9 @@ def maintain(engine: Engine, now: datetime, retention_months: int | None) -> lis
         if not try_lock(connection):
             return []  # another process is at it
         connection.execute(text(f"SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)}"))
+        # A DBA's statement_timeout below the lock wait would cancel a statement waiting its turn, and
+        # that error would undo the months made in this round: the lock wait bounds them instead.
+        connection.execute(text(f"SET LOCAL statement_timeout = {int(STATEMENT_SECONDS * 1000)}"))
         made = set(months(connection))
         for month in (month_start(now, ahead) for ahead in range(-1, 3)):
             if month in made:
