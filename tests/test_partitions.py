@@ -221,3 +221,26 @@ def test_a_month_made_late_takes_its_waiting_rows_and_retention_empties_what_no_
     dropped = partitions.maintain(engine, datetime(2031, 5, 10), retention_months=2)
     assert partitions.partition_name(datetime(2031, 1, 1)) in dropped
     engine.dispose()
+
+
+def test_a_dbas_statement_timeout_does_not_undo_the_months_made_in_a_round(postgres_url: str) -> None:
+    """A server's statement_timeout shorter than the lock wait cancelled a drop waiting behind a report,
+    and the error rolled back the whole round: the months it had just made too, every hour."""
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    partitions.maintain(engine, datetime(2031, 2, 15), retention_months=None)
+    repo.write_batch(engine, events=_month_of_events(random.Random(7), datetime(2031, 1, 1), 2), rejections=[], new_items=[])
+    guarded = make_engine(f"{postgres_url}%20-cstatement_timeout%3D300")
+    report = engine.connect()
+    report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+    report.execute(select(func.count()).where(UsageEvent.ts >= datetime(2031, 1, 1), UsageEvent.ts < datetime(2031, 2, 1))).scalar_one()
+    try:
+        partitions.maintain(guarded, datetime(2031, 9, 10), retention_months=3)  # January past retention, behind the report
+        with engine.connect() as connection:
+            made = set(partitions.months(connection))
+        assert {datetime(2031, 8, 1), datetime(2031, 9, 1), datetime(2031, 11, 1)} <= made, sorted(made)
+    finally:
+        report.execute(text("COMMIT"))
+        report.close()
+        guarded.dispose()
+    engine.dispose()
