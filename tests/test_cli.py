@@ -551,3 +551,35 @@ def test_a_providers_own_key_in_openai_api_key_is_not_sent_to_the_proxy() -> Non
 
     assert ClientSettings.load(url=None, key=None, env={"OPENAI_API_KEY": "sk-proj-mine"}).key is None
     assert ClientSettings.load(url=None, key=None, env={"OPENAI_API_KEY": "tp-abc"}).key == "tp-abc"
+
+
+def test_the_proxy_url_with_an_sdks_v1_still_reaches_the_proxys_own_api() -> None:
+    from taskproxy.config import ClientSettings
+
+    assert ClientSettings.load(url=None, key=None, env={"TASKPROXY_URL": "http://127.0.0.1:8080/v1/"}).url == "http://127.0.0.1:8080"
+
+
+def test_a_branch_being_rebased_is_still_the_branch(tmp_path: Path) -> None:
+    """Mid-rebase HEAD is detached: `run` said "no work item" though the work on the branch goes on."""
+    from taskproxy.launch import current_branch
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    (tmp_path / "f").write_text("a\n")
+    git("add", "f")
+    git("commit", "-qm", "a")
+    git("switch", "-qc", "feature/PROJ-42-retry")
+    (tmp_path / "f").write_text("b\n")
+    git("commit", "-qam", "b")
+    git("switch", "-q", "main")
+    (tmp_path / "f").write_text("c\n")
+    git("commit", "-qam", "c")
+    git("switch", "-q", "feature/PROJ-42-retry")
+    rebase = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "rebase", "main"], cwd=tmp_path, capture_output=True)
+    assert rebase.returncode != 0  # stopped on the conflict, HEAD detached
+    assert current_branch(tmp_path) == "feature/PROJ-42-retry"
+    git("rebase", "--abort")
+    git("checkout", "-q", "--detach")
+    assert current_branch(tmp_path) is None

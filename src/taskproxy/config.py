@@ -153,6 +153,7 @@ class ClientSettings:
     def load(cls, *, url: str | None, key: str | None, env: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if env is None else env
         return cls(
-            url=(url or env.get("TASKPROXY_URL") or DEFAULT_PROXY_URL).rstrip("/"),
+            # The proxy's root: its own API is not under /v1, which an SDK's base URL habit adds.
+            url=(url or env.get("TASKPROXY_URL") or DEFAULT_PROXY_URL).rstrip("/").removesuffix("/v1"),
             key=key or env.get("TASKPROXY_API_KEY") or _proxy_key(env.get("OPENAI_API_KEY")),
         )

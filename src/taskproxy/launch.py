@@ -56,13 +56,20 @@ class WorkItemChoice:
 
 
 def current_branch(cwd: str | os.PathLike[str] | None = None) -> str | None:
-    """The checked-out branch, or None outside a repository (or on a detached HEAD)."""
+    """The checked-out branch, or the one being rebased (HEAD is detached meanwhile, the work goes on);
+    None outside a repository or on another detached HEAD."""
     try:
         done = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+        for state in ("rebase-merge", "rebase-apply"):
+            where = subprocess.run(["git", "rev-parse", "--git-path", f"{state}/head-name"], cwd=cwd, capture_output=True, text=True, timeout=10)
+            path = Path(cwd or ".", where.stdout.strip())
+            if where.returncode == 0 and path.is_file():
+                return path.read_text().strip().removeprefix("refs/heads/") or None
     except (OSError, subprocess.TimeoutExpired):
         return None
-    branch = done.stdout.strip()
-    return branch if done.returncode == 0 and branch else None
+    return None
 
 
 def choice_for_run(run: Mapping[str, str] | None, branch: str | None) -> WorkItemChoice | None:
