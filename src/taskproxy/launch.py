@@ -148,16 +148,16 @@ def _toml_string(value: str) -> str:
 
 
 def environment(url: str, key: str, choice: WorkItemChoice, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What every command gets: both APIs' base URLs and the proxy key (in every variable a tool may read
-    a key from: never the developer's own provider key, which would travel to the proxy), Claude Code's
-    headers, and the work item for tools that read it. `inherited`: the developer's environment."""
+    """What every command gets (and `taskproxy env` prints): both APIs' base URLs and the proxy key,
+    Claude Code's headers, and the work item for tools that read it. `inherited`: the developer's
+    environment. Not `ANTHROPIC_API_KEY`: Claude Code asks whether to use one it finds, and sends it
+    beside the token; `launch` gives it to the other commands."""
     env = {
         "OPENAI_BASE_URL": f"{url}/v1",
         "OPENAI_API_BASE": f"{url}/v1",
         "OPENAI_API_KEY": key,
         "ANTHROPIC_BASE_URL": url,
         "ANTHROPIC_AUTH_TOKEN": key,
-        "ANTHROPIC_API_KEY": key,
         "ANTHROPIC_CUSTOM_HEADERS": custom_headers((inherited or {}).get("ANTHROPIC_CUSTOM_HEADERS"), choice.header),
         "TASKPROXY_URL": url,
         "TASKPROXY_API_KEY": key,
@@ -187,11 +187,11 @@ def launch(command: Sequence[str], url: str, key: str, choice: WorkItemChoice, i
         # left in place fails loudly, 401, at the proxy).
         names = ("ANTHROPIC_BASE_URL", "ANTHROPIC_CUSTOM_HEADERS")
         settings = {"env": {**{name: env[name] for name in names}, "ANTHROPIC_API_KEY": "", **dict.fromkeys(CLAUDE_ELSEWHERE, "")}}
-        del env["ANTHROPIC_API_KEY"]
         return Launch(env, args[:after] + ["--settings", json.dumps(settings)] + args[after:], unset=("ANTHROPIC_API_KEY", *CLAUDE_ELSEWHERE))
     if agent == "codex":  # a binding too: Codex's built-in provider would go to OpenAI
         return Launch(env, args[:after] + codex_overrides(url, choice.header) + args[after:])
-    return Launch(env, args, needs_binding=choice.header is not None)
+    # A litellm-based tool (Aider) reads Anthropic's key from ANTHROPIC_API_KEY: the proxy key, not the developer's own.
+    return Launch({**env, "ANTHROPIC_API_KEY": key}, args, needs_binding=choice.header is not None)
 
 
 CODEX_PROVIDER = "taskproxy_run"  # not `taskproxy`, which a developer's config.toml may define (Codex would merge the two)
