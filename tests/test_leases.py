@@ -336,7 +336,6 @@ async def test_a_slice_that_is_late_rather_than_lost_puts_the_replica_back_on_sl
 
     taking = leases.take
     takes: list[float] = []
-    returned: list[float] = []
 
     def first_slow_take(*args, **kwargs):  # type: ignore[no-untyped-def]
         takes.append(time.monotonic())
