@@ -114,7 +114,7 @@ async def test_a_rate_limited_tracker_changes_nothing_and_says_so(
                                                               headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1764820000"})  # fmt: skip
         assert cli.main(["items", "sync", "--config", path]) == 2
     err = capsys.readouterr().err
-    assert "github: rate limited" in err and "nothing was changed" in err
+    assert "github: rate limited" in err and "nothing was changed" in err.lower()
     assert (await proxy.get("/api/work-items/acme%2Fplatform%2Fapi%214"))["status"] == "unverified"  # gitlab answered, and still nothing
 
     with respx.mock() as api:
@@ -175,3 +175,80 @@ async def test_a_merged_gitlab_merge_request_gets_its_size_from_the_api(
         assert cli.main(["items", "sync", "--config", path]) == 0
         assert not api.calls
     assert "nothing to change" in capsys.readouterr().out
+
+
+async def test_a_backlog_past_the_trackers_quota_converges_over_runs(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Everything was asked first and applied after: with more pending items than the tracker's quota
+    (GitHub: 5,000 requests an hour), every run ended in a rate limit and recorded nothing, for good.
+    A server error lost the run too. Answers are now applied a batch at a time, and a 5xx is asked again."""
+    from taskproxy.trackers import sync
+
+    monkeypatch.setattr(sync, "BATCH", 10)
+    monkeypatch.setattr(sync.time, "sleep", lambda seconds: None)
+    items = [f"acme/web#{n}" for n in range(1, 31)]
+    await spend_on(proxy, *items)
+    monkeypatch.setenv("T_GH", "ghp_test")
+    path = config(proxy, tmp_path, {"github": {"token_env": "T_GH"}})
+    quota = {"left": 25, "failed_once": False}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        number = int(request.url.path.rsplit("/", 1)[1])
+        if number == 3 and not quota["failed_once"]:
+            quota["failed_once"] = True
+            return httpx.Response(502, text="<html>bad gateway</html>")
+        if quota["left"] <= 0:
+            return httpx.Response(403, json={"message": "API rate limit exceeded"}, headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1"})
+        quota["left"] -= 1
+        return httpx.Response(200, json=github_issue(number, state="closed"))
+
+    with respx.mock() as api:
+        api.get(url__regex=rf"{GITHUB}/repos/acme/web/issues/\d+").mock(side_effect=answer)
+        assert cli.main(["items", "sync", "--config", path]) == 2
+    assert "20 answer(s) were applied before it; run the sync again to go on" in capsys.readouterr().err  # the 502 asked again
+    quota["left"] = 25  # the next hour
+    with respx.mock() as api:
+        api.get(url__regex=rf"{GITHUB}/repos/acme/web/issues/\d+").mock(side_effect=answer)
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert "10 work item(s) changed" in capsys.readouterr().out
+    statuses = [(await proxy.get("/api/work-items/" + item.replace("/", "%2F").replace("#", "%23")))["status"] for item in items]
+    assert statuses == ["done"] * 30
+
+
+async def test_answers_that_are_not_about_the_item_asked_change_nothing(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A moved Jira issue answers with its new key: OPS-9 was created as done and PAY-1 stayed pending for
+    good. A redirect's body was read as the item; an endless answer grew the process without bound; a
+    field of the wrong type ended in a traceback."""
+    from taskproxy.trackers import sync
+
+    monkeypatch.setattr(sync.time, "sleep", lambda seconds: None)
+    await spend_on(proxy, "PAY-1", "acme/web#5")
+    monkeypatch.setenv("T_JIRA", "jira-token")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    path = config(proxy, tmp_path, {"jira": {"token_env": "T_JIRA", "api_url": JIRA}, "github": {"token_env": "T_GH"}})
+    moved = {"id": "1", "key": "OPS-9", "fields": {"summary": "x", "status": {"name": "Done", "statusCategory": {"key": "done"}},
+                                                   "resolutiondate": "2026-11-15T10:00:00.000+0000", "created": "2026-11-01T10:00:00.000+0000"}}  # fmt: skip
+    with respx.mock() as api:
+        api.get(f"{JIRA}/rest/api/3/issue/PAY-1").respond(json=moved)
+        api.get(f"{GITHUB}/repos/acme/web/issues/5").respond(json=github_issue(5, state="open"))
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert "PAY-1: jira answered about OPS-9" in capsys.readouterr().out
+    missing = await proxy.http.get("/api/work-items/OPS-9", headers=proxy.admin_headers)
+    assert missing.status_code == 404
+
+    answers = [
+        (httpx.Response(301, json=github_issue(5, state="closed"), headers={"location": "https://api.github.com/repositories/1/issues/5"}), "redirects"),
+        (httpx.Response(200, content=b'{"number": 5, "body": "' + b"x" * (5 * 1024 * 1024) + b'"}'), "larger than 4 MiB"),
+        (httpx.Response(200, content=b"[" * 100_000 + b"]" * 100_000), "not JSON"),
+        (httpx.Response(200, json={"number": 5, "state": ["closed"], "title": 5, "created_at": [], "closed_at": {}}), None),
+    ]  # fmt: skip
+    for response, says in answers:
+        with respx.mock() as api:
+            api.get(f"{GITHUB}/repos/acme/web/issues/5").mock(return_value=response)
+            code = cli.main(["items", "sync", "--config", path, "--tracker", "github"])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and (code == 0 if says is None else code == 2 and says in err), (says, code, err)
+    assert (await proxy.get("/api/work-items/acme%2Fweb%235"))["status"] == "open"  # as the first, well-formed answer left it

@@ -207,9 +207,15 @@ def cmd_items_sync(args: argparse.Namespace) -> int:
 
     settings, now = _settings(args), utcnow()
     engine, ids = _engine(args), _ids(args)
-    deliveries, notes = sync_items(engine, ids, settings.trackers, since=args.since, now=now, only=args.tracker)  # asks everything first
-    applied = (apply_delivery(engine, ids, d, now, rework_days=settings.reports.rework_days) for d in deliveries)
-    changed = [dict(item, tracker=d.tracker) for d, result in zip(deliveries, applied, strict=True) for item in result["items"]]
+    changed: list[dict] = []
+
+    def apply(delivery: Any) -> None:  # a batch at a time: a backlog past a tracker's quota converges over runs
+        result = apply_delivery(engine, ids, delivery, now, rework_days=settings.reports.rework_days)
+        changed.extend(dict(item, tracker=delivery.tracker) for item in result["items"])
+
+    rest, notes = sync_items(engine, ids, settings.trackers, since=args.since, now=now, only=args.tracker, apply=apply)
+    for delivery in rest:
+        apply(delivery)
     if args.json:
         print_json({"changed": changed, "notes": notes})
         return 0

@@ -5,15 +5,22 @@ For every work item with spend since `since` and no final status, the tracker's 
 its current state, with a token from the config (`trackers.<name>.token_env`). Each answer is read by
 the same parser as that tracker's webhook (the REST objects are the webhooks' objects), so the
 transitions are the webhooks' own: a merged pull request is done and links the ticket its branch
-names, a ticket closed as Won't Do is closed. Everything is asked first and applied after, in one
-transaction: a tracker that rate-limits, refuses the token or fails part-way changes nothing, and
-says why.
+names, a ticket closed as Won't Do is closed.
+
+The answers are applied a batch at a time (`BATCH`, per tracker), each batch in one transaction, so
+that a backlog larger than a tracker's hourly quota converges over runs: a tracker that rate-limits,
+refuses the token or fails part-way stops the run with the batches before it applied, and says so.
+A server error is asked again twice, and a short `Retry-After` waited out. Each answer is read to at
+most `MAX_ANSWER_BYTES` within `ANSWER_SECONDS` (a tracker that streams forever, or a byte at a time,
+cannot hold the run), must be a 2xx (a redirect is not the item), and must be about the item asked
+for (a moved issue answers with its new key: that is a note, not a change to another item).
 """
 
 from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -21,11 +28,13 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import orjson
 from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Engine
 from starlette.datastructures import Headers
 
 from taskproxy.errors import TrackerUnavailable
+from taskproxy.guard.body import more_json_values_than
 from taskproxy.settings import TrackersSettings
 from taskproxy.storage.models import UsageDaily, WorkItem
 from taskproxy.trackers.base import Delivery, ItemUpdate, Size, count
@@ -36,6 +45,12 @@ from taskproxy.trackers.linear import Linear
 from taskproxy.workitems import RESOLVED, WorkItemIds
 
 TRACKERS = ("github", "gitlab", "jira", "linear")
+BATCH = 100  # answers applied together
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # one item's answer: a few KiB in practice
+MAX_ANSWER_VALUES = 200_000
+ANSWER_SECONDS = 60.0  # one answer, whole: the client's timeout bounds each read only
+RETRIES = 2  # a 5xx or a connection cut is asked again this many times
+MAX_RETRY_AFTER_SECONDS = 10.0  # a longer wait ends the run (run it again later)
 DEFAULT_API = {"github": "https://api.github.com", "gitlab": "https://gitlab.com", "linear": "https://api.linear.app/graphql"}
 _GITLAB_SIZE_QUERY = (
     "query($path: ID!, $iid: String!) { project(fullPath: $path) { mergeRequest(iid: $iid) "
@@ -82,6 +97,14 @@ def tracker_of(item: Pending, configured: Iterable[str]) -> str | None:
     return None
 
 
+def _seconds(value: str | None) -> float | None:
+    """A `Retry-After` in seconds (its date form is not waited for), or None."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 class Fetcher:
     """Asks one tracker's REST API for an item's current state, as the update its webhook would give."""
 
@@ -92,31 +115,74 @@ class Fetcher:
         self._parsers: dict[str, Any] = {"github": GitHub("", ids), "gitlab": GitLab("", ids), "jira": Jira("", points_field), "linear": Linear("", 60.0)}
 
     def fetch(self, item_id: str) -> ItemUpdate | None:
-        """None when the tracker has no such item (it is left as it is)."""
-        return {"github": self._github, "gitlab": self._gitlab, "jira": self._jira, "linear": self._linear}[self.name](item_id)
+        """None when the tracker has no such item (it is left as it is). An answer not shaped as the
+        tracker documents stops the run, naming the tracker and the item."""
+        try:
+            return {"github": self._github, "gitlab": self._gitlab, "jira": self._jira, "linear": self._linear}[self.name](item_id)
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+            raise TrackerUnavailable(f"{self.name}: the answer for {item_id} is not shaped as {self.name}'s API documents ({exc.__class__.__name__}).") from None
 
     def _get(self, url: str, headers: Mapping[str, str]) -> dict | None:
-        return self._answer(lambda: self._http.get(url, headers=dict(headers)), url)
+        return self._answer(lambda: self._http.build_request("GET", url, headers=dict(headers)), url)
 
-    def _answer(self, send: Callable[[], httpx.Response], url: str) -> dict | None:
+    def _answer(self, request: Callable[[], httpx.Request], url: str) -> dict | None:
+        where = url.split("?")[0]
+        for attempt in range(RETRIES + 1):
+            try:
+                status, headers, raw = self._read(request(), where)
+            except httpx.TransportError as exc:
+                if attempt < RETRIES:
+                    time.sleep(1.0 + attempt)
+                    continue
+                raise TrackerUnavailable(f"{self.name}: could not reach {where} ({exc.__class__.__name__}).") from None
+            if status >= 500 and attempt < RETRIES:
+                time.sleep(1.0 + attempt)
+                continue
+            wait = _seconds(headers.get("retry-after"))
+            limited = status == 429 or status == 403 and (headers.get("x-ratelimit-remaining") == "0" or wait is not None or b"rate limit" in raw[:2000].lower())
+            if limited and wait is not None and wait <= MAX_RETRY_AFTER_SECONDS and attempt < RETRIES:
+                time.sleep(wait)
+                continue
+            return self._decoded(status, headers, raw, where, limited)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, request: httpx.Request, where: str) -> tuple[int, httpx.Headers, bytes]:
+        """The answer's status, headers and body, read to at most MAX_ANSWER_BYTES within ANSWER_SECONDS."""
+        deadline = time.monotonic() + ANSWER_SECONDS
+        response = self._http.send(request, stream=True)
         try:
-            response = send()
-        except httpx.HTTPError as exc:
-            raise TrackerUnavailable(f"{self.name}: could not reach {url.split('?')[0]} ({exc.__class__.__name__}).") from None
-        if response.status_code == 404:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise TrackerUnavailable(f"{self.name}: the answer of {where} is larger than {MAX_ANSWER_BYTES // (1024 * 1024)} MiB; stopped.")
+                if time.monotonic() > deadline:
+                    raise TrackerUnavailable(f"{self.name}: the answer of {where} took longer than {ANSWER_SECONDS:g} s; stopped.")
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
+        finally:
+            response.close()
+
+    def _decoded(self, status: int, headers: httpx.Headers, raw: bytes, where: str, limited: bool) -> dict | None:
+        if status == 404:
             return None
-        if response.status_code == 429 or (response.status_code == 403 and response.headers.get("x-ratelimit-remaining") == "0"):
-            wait = response.headers.get("retry-after") or response.headers.get("x-ratelimit-reset") or "?"
-            raise TrackerUnavailable(f"{self.name}: rate limited (HTTP {response.status_code}, retry-after/reset {wait}); nothing was changed. "
+        if limited:
+            wait = headers.get("retry-after") or headers.get("x-ratelimit-reset") or "?"
+            raise TrackerUnavailable(f"{self.name}: rate limited (HTTP {status}, retry-after/reset {wait}). "
                                      "Run the sync again later, or with a narrower --since.")  # fmt: skip
-        if response.status_code in (401, 403):
-            raise TrackerUnavailable(f"{self.name}: the API refused the token (HTTP {response.status_code}); check trackers.{self.name}.token_env.")
-        if response.status_code >= 400:
-            raise TrackerUnavailable(f"{self.name}: the API answered HTTP {response.status_code} for {url.split('?')[0]}; nothing was changed.")
+        if status in (401, 403):
+            raise TrackerUnavailable(f"{self.name}: the API refused the token (HTTP {status}); check trackers.{self.name}.token_env.")
+        if 300 <= status < 400:  # not followed: the token would go with it, and the item asked for is not what answers
+            raise TrackerUnavailable(f"{self.name}: {where} redirects (HTTP {status}) to {headers.get('location', '?')}: the item moved, "
+                                     f"or trackers.{self.name}.api_url is not the API's address.")  # fmt: skip
+        if not 200 <= status < 300:
+            raise TrackerUnavailable(f"{self.name}: the API answered HTTP {status} for {where}.")
+        if more_json_values_than(raw, MAX_ANSWER_VALUES):
+            raise TrackerUnavailable(f"{self.name}: the answer of {where} holds more than {MAX_ANSWER_VALUES:,} JSON values; stopped.")
         try:
-            data = response.json()
-        except ValueError:
-            raise TrackerUnavailable(f"{self.name}: the API's answer for {url.split('?')[0]} is not JSON; nothing was changed.") from None
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise TrackerUnavailable(f"{self.name}: the API's answer for {where} is not JSON (or is nested too deep).") from None
         return data if isinstance(data, dict) else None
 
     def _parse(self, event: str, payload: dict) -> ItemUpdate | None:
@@ -158,7 +224,7 @@ class Fetcher:
         neither the REST API nor the merge request hook carries line counts)."""
         url = f"{self._api}/api/graphql"
         body = {"query": _GITLAB_SIZE_QUERY, "variables": {"path": path, "iid": iid}}
-        answer = self._answer(lambda: self._http.post(url, json=body, headers={"authorization": f"Bearer {self._token}"}), url)
+        answer = self._answer(lambda: self._http.build_request("POST", url, json=body, headers={"authorization": f"Bearer {self._token}"}), url)
         summary = ((((answer or {}).get("data") or {}).get("project") or {}).get("mergeRequest") or {}).get("diffStatsSummary")
         if not isinstance(summary, dict):
             return None  # not shown to this token, or an older GitLab: the size stays unknown
@@ -174,7 +240,7 @@ class Fetcher:
 
     def _linear(self, item_id: str) -> ItemUpdate | None:
         body = {"query": _LINEAR_QUERY, "variables": {"id": item_id}}
-        answer = self._answer(lambda: self._http.post(self._api, json=body, headers={"authorization": self._token}), self._api)
+        answer = self._answer(lambda: self._http.build_request("POST", self._api, json=body, headers={"authorization": self._token}), self._api)
         issue = ((answer or {}).get("data") or {}).get("issue")
         if not isinstance(issue, dict):
             if (answer or {}).get("errors") and "not found" not in str(answer["errors"]).lower():  # type: ignore[index]
@@ -186,10 +252,12 @@ class Fetcher:
 
 def sync_items(
     engine: Engine, ids: WorkItemIds, trackers: TrackersSettings, *, since: datetime, now: datetime, only: str | None = None,
-    http: httpx.Client | None = None,
+    http: httpx.Client | None = None, apply: Callable[[Delivery], None] | None = None,
 ) -> tuple[list[Delivery], list[str]]:  # fmt: skip
-    """What each tracker says now about the pending items, as deliveries to apply (and notes on what
-    was skipped). Raises TrackerUnavailable, before anything is applied, when a tracker cannot answer."""
+    """What each tracker says now about the pending items, as deliveries (and notes on what was skipped).
+    With `apply`, each tracker's answers are handed to it a batch (`BATCH`) at a time as they come, and
+    only the rest is returned; without, everything is returned, to apply after. Raises TrackerUnavailable
+    when a tracker cannot answer, saying how many answers were handed to `apply` before it."""
     tokens = [name for name in TRACKERS if getattr(trackers, name).token is not None]
     if only is not None and only not in tokens:
         raise TrackerUnavailable(f"{only}: no API token: set trackers.{only}.token_env to the name of an environment variable that holds one.")
@@ -198,6 +266,7 @@ def sync_items(
         raise TrackerUnavailable("no tracker has an API token: set trackers.<github|gitlab|jira|linear>.token_env.")
     notes: list[str] = []
     updates: dict[str, list[ItemUpdate]] = {}
+    handed = 0
     client = http or httpx.Client(timeout=20.0, trust_env=True)
     try:
         fetchers: dict[str, Fetcher] = {}
@@ -208,17 +277,40 @@ def sync_items(
                     notes.append(f"{item.item_id}: no configured tracker holds it")
                 continue
             if name not in fetchers:
-                settings = getattr(trackers, name)
-                api = settings.api_url or DEFAULT_API.get(name)
-                if not api:
-                    raise TrackerUnavailable(f"{name}: set trackers.{name}.api_url (your site, e.g. https://acme.atlassian.net).")
-                fetchers[name] = Fetcher(name, client, api, settings.token.get_secret_value(), ids, now, getattr(settings, "story_points_field", None))
+                fetchers[name] = _fetcher(name, trackers, client, ids, now)
             update = fetchers[name].fetch(item.item_id)
             if update is None:
                 notes.append(f"{item.item_id}: {name} has no such item")
+            elif _answered_for(ids, update) != item.item_id:  # a moved issue answers with its new key
+                notes.append(f"{item.item_id}: {name} answered about {update.item_id} (moved?); left as it is")
             elif (update.status is not None and update.status != item.status) or (update.size is not None and not item.sized):
                 updates.setdefault(name, []).append(update)
+                if apply is not None and len(updates[name]) >= BATCH:
+                    apply(Delivery(name, None, "sync", updates.pop(name)))
+                    handed += BATCH
+    except TrackerUnavailable as exc:
+        if handed:
+            raise TrackerUnavailable(f"{exc} {handed} answer(s) were applied before it; run the sync again to go on.") from None
+        raise TrackerUnavailable(f"{exc} Nothing was changed.") from None
     finally:
         if http is None:
             client.close()
     return [Delivery(name, None, "sync", found) for name, found in updates.items()], notes
+
+
+def _fetcher(name: str, trackers: TrackersSettings, client: httpx.Client, ids: WorkItemIds, now: datetime) -> Fetcher:
+    settings = getattr(trackers, name)
+    api = settings.api_url or DEFAULT_API.get(name)
+    if not api:
+        raise TrackerUnavailable(f"{name}: set trackers.{name}.api_url (your site, e.g. https://acme.atlassian.net).")
+    token = settings.token.get_secret_value()
+    if not (token.isascii() and token.isprintable()):
+        raise TrackerUnavailable(f"{name}: the token in trackers.{name}.token_env has characters no HTTP header carries.")
+    return Fetcher(name, client, api, token, ids, now, getattr(settings, "story_points_field", None))
+
+
+def _answered_for(ids: WorkItemIds, update: ItemUpdate) -> str | None:
+    try:
+        return ids.normalize(update.item_id)
+    except Exception:  # noqa: BLE001  (an id the answer made up is no id of this item)
+        return None
