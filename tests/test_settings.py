@@ -117,6 +117,7 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"reports": {"statement_timeout_seconds": 2_592_000}}, "reports.statement_timeout_seconds: Input should be less than or equal to 2147483"),
         ({"work_items": {"teams": {"PAY": "payments", " pay": "growth"}}}, "work_items.teams: the project 'pay' is named twice"),
         ({"work_items": {"teams": {"PAY": " "}}}, "work_items.teams: each project and its team must be named"),
+        ({"trackers": {"github": {"api_url": "http://github.example.com"}}}, "trackers.github.api_url: must be an https:// URL"),
         # Each of these was a traceback (or, the last two, a 500 on requests or deliveries later).
         ({"trackers": {"github": {"secret_env": ["GH"]}}}, "trackers.github.secret_env: must be the name of an environment variable, not list"),
         ({"trackers": {"jira": {"token_env": {"a": 1}}}}, "trackers.jira.token_env: must be the name of an environment variable, not dict"),

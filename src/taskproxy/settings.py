@@ -168,6 +168,18 @@ class TrackerSettings(_Frozen):
     token: SecretStr | None = Field(default=None, exclude=True)
     api_url: str | None = None
 
+    @field_validator("api_url")
+    @classmethod
+    def _over_tls(cls, value: str | None) -> str | None:
+        """The token goes with every request: https, but to this machine (a tunnel, a test)."""
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1].rsplit(":", 1)[0].strip("[]").lower()
+        if scheme.lower() == "https" or scheme.lower() == "http" and host in ("localhost", "127.0.0.1", "::1"):
+            return value
+        raise ValueError("must be an https:// URL (the API token is sent with every request), or http:// to this machine")
+
 
 class JiraSettings(TrackerSettings):
     # The issue field holding story points (Jira Cloud: often customfield_10016); unset: no size from Jira.
