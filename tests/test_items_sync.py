@@ -12,8 +12,8 @@ import orjson
 import pytest
 import respx
 import yaml
-
 from conftest import BOTH_DATABASES, Proxy
+
 from taskproxy import cli
 
 pytestmark = pytest.mark.anyio
@@ -252,3 +252,30 @@ async def test_answers_that_are_not_about_the_item_asked_change_nothing(
         err = capsys.readouterr().err
         assert "Traceback" not in err and (code == 0 if says is None else code == 2 and says in err), (says, code, err)
     assert (await proxy.get("/api/work-items/acme%2Fweb%235"))["status"] == "open"  # as the first, well-formed answer left it
+
+
+async def test_an_answer_older_than_the_trackers_last_event_is_not_reported_as_a_change(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The item keeps its status against an older event (as for a webhook), but every run printed
+    "PAY-1: now done … 1 work item(s) changed"."""
+    from datetime import datetime
+
+    from taskproxy import registry
+    from taskproxy.storage.db import make_engine
+
+    await spend_on(proxy, "PAY-1")
+    engine = make_engine(proxy.settings.database_url)
+    registry.transition(engine, "PAY-1", "in_progress", source="jira", at=datetime(2026, 11, 20))
+    engine.dispose()
+    monkeypatch.setenv("T_JIRA", "jira-token")
+    path = config(proxy, tmp_path, {"jira": {"token_env": "T_JIRA", "api_url": JIRA}})
+    done_earlier = {"id": "1", "key": "PAY-1", "fields": {"summary": "x", "status": {"name": "Done", "statusCategory": {"key": "done"}},
+                    "resolutiondate": "2026-11-15T10:00:00.000+0000", "updated": "2026-11-15T10:00:00.000+0000",
+                    "created": "2026-11-01T10:00:00.000+0000"}}  # fmt: skip
+    with respx.mock() as api:
+        api.get(f"{JIRA}/rest/api/3/issue/PAY-1").respond(json=done_earlier)
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "now done" not in out and "nothing to change" in out, out
+    assert (await proxy.get("/api/work-items/PAY-1"))["status"] == "in_progress"

@@ -211,7 +211,7 @@ def cmd_items_sync(args: argparse.Namespace) -> int:
 
     def apply(delivery: Any) -> None:  # a batch at a time: a backlog past a tracker's quota converges over runs
         result = apply_delivery(engine, ids, delivery, now, rework_days=settings.reports.rework_days)
-        changed.extend(dict(item, tracker=delivery.tracker) for item in result["items"])
+        changed.extend(dict(item, tracker=delivery.tracker) for item in result["items"] if item["id"] not in result["kept"])
 
     rest, notes = sync_items(engine, ids, settings.trackers, since=args.since, now=now, only=args.tracker, apply=apply)
     for delivery in rest:

@@ -233,6 +233,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
     marks the pull request it undoes as rework, when that was merged within `rework_days`."""
     applied: list[dict[str, Any]] = []
     skipped: list[str] = []
+    kept: list[str] = []  # items whose status the delivery did not change (older than the tracker's last event, or a merge)
     if delivery.delivery_id is not None:  # kept with every row it writes, each column 200 characters
         delivery = replace(delivery, delivery_id=delivery.delivery_id[:200])
     try:
@@ -273,12 +274,16 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
                 if told.merged:
                     _revert_waiting(connection, item_id, rework_days)
-                applied.append({"id": item_id, "status": status, "linked": list(told.links)})
+                # What the item is now: an event older than the tracker's last one, or against a merge, changes no status.
+                now_status = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar_one()
+                if now_status != status and not told.links and told.size is None:
+                    kept.append(item_id)
+                applied.append({"id": item_id, "status": now_status, "linked": list(told.links)})
     except IntegrityError:
         if delivery.delivery_id and _seen(engine, delivery):
             return {"status": "duplicate", "delivery": delivery.delivery_id}
         raise
-    return {"status": "applied" if applied else "ignored", "event": delivery.event, "items": applied, "skipped": skipped}
+    return {"status": "applied" if applied else "ignored", "event": delivery.event, "items": applied, "skipped": skipped, "kept": kept}
 
 
 def _seen(engine: Engine, delivery: Delivery) -> bool:
