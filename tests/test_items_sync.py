@@ -279,3 +279,23 @@ async def test_an_answer_older_than_the_trackers_last_event_is_not_reported_as_a
     out = capsys.readouterr().out
     assert "now done" not in out and "nothing to change" in out, out
     assert (await proxy.get("/api/work-items/PAY-1"))["status"] == "in_progress"
+
+
+
+async def test_a_jira_issue_done_without_a_resolution_date_keeps_when_it_was_done(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A workflow that sets no resolution leaves `resolutiondate` null: the completion became the time the
+    sync ran, inflating cycle time. When the status category changed (else the last update) stands in."""
+    await spend_on(proxy, "PAY-2")
+    monkeypatch.setenv("T_JIRA", "jira-token")
+    path = config(proxy, tmp_path, {"jira": {"token_env": "T_JIRA", "api_url": JIRA}})
+    issue = {"id": "2", "key": "PAY-2", "fields": {"summary": "x", "status": {"name": "Done", "statusCategory": {"key": "done"}},
+             "resolution": None, "resolutiondate": None, "statuscategorychangedate": "2026-11-15T10:00:00.000+0000",
+             "updated": "2026-11-16T10:00:00.000+0000", "created": "2026-11-01T10:00:00.000+0000"}}  # fmt: skip
+    with respx.mock() as api:
+        asked = api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-2").respond(json=issue)
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert "statuscategorychangedate" in str(asked.calls[0].request.url)
+    item = await proxy.get("/api/work-items/PAY-2")
+    assert item["status"] == "done" and item["completed_at"] == "2026-11-15T10:00:00.000Z"

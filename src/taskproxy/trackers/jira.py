@@ -40,7 +40,9 @@ class Jira:
         resolution = fields.get("resolution")
         if status == "done" and isinstance(resolution, dict) and str(resolution.get("name", "")).lower() in _NOT_DONE:
             status = "closed"
-        at = tracker_time(fields.get("resolutiondate")) if status in RESOLVED else tracker_time(fields.get("updated"))
+        # Done in a workflow that sets no resolution: when the status category last changed, else the last update.
+        resolved = tracker_time(fields.get("resolutiondate")) or tracker_time(fields.get("statuscategorychangedate")) or tracker_time(fields.get("updated"))
+        at = resolved if status in RESOLVED else tracker_time(fields.get("updated"))
         url = None
         if isinstance(payload["issue"].get("self"), str) and "/rest/" in payload["issue"]["self"]:
             url = payload["issue"]["self"].split("/rest/")[0] + f"/browse/{key}"

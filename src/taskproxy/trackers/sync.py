@@ -234,7 +234,7 @@ class Fetcher:
     def _jira(self, item_id: str) -> ItemUpdate | None:
         token = self._token
         authorization = f"Basic {base64.b64encode(token.encode()).decode()}" if ":" in token else f"Bearer {token}"
-        fields = "status,resolution,resolutiondate,created,updated,summary" + (f",{self._points_field}" if self._points_field else "")
+        fields = "status,resolution,resolutiondate,statuscategorychangedate,created,updated,summary" + (f",{self._points_field}" if self._points_field else "")
         issue = self._get(f"{self._api}/rest/api/3/issue/{quote(item_id)}?fields={fields}", {"authorization": authorization, "accept": "application/json"})
         return None if issue is None else self._parse("", {"webhookEvent": "jira:issue_updated", "issue": issue})
 
