@@ -9,7 +9,8 @@ import gc
 import os
 import threading
 import tracemalloc
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,16 @@ async def _new_key(proxy: Proxy, owner: str) -> tuple[str, str]:
     return response.json()["id"], response.json()["key"]
 
 
+def _committer(engine: Any, kind: str, now: datetime) -> Callable[[int, str], None]:
+    """Commits a change of `kind` under the number given, as a transaction that took it would."""
+
+    def commit(seq: int, ref: str) -> None:
+        with engine.begin() as connection:
+            connection.execute(insert(Change.__table__).values(seq=seq, kind=kind, ref=ref, ts=now))
+
+    return commit
+
+
 def test_the_feed_reads_each_change_once_even_when_numbers_commit_out_of_order(tmp_path: Path) -> None:
     """On PostgreSQL a change numbered 2 can commit after 3: the feed still reads 2, and 3 only once."""
     engine = make_engine(f"sqlite:///{tmp_path / 'feed.db'}")
@@ -91,11 +102,7 @@ def test_the_feed_reads_each_change_once_even_when_numbers_commit_out_of_order(t
     feed = ChangeFeed(engine, hole_seconds=3600)
     feed.start()
     now = utcnow()
-
-    def commit(seq: int, ref: str) -> None:
-        with engine.begin() as connection:
-            connection.execute(insert(Change.__table__).values(seq=seq, kind=changes.ITEM, ref=ref, ts=now))
-
+    commit = _committer(engine, changes.ITEM, now)
     commit(1, "A-1")
     commit(3, "A-3")
     assert feed.read(now).of(changes.ITEM) == {"A-1", "A-3"}
@@ -124,11 +131,7 @@ def test_a_hole_is_given_up_on_after_its_own_time_not_the_first_holes(tmp_path: 
     feed = ChangeFeed(engine, hole_seconds=1.0)
     feed.start()
     now = utcnow()
-
-    def commit(seq: int, ref: str) -> None:
-        with engine.begin() as connection:
-            connection.execute(insert(Change.__table__).values(seq=seq, kind=changes.KEY, ref=ref, ts=now))
-
+    commit = _committer(engine, changes.KEY, now)
     read: set[str] = set()
     commit(2, "k2")  # 1 is open: a hole
     read |= feed.read(now).of(changes.KEY)

@@ -34,15 +34,16 @@ async def get_binding(request: Request) -> Response:
         run = {"work_item": ids.normalize(item), "source": "item"}
     elif branch and (named := _named_by(ids, branch)):
         run = {"work_item": named, "source": "branch"}
-        if current:
-            try:
-                await policy.check(named)
-            except (WorkItemUnknown, WorkItemClosed):  # a word in the branch that is no item here (fix/utf-8-names)
-                run = {"work_item": current, "source": "binding"}
     elif current:
         run = {"work_item": current, "source": "binding"}
     if run is not None:
-        await policy.check(run["work_item"])
+        try:
+            await policy.check(run["work_item"])
+        except (WorkItemUnknown, WorkItemClosed):
+            if run["source"] != "branch" or not current:
+                raise
+            run = {"work_item": current, "source": "binding"}  # a word in the branch that is no item here (fix/utf-8-names)
+            await policy.check(current)
     return JSON({**found, "run": run})
 
 

@@ -116,8 +116,8 @@ class ChangeFeed:
             if not self._passed_over or self._passed_over[0][0] > following or monotonic - self._passed_over[0][2] <= self._hole_seconds:
                 return
             # Given up on: the unread numbers from here to the next one read, within this run.
-            later = [seq for seq in self._seen if seq > following]
-            self._low = min(self._passed_over[0][1], min(later) - 1) if later else self._passed_over[0][1]
+            later = min((seq for seq in self._seen if seq > following), default=None)
+            self._low = self._passed_over[0][1] if later is None else min(self._passed_over[0][1], later - 1)
 
     @property
     def position(self) -> int:

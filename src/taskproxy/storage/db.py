@@ -45,6 +45,7 @@ CONNECTION_DEFAULTS: dict[str, int] = {
 
 log = logging.getLogger("taskproxy.db")
 
+
 def application_name(role: str) -> str:
     """How a connection names itself in `pg_stat_activity`: its role (`proxy`, `report`, `listener`),
     host and process, so that a DBA can tell whose connections fill the server (63 bytes at most)."""

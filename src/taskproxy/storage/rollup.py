@@ -218,12 +218,10 @@ def request_hours(events: Any, dialect: str) -> ColumnElement:
     return func.sum(distinct(case((request_clause(events), literal_column("1").op("<<")(hour)), else_=0)))
 
 
-def first_answered(events: Any, dialect: str) -> ColumnElement:
-    """The earliest of `events` answered with something generated (status < 400, not a token count)."""
-    return func.min(case((and_(events.status < 400, events.route != COUNT_TOKENS_ROUTE), events.ts)))
-
-
-EXTRAS: dict[str, Callable[[Any, str], ColumnElement]] = {"request_hours": request_hours, "first_answered_ts": first_answered}  # Level.extra: column -> its aggregate
+EXTRAS: dict[str, Callable[[Any, str], ColumnElement]] = {  # Level.extra: column -> its aggregate
+    "request_hours": request_hours,
+    "first_answered_ts": lambda events, _dialect: _aggregates(events)["first_answered"].raw,
+}
 # How an upsert folds an extra's delta into the row: the hours' bits OR-ed (both dialects' `|`); the
 # earliest answer kept (LEAST/MIN of two ignore a NULL on PostgreSQL; SQLite's min() answers NULL, hence COALESCE).
 EXTRA_MERGES = {

@@ -33,7 +33,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.engine import Engine
 from starlette.datastructures import Headers
 
-from taskproxy.errors import TrackerUnavailable
+from taskproxy.errors import TrackerUnavailable, WorkItemInvalid
 from taskproxy.guard.body import more_json_values_than
 from taskproxy.settings import TrackersSettings
 from taskproxy.storage.models import UsageDaily, WorkItem
@@ -312,5 +312,5 @@ def _fetcher(name: str, trackers: TrackersSettings, client: httpx.Client, ids: W
 def _answered_for(ids: WorkItemIds, update: ItemUpdate) -> str | None:
     try:
         return ids.normalize(update.item_id)
-    except Exception:  # noqa: BLE001  (an id the answer made up is no id of this item)
+    except WorkItemInvalid:  # an id the answer made up is no id of this item
         return None
