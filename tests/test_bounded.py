@@ -698,3 +698,54 @@ def test_sigterm_gives_answers_in_flight_a_grace_period_then_ends_and_records_th
         recorded = {row.model: (row.status, row.error) for row in connection.execute(select(UsageEvent).where(UsageEvent.work_item == "TERM-1"))}
     engine.dispose()
     assert recorded == {"slow": (200, None), "trickle": (200, "proxy_shutdown")}, (recorded, log[-2000:])
+
+
+@pytest.mark.postgres
+def test_keys_reading_their_own_usage_while_the_database_is_slow_take_nothing_from_the_proxy(tmp_path: Path, upstream: FakeUpstream, quiet: str,
+                                                                                             postgres_url: str) -> None:  # fmt: skip
+    """Thirty keys reading their own usage (`GET /api/me/usage`) twice at once, while a table those
+    reads need is locked: each read held a thread of the pool that large bodies are decoded in, and a
+    connection of the engine the lookups, the leases, the change feed and the writer share. A 1.5 MiB
+    prompt waited until the lock was released (over 10 s), and so did an admin's call. The API's
+    calls now run a few at a time in threads of their own; and a key may have two reads of its own
+    under way at most: one key asking ten times at once is told 429 eight times, at once."""
+    from sqlalchemy import text
+
+    from taskproxy.storage.db import make_engine
+
+    with server_with(tmp_path, upstream, quiet, database_url=postgres_url) as server:
+        readers, mallory, dana = [server.new_key(f"reader-{n}", "platform") for n in range(30)], server.new_key("mallory", "platform"), server.new_key()
+        engine = make_engine(postgres_url)
+        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
+
+        def read_own_usage(key: str) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
+                return client.get("/api/me/usage", headers={"authorization": f"Bearer {key}"})
+
+        with engine.connect() as locker, ThreadPoolExecutor(70) as pool:
+            locker.execute(text("LOCK TABLE rejections IN ACCESS EXCLUSIVE MODE"))  # the reads wait on it; the proxy writes no refusal here
+            reads = [pool.submit(read_own_usage, key) for key in readers for _ in range(2)]
+            time.sleep(1.5)
+            mallorys = [pool.submit(read_own_usage, mallory) for _ in range(10)]
+            time.sleep(0.5)
+            started = time.perf_counter()
+            reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {dana}", "X-Work-Item": "POLL-1",
+                                                                                     "content-type": "application/json"})  # fmt: skip
+            large_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            admin_status = server.admin_get("/api/work-items").status_code
+            admin_seconds = time.perf_counter() - started
+            refused_at_once = [m.result() for m in mallorys if m.done()]
+            locker.rollback()
+            answered = [r.result(timeout=60) for r in reads]
+            mallory_statuses = sorted(m.result(timeout=60).status_code for m in mallorys)
+        engine.dispose()
+        recorded = server.work_item("POLL-1", expected_requests=1)
+    print(f"\nsixty reads of keys' own usage, a table locked: a 1.5 MiB prompt {large_seconds * 1000:.0f} ms, an admin call "
+          f"{admin_seconds * 1000:.0f} ms; one key's ten reads: {mallory_statuses}")  # fmt: skip
+    assert reply.status_code == 200 and recorded["requests"] == 1, reply.text
+    assert admin_status == 200
+    assert large_seconds < 1.0 and admin_seconds < 1.0, (large_seconds, admin_seconds)  # over 10 s before
+    assert {r.status_code for r in answered} == {200}, [r.status_code for r in answered]  # once the lock went
+    assert mallory_statuses == [200] * 2 + [429] * 8 and len(refused_at_once) == 8, mallory_statuses
+    assert refused_at_once[0].json()["error"]["code"] == "rate_limited" and refused_at_once[0].headers["retry-after"] == "1"

@@ -54,6 +54,7 @@ from taskproxy.dashboard.templating import Pages
 from taskproxy.routes.admission import Admission
 from taskproxy.routes.common import JSON
 from taskproxy.routes.endpoint import Translation
+from taskproxy.routes.lanes import API_AT_ONCE, OWN_AT_ONCE, OWN_PER_KEY, WEBHOOKS_AT_ONCE, Lane
 from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage import partitions
@@ -272,9 +273,15 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         ]
         if keeper is not None:
             refreshers.append(asyncio.create_task(keeper.run(), name="taskproxy-report-snapshots"))
+        lanes = {  # the API's database calls, apart from the proxy's threads and connections (routes/lanes.py)
+            "api_calls": Lane("api", API_AT_ONCE),
+            "own_calls": Lane("own", OWN_AT_ONCE, per_key=OWN_PER_KEY),
+            "webhook_calls": Lane("webhooks", WEBHOOKS_AT_ONCE),
+        }
         try:
             # Each request sees these as `request.state.<name>`; a route reads only what it uses.
             yield {
+                **lanes,
                 "settings": settings,
                 "engine": db,
                 "keys": keys,
@@ -310,8 +317,8 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
-            for lookups in (keys, item_cache, budgets, admission.rate_limiter):
-                lookups.close()
+            for threads in (keys, item_cache, budgets, admission.rate_limiter, *lanes.values()):
+                threads.close()
             if engine is None:
                 db.dispose()
 

@@ -32,7 +32,7 @@ from taskproxy.dashboard.templating import render
 from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
 from taskproxy.reports.named import overview_snapshot_name, signal_options
 from taskproxy.reports.snapshots import kept_name
-from taskproxy.routes.common import in_thread, unless_client_leaves
+from taskproxy.routes.common import unless_client_leaves
 from taskproxy.routes.reports import period
 from taskproxy.timeutil import utcnow
 
@@ -53,7 +53,7 @@ async def current_session(request: Request) -> Session | None:
     key_id = request.state.sessions.verify(request.cookies.get(sessions.COOKIE))
     if key_id is None:
         return None
-    return await in_thread(sessions.load_principal, request.state.engine, key_id)  # type: ignore[no-any-return]
+    return await request.state.own_calls.run(sessions.load_principal, request.state.engine, key_id)  # type: ignore[no-any-return]
 
 
 def _safe_next(value: str | None) -> str | None:
@@ -212,7 +212,7 @@ async def overview(request: Request, session: Session) -> Response:
 
     settings = request.state.settings
     name = overview_snapshot_name(settings)
-    kept = await _kept(request, lambda: in_thread(data.kept_overview, request.state.engine, name))
+    kept = await _kept(request, lambda: request.state.api_calls.run(data.kept_overview, request.state.engine, name))
     if kept is not None:
         view, since, until = kept.view, kept.since, kept.until
     else:
@@ -241,7 +241,7 @@ async def work_item(request: Request, session: Session) -> Response:
         item_id = request.state.items.ids.normalize(raw)
     except WorkItemInvalid:
         item_id = raw  # an id recorded under other patterns can still be looked up as it is
-    view = await in_thread(data.work_item, request.state.engine, item_id)
+    view = await request.state.api_calls.run(data.work_item, request.state.engine, item_id)
     if view is None:
         return _error_page(request, 404, "No such work item", f"No work item {item_id!r} is registered or has usage.", session)
     days = data.usage_days(view["usage_by_day"])
@@ -284,7 +284,9 @@ async def me(request: Request, session: Session) -> Response:
 
     settings = request.state.settings
     principal = session.principal
-    mine = await in_thread(data.my_data, request.state.engine, principal.key_id, principal.team)
+    own_calls = request.state.own_calls
+    with own_calls.turn_of(principal.key_id):
+        mine = await own_calls.run(data.my_data, request.state.engine, principal.key_id, principal.team)
     now = utcnow()
     context = {
         "nav": "me",

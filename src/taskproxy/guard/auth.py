@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import anyio
 from cachetools import LRUCache, TTLCache
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
@@ -232,24 +231,25 @@ class KeyStore:
         """People in `team`; None: the people without a team."""
         return self._team_sizes.get(team or NO_TEAM, 0)
 
-    async def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:
+    # Blocking: the routes run these in their lanes' threads (routes/lanes.py), never the event loop's.
+    def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:
         """Create a key (as `issue_key`); its owner counts for the team in this process at once."""
-        key, token = await anyio.to_thread.run_sync(lambda: issue_key(self._engine, owner=owner, team=team, role=role))
-        await anyio.to_thread.run_sync(self.refresh, {key.id})  # its team's size counts it at once
+        key, token = issue_key(self._engine, owner=owner, team=team, role=role)
+        self.refresh({key.id})  # its team's size counts it at once
         return key, token
 
-    async def revoke(self, key_id: str) -> Row:
+    def revoke(self, key_id: str) -> Row:
         """Revoke a key (as `revoke`); this process refuses it at once, and no refresh brings it back."""
-        key = await anyio.to_thread.run_sync(revoke, self._engine, key_id)
-        await anyio.to_thread.run_sync(self.forget, key_id)
+        key = revoke(self._engine, key_id)
+        self.forget(key_id)
         return key
 
     def forget(self, key_id: str) -> None:
         """Drop a revoked key from memory at once (call it once the revocation is committed)."""
         self.refresh({key_id})
 
-    async def bind(self, principal: Principal, work_item: str | None, ttl_hours: float) -> datetime | None:
+    def bind(self, principal: Principal, work_item: str | None, ttl_hours: float) -> datetime | None:
         until = utcnow() + timedelta(hours=ttl_hours) if work_item else None
-        await anyio.to_thread.run_sync(repo.set_binding, self._engine, principal.key_id, work_item, until)
-        await anyio.to_thread.run_sync(self.refresh, {principal.key_id})
+        repo.set_binding(self._engine, principal.key_id, work_item, until)
+        self.refresh({principal.key_id})
         return until

@@ -20,7 +20,7 @@ from taskproxy.workitems import ITEM_STATUSES
 from taskproxy.reports import usage as usage_reports
 from taskproxy.reports.items import work_item_view
 from taskproxy.reports.named import TASKS, USAGE
-from taskproxy.routes.common import JSON, admin, after_param, in_thread, int_param, json_object, next_page, open_period, unless_client_leaves
+from taskproxy.routes.common import JSON, admin, after_param, int_param, json_object, next_page, open_period, unless_client_leaves
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso
 
@@ -28,27 +28,27 @@ from taskproxy.timeutil import iso
 async def create_key(request: Request) -> Response:
     await admin(request)
     new = parse(NewKey, await json_object(request))
-    key, token = await request.state.keys.issue(owner=new.owner, team=new.team, role=new.role)
+    key, token = await request.state.api_calls.run(request.state.keys.issue, owner=new.owner, team=new.team, role=new.role)
     return JSON({**key_json(key), "key": token}, status_code=201)
 
 
 async def list_keys(request: Request) -> Response:
     principal = await admin(request)
     audit_read(request.state.audit, request, principal)
-    keys = await in_thread(repo.list_keys, request.state.engine)
+    keys = await request.state.api_calls.run(repo.list_keys, request.state.engine)
     return JSON([key_json(k) for k in keys])
 
 
 async def revoke_key(request: Request) -> Response:
     await admin(request)
-    return JSON(key_json(await request.state.keys.revoke(request.path_params["key_id"])))
+    return JSON(key_json(await request.state.api_calls.run(request.state.keys.revoke, request.path_params["key_id"])))
 
 
 async def get_work_item(request: Request) -> Response:
     await admin(request)
     items: WorkItems = request.state.items
     item_id = items.ids.normalize(request.path_params["item_id"])
-    view = await in_thread(work_item_view, request.state.engine, item_id)
+    view = await request.state.api_calls.run(work_item_view, request.state.engine, item_id)
     if view is None:
         raise NotFound(f"No work item {item_id!r} is registered or has usage.")
     return JSON(view)
@@ -60,7 +60,7 @@ async def list_work_items(request: Request) -> Response:
     if status and status not in ITEM_STATUSES:
         raise InvalidRequest(f"'status' must be one of {', '.join(ITEM_STATUSES)}.", param="status")
     limit = int_param(request, "limit", 1000, 10_000)
-    items = await in_thread(repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
+    items = await request.state.api_calls.run(repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
                             after=after_param(request), limit=limit)  # fmt: skip
     return next_page(JSON([item_json(i) for i in items]), request, items, limit, (items[-1].created_at, items[-1].id) if items else None)
 
@@ -68,30 +68,30 @@ async def list_work_items(request: Request) -> Response:
 async def create_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    return JSON(item_json(await in_thread(request.state.items.register, body)), status_code=201)
+    return JSON(item_json(await request.state.api_calls.run(request.state.items.register, body)), status_code=201)
 
 
 async def patch_work_item(request: Request) -> Response:
     await admin(request)
     body = await json_object(request)
-    return JSON(item_json(await in_thread(request.state.items.update, request.path_params["item_id"], body)))
+    return JSON(item_json(await request.state.api_calls.run(request.state.items.update, request.path_params["item_id"], body)))
 
 
 async def complete_work_item(request: Request) -> Response:
     await admin(request)
-    return JSON(item_json(await in_thread(request.state.items.resolve, request.path_params["item_id"], "done", source="api")))
+    return JSON(item_json(await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "done", source="api")))
 
 
 async def close_work_item(request: Request) -> Response:
     await admin(request)
-    return JSON(item_json(await in_thread(request.state.items.resolve, request.path_params["item_id"], "closed", source="api")))
+    return JSON(item_json(await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "closed", source="api")))
 
 
 async def audit_log(request: Request) -> Response:
     principal = await admin(request)
     audit_read(request.state.audit, request, principal)
     since, until = open_period(request)
-    entries = await in_thread(repo.list_audit, request.state.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
+    entries = await request.state.api_calls.run(repo.list_audit, request.state.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
     return JSON([{"ts": iso(e.ts), "actor_key_id": e.actor_key_id, "actor_owner": e.actor_owner, "action": e.action, "target": e.target} for e in entries])
 
 
@@ -116,7 +116,7 @@ async def usage_events(request: Request) -> Response:
     work_item = request.state.items.ids.normalize(item) if item else None
     limit = int_param(request, "limit", 100, 10_000)
     since, until = open_period(request)
-    events = await in_thread(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), since=since,
+    events = await request.state.api_calls.run(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), since=since,
                              until=until, after=after_param(request), limit=limit)  # fmt: skip
     return next_page(JSON([event_json(e) for e in events]), request, events, limit, (events[-1].ts, events[-1].id) if events else None)
 

@@ -9,7 +9,6 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any, TypeVar
 
-import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -128,11 +127,6 @@ async def admin(request: Request) -> Principal:
     principal = await caller(request)
     principal.require_admin()
     return principal
-
-
-async def in_thread(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking database call off the event loop."""
-    return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs))
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

@@ -1,5 +1,6 @@
 """What any key may do about itself: bind a work item, and read its own usage. Reads the lifespan
-state's `keys`, `items` (for id normalization), `policy` (work_items.mode), `engine` and `settings`."""
+state's `keys`, `items` (for id normalization), `policy` (work_items.mode), `engine`, `settings` and
+`own_calls` (the lane its database calls take, a couple per key at a time: routes/lanes.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from taskproxy.errors import WorkItemClosed, WorkItemInvalid, WorkItemUnknown
 from taskproxy.workitems import WorkItemIds
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
-from taskproxy.routes.common import JSON, caller, in_thread, int_param, json_object
+from taskproxy.routes.common import JSON, caller, int_param, json_object
 from taskproxy.storage import repo
 from taskproxy.timeutil import iso, utcnow
 
@@ -59,22 +60,28 @@ async def put_binding(request: Request) -> Response:
     binding = parse(Binding, await json_object(request))
     work_item = request.state.items.ids.normalize(binding.work_item)
     await request.state.policy.check(work_item)  # a binding the model routes would refuse binds nothing
-    until = await request.state.keys.bind(principal, work_item, request.state.settings.work_items.binding_ttl_hours)
+    own_calls, ttl = request.state.own_calls, request.state.settings.work_items.binding_ttl_hours
+    with own_calls.turn_of(principal.key_id):
+        until = await own_calls.run(request.state.keys.bind, principal, work_item, ttl)
     return JSON({"work_item": work_item, "expires_at": iso(until)})
 
 
 async def delete_binding(request: Request) -> Response:
     principal = await caller(request)
-    await request.state.keys.bind(principal, None, request.state.settings.work_items.binding_ttl_hours)
+    own_calls = request.state.own_calls
+    with own_calls.turn_of(principal.key_id):
+        await own_calls.run(request.state.keys.bind, principal, None, request.state.settings.work_items.binding_ttl_hours)
     return JSON({"work_item": None, "expires_at": None})
 
 
 async def my_usage(request: Request) -> Response:
     principal = await caller(request)
-    engine = request.state.engine
-    events = await in_thread(repo.list_events, engine, key_id=principal.key_id, limit=int_param(request, "limit", 20, 1000))
-    per_item = await in_thread(usage_reports.usage_for_key, engine, principal.key_id)
-    rejected = await in_thread(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)
+    engine, own_calls = request.state.engine, request.state.own_calls
+    limit = int_param(request, "limit", 20, 1000)
+    with own_calls.turn_of(principal.key_id):
+        events = await own_calls.run(repo.list_events, engine, key_id=principal.key_id, limit=limit)
+        per_item = await own_calls.run(usage_reports.usage_for_key, engine, principal.key_id)
+        rejected = await own_calls.run(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)
     return JSON(
         {
             "key_id": principal.key_id,

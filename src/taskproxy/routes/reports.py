@@ -17,7 +17,7 @@ from taskproxy.errors import InvalidRequest
 from taskproxy.reports.named import ADOPTION, adoption_options
 from taskproxy.reports.adoption_export import adoption_csv
 from taskproxy.reports.snapshots import check_asked_alone, check_on, for_team, kept_name, latest, report_of, snapshot_csv, unpacked
-from taskproxy.routes.common import JSON, admin, in_thread, time_param, unless_client_leaves
+from taskproxy.routes.common import JSON, admin, time_param, unless_client_leaves
 from taskproxy.storage.snapshots import Snapshot
 from taskproxy.timeutil import report_period, utcnow
 
@@ -43,7 +43,7 @@ async def latest_snapshot(request: Request, name: str) -> Snapshot:
     """The latest snapshot of the report `name`, or 404 saying why there is none."""
     settings = request.state.settings
     check_on(settings)
-    return await in_thread(latest, request.state.engine, kept_name(settings, name))  # type: ignore[no-any-return]
+    return await request.state.api_calls.run(latest, request.state.engine, kept_name(settings, name))  # type: ignore[no-any-return]
 
 
 def snapshot_headers(computed_at: datetime) -> dict[str, str]:
@@ -91,7 +91,7 @@ async def adoption(request: Request) -> Response:
     if snapshot_wanted(request, alone=("since", "until")):
         snapshot = await latest_snapshot(request, "adoption")
         if team := request.query_params.get("team"):  # one team's part of it, as computing with `team` gives
-            body = await in_thread(lambda: orjson.dumps(for_team(report_of(snapshot), team)))
+            body = await request.state.api_calls.run(lambda: orjson.dumps(for_team(report_of(snapshot), team)))
             return Response(body, media_type=JSON.media_type, headers=snapshot_headers(snapshot.computed_at))
         return snapshot_response(request, snapshot)
     return Response(await _report(request, orjson.dumps), media_type=JSON.media_type)

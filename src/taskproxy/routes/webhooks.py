@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from taskproxy.errors import ApiError, InvalidRequest, NotFound
 from taskproxy.guard.body import BodyGate, Undecodable, decode_json_object
-from taskproxy.routes.common import JSON, in_thread
+from taskproxy.routes.common import JSON
 from taskproxy.timeutil import utcnow
 
 log = logging.getLogger("taskproxy.webhooks")
@@ -73,7 +73,7 @@ async def receive(request: Request) -> Response:
     except ApiError as exc:
         request.state.webhook_refusals.refused(name, request.client.host if request.client else "?", exc)
         raise
-    return JSON(await in_thread(request.state.items.apply_delivery, delivery, now))
+    return JSON(await request.state.webhook_calls.run(request.state.items.apply_delivery, delivery, now))
 
 
 routes = [Route("/webhooks/{tracker}", receive, methods=["POST"])]

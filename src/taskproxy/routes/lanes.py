@@ -1,0 +1,66 @@
+"""Threads for the API's blocking database calls, apart from everything the proxy itself needs.
+
+The model routes hand large bodies to anyio's default threads (40 of them) to join and decode, and the
+key and item lookups, the leases, the change feed and the writer share the database engine's
+connections (10). An API call that waits on a slow database holds a thread, and a connection, while it
+waits: sixty reads of one key's own usage while a table they read was locked took every one of both,
+and a 1.5 MiB prompt, an admin's call and a key made meanwhile all waited for the lock
+(tests/test_bounded.py). So each kind of API call runs in a `Lane`: at most a few of its calls at a
+time, in daemon threads of its own (threads.py: a process stopping during an outage does not wait
+for them), the rest waiting their turn on the event loop, holding neither a thread nor a connection.
+Together the lanes take at most `ROUTE_CONNECTIONS` of the engine's connections.
+
+The self-service lane also lets one key have only `OWN_PER_KEY` requests under way; the next is told
+429 `rate_limited` at once, so one key polling its own usage cannot keep the others' reads waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, TypeVar
+
+from taskproxy.errors import RateLimited
+from taskproxy.threads import DaemonThreads
+
+T = TypeVar("T")
+
+API_AT_ONCE = 2  # the admin API, the dashboard, report snapshots
+OWN_AT_ONCE = 2  # any key's calls about itself (/api/me/*)
+WEBHOOKS_AT_ONCE = 2  # tracker deliveries
+OWN_PER_KEY = 2
+ROUTE_CONNECTIONS = API_AT_ONCE + OWN_AT_ONCE + WEBHOOKS_AT_ONCE  # of the engine's 10 (storage/db.py)
+
+
+class Lane:
+    """At most `at_once` blocking calls at a time, in threads named `taskproxy-{name}`; with `per_key`,
+    at most that many requests of one key under way (`turn_of`)."""
+
+    def __init__(self, name: str, at_once: int, per_key: int | None = None) -> None:
+        self._threads = DaemonThreads(at_once, f"taskproxy-{name}")
+        self._per_key = per_key
+        self._under_way: dict[str, int] = {}  # read and written on the event loop only
+
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` in one of the lane's threads. Cancelled while waiting its turn,
+        it does not run; once under way, it ends in its thread and its result is dropped."""
+        return await self._threads.run(partial(function, *args, **kwargs))
+
+    @contextmanager
+    def turn_of(self, key_id: str) -> Iterator[None]:
+        """One of `key_id`'s requests under way; past `per_key` of them, RateLimited."""
+        count = self._under_way.get(key_id, 0)
+        if self._per_key is not None and count >= self._per_key:
+            raise RateLimited(f"This key already has {count} requests about itself under way; ask again once they are answered.", retry_after=1)
+        self._under_way[key_id] = count + 1
+        try:
+            yield
+        finally:
+            if (left := self._under_way[key_id] - 1) > 0:
+                self._under_way[key_id] = left
+            else:
+                del self._under_way[key_id]
+
+    def close(self) -> None:
+        self._threads.close()
