@@ -282,6 +282,35 @@ def test_period_totals_equal_a_scan_of_the_raw_events_at_any_boundary(database_u
     engine.dispose()
 
 
+@BOTH_DATABASES
+def test_a_keys_own_usage_is_its_events_per_item_and_outlives_their_retention(database_url: str) -> None:
+    """`GET /api/me/usage` per item: read from the per-key days (by the key, 0020), it equals a scan of
+    the key's raw events; it read those events themselves, all of them on every call, and lost what
+    `recording.retention_months` dropped."""
+    from taskproxy.reports.usage import usage_for_key
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    repo.write_batch(engine, events=events(random.Random(29), 1500), rejections=[], new_items=[])
+    rows = raw_rows(engine)
+    seen = {}
+    for key in sorted({row.key_id for row in rows}):
+        expected = raw_totals([row for row in rows if row.key_id == key], None, None, "work_item")
+        seen[key] = usage_for_key(engine, key)
+        got = {entry["work_item"]: entry for entry in seen[key]}
+        assert set(got) == set(expected), key
+        for item, figures in expected.items():
+            assert (got[item]["attempts"], got[item]["requests"], got[item]["total_tokens"], got[item]["unpriced_attempts"]) == (
+                figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced_attempts"]), (key, item)  # fmt: skip
+            assert got[item]["cost_usd"] == usd(figures["cost_nanos"])
+            assert (got[item]["first_used"], got[item]["last_used"]) == (iso(figures["first_used"]), iso(figures["last_used"]))
+        assert [entry["last_used"] for entry in seen[key]] == sorted((entry["last_used"] for entry in seen[key]), reverse=True)
+    with engine.begin() as connection:  # retention drops the raw months; the rollups stay
+        connection.execute(UsageEvent.__table__.delete())
+    assert {key: usage_for_key(engine, key) for key in seen} == seen
+    engine.dispose()
+
+
 def spend_after_completion_by_raw_scan(engine: Engine, since: datetime, until: datetime) -> dict[str, int]:
     """The report's query before the rollup: events in the period later than a done/closed item's completed_at."""
     e, w = UsageEvent.__table__.c, WorkItem.__table__.c

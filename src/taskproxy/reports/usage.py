@@ -107,12 +107,11 @@ def rejections_by_reason(engine: Engine, since: datetime | None = None, until: d
 
 
 def usage_for_key(engine: Engine, key_id: str) -> list[dict[str, Any]]:
-    """One key's own usage per work item: what `taskproxy me` shows its owner."""
-    # Per key: the rollup has no key column, so this reads the key's raw events (by its index).
-    query = select(_E.work_item.label("key"), *rollup.raw_columns(_FIELDS)).where(_E.key_id == key_id).group_by(_E.work_item)
+    """One key's own usage per work item, all time: what `taskproxy me` shows its owner. Read from the
+    per-key daily rollup by its index on the key (the rows of the key's days, not its every request)."""
     with engine.connect() as connection:
-        rows = connection.execute(query).all()
-    return sorted(({"work_item": row.key, **_totals(row._mapping)} for row in rows), key=lambda r: r["last_used"] or "", reverse=True)
+        found = rollup.totals(connection, by=("work_item",), period=rollup.KEY_ALL_TIME, fields=_FIELDS, where=lambda c: [c.key_id == key_id])
+    return sorted(({"work_item": item, **_totals(row)} for (item,), row in found.items()), key=lambda r: r["last_used"] or "", reverse=True)
 
 
 def tasks_view(engine: Engine, since: datetime | None = None, until: datetime | None = None, limit: int = 50) -> dict[str, Any]:

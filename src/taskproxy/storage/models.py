@@ -300,6 +300,7 @@ UsageKeyDaily = Rows(Table(
     Column("request_hours", Integer(), nullable=False, default=0, server_default="0"),
     PrimaryKeyConstraint("bucket", "key_id", "work_item", "team"),
     Index("ix_usage_key_daily_work_item_bucket", "work_item", "bucket"),
+    Index("ix_usage_key_daily_key_id_bucket", "key_id", "bucket"),  # a key's own usage, all time (0020)
 ))  # fmt: skip
 
 # Requests refused before anything went upstream: counted, never forwarded. One row stands for
@@ -313,6 +314,7 @@ Rejection = Rows(Table(
     _text("reason", 32),  # the error code the client got
     _text("route", 64),
     Column("count", Integer(), nullable=False, default=1, server_default="1"),  # as migration 0003 made it
+    Index("ix_rejections_key_id_ts", "key_id", "ts"),  # a key's own refusals (0020)
 ))  # fmt: skip
 
 # The change feed: one row per key or work item changed, written in the change's own transaction.

@@ -317,6 +317,8 @@ ALL_TIME = Period()
 # All time from the per-item totals, a row per work item, team and model: for reads `by` and `where`
 # those columns alone (an item's lifetime usage), which it answers by index, not across the history.
 LIFETIME = Period(levels=(ITEM_TOTALS,))
+# All time per key, from its days (by the index on key_id and bucket, 0020).
+KEY_ALL_TIME = Period(levels=KEY_LEVELS)
 
 
 class _Aggregate(NamedTuple):
