@@ -92,8 +92,9 @@ async def test_missed_deliveries_are_caught_up_through_the_webhooks_transitions(
     assert [link["id"] for link in (await proxy.get("/api/work-items/acme%2Fweb%2342"))["linked_from"]] == ["PAY-5"]
     assert "acme/web#42: now done (github), linked PAY-5" in out and "5 work item(s) changed" in out  # #8: confirmed open
 
-    with respx.mock() as api:  # nothing pending is left but the open issue, which is as its tracker says
+    with respx.mock() as api:  # nothing pending is left but the open issue and the closed one (its reopening could be lost), as their tracker says
         api.get(f"{GITHUB}/repos/acme/web/issues/8").respond(json=github_issue(8, state="open"))
+        api.get(f"{GITHUB}/repos/acme/web/issues/7").respond(json=github_issue(7, state="closed", reason="not_planned"))
         assert cli.main(["items", "sync", "--config", path, "--tracker", "github"]) == 0
     assert "nothing to change" in capsys.readouterr().out
 
@@ -207,7 +208,7 @@ async def test_a_backlog_past_the_trackers_quota_converges_over_runs(
         api.get(url__regex=rf"{GITHUB}/repos/acme/web/issues/\d+").mock(side_effect=answer)
         assert cli.main(["items", "sync", "--config", path]) == 2
     assert "20 answer(s) were applied before it; run the sync again to go on" in capsys.readouterr().err  # the 502 asked again
-    quota["left"] = 25  # the next hour
+    quota["left"] = 30  # the next hour: the ten left, then the twenty done asked again (a reopening may have been lost)
     with respx.mock() as api:
         api.get(url__regex=rf"{GITHUB}/repos/acme/web/issues/\d+").mock(side_effect=answer)
         assert cli.main(["items", "sync", "--config", path]) == 0
@@ -299,3 +300,41 @@ async def test_a_jira_issue_done_without_a_resolution_date_keeps_when_it_was_don
     assert "statuscategorychangedate" in str(asked.calls[0].request.url)
     item = await proxy.get("/api/work-items/PAY-2")
     assert item["status"] == "done" and item["completed_at"] == "2026-11-15T10:00:00.000Z"
+
+
+@BOTH_DATABASES
+async def test_a_reopening_whose_delivery_was_lost_is_caught_up(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ticket done, then reopened in the tracker while the proxy missed the delivery: the sync asked
+    only items without a final status, so it stayed done for good (counted as completed work, its
+    later spend as spend after completion). Items a tracker resolved are now asked again, after the
+    unresolved ones; not a merged pull request (final), nor an item an admin marked done by hand."""
+    await spend_on(proxy, "PAY-9", "acme/web#42", "PAY-10")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    monkeypatch.setenv("T_JIRA", "jira-token")
+    path = config(proxy, tmp_path, {"github": {"token_env": "T_GH"}, "jira": {"token_env": "T_JIRA", "api_url": JIRA}})
+
+    def jira_issue(key: str, category: str, name: str, updated: str) -> dict:
+        return {"id": "9", "key": key, "fields": {"summary": "Refunds", "status": {"name": name, "statusCategory": {"key": category}},
+                "resolution": {"name": "Done"} if category == "done" else None, "resolutiondate": "2026-11-15T10:00:00.000+0000" if category == "done" else None,
+                "created": "2026-11-01T10:00:00.000+0000", "updated": updated}}  # fmt: skip
+
+    with respx.mock(assert_all_called=True) as api:  # the deliveries that were not lost, as the sync finds them
+        api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-9").respond(json=jira_issue("PAY-9", "done", "Done", "2026-11-15T10:00:00.000+0000"))
+        api.get(f"{GITHUB}/repos/acme/web/issues/42").respond(json=github_issue(42, state="closed", pull=True))
+        api.get(f"{GITHUB}/repos/acme/web/pulls/42").respond(json=github_pull(42, merged=True, branch="feature/web-retry"))
+        api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-10").respond(json=jira_issue("PAY-10", "indeterminate", "In Progress", "2026-11-15T10:00:00.000+0000"))
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert (await proxy.http.post("/api/work-items/PAY-10/complete", headers=proxy.admin_headers)).status_code == 200  # an admin's call
+    capsys.readouterr()
+
+    with respx.mock(assert_all_called=True) as api:  # PAY-9 reopened on 2026-11-20; that delivery never came
+        reopened = api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-9").respond(
+            json=jira_issue("PAY-9", "indeterminate", "In Progress", "2026-11-20T09:00:00.000+0000"))
+        assert cli.main(["items", "sync", "--config", path]) == 0
+    assert reopened.call_count == 1  # and nothing asked of the merged pull request, nor of PAY-10 (respx refuses any other call)
+    assert "PAY-9: now in_progress" in capsys.readouterr().out
+    item = await proxy.get("/api/work-items/PAY-9")
+    assert (item["status"], item["completed_at"], item["rework"]["reason"]) == ("in_progress", None, "reopened")
+    assert (await proxy.get("/api/work-items/PAY-10"))["status"] == "done"

@@ -1,9 +1,10 @@
 """Catching up on deliveries that never arrived (`taskproxy items sync`): the proxy was down, a secret
 was rotated, a webhook was deleted.
 
-For every work item with spend since `since` and no final status, the tracker's REST API is asked for
-its current state, with a token from the config (`trackers.<name>.token_env`). Each answer is read by
-the same parser as that tracker's webhook (the REST objects are the webhooks' objects), so the
+For every work item with spend since `since` and no final status (then for those a tracker made done
+or closed, whose reopening may have been lost), the tracker's REST API is asked for its current
+state, with a token from the config (`trackers.<name>.token_env`). Each answer is read by the same
+parser as that tracker's webhook (the REST objects are the webhooks' objects), so the
 transitions are the webhooks' own: a merged pull request is done and links the ticket its branch
 names, a ticket closed as Won't Do is closed.
 
@@ -72,14 +73,22 @@ class Pending:
 
 
 def pending_items(engine: Engine, since: datetime) -> list[Pending]:
-    """Items with spend since `since` (the daily rollup, by its index) and no final status; and merged
-    GitLab merge requests with spend and no lines yet (GitLab's hooks carry none: only its API has them)."""
+    """Items with spend since `since` (the daily rollup, by its index) and no final status; merged
+    GitLab merge requests with spend and no lines yet (GitLab's hooks carry none: only its API has them);
+    and, after those, items a tracker made done or closed that have spend since `since`: a reopening
+    whose delivery was lost left them counted as completed work for good. A merged pull request is not
+    asked again (a merge is final), nor an item an admin completed after the tracker's last event."""
     spent = select(UsageDaily.work_item).where(UsageDaily.bucket >= since.replace(hour=0, minute=0, second=0, microsecond=0)).distinct()
     w = WorkItem.__table__.c
     unsized_merge_request = and_(w.status == "done", w.id.contains("!"), w.lines_added.is_(None), w.lines_deleted.is_(None))
-    query = select(w.id, w.status, w.source, ~unsized_merge_request).where(w.id.in_(spent), or_(w.status.not_in(RESOLVED), unsized_merge_request))
+    # Completed by a tracker's event: its time is the completion's (an admin's completion came after the tracker's last event).
+    resolved_by_a_tracker = and_(w.status.in_(RESOLVED), w.merged_at.is_(None), w.tracker_event_at >= w.completed_at)
+    query = select(w.id, w.status, w.source, ~unsized_merge_request).where(
+        w.id.in_(spent), or_(w.status.not_in(RESOLVED), unsized_merge_request, resolved_by_a_tracker)
+    )
     with engine.connect() as connection:
-        return [Pending(*row) for row in connection.execute(query.order_by(w.id))]
+        # The unresolved first (a run the tracker's quota stops has asked them), then the latest completed.
+        return [Pending(*row) for row in connection.execute(query.order_by(w.status.in_(RESOLVED), w.completed_at.desc(), w.id))]
 
 
 def tracker_of(item: Pending, configured: Iterable[str]) -> str | None:
