@@ -170,3 +170,32 @@ def test_a_merged_pr_covers_its_tickets_spend_up_to_its_merge_and_no_further(dat
         finally:
             standby.dispose()
     engine.dispose()
+
+
+@BOTH_DATABASES
+def test_story_points_raised_after_an_item_was_done_do_not_count(database_url: str, tmp_path: Path) -> None:
+    """Sizes gamed after the fact: once cost per item is read per size band, re-pointing tickets once
+    they are done moves them into bigger bands for nothing (a 1-point ticket re-pointed to 13 counted
+    among the largest). The report takes the points as they stood at completion; a ticket pointed only
+    afterwards is unsized."""
+    from taskproxy.trackers.base import Size
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    day, counter, exchanges = timedelta(days=1), TokenCounter(), []
+    key = SimpleNamespace(id="key_points", owner="dana@example.com", team="web")
+    for n, (ticket, then, later) in enumerate((("P-1", 1.0, 13.0), ("P-2", 2.0, None), ("P-3", None, 8.0), ("P-4", 5.0, 5.0))):
+        registry.transition(engine, ticket, "open", source="jira", at=SINCE - day, fields={"team": "web"}, created_at=SINCE - day)
+        if then is not None:
+            registry.record_size(engine, ticket, Size(points=then), source="jira", at=SINCE + day)
+        registry.transition(engine, ticket, "done", source="jira", at=SINCE + 3 * day)
+        if later is not None:
+            registry.record_size(engine, ticket, Size(points=later), source="jira", at=SINCE + 4 * day)
+        exchanges.append(past_request(id=f"points-{n}", ts=SINCE + 2 * day, key=key, work_item=ticket, model="big-model", body={"n": ticket},
+                                      prompt_tokens=1000, completion_tokens=100, counter=counter, price=PRICE))  # fmt: skip
+    write_all(engine, tmp_path / "spool.jsonl", exchanges, len(exchanges))
+    report = adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=1)
+    engine.dispose()
+    bands = {band["label"]: band["items"] for band in report["overall"]["cost_by_size"] if band["items"]}
+    assert report["overall"]["ai_assisted_items"] == 4
+    assert bands == {"points <=1": 1, "points >1-3": 1, "points >3-8": 1, "unsized": 1}, bands  # P-1, P-2, P-4 (5), P-3

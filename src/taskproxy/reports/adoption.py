@@ -35,7 +35,8 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
 - `cost_by_size`: the AI-assisted completed items by size band, each `{"basis", "label", "above",
   "up_to", "items", "median", "p90", "total", "unpriced_items"}` (cost figures as above). An item's
   size is its lines changed (`lines_added` + `lines_deleted`, either known) if the tracker sent lines,
-  else its `points` (story points, estimate), else it is `unsized`. Bands come from
+  else its `points` (story points, estimate) as they stood when it was completed (points set or raised
+  afterwards do not count), else it is `unsized`. Bands come from
   `reports.size_bands` (`lines`, `points`: increasing upper bounds); a band holds sizes > `above`
   and <= `up_to` (null: unbounded). Every band is listed, empty or not, lines first, `unsized` last.
 - `cost_per_100_changed_lines`: `{"usd", "items", "lines"}`: 100 × the summed cost / the summed lines

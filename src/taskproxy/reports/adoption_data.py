@@ -26,7 +26,7 @@ from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in, team_of_project
-from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink
+from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 
 MERGES_PER_QUERY = 10_000  # (ticket, moment) pairs bound in one VALUES list: two parameters each, PostgreSQL takes 65,535
 _E = UsageEvent.__table__.c
@@ -35,6 +35,7 @@ _C = WorkItemChange.__table__.c
 _L = WorkItemLink.__table__.c
 _K = ApiKey.__table__.c
 _J = Rejection.__table__.c
+_S = WorkItemSize.__table__.c
 
 
 
@@ -135,6 +136,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     for item_id in reopened:
         _item(items, item_id)
     _load_rows(connection, items, sorted(items))
+    _points_at_completion(connection, items, since, until)
     _load_completed(connection, items, since, until)
     _load_usage(connection, items, sorted(set(reopened) - {i for i, item in items.items() if item.by_model}))
     for item_id, completion in reopened.items():
@@ -177,6 +179,7 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     reads them: what the completed-item figures of any period inside it need."""
     items = {item_id: Item(item_id) for item_id in rows(connection.execute(completed_ids(since, until)).scalars())}
     _load_rows(connection, items, sorted(items))
+    _points_at_completion(connection, items, since, until)
     _load_completed(connection, items, since, until)
     return items
 
@@ -202,6 +205,30 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = team, status, created_at, completed_at, status
             item.lines = changed_lines(added, deleted)
             item.points, item.reworked_at, item.rework_reason = points, reworked_at, rework_reason
+
+
+def _points_at_completion(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+    """The story points (estimate) of the items completed in the period as they stood when each was
+    completed: points set or raised afterwards (a ticket re-pointed once done moves into a bigger band,
+    and its cost per size looks smaller) do not count, and an item pointed only afterwards is unsized.
+    Lines need no such care: a pull request's are final once it is merged. Read only for the items with
+    a change of points after their completion (by the index on `completed_at`), then their history."""
+    changed_later = (
+        select(_S.work_item)
+        .select_from(WorkItemSize.__table__.join(WorkItem.__table__, _W.id == _S.work_item))
+        .where(*within(_W.completed_at, since, until), _S.points.is_not(None), _S.ts > _W.completed_at)
+        .distinct()
+    )
+    ids = sorted(item_id for item_id in connection.execute(changed_later).scalars() if item_id in items)
+    for chunk in idsets.batches(connection, ids):
+        at_completion: dict[str, float] = {}
+        query = select(_S.work_item, _S.ts, _S.points).where(idsets.among(connection, _S.work_item, chunk), _S.points.is_not(None)).order_by(_S.ts)
+        for item_id, ts, points in connection.execute(query):
+            completed_at = items[item_id].completed_at
+            if completed_at is not None and ts <= completed_at:
+                at_completion[item_id] = points
+        for item_id in chunk:
+            items[item_id].points = at_completion.get(item_id)
 
 
 def _reopened_completions(connection: Connection, since: datetime, until: datetime) -> dict[str, datetime]:
