@@ -224,7 +224,8 @@ def test_a_provider_sending_its_headers_a_byte_at_a_time_is_timed_out_streamed_o
                 continue
             threading.Thread(target=dribble, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    server_thread = threading.Thread(target=serve, daemon=True)
+    server_thread.start()
     slow = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
     models = [{"name": "dribble", "base_url": slow, "read_timeout_seconds": 5, "max_response_seconds": 2, "max_stream_seconds": 2}]
     config = write_config(tmp_path, upstream.url, models=models)
@@ -246,6 +247,7 @@ def test_a_provider_sending_its_headers_a_byte_at_a_time_is_timed_out_streamed_o
             assert sorted(e["error"] for e in events) == ["upstream_timeout"] * 3
     finally:
         stop.set()
+        server_thread.join(5)  # out of accept() first: closed under it, its descriptor's number went to the next test's socket
         listener.close()
 
 
