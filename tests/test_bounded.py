@@ -749,3 +749,30 @@ def test_keys_reading_their_own_usage_while_the_database_is_slow_take_nothing_fr
     assert {r.status_code for r in answered} == {200}, [r.status_code for r in answered]  # once the lock went
     assert mallory_statuses == [200] * 2 + [429] * 8 and len(refused_at_once) == 8, mallory_statuses
     assert refused_at_once[0].json()["error"]["code"] == "rate_limited" and refused_at_once[0].headers["retry-after"] == "1"
+
+
+def test_bodies_cut_off_on_the_other_routes_are_a_line_each_not_a_traceback(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """Headers, part of a small body, then the connection closed, on the routes that are not the model
+    routes: each was logged as an unexpected error with Starlette's traceback, then again by uvicorn
+    (~6 KB a request; one client without a key wrote 53 MB of log in 12 s). The client hung up: at
+    most a short line."""
+    with server_with(tmp_path, upstream, quiet, trackers={"github": {"secret_env": "GH_SECRET"}},
+                     environment={"GH_SECRET": "s3cret"}) as server:  # fmt: skip
+        key = server.new_key()
+        host, port = "127.0.0.1", server.port
+        before = server.log_path.stat().st_size
+        cut = 0
+        for method, path, token in (("POST", "/webhooks/github", ""), ("POST", "/dashboard/login", ""), ("PUT", "/api/me/work-item", key),
+                                    ("POST", "/api/keys", ADMIN_KEY), ("POST", "/api/work-items", ADMIN_KEY)):  # fmt: skip
+            for _ in range(40):
+                with socket.create_connection((host, port)) as sock:
+                    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                                 f"X-GitHub-Event: issues\r\nX-Hub-Signature-256: sha256={'0' * 64}\r\nContent-Length: 100\r\n\r\n{{\"a\":".encode())
+                    time.sleep(0.005)
+                cut += 1
+        time.sleep(1.0)
+        assert server.http.get("/healthz").status_code == 200
+        written = server.log_path.read_bytes()[before:]
+    print(f"\n{cut} bodies cut off: {len(written)} bytes of log")
+    assert b"Traceback" not in written, written[-3000:].decode(errors="replace")
+    assert len(written) < 200 * cut, len(written)  # a short line at most each; ~6 KB each before

@@ -19,14 +19,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskproxy import __version__, privacy
 from taskproxy.error_shapes import api_format_before_routing, api_format_of, error_response
-from taskproxy.errors import ApiError, HeadersTooLarge, InternalError, InvalidRequest, MethodNotAllowed, NotFound, ServiceUnavailable
+from taskproxy.errors import ApiError, ClientGone, HeadersTooLarge, InternalError, InvalidRequest, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
 from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.body import BodyGate
@@ -125,6 +125,15 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     else:
         error = ApiError(str(exc.detail), status=exc.status_code)
     return error_response(error, api_format_of(request.scope))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while its body was being read (Starlette's ClientDisconnect, on any route but
+    the model routes, which say so themselves): nobody is left to answer and nothing went wrong here.
+    Left to the catch-all, each was a traceback logged twice (~6 KB): a flood of cut-off requests,
+    without a key, wrote tens of megabytes of log a minute."""
+    log.debug("%s %s: the client hung up before its request body arrived", request.method, request.url.path)
+    return error_response(ClientGone("The client hung up before its request body arrived."), api_format_of(request.scope))
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
@@ -342,5 +351,6 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(HeaderLimit, max_bytes=settings.limits.max_header_bytes, routes=routes)],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_exception, SQLAlchemyError: _database_error, Exception: _unexpected},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_exception, ClientDisconnect: _client_gone, SQLAlchemyError: _database_error,
+                            Exception: _unexpected},
     )
