@@ -319,8 +319,8 @@ def test_large_bodies_sent_without_a_length_take_the_gate_too(tmp_path: Path, up
 
 def test_large_webhook_deliveries_are_read_a_few_at_a_time(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
     """40 deliveries of 5 MiB at once, their signature wrong: each was read whole before the signature
-    was checked (300 of them took 1.7 GiB). A delivery past 1 MiB takes the large-body gate, as a
-    model request's body does."""
+    was checked (300 of them took 1.7 GiB). A delivery past 1 MiB takes the webhooks' large-body gate,
+    as a model request's body takes the model routes'."""
     delivery = tmp_path / "delivery.json"
     delivery.write_bytes(b'{"action": "opened", "padding": "' + b"x" * (5 * 1024 * 1024 - 100) + b'"}')
     with server_with(tmp_path, upstream, quiet, environment={"GH_SECRET": "s3cret"}, trackers={"github": {"secret_env": "GH_SECRET"}}) as server:
@@ -776,3 +776,35 @@ def test_bodies_cut_off_on_the_other_routes_are_a_line_each_not_a_traceback(tmp_
     print(f"\n{cut} bodies cut off: {len(written)} bytes of log")
     assert b"Traceback" not in written, written[-3000:].decode(errors="replace")
     assert len(written) < 200 * cut, len(written)  # a short line at most each; ~6 KB each before
+
+
+def test_slow_webhook_deliveries_take_nothing_from_the_proxys_large_prompts(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """Without a key, four connections announcing 3 MiB deliveries to a webhook and sending them a
+    byte now and then: the webhooks read large bodies under the gate the model routes use for theirs
+    (two at a time), taken before the body, so before its signature could be checked, and every large
+    prompt waited until the attacker's body deadline (12 s here, 60 s by default). The webhooks now
+    have a gate of their own."""
+    with server_with(tmp_path, upstream, quiet, trackers={"github": {"secret_env": "GH_SECRET"}}, server={"body_timeout_seconds": 12},
+                     environment={"GH_SECRET": "s3cret"}) as server:  # fmt: skip
+        key = server.new_key()
+        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
+        holders = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: issues\r\n"
+                         b"X-Hub-Signature-256: sha256=" + b"0" * 64 + b"\r\nContent-Length: 3145728\r\n\r\n{")  # fmt: skip
+            holders.append(sock)
+        try:
+            time.sleep(0.5)
+            seconds = []
+            for n in range(3):
+                started = time.perf_counter()
+                reply = server.http.post("/v1/chat/completions", content=large, timeout=30, headers={
+                    "authorization": f"Bearer {key}", "X-Work-Item": f"WEBHOOK-{n}", "content-type": "application/json"})  # fmt: skip
+                seconds.append(time.perf_counter() - started)
+                assert reply.status_code == 200, reply.text
+        finally:
+            for sock in holders:
+                sock.close()
+    print(f"\nfour slow 3 MiB webhook deliveries: 1.5 MiB prompts answered in {[round(s * 1000) for s in seconds]} ms")
+    assert max(seconds) < 1.0, seconds  # each waited for the attacker's body deadline before

@@ -44,7 +44,7 @@ from taskproxy.reports.runner import ReportRunner
 from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
-from taskproxy.routes.webhooks import RefusalLog
+from taskproxy.routes.webhooks import WEBHOOK_LARGE_BODIES_AT_ONCE, RefusalLog
 from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
@@ -245,7 +245,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
             threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
-        body_gate = BodyGate(settings.limits.max_concurrent_large_bodies)  # the proxy's routes and the webhooks share it
+        body_gate = BodyGate(settings.limits.max_concurrent_large_bodies)  # the proxy's routes (the webhooks have their own)
         admission = Admission(
             settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute, db),
             body_gate=body_gate, attribution=Attribution(ids),
@@ -300,7 +300,9 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "audit": writer,
                 "metrics": metrics,
                 "trackers": configured_trackers(settings, ids),
-                "body_gate": body_gate,
+                # Deliveries are read before their signature can be checked: anyone may send one, so they wait
+                # for a gate of their own, never for the model routes' (routes/webhooks.py).
+                "webhook_body_gate": BodyGate(WEBHOOK_LARGE_BODIES_AT_ONCE),
                 "webhook_refusals": RefusalLog(),
                 "sessions": SessionSigner.for_settings(settings),
                 "pages": Pages(),

@@ -3,11 +3,14 @@
 The signature is checked on the raw body before anything is parsed; a delivery that fails it gets
 401, changes nothing, and is logged. Deliveries are applied once per delivery id. Events that do not
 concern work items are acknowledged (200, "ignored") so the tracker does not retry them. Reads the
-lifespan state's `trackers`, `items` (WorkItems), `body_gate`, `settings` and `webhook_refusals`.
+lifespan state's `trackers`, `items` (WorkItems), `webhook_body_gate`, `webhook_calls`, `settings` and
+`webhook_refusals`.
 
 Anyone who reaches the port can send a delivery, so what one costs before its signature is checked is
-bounded: a body past 1 MiB is read under the large-body gate, as the proxy's routes read theirs
-(300 held 5 MiB bodies took a process to 1.7 GiB), it is decoded in a worker thread within
+bounded: a body past 1 MiB is read under a large-body gate of the webhooks' own (300 held 5 MiB
+bodies took a process to 1.7 GiB; and while the webhooks shared the model routes' gate, four
+connections sending 3 MiB deliveries a byte at a time held up every large prompt until their body
+deadline), it is decoded in a worker thread within
 `limits.max_json_nodes` (5 MiB of `[[],…]` held the event loop ~1 s), and refusals are logged at most
 once a minute per tracker and reason, with how many there were (a flood of bad signatures wrote
 ~170 KiB of log a second).
@@ -31,6 +34,7 @@ from taskproxy.timeutil import utcnow
 log = logging.getLogger("taskproxy.webhooks")
 
 MAX_DELIVERY_BYTES = 5 * 1024 * 1024
+WEBHOOK_LARGE_BODIES_AT_ONCE = 2  # deliveries past 1 MiB read and decoded at once (a few KiB is usual)
 REFUSALS_LOGGED_EVERY_SECONDS = 60.0
 
 
@@ -57,7 +61,7 @@ async def receive(request: Request) -> Response:
     if tracker is None:
         raise NotFound(f"No {name} webhook is configured: set trackers.{name}.secret_env in the config." if name in ("github", "gitlab", "jira", "linear")
                        else f"There is no webhook for {name[:40]!r}; taskproxy takes github, gitlab, jira and linear.")  # fmt: skip
-    gate: BodyGate = request.state.body_gate
+    gate: BodyGate = request.state.webhook_body_gate
     now = utcnow()
     try:
         async with gate.reading(request, MAX_DELIVERY_BYTES, "the webhooks' limit") as raw:
