@@ -135,6 +135,24 @@ async def test_usage_grouped_by_team_and_model_and_own_usage_only(proxy: Proxy) 
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
 
 
+async def test_own_usage_lists_the_items_used_last_and_counts_the_rest(proxy: Proxy) -> None:
+    """A key's own usage listed every item it was ever used on: 50,000 items built on every call, and
+    rendered on the event loop by the dashboard's page, held up the whole process. It lists the items
+    used most recently (`items`, 100 by default) and says how many there were."""
+    key = await proxy.new_key("ann", "web")
+    client = proxy.openai(key)
+    for n in range(12):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": f"LONG-{n}"})
+    await proxy.events(12)
+    headers = {"authorization": f"Bearer {key}"}
+    mine = (await proxy.http.get("/api/me/usage", params={"items": 5}, headers=headers)).json()
+    assert [w["work_item"] for w in mine["work_items"]] == [f"LONG-{n}" for n in range(11, 6, -1)] and mine["work_items_total"] == 12
+    everything = (await proxy.http.get("/api/me/usage", headers=headers)).json()
+    assert len(everything["work_items"]) == 12 and everything["work_items"][:5] == mine["work_items"]
+    too_many = await proxy.http.get("/api/me/usage", params={"items": 5000}, headers=headers)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
+
+
 async def test_one_error_shape_per_route_family(proxy: Proxy) -> None:
     openai_shaped = [
         await proxy.http.post("/v1/chat/completions", json={}),

@@ -296,9 +296,11 @@ def test_a_keys_own_usage_is_its_events_per_item_and_outlives_their_retention(da
     seen = {}
     for key in sorted({row.key_id for row in rows}):
         expected = raw_totals([row for row in rows if row.key_id == key], None, None, "work_item")
-        seen[key] = usage_for_key(engine, key)
+        seen[key], used = usage_for_key(engine, key)
         got = {entry["work_item"]: entry for entry in seen[key]}
-        assert set(got) == set(expected), key
+        assert set(got) == set(expected) and used == len(expected), key
+        latest, _ = usage_for_key(engine, key, limit=2)  # a long history: the items used last, and how many there were
+        assert latest == seen[key][:2]
         for item, figures in expected.items():
             assert (got[item]["attempts"], got[item]["requests"], got[item]["total_tokens"], got[item]["unpriced_attempts"]) == (
                 figures["attempts"], figures["requests"], figures["total_tokens"], figures["unpriced_attempts"]), (key, item)  # fmt: skip
@@ -307,7 +309,7 @@ def test_a_keys_own_usage_is_its_events_per_item_and_outlives_their_retention(da
         assert [entry["last_used"] for entry in seen[key]] == sorted((entry["last_used"] for entry in seen[key]), reverse=True)
     with engine.begin() as connection:  # retention drops the raw months; the rollups stay
         connection.execute(UsageEvent.__table__.delete())
-    assert {key: usage_for_key(engine, key) for key in seen} == seen
+    assert {key: usage_for_key(engine, key)[0] for key in seen} == seen
     engine.dispose()
 
 

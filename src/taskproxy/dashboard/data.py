@@ -176,9 +176,11 @@ def my_data(engine: Engine, key_id: str, team: str | None) -> dict[str, Any]:
     # database too busy for /readyz.
     with engine.connect() as connection:
         team_people = privacy.team_size(connection, team) if team else None
+    per_item, items_used = usage_for_key(engine, key_id)
     return {
         "events": events,
-        "per_item": usage_for_key(engine, key_id),
+        "per_item": per_item,
+        "items_used": items_used,
         "rejected": rejections_by_reason(engine, key_id=key_id),
         "team_people": team_people,
         "admins": repo.admin_owners(engine),

@@ -53,7 +53,9 @@ async def current_session(request: Request) -> Session | None:
     key_id = request.state.sessions.verify(request.cookies.get(sessions.COOKIE))
     if key_id is None:
         return None
-    return await request.state.own_calls.run(sessions.load_principal, request.state.engine, key_id)  # type: ignore[no-any-return]
+    own_calls = request.state.own_calls
+    with own_calls.turn_of(key_id):  # a key's own calls, one at a time (routes/lanes.py): a 429 page past that
+        return await own_calls.run(sessions.load_principal, request.state.engine, key_id)  # type: ignore[no-any-return]
 
 
 def _safe_next(value: str | None) -> str | None:

@@ -21,7 +21,7 @@ from taskproxy.timeutil import iso
 GroupBy = Literal["work_item", "team", "model"]
 GROUP_COLUMNS = {"work_item": UsageEvent.work_item, "team": UsageEvent.team, "model": UsageEvent.model}
 
-_E = UsageEvent.__table__.c
+_K = rollup.KEY_DAILY.table.c  # per key, day and item
 _D = rollup.DAILY.table.c  # all time, per item: the daily rollup answers alone
 # What each figure of `_totals` is made of (storage/rollup.py: over raw events or the rollup alike).
 _FIELDS = (
@@ -106,12 +106,26 @@ def rejections_by_reason(engine: Engine, since: datetime | None = None, until: d
         return {reason: int(count) for reason, count in connection.execute(query).all()}
 
 
-def usage_for_key(engine: Engine, key_id: str) -> list[dict[str, Any]]:
-    """One key's own usage per work item, all time: what `taskproxy me` shows its owner. Read from the
-    per-key daily rollup by its index on the key (the rows of the key's days, not its every request)."""
+MY_ITEMS = 100  # the work items a key's own page lists (the most recently used)
+
+
+def usage_for_key(engine: Engine, key_id: str, limit: int = MY_ITEMS) -> tuple[list[dict[str, Any]], int]:
+    """One key's own usage per work item, all time, for the `limit` items it used most recently (most
+    recent first), and how many items it ever used: what `taskproxy me` shows its owner. Read from the
+    per-key daily rollup by its index on the key: the database groups the key's days; only `limit`
+    items come back (a key's whole history, 50,000 items, built and rendered on every view held up
+    the process)."""
     with engine.connect() as connection:
-        found = rollup.totals(connection, by=("work_item",), period=rollup.KEY_ALL_TIME, fields=_FIELDS, where=lambda c: [c.key_id == key_id])
-    return sorted(({"work_item": item, **_totals(row)} for (item,), row in found.items()), key=lambda r: r["last_used"] or "", reverse=True)
+        last = func.max(_K.last_ts)
+        recent = (select(_K.work_item).where(_K.key_id == key_id).group_by(_K.work_item)
+                  .order_by(last.desc(), _K.work_item).limit(limit))  # fmt: skip
+        ids = list(connection.execute(recent).scalars())
+        total = connection.execute(select(func.count(distinct(_K.work_item))).where(_K.key_id == key_id)).scalar_one()
+        found = rollup.totals(connection, by=("work_item",), period=rollup.KEY_ALL_TIME, fields=_FIELDS,
+                              where=lambda c: [c.key_id == key_id, c.work_item.in_(ids)]) if ids else {}  # fmt: skip
+    items = sorted(({"work_item": item, **_totals(row)} for (item,), row in found.items()), key=lambda r: r["work_item"])
+    items.sort(key=lambda r: r["last_used"] or "", reverse=True)  # as the query chose them: latest first, then by id
+    return items, int(total)
 
 
 def tasks_view(engine: Engine, since: datetime | None = None, until: datetime | None = None, limit: int = 50) -> dict[str, Any]:

@@ -10,8 +10,9 @@ time, in daemon threads of its own (threads.py: a process stopping during an out
 for them), the rest waiting their turn on the event loop, holding neither a thread nor a connection.
 Together the lanes take at most `ROUTE_CONNECTIONS` of the engine's connections.
 
-The self-service lane also lets one key have only `OWN_PER_KEY` requests under way; the next is told
-429 `rate_limited` at once, so one key polling its own usage cannot keep the others' reads waiting.
+The self-service lane also lets one key have only `OWN_PER_KEY` request under way (fewer than the
+lane's threads); the next is told 429 `rate_limited` at once, so one key polling its own usage, or
+reloading the dashboard, cannot keep the others' reads waiting.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ T = TypeVar("T")
 API_AT_ONCE = 2  # the admin API, the dashboard, report snapshots
 OWN_AT_ONCE = 2  # any key's calls about itself (/api/me/*)
 WEBHOOKS_AT_ONCE = 2  # tracker deliveries
-OWN_PER_KEY = 2
+OWN_PER_KEY = 1  # below the lane's width: one key alone cannot take the whole lane
 ROUTE_CONNECTIONS = API_AT_ONCE + OWN_AT_ONCE + WEBHOOKS_AT_ONCE  # of the engine's 10 (storage/db.py)
 
 
@@ -52,7 +53,7 @@ class Lane:
         """One of `key_id`'s requests under way; past `per_key` of them, RateLimited."""
         count = self._under_way.get(key_id, 0)
         if self._per_key is not None and count >= self._per_key:
-            raise RateLimited(f"This key already has {count} requests about itself under way; ask again once they are answered.", retry_after=1)
+            raise RateLimited(f"This key already has {count} request(s) about itself under way; ask again once answered.", retry_after=1)
         self._under_way[key_id] = count + 1
         try:
             yield

@@ -59,9 +59,9 @@ async def put_binding(request: Request) -> Response:
     principal = await caller(request)
     binding = parse(Binding, await json_object(request))
     work_item = request.state.items.ids.normalize(binding.work_item)
-    await request.state.policy.check(work_item)  # a binding the model routes would refuse binds nothing
     own_calls, ttl = request.state.own_calls, request.state.settings.work_items.binding_ttl_hours
     with own_calls.turn_of(principal.key_id):
+        await request.state.policy.check(work_item)  # a binding the model routes would refuse binds nothing
         until = await own_calls.run(request.state.keys.bind, principal, work_item, ttl)
     return JSON({"work_item": work_item, "expires_at": iso(until)})
 
@@ -77,10 +77,10 @@ async def delete_binding(request: Request) -> Response:
 async def my_usage(request: Request) -> Response:
     principal = await caller(request)
     engine, own_calls = request.state.engine, request.state.own_calls
-    limit = int_param(request, "limit", 20, 1000)
+    limit, items = int_param(request, "limit", 20, 1000), int_param(request, "items", usage_reports.MY_ITEMS, 1000)
     with own_calls.turn_of(principal.key_id):
         events = await own_calls.run(repo.list_events, engine, key_id=principal.key_id, limit=limit)
-        per_item = await own_calls.run(usage_reports.usage_for_key, engine, principal.key_id)
+        per_item, items_used = await own_calls.run(usage_reports.usage_for_key, engine, principal.key_id, items)
         rejected = await own_calls.run(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)
     return JSON(
         {
@@ -89,6 +89,7 @@ async def my_usage(request: Request) -> Response:
             "team": principal.team,
             "work_item": principal.binding(utcnow()),
             "work_items": per_item,
+            "work_items_total": items_used,
             "rejected_requests": rejected,
             "recent_events": [event_json(e) for e in events],
         }
