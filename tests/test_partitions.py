@@ -14,6 +14,8 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from test_rollup import event
 
 from taskproxy.reports.signals import gaming_signals
@@ -21,6 +23,7 @@ from taskproxy.reports.usage import usage_grouped
 from taskproxy.settings import SignalSettings
 from taskproxy.storage import bulk, partitions, repo, rollup
 from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
+from taskproxy.storage.failures import database_down
 from taskproxy.storage.models import UsageEvent
 
 pytestmark = pytest.mark.postgres
@@ -135,6 +138,18 @@ def _lock_waits(engine: object) -> int:
         return int(connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).scalar_one())
 
 
+def _write_as_the_writer_does(engine: Engine, events: list[dict]) -> None:
+    """A batch written; one the database cannot take now (`database_down`) written again, as the writer
+    replays its spool. A row routed to the default partition while its month was attached is such a
+    case (it was refused for itself, in about half of these runs, and set aside)."""
+    try:
+        repo.write_batch(engine, events=events, rejections=[], new_items=[])
+    except SQLAlchemyError as exc:
+        if not database_down(exc):
+            raise
+        repo.write_batch(engine, events=events, rejections=[], new_items=[])
+
+
 def test_maintenance_never_holds_the_writers_behind_a_long_report(postgres_url: str) -> None:
     """A report reads in one snapshot for minutes (hours at an organisation's size). Creating a month's
     partition, or dropping one past retention, wanted the table's exclusive lock: it queued behind
@@ -158,7 +173,7 @@ def test_maintenance_never_holds_the_writers_behind_a_long_report(postgres_url: 
                 if maintenance.done() or _lock_waits(engine):
                     break
                 time.sleep(0.05)
-            write = pool.submit(repo.write_batch, engine, events=_month_of_events(rng, datetime(2031, 5, 1), 2), rejections=[], new_items=[])
+            write = pool.submit(_write_as_the_writer_does, engine, _month_of_events(rng, datetime(2031, 5, 1), 2))
             try:
                 write.result(timeout=10)  # the report is still reading
                 writes.append("written")

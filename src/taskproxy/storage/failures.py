@@ -23,6 +23,7 @@ RETRY_SECONDS = 5
 READ_ONLY_TRANSACTION = "25006"  # PostgreSQL's SQLSTATE for a write to a server that takes none
 LOCK_NOT_AVAILABLE = "55P03"  # a lock not granted within lock_timeout
 QUERY_CANCELED = "57014"  # statement_timeout, or an operator's pg_cancel_backend
+CHECK_VIOLATION = "23514"
 # Connection exceptions (class 08), the server shutting down or starting (57P01-57P03), too many
 # connections (53300), read-only.
 _UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "53300", READ_ONLY_TRANSACTION)
@@ -40,7 +41,14 @@ def database_down(exc: BaseException) -> bool:
     no connection to give within its timeout counts too: each of them waits on a database gone silent."""
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
-    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or sqlstate(exc) == READ_ONLY_TRANSACTION)
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or sqlstate(exc) == READ_ONLY_TRANSACTION or _month_attached_meanwhile(exc))
+
+
+def _month_attached_meanwhile(exc: DBAPIError) -> bool:
+    """A row routed to the default partition while its month was being attached (storage/partitions.py):
+    PostgreSQL then checks it against the default's new constraint and refuses it. Nothing is wrong with
+    the row; written again, it goes to its month (the batch had been set aside as refused)."""
+    return sqlstate(exc) == CHECK_VIOLATION and "partition constraint" in str(exc.orig)
 
 
 def unavailable(exc: BaseException) -> str | None:
