@@ -847,3 +847,40 @@ def test_one_key_reloading_the_dashboard_while_the_database_is_slow_keeps_no_oth
     print(f"\nsixteen dashboard pages of one session, the keys' table locked: another key's own usage in {seconds * 1000:.0f} ms; pages {statuses}")
     assert mine.status_code == 200 and seconds < 1.0, (mine.status_code, seconds)
     assert statuses == [200] + [429] * 15, statuses
+
+
+@pytest.mark.postgres
+def test_reads_of_unknown_response_ids_while_the_database_is_slow_take_nothing_from_large_prompts(tmp_path: Path, upstream: FakeUpstream,
+                                                                                                   quiet: str, postgres_url: str) -> None:  # fmt: skip
+    """Sixty reads of stored responses this process does not hold (`GET /v1/responses/{id}`), while the
+    events they are looked up in are locked: each lookup held a thread of the pool large prompts are
+    decoded in, and a 1.5 MiB prompt waited for the lock. The lookups have threads of their own."""
+    from sqlalchemy import text
+
+    from taskproxy.storage.db import make_engine
+
+    with server_with(tmp_path, upstream, quiet, database_url=postgres_url) as server:
+        mallory, dana = server.new_key("mallory", "platform"), server.new_key()
+        engine = make_engine(postgres_url)
+        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
+
+        def read(n: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
+                return client.get(f"/v1/responses/resp_unknown{n}", headers={"authorization": f"Bearer {mallory}"}).status_code
+
+        with engine.connect() as locker, ThreadPoolExecutor(60) as pool:
+            locker.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
+            reads = [pool.submit(read, n) for n in range(60)]
+            time.sleep(1.5)
+            started = time.perf_counter()
+            reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {dana}", "X-Work-Item": "ORIGIN-1",
+                                                                                     "content-type": "application/json"})  # fmt: skip
+            seconds = time.perf_counter() - started
+            locker.rollback()
+            statuses = {r.result(timeout=60) for r in reads}
+        engine.dispose()
+        recorded = server.work_item("ORIGIN-1", expected_requests=1)
+    print(f"\nsixty reads of unknown response ids, the events locked: a 1.5 MiB prompt in {seconds * 1000:.0f} ms")
+    assert reply.status_code == 200 and recorded["requests"] == 1, reply.text
+    assert seconds < 1.0, seconds  # it waited for the lock before (over 10 s)
+    assert statuses == {404}, statuses

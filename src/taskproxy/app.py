@@ -328,7 +328,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
-            for threads in (keys, item_cache, budgets, admission.rate_limiter, *lanes.values()):
+            for threads in (keys, item_cache, budgets, admission.rate_limiter, origins, *lanes.values()):
                 threads.close()
             if engine is None:
                 db.dispose()

@@ -6,7 +6,9 @@ The recording thread tells this process at once (`record`, a writer listener); a
 this one after a restart, finds it in `usage_events.response_id` once the writer has committed it.
 A read may arrive before either (a client polling a background response it has just created), so
 `find` waits a little for the writer before it answers "unknown". Bounded: the most recent
-`capacity` origins are kept in memory, and a miss costs two indexed lookups at most.
+`capacity` origins are kept in memory, and a miss costs two indexed lookups at most, run in a few
+threads of their own (a flood of reads of unknown ids while the database is slow waits for them, not
+for the threads the model routes decode large bodies in).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-import anyio
 from cachetools import LRUCache
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from taskproxy.storage.batch import Record
 from taskproxy.storage.models import UsageEvent
+from taskproxy.threads import DaemonThreads
 
 WAIT_FOR_WRITER_SECONDS = 1.5  # the writer commits within its flush interval (<= 1 s)
 POLL_SECONDS = 0.05
+LOOKUPS_AT_ONCE = 2  # reads of ids this process does not hold
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ResponseOrigins:
         self._engine = engine
         self._known: LRUCache[str, Origin] = LRUCache(maxsize=capacity)
         self._lock = threading.Lock()  # the writer thread adds, the event loop reads
+        self._threads = DaemonThreads(LOOKUPS_AT_ONCE, "taskproxy-response-lookup")
 
     def record(self, record: Record) -> None:
         """Writer listener: a successful attempt that created a stored response."""
@@ -86,15 +90,18 @@ class ResponseOrigins:
     async def find(self, response_id: str) -> Origin | None:
         if (origin := self._cached(response_id)) is not None:
             return origin
-        if (origin := await anyio.to_thread.run_sync(self._stored, response_id)) is not None:
+        if (origin := await self._threads.run(self._stored, response_id)) is not None:
             return self._remember(origin)
         deadline = time.monotonic() + WAIT_FOR_WRITER_SECONDS
         while time.monotonic() < deadline:  # just created here: the recording thread is about to know it
             await asyncio.sleep(POLL_SECONDS)
             if (origin := self._cached(response_id)) is not None:
                 return origin
-        origin = await anyio.to_thread.run_sync(self._stored, response_id)  # created by another replica
+        origin = await self._threads.run(self._stored, response_id)  # created by another replica
         return self._remember(origin) if origin is not None else None
+
+    def close(self) -> None:
+        self._threads.close()
 
     def _remember(self, origin: Origin) -> Origin:
         with self._lock:
