@@ -310,6 +310,7 @@ async def test_a_reopening_whose_delivery_was_lost_is_caught_up(
     only items without a final status, so it stayed done for good (counted as completed work, its
     later spend as spend after completion). Items a tracker resolved are now asked again, after the
     unresolved ones; not a merged pull request (final), nor an item an admin marked done by hand."""
+    SINCE = "2026-11-01T00:00:00Z"  # the period the sync looks at (its completions were on 2026-11-15)
     await spend_on(proxy, "PAY-9", "acme/web#42", "PAY-10")
     monkeypatch.setenv("T_GH", "ghp_test")
     monkeypatch.setenv("T_JIRA", "jira-token")
@@ -325,16 +326,36 @@ async def test_a_reopening_whose_delivery_was_lost_is_caught_up(
         api.get(f"{GITHUB}/repos/acme/web/issues/42").respond(json=github_issue(42, state="closed", pull=True))
         api.get(f"{GITHUB}/repos/acme/web/pulls/42").respond(json=github_pull(42, merged=True, branch="feature/web-retry"))
         api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-10").respond(json=jira_issue("PAY-10", "indeterminate", "In Progress", "2026-11-15T10:00:00.000+0000"))
-        assert cli.main(["items", "sync", "--config", path]) == 0
+        assert cli.main(["items", "sync", "--config", path, "--since", SINCE]) == 0
     assert (await proxy.http.post("/api/work-items/PAY-10/complete", headers=proxy.admin_headers)).status_code == 200  # an admin's call
     capsys.readouterr()
 
     with respx.mock(assert_all_called=True) as api:  # PAY-9 reopened on 2026-11-20; that delivery never came
         reopened = api.get(url__startswith=f"{JIRA}/rest/api/3/issue/PAY-9").respond(
             json=jira_issue("PAY-9", "indeterminate", "In Progress", "2026-11-20T09:00:00.000+0000"))
-        assert cli.main(["items", "sync", "--config", path]) == 0
+        assert cli.main(["items", "sync", "--config", path, "--since", SINCE]) == 0
     assert reopened.call_count == 1  # and nothing asked of the merged pull request, nor of PAY-10 (respx refuses any other call)
     assert "PAY-9: now in_progress" in capsys.readouterr().out
     item = await proxy.get("/api/work-items/PAY-9")
     assert (item["status"], item["completed_at"], item["rework"]["reason"]) == ("in_progress", None, "reopened")
     assert (await proxy.get("/api/work-items/PAY-10"))["status"] == "done"
+
+
+async def test_what_the_sync_owes_is_asked_before_the_rechecks(proxy: Proxy) -> None:
+    """(Review) The unresolved items and the merged merge requests still without lines come first, so
+    that a run the tracker's quota stops has asked them; then the items a tracker completed in the
+    period, the latest first; never one completed before it."""
+    from datetime import datetime
+
+    from taskproxy import registry
+    from taskproxy.storage.db import make_engine
+    from taskproxy.trackers.sync import pending_items
+
+    await spend_on(proxy, "PAY-1", "PAY-2", "PAY-3", "PAY-4", "acme/web!5")
+    engine = make_engine(proxy.settings.database_url)
+    for item, status, at in (("PAY-2", "done", datetime(2026, 11, 10)), ("PAY-3", "closed", datetime(2026, 11, 20)),
+                             ("PAY-4", "done", datetime(2026, 10, 1)), ("acme/web!5", "done", datetime(2026, 11, 12))):  # fmt: skip
+        registry.transition(engine, item, status, source="gitlab" if "!" in item else "jira", at=at, merged="!" in item)
+    pending = [(p.item_id, p.recheck) for p in pending_items(engine, datetime(2026, 11, 1))]
+    engine.dispose()
+    assert pending == [("acme/web!5", False), ("PAY-1", False), ("PAY-3", True), ("PAY-2", True)], pending

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, case, or_, select
 from sqlalchemy.engine import Engine
 from starlette.datastructures import Headers
 
@@ -70,25 +70,27 @@ class Pending:
     status: str
     source: str  # who registered it: a tracker's name, auto, manual, api
     sized: bool = True  # the item has lines (only asked of merged GitLab merge requests)
+    recheck: bool = False  # resolved by a tracker: asked again in case its reopening was lost
 
 
 def pending_items(engine: Engine, since: datetime) -> list[Pending]:
     """Items with spend since `since` (the daily rollup, by its index) and no final status; merged
     GitLab merge requests with spend and no lines yet (GitLab's hooks carry none: only its API has them);
-    and, after those, items a tracker made done or closed that have spend since `since`: a reopening
-    whose delivery was lost left them counted as completed work for good. A merged pull request is not
-    asked again (a merge is final), nor an item an admin completed after the tracker's last event."""
+    and, after those, the items a tracker made done or closed since `since` that have spend since: a
+    reopening whose delivery was lost left them counted as completed work for good. Not a merged pull
+    request (a merge is final), nor an item an admin completed after the tracker's last event; and only
+    those completed in the period, so that what a run re-asks stays within what its reports read."""
     spent = select(UsageDaily.work_item).where(UsageDaily.bucket >= since.replace(hour=0, minute=0, second=0, microsecond=0)).distinct()
     w = WorkItem.__table__.c
     unsized_merge_request = and_(w.status == "done", w.id.contains("!"), w.lines_added.is_(None), w.lines_deleted.is_(None))
     # Completed by a tracker's event: its time is the completion's (an admin's completion came after the tracker's last event).
-    resolved_by_a_tracker = and_(w.status.in_(RESOLVED), w.merged_at.is_(None), w.tracker_event_at >= w.completed_at)
-    query = select(w.id, w.status, w.source, ~unsized_merge_request).where(
-        w.id.in_(spent), or_(w.status.not_in(RESOLVED), unsized_merge_request, resolved_by_a_tracker)
-    )
+    resolved_by_a_tracker = and_(w.status.in_(RESOLVED), w.merged_at.is_(None), w.completed_at >= since, w.tracker_event_at >= w.completed_at)
+    wanted = or_(w.status.not_in(RESOLVED), unsized_merge_request)
+    query = select(w.id, w.status, w.source, ~unsized_merge_request, ~wanted).where(w.id.in_(spent), or_(wanted, resolved_by_a_tracker))
+    # What is wanted first (a run the tracker's quota stops has asked it), then the latest completed.
+    query = query.order_by(case((wanted, 0), else_=1), w.completed_at.desc().nulls_last(), w.id)
     with engine.connect() as connection:
-        # The unresolved first (a run the tracker's quota stops has asked them), then the latest completed.
-        return [Pending(*row) for row in connection.execute(query.order_by(w.status.in_(RESOLVED), w.completed_at.desc(), w.id))]
+        return [Pending(*row) for row in connection.execute(query)]
 
 
 def tracker_of(item: Pending, configured: Iterable[str]) -> str | None:
@@ -282,7 +284,7 @@ def sync_items(
         for item in pending_items(engine, since):
             name = tracker_of(item, usable)
             if name is None:
-                if only is None:
+                if only is None and not item.recheck:  # a recheck is not owed: no note for each done item
                     notes.append(f"{item.item_id}: no configured tracker holds it")
                 continue
             if name not in fetchers:
