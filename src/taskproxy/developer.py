@@ -68,6 +68,8 @@ def cmd_me(args: argparse.Namespace) -> int:
     print(f"{data['owner']} (team {data['team'] or '-'}), key {data['key_id']}; bound work item: {data['work_item'] or 'none'}\n")
     rows = [{**r, "cost": money(r["cost_usd"])} for r in data["work_items"]]
     print(table(rows, [("work_item", "work item"), ("requests", "requests"), ("total_tokens", "tokens"), ("cost", "cost (USD)"), ("last_used", "last used")]))
+    if data["work_items_total"] > len(rows):
+        print(f"(the {len(rows)} work items used most recently, of {data['work_items_total']})")
     if data["rejected_requests"]:
         print("\nrefused: " + ", ".join(f"{k} × {v}" for k, v in data["rejected_requests"].items()))
     return 0

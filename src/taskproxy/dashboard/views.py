@@ -29,7 +29,7 @@ from taskproxy.dashboard.charts import Point, bar_chart
 from taskproxy.dashboard.fields import EVENT_FIELD_MEANINGS, EVENT_FIELDS
 from taskproxy.dashboard.session import Session
 from taskproxy.dashboard.templating import render
-from taskproxy.errors import ApiError, NotFound, WorkItemInvalid
+from taskproxy.errors import ApiError, NotFound, RateLimited, WorkItemInvalid
 from taskproxy.reports.named import overview_snapshot_name, signal_options
 from taskproxy.reports.snapshots import kept_name
 from taskproxy.routes.common import unless_client_leaves
@@ -101,7 +101,10 @@ def page(*, admin_only: bool) -> Callable[[View], Callable[[Request], Awaitable[
                     return render(request, "forbidden.html", {"message": message, "nav": ""}, status=403, session=session)
                 return await view(request, session)
             except ApiError as exc:
-                return _error_page(request, exc.status, "That did not work", exc.message, session)
+                shown = _error_page(request, exc.status, "That did not work", exc.message, session)
+                if isinstance(exc, RateLimited):  # a key's pages take their turn (routes/lanes.py): when to ask again
+                    shown.headers["retry-after"] = str(exc.retry_after)
+                return shown
             except SQLAlchemyError as exc:
                 log.warning("dashboard: the database failed on %s: %s", request.url.path, exc.__class__.__name__)
                 return _error_page(request, 503, "The database does not answer", "Try again in a moment.", session)
@@ -140,7 +143,7 @@ async def _form(request: Request) -> dict[str, str]:
 async def login_form(request: Request) -> Response:
     try:
         session = await current_session(request)
-    except SQLAlchemyError:  # the form works while the database is down; signing in will say so
+    except (SQLAlchemyError, ApiError):  # the form works while the database is down, or the key's turn is taken; signing in will say so
         session = None
     context = {"error": None, "next": _safe_next(request.query_params.get("next")) or "", "nav": "login",
                "signed_out": "signed_out" in request.query_params}  # fmt: skip

@@ -8,7 +8,7 @@ and a 1.5 MiB prompt, an admin's call and a key made meanwhile all waited for th
 (tests/test_bounded.py). So each kind of API call runs in a `Lane`: at most a few of its calls at a
 time, in daemon threads of its own (threads.py: a process stopping during an outage does not wait
 for them), the rest waiting their turn on the event loop, holding neither a thread nor a connection.
-Together the lanes take at most `ROUTE_CONNECTIONS` of the engine's connections.
+Together the lanes take at most six of the engine's ten connections (storage/db.py).
 
 The self-service lane also lets one key have only `OWN_PER_KEY` request under way (fewer than the
 lane's threads); the next is told 429 `rate_limited` at once, so one key polling its own usage, or
@@ -27,11 +27,10 @@ from taskproxy.threads import DaemonThreads
 
 T = TypeVar("T")
 
-API_AT_ONCE = 2  # the admin API, the dashboard, report snapshots
-OWN_AT_ONCE = 2  # any key's calls about itself (/api/me/*)
+API_AT_ONCE = 2  # the admin API, the dashboard's admin pages, report snapshots
+OWN_AT_ONCE = 2  # any key's calls about itself (/api/me/*, its dashboard session and page)
 WEBHOOKS_AT_ONCE = 2  # tracker deliveries
 OWN_PER_KEY = 1  # below the lane's width: one key alone cannot take the whole lane
-ROUTE_CONNECTIONS = API_AT_ONCE + OWN_AT_ONCE + WEBHOOKS_AT_ONCE  # of the engine's 10 (storage/db.py)
 
 
 class Lane:

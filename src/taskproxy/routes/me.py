@@ -1,9 +1,10 @@
 """What any key may do about itself: bind a work item, and read its own usage. Reads the lifespan
 state's `keys`, `items` (for id normalization), `policy` (work_items.mode), `engine`, `settings` and
-`own_calls` (the lane its database calls take, a couple per key at a time: routes/lanes.py)."""
+`own_calls` (the lane its database calls take, one request of a key's at a time: routes/lanes.py)."""
 
 from __future__ import annotations
 
+from sqlalchemy.engine import Engine
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -79,9 +80,7 @@ async def my_usage(request: Request) -> Response:
     engine, own_calls = request.state.engine, request.state.own_calls
     limit, items = int_param(request, "limit", 20, 1000), int_param(request, "items", usage_reports.MY_ITEMS, 1000)
     with own_calls.turn_of(principal.key_id):
-        events = await own_calls.run(repo.list_events, engine, key_id=principal.key_id, limit=limit)
-        per_item, items_used = await own_calls.run(usage_reports.usage_for_key, engine, principal.key_id, items)
-        rejected = await own_calls.run(usage_reports.rejections_by_reason, engine, key_id=principal.key_id)
+        events, (per_item, items_used), rejected = await own_calls.run(_own_usage, engine, principal.key_id, limit, items)
     return JSON(
         {
             "key_id": principal.key_id,
@@ -94,6 +93,12 @@ async def my_usage(request: Request) -> Response:
             "recent_events": [event_json(e) for e in events],
         }
     )
+
+
+def _own_usage(engine: Engine, key_id: str, limit: int, items: int) -> tuple[list, tuple[list, int], dict[str, int]]:
+    """A key's latest events, its usage per item and its refusals, read in one turn of the lane."""
+    return (repo.list_events(engine, key_id=key_id, limit=limit), usage_reports.usage_for_key(engine, key_id, items),
+            usage_reports.rejections_by_reason(engine, key_id=key_id))  # fmt: skip
 
 
 routes = [
