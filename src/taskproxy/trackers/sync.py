@@ -2,7 +2,7 @@
 was rotated, a webhook was deleted.
 
 For every work item with spend since `since` and no final status (then for those a tracker made done
-or closed, whose reopening may have been lost), the tracker's REST API is asked for its current
+or closed since then, whose reopening may have been lost), the tracker's REST API is asked for its current
 state, with a token from the config (`trackers.<name>.token_env`). Each answer is read by the same
 parser as that tracker's webhook (the REST objects are the webhooks' objects), so the
 transitions are the webhooks' own: a merged pull request is done and links the ticket its branch
