@@ -123,6 +123,17 @@ class WellBehaved:
         assert (item["requests"], item["total_tokens"]) == (len(self.statuses), self.tokens)
 
 
+LARGE_PROMPT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'  # 1.5 MiB
+
+
+def large_prompt(server: ServerProcess, key: str, item: str) -> tuple[httpx.Response, float]:
+    """A 1.5 MiB prompt (joined and decoded in a worker thread, under the large-body gate): its answer, and the seconds it took."""
+    started = time.perf_counter()
+    reply = server.http.post("/v1/chat/completions", content=LARGE_PROMPT, timeout=30,
+                             headers={"authorization": f"Bearer {key}", "X-Work-Item": item, "content-type": "application/json"})  # fmt: skip
+    return reply, time.perf_counter() - started
+
+
 def settle(measure: Callable[[], float], baseline: float, slack: float, timeout: float = 15.0) -> float:
     deadline = time.monotonic() + timeout
     while (value := measure()) > baseline + slack and time.monotonic() < deadline:
@@ -418,11 +429,7 @@ def test_count_tokens_counted_locally_keeps_to_threads_of_its_own(tmp_path: Path
             assert server.http.get("/api/work-items", headers=server.admin_headers).status_code == 200
             admin.append(time.perf_counter() - started)
             time.sleep(0.05)
-        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
-        started = time.perf_counter()
-        reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {server.new_key('dana', 'platform')}",
-                                                                                 "X-Work-Item": "COUNT-2", "content-type": "application/json"})
-        large_seconds = time.perf_counter() - started
+        reply, large_seconds = large_prompt(server, server.new_key("dana", "platform"), "COUNT-2")
     print(f"\nafter 40 local counts of 3 MiB: admin p50 {statistics.median(admin) * 1000:.1f} ms, a 1.5 MiB request {large_seconds * 1000:.0f} ms")
     assert reply.status_code == 200
     assert large_seconds < 1.0 and statistics.median(admin) < 0.1, (sorted(admin)[-5:], large_seconds)  # 2-19 s before; admin 90-370 ms
@@ -716,7 +723,6 @@ def test_keys_reading_their_own_usage_while_the_database_is_slow_take_nothing_fr
     with server_with(tmp_path, upstream, quiet, database_url=postgres_url) as server:
         readers, mallory, dana = [server.new_key(f"reader-{n}", "platform") for n in range(60)], server.new_key("mallory", "platform"), server.new_key()
         engine = make_engine(postgres_url)
-        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
 
         def read_own_usage(key: str) -> httpx.Response:
             with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
@@ -728,10 +734,7 @@ def test_keys_reading_their_own_usage_while_the_database_is_slow_take_nothing_fr
             time.sleep(1.5)
             mallorys = [pool.submit(read_own_usage, mallory) for _ in range(10)]
             time.sleep(0.5)
-            started = time.perf_counter()
-            reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {dana}", "X-Work-Item": "POLL-1",
-                                                                                     "content-type": "application/json"})  # fmt: skip
-            large_seconds = time.perf_counter() - started
+            reply, large_seconds = large_prompt(server, dana, "POLL-1")
             started = time.perf_counter()
             admin_status = server.admin_get("/api/work-items").status_code
             admin_seconds = time.perf_counter() - started
@@ -787,7 +790,6 @@ def test_slow_webhook_deliveries_take_nothing_from_the_proxys_large_prompts(tmp_
     with server_with(tmp_path, upstream, quiet, trackers={"github": {"secret_env": "GH_SECRET"}}, server={"body_timeout_seconds": 12},
                      environment={"GH_SECRET": "s3cret"}) as server:  # fmt: skip
         key = server.new_key()
-        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
         holders = []
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", server.port))
@@ -798,10 +800,8 @@ def test_slow_webhook_deliveries_take_nothing_from_the_proxys_large_prompts(tmp_
             time.sleep(0.5)
             seconds = []
             for n in range(3):
-                started = time.perf_counter()
-                reply = server.http.post("/v1/chat/completions", content=large, timeout=30, headers={
-                    "authorization": f"Bearer {key}", "X-Work-Item": f"WEBHOOK-{n}", "content-type": "application/json"})  # fmt: skip
-                seconds.append(time.perf_counter() - started)
+                reply, took = large_prompt(server, key, f"WEBHOOK-{n}")
+                seconds.append(took)
                 assert reply.status_code == 200, reply.text
         finally:
             for sock in holders:
@@ -863,7 +863,6 @@ def test_reads_of_unknown_response_ids_while_the_database_is_slow_take_nothing_f
     with server_with(tmp_path, upstream, quiet, database_url=postgres_url) as server:
         mallory, dana = server.new_key("mallory", "platform"), server.new_key()
         engine = make_engine(postgres_url)
-        large = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"hello world " * 130_000 + b'"}]}'
 
         def read(n: int) -> int:
             with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as client:
@@ -873,10 +872,7 @@ def test_reads_of_unknown_response_ids_while_the_database_is_slow_take_nothing_f
             locker.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
             reads = [pool.submit(read, n) for n in range(60)]
             time.sleep(1.5)
-            started = time.perf_counter()
-            reply = server.http.post("/v1/chat/completions", content=large, headers={"authorization": f"Bearer {dana}", "X-Work-Item": "ORIGIN-1",
-                                                                                     "content-type": "application/json"})  # fmt: skip
-            seconds = time.perf_counter() - started
+            reply, seconds = large_prompt(server, dana, "ORIGIN-1")
             locker.rollback()
             statuses = {r.result(timeout=60) for r in reads}
         engine.dispose()
