@@ -101,7 +101,9 @@ def _apply(
     created_at: datetime | None = None,
     merged: bool = False,
     note: str | None = None,
-) -> None:
+) -> str:
+    """Apply a change to the item (see the module docstring); answers the status it leaves the item in
+    (an event older than its tracker's last one, or one against a merge, changes none)."""
     changes.note(connection, changes.ITEM, [item_id], utcnow())  # every process refreshes its copy of the item
     tracker_source = source if source in ITEM_SOURCES else "manual"
     by_tracker = source in TRACKERS
@@ -115,7 +117,7 @@ def _apply(
     created = connection.execute(insert_ignoring_duplicates(connection.dialect.name, _ITEMS).values(**values_new).returning(_ITEMS.c.id)).first()
     if created is not None:  # new: concurrent creators (a webhook, the writer's registration) lose the insert, not the request
         _record_change(connection, item_id, None, status, source, at, delivery_id, note)
-        return
+        return status
     # Locked until commit on PostgreSQL: two deliveries for one item apply one after the other.
     current = connection.execute(select(_ITEMS).where(_ITEMS.c.id == item_id).with_for_update()).first()
     assert current is not None
@@ -148,6 +150,7 @@ def _apply(
     if values.get("completed_at") is not None and values["completed_at"] < values.get("created_at", current.created_at):
         values["created_at"] = values["completed_at"]
     connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
+    return str(values.get("status", current.status))
 
 
 _SIZE_FIELDS = ("lines_added", "lines_deleted", "files_changed", "points")
@@ -264,8 +267,8 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 status = told.status or current or "open"
                 at, note = _clamped(told.at, now)
                 created_at = min(told.created_at, now) if told.created_at is not None else None
-                _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
-                       delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
+                now_status = _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
+                                    delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
                 if told.size is not None:
@@ -274,8 +277,6 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
                 if told.merged:
                     _revert_waiting(connection, item_id, rework_days)
-                # What the item is now: an event older than the tracker's last one, or against a merge, changes no status.
-                now_status = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == item_id)).scalar_one()
                 if now_status != status and not told.links and told.size is None:
                     kept.append(item_id)
                 applied.append({"id": item_id, "status": now_status, "linked": list(told.links)})
