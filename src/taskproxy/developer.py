@@ -7,6 +7,7 @@ it holds a proxy key), never to its database; cli.py builds their parser.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -91,13 +92,10 @@ def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ig
     if choice is None:
         on = f" (branch {branch!r} names none)" if branch else ""
         raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
-    import os
-
     return launch.launch(command, client.url, client.key, choice, os.environ), choice
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
     import shutil
 
     command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command

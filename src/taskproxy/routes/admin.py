@@ -61,7 +61,7 @@ async def list_work_items(request: Request) -> Response:
         raise InvalidRequest(f"'status' must be one of {', '.join(ITEM_STATUSES)}.", param="status")
     limit = int_param(request, "limit", 1000, 10_000)
     items = await request.state.api_calls.run(repo.list_work_items, request.state.engine, status=status, team=request.query_params.get("team"),
-                            after=after_param(request), limit=limit)  # fmt: skip
+                                              after=after_param(request), limit=limit)  # fmt: skip
     return next_page(JSON([item_json(i) for i in items]), request, items, limit, (items[-1].created_at, items[-1].id) if items else None)
 
 
@@ -79,19 +79,22 @@ async def patch_work_item(request: Request) -> Response:
 
 async def complete_work_item(request: Request) -> Response:
     await admin(request)
-    return JSON(item_json(await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "done", source="api")))
+    item = await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "done", source="api")
+    return JSON(item_json(item))
 
 
 async def close_work_item(request: Request) -> Response:
     await admin(request)
-    return JSON(item_json(await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "closed", source="api")))
+    item = await request.state.api_calls.run(request.state.items.resolve, request.path_params["item_id"], "closed", source="api")
+    return JSON(item_json(item))
 
 
 async def audit_log(request: Request) -> Response:
     principal = await admin(request)
     audit_read(request.state.audit, request, principal)
     since, until = open_period(request)
-    entries = await request.state.api_calls.run(repo.list_audit, request.state.engine, since=since, until=until, limit=int_param(request, "limit", 100, 10_000))
+    limit = int_param(request, "limit", 100, 10_000)
+    entries = await request.state.api_calls.run(repo.list_audit, request.state.engine, since=since, until=until, limit=limit)
     return JSON([{"ts": iso(e.ts), "actor_key_id": e.actor_key_id, "actor_owner": e.actor_owner, "action": e.action, "target": e.target} for e in entries])
 
 
@@ -116,8 +119,8 @@ async def usage_events(request: Request) -> Response:
     work_item = request.state.items.ids.normalize(item) if item else None
     limit = int_param(request, "limit", 100, 10_000)
     since, until = open_period(request)
-    events = await request.state.api_calls.run(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"), since=since,
-                             until=until, after=after_param(request), limit=limit)  # fmt: skip
+    events = await request.state.api_calls.run(repo.list_events, request.state.engine, work_item=work_item, key_id=request.query_params.get("key_id"),
+                                               since=since, until=until, after=after_param(request), limit=limit)  # fmt: skip
     return next_page(JSON([event_json(e) for e in events]), request, events, limit, (events[-1].ts, events[-1].id) if events else None)
 
 
