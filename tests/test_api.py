@@ -242,20 +242,22 @@ async def test_prometheus_metrics_count_by_model_and_team_never_by_person(proxy:
     for person in ("bo", "cy", "di", "ed"):  # web has five people: its figures may be shown
         await proxy.new_key(person, "web")
     loner = await proxy.new_key("lone-wolf", "tiny")  # a one-person team is never shown by name
+    few = [await proxy.new_key(person, "few") for person in ("fe", "fi", "fo", "fum")]  # with tiny, the small teams are five people
     await proxy.openai(loner).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "TINY-1"})
+    await proxy.openai(few[0]).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "FEW-1"})
     reply = await proxy.openai(ann).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "WEB-9"})
     await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": ASK}, headers={"authorization": f"Bearer {ann}"})
-    await proxy.events(2)
+    await proxy.events(3)
     text = await wait_until(lambda: _metrics(proxy), lambda t: "taskproxy_rejections_total" in t)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("taskproxy_requests_total", (("model", "gpt-4o-mini"), ("route", "/v1/chat/completions"), ("status", "200")))] == 2
+    assert samples[("taskproxy_requests_total", (("model", "gpt-4o-mini"), ("route", "/v1/chat/completions"), ("status", "200")))] == 3
     assert samples[("taskproxy_tokens_total", (("kind", "prompt"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.prompt_tokens
     assert samples[("taskproxy_tokens_total", (("kind", "completion"), ("model", "gpt-4o-mini"), ("team", "web")))] == reply.usage.completion_tokens
     assert samples[("taskproxy_rejections_total", (("reason", "work_item_required"),))] == 1
-    assert samples[("taskproxy_upstream_latency_seconds_count", (("route", "/v1/chat/completions"),))] == 2
+    assert samples[("taskproxy_upstream_latency_seconds_count", (("route", "/v1/chat/completions"),))] == 3
     assert ("taskproxy_writer_queue_depth", ()) in samples and ("taskproxy_spool_bytes", ()) in samples
     assert "ann-the-person" not in text and "key_" not in text and 'team="tiny"' not in text  # no person, no key, no small team
-    assert 'team="(teams below the privacy floor)"' in text
+    assert 'team="(teams below the privacy floor)"' in text and 'team="few"' not in text
     assert (await proxy.http.get("/metrics", headers={"authorization": f"Bearer {ann}"})).status_code == 403
     assert (await proxy.http.get("/metrics")).status_code == 401
 
@@ -304,9 +306,10 @@ async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
     for robot in ("ci", "nightly", "scanner"):
         await proxy.new_key(robot, "bots", role="service")  # automation is not people: bots has 4
     bots = await proxy.new_key("bot-5", "bots", role="service")
-    for key, item in ((ops, "OPS-1"), (bots, "BOT-1")):
+    solo = await proxy.new_key("sec-1", "sec")  # with bots, the teams withheld hold 5 people: ops can be shown
+    for key, item in ((ops, "OPS-1"), (bots, "BOT-1"), (solo, "SEC-1")):
         await proxy.openai(key).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": item})
-    await proxy.events(2)
+    await proxy.events(3)
 
     adoption = {t["team"]: t for t in (await proxy.get("/api/reports/adoption"))["teams"]}
     usage = {g["team"]: g for g in (await proxy.get("/api/usage", group_by="team"))["groups"]}
@@ -321,6 +324,46 @@ async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
         page = await proxy.http.get("/dashboard/me")  # the client keeps the session cookie
         assert says in " ".join(page.text.split()), page.text
         proxy.http.cookies.clear()
+
+
+async def test_a_small_team_cannot_be_worked_out_from_a_total(proxy: Proxy) -> None:
+    """One person's team withheld, the other teams shown: the total (`group_by=model`, the adoption
+    report's `overall`, every series of /metrics) less the teams shown was that person's figures. The
+    smallest team shown is withheld with them until the withheld hold the floor's five people."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loner = await proxy.new_key("lone-wolf", "tiny")
+    web = [await proxy.new_key(person, "web") for person in ("ann", "bo", "cy", "di", "ed")]
+    ops = [await proxy.new_key(person, "ops") for person in ("fa", "ge", "ha", "io", "ju", "ka")]
+    replies = {}
+    for team, key, item in (("tiny", loner, "TINY-1"), ("web", web[0], "WEB-1"), ("ops", ops[0], "OPS-1")):
+        reply = await proxy.openai(key).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": item})
+        replies[team] = reply.usage.prompt_tokens
+    await proxy.events(3)
+
+    async def views() -> tuple[dict, dict, dict, dict]:
+        usage = {g["team"]: g for g in (await proxy.get("/api/usage", group_by="team"))["groups"]}
+        adoption = {t["team"]: t for t in (await proxy.get("/api/reports/adoption"))["teams"]}
+        families = text_string_to_metric_families(await _metrics(proxy))
+        series = {s.labels["team"]: s.value for f in families for s in f.samples if s.name == "taskproxy_tokens_total" and s.labels["kind"] == "prompt"}
+        return usage, adoption, series, (await proxy.get("/api/usage", group_by="model"))["groups"][0]
+
+    usage, adoption, series, total = await views()
+    floor = proxy.settings.privacy.min_group_size
+    for view in (usage, adoption):
+        assert view["tiny"] == {"team": "tiny", "withheld": True, "reason": f"fewer than {floor} people"}
+        assert view["web"] == {"team": "web", "withheld": True, "reason": f"withheld with the teams of fewer than {floor} people, which a total would reveal"}
+        assert "withheld" not in view["ops"]
+    assert total["prompt_tokens"] - usage["ops"]["prompt_tokens"] == replies["tiny"] + replies["web"]  # not the loner's alone
+    assert "tiny" not in series and "web" not in series and series["(teams below the privacy floor)"] == replies["tiny"] + replies["web"]
+
+    for person in ("lo", "mo", "no", "po"):  # tiny grows to five: every team is shown, and counted under its name from then on
+        await proxy.new_key(person, "tiny")
+    await proxy.openai(loner).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "TINY-1"})
+    await proxy.events(4)
+    usage, adoption, series, _ = await views()
+    assert all("withheld" not in view[team] for view in (usage, adoption) for team in ("tiny", "web", "ops"))
+    assert series.get("tiny") == replies["tiny"], series
 
 
 @BOTH_DATABASES

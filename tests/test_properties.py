@@ -242,3 +242,38 @@ def test_an_event_whose_blank_lines_cr_and_lf_come_apart_is_passed_on_when_the_l
     splitter = SseSplitter()
     assert splitter.without_usage_only(event[:-1]) == b""
     assert splitter.without_usage_only(event[-1:]) == event
+
+
+GROUP_SIZES = st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 7), min_size=1)
+
+
+@given(GROUP_SIZES, st.integers(1, 6))
+def test_the_groups_withheld_hold_the_floor_between_them_or_are_all(people: dict[str, int], floor: int) -> None:
+    """Whatever the sizes, a total less the groups shown is a group at the floor, or nothing is shown."""
+    from taskproxy.privacy import withheld_groups
+
+    held = withheld_groups(people, people, floor)
+    assert {g for g, n in people.items() if n < floor} <= held
+    assert not held or sum(people[g] for g in held) >= floor or held == set(people)
+
+
+@given(GROUP_SIZES, st.integers(1, 6), st.data())
+def test_a_series_of_the_small_teams_holds_the_floor_as_teams_arrive(people: dict[str, int], floor: int, data: st.DataObject) -> None:
+    """Teams' usage arriving one by one (and sizes changing): at every moment, the teams labelled small
+    among those seen hold the floor between them, or every team seen is."""
+    from taskproxy.privacy import SeriesTeams
+
+    sizes = {"now": dict(people)}
+    series = SeriesTeams(lambda: sizes["now"], floor, small="small")
+    seen: set[str] = set()
+    for _ in range(data.draw(st.integers(1, 20))):
+        if data.draw(st.booleans()):
+            group = data.draw(st.sampled_from(sorted(people)))
+            sizes["now"] = {**sizes["now"], group: data.draw(st.integers(0, 7))}  # replaced whole, as KeyStore does
+        group = data.draw(st.sampled_from(sorted(people)))
+        seen.add(group)
+        series.label(group)
+        now = sizes["now"]
+        small = {g for g in seen if series.label(g) == "small"}
+        assert {g for g in seen if now[g] < floor} <= small
+        assert not small or sum(now[g] for g in small) >= floor or small == seen

@@ -28,7 +28,7 @@ from taskproxy import __version__, privacy
 from taskproxy.error_shapes import api_format_before_routing, api_format_of, error_response
 from taskproxy.errors import ApiError, ClientGone, HeadersTooLarge, InternalError, InvalidRequest, MethodNotAllowed, NotFound, ServiceUnavailable
 from taskproxy.guard.attribution import Attribution
-from taskproxy.guard.auth import KeyStore, ensure_bootstrap_admin
+from taskproxy.guard.auth import NO_TEAM, KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
@@ -227,8 +227,10 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         )  # fmt: skip
         floor = settings.privacy.min_group_size
 
-        def team_label(team: str | None) -> str:
-            return (team or "") if privacy.shown(keys.team_size(team), floor) else SMALL_TEAMS  # no team: a group under the floor too
+        series_teams = privacy.SeriesTeams(keys.team_sizes, floor, small=SMALL_TEAMS)
+
+        def team_label(team: str | None) -> str:  # no team: a group under the floor too
+            return series_teams.label(team or NO_TEAM)
 
         metrics = Metrics(writer, team_label, settlements_dropped=lambda: budgets.shares.dropped)
         writer.listen(metrics.record)

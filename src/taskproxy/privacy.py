@@ -6,11 +6,18 @@ every role but `service` (a service key is automation, not a person). The adopti
 /api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions. The
 people without a team are a group under the floor too (`GET /api/usage?group_by=team`'s row of no
 team, `/metrics`' team ""): one such person's figures would be theirs.
+
+Withholding a group is not enough when the answer also has a total: the total minus the groups shown
+is the withheld groups' sum, so the groups withheld in one answer must hold at least the floor between
+them. `withheld_groups` withholds the smallest groups shown too until they do (complementary
+suppression).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Connection
@@ -18,6 +25,7 @@ from sqlalchemy.engine import Connection
 from taskproxy.storage.models import ApiKey
 
 NOT_PEOPLE = ("service",)
+Group = TypeVar("Group", bound=Hashable)
 _K = ApiKey.__table__.c
 
 
@@ -47,7 +55,71 @@ def shown(team_size: int, min_group_size: int) -> bool:
     return team_size >= min_group_size
 
 
-def withheld(team: str | None, min_group_size: int) -> dict[str, Any]:
-    """What stands in for a team's figures below the floor."""
+def withheld_groups(people: Mapping[Group, int], present: Iterable[Group], min_group_size: int) -> set[Group]:
+    """The groups among `present` (those with figures in one answer) whose figures that answer withholds:
+    each one under the floor and, if those hold fewer than the floor between them, the smallest others
+    until they do (fewest people first, then by name), so that subtracting the groups shown from a
+    total leaves no group under the floor. People are summed per group: a person with keys in two
+    withheld groups counts twice."""
+    present = set(present)
+    held = {group for group in present if not shown(people.get(group, 0), min_group_size)}
+    between_them = sum(people.get(group, 0) for group in held)
+    if not held or shown(between_them, min_group_size):
+        return held
+    for group in sorted(present - held, key=lambda group: (people.get(group, 0), "" if group is None else str(group))):
+        held.add(group)
+        between_them += people.get(group, 0)
+        if shown(between_them, min_group_size):
+            break
+    return held
+
+
+def withheld(team: str | None, min_group_size: int, *, people: int = 0) -> dict[str, Any]:
+    """What stands in for a team's figures: below the floor, or (`people` at or above it) withheld with
+    those below it by `withheld_groups`."""
     entry: dict[str, Any] = {"team": team} if team is not None else {}
+    if shown(people, min_group_size):
+        return {**entry, "withheld": True, "reason": f"withheld with the teams of fewer than {min_group_size} people, which a total would reveal"}
     return {**entry, "withheld": True, "reason": f"fewer than {min_group_size} people"}
+
+
+class SeriesTeams:
+    """The team label of usage counted in series since the process started (`/metrics`, OpenTelemetry):
+    the team's name, or `small` for the groups withheld. The groups present are those whose usage this
+    process has labelled, so the series of the small ones is never a group under the floor, nor any
+    series less the others; a group whose usage only starts later may withhold more teams from then
+    on. `sizes` returns people per group, a mapping replaced whole when a size changes."""
+
+    def __init__(self, sizes: Callable[[], Mapping[str, int]], min_group_size: int, *, small: str) -> None:
+        self._sizes, self._floor, self._small = sizes, min_group_size, small
+        self._seen: set[str] = set()
+        self._read: Mapping[str, int] = {}  # the sizes `_held` was worked out with
+        self._held: set[str] = set()
+        self._between = 0  # the people of `_held`
+        self._lock = threading.Lock()  # labels are asked for by the writer's listeners' threads
+
+    def label(self, group: str) -> str:
+        sizes = self._sizes()
+        with self._lock:
+            if sizes is not self._read:
+                self._seen.add(group)
+                self._read = sizes
+                self._hold(withheld_groups(sizes, self._seen, self._floor))
+            elif group not in self._seen:
+                self._seen.add(group)
+                self._arrived(group, sizes)
+            return self._small if group in self._held else group
+
+    def _hold(self, held: set[str]) -> None:
+        self._held, self._between = held, sum(self._read.get(g, 0) for g in held)
+
+    def _arrived(self, group: str, sizes: Mapping[str, int]) -> None:
+        """`group` is present too: the withheld are worked out again only when they then hold fewer than
+        the floor (a company's thousands of teams arrive one by one, as their usage does). Until the
+        sizes change, a team withheld stays withheld: its series does not flip."""
+        people = sizes.get(group, 0)
+        if not shown(people, self._floor):
+            self._held.add(group)
+            self._between += people
+        if self._held and not shown(self._between, self._floor):
+            self._hold(withheld_groups(sizes, self._seen, self._floor))

@@ -21,6 +21,7 @@ import secrets
 import sys
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -194,7 +195,8 @@ class KeyStore:
                         self._by_hash[digest] = _principal(row)
                     else:
                         del self._by_hash[digest]
-            self._team_sizes.update(sizes)
+            if any(self._team_sizes.get(team) != size for team, size in sizes.items()):
+                self._team_sizes = {**self._team_sizes, **sizes}  # replaced, never changed: see `team_sizes`
         return len(rows)
 
     def forget_all(self) -> None:
@@ -230,6 +232,11 @@ class KeyStore:
     def team_size(self, team: str | None) -> int:
         """People in `team`; None: the people without a team."""
         return self._team_sizes.get(team or NO_TEAM, 0)
+
+    def team_sizes(self) -> Mapping[str, int]:
+        """People per team (NO_TEAM: the people without one). Replaced whole when a size changes, so a
+        caller may keep what it read and know it is unchanged by its identity."""
+        return self._team_sizes
 
     # Blocking: the routes run these in their lanes' threads (routes/lanes.py), never the event loop's.
     def issue(self, *, owner: object, team: object = None, role: object = "developer") -> tuple[Row, str]:

@@ -71,7 +71,11 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
 
 Privacy: a team's figures are shown only if it has at least `min_group_size` people (privacy.py: distinct
 owners of its non-revoked keys, service keys not counted); otherwise the team appears as `{"team", "withheld": true, "reason"}` with
-no figure at all, and with a `team=` filter on such a team `overall` is withheld too. The report never
+no figure at all, and with a `team=` filter on such a team `overall` is withheld too. When the groups
+withheld (the items of no team count as the group of the people without a team, when keys without a
+team spent on them) hold fewer than `min_group_size` people between them, the smallest teams shown are
+withheld as well until they hold that many (`privacy.withheld_groups`, with its own reason): otherwise
+`overall` less the teams shown would be a small group's figures. The report never
 names owners or keys and has no per-person figure. Teams listed: every team of a non-revoked key, plus
 the team of every item with usage in the period, or completed (or reopened after completion) in it, sorted by name.
 
@@ -318,7 +322,7 @@ def adoption_report(
     with one_snapshot(engine) as connection:
         items = data.load(connection, since, until)
         data.assign_teams(connection, items, since, until, item_teams or {})
-        people = privacy.team_sizes(connection)
+        people: dict[str | None, int] = {**privacy.team_sizes(connection), None: privacy.people_without_team(connection)}
         rejections = data.rejections(connection, since, until)
 
     bands = size_bands or SizeBands()
@@ -329,13 +333,22 @@ def adoption_report(
         by_team[item.team].append(item)
     rejected_by_team: dict[str | None, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     rejected_all: dict[str, int] = defaultdict(int)
-    for key_team, reason, count in rejections:
+    refused_people: set[str | None] = set()  # the groups whose people's refusals are counted
+    for key_team, keyed, reason, count in rejections:
         rejected_by_team[key_team][reason] += count
         rejected_all[reason] += count
+        if keyed:
+            refused_people.add(key_team)
+
+    # The groups with figures here: overall less the teams shown is the withheld ones' sum, the group of
+    # no team included when people without a team spent on its items or were refused (items done by
+    # hand spent nothing; a request refused without a key is nobody's).
+    present = {name for name, group in by_team.items() if name is not None or any(i.period_events for i in group)} | refused_people
+    held = privacy.withheld_groups(people, present, min_group_size)
 
     def figures_of(name: str) -> dict[str, Any]:
-        if not privacy.shown(people.get(name, 0), min_group_size):
-            return privacy.withheld(name, min_group_size)
+        if name in held or not privacy.shown(people.get(name, 0), min_group_size):  # a team not present: by its size
+            return privacy.withheld(name, min_group_size, people=people.get(name, 0))
         rejected = dict(rejected_by_team.get(name, {}))
         return {"team": name, **_figures(by_team.get(name, []), rejected, bands=bands)}
 
@@ -345,7 +358,7 @@ def adoption_report(
         teams = [entry]
     else:
         overall = _figures(relevant, dict(rejected_all), bands=bands)
-        names = set(people) | {t for t in by_team if t is not None}
+        names = {t for t in (*people, *by_team) if t is not None}
         teams = [figures_of(name) for name in sorted(names)]
     return {
         "since": iso(since),

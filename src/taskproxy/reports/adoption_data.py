@@ -343,11 +343,13 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
             items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
 
 
-def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, str, int]]:
+def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, bool, str, int]]:
+    """(the key's team, whether a key was known, reason, count): a refusal without a key is nobody's."""
+    keyed = _K.id.is_not(None).label("keyed")
     query = (
-        select(_K.team, _J.reason, func.sum(_J.count).label("n"))
+        select(_K.team, keyed, _J.reason, func.sum(_J.count).label("n"))
         .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _J.key_id))
         .where(*within(_J.ts, since, until))
-        .group_by(_K.team, _J.reason)
+        .group_by(_K.team, keyed, _J.reason)
     )
-    return [(row.team, row.reason, int(row.n)) for row in connection.execute(query)]
+    return [(row.team, bool(row.keyed), row.reason, int(row.n)) for row in connection.execute(query)]

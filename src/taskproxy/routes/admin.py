@@ -107,7 +107,9 @@ async def usage(request: Request) -> Response:
     rows = await unless_client_leaves(request, request.state.reports.run(USAGE, group_by=group_by, since=since, until=until))
     if group_by == "team":  # the privacy floor, as in the adoption report
         floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
-        rows = [row if privacy.shown(keys.team_size(row["team"]), floor) else {"team": row["team"], **privacy.withheld(row["team"], floor)}
+        people = {row["team"]: keys.team_size(row["team"]) for row in rows}
+        held = privacy.withheld_groups(people, people, floor)  # the rows' sum is group_by=model's total
+        rows = [{"team": row["team"], **privacy.withheld(row["team"], floor, people=people[row["team"]])} if row["team"] in held else row
                 for row in rows]  # fmt: skip
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
