@@ -35,7 +35,7 @@ from taskproxy.errors import BudgetExceeded
 from taskproxy.guard.items import ItemCache, KnownItem
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.guard.shares import SLICES, BudgetShares
-from taskproxy.money import format_usd, to_nanos, usd
+from taskproxy.money import format_usd, to_nanos
 from taskproxy.settings import BudgetSettings
 from taskproxy.storage import spend
 from taskproxy.storage.batch import Record
@@ -217,7 +217,9 @@ def _raise_to(spent: _Spent, tokens: int, nanos: int) -> None:
 
 
 def _refuse_if_spent(where: str, tokens: int, tokens_limit: int | None, nanos: int, usd_limit: float | None) -> None:
+    # What was spent is not said: any key may name an item, and a team's spend less a key's own is the
+    # rest of the team's (a teammate's, in a team of two). The reports give it to admins.
     if tokens_limit is not None and tokens >= tokens_limit:
-        raise BudgetExceeded(f"{where} has used {tokens:,} tokens of its budget of {tokens_limit:,} tokens. Ask an admin to raise it.")
+        raise BudgetExceeded(f"{where} has used all of its budget of {tokens_limit:,} tokens. Ask an admin to raise it.")
     if usd_limit is not None and nanos >= to_nanos(usd_limit):
-        raise BudgetExceeded(f"{where} has spent {format_usd(usd(nanos))} of its budget of {format_usd(usd_limit)}. Ask an admin to raise it.")
+        raise BudgetExceeded(f"{where} has spent all of its budget of {format_usd(usd_limit)}. Ask an admin to raise it.")
