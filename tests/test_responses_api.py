@@ -74,6 +74,33 @@ async def test_a_stored_response_is_read_back_by_its_creator_only(proxy: Proxy) 
 
 
 @BOTH_DATABASES
+async def test_a_response_is_continued_only_by_its_creator(proxy: Proxy) -> None:
+    """Every key shares the provider account: another person's `previous_response_id` had the provider
+    continue that conversation (its input counted in the answer's usage, its text repeatable), though
+    reading the response back was refused. Now refused alike on each route that takes one, before the
+    provider; the creator's other key may continue it."""
+    dana, dana_laptop, lee = await proxy.new_key(owner="dana"), await proxy.new_key(owner="dana"), await proxy.new_key(owner="lee")
+    created = await proxy.openai(dana).responses.create(model="team-model", input="Plan the migration.", extra_headers={"X-Work-Item": "PROJ-36"})
+    sent = len(proxy.received)
+
+    other = proxy.openai(lee)
+    for attempt in (
+        lambda: other.responses.create(model="team-model", input="Go on.", previous_response_id=created.id, extra_headers={"X-Work-Item": "PROJ-37"}),
+        lambda: other.responses.compact(model="gpt-4o-mini", input=INPUT, previous_response_id=created.id, extra_headers={"X-Work-Item": "PROJ-37"}),
+        lambda: other.responses.input_tokens.count(model="gpt-4o-mini", input="Go on.", previous_response_id=created.id, extra_headers={"X-Work-Item": "PROJ-37"}),
+        lambda: proxy.openai(dana).responses.create(model="team-model", input="Go on.", previous_response_id="resp_never_made", extra_headers={"X-Work-Item": "PROJ-36"}),
+    ):
+        with pytest.raises(openai.NotFoundError) as refused:
+            await attempt()
+        assert refused.value.code == "not_found" and refused.value.param == "previous_response_id", refused.value
+    assert len(proxy.received) == sent, "a refused continuation reached the provider"
+
+    went_on = await proxy.openai(dana_laptop).responses.create(model="team-model", input="Go on.", previous_response_id=created.id, extra_headers={"X-Work-Item": "PROJ-36"})
+    assert went_on.status == "completed" and proxy.received[-1]["body"]["previous_response_id"] == created.id
+    assert len(await proxy.events(2, work_item="PROJ-36")) == 2
+
+
+@BOTH_DATABASES
 async def test_a_background_response_is_billed_once_when_read_back_finished(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-34"})

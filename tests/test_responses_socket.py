@@ -123,6 +123,22 @@ def test_a_continuation_with_a_bad_input_is_refused_and_the_socket_goes_on(serve
     assert len(server.events("PROJ-70", 2)) == 2
 
 
+def test_a_socket_continues_only_its_persons_responses(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """An id the socket did not answer goes to the provider as it is: another person's was continued
+    there. Refused as an error message, the socket going on."""
+    created = server.openai(server.new_key(owner="ada")).responses.create(model="gpt-4o-mini", input="Plan it.", extra_headers={"X-Work-Item": "PROJ-71"})
+    client = server.openai(server.new_key(owner="bea"))
+    since = len(upstream.received)
+    with client.responses.connect(max_retries=0) as connection:
+        connection.response.create(model="gpt-4o-mini", input="Go on.", previous_response_id=created.id, metadata={"work_item": "PROJ-72"})
+        refused = connection.recv()
+        connection.response.create(model="gpt-4o-mini", input="hi", metadata={"work_item": "PROJ-72"})
+        answered = until_done(connection)[-1]
+    assert refused.type == "error" and refused.status == 404 and refused.error.code == "not_found" and created.id in refused.error.message, refused
+    assert answered.type == "response.completed"
+    assert len(sent_to_provider(upstream, since)) == 1
+
+
 def test_a_bad_key_is_refused_at_the_upgrade_with_openais_error(server: ServerProcess) -> None:
     url = server.url.replace("http://", "ws://") + "/v1/responses"
     with pytest.raises(InvalidStatus) as refused:

@@ -248,13 +248,13 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             # litellm takes seconds to import: do it beside startup, not in front of the first request.
             threading.Thread(target=translator.load, name="taskproxy-litellm", daemon=True).start()
         body_gate = BodyGate(settings.limits.max_concurrent_large_bodies)  # the proxy's routes (the webhooks have their own)
+        origins = ResponseOrigins(db)
+        writer.listen(origins.record)
         admission = Admission(
             settings=settings, keys=keys, rate_limiter=RateLimiter(settings.limits.requests_per_minute, db),
             body_gate=body_gate, attribution=Attribution(ids),
-            policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer,
+            policy=Policy(settings.work_items.mode, item_cache), budgets=budgets, writer=writer, origins=origins,
         )  # fmt: skip
-        origins = ResponseOrigins(db)
-        writer.listen(origins.record)
         attempts = Attempts(
             sink=writer, counter=counter, prices=prices, charge=budgets.charge,
             register_unknown_items=settings.work_items.mode == "open", store_prompts=recording.store_prompts,

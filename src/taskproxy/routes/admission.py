@@ -1,6 +1,10 @@
 """Admitting a proxied request, in the order the contract fixes (README, "Errors"): the key, the rate limit,
 the body's size and cost, the work item (and `work_items.mode`), the body's JSON and field types, the
 model, the budget. A refusal at any step is counted (per key and reason) and nothing is sent upstream.
+
+Every key shares the proxy's provider accounts, so a `previous_response_id` is checked as a read of
+that response is (routes/stored.py), after the model: a request continues only a response its own
+person created through the proxy, or the provider would continue someone else's conversation for it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
-from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, RateLimited, ServiceUnavailable
+from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, NotFound, RateLimited, ServiceUnavailable
 from taskproxy.guard.attribution import Attributed, Attribution
 from taskproxy.guard.auth import KeyStore, Principal
 from taskproxy.guard.body import BodyGate, Undecodable, decode_json_object
@@ -27,6 +31,7 @@ from taskproxy.metering.usage import Rejected
 from taskproxy.routes.endpoint import Endpoint
 from taskproxy.settings import OPENAI_COMPATIBLE, LimitSettings, ModelSettings, Settings
 from taskproxy.storage.failures import RETRY_SECONDS
+from taskproxy.storage.response_origins import ResponseOrigins
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 
@@ -57,6 +62,7 @@ class Admission:
     policy: Policy
     budgets: Budgets
     writer: BatchWriter  # refusals go to it; its backlog slows admission down
+    origins: ResponseOrigins  # who created the response a request continues
 
     async def admit(self, request: Request, endpoint: Endpoint) -> Admitted:
         return await self._admit(request.headers, endpoint, lambda: self._read_and_decode(request, self.settings.limits))
@@ -93,6 +99,7 @@ class Admission:
                 body["model"] = self._default_model()
             endpoint.validate(body)
             model = self._model_of(body, endpoint)
+            await self._continues_its_own(body, principal)
             await self.budgets.check(attributed.work_item, known, principal.team, ts)
             return Admitted(principal, attributed, body, raw, model, client_model, ts, started)
         except ApiError as exc:
@@ -115,6 +122,15 @@ class Admission:
                 return raw, await decode_json_object(raw, limits.max_json_nodes)
         except ClientDisconnect:
             raise ClientGone("The client hung up before its request body arrived.") from None
+
+    async def _continues_its_own(self, body: dict, principal: Principal) -> None:
+        previous = body.get("previous_response_id")
+        if not isinstance(previous, str):  # absent; another type goes on to the provider's own error
+            return
+        origin = await self.origins.find(previous)
+        if origin is None or origin.owner != principal.owner:
+            raise NotFound(f"No response with id '{previous[:200]}' was created through this proxy by you: a request continues only a "
+                           "response created through the proxy with a key of the same person.", param="previous_response_id")  # fmt: skip
 
     def _default_model(self) -> str:
         """A Responses request may leave `model` out (the spec allows it); taskproxy routes by model."""
