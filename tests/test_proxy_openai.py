@@ -7,6 +7,7 @@ import gc
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import openai
 import orjson
@@ -303,6 +304,43 @@ async def test_refused_connection_on_loopback_is_502(tmp_path: Path) -> None:
         with pytest.raises(openai.APIStatusError) as failed:
             await proxy.openai(await proxy.new_key()).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-2"})
         assert failed.value.status_code == 502 and failed.value.body["code"] == "upstream_error"
+
+
+ACCOUNT_HEADERS = [
+    (b"x-ratelimit-limit-tokens", b"2000000"), (b"x-ratelimit-remaining-tokens", b"1998240"), (b"x-ratelimit-remaining-requests", b"4999"),
+    (b"x-ratelimit-reset-tokens", b"52ms"), (b"anthropic-ratelimit-tokens-remaining", b"79000"), (b"openai-organization", b"org-the-company"),
+    (b"openai-project", b"proj_the-company"), (b"x-request-id", b"req_123"), (b"openai-processing-ms", b"7"),
+]  # fmt: skip
+
+
+async def test_the_provider_accounts_rate_limits_are_not_relayed(tmp_path: Path, fake: Any) -> None:
+    """Every key shares the provider account: its remaining tokens, read before and after another
+    person's request, were that person's tokens. Dropped, with the account's organization and
+    project, by the production client; the request's own headers still pass."""
+    from taskproxy.localserver import serve_in_thread
+
+    inner = fake.app()
+
+    async def with_account_headers(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *ACCOUNT_HEADERS]}
+            await send(message)
+
+        await inner(scope, receive, sending)
+
+    with serve_in_thread(with_account_headers) as url:
+        async for proxy in start_proxy(make_settings(tmp_path, provider_url=f"{url}/v1"), provider=None):  # the production client
+            client = proxy.openai(await proxy.new_key())
+            for stream in (False, True):
+                raw = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, stream=stream,
+                                                                             extra_headers={"X-Work-Item": "PROJ-5"})  # fmt: skip
+                names = set(raw.headers.keys())
+                assert not {n for n in names if "ratelimit" in n or n in ("openai-organization", "openai-project")}, names
+                assert raw.headers["x-request-id"] == "req_123" and raw.headers["openai-processing-ms"] == "7"
+                if stream:
+                    async for _ in raw.parse():
+                        pass
 
 
 async def test_usage_is_estimated_when_the_provider_reports_none(tmp_path: Path) -> None:
