@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 import webhook_payloads as hooks
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
 from taskproxy.config import settings_from_mapping
+from taskproxy.timeutil import iso, utcnow
 from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
@@ -512,6 +515,51 @@ async def test_size_and_rework_from_the_trackers(tracked: Proxy) -> None:
     body = hooks.dumps(estimate)
     await _post(tracked, "linear", body, hooks.linear_headers(body))
     assert (await tracked.get("/api/work-items/ENG-31"))["size"]["points"] == 3
+
+
+def _jira_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}+0000"
+
+
+def _linear_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@BOTH_DATABASES
+async def test_points_raised_on_a_done_ticket_through_its_tracker_do_not_count(tracked: Proxy) -> None:
+    """A 1-point ticket worked with AI and done, then re-pointed to 13 in Jira and in Linear: while a
+    ticket is done both send its completion time as the event's time, and the new points were recorded
+    at it, as if the ticket had been 13 points when done (the report counted both among the largest).
+    A size sent with the status the delivery records dates from that status; else from the last edit."""
+    since = utcnow() - timedelta(minutes=1)
+    key = await tracked.new_key()
+    for item in ("PAY-40", "ENG-40"):
+        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                           headers={"authorization": f"Bearer {key}", "x-work-item": item})  # fmt: skip
+        assert answered.status_code == 200, answered.text
+    await tracked.events(2)
+    done_at = utcnow().replace(microsecond=utcnow().microsecond // 1000 * 1000)
+    await asyncio.sleep(0.05)
+
+    async def tell(points: float, edited: datetime) -> None:
+        jira = hooks.jira_issue("jira:issue_updated", "PAY-40", category="done", resolution="Done")
+        jira["issue"]["fields"].update(customfield_10016=points, resolutiondate=_jira_time(done_at), updated=_jira_time(edited))
+        linear = hooks.linear_issue("update", "ENG-40", state_type="completed")
+        linear["data"].update(estimate=points, completedAt=_linear_time(done_at), updatedAt=_linear_time(edited))
+        for tracker, payload, headers in (("jira", jira, hooks.jira_headers), ("linear", linear, hooks.linear_headers)):
+            body = hooks.dumps(payload)
+            told = await _post(tracked, tracker, body, headers(body))
+            assert told.status_code == 200, told.text
+
+    await tell(1, done_at)  # pointed as it is done: the points it was done at
+    await asyncio.sleep(0.05)
+    await tell(13, utcnow())  # re-pointed once done
+    for item in ("PAY-40", "ENG-40"):
+        history = (await tracked.get(f"/api/work-items/{item}"))["size_history"]
+        assert [h["points"] for h in history] == [1, 13] and history[0]["ts"] == iso(done_at) < history[1]["ts"], history
+    report = await tracked.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
+    bands = {band["label"]: band["items"] for band in report["overall"]["cost_by_size"] if band["items"]}
+    assert bands == {"points <=1": 2}, bands
 
 
 @BOTH_DATABASES

@@ -272,7 +272,12 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
                 if told.size is not None:
-                    _record_size(connection, item_id, told.size, delivery.tracker, at, delivery.delivery_id)
+                    # Sent with the status that this delivery recorded: the size as of that status (a ticket
+                    # pointed as it is done). Else as of the tracker's last edit: points raised on a done
+                    # ticket were dated at its completion (Jira's and Linear's status time), as if they had been so.
+                    moved = now_status != current or found is None
+                    size_at = at if moved or told.edited_at is None else max(at, _clamped(told.edited_at, now)[0])
+                    _record_size(connection, item_id, told.size, delivery.tracker, size_at, delivery.delivery_id)
                 if told.reverts is not None and told.merged:
                     _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
                 if told.merged:

@@ -30,6 +30,9 @@ class ItemUpdate:
     links: tuple[str, ...] = ()
     merged: bool = False  # a pull request merged: its status is final
     size: Size | None = None  # how big the work is, when the tracker says
+    # When the item was last edited, if the tracker says: a size sent with a status already recorded
+    # (points raised once the ticket was done) dates from then, not from the status's own time.
+    edited_at: datetime | None = None
     reverts: str | None = None  # a merged revert: the pull request it undoes (rework)
 
 

@@ -48,7 +48,7 @@ class Jira:
             url = payload["issue"]["self"].split("/rest/")[0] + f"/browse/{key}"
         update = ItemUpdate(
             item_id=str(key), status=status, at=at or tracker_time(payload.get("timestamp")), created_at=tracker_time(fields.get("created")),
-            title=text(fields.get("summary")), url=url,
+            title=text(fields.get("summary")), url=url, edited_at=tracker_time(fields.get("updated")),
             size=Size(points=found) if self._points_field and (found := points(fields.get(self._points_field))) is not None else None,
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])

@@ -41,7 +41,7 @@ class Linear:
         at = tracker_time(data.get("completedAt") or data.get("canceledAt") or data.get("updatedAt"))
         update = ItemUpdate(
             item_id=str(identifier), status=status, at=at, created_at=tracker_time(data.get("createdAt")), title=text(data.get("title")),
-            url=text(payload.get("url")) or text(data.get("url")),
+            url=text(payload.get("url")) or text(data.get("url")), edited_at=tracker_time(data.get("updatedAt")),
             size=Size(points=estimate) if (estimate := points(data.get("estimate"))) is not None else None,
         )  # fmt: skip
         return Delivery(self.name, delivery, event, [update])
