@@ -29,7 +29,8 @@ ASK = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello t
 @pytest.mark.anyio
 async def test_token_counting_alone_does_not_make_a_completed_item_ai_assisted(proxy: Proxy) -> None:
     """count_tokens generates nothing and costs nothing: calls of it on a ticket done by hand once made
-    it AI-assisted at $0, raising the share and pulling the cost per item down."""
+    it AI-assisted at $0, raising the share and pulling the cost per item down. So did OpenAI's
+    counterpart, /v1/responses/input_tokens, until it was counted as a token count too."""
     since = utcnow() - timedelta(minutes=1)
     key = await proxy.new_key()
     for item, chats in (("TAG-1", 0), ("TAG-2", 1)):
@@ -37,10 +38,12 @@ async def test_token_counting_alone_does_not_make_a_completed_item_ai_assisted(p
         for _ in range(3):
             counted = await proxy.http.post("/v1/messages/count_tokens", json=ASK, headers=headers)
             assert counted.status_code == 200, counted.text
+            counted = await proxy.http.post("/v1/responses/input_tokens", json={"model": "gpt-4o-mini", "input": "hello there"}, headers=headers)
+            assert counted.status_code == 200, counted.text
         for _ in range(chats):
             answered = await proxy.http.post("/v1/chat/completions", json=ASK, headers=headers)
             assert answered.status_code == 200, answered.text
-    await proxy.events(7)
+    await proxy.events(13)
     for item in ("TAG-1", "TAG-2"):
         done = await proxy.http.patch(f"/api/work-items/{item}", json={"status": "done"}, headers=proxy.admin_headers)
         assert done.status_code == 200, done.text

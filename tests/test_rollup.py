@@ -34,7 +34,7 @@ from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import iso
 
 T0 = datetime(2026, 3, 2, 8)
-COUNT_TOKENS = "/v1/messages/count_tokens"
+COUNT_TOKENS = ("/v1/messages/count_tokens", "/v1/responses/input_tokens")  # token counts, Anthropic's and OpenAI's
 
 
 @dataclass
@@ -53,7 +53,7 @@ def event(rng: random.Random, ts: datetime, **fields: Any) -> dict:
     row = {
         "id": uuid.uuid4().hex, "ts": ts, "key_id": f"k{rng.randrange(6)}", "owner": f"p{rng.randrange(6)}",
         "team": rng.choice([None, "web", "data"]), "work_item": rng.choice(["A-1", "A-2", "B-7", "acme/web#3"]),
-        "attribution_source": "header", "route": rng.choice(["/v1/chat/completions"] * 4 + [COUNT_TOKENS]),
+        "attribution_source": "header", "route": rng.choice(["/v1/chat/completions"] * 4 + list(COUNT_TOKENS)),
         "model": model, "upstream_model": model, "provider": "openai", "status": rng.choice([200] * 8 + [429, 500]),
         "error": None, "attempt": rng.choice([1, 1, 1, 2]), "stream": rng.random() < 0.5, "prompt_tokens": prompt,
         "completion_tokens": completion, "total_tokens": prompt + completion, "cached_tokens": rng.randint(0, 50),
@@ -97,8 +97,8 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
         s = found.setdefault(key, defaultdict(int, cost_nanos=None, first_ts=e.ts, last_ts=e.ts))
         s["events"] += 1
         s["ok_events"] += e.status < 400
-        s["ok_token_counts"] += e.status < 400 and e.route == COUNT_TOKENS
-        s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
+        s["ok_token_counts"] += e.status < 400 and e.route in COUNT_TOKENS
+        s["requests"] += e.attempt == 1 and e.route not in COUNT_TOKENS
         s["first_attempts"] += e.attempt == 1
         for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens"):
             s[name] += getattr(e, name)
@@ -107,9 +107,9 @@ def group_by(rows: list[Any], unit: str) -> dict[tuple, dict[str, Any]]:
             s["cost_nanos"] = (s["cost_nanos"] or 0) + e.cost_nanos
         s["first_ts"], s["last_ts"] = min(s["first_ts"], e.ts), max(s["last_ts"], e.ts)
         if unit == "key":  # the hours of the day with a request
-            s["request_hours"] |= (1 << e.ts.hour) if e.attempt == 1 and e.route != COUNT_TOKENS else 0
+            s["request_hours"] |= (1 << e.ts.hour) if e.attempt == 1 and e.route not in COUNT_TOKENS else 0
         if unit == "item":  # the first answer that generated something
-            answered = e.status < 400 and e.route != COUNT_TOKENS
+            answered = e.status < 400 and e.route not in COUNT_TOKENS
             s.setdefault("first_answered_ts", None)
             if answered and (s["first_answered_ts"] is None or e.ts < s["first_answered_ts"]):
                 s["first_answered_ts"] = e.ts
@@ -233,7 +233,7 @@ def raw_totals(rows: list[Any], since: datetime | None, until: datetime | None, 
             continue
         s = found.setdefault(getattr(e, by), {"attempts": 0, "requests": 0, "total_tokens": 0, "cost_nanos": None, "unpriced_attempts": 0, "first_used": e.ts, "last_used": e.ts})
         s["attempts"] += 1
-        s["requests"] += e.attempt == 1 and e.route != COUNT_TOKENS
+        s["requests"] += e.attempt == 1 and e.route not in COUNT_TOKENS
         s["total_tokens"] += e.total_tokens
         s["unpriced_attempts"] += e.cost_nanos is None
         s["cost_nanos"] = s["cost_nanos"] if e.cost_nanos is None else (s["cost_nanos"] or 0) + e.cost_nanos

@@ -40,19 +40,20 @@ from taskproxy.storage import bulk
 from taskproxy.storage.rows import rows
 from taskproxy.storage.models import UsageDaily, UsageEvent, UsageHourly, UsageItemTotals, UsageKeyDaily, UsageTeamDaily
 
-COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"  # token counting: an event, but not a request
+# Token counting, Anthropic's and OpenAI's: an event, but not a request, and no AI use (nothing generated).
+TOKEN_COUNT_ROUTES = ("/v1/messages/count_tokens", "/v1/responses/input_tokens")
 
 
 def is_request(attempt: int, route: str) -> bool:
     """What every report calls a request: one a client sent, counted once. Its first attempt (fallbacks
     are more attempts of the same request), and not a token count (Claude Code calls count_tokens
     often; it generates nothing). `request_clause` says the same in SQL."""
-    return attempt == 1 and route != COUNT_TOKENS_ROUTE
+    return attempt == 1 and route not in TOKEN_COUNT_ROUTES
 
 
 def request_clause(events: Any) -> ColumnElement:
     """`is_request` as a condition on the columns `events` of usage_events."""
-    return and_(events.attempt == 1, events.route != COUNT_TOKENS_ROUTE)
+    return and_(events.attempt == 1, events.route.not_in(TOKEN_COUNT_ROUTES))
 EVENTS = UsageEvent.__table__
 _E = EVENTS.c
 COUNTS = (
@@ -145,7 +146,7 @@ def deltas(events: Iterable[dict]) -> dict[Level, list[dict]]:
         cost = event["cost_nanos"]
         ok = 1 if event["status"] < 400 else 0
         counts = (
-            1, ok, 1 if ok and event["route"] == COUNT_TOKENS_ROUTE else 0, 1 if is_request(event.get("attempt", 1), event["route"]) else 0,
+            1, ok, 1 if ok and event["route"] in TOKEN_COUNT_ROUTES else 0, 1 if is_request(event.get("attempt", 1), event["route"]) else 0,
             1 if first else 0,
             event.get("prompt_tokens", 0), event.get("completion_tokens", 0), event.get("total_tokens", 0),
             event.get("cached_tokens", 0), event.get("reasoning_tokens", 0), 1 if cost is None else 0,
@@ -334,7 +335,7 @@ def _sum_of(column: str) -> Callable[[Any], Any]:
 def _aggregates(events: Any = _E) -> dict[str, _Aggregate]:
     """The named aggregates, over the columns `events` (usage_events' by default) and over a rollup's."""
     first = events.attempt == 1
-    ok, token_count = events.status < 400, events.route == COUNT_TOKENS_ROUTE
+    ok, token_count = events.status < 400, events.route.in_(TOKEN_COUNT_ROUTES)
     found = {
         "attempts": _Aggregate(func.count(), _sum_of("events")),
         "ok": _Aggregate(func.sum(case((ok, 1), else_=0)), _sum_of("ok_events")),
