@@ -517,6 +517,46 @@ async def test_size_and_rework_from_the_trackers(tracked: Proxy) -> None:
     assert (await tracked.get("/api/work-items/ENG-31"))["size"]["points"] == 3
 
 
+def _github_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@BOTH_DATABASES
+async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) -> None:
+    """The work was on the ticket (its branch names it), then the pull request was merged, the ticket
+    done, and GitHub's revert button undid the merge. Only the pull request, which spent nothing, was
+    marked: the ticket stayed completed, AI-assisted and not reworked, and the revert counted as one
+    more item of work completed. Now the ticket is reworked too, and the revert is closed, merged."""
+    since = utcnow() - timedelta(minutes=5)
+    key = await tracked.new_key()
+    for _ in range(2):
+        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-30"})  # fmt: skip
+        assert answered.status_code == 200, answered.text
+    await tracked.events(2)
+    merged_at = _github_time(utcnow() - timedelta(minutes=2))
+    pull = hooks.github_pull_request("closed", 31, merged=True, branch="feature/PAY-30-retries")
+    pull["pull_request"].update(merged_at=merged_at, closed_at=merged_at)
+    body = hooks.dumps(pull)
+    assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
+    done = await tracked.http.post("/api/work-items/PAY-30/complete", headers=tracked.admin_headers)
+    assert done.status_code == 200, done.text
+    await asyncio.sleep(1.1)  # GitHub's times are whole seconds: the revert comes after the completion
+    reverted_at = _github_time(utcnow())
+    revert = hooks.github_pull_request("closed", 32, merged=True, branch="revert-31-feature/PAY-30-retries", title='Revert "Add retries"')
+    revert["pull_request"].update(body="Reverts Acme/Web-App#31", merged_at=reverted_at, closed_at=reverted_at)
+    body = hooks.dumps(revert)
+    assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
+
+    ticket = await tracked.get("/api/work-items/PAY-30")
+    assert ticket["rework"] == {"at": reverted_at.replace("Z", ".000Z"), "reason": "reverted", "by": "acme/web-app#32"}, ticket["rework"]
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2332"))["status"] == "closed"
+    overall = (await tracked.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1))))["overall"]
+    assert overall["completed_items"] == 2 and overall["ai_assisted_items"] == 1  # PAY-30 and #31; not the revert
+    assert overall["rework"]["ai_assisted"] == {"items": 1, "reworked": 1, "rate": 1.0}, overall["rework"]
+    assert overall["spend_without_outcome_breakdown"]["reworked"] == overall["spend_usd"] > 0, overall
+
+
 def _jira_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}+0000"
 

@@ -210,6 +210,22 @@ def _rework_if_recent(connection: Connection, target: str, by: str, at: datetime
     if timedelta(0) <= at - done_at <= timedelta(days=rework_days):
         connection.execute(update(_ITEMS).where(_ITEMS.c.id == target).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
         changes.note(connection, changes.ITEM, [target], utcnow())
+        _tickets_reverted(connection, target, by, at, rework_days)
+
+
+def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, rework_days: float) -> None:
+    """The tickets a reverted pull request came out of, done before the revert and within `rework_days`
+    of it: their completion did not hold either. The work was on the ticket (the branch names it), and
+    only the pull request was marked: the ticket stayed completed, AI-assisted and not reworked."""
+    links = WorkItemLink.__table__.c
+    tickets = connection.execute(select(links.work_item).where(links.linked == pull, links.kind == MERGED_PR)).scalars().all()
+    for ticket in tickets:
+        row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.completed_at, _ITEMS.c.reworked_at).where(_ITEMS.c.id == ticket)).first()
+        if row is None or row.status != "done" or row.completed_at is None or row.reworked_at is not None:
+            continue
+        if timedelta(0) <= at - row.completed_at <= timedelta(days=rework_days):
+            connection.execute(update(_ITEMS).where(_ITEMS.c.id == ticket).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
+            changes.note(connection, changes.ITEM, [ticket], utcnow())
 
 
 def _record_change(

@@ -146,6 +146,7 @@ WorkItemLink = Rows(Table(
     _text("linked", 200, primary_key=True),  # the PR, e.g. acme/web#12
     _text("kind", 16),  # merged_pr; reverted_by (the PR, its revert: a revert that arrived before the merge)
     _time("ts"),
+    Index("ix_work_item_links_linked", "linked"),  # the tickets a PR came out of: its revert, its page (0022)
 ))  # fmt: skip
 
 # Deliveries already applied, by the tracker's delivery id: a redelivery changes nothing.

@@ -62,23 +62,27 @@ class GitHub:
 
     def _pull_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         pr = need(payload, "pull_request", kind=dict)
+        merged = action == "closed" and pr.get("merged") is True
         if action == "closed":
-            merged = pr.get("merged") is True
             status, at = ("done", tracker_time(pr.get("merged_at"))) if merged else ("closed", tracker_time(pr.get("closed_at")))
         else:
             status, at = "open", tracker_time(pr.get("updated_at"))
         links: tuple[str, ...] = ()
         branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
         repo = need(payload, "repository", "full_name", kind=str)
-        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if status == "done" else None
-        if status == "done" and reverts is None and not is_revert_title(pr.get("title")):
-            # A revert names the ticket of what it undoes: linked, it would count as that ticket's merged PR.
+        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged else None
+        if merged and (reverts is not None or is_revert_title(pr.get("title"))):
+            # A merged revert undoes work: it is no work completed (what it undoes becomes rework), so it
+            # is closed, merged. It names the ticket of what it undoes: linked, it would count as that
+            # ticket's merged PR.
+            status = "closed"
+        elif merged:
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
         size = Size(count(pr.get("additions")), count(pr.get("deletions")), count(pr.get("changed_files")))
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
-            merged=status == "done", size=size if size != Size() else None, reverts=reverts,
+            merged=merged, size=size if size != Size() else None, reverts=reverts,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
