@@ -557,6 +557,20 @@ async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) 
     assert overall["spend_without_outcome_breakdown"]["reworked"] == overall["spend_usd"] > 0, overall
 
 
+async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:
+    """GitLab's revert merge request (`Revert "…"`, `This reverts merge request !N`) marked nothing and
+    counted as one more merge request completed."""
+    merged = hooks.gitlab_merge_request("merge", 8, branch="feature/PAY-51-charges")
+    merged["object_attributes"]["merged_at"] = (utcnow() - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    revert = hooks.gitlab_merge_request("merge", 9, branch="revert-da156088", title='Revert "Retry failed charges"')
+    revert["object_attributes"].update(description="This reverts merge request !8", merged_at=utcnow().strftime("%Y-%m-%d %H:%M:%S UTC"))
+    for payload in (merged, revert):
+        assert (await _post(tracked, "gitlab", hooks.dumps(payload), hooks.gitlab_headers("Merge Request Hook"))).status_code == 200
+    undone = await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%218")
+    assert undone["rework"] is not None and undone["rework"]["reason"] == "reverted" and undone["rework"]["by"] == "acme/platform/billing-api!9"
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%219"))["status"] == "closed"
+
+
 def _jira_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}+0000"
 

@@ -5,12 +5,15 @@ token as it was configured, not a signature: it is compared in constant time) an
 A merge request is the item `group/subgroup/project!N`, an issue `group/subgroup/project#N` (the
 project's full path, lower-cased). Merged → done; closed unmerged → closed; an issue closed → done;
 opened or reopened → open. A merged request whose source branch or title names a ticket
-(`feature/PROJ-123-x`) is linked to it, as for GitHub.
+(`feature/PROJ-123-x`) is linked to it, as for GitHub. A merged revert (GitLab's revert button: title
+`Revert "…"`, description `This reverts merge request !N`) is closed, not done, and marks the merge
+request it undoes as rework, as for GitHub.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +24,9 @@ from taskproxy.trackers.base import Delivery, ItemUpdate, is_revert_title, need,
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"open", "reopen"}
+# What GitLab's revert button writes in the merge request's description (Commit#revert_description):
+# the request it undoes, in the same project.
+_REVERT_DESCRIPTION = re.compile(r"This reverts merge request !(\d+)\b")
 
 
 class GitLab:
@@ -62,13 +68,19 @@ class GitLab:
         else:
             status, at = "open", tracker_time(request.get("updated_at"))
         links: tuple[str, ...] = ()
-        if status == "done" and not is_revert_title(request.get("title")):  # a revert links no ticket (github.py)
+        merged, reverts = status == "done", None
+        description = request.get("description")
+        if merged and isinstance(description, str) and (found_revert := _REVERT_DESCRIPTION.search(description)):
+            reverts = self._item_id(payload, "!", int(found_revert[1]))
+        if merged and (reverts is not None or is_revert_title(request.get("title"))):
+            status = "closed"  # a merged revert is no work completed, and links no ticket (github.py)
+        elif merged:
             found = (ticket_in(self._ids, request.get("source_branch")), ticket_in(self._ids, request.get("title")))
             links = tuple(dict.fromkeys(ticket for ticket in found if ticket))
         return ItemUpdate(
             item_id=self._item_id(payload, "!", need(payload, "object_attributes", "iid", kind=int)), status=status, at=at,
             created_at=tracker_time(request.get("created_at")), title=text(request.get("title")), url=text(request.get("url")),
-            links=links, merged=status == "done",
+            links=links, merged=merged, reverts=reverts,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
