@@ -557,6 +557,40 @@ async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) 
     assert overall["spend_without_outcome_breakdown"]["reworked"] == overall["spend_usd"] > 0, overall
 
 
+@BOTH_DATABASES
+async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(tracked: Proxy) -> None:
+    """Nine requests on the ticket, one on its pull request, the pull request merged, the ticket closed
+    as Won't Do: the merge covered the ticket's spend (no spend without outcome), yet only the pull
+    request's tenth was in the cost per completed item. The ticket, not done, counts in its merged
+    pull request's cost; done, it would count as its own."""
+    since = utcnow() - timedelta(minutes=5)
+    key = await tracked.new_key()
+    for item, times in (("PAY-10", 9), ("Acme/Web-App#11", 1)):
+        for _ in range(times):
+            answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                               headers={"authorization": f"Bearer {key}", "x-work-item": item})  # fmt: skip
+            assert answered.status_code == 200, answered.text
+    await tracked.events(10)
+    await asyncio.sleep(1.1)  # GitHub's times are whole seconds: merged after the requests
+    merged_at = _github_time(utcnow())
+    pull = hooks.github_pull_request("closed", 11, merged=True, branch="feature/PAY-10-retries")
+    pull["pull_request"].update(merged_at=merged_at, closed_at=merged_at)
+    body = hooks.dumps(pull)
+    assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
+    wont = hooks.jira_issue("jira:issue_updated", "PAY-10", category="done", resolution="Won't Do")
+    wont["issue"]["fields"].update(resolutiondate=_jira_time(utcnow()), updated=_jira_time(utcnow()))
+    body = hooks.dumps(wont)
+    assert (await _post(tracked, "jira", body, hooks.jira_headers(body))).status_code == 200
+
+    ticket, pr = await tracked.get("/api/work-items/PAY-10"), await tracked.get("/api/work-items/acme%2Fweb-app%2311")
+    assert ticket["status"] == "closed" and pr["status"] == "done"
+    overall = (await tracked.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1))))["overall"]
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (1, 1), overall
+    assert overall["cost_per_completed_item"]["total"] == pytest.approx(ticket["cost_usd"] + pr["cost_usd"]), overall
+    assert overall["cost_per_completed_item"]["total"] == pytest.approx(overall["spend_usd"]) and overall["spend_without_outcome_usd"] == 0
+    assert overall["tokens_per_completed_item"]["total"] == ticket["total_tokens"] + pr["total_tokens"]
+
+
 async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:
     """GitLab's revert merge request (`Revert "…"`, `This reverts merge request !N`) marked nothing and
     counted as one more merge request completed."""

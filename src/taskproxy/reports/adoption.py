@@ -8,9 +8,14 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   to the team name that sorts first; events without a team are not counted); otherwise none, and the
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
 - **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
-  not completed). It counts with all the spend it ever had (all its events, whenever they happened).
+  not completed). It counts with all the spend it ever had (all its events, whenever they happened),
+  and a merged PR with that of the tickets it came out of (links) that are not done now and whose
+  last merged PR standing now it is (not reverted, nor reopened and not done since): the work was
+  on the ticket, and the ticket is no completed item of its own (adoption_data.carry_tickets). A
+  ticket's usage is thus in one item's cost: its own once it is done, else its last merged PR's.
 - **AI-assisted**: a completed item with at least one usage event whose status is below 400 and that
-  is not a token count (`/v1/messages/count_tokens`: it generates nothing, and costs nothing), the
+  is not a token count (`/v1/messages/count_tokens`, `/v1/responses/input_tokens`: they generate
+  nothing, and cost nothing), a carried ticket's included, the
   first of them (`usage_item_totals.first_answered_ts`, all time) no later than its `completed_at` (for
   an item not done now, than the completion its reopening undid): requests sent only after the work
   was done do not make it assisted (they are spend after completion).

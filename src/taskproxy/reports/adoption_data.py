@@ -111,6 +111,28 @@ class Item:
         reopened = self.reopened_completion
         return self.completed_in(since, until) or (reopened is not None and since <= reopened < until)
 
+    @property
+    def merge_holds(self) -> bool:
+        """A merged pull request (done) whose merge stands now: not reverted, nor reopened and not done since."""
+        return self.status == "done" and (self.reworked_at is None or (self.rework_reason != "reverted" and self.completed_at is not None
+                                                                        and self.completed_at > self.reworked_at))  # fmt: skip
+
+    def absorb(self, ticket: Item) -> None:
+        """Count `ticket`'s all-time usage as this item's: the ticket is no completed item of its own,
+        and this merged pull request is the outcome its work led to."""
+        for model, (attempts, answered, cost, tokens) in ticket.by_model.items():
+            mine = self.by_model.get(model, (0, 0, None, 0))
+            known = mine[2] if cost is None else (mine[2] or 0) + cost
+            self.by_model[model] = (mine[0] + attempts, mine[1] + answered, known, mine[3] + tokens)
+        self.answered = self.answered or ticket.answered
+        for name in ("first_used", "first_answered"):
+            theirs, ours = getattr(ticket, name), getattr(self, name)
+            if theirs is not None and (ours is None or theirs < ours):
+                setattr(self, name, theirs)
+        if ticket.cost is not None:
+            self.cost = (self.cost or 0) + ticket.cost
+        self.tokens += ticket.tokens
+
     def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None,
                   first_answered: datetime | None) -> None:  # fmt: skip
         """The item's all-time usage of `model` (one call per model)."""
@@ -156,6 +178,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     # Only where the figure is read: a ticket with spend in the period, not done as of until, not undone.
     counted = {t: m for t, m in merges.items() if items[t].spend and items[t].status_at_until != "done" and not items[t].undone_as_of(until)}
     _load_spend_after_merges(connection, items, counted, since, until)
+    carry_tickets(connection, items, since, until)
     return items
 
 
@@ -181,7 +204,37 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     _load_rows(connection, items, sorted(items))
     _points_at_completion(connection, items, since, until)
     _load_completed(connection, items, since, until)
+    carry_tickets(connection, items, since, until)
     return items
+
+
+def carry_tickets(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+    """The tickets that are not done (now) count their usage in the outcome their work led to: their
+    last merged pull request whose merge stands now, if it is completed in the period. Else the ticket's
+    spend up to that merge was in no completed item's cost, nor in spend without outcome (the merge
+    covers it): work put on a ticket left open, or closed as Won't Do, with a tenth of it on the pull
+    request, made the cost per completed item a tenth of what the work cost. Each such ticket's usage
+    is in one outcome's cost: its own, once done, or its last merged pull request's.
+
+    Read by the index on the links' pull request (0022), for the pull requests completed in the period
+    only; the tickets' other pull requests and all-time usage for those tickets alone."""
+    merged = [item_id for item_id, item in items.items() if item.completed_in(since, until)]
+    tickets: set[str] = set()
+    for chunk in idsets.batches(connection, merged):
+        query = select(_L.work_item).where(idsets.among(connection, _L.linked, chunk), _L.kind == MERGED_PR)
+        tickets.update(rows(connection.execute(query).scalars()))
+    _load_rows(connection, items, sorted(tickets - items.keys()))  # an id without a row stays unverified, not done
+    tickets = {t for t in tickets if _item(items, t).status != "done"}
+    pulls = _load_links(connection, {t: items[t] for t in tickets})
+    _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
+    carried: dict[str, str] = {}
+    for ticket, linked in pulls.items():
+        standing = [items[p] for p in linked if p in items and items[p].merge_holds and items[p].completed_at is not None]
+        if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until):
+            carried[ticket] = last.id
+    _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
+    for ticket, pull in carried.items():
+        items[pull].absorb(items[ticket])
 
 
 def _item(items: dict[str, Item], item_id: str) -> Item:
