@@ -357,8 +357,10 @@ def _prepare_load(connection: Connection, months: list[datetime]) -> None:
     """Before the event chunks (idempotent): the months' partitions, no secondary index, no primary key,
     no autovacuum on the partitions (the analyze step vacuums them once, at the end)."""
     if partitions.is_partitioned(connection):
+        made = set(partitions.months(connection))  # the migrations made the current month's (and a run stopped here, others)
         for month in months:
-            partitions.create_month(connection, month)
+            if month not in made:
+                partitions.create_month(connection, month)
     for index in EVENTS.indexes:
         connection.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
     primary = connection.execute(text(
