@@ -20,8 +20,9 @@ Planted, one pattern per key, each kept clear of the other signals:
 - `unverif` (data): most of its spend on auto-registered (unverified) items and one never registered;
 - `quick`   (ops): eight items, each opened, asked about three times and done within 4 minutes,
   and one ordinary item (split work closed fast to make cost per completed item look good);
-- `tagger`  (ops): six tickets worked on by hand for a day or more, each tagged with one request a
-  few minutes before it was done (AI-assisted share bought for pennies), and one ordinary item;
+- `tagger`  (ops): six tickets worked on by hand for a day or more, each tagged with one request of
+  under 100 tokens (AI-assisted share bought for pennies), half a few minutes before it was done and
+  half two hours before, and one ordinary item;
 - `splitter` (mobile): ordinary pull requests of 150–400 changed lines, like its honest teammate's,
   and one burst of five of 30–50 lines completed within a few hours: one item's work, cut in five.
 
@@ -76,7 +77,7 @@ ARM64_QUESTION = "why does the build fail on arm64?"  # honest-web-1 retries it 
 AFTER_REQUESTS = 15  # per closer item
 CRON_DAYS = 5
 QUICK_ITEMS = 8  # trivial ones, each done 4 minutes after it was opened
-TAGGED_ITEMS = 6  # done by hand, each with one request 3 minutes before it was done
+TAGGED_ITEMS = 6  # done by hand, each with one light request: half 3 minutes before it was done, half 2 hours
 SPLIT_ITEMS = 5  # small pull requests done within hours of each other, about one ordinary item together
 
 
@@ -454,7 +455,8 @@ class _Builder:
             opened = SINCE + timedelta(days=1 + 2 * n, hours=9, minutes=self.rng.uniform(0, 30))
             item = self.item(f"OPS-TAGGED-{n + 1}", "ops", key, opened)
             done = opened + timedelta(days=1, hours=self.rng.uniform(2, 6))
-            self.event(item, done - timedelta(minutes=3), key, prompt=self.rng.randint(20, 60), completion=self.rng.randint(10, 40))
+            tagged = done - (timedelta(minutes=3) if n < TAGGED_ITEMS // 2 else timedelta(hours=2))  # the later half escapes the minutes
+            self.event(item, tagged, key, prompt=self.rng.randint(20, 60), completion=self.rng.randint(10, 40))
             self.step(item, done, "done")
         ordinary = self.item("OPS-TAGGER-REAL-1", "ops", key, SINCE + timedelta(days=3))
         for ts in self.sessions(ordinary.created_at + timedelta(hours=1), 3, HUMAN):

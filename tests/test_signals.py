@@ -397,14 +397,19 @@ def test_trivial_completions_evidence(world: tuple[Any, Org, Path]) -> None:
 
 
 def test_trivial_completions_see_tickets_done_by_hand_and_tagged_with_one_request(world: tuple[Any, Org, Path]) -> None:
-    """Opened a day or more before they were done, so quick only from the key's first request on them."""
+    """Opened a day or more before they were done, so quick only from the key's first request on them;
+    and a tag sent two hours before escapes the minutes (half of them): each is light, one request of
+    under 100 tokens in all (three quick items alone are under `trivial_min_items`)."""
     engine, org, _ = world
     found = signal(gaming_signals(engine, since=SINCE, until=UNTIL), org, "trivial_completions", "tagger")
     evidence = found["evidence"]
-    assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"]) == (TAGGED_ITEMS + 1, TAGGED_ITEMS, TAGGED_ITEMS)
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"], evidence["light_items"]) == (
+        TAGGED_ITEMS + 1, TAGGED_ITEMS, TAGGED_ITEMS // 2, TAGGED_ITEMS)
     assert evidence["requests"] == TAGGED_ITEMS
     assert [w["id"] for w in found["work_items"]] == [f"OPS-TAGGED-{n + 1}" for n in range(TAGGED_ITEMS)]
-    assert all(w["minutes_from_first_request"] == 3.0 and w["minutes_to_complete"] > 24 * 60 for w in found["work_items"])
+    assert [w["tokens"] for w in found["work_items"]] == [sum(e.prompt + e.completion for e in org.events if e.item == w["id"]) for w in found["work_items"]]
+    assert [w["minutes_from_first_request"] for w in found["work_items"]] == [3.0] * (TAGGED_ITEMS // 2) + [120.0] * (TAGGED_ITEMS // 2)
+    assert all(w["minutes_to_complete"] > 24 * 60 for w in found["work_items"])
 
 
 def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
@@ -436,7 +441,11 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     assert kinds_of(split_window_hours=0.4) == without("split_work")  # the burst's completions are 30-70 minutes apart
     assert kinds_of(trivial_min_items=QUICK_ITEMS + 1) == without("trivial_completions")
     assert kinds_of(trivial_max_minutes=3.5) == without("trivial_completions", "quick")  # its items took 4 minutes; the tagger's 3 from its request
-    assert kinds_of(trivial_max_minutes=2) == without("trivial_completions")
+    assert kinds_of(trivial_max_minutes=2) == without("trivial_completions", "quick")  # the tagger's tags are light: still flagged
+    assert kinds_of(trivial_max_minutes=2, trivial_max_tokens=0) == without("trivial_completions")
+    tags = [sum(e.prompt + e.completion for e in org.events if e.item == f"OPS-TAGGED-{n + 1}") for n in range(TAGGED_ITEMS)]
+    assert kinds_of(trivial_max_tokens=max(tags) - 1) == expected_order(org, planted)  # three quick tags and three light are six
+    assert kinds_of(trivial_max_tokens=min(tags) - 1) == without("trivial_completions", "tagger")  # three quick alone: too few
     assert kinds_of(trivial_min_share=QUICK_ITEMS / (QUICK_ITEMS + 1) + 0.001) == without("trivial_completions")
 
     # Either cadence reason alone flags the cron key.

@@ -326,31 +326,34 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
     """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
     being opened or of the key's first event on them in the period (a ticket done by hand, tagged with one request
-    to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines."""
+    to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines, or touched
+    by AI with a handful of tokens in all (the same tag, sent early enough to escape the minutes)."""
     quick_limit = timedelta(minutes=t.trivial_max_minutes)
     found = []
     for key_id, per_item in spend.items():
         completed = [s for s in per_item.values() if s.requests > 0 and _completed_in(items.get(s.item), since, until)]
-        trivial, quick, small = [], 0, 0
+        trivial, quick, small, light = [], 0, 0, 0
         for s in completed:
             row = items[s.item]
             is_quick = any(start is not None and timedelta(0) <= row.completed_at - start <= quick_limit  # type: ignore[operator]
                            for start in (row.created_at, s.first))  # fmt: skip
             is_small = row.changed_lines is not None and row.changed_lines <= t.trivial_max_lines
-            if is_quick or is_small:
+            is_light = s.tokens <= t.trivial_max_tokens
+            if is_quick or is_small or is_light:
                 trivial.append(s)
-                quick, small = quick + is_quick, small + is_small
+                quick, small, light = quick + is_quick, small + is_small, light + is_light
         if len(trivial) < t.trivial_min_items or len(trivial) < t.trivial_min_share * len(completed):
             continue
         evidence = {
             **totals(trivial), "completed_items": len(completed), "trivial_items": len(trivial), "share": rounded(len(trivial) / len(completed), 3),
-            "quick_items": quick, "small_items": small,
+            "quick_items": quick, "small_items": small, "light_items": light,
         }  # fmt: skip
         entries = []
         for s in trivial:
             row = items[s.item]
             entries.append(item_entry(items, s, completed_at=iso(row.completed_at), minutes_to_complete=_minutes(row.created_at, row.completed_at),
-                                      minutes_from_first_request=_minutes(s.first, row.completed_at), changed_lines=row.changed_lines))  # fmt: skip
+                                      minutes_from_first_request=_minutes(s.first, row.completed_at), changed_lines=row.changed_lines,
+                                      tokens=s.tokens))  # fmt: skip
         found.append((key_id, evidence, listed(entries)))
     return found
 
