@@ -326,6 +326,19 @@ async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
         proxy.http.cookies.clear()
 
 
+async def test_one_person_is_one_person_however_their_name_was_typed(proxy: Proxy) -> None:
+    """Owners are compared as typed: `dana`, `Dana`, `dana `, `DANA` and ` dana` were five people, and
+    a one-person team with five such keys had its figures shown as a team's."""
+    keys = [await proxy.new_key(owner, "solo") for owner in ("dana", "Dana", "dana ", "DANA", " dana")]
+    await proxy.openai(keys[0]).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "SOLO-1"})
+    await proxy.events(1)
+    floor = proxy.settings.privacy.min_group_size
+    usage = {g["team"]: g for g in (await proxy.get("/api/usage", group_by="team"))["groups"]}
+    adoption = {t["team"]: t for t in (await proxy.get("/api/reports/adoption"))["teams"]}
+    for view in (usage, adoption):
+        assert view["solo"] == {"team": "solo", "withheld": True, "reason": f"fewer than {floor} people"}, view["solo"]
+
+
 async def test_a_small_team_cannot_be_worked_out_from_a_total(proxy: Proxy) -> None:
     """One person's team withheld, the other teams shown: the total (`group_by=model`, the adoption
     report's `overall`, every series of /metrics) less the teams shown was that person's figures. The

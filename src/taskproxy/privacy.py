@@ -1,7 +1,7 @@
 """The privacy floor, defined once: team figures are shown only for teams of at least
 `privacy.min_group_size` people (never a per-person figure through a small team: README, Privacy).
 
-A team's **people** are the distinct owners of its keys that are not revoked and belong to a person:
+A team's **people** are the distinct owners of its keys (case and surrounding spaces aside) that are not revoked and belong to a person:
 every role but `service` (a service key is automation, not a person). The adoption report, `GET
 /api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions. The
 people without a team are a group under the floor too (`GET /api/usage?group_by=team`'s row of no
@@ -31,23 +31,26 @@ _K = ApiKey.__table__.c
 
 _PERSONS_KEYS = (_K.revoked_at.is_(None), _K.role.not_in(NOT_PEOPLE))
 _PEOPLE = (*_PERSONS_KEYS, _K.team.is_not(None))
+# One person however their owner was typed: `dana`, `Dana` and `dana ` counted three people, so a
+# one-person team with three such keys was shown.
+_PERSON = func.lower(func.trim(_K.owner))
 
 
 def team_sizes(connection: Connection) -> dict[str, int]:
     """People per team (see the module docstring)."""
-    query = select(_K.team, func.count(distinct(_K.owner))).where(*_PEOPLE).group_by(_K.team)
+    query = select(_K.team, func.count(distinct(_PERSON))).where(*_PEOPLE).group_by(_K.team)
     return {team: int(count) for team, count in connection.execute(query)}
 
 
 def team_size(connection: Connection, team: str) -> int:
     """One team's people (by the index on the key's team)."""
-    return int(connection.execute(select(func.count(distinct(_K.owner))).where(_K.team == team, *_PEOPLE)).scalar_one())
+    return int(connection.execute(select(func.count(distinct(_PERSON))).where(_K.team == team, *_PEOPLE)).scalar_one())
 
 
 def people_without_team(connection: Connection) -> int:
     """The people whose keys have no team: a group of their own under the floor, as a team is (their
     figures were shown whatever their number, one person's included)."""
-    query = select(func.count(distinct(_K.owner))).where(*_PERSONS_KEYS, _K.team.is_(None))
+    query = select(func.count(distinct(_PERSON))).where(*_PERSONS_KEYS, _K.team.is_(None))
     return int(connection.execute(query).scalar_one())
 
 
