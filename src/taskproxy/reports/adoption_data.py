@@ -18,7 +18,7 @@ from datetime import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import DateTime, String, column, func, select, true, values
+from sqlalchemy import DateTime, String, column, func, or_, select, true, values
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
@@ -220,10 +220,11 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
     only; the tickets' other pull requests and all-time usage for those tickets alone."""
     merged = [item_id for item_id, item in items.items() if item.completed_in(since, until)]
     tickets: set[str] = set()
-    for chunk in idsets.batches(connection, merged):
-        query = select(_L.work_item).where(idsets.among(connection, _L.linked, chunk), _L.kind == MERGED_PR)
+    for chunk in idsets.batches(connection, merged):  # the tickets not done (an id without a row is unverified)
+        query = (select(_L.work_item).select_from(WorkItemLink.__table__.outerjoin(WorkItem.__table__, _W.id == _L.work_item))
+                 .where(idsets.among(connection, _L.linked, chunk), _L.kind == MERGED_PR, or_(_W.status.is_(None), _W.status != "done")))  # fmt: skip
         tickets.update(rows(connection.execute(query).scalars()))
-    _load_rows(connection, items, sorted(tickets - items.keys()))  # an id without a row stays unverified, not done
+    _load_rows(connection, items, sorted(tickets - items.keys()))
     tickets = {t for t in tickets if _item(items, t).status != "done"}
     pulls = _load_links(connection, {t: items[t] for t in tickets})
     _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
