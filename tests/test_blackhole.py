@@ -115,6 +115,13 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
                     for path in ("/v1/chat/completions", "/v1/messages"):
                         refused = server.http.post(path, json=body, headers=stranger)
                         assert refused.status_code == 503 and refused.headers.get("retry-after") == "5", (path, refused.headers, refused.text)
+                    # Nor can a response this process does not hold, read back or continued: told so within the
+                    # lookups' second, not after the TCP timeouts (tens of seconds).
+                    for method, path, payload in (("GET", "/v1/responses/resp_elsewhere", None),
+                                                  ("POST", "/v1/responses", {"model": "gpt-4o-mini", "input": "go on", "previous_response_id": "resp_elsewhere"})):  # fmt: skip
+                        started = time.monotonic()
+                        refused = server.http.request(method, path, json=payload, headers=headers)
+                        assert refused.status_code == 503 and time.monotonic() - started < 4.0, (path, refused.text, time.monotonic() - started)
                     # The writer spools what the database does not answer within 2 s.
                     deadline = time.monotonic() + 60
                     while spooled() == 0 and time.monotonic() < deadline:

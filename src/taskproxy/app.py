@@ -45,7 +45,7 @@ from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_repo
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
 from taskproxy.routes.webhooks import WEBHOOK_LARGE_BODIES_AT_ONCE, RefusalLog
-from taskproxy.storage.response_origins import ResponseOrigins
+from taskproxy.guard.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
 from taskproxy.routes import signals as signal_routes
 from taskproxy.dashboard.views import routes as dashboard_routes

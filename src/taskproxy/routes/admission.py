@@ -17,6 +17,7 @@ from datetime import datetime
 
 from collections.abc import Awaitable, Callable
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
@@ -26,12 +27,13 @@ from taskproxy.guard.auth import KeyStore, Principal
 from taskproxy.guard.body import BodyGate, Undecodable, decode_json_object
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import Policy
+from taskproxy.guard.lookups import LookupTimeout
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.endpoint import Endpoint
 from taskproxy.settings import OPENAI_COMPATIBLE, LimitSettings, ModelSettings, Settings
 from taskproxy.storage.failures import RETRY_SECONDS
-from taskproxy.storage.response_origins import ResponseOrigins
+from taskproxy.guard.response_origins import ResponseOrigins
 from taskproxy.storage.writer import BatchWriter
 from taskproxy.timeutil import utcnow
 
@@ -127,7 +129,11 @@ class Admission:
         previous = body.get("previous_response_id")
         if not isinstance(previous, str):  # absent; another type goes on to the provider's own error
             return
-        origin = await self.origins.find(previous)
+        try:
+            origin = await self.origins.find(previous)
+        except (SQLAlchemyError, LookupTimeout):  # refused in the route's shape (the socket's too), counted as a refusal
+            raise ServiceUnavailable("The response this request continues could not be checked: the database does not answer. "
+                                     "Try again shortly.", retry_after=RETRY_SECONDS) from None  # fmt: skip
         if origin is None or origin.owner != principal.owner:
             raise NotFound(f"No response with id '{previous[:200]}' was created through this proxy by you: a request continues only a "
                            "response created through the proxy with a key of the same person.", param="previous_response_id")  # fmt: skip

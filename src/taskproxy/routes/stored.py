@@ -25,18 +25,21 @@ from dataclasses import dataclass
 from functools import partial
 
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from taskproxy.error_shapes import ApiFormat, error_event
-from taskproxy.errors import ApiError, NotFound
+from taskproxy.errors import ApiError, NotFound, ServiceUnavailable
 from taskproxy.guard.auth import KeyStore
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object, read_body
+from taskproxy.guard.lookups import LookupTimeout
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.attempts import Attempts, Caller
 from taskproxy.routes.common import MAX_API_BODY, ApiRoute
 from taskproxy.settings import ModelSettings, Settings
-from taskproxy.storage.response_origins import Origin, ResponseOrigins
+from taskproxy.storage.failures import RETRY_SECONDS
+from taskproxy.guard.response_origins import Origin, ResponseOrigins
 from taskproxy.jsonbytes import last_usage_object
 from taskproxy.metering.observed import Observed
 from taskproxy.upstream import observe
@@ -66,7 +69,11 @@ async def _origin(request: Request, stored: StoredResponses) -> tuple[Origin, Mo
     principal = await stored.keys.authenticate(request.headers)
     await stored.rate_limiter.check(principal.key_id)
     response_id = request.path_params["response_id"]
-    origin = await stored.origins.find(response_id)
+    try:
+        origin = await stored.origins.find(response_id)
+    except (SQLAlchemyError, LookupTimeout):
+        raise ServiceUnavailable("The response could not be looked up: the database does not answer. Try again shortly.",
+                                 retry_after=RETRY_SECONDS) from None  # fmt: skip
     if origin is None or origin.owner != principal.owner:
         raise NotFound(f"No response with id '{response_id[:200]}' was created through this proxy by you. A response is read back "
                        "through the proxy that created it, with a key of the person who created it.", param="response_id")  # fmt: skip

@@ -8,7 +8,8 @@ A read may arrive before either (a client polling a background response it has j
 `find` waits a little for the writer before it answers "unknown". Bounded: the most recent
 `capacity` origins are kept in memory, and a miss costs two indexed lookups at most, run in a few
 threads of their own (a flood of reads of unknown ids while the database is slow waits for them, not
-for the threads the model routes decode large bodies in).
+for the threads the model routes decode large bodies in), each waited for a second at most
+(lookups.py: a database gone silent raises LookupTimeout, which the routes answer with 503).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from taskproxy.storage.batch import Record
 from taskproxy.storage.models import UsageEvent
-from taskproxy.threads import DaemonThreads
+from taskproxy.guard.lookups import Lookups
 
 WAIT_FOR_WRITER_SECONDS = 1.5  # the writer commits within its flush interval (<= 1 s)
 POLL_SECONDS = 0.05
@@ -57,7 +58,7 @@ class ResponseOrigins:
         self._engine = engine
         self._known: LRUCache[str, Origin] = LRUCache(maxsize=capacity)
         self._lock = threading.Lock()  # the writer thread adds, the event loop reads
-        self._threads = DaemonThreads(LOOKUPS_AT_ONCE, "taskproxy-response-lookup")
+        self._threads = Lookups("response", at_once=LOOKUPS_AT_ONCE)
 
     def record(self, record: Record) -> None:
         """Writer listener: a successful attempt that created a stored response."""
