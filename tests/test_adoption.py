@@ -85,8 +85,11 @@ class Expected:
     def team_of(self, item: Item) -> str | None:
         if item.team is not None:
             return item.team
+        carried = self.carried(item)  # a merged PR: the tickets it carries, their team
+        if teams := [t.team for t in carried if t.team is not None]:
+            return teams[0]
         spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        for event in self.events(item):
+        for event in [*self.events(item), *(e for t in carried for e in self.events(t))]:
             if event.key.team is not None:
                 spent[event.key.team][0] += event.cost or 0.0
                 spent[event.key.team][1] += event.total
@@ -153,19 +156,21 @@ class Expected:
         mark = self.rework(pull)
         return pull.status == "done" and (mark is None or (mark[1] != "reverted" and pull.completed_at > mark[0]))  # type: ignore[operator]
 
+    def carrier(self, ticket: Item) -> Item | None:
+        """The merged PR completed in the period that counts a ticket's usage: the ticket not done now,
+        never reworked, and that PR its last merged PR standing now."""
+        if ticket.status == "done" or self.rework(ticket) is not None:
+            return None
+        standing = [pull for pull in map(self.org.items.__getitem__, ticket.linked) if self.merge_holds(pull)]
+        last = max(standing, key=lambda pull: (pull.completed_at, pull.id)) if standing else None
+        return last if last is not None and self.completed(last) else None
+
+    def carried(self, item: Item) -> list[Item]:
+        return sorted((t for t in self.org.items.values() if item.id in t.linked and self.carrier(t) is item), key=lambda t: t.id)
+
     def outcome_events(self, item: Item) -> list[Event]:
-        """A completed item's events, and those of each ticket not done (now) whose last merged PR
-        standing now it is: that ticket's work led to it."""
-        found = list(self.events(item))
-        if not self.completed(item):
-            return found
-        for ticket in self.org.items.values():
-            if ticket.status == "done" or item.id not in ticket.linked:
-                continue
-            standing = [pull for pull in map(self.org.items.__getitem__, ticket.linked) if self.merge_holds(pull)]
-            if standing and max(standing, key=lambda pull: (pull.completed_at, pull.id)) is item:
-                found += self.events(ticket)
-        return found
+        """A completed item's events, and those of each ticket it carries: that ticket's work led to it."""
+        return [*self.events(item), *(e for ticket in self.carried(item) for e in self.events(ticket))]
 
     def assisted(self, item: Item) -> bool:
         """Answered once at least, and used before the completion that counts (not only after it)."""
@@ -183,6 +188,8 @@ class Expected:
     def without_outcome(self, item: Item) -> tuple[str | None, datetime | None]:
         """Which spend without outcome the item's period spend is, and the moment (its last merged PR's
         merge) after which alone it counts, if any."""
+        if self.carrier(item) is not None:  # its spend is in that PR's cost
+            return None, None
         if self.undone_at_until(item):
             return "reworked", None
         merges = [pr.completed_at for pr_id in item.linked

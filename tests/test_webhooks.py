@@ -577,6 +577,12 @@ async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(t
     pull["pull_request"].update(merged_at=merged_at, closed_at=merged_at)
     body = hooks.dumps(pull)
     assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
+    await asyncio.sleep(1.1)
+    for _ in range(3):  # and some after the merge: in the pull request's cost too, not also spend without outcome
+        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-10"})  # fmt: skip
+        assert answered.status_code == 200, answered.text
+    await tracked.events(13)
     wont = hooks.jira_issue("jira:issue_updated", "PAY-10", category="done", resolution="Won't Do")
     wont["issue"]["fields"].update(resolutiondate=_jira_time(utcnow()), updated=_jira_time(utcnow()))
     body = hooks.dumps(wont)
@@ -589,6 +595,29 @@ async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(t
     assert overall["cost_per_completed_item"]["total"] == pytest.approx(ticket["cost_usd"] + pr["cost_usd"]), overall
     assert overall["cost_per_completed_item"]["total"] == pytest.approx(overall["spend_usd"]) and overall["spend_without_outcome_usd"] == 0
     assert overall["tokens_per_completed_item"]["total"] == ticket["total_tokens"] + pr["total_tokens"]
+
+
+@BOTH_DATABASES
+async def test_a_pull_request_carrying_a_ticket_counts_in_the_tickets_team(tracked: Proxy) -> None:
+    """The requests name the ticket (its branch), so the pull request has no usage of its own, and no
+    team: the cost it carries counted in `overall` and in no team's figures."""
+    since = utcnow() - timedelta(minutes=5)
+    keys = [await tracked.new_key(owner, "payments") for owner in ("pa", "pb", "pc", "pd", "pe")]
+    for key in keys:
+        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-70"})  # fmt: skip
+        assert answered.status_code == 200, answered.text
+    await tracked.events(5)
+    await asyncio.sleep(1.1)
+    merged_at = _github_time(utcnow())
+    pull = hooks.github_pull_request("closed", 71, merged=True, branch="feature/PAY-70-ledger")
+    pull["pull_request"].update(merged_at=merged_at, closed_at=merged_at)
+    body = hooks.dumps(pull)
+    assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
+    report = await tracked.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1)))
+    payments = next(t for t in report["teams"] if t["team"] == "payments")
+    assert payments["completed_items"] == report["overall"]["completed_items"] == 1, payments
+    assert payments["cost_per_completed_item"]["total"] == report["overall"]["cost_per_completed_item"]["total"] > 0, payments
 
 
 async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:

@@ -133,7 +133,7 @@ def _quantile_of_sorted(ordered: list[float] | list[int], q: float) -> float | N
 def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tuple[str | None, int]:
     """Which spend without outcome the item's period spend is, and how much of it: a ticket's merged PR
     covers the spend up to its merge, not what the ticket spends after it."""
-    if not item.spend:
+    if not item.spend or item.carried_by is not None:  # carried: its spend is in its merged PR's cost
         return None, 0
     if item.undone_as_of(until):
         return "reworked", item.spend

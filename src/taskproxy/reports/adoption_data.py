@@ -74,6 +74,8 @@ class Item:
     without_outcome: str | None = None  # which spend without outcome its period spend is, if any
     without_outcome_spend: int = 0  # how much of it: all its period spend, or what came after its merged PRs
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
+    carried_by: str | None = None  # a ticket not done: the merged PR whose cost counts its usage (carry_tickets)
+    carries: list[str] = field(default_factory=list)  # a merged PR: the tickets whose usage its cost counts
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
 
     @property
@@ -225,7 +227,8 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
                  .where(idsets.among(connection, _L.linked, chunk), _L.kind == MERGED_PR, or_(_W.status.is_(None), _W.status != "done")))  # fmt: skip
         tickets.update(rows(connection.execute(query).scalars()))
     _load_rows(connection, items, sorted(tickets - items.keys()))
-    tickets = {t for t in tickets if _item(items, t).status != "done"}
+    # Not a ticket whose completion was undone (reopened, or reverted): its spend counts as reworked.
+    tickets = {t for t in tickets if _item(items, t).status != "done" and items[t].reworked_at is None}
     pulls = _load_links(connection, {t: items[t] for t in tickets})
     _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
     carried: dict[str, str] = {}
@@ -236,6 +239,8 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
     _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
     for ticket, pull in carried.items():
         items[pull].absorb(items[ticket])
+        items[ticket].carried_by = pull
+        items[pull].carries.append(ticket)
 
 
 def _item(items: dict[str, Item], item_id: str) -> Item:
@@ -381,20 +386,28 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
     for item in items.values():
         if item.team is None:
             item.team = team_of_project(item.id, item_teams)
+    for item in items.values():  # a merged PR carrying tickets (carry_tickets) is their work: their team, if they have one
+        if item.team is None and item.carries:
+            item.team = next((team for t in sorted(item.carries) if (team := items[t].team or team_of_project(t, item_teams))), None)
     teamless = sorted(
         item.id for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))
     )  # fmt: skip
+    spent_on = {t: item.id for item in items.values() if item.id in teamless for t in item.carries}  # their spenders are its spenders
     found: dict[tuple, dict[str, Any]] = {}
-    for chunk in idsets.batches(connection, teamless):
+    for chunk in idsets.batches(connection, [*teamless, *spent_on]):
         found |= rollup.totals(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
                                where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
-    candidates: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    sums: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for (work_item, team), row in found.items():
-        if team is not None:  # events without a team are not counted
-            candidates[work_item].append((-int(row["cost_nanos"] or 0), -int(row["total_tokens"] or 0), team))
-    for item_id, spenders in candidates.items():
+        if team is None:  # events without a team are not counted
+            continue
+        for spender_of in {work_item, spent_on.get(work_item, work_item)}:
+            spent = sums[spender_of][team]
+            spent[0] += int(row["cost_nanos"] or 0)
+            spent[1] += int(row["total_tokens"] or 0)
+    for item_id, by_team in sums.items():
         if item_id in items and items[item_id].team is None:
-            items[item_id].team = min(spenders)[2]  # most cost, then most tokens, then the first name
+            items[item_id].team = min((-cost, -tokens, team) for team, (cost, tokens) in by_team.items())[2]  # most cost, then most tokens, then the first name
 
 
 def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, bool, str, int]]:
