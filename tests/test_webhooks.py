@@ -556,6 +556,16 @@ async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) 
     assert overall["rework"]["ai_assisted"] == {"items": 1, "reworked": 1, "rate": 1.0}, overall["rework"]
     assert overall["spend_without_outcome_breakdown"]["reworked"] == overall["spend_usd"] > 0, overall
 
+    # Reopened, fixed and done again: the reopening marks it (the revert's mark kept it from being
+    # recorded), and the new completion is one that held.
+    reopened = await tracked.http.patch("/api/work-items/PAY-30", json={"status": "in_progress"}, headers=tracked.admin_headers)
+    assert reopened.status_code == 200, reopened.text
+    assert (await tracked.get("/api/work-items/PAY-30"))["rework"]["reason"] == "reopened"
+    again = utcnow()
+    assert (await tracked.http.post("/api/work-items/PAY-30/complete", headers=tracked.admin_headers)).status_code == 200
+    later = (await tracked.get("/api/reports/adoption", since=iso(again), until=iso(utcnow() + timedelta(minutes=1))))["overall"]
+    assert later["completed_items"] == 1 and later["rework"]["ai_assisted"] == {"items": 1, "reworked": 0, "rate": 0.0}, later
+
 
 @BOTH_DATABASES
 async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(tracked: Proxy) -> None:

@@ -144,7 +144,10 @@ def _apply(
         values["completed_at"] = at if status in RESOLVED else None
         # Done, then anything else (closed included: a Done changed to Won't Do) is a completion that did
         # not hold: rework, as a reopening is. Only the first is kept.
-        if current.status == "done" and status != "done" and current.reworked_at is None:
+        # A ticket marked `reverted` with its pull request (_tickets_reverted) and then reopened is marked
+        # by its reopening: the completion it undoes is dated, and a later Done is a completion that held.
+        first = current.reworked_at is None or (current.rework_reason == "reverted" and current.merged_at is None)
+        if current.status == "done" and status != "done" and first:
             values.update(reworked_at=at, rework_reason="reopened", rework_by=(delivery_id or source)[:200])
         _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
     if values.get("completed_at") is not None and values["completed_at"] < values.get("created_at", current.created_at):

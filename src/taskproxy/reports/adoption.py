@@ -29,8 +29,9 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   the same items' events per model (the model the client asked for); a model none of whose events on
   those items has a known price shows null.
 - **Rework marks**: `reworked_at` — a merged PR reverted within `reports.rework_days` of its merge
-  (`rework_reason` `reverted`), or an item reopened or closed after done (`reopened`). Only the first rework of
-  an item is recorded. The marks are set when the deliveries arrive (registry.py).
+  (`rework_reason` `reverted`), and the done tickets it came out of; or an item reopened or closed after
+  done (`reopened`). Only the first rework of an item is recorded, but a ticket marked `reverted` and
+  then reopened is marked by its reopening. The marks are set when the deliveries arrive (registry.py).
 - **Reworked in the period**: the completion that puts the item in the period did not hold — a
   reverted PR, or an item whose reopening undid a completion in the period (the last change to `done`
   before `reworked_at` is in the period). An item reopened before the period and done again in it is
