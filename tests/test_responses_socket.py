@@ -127,6 +127,7 @@ def test_a_socket_continues_only_its_persons_responses(server: ServerProcess, up
     """An id the socket did not answer goes to the provider as it is: another person's was continued
     there. Refused as an error message, the socket going on."""
     created = server.openai(server.new_key(owner="ada")).responses.create(model="gpt-4o-mini", input="Plan it.", extra_headers={"X-Work-Item": "PROJ-71"})
+    server.events("PROJ-71", 1)  # recorded: an id learnt from a log or a transcript comes later than that
     client = server.openai(server.new_key(owner="bea"))
     since = len(upstream.received)
     with client.responses.connect(max_retries=0) as connection:

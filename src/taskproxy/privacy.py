@@ -54,6 +54,11 @@ def people_without_team(connection: Connection) -> int:
     return int(connection.execute(query).scalar_one())
 
 
+def same_person(owner: str, other: str) -> bool:
+    """Two keys' owners name one person (as the people are counted: case and surrounding spaces aside)."""
+    return owner.strip().lower() == other.strip().lower()
+
+
 def shown(team_size: int, min_group_size: int) -> bool:
     return team_size >= min_group_size
 

@@ -88,11 +88,13 @@ class ResponseOrigins:
         # Settled if any event for it is not deferred (its usage was recorded): bill it once.
         return Origin(**{**origin.__dict__, "deferred": not settled})
 
-    async def find(self, response_id: str) -> Origin | None:
+    async def find(self, response_id: str, *, wait_for_writer: bool = True) -> Origin | None:
         if (origin := self._cached(response_id)) is not None:
             return origin
         if (origin := await self._threads.run(self._stored, response_id)) is not None:
             return self._remember(origin)
+        if not wait_for_writer:
+            return None
         deadline = time.monotonic() + WAIT_FOR_WRITER_SECONDS
         while time.monotonic() < deadline:  # just created here: the recording thread is about to know it
             await asyncio.sleep(POLL_SECONDS)

@@ -2,9 +2,9 @@
 the body's size and cost, the work item (and `work_items.mode`), the body's JSON and field types, the
 model, the budget. A refusal at any step is counted (per key and reason) and nothing is sent upstream.
 
-Every key shares the proxy's provider accounts, so a `previous_response_id` is checked as a read of
-that response is (routes/stored.py), after the model: a request continues only a response its own
-person created through the proxy, or the provider would continue someone else's conversation for it.
+Every key shares the proxy's provider accounts, so a `previous_response_id` is checked after the
+model: a response created through the proxy by someone else is not continued, or the provider would
+continue their conversation for this key (an id the proxy never recorded is no one's: passed on).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
+from taskproxy import privacy
 from taskproxy.errors import ApiError, ClientGone, InvalidRequest, ModelNotFound, NotFound, RateLimited, ServiceUnavailable
 from taskproxy.guard.attribution import Attributed, Attribution
 from taskproxy.guard.auth import KeyStore, Principal
@@ -130,13 +131,15 @@ class Admission:
         if not isinstance(previous, str):  # absent; another type goes on to the provider's own error
             return
         try:
-            origin = await self.origins.find(previous)
+            # Not waited for: a response created a moment ago on another replica is not committed yet,
+            # and an id never created through the proxy is no one's here.
+            origin = await self.origins.find(previous, wait_for_writer=False)
         except (SQLAlchemyError, LookupTimeout):  # refused in the route's shape (the socket's too), counted as a refusal
             raise ServiceUnavailable("The response this request continues could not be checked: the database does not answer. "
                                      "Try again shortly.", retry_after=RETRY_SECONDS) from None  # fmt: skip
-        if origin is None or origin.owner != principal.owner:
+        if origin is not None and not privacy.same_person(origin.owner, principal.owner):
             raise NotFound(f"No response with id '{previous[:200]}' was created through this proxy by you: a request continues only a "
-                           "response created through the proxy with a key of the same person.", param="previous_response_id")  # fmt: skip
+                           "response created with a key of the same person.", param="previous_response_id")  # fmt: skip
 
     def _default_model(self) -> str:
         """A Responses request may leave `model` out (the spec allows it); taskproxy routes by model."""

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from taskproxy import privacy
 from taskproxy.error_shapes import ApiFormat, error_event
 from taskproxy.errors import ApiError, NotFound, ServiceUnavailable
 from taskproxy.guard.auth import KeyStore
@@ -74,7 +75,7 @@ async def _origin(request: Request, stored: StoredResponses) -> tuple[Origin, Mo
     except (SQLAlchemyError, LookupTimeout):
         raise ServiceUnavailable("The response could not be looked up: the database does not answer. Try again shortly.",
                                  retry_after=RETRY_SECONDS) from None  # fmt: skip
-    if origin is None or origin.owner != principal.owner:
+    if origin is None or not privacy.same_person(origin.owner, principal.owner):
         raise NotFound(f"No response with id '{response_id[:200]}' was created through this proxy by you. A response is read back "
                        "through the proxy that created it, with a key of the person who created it.", param="response_id")  # fmt: skip
     model = stored.settings.model(origin.model)
