@@ -73,7 +73,7 @@ from taskproxy.reports.signals import gaming_signals  # noqa: E402
 from taskproxy.reports.usage import usage_grouped  # noqa: E402
 from taskproxy.settings import ReportSettings
 from taskproxy.storage import repo  # noqa: E402
-from taskproxy.storage.db import make_engine, upgrade_schema  # noqa: E402
+from taskproxy.storage.db import ReportSession, make_engine, upgrade_schema  # noqa: E402
 from taskproxy.timeutil import utcnow  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -335,7 +335,7 @@ def in_report_process(compute: Callable[[], Any]) -> Any:
 
 
 def reports(url: str) -> dict[str, dict[str, float]]:
-    engine = make_engine(url, work_mem_mb=ReportSettings().work_mem_mb)  # as a report's process makes it (reports/runner.py)
+    engine = make_engine(url, report=ReportSession.of(ReportSettings()))  # as a report's process makes it (reports/runner.py)
     with engine.connect() as connection:
         busy = connection.execute(text("SELECT ref FROM spend_counters WHERE scope = 'item' ORDER BY tokens DESC LIMIT 1")).scalar_one()
     since = utcnow() - timedelta(days=30)

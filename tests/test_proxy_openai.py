@@ -309,7 +309,7 @@ async def test_refused_connection_on_loopback_is_502(tmp_path: Path) -> None:
 ACCOUNT_HEADERS = [
     (b"x-ratelimit-limit-tokens", b"2000000"), (b"x-ratelimit-remaining-tokens", b"1998240"), (b"x-ratelimit-remaining-requests", b"4999"),
     (b"x-ratelimit-reset-tokens", b"52ms"), (b"anthropic-ratelimit-tokens-remaining", b"79000"), (b"openai-organization", b"org-the-company"),
-    (b"openai-project", b"proj_the-company"), (b"x-request-id", b"req_123"), (b"openai-processing-ms", b"7"),
+    (b"openai-project", b"proj_the-company"), (b"anthropic-organization-id", b"0c1e9e1d"), (b"x-request-id", b"req_123"), (b"openai-processing-ms", b"7"),
 ]  # fmt: skip
 
 
@@ -336,7 +336,7 @@ async def test_the_provider_accounts_rate_limits_are_not_relayed(tmp_path: Path,
                 raw = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, stream=stream,
                                                                              extra_headers={"X-Work-Item": "PROJ-5"})  # fmt: skip
                 names = set(raw.headers.keys())
-                assert not {n for n in names if "ratelimit" in n or n in ("openai-organization", "openai-project")}, names
+                assert not {n for n in names if "ratelimit" in n or n in ("openai-organization", "openai-project", "anthropic-organization-id")}, names
                 assert raw.headers["x-request-id"] == "req_123" and raw.headers["openai-processing-ms"] == "7"
                 if stream:
                     async for _ in raw.parse():

@@ -630,6 +630,29 @@ async def test_a_pull_request_carrying_a_ticket_counts_in_the_tickets_team(track
     assert payments["cost_per_completed_item"]["total"] == report["overall"]["cost_per_completed_item"]["total"] > 0, payments
 
 
+async def test_a_ticket_with_another_merge_standing_is_not_reworked_by_one_revert_and_a_reland_is_work(tracked: Proxy) -> None:
+    """Two pull requests out of PAY-80, one reverted: the ticket's work did not all go. And a revert of
+    a revert lands the work again: done, not closed, and the revert it undoes is not marked."""
+    async def merged(number: int, minutes_ago: float, branch: str, title: str = "Add retries", body: str | None = None) -> None:
+        at = _github_time(utcnow() - timedelta(minutes=minutes_ago))
+        pull = hooks.github_pull_request("closed", number, merged=True, branch=branch, title=title)
+        pull["pull_request"].update(merged_at=at, closed_at=at, **({"body": body} if body else {}))
+        raw = hooks.dumps(pull)
+        assert (await _post(tracked, "github", raw, hooks.github_headers(raw, "pull_request"))).status_code == 200
+
+    assert (await tracked.http.post("/api/work-items", json={"id": "PAY-80"}, headers=tracked.admin_headers)).status_code == 201
+    await merged(81, 30, "feature/PAY-80-one")
+    await merged(82, 29, "feature/PAY-80-two")
+    assert (await tracked.http.post("/api/work-items/PAY-80/complete", headers=tracked.admin_headers)).status_code == 200
+    await asyncio.sleep(1.1)  # GitHub's times are whole seconds: reverted after the completion
+    await merged(83, 0, "revert-81-feature/PAY-80-one", title='Revert "Add retries"', body="Reverts Acme/Web-App#81")
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2381"))["rework"]["reason"] == "reverted"
+    assert (await tracked.get("/api/work-items/PAY-80"))["rework"] is None  # #82 stands
+    await merged(84, 0, "revert-83-revert-81-feature/PAY-80-one", title='Revert "Revert "Add retries""', body="Reverts Acme/Web-App#83")
+    reland = await tracked.get("/api/work-items/acme%2Fweb-app%2384")
+    assert reland["status"] == "done" and (await tracked.get("/api/work-items/acme%2Fweb-app%2383"))["status"] == "closed"
+
+
 async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:
     """GitLab's revert merge request (`Revert "…"`, `This reverts merge request !N`) marked nothing and
     counted as one more merge request completed."""

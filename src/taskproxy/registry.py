@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -225,6 +225,11 @@ def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, 
     for ticket in tickets:
         row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.completed_at, _ITEMS.c.reworked_at).where(_ITEMS.c.id == ticket)).first()
         if row is None or row.status != "done" or row.completed_at is None or row.reworked_at is not None:
+            continue
+        others = (select(_ITEMS.c.id).select_from(WorkItemLink.__table__.join(_ITEMS, _ITEMS.c.id == links.linked))
+                  .where(links.work_item == ticket, links.kind == MERGED_PR, links.linked != pull, _ITEMS.c.status == "done",
+                         _ITEMS.c.merged_at.is_not(None), or_(_ITEMS.c.reworked_at.is_(None), _ITEMS.c.rework_reason != "reverted")))  # fmt: skip
+        if connection.execute(others.limit(1)).first() is not None:  # another of its merges stands: the ticket's work did not all go
             continue
         if timedelta(0) <= at - row.completed_at <= timedelta(days=rework_days):
             connection.execute(update(_ITEMS).where(_ITEMS.c.id == ticket).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))

@@ -338,7 +338,7 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
             is_quick = any(start is not None and timedelta(0) <= row.completed_at - start <= quick_limit  # type: ignore[operator]
                            for start in (row.created_at, s.first))  # fmt: skip
             is_small = row.changed_lines is not None and row.changed_lines <= t.trivial_max_lines
-            is_light = s.tokens <= t.trivial_max_tokens
+            is_light = 0 < t.trivial_max_tokens and s.tokens <= t.trivial_max_tokens  # 0: not counted
             if is_quick or is_small or is_light:
                 trivial.append(s)
                 quick, small, light = quick + is_quick, small + is_small, light + is_light

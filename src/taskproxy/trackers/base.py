@@ -126,6 +126,11 @@ def is_revert_title(title: Any) -> bool:
     return isinstance(title, str) and title.startswith('Revert "')
 
 
+def is_relanding_title(title: Any) -> bool:
+    """A revert of a revert: the work landing again (`Revert "Revert "…""`), work completed."""
+    return isinstance(title, str) and title.startswith('Revert "Revert ')
+
+
 def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (dict, str, int)) -> Any:
     """payload[path[0]][path[1]]... of the given JSON type, or InvalidRequest naming what is missing."""
     value: Any = payload

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, is_revert_title, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, is_relanding_title, is_revert_title, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
@@ -70,8 +70,9 @@ class GitHub:
         links: tuple[str, ...] = ()
         branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
         repo = need(payload, "repository", "full_name", kind=str)
-        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged else None
-        if merged and (reverts is not None or is_revert_title(pr.get("title"))):
+        relanding = is_relanding_title(pr.get("title"))  # a revert of a revert: the work again, no rework
+        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged and not relanding else None
+        if merged and not relanding and (reverts is not None or is_revert_title(pr.get("title"))):
             # A merged revert undoes work: it is no work completed (what it undoes becomes rework), so it
             # is closed, merged. It names the ticket of what it undoes: linked, it would count as that
             # ticket's merged PR.

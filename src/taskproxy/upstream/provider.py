@@ -34,14 +34,14 @@ _DROP_REQUEST_HEADERS = frozenset(
 )  # fmt: skip
 _DROP_REQUEST_HEADERS_BYTES = frozenset(name.encode() for name in _DROP_REQUEST_HEADERS | {"content-type"})
 # Not relayed to the client: hop-by-hop headers and those the proxy's own server sets; and the
-# provider account's, which every key shares: its organization and project, and its rate limits'
+# provider account's, which every key shares: its organization (and project), and its rate limits'
 # remaining requests and tokens, which fall with everybody's use (one probe before and one after
 # another person's request gave their tokens exactly). The proxy's own limits answer 429 with
 # Retry-After, and a provider's 429 keeps its Retry-After.
 DROP_RESPONSE_HEADERS = frozenset(
     {
         b"content-length", b"content-encoding", b"transfer-encoding", b"connection", b"keep-alive", b"set-cookie",
-        b"server", b"date", b"alt-svc", b"trailer", b"upgrade", b"openai-organization", b"openai-project",
+        b"server", b"date", b"alt-svc", b"trailer", b"upgrade", b"openai-organization", b"openai-project", b"anthropic-organization-id",
     }
 )  # fmt: skip
 DROP_RESPONSE_HEADER_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
