@@ -169,8 +169,8 @@ class Expected:
         return sorted((t for t in self.org.items.values() if item.id in t.linked and self.carrier(t) is item), key=lambda t: t.id)
 
     def outcome_events(self, item: Item) -> list[Event]:
-        """A completed item's events, and those of each ticket it carries: that ticket's work led to it."""
-        return [*self.events(item), *(e for ticket in self.carried(item) for e in self.events(ticket))]
+        """A completed item's events, and those of each ticket it carries up to its merge: that work led to it."""
+        return [*self.events(item), *(e for ticket in self.carried(item) for e in self.events(ticket) if e.ts <= item.completed_at)]  # type: ignore[operator]
 
     def assisted(self, item: Item) -> bool:
         """Answered once at least, and used before the completion that counts (not only after it)."""
@@ -188,8 +188,6 @@ class Expected:
     def without_outcome(self, item: Item) -> tuple[str | None, datetime | None]:
         """Which spend without outcome the item's period spend is, and the moment (its last merged PR's
         merge) after which alone it counts, if any."""
-        if self.carrier(item) is not None:  # its spend is in that PR's cost
-            return None, None
         if self.undone_at_until(item):
             return "reworked", None
         merges = [pr.completed_at for pr_id in item.linked

@@ -13,7 +13,7 @@ import pytest
 import webhook_payloads as hooks
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
 from taskproxy.config import settings_from_mapping
-from taskproxy.timeutil import iso, utcnow
+from taskproxy.timeutil import iso, parse_time, utcnow
 from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
@@ -602,9 +602,15 @@ async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(t
     assert ticket["status"] == "closed" and pr["status"] == "done"
     overall = (await tracked.get("/api/reports/adoption", since=iso(since), until=iso(utcnow() + timedelta(minutes=1))))["overall"]
     assert (overall["completed_items"], overall["ai_assisted_items"]) == (1, 1), overall
-    assert overall["cost_per_completed_item"]["total"] == pytest.approx(ticket["cost_usd"] + pr["cost_usd"]), overall
-    assert overall["cost_per_completed_item"]["total"] == pytest.approx(overall["spend_usd"]) and overall["spend_without_outcome_usd"] == 0
-    assert overall["tokens_per_completed_item"]["total"] == ticket["total_tokens"] + pr["total_tokens"]
+    events = await tracked.get("/api/usage/events", work_item="PAY-10")
+    merge = parse_time(merged_at)
+    before_merge = sum(e["cost_usd"] for e in events if parse_time(e["ts"]) <= merge)
+    after_merge = sum(e["cost_usd"] for e in events if parse_time(e["ts"]) > merge)
+    assert len(events) == 12 and after_merge > 0
+    # The nine requests before the merge are the pull request's cost; the three after it led to nothing.
+    assert overall["cost_per_completed_item"]["total"] == pytest.approx(before_merge + pr["cost_usd"]), overall
+    assert overall["spend_without_outcome_breakdown"]["closed"] == pytest.approx(after_merge), overall
+    assert overall["cost_per_completed_item"]["total"] + overall["spend_without_outcome_usd"] == pytest.approx(overall["spend_usd"])
 
 
 @BOTH_DATABASES

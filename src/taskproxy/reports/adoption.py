@@ -9,10 +9,11 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
 - **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
   not completed). It counts with all the spend it ever had (all its events, whenever they happened),
-  and a merged PR with that of the tickets it came out of (links) that are not done now and whose
-  last merged PR standing now it is (not reverted, nor reopened and not done since): the work was
-  on the ticket, and the ticket is no completed item of its own (adoption_data.carry_tickets). A
-  ticket's usage is thus in one item's cost: its own once it is done, else its last merged PR's.
+  and a merged PR with that of the tickets it came out of (links) up to its merge, for the tickets
+  not done now, never reworked, whose last merged PR standing now it is (not reverted, nor reopened
+  and not done since): the work was on the ticket, and the ticket is no completed item of its own
+  (adoption_data.carry_tickets). A ticket's usage up to that merge is in its cost; after it, the
+  ticket's status decides, as below (spend without outcome).
 - **AI-assisted**: a completed item with at least one usage event whose status is below 400 and that
   is not a token count (`/v1/messages/count_tokens`, `/v1/responses/input_tokens`: they generate
   nothing, and cost nothing), a carried ticket's included, the
@@ -134,7 +135,7 @@ def _quantile_of_sorted(ordered: list[float] | list[int], q: float) -> float | N
 def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tuple[str | None, int]:
     """Which spend without outcome the item's period spend is, and how much of it: a ticket's merged PR
     covers the spend up to its merge, not what the ticket spends after it."""
-    if not item.spend or item.carried_by is not None:  # carried: its spend is in its merged PR's cost
+    if not item.spend:
         return None, 0
     if item.undone_as_of(until):
         return "reworked", item.spend

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +74,6 @@ class Item:
     without_outcome: str | None = None  # which spend without outcome its period spend is, if any
     without_outcome_spend: int = 0  # how much of it: all its period spend, or what came after its merged PRs
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
-    carried_by: str | None = None  # a ticket not done: the merged PR whose cost counts its usage (carry_tickets)
     carries: list[str] = field(default_factory=list)  # a merged PR: the tickets whose usage its cost counts
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
 
@@ -119,21 +118,27 @@ class Item:
         return self.status == "done" and (self.reworked_at is None or (self.rework_reason != "reverted" and self.completed_at is not None
                                                                         and self.completed_at > self.reworked_at))  # fmt: skip
 
-    def absorb(self, ticket: Item) -> None:
-        """Count `ticket`'s all-time usage as this item's: the ticket is no completed item of its own,
-        and this merged pull request is the outcome its work led to."""
+    def absorb(self, ticket: Item, later: Mapping[str, tuple[int, int, int | None, int]]) -> None:
+        """Count `ticket`'s usage up to this merged pull request's merge as this item's (its all-time
+        usage per model, less `later`, what it used after the merge): the ticket is no completed item
+        of its own, and this is the outcome that work led to."""
         for model, (attempts, answered, cost, tokens) in ticket.by_model.items():
+            after = later.get(model, (0, 0, None, 0))
+            attempts, answered, tokens = attempts - after[0], answered - after[1], tokens - after[3]
+            cost = None if cost is None else cost - (after[2] or 0)
+            if not attempts:
+                continue
             mine = self.by_model.get(model, (0, 0, None, 0))
             known = mine[2] if cost is None else (mine[2] or 0) + cost
             self.by_model[model] = (mine[0] + attempts, mine[1] + answered, known, mine[3] + tokens)
-        self.answered = self.answered or ticket.answered
-        for name in ("first_used", "first_answered"):
+            self.answered = self.answered or answered > 0
+            if cost is not None:
+                self.cost = (self.cost or 0) + cost
+            self.tokens += tokens
+        for name in ("first_used", "first_answered"):  # the first: before the merge, or the ticket has nothing to carry
             theirs, ours = getattr(ticket, name), getattr(self, name)
             if theirs is not None and (ours is None or theirs < ours):
                 setattr(self, name, theirs)
-        if ticket.cost is not None:
-            self.cost = (self.cost or 0) + ticket.cost
-        self.tokens += ticket.tokens
 
     def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None,
                   first_answered: datetime | None) -> None:  # fmt: skip
@@ -237,10 +242,29 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
         if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until):
             carried[ticket] = last.id
     _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
+    later = _usage_after_merges(connection, {t: items[p].completed_at for t, p in carried.items()})  # type: ignore[misc]
     for ticket, pull in carried.items():
-        items[pull].absorb(items[ticket])
-        items[ticket].carried_by = pull
+        items[pull].absorb(items[ticket], later.get(ticket, {}))
         items[pull].carries.append(ticket)
+
+
+def _usage_after_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
+    """Per ticket, its usage per model after its merge (what it spent then led to nothing it carries).
+    Read one ticket at a time, and only for the tickets whose last event is later than their merge."""
+    last_used: dict[str, datetime] = {}
+    for chunk in idsets.batches(connection, sorted(merges)):
+        for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),
+                                              where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
+            last_used[work_item] = last
+    found: dict[str, dict[str, tuple[int, int, int | None, int]]] = {}
+    for ticket, merge in merges.items():
+        if last_used.get(ticket) is None or last_used[ticket] <= merge:
+            continue
+        after = rollup.Period(merge + timedelta(microseconds=1))  # later than the merge, to the end
+        rows_after = rollup.grouped(connection, by=("model",), period=after, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
+                                    where=lambda c, ticket=ticket: [c.work_item == ticket])  # fmt: skip
+        found[ticket] = {model: (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0)) for model, a, ans, cost, tok in rows_after}
+    return found
 
 
 def _item(items: dict[str, Item], item_id: str) -> Item:
