@@ -336,7 +336,8 @@ class Expected:
         overall figures less the teams shown are never a small group's."""
         without_team = {k.owner for k in self.org.keys if not k.revoked and k.team is None} | {"admin"}  # the proxy's own admin key
         sizes: dict[str | None, int] = {**people, None: len(without_team)}
-        groups = {self.team_of(i) for i in items if self.team_of(i) is not None or any(self.in_period(e.ts) for e in self.events(i))}
+        groups = {self.team_of(i) for i in items
+                  if self.team_of(i) is not None or any(self.in_period(e.ts) for e in self.events(i)) or (self.completed(i) and self.outcome_events(i))}  # fmt: skip
         groups |= {r.key.team for r in self.org.rejections if r.key is not None and self.in_period(r.ts)}
         small = [g for g in groups if sizes.get(g, 0) < self.min_group]
         shown = sorted((g for g in groups if g not in small), key=lambda g: (sizes[g], g or ""))

@@ -176,6 +176,41 @@ def test_a_merged_pr_covers_its_tickets_spend_up_to_its_merge_and_no_further(dat
 
 
 @BOTH_DATABASES
+def test_a_tickets_spend_between_its_merges_counts_once_when_the_later_merge_is_reverted(database_url: str, tmp_path: Path) -> None:
+    """A ticket left open, two PRs merged in the period, the second reverted after it: the first carries
+    the ticket's usage up to its merge, and spend without outcome began at the second's merge, so
+    what the ticket spent between the two merges was in neither figure (a review found it)."""
+    from taskproxy.settings import DEFAULT_ID_PATTERNS
+    from taskproxy.trackers.base import Delivery, ItemUpdate
+    from taskproxy.workitems import WorkItemIds
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    day, counter, exchanges = timedelta(days=1), TokenCounter(), []
+    key = SimpleNamespace(id="key_gap", owner="dana@example.com", team="web")
+    registry.transition(engine, "T-9", "open", source="jira", at=SINCE - 30 * day, fields={"team": "web"}, created_at=SINCE - 30 * day)
+    for n, merged in enumerate((SINCE + 2 * day, SINCE + 6 * day)):
+        pr = f"acme/web#9{n}"
+        registry.transition(engine, pr, "open", source="github", at=merged - day, fields={"team": "web"}, created_at=merged - day)
+        registry.transition(engine, pr, "done", source="github", at=merged, merged=True)
+        registry.link(engine, "T-9", pr, at=merged)
+    for n, ts in enumerate((SINCE + day, SINCE + 4 * day, SINCE + 8 * day)):
+        exchanges.append(past_request(id=f"gap-{n}", ts=ts, key=key, work_item="T-9", model="big-model", body={"n": n},
+                                      prompt_tokens=1000 * (n + 1), completion_tokens=100, counter=counter, price=PRICE))  # fmt: skip
+    write_all(engine, tmp_path / "spool.jsonl", exchanges, len(exchanges))
+    reverted = UNTIL + day
+    revert = ItemUpdate("acme/web#99", "done", at=reverted, merged=True, title='Revert "x"', reverts="acme/web#91")
+    registry.apply_delivery(engine, WorkItemIds(DEFAULT_ID_PATTERNS), Delivery("github", "d-gap", "pull_request", [revert]), reverted)
+    with engine.connect() as connection:
+        costs = [int(c) for c in connection.execute(select(UsageEvent.cost_nanos).where(UsageEvent.work_item == "T-9").order_by(UsageEvent.ts)).scalars()]
+    overall = adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=1, stale_after_days=14)["overall"]
+    engine.dispose()
+    assert overall["cost_per_completed_item"]["total"] == usd(costs[0])  # up to the first merge, the one still standing
+    assert overall["spend_without_outcome_breakdown"]["stale_open"] == usd(costs[1] + costs[2])  # after it, left open
+    assert overall["spend_usd"] == usd(sum(costs))
+
+
+@BOTH_DATABASES
 def test_story_points_raised_after_an_item_was_done_do_not_count(database_url: str, tmp_path: Path) -> None:
     """Sizes gamed after the fact: once cost per item is read per size band, re-pointing tickets once
     they are done moves them into bigger bands for nothing (a 1-point ticket re-pointed to 13 counted

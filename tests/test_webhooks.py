@@ -658,6 +658,19 @@ async def test_a_ticket_with_another_merge_standing_is_not_reworked_by_one_rever
     reland = await tracked.get("/api/work-items/acme%2Fweb-app%2384")
     assert reland["status"] == "done" and (await tracked.get("/api/work-items/acme%2Fweb-app%2383"))["status"] == "closed"
 
+    # One pull request, reverted with its ticket, then landed again: the ticket's mark goes with the revert.
+    assert (await tracked.http.post("/api/work-items", json={"id": "PAY-85"}, headers=tracked.admin_headers)).status_code == 201
+    await merged(86, 0, "feature/PAY-85-one")
+    assert (await tracked.http.post("/api/work-items/PAY-85/complete", headers=tracked.admin_headers)).status_code == 200
+    await asyncio.sleep(1.1)
+    await merged(87, 0, "revert-86-feature/PAY-85-one", title='Revert "Add retries"', body="Reverts Acme/Web-App#86")
+    assert (await tracked.get("/api/work-items/PAY-85"))["rework"]["reason"] == "reverted"
+    await merged(88, 0, "revert-87-revert-86-feature/PAY-85-one", title='Revert "Revert "Add retries""', body="Reverts Acme/Web-App#87")
+    assert (await tracked.get("/api/work-items/PAY-85"))["rework"] is None
+    # A revert of a change whose title starts with "Revert": a revert still.
+    await merged(89, 0, "revert-88-x", title='Revert "Revert to the v1 endpoint"', body="Reverts Acme/Web-App#88")
+    assert (await tracked.get("/api/work-items/acme%2Fweb-app%2389"))["status"] == "closed"
+
 
 async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:
     """GitLab's revert merge request (`Revert "…"`, `This reverts merge request !N`) marked nothing and

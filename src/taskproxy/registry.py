@@ -236,6 +236,16 @@ def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, 
             changes.note(connection, changes.ITEM, [ticket], utcnow())
 
 
+def _landed_again(connection: Connection, ticket: str, at: datetime) -> None:
+    """A merge out of a done ticket marked `reverted` with its pull request (a revert of the revert, or
+    the work done again): the ticket's work stands again, and so does its completion."""
+    row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at, _ITEMS.c.reworked_at, _ITEMS.c.rework_reason)
+                             .where(_ITEMS.c.id == ticket)).first()  # fmt: skip
+    if row is not None and row.status == "done" and row.merged_at is None and row.rework_reason == "reverted" and row.reworked_at <= at:
+        connection.execute(update(_ITEMS).where(_ITEMS.c.id == ticket).values(reworked_at=None, rework_reason=None, rework_by=None))
+        changes.note(connection, changes.ITEM, [ticket], utcnow())
+
+
 def _record_change(
     connection: Connection, item_id: str, before: str | None, after: str, source: str, at: datetime, delivery_id: str | None, note: str | None = None
 ) -> None:
@@ -295,6 +305,8 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                                     delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
+                    if told.merged:
+                        _landed_again(connection, ticket, at)
                 if told.size is not None:
                     # Sent with the status that this delivery recorded: the size as of that status (a ticket
                     # pointed as it is done). Else as of the tracker's last edit: points raised on a done

@@ -92,7 +92,7 @@ def _non_ascii(text: str) -> list[str]:
     return [c for c in text if not c.isascii()]
 
 
-_GITHUB_REVERT_BRANCH = re.compile(r"^revert-\d+-(?=.)")  # GitHub's revert button: revert-<pull request>-<the reverted branch>
+_GITHUB_REVERT_BRANCH = re.compile(r"^(?:revert-\d+-)+(?=.)")  # GitHub's revert button: revert-<pull request>-<the reverted branch>, a revert of a revert twice
 
 
 @dataclass(frozen=True)

@@ -75,10 +75,10 @@ class ResponseOrigins:
         with self._lock:
             return self._known.get(response_id)
 
-    def _stored(self, response_id: str) -> Origin | None:
+    def _stored(self, response_id: str, answered_only: bool = True) -> Origin | None:
         columns = [UsageEvent.response_id, UsageEvent.key_id, UsageEvent.owner, UsageEvent.team, UsageEvent.work_item,
                    UsageEvent.attribution_source, UsageEvent.model, UsageEvent.usage_source, UsageEvent.ts]  # fmt: skip
-        query = select(*columns).where(UsageEvent.response_id == response_id, UsageEvent.status < 400)  # type: ignore[arg-type]
+        query = select(*columns).where(UsageEvent.response_id == response_id, *([UsageEvent.status < 400] if answered_only else []))  # type: ignore[arg-type]
         with self._engine.connect() as connection:
             rows = [dict(r._mapping) for r in connection.execute(query.limit(8))]
         if not rows:
@@ -88,13 +88,11 @@ class ResponseOrigins:
         # Settled if any event for it is not deferred (its usage was recorded): bill it once.
         return Origin(**{**origin.__dict__, "deferred": not settled})
 
-    async def find(self, response_id: str, *, wait_for_writer: bool = True) -> Origin | None:
+    async def find(self, response_id: str) -> Origin | None:
         if (origin := self._cached(response_id)) is not None:
             return origin
         if (origin := await self._threads.run(self._stored, response_id)) is not None:
             return self._remember(origin)
-        if not wait_for_writer:
-            return None
         deadline = time.monotonic() + WAIT_FOR_WRITER_SECONDS
         while time.monotonic() < deadline:  # just created here: the recording thread is about to know it
             await asyncio.sleep(POLL_SECONDS)
@@ -102,6 +100,14 @@ class ResponseOrigins:
                 return origin
         origin = await self._threads.run(self._stored, response_id)  # created by another replica
         return self._remember(origin) if origin is not None else None
+
+    async def creator(self, response_id: str) -> str | None:
+        """Who created the response through this proxy, whatever its status (an answer cut short or
+        failed may still be one the provider holds): None if no event names it yet. Not waited for."""
+        if (origin := self._cached(response_id)) is not None:
+            return origin.owner
+        origin = await self._threads.run(self._stored, response_id, False)
+        return origin.owner if origin is not None else None
 
     def close(self) -> None:
         self._threads.close()

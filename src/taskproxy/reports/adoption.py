@@ -348,9 +348,11 @@ def adoption_report(
             refused_people.add(key_team)
 
     # The groups with figures here: overall less the teams shown is the withheld ones' sum, the group of
-    # no team included when people without a team spent on its items or were refused (items done by
-    # hand spent nothing; a request refused without a key is nobody's).
-    present = {name for name, group in by_team.items() if name is not None or any(i.period_events for i in group)} | refused_people
+    # no team included when its items have usage (in the period, or a completed item's, a carried
+    # ticket's included: people without a team spent it) or people without a team were refused (items
+    # done by hand spent nothing; a request refused without a key is nobody's).
+    present = {name for name, group in by_team.items() if name is not None or any(i.period_events or (i.completed and i.by_model) for i in group)}
+    present |= refused_people
     held = privacy.withheld_groups(people, present, min_group_size)
 
     def figures_of(name: str) -> dict[str, Any]:

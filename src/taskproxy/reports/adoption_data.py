@@ -118,15 +118,12 @@ class Item:
         return self.status == "done" and (self.reworked_at is None or (self.rework_reason != "reverted" and self.completed_at is not None
                                                                         and self.completed_at > self.reworked_at))  # fmt: skip
 
-    def absorb(self, ticket: Item, later: Mapping[str, tuple[int, int, int | None, int]]) -> None:
-        """Count `ticket`'s usage up to this merged pull request's merge as this item's (its all-time
-        usage per model, less `later`, what it used after the merge): the ticket is no completed item
+    def absorb(self, ticket: Item, up_to_merge: Mapping[str, tuple[int, int, int | None, int]] | None) -> None:
+        """Count `ticket`'s usage up to this merged pull request's merge as this item's, per model
+        (`up_to_merge`; None: all of it, the ticket used nothing since): the ticket is no completed item
         of its own, and this is the outcome that work led to."""
-        for model, (attempts, answered, cost, tokens) in ticket.by_model.items():
-            after = later.get(model, (0, 0, None, 0))
-            attempts, answered, tokens = attempts - after[0], answered - after[1], tokens - after[3]
-            cost = None if cost is None else cost - (after[2] or 0)
-            if not attempts:
+        for model, (attempts, answered, cost, tokens) in (ticket.by_model if up_to_merge is None else up_to_merge).items():
+            if attempts <= 0:
                 continue
             mine = self.by_model.get(model, (0, 0, None, 0))
             known = mine[2] if cost is None else (mine[2] or 0) + cost
@@ -135,7 +132,9 @@ class Item:
             if cost is not None:
                 self.cost = (self.cost or 0) + cost
             self.tokens += tokens
-        for name in ("first_used", "first_answered"):  # the first: before the merge, or the ticket has nothing to carry
+        # The ticket's first event and answer, of all time: one carried before the merge is the earliest,
+        # and the answers carried are all before it (a PR's assistance needs one: `answered`).
+        for name in ("first_used", "first_answered"):
             theirs, ours = getattr(ticket, name), getattr(self, name)
             if theirs is not None and (ours is None or theirs < ours):
                 setattr(self, name, theirs)
@@ -182,10 +181,13 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
                 items[ticket].merged_pr = True
                 if item.completed_at is not None:
                     merges[ticket] = max(merges.get(ticket, item.completed_at), item.completed_at)
+    # A carried ticket's usage up to its carrier's merge is that PR's cost: after it, its spend is read from there
+    # (a later merge reverted since leaves the carrier an earlier one; the spend between them is then after it).
+    for ticket, merge in carry_tickets(connection, items, since, until).items():
+        items[ticket].merged_pr, merges[ticket] = True, merge
     # Only where the figure is read: a ticket with spend in the period, not done as of until, not undone.
     counted = {t: m for t, m in merges.items() if items[t].spend and items[t].status_at_until != "done" and not items[t].undone_as_of(until)}
     _load_spend_after_merges(connection, items, counted, since, until)
-    carry_tickets(connection, items, since, until)
     return items
 
 
@@ -215,7 +217,7 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     return items
 
 
-def carry_tickets(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+def carry_tickets(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> dict[str, datetime]:
     """The tickets that are not done (now) count their usage in the outcome their work led to: their
     last merged pull request whose merge stands now, if it is completed in the period. Else the ticket's
     spend up to that merge was in no completed item's cost, nor in spend without outcome (the merge
@@ -242,15 +244,18 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
         if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until):
             carried[ticket] = last.id
     _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
-    later = _usage_after_merges(connection, {t: items[p].completed_at for t, p in carried.items()})  # type: ignore[misc]
+    merges: dict[str, datetime] = {t: items[p].completed_at for t, p in carried.items()}  # type: ignore[misc]
+    up_to = _usage_up_to_merges(connection, merges)
     for ticket, pull in carried.items():
-        items[pull].absorb(items[ticket], later.get(ticket, {}))
+        items[pull].absorb(items[ticket], up_to.get(ticket))
         items[pull].carries.append(ticket)
+    return merges
 
 
-def _usage_after_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
-    """Per ticket, its usage per model after its merge (what it spent then led to nothing it carries).
-    Read one ticket at a time, and only for the tickets whose last event is later than their merge."""
+def _usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
+    """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
+    less what came after: a request committed between two reads, or a price known only later, would
+    make that wrong). Read one ticket at a time, for those tickets alone: the others carry all of theirs."""
     last_used: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, sorted(merges)):
         for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),
@@ -260,10 +265,10 @@ def _usage_after_merges(connection: Connection, merges: Mapping[str, datetime]) 
     for ticket, merge in merges.items():
         if last_used.get(ticket) is None or last_used[ticket] <= merge:
             continue
-        after = rollup.Period(merge + timedelta(microseconds=1))  # later than the merge, to the end
-        rows_after = rollup.grouped(connection, by=("model",), period=after, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
-                                    where=lambda c, ticket=ticket: [c.work_item == ticket])  # fmt: skip
-        found[ticket] = {model: (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0)) for model, a, ans, cost, tok in rows_after}
+        up_to = rollup.Period(None, merge + timedelta(microseconds=1))  # to the merge, itself included
+        rows_before = rollup.grouped(connection, by=("model",), period=up_to, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
+                                     where=lambda c, ticket=ticket: [c.work_item == ticket])  # fmt: skip
+        found[ticket] = {model: (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0)) for model, a, ans, cost, tok in rows_before}
     return found
 
 

@@ -133,11 +133,11 @@ class Admission:
         try:
             # Not waited for: a response created a moment ago on another replica is not committed yet,
             # and an id never created through the proxy is no one's here.
-            origin = await self.origins.find(previous, wait_for_writer=False)
+            creator = await self.origins.creator(previous)
         except (SQLAlchemyError, LookupTimeout):  # refused in the route's shape (the socket's too), counted as a refusal
             raise ServiceUnavailable("The response this request continues could not be checked: the database does not answer. "
                                      "Try again shortly.", retry_after=RETRY_SECONDS) from None  # fmt: skip
-        if origin is not None and not privacy.same_person(origin.owner, principal.owner):
+        if creator is not None and not privacy.same_person(creator, principal.owner):
             raise NotFound(f"No response with id '{previous[:200]}' was created through this proxy by you: a request continues only a "
                            "response created with a key of the same person.", param="previous_response_id")  # fmt: skip
 

@@ -127,8 +127,12 @@ def is_revert_title(title: Any) -> bool:
 
 
 def is_relanding_title(title: Any) -> bool:
-    """A revert of a revert: the work landing again (`Revert "Revert "…""`), work completed."""
-    return isinstance(title, str) and title.startswith('Revert "Revert ')
+    """A revert of a revert: the work landing again (`Revert "Revert "…""`, an even number of the
+    revert button's prefixes), work completed. `Revert "Revert to v1"` undoes one change: a revert."""
+    depth = 0
+    while isinstance(title, str) and title.startswith('Revert "', len('Revert "') * depth):
+        depth += 1
+    return depth >= 2 and depth % 2 == 0
 
 
 def need(payload: dict[str, Any], *path: str, kind: type | tuple[type, ...] = (dict, str, int)) -> Any:
