@@ -32,6 +32,13 @@ async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Prox
         yield proxy
 
 
+async def _ask(proxy: Proxy, key: str, item: str) -> None:
+    """One answered chat request with `key` on `item`."""
+    answered = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                                     headers={"authorization": f"Bearer {key}", "x-work-item": item})  # fmt: skip
+    assert answered.status_code == 200, answered.text
+
+
 async def _post(proxy: Proxy, tracker: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
     return await proxy.http.post(f"/webhooks/{tracker}", content=body, headers=headers)
 
@@ -530,9 +537,7 @@ async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) 
     since = utcnow() - timedelta(minutes=5)
     key = await tracked.new_key()
     for _ in range(2):
-        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-30"})  # fmt: skip
-        assert answered.status_code == 200, answered.text
+        await _ask(tracked, key, "PAY-30")
     await tracked.events(2)
     merged_at = _github_time(utcnow() - timedelta(minutes=2))
     pull = hooks.github_pull_request("closed", 31, merged=True, branch="feature/PAY-30-retries")
@@ -577,9 +582,7 @@ async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(t
     key = await tracked.new_key()
     for item, times in (("PAY-10", 9), ("Acme/Web-App#11", 1)):
         for _ in range(times):
-            answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                               headers={"authorization": f"Bearer {key}", "x-work-item": item})  # fmt: skip
-            assert answered.status_code == 200, answered.text
+            await _ask(tracked, key, item)
     await tracked.events(10)
     await asyncio.sleep(1.1)  # GitHub's times are whole seconds: merged after the requests
     merged_at = _github_time(utcnow())
@@ -589,9 +592,7 @@ async def test_a_tickets_work_counts_in_the_cost_of_the_pull_request_it_led_to(t
     assert (await _post(tracked, "github", body, hooks.github_headers(body, "pull_request"))).status_code == 200
     await asyncio.sleep(1.1)
     for _ in range(3):  # and some after the merge: in the pull request's cost too, not also spend without outcome
-        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-10"})  # fmt: skip
-        assert answered.status_code == 200, answered.text
+        await _ask(tracked, key, "PAY-10")
     await tracked.events(13)
     wont = hooks.jira_issue("jira:issue_updated", "PAY-10", category="done", resolution="Won't Do")
     wont["issue"]["fields"].update(resolutiondate=_jira_time(utcnow()), updated=_jira_time(utcnow()))
@@ -620,9 +621,7 @@ async def test_a_pull_request_carrying_a_ticket_counts_in_the_tickets_team(track
     since = utcnow() - timedelta(minutes=5)
     keys = [await tracked.new_key(owner, "payments") for owner in ("pa", "pb", "pc", "pd", "pe")]
     for key in keys:
-        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                           headers={"authorization": f"Bearer {key}", "x-work-item": "PAY-70"})  # fmt: skip
-        assert answered.status_code == 200, answered.text
+        await _ask(tracked, key, "PAY-70")
     await tracked.events(5)
     await asyncio.sleep(1.1)
     merged_at = _github_time(utcnow())
@@ -703,9 +702,7 @@ async def test_points_raised_on_a_done_ticket_through_its_tracker_do_not_count(t
     since = utcnow() - timedelta(minutes=1)
     key = await tracked.new_key()
     for item in ("PAY-40", "ENG-40"):
-        answered = await tracked.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                                           headers={"authorization": f"Bearer {key}", "x-work-item": item})  # fmt: skip
-        assert answered.status_code == 200, answered.text
+        await _ask(tracked, key, item)
     await tracked.events(2)
     done_at = utcnow().replace(microsecond=utcnow().microsecond // 1000 * 1000)
     await asyncio.sleep(0.05)

@@ -105,6 +105,7 @@ from sqlalchemy.engine import Engine
 from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
+from taskproxy.reports import adoption_teams
 from taskproxy.reports.adoption_data import Item as _Item
 from taskproxy.settings import SizeBands
 from taskproxy.storage.db import one_snapshot
@@ -328,9 +329,9 @@ def adoption_report(
         raise ValueError("'since' must be before 'until'")
     with one_snapshot(engine) as connection:
         items = data.load(connection, since, until)
-        data.assign_teams(connection, items, since, until, item_teams or {})
+        adoption_teams.assign_teams(connection, items, since, until, item_teams or {})
         people: dict[str | None, int] = {**privacy.team_sizes(connection), None: privacy.people_without_team(connection)}
-        rejections = data.rejections(connection, since, until)
+        rejections = adoption_teams.rejections(connection, since, until)
 
     bands = size_bands or SizeBands()
     relevant = [i for i in items.values() if i.period_events or i.delivered_in(since, until)]

@@ -1,6 +1,6 @@
 """What the adoption report reads (the definitions are in `adoption.py`'s docstring): the work items the
 period touched (used or completed in it, and the items they link to), their spend aggregated per item and
-model, their status history and links, people per team and rejections. Nothing is read for the rest of
+model, their status history and links (`adoption_teams.py`: the team each counts for, and the refusals). Nothing is read for the rest of
 the organisation's history: each step reads by index, in batches of ids (storage/idsets.py).
 
 Spend comes from the usage rollups (`storage/rollup.py`): the whole days of the period from the daily
@@ -18,23 +18,21 @@ from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import DateTime, String, column, func, or_, select, true, values
+from sqlalchemy import DateTime, String, column, or_, select, true, values
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in, team_of_project
-from taskproxy.storage.models import ApiKey, Rejection, UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
+from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
+from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 
 MERGES_PER_QUERY = 10_000  # (ticket, moment) pairs bound in one VALUES list: two parameters each, PostgreSQL takes 65,535
 _E = UsageEvent.__table__.c
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
 _L = WorkItemLink.__table__.c
-_K = ApiKey.__table__.c
-_J = Rejection.__table__.c
 _S = WorkItemSize.__table__.c
 
 
@@ -74,7 +72,7 @@ class Item:
     without_outcome: str | None = None  # which spend without outcome its period spend is, if any
     without_outcome_spend: int = 0  # how much of it: all its period spend, or what came after its merged PRs
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
-    carries: list[str] = field(default_factory=list)  # a merged PR: the tickets whose usage its cost counts
+    carries: tuple[str, ...] = ()  # a merged PR: the tickets whose usage its cost counts (shared empty for the rest)
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
 
     @property
@@ -248,7 +246,7 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
     up_to = _usage_up_to_merges(connection, merges)
     for ticket, pull in carried.items():
         items[pull].absorb(items[ticket], up_to.get(ticket))
-        items[pull].carries.append(ticket)
+        items[pull].carries += (ticket,)
     return merges
 
 
@@ -406,46 +404,3 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
             item.status_at_until = before[item_id]
         elif first_after.get(item_id) is not None:
             item.status_at_until = first_after[item_id]  # type: ignore[assignment]
-
-
-def assign_teams(connection: Connection, items: dict[str, Item], since: datetime, until: datetime, item_teams: Mapping[str, str]) -> None:
-    """Items without a team take their project's (`item_teams`), else the team that spent the most on
-    them (all time; see adoption.py). (Call after `load`: the items concerned are those used, completed
-    or reopened in the period.)"""
-    for item in items.values():
-        if item.team is None:
-            item.team = team_of_project(item.id, item_teams)
-    for item in items.values():  # a merged PR carrying tickets (carry_tickets) is their work: their team, if they have one
-        if item.team is None and item.carries:
-            item.team = next((team for t in sorted(item.carries) if (team := items[t].team or team_of_project(t, item_teams))), None)
-    teamless = sorted(
-        item.id for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))
-    )  # fmt: skip
-    spent_on = {t: item.id for item in items.values() if item.id in teamless for t in item.carries}  # their spenders are its spenders
-    found: dict[tuple, dict[str, Any]] = {}
-    for chunk in idsets.batches(connection, [*teamless, *spent_on]):
-        found |= rollup.totals(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
-                               where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
-    sums: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for (work_item, team), row in found.items():
-        if team is None:  # events without a team are not counted
-            continue
-        for spender_of in {work_item, spent_on.get(work_item, work_item)}:
-            spent = sums[spender_of][team]
-            spent[0] += int(row["cost_nanos"] or 0)
-            spent[1] += int(row["total_tokens"] or 0)
-    for item_id, by_team in sums.items():
-        if item_id in items and items[item_id].team is None:
-            items[item_id].team = min((-cost, -tokens, team) for team, (cost, tokens) in by_team.items())[2]  # most cost, then most tokens, then the first name
-
-
-def rejections(connection: Connection, since: datetime, until: datetime) -> list[tuple[str | None, bool, str, int]]:
-    """(the key's team, whether a key was known, reason, count): a refusal without a key is nobody's."""
-    keyed = _K.id.is_not(None).label("keyed")
-    query = (
-        select(_K.team, keyed, _J.reason, func.sum(_J.count).label("n"))
-        .select_from(Rejection.__table__.outerjoin(ApiKey.__table__, _K.id == _J.key_id))
-        .where(*within(_J.ts, since, until))
-        .group_by(_K.team, keyed, _J.reason)
-    )
-    return [(row.team, bool(row.keyed), row.reason, int(row.n)) for row in connection.execute(query)]
