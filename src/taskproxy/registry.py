@@ -211,9 +211,13 @@ def _rework_if_recent(connection: Connection, target: str, by: str, at: datetime
     if row is None or row.status != "done" or done_at is None or row.reworked_at is not None:
         return
     if timedelta(0) <= at - done_at <= timedelta(days=rework_days):
-        connection.execute(update(_ITEMS).where(_ITEMS.c.id == target).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
-        changes.note(connection, changes.ITEM, [target], utcnow())
+        _mark_reverted_by(connection, target, by, at)
         _tickets_reverted(connection, target, by, at, rework_days)
+
+
+def _mark_reverted_by(connection: Connection, item_id: str, by: str, at: datetime) -> None:
+    connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
+    changes.note(connection, changes.ITEM, [item_id], utcnow())
 
 
 def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, rework_days: float) -> None:
@@ -232,8 +236,7 @@ def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, 
         if connection.execute(others.limit(1)).first() is not None:  # another of its merges stands: the ticket's work did not all go
             continue
         if timedelta(0) <= at - row.completed_at <= timedelta(days=rework_days):
-            connection.execute(update(_ITEMS).where(_ITEMS.c.id == ticket).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
-            changes.note(connection, changes.ITEM, [ticket], utcnow())
+            _mark_reverted_by(connection, ticket, by, at)
 
 
 def _landed_again(connection: Connection, ticket: str, at: datetime) -> None:
