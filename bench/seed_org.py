@@ -26,7 +26,9 @@ The organisation, over the `days` days that end at the UTC midnight before the f
 - work items `PROJ-N` created one after another over the period: 55% done and 10% closed 1-14 days
   after creation (those not finished by the end are in progress), 20% open, 10% in progress, 5%
   auto-registered (unverified); 5% with a token budget; their status history; a fifth of the done ones
-  linked to a merged pull request `acme/repo-N#J` (itself a done work item, merged before the ticket);
+  linked to a merged pull request `acme/repo-N#J` (itself a done work item, merged before the ticket),
+  and a fifth of the open and in-progress ones too (merged two days after the ticket was created,
+  the ticket worked on after it);
 - usage: each key works for three days at a time on an item among those created in the last three
   days (and, for a fifth of its requests, on a second one), 85% of the requests in a 10-hour working
   day, on its main model (85%) or a side one, among six (one unpriced); 3% failed requests, 5%
@@ -221,14 +223,19 @@ def _history(connection: Connection, p: dict[str, Any]) -> None:
 
 def _links(connection: Connection, p: dict[str, Any]) -> None:
     # A fifth of the done tickets (j % 5 = 0: 11 of the 55 'done' residues of j * 31 % 100) led to a
-    # pull request, opened two hours after the ticket and merged an hour before it was done.
+    # pull request, opened two hours after the ticket and merged an hour before it was done. So did a
+    # fifth of the tickets left open or in progress (the umbrella ticket, still being worked on after its
+    # PR merged two days in): the adoption report counts their usage up to the merge in the PR's cost.
     connection.execute(text("""
         CREATE TEMPORARY TABLE seed_prs ON COMMIT DROP AS
-        SELECT id AS ticket, team, 'acme/repo-' || (j % :repos) || '#' || j AS pr, 'https://github.com/acme/repo-' || (j % :repos) || '/pull/' || j AS url,
-               created_at + interval '2 hours' AS opened, completed_at - interval '1 hour' AS merged
-        FROM (SELECT id, team, created_at, completed_at, substr(id, 6)::int AS j FROM work_items
-              WHERE id LIKE 'PROJ-%' AND status = 'done' AND completed_at IS NOT NULL) AS done
-        WHERE j % 5 = 0"""), p)  # fmt: skip
+        SELECT ticket, team, pr, url, opened, merged FROM (
+            SELECT id AS ticket, team, 'acme/repo-' || (j % :repos) || '#' || j AS pr,
+                   'https://github.com/acme/repo-' || (j % :repos) || '/pull/' || j AS url, created_at + interval '2 hours' AS opened,
+                   CASE WHEN status = 'done' THEN completed_at - interval '1 hour' ELSE created_at + interval '2 days' END AS merged
+            FROM (SELECT id, team, status, created_at, completed_at, substr(id, 6)::int AS j FROM work_items
+                  WHERE id LIKE 'PROJ-%' AND ((status = 'done' AND completed_at IS NOT NULL) OR status IN ('open', 'in_progress'))) AS ticket
+            WHERE j % 5 = 0) AS planned
+        WHERE merged < CAST(:end AS timestamp)"""), p)  # fmt: skip
     connection.execute(text("""
         INSERT INTO work_items (id, source, title, url, team, status, created_at, completed_at, updated_at, tracker, tracker_event_at, merged_at)
         SELECT pr, 'github', 'Fix ' || ticket, url, team, 'done', opened, merged, merged, 'github', merged, merged FROM seed_prs"""))  # fmt: skip
