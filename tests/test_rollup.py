@@ -18,7 +18,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from conftest import BOTH_DATABASES
-from sqlalchemy import and_, case, column, func, insert, select
+from sqlalchemy import DateTime, String, and_, case, column, func, insert, select, values
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Engine
 
@@ -26,7 +26,7 @@ from taskproxy import registry
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data
 from taskproxy.reports.usage import usage_grouped
-from taskproxy.storage import repo, rollup
+from taskproxy.storage import repo, rollup, spend_after
 from taskproxy.storage.batch import Record
 from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
 from taskproxy.storage.models import SpendCounter, UsageEvent, UsageItemTotals, WorkItem
@@ -354,4 +354,37 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
         actual = {i.id: i.spend_after_completion for i in items.values() if i.spend_after_completion}
         expected = spend_after_completion_by_raw_scan(engine, since, until)
         assert actual == expected, (since, until)
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_usage_up_to_each_items_own_moment_is_a_scan_of_its_events_up_to_it(database_url: str) -> None:
+    """The usage a merged PR carries of each of its tickets: per ticket and model, its events up to the
+    merge, each ticket its own moment, read in one statement from days, hours and the raw hour."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    rng = random.Random(47)
+    rows = events(rng, 2000)
+    moments = {  # mid-hour, midnight, an hour's first microsecond, its last, and before the others' events
+        "A-1": T0 + timedelta(hours=30, minutes=25, seconds=7), "A-2": T0 + timedelta(hours=16),
+        "B-7": T0 + timedelta(hours=44, microseconds=1), "acme/web#3": T0 + timedelta(hours=51, microseconds=-1),
+        "C-9": T0 - timedelta(days=2),  # its own events only
+    }  # fmt: skip
+    for item, at in moments.items():  # events on the moment, and either side of it
+        rows += [event(rng, at + timedelta(microseconds=s), work_item=item) for s in (-1, 0, 0, 1, -10**6, 59 * 10**6)]
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    table = values(column("id", String(200)), column("moment", DateTime()), name="moments").data(sorted(moments.items()))
+    with engine.connect() as connection:
+        source = table.cte("moments") if connection.dialect.name == "sqlite" else table
+        found = {(item, model): (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0))
+                 for item, model, a, ans, cost, tok in spend_after.usage_up_to(connection, source, source.c.moment)}  # fmt: skip
+    expected: dict[tuple[str, str], tuple[int, int, int | None, int]] = {}
+    for row in raw_rows(engine):
+        if row.ts > moments[row.work_item]:
+            continue
+        attempts, answered, cost, tokens = expected.get((row.work_item, row.model), (0, 0, None, 0))
+        answered += row.status < 400 and row.route not in COUNT_TOKENS
+        cost = cost if row.cost_nanos is None else (cost or 0) + row.cost_nanos
+        expected[(row.work_item, row.model)] = (attempts + 1, answered, cost, tokens + row.total_tokens)
+    assert found == expected and {item for item, _ in found} == set(moments)
     engine.dispose()

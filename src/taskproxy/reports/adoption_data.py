@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from collections.abc import Mapping
+from datetime import datetime
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import DateTime, String, column, or_, select, true, values
@@ -192,16 +192,18 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
 def _load_spend_after_merges(connection: Connection, items: dict[str, Item], merges: dict[str, datetime], since: datetime,
                              until: datetime) -> None:  # fmt: skip
     """Each ticket's spend in the period after its last merged PR (`merges`), read as the spend after
-    completion is (storage/spend_after.py), against the moments given as a VALUES list: nothing is
-    written, so a report runs on a read-only database (a standby, a replica) as before."""
-    pairs = list(merges.items())
-    for start in range(0, len(pairs), MERGES_PER_QUERY):
-        chunk = pairs[start : start + MERGES_PER_QUERY]
-        moments: Any = values(column("id", String(200)), column("moment", DateTime()), name="adoption_merges").data(chunk)
-        if connection.dialect.name == "sqlite":  # SQLite names no VALUES columns in FROM: a CTE does
-            moments = moments.cte("adoption_merges")
+    completion is (storage/spend_after.py), against the moments given as VALUES lists (`_moments`)."""
+    for moments in _moments(connection, list(merges.items())):
         for ticket, spend in spend_after.cost_after(connection, rollup.Period(since, until), moments, moments.c.moment, true()).items():
             items[ticket].spend_after_merge = spend
+
+
+def _moments(connection: Connection, pairs: list[tuple[str, datetime]]) -> Iterator[Any]:
+    """(item id, moment) pairs as VALUES lists of MERGES_PER_QUERY, each a table of columns `id` and
+    `moment`: nothing is written, so a report runs on a read-only database (a standby) as before."""
+    for start in range(0, len(pairs), MERGES_PER_QUERY):
+        moments: Any = values(column("id", String(200)), column("moment", DateTime()), name="adoption_merges").data(pairs[start : start + MERGES_PER_QUERY])
+        yield moments.cte("adoption_merges") if connection.dialect.name == "sqlite" else moments  # SQLite names no VALUES columns in FROM: a CTE does
 
 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
@@ -253,20 +255,18 @@ def carry_tickets(connection: Connection, items: dict[str, Item], since: datetim
 def _usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
     """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
     less what came after: a request committed between two reads, or a price known only later, would
-    make that wrong). Read one ticket at a time, for those tickets alone: the others carry all of theirs."""
+    make that wrong), for those tickets alone: the others carry all of theirs. Their (ticket, merge)
+    pairs go to the database as VALUES lists (`_moments`): a statement per MERGES_PER_QUERY tickets."""
     last_used: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, sorted(merges)):
         for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),
                                               where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
             last_used[work_item] = last
-    found: dict[str, dict[str, tuple[int, int, int | None, int]]] = {}
-    for ticket, merge in merges.items():
-        if last_used.get(ticket) is None or last_used[ticket] <= merge:
-            continue
-        up_to = rollup.Period(None, merge + timedelta(microseconds=1))  # to the merge, itself included
-        rows_before = rollup.grouped(connection, by=("model",), period=up_to, fields=("attempts", "answered", "cost_nanos", "total_tokens"),
-                                     where=lambda c, ticket=ticket: [c.work_item == ticket])  # fmt: skip
-        found[ticket] = {model: (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0)) for model, a, ans, cost, tok in rows_before}
+    used_after = [(ticket, merge) for ticket, merge in sorted(merges.items()) if last_used.get(ticket) is not None and last_used[ticket] > merge]
+    found: dict[str, dict[str, tuple[int, int, int | None, int]]] = {ticket: {} for ticket, _ in used_after}
+    for moments in _moments(connection, used_after):
+        for ticket, model, attempts, answered, cost, tokens in spend_after.usage_up_to(connection, moments, moments.c.moment):
+            found[ticket][model] = (int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
     return found
 
 

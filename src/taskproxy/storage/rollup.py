@@ -369,8 +369,13 @@ FIELDS = tuple(_STORED)
 
 def raw_columns(fields: Sequence[str]) -> list[Any]:
     """The named aggregates over usage_events, labelled (for queries the rollups cannot answer, e.g. per key)."""
+    return columns_of(EVENTS, fields)
+
+
+def columns_of(source: Table, fields: Sequence[str]) -> list[Any]:
+    """The named aggregates over `source`, usage_events or a rollup table, labelled by name."""
     aggregates = _aggregates()
-    return [aggregates[name].raw.label(name) for name in fields]
+    return [(aggregates[name].raw if source is EVENTS else aggregates[name].rollup(source.c)).label(name) for name in fields]
 
 
 def grouped(

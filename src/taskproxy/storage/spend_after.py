@@ -1,17 +1,20 @@
 """Spend after a moment, per item (a done or closed item's `completed_at`), from the rollups: whole
 buckets after the moment, the bucket containing it settled by its rows' first and last event times,
 and only the items with a row that straddles the moment read at the next finer level, down to the
-raw events of the hour containing it (docs/reports.md, "How they stay exact")."""
+raw events of the hour containing it (docs/reports.md, "How they stay exact"). And the other side:
+usage up to a moment per item and model (`usage_up_to`), each item its own moment, in one statement."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, and_, case, func, select
+from collections.abc import Iterator
+
+from sqlalchemy import Row, Table, and_, case, func, select, union_all
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets
-from taskproxy.storage.rollup import EVENTS, LEVELS, Period, any_within
+from taskproxy.storage.rollup import DAILY, EVENTS, HOURLY, LEVELS, Period, any_within, columns_of
 from taskproxy.storage.rows import rows
 
 _E = EVENTS.c
@@ -74,3 +77,26 @@ def cost_after(connection: Connection, period: Period, items: Table, moment: Any
             if cost:
                 spend[item] = spend.get(item, 0) + int(cost)
     return spend
+
+
+UP_TO_FIELDS = ("attempts", "answered", "cost_nanos", "total_tokens")
+
+
+def usage_up_to(connection: Connection, items: Table, moment: Any) -> Iterator[Row]:
+    """Per item of `items` (id column `id`) and model: (id, model, *UP_TO_FIELDS) of its events at or
+    before `moment` (a column of `items`), all time. The whole days before the moment's day come from
+    the daily rollup, the whole hours of that day before the moment's hour from the hourly one, and the
+    raw events of that hour up to the moment, each read by its (work_item, ...) index: one statement
+    for all the items, each reading its own rows."""
+    dialect = connection.dialect.name
+    day, hour = DAILY.floor_sql(moment, dialect), HOURLY.floor_sql(moment, dialect)
+    daily, hourly = DAILY.table.c, HOURLY.table.c
+    sources = ((DAILY.table, [daily.bucket < day]), (HOURLY.table, [hourly.bucket >= day, hourly.bucket < hour]), (EVENTS, [_E.ts >= hour, _E.ts <= moment]))
+    parts = []
+    for source, before in sources:
+        c = source.c
+        query = select(c.work_item.label("id"), c.model.label("model"), *columns_of(source, UP_TO_FIELDS))
+        parts.append(query.select_from(source.join(items, items.c.id == c.work_item)).where(*before).group_by(c.work_item, c.model))
+    merged = union_all(*parts).subquery()
+    query = select(merged.c.id, merged.c.model, *(func.sum(merged.c[name]).label(name) for name in UP_TO_FIELDS))
+    return rows(connection.execute(query.group_by(merged.c.id, merged.c.model)))
