@@ -332,18 +332,19 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
     engine = make_engine(database_url)
     upgrade_schema(engine)
     rng = random.Random(31)
-    completed = {  # done or closed in the middle of an hour, at midnight, and a microsecond after an hour
+    completed = {  # done or closed in the middle of an hour, at midnight, a microsecond after an hour, and in its last
+        # half millisecond (which SQLite's date functions round up to the next hour)
         "A-1": T0 + timedelta(hours=30, minutes=25, seconds=7), "A-2": T0 + timedelta(hours=16),
-        "B-7": T0 + timedelta(hours=44, microseconds=1),
+        "B-7": T0 + timedelta(hours=44, microseconds=1), "acme/web#3": T0 + timedelta(hours=15, microseconds=-300),
     }  # fmt: skip
     rows = events(rng, 1500)
-    for item, at in completed.items():  # events around the moment of completion, and on it
-        rows += [event(rng, at + timedelta(seconds=s), work_item=item, cost_nanos=10_000_000 * (n + 1)) for n, s in enumerate((-1, 0, 1, 59, 1800, -1800))]
+    for item, at in completed.items():  # events around the moment of completion, on it, and 100 µs after it
+        rows += [event(rng, at + timedelta(seconds=s), work_item=item, cost_nanos=10_000_000 * (n + 1)) for n, s in enumerate((-1, 0, 0.0001, 1, 59, 1800, -1800))]
     repo.write_batch(engine, events=rows, rejections=[], new_items=[])
     for item, at in completed.items():
         registry.transition(engine, item, "open", source="api", at=T0 - timedelta(days=1), created_at=T0 - timedelta(days=1))
         registry.transition(engine, item, "done" if item != "A-2" else "closed", source="api", at=at)
-    registry.transition(engine, "acme/web#3", "in_progress", source="api", at=T0)  # registered, never completed
+    registry.transition(engine, "C-9", "in_progress", source="api", at=T0)  # registered, never completed
     hour = timedelta(hours=1)
     periods = [(T0 - hour, T0 + 4 * 24 * hour), (T0 + 30 * hour + timedelta(minutes=26), T0 + 50 * hour)] + [
         (since, until) for since, until in boundaries(rng) if since is not None and until is not None

@@ -98,8 +98,10 @@ class Level:
         """The start of the bucket after the one a timestamp column falls in."""
         if dialect == "postgresql":
             return self.floor_sql(column, dialect) + literal_column(f"interval '1 {self.unit}'")
+        # From the bucket's start, not the timestamp: SQLite's date functions keep milliseconds, and
+        # round a time in an hour's last half millisecond up into the next hour.
         form = "'%Y-%m-%d 00:00:00.000000'" if self.unit == "day" else "'%Y-%m-%d %H:00:00.000000'"
-        return func.strftime(literal_column(form), column, literal_column(f"'+1 {self.unit}'"))
+        return func.strftime(literal_column(form), self.floor_sql(column, dialect), literal_column(f"'+1 {self.unit}'"))
 
 
 DAILY = Level("day", UsageDaily.__table__, ("bucket", "work_item", "team", "model", "owner"))
