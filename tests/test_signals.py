@@ -249,7 +249,7 @@ def test_spend_without_completion_evidence(world: tuple[Any, Org, Path]) -> None
     assert {e.item for e in events} == {"WEB-SPIN-1", "WEB-SPIN-2"} and spend(events) >= DEFAULTS.heavy_spend_min_usd
     assert found["evidence"] == {
         "requests": len(events), "cost_usd": pytest.approx(spend(events)), "tokens": sum(e.prompt + e.completion for e in events),
-        "items": 2, **span(events), "items_by_status": {"closed": 1, "in_progress": 1}, "completed_items": 0, "completed_cost_usd": 0.0,
+        "items": 2, **span(events), "items_by_status": {"closed": 1, "in_progress": 1}, "completed_items": 0, "completed_cost_usd": 0.0, "carried_tickets": 0,
     }  # fmt: skip
     assert [(w["id"], w["status"], w["requests"]) for w in found["work_items"]] == [
         ("WEB-SPIN-1", "in_progress", sum(e.item == "WEB-SPIN-1" for e in events)),
@@ -306,7 +306,7 @@ def test_cost_outlier_evidence(world: tuple[Any, Org, Path]) -> None:
         "completed_at": iso(item.completed_at), "item_cost_usd": pytest.approx(cost), "team": "web", "team_items": len(costs),
         "team_median_usd": pytest.approx(median), "team_mad_usd": pytest.approx(mad),
         "robust_z": pytest.approx(0.6745 * (cost - median) / mad, abs=1e-3), "ratio_to_median": pytest.approx(OUTLIER_FACTOR, rel=1e-4),
-        "key_cost_usd": pytest.approx(cost), "key_share": 1.0, **span(mine),
+        "key_cost_usd": pytest.approx(cost), "key_share": 1.0, "carried_tickets": [], **span(mine),
     }]  # fmt: skip
 
 

@@ -219,40 +219,46 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
 
 def carry_tickets(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> dict[str, datetime]:
     """The tickets that are not done (now) count their usage in the outcome their work led to: their
-    last merged pull request whose merge stands now, if it is completed in the period. Else the ticket's
-    spend up to that merge was in no completed item's cost, nor in spend without outcome (the merge
-    covers it): work put on a ticket left open, or closed as Won't Do, with a tenth of it on the pull
-    request, made the cost per completed item a tenth of what the work cost. Each such ticket's usage
-    is in one outcome's cost: its own, once done, or its last merged pull request's.
-
-    Read by the index on the links' pull request (0022), for the pull requests completed in the period
-    only; the tickets' other pull requests and all-time usage for those tickets alone."""
-    merged = [item_id for item_id, item in items.items() if item.completed_in(since, until)]
-    tickets: set[str] = set()
-    for chunk in idsets.batches(connection, merged):  # the tickets not done (an id without a row is unverified)
-        query = (select(_L.work_item).select_from(WorkItemLink.__table__.outerjoin(WorkItem.__table__, _W.id == _L.work_item))
-                 .where(idsets.among(connection, _L.linked, chunk), _L.kind == MERGED_PR, or_(_W.status.is_(None), _W.status != "done")))  # fmt: skip
-        tickets.update(rows(connection.execute(query).scalars()))
-    _load_rows(connection, items, sorted(tickets - items.keys()))
-    # Not a ticket whose completion was undone (reopened, or reverted): its spend counts as reworked.
-    tickets = {t for t in tickets if _item(items, t).status != "done" and items[t].reworked_at is None}
-    pulls = _load_links(connection, {t: items[t] for t in tickets})
-    _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
-    carried: dict[str, str] = {}
-    for ticket, linked in pulls.items():
-        standing = [items[p] for p in linked if p in items and items[p].merge_holds and items[p].completed_at is not None]
-        if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until):
-            carried[ticket] = last.id
+    last merged pull request whose merge stands now, if it is completed in the period (`carried_by`).
+    Else the ticket's spend up to that merge was in no completed item's cost, nor in spend without
+    outcome (the merge covers it): work put on a ticket left open, or closed as Won't Do, with a tenth
+    of it on the pull request, made the cost per completed item a tenth of what the work cost. Each
+    such ticket's usage is in one outcome's cost: its own, once done, or its last merged pull request's.
+    Returns {ticket: its carrier's merge}."""
+    carried = carried_by(connection, items, since, until)
     _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
     merges: dict[str, datetime] = {t: items[p].completed_at for t, p in carried.items()}  # type: ignore[misc]
-    up_to = _usage_up_to_merges(connection, merges)
+    up_to = usage_up_to_merges(connection, merges)
     for ticket, pull in carried.items():
         items[pull].absorb(items[ticket], up_to.get(ticket))
         items[pull].carries += (ticket,)
     return merges
 
 
-def _usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
+def carried_by(connection: Connection, items: dict[str, Item], since: datetime, until: datetime | None) -> dict[str, str]:
+    """{ticket: the merged pull request that carries it}: the tickets not done now and never reworked
+    (a completion undone, reopened or reverted, makes its spend reworked) whose last merged pull request
+    still standing is completed in [since, until) (None: from `since` on). The rows of the tickets and
+    their pull requests are loaded into `items` (those not there yet).
+
+    Read by the index on the links' pull request (0022), for the pull requests completed in the period
+    only; the tickets' other pull requests for those tickets alone."""
+    query = (select(_L.work_item).select_from(WorkItemLink.__table__.outerjoin(WorkItem.__table__, _W.id == _L.work_item))
+             .where(_L.linked.in_(completed_ids(since, until)), _L.kind == MERGED_PR, or_(_W.status.is_(None), _W.status != "done")))  # fmt: skip
+    tickets = set(rows(connection.execute(query).scalars()))  # not done (an id without a row is unverified)
+    _load_rows(connection, items, sorted(tickets - items.keys()))
+    tickets = {t for t in tickets if _item(items, t).status != "done" and items[t].reworked_at is None}
+    pulls = _load_links(connection, {t: items[t] for t in tickets})
+    _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
+    carried: dict[str, str] = {}
+    for ticket, linked in pulls.items():
+        standing = [items[p] for p in linked if p in items and items[p].merge_holds and items[p].completed_at is not None]
+        if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until or datetime.max):
+            carried[ticket] = last.id
+    return carried
+
+
+def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
     """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
     less what came after: a request committed between two reads, or a price known only later, would
     make that wrong), for those tickets alone: the others carry all of theirs. Their (ticket, merge)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,6 @@ from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.storage.rows import rows
 from taskproxy.timeutil import iso
-from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import RESOLVED, completed_in
 
 from taskproxy.settings import SignalSettings
@@ -28,9 +27,6 @@ from taskproxy.reports.signal_data import (
     ITEMS,
     ItemRow,
     KeyInfo,
-    MAD_SCALE,
-    MEAN_AD_SCALE,
-    SPEND_FIELDS,
     Spend,
     WITHOUT_VERIFICATION,
     Span,
@@ -188,119 +184,42 @@ def after_completion(
     return found
 
 
-def without_completion(
-    spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, t: SignalSettings
-) -> list[Found]:
-    found = []
+def heavy_spenders(spend: dict[str, dict[str, Spend]], t: SignalSettings) -> dict[str, list[Spend]]:
+    """The keys whose spend in the period reaches `heavy_spend_min_usd`: their spend per item."""
+    heavy = {}
     for key_id, per_item in spend.items():
-        spends = list(per_item.values())
+        total = sum(s.cost for s in per_item.values())
+        if total >= to_nanos(t.heavy_spend_min_usd) and total > 0:
+            heavy[key_id] = list(per_item.values())
+    return heavy
+
+
+def without_completion(
+    heavy: dict[str, list[Spend]], items: dict[str, ItemRow], since: datetime, t: SignalSettings, carried: Mapping[str, Mapping[str, int]]
+) -> list[Found]:
+    """`carried`: per key, {ticket: its spend up to the merge} on the tickets a merged PR completed
+    since `since` carries (signal_carry.completed_spend): spend on completed work, as the adoption
+    report counts it."""
+    found = []
+    for key_id, spends in heavy.items():
         total = sum(s.cost for s in spends)
-        if total < to_nanos(t.heavy_spend_min_usd) or total <= 0:
-            continue
         # One cheap completed item must not shield the rest: what completed has to carry a share of the spend.
         completed = [s for s in spends if _completed_since(items.get(s.item), since)]
-        completed_cost = sum(s.cost for s in completed)
-        if completed and completed_cost >= t.heavy_spend_max_completed_share * total:
+        carried_here = carried.get(key_id, {})
+        completed_cost = sum(s.cost for s in completed) + sum(carried_here.values())
+        if (completed or carried_here) and completed_cost >= t.heavy_spend_max_completed_share * total:
             continue
         statuses: dict[str, int] = defaultdict(int)
         for s in spends:
             statuses[status_of(items, s.item)] += 1
         evidence = {**totals(spends), "items_by_status": dict(sorted(statuses.items())), "completed_items": len(completed),
-                    "completed_cost_usd": usd(completed_cost)}  # fmt: skip
+                    "completed_cost_usd": usd(completed_cost), "carried_tickets": len(carried_here)}  # fmt: skip
         found.append((key_id, evidence, listed([item_entry(items, s) for s in spends])))
     return found
 
 
 def _completed_since(item: ItemRow | None, since: datetime) -> bool:
     return item is not None and completed_in(item.status, item.completed_at, since, datetime.max)
-
-
-def cost_outliers(
-    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings
-) -> list[Found]:
-    """Keys with a large share of a completed item whose all-time cost is an outlier in its team. The
-    items' costs and their teams' spend come from the per-item totals (`rollup.LIFETIME`, by the
-    items' ids); only the outliers' spend per key is read, from the per-key rollup (all time: no raw
-    event is read)."""
-    found_cost = rollup.grouped(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
-                                where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
-    item_cost: dict[str, int] = defaultdict(int)  # item -> its all-time known cost
-    team_spend: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)  # item -> team -> (cost, tokens)
-    priced: set[str] = set()
-    for work_item, team, cost, tokens in found_cost:
-        if cost is not None:
-            priced.add(work_item)
-        item_cost[work_item] += int(cost or 0)
-        if team != "":  # '' stands for events without a team: not a team that spent
-            team_spend[work_item][team] = (int(cost or 0), int(tokens or 0))
-
-    costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
-    for item_id in priced:
-        team = items[item_id].team
-        if team is None and team_spend.get(item_id):
-            team = min(team_spend[item_id].items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[0]
-        if team is not None:
-            costs_by_team[team][item_id] = item_cost[item_id]
-
-    outliers: list[tuple[str, str, int, float, float, float, int]] = []  # team, item, cost, z, median, MAD, team items
-    for team, costs in costs_by_team.items():
-        if len(costs) < t.cost_min_items:
-            continue
-        values = list(costs.values())
-        median = statistics.median(values)
-        mad = statistics.median(abs(v - median) for v in values)
-        mean_ad = statistics.fmean(abs(v - median) for v in values)
-        if mad > 0:
-            scale = mad / MAD_SCALE
-        elif mean_ad > 0:
-            scale = MEAN_AD_SCALE * mean_ad
-        else:
-            continue
-        for item_id, cost in costs.items():
-            z = (cost - median) / scale
-            if z >= t.cost_min_z and cost >= t.cost_min_ratio * median:
-                outliers.append((team, item_id, cost, z, median, mad, len(values)))
-
-    by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # outlier item -> key -> all-time spend
-    all_time = rollup.Period(levels=rollup.KEY_LEVELS)  # every day of the per-key rollup
-    for chunk in idsets.batches(connection, sorted({item_id for _, item_id, *_ in outliers})):
-        found_spend = rollup.grouped(connection, by=("work_item", "key_id"), period=all_time, fields=SPEND_FIELDS,
-                                     where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
-        for work_item, key_id, requests, cost, tokens, first, last in found_spend:  # SPEND_FIELDS, unpacked
-            add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), requests, cost, tokens, first, last)
-
-    flagged: dict[str, list[tuple[Spend, dict[str, Any]]]] = defaultdict(list)
-    for team, item_id, cost, z, median, mad, team_items in outliers:
-        for key_id, s in by_item[item_id].items():
-            share = s.cost / cost if cost > 0 else 0.0
-            if share < t.cost_min_key_share:
-                continue
-            figures = {
-                "completed_at": iso(items[item_id].completed_at),
-                "item_cost_usd": usd(cost),
-                "team": team,
-                "team_items": team_items,
-                "team_median_usd": usd(median),
-                "team_mad_usd": usd(mad),
-                "robust_z": rounded(z, 3),
-                "ratio_to_median": rounded(cost / median, 3) if median > 0 else None,
-                "key_cost_usd": usd(s.cost),
-                "key_share": rounded(share, 6),
-                "first": iso(s.first),
-                "last": iso(s.last),
-            }
-            flagged[key_id].append((s, figures))
-    found = []
-    for key_id, entries in flagged.items():
-        spends = [s for s, _ in entries]
-        evidence = {
-            "items": len(entries),
-            "requests": sum(s.requests for s in spends),
-            "cost_usd": usd(sum(s.cost for s in spends)),
-            **span(spends),
-        }
-        found.append((key_id, evidence, listed([item_entry(items, s, **figures) for s, figures in entries])))
-    return found
 
 
 def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalSettings) -> list[Found]:

@@ -32,9 +32,12 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
 - `spend_without_completion`: the key's spend in the period is at least `heavy_spend_min_usd` [50] and
   the items it spent on (any event in the period) that count as completed — status `done` with
   `completed_at` at or after `since` (completed in the period or since; an item done before the period
-  is no outcome of this period's spend) — took less than `heavy_spend_max_completed_share` [0.1] of
-  it, or there are none (so one cheap completed item does not shield the rest). Evidence: `cost_usd`,
-  `requests`, `tokens`, `items`, `items_by_status`, `completed_items`, `completed_cost_usd`, `first`, `last`.
+  is no outcome of this period's spend), and the tickets a merged PR completed since `since` carries
+  (not done, never reworked: the adoption report's rule), for the key's spend on them up to the merge —
+  took less than `heavy_spend_max_completed_share` [0.1] of it, or there are none (so one cheap
+  completed item does not shield the rest). Evidence: `cost_usd`, `requests`, `tokens`, `items`,
+  `items_by_status`, `completed_items`, `completed_cost_usd` (carried tickets' part included),
+  `carried_tickets`, `first`, `last`.
 - `machine_cadence`: a key with at least `cadence_min_requests` [50] requests whose intervals are near
   constant — coefficient of variation (population standard deviation / mean of the seconds between
   consecutive requests) at most `cadence_max_cv` [0.2] — and/or that is active around the clock: on at
@@ -43,18 +46,20 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `interval_median_seconds`, `interval_cv`, `distinct_hours` (hours of the day, UTC, with any request
   in the period), `around_the_clock_days`, and `reasons` (`regular_intervals`, `around_the_clock`).
 - `cost_outlier`: items completed in the period (status `done`, `completed_at` in the period) are
-  compared within their team. An item's cost is all the spend it ever had (as in the adoption report);
+  compared within their team. An item's cost is all the spend it ever had, and a merged PR's with its
+  carried tickets' usage up to its merge (as in the adoption report: `signal_carry.py`);
   items none of whose events has a known price are left out. An item's team is `work_items.team`, else
-  its project's in the config's `work_items.teams`, else the team that spent the most on it over all
-  time (cost, then tokens, then name); items with none
+  its project's in the config's `work_items.teams`, else (a PR carrying tickets) theirs, else the team
+  that spent the most on it over all time (cost, then tokens, then name); items with none
   are not compared. In a team with at least `cost_min_items` [5] such items, with m the median and MAD
   the median absolute deviation of their costs, an item's robust z-score is 0.6745 × (cost − m) / MAD
   (when MAD is 0: (cost − m) / (1.253314 × mean absolute deviation from m); when that is 0 too, nothing
   in the team is an outlier). An item is an outlier when z ≥ `cost_min_z` [3.5] and its cost is at
   least `cost_min_ratio` [3] × m. The signal names each key that carried at least `cost_min_key_share`
-  [0.25] of an outlier item's cost (all time). Evidence: `items`, and the key's `cost_usd` and
-  `requests` on them; each work item has `item_cost_usd`, `team`, `team_items`, `team_median_usd`,
-  `team_mad_usd`, `robust_z`, `ratio_to_median`, `key_cost_usd`, `key_share`.
+  [0.25] of an outlier item's cost (all time; on a carried ticket, up to the merge). Evidence: `items`,
+  and the key's `cost_usd` and `requests` on them; each work item has `item_cost_usd`, `team`,
+  `team_items`, `team_median_usd`, `team_mad_usd`, `robust_z`, `ratio_to_median`, `key_cost_usd`,
+  `key_share`, `carried_tickets` (the tickets whose usage its cost holds).
 - `trivial_completions`: of the items completed in the period (status `done`, `completed_at` in the
   period) on which the key made requests in the period, at least `trivial_min_items` [5], and at least
   `trivial_min_share` [0.6] of them, are trivial: completed within `trivial_max_minutes` [10] of being
@@ -98,16 +103,18 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from taskproxy.settings import SignalSettings
+from taskproxy.reports import signal_carry
 from taskproxy.reports.signal_cadence import cadence
 from taskproxy.reports.signal_checks import (
     after_completion,
-    cost_outliers,
+    heavy_spenders,
     repeated_prompts,
     split_work,
     trivial_completions,
     unverified,
     without_completion,
 )
+from taskproxy.reports.signal_outliers import cost_outliers
 from taskproxy.storage.db import one_snapshot
 from taskproxy.storage.repo import completed_ids
 from taskproxy.reports.signal_data import (
@@ -139,12 +146,14 @@ def gaming_signals(
         keys |= keys_from_events(connection, spend.keys() - keys.keys(), since, until)  # a key with events but no row
         touched = {item for per_item in spend.values() for item in per_item}
         items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()), item_teams or {})
+        heavy = heavy_spenders(spend, t)
+        _, merges = signal_carry.carried(connection, since, None) if heavy else ({}, {})  # merged since `since`: an outcome of this spend
         by_kind: dict[str, list[Found]] = {
             "repeated_prompt": repeated_prompts(connection, keys, spend, items, since, until, t),
             "spend_after_completion": after_completion(connection, items, since, until, t),
-            "spend_without_completion": without_completion(spend, items, since, t),
+            "spend_without_completion": without_completion(heavy, items, since, t, signal_carry.completed_spend(connection, heavy, merges, since)),
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
-            "cost_outlier": cost_outliers(connection, items, since, until, t),
+            "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}),
             "unverified_spend": unverified(spend, items, t),
             "trivial_completions": trivial_completions(spend, items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),

@@ -107,8 +107,8 @@ def list_work_items(engine: Engine, *, status: str | None = None, team: str | No
         return list(connection.execute(query))
 
 
-def completed_ids(since: datetime, until: datetime) -> Select:
-    """The ids of the items completed in [since, until) (`workitems.completed_in`), by the completed_at index."""
+def completed_ids(since: datetime, until: datetime | None) -> Select:
+    """The ids of the items completed in [since, until) (None: from `since` on; `workitems.completed_in`), by the completed_at index."""
     w = WorkItem.__table__.c
     return select(w.id).where(w.status == COMPLETED, *rollup.within(w.completed_at, since, until))
 

@@ -1,0 +1,96 @@
+"""What the gaming signals count of a ticket that a merged pull request carries, as the adoption report
+does (`adoption_data.carried_by`): a ticket not done, whose last merged pull request still standing
+is completed, led to that outcome with its usage up to the merge. So the signals and the report agree:
+
+- `spend_without_completion`: a key's period spend on such a ticket, up to the merge, is spend on
+  completed work (a ticket left open after its PR merged, the usual case when the tracker is not kept
+  tidy, flagged every key that worked on it before);
+- `cost_outlier`: a merged pull request's cost holds its carried tickets' usage up to the merge, and
+  the keys that spent it are among its spenders (work put on a ticket left open, a tenth of it on the
+  pull request, hid the cost from the comparison before).
+
+Read for the tickets concerned alone: their per-key days from `usage_key_daily`, and the raw events of
+the merge's own day up to the merge (by the (work_item, ts) index).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Connection
+
+from taskproxy.reports import adoption_data
+from taskproxy.reports.signal_data import SPEND_FIELDS, Span, Spend, add_spend, events_within
+from taskproxy.storage import idsets, rollup
+from taskproxy.storage.rollup import is_request
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def carried(connection: Connection, since: datetime, until: datetime | None) -> tuple[dict[str, str], dict[str, datetime]]:
+    """({ticket: the merged pull request carrying it}, {ticket: that merge}), for the pull requests
+    completed in [since, until) (None: from `since` on)."""
+    loaded: dict[str, adoption_data.Item] = {}
+    by_pull = adoption_data.carried_by(connection, loaded, since, until)
+    return by_pull, {ticket: loaded[pull].completed_at for ticket, pull in by_pull.items()}  # type: ignore[misc]
+
+
+def key_spend_up_to(connection: Connection, merges: Mapping[str, datetime], since: datetime | None) -> dict[str, dict[str, Spend]]:
+    """Per ticket and key: the key's events on the ticket from `since` (None: all time) up to the
+    ticket's merge, itself included. Whole days from the per-key rollup, the merge's day from the raw
+    events (and, with `since` inside a day, that day's part too)."""
+    found: dict[str, dict[str, Spend]] = defaultdict(dict)
+    spans: list[Span] = []
+    for ticket, merge in sorted(merges.items()):
+        day = rollup.KEY_DAILY.floor(merge)
+        period = rollup.Period(since, day, levels=rollup.KEY_LEVELS)
+        for key_id, *figures in rollup.grouped(connection, by=("key_id",), period=period, fields=SPEND_FIELDS,
+                                               where=lambda c, ticket=ticket: [c.work_item == ticket]):  # fmt: skip
+            add_spend(found[ticket].setdefault(key_id, Spend(ticket)), *figures)
+        low = day if since is None else max(since, day)
+        if low <= merge:
+            spans.append((ticket, None, low - _MICROSECOND, merge + _MICROSECOND))
+    for key_id, ticket, ts, attempt, route, cost, tokens in events_within(connection, spans):
+        add_spend(found[ticket].setdefault(key_id, Spend(ticket)), int(is_request(attempt, route)), cost, tokens, ts, ts)
+    return found
+
+
+def completed_spend(connection: Connection, spends: Mapping[str, list[Spend]], merges: Mapping[str, datetime], since: datetime) -> dict[str, dict[str, int]]:
+    """Per key of `spends` (its period spend per item, the period starting at `since`): {ticket: its
+    spend up to the merge} on the carried tickets (`merges`) it spent on. A key's spend wholly before
+    or wholly after a merge is known from its first and last event; the tickets it spent on across one
+    are read (`key_spend_up_to`)."""
+    found: dict[str, dict[str, int]] = defaultdict(dict)
+    across: set[str] = set()
+    for key_id, per_item in spends.items():
+        for s in per_item:
+            merge = merges.get(s.item)
+            if merge is None or s.cost <= 0 or s.first is None or s.first > merge:
+                continue
+            if s.last is not None and s.last <= merge:
+                found[key_id][s.item] = s.cost
+            else:
+                across.add(s.item)
+    if across:
+        up_to = key_spend_up_to(connection, {ticket: merges[ticket] for ticket in across}, since)
+        for key_id, per_item in spends.items():
+            for s in per_item:
+                if s.item in across and (cost := up_to[s.item].get(key_id, Spend(s.item)).cost) > 0:
+                    found[key_id][s.item] = cost
+    return found
+
+
+def carried_costs(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, int | None]:
+    """Per carried ticket: the known cost of its usage up to its merge (None: no event with a known price)."""
+    up_to = adoption_data.usage_up_to_merges(connection, merges)
+    costs: dict[str, int | None] = {}
+    for ticket, by_model in up_to.items():
+        known = [cost for _, _, cost, _ in by_model.values() if cost is not None]
+        costs[ticket] = sum(known) if known else None
+    for chunk in idsets.batches(connection, sorted(set(merges) - set(up_to))):  # used only up to the merge: all their usage
+        for ticket, cost in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("cost_nanos",),
+                                           where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
+            costs[ticket] = None if cost is None else int(cost)
+    return costs

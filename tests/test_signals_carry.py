@@ -1,0 +1,107 @@
+"""The gaming signals count a ticket left open after its pull request merged as the adoption report
+does: its usage up to the merge is the merged PR's work (reports/signal_carry.py). Before, the signals
+read each item alone: every key that worked on such a ticket looked like heavy spend with nothing
+completed, and work put on the ticket instead of the PR escaped the cost comparison."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from conftest import BOTH_DATABASES
+from signals_org import PRICE
+from write_path import past_request, write_all
+
+from taskproxy import registry
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.money import usd
+from taskproxy.reports.signals import gaming_signals
+from taskproxy.storage.db import make_engine, upgrade_schema
+
+SINCE, UNTIL = datetime(2026, 3, 2), datetime(2026, 3, 16)
+DAY, HOUR = timedelta(days=1), timedelta(hours=1)
+REQUEST_NANOS = PRICE.nanos(100_000, 10_000)  # each request below: $2.25
+
+
+class World:
+    def __init__(self, engine: Any, tmp_path: Path) -> None:
+        self.engine, self.tmp_path, self.counter, self.exchanges = engine, tmp_path, TokenCounter(), []
+
+    def ticket(self, item: str, status: str = "in_progress") -> None:
+        registry.transition(self.engine, item, status, source="jira", at=SINCE - DAY, fields={"team": "web"}, created_at=SINCE - DAY)
+
+    def merged_pr(self, pr: str, ticket: str | None, merged: datetime) -> None:
+        registry.transition(self.engine, pr, "open", source="github", at=merged - DAY, fields={"team": "web"}, created_at=merged - DAY)
+        registry.transition(self.engine, pr, "done", source="github", at=merged, merged=True)
+        if ticket is not None:
+            registry.link(self.engine, ticket, pr, at=merged)
+
+    def requests(self, key_id: str, item: str, times: list[datetime]) -> None:
+        key = SimpleNamespace(id=key_id, owner=f"{key_id}@example.com", team="web")
+        for ts in times:
+            n = len(self.exchanges)
+            self.exchanges.append(past_request(id=f"r-{n}", ts=ts, key=key, work_item=item, model="big-model", body={"n": n},
+                                               prompt_tokens=100_000, completion_tokens=10_000, counter=self.counter, price=PRICE))  # fmt: skip
+
+    def signals(self) -> dict[str, dict[str, Any]]:
+        write_all(self.engine, self.tmp_path / "spool.jsonl", self.exchanges, len(self.exchanges))
+        report = gaming_signals(self.engine, since=SINCE, until=UNTIL)
+        return {f"{s['kind']}:{s['key_id']}": s for s in report["signals"]}
+
+
+def spaced(start: datetime, count: int, step: timedelta = timedelta(minutes=5)) -> list[datetime]:
+    return [start + n * step for n in range(count)]
+
+
+@BOTH_DATABASES
+def test_spend_on_a_ticket_up_to_its_merged_pr_is_spend_on_completed_work(database_url: str, tmp_path: Path) -> None:
+    """$63 on a ticket left in progress after its PR merged, a fifth of it before the merge: not heavy
+    spend without completion. The share before the merge is split at the merge itself, not at its day."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    for ticket in ("T-1", "T-2", "T-3"):
+        world.ticket(ticket)
+    merged_1, merged_2 = SINCE + 3 * DAY + 13 * HOUR, SINCE + 6 * DAY + 12 * HOUR
+    world.merged_pr("acme/web#1", "T-1", merged_1)
+    world.merged_pr("acme/web#2", "T-2", merged_2)
+    # umbrella: 6 of 28 requests before the merge (a day before, and the hour before it)
+    world.requests("umbrella", "T-1", spaced(SINCE + DAY + 10 * HOUR, 4) + spaced(merged_1 - HOUR, 2) + spaced(merged_1 + HOUR, 2)
+                   + spaced(SINCE + 5 * DAY + 9 * HOUR, 20))  # fmt: skip
+    # late: 2 of 28 before the merge, 4 more after it on the merge's day: under a tenth, unless split by day
+    world.requests("late", "T-2", spaced(merged_2 - 30 * timedelta(minutes=1), 2) + spaced(merged_2 + 30 * timedelta(minutes=1), 4)
+                   + spaced(SINCE + 9 * DAY + 9 * HOUR, 22))  # fmt: skip
+    world.requests("nothing", "T-3", spaced(SINCE + 2 * DAY + 9 * HOUR, 28))  # no pull request
+    found = world.signals()
+    engine.dispose()
+    flagged = {name.split(":", 1)[1] for name in found if name.startswith("spend_without_completion:")}
+    assert flagged == {"late", "nothing"}
+    late = found["spend_without_completion:late"]["evidence"]
+    assert (late["completed_cost_usd"], late["carried_tickets"], late["cost_usd"]) == (usd(2 * REQUEST_NANOS), 1, usd(28 * REQUEST_NANOS))
+    assert found["spend_without_completion:nothing"]["evidence"]["carried_tickets"] == 0
+
+
+@BOTH_DATABASES
+def test_a_merged_prs_cost_holds_the_tickets_it_carries_in_the_cost_comparison(database_url: str, tmp_path: Path) -> None:
+    """$90 put on a ticket left open and $2.25 on its pull request: the PR's cost is $92.25, forty
+    times its team's median, and the key that spent on the ticket has most of it."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    for n in range(1, 7):  # the team's other completed items: $2.25 or $4.50
+        world.ticket(f"W-{n}", "open")
+        world.requests("steady", f"W-{n}", spaced(SINCE + n * DAY + 9 * HOUR, 1 + n % 2))
+        registry.transition(engine, f"W-{n}", "done", source="jira", at=SINCE + n * DAY + 15 * HOUR)
+    world.ticket("T-7", "open")
+    merged = SINCE + 8 * DAY + 12 * HOUR
+    world.merged_pr("acme/web#7", "T-7", merged)
+    world.requests("steady", "acme/web#7", [merged - 2 * HOUR])
+    world.requests("hider", "T-7", spaced(SINCE + 7 * DAY + 9 * HOUR, 30) + spaced(merged - 3 * HOUR, 10) + spaced(merged + HOUR, 5))
+    found = world.signals()
+    engine.dispose()
+    assert [name for name in found if name.startswith("cost_outlier:")] == ["cost_outlier:hider"]
+    entry = found["cost_outlier:hider"]["work_items"][0]
+    assert (entry["id"], entry["carried_tickets"]) == ("acme/web#7", ["T-7"])
+    assert entry["item_cost_usd"] == usd(41 * REQUEST_NANOS) and entry["key_cost_usd"] == usd(40 * REQUEST_NANOS)
