@@ -105,3 +105,37 @@ def test_a_merged_prs_cost_holds_the_tickets_it_carries_in_the_cost_comparison(d
     entry = found["cost_outlier:hider"]["work_items"][0]
     assert (entry["id"], entry["carried_tickets"]) == ("acme/web#7", ["T-7"])
     assert entry["item_cost_usd"] == usd(41 * REQUEST_NANOS) and entry["key_cost_usd"] == usd(40 * REQUEST_NANOS)
+
+
+@BOTH_DATABASES
+def test_a_keys_spend_on_a_ticket_up_to_its_merge_is_a_scan_of_its_events(database_url: str, tmp_path: Path) -> None:
+    """From any `since` (none, a midnight, inside a day, inside the merge's day, after the merge) to the
+    merge itself, included: per key, what a scan of the raw events gives."""
+    from sqlalchemy import select
+
+    from taskproxy.reports import signal_carry
+    from taskproxy.storage.models import UsageEvent
+    from taskproxy.storage.rollup import is_request
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    merges = {"T-1": SINCE + 3 * DAY + 13 * HOUR, "T-2": SINCE + 5 * DAY, "T-3": SINCE + 6 * DAY + 12 * HOUR + timedelta(microseconds=1)}
+    for ticket, merge in merges.items():
+        for key_id in ("a", "b"):
+            times = spaced(SINCE + 7 * HOUR, 30, step=5 * HOUR + timedelta(minutes=7, microseconds=3))
+            world.requests(key_id, ticket, [*times, merge, merge - timedelta(microseconds=1), merge + timedelta(microseconds=1)])
+    write_all(engine, tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
+    with engine.connect() as connection:
+        events = connection.execute(select(UsageEvent.__table__)).all()
+        for since in (None, SINCE, SINCE + DAY + 9 * HOUR, SINCE + 5 * DAY, SINCE + 6 * DAY + 2 * HOUR, SINCE + 9 * DAY):
+            found = signal_carry.key_spend_up_to(connection, merges, since)
+            got = {(t, k): (s.requests, s.cost, s.tokens, s.first, s.last) for t, per_key in found.items() for k, s in per_key.items()}
+            expected: dict[tuple[str, str], tuple] = {}
+            for e in events:
+                if (since is None or e.ts >= since) and e.ts <= merges[e.work_item]:
+                    r, c, tok, first, last = expected.get((e.work_item, e.key_id), (0, 0, 0, e.ts, e.ts))
+                    expected[(e.work_item, e.key_id)] = (r + is_request(e.attempt, e.route), c + e.cost_nanos, tok + e.total_tokens,
+                                                         min(first, e.ts), max(last, e.ts))  # fmt: skip
+            assert got == expected, since
+    engine.dispose()

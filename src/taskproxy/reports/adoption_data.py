@@ -18,7 +18,7 @@ from datetime import datetime
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import DateTime, String, column, or_, select, true, values
+from sqlalchemy import DateTime, String, or_, select, true
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
@@ -28,7 +28,6 @@ from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
 from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 
-MERGES_PER_QUERY = 10_000  # (ticket, moment) pairs bound in one VALUES list: two parameters each, PostgreSQL takes 65,535
 _E = UsageEvent.__table__.c
 _W = WorkItem.__table__.c
 _C = WorkItemChange.__table__.c
@@ -199,11 +198,8 @@ def _load_spend_after_merges(connection: Connection, items: dict[str, Item], mer
 
 
 def _moments(connection: Connection, pairs: list[tuple[str, datetime]]) -> Iterator[Any]:
-    """(item id, moment) pairs as VALUES lists of MERGES_PER_QUERY, each a table of columns `id` and
-    `moment`: nothing is written, so a report runs on a read-only database (a standby) as before."""
-    for start in range(0, len(pairs), MERGES_PER_QUERY):
-        moments: Any = values(column("id", String(200)), column("moment", DateTime()), name="adoption_merges").data(pairs[start : start + MERGES_PER_QUERY])
-        yield moments.cte("adoption_merges") if connection.dialect.name == "sqlite" else moments  # SQLite names no VALUES columns in FROM: a CTE does
+    """(item id, moment) pairs as tables of columns `id` and `moment` (`idsets.values_lists`)."""
+    return idsets.values_lists(connection, "adoption_merges", (("id", String(200)), ("moment", DateTime())), pairs)
 
 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
@@ -262,7 +258,7 @@ def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -
     """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
     less what came after: a request committed between two reads, or a price known only later, would
     make that wrong), for those tickets alone: the others carry all of theirs. Their (ticket, merge)
-    pairs go to the database as VALUES lists (`_moments`): a statement per MERGES_PER_QUERY tickets."""
+    pairs go to the database as VALUES lists (`_moments`): a statement per 10,000 tickets."""
     last_used: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, sorted(merges)):
         for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),

@@ -12,17 +12,19 @@ as an array instead. SQLite has no arrays: `IN (...)` lists, under its limit on 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import String, Text, any_, bindparam, func, literal_column
+from sqlalchemy import String, Text, any_, bindparam, column, func, literal_column, values
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
 
 _BATCH = {"postgresql": 1_000_000}
 _SEPARATOR = "\x1f"  # chr(31), the ASCII unit separator
 _IN_LIST_BATCH = 5_000  # SQLite binds at most 32,766 parameters to a statement
+ROWS_PER_VALUES = 10_000  # rows of up to three columns in one VALUES list: under SQLite's 32,766 parameters and PostgreSQL's 65,535
 
 
 def batch_size(connection: Connection) -> int:
@@ -46,3 +48,12 @@ def among(connection: Connection, column: Any, batch: list[str]) -> ColumnElemen
             return column == any_(func.string_to_array(bindparam(None, joined, type_=Text()), literal_column("chr(31)")))
         return column == any_(bindparam(None, batch, type_=ARRAY(String())))
     return column.in_(batch)  # type: ignore[no-any-return]
+
+
+def values_lists(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Iterator[Any]:
+    """`data` (rows the caller holds: an id with its own moment or range) as VALUES lists of
+    ROWS_PER_VALUES rows, each a table `name` with `columns` to join in a statement. Nothing is
+    written, so a report runs on a read-only database (a standby) as before."""
+    for start in range(0, len(data), ROWS_PER_VALUES):
+        found: Any = values(*(column(label, kind) for label, kind in columns), name=name).data(list(data[start : start + ROWS_PER_VALUES]))
+        yield found.cte(name) if connection.dialect.name == "sqlite" else found  # SQLite names no VALUES columns in FROM: a CTE does
