@@ -263,3 +263,66 @@ def test_a_dbas_statement_timeout_does_not_undo_the_months_made_in_a_round(postg
         report.close()
         guarded.dispose()
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_carried_tickets_usage_up_to_their_merges_locks_only_the_months_it_reads(postgres_url: str) -> None:
+    """The usage of tickets carried by a merge in March reads March's raw hour: a report's snapshot holds
+    no lock on the other months, nor on the default partition, which a month being made must lock. Their
+    moments come in a VALUES list, which gives the planner no constant to leave the months out by: the
+    read bounds itself by its earliest and latest moment (found by a review; with one ticket PostgreSQL
+    makes the list constants, so two are needed)."""
+    from taskproxy.reports import adoption_data
+
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    partitions.maintain(engine, datetime(2031, 2, 15), retention_months=None)  # January to April 2031, and the default
+    merge = datetime(2031, 3, 10, 12, 30)
+    rng = random.Random(3)
+    rows = [event(rng, ts, work_item=item) for ts in (merge - timedelta(days=3), merge - timedelta(minutes=5), merge + timedelta(hours=2)) for item in ("T-1", "T-2")]
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    with engine.connect() as report:
+        report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+        found = adoption_data.usage_up_to_merges(report, {"T-1": merge, "T-2": merge})
+        held = sorted(report.execute(text(
+            "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid = pg_backend_pid() AND c.relname LIKE 'usage_events_%' AND c.relkind = 'r'")).scalars())  # fmt: skip
+        report.execute(text("COMMIT"))
+    engine.dispose()
+    assert set(found) == {"T-1", "T-2"} and all(found.values())
+    assert held == ["usage_events_p203103"], held
+
+
+@pytest.mark.postgres
+def test_spend_after_a_completion_in_the_middle_of_an_hour_locks_only_the_months_it_reads(postgres_url: str) -> None:
+    """The spend after completion splits the hour of each item's completion at the raw events, each item
+    its own moment (a column, or a VALUES list for tickets' merges): bounded by the period, the read
+    leaves out the other months and the default partition."""
+    from taskproxy import registry
+    from taskproxy.reports import adoption_data
+
+    engine = make_engine(postgres_url)
+    upgrade_schema(engine)
+    partitions.maintain(engine, datetime(2031, 2, 15), retention_months=None)
+    done = datetime(2031, 3, 10, 12, 30)
+    rng = random.Random(5)
+    rows = [event(rng, done + timedelta(minutes=m), work_item=item, cost_nanos=1000) for m in (-20, -5, 5, 20) for item in ("D-1", "D-2", "T-1", "T-2")]
+    repo.write_batch(engine, events=rows, rejections=[], new_items=[])
+    for item in ("D-1", "D-2", "T-1", "T-2"):
+        registry.transition(engine, item, "open", source="api", at=datetime(2031, 3, 1), created_at=datetime(2031, 3, 1))
+    for item in ("D-1", "D-2"):
+        registry.transition(engine, item, "done", source="api", at=done)
+    for n, ticket in enumerate(("T-1", "T-2")):
+        registry.transition(engine, f"acme/web#{n}", "open", source="github", at=datetime(2031, 3, 2), created_at=datetime(2031, 3, 2))
+        registry.transition(engine, f"acme/web#{n}", "done", source="github", at=done, merged=True)
+        registry.link(engine, ticket, f"acme/web#{n}", at=done)
+    with engine.connect() as report:
+        report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+        items = adoption_data.load(report, datetime(2031, 3, 1), datetime(2031, 4, 1))
+        held = sorted(report.execute(text(
+            "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid = pg_backend_pid() AND c.relname LIKE 'usage_events_%' AND c.relkind = 'r'")).scalars())  # fmt: skip
+        report.execute(text("COMMIT"))
+    engine.dispose()
+    assert all(items[i].spend_after_completion > 0 for i in ("D-1", "D-2")) and all(items[t].spend_after_merge > 0 for t in ("T-1", "T-2"))
+    assert held == ["usage_events_p203103"], held

@@ -18,7 +18,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from conftest import BOTH_DATABASES
-from sqlalchemy import DateTime, String, and_, case, column, func, insert, select, values
+from sqlalchemy import and_, case, column, func, insert, select
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Engine
 
@@ -374,11 +374,9 @@ def test_usage_up_to_each_items_own_moment_is_a_scan_of_its_events_up_to_it(data
     for item, at in moments.items():  # events on the moment, and either side of it
         rows += [event(rng, at + timedelta(microseconds=s), work_item=item) for s in (-1, 0, 0, 1, -10**6, 59 * 10**6)]
     repo.write_batch(engine, events=rows, rejections=[], new_items=[])
-    table = values(column("id", String(200)), column("moment", DateTime()), name="moments").data(sorted(moments.items()))
     with engine.connect() as connection:
-        source = table.cte("moments") if connection.dialect.name == "sqlite" else table
         found = {(item, model): (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0))
-                 for item, model, a, ans, cost, tok in spend_after.usage_up_to(connection, source, source.c.moment)}  # fmt: skip
+                 for item, model, a, ans, cost, tok in spend_after.usage_up_to(connection, sorted(moments.items()))}  # fmt: skip
     expected: dict[tuple[str, str], tuple[int, int, int | None, int]] = {}
     for row in raw_rows(engine):
         if row.ts > moments[row.work_item]:

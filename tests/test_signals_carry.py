@@ -29,26 +29,44 @@ class World:
     def __init__(self, engine: Any, tmp_path: Path) -> None:
         self.engine, self.tmp_path, self.counter, self.exchanges = engine, tmp_path, TokenCounter(), []
 
-    def ticket(self, item: str, status: str = "in_progress") -> None:
-        registry.transition(self.engine, item, status, source="jira", at=SINCE - DAY, fields={"team": "web"}, created_at=SINCE - DAY)
+    def ticket(self, item: str, status: str = "in_progress", team: str | None = "web") -> None:
+        fields = {"team": team} if team else {}
+        registry.transition(self.engine, item, status, source="jira", at=SINCE - DAY, fields=fields, created_at=SINCE - DAY)
 
-    def merged_pr(self, pr: str, ticket: str | None, merged: datetime) -> None:
-        registry.transition(self.engine, pr, "open", source="github", at=merged - DAY, fields={"team": "web"}, created_at=merged - DAY)
+    def merged_pr(self, pr: str, ticket: str | None, merged: datetime, team: str | None = "web") -> None:
+        fields = {"team": team} if team else {}
+        registry.transition(self.engine, pr, "open", source="github", at=merged - DAY, fields=fields, created_at=merged - DAY)
         registry.transition(self.engine, pr, "done", source="github", at=merged, merged=True)
         if ticket is not None:
             registry.link(self.engine, ticket, pr, at=merged)
 
-    def requests(self, key_id: str, item: str, times: list[datetime]) -> None:
-        key = SimpleNamespace(id=key_id, owner=f"{key_id}@example.com", team="web")
+    def requests(self, key_id: str, item: str, times: list[datetime], team: str | None = "web") -> None:
+        key = SimpleNamespace(id=key_id, owner=f"{key_id}@example.com", team=team)
         for ts in times:
             n = len(self.exchanges)
             self.exchanges.append(past_request(id=f"r-{n}", ts=ts, key=key, work_item=item, model="big-model", body={"n": n},
                                                prompt_tokens=100_000, completion_tokens=10_000, counter=self.counter, price=PRICE))  # fmt: skip
 
-    def signals(self) -> dict[str, dict[str, Any]]:
+    def signals(self, item_teams: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
         write_all(self.engine, self.tmp_path / "spool.jsonl", self.exchanges, len(self.exchanges))
-        report = gaming_signals(self.engine, since=SINCE, until=UNTIL)
+        report = gaming_signals(self.engine, since=SINCE, until=UNTIL, item_teams=item_teams)
         return {f"{s['kind']}:{s['key_id']}": s for s in report["signals"]}
+
+    def team_items(self) -> None:
+        """Six completed items of the team 'web', at $2.25 or $4.50 each."""
+        for n in range(1, 7):
+            self.ticket(f"W-{n}", "open")
+            self.requests("steady", f"W-{n}", spaced(SINCE + n * DAY + 9 * HOUR, 1 + n % 2))
+            registry.transition(self.engine, f"W-{n}", "done", source="jira", at=SINCE + n * DAY + 15 * HOUR)
+
+    def adoption_team(self, item: str, item_teams: dict[str, str]) -> str | None:
+        """The team the adoption report counts `item` for."""
+        from taskproxy.reports import adoption_data, adoption_teams
+
+        with self.engine.connect() as connection:
+            items = adoption_data.load(connection, SINCE, UNTIL)
+            adoption_teams.assign_teams(connection, items, SINCE, UNTIL, item_teams)
+        return items[item].team
 
 
 def spaced(start: datetime, count: int, step: timedelta = timedelta(minutes=5)) -> list[datetime]:
@@ -90,10 +108,7 @@ def test_a_merged_prs_cost_holds_the_tickets_it_carries_in_the_cost_comparison(d
     engine = make_engine(database_url)
     upgrade_schema(engine)
     world = World(engine, tmp_path)
-    for n in range(1, 7):  # the team's other completed items: $2.25 or $4.50
-        world.ticket(f"W-{n}", "open")
-        world.requests("steady", f"W-{n}", spaced(SINCE + n * DAY + 9 * HOUR, 1 + n % 2))
-        registry.transition(engine, f"W-{n}", "done", source="jira", at=SINCE + n * DAY + 15 * HOUR)
+    world.team_items()
     world.ticket("T-7", "open")
     merged = SINCE + 8 * DAY + 12 * HOUR
     world.merged_pr("acme/web#7", "T-7", merged)
@@ -105,6 +120,29 @@ def test_a_merged_prs_cost_holds_the_tickets_it_carries_in_the_cost_comparison(d
     entry = found["cost_outlier:hider"]["work_items"][0]
     assert (entry["id"], entry["carried_tickets"]) == ("acme/web#7", ["T-7"])
     assert entry["item_cost_usd"] == usd(41 * REQUEST_NANOS) and entry["key_cost_usd"] == usd(40 * REQUEST_NANOS)
+
+
+@BOTH_DATABASES
+def test_a_pr_without_a_team_is_compared_in_the_team_of_the_tickets_it_carries_as_the_report_counts_it(database_url: str, tmp_path: Path) -> None:
+    """Neither the PR nor its ticket has a team (set, or by project): the adoption report counts the PR
+    for the team that spent on its ticket, and so does the cost comparison; and a ticket with no row
+    gives it its project's team (`work_items.teams`), as in the report (found by a review)."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    merged = SINCE + 8 * DAY + 12 * HOUR
+    world.ticket("T-7", "open", team=None)
+    world.merged_pr("acme/web#7", "T-7", merged, team=None)
+    world.requests("hider", "T-7", spaced(SINCE + 7 * DAY + 9 * HOUR, 30) + spaced(merged - 3 * HOUR, 10))
+    world.merged_pr("acme/web#8", "PROJ-8", merged + HOUR, team=None)  # PROJ-8 has no row: unverified
+    world.requests("unlisted", "PROJ-8", spaced(SINCE + 7 * DAY + 9 * HOUR, 40), team=None)
+    teams = {"proj": "web"}
+    found = world.signals(teams)
+    assert (world.adoption_team("acme/web#7", teams), world.adoption_team("acme/web#8", teams)) == ("web", "web")
+    engine.dispose()
+    assert [name for name in found if name.startswith("cost_outlier:")] == ["cost_outlier:hider", "cost_outlier:unlisted"]
+    assert {w["team"] for name in ("cost_outlier:hider", "cost_outlier:unlisted") for w in found[name]["work_items"]} == {"web"}
 
 
 @BOTH_DATABASES

@@ -257,8 +257,8 @@ def carried_by(connection: Connection, items: dict[str, Item], since: datetime, 
 def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:
     """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
     less what came after: a request committed between two reads, or a price known only later, would
-    make that wrong), for those tickets alone: the others carry all of theirs. Their (ticket, merge)
-    pairs go to the database as VALUES lists (`_moments`): a statement per 10,000 tickets."""
+    make that wrong), for those tickets alone: the others carry all of theirs (`spend_after.usage_up_to`:
+    a statement per 10,000 tickets)."""
     last_used: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, sorted(merges)):
         for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),
@@ -266,9 +266,8 @@ def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -
             last_used[work_item] = last
     used_after = [(ticket, merge) for ticket, merge in sorted(merges.items()) if last_used.get(ticket) is not None and last_used[ticket] > merge]
     found: dict[str, dict[str, tuple[int, int, int | None, int]]] = {ticket: {} for ticket, _ in used_after}
-    for moments in _moments(connection, used_after):
-        for ticket, model, attempts, answered, cost, tokens in spend_after.usage_up_to(connection, moments, moments.c.moment):
-            found[ticket][model] = (int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
+    for ticket, model, attempts, answered, cost, tokens in spend_after.usage_up_to(connection, used_after):
+        found[ticket][model] = (int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
     return found
 
 

@@ -33,6 +33,7 @@ from taskproxy.settings import SignalSettings
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.repo import completed_ids
 from taskproxy.timeutil import iso
+from taskproxy.workitems import team_of_project
 
 Outlier = tuple[str, str, int, float, float, float, int]  # team, item, cost, z, median, MAD, team items
 
@@ -56,24 +57,20 @@ def cost_outliers(
         if team != "":  # '' stands for events without a team: not a team that spent
             team_spend[work_item][team] = (int(cost or 0), int(tokens or 0))
     carriers, merges = signal_carry.carried(connection, since, until)
-    tickets = load_items(connection, set(carriers) - items.keys(), item_teams) | {ticket: items[ticket] for ticket in carriers if ticket in items}
     carried_by_pull: dict[str, list[str]] = defaultdict(list)
-    for ticket, cost in signal_carry.carried_costs(connection, merges).items():
-        pull = carriers[ticket]
+    for ticket, pull in sorted(carriers.items()):
         carried_by_pull[pull].append(ticket)
+    for ticket, cost in signal_carry.carried_costs(connection, merges).items():
         if cost is not None:
-            priced.add(pull)
-            item_cost[pull] += cost
+            priced.add(carriers[ticket])
+            item_cost[carriers[ticket]] += cost
 
     costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
-    for item_id in priced:
-        team = items[item_id].team
-        if team is None:  # a pull request carrying tickets is their work: their team, if they have one
-            team = next((row.team for ticket in sorted(carried_by_pull.get(item_id, ())) if (row := tickets.get(ticket)) and row.team), None)
-        if team is None and team_spend.get(item_id):
-            team = min(team_spend[item_id].items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[0]
-        if team is not None:
-            costs_by_team[team][item_id] = item_cost[item_id]
+    teamless = {item_id for item_id in priced if items[item_id].team is None}
+    for item_id, team in _teams_of_teamless(connection, teamless, items, team_spend, carried_by_pull, carriers, item_teams).items():
+        costs_by_team[team][item_id] = item_cost[item_id]
+    for item_id in priced - teamless:
+        costs_by_team[items[item_id].team][item_id] = item_cost[item_id]  # type: ignore[index]
     outliers = _outliers(costs_by_team, t)
 
     by_item: dict[str, dict[str, Spend]] = defaultdict(dict)  # outlier item -> key -> all-time spend, its carried tickets' included
@@ -121,6 +118,33 @@ def cost_outliers(
             **span(spends),
         }
         found.append((key_id, evidence, listed([item_entry(items, s, **figures) for s, figures in entries])))
+    return found
+
+
+def _teams_of_teamless(connection: Connection, teamless: set[str], items: dict[str, ItemRow], team_spend: dict[str, dict[str, tuple[int, int]]],
+                       carried_by_pull: Mapping[str, list[str]], carriers: Mapping[str, str], item_teams: Mapping[str, str]) -> dict[str, str]:  # fmt: skip
+    """The team of each completed item without one, as the adoption report decides it (adoption_teams.py):
+    a pull request carrying tickets takes theirs (their own, else their project's), else the team that
+    spent the most on it, its carried tickets' spenders counted as its own (all time)."""
+    tickets = sorted({ticket for item_id in teamless for ticket in carried_by_pull.get(item_id, ())})
+    rows_of = load_items(connection, tickets, item_teams)
+    spent_on: dict[str, dict[str, tuple[int, int]]] = {item_id: dict(team_spend.get(item_id, {})) for item_id in teamless}
+    for chunk in idsets.batches(connection, tickets):
+        for ticket, team, cost, tokens in rollup.grouped(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
+                                                         where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
+            if team == "":  # events without a team: not a team that spent
+                continue
+            spent = spent_on[carriers[ticket]]  # its carrier is teamless: the tickets were chosen so
+            known = spent.get(team, (0, 0))
+            spent[team] = (known[0] + int(cost or 0), known[1] + int(tokens or 0))
+    found = {}
+    for item_id in teamless:
+        carried = carried_by_pull.get(item_id, ())
+        team = next((found_team for ticket in carried if (found_team := rows_of[ticket].team if ticket in rows_of else team_of_project(ticket, item_teams))), None)
+        if team is None and spent_on[item_id]:
+            team = min(spent_on[item_id].items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[0]
+        if team is not None:
+            found[item_id] = team
     return found
 
 

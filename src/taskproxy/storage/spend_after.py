@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 
-from sqlalchemy import Row, Table, and_, case, func, select, union_all
+from sqlalchemy import DateTime, Row, String, Table, and_, case, func, select, union_all
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets
@@ -82,21 +83,29 @@ def cost_after(connection: Connection, period: Period, items: Table, moment: Any
 UP_TO_FIELDS = ("attempts", "answered", "cost_nanos", "total_tokens")
 
 
-def usage_up_to(connection: Connection, items: Table, moment: Any) -> Iterator[Row]:
-    """Per item of `items` (id column `id`) and model: (id, model, *UP_TO_FIELDS) of its events at or
-    before `moment` (a column of `items`), all time. The whole days before the moment's day come from
+def usage_up_to(connection: Connection, moments: Sequence[tuple[str, datetime]]) -> Iterator[Row]:
+    """Per item and model: (id, model, *UP_TO_FIELDS) of its events at or before its own moment
+    (`moments`: (item id, moment) pairs), all time. The whole days before the moment's day come from
     the daily rollup, the whole hours of that day before the moment's hour from the hourly one, and the
     raw events of that hour up to the moment, each read by its (work_item, ...) index: one statement
-    for all the items, each reading its own rows."""
+    per 10,000 items (`idsets.values_lists`). The raw read is bounded by constants too, the earliest
+    hour and the latest moment of its items: the planner then leaves out the months (partitions) none
+    reaches, and the report's transaction holds no lock on them (storage/partitions.py)."""
     dialect = connection.dialect.name
-    day, hour = DAILY.floor_sql(moment, dialect), HOURLY.floor_sql(moment, dialect)
     daily, hourly = DAILY.table.c, HOURLY.table.c
-    sources = ((DAILY.table, [daily.bucket < day]), (HOURLY.table, [hourly.bucket >= day, hourly.bucket < hour]), (EVENTS, [_E.ts >= hour, _E.ts <= moment]))
-    parts = []
-    for source, before in sources:
-        c = source.c
-        query = select(c.work_item.label("id"), c.model.label("model"), *columns_of(source, UP_TO_FIELDS))
-        parts.append(query.select_from(source.join(items, items.c.id == c.work_item)).where(*before).group_by(c.work_item, c.model))
-    merged = union_all(*parts).subquery()
-    query = select(merged.c.id, merged.c.model, *(func.sum(merged.c[name]).label(name) for name in UP_TO_FIELDS))
-    return rows(connection.execute(query.group_by(merged.c.id, merged.c.model)))
+    for start in range(0, len(moments), idsets.ROWS_PER_VALUES):
+        chunk = moments[start : start + idsets.ROWS_PER_VALUES]
+        (items,) = idsets.values_lists(connection, "moments", (("id", String(200)), ("moment", DateTime())), chunk)
+        moment = items.c.moment
+        day, hour = DAILY.floor_sql(moment, dialect), HOURLY.floor_sql(moment, dialect)
+        earliest, latest = HOURLY.floor(min(at for _, at in chunk)), max(at for _, at in chunk)
+        sources = ((DAILY.table, [daily.bucket < day]), (HOURLY.table, [hourly.bucket >= day, hourly.bucket < hour]),
+                   (EVENTS, [_E.ts >= hour, _E.ts <= moment, _E.ts >= earliest, _E.ts <= latest]))  # fmt: skip
+        parts = []
+        for source, before in sources:
+            c = source.c
+            query = select(c.work_item.label("id"), c.model.label("model"), *columns_of(source, UP_TO_FIELDS))
+            parts.append(query.select_from(source.join(items, items.c.id == c.work_item)).where(*before).group_by(c.work_item, c.model))
+        merged = union_all(*parts).subquery()
+        query = select(merged.c.id, merged.c.model, *(func.sum(merged.c[name]).label(name) for name in UP_TO_FIELDS))
+        yield from rows(connection.execute(query.group_by(merged.c.id, merged.c.model)))
