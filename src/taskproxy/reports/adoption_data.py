@@ -258,7 +258,7 @@ def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -
     """Per ticket used after its merge, its usage per model up to it (read as it is, not as all time
     less what came after: a request committed between two reads, or a price known only later, would
     make that wrong), for those tickets alone: the others carry all of theirs (`spend_after.usage_up_to`:
-    a statement per 10,000 tickets)."""
+    one statement)."""
     last_used: dict[str, datetime] = {}
     for chunk in idsets.batches(connection, sorted(merges)):
         for work_item, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("last_used",),

@@ -43,7 +43,7 @@ def key_spend_up_to(connection: Connection, merges: Mapping[str, datetime], sinc
     """Per ticket and key: the key's events on the ticket from `since` (None: all time) up to the
     ticket's merge, itself included. The whole days between from the per-key rollup, the rest (the
     merge's day up to it, and the part of a day `since` starts in) from the raw events; the tickets'
-    days in one statement per 10,000 (`idsets.values_lists`)."""
+    days in one statement (`idsets.values_lists`)."""
     found: dict[str, dict[str, Spend]] = defaultdict(dict)
     days: list[tuple[str, datetime, datetime]] = []  # (ticket, first whole day, the merge's day): [low, high)
     spans: list[Span] = []

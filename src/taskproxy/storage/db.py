@@ -103,7 +103,10 @@ class ReportSession:
 
     def statements(self) -> list[str]:
         limit_ms = math.ceil(self.statement_timeout_seconds * 1000)  # up: a limit under a millisecond is not "none" (0)
-        found = [f"SET LOCAL statement_timeout = {limit_ms}", "SET LOCAL idle_in_transaction_session_timeout = 0"]
+        # No JIT: a report's statements join tens of thousands of ids to indexes, which the planner costs
+        # high enough to compile with inlining and optimization: 5.1 s of a 9.0 s statement on the scale
+        # seed was the compiling (docs/scale-runs.md), for a plan of index lookups that runs in ~2 s.
+        found = [f"SET LOCAL statement_timeout = {limit_ms}", "SET LOCAL idle_in_transaction_session_timeout = 0", "SET LOCAL jit = off"]
         return [*found, f"SET LOCAL work_mem = '{int(self.work_mem_mb)}MB'"] if self.work_mem_mb else found
 
 

@@ -13,9 +13,10 @@ as an array instead. SQLite has no arrays: `IN (...)` lists, under its limit on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, Text, any_, bindparam, column, func, literal_column, values
+from sqlalchemy import String, Text, any_, bindparam, cast, column, func, literal_column, values
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -24,7 +25,7 @@ from sqlalchemy.types import TypeEngine
 _BATCH = {"postgresql": 1_000_000}
 _SEPARATOR = "\x1f"  # chr(31), the ASCII unit separator
 _IN_LIST_BATCH = 5_000  # SQLite binds at most 32,766 parameters to a statement
-ROWS_PER_VALUES = 10_000  # rows of up to three columns in one VALUES list: under SQLite's 32,766 parameters and PostgreSQL's 65,535
+ROWS_PER_VALUES = 10_000  # rows of up to three columns in one VALUES list: under SQLite's 32,766 parameters
 
 
 def batch_size(connection: Connection) -> int:
@@ -50,10 +51,38 @@ def among(connection: Connection, column: Any, batch: list[str]) -> ColumnElemen
     return column.in_(batch)  # type: ignore[no-any-return]
 
 
+_ROWS_PER_TABLE = {"postgresql": 100_000}
+
+
+def rows_per_table(connection: Connection) -> int:
+    """How many rows `rows_table` binds to one statement on this database."""
+    return _ROWS_PER_TABLE.get(connection.dialect.name, ROWS_PER_VALUES)
+
+
+def rows_table(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Any:
+    """`data` (rows the caller holds: an id with its own moment or range; at most `rows_per_table`) as a
+    table `name` with `columns`, to join in a statement. Nothing is written, so a report runs on a
+    read-only database (a standby) as before. On PostgreSQL each column is bound as one string that
+    the database splits and casts to an array, the arrays unnested side by side: a VALUES list of
+    10,000 rows took SQLAlchemy 3.4 s to compile and bind, for a statement that ran in 0.5 s (the
+    carried tickets of the scale seed, docs/scale-runs.md). SQLite takes a VALUES list, named by a CTE."""
+    if connection.dialect.name == "postgresql":
+        arrays = []
+        for values_of, (_, kind) in zip(zip(*data), columns, strict=True) if data else ():
+            texts = [value.isoformat(sep=" ") if isinstance(value, datetime) else value for value in values_of]
+            if all(isinstance(value, str) and _SEPARATOR not in value for value in texts):
+                joined = func.string_to_array(bindparam(None, _SEPARATOR.join(texts), type_=Text()), literal_column("chr(31)"))
+                arrays.append(cast(joined, ARRAY(kind)))
+            else:
+                arrays.append(bindparam(None, list(values_of), type_=ARRAY(kind)))
+        if not data:
+            arrays = [bindparam(None, [], type_=ARRAY(kind)) for _, kind in columns]
+        return func.unnest(*arrays).table_valued(*(column(label, kind) for label, kind in columns)).render_derived(name=name)
+    return values(*(column(label, kind) for label, kind in columns), name=name).data(list(data)).cte(name)
+
+
 def values_lists(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Iterator[Any]:
-    """`data` (rows the caller holds: an id with its own moment or range) as VALUES lists of
-    ROWS_PER_VALUES rows, each a table `name` with `columns` to join in a statement. Nothing is
-    written, so a report runs on a read-only database (a standby) as before."""
-    for start in range(0, len(data), ROWS_PER_VALUES):
-        found: Any = values(*(column(label, kind) for label, kind in columns), name=name).data(list(data[start : start + ROWS_PER_VALUES]))
-        yield found.cte(name) if connection.dialect.name == "sqlite" else found  # SQLite names no VALUES columns in FROM: a CTE does
+    """`data` as tables of `rows_per_table` rows each (`rows_table`)."""
+    size = rows_per_table(connection)
+    for start in range(0, len(data), size):
+        yield rows_table(connection, name, columns, data[start : start + size])
