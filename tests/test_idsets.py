@@ -43,3 +43,22 @@ def test_a_set_of_ids_reads_exactly_its_rows_whatever_the_ids_hold(database_url:
     assert _read(engine, [""]) == {""}
     assert _read(engine, []) == set()
     engine.dispose()
+
+
+@BOTH_DATABASES
+def test_rows_held_in_python_come_back_as_a_table_exactly_whatever_they_hold(database_url: str) -> None:
+    """`rows_table`: the ids and moments the reports join (a carried ticket and its merge), each row
+    alone and among others; PostgreSQL is sent each column as one string split on chr 31."""
+    from sqlalchemy import DateTime, String
+
+    engine = make_engine(database_url)
+    moments = [datetime(2026, 12, 1, 9), datetime(2026, 12, 1, 9, 0, 0, 1), datetime(2026, 12, 1, 23, 59, 59, 999_999)]
+    rows = [(item, moments[n % 3]) for n, item in enumerate(["PROJ-1", *ODD_IDS])]
+    columns = (("id", String(200)), ("moment", DateTime()))
+    with engine.connect() as connection:
+        for chunk in ([row] for row in rows):
+            table = idsets.rows_table(connection, "moments", columns, chunk)
+            assert connection.execute(select(table.c.id, table.c.moment)).all() == chunk
+        table = idsets.rows_table(connection, "moments", columns, rows)
+        assert sorted(connection.execute(select(table.c.id, table.c.moment)).all()) == sorted(rows)
+    engine.dispose()

@@ -70,7 +70,7 @@ def rows_table(connection: Connection, name: str, columns: Sequence[tuple[str, T
         arrays = []
         for values_of, (_, kind) in zip(zip(*data), columns, strict=True) if data else ():
             texts = [value.isoformat(sep=" ") if isinstance(value, datetime) else value for value in values_of]
-            if all(isinstance(value, str) and _SEPARATOR not in value for value in texts):
+            if all(isinstance(value, str) and value and _SEPARATOR not in value for value in texts):  # '' alone would split to no element
                 joined = func.string_to_array(bindparam(None, _SEPARATOR.join(texts), type_=Text()), literal_column("chr(31)"))
                 arrays.append(cast(joined, ARRAY(kind)))
             else:
