@@ -114,6 +114,9 @@ def test_a_merged_prs_cost_holds_the_tickets_it_carries_in_the_cost_comparison(d
     world.merged_pr("acme/web#7", "T-7", merged)
     world.requests("steady", "acme/web#7", [merged - 2 * HOUR])
     world.requests("hider", "T-7", spaced(SINCE + 7 * DAY + 9 * HOUR, 30) + spaced(merged - 3 * HOUR, 10) + spaced(merged + HOUR, 5))
+    world.ticket("T-9", "open")  # the same, its pull request merged after the period: not this period's completed work
+    world.merged_pr("acme/web#9", "T-9", UNTIL + DAY)
+    world.requests("later", "T-9", spaced(SINCE + 7 * DAY + 9 * HOUR, 40))
     found = world.signals()
     engine.dispose()
     assert [name for name in found if name.startswith("cost_outlier:")] == ["cost_outlier:hider"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import DateTime, String, or_, select, true
@@ -191,15 +191,10 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
 def _load_spend_after_merges(connection: Connection, items: dict[str, Item], merges: dict[str, datetime], since: datetime,
                              until: datetime) -> None:  # fmt: skip
     """Each ticket's spend in the period after its last merged PR (`merges`), read as the spend after
-    completion is (storage/spend_after.py), against the moments given as VALUES lists (`_moments`)."""
-    for moments in _moments(connection, list(merges.items())):
+    completion is (storage/spend_after.py), against the moments bound as tables (`idsets.tables`)."""
+    for _, moments in idsets.tables(connection, "adoption_merges", (("id", String(200)), ("moment", DateTime())), list(merges.items())):
         for ticket, spend in spend_after.cost_after(connection, rollup.Period(since, until), moments, moments.c.moment, true()).items():
             items[ticket].spend_after_merge = spend
-
-
-def _moments(connection: Connection, pairs: list[tuple[str, datetime]]) -> Iterator[Any]:
-    """(item id, moment) pairs as tables of columns `id` and `moment` (`idsets.values_lists`)."""
-    return idsets.values_lists(connection, "adoption_merges", (("id", String(200)), ("moment", DateTime())), pairs)
 
 
 def load_completed(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:

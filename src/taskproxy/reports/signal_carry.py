@@ -31,11 +31,12 @@ from taskproxy.storage.rows import rows
 _MICROSECOND = timedelta(microseconds=1)
 
 
-def carried(connection: Connection, since: datetime, until: datetime | None) -> tuple[dict[str, str], dict[str, datetime]]:
+def carried(connection: Connection, since: datetime) -> tuple[dict[str, str], dict[str, datetime]]:
     """({ticket: the merged pull request carrying it}, {ticket: that merge}), for the pull requests
-    completed in [since, until) (None: from `since` on)."""
+    completed from `since` on. Those of a period are those merged before its end: which pull request
+    carries a ticket does not depend on the period (`adoption_data.carried_by`)."""
     loaded: dict[str, adoption_data.Item] = {}
-    by_pull = adoption_data.carried_by(connection, loaded, since, until)
+    by_pull = adoption_data.carried_by(connection, loaded, since, None)
     return by_pull, {ticket: loaded[pull].completed_at for ticket, pull in by_pull.items()}  # type: ignore[misc]
 
 
@@ -43,7 +44,7 @@ def key_spend_up_to(connection: Connection, merges: Mapping[str, datetime], sinc
     """Per ticket and key: the key's events on the ticket from `since` (None: all time) up to the
     ticket's merge, itself included. The whole days between from the per-key rollup, the rest (the
     merge's day up to it, and the part of a day `since` starts in) from the raw events; the tickets'
-    days in one statement (`idsets.values_lists`)."""
+    days in one statement (`idsets.tables`)."""
     found: dict[str, dict[str, Spend]] = defaultdict(dict)
     days: list[tuple[str, datetime, datetime]] = []  # (ticket, first whole day, the merge's day): [low, high)
     spans: list[Span] = []
@@ -58,7 +59,7 @@ def key_spend_up_to(connection: Connection, merges: Mapping[str, datetime], sinc
         if first_day < merge_day:
             days.append((ticket, first_day, merge_day))
         spans.append((ticket, None, merge_day - _MICROSECOND, merge + _MICROSECOND))
-    for ranges in idsets.values_lists(connection, "carried_days", (("id", String(200)), ("low", DateTime()), ("high", DateTime())), days):
+    for _, ranges in idsets.tables(connection, "carried_days", (("id", String(200)), ("low", DateTime()), ("high", DateTime())), days):
         c = rollup.KEY_DAILY.table.c
         query = (select(c.work_item, c.key_id, *rollup.columns_of(rollup.KEY_DAILY.table, SPEND_FIELDS))
                  .select_from(rollup.KEY_DAILY.table.join(ranges, ranges.c.id == c.work_item))

@@ -39,12 +39,15 @@ Outlier = tuple[str, str, int, float, float, float, int]  # team, item, cost, z,
 
 
 def cost_outliers(
-    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings, item_teams: Mapping[str, str]
-) -> list[Found]:
+    connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings, item_teams: Mapping[str, str],
+    carriers: Mapping[str, str], merges: Mapping[str, datetime],
+) -> list[Found]:  # fmt: skip
     """Keys with a large share of a completed item whose all-time cost is an outlier in its team. The
     items' costs and their teams' spend come from the per-item totals (`rollup.LIFETIME`, by the
-    items' ids), and the carried tickets' from `signal_carry`; only the outliers' spend per key is
-    read, from the per-key rollup (all time) and, for a carried ticket, its merge's day."""
+    items' ids), and the carried tickets' (`carriers`: {ticket: the PR completed in the period that
+    carries it}, `merges`: {ticket: that merge}; `signal_carry.carried`) from `signal_carry`; only the
+    outliers' spend per key is read, from the per-key rollup (all time) and, for a carried ticket, its
+    merge's day."""
     found_cost = rollup.grouped(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
                                 where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
     item_cost: dict[str, int] = defaultdict(int)  # item -> its all-time known cost, with the tickets it carries
@@ -56,7 +59,6 @@ def cost_outliers(
         item_cost[work_item] += int(cost or 0)
         if team != "":  # '' stands for events without a team: not a team that spent
             team_spend[work_item][team] = (int(cost or 0), int(tokens or 0))
-    carriers, merges = signal_carry.carried(connection, since, until)
     carried_by_pull: dict[str, list[str]] = defaultdict(list)
     for ticket, pull in sorted(carriers.items()):
         carried_by_pull[pull].append(ticket)

@@ -147,13 +147,16 @@ def gaming_signals(
         touched = {item for per_item in spend.values() for item in per_item}
         items = load_items(connection, touched | set(connection.execute(completed_ids(since, until)).scalars()), item_teams or {})
         heavy = heavy_spenders(spend, t)
-        _, merges = signal_carry.carried(connection, since, None) if heavy else ({}, {})  # merged since `since`: an outcome of this spend
+        # The tickets carried by pull requests merged since `since` (an outcome of this period's spend);
+        # those merged in the period are the cost comparison's: the same read serves both.
+        carriers, merges = signal_carry.carried(connection, since)
+        in_period = {ticket: pull for ticket, pull in carriers.items() if merges[ticket] < until}
         by_kind: dict[str, list[Found]] = {
             "repeated_prompt": repeated_prompts(connection, keys, spend, items, since, until, t),
             "spend_after_completion": after_completion(connection, items, since, until, t),
             "spend_without_completion": without_completion(heavy, items, since, t, signal_carry.completed_spend(connection, heavy, merges, since)),
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
-            "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}),
+            "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
             "unverified_spend": unverified(spend, items, t),
             "trivial_completions": trivial_completions(spend, items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),

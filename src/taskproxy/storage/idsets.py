@@ -25,7 +25,6 @@ from sqlalchemy.types import TypeEngine
 _BATCH = {"postgresql": 1_000_000}
 _SEPARATOR = "\x1f"  # chr(31), the ASCII unit separator
 _IN_LIST_BATCH = 5_000  # SQLite binds at most 32,766 parameters to a statement
-ROWS_PER_VALUES = 10_000  # rows of up to three columns in one VALUES list: under SQLite's 32,766 parameters
 
 
 def batch_size(connection: Connection) -> int:
@@ -51,38 +50,34 @@ def among(connection: Connection, column: Any, batch: list[str]) -> ColumnElemen
     return column.in_(batch)  # type: ignore[no-any-return]
 
 
+# Rows bound to one statement: SQLite's VALUES list of up to three columns stays under its 32,766 parameters.
 _ROWS_PER_TABLE = {"postgresql": 100_000}
-
-
-def rows_per_table(connection: Connection) -> int:
-    """How many rows `rows_table` binds to one statement on this database."""
-    return _ROWS_PER_TABLE.get(connection.dialect.name, ROWS_PER_VALUES)
+_VALUES_ROWS = 10_000
 
 
 def rows_table(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Any:
-    """`data` (rows the caller holds: an id with its own moment or range; at most `rows_per_table`) as a
+    """`data` (rows the caller holds: an id with its own moment or range; a chunk from `tables`) as a
     table `name` with `columns`, to join in a statement. Nothing is written, so a report runs on a
     read-only database (a standby) as before. On PostgreSQL each column is bound as one string that
     the database splits and casts to an array, the arrays unnested side by side: a VALUES list of
     10,000 rows took SQLAlchemy 3.4 s to compile and bind, for a statement that ran in 0.5 s (the
     carried tickets of the scale seed, docs/scale-runs.md). SQLite takes a VALUES list, named by a CTE."""
-    if connection.dialect.name == "postgresql":
-        arrays = []
-        for values_of, (_, kind) in zip(zip(*data), columns, strict=True) if data else ():
-            texts = [value.isoformat(sep=" ") if isinstance(value, datetime) else value for value in values_of]
-            if all(isinstance(value, str) and value and _SEPARATOR not in value for value in texts):  # '' alone would split to no element
-                joined = func.string_to_array(bindparam(None, _SEPARATOR.join(texts), type_=Text()), literal_column("chr(31)"))
-                arrays.append(cast(joined, ARRAY(kind)))
-            else:
-                arrays.append(bindparam(None, list(values_of), type_=ARRAY(kind)))
-        if not data:
-            arrays = [bindparam(None, [], type_=ARRAY(kind)) for _, kind in columns]
-        return func.unnest(*arrays).table_valued(*(column(label, kind) for label, kind in columns)).render_derived(name=name)
-    return values(*(column(label, kind) for label, kind in columns), name=name).data(list(data)).cte(name)
+    if connection.dialect.name != "postgresql":
+        return values(*(column(label, kind) for label, kind in columns), name=name).data(list(data)).cte(name)
+    arrays = []
+    for values_of, (_, kind) in zip(list(zip(*data)) if data else [() for _ in columns], columns, strict=True):
+        texts = [value.isoformat(sep=" ") if isinstance(value, datetime) else value for value in values_of]
+        if all(isinstance(value, str) and value and _SEPARATOR not in value for value in texts):  # '' alone would split to no element
+            joined = func.string_to_array(bindparam(None, _SEPARATOR.join(texts), type_=Text()), literal_column("chr(31)"))
+            arrays.append(cast(joined, ARRAY(kind)))
+        else:
+            arrays.append(bindparam(None, list(values_of), type_=ARRAY(kind)))
+    return func.unnest(*arrays).table_valued(*(column(label, kind) for label, kind in columns)).render_derived(name=name)
 
 
-def values_lists(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Iterator[Any]:
-    """`data` as tables of `rows_per_table` rows each (`rows_table`)."""
-    size = rows_per_table(connection)
+def tables(connection: Connection, name: str, columns: Sequence[tuple[str, TypeEngine]], data: Sequence[tuple]) -> Iterator[tuple[Sequence[tuple], Any]]:
+    """`data` in chunks of the rows this database takes to one statement, each with its `rows_table`."""
+    size = _ROWS_PER_TABLE.get(connection.dialect.name, _VALUES_ROWS)
     for start in range(0, len(data), size):
-        yield rows_table(connection, name, columns, data[start : start + size])
+        chunk = data[start : start + size]
+        yield chunk, rows_table(connection, name, columns, chunk)

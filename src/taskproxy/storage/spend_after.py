@@ -88,15 +88,12 @@ def usage_up_to(connection: Connection, moments: Sequence[tuple[str, datetime]])
     (`moments`: (item id, moment) pairs), all time. The whole days before the moment's day come from
     the daily rollup, the whole hours of that day before the moment's hour from the hourly one, and the
     raw events of that hour up to the moment, each read by its (work_item, ...) index: one statement
-    for all of them (`idsets.rows_table`; 10,000 at a time on SQLite). The raw read is bounded by constants too, the earliest
-    hour and the latest moment of its items: the planner then leaves out the months (partitions) none
-    reaches, and the report's transaction holds no lock on them (storage/partitions.py)."""
+    for all of them (`idsets.tables`; 10,000 at a time on SQLite). The raw read is bounded by constants
+    too, the earliest hour and the latest moment of its items: the planner then leaves out the months
+    (partitions) none reaches, and the report's transaction holds no lock on them (storage/partitions.py)."""
     dialect = connection.dialect.name
     daily, hourly = DAILY.table.c, HOURLY.table.c
-    size = idsets.rows_per_table(connection)
-    for start in range(0, len(moments), size):
-        chunk = moments[start : start + size]
-        items = idsets.rows_table(connection, "moments", (("id", String(200)), ("moment", DateTime())), chunk)
+    for chunk, items in idsets.tables(connection, "moments", (("id", String(200)), ("moment", DateTime())), moments):
         moment = items.c.moment
         day, hour = DAILY.floor_sql(moment, dialect), HOURLY.floor_sql(moment, dialect)
         earliest, latest = HOURLY.floor(min(at for _, at in chunk)), max(at for _, at in chunk)
