@@ -132,12 +132,22 @@ class Expected:
         mark = self.rework(item)
         return mark is not None and (mark[1] == "reverted" or self.undone_by_reopening(item))
 
+    def completion_at_until(self, item: Item) -> datetime | None:
+        """Its completion as it stood at until: the last change before it, if to done or closed."""
+        if not any(c.at >= self.until for c in item.changes):
+            return item.completed_at
+        earlier = [c for c in item.changes if c.at < self.until]
+        return earlier[-1].at if earlier and earlier[-1].after in ("done", "closed") else None
+
     def undone_at_until(self, item: Item) -> bool:
-        """Reworked before until, and not done again after the rework as of until."""
+        """Reworked before until, and not done again after the rework as of until (a reverted PR never is)."""
         mark = self.rework(item)
         if mark is None or mark[0] >= self.until:
             return False
-        return not (self.status_at_until(item) == "done" and item.completed_at is not None and item.completed_at > mark[0])
+        if mark[1] == "reverted":
+            return True
+        done_at = self.completion_at_until(item)
+        return not (self.status_at_until(item) == "done" and done_at is not None and done_at > mark[0])
 
     @staticmethod
     def size(item: Item) -> tuple[str, float] | None:
@@ -190,7 +200,7 @@ class Expected:
         merge) after which alone it counts, if any."""
         if self.undone_at_until(item):
             return "reworked", None
-        merges = [pr.completed_at for pr_id in item.linked
+        merges = [self.completion_at_until(pr) for pr_id in item.linked
                   if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr)]  # fmt: skip
         after = max(merges) if merges else None  # type: ignore[type-var]
         status = self.status_at_until(item)

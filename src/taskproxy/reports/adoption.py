@@ -3,7 +3,8 @@
 Definitions (the period is [since, until); times are naive UTC in the database, ISO 8601 with `Z` out):
 
 - **Item team**: `work_items.team` if set; otherwise its tracker project's team in `work_items.teams`
-  (the id's project: `PROJ` of `PROJ-12`, `acme/web` of `acme/web#12`); otherwise the team that spent the most on the item over all
+  (the id's project: `PROJ` of `PROJ-12`, `acme/web` of `acme/web#12`); otherwise, for a merged PR carrying
+  tickets, the team of the first of them (by id) that has one (set or by project); otherwise the team that spent the most on the item over all
   time (sum of `usage_events.cost_usd`, unknown prices counting 0, then sum of `total_tokens`; ties go
   to the team name that sorts first; events without a team are not counted); otherwise none, and the
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
@@ -59,10 +60,12 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   became of them: what the spend without outcome and after completion are parts of.
 - `spend_without_outcome_usd`: spend (events with `ts` in the period) on items **undone as of
   `until`** (`reworked`: reworked before `until` and not done again since — status `done` as of `until`
-  with `completed_at` after the rework; a reverted PR never is), and on the other items whose status
+  with its completion as of `until` (the last status change before it) after the rework; a reverted PR
+  never is, not even set done again by hand), and on the other items whose status
   *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
   `stale_after_days` before `until` — except, on tickets with a `work_item_links` row whose linked item
-  (the merged PR) was `done`, and not undone, as of `until`, the spend up to the last such merge (the
+  (the merged PR) was `done`, and not undone, as of `until`, the spend up to the last such merge
+  (its completion as of `until`: a merge reopened or redone since still splits the period's spend) (the
   merged PR is its outcome; what the ticket spends after it is not). Split in `spend_without_outcome_breakdown`
   (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the current status when no change
   was recorded at or after `until` (every status change records one); otherwise the target of the last

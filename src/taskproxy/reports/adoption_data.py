@@ -44,6 +44,7 @@ class Item:
     created_at: datetime | None = None
     completed_at: datetime | None = None
     status_at_until: str = "unverified"
+    completed_at_until: datetime | None = None  # its completion as it stood at `until` (done or closed then), else None
     # All-time, per model: (events, answered events that are not token counts, cost in nano-USD or None,
     # total tokens) — items
     # completed in the period, or reopened after a completion in it, only.
@@ -94,10 +95,14 @@ class Item:
         return reopened is not None and since <= reopened < until
 
     def undone_as_of(self, until: datetime) -> bool:
-        """Reworked before `until` and, as of `until`, not done again since (a reverted PR never is)."""
+        """Reworked before `until` and, as of `until`, not done again since (a reverted PR never is: done
+        by hand afterwards, its merge still does not hold, `merge_holds`). The completion that counts is
+        the one as of `until`: one made or undone since does not change what the period's spend led to."""
         if self.reworked_at is None or self.reworked_at >= until:
             return False
-        done_again = self.status_at_until == "done" and self.completed_at is not None and self.completed_at > self.reworked_at
+        if self.rework_reason == "reverted":
+            return True
+        done_again = self.status_at_until == "done" and self.completed_at_until is not None and self.completed_at_until > self.reworked_at
         return not done_again
 
     def completed_in(self, since: datetime, until: datetime) -> bool:
@@ -176,8 +181,8 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
             item = items.get(target)
             if item is not None and item.status_at_until == "done" and not item.undone_as_of(until):
                 items[ticket].merged_pr = True
-                if item.completed_at is not None:
-                    merges[ticket] = max(merges.get(ticket, item.completed_at), item.completed_at)
+                if (merged := item.completed_at_until) is not None:  # its merge as of until: reopened since, it has none now
+                    merges[ticket] = max(merges.get(ticket, merged), merged)
     # A carried ticket's usage up to its carrier's merge is that PR's cost: after it, its spend is read from there
     # (a later merge reverted since leaves the carrier an earlier one; the spend between them is then after it).
     for ticket, merge in carry_tickets(connection, items, since, until).items():
@@ -285,6 +290,7 @@ def _load_rows(connection: Connection, items: dict[str, Item], ids: list[str]) -
         for item_id, team, status, created_at, completed_at, added, deleted, points, reworked_at, rework_reason in rows(connection.execute(query)):
             item = _item(items, item_id)
             item.team, item.status, item.created_at, item.completed_at, item.status_at_until = team, status, created_at, completed_at, status
+            item.completed_at_until = completed_at
             item.lines = changed_lines(added, deleted)
             item.points, item.reworked_at, item.rework_reason = points, reworked_at, rework_reason
 
@@ -378,11 +384,12 @@ def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, lis
 
 
 def _load_statuses_at(connection: Connection, items: dict[str, Item], until: datetime, wanted: set[str]) -> None:
-    """Set `status_at_until` of the `wanted` items: the current status (set by `_load_rows`) unless a
-    change was recorded at or after `until`; then, from their history, the status the last change before
-    `until` left, else the one the first change after it found. Only the items changed since `until`
-    are read (by the index on `ts`): for a period that ends now, next to none."""
-    before: dict[str, str] = {}
+    """Set `status_at_until` and `completed_at_until` of the `wanted` items: the current ones (set by
+    `_load_rows`) unless a change was recorded at or after `until`; then, from their history, the
+    status the last change before `until` left (and, if that was a completion, its time), else the one
+    the first change after it found (a completion before any recorded change is not dated). Only the
+    items changed since `until` are read (by the index on `ts`): for a period that ends now, next to none."""
+    before: dict[str, tuple[str, datetime]] = {}
     first_after: dict[str, str | None] = {}
     changed_since = connection.execute(select(_C.work_item).where(_C.ts >= until).distinct()).scalars()
     wanted = wanted & items.keys() & set(changed_since)
@@ -391,12 +398,13 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
                  .order_by(_C.work_item, _C.ts))  # fmt: skip
         for row in connection.execute(query):
             if row.ts < until:
-                before[row.work_item] = row.to_status
+                before[row.work_item] = (row.to_status, row.ts)
             elif row.work_item not in first_after:
                 first_after[row.work_item] = row.from_status
     for item_id in wanted:
         item = items[item_id]
         if item_id in before:
-            item.status_at_until = before[item_id]
+            item.status_at_until, at = before[item_id]
+            item.completed_at_until = at if item.status_at_until in RESOLVED else None
         elif first_after.get(item_id) is not None:
-            item.status_at_until = first_after[item_id]  # type: ignore[assignment]
+            item.status_at_until, item.completed_at_until = first_after[item_id], None  # type: ignore[assignment]

@@ -1,0 +1,112 @@
+"""The spend without outcome of a past period reads each item as it stood at the period's end: a
+completion made or undone after `until` changes nothing about what the period's spend led to
+(adoption.py). Found by a review (2026-12-07): the report read the *current* completion time where it
+asked about the completion as of `until`, and let a reverted pull request done again by hand count as
+done again."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from conftest import BOTH_DATABASES
+from signals_org import PRICE
+from write_path import past_request, write_all
+
+from taskproxy import registry
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.money import usd
+from taskproxy.reports.adoption import adoption_report
+from taskproxy.settings import DEFAULT_ID_PATTERNS
+from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.trackers.base import Delivery, ItemUpdate
+from taskproxy.workitems import WorkItemIds
+
+SINCE, UNTIL = datetime(2026, 3, 1), datetime(2026, 3, 8)
+DAY, HOUR = timedelta(days=1), timedelta(hours=1)
+ONE = PRICE.nanos(100_000, 10_000)  # each request below: $2.25
+PR = "acme/web#1"
+
+
+class World:
+    def __init__(self, database_url: str, tmp_path: Path) -> None:
+        self.engine = make_engine(database_url)
+        upgrade_schema(self.engine)
+        self.tmp_path, self.counter, self.exchanges = tmp_path, TokenCounter(), []
+
+    def status(self, item: str, status: str, at: datetime, **kwargs: Any) -> None:
+        registry.transition(self.engine, item, status, source="api", at=at, fields={"team": "web"}, **kwargs)
+
+    def requests(self, item: str, *times: datetime) -> None:
+        key = SimpleNamespace(id="k-1", owner="dana@example.com", team="web")
+        for ts in times:
+            n = len(self.exchanges)
+            self.exchanges.append(past_request(id=f"r-{n}", ts=ts, key=key, work_item=item, model="big-model", body={"n": n},
+                                               prompt_tokens=100_000, completion_tokens=10_000, counter=self.counter, price=PRICE))  # fmt: skip
+
+    def without_outcome(self) -> dict[str, Any]:
+        write_all(self.engine, self.tmp_path / "spool.jsonl", self.exchanges, len(self.exchanges))
+        overall = adoption_report(self.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
+        return {"total": overall["spend_without_outcome_usd"], **{k: v for k, v in overall["spend_without_outcome_breakdown"].items() if v}}
+
+
+def merged_then(world: World, after_until: list[str]) -> None:
+    """A stale open ticket, $2.25 spent on it before its PR merged on day 2 and $4.50 after; the PR's
+    status then changes after `until` (`after_until`)."""
+    world.status("T-1", "open", SINCE - 30 * DAY, created_at=SINCE - 30 * DAY)
+    world.status(PR, "open", SINCE + DAY, created_at=SINCE + DAY)
+    world.status(PR, "done", SINCE + 2 * DAY + 10 * HOUR)
+    registry.link(world.engine, "T-1", PR, at=SINCE + 2 * DAY + 10 * HOUR)
+    for n, status in enumerate(after_until):
+        world.status(PR, status, UNTIL + (n + 2) * DAY)
+    world.requests("T-1", SINCE + DAY + 9 * HOUR, SINCE + 4 * DAY + 9 * HOUR, SINCE + 5 * DAY + 9 * HOUR)
+
+
+@BOTH_DATABASES
+def test_a_tickets_spend_after_a_merge_reopened_since_until_is_without_outcome(database_url: str, tmp_path: Path) -> None:
+    """As of `until` the PR was merged on day 2: the ticket's spend up to it had an outcome, the $4.50
+    after it did not (stale open). The PR reopened after `until` has no completion now; the report lost
+    the $4.50 (merged, but no merge time to split at)."""
+    world = World(database_url, tmp_path)
+    merged_then(world, ["open"])
+    assert world.without_outcome() == {"total": usd(2 * ONE), "stale_open": usd(2 * ONE)}
+
+
+@BOTH_DATABASES
+def test_a_merge_redone_after_until_splits_the_tickets_spend_at_the_merge_of_the_period(database_url: str, tmp_path: Path) -> None:
+    """Reopened and done again after `until`: its completion now is after `until`, and the ticket's
+    spend after the period's merge was read as before it."""
+    world = World(database_url, tmp_path)
+    merged_then(world, ["open", "done"])
+    assert world.without_outcome() == {"total": usd(2 * ONE), "stale_open": usd(2 * ONE)}
+
+
+@BOTH_DATABASES
+def test_an_item_done_again_before_until_and_reopened_after_it_is_not_undone_as_of_until(database_url: str, tmp_path: Path) -> None:
+    """Done, reopened, done again before `until`: as of `until` the completion held, so the spend of
+    the reopened days led to it. Reopened again after `until`, it was counted as reworked spend."""
+    world = World(database_url, tmp_path)
+    world.status("X-1", "in_progress", SINCE + HOUR, created_at=SINCE + HOUR)
+    world.status("X-1", "done", SINCE + DAY)
+    world.status("X-1", "open", SINCE + 2 * DAY)
+    world.status("X-1", "done", SINCE + 3 * DAY)
+    world.status("X-1", "open", UNTIL + 2 * DAY)
+    world.requests("X-1", SINCE + 2 * DAY + 12 * HOUR)
+    assert world.without_outcome() == {"total": usd(0)}
+
+
+@BOTH_DATABASES
+def test_a_reverted_pull_request_done_again_by_hand_is_still_reworked(database_url: str, tmp_path: Path) -> None:
+    """A merged PR reverted (by a revert PR within the rework window), then reopened and set done by
+    hand: its merge does not hold (the cost figures already said so), and its spend is reworked."""
+    world = World(database_url, tmp_path)
+    world.status(PR, "open", SINCE + HOUR, created_at=SINCE + HOUR)
+    registry.transition(world.engine, PR, "done", source="github", at=SINCE + DAY, merged=True)
+    revert = ItemUpdate("acme/web#9", "done", at=SINCE + 2 * DAY, merged=True, title=f'Revert "{PR}"', reverts=PR)
+    registry.apply_delivery(world.engine, WorkItemIds(DEFAULT_ID_PATTERNS), Delivery("github", "d-1", "pull_request", [revert]), SINCE + 2 * DAY)
+    world.status(PR, "open", SINCE + 3 * DAY)
+    world.status(PR, "done", SINCE + 4 * DAY)
+    world.requests(PR, SINCE + 3 * DAY + 12 * HOUR)
+    assert world.without_outcome() == {"total": usd(ONE), "reworked": usd(ONE)}
