@@ -180,3 +180,4 @@ def test_a_keys_spend_on_a_ticket_up_to_its_merge_is_a_scan_of_its_events(databa
                                                          min(first, e.ts), max(last, e.ts))  # fmt: skip
             assert got == expected, since
     engine.dispose()
+

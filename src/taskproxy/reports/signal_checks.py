@@ -141,10 +141,15 @@ def after_completion(
     if days:
         k = rollup.KEY_DAILY.table.c
         day_of_completion = rollup.KEY_DAILY.floor_sql(ITEMS.completed_at, connection.dialect.name)
+        # One row per key, item and day, its teams' rows added up: a key whose events on the item that day
+        # carry two teams (a key without a row, a key moved to another team) has a row per team, and one
+        # wholly later was counted from the rollup while another's span read its events again.
         query = (
-            select(k.key_id, k.work_item, k.bucket, k.requests, k.cost_nanos, k.total_tokens, k.first_ts, k.last_ts, ITEMS.completed_at)
+            select(k.key_id, k.work_item, k.bucket, func.sum(k.requests), func.sum(k.cost_nanos), func.sum(k.total_tokens), func.min(k.first_ts),
+                   func.max(k.last_ts), ITEMS.completed_at)
             .select_from(rollup.KEY_DAILY.table.join(WorkItem.__table__, ITEMS.id == k.work_item))
             .where(ITEMS.status.in_(RESOLVED), rollup.any_within(k.bucket, days), k.bucket >= day_of_completion)
+            .group_by(k.key_id, k.work_item, k.bucket, ITEMS.completed_at)
         )  # fmt: skip
         spans: list[Span] = []
         for key_id, work_item, bucket, requests, cost, tokens, first_ts, last_ts, completed_at in rows(connection.execute(query)):

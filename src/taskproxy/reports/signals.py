@@ -65,10 +65,12 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `trivial_min_share` [0.6] of them, are trivial: completed within `trivial_max_minutes` [10] of being
   created or of the key's first event on it in the period (a ticket done by hand, tagged with one
   request to count as AI-assisted), or with a known size of at most `trivial_max_lines` [10] changed
-  lines (a pull request's additions + deletions). Cost per completed item and the AI-assisted share
+  lines (a pull request's additions + deletions), or light: the key's events on it in the period came
+  to at most `trivial_max_tokens` [100] tokens in all (0: not counted; a tag sent hours before the item
+  was done escapes the minutes, not this). Cost per completed item and the AI-assisted share
   reward such items. Evidence: `completed_items`, `trivial_items`, `share`, `quick_items`,
-  `small_items`, and `requests`, `cost_usd`, `tokens`, `items`, `first`, `last` over the trivial items;
-  each work item has `completed_at`, `minutes_to_complete`, `minutes_from_first_request`, `changed_lines`. A team that genuinely ships small changes can be flagged: it is
+  `small_items`, `light_items`, and `requests`, `cost_usd`, `tokens`, `items`, `first`, `last` over the trivial items;
+  each work item has `completed_at`, `minutes_to_complete`, `minutes_from_first_request`, `changed_lines`, `tokens`. A team that genuinely ships small changes can be flagged: it is
   evidence to look at (docs/signals.md).
 - `split_work`: a burst of small items completed by the key — at least `split_min_items` [4] items
   it made requests on, completed in the period with consecutive completions at most
