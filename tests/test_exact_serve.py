@@ -37,6 +37,7 @@ def _models(upstream: FakeUpstream) -> list[dict]:
         {"name": "claude", "provider": "anthropic", "base_url": upstream.url, "upstream_model": "claude-sonnet-4-5"},
         {"name": "claude-overloaded", "provider": "anthropic", "base_url": upstream.url, "upstream_model": "fake-overloaded", "pricing": PRICING},
         {"name": "claude-hang", "provider": "anthropic", "base_url": upstream.url, "upstream_model": "fake-hang"},
+        {"name": "claude-refused", "provider": "anthropic", "base_url": upstream.url, "upstream_model": "fake-overloaded-first", "pricing": PRICING},
         {"name": "slow", "base_url": v1, "upstream_model": "fake-slow"},
     ]
 
@@ -156,6 +157,19 @@ def test_an_error_the_provider_sends_inside_a_stream_is_recorded_as_an_error_wit
     # Priced as such: cache reads at their own rate, the prompt not billed at full price as if unknown.
     price = Price(3e-6, 15e-6, cached_input=0.3e-6)
     assert event["cost_usd"] == usd(price.nanos(event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"]))
+
+
+def test_a_stream_the_provider_refuses_in_band_before_generating_anything_bills_nothing(server: ServerProcess) -> None:
+    """Anthropic answering 200 and, as its first event, `overloaded_error`: nothing was generated and
+    nothing reported, as when it answers 529. It was billed a tiktoken estimate of the whole prompt
+    (found by a review)."""
+    client = _claude(server, server.new_key(), "REFUSED-1")
+    with pytest.raises(anthropic.APIStatusError):
+        with client.messages.stream(model="claude-refused", max_tokens=20, messages=ASK) as stream:
+            stream.get_final_message()
+    event = server.events("REFUSED-1", 1)[0]
+    assert (event["status"], event["error"], event["provider_error"]) == (502, "upstream_error", "overloaded_error")
+    assert (event["prompt_tokens"], event["completion_tokens"], event["cost_usd"]) == (0, 0, 0)
 
 
 def test_a_failed_responses_stream_is_recorded_with_the_usage_it_reported(server: ServerProcess) -> None:

@@ -13,6 +13,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-trickle  streams a chunk (a Responses delta) every 0.1 s, forever
     fake-overloaded  (/v1/messages) streams message_start (with cache reads), two deltas, then
                   `event: error` overloaded_error, as Anthropic does when it is overloaded mid-answer
+    fake-overloaded-first  (/v1/messages, streamed) answers 200 and an event stream whose only event is
+                  `event: error` overloaded_error: refused in-band, before anything was generated
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
     fake-tool     asks for a shell tool (`echo taskproxy`: Bash on /v1/messages, Codex's exec_command on
                   /v1/responses) until the conversation's last item is a tool result, then answers three

@@ -50,6 +50,9 @@ class MessagesApi:
             return StreamingResponse(self._tool_use_stream(message), media_type="text/event-stream")
         if body.get("stream") is not True:
             return json_response(message)
+        if model == "fake-overloaded-first":
+            refused = named_event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+            return StreamingResponse(iter([refused]), media_type="text/event-stream")
         return StreamingResponse(self._messages_stream(message, words, model), media_type="text/event-stream")
 
     async def _tool_use_stream(self, message: dict):  # type: ignore[no-untyped-def]

@@ -152,7 +152,11 @@ class Exchange:
                 estimated.add(COMPLETION)
         else:
             estimated |= {PROMPT, COMPLETION}
-            if self.answered:  # answered but no usage reported (cut short, or a provider without usage)
+            # Answered but no usage reported (cut short, or a provider without usage). Not a stream whose
+            # provider sent its error before anything was generated (an in-band `overloaded_error` under a
+            # 200): a refusal, billed nothing as the same refusal with its own status is.
+            refused_in_band = observed.error is not None and not observed.completion_text
+            if self.answered and not refused_in_band:
                 prompt, completion = est_prompt, _clamp(self._completion_estimate(observed))
         status, error, provider_error = self.status, self.error, None
         # The provider's error was relayed before anything else ended the answer: a client that hangs up
