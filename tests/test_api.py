@@ -379,6 +379,21 @@ async def test_a_small_team_cannot_be_worked_out_from_a_total(proxy: Proxy) -> N
     assert series.get("tiny") == replies["tiny"], series
 
 
+async def test_withheld_teams_are_listed_after_the_shown_ones_by_name_not_where_their_cost_ranks_them(proxy: Proxy) -> None:
+    """/api/usage?group_by=team lists teams by cost: a withheld row left where its cost put it said its
+    spend lay between its two shown neighbours' (found by a review)."""
+    keys = {}
+    for team, people in (("a", 5), ("b", 6), ("c", 7), ("solo", 1)):
+        keys[team] = [await proxy.new_key(f"{team}-{n}", team) for n in range(people)][0]
+    for team, requests in (("solo", 4), ("b", 3), ("a", 2), ("c", 1)):
+        for _ in range(requests):
+            await proxy.openai(keys[team]).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": f"{team.upper()}-1"})
+    await proxy.events(10)
+    groups = (await proxy.get("/api/usage", group_by="team"))["groups"]
+    # solo (1 person) is withheld, and a (the smallest shown) with it: together they hold the floor
+    assert [(g["team"], "withheld" in g) for g in groups] == [("b", False), ("c", False), ("a", True), ("solo", True)]
+
+
 @BOTH_DATABASES
 async def test_raw_events_are_read_page_after_page_to_the_oldest(proxy: Proxy) -> None:
     """An organisation's events past the newest 10,000 were out of reach: a full page now links to the

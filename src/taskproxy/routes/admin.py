@@ -109,8 +109,11 @@ async def usage(request: Request) -> Response:
         floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
         people = {row["team"]: keys.team_size(row["team"]) for row in rows}
         held = privacy.withheld_groups(people, people, floor)  # the rows' sum is group_by=model's total
-        rows = [{"team": row["team"], **privacy.withheld(row["team"], floor, people=people[row["team"]])} if row["team"] in held else row
-                for row in rows]  # fmt: skip
+        # The withheld rows after the rows shown, by name: left where their cost ranked them, each one's
+        # place between two shown teams bounded its spend.
+        withheld = sorted((row for row in rows if row["team"] in held), key=lambda row: row["team"] or "")
+        rows = [row for row in rows if row["team"] not in held] + [
+            {"team": row["team"], **privacy.withheld(row["team"], floor, people=people[row["team"]])} for row in withheld]
     return JSON({"group_by": group_by, "since": iso(since), "until": iso(until), "groups": rows})
 
 
