@@ -31,9 +31,15 @@ _K = ApiKey.__table__.c
 
 _PERSONS_KEYS = (_K.revoked_at.is_(None), _K.role.not_in(NOT_PEOPLE))
 _PEOPLE = (*_PERSONS_KEYS, _K.team.is_not(None))
-# One person however their owner was typed: `dana`, `Dana` and `dana ` counted three people, so a
-# one-person team with three such keys was shown.
-_PERSON = func.lower(func.trim(_K.owner))
+
+
+def person(owner: Any) -> Any:
+    """One person however their owner was typed (an owner column, in SQL): `dana`, `Dana` and `dana `
+    counted three people, so a one-person team with three such keys was shown."""
+    return func.lower(func.trim(owner))
+
+
+_PERSON = person(_K.owner)
 
 
 def team_sizes(connection: Connection) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-_PERIOD = re.compile(r"^(\d+)([mhdw])$")
+_PERIOD = re.compile(r"^([0-9]+)([mhdw])$")  # ASCII digits: `\d` took `٣d` and `３d` as 3 days
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 

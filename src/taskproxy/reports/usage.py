@@ -13,6 +13,7 @@ from typing import Any, Literal
 from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Engine
 
+from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.storage import rollup
 from taskproxy.storage.models import Rejection, UsageEvent, WorkItem
@@ -52,7 +53,7 @@ def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
         item = connection.execute(select(WorkItem.__table__).where(WorkItem.__table__.c.id == item_id)).first()
         totals = rollup.totals(connection, period=rollup.LIFETIME, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))
         models = connection.execute(select(_D.model).where(_D.work_item == item_id).distinct().order_by(_D.model)).scalars().all()
-        people = connection.execute(select(func.count(distinct(_D.owner))).where(_D.work_item == item_id)).scalar_one()
+        people = connection.execute(select(func.count(distinct(privacy.person(_D.owner)))).where(_D.work_item == item_id)).scalar_one()
     if item is None and not totals["attempts"]:
         return None
     return {
@@ -87,8 +88,10 @@ def tasks_report(engine: Engine, since: datetime | None = None, until: datetime 
     with engine.connect() as connection:
         statuses = dict(connection.execute(select(WorkItem.__table__.c.id, WorkItem.__table__.c.status).where(WorkItem.__table__.c.id.in_(ids))).all()) if ids else {}
         models: dict[str, list[str]] = {}
-        if ids:
-            for item_id, model in connection.execute(select(_D.work_item, _D.model).where(_D.work_item.in_(ids)).distinct()):
+        if ids:  # the models used in the window, as the figures are (not all time)
+            used = rollup.totals(connection, by=("work_item", "model"), period=rollup.Period(since, until), fields=("attempts",),
+                                 where=lambda c: [c.work_item.in_(ids)])  # fmt: skip
+            for item_id, model in used:
                 models.setdefault(item_id, []).append(model)
     return [{**r, "status": statuses.get(r["work_item"], "unverified"), "models": sorted(models.get(r["work_item"], []))} for r in rows]
 
@@ -123,8 +126,10 @@ def usage_for_key(engine: Engine, key_id: str, limit: int = MY_ITEMS) -> tuple[l
         total = connection.execute(select(func.count(distinct(_K.work_item))).where(_K.key_id == key_id)).scalar_one()
         found = rollup.totals(connection, by=("work_item",), period=rollup.KEY_ALL_TIME, fields=_FIELDS,
                               where=lambda c: [c.key_id == key_id, c.work_item.in_(ids)]) if ids else {}  # fmt: skip
-    items = sorted(({"work_item": item, **_totals(row)} for (item,), row in found.items()), key=lambda r: r["work_item"])
-    items.sort(key=lambda r: r["last_used"] or "", reverse=True)  # as the query chose them: latest first, then by id
+    # In the order the query chose them, latest first, then by id (not by the times shown: they are
+    # rounded to the millisecond, and two items used within one tied).
+    rank = {item: n for n, item in enumerate(ids)}
+    items = sorted(({"work_item": item, **_totals(row)} for (item,), row in found.items()), key=lambda r: rank[r["work_item"]])
     return items, int(total)
 
 
