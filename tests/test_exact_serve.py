@@ -181,6 +181,18 @@ def test_a_failed_responses_stream_is_recorded_with_the_usage_it_reported(server
     assert event["prompt_tokens"] == prompt_tokens_of({"input": "Summarize the refund worker."})
 
 
+def test_a_failed_responses_stream_larger_than_the_tail_kept_is_still_recorded_as_failed(server: ServerProcess) -> None:
+    """`response.failed` repeats the request's instructions (Codex sends tens of KiB): an event larger
+    than the tail kept of a stream was recorded as answered, status 200 and no error (found by a review)."""
+    client = server.openai(server.new_key(), default_headers={"X-Work-Item": "RESP-2"})
+    instructions = "Follow the repository's conventions. " * 2_000  # 74 KB, more than the 32-64 KiB tail
+    kinds = [event.type for event in client.responses.create(model="failing-responses", input="Summarize it.", instructions=instructions, stream=True)]
+    assert kinds[-1] == "response.failed"
+    event = server.events("RESP-2", 1)[0]
+    assert (event["status"], event["error"], event["provider_error"], event["usage_source"]) == (502, "upstream_error", "server_error", "provider")
+    assert event["prompt_tokens"] == prompt_tokens_of({"input": "Summarize it.", "instructions": instructions})
+
+
 def test_the_production_client_relays_repeated_headers_and_the_query_string(server: ServerProcess, upstream: FakeUpstream) -> None:
     key = server.new_key()
     response = httpx.post(

@@ -277,3 +277,23 @@ def test_a_series_of_the_small_teams_holds_the_floor_as_teams_arrive(people: dic
         small = {g for g in seen if series.label(g) == "small"}
         assert {g for g in seen if now[g] < floor} <= small
         assert not small or sum(now[g] for g in small) >= floor or small == seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=3_000), min_size=1, max_size=6),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.lists(st.integers(min_value=1, max_value=4_000), min_size=1, max_size=40),
+)
+def test_the_capture_keeps_the_start_of_the_last_event_however_the_stream_is_cut(sizes: list[int], newline: bytes, cuts: list[int]) -> None:
+    """What reads a terminal event too large for the tail (a `response.failed` echoing tens of KiB of
+    instructions) finds its start: the first bytes of the last event, whatever chunks the stream came in."""
+    events = [b"event: e" + str(n).encode() + newline + b"data: " + b"x" * size + newline + newline for n, size in enumerate(sizes)]
+    stream = b"".join(events)
+    capture, position = Capture(), 0
+    for cut in cuts:
+        capture.add(stream[position : position + cut])
+        position += cut
+    capture.add(stream[position:])
+    last = events[-1][:2048].rstrip(b"\r\n")  # a line end of its own may stay with it
+    assert capture.event_head.rstrip(b"\r\n") == last

@@ -27,7 +27,8 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("socket")
     base = f"{upstream.url}/v1"
     models = [{"name": "gpt-4o-mini", "base_url": base}, {"name": "fake-slow", "base_url": base}, {"name": "fake-500", "base_url": base},
-              {"name": "fake-cut", "base_url": base}, {"name": "fake-trickle", "base_url": base}, {"name": "fake-unending", "base_url": base}]  # fmt: skip
+              {"name": "fake-cut", "base_url": base}, {"name": "fake-trickle", "base_url": base}, {"name": "fake-unending", "base_url": base},
+              {"name": "fake-type-last", "base_url": base}]  # fmt: skip
     config = write_config(folder, upstream.url, models=models)
     with running_server(config, folder / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as running:
         yield running
@@ -76,6 +77,26 @@ def test_each_response_create_is_recorded_like_a_post_and_a_continuation_is_sent
     for event, response in ((one, done), (two, second)):
         assert event["route"] == "/v1/responses" and event["stream"] is True and event["usage_source"] == "provider"
         assert (event["prompt_tokens"], event["completion_tokens"]) == (response.usage.input_tokens, response.usage.output_tokens)
+
+
+def test_a_provider_writing_the_event_type_last_completes_its_turn(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """A provider that serializes the SDK's own event classes writes `type` after the whole response:
+    the socket looked for it in each event's first 200 bytes, so a completed turn was recorded as
+    `upstream_error`, the client got an error after `response.completed`, and the conversation was not
+    kept for a continuation (found by a review)."""
+    client = server.openai(server.new_key(owner="noa"))
+    since = len(upstream.received)
+    with client.responses.connect(extra_headers={"X-Work-Item": "PROJ-58"}, max_retries=0) as connection:
+        connection.response.create(model="fake-type-last", input="Name the failing test.")
+        first = until_done(connection)
+        assert first[-1].type == "response.completed"
+        follow_up = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And fix it."}]}]
+        connection.response.create(model="fake-type-last", input=follow_up, previous_response_id=first[-1].response.id, store=False)
+        second = until_done(connection)
+    assert second[-1].type == "response.completed", second[-1]  # not the error a missed end sent first
+    whole = sent_to_provider(upstream, since)[1]["body"]
+    assert "previous_response_id" not in whole and whole["input"][2:] == follow_up  # the conversation was kept
+    assert [(e["status"], e["error"]) for e in server.events("PROJ-58", 2)] == [(200, None), (200, None)]
 
 
 def test_refusals_are_error_messages_and_the_socket_goes_on(server: ServerProcess, upstream: FakeUpstream) -> None:

@@ -16,6 +16,8 @@ real `taskproxy serve` can be driven through faults on loopback:
     fake-overloaded-first  (/v1/messages, streamed) answers 200 and an event stream whose only event is
                   `event: error` overloaded_error: refused in-band, before anything was generated
     fake-failed   (/v1/responses) streams response.created, a delta, then response.failed with usage
+    fake-type-last (/v1/responses) streams its events with `type` last, after the response (the field order
+                  of the openai SDK's own event classes, which some providers serialize)
     fake-tool     asks for a shell tool (`echo taskproxy`: Bash on /v1/messages, Codex's exec_command on
                   /v1/responses) until the conversation's last item is a tool result, then answers three
                   words: an agent's tool loop, two turns

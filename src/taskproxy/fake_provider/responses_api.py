@@ -41,10 +41,11 @@ class ResponsesApi:
         text = " ".join(words)
         message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
-        # In OpenAI's order: id, status and background first, then the request's instructions repeated, the
+        # In OpenAI's order: id, status, background and error first, then the request's instructions repeated, the
         # output, and usage last.
         done = {"id": f"resp_fake_{len(self.received)}", "object": "response", "created_at": int(time.time()), "status": "completed",
-                "background": body.get("background") is True, "instructions": body.get("instructions"), "model": model,
+                "background": body.get("background") is True, "error": None, "incomplete_details": None,
+                "instructions": body.get("instructions"), "model": model,
                 "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}  # fmt: skip
         if model == "fake-tool" and not has_tool_result(body.get("input")):
             call = function_call(body.get("tools"), len(self.received))
@@ -132,7 +133,9 @@ class ResponsesApi:
         def event(name: str, data: dict) -> bytes:
             nonlocal sequence
             sequence += 1
-            return named_event(name, {"type": name, "sequence_number": sequence, **data}) if sequence > starting_after else b""
+            # fake-type-last writes `type` last, as a provider serializing the openai SDK's own event classes does.
+            fields = {**data, "sequence_number": sequence, "type": name} if model == "fake-type-last" else {"type": name, "sequence_number": sequence, **data}
+            return named_event(name, fields) if sequence > starting_after else b""
 
         yield event("response.created", {"response": started})
         yield event("response.in_progress", {"response": started})

@@ -51,7 +51,6 @@ from taskproxy.upstream.relay import CLIENT_DISCONNECTED, SHUTDOWN
 from taskproxy.upstream.sse import MAX_EVENT_BYTES, EventBuffer, iter_events
 
 log = logging.getLogger("taskproxy.proxy")
-TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"')
 NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not the request's
 # Messages a client may send ahead of the response in progress: at most 16, together at most one body's
 # worth (limits.max_body_bytes; a single one may be that large); past either the socket is ended.
@@ -304,7 +303,7 @@ async def _relay(
                 for _, data in iter_events(complete):
                     if data == b"[DONE]":
                         continue
-                    if any(marker in data[:200] for marker in TERMINAL):
+                    if observe.is_terminal(data):
                         last = data
                     await websocket.send_text(data.decode("utf-8", "replace"))
     except TimeoutError:

@@ -10,26 +10,34 @@ text that was kept by the bytes that were not (metering/usage.py).
 from __future__ import annotations
 
 from taskproxy.jsonbytes import MAX_USAGE_OBJECT_BYTES
+from taskproxy.upstream.sse import end_of_last_event
 
 # Anthropic's message_start is a few hundred bytes; the usage object sits in the last few hundred. What
 # more is kept only helps an estimate of a stream cut short. Measured (bench/streams_memory.py): with
 # 64 KiB each, 500 streams in flight took the process to 776 MiB.
 HEAD_BYTES = 16 * 1024
 TAIL_BYTES = 32 * 1024
+# The start of the latest event begun: a Responses API terminal event echoes the request's instructions
+# and tools (tens of KiB from Codex) and may not fit in the tail, but says which it is (`type`) and its
+# error at its start (OpenAI writes `status` and `error` before the echoed fields).
+EVENT_HEAD_BYTES = 2 * 1024
 
 
 class Capture:
-    __slots__ = ("_head", "_tail", "_head_limit", "_tail_limit", "skipped", "total")
+    __slots__ = ("_head", "_tail", "_head_limit", "_tail_limit", "_event_head", "_between_events", "skipped", "total")
 
     def __init__(self, head_limit: int = HEAD_BYTES, tail_limit: int = TAIL_BYTES) -> None:
         self._head = bytearray()
         self._tail = bytearray()
         self._head_limit = head_limit
         self._tail_limit = tail_limit
+        self._event_head = bytearray()
+        self._between_events = False  # the last chunk ended where its event ended
         self.skipped = 0  # bytes between head and tail that were not kept
         self.total = 0
 
     def add(self, chunk: bytes) -> None:
+        self._note_event(chunk)
         self.total += len(chunk)
         room = self._head_limit - len(self._head)
         if room > 0:
@@ -43,6 +51,45 @@ class Capture:
             cut = len(self._tail) - self._tail_limit
             del self._tail[:cut]
             self.skipped += cut
+
+    def _note_event(self, chunk: bytes) -> None:
+        """Keep the first bytes of the latest event begun. An event's end is found with the three bytes
+        before the chunk (a blank line may be split between two chunks)."""
+        if not chunk:
+            return
+        before = self.recent(3) if self.total else b""
+        window = before + chunk
+        end = end_of_last_event(window)
+        if end <= len(before):  # no event ended in this chunk: it goes on with the one begun
+            if self._between_events:
+                self._event_head, self._between_events = bytearray(chunk[:EVENT_HEAD_BYTES]), False
+            elif len(self._event_head) < EVENT_HEAD_BYTES:
+                self._event_head += chunk[: EVENT_HEAD_BYTES - len(self._event_head)]
+            return
+        if end < len(window):  # the next event began after the last end
+            self._event_head, self._between_events = bytearray(window[end : end + EVENT_HEAD_BYTES]), False
+            return
+        # The chunk ends where an event ends (a provider sending an event a chunk): that event's start,
+        # if it began in this chunk.
+        body_end = len(window)
+        while body_end and window[body_end - 1] in b"\r\n":
+            body_end -= 1
+        if body_end <= len(before):  # only line ends (a blank line's LF after its CR): no event began
+            self._between_events = True
+            return
+        start = end_of_last_event(window, body_end)
+        if start > len(before):
+            self._event_head = bytearray(window[start : min(body_end, start + EVENT_HEAD_BYTES)])
+        elif self._between_events:
+            self._event_head = bytearray(chunk[: min(body_end - len(before), EVENT_HEAD_BYTES)])
+        elif len(self._event_head) < EVENT_HEAD_BYTES:  # it began in an earlier chunk: this is its end
+            self._event_head += chunk[: min(body_end - len(before), EVENT_HEAD_BYTES - len(self._event_head))]
+        self._between_events = True
+
+    @property
+    def event_head(self) -> bytes:
+        """The first EVENT_HEAD_BYTES of the latest event begun (of a stream of events)."""
+        return bytes(self._event_head)
 
     @property
     def complete(self) -> bool:

@@ -147,6 +147,20 @@ UNFINISHED = frozenset({"queued", "in_progress"})
 # with the generation, and a later read show the response completed.)
 FINISHED = frozenset({"completed", "incomplete", "failed"})
 _TERMINAL = {f"response.{status}" for status in FINISHED}
+# Its `type` wherever the provider wrote it: OpenAI writes it first, a provider serializing the SDK's
+# own event classes last (after the whole response). Escaped inside a string (`\"type\"`), it does not match.
+_TERMINAL_TYPE = re.compile(rb'"type"\s*:\s*"response\.(completed|failed|incomplete)"')
+# A failed response's error, read from the start of its event (the code, or failing that the type):
+# `{"code": "server_error", "message": ...}`.
+_ERROR_CODE = re.compile(rb'"error"\s*:\s*\{[^{}]*?"(?:code|type)"\s*:\s*"([^"\\]{1,64})"')
+
+
+EVENT_END_BYTES = 512  # where a terminal event's `type` is when it was written last
+
+
+def is_terminal(event: bytes) -> bool:
+    """A Responses event's JSON that ends the response (`response.completed`, `.incomplete`, `.failed`)."""
+    return _TERMINAL_TYPE.search(event) is not None
 _DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta", "response.refusal.delta"}
 
 
@@ -208,10 +222,12 @@ def responses_stream(capture: Capture) -> Observed:
     error: str | None = None
     response_id: str | None = None
     deltas: list[str] = []
+    ended = False
     for event in stream_events(capture):
         kind = event.get("type")
         response_id = response_id or _response_id(event.get("response"))
         if kind in _TERMINAL and isinstance(event.get("response"), dict):
+            ended = True
             usage = openai_usage(event["response"].get("usage")) or usage
             if kind == "response.failed":
                 error = _error_type(event["response"].get("error"))
@@ -219,9 +235,21 @@ def responses_stream(capture: Capture) -> Observed:
             error = _error_type(event.get("error") if isinstance(event.get("error"), dict) else event)
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
-    if usage is None and not capture.complete:
-        usage = openai_usage(last_usage_object(capture.tail))
+    if not ended and not capture.complete:  # its last event too large for the tail: read from its start and end
+        usage = usage or openai_usage(last_usage_object(capture.tail))
+        error = error or _failed_error(capture)
     return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
+
+
+def _failed_error(capture: Capture) -> str | None:
+    """The error of a `response.failed` event that was not kept whole: its type is at its start (or, as
+    a provider serializing the SDK's classes writes it, at its end), its error near its start."""
+    head = capture.event_head
+    kind = _TERMINAL_TYPE.search(head) or _TERMINAL_TYPE.search(capture.recent(EVENT_END_BYTES))
+    if kind is None or kind.group(1) != b"failed":
+        return None
+    code = _ERROR_CODE.search(head)
+    return code.group(1).decode("utf-8", "replace") if code else "error"
 
 
 # -- Anthropic Messages API -------------------------------------------------------------------------
