@@ -289,3 +289,39 @@ def test_a_text_documents_data_is_counted_as_text() -> None:
     with_it = estimate_prompt_tokens(counter, "gpt-4o-mini", {"messages": [{"role": "user", "content": [document]}]})
     without = estimate_prompt_tokens(counter, "gpt-4o-mini", {"messages": [{"role": "user", "content": [{**document, "source": {"type": "text"}}]}]})
     assert with_it - without > 400, (with_it, without)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_cache_writes_kept_for_an_hour_are_priced_at_the_hours_rate(tmp_path: Path, stream: bool) -> None:
+    """Anthropic bills a cache write kept for an hour (`ttl: 1h`, which agents use for long sessions) at
+    twice the input rate, a five-minute one at 1.25 times: every write was priced at the five-minute
+    rate, a 1h write 37.5 % under what it cost (found by a review)."""
+    from conftest import ADMIN_KEY, make_settings, start_proxy
+
+    from taskproxy.money import usd
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    usage = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 130_000,
+             "cache_creation": {"ephemeral_5m_input_tokens": 30_000, "ephemeral_1h_input_tokens": 100_000}}  # fmt: skip
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [{"type": "text", "text": "Done."}],
+               "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
+
+    def answer(request: object) -> MockResponse:
+        if not stream:
+            return MockResponse.json(message)
+        start = {"type": "message_start", "message": {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}}
+        delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 5}}
+        return MockResponse.sse([f"event: {e['type']}\ndata: {orjson.dumps(e).decode()}\n\n".encode() for e in (start, delta, {"type": "message_stop"})])
+
+    models = [{"name": "claude", "provider": "anthropic", "base_url": "http://provider.test", "upstream_model": "claude-sonnet-4-5",
+               "api_key_env": "TEST_PROVIDER_KEY"}]  # fmt: skip
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+        ask = {"model": "claude", "max_tokens": 50, "stream": stream, "messages": [{"role": "user", "content": "Go on."}]}
+        response = await proxy.http.post("/v1/messages", json=ask, headers={"x-api-key": ADMIN_KEY, "x-work-item": "PROJ-9"})
+        assert response.status_code == 200, response.text
+        event = (await proxy.events(1, work_item="PROJ-9"))[0]
+    # claude-sonnet-4-5 in litellm's table: $3/M input, $3.75/M 5-minute writes, $6/M 1-hour writes, $15/M output
+    expected = round((10 * 3e-6 + 30_000 * 3.75e-6 + 100_000 * 6e-6 + 5 * 15e-6) * 1e9)
+    assert (event["prompt_tokens"], event["cache_write_tokens"]) == (130_010, 130_000)
+    assert event["cost_usd"] == usd(expected)

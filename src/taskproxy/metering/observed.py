@@ -16,6 +16,7 @@ class ProviderUsage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cache_creation_tokens: int = 0  # Anthropic reports cache writes apart; they are part of the prompt
+    cache_creation_1h_tokens: int = 0  # of which written for an hour (Anthropic's `ttl: 1h`), at a higher rate
 
     @property
     def total_tokens(self) -> int:

@@ -26,18 +26,24 @@ class Price:
     output: float  # USD per completion token
     cached_input: float | None = None  # USD per cached prompt token (cache read); None: billed as input
     cache_write: float | None = None  # USD per prompt token written to the cache (Anthropic); None: as input
+    cache_write_1h: float | None = None  # USD per token written to the cache for an hour; None: as `cache_write`
 
-    def nanos(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0) -> int:
+    def nanos(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0,
+              cache_write_1h_tokens: int = 0) -> int:  # fmt: skip
         """The cost in nano-USD. `prompt_tokens` include the cached and cache-write tokens, which are
-        billed at their own rates."""
+        billed at their own rates; `cache_write_1h_tokens` are the part of the writes kept for an hour
+        (Anthropic bills them at twice the input rate, the 5-minute ones at 1.25 times)."""
         cached = min(cached_tokens, prompt_tokens)
         written = min(cache_write_tokens, prompt_tokens - cached)
+        for_an_hour = min(cache_write_1h_tokens, written)
         cached_rate = self.input if self.cached_input is None else self.cached_input
         write_rate = self.input if self.cache_write is None else self.cache_write
-        return to_nanos((prompt_tokens - cached - written) * self.input + cached * cached_rate + written * write_rate + completion_tokens * self.output)
+        hour_rate = write_rate if self.cache_write_1h is None else self.cache_write_1h
+        return to_nanos((prompt_tokens - cached - written) * self.input + cached * cached_rate + (written - for_an_hour) * write_rate
+                        + for_an_hour * hour_rate + completion_tokens * self.output)  # fmt: skip
 
     def cost_nanos(self, usage: ProviderUsage) -> int:
-        return self.nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens)
+        return self.nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens)
 
 
 def bundled_price_file() -> Path | None:
@@ -91,6 +97,7 @@ def _from_table(entry: dict) -> Price | None:
             output=float(entry.get("output_cost_per_token", 0.0)),
             cached_input=_optional(entry, "cache_read_input_token_cost"),
             cache_write=_optional(entry, "cache_creation_input_token_cost"),
+            cache_write_1h=_optional(entry, "cache_creation_input_token_cost_above_1hr"),
         )
     except (KeyError, TypeError, ValueError):
         return None

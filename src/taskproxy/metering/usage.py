@@ -143,10 +143,11 @@ class Exchange:
         est_prompt = self._count(lambda: estimate_prompt_tokens(self.counter, self.upstream_model, self.body))
         usage = observed.usage
         estimated: set[str] = set()
-        prompt = completion = cached = written = reasoning = 0
+        prompt = completion = cached = written = written_1h = reasoning = 0
         if usage is not None:
             prompt, completion = _clamp(usage.prompt_tokens), _clamp(usage.completion_tokens)
             cached, written, reasoning = _clamp(usage.cached_tokens), _clamp(usage.cache_creation_tokens), _clamp(usage.reasoning_tokens)
+            written_1h = _clamp(usage.cache_creation_1h_tokens)
             if COMPLETION in observed.missing:  # the stream ended before the provider's count: what was relayed
                 completion = max(completion, _clamp(self._completion_estimate(observed)))
                 estimated.add(COMPLETION)
@@ -163,7 +164,7 @@ class Exchange:
         # on reading it (the SDKs raise on it) does not make it the client's doing.
         if observed.error is not None and error in (None, ClientGone.code):
             status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
-        cost = self.price.nanos(prompt, completion, cached, written) if self.price is not None else None
+        cost = self.price.nanos(prompt, completion, cached, written, written_1h) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,
             "ts": self.ts,

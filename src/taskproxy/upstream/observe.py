@@ -261,11 +261,14 @@ def anthropic_usage(usage: Any) -> ProviderUsage | None:
         return None  # not believed: the answer is estimated, as one without usage
     cache_read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
+    by_ttl = usage.get("cache_creation")  # {"ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"}
+    for_an_hour = _int(by_ttl.get("ephemeral_1h_input_tokens")) if isinstance(by_ttl, dict) else 0
     return ProviderUsage(
         prompt_tokens=usage["input_tokens"] + cache_read + written,
         completion_tokens=_int(usage.get("output_tokens")),
         cached_tokens=cache_read,
         cache_creation_tokens=written,
+        cache_creation_1h_tokens=min(for_an_hour, written),
     )
 
 
