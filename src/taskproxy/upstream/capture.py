@@ -24,20 +24,27 @@ EVENT_HEAD_BYTES = 2 * 1024
 
 
 class Capture:
-    __slots__ = ("_head", "_tail", "_head_limit", "_tail_limit", "_event_head", "_between_events", "skipped", "total")
+    __slots__ = ("_head", "_tail", "_head_limit", "_tail_limit", "_event_head", "_between_events", "_last3", "skipped", "total")
 
     def __init__(self, head_limit: int = HEAD_BYTES, tail_limit: int = TAIL_BYTES) -> None:
         self._head = bytearray()
         self._tail = bytearray()
         self._head_limit = head_limit
         self._tail_limit = tail_limit
-        self._event_head = bytearray()
+        self._event_head: bytes | bytearray = b""  # a chunk that holds a whole event is kept as it is, not copied
         self._between_events = False  # the last chunk ended where its event ended
+        self._last3 = b""  # the stream's last three bytes
         self.skipped = 0  # bytes between head and tail that were not kept
         self.total = 0
 
     def add(self, chunk: bytes) -> None:
-        self._note_event(chunk)
+        # The usual chunk, one whole event after an event's end (its only blank line last), inline: this
+        # runs on the request path for every chunk. The event's start is the chunk's, kept as it is and
+        # copied only when asked for (`event_head`). (Lines ended by CR, alone or in CRLF, hold no LF LF.)
+        if self._between_events and chunk.find(b"\n\n") == len(chunk) - 2 > 0 and chunk[0] != 10:  # (10: LF, a CRLF's end)
+            self._event_head, self._last3 = chunk, chunk[-3:]
+        else:
+            self._note_event(chunk)
         self.total += len(chunk)
         room = self._head_limit - len(self._head)
         if room > 0:
@@ -57,9 +64,10 @@ class Capture:
         before the chunk (a blank line may be split between two chunks)."""
         if not chunk:
             return
-        before = self.recent(3) if self.total else b""
+        before = self._last3
         window = before + chunk
-        end = end_of_last_event(window)
+        self._last3 = window[-3:]
+        end = _last_event_end(window, len(window))
         if end <= len(before):  # no event ended in this chunk: it goes on with the one begun
             if self._between_events:
                 self._event_head, self._between_events = bytearray(chunk[:EVENT_HEAD_BYTES]), False
@@ -77,7 +85,7 @@ class Capture:
         if body_end <= len(before):  # only line ends (a blank line's LF after its CR): no event began
             self._between_events = True
             return
-        start = end_of_last_event(window, body_end)
+        start = _last_event_end(window, body_end)
         if start > len(before):
             self._event_head = bytearray(window[start : min(body_end, start + EVENT_HEAD_BYTES)])
         elif self._between_events:
@@ -89,7 +97,7 @@ class Capture:
     @property
     def event_head(self) -> bytes:
         """The first EVENT_HEAD_BYTES of the latest event begun (of a stream of events)."""
-        return bytes(self._event_head)
+        return bytes(self._event_head[:EVENT_HEAD_BYTES])  # (with the blank line that ended it, if it is that short)
 
     @property
     def complete(self) -> bool:
@@ -119,3 +127,11 @@ class Capture:
         """The chunk just added, with as much before it as a usage object that began earlier can span:
         what the meter reads as a stream passes (not the whole tail again for every chunk)."""
         return self.recent(len(chunk) + MAX_USAGE_OBJECT_BYTES)
+
+
+def _last_event_end(window: bytes, before: int) -> int:
+    """`end_of_last_event`, with a single search for a stream whose lines end with LF alone (most)."""
+    if b"\r" in window:
+        return end_of_last_event(window, before)
+    found = window.rfind(b"\n\n", 0, before)
+    return found + 2 if found >= 0 else 0
