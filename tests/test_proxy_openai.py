@@ -188,6 +188,28 @@ async def test_two_work_item_headers_naming_different_items_are_refused(proxy: P
     assert same.status_code == 200, same.text
 
 
+async def test_two_branch_headers_naming_different_items_are_refused(proxy: Proxy) -> None:
+    """As with X-Work-Item: the first of two X-Git-Branch headers was taken, silently (found by a review)."""
+    key = await proxy.new_key()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    two = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-git-branch", "feature/PROJ-1-a"),
+                                                                            ("x-git-branch", "feature/PROJ-2-b")])  # fmt: skip
+    assert two.status_code == 400 and two.json()["error"]["code"] == "work_item_invalid" and "PROJ-1, PROJ-2" in two.json()["error"]["message"]
+    assert proxy.received == []
+
+
+async def test_a_work_item_header_with_a_control_character_python_strips_is_refused_not_dropped(proxy: Proxy) -> None:
+    """HTTP passes bytes 0x80-0xff in a header: NEL (0x85) and the separators 0x1c-0x1f are control
+    characters, but Python's strip() takes them as spaces, so `PAY-1<NEL>` was billed to PAY-1 and a
+    header of NEL alone counted as absent, the body's item taken instead (found by a review)."""
+    key = (await proxy.new_key()).encode()
+    for header, item in ((b"PAY-1\x85", None), (b"\x85", "PAY-2"), (b"PAY-1\x1f", None)):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **({"metadata": {"work_item": item}} if item else {})}
+        refused = await proxy.http.post("/v1/chat/completions", json=body, headers=[(b"authorization", b"Bearer " + key), (b"x-work-item", header)])
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "work_item_invalid", (header, refused.text)
+    assert proxy.received == []
+
+
 async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError) as bad:
         await proxy.openai("tp-not-a-real-key").chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "PROJ-1"})

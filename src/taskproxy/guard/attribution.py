@@ -42,12 +42,17 @@ def strip_work_item(body: dict) -> bool:
     return True
 
 
+_BLANK = " \t"
+
+
 @dataclass(frozen=True)
 class Attribution:
     ids: WorkItemIds
 
     def resolve(self, headers: Headers, body: Any, principal: Principal, now: datetime) -> Attributed:
-        named = {self.ids.normalize(value.strip()) for value in headers.getlist("x-work-item") if value.strip()}
+        # Blank is spaces and tabs only (what HTTP trims): Python's strip() also takes NEL (\x85) and the
+        # separators \x1c-\x1f, which passed a header of them as absent, or an id with them as valid.
+        named = {self.ids.normalize(value) for value in headers.getlist("x-work-item") if value.strip(_BLANK)}
         if len(named) > 1:  # the first was taken, silently: which item a request is for must not be a guess
             raise WorkItemInvalid(f"The request has {len(named)} X-Work-Item headers naming different work items "
                                   f"({', '.join(sorted(named))[:200]}); send one.")  # fmt: skip
@@ -56,11 +61,14 @@ class Attribution:
         from_body = body_work_item(body)
         if from_body is not None:
             return Attributed(self.ids.normalize(from_body), "body")
-        branch = headers.get("x-git-branch")
-        if branch:
-            found = self.ids.from_branch(branch)
-            if found is not None:
-                return Attributed(found, "branch")
+        branches = [value for value in headers.getlist("x-git-branch") if value.strip(_BLANK)]
+        branch = branches[0] if branches else None
+        from_branches = {found for value in branches if (found := self.ids.from_branch(value)) is not None}
+        if len(from_branches) > 1:  # as for X-Work-Item: not a guess
+            raise WorkItemInvalid(f"The request has {len(branches)} X-Git-Branch headers naming different work items "
+                                  f"({', '.join(sorted(from_branches))[:200]}); send one.")  # fmt: skip
+        if from_branches:
+            return Attributed(from_branches.pop(), "branch")
         bound = principal.binding(now)
         if bound is not None:
             return Attributed(bound, "binding")
