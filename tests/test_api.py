@@ -475,3 +475,12 @@ async def test_a_run_the_proxy_would_refuse_is_refused_before_its_agent_starts(t
         assert (await proxy.http.put("/api/me/work-item", json={"work_item": "PROJ-42"}, headers=me)).status_code == 200
         run = (await proxy.http.get("/api/me/work-item", params={"branch": "fix/utf-8-names"}, headers=me)).json()["run"]
         assert run == {"work_item": "PROJ-42", "source": "binding"}  # UTF-8 is no item here: the binding
+        # The model routes decide alike (a client sending its branch itself was refused 403; found by a review):
+        # a word that is no item, and an old branch's closed item, give way to the binding.
+        for n, branch in enumerate(("fix/utf-8-names", "feature/PROJ-50-old")):
+            run = (await proxy.http.get("/api/me/work-item", params={"branch": branch}, headers=me)).json()["run"]
+            answered = await proxy.http.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {n}"}]},
+                                             headers={**me, "x-git-branch": branch})  # fmt: skip
+            assert answered.status_code == 200 and run == {"work_item": "PROJ-42", "source": "binding"}, (branch, answered.text)
+        events = await proxy.events(2, work_item="PROJ-42")
+        assert [e["attribution_source"] for e in events] == ["binding", "binding"]

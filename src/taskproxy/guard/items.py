@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskproxy.errors import ServiceUnavailable, WorkItemClosed, WorkItemUnknown
+from taskproxy.guard.attribution import Attributed
 from taskproxy.guard.lookups import Lookups, LookupTimeout
 from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 from taskproxy.storage.failures import RETRY_SECONDS
@@ -202,3 +203,15 @@ class Policy:
                 "(work_items.mode: active). Reopen it in the tracker, or attach the item you are working on."
             )
         return item
+
+    async def check_attributed(self, attributed: Attributed, binding: str | None) -> tuple[Attributed, KnownItem | None]:
+        """`check` the item a request is attributed to. An item a git branch names that this mode refuses
+        (a word in the branch that is no item here, `fix/utf-8-names`; an old branch's closed item) gives
+        way to the key's binding, if it has one: the branch was read, the binding chosen. The model
+        routes and the check before a run (`GET /api/me/work-item`) decide alike."""
+        try:
+            return attributed, await self.check(attributed.work_item)
+        except (WorkItemUnknown, WorkItemClosed):
+            if attributed.source != "branch" or binding is None:
+                raise
+        return Attributed(binding, "binding"), await self.check(binding)

@@ -94,7 +94,7 @@ class Admission:
                                          "the request was not forwarded. Try again shortly.", retry_after=RETRY_SECONDS)  # fmt: skip
             raw, body = await read()
             attributed = self.attribution.resolve(headers, body if isinstance(body, dict) else None, principal, ts)
-            known = await self.policy.check(attributed.work_item)
+            attributed, known = await self.policy.check_attributed(attributed, principal.binding(ts))
             if isinstance(body, Undecodable):
                 raise InvalidRequest(body.reason)
             client_model = body.get("model")

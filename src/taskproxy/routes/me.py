@@ -10,7 +10,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from taskproxy.bodies import Binding, parse
-from taskproxy.errors import WorkItemClosed, WorkItemInvalid, WorkItemUnknown
+from taskproxy.errors import WorkItemInvalid
+from taskproxy.guard.attribution import Attributed
 from taskproxy.workitems import WorkItemIds
 from taskproxy.reports import usage as usage_reports
 from taskproxy.records import event_json
@@ -30,23 +31,18 @@ async def get_binding(request: Request) -> Response:
     item, branch = request.query_params.get("item"), request.query_params.get("branch")
     if item is None and branch is None:
         return JSON(found)
-    ids, policy = request.state.items.ids, request.state.policy
-    run = None
+    ids = request.state.items.ids
+    chosen = None
     if item:
-        run = {"work_item": ids.normalize(item), "source": "item"}
+        chosen = Attributed(ids.normalize(item), "item")
     elif branch and (named := _named_by(ids, branch)):
-        run = {"work_item": named, "source": "branch"}
+        chosen = Attributed(named, "branch")
     elif current:
-        run = {"work_item": current, "source": "binding"}
-    if run is not None:
-        try:
-            await policy.check(run["work_item"])
-        except (WorkItemUnknown, WorkItemClosed):
-            if run["source"] != "branch" or not current:
-                raise
-            run = {"work_item": current, "source": "binding"}  # a word in the branch that is no item here (fix/utf-8-names)
-            await policy.check(current)
-    return JSON({**found, "run": run})
+        chosen = Attributed(current, "binding")
+    if chosen is None:
+        return JSON({**found, "run": None})
+    chosen, _ = await request.state.policy.check_attributed(chosen, current)
+    return JSON({**found, "run": {"work_item": chosen.work_item, "source": chosen.source}})
 
 
 def _named_by(ids: WorkItemIds, branch: str) -> str | None:
