@@ -671,6 +671,41 @@ async def test_a_ticket_with_another_merge_standing_is_not_reworked_by_one_rever
     assert (await tracked.get("/api/work-items/acme%2Fweb-app%2389"))["status"] == "closed"
 
 
+async def test_a_revert_is_told_from_a_reland_by_what_it_undoes_not_by_its_title(tracked: Proxy) -> None:
+    """A title can be edited (found by a review): a revert retitled `Revert "Revert "…""` escaped rework
+    and counted as completed work, linked to the ticket it undid; a reland found by its branch
+    (`revert-N-revert-M-…`) but retitled counted as a revert. What the merge undoes decides: a merged
+    revert (a reland), else a revert, whatever the title."""
+    async def merged(number: int, branch: str, title: str, body: str | None = None) -> None:
+        at = _github_time(utcnow())
+        pull = hooks.github_pull_request("closed", number, merged=True, branch=branch, title=title)
+        pull["pull_request"].update(merged_at=at, closed_at=at, **({"body": body} if body else {}))
+        raw = hooks.dumps(pull)
+        assert (await _post(tracked, "github", raw, hooks.github_headers(raw, "pull_request"))).status_code == 200
+
+    async def item(number: int) -> dict:
+        return await tracked.get(f"/api/work-items/acme%2Fweb-app%23{number}")
+
+    await merged(91, "feature/PAY-90-one", "Add retries")
+    await merged(92, "revert-91-feature/PAY-90-one", 'Revert "Revert "Add retries""', body="Reverts Acme/Web-App#91")
+    assert (await item(91))["rework"]["reason"] == "reverted" and (await item(92))["status"] == "closed"
+
+    await merged(96, "feature/PAY-95-one", "Add retries")
+    await merged(97, "revert-96-feature/PAY-95-one", 'Revert "Add retries"', body="Reverts Acme/Web-App#96")
+    await merged(98, "revert-97-revert-96-feature/PAY-95-one", "Reland PAY-95 retries (fixed)", body="Reverts Acme/Web-App#97")
+    assert (await item(98))["status"] == "done" and (await item(97))["status"] == "closed" and (await item(96))["rework"]["reason"] == "reverted"
+
+    # GitLab: a revert merge request retitled as a revert of a revert
+    first = hooks.gitlab_merge_request("merge", 18, branch="feature/PAY-51-charges")
+    first["object_attributes"]["merged_at"] = (utcnow() - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    revert = hooks.gitlab_merge_request("merge", 19, branch="revert-da156088", title='Revert "Revert "Retry failed charges""')
+    revert["object_attributes"].update(description="This reverts merge request !18", merged_at=utcnow().strftime("%Y-%m-%d %H:%M:%S UTC"))
+    for payload in (first, revert):
+        assert (await _post(tracked, "gitlab", hooks.dumps(payload), hooks.gitlab_headers("Merge Request Hook"))).status_code == 200
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2118"))["rework"]["reason"] == "reverted"
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2119"))["status"] == "closed"
+
+
 async def test_gitlabs_revert_button_marks_the_merge_request_it_undoes(tracked: Proxy) -> None:
     """GitLab's revert merge request (`Revert "…"`, `This reverts merge request !N`) marked nothing and
     counted as one more merge request completed."""

@@ -29,7 +29,7 @@ from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
 from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
-from taskproxy.trackers.base import Delivery, Size
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, is_relanding_title, is_revert_title
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
 from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, REVERTED_BY, WorkItemIds
@@ -180,6 +180,31 @@ def _record_size(connection: Connection, item_id: str, size: Size, source: str, 
                                                               delivery_id=delivery_id, **reported))  # fmt: skip
 
 
+def revert_or_reland(connection: Connection, ids: WorkItemIds, told: ItemUpdate) -> ItemUpdate:
+    """A merged pull request that undoes another (its body or branch names it, or its title is a
+    revert's) is a revert: closed, merged, linking no ticket (linked, it would count as that ticket's
+    merged PR), and what it undoes becomes rework. Unless what it undoes is itself a merged revert: then
+    it is the work landing again (a reland), done, its tickets' revert marks cleared. The title
+    (`Revert "Revert "…""`) decides only when what it undoes is not known here: a title can be edited,
+    and one retitled as a revert of a revert let a revert count as completed work."""
+    if not told.merged or (told.reverts is None and not is_revert_title(told.title)):
+        return told
+    undoes_a_revert = _is_merged_revert(connection, ids, told.reverts)
+    if undoes_a_revert if undoes_a_revert is not None else is_relanding_title(told.title):
+        return replace(told, reverts=None)
+    return replace(told, status="closed", links=())
+
+
+def _is_merged_revert(connection: Connection, ids: WorkItemIds, raw_target: str | None) -> bool | None:
+    """Whether the item a revert names is itself a merged revert (closed, merged); None when it is not known here."""
+    try:
+        target = ids.normalize(raw_target) if raw_target is not None else None
+    except WorkItemInvalid:
+        return None
+    row = None if target is None else connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at).where(_ITEMS.c.id == target)).first()
+    return None if row is None else row.status == "closed" and row.merged_at is not None
+
+
 def _mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by: str, at: datetime, rework_days: float) -> None:
     """A merged revert: the pull request it undoes is rework, if it was merged within `rework_days` before.
     A revert that arrives before the merge it undoes (deliveries come late and out of order) is kept as
@@ -300,6 +325,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     log.warning("ignored a %s event for %s, an item of %s", delivery.tracker, item_id, found.tracker)
                     skipped.append(f"{item_id[:200]}: an item of {found.tracker}")
                     continue
+                told = revert_or_reland(connection, ids, told)
                 current = found.status if found is not None else None
                 status = told.status or current or "open"
                 at, note = _clamped(told.at, now)

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, is_relanding_title, is_revert_title, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
@@ -70,14 +70,11 @@ class GitHub:
         links: tuple[str, ...] = ()
         branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
         repo = need(payload, "repository", "full_name", kind=str)
-        relanding = is_relanding_title(pr.get("title"))  # a revert of a revert: the work again, no rework
-        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged and not relanding else None
-        if merged and not relanding and (reverts is not None or is_revert_title(pr.get("title"))):
-            # A merged revert undoes work: it is no work completed (what it undoes becomes rework), so it
-            # is closed, merged. It names the ticket of what it undoes: linked, it would count as that
-            # ticket's merged PR.
-            status = "closed"
-        elif merged:
+        # What a merged revert undoes, if it says. Whether it is a revert (closed, linking no ticket, what it
+        # undoes rework) or a reland (the work again) the registry decides, from what it undoes
+        # (registry.revert_or_reland): a title can be edited.
+        reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged else None
+        if merged:
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
         size = Size(count(pr.get("additions")), count(pr.get("deletions")), count(pr.get("changed_files")))
         return ItemUpdate(

@@ -20,7 +20,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.errors import InvalidSignature
-from taskproxy.trackers.base import Delivery, ItemUpdate, is_relanding_title, is_revert_title, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"open", "reopen"}
@@ -70,12 +70,9 @@ class GitLab:
         links: tuple[str, ...] = ()
         merged, reverts = status == "done", None
         description = request.get("description")
-        relanding = is_relanding_title(request.get("title"))  # a revert of a revert: the work again, no rework
-        if merged and not relanding and isinstance(description, str) and (found_revert := _REVERT_DESCRIPTION.search(description)):
+        if merged and isinstance(description, str) and (found_revert := _REVERT_DESCRIPTION.search(description)):
             reverts = self._item_id(payload, "!", int(found_revert[1]))
-        if merged and not relanding and (reverts is not None or is_revert_title(request.get("title"))):
-            status = "closed"  # a merged revert is no work completed, and links no ticket (github.py)
-        elif merged:
+        if merged:  # a revert or a reland: the registry decides (github.py)
             found = (ticket_in(self._ids, request.get("source_branch")), ticket_in(self._ids, request.get("title")))
             links = tuple(dict.fromkeys(ticket for ticket in found if ticket))
         return ItemUpdate(
