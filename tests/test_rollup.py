@@ -176,6 +176,38 @@ def test_the_rollup_is_the_raw_events_grouped_after_writes_and_replays(database_
     engine.dispose()
 
 
+@BOTH_DATABASES
+def test_a_batch_that_fails_after_its_events_are_inserted_keeps_none_of_them_and_its_replay_counts_them(database_url: str) -> None:
+    """A disk error on the rollups after the events' insert (found by a review): on SQLite the insert's
+    savepoint was the transaction, and its release committed the events alone; the replay found them,
+    and no rollup, nor any budget's counter, ever counted them."""
+    import sqlite3
+
+    from sqlalchemy import event as sa_event
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    batch = events(random.Random(5), 50)
+    failing = {"on": True}
+
+    @sa_event.listens_for(engine, "before_cursor_execute")
+    def disk_error(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if failing["on"] and "usage_daily" in statement and statement.lstrip().upper().startswith(("INSERT", "WITH")):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    if engine.dialect.name == "sqlite":  # PostgreSQL writes a batch in one statement: fail that one
+        try:
+            repo.write_batch(engine, events=batch, rejections=[], new_items=[])
+        except Exception:  # noqa: BLE001  (the writer spools the batch)
+            pass
+        assert raw_rows(engine) == []
+    failing["on"] = False
+    repo.write_batch(engine, events=batch, rejections=[], new_items=[])  # the spool's replay
+    assert len(raw_rows(engine)) == 50
+    assert_rollups_match(engine)
+    engine.dispose()
+
+
 def as_recorded_by_0001(row: dict) -> dict:
     """An event row as revision 0001 stored it: cost in USD as a float, no estimated fields."""
     old = {k: v for k, v in row.items() if k not in ("cost_nanos", "estimated_fields", "provider_error")}

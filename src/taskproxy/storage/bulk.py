@@ -92,6 +92,12 @@ def insert_new(connection: Connection, table: Table, rows: Sequence[Mapping[str,
         placeholders = "(" + ", ".join("?" * len(columns)) + ")"
         # Usually every row is new: executemany (SQLite's cheapest form) says so by its count. When some
         # existed (a replay), undo it and insert again with RETURNING, which names the rows written.
+        # The savepoint must sit inside a transaction: Python's sqlite3 begins one only before a DML
+        # statement, so a savepoint that came first was the transaction, and its release committed the
+        # rows on their own: a batch that failed after it (its rollups, a disk error) kept its events,
+        # and the replay, finding them, counted them in no rollup and no budget.
+        if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         savepoint = connection.begin_nested()
         if connection.exec_driver_sql(f"{head}VALUES {placeholders} ON CONFLICT DO NOTHING", values).rowcount == len(rows):
             savepoint.commit()
