@@ -277,7 +277,9 @@ def test_a_url_that_is_not_the_proxy_or_a_key_no_header_carries_is_one_line(tmp_
 @pytest.mark.parametrize(
     "args",
     [("report", "tasks", "--limit", "-1"), ("report", "tasks", "--limit", "0"), ("items", "list", "--status", "bogus"),
-     ("items", "list", "--limit", "10001")],
+     ("items", "list", "--limit", "10001"),
+     # The config's bounds (found by a review): port 99999 was served on 34463 (99999 - 65536); --workers -1 served, 0 took the config's.
+     ("serve", "--port", "99999"), ("serve", "--workers", "-1"), ("serve", "--workers", "0")],
 )  # fmt: skip
 def test_the_cli_refuses_what_the_api_refuses(args: tuple[str, ...], tmp_path: Path) -> None:
     """`--limit -1` dropped the last row, `--limit 0` printed nothing, `--status bogus` listed nothing:
@@ -311,6 +313,9 @@ def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path) -
         (f"sqlite:///{tmp_path}/missing/dir/x.db", "No such file or directory"),
         (f"sqlite:///{not_a_database}", "file is not a database"),
         (f"postgresql://nobody@127.0.0.1:{free_port()}/db", "the database failed (OperationalError)"),
+        # In memory, each connection has a database of its own (the writer's, the workers'): a traceback before (found by a review)
+        ("sqlite://", "an in-memory SQLite database is private to one connection"),
+        ("sqlite:///:memory:", "an in-memory SQLite database is private to one connection"),
     ]
     for url, says in cases:
         result = run_cli("keys", "list", env=child_env(TASKPROXY_DATABASE_URL=url, TASKPROXY_ADMIN_KEY="tp-" + "x" * 43))

@@ -323,7 +323,7 @@ class _KilledAfterClaiming:
 async def test_a_computation_that_fails_backs_off_and_a_stopping_process_lets_go(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'snapshots.db'}")
     upgrade_schema(engine)
-    settings = Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60})
+    settings = Settings(database_url="sqlite:///taskproxy.db", models=[], reports={"snapshot_minutes": 60})
     runner = _KilledAfterClaiming(engine)
     adoption, signals = kept_name(settings, "adoption"), kept_name(settings, "signals")
     keeper = SnapshotKeeper(engine, runner, timedelta(minutes=60), snapshot_reports(settings))  # type: ignore[arg-type]
@@ -348,7 +348,7 @@ def _row(engine, name: str):  # type: ignore[no-untyped-def]
 
 def test_a_snapshot_is_read_only_by_processes_that_would_compute_it_alike() -> None:
     def settings(**reports: object) -> Settings:
-        return Settings(database_url="sqlite://", models=[], privacy=reports.pop("privacy", {}), reports={"snapshot_minutes": 60, **reports})
+        return Settings(database_url="sqlite:///taskproxy.db", models=[], privacy=reports.pop("privacy", {}), reports={"snapshot_minutes": 60, **reports})
 
     same = [kept_name(settings(), "adoption"), kept_name(settings(snapshot_minutes=5), "adoption")]
     assert same[0] == same[1] and same[0].startswith("adoption:")  # how often is not how it is computed
@@ -377,7 +377,7 @@ async def test_snapshots_no_process_computes_any_more_are_deleted_after_a_week(t
     engine = make_engine(f"sqlite:///{tmp_path / 'snapshots.db'}")
     upgrade_schema(engine)
     now = utcnow()
-    mine = snapshot_reports(Settings(database_url="sqlite://", models=[], reports={"snapshot_minutes": 60}))
+    mine = snapshot_reports(Settings(database_url="sqlite:///taskproxy.db", models=[], reports={"snapshot_minutes": 60}))
     kept_long_ago = "adoption:0123456789ab"  # an earlier version's, or made under another privacy floor
     for name, computed_at in [(kept_long_ago, now - timedelta(days=8)), ("adoption:recent000000", now - timedelta(days=6)),
                               ("signals:computing000", now - timedelta(days=8)), *((name, now - timedelta(days=8)) for name in mine)]:  # fmt: skip
@@ -391,7 +391,7 @@ async def test_snapshots_no_process_computes_any_more_are_deleted_after_a_week(t
     with engine.connect() as connection:
         left = set(connection.execute(select(ReportSnapshot.__table__.c.name)).scalars())
     assert left == {"adoption:recent000000", "signals:computing000", *mine}
-    adoption, signals = kept_name(Settings(database_url="sqlite://", models=[]), "adoption"), kept_name(Settings(database_url="sqlite://", models=[]), "signals")
+    adoption, signals = kept_name(Settings(database_url="sqlite:///taskproxy.db", models=[]), "adoption"), kept_name(Settings(database_url="sqlite:///taskproxy.db", models=[]), "signals")
     assert snapshots.latest(engine, adoption).computed_at > now  # its own: refreshed,
     assert snapshots.latest(engine, signals).computed_at < now - timedelta(days=7)  # or not yet, but never deleted
     engine.dispose()

@@ -22,7 +22,7 @@ from taskproxy.commands import (
 from taskproxy.errors import ApiError, ConfigError, MigrationBlocked, SchemaBehind, TrackerUnavailable
 from taskproxy.developer import cmd_env, cmd_me, cmd_run, cmd_use
 from taskproxy.launch import SHELLS
-from taskproxy.settings import DEFAULT_PROXY_URL
+from taskproxy.settings import DEFAULT_PROXY_URL, MAX_WORKERS
 from taskproxy.workitems import ITEM_STATUSES, SETTABLE_STATUSES
 
 DEFAULT_LOCK_WAIT_SECONDS = 10.0  # `db upgrade --lock-wait`: how long a migration may hold up the queries behind its wait
@@ -41,12 +41,13 @@ def _time_argument(value: str) -> Any:
                                          f"from {EARLIEST.year} to {LATEST.year - 1}") from None  # fmt: skip
 
 
-def _count(maximum: int) -> Callable[[str], int]:
-    """An argument from 1 to `maximum`, as the API's `limit` parameters take."""
+def _count(maximum: int, minimum: int = 1) -> Callable[[str], int]:
+    """An argument from `minimum` to `maximum`, as the API's `limit` parameters (and the config's
+    bounds: a port past 65535 was handed to the server, which listened on another port)."""
 
     def parse(value: str) -> int:
-        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= maximum:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to {maximum:,}")
+        if not (value.isascii() and value.isdigit()) or not minimum <= int(value) <= maximum:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from {minimum} to {maximum:,}")
         return int(value)
 
     return parse
@@ -86,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command(commands, "serve", cmd_serve, "run the proxy")
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--port", type=_count(65_535, minimum=0), help="port to listen on, 0 to 65535 (default: server.port, 8080)")
+    serve.add_argument("--workers", type=_count(MAX_WORKERS), help=f"worker processes, 1 to {MAX_WORKERS} (default: server.workers, 1)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: info)")
     serve.add_argument("--access-log", action="store_true", help="log every request line (off by default)")
 

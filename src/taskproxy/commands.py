@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from taskproxy.process import serve
 
     settings = _settings(args)
-    workers = args.workers or settings.server.workers
+    workers = args.workers if args.workers is not None else settings.server.workers
     # The schema, checked (created on SQLite) once here rather than racing in every worker's lifespan;
     # and a database that does not answer stops the start with one line and exit 2, not a traceback.
     _engine(args).dispose()

@@ -17,6 +17,7 @@ from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
 MAX_CACHE_SIZE = 10_000_000
 # A span of days the reports count back or forward with: a century; a longer one reaches past the calendar.
 MAX_DAYS = 36_500
+MAX_WORKERS = 256  # `server.workers`, `serve --workers`: processes on one host
 
 DEFAULT_PROXY_URL = "http://127.0.0.1:8080"
 
@@ -306,7 +307,7 @@ class SignalSettings(_Frozen):
 class ServerSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
     # A connection must deliver a request's headers within this (from opening, or from starting its next
     # request), and the whole body within body_timeout_seconds after them; else 408 and it is closed.
     header_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -339,6 +340,9 @@ class Settings(_Frozen):
             driver = None
         if driver not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg"):  # the drivers installed
             raise ValueError("taskproxy runs on SQLite (sqlite:///path.db) or PostgreSQL (postgresql://user@host:5432/name)")
+        if driver.startswith("sqlite") and make_url(value).database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite database is private to one connection: the proxy's writer, its workers and the "
+                             "CLI would each see an empty one. Use a file: sqlite:///path.db")  # fmt: skip
         return value
 
     admin_key: SecretStr | None = Field(default=None, exclude=True)
