@@ -40,8 +40,9 @@ class Capture:
     def add(self, chunk: bytes) -> None:
         # The usual chunk, one whole event after an event's end (its only blank line last), inline: this
         # runs on the request path for every chunk. The event's start is the chunk's, kept as it is and
-        # copied only when asked for (`event_head`). (Lines ended by CR, alone or in CRLF, hold no LF LF.)
-        if self._between_events and chunk.find(b"\n\n") == len(chunk) - 2 > 0 and chunk[0] != 10:  # (10: LF, a CRLF's end)
+        # copied only when asked for (`event_head`). A chunk with a CR may hold an earlier event's end
+        # of another kind (`\r\r`, `\n\r\n`; the SSE spec allows them mixed): the general search reads it.
+        if self._between_events and chunk.find(b"\n\n") == len(chunk) - 2 > 0 and chunk[0] != 10 and b"\r" not in chunk:  # (10: LF)
             self._event_head, self._last3 = chunk, chunk[-3:]
         else:
             self._note_event(chunk)
