@@ -31,7 +31,7 @@ class Capture:
         self._tail = bytearray()
         self._head_limit = head_limit
         self._tail_limit = tail_limit
-        self._event_head: bytes | bytearray = b""  # a chunk that holds a whole event is kept as it is, not copied
+        self._event_head: bytes | bytearray = b""  # a small chunk that holds a whole event is kept as it is, not copied
         self._between_events = False  # the last chunk ended where its event ended
         self._last3 = b""  # the stream's last three bytes
         self.skipped = 0  # bytes between head and tail that were not kept
@@ -43,7 +43,8 @@ class Capture:
         # copied only when asked for (`event_head`). A chunk with a CR may hold an earlier event's end
         # of another kind (`\r\r`, `\n\r\n`; the SSE spec allows them mixed): the general search reads it.
         if self._between_events and chunk.find(b"\n\n") == len(chunk) - 2 > 0 and chunk[0] != 10 and b"\r" not in chunk:  # (10: LF)
-            self._event_head, self._last3 = chunk, chunk[-3:]
+            # (a large chunk's first bytes copied: a stream holds at most EVENT_HEAD_BYTES of it)
+            self._event_head, self._last3 = chunk if len(chunk) <= EVENT_HEAD_BYTES else chunk[:EVENT_HEAD_BYTES], chunk[-3:]
         else:
             self._note_event(chunk)
         self.total += len(chunk)
