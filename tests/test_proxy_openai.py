@@ -175,27 +175,21 @@ async def test_a_required_field_sent_as_null_is_invalid_request_in_the_routes_sh
     assert proxy.received == []
 
 
-async def test_two_work_item_headers_naming_different_items_are_refused(proxy: Proxy) -> None:
-    """The first of two X-Work-Item headers was taken, silently; the same item twice is one."""
+@pytest.mark.parametrize(
+    ("header", "one", "other", "again"),
+    [("x-work-item", "PROJ-1", "PROJ-2", "proj-1"),
+     # as with X-Work-Item, the first of two X-Git-Branch headers was taken, silently (found by a review)
+     ("x-git-branch", "feature/PROJ-1-a", "feature/PROJ-2-b", "fix/proj-1-b")],
+)  # fmt: skip
+async def test_two_work_item_headers_naming_different_items_are_refused(proxy: Proxy, header: str, one: str, other: str, again: str) -> None:
+    """The first of two X-Work-Item (or X-Git-Branch) headers was taken, silently; the same item twice is one."""
     key = await proxy.new_key()
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    two = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-work-item", "PROJ-1"),
-                                                                            ("x-work-item", "PROJ-2")])  # fmt: skip
+    two = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), (header, one), (header, other)])
     assert two.status_code == 400 and two.json()["error"]["code"] == "work_item_invalid" and "PROJ-1, PROJ-2" in two.json()["error"]["message"]
     assert proxy.received == []
-    same = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-work-item", "PROJ-1"),
-                                                                             ("x-work-item", "proj-1")])  # fmt: skip
+    same = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), (header, one), (header, again)])
     assert same.status_code == 200, same.text
-
-
-async def test_two_branch_headers_naming_different_items_are_refused(proxy: Proxy) -> None:
-    """As with X-Work-Item: the first of two X-Git-Branch headers was taken, silently (found by a review)."""
-    key = await proxy.new_key()
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    two = await proxy.http.post("/v1/chat/completions", json=body, headers=[("authorization", f"Bearer {key}"), ("x-git-branch", "feature/PROJ-1-a"),
-                                                                            ("x-git-branch", "feature/PROJ-2-b")])  # fmt: skip
-    assert two.status_code == 400 and two.json()["error"]["code"] == "work_item_invalid" and "PROJ-1, PROJ-2" in two.json()["error"]["message"]
-    assert proxy.received == []
 
 
 async def test_a_work_item_header_with_a_control_character_python_strips_is_refused_not_dropped(proxy: Proxy) -> None:
