@@ -147,20 +147,25 @@ UNFINISHED = frozenset({"queued", "in_progress"})
 # with the generation, and a later read show the response completed.)
 FINISHED = frozenset({"completed", "incomplete", "failed"})
 _TERMINAL = {f"response.{status}" for status in FINISHED}
-# Its `type` wherever the provider wrote it: OpenAI writes it first, a provider serializing the SDK's
-# own event classes last (after the whole response). Escaped inside a string (`\"type\"`), it does not match.
+# Its `type`: OpenAI writes it first, a provider serializing the SDK's own event classes last (after
+# the whole response). Escaped inside a string (`\"type\"`), it does not match.
 _TERMINAL_TYPE = re.compile(rb'"type"\s*:\s*"response\.(completed|failed|incomplete)"')
 # A failed response's error, read from the start of its event (the code, or failing that the type):
 # `{"code": "server_error", "message": ...}`.
 _ERROR_CODE = re.compile(rb'"error"\s*:\s*\{[^{}]*?"(?:code|type)"\s*:\s*"([^"\\]{1,64})"')
 
 
-EVENT_END_BYTES = 512  # where a terminal event's `type` is when it was written last
+EVENT_START_BYTES = 200  # where a terminal event's `type` is when written first (after `event: ...` and `data: `)
+EVENT_END_BYTES = 512  # where it is when written last
 
 
 def is_terminal(event: bytes) -> bool:
-    """A Responses event's JSON that ends the response (`response.completed`, `.incomplete`, `.failed`)."""
-    return _TERMINAL_TYPE.search(event) is not None
+    """A Responses event's JSON that ends the response (`response.completed`, `.incomplete`, `.failed`).
+    Its `type` is read at either end (first, as OpenAI writes it, or last), not across the whole event:
+    this runs on the request path for every event, and a terminal one repeats the whole response."""
+    return _TERMINAL_TYPE.search(event, 0, EVENT_START_BYTES) is not None or _TERMINAL_TYPE.search(event, max(0, len(event) - EVENT_END_BYTES)) is not None
+
+
 _DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta", "response.refusal.delta"}
 
 
