@@ -190,7 +190,8 @@ def revert_or_reland(connection: Connection, ids: WorkItemIds, told: ItemUpdate)
     if not told.merged or (told.reverts is None and not is_revert_title(told.title)):
         return told
     undoes_a_revert = _is_merged_revert(connection, ids, told.reverts)
-    if undoes_a_revert if undoes_a_revert is not None else is_relanding_title(told.title):
+    reland = is_relanding_title(told.title) if undoes_a_revert is None else undoes_a_revert
+    if reland:
         return replace(told, reverts=None)
     return replace(told, status="closed", links=())
 
