@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
+from taskproxy import stacks
 from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
@@ -318,7 +319,11 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 except WorkItemInvalid:  # an id the configured patterns do not accept is not tracked
                     skipped.append(told.item_id[:200])
                     continue
-                fields = {k: v for k, v in (("title", told.title), ("url", told.url), ("team", told.team)) if v is not None}
+                fields = {k: v for k, v in (("title", told.title), ("url", told.url), ("team", told.team), ("branch", told.branch),
+                                            ("merged_into", told.merged_into)) if v is not None}  # fmt: skip
+                for name in ("branch", "merged_into"):
+                    if name in fields:
+                        fields[name] = fields[name][: stacks.BRANCH_CHARS]
                 found = connection.execute(select(_ITEMS.c.status, _ITEMS.c.tracker).where(_ITEMS.c.id == item_id)).first()
                 if found is not None and found.tracker not in (None, delivery.tracker):
                     # Another tracker's item under the same id (a GitLab project named as a GitHub repository,
@@ -330,6 +335,9 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 current = found.status if found is not None else None
                 status = told.status or current or "open"
                 at, note = _clamped(told.at, now)
+                if told.merged_into is not None:
+                    stacked = f"merged into {told.merged_into[:stacks.BRANCH_CHARS]!r}, not the default branch: its work lands with that branch's pull request"
+                    note = stacked if note is None else f"{stacked}; {note}"
                 created_at = min(told.created_at, now) if told.created_at is not None else None
                 now_status = _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
                                     delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
@@ -348,6 +356,8 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
                 if told.merged:
                     _revert_waiting(connection, item_id, rework_days)
+                if (told.merged and now_status == "done") or (told.merged_into is not None and now_status == "in_progress"):
+                    stacks.landed(connection, item_id, branch=told.branch, merged_into=told.merged_into, at=at)
                 if now_status != status and not told.links and told.size is None:
                     kept.append(item_id)
                 applied.append({"id": item_id, "status": now_status, "linked": list(told.links)})
@@ -374,8 +384,7 @@ def link(engine: Engine, ticket: str, linked: str, *, kind: str = MERGED_PR, at:
 
 
 def _link(connection: Connection, ticket: str, linked: str, kind: str, at: datetime) -> None:
-    table = WorkItemLink.__table__
-    connection.execute(insert_ignoring_duplicates(connection.dialect.name, table), [{"work_item": ticket, "linked": linked, "kind": kind, "ts": at}])
+    repo.link_items(connection, [(ticket, linked, kind, at)])
 
 
 class ItemNotes(Protocol):

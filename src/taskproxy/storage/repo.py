@@ -13,12 +13,12 @@ from sqlalchemy import Row, Select, Table, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.expression import Executable
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from taskproxy.storage import bulk, changes, rollup, spend
 from taskproxy.timeutil import utcnow
 from taskproxy.workitems import COMPLETED
-from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem
+from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem, WorkItemLink
 
 WARM_ROWS_PER_READ = 1000  # a process's caches are filled from rows read this many at a time
 
@@ -150,6 +150,14 @@ def insert_ignoring_duplicates(dialect: str, table: Table) -> Executable:
     if dialect == "sqlite":
         return sqlite_insert(table).on_conflict_do_nothing()
     raise NotImplementedError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
+
+def link_items(connection: Connection, rows: Iterable[tuple[str, str, str, datetime]]) -> None:
+    """Record (item, linked, kind, at) links: a ticket and the merged pull request it led to (`merged_pr`),
+    a pull request and its revert (`reverted_by`). Recording one twice is harmless."""
+    values = [{"work_item": item, "linked": linked, "kind": kind, "ts": at} for item, linked, kind, at in rows]
+    if values:
+        connection.execute(insert_ignoring_duplicates(connection.dialect.name, WorkItemLink.__table__), values)
 
 
 def write_batch(

@@ -34,6 +34,19 @@ class ItemUpdate:
     # (points raised once the ticket was done) dates from then, not from the status's own time.
     edited_at: datetime | None = None
     reverts: str | None = None  # a merged revert: the pull request it undoes (rework)
+    branch: str | None = None  # a pull request's source branch
+    # A pull request merged into a branch other than its repository's default one: that branch. Its merge
+    # is a step, not the outcome (status in_progress, not final): the work lands with that branch's own
+    # pull request (registry.py, stacks).
+    merged_into: str | None = None
+
+
+def merge_target(target: Any, default: Any) -> str | None:
+    """The branch a pull request was merged into when it is not the repository's default one; None when it
+    is, or when the tracker did not say which is the default (the merge then counts, as it always did)."""
+    if isinstance(target, str) and isinstance(default, str) and target and default and target != default:
+        return target
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """GitHub: `pull_request` and `issues` events, signed in X-Hub-Signature-256, identified by X-GitHub-Delivery.
 
-A PR or issue is the item `owner/repo#N`. Merged → done, closed unmerged → closed; an issue closed
+A PR or issue is the item `owner/repo#N`. Merged → done (merged into a branch other than the repository's
+default one → in_progress: a stacked pull request, whose work lands with that branch's), closed unmerged → closed; an issue closed
 as `completed` (or with no reason) → done, as `not_planned` or `duplicate` → closed. A merged PR whose branch or title names a ticket
 (`feature/PROJ-123-x`) is linked to it. A PR's size is its `additions`, `deletions` and `changed_files`;
 a merged revert (`Reverts owner/repo#N`) names the PR it undoes.
@@ -14,7 +15,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, Size, check_hmac_sha256, count, merge_target, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"opened", "reopened", "ready_for_review", "converted_to_draft"}
@@ -34,6 +35,18 @@ def reverted_pull(repo: str, branch: Any, title: Any, body: Any) -> str | None:
     if isinstance(branch, str) and isinstance(title, str) and title.startswith("Revert") and (match := _REVERT_BRANCH.match(branch)):
         return f"{repo}#{match[1]}"
     return None
+
+
+def _field(payload: dict[str, Any], *path: str) -> Any:
+    for name in path:
+        payload = payload.get(name) if isinstance(payload, dict) else None  # type: ignore[assignment]
+    return payload
+
+
+def _default_branch(payload: dict[str, Any], pr: dict[str, Any]) -> Any:
+    """The repository's default branch: the webhook's `repository`, else the REST object's base repository
+    (`items sync` asks the REST API, whose pull request has no `repository` of its own)."""
+    return _field(payload, "repository", "default_branch") or _field(pr, "base", "repo", "default_branch")
 
 
 class GitHub:
@@ -63,24 +76,27 @@ class GitHub:
     def _pull_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         pr = need(payload, "pull_request", kind=dict)
         merged = action == "closed" and pr.get("merged") is True
-        if action == "closed":
+        branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
+        merged_into = merge_target(_field(pr, "base", "ref"), _default_branch(payload, pr)) if merged else None
+        if merged_into is not None:  # stacked: merged into another pull request's branch, not the default one
+            status, at, merged = "in_progress", tracker_time(pr.get("merged_at")), False
+        elif action == "closed":
             status, at = ("done", tracker_time(pr.get("merged_at"))) if merged else ("closed", tracker_time(pr.get("closed_at")))
         else:
             status, at = "open", tracker_time(pr.get("updated_at"))
         links: tuple[str, ...] = ()
-        branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
         repo = need(payload, "repository", "full_name", kind=str)
         # What a merged revert undoes, if it says. Whether it is a revert (closed, linking no ticket, what it
         # undoes rework) or a reland (the work again) the registry decides, from what it undoes
         # (registry.revert_or_reland): a title can be edited.
         reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged else None
-        if merged:
+        if merged or merged_into is not None:
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))
         size = Size(count(pr.get("additions")), count(pr.get("deletions")), count(pr.get("changed_files")))
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
-            merged=merged, size=size if size != Size() else None, reverts=reverts,
+            merged=merged, size=size if size != Size() else None, reverts=reverts, branch=text(branch), merged_into=merged_into,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

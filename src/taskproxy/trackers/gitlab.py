@@ -3,7 +3,8 @@ token as it was configured, not a signature: it is compared in constant time) an
 `X-Gitlab-Event-UUID`.
 
 A merge request is the item `group/subgroup/project!N`, an issue `group/subgroup/project#N` (the
-project's full path, lower-cased). Merged → done; closed unmerged → closed; an issue closed → done;
+project's full path, lower-cased). Merged → done (into a branch other than the project's default one →
+in_progress, a stacked request, as for GitHub); closed unmerged → closed; an issue closed → done;
 opened or reopened → open. A merged request whose source branch or title names a ticket
 (`feature/PROJ-123-x`) is linked to it, as for GitHub. A merged revert (GitLab's revert button: title
 `Revert "…"`, description `This reverts merge request !N`) is closed, not done, and marks the merge
@@ -20,7 +21,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from taskproxy.errors import InvalidSignature
-from taskproxy.trackers.base import Delivery, ItemUpdate, need, ticket_in, tracker_time, text
+from taskproxy.trackers.base import Delivery, ItemUpdate, merge_target, need, ticket_in, tracker_time, text
 from taskproxy.workitems import WorkItemIds
 
 _OPENED = {"open", "reopen"}
@@ -61,7 +62,11 @@ class GitLab:
 
     def _merge_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         request = need(payload, "object_attributes", kind=dict)
-        if action == "merge":
+        project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
+        merged_into = merge_target(request.get("target_branch"), project.get("default_branch")) if action == "merge" else None
+        if merged_into is not None:  # stacked: merged into another request's branch, not the default one
+            status, at = "in_progress", tracker_time(request.get("merged_at")) or tracker_time(request.get("updated_at"))
+        elif action == "merge":
             status, at = "done", tracker_time(request.get("merged_at")) or tracker_time(request.get("updated_at"))
         elif action == "close":
             status, at = "closed", tracker_time(request.get("closed_at")) or tracker_time(request.get("updated_at"))
@@ -72,13 +77,13 @@ class GitLab:
         description = request.get("description")
         if merged and isinstance(description, str) and (found_revert := _REVERT_DESCRIPTION.search(description)):
             reverts = self._item_id(payload, "!", int(found_revert[1]))
-        if merged:  # a revert or a reland: the registry decides (github.py)
+        if merged or merged_into is not None:  # a revert or a reland: the registry decides (github.py)
             found = (ticket_in(self._ids, request.get("source_branch")), ticket_in(self._ids, request.get("title")))
             links = tuple(dict.fromkeys(ticket for ticket in found if ticket))
         return ItemUpdate(
             item_id=self._item_id(payload, "!", need(payload, "object_attributes", "iid", kind=int)), status=status, at=at,
             created_at=tracker_time(request.get("created_at")), title=text(request.get("title")), url=text(request.get("url")),
-            links=links, merged=merged, reverts=reverts,
+            links=links, merged=merged, reverts=reverts, branch=text(request.get("source_branch")), merged_into=merged_into,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

@@ -1,0 +1,110 @@
+"""Stacked pull requests: merged into another pull request's branch, not the default one. The work lands
+with that branch's pull request; counting each stacked merge as completed work let anyone multiply their
+merged pull requests (and divide the cost per merged pull request) by merging into their own branch."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+import webhook_payloads as hooks
+from conftest import BOTH_DATABASES, Proxy
+from taskproxy.timeutil import iso, utcnow
+from test_webhooks import _ask, _github_time, _post, tracked  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.anyio
+FEATURE = "feature/PAY-20-ledger"
+
+
+def _merged(number: int, *, branch: str, into: str, at: datetime, opened: datetime | None = None) -> dict[str, Any]:
+    pull = hooks.github_pull_request("closed", number, merged=True, branch=branch, title="Ledger step")
+    pull["pull_request"].update(merged_at=_github_time(at), closed_at=_github_time(at))
+    pull["pull_request"]["base"].update(ref=into, label=f"Acme:{into}")
+    if opened is not None:
+        pull["pull_request"]["created_at"] = _github_time(opened)
+    return pull
+
+
+async def _deliver(proxy: Proxy, pull: dict[str, Any]) -> dict[str, Any]:
+    body = hooks.dumps(pull)
+    response = await _post(proxy, "github", body, hooks.github_headers(body, "pull_request"))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def _item(proxy: Proxy, number: int) -> dict[str, Any]:
+    return await proxy.get(f"/api/work-items/acme%2Fweb-app%23{number}")
+
+
+@BOTH_DATABASES
+async def test_pull_requests_merged_into_a_branch_land_with_its_pull_request(tracked: Proxy) -> None:
+    """Two parts merged into the feature branch, then the feature branch into main: one completed
+    item, whose cost is all four requests; before the last merge, nothing was completed."""
+    since = utcnow() - timedelta(minutes=5)
+    key = await tracked.new_key()
+    for item in ("Acme/Web-App#21", "Acme/Web-App#21", "Acme/Web-App#22", "Acme/Web-App#20"):
+        await _ask(tracked, key, item)
+    events = await tracked.events(4)
+    await asyncio.sleep(1.1)  # GitHub's times are whole seconds: merged after the requests
+    parts_merged = utcnow()
+    for number in (21, 22):
+        answer = await _deliver(tracked, _merged(number, branch=f"step/{number}", into=FEATURE, at=parts_merged, opened=since))
+        assert answer["items"] == [{"id": f"acme/web-app#{number}", "status": "in_progress", "linked": []}], answer
+    until = utcnow() + timedelta(minutes=1)
+    overall = (await tracked.get("/api/reports/adoption", since=iso(since), until=iso(until)))["overall"]
+    # The parts are work in progress, not spend without outcome; the feature, unknown to its tracker yet, is unverified.
+    feature_cost = sum(e["cost_usd"] for e in events if e["work_item"] == "acme/web-app#20")
+    assert overall["completed_items"] == 0 and overall["spend_without_outcome_usd"] == pytest.approx(feature_cost), overall
+    history = await _item(tracked, 21)
+    assert history["status"] == "in_progress" and history["completed_at"] is None, history
+
+    await asyncio.sleep(1.1)
+    await _deliver(tracked, _merged(20, branch=FEATURE, into="main", at=utcnow(), opened=since))
+    landed = await _item(tracked, 20)
+    assert landed["status"] == "done"
+    assert sorted(link["id"] for link in landed["linked_from"]) == ["PAY-20", "acme/web-app#21", "acme/web-app#22"], landed
+    overall = (await tracked.get("/api/reports/adoption", since=iso(since), until=iso(until)))["overall"]
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (1, 1), overall
+    assert overall["cost_per_completed_item"]["total"] == pytest.approx(sum(e["cost_usd"] for e in events)), overall
+    assert overall["spend_without_outcome_usd"] == 0, overall
+
+
+async def test_a_stack_links_up_whatever_order_its_merges_arrive_in(tracked: Proxy) -> None:
+    """The feature's merge delivered first, then a part merged before it, then a part stacked on that
+    part: both land with the feature. A part merged into the branch after the feature had landed did
+    not land with it, nor does a merge into a branch of the same name in another repository."""
+    merged = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    await _deliver(tracked, _merged(30, branch="feature/big", into="main", at=merged, opened=merged - timedelta(hours=5)))
+    await _deliver(tracked, _merged(31, branch="part-a", into="feature/big", at=merged - timedelta(hours=2), opened=merged - timedelta(hours=4)))
+    await _deliver(tracked, _merged(32, branch="part-a2", into="part-a", at=merged - timedelta(hours=3), opened=merged - timedelta(hours=4)))
+    await _deliver(tracked, _merged(33, branch="part-late", into="feature/big", at=merged + timedelta(seconds=1), opened=merged - timedelta(hours=1)))
+    elsewhere = _merged(34, branch="part-b", into="feature/big", at=merged - timedelta(hours=1), opened=merged - timedelta(hours=2))
+    elsewhere["repository"] = {**elsewhere["repository"], "full_name": "Acme/Other"}
+    await _deliver(tracked, elsewhere)
+
+    landed = await _item(tracked, 30)
+    assert sorted(link["id"] for link in landed["linked_from"]) == ["acme/web-app#31", "acme/web-app#32"], landed
+    assert [(await _item(tracked, number))["status"] for number in (31, 32, 33)] == ["in_progress"] * 3
+    assert (await tracked.get("/api/work-items/acme%2Fother%2334"))["status"] == "in_progress"
+
+
+async def test_gitlab_merge_requests_stack_too_and_an_unknown_default_branch_counts_the_merge(tracked: Proxy) -> None:
+    part = hooks.gitlab_merge_request("merge", 7, branch="step/7")
+    part["object_attributes"].update(target_branch="feature/PAY-9-charges", merged_at="2026-11-04 10:00:00 UTC")
+    body = hooks.dumps(part)
+    answer = (await _post(tracked, "gitlab", body, hooks.gitlab_headers("Merge Request Hook"))).json()
+    assert answer["items"] == [{"id": "acme/platform/billing-api!7", "status": "in_progress", "linked": []}], answer
+    feature = hooks.dumps(hooks.gitlab_merge_request("merge", 6, branch="feature/PAY-9-charges"))
+    assert (await _post(tracked, "gitlab", feature, hooks.gitlab_headers("Merge Request Hook"))).status_code == 200
+    landed = await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%216")
+    assert landed["status"] == "done" and sorted(link["id"] for link in landed["linked_from"]) == ["PAY-9", "acme/platform/billing-api!7"]
+
+    unknown = hooks.gitlab_merge_request("merge", 8, branch="step/8")
+    unknown["object_attributes"]["target_branch"] = "feature/y"
+    unknown["project"] = {k: v for k, v in unknown["project"].items() if k != "default_branch"}
+    body = hooks.dumps(unknown)
+    await _post(tracked, "gitlab", body, hooks.gitlab_headers("Merge Request Hook"))
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%218"))["status"] == "done"
