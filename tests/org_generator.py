@@ -305,7 +305,7 @@ class _Builder:
                 revert.reverts = pr.id
                 update = ItemUpdate(revert.id, "done", at=at, created_at=revert.created_at, merged=True, title=f"Revert {pr.id}", reverts=pr.id)
                 registry.apply_delivery(self.engine, ids, Delivery("github", self.uid(), "pull_request", [update]), at, rework_days=REWORK_DAYS)
-                revert.changes.append(Change(at, None, "closed", "github"))  # a merged revert is no completed work (registry.revert_or_reland)
+                revert.changes.append(Change(at, None, "closed", "github"))  # a merged revert is no completed work (reverts.revert_or_reland)
                 self.items[revert.id] = revert
                 if pr.reverted_at is None and not late:
                     pr.reverted_at = at

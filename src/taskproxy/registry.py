@@ -17,23 +17,23 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from taskproxy.errors import InvalidRequest, NotFound, WorkItemInvalid
-from taskproxy import stacks
+from taskproxy import reverts, stacks
 from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
-from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
-from taskproxy.trackers.base import Delivery, ItemUpdate, Size, is_relanding_title, is_revert_title
+from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemSize
+from taskproxy.trackers.base import Delivery, Size
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
-from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, REVERTED_BY, WorkItemIds
+from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, WorkItemIds
 
 TRACKERS = ("jira", "github", "gitlab", "linear")
 _ITEMS = WorkItem.__table__
@@ -145,7 +145,7 @@ def _apply(
         values["completed_at"] = at if status in RESOLVED else None
         # Done, then anything else (closed included: a Done changed to Won't Do) is a completion that did
         # not hold: rework, as a reopening is. Only the first is kept.
-        # A ticket marked `reverted` with its pull request (_tickets_reverted) and then reopened is marked
+        # A ticket marked `reverted` with its pull request (reverts.py) and then reopened is marked
         # by its reopening: the completion it undoes is dated, and a later Done is a completion that held.
         first = current.reworked_at is None or (current.rework_reason == "reverted" and current.merged_at is None)
         if current.status == "done" and status != "done" and first:
@@ -179,101 +179,6 @@ def _record_size(connection: Connection, item_id: str, size: Size, source: str, 
         connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**reported))
     connection.execute(WorkItemSize.__table__.insert().values(id=uuid.uuid4().hex, work_item=item_id, ts=at, source=source,
                                                               delivery_id=delivery_id, **reported))  # fmt: skip
-
-
-def revert_or_reland(connection: Connection, ids: WorkItemIds, told: ItemUpdate) -> ItemUpdate:
-    """A merged pull request that undoes another (its body or branch names it, or its title is a
-    revert's) is a revert: closed, merged, linking no ticket (linked, it would count as that ticket's
-    merged PR), and what it undoes becomes rework. Unless what it undoes is itself a merged revert: then
-    it is the work landing again (a reland), done, its tickets' revert marks cleared. The title
-    (`Revert "Revert "…""`) decides only when what it undoes is not known here: a title can be edited,
-    and one retitled as a revert of a revert let a revert count as completed work."""
-    if not told.merged or (told.reverts is None and not is_revert_title(told.title)):
-        return told
-    undoes_a_revert = _is_merged_revert(connection, ids, told.reverts)
-    reland = is_relanding_title(told.title) if undoes_a_revert is None else undoes_a_revert
-    if reland:
-        return replace(told, reverts=None)
-    return replace(told, status="closed", links=())
-
-
-def _is_merged_revert(connection: Connection, ids: WorkItemIds, raw_target: str | None) -> bool | None:
-    """Whether the item a revert names is itself a merged revert (closed, merged); None when it is not known here."""
-    try:
-        target = ids.normalize(raw_target) if raw_target is not None else None
-    except WorkItemInvalid:
-        return None
-    row = None if target is None else connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at).where(_ITEMS.c.id == target)).first()
-    return None if row is None else row.status == "closed" and row.merged_at is not None
-
-
-def _mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by: str, at: datetime, rework_days: float) -> None:
-    """A merged revert: the pull request it undoes is rework, if it was merged within `rework_days` before.
-    A revert that arrives before the merge it undoes (deliveries come late and out of order) is kept as
-    a `reverted_by` link, and applied when the merge arrives (`_revert_waiting`)."""
-    try:
-        target = ids.normalize(raw_target)
-    except WorkItemInvalid:
-        return
-    row = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == target)).first()
-    if row is None or row.status != "done":
-        _link(connection, target, by, REVERTED_BY, at)
-        return
-    _rework_if_recent(connection, target, by, at, rework_days)
-
-
-def _revert_waiting(connection: Connection, item_id: str, rework_days: float) -> None:
-    """A pull request just merged: a revert of it that arrived before is applied now."""
-    links = WorkItemLink.__table__.c
-    waiting = connection.execute(select(links.linked, links.ts).where(links.work_item == item_id, links.kind == REVERTED_BY)
-                                 .order_by(links.ts).limit(1)).first()  # fmt: skip
-    if waiting is not None:
-        _rework_if_recent(connection, item_id, waiting.linked, waiting.ts, rework_days)
-
-
-def _rework_if_recent(connection: Connection, target: str, by: str, at: datetime, rework_days: float) -> None:
-    row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at, _ITEMS.c.completed_at, _ITEMS.c.reworked_at)
-                             .where(_ITEMS.c.id == target)).first()  # fmt: skip
-    done_at = row and (row.merged_at or row.completed_at)
-    if row is None or row.status != "done" or done_at is None or row.reworked_at is not None:
-        return
-    if timedelta(0) <= at - done_at <= timedelta(days=rework_days):
-        _mark_reverted_by(connection, target, by, at)
-        _tickets_reverted(connection, target, by, at, rework_days)
-
-
-def _mark_reverted_by(connection: Connection, item_id: str, by: str, at: datetime) -> None:
-    connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(reworked_at=at, rework_reason="reverted", rework_by=by[:200]))
-    changes.note(connection, changes.ITEM, [item_id], utcnow())
-
-
-def _tickets_reverted(connection: Connection, pull: str, by: str, at: datetime, rework_days: float) -> None:
-    """The tickets a reverted pull request came out of, done before the revert and within `rework_days`
-    of it: their completion did not hold either. The work was on the ticket (the branch names it), and
-    only the pull request was marked: the ticket stayed completed, AI-assisted and not reworked."""
-    links = WorkItemLink.__table__.c
-    tickets = connection.execute(select(links.work_item).where(links.linked == pull, links.kind == MERGED_PR)).scalars().all()
-    for ticket in tickets:
-        row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.completed_at, _ITEMS.c.reworked_at).where(_ITEMS.c.id == ticket)).first()
-        if row is None or row.status != "done" or row.completed_at is None or row.reworked_at is not None:
-            continue
-        others = (select(_ITEMS.c.id).select_from(WorkItemLink.__table__.join(_ITEMS, _ITEMS.c.id == links.linked))
-                  .where(links.work_item == ticket, links.kind == MERGED_PR, links.linked != pull, _ITEMS.c.status == "done",
-                         _ITEMS.c.merged_at.is_not(None), or_(_ITEMS.c.reworked_at.is_(None), _ITEMS.c.rework_reason != "reverted")))  # fmt: skip
-        if connection.execute(others.limit(1)).first() is not None:  # another of its merges stands: the ticket's work did not all go
-            continue
-        if timedelta(0) <= at - row.completed_at <= timedelta(days=rework_days):
-            _mark_reverted_by(connection, ticket, by, at)
-
-
-def _landed_again(connection: Connection, ticket: str, at: datetime) -> None:
-    """A merge out of a done ticket marked `reverted` with its pull request (a revert of the revert, or
-    the work done again): the ticket's work stands again, and so does its completion."""
-    row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_at, _ITEMS.c.reworked_at, _ITEMS.c.rework_reason)
-                             .where(_ITEMS.c.id == ticket)).first()  # fmt: skip
-    if row is not None and row.status == "done" and row.merged_at is None and row.rework_reason == "reverted" and row.reworked_at <= at:
-        connection.execute(update(_ITEMS).where(_ITEMS.c.id == ticket).values(reworked_at=None, rework_reason=None, rework_by=None))
-        changes.note(connection, changes.ITEM, [ticket], utcnow())
 
 
 def _record_change(
@@ -331,7 +236,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     log.warning("ignored a %s event for %s, an item of %s", delivery.tracker, item_id, found.tracker)
                     skipped.append(f"{item_id[:200]}: an item of {found.tracker}")
                     continue
-                told = revert_or_reland(connection, ids, told)
+                told = reverts.revert_or_reland(connection, ids, told)
                 current = found.status if found is not None else None
                 status = told.status or current or "open"
                 at, note = _clamped(told.at, now)
@@ -344,7 +249,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
                     if told.merged:
-                        _landed_again(connection, ticket, at)
+                        reverts.landed_again(connection, ticket, at)
                 if told.size is not None:
                     # Sent with the status that this delivery recorded: the size as of that status (a ticket
                     # pointed as it is done). Else as of the tracker's last edit: points raised on a done
@@ -353,9 +258,9 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     size_at = at if moved or told.edited_at is None else max(at, _clamped(told.edited_at, now)[0])
                     _record_size(connection, item_id, told.size, delivery.tracker, size_at, delivery.delivery_id)
                 if told.reverts is not None and told.merged:
-                    _mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
+                    reverts.mark_reverted(connection, ids, told.reverts, item_id, at, rework_days)
                 if told.merged:
-                    _revert_waiting(connection, item_id, rework_days)
+                    reverts.revert_waiting(connection, item_id, rework_days)
                 if (told.merged and now_status == "done") or (told.merged_into is not None and now_status == "in_progress"):
                     stacks.landed(connection, item_id, branch=told.branch, merged_into=told.merged_into, at=at)
                 if now_status != status and not told.links and told.size is None:

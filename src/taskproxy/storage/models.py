@@ -101,7 +101,7 @@ WorkItem = Rows(Table(
     _time("merged_at", null=True),  # a merged PR: its status is final
     # A pull request's source branch, and the branch it was merged into when that is not its repository's
     # default one (a stacked pull request: a step of the work, which lands with the pull request of that
-    # branch; registry.py, stacks). Both are matched within the pull request's repository (0023).
+    # branch; stacks.py). Both are matched within the pull request's repository (0023).
     _text("branch", 200, null=True, index=True),
     _text("merged_into", 200, null=True, index=True),
     # The size of the work, as its tracker last said (history in work_item_sizes): a PR's lines and files,

@@ -37,7 +37,7 @@ class ItemUpdate:
     branch: str | None = None  # a pull request's source branch
     # A pull request merged into a branch other than its repository's default one: that branch. Its merge
     # is a step, not the outcome (status in_progress, not final): the work lands with that branch's own
-    # pull request (registry.py, stacks).
+    # pull request (stacks.py).
     merged_into: str | None = None
 
 

@@ -88,7 +88,7 @@ class GitHub:
         repo = need(payload, "repository", "full_name", kind=str)
         # What a merged revert undoes, if it says. Whether it is a revert (closed, linking no ticket, what it
         # undoes rework) or a reland (the work again) the registry decides, from what it undoes
-        # (registry.revert_or_reland): a title can be edited.
+        # (reverts.revert_or_reland): a title can be edited.
         reverts = reverted_pull(repo, branch, pr.get("title"), pr.get("body")) if merged else None
         if merged or merged_into is not None:
             links = tuple(dict.fromkeys(found for found in (ticket_in(self._ids, branch), ticket_in(self._ids, pr.get("title"))) if found))

@@ -1,6 +1,6 @@
 """A pull request merged into a branch other than its repository's default one is a step of the work, not
 its outcome: it lands with the pull request of that branch. Work items keep a pull request's source
-branch and, for such a merge, the branch it went into, each by an index (registry.py, stacks).
+branch and, for such a merge, the branch it went into, each by an index (stacks.py).
 
 Revision ID: 0023
 Revises: 0022
