@@ -5,7 +5,8 @@ Every status change goes through `_apply`, which keeps the history (`work_item_c
 
 Ordering: trackers deliver late and out of order (GitHub redelivers a failed delivery with its
 original times). A tracker's event is compared only with that same tracker's earlier events for the
-item (`tracker`, `tracker_event_at`): an older one does not undo a newer one, and nothing done locally
+item (`tracker`, `tracker_event_at`): an older one does not undo a newer one (it joins the history when
+its place there is known: `_round_trip`), and nothing done locally
 (an admin's edit, a registration) ever makes a tracker's event stale. A status set by an admin or the
 CLI takes effect at the time it is made. A merged pull request is final: no later tracker event
 changes its status. A tracker time in the future is taken as the time the delivery was received, and
@@ -37,6 +38,7 @@ from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, WorkItemIds
 
 TRACKERS = ("jira", "github", "gitlab", "linear")
 _ITEMS = WorkItem.__table__
+_C = WorkItemChange.__table__.c
 log = logging.getLogger("taskproxy.registry")
 
 
@@ -138,6 +140,8 @@ def _apply(
             values["tracker"], values["tracker_event_at"] = source, at
         if stale:  # nor its title, link or team
             values = {k: v for k, v in values.items() if k not in fields}
+            if not final and status != current.status:
+                values.update(_round_trip(connection, current, status, source=source, at=at, delivery_id=delivery_id))
     if merged and current.merged_at is None:
         values["merged_at"] = at
     if status != current.status and not stale and not final:
@@ -147,14 +151,41 @@ def _apply(
         # not hold: rework, as a reopening is. Only the first is kept.
         # A ticket marked `reverted` with its pull request (reverts.py) and then reopened is marked
         # by its reopening: the completion it undoes is dated, and a later Done is a completion that held.
-        first = current.reworked_at is None or (current.rework_reason == "reverted" and current.merged_at is None)
-        if current.status == "done" and status != "done" and first:
+        if current.status == "done" and status != "done" and _first_rework(current):
             values.update(reworked_at=at, rework_reason="reopened", rework_by=(delivery_id or source)[:200])
         _record_change(connection, item_id, current.status, status, source, at, delivery_id, note)
     if values.get("completed_at") is not None and values["completed_at"] < values.get("created_at", current.created_at):
         values["created_at"] = values["completed_at"]
     connection.execute(update(_ITEMS).where(_ITEMS.c.id == item_id).values(**values))
     return str(values.get("status", current.status))
+
+
+def _first_rework(current: Row) -> bool:
+    """No rework recorded yet, or only a `reverted` mark taken from the ticket's pull request: a reopening
+    of the ticket itself marks it instead (the completion it undoes is dated)."""
+    return current.reworked_at is None or (current.rework_reason == "reverted" and current.merged_at is None)
+
+
+def _round_trip(connection: Connection, current: Row, status: str, *, source: str, at: datetime, delivery_id: str | None) -> dict[str, Any]:
+    """A tracker's event older than its last one, saying a status the item does not have. If the item has
+    been in its current status since before `at` (its last change is earlier), it left that status at `at`
+    and was back in it by the tracker's last event, which said so: both changes join the history, and the
+    completion and the rework are what they would be had the events come in order (done, reopened, done
+    again delivered as done, done, reopened kept the first completion and lost the rework). When the item
+    changed since `at`, or nothing is recorded before it, where the event goes is not known: it changes
+    nothing."""
+    last = connection.execute(select(_C.ts, _C.to_status).where(_C.work_item == current.id).order_by(_C.ts.desc()).limit(1)).first()
+    back_at = current.tracker_event_at
+    if last is None or last.ts >= at or last.to_status != current.status or back_at is None:
+        return {}
+    _record_change(connection, current.id, current.status, status, source, at, delivery_id, "delivered after the tracker's later event")
+    _record_change(connection, current.id, status, current.status, source, back_at, None, "as the tracker's later event said")
+    values: dict[str, Any] = {"completed_at": back_at} if current.status in RESOLVED else {}
+    if _first_rework(current) and "done" in (current.status, status):
+        # Done and then anything else is rework: left at `at`, or, done at `at`, left by the later event.
+        values.update(reworked_at=at if current.status == "done" else back_at, rework_reason="reopened",
+                      rework_by=((delivery_id or source) if current.status == "done" else source)[:200])  # fmt: skip
+    return values
 
 
 _SIZE_FIELDS = ("lines_added", "lines_deleted", "files_changed", "points")
@@ -229,13 +260,17 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 for name in ("branch", "merged_into"):
                     if name in fields:
                         fields[name] = fields[name][: stacks.BRANCH_CHARS]
-                found = connection.execute(select(_ITEMS.c.status, _ITEMS.c.tracker).where(_ITEMS.c.id == item_id)).first()
+                found = connection.execute(select(_ITEMS.c.status, _ITEMS.c.tracker, _ITEMS.c.merged_into).where(_ITEMS.c.id == item_id)).first()
                 if found is not None and found.tracker not in (None, delivery.tracker):
                     # Another tracker's item under the same id (a GitLab project named as a GitHub repository,
                     # a Jira key that is also a Linear id): its own tracker decides it, not this one.
                     log.warning("ignored a %s event for %s, an item of %s", delivery.tracker, item_id, found.tracker)
                     skipped.append(f"{item_id[:200]}: an item of {found.tracker}")
                     continue
+                if found is not None and found.merged_into is not None and (told.merged or told.merged_into is not None):
+                    # Merged into a branch once, it is merged for good: `items sync` reading GitLab's REST API,
+                    # which does not say which branch is the default, must not make it a completed merge.
+                    told = replace(told, status="in_progress", merged=False, merged_into=found.merged_into, reverts=None)
                 told = reverts.revert_or_reland(connection, ids, told)
                 current = found.status if found is not None else None
                 status = told.status or current or "open"
@@ -245,7 +280,8 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     note = stacked if note is None else f"{stacked}; {note}"
                 created_at = min(told.created_at, now) if told.created_at is not None else None
                 now_status = _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
-                                    delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged, note=note)  # fmt: skip
+                                    delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged or told.merged_into is not None,
+                                    note=note)  # fmt: skip
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
                     if told.merged:

@@ -45,7 +45,7 @@ def merge_target(target: Any, default: Any) -> str | None:
     """The branch a pull request was merged into when it is not the repository's default one; None when it
     is, or when the tracker did not say which is the default (the merge then counts, as it always did)."""
     if isinstance(target, str) and isinstance(default, str) and target and default and target != default:
-        return target
+        return text(target)
     return None
 
 

@@ -49,6 +49,13 @@ def _default_branch(payload: dict[str, Any], pr: dict[str, Any]) -> Any:
     return _field(payload, "repository", "default_branch") or _field(pr, "base", "repo", "default_branch")
 
 
+def _own_branch(repo: str, pr: dict[str, Any], branch: Any) -> str | None:
+    """The pull request's source branch if it is one of the repository's own: a fork's `release/1.x` is
+    another branch, and work stacked on the repository's own must not land with it (stacks.py)."""
+    head_repo = _field(pr, "head", "repo", "full_name")
+    return text(branch) if isinstance(head_repo, str) and head_repo.lower() == repo.lower() else None
+
+
 class GitHub:
     name = "github"
 
@@ -76,7 +83,7 @@ class GitHub:
     def _pull_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         pr = need(payload, "pull_request", kind=dict)
         merged = action == "closed" and pr.get("merged") is True
-        branch = (pr.get("head") or {}).get("ref") if isinstance(pr.get("head"), dict) else None
+        branch = _field(pr, "head", "ref")
         merged_into = merge_target(_field(pr, "base", "ref"), _default_branch(payload, pr)) if merged else None
         if merged_into is not None:  # stacked: merged into another pull request's branch, not the default one
             status, at, merged = "in_progress", tracker_time(pr.get("merged_at")), False
@@ -96,7 +103,7 @@ class GitHub:
         return ItemUpdate(
             item_id=self._item_id(payload, need(payload, "pull_request", "number", kind=int)), status=status, at=at,
             created_at=tracker_time(pr.get("created_at")), title=text(pr.get("title")), url=text(pr.get("html_url")), links=links,
-            merged=merged, size=size if size != Size() else None, reverts=reverts, branch=text(branch), merged_into=merged_into,
+            merged=merged, size=size if size != Size() else None, reverts=reverts, branch=_own_branch(repo, pr, branch), merged_into=merged_into,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

@@ -74,6 +74,9 @@ class GitLab:
             status, at = "open", tracker_time(request.get("updated_at"))
         links: tuple[str, ...] = ()
         merged, reverts = status == "done", None
+        # A fork's branch of the same name is another branch (stacks.py): only the project's own are kept.
+        source, target = request.get("source_project_id"), request.get("target_project_id")
+        own_branch = text(request.get("source_branch")) if isinstance(source, int) and source == target else None
         description = request.get("description")
         if merged and isinstance(description, str) and (found_revert := _REVERT_DESCRIPTION.search(description)):
             reverts = self._item_id(payload, "!", int(found_revert[1]))
@@ -83,7 +86,7 @@ class GitLab:
         return ItemUpdate(
             item_id=self._item_id(payload, "!", need(payload, "object_attributes", "iid", kind=int)), status=status, at=at,
             created_at=tracker_time(request.get("created_at")), title=text(request.get("title")), url=text(request.get("url")),
-            links=links, merged=merged, reverts=reverts, branch=text(request.get("source_branch")), merged_into=merged_into,
+            links=links, merged=merged, reverts=reverts, branch=own_branch, merged_into=merged_into,
         )  # fmt: skip
 
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:

@@ -85,7 +85,8 @@ def pending_items(engine: Engine, since: datetime) -> list[Pending]:
     unsized_merge_request = and_(w.status == "done", w.id.contains("!"), w.lines_added.is_(None), w.lines_deleted.is_(None))
     # Completed by a tracker's event: its time is the completion's (an admin's completion came after the tracker's last event).
     resolved_by_a_tracker = and_(w.status.in_(RESOLVED), w.merged_at.is_(None), w.completed_at >= since, w.tracker_event_at >= w.completed_at)
-    wanted = or_(w.status.not_in(RESOLVED), unsized_merge_request)
+    # Not a stacked pull request either: merged into another branch, it is merged for good (stacks.py).
+    wanted = or_(and_(w.status.not_in(RESOLVED), w.merged_at.is_(None)), unsized_merge_request)
     query = select(w.id, w.status, w.source, ~unsized_merge_request, ~wanted).where(w.id.in_(spent), or_(wanted, resolved_by_a_tracker))
     # What is wanted first (a run the tracker's quota stops has asked it), then the latest completed.
     query = query.order_by(case((wanted, 0), else_=1), w.completed_at.desc().nulls_last(), w.id)
