@@ -325,3 +325,51 @@ async def test_cache_writes_kept_for_an_hour_are_priced_at_the_hours_rate(tmp_pa
     expected = round((10 * 3e-6 + 30_000 * 3.75e-6 + 100_000 * 6e-6 + 5 * 15e-6) * 1e9)
     assert (event["prompt_tokens"], event["cache_write_tokens"]) == (130_010, 130_000)
     assert event["cost_usd"] == usd(expected)
+
+
+def test_a_prompt_over_a_long_context_threshold_is_billed_at_that_tiers_rates() -> None:
+    """OpenAI's GPT-5.4 and later double their rates for a prompt over 272k tokens, Gemini's Pro models
+    over 200k, Claude Haiku 5.5 over 100k: the whole request is billed at the tier's rates. Every such
+    request was billed at the base rates (half of what GPT-5.5 charged). Checked against every entry of
+    litellm's table that has a tier."""
+    table = bundled_price_table()
+    tiered = {name: entry for name, entry in table.items() if isinstance(entry, dict) and "input_cost_per_token_above_272k_tokens" in entry
+              and entry.get("input_cost_per_token") is not None}  # fmt: skip
+    assert len(tiered) > 20
+    models = [ModelSettings(name=name, provider="openai", base_url="http://x", upstream_model=name) for name in tiered]
+    prices = prices_for(models, table)
+    for name, entry in tiered.items():
+        price = prices[name]
+        assert price is not None, name
+        below = price.nanos(prompt_tokens=272_000, completion_tokens=1_000)
+        assert below == round((272_000 * entry["input_cost_per_token"] + 1_000 * entry.get("output_cost_per_token", 0)) * 1e9), name
+        output_above = entry.get("output_cost_per_token_above_272k_tokens", entry.get("output_cost_per_token", 0))
+        above = price.nanos(prompt_tokens=272_001, completion_tokens=1_000)
+        assert above == round((272_001 * entry["input_cost_per_token_above_272k_tokens"] + 1_000 * output_above) * 1e9), name
+    gpt = prices["gpt-5.5"]
+    assert gpt is not None
+    # 300k prompt tokens of which 100k cached, 1,000 out: $10/M, $1/M cached, $45/M out above 272k ($5, $0.5, $30 below).
+    assert gpt.nanos(prompt_tokens=300_000, completion_tokens=1_000, cached_tokens=100_000) == round((200_000 * 1e-5 + 100_000 * 1e-6 + 1_000 * 4.5e-5) * 1e9)
+    haiku = prices_for([ModelSettings(name="haiku", provider="anthropic", base_url="http://x", upstream_model="claude-haiku-5-5")], table)["haiku"]
+    assert haiku is not None and haiku.nanos(100_001, 0) == round(100_001 * table["claude-haiku-5-5"]["input_cost_per_token_above_100k_tokens"] * 1e9)
+
+
+@pytest.mark.anyio
+async def test_a_long_prompt_is_recorded_at_the_long_context_rate(tmp_path: Path) -> None:
+    """Through the proxy: GPT-5.5 answering a 300k-token prompt (100k of it cached) is recorded at the
+    rates above 272k."""
+    from conftest import ADMIN_KEY, make_settings, start_proxy
+
+    from taskproxy.money import usd
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    usage = {"prompt_tokens": 300_000, "completion_tokens": 1_000, "total_tokens": 301_000, "prompt_tokens_details": {"cached_tokens": 100_000}}
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-5.5", "usage": usage,
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Done."}, "finish_reason": "stop"}]}  # fmt: skip
+    models = [{"name": "gpt-5.5", "provider": "openai", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY"}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(lambda request: MockResponse.json(answer))):
+        ask = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "Go on."}]}
+        response = await proxy.http.post("/v1/chat/completions", json=ask, headers={"authorization": f"Bearer {ADMIN_KEY}", "x-work-item": "PROJ-9"})
+        assert response.status_code == 200, response.text
+        event = (await proxy.events(1, work_item="PROJ-9"))[0]
+    assert event["cost_usd"] == usd(round((200_000 * 1e-5 + 100_000 * 1e-6 + 1_000 * 4.5e-5) * 1e9))

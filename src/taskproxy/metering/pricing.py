@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -27,12 +27,27 @@ class Price:
     cached_input: float | None = None  # USD per cached prompt token (cache read); None: billed as input
     cache_write: float | None = None  # USD per prompt token written to the cache (Anthropic); None: as input
     cache_write_1h: float | None = None  # USD per token written to the cache for an hour; None: as `cache_write`
+    # Long-context rates: (prompt tokens, the rates of a request whose prompt has more), ascending. A
+    # request over the threshold is billed at those rates for all its tokens, output included (OpenAI's
+    # models above 272k, Gemini's and Anthropic's above 200k or 100k).
+    above: tuple[tuple[int, Price], ...] = ()
+
+    def for_prompt(self, prompt_tokens: int) -> Price:
+        """The rates a request with `prompt_tokens` (cached and cache writes included) is billed at."""
+        chosen = self
+        for threshold, rates in self.above:
+            if prompt_tokens > threshold:
+                chosen = rates
+        return chosen
 
     def nanos(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0,
               cache_write_1h_tokens: int = 0) -> int:  # fmt: skip
         """The cost in nano-USD. `prompt_tokens` include the cached and cache-write tokens, which are
         billed at their own rates; `cache_write_1h_tokens` are the part of the writes kept for an hour
-        (Anthropic bills them at twice the input rate, the 5-minute ones at 1.25 times)."""
+        (Anthropic bills them at twice the input rate, the 5-minute ones at 1.25 times). A prompt over a
+        long-context threshold bills the whole request at that tier's rates (`above`)."""
+        if self.above and (rates := self.for_prompt(prompt_tokens)) is not self:
+            return rates.nanos(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens)
         cached = min(cached_tokens, prompt_tokens)
         written = min(cache_write_tokens, prompt_tokens - cached)
         for_an_hour = min(cache_write_1h_tokens, written)
@@ -90,17 +105,43 @@ def _optional(entry: dict, key: str) -> float | None:
     return float(entry[key]) if entry.get(key) is not None else None
 
 
+_LONG_CONTEXT = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
 def _from_table(entry: dict) -> Price | None:
     try:
-        return Price(
+        base = Price(
             input=float(entry["input_cost_per_token"]),
             output=float(entry.get("output_cost_per_token", 0.0)),
             cached_input=_optional(entry, "cache_read_input_token_cost"),
             cache_write=_optional(entry, "cache_creation_input_token_cost"),
             cache_write_1h=_optional(entry, "cache_creation_input_token_cost_above_1hr"),
         )
+        return replace(base, above=tuple(sorted(_long_context(entry, base))))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _long_context(entry: dict, base: Price) -> list[tuple[int, Price]]:
+    """The table's long-context tiers (`input_cost_per_token_above_272k_tokens` and its output, cache read
+    and cache write twins); a rate the tier does not name stays the base one."""
+    tiers = []
+    for key in entry:
+        if (match := _LONG_CONTEXT.match(key)) is None or entry[key] is None:
+            continue
+        suffix = f"_above_{match[1]}k_tokens"
+
+        def rate(name: str, fallback: float | None) -> float | None:
+            found = _optional(entry, name + suffix)
+            return fallback if found is None else found
+
+        tiers.append((int(match[1]) * 1000, Price(
+            input=float(entry[key]), output=rate("output_cost_per_token", base.output) or 0.0,
+            cached_input=rate("cache_read_input_token_cost", base.cached_input),
+            cache_write=rate("cache_creation_input_token_cost", base.cache_write),
+            cache_write_1h=rate("cache_creation_input_token_cost_above_1hr", base.cache_write_1h),
+        )))  # fmt: skip
+    return tiers
 
 
 def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> dict[str, Price | None]:
