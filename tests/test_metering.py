@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def test_prices_come_from_the_bundled_table_or_config_and_unknown_is_none() -> N
     ]
     prices = prices_for(models, table)
     entry = table["gpt-4o-mini"]
-    assert prices["gpt-4o-mini"] == Price(entry["input_cost_per_token"], entry["output_cost_per_token"], entry["cache_read_input_token_cost"], entry.get("cache_creation_input_token_cost"))
+    standard = Price(entry["input_cost_per_token"], entry["output_cost_per_token"], entry["cache_read_input_token_cost"], entry.get("cache_creation_input_token_cost"))
+    assert replace(prices["gpt-4o-mini"], services=()) == standard
+    assert prices["gpt-4o-mini"].for_service("priority").input == entry["input_cost_per_token_priority"]
+    assert prices["gpt-4o-mini"].for_service("default") == prices["gpt-4o-mini"].for_service(None) == prices["gpt-4o-mini"]
     assert prices["mine"].input == table["gpt-4o"]["input_cost_per_token"]
     assert prices["local"] is None
 
@@ -373,3 +377,55 @@ async def test_a_long_prompt_is_recorded_at_the_long_context_rate(tmp_path: Path
         assert response.status_code == 200, response.text
         event = (await proxy.events(1, work_item="PROJ-9"))[0]
     assert event["cost_usd"] == usd(round((200_000 * 1e-5 + 100_000 * 1e-6 + 1_000 * 4.5e-5) * 1e9))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tier", ["priority", "flex", "default"])
+@pytest.mark.parametrize("route", ["chat", "chat-stream", "chat-large", "responses"])
+async def test_a_request_served_in_a_processing_tier_is_billed_at_its_rates(tmp_path: Path, tier: str, route: str) -> None:
+    """OpenAI bills a request it served as `priority` at about twice the standard rates and as `flex`
+    at half, and says which in the answer's `service_tier` (Codex's fast mode asks for priority).
+    Every answer was billed at the standard rates."""
+    from conftest import ADMIN_KEY, make_settings, start_proxy
+
+    from taskproxy.money import usd
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    chat_usage = {"prompt_tokens": 10_000, "completion_tokens": 2_000, "total_tokens": 12_000, "prompt_tokens_details": {"cached_tokens": 4_000}}
+    message = {"role": "assistant", "content": "Done."}
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-5",  # in OpenAI's order
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": chat_usage, "service_tier": tier}  # fmt: skip
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-5", "service_tier": tier,
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "Done.", "annotations": []}]}],
+                "usage": {"input_tokens": 10_000, "input_tokens_details": {"cached_tokens": 4_000}, "output_tokens": 2_000,
+                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 12_000}}  # fmt: skip
+
+    def answer(request: object) -> MockResponse:
+        if route == "responses":
+            return MockResponse.json(response)
+        if route == "chat":
+            return MockResponse.json(chat)
+        if route == "chat-large":  # too large to keep whole: its tier is read beside its usage, at its end
+            return MockResponse.json({**chat, "choices": [{"index": 0, "message": {**message, "content": "word " * 40_000}, "finish_reason": "stop"}]})
+        chunks = [{"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5", "service_tier": tier,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Done."}, "finish_reason": None}]},
+                  {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5", "service_tier": tier,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                  {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5", "service_tier": tier, "choices": [],
+                   "usage": chat_usage}]  # fmt: skip
+        return MockResponse.sse([f"data: {orjson.dumps(c).decode()}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"])
+
+    models = [{"name": "gpt-5", "provider": "openai", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY"}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+        headers = {"authorization": f"Bearer {ADMIN_KEY}", "x-work-item": "PROJ-9"}
+        if route == "responses":
+            sent = await proxy.http.post("/v1/responses", json={"model": "gpt-5", "input": "Go on.", "service_tier": tier}, headers=headers)
+        else:
+            ask = {"model": "gpt-5", "messages": [{"role": "user", "content": "Go on."}], "stream": route == "chat-stream", "service_tier": tier}
+            sent = await proxy.http.post("/v1/chat/completions", json=ask, headers=headers)
+        assert sent.status_code == 200, sent.text
+        await sent.aread()
+        event = (await proxy.events(1, work_item="PROJ-9"))[0]
+    rates = {"priority": (2.5e-6, 2.5e-7, 2e-5), "flex": (6.25e-7, 6.25e-8, 5e-6), "default": (1.25e-6, 1.25e-7, 1e-5)}[tier]  # gpt-5's table
+    assert event["cost_usd"] == usd(round((6_000 * rates[0] + 4_000 * rates[1] + 2_000 * rates[2]) * 1e9)), event

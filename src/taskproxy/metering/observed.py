@@ -17,6 +17,9 @@ class ProviderUsage:
     reasoning_tokens: int = 0
     cache_creation_tokens: int = 0  # Anthropic reports cache writes apart; they are part of the prompt
     cache_creation_1h_tokens: int = 0  # of which written for an hour (Anthropic's `ttl: 1h`), at a higher rate
+    # The processing tier the provider says it served the request in (`service_tier`: flex, priority,
+    # default, standard…), which prices it (metering/pricing.py); None when it did not say.
+    service_tier: str | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -31,6 +31,16 @@ class Price:
     # request over the threshold is billed at those rates for all its tokens, output included (OpenAI's
     # models above 272k, Gemini's and Anthropic's above 200k or 100k).
     above: tuple[tuple[int, Price], ...] = ()
+    # The rates of a processing tier the provider says it served the request in (`service_tier` flex or
+    # priority: half and about twice the standard rates); any other tier bills as standard.
+    services: tuple[tuple[str, Price], ...] = ()
+
+    def for_service(self, tier: str | None) -> Price:
+        """The rates of the processing tier the answer names (None, `default`, `standard`: these)."""
+        for name, rates in self.services:
+            if name == tier:
+                return rates
+        return self
 
     def for_prompt(self, prompt_tokens: int) -> Price:
         """The rates a request with `prompt_tokens` (cached and cache writes included) is billed at."""
@@ -58,7 +68,7 @@ class Price:
                         + for_an_hour * hour_rate + completion_tokens * self.output)  # fmt: skip
 
     def cost_nanos(self, usage: ProviderUsage) -> int:
-        return self.nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens)
+        return self.for_service(usage.service_tier).nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens)
 
 
 def bundled_price_file() -> Path | None:
@@ -105,43 +115,46 @@ def _optional(entry: dict, key: str) -> float | None:
     return float(entry[key]) if entry.get(key) is not None else None
 
 
-_LONG_CONTEXT = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+SERVICE_TIERS = ("flex", "priority")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
 
 
 def _from_table(entry: dict) -> Price | None:
     try:
-        base = Price(
-            input=float(entry["input_cost_per_token"]),
-            output=float(entry.get("output_cost_per_token", 0.0)),
-            cached_input=_optional(entry, "cache_read_input_token_cost"),
-            cache_write=_optional(entry, "cache_creation_input_token_cost"),
-            cache_write_1h=_optional(entry, "cache_creation_input_token_cost_above_1hr"),
-        )
-        return replace(base, above=tuple(sorted(_long_context(entry, base))))
+        standard = _rates(entry, "", None)
+        if standard is None:
+            return None
+        services = tuple((tier, rates) for tier in SERVICE_TIERS if (rates := _rates(entry, f"_{tier}", standard)) is not None)
+        return replace(standard, services=services)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def _long_context(entry: dict, base: Price) -> list[tuple[int, Price]]:
-    """The table's long-context tiers (`input_cost_per_token_above_272k_tokens` and its output, cache read
-    and cache write twins); a rate the tier does not name stays the base one."""
-    tiers = []
-    for key in entry:
-        if (match := _LONG_CONTEXT.match(key)) is None or entry[key] is None:
-            continue
-        suffix = f"_above_{match[1]}k_tokens"
+def _rates(entry: dict, suffix: str, standard: Price | None) -> Price | None:
+    """The rates the table names with `suffix` ("" for the standard tier, "_flex", "_priority"), their
+    long-context tiers (`input_cost_per_token_above_272k_tokens…` and its output, cache read and cache
+    write twins) included. A rate a tier does not name is the standard tier's; a long-context tier's,
+    its own tier's."""
+    if entry.get(f"input_cost_per_token{suffix}") is None:
+        return None
 
-        def rate(name: str, fallback: float | None) -> float | None:
-            found = _optional(entry, name + suffix)
-            return fallback if found is None else found
+    def rates(infix: str, fallback: Price | None) -> Price:
+        def rate(name: str, default: float | None) -> float | None:
+            found = _optional(entry, f"{name}{infix}{suffix}")
+            return default if found is None else found
 
-        tiers.append((int(match[1]) * 1000, Price(
-            input=float(entry[key]), output=rate("output_cost_per_token", base.output) or 0.0,
-            cached_input=rate("cache_read_input_token_cost", base.cached_input),
-            cache_write=rate("cache_creation_input_token_cost", base.cache_write),
-            cache_write_1h=rate("cache_creation_input_token_cost_above_1hr", base.cache_write_1h),
-        )))  # fmt: skip
-    return tiers
+        return Price(
+            input=float(entry[f"input_cost_per_token{infix}{suffix}"]),
+            output=rate("output_cost_per_token", fallback.output if fallback else 0.0) or 0.0,
+            cached_input=rate("cache_read_input_token_cost", fallback.cached_input if fallback else None),
+            cache_write=rate("cache_creation_input_token_cost", fallback.cache_write if fallback else None),
+            cache_write_1h=rate("cache_creation_input_token_cost_above_1hr", fallback.cache_write_1h if fallback else None),
+        )
+
+    own = rates("", standard)
+    long_context = re.compile(rf"^input_cost_per_token_above_(\d+)k_tokens{re.escape(suffix)}$")
+    above = sorted((int(match[1]) * 1000, rates(f"_above_{match[1]}k_tokens", own))
+                   for key in entry if (match := long_context.match(key)) is not None and entry[key] is not None)  # fmt: skip
+    return replace(own, above=tuple(above))
 
 
 def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> dict[str, Price | None]:

@@ -164,7 +164,8 @@ class Exchange:
         # on reading it (the SDKs raise on it) does not make it the client's doing.
         if observed.error is not None and error in (None, ClientGone.code):
             status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
-        cost = self.price.nanos(prompt, completion, cached, written, written_1h) if self.price is not None else None
+        tier = usage.service_tier if usage is not None else None
+        cost = self.price.for_service(tier).nanos(prompt, completion, cached, written, written_1h) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,
             "ts": self.ts,

@@ -83,8 +83,28 @@ def _error_type(error: Any) -> str:
 # -- OpenAI chat, completions, embeddings -----------------------------------------------------------
 
 
-def openai_usage(usage: Any) -> ProviderUsage | None:
-    """Normalize OpenAI's usage object (chat, completions, embeddings and the Responses API)."""
+_SERVICE_TIER = re.compile(rb'"service_tier"\s*:\s*"([A-Za-z_]{1,32})"')
+
+
+def service_tier(value: Any) -> str | None:
+    """A processing tier as the provider named it (`flex`, `priority`, `default`…), lower-cased; else None."""
+    if isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalpha():
+        return value.lower()
+    return None
+
+
+def _tier_in(raw: bytes) -> str | None:
+    """The last `service_tier` written in `raw`: a body too large to parse whole writes it beside its
+    usage, at its end."""
+    found = None
+    for found in _SERVICE_TIER.finditer(raw):
+        pass
+    return service_tier(found.group(1).decode()) if found else None
+
+
+def openai_usage(usage: Any, tier: Any = None) -> ProviderUsage | None:
+    """Normalize OpenAI's usage object (chat, completions, embeddings and the Responses API), with the
+    processing tier the answer names beside it."""
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -97,6 +117,7 @@ def openai_usage(usage: Any) -> ProviderUsage | None:
         completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
         cached_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
+        service_tier=service_tier(tier),
     )
 
 
@@ -124,8 +145,9 @@ def _choices_text(data: dict, *, delta: bool) -> Iterable[str]:
 def openai_body(capture: Capture) -> Observed:
     data = _body(capture)
     if data is None:
-        return Observed(openai_usage(last_usage_object(capture.tail or capture.head)))
-    return Observed(openai_usage(data.get("usage")), "".join(_choices_text(data, delta=False)))
+        kept = capture.tail or capture.head
+        return Observed(openai_usage(last_usage_object(kept), _tier_in(kept)))
+    return Observed(openai_usage(data.get("usage"), data.get("service_tier")), "".join(_choices_text(data, delta=False)))
 
 
 def openai_stream(capture: Capture) -> Observed:
@@ -133,7 +155,7 @@ def openai_stream(capture: Capture) -> Observed:
     error: str | None = None
     text: list[str] = []
     for event in stream_events(capture):
-        usage = openai_usage(event.get("usage")) or usage
+        usage = openai_usage(event.get("usage"), event.get("service_tier")) or usage
         if "error" in event:
             error = _error_type(event["error"])
         text.extend(_choices_text(event, delta=True))
@@ -206,7 +228,8 @@ def _large_response(capture: Capture) -> Observed:
     response_id = found.group(1).decode() if found else None
     if still_generating(capture):
         return Observed(ProviderUsage(), response_id=response_id, deferred=True)
-    return Observed(openai_usage(last_usage_object(capture.tail or capture.head)), response_id=response_id)
+    kept = capture.tail or capture.head
+    return Observed(openai_usage(last_usage_object(kept), _tier_in(kept)), response_id=response_id)
 
 
 def responses_body(capture: Capture) -> Observed:
@@ -215,7 +238,7 @@ def responses_body(capture: Capture) -> Observed:
         return _large_response(capture)
     if data.get("background") is True and data.get("status") in UNFINISHED:
         return Observed(ProviderUsage(), response_id=_response_id(data), deferred=True)
-    return Observed(openai_usage(data.get("usage")), _output_text(data), response_id=_response_id(data))
+    return Observed(openai_usage(data.get("usage"), data.get("service_tier")), _output_text(data), response_id=_response_id(data))
 
 
 def responses_stream(capture: Capture) -> Observed:
@@ -233,7 +256,7 @@ def responses_stream(capture: Capture) -> Observed:
         response_id = response_id or _response_id(event.get("response"))
         if kind in _TERMINAL and isinstance(event.get("response"), dict):
             ended = True
-            usage = openai_usage(event["response"].get("usage")) or usage
+            usage = openai_usage(event["response"].get("usage"), event["response"].get("service_tier")) or usage
             if kind == "response.failed":
                 error = _error_type(event["response"].get("error"))
         elif kind == "error":
@@ -241,7 +264,7 @@ def responses_stream(capture: Capture) -> Observed:
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
     if not ended and not capture.complete:  # its last event too large for the tail: read from its start and end
-        usage = usage or openai_usage(last_usage_object(capture.tail))
+        usage = usage or openai_usage(last_usage_object(capture.tail), _tier_in(capture.tail))
         error = error or _failed_error(capture)
     return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
 
@@ -274,6 +297,7 @@ def anthropic_usage(usage: Any) -> ProviderUsage | None:
         cached_tokens=cache_read,
         cache_creation_tokens=written,
         cache_creation_1h_tokens=min(for_an_hour, written),
+        service_tier=service_tier(usage.get("service_tier")),
     )
 
 
