@@ -318,8 +318,8 @@ def test_unverified_spend_evidence(world: tuple[Any, Org, Path]) -> None:
     share = spend(unverified) / spend(events)
     assert share >= DEFAULTS.unverified_min_share
     assert found["evidence"] == {
-        "cost_usd": pytest.approx(spend(events)), "unverified_cost_usd": pytest.approx(spend(unverified)), "share": pytest.approx(share, abs=1e-6),
-        "requests": len(unverified), "items": 4, **span(unverified),
+        "cost_usd": pytest.approx(spend(events)), "unverified_cost_usd": pytest.approx(spend(unverified)), "carried_cost_usd": 0.0,
+        "share": pytest.approx(share, abs=1e-6), "requests": len(unverified), "items": 4, **span(unverified),
     }  # fmt: skip
     assert [(w["id"], w["status"]) for w in found["work_items"]] == [
         ("DATA-701", "unverified"), ("DATA-702", "unverified"), ("DATA-703", "unverified"), ("DATA-704", "unknown")

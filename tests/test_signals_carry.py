@@ -181,3 +181,23 @@ def test_a_keys_spend_on_a_ticket_up_to_its_merge_is_a_scan_of_its_events(databa
             assert got == expected, since
     engine.dispose()
 
+
+
+@BOTH_DATABASES
+def test_spend_on_an_unconfirmed_ticket_up_to_its_merged_pr_is_not_unverified_spend(database_url: str, tmp_path: Path) -> None:
+    """A ticket no tracker confirmed, whose branch led to a merged pull request: the adoption report
+    counts its usage up to the merge in the pull request's cost, but `unverified_spend` flagged every
+    key that worked on it before the merge. Spend after the merge still counts."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    merged = SINCE + 4 * DAY + 12 * HOUR
+    world.merged_pr("acme/web#5", "X-1", merged)
+    world.requests("before", "X-1", spaced(SINCE + 3 * DAY + 9 * HOUR, 8))  # $18, all before the merge
+    world.requests("after", "X-1", spaced(merged + HOUR, 8))  # $18, all after it
+    world.requests("across", "X-1", spaced(merged - HOUR, 2) + spaced(merged + 2 * HOUR, 6))  # $4.50 before, $13.50 after
+    found = world.signals()
+    engine.dispose()
+    assert {name.split(":", 1)[1] for name in found if name.startswith("unverified_spend:")} == {"after", "across"}
+    across = found["unverified_spend:across"]["evidence"]
+    assert (across["unverified_cost_usd"], across["carried_cost_usd"], across["share"]) == (usd(6 * REQUEST_NANOS), usd(2 * REQUEST_NANOS), 0.75)

@@ -227,17 +227,31 @@ def _completed_since(item: ItemRow | None, since: datetime) -> bool:
     return item is not None and completed_in(item.status, item.completed_at, since, datetime.max)
 
 
-def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalSettings) -> list[Found]:
+def unverified_candidates(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow]) -> dict[str, list[Spend]]:
+    """Per key with spend on unverified or unknown items, its spend on them."""
+    found = {key_id: [s for s in per_item.values() if status_of(items, s.item) in WITHOUT_VERIFICATION] for key_id, per_item in spend.items()}
+    return {key_id: spends for key_id, spends in found.items() if spends}
+
+
+def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalSettings, carried: Mapping[str, Mapping[str, int]]) -> list[Found]:
+    """`carried`: per key, {ticket: its spend up to the merge} on the tickets a merged pull request
+    carries (as for `without_completion`): a ticket no tracker confirmed but whose branch led to a merged
+    pull request was real work up to that merge (the adoption report counts it in the pull request's
+    cost), and flagged every key that worked on it before."""
     found = []
+    candidates = unverified_candidates(spend, items)
     for key_id, per_item in spend.items():
         total = sum(s.cost for s in per_item.values())
-        spends = [s for s in per_item.values() if status_of(items, s.item) in WITHOUT_VERIFICATION]
-        unverified = sum(s.cost for s in spends)
+        spends = candidates.get(key_id, [])
+        carried_here = carried.get(key_id, {})
+        merged_cost = sum(min(s.cost, carried_here.get(s.item, 0)) for s in spends)
+        unverified = sum(s.cost for s in spends) - merged_cost
         if total <= 0 or unverified < to_nanos(t.unverified_min_usd) or unverified / total < t.unverified_min_share:
             continue
         evidence = {
             "cost_usd": usd(total),
             "unverified_cost_usd": usd(unverified),
+            "carried_cost_usd": usd(merged_cost),  # on those items, up to the merge of a pull request that carries them
             "share": rounded(unverified / total),
             "requests": sum(s.requests for s in spends),
             "items": len(spends),

@@ -82,8 +82,10 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `tokens`, `items`, `first`, `last` over the burst items; each work item has `completed_at` and
   `changed_lines`.
 - `unverified_spend`: items whose status is `unverified` or `unknown` carry at least
-  `unverified_min_share` [0.6] of the key's spend in the period, and at least `unverified_min_usd` [10].
-  Evidence: `cost_usd` (the key's spend), `unverified_cost_usd`, `share`, `requests`, `items`, `first`,
+  `unverified_min_share` [0.6] of the key's spend in the period, and at least `unverified_min_usd` [10],
+  not counting the spend up to the merge on a ticket a merged pull request carries (as the adoption
+  report counts it: that spend led to merged work). Evidence: `cost_usd` (the key's spend),
+  `unverified_cost_usd`, `carried_cost_usd` (the part left out), `share`, `requests`, `items`, `first`,
   `last` (of the requests on those items).
 
 Every signal is `{"kind", "key_id", "owner", "team", "role", "evidence", "work_items"}`; `work_items`
@@ -114,6 +116,7 @@ from taskproxy.reports.signal_checks import (
     split_work,
     trivial_completions,
     unverified,
+    unverified_candidates,
     without_completion,
 )
 from taskproxy.reports.signal_outliers import cost_outliers
@@ -159,7 +162,7 @@ def gaming_signals(
             "spend_without_completion": without_completion(heavy, items, since, t, signal_carry.completed_spend(connection, heavy, merges, since)),
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
             "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
-            "unverified_spend": unverified(spend, items, t),
+            "unverified_spend": unverified(spend, items, t, signal_carry.completed_spend(connection, unverified_candidates(spend, items), merges, since)),
             "trivial_completions": trivial_completions(spend, items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }
