@@ -354,6 +354,12 @@ def test_a_prompt_over_a_long_context_threshold_is_billed_at_that_tiers_rates() 
     assert gpt is not None
     # 300k prompt tokens of which 100k cached, 1,000 out: $10/M, $1/M cached, $45/M out above 272k ($5, $0.5, $30 below).
     assert gpt.nanos(prompt_tokens=300_000, completion_tokens=1_000, cached_tokens=100_000) == round((200_000 * 1e-5 + 100_000 * 1e-6 + 1_000 * 4.5e-5) * 1e9)
+    # A flex request over 272k on a model whose table names no flex long-context rates: OpenAI raises flex
+    # as it raises standard (twice the input, 1.5 times the output); it was billed at the flat flex rates.
+    pro = table["gpt-5.5-pro"]
+    assert "input_cost_per_token_above_272k_tokens_flex" not in pro
+    flex = prices["gpt-5.5-pro"].for_service("flex")  # type: ignore[union-attr]
+    assert flex.nanos(300_000, 1_000) == round((300_000 * pro["input_cost_per_token_flex"] * 2 + 1_000 * pro["output_cost_per_token_flex"] * 1.5) * 1e9)
     haiku = prices_for([ModelSettings(name="haiku", provider="anthropic", base_url="http://x", upstream_model="claude-haiku-5-5")], table)["haiku"]
     assert haiku is not None and haiku.nanos(100_001, 0) == round(100_001 * table["claude-haiku-5-5"]["input_cost_per_token_above_100k_tokens"] * 1e9)
 
@@ -381,7 +387,7 @@ async def test_a_long_prompt_is_recorded_at_the_long_context_rate(tmp_path: Path
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("tier", ["priority", "flex", "default"])
-@pytest.mark.parametrize("route", ["chat", "chat-stream", "chat-large", "responses"])
+@pytest.mark.parametrize("route", ["chat", "chat-stream", "chat-large", "responses", "responses-large"])
 async def test_a_request_served_in_a_processing_tier_is_billed_at_its_rates(tmp_path: Path, tier: str, route: str) -> None:
     """OpenAI bills a request it served as `priority` at about twice the standard rates and as `flex`
     at half, and says which in the answer's `service_tier` (Codex's fast mode asks for priority).
@@ -404,6 +410,13 @@ async def test_a_request_served_in_a_processing_tier_is_billed_at_its_rates(tmp_
     def answer(request: object) -> MockResponse:
         if route == "responses":
             return MockResponse.json(response)
+        if route == "responses-large":
+            # As OpenAI orders it: the tier, then the echoed tools (Codex sends tens of KiB), the usage and the
+            # request's own metadata, which may name any tier: the kept tail holds no tier to trust.
+            tools = [{"type": "function", "name": f"tool_{n}", "description": "x" * 200, "parameters": {"type": "object"}} for n in range(300)]
+            usage = response["usage"]
+            rest = {k: v for k, v in response.items() if k != "usage"}
+            return MockResponse.json({**rest, "tools": tools, "usage": usage, "metadata": {"service_tier": "flex"}})
         if route == "chat":
             return MockResponse.json(chat)
         if route == "chat-large":  # too large to keep whole: its tier is read beside its usage, at its end
@@ -419,7 +432,7 @@ async def test_a_request_served_in_a_processing_tier_is_billed_at_its_rates(tmp_
     models = [{"name": "gpt-5", "provider": "openai", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY"}]
     async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
         headers = {"authorization": f"Bearer {ADMIN_KEY}", "x-work-item": "PROJ-9"}
-        if route == "responses":
+        if route.startswith("responses"):
             sent = await proxy.http.post("/v1/responses", json={"model": "gpt-5", "input": "Go on.", "service_tier": tier}, headers=headers)
         else:
             ask = {"model": "gpt-5", "messages": [{"role": "user", "content": "Go on."}], "stream": route == "chat-stream", "service_tier": tier}
@@ -429,3 +442,24 @@ async def test_a_request_served_in_a_processing_tier_is_billed_at_its_rates(tmp_
         event = (await proxy.events(1, work_item="PROJ-9"))[0]
     rates = {"priority": (2.5e-6, 2.5e-7, 2e-5), "flex": (6.25e-7, 6.25e-8, 5e-6), "default": (1.25e-6, 1.25e-7, 1e-5)}[tier]  # gpt-5's table
     assert event["cost_usd"] == usd(round((6_000 * rates[0] + 4_000 * rates[1] + 2_000 * rates[2]) * 1e9)), event
+
+
+def test_the_budget_meter_counts_at_the_tier_asked_for() -> None:
+    """OpenAI's stream says which tier served it outside its usage object, which the request path's
+    meter reads: it counted a priority request against its budgets at the standard rates (half)."""
+    from datetime import datetime
+
+    from taskproxy.metering.attempts import Attempts, Caller
+    from taskproxy.metering.tokens import TokenCounter
+    from taskproxy.upstream.observe import openai_usage
+
+    price = prices_for([ModelSettings(name="gpt-5", provider="openai", base_url="http://x")], bundled_price_table())["gpt-5"]
+    assert price is not None
+    charged: list[int] = []
+    attempts = Attempts(sink=None, counter=TokenCounter(), prices={"gpt-5": price}, charge=lambda item, team, ts, tokens, nanos: charged.append(nanos),
+                        register_unknown_items=False, store_prompts=False)  # type: ignore[arg-type]  # fmt: skip
+    model = ModelSettings(name="gpt-5", provider="openai", base_url="http://x")
+    attempt = attempts.begin(Caller("k", "dana", None, "PROJ-1", "header"), ts=datetime(2026, 12, 7), started=0.0, body={"service_tier": "priority"},
+                             user_agent=None, route="/v1/chat/completions", usage_of=openai_usage, model=model, stream=True, number=1)  # fmt: skip
+    attempt.meter.saw(b'data: {"service_tier":"priority","choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2000,"total_tokens":12000}}\n\n')
+    assert sum(charged) == price.for_service("priority").nanos(10_000, 2_000) == round((10_000 * 2.5e-6 + 2_000 * 2e-5) * 1e9)

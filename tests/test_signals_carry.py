@@ -196,8 +196,12 @@ def test_spend_on_an_unconfirmed_ticket_up_to_its_merged_pr_is_not_unverified_sp
     world.requests("before", "X-1", spaced(SINCE + 3 * DAY + 9 * HOUR, 8))  # $18, all before the merge
     world.requests("after", "X-1", spaced(merged + HOUR, 8))  # $18, all after it
     world.requests("across", "X-1", spaced(merged - HOUR, 2) + spaced(merged + 2 * HOUR, 6))  # $4.50 before, $13.50 after
+    # A pull request merged after the period: as of its end the ticket's spend had led to nothing (and the
+    # adoption report counts it without outcome).
+    world.merged_pr("acme/web#6", "X-3", UNTIL + 2 * DAY)
+    world.requests("later", "X-3", spaced(SINCE + 5 * DAY + 9 * HOUR, 8))
     found = world.signals()
     engine.dispose()
-    assert {name.split(":", 1)[1] for name in found if name.startswith("unverified_spend:")} == {"after", "across"}
+    assert {name.split(":", 1)[1] for name in found if name.startswith("unverified_spend:")} == {"after", "across", "later"}
     across = found["unverified_spend:across"]["evidence"]
     assert (across["unverified_cost_usd"], across["carried_cost_usd"], across["share"]) == (usd(6 * REQUEST_NANOS), usd(2 * REQUEST_NANOS), 0.75)

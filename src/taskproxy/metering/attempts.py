@@ -20,7 +20,7 @@ from typing import Any
 from taskproxy.ids import time_ordered_id
 from taskproxy.metering.meter import Meter
 from taskproxy.metering.observed import ProviderUsage
-from taskproxy.metering.pricing import Price
+from taskproxy.metering.pricing import Price, tier_asked
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.metering.usage import Exchange
 from taskproxy.settings import ModelSettings
@@ -91,7 +91,9 @@ class Attempts:
             register_work_item=register, store_prompts=self.store_prompts, attempt=number, weight=weight,
         )  # fmt: skip
         self.open += 1
-        return Attempt(exchange, Meter(usage_of, price, partial(self.charge, caller.work_item, caller.team, ts)), started, self)
+        # The meter counts at the tier asked for: OpenAI's stream says which it served outside its usage object.
+        metered = price.for_service(tier_asked(body)) if price is not None else None
+        return Attempt(exchange, Meter(usage_of, metered, partial(self.charge, caller.work_item, caller.team, ts)), started, self)
 
     async def wait_until_recorded(self, timeout: float) -> int:
         """Wait for the open attempts; answers how many were still open when the time ran out."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 
 from taskproxy.jsonbytes import object_at
@@ -118,6 +119,13 @@ def _optional(entry: dict, key: str) -> float | None:
 SERVICE_TIERS = ("flex", "priority")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
 
 
+def tier_asked(body: Mapping[str, Any]) -> str | None:
+    """The processing tier a request asked for (`service_tier`), if one with rates of its own: what
+    prices an answer that does not say (one too large to read whole) and the budget meter's count."""
+    asked = body.get("service_tier")
+    return asked if asked in SERVICE_TIERS else None
+
+
 def _from_table(entry: dict) -> Price | None:
     try:
         standard = _rates(entry, "", None)
@@ -132,8 +140,10 @@ def _from_table(entry: dict) -> Price | None:
 def _rates(entry: dict, suffix: str, standard: Price | None) -> Price | None:
     """The rates the table names with `suffix` ("" for the standard tier, "_flex", "_priority"), their
     long-context tiers (`input_cost_per_token_above_272k_tokens…` and its output, cache read and cache
-    write twins) included. A rate a tier does not name is the standard tier's; a long-context tier's,
-    its own tier's."""
+    write twins) included. A rate a tier does not name is the standard tier's; a long-context rate a
+    processing tier does not name is its own rate raised as the standard tier's is past that threshold
+    (OpenAI charges the long-context multiples on standard and flex alike; litellm's table names them
+    for some models only)."""
     if entry.get(f"input_cost_per_token{suffix}") is None:
         return None
 
@@ -152,9 +162,27 @@ def _rates(entry: dict, suffix: str, standard: Price | None) -> Price | None:
 
     own = rates("", standard)
     long_context = re.compile(rf"^input_cost_per_token_above_(\d+)k_tokens{re.escape(suffix)}$")
-    above = sorted((int(match[1]) * 1000, rates(f"_above_{match[1]}k_tokens", own))
-                   for key in entry if (match := long_context.match(key)) is not None and entry[key] is not None)  # fmt: skip
+    named = {int(match[1]) * 1000 for key in entry if (match := long_context.match(key)) is not None and entry[key] is not None}
+    standard_above = dict(standard.above) if standard is not None else {}
+    above = []
+    for threshold in sorted(named | standard_above.keys()):
+        fallback = _scaled(standard_above[threshold], standard, own) if standard is not None and threshold in standard_above else own
+        above.append((threshold, rates(f"_above_{threshold // 1000}k_tokens", fallback) if threshold in named else fallback))
     return replace(own, above=tuple(above))
+
+
+def _scaled(long: Price, standard: Price, own: Price) -> Price:
+    """A processing tier's rates past a long-context threshold the table does not name for it: each of
+    its own rates times the standard tier's rise there."""
+
+    def scale(name: str) -> float | None:
+        mine, base, raised = getattr(own, name), getattr(standard, name), getattr(long, name)
+        if mine is None or not base or raised is None:
+            return mine if mine is not None else raised
+        return float(mine * raised / base)
+
+    return Price(input=scale("input") or 0.0, output=scale("output") or 0.0, cached_input=scale("cached_input"),
+                 cache_write=scale("cache_write"), cache_write_1h=scale("cache_write_1h"))  # fmt: skip
 
 
 def prices_for(models: Iterable[ModelSettings], table: dict | None = None) -> dict[str, Price | None]:

@@ -31,7 +31,7 @@ import orjson
 
 from taskproxy.errors import ClientGone, UpstreamError
 from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
-from taskproxy.metering.pricing import Price
+from taskproxy.metering.pricing import Price, tier_asked
 from taskproxy.metering.tokens import CountBudget, TokenCounter
 from taskproxy.storage.batch import Record
 
@@ -164,7 +164,8 @@ class Exchange:
         # on reading it (the SDKs raise on it) does not make it the client's doing.
         if observed.error is not None and error in (None, ClientGone.code):
             status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
-        tier = usage.service_tier if usage is not None else None
+        # The tier the answer says it was served in, else the one the request asked for.
+        tier = (usage.service_tier if usage is not None else None) or tier_asked(self.body)
         cost = self.price.for_service(tier).nanos(prompt, completion, cached, written, written_1h) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,

@@ -16,17 +16,19 @@ events of the merge's own day up to the merge.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, String, select
+from sqlalchemy import DateTime, String, func, or_, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.reports import adoption_data
 from taskproxy.reports.signal_data import SPEND_FIELDS, Span, Spend, add_spend, events_within
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request
+from taskproxy.storage.models import WorkItem, WorkItemLink
 from taskproxy.storage.rows import rows
+from taskproxy.workitems import MERGED_PR
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -38,6 +40,24 @@ def carried(connection: Connection, since: datetime) -> tuple[dict[str, str], di
     loaded: dict[str, adoption_data.Item] = {}
     by_pull = adoption_data.carried_by(connection, loaded, since, None)
     return by_pull, {ticket: loaded[pull].completed_at for ticket, pull in by_pull.items()}  # type: ignore[misc]
+
+
+def merges_as_of(connection: Connection, tickets: Iterable[str], until: datetime) -> dict[str, datetime]:
+    """{ticket: the last merge before `until` of a pull request linked to it that still held then (not
+    reverted before `until`)}: what the adoption report's spend without outcome splits a ticket's spend
+    at, whatever became of the ticket. For `unverified_spend`, whose tickets are no tracker's."""
+    found: dict[str, datetime] = {}
+    pulls = WorkItem.__table__.c
+    links = WorkItemLink.__table__.c
+    held = or_(pulls.reworked_at.is_(None), pulls.reworked_at >= until, pulls.rework_reason != "reverted")
+    for chunk in idsets.batches(connection, sorted(set(tickets))):
+        query = (select(links.work_item, func.max(pulls.merged_at)).select_from(WorkItemLink.__table__.join(WorkItem.__table__, pulls.id == links.linked))
+                 .where(idsets.among(connection, links.work_item, chunk), links.kind == MERGED_PR, pulls.status == "done",
+                        pulls.merged_at < until, pulls.merged_into.is_(None), held).group_by(links.work_item))  # fmt: skip
+        for ticket, merge in rows(connection.execute(query)):
+            if merge is not None:
+                found[ticket] = merge
+    return found
 
 
 def key_spend_up_to(connection: Connection, merges: Mapping[str, datetime], since: datetime | None) -> dict[str, dict[str, Spend]]:

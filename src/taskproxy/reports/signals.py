@@ -83,8 +83,8 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `changed_lines`.
 - `unverified_spend`: items whose status is `unverified` or `unknown` carry at least
   `unverified_min_share` [0.6] of the key's spend in the period, and at least `unverified_min_usd` [10],
-  not counting the spend up to the merge on a ticket a merged pull request carries (as the adoption
-  report counts it: that spend led to merged work). Evidence: `cost_usd` (the key's spend),
+  not counting a ticket's spend up to the last merge before `until` of a pull request linked to it that
+  held then (as the adoption report's spend without outcome: that spend led to merged work). Evidence: `cost_usd` (the key's spend),
   `unverified_cost_usd`, `carried_cost_usd` (the part left out), `share`, `requests`, `items`, `first`,
   `last` (of the requests on those items).
 
@@ -104,7 +104,7 @@ from datetime import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from taskproxy.settings import SignalSettings
 from taskproxy.reports import signal_carry
@@ -125,7 +125,9 @@ from taskproxy.storage.repo import completed_ids
 from taskproxy.reports.signal_data import (
     KINDS,
     Found,
+    ItemRow,
     KeyInfo,
+    Spend,
     keys_from_events,
     load_items,
     load_keys,
@@ -135,6 +137,14 @@ from taskproxy.money import format_usd
 from taskproxy.timeutil import iso
 
 __all__ = ["KINDS", "SignalSettings", "gaming_signals", "signals_text"]
+
+
+def _unverified(connection: Connection, spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime,
+                t: SignalSettings) -> list[Found]:  # fmt: skip
+    """`unverified_spend`, less each ticket's spend up to the last merge of its pull requests as of `until`."""
+    candidates = unverified_candidates(spend, items)
+    merges = signal_carry.merges_as_of(connection, {s.item for spends in candidates.values() for s in spends}, until)
+    return unverified(spend, items, t, signal_carry.completed_spend(connection, candidates, merges, since))
 
 
 def gaming_signals(
@@ -162,7 +172,7 @@ def gaming_signals(
             "spend_without_completion": without_completion(heavy, items, since, t, signal_carry.completed_spend(connection, heavy, merges, since)),
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
             "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
-            "unverified_spend": unverified(spend, items, t, signal_carry.completed_spend(connection, unverified_candidates(spend, items), merges, since)),
+            "unverified_spend": _unverified(connection, spend, items, since, until, t),
             "trivial_completions": trivial_completions(spend, items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }

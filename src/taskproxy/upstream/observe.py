@@ -83,23 +83,11 @@ def _error_type(error: Any) -> str:
 # -- OpenAI chat, completions, embeddings -----------------------------------------------------------
 
 
-_SERVICE_TIER = re.compile(rb'"service_tier"\s*:\s*"([A-Za-z_]{1,32})"')
-
-
 def service_tier(value: Any) -> str | None:
     """A processing tier as the provider named it (`flex`, `priority`, `default`…), lower-cased; else None."""
     if isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalpha():
         return value.lower()
     return None
-
-
-def _tier_in(raw: bytes) -> str | None:
-    """The last `service_tier` written in `raw`: a body too large to parse whole writes it beside its
-    usage, at its end."""
-    found = None
-    for found in _SERVICE_TIER.finditer(raw):
-        pass
-    return service_tier(found.group(1).decode()) if found else None
 
 
 def openai_usage(usage: Any, tier: Any = None) -> ProviderUsage | None:
@@ -145,8 +133,10 @@ def _choices_text(data: dict, *, delta: bool) -> Iterable[str]:
 def openai_body(capture: Capture) -> Observed:
     data = _body(capture)
     if data is None:
-        kept = capture.tail or capture.head
-        return Observed(openai_usage(last_usage_object(kept), _tier_in(kept)))
+        # Its tier is not read from the bytes kept: past the usage come the request's own `metadata`,
+        # which could name any tier, and a Responses body's tier sits before its echoed tools, beyond
+        # the tail. The tier the request asked for prices it (metering/usage.py).
+        return Observed(openai_usage(last_usage_object(capture.tail or capture.head)))
     return Observed(openai_usage(data.get("usage"), data.get("service_tier")), "".join(_choices_text(data, delta=False)))
 
 
@@ -228,8 +218,7 @@ def _large_response(capture: Capture) -> Observed:
     response_id = found.group(1).decode() if found else None
     if still_generating(capture):
         return Observed(ProviderUsage(), response_id=response_id, deferred=True)
-    kept = capture.tail or capture.head
-    return Observed(openai_usage(last_usage_object(kept), _tier_in(kept)), response_id=response_id)
+    return Observed(openai_usage(last_usage_object(capture.tail or capture.head)), response_id=response_id)  # its tier: openai_body
 
 
 def responses_body(capture: Capture) -> Observed:
@@ -264,7 +253,7 @@ def responses_stream(capture: Capture) -> Observed:
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
     if not ended and not capture.complete:  # its last event too large for the tail: read from its start and end
-        usage = usage or openai_usage(last_usage_object(capture.tail), _tier_in(capture.tail))
+        usage = usage or openai_usage(last_usage_object(capture.tail))  # its tier: as openai_body says
         error = error or _failed_error(capture)
     return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
 
