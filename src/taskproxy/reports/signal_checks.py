@@ -234,10 +234,10 @@ def unverified_candidates(spend: dict[str, dict[str, Spend]], items: dict[str, I
 
 
 def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t: SignalSettings, carried: Mapping[str, Mapping[str, int]]) -> list[Found]:
-    """`carried`: per key, {ticket: its spend up to the merge} on the tickets a merged pull request
-    carries (as for `without_completion`): a ticket no tracker confirmed but whose branch led to a merged
-    pull request was real work up to that merge (the adoption report counts it in the pull request's
-    cost), and flagged every key that worked on it before."""
+    """`carried`: per key, {ticket: its spend up to the merge}, the merge being the last one before the
+    period's end of a pull request linked to the ticket that held then (signals._unverified): a ticket no
+    tracker confirmed but whose branch led to a merged pull request was real work up to that merge (the
+    adoption report does not count it as spend without outcome), and flagged every key that worked on it before."""
     found = []
     candidates = unverified_candidates(spend, items)
     for key_id, per_item in spend.items():
