@@ -48,3 +48,16 @@ async def test_a_reopening_delivered_after_the_recompletion_is_still_rework(trac
     if order[0] == "d-1":
         # The early November completion did not hold, delivered in any order (PAY-50 and PAY-51 alike).
         assert report["overall"]["rework"]["other"] == {"items": 2, "reworked": 2, "rate": 1.0}, report["overall"]["rework"]
+
+
+async def test_a_late_done_of_an_item_open_now_is_not_given_a_made_up_reopening(tracked: Proxy) -> None:
+    """In progress, Done, reopened, then commented on (still in progress); the Done delivered last. The
+    tracker's last event time is the comment's, not the reopening's: a return dated there would misdate
+    the rework (found by a review). Where it goes is not known, so it changes nothing, as before."""
+    steps = [("p-1", "indeterminate", "2026-11-03T09:00:00.000+0000"), ("p-3", "indeterminate", "2026-11-17T09:00:00.000+0000"),
+             ("p-4", "indeterminate", "2026-11-24T09:00:00.000+0000"), ("p-2", "done", "2026-11-10T09:00:00.000+0000")]  # fmt: skip
+    for delivery, category, at in steps:
+        await _deliver_jira(tracked, "PAY-60", delivery, category, at)
+    item = await tracked.get("/api/work-items/PAY-60")
+    assert (item["status"], item["rework"]) == ("in_progress", None), item
+    assert [(c["to"], c["ts"]) for c in item["history"]] == [("in_progress", "2026-11-03T09:00:00.000Z")]

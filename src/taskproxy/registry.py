@@ -167,20 +167,25 @@ def _first_rework(current: Row) -> bool:
 
 
 def _round_trip(connection: Connection, current: Row, status: str, *, source: str, at: datetime, delivery_id: str | None) -> dict[str, Any]:
-    """A tracker's event older than its last one, saying a status the item does not have. If the item has
-    been in its current status since before `at` (its last change is earlier), it left that status at `at`
-    and was back in it by the tracker's last event, which said so: both changes join the history, and the
-    completion and the rework are what they would be had the events come in order (done, reopened, done
+    """A tracker's event older than its last one, saying a status the item does not have. If the item is
+    done or closed and has been since before `at` (its last change is earlier), it left that status at
+    `at` and was completed again at the tracker's last event, which said so: both changes join the
+    history, and the completion and the rework are what they would be had the events come in order (done, reopened, done
     again delivered as done, done, reopened kept the first completion and lost the rework). When the item
     changed since `at`, or nothing is recorded before it, where the event goes is not known: it changes
     nothing."""
+    # Only back into a completion: its time is the tracker's completion time (Jira's resolution date,
+    # Linear's completedAt, GitHub's closed_at). An open item's last event time is any later edit (a
+    # comment), not when it went back: the return would be misdated, and with it the rework.
+    if current.status not in RESOLVED:
+        return {}
     last = connection.execute(select(_C.ts, _C.to_status).where(_C.work_item == current.id).order_by(_C.ts.desc()).limit(1)).first()
     back_at = current.tracker_event_at
     if last is None or last.ts >= at or last.to_status != current.status or back_at is None:
         return {}
     _record_change(connection, current.id, current.status, status, source, at, delivery_id, "delivered after the tracker's later event")
     _record_change(connection, current.id, status, current.status, source, back_at, None, "as the tracker's later event said")
-    values: dict[str, Any] = {"completed_at": back_at} if current.status in RESOLVED else {}
+    values: dict[str, Any] = {"completed_at": back_at}
     if _first_rework(current) and "done" in (current.status, status):
         # Done and then anything else is rework: left at `at`, or, done at `at`, left by the later event.
         values.update(reworked_at=at if current.status == "done" else back_at, rework_reason="reopened",
