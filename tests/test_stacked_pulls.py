@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import webhook_payloads as hooks
-from conftest import BOTH_DATABASES, Proxy
+from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
+from taskproxy.config import settings_from_mapping
+from taskproxy.upstream.mock import MockProvider
 from taskproxy.storage.db import make_engine
 from taskproxy.timeutil import iso, utcnow
 from taskproxy.trackers.sync import pending_items
@@ -170,3 +173,33 @@ async def test_a_control_character_in_the_target_branch_is_not_a_500(tracked: Pr
     pull = _merged(60, branch="part-nul", into="feature/\x00z", at=utcnow() - timedelta(minutes=1))
     answer = await _deliver(tracked, pull)
     assert answer["items"][0]["status"] == "in_progress", answer
+
+
+async def test_a_revert_of_a_stacked_pull_request_is_rework_of_the_one_it_landed_with(tracked: Proxy) -> None:
+    """A part stacked into the feature branch lands with the feature's merge; GitHub's revert button then
+    undoes the part on main. The feature's merge did not hold: it is rework (the part's own merge was
+    never a completion, and the revert found nothing done to mark, so no rework was counted)."""
+    merged = utcnow().replace(microsecond=0) - timedelta(hours=2)
+    await _deliver(tracked, _merged(51, branch="part-r", into="feature/r", at=merged - timedelta(hours=1), opened=merged - timedelta(hours=3)))
+    await _deliver(tracked, _merged(50, branch="feature/r", into="main", at=merged, opened=merged - timedelta(hours=4)))
+    revert = _merged(52, branch="revert-51-part-r", into="main", at=merged + timedelta(hours=1), opened=merged + timedelta(minutes=30))
+    revert["pull_request"].update(title='Revert "Ledger step"', body="Reverts Acme/Web-App#51")
+    await _deliver(tracked, revert)
+    landed = await _item(tracked, 50)
+    assert landed["rework"] is not None and landed["rework"]["reason"] == "reverted" and landed["rework"]["by"] == "acme/web-app#52", landed
+    assert (await _item(tracked, 52))["status"] == "closed"
+
+
+async def test_a_landing_branch_counts_its_merges_as_completed_work(tmp_path: Path, fake, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    """A repository whose work merges into `develop` (git flow) while `main` is its default branch: with
+    `trackers.landing_branches: [develop, "release/*"]` those merges are completed work, not stacked."""
+    base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
+    for model in base["models"]:
+        model.pop("api_key", None)
+    base["trackers"] = {"github": {"secret_env": "GH"}, "landing_branches": ["develop", "release/*"]}
+    env = {"GH": hooks.GITHUB_SECRET, "TASKPROXY_ADMIN_KEY": ADMIN_KEY, "TEST_PROVIDER_KEY": PROVIDER_KEY}
+    async for proxy in start_proxy(settings_from_mapping(base, env), MockProvider.asgi(fake.app()), fake):
+        merged = utcnow().replace(microsecond=0) - timedelta(hours=1)
+        for number, into in ((61, "develop"), (62, "release/2.1"), (63, "feature/x")):
+            await _deliver(proxy, _merged(number, branch=f"step/{number}", into=into, at=merged, opened=merged - timedelta(hours=2)))
+        assert [(await _item(proxy, number))["status"] for number in (61, 62, 63)] == ["done", "done", "in_progress"]

@@ -159,9 +159,9 @@ def configured_trackers(settings: Settings, ids: WorkItemIds) -> dict[str, Track
     config = settings.trackers
     trackers: dict[str, Tracker] = {}
     if config.github.secret:
-        trackers["github"] = GitHub(config.github.secret.get_secret_value(), ids)
+        trackers["github"] = GitHub(config.github.secret.get_secret_value(), ids, config.landing_branches)
     if config.gitlab.secret:
-        trackers["gitlab"] = GitLab(config.gitlab.secret.get_secret_value(), ids)
+        trackers["gitlab"] = GitLab(config.gitlab.secret.get_secret_value(), ids, config.landing_branches)
     if config.jira.secret:
         trackers["jira"] = Jira(config.jira.secret.get_secret_value(), config.jira.story_points_field)
     if config.linear.secret:

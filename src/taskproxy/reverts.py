@@ -60,7 +60,15 @@ def mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by:
         target = ids.normalize(raw_target)
     except WorkItemInvalid:
         return
-    row = connection.execute(select(_ITEMS.c.status).where(_ITEMS.c.id == target)).first()
+    row = connection.execute(select(_ITEMS.c.status, _ITEMS.c.merged_into).where(_ITEMS.c.id == target)).first()
+    if row is not None and row.merged_into is not None:
+        # A stacked pull request (stacks.py): its merge is no completion, its work landed with the pull
+        # requests it is linked to, and those merges did not hold. (Not landed yet: nothing was completed.)
+        links = WorkItemLink.__table__.c
+        landings = connection.execute(select(links.linked).where(links.work_item == target, links.kind == MERGED_PR)).scalars().all()
+        for landing in sorted(landings):
+            _rework_if_recent(connection, landing, by, at, rework_days)
+        return
     if row is None or row.status != "done":
         link_items(connection, [(target, by, REVERTED_BY, at)])
         return

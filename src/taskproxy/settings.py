@@ -193,6 +193,10 @@ class LinearSettings(TrackerSettings):
 
 
 class TrackersSettings(_Frozen):
+    # Branches besides a repository's default one whose merges count as completed work (shell patterns:
+    # `develop`, `release/*`): a merge into any other branch is a stacked pull request, a step of the
+    # work that lands with that branch's own pull request (README, "Stacked pull requests").
+    landing_branches: tuple[str, ...] = ()
     github: TrackerSettings = TrackerSettings()
     gitlab: TrackerSettings = TrackerSettings()  # secret_env: the webhook's secret token
     jira: JiraSettings = JiraSettings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 from dataclasses import dataclass, field
@@ -41,12 +42,15 @@ class ItemUpdate:
     merged_into: str | None = None
 
 
-def merge_target(target: Any, default: Any) -> str | None:
-    """The branch a pull request was merged into when it is not the repository's default one; None when it
-    is, or when the tracker did not say which is the default (the merge then counts, as it always did)."""
-    if isinstance(target, str) and isinstance(default, str) and target and default and target != default:
-        return text(target)
-    return None
+def merge_target(target: Any, default: Any, landing: tuple[str, ...] = ()) -> str | None:
+    """The branch a pull request was merged into when it is not the repository's default one nor one of
+    the `landing` branches (`trackers.landing_branches`, shell patterns); None when it is, or when the
+    tracker did not say which is the default (the merge then counts, as it always did)."""
+    if not (isinstance(target, str) and isinstance(default, str) and target and default and target != default):
+        return None
+    if any(fnmatch.fnmatchcase(target, pattern) for pattern in landing):
+        return None
+    return text(target)
 
 
 @dataclass(frozen=True)

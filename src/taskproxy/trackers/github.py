@@ -59,9 +59,10 @@ def _own_branch(repo: str, pr: dict[str, Any], branch: Any) -> str | None:
 class GitHub:
     name = "github"
 
-    def __init__(self, secret: str, ids: WorkItemIds) -> None:
+    def __init__(self, secret: str, ids: WorkItemIds, landing_branches: tuple[str, ...] = ()) -> None:
         self._secret = secret
         self._ids = ids
+        self._landing = landing_branches
 
     def verify(self, headers: Headers, raw: bytes) -> None:
         check_hmac_sha256(self._secret, raw, headers.get("x-hub-signature-256"), prefix="sha256=")
@@ -84,7 +85,7 @@ class GitHub:
         pr = need(payload, "pull_request", kind=dict)
         merged = action == "closed" and pr.get("merged") is True
         branch = _field(pr, "head", "ref")
-        merged_into = merge_target(_field(pr, "base", "ref"), _default_branch(payload, pr)) if merged else None
+        merged_into = merge_target(_field(pr, "base", "ref"), _default_branch(payload, pr), self._landing) if merged else None
         if merged_into is not None:  # stacked: merged into another pull request's branch, not the default one
             status, at, merged = "in_progress", tracker_time(pr.get("merged_at")), False
         elif action == "closed":

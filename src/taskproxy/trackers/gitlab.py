@@ -33,9 +33,10 @@ _REVERT_DESCRIPTION = re.compile(r"This reverts merge request !(\d+)\b")
 class GitLab:
     name = "gitlab"
 
-    def __init__(self, token: str, ids: WorkItemIds) -> None:
+    def __init__(self, token: str, ids: WorkItemIds, landing_branches: tuple[str, ...] = ()) -> None:
         self._token = token.encode()
         self._ids = ids
+        self._landing = landing_branches
 
     def verify(self, headers: Headers, raw: bytes) -> None:
         presented = headers.get("x-gitlab-token")
@@ -63,7 +64,7 @@ class GitLab:
     def _merge_request(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         request = need(payload, "object_attributes", kind=dict)
         project = payload.get("project") if isinstance(payload.get("project"), dict) else {}
-        merged_into = merge_target(request.get("target_branch"), project.get("default_branch")) if action == "merge" else None
+        merged_into = merge_target(request.get("target_branch"), project.get("default_branch"), self._landing) if action == "merge" else None
         if merged_into is not None:  # stacked: merged into another request's branch, not the default one
             status, at = "in_progress", tracker_time(request.get("merged_at")) or tracker_time(request.get("updated_at"))
         elif action == "merge":

@@ -120,11 +120,12 @@ def _seconds(value: str | None) -> float | None:
 class Fetcher:
     """Asks one tracker's REST API for an item's current state, as the update its webhook would give."""
 
-    def __init__(self, name: str, http: httpx.Client, api: str, token: str, ids: WorkItemIds, now: datetime, points_field: str | None = None) -> None:
+    def __init__(self, name: str, http: httpx.Client, api: str, token: str, ids: WorkItemIds, now: datetime, points_field: str | None = None,
+                 landing_branches: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.name, self._http, self._api, self._token, self._now = name, http, api.rstrip("/"), token, now
         self._points_field = points_field
         # The webhook parsers; their signing secrets are not used to read an answer.
-        self._parsers: dict[str, Any] = {"github": GitHub("", ids), "gitlab": GitLab("", ids), "jira": Jira("", points_field), "linear": Linear("", 60.0)}
+        self._parsers: dict[str, Any] = {"github": GitHub("", ids, landing_branches), "gitlab": GitLab("", ids, landing_branches), "jira": Jira("", points_field), "linear": Linear("", 60.0)}
 
     def fetch(self, item_id: str) -> ItemUpdate | None:
         """None when the tracker has no such item (it is left as it is). An answer not shaped as the
@@ -318,7 +319,7 @@ def _fetcher(name: str, trackers: TrackersSettings, client: httpx.Client, ids: W
     token = settings.token.get_secret_value()
     if not (token.isascii() and token.isprintable()):
         raise TrackerUnavailable(f"{name}: the token in trackers.{name}.token_env has characters no HTTP header carries.")
-    return Fetcher(name, client, api, token, ids, now, getattr(settings, "story_points_field", None))
+    return Fetcher(name, client, api, token, ids, now, getattr(settings, "story_points_field", None), trackers.landing_branches)
 
 
 def _answered_for(ids: WorkItemIds, update: ItemUpdate) -> str | None:
