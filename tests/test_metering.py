@@ -463,3 +463,30 @@ def test_the_budget_meter_counts_at_the_tier_asked_for() -> None:
                              user_agent=None, route="/v1/chat/completions", usage_of=openai_usage, model=model, stream=True, number=1)  # fmt: skip
     attempt.meter.saw(b'data: {"service_tier":"priority","choices":[],"usage":{"prompt_tokens":10000,"completion_tokens":2000,"total_tokens":12000}}\n\n')
     assert sum(charged) == price.for_service("priority").nanos(10_000, 2_000) == round((10_000 * 2.5e-6 + 2_000 * 2e-5) * 1e9)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("said", "asked", "factor"), [({"speed": "fast", "inference_geo": "us"}, {}, 2.0 * 1.1), ({"inference_geo": "global"}, {}, 1.0),
+                                                         ({}, {"speed": "fast"}, 2.0), ({"speed": "standard"}, {"speed": "fast"}, 1.0)])  # fmt: skip
+async def test_anthropics_fast_mode_and_us_inference_are_billed_at_their_multiples(tmp_path: Path, said: dict, asked: dict, factor: float) -> None:
+    """Claude's fast mode costs a multiple of the standard price, and inference kept in the US another
+    (litellm's table: `provider_specific_entry` {"fast": 2.0, "us": 1.1}); the usage says which were
+    applied (`speed`, `inference_geo`), else the request's `speed`. Both were billed at the plain rates."""
+    from conftest import ADMIN_KEY, make_settings, start_proxy
+
+    from taskproxy.money import usd
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    entry = bundled_price_table()["claude-opus-5"]
+    assert entry["provider_specific_entry"] == {"us": 1.1, "fast": 2.0}
+    usage = {"input_tokens": 1_000, "output_tokens": 100, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, **said}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-5", "content": [{"type": "text", "text": "Done."}],
+               "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
+    models = [{"name": "opus", "provider": "anthropic", "base_url": "http://provider.test", "upstream_model": "claude-opus-5", "api_key_env": "TEST_PROVIDER_KEY"}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(lambda request: MockResponse.json(message))):
+        ask = {"model": "opus", "max_tokens": 50, "messages": [{"role": "user", "content": "Go on."}], **asked}
+        response = await proxy.http.post("/v1/messages", json=ask, headers={"x-api-key": ADMIN_KEY, "x-work-item": "PROJ-9"})
+        assert response.status_code == 200, response.text
+        event = (await proxy.events(1, work_item="PROJ-9"))[0]
+    plain = round((1_000 * entry["input_cost_per_token"] + 100 * entry["output_cost_per_token"]) * 1e9)
+    assert event["cost_usd"] == usd(round(plain * factor))

@@ -20,6 +20,10 @@ class ProviderUsage:
     # The processing tier the provider says it served the request in (`service_tier`: flex, priority,
     # default, standard…), which prices it (metering/pricing.py); None when it did not say.
     service_tier: str | None = None
+    # Anthropic's surcharges, as its usage says: `speed` (`fast`: fast mode) and `inference_geo` (`us`:
+    # inference kept in the US), each a multiple of the whole request's price (pricing.Price.uplifts).
+    speed: str | None = None
+    inference_geo: str | None = None
 
     @property
     def total_tokens(self) -> int:

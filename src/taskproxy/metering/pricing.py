@@ -4,6 +4,7 @@ imported), with per-model overrides from config. An unknown price is None, never
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -35,6 +36,20 @@ class Price:
     # The rates of a processing tier the provider says it served the request in (`service_tier` flex or
     # priority: half and about twice the standard rates); any other tier bills as standard.
     services: tuple[tuple[str, Price], ...] = ()
+    # Multiples of a whole request's price (the table's `provider_specific_entry`): Anthropic's `fast`
+    # (fast mode) and a region's (`us`: inference kept in the US), as the answer's usage names them.
+    uplifts: tuple[tuple[str, float], ...] = ()
+
+    def bill(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0,
+             cache_write_1h_tokens: int = 0, *, tier: str | None = None, speed: str | None = None, region: str | None = None) -> int:  # fmt: skip
+        """The request's cost in nano-USD: at its processing tier's rates (`for_service`), times the
+        surcharges its speed and region carry."""
+        nanos = self.for_service(tier).nanos(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens)
+        factor = 1.0
+        for name, multiple in self.uplifts:
+            if name == speed == "fast" or (name == region and region not in ("global", "not_available", "fast")):
+                factor *= multiple
+        return nanos if factor == 1.0 else round(nanos * factor)
 
     def for_service(self, tier: str | None) -> Price:
         """The rates of the processing tier the answer names (None, `default`, `standard`: these)."""
@@ -69,7 +84,8 @@ class Price:
                         + for_an_hour * hour_rate + completion_tokens * self.output)  # fmt: skip
 
     def cost_nanos(self, usage: ProviderUsage) -> int:
-        return self.for_service(usage.service_tier).nanos(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens)
+        return self.bill(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens,
+                         tier=usage.service_tier, speed=usage.speed, region=usage.inference_geo)  # fmt: skip
 
 
 def bundled_price_file() -> Path | None:
@@ -116,7 +132,7 @@ def _optional(entry: dict, key: str) -> float | None:
     return float(entry[key]) if entry.get(key) is not None else None
 
 
-SERVICE_TIERS = ("flex", "priority")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
+SERVICE_TIERS = ("flex", "priority", "ultrafast")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
 
 
 def tier_asked(body: Mapping[str, Any]) -> str | None:
@@ -126,15 +142,28 @@ def tier_asked(body: Mapping[str, Any]) -> str | None:
     return asked if asked in SERVICE_TIERS else None
 
 
+def speed_asked(body: Mapping[str, Any]) -> str | None:
+    """Anthropic's fast mode asked for (`speed: "fast"`): what prices an answer whose usage does not say."""
+    return "fast" if body.get("speed") == "fast" else None
+
+
 def _from_table(entry: dict) -> Price | None:
     try:
         standard = _rates(entry, "", None)
         if standard is None:
             return None
         services = tuple((tier, rates) for tier in SERVICE_TIERS if (rates := _rates(entry, f"_{tier}", standard)) is not None)
-        return replace(standard, services=services)
+        return replace(standard, services=services, uplifts=_uplifts(entry.get("provider_specific_entry")))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _uplifts(entry: Any) -> tuple[tuple[str, float], ...]:
+    """The table's `provider_specific_entry` multiples (`{"us": 1.1, "fast": 2.0}`), the sensible ones."""
+    if not isinstance(entry, dict):
+        return ()
+    found = [(str(name).lower(), float(value)) for name, value in entry.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return tuple(sorted((name, value) for name, value in found if 0 < value <= 100 and math.isfinite(value)))
 
 
 def _rates(entry: dict, suffix: str, standard: Price | None) -> Price | None:

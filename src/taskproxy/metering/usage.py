@@ -31,7 +31,7 @@ import orjson
 
 from taskproxy.errors import ClientGone, UpstreamError
 from taskproxy.metering.observed import COMPLETION, NOTHING_OBSERVED, PROMPT, Observed
-from taskproxy.metering.pricing import Price, tier_asked
+from taskproxy.metering.pricing import Price, speed_asked, tier_asked
 from taskproxy.metering.tokens import CountBudget, TokenCounter
 from taskproxy.storage.batch import Record
 
@@ -166,7 +166,9 @@ class Exchange:
             status, error, provider_error = UpstreamError.default_status, UpstreamError.code, observed.error
         # The tier the answer says it was served in, else the one the request asked for.
         tier = (usage.service_tier if usage is not None else None) or tier_asked(self.body)
-        cost = self.price.for_service(tier).nanos(prompt, completion, cached, written, written_1h) if self.price is not None else None
+        speed = (usage.speed if usage is not None else None) or speed_asked(self.body)
+        region = usage.inference_geo if usage is not None else None
+        cost = self.price.bill(prompt, completion, cached, written, written_1h, tier=tier, speed=speed, region=region) if self.price is not None else None
         row: dict[str, Any] = {
             "id": self.id,
             "ts": self.ts,

@@ -84,7 +84,8 @@ def _error_type(error: Any) -> str:
 
 
 def service_tier(value: Any) -> str | None:
-    """A processing tier as the provider named it (`flex`, `priority`, `default`…), lower-cased; else None."""
+    """A processing tier (`flex`, `priority`, `default`…), a speed or a region as the provider named it,
+    lower-cased; else None."""
     if isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalpha():
         return value.lower()
     return None
@@ -287,6 +288,8 @@ def anthropic_usage(usage: Any) -> ProviderUsage | None:
         cache_creation_tokens=written,
         cache_creation_1h_tokens=min(for_an_hour, written),
         service_tier=service_tier(usage.get("service_tier")),
+        speed=service_tier(usage.get("speed")),
+        inference_geo=service_tier(usage.get("inference_geo")),
     )
 
 
