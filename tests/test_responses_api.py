@@ -160,6 +160,23 @@ async def test_a_background_stream_cut_before_its_end_bills_nothing_until_a_read
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+async def test_a_background_response_read_cut_short_then_deleted_is_billed_by_the_delete(proxy: Proxy) -> None:
+    """Read as a stream cut halfway, then deleted: no read could bill it afterwards, and its generation
+    stayed unbilled for good. The delete reads it once first, and bills it, then deletes it."""
+    client = proxy.openai(await proxy.new_key())
+    queued = await client.responses.create(model="fake-cut", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-39"})
+    with pytest.raises(openai.APIError):
+        async with await client.responses.retrieve(queued.id, stream=True) as stream:
+            async for _ in stream:
+                pass
+    deleted = await client.responses.delete(queued.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    assert proxy.received[-1]["method"] == "DELETE"
+    item = await proxy.item("PROJ-39", requests=2)
+    assert item["prompt_tokens"] > 0 and item["completion_tokens"] > 0
+    assert sorted(e["usage_source"] for e in await proxy.get("/api/usage/events", work_item="PROJ-39")) == ["deferred", "provider"]
+
+
 @BOTH_DATABASES
 async def test_a_cancelled_background_response_is_billed_by_the_first_read_that_shows_its_usage(proxy: Proxy) -> None:
     assert proxy.fake is not None

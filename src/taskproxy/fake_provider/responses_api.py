@@ -90,7 +90,8 @@ class ResponsesApi:
         return json_response({"object": "response.input_tokens", "input_tokens": prompt_tokens_of(body)})
 
     async def stored_response(self, request: Request) -> Response:
-        self.received.append({"path": request.url.path, "query": request.url.query, "headers": dict(request.headers), "body": None})
+        self.received.append({"path": request.url.path, "query": request.url.query, "headers": dict(request.headers), "body": None,
+                              "method": request.method})  # fmt: skip
         found = self.stored.get(request.path_params["response_id"])
         if found is None:
             return json_response({"error": {"message": "No response found.", "type": "invalid_request_error", "param": None, "code": None}}, 404)

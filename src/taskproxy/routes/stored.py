@@ -11,7 +11,7 @@ that shows it finished (`GET`, `GET ?stream=true` to its `response.completed`, o
 finished one; a cancelled response only with its usage) records it on the create's work item, at the
 create's time and under an id derived from the response id: however many reads and replicas see it,
 the event is written once (id and time are the events table's key). A read cut short before the end
-bills nothing; the next one that sees it does.
+bills nothing; the next one that sees it does, and a `DELETE` reads it once before deleting it.
 A response cancelled while generating shows no usage (the provider does not say what it made), so it
 stays deferred; if the generation won the race and a later read shows it completed, that read bills it.
 """
@@ -93,6 +93,8 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         query = request.url.query
         url = f"{model.base_url}/responses/{origin.response_id}{suffix}" + (f"?{query}" if query else "")
         headers = upstream_headers(request.headers, api_key)
+        if method == "DELETE" and origin.deferred:
+            await _bill_before_delete(request, stored, origin, model, headers)
         reply = await stored.provider.send(ProviderRequest(model, url, headers, content, stream=False, method=method))
         billable = origin.deferred and reply.status == 200 and suffix != "/input_items"
         if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
@@ -114,6 +116,34 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
 
     handler.__name__ = handler.__qualname__ = f"stored_response_{method.lower()}{suffix.replace('/', '_')}"
     return handler
+
+
+async def _bill_before_delete(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, headers: dict[str, str]) -> None:
+    """A background response about to be deleted is read once first, and billed if it is finished: once
+    deleted, no read can bill it (a read cut short, then a delete, left its generation unbilled for good)."""
+    reply = await stored.provider.send(ProviderRequest(model, f"{model.base_url}/responses/{origin.response_id}", headers, b"", stream=False, method="GET"))
+    limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
+    capture = Capture()
+    try:
+        if reply.status != 200 or reply.is_event_stream:
+            return
+        async for chunk in reply.chunks:
+            size += len(chunk)
+            if size <= limit:
+                parts.append(chunk)
+            else:
+                capture.add(b"".join(parts) + chunk if parts else chunk)
+                parts = []
+    finally:
+        await reply.close()
+    if size <= limit:
+        body = b"".join(parts)
+        if not _settles(await _decoded(stored, body)):
+            return
+        capture.add(body)
+    elif not _body_settles(capture):
+        return
+    _bill(request, stored, origin, model, partial(observe.responses_body, capture))
 
 
 def _error_event(error: ApiError) -> bytes:
