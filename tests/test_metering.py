@@ -490,3 +490,27 @@ async def test_anthropics_fast_mode_and_us_inference_are_billed_at_their_multipl
         event = (await proxy.events(1, work_item="PROJ-9"))[0]
     plain = round((1_000 * entry["input_cost_per_token"] + 100 * entry["output_cost_per_token"]) * 1e9)
     assert event["cost_usd"] == usd(round(plain * factor))
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_says_its_speed_and_region_in_its_last_usage_is_billed_at_them(tmp_path: Path) -> None:
+    """Streamed, the surcharges may come with `message_delta`'s usage rather than `message_start`'s: the
+    delta's counts were kept, its `speed` and `inference_geo` dropped (found by a review)."""
+    from conftest import ADMIN_KEY, make_settings, start_proxy
+
+    from taskproxy.money import usd
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    entry = bundled_price_table()["claude-opus-5"]
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 1_000, "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": 100, "speed": "fast", "inference_geo": "us"}}  # fmt: skip
+    events = [f"event: {e['type']}\ndata: {orjson.dumps(e).decode()}\n\n".encode() for e in (start, delta, {"type": "message_stop"})]
+    models = [{"name": "opus", "provider": "anthropic", "base_url": "http://provider.test", "upstream_model": "claude-opus-5", "api_key_env": "TEST_PROVIDER_KEY"}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(lambda request: MockResponse.sse(events))):
+        ask = {"model": "opus", "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "Go on."}]}
+        response = await proxy.http.post("/v1/messages", json=ask, headers={"x-api-key": ADMIN_KEY, "x-work-item": "PROJ-9"})
+        assert response.status_code == 200, response.text
+        event = (await proxy.events(1, work_item="PROJ-9"))[0]
+    assert event["cost_usd"] == usd(round(round((1_000 * entry["input_cost_per_token"] + 100 * entry["output_cost_per_token"]) * 1e9) * 2.2))

@@ -129,6 +129,8 @@ def test_taskproxy_config_variable_names_the_file(tmp_path: Path) -> None:
         ({"reports": {"rework_days": 1e12}}, "reports.rework_days: Input should be less than or equal to 36500"),
         ({"reports": {"stale_after_days": 1e6}}, "reports.stale_after_days: Input should be less than or equal to 36500"),
         ({"budgets": {"work_item_usd": float("inf")}}, "budgets.work_item_usd: Input should be less than or equal to 1000000000"),
+        ({"trackers": {"landing_branches": [" develop "]}}, "trackers.landing_branches: ' develop ' is not a branch pattern"),
+        ({"trackers": {"landing_branches": [""]}}, "trackers.landing_branches: '' is not a branch pattern"),
     ],
 )  # fmt: skip
 def test_bad_config_fails_with_one_line_naming_the_key(document: dict, message: str) -> None:
@@ -213,3 +215,7 @@ def test_the_revisions_read_without_alembic_are_alembics(tmp_path: Path) -> None
     upgrade_schema(engine)
     with engine.connect() as connection:
         assert current_revision(connection) == MigrationContext.configure(connection).get_current_revision() == head_revision()
+
+
+def test_one_landing_branch_may_be_given_alone() -> None:
+    assert settings_from_mapping({"trackers": {"landing_branches": "develop"}}, {}).trackers.landing_branches == ("develop",)

@@ -61,3 +61,21 @@ async def test_a_late_done_of_an_item_open_now_is_not_given_a_made_up_reopening(
     item = await tracked.get("/api/work-items/PAY-60")
     assert (item["status"], item["rework"]) == ("in_progress", None), item
     assert [(c["to"], c["ts"]) for c in item["history"]] == [("in_progress", "2026-11-03T09:00:00.000Z")]
+
+
+async def test_an_event_naming_no_status_does_not_order_the_trackers_status_events(tracked: Proxy) -> None:
+    """Won't Do on 11-06, then an edit whose status is no category taskproxy reads (11-12), then the Done
+    of 11-10 delivered last: the edit's time is no status's. It made the Done stale, and a late event
+    then read it as the time the item was closed again (found by a review): in order, the item is done."""
+    wont = hooks.jira_issue("jira:issue_updated", "PAY-70", category="done", resolution="Won't Do")
+    wont["issue"]["fields"].update(updated="2026-11-06T09:00:00.000+0000", resolutiondate="2026-11-06T09:00:00.000+0000")
+    edit = hooks.jira_issue("jira:issue_updated", "PAY-70", category="done")
+    edit["issue"]["fields"]["status"]["statusCategory"]["key"] = "undefined"
+    edit["issue"]["fields"].update(updated="2026-11-12T09:00:00.000+0000", resolutiondate=None)
+    done = hooks.jira_issue("jira:issue_updated", "PAY-70", category="done", resolution="Done")
+    done["issue"]["fields"].update(updated="2026-11-10T09:00:00.000+0000", resolutiondate="2026-11-10T09:00:00.000+0000")
+    for n, payload in enumerate((wont, edit, done)):
+        body = hooks.dumps(payload)
+        assert (await _post(tracked, "jira", body, hooks.jira_headers(body, delivery=f"PAY-70/{n}"))).status_code == 200
+    item = await tracked.get("/api/work-items/PAY-70")
+    assert (item["status"], item["completed_at"], item["rework"]) == ("done", "2026-11-10T09:00:00.000Z", None), item

@@ -104,9 +104,12 @@ def _apply(
     created_at: datetime | None = None,
     merged: bool = False,
     note: str | None = None,
+    orders: bool = True,
 ) -> str:
     """Apply a change to the item (see the module docstring); answers the status it leaves the item in
-    (an event older than its tracker's last one, or one against a merge, changes none)."""
+    (an event older than its tracker's last one, or one against a merge, changes none). `orders`: the
+    event names a status, and so orders the tracker's later events (one that only edits a title does
+    not: its time is no status's, and made a real status event delivered after it stale)."""
     changes.note(connection, changes.ITEM, [item_id], utcnow())  # every process refreshes its copy of the item
     tracker_source = source if source in ITEM_SOURCES else "manual"
     by_tracker = source in TRACKERS
@@ -115,7 +118,7 @@ def _apply(
     # negative cycle times. The earliest time known is then the item's creation.
     created = min(created_at, at) if created_at is not None else at
     values_new = {"id": item_id, "status": status, "created_at": created, "completed_at": at if status in RESOLVED else None,
-                  "updated_at": at, "tracker": source if by_tracker else None, "tracker_event_at": at if by_tracker else None,
+                  "updated_at": at, "tracker": source if by_tracker else None, "tracker_event_at": at if by_tracker and orders else None,
                   "merged_at": at if merged else None, **row}  # fmt: skip
     created = connection.execute(insert_ignoring_duplicates(connection.dialect.name, _ITEMS).values(**values_new).returning(_ITEMS.c.id)).first()
     if created is not None:  # new: concurrent creators (a webhook, the writer's registration) lose the insert, not the request
@@ -136,7 +139,7 @@ def _apply(
         if stale or final:  # an older event must not undo a newer one; a merge is never undone
             why = "a merged pull request is final" if final else f"older than its last {source} event at {current.tracker_event_at}"
             log.info("kept the status of %s against a %s event of %s (%s)", item_id, source, at, why)
-        else:
+        elif orders:
             values["tracker"], values["tracker_event_at"] = source, at
         if stale:  # nor its title, link or team
             values = {k: v for k, v in values.items() if k not in fields}
@@ -286,7 +289,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 created_at = min(told.created_at, now) if told.created_at is not None else None
                 now_status = _apply(connection, item_id, status, source=delivery.tracker, at=at, fields=fields,
                                     delivery_id=delivery.delivery_id, created_at=created_at, merged=told.merged or told.merged_into is not None,
-                                    note=note)  # fmt: skip
+                                    note=note, orders=told.status is not None)  # fmt: skip
                 for ticket in told.links:
                     _link(connection, ticket, item_id, MERGED_PR, at)
                     if told.merged:
@@ -304,6 +307,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                     reverts.revert_waiting(connection, item_id, rework_days)
                 if (told.merged and now_status == "done") or (told.merged_into is not None and now_status == "in_progress"):
                     stacks.landed(connection, item_id, branch=told.branch, merged_into=told.merged_into, at=at)
+                    reverts.stacked_reverts_waiting(connection, item_id, rework_days)
                 if now_status != status and not told.links and told.size is None:
                     kept.append(item_id)
                 applied.append({"id": item_id, "status": now_status, "linked": list(told.links)})

@@ -68,11 +68,28 @@ def mark_reverted(connection: Connection, ids: WorkItemIds, raw_target: str, by:
         landings = connection.execute(select(links.linked).where(links.work_item == target, links.kind == MERGED_PR)).scalars().all()
         for landing in sorted(landings):
             _rework_if_recent(connection, landing, by, at, rework_days)
+        if not landings:  # kept, as for a merge not arrived yet: applied when it lands (`stacked_reverts_waiting`)
+            link_items(connection, [(target, by, REVERTED_BY, at)])
         return
     if row is None or row.status != "done":
         link_items(connection, [(target, by, REVERTED_BY, at)])
         return
     _rework_if_recent(connection, target, by, at, rework_days)
+
+
+def stacked_reverts_waiting(connection: Connection, item_id: str, rework_days: float) -> None:
+    """A merge just linked stacked pull requests to a landing (stacks.py): a revert of one of them that
+    arrived before it had landed, or before it was merged at all, is rework of the landing now."""
+    links = WorkItemLink.__table__.c
+    candidates = {item_id, *connection.execute(select(links.linked).where(links.work_item == item_id, links.kind == MERGED_PR)).scalars()}
+    landings = connection.execute(select(_ITEMS.c.id).where(_ITEMS.c.id.in_(sorted(candidates)), _ITEMS.c.status == "done",
+                                                            _ITEMS.c.merged_into.is_(None), _ITEMS.c.merged_at.is_not(None))).scalars().all()  # fmt: skip
+    for landing in sorted(landings):
+        members = select(links.work_item).where(links.linked == landing, links.kind == MERGED_PR)
+        waiting = connection.execute(select(links.linked, links.ts).where(links.work_item.in_(members), links.kind == REVERTED_BY)
+                                     .order_by(links.ts).limit(1)).first()  # fmt: skip
+        if waiting is not None:
+            _rework_if_recent(connection, landing, waiting.linked, waiting.ts, rework_days)
 
 
 def revert_waiting(connection: Connection, item_id: str, rework_days: float) -> None:

@@ -198,6 +198,17 @@ class TrackersSettings(_Frozen):
     # work that lands with that branch's own pull request (README, "Stacked pull requests").
     landing_branches: tuple[str, ...] = ()
     github: TrackerSettings = TrackerSettings()
+
+    @field_validator("landing_branches", mode="before")
+    @classmethod
+    def _patterns(cls, value: object) -> object:
+        """One pattern is a list of one; a blank one, or one with spaces around it, would never match."""
+        patterns = [value] if isinstance(value, str) else value
+        if isinstance(patterns, (list, tuple)):
+            for pattern in patterns:
+                if isinstance(pattern, str) and (not pattern.strip() or pattern != pattern.strip()):
+                    raise ValueError(f"{pattern!r} is not a branch pattern: give names such as develop or 'release/*', without spaces around them")
+        return patterns
     gitlab: TrackerSettings = TrackerSettings()  # secret_env: the webhook's secret token
     jira: JiraSettings = JiraSettings()
     linear: LinearSettings = LinearSettings()

@@ -132,7 +132,7 @@ def _optional(entry: dict, key: str) -> float | None:
     return float(entry[key]) if entry.get(key) is not None else None
 
 
-SERVICE_TIERS = ("flex", "priority", "ultrafast")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
+SERVICE_TIERS = ("flex", "priority", "ultrafast", "balanced")  # processing tiers with rates of their own (OpenAI's, Gemini's); others bill as standard
 
 
 def tier_asked(body: Mapping[str, Any]) -> str | None:
@@ -163,7 +163,11 @@ def _uplifts(entry: Any) -> tuple[tuple[str, float], ...]:
     if not isinstance(entry, dict):
         return ()
     found = [(str(name).lower(), float(value)) for name, value in entry.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    return tuple(sorted((name, value) for name, value in found if 0 < value <= 100 and math.isfinite(value)))
+    # `fast`, and regions (`us`, `eu`, `apac`): the entry holds flags and counts of other kinds too.
+    return tuple(sorted((name, value) for name, value in found if _UPLIFT.fullmatch(name) and 0 < value <= 100 and math.isfinite(value)))
+
+
+_UPLIFT = re.compile(r"fast|[a-z]{2,4}")
 
 
 def _rates(entry: dict, suffix: str, standard: Price | None) -> Price | None:

@@ -311,6 +311,9 @@ def anthropic_body(capture: Capture) -> Observed:
     return Observed(anthropic_usage(data.get("usage")), "".join(_block_text(b) for b in data.get("content") or ()))
 
 
+_SERVED_AS = ("service_tier", "speed", "inference_geo")
+
+
 def anthropic_stream(capture: Capture) -> Observed:
     """Input and cache tokens from `message_start`; output tokens (cumulative) from the last
     `message_delta`. A stream that ended before any `message_delta` keeps what `message_start`
@@ -327,6 +330,8 @@ def anthropic_stream(capture: Capture) -> Observed:
             delta_usage = event["usage"]
             output = _count(delta_usage.get("output_tokens"))  # not a count: missing, and estimated
             reported.update({k: v for k, v in delta_usage.items() if k != "output_tokens" and _count(v) is not None})
+            # What the request was served as (they price it), wherever the provider says it.
+            reported.update({k: delta_usage[k] for k in _SERVED_AS if isinstance(delta_usage.get(k), str) and delta_usage[k]})
         elif kind == "content_block_delta":
             text.append(_block_text(event.get("delta")))
         elif kind == "error":
