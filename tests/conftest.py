@@ -254,3 +254,19 @@ async def proxy(tmp_path: Path, fake: FakeProvider, database_url: str) -> AsyncI
     settings = make_settings(tmp_path, database_url=database_url)
     async for running in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
         yield running
+
+
+@pytest.fixture
+async def tracked(tmp_path: Path, fake: FakeProvider, database_url: str) -> AsyncIterator[Proxy]:
+    """A proxy with all four trackers' webhooks on, their secrets those of `webhook_payloads`."""
+    import webhook_payloads as hooks
+
+    base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
+    for model in base["models"]:
+        model.pop("api_key", None)
+    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA", "story_points_field": "customfield_10016"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60},
+                        "gitlab": {"secret_env": "GL"}}  # fmt: skip
+    env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "GL": hooks.GITLAB_TOKEN, "TASKPROXY_ADMIN_KEY": ADMIN_KEY,
+           "TEST_PROVIDER_KEY": PROVIDER_KEY}  # fmt: skip
+    async for running in start_proxy(settings_from_mapping(base, env), MockProvider.asgi(fake.app()), fake):
+        yield running

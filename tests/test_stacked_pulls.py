@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import webhook_payloads as hooks
 from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
+from test_webhooks import _ask, _github_time, _post
+
 from taskproxy.config import settings_from_mapping
-from taskproxy.upstream.mock import MockProvider
 from taskproxy.storage.db import make_engine
 from taskproxy.timeutil import iso, utcnow
 from taskproxy.trackers.sync import pending_items
-from test_webhooks import _ask, _github_time, _post, tracked  # noqa: F401 (the fixture)
+from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
 FEATURE = "feature/PAY-20-ledger"

@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 import webhook_payloads as hooks
 from conftest import BOTH_DATABASES, Proxy
-from test_webhooks import _post, tracked  # noqa: F401 (the fixture)
+from test_webhooks import _post
 
 pytestmark = pytest.mark.anyio
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -11,25 +10,11 @@ import httpx
 import pytest
 
 import webhook_payloads as hooks
-from conftest import ADMIN_KEY, BOTH_DATABASES, PROVIDER_KEY, Proxy, make_settings, start_proxy
-from taskproxy.config import settings_from_mapping
+from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
 from taskproxy.timeutil import iso, parse_time, utcnow
 from taskproxy.upstream.mock import MockProvider
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def tracked(tmp_path: Path, fake, database_url: str) -> AsyncIterator[Proxy]:  # type: ignore[no-untyped-def]
-    base = make_settings(tmp_path, database_url=database_url).model_dump(mode="json", exclude={"admin_key"})
-    for model in base["models"]:
-        model.pop("api_key", None)
-    base["trackers"] = {"github": {"secret_env": "GH"}, "jira": {"secret_env": "JIRA", "story_points_field": "customfield_10016"}, "linear": {"secret_env": "LINEAR", "timestamp_tolerance_seconds": 60},
-                        "gitlab": {"secret_env": "GL"}}  # fmt: skip
-    env = {"GH": hooks.GITHUB_SECRET, "JIRA": hooks.JIRA_SECRET, "LINEAR": hooks.LINEAR_SECRET, "GL": hooks.GITLAB_TOKEN, "TASKPROXY_ADMIN_KEY": ADMIN_KEY,
-           "TEST_PROVIDER_KEY": PROVIDER_KEY}  # fmt: skip
-    async for proxy in start_proxy(settings_from_mapping(base, env), MockProvider.asgi(fake.app()), fake):
-        yield proxy
 
 
 async def _ask(proxy: Proxy, key: str, item: str) -> None:
