@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -348,3 +349,29 @@ def test_a_background_response_read_as_a_stream_through_a_real_server_is_billed(
     assert events[-1].type == "response.completed" and finished.usage is not None
     item = server.work_item("PROJ-39", expected_requests=2)
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
+@pytest.mark.parametrize("failure", ["connection", "timeout"])
+async def test_a_delete_goes_through_when_the_read_before_it_fails(tmp_path: Path, failure: str) -> None:
+    """The read that bills a background response before its delete is best effort: a provider whose
+    read fails still gets the delete, and the client its answer."""
+    from taskproxy.errors import UpstreamError, UpstreamTimeout
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    seen: list[str] = []
+
+    def answer(request: Any) -> MockResponse:
+        seen.append(request.method)
+        if request.method == "POST":
+            return MockResponse.json({"id": "resp_bg_1", "object": "response", "created_at": 1, "status": "queued", "background": True,
+                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+        if request.method == "GET":
+            raise UpstreamError("the provider cut the connection") if failure == "connection" else UpstreamTimeout("the provider did not answer")
+        return MockResponse.json({"id": "resp_bg_1", "object": "response.deleted", "deleted": True})
+
+    async for proxy in start_proxy(make_settings(tmp_path), MockProvider(answer)):
+        client = proxy.openai(await proxy.new_key())
+        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-43"})
+        await proxy.events(1, work_item="PROJ-43")  # its origin recorded
+        await client.responses.delete(queued.id)
+    assert seen == ["POST", "GET", "DELETE"]

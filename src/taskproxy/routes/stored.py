@@ -18,6 +18,8 @@ stays deferred; if the generation won the race and a later read shows it complet
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +51,8 @@ from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import ProviderClient, ProviderReply, ProviderRequest, upstream_headers
 from taskproxy.upstream.relay import BodyResponse, ClientWatch, RelayResponse
 
+PRE_READ_SECONDS = 30.0  # the read before a background response's delete
+log = logging.getLogger("taskproxy.stored")
 DEFERRED_USAGE = uuid.UUID("6f1e2c0a-4d7b-4f3e-9a51-2b8c7d0e9f13")  # namespace of the ids of deferred usage events
 
 
@@ -94,7 +98,11 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         url = f"{model.base_url}/responses/{origin.response_id}{suffix}" + (f"?{query}" if query else "")
         headers = upstream_headers(request.headers, api_key)
         if method == "DELETE" and origin.deferred:
-            await _bill_before_delete(request, stored, origin, model, headers)
+            try:  # at most PRE_READ_SECONDS, and never in the delete's way: a provider that fails it still gets the delete
+                async with asyncio.timeout(min(PRE_READ_SECONDS, model.max_response_seconds)):
+                    await _bill_before_delete(request, stored, origin, model, headers)
+            except (ApiError, TimeoutError) as exc:
+                log.warning("a background response (%s) could not be read before its delete, and stays unbilled: %s", origin.response_id[:200], exc)
         reply = await stored.provider.send(ProviderRequest(model, url, headers, content, stream=False, method=method))
         billable = origin.deferred and reply.status == 200 and suffix != "/input_items"
         if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
