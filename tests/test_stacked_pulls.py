@@ -207,3 +207,19 @@ async def test_a_landing_branch_counts_its_merges_as_completed_work(tmp_path: Pa
         for number, into in ((61, "develop"), (62, "release/2.1"), (63, "feature/x")):
             await _deliver(proxy, _merged(number, branch=f"step/{number}", into=into, at=merged, opened=merged - timedelta(hours=2)))
         assert [(await _item(proxy, number))["status"] for number in (61, 62, 63)] == ["done", "done", "in_progress"]
+
+
+@pytest.mark.parametrize("order", [(41, 40, 43, 42), (41, 43, 42, 40), (42, 41, 40, 43), (43, 42, 41, 40)])
+async def test_a_branch_landed_twice_gives_each_landing_its_own_parts_whatever_the_order(tracked: Proxy, order: tuple[int, ...]) -> None:
+    """`feature/reuse` lands twice: #41 merged into it, #40 lands it; then #43, and #42 lands it again.
+    Delivered with the first landing after the second, #41 was linked to both, and the second carried
+    its cost into its own period (found by a review)."""
+    base = utcnow().replace(microsecond=0) - timedelta(days=20)
+    pulls = {41: _merged(41, branch="step/41", into="feature/reuse", at=base + timedelta(days=2), opened=base + timedelta(days=1)),
+             40: _merged(40, branch="feature/reuse", into="main", at=base + timedelta(days=4), opened=base),
+             43: _merged(43, branch="step/43", into="feature/reuse", at=base + timedelta(days=11), opened=base + timedelta(days=10)),
+             42: _merged(42, branch="feature/reuse", into="main", at=base + timedelta(days=13), opened=base + timedelta(days=9))}  # fmt: skip
+    for number in order:
+        await _deliver(tracked, pulls[number])
+    assert [link["id"] for link in (await _item(tracked, 40))["linked_from"]] == ["acme/web-app#41"]
+    assert [link["id"] for link in (await _item(tracked, 42))["linked_from"]] == ["acme/web-app#43"]

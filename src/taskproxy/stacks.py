@@ -13,7 +13,8 @@ Which pull request lands a stacked merge into branch B at time t: those of B (op
 same repository: a fork's branch of the same name is another branch) merged after t, in the order
 merged, up to and including the first merged into the default branch. A branch name is reused: a
 landing of B before t took none of this work. Deliveries arrive in any order: whichever merge is
-applied second makes the links. Links are kept closed under stacking (everything below a pull request
+applied second makes the links, and a landing delivered after a later one of the same branch takes
+back from it what it landed. Links are kept closed under stacking (everything below a pull request
 is linked to everything it landed with), so each merge writes its links in one statement and reads
 nothing recursively, and a ring of merges ends.
 """
@@ -21,8 +22,9 @@ nothing recursively, and a ring of merges ends.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage.models import WorkItem, WorkItemLink
@@ -56,10 +58,12 @@ def landed(connection: Connection, item_id: str, *, branch: str | None, merged_i
         ).scalar()  # fmt: skip
         since = [] if previous is None else [_W.merged_at > previous]
         stacked_on_it = connection.execute(
-            select(_W.id).where(_W.merged_into == branch, in_repository, _W.id != item_id, _W.merged_at <= at, *since).order_by(_W.id)
-        ).scalars().all()  # fmt: skip
-        for child in stacked_on_it:
-            _link_closed(connection, child, item_id, at)
+            select(_W.id, _W.merged_at).where(_W.merged_into == branch, in_repository, _W.id != item_id, _W.merged_at <= at, *since).order_by(_W.id)
+        ).all()  # fmt: skip
+        for child, child_merged in stacked_on_it:
+            _link_closed(connection, child, item_id, child_merged or at)
+        if merged_into is None and stacked_on_it:
+            _unlink_later_landings(connection, [child for child, _ in stacked_on_it], branch, in_repository, item_id, at)
     if merged_into:
         later = connection.execute(
             select(_W.id, _W.merged_into).where(_W.branch == merged_into[:BRANCH_CHARS], in_repository, _W.id != item_id, _W.merged_at >= at)
@@ -71,8 +75,23 @@ def landed(connection: Connection, item_id: str, *, branch: str | None, merged_i
                 break
 
 
+def _unlink_later_landings(connection: Connection, children: list[str], branch: str, in_repository: Any, landing: str, at: datetime) -> None:
+    """This landing of `branch` arrived after a later one of the same branch (a reused name, deliveries
+    out of order): what it landed had been linked to the later one, which would carry it. Those links
+    go. A stack link is dated at the stacked merge (`_link_closed`), so those made for what merged
+    before this landing are told from the later landing's own (its tickets, dated at its merge)."""
+    later = connection.execute(select(_W.id).where(_W.branch == branch, in_repository, _W.id != landing, _W.merged_at > at)).scalars().all()
+    if not later:
+        return
+    members = {*children, *connection.execute(select(_L.work_item).where(_L.linked.in_(children), _L.kind == MERGED_PR)).scalars()}
+    targets = {*later, *connection.execute(select(_L.linked).where(_L.work_item.in_(later), _L.kind == MERGED_PR)).scalars()} - {landing}
+    connection.execute(delete(WorkItemLink.__table__).where(_L.work_item.in_(sorted(members)), _L.linked.in_(sorted(targets)),
+                                                            _L.kind == MERGED_PR, _L.ts <= at))  # fmt: skip
+
+
 def _link_closed(connection: Connection, child: str, parent: str, at: datetime) -> None:
-    """Link `child` and everything linked to it to `parent` and to everything `parent` is linked to."""
+    """Link `child` and everything linked to it to `parent` and to everything `parent` is linked to,
+    dated `at`: the child's own merge (what `_unlink_later_landings` tells them by)."""
     below = connection.execute(select(_L.work_item).where(_L.linked == child, _L.kind == MERGED_PR)).scalars().all()
     above = connection.execute(select(_L.linked).where(_L.work_item == parent, _L.kind == MERGED_PR)).scalars().all()
     pairs = {(item, target) for item in (child, *below) for target in (parent, *above) if item != target}
