@@ -375,3 +375,45 @@ async def test_a_delete_goes_through_when_the_read_before_it_fails(tmp_path: Pat
         await proxy.events(1, work_item="PROJ-43")  # its origin recorded
         await client.responses.delete(queued.id)
     assert seen == ["POST", "GET", "DELETE"]
+
+
+@pytest.mark.anyio
+async def test_a_stored_response_read_a_byte_at_a_time_is_cut_at_max_response_seconds(tmp_path: Path) -> None:
+    """Reading a stored response back, a provider that sends it a byte at a time held the client as long
+    as it went on (only the gap between two reads was bounded): it is cut at `max_response_seconds`, 504,
+    and a delete's read before it is bounded too."""
+    import asyncio
+    import time as clock
+
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    async def dribble() -> Any:
+        for byte in b'{"id": "resp_bg_2", "status": "completed"' * 100:
+            await asyncio.sleep(0.05)
+            yield bytes([byte])
+
+    seen: list[str] = []
+
+    def answer(request: Any) -> MockResponse:
+        seen.append(request.method)
+        if request.method == "POST":
+            return MockResponse.json({"id": "resp_bg_2", "object": "response", "created_at": 1, "status": "queued", "background": True,
+                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+        if request.method == "GET":
+            return MockResponse(200, [("content-type", "application/json")], chunks=dribble())
+        return MockResponse.json({"id": "resp_bg_2", "object": "response.deleted", "deleted": True})
+
+    models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 0.5}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+        key = await proxy.new_key()
+        client = proxy.openai(key)
+        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-44"})
+        await proxy.events(1, work_item="PROJ-44")
+        started = clock.monotonic()
+        read = await proxy.http.get(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
+        assert read.status_code == 504 and read.json()["error"]["code"] == "upstream_timeout", read.text
+        started_delete = clock.monotonic()
+        deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
+        assert deleted.status_code == 200, deleted.text
+        assert started_delete - started < 3 and clock.monotonic() - started_delete < 3
+    assert seen == ["POST", "GET", "GET", "DELETE"]

@@ -33,7 +33,7 @@ from starlette.responses import Response
 
 from taskproxy import privacy
 from taskproxy.error_shapes import ApiFormat, error_event
-from taskproxy.errors import ApiError, NotFound, ServiceUnavailable
+from taskproxy.errors import ApiError, NotFound, ServiceUnavailable, UpstreamTimeout
 from taskproxy.guard.auth import KeyStore
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object, read_body
 from taskproxy.guard.lookups import LookupTimeout
@@ -108,12 +108,18 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
             return _relayed(request, stored, origin, model, reply, billable, observe.responses_stream, model.max_stream_seconds, _usage_in_tail)
         limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
-        async for chunk in reply.chunks:
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:  # too large to keep: the rest is relayed as it arrives, billed from its ends
-                return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, model.max_response_seconds,
-                                _body_settles, prefix=b"".join(parts))  # fmt: skip
+        try:  # within max_response_seconds, as a model route's buffered answer: a provider a byte a second holds no one
+            async with asyncio.timeout(model.max_response_seconds):
+                async for chunk in reply.chunks:
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size > limit:  # too large to keep: the rest is relayed as it arrives, billed from its ends
+                        return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, model.max_response_seconds,
+                                        _body_settles, prefix=b"".join(parts))  # fmt: skip
+        except TimeoutError:
+            await reply.close()
+            raise UpstreamTimeout(f"The provider of '{model.name}' did not finish its answer within {model.max_response_seconds:.0f} s "
+                                  "(max_response_seconds).") from None  # fmt: skip
         await reply.close()
         body = b"".join(parts)
         if billable and _settles(await _decoded(stored, body)):
