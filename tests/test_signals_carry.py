@@ -200,8 +200,14 @@ def test_spend_on_an_unconfirmed_ticket_up_to_its_merged_pr_is_not_unverified_sp
     # adoption report counts it without outcome).
     world.merged_pr("acme/web#6", "X-3", UNTIL + 2 * DAY)
     world.requests("later", "X-3", spaced(SINCE + 5 * DAY + 9 * HOUR, 8))
+    # $9 on X-1 before its merge and $22.50 on another unconfirmed item: flagged for the other item alone,
+    # which the evidence names (it listed X-1 too, whose spend it had left out).
+    world.requests("mixed", "X-1", spaced(merged - 2 * HOUR, 4))
+    world.requests("mixed", "X-4", spaced(SINCE + 6 * DAY + 9 * HOUR, 10))
     found = world.signals()
     engine.dispose()
-    assert {name.split(":", 1)[1] for name in found if name.startswith("unverified_spend:")} == {"after", "across", "later"}
+    assert {name.split(":", 1)[1] for name in found if name.startswith("unverified_spend:")} == {"after", "across", "later", "mixed"}
+    mixed = found["unverified_spend:mixed"]
+    assert [item["id"] for item in mixed["work_items"]] == ["X-4"] and (mixed["evidence"]["items"], mixed["evidence"]["requests"]) == (1, 10)
     across = found["unverified_spend:across"]["evidence"]
     assert (across["unverified_cost_usd"], across["carried_cost_usd"], across["share"]) == (usd(6 * REQUEST_NANOS), usd(2 * REQUEST_NANOS), 0.75)

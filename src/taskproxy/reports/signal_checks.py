@@ -248,16 +248,18 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
         unverified = sum(s.cost for s in spends) - merged_cost
         if total <= 0 or unverified < to_nanos(t.unverified_min_usd) or unverified / total < t.unverified_min_share:
             continue
+        # The evidence names the items whose spend counts: not one whose spend was all up to a merge.
+        shown = [s for s in spends if s.cost <= 0 or carried_here.get(s.item, 0) < s.cost]
         evidence = {
             "cost_usd": usd(total),
             "unverified_cost_usd": usd(unverified),
             "carried_cost_usd": usd(merged_cost),  # on those items, up to the merge of a pull request that carries them
             "share": rounded(unverified / total),
-            "requests": sum(s.requests for s in spends),
-            "items": len(spends),
-            **span(spends),
+            "requests": sum(s.requests for s in shown),
+            "items": len(shown),
+            **span(shown),
         }
-        found.append((key_id, evidence, listed([item_entry(items, s) for s in spends])))
+        found.append((key_id, evidence, listed([item_entry(items, s) for s in shown])))
     return found
 
 
