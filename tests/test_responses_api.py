@@ -7,8 +7,9 @@ DELETEs."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
 from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, write_config
 from taskproxy.fake_provider import FakeProvider, prompt_tokens_of
-from taskproxy.upstream.mock import MockProvider
+from taskproxy.upstream.mock import MockProvider, MockResponse
 
 pytestmark = pytest.mark.anyio
 
@@ -351,25 +352,33 @@ def test_a_background_response_read_as_a_stream_through_a_real_server_is_billed(
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+def _one_background_response(read: Callable[[], MockResponse], seen: list[str]) -> MockProvider:
+    """A provider holding one background response, queued when created: each read of it answers `read()`
+    (which may raise, as a failing transport does), a delete deletes it; `seen` gets each method."""
+
+    def answer(request: Any) -> MockResponse:
+        seen.append(request.method)
+        if request.method == "POST":
+            return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": "queued", "background": True,
+                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+        if request.method == "GET":
+            return read()
+        return MockResponse.json({"id": "resp_bg", "object": "response.deleted", "deleted": True})
+
+    return MockProvider(answer)
+
+
 @pytest.mark.parametrize("failure", ["connection", "timeout"])
 async def test_a_delete_goes_through_when_the_read_before_it_fails(tmp_path: Path, failure: str) -> None:
     """The read that bills a background response before its delete is best effort: a provider whose
     read fails still gets the delete, and the client its answer."""
     from taskproxy.errors import UpstreamError, UpstreamTimeout
-    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    def fails() -> MockResponse:
+        raise UpstreamError("the provider cut the connection") if failure == "connection" else UpstreamTimeout("the provider did not answer")
 
     seen: list[str] = []
-
-    def answer(request: Any) -> MockResponse:
-        seen.append(request.method)
-        if request.method == "POST":
-            return MockResponse.json({"id": "resp_bg_1", "object": "response", "created_at": 1, "status": "queued", "background": True,
-                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
-        if request.method == "GET":
-            raise UpstreamError("the provider cut the connection") if failure == "connection" else UpstreamTimeout("the provider did not answer")
-        return MockResponse.json({"id": "resp_bg_1", "object": "response.deleted", "deleted": True})
-
-    async for proxy in start_proxy(make_settings(tmp_path), MockProvider(answer)):
+    async for proxy in start_proxy(make_settings(tmp_path), _one_background_response(fails, seen)):
         client = proxy.openai(await proxy.new_key())
         queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-43"})
         await proxy.events(1, work_item="PROJ-43")  # its origin recorded
@@ -377,43 +386,30 @@ async def test_a_delete_goes_through_when_the_read_before_it_fails(tmp_path: Pat
     assert seen == ["POST", "GET", "DELETE"]
 
 
-@pytest.mark.anyio
 async def test_a_stored_response_read_a_byte_at_a_time_is_cut_at_max_response_seconds(tmp_path: Path) -> None:
     """Reading a stored response back, a provider that sends it a byte at a time held the client as long
     as it went on (only the gap between two reads was bounded): it is cut at `max_response_seconds`, 504,
     and a delete's read before it is bounded too."""
-    import asyncio
-    import time as clock
-
-    from taskproxy.upstream.mock import MockProvider, MockResponse
-
     async def dribble() -> Any:
-        for byte in b'{"id": "resp_bg_2", "status": "completed"' * 100:
+        for byte in b'{"id": "resp_bg", "status": "completed"' * 100:
             await asyncio.sleep(0.05)
             yield bytes([byte])
 
+    def read() -> MockResponse:
+        return MockResponse(200, [("content-type", "application/json")], chunks=dribble())
+
     seen: list[str] = []
-
-    def answer(request: Any) -> MockResponse:
-        seen.append(request.method)
-        if request.method == "POST":
-            return MockResponse.json({"id": "resp_bg_2", "object": "response", "created_at": 1, "status": "queued", "background": True,
-                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
-        if request.method == "GET":
-            return MockResponse(200, [("content-type", "application/json")], chunks=dribble())
-        return MockResponse.json({"id": "resp_bg_2", "object": "response.deleted", "deleted": True})
-
     models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 0.5}]
-    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), _one_background_response(read, seen)):
         key = await proxy.new_key()
         client = proxy.openai(key)
         queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-44"})
         await proxy.events(1, work_item="PROJ-44")
-        started = clock.monotonic()
+        started = time.monotonic()
         read = await proxy.http.get(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
         assert read.status_code == 504 and read.json()["error"]["code"] == "upstream_timeout", read.text
-        started_delete = clock.monotonic()
+        started_delete = time.monotonic()
         deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
         assert deleted.status_code == 200, deleted.text
-        assert started_delete - started < 3 and clock.monotonic() - started_delete < 3
+        assert started_delete - started < 3 and time.monotonic() - started_delete < 3
     assert seen == ["POST", "GET", "GET", "DELETE"]
