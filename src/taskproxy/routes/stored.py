@@ -136,28 +136,19 @@ async def _bill_before_delete(request: Request, stored: StoredResponses, origin:
     """A background response about to be deleted is read once first, and billed if it is finished: once
     deleted, no read can bill it (a read cut short, then a delete, left its generation unbilled for good)."""
     reply = await stored.provider.send(ProviderRequest(model, f"{model.base_url}/responses/{origin.response_id}", headers, b"", stream=False, method="GET"))
-    limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
-    capture = Capture()
+    limit, parts, capture = stored.settings.limits.max_buffered_response_bytes, [], Capture()
     try:
         if reply.status != 200 or reply.is_event_stream:
             return
         async for chunk in reply.chunks:
-            size += len(chunk)
-            if size <= limit:
-                parts.append(chunk)
-            else:
-                capture.add(b"".join(parts) + chunk if parts else chunk)
-                parts = []
+            capture.add(chunk)  # its ends, whatever its size
+            if capture.total <= limit:
+                parts.append(chunk)  # and the whole of a body small enough to read
     finally:
         await reply.close()
-    if size <= limit:
-        body = b"".join(parts)
-        if not _settles(await _decoded(stored, body)):
-            return
-        capture.add(body)
-    elif not _body_settles(capture):
-        return
-    _bill(request, stored, origin, model, partial(observe.responses_body, capture))
+    whole = capture.total <= limit
+    if _settles(await _decoded(stored, b"".join(parts))) if whole else _body_settles(capture):
+        _bill(request, stored, origin, model, partial(observe.responses_body, capture))
 
 
 def _error_event(error: ApiError) -> bytes:

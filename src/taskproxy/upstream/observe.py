@@ -83,9 +83,9 @@ def _error_type(error: Any) -> str:
 # -- OpenAI chat, completions, embeddings -----------------------------------------------------------
 
 
-def service_tier(value: Any) -> str | None:
-    """A processing tier (`flex`, `priority`, `default`…), a speed or a region as the provider named it,
-    lower-cased; else None."""
+def _served_as(value: Any) -> str | None:
+    """How the provider says it served a request, which prices it: a processing tier (`flex`,
+    `priority`, `default`…), a speed (`fast`) or a region (`us`), lower-cased; else None."""
     if isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalpha():
         return value.lower()
     return None
@@ -106,7 +106,7 @@ def openai_usage(usage: Any, tier: Any = None) -> ProviderUsage | None:
         completion_tokens=_int(usage.get("completion_tokens", usage.get("output_tokens"))),
         cached_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=_int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
-        service_tier=service_tier(tier),
+        service_tier=_served_as(tier),
     )
 
 
@@ -287,9 +287,9 @@ def anthropic_usage(usage: Any) -> ProviderUsage | None:
         cached_tokens=cache_read,
         cache_creation_tokens=written,
         cache_creation_1h_tokens=min(for_an_hour, written),
-        service_tier=service_tier(usage.get("service_tier")),
-        speed=service_tier(usage.get("speed")),
-        inference_geo=service_tier(usage.get("inference_geo")),
+        service_tier=_served_as(usage.get("service_tier")),
+        speed=_served_as(usage.get("speed")),
+        inference_geo=_served_as(usage.get("inference_geo")),
     )
 
 
