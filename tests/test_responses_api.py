@@ -162,6 +162,31 @@ async def test_a_background_stream_cut_before_its_end_bills_nothing_until_a_read
     assert (item["prompt_tokens"], item["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+@BOTH_DATABASES
+async def test_a_background_create_whose_stream_is_cut_is_billed_whole_by_the_read_that_sees_it_finished(proxy: Proxy) -> None:
+    """`background: true, stream: true`, the stream cut before its end (the connection to the provider
+    lost): the provider goes on generating. The create was billed as the part relayed so far,
+    estimated, and no read ever billed the rest; now it is deferred, and the read that sees the
+    response finished bills all of it, once."""
+    client = proxy.openai(await proxy.new_key())
+    item = "PROJ-45"
+    seen = []
+    with pytest.raises(openai.APIError):  # the proxy says in-band that the provider cut it
+        async with await client.responses.create(model="fake-cut", input=INPUT, background=True, stream=True,
+                                                 extra_headers={"X-Work-Item": item}) as stream:  # fmt: skip
+            async for event in stream:
+                seen.append(event)
+    [created] = await proxy.events(1, work_item=item)
+    assert (created["usage_source"], created["completion_tokens"]) == ("deferred", 0), created
+
+    finished = await client.responses.retrieve(seen[0].response.id)
+    assert finished.status == "completed" and finished.usage is not None
+    billed = await proxy.item(item, requests=2)
+    assert (billed["prompt_tokens"], billed["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+    await client.responses.retrieve(seen[0].response.id)
+    assert len(await proxy.get("/api/usage/events", work_item=item)) == 2
+
+
 async def test_a_background_response_read_cut_short_then_deleted_is_billed_by_the_delete(proxy: Proxy) -> None:
     """Read as a stream cut halfway, then deleted: no read could bill it afterwards, and its generation
     stayed unbilled for good. The delete reads it once first, and bills it, then deletes it."""

@@ -239,11 +239,13 @@ def responses_stream(capture: Capture) -> Observed:
     usage: ProviderUsage | None = None
     error: str | None = None
     response_id: str | None = None
+    background = False
     deltas: list[str] = []
     ended = False
     for event in stream_events(capture):
         kind = event.get("type")
         response_id = response_id or _response_id(event.get("response"))
+        background = background or (isinstance(event.get("response"), dict) and event["response"].get("background") is True)
         if kind in _TERMINAL and isinstance(event.get("response"), dict):
             ended = True
             usage = openai_usage(event["response"].get("usage"), event["response"].get("service_tier")) or usage
@@ -256,6 +258,11 @@ def responses_stream(capture: Capture) -> Observed:
     if not ended and not capture.complete:  # its last event too large for the tail: read from its start and end
         usage = usage or openai_usage(last_usage_object(capture.tail))  # its tier: as openai_body says
         error = error or _failed_error(capture)
+    if background and usage is None and not ended and response_id is not None:
+        # A background response's stream cut before its end: the provider goes on generating, and the
+        # read that sees it finished bills the whole of it (routes/stored.py, background.py), not
+        # the part relayed so far.
+        return Observed(ProviderUsage(), response_id=response_id, deferred=True)
     return Observed(usage, "".join(deltas), _text_scale(capture), error, response_id=response_id)
 
 
