@@ -44,6 +44,7 @@ from taskproxy.reports.runner import ReportRunner
 from taskproxy.reports.snapshots import SnapshotKeeper, kept_name, snapshot_reports
 from taskproxy.routes import admin, anthropic, me, openai, openapi, reports, stored, webhooks
 from taskproxy.routes.stored import StoredResponses
+from taskproxy.background import Collector
 from taskproxy.routes.webhooks import WEBHOOK_LARGE_BODIES_AT_ONCE, RefusalLog
 from taskproxy.guard.response_origins import ResponseOrigins
 from taskproxy.routes import metrics as metrics_routes
@@ -284,6 +285,9 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         ]
         if keeper is not None:
             refreshers.append(asyncio.create_task(keeper.run(), name="taskproxy-report-snapshots"))
+        if (collect_after := settings.recording.collect_background_after_seconds) is not None:
+            collector = Collector(db, settings, upstream, origins, attempts, timedelta(seconds=collect_after))
+            refreshers.append(asyncio.create_task(collector.run(), name="taskproxy-background-responses"))
         lanes = {  # the API's database calls, apart from the proxy's threads and connections (routes/lanes.py)
             "api_calls": Lane("api", API_AT_ONCE),
             "own_calls": Lane("own", OWN_AT_ONCE, per_key=OWN_PER_KEY),

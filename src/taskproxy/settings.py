@@ -150,6 +150,10 @@ class RecordingSettings(_Frozen):
     # PostgreSQL: raw events (usage_events' monthly partitions) older than this many full months are
     # dropped; the rollups keep every report's sums. None: keep them all. SQLite keeps everything.
     retention_months: int | None = Field(default=None, ge=1)
+    # A background response (Responses API, `background: true`) that no client has read back this long
+    # after its create is read by the proxy itself, and billed once finished (background.py); then again
+    # after twice as long each time it is unfinished, for up to a day. None: only clients' reads bill them.
+    collect_background_after_seconds: float | None = Field(default=120.0, gt=0)
 
 
 class AuthSettings(_Frozen):

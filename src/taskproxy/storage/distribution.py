@@ -29,5 +29,5 @@ DISTRIBUTED: dict[str, str] = {
 }
 BY_TEAM: dict[str, str] = {"usage_team_daily": "team"}
 REFERENCE = ("api_keys",)
-ON_COORDINATOR = ("changes", "leases", "rejections", "audit_log", "webhook_deliveries", "report_snapshots", "alembic_version")
+ON_COORDINATOR = ("changes", "leases", "background_responses", "rejections", "audit_log", "webhook_deliveries", "report_snapshots", "alembic_version")
 

@@ -365,6 +365,18 @@ Lease = Rows(Table(
     Index("ix_leases_window", "window"),
 ))  # fmt: skip
 
+# The background responses (Responses API, `background: true`) whose usage is not recorded yet: the
+# writer adds one with its deferred create and removes it with its usage, so this holds only what is
+# still owed. The proxy reads each from the provider itself when no client read it back
+# (upstream/collector.py); `next_check` is when, and a replica claims one by moving it on.
+BackgroundResponse = Rows(Table(
+    "background_responses", metadata,
+    _text("response_id", 200, primary_key=True),
+    _time("created_at"),  # the create's time (its usage is recorded at it)
+    _time("next_check", index=True),
+    _int("checks", default=0),  # reads so far that found it unfinished
+))  # fmt: skip
+
 # The latest computation of a period report (the adoption report, the signals, the dashboard's
 # overview) over the default period, kept with `reports.snapshot_minutes` so that reading it costs
 # one row, not the report (reports/snapshots.py). One row per report and way of computing it (`name`:

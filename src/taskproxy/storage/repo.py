@@ -15,7 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.engine import Connection, Engine
 
-from taskproxy.storage import bulk, changes, rollup, spend
+from taskproxy.storage import background, bulk, changes, rollup, spend
 from taskproxy.timeutil import utcnow
 from taskproxy.workitems import COMPLETED
 from taskproxy.storage.models import ApiKey, AuditEntry, Rejection, UsageEvent, WorkItem, WorkItemLink
@@ -188,6 +188,8 @@ def write_batch(
             inserted = bulk.insert_new(connection, UsageEvent.__table__, events)
             rollup.add(connection, inserted)
             spend.add(connection, inserted, now)
+        if events:
+            background.note(connection, events)  # the background responses owed, and those settled
         if rejections:
             connection.execute(insert_ignoring_duplicates(dialect, Rejection.__table__), rejections)
 
