@@ -401,3 +401,37 @@ def test_an_unexpected_error_on_a_message_is_a_500_on_the_socket_which_goes_on(t
                 events.append(socket.receive_json())
     assert failed["type"] == "error" and failed["status"] == 500 and failed["error"]["code"] == "internal_error", failed
     assert events[-1]["type"] == "response.completed", events[-1]
+
+
+def test_a_malformed_last_event_from_the_provider_ends_its_turn_not_the_socket(tmp_path: Path) -> None:
+    """A `response.completed` whose JSON does not parse (a provider's bug, a cut) is relayed as it came
+    and recorded; the socket goes on to the next message. Before, reading it for the conversation
+    raised out of the socket's loop and closed the socket with an internal error (found by a review)."""
+    from conftest import ADMIN_KEY as INPROCESS_ADMIN_KEY
+    from conftest import make_settings
+    from starlette.testclient import TestClient
+
+    from taskproxy.app import create_app
+    from taskproxy.upstream.mock import MockProvider, MockResponse
+
+    calls: list[int] = []
+
+    def answer(request: Any) -> MockResponse:
+        calls.append(1)
+        if len(calls) == 1:  # its last event lacks a closing brace
+            return MockResponse.sse([b'event: response.created\ndata: {"type":"response.created","response":{"id":"r1","usage":null}}\n\n',
+                                     b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r1",'
+                                     b'"usage":{"input_tokens":5,"output_tokens":2}}\n\n'])  # fmt: skip
+        return MockResponse.sse([b'data: {"type":"response.completed","response":{"id":"r2","output":[],'
+                                 b'"usage":{"input_tokens":6,"output_tokens":3}}}\n\n'])  # fmt: skip
+
+    app = create_app(make_settings(tmp_path), provider=MockProvider(answer))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        headers = {"authorization": f"Bearer {INPROCESS_ADMIN_KEY}", "x-work-item": "PROJ-92"}
+        with client.websocket_connect("/v1/responses", headers=headers) as socket:
+            socket.send_json({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+            first = [socket.receive_text(), socket.receive_text()]
+            socket.send_json({"type": "response.create", "model": "gpt-4o-mini", "input": "hi again", "previous_response_id": "r1"})
+            second = socket.receive_json()
+    assert '"r1"' in first[1] and len(calls) == 2
+    assert second["type"] == "response.completed" and second["response"]["id"] == "r2", second

@@ -334,9 +334,14 @@ async def _relay(
 
 
 async def _remember(conversation: Conversation, body: dict, terminal: bytes, sent: int) -> None:
-    event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
+    try:
+        event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
+    except orjson.JSONDecodeError:  # a provider's malformed last event: relayed as it came, and nothing to continue from
+        event = None
     if isinstance(event, dict) and isinstance(event.get("response"), dict):
         conversation.remember(body, event["response"], sent + len(terminal))
+    else:
+        conversation.remember(body, {}, 0)
 
 
 SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
