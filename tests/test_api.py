@@ -326,10 +326,18 @@ async def test_one_privacy_floor_in_every_view(proxy: Proxy) -> None:
         proxy.http.cookies.clear()
 
 
-async def test_one_person_is_one_person_however_their_name_was_typed(proxy: Proxy) -> None:
+@BOTH_DATABASES
+@pytest.mark.parametrize("spellings", [
+    ("dana", "Dana", "dana ", "DANA", " dana"),
+    # pasted from a chat or an HR tool: no-break, em and ideographic spaces, a full-width letter (a
+    # review found these five counted as five people); non-ASCII case, which SQLite's lower() ignores
+    ("dana", "dana\u00a0", "\u00a0dana", "dana\u2003", "\uff44ana"),
+    ("éloïse", "Éloïse", "éloÏse", "ÉLOÏSE", "éloïse\u3000"),
+], ids=["ascii", "unicode-spaces", "unicode-case"])  # fmt: skip
+async def test_one_person_is_one_person_however_their_name_was_typed(proxy: Proxy, spellings: tuple[str, ...]) -> None:
     """Owners are compared as typed: `dana`, `Dana`, `dana `, `DANA` and ` dana` were five people, and
     a one-person team with five such keys had its figures shown as a team's."""
-    keys = [await proxy.new_key(owner, "solo") for owner in ("dana", "Dana", "dana ", "DANA", " dana")]
+    keys = [await proxy.new_key(owner, "solo") for owner in spellings]
     await proxy.openai(keys[0]).chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"X-Work-Item": "SOLO-1"})
     await proxy.events(1)
     floor = proxy.settings.privacy.min_group_size
@@ -337,6 +345,14 @@ async def test_one_person_is_one_person_however_their_name_was_typed(proxy: Prox
     adoption = {t["team"]: t for t in (await proxy.get("/api/reports/adoption"))["teams"]}
     for view in (usage, adoption):
         assert view["solo"] == {"team": "solo", "withheld": True, "reason": f"fewer than {floor} people"}, view["solo"]
+    # and one person reads back what another of their keys stored
+    created = await proxy.openai(keys[1]).responses.create(model="gpt-4o-mini", input="hi", extra_headers={"X-Work-Item": "SOLO-1"})
+    assert (await proxy.openai(keys[4]).responses.retrieve(created.id)).id == created.id
+
+
+async def test_an_owner_of_spaces_alone_is_refused(proxy: Proxy) -> None:
+    refused = await proxy.http.post("/api/keys", json={"owner": "\u00a0\u3000 "}, headers=proxy.admin_headers)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "owner", refused.text
 
 
 async def test_a_small_team_cannot_be_worked_out_from_a_total(proxy: Proxy) -> None:
@@ -484,3 +500,30 @@ async def test_a_run_the_proxy_would_refuse_is_refused_before_its_agent_starts(t
             assert answered.status_code == 200 and run == {"work_item": "PROJ-42", "source": "binding"}, (branch, answered.text)
         events = await proxy.events(2, work_item="PROJ-42")
         assert [e["attribution_source"] for e in events] == ["binding", "binding"]
+
+
+@BOTH_DATABASES
+def test_migration_0025_stores_existing_owners_in_one_form(database_url: str) -> None:
+    from datetime import datetime
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import insert, select
+
+    from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
+    from taskproxy.storage.models import ApiKey
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    owners = {"k1": "dana\u00a0", "k2": "\u3000dana  smith", "k3": "lee"}
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0024")
+        connection.execute(insert(ApiKey.__table__), [{"id": k, "key_hash": k * 8, "prefix": "tp-", "owner": o, "team": "t", "role": "developer",
+                                                       "created_at": datetime(2026, 12, 1)} for k, o in owners.items()])  # fmt: skip
+    assert upgrade_schema(engine) == ("0024", head_revision())
+    with engine.connect() as connection:
+        assert dict(connection.execute(select(ApiKey.id, ApiKey.owner)).all()) == {"k1": "dana", "k2": "dana smith", "k3": "lee"}
+    engine.dispose()

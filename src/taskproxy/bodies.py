@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from taskproxy.errors import InvalidRequest
 from taskproxy.money import MAX_BUDGET_TOKENS, MAX_BUDGET_USD
+from taskproxy.privacy import owner_name
 from taskproxy.workitems import ITEM_SOURCES, MAX_ID_LENGTH, SETTABLE_STATUSES
 
 ROLES = ("developer", "service", "admin")
@@ -31,6 +32,13 @@ def _text(max_length: int) -> Any:
     return Annotated[Annotated[str, Field(max_length=max_length, pattern=PRINTABLE)] | None, BeforeValidator(_absent_if_empty)]
 
 
+def _owner_name(owner: str) -> str:
+    """Stored in one form (privacy.owner_name), so that the people counted are people, not spellings."""
+    if not (name := owner_name(owner)):
+        raise ValueError("the owner must name someone, not only spaces")
+    return name
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,7 +46,8 @@ class _Body(BaseModel):
 class NewKey(_Body):
     """POST /api/keys, `taskproxy keys create`."""
 
-    owner: Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE, description="the person or service the key belongs to")]
+    owner: Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE, description="the person or service the key belongs to"),
+                     AfterValidator(_owner_name)]  # fmt: skip
     team: _text(200) = None
     role: Literal[ROLES] = "developer"  # type: ignore[valid-type]
 

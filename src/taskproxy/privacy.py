@@ -1,7 +1,7 @@
 """The privacy floor, defined once: team figures are shown only for teams of at least
 `privacy.min_group_size` people (never a per-person figure through a small team: README, Privacy).
 
-A team's **people** are the distinct owners of its keys (case and surrounding spaces aside) that are not revoked and belong to a person:
+A team's **people** are the distinct owners of its keys (case and spacing aside: `person`) that are not revoked and belong to a person:
 every role but `service` (a service key is automation, not a person). The adoption report, `GET
 /api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions. The
 people without a team are a group under the floor too (`GET /api/usage?group_by=team`'s row of no
@@ -16,11 +16,14 @@ suppression).
 from __future__ import annotations
 
 import threading
+import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import String, distinct, func, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from taskproxy.storage.models import ApiKey
 
@@ -33,10 +36,42 @@ _PERSONS_KEYS = (_K.revoked_at.is_(None), _K.role.not_in(NOT_PEOPLE))
 _PEOPLE = (*_PERSONS_KEYS, _K.team.is_not(None))
 
 
-def person(owner: Any) -> Any:
+def owner_name(owner: str) -> str:
+    """How a key's owner is stored: Unicode's compatibility form (NFKC), every run of whitespace one
+    space, none at the ends. A name pasted with a no-break or ideographic space is the name typed
+    with a space: `dana\u00a0` was another person than `dana`, so a one-person team with keys under
+    both spellings counted two people, and past the floor was shown."""
+    return " ".join(unicodedata.normalize("NFKC", owner).split())
+
+
+def person_of(owner: str) -> str:
+    """The person an owner names: its stored form (`owner_name`), case aside (Unicode's, not ASCII's)."""
+    return owner_name(owner).lower()
+
+
+class person(FunctionElement[str]):
     """One person however their owner was typed (an owner column, in SQL): `dana`, `Dana` and `dana `
-    counted three people, so a one-person team with three such keys was shown."""
-    return func.lower(func.trim(owner))
+    counted three people, so a one-person team with three such keys was shown. PostgreSQL: lower(trim())
+    (its `lower` knows Unicode's cases; owners are stored in one form, `owner_name`). SQLite's `lower`
+    knows only ASCII's (`Zoë` and `ZOË` were two people): there, `person_of` itself, registered on
+    each connection (storage/db.py)."""
+
+    type = String()
+    inherit_cache = True
+    name = "person"
+
+
+@compiles(person)
+def _person_sql(element: person, compiler: Any, **kw: Any) -> str:
+    return f"lower(trim({compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(person, "sqlite")
+def _person_sqlite(element: person, compiler: Any, **kw: Any) -> str:
+    return f"{SQLITE_PERSON}({compiler.process(element.clauses, **kw)})"
+
+
+SQLITE_PERSON = "taskproxy_person"
 
 
 _PERSON = person(_K.owner)
@@ -61,8 +96,8 @@ def people_without_team(connection: Connection) -> int:
 
 
 def same_person(owner: str, other: str) -> bool:
-    """Two keys' owners name one person (as the people are counted: case and surrounding spaces aside)."""
-    return owner.strip().lower() == other.strip().lower()
+    """Two keys' owners name one person (as the people are counted: case and spacing aside)."""
+    return person_of(owner) == person_of(other)
 
 
 def shown(team_size: int, min_group_size: int) -> bool:
