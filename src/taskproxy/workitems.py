@@ -68,6 +68,16 @@ def completed_in(status: str, completed_at: datetime | None, since: datetime, un
     return status == COMPLETED and completed_at is not None and since <= completed_at < until
 
 
+def completion_holds(status: str, completed_at: datetime | None, reworked_at: datetime | None, rework_reason: str | None) -> bool:
+    """A done item whose completion stands now: not reverted (a reverted merge never stands again, even
+    set done by hand), nor reopened and not done since."""
+    if status != COMPLETED:
+        return False
+    if reworked_at is None:
+        return True
+    return rework_reason != "reverted" and completed_at is not None and completed_at > reworked_at
+
+
 def changed_lines(added: int | None, deleted: int | None) -> int | None:
     """An item's size in lines: added + deleted, either known; None when the tracker said neither."""
     return None if added is None and deleted is None else (added or 0) + (deleted or 0)

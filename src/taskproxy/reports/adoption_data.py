@@ -25,7 +25,7 @@ from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in
+from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in, completion_holds
 from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 
 _E = UsageEvent.__table__.c
@@ -117,8 +117,7 @@ class Item:
     @property
     def merge_holds(self) -> bool:
         """A merged pull request (done) whose merge stands now: not reverted, nor reopened and not done since."""
-        return self.status == "done" and (self.reworked_at is None or (self.rework_reason != "reverted" and self.completed_at is not None
-                                                                        and self.completed_at > self.reworked_at))  # fmt: skip
+        return completion_holds(self.status, self.completed_at, self.reworked_at, self.rework_reason)
 
     def absorb(self, ticket: Item, up_to_merge: Mapping[str, tuple[int, int, int | None, int]] | None) -> None:
         """Count `ticket`'s usage up to this merged pull request's merge as this item's, per model

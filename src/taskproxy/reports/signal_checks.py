@@ -18,7 +18,7 @@ from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request, request_clause, within
 from taskproxy.storage.rows import rows
 from taskproxy.timeutil import iso
-from taskproxy.workitems import RESOLVED, completed_in
+from taskproxy.workitems import RESOLVED, completed_in, completion_holds
 
 from taskproxy.settings import SignalSettings
 from taskproxy.reports.signal_data import (
@@ -224,7 +224,11 @@ def without_completion(
 
 
 def _completed_since(item: ItemRow | None, since: datetime) -> bool:
-    return item is not None and completed_in(item.status, item.completed_at, since, datetime.max)
+    """Completed since `since`, and the completion stands: a merge reverted since (or an item reopened
+    and not done again) is the adoption report's reworked spend, not completed work (found by a review:
+    merging, then reverting, hid heavy spend from this signal)."""
+    return (item is not None and completed_in(item.status, item.completed_at, since, datetime.max)
+            and completion_holds(item.status, item.completed_at, item.reworked_at, item.rework_reason))  # fmt: skip
 
 
 def unverified_candidates(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow]) -> dict[str, list[Spend]]:

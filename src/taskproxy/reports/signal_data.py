@@ -85,6 +85,8 @@ class ItemRow:
     team: str | None
     created_at: datetime | None = None
     changed_lines: int | None = None  # lines added + deleted, when the tracker said
+    reworked_at: datetime | None = None  # its first rework (a revert, a reopening after done)
+    rework_reason: str | None = None
 
 
 def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInfo] | None = None) -> dict[str, KeyInfo]:
@@ -99,11 +101,15 @@ def load_keys(connection: Connection, ids: Iterable[str], into: dict[str, KeyInf
 def load_items(connection: Connection, ids: Iterable[str], item_teams: Mapping[str, str]) -> dict[str, ItemRow]:
     """The registered items among `ids`, by id; an item no one gave a team takes its project's (`item_teams`)."""
     found = {}
-    columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted)
+    columns = (ITEMS.id, ITEMS.status, ITEMS.completed_at, ITEMS.team, ITEMS.created_at, ITEMS.lines_added, ITEMS.lines_deleted, ITEMS.reworked_at,
+               ITEMS.rework_reason)  # fmt: skip
     for chunk in idsets.batches(connection, ids):
         # Unpacked, not read by name: a row's attribute costs about a microsecond.
-        for item_id, status, completed_at, team, created_at, added, deleted in rows(connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk)))):
-            found[item_id] = ItemRow(status, completed_at, team or team_of_project(item_id, item_teams), created_at, changed_lines(added, deleted))
+        for item_id, status, completed_at, team, created_at, added, deleted, reworked_at, reason in rows(
+            connection.execute(select(*columns).where(idsets.among(connection, ITEMS.id, chunk)))
+        ):
+            found[item_id] = ItemRow(status, completed_at, team or team_of_project(item_id, item_teams), created_at, changed_lines(added, deleted),
+                                     reworked_at, reason)  # fmt: skip
     return found
 
 
