@@ -88,9 +88,24 @@ def test_env_prints_exports_a_shell_evaluates_with_the_branchs_item(server: Serv
     shell = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m taskproxy env)"; echo "$OPENAI_BASE_URL|$ANTHROPIC_BASE_URL|'
                             '$ANTHROPIC_AUTH_TOKEN|$ANTHROPIC_CUSTOM_HEADERS"'], cwd=repo, env=env, capture_output=True, text=True, check=True)  # fmt: skip
     assert shell.stdout.strip() == f"{server.url}/v1|{server.url}|{key}|X-Git-Branch: {BRANCH}"
+    # Not ANTHROPIC_API_KEY: Claude Code started from that shell sent it beside the token (found by a review)
+    assert "ANTHROPIC_API_KEY" not in printed.stdout
 
     fish = taskproxy("env", "--shell", "fish", "--item", "acme/Web#12", cwd=repo, env=env)
     assert "set -gx ANTHROPIC_CUSTOM_HEADERS 'X-Work-Item: acme/web#12';" in fish.stdout  # normalized by the proxy
+
+
+def test_run_starts_its_command_as_a_shell_would_and_names_the_branch(server: ServerProcess, repo: Path, tmp_path: Path) -> None:
+    """SIGPIPE as a shell leaves it: `run -- yes | head -1` printed "Broken pipe" and failed, Python's
+    ignored SIGPIPE and SIGXFSZ passing through the exec; a non-ASCII branch is named as itself, not
+    as the item it names (found by a review)."""
+    env = developer_env(server, server.new_key(owner="kai"), tmp_path / "home")
+    piped = subprocess.run(f'set -o pipefail; {sys.executable} -m taskproxy run --item PROJ-5 -- yes | head -1', shell=True, executable="bash",
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert piped.stdout == "y\n" and "Broken pipe" not in piped.stderr and piped.returncode == 141, (piped.returncode, piped.stderr)
+    subprocess.run(["git", "checkout", "-q", "-b", "feature/PROJ-43-naïve"], cwd=repo, check=True)
+    named = taskproxy("run", "--", "true", cwd=repo, env=env)
+    assert named.returncode == 0 and "work item PROJ-43 (from branch feature/PROJ-43-naïve)" in named.stderr, named.stderr
 
 
 def test_with_no_item_anywhere_run_says_how_to_give_one_and_starts_nothing(server: ServerProcess, tmp_path: Path) -> None:

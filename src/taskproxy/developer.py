@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
 
 from taskproxy.render import print_json
 from taskproxy.config import ClientSettings
@@ -76,8 +76,8 @@ def cmd_me(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ignore[no-untyped-def]
-    """The environment (and flags) that point `command` at the proxy with this run's work item."""
+def _work_item_choice(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """This run's proxy (address and key) and work item, as the proxy's patterns read `--item` or the branch."""
     from urllib.parse import urlencode
 
     from taskproxy import launch
@@ -92,7 +92,7 @@ def _agent_launch(args: argparse.Namespace, command: Sequence[str]):  # type: ig
     if choice is None:
         on = f" (branch {branch!r} names none)" if branch else ""
         raise SystemExit(f"taskproxy: {launch.HOW_TO_GIVE_AN_ITEM}{on}")
-    return launch.launch(command, client.url, client.key, choice, os.environ), choice
+    return client, choice
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -101,11 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = args.agent_command[1:] if args.agent_command[:1] == ["--"] else args.agent_command
     if not command:
         raise SystemExit("taskproxy: nothing to run: `taskproxy run [--item ID] -- claude ...` (or codex, aider, any command)")
-    from taskproxy.launch import conflict
+    from taskproxy.launch import conflict, launch
 
     if (why := conflict(command)) is not None:
         raise SystemExit(f"taskproxy: {why}")
-    started, choice = _agent_launch(args, command)
+    client, choice = _work_item_choice(args)
+    started = launch(command, client.url, client.key, choice, os.environ)
     if not shutil.which(started.args[0]):  # said before the key is bound for it
         raise SystemExit(f"taskproxy: could not run {started.args[0]!r}: no such command")
     if started.needs_binding:
@@ -114,6 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"until {data['expires_at']} (`taskproxy use --clear` ends it)", file=sys.stderr)  # fmt: skip
     print(f"taskproxy: {command[0]} → {started.env['TASKPROXY_URL']}, {choice.describe()}", file=sys.stderr)
     sys.stderr.flush()
+    # Python ignores SIGPIPE and SIGXFSZ, and an exec keeps what is ignored: `yes | head -1` under run
+    # printed "Broken pipe" and failed. The agent starts with the defaults, as from a shell.
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvpe(started.args[0], started.args, started.environ(os.environ))
     except OSError as exc:
@@ -122,13 +128,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from taskproxy.launch import exports
+    from taskproxy.launch import environment, exports
 
-    started, choice = _agent_launch(args, [])
+    client, choice = _work_item_choice(args)
     print(f"# taskproxy: {choice.describe()}")
     if choice.header is not None:  # only Claude Code reads a header from the environment: the others go by the binding
         data = _developer_call(args, "PUT", "/api/me/work-item", {"work_item": choice.work_item})
         print(f"# your key is bound to {data['work_item']} until {data['expires_at']}, for the tools that cannot send a header "
               "(`taskproxy use --clear` ends it)")  # fmt: skip
-    print(exports(started.env, args.shell), end="")
+    # What every command gets, without ANTHROPIC_API_KEY: Claude Code, started from this shell, would ask
+    # whether to use it and send it beside the token (`run` gives it to the commands that need it).
+    print(exports(environment(client.url, client.key, choice, os.environ), args.shell), end="")
     return 0

@@ -47,11 +47,12 @@ class WorkItemChoice:
     work_item: str | None
     source: str  # item | branch | binding
     header: tuple[str, str] | None
+    branch: str | None = None  # the branch that named it (source `branch`)
 
     def describe(self) -> str:
         if self.source == "binding":
             return f"work item {self.work_item} (your key's binding)"
-        via = "--item" if self.source == "item" else f"branch {self.header[1] if self.header else ''}"
+        via = "--item" if self.source == "item" else f"branch {self.branch}"
         return f"work item {self.work_item} (from {via})"
 
 
@@ -83,7 +84,7 @@ def choice_for_run(run: Mapping[str, str] | None, branch: str | None) -> WorkIte
         return WorkItemChoice(work_item, source, ("X-Work-Item", work_item))
     if source == "branch" and branch:
         sendable = branch.isascii() and branch.isprintable()
-        return WorkItemChoice(work_item, source, ("X-Git-Branch", branch) if sendable else ("X-Work-Item", work_item))
+        return WorkItemChoice(work_item, source, ("X-Git-Branch", branch) if sendable else ("X-Work-Item", work_item), branch)
     return WorkItemChoice(work_item, "binding", None)
 
 
