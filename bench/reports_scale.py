@@ -85,8 +85,8 @@ def generate(connection: Connection, events: int, items: int, start: Any, shape:
     params = {"start": start, "items": items, "spacing": spacing}
     log(f"keys, {items} work items and their history")
     connection.execute(text(f"""
-        INSERT INTO api_keys (id, key_hash, prefix, owner, team, role, created_at)
-        SELECT 'key_' || lpad(k::text, 5, '0'), md5('key' || k), 'tp-' || k, 'person-' || (k % {PEOPLE}),
+        INSERT INTO api_keys (id, key_hash, prefix, owner, person, team, role, created_at)
+        SELECT 'key_' || lpad(k::text, 5, '0'), md5('key' || k), 'tp-' || k, 'person-' || (k % {PEOPLE}), 'person-' || (k % {PEOPLE}),
                CASE WHEN k >= {TEAMLESS_FROM} THEN NULL ELSE 'team-' || lpad((k % {TEAMS})::text, 2, '0') END, 'developer', :start
         FROM generate_series(0, {KEYS - 1}) AS k"""), params)  # fmt: skip
     # Item j is created spacing*j hours after start; 55% done, 10% closed (2-14 days later, if that is

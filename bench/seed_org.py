@@ -174,9 +174,9 @@ def _keys(connection: Connection, p: dict[str, Any], width: int) -> None:
     # Key k is created at the start of day floor(k * days / keys): an event of day d uses a key below
     # ceil(keys * (d + 1) / days), so never one created after it.
     connection.execute(text(f"""
-        INSERT INTO api_keys (id, key_hash, prefix, owner, team, role, created_at)
+        INSERT INTO api_keys (id, key_hash, prefix, owner, person, team, role, created_at)
         SELECT {key['id']}, encode(sha256(convert_to('taskproxy-seed-key-' || k, 'UTF8')), 'hex'), 'tp-' || left(md5('prefix' || k), 8),
-               {key['owner']}, {key['team']}, CASE WHEN k % 50 = 1 THEN 'service' ELSE 'developer' END,
+               {key['owner']}, {key['owner']}, {key['team']}, CASE WHEN k % 50 = 1 THEN 'service' ELSE 'developer' END,
                CAST(:start AS timestamp) + (k::bigint * :days / :keys) * interval '1 day'
         FROM generate_series(0, :keys - 1) AS k"""), p)  # fmt: skip
 

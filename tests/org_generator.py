@@ -382,10 +382,25 @@ class _Builder:
         return found
 
 
+def _keys_held_from_the_start(engine: Engine) -> None:
+    """The keys (the proxy's admin key too, when made first) were created before any usage, and the
+    revoked ones revoked then too: a period's figures count the people holding keys at its end
+    (privacy.py), and `issue_key` dates a key now."""
+    from sqlalchemy import update
+
+    from taskproxy.storage.models import ApiKey
+
+    keys = ApiKey.__table__
+    with engine.begin() as connection:
+        connection.execute(update(keys).values(created_at=T0 - timedelta(days=2)))
+        connection.execute(update(keys).where(keys.c.revoked_at.is_not(None)).values(revoked_at=T0 - timedelta(days=1)))
+
+
 def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: int = 320, rejections: int = 700) -> Org:
     """Write the organisation into `engine` (schema already created) and return its records."""
     builder = _Builder(engine, random.Random(seed))
     builder.people()
+    _keys_held_from_the_start(engine)
     builder.work_items(items)
     builder.edges()
     builder.usage()

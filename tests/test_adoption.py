@@ -53,8 +53,8 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             url = f"sqlite:///{folder / 'taskproxy.db'}"
         engine = make_engine(url)
         upgrade_schema(engine)
-        org = generate(engine, folder / "spool.jsonl")
         ensure_bootstrap_admin(engine, ADMIN_KEY)  # there from the start, as in any proxy that served: a person without a team
+        org = generate(engine, folder / "spool.jsonl")
         yield engine, org, folder
         engine.dispose()
 

@@ -537,6 +537,7 @@ def test_overview_of_a_generated_organisation(browser: Any, site: Site, tmp_path
     figures equal to the adoption report's for that week, small teams withheld."""
     from org_generator import MIN_GROUP, UNTIL, generate
 
+    from taskproxy.guard.auth import ensure_bootstrap_admin
     from taskproxy.localserver import serve_in_thread
     from taskproxy.reports.adoption import adoption_report
     from taskproxy.storage.db import make_engine, prepare_schema
@@ -544,6 +545,7 @@ def test_overview_of_a_generated_organisation(browser: Any, site: Site, tmp_path
     engine = make_engine(f"sqlite:///{tmp_path / 'org.db'}")
     try:
         prepare_schema(engine)
+        ensure_bootstrap_admin(engine, INPROCESS_ADMIN_KEY)  # there from the start, as in any proxy that served
         generate(engine, tmp_path / "org-spool.jsonl", items=100, rejections=60)
         settings = make_settings(tmp_path, privacy={"min_group_size": MIN_GROUP}, reports={"stale_after_days": 10.0})
         with serve_in_thread(create_app(settings, engine=engine)) as url, _recording_context(browser, url, site.requested) as ctx:

@@ -36,11 +36,12 @@ async def _key_ids(proxy: Proxy) -> dict[str, str]:
 
 
 async def test_an_items_people_are_counted_as_the_privacy_floor_counts_them(proxy: Proxy, tmp_path: Path) -> None:
-    """`dana`, `Dana` and `dana ` are one person to the privacy floor; the item's view said 3."""
-    for owner in ("dana", "Dana", "dana ", "rae"):
+    """`dana`, `Dana` and `DANA` are one person to the privacy floor; the item's view said 3. (`dana ` is
+    stored as `dana`: privacy.owner_name.)"""
+    for owner in ("dana", "Dana", "DANA", "rae"):
         await proxy.new_key(owner, "payments")
     ids = await _key_ids(proxy)
-    await _write(proxy, tmp_path, [(ids[owner], "PAY-1", T0, "gpt-4o-mini") for owner in ("dana", "Dana", "dana ", "rae")])
+    await _write(proxy, tmp_path, [(ids[owner], "PAY-1", T0, "gpt-4o-mini") for owner in ("dana", "Dana", "DANA", "rae")])
     assert (await proxy.get("/api/work-items/PAY-1"))["people"] == 2
 
 

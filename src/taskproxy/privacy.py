@@ -1,8 +1,9 @@
 """The privacy floor, defined once: team figures are shown only for teams of at least
 `privacy.min_group_size` people (never a per-person figure through a small team: README, Privacy).
 
-A team's **people** are the distinct owners of its keys (case and spacing aside: `person`) that are not revoked and belong to a person:
-every role but `service` (a service key is automation, not a person). The adoption report, `GET
+A team's **people** are the distinct owners of its keys (case and spacing aside: `person_of`) that are
+held (not revoked; a period's figures: held at its end) and belong to a person: every role but
+`service` (a service key is automation, not a person). The adoption report, `GET
 /api/usage?group_by=team`, `/metrics` and the dashboard all count them with these functions. The
 people without a team are a group under the floor too (`GET /api/usage?group_by=team`'s row of no
 team, `/metrics`' team ""): one such person's figures would be theirs.
@@ -18,12 +19,11 @@ from __future__ import annotations
 import threading
 import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import String, distinct, func, select
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy import distinct, func, or_, select
+from sqlalchemy.engine import Connection, Engine
 
 from taskproxy.storage.models import ApiKey
 
@@ -32,8 +32,14 @@ Group = TypeVar("Group", bound=Hashable)
 _K = ApiKey.__table__.c
 
 
-_PERSONS_KEYS = (_K.revoked_at.is_(None), _K.role.not_in(NOT_PEOPLE))
-_PEOPLE = (*_PERSONS_KEYS, _K.team.is_not(None))
+def _persons_keys(as_of: datetime | None) -> tuple[Any, ...]:
+    """A person's keys held at `as_of` (None: now): created before it and not revoked by then. A
+    period's figures count the people at its end, so that its answer does not change with later hires
+    and revocations: the teams withheld beside a small one were chosen by today's headcounts, and two
+    answers for one past period, before and after a hire, showed between them every team but the small
+    one (found by a review)."""
+    alive = (_K.revoked_at.is_(None),) if as_of is None else (_K.created_at < as_of, or_(_K.revoked_at.is_(None), _K.revoked_at >= as_of))
+    return (*alive, _K.role.not_in(NOT_PEOPLE))
 
 
 def owner_name(owner: str) -> str:
@@ -45,54 +51,46 @@ def owner_name(owner: str) -> str:
 
 
 def person_of(owner: str) -> str:
-    """The person an owner names: its stored form (`owner_name`), case aside (Unicode's, not ASCII's)."""
-    return owner_name(owner).lower()
+    """The person an owner names: its stored form (`owner_name`), case aside (Unicode's full case
+    folding). Kept with each key (`api_keys.person`) and counted from there: SQL's `lower` depends on
+    the database (SQLite folds ASCII alone, PostgreSQL its locale's: ASCII alone under `C`, and no
+    final sigma under `C.UTF-8`), so `Zoë` and `ZOË` were two people on some databases (found by
+    reviews)."""
+    return owner_name(owner).casefold()
 
 
-class person(FunctionElement[str]):
-    """One person however their owner was typed (an owner column, in SQL): `dana`, `Dana` and `dana `
-    counted three people, so a one-person team with three such keys was shown. PostgreSQL: lower(trim())
-    (its `lower` knows Unicode's cases; owners are stored in one form, `owner_name`). SQLite's `lower`
-    knows only ASCII's (`Zoë` and `ZOË` were two people): there, `person_of` itself, registered on
-    each connection (storage/db.py)."""
-
-    type = String()
-    inherit_cache = True
-    name = "person"
+def people(owners: Iterable[str]) -> int:
+    """How many people `owners` name (`person_of`)."""
+    return len({person_of(owner) for owner in owners})
 
 
-@compiles(person)
-def _person_sql(element: person, compiler: Any, **kw: Any) -> str:
-    return f"lower(trim({compiler.process(element.clauses, **kw)}))"
-
-
-@compiles(person, "sqlite")
-def _person_sqlite(element: person, compiler: Any, **kw: Any) -> str:
-    return f"{SQLITE_PERSON}({compiler.process(element.clauses, **kw)})"
-
-
-SQLITE_PERSON = "taskproxy_person"
-
-
-_PERSON = person(_K.owner)
-
-
-def team_sizes(connection: Connection) -> dict[str, int]:
-    """People per team (see the module docstring)."""
-    query = select(_K.team, func.count(distinct(_PERSON))).where(*_PEOPLE).group_by(_K.team)
+def team_sizes(connection: Connection, as_of: datetime | None = None) -> dict[str, int]:
+    """People per team (see the module docstring), at `as_of` (None: now)."""
+    query = select(_K.team, func.count(distinct(_K.person))).where(*_persons_keys(as_of), _K.team.is_not(None)).group_by(_K.team)
     return {team: int(count) for team, count in connection.execute(query)}
 
 
 def team_size(connection: Connection, team: str) -> int:
-    """One team's people (by the index on the key's team)."""
-    return int(connection.execute(select(func.count(distinct(_PERSON))).where(_K.team == team, *_PEOPLE)).scalar_one())
+    """One team's people now (by the index on the key's team)."""
+    return int(connection.execute(select(func.count(distinct(_K.person))).where(_K.team == team, *_persons_keys(None))).scalar_one())
 
 
-def people_without_team(connection: Connection) -> int:
+def people_without_team(connection: Connection, as_of: datetime | None = None) -> int:
     """The people whose keys have no team: a group of their own under the floor, as a team is (their
     figures were shown whatever their number, one person's included)."""
-    query = select(func.count(distinct(_PERSON))).where(*_PERSONS_KEYS, _K.team.is_(None))
+    query = select(func.count(distinct(_K.person))).where(*_persons_keys(as_of), _K.team.is_(None))
     return int(connection.execute(query).scalar_one())
+
+
+def group_sizes(connection: Connection, as_of: datetime | None = None) -> dict[str | None, int]:
+    """People per team, and (None) those without one, at `as_of`: what a period's answer withholds by."""
+    return {**team_sizes(connection, as_of), None: people_without_team(connection, as_of)}
+
+
+def sizes_at(engine: Engine, as_of: datetime | None) -> dict[str | None, int]:
+    """`group_sizes`, in a connection of its own."""
+    with engine.connect() as connection:
+        return group_sizes(connection, as_of)
 
 
 def same_person(owner: str, other: str) -> bool:

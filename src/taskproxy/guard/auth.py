@@ -104,8 +104,8 @@ def issue_key(engine: Engine, *, owner: object, team: object = None, role: objec
     new = parse(NewKey, {"owner": owner, "team": team, "role": role})
     owner, team, role = new.owner, new.team, new.role
     token = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = {"id": "key_" + uuid.uuid4().hex[:12], "key_hash": hash_key(token), "prefix": token[:7], "owner": owner, "team": team,
-           "role": role, "created_at": utcnow()}  # fmt: skip
+    row = {"id": "key_" + uuid.uuid4().hex[:12], "key_hash": hash_key(token), "prefix": token[:7], "owner": owner,
+           "person": privacy.person_of(owner), "team": team, "role": role, "created_at": utcnow()}  # fmt: skip
     return repo.insert_key(engine, row), token
 
 
@@ -124,8 +124,8 @@ def ensure_bootstrap_admin(engine: Engine, admin_key: str) -> None:
     existing = repo.get_key(engine, BOOTSTRAP_ADMIN_ID)
     digest = hash_key(admin_key)
     if existing is None:
-        row = {"id": BOOTSTRAP_ADMIN_ID, "key_hash": digest, "prefix": admin_key[:7], "owner": "admin", "team": None, "role": "admin",
-               "created_at": utcnow()}  # fmt: skip
+        row = {"id": BOOTSTRAP_ADMIN_ID, "key_hash": digest, "prefix": admin_key[:7], "owner": "admin", "person": "admin", "team": None,
+               "role": "admin", "created_at": utcnow()}  # fmt: skip
         try:
             repo.insert_key(engine, row)
         except SQLAlchemyError:  # another worker inserted it first
@@ -228,10 +228,6 @@ class KeyStore:
                 raise InvalidApiKey("The proxy key is not valid: unknown or revoked.")
             principal = self._by_hash[digest] = _principal(row)
         return principal
-
-    def team_size(self, team: str | None) -> int:
-        """People in `team`; None: the people without a team."""
-        return self._team_sizes.get(team or NO_TEAM, 0)
 
     def team_sizes(self) -> Mapping[str, int]:
         """People per team (NO_TEAM: the people without one). Replaced whole when a size changes, so a

@@ -333,7 +333,7 @@ def adoption_report(
     with one_snapshot(engine) as connection:
         items = data.load(connection, since, until)
         adoption_teams.assign_teams(connection, items, since, until, item_teams or {})
-        people: dict[str | None, int] = {**privacy.team_sizes(connection), None: privacy.people_without_team(connection)}
+        people = privacy.group_sizes(connection, as_of=until)  # the period's answer does not change with later hires
         rejections = adoption_teams.rejections(connection, since, until)
 
     bands = size_bands or SizeBands()

@@ -53,7 +53,7 @@ def work_item_summary(engine: Engine, item_id: str) -> dict[str, Any] | None:
         item = connection.execute(select(WorkItem.__table__).where(WorkItem.__table__.c.id == item_id)).first()
         totals = rollup.totals(connection, period=rollup.LIFETIME, fields=_FIELDS, where=lambda c: [c.work_item == item_id]).get((), dict.fromkeys(_FIELDS))
         models = connection.execute(select(_D.model).where(_D.work_item == item_id).distinct().order_by(_D.model)).scalars().all()
-        people = connection.execute(select(func.count(distinct(privacy.person(_D.owner)))).where(_D.work_item == item_id)).scalar_one()
+        people = privacy.people(connection.execute(select(_D.owner).where(_D.work_item == item_id).distinct()).scalars())
     if item is None and not totals["attempts"]:
         return None
     return {

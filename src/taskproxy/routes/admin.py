@@ -106,8 +106,9 @@ async def usage(request: Request) -> Response:
     since, until = open_period(request)
     rows = await unless_client_leaves(request, request.state.reports.run(USAGE, group_by=group_by, since=since, until=until))
     if group_by == "team":  # the privacy floor, as in the adoption report
-        floor, keys = request.state.settings.privacy.min_group_size, request.state.keys
-        people = {row["team"]: keys.team_size(row["team"]) for row in rows}
+        floor = request.state.settings.privacy.min_group_size
+        sizes = await request.state.api_calls.run(privacy.sizes_at, request.state.engine, until)  # the people at the period's end
+        people = {row["team"]: sizes.get(row["team"], 0) for row in rows}
         held = privacy.withheld_groups(people, people, floor)  # the rows' sum is group_by=model's total
         # The withheld rows after the rows shown, by name: left where their cost ranked them, each one's
         # place between two shown teams bounded its spend.

@@ -22,7 +22,6 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
 
 from taskproxy.errors import MigrationBlocked, SchemaBehind
-from taskproxy.privacy import SQLITE_PERSON, person_of
 from taskproxy.storage import models
 from taskproxy.storage.failures import LOCK_NOT_AVAILABLE, sqlstate
 
@@ -111,10 +110,6 @@ class ReportSession:
         return [*found, f"SET LOCAL work_mem = '{int(self.work_mem_mb)}MB'"] if self.work_mem_mb else found
 
 
-def _person_of(owner: str | None) -> str | None:
-    return None if owner is None else person_of(owner)
-
-
 def make_engine(database_url: str, *, client_check_ms: int | None = None, report: ReportSession | None = None, role: str = "proxy") -> Engine:
     """`client_check_ms` (PostgreSQL): the server checks that often, while a query of this engine's
     runs, that the client is still there, and ends the query if it is gone (PostgreSQL 14's
@@ -139,8 +134,6 @@ def make_engine(database_url: str, *, client_check_ms: int | None = None, report
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
-            # The privacy floor's people, counted case aside in Unicode's cases, not ASCII's alone (privacy.person).
-            dbapi_connection.create_function(SQLITE_PERSON, 1, _person_of, deterministic=True)
 
         if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
             _follow_the_file(engine, Path(url.database))

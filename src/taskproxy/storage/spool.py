@@ -32,6 +32,7 @@ class Spool:
         self.own = self.base.with_name(f"{self.base.stem}.{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}{self.base.suffix}")
         self.set_aside = self.base.with_name(f"{self.base.stem}.rejected{self.base.suffix}")
         self._file: IO[bytes] | None = None
+        self._replayed_to = 0  # bytes at the start of this process's file already written to the database
 
     def _own_file(self) -> IO[bytes]:
         if self._file is None:
@@ -57,18 +58,12 @@ class Spool:
         old = self._file
         self.own.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
-        copied = 0
         try:
             new = self._own_file()
             start = new.seek(0, 2)
             old.seek(0)
-            try:
-                while piece := old.read(COPY_PIECE_BYTES):  # a long outage's spool: not read whole into memory
-                    new.write(piece)
-                    copied += len(piece)
-            except OSError:
-                new.truncate(start)  # no torn line left behind
-                raise
+            _copy_rest(old, new)  # a long outage's spool: not read whole into memory; no torn line left behind
+            copied = new.tell() - start
         except OSError:
             if self._file is not None:
                 self._file.close()
@@ -88,30 +83,59 @@ class Spool:
         with self.set_aside.open("ab", buffering=0) as file:
             _append_line(file, orjson.dumps({"reason": reason, "batch": batch}, default=repr) + b"\n")
 
-    def take_set_aside(self) -> list[tuple[str, dict]]:
-        """The set-aside batches, (reason, batch) each; the file is emptied (the caller keeps what it must)."""
-        try:
-            raw = self.set_aside.read_bytes()
-        except FileNotFoundError:
-            return []
-        self.set_aside.unlink()
-        entries = []
-        for line in raw.splitlines():
+    def replay_set_aside(self, replay: Callable[[str, dict], None]) -> None:
+        """Hand each set-aside batch to `replay(reason, batch)`, a line at a time. The file is first
+        claimed by renaming it (rows set aside meanwhile start a new one), and one left claimed by a run
+        that was killed is replayed too. If `replay` raises (the database went away, Ctrl-C), the batch
+        it was given and every one after it go back to the set-aside file before the exception is the
+        caller's: before 2026-12-07 the file was read whole and removed first, and a run cut short lost
+        every batch after the one it failed on."""
+        for claimed in self._claimed_set_asides():
             try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                file = claimed.open("rb")
+            except FileNotFoundError:
                 continue
-            batch = entry.get("batch") if "batch" in entry else {"events": [entry.get("row")]}  # older files: one event row
-            if isinstance(batch, dict) and all(isinstance(row, dict) for rows in batch.values() for row in rows):
-                entries.append((str(entry.get("reason", "")), batch))
-        return entries
+            with file:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another run is replaying it
+                for start, line in _lines(file):
+                    try:
+                        entry = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if not isinstance(entry, dict):
+                        continue
+                    batch = entry.get("batch") if "batch" in entry else {"events": [entry.get("row")]}  # older files: one event row
+                    if not (isinstance(batch, dict) and all(isinstance(rows, list) and all(isinstance(row, dict) for row in rows) for rows in batch.values())):
+                        continue
+                    try:
+                        replay(str(entry.get("reason", "")), batch)
+                    except BaseException:
+                        file.seek(start)
+                        with self.set_aside.open("ab", buffering=0) as out:
+                            _copy_rest(file, out)  # raises, leaving the claimed file whole, if the disk takes nothing
+                        claimed.unlink()
+                        raise
+            claimed.unlink()
+
+    def _claimed_set_asides(self) -> list[Path]:
+        """Claimed set-aside files: those a run before this one left (killed), then the current file, renamed."""
+        left = sorted(self.set_aside.parent.glob(f"{self.set_aside.name}.replaying-*"))
+        claimed = self.set_aside.with_name(f"{self.set_aside.name}.replaying-{uuid.uuid4().hex}")
+        try:
+            self.set_aside.rename(claimed)
+        except FileNotFoundError:
+            return left
+        return [*left, claimed]
 
     def _files(self) -> Iterator[Path]:
         folder = self.base.parent if str(self.base.parent) else Path(".")
         if not folder.is_dir():
             return
         for path in sorted(folder.glob(f"{self.base.stem}.*{self.base.suffix}*")):
-            if path != self.set_aside and ".damaged-" not in path.name and path.is_file():
+            if not path.name.startswith(self.set_aside.name) and ".damaged-" not in path.name and path.is_file():
                 yield path
         if self.base.is_file():  # a spool written by an older version under the configured name itself
             yield self.base
@@ -147,7 +171,7 @@ class Spool:
         total = 0
         for path in self._waiting():
             try:
-                total += path.stat().st_size
+                total += path.stat().st_size - (self._replayed_to if path == self.own else 0)
             except FileNotFoundError:
                 pass
         return total
@@ -166,51 +190,62 @@ class Spool:
                     path.rename(claimed)  # a unique name: never onto another file
                 with claimed.open("rb") as file:
                     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process replaying it: leave it to them
-                    if not self._replay_claimed(claimed, file.read(), write, is_down):
+                    if not self._replay_claimed(claimed, file, write, is_down):
                         return False
             except (FileNotFoundError, BlockingIOError):
                 continue  # another process claimed it first
             log.info("replayed the spool left in %s", path.name)
         return True
 
-    def _replay_claimed(self, claimed: Path, raw: bytes, write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> bool:
-        rest = self._replay_lines(raw.splitlines(), write, is_down)
-        if rest:  # the database went away again: keep the rest in this process's file, else where it is
+    def _replay_claimed(self, claimed: Path, file: IO[bytes], write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> bool:
+        stopped = self._replay_lines(file, 0, write, is_down)
+        if stopped is not None:  # the database went away again: keep the rest in this process's file, else where it is
+            file.seek(stopped)
+            own = self._own_file()
             try:
-                _append_line(self._own_file(), b"\n".join(rest) + b"\n")
+                _copy_rest(file, own)
             except OSError:
                 return False  # the claimed file stays; replaying it again writes nothing twice (ids)
         claimed.unlink()
-        return not rest
+        return stopped is None
 
     def _replay_own(self, write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> bool:
+        """Replay this process's file from where the last replay stopped: the batches before it are
+        written (a replay that fails on the first batch reads one line, not the whole spool, each second
+        of an outage: before 2026-12-07 each retry read the whole file into memory, ~3× its size)."""
         file = self._own_file()  # only this process's writer thread appends or replays it
-        rest = self._replay_lines(self.own.read_bytes().splitlines(), write, is_down)
-        if rest:
-            # Left whole: the batches already written are skipped when it is replayed again (their ids
-            # exist), and rewriting the file could fail on the disk that made us spool in the first place.
+        with self.own.open("rb") as reading:
+            stopped = self._replay_lines(reading, self._replayed_to, write, is_down)
+        if stopped is not None:
+            # Left in place: rewriting the file could fail on the disk that made us spool in the first place.
+            self._replayed_to = stopped
             return False
         file.truncate(0)
+        self._replayed_to = 0
         return True
 
-    def _replay_lines(self, lines: list[bytes], write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> list[bytes]:
-        lines = [line for line in lines if line.strip()]
-        for index, line in enumerate(lines):
+    def _replay_lines(self, file: IO[bytes], start: int, write: Callable[[dict], None], is_down: Callable[[Exception], bool]) -> int | None:
+        """Write the batches of `file` from offset `start`, a line at a time; the offset of the batch the
+        database went away on, or None when all are written."""
+        file.seek(start)
+        for offset, line in _lines(file):
+            if not line.strip():
+                continue
             try:
                 batch = orjson.loads(line)
             except orjson.JSONDecodeError:  # torn by a crash in mid-write: nothing in it can be read back
-                self._keep_damaged(line, "it is not JSON")
+                self._keep_damaged(line.rstrip(b"\n"), "it is not JSON")
                 continue
             try:
                 write(batch)
             except Exception as exc:
                 if is_down(exc):
-                    return lines[index:]
+                    return offset
                 # Read back, but not as a batch (a byte changed on disk, a line written by hand): kept
                 # aside whole, and the rest replayed. Raised, it stopped the replay on every start, and
                 # before 2026-12-06 the writer thread with it: nothing more was recorded.
-                self._keep_damaged(line, f"{exc.__class__.__name__}: {str(exc)[:200]}", _records(batch))
-        return []
+                self._keep_damaged(line.rstrip(b"\n"), f"{exc.__class__.__name__}: {str(exc)[:200]}", _records(batch))
+        return None
 
     def _keep_damaged(self, line: bytes, why: str, records: int | None = None) -> None:
         damaged = self.base.with_name(f"{self.base.stem}.damaged-{int(time.time() * 1000)}{self.base.suffix}")
@@ -245,6 +280,26 @@ def _append_line(file: IO[bytes], line: bytes) -> None:
             file.truncate(start)
         except OSError:  # pragma: no cover - truncating frees space; it does not need any
             log.exception("could not cut a torn spool line back")
+        raise
+
+
+def _lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) from the file's position on, one line in memory at a time."""
+    offset = file.tell()
+    for line in iter(file.readline, b""):
+        yield offset, line
+        offset += len(line)
+
+
+def _copy_rest(source: IO[bytes], out: IO[bytes]) -> None:
+    """Append what is left of `source` to `out` in pieces (not read whole into memory); a write that
+    fails is cut back, so no torn line is left, and raises."""
+    start = out.seek(0, 2)
+    try:
+        while piece := source.read(COPY_PIECE_BYTES):
+            out.write(piece)
+    except OSError:
+        out.truncate(start)
         raise
 
 

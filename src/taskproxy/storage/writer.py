@@ -414,22 +414,24 @@ class BatchWriter:
 
 def replay_set_aside(engine: Engine, spool_path: str | Path) -> tuple[int, int]:
     """Write the rows set aside beside the spool at `spool_path` (once their cause is fixed); keep
-    those the database still refuses. Returns (rows written, rows still set aside)."""
+    those the database still refuses. Returns (rows written, rows still set aside). The database going
+    away meanwhile puts back what was not written yet (Spool.replay_set_aside) and raises."""
     spool = Spool(spool_path)
-    entries = spool.take_set_aside()
-    written = kept = 0
-    for reason, data in entries:
+    counts = {"written": 0, "kept": 0}
+
+    def replay(reason: str, data: dict) -> None:
         batch = Batch.from_dict(data)
         try:
             write(engine, batch)
-            written += batch.rows()
+            counts["written"] += batch.rows()
         except SQLAlchemyError as exc:
             if database_down(exc):
-                spool.set_aside_batch(data, reason)
                 raise
             spool.set_aside_batch(data, _reason(exc))
-            kept += batch.rows()
-    return written, kept
+            counts["kept"] += batch.rows()
+
+    spool.replay_set_aside(replay)
+    return counts["written"], counts["kept"]
 
 
 def _reason(exc: BaseException) -> str:
