@@ -295,6 +295,21 @@ async def test_a_background_response_too_large_to_keep_is_billed_from_its_ends(t
             assert (billed["prompt_tokens"], billed["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
 
 
+async def test_a_finished_background_response_with_more_values_than_a_request_may_hold_is_read_and_billed(tmp_path: Path, fake: FakeProvider) -> None:
+    """The check that a read settles a background response decoded its body with the limit of a
+    request's JSON values: a finished response over it (large, `limits.max_json_nodes`) answered the
+    client's read 413 and was never billed (found by a review). It is judged from its ends instead."""
+    settings = make_settings(tmp_path, limits={"max_json_nodes": 20})  # a request here holds ~10; the response ~30
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        client = proxy.openai(await proxy.new_key())
+        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, instructions="x" * 300_000, background=True,
+                                               extra_headers={"X-Work-Item": "PROJ-47"})  # fmt: skip
+        finished = await client.responses.retrieve(queued.id)
+        assert finished.status == "completed" and finished.usage is not None
+        billed = await proxy.item("PROJ-47", requests=2)
+        assert (billed["prompt_tokens"], billed["completion_tokens"]) == (finished.usage.input_tokens, finished.usage.output_tokens)
+
+
 async def test_a_request_without_model_is_refused_with_what_to_send(proxy: Proxy) -> None:
     client = proxy.openai(await proxy.new_key())
     with pytest.raises(openai.BadRequestError) as refused:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 
-from taskproxy.errors import ApiError
+from taskproxy.errors import ApiError, RequestTooLarge
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, decode_json_object
 from taskproxy.guard.lookups import LookupTimeout
 from taskproxy.guard.response_origins import Origin, ResponseOrigins
@@ -82,7 +82,12 @@ async def settles(body: bytes, limit_nodes: int) -> bool:
     (a zero usage object then is not its usage); a final status bills (with an estimate if the
     provider sent no usage); a cancelled one only with its usage, since a cancel can lose the race
     with the generation and a later read show it completed."""
-    decoded = await decode_json_object(body, limit_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
+    try:
+        decoded = await decode_json_object(body, limit_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
+    except RequestTooLarge:  # more values than a request may hold: judged from its ends, as a body too large to keep is
+        capture = Capture()
+        capture.add(body)
+        return body_settles(capture)
     if not isinstance(decoded, dict):
         return False
     status = decoded.get("status")
