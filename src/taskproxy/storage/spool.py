@@ -269,12 +269,7 @@ def _append_line(file: IO[bytes], line: bytes) -> None:
     """Write `line` at the end of `file` whole, or cut the file back to where it was and raise."""
     start = file.seek(0, 2)
     try:
-        written = file.write(line)
-        while written is not None and written < len(line):  # a short write: the disk is (nearly) full
-            more = file.write(line[written:])
-            if not more:
-                raise OSError(28, "No space left on device")
-            written += more
+        _write_whole(file, line)
     except OSError:
         try:
             file.truncate(start)
@@ -292,15 +287,30 @@ def _lines(file: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def _copy_rest(source: IO[bytes], out: IO[bytes]) -> None:
-    """Append what is left of `source` to `out` in pieces (not read whole into memory); a write that
-    fails is cut back, so no torn line is left, and raises."""
+    """Append what is left of `source` to `out` in pieces (not read whole into memory), ended by a line's
+    end (a torn last line stays a line of its own: the next batch appended is not glued to it). A write
+    that fails, or comes up short on a full disk, is cut back, so no torn line is left, and raises."""
     start = out.seek(0, 2)
+    last = b"\n"
     try:
         while piece := source.read(COPY_PIECE_BYTES):
-            out.write(piece)
+            _write_whole(out, piece)
+            last = piece[-1:]
+        if last != b"\n":
+            _write_whole(out, b"\n")
     except OSError:
         out.truncate(start)
         raise
+
+
+def _write_whole(file: IO[bytes], data: bytes) -> None:
+    """Write all of `data` (an unbuffered file takes part of it when the disk is nearly full), or raise."""
+    written = file.write(data)
+    while written is not None and written < len(data):
+        more = file.write(data[written:])
+        if not more:
+            raise OSError(28, "No space left on device")
+        written += more
 
 
 def _records(batch: object) -> int | None:
