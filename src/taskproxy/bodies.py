@@ -36,6 +36,8 @@ def _owner_name(owner: str) -> str:
     """Stored in one form (privacy.owner_name), so that the people counted are people, not spellings."""
     if not (name := owner_name(owner)):
         raise ValueError("the owner must name someone, not only spaces")
+    if len(name) > 200:  # a compatibility form can be longer than what was typed
+        raise ValueError("the owner is longer than 200 characters once written in Unicode's compatibility form (NFKC)")
     return name
 
 

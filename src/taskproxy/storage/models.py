@@ -71,7 +71,7 @@ ApiKey = Rows(Table(
     _text("key_hash", 64, index=True, unique=True),
     _text("prefix", 16),  # first characters of the key, to recognise it in lists
     _text("owner", 200),  # in one form: privacy.owner_name
-    _text("person", 200),  # the person it names, case aside (privacy.person_of): what the privacy floor counts
+    _text("person", 800),  # the person it names, case aside (privacy.person_of: folding can triple a name): what the privacy floor counts
     _text("team", 200, null=True),
     _text("role", 16),  # developer | service | admin
     _time("created_at"),

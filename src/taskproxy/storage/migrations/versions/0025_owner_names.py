@@ -23,16 +23,19 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     from taskproxy.privacy import owner_name, person_of
 
-    op.add_column('api_keys', sa.Column('person', sa.String(length=200), nullable=True))
+    op.add_column('api_keys', sa.Column('person', sa.String(length=800), nullable=True))
     connection = op.get_bind()
     keys = sa.table('api_keys', sa.column('id', sa.String), sa.column('owner', sa.String), sa.column('person', sa.String))
-    rows = [{"key": key_id, "name": owner_name(owner) or owner, "person": person_of(owner) or owner}
-            for key_id, owner in connection.execute(sa.select(keys.c.id, keys.c.owner))]  # fmt: skip
+    rows = []
+    for key_id, owner in connection.execute(sa.select(keys.c.id, keys.c.owner)):
+        name = owner_name(owner)
+        name = name if 0 < len(name) <= 200 else owner  # the column's width (compatibility forms can be longer)
+        rows.append({"key": key_id, "name": name, "person": person_of(name) or name})
     for start in range(0, len(rows), 10_000):
         connection.execute(keys.update().where(keys.c.id == sa.bindparam("key")).values(owner=sa.bindparam("name"), person=sa.bindparam("person")),
                            rows[start : start + 10_000])  # fmt: skip
     with op.batch_alter_table('api_keys') as batch:
-        batch.alter_column('person', existing_type=sa.String(length=200), nullable=False)
+        batch.alter_column('person', existing_type=sa.String(length=800), nullable=False)
 
 
 def downgrade() -> None:
