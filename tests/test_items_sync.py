@@ -241,7 +241,7 @@ async def test_answers_that_are_not_about_the_item_asked_change_nothing(
     assert missing.status_code == 404
 
     answers = [
-        (httpx.Response(301, json=github_issue(5, state="closed"), headers={"location": "https://api.github.com/repositories/1/issues/5"}), "redirects"),
+        (httpx.Response(301, json=github_issue(5, state="closed"), headers={"location": "https://github.example.com/api/v3/issues/5"}), "redirects"),
         (httpx.Response(200, content=b'{"number": 5, "body": "' + b"x" * (5 * 1024 * 1024) + b'"}'), "larger than 4 MiB"),
         (httpx.Response(200, content=b"[" * 100_000 + b"]" * 100_000), "not JSON"),
         (httpx.Response(200, json={"number": 5, "state": ["closed"], "title": 5, "created_at": [], "closed_at": {}}), None),
@@ -253,6 +253,27 @@ async def test_answers_that_are_not_about_the_item_asked_change_nothing(
         err = capsys.readouterr().err
         assert "Traceback" not in err and (code == 0 if says is None else code == 2 and says in err), (says, code, err)
     assert (await proxy.get("/api/work-items/acme%2Fweb%235"))["status"] == "open"  # as the first, well-formed answer left it
+
+
+async def test_a_transferred_or_deleted_issue_is_noted_and_the_sync_goes_on(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GitHub answers an issue transferred to another repository 301 (within its API) and a deleted one
+    410: either stopped every run at that item, and the items after it were never asked for (found by a
+    review). Each is noted and left as it is; a redirect to another address still stops the run."""
+    await spend_on(proxy, "acme/web#1", "acme/web#2")
+    monkeypatch.setenv("T_GH", "ghp_test")
+    path = config(proxy, tmp_path, {"github": {"token_env": "T_GH"}})
+    for first, says in ((httpx.Response(301, headers={"location": "https://api.github.com/repositories/99/issues/5"}), "moved"),
+                        (httpx.Response(410, json={"message": "This issue was deleted"}), "deleted")):  # fmt: skip
+        with respx.mock() as api:
+            api.get(f"{GITHUB}/repos/acme/web/issues/1").mock(return_value=first)
+            api.get(f"{GITHUB}/repos/acme/web/issues/2").respond(json=github_issue(2, state="closed", reason="completed"))
+            assert cli.main(["items", "sync", "--config", path]) == 0
+        out = capsys.readouterr().out
+        assert "acme/web#1: github: " in out and says in out, out
+    assert (await proxy.get("/api/work-items/acme%2Fweb%232"))["status"] == "done"
+    assert (await proxy.get("/api/work-items/acme%2Fweb%231"))["status"] == "unverified"
 
 
 async def test_an_answer_older_than_the_trackers_last_event_is_not_reported_as_a_change(

@@ -449,6 +449,17 @@ async def test_gitlab_merge_request_and_issue_lifecycle(tracked: Proxy) -> None:
     assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2323"))["status"] == "done"
 
 
+@pytest.mark.parametrize("field", ["moved_to_id", "duplicated_to_id"])
+async def test_a_gitlab_issue_moved_to_another_project_or_closed_as_a_duplicate_is_closed_not_done(tracked: Proxy, field: str) -> None:
+    """GitLab closes the old issue when it moves one (its only event) or closes one as a duplicate,
+    saying where it went: both were `done`, completed work, a moved issue counted twice once the new
+    one was done (found by a review)."""
+    payload = hooks.gitlab_issue("close", 30)
+    payload["object_attributes"][field] = 777
+    assert (await _post(tracked, "gitlab", hooks.dumps(payload), hooks.gitlab_headers("Issue Hook"))).status_code == 200
+    assert (await tracked.get("/api/work-items/acme%2Fplatform%2Fbilling-api%2330"))["status"] == "closed"
+
+
 async def test_gitlab_token_and_redelivery(tracked: Proxy) -> None:
     body = hooks.dumps(hooks.gitlab_issue("close", 24))
     for headers in (hooks.gitlab_headers("Issue Hook", token="gl-token-5"), {"content-type": "application/json", "x-gitlab-event": "Issue Hook"}):

@@ -5,6 +5,7 @@
     ├── SchemaBehind                the database was made by an older version: run `taskproxy db upgrade`
     ├── MigrationBlocked            `db upgrade` waited too long for a lock (a long report on the table): rolled back
     ├── TrackerUnavailable          a tracker's REST API cannot answer (`items sync`: nothing is changed)
+    ├── ItemElsewhere               a tracker says one item moved or was deleted (`items sync` notes it, goes on)
     └── ApiError                    anything a client is answered with (status + code)
         ├── InvalidApiKey           401 invalid_api_key
         ├── InvalidSignature        401 invalid_signature  (a webhook delivery not signed with the secret)
@@ -74,6 +75,10 @@ class MigrationBlocked(TaskproxyError):
 
 class TrackerUnavailable(TaskproxyError):
     """A tracker's REST API could not answer (rate limited, token refused, down). The message says which and why."""
+
+
+class ItemElsewhere(TaskproxyError):
+    """A tracker's REST API says one item moved (a redirect within the API) or was deleted (410)."""
 
 
 class ApiError(TaskproxyError):

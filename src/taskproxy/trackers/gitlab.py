@@ -93,7 +93,11 @@ class GitLab:
     def _issue(self, payload: dict[str, Any], action: str) -> ItemUpdate:
         issue = need(payload, "object_attributes", kind=dict)
         if action == "close":
-            status, at = "done", tracker_time(issue.get("closed_at")) or tracker_time(issue.get("updated_at"))
+            # Moved to another project, or closed as a duplicate: closed, not work done (the issue it went to
+            # is the one that completes). Moving sends the old issue nothing but this close.
+            elsewhere = any(isinstance(issue.get(field), int) and not isinstance(issue.get(field), bool) for field in ("moved_to_id", "duplicated_to_id"))
+            status = "closed" if elsewhere else "done"
+            at = tracker_time(issue.get("closed_at")) or tracker_time(issue.get("updated_at"))
         else:
             status, at = "open", tracker_time(issue.get("updated_at"))
         return ItemUpdate(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 import orjson
@@ -34,7 +34,7 @@ from sqlalchemy import and_, case, or_, select
 from sqlalchemy.engine import Engine
 from starlette.datastructures import Headers
 
-from taskproxy.errors import TrackerUnavailable, WorkItemInvalid
+from taskproxy.errors import ItemElsewhere, TrackerUnavailable, WorkItemInvalid
 from taskproxy.guard.body import more_json_values_than
 from taskproxy.settings import TrackersSettings
 from taskproxy.storage.models import UsageDaily, WorkItem
@@ -185,6 +185,11 @@ class Fetcher:
                                      "Run the sync again later, or with a narrower --since.")  # fmt: skip
         if status in (401, 403):
             raise TrackerUnavailable(f"{self.name}: the API refused the token (HTTP {status}); check trackers.{self.name}.token_env.")
+        if status == 410:
+            raise ItemElsewhere(f"{where} is gone (HTTP 410: deleted)")
+        if 300 <= status < 400 and _same_site(urljoin(where, headers.get("location", "")), self._api):
+            # An issue transferred to another repository, a repository renamed: this item, not the run.
+            raise ItemElsewhere(f"{where} redirects (HTTP {status}) to {headers.get('location', '?')}: moved")
         if 300 <= status < 400:  # not followed: the token would go with it, and the item asked for is not what answers
             raise TrackerUnavailable(f"{self.name}: {where} redirects (HTTP {status}) to {headers.get('location', '?')}: the item moved, "
                                      f"or trackers.{self.name}.api_url is not the API's address.")  # fmt: skip
@@ -263,6 +268,12 @@ class Fetcher:
         return self._parse("", {"type": "Issue", "action": "update", "data": issue, "url": issue.get("url"), "webhookTimestamp": stamp})
 
 
+def _same_site(url: str, api: str) -> bool:
+    """A redirect within the tracker's API (same scheme and host), not to another address."""
+    there, here = urlsplit(url), urlsplit(api)
+    return (there.scheme, there.netloc) == (here.scheme, here.netloc)
+
+
 def sync_items(
     engine: Engine, ids: WorkItemIds, trackers: TrackersSettings, *, since: datetime, now: datetime, only: str | None = None,
     http: httpx.Client | None = None, apply: Callable[[Delivery], None] | None = None,
@@ -291,7 +302,11 @@ def sync_items(
                 continue
             if name not in fetchers:
                 fetchers[name] = _fetcher(name, trackers, client, ids, now)
-            update = fetchers[name].fetch(item.item_id)
+            try:
+                update = fetchers[name].fetch(item.item_id)
+            except ItemElsewhere as moved:  # one moved or deleted item never stops the run (it did, every run, at that item)
+                notes.append(f"{item.item_id}: {name}: {moved}; left as it is")
+                continue
             if update is None:
                 notes.append(f"{item.item_id}: {name} has no such item")
             elif _answered_for(ids, update) != item.item_id:  # a moved issue answers with its new key
