@@ -359,6 +359,37 @@ async def test_the_provider_accounts_rate_limits_are_not_relayed(tmp_path: Path,
                         pass
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_providers_huge_response_headers_are_cut_to_a_bound_and_the_answer_stays_readable(tmp_path: Path, stream: bool) -> None:
+    """A provider answering with a hundred 8 KB headers (~800 KB, under aiohttp's own limits) had them
+    all relayed: the client's HTTP library gave up on the answer (httpx over a socket: "Receive buffer
+    too long"), and the request was recorded as answered (found by a review). At most 16 KiB of a
+    provider's headers go to the client, its content type always."""
+    reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}  # fmt: skip
+    huge = [(f"x-trace-{n}", "v" * 8000) for n in range(100)]
+    chunk = b"data: " + orjson.dumps({**reply, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hi."}}]}) + b"\n\n"
+
+    def answer(request: Any) -> MockResponse:
+        if stream:
+            return MockResponse.sse([chunk, b"data: " + orjson.dumps({**reply, "object": "chat.completion.chunk", "choices": []}) + b"\n\n",
+                                     b"data: [DONE]\n\n"], headers=[*huge, ("x-request-id", "req_9")])  # fmt: skip
+        return MockResponse.json(reply, headers=[*huge, ("x-request-id", "req_9")])
+
+    async for proxy in start_proxy(make_settings(tmp_path), MockProvider(answer)):
+        client = proxy.openai(await proxy.new_key())
+        raw = await client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, stream=stream,
+                                                                     extra_headers={"X-Work-Item": "PROJ-3"})  # fmt: skip
+        relayed = sum(len(name) + len(value) + 4 for name, value in raw.headers.raw if name.lower().startswith(b"x-trace-"))
+        assert 0 < relayed <= 16 * 1024 and raw.headers["content-type"].startswith("text/event-stream" if stream else "application/json")
+        if stream:
+            async for _ in raw.parse():
+                pass
+        else:
+            assert raw.parse().choices[0].message.content == "Hi."
+
+
 async def test_usage_is_estimated_when_the_provider_reports_none(tmp_path: Path) -> None:
     reply = {"id": "x", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world, twice: hello world."}, "finish_reason": "stop"}]}  # fmt: skip

@@ -45,6 +45,7 @@ DROP_RESPONSE_HEADERS = frozenset(
     }
 )  # fmt: skip
 DROP_RESPONSE_HEADER_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+MAX_RELAYED_HEADER_BYTES = 16 * 1024  # of a provider's response headers, relayed to the client
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,21 @@ class ProviderClient(Protocol):
 
 
 def client_headers(headers: Iterable[Header]) -> list[Header]:
-    """The provider's response headers the client gets, in order, repeated ones kept, names lower-cased."""
-    return [(name, value) for name, value in ((k.lower(), v) for k, v in headers)
-            if name not in DROP_RESPONSE_HEADERS and not name.startswith(DROP_RESPONSE_HEADER_PREFIXES)]  # fmt: skip
+    """The provider's response headers the client gets, in order, repeated ones kept, names lower-cased,
+    at most MAX_RELAYED_HEADER_BYTES of them (`content-type` always): a provider answering with ~800 KB of
+    headers had them relayed as they were, the client's HTTP library gave up on the answer (httpx: its
+    buffer), and the request was recorded as answered (found by a review). What passes the bound is
+    informational (request ids, timings) and is dropped."""
+    kept: list[Header] = []
+    room = MAX_RELAYED_HEADER_BYTES
+    for name, value in ((k.lower(), v) for k, v in headers):
+        if name in DROP_RESPONSE_HEADERS or name.startswith(DROP_RESPONSE_HEADER_PREFIXES):
+            continue
+        size = len(name) + len(value) + 4
+        if size <= room or name == b"content-type":
+            kept.append((name, value))
+            room -= size
+    return kept
 
 
 def relayed_headers(model: str, status: int, headers: Iterable[Header]) -> list[Header]:
