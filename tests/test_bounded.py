@@ -885,3 +885,65 @@ def test_reads_of_unknown_response_ids_while_the_database_is_slow_take_nothing_f
     assert seconds < 1.0, seconds  # it waited for the lock before (over 10 s)
     assert 503 in statuses and statuses <= {404, 503}, statuses  # told at once, not after the lock
     assert read_after == 404  # the database back: an unknown id is unknown
+
+
+def _flood_head(port: int, start: bytes, piece: bytes, seconds: float) -> tuple[int, dict]:
+    """Send `start`, then `piece` as fast as the server takes it for `seconds` (never ending the head);
+    the answer the server wrote before it closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(start)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sock.sendall(piece)
+    except OSError:  # the server answered and closed: the rest of the send is refused
+        pass
+    sock.settimeout(5)
+    status, _, body = _answer_and_close(sock)
+    sock.close()
+    return status, body
+
+
+def test_a_huge_request_line_or_header_and_deep_pipelining_are_refused_without_taking_the_process(tmp_path: Path, upstream: FakeUpstream,
+                                                                                                 quiet: str) -> None:  # fmt: skip
+    """A request's head was bounded in time only, and uvicorn and httptools copy the URL and each header
+    value over again on every read: one client sending a URL or a header as fast as it could for the
+    header deadline (~80 MiB) held the event loop for seconds and took ~150 MiB; 20 connections each
+    pipelining 8,000 requests and reading nothing took the process from 150 to 587 MiB (found by a
+    review). A head past `limits.max_header_bytes` (and a URL's allowance) is answered 431 and closed
+    as it arrives; a connection more than 16 requests ahead of its answers is answered 503 and closed."""
+    with server_with(tmp_path, upstream, quiet) as server, WellBehaved(server, "GOOD-9") as good:
+        checked = good
+        time.sleep(0.5)
+        resident, _ = server.memory_mib()
+        url = _flood_head(server.port, b"GET /v1/models?", b"a=1&" * 16384, 5.0)
+        header = _flood_head(server.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: ", b"v" * 65536, 5.0)
+        pipelined = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * 8000)
+            except OSError:
+                pass
+            pipelined.append(sock)
+        time.sleep(1.0)
+        _, peak = server.memory_mib()
+        closed = 0
+        for sock in pipelined:
+            sock.settimeout(5)
+            try:
+                while sock.recv(1 << 20):  # what it was answered before the close
+                    pass
+                closed += 1
+            except TimeoutError:  # still open
+                pass
+            except OSError:  # reset: closed with what it sent unread
+                closed += 1
+            sock.close()
+        time.sleep(0.5)
+        good.__exit__()
+        checked.check()
+    assert url[0] == header[0] == 431 and url[1]["error"]["code"] == header[1]["error"]["code"] == "request_header_too_large", (url, header)
+    assert closed == 20
+    print(f"\nhead floods and pipelining: resident {resident:.0f} MiB, peak {peak:.0f} MiB")
+    assert peak - resident < 60, f"peak {peak:.0f} MiB from {resident:.0f} MiB"

@@ -155,6 +155,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
     config.connection_limits = ConnectionLimits(  # type: ignore[attr-defined]  (carried to worker processes with the config)
         header_timeout=server.header_timeout_seconds, body_timeout=server.body_timeout_seconds,
         max_connections=server.max_connections or default_max_connections(), send_timeout=server.send_timeout_seconds,
+        max_header_bytes=settings.limits.max_header_bytes,
     )  # fmt: skip
     if workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
