@@ -166,6 +166,8 @@ class Collector:
                     await self.collect(utcnow())
                 except SQLAlchemyError as exc:  # the database does not answer: the next pass tries again
                     log.warning("background responses: could not read what is owed (%s)", exc.__class__.__name__)
+                except Exception:  # a bug: logged, and the passes go on (a dead loop would leave every response unbilled)
+                    log.exception("background responses: a pass failed")
         finally:
             self._threads.close()
 
