@@ -22,7 +22,7 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
   app.HeaderLimit, comes only once they are all in, and the parser copies a URL or a header value
   over again on each read);
 - **pipelining bounded**: more than `MAX_PIPELINED` requests read ahead of the one being answered,
-  503 and closed.
+  the connection is closed (the request being answered is told its client is gone).
 
 `BoundedWebSocketProtocol` is uvicorn's websockets-sansio protocol (the Responses WebSocket) with:
 
@@ -161,7 +161,8 @@ class BoundedHttpProtocol(StalledWritesCut, HttpToolsProtocol):
         # its headers' deadline starts once that answer is out (uvicorn reads on then, not before).
         self._headers_after_answer = False
         self._in_head = False  # a request's line and headers have begun and not ended
-        self._refusal: ApiError | None = None  # what a parser callback refused the connection with
+        self._running: Any = None  # the request cycle being answered (uvicorn's `cycle` is the one parsed last)
+        self._refused = False  # closed for pipelining too deep: no answer is written
         self._head_bytes = 0  # bytes read while they had not ended
 
     def _arm_headers(self) -> None:
@@ -198,8 +199,8 @@ class BoundedHttpProtocol(StalledWritesCut, HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # No route matched (none was looked for), so the shape is the one every other route speaks.
-        refusal = self._refusal or InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1")
-        self._answer(refusal, ApiFormat.OPENAI)
+        if not self._refused:
+            self._answer(InvalidRequest(f"{msg.rstrip('.')}: the request is not valid HTTP/1.1"), ApiFormat.OPENAI)
         self.transport.close()
 
     def _answer(self, error: ApiError, api: ApiFormat) -> None:
@@ -247,16 +248,31 @@ class BoundedHttpProtocol(StalledWritesCut, HttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED:
             # uvicorn queues every request of a read (up to 256 KiB) behind the one being answered, ~3 KB
             # each: 20 connections pipelining 8,000 requests each and reading nothing took a process from
-            # 150 to 587 MiB (found by a review). No client pipelines this deep: raised out of the parser's
-            # callback, which stops it (httptools raises it as a parse error: `send_400_response` answers it).
-            self._refusal = ServiceUnavailable(f"More than {MAX_PIPELINED} requests were sent ahead of their answers on one connection; "
-                                               "it is closed.", retry_after=1)  # fmt: skip
-            raise self._refusal
+            # 150 to 587 MiB (found by a review). No client pipelines this deep: the connection is closed.
+            self._refuse_pipelining()
         self._disarm()
         self._headers_after_answer = False
         super().on_headers_complete()  # starts the request (`_start_asgi_task`), or queues it behind the answer going out
 
+    def _refuse_pipelining(self) -> None:
+        """Close the connection without an answer: one is being given (the 503 was written into it, and
+        taken by its client as the answer of a request the proxy went on to bill), and the requests
+        queued behind it are dropped. The one being answered learns its client is gone (uvicorn tells
+        only the cycle parsed last, which was a queued one: its answer then wrote to a closed socket)
+        and is recorded as such. Raised out of the parser's callback, which stops the parse of the rest
+        of the read (httptools raises it as a parse error: `send_400_response` closes)."""
+        log.warning("a client sent more than %d requests ahead of their answers on one connection: it is closed", MAX_PIPELINED)
+        for cycle in (self._running, *(queued for queued, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
+        self.cycle = self._running
+        self._refused = True
+        raise ConnectionAbortedError("too many pipelined requests")
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
         super()._start_asgi_task(cycle, app)
         if cycle.more_body:  # its body, from the moment the app can read it
             self._arm_body(cycle)
