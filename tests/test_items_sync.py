@@ -274,6 +274,12 @@ async def test_a_transferred_or_deleted_issue_is_noted_and_the_sync_goes_on(
         assert "acme/web#1: github: " in out and says in out, out
     assert (await proxy.get("/api/work-items/acme%2Fweb%232"))["status"] == "done"
     assert (await proxy.get("/api/work-items/acme%2Fweb%231"))["status"] == "unverified"
+    # A redirect within the API's host to anything but an item (a sign-in page in front of it) is a
+    # wrong address, not a moved item: it stops the run (it was noted as "moved" for every item; found by a review).
+    with respx.mock(assert_all_called=False) as api:
+        api.get(f"{GITHUB}/repos/acme/web/issues/1").respond(302, headers={"location": "/oauth2/start?rd=%2Frepos"})
+        assert cli.main(["items", "sync", "--config", path]) == 2
+    assert "redirects (HTTP 302)" in capsys.readouterr().err
 
 
 async def test_an_answer_older_than_the_trackers_last_event_is_not_reported_as_a_change(

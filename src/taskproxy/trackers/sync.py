@@ -187,7 +187,7 @@ class Fetcher:
             raise TrackerUnavailable(f"{self.name}: the API refused the token (HTTP {status}); check trackers.{self.name}.token_env.")
         if status == 410:
             raise ItemElsewhere(f"{where} is gone (HTTP 410: deleted)")
-        if 300 <= status < 400 and _same_site(urljoin(where, headers.get("location", "")), self._api):
+        if 300 <= status < 400 and _an_item_elsewhere(self.name, urljoin(where, headers.get("location", "")), self._api):
             # An issue transferred to another repository, a repository renamed: this item, not the run.
             raise ItemElsewhere(f"{where} redirects (HTTP {status}) to {headers.get('location', '?')}: moved")
         if 300 <= status < 400:  # not followed: the token would go with it, and the item asked for is not what answers
@@ -268,10 +268,22 @@ class Fetcher:
         return self._parse("", {"type": "Issue", "action": "update", "data": issue, "url": issue.get("url"), "webhookTimestamp": stamp})
 
 
-def _same_site(url: str, api: str) -> bool:
-    """A redirect within the tracker's API (same scheme and host), not to another address."""
+# Where a tracker's REST API redirects an item that moved: GitHub an issue transferred to another
+# repository (by the repository's id) or a renamed repository; GitLab a moved project. (Linear's GraphQL
+# answers no redirect for an item.)
+_ITEM_PATHS = {
+    "github": re.compile(r"/(?:repositories/\d+|repos/[^/]+/[^/]+)/(?:issues|pulls)/\d+/?$"),
+    "gitlab": re.compile(r"/api/v4/projects/[^/]+/(?:issues|merge_requests)/\d+/?$"),
+    "jira": re.compile(r"/rest/api/\d+/issue/[^/]+/?$"),
+}
+
+
+def _an_item_elsewhere(tracker: str, url: str, api: str) -> bool:
+    """A redirect to another item of the tracker's own API (same scheme and host, an item's path): the
+    item moved. Anything else (a sign-in page, another host, a wrong `api_url`) stops the run."""
     there, here = urlsplit(url), urlsplit(api)
-    return (there.scheme, there.netloc) == (here.scheme, here.netloc)
+    path = _ITEM_PATHS.get(tracker)
+    return (there.scheme, there.netloc) == (here.scheme, here.netloc) and path is not None and path.search(there.path) is not None
 
 
 def sync_items(
