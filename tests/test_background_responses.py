@@ -191,3 +191,21 @@ def test_the_writer_keeps_what_is_owed_and_the_migration_finds_what_was_owed_bef
     assert upgrade_schema(engine) == ("0023", head_revision())
     assert owed() == {"resp_2"}
     engine.dispose()
+
+
+@pytest.mark.serve
+def test_through_a_real_server_the_production_client_reads_and_bills_a_response_nobody_read(upstream: Any, tmp_path: Path) -> None:
+    """The same through `taskproxy serve`: its collector's read goes through the production client
+    (aiohttp) to the fake provider on loopback, with the provider's key."""
+    from serve_helpers import ADMIN_KEY, child_env, running_server, write_config
+
+    recording = {"spool_path": str(tmp_path / "spool.jsonl"), "flush_interval_seconds": 0.05, "collect_background_after_seconds": AFTER}
+    config = write_config(tmp_path, upstream.url, models=[{"name": "gpt-4o-mini", "base_url": f"{upstream.url}/v1"}], recording=recording)
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+        client = server.openai(server.new_key(owner="ari"), default_headers={"X-Work-Item": "PROJ-66"})
+        queued = client.responses.create(model="gpt-4o-mini", input="Write the migration notes.", background=True)
+        assert queued.status == "queued"
+        item = server.work_item("PROJ-66", expected_requests=2)  # the deferred create, then its usage, read by the proxy
+        assert item["completion_tokens"] > 0
+        reads = [r for r in upstream.received if r.get("method") == "GET" and r["path"] == f"/v1/responses/{queued.id}"]
+        assert len(reads) == 1
