@@ -211,3 +211,32 @@ def test_spend_on_an_unconfirmed_ticket_up_to_its_merged_pr_is_not_unverified_sp
     assert [item["id"] for item in mixed["work_items"]] == ["X-4"] and (mixed["evidence"]["items"], mixed["evidence"]["requests"]) == (1, 10)
     across = found["unverified_spend:across"]["evidence"]
     assert (across["unverified_cost_usd"], across["carried_cost_usd"], across["share"]) == (usd(6 * REQUEST_NANOS), usd(2 * REQUEST_NANOS), 0.75)
+
+
+@BOTH_DATABASES
+def test_a_tag_on_the_ticket_a_hand_done_pull_request_carries_is_a_trivial_completion(database_url: str, tmp_path: Path) -> None:
+    """Six hand-done pull requests, each out of a ticket left in progress with one tiny request on it
+    two hours before the merge: the report counts the ticket's usage up to the merge as the pull
+    request's, so each was AI-assisted (the share went from 0.5 to 1.0, the median cost per completed
+    item down by two thirds), and `trivial_completions`, which read the key's requests on the pull
+    request alone, flagged nothing; the same tag on the pull request itself was flagged (found by a review)."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()  # an honest key: six AI-worked tickets
+    tagger = SimpleNamespace(id="tagger", owner="tagger@example.com", team="web")
+    for n in range(1, 7):
+        ticket, pull = f"G-{n}", f"acme/web#{100 + n}"
+        world.ticket(ticket, "in_progress")
+        merged = SINCE + n * DAY + 16 * HOUR
+        world.exchanges.append(past_request(id=f"tag-{n}", ts=merged - 2 * HOUR, key=tagger, work_item=ticket, model="big-model", body={"n": n},
+                                            prompt_tokens=20, completion_tokens=5, counter=world.counter, price=PRICE))  # fmt: skip
+        registry.transition(engine, pull, "open", source="github", at=merged - DAY, fields={"team": "web", "lines_added": 30, "lines_deleted": 10},
+                            created_at=merged - DAY)  # fmt: skip
+        registry.transition(engine, pull, "done", source="github", at=merged, merged=True)
+        registry.link(engine, ticket, pull, at=merged)
+    found = world.signals()
+    assert "trivial_completions:tagger" in found and "trivial_completions:steady" not in found
+    evidence = found["trivial_completions:tagger"]["evidence"]
+    assert (evidence["trivial_items"], evidence["light_items"]) == (6, 6)
+    assert sorted(entry["id"] for entry in found["trivial_completions:tagger"]["work_items"]) == [f"acme/web#{100 + n}" for n in range(1, 7)]

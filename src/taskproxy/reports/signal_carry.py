@@ -7,7 +7,10 @@ is completed, led to that outcome with its usage up to the merge. So the signals
   tidy, flagged every key that worked on it before);
 - `cost_outlier`: a merged pull request's cost holds its carried tickets' usage up to the merge, and
   the keys that spent it are among its spenders (work put on a ticket left open, a tenth of it on the
-  pull request, hid the cost from the comparison before).
+  pull request, hid the cost from the comparison before);
+- `trivial_completions`: a key's spend on a carried ticket up to the merge is its spend on the pull
+  request (`on_their_pull_requests`): one tiny request on the ticket made a hand-done pull request
+  AI-assisted, and the check, which read the key's requests on the pull request alone, saw nothing.
 
 Read for the tickets concerned alone, by index: their per-key days from `usage_key_daily`, and the raw
 events of the merge's own day up to the merge.
@@ -128,3 +131,23 @@ def carried_costs(connection: Connection, merges: Mapping[str, datetime]) -> dic
                                            where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
             costs[ticket] = None if cost is None else int(cost)
     return costs
+
+
+def on_their_pull_requests(connection: Connection, spend: dict[str, dict[str, Spend]], carriers: Mapping[str, str], merges: Mapping[str, datetime],
+                           since: datetime) -> dict[str, dict[str, Spend]]:  # fmt: skip
+    """`spend` (per key and item) with each key's spend on a carried ticket, from `since` up to its
+    merge, added to the pull request that carries it (`carriers`): the report's view of whose work an
+    AI-assisted pull request was. The tickets read are those some key spent on in the period alone."""
+    tickets = {item for per_item in spend.values() for item in per_item if item in carriers}
+    if not tickets:
+        return spend
+    found = {key_id: dict(per_item) for key_id, per_item in spend.items()}
+    for ticket, per_key in key_spend_up_to(connection, {ticket: merges[ticket] for ticket in tickets}, since).items():
+        pull = carriers[ticket]
+        for key_id, part in per_key.items():
+            mine = found.setdefault(key_id, {})
+            before = mine.get(pull)
+            merged = Spend(pull) if before is None else Spend(pull, before.requests, before.cost, before.tokens, before.first, before.last)
+            add_spend(merged, part.requests, part.cost, part.tokens, part.first, part.last)
+            mine[pull] = merged
+    return found

@@ -173,7 +173,7 @@ def gaming_signals(
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
             "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
             "unverified_spend": _unverified(connection, spend, items, since, until, t),
-            "trivial_completions": trivial_completions(spend, items, since, until, t),
+            "trivial_completions": trivial_completions(signal_carry.on_their_pull_requests(connection, spend, in_period, merges, since), items, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }
         load_keys(connection, {key_id for found in by_kind.values() for key_id, _, _ in found}, into=keys)
