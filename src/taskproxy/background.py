@@ -18,7 +18,6 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-import orjson
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
@@ -83,7 +82,7 @@ async def settles(body: bytes, limit_nodes: int) -> bool:
     provider sent no usage); a cancelled one only with its usage, since a cancel can lose the race
     with the generation and a later read show it completed."""
     try:
-        decoded = await decode_json_object(body, limit_nodes) if len(body) > DECODE_IN_THREAD_BYTES else _loads(body)
+        decoded = await decode_json_object(body, limit_nodes) if len(body) > DECODE_IN_THREAD_BYTES else observe.parsed(body)
     except RequestTooLarge:  # more values than a request may hold: judged from its ends, as a body too large to keep is
         capture = Capture()
         capture.add(body)
@@ -124,13 +123,6 @@ def bill(attempts: Attempts, origin: Origin, model: ModelSettings, observed: Cal
 def bill_body(attempts: Attempts, origin: Origin, model: ModelSettings, capture: Capture, user_agent: str | None) -> None:
     """`bill` from a read's body (whole, or its ends)."""
     bill(attempts, origin, model, partial(observe.responses_body, capture), user_agent)
-
-
-def _loads(body: bytes) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
 
 
 class Collector:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import DateTime, String, func, or_, select
@@ -147,7 +148,7 @@ def on_their_pull_requests(connection: Connection, spend: dict[str, dict[str, Sp
         for key_id, part in per_key.items():
             mine = found.setdefault(key_id, {})
             before = mine.get(pull)
-            merged = Spend(pull) if before is None else Spend(pull, before.requests, before.cost, before.tokens, before.first, before.last)
+            merged = Spend(pull) if before is None else replace(before)  # a copy: `spend` is left as it was
             add_spend(merged, part.requests, part.cost, part.tokens, part.first, part.last)
             mine[pull] = merged
     return found

@@ -24,7 +24,8 @@ from taskproxy.upstream.sse import end_of_first_event, end_of_last_event, iter_e
 Observer = Callable[[Capture], Observed]
 
 
-def _loads(data: bytes) -> Any:
+def parsed(data: bytes) -> Any:
+    """`data` as JSON, or None when it is not."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -62,13 +63,13 @@ def stream_events(capture: Capture) -> Iterator[dict]:
         blocks = (head[: end_of_last_event(head)], tail[first_end:])
     for block in blocks:
         for _, data in iter_events(block):
-            if data != b"[DONE]" and isinstance(event := _loads(data), dict):
+            if data != b"[DONE]" and isinstance(event := parsed(data), dict):
                 yield event
 
 
 def _body(capture: Capture) -> dict | None:
     """A non-streamed answer's JSON, when it was kept whole."""
-    data = _loads(capture.whole()) if capture.complete else None
+    data = parsed(capture.whole()) if capture.complete else None
     return data if isinstance(data, dict) else None
 
 
