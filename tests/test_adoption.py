@@ -66,9 +66,11 @@ class Expected:
     """The report's definitions, applied to the generator's records with plain loops."""
 
     def __init__(
-        self, org: Org, since: datetime, until: datetime, *, min_group: int = MIN_GROUP, stale_days: float = STALE_DAYS, size_bands: SizeBands | None = None
+        self, org: Org, since: datetime, until: datetime, *, min_group: int = MIN_GROUP, stale_days: float = STALE_DAYS, size_bands: SizeBands | None = None,
+        now: datetime | None = None,
     ) -> None:
         self.org, self.since, self.until, self.min_group, self.size_bands = org, since, until, min_group, size_bands
+        self.now = now or utcnow()  # the report's computation: what became of the items in progress at until is known up to it
         self.stale_before = until - timedelta(days=stale_days)
         self.stale_days = stale_days
 
@@ -98,13 +100,16 @@ class Expected:
         return sorted(spent, key=lambda team: (-spent[team][0], -spent[team][1], team))[0]
 
     def status_at_until(self, item: Item) -> str:
+        return self.status_at(item, self.until)
+
+    def status_at(self, item: Item, moment: datetime) -> str:
         if item.registered != "transition" and not item.changes:
             return "unverified"
-        earlier = [c for c in item.changes if c.at < self.until]
+        earlier = [c for c in item.changes if c.at < moment]
         if earlier:
             return earlier[-1].after
-        if item.changes and item.changes[0].before is not None:
-            return item.changes[0].before
+        if item.changes:  # the status its first change found; none yet if that change created it
+            return item.changes[0].before or "unverified"
         return item.status
 
     def completed(self, item: Item) -> bool:
@@ -208,6 +213,16 @@ class Expected:
             return status, after
         if status in ("open", "in_progress") and item.created_at < self.stale_before:
             return "stale_open", after
+        if status in ("open", "in_progress"):  # work in progress at until: judged once it turned stale (or now)
+            turned_stale = item.created_at + timedelta(days=self.stale_days)
+            judged_at = turned_stale if self.now > turned_stale else self.now
+            later, mark = self.status_at(item, judged_at), self.rework(item)
+            if later == "closed":
+                return "closed", after
+            if later in ("open", "in_progress") and self.now > turned_stale:
+                return "stale_open", after
+            if later == "done" and mark is not None and mark[1] == "reverted" and mark[0] <= judged_at:
+                return "reworked", after
         return None, None
 
     def relevant(self) -> list[Item]:
@@ -432,7 +447,11 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     assert any(all(e.cost is None for e in expect.events(i)) for i in completed if expect.assisted(i))  # unpriced items
     assert any(e.ts > i.completed_at for i in completed for e in expect.events(i))  # usage after completion
     assert any(expect.team_of(i) != i.team for i in expect.relevant())  # teams found from the spending
-    assert any(i.linked and expect.without_outcome(i) == (None, None) and expect.status_at_until(i) == "in_progress" for i in org.items.values())
+    # Items in progress and fresh at until, judged by what became of them: each verdict, and one not judged yet.
+    judged = {expect.without_outcome(i)[0] for i in expect.relevant() if expect.status_at_until(i) in ("open", "in_progress") and i.created_at >= expect.stale_before}
+    assert {"closed", "stale_open", None} <= judged
+    at_until = Expected(org, SINCE, UNTIL, now=UNTIL)
+    assert any(i.linked and at_until.without_outcome(i) == (None, None) and at_until.status_at_until(i) == "in_progress" for i in org.items.values())
     # Tickets whose merged PR covers their spend up to the merge, and some of it after the merge that counts.
     covered = [(i, after) for i in expect.relevant() if (after := expect.without_outcome(i)[1]) is not None]
     assert any(expect.in_period(e.ts) and e.ts <= after for i, after in covered for e in expect.events(i))
@@ -505,7 +524,12 @@ def test_period_boundaries_are_half_open(world: tuple[Any, Org, Path]) -> None:
     expect = Expected(org, SINCE, UNTIL)
     items = org.items
     assert [expect.completed(items[f"EDGE-{n}"]) for n in (1, 2, 3, 4)] == [True, False, False, True]
-    assert expect.without_outcome(items["EDGE-5"])[0] is None and expect.without_outcome(items["EDGE-6"])[0] == "stale_open"
+    # EDGE-5 was created stale_after_days before until: fresh then (not stale_open when the report is computed at
+    # until), stale right after it and still open (stale_open once judged, as any report computed later finds).
+    at_until = Expected(org, SINCE, UNTIL, now=UNTIL)
+    assert at_until.without_outcome(items["EDGE-5"])[0] is None and at_until.without_outcome(items["EDGE-6"])[0] == "stale_open"
+    assert expect.without_outcome(items["EDGE-5"])[0] == "stale_open"
+    assert_close(adoption_report(engine, since=SINCE, until=UNTIL, min_group_size=MIN_GROUP, stale_after_days=STALE_DAYS, now=UNTIL), at_until.report())
 
     def web(since: datetime, until: datetime) -> dict[str, Any]:
         return adoption_report(engine, since=since, until=until, team="web", stale_after_days=STALE_DAYS)["overall"]

@@ -46,9 +46,9 @@ class World:
             self.exchanges.append(past_request(id=f"r-{n}", ts=ts, key=key, work_item=item, model="big-model", body={"n": n},
                                                prompt_tokens=100_000, completion_tokens=10_000, counter=self.counter, price=PRICE))  # fmt: skip
 
-    def without_outcome(self) -> dict[str, Any]:
+    def without_outcome(self, now: datetime | None = None) -> dict[str, Any]:
         write_all(self.engine, self.tmp_path / "spool.jsonl", self.exchanges, len(self.exchanges))
-        overall = adoption_report(self.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
+        overall = adoption_report(self.engine, since=SINCE, until=UNTIL, min_group_size=1, now=now)["overall"]
         return {"total": overall["spend_without_outcome_usd"], **{k: v for k, v in overall["spend_without_outcome_breakdown"].items() if v}}
 
 
@@ -110,3 +110,26 @@ def test_a_reverted_pull_request_done_again_by_hand_is_still_reworked(database_u
     world.status(PR, "done", SINCE + 4 * DAY)
     world.requests(PR, SINCE + 3 * DAY + 12 * HOUR)
     assert world.without_outcome() == {"total": usd(ONE), "reworked": usd(ONE)}
+
+
+@BOTH_DATABASES
+def test_spend_on_items_in_progress_at_until_is_judged_by_what_became_of_them(database_url: str, tmp_path: Path) -> None:
+    """Work moved onto fresh clone tickets late in the period, closed as duplicates after it ends (or
+    left open), was in progress at `until` and never counted as without outcome, in that period or any
+    later one. Found by a review (2026-12-07). Each such item is now judged as it stood when it turned
+    stale (created more than `stale_after_days`, 14, before), or as of now when that has not come."""
+    world = World(database_url, tmp_path)
+    world.status("C-1", "in_progress", SINCE + 5 * DAY, created_at=SINCE + 5 * DAY)  # the clone, closed after the period
+    world.status("C-1", "closed", UNTIL + 2 * DAY)
+    world.requests("C-1", SINCE + 5 * DAY + HOUR, SINCE + 6 * DAY)
+    world.status("C-2", "open", SINCE + 6 * DAY, created_at=SINCE + 6 * DAY)  # left open
+    world.requests("C-2", SINCE + 6 * DAY + HOUR)
+    world.status("C-3", "in_progress", SINCE + 5 * DAY, created_at=SINCE + 5 * DAY)  # done within its fortnight
+    world.status("C-3", "done", UNTIL + 3 * DAY)
+    world.requests("C-3", SINCE + 5 * DAY + 2 * HOUR)
+    world.status("C-4", "open", SINCE + 4 * DAY, created_at=SINCE + 4 * DAY)  # closed only once stale
+    world.status("C-4", "closed", SINCE + 24 * DAY)
+    world.requests("C-4", SINCE + 4 * DAY + HOUR)
+    assert world.without_outcome(now=UNTIL) == {"total": usd(0)}  # at the period's end: all work in progress
+    assert world.without_outcome(now=UNTIL + 3 * DAY) == {"total": usd(2 * ONE), "closed": usd(2 * ONE)}  # C-2 and C-4 still fresh
+    assert world.without_outcome() == {"total": usd(4 * ONE), "closed": usd(2 * ONE), "stale_open": usd(2 * ONE)}

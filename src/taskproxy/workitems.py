@@ -22,6 +22,7 @@ MAX_ID_LENGTH = 200
 # A work item's status, as the registry and every report read it.
 ITEM_STATUSES = ("open", "in_progress", "done", "closed", "unverified")
 SETTABLE_STATUSES = ("open", "in_progress", "done", "closed")  # by the API and the CLI; "unverified" is the proxy's own
+IN_PROGRESS = ("open", "in_progress")  # not finished: work in progress, or stale once old (reports.stale_after_days)
 RESOLVED = ("done", "closed")  # finished: done is completed work, closed is not (duplicates, won't do)
 # How a work item is linked to another (`work_item_links.kind`): a ticket to the pull request merged for
 # it (its spend led to finished work), and a pull request to the merged revert of it that arrived first.

@@ -69,7 +69,15 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   merged PR is its outcome; what the ticket spends after it is not). Split in `spend_without_outcome_breakdown`
   (`closed`, `unverified`, `stale_open`, `reworked`). The status as of `until` is the current status when no change
   was recorded at or after `until` (every status change records one); otherwise the target of the last
-  recorded change before `until`, or, when none was, the origin of the first change after it.
+  recorded change before `until`, or, when none was, the origin of the first change after it (`unverified` if
+  that change created the item: a pull request opened after `until` was no merged PR then).
+  An item `open`/`in_progress` as of `until` and created less than `stale_after_days` before it was work
+  in progress then: its period spend is judged by its status as of the moment it turned stale
+  (`created_at` + `stale_after_days`), or as of now (the report's computation) when that has not come:
+  `closed` then counts as `closed`, still `open`/`in_progress` at that moment as `stale_open`, `done` and
+  reverted by then as `reworked`, anything else not at all. So spend moved onto fresh tickets late in a
+  period and closed (as duplicates) or abandoned after it counts in that period once that is known; a
+  period's figure settles `stale_after_days` after its end.
 - `spend_after_completion_usd`: spend (events with `ts` in the period) on items whose current status
   is `done` or `closed`, on events later than the item's `completed_at`.
 - `cycle_time_hours`: `{"ai_assisted", "other"}` medians of completed_at − created_at, in hours, over
@@ -112,11 +120,11 @@ from taskproxy.reports import adoption_teams
 from taskproxy.reports.adoption_data import Item as _Item
 from taskproxy.settings import SizeBands
 from taskproxy.storage.db import one_snapshot
-from taskproxy.timeutil import iso, rounded_hours
+from taskproxy.timeutil import iso, rounded_hours, utcnow
+from taskproxy.workitems import IN_PROGRESS
 
 WITHOUT_OUTCOME = ("closed", "unverified", "stale_open", "reworked")
 REWORK_REASONS = ("reverted", "reopened")
-OPEN_STATUSES = ("open", "in_progress")
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -146,12 +154,29 @@ def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tu
     status = item.status_at_until
     if status in ("closed", "unverified"):
         kind = status
-    elif status in OPEN_STATUSES and item.created_at is not None and item.created_at < until - stale_after:
+    elif status in IN_PROGRESS and item.created_at is not None and item.created_at < until - stale_after:
         kind = "stale_open"
+    elif (later := _judged_later(item)) is not None:
+        kind = later
     else:
         return None, 0
     spend = item.spend_after_merge if item.merged_pr else item.spend
     return (kind, spend) if spend else (None, 0)
+
+
+def _judged_later(item: _Item) -> str | None:
+    """An item in progress and fresh at `until`, as it stood once it could be judged (`status_judged`):
+    closed, still in progress when it turned stale, or done and reverted since then; None while it may
+    still lead somewhere, or once it did."""
+    status, at = item.status_judged, item.judged_at
+    if status is None or at is None:
+        return None
+    if status == "closed":
+        return "closed"
+    if status in IN_PROGRESS:
+        return "stale_open" if item.judged_stale else None
+    reverted = item.rework_reason == "reverted" and item.reworked_at is not None and item.reworked_at <= at
+    return "reworked" if status == "done" and reverted else None
 
 
 def _cost_figures(costs: list[int]) -> dict[str, Any]:
@@ -325,13 +350,15 @@ def adoption_report(
     stale_after_days: float = 14.0,
     size_bands: SizeBands | None = None,
     item_teams: Mapping[str, str] | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """The adoption report for [since, until), overall and per team (see the module docstring).
-    `item_teams`: the team of each tracker project's items (`work_items.teams`)."""
+    `item_teams`: the team of each tracker project's items (`work_items.teams`); `now`: the moment it is
+    computed at (what became of the items in progress at `until` is known up to it)."""
     if since >= until:
         raise ValueError("'since' must be before 'until'")
     with one_snapshot(engine) as connection:
-        items = data.load(connection, since, until)
+        items = data.load(connection, since, until, stale_after=timedelta(days=stale_after_days), now=now or utcnow())
         adoption_teams.assign_teams(connection, items, since, until, item_teams or {})
         people = privacy.group_sizes(connection, as_of=until)  # the period's answer does not change with later hires
         rejections = adoption_teams.rejections(connection, since, until)

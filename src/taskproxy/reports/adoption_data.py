@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +25,7 @@ from taskproxy.storage import idsets, rollup, spend_after
 from taskproxy.storage.rollup import within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
-from taskproxy.workitems import MERGED_PR, RESOLVED, changed_lines, completed_in, completion_holds
+from taskproxy.workitems import IN_PROGRESS, MERGED_PR, RESOLVED, changed_lines, completed_in, completion_holds
 from taskproxy.storage.models import UsageEvent, WorkItem, WorkItemChange, WorkItemLink, WorkItemSize
 
 _E = UsageEvent.__table__.c
@@ -45,6 +45,11 @@ class Item:
     completed_at: datetime | None = None
     status_at_until: str = "unverified"
     completed_at_until: datetime | None = None  # its completion as it stood at `until` (done or closed then), else None
+    # Open or in progress and fresh at `until` (work in progress then): its status once it can be judged,
+    # as of `judged_at` (when it turned stale, or now if that has not come yet). None for the others.
+    status_judged: str | None = None
+    judged_at: datetime | None = None
+    judged_stale: bool = False  # judged as it stood when it turned stale (else as of now: it has not yet)
     # All-time, per model: (events, answered events that are not token counts, cost in nano-USD or None,
     # total tokens) — items
     # completed in the period, or reopened after a completion in it, only.
@@ -154,7 +159,7 @@ class Item:
         self.tokens += tokens
 
 
-def load(connection: Connection, since: datetime, until: datetime) -> dict[str, Item]:
+def load(connection: Connection, since: datetime, until: datetime, *, stale_after: timedelta, now: datetime) -> dict[str, Item]:
     """The items the report reads, and only those: the items with usage in the period, the items
     completed in it, and the items their links point to. Each step reads by index what those items
     need, so the work grows with the period's activity, not with the organisation's history."""
@@ -174,6 +179,7 @@ def load(connection: Connection, since: datetime, until: datetime) -> dict[str, 
     linked_ids = {target for linked in targets.values() for target in linked}
     _load_rows(connection, items, sorted(linked_ids - set(items)))
     _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
+    _load_judged(connection, items, until, stale_after, now)
     merges: dict[str, datetime] = {}  # ticket -> its last merged PR's merge, as of until
     for ticket, linked in targets.items():
         for target in linked:
@@ -383,27 +389,55 @@ def _load_links(connection: Connection, items: dict[str, Item]) -> dict[str, lis
 
 
 def _load_statuses_at(connection: Connection, items: dict[str, Item], until: datetime, wanted: set[str]) -> None:
-    """Set `status_at_until` and `completed_at_until` of the `wanted` items: the current ones (set by
-    `_load_rows`) unless a change was recorded at or after `until`; then, from their history, the
-    status the last change before `until` left (and, if that was a completion, its time), else the one
-    the first change after it found (a completion before any recorded change is not dated). Only the
-    items changed since `until` are read (by the index on `ts`): for a period that ends now, next to none."""
+    """Set `status_at_until` and `completed_at_until` of the `wanted` items (`statuses_at`)."""
+    for item_id, (status, completed_at) in statuses_at(connection, items, dict.fromkeys(wanted & items.keys(), until)).items():
+        items[item_id].status_at_until, items[item_id].completed_at_until = status, completed_at
+
+
+def _load_judged(connection: Connection, items: dict[str, Item], until: datetime, stale_after: timedelta, now: datetime) -> None:
+    """Set `status_judged` and `judged_at` of the items with spend in the period that were work in
+    progress at `until` (open or in progress, created less than `stale_after` before it): their status
+    as of the moment they turned stale (`created_at + stale_after`), or as of now if that has not come.
+    At `until` what that spend led to was not known yet; a clone closed as a duplicate after the period,
+    or left open, is then known to have led to nothing (adoption.py, spend without outcome)."""
+    fresh = [item for item in items.values()
+             if item.spend and item.status_at_until in IN_PROGRESS and item.created_at is not None and item.created_at >= until - stale_after]  # fmt: skip
+    # Stale once created more than `stale_after` before: at `created_at + stale_after` it is not yet.
+    moments = {item.id: item.created_at + stale_after if now > item.created_at + stale_after else now for item in fresh}  # type: ignore[operator]
+    for item_id, (status, _) in statuses_at(connection, items, moments).items():
+        item = items[item_id]
+        item.status_judged, item.judged_at, item.judged_stale = status, moments[item_id], now > moments[item_id]
+
+
+def statuses_at(connection: Connection, items: Mapping[str, Item], moments: Mapping[str, datetime]) -> dict[str, tuple[str, datetime | None]]:
+    """Each item's status as of its moment (`moments`), and its completion then (done or closed), else
+    None: the current ones (as `_load_rows` set them) unless a change was recorded at or after the
+    moment; then, from its history, the status the last change before the moment left (and, if that
+    was a completion, its time), else the one the first change after it found (a completion before any
+    recorded change is not dated), or `unverified` if that change created it (a pull request opened
+    after `until` was no merged PR then). Only the items changed since the earliest moment are read (by the
+    index on `ts`): for a period that ends now, next to none."""
+    found: dict[str, tuple[str, datetime | None]] = {}
+    for item_id, moment in moments.items():
+        item = items[item_id]
+        found[item_id] = (item.status, item.completed_at if item.status in RESOLVED else None)
+    if not moments:
+        return found
+    changed_since = set(connection.execute(select(_C.work_item).where(_C.ts >= min(moments.values())).distinct()).scalars())
     before: dict[str, tuple[str, datetime]] = {}
     first_after: dict[str, str | None] = {}
-    changed_since = connection.execute(select(_C.work_item).where(_C.ts >= until).distinct()).scalars()
-    wanted = wanted & items.keys() & set(changed_since)
-    for chunk in idsets.batches(connection, wanted):
+    for chunk in idsets.batches(connection, moments.keys() & changed_since):
         query = (select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(idsets.among(connection, _C.work_item, chunk))
                  .order_by(_C.work_item, _C.ts))  # fmt: skip
         for row in connection.execute(query):
-            if row.ts < until:
+            if row.ts < moments[row.work_item]:
                 before[row.work_item] = (row.to_status, row.ts)
             elif row.work_item not in first_after:
                 first_after[row.work_item] = row.from_status
-    for item_id in wanted:
-        item = items[item_id]
+    for item_id in first_after.keys() | before.keys():
         if item_id in before:
-            item.status_at_until, at = before[item_id]
-            item.completed_at_until = at if item.status_at_until in RESOLVED else None
-        elif first_after.get(item_id) is not None:
-            item.status_at_until, item.completed_at_until = first_after[item_id], None  # type: ignore[assignment]
+            status, at = before[item_id]
+            found[item_id] = (status, at if status in RESOLVED else None)
+        else:  # its first change came after the moment: the status it found, or none yet (created since)
+            found[item_id] = (first_after[item_id] or "unverified", None)
+    return found
