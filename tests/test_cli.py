@@ -588,3 +588,17 @@ def test_a_branch_being_rebased_is_still_the_branch(tmp_path: Path) -> None:
     git("rebase", "--abort")
     git("checkout", "-q", "--detach")
     assert current_branch(tmp_path) is None
+
+
+def test_an_argument_or_a_branch_not_in_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 in an argument (`--team $'\\xff'`) or in the checked-out branch's name
+    failed with a UnicodeEncodeError or UnicodeDecodeError traceback (found by a review)."""
+    env = child_env(TASKPROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}", TASKPROXY_ADMIN_KEY="tp-" + "x" * 43)
+    for command in ((b"items", b"list", b"--team", b"\xff"), (b"items", b"add", b"PAY-\xff")):
+        result = subprocess.run([sys.executable.encode(), b"-m", b"taskproxy", *command], capture_output=True, text=True, timeout=30, env=env)
+        assert result.returncode == 2 and "is not valid UTF-8" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    from taskproxy.launch import current_branch
+
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    subprocess.run([b"git", b"checkout", b"-q", b"-b", b"feature/PAY-1-\xff"], cwd=tmp_path / "repo", check=True)
+    assert current_branch(tmp_path / "repo") == "feature/PAY-1-\ufffd"

@@ -185,7 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Python hands bytes that are not UTF-8 over as lone surrogates, which fail later wherever they are
+    # printed or stored: a traceback, where the user needs to hear which argument it was.
+    for argument in arguments:
+        if any("\udc80" <= c <= "\udcff" for c in argument):
+            print(f"taskproxy: the argument {argument.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(arguments)
     try:
         return args.handler(args)
     except (ConfigError, SchemaBehind, MigrationBlocked, TrackerUnavailable) as exc:

@@ -60,14 +60,17 @@ def current_branch(cwd: str | os.PathLike[str] | None = None) -> str | None:
     """The checked-out branch, or the one being rebased (HEAD is detached meanwhile, the work goes on);
     None outside a repository or on another detached HEAD."""
     try:
-        done = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        # A branch name is bytes to git: one not in UTF-8 is read with U+FFFD where it is not (its item still found).
+        done = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=cwd, capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=10)  # fmt: skip
         if done.returncode == 0 and done.stdout.strip():
             return done.stdout.strip()
         for state in ("rebase-merge", "rebase-apply"):
-            where = subprocess.run(["git", "rev-parse", "--git-path", f"{state}/head-name"], cwd=cwd, capture_output=True, text=True, timeout=10)
+            where = subprocess.run(["git", "rev-parse", "--git-path", f"{state}/head-name"], cwd=cwd, capture_output=True, encoding="utf-8",
+                                   errors="replace", timeout=10)  # fmt: skip
             path = Path(cwd or ".", where.stdout.strip())
             if where.returncode == 0 and path.is_file():
-                return path.read_text().strip().removeprefix("refs/heads/") or None
+                return path.read_text(encoding="utf-8", errors="replace").strip().removeprefix("refs/heads/") or None
     except (OSError, subprocess.TimeoutExpired):
         return None
     return None
