@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -452,6 +453,16 @@ async def test_raw_events_are_read_page_after_page_to_the_oldest(proxy: Proxy) -
     for cursor in ("nope", "MjAyNi0xMS0yMA", "%00", "x" * 2000):
         refused = await proxy.http.get("/api/usage/events", params={"after": cursor}, headers=proxy.admin_headers)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "after", cursor
+
+
+@BOTH_DATABASES
+async def test_a_cursor_hiding_a_control_character_is_refused_not_a_500(proxy: Proxy) -> None:
+    """The header guard cannot see inside base64: a NUL in the cursor's row id reached PostgreSQL,
+    which refused it (a 500; found by a review)."""
+    cursor = base64.urlsafe_b64encode(b"2026-01-01T00:00:00|\x00").decode().rstrip("=")
+    for path in ("/api/usage/events", "/api/work-items"):
+        refused = await proxy.http.get(path, params={"after": cursor}, headers=proxy.admin_headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "after", (path, refused.text)
 
 
 @BOTH_DATABASES

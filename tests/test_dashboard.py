@@ -209,6 +209,16 @@ def test_sign_in_from_another_site_is_refused(client: TestClient) -> None:
     assert response.status_code == 403
 
 
+def test_an_invalid_host_in_next_or_origin_is_refused_not_a_500(client: TestClient) -> None:
+    """`//[::1` made urlsplit raise: a 500 on the sign-in page, to anyone (found by a review)."""
+    page = client.get("/dashboard/login?next=//%5B::1")
+    assert page.status_code == 200 and "<form" in page.text
+    signed_in = client.post("/dashboard/login", data={"key": INPROCESS_ADMIN_KEY, "next": "/dashboard?x=//["}, follow_redirects=False)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard?x=//["
+    response = client.post("/dashboard/login", data={"key": INPROCESS_ADMIN_KEY, "next": "//["}, headers={"origin": "http://["}, follow_redirects=False)
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+
+
 # -- a real server and a real browser -------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import asyncio
 import gc
 import re
@@ -202,6 +204,40 @@ async def test_a_work_item_header_with_a_control_character_python_strips_is_refu
         refused = await proxy.http.post("/v1/chat/completions", json=body, headers=[(b"authorization", b"Bearer " + key), (b"x-work-item", header)])
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "work_item_invalid", (header, refused.text)
     assert proxy.received == []
+
+
+async def test_a_work_item_that_is_a_malformed_url_is_refused_as_invalid_not_a_500(proxy: Proxy) -> None:
+    """`https://[::1/browse/PAY-1` made urlsplit raise: a 500 wherever an id is read, and the refusal
+    not counted (found by a review)."""
+    key = await proxy.new_key()
+    for bad in ("https://[::1/browse/PAY-1", "http://[zz]/browse/PAY-1"):
+        for extra in ({"headers": {"x-work-item": bad}}, {"json_metadata": bad}):
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            if "json_metadata" in extra:
+                body["metadata"] = {"work_item": bad}
+            headers = {"authorization": f"Bearer {key}", **extra.get("headers", {})}
+            refused = await proxy.http.post("/v1/chat/completions", json=body, headers=headers)
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "work_item_invalid", refused.text
+        registered = await proxy.http.post("/api/work-items", json={"id": bad, "status": "open"}, headers=proxy.admin_headers)
+        assert registered.status_code == 400, registered.text
+        looked_up = await proxy.http.get("/api/work-items/" + quote(bad, safe=""), headers=proxy.admin_headers)
+        assert looked_up.status_code in (400, 404), looked_up.text
+    assert proxy.received == []
+
+
+async def test_a_content_part_whose_type_is_not_a_string_is_counted_not_a_500(proxy: Proxy) -> None:
+    """`{"type": {}}` is unhashable: counting the prompt raised, so an answer without the provider's
+    usage was billed no prompt at all, and count_tokens answered 500 (found by a review)."""
+    key = await proxy.new_key()
+    headers = {"authorization": f"Bearer {key}", "x-work-item": "PROJ-77"}
+    text = {"type": "text", "text": "hello there " * 50}
+    counts = []
+    for extra in ([], [{"type": {}}], [{"type": ["image_url"]}]):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [text, *extra]}]}
+        counted = await proxy.http.post("/v1/messages/count_tokens", json=body, headers=headers)
+        assert counted.status_code == 200, counted.text
+        counts.append(counted.json()["input_tokens"])
+    assert counts[0] > 100 and counts[1] > counts[0] and counts[2] > counts[0]  # the odd part counted as the JSON it is
 
 
 async def test_sdk_errors_for_bad_and_missing_keys(proxy: Proxy) -> None:

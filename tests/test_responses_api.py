@@ -77,6 +77,17 @@ async def test_a_stored_response_is_read_back_by_its_creator_only(proxy: Proxy) 
 
 
 @BOTH_DATABASES
+async def test_a_previous_response_id_with_a_control_character_is_refused_as_invalid(proxy: Proxy) -> None:
+    """A NUL in the id made PostgreSQL refuse the lookup, answered as the database not answering: a 503
+    the SDKs retry, counted as an outage (found by a review). No provider's id holds one."""
+    key = await proxy.new_key()
+    body = {"model": "team-model", "input": "Go on.", "previous_response_id": "resp_\u0000x"}
+    refused = await proxy.http.post("/v1/responses", json=body, headers={"authorization": f"Bearer {key}", "x-work-item": "PROJ-38"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "previous_response_id", refused.text
+    assert proxy.received == []
+
+
+@BOTH_DATABASES
 async def test_a_response_is_continued_only_by_its_creator(proxy: Proxy) -> None:
     """Every key shares the provider account: another person's `previous_response_id` had the provider
     continue that conversation (its input counted in the answer's usage, its text repeatable), though

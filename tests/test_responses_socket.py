@@ -79,6 +79,18 @@ def test_each_response_create_is_recorded_like_a_post_and_a_continuation_is_sent
         assert (event["prompt_tokens"], event["completion_tokens"]) == (response.usage.input_tokens, response.usage.output_tokens)
 
 
+def test_a_message_whose_work_item_is_null_is_billed_to_the_connections(server: ServerProcess, upstream: FakeUpstream) -> None:
+    """`"metadata": {"work_item": null}` dropped the connection's X-Work-Item, so the key's binding (or
+    a refusal) took its place, where a POST with the same body is billed to the header's item (found
+    by a review)."""
+    client = server.openai(server.new_key(owner="ines"))
+    with client.responses.connect(extra_headers={"X-Work-Item": "PROJ-58"}, max_retries=0) as connection:
+        connection.response.create(model="gpt-4o-mini", input="Name the failing test.", metadata={"work_item": None})  # type: ignore[dict-item]
+        assert until_done(connection)[-1].type == "response.completed"
+    [event] = server.events("PROJ-58", 1)
+    assert event["attribution_source"] == "header"
+
+
 def test_a_provider_writing_the_event_type_last_completes_its_turn(server: ServerProcess, upstream: FakeUpstream) -> None:
     """A provider that serializes the SDK's own event classes writes `type` after the whole response:
     the socket looked for it in each event's first 200 bytes, so a completed turn was recorded as

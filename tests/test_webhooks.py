@@ -770,3 +770,19 @@ async def test_a_completion_withdrawn_through_closed_is_rework_and_a_later_done_
     assert ticket["rework"] == {"at": "2026-11-20T09:00:00.000Z", "reason": "reopened", "by": "d-2"}
     early_november = await tracked.get("/api/reports/adoption", since="2026-11-01T00:00:00Z", until="2026-11-10T00:00:00Z")
     assert early_november["overall"]["rework"]["other"] == {"items": 1, "reworked": 1, "rate": 1.0}
+
+
+@BOTH_DATABASES
+async def test_control_characters_in_a_deliverys_event_name_or_jira_url_are_stored_cleaned_not_a_500(tracked: Proxy) -> None:
+    """A NUL in the event name (a payload field) or in Jira's `issue.self` was refused by PostgreSQL:
+    a 500 on every redelivery, and on SQLite the URL kept its control characters (found by a review)."""
+    ignored = hooks.dumps(hooks.jira_issue("jira:issue_updated\u0000", "PAY-30", category="indeterminate"))  # no event of Jira's
+    response = await _post(tracked, "jira", ignored, hooks.jira_headers(ignored))
+    assert response.status_code == 200, response.text
+    payload = hooks.jira_issue("jira:issue_updated", "PAY-31", category="indeterminate")
+    payload["issue"]["self"] = "https://acme.atlassian.net\u0000\u0007/rest/api/2/issue/10042"
+    body = hooks.dumps(payload)
+    response = await _post(tracked, "jira", body, hooks.jira_headers(body))
+    assert response.status_code == 200, response.text
+    item = await tracked.get("/api/work-items/PAY-31")
+    assert item["status"] == "in_progress" and item["url"] == "https://acme.atlassian.net  /browse/PAY-31"

@@ -31,7 +31,7 @@ from taskproxy import reverts, stacks
 from taskproxy.storage import changes, repo
 from taskproxy.storage.repo import insert_ignoring_duplicates
 from taskproxy.storage.models import WebhookDelivery, WorkItem, WorkItemChange, WorkItemSize
-from taskproxy.trackers.base import Delivery, Size
+from taskproxy.trackers.base import Delivery, Size, text
 from taskproxy.timeutil import utcnow
 from taskproxy.bodies import NewWorkItem, WorkItemChanges, parse
 from taskproxy.workitems import ITEM_SOURCES, MERGED_PR, RESOLVED, WorkItemIds
@@ -253,7 +253,7 @@ def apply_delivery(engine: Engine, ids: WorkItemIds, delivery: Delivery, now: da
                 # Inserted first, in the same transaction: a concurrent redelivery fails here and changes nothing.
                 connection.execute(
                     WebhookDelivery.__table__.insert().values(
-                        tracker=delivery.tracker, delivery_id=delivery.delivery_id, received_at=now, event=delivery.event[:64],
+                        tracker=delivery.tracker, delivery_id=delivery.delivery_id, received_at=now, event=(text(delivery.event) or "")[:64],  # a payload's field: NUL is refused by PostgreSQL
                         outcome="applied" if delivery.updates else "ignored",
                     )
                 )  # fmt: skip

@@ -85,8 +85,11 @@ def changed_lines(added: int | None, deleted: int | None) -> int | None:
 
 
 def _from_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(value)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # `https://[::1/browse/PAY-1`: an unclosed or invalid IPv6 host is no tracker's URL
+        return None
     path = unquote(parts.path)
     if host in {"github.com", "www.github.com"} and (match := _GITHUB_PATH.match(path)):
         return f"{match[1]}/{match[2]}#{match[3]}"

@@ -60,9 +60,12 @@ async def current_session(request: Request) -> Session | None:
 
 def _safe_next(value: str | None) -> str | None:
     """A path on this dashboard to return to after logging in; anything else (another host, //x) is dropped."""
-    if not value or "\\" in value or any(ord(c) < 32 for c in value):
+    if not value or "\\" in value or any(ord(c) < 32 for c in value) or value.startswith("//"):
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an invalid IPv6 host (`/dashboard?x=//[`): no path of ours
+        return None
     if parts.scheme or parts.netloc or not value.startswith("/dashboard") or value.startswith("//"):
         return None
     if ".." in unquote(parts.path).split("/"):  # /dashboard/../api/keys (or %2e%2e): out of the dashboard once resolved
@@ -124,7 +127,11 @@ def _same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return origin != "null" and urlsplit(origin).netloc == request.headers.get("host", "")
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # `http://[`: no origin at all, so not ours
+        return False
+    return origin != "null" and netloc == request.headers.get("host", "")
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -220,7 +220,7 @@ def _text_of(value: Any) -> str:
             if isinstance(part, dict):
                 if isinstance(part.get("text"), str):
                     parts.append(part["text"])
-                elif part.get("type") not in NOT_TEXT_PARTS:
+                elif not isinstance(kind := part.get("type"), str) or kind not in NOT_TEXT_PARTS:  # `{"type": {}}` is unhashable
                     parts.append(orjson.dumps(_without_binary(part)).decode())
             elif isinstance(part, str):
                 parts.append(part)

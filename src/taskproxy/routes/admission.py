@@ -130,6 +130,8 @@ class Admission:
         previous = body.get("previous_response_id")
         if not isinstance(previous, str):  # absent; another type goes on to the provider's own error
             return
+        if not previous.isprintable():  # no provider's id holds a control character (and PostgreSQL refuses NUL)
+            raise InvalidRequest("'previous_response_id' is not a response id: it holds a control character.", param="previous_response_id")
         try:
             # Not waited for: a response created a moment ago on another replica is not committed yet,
             # and an id never created through the proxy is no one's here.

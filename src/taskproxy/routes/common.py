@@ -104,7 +104,8 @@ def after_param(request: Request) -> tuple[datetime, str] | None:
         found = datetime.fromisoformat(moment)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         found, row_id = None, ""
-    if found is None or found.tzinfo is not None or not row_id or len(value) > 1024:
+    # A row id of ours is printable: a control character (NUL, which PostgreSQL refuses) was never one.
+    if found is None or found.tzinfo is not None or not row_id or not row_id.isprintable() or len(value) > 1024:
         raise InvalidRequest("'after' must be the cursor of a page's Link header (rel=\"next\").", param="after") from None
     return found, row_id
 

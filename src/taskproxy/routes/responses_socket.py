@@ -35,7 +35,7 @@ from taskproxy.connections import POLICY_VIOLATION
 from taskproxy.error_shapes import error_response, socket_error
 from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
-from taskproxy.guard.attribution import strip_work_item
+from taskproxy.guard.attribution import body_work_item, strip_work_item
 from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, LARGE_BODY_BYTES, Undecodable, decode_json_object
 from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
@@ -192,8 +192,7 @@ async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, he
 def _for_message(headers: Headers, body: dict) -> Headers:
     """The upgrade's headers, as this message's: a message naming its own work item (metadata.work_item)
     is billed to it, over the work item the connection was opened with."""
-    metadata = body.get("metadata")
-    if not (isinstance(metadata, dict) and "work_item" in metadata):
+    if body_work_item(body) is None:  # absent or null: the connection's, as a POST with that body would be
         return headers
     return Headers(raw=[(k, v) for k, v in headers.raw if k.lower() not in (b"x-work-item", b"x-git-branch")])
 

@@ -45,7 +45,7 @@ class Jira:
         at = resolved if status in RESOLVED else tracker_time(fields.get("updated"))
         url = None
         if isinstance(payload["issue"].get("self"), str) and "/rest/" in payload["issue"]["self"]:
-            url = payload["issue"]["self"].split("/rest/")[0] + f"/browse/{key}"
+            url = text(payload["issue"]["self"].split("/rest/")[0] + f"/browse/{key}")  # control characters, as in every URL
         update = ItemUpdate(
             item_id=str(key), status=status, at=at or tracker_time(payload.get("timestamp")), created_at=tracker_time(fields.get("created")),
             title=text(fields.get("summary")), url=url, edited_at=tracker_time(fields.get("updated")),
