@@ -211,10 +211,12 @@ class Expected:
         status = self.status_at_until(item)
         if status in ("closed", "unverified"):
             return status, after
-        if status in ("open", "in_progress") and item.created_at < self.stale_before:
+        # Work on it began when it was created, or at its first request (all time) if that came later.
+        started = max(item.created_at, min((e.ts for e in self.events(item)), default=item.created_at))
+        if status in ("open", "in_progress") and started < self.stale_before:
             return "stale_open", after
         if status in ("open", "in_progress"):  # work in progress at until: judged once it turned stale (or now)
-            turned_stale = item.created_at + timedelta(days=self.stale_days)
+            turned_stale = started + timedelta(days=self.stale_days)
             judged_at = turned_stale if self.now > turned_stale else self.now
             later, mark = self.status_at(item, judged_at), self.rework(item)
             if later == "closed":

@@ -133,3 +133,19 @@ def test_spend_on_items_in_progress_at_until_is_judged_by_what_became_of_them(da
     assert world.without_outcome(now=UNTIL) == {"total": usd(0)}  # at the period's end: all work in progress
     assert world.without_outcome(now=UNTIL + 3 * DAY) == {"total": usd(2 * ONE), "closed": usd(2 * ONE)}  # C-2 and C-4 still fresh
     assert world.without_outcome() == {"total": usd(4 * ONE), "closed": usd(2 * ONE), "stale_open": usd(2 * ONE)}
+
+
+@BOTH_DATABASES
+def test_a_backlog_ticket_picked_up_late_is_work_in_progress_not_stale(database_url: str, tmp_path: Path) -> None:
+    """Staleness ran from `created_at` alone: three days of honest work on a ticket opened two months
+    earlier and picked up three days before `until` counted as stale open spend (found by a review).
+    It now runs from when work began: the later of its creation and its first request."""
+    world = World(database_url, tmp_path)
+    world.status("B-1", "open", SINCE - 60 * DAY, created_at=SINCE - 60 * DAY)  # picked up in the period
+    world.status("B-1", "in_progress", UNTIL - 3 * DAY)
+    world.requests("B-1", UNTIL - 3 * DAY, UNTIL - 2 * DAY)
+    world.status("B-2", "open", SINCE - 60 * DAY, created_at=SINCE - 60 * DAY)  # used a month before: stale
+    world.requests("B-2", SINCE - 30 * DAY, SINCE + DAY)
+    assert world.without_outcome(now=UNTIL) == {"total": usd(ONE), "stale_open": usd(ONE)}  # B-2's request in the period
+    # B-1 still open once it turned stale (started + 14 days): its spend is judged then, as any fresh item's.
+    assert world.without_outcome(now=UNTIL - 3 * DAY + 15 * DAY) == {"total": usd(3 * ONE), "stale_open": usd(3 * ONE)}

@@ -62,7 +62,8 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   `until`** (`reworked`: reworked before `until` and not done again since — status `done` as of `until`
   with its completion as of `until` (the last status change before it) after the rework; a reverted PR
   never is, not even set done again by hand), and on the other items whose status
-  *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` with `created_at` more than
+  *as of `until`* is `closed`, `unverified`, or `open`/`in_progress` and started (the later of
+  `created_at` and its first request of all time: a backlog ticket picked up now is fresh) more than
   `stale_after_days` before `until` — except, on tickets with a `work_item_links` row whose linked item
   (the merged PR) was `done`, and not undone, as of `until`, the spend up to the last such merge
   (its completion as of `until`: a merge reopened or redone since still splits the period's spend) (the
@@ -71,9 +72,9 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   was recorded at or after `until` (every status change records one); otherwise the target of the last
   recorded change before `until`, or, when none was, the origin of the first change after it (`unverified` if
   that change created the item: a pull request opened after `until` was no merged PR then).
-  An item `open`/`in_progress` as of `until` and created less than `stale_after_days` before it was work
+  An item `open`/`in_progress` as of `until` and started less than `stale_after_days` before it was work
   in progress then: its period spend is judged by its status as of the moment it turned stale
-  (`created_at` + `stale_after_days`), or as of now (the report's computation) when that has not come:
+  (started + `stale_after_days`), or as of now (the report's computation) when that has not come:
   `closed` then counts as `closed`, still `open`/`in_progress` at that moment as `stale_open`, `done` and
   reverted by then as `reworked`, anything else not at all. So spend moved onto fresh tickets late in a
   period and closed (as duplicates) or abandoned after it counts in that period once that is known; a
@@ -154,7 +155,7 @@ def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tu
     status = item.status_at_until
     if status in ("closed", "unverified"):
         kind = status
-    elif status in IN_PROGRESS and item.created_at is not None and item.created_at < until - stale_after:
+    elif status in IN_PROGRESS and item.started_at is not None and item.started_at < until - stale_after:
         kind = "stale_open"
     elif (later := _judged_later(item)) is not None:
         kind = later

@@ -50,6 +50,9 @@ class Item:
     status_judged: str | None = None
     judged_at: datetime | None = None
     judged_stale: bool = False  # judged as it stood when it turned stale (else as of now: it has not yet)
+    # In progress at `until`, with period spend: when work on it began, the later of its creation and its
+    # first request (all time). A backlog ticket picked up today is as fresh as one opened today.
+    started_at: datetime | None = None
     # All-time, per model: (events, answered events that are not token counts, cost in nano-USD or None,
     # total tokens) — items
     # completed in the period, or reopened after a completion in it, only.
@@ -179,6 +182,7 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     linked_ids = {target for linked in targets.values() for target in linked}
     _load_rows(connection, items, sorted(linked_ids - set(items)))
     _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
+    _load_started(connection, items)
     _load_judged(connection, items, until, stale_after, now)
     merges: dict[str, datetime] = {}  # ticket -> its last merged PR's merge, as of until
     for ticket, linked in targets.items():
@@ -394,16 +398,30 @@ def _load_statuses_at(connection: Connection, items: dict[str, Item], until: dat
         items[item_id].status_at_until, items[item_id].completed_at_until = status, completed_at
 
 
+def _load_started(connection: Connection, items: dict[str, Item]) -> None:
+    """Set `started_at` of the items in progress at `until` with spend in the period: the later of
+    `created_at` and their first request of all time (the per-item totals, by index)."""
+    wanted = {item_id: item for item_id, item in items.items() if item.spend and item.status_at_until in IN_PROGRESS and item.created_at is not None}
+    for item in wanted.values():
+        item.started_at = item.created_at
+    for chunk in idsets.batches(connection, wanted):
+        found = rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("first_used",),
+                               where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)])  # fmt: skip
+        for work_item, first_used in found:
+            item = wanted[work_item]
+            if first_used is not None and first_used > item.started_at:  # type: ignore[operator]
+                item.started_at = first_used
+
+
 def _load_judged(connection: Connection, items: dict[str, Item], until: datetime, stale_after: timedelta, now: datetime) -> None:
     """Set `status_judged` and `judged_at` of the items with spend in the period that were work in
-    progress at `until` (open or in progress, created less than `stale_after` before it): their status
-    as of the moment they turned stale (`created_at + stale_after`), or as of now if that has not come.
+    progress at `until` (open or in progress, started less than `stale_after` before it): their status
+    as of the moment they turned stale (`started_at + stale_after`), or as of now if that has not come.
     At `until` what that spend led to was not known yet; a clone closed as a duplicate after the period,
     or left open, is then known to have led to nothing (adoption.py, spend without outcome)."""
-    fresh = [item for item in items.values()
-             if item.spend and item.status_at_until in IN_PROGRESS and item.created_at is not None and item.created_at >= until - stale_after]  # fmt: skip
-    # Stale once created more than `stale_after` before: at `created_at + stale_after` it is not yet.
-    moments = {item.id: item.created_at + stale_after if now > item.created_at + stale_after else now for item in fresh}  # type: ignore[operator]
+    fresh = [item for item in items.values() if item.started_at is not None and item.started_at >= until - stale_after]
+    # Stale once started more than `stale_after` before: at `started_at + stale_after` it is not yet.
+    moments = {item.id: item.started_at + stale_after if now > item.started_at + stale_after else now for item in fresh}  # type: ignore[operator]
     for item_id, (status, _) in statuses_at(connection, items, moments).items():
         item = items[item_id]
         item.status_judged, item.judged_at, item.judged_stale = status, moments[item_id], now > moments[item_id]
