@@ -158,7 +158,6 @@ async def _respond(
     if stream and reply.is_event_stream:
         exchange.answered = True
         exchange.observe = partial(endpoint.observe_stream, capture)
-        splitter = None if client_wants_usage else SseSplitter()
 
         def on_done(error: str | None, first_byte: float | None) -> None:
             attempt.record_once(status=reply.status, error=error, first_byte=first_byte)
@@ -166,7 +165,7 @@ async def _respond(
         return RelayResponse(
             reply, capture=capture, watch=watch, on_done=on_done, error_event=endpoint.error_event,
             max_seconds=model.max_stream_seconds, meter=attempt.meter if reply.status < 400 else None,
-            transform=splitter.without_usage_only if splitter else None, finish=splitter.rest if splitter else None,
+            events=SseSplitter(keep_usage_only=client_wants_usage),
         )  # fmt: skip
     return await _respond_body(flow, endpoint, model, attempt, reply, capture, watch)
 

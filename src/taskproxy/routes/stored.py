@@ -46,6 +46,7 @@ from taskproxy.upstream import observe
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import Header, ProviderClient, ProviderReply, ProviderRequest, upstream_headers
 from taskproxy.upstream.relay import BodyResponse, ClientWatch, RelayResponse
+from taskproxy.upstream.sse import SseSplitter
 
 PRE_READ_SECONDS = 30.0  # the read before a background response's delete
 log = logging.getLogger("taskproxy.stored")
@@ -150,7 +151,8 @@ def _relayed(
             background.bill(stored.attempts, origin, model, partial(observed, capture), request.headers.get("user-agent"))
 
     return RelayResponse(reply, capture=capture, watch=ClientWatch(request.receive), on_done=on_done, error_event=_error_event,
-                         max_seconds=max_seconds, prefix=prefix)  # type: ignore[return-value]  # fmt: skip
+                         max_seconds=max_seconds, prefix=prefix,
+                         events=SseSplitter(keep_usage_only=True) if reply.is_event_stream else None)  # type: ignore[return-value]  # fmt: skip
 
 
 routes = [

@@ -92,7 +92,7 @@ class ProviderReply:
 
     @property
     def is_event_stream(self) -> bool:
-        return self.status == 200 and b"text/event-stream" in self.header(b"content-type")
+        return self.status == 200 and b"text/event-stream" in self.header(b"content-type").lower()  # media types are case-insensitive
 
 
 class ProviderClient(Protocol):

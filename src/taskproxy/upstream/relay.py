@@ -6,8 +6,10 @@ up, the task serving it is cancelled at once, so the provider's request is cance
 next chunk). What is kept of the answer for accounting is bounded (`Capture`), and the spend the
 provider reports is counted the moment its usage passes by (`Meter`), before the client has the
 end of the answer. A provider failure mid-stream, the stream's time limit, or the server shutting
-down ends the stream with the route's error event. `on_done` is called exactly once, with how the
-relay ended, before the provider's connection is released.
+down ends the stream with the route's error event, after the last whole event (a stream is relayed
+in whole events: `SseSplitter`); a body that is not an event stream has its connection cut instead,
+as no event can be appended to it. `on_done` is called exactly once, with how the relay ended, before
+the provider's connection is released.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from taskproxy.errors import ApiError, ServiceUnavailable, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.upstream.capture import Capture
 from taskproxy.upstream.provider import Header, ProviderReply
+from taskproxy.upstream.sse import SseSplitter
 
 CLIENT_DISCONNECTED = "client_disconnected"
 # A provider that sends as fast as the client reads never makes the relay wait (its awaits return at
@@ -84,8 +87,7 @@ class RelayResponse:
         error_event: Callable[[ApiError], bytes],
         max_seconds: float,
         meter: UsageMeter | None = None,
-        transform: Callable[[bytes], bytes] | None = None,
-        finish: Callable[[], bytes] | None = None,
+        events: SseSplitter | None = None,
         prefix: bytes = b"",
         first_byte: float | None = None,
     ) -> None:
@@ -97,15 +99,14 @@ class RelayResponse:
         self.error_event = error_event
         self.max_seconds = max_seconds  # an answer that never ends is cut here
         self.meter = meter
-        self.transform = transform  # sees every upstream chunk, returns what the client gets
-        self.finish = finish  # what is left to send when upstream ends (a partial event)
+        self.events = events  # an event stream's: what the client gets of each chunk (None: a body, relayed as it comes)
         self.prefix = prefix  # already read from upstream (and captured), not yet sent
         self.first_byte = first_byte
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         error: str | None = None
         first_byte = self.first_byte
-        capture, meter, transform = self.capture, self.meter, self.transform
+        capture, meter, events = self.capture, self.meter, self.events
         stepped_aside = time.perf_counter()
         try:
             await send({"type": "http.response.start", "status": self.reply.status, "headers": self.headers})
@@ -119,25 +120,26 @@ class RelayResponse:
                         capture.add(chunk)
                         if meter is not None and (meter.pending or has_usage_object(chunk)):
                             meter.saw(capture.around(chunk))
-                        out = transform(chunk) if transform is not None else chunk
+                        out = events.without_usage_only(chunk) if events is not None else chunk
                         if out:
                             await send({"type": "http.response.body", "body": out, "more_body": True})
                         if (now := time.perf_counter()) - stepped_aside > YIELD_EVERY_SECONDS:
                             await asyncio.sleep(0)  # let the other requests have the event loop
                             stepped_aside = now
-                tail = self.finish() if self.finish else b""
+                tail: bytes | None = events.rest() if events is not None else b""
             except TimeoutError:
                 timeout = UpstreamTimeout(f"The answer took longer than {self.max_seconds:.0f} s and was ended (max_stream_seconds).")
-                error, tail = timeout.code, self.error_event(timeout)
+                error, tail = timeout.code, self._ending(timeout)
             except ApiError as exc:  # the provider failed mid-answer: tell the client in-band
-                error, tail = exc.code, self.error_event(exc)
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+                error, tail = exc.code, self._ending(exc)
+            if tail is not None:  # else the answer is left unfinished: the server cuts its connection
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
         except OSError:  # the server could not write: the client is gone
             error = CLIENT_DISCONNECTED
         except asyncio.CancelledError:
             error = self.watch.ended_by()
-            if error == SHUTDOWN:
-                await _send_quietly(send, self.error_event(ServiceUnavailable(SHUTTING_DOWN)))
+            if error == SHUTDOWN and (tail := self._ending(ServiceUnavailable(SHUTTING_DOWN))) is not None:
+                await _send_quietly(send, tail)
         finally:
             self.watch.stop()
             self.on_done(error, first_byte)
@@ -145,6 +147,15 @@ class RelayResponse:
             if hasattr(chunks, "aclose"):
                 await chunks.aclose()
             await self.reply.close()
+
+    def _ending(self, error: ApiError) -> bytes | None:
+        """The event that ends the answer with `error`, or None where no event can follow what was sent:
+        the client is then left an answer that did not end (the server closes a connection whose answer
+        the app did not finish). A body's `data: {"error"…}` made megabytes of JSON a 200 that no client
+        could parse, and an event glued onto half of one was read as part of it (found by a review)."""
+        if self.events is None or self.events.mid_event:
+            return None
+        return self.error_event(error)
 
 
 async def _send_quietly(send: Send, body: bytes) -> None:

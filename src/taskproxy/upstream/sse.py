@@ -1,8 +1,9 @@
 """Server-sent events framing.
 
 `EventBuffer` holds a stream's bytes until the event they belong to ends, in time linear in the stream.
-`SseSplitter` passes a byte stream on in whole events on the request path (only where an event must
-be withheld from the client); `iter_events` reads the events of a finished stream, off the request path.
+`SseSplitter` passes a byte stream on in whole events on the request path (so an error event can
+follow what was passed, and an event can be withheld from the client); `iter_events` reads the events
+of a finished stream, off the request path.
 
 A provider decides how long an event is, so neither holds one without bound: the splitter passes on
 an event it has held `PASS_ON_BYTES` of as it comes (so large, it cannot be the usage-only chunk it
@@ -72,22 +73,33 @@ class EventBuffer:
 
 
 class SseSplitter:
-    """Passes a byte stream on event by event, withholding the usage-only chunk (stream_options)."""
+    """Passes a byte stream on event by event, withholding the usage-only chunk (stream_options) unless
+    `keep_usage_only` (the client asked for it). A stream that fails part-way ends after whole events,
+    and the partial one held (never `rest()`) is dropped: an error event sent after half an event was
+    read as part of it, and the SDKs raised JSONDecodeError, not the error."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_usage_only: bool = False) -> None:
         self._events = EventBuffer()
+        self._keep_usage_only = keep_usage_only
         self._passing = False  # inside an event already passed on in part: its end passes as it is
 
+    @property
+    def mid_event(self) -> bool:
+        """Part of an event was passed on, not its end: no event can follow what was passed."""
+        return self._passing
+
     def without_usage_only(self, chunk: bytes) -> bytes:
-        """The complete events so far, minus any usage-only chunk; a partial event waits for the rest,
-        up to PASS_ON_BYTES. Events are not split apart unless a usage-only chunk is among them (once per stream)."""
+        """The complete events so far, minus any usage-only chunk (unless kept); a partial event waits for
+        the rest, up to PASS_ON_BYTES. Events are not split apart unless a usage-only chunk is among them (once per stream)."""
         complete = self._events.feed(chunk)
         head = b""
         if self._passing and complete:
             end = end_of_first_event(complete)
             head, complete = complete[:end], complete[end:]
             self._passing = False
-        out = head + _without_usage_only(complete) if head else _without_usage_only(complete)
+        if not self._keep_usage_only:
+            complete = _without_usage_only(complete)
+        out = head + complete if head else complete
         if self._events.held > PASS_ON_BYTES:  # the last 3 bytes stay: an event's end may begin in them
             out += self._events.take(keep=3)
             self._passing = True
