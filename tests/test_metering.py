@@ -135,6 +135,19 @@ def test_responses_stream_usage_comes_from_response_completed() -> None:
     assert responses_stream(captured(_event(delta))).usage is None
 
 
+def test_a_responses_error_event_is_known_by_its_type_and_recorded_by_its_code() -> None:
+    """`{"type": "error", "code": "server_error", ...}`: the event ends the stream (the WebSocket sends
+    nothing after it), and its error is its code; it was recorded as "error", the event's own type."""
+    from taskproxy.upstream.observe import is_error, responses_stream
+
+    error = {"type": "error", "sequence_number": 2, "code": "server_error", "message": "The model failed.", "param": None}
+    assert responses_stream(captured(_event({"type": "response.output_text.delta", "delta": "hi"}), _event(error))).error == "server_error"
+    assert is_error(orjson.dumps(error)) and is_error(b'{"code": "server_error", "sequence_number": 2, "type": "error"}')  # type first or last
+    assert not is_error(orjson.dumps({"type": "response.output_text.delta", "delta": '{"type":"error"}'}))  # escaped, in a text
+    assert not is_error(orjson.dumps({"type": "response.output_item.done", "item": {"id": "x", "type": "error"}}))  # a nested object's
+    assert not is_error(orjson.dumps({"type": "response.failed", "response": {"error": {"code": "server_error"}}}))
+
+
 def test_cache_reads_and_writes_are_priced_at_their_own_rates() -> None:
     price = Price(input=3e-6, output=15e-6, cached_input=0.3e-6, cache_write=3.75e-6)
     # 110 prompt tokens recorded = 10 plain + 100 read from cache, plus 20 written to it

@@ -224,8 +224,15 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
             weight=len(admitted.raw) if number == 1 else 0,  # a fallback's attempt holds the same body
         )  # fmt: skip
         more = number < len(chain)
+        capture, data, first_byte = Capture(), b"", None
         try:
             reply = await _post(flow, websocket.headers, body, len(admitted.raw), model)
+            if not reply.is_event_stream:
+                if more and reply.status in RETRIED_STATUSES:  # as over HTTP: the next model, this body unread
+                    await reply.close()
+                    attempt.record_once(status=reply.status)
+                    continue
+                data, first_byte = await _read_body(attempt, reply, model, capture, flow.settings.limits.max_buffered_response_bytes)
         except ApiError as exc:
             attempt.record_once(status=exc.status, error=exc.code)
             if more and exc.status in RETRIED_STATUSES:
@@ -236,10 +243,14 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
             why = _why(exc)
             attempt.record_once(status=499 if why == CLIENT_DISCONNECTED else ServiceUnavailable.default_status, error=why)
             raise
+        except Exception:  # a bug: the request may have been forwarded, so it is recorded, as over HTTP
+            attempt.record_once(status=500, error="internal_error")
+            raise
         if not reply.is_event_stream:
-            await _refused(websocket, attempt, reply, more)
-            if more and reply.status in RETRIED_STATUSES:
-                continue
+            if 200 <= reply.status < 300:
+                await _answered(websocket, attempt, reply, capture, data, first_byte, body, len(admitted.raw), conversation)
+            else:
+                await _refused(websocket, attempt, reply, data, first_byte)
             return
         await _relay(websocket, attempt, reply, model, body, len(admitted.raw), conversation)
         return
@@ -258,25 +269,76 @@ async def _post(flow: ProxyFlow, client_headers: Headers, body: dict, size: int,
         raise UpstreamTimeout(f"The provider of '{model.name}' did not answer within {model.max_stream_seconds:.0f} s (max_stream_seconds).") from None
 
 
-async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, more: bool) -> None:
-    """The provider answered with an error (or not with a stream): its error, with its status."""
-    parts, size = [], 0
-    async for chunk in reply.chunks:
-        parts.append(chunk)
-        size += len(chunk)
-        if size > 64 * 1024:
-            break
-    await reply.close()
-    attempt.record_once(status=reply.status if reply.status >= 400 else 502, error=None if reply.status >= 400 else UpstreamError.code)
-    if more and reply.status in RETRIED_STATUSES:
-        return
+async def _read_body(attempt: Attempt, reply: ProviderReply, model: ModelSettings, capture: Capture, most: int) -> tuple[bytes, float | None]:
+    """A reply that is not a stream, read within max_response_seconds of the request's start, as over HTTP,
+    and closed however the read ends. A successful answer is read to its end (the capture keeps its ends
+    for its usage), at most its first `most` bytes kept; of an error, its first 64 KiB."""
+    answer = 200 <= reply.status < 300
+    if answer:
+        attempt.exchange.answered = True
+        attempt.exchange.observe = partial(observe.responses_body, capture)
+    keep = most if answer else ERROR_BODY_BYTES
+    parts: list[bytes] = []
+    first_byte: float | None = None
     try:
-        error = orjson.loads(b"".join(parts)).get("error")
+        async with asyncio.timeout(max(0.0, attempt.started + model.max_response_seconds - time.perf_counter())):
+            async for chunk in reply.chunks:
+                first_byte = first_byte or time.perf_counter()
+                capture.add(chunk)
+                if capture.total - len(chunk) < keep:
+                    parts.append(chunk)
+                elif not answer:
+                    break
+    except TimeoutError:
+        raise UpstreamTimeout(f"The provider of '{model.name}' did not finish its answer within {model.max_response_seconds:.0f} s "
+                              "(max_response_seconds).") from None  # fmt: skip
+    finally:
+        await reply.close()
+    if answer:
+        attempt.meter.saw(capture.recent())
+    return b"".join(parts), first_byte
+
+
+ERROR_BODY_BYTES = 64 * 1024  # of a provider's error, what is read for its message
+
+
+async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply, data: bytes, first_byte: float | None) -> None:
+    """The provider answered with an error (or a status that is not one of success): its error, with its status."""
+    status = reply.status if reply.status >= 400 else 502
+    attempt.record_once(status=status, error=None if reply.status >= 400 else UpstreamError.code, first_byte=first_byte)
+    try:
+        error = orjson.loads(data).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         error = None
     if not isinstance(error, dict):
         error = {"message": f"The provider answered {reply.status} without a stream.", "type": "upstream_error", "param": None, "code": "upstream_error"}
-    await _send(websocket, orjson.dumps({"type": "error", "status": reply.status if reply.status >= 400 else 502, "error": error}))
+    await _send(websocket, orjson.dumps({"type": "error", "status": status, "error": error}))
+
+
+async def _answered(
+    websocket: WebSocket, attempt: Attempt, reply: ProviderReply, capture: Capture, data: bytes, first_byte: float | None, body: dict, size: int,
+    conversation: Conversation,
+) -> None:  # fmt: skip
+    """A provider that answered the streamed request with the whole response (a JSON body, not events):
+    billed from its body as over HTTP, and sent as a stream's events would carry it, its last event
+    (`response.completed`, `.incomplete`, `.failed`) after `response.created`. A body that is no
+    finished response is billed all the same, and answered with an error."""
+    try:
+        response = await anyio.to_thread.run_sync(orjson.loads, data) if len(data) > DECODE_IN_THREAD_BYTES else orjson.loads(data)
+    except orjson.JSONDecodeError:
+        response = None
+    status = response.get("status") if isinstance(response, dict) else None
+    if not isinstance(response, dict) or not isinstance(status, str) or status not in observe.FINISHED:
+        what = "too large to relay" if capture.total > len(data) else "not a finished response"
+        refused = UpstreamError(f"The provider answered {reply.status} with a body, not an event stream, {what}; it is billed as answered.")
+        attempt.record_once(status=refused.status, error=refused.code, first_byte=first_byte)
+        await _send(websocket, socket_error(refused))
+        return
+    attempt.record_once(status=reply.status, first_byte=first_byte)
+    created = {**response, "status": "in_progress", "output": [], "usage": None}
+    await _send(websocket, orjson.dumps({"type": "response.created", "sequence_number": 0, "response": created}))
+    await _send(websocket, orjson.dumps({"type": f"response.{status}", "sequence_number": 1, "response": response}))
+    conversation.remember(body, response, size + len(data))
 
 
 async def _relay(
@@ -286,7 +348,7 @@ async def _relay(
     capture, exchange, meter = Capture(), attempt.exchange, attempt.meter
     exchange.answered = True
     exchange.observe = partial(observe.responses_stream, capture)
-    events, first_byte, error, last = EventBuffer(), None, None, b""
+    events, first_byte, error, last, failed = EventBuffer(), None, None, b"", False
     try:
         async with asyncio.timeout(model.max_stream_seconds):
             async for chunk in reply.chunks:
@@ -304,7 +366,14 @@ async def _relay(
                         continue
                     if observe.is_terminal(data):
                         last = data
+                    # The provider's `error` ends the response, as OpenAI's own socket does: nothing after
+                    # it is sent, nor an error of the proxy's, which the client would read as its next answer's.
+                    failed = failed or observe.is_error(data)
                     await websocket.send_text(data.decode("utf-8", "replace"))
+                    if failed:
+                        break
+                if failed:
+                    break
     except TimeoutError:
         timeout = UpstreamTimeout(f"The answer took longer than {model.max_stream_seconds:.0f} s and was ended (max_stream_seconds).")
         error = timeout.code
@@ -323,7 +392,7 @@ async def _relay(
         await reply.close()
         raise _SocketClosed(partial(attempt.record_once, status=200, first_byte=first_byte)) from None
     await reply.close()
-    if not last and error is None:  # ended without its last event: the client would wait for it forever
+    if not last and not failed and error is None:  # ended without its last event: the client would wait for it forever
         cut = UpstreamError("The provider's stream ended before the response was complete.")
         error = cut.code
         await _send(websocket, socket_error(cut))

@@ -73,9 +73,9 @@ def _body(capture: Capture) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _error_type(error: Any) -> str:
+def _error_type(error: Any, keys: tuple[str, ...] = ("type", "code")) -> str:
     if isinstance(error, dict):
-        for key in ("type", "code"):
+        for key in keys:
             if isinstance(error.get(key), str) and error[key]:
                 return error[key][:64]
     return "error"
@@ -180,6 +180,17 @@ def is_terminal(event: bytes) -> bool:
     return _TERMINAL_TYPE.search(event, 0, EVENT_START_BYTES) is not None or _TERMINAL_TYPE.search(event, max(0, len(event) - EVENT_END_BYTES)) is not None
 
 
+# An `error` event (`{"type": "error", "code": ..., "message": ...}`) ends a Responses stream too: its
+# `type` first, as OpenAI writes it, or last (the SDK's classes); never a nested object's, nor escaped.
+_ERROR_FIRST = re.compile(rb'\s*\{\s*"type"\s*:\s*"error"\s*[,}]')
+_ERROR_LAST = re.compile(rb'[{,]\s*"type"\s*:\s*"error"\s*\}\s*$')
+
+
+def is_error(event: bytes) -> bool:
+    """A Responses event's JSON that is the stream's `error` event: the response ends with it."""
+    return _ERROR_FIRST.match(event) is not None or _ERROR_LAST.search(event, max(0, len(event) - EVENT_START_BYTES)) is not None
+
+
 _DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta", "response.reasoning_text.delta", "response.refusal.delta"}
 
 
@@ -253,7 +264,8 @@ def responses_stream(capture: Capture) -> Observed:
             if kind == "response.failed":
                 error = _error_type(event["response"].get("error"))
         elif kind == "error":
-            error = _error_type(event.get("error") if isinstance(event.get("error"), dict) else event)
+            # `{"type": "error", "code": "server_error", ...}`: its type names the event, its code the error
+            error = _error_type(event["error"]) if isinstance(event.get("error"), dict) else _error_type(event, ("code",))
         elif kind in _DELTAS and isinstance(event.get("delta"), str):
             deltas.append(event["delta"])
     if not ended and not capture.complete:  # its last event too large for the tail: read from its start and end
