@@ -25,6 +25,7 @@ from taskproxy.storage import bulk, partitions, repo, rollup
 from taskproxy.storage.db import MIGRATIONS, make_engine, upgrade_schema
 from taskproxy.storage.failures import database_down
 from taskproxy.storage.models import UsageEvent
+from taskproxy.timeutil import utcnow
 
 pytestmark = pytest.mark.postgres
 MONTHS = [datetime(2026, 8, 1), datetime(2026, 9, 1), datetime(2026, 11, 1)]
@@ -318,7 +319,7 @@ def test_spend_after_a_completion_in_the_middle_of_an_hour_locks_only_the_months
         registry.link(engine, ticket, f"acme/web#{n}", at=done)
     with engine.connect() as report:
         report.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
-        items = adoption_data.load(report, datetime(2031, 3, 1), datetime(2031, 4, 1))
+        items = adoption_data.load(report, datetime(2031, 3, 1), datetime(2031, 4, 1), stale_after=timedelta(days=14), now=utcnow())
         held = sorted(report.execute(text(
             "SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
             "WHERE l.pid = pg_backend_pid() AND c.relname LIKE 'usage_events_%' AND c.relkind = 'r'")).scalars())  # fmt: skip

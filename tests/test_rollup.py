@@ -31,7 +31,7 @@ from taskproxy.storage.batch import Record
 from taskproxy.storage.db import MIGRATIONS, head_revision, make_engine, upgrade_schema
 from taskproxy.storage.models import SpendCounter, UsageEvent, UsageItemTotals, WorkItem
 from taskproxy.storage.writer import BatchWriter
-from taskproxy.timeutil import iso
+from taskproxy.timeutil import iso, utcnow
 
 T0 = datetime(2026, 3, 2, 8)
 COUNT_TOKENS = ("/v1/messages/count_tokens", "/v1/responses/input_tokens")  # token counts, Anthropic's and OpenAI's
@@ -383,7 +383,7 @@ def test_spend_after_completion_splits_the_day_and_hour_of_completion_exactly(da
     ]  # fmt: skip
     for since, until in periods:
         with engine.connect() as connection:
-            items = adoption_data.load(connection, since, until)
+            items = adoption_data.load(connection, since, until, stale_after=timedelta(days=14), now=utcnow())
         actual = {i.id: i.spend_after_completion for i in items.values() if i.spend_after_completion}
         expected = spend_after_completion_by_raw_scan(engine, since, until)
         assert actual == expected, (since, until)

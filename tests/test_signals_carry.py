@@ -19,6 +19,7 @@ from taskproxy.metering.tokens import TokenCounter
 from taskproxy.money import usd
 from taskproxy.reports.signals import gaming_signals
 from taskproxy.storage.db import make_engine, upgrade_schema
+from taskproxy.timeutil import utcnow
 
 SINCE, UNTIL = datetime(2026, 3, 2), datetime(2026, 3, 16)
 DAY, HOUR = timedelta(days=1), timedelta(hours=1)
@@ -64,7 +65,7 @@ class World:
         from taskproxy.reports import adoption_data, adoption_teams
 
         with self.engine.connect() as connection:
-            items = adoption_data.load(connection, SINCE, UNTIL)
+            items = adoption_data.load(connection, SINCE, UNTIL, stale_after=timedelta(days=14), now=utcnow())
             adoption_teams.assign_teams(connection, items, SINCE, UNTIL, item_teams)
         return items[item].team
 
