@@ -119,6 +119,16 @@ def item_costs(org: Org, team: str) -> dict[str, float]:
     return dict(costs)
 
 
+def period_item_costs(org: Org, team: str) -> dict[str, float]:
+    """Cost per completed item in the period (what `trivial_completions` holds an item against) of the team's items completed in it."""
+    costs: dict[str, float] = defaultdict(float)
+    done = {i.id for i in org.items.values() if i.team == team and i.status == "done" and in_period(i.completed_at)}
+    for event in org.events:
+        if event.item in done and in_period(event.ts):
+            costs[event.item] += event.cost
+    return {i: c for i, c in costs.items() if c > 0}
+
+
 def flagged(report: dict[str, Any], org: Org) -> list[tuple[str, str]]:
     names = {k.id: n for n, k in org.keys.items()}
     return [(s["kind"], names.get(s["key_id"], s["key_id"])) for s in report["signals"]]
@@ -410,6 +420,13 @@ def test_trivial_completions_see_tickets_done_by_hand_and_tagged_with_one_reques
     assert [w["tokens"] for w in found["work_items"]] == [sum(e.prompt + e.completion for e in org.events if e.item == w["id"]) for w in found["work_items"]]
     assert [w["minutes_from_first_request"] for w in found["work_items"]] == [3.0] * (TAGGED_ITEMS // 2) + [120.0] * (TAGGED_ITEMS // 2)
     assert all(w["minutes_to_complete"] > 24 * 60 for w in found["work_items"])
+    # Light by cost too: each tag is under 1 % of what the team's other items completed in the period cost there.
+    others = [c for i, c in period_item_costs(org, "ops").items() if org.items[i].owner is not org.keys["tagger"]]
+    assert len(others) >= DEFAULTS.cost_min_items
+    assert [w["typical_cost_usd"] for w in found["work_items"]] == [pytest.approx(statistics.median(others), abs=1e-9)] * TAGGED_ITEMS
+    assert [w["item_cost_usd"] for w in found["work_items"]] == [pytest.approx(spend([e for e in org.events if e.item == w["id"]]), abs=1e-9)
+                                                                  for w in found["work_items"]]  # fmt: skip
+    assert max(w["item_cost_usd"] for w in found["work_items"]) <= DEFAULTS.trivial_max_cost_share * statistics.median(others)
 
 
 def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
@@ -442,10 +459,17 @@ def test_each_threshold_moves_its_signal(world: tuple[Any, Org, Path]) -> None:
     assert kinds_of(trivial_min_items=QUICK_ITEMS + 1) == without("trivial_completions")
     assert kinds_of(trivial_max_minutes=3.5) == without("trivial_completions", "quick")  # its items took 4 minutes; the tagger's 3 from its request
     assert kinds_of(trivial_max_minutes=2) == without("trivial_completions", "quick")  # the tagger's tags are light: still flagged
-    assert kinds_of(trivial_max_minutes=2, trivial_max_tokens=0) == without("trivial_completions")
+    # The tags are light twice over: a handful of tokens, and a negligible share of the others' cost per completed item.
+    assert kinds_of(trivial_max_minutes=2, trivial_max_tokens=0) == without("trivial_completions", "quick")
+    assert kinds_of(trivial_max_minutes=2, trivial_max_cost_share=0) == without("trivial_completions", "quick")
+    assert kinds_of(trivial_max_minutes=2, trivial_max_tokens=0, trivial_max_cost_share=0) == without("trivial_completions")
     tags = [sum(e.prompt + e.completion for e in org.events if e.item == f"OPS-TAGGED-{n + 1}") for n in range(TAGGED_ITEMS)]
-    assert kinds_of(trivial_max_tokens=max(tags) - 1) == expected_order(org, planted)  # three quick tags and three light are six
-    assert kinds_of(trivial_max_tokens=min(tags) - 1) == without("trivial_completions", "tagger")  # three quick alone: too few
+    assert kinds_of(trivial_max_tokens=max(tags) - 1, trivial_max_cost_share=0) == expected_order(org, planted)  # three quick tags and three light are six
+    assert kinds_of(trivial_max_tokens=min(tags) - 1, trivial_max_cost_share=0) == without("trivial_completions", "tagger")  # three quick alone: too few
+    typical = statistics.median(c for i, c in period_item_costs(org, "ops").items() if org.items[i].owner is not org.keys["tagger"])
+    tag_costs = [spend([e for e in org.events if e.item == f"OPS-TAGGED-{n + 1}"]) for n in range(TAGGED_ITEMS)]
+    assert kinds_of(trivial_max_tokens=0, trivial_max_cost_share=max(tag_costs) / typical * 1.001) == expected_order(org, planted)  # all six light
+    assert kinds_of(trivial_max_tokens=0, trivial_max_cost_share=min(tag_costs) / typical * 0.999) == without("trivial_completions", "tagger")  # none
     assert kinds_of(trivial_min_share=QUICK_ITEMS / (QUICK_ITEMS + 1) + 0.001) == without("trivial_completions")
 
     # Either cadence reason alone flags the cron key.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from conftest import BOTH_DATABASES
 from test_signals_carry import DAY, HOUR, REQUEST_NANOS, SINCE, World, spaced
@@ -65,3 +66,46 @@ def test_a_completion_that_did_not_stand_shields_no_heavy_spend(database_url: st
     assert {"spend_without_completion:reverter", "spend_without_completion:reopener"} <= found.keys()
     assert "spend_without_completion:redoer" not in found
     assert found["spend_without_completion:reverter"]["evidence"]["completed_items"] == 0
+
+
+@BOTH_DATABASES
+def test_a_tag_padded_with_prompt_tokens_is_still_a_light_item(database_url: str, tmp_path: Path) -> None:
+    """Six tickets open for a day, each tagged two hours before Done with one chat request of 2,000
+    prompt tokens and 1 generated token on a cheap model ($0.0003): the tag of a few tokens was a light
+    item, the padded one no longer (`trivial_max_tokens` counts all tokens, and prompt tokens cost next
+    to nothing to pad), and the AI-assisted share went to 100 % unseen (found by a review). An item whose
+    AI use in all is a negligible share of the typical completed item's cost is light too. One real
+    question per item (a real answer, a real share of the cost) is not; nor is a cheap question on items
+    whose AI use is someone else's: they were AI-assisted without it."""
+    from types import SimpleNamespace
+
+    from signals_org import PRICE
+    from taskproxy.metering.pricing import Price
+    from write_path import past_request
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()  # an honest key: six AI-worked tickets at $2.25 or $4.50
+    cheap = Price(input=0.15e-6, output=0.6e-6)  # 2,000 prompt tokens and 1 generated: $0.0003006
+
+    def ask(key_id: str, item: str, ts: Any, prompt: int, completion: int, price: Price, model: str) -> None:
+        key = SimpleNamespace(id=key_id, owner=f"{key_id}@example.com", team="web")
+        n = len(world.exchanges)
+        world.exchanges.append(past_request(id=f"q-{n}", ts=ts, key=key, work_item=item, model=model, body={"q": n},
+                                            prompt_tokens=prompt, completion_tokens=completion, counter=world.counter, price=price))  # fmt: skip
+
+    for n in range(1, 7):
+        done = SINCE + n * DAY + 16 * HOUR
+        for key_id, prompt, completion, price, model in (("padder", 2_000, 1, cheap, "cheap-model"), ("asker", 2_000, 400, PRICE, "big-model")):
+            ticket = f"{key_id.upper()}-{n}"
+            world.ticket(ticket, "open")  # open a day before the period
+            ask(key_id, ticket, done - 2 * HOUR, prompt, completion, price, model)
+            registry.transition(engine, ticket, "done", source="jira", at=done)
+        ask("reviewer", f"W-{n}", SINCE + n * DAY + 14 * HOUR, 2_000, 1, cheap, "cheap-model")  # before W-n is done, at 15:00
+    found = world.signals()
+    assert "trivial_completions:padder" in found
+    evidence = found["trivial_completions:padder"]["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"], evidence["light_items"]) == (6, 6, 0, 6)
+    assert all(w["tokens"] == 2_001 for w in found["trivial_completions:padder"]["work_items"])
+    assert {"trivial_completions:asker", "trivial_completions:reviewer", "trivial_completions:steady"}.isdisjoint(found)

@@ -313,6 +313,9 @@ class SignalSettings(_Frozen):
     trivial_max_minutes: float = Field(default=10.0, ge=0)  # created (or first used by the key) to done within this: trivial
     trivial_max_lines: int = Field(default=10, ge=0)  # or a known size of at most this many changed lines
     trivial_max_tokens: int = Field(default=100, ge=0)  # or the key's AI use of it, all its tokens, at most this many (a tag); 0: off
+    # or the item's AI use in all (every key's spend on it in the period) at most this share of the median cost of the
+    # others' items completed in the period (the team's, given cost_min_items of them, else all teams'); 0: off
+    trivial_max_cost_share: float = Field(default=0.01, ge=0, le=1)
     trivial_min_items: int = Field(default=5, ge=1)
     trivial_min_share: float = Field(default=0.6, gt=0, le=1)
     split_window_hours: float = Field(default=8.0, gt=0, le=MAX_DAYS * 24)  # small items completed this close together form a burst

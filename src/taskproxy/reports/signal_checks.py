@@ -4,6 +4,7 @@ cadence has a module of its own (`signal_cadence.py`)."""
 from __future__ import annotations
 
 import statistics
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -270,19 +271,29 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
     """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
     being opened or of the key's first event on them in the period (a ticket done by hand, tagged with one request
-    to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines, or touched
-    by AI with a handful of tokens in all (the same tag, sent early enough to escape the minutes)."""
+    to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines, or light:
+    touched by AI with a handful of tokens in all, or its AI use in all (every key's) a negligible share
+    of what the others' completed items cost (the same tag, sent early enough to escape the minutes; a
+    tag's prompt can be padded with thousands of tokens for a fraction of a cent, its cost next to a
+    real item's cannot)."""
     quick_limit = timedelta(minutes=t.trivial_max_minutes)
+    typical = _TypicalCost(spend, items, since, until, t.cost_min_items) if t.trivial_max_cost_share > 0 else None  # 0: not counted
     found = []
     for key_id, per_item in spend.items():
         completed = [s for s in per_item.values() if s.requests > 0 and _completed_in(items.get(s.item), since, until)]
+        medians = typical.without(completed) if typical is not None and len(completed) >= t.trivial_min_items else {}
         trivial, quick, small, light = [], 0, 0, 0
+        costs: dict[str, tuple[int, float]] = {}  # per light-by-cost item: its cost, the median it was held against
         for s in completed:
             row = items[s.item]
             is_quick = any(start is not None and timedelta(0) <= row.completed_at - start <= quick_limit  # type: ignore[operator]
                            for start in (row.created_at, s.first))  # fmt: skip
             is_small = row.changed_lines is not None and row.changed_lines <= t.trivial_max_lines
             is_light = 0 < t.trivial_max_tokens and s.tokens <= t.trivial_max_tokens  # 0: not counted
+            median = medians.get(row.team, medians.get(None))
+            if median is not None and 0 < typical.cost[s.item] <= t.trivial_max_cost_share * median:  # type: ignore[union-attr]
+                is_light = True
+                costs[s.item] = (typical.cost[s.item], median)  # type: ignore[union-attr]
             if is_quick or is_small or is_light:
                 trivial.append(s)
                 quick, small, light = quick + is_quick, small + is_small, light + is_light
@@ -297,9 +308,78 @@ def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, Ite
             row = items[s.item]
             entries.append(item_entry(items, s, completed_at=iso(row.completed_at), minutes_to_complete=_minutes(row.created_at, row.completed_at),
                                       minutes_from_first_request=_minutes(s.first, row.completed_at), changed_lines=row.changed_lines,
-                                      tokens=s.tokens))  # fmt: skip
+                                      tokens=s.tokens, **_against(costs.get(s.item))))  # fmt: skip
         found.append((key_id, evidence, listed(entries)))
     return found
+
+
+def _against(cost: tuple[int, float] | None) -> dict[str, Any]:
+    """A light-by-cost item's evidence: its cost (every key's) and the others' median it was held against."""
+    return {} if cost is None else {"item_cost_usd": usd(cost[0]), "typical_cost_usd": usd(round(cost[1]))}
+
+
+class _TypicalCost:
+    """What an item completed in the period typically cost: its spend in the period, every key's (a merged
+    pull request's with the tickets it carries up to the merge), over the priced items. A key's items are
+    held against the median of the *others'* (`without`): a key that tags many items pulls the median of
+    all of them down to its tag (six tags beside five real items made it $0.0003)."""
+
+    def __init__(self, spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, min_items: int) -> None:
+        self.cost: dict[str, int] = {}
+        completed: dict[str, bool] = {}
+        for per_item in spend.values():
+            for s in per_item.values():
+                done = completed.get(s.item)
+                if done is None:
+                    done = completed[s.item] = _completed_in(items.get(s.item), since, until)
+                if done:
+                    self.cost[s.item] = self.cost.get(s.item, 0) + s.cost
+        self.min_items = min_items
+        self.team = {item: items[item].team for item in self.cost}
+        self.sorted: dict[str | None, list[tuple[int, str]]] = defaultdict(list)  # per team, and None: all teams
+        for item, cost in self.cost.items():
+            if cost > 0:
+                self.sorted[None].append((cost, item))
+                if self.team[item] is not None:
+                    self.sorted[self.team[item]].append((cost, item))
+        for costs in self.sorted.values():
+            costs.sort()
+
+    def without(self, spends: list[Spend]) -> dict[str | None, float]:
+        """Per team of `spends`' items, the median cost of its other completed items, where it has
+        `min_items` of them; under None, the median over all teams' other items (if as many)."""
+        mine: dict[str | None, list[tuple[int, str]]] = defaultdict(list)
+        for s in spends:
+            cost = self.cost.get(s.item, 0)
+            if cost > 0:
+                mine[None].append((cost, s.item))
+                if self.team[s.item] is not None:
+                    mine[self.team[s.item]].append((cost, s.item))
+        medians = {}
+        for team in {None, *(self.team.get(s.item) for s in spends)}:
+            excluded = sorted(mine.get(team, ()))
+            costs = self.sorted.get(team, [])
+            if len(costs) - len(excluded) >= self.min_items:
+                medians[team] = _median_without(costs, excluded)
+        return medians
+
+
+def _median_without(costs: list[tuple[int, str]], excluded: list[tuple[int, str]]) -> float:
+    """The median of sorted `costs` less the sorted `excluded` (some of them), without copying `costs`:
+    a key is held against its team's items but its own, for every key of a large organisation."""
+
+    def nth(rank: int) -> int:  # the cost at `rank` (from 0) of what remains
+        low, high = 0, len(costs) - 1
+        while low < high:  # the first position with rank + 1 remaining items up to it
+            middle = (low + high) // 2
+            if middle + 1 - bisect_right(excluded, costs[middle]) >= rank + 1:
+                high = middle
+            else:
+                low = middle + 1
+        return costs[low][0]
+
+    remaining = len(costs) - len(excluded)
+    return (nth((remaining - 1) // 2) + nth(remaining // 2)) / 2
 
 
 def _minutes(start: datetime | None, end: datetime | None) -> float | None:

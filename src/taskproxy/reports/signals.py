@@ -67,10 +67,14 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   request to count as AI-assisted), or with a known size of at most `trivial_max_lines` [10] changed
   lines (a pull request's additions + deletions), or light: the key's events on it in the period came
   to at most `trivial_max_tokens` [100] tokens in all (0: not counted; a tag sent hours before the item
-  was done escapes the minutes, not this). Cost per completed item and the AI-assisted share
+  was done escapes the minutes, not this), or the item's spend in the period, every key's, to at most
+  `trivial_max_cost_share` [0.01] of the median cost per completed item of the others' items (the
+  team's, given `cost_min_items` of them, else all teams'; 0: not counted; a tag padded with prompt
+  tokens escapes the tokens, not this). Cost per completed item and the AI-assisted share
   reward such items. Evidence: `completed_items`, `trivial_items`, `share`, `quick_items`,
   `small_items`, `light_items`, and `requests`, `cost_usd`, `tokens`, `items`, `first`, `last` over the trivial items;
-  each work item has `completed_at`, `minutes_to_complete`, `minutes_from_first_request`, `changed_lines`, `tokens`. A team that genuinely ships small changes can be flagged: it is
+  each work item has `completed_at`, `minutes_to_complete`, `minutes_from_first_request`, `changed_lines`, `tokens`
+  (light by cost: `item_cost_usd`, `typical_cost_usd`). A team that genuinely ships small changes can be flagged: it is
   evidence to look at (docs/signals.md).
 - `split_work`: a burst of small items completed by the key — at least `split_min_items` [4] items
   it made requests on, completed in the period with consecutive completions at most
