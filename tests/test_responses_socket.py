@@ -84,10 +84,10 @@ def test_a_message_whose_work_item_is_null_is_billed_to_the_connections(server: 
     a refusal) took its place, where a POST with the same body is billed to the header's item (found
     by a review)."""
     client = server.openai(server.new_key(owner="ines"))
-    with client.responses.connect(extra_headers={"X-Work-Item": "PROJ-58"}, max_retries=0) as connection:
+    with client.responses.connect(extra_headers={"X-Work-Item": "PROJ-64"}, max_retries=0) as connection:
         connection.response.create(model="gpt-4o-mini", input="Name the failing test.", metadata={"work_item": None})  # type: ignore[dict-item]
         assert until_done(connection)[-1].type == "response.completed"
-    [event] = server.events("PROJ-58", 1)
+    [event] = server.events("PROJ-64", 1)
     assert event["attribution_source"] == "header"
 
 
