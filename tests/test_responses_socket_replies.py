@@ -52,9 +52,11 @@ class RawProvider:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.received: list[str] = []
+        self.bodies: list[dict] = []
         self.release = threading.Event()  # ends a stalled answer
         self.scripts: dict[str, Callable[[socket.socket], None]] = {
             "ws-500-cut": self._cut, "ws-500-stall": self._stall, "ws-200-json": self._json, "ws-error": self._error_event, "ws-ok": self._ok,
+            "ws-bomb": self._bomb,
         }  # fmt: skip
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -75,7 +77,8 @@ class RawProvider:
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
             while len(body) < length:
                 body += conn.recv(65536)
-            model = json.loads(body)["model"]
+            self.bodies.append(json.loads(body))
+            model = self.bodies[-1]["model"]
             self.received.append(model)
             self.scripts[model](conn)
 
@@ -109,6 +112,13 @@ class RawProvider:
         conn.sendall(STREAM_HEAD + _event({"type": "response.created", "sequence_number": 0, "response": _response("ws-ok", "in_progress")})
                      + _event({"type": "response.completed", "sequence_number": 1, "response": _response("ws-ok", usage=usage)}))  # fmt: skip
 
+    @staticmethod
+    def _bomb(conn: socket.socket) -> None:
+        """A last event whose `output` holds 3,000 JSON values: more than the server's limits.max_json_nodes here."""
+        response = {**_response("ws-bomb"), "output": [[] for _ in range(3_000)]}
+        conn.sendall(STREAM_HEAD + _event({"type": "response.created", "sequence_number": 0, "response": _response("ws-bomb", "in_progress")})
+                     + _event({"type": "response.completed", "sequence_number": 1, "response": response}))  # fmt: skip
+
     def close(self) -> None:
         self.release.set()
         self.listener.close()
@@ -121,11 +131,11 @@ def provider() -> Iterator[RawProvider]:
     raw.close()
 
 
-def _config(folder: Path, provider: RawProvider) -> Path:
+def _config(folder: Path, provider: RawProvider, **extra: Any) -> Path:
     base = f"{provider.url}/v1"
     models = [{"name": name, "base_url": base} for name in provider.scripts]
     models.append({"name": "ws-500-bounded", "base_url": base, "upstream_model": "ws-500-stall", "max_response_seconds": 1})
-    return write_config(folder, provider.url, models=models)
+    return write_config(folder, provider.url, models=models, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +235,20 @@ def test_a_providers_error_event_ends_its_turn_and_is_recorded_as_over_http(serv
     events = sorted(server.events("PROJ-85", 2), key=lambda e: e["ts"])
     assert [(e["model"], e["status"], e["error"], e["provider_error"]) for e in events] == [
         ("ws-error", 502, "upstream_error", "server_error"), ("ws-ok", 200, None, None)]
+
+
+def test_a_last_event_with_more_json_values_than_the_limit_is_not_kept_for_a_continuation(provider: RawProvider, tmp_path: Path) -> None:
+    """The socket decoded every last event whole to keep the conversation: a provider's 14 MiB event of
+    5 million empty arrays stopped the event loop for seconds and held ~344 MiB per socket (found by a
+    review). Past limits.max_json_nodes it is relayed and billed, not decoded: a continuation of it goes
+    to the provider by its id, as over HTTP."""
+    config = _config(tmp_path, provider, limits={"max_json_nodes": 1000})
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server, _socket(server, "PROJ-86") as socket_:
+        assert _turn(socket_, "ws-bomb")[-1]["type"] == "response.completed"
+        since = len(provider.bodies)
+        socket_.send(json.dumps({"type": "response.create", "model": "ws-ok", "input": "Go on.", "previous_response_id": "resp_ws-bomb"}))
+        while json.loads(socket_.recv(10))["type"] not in ("response.completed", "error"):
+            pass
+        [continued] = provider.bodies[since:]
+        assert continued["previous_response_id"] == "resp_ws-bomb" and continued["input"] == "Go on.", continued  # not expanded
+        assert [e["status"] for e in server.events("PROJ-86", 2)] == [200, 200]

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import anyio
 import orjson
@@ -36,13 +37,13 @@ from taskproxy.error_shapes import error_response, socket_error
 from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import body_work_item, strip_work_item
-from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, LARGE_BODY_BYTES, Undecodable, decode_json_object
+from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, LARGE_BODY_BYTES, Undecodable, decode_json_object, more_json_values_than
 from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.admission import Admitted
 from taskproxy.routes.endpoint import Endpoint
 from taskproxy.routes.proxy import RETRIED_STATUSES, ProxyFlow, encode_body
-from taskproxy.settings import ModelSettings
+from taskproxy.settings import LimitSettings, ModelSettings
 from taskproxy.timeutil import utcnow
 from taskproxy.upstream import observe
 from taskproxy.upstream.capture import Capture
@@ -252,7 +253,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
             else:
                 await _refused(websocket, attempt, reply, data, first_byte)
             return
-        await _relay(websocket, attempt, reply, model, body, len(admitted.raw), conversation)
+        await _relay(websocket, attempt, reply, model, body, len(admitted.raw), conversation, flow.settings.limits)
         return
 
 
@@ -342,7 +343,8 @@ async def _answered(
 
 
 async def _relay(
-    websocket: WebSocket, attempt: Attempt, reply: ProviderReply, model: ModelSettings, body: dict, size: int, conversation: Conversation
+    websocket: WebSocket, attempt: Attempt, reply: ProviderReply, model: ModelSettings, body: dict, size: int, conversation: Conversation,
+    limits: LimitSettings,
 ) -> None:
     """The provider's events, one message each; usage is metered as it passes and recorded once."""
     capture, exchange, meter = Capture(), attempt.exchange, attempt.meter
@@ -398,18 +400,31 @@ async def _relay(
         await _send(websocket, socket_error(cut))
     attempt.record_once(status=200, error=error, first_byte=first_byte)
     if last:
-        await _remember(conversation, body, last, size)
+        await _remember(conversation, body, last, size, limits)
 
 
-async def _remember(conversation: Conversation, body: dict, terminal: bytes, sent: int) -> None:
-    try:
-        event = await anyio.to_thread.run_sync(orjson.loads, terminal) if len(terminal) > DECODE_IN_THREAD_BYTES else orjson.loads(terminal)
-    except orjson.JSONDecodeError:  # a provider's malformed last event: relayed as it came, and nothing to continue from
+async def _remember(conversation: Conversation, body: dict, terminal: bytes, sent: int, limits: LimitSettings) -> None:
+    if sent + len(terminal) > limits.max_body_bytes:  # a continuation of it would be refused as too large anyway
         event = None
+    elif len(terminal) > DECODE_IN_THREAD_BYTES:
+        event = await anyio.to_thread.run_sync(_decoded, terminal, limits.max_json_nodes)
+    else:
+        event = _decoded(terminal, limits.max_json_nodes)
     if isinstance(event, dict) and isinstance(event.get("response"), dict):
         conversation.remember(body, event["response"], sent + len(terminal))
     else:
         conversation.remember(body, {}, 0)
+
+
+def _decoded(terminal: bytes, max_values: int) -> Any:
+    """A last event as JSON, or None: malformed (relayed as it came, nothing to continue from), or holding
+    more values than a request may (a provider's 5 million empty arrays held the interpreter for seconds)."""
+    if more_json_values_than(terminal, max_values):
+        return None
+    try:
+        return orjson.loads(terminal)
+    except orjson.JSONDecodeError:
+        return None
 
 
 SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
