@@ -96,6 +96,8 @@ async def test_the_openapi_document_states_the_limits_the_api_enforces(proxy: Pr
     fits = await proxy.http.post("/api/work-items", json={"id": "PAY-2", "title": "x" * limit}, headers=proxy.admin_headers)
     over = await proxy.http.post("/api/work-items", json={"id": "PAY-3", "title": "x" * (limit + 1)}, headers=proxy.admin_headers)
     assert (fits.status_code, over.status_code) == (201, 400)
+    own_usage = {p["name"]: p["schema"] for p in document["paths"]["/api/me/usage"]["get"]["parameters"]}
+    assert own_usage["items"]["maximum"] == 1000  # the route takes it (400 past it): the document had left it out
     roles = document["paths"]["/api/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["role"]["enum"]
     for role in roles:
         assert (await proxy.http.post("/api/keys", json={"owner": "o", "role": role}, headers=proxy.admin_headers)).status_code == 201

@@ -207,6 +207,9 @@ def test_use_binds_a_work_item_and_me_shows_own_usage(server: ServerProcess) -> 
     assert events[0]["attribution_source"] == "binding"
     assert events[0]["total_tokens"] == reply.usage.total_tokens
 
+    ambiguous = run_cli("use", "PAY-8", "--clear", *over_http)  # cleared the binding and dropped PAY-8 without a word
+    assert ambiguous.returncode == 2 and "takes no work item" in ambiguous.stderr, ambiguous
+    assert run_cli("use", *over_http).stdout.startswith("bound to PAY-9")
     cleared = run_cli("use", "--clear", *over_http)
     assert cleared.returncode == 0, cleared.stderr
     with pytest.raises(openai.BadRequestError) as refused:

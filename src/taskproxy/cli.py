@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "use":
             sub.add_argument("work_item", nargs="?", help="PROJ-123, owner/repo#12 or a tracker URL; omit to show the binding. "
                              "The binding lasts work_items.binding_ttl_hours (12 by default)")  # fmt: skip
-            sub.add_argument("--clear", action="store_true", help="remove the binding")
+            sub.add_argument("--clear", action="store_true", help="remove the binding (takes no work item)")
         else:
             sub.add_argument("--json", action="store_true", help="print JSON")
     run = command(commands, "run", cmd_run, "run an agent or any command pointed at the proxy, with your key and the work item "

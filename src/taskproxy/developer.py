@@ -45,6 +45,9 @@ def _developer_call(args: argparse.Namespace, method: str, path: str, body: dict
 
 
 def cmd_use(args: argparse.Namespace) -> int:
+    if args.clear and args.work_item:  # which one was meant? Clearing silently dropped the item
+        print(f"taskproxy: --clear removes the binding and takes no work item (got {args.work_item!r})", file=sys.stderr)
+        return 2
     if args.clear:
         _developer_call(args, "DELETE", "/api/me/work-item")
         print("cleared: requests without a work item are refused again")

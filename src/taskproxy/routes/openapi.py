@@ -109,7 +109,8 @@ def openapi_document() -> dict[str, Any]:
                 "delete": _operation("Remove the binding", 200, _OBJECT),
             },
             "/api/me/usage": {"get": _operation("The caller's own usage", 200, _OBJECT,
-                                                params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})])},
+                                                params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                                                        _query("items", {"type": "integer", "minimum": 1, "maximum": 1000})])},
         },
     }  # fmt: skip
 
