@@ -635,6 +635,57 @@ def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_
     assert event["error"] == "client_disconnected", event  # the turn it asked for is recorded, ended with the socket
 
 
+@pytest.mark.parametrize("unfinished", ["fragments", "frame"])
+def test_a_websocket_message_that_never_ends_is_let_go_of_past_the_body_deadline(tmp_path: Path, upstream: FakeUpstream, quiet: str,
+                                                                                 unfinished: str) -> None:  # fmt: skip
+    """A client sends 1 MiB of a message (fragments without the last one, or one frame cut short) and
+    then only pings: the server held the bytes, and the socket, for as long as the pings came (ten such
+    sockets of 30 MiB each held 300 MiB; found by a review). A message must now be whole within
+    `server.body_timeout_seconds`, as a request's body must, else the socket is closed with 1008."""
+    with server_with(tmp_path, upstream, quiet, server={"body_timeout_seconds": 1}) as server:
+        key = server.new_key("dana", "platform")
+        host, port = server.url.removeprefix("http://").split(":")
+        raw = socket.create_connection((host, int(port)))
+        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
+                    "X-Work-Item: PROV-11\r\n\r\n".encode())  # fmt: skip
+        handshake = b""
+        while b"\r\n\r\n" not in handshake:
+            handshake += raw.recv(1)
+        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+
+        def frame(first: int, payload: bytes, *, length: int | None = None) -> bytes:  # masked with zeros: the payload as it is
+            return bytes([first, 0x80 | 127]) + (len(payload) if length is None else length).to_bytes(8, "big") + b"\0\0\0\0" + payload
+
+        part = b"x" * (1 << 20)
+        if unfinished == "fragments":
+            raw.sendall(frame(0x01, part) + frame(0x00, part))  # text, then a continuation: neither the last
+        else:
+            raw.sendall(frame(0x81, part, length=2 * len(part)))  # a whole message's frame, half of it sent
+        started, closed_after, received, pinged = time.monotonic(), None, b"", 0.0
+        raw.settimeout(0.25)
+        while time.monotonic() - started < 8:
+            try:
+                if not (chunk := raw.recv(65536)):
+                    closed_after = time.monotonic() - started
+                    break
+                received += chunk
+            except TimeoutError:
+                pass
+            except ConnectionResetError:  # closed with bytes of ours unread: the close frame may be lost with them
+                closed_after = time.monotonic() - started
+                break
+            if unfinished == "fragments" and time.monotonic() - pinged > 0.3 and time.monotonic() - started < 0.8:  # none after the close
+                raw.sendall(bytes([0x89, 0x80]) + b"\0\0\0\0")  # a ping between fragments: the client is there
+                pinged = time.monotonic()
+        raw.close()
+        log = server.log_path.read_text()
+    assert closed_after is not None and closed_after < 5, f"still open after 8 s ({len(received)} bytes received)"
+    if (close := received.find(b"\x88")) >= 0:  # after the pongs: a close frame, code 1008
+        assert received[close + 2 : close + 4] == (1008).to_bytes(2, "big"), received[:40]
+    assert "a message did not arrive within 1 s" in log
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_reads_nothing_of_its_answer_is_cut_and_the_answer_recorded(tmp_path: Path, upstream: FakeUpstream, quiet: str,
                                                                                     stream: bool) -> None:  # fmt: skip

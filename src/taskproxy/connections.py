@@ -35,6 +35,9 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
   pong waits until it drains (up to 64 KiB of them; then the socket is closed), so pongs cannot pile up;
   a socket closed for either of these is let go of within `CLOSE_GRACE_SECONDS`, whether or not what
   was buffered for it was sent (a close waits to send it: for a client that reads nothing, forever);
+- **a message deadline**: a message partly in must be whole within `body_timeout`, as a request's
+  body must, else the socket is closed with 1008: a client that answers pings was never closed, and
+  ten sockets holding 30 MiB each of a message whose last fragment never came kept 300 MiB;
 - no permessage-deflate (`serve` turns it off): a 32 MiB message compresses to 32 KiB, and inflating
   it took ~120 ms of the event loop; 16 of them waiting on each of three sockets took a process to
   1.8 GiB for 1.5 MiB sent.
@@ -300,6 +303,7 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
         self._second = 0.0  # when the second being counted began
         self._control_frames = 0
         self._deferred = b""  # frames written once the client reads again
+        self._message_deadline: asyncio.TimerHandle | None = None  # while a message is partly in
 
     def data_received(self, data: bytes) -> None:
         # Parsed a slice at a time: a read of 256 KiB of empty pings is ~43,000 frames, parsed in one go
@@ -309,6 +313,33 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
             if self.transport.is_closing():
                 return
             super().data_received(data[start : start + PARSE_SLICE_BYTES] if len(data) > PARSE_SLICE_BYTES else data)
+        self._time_the_message()
+
+    def _time_the_message(self) -> None:
+        """A message partly in (fragments held, or a frame's bytes in the parser) must be whole within
+        `body_timeout`, as a request's body must: ten sockets each holding 30 MiB of a message whose
+        last fragment never came kept 300 MiB for as long as their clients answered pings."""
+        partial = bool(self.frames) or bool(self.conn.reader.buffer)
+        if partial and self._message_deadline is None:
+            self._message_deadline = self.loop.call_later(self.limits.body_timeout, self._message_too_slow)
+        elif not partial and self._message_deadline is not None:
+            self._message_deadline.cancel()
+            self._message_deadline = None
+
+    def _message_too_slow(self) -> None:
+        self._message_deadline = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        log.warning("closed a WebSocket from %s: a message did not arrive within %g s", self.client, self.limits.body_timeout)
+        self.frames = []  # what came of it is let go of now
+        self.conn.send_close(POLICY_VIOLATION, f"a message did not arrive within {self.limits.body_timeout:g} s (server.body_timeout_seconds)")
+        self.handle_parser_exception()  # tells the app (websocket.disconnect, 1008), writes the close frame, closes
+        self.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._message_deadline is not None:
+            self._message_deadline.cancel()
+        super().connection_lost(exc)
 
     def handle_ping(self) -> None:
         if self._too_many_control_frames():
