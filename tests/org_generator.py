@@ -257,6 +257,11 @@ class _Builder:
         redone = Item("REDONE-1", "web", "edge", "web", SINCE - timedelta(days=6))
         self.lifecycle(redone, [(redone.created_at, "open"), (SINCE - timedelta(days=4), "done"), (SINCE - timedelta(days=2), "in_progress"),
                                 (SINCE + timedelta(days=3), "done")])  # fmt: skip
+        # Done with AI before the period, reopened in it and set done again with no request since: a
+        # recycled completion, not AI-assisted again (its events: usage(), from a generator of their own).
+        recycled = Item("RECYCLED-1", "web", "recycled", "web", SINCE - timedelta(days=10))
+        self.lifecycle(recycled, [(recycled.created_at, "open"), (SINCE - timedelta(days=5), "done"), (SINCE + timedelta(days=2), "in_progress"),
+                                  (SINCE + timedelta(days=3), "done")])  # fmt: skip
         # Done in the period without AI, then reopened: rework of other work.
         quiet = Item("QUIET-1", "web", "quiet", "web", SINCE + timedelta(days=1))
         self.lifecycle(quiet, [(quiet.created_at, "open"), (SINCE + timedelta(days=2), "done"), (SINCE + timedelta(days=4), "in_progress")])
@@ -325,8 +330,8 @@ class _Builder:
         rng = self.rng
         done_by_hand: list[Item] = []
         for item in list(self.items.values()):
-            if item.kind == "quiet":
-                continue  # no AI usage at all
+            if item.kind in ("quiet", "recycled"):
+                continue  # no AI usage at all; the recycled item's below
             if item.kind == "orphan":
                 for _ in range(12):
                     self.event(item, self.when(item.created_at, 0, 40), self.admin, "gpt-4o-mini")
@@ -364,6 +369,12 @@ class _Builder:
                     key = tagging.choice(self.members[item.home] or self.keys)
                     self.events.append(Event(f"{tagging.getrandbits(128):032x}", ts, item.id, key, "gpt-4o-mini", 200, tagging.randint(50, 4000),
                                              tagging.randint(10, 1500)))  # fmt: skip
+        recycling = random.Random(7)
+        recycled = self.items["RECYCLED-1"]
+        for n in range(5):  # before its first completion only
+            ts = recycled.created_at + timedelta(days=n + 0.5)
+            self.events.append(Event(f"{recycling.getrandbits(128):032x}", ts, recycled.id, self.members["web"][1], "gpt-4o-mini", 200,
+                                     recycling.randint(50, 4000), recycling.randint(10, 1500)))  # fmt: skip
         edge6 = self.items["EDGE-6"]
         for ts in (SINCE, UNTIL):  # on the boundaries: the first counts, the second does not
             self.event(edge6, ts, self.members["web"][0], "claude-sonnet")

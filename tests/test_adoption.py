@@ -187,8 +187,18 @@ class Expected:
         """A completed item's events, and those of each ticket it carries up to its merge: that work led to it."""
         return [*self.events(item), *(e for ticket in self.carried(item) for e in self.events(ticket) if e.ts <= item.completed_at)]  # type: ignore[operator]
 
+    @staticmethod
+    def redone_after(item: Item) -> datetime | None:
+        """Done again after a reopening: the last change away from done before its completion."""
+        if item.status != "done":
+            return None
+        return max((c.at for c in item.changes if c.before == "done" and c.after != "done" and c.at < item.completed_at), default=None)  # type: ignore[operator]
+
     def assisted(self, item: Item) -> bool:
-        """Answered once at least, and used before the completion that counts (not only after it)."""
+        """Answered once at least, and used before the completion that counts (not only after it); done
+        again after a reopening, answered between that reopening and its completion."""
+        if (reopened := self.redone_after(item)) is not None:
+            return any(e.status < 400 and reopened < e.ts <= item.completed_at for e in self.events(item))  # type: ignore[operator]
         events = self.outcome_events(item)
         mark = self.rework(item)
         if item.status == "done":
@@ -466,6 +476,10 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     assert {"reverted", "reopened", None} <= marks
     assert any(expect.reworked_in_period(i) and expect.assisted(i) for i in delivered)
     assert any(expect.reworked_in_period(i) and not expect.assisted(i) for i in delivered)
+    # Done again after a reopening: assisted by the answers since it (REDONE-1), not by the old ones (RECYCLED-1).
+    redone = [i for i in completed if expect.redone_after(i) is not None]
+    assert any(expect.assisted(i) for i in redone) and not expect.assisted(org.items["RECYCLED-1"]) and expect.completed(org.items["RECYCLED-1"])
+    assert any(e.status < 400 for e in expect.events(org.items["RECYCLED-1"]))
     # A reopening before the period, done again in it: a completion that held, and its spend is an outcome.
     assert any(expect.rework(i) and not expect.reworked_in_period(i) and expect.completed(i) for i in delivered)
     assert any(not expect.completed(i) for i in delivered)

@@ -149,3 +149,24 @@ def test_a_backlog_ticket_picked_up_late_is_work_in_progress_not_stale(database_
     assert world.without_outcome(now=UNTIL) == {"total": usd(ONE), "stale_open": usd(ONE)}  # B-2's request in the period
     # B-1 still open once it turned stale (started + 14 days): its spend is judged then, as any fresh item's.
     assert world.without_outcome(now=UNTIL - 3 * DAY + 15 * DAY) == {"total": usd(3 * ONE), "stale_open": usd(3 * ONE)}
+
+
+@BOTH_DATABASES
+def test_an_old_completion_reopened_and_done_again_with_no_request_is_not_ai_assisted_again(database_url: str, tmp_path: Path) -> None:
+    """Reopening tickets done with AI in an earlier period and setting them done again, with no
+    request, counted each as a new AI-assisted completed item (a review's March: the share 0.40 ->
+    0.70, the median cost per item down to its cheapest items', no signal). Done again after a
+    reopening, an item is AI-assisted only by an answer between that reopening and its completion."""
+    world = World(database_url, tmp_path)
+    for item, answered_again in (("R-1", False), ("R-2", True)):
+        world.status(item, "in_progress", SINCE - 20 * DAY, created_at=SINCE - 20 * DAY)
+        world.requests(item, SINCE - 19 * DAY)
+        world.status(item, "done", SINCE - 18 * DAY)
+        world.status(item, "in_progress", SINCE + DAY)
+        if answered_again:
+            world.requests(item, SINCE + DAY + HOUR)
+        world.status(item, "done", SINCE + 2 * DAY)
+    write_all(world.engine, tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
+    overall = adoption_report(world.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 1)
+    assert overall["cost_per_completed_item"]["total"] == usd(2 * ONE)  # R-2's, all its spend

@@ -20,7 +20,10 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   nothing, and cost nothing), a carried ticket's included, the
   first of them (`usage_item_totals.first_answered_ts`, all time) no later than its `completed_at` (for
   an item not done now, than the completion its reopening undid): requests sent only after the work
-  was done do not make it assisted (they are spend after completion).
+  was done do not make it assisted (they are spend after completion). An item done again after a
+  reopening (a change away from `done` before its `completed_at`) is assisted only by such an event of
+  its own between the last such reopening and its `completed_at` (read from the raw events: in a
+  partition `recording.retention_months` dropped, none is found).
 - `ai_assisted_share` = ai_assisted_items / completed_items (null when nothing was completed).
 - `cost_per_completed_item`, `tokens_per_completed_item`: over the AI-assisted completed items, the
   per-item total (sum of `cost_usd` / of `total_tokens` over all the item's events) as

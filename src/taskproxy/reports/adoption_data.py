@@ -22,7 +22,7 @@ from sqlalchemy import DateTime, String, or_, select, true
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
-from taskproxy.storage.rollup import within
+from taskproxy.storage.rollup import TOKEN_COUNT_ROUTES, within
 from taskproxy.storage.rows import rows
 from taskproxy.storage.repo import completed_ids
 from taskproxy.workitems import IN_PROGRESS, MERGED_PR, RESOLVED, changed_lines, completed_in, completion_holds
@@ -82,16 +82,25 @@ class Item:
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
     carries: tuple[str, ...] = ()  # a merged PR: the tickets whose usage its cost counts (shared empty for the rest)
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
+    # Done again after a reopening (completed in the period): that reopening, the last change away from
+    # done before `completed_at`, and whether a request on it was answered between the two.
+    redone_after: datetime | None = None
+    answered_since_reopened: bool = False
 
     @property
     def ai_assisted(self) -> bool:
         """Answered (not a token count) before the completion that counts: its first such answer no later
         than its `completed_at` (done), or than the completion its reopening undid. A request sent only
         after the work was done (tagging after the fact) does not make it assisted, nor does a free token
-        count or a failed request before it. (Answers only in raw partitions dropped before migration
-        0019 are not dated: then its first event of any kind stands in.)"""
+        count or a failed request before it. An item done again after a reopening is assisted only by an
+        answer between that reopening and its completion: else reopening old work and setting it done
+        again, with no request, counted it as a new AI-assisted completion (`_load_redone`). (Answers
+        only in raw partitions dropped before migration 0019 are not dated: then its first event of any
+        kind stands in.)"""
         done = self.completed_at if self.status == "done" else self.reopened_completion
         began = self.first_answered or self.first_used
+        if self.redone_after is not None:  # done again after a reopening: the work since then is what counts
+            return self.answered_since_reopened
         return self.answered and began is not None and (done is None or began <= done)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
@@ -175,6 +184,7 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     _load_rows(connection, items, sorted(items))
     _points_at_completion(connection, items, since, until)
     _load_completed(connection, items, since, until)
+    _load_redone(connection, items, since, until)
     _load_usage(connection, items, sorted(set(reopened) - {i for i, item in items.items() if item.by_model}))
     for item_id, completion in reopened.items():
         items[item_id].reopened_completion = completion
@@ -218,6 +228,7 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     _load_rows(connection, items, sorted(items))
     _points_at_completion(connection, items, since, until)
     _load_completed(connection, items, since, until)
+    _load_redone(connection, items, since, until)
     carry_tickets(connection, items, since, until)
     return items
 
@@ -353,6 +364,32 @@ def _reopened_completions(connection: Connection, since: datetime, until: dateti
 def _load_completed(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
     """All-time usage per model of the items completed in the period (from the per-item totals alone)."""
     _fill_usage(connection, items, lambda c: [c.work_item.in_(completed_ids(since, until))])
+
+
+def _load_redone(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
+    """Set `redone_after` and `answered_since_reopened` of the items completed in the period after a
+    reopening. Only an item whose first rework came before its completion can have one (`reworked_at`
+    marks the first), so the history is read for those alone; the answers between each reopening and
+    its completion from the raw events, by the (work_item, ts) index. A range in a raw partition that
+    `recording.retention_months` dropped finds no answer."""
+    candidates = [item for item in items.values() if item.completed_in(since, until) and item.reworked_at is not None
+                  and item.completed_at is not None and item.reworked_at < item.completed_at]  # fmt: skip
+    for chunk in idsets.batches(connection, [item.id for item in candidates]):
+        query = select(_C.work_item, _C.ts).where(idsets.among(connection, _C.work_item, chunk), _C.from_status == "done", _C.to_status != "done")
+        for work_item, ts in rows(connection.execute(query)):
+            item = items[work_item]
+            if ts < item.completed_at and (item.redone_after is None or ts > item.redone_after):  # type: ignore[operator]
+                item.redone_after = ts
+    spans = [(item.id, item.redone_after, item.completed_at) for item in candidates if item.redone_after is not None]
+    columns = (("id", String(200)), ("after", DateTime()), ("upto", DateTime()))
+    for chunk, spans_table in idsets.tables(connection, "adoption_redone", columns, spans):
+        # The outer bounds as values too: the months (partitions) no span reaches are left out, unlocked.
+        bounds = (_E.ts > min(after for _, after, _ in chunk), _E.ts <= max(upto for _, _, upto in chunk))
+        answered = (select(_E.work_item).select_from(spans_table.join(UsageEvent.__table__, _E.work_item == spans_table.c.id))
+                    .where(_E.ts > spans_table.c.after, _E.ts <= spans_table.c.upto, *bounds, _E.status < 400, _E.route.not_in(TOKEN_COUNT_ROUTES))
+                    .distinct())  # fmt: skip
+        for work_item in rows(connection.execute(answered).scalars()):
+            items[work_item].answered_since_reopened = True
 
 
 def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
