@@ -124,6 +124,19 @@ def test_an_event_larger_than_the_splitter_holds_is_passed_on_as_it_comes_and_th
     assert b"".join(out) == b"".join(kept) + b"data: [DONE]" + end
 
 
+def test_lines_ending_in_a_bare_cr_are_held_not_joined_and_searched_at_each_chunk() -> None:
+    """Every stream is relayed in whole events (2026-12-07). A held event ending in a CR was taken for
+    one whose blank line's LF might come next, so each chunk of a stream of `data: …\r` lines joined
+    and searched everything held: quadratic, on the event loop (a 564 KB answer took 6.4 s; found by a
+    review). Such chunks are now held as they come, and the stream still comes out whole."""
+    from taskproxy.upstream.sse import EventBuffer
+
+    buffer, line = EventBuffer(), b"data: " + b"x" * 40 + b"\r"
+    assert all(buffer.feed(line) == b"" for _ in range(1000))
+    assert len(buffer._pieces) == 1000  # appended, never joined: the work per chunk does not grow with what is held
+    assert buffer.feed(b"\r\n") == line * 1000 + b"\r\n"  # a blank line (CR, CR) ends the event: all of it at once
+
+
 @pytest.mark.parametrize("end", EVENT_ENDS)
 def test_the_providers_usage_is_read_whatever_line_ends_its_events_have(end: bytes) -> None:
     """A stream whose events end with `\n\r\n` (a line's LF, then a CRLF blank line) ran together as
