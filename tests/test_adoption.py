@@ -196,9 +196,12 @@ class Expected:
 
     def assisted(self, item: Item) -> bool:
         """Answered once at least, and used before the completion that counts (not only after it); done
-        again after a reopening, answered between that reopening and its completion."""
+        again after a reopening that undid an earlier period's completion, answered between that
+        reopening and its completion."""
         if (reopened := self.redone_after(item)) is not None:
-            return any(e.status < 400 and reopened < e.ts <= item.completed_at for e in self.events(item))  # type: ignore[operator]
+            undid = max((c.at for c in item.changes if c.after == "done" and c.at < reopened), default=None)
+            if undid is None or undid < self.since:  # a completion of an earlier period done again: the work since counts
+                return any(e.status < 400 and reopened < e.ts <= item.completed_at for e in self.events(item))  # type: ignore[operator]
         events = self.outcome_events(item)
         mark = self.rework(item)
         if item.status == "done":

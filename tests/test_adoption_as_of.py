@@ -166,7 +166,14 @@ def test_an_old_completion_reopened_and_done_again_with_no_request_is_not_ai_ass
         if answered_again:
             world.requests(item, SINCE + DAY + HOUR)
         world.status(item, "done", SINCE + 2 * DAY)
+    # Done with AI in the period, reopened by QA and done by hand in it: one completed item of the period,
+    # AI-assisted by its work (the rule above is for a completion of an earlier period done again).
+    world.status("Q-1", "in_progress", SINCE, created_at=SINCE)
+    world.requests("Q-1", SINCE + HOUR)
+    world.status("Q-1", "done", SINCE + DAY)
+    world.status("Q-1", "in_progress", SINCE + 2 * DAY)
+    world.status("Q-1", "done", SINCE + 3 * DAY)
     write_all(world.engine, tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
     overall = adoption_report(world.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
-    assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 1)
-    assert overall["cost_per_completed_item"]["total"] == usd(2 * ONE)  # R-2's, all its spend
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (3, 2)
+    assert overall["cost_per_completed_item"]["total"] == usd(3 * ONE)  # R-2's and Q-1's, all their spend

@@ -22,8 +22,9 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   an item not done now, than the completion its reopening undid): requests sent only after the work
   was done do not make it assisted (they are spend after completion). An item done again after a
   reopening (a change away from `done` before its `completed_at`) is assisted only by such an event of
-  its own between the last such reopening and its `completed_at` (read from the raw events: in a
-  partition `recording.retention_months` dropped, none is found).
+  its own between the last such reopening and its `completed_at` when the completion that reopening
+  undid was before the period (a completion recycled into a later period; read from the raw events: in
+  a partition `recording.retention_months` dropped, none is found).
 - `ai_assisted_share` = ai_assisted_items / completed_items (null when nothing was completed).
 - `cost_per_completed_item`, `tokens_per_completed_item`: over the AI-assisted completed items, the
   per-item total (sum of `cost_usd` / of `total_tokens` over all the item's events) as
@@ -239,14 +240,14 @@ def _rework(delivered: list[_Item]) -> dict[str, Any]:
         return {"items": len(group), "reworked": reworked, "rate": reworked / len(group) if group else None}
 
     reasons = {reason: sum(1 for i in delivered if i.reworked and i.rework_reason == reason) for reason in REWORK_REASONS}
-    return {"ai_assisted": rate([i for i in delivered if i.ai_assisted]), "other": rate([i for i in delivered if not i.ai_assisted]),
+    return {"ai_assisted": rate([i for i in delivered if i.assisted]), "other": rate([i for i in delivered if not i.assisted]),
             "by_reason": reasons}  # fmt: skip
 
 
 def _completed(items: Iterable[_Item], since: datetime, until: datetime) -> tuple[list[_Item], list[_Item]]:
     """The items completed in the period, and those of them AI-assisted."""
     completed = [i for i in items if i.completed_in(since, until)]
-    return completed, [i for i in completed if i.ai_assisted]
+    return completed, [i for i in completed if i.assisted_since(since)]
 
 
 def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after: timedelta) -> None:
@@ -256,6 +257,7 @@ def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after
         item.completed = item.completed_in(since, until)
         item.delivered = item.completed or item.delivered_in(since, until)
         item.reworked = item.delivered and item.reworked_in(since, until)
+        item.assisted = item.assisted_since(since)
         item.without_outcome, item.without_outcome_spend = _without_outcome(item, until, stale_after)
         timed = item.completed and item.completed_at is not None and item.created_at is not None
         item.cycle_hours = (item.completed_at - item.created_at).total_seconds() / 3600 if timed else None  # type: ignore[operator]
@@ -264,8 +266,8 @@ def settle(items: Iterable[_Item], since: datetime, until: datetime, stale_after
 def _figures(items: list[_Item], rejected: dict[str, int], *, bands: SizeBands) -> dict[str, Any]:
     """The figures of one scope, over `items` as `settle` decided them."""
     completed = [i for i in items if i.completed]
-    assisted = [i for i in completed if i.ai_assisted]
-    other = [i for i in completed if not i.ai_assisted]
+    assisted = [i for i in completed if i.assisted]
+    other = [i for i in completed if not i.assisted]
 
     tokens: list[float] = []
     cost_by_model: dict[str, int | None] = {}

@@ -83,24 +83,28 @@ class Item:
     carries: tuple[str, ...] = ()  # a merged PR: the tickets whose usage its cost counts (shared empty for the rest)
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
     # Done again after a reopening (completed in the period): that reopening, the last change away from
-    # done before `completed_at`, and whether a request on it was answered between the two.
+    # done before `completed_at`, the completion it undid, and whether a request on it was answered
+    # between the reopening and `completed_at`.
     redone_after: datetime | None = None
+    undone_completion: datetime | None = None
     answered_since_reopened: bool = False
+    assisted: bool = False  # a verdict (adoption.settle): AI-assisted, for the period
 
-    @property
-    def ai_assisted(self) -> bool:
+    def assisted_since(self, since: datetime) -> bool:
         """Answered (not a token count) before the completion that counts: its first such answer no later
         than its `completed_at` (done), or than the completion its reopening undid. A request sent only
         after the work was done (tagging after the fact) does not make it assisted, nor does a free token
-        count or a failed request before it. An item done again after a reopening is assisted only by an
-        answer between that reopening and its completion: else reopening old work and setting it done
-        again, with no request, counted it as a new AI-assisted completion (`_load_redone`). (Answers
+        count or a failed request before it. An item done again after a reopening that undid a completion
+        before the period (`since`) is assisted only by an answer between that reopening and its
+        completion: else reopening old work and setting it done again, with no request, counted it as a
+        new AI-assisted completion (`_load_redone`); reopened and done again within the period, it is one
+        completed item of the period, assisted by its work as before. (Answers
         only in raw partitions dropped before migration 0019 are not dated: then its first event of any
         kind stands in.)"""
         done = self.completed_at if self.status == "done" else self.reopened_completion
         began = self.first_answered or self.first_used
-        if self.redone_after is not None:  # done again after a reopening: the work since then is what counts
-            return self.answered_since_reopened
+        if self.redone_after is not None and (self.undone_completion is None or self.undone_completion < since):
+            return self.answered_since_reopened  # an earlier period's completion done again: the work since counts
         return self.answered and began is not None and (done is None or began <= done)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
@@ -375,11 +379,16 @@ def _load_redone(connection: Connection, items: dict[str, Item], since: datetime
     candidates = [item for item in items.values() if item.completed_in(since, until) and item.reworked_at is not None
                   and item.completed_at is not None and item.reworked_at < item.completed_at]  # fmt: skip
     for chunk in idsets.batches(connection, [item.id for item in candidates]):
-        query = select(_C.work_item, _C.ts).where(idsets.among(connection, _C.work_item, chunk), _C.from_status == "done", _C.to_status != "done")
-        for work_item, ts in rows(connection.execute(query)):
+        query = select(_C.work_item, _C.ts, _C.from_status, _C.to_status).where(idsets.among(connection, _C.work_item, chunk)).order_by(_C.work_item, _C.ts)
+        done_at: dict[str, datetime] = {}  # each item's last change to done so far
+        for work_item, ts, origin, target in rows(connection.execute(query)):
             item = items[work_item]
-            if ts < item.completed_at and (item.redone_after is None or ts > item.redone_after):  # type: ignore[operator]
-                item.redone_after = ts
+            if ts >= item.completed_at:  # type: ignore[operator]
+                continue
+            if origin == "done" and target != "done":
+                item.redone_after, item.undone_completion = ts, done_at.get(work_item)
+            if target == "done":
+                done_at[work_item] = ts
     spans = [(item.id, item.redone_after, item.completed_at) for item in candidates if item.redone_after is not None]
     columns = (("id", String(200)), ("after", DateTime()), ("upto", DateTime()))
     for chunk, spans_table in idsets.tables(connection, "adoption_redone", columns, spans):
