@@ -226,6 +226,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
         )  # fmt: skip
         more = number < len(chain)
         capture, data, first_byte = Capture(), b"", None
+        reply: ProviderReply | None = None
         try:
             reply = await _post(flow, websocket.headers, body, len(admitted.raw), model)
             if not reply.is_event_stream:
@@ -236,7 +237,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
                 data, first_byte = await _read_body(attempt, reply, model, capture, flow.settings.limits.max_buffered_response_bytes)
         except ApiError as exc:
             attempt.record_once(status=exc.status, error=exc.code)
-            if more and exc.status in RETRIED_STATUSES:
+            if more and exc.status in RETRIED_STATUSES and reply is None:  # not once the provider answered: its work is done, and billed
                 continue
             await _send(websocket, socket_error(exc))
             return
@@ -249,7 +250,7 @@ async def _forward(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, ad
             raise
         if not reply.is_event_stream:
             if 200 <= reply.status < 300:
-                await _answered(websocket, attempt, reply, capture, data, first_byte, body, len(admitted.raw), conversation)
+                await _answered(websocket, attempt, reply, capture, data, first_byte, body, len(admitted.raw), conversation, flow.settings.limits)
             else:
                 await _refused(websocket, attempt, reply, data, first_byte)
             return
@@ -318,19 +319,23 @@ async def _refused(websocket: WebSocket, attempt: Attempt, reply: ProviderReply,
 
 async def _answered(
     websocket: WebSocket, attempt: Attempt, reply: ProviderReply, capture: Capture, data: bytes, first_byte: float | None, body: dict, size: int,
-    conversation: Conversation,
+    conversation: Conversation, limits: LimitSettings,
 ) -> None:  # fmt: skip
     """A provider that answered the streamed request with the whole response (a JSON body, not events):
     billed from its body as over HTTP, and sent as a stream's events would carry it, its last event
     (`response.completed`, `.incomplete`, `.failed`) after `response.created`. A body that is no
-    finished response is billed all the same, and answered with an error."""
-    try:
-        response = await anyio.to_thread.run_sync(orjson.loads, data) if len(data) > DECODE_IN_THREAD_BYTES else orjson.loads(data)
-    except orjson.JSONDecodeError:
+    finished response, or too large to relay as events (past the bytes kept, or `limits.max_json_nodes`
+    values: decoding 1.4 million empty arrays took 0.7 s and kept them all for the next turn), is billed
+    all the same, and answered with an error."""
+    too_many = False
+    if capture.total > len(data):
         response = None
+    else:
+        response = await anyio.to_thread.run_sync(_decoded, data, limits.max_json_nodes) if len(data) > DECODE_IN_THREAD_BYTES else _decoded(data, limits.max_json_nodes)
+        too_many = response is TOO_MANY_VALUES
     status = response.get("status") if isinstance(response, dict) else None
     if not isinstance(response, dict) or not isinstance(status, str) or status not in observe.FINISHED:
-        what = "too large to relay" if capture.total > len(data) else "not a finished response"
+        what = "too large to relay" if capture.total > len(data) or too_many else "not a finished response"
         refused = UpstreamError(f"The provider answered {reply.status} with a body, not an event stream, {what}; it is billed as answered.")
         attempt.record_once(status=refused.status, error=refused.code, first_byte=first_byte)
         await _send(websocket, socket_error(refused))
@@ -416,11 +421,15 @@ async def _remember(conversation: Conversation, body: dict, terminal: bytes, sen
         conversation.remember(body, {}, 0)
 
 
+TOO_MANY_VALUES = object()  # what `_decoded` answers for JSON holding more values than a request may
+
+
 def _decoded(terminal: bytes, max_values: int) -> Any:
-    """A last event as JSON, or None: malformed (relayed as it came, nothing to continue from), or holding
-    more values than a request may (a provider's 5 million empty arrays held the interpreter for seconds)."""
+    """A provider's JSON (a last event, a whole response): None if malformed (relayed as it came, nothing
+    to continue from), TOO_MANY_VALUES past `max_values` (a provider's 5 million empty arrays held the
+    interpreter for seconds)."""
     if more_json_values_than(terminal, max_values):
-        return None
+        return TOO_MANY_VALUES
     try:
         return orjson.loads(terminal)
     except orjson.JSONDecodeError:
