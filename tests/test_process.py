@@ -238,15 +238,19 @@ def test_modules_imported_after_startup_are_frozen_at_the_next_idle_check(monkey
     monkeypatch.setattr(process, "IDLE_CHECK_SECONDS", 0.05)
     monkeypatch.setattr(process, "release_freed_memory", lambda: None)
     name = "taskproxy_test_late_module"
+    gc.disable()  # as if no automatic collection came
     try:
         with serve_in_thread(ProcessTuning(frozen_count_app({}))) as url:
             time.sleep(0.2)
             frozen = int(httpx.get(f"{url}/frozen", timeout=10).text)
+            garbage = weakref.ref(_Cyclic())  # a cycle a request left, unreachable when the module comes
             late = types.ModuleType(name)
             late.tables = [[] for _ in range(50_000)]  # type: ignore[attr-defined]
             sys.modules[name] = late
             time.sleep(0.3)
             assert int(httpx.get(f"{url}/frozen", timeout=10).text) >= frozen + 50_000
+            assert garbage() is None  # collected before the freeze, not frozen with the module for good
     finally:
+        gc.enable()
         sys.modules.pop(name, None)
         gc.unfreeze()

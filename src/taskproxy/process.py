@@ -98,10 +98,13 @@ class ProcessTuning:
         trimmed_at = 0
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
-            if len(sys.modules) != self._modules_frozen:
+            if len(sys.modules) != self._modules_frozen and self.active == 0:
                 # A module imported since (litellm beside startup or at the first translated request, the
                 # dashboard's Jinja2) lives as long as the process, as startup's did: out of the walks too.
                 # litellm left ~370,000 objects that each full collection below walked, ~0.8 s of the loop.
+                # Collected first, and with no request in progress, so that no garbage, nor a request's
+                # objects, is frozen with it: this one collection walks them once more.
+                gc.collect()
                 gc.freeze()
                 self._modules_frozen = len(sys.modules)
             if self.served != trimmed_at and self.active == 0:
