@@ -686,6 +686,50 @@ def test_a_websocket_message_that_never_ends_is_let_go_of_past_the_body_deadline
     assert "a message did not arrive within 1 s" in log
 
 
+def test_messages_each_whole_within_the_deadline_keep_the_socket_open_however_reads_split_them(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """Each message arrives whole within 0.2 s of its first byte, every read ending inside the next
+    message's frame: the deadline set at the first partial read was never reset, and a client sending
+    messages back to back was closed with 1008 (found by a review). Each message has its own time."""
+    with server_with(tmp_path, upstream, quiet, server={"body_timeout_seconds": 1}) as server:
+        key = server.new_key("dana", "platform")
+        host, port = server.url.removeprefix("http://").split(":")
+        raw = socket.create_connection((host, int(port)))
+        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
+                    "X-Work-Item: PROV-12\r\n\r\n".encode())  # fmt: skip
+        handshake = b""
+        while b"\r\n\r\n" not in handshake:
+            handshake += raw.recv(1)
+        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+        payload = json.dumps({"type": "no.such.type"}).encode()
+        frame = bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+        half = len(frame) // 2
+        raw.sendall(frame[:half])
+        raw.settimeout(0.05)
+        started, closed_after, received = time.monotonic(), None, b""
+        while time.monotonic() - started < 3.5:
+            time.sleep(0.2)
+            try:
+                raw.sendall(frame[half:] + frame[:half])  # this message's end, the next one's start
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            try:
+                if not (chunk := raw.recv(65536)):
+                    closed_after = time.monotonic() - started
+                    break
+                received += chunk
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed_after = time.monotonic() - started
+                break
+        raw.close()
+        log = server.log_path.read_text()
+    assert received.count(b"no.such.type") >= 5, received[:300]  # every message was answered as it came
+    assert closed_after is None and "a message did not arrive" not in log, f"closed after {closed_after} s"
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_reads_nothing_of_its_answer_is_cut_and_the_answer_recorded(tmp_path: Path, upstream: FakeUpstream, quiet: str,
                                                                                     stream: bool) -> None:  # fmt: skip

@@ -304,6 +304,7 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
         self._control_frames = 0
         self._deferred = b""  # frames written once the client reads again
         self._message_deadline: asyncio.TimerHandle | None = None  # while a message is partly in
+        self._message_arrived = False  # a message came whole during this read: the next one's clock starts anew
 
     def data_received(self, data: bytes) -> None:
         # Parsed a slice at a time: a read of 256 KiB of empty pings is ~43,000 frames, parsed in one go
@@ -320,11 +321,19 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
         `body_timeout`, as a request's body must: ten sockets each holding 30 MiB of a message whose
         last fragment never came kept 300 MiB for as long as their clients answered pings."""
         partial = bool(self.frames) or bool(self.conn.reader.buffer)
+        if self._message_arrived and self._message_deadline is not None:  # each message its own time, not the first's
+            self._message_deadline.cancel()
+            self._message_deadline = None
+        self._message_arrived = False
         if partial and self._message_deadline is None:
             self._message_deadline = self.loop.call_later(self.limits.body_timeout, self._message_too_slow)
         elif not partial and self._message_deadline is not None:
             self._message_deadline.cancel()
             self._message_deadline = None
+
+    def send_receive_event_to_app(self) -> None:
+        self._message_arrived = True
+        super().send_receive_event_to_app()
 
     def _message_too_slow(self) -> None:
         self._message_deadline = None
