@@ -194,14 +194,24 @@ class Expected:
             return None
         return max((c.at for c in item.changes if c.before == "done" and c.after != "done" and c.at < item.completed_at), default=None)  # type: ignore[operator]
 
+    def recycled_after(self, item: Item) -> datetime | None:
+        """The last reopening before its completion that undid a completion before the period (or one not dated)."""
+        if item.status != "done":
+            return None
+        found = None
+        for c in item.changes:
+            if c.before == "done" and c.after != "done" and c.at < item.completed_at:  # type: ignore[operator]
+                undid = max((d.at for d in item.changes if d.after == "done" and d.at < c.at), default=None)
+                if undid is None or undid < self.since:
+                    found = c.at
+        return found
+
     def assisted(self, item: Item) -> bool:
         """Answered once at least, and used before the completion that counts (not only after it); done
         again after a reopening that undid an earlier period's completion, answered between that
         reopening and its completion."""
-        if (reopened := self.redone_after(item)) is not None:
-            undid = max((c.at for c in item.changes if c.after == "done" and c.at < reopened), default=None)
-            if undid is None or undid < self.since:  # a completion of an earlier period done again: the work since counts
-                return any(e.status < 400 and reopened < e.ts <= item.completed_at for e in self.events(item))  # type: ignore[operator]
+        if (reopened := self.recycled_after(item)) is not None:  # a completion of an earlier period done again: the work since counts
+            return any(e.status < 400 and reopened < e.ts <= item.completed_at for e in self.events(item))  # type: ignore[operator]
         events = self.outcome_events(item)
         mark = self.rework(item)
         if item.status == "done":

@@ -18,7 +18,7 @@ from write_path import past_request, write_all
 from taskproxy import registry
 from taskproxy.metering.tokens import TokenCounter
 from taskproxy.money import usd
-from taskproxy.reports.adoption import adoption_report
+from taskproxy.reports.adoption import adoption_report, completions_by_period
 from taskproxy.settings import DEFAULT_ID_PATTERNS
 from taskproxy.storage.db import make_engine, upgrade_schema
 from taskproxy.trackers.base import Delivery, ItemUpdate
@@ -177,3 +177,24 @@ def test_an_old_completion_reopened_and_done_again_with_no_request_is_not_ai_ass
     overall = adoption_report(world.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
     assert (overall["completed_items"], overall["ai_assisted_items"]) == (3, 2)
     assert overall["cost_per_completed_item"]["total"] == usd(3 * ONE)  # R-2's and Q-1's, all their spend
+
+
+@BOTH_DATABASES
+def test_an_old_completion_reopened_and_done_twice_in_the_period_is_still_recycled(database_url: str, tmp_path: Path) -> None:
+    """Reopened and set done twice in the period with no request: the last reopening undid the period's
+    own redo, and the old completion's answers counted again (found by a review). The work that counts
+    is what came after the last reopening of an earlier period's completion; the dashboard's weekly
+    figures agree."""
+    world = World(database_url, tmp_path)
+    for item, cycles in (("R-1", 1), ("R-3", 2)):
+        world.status(item, "in_progress", SINCE - 20 * DAY, created_at=SINCE - 20 * DAY)
+        world.requests(item, SINCE - 19 * DAY)
+        world.status(item, "done", SINCE - 18 * DAY)
+        for n in range(cycles):
+            world.status(item, "in_progress", SINCE + (1 + 2 * n) * DAY)
+            world.status(item, "done", SINCE + (2 + 2 * n) * DAY)
+    write_all(world.engine, tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
+    overall = adoption_report(world.engine, since=SINCE, until=UNTIL, min_group_size=1)["overall"]
+    [week] = completions_by_period(world.engine, [(SINCE, UNTIL)])
+    assert (week["completed_items"], week["ai_assisted_items"]) == (2, 0)
+    assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 0)

@@ -563,6 +563,8 @@ async def test_a_reverted_pull_request_takes_its_ticket_with_it(tracked: Proxy) 
     assert reopened.status_code == 200, reopened.text
     assert (await tracked.get("/api/work-items/PAY-30"))["rework"]["reason"] == "reopened"
     again = utcnow()
+    await _ask(tracked, key, "PAY-30")  # fixed with AI: done again after a reopening, assisted by the work since it
+    await tracked.events(3)
     assert (await tracked.http.post("/api/work-items/PAY-30/complete", headers=tracked.admin_headers)).status_code == 200
     later = (await tracked.get("/api/reports/adoption", since=iso(again), until=iso(utcnow() + timedelta(minutes=1))))["overall"]
     assert later["completed_items"] == 1 and later["rework"]["ai_assisted"] == {"items": 1, "reworked": 0, "rate": 0.0}, later

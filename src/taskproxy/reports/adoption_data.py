@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import DateTime, String, or_, select, true
+from sqlalchemy import DateTime, String, func, or_, select, true
 from sqlalchemy.engine import Connection
 
 from taskproxy.storage import idsets, rollup, spend_after
@@ -82,12 +82,11 @@ class Item:
     spend_after_merge: int = 0  # a ticket with a merged PR: its period spend after the last such merge
     carries: tuple[str, ...] = ()  # a merged PR: the tickets whose usage its cost counts (shared empty for the rest)
     cycle_hours: float | None = None  # completed_at - created_at (completed items)
-    # Done again after a reopening (completed in the period): that reopening, the last change away from
-    # done before `completed_at`, the completion it undid, and whether a request on it was answered
-    # between the reopening and `completed_at`.
-    redone_after: datetime | None = None
-    undone_completion: datetime | None = None
-    answered_since_reopened: bool = False
+    # Done again after reopenings (completed in the period): each reopening before `completed_at` (a
+    # change away from done) with the completion it undid (None: not dated), and its last answer (not a
+    # token count) after the first of them, up to `completed_at`.
+    reopenings: tuple[tuple[datetime, datetime | None], ...] = ()
+    last_answer_since_reopened: datetime | None = None
     assisted: bool = False  # a verdict (adoption.settle): AI-assisted, for the period
 
     def assisted_since(self, since: datetime) -> bool:
@@ -103,8 +102,9 @@ class Item:
         kind stands in.)"""
         done = self.completed_at if self.status == "done" else self.reopened_completion
         began = self.first_answered or self.first_used
-        if self.redone_after is not None and (self.undone_completion is None or self.undone_completion < since):
-            return self.answered_since_reopened  # an earlier period's completion done again: the work since counts
+        recycled = [reopened for reopened, undid in self.reopenings if undid is None or undid < since]
+        if recycled:  # an earlier period's completion done again: the work since its last such reopening counts
+            return self.last_answer_since_reopened is not None and self.last_answer_since_reopened > max(recycled)
         return self.answered and began is not None and (done is None or began <= done)
 
     def reworked_in(self, since: datetime, until: datetime) -> bool:
@@ -371,11 +371,11 @@ def _load_completed(connection: Connection, items: dict[str, Item], since: datet
 
 
 def _load_redone(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> None:
-    """Set `redone_after` and `answered_since_reopened` of the items completed in the period after a
+    """Set `reopenings` and `last_answer_since_reopened` of the items completed in the period after a
     reopening. Only an item whose first rework came before its completion can have one (`reworked_at`
-    marks the first), so the history is read for those alone; the answers between each reopening and
-    its completion from the raw events, by the (work_item, ts) index. A range in a raw partition that
-    `recording.retention_months` dropped finds no answer."""
+    marks the first), so the history is read for those alone; the answers after the first reopening,
+    up to the completion, from the raw events, by the (work_item, ts) index. A range in a raw partition
+    that `recording.retention_months` dropped finds no answer."""
     candidates = [item for item in items.values() if item.completed_in(since, until) and item.reworked_at is not None
                   and item.completed_at is not None and item.reworked_at < item.completed_at]  # fmt: skip
     for chunk in idsets.batches(connection, [item.id for item in candidates]):
@@ -386,19 +386,19 @@ def _load_redone(connection: Connection, items: dict[str, Item], since: datetime
             if ts >= item.completed_at:  # type: ignore[operator]
                 continue
             if origin == "done" and target != "done":
-                item.redone_after, item.undone_completion = ts, done_at.get(work_item)
+                item.reopenings += ((ts, done_at.get(work_item)),)
             if target == "done":
                 done_at[work_item] = ts
-    spans = [(item.id, item.redone_after, item.completed_at) for item in candidates if item.redone_after is not None]
+    spans = [(item.id, item.reopenings[0][0], item.completed_at) for item in candidates if item.reopenings]
     columns = (("id", String(200)), ("after", DateTime()), ("upto", DateTime()))
     for chunk, spans_table in idsets.tables(connection, "adoption_redone", columns, spans):
         # The outer bounds as values too: the months (partitions) no span reaches are left out, unlocked.
         bounds = (_E.ts > min(after for _, after, _ in chunk), _E.ts <= max(upto for _, _, upto in chunk))
-        answered = (select(_E.work_item).select_from(spans_table.join(UsageEvent.__table__, _E.work_item == spans_table.c.id))
+        answered = (select(_E.work_item, func.max(_E.ts)).select_from(spans_table.join(UsageEvent.__table__, _E.work_item == spans_table.c.id))
                     .where(_E.ts > spans_table.c.after, _E.ts <= spans_table.c.upto, *bounds, _E.status < 400, _E.route.not_in(TOKEN_COUNT_ROUTES))
-                    .distinct())  # fmt: skip
-        for work_item in rows(connection.execute(answered).scalars()):
-            items[work_item].answered_since_reopened = True
+                    .group_by(_E.work_item))  # fmt: skip
+        for work_item, last in rows(connection.execute(answered)):
+            items[work_item].last_answer_since_reopened = last
 
 
 def _load_usage(connection: Connection, items: dict[str, Item], ids: list[str]) -> None:
