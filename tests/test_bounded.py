@@ -582,6 +582,35 @@ def test_a_websocket_client_flooding_pings_is_closed_and_takes_nothing_from_the_
     assert f"more than {MAX_CONTROL_FRAMES_PER_SECOND} pings and pongs in a second" in server.log_path.read_text()  # said, with the client
 
 
+def raw_websocket(server: ServerProcess, work_item: str, *, receive_buffer: int | None = None) -> socket.socket:
+    """A socket upgraded to the Responses WebSocket with a new key, for frames written by hand."""
+    key = server.new_key("dana", "platform")
+    host, port = server.url.removeprefix("http://").split(":")
+    raw = socket.socket()
+    if receive_buffer is not None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.connect((host, int(port)))
+    raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
+                f"X-Work-Item: {work_item}\r\n\r\n".encode())  # fmt: skip
+    handshake = b""
+    while b"\r\n\r\n" not in handshake:
+        handshake += raw.recv(1)
+    assert handshake.startswith(b"HTTP/1.1 101"), handshake
+    return raw
+
+
+def read_some(raw: socket.socket) -> bytes | None:
+    """What the socket has within its timeout (b"": nothing yet), or None once the server closed it (a
+    reset included: closed with bytes of ours unread, its close frame may be lost with them)."""
+    try:
+        return raw.recv(65536) or None
+    except TimeoutError:
+        return b""
+    except ConnectionResetError:
+        return None
+
+
 @pytest.mark.parametrize(("per_second", "said"), [(40, "it sends pings and reads nothing"), (2000, "pings and pongs in a second")])
 def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_path: Path, upstream: FakeUpstream, quiet: str, per_second: int,
                                                                              said: str) -> None:  # fmt: skip
@@ -593,18 +622,8 @@ def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_
     from taskproxy.connections import MAX_DEFERRED_BYTES
 
     with server_with(tmp_path, upstream, quiet) as server:
-        key = server.new_key("dana", "platform")
-        host, port = server.url.removeprefix("http://").split(":")
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connecting: the window stays small
-        raw.connect((host, int(port)))
-        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
-                    "X-Work-Item: PROV-10\r\n\r\n".encode())  # fmt: skip
-        handshake = b""
-        while b"\r\n\r\n" not in handshake:
-            handshake += raw.recv(1)
-        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+        raw = raw_websocket(server, "PROV-10", receive_buffer=4096)  # set before connecting: the window stays small
+        port = raw.getpeername()[1]
 
         def frame(opcode: int, payload: bytes) -> bytes:  # a client's frame: masked (with a zero mask, the payload as it is)
             length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
@@ -643,16 +662,7 @@ def test_a_websocket_message_that_never_ends_is_let_go_of_past_the_body_deadline
     sockets of 30 MiB each held 300 MiB; found by a review). A message must now be whole within
     `server.body_timeout_seconds`, as a request's body must, else the socket is closed with 1008."""
     with server_with(tmp_path, upstream, quiet, server={"body_timeout_seconds": 1}) as server:
-        key = server.new_key("dana", "platform")
-        host, port = server.url.removeprefix("http://").split(":")
-        raw = socket.create_connection((host, int(port)))
-        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
-                    "X-Work-Item: PROV-11\r\n\r\n".encode())  # fmt: skip
-        handshake = b""
-        while b"\r\n\r\n" not in handshake:
-            handshake += raw.recv(1)
-        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+        raw = raw_websocket(server, "PROV-11")
 
         def frame(first: int, payload: bytes, *, length: int | None = None) -> bytes:  # masked with zeros: the payload as it is
             return bytes([first, 0x80 | 127]) + (len(payload) if length is None else length).to_bytes(8, "big") + b"\0\0\0\0" + payload
@@ -665,16 +675,10 @@ def test_a_websocket_message_that_never_ends_is_let_go_of_past_the_body_deadline
         started, closed_after, received, pinged = time.monotonic(), None, b"", 0.0
         raw.settimeout(0.25)
         while time.monotonic() - started < 8:
-            try:
-                if not (chunk := raw.recv(65536)):
-                    closed_after = time.monotonic() - started
-                    break
-                received += chunk
-            except TimeoutError:
-                pass
-            except ConnectionResetError:  # closed with bytes of ours unread: the close frame may be lost with them
+            if (chunk := read_some(raw)) is None:
                 closed_after = time.monotonic() - started
                 break
+            received += chunk
             if unfinished == "fragments" and time.monotonic() - pinged > 0.3 and time.monotonic() - started < 0.8:  # none after the close
                 raw.sendall(bytes([0x89, 0x80]) + b"\0\0\0\0")  # a ping between fragments: the client is there
                 pinged = time.monotonic()
@@ -691,16 +695,7 @@ def test_messages_each_whole_within_the_deadline_keep_the_socket_open_however_re
     message's frame: the deadline set at the first partial read was never reset, and a client sending
     messages back to back was closed with 1008 (found by a review). Each message has its own time."""
     with server_with(tmp_path, upstream, quiet, server={"body_timeout_seconds": 1}) as server:
-        key = server.new_key("dana", "platform")
-        host, port = server.url.removeprefix("http://").split(":")
-        raw = socket.create_connection((host, int(port)))
-        raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n"
-                    "X-Work-Item: PROV-12\r\n\r\n".encode())  # fmt: skip
-        handshake = b""
-        while b"\r\n\r\n" not in handshake:
-            handshake += raw.recv(1)
-        assert handshake.startswith(b"HTTP/1.1 101"), handshake
+        raw = raw_websocket(server, "PROV-12")
         payload = json.dumps({"type": "no.such.type"}).encode()
         frame = bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
         half = len(frame) // 2
@@ -714,16 +709,10 @@ def test_messages_each_whole_within_the_deadline_keep_the_socket_open_however_re
             except OSError:
                 closed_after = time.monotonic() - started
                 break
-            try:
-                if not (chunk := raw.recv(65536)):
-                    closed_after = time.monotonic() - started
-                    break
-                received += chunk
-            except TimeoutError:
-                pass
-            except ConnectionResetError:
+            if (chunk := read_some(raw)) is None:
                 closed_after = time.monotonic() - started
                 break
+            received += chunk
         raw.close()
         log = server.log_path.read_text()
     assert received.count(b"no.such.type") >= 5, received[:300]  # every message was answered as it came
