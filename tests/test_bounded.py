@@ -611,6 +611,25 @@ def read_some(raw: socket.socket) -> bytes | None:
         return None
 
 
+def test_refused_websocket_upgrades_are_logged_once_a_minute_with_their_count(tmp_path: Path, upstream: FakeUpstream, quiet: str) -> None:
+    """uvicorn and websockets logged two lines for each upgrade refused for a bad key, whatever the access
+    log says: one client retrying as fast as it could wrote 67-119 KiB of log a second (found by a
+    review). The first refusal of each minute is logged, with the count since the last such line."""
+    with server_with(tmp_path, upstream, quiet) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        for n in range(200):
+            with socket.create_connection((host, int(port))) as raw:
+                raw.sendall(f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                            f"Authorization: Bearer tp-not-a-key-{n}\r\n\r\n".encode())  # fmt: skip
+                assert raw.recv(64).startswith(b"HTTP/1.1 401"), n
+        server.new_key("dana", "platform")  # the server goes on (and its log with it)
+        log = server.log_path.read_text()
+    assert log.count('"WebSocket /v1/responses" 401') == 1, log[-2000:]  # the first, in the line with its count
+    assert "refused 1 WebSocket upgrades since the last such line" in log
+    assert "connection rejected" not in log and "HTTP response sent (401" not in log
+
+
 @pytest.mark.parametrize(("per_second", "said"), [(40, "it sends pings and reads nothing"), (2000, "pings and pongs in a second")])
 def test_a_websocket_client_that_sends_pings_and_reads_nothing_is_let_go_of(tmp_path: Path, upstream: FakeUpstream, quiet: str, per_second: int,
                                                                              said: str) -> None:  # fmt: skip

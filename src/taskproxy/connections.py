@@ -38,6 +38,8 @@ headers are in, so it bounds neither. `BoundedHttpProtocol` is uvicorn's httptoo
 - **a message deadline**: a message partly in must be whole within `body_timeout`, as a request's
   body must, else the socket is closed with 1008: a client that answers pings was never closed, and
   ten sockets holding 30 MiB each of a message whose last fragment never came kept 300 MiB;
+- **refused upgrades logged once a minute** (`refused_upgrades.py`): uvicorn and websockets log two
+  lines for each upgrade refused (a bad key), whatever the access log says;
 - no permessage-deflate (`serve` turns it off): a 32 MiB message compresses to 32 KiB, and inflating
   it took ~120 ms of the event loop; 16 of them waiting on each of three sockets took a process to
   1.8 GiB for 1.5 MiB sent.
@@ -63,6 +65,7 @@ from websockets.protocol import State
 
 from taskproxy.error_shapes import ApiFormat, api_format_of, raw_error_response
 from taskproxy.errors import ApiError, HeadersTooLarge, InvalidRequest, RequestTimeout, ServiceUnavailable
+from taskproxy.refused_upgrades import ConnectionLog, RefusedUpgrades
 
 log = logging.getLogger("taskproxy.connections")
 
@@ -305,6 +308,10 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
         self._deferred = b""  # frames written once the client reads again
         self._message_deadline: asyncio.TimerHandle | None = None  # while a message is partly in
         self._message_arrived = False  # a message came whole during this read: the next one's clock starts anew
+        refused = getattr(config, "refused_upgrades", None)  # one per server (each worker its own), made by the first socket
+        if refused is None:
+            refused = config.refused_upgrades = RefusedUpgrades(self.logger)
+        self.logger = self.conn.logger = ConnectionLog(self.logger, refused)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         # Parsed a slice at a time: a read of 256 KiB of empty pings is ~43,000 frames, parsed in one go
