@@ -122,7 +122,7 @@ from taskproxy import privacy
 from taskproxy.money import usd
 from taskproxy.reports import adoption_data as data
 from taskproxy.reports import adoption_teams
-from taskproxy.reports.adoption_data import Item as _Item
+from taskproxy.reports.adoption_item import Item as _Item
 from taskproxy.settings import SizeBands
 from taskproxy.storage.db import one_snapshot
 from taskproxy.timeutil import iso, rounded_hours, utcnow

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from taskproxy.reports.adoption_data import Item
+from taskproxy.reports.adoption_item import Item
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.models import ApiKey, Rejection
 from taskproxy.storage.rollup import within

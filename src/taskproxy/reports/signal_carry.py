@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import DateTime, String, func, or_, select
 from sqlalchemy.engine import Connection
 
-from taskproxy.reports import adoption_data
+from taskproxy.reports import adoption_data, adoption_item
 from taskproxy.reports.signal_data import SPEND_FIELDS, Span, Spend, add_spend, events_within
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request
@@ -41,7 +41,7 @@ def carried(connection: Connection, since: datetime) -> tuple[dict[str, str], di
     """({ticket: the merged pull request carrying it}, {ticket: that merge}), for the pull requests
     completed from `since` on. Those of a period are those merged before its end: which pull request
     carries a ticket does not depend on the period (`adoption_data.carried_by`)."""
-    loaded: dict[str, adoption_data.Item] = {}
+    loaded: dict[str, adoption_item.Item] = {}
     by_pull = adoption_data.carried_by(connection, loaded, since, None)
     return by_pull, {ticket: loaded[pull].completed_at for ticket, pull in by_pull.items()}  # type: ignore[misc]
 

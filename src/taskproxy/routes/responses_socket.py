@@ -23,11 +23,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
-import anyio
 import orjson
 from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -37,11 +34,12 @@ from taskproxy.error_shapes import error_response, socket_error
 from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimited, RequestTooLarge, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import body_work_item, strip_work_item
-from taskproxy.guard.body import DECODE_IN_THREAD_BYTES, LARGE_BODY_BYTES, Undecodable, decode_json_object, more_json_values_than
+from taskproxy.guard.body import LARGE_BODY_BYTES, Undecodable, decode_json_object
 from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.admission import Admitted
 from taskproxy.routes.endpoint import Endpoint
+from taskproxy.routes.socket_conversation import TOO_MANY_VALUES, Conversation, decoded
 from taskproxy.routes.proxy import RETRIED_STATUSES, ProxyFlow, encode_body
 from taskproxy.settings import LimitSettings, ModelSettings
 from taskproxy.timeutil import utcnow
@@ -56,37 +54,6 @@ NOT_FORWARDED = ("type", "stream_id", "generate")  # the socket's envelope, not 
 # Messages a client may send ahead of the response in progress: at most 16, together at most one body's
 # worth (limits.max_body_bytes; a single one may be that large); past either the socket is ended.
 MAX_WAITING_MESSAGES = 16
-
-
-def _as_items(value: object) -> list:
-    """A Responses `input` as a list of items (a string is one user message)."""
-    return [{"role": "user", "content": value}] if isinstance(value, str) else list(value or [])  # type: ignore[call-overload]
-
-
-@dataclass
-class Conversation:
-    """The last request on this socket and what it produced, for a continuation by previous_response_id."""
-
-    response_id: str | None = None
-    items: list = field(default_factory=list)  # its whole input, then its output
-    size: int = 0  # about how many bytes `items` take as JSON: what an expanded request adds
-
-    def expand(self, body: dict) -> int:
-        """Send the provider the whole conversation when `body` continues the last response here; the bytes it adds."""
-        previous = body.get("previous_response_id")
-        if previous is None or previous != self.response_id:
-            return 0
-        if not isinstance(body.get("input"), str | list | None):
-            return 0  # left as sent: admission refuses its `input` as it would on any message
-        body["input"] = [*self.items, *_as_items(body.get("input"))]
-        del body["previous_response_id"]
-        return self.size
-
-    def remember(self, body: dict, response: dict, size: int) -> None:
-        output = response.get("output") if isinstance(response.get("output"), list) else []
-        self.response_id = response.get("id") if isinstance(response.get("id"), str) else None
-        self.items = [*_as_items(body.get("input")), *output] if self.response_id else []
-        self.size = size if self.response_id else 0
 
 
 async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
@@ -331,7 +298,7 @@ async def _answered(
     if capture.total > len(data):
         response = None
     else:
-        response = await anyio.to_thread.run_sync(_decoded, data, limits.max_json_nodes) if len(data) > DECODE_IN_THREAD_BYTES else _decoded(data, limits.max_json_nodes)
+        response = await decoded(data, limits.max_json_nodes)
         too_many = response is TOO_MANY_VALUES
     status = response.get("status") if isinstance(response, dict) else None
     if not isinstance(response, dict) or not isinstance(status, str) or status not in observe.FINISHED:
@@ -405,35 +372,7 @@ async def _relay(
         await _send(websocket, socket_error(cut))
     attempt.record_once(status=200, error=error, first_byte=first_byte)
     if last:
-        await _remember(conversation, body, last, size, limits)
-
-
-async def _remember(conversation: Conversation, body: dict, terminal: bytes, sent: int, limits: LimitSettings) -> None:
-    if sent + len(terminal) > limits.max_body_bytes:  # a continuation of it would be refused as too large anyway
-        event = None
-    elif len(terminal) > DECODE_IN_THREAD_BYTES:
-        event = await anyio.to_thread.run_sync(_decoded, terminal, limits.max_json_nodes)
-    else:
-        event = _decoded(terminal, limits.max_json_nodes)
-    if isinstance(event, dict) and isinstance(event.get("response"), dict):
-        conversation.remember(body, event["response"], sent + len(terminal))
-    else:
-        conversation.remember(body, {}, 0)
-
-
-TOO_MANY_VALUES = object()  # what `_decoded` answers for JSON holding more values than a request may
-
-
-def _decoded(terminal: bytes, max_values: int) -> Any:
-    """A provider's JSON (a last event, a whole response): None if malformed (relayed as it came, nothing
-    to continue from), TOO_MANY_VALUES past `max_values` (a provider's 5 million empty arrays held the
-    interpreter for seconds)."""
-    if more_json_values_than(terminal, max_values):
-        return TOO_MANY_VALUES
-    try:
-        return orjson.loads(terminal)
-    except orjson.JSONDecodeError:
-        return None
+        await conversation.remember_last_event(body, last, size, limits)
 
 
 SERVICE_RESTART = 1012  # the close code uvicorn sends every socket when the server shuts down
