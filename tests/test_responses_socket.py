@@ -10,7 +10,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,41 @@ def test_a_bad_key_is_refused_at_the_upgrade_with_openais_error(server: ServerPr
         connect(url, additional_headers={"Authorization": "Bearer tp-wrong"}, open_timeout=5)
     response = refused.value.response
     assert response.status_code == 401 and json.loads(response.body)["error"]["code"] == "invalid_api_key"
+
+
+def test_one_key_holds_at_most_its_limit_of_sockets_and_gets_one_back_when_one_closes(server: ServerProcess) -> None:
+    """Each open socket may hold a conversation and messages sent ahead: without a limit, ten sockets of
+    one key held 600 MiB. The ninth upgrade of a key is refused (limits.max_sockets_per_key, 8); another
+    key is not, and a socket closed, or refused, gives its place back."""
+    key, other = server.new_key(owner="noa"), server.new_key(owner="ola")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+
+    def open_socket(bearer: str) -> Any:
+        return connect(url, additional_headers={"Authorization": f"Bearer {bearer}", "X-Work-Item": "PROJ-57"}, open_timeout=5)
+
+    with ExitStack() as held:
+        sockets = [held.enter_context(open_socket(key)) for _ in range(8)]
+        for _ in range(2):  # a refusal takes no place
+            with pytest.raises(InvalidStatus) as refused:
+                open_socket(key)
+            response = refused.value.response
+            assert response.status_code == 429 and response.headers["retry-after"] == "5"
+            error = json.loads(response.body)["error"]
+            assert error["code"] == "rate_limited" and "limits.max_sockets_per_key" in error["message"], error
+        with open_socket(other) as socket:  # another key's sockets are its own
+            socket.send(json.dumps({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"}))
+            while json.loads(socket.recv(5))["type"] != "response.completed":
+                pass
+        sockets[0].close()
+        wait_until(lambda: _accepted(open_socket, key), bool, 5)  # the server sees the close, then the place is free
+
+
+def _accepted(open_socket: Any, key: str) -> bool:
+    try:
+        with open_socket(key):
+            return True
+    except InvalidStatus:
+        return False
 
 
 def test_prewarm_is_answered_without_the_provider_and_its_conversation_kept(server: ServerProcess, upstream: FakeUpstream) -> None:

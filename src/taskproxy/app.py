@@ -32,6 +32,7 @@ from taskproxy.guard.auth import NO_TEAM, KeyStore, ensure_bootstrap_admin
 from taskproxy.guard.body import BodyGate
 from taskproxy.guard.budgets import Budgets
 from taskproxy.guard.items import ItemCache, Policy
+from taskproxy.guard.per_key import PerKey
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.guard.reload import Wakeup, follow_changes, reload_forever
 from taskproxy.storage.changes import ChangeFeed
@@ -314,6 +315,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 "pages": Pages(),
                 "reports": reports_runner,
                 "proxy": ProxyFlow(settings, admission, attempts, upstream, Translation(translator, counter, anyio.CapacityLimiter(COUNTING_THREADS))),
+                "key_sockets": PerKey(settings.limits.max_sockets_per_key),  # the Responses WebSockets open per key
                 "stored": StoredResponses(settings, keys, admission.rate_limiter, origins, upstream, attempts),
             }
         finally:

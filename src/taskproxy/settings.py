@@ -134,6 +134,10 @@ class LimitSettings(_Frozen):
     max_json_nodes: int = Field(default=1_000_000, gt=0)
     # Bodies over 1 MiB are read and decoded at most this many at a time (the others wait their turn).
     max_concurrent_large_bodies: int = Field(default=2, gt=0)
+    # Responses API WebSockets one key may have open at once; the next upgrade is refused with 429
+    # rate_limited. Each open socket may hold a conversation and messages sent ahead (up to max_body_bytes
+    # each), so this bounds what one key's sockets hold; None: only server.max_connections limits them.
+    max_sockets_per_key: int | None = Field(default=8, gt=0)
 
 
 class RecordingSettings(_Frozen):

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from taskproxy.errors import RateLimited
+from taskproxy.guard.per_key import PerKey
 from taskproxy.threads import DaemonThreads
 
 T = TypeVar("T")
@@ -39,8 +40,7 @@ class Lane:
 
     def __init__(self, name: str, at_once: int, per_key: int | None = None) -> None:
         self._threads = DaemonThreads(at_once, f"taskproxy-{name}")
-        self._per_key = per_key
-        self._under_way: dict[str, int] = {}  # read and written on the event loop only
+        self._under_way = PerKey(per_key)
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`function(*args, **kwargs)` in one of the lane's threads. Cancelled while waiting its turn,
@@ -50,17 +50,12 @@ class Lane:
     @contextmanager
     def turn_of(self, key_id: str) -> Iterator[None]:
         """One of `key_id`'s requests under way; past `per_key` of them, RateLimited."""
-        count = self._under_way.get(key_id, 0)
-        if self._per_key is not None and count >= self._per_key:
-            raise RateLimited(f"This key already has {count} request(s) about itself under way; ask again once answered.", retry_after=1)
-        self._under_way[key_id] = count + 1
+        if self._under_way.take(key_id) is None:
+            raise RateLimited(f"This key already has {self._under_way.limit} request(s) about itself under way; ask again once answered.", retry_after=1)
         try:
             yield
         finally:
-            if (left := self._under_way[key_id] - 1) > 0:
-                self._under_way[key_id] = left
-            else:
-                del self._under_way[key_id]
+            self._under_way.give_back(key_id)
 
     def close(self) -> None:
         self._threads.close()

@@ -35,6 +35,7 @@ from taskproxy.errors import ApiError, InternalError, InvalidRequest, RateLimite
 from taskproxy.jsonbytes import has_usage_object
 from taskproxy.guard.attribution import body_work_item, strip_work_item
 from taskproxy.guard.body import LARGE_BODY_BYTES, Undecodable, decode_json_object
+from taskproxy.guard.per_key import PerKey
 from taskproxy.metering.attempts import Attempt, Caller
 from taskproxy.metering.usage import Rejected
 from taskproxy.routes.admission import Admitted
@@ -58,13 +59,24 @@ MAX_WAITING_MESSAGES = 16
 
 async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
     flow: ProxyFlow = websocket.state.proxy
-    headers = websocket.headers
+    sockets: PerKey = websocket.state.key_sockets
+    key_id = None
     try:
-        principal = await flow.admission.keys.authenticate(headers)  # refused at the upgrade, in the HTTP route's shape
+        key_id = (await flow.admission.keys.authenticate(websocket.headers)).key_id  # refused at the upgrade, in the HTTP route's shape
+        if sockets.take(key_id) is None:
+            raise RateLimited(f"This key has {sockets.limit} WebSockets open, its limit (limits.max_sockets_per_key); close one first.", retry_after=5)
     except ApiError as exc:
-        flow.admission.writer.submit(Rejected(utcnow(), None, exc.code, endpoint.path))
+        flow.admission.writer.submit(Rejected(utcnow(), key_id, exc.code, endpoint.path))
         await websocket.send_denial_response(error_response(exc))
         return
+    try:
+        await _serve(websocket, flow, endpoint, key_id)
+    finally:
+        sockets.give_back(key_id)
+
+
+async def _serve(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, key_id: str) -> None:
+    headers = websocket.headers
     await websocket.accept()
     conversation = Conversation()
     # One request at a time, as the API serves a socket, and the socket read all along: uvicorn reads no
@@ -91,7 +103,7 @@ async def responses_socket(websocket: WebSocket, endpoint: Endpoint) -> None:
                 payload = message.get("text") or message.get("bytes") or b""
                 if len(waiting) == MAX_WAITING_MESSAGES or (waiting and waiting_bytes + len(payload) > most_waiting_bytes):
                     # A client that does not wait for its answers: the socket is ended.
-                    flow.admission.writer.submit(Rejected(utcnow(), principal.key_id, RateLimited.code, endpoint.path))
+                    flow.admission.writer.submit(Rejected(utcnow(), key_id, RateLimited.code, endpoint.path))
                     if turn is not None:
                         await _end_turn(turn, CLIENT_DISCONNECTED)
                         turn = None
