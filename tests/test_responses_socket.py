@@ -208,6 +208,26 @@ def test_one_key_holds_at_most_its_limit_of_sockets_and_gets_one_back_when_one_c
         wait_until(lambda: _accepted(open_socket, key), bool, 5)  # the server sees the close, then the place is free
 
 
+def test_an_idle_socket_keeps_nothing_of_a_refused_message(server: ServerProcess) -> None:
+    """A socket waiting for its next message holds its conversation, not the last message it was sent:
+    three idle sockets each kept a 24 MiB message they had refused (72 MiB) until their next one."""
+    key = server.new_key(owner="noa")
+    url = server.url.replace("http://", "ws://") + "/v1/responses"
+    message = json.dumps({"type": "response.create", "model": "no-such-model", "input": "hello world " * 2_000_000})  # 24 MiB
+    resident, _ = server.memory_mib()
+    with ExitStack() as held:
+        for _ in range(3):
+            socket = held.enter_context(connect(url, additional_headers={"Authorization": f"Bearer {key}", "X-Work-Item": "PROJ-65"},
+                                                open_timeout=5, max_size=None))  # fmt: skip
+            socket.send(message)
+            refused = json.loads(socket.recv(30))
+            assert refused["type"] == "error" and refused["status"] == 404, refused
+        deadline = time.monotonic() + 10  # freed memory is handed back at once (these blocks are mapped apart)
+        while (after := server.memory_mib()[0]) >= resident + 20 and time.monotonic() < deadline:
+            time.sleep(0.25)  # the sockets still open, idle
+    assert after < resident + 20, f"{after - resident:.0f} MiB more with three idle sockets"
+
+
 def _accepted(open_socket: Any, key: str) -> bool:
     try:
         with open_socket(key):

@@ -61,6 +61,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 from websockets.protocol import State
 
 from taskproxy.error_shapes import ApiFormat, api_format_of, raw_error_response
@@ -341,6 +342,20 @@ class BoundedWebSocketProtocol(StalledWritesCut, WebSocketsSansIOProtocol):
     def send_receive_event_to_app(self) -> None:
         self._message_arrived = True
         super().send_receive_event_to_app()
+
+    # websockets' parser keeps the last frame it parsed until the next one arrives: an idle socket held
+    # its last message's bytes (three idle sockets, 24 MiB each). The handlers take the bytes they need.
+    def handle_text(self, event: Frame) -> None:
+        super().handle_text(event)
+        event.data = b""
+
+    def handle_bytes(self, event: Frame) -> None:
+        super().handle_bytes(event)
+        event.data = b""
+
+    def handle_cont(self, event: Frame) -> None:
+        super().handle_cont(event)
+        event.data = b""
 
     def _message_too_slow(self) -> None:
         self._message_deadline = None

@@ -88,19 +88,20 @@ async def _serve(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, key_
     receiving = asyncio.create_task(websocket.receive())
     try:
         while True:
+            # No local here refers to a message once it is handed on: an idle socket must hold its
+            # conversation, not the last message too (three idle sockets kept 24 MiB each).
             if turn is None and waiting:
-                next_message = waiting.popleft()
-                waiting_bytes -= len(next_message)
-                turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, next_message))
+                waiting_bytes -= len(waiting[0])
+                turn = asyncio.create_task(_message(websocket, flow, endpoint, headers, conversation, waiting.popleft()))
             await asyncio.wait({receiving} if turn is None else {receiving, turn}, return_when=asyncio.FIRST_COMPLETED)
-            if receiving.done() and (message := receiving.result())["type"] == "websocket.disconnect":
+            if receiving.done() and receiving.result()["type"] == "websocket.disconnect":
                 if turn is not None:
-                    await _end_turn(turn, _ended_by(message))
+                    await _end_turn(turn, _ended_by(receiving.result()))
                     turn = None
                 break
             if receiving.done():
+                payload = _payload(receiving.result())
                 receiving = asyncio.create_task(websocket.receive())
-                payload = message.get("text") or message.get("bytes") or b""
                 if len(waiting) == MAX_WAITING_MESSAGES or (waiting and waiting_bytes + len(payload) > most_waiting_bytes):
                     # A client that does not wait for its answers: the socket is ended.
                     flow.admission.writer.submit(Rejected(utcnow(), key_id, RateLimited.code, endpoint.path))
@@ -112,6 +113,7 @@ async def _serve(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, key_
                     break
                 waiting.append(payload)
                 waiting_bytes += len(payload)
+                payload = b""
             if turn is not None and turn.done():
                 finished, turn = turn, None
                 try:
@@ -129,6 +131,10 @@ async def _serve(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, key_
                 await websocket.close()
             except (RuntimeError, OSError):
                 pass
+
+
+def _payload(message: dict) -> str | bytes:
+    return message.get("text") or message.get("bytes") or b""
 
 
 async def _message(websocket: WebSocket, flow: ProxyFlow, endpoint: Endpoint, headers: Headers, conversation: Conversation, data: str | bytes) -> None:
