@@ -248,6 +248,12 @@ class Expected:
                 return "stale_open", after
             if later == "done" and mark is not None and mark[1] == "reverted" and mark[0] <= judged_at:
                 return "reworked", after
+        if status == "done" and self.in_period(self.completion_at_until(item)):  # done at until: that completion once the period settled (or now)
+            settled = self.until + timedelta(days=self.stale_days)
+            judged_at = settled if self.now > settled else self.now
+            mark = self.rework(item)
+            if self.status_at(item, judged_at) != "done" or (mark is not None and mark[1] == "reverted" and mark[0] <= judged_at):
+                return "reworked", after
         return None, None
 
     def relevant(self) -> list[Item]:

@@ -11,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from conftest import BOTH_DATABASES
 from signals_org import PRICE
 from write_path import past_request, write_all
@@ -84,9 +86,11 @@ def test_a_merge_redone_after_until_splits_the_tickets_spend_at_the_merge_of_the
 
 
 @BOTH_DATABASES
-def test_an_item_done_again_before_until_and_reopened_after_it_is_not_undone_as_of_until(database_url: str, tmp_path: Path) -> None:
+def test_an_item_done_again_before_until_and_reopened_after_it_is_judged_once_the_period_settles(database_url: str, tmp_path: Path) -> None:
     """Done, reopened, done again before `until`: as of `until` the completion held, so the spend of
-    the reopened days led to it. Reopened again after `until`, it was counted as reworked spend."""
+    the reopened days led to it, as a report computed before the next reopening says. Reopened after
+    `until` and not done again `stale_after_days` after it, that completion did not hold: its spend is
+    reworked. Done again by then, it led somewhere."""
     world = World(database_url, tmp_path)
     world.status("X-1", "in_progress", SINCE + HOUR, created_at=SINCE + HOUR)
     world.status("X-1", "done", SINCE + DAY)
@@ -94,7 +98,25 @@ def test_an_item_done_again_before_until_and_reopened_after_it_is_not_undone_as_
     world.status("X-1", "done", SINCE + 3 * DAY)
     world.status("X-1", "open", UNTIL + 2 * DAY)
     world.requests("X-1", SINCE + 2 * DAY + 12 * HOUR)
+    assert world.without_outcome(now=UNTIL + DAY) == {"total": usd(0)}
+    assert world.without_outcome() == {"total": usd(ONE), "reworked": usd(ONE)}
+    world.status("X-1", "done", UNTIL + 5 * DAY)
     assert world.without_outcome() == {"total": usd(0)}
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("after", ["open", "closed"], ids=["reopened", "wont-do"])
+def test_work_set_done_on_the_periods_last_day_and_undone_after_it_is_reworked_spend(database_url: str, tmp_path: Path, after: str) -> None:
+    """Work that led nowhere (a stale ticket), set done two hours before the period's end and reopened,
+    or closed as Won't Do, the day after: it was neither a completion nor spend without outcome of any
+    period (found by a review). At the period's end it was done; once the period settles, reworked."""
+    world = World(database_url, tmp_path)
+    world.status("X-1", "in_progress", SINCE - 30 * DAY, created_at=SINCE - 30 * DAY)
+    world.requests("X-1", SINCE + DAY, SINCE + 2 * DAY)
+    world.status("X-1", "done", UNTIL - 2 * HOUR)
+    world.status("X-1", after, UNTIL + DAY)
+    assert world.without_outcome(now=UNTIL) == {"total": usd(0)}
+    assert world.without_outcome() == {"total": usd(2 * ONE), "reworked": usd(2 * ONE)}
 
 
 @BOTH_DATABASES

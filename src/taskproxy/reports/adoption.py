@@ -172,15 +172,19 @@ def _without_outcome(item: _Item, until: datetime, stale_after: timedelta) -> tu
 def _judged_later(item: _Item) -> str | None:
     """An item in progress and fresh at `until`, as it stood once it could be judged (`status_judged`):
     closed, still in progress when it turned stale, or done and reverted since then; None while it may
-    still lead somewhere, or once it did."""
+    still lead somewhere, or once it did. An item done at `until` whose completion was undone since
+    (reopened, closed or reverted), as it stood `stale_after` after `until` (or now): reworked unless
+    done again by then."""
     status, at = item.status_judged, item.judged_at
     if status is None or at is None:
         return None
+    reverted = item.rework_reason == "reverted" and item.reworked_at is not None and item.reworked_at <= at
+    if item.status_at_until == "done":
+        return "reworked" if status != "done" or reverted else None
     if status == "closed":
         return "closed"
     if status in IN_PROGRESS:
         return "stale_open" if item.judged_stale else None
-    reverted = item.rework_reason == "reverted" and item.reworked_at is not None and item.reworked_at <= at
     return "reworked" if status == "done" and reverted else None
 
 

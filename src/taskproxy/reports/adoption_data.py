@@ -58,7 +58,7 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     _load_rows(connection, items, sorted(linked_ids - set(items)))
     _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
     _load_started(connection, items)
-    _load_judged(connection, items, until, stale_after, now)
+    _load_judged(connection, items, since, until, stale_after, now)
     merges: dict[str, datetime] = {}  # ticket -> its last merged PR's merge, as of until
     for ticket, linked in targets.items():
         for target in linked:
@@ -320,18 +320,31 @@ def _load_started(connection: Connection, items: dict[str, Item]) -> None:
                 item.started_at = first_used
 
 
-def _load_judged(connection: Connection, items: dict[str, Item], until: datetime, stale_after: timedelta, now: datetime) -> None:
+def _load_judged(connection: Connection, items: dict[str, Item], since: datetime, until: datetime, stale_after: timedelta, now: datetime) -> None:
     """Set `status_judged` and `judged_at` of the items with spend in the period that were work in
     progress at `until` (open or in progress, started less than `stale_after` before it): their status
     as of the moment they turned stale (`started_at + stale_after`), or as of now if that has not come.
     At `until` what that spend led to was not known yet; a clone closed as a duplicate after the period,
-    or left open, is then known to have led to nothing (adoption.py, spend without outcome)."""
+    or left open, is then known to have led to nothing (adoption.py, spend without outcome).
+    Likewise the items done at `until`, by a completion in the period that no longer stands as it did
+    (reopened, closed or reverted since): as of `stale_after` after `until`, or now until then. Else
+    work that led nowhere, set done on the period's last day and reopened the day after, was neither
+    a completion nor spend without outcome of any period."""
     fresh = [item for item in items.values() if item.started_at is not None and item.started_at >= until - stale_after]
     # Stale once started more than `stale_after` before: at `started_at + stale_after` it is not yet.
     moments = {item.id: item.started_at + stale_after if now > item.started_at + stale_after else now for item in fresh}  # type: ignore[operator]
+    settled = until + stale_after if now > until + stale_after else now
+    moments |= {item.id: settled for item in items.values() if item.spend and _done_then_undone(item, since, until)}
     for item_id, (status, _) in statuses_at(connection, items, moments).items():
         item = items[item_id]
         item.status_judged, item.judged_at, item.judged_stale = status, moments[item_id], now > moments[item_id]
+
+
+def _done_then_undone(item: Item, since: datetime, until: datetime) -> bool:
+    """Done at `until` by a completion in the period that does not stand now as it stood then."""
+    done_then = item.status_at_until == "done" and item.completed_at_until is not None and since <= item.completed_at_until < until
+    stands = item.status == "done" and item.completed_at == item.completed_at_until and item.rework_reason != "reverted"
+    return done_then and not stands
 
 
 def statuses_at(connection: Connection, items: Mapping[str, Item], moments: Mapping[str, datetime]) -> dict[str, tuple[str, datetime | None]]:
