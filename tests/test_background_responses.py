@@ -81,6 +81,27 @@ async def test_a_background_response_nobody_reads_back_is_read_and_billed_by_the
 
 
 @BOTH_DATABASES
+async def test_reads_of_a_finished_response_count_its_usage_once_toward_the_budget(tmp_path: Path, fake: FakeProvider, database_url: str) -> None:
+    """Each read that saw it finished before its usage was recorded counted that usage again in this
+    process's budgets and metrics, though the database had it once: four reads of a response, a budget
+    of one and a half times its tokens, and the item's next request was refused (found by a review)."""
+    settings = _settings(tmp_path, database_url, after=None)
+    settings = settings.model_copy(update={"recording": settings.recording.model_copy(update={"flush_interval_seconds": 1.0})})
+    async for proxy in start_proxy(settings, MockProvider.asgi(fake.app()), fake):
+        client = proxy.openai(await proxy.new_key())
+        queued = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-66"})
+        tokens = fake.stored[queued.id]["response"]["usage"]["total_tokens"]
+        budget = await proxy.http.post("/api/work-items", json={"id": "PROJ-66", "budget_tokens": tokens + tokens // 2}, headers=proxy.admin_headers)
+        assert budget.status_code in (200, 201), budget.text
+        await asyncio.gather(*(client.responses.retrieve(queued.id) for _ in range(3)))
+        await client.responses.retrieve(queued.id)  # one more, before the writer's next flush
+        item = await proxy.item("PROJ-66", requests=2, timeout=10)
+        assert item["total_tokens"] == tokens
+        again = await client.responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-66"})
+        assert again.status == "queued"  # spent: its tokens, under the budget
+
+
+@BOTH_DATABASES
 async def test_an_unfinished_response_is_read_again_until_it_finishes(tmp_path: Path, fake: FakeProvider, database_url: str) -> None:
     async for proxy in start_proxy(_settings(tmp_path, database_url), MockProvider.asgi(fake.app()), fake):
         queued = await _create(proxy, "PROJ-62")

@@ -106,9 +106,13 @@ def body_settles(capture: Capture) -> bool:
     return usage_in_tail(capture) and not observe.still_generating(capture)
 
 
-def bill(attempts: Attempts, origin: Origin, model: ModelSettings, observed: Callable[[], Observed], user_agent: str | None) -> None:
+def bill(attempts: Attempts, origins: ResponseOrigins, origin: Origin, model: ModelSettings, observed: Callable[[], Observed],
+         user_agent: str | None) -> None:  # fmt: skip
     """Record a finished background response's usage on the work item it was created for, at its
-    create's time and under an id made from its own: written once, however many reads see it."""
+    create's time and under an id made from its own: written once, however many reads see it, and
+    counted once by this process (`ResponseOrigins.settle`)."""
+    if not origins.settle(origin):
+        return
     caller = Caller(origin.key_id, origin.owner, origin.team, origin.work_item, origin.attribution_source)
     attempt = attempts.begin(
         caller, ts=origin.ts, started=time.perf_counter(), body={}, user_agent=user_agent, route="/v1/responses",
@@ -120,9 +124,9 @@ def bill(attempts: Attempts, origin: Origin, model: ModelSettings, observed: Cal
     attempt.record_once(status=200)
 
 
-def bill_body(attempts: Attempts, origin: Origin, model: ModelSettings, capture: Capture, user_agent: str | None) -> None:
+def bill_body(attempts: Attempts, origins: ResponseOrigins, origin: Origin, model: ModelSettings, capture: Capture, user_agent: str | None) -> None:
     """`bill` from a read's body (whole, or its ends)."""
-    bill(attempts, origin, model, partial(observe.responses_body, capture), user_agent)
+    bill(attempts, origins, origin, model, partial(observe.responses_body, capture), user_agent)
 
 
 class Collector:
@@ -195,7 +199,7 @@ class Collector:
             log.info("background response %s: the provider's read failed (%s); trying again later", owed.response_id[:200], exc)
             found = Read(0, None)
         if found.finished is not None:
-            bill_body(self._attempts, origin, model, found.finished, USER_AGENT)  # the writer removes it from what is owed
+            bill_body(self._attempts, self._origins, origin, model, found.finished, USER_AGENT)  # the writer removes it from what is owed
             return True
         if found.status == 404:
             await self._give_up(owed, "the provider no longer holds it")

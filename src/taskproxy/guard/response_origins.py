@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from cachetools import LRUCache
@@ -70,6 +70,18 @@ class ResponseOrigins:
                 # A later event for the same response (its deferred usage) settles it; never the reverse.
                 if known is None or known.deferred:
                     self._known[origin.response_id] = origin
+
+    def settle(self, origin: Origin) -> bool:
+        """Whether this read is the one that bills a background response: True once, for the first read
+        that calls it, and False for every later one. The usage event is written once however many
+        reads bill it (its id), but the budgets and metrics count each record submitted: reads that saw
+        it finished before the writer had recorded its usage each counted it again."""
+        with self._lock:
+            known = self._known.get(origin.response_id)
+            if known is not None and not known.deferred:
+                return False
+            self._known[origin.response_id] = replace(known or origin, deferred=False)
+            return True
 
     def _cached(self, response_id: str) -> Origin | None:
         with self._lock:

@@ -117,7 +117,7 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         if billable and await background.settles(body, stored.settings.limits.max_json_nodes):
             capture = Capture()
             capture.add(body)
-            background.bill_body(stored.attempts, origin, model, capture, request.headers.get("user-agent"))
+            background.bill_body(stored.attempts, stored.origins, origin, model, capture, request.headers.get("user-agent"))
         return BodyResponse(reply.status, reply.headers, body)  # type: ignore[return-value]
 
     handler.__name__ = handler.__qualname__ = f"stored_response_{method.lower()}{suffix.replace('/', '_')}"
@@ -129,7 +129,7 @@ async def _bill_before_delete(request: Request, stored: StoredResponses, origin:
     deleted, no read can bill it (a read cut short, then a delete, left its generation unbilled for good)."""
     found = await background.read(stored.provider, model, origin.response_id, headers, stored.settings.limits)
     if found.finished is not None:
-        background.bill_body(stored.attempts, origin, model, found.finished, request.headers.get("user-agent"))
+        background.bill_body(stored.attempts, stored.origins, origin, model, found.finished, request.headers.get("user-agent"))
 
 
 def _error_event(error: ApiError) -> bytes:
@@ -148,7 +148,7 @@ def _relayed(
 
     def on_done(error: str | None, first_byte: float | None) -> None:
         if billable and settles(capture):
-            background.bill(stored.attempts, origin, model, partial(observed, capture), request.headers.get("user-agent"))
+            background.bill(stored.attempts, stored.origins, origin, model, partial(observed, capture), request.headers.get("user-agent"))
 
     return RelayResponse(reply, capture=capture, watch=ClientWatch(request.receive), on_done=on_done, error_event=_error_event,
                          max_seconds=max_seconds, prefix=prefix,
