@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from conftest import BOTH_DATABASES
-from test_signals_carry import DAY, HOUR, REQUEST_NANOS, SINCE, World, spaced
+from test_signals_carry import DAY, HOUR, REQUEST_NANOS, SINCE, UNTIL, World, spaced
+from write_path import past_request, write_all
 
 from taskproxy import registry
+from taskproxy.metering.pricing import Price
 from taskproxy.money import usd
+from taskproxy.reports.signals import gaming_signals
 from taskproxy.storage.db import make_engine, upgrade_schema
 
 MINUTE = timedelta(minutes=1)
@@ -109,3 +115,71 @@ def test_a_tag_padded_with_prompt_tokens_is_still_a_light_item(database_url: str
     assert (evidence["completed_items"], evidence["trivial_items"], evidence["quick_items"], evidence["light_items"]) == (6, 6, 0, 6)
     assert all(w["tokens"] == 2_001 for w in found["trivial_completions:padder"]["work_items"])
     assert {"trivial_completions:asker", "trivial_completions:reviewer", "trivial_completions:steady"}.isdisjoint(found)
+
+
+CHEAP = Price(input=0.15e-6, output=0.6e-6)  # 2,000 prompt tokens and 1 generated: $0.0003006
+
+
+def tag(world: World, key_id: str, item: str, ts: datetime) -> None:
+    """One padded request on `item`: 2,000 prompt tokens and 1 generated, on a cheap model."""
+    key = SimpleNamespace(id=key_id, owner=f"{key_id}@example.com", team="web")
+    n = len(world.exchanges)
+    world.exchanges.append(past_request(id=f"t-{n}", ts=ts, key=key, work_item=item, model="cheap-model", body={"t": n},
+                                        prompt_tokens=2_000, completion_tokens=1, counter=world.counter, price=CHEAP))  # fmt: skip
+
+
+def signals_from(world: World, since: datetime) -> dict[str, dict[str, Any]]:
+    """The signals of [since, UNTIL), the world's requests written first."""
+    write_all(world.engine, world.tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
+    return {f"{s['kind']}:{s['key_id']}": s for s in gaming_signals(world.engine, since=since, until=UNTIL)["signals"]}
+
+
+def backlog_ticket(world: World, ticket: str) -> None:
+    registry.transition(world.engine, ticket, "open", source="jira", at=SINCE - 40 * DAY, fields={"team": "web"}, created_at=SINCE - 40 * DAY)
+
+
+AHEAD = pytest.mark.parametrize(("start", "ahead"), [(SINCE, 20 * DAY), (SINCE, 3 * HOUR), (SINCE + 12 * HOUR, 3 * HOUR)],
+                                ids=["20-days-before", "3-hours-before", "3-hours-before-a-noon-start"])  # fmt: skip
+
+
+@BOTH_DATABASES
+@AHEAD
+def test_a_tag_sent_before_the_period_on_an_item_done_in_it_is_a_light_item(database_url: str, tmp_path: Path, start: datetime,
+                                                                            ahead: timedelta) -> None:  # fmt: skip
+    """Six backlog tickets, each tagged with one padded request ($0.0003) days or hours before the
+    period, then done by hand in it: the adoption report counts them AI-assisted, and
+    `trivial_completions`, which read each key's events in the period alone, saw no request of the key on
+    them (found by a review). A key's events on an item completed in the period count from before it too."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    for n in range(1, 7):
+        backlog_ticket(world, f"T-{n}")
+        tag(world, "gamer", f"T-{n}", start - ahead + n * MINUTE)
+        registry.transition(engine, f"T-{n}", "done", source="jira", at=SINCE + n * DAY + 16 * HOUR)
+    found = signals_from(world, start)
+    assert "trivial_completions:gamer" in found and "trivial_completions:steady" not in found
+    evidence = found["trivial_completions:gamer"]["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["light_items"], evidence["requests"]) == (6, 6, 6, 6)
+    assert all(w["tokens"] == 2_001 and w["item_cost_usd"] == usd(CHEAP.nanos(2_000, 1)) for w in found["trivial_completions:gamer"]["work_items"])
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("start", [SINCE, SINCE + 12 * HOUR], ids=["midnight-start", "noon-start"])
+def test_real_work_across_the_periods_start_is_not_a_light_item(database_url: str, tmp_path: Path, start: datetime) -> None:
+    """Six tickets worked on with AI in the hours before the period ($4.50 each), then one cheap last
+    question in it before each was done: read from the period alone, each item cost $0.0003 and the key
+    was flagged; its work on them before the period counts now."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    for n in range(1, 7):
+        backlog_ticket(world, f"S-{n}")
+        world.requests("spanner", f"S-{n}", spaced(start - 5 * HOUR + n * MINUTE, 2))
+        done = SINCE + n * DAY + 16 * HOUR
+        tag(world, "spanner", f"S-{n}", done - 2 * HOUR)
+        registry.transition(engine, f"S-{n}", "done", source="jira", at=done)
+    found = signals_from(world, start)
+    assert not [kind for kind in found if kind.endswith(":spanner")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -134,6 +134,33 @@ def load_spend(connection: Connection, since: datetime, until: datetime) -> dict
     for key_id, item, requests, cost, tokens, first, last in rollup.grouped(connection, by=("key_id", "work_item"), period=period, fields=SPEND_FIELDS):
         spend[key_id][item] = Spend(item, int(requests or 0), int(cost or 0), int(tokens or 0), first, last)
     return spend
+
+
+def load_spend_before(connection: Connection, item_ids: Iterable[str], since: datetime) -> dict[str, dict[str, Spend]]:
+    """Per key and item of `item_ids`: the key's requests, spend, tokens and first/last event on it
+    before `since`, all time. The whole days from the per-key rollup, the part of `since`'s day before
+    it from the raw events; read by the items' ids, so the work grows with them (the items completed in
+    a period), not with the organisation's history."""
+    period = rollup.Period(None, since, levels=rollup.KEY_LEVELS)
+    found: dict[str, dict[str, Spend]] = defaultdict(dict)
+    for chunk in idsets.batches(connection, item_ids):
+        for key_id, item, *figures in rollup.grouped(connection, by=("key_id", "work_item"), period=period, fields=SPEND_FIELDS,
+                                                     where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
+            add_spend(found[key_id].setdefault(item, Spend(item)), *figures)
+    return found
+
+
+def with_spend(spend: dict[str, dict[str, Spend]], more: Mapping[str, Mapping[str, Spend]]) -> dict[str, dict[str, Spend]]:
+    """`spend` with `more` added, per key and item: a new mapping, `spend` left as it was (the other signals read it)."""
+    found = {key_id: dict(per_item) for key_id, per_item in spend.items()}
+    for key_id, per_item in more.items():
+        mine = found.setdefault(key_id, {})
+        for item, part in per_item.items():
+            before = mine.get(item)
+            merged = Spend(item) if before is None else replace(before)  # a copy: `spend`'s Spend is shared
+            add_spend(merged, part.requests, part.cost, part.tokens, part.first, part.last)
+            mine[item] = merged
+    return found
 
 
 def keys_from_events(connection: Connection, ids: Iterable[str], since: datetime, until: datetime) -> dict[str, KeyInfo]:

@@ -136,9 +136,12 @@ from taskproxy.reports.signal_data import (
     load_items,
     load_keys,
     load_spend,
+    load_spend_before,
+    with_spend,
 )
 from taskproxy.money import format_usd
 from taskproxy.timeutil import iso
+from taskproxy.workitems import completed_in
 
 __all__ = ["KINDS", "SignalSettings", "gaming_signals", "signals_text"]
 
@@ -149,6 +152,17 @@ def _unverified(connection: Connection, spend: dict[str, dict[str, Spend]], item
     candidates = unverified_candidates(spend, items)
     merges = signal_carry.merges_as_of(connection, {s.item for spends in candidates.values() for s in spends}, until)
     return unverified(spend, items, t, signal_carry.completed_spend(connection, candidates, merges, since))
+
+
+def _trivial(connection: Connection, spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], carriers: Mapping[str, str],
+             merges: Mapping[str, datetime], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:  # fmt: skip
+    """`trivial_completions`, each key's spend on an item completed in the period counted from before the
+    period too: a tag sent on a backlog ticket days (or hours) before the period, the ticket done by hand
+    in it, made the ticket AI-assisted while the key had no event on it in the period, and the check saw
+    nothing (found by a review). Read for the period's completed items alone, by id."""
+    completed = [item for item, row in items.items() if completed_in(row.status, row.completed_at, since, until)]
+    whole = with_spend(spend, load_spend_before(connection, completed, since))
+    return trivial_completions(signal_carry.on_their_pull_requests(connection, whole, carriers, merges, since), items, since, until, t)
 
 
 def gaming_signals(
@@ -177,7 +191,7 @@ def gaming_signals(
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
             "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
             "unverified_spend": _unverified(connection, spend, items, since, until, t),
-            "trivial_completions": trivial_completions(signal_carry.on_their_pull_requests(connection, spend, in_period, merges, since), items, since, until, t),
+            "trivial_completions": _trivial(connection, spend, items, in_period, merges, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }
         load_keys(connection, {key_id for found in by_kind.values() for key_id, _, _ in found}, into=keys)
