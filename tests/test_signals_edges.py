@@ -183,3 +183,26 @@ def test_real_work_across_the_periods_start_is_not_a_light_item(database_url: st
         registry.transition(engine, f"S-{n}", "done", source="jira", at=done)
     found = signals_from(world, start)
     assert not [kind for kind in found if kind.endswith(":spanner")]
+
+
+@BOTH_DATABASES
+@AHEAD
+def test_a_tag_sent_before_the_period_on_a_ticket_a_pull_request_carries_counts_on_the_pull_request(
+    database_url: str, tmp_path: Path, start: datetime, ahead: timedelta
+) -> None:
+    """The same tags on six backlog tickets, each left in progress and carried by a pull request done by
+    hand and merged in the period: the adoption report counts the ticket's usage up to the merge, all
+    of it, as the pull request's, and the check read a key's events on the ticket from the period's start."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    for n in range(1, 7):
+        backlog_ticket(world, f"T-{n}")
+        tag(world, "gamer", f"T-{n}", start - ahead + n * MINUTE)
+        world.merged_pr(f"acme/web#{n}", f"T-{n}", SINCE + n * DAY + 16 * HOUR)
+    found = signals_from(world, start)
+    assert "trivial_completions:gamer" in found and "trivial_completions:steady" not in found
+    evidence = found["trivial_completions:gamer"]["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["light_items"], evidence["requests"]) == (6, 6, 6, 6)
+    assert [w["id"] for w in found["trivial_completions:gamer"]["work_items"]] == [f"acme/web#{n}" for n in range(1, 7)]

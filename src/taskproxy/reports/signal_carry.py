@@ -8,9 +8,10 @@ is completed, led to that outcome with its usage up to the merge. So the signals
 - `cost_outlier`: a merged pull request's cost holds its carried tickets' usage up to the merge, and
   the keys that spent it are among its spenders (work put on a ticket left open, a tenth of it on the
   pull request, hid the cost from the comparison before);
-- `trivial_completions`: a key's spend on a carried ticket up to the merge is its spend on the pull
-  request (`on_their_pull_requests`): one tiny request on the ticket made a hand-done pull request
-  AI-assisted, and the check, which read the key's requests on the pull request alone, saw nothing.
+- `trivial_completions`: a key's spend on a carried ticket up to the merge, from before the period
+  too, is its spend on the pull request (`on_their_pull_requests`): one tiny request on the ticket made
+  a hand-done pull request AI-assisted, and the check, which read the key's requests on the pull
+  request alone, saw nothing.
 
 Read for the tickets concerned alone, by index: their per-key days from `usage_key_daily`, and the raw
 events of the merge's own day up to the merge.
@@ -20,14 +21,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import DateTime, String, func, or_, select
 from sqlalchemy.engine import Connection
 
 from taskproxy.reports import adoption_data, adoption_item
-from taskproxy.reports.signal_data import SPEND_FIELDS, Span, Spend, add_spend, events_within
+from taskproxy.reports.signal_data import SPEND_FIELDS, Span, Spend, add_spend, events_within, with_spend
 from taskproxy.storage import idsets, rollup
 from taskproxy.storage.rollup import is_request
 from taskproxy.storage.models import WorkItem, WorkItemLink
@@ -134,21 +134,18 @@ def carried_costs(connection: Connection, merges: Mapping[str, datetime]) -> dic
     return costs
 
 
-def on_their_pull_requests(connection: Connection, spend: dict[str, dict[str, Spend]], carriers: Mapping[str, str], merges: Mapping[str, datetime],
-                           since: datetime) -> dict[str, dict[str, Spend]]:  # fmt: skip
-    """`spend` (per key and item) with each key's spend on a carried ticket, from `since` up to its
-    merge, added to the pull request that carries it (`carriers`): the report's view of whose work an
-    AI-assisted pull request was. The tickets read are those some key spent on in the period alone."""
-    tickets = {item for per_item in spend.values() for item in per_item if item in carriers}
-    if not tickets:
+def on_their_pull_requests(connection: Connection, spend: dict[str, dict[str, Spend]], carriers: Mapping[str, str],
+                           merges: Mapping[str, datetime]) -> dict[str, dict[str, Spend]]:  # fmt: skip
+    """`spend` (per key and item) with each key's spend on a carried ticket up to its merge, all of it,
+    added to the pull request that carries it (`carriers`): the report's view of whose work an
+    AI-assisted pull request was. Every ticket of `carriers` is read (those of the pull requests merged
+    in the period, by id), not only those some key spent on in the period: a tag sent on a ticket before
+    the period made a hand-done pull request merged in it AI-assisted unseen (found by a review)."""
+    if not carriers:
         return spend
-    found = {key_id: dict(per_item) for key_id, per_item in spend.items()}
-    for ticket, per_key in key_spend_up_to(connection, {ticket: merges[ticket] for ticket in tickets}, since).items():
+    on_pulls: dict[str, dict[str, Spend]] = defaultdict(dict)
+    for ticket, per_key in key_spend_up_to(connection, {ticket: merges[ticket] for ticket in carriers}, None).items():
         pull = carriers[ticket]
         for key_id, part in per_key.items():
-            mine = found.setdefault(key_id, {})
-            before = mine.get(pull)
-            merged = Spend(pull) if before is None else replace(before)  # a copy: `spend` is left as it was
-            add_spend(merged, part.requests, part.cost, part.tokens, part.first, part.last)
-            mine[pull] = merged
-    return found
+            add_spend(on_pulls[key_id].setdefault(pull, Spend(pull)), part.requests, part.cost, part.tokens, part.first, part.last)
+    return with_spend(spend, on_pulls)

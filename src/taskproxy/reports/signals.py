@@ -162,7 +162,7 @@ def _trivial(connection: Connection, spend: dict[str, dict[str, Spend]], items: 
     nothing (found by a review). Read for the period's completed items alone, by id."""
     completed = [item for item, row in items.items() if completed_in(row.status, row.completed_at, since, until)]
     whole = with_spend(spend, load_spend_before(connection, completed, since))
-    return trivial_completions(signal_carry.on_their_pull_requests(connection, whole, carriers, merges, since), items, since, until, t)
+    return trivial_completions(signal_carry.on_their_pull_requests(connection, whole, carriers, merges), items, since, until, t)
 
 
 def gaming_signals(
