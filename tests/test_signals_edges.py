@@ -8,7 +8,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from conftest import BOTH_DATABASES
 from test_signals_carry import DAY, HOUR, REQUEST_NANOS, SINCE, UNTIL, World, spaced
 from write_path import past_request, write_all

@@ -270,12 +270,13 @@ def unverified(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], t:
 
 def trivial_completions(spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:
     """Keys whose AI-assisted items completed in the period are mostly trivial: done within minutes of
-    being opened or of the key's first event on them in the period (a ticket done by hand, tagged with one request
+    being opened or of the key's first event on them (a ticket done by hand, tagged with one request
     to count as AI-assisted), or (where the tracker gave a size) a handful of changed lines, or light:
     touched by AI with a handful of tokens in all, or its AI use in all (every key's) a negligible share
     of what the others' completed items cost (the same tag, sent early enough to escape the minutes; a
     tag's prompt can be padded with thousands of tokens for a fraction of a cent, its cost next to a
-    real item's cannot)."""
+    real item's cannot). `spend` holds each key's events on such an item from before the period too
+    (signals._trivial): a tag sent before it counts as one sent in it."""
     quick_limit = timedelta(minutes=t.trivial_max_minutes)
     typical = _TypicalCost(spend, items, since, until, t.cost_min_items) if t.trivial_max_cost_share > 0 else None  # 0: not counted
     found = []
@@ -319,8 +320,8 @@ def _against(cost: tuple[int, float] | None) -> dict[str, Any]:
 
 
 class _TypicalCost:
-    """What an item completed in the period typically cost: its spend in the period, every key's (a merged
-    pull request's with the tickets it carries up to the merge), over the priced items. A key's items are
+    """What an item completed in the period typically cost: its spend up to the period's end, before it
+    too, every key's (a merged pull request's with the tickets it carries up to the merge), over the priced items. A key's items are
     held against the median of the *others'* (`without`): a key that tags many items pulls the median of
     all of them down to its tag (six tags beside five real items made it $0.0003)."""
 

@@ -61,13 +61,14 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   `team_items`, `team_median_usd`, `team_mad_usd`, `robust_z`, `ratio_to_median`, `key_cost_usd`,
   `key_share`, `carried_tickets` (the tickets whose usage its cost holds).
 - `trivial_completions`: of the items completed in the period (status `done`, `completed_at` in the
-  period) on which the key made requests in the period, at least `trivial_min_items` [5], and at least
+  period) on which the key made requests up to the period's end (before the period too: a tag sent on
+  a backlog ticket before the period makes it AI-assisted as one sent in it), at least `trivial_min_items` [5], and at least
   `trivial_min_share` [0.6] of them, are trivial: completed within `trivial_max_minutes` [10] of being
-  created or of the key's first event on it in the period (a ticket done by hand, tagged with one
+  created or of the key's first event on it (a ticket done by hand, tagged with one
   request to count as AI-assisted), or with a known size of at most `trivial_max_lines` [10] changed
-  lines (a pull request's additions + deletions), or light: the key's events on it in the period came
+  lines (a pull request's additions + deletions), or light: the key's events on it came
   to at most `trivial_max_tokens` [100] tokens in all (0: not counted; a tag sent hours before the item
-  was done escapes the minutes, not this), or the item's spend in the period, every key's, to at most
+  was done escapes the minutes, not this), or the item's spend up to the period's end, every key's, to at most
   `trivial_max_cost_share` [0.01] of the median cost per completed item of the others' items (the
   team's, given `cost_min_items` of them, else all teams'; 0: not counted; a tag padded with prompt
   tokens escapes the tokens, not this). Cost per completed item and the AI-assisted share
@@ -95,7 +96,8 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
 Every signal is `{"kind", "key_id", "owner", "team", "role", "evidence", "work_items"}`; `work_items`
 lists the affected items (at most `MAX_LISTED`, by id; `evidence.items` counts them all), each with
 `{"id", "status", "requests", "cost_usd", ...}` — the key's own requests and spend on the item in the
-period, except for `cost_outlier`, whose figures are all time. Money is rounded to 9 decimals.
+period, except for `cost_outlier`, whose figures are all time, and `trivial_completions`, whose are up
+to the period's end, before it too. Money is rounded to 9 decimals.
 
 Queries aggregate in SQL (per key and item, per key and prompt hash, per item and key). The machine
 cadence's intervals are computed by PostgreSQL (a row per key comes back); on SQLite the request times
