@@ -244,7 +244,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
             writer.listen(telemetry.record)
         writer.start()
         ids = WorkItemIds(settings.work_items.patterns, settings.work_items.branch_patterns, frozenset(settings.work_items.teams))
-        upstream = provider if provider is not None else AiohttpClient()
+        upstream = provider if provider is not None else AiohttpClient(max_connections_per_provider=settings.server.max_connections_per_provider)
         translator = Translator()
         if any(m.provider not in NATIVE_PROVIDERS for m in settings.models):
             # litellm takes seconds to import: do it beside startup, not in front of the first request.

@@ -346,6 +346,10 @@ class ServerSettings(_Frozen):
     # Open client connections per process; past it a new one gets 503 and is closed. None: half the
     # open-file limit (raised to its hard limit at start) after 128 kept for the proxy's own use.
     max_connections: int | None = Field(default=None, gt=0)
+    # Connections open to one provider (host and port) per process; a request past it waits for one, up
+    # to the model's connect_timeout_seconds (then 504). Each provider has its own: one that hangs holds
+    # its own connections, not the others' (all providers shared one pool of 1,000 before).
+    max_connections_per_provider: int = Field(default=1000, gt=0)
     # On SIGTERM: stop accepting, give answers in flight this long, then end the streams still open with
     # the route's error event, record them, drain the writer and exit.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)

@@ -51,9 +51,12 @@ def _text_headers(headers: list[Header]) -> list[tuple[str, str]]:
 class AiohttpClient:
     """Opened in the app's lifespan (aiohttp's session belongs to the running event loop)."""
 
-    def __init__(self, *, max_connections: int = 1000, keepalive_seconds: float = 30.0) -> None:
+    def __init__(self, *, max_connections_per_provider: int = 1000, keepalive_seconds: float = 30.0) -> None:
+        # No limit across providers: with one, a provider that accepts and never answers held every
+        # connection and the others' requests timed out waiting for one. The client connections bound
+        # the total (server.max_connections: each may hold one to a provider).
         connector = aiohttp.TCPConnector(
-            limit=max_connections, limit_per_host=0, keepalive_timeout=keepalive_seconds,
+            limit=0, limit_per_host=max_connections_per_provider, keepalive_timeout=keepalive_seconds,
             ssl=ssl.create_default_context(cafile=certifi.where()),
         )  # fmt: skip
         self.session = aiohttp.ClientSession(
