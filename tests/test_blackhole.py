@@ -110,6 +110,12 @@ def test_a_database_gone_silent_is_noticed_the_usage_spooled_and_written_when_it
                     ready = server.http.get("/readyz")
                     assert ready.status_code == 503 and time.monotonic() - started < 4.0, ready.text  # a probe answers in time
                     assert "did not answer within" in ready.text or "does not answer" in ready.text, ready.text
+                    # A flood of probes (no key needed) costs one ping, and one thread, at a time: a thread each
+                    # stayed until its connection's TCP timeout (hundreds of them; found by a review).
+                    threads = _threads(server.process.pid)
+                    with ThreadPoolExecutor(max_workers=10) as pool:
+                        probes = list(pool.map(lambda _: server.http.get("/readyz").status_code, range(20)))
+                    assert probes == [503] * 20 and _threads(server.process.pid) - threads < 5, (probes, _threads(server.process.pid) - threads)
                     # A key this process does not hold cannot be checked: a 503 an SDK retries after the time it says.
                     stranger = {"authorization": "Bearer tp-" + "s" * 43, "x-api-key": "tp-" + "s" * 43, "X-Work-Item": "HOLE-1"}
                     for path in ("/v1/chat/completions", "/v1/messages"):
@@ -200,3 +206,7 @@ def test_a_process_stopped_while_the_database_is_silent_exits_promptly_and_the_n
                 _assert_rollups_and_counters_match_the_events(direct)
     finally:
         direct.dispose()
+
+
+def _threads(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Threads:")).split()[1])

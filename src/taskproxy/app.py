@@ -39,6 +39,7 @@ from taskproxy.storage.changes import ChangeFeed
 from taskproxy.metering.pricing import prices_for
 from taskproxy.metering.tokens import EncodingsUnavailable, TokenCounter
 from taskproxy.metering.attempts import Attempts
+from taskproxy.readiness import Readiness
 from taskproxy.registry import WorkItems
 from taskproxy.reports.named import OVERVIEW, overview_snapshot_name
 from taskproxy.reports.runner import ReportRunner
@@ -60,7 +61,7 @@ from taskproxy.routes.lanes import API_AT_ONCE, OWN_AT_ONCE, OWN_PER_KEY, WEBHOO
 from taskproxy.routes.proxy import ProxyFlow
 from taskproxy.settings import ANTHROPIC, OPENAI_COMPATIBLE, Settings
 from taskproxy.storage import partitions
-from taskproxy.storage.db import ReportSession, make_engine, ping, prepare_schema
+from taskproxy.storage.db import ReportSession, make_engine, prepare_schema
 from taskproxy.threads import finish_within
 from taskproxy.metrics import SMALL_TEAMS, Metrics
 from taskproxy.storage.failures import QUERY_CANCELED, RETRY_SECONDS, sqlstate, unavailable
@@ -100,11 +101,9 @@ async def readyz(request: Request) -> Response:
         raise ServiceUnavailable(f"Not ready: {problem}.")
     if not writer.alive:
         raise ServiceUnavailable("Not ready: the recording thread has stopped; usage is not recorded (see the log).")
+    readiness: Readiness = request.state.readiness
     try:
-        # A probe answers in time even when the database has gone silent: its ping is left to end in
-        # its thread (within the connections' TCP timeouts, storage/db.py), a daemon (threads.py).
-        if not await finish_within(READY_WAIT_SECONDS, ping, request.state.engine):
-            raise TimeoutError
+        await readiness.check(READY_WAIT_SECONDS)
     except TimeoutError:
         raise ServiceUnavailable(f"The database did not answer within {READY_WAIT_SECONDS:g} s.") from None
     except SQLAlchemyError as exc:
@@ -289,6 +288,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
         if (collect_after := settings.recording.collect_background_after_seconds) is not None:
             collector = Collector(db, settings, upstream, origins, attempts, timedelta(seconds=collect_after))
             refreshers.append(asyncio.create_task(collector.run(), name="taskproxy-background-responses"))
+        readiness = Readiness(db)
         lanes = {  # the API's database calls, apart from the proxy's threads and connections (routes/lanes.py)
             "api_calls": Lane("api", API_AT_ONCE),
             "own_calls": Lane("own", OWN_AT_ONCE, per_key=OWN_PER_KEY),
@@ -300,6 +300,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 **lanes,
                 "settings": settings,
                 "engine": db,
+                "readiness": readiness,
                 "keys": keys,
                 "items": WorkItems(db, ids, item_cache, rework_days=settings.reports.rework_days),
                 "policy": admission.policy,  # work_items.mode, as the model routes apply it: `taskproxy run` and `use` ask it first
@@ -336,7 +337,7 @@ def create_app(settings: Settings, *, provider: ProviderClient | None = None, en
                 await budgets.shares.aclose()  # what this process was granted and did not spend goes back
             except SQLAlchemyError as exc:
                 log.warning("could not give back unused budget slices: %s", exc.__class__.__name__)
-            for threads in (keys, item_cache, budgets, admission.rate_limiter, origins, *lanes.values()):
+            for threads in (keys, item_cache, budgets, admission.rate_limiter, origins, readiness, *lanes.values()):
                 threads.close()
             if engine is None:
                 db.dispose()
