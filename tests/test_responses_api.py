@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
 from conftest import BOTH_DATABASES, Proxy, make_settings, start_proxy
-from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, write_config
+from serve_helpers import ADMIN_KEY, FakeUpstream, ServerProcess, child_env, running_server, wait_until, write_config
 from taskproxy.fake_provider import FakeProvider, prompt_tokens_of
 from taskproxy.upstream.mock import MockProvider, MockResponse
 
@@ -464,3 +465,32 @@ async def test_a_stored_response_read_a_byte_at_a_time_is_cut_at_max_response_se
         assert deleted.status_code == 200, deleted.text
         assert started_delete - started < 3 and time.monotonic() - started_delete < 3
     assert seen == ["POST", "GET", "GET", "DELETE"]
+
+
+@pytest.mark.serve
+def test_a_stored_response_whose_provider_stalls_its_headers_is_cut_at_max_response_seconds(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The stored-response routes waited for the provider's status and headers without limit (only the
+    body was bounded): a provider sending them a byte every 0.3 s, each within the read timeout, held
+    the client of a model with max_response_seconds 1 for 12 s, and clients that gave up left their
+    requests open at the provider. The whole exchange is within max_response_seconds (504
+    upstream_timeout), and a client that hangs up before its answer starts ends the provider's request."""
+    base = f"{upstream.url}/v1"
+    models = [{"name": "stalled", "base_url": base, "upstream_model": "fake-stalled-read", "max_response_seconds": 1, "read_timeout_seconds": 30},
+              {"name": "stalled-long", "base_url": base, "upstream_model": "fake-stalled-read", "max_response_seconds": 60}]  # fmt: skip
+    config = write_config(tmp_path, upstream.url, models=models)
+    with running_server(config, tmp_path / "server.log", env=child_env(TASKPROXY_ADMIN_KEY=ADMIN_KEY)) as server:
+        key = server.new_key()
+        client = server.openai(key, default_headers={"X-Work-Item": "PROJ-45"})
+        cut, held = (client.responses.create(model=model, input="Write the changelog.").id for model in ("stalled", "stalled-long"))
+        auth = {"authorization": f"Bearer {key}"}
+        for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/input_items"), ("DELETE", "")):
+            started = time.monotonic()
+            answer = httpx.request(method, f"{server.url}/v1/responses/{cut}{path}", headers=auth, timeout=15, trust_env=False)
+            took = time.monotonic() - started
+            assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout", (method, path, answer.text)
+            assert took < 2.5, (method, path, round(took, 1))
+        wait_until(lambda: upstream.fake.active, lambda active: active == 0, 2, what="the provider's timed-out reads ended")
+        for _ in range(5):  # pollers giving up after 0.5 s, long before max_response_seconds (60)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.get(f"{server.url}/v1/responses/{held}", headers=auth, timeout=0.5, trust_env=False)
+        wait_until(lambda: upstream.fake.active, lambda active: active == 0, 1.5, what="the provider's reads ended when their clients left")

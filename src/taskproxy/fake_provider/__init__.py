@@ -23,6 +23,9 @@ real `taskproxy serve` can be driven through faults on loopback:
                   words: an agent's tool loop, two turns
     fake-huge     reports 3,000,000,000 prompt tokens (more than a 32-bit column holds)
     fake-dribble  (chat, not streamed) sends its JSON answer a few bytes every 0.1 s, forever
+    fake-stalled-read (Responses) is created at once; each read of it back (GET, cancel, input_items,
+                  DELETE) sends no status or headers until its client hangs up (to the proxy's deadline,
+                  the same as headers sent a byte at a time, each within the read timeout)
     fake-flood    (chat) answers `FakeProvider.flood_bytes` of content (300 MiB by default), streamed or not
     fake-unending (chat, Responses; streamed) sends one event of `FakeProvider.flood_bytes` that never ends
                   (no blank line), then closes the stream

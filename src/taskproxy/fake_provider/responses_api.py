@@ -95,6 +95,8 @@ class ResponsesApi:
         found = self.stored.get(request.path_params["response_id"])
         if found is None:
             return json_response({"error": {"message": "No response found.", "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        if (stalled := await self._stalled(found, request)) is not None:
+            return stalled
         if request.method == "DELETE":
             del self.stored[request.path_params["response_id"]]
             return json_response({"id": found["response"]["id"], "object": "response.deleted", "deleted": True})
@@ -119,9 +121,19 @@ class ResponsesApi:
         found = self.stored.get(request.path_params["response_id"])
         if found is None:
             return json_response({"error": {"message": "No response found.", "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        if (stalled := await self._stalled(found, request)) is not None:
+            return stalled
         text = found["input"] if isinstance(found["input"], str) else ""
         item = {"id": "msg_in", "type": "message", "role": "user", "status": "completed", "content": [{"type": "input_text", "text": text}]}
         return json_response({"object": "list", "data": [item], "first_id": "msg_in", "last_id": "msg_in", "has_more": False})
+
+    async def _stalled(self, found: dict, request: Request) -> Response | None:
+        """A read of a fake-stalled-read response: nothing is sent until the client hangs up."""
+        if found["response"]["model"] != "fake-stalled-read":
+            return None
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+        return Response(status_code=499)
 
     async def _responses_stream(self, done: dict, words: list[str], model: str, starting_after: int = 0):  # type: ignore[no-untyped-def]
         """The whole event sequence OpenAI sends (Codex CLI needs the item and part events around the deltas);

@@ -3,7 +3,10 @@
 
 These generate nothing, so they need the key but no work item. Each goes to the model whose provider
 created the response (`ResponseOrigins`), and only for the person who created it: anyone else is
-told it does not exist, as the provider would say of another account's response.
+told it does not exist, as the provider would say of another account's response. The provider's
+answer, from sending to the end of its body, takes at most the model's `max_response_seconds` (an
+event stream: `max_stream_seconds` from its headers on), and a client that hangs up before its answer
+starts ends the provider's request at once.
 
 A background response (`background: true`) is answered before it is generated, and its usage comes
 only when it is read back finished. Its create is recorded as `deferred` (no tokens); the first read
@@ -36,7 +39,7 @@ from taskproxy.guard.body import read_body
 from taskproxy.guard.lookups import LookupTimeout
 from taskproxy.guard.ratelimit import RateLimiter
 from taskproxy.metering.attempts import Attempts
-from taskproxy.routes.common import MAX_API_BODY, ApiRoute
+from taskproxy.routes.common import MAX_API_BODY, ApiRoute, unless_client_leaves
 from taskproxy.settings import ModelSettings, Settings
 from taskproxy.storage.failures import RETRY_SECONDS
 from taskproxy.guard.response_origins import Origin, ResponseOrigins
@@ -80,6 +83,16 @@ async def _origin(request: Request, stored: StoredResponses) -> tuple[Origin, Mo
     return origin, model
 
 
+@dataclass(frozen=True)
+class _Read:
+    """What the provider answered, up to where the client's answer starts."""
+
+    reply: ProviderReply
+    body: bytes | None  # a body kept whole; None: the rest is relayed as it arrives (an event stream, or a body too large to keep)
+    prefix: bytes = b""  # what was read of a body too large to keep
+    seconds_left: float = 0.0  # of max_response_seconds, for the relay of a body too large to keep
+
+
 def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
     async def handler(request: Request) -> Response:
         stored: StoredResponses = request.state.stored
@@ -89,39 +102,62 @@ def _handler(method: str, suffix: str = ""):  # type: ignore[no-untyped-def]
         query = request.url.query
         url = f"{model.base_url}/responses/{origin.response_id}{suffix}" + (f"?{query}" if query else "")
         headers = upstream_headers(request.headers, api_key)
-        if method == "DELETE" and origin.deferred:
-            try:  # at most PRE_READ_SECONDS, and never in the delete's way: a provider that fails it still gets the delete
-                async with asyncio.timeout(min(PRE_READ_SECONDS, model.max_response_seconds)):
-                    await _bill_before_delete(request, stored, origin, model, headers)
-            except (ApiError, TimeoutError) as exc:
-                log.warning("a background response (%s) could not be read before its delete, and stays unbilled: %s", origin.response_id[:200], exc)
-        reply = await stored.provider.send(ProviderRequest(model, url, headers, content, stream=False, method=method))
+        forwarded = ProviderRequest(model, url, headers, content, stream=False, method=method)
+        # Until the answer starts, a client that hangs up ends the provider's request at once (as a model route's).
+        read = await unless_client_leaves(request, _exchange(request, stored, origin, model, forwarded, method == "DELETE" and origin.deferred))
+        reply = read.reply
         billable = origin.deferred and reply.status == 200 and suffix != "/input_items"
         if reply.is_event_stream:  # GET ?stream=true: relayed as it comes, billed if it reaches the end
             return _relayed(request, stored, origin, model, reply, billable, observe.responses_stream, model.max_stream_seconds, background.usage_in_tail)
-        limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
-        try:  # within max_response_seconds, as a model route's buffered answer: a provider a byte a second holds no one
-            async with asyncio.timeout(model.max_response_seconds):
-                async for chunk in reply.chunks:
-                    parts.append(chunk)
-                    size += len(chunk)
-                    if size > limit:  # too large to keep: the rest is relayed as it arrives, billed from its ends
-                        return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, model.max_response_seconds,
-                                        background.body_settles, prefix=b"".join(parts))  # fmt: skip
-        except TimeoutError:
-            await reply.close()
-            raise UpstreamTimeout(f"The provider of '{model.name}' did not finish its answer within {model.max_response_seconds:.0f} s "
-                                  "(max_response_seconds).") from None  # fmt: skip
-        await reply.close()
-        body = b"".join(parts)
-        if billable and await background.settles(body, stored.settings.limits.max_json_nodes):
+        if read.body is None:  # too large to keep: the rest is relayed as it arrives, billed from its ends
+            return _relayed(request, stored, origin, model, reply, billable, observe.responses_body, read.seconds_left, background.body_settles,
+                            prefix=read.prefix)  # fmt: skip
+        if billable and await background.settles(read.body, stored.settings.limits.max_json_nodes):
             capture = Capture()
-            capture.add(body)
+            capture.add(read.body)
             background.bill_body(stored.attempts, stored.origins, origin, model, capture, request.headers.get("user-agent"))
-        return BodyResponse(reply.status, reply.headers, body)  # type: ignore[return-value]
+        return BodyResponse(reply.status, reply.headers, read.body)  # type: ignore[return-value]
 
     handler.__name__ = handler.__qualname__ = f"stored_response_{method.lower()}{suffix.replace('/', '_')}"
     return handler
+
+
+async def _exchange(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, forwarded: ProviderRequest,
+                    read_first: bool) -> _Read:  # fmt: skip
+    """The provider's answer, from sending the request to the end of a body kept whole, within
+    max_response_seconds, as a model route's non-streamed answer: only the body was bounded, and a
+    provider sending its status and headers a byte at a time, each within the read timeout, held the
+    client as long as it went on. An event stream is relayed within max_stream_seconds, from its headers."""
+    if read_first:
+        try:  # at most PRE_READ_SECONDS, and never in the delete's way: a provider that fails it still gets the delete
+            async with asyncio.timeout(min(PRE_READ_SECONDS, model.max_response_seconds)):
+                await _bill_before_delete(request, stored, origin, model, forwarded.headers)
+        except (ApiError, TimeoutError) as exc:
+            log.warning("a background response (%s) could not be read before its delete, and stays unbilled: %s", origin.response_id[:200], exc)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + model.max_response_seconds
+    limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
+    reply: ProviderReply | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            reply = await stored.provider.send(forwarded)
+            if reply.is_event_stream:
+                return _Read(reply, None)
+            async for chunk in reply.chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    return _Read(reply, None, b"".join(parts), max(0.0, deadline - loop.time()))
+    except BaseException as exc:  # timed out, failed, or the client gone: the provider's request ends here
+        if reply is not None:
+            await reply.close()
+        if isinstance(exc, TimeoutError):
+            what = "finish its answer" if reply is not None else "answer"
+            raise UpstreamTimeout(f"The provider of '{model.name}' did not {what} within {model.max_response_seconds:.0f} s "
+                                  "(max_response_seconds).") from None  # fmt: skip
+        raise
+    await reply.close()
+    return _Read(reply, b"".join(parts))
 
 
 async def _bill_before_delete(request: Request, stored: StoredResponses, origin: Origin, model: ModelSettings, headers: list[Header]) -> None:
