@@ -379,6 +379,77 @@ class _Builder:
         for ts in (SINCE, UNTIL):  # on the boundaries: the first counts, the second does not
             self.event(edge6, ts, self.members["web"][0], "claude-sonnet")
 
+    def relinked(self) -> None:
+        """Tickets left open with more than one merged pull request: each carries the ticket's usage since
+        the one before it still standing (README, "Work items and their outcomes"). After `usage`, with a
+        generator of their own, and none of the items `sizes_and_reverts` picks from: the rest of the
+        organisation stays as it was."""
+        rng = random.Random(11)
+        day, hour, minute = timedelta(days=1), timedelta(hours=1), timedelta(minutes=1)
+        web = self.members["web"]
+
+        def ticket(item_id: str, created: datetime, status: str = "in_progress") -> Item:
+            item = Item(item_id, "web", "relink", "web", created)
+            self.lifecycle(item, [(created, "open"), (created + hour, status)])
+            return item
+
+        def pull(number: int, of: Item, merged: datetime, opened: datetime | None = None) -> Item:
+            item = Item(f"acme/web#{number}", "web", "relinked_pr", "web", opened or merged - day)
+            self.lifecycle(item, [(item.created_at, "open"), (merged, "done")], source="github")
+            registry.link(self.engine, of.id, item.id, at=merged)
+            of.linked.append(item.id)
+            return item
+
+        def used(item: Item, *times: datetime, status: int = 200) -> None:
+            for n, ts in enumerate(times):
+                self.events.append(Event(f"{rng.getrandbits(128):032x}", ts, item.id, web[2 + n % 2], "gpt-4o-mini", status, rng.randint(50, 4000),
+                                         rng.randint(10, 1500)))  # fmt: skip
+
+        # Worked with AI before the period and merged; in it, a pull request done by hand whose branch names
+        # the ticket again, with one failed request between: AI-assisted by none of the earlier work.
+        first = ticket("RELINK-1", SINCE - 12 * day)
+        used(first, *(SINCE - 10 * day + k * 7 * hour for k in range(6)))
+        pull(8101, first, SINCE - 7 * day)
+        used(first, SINCE + 2 * day, status=429)
+        pull(8102, first, SINCE + 6 * day + 3 * hour)
+        # Two pull requests in the period, each carrying its part: one event at the first merge itself (the
+        # first's), then the rest of that hour, that day and the next days, and the second merge's hour.
+        both = ticket("RELINK-2", SINCE - 2 * day)
+        used(both, *(SINCE + k * 9 * hour for k in range(5)))
+        merged = SINCE + 3 * day + 12 * hour + 20 * minute
+        pull(8201, both, merged)
+        used(both, merged, merged + 10 * minute, merged + 2 * hour, SINCE + 5 * day + 9 * hour, SINCE + 8 * day + 4 * hour + 5 * minute)
+        pull(8202, both, SINCE + 8 * day + 4 * hour + 30 * minute)
+        # Done by hand in the period after AI work on its ticket, and another pull request after the period:
+        # the later one takes nothing from it.
+        kept = ticket("RELINK-3", SINCE + 5 * day)
+        used(kept, *(SINCE + 6 * day + k * 3 * hour for k in range(4)))
+        pull(8301, kept, SINCE + 10 * day)
+        pull(8302, kept, UNTIL + 3 * day, opened=UNTIL + day)
+        # A merge reverted between two: the later one carries all since the last merge standing (none).
+        reverted = ticket("RELINK-4", SINCE)
+        used(reverted, SINCE + 12 * hour, SINCE + day)
+        undone = pull(8401, reverted, SINCE + 2 * day)
+        used(reverted, SINCE + 4 * day, SINCE + 5 * day + 6 * hour)
+        pull(8402, reverted, SINCE + 9 * day)
+        at = SINCE + 2 * day + 5 * hour
+        revert = Item("acme/web#8409", None, "revert", None, at - hour)
+        revert.reverts = undone.id
+        update = ItemUpdate(revert.id, "done", at=at, created_at=revert.created_at, merged=True, title=f"Revert {undone.id}", reverts=undone.id)
+        delivery = Delivery("github", f"{rng.getrandbits(128):032x}", "pull_request", [update])
+        registry.apply_delivery(self.engine, WorkItemIds(DEFAULT_ID_PATTERNS), delivery, at, rework_days=REWORK_DAYS)
+        revert.changes.append(Change(at, None, "closed", "github"))
+        self.items[revert.id] = revert
+        undone.reverted_at = at
+        # Done after the period: its own outcome, in none of its pull requests' costs.
+        done = ticket("RELINK-5", SINCE - 9 * day)
+        used(done, SINCE - 8 * day, SINCE - 2 * day)
+        pull(8501, done, SINCE - 6 * day)
+        used(done, SINCE + day, SINCE + 2 * day)
+        pull(8502, done, SINCE + 4 * day)
+        registry.transition(self.engine, done.id, "done", source="jira", at=UNTIL + 2 * day)
+        done.changes.append(Change(UNTIL + 2 * day, "in_progress", "done", "jira"))
+
     def rejections(self, count: int) -> list[Rejection]:
         rng = self.rng
         found = []
@@ -415,6 +486,7 @@ def generate(engine: Engine, spool_path: Path, *, seed: int = 20260105, items: i
     builder.work_items(items)
     builder.edges()
     builder.usage()
+    builder.relinked()
     refused = builder.rejections(rejections)
     builder.sizes_and_reverts(random.Random(seed + 1))  # a generator of its own: the rest stays as it was
 

@@ -9,6 +9,7 @@ never with the report module's helpers or SQL, and compared with what the report
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 
 import csv
@@ -18,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 from typing import Any
 
@@ -25,10 +27,16 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ADMIN_KEY, in_process, make_settings
+from conftest import ADMIN_KEY, BOTH_DATABASES, in_process, make_settings
 from org_generator import END, MIN_GROUP, SINCE, STALE_DAYS, T0, UNTIL, Event, Item, Org, generate
+from signals_org import PRICE
+from write_path import past_request, write_all
+from taskproxy import registry
 from taskproxy.app import create_app
 from taskproxy.guard.auth import ensure_bootstrap_admin, issue_key
+from taskproxy.metering.pricing import Price
+from taskproxy.metering.tokens import TokenCounter
+from taskproxy.money import usd
 from conftest import postgres_schema
 from taskproxy.dashboard.data import week_windows
 from taskproxy.reports.adoption import adoption_report, completions_by_period, quantile
@@ -171,21 +179,34 @@ class Expected:
         mark = self.rework(pull)
         return pull.status == "done" and (mark is None or (mark[1] != "reverted" and pull.completed_at > mark[0]))  # type: ignore[operator]
 
-    def carrier(self, ticket: Item) -> Item | None:
-        """The merged PR completed in the period that counts a ticket's usage: the ticket not done now,
-        never reworked, and that PR its last merged PR standing now."""
-        if ticket.status == "done" or self.rework(ticket) is not None:
+    def standing(self, ticket: Item) -> list[Item]:
+        """A ticket's merged PRs whose merge stands now, by merge (then id)."""
+        pulls = [pull for pull in map(self.org.items.__getitem__, ticket.linked) if self.merge_holds(pull)]
+        return sorted(pulls, key=lambda pull: (pull.completed_at, pull.id))  # type: ignore[arg-type, return-value]
+
+    def span(self, ticket: Item, pull: Item) -> tuple[datetime | None, datetime] | None:
+        """(after, merge]: the part of a ticket's usage a merged PR completed in the period counts, the
+        ticket not done now and never reworked, the PR one of its merged PRs standing now: since the one
+        before it (None: from the start) up to its own merge."""
+        if ticket.status == "done" or self.rework(ticket) is not None or not self.completed(pull):
             return None
-        standing = [pull for pull in map(self.org.items.__getitem__, ticket.linked) if self.merge_holds(pull)]
-        last = max(standing, key=lambda pull: (pull.completed_at, pull.id)) if standing else None
-        return last if last is not None and self.completed(last) else None
+        after = None
+        for other in self.standing(ticket):
+            if other is pull:
+                return after, pull.completed_at  # type: ignore[return-value]
+            after = other.completed_at
+        return None
 
     def carried(self, item: Item) -> list[Item]:
-        return sorted((t for t in self.org.items.values() if item.id in t.linked and self.carrier(t) is item), key=lambda t: t.id)
+        return sorted((t for t in self.org.items.values() if item.id in t.linked and self.span(t, item) is not None), key=lambda t: t.id)
 
     def outcome_events(self, item: Item) -> list[Event]:
-        """A completed item's events, and those of each ticket it carries up to its merge: that work led to it."""
-        return [*self.events(item), *(e for ticket in self.carried(item) for e in self.events(ticket) if e.ts <= item.completed_at)]  # type: ignore[operator]
+        """A completed item's events, and those of each ticket it carries in its span: that work led to it."""
+        found = list(self.events(item))
+        for ticket in self.carried(item):
+            after, merge = self.span(ticket, item)  # type: ignore[misc]
+            found += [e for e in self.events(ticket) if (after is None or e.ts > after) and e.ts <= merge]
+        return found
 
     @staticmethod
     def redone_after(item: Item) -> datetime | None:
@@ -231,6 +252,9 @@ class Expected:
         merges = [self.completion_at_until(pr) for pr_id in item.linked
                   if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr)]  # fmt: skip
         after = max(merges) if merges else None  # type: ignore[type-var]
+        carried = [pull.completed_at for pull in self.standing(item) if self.span(item, pull) is not None]
+        if carried:  # carried in the period: its spend after the last of those merges (a later one, reverted since, none)
+            after = max(carried)  # type: ignore[type-var]
         status = self.status_at_until(item)
         if status in ("closed", "unverified"):
             return status, after
@@ -488,6 +512,15 @@ def test_the_generated_organisation_is_what_the_tests_need(world: tuple[Any, Org
     assert any(expect.in_period(e.ts) and e.ts <= after for i, after in covered for e in expect.events(i))
     assert any(expect.in_period(e.ts) and e.ts > after for i, after in covered for e in expect.events(i))
     assert any(i.registered == "auto" and i.changes for i in org.items.values())  # unverified at until, moved on later
+    # Tickets left open with more than one merged PR (RELINK-*): two of them carrying parts of one ticket
+    # in the period; one after an earlier merge, AI-assisted by the work since; one done by hand after the
+    # ticket's earlier work, not assisted by it; one carrying its part though a later one merged since.
+    carries = [(t, pr, span) for t in org.items.values() for pr in map(org.items.__getitem__, t.linked) if (span := expect.span(t, pr))]
+    assert 2 in Counter(t.id for t, _, _ in carries).values()
+    assert any(after is not None and expect.assisted(pr) for _, pr, (after, _) in carries)
+    assert any(after is not None and not expect.assisted(pr) and any(e.status < 400 and e.ts <= after for e in expect.events(t)) for t, pr, (after, _) in carries)
+    assert any(expect.standing(t)[-1] is not pr and expect.assisted(pr) for t, pr, _ in carries)
+    assert any(not expect.merge_holds(org.items[pr]) for t, _, _ in carries for pr in t.linked)  # a merge reverted between two
     # Size and rework: both reasons among the period's completions, AI-assisted or not; reopened items
     # not done again; a ticket whose merged PR was reverted; reverts too late to be rework, or a second one.
     delivered = [i for i in expect.relevant() if expect.delivered(i)]
@@ -835,3 +868,137 @@ def test_completions_by_period_are_the_reports_figures_for_each_period(world: tu
                     "median": cost["median"], "p90": cost["p90"], "total": cost["total"]}  # fmt: skip
         assert figures == expected, (since, until)
     assert sum(1 for f in weeks if f["ai_assisted_items"] and f["median"] is not None) >= 4  # not a comparison of empty weeks
+
+
+# -- a ticket with more than one merged pull request --------------------------------------------------
+
+
+class _Work:
+    """A small organisation written through the real paths, for the carry's own tests."""
+
+    def __init__(self, engine: Any, tmp_path: Path) -> None:
+        self.engine, self.tmp_path, self.counter, self.pending, self.n = engine, tmp_path, TokenCounter(), [], 0
+
+    def ticket(self, item: str, status: str, at: datetime) -> None:
+        registry.transition(self.engine, item, status, source="jira", at=at, fields={"team": "web"}, created_at=at)
+
+    def merged_pr(self, pr: str, merged: datetime, ticket: str | None = None) -> None:
+        registry.transition(self.engine, pr, "open", source="github", at=merged - DAY, fields={"team": "web"}, created_at=merged - DAY)
+        registry.transition(self.engine, pr, "done", source="github", at=merged, merged=True)
+        if ticket is not None:  # its branch names the ticket
+            registry.link(self.engine, ticket, pr, at=merged)
+
+    def requests(self, item: str, *times: datetime, model: str = "big-model", status: int = 200, price: Price | None = PRICE) -> None:
+        key = SimpleNamespace(id="worker", owner="worker@example.com", team="web")
+        for ts in times:
+            self.n += 1
+            self.pending.append(past_request(id=f"r-{self.n}", ts=ts, key=key, work_item=item, model=model, body={"n": self.n}, status=status,
+                                             prompt_tokens=100_000, completion_tokens=10_000, counter=self.counter, price=price))  # fmt: skip
+
+    def flush(self) -> None:
+        write_all(self.engine, self.tmp_path / f"spool-{self.n}.jsonl", self.pending, len(self.pending))
+        self.pending = []
+
+    def figures(self, since: datetime, until: datetime) -> tuple[int, int, float]:
+        """(completed, AI-assisted, total cost per completed item) of the period, read two months later."""
+        self.flush()
+        overall = adoption_report(self.engine, since=since, until=until, min_group_size=1, now=datetime(2026, 6, 1))["overall"]
+        return overall["completed_items"], overall["ai_assisted_items"], overall["cost_per_completed_item"]["total"]
+
+
+DAY, HOUR = timedelta(days=1), timedelta(hours=1)
+FEBRUARY, MARCH, APRIL, MAY = datetime(2026, 2, 1), datetime(2026, 3, 1), datetime(2026, 4, 1), datetime(2026, 5, 1)
+REQUEST_USD = usd(PRICE.nanos(100_000, 10_000))  # each request of `_Work`: $2.25
+
+
+@BOTH_DATABASES
+def test_a_later_pull_request_naming_a_carried_ticket_takes_nothing_from_the_earlier_one(database_url: str, tmp_path: Path) -> None:
+    """February: $9 of AI work on T-1 and its pull request #1, merged; T-1 left open. March: a pull
+    request done by hand (#2, no request) whose branch names T-1. #2 carried all of T-1's usage up to
+    its merge: March counted it AI-assisted (5/6 became 6/6) with February's $9 again, and February,
+    read again, lost #1's (1/1 became 0/1) (found by a review). Each carries the ticket's usage since
+    the merge before it, and is assisted only by an answer in that span."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    work = _Work(engine, tmp_path)
+    for n in range(1, 6):  # five ordinary AI-assisted tickets done in March
+        work.ticket(f"W-{n}", "open", MARCH - 5 * DAY)
+        work.requests(f"W-{n}", MARCH + 2 * n * DAY + 9 * HOUR)
+        work.ticket(f"W-{n}", "done", MARCH + 2 * n * DAY + 15 * HOUR)
+    work.ticket("T-1", "in_progress", MARCH - 40 * DAY)
+    work.requests("T-1", *(MARCH - 25 * DAY + k * HOUR for k in range(4)))
+    work.merged_pr("acme/web#1", MARCH - 19 * DAY, ticket="T-1")
+    second = MARCH + 19 * DAY
+    work.merged_pr("acme/web#2", second)
+    before = work.figures(MARCH, APRIL), work.figures(FEBRUARY, MARCH)
+    assert before == ((6, 5, 5 * REQUEST_USD), (1, 1, 4 * REQUEST_USD))
+
+    registry.link(engine, "T-1", "acme/web#2", at=second)  # the re-link: nothing it could carry
+    work.requests("T-1", MARCH + 3 * DAY, status=429)  # nor a failed request in its span
+    assert (work.figures(MARCH, APRIL), work.figures(FEBRUARY, MARCH)) == before
+
+    work.requests("T-1", second - 2 * HOUR, second + HOUR)  # an answer in its span, and one after its merge
+    assert work.figures(MARCH, APRIL) == (6, 6, 6 * REQUEST_USD)  # #2 at $2.25: the answer before its merge
+    assert work.figures(FEBRUARY, MARCH) == before[1]
+
+    # Two pull requests of T-1 in April, each its own span: #3 the work since #2 (the request an hour after
+    # it, and one more), #4 the request between them.
+    work.requests("T-1", APRIL + 2 * DAY)
+    work.merged_pr("acme/web#3", APRIL + 3 * DAY, ticket="T-1")
+    work.requests("T-1", APRIL + 5 * DAY)
+    work.merged_pr("acme/web#4", APRIL + 6 * DAY, ticket="T-1")
+    assert work.figures(APRIL, MAY) == (2, 2, 3 * REQUEST_USD)
+    assert (work.figures(MARCH, APRIL), work.figures(FEBRUARY, MARCH)) == ((6, 6, 6 * REQUEST_USD), before[1])
+
+    # T-1 done in May: its own outcome, with all its usage, and in none of its pull requests' costs (as before).
+    work.ticket("T-1", "done", MAY + 2 * DAY)
+    assert work.figures(MAY, MAY + 30 * DAY) == (1, 1, 8 * REQUEST_USD)
+    assert (work.figures(FEBRUARY, MARCH), work.figures(MARCH, APRIL), work.figures(APRIL, MAY)) == ((1, 0, 0.0), before[0], (2, 0, 0.0))
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_the_usage_a_pull_request_carries_since_the_merge_before_is_a_scan_of_its_events(database_url: str, tmp_path: Path) -> None:
+    """A span of a ticket's usage after one moment and up to another, each ticket its own spans, read
+    from days, hours and the raw hours at both ends (`spend_after.usage_between`): per span and model,
+    what a scan of the raw events gives. Ends mid-hour, at midnight, on an hour's first and last
+    microsecond, both in one hour, both in one day; events on the ends and either side of them."""
+    from sqlalchemy import select
+
+    from taskproxy.storage import spend_after
+    from taskproxy.storage.models import UsageEvent
+    from taskproxy.storage.rollup import TOKEN_COUNT_ROUTES
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    work = _Work(engine, tmp_path)
+    t0, microsecond = datetime(2026, 3, 2), timedelta(microseconds=1)
+    spans = [
+        ("S-1", t0 + 5 * HOUR + timedelta(minutes=17), t0 + 2 * DAY + 13 * HOUR + timedelta(minutes=40)),
+        ("S-1", t0 + 2 * DAY + 13 * HOUR + timedelta(minutes=40), t0 + 4 * DAY),  # the next one, up to a midnight
+        ("S-2", t0 + DAY, t0 + DAY + 6 * HOUR - microsecond),  # from a midnight to an hour's last microsecond
+        ("S-2", t0 + 2 * DAY + 9 * HOUR + timedelta(minutes=5), t0 + 2 * DAY + 9 * HOUR + timedelta(minutes=50)),  # within one hour
+        ("S-3", t0 + 3 * HOUR + microsecond, t0 + 3 * DAY + 3 * HOUR + microsecond),  # an hour's first microsecond, both ends
+    ]
+    rng = random.Random(5)
+    for item in ("S-1", "S-2", "S-3"):
+        times = [t0 - DAY + timedelta(seconds=rng.randrange(6 * 86400)) for _ in range(150)]
+        times += [end + s * microsecond for ticket, *ends in spans if ticket == item for end in ends for s in (-1, 0, 1)]
+        for ts in times:
+            model = rng.choice(["big-model", "big-model", "local"])
+            work.requests(item, ts, model=model, status=rng.choice([200, 200, 200, 429]), price=None if model == "local" else PRICE)
+    work.flush()
+    with engine.connect() as connection:
+        found = {(item, moment, model): (int(a), int(ans or 0), None if cost is None else int(cost), int(tok or 0))
+                 for item, moment, model, a, ans, cost, tok in spend_after.usage_between(connection, spans)}  # fmt: skip
+        events = connection.execute(select(UsageEvent.__table__)).all()
+    expected: dict[tuple[str, datetime, str], tuple[int, int, int | None, int]] = {}
+    for item, after, moment in spans:
+        for e in events:
+            if e.work_item == item and after < e.ts <= moment:
+                attempts, answered, cost, tokens = expected.get((item, moment, e.model), (0, 0, None, 0))
+                answered += e.status < 400 and e.route not in TOKEN_COUNT_ROUTES
+                cost = cost if e.cost_nanos is None else (cost or 0) + e.cost_nanos
+                expected[(item, moment, e.model)] = (attempts + 1, answered, cost, tokens + e.total_tokens)
+    engine.dispose()
+    assert found == expected and {(item, moment) for item, moment, _ in found} == {(item, moment) for item, _, moment in spans}

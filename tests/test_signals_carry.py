@@ -241,3 +241,69 @@ def test_a_tag_on_the_ticket_a_hand_done_pull_request_carries_is_a_trivial_compl
     evidence = found["trivial_completions:tagger"]["evidence"]
     assert (evidence["trivial_items"], evidence["light_items"]) == (6, 6)
     assert sorted(entry["id"] for entry in found["trivial_completions:tagger"]["work_items"]) == [f"acme/web#{100 + n}" for n in range(1, 7)]
+
+
+@BOTH_DATABASES
+def test_each_pull_request_of_a_ticket_is_compared_at_its_own_part_of_the_tickets_cost(database_url: str, tmp_path: Path) -> None:
+    """$90 on a ticket left open before its first pull request merged, $2.25 more before a second one
+    of the period named it: the first is the outlier, at $90, and the second is compared at $2.25. The
+    last merge carried all the ticket's usage: the second pull request was the outlier, at $92.25, and
+    the first had no cost at all (as the adoption report counted them; found by a review)."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    world.ticket("T-7", "open")
+    first, second = SINCE + 4 * DAY + 12 * HOUR, SINCE + 9 * DAY
+    world.merged_pr("acme/web#7", "T-7", first)
+    world.merged_pr("acme/web#8", "T-7", second)
+    world.requests("hider", "T-7", spaced(SINCE + 3 * DAY + 9 * HOUR, 30) + spaced(first - 3 * HOUR, 10))
+    world.requests("late", "T-7", [first + HOUR])
+    found = world.signals()
+    engine.dispose()
+    assert [name for name in found if name.startswith("cost_outlier:")] == ["cost_outlier:hider"]
+    [entry] = found["cost_outlier:hider"]["work_items"]
+    assert (entry["id"], entry["carried_tickets"], entry["item_cost_usd"], entry["key_cost_usd"]) == ("acme/web#7", ["T-7"], usd(40 * REQUEST_NANOS),
+                                                                                                     usd(40 * REQUEST_NANOS))  # fmt: skip
+
+
+@BOTH_DATABASES
+def test_a_keys_spend_on_a_ticket_in_each_of_its_spans_is_a_scan_of_its_events(database_url: str, tmp_path: Path) -> None:
+    """A ticket's spans (`signal_carry.key_spend_within`: from a start, included, to an end, included),
+    two of them adjacent and starting a microsecond after the merge before, or inside a day, at a
+    midnight, in the end's day: per span and key, what a scan of the raw events gives."""
+    from sqlalchemy import select
+
+    from taskproxy.reports import signal_carry
+    from taskproxy.storage.models import UsageEvent
+    from taskproxy.storage.rollup import is_request
+
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    microsecond = timedelta(microseconds=1)
+    first, second = SINCE + 3 * DAY + 13 * HOUR, SINCE + 6 * DAY + 12 * HOUR
+    spans = {
+        "T-1 first": ("T-1", None, first), "T-1 second": ("T-1", first + microsecond, second),
+        "T-2 first": ("T-2", SINCE + DAY + 9 * HOUR, SINCE + 4 * DAY), "T-2 second": ("T-2", SINCE + 4 * DAY + microsecond, SINCE + 4 * DAY + 5 * HOUR),
+        "T-3": ("T-3", SINCE + 5 * DAY, SINCE + 8 * DAY + 2 * HOUR),
+    }  # fmt: skip
+    for ticket in ("T-1", "T-2", "T-3"):
+        for key_id in ("a", "b"):
+            times = spaced(SINCE + 7 * HOUR, 30, step=5 * HOUR + timedelta(minutes=7, microseconds=3))
+            ends = [end for name, (t, start, end) in spans.items() if t == ticket]
+            world.requests(key_id, ticket, [*times, *(end + s * microsecond for end in ends for s in (-1, 0, 1))])
+    write_all(engine, tmp_path / "spool.jsonl", world.exchanges, len(world.exchanges))
+    with engine.connect() as connection:
+        events = connection.execute(select(UsageEvent.__table__)).all()
+        found = signal_carry.key_spend_within(connection, spans)
+    engine.dispose()
+    got = {(name, k): (s.requests, s.cost, s.tokens, s.first, s.last) for name, per_key in found.items() for k, s in per_key.items()}
+    expected: dict[tuple[str, str], tuple] = {}
+    for name, (ticket, start, end) in spans.items():
+        for e in events:
+            if e.work_item == ticket and (start is None or e.ts >= start) and e.ts <= end:
+                r, c, tok, first_ts, last_ts = expected.get((name, e.key_id), (0, 0, 0, e.ts, e.ts))
+                expected[(name, e.key_id)] = (r + is_request(e.attempt, e.route), c + e.cost_nanos, tok + e.total_tokens, min(first_ts, e.ts),
+                                              max(last_ts, e.ts))  # fmt: skip
+    assert got == expected

@@ -10,14 +10,15 @@ Definitions (the period is [since, until); times are naive UTC in the database, 
   item counts only in `overall`. An item with usage but no row in `work_items` counts as `unverified`.
 - **Completed item in the period**: status `done` and `completed_at` in the period (closed items are
   not completed). It counts with all the spend it ever had (all its events, whenever they happened),
-  and a merged PR with that of the tickets it came out of (links) up to its merge, for the tickets
-  not done now, never reworked, whose last merged PR standing now it is (not reverted, nor reopened
-  and not done since): the work was on the ticket, and the ticket is no completed item of its own
-  (adoption_data.carry_tickets). A ticket's usage up to that merge is in its cost; after it, the
-  ticket's status decides, as below (spend without outcome).
+  and a merged PR whose merge stands now (not reverted, nor reopened and not done since) with that of
+  the tickets it came out of (links), not done now and never reworked, since the ticket's merged PR
+  standing now before it (from the start, for the first) up to its merge: the work was on the ticket,
+  and the ticket is no completed item of its own (adoption_data.carry_tickets). A ticket's usage up to
+  its last such merge in the period is in those PRs' costs; after it, the ticket's status decides, as
+  below (spend without outcome).
 - **AI-assisted**: a completed item with at least one usage event whose status is below 400 and that
   is not a token count (`/v1/messages/count_tokens`, `/v1/responses/input_tokens`: they generate
-  nothing, and cost nothing), a carried ticket's included, the
+  nothing, and cost nothing), a carried ticket's in the PR's span of it included, the
   first of them (`usage_item_totals.first_answered_ts`, all time) no later than its `completed_at` (for
   an item not done now, than the completion its reopening undid): requests sent only after the work
   was done do not make it assisted (they are spend after completion). An item done again after a

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime, timedelta
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import DateTime, String, func, or_, select, true
 from sqlalchemy.engine import Connection
@@ -98,29 +98,46 @@ def load_completed(connection: Connection, since: datetime, until: datetime) -> 
     return items
 
 
+class Carry(NamedTuple):
+    """A merged pull request's part of a ticket it came out of (`carried_by`): the ticket's usage after
+    `after`, the merge of the ticket's merged pull request before this one (None: there is none), up to
+    `merge`, this one's, included."""
+
+    ticket: str
+    pull: str
+    after: datetime | None
+    merge: datetime
+
+
 def carry_tickets(connection: Connection, items: dict[str, Item], since: datetime, until: datetime) -> dict[str, datetime]:
-    """The tickets that are not done (now) count their usage in the outcome their work led to: their
-    last merged pull request whose merge stands now, if it is completed in the period (`carried_by`).
-    Else the ticket's spend up to that merge was in no completed item's cost, nor in spend without
-    outcome (the merge covers it): work put on a ticket left open, or closed as Won't Do, with a tenth
-    of it on the pull request, made the cost per completed item a tenth of what the work cost. Each
-    such ticket's usage is in one outcome's cost: its own, once done, or its last merged pull request's.
-    Returns {ticket: its carrier's merge}."""
-    carried = carried_by(connection, items, since, until)
-    _load_usage(connection, items, sorted(t for t in carried if not items[t].by_model))
-    merges: dict[str, datetime] = {t: items[p].completed_at for t, p in carried.items()}  # type: ignore[misc]
-    up_to = usage_up_to_merges(connection, merges)
-    for ticket, pull in carried.items():
-        items[pull].absorb(items[ticket], up_to.get(ticket))
-        items[pull].carries += (ticket,)
+    """The tickets that are not done (now) count their usage in the outcomes their work led to: each of
+    their merged pull requests whose merge stands now carries the usage since the one before it (a
+    `Carry`, `carried_by`), here those completed in the period. Else the ticket's spend up to a merge
+    was in no completed item's cost, nor in spend without outcome (the merge covers it): work put on a
+    ticket left open, or closed as Won't Do, with a tenth of it on the pull request, made the cost per
+    completed item a tenth of what the work cost. Each such ticket's usage is in one outcome's cost: its
+    own, once done, or that of the merged pull request it came before. Only since the one before: a
+    hand-done pull request naming an old ticket (its branch) carried all its usage again, AI-assisted
+    by it, and the earlier one, read again, lost it. Returns {ticket: its last carrier's merge}."""
+    carries = carried_by(connection, items, since, until)
+    _load_usage(connection, items, sorted({c.ticket for c in carries if not items[c.ticket].by_model}))
+    usage = carried_usage(connection, carries)
+    merges: dict[str, datetime] = {}
+    for carry in carries:
+        pull = items[carry.pull]
+        pull.absorb(items[carry.ticket].by_model if carry not in usage else usage[carry], carry.merge)
+        pull.carries += (carry.ticket,)
+        merges[carry.ticket] = max(merges.get(carry.ticket, carry.merge), carry.merge)
     return merges
 
 
-def carried_by(connection: Connection, items: dict[str, Item], since: datetime, until: datetime | None) -> dict[str, str]:
-    """{ticket: the merged pull request that carries it}: the tickets not done now and never reworked
-    (a completion undone, reopened or reverted, makes its spend reworked) whose last merged pull request
-    still standing is completed in [since, until) (None: from `since` on). The rows of the tickets and
-    their pull requests are loaded into `items` (those not there yet).
+def carried_by(connection: Connection, items: dict[str, Item], since: datetime, until: datetime | None) -> list[Carry]:
+    """The carries of the merged pull requests completed in [since, until) (None: from `since` on): of
+    the tickets not done now and never reworked (a completion undone, reopened or reverted, makes its
+    spend reworked), each merged pull request still standing carries the ticket's usage since the one
+    before it (by merge, then id), still standing too. A later pull request takes nothing from an
+    earlier one, so a period's figures do not change with it. The rows of the tickets and their pull
+    requests are loaded into `items` (those not there yet).
 
     Read by the index on the links' pull request (0022), for the pull requests completed in the period
     only; the tickets' other pull requests for those tickets alone."""
@@ -131,12 +148,50 @@ def carried_by(connection: Connection, items: dict[str, Item], since: datetime, 
     tickets = {t for t in tickets if _item(items, t).status != "done" and items[t].reworked_at is None}
     pulls = _load_links(connection, {t: items[t] for t in tickets})
     _load_rows(connection, items, sorted({p for linked in pulls.values() for p in linked} - items.keys()))
-    carried: dict[str, str] = {}
-    for ticket, linked in pulls.items():
-        standing = [items[p] for p in linked if p in items and items[p].merge_holds and items[p].completed_at is not None]
-        if standing and (last := max(standing, key=lambda item: (item.completed_at, item.id))).completed_in(since, until or datetime.max):
-            carried[ticket] = last.id
-    return carried
+    carries: list[Carry] = []
+    for ticket, linked in sorted(pulls.items()):
+        standing = sorted((items[p] for p in set(linked) if p in items and items[p].merge_holds and items[p].completed_at is not None),
+                          key=lambda item: (item.completed_at, item.id))  # fmt: skip
+        after: datetime | None = None
+        for pull in standing:
+            if pull.completed_in(since, until or datetime.max):
+                carries.append(Carry(ticket, pull.id, after, pull.completed_at))  # type: ignore[arg-type]
+            after = pull.completed_at
+    return carries
+
+
+def carried_usage(connection: Connection, carries: list[Carry]) -> dict[Carry, dict[str, tuple[int, int, int | None, int]]]:
+    """Per carry whose span holds only part of its ticket's usage: the usage per model in it (none: an
+    empty dict); a carry left out carries all of it. Read as it is, not as all time less what came
+    outside (a request committed between two reads, or a price known only later, would make that
+    wrong), for those tickets alone, by their first and last use (all time): the spans from the
+    ticket's first usage by `usage_up_to_merges`, the later ones by `spend_after.usage_between`, each
+    one statement."""
+    first_used: dict[str, datetime] = {}
+    last_used: dict[str, datetime] = {}
+    for chunk in idsets.batches(connection, sorted({c.ticket for c in carries if c.after is not None})):
+        for work_item, first, last in rollup.grouped(connection, by=("work_item",), period=rollup.LIFETIME, fields=("first_used", "last_used"),
+                                                     where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
+            first_used[work_item], last_used[work_item] = first, last
+    found: dict[Carry, dict[str, tuple[int, int, int | None, int]]] = {}
+    up_to = usage_up_to_merges(connection, {c.ticket: c.merge for c in carries if c.after is None})  # one such carry per ticket
+    for carry in carries:
+        if carry.after is None and carry.ticket in up_to:
+            found[carry] = up_to[carry.ticket]
+    between: dict[tuple[str, datetime], Carry] = {}
+    for carry in carries:
+        if carry.after is None:
+            continue
+        first, last = first_used.get(carry.ticket), last_used.get(carry.ticket)
+        if first is None or last is None or last <= carry.after or first > carry.merge or carry.after >= carry.merge:
+            found[carry] = {}  # nothing in its span
+        elif first <= carry.after or last > carry.merge:
+            between[(carry.ticket, carry.merge)] = carry
+            found[carry] = {}
+    spans = [(ticket, carry.after, merge) for (ticket, merge), carry in sorted(between.items())]
+    for ticket, merge, model, attempts, answered, cost, tokens in spend_after.usage_between(connection, spans):  # type: ignore[arg-type]
+        found[between[(ticket, merge)]][model] = (int(attempts), int(answered or 0), None if cost is None else int(cost), int(tokens or 0))
+    return found
 
 
 def usage_up_to_merges(connection: Connection, merges: Mapping[str, datetime]) -> dict[str, dict[str, tuple[int, int, int | None, int]]]:

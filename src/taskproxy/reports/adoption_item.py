@@ -37,7 +37,7 @@ class Item:
     tokens: int = 0
     answered: bool = False  # at least one event (all time) below status 400 that is not a token count
     first_used: datetime | None = None  # its first event (all time, any status)
-    first_answered: datetime | None = None  # its first answer that generated something (None: unknown, see 0019)
+    first_answered: datetime | None = None  # its first answer that generated something (None: unknown, see 0019); a carried one: its merge (`absorb`)
     period_events: int = 0  # events in the period
     spend: int = 0  # their known cost, nano-USD
     spend_after_completion: int = 0  # of which after completed_at (done or closed items)
@@ -115,26 +115,28 @@ class Item:
         """A merged pull request (done) whose merge stands now: not reverted, nor reopened and not done since."""
         return completion_holds(self.status, self.completed_at, self.reworked_at, self.rework_reason)
 
-    def absorb(self, ticket: Item, up_to_merge: Mapping[str, tuple[int, int, int | None, int]] | None) -> None:
-        """Count `ticket`'s usage up to this merged pull request's merge as this item's, per model
-        (`up_to_merge`; None: all of it, the ticket used nothing since): the ticket is no completed item
-        of its own, and this is the outcome that work led to."""
-        for model, (attempts, answered, cost, tokens) in (ticket.by_model if up_to_merge is None else up_to_merge).items():
+    def absorb(self, usage: Mapping[str, tuple[int, int, int | None, int]], merge: datetime) -> None:
+        """Count a carried ticket's usage in this merged pull request's span of it (`adoption_data.Carry`:
+        after the ticket's merged pull request before this one, up to this one's `merge`), per model, as
+        this item's: the ticket is no completed item of its own, and this is the outcome that part of its
+        work led to. An answer among it makes this item AI-assisted, one outside it does not (a hand-done
+        pull request naming an old ticket was assisted by the work an earlier one carried). Every answer
+        carried is at or before the merge, which dates it: the day and hour rollups keep no first answer."""
+        carried_answer = False
+        for model, (attempts, answered, cost, tokens) in usage.items():
             if attempts <= 0:
                 continue
             mine = self.by_model.get(model, (0, 0, None, 0))
             known = mine[2] if cost is None else (mine[2] or 0) + cost
             self.by_model[model] = (mine[0] + attempts, mine[1] + answered, known, mine[3] + tokens)
-            self.answered = self.answered or answered > 0
+            carried_answer = carried_answer or answered > 0
             if cost is not None:
                 self.cost = (self.cost or 0) + cost
             self.tokens += tokens
-        # The ticket's first event and answer, of all time: one carried before the merge is the earliest,
-        # and the answers carried are all before it (a PR's assistance needs one: `answered`).
-        for name in ("first_used", "first_answered"):
-            theirs, ours = getattr(ticket, name), getattr(self, name)
-            if theirs is not None and (ours is None or theirs < ours):
-                setattr(self, name, theirs)
+        if carried_answer:
+            self.answered = True
+            if self.first_answered is None or merge < self.first_answered:
+                self.first_answered = merge
 
     def add_usage(self, model: str, attempts: int, answered: int, cost: int | None, tokens: int, first_used: datetime | None,
                   first_answered: datetime | None) -> None:  # fmt: skip

@@ -35,7 +35,10 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
         if item.team is None and item.carries:
             item.team = next((team for t in sorted(item.carries) if (team := items[t].team or team_of_project(t, item_teams))), None)
     teamless = [item for item in items.values() if item.team is None and (item.period_events or item.delivered_in(since, until))]
-    spent_on = {t: item.id for item in teamless for t in item.carries}  # the tickets it carries: their spenders are its spenders
+    spent_on: dict[str, list[str]] = defaultdict(list)  # the tickets it carries: their spenders are its spenders
+    for item in teamless:
+        for t in item.carries:
+            spent_on[t].append(item.id)  # two pull requests of the period may carry one ticket, each its own part
     found: dict[tuple, dict[str, Any]] = {}
     for chunk in idsets.batches(connection, sorted({item.id for item in teamless} | spent_on.keys())):
         found |= rollup.totals(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
@@ -44,7 +47,7 @@ def assign_teams(connection: Connection, items: dict[str, Item], since: datetime
     for (work_item, team), row in found.items():
         if team is None:  # events without a team are not counted
             continue
-        for spender_of in {work_item, spent_on.get(work_item, work_item)}:
+        for spender_of in {work_item, *spent_on.get(work_item, ())}:
             spent = sums[spender_of][team]
             spent[0] += int(row["cost_nanos"] or 0)
             spent[1] += int(row["total_tokens"] or 0)

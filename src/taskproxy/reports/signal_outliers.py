@@ -1,7 +1,7 @@
 """The cost outlier signal: keys with a large share of a completed item whose cost is an outlier in its
 team (see `signals.py` for the definition). An item's cost is as the adoption report counts it: all
-its usage, and a merged pull request's with that of the tickets it carries up to its merge
-(`signal_carry.py`)."""
+its usage, and a merged pull request's with that of the tickets it carries, each since the ticket's
+merged pull request before it, up to its merge (`signal_carry.py`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from taskproxy.money import usd
 from taskproxy.reports import signal_carry
+from taskproxy.reports.adoption_data import Carry
 from taskproxy.reports.signal_data import (
     MAD_SCALE,
     MEAN_AD_SCALE,
@@ -40,14 +41,13 @@ Outlier = tuple[str, str, int, float, float, float, int]  # team, item, cost, z,
 
 def cost_outliers(
     connection: Connection, items: dict[str, ItemRow], since: datetime, until: datetime, t: SignalSettings, item_teams: Mapping[str, str],
-    carriers: Mapping[str, str], merges: Mapping[str, datetime],
+    carries: list[Carry],
 ) -> list[Found]:  # fmt: skip
     """Keys with a large share of a completed item whose all-time cost is an outlier in its team. The
     items' costs and their teams' spend come from the per-item totals (`rollup.LIFETIME`, by the
-    items' ids), and the carried tickets' (`carriers`: {ticket: the PR completed in the period that
-    carries it}, `merges`: {ticket: that merge}; `signal_carry.carried`) from `signal_carry`; only the
-    outliers' spend per key is read, from the per-key rollup (all time) and, for a carried ticket, its
-    merge's day."""
+    items' ids), and the carried tickets' in their spans (`carries`: those of the pull requests
+    completed in the period; `signal_carry.carried`) from `signal_carry`; only the outliers' spend per
+    key is read, from the per-key rollup (all time) and, for a carried ticket, its span's ends' days."""
     found_cost = rollup.grouped(connection, by=("work_item", "team"), period=rollup.LIFETIME, fields=("cost_nanos", "total_tokens"),
                                 where=lambda c: [c.work_item.in_(completed_ids(since, until))])  # fmt: skip
     item_cost: dict[str, int] = defaultdict(int)  # item -> its all-time known cost, with the tickets it carries
@@ -60,16 +60,16 @@ def cost_outliers(
         if team != "":  # '' stands for events without a team: not a team that spent
             team_spend[work_item][team] = (int(cost or 0), int(tokens or 0))
     carried_by_pull: dict[str, list[str]] = defaultdict(list)
-    for ticket, pull in sorted(carriers.items()):
-        carried_by_pull[pull].append(ticket)
-    for ticket, cost in signal_carry.carried_costs(connection, merges).items():
+    for carry in sorted(carries, key=lambda carry: (carry.ticket, carry.pull)):
+        carried_by_pull[carry.pull].append(carry.ticket)
+    for carry, cost in signal_carry.carried_costs(connection, carries).items():
         if cost is not None:
-            priced.add(carriers[ticket])
-            item_cost[carriers[ticket]] += cost
+            priced.add(carry.pull)
+            item_cost[carry.pull] += cost
 
     costs_by_team: dict[str, dict[str, int]] = defaultdict(dict)
     teamless = {item_id for item_id in priced if items[item_id].team is None}
-    for item_id, team in _teams_of_teamless(connection, teamless, items, team_spend, carried_by_pull, carriers, item_teams).items():
+    for item_id, team in _teams_of_teamless(connection, teamless, items, team_spend, carried_by_pull, item_teams).items():
         costs_by_team[team][item_id] = item_cost[item_id]
     for item_id in priced - teamless:
         costs_by_team[items[item_id].team][item_id] = item_cost[item_id]  # type: ignore[index]
@@ -83,10 +83,10 @@ def cost_outliers(
         for work_item, key_id, requests, cost, tokens, first, last in found_spend:  # SPEND_FIELDS, unpacked
             add_spend(by_item[work_item].setdefault(key_id, Spend(work_item)), requests, cost, tokens, first, last)
     outlying = {item_id for _, item_id, *_ in outliers}
-    up_to = signal_carry.key_spend_up_to(connection, {ticket: merge for ticket, merge in merges.items() if carriers[ticket] in outlying}, None)
-    for ticket, per_key in up_to.items():
+    spans = signal_carry.spans_of([carry for carry in carries if carry.pull in outlying], None)
+    for carry, per_key in signal_carry.key_spend_within(connection, spans).items():
         for key_id, s in per_key.items():
-            add_spend(by_item[carriers[ticket]].setdefault(key_id, Spend(carriers[ticket])), s.requests, s.cost, s.tokens, s.first, s.last)
+            add_spend(by_item[carry.pull].setdefault(key_id, Spend(carry.pull)), s.requests, s.cost, s.tokens, s.first, s.last)
 
     flagged: dict[str, list[tuple[Spend, dict[str, Any]]]] = defaultdict(list)
     for team, item_id, cost, z, median, mad, team_items in outliers:
@@ -124,11 +124,15 @@ def cost_outliers(
 
 
 def _teams_of_teamless(connection: Connection, teamless: set[str], items: dict[str, ItemRow], team_spend: dict[str, dict[str, tuple[int, int]]],
-                       carried_by_pull: Mapping[str, list[str]], carriers: Mapping[str, str], item_teams: Mapping[str, str]) -> dict[str, str]:  # fmt: skip
+                       carried_by_pull: Mapping[str, list[str]], item_teams: Mapping[str, str]) -> dict[str, str]:  # fmt: skip
     """The team of each completed item without one, as the adoption report decides it (adoption_teams.py):
     a pull request carrying tickets takes theirs (their own, else their project's), else the team that
     spent the most on it, its carried tickets' spenders counted as its own (all time)."""
-    tickets = sorted({ticket for item_id in teamless for ticket in carried_by_pull.get(item_id, ())})
+    carriers: dict[str, list[str]] = defaultdict(list)  # ticket -> the teamless pull requests carrying it (a part each)
+    for item_id in sorted(teamless):
+        for ticket in carried_by_pull.get(item_id, ()):
+            carriers[ticket].append(item_id)
+    tickets = sorted(carriers)
     rows_of = load_items(connection, tickets, item_teams)
     spent_on: dict[str, dict[str, tuple[int, int]]] = {item_id: dict(team_spend.get(item_id, {})) for item_id in teamless}
     for chunk in idsets.batches(connection, tickets):
@@ -136,9 +140,10 @@ def _teams_of_teamless(connection: Connection, teamless: set[str], items: dict[s
                                                          where=lambda c, ids=chunk: [idsets.among(connection, c.work_item, ids)]):  # fmt: skip
             if team == "":  # events without a team: not a team that spent
                 continue
-            spent = spent_on[carriers[ticket]]  # its carrier is teamless: the tickets were chosen so
-            known = spent.get(team, (0, 0))
-            spent[team] = (known[0] + int(cost or 0), known[1] + int(tokens or 0))
+            for pull in carriers[ticket]:
+                spent = spent_on[pull]
+                known = spent.get(team, (0, 0))
+                spent[team] = (known[0] + int(cost or 0), known[1] + int(tokens or 0))
     found = {}
     for item_id in teamless:
         carried = carried_by_pull.get(item_id, ())

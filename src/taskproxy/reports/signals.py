@@ -47,7 +47,8 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   in the period), `around_the_clock_days`, and `reasons` (`regular_intervals`, `around_the_clock`).
 - `cost_outlier`: items completed in the period (status `done`, `completed_at` in the period) are
   compared within their team. An item's cost is all the spend it ever had, and a merged PR's with its
-  carried tickets' usage up to its merge (as in the adoption report: `signal_carry.py`);
+  carried tickets' usage since each one's merged PR before it, up to its merge (as in the adoption
+  report: `signal_carry.py`);
   items none of whose events has a known price are left out. An item's team is `work_items.team`, else
   its project's in the config's `work_items.teams`, else (a PR carrying tickets) theirs, else the team
   that spent the most on it over all time (cost, then tokens, then name); items with none
@@ -56,7 +57,7 @@ The kinds, each with its thresholds (`SignalSettings`; defaults in brackets):
   (when MAD is 0: (cost − m) / (1.253314 × mean absolute deviation from m); when that is 0 too, nothing
   in the team is an outlier). An item is an outlier when z ≥ `cost_min_z` [3.5] and its cost is at
   least `cost_min_ratio` [3] × m. The signal names each key that carried at least `cost_min_key_share`
-  [0.25] of an outlier item's cost (all time; on a carried ticket, up to the merge). Evidence: `items`,
+  [0.25] of an outlier item's cost (all time; on a carried ticket, in its span). Evidence: `items`,
   and the key's `cost_usd` and `requests` on them; each work item has `item_cost_usd`, `team`,
   `team_items`, `team_median_usd`, `team_mad_usd`, `robust_z`, `ratio_to_median`, `key_cost_usd`,
   `key_share`, `carried_tickets` (the tickets whose usage its cost holds).
@@ -113,7 +114,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from taskproxy.settings import SignalSettings
-from taskproxy.reports import signal_carry
+from taskproxy.reports import adoption_data, signal_carry
 from taskproxy.reports.signal_cadence import cadence
 from taskproxy.reports.signal_checks import (
     after_completion,
@@ -156,15 +157,15 @@ def _unverified(connection: Connection, spend: dict[str, dict[str, Spend]], item
     return unverified(spend, items, t, signal_carry.completed_spend(connection, candidates, merges, since))
 
 
-def _trivial(connection: Connection, spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], carriers: Mapping[str, str],
-             merges: Mapping[str, datetime], since: datetime, until: datetime, t: SignalSettings) -> list[Found]:  # fmt: skip
+def _trivial(connection: Connection, spend: dict[str, dict[str, Spend]], items: dict[str, ItemRow], carries: list[adoption_data.Carry],
+             since: datetime, until: datetime, t: SignalSettings) -> list[Found]:  # fmt: skip
     """`trivial_completions`, each key's spend on an item completed in the period counted from before the
     period too: a tag sent on a backlog ticket days (or hours) before the period, the ticket done by hand
     in it, made the ticket AI-assisted while the key had no event on it in the period, and the check saw
     nothing (found by a review). Read for the period's completed items alone, by id."""
     completed = [item for item, row in items.items() if completed_in(row.status, row.completed_at, since, until)]
     whole = with_spend(spend, load_spend_before(connection, completed, since))
-    return trivial_completions(signal_carry.on_their_pull_requests(connection, whole, carriers, merges), items, since, until, t)
+    return trivial_completions(signal_carry.on_their_pull_requests(connection, whole, carries), items, since, until, t)
 
 
 def gaming_signals(
@@ -184,16 +185,17 @@ def gaming_signals(
         heavy = heavy_spenders(spend, t)
         # The tickets carried by pull requests merged since `since` (an outcome of this period's spend);
         # those merged in the period are the cost comparison's: the same read serves both.
-        carriers, merges = signal_carry.carried(connection, since)
-        in_period = {ticket: pull for ticket, pull in carriers.items() if merges[ticket] < until}
+        carries = signal_carry.carried(connection, since)
+        merges = signal_carry.last_merges(carries)
+        in_period = [carry for carry in carries if carry.merge < until]
         by_kind: dict[str, list[Found]] = {
             "repeated_prompt": repeated_prompts(connection, keys, spend, items, since, until, t),
             "spend_after_completion": after_completion(connection, items, since, until, t),
             "spend_without_completion": without_completion(heavy, items, since, t, signal_carry.completed_spend(connection, heavy, merges, since)),
             "machine_cadence": cadence(connection, keys, spend, items, since, until, t),
-            "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period, {ticket: merges[ticket] for ticket in in_period}),
+            "cost_outlier": cost_outliers(connection, items, since, until, t, item_teams or {}, in_period),
             "unverified_spend": _unverified(connection, spend, items, since, until, t),
-            "trivial_completions": _trivial(connection, spend, items, in_period, merges, since, until, t),
+            "trivial_completions": _trivial(connection, spend, items, in_period, since, until, t),
             "split_work": split_work(spend, items, keys, since, until, t),
         }
         load_keys(connection, {key_id for found in by_kind.values() for key_id, _, _ in found}, into=keys)

@@ -2,7 +2,8 @@
 buckets after the moment, the bucket containing it settled by its rows' first and last event times,
 and only the items with a row that straddles the moment read at the next finer level, down to the
 raw events of the hour containing it (docs/reports.md, "How they stay exact"). And the other side:
-usage up to a moment per item and model (`usage_up_to`), each item its own moment, in one statement."""
+usage up to a moment per item and model (`usage_up_to`), each item its own moment, in one statement,
+or between two moments of its own (`usage_between`)."""
 
 from __future__ import annotations
 
@@ -99,15 +100,51 @@ def usage_up_to(connection: Connection, moments: Sequence[tuple[str, datetime]])
         earliest, latest = HOURLY.floor(min(at for _, at in chunk)), max(at for _, at in chunk)
         sources = ((DAILY.table, [daily.bucket < day]), (HOURLY.table, [hourly.bucket >= day, hourly.bucket < hour]),
                    (EVENTS, [_E.ts >= hour, _E.ts <= moment, _E.ts >= earliest, _E.ts <= latest]))  # fmt: skip
-        parts = []
-        for source, before in sources:
-            c = source.c
-            if dialect == "postgresql":  # each item's own rows, by index: joined whole, the planner hashed all of usage_daily (7 s for 56,000 items)
-                mine = select(c.model.label("model"), *columns_of(source, UP_TO_FIELDS)).where(c.work_item == items.c.id, *before).group_by(c.model).lateral()
-                parts.append(select(items.c.id.label("id"), mine.c.model, *(mine.c[name] for name in UP_TO_FIELDS)).select_from(items.join(mine, true())))
-                continue
-            query = select(c.work_item.label("id"), c.model.label("model"), *columns_of(source, UP_TO_FIELDS))
-            parts.append(query.select_from(source.join(items, items.c.id == c.work_item)).where(*before).group_by(c.work_item, c.model))
-        merged = union_all(*parts).subquery()
-        query = select(merged.c.id, merged.c.model, *(func.sum(merged.c[name]).label(name) for name in UP_TO_FIELDS))
-        yield from rows(connection.execute(query.group_by(merged.c.id, merged.c.model)))
+        yield from rows(connection.execute(_per_model(dialect, items, sources, (items.c.id,))))
+
+
+def usage_between(connection: Connection, spans: Sequence[tuple[str, datetime, datetime]]) -> Iterator[Row]:
+    """Per span and model: (id, moment, model, *UP_TO_FIELDS) of the item's events later than the
+    span's `after` and at or before its `moment` (`spans`: (item id, after, moment); an item's spans do
+    not overlap). As `usage_up_to`, with both ends cut: the whole days between from the daily rollup,
+    the whole hours at each end from the hourly one, the raw events of the two partial hours (one when
+    both ends share an hour), each part a range of its (work_item, ...) index; one statement per chunk.
+    Each raw read is bounded by constants, as there: the hours of the `after`s, the hours of the moments."""
+    dialect = connection.dialect.name
+    daily, hourly = DAILY.table.c, HOURLY.table.c
+    columns = (("id", String(200)), ("after", DateTime()), ("moment", DateTime()))
+    for chunk, items in idsets.tables(connection, "spans", columns, spans):
+        after, moment = items.c.after, items.c.moment
+        day, hour = DAILY.floor_sql(moment, dialect), HOURLY.floor_sql(moment, dialect)
+        # The first whole day and hour after `after` (the next ones even when it falls on a bucket's start:
+        # an event at `after` itself is not in the span).
+        first_day, first_hour = DAILY.next_sql(after, dialect), HOURLY.next_sql(after, dialect)
+        earliest, after_hours = min(a for _, a, _ in chunk), HOURLY.floor(max(a for _, a, _ in chunk)) + HOURLY.size
+        moment_hours, latest = HOURLY.floor(min(m for _, _, m in chunk)), max(m for _, _, m in chunk)
+        sources = (
+            (DAILY.table, [daily.bucket > after, daily.bucket < day]),
+            (HOURLY.table, [hourly.bucket > after, hourly.bucket < first_day, hourly.bucket < hour]),  # the rest of after's day
+            (HOURLY.table, [hourly.bucket >= day, hourly.bucket >= first_day, hourly.bucket < hour]),  # the moment's day, if another
+            (EVENTS, [_E.ts > after, _E.ts < first_hour, _E.ts <= moment, _E.ts > earliest, _E.ts < after_hours]),  # the rest of after's hour
+            (EVENTS, [_E.ts >= hour, _E.ts >= first_hour, _E.ts <= moment, _E.ts >= moment_hours, _E.ts <= latest]),  # the moment's, if another
+        )
+        yield from rows(connection.execute(_per_model(dialect, items, sources, (items.c.id, items.c.moment))))
+
+
+def _per_model(dialect: str, items: Any, sources: Sequence[tuple[Table, list[Any]]], keys: Sequence[Any]) -> Any:
+    """(*keys, model, *UP_TO_FIELDS) per row of `items` (its `keys`) and model: the sums of each source's
+    rows of the item (`work_item = items.id`) meeting that source's conditions."""
+    parts = []
+    for source, conditions in sources:
+        c = source.c
+        if dialect == "postgresql":  # each item's own rows, by index: joined whole, the planner hashed all of usage_daily (7 s for 56,000 items)
+            mine = select(c.model.label("model"), *columns_of(source, UP_TO_FIELDS)).where(c.work_item == items.c.id, *conditions).group_by(c.model).lateral()
+            parts.append(select(*keys, mine.c.model, *(mine.c[name] for name in UP_TO_FIELDS)).select_from(items.join(mine, true())))
+            continue
+        mine_keys = [c.work_item.label("id") if key is items.c.id else key for key in keys]  # grouped by the source's own column
+        query = select(*mine_keys, c.model.label("model"), *columns_of(source, UP_TO_FIELDS))
+        parts.append(query.select_from(source.join(items, items.c.id == c.work_item)).where(*conditions).group_by(*mine_keys, c.model))
+    merged = union_all(*parts).subquery()
+    names = [key.name for key in keys]
+    query = select(*(merged.c[name] for name in names), merged.c.model, *(func.sum(merged.c[name]).label(name) for name in UP_TO_FIELDS))
+    return query.group_by(*(merged.c[name] for name in names), merged.c.model)
