@@ -137,6 +137,23 @@ def backlog_ticket(world: World, ticket: str) -> None:
     registry.transition(world.engine, ticket, "open", source="jira", at=SINCE - 40 * DAY, fields={"team": "web"}, created_at=SINCE - 40 * DAY)
 
 
+def _team_world(database_url: str, tmp_path: Path) -> World:
+    """A database with the team's honest work: six AI-worked tickets at $2.25 or $4.50."""
+    engine = make_engine(database_url)
+    upgrade_schema(engine)
+    world = World(engine, tmp_path)
+    world.team_items()
+    return world
+
+
+def _flagged_light(found: dict, key: str) -> dict:
+    """The key's trivial_completions signal, six of six items light with one request each."""
+    signal = found[f"trivial_completions:{key}"]
+    evidence = signal["evidence"]
+    assert (evidence["completed_items"], evidence["trivial_items"], evidence["light_items"], evidence["requests"]) == (6, 6, 6, 6)
+    return signal
+
+
 AHEAD = pytest.mark.parametrize(("start", "ahead"), [(SINCE, 20 * DAY), (SINCE, 3 * HOUR), (SINCE + 12 * HOUR, 3 * HOUR)],
                                 ids=["20-days-before", "3-hours-before", "3-hours-before-a-noon-start"])  # fmt: skip
 
@@ -149,19 +166,16 @@ def test_a_tag_sent_before_the_period_on_an_item_done_in_it_is_a_light_item(data
     period, then done by hand in it: the adoption report counts them AI-assisted, and
     `trivial_completions`, which read each key's events in the period alone, saw no request of the key on
     them (found by a review). A key's events on an item completed in the period count from before it too."""
-    engine = make_engine(database_url)
-    upgrade_schema(engine)
-    world = World(engine, tmp_path)
-    world.team_items()
+    world = _team_world(database_url, tmp_path)
+    engine = world.engine
     for n in range(1, 7):
         backlog_ticket(world, f"T-{n}")
         tag(world, "gamer", f"T-{n}", start - ahead + n * MINUTE)
         registry.transition(engine, f"T-{n}", "done", source="jira", at=SINCE + n * DAY + 16 * HOUR)
     found = signals_from(world, start)
-    assert "trivial_completions:gamer" in found and "trivial_completions:steady" not in found
-    evidence = found["trivial_completions:gamer"]["evidence"]
-    assert (evidence["completed_items"], evidence["trivial_items"], evidence["light_items"], evidence["requests"]) == (6, 6, 6, 6)
-    assert all(w["tokens"] == 2_001 and w["item_cost_usd"] == usd(CHEAP.nanos(2_000, 1)) for w in found["trivial_completions:gamer"]["work_items"])
+    assert "trivial_completions:steady" not in found
+    signal = _flagged_light(found, "gamer")
+    assert all(w["tokens"] == 2_001 and w["item_cost_usd"] == usd(CHEAP.nanos(2_000, 1)) for w in signal["work_items"])
 
 
 @BOTH_DATABASES
@@ -170,10 +184,8 @@ def test_real_work_across_the_periods_start_is_not_a_light_item(database_url: st
     """Six tickets worked on with AI in the hours before the period ($4.50 each), then one cheap last
     question in it before each was done: read from the period alone, each item cost $0.0003 and the key
     was flagged; its work on them before the period counts now."""
-    engine = make_engine(database_url)
-    upgrade_schema(engine)
-    world = World(engine, tmp_path)
-    world.team_items()
+    world = _team_world(database_url, tmp_path)
+    engine = world.engine
     for n in range(1, 7):
         backlog_ticket(world, f"S-{n}")
         world.requests("spanner", f"S-{n}", spaced(start - 5 * HOUR + n * MINUTE, 2))
@@ -192,16 +204,12 @@ def test_a_tag_sent_before_the_period_on_a_ticket_a_pull_request_carries_counts_
     """The same tags on six backlog tickets, each left in progress and carried by a pull request done by
     hand and merged in the period: the adoption report counts the ticket's usage up to the merge, all
     of it, as the pull request's, and the check read a key's events on the ticket from the period's start."""
-    engine = make_engine(database_url)
-    upgrade_schema(engine)
-    world = World(engine, tmp_path)
-    world.team_items()
+    world = _team_world(database_url, tmp_path)
     for n in range(1, 7):
         backlog_ticket(world, f"T-{n}")
         tag(world, "gamer", f"T-{n}", start - ahead + n * MINUTE)
         world.merged_pr(f"acme/web#{n}", f"T-{n}", SINCE + n * DAY + 16 * HOUR)
     found = signals_from(world, start)
-    assert "trivial_completions:gamer" in found and "trivial_completions:steady" not in found
-    evidence = found["trivial_completions:gamer"]["evidence"]
-    assert (evidence["completed_items"], evidence["trivial_items"], evidence["light_items"], evidence["requests"]) == (6, 6, 6, 6)
-    assert [w["id"] for w in found["trivial_completions:gamer"]["work_items"]] == [f"acme/web#{n}" for n in range(1, 7)]
+    assert "trivial_completions:steady" not in found
+    signal = _flagged_light(found, "gamer")
+    assert [w["id"] for w in signal["work_items"]] == [f"acme/web#{n}" for n in range(1, 7)]
