@@ -250,7 +250,7 @@ class Expected:
         if self.undone_at_until(item):
             return "reworked", None
         merges = [self.completion_at_until(pr) for pr_id in item.linked
-                  if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr)]  # fmt: skip
+                  if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr) and not self.undone_later(pr)]  # fmt: skip
         after = max(merges) if merges else None  # type: ignore[type-var]
         carried = [pull.completed_at for pull in self.standing(item) if self.span(item, pull) is not None]
         if carried:  # carried in the period: its spend after the last of those merges (a later one, reverted since, none)
@@ -272,13 +272,18 @@ class Expected:
                 return "stale_open", after
             if later == "done" and mark is not None and mark[1] == "reverted" and mark[0] <= judged_at:
                 return "reworked", after
-        if status == "done" and self.in_period(self.completion_at_until(item)):  # done at until: that completion once the period settled (or now)
-            settled = self.until + timedelta(days=self.stale_days)
-            judged_at = settled if self.now > settled else self.now
-            mark = self.rework(item)
-            if self.status_at(item, judged_at) != "done" or (mark is not None and mark[1] == "reverted" and mark[0] <= judged_at):
-                return "reworked", after
+        if self.undone_later(item):
+            return "reworked", after
         return None, None
+
+    def undone_later(self, item: Item) -> bool:
+        """Done at until by a completion in the period, and not done (or reverted) once the period settled (or now)."""
+        if self.status_at_until(item) != "done" or not self.in_period(self.completion_at_until(item)):
+            return False
+        settled = self.until + timedelta(days=self.stale_days)
+        judged_at = settled if self.now > settled else self.now
+        mark = self.rework(item)
+        return self.status_at(item, judged_at) != "done" or (mark is not None and mark[1] == "reverted" and mark[0] <= judged_at)
 
     def relevant(self) -> list[Item]:
         return [

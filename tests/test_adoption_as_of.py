@@ -69,11 +69,12 @@ def merged_then(world: World, after_until: list[str]) -> None:
 @BOTH_DATABASES
 def test_a_tickets_spend_after_a_merge_reopened_since_until_is_without_outcome(database_url: str, tmp_path: Path) -> None:
     """As of `until` the PR was merged on day 2: the ticket's spend up to it had an outcome, the $4.50
-    after it did not (stale open). The PR reopened after `until` has no completion now; the report lost
-    the $4.50 (merged, but no merge time to split at)."""
+    after it did not (stale open); the report had lost the $4.50 (merged, but no merge time to split
+    at). Reopened after `until` and not merged again once the period settled, the merge led nowhere,
+    and neither did the $2.25 it covered."""
     world = World(database_url, tmp_path)
     merged_then(world, ["open"])
-    assert world.without_outcome() == {"total": usd(2 * ONE), "stale_open": usd(2 * ONE)}
+    assert world.without_outcome() == {"total": usd(3 * ONE), "stale_open": usd(3 * ONE)}
 
 
 @BOTH_DATABASES
@@ -220,3 +221,36 @@ def test_an_old_completion_reopened_and_done_twice_in_the_period_is_still_recycl
     [week] = completions_by_period(world.engine, [(SINCE, UNTIL)])
     assert (week["completed_items"], week["ai_assisted_items"]) == (2, 0)
     assert (overall["completed_items"], overall["ai_assisted_items"]) == (2, 0)
+
+
+def _ticket_with_a_late_merge(world: World, earlier_pr: bool = False) -> None:
+    """A stale ticket left open, $4.50 of AI work on it in the period (after a hand-done pull request
+    merged at the period's start, if `earlier_pr`), and a pull request of it merged 2 hours before `until`."""
+    world.status("T-1", "open", SINCE - 30 * DAY, created_at=SINCE - 30 * DAY)
+    if earlier_pr:
+        world.status("acme/web#5", "open", SINCE, created_at=SINCE)
+        registry.transition(world.engine, "acme/web#5", "done", source="github", at=SINCE + 6 * HOUR, merged=True)
+        registry.link(world.engine, "T-1", "acme/web#5", at=SINCE + 6 * HOUR)
+    world.requests("T-1", SINCE + DAY, SINCE + 2 * DAY)
+    world.status(PR, "open", SINCE + 3 * DAY, created_at=SINCE + 3 * DAY)
+    registry.transition(world.engine, PR, "done", source="github", at=UNTIL - 2 * HOUR, merged=True)
+    registry.link(world.engine, "T-1", PR, at=UNTIL - 2 * HOUR)
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("earlier_pr", [False, True], ids=["alone", "after-an-earlier-pr"])
+@pytest.mark.parametrize("undone", ["reopened", "reverted"])
+def test_a_tickets_spend_before_a_merge_undone_after_until_is_without_outcome(database_url: str, tmp_path: Path, undone: str, earlier_pr: bool) -> None:
+    """The merge that covered a ticket's spend, reopened or reverted the day after the period and not
+    merged again: that spend led nowhere, and the ticket (stale, open) says so. Before, it counted
+    nowhere, unless another pull request of the ticket happened to stand (found by a review)."""
+    world = World(database_url, tmp_path)
+    _ticket_with_a_late_merge(world, earlier_pr)
+    if undone == "reopened":
+        world.status(PR, "open", UNTIL + DAY)
+    else:
+        revert = ItemUpdate("acme/web#9", "done", at=UNTIL + DAY, merged=True, title=f'Revert "{PR}"', reverts=PR)
+        registry.apply_delivery(world.engine, WorkItemIds(DEFAULT_ID_PATTERNS), Delivery("github", "d-1", "pull_request", [revert]), UNTIL + DAY)
+    assert world.without_outcome(now=UNTIL) == {"total": usd(0)}  # at the period's end, the merge covered it
+    assert world.without_outcome() == {"total": usd(2 * ONE), "stale_open": usd(2 * ONE)}
+

@@ -179,9 +179,9 @@ def _judged_later(item: _Item) -> str | None:
     status, at = item.status_judged, item.judged_at
     if status is None or at is None:
         return None
-    reverted = item.rework_reason == "reverted" and item.reworked_at is not None and item.reworked_at <= at
     if item.status_at_until == "done":
-        return "reworked" if status != "done" or reverted else None
+        return "reworked" if item.undone_later else None
+    reverted = item.rework_reason == "reverted" and item.reworked_at is not None and item.reworked_at <= at
     if status == "closed":
         return "closed"
     if status in IN_PROGRESS:

@@ -58,12 +58,12 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     _load_rows(connection, items, sorted(linked_ids - set(items)))
     _load_statuses_at(connection, items, until, wanted={i for i, item in items.items() if item.period_events} | linked_ids)
     _load_started(connection, items)
-    _load_judged(connection, items, since, until, stale_after, now)
+    _load_judged(connection, items, since, until, stale_after, now, linked_ids)
     merges: dict[str, datetime] = {}  # ticket -> its last merged PR's merge, as of until
     for ticket, linked in targets.items():
         for target in linked:
             item = items.get(target)
-            if item is not None and item.status_at_until == "done" and not item.undone_as_of(until):
+            if item is not None and item.status_at_until == "done" and not item.undone_as_of(until) and not item.undone_later:
                 items[ticket].merged_pr = True
                 if (merged := item.completed_at_until) is not None:  # its merge as of until: reopened since, it has none now
                     merges[ticket] = max(merges.get(ticket, merged), merged)
@@ -375,21 +375,24 @@ def _load_started(connection: Connection, items: dict[str, Item]) -> None:
                 item.started_at = first_used
 
 
-def _load_judged(connection: Connection, items: dict[str, Item], since: datetime, until: datetime, stale_after: timedelta, now: datetime) -> None:
+def _load_judged(connection: Connection, items: dict[str, Item], since: datetime, until: datetime, stale_after: timedelta, now: datetime,
+                 linked: set[str]) -> None:  # fmt: skip
     """Set `status_judged` and `judged_at` of the items with spend in the period that were work in
     progress at `until` (open or in progress, started less than `stale_after` before it): their status
     as of the moment they turned stale (`started_at + stale_after`), or as of now if that has not come.
     At `until` what that spend led to was not known yet; a clone closed as a duplicate after the period,
     or left open, is then known to have led to nothing (adoption.py, spend without outcome).
     Likewise the items done at `until`, by a completion in the period that no longer stands as it did
-    (reopened, closed or reverted since): as of `stale_after` after `until`, or now until then. Else
-    work that led nowhere, set done on the period's last day and reopened the day after, was neither
-    a completion nor spend without outcome of any period."""
+    (reopened, closed or reverted since), with spend in the period or `linked` from a ticket (a pull
+    request whose merge covers its tickets' spend): as of `stale_after` after `until`, or now until
+    then. Else work that led nowhere, set done on the period's last day and reopened the day after, was
+    neither a completion nor spend without outcome of any period, nor was a ticket's spend before such
+    a merge (`Item.undone_later`)."""
     fresh = [item for item in items.values() if item.started_at is not None and item.started_at >= until - stale_after]
     # Stale once started more than `stale_after` before: at `started_at + stale_after` it is not yet.
     moments = {item.id: item.started_at + stale_after if now > item.started_at + stale_after else now for item in fresh}  # type: ignore[operator]
     settled = until + stale_after if now > until + stale_after else now
-    moments |= {item.id: settled for item in items.values() if item.spend and _done_then_undone(item, since, until)}
+    moments |= {item.id: settled for item in items.values() if (item.spend or item.id in linked) and _done_then_undone(item, since, until)}
     for item_id, (status, _) in statuses_at(connection, items, moments).items():
         item = items[item_id]
         item.status_judged, item.judged_at, item.judged_stale = status, moments[item_id], now > moments[item_id]

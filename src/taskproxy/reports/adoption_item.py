@@ -101,6 +101,16 @@ class Item:
         done_again = self.status_at_until == "done" and self.completed_at_until is not None and self.completed_at_until > self.reworked_at
         return not done_again
 
+    @property
+    def undone_later(self) -> bool:
+        """Done at `until` by a completion of the period, undone since (reopened, closed or reverted) and
+        not done again when judged (`status_judged`: `stale_after` after `until`, or now until then):
+        that completion led nowhere, and neither did the spend it covered."""
+        if self.status_at_until != "done" or self.status_judged is None or self.judged_at is None:
+            return False
+        reverted = self.rework_reason == "reverted" and self.reworked_at is not None and self.reworked_at <= self.judged_at
+        return self.status_judged != "done" or reverted
+
     def completed_in(self, since: datetime, until: datetime) -> bool:
         """Completed in the period (adoption.py; `workitems.completed_in`)."""
         return completed_in(self.status, self.completed_at, since, until)
