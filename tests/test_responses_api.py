@@ -366,6 +366,32 @@ async def test_stored_chat_completions_are_refused_with_a_reason(proxy: Proxy) -
     assert one.status_code == 404 and "stored chat completions" in one.json()["error"]["message"]
 
 
+async def test_a_delete_that_reads_its_response_first_answers_within_max_response_seconds_in_all(tmp_path: Path) -> None:
+    """A delete of a background response not yet billed reads it first: that read had a deadline of its
+    own, and the delete another, so a provider that never answered held the client twice
+    `max_response_seconds` (found by a review). The read takes at most half, the whole at most all."""
+    asked: list[str] = []
+
+    async def answer(request: Any) -> MockResponse:
+        asked.append(request.method)
+        if request.method == "POST":
+            return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": "queued", "background": True,
+                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+        await asyncio.sleep(30)  # its status and headers never come in time
+        return MockResponse.json({"id": "resp_bg", "object": "response.deleted", "deleted": True})
+
+    models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 1}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+        key = await proxy.new_key()
+        queued = await proxy.openai(key).responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-44"})
+        await proxy.events(1, work_item="PROJ-44")
+        started = time.monotonic()
+        deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
+        took = time.monotonic() - started
+        assert deleted.status_code == 504 and deleted.json()["error"]["code"] == "upstream_timeout" and took < 1.4, (deleted.status_code, took)
+        assert asked == ["POST", "GET", "DELETE"]  # read first, then the delete all the same
+
+
 # -- through a real `taskproxy serve`: the production client sends GET, POST and DELETE -------------
 
 
