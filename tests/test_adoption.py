@@ -250,7 +250,7 @@ class Expected:
         if self.undone_at_until(item):
             return "reworked", None
         merges = [self.completion_at_until(pr) for pr_id in item.linked
-                  if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr) and not self.undone_later(pr)]  # fmt: skip
+                  if self.status_at_until(pr := self.org.items[pr_id]) == "done" and not self.undone_at_until(pr) and not self.led_nowhere(pr, item)]  # fmt: skip
         after = max(merges) if merges else None  # type: ignore[type-var]
         carried = [pull.completed_at for pull in self.standing(item) if self.span(item, pull) is not None]
         if carried:  # carried in the period: its spend after the last of those merges (a later one, reverted since, none)
@@ -275,6 +275,15 @@ class Expected:
         if self.undone_later(item):
             return "reworked", after
         return None, None
+
+    def led_nowhere(self, pull: Item, ticket: Item) -> bool:
+        """A merge undone later covers none of the ticket's spend, unless another pull request of the ticket standing now landed by then."""
+        if not self.undone_later(pull):
+            return False
+        settled = self.until + timedelta(days=self.stale_days)
+        judged_at = settled if self.now > settled else self.now
+        return not any(self.merge_holds(other) and other.completed_at <= judged_at  # type: ignore[operator]
+                       for other in map(self.org.items.__getitem__, ticket.linked) if other is not pull)
 
     def undone_later(self, item: Item) -> bool:
         """Done at until by a completion in the period, and not done (or reverted) once the period settled (or now)."""

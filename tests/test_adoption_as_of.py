@@ -254,3 +254,42 @@ def test_a_tickets_spend_before_a_merge_undone_after_until_is_without_outcome(da
     assert world.without_outcome(now=UNTIL) == {"total": usd(0)}  # at the period's end, the merge covered it
     assert world.without_outcome() == {"total": usd(2 * ONE), "stale_open": usd(2 * ONE)}
 
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("undone", ["reopened", "reverted"])
+def test_a_merge_undone_after_until_and_landed_again_by_another_pull_request_counts_the_spend_once(database_url: str, tmp_path: Path,
+                                                                                                     undone: str) -> None:  # fmt: skip
+    """The ticket's work landed again by a second pull request two days after the period, before it
+    settles: that one carries the ticket's spend (in the next period's cost), so this period does not
+    count it as stale too (found by a review of the rule above)."""
+    world = World(database_url, tmp_path)
+    _ticket_with_a_late_merge(world)
+    if undone == "reopened":
+        world.status(PR, "open", UNTIL + DAY)
+    else:
+        revert = ItemUpdate("acme/web#9", "done", at=UNTIL + DAY, merged=True, title=f'Revert "{PR}"', reverts=PR)
+        registry.apply_delivery(world.engine, WorkItemIds(DEFAULT_ID_PATTERNS), Delivery("github", "d-1", "pull_request", [revert]), UNTIL + DAY)
+    world.status("acme/web#2", "open", UNTIL + DAY, created_at=UNTIL + DAY)
+    registry.transition(world.engine, "acme/web#2", "done", source="github", at=UNTIL + 2 * DAY, merged=True)
+    registry.link(world.engine, "T-1", "acme/web#2", at=UNTIL + 2 * DAY)
+    assert world.without_outcome() == {"total": usd(0)}
+    following = adoption_report(world.engine, since=UNTIL, until=UNTIL + 7 * DAY, min_group_size=1)["overall"]
+    assert (following["completed_items"], following["cost_per_completed_item"]["total"]) == (1, usd(2 * ONE))
+
+
+@BOTH_DATABASES
+def test_a_ticket_done_at_until_and_reopened_after_it_counts_its_spend_after_its_merge_as_reworked(database_url: str, tmp_path: Path) -> None:
+    """A ticket done two hours before `until` and reopened after it, its pull request merged on day 2
+    and standing: the $2.25 before the merge led to it, the $4.50 after is reworked once the period
+    settles. It was $0: only the spend after the merges of tickets not done at `until` was read."""
+    world = World(database_url, tmp_path)
+    world.status("T-1", "in_progress", SINCE - 30 * DAY, created_at=SINCE - 30 * DAY)
+    world.status(PR, "open", SINCE + DAY, created_at=SINCE + DAY)
+    registry.transition(world.engine, PR, "done", source="github", at=SINCE + 2 * DAY, merged=True)
+    registry.link(world.engine, "T-1", PR, at=SINCE + 2 * DAY)
+    world.requests("T-1", SINCE + DAY + 9 * HOUR, SINCE + 4 * DAY, SINCE + 5 * DAY)
+    world.status("T-1", "done", UNTIL - 2 * HOUR)
+    world.status("T-1", "open", UNTIL + DAY)
+    assert world.without_outcome(now=UNTIL) == {"total": usd(0)}
+    assert world.without_outcome() == {"total": usd(2 * ONE), "reworked": usd(2 * ONE)}
+

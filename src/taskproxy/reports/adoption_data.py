@@ -63,7 +63,7 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     for ticket, linked in targets.items():
         for target in linked:
             item = items.get(target)
-            if item is not None and item.status_at_until == "done" and not item.undone_as_of(until) and not item.undone_later:
+            if item is not None and item.status_at_until == "done" and not item.undone_as_of(until) and not _led_nowhere(item, linked, items):
                 items[ticket].merged_pr = True
                 if (merged := item.completed_at_until) is not None:  # its merge as of until: reopened since, it has none now
                     merges[ticket] = max(merges.get(ticket, merged), merged)
@@ -72,9 +72,21 @@ def load(connection: Connection, since: datetime, until: datetime, *, stale_afte
     for ticket, merge in carry_tickets(connection, items, since, until).items():
         items[ticket].merged_pr, merges[ticket] = True, merge
     # Only where the figure is read: a ticket with spend in the period, not done as of until, not undone.
-    counted = {t: m for t, m in merges.items() if items[t].spend and items[t].status_at_until != "done" and not items[t].undone_as_of(until)}
+    counted = {t: m for t, m in merges.items()
+               if items[t].spend and (items[t].status_at_until != "done" or items[t].undone_later) and not items[t].undone_as_of(until)}
     _load_spend_after_merges(connection, items, counted, since, until)
     return items
+
+
+def _led_nowhere(pull: Item, linked: list[str], items: dict[str, Item]) -> bool:
+    """A ticket's merged pull request as of `until` whose merge was undone later (`Item.undone_later`)
+    covers none of the ticket's spend, unless another of its pull requests landed the work by the time
+    it was judged: that one carries the spend then (`carried_by`), and it would count twice."""
+    if not pull.undone_later:
+        return False
+    landed = (items.get(other) for other in linked if other != pull.id)
+    return not any(other is not None and other.merge_holds and other.completed_at is not None and other.completed_at <= pull.judged_at  # type: ignore[operator]
+                   for other in landed)  # fmt: skip
 
 
 def _load_spend_after_merges(connection: Connection, items: dict[str, Item], merges: dict[str, datetime], since: datetime,
