@@ -54,6 +54,8 @@ class Readiness:
 
     def _answered(self, answered: asyncio.Future[None]) -> None:
         self._running -= 1
+        if not answered.cancelled():
+            answered.exception()  # read here: a stuck ping that fails after every probe stopped waiting is no error to log
         if answered is self._ping:  # a stuck one ending late says nothing about now
             self._answered_at = time.monotonic()
 

@@ -128,15 +128,16 @@ async def _exchange(request: Request, stored: StoredResponses, origin: Origin, m
     max_response_seconds, as a model route's non-streamed answer: only the body was bounded, and a
     provider sending its status and headers a byte at a time, each within the read timeout, held the
     client as long as it went on. An event stream is relayed within max_stream_seconds, from its headers.
-    A delete's read first counts in that time too, and takes at most half of it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + model.max_response_seconds
+    A delete's read first has a time of its own, as long: cut any shorter, a finished response slow to
+    come was deleted unbilled (a review found that of half the time)."""
     if read_first:
         try:  # never in the delete's way: a provider that fails it, or is slow to, still gets the delete
-            async with asyncio.timeout(min(PRE_READ_SECONDS, model.max_response_seconds / 2)):
+            async with asyncio.timeout(min(PRE_READ_SECONDS, model.max_response_seconds)):
                 await _bill_before_delete(request, stored, origin, model, forwarded.headers)
         except (ApiError, TimeoutError) as exc:
             log.warning("a background response (%s) could not be read before its delete, and stays unbilled: %s", origin.response_id[:200], exc)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + model.max_response_seconds
     limit, parts, size = stored.settings.limits.max_buffered_response_bytes, [], 0
     reply: ProviderReply | None = None
     try:
