@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,24 @@ async def test_stored_chat_completions_are_refused_with_a_reason(proxy: Proxy) -
     assert one.status_code == 404 and "stored chat completions" in one.json()["error"]["message"]
 
 
+def _background_response(status: str, usage: dict | None = None) -> MockResponse:
+    return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": status, "background": True, "model": "gpt-4o-mini",
+                              "output": [], "usage": usage})  # fmt: skip
+
+
+async def _delete_after_create(tmp_path: Path, answer: Callable[[Any], Any], item: str) -> AsyncIterator[tuple[httpx.Response, float, Proxy]]:
+    """A background response created through a proxy of `answer` (`max_response_seconds` 1), then
+    deleted: the delete's answer, how long it took, and the proxy (still running: used inside)."""
+    models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 1}]
+    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
+        key = await proxy.new_key()
+        queued = await proxy.openai(key).responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": item})
+        await proxy.events(1, work_item=item)
+        started = time.monotonic()
+        deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
+        yield deleted, time.monotonic() - started, proxy
+
+
 async def test_a_delete_that_reads_its_response_first_answers_within_twice_max_response_seconds(tmp_path: Path) -> None:
     """A delete of a background response not yet billed reads it first, within `max_response_seconds`,
     then deletes it within as long again, whatever the read did: a provider that never answers holds
@@ -376,19 +394,11 @@ async def test_a_delete_that_reads_its_response_first_answers_within_twice_max_r
     async def answer(request: Any) -> MockResponse:
         asked.append(request.method)
         if request.method == "POST":
-            return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": "queued", "background": True,
-                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+            return _background_response("queued")
         await asyncio.sleep(30)  # its status and headers never come in time
         return MockResponse.json({"id": "resp_bg", "object": "response.deleted", "deleted": True})
 
-    models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 1}]
-    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
-        key = await proxy.new_key()
-        queued = await proxy.openai(key).responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-44"})
-        await proxy.events(1, work_item="PROJ-44")
-        started = time.monotonic()
-        deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
-        took = time.monotonic() - started
+    async for deleted, took, _ in _delete_after_create(tmp_path, answer, "PROJ-44"):
         assert deleted.status_code == 504 and deleted.json()["error"]["code"] == "upstream_timeout" and 1.9 < took < 2.5, (deleted.status_code, took)
         assert asked == ["POST", "GET", "DELETE"]  # read first, then the delete all the same
 
@@ -396,22 +406,16 @@ async def test_a_delete_that_reads_its_response_first_answers_within_twice_max_r
 async def test_a_finished_response_slow_to_come_is_billed_before_its_delete(tmp_path: Path) -> None:
     """The read before a delete gets the model's whole `max_response_seconds`: a finished background
     response that took 0.6 s of 1 to come was deleted unbilled when the read had half (found by a review)."""
+
     async def answer(request: Any) -> MockResponse:
         if request.method == "POST":
-            return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": "queued", "background": True,
-                                      "model": "gpt-4o-mini", "output": [], "usage": None})  # fmt: skip
+            return _background_response("queued")
         if request.method == "GET":
             await asyncio.sleep(0.6)
-            return MockResponse.json({"id": "resp_bg", "object": "response", "created_at": 1, "status": "completed", "background": True,
-                                      "model": "gpt-4o-mini", "output": [], "usage": {"input_tokens": 900, "output_tokens": 100, "total_tokens": 1000}})  # fmt: skip
+            return _background_response("completed", {"input_tokens": 900, "output_tokens": 100, "total_tokens": 1000})
         return MockResponse.json({"id": "resp_bg", "object": "response.deleted", "deleted": True})
 
-    models = [{"name": "gpt-4o-mini", "base_url": "http://provider.test/v1", "api_key_env": "TEST_PROVIDER_KEY", "max_response_seconds": 1}]
-    async for proxy in start_proxy(make_settings(tmp_path, models=models), MockProvider(answer)):
-        key = await proxy.new_key()
-        queued = await proxy.openai(key).responses.create(model="gpt-4o-mini", input=INPUT, background=True, extra_headers={"X-Work-Item": "PROJ-45"})
-        await proxy.events(1, work_item="PROJ-45")
-        deleted = await proxy.http.delete(f"/v1/responses/{queued.id}", headers={"authorization": f"Bearer {key}"})
+    async for deleted, _, proxy in _delete_after_create(tmp_path, answer, "PROJ-45"):
         assert deleted.status_code == 200, deleted.text
         item = await proxy.item("PROJ-45", requests=2)
         assert item["total_tokens"] == 1000
