@@ -26,6 +26,3 @@ class PerKey:
             self._under_way[key_id] = left
         else:
             del self._under_way[key_id]
-
-    def __len__(self) -> int:
-        return len(self._under_way)
