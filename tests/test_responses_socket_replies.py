@@ -56,7 +56,7 @@ class RawProvider:
         self.release = threading.Event()  # ends a stalled answer
         self.scripts: dict[str, Callable[[socket.socket], None]] = {
             "ws-500-cut": self._cut, "ws-500-stall": self._stall, "ws-200-json": self._json, "ws-error": self._error_event, "ws-ok": self._ok,
-            "ws-bomb": self._bomb, "ws-200-stall": self._json_stall, "ws-json-bomb": self._json_bomb,
+            "ws-bomb": self._bomb, "ws-200-stall": self._json_stall, "ws-json-bomb": self._json_bomb, "ws-ok-linger": self._ok_linger,
         }  # fmt: skip
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -111,6 +111,11 @@ class RawProvider:
         usage = {**USAGE, "input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
         conn.sendall(STREAM_HEAD + _event({"type": "response.created", "sequence_number": 0, "response": _response("ws-ok", "in_progress")})
                      + _event({"type": "response.completed", "sequence_number": 1, "response": _response("ws-ok", usage=usage)}))  # fmt: skip
+
+    def _ok_linger(self, conn: socket.socket) -> None:
+        """`ws-ok`'s answer, its stream then kept open a while (a provider slow to close it)."""
+        self._ok(conn)
+        self.release.wait(3)
 
     @staticmethod
     def _bomb(conn: socket.socket) -> None:
@@ -250,6 +255,17 @@ def test_a_providers_error_event_ends_its_turn_and_is_recorded_as_over_http(serv
     events = sorted(server.events("PROJ-85", 2), key=lambda e: e["ts"])
     assert [(e["model"], e["status"], e["error"], e["provider_error"]) for e in events] == [
         ("ws-error", 502, "upstream_error", "server_error"), ("ws-ok", 200, None, None)]
+
+
+def test_a_client_leaving_once_its_answer_is_whole_is_not_recorded_as_gone(server: ServerProcess) -> None:
+    """The client closes as soon as its `response.completed` came, while the provider has yet to close
+    the stream: the answer was whole, and it is recorded so, not `client_disconnected` (a run of the
+    suite caught it so for `ws-ok`, whose stream closes at once)."""
+    with _socket(server, "PROJ-86") as socket_:
+        answered = _turn(socket_, "ws-ok-linger")
+    assert answered[-1]["type"] == "response.completed"
+    [event] = server.events("PROJ-86", 1)
+    assert (event["status"], event["error"], event["total_tokens"]) == (200, None, 12), event
 
 
 def test_a_last_event_with_more_json_values_than_the_limit_is_not_kept_for_a_continuation(provider: RawProvider, tmp_path: Path) -> None:

@@ -374,7 +374,9 @@ async def _relay(
         error = exc.code
         await _send(websocket, socket_error(exc))
     except asyncio.CancelledError as exc:
-        attempt.record_once(status=200, error=_why(exc), first_byte=first_byte)
+        # Its last event relayed, the answer was whole: a client (or the server) leaving while the
+        # provider has yet to close its stream ends nothing the client did not get.
+        attempt.record_once(status=200, error=None if last and not failed else _why(exc), first_byte=first_byte)
         await reply.close()
         raise
     except (WebSocketDisconnect, OSError, RuntimeError):
